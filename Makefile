@@ -1,0 +1,32 @@
+# One-command setup and run. Every pip install pins torch to the local CPU wheel via constraints.txt
+# (PIP_CONSTRAINT also reaches pip's isolated build environments, e.g. DeepSpeed's setup.py).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+run: setup  ## train the default model on the embedded corpus with a plan chosen for this machine
+	$(VENV)/bin/meshwright train default
+
+test: setup  ## the whole suite (unit, distributed under torchrun/gloo, end-to-end CLI)
+	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q tests/unit
+
+bench: setup
+	$(PY) benchmarks/bench_trainer.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""One module per ``meshwright`` subcommand, each with ``register(subparsers)``."""

@@ -1,0 +1,12 @@
+"""One exception type for user-facing mistakes, so the CLI can print one line instead of a traceback."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """Bad user input: the message names the field, the value and what would be valid."""
+
+
+def invalid(field: str, value: object, valid: str) -> ConfigError:
+    """Build the one-line error every validator in meshwright uses."""
+    return ConfigError(f"{field}={value!r} is invalid; valid: {valid}")

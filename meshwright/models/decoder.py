@@ -1,0 +1,151 @@
+"""Plain single-device decoder-only transformers (Llama-style and GPT-2-style).
+
+The block structure is what the rest of meshwright relies on:
+``tok_embeddings`` (+ ``pos_embeddings``) -> ``layers["0"] ... layers[str(L-1)]`` -> ``norm`` -> ``output``.
+Any of the outer modules may be set to ``None`` and layers deleted from the ModuleDict, which is how
+pipeline stages are cut (torchtitan's convention): parameter names stay the same on every stage, so
+distributed checkpoints reshard between layouts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meshwright.config import ModelConfig
+from meshwright.models.layers import Attention, GeluMLP, RMSNorm, SwiGLU, init_linear, residual_std, rope_tables
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: h + attn(norm(h)), then h + mlp(norm(h))."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.arch = cfg.arch
+        gpt2 = cfg.arch == "gpt2"
+        norm = (lambda: nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)) if gpt2 else (lambda: RMSNorm(cfg.d_model, cfg.norm_eps))
+        self.attention_norm = norm()
+        self.attention = Attention(cfg, bias=gpt2, use_rope=not gpt2)
+        self.ffn_norm = norm()
+        if cfg.is_moe_layer(layer_id):
+            from meshwright.models.moe import MoE  # the expert-parallel issue supplies this block
+
+            self.feed_forward: nn.Module = MoE(cfg)
+        elif gpt2:
+            self.feed_forward = GeluMLP(cfg.d_model, cfg.ffn_dim)
+        else:
+            self.feed_forward = SwiGLU(cfg.d_model, cfg.ffn_dim)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        h = h + self.resid_dropout(self.attention(self.attention_norm(h), rope))
+        return h + self.resid_dropout(self.feed_forward(self.ffn_norm(h)))
+
+
+class Decoder(nn.Module):
+    """A decoder-only language model built from a ModelConfig (arch 'llama' or 'gpt2')."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embeddings: nn.Embedding | None = (
+            nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.arch == "gpt2" else None
+        )
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
+        self.norm: nn.Module | None = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.arch == "gpt2" else RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.output: nn.Linear | None = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        if cfg.arch == "llama":
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        else:
+            self.rope_cos = self.rope_sin = None
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter; also used after building on the meta device."""
+        cfg = self.cfg
+        if self.tok_embeddings is not None:
+            nn.init.normal_(self.tok_embeddings.weight, std=cfg.init_std)
+        if self.pos_embeddings is not None:
+            nn.init.normal_(self.pos_embeddings.weight, std=cfg.init_std / 2)
+        for block in self.layers.values():
+            for name, module in block.named_modules():
+                if isinstance(module, nn.Linear):
+                    out_proj = name.endswith(("wo", "w2"))
+                    init_linear(module, residual_std(cfg) if out_proj else cfg.init_std)
+                elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                    module.reset_parameters()
+                elif hasattr(module, "init_weights") and module is not block:
+                    module.init_weights()
+        if self.norm is not None:
+            self.norm.reset_parameters()
+        if self.output is not None and not cfg.tie_embeddings:
+            nn.init.normal_(self.output.weight, std=cfg.init_std)
+        if cfg.arch == "llama" and self.rope_cos is not None:
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
+    def rope(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.rope_cos is None:
+            return None
+        return self.rope_cos[:seq_len], self.rope_sin[:seq_len]
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(tokens)
+        if self.pos_embeddings is not None:
+            pos = torch.arange(tokens.shape[1], device=tokens.device)
+            h = h + self.pos_embeddings(pos)
+        return self.embed_dropout(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (batch, seq) -> logits (batch, seq, vocab). A pipeline stage without embeddings takes
+        hidden states instead, and a stage without the head returns hidden states."""
+        h = self.embed(x) if self.tok_embeddings is not None else x
+        seq_len = h.shape[1]
+        if seq_len > self.cfg.max_seq_len:
+            raise ValueError(f"seq_len={seq_len} is invalid; valid: at most model.max_seq_len={self.cfg.max_seq_len}")
+        rope = self.rope(seq_len)
+        for layer in self.layers.values():
+            h = layer(h, rope)
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.output is not None:
+            h = self.output(h)
+        return h
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Sum of auxiliary losses (MoE load balancing, z-loss) from the last forward, or None."""
+        losses = [m.last_aux_loss for m in self.modules() if getattr(m, "last_aux_loss", None) is not None]
+        return torch.stack(losses).sum() if losses else None
+
+    # ---- accounting: the model owns its size and FLOPs; MFU code never guesses -------------------
+    def num_params(self, non_embedding: bool = False) -> int:
+        return self.cfg.num_params(non_embedding=non_embedding)
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        return self.cfg.flops_per_token(seq_len)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy over all positions, computed in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (tied weights counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total

@@ -1,0 +1,39 @@
+"""Test helpers shared by unit, distributed and end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(script: str | Path, nproc: int, args: list[str] | None = None, timeout: float = 240,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Launch ``script`` under torchrun with gloo-friendly settings; fail loudly with the ranks' output.
+
+    Every launch costs ~10 s of startup: group many checks into one script.
+    """
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           f"--master-port={free_port()}", str(script), *(args or [])]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    full_env.pop("TORCHELASTIC_RUN_ID", None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun {script} failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_json(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())

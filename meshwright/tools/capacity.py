@@ -1,0 +1,79 @@
+"""Capacity planning: from a predicted throughput to days, device-hours, energy, CO2 and cost.
+
+Power model per device: idle + utilisation x (TDP - idle), from the cluster preset, plus each node's
+host power (CPUs, NICs, fans), all multiplied by the data centre's PUE. Utilisation defaults to the
+fraction of the step the devices are busy computing (the cost model's compute time / step time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from meshwright.config import ClusterSpec
+from meshwright.errors import invalid
+from meshwright.tools.energy import validate_grid
+
+DEFAULT_PUE = 1.1  # hyperscale data-centre fleet average is ~1.1-1.2 (Google 2023 environmental report: 1.10)
+DEFAULT_GRID = 0.385  # kgCO2e/kWh, US average 2023 (EPA eGRID / EIA); Llama-2's report implies 0.423
+
+
+@dataclass
+class Capacity:
+    train_tokens: float
+    days: float
+    device_hours: float
+    energy_mwh: float
+    tco2e: float
+    cost_usd: float | None
+    power_w_per_device: float
+    utilisation: float
+    pue: float
+    grid_intensity: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def device_power_w(cluster: ClusterSpec, utilisation: float) -> float:
+    if not 0.0 <= utilisation <= 1.0:
+        raise invalid("utilisation", utilisation, "a number in [0, 1]")
+    return cluster.idle_w + utilisation * (cluster.tdp_w - cluster.idle_w)
+
+
+def capacity_plan(cluster: ClusterSpec, tokens_per_s: float, train_tokens: float, utilisation: float = 1.0,
+                  pue: float = DEFAULT_PUE, grid_intensity: float = DEFAULT_GRID,
+                  price_per_device_hour: float | None = None) -> Capacity:
+    """What training ``train_tokens`` tokens at ``tokens_per_s`` on ``cluster`` costs."""
+    if train_tokens <= 0:
+        raise invalid("train_tokens", train_tokens, "a positive number of tokens")
+    if tokens_per_s <= 0:
+        raise invalid("tokens_per_s", tokens_per_s, "a positive predicted throughput")
+    validate_grid(pue, grid_intensity)
+    if price_per_device_hour is not None and price_per_device_hour < 0:
+        raise invalid("price_per_device_hour", price_per_device_hour, "a non-negative number of USD")
+    seconds = train_tokens / tokens_per_s
+    hours = seconds / 3600.0
+    devices = cluster.world_size
+    power = device_power_w(cluster, utilisation)
+    it_energy_wh = hours * (devices * power + cluster.nodes * cluster.host_power_w)
+    energy_mwh = it_energy_wh * pue / 1e6
+    return Capacity(
+        train_tokens=train_tokens, days=seconds / 86400.0, device_hours=hours * devices,
+        energy_mwh=energy_mwh, tco2e=energy_mwh * grid_intensity,  # MWh x kg/kWh = t
+        cost_usd=None if price_per_device_hour is None else hours * devices * price_per_device_hour,
+        power_w_per_device=power, utilisation=utilisation, pue=pue, grid_intensity=grid_intensity,
+    )
+
+
+def parse_tokens(text: str | float | int) -> float:
+    """'2T', '300B', '1.5e12' -> tokens."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    s = str(text).strip().upper()
+    mult = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
+    try:
+        if s and s[-1] in mult:
+            return float(s[:-1]) * mult[s[-1]]
+        return float(s)
+    except ValueError:
+        raise invalid("train_tokens", text, "a number of tokens such as 2T, 300B or 1.5e12") from None

@@ -1,0 +1,101 @@
+"""Model FLOPs per token under named conventions, and hardware FLOPs (with recomputation).
+
+Conventions differ by up to ~15% on the same run, so every MFU figure names the one it used:
+
+- ``palm`` (Chowdhery et al. 2022, App. B; nanoGPT): 6N + 12·L·H·Q·T, N = matmul parameters on the
+  activated path (non-embedding + output head; MoE counts top_k experts), attention counted
+  non-causally (full T x T).
+- ``megatron`` (current Megatron-LM ``num_floating_point_operations``): 12·s·l·h²·[(1 + g/a + s/(2h))·q/h
+  + f/h·(3/2 if gated)·top_k + V/(2·l·h)] per sequence; the s/(2h) term is the causal halving of the
+  attention scores/context matmuls; GQA (g KV groups) and SwiGLU are counted.
+- ``megatron2021`` (Narayanan et al. SC'21 eq. 3 without recomputation): 72·B·s·l·h²·(1 + s/(6h) + V/(12·l·h)),
+  for dense GPT blocks (4h MLP, MHA, no causal halving).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from meshwright.config import ModelConfig
+from meshwright.errors import invalid
+
+Convention = Literal["palm", "megatron", "megatron2021"]
+CONVENTIONS: tuple[str, ...] = ("palm", "megatron", "megatron2021")
+RecomputeMode = Literal["none", "selective", "full"]
+
+
+def palm_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    return cfg.flops_per_token(seq_len)
+
+
+def megatron_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    h, s, l = cfg.d_model, seq_len, cfg.n_layers
+    q_ratio = cfg.n_heads * cfg.head_dim / h
+    gated = 1.5 if cfg.arch == "llama" else 1.0
+    attn = (1 + cfg.kv_heads / cfg.n_heads + s / h / 2) * q_ratio
+    dense_mlp = cfg.ffn_dim / h * gated
+    moe_mlp = cfg.expert_ffn_dim / h * gated * cfg.top_k
+    n_moe = cfg.n_moe_layers
+    mlp = (dense_mlp * (l - n_moe) + moe_mlp * n_moe) / l
+    per_seq = 12 * s * l * h * h * (attn + mlp + cfg.vocab_size / (2 * l * h))
+    return per_seq / s
+
+
+def megatron2021_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    h, s, l, v = cfg.d_model, seq_len, cfg.n_layers, cfg.vocab_size
+    return 72 * s * l * h * h * (1 + s / (6 * h) + v / (12 * l * h)) / s
+
+
+def model_flops_per_token(cfg: ModelConfig, seq_len: int, convention: str = "palm") -> float:
+    """Training FLOPs (forward + backward) per token of the model under ``convention``."""
+    if convention == "palm":
+        return palm_flops_per_token(cfg, seq_len)
+    if convention == "megatron":
+        return megatron_flops_per_token(cfg, seq_len)
+    if convention == "megatron2021":
+        return megatron2021_flops_per_token(cfg, seq_len)
+    raise invalid("flops_convention", convention, ", ".join(CONVENTIONS))
+
+
+def forward_layer_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of the transformer blocks only (PaLM counting), what full recompute repeats."""
+    n_layers = cfg.num_params(non_embedding=True, active_only=True) - cfg.norm_params()
+    return 2.0 * n_layers + 4.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+
+
+def attention_core_forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of QK^T and AV in all layers: what selective recompute repeats."""
+    return 4.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+
+
+def hardware_flops_per_token(cfg: ModelConfig, seq_len: int, recompute: str | list[str] = "none",
+                             convention: str = "palm") -> float:
+    """Model FLOPs plus the forward work repeated by activation recomputation (the HFU numerator).
+
+    ``recompute`` is one mode for all layers or one mode per layer ("none"|"selective"|"full").
+    """
+    modes = [recompute] * cfg.n_layers if isinstance(recompute, str) else list(recompute)
+    if len(modes) != cfg.n_layers:
+        raise invalid("recompute", f"{len(modes)} modes", f"one mode or n_layers={cfg.n_layers} modes")
+    full = forward_layer_flops_per_token(cfg, seq_len) / cfg.n_layers
+    sel = attention_core_forward_flops_per_token(cfg, seq_len) / cfg.n_layers
+    extra = 0.0
+    for m in modes:
+        if m == "full":
+            extra += full
+        elif m == "selective":
+            extra += sel
+        elif m != "none":
+            raise invalid("recompute", m, "none, selective or full")
+    return model_flops_per_token(cfg, seq_len, convention) + extra
+
+
+def utilization(tokens_per_s: float, flops_per_token: float, peak_flops_per_device: float, n_devices: int) -> float:
+    """Achieved FLOP/s over aggregate peak: MFU with model FLOPs, HFU with hardware FLOPs."""
+    if peak_flops_per_device <= 0 or n_devices <= 0:
+        raise invalid("peak_flops_per_device", peak_flops_per_device, "a positive number (and n_devices > 0)")
+    return tokens_per_s * flops_per_token / (peak_flops_per_device * n_devices)
+
+
+def tflops_per_device(tokens_per_s: float, flops_per_token: float, n_devices: int) -> float:
+    return tokens_per_s * flops_per_token / n_devices / 1e12

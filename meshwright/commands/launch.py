@@ -1,9 +1,59 @@
-"""`meshwright launch`: launch a training run on many hosts over SSH."""
+"""`meshwright launch`: start a training run on many hosts with torchrun (over SSH) or deepspeed."""
 
 from __future__ import annotations
 
-from meshwright.commands._placeholder import register_placeholder
+import argparse
+import os
+import subprocess
+import sys
 
 
-def register(sub) -> None:
-    register_placeholder(sub, "launch", "Launch a training run on many hosts over SSH")
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "launch", help="launch `meshwright train` on many hosts (torchrun over SSH, or the deepspeed launcher)",
+        description="Example: meshwright launch --hosts hostfile --launcher torchrun -- train configs/train/default.yaml --plan auto",
+    )
+    p.add_argument("--hosts", required=True, help="DeepSpeed-style hostfile ('HOST slots=N' lines) or a YAML with hosts: [{name, slots}]")
+    p.add_argument("--launcher", choices=("torchrun", "deepspeed"), default="torchrun")
+    p.add_argument("--ssh-port", type=int, default=None, help="SSH port of every host (default 22 or the hostfile's)")
+    p.add_argument("--ssh-key", default=None, help="private key file; SSH is key-only")
+    p.add_argument("--rdzv-port", type=int, default=29400, help="c10d rendezvous / master port on the first host")
+    p.add_argument("--max-restarts", type=int, default=0, help="elastic restarts; the trainer resumes from the latest checkpoint")
+    p.add_argument("--python", default=sys.executable, help="python on the hosts (default: this interpreter's path)")
+    p.add_argument("--workdir", default=os.getcwd(), help="directory on the hosts to run in (default: this one)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment to set on every host (repeatable)")
+    p.add_argument("--connect-timeout", type=float, default=10.0)
+    p.add_argument("--dry-run", action="store_true", help="print the exact per-host commands and exit")
+    p.add_argument("train_command", nargs=argparse.REMAINDER, help="-- train CONFIG [--plan PLAN|auto] [key=value ...]")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from meshwright.errors import invalid
+    from meshwright.launcher.commands import LaunchSpec, deepspeed_argv, dry_run_lines
+    from meshwright.launcher.hostfile import load_hosts
+    from meshwright.launcher.ssh_runner import run_over_ssh, summarize_failure
+
+    command = args.train_command[1:] if args.train_command[:1] == ["--"] else args.train_command
+    env = {}
+    for item in args.env:
+        if "=" not in item:
+            raise invalid("env", item, "KEY=VALUE")
+        k, v = item.split("=", 1)
+        env[k] = v
+    spec = LaunchSpec(hosts=load_hosts(args.hosts), train_args=command, python=args.python, workdir=args.workdir,
+                      rdzv_port=args.rdzv_port, max_restarts=args.max_restarts, env=env)
+    spec.validate()
+    if args.dry_run:
+        for line in dry_run_lines(spec, args.launcher, args.hosts, args.ssh_port, args.ssh_key):
+            print(line)
+        return 0
+    if args.launcher == "deepspeed":
+        argv = deepspeed_argv(spec, args.hosts, args.ssh_port)
+        return subprocess.call(argv, cwd=args.workdir, env={**os.environ, **env})
+    results = run_over_ssh(spec, args.ssh_port, args.ssh_key, args.connect_timeout)
+    message = summarize_failure(results)
+    if message:
+        print(f"meshwright launch: {message}", file=sys.stderr)
+        return 1
+    return 0

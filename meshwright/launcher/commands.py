@@ -1,0 +1,87 @@
+"""Per-host command lines for torchrun and the DeepSpeed launcher, built as argument lists.
+
+Commands are lists of arguments until the very end; the one place they become a shell string (the
+remote side of SSH) goes through ``shlex.join`` so host names, paths and user arguments are quoted.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meshwright.errors import invalid
+from meshwright.launcher.hostfile import Host
+
+ENV_NAME_OK = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+
+
+@dataclass
+class LaunchSpec:
+    hosts: list[Host]
+    train_args: list[str]  # what follows `--`, e.g. ["train", "configs/train/default.yaml"]
+    python: str = "python3"
+    workdir: str = "."
+    rdzv_port: int = 29400
+    max_restarts: int = 0
+    env: dict[str, str] = field(default_factory=dict)
+    run_id: str = "meshwright"
+
+    def validate(self) -> None:
+        if not self.train_args or self.train_args[0] != "train":
+            raise invalid("command", " ".join(self.train_args) or "<empty>", "'-- train CONFIG [--plan PLAN|auto] ...'")
+        if not 0 < self.rdzv_port < 65536:
+            raise invalid("rdzv_port", self.rdzv_port, "an integer in 1..65535")
+        if self.max_restarts < 0:
+            raise invalid("max_restarts", self.max_restarts, "a non-negative integer")
+        for k in self.env:
+            if not k or not set(k) <= ENV_NAME_OK or k[0].isdigit():
+                raise invalid("env", k, "names of letters, digits and '_' (not starting with a digit)")
+
+
+def torchrun_argv(spec: LaunchSpec, node_rank: int) -> list[str]:
+    """The torchrun invocation for host ``node_rank`` (c10d rendezvous on the first host)."""
+    master = spec.hosts[0].name
+    return [
+        spec.python, "-m", "torch.distributed.run",
+        f"--nnodes={len(spec.hosts)}", f"--node-rank={node_rank}", f"--nproc-per-node={spec.hosts[node_rank].slots}",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint={master}:{spec.rdzv_port}", f"--rdzv-id={spec.run_id}",
+        f"--max-restarts={spec.max_restarts}", "--tee=3",
+        "-m", "meshwright.cli", *spec.train_args,
+    ]
+
+
+def remote_shell_command(spec: LaunchSpec, argv: list[str]) -> str:
+    """``cd WORKDIR && env K=V ... ARGV`` with every piece quoted: the only string sent over SSH."""
+    env = [f"{k}={v}" for k, v in sorted(spec.env.items())]
+    prefix = ["env", *env] if env else []
+    return f"cd {shlex.quote(spec.workdir)} && exec {shlex.join(prefix + argv)}"
+
+
+def deepspeed_argv(spec: LaunchSpec, hostfile: str | Path, ssh_port: int | None = None, launcher: str = "pdsh") -> list[str]:
+    """The single local ``deepspeed`` command; DeepSpeed's runner reaches the hosts over pdsh/ssh."""
+    argv = ["deepspeed", f"--hostfile={hostfile}", f"--master_addr={spec.hosts[0].name}",
+            f"--master_port={spec.rdzv_port}", f"--launcher={launcher}", f"--num_nodes={len(spec.hosts)}",
+            f"--num_gpus={spec.hosts[0].slots}"]
+    if ssh_port is not None:
+        argv.append(f"--ssh_port={ssh_port}")
+    if spec.env:
+        argv.append("--launcher_args=" + shlex.join([f"{k}={v}" for k, v in sorted(spec.env.items())]))
+    return argv + ["--no_local_rank", "--module", "meshwright.cli", *spec.train_args]
+
+
+def dry_run_lines(spec: LaunchSpec, launcher: str, hostfile: str | Path, ssh_port: int | None = None,
+                  ssh_key: str | None = None) -> list[str]:
+    """Human-readable exact commands, one per host for torchrun (ssh ... 'remote command')."""
+    spec.validate()
+    if launcher == "deepspeed":
+        return [shlex.join(deepspeed_argv(spec, hostfile, ssh_port))]
+    lines = []
+    for i, host in enumerate(spec.hosts):
+        ssh = ["ssh", "-o", "BatchMode=yes"]
+        if ssh_port or host.port:
+            ssh += ["-p", str(host.port or ssh_port)]
+        if ssh_key:
+            ssh += ["-i", ssh_key]
+        lines.append(f"[{host.name}] " + shlex.join(ssh + [host.address, remote_shell_command(spec, torchrun_argv(spec, i))]))
+    return lines

@@ -1,0 +1,119 @@
+"""Run one torchrun per host over SSH (fabric), stream prefixed output, stop everyone on a failure.
+
+SSH is key-only: no passwords are ever sent, the agent is used only if no key is given. Each host's
+remote command runs under a pty so that closing the connection hangs up the remote process group,
+which is how the other hosts are stopped when one fails.
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from meshwright.errors import ConfigError
+from meshwright.launcher.commands import LaunchSpec, remote_shell_command, torchrun_argv
+from meshwright.launcher.hostfile import Host
+
+
+class PrefixedStream:
+    """File-like sink that prefixes each line with ``[host]`` and keeps the last lines for errors."""
+
+    def __init__(self, prefix: str, sink: TextIO, lock: threading.Lock, keep: int = 20) -> None:
+        self.prefix, self.sink, self.lock = prefix, sink, lock
+        self.buf = ""
+        self.tail: collections.deque[str] = collections.deque(maxlen=keep)
+
+    def write(self, text: str) -> int:
+        self.buf += text.replace("\r\n", "\n").replace("\r", "\n")
+        while "\n" in self.buf:
+            line, self.buf = self.buf.split("\n", 1)
+            self.tail.append(line)
+            with self.lock:
+                self.sink.write(f"[{self.prefix}] {line}\n")
+                self.sink.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        if self.buf:
+            self.write("\n")
+
+
+@dataclass
+class HostResult:
+    host: str
+    exit_code: int | None
+    tail: list[str]
+    stopped_by_launcher: bool = False  # hung up because another host failed first
+    failed_first: bool = False
+
+
+def connect(host: Host, ssh_port: int | None, ssh_key: str | None, timeout: float) -> Any:
+    """Open a key-authenticated fabric Connection or raise a one-line ConfigError naming the host."""
+    from fabric import Connection
+
+    kwargs: dict[str, Any] = {"allow_agent": ssh_key is None, "look_for_keys": ssh_key is None, "banner_timeout": timeout,
+                              "auth_timeout": timeout}
+    if ssh_key:
+        kwargs["key_filename"] = [ssh_key]
+    conn = Connection(host.name, user=host.user, port=host.port or ssh_port or 22, connect_timeout=timeout,
+                      connect_kwargs=kwargs)
+    try:
+        conn.open()
+    except Exception as exc:  # socket errors, auth failures, timeouts
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"host={host.name!r} is unreachable over SSH ({reason}); valid: a host that accepts key-based SSH") from None
+    return conn
+
+
+def run_over_ssh(spec: LaunchSpec, ssh_port: int | None = None, ssh_key: str | None = None,
+                 connect_timeout: float = 10.0, sink: TextIO = sys.stdout, poll_s: float = 0.2) -> list[HostResult]:
+    """Start torchrun on every host; if any exits non-zero, hang up on the others. Returns per-host results."""
+    spec.validate()
+    lock = threading.Lock()
+    conns = [connect(h, ssh_port, ssh_key, connect_timeout) for h in spec.hosts]
+    streams = [PrefixedStream(h.name, sink, lock) for h in spec.hosts]
+    promises = []
+    for i, (host, conn, stream) in enumerate(zip(spec.hosts, conns, streams)):
+        cmd = remote_shell_command(spec, torchrun_argv(spec, i))
+        promises.append(conn.run(cmd, asynchronous=True, pty=True, warn=True, hide=False,
+                                 out_stream=stream, err_stream=stream, in_stream=False))
+    codes: list[int | None] = [None] * len(promises)
+    failed = False
+    first_failure: int | None = None
+    stopped: set[int] = set()
+    try:
+        while any(c is None for c in codes):
+            for i, p in enumerate(promises):
+                if codes[i] is None and p.runner.process_is_finished:
+                    try:
+                        codes[i] = p.join().exited
+                    except Exception as exc:  # invoke raises for hung-up runners
+                        codes[i] = getattr(getattr(exc, "result", None), "exited", 255) or 255
+                    if codes[i] != 0 and not failed:
+                        failed = True
+                        first_failure = i
+                        for j, conn in enumerate(conns):
+                            if codes[j] is None:
+                                stopped.add(j)
+                                conn.close()  # hangs up the pty: remote torchrun gets SIGHUP
+            time.sleep(poll_s)
+    finally:
+        for s in streams:
+            s.flush()
+        for conn in conns:
+            conn.close()
+    return [HostResult(h.name, c, list(s.tail), i in stopped, i == first_failure)
+            for i, (h, c, s) in enumerate(zip(spec.hosts, codes, streams))]
+
+
+def summarize_failure(results: list[HostResult]) -> str | None:
+    """The first failing host and its last lines, or None when all succeeded."""
+    bad = [r for r in results if r.exit_code not in (0, None)]
+    if not bad:
+        return None
+    first = next((r for r in bad if r.failed_first), bad[0])
+    return f"host {first.host} failed with exit code {first.exit_code}; last lines:\n" + "\n".join(f"  {l}" for l in first.tail[-10:])

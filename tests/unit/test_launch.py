@@ -1,0 +1,94 @@
+"""Launch commands: golden dry runs, hostile host names, hostfile validation, unreachable hosts."""
+
+import shlex
+
+import pytest
+
+from meshwright.cli import main
+from meshwright.errors import ConfigError
+from meshwright.launcher.commands import LaunchSpec, dry_run_lines, remote_shell_command, torchrun_argv
+from meshwright.launcher.hostfile import Host, load_hosts, parse_hostfile_text
+from meshwright.launcher.ssh_runner import connect
+
+TRAIN = ["train", "configs/train/default.yaml", "--plan", "auto"]
+
+
+def spec(n_hosts: int, **kw) -> LaunchSpec:
+    hosts = [Host(f"node{i}", 4) for i in range(n_hosts)]
+    return LaunchSpec(hosts=hosts, train_args=TRAIN, python="/opt/venv/bin/python", workdir="/srv/run dir", **kw)
+
+
+def test_torchrun_dry_run_golden_two_hosts():
+    lines = dry_run_lines(spec(2), "torchrun", "hostfile", ssh_port=2222, ssh_key="/keys/id_ed25519")
+    assert lines == [
+        "[node0] ssh -o BatchMode=yes -p 2222 -i /keys/id_ed25519 node0 'cd '\"'\"'/srv/run dir'\"'\"' && exec "
+        "/opt/venv/bin/python -m torch.distributed.run --nnodes=2 --node-rank=0 --nproc-per-node=4 --rdzv-backend=c10d "
+        "--rdzv-endpoint=node0:29400 --rdzv-id=meshwright --max-restarts=0 --tee=3 -m meshwright.cli train "
+        "configs/train/default.yaml --plan auto'",
+        "[node1] ssh -o BatchMode=yes -p 2222 -i /keys/id_ed25519 node1 'cd '\"'\"'/srv/run dir'\"'\"' && exec "
+        "/opt/venv/bin/python -m torch.distributed.run --nnodes=2 --node-rank=1 --nproc-per-node=4 --rdzv-backend=c10d "
+        "--rdzv-endpoint=node0:29400 --rdzv-id=meshwright --max-restarts=0 --tee=3 -m meshwright.cli train "
+        "configs/train/default.yaml --plan auto'",
+    ]
+
+
+def test_torchrun_four_hosts_ranks_and_endpoint():
+    s = spec(4, max_restarts=3, env={"NCCL_DEBUG": "WARN"})
+    for i in range(4):
+        argv = torchrun_argv(s, i)
+        assert f"--node-rank={i}" in argv and "--nnodes=4" in argv and "--rdzv-endpoint=node0:29400" in argv
+        assert "--max-restarts=3" in argv
+    remote = remote_shell_command(s, torchrun_argv(s, 3))
+    # the remote string parses back to exactly the intended words
+    words = shlex.split(remote)
+    assert words[:3] == ["cd", "/srv/run dir", "&&"]
+    assert words[4:6] == ["env", "NCCL_DEBUG=WARN"]
+
+
+def test_deepspeed_dry_run_golden():
+    lines = dry_run_lines(spec(2), "deepspeed", "/etc/hostfile", ssh_port=2222)
+    assert lines == [
+        "deepspeed --hostfile=/etc/hostfile --master_addr=node0 --master_port=29400 --launcher=pdsh --num_nodes=2 "
+        "--num_gpus=4 --ssh_port=2222 --no_local_rank --module meshwright.cli train configs/train/default.yaml --plan auto"
+    ]
+
+
+@pytest.mark.parametrize("name", ["a;rm", "$(reboot)", "a'b", 'a"b', "-oProxyCommand=x", "a..b", "a`b`"])
+def test_hostile_host_names_rejected(name):
+    with pytest.raises(ConfigError, match="host="):
+        parse_hostfile_text(f"{name} slots=2\n")
+
+
+def test_hostile_user_args_are_quoted_not_executed():
+    s = LaunchSpec(hosts=[Host("node0", 1)], train_args=["train", "x; rm -rf /", "out_dir=$(id)"], workdir="/tmp/a b")
+    remote = remote_shell_command(s, torchrun_argv(s, 0))
+    assert shlex.split(remote)[-2:] == ["x; rm -rf /", "out_dir=$(id)"]
+
+
+def test_hostfile_formats(tmp_path):
+    assert parse_hostfile_text("# cluster\nnode-a slots=8\nnode-b slots=8  # second\n") == [Host("node-a", 8), Host("node-b", 8)]
+    with pytest.raises(ConfigError, match="slots"):
+        parse_hostfile_text("node-a slots=8\nnode-b slots=4\n")
+    with pytest.raises(ConfigError, match="each host listed once"):
+        parse_hostfile_text("node-a slots=8\nnode-a slots=8\n")
+    y = tmp_path / "hosts.yaml"
+    y.write_text("hosts:\n  - {name: 127.0.0.1, slots: 1, port: 2222}\n  - {name: 127.0.0.2, slots: 1, port: 2222}\n")
+    assert [h.port for h in load_hosts(y)] == [2222, 2222]
+
+
+def test_unreachable_host_is_one_line_error():
+    # Port 9 on loopback: nothing listens, the connection is refused at once.
+    with pytest.raises(ConfigError, match=r"^host='127.0.0.1' is unreachable over SSH"):
+        connect(Host("127.0.0.1", 1), ssh_port=9, ssh_key=None, timeout=3)
+
+
+def test_cli_dry_run_and_bad_hostfile(tmp_path, capsys):
+    hf = tmp_path / "hostfile"
+    hf.write_text("node0 slots=2\nnode1 slots=2\n")
+    assert main(["launch", "--hosts", str(hf), "--dry-run", "--python", "python3", "--workdir", "/w", "--", "train", "default"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[1].startswith("[node1] ssh -o BatchMode=yes node1 ")
+    hf.write_text("bad;host slots=2\n")
+    assert main(["launch", "--hosts", str(hf), "--dry-run", "--", "train", "default"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "host='bad;host' is invalid" in err[0]

@@ -1,9 +1,205 @@
-"""`meshwright plan`: search the fastest parallel layout for a model and cluster."""
+"""`meshwright plan`: search the fastest parallel layout for a model and cluster.
+
+Three small steps so later sections (capacity planning, energy) slot in: ``add_arguments`` declares the
+flags, ``compute_result`` returns one plain dict (what ``--json`` prints), ``render_text`` turns that
+dict into the readable table. A new section adds flags, a key in the dict and a renderer block.
+"""
 
 from __future__ import annotations
 
-from meshwright.commands._placeholder import register_placeholder
+import argparse
+import json
+import sys
+from typing import Any
+
+from meshwright.errors import ConfigError
+
+JSON_SCHEMA_VERSION = 1
 
 
-def register(sub) -> None:
-    register_placeholder(sub, "plan", "Search the fastest parallel layout for a model and cluster")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model preset name, YAML path or HF config.json")
+    p.add_argument("--cluster", required=True, help="cluster preset name or YAML path")
+    p.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
+    p.add_argument("--devices-per-node", type=int, default=None, help="devices per node (default: the cluster's)")
+    p.add_argument("--seq-len", type=int, required=True, help="tokens per sequence")
+    p.add_argument("--global-batch", type=int, required=True, help="sequences per optimizer step")
+    p.add_argument("--memory-budget-gib", type=float, default=None, help="usable memory per device (default: the cluster's)")
+    p.add_argument("--hardware-profile", default=None, help="JSON from `meshwright profile hardware`")
+    p.add_argument("--model-profile", default=None, help="JSON from `meshwright profile model`")
+    g = p.add_argument_group("constraints (fix part of the layout, e.g. to evaluate one you already run)")
+    g.add_argument("--tp", type=int, default=None)
+    g.add_argument("--pp", type=int, default=None)
+    g.add_argument("--dp", type=int, default=None)
+    g.add_argument("--ep", type=int, default=None)
+    g.add_argument("--zero", type=int, default=None, choices=(0, 1, 2, 3))
+    g.add_argument("--recompute", default=None, choices=("none", "selective", "full"))
+    g.add_argument("--micro-batch", type=int, default=None)
+    g.add_argument("--schedule", default=None, choices=("gpipe", "1f1b", "interleaved_1f1b"))
+    g.add_argument("--virtual-stages", type=int, default=None, help="model chunks per rank for interleaved_1f1b")
+    p.add_argument("--any-runtime", action="store_true",
+                   help="search the full space (ZeRO-1, vocab-parallel embeddings, savers) instead of only layouts "
+                        "meshwright's runtime runs unchanged; useful with --emit; implied by --allow")
+    p.add_argument("--allow", action="append", default=None, metavar="SAVER",
+                   help="memory savers the search may use (they change numerics): fp8, wta-crs[=RATIO], lemo[=RATIO]")
+    p.add_argument("--top", type=int, default=5, help="how many layouts to list (best + runner-ups)")
+    p.add_argument("--out", default=None, help="write the best plan to this YAML/JSON file")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--emit", default=None, choices=("megatron", "deepspeed", "torchtitan"),
+                   help="print the best plan as Megatron-LM args, a DeepSpeed config or torchtitan settings")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="search the fastest parallel layout for a model and cluster",
+                       description="Search tp/sp/dp/ZeRO/pp/ep/recompute per layer under a memory budget and predict step time, MFU and memory.")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def _load_inputs(args: argparse.Namespace) -> dict[str, Any]:
+    from meshwright.config import load_cluster, load_model_config
+    from meshwright.launcher import cost_model as cm
+    from meshwright.launcher.hardware_profile import load_hardware_profile
+    from meshwright.launcher.model_profile import apply_model_profile, load_model_profile
+
+    for name in ("nodes", "devices_per_node", "seq_len", "global_batch", "top"):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}={v!r} is invalid; valid: a positive integer")
+    cfg = load_model_config(args.model)
+    cluster = load_cluster(args.cluster, nodes=args.nodes, devices_per_node=args.devices_per_node)
+    hprof = load_hardware_profile(args.hardware_profile) if args.hardware_profile else None
+    hw = cm.hardware_from_cluster(cluster, hprof, args.memory_budget_gib)
+    if args.model_profile:
+        hw = apply_model_profile(hw, load_model_profile(args.model_profile), cfg, hprof)
+    return {"cfg": cfg, "cluster": cluster, "hw": hw}
+
+
+def compute_result(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the search and return the plain-data result (the ``--json`` object)."""
+    from meshwright.launcher.search import Allow, Constraints, describe_layout, infeasible_message, search
+
+    inputs = _load_inputs(args)
+    cfg, cluster, hw = inputs["cfg"], inputs["cluster"], inputs["hw"]
+    constraints = Constraints(tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep, zero=args.zero, recompute=args.recompute,
+                              micro_batch=args.micro_batch, schedule=args.schedule, virtual_stages=args.virtual_stages,
+                              runtime_compatible=not (args.any_runtime or args.allow))
+    allow = Allow.parse(args.allow)
+    res = search(cfg, cluster, args.seq_len, args.global_batch, hw=hw, constraints=constraints, allow=allow, top=args.top,
+                 progress=sys.stderr.isatty() and not args.json)
+    out: dict[str, Any] = {
+        "schema": JSON_SCHEMA_VERSION,
+        "model": cfg.name, "cluster": cluster.name, "nodes": cluster.nodes, "devices_per_node": cluster.devices_per_node,
+        "world_size": cluster.world_size, "seq_len": args.seq_len, "global_batch": args.global_batch,
+        "memory_budget_gib": round(res.budget_gib, 3), "compute_dtype": hw.compute_dtype,
+        "search_s": round(res.search_s, 3), "candidates": res.candidates, "feasible": res.best is not None,
+    }
+    if res.best is None:
+        out["error"] = infeasible_message(res)
+        out["min_memory_gib"] = None if res.min_memory_gib is None else round(res.min_memory_gib, 3)
+        out["suggestion"] = res.suggestion
+    else:
+        out["plan"] = res.best.plan.to_dict()
+        out["predicted"] = res.best.prediction.to_dict()
+        out["layout"] = describe_layout(res.best.plan)
+        out["stages"] = _stage_rows(res.best.plan, cfg, res.best.prediction)
+    out["runners_up"] = [{"layout": c.layout(), "predicted": c.prediction.to_dict()} for c in res.runners_up]
+    out["rejected"] = res.rejected[: args.top]
+    out["rejected_total"] = len(res.rejected)
+    out["_objects"] = {"cfg": cfg, "best": res.best}
+    return out
+
+
+def _stage_rows(plan: Any, cfg: Any, pred: Any) -> list[dict[str, Any]]:
+    rows = []
+    ranges = plan.stage_ranges(cfg.n_layers)
+    strategies = plan.layer_strategies()
+    pp = plan.pipeline.degree
+    for r in range(pp):
+        layers = [i for j, (a, b) in enumerate(ranges) if j % pp == r for i in range(a, b)]
+        groups: list[list[Any]] = []
+        for i in layers:
+            s = strategies[i]
+            desc = f"tp{s.tp}{'+sp' if s.sp else ''} dp{s.dp} z{s.zero} rc={s.recompute}" + (f" ep{s.ep}" if s.ep > 1 else "")
+            if s.savers.fp8_act or s.savers.wta_crs or s.savers.lemo:
+                desc += " savers"
+            if groups and groups[-1][0] == desc and groups[-1][2] == i:
+                groups[-1][2] = i + 1
+            else:
+                groups.append([desc, i, i + 1])
+        rows.append({"stage": r, "layers": [[a, b] for _, a, b in groups], "strategy": [d for d, _, _ in groups],
+                     "memory_gib": round(pred.memory_gib[r], 2)})
+    return rows
+
+
+def render_text(result: dict[str, Any]) -> str:
+    """The readable table: per stage layers, strategy, memory; then totals and the alternatives."""
+    r = result
+    lines = [f"meshwright plan: {r['model']} on {r['nodes']} x {r['devices_per_node']} {r['cluster']} "
+             f"({r['world_size']} devices), seq {r['seq_len']}, global batch {r['global_batch']}, "
+             f"budget {r['memory_budget_gib']:.1f} GiB/device, {r['compute_dtype']}"]
+    if not r["feasible"]:
+        lines.append(r["error"])
+        return "\n".join(lines)
+    p = r["predicted"]
+    plan = r["plan"]
+    pl = plan["pipeline"]
+    lines.append(f"layout: {r['layout']}")
+    if pl["degree"] > 1:
+        lines.append(f"pipeline: {pl['degree']} stages, {pl['schedule']}, {pl['microbatches']} microbatches of {plan['micro_batch']}")
+    else:
+        lines.append(f"micro-batch {plan['micro_batch']}")
+    lines.append("")
+    lines.append(f"{'stage':>5}  {'layers':<14} {'strategy':<40} {'memory GiB':>10}")
+    for row in r["stages"]:
+        for k, (rng, strat) in enumerate(zip(row["layers"], row["strategy"])):
+            mem = f"{row['memory_gib']:>10.2f}" if k == 0 else ""
+            stage = f"{row['stage']:>5}" if k == 0 else " " * 5
+            lines.append(f"{stage}  {f'{rng[0]}-{rng[1] - 1}':<14} {strat:<40} {mem}")
+    lines.append("")
+    b = p["breakdown"]
+    lines.append(f"step {p['step_s']:.4g} s | {p['tokens_per_s']:.4g} tokens/s | {p['tflops_per_device']:.4g} TFLOP/s per device | "
+                 f"MFU {100 * p['mfu']:.1f}% | HFU {100 * p['hfu']:.1f}% | peak memory {p['memory_gib_max']:.2f} GiB")
+    lines.append(f"terms: compute {b['compute_s']:.4g} s, tp/ep comm {b['tp_ep_comm_s']:.4g} s, dp comm {b['dp_comm_s']:.4g} s "
+                 f"(before overlap), bubble {100 * b['bubble_fraction']:.1f}%")
+    if r["runners_up"]:
+        lines.append("")
+        lines.append("runner-ups:")
+        for c in r["runners_up"]:
+            q = c["predicted"]
+            lines.append(f"  {q['step_s']:.4g} s  MFU {100 * q['mfu']:.1f}%  {q['memory_gib_max']:.1f} GiB  {c['layout']}")
+    if r["rejected"]:
+        lines.append(f"rejected ({r['rejected_total']}, closest first):")
+        for x in r["rejected"]:
+            lines.append(f"  {x['layout']}: {x['reason']}")
+    lines.append(f"searched {r['candidates']} candidates in {r['search_s']:.2f} s")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from meshwright.launcher.exports import emit
+
+    result = compute_result(args)
+    objects = result.pop("_objects")
+    if not result["feasible"]:
+        if args.json:
+            print(json.dumps(result, indent=2, sort_keys=True))
+        else:
+            print(f"meshwright plan: {result['error']}", file=sys.stderr)
+        return 1
+    best = objects["best"]
+    if args.out:
+        best.plan.save(args.out)
+    if args.emit:
+        text, notes = emit(best.plan, objects["cfg"], args.emit)
+        print(text)
+        for n in notes:
+            print(f"note: {n}", file=sys.stderr)
+        return 0
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print(render_text(result))
+        if args.out:
+            print(f"wrote {args.out}")
+    return 0

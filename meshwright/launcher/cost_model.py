@@ -1,0 +1,576 @@
+"""The planner's cost model: every term a small named function of shapes, degrees and hardware.
+
+Times are seconds, sizes bytes, bandwidths bytes/s (per device, one direction). Communication uses
+the alpha-beta model of ring collectives (Thakur et al. 2005; NCCL's "bus bandwidth" convention):
+an all-reduce over n ranks moves 2(n-1)/n of the buffer through every link and pays 2(n-1) latencies.
+Ranks are ordered tp (fastest), then dp/ep, then pp (slowest), as Megatron-LM orders them, so a group
+of ``n`` ranks at ``stride`` stays inside one node when ``n*stride <= devices_per_node``.
+
+Activation memory follows Korthikanti et al. 2022 ("Reducing activation recomputation"): per layer
+a part replicated over the tp group (norms and the inputs of the first linears) and a part sharded by
+tp; sequence parallelism shards the replicated part too. The coefficients are those of *our* blocks
+(flash/efficient attention, so no 5as^2b score term), checked against saved bytes measured with
+``saved_tensors_hooks`` in tests/unit/test_cost_model.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from meshwright.config import ClusterSpec, ModelConfig
+from meshwright.errors import invalid
+
+GIB = 1024**3
+
+# Saved elements per token per layer, in units of d_model (h) and FFN width (f), for our blocks:
+# (replicated over tp without SP, sharded by tp) x (h, f). Measured on CPU with count_saved_bytes.
+ACT_COEF = {
+    "llama": {"rep_h": 6.0, "shard_h": 4.0, "shard_f": 4.0},  # 2 RMSNorms (x, x*rsqrt, out); q, rotated q/k, o; SwiGLU 4f
+    "gpt2": {"rep_h": 4.0, "shard_h": 4.0, "shard_f": 2.0},  # Korthikanti's 10 + 24/t without dropout masks
+}
+# Share of activation bytes that are inputs of linear layers (what WTA-CRS samples).
+LINEAR_INPUT_SHARE = 0.4
+# Share of saved activation bytes COAT stores in FP8 (the rest, e.g. norm statistics, stays high precision).
+FP8_ACT_SHARE = 0.75
+FP8_GROUP = 128  # COAT per-group quantisation: one fp32 scale per 128 values
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the cost model needs to know about one device and its links."""
+
+    peak_flops: float  # per device, compute dtype
+    matmul_efficiency: float  # achieved fraction of peak on large matmuls
+    devices_per_node: int
+    intra_bw: float  # bytes/s
+    intra_lat: float  # s
+    inter_bw: float
+    inter_lat: float
+    memory_bytes: float
+    compute_dtype: str = "bf16"
+    overlap_slowdown: float = 0.1  # extra time when compute and communication overlap (fraction of the overlapped part)
+    overhead_bytes: float = 1.0 * GIB  # CUDA context, NCCL buffers, allocator slack
+    fragmentation: float = 0.05  # fraction of the rest lost to allocator fragmentation
+    efficiency_half_width: float = 128.0  # matmul width at which efficiency halves (small shards run slower)
+    act_scale: float = 1.0  # measured / analytic activation bytes (from a model profile)
+    mem_bw: float = 1.6e12  # achieved device-memory bandwidth (bytes/s) for memory-bound elementwise kernels
+    layer_overhead_s: float = 0.0  # fixed fwd+bwd cost per block per microbatch (dispatch/launch), from a model profile
+
+    @property
+    def elem_bytes(self) -> int:
+        return 4 if self.compute_dtype in ("fp32", "tf32") else 2
+
+    @property
+    def mixed_precision(self) -> bool:
+        return self.elem_bytes == 2
+
+
+def hardware_from_cluster(cluster: ClusterSpec, profile: Optional[dict[str, Any]] = None,
+                          memory_budget_gib: Optional[float] = None) -> Hardware:
+    """ClusterSpec (preset figures) overridden by a measured hardware profile's ``derived`` figures."""
+    cpu = cluster.device == "cpu"
+    dtype = "fp32" if cpu else ("bf16" if "bf16" in cluster.peak_tflops else "fp32")
+    hw = Hardware(
+        mem_bw=device_memory_bw(cluster.device),
+        peak_flops=cluster.peak_flops(dtype),
+        matmul_efficiency=0.85 if cpu else 0.75,
+        devices_per_node=cluster.devices_per_node,
+        intra_bw=cluster.intra_node_bw_gbps * 1e9, intra_lat=cluster.intra_node_latency_us * 1e-6,
+        inter_bw=cluster.inter_node_bw_gbps * 1e9, inter_lat=cluster.inter_node_latency_us * 1e-6,
+        memory_bytes=cluster.memory_gib * GIB, compute_dtype=dtype,
+        overhead_bytes=(0.05 if cpu else 1.0) * GIB, efficiency_half_width=8.0 if cpu else 128.0,
+    )
+    if profile:
+        d = profile["derived"]
+        peak = d["peak_tflops"].get(dtype) or max(d["peak_tflops"].values())
+        hw = dataclasses.replace(
+            hw, peak_flops=peak * 1e12, matmul_efficiency=1.0,
+            intra_bw=d["intra_bw_gbps"] * 1e9, intra_lat=d["intra_latency_us"] * 1e-6,
+            inter_bw=d["inter_bw_gbps"] * 1e9, inter_lat=d["inter_latency_us"] * 1e-6,
+            overlap_slowdown=d["overlap_slowdown"],
+        )
+    if memory_budget_gib is not None:
+        if memory_budget_gib <= 0:
+            raise invalid("memory_budget_gib", memory_budget_gib, "a positive number of GiB")
+        hw = dataclasses.replace(hw, memory_bytes=memory_budget_gib * GIB)
+    return hw
+
+
+def device_memory_bw(device: str) -> float:
+    """Achieved memory bandwidth (~80% of the datasheet figure) for the devices we know."""
+    name = device.upper()
+    if "H100" in name or "H200" in name:
+        return 0.8 * (4.8e12 if "H200" in name else 3.35e12)
+    if "A100" in name:
+        return 0.8 * (2.039e12 if "80" in name else 1.555e12)
+    if device == "cpu":
+        return 20e9
+    return 1.6e12
+
+
+# ---- communication primitives ----------------------------------------------------------------------
+
+def link(hw: Hardware, group_size: int, stride: int) -> tuple[float, float]:
+    """(bandwidth, latency) of a group of ``group_size`` ranks ``stride`` apart: NVLink inside a node, else IB."""
+    if group_size * stride <= hw.devices_per_node:
+        return hw.intra_bw, hw.intra_lat
+    return hw.inter_bw, hw.inter_lat
+
+
+def allreduce_s(nbytes: float, n: int, bw: float, lat: float) -> float:
+    """Ring all-reduce of an ``nbytes`` buffer: 2(n-1)/n bytes per link and 2(n-1) latency hops."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    return 2 * (n - 1) * lat + 2 * (n - 1) / n * nbytes / bw
+
+
+def allgather_s(nbytes: float, n: int, bw: float, lat: float) -> float:
+    """Ring all-gather producing an ``nbytes`` buffer (each rank holds nbytes/n): (n-1)/n bytes per link."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    return (n - 1) * lat + (n - 1) / n * nbytes / bw
+
+
+def reduce_scatter_s(nbytes: float, n: int, bw: float, lat: float) -> float:
+    """Ring reduce-scatter of an ``nbytes`` buffer: same volume as an all-gather."""
+    return allgather_s(nbytes, n, bw, lat)
+
+
+def alltoall_s(nbytes: float, n: int, bw: float, lat: float) -> float:
+    """All-to-all where each rank sends ``nbytes`` in total, (n-1)/n of it off-rank."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    return (n - 1) * lat + (n - 1) / n * nbytes / bw
+
+
+def p2p_s(nbytes: float, bw: float, lat: float) -> float:
+    """One point-to-point send."""
+    return lat + nbytes / bw if nbytes > 0 else 0.0
+
+
+def overlap_s(compute_s: float, comm_s: float, slowdown: float) -> float:
+    """Wall time of compute and communication that overlap: the longer one, plus a contention penalty
+    on the overlapped part (measured by ``meshwright profile hardware`` as ``overlap_slowdown``)."""
+    return max(compute_s, comm_s) + slowdown * min(compute_s, comm_s)
+
+
+def exposed_s(compute_s: float, comm_s: float, slowdown: float) -> float:
+    """Time communication adds on top of ``compute_s`` when it is overlapped with it."""
+    return overlap_s(compute_s, comm_s, slowdown) - compute_s
+
+
+# ---- compute ---------------------------------------------------------------------------------------
+
+def layer_fwd_flops(cfg: ModelConfig, index: int, tokens: float, seq_len: int) -> float:
+    """Forward FLOPs of block ``index`` for ``tokens`` tokens: 2 per active matmul parameter per token plus
+    the (non-causal, PaLM convention) attention score and context matmuls 4*s*h per token."""
+    return 2.0 * cfg.layer_params(index, active_only=True) * tokens + 4.0 * seq_len * cfg.d_model * tokens
+
+
+def head_fwd_flops(cfg: ModelConfig, tokens: float) -> float:
+    """Forward FLOPs of the output projection (vocab x d_model)."""
+    return 2.0 * cfg.vocab_size * cfg.d_model * tokens
+
+
+# Elements read + written per token per layer by memory-bound kernels in one forward pass (norms,
+# residual adds, bias/dropout, activation functions, rotary embeddings), counted from our blocks.
+ELEMENTWISE_COEF = {"llama": {"h": 16.0, "f": 5.0}, "gpt2": {"h": 20.0, "f": 4.0}}
+
+
+def elementwise_s(cfg: ModelConfig, index: int, tokens: float, tp: int, sp: bool, hw: Hardware) -> float:
+    """Forward time of the memory-bound (non-matmul) kernels of one block: bytes moved / bandwidth.
+    The h-wide part is replicated over tp unless SP splits it; the FFN-wide part is sharded by tp."""
+    c = ELEMENTWISE_COEF[cfg.arch]
+    f = cfg.top_k * cfg.expert_ffn_dim if cfg.is_moe_layer(index) else cfg.ffn_dim
+    elems = c["h"] * cfg.d_model / (tp if sp else 1) + c["f"] * f / tp
+    return elems * tokens * hw.elem_bytes / hw.mem_bw
+
+
+def matmul_efficiency(hw: Hardware, width: float) -> float:
+    """Achieved fraction of peak for a matmul whose smallest sharded dimension is ``width``.
+
+    Small shards (high tp) keep the device less busy: efficiency = e_max * w / (w + w_half).
+    """
+    return hw.matmul_efficiency * width / (width + hw.efficiency_half_width)
+
+
+def compute_s(flops: float, hw: Hardware, width: float) -> float:
+    """Seconds for ``flops`` of matmul work with shard width ``width``."""
+    return flops / (hw.peak_flops * matmul_efficiency(hw, width))
+
+
+def recompute_extra_fwd_fraction(cfg: ModelConfig, index: int, seq_len: int, mode: str) -> float:
+    """Extra forward work of recomputation as a fraction of the layer's forward FLOPs.
+
+    full: the whole forward again; selective: the attention core (scores and context), as in
+    Korthikanti et al. 2022; none: nothing.
+    """
+    if mode == "none":
+        return 0.0
+    if mode == "full":
+        return 1.0
+    if mode == "selective":
+        attn = 4.0 * seq_len * cfg.d_model
+        return attn / (2.0 * cfg.layer_params(index, active_only=True) + attn)
+    raise invalid("recompute", mode, "none, selective or full")
+
+
+# ---- per-layer communication -----------------------------------------------------------------------
+
+def tp_comm_s(tokens: float, cfg: ModelConfig, tp: int, sp: bool, recompute: str, hw: Hardware) -> float:
+    """TP (Megatron) collectives of one layer for one microbatch, forward + backward (+ recompute).
+
+    Without SP: 2 all-reduces of the (tokens x h) activation forward and 2 backward. With SP each
+    all-reduce becomes an all-gather + reduce-scatter pair: the same bus volume, as Korthikanti et al.
+    note. Full recomputation repeats the forward collectives.
+    """
+    if tp <= 1:
+        return 0.0
+    nbytes = tokens * cfg.d_model * hw.elem_bytes
+    bw, lat = link(hw, tp, 1)
+    one = (allgather_s(nbytes, tp, bw, lat) + reduce_scatter_s(nbytes, tp, bw, lat)) if sp else allreduce_s(nbytes, tp, bw, lat)
+    n = 4 + (2 if recompute == "full" else 0)
+    return n * one
+
+
+def ep_alltoall_bytes(tokens: float, cfg: ModelConfig, elem_bytes: int) -> float:
+    """Bytes one rank sends in one dispatch (or combine) all-to-all: tokens x hidden x top_k."""
+    return tokens * cfg.d_model * cfg.top_k * elem_bytes
+
+
+def ep_comm_s(tokens: float, cfg: ModelConfig, ep: int, tp: int, recompute: str, hw: Hardware) -> float:
+    """EP all-to-alls of one MoE layer per microbatch: dispatch + combine forward, twice backward."""
+    if ep <= 1:
+        return 0.0
+    bw, lat = link(hw, ep, tp)
+    n = 4 + (2 if recompute == "full" else 0)
+    return n * alltoall_s(ep_alltoall_bytes(tokens, cfg, hw.elem_bytes), ep, bw, lat)
+
+
+def dp_comm_s(param_count: float, dp: int, zero: int, stride: int, hw: Hardware) -> tuple[float, float]:
+    """DP gradient/parameter traffic of one layer as (per microbatch, per step) seconds.
+
+    ``param_count`` is the layer's parameters on one tp/ep shard. ZeRO-0 and 1: one all-reduce (ZeRO-1
+    = reduce-scatter + all-gather, the same volume) per step. ZeRO-2: gradients are reduce-scattered
+    every microbatch (they cannot be accumulated unsharded) and parameters all-gathered once per step.
+    ZeRO-3: parameters all-gathered for forward and backward and gradients reduce-scattered every
+    microbatch (Rajbhandari et al. 2020: 1.5x the volume of DP per microbatch).
+    """
+    if dp <= 1:
+        return 0.0, 0.0
+    nbytes = param_count * hw.elem_bytes
+    bw, lat = link(hw, dp, stride)
+    ag = allgather_s(nbytes, dp, bw, lat)
+    rs = reduce_scatter_s(nbytes, dp, bw, lat)
+    if zero <= 1:
+        return 0.0, allreduce_s(nbytes, dp, bw, lat)
+    if zero == 2:
+        return rs, ag
+    return 2 * ag + rs, 0.0
+
+
+def redistribution_s(tokens: float, cfg: ModelConfig, prev: tuple[int, bool], cur: tuple[int, bool], hw: Hardware) -> float:
+    """Cost of changing layout between consecutive layers with different (tp, sp): the activation is
+    re-gathered over the larger tp group, forward and backward (Galvatron's transformation cost)."""
+    if prev == cur:
+        return 0.0
+    t = max(prev[0], cur[0])
+    nbytes = tokens * cfg.d_model * hw.elem_bytes
+    bw, lat = link(hw, t, 1)
+    return 2 * allgather_s(nbytes, t, bw, lat)
+
+
+def pp_p2p_s(tokens: float, cfg: ModelConfig, tp: int, sp: bool, hw: Hardware, cross_node: bool) -> float:
+    """One stage boundary per microbatch: activation forward + gradient backward (sharded by tp with SP,
+    Megatron's scatter-gather optimisation)."""
+    nbytes = tokens * cfg.d_model * hw.elem_bytes / (tp if sp else 1)
+    bw, lat = (hw.inter_bw, hw.inter_lat) if cross_node else (hw.intra_bw, hw.intra_lat)
+    return 2 * p2p_s(nbytes, bw, lat)
+
+
+# ---- pipeline schedule -----------------------------------------------------------------------------
+
+def bubble_fraction(pp: int, microbatches: int, schedule: str, virtual_stages: int = 1) -> float:
+    """Idle fraction relative to the ideal time: (p-1)/m for GPipe and 1F1B, (p-1)/(v m) interleaved."""
+    if pp <= 1:
+        return 0.0
+    v = virtual_stages if schedule == "interleaved_1f1b" else 1
+    return (pp - 1) / (v * microbatches)
+
+
+def pipeline_step_s(stage_mb_s: list[float], microbatches: int, schedule: str, virtual_stages: int = 1) -> float:
+    """Step time of a pipeline whose rank ``i`` spends ``stage_mb_s[i]`` on one microbatch (fwd+bwd).
+
+    The slowest rank paces the steady state; filling and draining crosses every other rank once
+    (divided by v for interleaving). Balanced stages give (m + (p-1)/v) t, the textbook bubble.
+    """
+    slowest = max(stage_mb_s)
+    rest = sum(stage_mb_s) - slowest
+    v = virtual_stages if schedule == "interleaved_1f1b" else 1
+    return microbatches * slowest + rest / v
+
+
+def inflight_microbatches(schedule: str, pp: int, stage: int, microbatches: int, virtual_stages: int = 1) -> float:
+    """Microbatches whose activations stage ``stage`` holds at the peak.
+
+    GPipe keeps all m; 1F1B keeps pp - stage (PipeDream-Flush); interleaved 1F1B keeps
+    (pp - stage) + (v-1) * pp / v chunks' worth in units of a full stage (Narayanan et al. 2021).
+    """
+    if pp <= 1:
+        return 1.0
+    if schedule == "gpipe":
+        return float(microbatches)
+    k = min(pp - stage, microbatches)
+    if schedule == "interleaved_1f1b" and virtual_stages > 1:
+        return min(float(microbatches), k + (virtual_stages - 1) * pp / virtual_stages)
+    return float(k)
+
+
+# ---- memory ----------------------------------------------------------------------------------------
+
+def optimizer_bytes_per_param(states: str, mixed_precision: bool) -> float:
+    """AdamW: fp32 m and v (8 B) or COAT FP8 m and v (2 B + one fp32 scale per 128 values each),
+    plus a 4 B fp32 master copy under mixed precision."""
+    if states == "fp32":
+        b = 8.0
+    elif states == "fp8":
+        b = 2.0 + 2 * 4.0 / FP8_GROUP
+    else:
+        raise invalid("optimizer.states", states, "fp32 or fp8")
+    return b + (4.0 if mixed_precision else 0.0)
+
+
+def model_state_bytes(param_count: float, dp: int, zero: int, states: str, hw: Hardware) -> dict[str, float]:
+    """Parameters, gradients and optimizer states of ``param_count`` (already tp/ep-sharded) parameters
+    on one device: ZeRO-1 shards optimizer states over dp, ZeRO-2 also gradients, ZeRO-3 also parameters."""
+    e = hw.elem_bytes
+    return {
+        "params": param_count * e / (dp if zero >= 3 else 1),
+        "grads": param_count * e / (dp if zero >= 2 else 1),
+        "optimizer": param_count * optimizer_bytes_per_param(states, hw.mixed_precision) / (dp if zero >= 1 else 1),
+    }
+
+
+def activation_bytes(cfg: ModelConfig, index: int, tokens: float, tp: int, sp: bool, recompute: str,
+                     elem_bytes: int, fp8_act: bool = False, wta_crs: Optional[float] = None,
+                     lemo: Optional[float] = None, ep: int = 1) -> float:
+    """Bytes block ``index`` saves for backward for ``tokens`` tokens of one microbatch.
+
+    Korthikanti et al. 2022 structure for our blocks: rep_h*h replicated over tp (sharded by SP) plus
+    (shard_h*h + shard_f*f)/tp; an MoE FFN holds top_k copies of each token's expert activations
+    (4 f_e each, SwiGLU) and dispatch/combine buffers (2 h each). full recompute keeps only the block
+    input (sharded with SP); selective drops the attention core's q/k/v/out copies.
+    """
+    c = ACT_COEF[cfg.arch]
+    h = cfg.d_model
+    rep = c["rep_h"] * h / (tp if sp else 1)
+    if cfg.is_moe_layer(index):
+        ffn = cfg.top_k * (4.0 * cfg.expert_ffn_dim / tp + 2.0 * h) + cfg.n_experts
+    else:
+        ffn = c["shard_f"] * cfg.ffn_dim / tp
+    attn = c["shard_h"] * h / tp
+    if recompute == "full":
+        per_token = h / (tp if sp else 1)
+    elif recompute == "selective":
+        per_token = rep + ffn
+    elif recompute == "none":
+        per_token = rep + attn + ffn
+    else:
+        raise invalid("recompute", recompute, "none, selective or full")
+    nbytes = per_token * tokens * elem_bytes
+    if lemo is not None:
+        nbytes *= lemo
+    if wta_crs is not None and recompute != "full":
+        nbytes *= 1.0 - LINEAR_INPUT_SHARE * (1.0 - wta_crs)
+    if fp8_act and recompute != "full":
+        hi = nbytes * (1 - FP8_ACT_SHARE)
+        lo = nbytes * FP8_ACT_SHARE / elem_bytes
+        nbytes = hi + lo * (1 + 4.0 / FP8_GROUP)
+    return nbytes
+
+
+def embedding_param_count(cfg: ModelConfig, first: bool, last: bool, tp: int) -> float:
+    """Parameters of the embedding (first stage) and the untied head + final norm (last stage), tp-sharded."""
+    n = 0.0
+    if first:
+        n += cfg.vocab_size * cfg.d_model / tp
+        if cfg.arch == "gpt2":
+            n += cfg.max_seq_len * cfg.d_model
+    if last:
+        n += cfg.norm_params()
+        if not cfg.tie_embeddings or not first:
+            n += cfg.vocab_size * cfg.d_model / tp
+    return n
+
+
+def logits_bytes(cfg: ModelConfig, tokens: float, tp: int, elem_bytes: int) -> float:
+    """Logits of one microbatch on the last stage: the head's output plus the fp32 copy the loss keeps."""
+    return tokens * cfg.vocab_size / tp * (elem_bytes + 4)
+
+
+def framework_overhead_bytes(hw: Hardware, used_bytes: float) -> float:
+    """Runtime context and buffers plus allocator fragmentation."""
+    return hw.overhead_bytes + hw.fragmentation * used_bytes
+
+
+# ---- whole-plan evaluation -------------------------------------------------------------------------
+
+@dataclass
+class Prediction:
+    """Predicted figures of one plan; ``breakdown`` names the terms so users can check them."""
+
+    step_s: float
+    tokens_per_s: float
+    tflops_per_device: float
+    mfu: float
+    hfu: float
+    memory_gib: list[float]
+    fits: bool
+    breakdown: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self, digits: int = 6) -> dict[str, Any]:
+        r = lambda x: float(f"{x:.{digits}g}")  # noqa: E731 - stable significant-digit rounding for goldens
+        return {
+            "step_s": r(self.step_s), "tokens_per_s": r(self.tokens_per_s),
+            "tflops_per_device": r(self.tflops_per_device), "mfu": r(self.mfu), "hfu": r(self.hfu),
+            "memory_gib": [r(m) for m in self.memory_gib], "memory_gib_max": r(max(self.memory_gib)),
+            "fits": self.fits, "breakdown": {k: r(v) for k, v in sorted(self.breakdown.items())},
+        }
+
+
+def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len: int, hw: Hardware,
+                states: str = "fp32", prev: Optional[tuple[int, bool]] = None) -> dict[str, float]:
+    """All cost terms of block ``index`` under LayerStrategy ``s`` for a microbatch of ``mb_samples``
+    sequences on this rank: per-microbatch compute and exposed communication, per-step DP traffic,
+    static memory and activation bytes per microbatch."""
+    tokens = mb_samples * seq_len
+    moe = cfg.is_moe_layer(index)
+    fwd_flops = layer_fwd_flops(cfg, index, tokens, seq_len) / s.tp
+    extra = recompute_extra_fwd_fraction(cfg, index, seq_len, s.recompute)
+    lemo = s.savers.lemo if s.savers.lemo is not None else 1.0
+    width = min(cfg.d_model, (cfg.expert_ffn_dim if moe else cfg.ffn_dim) / s.tp, cfg.n_heads // s.tp * cfg.head_dim)
+    fwd = compute_s(fwd_flops * lemo, hw, width) + elementwise_s(cfg, index, tokens * lemo, s.tp, s.sp, hw)
+    compute_mb = fwd * (3.0 + extra) + hw.layer_overhead_s
+    model_flops_mb = fwd_flops * 3.0
+    hw_flops_mb = fwd_flops * lemo * (3.0 + extra)
+    comm_mb = tp_comm_s(tokens * lemo, cfg, s.tp, s.sp, s.recompute, hw)
+    if moe:
+        comm_mb += ep_comm_s(tokens * lemo, cfg, s.ep, s.tp, s.recompute, hw)
+    if prev is not None:
+        comm_mb += redistribution_s(tokens, cfg, prev, (s.tp, s.sp), hw)
+    # Parameters on one shard: attention/dense MLP split by tp; experts by tp and ep.
+    if moe:
+        expert = cfg.n_experts * 3 * cfg.d_model * cfg.expert_ffn_dim
+        dense = cfg.layer_params(index) - expert
+        shard_params = dense / s.tp + expert / (s.tp * s.ep)
+        dp_dense_mb, dp_dense_step = dp_comm_s(dense / s.tp, s.dp, s.zero, s.tp, hw)
+        dp_exp_mb, dp_exp_step = dp_comm_s(expert / (s.tp * s.ep), s.dp // s.ep, s.zero, s.tp * s.ep, hw)
+        dp_mb, dp_step = dp_dense_mb + dp_exp_mb, dp_dense_step + dp_exp_step
+        states_b = model_state_bytes(dense / s.tp, s.dp, s.zero, states, hw)
+        exp_b = model_state_bytes(expert / (s.tp * s.ep), s.dp // s.ep, s.zero, states, hw)
+        states_b = {k: states_b[k] + exp_b[k] for k in states_b}
+    else:
+        shard_params = cfg.layer_params(index) / s.tp
+        dp_mb, dp_step = dp_comm_s(shard_params, s.dp, s.zero, s.tp, hw)
+        states_b = model_state_bytes(shard_params, s.dp, s.zero, states, hw)
+    act = hw.act_scale * activation_bytes(cfg, index, tokens, s.tp, s.sp, s.recompute, hw.elem_bytes,
+                                          s.savers.fp8_act, s.savers.wta_crs, s.savers.lemo, s.ep)
+    gathered = shard_params * hw.elem_bytes * 2 if s.zero >= 3 else 0.0  # all-gathered layer + prefetch
+    return {
+        "compute_mb": compute_mb, "fwd_mb": fwd, "comm_mb": comm_mb, "dp_mb": dp_mb, "dp_step": dp_step,
+        "static_bytes": sum(states_b.values()), "act_bytes": act, "gathered_bytes": gathered,
+        "model_flops_mb": model_flops_mb, "hw_flops_mb": hw_flops_mb, "shard_params": shard_params,
+        **{f"{k}_bytes": v for k, v in states_b.items()},
+    }
+
+
+def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int) -> Prediction:
+    """Predict step time, throughput, MFU/HFU and memory per pipeline stage of a (validated) Plan."""
+    strategies = plan.layer_strategies()
+    pp = plan.pipeline
+    states = plan.optimizer.states
+    max_dp = max(s.dp for s in strategies)
+    m = pp.microbatches if pp.degree > 1 else plan.global_batch // (max_dp * plan.micro_batch)
+    v = pp.virtual_stages if pp.schedule == "interleaved_1f1b" else 1
+    ranges = plan.stage_ranges(cfg.n_layers)
+    per_stage = world_size // pp.degree
+    stage_of = {}
+    for j, (a, b) in enumerate(ranges):
+        for i in range(a, b):
+            stage_of[i] = j % pp.degree
+    rank_mb = [0.0] * pp.degree
+    rank_step = [0.0] * pp.degree  # per-step exposed DP traffic
+    rank_static = [0.0] * pp.degree
+    rank_act = [0.0] * pp.degree  # per microbatch
+    rank_gather = [0.0] * pp.degree
+    model_flops = hw_flops = 0.0
+    comm_total = compute_total = dp_total = 0.0
+    starts = {a for a, _ in ranges}
+    memo: dict[tuple, dict[str, float]] = {}  # identical layers collapse
+    for i, s in enumerate(strategies):
+        r = stage_of[i]
+        mb_samples = plan.micro_batch * max_dp / s.dp
+        prev = (strategies[i - 1].tp, strategies[i - 1].sp) if i > 0 and i not in starts else None
+        key = (cfg.is_moe_layer(i), s.tp, s.sp, s.dp, s.zero, s.ep, s.recompute, s.savers.fp8_act,
+               s.savers.wta_crs, s.savers.lemo, prev)
+        c = memo.get(key)
+        if c is None:
+            c = memo[key] = layer_costs(cfg, i, s, mb_samples, plan.seq_len, hw, states, prev)
+        bwd = c["compute_mb"] - c["fwd_mb"]
+        rank_mb[r] += c["compute_mb"] + c["comm_mb"] + exposed_s(c["compute_mb"], c["dp_mb"], hw.overlap_slowdown)
+        rank_step[r] += exposed_s(bwd, c["dp_step"], hw.overlap_slowdown)
+        rank_static[r] += c["static_bytes"]
+        rank_act[r] += c["act_bytes"]
+        rank_gather[r] = max(rank_gather[r], c["gathered_bytes"])
+        model_flops += c["model_flops_mb"] * m
+        hw_flops += c["hw_flops_mb"] * m
+        comm_total += c["comm_mb"] * m
+        compute_total += c["compute_mb"] * m
+        dp_total += c["dp_step"] + c["dp_mb"] * m
+    # Embedding on the first rank, head (+ its compute and logits) on the last.
+    emb = plan.embedding
+    tokens_mb = plan.micro_batch * plan.seq_len
+    last = pp.degree - 1
+    s_last = strategies[-1]
+    head_tokens = tokens_mb * max_dp / s_last.dp
+    head_flops = head_fwd_flops(cfg, head_tokens) / emb.tp
+    head_s = compute_s(head_flops * 3.0, hw, min(cfg.d_model, cfg.vocab_size / emb.tp))
+    rank_mb[last] += head_s
+    model_flops += head_flops * 3.0 * m
+    hw_flops += head_flops * 3.0 * m
+    emb_dp = per_stage // emb.tp
+    for r in {0, last}:
+        n = embedding_param_count(cfg, r == 0, r == last, emb.tp)
+        rank_static[r] += sum(model_state_bytes(n, emb_dp, emb.zero, states, hw).values())
+        per_mb, step = dp_comm_s(n, emb_dp, emb.zero, emb.tp, hw)
+        rank_step[r] += step
+        rank_mb[r] += per_mb  # embedding/head ZeRO-2/3 traffic: small, counted as exposed
+    if pp.degree > 1:
+        cross = per_stage >= hw.devices_per_node
+        p2p = pp_p2p_s(tokens_mb, cfg, strategies[0].tp, strategies[0].sp, hw, cross) * v
+        rank_mb = [t + p2p for t in rank_mb]
+    step = pipeline_step_s(rank_mb, m, pp.schedule, v) + max(rank_step)
+    mem = []
+    for r in range(pp.degree):
+        inflight = inflight_microbatches(pp.schedule, pp.degree, r, m, v)
+        used = rank_static[r] + inflight * rank_act[r] + rank_gather[r]
+        if r == last:
+            used += logits_bytes(cfg, head_tokens, emb.tp, hw.elem_bytes)
+        mem.append((used + framework_overhead_bytes(hw, used)) / GIB)
+    tokens = plan.global_batch * plan.seq_len
+    # MFU uses the model's own FLOPs per token (PaLM convention); HFU counts recomputation too.
+    mfu_flops = cfg.flops_per_token(plan.seq_len) * tokens
+    ratio = hw_flops / model_flops if model_flops else 1.0
+    tflops = mfu_flops / step / world_size / 1e12
+    peak = hw.peak_flops
+    return Prediction(
+        step_s=step, tokens_per_s=tokens / step, tflops_per_device=tflops,
+        mfu=mfu_flops / step / world_size / peak, hfu=mfu_flops * ratio / step / world_size / peak,
+        memory_gib=mem, fits=max(mem) * GIB <= hw.memory_bytes,
+        breakdown={"compute_s": compute_total / pp.degree, "tp_ep_comm_s": comm_total / pp.degree,
+                   "dp_comm_s": dp_total / pp.degree, "bubble_fraction": bubble_fraction(pp.degree, m, pp.schedule, v),
+                   "microbatches": float(m)},
+    )
+

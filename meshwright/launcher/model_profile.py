@@ -1,0 +1,220 @@
+"""`meshwright profile model`: per-layer time and memory of a model's blocks on this device.
+
+For each tp degree a block is built with the shapes one tp rank holds (n_heads/tp query heads,
+n_kv_heads/tp KV heads, ffn/tp hidden units; the collectives are the cost model's job). Forward and
+backward are timed at several batch sizes and sequence lengths and fitted by least squares to
+``t = a + b*tokens + c*tokens*seq`` (fixed overhead, matmuls, attention) — a fit, not one point.
+Saved-activation bytes per token are measured with ``count_saved_bytes`` (saved_tensors_hooks) with
+no recomputation; under full recomputation a block keeps only its input (h values per token).
+The planner uses the profile to calibrate achieved FLOP/s and activation bytes; without one, the
+cluster preset and the analytic formulas in ``cost_model`` stand in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from meshwright.config import ModelConfig
+from meshwright.errors import ConfigError, invalid
+from meshwright.launcher import cost_model as cm
+from meshwright.memory.accounting import count_saved_bytes
+from meshwright.yamlio import to_dict
+
+MODEL_PROFILE_VERSION = 1
+KIND = "meshwright-model-profile"
+
+
+def shard_block(cfg: ModelConfig, index: int, tp: int) -> nn.Module:
+    """Block ``index`` with the parameter shapes of one tp rank (Megatron column/row split)."""
+    from meshwright.models.decoder import Block
+
+    if cfg.n_heads % tp or cfg.kv_heads % tp or cfg.ffn_dim % tp:
+        raise invalid("tp", tp, f"a divisor of n_heads={cfg.n_heads}, n_kv_heads={cfg.kv_heads} and ffn={cfg.ffn_dim}")
+    block = Block(cfg, index)
+    if tp == 1:
+        return block
+    d, hd = cfg.d_model, cfg.head_dim
+    bias = cfg.arch == "gpt2"
+    att = block.attention
+    att.wq = nn.Linear(d, cfg.n_heads // tp * hd, bias=bias)
+    att.wk = nn.Linear(d, cfg.kv_heads // tp * hd, bias=bias)
+    att.wv = nn.Linear(d, cfg.kv_heads // tp * hd, bias=bias)
+    att.wo = nn.Linear(cfg.n_heads // tp * hd, d, bias=bias)
+    ff = block.feed_forward
+    if hasattr(ff, "w3") and isinstance(ff.w3, nn.Linear):
+        ff.w1 = nn.Linear(d, cfg.ffn_dim // tp, bias=False)
+        ff.w3 = nn.Linear(d, cfg.ffn_dim // tp, bias=False)
+        ff.w2 = nn.Linear(cfg.ffn_dim // tp, d, bias=False)
+    elif hasattr(ff, "w1") and isinstance(ff.w1, nn.Linear):
+        ff.w1 = nn.Linear(d, cfg.ffn_dim // tp)
+        ff.w2 = nn.Linear(cfg.ffn_dim // tp, d)
+    return block
+
+
+def _rope(cfg: ModelConfig, seq: int, device: torch.device):
+    if cfg.arch != "llama":
+        return None
+    from meshwright.models.layers import rope_tables
+
+    return rope_tables(cfg.head_dim, seq, cfg.rope_theta, device=device)
+
+
+def saved_bytes_per_token(block: nn.Module, cfg: ModelConfig, batch: int, seq: int, device: torch.device) -> float:
+    """Bytes the block saves for backward per token (no recomputation), measured with saved_tensors_hooks."""
+    x = torch.randn(batch, seq, cfg.d_model, device=device, requires_grad=True)
+    rope = _rope(cfg, seq, device)
+    # the block input counts: its norm saves it, and nothing upstream keeps it for backward
+    with count_saved_bytes(block, exclude=[*rope] if rope else []) as sb:
+        y = block(x, rope)
+    del y
+    return sb.total / (batch * seq)
+
+
+def time_block(block: nn.Module, cfg: ModelConfig, batch: int, seq: int, device: torch.device, iters: int = 3) -> tuple[float, float]:
+    """Median forward and backward seconds of one block."""
+    x = torch.randn(batch, seq, cfg.d_model, device=device, requires_grad=True)
+    rope = _rope(cfg, seq, device)
+    fwd, bwd = [], []
+    for i in range(iters + 1):
+        t0 = time.perf_counter()
+        y = block(x, rope)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t1 = time.perf_counter()
+        y.sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t2 = time.perf_counter()
+        if i:  # first run warms up
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
+    return float(np.median(fwd)), float(np.median(bwd))
+
+
+def fit_time(points: list[dict[str, float]], key: str) -> dict[str, float]:
+    """Least-squares fit of t = a + b*tokens + c*tokens*seq (non-negative coefficients where possible)."""
+    A = np.array([[1.0, p["tokens"], p["tokens"] * p["seq"]] for p in points])
+    y = np.array([p[key] for p in points])
+    coef, *_ = np.linalg.lstsq(A, y, rcond=None)
+    pred = A @ coef
+    rel = float(np.max(np.abs(pred - y) / np.maximum(y, 1e-12))) if len(y) else 0.0
+    return {"a": float(coef[0]), "b": float(coef[1]), "c": float(coef[2]), "max_rel_err": rel}
+
+
+def predict_time(fit: dict[str, float], tokens: float, seq: int) -> float:
+    return fit["a"] + fit["b"] * tokens + fit["c"] * tokens * seq
+
+
+def profile_model(cfg: ModelConfig, batch_sizes: list[int], seq_lens: list[int], tps: list[int],
+                  device: Optional[torch.device] = None, iters: int = 3, progress: bool = True) -> dict[str, Any]:
+    """Profile the dense (and MoE, if any) block kinds of ``cfg`` for each tp degree."""
+    from tqdm import tqdm
+
+    device = device or torch.device("cpu")
+    if len(batch_sizes) * len(seq_lens) < 3:
+        raise invalid("batch-sizes x seq-lens", f"{len(batch_sizes)}x{len(seq_lens)}", "at least 3 points for the 3-term fit")
+    if max(seq_lens) > cfg.max_seq_len:
+        raise invalid("seq-lens", max(seq_lens), f"at most max_seq_len={cfg.max_seq_len}")
+    kinds = [("dense", next((i for i in range(cfg.n_layers) if not cfg.is_moe_layer(i)), None)),
+             ("moe", next((i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)), None))]
+    entries = []
+    jobs = [(k, i, tp) for k, i in kinds if i is not None for tp in tps]
+    for kind, index, tp in tqdm(jobs, desc="model profile", disable=not progress):
+        torch.manual_seed(0)
+        block = shard_block(cfg, index, tp).to(device)
+        points = []
+        for b in batch_sizes:
+            for s in seq_lens:
+                f, bw = time_block(block, cfg, b, s, device, iters)
+                points.append({"batch": b, "seq": s, "tokens": b * s, "fwd_s": f, "bwd_s": bw})
+        b0, s0 = batch_sizes[0], seq_lens[-1]
+        act = saved_bytes_per_token(block, cfg, b0, s0, device)
+        entries.append({
+            "kind": kind, "layer_index": index, "tp": tp, "points": points,
+            "fwd_fit": fit_time(points, "fwd_s"), "bwd_fit": fit_time(points, "bwd_s"),
+            "param_bytes": sum(p.numel() * p.element_size() for p in block.parameters()),
+            "act_bytes_per_token": {"none": act, "full": cfg.d_model * 4.0},
+            "act_seq_len": s0,
+        })
+    from meshwright.launcher.hardware_profile import measure_matmul
+
+    # a matmul reference taken now: planning divides by it and multiplies by the hardware profile's
+    # figure for the same size, so load or contention that differs between the two runs cancels
+    ref = measure_matmul(device, ["fp32"], [128, 256, 512], iters)
+    return {"version": MODEL_PROFILE_VERSION, "kind": KIND, "model": to_dict(cfg), "device": device.type,
+            "dtype": "fp32", "torch": torch.__version__, "entries": entries, "matmul_ref": ref}
+
+
+def save_model_profile(profile: dict[str, Any], path: str | Path) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(profile, indent=2, sort_keys=True))
+    tmp.replace(p)
+
+
+def load_model_profile(path: str | Path) -> dict[str, Any]:
+    """Read and validate a model profile (version, kind, entries with fits)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"model-profile={str(p)!r} does not exist; valid: a JSON file from `meshwright profile model`")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"model-profile={str(p)!r} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict) or data.get("kind") != KIND:
+        raise ConfigError(f"model-profile.kind is invalid; valid: {KIND!r}")
+    if data.get("version") != MODEL_PROFILE_VERSION:
+        raise ConfigError(f"model-profile.version={data.get('version')!r} is invalid; valid: {MODEL_PROFILE_VERSION} (re-run `meshwright profile model`)")
+    entries = data.get("entries")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError("model-profile.entries is required; valid: a non-empty list")
+    for i, e in enumerate(entries):
+        for key in ("kind", "tp", "fwd_fit", "bwd_fit", "act_bytes_per_token", "act_seq_len"):
+            if key not in e:
+                raise ConfigError(f"model-profile.entries[{i}].{key} is required")
+    return data
+
+
+def speed_ratio(profile: dict[str, Any], hardware_profile: Optional[dict[str, Any]]) -> float:
+    """How much faster the hardware-profiled processes ran matmuls than the model-profiling process
+    (same dtype and sizes); 1.0 when either side lacks the measurements."""
+    if not hardware_profile or not profile.get("matmul_ref"):
+        return 1.0
+    ref = {(m["dtype"], m["n"]): m["tflops"] for m in profile["matmul_ref"]}
+    ratios = [m["tflops"] / ref[(m["dtype"], m["n"])] for m in hardware_profile.get("matmul", [])
+              if (m["dtype"], m["n"]) in ref and ref[(m["dtype"], m["n"])] > 0]
+    return float(np.median(ratios)) if ratios else 1.0
+
+
+def apply_model_profile(hw: cm.Hardware, profile: dict[str, Any], cfg: ModelConfig,
+                        hardware_profile: Optional[dict[str, Any]] = None) -> cm.Hardware:
+    """Calibrate the cost model with a measured profile of the same model shapes: achieved FLOP/s of a
+    tp=1 dense block (largest profiled point), its fixed per-block cost, and the measured/analytic
+    activation-bytes ratio. With a hardware profile, times are rescaled by ``speed_ratio``."""
+    shape = {k: profile["model"].get(k) for k in ("d_model", "n_heads", "ffn_hidden", "arch")}
+    ours = {"d_model": cfg.d_model, "n_heads": cfg.n_heads, "ffn_hidden": cfg.ffn_hidden, "arch": cfg.arch}
+    if shape != ours:
+        raise invalid("model-profile", f"{profile['model'].get('name')} {shape}", f"a profile of {cfg.name} {ours}")
+    e = next((x for x in profile["entries"] if x["kind"] == "dense" and x["tp"] == 1), profile["entries"][0])
+    big = max(e["points"], key=lambda p: p["tokens"]) if e.get("points") else {"tokens": 1024, "seq": e["act_seq_len"]}
+    t = predict_time(e["fwd_fit"], big["tokens"], big["seq"]) + predict_time(e["bwd_fit"], big["tokens"], big["seq"])
+    flops = 3 * cm.layer_fwd_flops(cfg, e["layer_index"] or 0, big["tokens"], big["seq"]) / e["tp"]
+    analytic = cm.activation_bytes(cfg, e["layer_index"] or 0, 1.0, e["tp"], False, "none", 4)
+    scale = e["act_bytes_per_token"]["none"] / analytic if analytic else 1.0
+    # the measured time already contains the memory-bound kernels: no separate elementwise term
+    # the fits' intercepts are the per-block fixed cost (op dispatch, kernel launches)
+    ratio = speed_ratio(profile, hardware_profile)
+    overhead = (max(e["fwd_fit"]["a"], 0.0) + max(e["bwd_fit"]["a"], 0.0)) / ratio
+    t_var = max(t / ratio - overhead, 1e-12)
+    eff = min(max(flops / t_var / hw.peak_flops, 1e-4), 1.0)
+    return dataclasses.replace(hw, matmul_efficiency=eff, efficiency_half_width=0.0, act_scale=scale, mem_bw=float("inf"),
+                               layer_overhead_s=overhead)

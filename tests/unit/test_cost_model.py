@@ -1,0 +1,299 @@
+"""Every cost-model term against a hand calculation, and the memory model against measured saved bytes."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from meshwright.config import load_cluster, load_model_config
+from meshwright.launcher import cost_model as cm
+from meshwright.plan import LayerStrategy, PipelineSpec, Plan, Savers, validate_plan
+
+GB = 1e9
+
+
+def hw(**kw) -> cm.Hardware:
+    base = dict(peak_flops=100e12, matmul_efficiency=1.0, devices_per_node=8, intra_bw=100 * GB, intra_lat=1e-5,
+                inter_bw=10 * GB, inter_lat=1e-4, memory_bytes=80 * cm.GIB, compute_dtype="bf16",
+                overlap_slowdown=0.0, overhead_bytes=0.0, fragmentation=0.0, efficiency_half_width=0.0,
+                mem_bw=float("inf"))
+    base.update(kw)
+    return cm.Hardware(**base)
+
+
+# ---- collectives ---------------------------------------------------------------------------------
+
+def test_ring_collectives_match_alpha_beta_hand_calculation():
+    assert cm.allreduce_s(1e9, 8, 100 * GB, 1e-5) == pytest.approx(2 * 7 * 1e-5 + 2 * 7 / 8 * 1e9 / (100 * GB))
+    assert cm.allgather_s(1e9, 4, 10 * GB, 1e-4) == pytest.approx(3 * 1e-4 + 0.75 * 0.1)
+    assert cm.reduce_scatter_s(1e9, 4, 10 * GB, 1e-4) == cm.allgather_s(1e9, 4, 10 * GB, 1e-4)
+    assert cm.alltoall_s(8e8, 8, 100 * GB, 0.0) == pytest.approx(7 / 8 * 8e8 / (100 * GB))
+    assert cm.p2p_s(1e9, 10 * GB, 1e-4) == pytest.approx(1e-4 + 0.1)
+    for fn in (cm.allreduce_s, cm.allgather_s, cm.alltoall_s):
+        assert fn(1e9, 1, GB, 1.0) == 0.0  # one rank talks to nobody
+    # an all-reduce is a reduce-scatter followed by an all-gather
+    assert cm.allreduce_s(1e9, 8, GB, 1e-5) == pytest.approx(cm.reduce_scatter_s(1e9, 8, GB, 1e-5) + cm.allgather_s(1e9, 8, GB, 1e-5))
+
+
+def test_link_is_nvlink_inside_a_node_and_ib_across():
+    h = hw()
+    assert cm.link(h, 8, 1) == (h.intra_bw, h.intra_lat)
+    assert cm.link(h, 4, 2) == (h.intra_bw, h.intra_lat)
+    assert cm.link(h, 2, 8) == (h.inter_bw, h.inter_lat)  # dp group strided over tp=8 crosses nodes
+    assert cm.link(h, 16, 1) == (h.inter_bw, h.inter_lat)
+
+
+def test_overlap_hides_the_shorter_and_pays_a_contention_penalty():
+    assert cm.overlap_s(1.0, 0.4, 0.0) == 1.0
+    assert cm.overlap_s(1.0, 0.4, 0.25) == pytest.approx(1.1)
+    assert cm.exposed_s(1.0, 1.5, 0.0) == pytest.approx(0.5)
+    assert cm.exposed_s(1.0, 0.5, 0.0) == 0.0
+
+
+# ---- compute -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["llama2-7b", "megatron-gpt-18.4b", "mixtral-8x7b"])
+def test_layer_and_head_flops_add_up_to_the_models_flops_per_token(name):
+    cfg = load_model_config(name)
+    s = 2048
+    total = sum(3 * cm.layer_fwd_flops(cfg, i, 1.0, s) for i in range(cfg.n_layers)) + 3 * cm.head_fwd_flops(cfg, 1.0)
+    # the model's count also includes the final norm's parameters (6*d FLOPs): negligible
+    assert total == pytest.approx(cfg.flops_per_token(s), rel=1e-6)
+
+
+def test_compute_time_is_flops_over_achieved_throughput():
+    h = hw(matmul_efficiency=0.5, efficiency_half_width=100.0)
+    assert cm.matmul_efficiency(h, 100.0) == pytest.approx(0.25)
+    assert cm.compute_s(1e12, h, 100.0) == pytest.approx(1e12 / (100e12 * 0.25))
+
+
+def test_elementwise_kernels_are_bandwidth_bound():
+    cfg = load_model_config("llama2-7b")
+    h = hw(mem_bw=1e12)
+    h_, f_ = cfg.d_model, cfg.ffn_dim
+    want = (16 * h_ + 5 * f_) * 4096 * 2 / 1e12
+    assert cm.elementwise_s(cfg, 0, 4096, 1, False, h) == pytest.approx(want)
+    assert cm.elementwise_s(cfg, 0, 4096, 4, True, h) == pytest.approx(want / 4)
+    assert cm.elementwise_s(cfg, 0, 4096, 4, False, h) == pytest.approx((16 * h_ + 5 * f_ / 4) * 4096 * 2 / 1e12)
+    assert cm.device_memory_bw("A100-SXM4-80GB") == pytest.approx(0.8 * 2.039e12)
+
+
+def test_recompute_extra_work():
+    cfg = load_model_config("llama2-7b")
+    assert cm.recompute_extra_fwd_fraction(cfg, 0, 4096, "none") == 0.0
+    assert cm.recompute_extra_fwd_fraction(cfg, 0, 4096, "full") == 1.0
+    sel = cm.recompute_extra_fwd_fraction(cfg, 0, 4096, "selective")
+    attn = 4 * 4096 * cfg.d_model
+    assert sel == pytest.approx(attn / (2 * cfg.layer_params(0) + attn))
+    assert 0 < sel < 1
+
+
+# ---- per-layer communication ---------------------------------------------------------------------
+
+def test_tp_collectives_per_layer():
+    cfg = load_model_config("llama2-7b")
+    h = hw()
+    tokens = 4096
+    one = cm.allreduce_s(tokens * cfg.d_model * 2, 8, h.intra_bw, h.intra_lat)
+    assert cm.tp_comm_s(tokens, cfg, 8, False, "none", h) == pytest.approx(4 * one)  # 2 fwd + 2 bwd
+    assert cm.tp_comm_s(tokens, cfg, 8, True, "none", h) == pytest.approx(4 * one)  # SP: same bus volume
+    assert cm.tp_comm_s(tokens, cfg, 8, False, "full", h) == pytest.approx(6 * one)  # recomputed forward
+    assert cm.tp_comm_s(tokens, cfg, 1, False, "none", h) == 0.0
+
+
+def test_dp_and_zero_traffic():
+    h = hw()
+    n = 1e9  # parameters on this shard
+    ar = cm.allreduce_s(n * 2, 8, h.intra_bw, h.intra_lat)
+    ag = cm.allgather_s(n * 2, 8, h.intra_bw, h.intra_lat)
+    assert cm.dp_comm_s(n, 8, 0, 1, h) == (0.0, pytest.approx(ar))
+    assert cm.dp_comm_s(n, 8, 1, 1, h) == (0.0, pytest.approx(ar))
+    assert cm.dp_comm_s(n, 8, 2, 1, h) == (pytest.approx(ag), pytest.approx(ag))
+    per_mb, per_step = cm.dp_comm_s(n, 8, 3, 1, h)
+    assert per_mb == pytest.approx(3 * ag) and per_step == 0.0  # 1.5x the all-reduce volume (ZeRO paper)
+    assert cm.dp_comm_s(n, 1, 3, 1, h) == (0.0, 0.0)
+    # a dp group strided over tp=8 ranks leaves the node
+    assert cm.dp_comm_s(n, 2, 0, 8, h)[1] == pytest.approx(cm.allreduce_s(n * 2, 2, h.inter_bw, h.inter_lat))
+
+
+def test_ep_alltoall_bytes_and_time():
+    cfg = load_model_config("mixtral-8x7b")
+    h = hw()
+    assert cm.ep_alltoall_bytes(4096, cfg, 2) == 4096 * 4096 * 2 * 2
+    t = cm.ep_comm_s(4096, cfg, 8, 1, "none", h)
+    assert t == pytest.approx(4 * cm.alltoall_s(4096 * 4096 * 2 * 2, 8, h.intra_bw, h.intra_lat))
+    assert cm.ep_comm_s(4096, cfg, 1, 1, "none", h) == 0.0
+
+
+def test_redistribution_only_when_layout_changes():
+    cfg = load_model_config("llama2-7b")
+    h = hw()
+    assert cm.redistribution_s(4096, cfg, (2, True), (2, True), h) == 0.0
+    want = 2 * cm.allgather_s(4096 * cfg.d_model * 2, 4, h.intra_bw, h.intra_lat)
+    assert cm.redistribution_s(4096, cfg, (2, True), (4, True), h) == pytest.approx(want)
+
+
+# ---- pipeline ------------------------------------------------------------------------------------
+
+def test_pipeline_bubble_and_step_time():
+    assert cm.bubble_fraction(4, 8, "1f1b") == pytest.approx(3 / 8)
+    assert cm.bubble_fraction(4, 8, "gpipe") == pytest.approx(3 / 8)
+    assert cm.bubble_fraction(4, 8, "interleaved_1f1b", 2) == pytest.approx(3 / 16)
+    assert cm.bubble_fraction(1, 8, "1f1b") == 0.0
+    t = 0.1
+    assert cm.pipeline_step_s([t] * 4, 8, "1f1b") == pytest.approx((8 + 3) * t)
+    assert cm.pipeline_step_s([t] * 4, 8, "interleaved_1f1b", 2) == pytest.approx((8 + 1.5) * t)
+    assert cm.pipeline_step_s([t, 2 * t], 4, "1f1b") == pytest.approx(4 * 2 * t + t)  # slowest stage paces
+
+
+def test_microbatches_in_flight():
+    assert [cm.inflight_microbatches("1f1b", 4, s, 16) for s in range(4)] == [4, 3, 2, 1]
+    assert cm.inflight_microbatches("gpipe", 4, 3, 16) == 16
+    assert cm.inflight_microbatches("1f1b", 8, 0, 2) == 2  # never more than exist
+    assert cm.inflight_microbatches("interleaved_1f1b", 4, 0, 16, 2) == pytest.approx(4 + 2)
+    assert cm.inflight_microbatches("1f1b", 1, 0, 16) == 1
+
+
+def test_p2p_per_stage_boundary():
+    cfg = load_model_config("llama2-7b")
+    h = hw()
+    nbytes = 4096 * cfg.d_model * 2
+    assert cm.pp_p2p_s(4096, cfg, 1, False, h, True) == pytest.approx(2 * cm.p2p_s(nbytes, h.inter_bw, h.inter_lat))
+    assert cm.pp_p2p_s(4096, cfg, 4, True, h, False) == pytest.approx(2 * cm.p2p_s(nbytes / 4, h.intra_bw, h.intra_lat))
+
+
+# ---- memory --------------------------------------------------------------------------------------
+
+def test_optimizer_and_model_state_bytes():
+    assert cm.optimizer_bytes_per_param("fp32", True) == 12.0  # m, v fp32 + fp32 master
+    assert cm.optimizer_bytes_per_param("fp32", False) == 8.0
+    assert cm.optimizer_bytes_per_param("fp8", True) == pytest.approx(2 + 8 / 128 + 4)
+    h = hw()
+    n = 1e9
+    z0 = cm.model_state_bytes(n, 8, 0, "fp32", h)
+    assert z0 == {"params": 2e9, "grads": 2e9, "optimizer": 12e9}  # 16 B/param (ZeRO paper)
+    z1 = cm.model_state_bytes(n, 8, 1, "fp32", h)
+    assert z1["optimizer"] == 12e9 / 8 and z1["grads"] == 2e9
+    z2 = cm.model_state_bytes(n, 8, 2, "fp32", h)
+    assert z2["grads"] == 2e9 / 8 and z2["params"] == 2e9
+    z3 = cm.model_state_bytes(n, 8, 3, "fp32", h)
+    assert sum(z3.values()) == pytest.approx(16e9 / 8)
+
+
+def test_activation_formula_structure_follows_korthikanti():
+    cfg = load_model_config("megatron-gpt-18.4b")
+    tok = 2048.0
+    h, f = cfg.d_model, cfg.ffn_dim
+    base = cm.activation_bytes(cfg, 0, tok, 1, False, "none", 2)
+    assert base == pytest.approx(tok * 2 * (4 * h + 4 * h + 2 * f))  # 34sbh less the 2 dropout masks
+    # without SP only part shrinks with tp; with SP everything does (34sbh/t in the paper)
+    t8 = cm.activation_bytes(cfg, 0, tok, 8, False, "none", 2)
+    assert t8 == pytest.approx(tok * 2 * (4 * h + (4 * h + 2 * f) / 8))  # (10 + 24/t)sbh less masks
+    assert cm.activation_bytes(cfg, 0, tok, 8, True, "none", 2) == pytest.approx(base / 8)
+    # full recomputation keeps the block input only (2sbh bytes in bf16; /t with SP)
+    assert cm.activation_bytes(cfg, 0, tok, 8, False, "full", 2) == pytest.approx(tok * h * 2)
+    assert cm.activation_bytes(cfg, 0, tok, 8, True, "full", 2) == pytest.approx(tok * h * 2 / 8)
+    sel = cm.activation_bytes(cfg, 0, tok, 8, True, "selective", 2)
+    assert cm.activation_bytes(cfg, 0, tok, 8, True, "full", 2) < sel < cm.activation_bytes(cfg, 0, tok, 8, True, "none", 2)
+
+
+def test_savers_shrink_activations_as_stated():
+    cfg = load_model_config("llama2-7b")
+    base = cm.activation_bytes(cfg, 0, 4096, 1, False, "none", 2)
+    fp8 = cm.activation_bytes(cfg, 0, 4096, 1, False, "none", 2, fp8_act=True)
+    assert fp8 == pytest.approx(base * (1 - cm.FP8_ACT_SHARE) + base * cm.FP8_ACT_SHARE / 2 * (1 + 4 / 128))
+    assert cm.activation_bytes(cfg, 0, 4096, 1, False, "none", 2, lemo=0.5) == pytest.approx(base / 2)
+    wta = cm.activation_bytes(cfg, 0, 4096, 1, False, "none", 2, wta_crs=0.3)
+    assert wta == pytest.approx(base * (1 - cm.LINEAR_INPUT_SHARE * 0.7))
+
+
+@pytest.mark.parametrize("name,tp", [("tiny", 1), ("tiny", 2), ("tiny-gpt2", 1), ("tiny-gpt2", 2), ("gqa", 1), ("gqa", 4)])
+def test_memory_model_matches_measured_saved_bytes(name, tp):
+    """Analytic activation bytes vs bytes saved for backward, measured with saved_tensors_hooks on CPU."""
+    from meshwright.launcher.model_profile import saved_bytes_per_token, shard_block
+
+    if name == "gqa":
+        cfg = dataclasses.replace(load_model_config("tiny"), d_model=256, n_heads=8, n_kv_heads=4, ffn_hidden=768)
+    else:
+        cfg = load_model_config(name)
+    torch.manual_seed(0)
+    block = shard_block(cfg, 0, tp)
+    measured = saved_bytes_per_token(block, cfg, 2, 64, torch.device("cpu"))
+    predicted = cm.activation_bytes(cfg, 0, 1.0, tp, False, "none", 4)
+    assert measured == pytest.approx(predicted, rel=0.08), (measured, predicted)
+
+
+def test_embedding_and_logits_terms():
+    cfg = load_model_config("llama2-7b")
+    V, d = cfg.vocab_size, cfg.d_model
+    assert cm.embedding_param_count(cfg, True, False, 2) == V * d / 2
+    assert cm.embedding_param_count(cfg, False, True, 2) == V * d / 2 + d
+    assert cm.embedding_param_count(cfg, True, True, 1) == 2 * V * d + d
+    assert cm.logits_bytes(cfg, 4096, 2, 2) == 4096 * V / 2 * 6
+    h = hw(overhead_bytes=1.0, fragmentation=0.1)
+    assert cm.framework_overhead_bytes(h, 100.0) == pytest.approx(11.0)
+
+
+# ---- whole plan ----------------------------------------------------------------------------------
+
+def test_single_device_plan_by_hand():
+    cfg = load_model_config("tiny")
+    h = hw(compute_dtype="fp32")
+    plan = Plan(model="tiny", seq_len=128, global_batch=4, micro_batch=2, layers=[LayerStrategy(repeat=cfg.n_layers)])
+    validate_plan(plan, cfg, 1)
+    p = cm.evaluate_plan(plan, cfg, h, 1)
+    tokens_mb = 2 * 128
+    layer = 3 * cm.layer_fwd_flops(cfg, 0, tokens_mb, 128) / h.peak_flops
+    head = 3 * cm.head_fwd_flops(cfg, tokens_mb) / h.peak_flops
+    assert p.step_s == pytest.approx(2 * (cfg.n_layers * layer + head))  # two microbatches, nothing to overlap
+    assert p.mfu == pytest.approx(cfg.flops_per_token(128) * 4 * 128 / p.step_s / h.peak_flops)
+    assert p.hfu == pytest.approx(p.mfu)
+    assert p.tokens_per_s == pytest.approx(4 * 128 / p.step_s)
+    states = cfg.num_params() * (4 + 4 + 8)  # fp32: params, grads, m and v
+    acts = cfg.n_layers * cm.activation_bytes(cfg, 0, tokens_mb, 1, False, "none", 4) + cm.logits_bytes(cfg, tokens_mb, 1, 4)
+    assert p.memory_gib[0] * cm.GIB == pytest.approx(states + acts)
+
+
+def test_recompute_trades_time_for_memory_and_raises_hfu_over_mfu():
+    cfg = load_model_config("llama2-7b")
+    h = cm.hardware_from_cluster(load_cluster("dgx-a100-80g"))
+    mk = lambda rc: Plan(model="llama2-7b", seq_len=4096, global_batch=64, micro_batch=1,  # noqa: E731
+                         layers=[LayerStrategy(tp=8, sp=True, dp=1, recompute=rc, repeat=32)])
+    none, full = (cm.evaluate_plan(mk(rc), cfg, h, 8) for rc in ("none", "full"))
+    assert full.step_s > none.step_s and max(full.memory_gib) < max(none.memory_gib)
+    assert full.hfu > full.mfu and none.hfu == pytest.approx(none.mfu)
+    assert full.hfu / full.mfu == pytest.approx(4 / 3, rel=0.05)
+
+
+def test_pipeline_plan_memory_per_stage_follows_1f1b():
+    cfg = load_model_config("llama2-13b")
+    h = cm.hardware_from_cluster(load_cluster("dgx-a100-80g"))
+    plan = Plan(model="llama2-13b", seq_len=4096, global_batch=64, micro_batch=1,
+                pipeline=PipelineSpec(degree=4, schedule="1f1b", microbatches=64),
+                layers=[LayerStrategy(tp=2, sp=True, dp=1, repeat=cfg.n_layers)])
+    validate_plan(plan, cfg, 8)
+    p = cm.evaluate_plan(plan, cfg, h, 8)
+    assert len(p.memory_gib) == 4
+    # stage 0 keeps 4 microbatches, stage 2 keeps 2: the middle stages differ by activations only
+    assert p.memory_gib[0] > p.memory_gib[1] > p.memory_gib[2]
+    assert p.breakdown["bubble_fraction"] == pytest.approx(3 / 64)
+
+
+def test_hardware_from_cluster_and_profile_override():
+    cl = load_cluster("dgx-a100-80g")
+    h = cm.hardware_from_cluster(cl)
+    assert h.peak_flops == 312e12 and h.compute_dtype == "bf16" and h.elem_bytes == 2
+    assert h.intra_bw == 300e9 and h.inter_bw == 25e9
+    cpu = cm.hardware_from_cluster(load_cluster("local-cpu"))
+    assert cpu.compute_dtype == "fp32" and cpu.elem_bytes == 4 and not cpu.mixed_precision
+    prof = {"derived": {"peak_tflops": {"bf16": 250.0}, "intra_bw_gbps": 200.0, "intra_latency_us": 5.0,
+                        "inter_bw_gbps": 20.0, "inter_latency_us": 20.0, "overlap_slowdown": 0.2}}
+    hp = cm.hardware_from_cluster(cl, prof, memory_budget_gib=70)
+    assert hp.peak_flops == 250e12 and hp.matmul_efficiency == 1.0 and hp.intra_bw == 200e9
+    assert hp.overlap_slowdown == 0.2 and hp.memory_bytes == 70 * cm.GIB
+    with pytest.raises(Exception, match="memory_budget_gib"):
+        cm.hardware_from_cluster(cl, None, memory_budget_gib=0)
+    assert math.isfinite(h.matmul_efficiency)

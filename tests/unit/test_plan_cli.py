@@ -1,0 +1,282 @@
+"""`meshwright plan` and `meshwright profile`: JSON schema, text table, files, exports, goldens, errors.
+
+Golden files in tests/golden/ hold fixed inputs and the stored plan + predicted figures; regenerate
+them deliberately with ``MESHWRIGHT_UPDATE_GOLDEN=1 pytest tests/unit/test_plan_cli.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from meshwright.cli import build_parser, main
+from meshwright.commands import plan as plan_cmd
+from meshwright.config import load_model_config
+from meshwright.launcher import exports
+from meshwright.plan import load_plan, validate_plan
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+GOLDEN_CASES = {
+    "tiny_local_cpu": ["--model", "tiny", "--cluster", "local-cpu", "--seq-len", "128", "--global-batch", "8"],
+    "llama2_7b_8xa100": ["--model", "llama2-7b", "--cluster", "dgx-a100-80g", "--seq-len", "4096", "--global-batch", "128"],
+    "llama2_13b_16xa100_budget40": ["--model", "llama2-13b", "--cluster", "dgx-a100-80g", "--nodes", "2", "--seq-len", "4096",
+                                    "--global-batch", "256", "--memory-budget-gib", "40"],
+    "mixtral_16xh100": ["--model", "mixtral-8x7b", "--cluster", "dgx-h100-80g", "--nodes", "2", "--seq-len", "4096",
+                        "--global-batch", "256"],
+    "gpt_18b_megatron_layout": ["--model", "megatron-gpt-18.4b", "--cluster", "dgx-a100-80g", "--nodes", "32", "--seq-len", "2048",
+                                "--global-batch", "1024", "--tp", "8", "--pp", "1", "--micro-batch", "1", "--recompute", "full"],
+}
+JSON_KEYS = ["candidates", "cluster", "compute_dtype", "devices_per_node", "feasible", "global_batch", "layout", "memory_budget_gib",
+             "model", "nodes", "plan", "predicted", "rejected", "rejected_total", "runners_up", "schema", "search_s", "seq_len",
+             "stages", "world_size"]
+PREDICTED_KEYS = ["breakdown", "fits", "hfu", "memory_gib", "memory_gib_max", "mfu", "step_s", "tflops_per_device", "tokens_per_s"]
+
+
+def _args(argv: list[str]) -> argparse.Namespace:
+    return build_parser().parse_args(["plan", *argv])
+
+
+def _run(capsys, argv: list[str]) -> tuple[int, str, str]:
+    rc = main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_json_output_schema_is_stable(capsys):
+    rc, out, _ = _run(capsys, ["plan", *GOLDEN_CASES["tiny_local_cpu"], "--json"])
+    assert rc == 0
+    data = json.loads(out)
+    assert sorted(data) == JSON_KEYS
+    assert sorted(data["predicted"]) == PREDICTED_KEYS
+    p = data["predicted"]
+    assert p["step_s"] > 0 and p["tokens_per_s"] == pytest.approx(8 * 128 / p["step_s"], rel=1e-4)
+    assert 0 < p["mfu"] <= p["hfu"] <= 1 and p["tflops_per_device"] > 0
+    assert isinstance(p["memory_gib"], list) and p["memory_gib_max"] == max(p["memory_gib"])
+    assert data["search_s"] >= 0 and data["plan"]["version"] == 1
+    for r in data["runners_up"]:
+        assert sorted(r) == ["layout", "predicted"]
+
+
+def test_text_table_per_stage_and_totals(capsys):
+    rc, out, _ = _run(capsys, ["plan", "--model", "llama2-13b", "--cluster", "dgx-a100-80g", "--nodes", "2", "--seq-len", "4096",
+                               "--global-batch", "256", "--pp", "2", "--tp", "4"])
+    assert rc == 0
+    assert "stage" in out and "memory GiB" in out and "MFU" in out and "HFU" in out and "tokens/s" in out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.strip().startswith("stage"))
+    assert lines[header + 1].split()[0] == "0"
+    assert any(line.split()[:1] == ["1"] for line in lines[header + 1:])
+    assert "tp4" in out
+
+
+def test_out_writes_a_plan_the_runtime_accepts(tmp_path, capsys):
+    path = tmp_path / "plan.yaml"
+    rc, out, _ = _run(capsys, ["plan", *GOLDEN_CASES["tiny_local_cpu"], "--out", str(path)])
+    assert rc == 0 and path.is_file() and f"wrote {path}" in out
+    plan = load_plan(path)
+    validate_plan(plan, "tiny", 2)
+    assert plan.predicted["step_s"] > 0
+
+
+def test_infeasible_is_one_line(capsys):
+    rc, out, err = _run(capsys, ["plan", "--model", "llama2-70b", "--cluster", "dgx-a100-80g", "--devices-per-node", "1",
+                                 "--seq-len", "4096", "--global-batch", "8"])
+    assert rc == 1 and out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert "no layout fits" in err and "smallest needs" in err and "nearest feasible change" in err
+    rc, out, _ = _run(capsys, ["plan", "--model", "llama2-70b", "--cluster", "dgx-a100-80g", "--devices-per-node", "1",
+                               "--seq-len", "4096", "--global-batch", "8", "--json"])
+    data = json.loads(out)
+    assert rc == 1 and data["feasible"] is False and data["min_memory_gib"] > 80 and data["suggestion"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--model", "nope", "--cluster", "local-cpu", "--seq-len", "8", "--global-batch", "8"], "model='nope'"),
+    (["--model", "tiny", "--cluster", "local-cpu", "--seq-len", "8", "--global-batch", "8", "--nodes", "0"], "--nodes=0"),
+    (["--model", "tiny", "--cluster", "local-cpu", "--seq-len", "8", "--global-batch", "8", "--pp", "3"], "pp=3"),
+    (["--model", "tiny", "--cluster", "local-cpu", "--seq-len", "8", "--global-batch", "8", "--allow", "magic"], "allow"),
+    (["--model", "tiny", "--cluster", "local-cpu", "--seq-len", "8", "--global-batch", "8", "--hardware-profile", "/nonexistent.json"], "hardware-profile"),
+])
+def test_bad_input_is_a_one_line_error(capsys, argv, needle):
+    rc, _, err = _run(capsys, ["plan", *argv])
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err
+
+
+# ---- exports -------------------------------------------------------------------------------------
+
+def _best(argv):
+    result = plan_cmd.compute_result(_args(argv))
+    return result["_objects"]["best"].plan, result["_objects"]["cfg"]
+
+
+def megatron_style_parser() -> argparse.ArgumentParser:
+    """The subset of Megatron-LM's arguments.py our export uses, with Megatron's names and types."""
+    p = argparse.ArgumentParser(exit_on_error=False)
+    for name in ("--num-layers", "--hidden-size", "--num-attention-heads", "--ffn-hidden-size", "--seq-length",
+                 "--max-position-embeddings", "--micro-batch-size", "--global-batch-size", "--tensor-model-parallel-size",
+                 "--pipeline-model-parallel-size", "--num-query-groups", "--num-layers-per-virtual-pipeline-stage",
+                 "--recompute-num-layers", "--num-experts", "--moe-router-topk", "--expert-model-parallel-size",
+                 "--moe-ffn-hidden-size", "--decoder-first-pipeline-num-layers", "--decoder-last-pipeline-num-layers"):
+        p.add_argument(name, type=int)
+    for name in ("--group-query-attention", "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
+                 "--sequence-parallel", "--use-distributed-optimizer", "--use-torch-fsdp2", "--bf16"):
+        p.add_argument(name, action="store_true")
+    p.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"])
+    p.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"])
+    p.add_argument("--recompute-granularity", choices=["full", "selective"])
+    p.add_argument("--recompute-method", choices=["uniform", "block"])
+    p.add_argument("--fp8-format", choices=["e4m3", "hybrid"])
+    return p
+
+
+def test_megatron_args_parse_and_match_the_plan(capsys):
+    argv = ["--model", "llama2-13b", "--cluster", "dgx-a100-80g", "--nodes", "2", "--seq-len", "4096", "--global-batch", "256",
+            "--tp", "4", "--pp", "2", "--recompute", "full"]
+    rc, out, _ = _run(capsys, ["plan", *argv, "--emit", "megatron"])
+    assert rc == 0
+    ns = megatron_style_parser().parse_args(shlex.split(out))
+    plan, cfg = _best(argv)
+    assert ns.tensor_model_parallel_size == 4 and ns.pipeline_model_parallel_size == 2
+    assert ns.num_layers == cfg.n_layers and ns.hidden_size == cfg.d_model and ns.seq_length == 4096
+    assert ns.micro_batch_size == plan.micro_batch and ns.global_batch_size == 256
+    assert ns.recompute_granularity == "full" and ns.swiglu and ns.normalization == "RMSNorm"
+    dp = 16 // (4 * 2)
+    assert ns.global_batch_size % (ns.micro_batch_size * dp) == 0
+
+
+def test_megatron_args_for_moe_and_gqa():
+    plan, cfg = _best(GOLDEN_CASES["mixtral_16xh100"])
+    args, _ = exports.megatron_args(plan, cfg)
+    ns = megatron_style_parser().parse_args(args)
+    assert ns.num_experts == 8 and ns.moe_router_topk == 2 and ns.group_query_attention and ns.num_query_groups == 8
+    assert ns.expert_model_parallel_size == max(s.ep for s in plan.layer_strategies())
+
+
+def test_deepspeed_config_loads_in_deepspeed(monkeypatch):
+    import deepspeed.runtime.config as dsc
+
+    argv = ["--model", "llama2-7b", "--cluster", "dgx-a100-80g", "--seq-len", "4096", "--global-batch", "128", "--pp", "1",
+            "--tp", "1", "--zero", "3", "--recompute", "full"]
+    plan, cfg = _best(argv)
+    conf, _ = exports.deepspeed_config(plan, cfg)
+    dp = plan.layer_strategies()[0].dp
+
+    class MPU:  # DeepSpeed reads the data-parallel size from an mpu when one is given
+        def get_data_parallel_world_size(self):
+            return dp
+
+    monkeypatch.setattr(dsc.dist, "get_rank", lambda *a, **k: 0)
+    ds = dsc.DeepSpeedConfig(json.loads(json.dumps(conf)), mpu=MPU())
+    assert ds.zero_optimization_stage == 3
+    assert ds.train_batch_size == 128 and ds.train_micro_batch_size_per_gpu == plan.micro_batch
+    assert ds.gradient_accumulation_steps == 128 // (dp * plan.micro_batch)
+    assert ds.bfloat16_config.enabled
+
+
+def test_torchtitan_toml_parses_and_degrees_multiply_to_world():
+    plan, cfg = _best(GOLDEN_CASES["llama2_13b_16xa100_budget40"])
+    text, _ = exports.torchtitan_toml(plan, cfg)
+    t = tomllib.loads(text)
+    par = t["parallelism"]
+    world = (par["data_parallel_replicate_degree"] * par["data_parallel_shard_degree"] * par["tensor_parallel_degree"]
+             * par["pipeline_parallel_degree"] * par["context_parallel_degree"])
+    assert world == 16
+    assert t["training"]["global_batch_size"] == 256 and t["training"]["seq_len"] == 4096
+    assert t["activation_checkpoint"]["mode"] in ("none", "selective", "full")
+
+
+def test_emit_unknown_target():
+    plan, cfg = _best(GOLDEN_CASES["tiny_local_cpu"])
+    with pytest.raises(Exception, match="emit"):
+        exports.emit(plan, cfg, "jax")
+
+
+# ---- goldens -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
+def test_golden_plans(name):
+    """Fixed inputs -> stored best plan, predicted figures and runner-up layouts, exactly."""
+    result = plan_cmd.compute_result(_args(GOLDEN_CASES[name]))
+    result.pop("_objects")
+    got = {"argv": GOLDEN_CASES[name], "plan": result["plan"], "predicted": result["predicted"],
+           "runners_up": [r["layout"] for r in result["runners_up"]]}
+    path = GOLDEN / f"plan_{name}.json"
+    if os.environ.get("MESHWRIGHT_UPDATE_GOLDEN") == "1":
+        GOLDEN.mkdir(exist_ok=True)
+        path.write_text(json.dumps(got, indent=2, sort_keys=True) + "\n")
+    want = json.loads(path.read_text())
+    assert got == want
+    validate_plan(load_plan_dict(got["plan"]), load_model_config(GOLDEN_CASES[name][1]), result["world_size"])
+
+
+def load_plan_dict(d):
+    from meshwright.plan import plan_from_dict
+
+    return plan_from_dict(d)
+
+
+# ---- profiles ------------------------------------------------------------------------------------
+
+def test_profile_hardware_single_process_writes_a_valid_profile(tmp_path, capsys):
+    from meshwright.launcher.hardware_profile import load_hardware_profile
+
+    out = tmp_path / "hw.json"
+    rc, text, _ = _run(capsys, ["profile", "hardware", "--sizes", "64,128", "--iters", "1", "--out", str(out)])
+    assert rc == 0 and out.is_file()
+    prof = load_hardware_profile(out)
+    assert prof["device"]["gpu"]["available"] is False  # no driver here: the NVML fallback, not a crash
+    assert prof["derived"]["peak_tflops"]["fp32"] > 0 and len(prof["matmul"]) == 2
+    # the planner takes it
+    rc, _, _ = _run(capsys, ["plan", *GOLDEN_CASES["tiny_local_cpu"], "--hardware-profile", str(out), "--json"])
+    assert rc == 0
+    bad = json.loads(out.read_text())
+    bad["version"] = 99
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    rc, _, err = _run(capsys, ["plan", *GOLDEN_CASES["tiny_local_cpu"], "--hardware-profile", str(tmp_path / "bad.json")])
+    assert rc == 2 and "version=99" in err
+    del bad["derived"]["overlap_slowdown"]
+    bad["version"] = 1
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    rc, _, err = _run(capsys, ["plan", *GOLDEN_CASES["tiny_local_cpu"], "--hardware-profile", str(tmp_path / "bad.json")])
+    assert rc == 2 and "overlap_slowdown" in err
+
+
+def test_profile_model_fits_times_and_measures_bytes(tmp_path, capsys):
+    from meshwright.launcher import cost_model as cm
+    from meshwright.launcher.model_profile import apply_model_profile, load_model_profile
+
+    out = tmp_path / "model.json"
+    rc, text, _ = _run(capsys, ["profile", "model", "--model", "tiny", "--batch-sizes", "1,2", "--seq-lens", "32,64",
+                                "--tp", "1,2", "--iters", "1", "--out", str(out)])
+    assert rc == 0
+    prof = load_model_profile(out)
+    cfg = load_model_config("tiny")
+    assert [(e["kind"], e["tp"]) for e in prof["entries"]] == [("dense", 1), ("dense", 2)]
+    for e in prof["entries"]:
+        assert len(e["points"]) == 4 and set(e["fwd_fit"]) == {"a", "b", "c", "max_rel_err"}
+        want = cm.activation_bytes(cfg, 0, 1.0, e["tp"], False, "none", 4)
+        assert e["act_bytes_per_token"]["none"] == pytest.approx(want, rel=0.08)
+    assert prof["entries"][1]["param_bytes"] < prof["entries"][0]["param_bytes"]
+    from meshwright.config import load_cluster
+
+    hw = apply_model_profile(cm.hardware_from_cluster(load_cluster("local-cpu")), prof, cfg)
+    assert 0 < hw.matmul_efficiency <= 1 and hw.act_scale == pytest.approx(1.0, rel=0.08)
+    # a hardware profile whose matmuls ran twice as fast halves the predicted block time
+    from meshwright.launcher.model_profile import speed_ratio
+
+    fast = {"matmul": [{**m, "tflops": 2 * m["tflops"]} for m in prof["matmul_ref"]]}
+    assert speed_ratio(prof, fast) == pytest.approx(2.0)
+    hw2 = apply_model_profile(cm.hardware_from_cluster(load_cluster("local-cpu")), prof, cfg, fast)
+    assert hw2.layer_overhead_s == pytest.approx(hw.layer_overhead_s / 2)
+    assert hw2.matmul_efficiency == pytest.approx(min(2 * hw.matmul_efficiency, 1.0))
+    with pytest.raises(Exception, match="model-profile"):
+        apply_model_profile(hw, prof, load_model_config("tiny-gpt2"))
+    rc, _, _ = _run(capsys, ["plan", *GOLDEN_CASES["tiny_local_cpu"], "--model-profile", str(out)])
+    assert rc == 0

@@ -1,0 +1,201 @@
+"""The search: valid plans, constraints honoured, infeasible requests explained, DP optimality."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+
+from meshwright.config import TrainConfig, load_cluster, load_model_config
+from meshwright.errors import ConfigError
+from meshwright.launcher import cost_model as cm
+from meshwright.launcher import search as S
+from meshwright.plan import LayerStrategy, validate_plan
+
+
+def _a100(nodes: int = 1):
+    return load_cluster("dgx-a100-80g", nodes=nodes)
+
+
+def test_tiny_on_this_machine_gives_a_valid_plan():
+    cfg = load_model_config("tiny")
+    r = S.search(cfg, load_cluster("local-cpu"), 128, 8)
+    assert r.best is not None
+    validate_plan(r.best.plan, cfg, 2)
+    assert r.best.plan.predicted["step_s"] == pytest.approx(r.best.prediction.step_s, rel=1e-5)
+    # runner-ups are sorted and distinct
+    times = [r.best.prediction.step_s] + [c.prediction.step_s for c in r.runners_up]
+    assert times == sorted(times)
+    assert len({c.layout() for c in [r.best, *r.runners_up]}) == len(times)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_auto_plan_is_valid_for_the_trainer(world):
+    tc = TrainConfig(model="tiny", cluster="local-cpu", seq_len=64, global_batch=8, micro_batch=2)
+    plan = S.auto_plan(tc, world)
+    validate_plan(plan, "tiny", world)
+    assert plan.world_size() == world
+    assert plan.micro_batch == 2  # the trainer's micro-batch is kept
+    plan2 = S.auto_plan("tiny", "local-cpu", world, 64, 8, constraints=S.Constraints(micro_batch=2))
+    assert plan2.to_dict() == plan.to_dict()
+    for s in plan.layer_strategies():
+        assert s.cp == 1
+
+
+def test_auto_plan_never_pipelines_tied_embeddings():
+    cfg = load_model_config("tiny-gpt2")
+    assert cfg.tie_embeddings
+    r = S.search(cfg, load_cluster("local-cpu", nodes=2), 64, 8)
+    assert r.best.plan.pipeline.degree == 1
+    assert all(c.plan.pipeline.degree == 1 for c in r.runners_up)
+    assert any("tied embeddings" in x["reason"] for x in r.rejected)
+
+
+def test_constraints_are_honoured_to_evaluate_a_known_layout():
+    cfg = load_model_config("llama2-13b")
+    c = S.Constraints(tp=4, pp=2, zero=1, recompute="selective", micro_batch=2, schedule="1f1b")
+    r = S.search(cfg, _a100(2), 4096, 256, constraints=c)
+    assert r.best is not None
+    for cand in [r.best, *r.runners_up]:
+        p = cand.plan
+        assert p.pipeline.degree == 2 and p.pipeline.schedule == "1f1b" and p.micro_batch == 2
+        for s in p.layer_strategies():
+            assert (s.tp, s.zero, s.recompute, s.dp) == (4, 1, "selective", 2)
+        validate_plan(p, cfg, 16)
+    r_dp = S.search(cfg, _a100(2), 4096, 256, constraints=S.Constraints(dp=8))
+    assert all(s.dp == 8 for s in r_dp.best.plan.layer_strategies())
+
+
+def test_moe_layers_get_expert_parallelism_and_respect_ep():
+    cfg = load_model_config("tiny-moe")
+    cl = load_cluster("local-cpu", nodes=2)  # 4 devices
+    r = S.search(cfg, cl, 64, 16)
+    validate_plan(r.best.plan, cfg, 4)
+    eps = {s.ep for c in [r.best, *r.runners_up] for s in c.plan.layer_strategies()}
+    assert eps <= {1, 2, 4}
+    r2 = S.search(cfg, cl, 64, 16, constraints=S.Constraints(ep=2, tp=1))
+    assert r2.best is not None
+    assert all(s.ep == 2 for s in r2.best.plan.layer_strategies())
+    validate_plan(r2.best.plan, cfg, 4)
+
+
+def test_infeasible_request_names_the_need_and_the_nearest_change():
+    cfg = load_model_config("llama2-70b")
+    r = S.search(cfg, _a100(1), 4096, 64)
+    assert r.best is None
+    assert r.min_memory_gib is not None and r.min_memory_gib > 80
+    msg = S.infeasible_message(r)
+    assert "\n" not in msg and "80.0 GiB" in msg and f"{r.min_memory_gib:.1f} GiB" in msg
+    assert r.suggestion == "--nodes 2"
+    assert all("out of memory by" in x["reason"] for x in r.rejected if "need_gib" in x)
+    with pytest.raises(ConfigError, match="no layout fits"):
+        S.auto_plan(cfg, "dgx-a100-80g", 1, 4096, 8)
+
+
+def test_recompute_constraint_suggests_full_recompute():
+    cfg = load_model_config("llama2-13b")
+    r = S.search(cfg, _a100(1), 4096, 64, constraints=S.Constraints(recompute="none", tp=1, pp=1, zero=0))
+    assert r.best is None
+    assert r.suggestion is not None
+
+
+def test_memory_budget_is_respected_and_forces_memory_savers():
+    cfg = load_model_config("llama2-7b")
+    roomy = S.search(cfg, _a100(), 4096, 64)
+    hw = cm.hardware_from_cluster(_a100(), memory_budget_gib=24)
+    tight = S.search(cfg, _a100(), 4096, 64, hw=hw)
+    assert tight.best is not None
+    assert max(tight.best.prediction.memory_gib) <= 24
+    assert tight.best.prediction.step_s >= roomy.best.prediction.step_s
+    assert max(roomy.best.prediction.memory_gib) > 24
+
+
+def test_per_layer_dp_mixes_strategies_when_memory_is_between_two_layouts():
+    """Galvatron's point: with a budget between 'all recompute' and 'none', some layers recompute."""
+    cfg = load_model_config("llama2-7b")
+    c = S.Constraints(tp=2, pp=1, zero=1, micro_batch=4)
+    full = S.search(cfg, _a100(), 4096, 64, constraints=dataclasses.replace(c, recompute="full"))
+    none = S.search(cfg, _a100(), 4096, 64, constraints=dataclasses.replace(c, recompute="none"),
+                    hw=cm.hardware_from_cluster(_a100(), memory_budget_gib=200))
+    lo, hi = max(full.best.prediction.memory_gib), max(none.best.prediction.memory_gib)
+    mid = (lo + hi) / 2
+    mixed = S.search(cfg, _a100(), 4096, 64, constraints=c, hw=cm.hardware_from_cluster(_a100(), memory_budget_gib=mid))
+    modes = [s.recompute for s in mixed.best.plan.layer_strategies()]
+    assert len(set(modes)) > 1, modes
+    assert max(mixed.best.prediction.memory_gib) <= mid
+    assert full.best.prediction.step_s > mixed.best.prediction.step_s
+
+
+def test_allow_enables_savers_only_when_asked():
+    cfg = load_model_config("llama2-13b")
+    hw = cm.hardware_from_cluster(_a100(), memory_budget_gib=40)
+    plain = S.search(cfg, _a100(), 4096, 64, hw=hw)
+    for c in [plain.best, *plain.runners_up]:
+        assert c.plan.optimizer.states == "fp32"
+        assert not any(s.savers.fp8_act or s.savers.wta_crs or s.savers.lemo for s in c.plan.layer_strategies())
+    fp8 = S.search(cfg, _a100(), 4096, 64, hw=hw, allow=S.Allow.parse(["fp8"]))
+    assert fp8.best.prediction.step_s <= plain.best.prediction.step_s
+    assert any(c.plan.optimizer.states == "fp8" for c in [fp8.best, *fp8.runners_up])
+
+
+def test_allow_parsing():
+    a = S.Allow.parse(["fp8,wta-crs=0.25", "lemo"])
+    assert a.fp8 and a.wta_crs == 0.25 and a.lemo == 0.5
+    for bad in (["fp16"], ["wta-crs=2"], ["lemo=x"]):
+        with pytest.raises(ConfigError, match="allow"):
+            S.Allow.parse(bad)
+
+
+def test_bad_constraints_are_one_line_errors():
+    cfg = load_model_config("llama2-7b")
+    with pytest.raises(ConfigError, match="pp=3"):
+        S.search(cfg, _a100(), 4096, 64, constraints=S.Constraints(pp=3))
+    with pytest.raises(ConfigError, match="zero=5"):
+        S.search(cfg, _a100(), 4096, 64, constraints=S.Constraints(zero=5))
+    with pytest.raises(ConfigError, match="seq-len"):
+        S.search(cfg, _a100(), 100000, 64)
+
+
+def test_stage_dp_matches_brute_force():
+    """The bucketed DP finds the same optimum as trying every assignment (same bucketed weights)."""
+    rng = np.random.default_rng(0)
+    strategies = [LayerStrategy(tp=t, sp=t > 1, dp=8 // t, zero=z) for t in (1, 2) for z in (0, 1, 2)]
+    n = len(strategies)
+    cls = np.array([0 if s.tp == 1 else 1 for s in strategies])
+    for trial in range(5):
+        kind = S._Kind(strategies, rng.uniform(1, 2, n), rng.uniform(1, 5, n), rng.uniform(0, 2, n), cls, [(1, False), (2, True)])
+        trans = np.array([[0.0, 0.7], [0.7, 0.0]])
+        budget, inflight, layers = 14.0, 2.0, 4
+        res = S._stage_dp([kind] * layers, budget, inflight, trans)
+        bucket = budget / S.N_BUCKETS
+        w = np.ceil((kind.static + inflight * kind.act) / bucket - 1e-9).astype(int)
+        best = None
+        for combo in itertools.product(range(n), repeat=layers):
+            if sum(w[i] for i in combo) > S.N_BUCKETS:
+                continue
+            t = sum(kind.obj[i] for i in combo) + sum(trans[cls[a], cls[b]] for a, b in zip(combo, combo[1:]))
+            best = t if best is None else min(best, t)
+        if best is None:
+            assert res is None
+        else:
+            assert res is not None and res[0] == pytest.approx(best)
+            combo = res[1]
+            t = sum(kind.obj[i] for i in combo) + sum(trans[cls[a], cls[b]] for a, b in zip(combo, combo[1:]))
+            assert t == pytest.approx(best)
+
+
+def test_runtime_compatible_plans_pass_the_runtime_check():
+    """auto_plan and the CLI default emit only what meshwright.parallel.runtime runs unchanged."""
+    runtime = pytest.importorskip("meshwright.parallel.runtime")
+    for model, cl, nodes, seq, gb in [("tiny", "local-cpu", 2, 64, 16), ("llama2-13b", "dgx-a100-80g", 2, 4096, 256)]:
+        cfg = load_model_config(model)
+        r = S.search(cfg, load_cluster(cl, nodes=nodes), seq, gb, constraints=S.Constraints(runtime_compatible=True))
+        for c in [r.best, *r.runners_up]:
+            runtime.check_runtime_support(c.plan, cfg, "dtensor", "torch")
+            assert c.plan.embedding.tp == 1
+    tc = TrainConfig(model="tiny", cluster="local-cpu", seq_len=64, global_batch=8, micro_batch=4)
+    plan = S.auto_plan(tc, 2)
+    runtime.check_runtime_support(plan, load_model_config("tiny"), "dtensor", "torch")
+    assert plan.micro_batch == 4

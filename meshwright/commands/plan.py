@@ -42,6 +42,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "meshwright's runtime runs unchanged; useful with --emit; implied by --allow")
     p.add_argument("--allow", action="append", default=None, metavar="SAVER",
                    help="memory savers the search may use (they change numerics): fp8, wta-crs[=RATIO], lemo[=RATIO]")
+    c = p.add_argument_group("capacity planning (days, device-hours, energy, CO2, cost of a whole run)")
+    c.add_argument("--train-tokens", default=None, help="tokens to train on, e.g. 2T, 300B, 1.5e12")
+    c.add_argument("--pue", type=float, default=None, help="data-centre power usage effectiveness (default 1.1)")
+    c.add_argument("--grid-intensity", type=float, default=None, metavar="KG_PER_KWH",
+                   help="grid carbon intensity in kgCO2e/kWh (default 0.385, US average)")
+    c.add_argument("--price-per-device-hour", type=float, default=None, metavar="USD")
     p.add_argument("--top", type=int, default=5, help="how many layouts to list (best + runner-ups)")
     p.add_argument("--out", default=None, help="write the best plan to this YAML/JSON file")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -103,11 +109,27 @@ def compute_result(args: argparse.Namespace) -> dict[str, Any]:
         out["predicted"] = res.best.prediction.to_dict()
         out["layout"] = describe_layout(res.best.plan)
         out["stages"] = _stage_rows(res.best.plan, cfg, res.best.prediction)
+        if args.train_tokens is not None:
+            out["capacity"] = _capacity(args, cluster, out["predicted"])
     out["runners_up"] = [{"layout": c.layout(), "predicted": c.prediction.to_dict()} for c in res.runners_up]
     out["rejected"] = res.rejected[: args.top]
     out["rejected_total"] = len(res.rejected)
     out["_objects"] = {"cfg": cfg, "best": res.best}
     return out
+
+
+def _capacity(args: argparse.Namespace, cluster: Any, predicted: dict[str, Any]) -> dict[str, Any]:
+    """Whole-run figures at the predicted throughput; utilisation = compute time / step time."""
+    from meshwright.tools.capacity import DEFAULT_GRID, DEFAULT_PUE, capacity_plan, parse_tokens
+
+    step_s = predicted["step_s"]
+    busy = predicted.get("breakdown", {}).get("compute_s")
+    utilisation = min(1.0, busy / step_s) if busy and step_s > 0 else 1.0
+    cap = capacity_plan(cluster, predicted["tokens_per_s"], parse_tokens(args.train_tokens), utilisation=utilisation,
+                        pue=DEFAULT_PUE if args.pue is None else args.pue,
+                        grid_intensity=DEFAULT_GRID if args.grid_intensity is None else args.grid_intensity,
+                        price_per_device_hour=args.price_per_device_hour)
+    return {k: (float(f"{v:.7g}") if isinstance(v, float) else v) for k, v in cap.as_dict().items()}
 
 
 def _stage_rows(plan: Any, cfg: Any, pred: Any) -> list[dict[str, Any]]:
@@ -162,6 +184,12 @@ def render_text(result: dict[str, Any]) -> str:
                  f"MFU {100 * p['mfu']:.1f}% | HFU {100 * p['hfu']:.1f}% | peak memory {p['memory_gib_max']:.2f} GiB")
     lines.append(f"terms: compute {b['compute_s']:.4g} s, tp/ep comm {b['tp_ep_comm_s']:.4g} s, dp comm {b['dp_comm_s']:.4g} s "
                  f"(before overlap), bubble {100 * b['bubble_fraction']:.1f}%")
+    if r.get("capacity"):
+        c = r["capacity"]
+        cost = f" | ${c['cost_usd']:,.0f}" if c.get("cost_usd") is not None else ""
+        lines.append(f"capacity for {c['train_tokens']:.3g} tokens: {c['days']:.2f} days | {c['device_hours']:,.0f} device-hours | "
+                     f"{c['energy_mwh']:,.1f} MWh (PUE {c['pue']}, {c['power_w_per_device']:.0f} W/device at "
+                     f"{100 * c['utilisation']:.0f}% busy) | {c['tco2e']:,.1f} tCO2e at {c['grid_intensity']} kg/kWh{cost}")
     if r["runners_up"]:
         lines.append("")
         lines.append("runner-ups:")

@@ -56,3 +56,22 @@ def test_report_from_recorded_run(tmp_path):
 def test_report_rejects_missing_run(tmp_path):
     with pytest.raises(ConfigError, match="has no log.jsonl"):
         write_report(tmp_path)
+
+
+def test_plan_cli_capacity_section(capsys):
+    from meshwright.cli import main
+
+    args = ["plan", "--model", "gpt2-small", "--cluster", "dgx-a100-80g", "--nodes", "1", "--seq-len", "1024",
+            "--global-batch", "64", "--json", "--train-tokens", "10B", "--pue", "1.2", "--grid-intensity", "0.4",
+            "--price-per-device-hour", "2.5"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    cap, pred = out["capacity"], out["predicted"]
+    days = 1e10 / pred["tokens_per_s"] / 86400
+    assert cap["days"] == pytest.approx(days, rel=1e-5)
+    assert cap["device_hours"] == pytest.approx(days * 24 * 8, rel=1e-5)
+    assert cap["cost_usd"] == pytest.approx(cap["device_hours"] * 2.5, rel=1e-5)
+    assert cap["tco2e"] == pytest.approx(cap["energy_mwh"] * 0.4, rel=1e-5)
+    assert set(cap) >= {"days", "device_hours", "energy_mwh", "tco2e", "cost_usd"}
+    assert main(args[:-6] + ["--train-tokens", "10B", "--pue", "0.5"]) == 2
+    assert "pue=0.5 is invalid" in capsys.readouterr().err

@@ -1,9 +1,48 @@
-"""`meshwright data`: prepare a text corpus into a token file."""
+"""`meshwright data prepare INPUTS... --out DIR`: tokenize text into a memory-mapped token file + index."""
 
 from __future__ import annotations
 
-from meshwright.commands._placeholder import register_placeholder
+import argparse
+import json
 
 
-def register(sub) -> None:
-    register_placeholder(sub, "data", "Prepare a text corpus into a token file")
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="Prepare text corpora into token files",
+                       description="Data preparation. `meshwright data prepare --help` for details.")
+    dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    dsub.required = True
+    prep = dsub.add_parser(
+        "prepare", help="Tokenize txt/md/py/jsonl files or directories into DIR",
+        description="Tokenize text into DIR/tokens.bin (uint16/uint32, memory-mapped) and DIR/index.json "
+                    "(document offsets). Use the result as `data.path=DIR` in a train config. "
+                    "`meshwright data prepare --default` builds the embedded standard-library corpus into the cache.",
+    )
+    prep.add_argument("inputs", nargs="*", metavar="INPUT", help="files (.txt .md .py .jsonl) or directories")
+    prep.add_argument("--out", metavar="DIR", help="output directory (replaced atomically)")
+    prep.add_argument("--tokenizer", default="byte", choices=["byte", "bpe"], help="byte-level (default) or BPE (needs `tokenizers`)")
+    prep.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
+    prep.add_argument("--text-key", default="text", help="field holding the text in .jsonl lines (default 'text')")
+    prep.add_argument("--default", action="store_true", help="build the embedded default corpus (stdlib sources) into the cache")
+    prep.add_argument("--max-files", type=int, default=400, help="with --default: files to sample (default 400)")
+    prep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    prep.set_defaults(func=_prepare)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from meshwright.data.prepare import prepare, prepare_default_corpus
+    from meshwright.errors import ConfigError, invalid
+
+    if args.default:
+        if args.inputs or args.out:
+            raise ConfigError("--default takes no INPUTS or --out; valid: `meshwright data prepare --default` or `... INPUTS --out DIR`")
+        out = prepare_default_corpus(args.max_files, args.tokenizer, args.vocab_size, progress=not args.no_progress)
+    else:
+        if not args.inputs:
+            raise invalid("inputs", [], "one or more files or directories (or --default)")
+        if not args.out:
+            raise invalid("--out", None, "an output directory")
+        out = prepare(args.inputs, args.out, args.tokenizer, args.vocab_size, args.text_key, progress=not args.no_progress)
+    index = json.loads((out / "index.json").read_text())
+    print(f"prepared {out}: {index['num_tokens']:,} tokens ({index['dtype']}), {index['num_documents']} documents, "
+          f"tokenizer {index['tokenizer']['name']} (vocab {index['tokenizer']['vocab_size']})")
+    return 0

@@ -48,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--grid-intensity", type=float, default=None, metavar="KG_PER_KWH",
                    help="grid carbon intensity in kgCO2e/kWh (default 0.385, US average)")
     c.add_argument("--price-per-device-hour", type=float, default=None, metavar="USD")
+    c.add_argument("--goodput", type=float, default=1.0,
+                   help="fraction of wall-clock doing useful steps (failures, restarts, eval); e.g. 0.8")
     p.add_argument("--top", type=int, default=5, help="how many layouts to list (best + runner-ups)")
     p.add_argument("--out", default=None, help="write the best plan to this YAML/JSON file")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -128,7 +130,7 @@ def _capacity(args: argparse.Namespace, cluster: Any, predicted: dict[str, Any])
     cap = capacity_plan(cluster, predicted["tokens_per_s"], parse_tokens(args.train_tokens), utilisation=utilisation,
                         pue=DEFAULT_PUE if args.pue is None else args.pue,
                         grid_intensity=DEFAULT_GRID if args.grid_intensity is None else args.grid_intensity,
-                        price_per_device_hour=args.price_per_device_hour)
+                        price_per_device_hour=args.price_per_device_hour, goodput=args.goodput)
     return {k: (float(f"{v:.7g}") if isinstance(v, float) else v) for k, v in cap.as_dict().items()}
 
 

@@ -29,6 +29,7 @@ class Capacity:
     utilisation: float
     pue: float
     grid_intensity: float
+    goodput: float = 1.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -42,8 +43,14 @@ def device_power_w(cluster: ClusterSpec, utilisation: float) -> float:
 
 def capacity_plan(cluster: ClusterSpec, tokens_per_s: float, train_tokens: float, utilisation: float = 1.0,
                   pue: float = DEFAULT_PUE, grid_intensity: float = DEFAULT_GRID,
-                  price_per_device_hour: float | None = None) -> Capacity:
-    """What training ``train_tokens`` tokens at ``tokens_per_s`` on ``cluster`` costs."""
+                  price_per_device_hour: float | None = None, goodput: float = 1.0) -> Capacity:
+    """What training ``train_tokens`` tokens at ``tokens_per_s`` on ``cluster`` costs.
+
+    ``goodput`` is the fraction of wall-clock time spent on useful steps (failures, restarts,
+    evaluation and checkpoints take the rest); published large runs report roughly 0.7-0.9.
+    """
+    if not 0.0 < goodput <= 1.0:
+        raise invalid("goodput", goodput, "a number in (0, 1]")
     if train_tokens <= 0:
         raise invalid("train_tokens", train_tokens, "a positive number of tokens")
     if tokens_per_s <= 0:
@@ -51,7 +58,7 @@ def capacity_plan(cluster: ClusterSpec, tokens_per_s: float, train_tokens: float
     validate_grid(pue, grid_intensity)
     if price_per_device_hour is not None and price_per_device_hour < 0:
         raise invalid("price_per_device_hour", price_per_device_hour, "a non-negative number of USD")
-    seconds = train_tokens / tokens_per_s
+    seconds = train_tokens / (tokens_per_s * goodput)
     hours = seconds / 3600.0
     devices = cluster.world_size
     power = device_power_w(cluster, utilisation)
@@ -61,7 +68,7 @@ def capacity_plan(cluster: ClusterSpec, tokens_per_s: float, train_tokens: float
         train_tokens=train_tokens, days=seconds / 86400.0, device_hours=hours * devices,
         energy_mwh=energy_mwh, tco2e=energy_mwh * grid_intensity,  # MWh x kg/kWh = t
         cost_usd=None if price_per_device_hour is None else hours * devices * price_per_device_hour,
-        power_w_per_device=power, utilisation=utilisation, pue=pue, grid_intensity=grid_intensity,
+        power_w_per_device=power, utilisation=utilisation, pue=pue, grid_intensity=grid_intensity, goodput=goodput,
     )
 
 

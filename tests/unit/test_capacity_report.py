@@ -22,6 +22,10 @@ def test_capacity_hand_case():
     assert cap.energy_mwh == pytest.approx(10_280 * 24 * 1.2 / 1e6)
     assert cap.tco2e == pytest.approx(cap.energy_mwh * 0.4)
     assert cap.cost_usd == pytest.approx(768.0)
+    half = capacity_plan(cluster, tokens_per_s=100_000, train_tokens=8.64e9, goodput=0.5)
+    assert half.days == pytest.approx(2.0)
+    with pytest.raises(ConfigError, match="^goodput=0"):
+        capacity_plan(cluster, tokens_per_s=100_000, train_tokens=8.64e9, goodput=0)
 
 
 def test_token_parsing_and_errors():

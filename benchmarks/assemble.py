@@ -1,0 +1,39 @@
+"""Assemble BENCHMARKS.md from the per-topic sections in benchmarks/results/*.md.
+
+Each benchmark script writes its own section (date, machine, command, table); this keeps one
+readable file for users without engineers editing the same file at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ORDER = ["trainer", "parallel", "planner", "capacity", "moe", "coat", "wta_crs", "meft", "lemo", "energy", "launch"]
+
+HEADER = """# Benchmarks
+
+Every figure below was measured on the machine named in its section, with the command given there,
+side by side with its baseline in one run. Timings on the 2-core development CPU are noisy (other
+work shared the cores while several were taken); ratios and deterministic quantities (bytes saved
+for backward, optimizer-state bytes, FLOPs) are the figures to trust. No GPU was lent for these
+sessions, so there are no GPU figures yet.
+"""
+
+
+def main() -> None:
+    results = ROOT / "benchmarks" / "results"
+    files = sorted(results.glob("*.md"), key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else len(ORDER), p.stem))
+    parts = [HEADER]
+    for f in files:
+        text = f.read_text().strip()
+        # images are referenced relative to the results folder
+        text = text.replace("](", "](benchmarks/results/").replace("](benchmarks/results/http", "](http")
+        text = text.replace("](benchmarks/results/benchmarks/results/", "](benchmarks/results/")
+        parts.append(text)
+    (ROOT / "BENCHMARKS.md").write_text("\n\n---\n\n".join(parts) + "\n")
+    print(f"wrote BENCHMARKS.md from {len(files)} sections")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""COAT FP8 activations: what a block saves for backward is stored in FP8 of mixed granularity.
+
+Why: activations saved for backward dominate training memory at long sequences. COAT keeps them in
+FP8 with the granularity each consumer tolerates: inputs of linear layers get one per-tensor scale
+(matmul gradients average the error away), inputs of non-linear layers (RMSNorm/LayerNorm, SiLU/GELU,
+the gated product) get one scale per 1x16 group along the hidden dimension, because their backward
+is elementwise and outlier channels would otherwise crush every other channel's resolution.
+The residual stream and the attention core (q, k, v, softmax statistics, attention output) stay in the
+compute dtype, and every forward value is computed exactly as before: only saved copies are FP8.
+
+Implementation: custom autograd Functions that save FP8 tensors and compute their own backward,
+swapped in by changing the class of the existing modules (parameter names and checkpoints unchanged).
+The three projections that read the same normed input (wq/wk/wv, w1/w3) share one quantized copy.
+On CPU compute is fp32 and FP8 is storage only; an FP8 tensor-core matmul path is not wired yet.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meshwright.config import ModelConfig
+from meshwright.errors import invalid
+from meshwright.models.layers import GeluMLP, RMSNorm, SwiGLU
+from meshwright.optim.fp8_quant import (dequantize_last_dim_groups, dequantize_per_tensor, fp8_dtype,
+                                        quantize_last_dim_groups, quantize_per_tensor)
+
+GROUP = 16  # COAT's 1 x 16 groups for non-linear inputs
+FP8 = torch.float8_e4m3fn
+# wo reads the attention output, which SDPA keeps for its own backward in the compute dtype anyway
+# (wo's input is a view of it): a second, FP8 copy would add bytes, not remove them.
+KEEP_LINEAR = ("attention.wo",)
+
+
+# ---- a one-entry cache so wq/wk/wv (and w1/w3) save one FP8 copy of their shared input ----------
+class _QuantCache:
+    """Remembers the FP8 copy of the last linear input. Everything is held by weak reference: the
+    input decides whether it is the same tensor, and the FP8 copy lives only as long as autograd keeps
+    it for backward (no FP8 tensor outlives its step because of the cache)."""
+
+    def __init__(self) -> None:
+        self._ref: weakref.ReferenceType | None = None
+        self._value: tuple[weakref.ReferenceType, weakref.ReferenceType] | None = None
+        self._version = -1
+
+    def get(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._ref is not None and self._ref() is x and self._version == x._version and self._value is not None:
+            q, scale = self._value[0](), self._value[1]()
+            if q is not None and scale is not None and q.dtype == dtype:
+                return q, scale
+        q, scale = quantize_per_tensor(x, dtype)
+        self._ref, self._value, self._version = weakref.ref(x), (weakref.ref(q), weakref.ref(scale)), x._version
+        return q, scale
+
+
+def _flat2(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+class _FP8LinearFn(torch.autograd.Function):
+    """y = x W^T + b, saving x as per-tensor-scaled FP8 (the weight is a parameter: saved anyway)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                cache: _QuantCache, dtype: torch.dtype) -> torch.Tensor:
+        q, scale = cache.get(x, dtype)
+        ctx.save_for_backward(q, scale, weight)
+        ctx.has_bias = bias is not None
+        ctx.x_dtype = x.dtype
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, scale, weight = ctx.saved_tensors
+        gx = grad @ weight if ctx.needs_input_grad[0] else None
+        gw = gb = None
+        if ctx.needs_input_grad[1]:
+            x = dequantize_per_tensor(q, scale, grad.dtype)
+            gw = _flat2(grad).t() @ _flat2(x)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = _flat2(grad).sum(0)
+        return gx, gw, gb, None, None
+
+
+class _FP8RMSNormFn(torch.autograd.Function):
+    """RMSNorm saving x in 1x16 FP8 groups plus the per-token fp32 1/rms (4 bytes per token)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        q, s = quantize_last_dim_groups(x, GROUP)
+        ctx.save_for_backward(q, s, rstd, weight)
+        return (xf * rstd).type_as(x) * weight
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, s, rstd, weight = ctx.saved_tensors
+        xhat = dequantize_last_dim_groups(q, s, GROUP) * rstd
+        g = grad.float()
+        gw = (g * xhat).reshape(-1, xhat.shape[-1]).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        dxhat = g * weight.float()
+        gx = rstd * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+        return gx.to(grad.dtype), gw, None
+
+
+class _FP8LayerNormFn(torch.autograd.Function):
+    """LayerNorm saving x in 1x16 FP8 groups plus per-token fp32 mean and 1/std."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                eps: float) -> torch.Tensor:
+        xf = x.float()
+        var, mean = torch.var_mean(xf, dim=-1, keepdim=True, correction=0)
+        rstd = torch.rsqrt(var + eps)
+        q, s = quantize_last_dim_groups(x, GROUP)
+        ctx.save_for_backward(q, s, mean, rstd, weight)
+        ctx.has_bias = bias is not None
+        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, s, mean, rstd, weight = ctx.saved_tensors
+        xhat = (dequantize_last_dim_groups(q, s, GROUP) - mean) * rstd
+        g = grad.float()
+        d = xhat.shape[-1]
+        gw = (g * xhat).reshape(-1, d).sum(0).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        gb = g.reshape(-1, d).sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        dxhat = g * weight.float() if weight is not None else g
+        gx = rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+        return gx.to(grad.dtype), gw, gb, None
+
+
+class _FP8SwiGLUProductFn(torch.autograd.Function):
+    """silu(a) * b saving a and b in 1x16 FP8 groups (instead of a, silu(a) and b in full precision)."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(*quantize_last_dim_groups(a, GROUP), *quantize_last_dim_groups(b, GROUP))
+        return F.silu(a) * b
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        qa, sa, qb, sb = ctx.saved_tensors
+        a = dequantize_last_dim_groups(qa, sa, GROUP, grad.dtype)
+        b = dequantize_last_dim_groups(qb, sb, GROUP, grad.dtype)
+        sig = torch.sigmoid(a)
+        silu = a * sig
+        return grad * b * sig * (1 + a * (1 - sig)), grad * silu
+
+
+class _FP8GeluFn(torch.autograd.Function):
+    """GELU (tanh approximation) saving its input in 1x16 FP8 groups."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(*quantize_last_dim_groups(a, GROUP))
+        return F.gelu(a, approximate="tanh")
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        qa, sa = ctx.saved_tensors
+        a = dequantize_last_dim_groups(qa, sa, GROUP, grad.dtype)
+        return torch.ops.aten.gelu_backward(grad, a, approximate="tanh")
+
+
+# ---- module classes swapped in place (same parameters, same names) ------------------------------
+class FP8Linear(nn.Linear):
+    _fp8_cache: _QuantCache
+    _fp8_dtype: torch.dtype = FP8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return F.linear(x, self.weight, self.bias)
+        return _FP8LinearFn.apply(x, self.weight, self.bias, self._fp8_cache, self._fp8_dtype)
+
+
+class FP8RMSNorm(RMSNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return super().forward(x)
+        return _FP8RMSNormFn.apply(x, self.weight, self.eps)
+
+
+class FP8LayerNorm(nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() or len(self.normalized_shape) != 1:
+            return super().forward(x)
+        return _FP8LayerNormFn.apply(x, self.weight, self.bias, self.eps)
+
+
+class FP8SwiGLU(SwiGLU):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return super().forward(x)
+        return self.w2(_FP8SwiGLUProductFn.apply(self.w1(x), self.w3(x)))
+
+
+class FP8GeluMLP(GeluMLP):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return super().forward(x)
+        return self.w2(_FP8GeluFn.apply(self.w1(x)))
+
+
+_SWAPS: list[tuple[type, type]] = [(RMSNorm, FP8RMSNorm), (nn.LayerNorm, FP8LayerNorm), (SwiGLU, FP8SwiGLU),
+                                   (GeluMLP, FP8GeluMLP), (nn.Linear, FP8Linear)]
+
+
+def _swap(name: str, module: nn.Module, cache: _QuantCache, linear_dtype: torch.dtype) -> None:
+    for base, fp8 in _SWAPS:
+        if type(module) is base:  # exact type: leaves MoE experts, LoRA wrappers etc. untouched
+            if fp8 is FP8Linear and name.endswith(KEEP_LINEAR):
+                return
+            module.__class__ = fp8
+            if fp8 is FP8Linear:
+                module._fp8_cache = cache
+                module._fp8_dtype = linear_dtype
+            return
+
+
+def _select(n_layers: int, layers: Iterable[int] | Iterable[bool] | None) -> list[int]:
+    if layers is None:
+        return list(range(n_layers))
+    chosen = list(layers)
+    if chosen and all(isinstance(v, bool) for v in chosen):
+        if len(chosen) != n_layers:
+            raise invalid("fp8_act.layers", chosen, f"{n_layers} booleans (one per layer) or layer indices")
+        return [i for i, on in enumerate(chosen) if on]
+    for i in chosen:
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n_layers:
+            raise invalid("fp8_act.layers", i, f"layer indices in [0, {n_layers})")
+    return sorted(set(chosen))
+
+
+def apply_fp8_activations(model: nn.Module, layers: Iterable[int] | Iterable[bool] | None = None,
+                          linear_format: str = "e4m3") -> list[int]:
+    """Store the saved activations of the chosen blocks (default: all) in FP8; returns their indices.
+
+    ``layers`` is a list of block indices or one boolean per block (the Plan's
+    ``layers[i].savers.fp8_act``, see :func:`fp8_act_layers_from_plan`). Call it before applying
+    FSDP/TP wrappers. Blocks not present (cut off for another pipeline stage) are skipped.
+    """
+    blocks = getattr(model, "layers", None)
+    if not isinstance(blocks, nn.ModuleDict):
+        raise invalid("model", type(model).__name__, "a meshwright Decoder with a `layers` ModuleDict")
+    n_layers = getattr(getattr(model, "cfg", None), "n_layers", None) or len(blocks)
+    dtype = fp8_dtype(linear_format)
+    done = []
+    for i in _select(n_layers, layers):
+        block = blocks[str(i)] if str(i) in blocks else None
+        if block is None:
+            continue
+        cache = _QuantCache()
+        for name, sub in block.named_modules():
+            _swap(name, sub, cache, dtype)
+        done.append(i)
+    return done
+
+
+def fp8_act_layers_from_plan(plan: Any) -> list[bool]:
+    """One flag per block from ``plan.layers[i].savers.fp8_act`` (``repeat`` expanded)."""
+    return [bool(s.savers.fp8_act) for s in plan.layer_strategies()]
+
+
+# ---- the planner's terms: saved bytes per token of one block -------------------------------------
+def block_saved_bytes_per_token(cfg: ModelConfig, fp8_act: bool = False, tokens: int | None = None,
+                                dtype_bytes: int = 4) -> float:
+    """Bytes one dense block saves for backward per token (the planner's activation term).
+
+    Counted tensor by tensor from what autograd keeps in our Block, including the block's input (kept by
+    its first norm); equals ``count_saved_bytes`` of a block exactly for fp32 (``dtype_bytes=4``) and
+    bf16 (2) compute (tests check both). Llama block: per norm its input (upcast to fp32), 1/rms, the
+    normalised and the weighted output; SDPA's q, k, v (after the GQA repeat), output (= wo's input)
+    and fp32 logsumexp; the MLP's a, b, silu(a) and the product. With FP8: norm inputs and MLP
+    activations become FP8 + one fp32 scale per 1x16 group, linear inputs FP8, the attention core stays
+    in the compute dtype. ``tokens`` adds the per-tensor scales (3 fp32 scalars per block).
+    """
+    d, hq, f, nh = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.ffn_dim, cfg.n_heads
+    b = dtype_bytes
+    gpt2 = cfg.arch == "gpt2"
+    core = 4 * hq * b + 4 * nh  # q, k, v, out in the compute dtype + fp32 logsumexp per head
+    stats = 8 if gpt2 else 4  # ours: LayerNorm mean and 1/std, RMSNorm 1/rms, in fp32
+    if not fp8_act:
+        # gpt2: input, output, mean and 1/std (torch's CPU kernel keeps them in the compute dtype);
+        # llama: fp32 input, normalised (compute dtype), weighted output, fp32 1/rms
+        norm = (2 * d * b + 2 * b) if gpt2 else (4 + 2 * b) * d + 4
+        mlp = (2 * f if gpt2 else 4 * f) * b  # gpt2: gelu input, w2 input; llama: a, b, silu(a), w2 input
+        return float(2 * norm + core + mlp)
+    grp = lambda n: n + 4 * -(-n // GROUP)  # noqa: E731  FP8 + fp32 scale per 1x16 group
+    norm = grp(d) + stats + d  # FP8 1x16 norm input, stats, FP8 per-tensor input of the next linears
+    mlp = (grp(f) if gpt2 else 2 * grp(f)) + f  # FP8 1x16 activation inputs, FP8 per-tensor w2 input
+    extra = 12 / tokens if tokens else 0.0
+    return float(2 * norm + core + mlp) + extra
+
+
+def fp8_activation_saved_fraction(cfg: ModelConfig, dtype_bytes: int = 4) -> float:
+    """Saved bytes of an FP8-activation block over the plain block in the same compute dtype
+    (tiny Llama: 0.354 in fp32, 0.481 in bf16)."""
+    return (block_saved_bytes_per_token(cfg, True, dtype_bytes=dtype_bytes)
+            / block_saved_bytes_per_token(cfg, False, dtype_bytes=dtype_bytes))

@@ -1,0 +1,252 @@
+"""CoatAdamW: AdamW whose moments live in FP8 with per-group dynamic range expansion (COAT).
+
+Why: fp32 AdamW keeps 8 bytes of state per parameter, often more than the weights and gradients
+together. COAT stores both moments in FP8 (1 byte each) with one (scale, centre, exponent) triple per
+128 elements, ~2.19 bytes per parameter, while master weights stay fp32. Each step dequantizes the
+moments, runs the ordinary fp32 AdamW update (bias correction, decoupled weight decay) and requantizes.
+Pure torch, so it runs on CPU and GPU alike; parameters may be FSDP2 DTensors (the update runs on the
+local shard, groups are formed over the local shard's flattened elements).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+
+from meshwright.errors import invalid
+from meshwright.optim.fp8_quant import K_MIN, GroupQuantized, dequantize_groups, fp8_dtype, groups_of, quantize_groups
+
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+_META = ("scale", "center", "expand")
+META_BYTES_PER_GROUP = 12  # fp32 scale, centre and exponent per group and per moment
+
+
+def coat_state_bytes_per_param(group_size: int = 128, quantized: bool = True, numel: int | None = None) -> float:
+    """Optimizer-state bytes per parameter: the planner's cost-model term for ``optimizer.states``.
+
+    fp32 AdamW: 8. COAT: 2 FP8 moments + 2 x 12 bytes of group metadata per ``group_size`` elements
+    (2.1875 at 128). With ``numel`` the partial last group is counted exactly (matches
+    :meth:`CoatAdamW.state_bytes`).
+    """
+    if not quantized:
+        return 8.0
+    if group_size < 1:
+        raise invalid("group_size", group_size, "a positive integer")
+    if numel is None:
+        return 2.0 + 2 * META_BYTES_PER_GROUP / group_size
+    return (2 * numel + 2 * META_BYTES_PER_GROUP * groups_of(numel, group_size)) / numel
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2 parameter or gradient), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class CoatAdamW(torch.optim.Optimizer):
+    """AdamW with FP8 first/second moments (``quantize=True``) or plain fp32 moments (``quantize=False``).
+
+    ``m_format``/``v_format`` pick E4M3 or E5M2 per moment; ``expand=False`` switches off dynamic range
+    expansion (naive per-group FP8, for comparison); ``k_min`` bounds the exponent from below (1/16:
+    groups wider than FP8 are compressed, as COAT's kernel does; 1: expand only, small values may flush). With ``quantize=False`` the update is term for term
+    torch's single-tensor AdamW.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, quantize: bool = True, group_size: int = 128,
+                 m_format: str = "e4m3", v_format: str = "e4m3", expand: bool = True, k_min: float = K_MIN) -> None:
+        if not (isinstance(lr, (int, float)) and lr >= 0):
+            raise invalid("optimizer.lr", lr, "a number >= 0")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise invalid("optimizer.betas", betas, "two numbers in [0, 1)")
+        if not eps >= 0:
+            raise invalid("optimizer.eps", eps, "a number >= 0")
+        if not weight_decay >= 0:
+            raise invalid("optimizer.weight_decay", weight_decay, "a number >= 0")
+        if not (isinstance(group_size, int) and group_size >= 1):
+            raise invalid("optimizer.group_size", group_size, "a positive integer (COAT uses 128)")
+        if not 0 < k_min <= 1:
+            raise invalid("optimizer.k_min", k_min, "a number in (0, 1]: 1/16 compresses wide groups (COAT's kernel), 1 only expands")
+        m_dtype, v_dtype = fp8_dtype(m_format), fp8_dtype(v_format)  # validated here: one-line error
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, quantize=quantize,
+                        group_size=group_size, m_format=m_format, v_format=v_format, expand=expand, k_min=k_min)
+        super().__init__(params, defaults)
+        self._dtypes = {"exp_avg": m_dtype, "exp_avg_sq": v_dtype}
+
+    # ---- state layout ----------------------------------------------------------------------------
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        local = _local(p)
+        state = self.state[p]
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        if not group["quantize"]:
+            for name in _MOMENTS:
+                state[name] = torch.zeros_like(local, memory_format=torch.preserve_format)
+            return state
+        n_groups = groups_of(local.numel(), group["group_size"])
+        for name in _MOMENTS:
+            dtype = fp8_dtype(group["v_format"] if name == "exp_avg_sq" else group["m_format"])
+            state[name] = torch.zeros(local.numel(), dtype=dtype, device=local.device)
+            state[f"{name}_scale"] = torch.ones(n_groups, dtype=torch.float32, device=local.device)
+            state[f"{name}_center"] = torch.zeros(n_groups, dtype=torch.float32, device=local.device)
+            state[f"{name}_expand"] = torch.ones(n_groups, dtype=torch.float32, device=local.device)
+        return state
+
+    @staticmethod
+    def _load_moment(state: dict[str, Any], name: str, like: torch.Tensor, group_size: int) -> torch.Tensor:
+        gq = GroupQuantized(state[name], *(state[f"{name}_{m}"] for m in _META))
+        return dequantize_groups(gq, like.shape, group_size)
+
+    @staticmethod
+    def _store_moment(state: dict[str, Any], name: str, value: torch.Tensor, group: dict[str, Any]) -> None:
+        dtype = fp8_dtype(group["v_format"] if name == "exp_avg_sq" else group["m_format"])
+        gq = quantize_groups(value, group["group_size"], dtype, expand=group["expand"], k_min=group.get("k_min", K_MIN))
+        state[name] = gq.data
+        for m in _META:
+            state[f"{name}_{m}"] = getattr(gq, m)
+
+    # ---- the update -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                param, grad = _local(p), _local(p.grad)
+                if grad.is_sparse:
+                    raise invalid("grad.layout", "sparse", "dense gradients (CoatAdamW has no sparse path)")
+                state = self.state[p] if self.state[p] else self._init_state(p, group)
+                state["step"] += 1
+                step = state["step"].item()
+                if group["quantize"]:
+                    exp_avg = self._load_moment(state, "exp_avg", param, group["group_size"]).to(param.dtype)
+                    exp_avg_sq = self._load_moment(state, "exp_avg_sq", param, group["group_size"]).to(param.dtype)
+                else:
+                    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                # Same operation order as torch.optim.AdamW (single-tensor path), so quantize=False matches it.
+                param.mul_(1 - lr * wd)
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                bias_correction1 = 1 - beta1 ** step
+                bias_correction2 = 1 - beta2 ** step
+                step_size = lr / bias_correction1
+                denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+                param.addcdiv_(exp_avg, denom, value=-step_size)
+                if group["quantize"]:
+                    self._store_moment(state, "exp_avg", exp_avg, group)
+                    self._store_moment(state, "exp_avg_sq", exp_avg_sq, group)
+        return loss
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def _params_by_index(self, groups: list[dict[str, Any]] | None = None) -> dict[Any, tuple[torch.Tensor, dict]]:
+        """state_dict index (or the ids listed in ``groups``) -> (parameter, its live param group)."""
+        out: dict[Any, tuple[torch.Tensor, dict]] = {}
+        idx = 0
+        for gi, group in enumerate(self.param_groups):
+            ids = groups[gi]["params"] if groups is not None else range(idx, idx + len(group["params"]))
+            for pid, p in zip(ids, group["params"]):
+                out[pid] = (p, group)
+            idx += len(group["params"])
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict; for FSDP2 (DTensor) parameters the FP8 moments and their group metadata
+        are wrapped as DTensors so distributed checkpoints (DCP) save every rank's shard.
+
+        Moments travel as ``uint8`` (FP8 is not a gloo/DCP wire type); metadata is padded to the same
+        number of groups per rank. A DCP checkpoint of FP8 states therefore reloads on the same FSDP mesh
+        (groups are formed over each rank's shard), not onto a different world size.
+        """
+        sd = super().state_dict()
+        params = self._params_by_index()
+        for pid, st in list(sd["state"].items()):
+            p, group = params[pid]
+            if not hasattr(p, "device_mesh"):
+                continue
+            if group["quantize"]:
+                sd["state"][pid] = _wrap_dtensor_state(p, dict(st), group["group_size"])
+            else:  # fp32 moments are shaped like the local shard: present them like the parameter
+                from torch.distributed.tensor import DTensor
+
+                sd["state"][pid] = {k: DTensor.from_local(v, p.device_mesh, p.placements, run_check=False,
+                                                          shape=p.shape, stride=p.stride()) if k in _MOMENTS else v
+                                    for k, v in st.items()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch casts floating state to the parameter dtype on load; cast FP8 moments back (exact).
+
+        Accepts what :meth:`state_dict` produced, including DTensor-wrapped shards (after a DCP load)
+        and moments that arrive as raw bytes (``uint8``, how FP8 crosses gloo).
+        """
+        state_dict = dict(state_dict)
+        state_dict["state"] = {pid: dict(st) for pid, st in state_dict["state"].items()}
+        params = self._params_by_index(state_dict["param_groups"])
+        for pid, st in state_dict["state"].items():
+            p, group = params[pid]
+            if not group["quantize"]:
+                for name in _MOMENTS:
+                    if name in st:
+                        st[name] = _local(st[name])
+                continue
+            n_local = _local(p).numel()
+            for name in _MOMENTS:
+                dtype = fp8_dtype(group["v_format"] if name == "exp_avg_sq" else group["m_format"])
+                t = _local(st[name]).reshape(-1)
+                st[name] = t.view(dtype) if t.dtype == torch.uint8 else t.to(dtype)
+                for m in _META:
+                    st[f"{name}_{m}"] = _local(st[f"{name}_{m}"])[: groups_of(n_local, group["group_size"])]
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            if not group["quantize"]:
+                continue
+            for p in group["params"]:
+                st = self.state.get(p)
+                if not st:
+                    continue
+                for name in _MOMENTS:
+                    dtype = fp8_dtype(group["v_format"] if name == "exp_avg_sq" else group["m_format"])
+                    st[name] = st[name].to(dtype)
+                    for m in _META:
+                        st[f"{name}_{m}"] = st[f"{name}_{m}"].float()
+
+    def state_bytes(self) -> int:
+        """Bytes held by moment tensors and their metadata (the ``step`` counters excluded)."""
+        total = 0
+        for st in self.state.values():
+            for key, t in st.items():
+                if key != "step" and isinstance(t, torch.Tensor):
+                    t = _local(t)
+                    total += t.numel() * t.element_size()
+        return total
+
+
+def _wrap_dtensor_state(p: Any, st: dict[str, Any], group_size: int) -> dict[str, Any]:
+    """Present one FSDP2 parameter's FP8 state as DTensors laid out like the parameter (for DCP)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh, placements = p.device_mesh, tuple(p.placements)
+    if mesh.ndim != 1 or placements != (Shard(0),):
+        raise invalid("optimizer.states", "fp8", "fp32 for this parameter layout; FP8 states checkpoint "
+                      f"FSDP2 parameters sharded Shard(0) on a 1-D mesh (got {placements} on a {mesh.ndim}-D mesh)")
+    local = p.to_local()
+    world = mesh.size()
+    rows = -(-p.shape[0] // world) if p.dim() else 1
+    per_row = p.numel() // max(p.shape[0], 1) if p.dim() else 1
+    g_max = groups_of(rows * per_row, group_size)
+    for name in _MOMENTS:
+        raw = st[name].view(torch.uint8).view(local.shape)
+        st[name] = DTensor.from_local(raw, mesh, placements, run_check=False, shape=p.shape, stride=p.stride())
+        for m in _META:
+            meta = st[f"{name}_{m}"]
+            padded = torch.zeros(g_max, dtype=meta.dtype, device=meta.device)
+            padded[: meta.numel()] = meta
+            st[f"{name}_{m}"] = DTensor.from_local(padded, mesh, (Shard(0),), run_check=False,
+                                                   shape=(world * g_max,), stride=(1,))
+    return st

@@ -1,0 +1,192 @@
+"""COAT FP8 activations: mixed-granularity FP8 storage of what blocks save for backward."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from meshwright.errors import ConfigError
+from meshwright.memory.accounting import count_saved_bytes
+from meshwright.memory.fp8_activations import (FP8Linear, FP8RMSNorm, FP8SwiGLU, _FP8GeluFn, _FP8LayerNormFn,
+                                               _FP8LinearFn, _FP8RMSNormFn, _FP8SwiGLUProductFn, _QuantCache,
+                                               apply_fp8_activations, block_saved_bytes_per_token,
+                                               fp8_act_layers_from_plan, fp8_activation_saved_fraction)
+from meshwright.models import build_model, lm_loss
+from meshwright.models.layers import RMSNorm
+from meshwright.optim.fp8_quant import (dequantize_last_dim_groups, dequantize_per_tensor, quantize_last_dim_groups,
+                                        quantize_per_tensor)
+from meshwright.plan import LayerStrategy, Plan, Savers
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster, and immune to OpenMP spinning on a busy box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_1x16_groups_beat_per_tensor_on_outlier_channels():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 32, 256, generator=g)
+    # Outlier channels, as LLM activations have. FP8's own exponent absorbs ratios up to ~1e3; beyond,
+    # one per-tensor scale pushes the ordinary channels into E4M3's coarse subnormals.
+    x[..., 7] *= 2e4
+    x[..., 130] *= 5e3
+    q, s = quantize_per_tensor(x)
+    err_tensor = (dequantize_per_tensor(q, s) - x).norm() / x.norm()
+    gq, gs = quantize_last_dim_groups(x, 16)
+    err_group = (dequantize_last_dim_groups(gq, gs, 16) - x).norm() / x.norm()
+    normal = torch.ones(256, dtype=torch.bool)
+    normal[[7, 130]] = False
+    err_t_normal = ((dequantize_per_tensor(q, s) - x)[..., normal].norm() / x[..., normal].norm())
+    err_g_normal = ((dequantize_last_dim_groups(gq, gs, 16) - x)[..., normal].norm() / x[..., normal].norm())
+    assert err_group < err_tensor
+    assert err_g_normal < 0.5 * err_t_normal  # the ordinary channels keep their resolution
+    assert gq.dtype == torch.float8_e4m3fn and gs.shape == (4, 32, 16)
+
+
+def _fp8_exact(shape: tuple[int, ...], seed: int, group: int | None = 16) -> torch.Tensor:
+    """Values that FP8 stores losslessly: E4M3 numbers with 448 in every group (scale exactly 1)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 40).to(torch.float8_e4m3fn).float()
+    if group is None:
+        x.view(-1)[0] = 448.0
+    else:
+        x.unflatten(-1, (-1, group))[..., 0] = 448.0
+    return x / 64  # a power of two keeps every value exactly representable after rescaling
+
+
+def _grads(fn, *inputs):
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*inputs)
+    g = torch.Generator().manual_seed(9)
+    out.backward(torch.randn(out.shape, generator=g))
+    return out.detach(), [t.grad for t in inputs]
+
+
+@pytest.mark.parametrize("case", ["linear", "rmsnorm", "layernorm", "swiglu", "gelu"])
+def test_backward_matches_autograd_when_fp8_is_lossless(case):
+    """With inputs FP8 stores exactly, each custom backward must equal autograd's to float rounding."""
+    x = _fp8_exact((2, 8, 64), seed=1, group=None if case == "linear" else 16)
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(48 if case == "linear" else 64, 64, generator=g)[0 if case != "linear" else slice(None)]
+    b = torch.randn(w.shape[0], generator=g)
+    if case == "linear":
+        ours = lambda x, w, b: _FP8LinearFn.apply(x, w, b, _QuantCache(), torch.float8_e4m3fn)  # noqa: E731
+        ref = torch.nn.functional.linear
+        args = (x, w, b)
+    elif case == "rmsnorm":
+        ours = lambda x, w: _FP8RMSNormFn.apply(x, w, 1e-5)  # noqa: E731
+        ref = lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w  # noqa: E731
+        args = (x, w)
+    elif case == "layernorm":
+        ours = lambda x, w, b: _FP8LayerNormFn.apply(x, w, b, 1e-5)  # noqa: E731
+        ref = lambda x, w, b: torch.nn.functional.layer_norm(x, (64,), w, b, 1e-5)  # noqa: E731
+        args = (x, w, b)
+    elif case == "swiglu":
+        x2 = _fp8_exact((2, 8, 64), seed=3)
+        ours = _FP8SwiGLUProductFn.apply
+        ref = lambda a, b: torch.nn.functional.silu(a) * b  # noqa: E731
+        args = (x, x2)
+    else:
+        ours = _FP8GeluFn.apply
+        ref = lambda a: torch.nn.functional.gelu(a, approximate="tanh")  # noqa: E731
+        args = (x,)
+    out_o, grads_o = _grads(ours, *args)
+    out_r, grads_r = _grads(ref, *args)
+    torch.testing.assert_close(out_o, out_r, rtol=1e-5, atol=1e-5)
+    for go, gr in zip(grads_o, grads_r):
+        torch.testing.assert_close(go, gr, rtol=1e-4, atol=1e-4)
+
+
+def _block_saved(model, batch: int, seq: int, dtype: torch.dtype) -> int:
+    h = torch.randn(batch, seq, model.cfg.d_model, dtype=dtype, requires_grad=True)
+    rope = model.rope(seq)
+    with count_saved_bytes(model, exclude=list(rope) if rope else []) as sb:
+        model.layers["0"](h, rope)
+    return sb.total
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-gpt2"])
+def test_saved_bytes_fall_and_match_the_planner_formula(preset, dtype):
+    model = build_model(preset, seed=0).to(dtype)
+    fp8 = copy.deepcopy(model)
+    assert apply_fp8_activations(fp8) == [0, 1, 2, 3]
+    batch, seq = 2, 64
+    base, ours = _block_saved(model, batch, seq, dtype), _block_saved(fp8, batch, seq, dtype)
+    tokens, b = batch * seq, dtype.itemsize
+    assert base == block_saved_bytes_per_token(model.cfg, False, dtype_bytes=b) * tokens
+    assert ours == block_saved_bytes_per_token(model.cfg, True, tokens=tokens, dtype_bytes=b) * tokens
+    ratio = ours / base
+    limit = {("tiny", 4): 0.36, ("tiny-gpt2", 4): 0.47, ("tiny", 2): 0.49, ("tiny-gpt2", 2): 0.68}[(preset, b)]
+    assert ratio < limit, ratio
+    assert abs(fp8_activation_saved_fraction(model.cfg, b) - ratio) < 1e-3
+
+
+def test_forward_unchanged_and_gradients_close_on_tiny():
+    model = build_model("tiny", seed=0)
+    fp8 = copy.deepcopy(model)
+    apply_fp8_activations(fp8)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 256, (2, 33), generator=g)
+    loss = lm_loss(model(tokens[:, :-1]), tokens[:, 1:])
+    loss8 = lm_loss(fp8(tokens[:, :-1]), tokens[:, 1:])
+    assert torch.equal(loss, loss8)  # only the saved copies are FP8; forward values are untouched
+    loss.backward()
+    loss8.backward()
+    flat = torch.cat([p.grad.flatten() for p in model.parameters()])
+    flat8 = torch.cat([p.grad.flatten() for p in fp8.parameters()])
+    rel = ((flat - flat8).norm() / flat.norm()).item()
+    assert 0 < rel < 0.06, rel  # E4M3 keeps 3 mantissa bits: a few percent, not zero (it is really FP8)
+    cos = torch.nn.functional.cosine_similarity(flat, flat8, dim=0).item()
+    assert cos > 0.998
+
+
+def test_per_layer_selection_and_plan_flags():
+    model = build_model("tiny", seed=0)
+    plan = Plan(layers=[LayerStrategy(repeat=1), LayerStrategy(savers=Savers(fp8_act=True), repeat=2),
+                        LayerStrategy(repeat=1)])
+    flags = fp8_act_layers_from_plan(plan)
+    assert flags == [False, True, True, False]
+    assert apply_fp8_activations(model, flags) == [1, 2]
+    assert type(model.layers["1"].attention_norm) is FP8RMSNorm
+    assert type(model.layers["1"].feed_forward) is FP8SwiGLU
+    assert type(model.layers["1"].attention.wq) is FP8Linear
+    assert type(model.layers["1"].attention.wo) is torch.nn.Linear  # its input is SDPA's saved output
+    assert type(model.layers["0"].attention_norm) is RMSNorm
+    assert type(model.output) is torch.nn.Linear
+    # parameter names (hence checkpoints) are unchanged
+    assert set(dict(model.named_parameters())) == set(dict(build_model("tiny", seed=0).named_parameters()))
+    with pytest.raises(ConfigError, match=r"fp8_act.layers=7 is invalid"):
+        apply_fp8_activations(build_model("tiny", seed=0), [7])
+    with pytest.raises(ConfigError, match="fp8_act.layers"):
+        apply_fp8_activations(build_model("tiny", seed=0), [True, False])
+    with pytest.raises(ConfigError, match="fp8_format"):
+        apply_fp8_activations(build_model("tiny", seed=0), linear_format="int8")
+
+
+def test_no_grad_forward_is_plain():
+    model = build_model("tiny", seed=0)
+    apply_fp8_activations(model)
+    tokens = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        out = model(tokens)
+    assert out.shape == (1, 16, 256) and not out.requires_grad
+
+
+def test_short_training_run_with_fp8_activations_stays_close():
+    from test_coat_optimizer import reference_losses, train_tiny
+
+    from meshwright.optim import CoatAdamW
+
+    steps = 40
+    ref = reference_losses(steps)
+    both = train_tiny(lambda p: CoatAdamW(p, lr=3e-3, weight_decay=0.01), steps, fp8_act=True)
+    tail_ref, tail = sum(ref[-10:]) / 10, sum(both[-10:]) / 10
+    assert tail_ref < ref[0] - 1.5
+    assert abs(tail - tail_ref) < 0.03 * tail_ref, (tail, tail_ref)

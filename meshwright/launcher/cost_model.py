@@ -336,7 +336,9 @@ def optimizer_bytes_per_param(states: str, mixed_precision: bool) -> float:
     if states == "fp32":
         b = 8.0
     elif states == "fp8":
-        b = 2.0 + 2 * 4.0 / FP8_GROUP
+        from meshwright.optim.coat import coat_state_bytes_per_param  # the optimizer owns its layout
+
+        b = coat_state_bytes_per_param(FP8_GROUP)
     else:
         raise invalid("optimizer.states", states, "fp32 or fp8")
     return b + (4.0 if mixed_precision else 0.0)
@@ -384,7 +386,11 @@ def activation_bytes(cfg: ModelConfig, index: int, tokens: float, tp: int, sp: b
         nbytes *= lemo
     if wta_crs is not None and recompute != "full":
         nbytes *= 1.0 - LINEAR_INPUT_SHARE * (1.0 - wta_crs)
-    if fp8_act and recompute != "full":
+    if fp8_act and recompute == "none" and not cfg.is_moe_layer(index):
+        from meshwright.memory.fp8_activations import fp8_activation_saved_fraction  # measured layout, exact
+
+        nbytes *= fp8_activation_saved_fraction(cfg, elem_bytes)
+    elif fp8_act and recompute != "full":
         hi = nbytes * (1 - FP8_ACT_SHARE)
         lo = nbytes * FP8_ACT_SHARE / elem_bytes
         nbytes = hi + lo * (1 + 4.0 / FP8_GROUP)

@@ -1,4 +1,4 @@
-"""`meshwright train CONFIG [--plan PLAN|auto] [--resume] [KEY=VALUE ...]`: train a model.
+"""`meshwright train CONFIG [KEY=VALUE ...] [--plan PLAN|auto] [--resume | --resume-from CKPT]`: train a model.
 
 One process gets a ``LocalRuntime``; under torchrun with WORLD_SIZE > 1 (or when a plan asks for more
 than one device or for per-layer features) the distributed runtime from ``meshwright.parallel`` is used.
@@ -99,7 +99,7 @@ def run_training(train_cfg: TrainConfig, plan_ref: str | None = None, resume: bo
             write_yaml(train_cfg, Path(train_cfg.out_dir) / "config.yaml")
             print(f"train: model {model_cfg.name} ({model_cfg.num_params() / 1e6:.2f}M params) | data {ds.path} "
                   f"({len(ds):,} tokens) | {train_cfg.steps} steps x {train_cfg.global_batch}x{train_cfg.seq_len} tokens | "
-                  f"world {runtime.world_size} | out {train_cfg.out_dir}", flush=True)
+                  f"{type(runtime).__name__}, world {runtime.world_size} | out {train_cfg.out_dir}", flush=True)
         trainer = Trainer(train_cfg, runtime, train, val, model_cfg, cluster)
         return trainer.fit(resume=resume)
     finally:
@@ -113,18 +113,39 @@ def register(sub: argparse._SubParsersAction) -> None:
                     ") or a YAML path; KEY=VALUE pairs override fields (dotted for nested: data.max_files=50).",
     )
     p.add_argument("config", metavar="CONFIG", help="train preset name or path to a TrainConfig YAML")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="field overrides, e.g. steps=100 lr=1e-3")
-    p.add_argument("--plan", default=None, metavar="PLAN|auto",
-                   help="Plan YAML/JSON path, or 'auto' to let the planner choose (default: config's plan, else one process / pure DP)")
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
-                   help="resume from OUT_DIR/ckpt/latest (or the given checkpoint directory)")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE",
+                   help="field overrides, e.g. steps=100 lr=1e-3 (options may come before or after them)")
+    _add_flags(p)
     p.set_defaults(func=_run)
 
 
+def _add_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plan", default=None, metavar="PLAN|auto",
+                   help="Plan YAML/JSON path, or 'auto' to let the planner choose (default: config's plan, else one process / pure DP)")
+    p.add_argument("--resume", action="store_true", help="resume from OUT_DIR/ckpt/latest if it exists")
+    p.add_argument("--resume-from", default=None, metavar="CKPT", help="resume from this checkpoint directory")
+
+
+def _split_overrides(args: argparse.Namespace) -> None:
+    """Flags written after the KEY=VALUE overrides land in the remainder; pull them out here."""
+    tail = argparse.ArgumentParser(prog="meshwright train", add_help=False)
+    _add_flags(tail)
+    tail.add_argument("overrides", nargs="*")
+    ns, unknown = tail.parse_known_intermixed_args(args.overrides)
+    if unknown:
+        raise ConfigError(f"option={unknown[0]!r} is invalid; valid: --plan, --resume, --resume-from or KEY=VALUE")
+    args.overrides = ns.overrides
+    args.plan = ns.plan if ns.plan is not None else args.plan
+    args.resume = args.resume or ns.resume
+    args.resume_from = ns.resume_from if ns.resume_from is not None else args.resume_from
+
+
 def _run(args: argparse.Namespace) -> int:
+    _split_overrides(args)
     overrides = dict(parse_override(o) for o in args.overrides)
     cfg = load_train_config(args.config, overrides)
-    summary = run_training(cfg, args.plan, args.resume)
+    resume: bool | str = args.resume_from if args.resume_from else args.resume
+    summary = run_training(cfg, args.plan, resume)
     if summary["steps_this_run"] == 0:
         return 0
     return 0 if summary.get("final_loss") is not None else 1  # every step was skipped as NaN

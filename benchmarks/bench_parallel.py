@@ -1,0 +1,194 @@
+"""Tokens/s and saved-activation bytes of `tiny` on 2 ranks (dp2, fsdp2, tp2, tp2+sp, pp2) vs one process.
+
+One run: the one-process baseline is measured in this process, then one torchrun launch (2 ranks,
+gloo) measures every layout; the table prints ratios against the baseline. Saved bytes (unique
+storages autograd keeps for backward during one optimizer step, parameters excluded, summed over
+the step's micro-batches, per rank; counted as in ``meshwright.memory.accounting`` with the counted
+tensors pinned for the step) are deterministic; tokens/s on a shared 2-core CPU are not.
+
+    .venv/bin/python benchmarks/bench_parallel.py [--steps 5] [--seq 128] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from contextlib import contextmanager  # noqa: E402
+from typing import Iterator  # noqa: E402
+
+from meshwright.memory.accounting import SavedBytes, _storage_key  # noqa: E402
+from meshwright.models import build_model, lm_loss  # noqa: E402
+
+MODEL, GLOBAL, MICRO = "tiny", 8, 4
+LAYOUTS = {
+    "dp2 (DDP)": {"layers": [{"dp": 2, "repeat": 4}]},
+    "fsdp2 (ZeRO-3)": {"layers": [{"dp": 2, "zero": 3, "repeat": 4}], "embedding": {"zero": 3}},
+    "tp2 (DTensor)": {"layers": [{"tp": 2, "repeat": 4}]},
+    "tp2+sp": {"layers": [{"tp": 2, "sp": True, "repeat": 4}]},
+    "pp2 (1F1B)": {"layers": [{"repeat": 4}], "pipeline": {"degree": 2, "schedule": "1f1b", "microbatches": 2}},
+}
+
+
+@contextmanager
+def count_saved_bytes_pinned(exclude: list[torch.Tensor]) -> Iterator[SavedBytes]:
+    """``count_saved_bytes`` for a whole multi-micro-batch step: the same count (unique non-parameter
+    storages packed for backward), but every counted tensor is kept alive until the block ends, so a
+    later micro-batch cannot reuse a freed storage address and be taken for an already-counted one
+    (with the plain count, 2-micro-batch steps varied by ~1 MiB between runs here)."""
+    skip = {k for t in exclude if (k := _storage_key(_local(t).detach())) is not None}
+    result, seen, keep = SavedBytes(), set(), []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        local = _local(t)
+        key = _storage_key(local)
+        if key is not None and key not in skip and key not in seen and key[1] > 0:
+            seen.add(key)
+            keep.append(local)
+            result.total += key[1]
+            result.count += 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield result
+    keep.clear()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def batches(seq: int, dp_rank: int, dp_size: int, step: int):
+    g = torch.Generator().manual_seed(step)
+    tok = torch.randint(0, 256, (GLOBAL, seq + 1), generator=g)
+    per = GLOBAL // dp_size
+    tok = tok[dp_rank * per:(dp_rank + 1) * per]
+    return [(tok[i:i + MICRO, :-1], tok[i:i + MICRO, 1:]) for i in range(0, per, MICRO)]
+
+
+def one_process(seq: int, steps: int) -> dict:
+    torch.set_num_threads(1)  # each torchrun rank gets one thread too: compare like with like
+    model = build_model(MODEL, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step(i: int) -> int:
+        mbs = batches(seq, 0, 1, i)
+        with count_saved_bytes_pinned(list(model.parameters())) as sb:
+            for x, y in mbs:
+                (lm_loss(model(x), y) / len(mbs)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return sb.total
+
+    saved = step(0)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(i + 1)
+    dt = time.perf_counter() - t0
+    return {"tokens_per_s": GLOBAL * seq * steps / dt, "saved_bytes": [saved]}
+
+
+def worker(seq: int, steps: int, out: str) -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    from meshwright.parallel.runtime import DistributedRuntime
+    from meshwright.plan import plan_from_dict
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+    torch.set_num_threads(1)
+    rank = dist.get_rank()
+    results = {}
+    for name, layout in tqdm(LAYOUTS.items(), disable=rank != 0, desc="layouts"):
+        plan = plan_from_dict({"model": MODEL, "seq_len": seq, "global_batch": GLOBAL, "micro_batch": MICRO, **layout})
+        rt = DistributedRuntime(MODEL, plan, seed=0)
+        opt = rt.build_optimizer(lambda g: torch.optim.AdamW(g, lr=1e-3))
+        with count_saved_bytes_pinned(list(rt.parameters())) as sb:
+            rt.forward_backward(batches(seq, rt.dp_rank, rt.dp_size, 0))
+        rt.optimizer_step(opt)
+        dist.barrier()
+        t0 = time.perf_counter()
+        for i in range(steps):
+            rt.forward_backward(batches(seq, rt.dp_rank, rt.dp_size, i + 1))
+            rt.clip_grad_norm_(1.0)
+            rt.optimizer_step(opt)
+        dist.barrier()
+        dt = time.perf_counter() - t0
+        saved = [None] * dist.get_world_size()
+        dist.all_gather_object(saved, sb.total)
+        results[name] = {"tokens_per_s": GLOBAL * seq * steps / dt, "saved_bytes": saved}
+        rt.close()
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def plot(rows: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    a.bar(names, [rows[n]["tokens_per_s"] for n in names], color="tab:blue")
+    a.set_ylabel("tokens/s (all ranks)")
+    a.set_title("throughput, tiny, 2-core CPU (noisy)")
+    b.bar(names, [max(rows[n]["saved_bytes"]) / 2**20 for n in names], color="tab:orange")
+    b.set_ylabel("MiB saved for backward (max rank)")
+    b.set_title("saved activations per rank per step")
+    for ax in (a, b):
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args.seq, args.steps, args.worker)
+    before = one_process(args.seq, args.steps)
+    rows = {"1 process": before}
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "parallel.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               str(Path(__file__).resolve()), "--steps", str(args.steps), "--seq", str(args.seq), "--worker", str(out)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        subprocess.run(cmd, check=True, timeout=900, env=env, cwd=REPO)
+        rows.update(json.loads(out.read_text()))
+    after = one_process(args.seq, args.steps)  # the box is shared: bracket the 2-rank run, use the mean
+    before["tokens_per_s"] = (before["tokens_per_s"] + after["tokens_per_s"]) / 2
+    print(f"1 process tokens/s before / after the 2-rank run: {2 * before['tokens_per_s'] - after['tokens_per_s']:,.0f} / "
+          f"{after['tokens_per_s']:,.0f}")
+    base = rows["1 process"]
+    print(f"\n| layout | tokens/s | vs 1 process | saved bytes/rank (rank0, rank1) | vs 1 process (max rank) |")
+    print("|---|---:|---:|---|---:|")
+    for name, r in rows.items():
+        sb = ", ".join(f"{b:,}" for b in r["saved_bytes"])
+        print(f"| {name} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x | {sb} | "
+              f"{max(r['saved_bytes']) / base['saved_bytes'][0]:.2f}x |")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    plot(rows, Path(args.out) / "parallel.png")
+    print(f"\nplot: {Path(args.out) / 'parallel.png'}")
+
+
+if __name__ == "__main__":
+    main()

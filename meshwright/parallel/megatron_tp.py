@@ -1,0 +1,146 @@
+"""Second tensor-parallel backend: megatron-core ``ColumnParallelLinear``/``RowParallelLinear``.
+
+The block's Linear layers are swapped for megatron-core's parallel layers, driven by *our* tp
+process group (``tp_group=``), so megatron's global ``parallel_state`` is never initialised and the
+meshes stay explicit. Weights are copied from the plain model's slices, so this backend gives the
+same numbers as the DTensor one. Parameters stay plain local shards; ``to_dtensor_state`` /
+``load_dtensor_state`` expose them as DTensors so distributed checkpoints still reshard.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
+
+_COLUMN = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
+_ROW = ("attention.wo", "feed_forward.w2")
+
+
+def _classes():
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    class Column(ColumnParallelLinear):
+        """Returns the output only (our blocks expect nn.Linear's interface)."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            return super().forward(x)[0]
+
+    class Row(RowParallelLinear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            return super().forward(x)[0]
+
+    return Column, Row
+
+
+def _config(tp: int, dtype: torch.dtype):
+    from megatron.core.model_parallel_config import ModelParallelConfig
+
+    return ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True, perform_initialization=False,
+                               gradient_accumulation_fusion=False, sequence_parallel=False, params_dtype=dtype)
+
+
+def _noop_init(_: torch.Tensor) -> None:
+    return None
+
+
+def apply_megatron_tp(block: nn.Module, tp_group: dist.ProcessGroup) -> dict[str, int]:
+    """Swap ``block``'s Linears for megatron-core parallel layers; returns {param name: shard dim}."""
+    Column, Row = _classes()
+    tp, r = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+    shard_dims: dict[str, int] = {}
+    for path in _COLUMN + _ROW:
+        parent_name, attr = path.rsplit(".", 1)
+        parent = block.get_submodule(parent_name)
+        lin = getattr(parent, attr, None)
+        if lin is None:
+            continue
+        column = path in _COLUMN
+        dev, dtype = lin.weight.device, lin.weight.dtype
+        cfg = _config(tp, dtype)
+        bias = lin.bias is not None
+        if column:
+            new = Column(lin.in_features, lin.out_features, config=cfg, init_method=_noop_init, bias=bias,
+                         gather_output=False, tp_group=tp_group)
+            w = lin.weight.detach().chunk(tp, dim=0)[r]
+        else:
+            new = Row(lin.in_features, lin.out_features, config=cfg, init_method=_noop_init, bias=bias,
+                      input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
+            w = lin.weight.detach().chunk(tp, dim=1)[r]
+        new = new.to(dev)
+        with torch.no_grad():
+            new.weight.copy_(w)
+            if bias:
+                new.bias.copy_(lin.bias.detach().chunk(tp, dim=0)[r] if column else lin.bias.detach())
+        setattr(parent, attr, new)
+        shard_dims[f"{path}.weight"] = 0 if column else 1
+        if bias and column:
+            shard_dims[f"{path}.bias"] = 0
+    return shard_dims
+
+
+def to_dtensor_state(params: dict[str, torch.Tensor], shard_dims: dict[str, int], tp_mesh: DeviceMesh) -> dict[str, torch.Tensor]:
+    """View local megatron shards as DTensors (sharing storage) so DCP can reshard them."""
+    return {k: DTensor.from_local(v.detach(), tp_mesh, [Shard(shard_dims[k])], run_check=False) if k in shard_dims else v
+            for k, v in params.items()}
+
+
+def _shard_of(v: torch.Tensor, dim: int, tp: int, rank: int, like: torch.Tensor) -> torch.Tensor:
+    """This rank's local shard from a DTensor (any layout) or a full/local plain tensor."""
+    if isinstance(v, DTensor):
+        return v.to_local() if v.to_local().shape == like.shape else v.full_tensor().chunk(tp, dim=dim)[rank]
+    return v if v.shape == like.shape else v.chunk(tp, dim=dim)[rank]
+
+
+def install_state_hooks(module: nn.Module, shards: dict[str, tuple[int, DeviceMesh]]) -> None:
+    """Make ``module.state_dict()`` show megatron shards as DTensors and ``load_state_dict`` accept
+    DTensors or full tensors, so ``torch.distributed.checkpoint`` (and the trainer's checkpoints)
+    reshard megatron layouts like any other. ``shards`` maps a parameter name to (dim, tp mesh)."""
+
+    def post(_: nn.Module, state: dict, prefix: str, __: dict) -> None:
+        for name, (dim, mesh) in shards.items():
+            k = prefix + name
+            if k in state and not isinstance(state[k], DTensor):
+                state[k] = DTensor.from_local(state[k], mesh, [Shard(dim)], run_check=False)
+
+    def pre(mod: nn.Module, state: dict, prefix: str, *_: object) -> None:
+        params = dict(mod.named_parameters())
+        for name, (dim, mesh) in shards.items():
+            k = prefix + name
+            if k in state:
+                state[k] = _shard_of(state[k], dim, mesh.size(), mesh.get_local_rank(), params[name])
+
+    module.register_state_dict_post_hook(post)
+    module.register_load_state_dict_pre_hook(pre)
+
+
+def install_optimizer_hooks(optimizer: torch.optim.Optimizer, shards: dict[nn.Parameter, tuple[int, DeviceMesh]]) -> None:
+    """The same for optimizer states of megatron-sharded parameters (exp_avg etc. become DTensors)."""
+
+    def indexed() -> dict[int, tuple[nn.Parameter, int, DeviceMesh]]:
+        out, i = {}, 0
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p in shards:
+                    out[i] = (p, *shards[p])
+                i += 1
+        return out
+
+    def post(_: torch.optim.Optimizer, state_dict: dict) -> dict:
+        for i, (p, dim, mesh) in indexed().items():
+            for key, v in state_dict["state"].get(i, {}).items():
+                if torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.shape:
+                    state_dict["state"][i][key] = DTensor.from_local(v, mesh, [Shard(dim)], run_check=False)
+        return state_dict
+
+    def pre(_: torch.optim.Optimizer, state_dict: dict) -> dict:
+        for i, (p, dim, mesh) in indexed().items():
+            for key, v in state_dict["state"].get(i, {}).items():
+                if isinstance(v, DTensor) or (torch.is_tensor(v) and v.dim() == p.dim() and v.shape != p.shape):
+                    state_dict["state"][i][key] = _shard_of(v, dim, mesh.size(), mesh.get_local_rank(), p)
+        return state_dict
+
+    optimizer.register_state_dict_post_hook(post)
+    optimizer.register_load_state_dict_pre_hook(pre)

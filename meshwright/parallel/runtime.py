@@ -1,0 +1,387 @@
+"""DistributedRuntime: a Plan applied to the plain model, driven through the trainer's Runtime seam.
+
+Order of application per block (torchtitan's order): tensor parallelism (DTensor or megatron-core),
+activation redistribution for layer-wise plans, recomputation, then data parallelism (FSDP2 for
+ZeRO-2/3, DDP or a bucketed all-reduce for ZeRO-0/1); pipeline stages are cut before all that.
+
+Gradient convention: every rank's loss is the mean over its own data shard; the global loss is the
+mean over the ``max_dp`` shards. A layer with dp < max_dp runs (after the batch gather) on the data
+of ``max_dp/dp`` shards, so after averaging over its dp group its gradients are multiplied by
+``dp/max_dp``; that one factor makes layer-wise plans exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from datetime import timedelta
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from meshwright.config import ModelConfig, load_model_config
+from meshwright.errors import invalid
+from meshwright.models import build_model, lm_loss
+from meshwright.models.decoder import Decoder
+from meshwright.parallel.data_parallel import all_reduce_grads, apply_ddp, apply_fsdp, zero1_optimizer
+from meshwright.parallel.layerwise import apply_batch_redistribution
+from meshwright.parallel.mesh import build_meshes
+from meshwright.parallel.pipeline import build_schedule, cut_stage, stage_ids
+from meshwright.parallel.recompute import apply_recompute
+from meshwright.parallel.tensor_parallel import apply_tp
+from meshwright.plan import Plan, default_plan, validate_plan
+from meshwright.runtime import Batch, Runtime
+
+TP_BACKENDS = ("dtensor", "megatron")
+DP_BACKENDS = ("torch", "deepspeed")
+DEFAULT_TIMEOUT = timedelta(seconds=int(os.environ.get("MESHWRIGHT_PG_TIMEOUT_S", "300")))
+
+
+class StateView(nn.Module):
+    """The plain model's module tree over this rank's pieces (all chunks), for state dicts and optimizers.
+
+    Holds the same submodules as the stage chunks, so ``named_parameters`` yields the plain model's
+    names whatever the layout (DDP/pipeline wrappers stripped).
+    """
+
+    def __init__(self, chunks: list[Decoder]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleDict()
+        for c in chunks:
+            for name in ("tok_embeddings", "pos_embeddings", "norm", "output"):
+                if getattr(c, name, None) is not None:
+                    setattr(self, name, getattr(c, name))
+            for k, b in c.layers.items():
+                self.layers[k] = b
+
+
+def check_runtime_support(plan: Plan, cfg: ModelConfig, tp_backend: str, dp_backend: str) -> None:
+    """One-line errors for Plans that validate but this runtime cannot run (beyond validate_plan)."""
+    if tp_backend not in TP_BACKENDS:
+        raise invalid("tp_backend", tp_backend, ", ".join(TP_BACKENDS))
+    if dp_backend not in DP_BACKENDS:
+        raise invalid("dp_backend", dp_backend, ", ".join(DP_BACKENDS))
+    strategies = plan.layer_strategies()
+    if plan.embedding.tp != 1:
+        raise invalid("embedding.tp", plan.embedding.tp, "1 (the runtime replicates embeddings and head over tp)")
+    uniform_tp1 = all(s.tp == 1 for s in strategies)
+    for i, s in enumerate(strategies):
+        f = f"layers[{i}]"
+        if s.ep != 1:
+            raise invalid(f"{f}.ep", s.ep, "1 (expert parallelism is applied by meshwright.parallel.expert_parallel, not this runtime)")
+        if tp_backend == "megatron" and s.sp:
+            raise invalid(f"{f}.sp", s.sp, "false with tp_backend=megatron (use tp_backend=dtensor for sequence parallelism)")
+        if tp_backend == "megatron" and s.tp > 1 and s.zero >= 2:
+            raise invalid(f"{f}.zero", s.zero, "0 or 1 with tp_backend=megatron (FSDP shards DTensor parameters only)")
+        if s.zero == 1 and not (uniform_tp1 and all(t.zero == 1 for t in strategies)) and dp_backend == "torch":
+            raise invalid(f"{f}.zero", s.zero, "0, 2 or 3; zero=1 needs every layer tp=1, zero=1 (ZeroRedundancyOptimizer over one dp group) or dp_backend=deepspeed")
+        if s.savers.fp8_act or s.savers.wta_crs is not None or s.savers.lemo is not None:
+            raise invalid(f"{f}.savers", s.savers, "all off (memory savers are applied by meshwright.memory, not this runtime)")
+    if cfg.n_experts:
+        raise invalid("model.n_experts", cfg.n_experts, "0 (dense models; MoE layouts need expert parallelism)")
+    if dp_backend == "deepspeed":
+        if plan.pipeline.degree != 1 or not uniform_tp1:
+            raise invalid("dp_backend", dp_backend, "torch unless pipeline.degree=1 and every layer has tp=1 (DeepSpeed runs pure ZeRO data parallelism)")
+        if len({s.zero for s in strategies}) != 1:
+            raise invalid("layers[*].zero", sorted({s.zero for s in strategies}), "one ZeRO level for all layers with dp_backend=deepspeed")
+
+
+def init_distributed(timeout: timedelta = DEFAULT_TIMEOUT) -> torch.device:
+    """Initialise the default process group (NCCL on GPUs, gloo on CPU) with a timeout; return this rank's device."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=timeout)
+    return device
+
+
+class DistributedRuntime(Runtime):
+    """Runs a validated Plan on all ranks of the default process group."""
+
+    def __init__(self, model_cfg: ModelConfig | str | dict, plan: Plan, *, tp_backend: str = "dtensor",
+                 seed: int = 1234, device: torch.device | None = None, dp_shard: int | None = None) -> None:
+        """``dp_shard`` turns ZeRO-2/3 layers into HSDP: shard over ``dp_shard`` ranks, replicate across
+        ``dp/dp_shard`` groups (None: shard over the whole dp group)."""
+        cfg = load_model_config(model_cfg)
+        self.cfg, self.plan, self.tp_backend = cfg, plan, tp_backend
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        validate_plan(plan, cfg, self.world_size)
+        check_runtime_support(plan, cfg, tp_backend, "torch")
+        self.device = device or torch.device("cpu")
+        if dp_shard is not None and dp_shard < 1:
+            raise invalid("dp_shard", dp_shard, "null or a positive divisor of the layers' dp degree")
+        m = self.meshes = build_meshes(plan, self.world_size, self.rank, self.device.type, dp_shard)
+        self.dp_rank, self.dp_size = m.dp_rank, m.max_dp
+        strategies = self.strategies = plan.layer_strategies()
+        full = build_model(cfg, device="cpu", seed=seed).to(self.device)
+        ranges = plan.stage_ranges(cfg.n_layers)
+        self.n_stages = len(ranges)
+        self.stage_ids = stage_ids(m.pp_rank, m.pp, plan.pipeline.virtual_stages)
+        self.has_first = 0 in self.stage_ids
+        self.has_last = self.n_stages - 1 in self.stage_ids
+        chunks = [cut_stage(full, *ranges[i], i == 0, i == self.n_stages - 1) for i in self.stage_ids]
+        del full
+        uniform_replicated = (all(s.tp == 1 and s.zero in (0, 1) for s in strategies)
+                              and len({s.zero for s in strategies}) == 1 and plan.embedding.zero < 2)
+        self.zero1 = uniform_replicated and strategies[0].zero == 1 and m.per_stage > 1
+        # DDP wraps whole stage modules; under pipelining its bucket rebuild trips over the schedule's
+        # per-microbatch backward, so pipelined stages use the bucketed all-reduce instead.
+        self.uniform_ddp = uniform_replicated and m.pp == 1
+        self._manual: list[tuple[list[nn.Parameter], dist.ProcessGroup, float]] = []  # (params, group, scale)
+        self._post_scale: list[tuple[list[nn.Parameter], float]] = []  # FSDP layers with dp < max_dp
+        self._megatron_shards: dict[nn.Parameter, tuple[int, int]] = {}  # param -> (shard dim, tp)
+        self._megatron_state: dict[str, tuple[int, int]] = {}
+        for chunk in chunks:
+            self._apply_layers(chunk)
+            self._apply_outer(chunk)
+        self.chunks = chunks
+        self.model = StateView(chunks)
+        if self._megatron_state:
+            from meshwright.parallel.megatron_tp import install_state_hooks
+
+            install_state_hooks(self.model, {k: (d, m.tp_mesh(tp)) for k, (d, tp) in self._megatron_state.items()})
+        self.modules = [apply_ddp(c, m.stage_group, self.device) if self.uniform_ddp and m.per_stage > 1 else c for c in chunks]
+        self._schedules: dict[tuple[int, bool], Any] = {}
+        self._params = list(dict.fromkeys(self.model.parameters()))
+        self._heterogeneous = len({(type(p), getattr(p, "device_mesh", None)) for p in self._params}) > 1
+
+    # ---- construction ----------------------------------------------------------------------------
+    def _apply_layers(self, chunk: Decoder) -> None:
+        m = self.meshes
+        for name, block in chunk.layers.items():
+            s = self.strategies[int(name)]
+            hsdp = m.hsdp_meshes.get(s.tp) if s.zero >= 2 else None
+            tp_mesh = hsdp["tp"] if hsdp is not None else m.tp_mesh(s.tp) if s.tp > 1 else None
+            if s.tp > 1:
+                if self.tp_backend == "megatron":
+                    from meshwright.parallel.megatron_tp import apply_megatron_tp
+
+                    dims = apply_megatron_tp(block, tp_mesh.get_group())
+                    for pname, p in block.named_parameters():
+                        if pname in dims:
+                            self._megatron_shards[p] = (dims[pname], s.tp)
+                            self._megatron_state[f"layers.{name}.{pname}"] = (dims[pname], s.tp)
+                else:
+                    apply_tp(block, tp_mesh, s.sp)
+            if s.tp > m.g:
+                apply_batch_redistribution(block, m.gather_meshes[s.tp]["rep"])
+            apply_recompute(block, s.recompute)
+            params = list(block.parameters())
+            if self.uniform_ddp:
+                continue
+            if s.dp == 1:  # no dp group, but the batch gather summed the gradients of max_dp shards
+                if m.max_dp > 1:
+                    self._post_scale.append((params, 1.0 / m.max_dp))
+                continue
+            if s.zero >= 2:
+                apply_fsdp(block, hsdp["replicate", "shard"] if hsdp is not None else m.dp_mesh(s.tp), s.zero)
+                if s.dp != m.max_dp:
+                    self._post_scale.append((list(block.parameters()), s.dp / m.max_dp))
+            else:
+                self._manual.append((params, m.dp_mesh(s.tp).get_group(), 1.0 / m.max_dp))
+
+    def _apply_outer(self, chunk: Decoder) -> None:
+        """Embeddings, final norm and head: replicated over the stage (or FSDP-sharded if embedding.zero >= 2)."""
+        m = self.meshes
+        outer = [mod for mod in (chunk.tok_embeddings, chunk.pos_embeddings, chunk.norm, chunk.output) if mod is not None]
+        if self.uniform_ddp or m.per_stage == 1 or not outer:
+            return
+        if self.plan.embedding.zero >= 2:
+            for mod in outer:
+                apply_fsdp(mod, m.stage_mesh["stage"], self.plan.embedding.zero)
+        else:
+            self._manual.append(([p for mod in outer for p in mod.parameters()], m.stage_group, 1.0 / m.per_stage))
+
+    # ---- Runtime API -----------------------------------------------------------------------------
+    def parameters(self) -> Iterable[nn.Parameter]:
+        return self._params
+
+    def _finish_grads(self) -> None:
+        for params, group, scale in self._manual:
+            all_reduce_grads(params, group, scale)
+        with torch.no_grad():
+            for params, factor in self._post_scale:
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(factor)
+
+    def _mean_over_ranks(self, local: float) -> float:
+        """Mean of the last stage's per-rank losses (ranks sharing a data shard count equally)."""
+        t = torch.tensor([local if self.has_last else 0.0], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item()) / self.meshes.per_stage
+
+    def _schedule(self, n: int, train: bool):
+        """One schedule per (micro-batch count, train/eval): a stage first run by ``eval`` never builds
+        its backward buffers (pytorch#162822), so training never reuses an eval schedule."""
+        if (n, train) not in self._schedules:
+            pp = self.plan.pipeline
+            self._schedules[(n, train)] = build_schedule(self.modules, self.stage_ids, self.n_stages, pp.schedule, n,
+                                                         lm_loss, self.device, self.meshes.pp_group)
+        return self._schedules[(n, train)]
+
+    def _run_pipeline(self, micro_batches: list[Batch], train: bool) -> float:
+        sched = self._schedule(len(micro_batches), train)
+        x = torch.cat([b[0] for b in micro_batches]).to(self.device)
+        y = torch.cat([b[1] for b in micro_batches]).to(self.device)
+        args = (x,) if self.has_first else ()
+        kwargs: dict[str, Any] = {"target": y, "losses": []} if self.has_last else {}
+        (sched.step if train else sched.eval)(*args, **kwargs)
+        if self.has_last:
+            return float(torch.stack([lo.detach().float() for lo in kwargs["losses"]]).mean())
+        return 0.0
+
+    def forward_backward(self, micro_batches: list[Batch]) -> float:
+        for mod in self.modules:
+            mod.train()
+        if self.meshes.pp > 1:
+            local = self._run_pipeline(micro_batches, train=True)
+        else:
+            mod, n, total = self.modules[0], len(micro_batches), 0.0
+            for i, (x, y) in enumerate(micro_batches):
+                sync = contextlib.nullcontext() if not isinstance(mod, DDP) or i == n - 1 else mod.no_sync()
+                with sync:
+                    loss = lm_loss(mod(x.to(self.device)), y.to(self.device))
+                    (loss / n).backward()
+                total += float(loss.detach())
+            local = total / n
+        self._finish_grads()
+        return self._mean_over_ranks(local)
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: list[Batch]) -> float:
+        for mod in self.modules:
+            mod.eval()
+        if self.meshes.pp > 1:
+            local = self._run_pipeline(micro_batches, train=False)
+        else:
+            local = sum(float(lm_loss(self.modules[0](x.to(self.device)), y.to(self.device))) for x, y in micro_batches)
+            local /= len(micro_batches)
+        for mod in self.modules:
+            mod.train()
+        return self._mean_over_ranks(local)
+
+    def _replicas(self, p: nn.Parameter, g: torch.Tensor) -> int:
+        """How many ranks of this stage hold the same values as this rank's piece of ``g``."""
+        per_stage = self.meshes.per_stage
+        if isinstance(g, DTensor):
+            mesh = g.device_mesh
+            rep = math.prod(mesh.size(i) for i, pl in enumerate(g.placements) if pl.is_replicate())
+            return rep * per_stage // mesh.size()
+        shard = self._megatron_shards.get(p)
+        return per_stage // shard[1] if shard else per_stage
+
+    @torch.no_grad()
+    def grad_norm(self) -> float:
+        """Global L2 norm of all gradients across tp/pp/dp shards (each value counted once)."""
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p in self._params:
+            if p.grad is None:
+                continue
+            g = p.grad
+            local = g.to_local() if isinstance(g, DTensor) else g
+            sq += local.double().pow(2).sum() / self._replicas(p, g)
+        dist.all_reduce(sq)
+        return float(sq.sqrt())
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        norm = self.grad_norm()
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1.0:
+            for p in self._params:
+                if p.grad is not None:
+                    (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).mul_(coef)
+        return norm
+
+    def build_optimizer(self, make: Any) -> torch.optim.Optimizer:
+        opt = make(self.param_groups())
+        if self.zero1:
+            return zero1_optimizer(opt, self.meshes.stage_group)
+        if self._heterogeneous:  # foreach kernels cannot mix DTensors of different meshes with plain tensors
+            for group in opt.param_groups:
+                group["foreach"] = False
+        if self._megatron_shards:
+            from meshwright.parallel.megatron_tp import install_optimizer_hooks
+
+            install_optimizer_hooks(opt, {p: (d, self.meshes.tp_mesh(tp)) for p, (d, tp) in self._megatron_shards.items()})
+        return opt
+
+    def model_state(self) -> dict[str, Any]:
+        """Sharded state dict keyed by the plain model's names (DTensors where sharded): DCP reshards it."""
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=False))
+
+    def load_model_state(self, state: dict[str, Any]) -> None:
+        """Load full (plain) tensors or DTensors laid out as ``model_state()`` returns them."""
+        mine = dict(self.model.named_parameters())
+        subset = {k: v for k, v in state.items() if k in mine}
+        full = not any(isinstance(v, DTensor) for v in subset.values())
+        set_model_state_dict(self.model, subset, options=StateDictOptions(full_state_dict=full, strict=False))
+
+    def checkpoint_state(self, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+        """{"model", "optim"} state dicts keyed by plain names, ready for ``dcp.save``/``dcp.load``."""
+        if self.zero1 and optimizer is not None:
+            raise invalid("layers[*].zero", 1, "0, 2 or 3 to checkpoint the optimizer (ZeroRedundancyOptimizer states do not reshard through DCP)")
+        if optimizer is None:
+            return {"model": self.model_state()}
+        model_sd, optim_sd = get_state_dict(self.model, optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_checkpoint_state(self, state: dict[str, Any], optimizer: torch.optim.Optimizer | None) -> None:
+        """Apply a state filled by ``dcp.load`` into the template from ``checkpoint_state``."""
+        if optimizer is None:
+            self.load_model_state(state["model"])
+        else:
+            set_state_dict(self.model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    def all_reduce_mean(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world_size
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        self._schedules.clear()
+
+
+def build_distributed_runtime(train_cfg: Any, model_cfg: ModelConfig | str | dict, plan: Plan | None) -> Runtime:
+    """The trainer's entry point under torchrun (WORLD_SIZE > 1): init the process group, apply the Plan."""
+    device = init_distributed()
+    world = dist.get_world_size()
+    cfg = load_model_config(model_cfg)
+    if plan is None:
+        plan = default_plan(cfg, world, train_cfg.seq_len, train_cfg.global_batch, train_cfg.micro_batch)
+    dp_backend = getattr(train_cfg, "dp_backend", "torch")
+    tp_backend = getattr(train_cfg, "tp_backend", "dtensor")
+    seed = getattr(train_cfg, "seed", 1234)
+    validate_plan(plan, cfg, world)
+    check_runtime_support(plan, cfg, tp_backend, dp_backend)
+    if dp_backend == "deepspeed":
+        from meshwright.parallel.deepspeed_backend import DeepSpeedRuntime
+
+        rt: Runtime = DeepSpeedRuntime(cfg, plan, train_cfg=train_cfg, seed=seed, device=device)
+    else:
+        rt = DistributedRuntime(cfg, plan, tp_backend=tp_backend, seed=seed, device=device)
+    per_rank = train_cfg.global_batch // rt.dp_size if train_cfg.global_batch % rt.dp_size == 0 else None
+    if per_rank is None or per_rank % train_cfg.micro_batch:
+        raise invalid("global_batch", train_cfg.global_batch,
+                      f"a multiple of dp_size*micro_batch={rt.dp_size}*{train_cfg.micro_batch} for this plan")
+    return rt

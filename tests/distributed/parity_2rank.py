@@ -1,0 +1,126 @@
+"""Two-rank parity checks (one torchrun launch): every 2-device layout against the one-process run."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import torch.distributed as dist
+
+from parity_lib import CFG, GLOBAL, MICRO, STEPS, Report, check_runtime, init, make_opt, reference
+
+from meshwright.parallel.checkpoint import load_runtime, save_runtime
+from meshwright.parallel.runtime import DistributedRuntime
+from meshwright.plan import plan_from_dict
+
+L = CFG.n_layers
+
+
+def plan(layers, pipeline=None, embedding=None) -> dict:
+    d = {"model": "tiny-par", "seq_len": 16, "global_batch": GLOBAL, "micro_batch": MICRO, "layers": layers}
+    if pipeline:
+        d["pipeline"] = pipeline
+    if embedding:
+        d["embedding"] = embedding
+    return d
+
+
+def uniform(**kw) -> list[dict]:
+    return [{**kw, "repeat": L}]
+
+
+CASES = {
+    "dp2_ddp": (plan(uniform(dp=2)), "dtensor"),
+    "dp2_zero1": (plan(uniform(dp=2, zero=1)), "dtensor"),
+    "dp2_zero2_fsdp": (plan(uniform(dp=2, zero=2)), "dtensor"),
+    "dp2_zero3_fsdp": (plan(uniform(dp=2, zero=3), embedding={"zero": 3}), "dtensor"),
+    "tp2_dtensor": (plan(uniform(tp=2)), "dtensor"),
+    "tp2_megatron": (plan(uniform(tp=2)), "megatron"),
+    "tp2_sp": (plan(uniform(tp=2, sp=True)), "dtensor"),
+    "pp2_1f1b": (plan(uniform(), pipeline={"degree": 2, "schedule": "1f1b", "microbatches": 4}), "dtensor"),
+    "pp2_gpipe": (plan(uniform(), pipeline={"degree": 2, "schedule": "gpipe", "microbatches": 4}), "dtensor"),
+    "pp2_interleaved": (plan(uniform(), pipeline={"degree": 2, "schedule": "interleaved_1f1b", "microbatches": 4,
+                                                  "virtual_stages": 2}), "dtensor"),
+    "layerwise_tp_zero_mix": (plan([{"tp": 2}, {"dp": 2, "zero": 3}, {"dp": 2, "zero": 2}, {"tp": 2, "sp": True}]), "dtensor"),
+    "recompute_full_dp2": (plan(uniform(dp=2, recompute="full")), "dtensor"),
+    "recompute_selective_tp2": (plan(uniform(tp=2, recompute="selective")), "dtensor"),
+}
+
+
+def main() -> None:
+    rank, world = init()
+    out = sys.argv[1] if len(sys.argv) > 1 else None
+    only = set(sys.argv[2].split(",")) if len(sys.argv) > 2 and sys.argv[2] else None
+    ckpt = sys.argv[3] if len(sys.argv) > 3 and sys.argv[3] else None
+    ref4 = reference(steps=4)
+    ref = ref4[:STEPS]
+    report = Report(out)
+    for name, (pd, tp_backend) in CASES.items():
+        if only and name not in only:
+            continue
+        try:
+            rt = DistributedRuntime(CFG, plan_from_dict(pd), tp_backend=tp_backend, seed=7)
+            res = check_runtime(rt, ref)
+            res.pop("opt")
+            rt.close()
+        except Exception as e:  # report, keep the other cases running
+            res = {"ok": False, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()[-3000:]}
+            print(f"[rank{dist.get_rank()}] case {name} failed:\n{res['tb']}", file=sys.stderr, flush=True)
+        report.add(name, res["ok"], res)
+        dist.barrier()
+    if only is None or "deepspeed" in only:
+        import tempfile
+
+        from parity_deepspeed import run_case
+
+        box = [tempfile.mkdtemp() if rank == 0 else None]
+        dist.broadcast_object_list(box)
+        for zero in (1, 2, 3):
+            try:
+                res = run_case(zero, ref4, ckpt_dir=box[0])
+            except Exception as e:
+                res = {"ok": False, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()[-3000:]}
+                print(f"[rank{rank}] deepspeed zero{zero} failed:\n{res['tb']}", file=sys.stderr, flush=True)
+            report.add(f"deepspeed_zero{zero}", res["ok"], res)
+            dist.barrier()
+    if only is None or "ckpt_megatron_to_dtensor" in only:  # a megatron-core tp2 checkpoint resumed by the DTensor backend
+        import tempfile
+
+        try:
+            d = tempfile.mkdtemp() if rank == 0 else None
+            box = [d]
+            dist.broadcast_object_list(box)
+            path = f"{box[0]}/mckpt"
+            rt = DistributedRuntime(CFG, plan_from_dict(CASES["tp2_megatron"][0]), tp_backend="megatron", seed=7)
+            res = check_runtime(rt, ref4, steps=2, check_grads=False)
+            save_runtime(path, rt, res.pop("opt"), meta={"step": 2})
+            rt2 = DistributedRuntime(CFG, plan_from_dict(CASES["tp2_megatron"][0]), tp_backend="dtensor", seed=99)
+            opt2 = rt2.build_optimizer(make_opt)
+            load_runtime(path, rt2, opt2)
+            res2 = check_runtime(rt2, ref4[2:], steps=2, start=2, check_grads=False, opt=opt2)
+            res2.pop("opt")
+            res = {"ok": res["ok"] and res2["ok"], "save": res, "resume": res2}
+        except Exception as e:
+            res = {"ok": False, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()[-3000:]}
+            print(f"[rank{rank}] megatron ckpt failed:\n{res['tb']}", file=sys.stderr, flush=True)
+        report.add("ckpt_megatron_to_dtensor", res["ok"], res)
+        dist.barrier()
+    if ckpt:  # resume the 4-rank dp2·tp2 checkpoint (written after step 2) under pp2
+        try:
+            rt = DistributedRuntime(CFG, plan_from_dict(CASES["pp2_1f1b"][0]), seed=99)
+            opt = rt.build_optimizer(make_opt)
+            meta = load_runtime(ckpt, rt, opt)
+            res = check_runtime(rt, ref4[2:], steps=2, start=2, check_grads=False, opt=opt)
+            res.pop("opt")
+            res["meta"] = meta
+            res["ok"] = res["ok"] and meta.get("step") == 2
+        except Exception as e:
+            res = {"ok": False, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()[-3000:]}
+            print(f"[rank{rank}] ckpt resume failed:\n{res['tb']}", file=sys.stderr, flush=True)
+        report.add("ckpt_dp2tp2_to_pp2", res["ok"], res)
+    report.gather_and_write()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

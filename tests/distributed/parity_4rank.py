@@ -1,0 +1,74 @@
+"""Four-rank parity checks (one torchrun launch): 2-D/3-D layouts, and a checkpoint written under
+dp2·tp2 resumed under pp2·dp2 (the same loss trajectory as the one-process run)."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import torch.distributed as dist
+
+from parity_lib import CFG, Report, check_runtime, init, reference
+
+from meshwright.parallel.checkpoint import load_runtime, save_runtime
+from meshwright.parallel.runtime import DistributedRuntime
+from meshwright.plan import plan_from_dict
+from parity_2rank import plan, uniform
+
+PP2 = {"degree": 2, "schedule": "1f1b", "microbatches": 2}
+CASES = {
+    "dp2_tp2_fsdp": (plan(uniform(tp=2, dp=2, zero=3)), "dtensor"),
+    "dp2_tp2_sp_zero0": (plan(uniform(tp=2, dp=2, sp=True)), "dtensor"),
+    "dp2_tp2_megatron": (plan(uniform(tp=2, dp=2)), "megatron"),
+    "pp2_tp2": (plan(uniform(tp=2), pipeline={**PP2, "microbatches": 4}), "dtensor"),
+    "pp2_dp2": (plan(uniform(dp=2), pipeline=PP2), "dtensor"),
+    "hsdp_dp4_shard2": (plan(uniform(dp=4, zero=3)), "dtensor", 2),
+    "hsdp_dp2x_tp2_zero2": (plan(uniform(dp=2, tp=2, zero=2)), "dtensor", 1),
+    "pp2_layerwise_dp2_zero2_tp2": (plan([{"dp": 2, "zero": 2}, {"tp": 2}, {"tp": 2, "recompute": "full"}, {"dp": 2}],
+                                         pipeline=PP2), "dtensor"),
+}
+
+
+def main() -> None:
+    rank, world = init()
+    out, ckpt = sys.argv[1], sys.argv[2]
+    only = set(sys.argv[3].split(",")) if len(sys.argv) > 3 and sys.argv[3] else None
+    ref = reference(steps=4)
+    report = Report(out)
+    for name, (pd, tp_backend, *shard) in CASES.items():
+        if only and name not in only:
+            continue
+        try:
+            rt = DistributedRuntime(CFG, plan_from_dict(pd), tp_backend=tp_backend, seed=7, dp_shard=(shard or [None])[0])
+            res = check_runtime(rt, ref, steps=2)
+            res.pop("opt")
+        except Exception as e:
+            res = {"ok": False, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()[-3000:]}
+            print(f"[rank{dist.get_rank()}] case {name} failed:\n{res['tb']}", file=sys.stderr, flush=True)
+        report.add(name, res["ok"], res)
+        dist.barrier()
+    if only and "ckpt" not in only:
+        report.gather_and_write()
+        dist.destroy_process_group()
+        return
+    # checkpoint: train 2 steps under dp2·tp2 (FSDP+TP), save, resume under pp2·dp2 for steps 2..3
+    try:
+        rt = DistributedRuntime(CFG, plan_from_dict(CASES["dp2_tp2_fsdp"][0]), seed=7)
+        res = check_runtime(rt, ref, steps=2)
+        save_runtime(ckpt, rt, res.pop("opt"), meta={"step": 2})
+        rt2 = DistributedRuntime(CFG, plan_from_dict(CASES["pp2_dp2"][0]), seed=123)  # different init: must be overwritten
+        opt2 = rt2.build_optimizer(__import__("parity_lib").make_opt)
+        meta = load_runtime(ckpt, rt2, opt2)
+        res2 = check_runtime(rt2, ref[2:], steps=2, start=2, check_grads=False, opt=opt2)
+        res2.pop("opt")
+        res2["meta"] = meta
+        ok = res["ok"] and res2["ok"] and meta.get("step") == 2
+        report.add("ckpt_dp2tp2_to_pp2dp2", ok, {"save": res, "resume": res2})
+    except Exception as e:
+        report.add("ckpt_dp2tp2_to_pp2dp2", False, {"error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()[-3000:]})
+    report.gather_and_write()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

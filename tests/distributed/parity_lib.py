@@ -1,0 +1,142 @@
+"""Shared pieces of the torchrun parity scripts: data, the one-process reference, full gradients.
+
+Tolerance: relative L2 error ||x - ref|| / ||ref|| <= 1e-5 for losses, gradients and grad norms
+(fp32 on CPU; reductions in a different order differ by ~1e-7 relative).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from meshwright.config import load_model_config  # noqa: E402
+from meshwright.models import build_model, lm_loss  # noqa: E402
+
+RTOL = 1e-5
+SEED = 7
+CFG = load_model_config({"name": "tiny-par", "arch": "llama", "vocab_size": 256, "d_model": 64, "n_layers": 4,
+                         "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 128, "max_seq_len": 64})
+SEQ, GLOBAL, MICRO, STEPS, MAX_NORM, LR = 16, 8, 2, 3, 0.5, 1e-2
+
+
+def init(timeout_s: int = 60) -> tuple[int, int]:
+    dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+    torch.set_num_threads(1)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    tok = torch.randint(0, CFG.vocab_size, (GLOBAL, SEQ + 1), generator=g)
+    return tok[:, :-1], tok[:, 1:]
+
+
+def shard(step: int, dp_rank: int, dp_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    x, y = batch(step)
+    per = GLOBAL // dp_size
+    x, y = x[dp_rank * per:(dp_rank + 1) * per], y[dp_rank * per:(dp_rank + 1) * per]
+    return [(x[i:i + MICRO], y[i:i + MICRO]) for i in range(0, per, MICRO)]
+
+
+def make_opt(groups):
+    return torch.optim.AdamW(groups, lr=LR, weight_decay=0.1)
+
+
+def reference(steps: int = STEPS, model=None, opt=None, start: int = 0) -> list[dict]:
+    """One-process run: per step the loss, the full gradients (before clipping) and the grad norm."""
+    model = model or build_model(CFG, seed=SEED)
+    opt = opt or make_opt([{"params": [p for p in model.parameters() if p.dim() >= 2]},
+                          {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}])
+    out = []
+    for step in range(start, start + steps):
+        x, y = batch(step)
+        loss = lm_loss(model(x), y)
+        loss.backward()
+        grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        out.append({"loss": float(loss.detach()), "grads": grads, "norm": norm})
+    return out
+
+
+def rel(a: torch.Tensor | float, b: torch.Tensor | float) -> float:
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def full_grads(rt) -> dict[str, torch.Tensor]:
+    """This rank's gradients as full tensors keyed by the plain model's names (collective per stage)."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, p in rt.model.named_parameters():
+        g = p.grad
+        if g is None:
+            continue
+        if isinstance(g, DTensor):
+            g = g.full_tensor()
+        elif p in getattr(rt, "_megatron_shards", {}):
+            dim, tp = rt._megatron_shards[p]
+            group = rt.meshes.tp_mesh(tp).get_group()
+            parts = [torch.empty_like(g) for _ in range(tp)]
+            dist.all_gather(parts, g.contiguous(), group=group)
+            g = torch.cat(parts, dim=dim)
+        out[name] = g.detach().clone()
+    return out
+
+
+class Report:
+    """Collects per-case results on rank 0 and writes them as JSON for the pytest wrapper."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path, self.cases = path, {}
+
+    def add(self, name: str, ok: bool, detail: dict) -> None:
+        self.cases[name] = {"ok": ok, **detail}
+
+    def gather_and_write(self) -> None:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, self.cases)
+        if dist.get_rank() == 0 and self.path:
+            merged: dict = {}
+            for r, part in enumerate(parts):
+                for k, v in part.items():
+                    m = merged.setdefault(k, {"ok": True, "ranks": {}})
+                    m["ok"] = m["ok"] and v["ok"]
+                    m["ranks"][r] = v
+            Path(self.path).write_text(json.dumps(merged, indent=1, default=str))
+
+
+def check_runtime(rt, ref: list[dict], steps: int = STEPS, start: int = 0, check_grads: bool = True, opt=None) -> dict:
+    """Train ``steps`` steps on ``rt``; compare loss, grads (first step) and grad norm with ``ref``."""
+    opt = opt or rt.build_optimizer(make_opt)
+    worst = {"loss": 0.0, "grad": 0.0, "norm": 0.0, "eval": 0.0}
+    worst_name = ""
+    # eval_loss before the first update sees the same weights and batch as the reference's first loss
+    worst["eval"] = rel(rt.eval_loss(shard(start, rt.dp_rank, rt.dp_size)), ref[0]["loss"])
+    for k in range(steps):
+        step = start + k
+        loss = rt.forward_backward(shard(step, rt.dp_rank, rt.dp_size))
+        worst["loss"] = max(worst["loss"], rel(loss, ref[k]["loss"]))
+        if check_grads and k == 0:
+            for name, g in full_grads(rt).items():
+                e = rel(g, ref[k]["grads"][name])
+                if e > worst["grad"]:
+                    worst["grad"], worst_name = e, name
+        norm = rt.clip_grad_norm_(MAX_NORM)
+        worst["norm"] = max(worst["norm"], rel(norm, ref[k]["norm"]))
+        rt.optimizer_step(opt)
+    ok = all(v <= RTOL for v in worst.values()) and all(math.isfinite(v) for v in worst.values())
+    from meshwright.parallel.data_parallel import sharded_state_bytes
+
+    return {"ok": ok, **worst, "worst_grad_param": worst_name, "opt": opt, "opt_state_bytes": sharded_state_bytes(opt)}

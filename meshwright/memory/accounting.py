@@ -47,12 +47,16 @@ def count_saved_bytes(module: nn.Module | None = None, exclude: list[torch.Tenso
             skip.add(key)
     result = SavedBytes()
     seen: set[tuple[int, int]] = set()
+    # Keep every counted tensor alive until the block exits: otherwise a freed storage's address can be
+    # reused by a later micro-batch and wrongly skipped as "already counted".
+    pinned: list[torch.Tensor] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         local = t.to_local() if hasattr(t, "to_local") else t
         key = _storage_key(local)
         if key is not None and key not in skip and key not in seen and key[1] > 0:
             seen.add(key)
+            pinned.append(local)
             result.total += key[1]
             result.count += 1
             name = str(local.dtype).replace("torch.", "")
@@ -61,6 +65,7 @@ def count_saved_bytes(module: nn.Module | None = None, exclude: list[torch.Tenso
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield result
+    pinned.clear()
 
 
 def saved_bytes_of(fn, *args, module: nn.Module | None = None, **kwargs) -> tuple[object, SavedBytes]:

@@ -78,8 +78,10 @@ def build_runtime(train_cfg: TrainConfig, plan_ref: str | None = None) -> Runtim
     if train_cfg.seq_len > model_cfg.max_seq_len:
         raise invalid("seq_len", train_cfg.seq_len, f"at most model.max_seq_len={model_cfg.max_seq_len}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return LocalRuntime(build_model(model_cfg, seed=train_cfg.seed), device=device,
-                        dtype=train_cfg.dtype if device == "cuda" else "fp32")
+    rt = LocalRuntime(build_model(model_cfg, seed=train_cfg.seed), device=device,
+                      dtype=train_cfg.dtype if device == "cuda" else "fp32")
+    rt.plan = plan
+    return rt
 
 
 def run_training(train_cfg: TrainConfig, plan_ref: str | None = None, resume: bool | str = False) -> dict[str, Any]:
@@ -97,6 +99,9 @@ def run_training(train_cfg: TrainConfig, plan_ref: str | None = None, resume: bo
         if runtime.is_main:
             Path(train_cfg.out_dir).mkdir(parents=True, exist_ok=True)
             write_yaml(train_cfg, Path(train_cfg.out_dir) / "config.yaml")
+            plan = getattr(runtime, "plan", None)
+            if plan is not None:  # the layout this run used, for `meshwright report`
+                plan.save(Path(train_cfg.out_dir) / "plan.yaml")
             print(f"train: model {model_cfg.name} ({model_cfg.num_params() / 1e6:.2f}M params) | data {ds.path} "
                   f"({len(ds):,} tokens) | {train_cfg.steps} steps x {train_cfg.global_batch}x{train_cfg.seq_len} tokens | "
                   f"{type(runtime).__name__}, world {runtime.world_size} | out {train_cfg.out_dir}", flush=True)

@@ -1,0 +1,34 @@
+"""The embedded default corpus: this interpreter's own standard-library ``.py`` sources.
+
+Real text that exists on every machine that can run meshwright, so the default job needs no download.
+The file list is sorted and sampled evenly (deterministic for a given Python installation).
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+
+EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "__pycache__"}
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files(max_files: int | None = None) -> list[Path]:
+    """Sorted standard-library ``.py`` files (no site-packages or test suites), evenly sampled down to ``max_files``."""
+    root = stdlib_root()
+    files = sorted(
+        p for p in root.rglob("*.py")
+        if p.is_file() and not (set(p.relative_to(root).parts[:-1]) & EXCLUDED_DIRS)
+    )
+    if not files:
+        from meshwright.errors import ConfigError
+
+        raise ConfigError(f"data.path='default' found no .py files under the standard library at {str(root)!r}; valid: a prepared data directory")
+    if max_files is not None and len(files) > max_files:
+        step = len(files) / max_files
+        files = [files[int(i * step)] for i in range(max_files)]
+    return files

@@ -1,0 +1,161 @@
+"""Fixed-length sequence loader over a prepared token file.
+
+Sequences are non-overlapping windows of ``seq_len + 1`` tokens (inputs and shifted targets). Each
+epoch visits every window once in an order drawn from ``(seed, epoch)``. Global batch ``k`` is the
+sequences at positions ``[k*global_batch, (k+1)*global_batch)`` of that stream, and data-parallel rank
+``r`` reads the ``r``-th contiguous slice of it, so a global batch is the same set of sequences for any
+``dp_size``. The loader's whole state is the number of sequences consumed, which makes resume exact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from meshwright.errors import ConfigError, invalid
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class TokenDataset:
+    """A prepared data directory: memory-mapped ``tokens.bin`` plus ``index.json``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        index_file = self.path / "index.json"
+        if not index_file.is_file():
+            raise invalid("data.path", str(path), "'default' or a directory made by `meshwright data prepare` (with index.json)")
+        self.index: dict[str, Any] = json.loads(index_file.read_text())
+        dtype = np.dtype(self.index["dtype"])
+        n = int(self.index["num_tokens"])
+        size = (self.path / "tokens.bin").stat().st_size
+        if size != n * dtype.itemsize:
+            raise ConfigError(f"data.path={str(path)!r} is inconsistent: tokens.bin has {size} bytes, index says {n} x {dtype.itemsize}; valid: re-run `meshwright data prepare`")
+        self.tokens = np.memmap(self.path / "tokens.bin", dtype=dtype, mode="r", shape=(n,))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.index["tokenizer"]["vocab_size"])
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def split_point(self, val_fraction: float) -> int:
+        """Token offset where validation starts: the first document boundary at or after (1-f)*N."""
+        n = len(self.tokens)
+        target = int(round((1.0 - val_fraction) * n))
+        offsets = self.index["doc_offsets"]
+        cut = int(np.searchsorted(np.asarray(offsets), target))
+        point = offsets[cut] if cut < len(offsets) else n
+        if point <= 0 or point >= n or (n - point) < 0.25 * val_fraction * n:
+            point = target  # one huge document (or a final one) - cut inside it
+        return point
+
+    def split(self, name: str, val_fraction: float) -> np.ndarray:
+        point = self.split_point(val_fraction)
+        if name == "train":
+            return self.tokens[:point]
+        if name == "val":
+            return self.tokens[point:]
+        raise invalid("split", name, "'train' or 'val'")
+
+
+class SequenceLoader:
+    """Deterministic, resumable, data-parallel-sharded loader of (inputs, targets) micro-batches."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int, micro_batch: int,
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True, name: str = "train") -> None:
+        if dp_size < 1 or not 0 <= dp_rank < dp_size:
+            raise invalid("dp_rank", dp_rank, f"an integer in [0, dp_size={dp_size})")
+        if global_batch % dp_size:
+            raise invalid("global_batch", global_batch, f"a multiple of the data-parallel size {dp_size}")
+        per_rank = global_batch // dp_size
+        if per_rank % micro_batch:
+            raise invalid("micro_batch", micro_batch, f"a divisor of global_batch/dp_size = {global_batch}/{dp_size} = {per_rank}")
+        self.tokens = tokens
+        self.seq_len, self.global_batch, self.micro_batch = seq_len, global_batch, micro_batch
+        self.dp_rank, self.dp_size, self.seed, self.shuffle, self.name = dp_rank, dp_size, seed, shuffle, name
+        self.n_windows = (len(tokens) - 1) // seq_len
+        if self.n_windows < 1:
+            raise invalid("seq_len", seq_len, f"less than the {name} split's {len(tokens)} tokens")
+        self.consumed = 0  # global sequences handed out so far (all ranks together)
+        self._perm_epoch = -1
+        self._perm: np.ndarray | None = None
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        return self.global_batch // (self.dp_size * self.micro_batch)
+
+    def _window(self, position: int) -> int:
+        epoch, i = divmod(position, self.n_windows)
+        if not self.shuffle:
+            return i
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+            self._perm_epoch = epoch
+        return int(self._perm[i])
+
+    def _sequences(self, positions: range) -> torch.Tensor:
+        rows = [np.asarray(self.tokens[w * self.seq_len: w * self.seq_len + self.seq_len + 1], dtype=np.int64)
+                for w in (self._window(p) for p in positions)]
+        return torch.from_numpy(np.stack(rows))
+
+    def batch_at(self, start: int) -> list[Batch]:
+        """This rank's micro-batches of the global batch starting at global sequence ``start``."""
+        per_rank = self.global_batch // self.dp_size
+        first = start + self.dp_rank * per_rank
+        seqs = self._sequences(range(first, first + per_rank))
+        out = []
+        for i in range(0, per_rank, self.micro_batch):
+            chunk = seqs[i: i + self.micro_batch]
+            out.append((chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()))
+        return out
+
+    def next_batch(self) -> list[Batch]:
+        """Micro-batches for the next optimiser step on this rank; advances the position."""
+        batch = self.batch_at(self.consumed)
+        self.consumed += self.global_batch
+        return batch
+
+    def fixed_batches(self, n_steps: int) -> list[Batch]:
+        """The first ``n_steps`` global batches (e.g. the same validation set at every eval)."""
+        out: list[Batch] = []
+        for k in range(n_steps):
+            out.extend(self.batch_at(k * self.global_batch))
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"consumed": self.consumed, "seed": self.seed, "seq_len": self.seq_len, "n_windows": self.n_windows}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("seed", "seq_len", "n_windows"):
+            if state.get(key) != getattr(self, key):
+                raise ConfigError(f"resume: {self.name} loader {key}={getattr(self, key)!r} differs from the checkpoint's "
+                                  f"{state.get(key)!r}; valid: the same seed, seq_len and data as the checkpointed run")
+        self.consumed = int(state["consumed"])
+
+
+def resolve_data_path(data_cfg: Any, vocab_size: int, progress: bool = True) -> Path:
+    """``data.path`` -> prepared directory; ``default`` builds (once) the cached stdlib corpus."""
+    if data_cfg.path == "default":
+        from meshwright.data.prepare import prepare_default_corpus
+
+        return prepare_default_corpus(data_cfg.max_files, data_cfg.tokenizer, vocab_size=vocab_size, progress=progress)
+    return Path(data_cfg.path)
+
+
+def build_loaders(cfg: Any, vocab_size: int, dp_rank: int = 0, dp_size: int = 1,
+                  progress: bool = True) -> tuple[SequenceLoader, SequenceLoader, TokenDataset]:
+    """Train and validation loaders for a TrainConfig, checked against the model's vocabulary."""
+    ds = TokenDataset(resolve_data_path(cfg.data, vocab_size, progress))
+    if ds.vocab_size > vocab_size:
+        raise invalid("model.vocab_size", vocab_size, f"at least the data's vocabulary {ds.vocab_size} ({ds.path})")
+    common = dict(seq_len=cfg.seq_len, global_batch=cfg.global_batch, micro_batch=cfg.micro_batch,
+                  dp_rank=dp_rank, dp_size=dp_size, seed=cfg.seed)
+    train = SequenceLoader(ds.split("train", cfg.data.val_fraction), shuffle=True, name="train", **common)
+    val = SequenceLoader(ds.split("val", cfg.data.val_fraction), shuffle=False, name="val", **common)
+    return train, val, ds

@@ -1,0 +1,177 @@
+"""``meshwright data prepare``: text files -> one memory-mapped token file plus a JSON index.
+
+Layout of a prepared directory (written atomically: built in a sibling temp dir, then renamed)::
+
+    tokens.bin      uint16 (vocab <= 65536) or uint32 token ids, little-endian, documents back to back,
+                    each followed by the tokenizer's end-of-document id
+    index.json      tokenizer, dtype, num_tokens, doc_offsets (D+1 token offsets), sources
+    tokenizer.json  only for BPE
+
+Inputs may be .txt/.md/.py files (one document each), .jsonl files (one document per line, text under
+``text_key``) or directories (searched recursively for those suffixes, sorted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from meshwright.data.corpus import stdlib_files, stdlib_root
+from meshwright.data.tokenizer import TOKENIZERS, BPETokenizer, ByteTokenizer
+from meshwright.errors import ConfigError, invalid
+
+SUFFIXES = (".txt", ".md", ".py", ".jsonl")
+INDEX_VERSION = 1
+
+
+def collect_inputs(inputs: list[str | Path]) -> list[Path]:
+    """Files named directly plus matching files under named directories, in a deterministic order."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in SUFFIXES)
+            if not found:
+                raise invalid("inputs", str(p), f"a directory holding {', '.join(SUFFIXES)} files")
+            files.extend(found)
+        elif p.is_file():
+            if p.suffix not in SUFFIXES:
+                raise invalid("inputs", str(p), f"a file ending in {', '.join(SUFFIXES)} or a directory")
+            files.append(p)
+        else:
+            raise invalid("inputs", str(p), "an existing file or directory")
+    if not files:
+        raise invalid("inputs", [str(i) for i in inputs], "at least one text file or directory")
+    return files
+
+
+def iter_documents(files: list[Path], text_key: str = "text") -> Iterator[tuple[Path, str]]:
+    """(source, text) for every document; a .jsonl file holds one JSON object per line."""
+    for path in files:
+        if path.suffix == ".jsonl":
+            with path.open(encoding="utf-8", errors="replace") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError:
+                        raise ConfigError(f"{path}:{lineno} is not valid JSON; valid: one JSON object per line") from None
+                    if not isinstance(obj, dict) or not isinstance(obj.get(text_key), str):
+                        raise ConfigError(f"{path}:{lineno} has no string field {text_key!r}; valid: objects like {{\"{text_key}\": \"...\"}} (see --text-key)")
+                    yield path, obj[text_key]
+        else:
+            yield path, path.read_text(encoding="utf-8", errors="replace")
+
+
+def atomic_directory(final: Path, build: Callable[[Path], None], keep_existing: bool = False) -> Path:
+    """Run ``build(tmp)`` in a sibling temp dir, then rename it to ``final``.
+
+    Readers never see a half-written directory. With ``keep_existing`` a concurrent builder that lost
+    the race (another process renamed first) discards its copy, which makes cache filling safe.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        build(tmp)
+        if final.exists():
+            if keep_existing:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return final
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            try:
+                os.replace(tmp, final)
+            except OSError:  # another process created it meanwhile
+                if not keep_existing:
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<u4")
+
+
+def _write(tmp: Path, files: list[Path], tokenizer: str, vocab_size: int, text_key: str, progress: bool) -> None:
+    if tokenizer == "bpe":
+        tok = BPETokenizer.train((t for _, t in iter_documents(files, text_key)), vocab_size)
+        tok.save(tmp / "tokenizer.json")
+        encode = lambda text: np.asarray(tok.encode(text), dtype=np.int64)  # noqa: E731
+    else:
+        tok = ByteTokenizer()
+        encode = lambda text: np.frombuffer(tok.encode_bytes(text), dtype=np.uint8)  # noqa: E731
+    dtype = _token_dtype(tok.vocab_size)
+    offsets = [0]
+    sources: list[dict] = []
+    eos = np.asarray([tok.eos_id], dtype=dtype)
+    with (tmp / "tokens.bin").open("wb") as fh:
+        bar = tqdm(iter_documents(files, text_key), desc="tokenize", unit="doc", disable=not progress, file=sys.stderr)
+        for path, text in bar:
+            ids = encode(text).astype(dtype)
+            fh.write(ids.tobytes())
+            fh.write(eos.tobytes())
+            offsets.append(offsets[-1] + len(ids) + 1)
+            if not sources or sources[-1]["path"] != str(path):
+                sources.append({"path": str(path), "documents": 0})
+            sources[-1]["documents"] += 1
+    index = {
+        "version": INDEX_VERSION, "tokenizer": tok.to_json(), "dtype": dtype.name,
+        "num_tokens": offsets[-1], "num_documents": len(offsets) - 1, "doc_offsets": offsets, "sources": sources,
+    }
+    (tmp / "index.json").write_text(json.dumps(index))
+
+
+def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "byte", vocab_size: int = 4096,
+            text_key: str = "text", progress: bool = True) -> Path:
+    """Tokenize ``inputs`` into ``out`` (replaced atomically if it exists). Returns ``out``."""
+    if tokenizer not in TOKENIZERS:
+        raise invalid("tokenizer", tokenizer, " or ".join(TOKENIZERS))
+    files = collect_inputs(inputs)
+    return atomic_directory(Path(out), lambda tmp: _write(tmp, files, tokenizer, vocab_size, text_key, progress))
+
+
+def cache_root() -> Path:
+    """``$MESHWRIGHT_CACHE`` or ``~/.cache/meshwright``."""
+    env = os.environ.get("MESHWRIGHT_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "meshwright"
+
+
+def prepare_default_corpus(max_files: int | None = 400, tokenizer: str = "byte", vocab_size: int = 4096,
+                           progress: bool = True, cache: str | Path | None = None) -> Path:
+    """Tokenize the standard-library corpus once into the cache; later calls reuse it.
+
+    The cache key covers the Python version, the file list with sizes, the tokenizer and its vocabulary,
+    so a different interpreter or setting gets its own directory.
+    """
+    if tokenizer not in TOKENIZERS:
+        raise invalid("data.tokenizer", tokenizer, " or ".join(TOKENIZERS))
+    files = stdlib_files(max_files)
+    root = stdlib_root()
+    key_src = json.dumps({
+        "v": INDEX_VERSION, "python": sys.version, "tokenizer": tokenizer,
+        "vocab": vocab_size if tokenizer == "bpe" else 256,
+        "files": [[str(f.relative_to(root)), f.stat().st_size] for f in files],
+    })
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    final = Path(cache or cache_root()) / f"stdlib-{tokenizer}-{key}"
+    if (final / "index.json").is_file():
+        return final
+    return atomic_directory(final, lambda tmp: _write(tmp, files, tokenizer, vocab_size, "text", progress),
+                            keep_existing=True)

@@ -1,0 +1,75 @@
+"""LocalRuntime: the whole model in one process (the reference every parallel layout must match)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from meshwright.models import lm_loss
+from meshwright.runtime import Batch, Runtime
+
+
+class LocalRuntime(Runtime):
+    """One process, one device: gradient accumulation over micro-batches, clipping, eval."""
+
+    def __init__(self, model: nn.Module, device: str | torch.device = "cpu", dtype: str = "fp32") -> None:
+        self.plan: Any = None  # the Plan this process was started with, if any (written to out_dir/plan.yaml)
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.model.train()
+        # bf16 autocast (fp32 master weights); on CPU keep fp32 - bf16 matmul is ~70x slower there
+        self.autocast_dtype = torch.bfloat16 if dtype == "bf16" else None
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def parameters(self) -> Iterable[nn.Parameter]:
+        return self.model.parameters()
+
+    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            logits = self.model(inputs.to(self.device))
+            loss = lm_loss(logits, targets.to(self.device))
+            aux = self.model.aux_loss() if hasattr(self.model, "aux_loss") else None
+        return loss if aux is None else loss + aux
+
+    def forward_backward(self, micro_batches: list[Batch]) -> float:
+        """Mean loss over the micro-batches; gradients accumulate as the mean too (loss / n each)."""
+        n = len(micro_batches)
+        total = 0.0
+        for inputs, targets in micro_batches:
+            loss = self._loss(inputs, targets)
+            (loss / n).backward()
+            total += loss.item()
+        return total / n
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: list[Batch]) -> float:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self._autocast():
+                losses = [lm_loss(self.model(x.to(self.device)), y.to(self.device)).item() for x, y in micro_batches]
+        finally:
+            self.model.train(was_training)
+        return sum(losses) / max(len(losses), 1)
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Total gradient 2-norm before clipping; ``max_norm <= 0`` only measures it."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        limit = max_norm if max_norm > 0 else math.inf
+        return float(torch.nn.utils.clip_grad_norm_(params, limit, foreach=False))
+
+    def model_state(self) -> dict[str, Any]:
+        return self.model.state_dict()
+
+    def load_model_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state)

@@ -1,0 +1,21 @@
+"""Model FLOPs utilisation (MFU): achieved model FLOP/s over the devices' peak FLOP/s.
+
+MFU = tokens/s x model FLOPs per token / (peak FLOP/s of one device for the compute dtype x devices).
+FLOPs per token come from the model (``Decoder.flops_per_token``, PaLM convention); the peak comes
+from the ClusterSpec preset. Recomputation does not count (that would be HFU).
+"""
+
+from __future__ import annotations
+
+from meshwright.config import ClusterSpec
+
+
+def achieved_flops(tokens_per_s: float, flops_per_token: float) -> float:
+    """Model FLOP/s actually delivered, summed over all devices."""
+    return tokens_per_s * flops_per_token
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, cluster: ClusterSpec, dtype: str = "fp32", n_devices: int = 1) -> float:
+    """Fraction of peak (0..1) for ``n_devices`` devices of ``cluster`` computing in ``dtype``."""
+    peak = cluster.peak_flops(dtype) * max(n_devices, 1)
+    return achieved_flops(tokens_per_s, flops_per_token) / peak if peak > 0 else 0.0

@@ -1,0 +1,255 @@
+"""The training loop. It drives any ``Runtime`` (one process or a parallel layout) and never looks inside.
+
+Per optimiser step: set the LR (warmup + cosine to ``min_lr``), take this rank's micro-batches of the
+global batch, ``runtime.forward_backward`` (gradient accumulation / pipeline schedule), clip, step.
+Around it: eval loss every ``eval_every`` steps, a JSONL run log and ``summary.json`` (main rank only),
+a tqdm bar, NaN/inf handling per ``nan_policy``, and atomic DCP checkpoints with exact resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm import tqdm
+
+from meshwright.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from meshwright.config import ClusterSpec, ModelConfig, TrainConfig
+from meshwright.data.loader import SequenceLoader
+from meshwright.errors import ConfigError, invalid
+from meshwright.runtime import Runtime
+from meshwright.tools.mfu import mfu as compute_mfu
+from meshwright.yamlio import to_dict
+
+
+class NonFiniteLoss(ConfigError):
+    """Loss or gradient norm became NaN/inf with ``nan_policy: stop`` (printed as one line by the CLI)."""
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """LR for 0-based ``step``: linear warmup to ``lr``, then cosine decay to ``min_lr`` at ``steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(cfg.steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(cfg: TrainConfig, runtime: Runtime) -> torch.optim.Optimizer:
+    """AdamW (or COAT's FP8-state AdamW) over ``runtime.param_groups``; the runtime may wrap it."""
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        make: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] = lambda groups: torch.optim.AdamW(groups, **kwargs)  # noqa: E731
+    elif cfg.optimizer == "coat_adamw":
+        try:
+            from meshwright.optim import CoatAdamW  # another issue supplies it; imported only when asked for
+        except ImportError:
+            raise invalid("optimizer", cfg.optimizer, "'adamw' (CoatAdamW is not available in this version)") from None
+        make = lambda groups: CoatAdamW(groups, **kwargs)  # noqa: E731
+    else:
+        raise invalid("optimizer", cfg.optimizer, "'adamw' or 'coat_adamw'")
+    return runtime.build_optimizer(make)
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+class Trainer:
+    """Runs ``cfg.steps`` optimiser steps of ``runtime`` on ``train_loader``; see the module docstring."""
+
+    def __init__(self, cfg: TrainConfig, runtime: Runtime, train_loader: SequenceLoader,
+                 val_loader: SequenceLoader | None, model_cfg: ModelConfig, cluster: ClusterSpec,
+                 out_dir: str | Path | None = None, keep_checkpoints: int = 3,
+                 print_fn: Callable[[str], None] | None = None) -> None:
+        self.cfg, self.runtime, self.model_cfg, self.cluster = cfg, runtime, model_cfg, cluster
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.out_dir = Path(out_dir if out_dir is not None else cfg.out_dir)
+        self.ckpt_dir = self.out_dir / "ckpt"
+        self.keep_checkpoints = keep_checkpoints
+        self.print = print_fn or (lambda s: tqdm.write(s, file=sys.stdout))
+        per_step = cfg.micro_batch * runtime.dp_size
+        if cfg.global_batch % per_step:
+            raise invalid("global_batch", cfg.global_batch, f"a multiple of micro_batch*dp_size = {cfg.micro_batch}*{runtime.dp_size}")
+        self.accum_steps = cfg.global_batch // per_step
+        if train_loader.micro_batches_per_step != self.accum_steps:
+            raise invalid("train_loader", train_loader.micro_batches_per_step, f"{self.accum_steps} micro-batches per step")
+        self.optimizer = build_optimizer(cfg, runtime)
+        self.step = 0
+        self.skipped_steps = 0
+        self.tokens_per_step = cfg.global_batch * cfg.seq_len
+        flops_fn = getattr(runtime.model, "flops_per_token", None) or model_cfg.flops_per_token
+        self.flops_per_token = float(flops_fn(cfg.seq_len))
+        self._eval_batches = None
+
+    # ---- pieces ----------------------------------------------------------------------------------
+    def set_lr(self, step: int) -> float:
+        lr = lr_at(step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        return lr
+
+    def evaluate(self) -> float | None:
+        if self.val_loader is None or self.cfg.eval_batches <= 0:
+            return None
+        if self._eval_batches is None:
+            self._eval_batches = self.val_loader.fixed_batches(self.cfg.eval_batches)
+        return self.runtime.eval_loss(self._eval_batches)
+
+    def throughput(self, tokens: float, seconds: float) -> dict[str, float]:
+        world = max(self.runtime.world_size, 1)
+        tps = tokens / seconds if seconds > 0 else 0.0
+        per_device_flops = tps * self.flops_per_token / world
+        return {
+            "tokens_per_s": tps, "tokens_per_s_per_device": tps / world,
+            "mfu": compute_mfu(tps, self.flops_per_token, self.cluster, self.cfg.dtype, world),
+            "tflops_per_device": per_device_flops / 1e12,
+        }
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {"step": self.step, "skipped_steps": self.skipped_steps, "train_loader": self.train_loader.state_dict(),
+                "lr": lr_at(max(self.step - 1, 0), self.cfg), "config": to_dict(self.cfg)}
+
+    def save(self) -> Path:
+        return save_checkpoint(self.ckpt_dir, self.step, self.runtime, self.optimizer, self.trainer_state(),
+                               keep=self.keep_checkpoints)
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Load ``path`` (or the latest checkpoint in out_dir/ckpt); False when there is none."""
+        target = Path(path) if path is not None else latest_checkpoint(self.ckpt_dir)
+        if target is None:
+            return False
+        state = load_checkpoint(target, self.runtime, self.optimizer)
+        if state["step"] > self.cfg.steps:
+            raise invalid("steps", self.cfg.steps, f"at least the checkpoint's step {state['step']} ({target})")
+        self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.train_loader.load_state_dict(state["train_loader"])
+        return True
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimiser step: LR, this rank's micro-batches, forward/backward, clip, step (or skip on NaN)."""
+        cfg, rt = self.cfg, self.runtime
+        lr = self.set_lr(self.step)
+        t0 = time.perf_counter()
+        batches = self.train_loader.next_batch()
+        loss = rt.forward_backward(batches)
+        grad_norm = rt.clip_grad_norm_(cfg.grad_clip)
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            rt.optimizer_step(self.optimizer)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        step_s = time.perf_counter() - t0
+        self.step += 1
+        if not finite:
+            if cfg.nan_policy == "stop":
+                raise NonFiniteLoss(f"step {self.step}: loss={loss} grad_norm={grad_norm} is not finite "
+                                    f"(nan_policy='stop'); valid: a lower lr, grad_clip>0, or nan_policy=skip")
+            self.skipped_steps += 1
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "step_s": step_s, "finite": finite}
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def _open_log(self, resumed: bool):
+        if not self.runtime.is_main:
+            return None
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / "log.jsonl"
+        kept: list[str] = []
+        if resumed and path.is_file():  # drop records past the checkpoint (they will be redone)
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
+        fh = path.open("w")
+        for line in kept:
+            fh.write(line + "\n")
+        fh.flush()
+        return fh
+
+    def fit(self, resume: bool | str | Path = False) -> dict[str, Any]:
+        """Train to ``cfg.steps``; returns (and on the main rank writes) the summary."""
+        cfg, rt = self.cfg, self.runtime
+        resumed = False
+        if resume:
+            resumed = self.resume(None if resume is True else resume)
+            if resumed and rt.is_main:
+                self.print(f"resumed from {self.ckpt_dir} at step {self.step}")
+        if resumed and self.step >= cfg.steps and rt.is_main:
+            self.print(f"checkpoint is already at step {self.step} = steps; nothing to train (raise steps=...)")
+        log = self._open_log(resumed)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
+                   disable=not (cfg.progress and rt.is_main), mininterval=1.0, dynamic_ncols=True)
+        first_step = self.step
+        first_loss = last_loss = None
+        eval_loss = None
+        interval_s, interval_tokens, steady_s, steady_tokens = 0.0, 0, 0.0, 0
+        records: list[dict[str, Any]] = []
+        try:
+            while self.step < cfg.steps:
+                out = self.train_step()
+                loss, grad_norm, lr, step_s, finite = out["loss"], out["grad_norm"], out["lr"], out["step_s"], out["finite"]
+                first_loss = loss if first_loss is None and finite else first_loss
+                last_loss = loss if finite else last_loss
+                interval_s += step_s
+                interval_tokens += self.tokens_per_step
+                if self.step > first_step + 1:  # the first step pays one-off allocation costs
+                    steady_s += step_s
+                    steady_tokens += self.tokens_per_step
+                is_eval = cfg.eval_every > 0 and (self.step % cfg.eval_every == 0 or self.step == cfg.steps)
+                if is_eval:
+                    eval_loss = self.evaluate()
+                if self.step % cfg.log_every == 0 or self.step == first_step + 1 or self.step == cfg.steps or is_eval or not finite:
+                    rec = {"step": self.step, "loss": _finite(loss), "lr": lr, "grad_norm": _finite(grad_norm),
+                           "tokens": self.step * self.tokens_per_step, "step_s": interval_s / max(interval_tokens / self.tokens_per_step, 1),
+                           **self.throughput(interval_tokens, interval_s)}
+                    if is_eval and eval_loss is not None:
+                        rec["eval_loss"] = eval_loss
+                    if not finite:
+                        rec["skipped"] = True
+                    records.append(rec)
+                    if log is not None:
+                        log.write(json.dumps(rec) + "\n")
+                        log.flush()
+                    interval_s, interval_tokens = 0.0, 0
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
+                bar.update(1)
+                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
+                    self.save()
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+        if eval_loss is None and cfg.eval_every == 0:
+            eval_loss = self.evaluate()
+        if self.step > first_step:
+            self.save()
+        if steady_s == 0.0:  # a single step this session: report it rather than nothing
+            steady_s, steady_tokens = sum(r["step_s"] for r in records[-1:]), self.tokens_per_step * (self.step - first_step)
+        summary = {
+            "model": self.model_cfg.name, "params": self.model_cfg.num_params(), "steps": self.step,
+            "steps_this_run": self.step - first_step, "tokens": self.step * self.tokens_per_step,
+            "train_s": steady_s, "world_size": rt.world_size, "dp_size": rt.dp_size, "dtype": cfg.dtype,
+            "flops_per_token": self.flops_per_token,
+            "peak_tflops_per_device": self.cluster.peak_flops(cfg.dtype) / 1e12,
+            **self.throughput(steady_tokens, steady_s),
+            "first_loss": first_loss, "final_loss": last_loss, "eval_loss": eval_loss,
+            "skipped_steps": self.skipped_steps, "resumed": resumed,
+        }
+        if rt.is_main and summary["steps_this_run"] > 0:
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+            self.print(format_summary(summary))
+        return summary
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    def num(x: float | None, fmt: str) -> str:
+        return "n/a" if x is None else format(x, fmt)
+
+    return (f"summary: {s['model']} ({s['params'] / 1e6:.2f}M params), {s['steps']} steps, {s['tokens']:,} tokens | "
+            f"{s['tokens_per_s']:,.0f} tokens/s ({s['tokens_per_s_per_device']:,.0f}/device) | "
+            f"{s['tflops_per_device'] * 1e3:.1f} GFLOP/s/device | MFU {100 * s['mfu']:.1f}% of "
+            f"{s['peak_tflops_per_device'] * 1e3:.0f} GFLOP/s {s['dtype']} peak | "
+            f"loss {num(s['first_loss'], '.3f')} -> {num(s['final_loss'], '.3f')} | eval loss {num(s['eval_loss'], '.3f')}")

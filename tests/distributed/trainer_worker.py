@@ -1,0 +1,8 @@
+"""Run `meshwright train` (the real CLI entry) on every torchrun rank; used by test_trainer_torchrun.py."""
+
+import sys
+
+from meshwright.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,0 +1,148 @@
+"""Trainer: LR schedule, loss falls, gradient accumulation equals one big batch, run log and summary,
+NaN handling, optimizer dispatch."""
+
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+from _train_helpers import make_trainer, prepared_corpus
+from meshwright.config import load_train_config
+from meshwright.errors import ConfigError
+from meshwright.local_runtime import LocalRuntime
+from meshwright.trainer import NonFiniteLoss, build_optimizer, lr_at
+
+LOG_KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "tokens_per_s_per_device", "step_s", "mfu",
+            "tflops_per_device"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls gain nothing from 2 threads, and on a shared box OpenMP barriers make 2 threads far slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return prepared_corpus(tmp_path_factory.mktemp("data"))
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    cfg = load_train_config({"steps": 100, "warmup_steps": 10, "lr": 1e-3, "min_lr": 1e-4})
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lr_at(55, cfg) == pytest.approx(5.5e-4)  # half-way through the cosine: the mean of lr and min_lr
+    assert lr_at(100, cfg) == pytest.approx(1e-4)
+
+
+def test_loss_falls_and_log_has_every_field(data, tmp_path):
+    trainer = make_trainer(data, tmp_path, steps=30, warmup_steps=3, eval_every=10)
+    summary = trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 31))
+    assert all(LOG_KEYS <= set(r) for r in records)
+    assert [r["step"] for r in records if "eval_loss" in r] == [10, 20, 30]
+    assert records[-1]["loss"] < records[0]["loss"] - 1.5  # ~5.5 (uniform over bytes) -> below 4
+    assert records[-1]["eval_loss"] < records[0]["loss"] - 1.0
+    assert records[-1]["tokens"] == 30 * 8 * 32
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["final_loss"] == summary["final_loss"] == records[-1]["loss"]
+    # MFU is consistent with the model's FLOPs and the cluster preset's peak (local-cpu fp32 = 0.16 TFLOP/s)
+    r = records[-1]
+    assert r["mfu"] == pytest.approx(r["tokens_per_s"] * trainer.flops_per_token / 0.16e12)
+    assert r["tflops_per_device"] == pytest.approx(r["tokens_per_s"] * trainer.flops_per_token / 1e12)
+
+
+def test_gradient_accumulation_matches_one_big_batch(data, tmp_path):
+    one = make_trainer(data, tmp_path / "a", micro_batch=8, steps=4, eval_every=0)
+    four = make_trainer(data, tmp_path / "b", micro_batch=2, steps=4, eval_every=0)
+    assert (one.accum_steps, four.accum_steps) == (1, 4)
+    s1, s4 = one.fit(), four.fit()
+    assert s4["final_loss"] == pytest.approx(s1["final_loss"], rel=1e-5)
+    for p, q in zip(one.runtime.model.parameters(), four.runtime.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_grad_clipping_bounds_the_update(data, tmp_path):
+    trainer = make_trainer(data, tmp_path, grad_clip=0.01)
+    trainer.runtime.forward_backward(trainer.train_loader.next_batch())
+    before = trainer.runtime.clip_grad_norm_(0.01)
+    after = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in trainer.runtime.model.parameters()))
+    assert before > 0.1 and after == pytest.approx(0.01, rel=1e-3)
+
+
+class PoisonedRuntime(LocalRuntime):
+    """Returns a NaN loss (and NaN gradients) on its third step."""
+
+    calls = 0
+
+    def forward_backward(self, micro_batches):
+        loss = super().forward_backward(micro_batches)
+        type(self).calls += 1
+        if type(self).calls == 3:
+            next(self.model.parameters()).grad.fill_(float("nan"))
+            return float("nan")
+        return loss
+
+
+def test_nan_policy_stop_raises_one_line(data, tmp_path):
+    PoisonedRuntime.calls = 0
+    trainer = make_trainer(data, tmp_path, runtime_cls=PoisonedRuntime, nan_policy="stop")
+    with pytest.raises(NonFiniteLoss, match=r"step 3: loss=nan .*nan_policy=skip") as exc:
+        trainer.fit()
+    assert isinstance(exc.value, ConfigError) and "\n" not in str(exc.value)
+
+
+def test_nan_policy_skip_leaves_weights_untouched(data, tmp_path):
+    PoisonedRuntime.calls = 0
+    trainer = make_trainer(data, tmp_path, runtime_cls=PoisonedRuntime, nan_policy="skip", steps=5)
+    snapshots = []
+    orig = trainer.runtime.forward_backward
+
+    def spy(batches):
+        snapshots.append([p.detach().clone() for p in trainer.runtime.model.parameters()])
+        return orig(batches)
+
+    trainer.runtime.forward_backward = spy
+    summary = trainer.fit()
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 5
+    # weights before step 4 equal weights before step 3: the NaN step changed nothing
+    assert all(torch.equal(a, b) for a, b in zip(snapshots[2], snapshots[3]))
+    assert all(torch.isfinite(p).all() for p in trainer.runtime.model.parameters())
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r.get("skipped", False) for r in records] == [False, False, True, False, False]
+    assert records[2]["loss"] is None
+
+
+def test_build_optimizer_dispatch(data, tmp_path, monkeypatch):
+    trainer = make_trainer(data, tmp_path)
+    opt = build_optimizer(trainer.cfg, trainer.runtime)
+    assert isinstance(opt, torch.optim.AdamW)
+    decay = {g.get("weight_decay", trainer.cfg.weight_decay) for g in opt.param_groups}
+    assert decay == {0.0, trainer.cfg.weight_decay}  # norms are not decayed
+    monkeypatch.setitem(sys.modules, "meshwright.optim", types.ModuleType("meshwright.optim"))
+    coat = load_train_config({**{"optimizer": "coat_adamw"}})
+    with pytest.raises(ConfigError, match="optimizer='coat_adamw' is invalid"):
+        build_optimizer(coat, trainer.runtime)
+
+
+def test_build_runtime_picks_local_or_distributed(monkeypatch):
+    from meshwright.commands.train import build_runtime
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg = load_train_config("tiny-test")
+    assert isinstance(build_runtime(cfg), LocalRuntime)
+    assert isinstance(build_runtime(cfg, "auto"), LocalRuntime)  # one device: the plan needs nothing parallel
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun, but without the distributed runtime installed
+    monkeypatch.setitem(sys.modules, "meshwright.parallel.runtime", None)
+    with pytest.raises(ConfigError, match="needs the distributed runtime") as exc:
+        build_runtime(cfg)
+    assert "\n" not in str(exc.value)

@@ -62,6 +62,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _runtime_state(runtime: Runtime, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The DCP state of a runtime: its own ``checkpoint_state`` hook when it has one (DeepSpeed's
+    optimizer is not a torch optimizer), else DCP's ``get_state_dict`` over ``runtime.model``."""
+    if hasattr(runtime, "checkpoint_state"):
+        return runtime.checkpoint_state(optimizer)
+    model_sd, optim_sd = get_state_dict(runtime.model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
 def save_checkpoint(root: str | Path, step: int, runtime: Runtime, optimizer: torch.optim.Optimizer,
                     trainer_state: dict[str, Any], keep: int = 3) -> Path:
     """Write checkpoint ``step`` under ``root`` atomically; every rank calls this. Returns the final dir."""
@@ -73,9 +82,9 @@ def save_checkpoint(root: str | Path, step: int, runtime: Runtime, optimizer: to
             shutil.rmtree(tmp)  # a previous crash mid-write
         tmp.mkdir()
     runtime.barrier()
-    model_sd, optim_sd = get_state_dict(runtime.model, optimizer)
+    state = _runtime_state(runtime, optimizer)
     with _quiet_dcp():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        dcp.save(state, checkpoint_id=str(tmp))
     torch.save(rng_state(), tmp / f"rng_rank{runtime.rank:05d}.pt")
     if runtime.is_main:
         (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=1))
@@ -120,11 +129,13 @@ def load_checkpoint(path: str | Path, runtime: Runtime, optimizer: torch.optim.O
     state_file = path / "trainer_state.json"
     if not state_file.is_file():
         raise ConfigError(f"resume={str(path)!r} is not a complete checkpoint; valid: a step_NNNNNN directory with trainer_state.json")
-    model_sd, optim_sd = get_state_dict(runtime.model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+    state = _runtime_state(runtime, optimizer)
     with _quiet_dcp():
         dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(runtime.model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if hasattr(runtime, "load_checkpoint_state"):
+        runtime.load_checkpoint_state(state, optimizer)
+    else:
+        set_state_dict(runtime.model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = path / f"rng_rank{runtime.rank:05d}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))

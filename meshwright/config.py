@@ -267,6 +267,14 @@ class TrainConfig:
     dp_backend: Literal["torch", "deepspeed"] = "torch"
     nan_policy: Literal["stop", "skip"] = "stop"
     progress: bool = True
+    keep_checkpoints: int = 3
+    # accounting: FLOPs convention for MFU/HFU, energy metering (NVML + offline codecarbon), CO2
+    flops_convention: Literal["palm", "megatron", "megatron2021"] = "palm"
+    energy: bool = True
+    pue: float = 1.0  # 1.0 = energy at the devices; set the data centre's PUE to include facility overhead
+    grid_intensity: float = 0.385  # kgCO2e per kWh (US average 2023)
+    # memory savers applied to the plain model (the Plan switches per-layer savers; these are model-wide)
+    meft: Optional[dict[str, Any]] = None  # MEFT reversible fine-tuning: fields of meshwright.memory.meft.MeftConfig
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
@@ -287,6 +295,18 @@ class TrainConfig:
             raise invalid(f"{p}grad_clip", self.grad_clip, "a non-negative number (0 disables clipping)")
         if self.eval_every < 0 or self.ckpt_every < 0:
             raise invalid(f"{p}eval_every", self.eval_every, "a non-negative integer (0 disables)")
+        if self.keep_checkpoints < 1:
+            raise invalid(f"{p}keep_checkpoints", self.keep_checkpoints, "a positive integer")
+        from meshwright.tools.energy import validate_grid
+
+        try:
+            validate_grid(self.pue, self.grid_intensity)
+        except ConfigError as exc:
+            raise ConfigError(f"{p}{exc}") from None
+        if self.meft is not None:
+            from meshwright.memory.meft import MeftConfig
+
+            from_dict(MeftConfig, self.meft, prefix=f"{p}meft")
         if not isinstance(self.model, (str, dict)):
             raise invalid(f"{p}model", self.model, "a preset name, a path, or a mapping of ModelConfig fields")
         if not isinstance(self.cluster, (str, dict)):
@@ -300,14 +320,15 @@ def preset_names(kind: str) -> list[str]:
 
 
 def _resolve(kind: str, ref: str) -> Path:
+    label = {"models": "model", "clusters": "cluster"}.get(kind, "train config")
     path = Path(ref)
     if path.suffix in (".yaml", ".yml", ".json") or path.exists():
         if not path.is_file():
-            raise ConfigError(f"{kind[:-1]}={ref!r} is not an existing file; valid: a path or one of {', '.join(preset_names(kind))}")
+            raise ConfigError(f"{label}={ref!r} is not an existing file; valid: a path or one of {', '.join(preset_names(kind))}")
         return path
     preset = CONFIG_ROOT / kind / f"{ref}.yaml"
     if not preset.is_file():
-        raise ConfigError(f"{kind[:-1]}={ref!r} is not a known preset; valid: {', '.join(preset_names(kind))} or a file path")
+        raise ConfigError(f"{label}={ref!r} is not a known preset; valid: {', '.join(preset_names(kind))} or a file path")
     return preset
 
 

@@ -23,6 +23,8 @@ from meshwright.config import ClusterSpec, ModelConfig, TrainConfig
 from meshwright.data.loader import SequenceLoader
 from meshwright.errors import ConfigError, invalid
 from meshwright.runtime import Runtime
+from meshwright.tools.energy import EnergyAccountant
+from meshwright.tools.flops import hardware_flops_per_token, model_flops_per_token
 from meshwright.tools.mfu import mfu as compute_mfu
 from meshwright.yamlio import to_dict
 
@@ -65,13 +67,13 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, runtime: Runtime, train_loader: SequenceLoader,
                  val_loader: SequenceLoader | None, model_cfg: ModelConfig, cluster: ClusterSpec,
-                 out_dir: str | Path | None = None, keep_checkpoints: int = 3,
+                 out_dir: str | Path | None = None, keep_checkpoints: int | None = None,
                  print_fn: Callable[[str], None] | None = None) -> None:
         self.cfg, self.runtime, self.model_cfg, self.cluster = cfg, runtime, model_cfg, cluster
         self.train_loader, self.val_loader = train_loader, val_loader
         self.out_dir = Path(out_dir if out_dir is not None else cfg.out_dir)
         self.ckpt_dir = self.out_dir / "ckpt"
-        self.keep_checkpoints = keep_checkpoints
+        self.keep_checkpoints = keep_checkpoints if keep_checkpoints is not None else cfg.keep_checkpoints
         self.print = print_fn or (lambda s: tqdm.write(s, file=sys.stdout))
         per_step = cfg.micro_batch * runtime.dp_size
         if cfg.global_batch % per_step:
@@ -83,9 +85,13 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.tokens_per_step = cfg.global_batch * cfg.seq_len
-        flops_fn = getattr(runtime.model, "flops_per_token", None) or model_cfg.flops_per_token
-        self.flops_per_token = float(flops_fn(cfg.seq_len))
+        # The model owns its FLOPs; the convention is named in the config so MFU is comparable across tools.
+        self.flops_per_token = float(model_flops_per_token(model_cfg, cfg.seq_len, cfg.flops_convention))
+        plan = getattr(runtime, "plan", None)
+        recompute = [s.recompute for s in plan.layer_strategies()] if plan is not None else "none"
+        self.hw_flops_per_token = float(hardware_flops_per_token(model_cfg, cfg.seq_len, recompute, cfg.flops_convention))
         self._eval_batches = None
+        self.energy: EnergyAccountant | None = None
 
     # ---- pieces ----------------------------------------------------------------------------------
     def set_lr(self, step: int) -> float:
@@ -99,6 +105,9 @@ class Trainer:
             return None
         if self._eval_batches is None:
             self._eval_batches = self.val_loader.fixed_batches(self.cfg.eval_batches)
+        if self.energy is not None:
+            with self.energy.paused():  # evaluation is not training work
+                return self.runtime.eval_loss(self._eval_batches)
         return self.runtime.eval_loss(self._eval_batches)
 
     def throughput(self, tokens: float, seconds: float) -> dict[str, float]:
@@ -108,14 +117,45 @@ class Trainer:
         return {
             "tokens_per_s": tps, "tokens_per_s_per_device": tps / world,
             "mfu": compute_mfu(tps, self.flops_per_token, self.cluster, self.cfg.dtype, world),
+            "hfu": compute_mfu(tps, self.hw_flops_per_token, self.cluster, self.cfg.dtype, world),
             "tflops_per_device": per_device_flops / 1e12,
         }
+
+    def _energy_snapshot(self, last: dict[str, float]) -> dict[str, Any]:
+        """Close the current energy window, sum it over ranks (collective), and reopen it."""
+        if self.energy is None:
+            return {}
+        self.energy.pause()
+        t = self.energy.totals
+        world = max(self.runtime.world_size, 1)
+        total_j = self.runtime.all_reduce_mean(t.total_j) * world
+        seconds = t.seconds
+        self.energy.resume()
+        d_j, d_s = total_j - last.get("j", 0.0), seconds - last.get("s", 0.0)
+        last.update(j=total_j, s=seconds)
+        return {"energy_j": total_j, "power_w": d_j / d_s if d_s > 0 else None}
+
+    def _extra_log_fields(self) -> dict[str, Any]:
+        """Runtime-specific metrics (router statistics of MoE layers, MEFT reconstruction error)."""
+        out: dict[str, Any] = {}
+        extra = getattr(self.runtime, "extra_log_fields", None)
+        if callable(extra):
+            out.update(extra())
+        if self.cfg.meft is not None:
+            from meshwright.memory.meft import log_fields
+
+            out.update(log_fields(self.runtime.model))
+        return out
 
     def trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "skipped_steps": self.skipped_steps, "train_loader": self.train_loader.state_dict(),
                 "lr": lr_at(max(self.step - 1, 0), self.cfg), "config": to_dict(self.cfg)}
 
     def save(self) -> Path:
+        if self.energy is not None:
+            with self.energy.paused():  # checkpoint I/O is not training work
+                return save_checkpoint(self.ckpt_dir, self.step, self.runtime, self.optimizer, self.trainer_state(),
+                                       keep=self.keep_checkpoints)
         return save_checkpoint(self.ckpt_dir, self.step, self.runtime, self.optimizer, self.trainer_state(),
                                keep=self.keep_checkpoints)
 
@@ -187,6 +227,13 @@ class Trainer:
         eval_loss = None
         interval_s, interval_tokens, steady_s, steady_tokens = 0.0, 0, 0.0, 0
         records: list[dict[str, Any]] = []
+        energy_last: dict[str, float] = {}
+        if cfg.energy:
+            import torch as _torch
+
+            local = [int(__import__("os").environ.get("LOCAL_RANK", "0"))] if _torch.cuda.is_available() else None
+            self.energy = EnergyAccountant(device_indices=local, nvml="auto" if local is not None else None)
+            self.energy.resume()
         try:
             while self.step < cfg.steps:
                 out = self.train_step()
@@ -205,6 +252,8 @@ class Trainer:
                     rec = {"step": self.step, "loss": _finite(loss), "lr": lr, "grad_norm": _finite(grad_norm),
                            "tokens": self.step * self.tokens_per_step, "step_s": interval_s / max(interval_tokens / self.tokens_per_step, 1),
                            **self.throughput(interval_tokens, interval_s)}
+                    rec.update(self._energy_snapshot(energy_last))
+                    rec.update(self._extra_log_fields())
                     if is_eval and eval_loss is not None:
                         rec["eval_loss"] = eval_loss
                     if not finite:
@@ -222,6 +271,8 @@ class Trainer:
             bar.close()
             if log is not None:
                 log.close()
+            if self.energy is not None:
+                self.energy.pause()
         if eval_loss is None and cfg.eval_every == 0:
             eval_loss = self.evaluate()
         if self.step > first_step:
@@ -236,8 +287,20 @@ class Trainer:
             "peak_tflops_per_device": self.cluster.peak_flops(cfg.dtype) / 1e12,
             **self.throughput(steady_tokens, steady_s),
             "first_loss": first_loss, "final_loss": last_loss, "eval_loss": eval_loss,
-            "skipped_steps": self.skipped_steps, "resumed": resumed,
+            "skipped_steps": self.skipped_steps, "resumed": resumed, "flops_convention": cfg.flops_convention,
+            "hw_flops_per_token": self.hw_flops_per_token,
         }
+        if self.energy is not None:
+            totals = self.energy.close()
+            world = max(rt.world_size, 1)
+            summed = {k: rt.all_reduce_mean(getattr(totals, k)) * world for k in ("gpu_j", "cpu_j", "ram_j")}
+            energy_j = sum(summed.values())
+            kwh = energy_j / 3.6e6 * cfg.pue
+            summary.update({"energy_j": energy_j, **summed, "energy_gpu_source": totals.gpu_source,
+                            "energy_measured_s": totals.seconds, "j_per_token": energy_j / max(self.tokens_per_step * (self.step - first_step), 1),
+                            "kwh": kwh, "co2_kg": kwh * cfg.grid_intensity, "pue": cfg.pue,
+                            "grid_intensity": cfg.grid_intensity})
+            self.energy = None
         if rt.is_main and summary["steps_this_run"] > 0:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
             self.print(format_summary(summary))

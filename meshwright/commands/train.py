@@ -59,6 +59,9 @@ def build_runtime(train_cfg: TrainConfig, plan_ref: str | None = None) -> Runtim
     plan = resolve_plan(train_cfg, plan_ref, world)
     model_cfg = load_model_config(train_cfg.model)
     if world > 1 or _plan_needs_parallel(plan):
+        if train_cfg.meft is not None:
+            raise invalid("meft", "set", "null under the distributed runtime (MEFT runs in one process; DDP is tested "
+                          "at the module level in tests/distributed/test_meft_ddp.py)")
         try:
             from meshwright.parallel.runtime import build_distributed_runtime
         except ImportError:
@@ -78,7 +81,13 @@ def build_runtime(train_cfg: TrainConfig, plan_ref: str | None = None) -> Runtim
     if train_cfg.seq_len > model_cfg.max_seq_len:
         raise invalid("seq_len", train_cfg.seq_len, f"at most model.max_seq_len={model_cfg.max_seq_len}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    rt = LocalRuntime(build_model(model_cfg, seed=train_cfg.seed), device=device,
+    model = build_model(model_cfg, seed=train_cfg.seed)
+    if train_cfg.meft is not None:  # reversible fine-tuning: frozen base, adapters (+ head) train
+        from meshwright.memory.meft import MeftConfig, make_reversible
+        from meshwright.yamlio import from_dict
+
+        model = make_reversible(model, config=from_dict(MeftConfig, train_cfg.meft, prefix="meft"))
+    rt = LocalRuntime(model, device=device,
                       dtype=train_cfg.dtype if device == "cuda" else "fp32")
     rt.plan = plan
     return rt

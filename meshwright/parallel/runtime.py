@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -35,7 +36,9 @@ from meshwright.config import ModelConfig, load_model_config
 from meshwright.errors import invalid
 from meshwright.models import build_model, lm_loss
 from meshwright.models.decoder import Decoder
+from meshwright.models.moe import attach_aux_loss_to_backward, router_stats
 from meshwright.parallel.data_parallel import all_reduce_grads, apply_ddp, apply_fsdp, zero1_optimizer
+from meshwright.parallel.expert_parallel import A2AMeter, EPGroups, apply_ep, ep_groups_from_mesh, is_expert_param
 from meshwright.parallel.layerwise import apply_batch_redistribution
 from meshwright.parallel.mesh import build_meshes
 from meshwright.parallel.pipeline import build_schedule, cut_stage, stage_ids
@@ -77,25 +80,96 @@ def check_runtime_support(plan: Plan, cfg: ModelConfig, tp_backend: str, dp_back
     if plan.embedding.tp != 1:
         raise invalid("embedding.tp", plan.embedding.tp, "1 (the runtime replicates embeddings and head over tp)")
     uniform_tp1 = all(s.tp == 1 for s in strategies)
+    max_dp = max(s.dp for s in strategies)
     for i, s in enumerate(strategies):
         f = f"layers[{i}]"
-        if s.ep != 1:
-            raise invalid(f"{f}.ep", s.ep, "1 (expert parallelism is applied by meshwright.parallel.expert_parallel, not this runtime)")
         if tp_backend == "megatron" and s.sp:
             raise invalid(f"{f}.sp", s.sp, "false with tp_backend=megatron (use tp_backend=dtensor for sequence parallelism)")
         if tp_backend == "megatron" and s.tp > 1 and s.zero >= 2:
             raise invalid(f"{f}.zero", s.zero, "0 or 1 with tp_backend=megatron (FSDP shards DTensor parameters only)")
         if s.zero == 1 and not (uniform_tp1 and all(t.zero == 1 for t in strategies)) and dp_backend == "torch":
             raise invalid(f"{f}.zero", s.zero, "0, 2 or 3; zero=1 needs every layer tp=1, zero=1 (ZeroRedundancyOptimizer over one dp group) or dp_backend=deepspeed")
-        if s.savers.fp8_act or s.savers.wta_crs is not None or s.savers.lemo is not None:
-            raise invalid(f"{f}.savers", s.savers, "all off (memory savers are applied by meshwright.memory, not this runtime)")
-    if cfg.n_experts:
-        raise invalid("model.n_experts", cfg.n_experts, "0 (dense models; MoE layouts need expert parallelism)")
+        if cfg.is_moe_layer(i):
+            if s.sp:
+                raise invalid(f"{f}.sp", s.sp, "false on MoE layers (experts need tp-replicated tokens)")
+            if s.ep > 1 and s.zero >= 2:
+                raise invalid(f"{f}.zero", s.zero, "0 with ep>1 (expert shards are reduced over the expert-data-parallel group, not FSDP)")
+            if s.ep > 1 and s.zero == 1:
+                raise invalid(f"{f}.zero", s.zero, "0 with ep>1 (ZeroRedundancyOptimizer would average expert shards over the whole dp group)")
+            if s.ep > 1 and s.dp != max_dp:
+                raise invalid(f"{f}.dp", s.dp, f"the largest dp of the plan ({max_dp}) on MoE layers with ep>1 (no batch gather before expert dispatch)")
+            if tp_backend == "megatron" and s.tp > 1:
+                raise invalid("tp_backend", tp_backend, f"dtensor for MoE layers with tp>1 ({f}.tp={s.tp})")
+        if s.savers.lemo is not None:
+            raise invalid(f"{f}.savers.lemo", s.savers.lemo, "null (LeMo is a fine-tuning saver applied by meshwright.memory.lemo, not this runtime)")
+        if (s.savers.fp8_act or s.savers.wta_crs is not None) and tp_backend == "megatron" and s.tp > 1:
+            raise invalid("tp_backend", tp_backend, f"dtensor for memory savers on layers with tp>1 ({f}.tp={s.tp})")
+    if cfg.n_experts and dp_backend == "deepspeed":
+        raise invalid("dp_backend", dp_backend, "torch for MoE models (expert-parallel gradient groups live in DistributedRuntime)")
+    if dp_backend == "deepspeed" and any(s.savers.fp8_act or s.savers.wta_crs is not None for s in strategies):
+        raise invalid("dp_backend", dp_backend, "torch for plans with memory savers (DistributedRuntime applies them)")
     if dp_backend == "deepspeed":
         if plan.pipeline.degree != 1 or not uniform_tp1:
             raise invalid("dp_backend", dp_backend, "torch unless pipeline.degree=1 and every layer has tp=1 (DeepSpeed runs pure ZeRO data parallelism)")
         if len({s.zero for s in strategies}) != 1:
             raise invalid("layers[*].zero", sorted({s.zero for s in strategies}), "one ZeRO level for all layers with dp_backend=deepspeed")
+
+
+def install_shard_optimizer_hooks(optimizer: torch.optim.Optimizer, shards: dict[nn.Parameter, tuple[int, Any]]) -> None:
+    """Optimizer states of plain local shards (megatron tp, ep experts) appear as DTensors sharded on
+    ``dim`` over a 1-D mesh in ``state_dict()`` and are cut back to the local shard on load.
+
+    State keys are matched to parameters through the param_groups' order, so this works whether the
+    keys are indices (``Optimizer.state_dict``) or FQNs (``torch.distributed.checkpoint.state_dict``).
+    """
+    from torch.distributed.tensor import Shard
+
+    from meshwright.parallel.megatron_tp import _shard_of
+
+    def pairs(state_dict: dict) -> list[tuple[Any, nn.Parameter]]:
+        return [(k, p) for saved, live in zip(state_dict["param_groups"], optimizer.param_groups)
+                for k, p in zip(saved["params"], live["params"]) if p in shards]
+
+    def post(_: torch.optim.Optimizer, state_dict: dict) -> dict:
+        for k, p in pairs(state_dict):
+            dim, mesh = shards[p]
+            for key, v in state_dict["state"].get(k, {}).items():
+                if torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.shape:
+                    state_dict["state"][k][key] = DTensor.from_local(v, mesh, [Shard(dim)], run_check=False)
+        return state_dict
+
+    def pre(_: torch.optim.Optimizer, state_dict: dict) -> dict:
+        for k, p in pairs(state_dict):
+            dim, mesh = shards[p]
+            for key, v in state_dict["state"].get(k, {}).items():
+                if isinstance(v, DTensor) or (torch.is_tensor(v) and v.dim() == p.dim() and v.shape != p.shape):
+                    state_dict["state"][k][key] = _shard_of(v, dim, mesh.size(), mesh.get_local_rank(), p)
+        return state_dict
+
+    optimizer.register_state_dict_post_hook(post)
+    optimizer.register_load_state_dict_pre_hook(pre)
+
+
+def apply_plan_savers(model: Decoder, plan: Plan, seed: int) -> dict[str, list[int]]:
+    """Apply the Plan's per-layer memory savers to the plain model, before any parallel wrapper.
+
+    Every rank applies them to identical full models, so the WTA-CRS linears get the same seeds on all
+    ranks: tp peers (same tokens) draw the same rows, dp ranks draw from their own shard's row norms.
+    """
+    strategies = plan.layer_strategies()
+    fp8 = [bool(s.savers.fp8_act) for s in strategies]
+    out: dict[str, list[int]] = {"fp8_act": [], "wta_crs": []}
+    if any(fp8):
+        from meshwright.memory.fp8_activations import apply_fp8_activations
+
+        out["fp8_act"] = apply_fp8_activations(model, layers=fp8)
+    keep = {i: s.savers.wta_crs for i, s in enumerate(strategies) if s.savers.wta_crs is not None}
+    if keep:
+        from meshwright.memory.wta_crs import apply_wta_crs_per_layer
+
+        apply_wta_crs_per_layer(model, keep, seed=seed)
+        out["wta_crs"] = sorted(keep)
+    return out
 
 
 def init_distributed(timeout: timedelta = DEFAULT_TIMEOUT) -> torch.device:
@@ -130,23 +204,41 @@ class DistributedRuntime(Runtime):
         self.dp_rank, self.dp_size = m.dp_rank, m.max_dp
         strategies = self.strategies = plan.layer_strategies()
         full = build_model(cfg, device="cpu", seed=seed).to(self.device)
+        self.saver_layers = apply_plan_savers(full, plan, seed)
         ranges = plan.stage_ranges(cfg.n_layers)
         self.n_stages = len(ranges)
         self.stage_ids = stage_ids(m.pp_rank, m.pp, plan.pipeline.virtual_stages)
         self.has_first = 0 in self.stage_ids
         self.has_last = self.n_stages - 1 in self.stage_ids
+        # ep/edp groups per (tp, ep): collective, so every rank creates all of them in the same order
+        self._ep: dict[tuple[int, int], EPGroups] = {
+            (tp, ep): ep_groups_from_mesh(m.tp_meshes[tp], "dp", ep)
+            for tp, ep in sorted({(s.tp, s.ep) for s in strategies if s.ep > 1})}
+        # ... and an ("edp", "ep") view of each stage's dp ranks, so checkpoints see expert shards as
+        # DTensors sharded over ep (replicated over edp, tp and the other stages' copies of the key)
+        self._ep_meshes: dict[tuple[int, int], Any] = {
+            (tp, ep): init_device_mesh(self.device.type, (m.pp, m.per_stage // (tp * ep), ep, tp),
+                                       mesh_dim_names=("pp", "edp", "ep", "tp"))["ep"]
+            for tp, ep in sorted(self._ep)}
+        self.a2a_meter = A2AMeter()
         chunks = [cut_stage(full, *ranges[i], i == 0, i == self.n_stages - 1) for i in self.stage_ids]
         del full
+        if cfg.n_experts and m.pp > 1:  # stages never see the loss: the aux loss enters through backward
+            for chunk in chunks:
+                attach_aux_loss_to_backward(chunk, 1.0)
         uniform_replicated = (all(s.tp == 1 and s.zero in (0, 1) for s in strategies)
                               and len({s.zero for s in strategies}) == 1 and plan.embedding.zero < 2)
         self.zero1 = uniform_replicated and strategies[0].zero == 1 and m.per_stage > 1
         # DDP wraps whole stage modules; under pipelining its bucket rebuild trips over the schedule's
         # per-microbatch backward, so pipelined stages use the bucketed all-reduce instead.
-        self.uniform_ddp = uniform_replicated and m.pp == 1
+        # ... and DDP would average expert shards over the whole stage, so ep>1 needs the manual path.
+        self.uniform_ddp = uniform_replicated and m.pp == 1 and not any(s.ep > 1 for s in strategies)
+        self._expert_params: dict[nn.Parameter, int] = {}  # expert shard -> its layer's ep
         self._manual: list[tuple[list[nn.Parameter], dist.ProcessGroup, float]] = []  # (params, group, scale)
         self._post_scale: list[tuple[list[nn.Parameter], float]] = []  # FSDP layers with dp < max_dp
         self._megatron_shards: dict[nn.Parameter, tuple[int, int]] = {}  # param -> (shard dim, tp)
-        self._megatron_state: dict[str, tuple[int, int]] = {}
+        self._megatron_state: dict[str, tuple[int, int, Any]] = {}  # state key -> (dim, tp, mesh or None: tp mesh)
+        self._state_shards: dict[nn.Parameter, tuple[int, Any]] = {}  # plain local shards: (dim, 1-D mesh)
         for chunk in chunks:
             self._apply_layers(chunk)
             self._apply_outer(chunk)
@@ -155,7 +247,8 @@ class DistributedRuntime(Runtime):
         if self._megatron_state:
             from meshwright.parallel.megatron_tp import install_state_hooks
 
-            install_state_hooks(self.model, {k: (d, m.tp_mesh(tp)) for k, (d, tp) in self._megatron_state.items()})
+            install_state_hooks(self.model, {k: (d, mesh if mesh is not None else m.tp_mesh(tp))
+                                             for k, (d, tp, mesh) in self._megatron_state.items()})
         self.modules = [apply_ddp(c, m.stage_group, self.device) if self.uniform_ddp and m.per_stage > 1 else c for c in chunks]
         self._schedules: dict[tuple[int, bool], Any] = {}
         self._params = list(dict.fromkeys(self.model.parameters()))
@@ -176,13 +269,26 @@ class DistributedRuntime(Runtime):
                     for pname, p in block.named_parameters():
                         if pname in dims:
                             self._megatron_shards[p] = (dims[pname], s.tp)
-                            self._megatron_state[f"layers.{name}.{pname}"] = (dims[pname], s.tp)
+                            self._megatron_state[f"layers.{name}.{pname}"] = (dims[pname], s.tp, None)
+                            self._state_shards[p] = (dims[pname], m.tp_mesh(s.tp))
                 else:
                     apply_tp(block, tp_mesh, s.sp)
             if s.tp > m.g:
                 apply_batch_redistribution(block, m.gather_meshes[s.tp]["rep"])
+            if s.ep > 1:
+                g = self._ep[(s.tp, s.ep)]
+                apply_ep(block, g.ep, self.a2a_meter)
+                experts = [p for p in block.parameters() if is_expert_param(p)]
+                self._expert_params.update(dict.fromkeys(experts, s.ep))
+                mesh = self._ep_meshes[(s.tp, s.ep)]
+                for pname, p in block.named_parameters():
+                    if is_expert_param(p):
+                        self._megatron_state[f"layers.{name}.{pname}"] = (0, s.tp, mesh)
+                        self._state_shards[p] = (0, mesh)
+                # backward through the all-to-all already summed the ep peers' contributions
+                self._manual.append((experts, g.edp, 1.0 / m.max_dp))
             apply_recompute(block, s.recompute)
-            params = list(block.parameters())
+            params = [p for p in block.parameters() if not is_expert_param(p)]
             if self.uniform_ddp:
                 continue
             if s.dp == 1:  # no dp group, but the batch gather summed the gradients of max_dp shards
@@ -213,6 +319,9 @@ class DistributedRuntime(Runtime):
         return self._params
 
     def _finish_grads(self) -> None:
+        for p in self._expert_params:  # no token reached this rank's experts: zero, so buckets match
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         for params, group, scale in self._manual:
             all_reduce_grads(params, group, scale)
         with torch.no_grad():
@@ -258,7 +367,8 @@ class DistributedRuntime(Runtime):
                 sync = contextlib.nullcontext() if not isinstance(mod, DDP) or i == n - 1 else mod.no_sync()
                 with sync:
                     loss = lm_loss(mod(x.to(self.device)), y.to(self.device))
-                    (loss / n).backward()
+                    aux = self.chunks[0].aux_loss() if self.cfg.n_experts else None
+                    ((loss if aux is None else loss + aux) / n).backward()  # the log shows the LM loss alone
                 total += float(loss.detach())
             local = total / n
         self._finish_grads()
@@ -284,6 +394,8 @@ class DistributedRuntime(Runtime):
             mesh = g.device_mesh
             rep = math.prod(mesh.size(i) for i, pl in enumerate(g.placements) if pl.is_replicate())
             return rep * per_stage // mesh.size()
+        if p in self._expert_params:  # each expert shard lives on the per_stage/ep ranks of its edp x tp
+            return per_stage // self._expert_params[p]
         shard = self._megatron_shards.get(p)
         return per_stage // shard[1] if shard else per_stage
 
@@ -317,10 +429,8 @@ class DistributedRuntime(Runtime):
         if self._heterogeneous:  # foreach kernels cannot mix DTensors of different meshes with plain tensors
             for group in opt.param_groups:
                 group["foreach"] = False
-        if self._megatron_shards:
-            from meshwright.parallel.megatron_tp import install_optimizer_hooks
-
-            install_optimizer_hooks(opt, {p: (d, self.meshes.tp_mesh(tp)) for p, (d, tp) in self._megatron_shards.items()})
+        if self._state_shards:  # megatron tp shards and ep expert shards: optimizer states as DTensors too
+            install_shard_optimizer_hooks(opt, dict(self._state_shards))
         return opt
 
     def model_state(self) -> dict[str, Any]:
@@ -349,6 +459,29 @@ class DistributedRuntime(Runtime):
             self.load_model_state(state["model"])
         else:
             set_state_dict(self.model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    def extra_log_fields(self) -> dict[str, Any]:
+        """Router statistics of the last forward (tokens per expert, dropped fraction, balance loss),
+        summed over the data shards and merged over pipeline stages; {} for dense models.
+        Collective: every rank must call it. Layers with tp above the plan's smallest tp (batch gathered
+        before them) count each shard tp/min_tp times."""
+        if not self.cfg.n_experts:
+            return {}
+        m = self.meshes
+        stats = router_stats(self.model, group=m.dp_mesh(m.g).get_group() if m.max_dp > 1 else None)
+        if m.pp > 1:
+            parts: list[Any] = [None] * m.pp
+            dist.all_gather_object(parts, stats["moe_layers"], group=m.pp_group)
+            layers = {k: v for part in parts for k, v in part.items()}
+            routed = {k: sum(v["tokens_per_expert"]) for k, v in layers.items()}
+            dropped = sum(v["dropped_frac"] * (routed[k] / max(1e-30, 1 - v["dropped_frac"])) for k, v in layers.items()
+                          if v["dropped_frac"] < 1)
+            total = sum(routed.values()) + dropped
+            stats = {"moe_layers": dict(sorted(layers.items(), key=lambda kv: int(kv[0].split(".")[1]))),
+                     "moe_dropped_frac": dropped / max(1.0, total),
+                     "moe_balance_loss": sum(v["balance_loss"] for v in layers.values()) / max(1, len(layers))}
+        stats["moe_a2a_bytes"] = self.a2a_meter.bytes_total
+        return stats
 
     def all_reduce_mean(self, value: float) -> float:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)

@@ -21,10 +21,23 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from meshwright.errors import invalid
+from meshwright.models.moe import MoE
+
 
 def apply_tp(block: nn.Module, tp_mesh: DeviceMesh, sp: bool = False) -> nn.Module:
-    """Shard ``block`` (a models.decoder.Block) over ``tp_mesh``; parameter names are unchanged."""
+    """Shard ``block`` (a models.decoder.Block) over ``tp_mesh``; parameter names are unchanged.
+
+    An MoE block keeps its router and experts tp-replicated (plain tensors): every tp rank holds the
+    same tokens, routes them identically and runs the experts redundantly, so the block's output stays
+    replicated without communication. That needs tp-replicated tokens, hence no ``sp`` on MoE blocks.
+    """
     mlp = block.feed_forward
+    if isinstance(mlp, MoE):
+        if sp:
+            raise invalid("sp", True, "false on MoE layers (experts need tp-replicated tokens)")
+        return parallelize_module(block, tp_mesh, {"attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(),
+                                                   "attention.wv": ColwiseParallel(), "attention.wo": RowwiseParallel()})
     has_w3 = hasattr(mlp, "w3")
     if not sp:
         plan: dict[str, object] = {

@@ -146,7 +146,7 @@ class HostEnergyMeter:
         from codecarbon import OfflineEmissionsTracker
 
         return OfflineEmissionsTracker(
-            country_iso_code=self.country, log_level="error", save_to_file=False,
+            country_iso_code=self.country, log_level="error", output_methods=[],
             measure_power_secs=1, tracking_mode="process", allow_multiple_runs=True,
         )
 

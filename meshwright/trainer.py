@@ -246,14 +246,18 @@ class Trainer:
                     steady_s += step_s
                     steady_tokens += self.tokens_per_step
                 is_eval = cfg.eval_every > 0 and (self.step % cfg.eval_every == 0 or self.step == cfg.steps)
+                will_log = (self.step % cfg.log_every == 0 or self.step == first_step + 1 or self.step == cfg.steps
+                            or is_eval or not finite)
+                # collective on every rank; read before eval so router stats describe the training batch
+                extra = self._extra_log_fields() if will_log else {}
                 if is_eval:
                     eval_loss = self.evaluate()
-                if self.step % cfg.log_every == 0 or self.step == first_step + 1 or self.step == cfg.steps or is_eval or not finite:
+                if will_log:
                     rec = {"step": self.step, "loss": _finite(loss), "lr": lr, "grad_norm": _finite(grad_norm),
                            "tokens": self.step * self.tokens_per_step, "step_s": interval_s / max(interval_tokens / self.tokens_per_step, 1),
                            **self.throughput(interval_tokens, interval_s)}
                     rec.update(self._energy_snapshot(energy_last))
-                    rec.update(self._extra_log_fields())
+                    rec.update(extra)
                     if is_eval and eval_loss is not None:
                         rec["eval_loss"] = eval_loss
                     if not finite:

@@ -161,7 +161,8 @@ def layer_strategies(cfg: ModelConfig, index: int, per_stage: int, tps: list[int
     moe = cfg.is_moe_layer(index)
     saver_opts = [Savers()]
     if c.runtime_compatible:
-        allow = Allow(fp8=False)  # savers are applied outside the runtime; FP8 optimizer states are a trainer option
+        # DistributedRuntime applies fp8_act and wta_crs per layer; LeMo is for fine-tuning only.
+        allow = dataclasses.replace(allow, lemo=None)
     if allow.fp8:
         saver_opts.append(Savers(fp8_act=True))
     if allow.wta_crs is not None:
@@ -187,6 +188,8 @@ def layer_strategies(cfg: ModelConfig, index: int, per_stage: int, tps: list[int
             if c.ep is not None:
                 eps = [e for e in eps if e == c.ep] or ([1] if c.ep == 1 else [])
         for sp, z, rc, ep, sv in itertools.product(sps, zeros, rcs, eps, saver_opts):
+            if c.runtime_compatible and moe and (sp or (ep > 1 and (z != 0 or dp != max_dp))):
+                continue  # the runtime keeps MoE tokens tp-replicated and expert grads off ZeRO/mixed-dp paths
             out.append(LayerStrategy(tp=t, sp=sp, dp=dp, zero=z, ep=ep, recompute=rc, savers=sv))
     return out
 

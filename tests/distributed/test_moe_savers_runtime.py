@@ -1,0 +1,92 @@
+"""MoE / expert parallelism and memory savers (FP8 activations, WTA-CRS) run through DistributedRuntime.
+
+One 4-rank torchrun launch (moe_savers_parity.py) checks every case against the one-process model with
+the same savers and the same data shards (loss, full gradients, grad norm, router statistics), and
+resumes DCP checkpoints written under ep2 in ep4 and FSDP/ep1 layouts; the one-line rejections are
+checked in-process.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import read_json, run_torchrun
+from meshwright.config import load_model_config
+from meshwright.errors import ConfigError
+from meshwright.parallel.runtime import check_runtime_support
+from meshwright.plan import plan_from_dict
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+CASES = {"moe_ep2_dp4", "moe_ep4_dp4", "moe_ep2_tp2", "moe_ep2_pp2", "moe_ep1_ddp_dp4", "moe_ep2_dp4_fp8_wta",
+         "fp8_dp4_fsdp_layers02", "fp8_layerwise_dp4_tp2", "fp8_dp2_tp2", "fp8_dp2_tp2_sp", "wta_dp4_ddp",
+         "wta_dp2_tp2", "wta_keep1_dp4_equals_exact", "ckpt_moe_ep2_to_ep4", "ckpt_moe_ep2_to_fsdp_ep1"}
+MOE = load_model_config({"name": "m", "arch": "llama", "vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4,
+                         "n_kv_heads": 2, "ffn_hidden": 64, "moe_ffn_hidden": 48, "n_experts": 4, "top_k": 2,
+                         "max_seq_len": 32})
+DENSE = load_model_config({"name": "d", "arch": "llama", "vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4,
+                           "n_kv_heads": 2, "ffn_hidden": 64, "max_seq_len": 32})
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("moe_savers")
+    out = tmp / "report.json"
+    run_torchrun(HERE / "moe_savers_parity.py", 4, [str(out), str(tmp / "ckpt")], timeout=300)
+    return read_json(out)
+
+
+@pytest.mark.timeout(330)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_parity_with_one_process(report: dict, case: str) -> None:
+    assert case in report, f"case {case} did not run"
+    ranks = report[case]["ranks"]
+    detail = {r: v.get("error") or {k: v.get(k) for k in ("loss", "grad", "norm", "worst_grad_param", "saver_effect",
+                                                           "router_equal", "n_expert_shards", "vs_exact")}
+              for r, v in ranks.items()}
+    assert report[case]["ok"], f"{case}: {detail}"
+
+
+def test_ep_cases_really_shard_experts(report: dict) -> None:
+    for case in ("moe_ep2_dp4", "moe_ep2_tp2", "moe_ep2_pp2"):
+        assert all(r["n_expert_shards"] > 0 and r["a2a_bytes"] > 0 for r in report[case]["ranks"].values()), case
+    assert all(r["a2a_bytes"] == 0 for r in report["moe_ep1_ddp_dp4"]["ranks"].values())
+
+
+def test_savers_are_applied_on_the_planned_layers(report: dict) -> None:
+    r0 = report["fp8_dp4_fsdp_layers02"]["ranks"]["0"]
+    assert r0["saver_layers"] == {"fp8_act": [0, 2], "wta_crs": []}
+    r0 = report["moe_ep2_dp4_fp8_wta"]["ranks"]["0"]
+    assert r0["saver_layers"] == {"fp8_act": [0], "wta_crs": [1]}
+
+
+def _plan(layers: list[dict], model: str, **extra) -> object:
+    return plan_from_dict({"model": model, "seq_len": 16, "global_batch": 8, "micro_batch": 2, "layers": layers, **extra})
+
+
+@pytest.mark.parametrize("layers,cfg,tp_backend,dp_backend,match", [
+    ([{"tp": 2, "sp": True, "repeat": 2}], MOE, "dtensor", "torch", r"^layers\[0\]\.sp=True is invalid; valid: false on MoE layers"),
+    ([{"dp": 2, "ep": 2, "zero": 3, "repeat": 2}], MOE, "dtensor", "torch", r"^layers\[0\]\.zero=3 is invalid; valid: 0 with ep>1"),
+    ([{"dp": 2, "ep": 2, "zero": 1, "repeat": 2}], MOE, "dtensor", "torch", r"^layers\[0\]\.zero=1 is invalid; valid: 0 with ep>1"),
+    ([{"dp": 4}, {"tp": 2, "dp": 2, "ep": 2}], MOE, "dtensor", "torch", r"^layers\[1\]\.dp=2 is invalid; valid: the largest dp"),
+    ([{"tp": 2, "repeat": 2}], MOE, "megatron", "torch", r"^tp_backend='megatron' is invalid; valid: dtensor for MoE"),
+    ([{"dp": 2, "repeat": 2}], MOE, "dtensor", "deepspeed", r"^dp_backend='deepspeed' is invalid; valid: torch for MoE"),
+    ([{"dp": 2, "savers": {"lemo": 0.5}, "repeat": 2}], DENSE, "dtensor", "torch", r"^layers\[0\]\.savers\.lemo=0\.5 is invalid"),
+    ([{"dp": 2, "savers": {"wta_crs": 0.5}, "repeat": 2}], DENSE, "dtensor", "deepspeed", r"^dp_backend='deepspeed' is invalid; valid: torch for plans with memory savers"),
+    ([{"tp": 2, "savers": {"fp8_act": True}, "repeat": 2}], DENSE, "megatron", "torch", r"^tp_backend='megatron' is invalid; valid: dtensor for memory savers"),
+])
+def test_unsupported_combinations_give_one_line_errors(layers, cfg, tp_backend, dp_backend, match) -> None:
+    with pytest.raises(ConfigError, match=match) as e:
+        check_runtime_support(_plan(layers, cfg.name), cfg, tp_backend, dp_backend)
+    assert "\n" not in str(e.value)
+
+
+def test_supported_moe_and_saver_plans_pass_the_checks() -> None:
+    check_runtime_support(_plan([{"tp": 2, "dp": 2, "ep": 2, "repeat": 2}], "m"), MOE, "dtensor", "torch")
+    check_runtime_support(_plan([{"dp": 4, "zero": 3, "repeat": 2}], "m"), MOE, "dtensor", "torch")
+    check_runtime_support(_plan([{"tp": 2, "savers": {"fp8_act": True, "wta_crs": 0.25}, "repeat": 2}], "d"),
+                          DENSE, "dtensor", "torch")

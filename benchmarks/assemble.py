@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["trainer", "parallel", "planner", "capacity", "moe", "coat", "wta_crs", "meft", "lemo", "energy", "launch"]
+ORDER = ["trainer", "parallel", "planner", "planner_trust_table", "planner_tables", "capacity", "moe", "moe_savers_runtime", "coat", "wta_crs", "meft", "lemo", "energy", "launch"]
 
 HEADER = """# Benchmarks
 

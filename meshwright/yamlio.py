@@ -165,6 +165,32 @@ def dump_yaml(obj: Any) -> str:
     return yaml.safe_dump(to_dict(obj), sort_keys=False)
 
 
+def write_json_atomic(data: Any, path: str | Path, indent: int = 2) -> None:
+    """Write JSON to a temp file and rename it into place, so readers never see half a file."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=indent, sort_keys=True))
+    tmp.replace(p)
+
+
+def read_versioned_json(path: str | Path, label: str, kind: str, version: int, command: str) -> dict[str, Any]:
+    """Load a profile-style JSON and check its ``kind`` and ``version`` (one-line errors naming ``label``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{label}={str(p)!r} does not exist; valid: a JSON file from `{command}`")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{label}={str(p)!r} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict) or data.get("kind") != kind:
+        found = data.get("kind") if isinstance(data, dict) else None
+        raise ConfigError(f"{label}.kind={found!r} is invalid; valid: {kind!r}")
+    if data.get("version") != version:
+        raise ConfigError(f"{label}.version={data.get('version')!r} is invalid; valid: {version} (re-run `{command}`)")
+    return data
+
+
 def write_yaml(obj: Any, path: str | Path) -> None:
     """Write atomically so a crash never leaves half a config behind."""
     p = Path(path)

@@ -10,6 +10,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
 @pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from 2 intra-op threads, and on a busy box OpenMP barriers make 2 threads far slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
 def _deterministic_seed():
     torch.manual_seed(0)
     yield

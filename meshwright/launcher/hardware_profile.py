@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from meshwright.yamlio import read_versioned_json, write_json_atomic
 from meshwright.errors import ConfigError
 
 HARDWARE_PROFILE_VERSION = 1
@@ -275,26 +276,12 @@ def profile_hardware(dtypes: list[str], sizes: list[int], per_node: Optional[int
 
 
 def save_hardware_profile(profile: dict[str, Any], path: str | Path) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(profile, indent=2, sort_keys=True))
-    tmp.replace(p)
+    write_json_atomic(profile, path)
 
 
 def load_hardware_profile(path: str | Path) -> dict[str, Any]:
     """Read and validate a hardware profile; one-line ConfigError naming the bad field."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"hardware-profile={str(p)!r} does not exist; valid: a JSON file from `meshwright profile hardware`")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"hardware-profile={str(p)!r} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(data, dict) or data.get("kind") != KIND:
-        raise ConfigError(f"hardware-profile.kind={data.get('kind') if isinstance(data, dict) else None!r} is invalid; valid: {KIND!r}")
-    if data.get("version") != HARDWARE_PROFILE_VERSION:
-        raise ConfigError(f"hardware-profile.version={data.get('version')!r} is invalid; valid: {HARDWARE_PROFILE_VERSION} (re-run `meshwright profile hardware`)")
+    data = read_versioned_json(path, "hardware-profile", KIND, HARDWARE_PROFILE_VERSION, "meshwright profile hardware")
     d = data.get("derived")
     if not isinstance(d, dict):
         raise ConfigError("hardware-profile.derived is required; valid: a mapping with " + ", ".join(REQUIRED_DERIVED))

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from meshwright.config import ModelConfig
+from meshwright.yamlio import read_versioned_json, write_json_atomic
 from meshwright.errors import ConfigError, invalid
 from meshwright.launcher import cost_model as cm
 from meshwright.memory.accounting import count_saved_bytes
@@ -154,26 +155,12 @@ def profile_model(cfg: ModelConfig, batch_sizes: list[int], seq_lens: list[int],
 
 
 def save_model_profile(profile: dict[str, Any], path: str | Path) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(profile, indent=2, sort_keys=True))
-    tmp.replace(p)
+    write_json_atomic(profile, path)
 
 
 def load_model_profile(path: str | Path) -> dict[str, Any]:
     """Read and validate a model profile (version, kind, entries with fits)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"model-profile={str(p)!r} does not exist; valid: a JSON file from `meshwright profile model`")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"model-profile={str(p)!r} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(data, dict) or data.get("kind") != KIND:
-        raise ConfigError(f"model-profile.kind is invalid; valid: {KIND!r}")
-    if data.get("version") != MODEL_PROFILE_VERSION:
-        raise ConfigError(f"model-profile.version={data.get('version')!r} is invalid; valid: {MODEL_PROFILE_VERSION} (re-run `meshwright profile model`)")
+    data = read_versioned_json(path, "model-profile", KIND, MODEL_PROFILE_VERSION, "meshwright profile model")
     entries = data.get("entries")
     if not isinstance(entries, list) or not entries:
         raise ConfigError("model-profile.entries is required; valid: a non-empty list")

@@ -12,15 +12,6 @@ from _train_helpers import make_trainer, prepared_corpus
 from meshwright.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls gain nothing from 2 threads, and on a shared box OpenMP barriers make 2 threads far slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return prepared_corpus(tmp_path_factory.mktemp("data"))

@@ -18,15 +18,6 @@ from meshwright.optim.fp8_quant import dequantize_groups, expansion_exponent, qu
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to OpenMP spinning on a busy box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _lognormal(n: int, sigma: float, seed: int = 0, signed: bool = True) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     mag = torch.exp(torch.randn(n, generator=g) * sigma)

@@ -20,15 +20,6 @@ from meshwright.optim.fp8_quant import (dequantize_last_dim_groups, dequantize_p
 from meshwright.plan import LayerStrategy, Plan, Savers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to OpenMP spinning on a busy box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_1x16_groups_beat_per_tensor_on_outlier_channels():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 32, 256, generator=g)

@@ -19,15 +19,6 @@ LOG_KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "tokens
             "tflops_per_device"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls gain nothing from 2 threads, and on a shared box OpenMP barriers make 2 threads far slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return prepared_corpus(tmp_path_factory.mktemp("data"))

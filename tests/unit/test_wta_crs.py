@@ -23,15 +23,6 @@ from meshwright.memory.wta_crs import (
 from meshwright.models import build_model, lm_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: one thread is faster, and on a shared 2-core box extra threads only spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _pair(d_in: int = 32, d_out: int = 24, bias: bool = True, keep: float = 0.25, **kw):
     ref = nn.Linear(d_in, d_out, bias=bias)
     lin = nn.Linear(d_in, d_out, bias=bias)

@@ -135,6 +135,22 @@ class Trainer:
         last.update(j=total_j, s=seconds)
         return {"energy_j": total_j, "power_w": d_j / d_s if d_s > 0 else None}
 
+    def _memory_per_rank(self) -> list[float]:
+        """Peak memory of every rank in GiB (CUDA max allocated on GPUs, process peak RSS on CPU). Collective."""
+        import resource
+
+        if torch.cuda.is_available():
+            local = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            local = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and self.runtime.world_size > 1:
+            out: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(out, round(local, 4))
+            return [float(x) for x in out]
+        return [round(local, 4)]
+
     def _extra_log_fields(self) -> dict[str, Any]:
         """Runtime-specific metrics (router statistics of MoE layers, MEFT reconstruction error)."""
         out: dict[str, Any] = {}
@@ -257,6 +273,7 @@ class Trainer:
                            "tokens": self.step * self.tokens_per_step, "step_s": interval_s / max(interval_tokens / self.tokens_per_step, 1),
                            **self.throughput(interval_tokens, interval_s)}
                     rec.update(self._energy_snapshot(energy_last))
+                    rec["memory_gib"] = self._memory_per_rank()
                     rec.update(extra)
                     if is_eval and eval_loss is not None:
                         rec["eval_loss"] = eval_loss
@@ -286,7 +303,8 @@ class Trainer:
         summary = {
             "model": self.model_cfg.name, "params": self.model_cfg.num_params(), "steps": self.step,
             "steps_this_run": self.step - first_step, "tokens": self.step * self.tokens_per_step,
-            "train_s": steady_s, "world_size": rt.world_size, "dp_size": rt.dp_size, "dtype": cfg.dtype,
+            "train_s": steady_s, "step_s": steady_s / max(steady_tokens / self.tokens_per_step, 1),
+            "world_size": rt.world_size, "dp_size": rt.dp_size, "dtype": cfg.dtype,
             "flops_per_token": self.flops_per_token,
             "peak_tflops_per_device": self.cluster.peak_flops(cfg.dtype) / 1e12,
             **self.throughput(steady_tokens, steady_s),
@@ -294,6 +312,8 @@ class Trainer:
             "skipped_steps": self.skipped_steps, "resumed": resumed, "flops_convention": cfg.flops_convention,
             "hw_flops_per_token": self.hw_flops_per_token,
         }
+        memory = self._memory_per_rank()
+        summary.update({"memory_gib_per_rank": memory, "peak_memory_gib": max(memory)})
         if self.energy is not None:
             totals = self.energy.close()
             world = max(rt.world_size, 1)

@@ -49,11 +49,51 @@ def run(args: argparse.Namespace) -> int:
             print(line)
         return 0
     if args.launcher == "deepspeed":
-        argv = deepspeed_argv(spec, args.hosts, args.ssh_port)
-        return subprocess.call(argv, cwd=args.workdir, env={**os.environ, **env})
+        return run_deepspeed(spec, args)
     results = run_over_ssh(spec, args.ssh_port, args.ssh_key, args.connect_timeout)
     message = summarize_failure(results)
     if message:
         print(f"meshwright launch: {message}", file=sys.stderr)
         return 1
     return 0
+
+
+def run_deepspeed(spec, args: argparse.Namespace) -> int:
+    """Run DeepSpeed's own multi-node runner (pdsh over ssh) locally; it reaches every host itself.
+
+    The user's ``--env`` travels in a ``DS_ENV_FILE`` (the runner exports it on every host), and the SSH
+    key goes to pdsh's ssh through ``PDSH_SSH_ARGS_APPEND`` (DeepSpeed appends ``-p PORT`` to it).
+    """
+    import shlex
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from meshwright.errors import invalid
+    from meshwright.launcher.commands import deepspeed_argv, deepspeed_env_file_text, pdsh_ssh_args
+
+    argv = deepspeed_argv(spec, Path(args.hosts).resolve(), args.ssh_port)
+    beside = Path(args.python).parent / "deepspeed"
+    exe = str(beside) if beside.is_file() else shutil.which("deepspeed")
+    if exe is None:
+        raise invalid("launcher", "deepspeed", "torchrun, or install deepspeed so its `deepspeed` command is on PATH")
+    if shutil.which("pdsh") is None:
+        raise invalid("launcher", "deepspeed", "torchrun, or install pdsh (DeepSpeed's multi-node runner uses it)")
+    real_ssh = shutil.which("ssh")
+    if real_ssh is None:
+        raise invalid("launcher", "deepspeed", "torchrun, or install an ssh client (openssh-client)")
+    argv[0] = exe
+    run_env = {**os.environ, "PDSH_RCMD_TYPE": "ssh"}
+    with tempfile.TemporaryDirectory(prefix="meshwright-ds-") as tmp:
+        # DeepSpeed's reachability probe runs a bare `ssh HOST hostname` and pdsh execs `ssh` from PATH:
+        # a wrapper first on PATH gives both the key and the user's PDSH_SSH_ARGS_APPEND options.
+        opts = pdsh_ssh_args(args.ssh_key, os.environ.get("PDSH_SSH_ARGS_APPEND", ""))
+        wrapper = Path(tmp) / "ssh"
+        wrapper.write_text(f"#!/bin/sh\nexec {shlex.quote(real_ssh)} {opts} \"$@\"\n")
+        wrapper.chmod(0o700)
+        run_env["PATH"] = f"{tmp}{os.pathsep}{os.environ.get('PATH', '')}"
+        if spec.env:
+            env_file = Path(tmp) / "deepspeed_env"
+            env_file.write_text(deepspeed_env_file_text(spec))
+            run_env["DS_ENV_FILE"] = str(env_file)
+        return subprocess.call(argv, cwd=spec.workdir, env=run_env)

@@ -159,6 +159,8 @@ def _run(args: argparse.Namespace) -> int:
     overrides = dict(parse_override(o) for o in args.overrides)
     cfg = load_train_config(args.config, overrides)
     resume: bool | str = args.resume_from if args.resume_from else args.resume
+    if not resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
+        resume = True  # an elastic restart (torchrun --max-restarts) continues from the latest complete checkpoint
     summary = run_training(cfg, args.plan, resume)
     if summary["steps_this_run"] == 0:
         return 0

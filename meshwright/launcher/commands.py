@@ -37,6 +37,9 @@ class LaunchSpec:
         for k in self.env:
             if not k or not set(k) <= ENV_NAME_OK or k[0].isdigit():
                 raise invalid("env", k, "names of letters, digits and '_' (not starting with a digit)")
+        for k, v in self.env.items():
+            if "\n" in v or "\r" in v:
+                raise invalid("env", f"{k}={v!r}", "a value without line breaks")
 
 
 def torchrun_argv(spec: LaunchSpec, node_rank: int) -> list[str]:
@@ -65,9 +68,20 @@ def deepspeed_argv(spec: LaunchSpec, hostfile: str | Path, ssh_port: int | None 
             f"--num_gpus={spec.hosts[0].slots}"]
     if ssh_port is not None:
         argv.append(f"--ssh_port={ssh_port}")
-    if spec.env:
-        argv.append("--launcher_args=" + shlex.join([f"{k}={v}" for k, v in sorted(spec.env.items())]))
     return argv + ["--no_local_rank", "--module", "meshwright.cli", *spec.train_args]
+
+
+def deepspeed_env_file_text(spec: LaunchSpec) -> str:
+    """``KEY=VALUE`` lines for DeepSpeed's ``DS_ENV_FILE``: its runner exports them on every host."""
+    return "".join(f"{k}={v}\n" for k, v in sorted(spec.env.items()))
+
+
+def pdsh_ssh_args(ssh_key: str | None, extra: str = "") -> str:
+    """``PDSH_SSH_ARGS_APPEND``: key-only, non-interactive ssh for pdsh (DeepSpeed appends ``-p PORT``)."""
+    words = ["-o", "BatchMode=yes", "-o", "PasswordAuthentication=no"]
+    if ssh_key:
+        words += ["-o", "IdentitiesOnly=yes", "-i", ssh_key]
+    return shlex.join(shlex.split(extra) + words)  # the user's words re-quoted: safe to put in a script
 
 
 def dry_run_lines(spec: LaunchSpec, launcher: str, hostfile: str | Path, ssh_port: int | None = None,
@@ -75,7 +89,9 @@ def dry_run_lines(spec: LaunchSpec, launcher: str, hostfile: str | Path, ssh_por
     """Human-readable exact commands, one per host for torchrun (ssh ... 'remote command')."""
     spec.validate()
     if launcher == "deepspeed":
-        return [shlex.join(deepspeed_argv(spec, hostfile, ssh_port))]
+        pairs = shlex.join(f"{k}={v}" for k, v in sorted(spec.env.items()))
+        env = [f"# DS_ENV_FILE exports on every host: {pairs}"] if spec.env else []
+        return env + [shlex.join(deepspeed_argv(spec, hostfile, ssh_port))]
     lines = []
     for i, host in enumerate(spec.hosts):
         ssh = ["ssh", "-o", "BatchMode=yes"]

@@ -181,7 +181,15 @@ def init_distributed(timeout: timedelta = DEFAULT_TIMEOUT) -> torch.device:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=timeout)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is not None and "MASTER_ADDR" in os.environ:
+            # torchrun's c10d rendezvous shares one TCPStore server across restarts and workers use it
+            # unprefixed: a restarted gloo rank could read the dead attempt's addresses. Fresh prefix per attempt.
+            store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+            store = dist.PrefixStore(f"meshwright/attempt{restart}", store)
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout)
     return device
 
 

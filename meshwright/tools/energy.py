@@ -147,7 +147,7 @@ class HostEnergyMeter:
 
         return OfflineEmissionsTracker(
             country_iso_code=self.country, log_level="error", output_methods=[],
-            measure_power_secs=1, tracking_mode="process", allow_multiple_runs=True,
+            measure_power_secs=10, tracking_mode="process", allow_multiple_runs=True,
         )
 
     def start(self) -> None:

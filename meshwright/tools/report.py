@@ -99,7 +99,7 @@ def predicted_vs_measured(summary: dict[str, Any], plan: dict[str, Any] | None) 
     pred = (plan or {}).get("predicted") or {}
     rows = []
     for label, pkey, mkey in [("step time (s)", "step_s", "step_s"), ("tokens/s", "tokens_per_s", "tokens_per_s"),
-                              ("MFU", "mfu", "mfu"), ("memory (GiB, max rank)", "memory_gib", "peak_memory_gib")]:
+                              ("MFU", "mfu", "mfu"), ("memory (GiB, max rank; measured = process peak incl. framework)", "memory_gib", "peak_memory_gib")]:
         p, m = pred.get(pkey), summary.get(mkey)
         if isinstance(p, list):
             p = max(p) if p else None

@@ -1,0 +1,95 @@
+"""Elastic restart: SIGKILL one rank mid-run under torchrun --max-restarts 1; the run resumes from the
+latest complete checkpoint and its loss trajectory equals an uninterrupted run's, step for step."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from helpers import PYTHON, REPO, free_port
+
+STEPS, CKPT_EVERY, KILL_AFTER = 24, 4, 4
+TRAIN = ["train", "tiny-test", f"steps={STEPS}", f"ckpt_every={CKPT_EVERY}", "log_every=1", "eval_every=0",
+         "data.max_files=20"]
+
+
+def torchrun(out_dir: Path, max_restarts: int) -> subprocess.Popen:
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=elastic-test", f"--max-restarts={max_restarts}",
+           "--monitor-interval=0.2", "-m", "meshwright.cli", *TRAIN, f"out_dir={out_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for k in ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"):
+        env.pop(k, None)
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group: a timeout kills the workers too
+
+
+def worker_with_rank(agent: psutil.Process, rank: str) -> psutil.Process | None:
+    for child in agent.children(recursive=True):
+        try:
+            if child.environ().get("RANK") == rank and child.environ().get("TORCHELASTIC_RESTART_COUNT") == "0":
+                return child
+        except psutil.Error:
+            continue
+    return None
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    recs = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in recs}
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=30)
+        pytest.fail(f"torchrun timed out:\n{out[-4000:]}")
+    assert proc.returncode == 0, f"torchrun failed rc={proc.returncode}:\n{out[-6000:]}"
+    return out
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+
+
+def test_sigkill_rank_restarts_and_resumes_identical_losses(tmp_path):
+    killed_dir, ref_dir = tmp_path / "killed", tmp_path / "ref"
+    ref = torchrun(ref_dir, max_restarts=0)  # the uninterrupted run, side by side (deterministic on CPU)
+    proc = torchrun(killed_dir, max_restarts=1)
+    try:
+        agent = psutil.Process(proc.pid)
+        ckpt = killed_dir / "ckpt" / f"step_{KILL_AFTER:06d}" / "trainer_state.json"
+        deadline = time.monotonic() + 120
+        victim = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            if ckpt.is_file():
+                victim = worker_with_rank(agent, "1")
+                if victim is not None:
+                    victim.send_signal(signal.SIGKILL)  # mid-run: the next checkpoint is steps away
+                    break
+            time.sleep(0.02)
+        assert victim is not None, "never saw the checkpoint and a rank-1 worker to kill"
+        out = finish(proc, timeout=150)
+        finish(ref, timeout=60)
+    finally:
+        stop(proc)
+        stop(ref)
+    summary = json.loads((killed_dir / "summary.json").read_text())
+    assert summary["resumed"] is True and summary["steps"] == STEPS
+    assert KILL_AFTER <= STEPS - summary["steps_this_run"] < STEPS, summary  # lost at most the steps since a ckpt
+    assert "exitcode: -9" in out and "local_rank: 1" in out  # torchrun saw the SIGKILL and restarted
+    ref_losses, got = losses(ref_dir), losses(killed_dir)
+    assert sorted(got) == list(range(1, STEPS + 1)) == sorted(ref_losses)
+    for step in ref_losses:
+        assert abs(got[step] - ref_losses[step]) <= 1e-6, (step, got[step], ref_losses[step])

@@ -271,6 +271,7 @@ class TrainConfig:
     # accounting: FLOPs convention for MFU/HFU, energy metering (NVML + offline codecarbon), CO2
     flops_convention: Literal["palm", "megatron", "megatron2021"] = "palm"
     energy: bool = True
+    energy_every: int = 50  # steps between energy/power log fields (each reading costs a few ms on the host)
     pue: float = 1.0  # 1.0 = energy at the devices; set the data centre's PUE to include facility overhead
     grid_intensity: float = 0.385  # kgCO2e per kWh (US average 2023)
     # memory savers applied to the plain model (the Plan switches per-layer savers; these are model-wide)
@@ -295,6 +296,8 @@ class TrainConfig:
             raise invalid(f"{p}grad_clip", self.grad_clip, "a non-negative number (0 disables clipping)")
         if self.eval_every < 0 or self.ckpt_every < 0:
             raise invalid(f"{p}eval_every", self.eval_every, "a non-negative integer (0 disables)")
+        if self.energy_every < 1:
+            raise invalid(f"{p}energy_every", self.energy_every, "a positive integer (steps)")
         if self.keep_checkpoints < 1:
             raise invalid(f"{p}keep_checkpoints", self.keep_checkpoints, "a positive integer")
         from meshwright.tools.energy import validate_grid

@@ -272,7 +272,8 @@ class Trainer:
                     rec = {"step": self.step, "loss": _finite(loss), "lr": lr, "grad_norm": _finite(grad_norm),
                            "tokens": self.step * self.tokens_per_step, "step_s": interval_s / max(interval_tokens / self.tokens_per_step, 1),
                            **self.throughput(interval_tokens, interval_s)}
-                    rec.update(self._energy_snapshot(energy_last))
+                    if self.step % cfg.energy_every == 0 or self.step == cfg.steps:  # same steps on every rank
+                        rec.update(self._energy_snapshot(energy_last))
                     rec["memory_gib"] = self._memory_per_rank()
                     rec.update(extra)
                     if is_eval and eval_loss is not None:
@@ -339,4 +340,6 @@ def format_summary(s: dict[str, Any]) -> str:
             f"{s['tokens_per_s']:,.0f} tokens/s ({s['tokens_per_s_per_device']:,.0f}/device) | "
             f"{s['tflops_per_device'] * 1e3:.1f} GFLOP/s/device | MFU {100 * s['mfu']:.1f}% of "
             f"{s['peak_tflops_per_device'] * 1e3:.0f} GFLOP/s {s['dtype']} peak | "
-            f"loss {num(s['first_loss'], '.3f')} -> {num(s['final_loss'], '.3f')} | eval loss {num(s['eval_loss'], '.3f')}")
+            f"loss {num(s['first_loss'], '.3f')} -> {num(s['final_loss'], '.3f')} | eval loss {num(s['eval_loss'], '.3f')}"
+            + (f" | energy {s['energy_j']:,.0f} J ({s['j_per_token'] * 1e3:.2f} mJ/token, GPU: {s['energy_gpu_source']}), "
+               f"{s['co2_kg'] * 1e3:.3f} gCO2e" if s.get("energy_j") is not None else ""))

@@ -129,6 +129,13 @@ class NvmlEnergyMeter:
         return rows
 
 
+class _QuietCodecarbon(logging.Filter):
+    """Drop codecarbon's INFO/WARNING chatter (one tracker per rank is intended); keep errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
 class HostEnergyMeter:
     """CPU + RAM energy of this process via codecarbon's OfflineEmissionsTracker (no network)."""
 
@@ -144,6 +151,10 @@ class HostEnergyMeter:
         for name in ("codecarbon", "apscheduler"):
             logging.getLogger(name).setLevel(logging.ERROR)
         from codecarbon import OfflineEmissionsTracker
+
+        cc_log = logging.getLogger("codecarbon")
+        if not any(isinstance(f, _QuietCodecarbon) for f in cc_log.filters):
+            cc_log.addFilter(_QuietCodecarbon())  # it re-raises its own level inside the constructor
 
         return OfflineEmissionsTracker(
             country_iso_code=self.country, log_level="error", output_methods=[],

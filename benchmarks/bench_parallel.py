@@ -25,10 +25,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from contextlib import contextmanager  # noqa: E402
-from typing import Iterator  # noqa: E402
 
-from meshwright.memory.accounting import SavedBytes, _storage_key  # noqa: E402
+from meshwright.memory.accounting import count_saved_bytes  # noqa: E402  (pins counted tensors: exact per step)
 from meshwright.models import build_model, lm_loss  # noqa: E402
 
 MODEL, GLOBAL, MICRO = "tiny", 8, 4
@@ -39,34 +37,6 @@ LAYOUTS = {
     "tp2+sp": {"layers": [{"tp": 2, "sp": True, "repeat": 4}]},
     "pp2 (1F1B)": {"layers": [{"repeat": 4}], "pipeline": {"degree": 2, "schedule": "1f1b", "microbatches": 2}},
 }
-
-
-@contextmanager
-def count_saved_bytes_pinned(exclude: list[torch.Tensor]) -> Iterator[SavedBytes]:
-    """``count_saved_bytes`` for a whole multi-micro-batch step: the same count (unique non-parameter
-    storages packed for backward), but every counted tensor is kept alive until the block ends, so a
-    later micro-batch cannot reuse a freed storage address and be taken for an already-counted one
-    (with the plain count, 2-micro-batch steps varied by ~1 MiB between runs here)."""
-    skip = {k for t in exclude if (k := _storage_key(_local(t).detach())) is not None}
-    result, seen, keep = SavedBytes(), set(), []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        local = _local(t)
-        key = _storage_key(local)
-        if key is not None and key not in skip and key not in seen and key[1] > 0:
-            seen.add(key)
-            keep.append(local)
-            result.total += key[1]
-            result.count += 1
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield result
-    keep.clear()
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def batches(seq: int, dp_rank: int, dp_size: int, step: int):
@@ -84,7 +54,7 @@ def one_process(seq: int, steps: int) -> dict:
 
     def step(i: int) -> int:
         mbs = batches(seq, 0, 1, i)
-        with count_saved_bytes_pinned(list(model.parameters())) as sb:
+        with count_saved_bytes(exclude=list(model.parameters())) as sb:
             for x, y in mbs:
                 (lm_loss(model(x), y) / len(mbs)).backward()
         opt.step()
@@ -116,7 +86,7 @@ def worker(seq: int, steps: int, out: str) -> None:
         plan = plan_from_dict({"model": MODEL, "seq_len": seq, "global_batch": GLOBAL, "micro_batch": MICRO, **layout})
         rt = DistributedRuntime(MODEL, plan, seed=0)
         opt = rt.build_optimizer(lambda g: torch.optim.AdamW(g, lr=1e-3))
-        with count_saved_bytes_pinned(list(rt.parameters())) as sb:
+        with count_saved_bytes(exclude=list(rt.parameters())) as sb:
             rt.forward_backward(batches(seq, rt.dp_rank, rt.dp_size, 0))
         rt.optimizer_step(opt)
         dist.barrier()

@@ -88,3 +88,23 @@ class Runtime(abc.ABC):
 
     def close(self) -> None:
         return None
+
+
+class TorchDistributedCollectives:
+    """``all_reduce_mean``/``barrier`` over the default process group, shared by the distributed runtimes
+    (listed before ``Runtime`` in their bases so these override its one-process defaults)."""
+
+    device: torch.device
+    world_size: int
+
+    def all_reduce_mean(self, value: float) -> float:
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world_size
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()

@@ -188,11 +188,33 @@ class MeftLayer(nn.Module):
     beta: float
     swap: bool
 
-    def F(self, x: torch.Tensor, ctx: Any) -> torch.Tensor:  # noqa: N802 - the paper's names
+    variant: str
+
+    # Subclasses wrap one pre-trained layer and provide its three views (each with its adapter):
+    def full(self, x: torch.Tensor, ctx: Any) -> torch.Tensor:
         raise NotImplementedError
 
-    def G(self, x: torch.Tensor, ctx: Any) -> torch.Tensor:  # noqa: N802
+    def attn_block(self, x: torch.Tensor, ctx: Any) -> torch.Tensor:
         raise NotImplementedError
+
+    def mlp_block(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def F(self, x: torch.Tensor, ctx: Any) -> torch.Tensor:  # noqa: N802 - the paper's names
+        """MEFT1: the whole layer; MEFT2: the reversible adapter; MEFT3: the attention block."""
+        if self.variant == "meft1":
+            return self.full(x, ctx)
+        if self.variant == "meft2":
+            return self.rev_adapter(x)
+        return self.attn_block(x, ctx)
+
+    def G(self, x: torch.Tensor, ctx: Any) -> torch.Tensor:  # noqa: N802
+        """MEFT1: the reversible adapter; MEFT2: the whole layer; MEFT3: the MLP block."""
+        if self.variant == "meft1":
+            return self.rev_adapter(x)
+        if self.variant == "meft2":
+            return self.full(x, ctx)
+        return self.mlp_block(x)
 
     def f_modules(self) -> list[nn.Module]:
         raise NotImplementedError
@@ -444,22 +466,8 @@ class DecoderMeftLayer(MeftLayer):
         n = b.ffn_norm(h)
         return h + b.resid_dropout(b.feed_forward(n)) + self.ffn_adapter(n)
 
-    def layer(self, x: torch.Tensor, rope: Any) -> torch.Tensor:
+    def full(self, x: torch.Tensor, rope: Any) -> torch.Tensor:
         return self.mlp_block(self.attn_block(x, rope))
-
-    def F(self, x: torch.Tensor, ctx: Any) -> torch.Tensor:  # noqa: N802
-        if self.variant == "meft1":
-            return self.layer(x, ctx)
-        if self.variant == "meft2":
-            return self.rev_adapter(x)
-        return self.attn_block(x, ctx)
-
-    def G(self, x: torch.Tensor, ctx: Any) -> torch.Tensor:  # noqa: N802
-        if self.variant == "meft1":
-            return self.rev_adapter(x)
-        if self.variant == "meft2":
-            return self.layer(x, ctx)
-        return self.mlp_block(x)
 
     def f_modules(self) -> list[nn.Module]:
         if self.variant == "meft1":

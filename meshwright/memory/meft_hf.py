@@ -52,20 +52,6 @@ class BertMeftLayer(MeftLayer):
     def full(self, x: torch.Tensor, mask: Any) -> torch.Tensor:
         return self.mlp_block(self.attn_block(x, mask))
 
-    def F(self, x: torch.Tensor, ctx: Any) -> torch.Tensor:  # noqa: N802
-        if self.variant == "meft1":
-            return self.full(x, ctx)
-        if self.variant == "meft2":
-            return self.rev_adapter(x)
-        return self.attn_block(x, ctx)
-
-    def G(self, x: torch.Tensor, ctx: Any) -> torch.Tensor:  # noqa: N802
-        if self.variant == "meft1":
-            return self.rev_adapter(x)
-        if self.variant == "meft2":
-            return self.full(x, ctx)
-        return self.mlp_block(x)
-
     def f_modules(self) -> list[nn.Module]:
         if self.variant == "meft1":
             return [self.layer, self.ffn_adapter]

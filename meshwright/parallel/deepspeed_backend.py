@@ -20,7 +20,7 @@ from meshwright.config import ModelConfig, load_model_config
 from meshwright.errors import invalid
 from meshwright.models import build_model, lm_loss
 from meshwright.plan import Plan
-from meshwright.runtime import Batch, Runtime
+from meshwright.runtime import Batch, Runtime, TorchDistributedCollectives
 
 
 def deepspeed_config(zero: int, micro_batch: int, grad_accum: int, dp: int, grad_clip: float = 0.0) -> dict[str, Any]:
@@ -41,7 +41,7 @@ def deepspeed_config(zero: int, micro_batch: int, grad_accum: int, dp: int, grad
     }
 
 
-class DeepSpeedRuntime(Runtime):
+class DeepSpeedRuntime(TorchDistributedCollectives, Runtime):
     """Pure ZeRO data parallelism over all ranks with a DeepSpeed engine."""
 
     def __init__(self, model_cfg: ModelConfig | str | dict, plan: Plan, *, train_cfg: Any = None, seed: int = 1234,
@@ -221,10 +221,3 @@ class DeepSpeedRuntime(Runtime):
                 if "step" in st:
                     st["step"] = st["step"].fill_(float(state["optim"]["step"])) if torch.is_tensor(st["step"]) else int(state["optim"]["step"])
 
-    def all_reduce_mean(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return float(t.item()) / self.world_size
-
-    def barrier(self) -> None:
-        dist.barrier()

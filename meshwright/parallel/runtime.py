@@ -45,7 +45,7 @@ from meshwright.parallel.pipeline import build_schedule, cut_stage, stage_ids
 from meshwright.parallel.recompute import apply_recompute
 from meshwright.parallel.tensor_parallel import apply_tp
 from meshwright.plan import Plan, default_plan, validate_plan
-from meshwright.runtime import Batch, Runtime
+from meshwright.runtime import Batch, Runtime, TorchDistributedCollectives
 
 TP_BACKENDS = ("dtensor", "megatron")
 DP_BACKENDS = ("torch", "deepspeed")
@@ -193,7 +193,7 @@ def init_distributed(timeout: timedelta = DEFAULT_TIMEOUT) -> torch.device:
     return device
 
 
-class DistributedRuntime(Runtime):
+class DistributedRuntime(TorchDistributedCollectives, Runtime):
     """Runs a validated Plan on all ranks of the default process group."""
 
     def __init__(self, model_cfg: ModelConfig | str | dict, plan: Plan, *, tp_backend: str = "dtensor",
@@ -491,13 +491,6 @@ class DistributedRuntime(Runtime):
         stats["moe_a2a_bytes"] = self.a2a_meter.bytes_total
         return stats
 
-    def all_reduce_mean(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return float(t.item()) / self.world_size
-
-    def barrier(self) -> None:
-        dist.barrier()
 
     def close(self) -> None:
         self._schedules.clear()

@@ -216,11 +216,29 @@ class MeftLayer(nn.Module):
             return self.full(x, ctx)
         return self.mlp_block(x)
 
-    def f_modules(self) -> list[nn.Module]:
+    # ... and the modules each view runs (their trainable parameters get gradients in the custom backward):
+    def full_modules(self) -> list[nn.Module]:
         raise NotImplementedError
 
-    def g_modules(self) -> list[nn.Module]:
+    def attn_modules(self) -> list[nn.Module]:
         raise NotImplementedError
+
+    def mlp_modules(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def f_modules(self) -> list[nn.Module]:
+        if self.variant == "meft1":
+            return self.full_modules()
+        if self.variant == "meft2":
+            return [self.rev_adapter]
+        return self.attn_modules()
+
+    def g_modules(self) -> list[nn.Module]:
+        if self.variant == "meft1":
+            return [self.rev_adapter]
+        if self.variant == "meft2":
+            return self.full_modules()
+        return self.mlp_modules()
 
     def _trainable(self, modules: list[nn.Module]) -> list[nn.Parameter]:
         seen: dict[int, nn.Parameter] = {}
@@ -469,18 +487,13 @@ class DecoderMeftLayer(MeftLayer):
     def full(self, x: torch.Tensor, rope: Any) -> torch.Tensor:
         return self.mlp_block(self.attn_block(x, rope))
 
-    def f_modules(self) -> list[nn.Module]:
-        if self.variant == "meft1":
-            return [self.block, self.ffn_adapter]
-        if self.variant == "meft2":
-            return [self.rev_adapter]
+    def full_modules(self) -> list[nn.Module]:
+        return [self.block, self.ffn_adapter]
+
+    def attn_modules(self) -> list[nn.Module]:
         return [self.block.attention_norm, self.block.attention, self.attn_adapter]
 
-    def g_modules(self) -> list[nn.Module]:
-        if self.variant == "meft1":
-            return [self.rev_adapter]
-        if self.variant == "meft2":
-            return [self.block, self.ffn_adapter]
+    def mlp_modules(self) -> list[nn.Module]:
         return [self.block.ffn_norm, self.block.feed_forward, self.ffn_adapter]
 
 

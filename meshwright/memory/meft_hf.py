@@ -52,18 +52,13 @@ class BertMeftLayer(MeftLayer):
     def full(self, x: torch.Tensor, mask: Any) -> torch.Tensor:
         return self.mlp_block(self.attn_block(x, mask))
 
-    def f_modules(self) -> list[nn.Module]:
-        if self.variant == "meft1":
-            return [self.layer, self.ffn_adapter]
-        if self.variant == "meft2":
-            return [self.rev_adapter]
+    def full_modules(self) -> list[nn.Module]:
+        return [self.layer, self.ffn_adapter]
+
+    def attn_modules(self) -> list[nn.Module]:
         return [self.layer.attention, self.attn_adapter]
 
-    def g_modules(self) -> list[nn.Module]:
-        if self.variant == "meft1":
-            return [self.rev_adapter]
-        if self.variant == "meft2":
-            return [self.layer, self.ffn_adapter]
+    def mlp_modules(self) -> list[nn.Module]:
         return [self.layer.intermediate, self.layer.output, self.ffn_adapter]
 
 

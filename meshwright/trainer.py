@@ -8,14 +8,18 @@ a tqdm bar, NaN/inf handling per ``nan_policy``, and atomic DCP checkpoints with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import resource
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from meshwright.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -105,10 +109,12 @@ class Trainer:
             return None
         if self._eval_batches is None:
             self._eval_batches = self.val_loader.fixed_batches(self.cfg.eval_batches)
-        if self.energy is not None:
-            with self.energy.paused():  # evaluation is not training work
-                return self.runtime.eval_loss(self._eval_batches)
-        return self.runtime.eval_loss(self._eval_batches)
+        with self._not_training():
+            return self.runtime.eval_loss(self._eval_batches)
+
+    def _not_training(self) -> Any:
+        """Excludes evaluation and checkpoint I/O from the energy windows (J/token counts training only)."""
+        return self.energy.paused() if self.energy is not None else contextlib.nullcontext()
 
     def throughput(self, tokens: float, seconds: float) -> dict[str, float]:
         world = max(self.runtime.world_size, 1)
@@ -137,14 +143,10 @@ class Trainer:
 
     def _memory_per_rank(self) -> list[float]:
         """Peak memory of every rank in GiB (CUDA max allocated on GPUs, process peak RSS on CPU). Collective."""
-        import resource
-
         if torch.cuda.is_available():
             local = torch.cuda.max_memory_allocated() / 2**30
         else:
             local = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized() and self.runtime.world_size > 1:
             out: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(out, round(local, 4))
@@ -168,12 +170,9 @@ class Trainer:
                 "lr": lr_at(max(self.step - 1, 0), self.cfg), "config": to_dict(self.cfg)}
 
     def save(self) -> Path:
-        if self.energy is not None:
-            with self.energy.paused():  # checkpoint I/O is not training work
-                return save_checkpoint(self.ckpt_dir, self.step, self.runtime, self.optimizer, self.trainer_state(),
-                                       keep=self.keep_checkpoints)
-        return save_checkpoint(self.ckpt_dir, self.step, self.runtime, self.optimizer, self.trainer_state(),
-                               keep=self.keep_checkpoints)
+        with self._not_training():
+            return save_checkpoint(self.ckpt_dir, self.step, self.runtime, self.optimizer, self.trainer_state(),
+                                   keep=self.keep_checkpoints)
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Load ``path`` (or the latest checkpoint in out_dir/ckpt); False when there is none."""
@@ -244,10 +243,8 @@ class Trainer:
         interval_s, interval_tokens, steady_s, steady_tokens = 0.0, 0, 0.0, 0
         records: list[dict[str, Any]] = []
         energy_last: dict[str, float] = {}
-        if cfg.energy:
-            import torch as _torch
-
-            local = [int(__import__("os").environ.get("LOCAL_RANK", "0"))] if _torch.cuda.is_available() else None
+        if cfg.energy:  # each rank meters its own GPU (LOCAL_RANK); sums happen at snapshots
+            local = [int(os.environ.get("LOCAL_RANK", "0"))] if torch.cuda.is_available() else None
             self.energy = EnergyAccountant(device_indices=local, nvml="auto" if local is not None else None)
             self.energy.resume()
         try:

@@ -27,7 +27,7 @@ from meshwright.config import ClusterSpec, ModelConfig, TrainConfig
 from meshwright.data.loader import SequenceLoader
 from meshwright.errors import ConfigError, invalid
 from meshwright.runtime import Runtime
-from meshwright.tools.energy import EnergyAccountant
+from meshwright.tools.energy import EnergyAccountant, EnergyTotals
 from meshwright.tools.flops import hardware_flops_per_token, model_flops_per_token
 from meshwright.tools.mfu import mfu as compute_mfu
 from meshwright.yamlio import to_dict
@@ -316,12 +316,9 @@ class Trainer:
             totals = self.energy.close()
             world = max(rt.world_size, 1)
             summed = {k: rt.all_reduce_mean(getattr(totals, k)) * world for k in ("gpu_j", "cpu_j", "ram_j")}
-            energy_j = sum(summed.values())
-            kwh = energy_j / 3.6e6 * cfg.pue
-            summary.update({"energy_j": energy_j, **summed, "energy_gpu_source": totals.gpu_source,
-                            "energy_measured_s": totals.seconds, "j_per_token": energy_j / max(self.tokens_per_step * (self.step - first_step), 1),
-                            "kwh": kwh, "co2_kg": kwh * cfg.grid_intensity, "pue": cfg.pue,
-                            "grid_intensity": cfg.grid_intensity})
+            all_ranks = EnergyTotals(**summed, seconds=totals.seconds, gpu_source=totals.gpu_source)
+            tokens = max(self.tokens_per_step * (self.step - first_step), 1)
+            summary.update(all_ranks.as_dict(tokens, cfg.pue, cfg.grid_intensity))
             self.energy = None
         if rt.is_main and summary["steps_this_run"] > 0:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

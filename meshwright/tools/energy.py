@@ -196,13 +196,17 @@ class EnergyTotals:
         return self.gpu_j + self.cpu_j + self.ram_j
 
     def as_dict(self, tokens: int = 0, pue: float = 1.0, grid_intensity: float = 0.0) -> dict[str, Any]:
+        """The run-summary fields: joules by source, J/token, kWh (x PUE) and kgCO2e."""
         kwh = self.total_j / 3.6e6 * pue
-        return {
+        out = {
             "energy_j": self.total_j, "gpu_j": self.gpu_j, "cpu_j": self.cpu_j, "ram_j": self.ram_j,
-            "gpu_j_per_device": self.gpu_j_per_device, "measured_s": self.seconds, "gpu_source": self.gpu_source,
+            "energy_measured_s": self.seconds, "energy_gpu_source": self.gpu_source,
             "j_per_token": self.total_j / tokens if tokens else None,
-            "kwh_with_pue": kwh, "co2_kg": kwh * grid_intensity, "pue": pue, "grid_intensity": grid_intensity,
+            "kwh": kwh, "co2_kg": kwh * grid_intensity, "pue": pue, "grid_intensity": grid_intensity,
         }
+        if self.gpu_j_per_device:
+            out["gpu_j_per_device"] = self.gpu_j_per_device
+        return out
 
 
 class EnergyAccountant:

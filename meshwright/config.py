@@ -20,7 +20,8 @@ from meshwright.yamlio import from_dict, read_mapping, to_dict
 CONFIG_ROOT = Path(os.environ.get("MESHWRIGHT_CONFIGS", Path(__file__).resolve().parents[1] / "configs"))
 
 
-def _divisors(n: int) -> list[int]:
+def divisors(n: int) -> list[int]:
+    """Positive divisors of n, ascending (the valid degrees offered in one-line errors)."""
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
@@ -64,12 +65,12 @@ class ModelConfig:
         _positive(p, self, "vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "multiple_of", "moe_every")
         _positive(p, self, "norm_eps", "rope_theta", "init_std")
         if self.d_model % self.n_heads:
-            raise invalid(f"{p}n_heads", self.n_heads, f"a divisor of d_model={self.d_model}: {_divisors(self.d_model)}")
+            raise invalid(f"{p}n_heads", self.n_heads, f"a divisor of d_model={self.d_model}: {divisors(self.d_model)}")
         if self.arch == "llama" and self.head_dim % 2:
             raise invalid(f"{p}d_model", self.d_model, "d_model/n_heads must be even for rotary embeddings")
         kv = self.kv_heads
         if kv <= 0 or self.n_heads % kv:
-            raise invalid(f"{p}n_kv_heads", self.n_kv_heads, f"a divisor of n_heads={self.n_heads}: {_divisors(self.n_heads)}")
+            raise invalid(f"{p}n_kv_heads", self.n_kv_heads, f"a divisor of n_heads={self.n_heads}: {divisors(self.n_heads)}")
         if self.arch == "gpt2" and kv != self.n_heads:
             raise invalid(f"{p}n_kv_heads", self.n_kv_heads, f"null or {self.n_heads} (gpt2 blocks have no GQA)")
         if self.ffn_hidden is not None and self.ffn_hidden <= 0:

@@ -14,17 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from meshwright.config import ModelConfig, load_model_config
+from meshwright.config import ModelConfig, divisors, load_model_config
 from meshwright.errors import ConfigError, invalid
 from meshwright.yamlio import from_dict, read_mapping, to_dict, write_yaml
 
 PLAN_VERSION = 1
 RECOMPUTE_MODES = ("none", "selective", "full")
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 @dataclass
@@ -210,9 +206,9 @@ def validate_plan(plan: Plan, model: ModelConfig | str | dict, world_size: int) 
         raise invalid("layers", f"{len(strategies)} layers (after repeat)", f"exactly n_layers={cfg.n_layers}")
     pp = plan.pipeline
     if world_size % pp.degree:
-        raise invalid("pipeline.degree", pp.degree, f"a divisor of world size {world_size}: {_divisors(world_size)}")
+        raise invalid("pipeline.degree", pp.degree, f"a divisor of world size {world_size}: {divisors(world_size)}")
     per_stage = world_size // pp.degree
-    tp_choices = [d for d in _divisors(per_stage) if cfg.n_heads % d == 0 and cfg.kv_heads % d == 0]
+    tp_choices = [d for d in divisors(per_stage) if cfg.n_heads % d == 0 and cfg.kv_heads % d == 0]
     for i, s in enumerate(strategies):
         f = f"layers[{i}]"
         if cfg.n_heads % s.tp or cfg.kv_heads % s.tp:
@@ -232,7 +228,7 @@ def validate_plan(plan: Plan, model: ModelConfig | str | dict, world_size: int) 
             if not cfg.is_moe_layer(i):
                 raise invalid(f"{f}.ep", s.ep, f"1 (layer {i} has no experts)")
             if cfg.n_experts % s.ep:
-                raise invalid(f"{f}.ep", s.ep, f"a divisor of n_experts={cfg.n_experts}: {_divisors(cfg.n_experts)}")
+                raise invalid(f"{f}.ep", s.ep, f"a divisor of n_experts={cfg.n_experts}: {divisors(cfg.n_experts)}")
             if s.dp % s.ep:
                 raise invalid(f"{f}.ep", s.ep, f"a divisor of dp={s.dp} (experts are sharded across data-parallel ranks)")
     ranges = plan.stage_ranges(cfg.n_layers)

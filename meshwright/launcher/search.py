@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from meshwright.config import ClusterSpec, ModelConfig, load_cluster, load_model_config
+from meshwright.config import ClusterSpec, ModelConfig, divisors, load_cluster, load_model_config
 from meshwright.errors import ConfigError, invalid
 from meshwright.launcher import cost_model as cm
 from meshwright.plan import (EmbeddingStrategy, LayerStrategy, OptimizerSpec, PipelineSpec, Plan, Savers,
@@ -30,10 +30,6 @@ from meshwright.yamlio import to_dict
 
 RECOMPUTE = ("none", "selective", "full")
 N_BUCKETS = 96
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 @dataclass
@@ -145,7 +141,7 @@ def describe_layout(plan: Plan) -> str:
 def tp_choices(cfg: ModelConfig, per_stage: int, seq_len: int) -> list[int]:
     """tp degrees that divide heads, KV heads, FFN widths and the stage's devices."""
     out = []
-    for t in _divisors(per_stage):
+    for t in divisors(per_stage):
         if cfg.n_heads % t or cfg.kv_heads % t or cfg.ffn_dim % t:
             continue
         if cfg.n_experts and cfg.expert_ffn_dim % t:
@@ -184,7 +180,7 @@ def layer_strategies(cfg: ModelConfig, index: int, per_stage: int, tps: list[int
         rcs = [c.recompute] if c.recompute is not None else list(RECOMPUTE)
         eps = [1]
         if moe:
-            eps = [e for e in _divisors(math.gcd(cfg.n_experts, dp))]
+            eps = [e for e in divisors(math.gcd(cfg.n_experts, dp))]
             if c.ep is not None:
                 eps = [e for e in eps if e == c.ep] or ([1] if c.ep == 1 else [])
         for sp, z, rc, ep, sv in itertools.product(sps, zeros, rcs, eps, saver_opts):
@@ -407,7 +403,7 @@ def search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: i
     if seq_len > cfg.max_seq_len:
         raise invalid("seq-len", seq_len, f"at most the model's max_seq_len={cfg.max_seq_len}")
     state_opts = [states] if states else (["fp32", "fp8"] if allow.fp8 else ["fp32"])
-    pps = [p for p in _divisors(world) if p <= cfg.n_layers]
+    pps = [p for p in divisors(world) if p <= cfg.n_layers]
     if c.pp is not None:
         if c.pp not in pps:
             raise invalid("pp", c.pp, f"a divisor of world size {world} no larger than n_layers={cfg.n_layers}: {pps}")
@@ -439,7 +435,7 @@ def search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: i
             if global_batch % max_dp:
                 continue
             per_replica = global_batch // max_dp
-            mbs = [b for b in _divisors(per_replica) if b <= 64]
+            mbs = [b for b in divisors(per_replica) if b <= 64]
             if c.micro_batch is not None:
                 mbs = [b for b in mbs if b == c.micro_batch]
             if pp > 1:

@@ -34,13 +34,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from meshwright.config import ModelConfig
+from meshwright.config import ModelConfig, divisors
 from meshwright.errors import invalid
 from meshwright.models.moe import GroupedExperts, expert_swiglu, moe_layers
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def check_ep(n_experts: int, ep: int, dp: int, field_name: str = "ep") -> None:
@@ -50,9 +46,9 @@ def check_ep(n_experts: int, ep: int, dp: int, field_name: str = "ep") -> None:
     if n_experts < 1 and ep > 1:
         raise invalid(field_name, ep, "1 (the model has no experts)")
     if ep > 1 and n_experts % ep:
-        raise invalid(field_name, ep, f"a divisor of n_experts={n_experts}: {_divisors(n_experts)}")
+        raise invalid(field_name, ep, f"a divisor of n_experts={n_experts}: {divisors(n_experts)}")
     if dp % ep:
-        raise invalid(field_name, ep, f"a divisor of dp={dp} (experts are sharded across data-parallel ranks): {_divisors(dp)}")
+        raise invalid(field_name, ep, f"a divisor of dp={dp} (experts are sharded across data-parallel ranks): {divisors(dp)}")
 
 
 # ---- communication -----------------------------------------------------------------------------
@@ -260,7 +256,7 @@ def ep_groups_from_mesh(mesh: Any, dp_dim: str, ep: int, timeout_s: float = 120.
     rows = ranks.movedim(d, -1).reshape(-1, ranks.shape[d]).tolist()
     dp = len(rows[0])
     if not isinstance(ep, int) or ep < 1 or dp % ep:
-        raise invalid("ep", ep, f"a divisor of dp={dp} (the size of mesh dimension {dp_dim!r}): {_divisors(dp)}")
+        raise invalid("ep", ep, f"a divisor of dp={dp} (the size of mesh dimension {dp_dim!r}): {divisors(dp)}")
     me = dist.get_rank()
     timeout = timedelta(seconds=timeout_s)
     mine_ep = mine_edp = None

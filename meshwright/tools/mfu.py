@@ -8,6 +8,7 @@ from the ClusterSpec preset. Recomputation does not count (that would be HFU).
 from __future__ import annotations
 
 from meshwright.config import ClusterSpec
+from meshwright.tools.flops import utilization
 
 
 def achieved_flops(tokens_per_s: float, flops_per_token: float) -> float:
@@ -17,5 +18,4 @@ def achieved_flops(tokens_per_s: float, flops_per_token: float) -> float:
 
 def mfu(tokens_per_s: float, flops_per_token: float, cluster: ClusterSpec, dtype: str = "fp32", n_devices: int = 1) -> float:
     """Fraction of peak (0..1) for ``n_devices`` devices of ``cluster`` computing in ``dtype``."""
-    peak = cluster.peak_flops(dtype) * max(n_devices, 1)
-    return achieved_flops(tokens_per_s, flops_per_token) / peak if peak > 0 else 0.0
+    return utilization(tokens_per_s, flops_per_token, cluster.peak_flops(dtype), max(n_devices, 1))

@@ -118,6 +118,16 @@ def run_training(train_cfg: TrainConfig, plan_ref: str | None = None, resume: bo
         return trainer.fit(resume=resume)
     finally:
         runtime.close()
+        _destroy_process_group()
+
+
+def _destroy_process_group() -> None:
+    """Tear down the group the distributed runtime started, so no communicator thread outlives the
+    interpreter (an abort at exit, "terminate called without an active exception", was seen without it)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()  # local teardown: no barrier, so a rank that failed does not wait on the others
 
 
 def register(sub: argparse._SubParsersAction) -> None:

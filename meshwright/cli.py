@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from meshwright.errors import ConfigError
@@ -38,4 +39,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker (`-m meshwright.cli`): see exit_worker
+        from meshwright.parallel.mesh import exit_worker
+
+        exit_worker(code)
+    sys.exit(code)

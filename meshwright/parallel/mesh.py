@@ -86,3 +86,18 @@ def build_meshes(plan: Plan, world_size: int, rank: int, device_type: str = "cpu
             m.hsdp_meshes[t] = init_device_mesh(device_type, (pp, dp // dp_shard, dp_shard, t),
                                                 mesh_dim_names=("pp", "replicate", "shard", "tp"))
     return m
+
+
+def exit_worker(code: int = 0) -> None:
+    """End a torchrun worker without running C++ static destructors.
+
+    With torch 2.13 on CPU/gloo a finished worker sometimes aborts at interpreter exit ("terminate called
+    without an active exception", SIGABRT) after ``destroy_process_group``: a communicator thread is
+    destroyed while still joinable. The work is done and flushed by then, so skip the teardown.
+    """
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -5,4 +5,6 @@ import sys
 from meshwright.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    from meshwright.parallel.mesh import exit_worker
+
+    exit_worker(main(["train", *sys.argv[1:]]))

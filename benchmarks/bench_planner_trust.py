@@ -28,10 +28,12 @@ LAYOUTS = [  # (name, world, plan constraints)
     ("1 rank", 1, []),
     ("dp2 (DDP)", 2, ["--dp", "2", "--zero", "0"]),
     ("dp2 ZeRO-2", 2, ["--dp", "2", "--zero", "2"]),
-    ("tp2+sp", 2, ["--tp", "2"]),
+    ("tp2+sp", 2, ["--tp", "2", "--sp"]),
+    ("tp2", 2, ["--tp", "2", "--no-sp"]),
     ("pp2 1f1b", 2, ["--pp", "2", "--schedule", "1f1b"]),
     ("dp4 (DDP)", 4, ["--dp", "4", "--zero", "0"]),
-    ("tp2 x dp2", 4, ["--tp", "2", "--dp", "2", "--pp", "1", "--zero", "0"]),
+    ("tp2 x dp2", 4, ["--tp", "2", "--dp", "2", "--pp", "1", "--zero", "0", "--no-sp"]),
+    ("dp2 ZeRO-3 x pp2", 4, ["--pp", "2", "--dp", "2", "--zero", "3", "--schedule", "1f1b"]),
     ("pp2 x dp2", 4, ["--pp", "2", "--dp", "2", "--schedule", "1f1b", "--zero", "0"]),
 ]
 
@@ -58,18 +60,19 @@ def cli(args: list[str], timeout: float = 600) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--iters", type=int, default=5, help="samples per profiled point")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="mw-trust-"))
-    print("model profile ...", flush=True)
-    cli(["profile", "model", "--model", MODEL, "--batch-sizes", "1,2,4", "--seq-lens", "64,128", "--tp", "1", "--iters", "3",
-         "--out", str(tmp / "model.json")])
+    print("model profile (2 ranks: blocks, and the runtime's TP/SP and ZeRO-2/3 blocks) ...", flush=True)
+    torchrun(2, ["profile", "model", "--model", MODEL, "--batch-sizes", "1,2,4", "--seq-lens", "64,128", "--tp", "1,2",
+                 "--iters", str(args.iters), "--out", str(tmp / "model.json")])
     hw_profiles = {}
     for world in sorted({w for _, w, _ in LAYOUTS}):
         print(f"hardware profile, {world} ranks ...", flush=True)
         hw_profiles[world] = tmp / f"hw{world}.json"
-        torchrun(world, ["profile", "hardware", "--sizes", "128,256", "--iters", "3", "--timeout-s", "120",
+        torchrun(world, ["profile", "hardware", "--sizes", "128,256", "--iters", str(args.iters), "--timeout-s", "120",
                          "--out", str(hw_profiles[world])])
     rows = []
     for name, world, cons in LAYOUTS:

@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ep", type=int, default=None)
     g.add_argument("--zero", type=int, default=None, choices=(0, 1, 2, 3))
     g.add_argument("--recompute", default=None, choices=("none", "selective", "full"))
+    g.add_argument("--sp", default=None, action=argparse.BooleanOptionalAction,
+                   help="sequence parallelism on tp>1 layers (default: searched)")
     g.add_argument("--micro-batch", type=int, default=None)
     g.add_argument("--schedule", default=None, choices=("gpipe", "1f1b", "interleaved_1f1b"))
     g.add_argument("--virtual-stages", type=int, default=None, help="model chunks per rank for interleaved_1f1b")
@@ -89,7 +91,7 @@ def compute_result(args: argparse.Namespace) -> dict[str, Any]:
 
     inputs = _load_inputs(args)
     cfg, cluster, hw = inputs["cfg"], inputs["cluster"], inputs["hw"]
-    constraints = Constraints(tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep, zero=args.zero, recompute=args.recompute,
+    constraints = Constraints(tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep, zero=args.zero, recompute=args.recompute, sp=args.sp,
                               micro_batch=args.micro_batch, schedule=args.schedule, virtual_stages=args.virtual_stages,
                               runtime_compatible=not (args.any_runtime or args.allow))
     allow = Allow.parse(args.allow)

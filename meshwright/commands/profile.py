@@ -2,12 +2,14 @@
 
 ``meshwright profile hardware --out hw.json`` profiles the local device; run it under torchrun
 (``torchrun --nproc-per-node G -m meshwright.cli profile hardware ...``) to time the collectives too.
-``meshwright profile model --model tiny --out model.json`` times and measures the model's blocks.
+``meshwright profile model --model tiny --out model.json`` times and measures the model's blocks; under
+torchrun it also times the runtime's TP/SP and ZeRO-2/3 blocks (their framework overhead).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from meshwright.errors import ConfigError
@@ -44,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--tp", type=_int_list, default=None, help="tp degrees (default 1,2 where they divide the heads)")
     m.add_argument("--iters", type=int, default=3)
     m.add_argument("--device", default="cpu", help="cpu or cuda")
+    m.add_argument("--timeout-s", type=float, default=120.0, help="process-group timeout (under torchrun)")
     m.set_defaults(func=run_model)
 
 
@@ -84,17 +87,34 @@ def run_model(args: argparse.Namespace) -> int:
     import torch
 
     from meshwright.config import load_model_config
+    from meshwright.launcher.hardware_profile import init_distributed_from_env
     from meshwright.launcher.model_profile import profile_model, save_model_profile
 
     cfg = load_model_config(args.model)
     if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
         raise ConfigError(f"--device={args.device!r} is invalid; valid: cpu" + (" or cuda" if torch.cuda.is_available() else " (no GPU here)"))
     tps = args.tp or [t for t in (1, 2) if cfg.n_heads % t == 0 and cfg.kv_heads % t == 0 and cfg.ffn_dim % t == 0]
-    prof = profile_model(cfg, args.batch_sizes, args.seq_lens, tps, torch.device(args.device), args.iters,
-                         progress=sys.stderr.isatty())
-    save_model_profile(prof, args.out)
-    for e in prof["entries"]:
-        print(f"{e['kind']} tp={e['tp']}: fwd fit err {100 * e['fwd_fit']['max_rel_err']:.0f}%, "
-              f"saved {e['act_bytes_per_token']['none']:.0f} B/token")
-    print(f"wrote {args.out}")
+    dist_on = init_distributed_from_env(args.timeout_s)
+    try:
+        import torch.distributed as dist
+
+        device = torch.device(args.device, int(os.environ.get("LOCAL_RANK", "0"))) if args.device == "cuda" else torch.device("cpu")
+        rank0 = not dist_on or dist.get_rank() == 0
+        prof = profile_model(cfg, args.batch_sizes, args.seq_lens, tps, device, args.iters,
+                             progress=rank0 and sys.stderr.isatty())
+        if rank0:
+            save_model_profile(prof, args.out)
+            for e in prof["entries"]:
+                print(f"{e['kind']} tp={e['tp']}: fwd fit err {100 * e['fwd_fit']['max_rel_err']:.0f}%, "
+                      f"saved {e['act_bytes_per_token']['none']:.0f} B/token")
+            for e in prof.get("runtime_overheads", []):
+                p = max(e["points"], key=lambda q: q["tokens"])
+                print(f"runtime {e['kind']} tp={e['tp']} sp={e['sp']} zero={e['zero']} over {e['group_size']} ranks: "
+                      f"{1e3 * p['runtime_s']:.2f} ms vs plain shard {1e3 * p['plain_s']:.2f} ms at {p['tokens']} tokens")
+            print(f"wrote {args.out}")
+    finally:
+        if dist_on:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     return 0

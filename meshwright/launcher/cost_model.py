@@ -57,6 +57,9 @@ class Hardware:
     act_scale: float = 1.0  # measured / analytic activation bytes (from a model profile)
     mem_bw: float = 1.6e12  # achieved device-memory bandwidth (bytes/s) for memory-bound elementwise kernels
     layer_overhead_s: float = 0.0  # fixed fwd+bwd cost per block per microbatch (dispatch/launch), from a model profile
+    # per-layer, per-microbatch framework overhead of parallel layouts, (key, a, b): a + b*tokens seconds,
+    # keys tp2 / tp2sp / zero2 / zero3 (runtime_profile.overhead_key), measured by a model profile under torchrun
+    strategy_overheads: tuple[tuple[str, float, float], ...] = ()
 
     @property
     def elem_bytes(self) -> int:
@@ -215,6 +218,28 @@ def recompute_extra_fwd_fraction(cfg: ModelConfig, index: int, seq_len: int, mod
         attn = 4.0 * seq_len * cfg.d_model
         return attn / (2.0 * cfg.layer_params(index, active_only=True) + attn)
     raise invalid("recompute", mode, "none, selective or full")
+
+
+def strategy_overhead_s(hw: Hardware, tp: int, sp: bool, zero: int, dp: int, tokens: float) -> float:
+    """Framework overhead (DTensor dispatch, FSDP hooks) one layer adds per microbatch under (tp, sp, zero).
+
+    Uses the profiled layout of the same tp, else the largest profiled tp below it (the overhead is per
+    op, not per byte); a layout the profile did not cover adds nothing.
+    """
+    if not hw.strategy_overheads:
+        return 0.0
+    fits = {k: (a, b) for k, a, b in hw.strategy_overheads}
+    total = 0.0
+    if tp > 1:
+        suffix = "sp" if sp else ""
+        have = [t for t in range(2, tp + 1) if f"tp{t}{suffix}" in fits]
+        if have:
+            a, b = fits[f"tp{max(have)}{suffix}"]
+            total += a + b * tokens
+    if zero >= 2 and dp > 1 and f"zero{zero}" in fits:
+        a, b = fits[f"zero{zero}"]
+        total += a + b * tokens
+    return total
 
 
 # ---- per-layer communication -----------------------------------------------------------------------
@@ -459,6 +484,7 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
     width = min(cfg.d_model, (cfg.expert_ffn_dim if moe else cfg.ffn_dim) / s.tp, cfg.n_heads // s.tp * cfg.head_dim)
     fwd = compute_s(fwd_flops * lemo, hw, width) + elementwise_s(cfg, index, tokens * lemo, s.tp, s.sp, hw)
     compute_mb = fwd * (3.0 + extra) + hw.layer_overhead_s
+    overhead_mb = strategy_overhead_s(hw, s.tp, s.sp, s.zero, s.dp, tokens * lemo)
     model_flops_mb = fwd_flops * 3.0
     hw_flops_mb = fwd_flops * lemo * (3.0 + extra)
     comm_mb = tp_comm_s(tokens * lemo, cfg, s.tp, s.sp, s.recompute, hw)
@@ -485,11 +511,22 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
                                           s.savers.fp8_act, s.savers.wta_crs, s.savers.lemo, s.ep)
     gathered = shard_params * hw.elem_bytes * 2 if s.zero >= 3 else 0.0  # all-gathered layer + prefetch
     return {
-        "compute_mb": compute_mb, "fwd_mb": fwd, "comm_mb": comm_mb, "dp_mb": dp_mb, "dp_step": dp_step,
+        "compute_mb": compute_mb, "fwd_mb": fwd, "comm_mb": comm_mb, "overhead_mb": overhead_mb, "dp_mb": dp_mb, "dp_step": dp_step,
         "static_bytes": sum(states_b.values()), "act_bytes": act, "gathered_bytes": gathered,
         "model_flops_mb": model_flops_mb, "hw_flops_mb": hw_flops_mb, "shard_params": shard_params,
         **{f"{k}_bytes": v for k, v in states_b.items()},
     }
+
+
+def layer_microbatch_s(c: dict[str, float], hw: Hardware) -> float:
+    """Time one layer adds to its rank per microbatch: compute, TP/EP collectives, framework overhead and
+    the part of per-microbatch DP traffic (ZeRO-2/3) that compute does not hide."""
+    return c["compute_mb"] + c["comm_mb"] + c["overhead_mb"] + exposed_s(c["compute_mb"], c["dp_mb"], hw.overlap_slowdown)
+
+
+def layer_step_dp_s(c: dict[str, float], hw: Hardware) -> float:
+    """Per-step DP traffic of one layer left exposed after overlapping it with the last backward."""
+    return exposed_s(c["compute_mb"] - c["fwd_mb"], c["dp_step"], hw.overlap_slowdown)
 
 
 def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int) -> Prediction:
@@ -512,7 +549,7 @@ def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int) ->
     rank_act = [0.0] * pp.degree  # per microbatch
     rank_gather = [0.0] * pp.degree
     model_flops = hw_flops = 0.0
-    comm_total = compute_total = dp_total = 0.0
+    comm_total = compute_total = dp_total = overhead_total = 0.0
     starts = {a for a, _ in ranges}
     memo: dict[tuple, dict[str, float]] = {}  # identical layers collapse
     for i, s in enumerate(strategies):
@@ -524,9 +561,8 @@ def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int) ->
         c = memo.get(key)
         if c is None:
             c = memo[key] = layer_costs(cfg, i, s, mb_samples, plan.seq_len, hw, states, prev)
-        bwd = c["compute_mb"] - c["fwd_mb"]
-        rank_mb[r] += c["compute_mb"] + c["comm_mb"] + exposed_s(c["compute_mb"], c["dp_mb"], hw.overlap_slowdown)
-        rank_step[r] += exposed_s(bwd, c["dp_step"], hw.overlap_slowdown)
+        rank_mb[r] += layer_microbatch_s(c, hw)
+        rank_step[r] += layer_step_dp_s(c, hw)
         rank_static[r] += c["static_bytes"]
         rank_act[r] += c["act_bytes"]
         rank_gather[r] = max(rank_gather[r], c["gathered_bytes"])
@@ -534,6 +570,7 @@ def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int) ->
         hw_flops += c["hw_flops_mb"] * m
         comm_total += c["comm_mb"] * m
         compute_total += c["compute_mb"] * m
+        overhead_total += c["overhead_mb"] * m
         dp_total += c["dp_step"] + c["dp_mb"] * m
     # Embedding on the first rank, head (+ its compute and logits) on the last.
     emb = plan.embedding
@@ -576,7 +613,7 @@ def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int) ->
         mfu=mfu_flops / step / world_size / peak, hfu=mfu_flops * ratio / step / world_size / peak,
         memory_gib=mem, fits=max(mem) * GIB <= hw.memory_bytes,
         breakdown={"compute_s": compute_total / pp.degree, "tp_ep_comm_s": comm_total / pp.degree,
-                   "dp_comm_s": dp_total / pp.degree, "bubble_fraction": bubble_fraction(pp.degree, m, pp.schedule, v),
+                   "dp_comm_s": dp_total / pp.degree, "framework_overhead_s": overhead_total / pp.degree, "bubble_fraction": bubble_fraction(pp.degree, m, pp.schedule, v),
                    "microbatches": float(m)},
     )
 

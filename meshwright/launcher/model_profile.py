@@ -79,11 +79,21 @@ def saved_bytes_per_token(block: nn.Module, cfg: ModelConfig, batch: int, seq: i
     return sb.total / (batch * seq)
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def time_block(block: nn.Module, cfg: ModelConfig, batch: int, seq: int, device: torch.device, iters: int = 3) -> tuple[float, float]:
-    """Median forward and backward seconds of one block."""
+    """Median forward and backward seconds of one block (under torchrun every rank times it at once)."""
     x = torch.randn(batch, seq, cfg.d_model, device=device, requires_grad=True)
     rope = _rope(cfg, seq, device)
     fwd, bwd = [], []
+    if _distributed():
+        import torch.distributed as dist
+
+        dist.barrier()
     for i in range(iters + 1):
         t0 = time.perf_counter()
         y = block(x, rope)
@@ -116,7 +126,10 @@ def predict_time(fit: dict[str, float], tokens: float, seq: int) -> float:
 
 def profile_model(cfg: ModelConfig, batch_sizes: list[int], seq_lens: list[int], tps: list[int],
                   device: Optional[torch.device] = None, iters: int = 3, progress: bool = True) -> dict[str, Any]:
-    """Profile the dense (and MoE, if any) block kinds of ``cfg`` for each tp degree."""
+    """Profile the dense (and MoE, if any) block kinds of ``cfg`` for each tp degree.
+
+    Under torchrun (collective: every rank calls it) all ranks measure at once, as they will run, and
+    ``runtime_overheads`` adds the runtime's own TP/SP and ZeRO-2/3 blocks (runtime_profile)."""
     from tqdm import tqdm
 
     device = device or torch.device("cpu")
@@ -150,8 +163,16 @@ def profile_model(cfg: ModelConfig, batch_sizes: list[int], seq_lens: list[int],
     # a matmul reference taken now: planning divides by it and multiplies by the hardware profile's
     # figure for the same size, so load or contention that differs between the two runs cancels
     ref = measure_matmul(device, ["fp32"], [128, 256, 512], iters)
-    return {"version": MODEL_PROFILE_VERSION, "kind": KIND, "model": to_dict(cfg), "device": device.type,
-            "dtype": "fp32", "torch": torch.__version__, "entries": entries, "matmul_ref": ref}
+    out = {"version": MODEL_PROFILE_VERSION, "kind": KIND, "model": to_dict(cfg), "device": device.type,
+           "dtype": "fp32", "torch": torch.__version__, "entries": entries, "matmul_ref": ref, "world_size": 1}
+    if _distributed():
+        import torch.distributed as dist
+
+        from meshwright.launcher.runtime_profile import profile_runtime_overheads
+
+        out["world_size"] = dist.get_world_size()
+        out["runtime_overheads"] = profile_runtime_overheads(cfg, batch_sizes, seq_lens, tps, device, iters)
+    return out
 
 
 def save_model_profile(profile: dict[str, Any], path: str | Path) -> None:
@@ -185,8 +206,9 @@ def speed_ratio(profile: dict[str, Any], hardware_profile: Optional[dict[str, An
 def apply_model_profile(hw: cm.Hardware, profile: dict[str, Any], cfg: ModelConfig,
                         hardware_profile: Optional[dict[str, Any]] = None) -> cm.Hardware:
     """Calibrate the cost model with a measured profile of the same model shapes: achieved FLOP/s of a
-    tp=1 dense block (largest profiled point), its fixed per-block cost, and the measured/analytic
-    activation-bytes ratio. With a hardware profile, times are rescaled by ``speed_ratio``."""
+    tp=1 dense block (largest profiled point), its fixed per-block cost, the measured/analytic
+    activation-bytes ratio and, from a profile taken under torchrun, the framework overhead of the
+    runtime's TP/SP and ZeRO-2/3 layers. With a hardware profile, times are rescaled by ``speed_ratio``."""
     shape = {k: profile["model"].get(k) for k in ("d_model", "n_heads", "ffn_hidden", "arch")}
     ours = {"d_model": cfg.d_model, "n_heads": cfg.n_heads, "ffn_hidden": cfg.ffn_hidden, "arch": cfg.arch}
     if shape != ours:
@@ -203,5 +225,7 @@ def apply_model_profile(hw: cm.Hardware, profile: dict[str, Any], cfg: ModelConf
     overhead = (max(e["fwd_fit"]["a"], 0.0) + max(e["bwd_fit"]["a"], 0.0)) / ratio
     t_var = max(t / ratio - overhead, 1e-12)
     eff = min(max(flops / t_var / hw.peak_flops, 1e-4), 1.0)
+    from meshwright.launcher.runtime_profile import overhead_fits
+
     return dataclasses.replace(hw, matmul_efficiency=eff, efficiency_half_width=0.0, act_scale=scale, mem_bw=float("inf"),
-                               layer_overhead_s=overhead)
+                               layer_overhead_s=overhead, strategy_overheads=overhead_fits(profile, cfg, hw, ratio))

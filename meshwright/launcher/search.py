@@ -42,6 +42,7 @@ class Constraints:
     ep: Optional[int] = None
     zero: Optional[int] = None
     recompute: Optional[str] = None
+    sp: Optional[bool] = None  # sequence parallelism on tp>1 layers (None: searched)
     micro_batch: Optional[int] = None
     schedule: Optional[str] = None
     virtual_stages: Optional[int] = None
@@ -172,6 +173,8 @@ def layer_strategies(cfg: ModelConfig, index: int, per_stage: int, tps: list[int
         if max_dp % dp or global_batch % (dp * mb):
             continue
         sps = [False] if t == 1 else ([True, False] if seq_len % t == 0 else [False])
+        if c.sp is not None and t > 1:
+            sps = [sp for sp in sps if sp == c.sp]
         zeros = [c.zero] if c.zero is not None else ([0, 1, 2, 3] if dp > 1 else [0])
         if c.runtime_compatible and dp > 1 and c.zero is None:
             zeros = [0, 2, 3]
@@ -226,9 +229,7 @@ def _kind_costs(cfg: ModelConfig, index: int, strategies: list[LayerStrategy], m
     objs, stat, act = [], [], []
     for s in strategies:
         c = _cached_layer_costs(cfg, index, s, mb * max_dp / s.dp, seq_len, hw, states)
-        bwd = c["compute_mb"] - c["fwd_mb"]
-        per_mb = c["compute_mb"] + c["comm_mb"] + cm.exposed_s(c["compute_mb"], c["dp_mb"], hw.overlap_slowdown)
-        objs.append(m_eff * per_mb + cm.exposed_s(bwd, c["dp_step"], hw.overlap_slowdown))
+        objs.append(m_eff * cm.layer_microbatch_s(c, hw) + cm.layer_step_dp_s(c, hw))
         stat.append(c["static_bytes"] + c["gathered_bytes"])
         act.append(c["act_bytes"])
     objs_a, stat_a, act_a = np.array(objs), np.array(stat), np.array(act)

@@ -247,6 +247,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         self._megatron_shards: dict[nn.Parameter, tuple[int, int]] = {}  # param -> (shard dim, tp)
         self._megatron_state: dict[str, tuple[int, int, Any]] = {}  # state key -> (dim, tp, mesh or None: tp mesh)
         self._state_shards: dict[nn.Parameter, tuple[int, Any]] = {}  # plain local shards: (dim, 1-D mesh)
+        self._zero2_blocks: list[nn.Module] = []  # FSDP2 modules at ZeRO-2: gathered once per step
         for chunk in chunks:
             self._apply_layers(chunk)
             self._apply_outer(chunk)
@@ -305,6 +306,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
                 continue
             if s.zero >= 2:
                 apply_fsdp(block, hsdp["replicate", "shard"] if hsdp is not None else m.dp_mesh(s.tp), s.zero)
+                if s.zero == 2:
+                    self._zero2_blocks.append(block)
                 if s.dp != m.max_dp:
                     self._post_scale.append((list(block.parameters()), s.dp / m.max_dp))
             else:
@@ -373,6 +376,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
             mod, n, total = self.modules[0], len(micro_batches), 0.0
             for i, (x, y) in enumerate(micro_batches):
                 sync = contextlib.nullcontext() if not isinstance(mod, DDP) or i == n - 1 else mod.no_sync()
+                for block in self._zero2_blocks:  # ZeRO-2: keep parameters gathered until the last microbatch
+                    block.set_reshard_after_backward(i == n - 1)
                 with sync:
                     loss = lm_loss(mod(x.to(self.device)), y.to(self.device))
                     aux = self.chunks[0].aux_loss() if self.cfg.n_experts else None

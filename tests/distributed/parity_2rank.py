@@ -7,7 +7,7 @@ import traceback
 
 import torch.distributed as dist
 
-from parity_lib import CFG, GLOBAL, MICRO, STEPS, Report, check_runtime, init, make_opt, reference
+from parity_lib import CFG, GLOBAL, MICRO, STEPS, Report, check_runtime, init, make_opt, reference, shard
 
 from meshwright.parallel.checkpoint import load_runtime, save_runtime
 from meshwright.parallel.runtime import DistributedRuntime
@@ -47,6 +47,41 @@ CASES = {
 }
 
 
+def zero2_gather_counts() -> tuple[bool, dict]:
+    """ZeRO-2 gathers each FSDP block's parameters once per step (not once per microbatch): count the
+    all-gathers of two steps of two microbatches each (4 blocks -> 4 per step)."""
+    calls = {"n": 0}
+    names = [n for n in ("all_gather_single", "all_gather_into_tensor") if hasattr(dist, n)]
+    saved = {n: getattr(dist, n) for n in names}
+
+    def counting(fn):
+        def wrapped(*a, **k):
+            calls["n"] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    try:
+        rt = DistributedRuntime(CFG, plan_from_dict(plan(uniform(dp=2, zero=2))), seed=7)
+        opt = rt.build_optimizer(make_opt)
+        counts = []
+        for step in range(2):
+            micro = shard(step, rt.dp_rank, rt.dp_size)
+            for n in names:
+                setattr(dist, n, counting(saved[n]))
+            calls["n"] = 0
+            rt.forward_backward(micro)
+            for n in names:
+                setattr(dist, n, saved[n])
+            counts.append(calls["n"])
+            rt.optimizer_step(opt)
+        rt.close()
+        return counts == [L, L] and len(micro) == 2, {"gathers_per_step": counts, "microbatches": len(micro)}
+    except Exception as e:
+        for n in names:
+            setattr(dist, n, saved[n])
+        return False, {"error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()[-3000:]}
+
+
 def main() -> None:
     rank, world = init()
     out = sys.argv[1] if len(sys.argv) > 1 else None
@@ -67,6 +102,9 @@ def main() -> None:
             res = {"ok": False, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()[-3000:]}
             print(f"[rank{dist.get_rank()}] case {name} failed:\n{res['tb']}", file=sys.stderr, flush=True)
         report.add(name, res["ok"], res)
+        dist.barrier()
+    if only is None or "zero2_gathers_once_per_step" in only:
+        report.add("zero2_gathers_once_per_step", *zero2_gather_counts())
         dist.barrier()
     if only is None or "deepspeed" in only:
         import tempfile

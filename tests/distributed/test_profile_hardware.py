@@ -27,3 +27,28 @@ def test_profile_hardware_two_ranks(tmp_path):
     d = prof["derived"]
     assert d["measured"] == ["intra"] and d["intra_bw_gbps"] > 0
     assert read_json(out)["version"] == 1
+
+
+def test_profile_model_two_ranks_times_the_runtime_layouts(tmp_path):
+    """Under torchrun the model profile also times the runtime's TP/SP and ZeRO-2/3 blocks, and the
+    planner turns them into per-layer overheads that make tp layouts slower than the bare model says."""
+    out = tmp_path / "model.json"
+    run_torchrun(REPO / "meshwright" / "cli.py", 2,
+                 ["profile", "model", "--model", "tiny", "--batch-sizes", "1,2", "--seq-lens", "32,64", "--tp", "1,2",
+                  "--iters", "2", "--timeout-s", "60", "--out", str(out)], timeout=180)
+    from meshwright.config import load_cluster, load_model_config
+    from meshwright.launcher import cost_model as cm
+    from meshwright.launcher.model_profile import apply_model_profile, load_model_profile
+
+    prof = load_model_profile(out)
+    assert prof["world_size"] == 2
+    layouts = {(e["tp"], e["sp"], e["zero"]) for e in prof["runtime_overheads"]}
+    assert layouts == {(2, False, 0), (2, True, 0), (1, False, 2), (1, False, 3)}
+    for e in prof["runtime_overheads"]:
+        assert len(e["points"]) == 4 and all(p["runtime_s"] > 0 and p["plain_s"] > 0 for p in e["points"])
+    cfg = load_model_config("tiny")
+    hw = apply_model_profile(cm.hardware_from_cluster(load_cluster("local-cpu")), prof, cfg)
+    assert {k for k, _, _ in hw.strategy_overheads} == {"tp2", "tp2sp", "zero2", "zero3"}
+    # DTensor dispatch on CPU costs more than the two shards' matmuls save: tp2 is slower than its shard
+    e = next(x for x in prof["runtime_overheads"] if (x["tp"], x["sp"]) == (2, False))
+    assert sum(p["runtime_s"] for p in e["points"]) > sum(p["plain_s"] for p in e["points"])

@@ -301,3 +301,61 @@ def test_hardware_from_cluster_and_profile_override():
     with pytest.raises(Exception, match="memory_budget_gib"):
         cm.hardware_from_cluster(cl, None, memory_budget_gib=0)
     assert math.isfinite(h.matmul_efficiency)
+
+
+# ---- framework overhead of parallel layouts (runtime_profile) -------------------------------------
+
+def test_strategy_overhead_picks_the_profiled_layout_by_hand():
+    h = hw(strategy_overheads=(("tp2", 1e-3, 1e-6), ("tp2sp", 2e-3, 0.0), ("tp4", 3e-3, 0.0), ("zero2", 5e-4, 2e-7)))
+    assert cm.strategy_overhead_s(h, 1, False, 0, 1, 1000) == 0.0
+    assert cm.strategy_overhead_s(h, 2, False, 0, 1, 1000) == pytest.approx(1e-3 + 1e-6 * 1000)
+    assert cm.strategy_overhead_s(h, 2, True, 0, 1, 1000) == pytest.approx(2e-3)
+    assert cm.strategy_overhead_s(h, 8, False, 0, 1, 1000) == pytest.approx(3e-3)  # largest profiled tp below 8
+    assert cm.strategy_overhead_s(h, 4, True, 0, 1, 1000) == pytest.approx(2e-3)  # tp2sp stands in for tp4sp
+    # ZeRO-2 hooks only where there is a dp group to shard over; ZeRO-3 was not profiled: nothing
+    assert cm.strategy_overhead_s(h, 1, False, 2, 4, 1000) == pytest.approx(5e-4 + 2e-7 * 1000)
+    assert cm.strategy_overhead_s(h, 1, False, 2, 1, 1000) == 0.0
+    assert cm.strategy_overhead_s(h, 1, False, 3, 4, 1000) == 0.0
+    assert cm.strategy_overhead_s(h, 2, False, 2, 4, 1000) == pytest.approx(2e-3 + 7e-4)
+    assert cm.strategy_overhead_s(hw(), 2, True, 3, 4, 1000) == 0.0  # no profile: the analytic model alone
+
+
+def test_strategy_overhead_enters_step_time_once_per_layer_and_microbatch():
+    cfg = load_model_config("tiny")
+    plan = Plan(model="tiny", seq_len=128, global_batch=16, micro_batch=4,
+                layers=[LayerStrategy(tp=2, sp=False, dp=1, repeat=cfg.n_layers)])
+    base = hw(peak_flops=1e11, devices_per_node=2)
+    with_oh = dataclasses.replace(base, strategy_overheads=(("tp2", 0.01, 0.0),))
+    p0, p1 = cm.evaluate_plan(plan, cfg, base, 2), cm.evaluate_plan(plan, cfg, with_oh, 2)
+    m = 16 // 4  # microbatches
+    assert p1.step_s - p0.step_s == pytest.approx(0.01 * cfg.n_layers * m)
+    assert p1.breakdown["framework_overhead_s"] == pytest.approx(0.01 * cfg.n_layers * m)
+
+
+def test_overhead_fits_recover_the_part_the_model_does_not_explain():
+    from meshwright.launcher.runtime_profile import modelled_comm_s, overhead_fits
+
+    cfg = load_model_config("tiny")
+    h = hw(intra_bw=1 * GB, intra_lat=1e-4, devices_per_node=2, compute_dtype="fp32")
+
+    def entry(tp, sp, zero, a, b, group):
+        e = {"kind": "dense", "layer_index": 0, "tp": tp, "sp": sp, "zero": zero, "group_size": group, "points": []}
+        for tokens in (64, 128, 256, 512):
+            plain = 1e-5 * tokens
+            e["points"].append({"tokens": tokens, "seq": 64, "plain_s": plain,
+                                "runtime_s": plain + modelled_comm_s(cfg, e, tokens, h) + a + b * tokens})
+        return e
+
+    prof = {"runtime_overheads": [entry(2, True, 0, 0.017, 2e-6, 2), entry(1, False, 2, 0.004, 0.0, 2),
+                                  {**entry(2, False, 0, 0.01, 0.0, 2), "kind": "moe"}]}
+    fits = dict((k, (a, b)) for k, a, b in overhead_fits(prof, cfg, h))
+    assert set(fits) == {"tp2sp", "zero2"}  # MoE entries do not override the dense ones
+    assert fits["tp2sp"] == pytest.approx((0.017, 2e-6), rel=1e-6)
+    assert fits["zero2"][0] == pytest.approx(0.004, rel=1e-6) and fits["zero2"][1] == pytest.approx(0.0, abs=1e-12)
+    # the communication term is not counted twice: it is what the modelled collectives predict
+    assert modelled_comm_s(cfg, prof["runtime_overheads"][0], 512, h) == pytest.approx(cm.tp_comm_s(512, cfg, 2, True, "none", h))
+    # times measured on a slower host shrink by the speed ratio, and a runtime faster than the model clamps at 0
+    half = dict((k, (a, b)) for k, a, b in overhead_fits(prof, cfg, h, speed_ratio=2.0))
+    assert half["tp2sp"][0] == pytest.approx(0.0085, rel=1e-6)
+    neg = {"runtime_overheads": [entry(2, False, 0, -0.5, 0.0, 2)]}
+    assert overhead_fits(neg, cfg, h) == (("tp2", 0.0, 0.0),)

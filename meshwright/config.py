@@ -264,6 +264,7 @@ class TrainConfig:
     ckpt_every: int = 0  # 0 = only at the end
     out_dir: str = "runs/default"
     plan: Optional[str] = None  # path to a Plan YAML, "auto", or null for the default layout
+    auto_profile: bool = True  # plan auto: profile these machines once (cached) and calibrate the planner with it
     tp_backend: Literal["dtensor", "megatron"] = "dtensor"
     dp_backend: Literal["torch", "deepspeed"] = "torch"
     nan_policy: Literal["stop", "skip"] = "stop"

@@ -22,3 +22,10 @@ def _one_thread():
 def _deterministic_seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _profile_cache(tmp_path_factory):
+    """`--plan auto` caches its profiles; tests keep theirs out of the user's home (and share them per session)."""
+    os.environ.setdefault("MESHWRIGHT_CACHE_DIR", str(tmp_path_factory.mktemp("profile-cache")))
+    yield

@@ -8,6 +8,7 @@ dict into the readable table. A new section adds flags, a key in the dict and a 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Any
@@ -42,6 +43,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--any-runtime", action="store_true",
                    help="search the full space (ZeRO-1, vocab-parallel embeddings, savers) instead of only layouts "
                         "meshwright's runtime runs unchanged; useful with --emit; implied by --allow")
+    p.add_argument("--attention", default="flash", choices=("flash", "materialized"),
+                   help="attention kernels of the stack: flash (fused; meshwright, Megatron since 2023) or "
+                        "materialized scores (e.g. Megatron-LM 2021), which cost memory traffic and activation memory")
+    p.add_argument("--task", default="pretrain", choices=("pretrain", "finetune"),
+                   help="what the run is: LeMo (token elimination) is only for long-context fine-tuning")
     p.add_argument("--allow", action="append", default=None, metavar="SAVER",
                    help="memory savers the search may use (they change numerics): fp8, wta-crs[=RATIO], lemo[=RATIO]")
     c = p.add_argument_group("capacity planning (days, device-hours, energy, CO2, cost of a whole run)")
@@ -82,6 +88,8 @@ def _load_inputs(args: argparse.Namespace) -> dict[str, Any]:
     hw = cm.hardware_from_cluster(cluster, hprof, args.memory_budget_gib)
     if args.model_profile:
         hw = apply_model_profile(hw, load_model_profile(args.model_profile), cfg, hprof)
+    if args.attention != hw.attention:
+        hw = dataclasses.replace(hw, attention=args.attention)
     return {"cfg": cfg, "cluster": cluster, "hw": hw}
 
 
@@ -95,6 +103,10 @@ def compute_result(args: argparse.Namespace) -> dict[str, Any]:
                               micro_batch=args.micro_batch, schedule=args.schedule, virtual_stages=args.virtual_stages,
                               runtime_compatible=not (args.any_runtime or args.allow))
     allow = Allow.parse(args.allow)
+    if allow.lemo is not None:
+        from meshwright.memory.lemo import check_lemo_allowed
+
+        check_lemo_allowed(args.task, ["lemo"])
     res = search(cfg, cluster, args.seq_len, args.global_batch, hw=hw, constraints=constraints, allow=allow, top=args.top,
                  progress=sys.stderr.isatty() and not args.json)
     out: dict[str, Any] = {

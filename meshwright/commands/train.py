@@ -32,16 +32,32 @@ def resolve_plan(train_cfg: TrainConfig, plan_ref: str | None, world_size: int):
     if plan_ref is None:
         return None
     if plan_ref == "auto":
-        try:
-            from meshwright.launcher.search import auto_plan  # the planner issue supplies this
-        except ImportError:
-            return default_plan(train_cfg.model, world_size, train_cfg.seq_len, train_cfg.global_batch, train_cfg.micro_batch)
-        return auto_plan(train_cfg, world_size)
+        return _auto_plan(train_cfg, world_size)
     if not Path(plan_ref).is_file():
         raise invalid("plan", plan_ref, "'auto' or the path of an existing Plan YAML/JSON file")
     plan = load_plan(plan_ref)
     validate_plan(plan, train_cfg.model, plan.world_size() if world_size == 1 else world_size)
     return plan
+
+
+def _auto_plan(train_cfg: TrainConfig, world_size: int):
+    """The planner's best layout for this world, calibrated with (cached) profiles of these machines
+    when ``auto_profile`` is on; under torchrun the process group starts here, as profiling is collective."""
+    from meshwright.launcher.search import auto_plan
+
+    hw_prof = model_prof = None
+    if train_cfg.auto_profile:
+        from meshwright.launcher.auto_profile import auto_profiles, describe
+
+        if world_size > 1:
+            from meshwright.parallel.runtime import init_distributed
+
+            init_distributed()
+        hw_prof, model_prof = auto_profiles(load_model_config(train_cfg.model), world_size, train_cfg.seq_len,
+                                            train_cfg.micro_batch, progress=False)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(describe(hw_prof, model_prof), flush=True)
+    return auto_plan(train_cfg, world_size, hardware_profile=hw_prof, model_profile=model_prof)
 
 
 def _plan_needs_parallel(plan: Any) -> bool:

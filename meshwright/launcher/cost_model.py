@@ -57,6 +57,9 @@ class Hardware:
     act_scale: float = 1.0  # measured / analytic activation bytes (from a model profile)
     mem_bw: float = 1.6e12  # achieved device-memory bandwidth (bytes/s) for memory-bound elementwise kernels
     layer_overhead_s: float = 0.0  # fixed fwd+bwd cost per block per microbatch (dispatch/launch), from a model profile
+    # attention kernels: "flash" (fused, scores never reach device memory: meshwright's SDPA, Megatron since 2023)
+    # or "materialized" (b·a·s² scores written and read by softmax/dropout kernels: Megatron-LM 2021)
+    attention: str = "flash"
     # per-layer, per-microbatch framework overhead of parallel layouts, (key, a, b): a + b*tokens seconds,
     # keys tp2 / tp2sp / zero2 / zero3 (runtime_profile.overhead_key), measured by a model profile under torchrun
     strategy_overheads: tuple[tuple[str, float, float], ...] = ()
@@ -189,6 +192,33 @@ def elementwise_s(cfg: ModelConfig, index: int, tokens: float, tp: int, sp: bool
     f = cfg.top_k * cfg.expert_ffn_dim if cfg.is_moe_layer(index) else cfg.ffn_dim
     elems = c["h"] * cfg.d_model / (tp if sp else 1) + c["f"] * f / tp
     return elems * tokens * hw.elem_bytes / hw.mem_bw
+
+
+# Bytes per attention-score element moved in one forward pass when scores are materialized (2-byte
+# elements): QK^T writes (2), fused scale-mask-softmax reads and writes (4), dropout reads and writes (4)
+# plus a 1-byte mask, the context matmul reads (2). Korthikanti et al.'s 5 B/element saved for backward
+# is the stored subset of these.
+SCORE_BYTES_PER_ELEM_FWD = 13.0
+
+
+def attention_scores_s(cfg: ModelConfig, tokens: float, seq_len: int, tp: int, hw: Hardware) -> float:
+    """Forward time of the memory-bound passes over materialized attention scores (0 with flash kernels):
+    each token has (heads / tp) x seq score elements."""
+    if hw.attention == "flash":
+        return 0.0
+    if hw.attention != "materialized":
+        raise invalid("attention", hw.attention, "flash or materialized")
+    elems = tokens * cfg.n_heads / tp * seq_len
+    return elems * SCORE_BYTES_PER_ELEM_FWD * hw.elem_bytes / 2 / hw.mem_bw
+
+
+def attention_score_bytes(cfg: ModelConfig, tokens: float, seq_len: int, tp: int, recompute: str, hw: Hardware) -> float:
+    """Bytes of materialized attention scores saved for backward (Korthikanti et al.'s 5·a·s²·b with 2-byte
+    elements: softmax output, dropout mask, dropout output); 0 with flash kernels or when the attention
+    core is recomputed (selective, full)."""
+    if hw.attention == "flash" or recompute != "none":
+        return 0.0
+    return tokens * cfg.n_heads / tp * seq_len * 2.5 * hw.elem_bytes
 
 
 def matmul_efficiency(hw: Hardware, width: float) -> float:
@@ -482,7 +512,8 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
     extra = recompute_extra_fwd_fraction(cfg, index, seq_len, s.recompute)
     lemo = s.savers.lemo if s.savers.lemo is not None else 1.0
     width = min(cfg.d_model, (cfg.expert_ffn_dim if moe else cfg.ffn_dim) / s.tp, cfg.n_heads // s.tp * cfg.head_dim)
-    fwd = compute_s(fwd_flops * lemo, hw, width) + elementwise_s(cfg, index, tokens * lemo, s.tp, s.sp, hw)
+    fwd = (compute_s(fwd_flops * lemo, hw, width) + elementwise_s(cfg, index, tokens * lemo, s.tp, s.sp, hw)
+           + attention_scores_s(cfg, tokens * lemo, seq_len, s.tp, hw))
     compute_mb = fwd * (3.0 + extra) + hw.layer_overhead_s
     overhead_mb = strategy_overhead_s(hw, s.tp, s.sp, s.zero, s.dp, tokens * lemo)
     model_flops_mb = fwd_flops * 3.0
@@ -509,6 +540,7 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
         states_b = model_state_bytes(shard_params, s.dp, s.zero, states, hw)
     act = hw.act_scale * activation_bytes(cfg, index, tokens, s.tp, s.sp, s.recompute, hw.elem_bytes,
                                           s.savers.fp8_act, s.savers.wta_crs, s.savers.lemo, s.ep)
+    act += attention_score_bytes(cfg, tokens * lemo, seq_len, s.tp, s.recompute, hw)
     gathered = shard_params * hw.elem_bytes * 2 if s.zero >= 3 else 0.0  # all-gathered layer + prefetch
     return {
         "compute_mb": compute_mb, "fwd_mb": fwd, "comm_mb": comm_mb, "overhead_mb": overhead_mb, "dp_mb": dp_mb, "dp_step": dp_step,

@@ -660,7 +660,7 @@ def _suggest(cfg, cluster, seq_len, global_batch, hw, c, allow) -> str:
 def auto_plan(model_cfg: Any, cluster: ClusterSpec | str | dict | int | None = None, world_size: Optional[int] = None,
               seq_len: Optional[int] = None, global_batch: Optional[int] = None, hardware_profile: Optional[dict] = None,
               constraints: Optional[Constraints] = None, allow: Optional[Allow] = None,
-              memory_budget_gib: Optional[float] = None) -> Plan:
+              memory_budget_gib: Optional[float] = None, model_profile: Optional[dict] = None) -> Plan:
     """The plan ``meshwright train --plan auto`` uses: best searched plan for ``world_size`` ranks.
 
     Call as ``auto_plan(model_cfg, cluster, world_size, seq_len, global_batch)`` or, from the trainer,
@@ -690,6 +690,10 @@ def auto_plan(model_cfg: Any, cluster: ClusterSpec | str | dict | int | None = N
     else:
         raise invalid("world_size", world_size, f"at most {spec.devices_per_node} or a multiple of devices_per_node")
     hw = cm.hardware_from_cluster(spec, hardware_profile, memory_budget_gib)
+    if model_profile is not None:
+        from meshwright.launcher.model_profile import apply_model_profile
+
+        hw = apply_model_profile(hw, model_profile, cfg, hardware_profile)
     constraints = dataclasses.replace(constraints or Constraints(), runtime_compatible=True)
     result = search(cfg, spec, seq_len, global_batch, hw=hw, constraints=constraints, allow=allow)
     if result.best is None:

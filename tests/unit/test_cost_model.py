@@ -359,3 +359,23 @@ def test_overhead_fits_recover_the_part_the_model_does_not_explain():
     assert half["tp2sp"][0] == pytest.approx(0.0085, rel=1e-6)
     neg = {"runtime_overheads": [entry(2, False, 0, -0.5, 0.0, 2)]}
     assert overhead_fits(neg, cfg, h) == (("tp2", 0.0, 0.0),)
+
+
+def test_materialized_attention_costs_score_traffic_and_memory_by_hand():
+    """Megatron-LM 2021 wrote the b·a·s² scores to memory: 13 B per element moved forward (2-byte elements)
+    and Korthikanti's 5 B per element saved; flash kernels (the default) have neither."""
+    cfg = load_model_config("megatron-gpt-1.7b")
+    flash = hw(mem_bw=1e12)
+    mat = dataclasses.replace(flash, attention="materialized")
+    tokens, seq, tp = 2048.0, 2048, 2
+    elems = tokens * cfg.n_heads / tp * seq
+    assert cm.attention_scores_s(cfg, tokens, seq, tp, flash) == 0.0
+    assert cm.attention_scores_s(cfg, tokens, seq, tp, mat) == pytest.approx(elems * 13 / 1e12)
+    assert cm.attention_score_bytes(cfg, tokens, seq, tp, "none", mat) == pytest.approx(elems * 5)
+    assert cm.attention_score_bytes(cfg, tokens, seq, tp, "selective", mat) == 0.0  # the core is recomputed
+    s = LayerStrategy(tp=tp, sp=True, dp=1)
+    c0, c1 = cm.layer_costs(cfg, 0, s, 1, seq, flash), cm.layer_costs(cfg, 0, s, 1, seq, mat)
+    assert c1["fwd_mb"] - c0["fwd_mb"] == pytest.approx(elems * 13 / 1e12)
+    assert c1["act_bytes"] - c0["act_bytes"] == pytest.approx(elems * 5)
+    with pytest.raises(Exception, match="attention"):
+        cm.attention_scores_s(cfg, tokens, seq, tp, dataclasses.replace(flash, attention="paged"))

@@ -280,3 +280,21 @@ def test_profile_model_fits_times_and_measures_bytes(tmp_path, capsys):
         apply_model_profile(hw, prof, load_model_config("tiny-gpt2"))
     rc, _, _ = _run(capsys, ["plan", *GOLDEN_CASES["tiny_local_cpu"], "--model-profile", str(out)])
     assert rc == 0
+
+
+def test_lemo_needs_a_finetuning_task(capsys):
+    """LeMo drops context tokens: the planner may use it for fine-tuning only, and says so in one line."""
+    args = ["plan", "--model", "tiny", "--cluster", "local-cpu", "--seq-len", "128", "--global-batch", "8", "--json"]
+    rc, _, err = _run(capsys, [*args, "--allow", "lemo"])
+    assert rc == 2 and "task='pretrain'" in err and "finetune" in err and len(err.strip().splitlines()) == 1
+    rc, out, _ = _run(capsys, [*args, "--allow", "lemo", "--task", "finetune"])
+    assert rc == 0 and json.loads(out)["predicted"]["step_s"] > 0
+
+
+def test_sp_constraint_fixes_sequence_parallelism(capsys):
+    base = ["plan", "--model", "tiny", "--cluster", "local-cpu", "--devices-per-node", "2", "--seq-len", "128",
+            "--global-batch", "8", "--tp", "2", "--json"]
+    for flag, want in (("--sp", True), ("--no-sp", False)):
+        rc, out, _ = _run(capsys, [*base, flag])
+        assert rc == 0
+        assert {layer["sp"] for layer in json.loads(out)["plan"]["layers"]} == {want}

@@ -1,0 +1,104 @@
+"""Profiles for ``meshwright train --plan auto``: measured on the machines the run uses, once, then reused.
+
+The first ``--plan auto`` run for a (host, world size, device, torch, model shape, sequence length,
+micro-batch) profiles the hardware and the model's blocks, under torchrun on every rank (so the
+runtime's TP/ZeRO overheads and the ranks' shared cores are measured too), and caches both JSON
+files under ``$MESHWRIGHT_CACHE_DIR`` (default ``~/.cache/meshwright/profiles``). Later runs load
+them. Rank 0 decides whether the cache is complete and tells the others, so every rank takes part
+in the same collective measurements.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from meshwright.config import ModelConfig
+from meshwright.yamlio import to_dict
+
+PROFILE_ITERS = 3
+
+
+def cache_dir() -> Path:
+    """Where cached profiles live: ``$MESHWRIGHT_CACHE_DIR`` or ``~/.cache/meshwright/profiles``."""
+    root = os.environ.get("MESHWRIGHT_CACHE_DIR")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "meshwright" / "profiles"
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu-{os.cpu_count()}"
+
+
+def profile_key(kind: str, world_size: int, **extra: Any) -> str:
+    """A stable file name for one profile: what it was measured on and for."""
+    facts = {"kind": kind, "host": platform.node(), "world": world_size, "local_world": os.environ.get("LOCAL_WORLD_SIZE"),
+             "device": _device_name(), "torch": torch.__version__, "threads": torch.get_num_threads(), **extra}
+    digest = hashlib.sha1(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"{kind}-w{world_size}-{digest}.json"
+
+
+def profile_grid(seq_len: int, micro_batch: int) -> tuple[list[int], list[int]]:
+    """Batch sizes and sequence lengths around the run's own shape (4 points for the 3-term fit)."""
+    batches = sorted({max(1, micro_batch // 2), micro_batch})
+    seqs = sorted({max(8, seq_len // 2), seq_len})
+    if len(batches) * len(seqs) < 3:
+        batches = sorted({micro_batch, micro_batch + 1})
+    return batches, seqs
+
+
+def _decide(missing: bool) -> bool:
+    """Rank 0's answer to "must we profile?", shared with every rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return missing
+    box = [missing]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
+def auto_profiles(cfg: ModelConfig, world_size: int, seq_len: int, micro_batch: int,
+                  progress: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(hardware profile, model profile) for this run's machines; collective under torchrun."""
+    import torch.distributed as dist
+
+    from meshwright.launcher.hardware_profile import load_hardware_profile, profile_hardware, save_hardware_profile
+    from meshwright.launcher.model_profile import load_model_profile, profile_model, save_model_profile
+
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    batches, seqs = profile_grid(seq_len, micro_batch)
+    tps = [t for t in (1, 2) if t <= world_size and cfg.n_heads % t == 0 and cfg.kv_heads % t == 0 and cfg.ffn_dim % t == 0]
+    root = cache_dir()
+    hw_path = root / profile_key("hardware", world_size)
+    model_path = root / profile_key("model", world_size, model=to_dict(cfg), batches=batches, seqs=seqs, tps=tps)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if _decide(not hw_path.is_file()):
+        hw = profile_hardware(["bf16", "fp32"] if device.type == "cuda" else ["fp32"],
+                              [2048, 4096] if device.type == "cuda" else [128, 256], iters=PROFILE_ITERS, progress=progress)
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            save_hardware_profile(hw, hw_path)
+    if _decide(not model_path.is_file()):
+        prof = profile_model(cfg, batches, seqs, tps, device, PROFILE_ITERS, progress=progress)
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            save_model_profile(prof, model_path)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # rank 0 has written both files
+    return load_hardware_profile(hw_path), load_model_profile(model_path)
+
+
+def describe(hw_profile: Optional[dict[str, Any]], model_profile: Optional[dict[str, Any]]) -> str:
+    """One line for the run's log: what the auto plan was calibrated with."""
+    if not hw_profile or not model_profile:
+        return "plan auto: cluster preset figures (no profile)"
+    peak = max(hw_profile["derived"]["peak_tflops"].values())
+    over = ", ".join(f"{e['tp']}/{e['sp']}/{e['zero']}" for e in model_profile.get("runtime_overheads", []))
+    return (f"plan auto: calibrated with profiles of {hw_profile['world_size']} rank(s) (matmul {peak:.3g} TFLOP/s per rank"
+            f"{'; runtime layouts tp/sp/zero ' + over if over else ''}) from {cache_dir()}")

@@ -1,0 +1,59 @@
+"""`train --plan auto` profiles this machine once, caches the profiles and calibrates the planner with them."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshwright.config import load_model_config
+from meshwright.launcher import auto_profile as ap
+
+
+def test_grid_surrounds_the_run_shape_with_enough_points_for_the_fit():
+    assert ap.profile_grid(128, 16) == ([8, 16], [64, 128])
+    b, s = ap.profile_grid(64, 1)
+    assert len(b) * len(s) >= 3 and max(b) >= 1 and max(s) == 64
+
+
+def test_profile_key_names_what_the_profile_was_measured_for():
+    k = ap.profile_key("model", 2, model={"d_model": 128}, seqs=[64])
+    assert k == ap.profile_key("model", 2, model={"d_model": 128}, seqs=[64])
+    assert k != ap.profile_key("model", 4, model={"d_model": 128}, seqs=[64])
+    assert k != ap.profile_key("model", 2, model={"d_model": 256}, seqs=[64])
+    assert k.startswith("model-w2-") and k.endswith(".json")
+
+
+def test_auto_profiles_measure_once_then_reuse_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MESHWRIGHT_CACHE_DIR", str(tmp_path))
+    cfg = load_model_config("tiny")
+    hw, prof = ap.auto_profiles(cfg, 1, 32, 2)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and hw["world_size"] == 1 and prof["entries"][0]["tp"] == 1
+    assert {p["tokens"] for p in prof["entries"][0]["points"]} == {16, 32, 64}  # batches {1,2} x seqs {16,32}
+
+    import meshwright.launcher.hardware_profile as hp
+    import meshwright.launcher.model_profile as mp
+
+    def boom(*a, **k):
+        raise AssertionError("profiled again although the cache holds the profile")
+
+    monkeypatch.setattr(hp, "profile_hardware", boom)
+    monkeypatch.setattr(mp, "profile_model", boom)
+    hw2, prof2 = ap.auto_profiles(cfg, 1, 32, 2)
+    assert hw2 == hw and prof2["entries"] == prof["entries"]
+    with pytest.raises(AssertionError, match="profiled again"):  # another shape is another profile
+        ap.auto_profiles(cfg, 1, 64, 2)
+
+
+def test_auto_plan_uses_the_profiles(tmp_path, monkeypatch):
+    """The calibrated planner predicts this machine's speed, not the preset's."""
+    monkeypatch.setenv("MESHWRIGHT_CACHE_DIR", str(tmp_path))
+    from meshwright.config import load_cluster
+    from meshwright.launcher import cost_model as cm
+    from meshwright.launcher.model_profile import apply_model_profile
+
+    cfg = load_model_config("tiny")
+    hw_prof, prof = ap.auto_profiles(cfg, 1, 32, 2)
+    preset = cm.hardware_from_cluster(load_cluster("local-cpu"))
+    calibrated = apply_model_profile(cm.hardware_from_cluster(load_cluster("local-cpu"), hw_prof), prof, cfg, hw_prof)
+    assert calibrated.matmul_efficiency != preset.matmul_efficiency and calibrated.layer_overhead_s > 0
+    assert "calibrated with profiles of 1 rank" in ap.describe(hw_prof, prof)

@@ -1,11 +1,15 @@
-"""Atomic, resumable checkpoints with torch.distributed.checkpoint (DCP).
+"""Atomic, resharding checkpoints with torch.distributed.checkpoint (DCP): the one checkpoint module.
 
-Model and optimiser state go through DCP's ``get_state_dict``/``set_state_dict`` (keyed by the plain
-model's parameter names), so the same code saves one process today and sharded FSDP/TP layouts
-later, and a checkpoint reshards between them. Trainer state (step, data position, RNG) sits beside
-it. A checkpoint is written into ``step_000123.tmp/`` and renamed to ``step_000123/`` only when
-complete; the ``latest`` pointer file is then replaced atomically, and only the last K are kept.
-Without an initialised process group DCP runs in one process (verified by tests/unit/test_checkpoint.py).
+Two layers. ``save_runtime``/``load_runtime`` write and read one checkpoint directory for any runtime:
+model and optimiser state keyed by the plain model's parameter names (DTensors where a layout shards
+them), so a checkpoint written under dp2·tp2 loads under pp2, under pp2·dp2 or into one process, and
+DCP reads each rank's pieces from whatever pieces were written. The directory is written into
+``<path>.tmp`` and renamed into place by the main rank after every rank finished, so a crash never
+leaves a half-written checkpoint under the final name. ``trainer_state.json`` (the caller's meta:
+step, data position, ...) marks a checkpoint directory; per-rank RNG files sit beside it when asked for. ``save_checkpoint``/``list_checkpoints``/``latest_checkpoint`` add the
+trainer's step management on top: ``step_000123/`` directories, a ``latest`` pointer file replaced
+atomically, keep-last-K. Without an initialised process group DCP runs in one process (verified by
+tests/unit/test_checkpoint.py).
 """
 
 from __future__ import annotations
@@ -23,17 +27,22 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-from meshwright.errors import ConfigError
+from meshwright.errors import invalid
 from meshwright.runtime import Runtime
 
 STEP_RE = re.compile(r"^step_(\d{6,})$")
 LATEST = "latest"
+STATE_FILE = "trainer_state.json"  # the caller's meta; a step_* directory without it is not a checkpoint
 
 
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:06d}"
+
+
+def _rng_file(path: Path, rank: int) -> Path:
+    return path / f"rng_rank{rank:05d}.pt"
 
 
 @contextlib.contextmanager
@@ -45,6 +54,7 @@ def _quiet_dcp() -> Iterator[None]:
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's torch/python/numpy (and CUDA) RNG as tensors and plain types, loadable with ``weights_only=True``."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     np_state = np.random.get_state()
     state["numpy"] = [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]
@@ -62,37 +72,93 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _runtime_state(runtime: Runtime, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The DCP state of a runtime: its own ``checkpoint_state`` hook when it has one (DeepSpeed's
-    optimizer is not a torch optimizer), else DCP's ``get_state_dict`` over ``runtime.model``."""
+def runtime_state(runtime: Runtime, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """The runtime's DCP state ({"model"[, "optim"]}), also the template ``dcp.load`` fills in place.
+
+    A runtime's own ``checkpoint_state`` hook wins (DeepSpeed's optimizer is not a torch optimizer;
+    the distributed runtime refuses ZeRO-1 states). Otherwise the model part comes from its
+    ``model_state()`` hook (megatron shards presented as DTensors) and the optimizer part from DCP,
+    keyed by the same parameter names."""
     if hasattr(runtime, "checkpoint_state"):
         return runtime.checkpoint_state(optimizer)
-    model_sd, optim_sd = get_state_dict(runtime.model, optimizer)
-    return {"model": model_sd, "optim": optim_sd}
+    state: dict[str, Any] = {"model": runtime.model_state()}
+    if optimizer is not None:
+        state["optim"] = get_optimizer_state_dict(runtime.model, optimizer)
+    return state
+
+
+def apply_runtime_state(runtime: Runtime, state: dict[str, Any], optimizer: torch.optim.Optimizer | None) -> None:
+    """Set a state filled by ``dcp.load`` back into the runtime, through the same hooks ``runtime_state`` used."""
+    if hasattr(runtime, "load_checkpoint_state"):
+        runtime.load_checkpoint_state(state, optimizer)
+        return
+    runtime.load_model_state(state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(runtime.model, optimizer, state["optim"])
+
+
+@contextlib.contextmanager
+def _atomic_dir(path: Path, runtime: Runtime) -> Iterator[Path]:
+    """Collective: yield an empty ``<path>.tmp`` for every rank to write into; once all ranks are done
+    the main rank swaps it in for ``path``, so ``path`` only ever names a complete checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    if runtime.is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # a previous crash mid-write
+        tmp.mkdir(parents=True)
+    runtime.barrier()
+    yield tmp
+    runtime.barrier()
+    if runtime.is_main:
+        old = path.with_name(path.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        if path.exists():
+            path.rename(old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    runtime.barrier()
+
+
+def save_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Optimizer | None,
+                 meta: dict[str, Any] | None = None, *, rng: bool = False) -> Path:
+    """Collective: every rank calls it. Write the runtime's model + optimizer (DCP), ``meta`` as
+    trainer_state.json and, with ``rng``, each rank's RNG into ``path`` atomically. Returns ``path``."""
+    path = Path(path)
+    with _atomic_dir(path, runtime) as tmp:
+        with _quiet_dcp():
+            dcp.save(runtime_state(runtime, optimizer), checkpoint_id=str(tmp))
+        if rng:
+            torch.save(rng_state(), _rng_file(tmp, runtime.rank))
+        if runtime.is_main:
+            (tmp / STATE_FILE).write_text(json.dumps(meta or {}, indent=1))
+    return path
+
+
+def load_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Collective: read ``path`` into this layout's pieces (resharding as needed) and this rank's RNG
+    when the checkpoint has it; returns the meta (trainer state) dict."""
+    path = Path(path)
+    state_file = path / STATE_FILE
+    if not (state_file.is_file() and (path / ".metadata").is_file()):
+        raise invalid("resume", str(path), f"a complete checkpoint directory (with .metadata and {STATE_FILE})")
+    state = runtime_state(runtime, optimizer)
+    with _quiet_dcp():
+        dcp.load(state, checkpoint_id=str(path))
+    apply_runtime_state(runtime, state, optimizer)
+    rng_file = _rng_file(path, runtime.rank)
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return json.loads(state_file.read_text())
 
 
 def save_checkpoint(root: str | Path, step: int, runtime: Runtime, optimizer: torch.optim.Optimizer,
                     trainer_state: dict[str, Any], keep: int = 3) -> Path:
-    """Write checkpoint ``step`` under ``root`` atomically; every rank calls this. Returns the final dir."""
+    """Collective: write checkpoint ``step`` under ``root`` (with RNG), point ``latest`` at it and keep
+    the last ``keep``. Returns the checkpoint's directory."""
     root = Path(root)
-    final, tmp = step_dir(root, step), root / f"step_{step:06d}.tmp"
+    final = save_runtime(step_dir(root, step), runtime, optimizer, {**trainer_state, "step": step}, rng=True)
     if runtime.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)  # a previous crash mid-write
-        tmp.mkdir()
-    runtime.barrier()
-    state = _runtime_state(runtime, optimizer)
-    with _quiet_dcp():
-        dcp.save(state, checkpoint_id=str(tmp))
-    torch.save(rng_state(), tmp / f"rng_rank{runtime.rank:05d}.pt")
-    if runtime.is_main:
-        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=1))
-    runtime.barrier()
-    if runtime.is_main:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
         pointer = root / f"{LATEST}.tmp"
         pointer.write_text(final.name + "\n")
         os.replace(pointer, root / LATEST)
@@ -107,7 +173,7 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name) and (p / "trainer_state.json").is_file()]
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name) and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
 
 
@@ -117,26 +183,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     pointer = root / LATEST
     if pointer.is_file():
         target = root / pointer.read_text().strip()
-        if (target / "trainer_state.json").is_file():
+        if (target / STATE_FILE).is_file():
             return target
     found = list_checkpoints(root)
     return found[-1] if found else None
-
-
-def load_checkpoint(path: str | Path, runtime: Runtime, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Load model + optimiser (in place, via DCP) and this rank's RNG; return the trainer state."""
-    path = Path(path)
-    state_file = path / "trainer_state.json"
-    if not state_file.is_file():
-        raise ConfigError(f"resume={str(path)!r} is not a complete checkpoint; valid: a step_NNNNNN directory with trainer_state.json")
-    state = _runtime_state(runtime, optimizer)
-    with _quiet_dcp():
-        dcp.load(state, checkpoint_id=str(path))
-    if hasattr(runtime, "load_checkpoint_state"):
-        runtime.load_checkpoint_state(state, optimizer)
-    else:
-        set_state_dict(runtime.model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rng_file = path / f"rng_rank{runtime.rank:05d}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
-    return json.loads(state_file.read_text())

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from meshwright.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from meshwright.checkpoint import latest_checkpoint, load_runtime, save_checkpoint
 from meshwright.config import ClusterSpec, ModelConfig, TrainConfig
 from meshwright.data.loader import SequenceLoader
 from meshwright.errors import ConfigError, invalid
@@ -179,7 +179,7 @@ class Trainer:
         target = Path(path) if path is not None else latest_checkpoint(self.ckpt_dir)
         if target is None:
             return False
-        state = load_checkpoint(target, self.runtime, self.optimizer)
+        state = load_runtime(target, self.runtime, self.optimizer)
         if state["step"] > self.cfg.steps:
             raise invalid("steps", self.cfg.steps, f"at least the checkpoint's step {state['step']} ({target})")
         self.step = int(state["step"])

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from parity_lib import CFG, GLOBAL, MICRO, STEPS, Report, check_runtime, init, make_opt, reference, shard
 
-from meshwright.parallel.checkpoint import load_runtime, save_runtime
+from meshwright.checkpoint import load_runtime, save_runtime
 from meshwright.parallel.runtime import DistributedRuntime
 from meshwright.plan import plan_from_dict
 

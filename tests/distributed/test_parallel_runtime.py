@@ -24,7 +24,7 @@ FOUR_RANK = {"dp2_tp2_fsdp", "dp2_tp2_sp_zero0", "dp2_tp2_megatron", "pp2_tp2", 
 TWO_RANK = {"dp2_ddp", "dp2_zero1", "dp2_zero2_fsdp", "dp2_zero3_fsdp", "tp2_dtensor", "tp2_megatron", "tp2_sp",
             "pp2_1f1b", "pp2_gpipe", "pp2_interleaved", "layerwise_tp_zero_mix", "recompute_full_dp2",
             "recompute_selective_tp2", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "ckpt_dp2tp2_to_pp2",
-            "ckpt_megatron_to_dtensor"}
+            "ckpt_megatron_to_dtensor", "zero2_gathers_once_per_step"}
 
 
 def _failures(report: dict) -> str:
@@ -71,8 +71,9 @@ def test_checkpoint_from_dp2tp2_resumes_in_one_process(four_rank) -> None:
     """The dp2·tp2 (FSDP+DTensor) checkpoint loads into a plain model and continues the trajectory."""
     from parity_lib import CFG, RTOL, SEED, make_opt, reference, rel
 
+    from meshwright.checkpoint import load_runtime
+    from meshwright.local_runtime import LocalRuntime
     from meshwright.models import build_model
-    from meshwright.parallel.checkpoint import load_checkpoint
 
     _, ckpt = four_rank
     assert (ckpt / ".metadata").exists() and not ckpt.with_name(ckpt.name + ".tmp").exists()
@@ -80,7 +81,7 @@ def test_checkpoint_from_dp2tp2_resumes_in_one_process(four_rank) -> None:
     model = build_model(CFG, seed=SEED + 1)
     opt = make_opt([{"params": [p for p in model.parameters() if p.dim() >= 2]},
                     {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}])
-    meta = load_checkpoint(ckpt, model, opt)
+    meta = load_runtime(ckpt, LocalRuntime(model), opt)
     assert meta["step"] == 2
     resumed = reference(steps=2, model=model, opt=opt, start=2)
     for a, b in zip(resumed, ref[2:]):

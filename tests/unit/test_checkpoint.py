@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from _train_helpers import make_trainer, prepared_corpus
-from meshwright.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from meshwright.checkpoint import latest_checkpoint, list_checkpoints, load_runtime, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_round_trip_without_process_group(data, tmp_path):
     assert ckpt is not None and ckpt.name == "step_000003"
     assert (ckpt / ".metadata").is_file() and (ckpt / "rng_rank00000.pt").is_file()
     b = make_trainer(data, tmp_path / "b", steps=3, eval_every=0)
-    state = load_checkpoint(ckpt, b.runtime, b.optimizer)
+    state = load_runtime(ckpt, b.runtime, b.optimizer)
     assert state["step"] == 3 and state["train_loader"]["consumed"] == 3 * 8
     for (name, p), q in zip(a.runtime.model.named_parameters(), b.runtime.model.parameters()):
         assert torch.equal(p, q), name
@@ -90,6 +90,6 @@ def test_tied_embeddings_round_trip(data, tmp_path):
     a = make_trainer(data, tmp_path / "a", model=tied, steps=2, eval_every=0)
     a.fit()
     b = make_trainer(data, tmp_path / "b", model=tied, steps=2, eval_every=0)
-    load_checkpoint(latest_checkpoint(tmp_path / "a" / "ckpt"), b.runtime, b.optimizer)
+    load_runtime(latest_checkpoint(tmp_path / "a" / "ckpt"), b.runtime, b.optimizer)
     assert b.runtime.model.output.weight is b.runtime.model.tok_embeddings.weight
     assert torch.equal(a.runtime.model.output.weight, b.runtime.model.output.weight)

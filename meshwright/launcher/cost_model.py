@@ -60,6 +60,9 @@ class Hardware:
     # attention kernels: "flash" (fused, scores never reach device memory: meshwright's SDPA, Megatron since 2023)
     # or "materialized" (b·a·s² scores written and read by softmax/dropout kernels: Megatron-LM 2021)
     attention: str = "flash"
+    # per-rank slowdown when all ranks compute at once vs alone (profile ``contention``): >1 when ranks share
+    # cores; pipeline ranks idle during fill and drain then free them for the others
+    contention: float = 1.0
     # per-layer, per-microbatch framework overhead of parallel layouts, (key, a, b): a + b*tokens seconds,
     # keys tp2 / tp2sp / zero2 / zero3 (runtime_profile.overhead_key), measured by a model profile under torchrun
     strategy_overheads: tuple[tuple[str, float, float], ...] = ()
@@ -95,7 +98,7 @@ def hardware_from_cluster(cluster: ClusterSpec, profile: Optional[dict[str, Any]
             hw, peak_flops=peak * 1e12, matmul_efficiency=1.0,
             intra_bw=d["intra_bw_gbps"] * 1e9, intra_lat=d["intra_latency_us"] * 1e-6,
             inter_bw=d["inter_bw_gbps"] * 1e9, inter_lat=d["inter_latency_us"] * 1e-6,
-            overlap_slowdown=d["overlap_slowdown"],
+            overlap_slowdown=d["overlap_slowdown"], contention=float(d.get("contention", 1.0)),
         )
     if memory_budget_gib is not None:
         if memory_budget_gib <= 0:
@@ -355,16 +358,19 @@ def bubble_fraction(pp: int, microbatches: int, schedule: str, virtual_stages: i
     return (pp - 1) / (v * microbatches)
 
 
-def pipeline_step_s(stage_mb_s: list[float], microbatches: int, schedule: str, virtual_stages: int = 1) -> float:
+def pipeline_step_s(stage_mb_s: list[float], microbatches: int, schedule: str, virtual_stages: int = 1,
+                    contention: float = 1.0) -> float:
     """Step time of a pipeline whose rank ``i`` spends ``stage_mb_s[i]`` on one microbatch (fwd+bwd).
 
     The slowest rank paces the steady state; filling and draining crosses every other rank once
     (divided by v for interleaving). Balanced stages give (m + (p-1)/v) t, the textbook bubble.
+    ``stage_mb_s`` are times with every rank busy; where ranks share compute (``contention`` > 1, e.g.
+    more ranks than CPU cores) the few ranks working during fill and drain run up to that much faster.
     """
     slowest = max(stage_mb_s)
     rest = sum(stage_mb_s) - slowest
     v = virtual_stages if schedule == "interleaved_1f1b" else 1
-    return microbatches * slowest + rest / v
+    return microbatches * slowest + rest / v / max(contention, 1.0)
 
 
 def inflight_microbatches(schedule: str, pp: int, stage: int, microbatches: int, virtual_stages: int = 1) -> float:
@@ -626,7 +632,7 @@ def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int) ->
         cross = per_stage >= hw.devices_per_node
         p2p = pp_p2p_s(tokens_mb, cfg, strategies[0].tp, strategies[0].sp, hw, cross) * v
         rank_mb = [t + p2p for t in rank_mb]
-    step = pipeline_step_s(rank_mb, m, pp.schedule, v) + max(rank_step)
+    step = pipeline_step_s(rank_mb, m, pp.schedule, v, hw.contention) + max(rank_step)
     mem = []
     for r in range(pp.degree):
         inflight = inflight_microbatches(pp.schedule, pp.degree, r, m, v)

@@ -118,11 +118,22 @@ def _rate_in_window(fn: Callable[[], Any], device: torch.device, window_s: float
     return float(total[1]) / float(total[0])
 
 
+def _solo_seconds(fn: Callable[[], Any], device: torch.device, iters: int) -> float:
+    """Seconds per call of ``fn`` on rank 0 while the other ranks wait (in a barrier)."""
+    import torch.distributed as dist
+
+    _barrier()
+    t = _time(fn, device, iters, min_sample_s=0.02) if dist.get_rank() == 0 else 0.0
+    _barrier()
+    return t
+
+
 def measure_matmul(device: torch.device, dtypes: list[str], sizes: list[int], iters: int = 3,
                    window_s: float = 0.3) -> list[dict[str, Any]]:
     """Achieved TFLOP/s of an n x n x n matmul per dtype and size. Under torchrun every rank measures
     in the same wall-clock window (``window_s``): the per-rank throughput when all ranks compute, which
-    is below the one-process figure when ranks share cores, memory bandwidth or power."""
+    is below the one-process figure when ranks share cores, memory bandwidth or power; rank 0 then
+    measures alone (``solo_seconds``), and their ratio is the profile's ``contention``."""
     import torch.distributed as dist
 
     together = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -135,7 +146,10 @@ def measure_matmul(device: torch.device, dtypes: list[str], sizes: list[int], it
             b = torch.randn(n, n, device=device, dtype=DTYPES[name])
             fn = lambda: a @ b  # noqa: E731
             t = _rate_in_window(fn, device, window_s) if together else _time(fn, device, iters, min_sample_s=0.02)
-            out.append({"dtype": name, "n": n, "seconds": t, "tflops": 2 * n**3 / t / 1e12, "concurrent": together})
+            row = {"dtype": name, "n": n, "seconds": t, "tflops": 2 * n**3 / t / 1e12, "concurrent": together}
+            if together:
+                row["solo_seconds"] = _solo_seconds(fn, device, iters)
+            out.append(row)
     return out
 
 
@@ -291,7 +305,15 @@ def derive(matmul: list[dict], collectives: list[dict], overlap: Optional[dict],
         d["inter_bw_gbps"], d["inter_latency_us"] = d["intra_bw_gbps"], d["intra_latency_us"]
     d.pop("_single_node", None)
     d["overlap_slowdown"] = overlap["slowdown"] if overlap else fallback.get("overlap_slowdown", 0.1)
+    d["contention"] = contention(matmul)
     return d
+
+
+def contention(matmul: list[dict]) -> float:
+    """How much slower a rank computes when all ranks compute than when it runs alone (median over the
+    matmul sizes, at least 1): ~1 on GPUs, ranks / cores on an oversubscribed CPU host."""
+    ratios = sorted(m["seconds"] / m["solo_seconds"] for m in matmul if m.get("solo_seconds"))
+    return max(1.0, ratios[len(ratios) // 2]) if ratios else 1.0
 
 
 def profile_hardware(dtypes: list[str], sizes: list[int], per_node: Optional[int] = None, cluster: Any = None,

@@ -25,7 +25,8 @@ def test_profile_hardware_two_ranks(tmp_path):
     assert prof["p2p"]["bw_gbps"] > 0
     assert 0.0 <= prof["overlap"]["slowdown"] <= 1.0
     d = prof["derived"]
-    assert d["measured"] == ["intra"] and d["intra_bw_gbps"] > 0
+    assert d["measured"] == ["intra"] and d["intra_bw_gbps"] > 0 and d["contention"] >= 1.0
+    assert all(m["concurrent"] and m["solo_seconds"] > 0 for m in prof["matmul"])
     assert read_json(out)["version"] == 1
 
 

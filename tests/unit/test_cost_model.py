@@ -379,3 +379,16 @@ def test_materialized_attention_costs_score_traffic_and_memory_by_hand():
     assert c1["act_bytes"] - c0["act_bytes"] == pytest.approx(elems * 5)
     with pytest.raises(Exception, match="attention"):
         cm.attention_scores_s(cfg, tokens, seq, tp, dataclasses.replace(flash, attention="paged"))
+
+
+def test_pipeline_fill_and_drain_run_faster_where_ranks_share_cores():
+    t = 0.1
+    assert cm.pipeline_step_s([t, t], 2, "1f1b", contention=1.0) == pytest.approx(3 * t)
+    # 4 ranks on 2 cores (contention 2): during fill/drain only one stage's ranks work, at full speed
+    assert cm.pipeline_step_s([t, t], 2, "1f1b", contention=2.0) == pytest.approx(2.5 * t)
+    assert cm.pipeline_step_s([t, t], 2, "1f1b", contention=0.5) == pytest.approx(3 * t)  # never below 1
+    from meshwright.launcher.hardware_profile import contention
+
+    rows = [{"seconds": 2.0, "solo_seconds": 1.0}, {"seconds": 2.4, "solo_seconds": 1.0}, {"seconds": 1.9, "solo_seconds": 1.0}]
+    assert contention(rows) == pytest.approx(2.0)
+    assert contention([{"seconds": 0.9, "solo_seconds": 1.0}]) == 1.0 and contention([{"seconds": 1.0}]) == 1.0

@@ -47,6 +47,9 @@ class LayerStrategy:
     sp: bool = False
     dp: int = 1
     zero: int = 0  # 0 = replicated (DDP), 1 = sharded optimizer, 2 = + gradients, 3 = + parameters (FSDP)
+    # HSDP: ZeRO-2/3 shards over groups of dp_shard ranks (e.g. one node) and replicates across dp/dp_shard
+    # groups, so the per-microbatch gathers stay on fast links; null = shard over all dp ranks
+    dp_shard: Optional[int] = None
     ep: int = 1  # expert parallel degree, carved out of dp (MoE layers only)
     cp: int = 1  # context parallel degree (reserved: validated, runtime supports cp=1)
     recompute: Literal["none", "selective", "full"] = "none"
@@ -62,6 +65,11 @@ class LayerStrategy:
             raise invalid(f"{p}zero", self.zero, "0, 1, 2 or 3")
         if self.sp and self.tp == 1:
             raise invalid(f"{p}sp", self.sp, "false when tp=1 (sequence parallelism splits over the tp group)")
+        if self.dp_shard is not None:
+            if self.zero < 2:
+                raise invalid(f"{p}dp_shard", self.dp_shard, "null unless zero is 2 or 3 (HSDP shards ZeRO-2/3 state)")
+            if not 1 < self.dp_shard < self.dp or self.dp % self.dp_shard:
+                raise invalid(f"{p}dp_shard", self.dp_shard, f"a divisor of dp={self.dp} between 2 and {self.dp // 2}, or null")
 
     def key(self) -> tuple:
         """Everything but ``repeat``: two layers with the same key share a strategy."""

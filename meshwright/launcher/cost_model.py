@@ -329,6 +329,17 @@ def dp_comm_s(param_count: float, dp: int, zero: int, stride: int, hw: Hardware)
     return 2 * ag + rs, 0.0
 
 
+def hsdp_allreduce_s(param_count: float, dp: int, shard: int, stride: int, hw: Hardware) -> float:
+    """HSDP's extra traffic per microbatch: after the reduce-scatter inside each shard group, every rank
+    all-reduces its 1/shard of the gradients with the same shard of the other dp/shard replicas (ranks
+    ``stride*shard`` apart, usually on another node)."""
+    replicas = dp // shard
+    if replicas <= 1:
+        return 0.0
+    bw, lat = link(hw, replicas, stride * shard)
+    return allreduce_s(param_count / shard * hw.elem_bytes, replicas, bw, lat)
+
+
 def redistribution_s(tokens: float, cfg: ModelConfig, prev: tuple[int, bool], cur: tuple[int, bool], hw: Hardware) -> float:
     """Cost of changing layout between consecutive layers with different (tp, sp): the activation is
     re-gathered over the larger tp group, forward and backward (Galvatron's transformation cost)."""
@@ -542,8 +553,11 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
         states_b = {k: states_b[k] + exp_b[k] for k in states_b}
     else:
         shard_params = cfg.layer_params(index) / s.tp
-        dp_mb, dp_step = dp_comm_s(shard_params, s.dp, s.zero, s.tp, hw)
-        states_b = model_state_bytes(shard_params, s.dp, s.zero, states, hw)
+        group = s.dp_shard or s.dp  # HSDP: ZeRO state and gathers inside groups of dp_shard ranks
+        dp_mb, dp_step = dp_comm_s(shard_params, group, s.zero, s.tp, hw)
+        if group < s.dp:
+            dp_mb += hsdp_allreduce_s(shard_params, s.dp, group, s.tp, hw)
+        states_b = model_state_bytes(shard_params, group, s.zero, states, hw)
     act = hw.act_scale * activation_bytes(cfg, index, tokens, s.tp, s.sp, s.recompute, hw.elem_bytes,
                                           s.savers.fp8_act, s.savers.wta_crs, s.savers.lemo, s.ep)
     act += attention_score_bytes(cfg, tokens * lemo, seq_len, s.tp, s.recompute, hw)
@@ -594,7 +608,7 @@ def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int) ->
         r = stage_of[i]
         mb_samples = plan.micro_batch * max_dp / s.dp
         prev = (strategies[i - 1].tp, strategies[i - 1].sp) if i > 0 and i not in starts else None
-        key = (cfg.is_moe_layer(i), s.tp, s.sp, s.dp, s.zero, s.ep, s.recompute, s.savers.fp8_act,
+        key = (cfg.is_moe_layer(i), s.tp, s.sp, s.dp, s.zero, s.dp_shard, s.ep, s.recompute, s.savers.fp8_act,
                s.savers.wta_crs, s.savers.lemo, prev)
         c = memo.get(key)
         if c is None:

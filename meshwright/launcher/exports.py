@@ -18,7 +18,7 @@ def _uniform(plan: Plan, notes: list[str]) -> Any:
     """The strategy of the first layer; note when layers differ (these stacks want one per model)."""
     strategies = plan.layer_strategies()
     first = strategies[0]
-    for name in ("tp", "sp", "zero", "recompute", "ep"):
+    for name in ("tp", "sp", "zero", "dp_shard", "recompute", "ep"):
         values = sorted({str(getattr(s, name)) for s in strategies})
         if len(values) > 1:
             notes.append(f"layers use {name} in {{{', '.join(values)}}}; exported {name}={getattr(first, name)} for all")
@@ -65,6 +65,8 @@ def megatron_args(plan: Plan, cfg: ModelConfig) -> tuple[list[str], list[str]]:
             notes.append("zero=2 exported as --use-distributed-optimizer (Megatron shards optimizer states and gradients)")
     elif s.zero == 3:
         args += ["--use-torch-fsdp2"]
+    if s.dp_shard:
+        notes.append(f"HSDP (dp_shard={s.dp_shard}) has no Megatron-LM flag here: exported sharding over all {s.dp} dp ranks")
     if cfg.n_experts:
         args += ["--num-experts", str(cfg.n_experts), "--moe-router-topk", str(cfg.top_k),
                  "--expert-model-parallel-size", str(max(x.ep for x in plan.layer_strategies()))]
@@ -93,6 +95,12 @@ def deepspeed_config(plan: Plan, cfg: ModelConfig) -> tuple[dict[str, Any], list
         "steps_per_print": 100,
         "wall_clock_breakdown": False,
     }
+    if s.dp_shard and s.zero == 3:
+        conf["zero_optimization"]["zero_hpz_partition_size"] = s.dp_shard
+        notes.append(f"HSDP dp_shard={s.dp_shard} exported as ZeRO++ hpZ (a secondary parameter partition of "
+                     f"{s.dp_shard} ranks; gradients and optimizer states stay sharded over all {s.dp})")
+    elif s.dp_shard:
+        notes.append(f"HSDP at ZeRO-2 has no DeepSpeed equivalent: exported sharding over all {s.dp} dp ranks")
     if s.recompute != "none":
         conf["activation_checkpointing"] = {"partition_activations": s.sp, "contiguous_memory_optimization": False,
                                             "number_checkpoints": cfg.n_layers, "cpu_checkpointing": False}
@@ -109,6 +117,8 @@ def torchtitan_toml(plan: Plan, cfg: ModelConfig) -> tuple[str, list[str]]:
     s = _uniform(plan, notes)
     pp = plan.pipeline
     replicate, shard, reshard = (s.dp, 1, None) if s.zero == 0 else (1, s.dp, "never" if s.zero in (1, 2) else "default")
+    if s.dp_shard:  # HSDP: torchtitan's replicate x shard data-parallel mesh
+        replicate, shard = s.dp // s.dp_shard, s.dp_shard
     if s.zero in (1, 2):
         notes.append("torchtitan has no ZeRO-1/2: exported FSDP with reshard_after_forward='never' (ZeRO-2-like)")
     sched = {"1f1b": "1F1B", "gpipe": "GPipe", "interleaved_1f1b": "Interleaved1F1B"}[pp.schedule]

@@ -123,7 +123,7 @@ def describe_layout(plan: Plan) -> str:
         head += f" {pp.schedule}" + (f" v={pp.virtual_stages}" if pp.virtual_stages > 1 else "") + f" m={pp.microbatches}"
     parts = []
     for s in plan.layers:
-        t = f"{s.repeat}x tp{s.tp}{' sp' if s.sp else ''} dp{s.dp} z{s.zero} rc={s.recompute}"
+        t = f"{s.repeat}x tp{s.tp}{' sp' if s.sp else ''} dp{s.dp} z{s.zero}{f' hsdp{s.dp_shard}' if s.dp_shard else ''} rc={s.recompute}"
         if s.ep > 1:
             t += f" ep{s.ep}"
         if s.savers.fp8_act:
@@ -151,9 +151,20 @@ def tp_choices(cfg: ModelConfig, per_stage: int, seq_len: int) -> list[int]:
     return out
 
 
+def node_shard(dp: int, tp: int, devices_per_node: int) -> Optional[int]:
+    """HSDP shard-group size for a layer whose dp group spans nodes: the largest divisor of dp whose
+    tp*shard ranks fit one node (1 < shard < dp); None when dp fits one node (FSDP already stays there)."""
+    if dp * tp <= devices_per_node:
+        return None
+    fits = [g for g in divisors(dp) if g * tp <= devices_per_node and 1 < g < dp]
+    return max(fits) if fits else None
+
+
 def layer_strategies(cfg: ModelConfig, index: int, per_stage: int, tps: list[int], seq_len: int,
-                     c: Constraints, allow: Allow, mb: int, max_dp: int, global_batch: int) -> list[LayerStrategy]:
-    """Every strategy block ``index`` may take on a stage of ``per_stage`` devices."""
+                     c: Constraints, allow: Allow, mb: int, max_dp: int, global_batch: int,
+                     devices_per_node: int = 0) -> list[LayerStrategy]:
+    """Every strategy block ``index`` may take on a stage of ``per_stage`` devices (ZeRO-2/3 also as HSDP
+    with node-sized shard groups when dp spans nodes)."""
     out = []
     moe = cfg.is_moe_layer(index)
     saver_opts = [Savers()]
@@ -190,6 +201,9 @@ def layer_strategies(cfg: ModelConfig, index: int, per_stage: int, tps: list[int
             if c.runtime_compatible and moe and (sp or (ep > 1 and (z != 0 or dp != max_dp))):
                 continue  # the runtime keeps MoE tokens tp-replicated and expert grads off ZeRO/mixed-dp paths
             out.append(LayerStrategy(tp=t, sp=sp, dp=dp, zero=z, ep=ep, recompute=rc, savers=sv))
+            shard = node_shard(dp, t, devices_per_node) if z >= 2 and not moe else None
+            if shard is not None:
+                out.append(LayerStrategy(tp=t, sp=sp, dp=dp, zero=z, dp_shard=shard, ep=ep, recompute=rc, savers=sv))
     return out
 
 
@@ -206,7 +220,7 @@ class _Kind:
 
 
 def _skey(s: LayerStrategy) -> tuple:
-    return (s.tp, s.sp, s.dp, s.zero, s.ep, s.recompute, s.savers.fp8_act, s.savers.wta_crs, s.savers.lemo)
+    return (s.tp, s.sp, s.dp, s.zero, s.dp_shard, s.ep, s.recompute, s.savers.fp8_act, s.savers.wta_crs, s.savers.lemo)
 
 
 _COST_CACHE: dict[tuple, dict[str, float]] = {}
@@ -516,7 +530,8 @@ def _solve_candidate(cfg, cluster, hw, c, allow, states, pp, per_stage, tps, t_b
     def kind_for(i: int) -> _Kind:
         key = cfg.is_moe_layer(i)
         if key not in kinds_cache:
-            strategies = layer_strategies(cfg, i, per_stage, tps, seq_len, c, allow, mb, max_dp, global_batch)
+            strategies = layer_strategies(cfg, i, per_stage, tps, seq_len, c, allow, mb, max_dp, global_batch,
+                                          cluster.devices_per_node)
             kinds_cache[key] = _kind_costs(cfg, i, strategies, mb, max_dp, seq_len, hw, states, m_eff)
             trans_cache[key] = _transition_matrix(kinds_cache[key], cfg, tokens * max_dp, hw, m_eff)
         return kinds_cache[key]

@@ -11,6 +11,7 @@ the batch over its ``rep = tp/g`` distinct shards (the ``("pp", "dp", "rep", "g"
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -32,7 +33,7 @@ class PlanMeshes:
     stage_mesh: DeviceMesh  # ("pp", "stage")
     tp_meshes: dict[int, DeviceMesh] = field(default_factory=dict)  # tp -> ("pp", "dp", "tp")
     gather_meshes: dict[int, DeviceMesh] = field(default_factory=dict)  # tp (> g) -> ("pp", "dp", "rep", "g")
-    hsdp_meshes: dict[int, DeviceMesh] = field(default_factory=dict)  # tp -> ("pp", "replicate", "shard", "tp")
+    hsdp_meshes: dict[tuple[int, int], DeviceMesh] = field(default_factory=dict)  # (tp, shard) -> ("pp", "replicate", "shard", "tp")
 
     @property
     def pp_rank(self) -> int:
@@ -66,8 +67,9 @@ def build_meshes(plan: Plan, world_size: int, rank: int, device_type: str = "cpu
                  dp_shard: int | None = None) -> PlanMeshes:
     """Create the meshes of ``plan`` (collective: every rank must call it in the same order).
 
-    ``dp_shard`` (HSDP): ZeRO-2/3 layers shard over groups of ``dp_shard`` dp ranks and replicate
-    across the ``dp/dp_shard`` groups, on a ``("pp", "replicate", "shard", "tp")`` mesh per tp degree.
+    HSDP: a ZeRO-2/3 layer with ``dp_shard`` set (or, without it, the runtime-wide ``dp_shard``) shards over
+    groups of that many dp ranks and replicates across the ``dp/dp_shard`` groups, on a
+    ``("pp", "replicate", "shard", "tp")`` mesh per (tp, shard).
     """
     pp = plan.pipeline.degree
     per_stage = world_size // pp
@@ -81,11 +83,20 @@ def build_meshes(plan: Plan, world_size: int, rank: int, device_type: str = "cpu
         if t > g:
             m.gather_meshes[t] = init_device_mesh(device_type, (pp, per_stage // t, t // g, g),
                                                   mesh_dim_names=("pp", "dp", "rep", "g"))
+    for t, shard in sorted({(s.tp, hsdp_shard(s, dp_shard)) for s in plan.layer_strategies()} - {(t, None) for t in tps}):
         dp = per_stage // t
-        if dp_shard is not None and dp > dp_shard and dp % dp_shard == 0:
-            m.hsdp_meshes[t] = init_device_mesh(device_type, (pp, dp // dp_shard, dp_shard, t),
-                                                mesh_dim_names=("pp", "replicate", "shard", "tp"))
+        m.hsdp_meshes[(t, shard)] = init_device_mesh(device_type, (pp, dp // shard, shard, t),
+                                                     mesh_dim_names=("pp", "replicate", "shard", "tp"))
     return m
+
+
+def hsdp_shard(s: Any, default: int | None = None) -> int | None:
+    """The shard-group size of layer strategy ``s`` under HSDP, or None when it shards over all dp ranks
+    (or is not ZeRO-2/3). ``default`` is the runtime-wide ``dp_shard`` for layers that set none."""
+    shard = s.dp_shard if s.dp_shard is not None else default
+    if s.zero < 2 or shard is None or not 1 <= shard < s.dp or s.dp % shard:
+        return None
+    return shard
 
 
 def exit_worker(code: int = 0) -> None:

@@ -40,7 +40,7 @@ from meshwright.models.moe import attach_aux_loss_to_backward, router_stats
 from meshwright.parallel.data_parallel import all_reduce_grads, apply_ddp, apply_fsdp, zero1_optimizer
 from meshwright.parallel.expert_parallel import A2AMeter, EPGroups, apply_ep, ep_groups_from_mesh, is_expert_param
 from meshwright.parallel.layerwise import apply_batch_redistribution
-from meshwright.parallel.mesh import build_meshes
+from meshwright.parallel.mesh import build_meshes, hsdp_shard
 from meshwright.parallel.pipeline import build_schedule, cut_stage, stage_ids
 from meshwright.parallel.recompute import apply_recompute
 from meshwright.parallel.tensor_parallel import apply_tp
@@ -208,6 +208,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         self.device = device or torch.device("cpu")
         if dp_shard is not None and dp_shard < 1:
             raise invalid("dp_shard", dp_shard, "null or a positive divisor of the layers' dp degree")
+        self.dp_shard = dp_shard
         m = self.meshes = build_meshes(plan, self.world_size, self.rank, self.device.type, dp_shard)
         self.dp_rank, self.dp_size = m.dp_rank, m.max_dp
         strategies = self.strategies = plan.layer_strategies()
@@ -268,7 +269,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         m = self.meshes
         for name, block in chunk.layers.items():
             s = self.strategies[int(name)]
-            hsdp = m.hsdp_meshes.get(s.tp) if s.zero >= 2 else None
+            hsdp = m.hsdp_meshes.get((s.tp, hsdp_shard(s, self.dp_shard)))
             tp_mesh = hsdp["tp"] if hsdp is not None else m.tp_mesh(s.tp) if s.tp > 1 else None
             if s.tp > 1:
                 if self.tp_backend == "megatron":

@@ -24,9 +24,18 @@ CASES = {
     "pp2_dp2": (plan(uniform(dp=2), pipeline=PP2), "dtensor"),
     "hsdp_dp4_shard2": (plan(uniform(dp=4, zero=3)), "dtensor", 2),
     "hsdp_dp2x_tp2_zero2": (plan(uniform(dp=2, tp=2, zero=2)), "dtensor", 1),
+    # HSDP from the Plan, per layer: two shard-group sizes' meshes side by side with plain FSDP
+    "hsdp_plan_per_layer": (plan([{"dp": 4, "zero": 3, "dp_shard": 2, "repeat": 2}, {"dp": 4, "zero": 2, "dp_shard": 2},
+                                  {"dp": 4, "zero": 3}]), "dtensor"),
     "pp2_layerwise_dp2_zero2_tp2": (plan([{"dp": 2, "zero": 2}, {"tp": 2}, {"tp": 2, "recompute": "full"}, {"dp": 2}],
                                          pipeline=PP2), "dtensor"),
 }
+
+
+def shard_mesh_dims(rt, layer: int) -> list[int]:
+    """Sizes of the mesh layer ``layer``'s first weight is a DTensor on (HSDP: [replicas, shard])."""
+    p = next(p for n, p in rt.model.named_parameters() if n.startswith(f"layers.{layer}.") and p.dim() == 2)
+    return list(p.device_mesh.shape)
 
 
 def main() -> None:
@@ -42,6 +51,9 @@ def main() -> None:
             rt = DistributedRuntime(CFG, plan_from_dict(pd), tp_backend=tp_backend, seed=7, dp_shard=(shard or [None])[0])
             res = check_runtime(rt, ref, steps=2)
             res.pop("opt")
+            if name == "hsdp_plan_per_layer":  # layers 0-2 replicate x shard(2), layer 3 shards over all 4
+                res["shard_mesh_dims"] = [shard_mesh_dims(rt, i) for i in range(4)]
+                res["ok"] = res["ok"] and res["shard_mesh_dims"] == [[2, 2], [2, 2], [2, 2], [4]]
         except Exception as e:
             res = {"ok": False, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()[-3000:]}
             print(f"[rank{dist.get_rank()}] case {name} failed:\n{res['tb']}", file=sys.stderr, flush=True)

@@ -392,3 +392,30 @@ def test_pipeline_fill_and_drain_run_faster_where_ranks_share_cores():
     rows = [{"seconds": 2.0, "solo_seconds": 1.0}, {"seconds": 2.4, "solo_seconds": 1.0}, {"seconds": 1.9, "solo_seconds": 1.0}]
     assert contention(rows) == pytest.approx(2.0)
     assert contention([{"seconds": 0.9, "solo_seconds": 1.0}]) == 1.0 and contention([{"seconds": 1.0}]) == 1.0
+
+
+def test_hsdp_shards_state_inside_the_node_and_all_reduces_across_replicas_by_hand():
+    cfg = load_model_config("llama2-7b")
+    h = hw(devices_per_node=8, compute_dtype="bf16")
+    n = cfg.layer_params(0)
+    # 64 dp ranks, shard groups of 8 (one node): ZeRO-3 traffic on NVLink + an all-reduce of n/8 over 8 replicas on IB
+    want_ar = cm.allreduce_s(n / 8 * 2, 8, 10 * GB, 1e-4)
+    assert cm.hsdp_allreduce_s(n, 64, 8, 1, h) == pytest.approx(want_ar)
+    assert cm.hsdp_allreduce_s(n, 8, 8, 1, h) == 0.0  # one replica: plain FSDP
+    full = cm.layer_costs(cfg, 0, LayerStrategy(dp=64, zero=3), 1, 4096, h)
+    hsdp = cm.layer_costs(cfg, 0, LayerStrategy(dp=64, zero=3, dp_shard=8), 1, 4096, h)
+    assert hsdp["params_bytes"] == pytest.approx(n * 2 / 8) and full["params_bytes"] == pytest.approx(n * 2 / 64)
+    assert hsdp["optimizer_bytes"] == pytest.approx(n * 12 / 8)
+    intra_z3 = 2 * cm.allgather_s(n * 2, 8, 100 * GB, 1e-5) + cm.reduce_scatter_s(n * 2, 8, 100 * GB, 1e-5)
+    assert hsdp["dp_mb"] == pytest.approx(intra_z3 + want_ar)
+    assert hsdp["dp_mb"] < full["dp_mb"]  # the point of HSDP: gathers stay on the fast links
+
+
+def test_hsdp_plan_validation():
+    from meshwright.errors import ConfigError
+
+    LayerStrategy(dp=8, zero=3, dp_shard=4).validate()
+    for bad in (dict(dp=8, zero=1, dp_shard=4), dict(dp=8, zero=3, dp_shard=3), dict(dp=8, zero=3, dp_shard=8),
+                dict(dp=8, zero=2, dp_shard=1)):
+        with pytest.raises(ConfigError, match="dp_shard"):
+            LayerStrategy(**bad).validate()

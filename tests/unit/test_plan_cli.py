@@ -298,3 +298,27 @@ def test_sp_constraint_fixes_sequence_parallelism(capsys):
         rc, out, _ = _run(capsys, [*base, flag])
         assert rc == 0
         assert {layer["sp"] for layer in json.loads(out)["plan"]["layers"]} == {want}
+
+
+def test_hsdp_exports_to_torchtitan_mesh_and_deepspeed_hpz(monkeypatch):
+    from meshwright.plan import plan_from_dict
+
+    cfg = load_model_config("llama2-7b")
+    plan = plan_from_dict({"model": "llama2-7b", "seq_len": 4096, "global_batch": 256, "micro_batch": 1,
+                           "cluster": {"preset": "dgx-a100-80g", "nodes": 8},
+                           "layers": [{"dp": 64, "zero": 3, "dp_shard": 8, "repeat": cfg.n_layers}]})
+    par = tomllib.loads(exports.torchtitan_toml(plan, cfg)[0])["parallelism"]
+    assert (par["data_parallel_replicate_degree"], par["data_parallel_shard_degree"]) == (8, 8)
+    conf, notes = exports.deepspeed_config(plan, cfg)
+    assert conf["zero_optimization"]["zero_hpz_partition_size"] == 8 and any("hpZ" in n for n in notes)
+    import deepspeed.runtime.config as dsc
+
+    class MPU:
+        def get_data_parallel_world_size(self):
+            return 64
+
+    monkeypatch.setattr(dsc.dist, "get_rank", lambda *a, **k: 0)
+    ds = dsc.DeepSpeedConfig(json.loads(json.dumps(conf)), mpu=MPU())
+    assert ds.zero_config.zero_hpz_partition_size == 8
+    _, mnotes = exports.megatron_args(plan, cfg)
+    assert any("HSDP" in n for n in mnotes)

@@ -199,3 +199,13 @@ def test_runtime_compatible_plans_pass_the_runtime_check():
     plan = S.auto_plan(tc, 2)
     runtime.check_runtime_support(plan, load_model_config("tiny"), "dtensor", "torch")
     assert plan.micro_batch == 4
+
+
+def test_hsdp_is_offered_with_node_sized_shards_only_when_dp_spans_nodes():
+    assert S.node_shard(64, 1, 8) == 8 and S.node_shard(64, 2, 8) == 4 and S.node_shard(32, 8, 8) is None
+    assert S.node_shard(8, 1, 8) is None  # dp inside one node: plain FSDP already shards there
+    cfg = load_model_config("llama2-7b")
+    strategies = S.layer_strategies(cfg, 0, 64, [1], 4096, S.Constraints(zero=3, recompute="none"), S.Allow(), 1, 64, 256, 8)
+    assert {s.dp_shard for s in strategies} == {None, 8}
+    r = S.search(cfg, load_cluster("dgx-a100-80g", nodes=8), 4096, 256, constraints=S.Constraints(tp=1, zero=3))
+    assert r.best is not None and all(s.dp_shard in (None, 8) for s in r.best.plan.layer_strategies())

@@ -610,24 +610,31 @@ def _solve_candidate(cfg, cluster, hw, c, allow, states, pp, per_stage, tps, t_b
         mb_plan = mb * max_dp // real_max_dp if (mb * max_dp) % real_max_dp == 0 else None
         if mb_plan is None:
             continue
-        plan = Plan(model=model_name, cluster={"preset": cluster.name, "nodes": cluster.nodes,
-                                                "devices_per_node": cluster.devices_per_node},
-                    seq_len=seq_len, global_batch=global_batch, micro_batch=mb_plan,
-                    pipeline=PipelineSpec(degree=pp, schedule=sched, microbatches=global_batch // (real_max_dp * mb_plan) if pp > 1 else 1,
-                                          virtual_stages=v, stages=stages if pp > 1 else []),
-                    layers=_compress(strategies),
-                    embedding=EmbeddingStrategy(tp=e_tp, zero=_embedding_zero(strategies, per_stage // e_tp, c.runtime_compatible)),
-                    optimizer=OptimizerSpec(states=states))
-        try:
-            validate_plan(plan, cfg, per_stage * pp)
-        except ConfigError as exc:
-            out.append({"layout": layout, "reason": f"invalid plan: {exc}"})
+        # the embedding/head's ZeRO level is not in the per-layer DP: score the runtime's choices for it
+        best_plan = best_pred = None
+        for e_zero in _embedding_zero_options(strategies, per_stage // e_tp, c.runtime_compatible):
+            plan = Plan(model=model_name, cluster={"preset": cluster.name, "nodes": cluster.nodes,
+                                                    "devices_per_node": cluster.devices_per_node},
+                        seq_len=seq_len, global_batch=global_batch, micro_batch=mb_plan,
+                        pipeline=PipelineSpec(degree=pp, schedule=sched,
+                                              microbatches=global_batch // (real_max_dp * mb_plan) if pp > 1 else 1,
+                                              virtual_stages=v, stages=stages if pp > 1 else []),
+                        layers=_compress(strategies), embedding=EmbeddingStrategy(tp=e_tp, zero=e_zero),
+                        optimizer=OptimizerSpec(states=states))
+            try:
+                validate_plan(plan, cfg, per_stage * pp)
+            except ConfigError as exc:
+                out.append({"layout": layout, "reason": f"invalid plan: {exc}"})
+                break
+            pred = cm.evaluate_plan(plan, cfg, hw, per_stage * pp)
+            if not pred.fits:
+                need = max(pred.memory_gib)
+                best_need = need if best_need is None else min(best_need, need)
+            elif best_pred is None or pred.step_s < best_pred.step_s:
+                best_plan, best_pred = plan, pred
+        if best_plan is None:
             continue
-        pred = cm.evaluate_plan(plan, cfg, hw, per_stage * pp)
-        if not pred.fits:
-            need = max(pred.memory_gib)
-            best_need = need if best_need is None else min(best_need, need)
-            continue
+        plan, pred = best_plan, best_pred
         plan.predicted = pred.to_dict()
         out.append(Candidate(plan, pred))
     if not any(isinstance(o, Candidate) for o in out) and best_need is not None:
@@ -636,15 +643,16 @@ def _solve_candidate(cfg, cluster, hw, c, allow, states, pp, per_stage, tps, t_b
     return out
 
 
-def _embedding_zero(strategies: list[LayerStrategy], emb_dp: int, runtime_compatible: bool) -> int:
-    """ZeRO level of embeddings/head: like the blocks. meshwright's runtime shards them with FSDP at
+def _embedding_zero_options(strategies: list[LayerStrategy], emb_dp: int, runtime_compatible: bool) -> list[int]:
+    """ZeRO levels worth trying for embeddings/head: like the blocks (least memory), or replicated
+    (no per-microbatch traffic for a large vocabulary). meshwright's runtime shards them with FSDP at
     zero >= 2 and replicates them otherwise, so ZeRO-1 is not used there."""
     if emb_dp == 1:
-        return 0
+        return [0]
     top = max(s.zero for s in strategies)
     if runtime_compatible:
-        return top if top >= 2 else 0
-    return max(top, 1)
+        return [top, 0] if top >= 2 else [0]
+    return sorted({max(top, 1), 1}, reverse=True)
 
 
 def _suggest(cfg, cluster, seq_len, global_batch, hw, c, allow) -> str:

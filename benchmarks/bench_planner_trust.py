@@ -86,8 +86,8 @@ def plot(rows: list[tuple], path: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--iters", type=int, default=5, help="samples per profiled point")
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--iters", type=int, default=9, help="samples per profiled point")
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None, help="predicted-vs-measured scatter (PNG)")
     args = ap.parse_args()

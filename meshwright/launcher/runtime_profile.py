@@ -7,9 +7,10 @@ bookkeeping. On GPUs it is a launch-bound tail; on a CPU with gloo it dominates 
 block of ``tiny`` costs 2x the unsharded block here). So ``meshwright profile model`` run under
 torchrun times the very modules the runtime builds (``apply_tp`` with and without SP, ``apply_fsdp``
 at ZeRO-2/3) next to the plain block holding the same shard, at every (batch, seq) point of the
-profile. The planner subtracts its own communication estimate from the difference and keeps the rest
-as a fitted per-layer overhead (``overhead_fits``), so links measured elsewhere still scale the
-communication part.
+profile, and times the collectives the cost model counts for that layout on their own (same groups,
+same sizes). The planner keeps runtime - plain - collectives as a fitted per-layer overhead
+(``overhead_fits``); the communication itself is re-predicted from the plan's links, so a profile taken
+on one node still serves a plan for many.
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ def _layouts(cfg: ModelConfig, index: int, tps: list[int], zeros: list[int], wor
     return out
 
 
-def _build(cfg: ModelConfig, index: int, layout: dict[str, Any], device: torch.device) -> tuple[nn.Module, nn.Module]:
-    """(runtime module, plain module holding the same local shard) for one layout."""
+def _build(cfg: ModelConfig, index: int, layout: dict[str, Any], device: torch.device) -> tuple[nn.Module, nn.Module, Any]:
+    """(runtime module, plain module holding the same local shard, its process group) for one layout."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from meshwright.launcher.model_profile import shard_block
@@ -74,10 +75,46 @@ def _build(cfg: ModelConfig, index: int, layout: dict[str, Any], device: torch.d
     world = dist.get_world_size()
     if layout["zero"] >= 2:
         mesh = init_device_mesh(device.type, (world,))
-        return apply_fsdp(Block(cfg, index).to(device), mesh, layout["zero"]), Block(cfg, index).to(device)
+        return apply_fsdp(Block(cfg, index).to(device), mesh, layout["zero"]), Block(cfg, index).to(device), mesh.get_group()
     tp = layout["tp"]
     mesh = init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))["tp"]
-    return apply_tp(Block(cfg, index).to(device), mesh, layout["sp"]), shard_block(cfg, index, tp).to(device)
+    return (apply_tp(Block(cfg, index).to(device), mesh, layout["sp"]), shard_block(cfg, index, tp).to(device),
+            mesh.get_group())
+
+
+def _reduce_scatter(out: torch.Tensor, full: torch.Tensor, group: Any) -> None:
+    try:
+        dist.reduce_scatter_tensor(out, full, group=group)
+    except (RuntimeError, NotImplementedError):  # backends without it (older gloo): all-reduce, an upper bound
+        dist.all_reduce(full, group=group)
+
+
+def counted_collectives(cfg: ModelConfig, index: int, layout: dict[str, Any], tokens: int, group: Any,
+                        device: torch.device) -> Callable[[], None]:
+    """The collectives the cost model counts for one fwd+bwd of the layout, run on their own: tp without SP
+    4 all-reduces of the activation, with SP 4 all-gather + reduce-scatter pairs (``tp_comm_s``); ZeRO-2
+    one all-gather of the layer + one reduce-scatter of its gradients, ZeRO-3 two gathers + one scatter
+    (``dp_comm_s``, one microbatch per step as in the profile loop)."""
+    n = dist.get_world_size(group)
+    if layout["zero"] >= 2:
+        numel = -(-cfg.layer_params(index) // n) * n
+        gathers, scatters = (1 if layout["zero"] == 2 else 2), 1
+    else:
+        numel = -(-tokens * cfg.d_model // n) * n
+        gathers, scatters = (4, 4) if layout["sp"] else (0, 0)
+    full = torch.zeros(numel, device=device)
+    part = torch.zeros(numel // n, device=device)
+
+    def run() -> None:
+        if layout["zero"] < 2 and not layout["sp"]:
+            for _ in range(4):
+                dist.all_reduce(full, group=group)
+            return
+        for _ in range(gathers):
+            dist.all_gather_into_tensor(full, part, group=group)
+        for _ in range(scatters):
+            _reduce_scatter(part, full, group)
+    return run
 
 
 def profile_runtime_overheads(cfg: ModelConfig, batch_sizes: list[int], seq_lens: list[int], tps: list[int],
@@ -93,7 +130,7 @@ def profile_runtime_overheads(cfg: ModelConfig, batch_sizes: list[int], seq_lens
         if index is None:
             continue
         for layout in _layouts(cfg, index, tps, list(zeros) if kind == "dense" else [], world):
-            runtime_block, plain = _build(cfg, index, layout, device)
+            runtime_block, plain, group = _build(cfg, index, layout, device)
             points = []
             for b in batch_sizes:
                 for s in seq_lens:
@@ -101,7 +138,10 @@ def profile_runtime_overheads(cfg: ModelConfig, batch_sizes: list[int], seq_lens
                     x = torch.randn(b, s, cfg.d_model, device=device, requires_grad=True)
                     rope = _rope(cfg, s, device)
                     runtime_s, plain_s = _time_pair(_fwd_bwd(runtime_block, x, rope), _fwd_bwd(plain, x, rope), iters)
-                    points.append({"batch": b, "seq": s, "tokens": b * s, "runtime_s": runtime_s, "plain_s": plain_s})
+                    comm = counted_collectives(cfg, index, layout, b * s, group, device)
+                    comm_s = _time_pair(comm, comm, iters)[0]
+                    points.append({"batch": b, "seq": s, "tokens": b * s, "runtime_s": runtime_s, "plain_s": plain_s,
+                                   "comm_s": comm_s})
             out.append({"kind": kind, "layer_index": index, **layout, "points": points})
     return out
 
@@ -123,14 +163,16 @@ def modelled_comm_s(cfg: ModelConfig, entry: dict[str, Any], tokens: float, hw: 
 def overhead_fits(profile: dict[str, Any], cfg: ModelConfig, hw: cm.Hardware, speed_ratio: float = 1.0
                   ) -> tuple[tuple[str, float, float], ...]:
     """Per-layer, per-microbatch overhead ``a + b*tokens`` (seconds) of each profiled layout: measured
-    runtime block - plain block - modelled communication, least-squares over the points, clamped at 0
-    and divided by ``speed_ratio`` like the block times. Dense entries only (MoE layers reuse them)."""
+    runtime block - plain block - its counted collectives timed on their own (profiles without that
+    timing fall back to the modelled communication on ``hw``), least-squares over the points, clamped
+    at 0 and divided by ``speed_ratio`` like the block times. Dense entries only (MoE layers reuse them)."""
     fits = []
     for e in profile.get("runtime_overheads", []):
         if e["kind"] != "dense":
             continue
         tok = np.array([p["tokens"] for p in e["points"]], dtype=float)
-        extra = np.array([p["runtime_s"] - p["plain_s"] - modelled_comm_s(cfg, e, p["tokens"], hw) for p in e["points"]])
+        extra = np.array([p["runtime_s"] - p["plain_s"] - (p["comm_s"] if "comm_s" in p else modelled_comm_s(cfg, e, p["tokens"], hw))
+                          for p in e["points"]])
         A = np.stack([np.ones_like(tok), tok], axis=1)
         (a, b), *_ = np.linalg.lstsq(A, extra, rcond=None)
         if b < 0:  # no growth with size: a constant

@@ -46,7 +46,7 @@ def test_profile_model_two_ranks_times_the_runtime_layouts(tmp_path):
     layouts = {(e["tp"], e["sp"], e["zero"]) for e in prof["runtime_overheads"]}
     assert layouts == {(2, False, 0), (2, True, 0), (1, False, 2), (1, False, 3)}
     for e in prof["runtime_overheads"]:
-        assert len(e["points"]) == 4 and all(p["runtime_s"] > 0 and p["plain_s"] > 0 for p in e["points"])
+        assert len(e["points"]) == 4 and all(p["runtime_s"] > 0 and p["plain_s"] > 0 and p["comm_s"] > 0 for p in e["points"])
     cfg = load_model_config("tiny")
     hw = apply_model_profile(cm.hardware_from_cluster(load_cluster("local-cpu")), prof, cfg)
     assert {k for k, _, _ in hw.strategy_overheads} == {"tp2", "tp2sp", "zero2", "zero3"}

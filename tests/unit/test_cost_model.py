@@ -419,3 +419,17 @@ def test_hsdp_plan_validation():
                 dict(dp=8, zero=2, dp_shard=1)):
         with pytest.raises(ConfigError, match="dp_shard"):
             LayerStrategy(**bad).validate()
+
+
+def test_overhead_fits_prefer_the_collectives_timed_in_the_profile():
+    """A profile taken on other links (fewer ranks, one node) carries its own collective timings: the overhead is
+    what is left after those, not after the plan's link model, so it does not shrink when the plan's links are slower."""
+    from meshwright.launcher.runtime_profile import overhead_fits
+
+    cfg = load_model_config("tiny")
+    slow_links = hw(intra_bw=0.01 * GB, intra_lat=1e-3, devices_per_node=2, compute_dtype="fp32")
+    e = {"kind": "dense", "layer_index": 0, "tp": 2, "sp": False, "zero": 0, "group_size": 2,
+         "points": [{"tokens": t, "seq": 64, "plain_s": 1e-5 * t, "comm_s": 0.002, "runtime_s": 1e-5 * t + 0.002 + 0.015}
+                    for t in (64, 128, 256, 512)]}
+    (key, a, b), = overhead_fits({"runtime_overheads": [e]}, cfg, slow_links)
+    assert key == "tp2" and a == pytest.approx(0.015, rel=1e-6) and b == pytest.approx(0.0, abs=1e-12)

@@ -94,32 +94,31 @@ def _barrier() -> None:
 
 
 def _rate_in_window(fn: Callable[[], Any], device: torch.device, window_s: float, windows: int = 3) -> float:
-    """Mean seconds per call of ``fn`` per rank when every rank calls it for the same ``window_s``; the
-    best of ``windows`` windows (interference from outside the job only ever slows a window down).
+    """Seconds per call of ``fn`` per rank when every rank calls it at once, for about ``window_s``.
 
-    All ranks start after one barrier and stop after the same wall-clock window, so all of them are busy
-    for the whole measurement; calls are summed over ranks (an all-reduce), so a rank the scheduler
-    favoured and one it starved average out: the per-rank rate when all ranks compute at once.
+    Every rank makes the same number of calls after one barrier, and a window lasts until the slowest
+    rank is done (an all-reduce MAX of elapsed times): a rank that starts late or is starved lengthens
+    the window instead of letting the others run with spare cores. Best of ``windows`` windows, since
+    interference from outside the job and start skew only ever lengthen one.
     """
     import torch.distributed as dist
 
-    fn()
+    fn()  # warm-up (allocation, first-call costs)
     _sync(device)
+    once = _time(fn, device, 1, warmup=0, min_sample_s=min(0.02, window_s / 4))
+    count = torch.tensor([window_s / max(once, 1e-9)], dtype=torch.float64, device=device)
+    dist.all_reduce(count)  # the same number of calls on every rank: the ranks' mean estimate
+    calls = max(1, int(count.item() / dist.get_world_size()))
     best = float("inf")
     for _ in range(max(windows, 1)):
         _barrier()
         t0 = time.perf_counter()
-        calls = 0
-        while True:
+        for _ in range(calls):
             fn()
-            calls += 1
-            _sync(device)
-            elapsed = time.perf_counter() - t0
-            if elapsed >= window_s:
-                break
-        total = torch.tensor([calls, elapsed], dtype=torch.float64, device=device)
-        dist.all_reduce(total)
-        best = min(best, float(total[1]) / float(total[0]))
+        _sync(device)
+        elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=device)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        best = min(best, float(elapsed.item()) / calls)
     return best
 
 

@@ -37,14 +37,20 @@ def _time_pair(first: Callable[[], None], second: Callable[[], None], iters: int
     starting each sample together, after one warm-up call of each."""
     import time
 
+    def sync() -> None:  # GPU kernels and NCCL collectives return before they finish
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
     first()
     second()
+    sync()
     samples: tuple[list[float], list[float]] = ([], [])
     for _ in range(iters):
         for fn, out in ((first, samples[0]), (second, samples[1])):
             dist.barrier()
             t0 = time.perf_counter()
             fn()
+            sync()
             out.append(time.perf_counter() - t0)
     return tuple(sorted(s)[len(s) // 2] for s in samples)  # type: ignore[return-value]
 

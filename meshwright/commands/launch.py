@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from meshwright.errors import invalid
-    from meshwright.launcher.commands import LaunchSpec, deepspeed_argv, dry_run_lines
+    from meshwright.launcher.commands import LaunchSpec, dry_run_lines
     from meshwright.launcher.hostfile import load_hosts
     from meshwright.launcher.ssh_runner import run_over_ssh, summarize_failure
 

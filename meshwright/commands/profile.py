@@ -54,8 +54,7 @@ def run_hardware(args: argparse.Namespace) -> int:
     import torch
 
     from meshwright.config import load_cluster
-    from meshwright.launcher.hardware_profile import (init_distributed_from_env, profile_hardware,
-                                                      save_hardware_profile)
+    from meshwright.launcher.hardware_profile import distributed_from_env, profile_hardware, save_hardware_profile
 
     if args.iters < 1:
         raise ConfigError(f"--iters={args.iters!r} is invalid; valid: a positive integer")
@@ -63,23 +62,15 @@ def run_hardware(args: argparse.Namespace) -> int:
     dtypes = args.dtypes.split(",") if args.dtypes else (["bf16", "fp32"] if gpu else ["fp32"])
     sizes = args.sizes or ([2048, 4096, 8192] if gpu else [256, 512, 1024])
     cluster = load_cluster(args.cluster) if args.cluster else None
-    dist_on = init_distributed_from_env(args.timeout_s)
-    try:
+    with distributed_from_env(args.timeout_s) as writer:
         prof = profile_hardware(dtypes, sizes, cluster=cluster, iters=args.iters)
-        import torch.distributed as dist
-
-        if not dist_on or dist.get_rank() == 0:
+        if writer:
             save_hardware_profile(prof, args.out)
             d = prof["derived"]
             peaks = ", ".join(f"{k} {v:.3g}" for k, v in d["peak_tflops"].items())
             print(f"wrote {args.out}: peak TFLOP/s {peaks}; intra {d['intra_bw_gbps']:.3g} GB/s "
                   f"{d['intra_latency_us']:.3g} us; inter {d['inter_bw_gbps']:.3g} GB/s; overlap slowdown "
                   f"{d['overlap_slowdown']:.2f}; GPU: {prof['device']['gpu'].get('name', prof['device']['gpu'].get('reason'))}")
-    finally:
-        if dist_on:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
     return 0
 
 
@@ -87,22 +78,18 @@ def run_model(args: argparse.Namespace) -> int:
     import torch
 
     from meshwright.config import load_model_config
-    from meshwright.launcher.hardware_profile import init_distributed_from_env
-    from meshwright.launcher.model_profile import profile_model, save_model_profile
+    from meshwright.launcher.hardware_profile import distributed_from_env
+    from meshwright.launcher.model_profile import default_tps, profile_model, save_model_profile
 
     cfg = load_model_config(args.model)
     if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
         raise ConfigError(f"--device={args.device!r} is invalid; valid: cpu" + (" or cuda" if torch.cuda.is_available() else " (no GPU here)"))
-    tps = args.tp or [t for t in (1, 2) if cfg.n_heads % t == 0 and cfg.kv_heads % t == 0 and cfg.ffn_dim % t == 0]
-    dist_on = init_distributed_from_env(args.timeout_s)
-    try:
-        import torch.distributed as dist
-
+    tps = args.tp or default_tps(cfg)
+    with distributed_from_env(args.timeout_s) as writer:
         device = torch.device(args.device, int(os.environ.get("LOCAL_RANK", "0"))) if args.device == "cuda" else torch.device("cpu")
-        rank0 = not dist_on or dist.get_rank() == 0
         prof = profile_model(cfg, args.batch_sizes, args.seq_lens, tps, device, args.iters,
-                             progress=rank0 and sys.stderr.isatty())
-        if rank0:
+                             progress=writer and sys.stderr.isatty())
+        if writer:
             save_model_profile(prof, args.out)
             for e in prof["entries"]:
                 print(f"{e['kind']} tp={e['tp']}: fwd fit err {100 * e['fwd_fit']['max_rel_err']:.0f}%, "
@@ -112,9 +99,4 @@ def run_model(args: argparse.Namespace) -> int:
                 print(f"runtime {e['kind']} tp={e['tp']} sp={e['sp']} zero={e['zero']} over {e['group_size']} ranks: "
                       f"{1e3 * p['runtime_s']:.2f} ms vs plain shard {1e3 * p['plain_s']:.2f} ms at {p['tokens']} tokens")
             print(f"wrote {args.out}")
-    finally:
-        if dist_on:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
     return 0

@@ -26,8 +26,8 @@ def world_size_from_env() -> int:
 
 
 def resolve_plan(train_cfg: TrainConfig, plan_ref: str | None, world_size: int):
-    """A Plan from a path, ``auto`` (the planner when available, else pure data parallelism) or None."""
-    from meshwright.plan import default_plan, load_plan, validate_plan
+    """A Plan from a path, ``auto`` (the planner, calibrated with cached profiles of these machines) or None."""
+    from meshwright.plan import load_plan, validate_plan
 
     if plan_ref is None:
         return None

@@ -56,7 +56,9 @@ def _decide(missing: bool) -> bool:
     """Rank 0's answer to "must we profile?", shared with every rank."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+    from meshwright.launcher.hardware_profile import rank_and_world
+
+    if rank_and_world()[1] == 1:
         return missing
     box = [missing]
     dist.broadcast_object_list(box, src=0)
@@ -68,12 +70,13 @@ def auto_profiles(cfg: ModelConfig, world_size: int, seq_len: int, micro_batch: 
     """(hardware profile, model profile) for this run's machines; collective under torchrun."""
     import torch.distributed as dist
 
-    from meshwright.launcher.hardware_profile import load_hardware_profile, profile_hardware, save_hardware_profile
-    from meshwright.launcher.model_profile import load_model_profile, profile_model, save_model_profile
+    from meshwright.launcher.hardware_profile import (load_hardware_profile, profile_hardware, rank_and_world,
+                                                      save_hardware_profile)
+    from meshwright.launcher.model_profile import default_tps, load_model_profile, profile_model, save_model_profile
 
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    rank, world = rank_and_world()
     batches, seqs = profile_grid(seq_len, micro_batch)
-    tps = [t for t in (1, 2) if t <= world_size and cfg.n_heads % t == 0 and cfg.kv_heads % t == 0 and cfg.ffn_dim % t == 0]
+    tps = default_tps(cfg, limit=world_size)
     root = cache_dir()
     hw_path = root / profile_key("hardware", world_size)
     model_path = root / profile_key("model", world_size, model=to_dict(cfg), batches=batches, seqs=seqs, tps=tps)
@@ -89,7 +92,7 @@ def auto_profiles(cfg: ModelConfig, world_size: int, seq_len: int, micro_batch: 
         if rank == 0:
             root.mkdir(parents=True, exist_ok=True)
             save_model_profile(prof, model_path)
-    if dist.is_available() and dist.is_initialized():
+    if world > 1:
         dist.barrier()  # rank 0 has written both files
     return load_hardware_profile(hw_path), load_model_profile(model_path)
 

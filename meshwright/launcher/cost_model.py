@@ -204,24 +204,28 @@ def elementwise_s(cfg: ModelConfig, index: int, tokens: float, tp: int, sp: bool
 SCORE_BYTES_PER_ELEM_FWD = 13.0
 
 
-def attention_scores_s(cfg: ModelConfig, tokens: float, seq_len: int, tp: int, hw: Hardware) -> float:
-    """Forward time of the memory-bound passes over materialized attention scores (0 with flash kernels):
-    each token has (heads / tp) x seq score elements."""
+def score_elements(cfg: ModelConfig, tokens: float, seq_len: int, tp: int, hw: Hardware) -> float:
+    """Attention-score elements a tp rank writes to memory for ``tokens`` tokens: (heads / tp) x seq per
+    token with materialized kernels, none with flash kernels."""
     if hw.attention == "flash":
         return 0.0
     if hw.attention != "materialized":
         raise invalid("attention", hw.attention, "flash or materialized")
-    elems = tokens * cfg.n_heads / tp * seq_len
-    return elems * SCORE_BYTES_PER_ELEM_FWD * hw.elem_bytes / 2 / hw.mem_bw
+    return tokens * cfg.n_heads / tp * seq_len
+
+
+def attention_scores_s(cfg: ModelConfig, tokens: float, seq_len: int, tp: int, hw: Hardware) -> float:
+    """Forward time of the memory-bound passes over materialized attention scores (0 with flash kernels)."""
+    return score_elements(cfg, tokens, seq_len, tp, hw) * SCORE_BYTES_PER_ELEM_FWD * hw.elem_bytes / 2 / hw.mem_bw
 
 
 def attention_score_bytes(cfg: ModelConfig, tokens: float, seq_len: int, tp: int, recompute: str, hw: Hardware) -> float:
     """Bytes of materialized attention scores saved for backward (Korthikanti et al.'s 5·a·s²·b with 2-byte
     elements: softmax output, dropout mask, dropout output); 0 with flash kernels or when the attention
     core is recomputed (selective, full)."""
-    if hw.attention == "flash" or recompute != "none":
+    if recompute != "none":
         return 0.0
-    return tokens * cfg.n_heads / tp * seq_len * 2.5 * hw.elem_bytes
+    return score_elements(cfg, tokens, seq_len, tp, hw) * 2.5 * hw.elem_bytes
 
 
 def matmul_efficiency(hw: Hardware, width: float) -> float:

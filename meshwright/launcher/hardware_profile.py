@@ -11,13 +11,13 @@ versioned JSON file; ``load_hardware_profile`` validates version and fields.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import platform
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -86,10 +86,19 @@ def _time(fn: Callable[[], Any], device: torch.device, iters: int, warmup: int =
     return samples[0] if best else samples[len(samples) // 2]
 
 
-def _barrier() -> None:
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the running job; (0, 1) without an initialised process group."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if rank_and_world()[1] > 1:
         dist.barrier()
 
 
@@ -138,9 +147,7 @@ def measure_matmul(device: torch.device, dtypes: list[str], sizes: list[int], it
     in the same wall-clock window (``window_s``): the per-rank throughput when all ranks compute, which
     is below the one-process figure when ranks share cores, memory bandwidth or power; rank 0 then
     measures alone (``solo_seconds``), and their ratio is the profile's ``contention``."""
-    import torch.distributed as dist
-
-    together = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    together = rank_and_world()[1] > 1
     out = []
     for name in dtypes:
         if name not in DTYPES:
@@ -324,13 +331,11 @@ def contention(matmul: list[dict]) -> float:
 def profile_hardware(dtypes: list[str], sizes: list[int], per_node: Optional[int] = None, cluster: Any = None,
                      iters: int = 3, progress: bool = True) -> dict[str, Any]:
     """Profile this process's device and, when torch.distributed is initialised, the links between ranks."""
-    import torch.distributed as dist
-
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     matmul = measure_matmul(device, dtypes, sizes, iters)
     collectives: list[dict] = []
     p2p = overlap = None
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    world = rank_and_world()[1]
     per_node = per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if world > 1:
         collectives = measure_collectives(device, per_node, iters=iters, progress=progress)
@@ -372,6 +377,20 @@ def load_hardware_profile(path: str | Path) -> dict[str, Any]:
         if not isinstance(v, (int, float)) or v < 0 or (key.endswith("bw_gbps") and v == 0):
             raise ConfigError(f"hardware-profile.derived.{key}={v!r} is invalid; valid: a non-negative number (bandwidth > 0)")
     return data
+
+
+@contextlib.contextmanager
+def distributed_from_env(timeout_s: float = 120.0) -> Iterator[bool]:
+    """Join the torchrun job for the body (``init_distributed_from_env``) and leave it afterwards;
+    yields whether this process is the one that writes results (rank 0, or the only process)."""
+    import torch.distributed as dist
+
+    joined = init_distributed_from_env(timeout_s)
+    try:
+        yield rank_and_world()[0] == 0
+    finally:
+        if joined:
+            dist.destroy_process_group()
 
 
 def init_distributed_from_env(timeout_s: float = 120.0) -> bool:

@@ -13,7 +13,6 @@ cluster preset and the analytic formulas in ``cost_model`` stand in.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -80,9 +79,14 @@ def saved_bytes_per_token(block: nn.Module, cfg: ModelConfig, batch: int, seq: i
 
 
 def _distributed() -> bool:
-    import torch.distributed as dist
+    from meshwright.launcher.hardware_profile import rank_and_world
 
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return rank_and_world()[1] > 1
+
+
+def default_tps(cfg: ModelConfig, limit: int = 2) -> list[int]:
+    """The tp degrees a profile covers by default: 1 and 2 (up to ``limit``) where they split the heads and FFN."""
+    return [t for t in (1, 2) if t <= limit and cfg.n_heads % t == 0 and cfg.kv_heads % t == 0 and cfg.ffn_dim % t == 0]
 
 
 def time_block(block: nn.Module, cfg: ModelConfig, batch: int, seq: int, device: torch.device, iters: int = 3) -> tuple[float, float]:

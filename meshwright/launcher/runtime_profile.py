@@ -32,25 +32,23 @@ def _fwd_bwd(block: nn.Module, x: torch.Tensor, rope: Any) -> Callable[[], None]
     return run
 
 
-def _time_pair(first: Callable[[], None], second: Callable[[], None], iters: int) -> tuple[float, float]:
+def _time_pair(first: Callable[[], None], second: Callable[[], None], iters: int, device: torch.device) -> tuple[float, float]:
     """Median seconds of two functions timed alternately (so drifting load hits both alike), every rank
     starting each sample together, after one warm-up call of each."""
     import time
 
-    def sync() -> None:  # GPU kernels and NCCL collectives return before they finish
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+    from meshwright.launcher.hardware_profile import _sync as sync  # GPU kernels and NCCL collectives are async
 
     first()
     second()
-    sync()
+    sync(device)
     samples: tuple[list[float], list[float]] = ([], [])
     for _ in range(iters):
         for fn, out in ((first, samples[0]), (second, samples[1])):
             dist.barrier()
             t0 = time.perf_counter()
             fn()
-            sync()
+            sync(device)
             out.append(time.perf_counter() - t0)
     return tuple(sorted(s)[len(s) // 2] for s in samples)  # type: ignore[return-value]
 
@@ -143,9 +141,9 @@ def profile_runtime_overheads(cfg: ModelConfig, batch_sizes: list[int], seq_lens
                     torch.manual_seed(1)  # the same input on every rank: tp blocks expect it replicated
                     x = torch.randn(b, s, cfg.d_model, device=device, requires_grad=True)
                     rope = _rope(cfg, s, device)
-                    runtime_s, plain_s = _time_pair(_fwd_bwd(runtime_block, x, rope), _fwd_bwd(plain, x, rope), iters)
+                    runtime_s, plain_s = _time_pair(_fwd_bwd(runtime_block, x, rope), _fwd_bwd(plain, x, rope), iters, device)
                     comm = counted_collectives(cfg, index, layout, b * s, group, device)
-                    comm_s = _time_pair(comm, comm, iters)[0]
+                    comm_s = _time_pair(comm, comm, iters, device)[0]
                     points.append({"batch": b, "seq": s, "tokens": b * s, "runtime_s": runtime_s, "plain_s": plain_s,
                                    "comm_s": comm_s})
             out.append({"kind": kind, "layer_index": index, **layout, "points": points})

@@ -22,12 +22,11 @@ from __future__ import annotations
 import copy
 import math
 import sys
-import traceback
 
 import torch
 import torch.distributed as dist
 
-from parity_lib import CFG, MAX_NORM, RTOL, SEED, Report, full_grads, init, make_opt, rel, shard
+from parity_lib import CFG, MAX_NORM, RTOL, SEED, Report, failure, full_grads, init, make_opt, rel, run_worker, shard
 from parity_2rank import plan
 
 from meshwright.config import load_model_config
@@ -212,8 +211,7 @@ def main() -> None:
         try:
             res = run_case(name, cfg, pd)
         except Exception as e:
-            res = {"ok": False, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()[-3000:]}
-            print(f"[rank{dist.get_rank()}] case {name} failed:\n{res['tb']}", file=sys.stderr, flush=True)
+            res = failure(f"case {name}", e)
         report.add(name, res["ok"], res)
         dist.barrier()
     for name, (pd_save, pd_load) in CKPT_CASES.items():
@@ -222,8 +220,7 @@ def main() -> None:
         try:
             res = run_ckpt_case(pd_save, pd_load, f"{ckpt_dir}/{name}")
         except Exception as e:
-            res = {"ok": False, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()[-3000:]}
-            print(f"[rank{dist.get_rank()}] case {name} failed:\n{res['tb']}", file=sys.stderr, flush=True)
+            res = failure(f"case {name}", e)
         report.add(name, res["ok"], res)
         dist.barrier()
     report.gather_and_write()
@@ -231,7 +228,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
-    from meshwright.parallel.mesh import exit_worker
-
-    exit_worker(0)  # skip C++ teardown: gloo sometimes aborts at exit after a finished run
+    run_worker(main)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import sys
-import traceback
 
 import torch.distributed as dist
 
-from parity_lib import CFG, GLOBAL, MICRO, STEPS, Report, check_runtime, init, make_opt, reference, shard
+from parity_lib import CFG, GLOBAL, MICRO, STEPS, Report, check_runtime, failure, init, make_opt, reference, run_worker, shard
 
 from meshwright.checkpoint import load_runtime, save_runtime
 from meshwright.parallel.runtime import DistributedRuntime
@@ -79,7 +78,7 @@ def zero2_gather_counts() -> tuple[bool, dict]:
     except Exception as e:
         for n in names:
             setattr(dist, n, saved[n])
-        return False, {"error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()[-3000:]}
+        return False, failure("zero2_gathers_once_per_step", e)
 
 
 def main() -> None:
@@ -99,8 +98,7 @@ def main() -> None:
             res.pop("opt")
             rt.close()
         except Exception as e:  # report, keep the other cases running
-            res = {"ok": False, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()[-3000:]}
-            print(f"[rank{dist.get_rank()}] case {name} failed:\n{res['tb']}", file=sys.stderr, flush=True)
+            res = failure(f"case {name}", e)
         report.add(name, res["ok"], res)
         dist.barrier()
     if only is None or "zero2_gathers_once_per_step" in only:
@@ -117,8 +115,7 @@ def main() -> None:
             try:
                 res = run_case(zero, ref4, ckpt_dir=box[0])
             except Exception as e:
-                res = {"ok": False, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()[-3000:]}
-                print(f"[rank{rank}] deepspeed zero{zero} failed:\n{res['tb']}", file=sys.stderr, flush=True)
+                res = failure(f"deepspeed zero{zero}", e)
             report.add(f"deepspeed_zero{zero}", res["ok"], res)
             dist.barrier()
     if only is None or "ckpt_megatron_to_dtensor" in only:  # a megatron-core tp2 checkpoint resumed by the DTensor backend
@@ -139,8 +136,7 @@ def main() -> None:
             res2.pop("opt")
             res = {"ok": res["ok"] and res2["ok"], "save": res, "resume": res2}
         except Exception as e:
-            res = {"ok": False, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()[-3000:]}
-            print(f"[rank{rank}] megatron ckpt failed:\n{res['tb']}", file=sys.stderr, flush=True)
+            res = failure("megatron ckpt", e)
         report.add("ckpt_megatron_to_dtensor", res["ok"], res)
         dist.barrier()
     if ckpt:  # resume the 4-rank dp2·tp2 checkpoint (written after step 2) under pp2
@@ -153,15 +149,11 @@ def main() -> None:
             res["meta"] = meta
             res["ok"] = res["ok"] and meta.get("step") == 2
         except Exception as e:
-            res = {"ok": False, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()[-3000:]}
-            print(f"[rank{rank}] ckpt resume failed:\n{res['tb']}", file=sys.stderr, flush=True)
+            res = failure("ckpt resume", e)
         report.add("ckpt_dp2tp2_to_pp2", res["ok"], res)
     report.gather_and_write()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
-    from meshwright.parallel.mesh import exit_worker
-
-    exit_worker(0)  # skip C++ teardown: gloo sometimes aborts at exit after a finished run
+    run_worker(main)

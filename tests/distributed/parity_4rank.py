@@ -4,11 +4,10 @@ dp2·tp2 resumed under pp2·dp2 (the same loss trajectory as the one-process run
 from __future__ import annotations
 
 import sys
-import traceback
 
 import torch.distributed as dist
 
-from parity_lib import CFG, Report, check_runtime, init, reference
+from parity_lib import CFG, Report, check_runtime, failure, init, reference, run_worker
 
 from meshwright.checkpoint import load_runtime, save_runtime
 from meshwright.parallel.runtime import DistributedRuntime
@@ -55,8 +54,7 @@ def main() -> None:
                 res["shard_mesh_dims"] = [shard_mesh_dims(rt, i) for i in range(4)]
                 res["ok"] = res["ok"] and res["shard_mesh_dims"] == [[2, 2], [2, 2], [2, 2], [4]]
         except Exception as e:
-            res = {"ok": False, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()[-3000:]}
-            print(f"[rank{dist.get_rank()}] case {name} failed:\n{res['tb']}", file=sys.stderr, flush=True)
+            res = failure(f"case {name}", e)
         report.add(name, res["ok"], res)
         dist.barrier()
     if only and "ckpt" not in only:
@@ -77,13 +75,10 @@ def main() -> None:
         ok = res["ok"] and res2["ok"] and meta.get("step") == 2
         report.add("ckpt_dp2tp2_to_pp2dp2", ok, {"save": res, "resume": res2})
     except Exception as e:
-        report.add("ckpt_dp2tp2_to_pp2dp2", False, {"error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()[-3000:]})
+        report.add("ckpt_dp2tp2_to_pp2dp2", False, failure("ckpt_dp2tp2_to_pp2dp2", e))
     report.gather_and_write()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
-    from meshwright.parallel.mesh import exit_worker
-
-    exit_worker(0)  # skip C++ teardown: gloo sometimes aborts at exit after a finished run
+    run_worker(main)

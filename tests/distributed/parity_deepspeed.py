@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import math
 import sys
-import traceback
 
 import torch.distributed as dist
 
-from parity_lib import CFG, MAX_NORM, RTOL, Report, init, make_opt, reference, rel, shard
+from parity_lib import CFG, MAX_NORM, RTOL, Report, failure, init, make_opt, reference, rel, run_worker, shard
 
 from meshwright.parallel.deepspeed_backend import DeepSpeedRuntime
 from meshwright.plan import plan_from_dict
@@ -57,8 +56,7 @@ def main() -> None:
         try:
             res = run_case(zero, ref)
         except Exception as e:
-            res = {"ok": False, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()[-3000:]}
-            print(f"[rank{dist.get_rank()}] deepspeed zero{zero} failed:\n{res['tb']}", file=sys.stderr, flush=True)
+            res = failure(f"deepspeed zero{zero}", e)
         report.add(f"deepspeed_zero{zero}", res["ok"], res)
         dist.barrier()
     report.gather_and_write()
@@ -66,7 +64,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
-    from meshwright.parallel.mesh import exit_worker
-
-    exit_worker(0)  # skip C++ teardown: gloo sometimes aborts at exit after a finished run
+    run_worker(main)

@@ -10,7 +10,9 @@ import json
 import math
 import os
 import sys
+import traceback
 from datetime import timedelta
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -140,3 +142,21 @@ def check_runtime(rt, ref: list[dict], steps: int = STEPS, start: int = 0, check
     from meshwright.parallel.data_parallel import sharded_state_bytes
 
     return {"ok": ok, **worst, "worst_grad_param": worst_name, "opt": opt, "opt_state_bytes": sharded_state_bytes(opt)}
+
+
+def failure(label: str, exc: BaseException) -> dict:
+    """A failed case's result (error and traceback tail), also printed to stderr for the pytest log; call
+    it inside the ``except`` block so the traceback is the case's."""
+    res = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "tb": traceback.format_exc()[-3000:]}
+    print(f"[rank{dist.get_rank()}] {label} failed:\n{res['tb']}", file=sys.stderr, flush=True)
+    return res
+
+
+def run_worker(main: Callable[[], None]) -> None:
+    """Run a torchrun worker's ``main`` and end the process without C++ teardown: gloo on torch 2.13
+    sometimes aborts at interpreter exit after a finished run (``meshwright.parallel.mesh.exit_worker``)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
+    from meshwright.parallel.mesh import exit_worker
+
+    exit_worker(0)

@@ -108,7 +108,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
-    from meshwright.parallel.mesh import exit_worker
+    from parity_lib import run_worker
 
-    exit_worker(0)  # skip C++ teardown: gloo sometimes aborts at exit after a finished run
+    run_worker(main)

@@ -10,7 +10,7 @@ import torch
 
 from meshwright.config import load_cluster, load_model_config
 from meshwright.launcher import cost_model as cm
-from meshwright.plan import LayerStrategy, PipelineSpec, Plan, Savers, validate_plan
+from meshwright.plan import LayerStrategy, PipelineSpec, Plan, validate_plan
 
 GB = 1e9
 

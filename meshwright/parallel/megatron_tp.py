@@ -114,33 +114,3 @@ def install_state_hooks(module: nn.Module, shards: dict[str, tuple[int, DeviceMe
 
     module.register_state_dict_post_hook(post)
     module.register_load_state_dict_pre_hook(pre)
-
-
-def install_optimizer_hooks(optimizer: torch.optim.Optimizer, shards: dict[nn.Parameter, tuple[int, DeviceMesh]]) -> None:
-    """The same for optimizer states of megatron-sharded parameters (exp_avg etc. become DTensors)."""
-
-    def indexed() -> dict[int, tuple[nn.Parameter, int, DeviceMesh]]:
-        out, i = {}, 0
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p in shards:
-                    out[i] = (p, *shards[p])
-                i += 1
-        return out
-
-    def post(_: torch.optim.Optimizer, state_dict: dict) -> dict:
-        for i, (p, dim, mesh) in indexed().items():
-            for key, v in state_dict["state"].get(i, {}).items():
-                if torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.shape:
-                    state_dict["state"][i][key] = DTensor.from_local(v, mesh, [Shard(dim)], run_check=False)
-        return state_dict
-
-    def pre(_: torch.optim.Optimizer, state_dict: dict) -> dict:
-        for i, (p, dim, mesh) in indexed().items():
-            for key, v in state_dict["state"].get(i, {}).items():
-                if isinstance(v, DTensor) or (torch.is_tensor(v) and v.dim() == p.dim() and v.shape != p.shape):
-                    state_dict["state"][i][key] = _shard_of(v, dim, mesh.size(), mesh.get_local_rank(), p)
-        return state_dict
-
-    optimizer.register_state_dict_post_hook(post)
-    optimizer.register_load_state_dict_pre_hook(pre)

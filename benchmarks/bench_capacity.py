@@ -13,8 +13,8 @@ from __future__ import annotations
 import time
 
 from meshwright.config import load_cluster, load_model_config
-from meshwright.launcher.search import search
-from meshwright.tools.capacity import capacity_plan
+from meshwright.launcher.planner.search import search
+from meshwright.launcher.planner.capacity import capacity_plan
 
 # (name, model preset, cluster preset, nodes, seq, global batch (sequences), train tokens,
 #  published GPU-hours, published tCO2e, source)

@@ -12,7 +12,7 @@ import argparse
 import statistics
 import tempfile
 
-from meshwright.commands.train import run_training
+from meshwright.train.build import run_training
 from meshwright.config import load_train_config
 
 

@@ -26,8 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from meshwright.config import load_cluster, load_model_config  # noqa: E402
-from meshwright.launcher import cost_model as cm  # noqa: E402
-from meshwright.launcher.search import Constraints, describe_layout, search  # noqa: E402
+from meshwright.launcher.planner import cost_model as cm  # noqa: E402
+from meshwright.launcher.planner.search import Constraints, describe_layout, search  # noqa: E402
 
 # name, tp, pp, GPUs, global batch, published TFLOP/s per GPU (Table 1)
 MEGATRON_TABLE1 = [

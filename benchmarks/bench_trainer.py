@@ -27,9 +27,9 @@ sys.path.insert(0, str(REPO))
 
 from meshwright.config import load_cluster, load_model_config, load_train_config  # noqa: E402
 from meshwright.data.loader import build_loaders  # noqa: E402
-from meshwright.local_runtime import LocalRuntime  # noqa: E402
+from meshwright.train.local_runtime import LocalRuntime  # noqa: E402
 from meshwright.models import build_model, lm_loss  # noqa: E402
-from meshwright.trainer import Trainer, lr_at  # noqa: E402
+from meshwright.train.trainer import Trainer, lr_at  # noqa: E402
 
 
 def matmul_peak(sizes=(512, 1024, 2048)) -> tuple[float, dict[int, float]]:

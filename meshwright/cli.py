@@ -8,6 +8,7 @@ import importlib
 import os
 import sys
 
+from meshwright import __version__
 from meshwright.errors import ConfigError
 
 COMMANDS = ("data", "train", "profile", "plan", "launch", "report")
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="meshwright",
         description="Plan and run hybrid data/tensor/pipeline/expert-parallel training of transformers.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
@@ -38,10 +40,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Entry point of ``python -m meshwright`` and ``python -m meshwright.cli`` (torchrun workers)."""
     code = main()
-    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker (`-m meshwright.cli`): see exit_worker
-        from meshwright.parallel.mesh import exit_worker
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: see exit_worker
+        from meshwright.parallel.mesh import exit_worker  # keeps `meshwright --help` free of torch.distributed
 
         exit_worker(code)
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    run()

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from meshwright.config import ModelConfig, divisors, load_model_config
+from meshwright.config.io import from_dict, read_mapping, to_dict, write_yaml
 from meshwright.errors import ConfigError, invalid
-from meshwright.yamlio import from_dict, read_mapping, to_dict, write_yaml
 
 PLAN_VERSION = 1
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -255,8 +255,6 @@ def validate_plan(plan: Plan, model: ModelConfig | str | dict, world_size: int) 
     max_dp = max(dps)
     if plan.global_batch % plan.micro_batch:
         raise invalid("global_batch", plan.global_batch, f"a multiple of micro_batch={plan.micro_batch}")
-    min_dp = min(dps)
-    per_replica = plan.global_batch // min_dp if plan.global_batch % min_dp == 0 else None
     for d in sorted(dps):
         if plan.global_batch % (d * plan.micro_batch):
             raise invalid("global_batch", plan.global_batch, f"a multiple of dp*micro_batch={d}*{plan.micro_batch} (layer data-parallel degree {d})")
@@ -268,7 +266,6 @@ def validate_plan(plan: Plan, model: ModelConfig | str | dict, world_size: int) 
             raise invalid("pipeline.microbatches", pp.microbatches, f"a multiple of pipeline.degree={pp.degree} for interleaved_1f1b")
         if cfg.tie_embeddings:
             raise invalid("pipeline.degree", pp.degree, "1 for models with tied embeddings (the head and embedding would sit on different stages)")
-    del per_replica
     if plan.embedding.tp > 1 and (cfg.vocab_size % plan.embedding.tp or per_stage % plan.embedding.tp):
         raise invalid("embedding.tp", plan.embedding.tp, f"a divisor of vocab_size={cfg.vocab_size} and of {per_stage} devices per stage")
 

@@ -30,9 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from meshwright.errors import invalid
-    from meshwright.launcher.commands import LaunchSpec, dry_run_lines
-    from meshwright.launcher.hostfile import load_hosts
-    from meshwright.launcher.ssh_runner import run_over_ssh, summarize_failure
+    from meshwright.launcher.remote.argv import LaunchSpec, dry_run_lines
+    from meshwright.launcher.remote.hostfile import load_hosts
+    from meshwright.launcher.remote.ssh import run_over_ssh, summarize_failure
 
     command = args.train_command[1:] if args.train_command[:1] == ["--"] else args.train_command
     env = {}
@@ -70,7 +70,7 @@ def run_deepspeed(spec, args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from meshwright.errors import invalid
-    from meshwright.launcher.commands import deepspeed_argv, deepspeed_env_file_text, pdsh_ssh_args
+    from meshwright.launcher.remote.argv import deepspeed_argv, deepspeed_env_file_text, pdsh_ssh_args
 
     argv = deepspeed_argv(spec, Path(args.hosts).resolve(), args.ssh_port)
     beside = Path(args.python).parent / "deepspeed"

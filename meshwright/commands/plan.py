@@ -74,9 +74,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _load_inputs(args: argparse.Namespace) -> dict[str, Any]:
     from meshwright.config import load_cluster, load_model_config
-    from meshwright.launcher import cost_model as cm
-    from meshwright.launcher.hardware_profile import load_hardware_profile
-    from meshwright.launcher.model_profile import apply_model_profile, load_model_profile
+    from meshwright.launcher.planner import cost_model as cm
+    from meshwright.launcher.profiling.hardware import load_hardware_profile
+    from meshwright.launcher.profiling.model import apply_model_profile, load_model_profile
 
     for name in ("nodes", "devices_per_node", "seq_len", "global_batch", "top"):
         v = getattr(args, name, None)
@@ -95,7 +95,7 @@ def _load_inputs(args: argparse.Namespace) -> dict[str, Any]:
 
 def compute_result(args: argparse.Namespace) -> dict[str, Any]:
     """Run the search and return the plain-data result (the ``--json`` object)."""
-    from meshwright.launcher.search import Allow, Constraints, describe_layout, infeasible_message, search
+    from meshwright.launcher.planner.search import Allow, Constraints, describe_layout, infeasible_message, search
 
     inputs = _load_inputs(args)
     cfg, cluster, hw = inputs["cfg"], inputs["cluster"], inputs["hw"]
@@ -136,7 +136,7 @@ def compute_result(args: argparse.Namespace) -> dict[str, Any]:
 
 def _capacity(args: argparse.Namespace, cluster: Any, predicted: dict[str, Any]) -> dict[str, Any]:
     """Whole-run figures at the predicted throughput; utilisation = compute time / step time."""
-    from meshwright.tools.capacity import DEFAULT_GRID, DEFAULT_PUE, capacity_plan, parse_tokens
+    from meshwright.launcher.planner.capacity import DEFAULT_GRID, DEFAULT_PUE, capacity_plan, parse_tokens
 
     step_s = predicted["step_s"]
     busy = predicted.get("breakdown", {}).get("compute_s")
@@ -221,7 +221,7 @@ def render_text(result: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from meshwright.launcher.exports import emit
+    from meshwright.launcher.planner.export import emit
 
     result = compute_result(args)
     objects = result.pop("_objects")

@@ -54,7 +54,7 @@ def run_hardware(args: argparse.Namespace) -> int:
     import torch
 
     from meshwright.config import load_cluster
-    from meshwright.launcher.hardware_profile import distributed_from_env, profile_hardware, save_hardware_profile
+    from meshwright.launcher.profiling.hardware import distributed_from_env, profile_hardware, save_hardware_profile
 
     if args.iters < 1:
         raise ConfigError(f"--iters={args.iters!r} is invalid; valid: a positive integer")
@@ -78,8 +78,8 @@ def run_model(args: argparse.Namespace) -> int:
     import torch
 
     from meshwright.config import load_model_config
-    from meshwright.launcher.hardware_profile import distributed_from_env
-    from meshwright.launcher.model_profile import default_tps, profile_model, save_model_profile
+    from meshwright.launcher.profiling.hardware import distributed_from_env
+    from meshwright.launcher.profiling.model import default_tps, profile_model, save_model_profile
 
     cfg = load_model_config(args.model)
     if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sysconfig
 from pathlib import Path
 
+from meshwright.errors import ConfigError
 
 EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "__pycache__"}
 
@@ -25,8 +26,6 @@ def stdlib_files(max_files: int | None = None) -> list[Path]:
         if p.is_file() and not (set(p.relative_to(root).parts[:-1]) & EXCLUDED_DIRS)
     )
     if not files:
-        from meshwright.errors import ConfigError
-
         raise ConfigError(f"data.path='default' found no .py files under the standard library at {str(root)!r}; valid: a prepared data directory")
     if max_files is not None and len(files) > max_files:
         step = len(files) / max_files

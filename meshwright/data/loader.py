@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from meshwright.data.prepare import prepare_default_corpus
 from meshwright.errors import ConfigError, invalid
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -142,8 +143,6 @@ class SequenceLoader:
 def resolve_data_path(data_cfg: Any, vocab_size: int, progress: bool = True) -> Path:
     """``data.path`` -> prepared directory; ``default`` builds (once) the cached stdlib corpus."""
     if data_cfg.path == "default":
-        from meshwright.data.prepare import prepare_default_corpus
-
         return prepare_default_corpus(data_cfg.max_files, data_cfg.tokenizer, vocab_size=vocab_size, progress=progress)
     return Path(data_cfg.path)
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from meshwright.config.io import from_dict
 from meshwright.errors import ConfigError, invalid
 from meshwright.models.decoder import Block, Decoder
 from meshwright.models.layers import Attention, apply_rope
@@ -235,8 +236,6 @@ def apply_lemo(model: Decoder, cfg: LemoConfig | dict | None = None) -> list[int
     In place, parameter names unchanged. Calling it again updates the settings. Predictors (if any)
     are attached by ``train_predictors`` / ``attach_predictors`` as ``layers.<i>.lemo_predictor``.
     """
-    from meshwright.yamlio import from_dict
-
     if cfg is None:
         cfg = LemoConfig()
     elif isinstance(cfg, dict):

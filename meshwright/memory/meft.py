@@ -34,74 +34,17 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Optional, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from meshwright.config.schema import PAPER_SCALE, VARIANTS, MeftConfig  # noqa: F401  (MeftConfig re-exported)
 from meshwright.errors import invalid
-from meshwright.yamlio import from_dict, to_dict
+from meshwright.models.decoder import Decoder
 
-Variant = Literal["meft1", "meft2", "meft3"]
-VARIANTS: tuple[str, ...] = ("meft1", "meft2", "meft3")
-PAPER_SCALE = 0.1
 # Tolerated relative reconstruction error when choosing how many layers may be reversible by default.
 DEFAULT_TOLERANCE = 1e-3
-
-
-@dataclass
-class MeftConfig:
-    """How to convert a model; round-trips through YAML (``meft:`` section of a train config)."""
-
-    variant: Variant = "meft1"
-    scale: float = PAPER_SCALE  # λ for meft1, β for meft2, λ=β for meft3 (the paper's 0.1)
-    adapter_dim: int = 16
-    reversible_layers: int | None = None  # top N layers reversible; None = safe default for the dtype
-    adapter_dropout: float = 0.0
-    adapter_init_std: float = 0.02  # down-projection init; the up-projection always starts at zero
-    freeze_base: bool = True
-    train_head: bool = True
-    track_error: bool = False  # keep the stack input and log the reconstruction error of every backward
-    compute_dtype: Optional[Literal["fp64", "fp32", "bf16", "fp16"]] = None  # for the safe default; None = params' dtype
-
-    def validate(self, prefix: str = "meft", n_layers: int | None = None) -> None:
-        if self.variant not in VARIANTS:
-            raise invalid(f"{prefix}.variant", self.variant, " | ".join(VARIANTS))
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale) \
-                or self.scale <= 0:
-            what = {"meft1": "λ", "meft2": "β", "meft3": "λ=β"}[self.variant]
-            raise invalid(f"{prefix}.scale", self.scale, f"a finite number > 0 ({what} of {self.variant}; paper: 0.1)")
-        if isinstance(self.adapter_dim, bool) or not isinstance(self.adapter_dim, int) or self.adapter_dim <= 0:
-            raise invalid(f"{prefix}.adapter_dim", self.adapter_dim, "a positive integer (adapter bottleneck width)")
-        if not 0.0 <= self.adapter_dropout < 1.0:
-            raise invalid(f"{prefix}.adapter_dropout", self.adapter_dropout, "a number in [0, 1)")
-        if self.adapter_init_std < 0:
-            raise invalid(f"{prefix}.adapter_init_std", self.adapter_init_std, "a number >= 0")
-        if self.reversible_layers is not None:
-            bad = isinstance(self.reversible_layers, bool) or not isinstance(self.reversible_layers, int) \
-                or self.reversible_layers < 0 or (n_layers is not None and self.reversible_layers > n_layers)
-            if bad:
-                upto = f"0..{n_layers}" if n_layers is not None else ">= 0"
-                raise invalid(f"{prefix}.reversible_layers", self.reversible_layers, f"null (safe default) or an integer {upto}")
-
-    @property
-    def lam(self) -> float:
-        return 1.0 if self.variant == "meft2" else float(self.scale)
-
-    @property
-    def beta(self) -> float:
-        return 1.0 if self.variant == "meft1" else float(self.scale)
-
-    @property
-    def swap(self) -> bool:
-        return self.variant != "meft3"
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MeftConfig":
-        return from_dict(cls, data, prefix="meft")
 
 
 def safe_reversible_layers(n_layers: int, dtype: torch.dtype, lam: float = PAPER_SCALE, beta: float = 1.0,
@@ -602,8 +545,6 @@ def make_reversible(model: nn.Module, variant: str = "meft1", scale: float = PAP
     """
     cfg = config or MeftConfig(variant=variant, scale=scale, adapter_dim=adapter_dim,  # type: ignore[arg-type]
                                reversible_layers=reversible_layers, **kwargs)
-    from meshwright.models.decoder import Decoder
-
     if isinstance(model, Decoder):
         n_layers = len(model.layers)
         cfg.validate(n_layers=n_layers)

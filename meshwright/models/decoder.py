@@ -15,6 +15,7 @@ from torch import nn
 
 from meshwright.config import ModelConfig
 from meshwright.models.layers import Attention, GeluMLP, RMSNorm, SwiGLU, init_linear, residual_std, rope_tables
+from meshwright.models.moe import MoE
 
 
 class Block(nn.Module):
@@ -30,8 +31,6 @@ class Block(nn.Module):
         self.attention = Attention(cfg, bias=gpt2, use_rope=not gpt2)
         self.ffn_norm = norm()
         if cfg.is_moe_layer(layer_id):
-            from meshwright.models.moe import MoE  # the expert-parallel issue supplies this block
-
             self.feed_forward: nn.Module = MoE(cfg)
         elif gpt2:
             self.feed_forward = GeluMLP(cfg.d_model, cfg.ffn_dim)

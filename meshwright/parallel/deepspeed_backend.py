@@ -19,8 +19,9 @@ from torch import nn
 from meshwright.config import ModelConfig, load_model_config
 from meshwright.errors import invalid
 from meshwright.models import build_model, lm_loss
-from meshwright.plan import Plan
-from meshwright.runtime import Batch, Runtime, TorchDistributedCollectives
+from meshwright.parallel.support import check_runtime_support
+from meshwright.plan import Plan, validate_plan
+from meshwright.train.runtime import Batch, Runtime, TorchDistributedCollectives
 
 
 def deepspeed_config(zero: int, micro_batch: int, grad_accum: int, dp: int, grad_clip: float = 0.0) -> dict[str, Any]:
@@ -48,6 +49,8 @@ class DeepSpeedRuntime(TorchDistributedCollectives, Runtime):
                  device: torch.device | None = None, micro_batches_per_step: int | None = None) -> None:
         cfg = load_model_config(model_cfg)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        validate_plan(plan, cfg, self.world_size)
+        check_runtime_support(plan, cfg, "dtensor", "deepspeed")
         self.dp_rank, self.dp_size = self.rank, self.world_size
         self.zero = plan.layer_strategies()[0].zero
         if self.zero == 0:

@@ -34,6 +34,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from meshwright.config import ModelConfig, load_model_config
 from meshwright.errors import invalid
+from meshwright.memory.fp8_activations import apply_fp8_activations
+from meshwright.memory.wta_crs import apply_wta_crs_per_layer
 from meshwright.models import build_model, lm_loss
 from meshwright.models.decoder import Decoder
 from meshwright.models.moe import attach_aux_loss_to_backward, router_stats
@@ -43,12 +45,11 @@ from meshwright.parallel.layerwise import apply_batch_redistribution
 from meshwright.parallel.mesh import build_meshes, hsdp_shard
 from meshwright.parallel.pipeline import build_schedule, cut_stage, stage_ids
 from meshwright.parallel.recompute import apply_recompute
+from meshwright.parallel.support import check_runtime_support
 from meshwright.parallel.tensor_parallel import apply_tp
-from meshwright.plan import Plan, default_plan, validate_plan
-from meshwright.runtime import Batch, Runtime, TorchDistributedCollectives
+from meshwright.plan import Plan, validate_plan
+from meshwright.train.runtime import Batch, Runtime, TorchDistributedCollectives
 
-TP_BACKENDS = ("dtensor", "megatron")
-DP_BACKENDS = ("torch", "deepspeed")
 DEFAULT_TIMEOUT = timedelta(seconds=int(os.environ.get("MESHWRIGHT_PG_TIMEOUT_S", "300")))
 
 
@@ -68,51 +69,6 @@ class StateView(nn.Module):
                     setattr(self, name, getattr(c, name))
             for k, b in c.layers.items():
                 self.layers[k] = b
-
-
-def check_runtime_support(plan: Plan, cfg: ModelConfig, tp_backend: str, dp_backend: str) -> None:
-    """One-line errors for Plans that validate but this runtime cannot run (beyond validate_plan)."""
-    if tp_backend not in TP_BACKENDS:
-        raise invalid("tp_backend", tp_backend, ", ".join(TP_BACKENDS))
-    if dp_backend not in DP_BACKENDS:
-        raise invalid("dp_backend", dp_backend, ", ".join(DP_BACKENDS))
-    strategies = plan.layer_strategies()
-    if plan.embedding.tp != 1:
-        raise invalid("embedding.tp", plan.embedding.tp, "1 (the runtime replicates embeddings and head over tp)")
-    uniform_tp1 = all(s.tp == 1 for s in strategies)
-    max_dp = max(s.dp for s in strategies)
-    for i, s in enumerate(strategies):
-        f = f"layers[{i}]"
-        if tp_backend == "megatron" and s.sp:
-            raise invalid(f"{f}.sp", s.sp, "false with tp_backend=megatron (use tp_backend=dtensor for sequence parallelism)")
-        if tp_backend == "megatron" and s.tp > 1 and s.zero >= 2:
-            raise invalid(f"{f}.zero", s.zero, "0 or 1 with tp_backend=megatron (FSDP shards DTensor parameters only)")
-        if s.zero == 1 and not (uniform_tp1 and all(t.zero == 1 for t in strategies)) and dp_backend == "torch":
-            raise invalid(f"{f}.zero", s.zero, "0, 2 or 3; zero=1 needs every layer tp=1, zero=1 (ZeroRedundancyOptimizer over one dp group) or dp_backend=deepspeed")
-        if cfg.is_moe_layer(i):
-            if s.sp:
-                raise invalid(f"{f}.sp", s.sp, "false on MoE layers (experts need tp-replicated tokens)")
-            if s.ep > 1 and s.zero >= 2:
-                raise invalid(f"{f}.zero", s.zero, "0 with ep>1 (expert shards are reduced over the expert-data-parallel group, not FSDP)")
-            if s.ep > 1 and s.zero == 1:
-                raise invalid(f"{f}.zero", s.zero, "0 with ep>1 (ZeroRedundancyOptimizer would average expert shards over the whole dp group)")
-            if s.ep > 1 and s.dp != max_dp:
-                raise invalid(f"{f}.dp", s.dp, f"the largest dp of the plan ({max_dp}) on MoE layers with ep>1 (no batch gather before expert dispatch)")
-            if tp_backend == "megatron" and s.tp > 1:
-                raise invalid("tp_backend", tp_backend, f"dtensor for MoE layers with tp>1 ({f}.tp={s.tp})")
-        if s.savers.lemo is not None:
-            raise invalid(f"{f}.savers.lemo", s.savers.lemo, "null (LeMo is a fine-tuning saver applied by meshwright.memory.lemo, not this runtime)")
-        if (s.savers.fp8_act or s.savers.wta_crs is not None) and tp_backend == "megatron" and s.tp > 1:
-            raise invalid("tp_backend", tp_backend, f"dtensor for memory savers on layers with tp>1 ({f}.tp={s.tp})")
-    if cfg.n_experts and dp_backend == "deepspeed":
-        raise invalid("dp_backend", dp_backend, "torch for MoE models (expert-parallel gradient groups live in DistributedRuntime)")
-    if dp_backend == "deepspeed" and any(s.savers.fp8_act or s.savers.wta_crs is not None for s in strategies):
-        raise invalid("dp_backend", dp_backend, "torch for plans with memory savers (DistributedRuntime applies them)")
-    if dp_backend == "deepspeed":
-        if plan.pipeline.degree != 1 or not uniform_tp1:
-            raise invalid("dp_backend", dp_backend, "torch unless pipeline.degree=1 and every layer has tp=1 (DeepSpeed runs pure ZeRO data parallelism)")
-        if len({s.zero for s in strategies}) != 1:
-            raise invalid("layers[*].zero", sorted({s.zero for s in strategies}), "one ZeRO level for all layers with dp_backend=deepspeed")
 
 
 def install_shard_optimizer_hooks(optimizer: torch.optim.Optimizer, shards: dict[nn.Parameter, tuple[int, Any]]) -> None:
@@ -160,13 +116,9 @@ def apply_plan_savers(model: Decoder, plan: Plan, seed: int) -> dict[str, list[i
     fp8 = [bool(s.savers.fp8_act) for s in strategies]
     out: dict[str, list[int]] = {"fp8_act": [], "wta_crs": []}
     if any(fp8):
-        from meshwright.memory.fp8_activations import apply_fp8_activations
-
         out["fp8_act"] = apply_fp8_activations(model, layers=fp8)
     keep = {i: s.savers.wta_crs for i, s in enumerate(strategies) if s.savers.wta_crs is not None}
     if keep:
-        from meshwright.memory.wta_crs import apply_wta_crs_per_layer
-
         apply_wta_crs_per_layer(model, keep, seed=seed)
         out["wta_crs"] = sorted(keep)
     return out
@@ -502,24 +454,16 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         self._schedules.clear()
 
 
-def build_distributed_runtime(train_cfg: Any, model_cfg: ModelConfig | str | dict, plan: Plan | None) -> Runtime:
-    """The trainer's entry point under torchrun (WORLD_SIZE > 1): init the process group, apply the Plan."""
+def build_distributed_runtime(train_cfg: Any, model_cfg: ModelConfig, plan: Plan) -> Runtime:
+    """The trainer's entry point under torchrun: init the process group, apply the Plan (each runtime
+    validates it against the world once)."""
     device = init_distributed()
-    world = dist.get_world_size()
-    cfg = load_model_config(model_cfg)
-    if plan is None:
-        plan = default_plan(cfg, world, train_cfg.seq_len, train_cfg.global_batch, train_cfg.micro_batch)
-    dp_backend = getattr(train_cfg, "dp_backend", "torch")
-    tp_backend = getattr(train_cfg, "tp_backend", "dtensor")
-    seed = getattr(train_cfg, "seed", 1234)
-    validate_plan(plan, cfg, world)
-    check_runtime_support(plan, cfg, tp_backend, dp_backend)
-    if dp_backend == "deepspeed":
+    if train_cfg.dp_backend == "deepspeed":
         from meshwright.parallel.deepspeed_backend import DeepSpeedRuntime
 
-        rt: Runtime = DeepSpeedRuntime(cfg, plan, train_cfg=train_cfg, seed=seed, device=device)
+        rt: Runtime = DeepSpeedRuntime(model_cfg, plan, train_cfg=train_cfg, seed=train_cfg.seed, device=device)
     else:
-        rt = DistributedRuntime(cfg, plan, tp_backend=tp_backend, seed=seed, device=device)
+        rt = DistributedRuntime(model_cfg, plan, tp_backend=train_cfg.tp_backend, seed=train_cfg.seed, device=device)
     per_rank = train_cfg.global_batch // rt.dp_size if train_cfg.global_batch % rt.dp_size == 0 else None
     if per_rank is None or per_rank % train_cfg.micro_batch:
         raise invalid("global_batch", train_cfg.global_batch,

@@ -14,10 +14,12 @@ Conventions differ by up to ~15% on the same run, so every MFU figure names the 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from meshwright.config import ModelConfig
 from meshwright.errors import invalid
+
+if TYPE_CHECKING:  # the schema calls into this module (ModelConfig.flops_per_token)
+    from meshwright.config.schema import ModelConfig
 
 Convention = Literal["palm", "megatron", "megatron2021"]
 CONVENTIONS: tuple[str, ...] = ("palm", "megatron", "megatron2021")
@@ -25,7 +27,23 @@ RecomputeMode = Literal["none", "selective", "full"]
 
 
 def palm_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    return cfg.flops_per_token(seq_len)
+    """6N + 12·L·H·Q·T (Chowdhery et al. 2022, App. B). N counts the parameters that do matmuls for a token:
+    the non-embedding parameters of the *activated* path (MoE: top_k experts + router) plus the output head
+    (vocab x d_model); the embedding lookup and learned positions do no FLOPs. The attention term counts the
+    full (non-causal) score and context matmuls, as PaLM and nanoGPT do."""
+    n = cfg.num_params(non_embedding=True, active_only=True) + cfg.vocab_size * cfg.d_model
+    return 6.0 * n + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+
+
+def layer_fwd_flops(cfg: ModelConfig, index: int, tokens: float, seq_len: int) -> float:
+    """Forward FLOPs of block ``index`` for ``tokens`` tokens (PaLM counting, per layer, for the cost model):
+    2 per active matmul parameter per token plus the non-causal attention score and context matmuls 4*s*h."""
+    return 2.0 * cfg.layer_params(index, active_only=True) * tokens + 4.0 * seq_len * cfg.d_model * tokens
+
+
+def head_fwd_flops(cfg: ModelConfig, tokens: float) -> float:
+    """Forward FLOPs of the output projection (vocab x d_model)."""
+    return 2.0 * cfg.vocab_size * cfg.d_model * tokens
 
 
 def megatron_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -11,11 +11,6 @@ from meshwright.config import ClusterSpec
 from meshwright.tools.flops import utilization
 
 
-def achieved_flops(tokens_per_s: float, flops_per_token: float) -> float:
-    """Model FLOP/s actually delivered, summed over all devices."""
-    return tokens_per_s * flops_per_token
-
-
 def mfu(tokens_per_s: float, flops_per_token: float, cluster: ClusterSpec, dtype: str = "fp32", n_devices: int = 1) -> float:
     """Fraction of peak (0..1) for ``n_devices`` devices of ``cluster`` computing in ``dtype``."""
     return utilization(tokens_per_s, flops_per_token, cluster.peak_flops(dtype), max(n_devices, 1))

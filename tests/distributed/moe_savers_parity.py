@@ -176,7 +176,7 @@ CKPT_CASES = {  # save after step 1 under the first plan, resume under the secon
 
 
 def run_ckpt_case(pd_save: dict, pd_load: dict, path: str) -> dict:
-    from meshwright.checkpoint import load_runtime, save_runtime
+    from meshwright.train.checkpoint import load_runtime, save_runtime
 
     ref = reference(MOE, plan_from_dict(pd_save), 4, steps=3)
     rt = DistributedRuntime(MOE, plan_from_dict(pd_save), seed=SEED)

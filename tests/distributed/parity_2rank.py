@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from parity_lib import CFG, GLOBAL, MICRO, STEPS, Report, check_runtime, failure, init, make_opt, reference, run_worker, shard
 
-from meshwright.checkpoint import load_runtime, save_runtime
+from meshwright.train.checkpoint import load_runtime, save_runtime
 from meshwright.parallel.runtime import DistributedRuntime
 from meshwright.plan import plan_from_dict
 

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from parity_lib import CFG, Report, check_runtime, failure, init, reference, run_worker
 
-from meshwright.checkpoint import load_runtime, save_runtime
+from meshwright.train.checkpoint import load_runtime, save_runtime
 from meshwright.parallel.runtime import DistributedRuntime
 from meshwright.plan import plan_from_dict
 from parity_2rank import plan, uniform

@@ -23,7 +23,7 @@ def run_case(zero: int, ref: list[dict], ckpt_dir: str | None = None) -> dict:
     opt = rt.build_optimizer(make_opt)
     res = _train(rt, opt, ref, 0, STEPS, check_grads=True)
     if ckpt_dir and res["ok"]:
-        from meshwright.checkpoint import load_runtime, save_runtime
+        from meshwright.train.checkpoint import load_runtime, save_runtime
 
         save_runtime(f"{ckpt_dir}/ds{zero}", rt, opt, meta={"step": STEPS})
         rt2 = DeepSpeedRuntime(CFG, plan_from_dict(plan(uniform(dp=2, zero=zero))), seed=99)

@@ -16,7 +16,7 @@ import pytest
 from helpers import read_json, run_torchrun
 from meshwright.config import load_model_config
 from meshwright.errors import ConfigError
-from meshwright.parallel.runtime import check_runtime_support
+from meshwright.parallel.support import check_runtime_support
 from meshwright.plan import plan_from_dict
 
 HERE = Path(__file__).resolve().parent

@@ -71,8 +71,8 @@ def test_checkpoint_from_dp2tp2_resumes_in_one_process(four_rank) -> None:
     """The dp2·tp2 (FSDP+DTensor) checkpoint loads into a plain model and continues the trajectory."""
     from parity_lib import CFG, RTOL, SEED, make_opt, reference, rel
 
-    from meshwright.checkpoint import load_runtime
-    from meshwright.local_runtime import LocalRuntime
+    from meshwright.train.checkpoint import load_runtime
+    from meshwright.train.local_runtime import LocalRuntime
     from meshwright.models import build_model
 
     _, ckpt = four_rank

@@ -14,7 +14,7 @@ def test_profile_hardware_two_ranks(tmp_path):
     run_torchrun(REPO / "meshwright" / "cli.py", 2,
                  ["profile", "hardware", "--sizes", "64,128", "--iters", "2", "--timeout-s", "60", "--out", str(out)],
                  timeout=180)
-    from meshwright.launcher.hardware_profile import load_hardware_profile
+    from meshwright.launcher.profiling.hardware import load_hardware_profile
 
     prof = load_hardware_profile(out)
     assert prof["world_size"] == 2
@@ -38,8 +38,8 @@ def test_profile_model_two_ranks_times_the_runtime_layouts(tmp_path):
                  ["profile", "model", "--model", "tiny", "--batch-sizes", "1,2", "--seq-lens", "32,64", "--tp", "1,2",
                   "--iters", "2", "--timeout-s", "60", "--out", str(out)], timeout=180)
     from meshwright.config import load_cluster, load_model_config
-    from meshwright.launcher import cost_model as cm
-    from meshwright.launcher.model_profile import apply_model_profile, load_model_profile
+    from meshwright.launcher.planner import cost_model as cm
+    from meshwright.launcher.profiling.model import apply_model_profile, load_model_profile
 
     prof = load_model_profile(out)
     assert prof["world_size"] == 2

@@ -11,7 +11,7 @@ from meshwright.memory.accounting import count_saved_bytes
 from meshwright.models import build_model, lm_loss
 from meshwright.parallel.deepspeed_backend import deepspeed_config
 from meshwright.parallel.recompute import apply_recompute
-from meshwright.parallel.runtime import check_runtime_support
+from meshwright.parallel.support import check_runtime_support
 from meshwright.plan import plan_from_dict, validate_plan
 
 CFG = load_model_config({"name": "t", "vocab_size": 256, "d_model": 64, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2,

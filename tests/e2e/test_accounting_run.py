@@ -3,7 +3,7 @@
 import json
 
 from meshwright.cli import main
-from meshwright.commands.train import run_training
+from meshwright.train.build import run_training
 from meshwright.config import load_train_config
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from meshwright.errors import ConfigError
-from meshwright.launcher.commands import LaunchSpec
-from meshwright.launcher.hostfile import Host
-from meshwright.launcher.ssh_runner import run_over_ssh, summarize_failure
+from meshwright.launcher.remote.argv import LaunchSpec
+from meshwright.launcher.remote.hostfile import Host
+from meshwright.launcher.remote.ssh import run_over_ssh, summarize_failure
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sshd import SSHD, start_sshd  # noqa: E402
@@ -137,7 +137,7 @@ def test_two_node_deepspeed_launch_over_pdsh(sshd, tmp_path):
 
 
 def test_deepspeed_env_and_ssh_options_are_quoted():
-    from meshwright.launcher.commands import deepspeed_env_file_text, dry_run_lines, pdsh_ssh_args
+    from meshwright.launcher.remote.argv import deepspeed_env_file_text, dry_run_lines, pdsh_ssh_args
 
     words = shlex.split(pdsh_ssh_args("/keys/my key'$(id)", "-o UserKnownHostsFile=/dev/null"))
     assert words[:2] == ["-o", "UserKnownHostsFile=/dev/null"] and words[-2:] == ["-i", "/keys/my key'$(id)"]

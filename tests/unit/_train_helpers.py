@@ -8,9 +8,9 @@ from meshwright.config import load_cluster, load_model_config, load_train_config
 from meshwright.data.corpus import stdlib_files
 from meshwright.data.loader import build_loaders
 from meshwright.data.prepare import prepare
-from meshwright.local_runtime import LocalRuntime
+from meshwright.train.local_runtime import LocalRuntime
 from meshwright.models import build_model
-from meshwright.trainer import Trainer
+from meshwright.train.trainer import Trainer
 
 MICRO = {"name": "micro", "arch": "llama", "vocab_size": 256, "d_model": 64, "n_layers": 2, "n_heads": 4,
          "n_kv_heads": 2, "ffn_hidden": 128, "max_seq_len": 64}

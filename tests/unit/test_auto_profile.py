@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from meshwright.config import load_model_config
-from meshwright.launcher import auto_profile as ap
+from meshwright.launcher.profiling import auto as ap
 
 
 def test_grid_surrounds_the_run_shape_with_enough_points_for_the_fit():
@@ -30,14 +30,11 @@ def test_auto_profiles_measure_once_then_reuse_the_cache(tmp_path, monkeypatch):
     assert len(files) == 2 and hw["world_size"] == 1 and prof["entries"][0]["tp"] == 1
     assert {p["tokens"] for p in prof["entries"][0]["points"]} == {16, 32, 64}  # batches {1,2} x seqs {16,32}
 
-    import meshwright.launcher.hardware_profile as hp
-    import meshwright.launcher.model_profile as mp
-
     def boom(*a, **k):
         raise AssertionError("profiled again although the cache holds the profile")
 
-    monkeypatch.setattr(hp, "profile_hardware", boom)
-    monkeypatch.setattr(mp, "profile_model", boom)
+    monkeypatch.setattr(ap, "profile_hardware", boom)
+    monkeypatch.setattr(ap, "profile_model", boom)
     hw2, prof2 = ap.auto_profiles(cfg, 1, 32, 2)
     assert hw2 == hw and prof2["entries"] == prof["entries"]
     with pytest.raises(AssertionError, match="profiled again"):  # another shape is another profile
@@ -48,8 +45,8 @@ def test_auto_plan_uses_the_profiles(tmp_path, monkeypatch):
     """The calibrated planner predicts this machine's speed, not the preset's."""
     monkeypatch.setenv("MESHWRIGHT_CACHE_DIR", str(tmp_path))
     from meshwright.config import load_cluster
-    from meshwright.launcher import cost_model as cm
-    from meshwright.launcher.model_profile import apply_model_profile
+    from meshwright.launcher.planner import cost_model as cm
+    from meshwright.launcher.profiling.model import apply_model_profile
 
     cfg = load_model_config("tiny")
     hw_prof, prof = ap.auto_profiles(cfg, 1, 32, 2)

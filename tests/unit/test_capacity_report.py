@@ -6,7 +6,7 @@ import pytest
 
 from meshwright.config import load_cluster
 from meshwright.errors import ConfigError
-from meshwright.tools.capacity import capacity_plan, parse_tokens
+from meshwright.launcher.planner.capacity import capacity_plan, parse_tokens
 from meshwright.tools.report import write_report
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from _train_helpers import make_trainer, prepared_corpus
-from meshwright.checkpoint import latest_checkpoint, list_checkpoints, load_runtime, save_checkpoint
+from meshwright.train.checkpoint import latest_checkpoint, list_checkpoints, load_runtime, save_checkpoint
 
 
 @pytest.fixture(scope="module")

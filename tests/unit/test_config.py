@@ -7,7 +7,7 @@ import pytest
 from meshwright.config import (ClusterSpec, ModelConfig, TrainConfig, load_cluster, load_model_config,
                                load_train_config, parse_override, preset_names)
 from meshwright.errors import ConfigError
-from meshwright.yamlio import dump_yaml, from_dict, to_dict
+from meshwright.config.io import dump_yaml, from_dict, to_dict
 
 
 def one_line(exc: pytest.ExceptionInfo) -> str:

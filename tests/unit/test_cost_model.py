@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from meshwright.config import load_cluster, load_model_config
-from meshwright.launcher import cost_model as cm
+from meshwright.launcher.planner import cost_model as cm
 from meshwright.plan import LayerStrategy, PipelineSpec, Plan, validate_plan
 
 GB = 1e9
@@ -217,7 +217,8 @@ def test_savers_shrink_activations_as_stated():
 @pytest.mark.parametrize("name,tp", [("tiny", 1), ("tiny", 2), ("tiny-gpt2", 1), ("tiny-gpt2", 2), ("gqa", 1), ("gqa", 4)])
 def test_memory_model_matches_measured_saved_bytes(name, tp):
     """Analytic activation bytes vs bytes saved for backward, measured with saved_tensors_hooks on CPU."""
-    from meshwright.launcher.model_profile import saved_bytes_per_token, shard_block
+    from meshwright.launcher.profiling.blocks import shard_block
+    from meshwright.launcher.profiling.model import saved_bytes_per_token
 
     if name == "gqa":
         cfg = dataclasses.replace(load_model_config("tiny"), d_model=256, n_heads=8, n_kv_heads=4, ffn_hidden=768)
@@ -333,7 +334,7 @@ def test_strategy_overhead_enters_step_time_once_per_layer_and_microbatch():
 
 
 def test_overhead_fits_recover_the_part_the_model_does_not_explain():
-    from meshwright.launcher.runtime_profile import modelled_comm_s, overhead_fits
+    from meshwright.launcher.profiling.overhead import modelled_comm_s, overhead_fits
 
     cfg = load_model_config("tiny")
     h = hw(intra_bw=1 * GB, intra_lat=1e-4, devices_per_node=2, compute_dtype="fp32")
@@ -387,7 +388,7 @@ def test_pipeline_fill_and_drain_run_faster_where_ranks_share_cores():
     # 4 ranks on 2 cores (contention 2): during fill/drain only one stage's ranks work, at full speed
     assert cm.pipeline_step_s([t, t], 2, "1f1b", contention=2.0) == pytest.approx(2.5 * t)
     assert cm.pipeline_step_s([t, t], 2, "1f1b", contention=0.5) == pytest.approx(3 * t)  # never below 1
-    from meshwright.launcher.hardware_profile import contention
+    from meshwright.launcher.profiling.hardware import contention
 
     rows = [{"seconds": 2.0, "solo_seconds": 1.0}, {"seconds": 2.4, "solo_seconds": 1.0}, {"seconds": 1.9, "solo_seconds": 1.0}]
     assert contention(rows) == pytest.approx(2.0)
@@ -424,7 +425,7 @@ def test_hsdp_plan_validation():
 def test_overhead_fits_prefer_the_collectives_timed_in_the_profile():
     """A profile taken on other links (fewer ranks, one node) carries its own collective timings: the overhead is
     what is left after those, not after the plan's link model, so it does not shrink when the plan's links are slower."""
-    from meshwright.launcher.runtime_profile import overhead_fits
+    from meshwright.launcher.profiling.overhead import overhead_fits
 
     cfg = load_model_config("tiny")
     slow_links = hw(intra_bw=0.01 * GB, intra_lat=1e-3, devices_per_node=2, compute_dtype="fp32")

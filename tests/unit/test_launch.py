@@ -6,9 +6,9 @@ import pytest
 
 from meshwright.cli import main
 from meshwright.errors import ConfigError
-from meshwright.launcher.commands import LaunchSpec, dry_run_lines, remote_shell_command, torchrun_argv
-from meshwright.launcher.hostfile import Host, load_hosts, parse_hostfile_text
-from meshwright.launcher.ssh_runner import connect
+from meshwright.launcher.remote.argv import LaunchSpec, dry_run_lines, remote_shell_command, torchrun_argv
+from meshwright.launcher.remote.hostfile import Host, load_hosts, parse_hostfile_text
+from meshwright.launcher.remote.ssh import connect
 
 TRAIN = ["train", "configs/train/default.yaml", "--plan", "auto"]
 

@@ -19,7 +19,7 @@ from meshwright.memory.lemo_predictor import BlockScorePredictor, predictor_reca
 from meshwright.memory.lora import apply_lora, lora_parameters
 from meshwright.memory.segmented_loss import segmented_lm_loss
 from meshwright.models import build_model, lm_loss
-from meshwright.yamlio import from_dict, to_dict
+from meshwright.config.io import from_dict, to_dict
 
 CFG = ModelConfig(name="lemo-test", d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=96, max_seq_len=256)
 B = 16  # block size used in tests

@@ -295,7 +295,7 @@ def test_bad_arguments_give_one_line_errors():
 
 
 def test_config_round_trips_through_yaml():
-    from meshwright.yamlio import dump_yaml
+    from meshwright.config.io import dump_yaml
     import yaml
 
     cfg = MeftConfig(variant="meft3", scale=0.2, adapter_dim=4, reversible_layers=2, track_error=True,

@@ -18,7 +18,7 @@ import pytest
 from meshwright.cli import build_parser, main
 from meshwright.commands import plan as plan_cmd
 from meshwright.config import load_model_config
-from meshwright.launcher import exports
+from meshwright.launcher.planner import export as exports
 from meshwright.plan import load_plan, validate_plan
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
@@ -225,7 +225,7 @@ def load_plan_dict(d):
 # ---- profiles ------------------------------------------------------------------------------------
 
 def test_profile_hardware_single_process_writes_a_valid_profile(tmp_path, capsys):
-    from meshwright.launcher.hardware_profile import load_hardware_profile
+    from meshwright.launcher.profiling.hardware import load_hardware_profile
 
     out = tmp_path / "hw.json"
     rc, text, _ = _run(capsys, ["profile", "hardware", "--sizes", "64,128", "--iters", "1", "--out", str(out)])
@@ -249,8 +249,8 @@ def test_profile_hardware_single_process_writes_a_valid_profile(tmp_path, capsys
 
 
 def test_profile_model_fits_times_and_measures_bytes(tmp_path, capsys):
-    from meshwright.launcher import cost_model as cm
-    from meshwright.launcher.model_profile import apply_model_profile, load_model_profile
+    from meshwright.launcher.planner import cost_model as cm
+    from meshwright.launcher.profiling.model import apply_model_profile, load_model_profile
 
     out = tmp_path / "model.json"
     rc, text, _ = _run(capsys, ["profile", "model", "--model", "tiny", "--batch-sizes", "1,2", "--seq-lens", "32,64",
@@ -269,7 +269,7 @@ def test_profile_model_fits_times_and_measures_bytes(tmp_path, capsys):
     hw = apply_model_profile(cm.hardware_from_cluster(load_cluster("local-cpu")), prof, cfg)
     assert 0 < hw.matmul_efficiency <= 1 and hw.act_scale == pytest.approx(1.0, rel=0.08)
     # a hardware profile whose matmuls ran twice as fast halves the predicted block time
-    from meshwright.launcher.model_profile import speed_ratio
+    from meshwright.launcher.profiling.model import speed_ratio
 
     fast = {"matmul": [{**m, "tflops": 2 * m["tflops"]} for m in prof["matmul_ref"]]}
     assert speed_ratio(prof, fast) == pytest.approx(2.0)

@@ -10,8 +10,9 @@ import pytest
 
 from meshwright.config import TrainConfig, load_cluster, load_model_config
 from meshwright.errors import ConfigError
-from meshwright.launcher import cost_model as cm
-from meshwright.launcher import search as S
+from meshwright.launcher.planner import cost_model as cm
+from meshwright.launcher.planner import search as S
+from meshwright.launcher.planner.auto import auto_plan
 from meshwright.plan import LayerStrategy, validate_plan
 
 
@@ -34,11 +35,11 @@ def test_tiny_on_this_machine_gives_a_valid_plan():
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_auto_plan_is_valid_for_the_trainer(world):
     tc = TrainConfig(model="tiny", cluster="local-cpu", seq_len=64, global_batch=8, micro_batch=2)
-    plan = S.auto_plan(tc, world)
+    plan = auto_plan(tc, world)
     validate_plan(plan, "tiny", world)
     assert plan.world_size() == world
     assert plan.micro_batch == 2  # the trainer's micro-batch is kept
-    plan2 = S.auto_plan("tiny", "local-cpu", world, 64, 8, constraints=S.Constraints(micro_batch=2))
+    plan2 = auto_plan("tiny", "local-cpu", world, 64, 8, constraints=S.Constraints(micro_batch=2))
     assert plan2.to_dict() == plan.to_dict()
     for s in plan.layer_strategies():
         assert s.cp == 1
@@ -91,7 +92,7 @@ def test_infeasible_request_names_the_need_and_the_nearest_change():
     assert r.suggestion == "--nodes 2"
     assert all("out of memory by" in x["reason"] for x in r.rejected if "need_gib" in x)
     with pytest.raises(ConfigError, match="no layout fits"):
-        S.auto_plan(cfg, "dgx-a100-80g", 1, 4096, 8)
+        auto_plan(cfg, "dgx-a100-80g", 1, 4096, 8)
 
 
 def test_recompute_constraint_suggests_full_recompute():
@@ -196,7 +197,7 @@ def test_runtime_compatible_plans_pass_the_runtime_check():
             runtime.check_runtime_support(c.plan, cfg, "dtensor", "torch")
             assert c.plan.embedding.tp == 1
     tc = TrainConfig(model="tiny", cluster="local-cpu", seq_len=64, global_batch=8, micro_batch=4)
-    plan = S.auto_plan(tc, 2)
+    plan = auto_plan(tc, 2)
     runtime.check_runtime_support(plan, load_model_config("tiny"), "dtensor", "torch")
     assert plan.micro_batch == 4
 

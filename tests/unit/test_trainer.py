@@ -3,17 +3,15 @@ NaN handling, optimizer dispatch."""
 
 import json
 import math
-import sys
-import types
 
 import pytest
 import torch
-
 from _train_helpers import make_trainer, prepared_corpus
+
 from meshwright.config import load_train_config
 from meshwright.errors import ConfigError
-from meshwright.local_runtime import LocalRuntime
-from meshwright.trainer import NonFiniteLoss, build_optimizer, lr_at
+from meshwright.train.local_runtime import LocalRuntime
+from meshwright.train.trainer import NonFiniteLoss, build_optimizer, lr_at
 
 LOG_KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "tokens_per_s_per_device", "step_s", "mfu",
             "tflops_per_device"}
@@ -113,27 +111,29 @@ def test_nan_policy_skip_leaves_weights_untouched(data, tmp_path):
     assert records[2]["loss"] is None
 
 
-def test_build_optimizer_dispatch(data, tmp_path, monkeypatch):
+def test_build_optimizer_dispatch(data, tmp_path):
     trainer = make_trainer(data, tmp_path)
     opt = build_optimizer(trainer.cfg, trainer.runtime)
     assert isinstance(opt, torch.optim.AdamW)
     decay = {g.get("weight_decay", trainer.cfg.weight_decay) for g in opt.param_groups}
     assert decay == {0.0, trainer.cfg.weight_decay}  # norms are not decayed
-    monkeypatch.setitem(sys.modules, "meshwright.optim", types.ModuleType("meshwright.optim"))
-    coat = load_train_config({**{"optimizer": "coat_adamw"}})
-    with pytest.raises(ConfigError, match="optimizer='coat_adamw' is invalid"):
-        build_optimizer(coat, trainer.runtime)
+    from meshwright.optim import CoatAdamW
+
+    coat = load_train_config({"optimizer": "coat_adamw"})
+    assert isinstance(build_optimizer(coat, trainer.runtime), CoatAdamW)
 
 
 def test_build_runtime_picks_local_or_distributed(monkeypatch):
-    from meshwright.commands.train import build_runtime
+    from meshwright.train.build import TrainingJob, build_runtime
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     cfg = load_train_config("tiny-test")
     assert isinstance(build_runtime(cfg), LocalRuntime)
     assert isinstance(build_runtime(cfg, "auto"), LocalRuntime)  # one device: the plan needs nothing parallel
-    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun, but without the distributed runtime installed
-    monkeypatch.setitem(sys.modules, "meshwright.parallel.runtime", None)
-    with pytest.raises(ConfigError, match="needs the distributed runtime") as exc:
+    assert not TrainingJob.resolve(cfg).distributed
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun (the distributed branch is run in tests/distributed)
+    assert TrainingJob.resolve(cfg).distributed
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ConfigError, match="WORLD_SIZE='two' is invalid") as exc:
         build_runtime(cfg)
     assert "\n" not in str(exc.value)

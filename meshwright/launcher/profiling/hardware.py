@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from meshwright.yamlio import read_versioned_json, write_json_atomic
+from meshwright.config.io import read_versioned_json, write_json_atomic
 from meshwright.errors import ConfigError
 
 HARDWARE_PROFILE_VERSION = 1

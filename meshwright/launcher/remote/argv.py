@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshwright.errors import invalid
-from meshwright.launcher.hostfile import Host
+from meshwright.launcher.remote.hostfile import Host
 
 ENV_NAME_OK = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
 

@@ -1,17 +1,23 @@
 """The seam between the trainer and a model layout.
 
-The trainer (``meshwright/trainer.py``) never knows whether it drives one process or a hybrid
+The trainer (``meshwright/train/trainer.py``) never knows whether it drives one process or a hybrid
 data/tensor/pipeline/expert-parallel layout: it talks to a ``Runtime``. ``LocalRuntime`` (one process)
-lives in ``meshwright/local_runtime.py``; ``meshwright/parallel/`` provides the distributed one built from a Plan.
+lives in ``meshwright/train/local_runtime.py``; ``meshwright/parallel/`` provides the distributed one built from a Plan.
+Optional features (the Plan it runs, extra log fields, checkpoint state) are declared here with defaults,
+so callers never probe a runtime with hasattr.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+if TYPE_CHECKING:
+    from meshwright.plan import Plan
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), each (micro_batch, seq_len) int64
 
@@ -30,6 +36,7 @@ class Runtime(abc.ABC):
     """
 
     model: nn.Module
+    plan: "Plan | None" = None  # the layout this runtime runs (written to out_dir/plan.yaml); None = one process
     rank: int = 0
     world_size: int = 1
     dp_rank: int = 0
@@ -81,6 +88,25 @@ class Runtime(abc.ABC):
 
     def barrier(self) -> None:
         return None
+
+    def checkpoint_state(self, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+        """{"model"[, "optim"]} for ``dcp.save``, also the template ``dcp.load`` fills in place: the model part
+        from ``model_state()``, the optimizer part from DCP, keyed by the same parameter names. Runtimes whose
+        optimizer is not a torch optimizer (DeepSpeed) or that refuse some states override it."""
+        state: dict[str, Any] = {"model": self.model_state()}
+        if optimizer is not None:
+            state["optim"] = get_optimizer_state_dict(self.model, optimizer)
+        return state
+
+    def load_checkpoint_state(self, state: dict[str, Any], optimizer: torch.optim.Optimizer | None) -> None:
+        """Set a state filled by ``dcp.load`` back, through the same hooks ``checkpoint_state`` used."""
+        self.load_model_state(state["model"])
+        if optimizer is not None:
+            set_optimizer_state_dict(self.model, optimizer, state["optim"])
+
+    def extra_log_fields(self) -> dict[str, Any]:
+        """Runtime-specific metrics for the run log (router statistics of MoE layers). Collective where distributed."""
+        return {}
 
     def saved_activation_bytes(self) -> int | None:
         """Bytes saved for backward during the last step on this rank, if the runtime measured them."""

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from meshwright.models import lm_loss
-from meshwright.runtime import Batch, Runtime
+from meshwright.train.runtime import Batch, Runtime
 
 
 class LocalRuntime(Runtime):

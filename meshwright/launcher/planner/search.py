@@ -21,12 +21,11 @@ from typing import Any, Optional
 
 import numpy as np
 
-from meshwright.config import ClusterSpec, ModelConfig, divisors, load_cluster, load_model_config
+from meshwright.config import ClusterSpec, ModelConfig, divisors
+from meshwright.config.io import to_dict
 from meshwright.errors import ConfigError, invalid
-from meshwright.launcher import cost_model as cm
-from meshwright.plan import (EmbeddingStrategy, LayerStrategy, OptimizerSpec, PipelineSpec, Plan, Savers,
-                             validate_plan)
-from meshwright.yamlio import to_dict
+from meshwright.launcher.planner import cost_model as cm
+from meshwright.plan import EmbeddingStrategy, LayerStrategy, OptimizerSpec, PipelineSpec, Plan, Savers, validate_plan
 
 RECOMPUTE = ("none", "selective", "full")
 N_BUCKETS = 96
@@ -46,7 +45,7 @@ class Constraints:
     micro_batch: Optional[int] = None
     schedule: Optional[str] = None
     virtual_stages: Optional[int] = None
-    # Only emit what meshwright's own runtime runs (meshwright.parallel.runtime.check_runtime_support):
+    # Only emit what meshwright's own runtime runs (meshwright.parallel.support.check_runtime_support):
     # embeddings/head replicated over tp, no ZeRO-1 (its ZeroRedundancyOptimizer path needs a pure-DP
     # model), no memory savers. Off = the full space, e.g. for --emit to other stacks.
     runtime_compatible: bool = False
@@ -678,52 +677,6 @@ def _suggest(cfg, cluster, seq_len, global_batch, hw, c, allow) -> str:
         if r.best is not None:
             return f"--nodes {nodes}"
     return "a larger --memory-budget-gib or a smaller model"
-
-
-def auto_plan(model_cfg: Any, cluster: ClusterSpec | str | dict | int | None = None, world_size: Optional[int] = None,
-              seq_len: Optional[int] = None, global_batch: Optional[int] = None, hardware_profile: Optional[dict] = None,
-              constraints: Optional[Constraints] = None, allow: Optional[Allow] = None,
-              memory_budget_gib: Optional[float] = None, model_profile: Optional[dict] = None) -> Plan:
-    """The plan ``meshwright train --plan auto`` uses: best searched plan for ``world_size`` ranks.
-
-    Call as ``auto_plan(model_cfg, cluster, world_size, seq_len, global_batch)`` or, from the trainer,
-    ``auto_plan(train_cfg, world_size)`` (model, cluster, seq_len and global_batch come from the
-    TrainConfig). The cluster is reshaped to hold ``world_size`` devices (one node when it fits one
-    node). The returned Plan passes ``validate_plan``; an infeasible request raises ConfigError.
-    """
-    from meshwright.config import TrainConfig
-
-    if isinstance(model_cfg, TrainConfig):
-        tc = model_cfg
-        world_size = cluster if isinstance(cluster, int) else world_size
-        model_cfg, cluster = tc.model, tc.cluster
-        seq_len = seq_len or tc.seq_len
-        global_batch = global_batch or tc.global_batch
-        if constraints is None or constraints.micro_batch is None:
-            # the trainer splits each rank's batch into train_cfg.micro_batch-sized pieces
-            constraints = dataclasses.replace(constraints or Constraints(), micro_batch=tc.micro_batch)
-    if world_size is None or seq_len is None or global_batch is None or cluster is None:
-        raise ConfigError("auto_plan needs cluster, world_size, seq_len and global_batch")
-    cfg = load_model_config(model_cfg)
-    spec = load_cluster(cluster)
-    if world_size <= spec.devices_per_node:
-        spec = dataclasses.replace(spec, nodes=1, devices_per_node=world_size)
-    elif world_size % spec.devices_per_node == 0:
-        spec = dataclasses.replace(spec, nodes=world_size // spec.devices_per_node)
-    else:
-        raise invalid("world_size", world_size, f"at most {spec.devices_per_node} or a multiple of devices_per_node")
-    hw = cm.hardware_from_cluster(spec, hardware_profile, memory_budget_gib)
-    if model_profile is not None:
-        from meshwright.launcher.model_profile import apply_model_profile
-
-        hw = apply_model_profile(hw, model_profile, cfg, hardware_profile)
-    constraints = dataclasses.replace(constraints or Constraints(), runtime_compatible=True)
-    result = search(cfg, spec, seq_len, global_batch, hw=hw, constraints=constraints, allow=allow)
-    if result.best is None:
-        raise ConfigError(infeasible_message(result))
-    plan = result.best.plan
-    validate_plan(plan, cfg, world_size)
-    return plan
 
 
 def infeasible_message(result: SearchResult) -> str:

@@ -15,6 +15,7 @@ import os
 import resource
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,15 +23,17 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from meshwright.checkpoint import latest_checkpoint, load_runtime, save_checkpoint
 from meshwright.config import ClusterSpec, ModelConfig, TrainConfig
+from meshwright.config.io import to_dict
 from meshwright.data.loader import SequenceLoader
 from meshwright.errors import ConfigError, invalid
-from meshwright.runtime import Runtime
+from meshwright.memory.meft import log_fields
+from meshwright.optim import CoatAdamW
 from meshwright.tools.energy import EnergyAccountant, EnergyTotals
 from meshwright.tools.flops import hardware_flops_per_token, model_flops_per_token
 from meshwright.tools.mfu import mfu as compute_mfu
-from meshwright.yamlio import to_dict
+from meshwright.train.checkpoint import latest_checkpoint, load_runtime, save_checkpoint
+from meshwright.train.runtime import Runtime
 
 
 class NonFiniteLoss(ConfigError):
@@ -52,10 +55,6 @@ def build_optimizer(cfg: TrainConfig, runtime: Runtime) -> torch.optim.Optimizer
     if cfg.optimizer == "adamw":
         make: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] = lambda groups: torch.optim.AdamW(groups, **kwargs)  # noqa: E731
     elif cfg.optimizer == "coat_adamw":
-        try:
-            from meshwright.optim import CoatAdamW  # another issue supplies it; imported only when asked for
-        except ImportError:
-            raise invalid("optimizer", cfg.optimizer, "'adamw' (CoatAdamW is not available in this version)") from None
         make = lambda groups: CoatAdamW(groups, **kwargs)  # noqa: E731
     else:
         raise invalid("optimizer", cfg.optimizer, "'adamw' or 'coat_adamw'")
@@ -91,7 +90,7 @@ class Trainer:
         self.tokens_per_step = cfg.global_batch * cfg.seq_len
         # The model owns its FLOPs; the convention is named in the config so MFU is comparable across tools.
         self.flops_per_token = float(model_flops_per_token(model_cfg, cfg.seq_len, cfg.flops_convention))
-        plan = getattr(runtime, "plan", None)
+        plan = runtime.plan
         recompute = [s.recompute for s in plan.layer_strategies()] if plan is not None else "none"
         self.hw_flops_per_token = float(hardware_flops_per_token(model_cfg, cfg.seq_len, recompute, cfg.flops_convention))
         self._eval_batches = None
@@ -155,13 +154,8 @@ class Trainer:
 
     def _extra_log_fields(self) -> dict[str, Any]:
         """Runtime-specific metrics (router statistics of MoE layers, MEFT reconstruction error)."""
-        out: dict[str, Any] = {}
-        extra = getattr(self.runtime, "extra_log_fields", None)
-        if callable(extra):
-            out.update(extra())
+        out = self.runtime.extra_log_fields()
         if self.cfg.meft is not None:
-            from meshwright.memory.meft import log_fields
-
             out.update(log_fields(self.runtime.model))
         return out
 
@@ -226,104 +220,149 @@ class Trainer:
 
     def fit(self, resume: bool | str | Path = False) -> dict[str, Any]:
         """Train to ``cfg.steps``; returns (and on the main rank writes) the summary."""
-        cfg, rt = self.cfg, self.runtime
-        resumed = False
-        if resume:
-            resumed = self.resume(None if resume is True else resume)
-            if resumed and rt.is_main:
-                self.print(f"resumed from {self.ckpt_dir} at step {self.step}")
-        if resumed and self.step >= cfg.steps and rt.is_main:
-            self.print(f"checkpoint is already at step {self.step} = steps; nothing to train (raise steps=...)")
+        resumed = self._resume_for_fit(resume)
+        run = _RunStats(first_step=self.step)
         log = self._open_log(resumed)
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
-                   disable=not (cfg.progress and rt.is_main), mininterval=1.0, dynamic_ncols=True)
-        first_step = self.step
-        first_loss = last_loss = None
-        eval_loss = None
-        interval_s, interval_tokens, steady_s, steady_tokens = 0.0, 0, 0.0, 0
-        records: list[dict[str, Any]] = []
-        energy_last: dict[str, float] = {}
-        if cfg.energy:  # each rank meters its own GPU (LOCAL_RANK); sums happen at snapshots
-            local = [int(os.environ.get("LOCAL_RANK", "0"))] if torch.cuda.is_available() else None
-            self.energy = EnergyAccountant(device_indices=local, nvml="auto" if local is not None else None)
-            self.energy.resume()
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
+                   disable=not (self.cfg.progress and self.runtime.is_main), mininterval=1.0, dynamic_ncols=True)
+        self._start_energy()
         try:
-            while self.step < cfg.steps:
-                out = self.train_step()
-                loss, grad_norm, lr, step_s, finite = out["loss"], out["grad_norm"], out["lr"], out["step_s"], out["finite"]
-                first_loss = loss if first_loss is None and finite else first_loss
-                last_loss = loss if finite else last_loss
-                interval_s += step_s
-                interval_tokens += self.tokens_per_step
-                if self.step > first_step + 1:  # the first step pays one-off allocation costs
-                    steady_s += step_s
-                    steady_tokens += self.tokens_per_step
-                is_eval = cfg.eval_every > 0 and (self.step % cfg.eval_every == 0 or self.step == cfg.steps)
-                will_log = (self.step % cfg.log_every == 0 or self.step == first_step + 1 or self.step == cfg.steps
-                            or is_eval or not finite)
-                # collective on every rank; read before eval so router stats describe the training batch
-                extra = self._extra_log_fields() if will_log else {}
-                if is_eval:
-                    eval_loss = self.evaluate()
-                if will_log:
-                    rec = {"step": self.step, "loss": _finite(loss), "lr": lr, "grad_norm": _finite(grad_norm),
-                           "tokens": self.step * self.tokens_per_step, "step_s": interval_s / max(interval_tokens / self.tokens_per_step, 1),
-                           **self.throughput(interval_tokens, interval_s)}
-                    if self.step % cfg.energy_every == 0 or self.step == cfg.steps:  # same steps on every rank
-                        rec.update(self._energy_snapshot(energy_last))
-                    rec["memory_gib"] = self._memory_per_rank()
-                    rec.update(extra)
-                    if is_eval and eval_loss is not None:
-                        rec["eval_loss"] = eval_loss
-                    if not finite:
-                        rec["skipped"] = True
-                    records.append(rec)
-                    if log is not None:
-                        log.write(json.dumps(rec) + "\n")
-                        log.flush()
-                    interval_s, interval_tokens = 0.0, 0
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
+            while self.step < self.cfg.steps:
+                self._run_one_step(run, log)
+                bar.set_postfix(loss=f"{run.loss:.3f}", lr=f"{run.lr:.2e}", refresh=False)
                 bar.update(1)
-                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
-                    self.save()
         finally:
             bar.close()
             if log is not None:
                 log.close()
             if self.energy is not None:
                 self.energy.pause()
-        if eval_loss is None and cfg.eval_every == 0:
-            eval_loss = self.evaluate()
-        if self.step > first_step:
+        if run.eval_loss is None and self.cfg.eval_every == 0:
+            run.eval_loss = self.evaluate()
+        if self.step > run.first_step:
             self.save()
+        return self._finish(run, resumed)
+
+    def _resume_for_fit(self, resume: bool | str | Path) -> bool:
+        resumed = bool(resume) and self.resume(None if resume is True else resume)
+        if resumed and self.runtime.is_main:
+            self.print(f"resumed from {self.ckpt_dir} at step {self.step}")
+            if self.step >= self.cfg.steps:
+                self.print(f"checkpoint is already at step {self.step} = steps; nothing to train (raise steps=...)")
+        return resumed
+
+    def _start_energy(self) -> None:
+        if self.cfg.energy:  # each rank meters its own GPU (LOCAL_RANK); sums happen at snapshots
+            local = [int(os.environ.get("LOCAL_RANK", "0"))] if torch.cuda.is_available() else None
+            self.energy = EnergyAccountant(device_indices=local, nvml="auto" if local is not None else None)
+            self.energy.resume()
+
+    def _run_one_step(self, run: "_RunStats", log: Any) -> None:
+        """One optimiser step plus what follows it on this step: the log record, eval, a checkpoint."""
+        cfg = self.cfg
+        out = self.train_step()
+        run.record_step(out, self.tokens_per_step, self.step)
+        is_eval = cfg.eval_every > 0 and (self.step % cfg.eval_every == 0 or self.step == cfg.steps)
+        will_log = (self.step % cfg.log_every == 0 or self.step == run.first_step + 1 or self.step == cfg.steps
+                    or is_eval or not out["finite"])
+        # collective on every rank; read before eval so router stats describe the training batch
+        extra = self._extra_log_fields() if will_log else {}
+        if is_eval:
+            run.eval_loss = self.evaluate()
+        if will_log:
+            rec = self._log_record(run, out, extra, is_eval)
+            run.records.append(rec)
+            if log is not None:
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+            run.interval_s, run.interval_tokens = 0.0, 0
+        if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
+            self.save()
+
+    def _log_record(self, run: "_RunStats", out: dict[str, Any], extra: dict[str, Any], is_eval: bool) -> dict[str, Any]:
+        cfg = self.cfg
+        rec = {"step": self.step, "loss": _finite(out["loss"]), "lr": out["lr"], "grad_norm": _finite(out["grad_norm"]),
+               "tokens": self.step * self.tokens_per_step,
+               "step_s": run.interval_s / max(run.interval_tokens / self.tokens_per_step, 1),
+               **self.throughput(run.interval_tokens, run.interval_s)}
+        if self.step % cfg.energy_every == 0 or self.step == cfg.steps:  # same steps on every rank
+            rec.update(self._energy_snapshot(run.energy_last))
+        rec["memory_gib"] = self._memory_per_rank()
+        rec.update(extra)
+        if is_eval and run.eval_loss is not None:
+            rec["eval_loss"] = run.eval_loss
+        if not out["finite"]:
+            rec["skipped"] = True
+        return rec
+
+    def _finish(self, run: "_RunStats", resumed: bool) -> dict[str, Any]:
+        """The run's summary (throughput over steady-state steps, memory, energy); written by the main rank."""
+        cfg, rt = self.cfg, self.runtime
+        steady_s, steady_tokens = run.steady_s, run.steady_tokens
         if steady_s == 0.0:  # a single step this session: report it rather than nothing
-            steady_s, steady_tokens = sum(r["step_s"] for r in records[-1:]), self.tokens_per_step * (self.step - first_step)
+            steady_s = sum(r["step_s"] for r in run.records[-1:])
+            steady_tokens = self.tokens_per_step * (self.step - run.first_step)
         summary = {
             "model": self.model_cfg.name, "params": self.model_cfg.num_params(), "steps": self.step,
-            "steps_this_run": self.step - first_step, "tokens": self.step * self.tokens_per_step,
+            "steps_this_run": self.step - run.first_step, "tokens": self.step * self.tokens_per_step,
             "train_s": steady_s, "step_s": steady_s / max(steady_tokens / self.tokens_per_step, 1),
             "world_size": rt.world_size, "dp_size": rt.dp_size, "dtype": cfg.dtype,
             "flops_per_token": self.flops_per_token,
             "peak_tflops_per_device": self.cluster.peak_flops(cfg.dtype) / 1e12,
             **self.throughput(steady_tokens, steady_s),
-            "first_loss": first_loss, "final_loss": last_loss, "eval_loss": eval_loss,
+            "first_loss": run.first_loss, "final_loss": run.last_loss, "eval_loss": run.eval_loss,
             "skipped_steps": self.skipped_steps, "resumed": resumed, "flops_convention": cfg.flops_convention,
             "hw_flops_per_token": self.hw_flops_per_token,
         }
         memory = self._memory_per_rank()
         summary.update({"memory_gib_per_rank": memory, "peak_memory_gib": max(memory)})
-        if self.energy is not None:
-            totals = self.energy.close()
-            world = max(rt.world_size, 1)
-            summed = {k: rt.all_reduce_mean(getattr(totals, k)) * world for k in ("gpu_j", "cpu_j", "ram_j")}
-            all_ranks = EnergyTotals(**summed, seconds=totals.seconds, gpu_source=totals.gpu_source)
-            tokens = max(self.tokens_per_step * (self.step - first_step), 1)
-            summary.update(all_ranks.as_dict(tokens, cfg.pue, cfg.grid_intensity))
-            self.energy = None
+        summary.update(self._energy_summary(run))
         if rt.is_main and summary["steps_this_run"] > 0:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
             self.print(format_summary(summary))
         return summary
+
+    def _energy_summary(self, run: "_RunStats") -> dict[str, Any]:
+        """Energy of all ranks over this session's training windows (collective); {} when metering is off."""
+        if self.energy is None:
+            return {}
+        rt = self.runtime
+        totals = self.energy.close()
+        world = max(rt.world_size, 1)
+        summed = {k: rt.all_reduce_mean(getattr(totals, k)) * world for k in ("gpu_j", "cpu_j", "ram_j")}
+        all_ranks = EnergyTotals(**summed, seconds=totals.seconds, gpu_source=totals.gpu_source)
+        tokens = max(self.tokens_per_step * (self.step - run.first_step), 1)
+        self.energy = None
+        return all_ranks.as_dict(tokens, self.cfg.pue, self.cfg.grid_intensity)
+
+
+@dataclass
+class _RunStats:
+    """What ``fit`` accumulates over one session: losses, log-interval and steady-state timings, records."""
+
+    first_step: int
+    first_loss: float | None = None
+    last_loss: float | None = None
+    eval_loss: float | None = None
+    loss: float = math.nan
+    lr: float = 0.0
+    interval_s: float = 0.0
+    interval_tokens: int = 0
+    steady_s: float = 0.0
+    steady_tokens: int = 0
+    records: list[dict[str, Any]] = field(default_factory=list)
+    energy_last: dict[str, float] = field(default_factory=dict)
+
+    def record_step(self, out: dict[str, Any], tokens: int, step: int) -> None:
+        self.loss, self.lr = out["loss"], out["lr"]
+        if out["finite"]:
+            self.first_loss = out["loss"] if self.first_loss is None else self.first_loss
+            self.last_loss = out["loss"]
+        self.interval_s += out["step_s"]
+        self.interval_tokens += tokens
+        if step > self.first_step + 1:  # the first step pays one-off allocation costs
+            self.steady_s += out["step_s"]
+            self.steady_tokens += tokens
 
 
 def format_summary(s: dict[str, Any]) -> str:

@@ -27,10 +27,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 from meshwright.errors import invalid
-from meshwright.runtime import Runtime
+from meshwright.train.runtime import Runtime
 
 STEP_RE = re.compile(r"^step_(\d{6,})$")
 LATEST = "latest"
@@ -72,31 +71,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def runtime_state(runtime: Runtime, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    """The runtime's DCP state ({"model"[, "optim"]}), also the template ``dcp.load`` fills in place.
-
-    A runtime's own ``checkpoint_state`` hook wins (DeepSpeed's optimizer is not a torch optimizer;
-    the distributed runtime refuses ZeRO-1 states). Otherwise the model part comes from its
-    ``model_state()`` hook (megatron shards presented as DTensors) and the optimizer part from DCP,
-    keyed by the same parameter names."""
-    if hasattr(runtime, "checkpoint_state"):
-        return runtime.checkpoint_state(optimizer)
-    state: dict[str, Any] = {"model": runtime.model_state()}
-    if optimizer is not None:
-        state["optim"] = get_optimizer_state_dict(runtime.model, optimizer)
-    return state
-
-
-def apply_runtime_state(runtime: Runtime, state: dict[str, Any], optimizer: torch.optim.Optimizer | None) -> None:
-    """Set a state filled by ``dcp.load`` back into the runtime, through the same hooks ``runtime_state`` used."""
-    if hasattr(runtime, "load_checkpoint_state"):
-        runtime.load_checkpoint_state(state, optimizer)
-        return
-    runtime.load_model_state(state["model"])
-    if optimizer is not None:
-        set_optimizer_state_dict(runtime.model, optimizer, state["optim"])
-
-
 @contextlib.contextmanager
 def _atomic_dir(path: Path, runtime: Runtime) -> Iterator[Path]:
     """Collective: yield an empty ``<path>.tmp`` for every rank to write into; once all ranks are done
@@ -127,7 +101,7 @@ def save_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Opti
     path = Path(path)
     with _atomic_dir(path, runtime) as tmp:
         with _quiet_dcp():
-            dcp.save(runtime_state(runtime, optimizer), checkpoint_id=str(tmp))
+            dcp.save(runtime.checkpoint_state(optimizer), checkpoint_id=str(tmp))
         if rng:
             torch.save(rng_state(), _rng_file(tmp, runtime.rank))
         if runtime.is_main:
@@ -142,10 +116,10 @@ def load_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Opti
     state_file = path / STATE_FILE
     if not (state_file.is_file() and (path / ".metadata").is_file()):
         raise invalid("resume", str(path), f"a complete checkpoint directory (with .metadata and {STATE_FILE})")
-    state = runtime_state(runtime, optimizer)
+    state = runtime.checkpoint_state(optimizer)
     with _quiet_dcp():
         dcp.load(state, checkpoint_id=str(path))
-    apply_runtime_state(runtime, state, optimizer)
+    runtime.load_checkpoint_state(state, optimizer)
     rng_file = _rng_file(path, runtime.rank)
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import types
-import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -200,4 +199,4 @@ def write_yaml(obj: Any, path: str | Path) -> None:
     tmp.replace(p)
 
 
-__all__ = ["from_dict", "to_dict", "read_mapping", "dump_yaml", "write_yaml", "typing"]
+__all__ = ["dump_yaml", "from_dict", "read_mapping", "read_versioned_json", "to_dict", "write_json_atomic", "write_yaml"]

@@ -23,7 +23,12 @@ import torch.distributed as dist
 from torch import nn
 
 from meshwright.config import ModelConfig
-from meshwright.launcher import cost_model as cm
+from meshwright.launcher.planner import cost_model as cm
+from meshwright.launcher.profiling.blocks import rope_for, shard_block
+from meshwright.launcher.profiling.hardware import _sync as sync  # GPU kernels and NCCL collectives are async
+from meshwright.models.decoder import Block
+from meshwright.parallel.data_parallel import apply_fsdp
+from meshwright.parallel.tensor_parallel import apply_tp
 
 
 def _fwd_bwd(block: nn.Module, x: torch.Tensor, rope: Any) -> Callable[[], None]:
@@ -37,7 +42,6 @@ def _time_pair(first: Callable[[], None], second: Callable[[], None], iters: int
     starting each sample together, after one warm-up call of each."""
     import time
 
-    from meshwright.launcher.hardware_profile import _sync as sync  # GPU kernels and NCCL collectives are async
 
     first()
     second()
@@ -70,10 +74,6 @@ def _build(cfg: ModelConfig, index: int, layout: dict[str, Any], device: torch.d
     """(runtime module, plain module holding the same local shard, its process group) for one layout."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from meshwright.launcher.model_profile import shard_block
-    from meshwright.models.decoder import Block
-    from meshwright.parallel.data_parallel import apply_fsdp
-    from meshwright.parallel.tensor_parallel import apply_tp
 
     torch.manual_seed(0)
     world = dist.get_world_size()
@@ -125,7 +125,6 @@ def profile_runtime_overheads(cfg: ModelConfig, batch_sizes: list[int], seq_lens
                               device: torch.device, iters: int = 3, zeros: tuple[int, ...] = (2, 3)) -> list[dict[str, Any]]:
     """Collective (every rank calls it): fwd+bwd seconds of the runtime's TP / FSDP blocks and of the
     plain block with the same shard, per (batch, seq) point, for each layout of ``_layouts``."""
-    from meshwright.launcher.model_profile import _rope
 
     world = dist.get_world_size()
     out = []
@@ -140,7 +139,7 @@ def profile_runtime_overheads(cfg: ModelConfig, batch_sizes: list[int], seq_lens
                 for s in seq_lens:
                     torch.manual_seed(1)  # the same input on every rank: tp blocks expect it replicated
                     x = torch.randn(b, s, cfg.d_model, device=device, requires_grad=True)
-                    rope = _rope(cfg, s, device)
+                    rope = rope_for(cfg, s, device)
                     runtime_s, plain_s = _time_pair(_fwd_bwd(runtime_block, x, rope), _fwd_bwd(plain, x, rope), iters, device)
                     comm = counted_collectives(cfg, index, layout, b * s, group, device)
                     comm_s = _time_pair(comm, comm, iters, device)[0]

@@ -22,55 +22,22 @@ import torch
 from torch import nn
 
 from meshwright.config import ModelConfig
-from meshwright.yamlio import read_versioned_json, write_json_atomic
+from meshwright.config.io import read_versioned_json, to_dict, write_json_atomic
 from meshwright.errors import ConfigError, invalid
-from meshwright.launcher import cost_model as cm
+from meshwright.launcher.planner import cost_model as cm
+from meshwright.launcher.profiling.blocks import rope_for, shard_block
+from meshwright.launcher.profiling.hardware import measure_matmul, rank_and_world
+from meshwright.launcher.profiling.overhead import overhead_fits, profile_runtime_overheads
 from meshwright.memory.accounting import count_saved_bytes
-from meshwright.yamlio import to_dict
 
 MODEL_PROFILE_VERSION = 1
 KIND = "meshwright-model-profile"
 
 
-def shard_block(cfg: ModelConfig, index: int, tp: int) -> nn.Module:
-    """Block ``index`` with the parameter shapes of one tp rank (Megatron column/row split)."""
-    from meshwright.models.decoder import Block
-
-    if cfg.n_heads % tp or cfg.kv_heads % tp or cfg.ffn_dim % tp:
-        raise invalid("tp", tp, f"a divisor of n_heads={cfg.n_heads}, n_kv_heads={cfg.kv_heads} and ffn={cfg.ffn_dim}")
-    block = Block(cfg, index)
-    if tp == 1:
-        return block
-    d, hd = cfg.d_model, cfg.head_dim
-    bias = cfg.arch == "gpt2"
-    att = block.attention
-    att.wq = nn.Linear(d, cfg.n_heads // tp * hd, bias=bias)
-    att.wk = nn.Linear(d, cfg.kv_heads // tp * hd, bias=bias)
-    att.wv = nn.Linear(d, cfg.kv_heads // tp * hd, bias=bias)
-    att.wo = nn.Linear(cfg.n_heads // tp * hd, d, bias=bias)
-    ff = block.feed_forward
-    if hasattr(ff, "w3") and isinstance(ff.w3, nn.Linear):
-        ff.w1 = nn.Linear(d, cfg.ffn_dim // tp, bias=False)
-        ff.w3 = nn.Linear(d, cfg.ffn_dim // tp, bias=False)
-        ff.w2 = nn.Linear(cfg.ffn_dim // tp, d, bias=False)
-    elif hasattr(ff, "w1") and isinstance(ff.w1, nn.Linear):
-        ff.w1 = nn.Linear(d, cfg.ffn_dim // tp)
-        ff.w2 = nn.Linear(cfg.ffn_dim // tp, d)
-    return block
-
-
-def _rope(cfg: ModelConfig, seq: int, device: torch.device):
-    if cfg.arch != "llama":
-        return None
-    from meshwright.models.layers import rope_tables
-
-    return rope_tables(cfg.head_dim, seq, cfg.rope_theta, device=device)
-
-
 def saved_bytes_per_token(block: nn.Module, cfg: ModelConfig, batch: int, seq: int, device: torch.device) -> float:
     """Bytes the block saves for backward per token (no recomputation), measured with saved_tensors_hooks."""
     x = torch.randn(batch, seq, cfg.d_model, device=device, requires_grad=True)
-    rope = _rope(cfg, seq, device)
+    rope = rope_for(cfg, seq, device)
     # the block input counts: its norm saves it, and nothing upstream keeps it for backward
     with count_saved_bytes(block, exclude=[*rope] if rope else []) as sb:
         y = block(x, rope)
@@ -79,7 +46,6 @@ def saved_bytes_per_token(block: nn.Module, cfg: ModelConfig, batch: int, seq: i
 
 
 def _distributed() -> bool:
-    from meshwright.launcher.hardware_profile import rank_and_world
 
     return rank_and_world()[1] > 1
 
@@ -92,7 +58,7 @@ def default_tps(cfg: ModelConfig, limit: int = 2) -> list[int]:
 def time_block(block: nn.Module, cfg: ModelConfig, batch: int, seq: int, device: torch.device, iters: int = 3) -> tuple[float, float]:
     """Median forward and backward seconds of one block (under torchrun every rank times it at once)."""
     x = torch.randn(batch, seq, cfg.d_model, device=device, requires_grad=True)
-    rope = _rope(cfg, seq, device)
+    rope = rope_for(cfg, seq, device)
     fwd, bwd = [], []
     if _distributed():
         import torch.distributed as dist
@@ -162,7 +128,6 @@ def profile_model(cfg: ModelConfig, batch_sizes: list[int], seq_lens: list[int],
             "act_bytes_per_token": {"none": act, "full": cfg.d_model * 4.0},
             "act_seq_len": s0,
         })
-    from meshwright.launcher.hardware_profile import measure_matmul
 
     # a matmul reference taken now: planning divides by it and multiplies by the hardware profile's
     # figure for the same size, so load or contention that differs between the two runs cancels
@@ -172,7 +137,6 @@ def profile_model(cfg: ModelConfig, batch_sizes: list[int], seq_lens: list[int],
     if _distributed():
         import torch.distributed as dist
 
-        from meshwright.launcher.runtime_profile import profile_runtime_overheads
 
         out["world_size"] = dist.get_world_size()
         out["runtime_overheads"] = profile_runtime_overheads(cfg, batch_sizes, seq_lens, tps, device, iters)
@@ -229,7 +193,6 @@ def apply_model_profile(hw: cm.Hardware, profile: dict[str, Any], cfg: ModelConf
     overhead = (max(e["fwd_fit"]["a"], 0.0) + max(e["bwd_fit"]["a"], 0.0)) / ratio
     t_var = max(t / ratio - overhead, 1e-12)
     eff = min(max(flops / t_var / hw.peak_flops, 1e-4), 1.0)
-    from meshwright.launcher.runtime_profile import overhead_fits
 
     return dataclasses.replace(hw, matmul_efficiency=eff, efficiency_half_width=0.0, act_scale=scale, mem_bw=float("inf"),
                                layer_overhead_s=overhead, strategy_overheads=overhead_fits(profile, cfg, hw, ratio))

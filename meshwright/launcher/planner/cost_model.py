@@ -21,6 +21,9 @@ from typing import Any, Optional
 
 from meshwright.config import ClusterSpec, ModelConfig
 from meshwright.errors import invalid
+from meshwright.memory.fp8_activations import fp8_activation_saved_fraction
+from meshwright.optim.coat import coat_state_bytes_per_param
+from meshwright.tools.flops import head_fwd_flops, layer_fwd_flops
 
 GIB = 1024**3
 
@@ -171,17 +174,6 @@ def exposed_s(compute_s: float, comm_s: float, slowdown: float) -> float:
 
 
 # ---- compute ---------------------------------------------------------------------------------------
-
-def layer_fwd_flops(cfg: ModelConfig, index: int, tokens: float, seq_len: int) -> float:
-    """Forward FLOPs of block ``index`` for ``tokens`` tokens: 2 per active matmul parameter per token plus
-    the (non-causal, PaLM convention) attention score and context matmuls 4*s*h per token."""
-    return 2.0 * cfg.layer_params(index, active_only=True) * tokens + 4.0 * seq_len * cfg.d_model * tokens
-
-
-def head_fwd_flops(cfg: ModelConfig, tokens: float) -> float:
-    """Forward FLOPs of the output projection (vocab x d_model)."""
-    return 2.0 * cfg.vocab_size * cfg.d_model * tokens
-
 
 # Elements read + written per token per layer by memory-bound kernels in one forward pass (norms,
 # residual adds, bias/dropout, activation functions, rotary embeddings), counted from our blocks.
@@ -412,8 +404,6 @@ def optimizer_bytes_per_param(states: str, mixed_precision: bool) -> float:
     if states == "fp32":
         b = 8.0
     elif states == "fp8":
-        from meshwright.optim.coat import coat_state_bytes_per_param  # the optimizer owns its layout
-
         b = coat_state_bytes_per_param(FP8_GROUP)
     else:
         raise invalid("optimizer.states", states, "fp32 or fp8")
@@ -463,8 +453,6 @@ def activation_bytes(cfg: ModelConfig, index: int, tokens: float, tp: int, sp: b
     if wta_crs is not None and recompute != "full":
         nbytes *= 1.0 - LINEAR_INPUT_SHARE * (1.0 - wta_crs)
     if fp8_act and recompute == "none" and not cfg.is_moe_layer(index):
-        from meshwright.memory.fp8_activations import fp8_activation_saved_fraction  # measured layout, exact
-
         nbytes *= fp8_activation_saved_fraction(cfg, elem_bytes)
     elif fp8_act and recompute != "full":
         hi = nbytes * (1 - FP8_ACT_SHARE)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from meshwright.errors import ConfigError
-from meshwright.launcher.commands import LaunchSpec, remote_shell_command, torchrun_argv
-from meshwright.launcher.hostfile import Host
+from meshwright.launcher.remote.argv import LaunchSpec, remote_shell_command, torchrun_argv
+from meshwright.launcher.remote.hostfile import Host
 
 
 class PrefixedStream:

@@ -20,7 +20,14 @@ from typing import Any, Optional
 import torch
 
 from meshwright.config import ModelConfig
-from meshwright.yamlio import to_dict
+from meshwright.config.io import to_dict
+from meshwright.launcher.profiling.hardware import (
+    load_hardware_profile,
+    profile_hardware,
+    rank_and_world,
+    save_hardware_profile,
+)
+from meshwright.launcher.profiling.model import default_tps, load_model_profile, profile_model, save_model_profile
 
 PROFILE_ITERS = 3
 
@@ -56,8 +63,6 @@ def _decide(missing: bool) -> bool:
     """Rank 0's answer to "must we profile?", shared with every rank."""
     import torch.distributed as dist
 
-    from meshwright.launcher.hardware_profile import rank_and_world
-
     if rank_and_world()[1] == 1:
         return missing
     box = [missing]
@@ -69,10 +74,6 @@ def auto_profiles(cfg: ModelConfig, world_size: int, seq_len: int, micro_batch: 
                   progress: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """(hardware profile, model profile) for this run's machines; collective under torchrun."""
     import torch.distributed as dist
-
-    from meshwright.launcher.hardware_profile import (load_hardware_profile, profile_hardware, rank_and_world,
-                                                      save_hardware_profile)
-    from meshwright.launcher.model_profile import default_tps, load_model_profile, profile_model, save_model_profile
 
     rank, world = rank_and_world()
     batches, seqs = profile_grid(seq_len, micro_batch)

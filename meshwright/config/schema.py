@@ -1,23 +1,19 @@
-"""ModelConfig, ClusterSpec and TrainConfig: the dataclasses every part of meshwright reads.
+"""ModelConfig, ClusterSpec, TrainConfig (and the MEFT section): the dataclasses every part of meshwright reads.
 
-Presets live as YAML data files under ``configs/`` (models/, clusters/, train/); ``load_*`` accept a
-preset name, a path, or an inline mapping. Validation errors are one line naming the key, the value
-and what would be valid (see ``meshwright.errors``).
+Each ``validate`` raises a one-line error naming the key, the value and what would be valid
+(``meshwright.errors``). Loading presets and files lives in ``presets.py``; Hugging Face mapping in ``hf.py``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
+import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Optional
 
+from meshwright.config.io import from_dict, to_dict
 from meshwright.errors import ConfigError, invalid
-from meshwright.yamlio import from_dict, read_mapping, to_dict
-
-CONFIG_ROOT = Path(os.environ.get("MESHWRIGHT_CONFIGS", Path(__file__).resolve().parents[1] / "configs"))
+from meshwright.tools.energy import validate_grid
+from meshwright.tools.flops import palm_flops_per_token
 
 
 def divisors(n: int) -> list[int]:
@@ -155,16 +151,8 @@ class ModelConfig:
         return body if non_embedding else body + self.embedding_params()
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token, PaLM convention (Chowdhery et al. 2022, App. B): 6N + 12·L·H·Q·T.
-
-        N counts the parameters that do matmuls for a token: the non-embedding parameters of the
-        *activated* path (MoE: top_k experts + router) plus the output head (vocab x d_model); the
-        embedding lookup and learned positions do no FLOPs. The attention term 12·L·H·Q·T counts the
-        full (non-causal) score and context matmuls, as PaLM and nanoGPT do.
-        """
-        t = seq_len if seq_len is not None else self.max_seq_len
-        n = self.num_params(non_embedding=True, active_only=True) + self.vocab_size * self.d_model
-        return 6.0 * n + 12.0 * self.n_layers * self.n_heads * self.head_dim * t
+        """Training FLOPs per token, PaLM convention (the formula lives in ``meshwright.tools.flops``)."""
+        return palm_flops_per_token(self, seq_len if seq_len is not None else self.max_seq_len)
 
 
 @dataclass
@@ -302,15 +290,11 @@ class TrainConfig:
             raise invalid(f"{p}energy_every", self.energy_every, "a positive integer (steps)")
         if self.keep_checkpoints < 1:
             raise invalid(f"{p}keep_checkpoints", self.keep_checkpoints, "a positive integer")
-        from meshwright.tools.energy import validate_grid
-
         try:
             validate_grid(self.pue, self.grid_intensity)
         except ConfigError as exc:
             raise ConfigError(f"{p}{exc}") from None
         if self.meft is not None:
-            from meshwright.memory.meft import MeftConfig
-
             from_dict(MeftConfig, self.meft, prefix=f"{p}meft")
         if not isinstance(self.model, (str, dict)):
             raise invalid(f"{p}model", self.model, "a preset name, a path, or a mapping of ModelConfig fields")
@@ -318,124 +302,61 @@ class TrainConfig:
             raise invalid(f"{p}cluster", self.cluster, "a preset name, a path, or a mapping of ClusterSpec fields")
 
 
-# ---- loading --------------------------------------------------------------------------------------
-
-def preset_names(kind: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIG_ROOT / kind).glob("*.yaml"))
-
-
-def _resolve(kind: str, ref: str) -> Path:
-    label = {"models": "model", "clusters": "cluster"}.get(kind, "train config")
-    path = Path(ref)
-    if path.suffix in (".yaml", ".yml", ".json") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"{label}={ref!r} is not an existing file; valid: a path or one of {', '.join(preset_names(kind))}")
-        return path
-    preset = CONFIG_ROOT / kind / f"{ref}.yaml"
-    if not preset.is_file():
-        raise ConfigError(f"{label}={ref!r} is not a known preset; valid: {', '.join(preset_names(kind))} or a file path")
-    return preset
+Variant = Literal["meft1", "meft2", "meft3"]
+VARIANTS: tuple[str, ...] = ("meft1", "meft2", "meft3")
+PAPER_SCALE = 0.1
 
 
-HF_KEYS = {
-    # Hugging Face config.json keys -> ModelConfig fields (LlamaConfig, MistralConfig, MixtralConfig, GPT2Config)
-    "vocab_size": "vocab_size", "hidden_size": "d_model", "num_hidden_layers": "n_layers",
-    "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads", "intermediate_size": "ffn_hidden",
-    "max_position_embeddings": "max_seq_len", "rms_norm_eps": "norm_eps", "rope_theta": "rope_theta",
-    "tie_word_embeddings": "tie_embeddings", "num_local_experts": "n_experts", "num_experts_per_tok": "top_k",
-    "router_aux_loss_coef": "aux_loss_coef",
-    "n_embd": "d_model", "n_layer": "n_layers", "n_head": "n_heads", "n_positions": "max_seq_len",
-    "layer_norm_epsilon": "norm_eps", "n_inner": "ffn_hidden",
-}
+@dataclass
+class MeftConfig:
+    """How to convert a model; round-trips through YAML (``meft:`` section of a train config)."""
 
+    variant: Variant = "meft1"
+    scale: float = PAPER_SCALE  # λ for meft1, β for meft2, λ=β for meft3 (the paper's 0.1)
+    adapter_dim: int = 16
+    reversible_layers: int | None = None  # top N layers reversible; None = safe default for the dtype
+    adapter_dropout: float = 0.0
+    adapter_init_std: float = 0.02  # down-projection init; the up-projection always starts at zero
+    freeze_base: bool = True
+    train_head: bool = True
+    track_error: bool = False  # keep the stack input and log the reconstruction error of every backward
+    compute_dtype: Optional[Literal["fp64", "fp32", "bf16", "fp16"]] = None  # for the safe default; None = params' dtype
 
-def model_config_from_hf(data: dict[str, Any], name: str = "hf") -> ModelConfig:
-    """Map a Hugging Face ``config.json`` (Llama/Mistral/Mixtral/GPT-2) onto a ModelConfig."""
-    model_type = data.get("model_type", "")
-    if model_type not in ("llama", "mistral", "mixtral", "gpt2"):
-        raise invalid("config.json model_type", model_type, "llama, mistral, mixtral or gpt2")
-    out: dict[str, Any] = {"name": data.get("_name_or_path") or name, "arch": "gpt2" if model_type == "gpt2" else "llama"}
-    for hf_key, ours in HF_KEYS.items():
-        if hf_key in data and data[hf_key] is not None:
-            out[ours] = data[hf_key]
-    if model_type == "gpt2":
-        out.setdefault("tie_embeddings", True)
-        out.pop("n_kv_heads", None)
-    else:
-        out.setdefault("tie_embeddings", False)
-    if model_type == "mixtral":
-        out["moe_ffn_hidden"] = out.pop("ffn_hidden", None)
-    return from_dict(ModelConfig, out, prefix="model")
+    def validate(self, prefix: str = "meft", n_layers: int | None = None) -> None:
+        if self.variant not in VARIANTS:
+            raise invalid(f"{prefix}.variant", self.variant, " | ".join(VARIANTS))
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale) \
+                or self.scale <= 0:
+            what = {"meft1": "λ", "meft2": "β", "meft3": "λ=β"}[self.variant]
+            raise invalid(f"{prefix}.scale", self.scale, f"a finite number > 0 ({what} of {self.variant}; paper: 0.1)")
+        if isinstance(self.adapter_dim, bool) or not isinstance(self.adapter_dim, int) or self.adapter_dim <= 0:
+            raise invalid(f"{prefix}.adapter_dim", self.adapter_dim, "a positive integer (adapter bottleneck width)")
+        if not 0.0 <= self.adapter_dropout < 1.0:
+            raise invalid(f"{prefix}.adapter_dropout", self.adapter_dropout, "a number in [0, 1)")
+        if self.adapter_init_std < 0:
+            raise invalid(f"{prefix}.adapter_init_std", self.adapter_init_std, "a number >= 0")
+        if self.reversible_layers is not None:
+            bad = isinstance(self.reversible_layers, bool) or not isinstance(self.reversible_layers, int) \
+                or self.reversible_layers < 0 or (n_layers is not None and self.reversible_layers > n_layers)
+            if bad:
+                upto = f"0..{n_layers}" if n_layers is not None else ">= 0"
+                raise invalid(f"{prefix}.reversible_layers", self.reversible_layers, f"null (safe default) or an integer {upto}")
 
+    @property
+    def lam(self) -> float:
+        return 1.0 if self.variant == "meft2" else float(self.scale)
 
-def load_model_config(ref: str | dict[str, Any] | ModelConfig) -> ModelConfig:
-    """Preset name, YAML path, HF config.json path, or inline mapping -> validated ModelConfig."""
-    if isinstance(ref, ModelConfig):
-        return ref
-    if isinstance(ref, dict):
-        return from_dict(ModelConfig, ref, prefix="model")
-    path = _resolve("models", ref)
-    data = read_mapping(path)
-    if "model_type" in data:
-        return model_config_from_hf(data, name=path.parent.name if path.name == "config.json" else path.stem)
-    return from_dict(ModelConfig, data, prefix="model")
+    @property
+    def beta(self) -> float:
+        return 1.0 if self.variant == "meft1" else float(self.scale)
 
+    @property
+    def swap(self) -> bool:
+        return self.variant != "meft3"
 
-def load_cluster(ref: str | dict[str, Any] | ClusterSpec, nodes: int | None = None,
-                 devices_per_node: int | None = None) -> ClusterSpec:
-    """Preset name, path or mapping -> ClusterSpec, optionally resized to ``nodes`` x ``devices_per_node``."""
-    if isinstance(ref, ClusterSpec):
-        spec = ref
-    elif isinstance(ref, dict):
-        spec = from_dict(ClusterSpec, ref, prefix="cluster")
-    else:
-        spec = from_dict(ClusterSpec, read_mapping(_resolve("clusters", ref)), prefix="cluster")
-    changes: dict[str, int] = {}
-    if nodes is not None:
-        changes["nodes"] = nodes
-    if devices_per_node is not None:
-        changes["devices_per_node"] = devices_per_node
-    if changes:
-        spec = dataclasses.replace(spec, **changes)
-        spec.validate("cluster")
-    return spec
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
 
-
-def load_train_config(ref: str | Path | dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Train config from a preset name (``configs/train``), a path, or a mapping, plus dotted overrides."""
-    if ref is None:
-        data: dict[str, Any] = {}
-    elif isinstance(ref, dict):
-        data = dict(ref)
-    else:
-        data = read_mapping(_resolve("train", str(ref)))
-    for key, value in (overrides or {}).items():
-        target = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            target = target.setdefault(part, {})
-            if not isinstance(target, dict):
-                raise invalid(key, value, "a key whose parents are mappings")
-        target[parts[-1]] = value
-    cfg = from_dict(TrainConfig, data)
-    load_model_config(cfg.model)  # fail early, with the model's own field names
-    load_cluster(cfg.cluster)
-    return cfg
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``key=value`` from the command line; the value is parsed as YAML (so 3e-4, true, [1,2] work)."""
-    import yaml
-
-    if "=" not in text:
-        raise ConfigError(f"override={text!r} is invalid; valid: KEY=VALUE, e.g. steps=100")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
-
-
-def config_json(obj: Any) -> str:
-    return json.dumps(to_dict(obj), sort_keys=True)
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MeftConfig":
+        return from_dict(cls, data, prefix="meft")

@@ -1,0 +1,5 @@
+"""``python -m meshwright``: the same command as ``meshwright``."""
+
+from meshwright.cli import run
+
+run()

@@ -1,0 +1,145 @@
+"""Everything `meshwright train` does before the first step, once: resolve the model and cluster, the Plan
+(a file, ``auto`` or none), validate it, pick the runtime (one process or the distributed one), then run
+the Trainer. ``run_training`` is the Python entry point (tests, benchmarks); the CLI adapter is thin."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from meshwright.config import ClusterSpec, ModelConfig, TrainConfig, load_cluster, load_model_config
+from meshwright.config.io import from_dict, write_yaml
+from meshwright.data.loader import build_loaders
+from meshwright.errors import invalid
+from meshwright.launcher.planner.auto import auto_plan
+from meshwright.launcher.profiling.auto import auto_profiles, describe
+from meshwright.memory.meft import MeftConfig, make_reversible
+from meshwright.models import build_model
+from meshwright.parallel.runtime import build_distributed_runtime, init_distributed
+from meshwright.plan import Plan, default_plan, load_plan, validate_plan
+from meshwright.train.local_runtime import LocalRuntime
+from meshwright.train.runtime import Runtime
+from meshwright.train.trainer import Trainer
+
+
+@dataclass
+class TrainingJob:
+    """A train config with its references resolved once: the model, the cluster and the Plan (if any)."""
+
+    cfg: TrainConfig
+    model: ModelConfig
+    cluster: ClusterSpec
+    world_size: int
+    plan: Plan | None = None
+
+    @classmethod
+    def resolve(cls, cfg: TrainConfig, plan_ref: str | None = None) -> "TrainingJob":
+        job = cls(cfg, load_model_config(cfg.model), load_cluster(cfg.cluster), world_size_from_env())
+        ref = plan_ref if plan_ref is not None else cfg.plan
+        job.plan = _auto_plan(job) if ref == "auto" else _plan_file(ref)
+        return job
+
+    @property
+    def distributed(self) -> bool:
+        """Under torchrun with several ranks, or when the Plan asks for more than one device or for per-layer
+        features that only the distributed runtime applies."""
+        return self.world_size > 1 or _plan_needs_parallel(self.plan)
+
+
+def world_size_from_env() -> int:
+    raw = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(raw)
+    except ValueError:
+        raise invalid("WORLD_SIZE", raw, "an integer (set by torchrun)") from None
+
+
+def _plan_file(ref: str | None) -> Plan | None:
+    if ref is None:
+        return None
+    if not Path(ref).is_file():
+        raise invalid("plan", ref, "'auto' or the path of an existing Plan YAML/JSON file")
+    return load_plan(ref)
+
+
+def _auto_plan(job: TrainingJob) -> Plan:
+    """The planner's best layout for this world, calibrated with (cached) profiles of these machines
+    when ``auto_profile`` is on; under torchrun the process group starts here, as profiling is collective."""
+    hw_prof = model_prof = None
+    if job.cfg.auto_profile:
+        if job.world_size > 1:
+            init_distributed()
+        hw_prof, model_prof = auto_profiles(job.model, job.world_size, job.cfg.seq_len, job.cfg.micro_batch,
+                                            progress=False)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(describe(hw_prof, model_prof), flush=True)
+    return auto_plan(job.cfg, job.world_size, hardware_profile=hw_prof, model_profile=model_prof)
+
+
+def _plan_needs_parallel(plan: Plan | None) -> bool:
+    if plan is None:
+        return False
+    if plan.world_size() > 1:
+        return True
+    return any(s.recompute != "none" or s.zero or s.savers.fp8_act or s.savers.wta_crs or s.savers.lemo
+               for s in plan.layer_strategies())
+
+
+def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = None) -> Runtime:
+    """LocalRuntime for one process; the distributed runtime under torchrun or when the plan needs it.
+    The Plan is validated once: here for one process, by the distributed runtime otherwise."""
+    job = train_cfg if isinstance(train_cfg, TrainingJob) else TrainingJob.resolve(train_cfg, plan_ref)
+    cfg, model_cfg = job.cfg, job.model
+    if job.distributed:
+        if cfg.meft is not None:
+            raise invalid("meft", "set", "null under the distributed runtime (MEFT runs in one process; DDP is tested "
+                          "at the module level in tests/distributed/test_meft_ddp.py)")
+        plan = job.plan or default_plan(model_cfg, job.world_size, cfg.seq_len, cfg.global_batch, cfg.micro_batch)
+        return build_distributed_runtime(cfg, model_cfg, plan)
+    import torch
+
+    if job.plan is not None:
+        validate_plan(job.plan, model_cfg, job.plan.world_size())
+    if cfg.seq_len > model_cfg.max_seq_len:
+        raise invalid("seq_len", cfg.seq_len, f"at most model.max_seq_len={model_cfg.max_seq_len}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(model_cfg, seed=cfg.seed)
+    if cfg.meft is not None:  # reversible fine-tuning: frozen base, adapters (+ head) train
+        model = make_reversible(model, config=from_dict(MeftConfig, cfg.meft, prefix="meft"))
+    rt = LocalRuntime(model, device=device, dtype=cfg.dtype if device == "cuda" else "fp32")
+    rt.plan = job.plan
+    return rt
+
+
+def run_training(train_cfg: TrainConfig, plan_ref: str | None = None, resume: bool | str = False) -> dict[str, Any]:
+    """Everything `meshwright train` does, callable from Python (tests, benchmarks)."""
+    job = TrainingJob.resolve(train_cfg, plan_ref)
+    model_cfg = job.model
+    runtime = build_runtime(job)
+    try:
+        progress = train_cfg.progress and runtime.is_main
+        train, val, ds = build_loaders(train_cfg, model_cfg.vocab_size, runtime.dp_rank, runtime.dp_size, progress)
+        if runtime.is_main:
+            Path(train_cfg.out_dir).mkdir(parents=True, exist_ok=True)
+            write_yaml(train_cfg, Path(train_cfg.out_dir) / "config.yaml")
+            if runtime.plan is not None:  # the layout this run used, for `meshwright report`
+                runtime.plan.save(Path(train_cfg.out_dir) / "plan.yaml")
+            print(f"train: model {model_cfg.name} ({model_cfg.num_params() / 1e6:.2f}M params) | data {ds.path} "
+                  f"({len(ds):,} tokens) | {train_cfg.steps} steps x {train_cfg.global_batch}x{train_cfg.seq_len} tokens | "
+                  f"{type(runtime).__name__}, world {runtime.world_size} | out {train_cfg.out_dir}", flush=True)
+        trainer = Trainer(train_cfg, runtime, train, val, model_cfg, job.cluster)
+        return trainer.fit(resume=resume)
+    finally:
+        runtime.close()
+        _destroy_process_group()
+
+
+def _destroy_process_group() -> None:
+    """Tear down the group the distributed runtime started, so no communicator thread outlives the
+    interpreter (an abort at exit, "terminate called without an active exception", was seen without it)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()  # local teardown: no barrier, so a rank that failed does not wait on the others

@@ -88,6 +88,14 @@ def test_megatron_export_passes_megatron_validate_args(name):
         assert ns.expert_model_parallel_size == s.ep
 
 
+def test_megatron_fsdp_export_leaves_max_connections_alone():
+    plan, cfg, world = _case("llama2-70b tp4 pp1 zero3 full")
+    args, notes = exports.megatron_args(plan, cfg)
+    assert exports.megatron_env(plan, cfg) == {} and any("unset or > 1" in n for n in notes)
+    with pytest.raises(AssertionError, match="FSDP always requires CUDA_DEVICE_MAX_CONNECTIONS"):
+        megatron_validate(args, world, {"CUDA_DEVICE_MAX_CONNECTIONS": "1"})
+
+
 def test_megatron_validate_args_catches_what_the_old_export_got_wrong():
     """The harness is not a rubber stamp: FSDP2 with pp>1, and tp>1 without CUDA_DEVICE_MAX_CONNECTIONS, fail."""
     plan, cfg, world = _case("llama2-70b tp8 pp2 zero3 (fsdp refused with pp)")

@@ -71,6 +71,7 @@ def megatron_args(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] = N
     if fsdp:
         # FSDP2 refuses gradient-accumulation fusion (a TE/apex kernel writing into .main_grad)
         args += ["--use-torch-fsdp2", "--no-gradient-accumulation-fusion"]
+        notes.append("leave CUDA_DEVICE_MAX_CONNECTIONS unset or > 1: Megatron-LM asserts it with FSDP")
         if s.dp_shard:
             notes.append(f"HSDP (dp_shard={s.dp_shard}) with --use-torch-fsdp2 has no Megatron-LM flag: exported "
                          f"sharding over all {s.dp} dp ranks")

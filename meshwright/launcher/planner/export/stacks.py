@@ -62,7 +62,8 @@ def stack_problems(target: str, plan: Plan, cfg: Any) -> list[str]:
         out.append("uses meshwright memory savers")
     if plan.optimizer.states != "fp32":
         out.append("uses COAT FP8 optimizer states")
-    if len({(s.tp, s.sp, s.zero, s.dp_shard, s.recompute) for s in strategies}) > 1:
+    moe_eps = {s.ep for i, s in enumerate(strategies) if cfg.is_moe_layer(i)}
+    if len({(s.tp, s.sp, s.zero, s.dp_shard, s.recompute) for s in strategies}) > 1 or len(moe_eps) > 1:
         out.append("layers use different strategies")
     if target == "megatron":
         if pp.degree > 1 and pp.schedule == "gpipe":

@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--virtual-stages", type=int, default=None, help="model chunks per rank for interleaved_1f1b")
     p.add_argument("--any-runtime", action="store_true",
                    help="search the full space (ZeRO-1, vocab-parallel embeddings, savers) instead of only layouts "
-                        "meshwright's runtime runs unchanged; useful with --emit; implied by --allow")
+                        "meshwright's runtime runs unchanged; implied by --allow (--emit searches what its stack runs)")
     p.add_argument("--attention", default="flash", choices=("flash", "materialized"),
                    help="attention kernels of the stack: flash (fused; meshwright, Megatron since 2023) or "
                         "materialized scores (e.g. Megatron-LM 2021), which cost memory traffic and activation memory")

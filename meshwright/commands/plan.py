@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--virtual-stages", type=int, default=None, help="model chunks per rank for interleaved_1f1b")
     p.add_argument("--any-runtime", action="store_true",
                    help="search the full space (ZeRO-1, vocab-parallel embeddings, savers) instead of only layouts "
-                        "meshwright's runtime runs unchanged; useful with --emit; implied by --allow")
+                        "meshwright's runtime runs unchanged; implied by --allow (--emit searches what its stack runs)")
     p.add_argument("--attention", default="flash", choices=("flash", "materialized"),
                    help="attention kernels of the stack: flash (fused; meshwright, Megatron since 2023) or "
                         "materialized scores (e.g. Megatron-LM 2021), which cost memory traffic and activation memory")
@@ -62,7 +62,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="write the best plan to this YAML/JSON file")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--emit", default=None, choices=("megatron", "deepspeed", "torchtitan"),
-                   help="print the best plan as Megatron-LM args, a DeepSpeed config or torchtitan settings")
+                   help="print the best plan as Megatron-LM args, a DeepSpeed config or a torchtitan config; the search "
+                        "keeps to layouts that stack runs")
+    p.add_argument("--train-config", default=None, metavar="YAML",
+                   help="with --emit: take optimizer and schedule settings (lr, betas, clipping, steps) from this TrainConfig")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -107,8 +110,11 @@ def compute_result(args: argparse.Namespace) -> dict[str, Any]:
         from meshwright.memory.lemo import check_lemo_allowed
 
         check_lemo_allowed(args.task, ["lemo"])
-    res = search(cfg, cluster, args.seq_len, args.global_batch, hw=hw, constraints=constraints, allow=allow, top=args.top,
-                 progress=sys.stderr.isatty() and not args.json)
+    if getattr(args, "emit", None):
+        res = _search_for_stack(args.emit, cfg, cluster, args, hw, constraints)
+    else:
+        res = search(cfg, cluster, args.seq_len, args.global_batch, hw=hw, constraints=constraints, allow=allow, top=args.top,
+                     progress=sys.stderr.isatty() and not args.json)
     out: dict[str, Any] = {
         "schema": JSON_SCHEMA_VERSION,
         "model": cfg.name, "cluster": cluster.name, "nodes": cluster.nodes, "devices_per_node": cluster.devices_per_node,
@@ -132,6 +138,26 @@ def compute_result(args: argparse.Namespace) -> dict[str, Any]:
     out["rejected_total"] = len(res.rejected)
     out["_objects"] = {"cfg": cfg, "best": res.best}
     return out
+
+
+def _search_for_stack(target: str, cfg: Any, cluster: Any, args: argparse.Namespace, hw: Any, constraints: Any) -> Any:
+    """Search only the layouts ``target`` runs: the union of its constraint sets, best first, preferring
+    plans it runs as planned (export.stack_problems) over ones it would approximate."""
+    from meshwright.launcher.planner.export import stack_constraints, stack_problems
+    from meshwright.launcher.planner.search import Allow, search
+
+    sets = stack_constraints(target, constraints)
+    if not sets:
+        raise ConfigError(f"emit={target!r} cannot run the layout fixed by --zero/--pp/--ep/--schedule; valid: drop the "
+                          f"constraint {target} cannot execute (see `meshwright plan --help`)")
+    results = [search(cfg, cluster, args.seq_len, args.global_batch, hw=hw, constraints=c, allow=Allow(), top=args.top,
+                      suggest=False) for c in sets]
+    cands = sorted((c for r in results for c in ([r.best] if r.best else []) + list(r.runners_up)),
+                   key=lambda c: (bool(stack_problems(target, c.plan, cfg)), c.prediction.step_s))
+    res = min(results, key=lambda r: r.best.prediction.step_s if r.best else float("inf"))
+    if cands:
+        res = dataclasses.replace(res, best=cands[0], runners_up=cands[1:args.top])
+    return res
 
 
 def _capacity(args: argparse.Namespace, cluster: Any, predicted: dict[str, Any]) -> dict[str, Any]:
@@ -235,7 +261,12 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         best.plan.save(args.out)
     if args.emit:
-        text, notes = emit(best.plan, objects["cfg"], args.emit)
+        train = None
+        if args.train_config:
+            from meshwright.config import load_train_config
+
+            train = load_train_config(args.train_config)
+        text, notes = emit(best.plan, objects["cfg"], args.emit, train)
         print(text)
         for n in notes:
             print(f"note: {n}", file=sys.stderr)

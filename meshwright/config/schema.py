@@ -266,6 +266,11 @@ class TrainConfig:
     grid_intensity: float = 0.385  # kgCO2e per kWh (US average 2023)
     # memory savers applied to the plain model (the Plan switches per-layer savers; these are model-wide)
     meft: Optional[dict[str, Any]] = None  # MEFT reversible fine-tuning: fields of meshwright.memory.meft.MeftConfig
+    # logging sinks beside log.jsonl (optional extras, imported only when on): TensorBoard event files in
+    # OUT_DIR/tensorboard; a Weights & Biases run ("offline" writes OUT_DIR/wandb for `wandb sync`; "online" uploads)
+    tensorboard: bool = False
+    wandb: Optional[Literal["offline", "online"]] = None
+    wandb_project: str = "meshwright"
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""

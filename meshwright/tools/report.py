@@ -1,7 +1,11 @@
 """Run reports: read a run directory (log.jsonl, summary.json, plan.yaml) and write HTML + Markdown.
 
-The HTML is self-contained (plots embedded as base64 PNG) so it can be mailed or archived; the
-Markdown links PNG files written beside it. Plots are drawn only for metrics the run logged.
+Both formats come from one model: a list of ``Table`` and ``Figure`` sections, each rendered by
+``to_markdown``/``to_html``, so the two cannot drift apart. The HTML is self-contained (plots embedded
+as base64 PNG) so it can be mailed or archived; the Markdown links PNG files written beside it.
+Plots are drawn only for metrics the run logged with enough points to show a trend (a lone reading
+goes to the totals table instead); axes carry units, MFU is in %, throughput is smoothed and marked
+with its steady-state value, and estimates (codecarbon's CPU/RAM model) say they are estimates.
 """
 
 from __future__ import annotations
@@ -10,22 +14,81 @@ import base64
 import html
 import io
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional, Union
 
 import yaml
 
 from meshwright.errors import ConfigError
 
-PLOTS: list[tuple[str, str, list[str]]] = [
-    ("loss", "Loss", ["loss", "eval_loss"]),
-    ("throughput", "Tokens/s", ["tokens_per_s"]),
-    ("mfu", "MFU / HFU", ["mfu", "hfu"]),
-    ("power", "Power (W)", ["power_w"]),
-    ("energy", "Cumulative energy (J)", ["energy_j"]),
-    ("memory", "Memory per rank (GiB)", ["memory_gib", "peak_memory_gib"]),
-]
+MIN_POINTS = 3  # fewer readings than this: a number in the totals table, not a plot
 
+
+@dataclass
+class Series:
+    label: str
+    xs: list[float]
+    ys: list[float]
+    style: str = "-"  # matplotlib line style
+    alpha: float = 1.0
+
+
+@dataclass
+class Figure:
+    """One plot: title, labelled axes with units, its series and horizontal reference lines."""
+
+    name: str
+    title: str
+    ylabel: str
+    series: list[Series]
+    hlines: list[tuple[float, str]] = field(default_factory=list)
+    caption: str = ""
+    png: bytes = b""
+
+    def to_markdown(self) -> list[str]:
+        out = [f"### {self.title}", "", f"![{self.title}](report_{self.name}.png)"]
+        return out + (["", f"*{self.caption}*"] if self.caption else [])
+
+    def to_html(self) -> str:
+        cap = f"<figcaption>{html.escape(self.caption)}</figcaption>" if self.caption else ""
+        return (f"<figure><h3>{html.escape(self.title)}</h3><img alt='{html.escape(self.title)}' "
+                f"src='data:image/png;base64,{base64.b64encode(self.png).decode()}'>{cap}</figure>")
+
+
+@dataclass
+class Table:
+    """One table: title, column names, rows of already-formatted cells, and a footnote."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    note: str = ""
+    lead: str = ""  # a sentence above the table
+    collapsed: bool = False  # HTML <details>: reference material rather than the headline
+
+    def to_markdown(self) -> list[str]:
+        esc = lambda c: str(c).replace("|", "\\|")  # noqa: E731
+        out = [f"## {self.title}", ""] + ([self.lead, ""] if self.lead else [])
+        out += ["| " + " | ".join(esc(c) for c in self.columns) + " |", "|" + "---|" * len(self.columns)]
+        out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in self.rows]
+        return out + (["", f"*{self.note}*"] if self.note else [])
+
+    def to_html(self) -> str:
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in self.rows)
+        table = f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        lead = f"<p>{html.escape(self.lead)}</p>" if self.lead else ""
+        note = f"<p class='note'>{html.escape(self.note)}</p>" if self.note else ""
+        if self.collapsed:
+            return f"<details><summary>{html.escape(self.title)}</summary>{lead}{table}{note}</details>"
+        return f"<h2>{html.escape(self.title)}</h2>{lead}{table}{note}"
+
+
+Section = Union[Table, Figure]
+
+
+# ---- reading -------------------------------------------------------------------------------------
 
 def read_run(run_dir: str | Path) -> dict[str, Any]:
     run = Path(run_dir)
@@ -44,58 +107,159 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     return {"rows": rows, "summary": summary, "plan": plan, "dir": run}
 
 
-def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[Any]]:
+def _series(rows: list[dict[str, Any]], key: str, scale: float = 1.0) -> tuple[list[float], list[float]]:
     xs, ys = [], []
     for r in rows:
         v = r.get(key)
-        if v is None or "step" not in r:
-            continue
         if isinstance(v, list):  # per-rank values: plot the max, keep the detail in the table
             v = max(v) if v else None
-            if v is None:
-                continue
+        if v is None or "step" not in r:
+            continue
         xs.append(r["step"])
-        ys.append(v)
+        ys.append(v * scale)
     return xs, ys
 
 
-def render_plots(rows: list[dict[str, Any]]) -> dict[str, bytes]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out: dict[str, bytes] = {}
-    for name, title, keys in PLOTS:
-        series = {k: _series(rows, k) for k in keys}
-        series = {k: v for k, v in series.items() if v[0]}
-        if not series:
-            continue
-        fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-        for k, (xs, ys) in series.items():
-            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=k)
-        ax.set_xlabel("step")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        if len(series) > 1:
-            ax.legend()
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        plt.close(fig)
-        out[name] = buf.getvalue()
+def smooth(ys: list[float], window: int = 0) -> list[float]:
+    """Trailing moving average (window ~ a tenth of the run, at least 3 readings)."""
+    w = window or max(3, len(ys) // 10)
+    out, acc = [], 0.0
+    for i, y in enumerate(ys):
+        acc += y
+        if i >= w:
+            acc -= ys[i - w]
+        out.append(acc / min(i + 1, w))
     return out
 
 
-def _fmt(v: Any) -> str:
+# ---- sections ------------------------------------------------------------------------------------
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return f"{v:,.{digits}g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
     if isinstance(v, (list, dict)):
         return json.dumps(v)
     return str(v)
 
 
+def _pct(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{100 * v:.3g}%"
+
+
+def figures(rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[Figure]:
+    """The plots this run's log supports (each needs MIN_POINTS readings)."""
+    out: list[Figure] = []
+
+    def add(name: str, title: str, ylabel: str, series: list[Series], **kw: Any) -> None:
+        series = [s for s in series if len(s.xs) >= (1 if s.label == "eval loss" else MIN_POINTS)]
+        if series and len(series[0].xs) >= MIN_POINTS:
+            out.append(Figure(name, title, ylabel, series, **kw))
+
+    loss, eval_loss = _series(rows, "loss"), _series(rows, "eval_loss")
+    add("loss", "Loss", "cross-entropy (nats/token)",
+        [Series("train loss", *loss), Series("eval loss", *eval_loss, style="o-")])
+    xs, tps = _series(rows, "tokens_per_s")
+    steady = summary.get("tokens_per_s")
+    add("throughput", "Throughput", "tokens/s (all devices)",
+        [Series("per log interval", xs, tps, alpha=0.35), Series("smoothed (moving average)", xs, smooth(tps))],
+        hlines=[(steady, f"steady state {_fmt(steady)} tokens/s")] if steady else [],
+        caption="steady state = tokens/s over the steps after warm-up, as in the totals table")
+    mfu, hfu = _series(rows, "mfu", 100), _series(rows, "hfu", 100)
+    same = hfu[1] == mfu[1]
+    add("mfu", "Model FLOPs utilisation", "% of peak FLOP/s",
+        [Series("MFU = HFU (no recomputation)" if same else "MFU", *mfu)] + ([] if same else [Series("HFU", *hfu, style="--")]),
+        caption="HFU counts recomputed FLOPs too; it equals MFU without recomputation")
+    add("lr", "Learning rate", "learning rate", [Series("lr", *_series(rows, "lr"))])
+    add("grad_norm", "Gradient norm", "global L2 norm (before clipping)", [Series("grad norm", *_series(rows, "grad_norm"))])
+    add("power", "Power", "W (all metered devices)", [Series("power", *_series(rows, "power_w"))],
+        caption=_energy_caption(summary))
+    add("energy", "Cumulative energy", "kJ", [Series("energy", *_series(rows, "energy_j", 1e-3))],
+        caption=_energy_caption(summary))
+    add("memory", "Memory", "GiB (max over ranks)",
+        [Series("allocated", *_series(rows, "memory_gib")), Series("peak", *_series(rows, "peak_memory_gib"), style="--")])
+    return out
+
+
+def _energy_caption(summary: dict[str, Any]) -> str:
+    src = summary.get("energy_gpu_source", "none")
+    if src in (None, "none"):
+        return "no GPU metered: CPU and RAM energy are codecarbon estimates"
+    return f"GPU energy measured ({src}); CPU and RAM parts are codecarbon estimates"
+
+
+def render_plots(figs: list[Figure]) -> None:
+    """Draw each figure into its ``png`` (matplotlib is imported here: an optional, heavy dependency)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for f in figs:
+        fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=110)
+        for s in f.series:
+            marker = "o" if len(s.xs) < 30 or "o" in s.style else None
+            ax.plot(s.xs, s.ys, s.style.replace("o", "") or "-", marker=marker, markersize=3, label=s.label, alpha=s.alpha)
+        for y, label in f.hlines:
+            ax.axhline(y, color="grey", linestyle=":", linewidth=1.2, label=label)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(f.ylabel)
+        ax.grid(alpha=0.3)
+        if f.name == "lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        if len(f.series) + len(f.hlines) > 1 or f.series[0].label.startswith("MFU"):
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        f.png = buf.getvalue()
+
+
+def totals_table(summary: dict[str, Any]) -> Table:
+    """The headline figures, curated and in units; every field remains in the collapsed 'all fields' table."""
+    s = summary
+    rows: list[list[str]] = []
+
+    def row(label: str, value: Any, note: str = "", fmt: Callable[[Any], str] = _fmt) -> None:
+        if value is not None:
+            rows.append([label, fmt(value), note])
+
+    row("model", s.get("model"), f"{s['params'] / 1e6:,.2f}M parameters" if s.get("params") else "")
+    row("devices", s.get("world_size"), f"data-parallel {s['dp_size']}" if s.get("dp_size") else "")
+    row("steps", s.get("steps"), f"{s['tokens']:,} tokens" if s.get("tokens") else "")
+    row("throughput (tokens/s)", s.get("tokens_per_s"), "steady state: steps after warm-up")
+    row("tokens/s per device", s.get("tokens_per_s_per_device"))
+    row("step time (s)", s.get("step_s"))
+    peak = s.get("peak_tflops_per_device")
+    row("MFU", s.get("mfu"), f"of {peak:g} TFLOP/s {s.get('dtype', '')} peak per device" if peak else "", _pct)
+    if s.get("hfu") is not None and s.get("hfu") != s.get("mfu"):
+        row("HFU", s.get("hfu"), "counts recomputed FLOPs", _pct)
+    row("TFLOP/s per device", s.get("tflops_per_device"))
+    if s.get("first_loss") is not None and s.get("final_loss") is not None:
+        rows.append(["loss", f"{s['first_loss']:.4g} -> {s['final_loss']:.4g}", "first -> last training step"])
+    row("eval loss", s.get("eval_loss"))
+    row("peak memory (GiB)", s.get("peak_memory_gib"), "max over ranks, process peak incl. framework")
+    if s.get("energy_j") is not None:
+        gpu_src = s.get("energy_gpu_source") or "none"
+        row("energy (kJ)", s["energy_j"] / 1e3, "GPU measured + CPU/RAM estimated" if gpu_src != "none"
+            else "estimate: no GPU metered, codecarbon CPU/RAM model")
+        row("energy: GPU (kJ)", s.get("gpu_j", 0) / 1e3 if gpu_src != "none" else None, f"measured ({gpu_src})")
+        row("energy: CPU (kJ)", (s.get("cpu_j") or 0) / 1e3, "estimate (codecarbon)")
+        row("energy: RAM (kJ)", (s.get("ram_j") or 0) / 1e3, "estimate (codecarbon)")
+        row("energy per token (mJ)", None if s.get("j_per_token") is None else s["j_per_token"] * 1e3)
+        row("CO2 (g)", None if s.get("co2_kg") is None else s["co2_kg"] * 1e3,
+            f"at {s.get('grid_intensity')} kg/kWh, PUE {s.get('pue')}")
+    return Table("Totals", ["metric", "value", "note"], rows)
+
+
 def predicted_vs_measured(summary: dict[str, Any], plan: dict[str, Any] | None) -> list[tuple[str, Any, Any]]:
+    """Rows where both the plan's prediction and the run's measurement exist (nothing to compare otherwise)."""
     pred = (plan or {}).get("predicted") or {}
     rows = []
     for label, pkey, mkey in [("step time (s)", "step_s", "step_s"), ("tokens/s", "tokens_per_s", "tokens_per_s"),
@@ -105,9 +269,104 @@ def predicted_vs_measured(summary: dict[str, Any], plan: dict[str, Any] | None) 
             p = max(p) if p else None
         if isinstance(m, list):
             m = max(m) if m else None
-        if p is not None or m is not None:
+        if p is not None and m is not None:
             rows.append((label, p, m))
     return rows
+
+
+def pvm_table(summary: dict[str, Any], plan: dict[str, Any] | None) -> Optional[Table]:
+    rows = []
+    for label, p, m in predicted_vs_measured(summary, plan):
+        err = f"{(m - p) / p:+.1%}" if isinstance(p, (int, float)) and isinstance(m, (int, float)) and p else "n/a"
+        fmt = _pct if label == "MFU" else _fmt
+        rows.append([label, fmt(p), fmt(m), err])
+    return Table("Predicted vs measured", ["quantity", "predicted", "measured", "error"], rows,
+                 note="error = (measured - predicted) / predicted") if rows else None
+
+
+def _strategy(s: dict[str, Any]) -> str:
+    out = f"tp{s.get('tp', 1)}{'+sp' if s.get('sp') else ''} dp{s.get('dp', 1)} ZeRO-{s.get('zero', 0)}"
+    if s.get("dp_shard"):
+        out += f" (HSDP {s['dp_shard']})"
+    if s.get("ep", 1) > 1:
+        out += f" ep{s['ep']}"
+    out += f", recompute {s.get('recompute', 'none')}"
+    sv = s.get("savers") or {}
+    on = [k for k, v in sv.items() if v]
+    return out + (f", savers {'+'.join(on)}" if on else "")
+
+
+def plan_table(plan: dict[str, Any]) -> Optional[Table]:
+    """The plan as one row per pipeline stage and strategy run: layers, strategy, predicted memory."""
+    layers: list[dict[str, Any]] = []
+    for entry in plan.get("layers") or []:
+        layers += [entry] * int(entry.get("repeat", 1))
+    if not layers:
+        return None
+    pl = plan.get("pipeline") or {}
+    degree, v = int(pl.get("degree", 1)), int(pl.get("virtual_stages", 1))
+    n = len(layers)
+    stages = pl.get("stages") or []
+    if not stages:
+        k = degree * v
+        base, extra = divmod(n, k)
+        bounds, start = [], 0
+        for i in range(k):
+            end = start + base + (1 if i < extra else 0)
+            bounds.append([start, end])
+            start = end
+        stages = bounds
+    mem = (plan.get("predicted") or {}).get("memory_gib") or []
+    rows = []
+    for r in range(degree):
+        first = True
+        for j, (a, b) in enumerate(stages):
+            if j % degree != r:
+                continue
+            i = a
+            while i < b:
+                k = i
+                while k + 1 < b and _strategy(layers[k + 1]) == _strategy(layers[i]):
+                    k += 1
+                gib = mem[r] if first and r < len(mem) else None
+                rows.append([str(r) if first else "", f"{i}-{k}" if k > i else str(i), str(k - i + 1),
+                             _strategy(layers[i]), "" if gib is None else f"{gib:.2f}"])
+                first = False
+                i = k + 1
+    lead = (f"{degree} pipeline stages, {pl.get('schedule', '1f1b')}"
+            + (f" with {v} virtual stages per rank" if v > 1 else "")
+            + f", {pl.get('microbatches', 1)} microbatches of {plan.get('micro_batch')}; seq {plan.get('seq_len')}, "
+            f"global batch {plan.get('global_batch')}") if degree > 1 else (
+        f"no pipeline; micro-batch {plan.get('micro_batch')}, seq {plan.get('seq_len')}, global batch {plan.get('global_batch')}")
+    return Table("Plan", ["stage", "layers", "count", "strategy", "predicted memory (GiB)"], rows, lead=lead)
+
+
+def build_sections(run: dict[str, Any]) -> list[Section]:
+    """The report's content, in reading order (rendered identically to Markdown and HTML)."""
+    summary, plan, rows = run["summary"], run["plan"], run["rows"]
+    sections: list[Section] = []
+    if summary:
+        sections.append(totals_table(summary))
+    pvm = pvm_table(summary, plan)
+    if pvm:
+        sections.append(pvm)
+    figs = figures(rows, summary)
+    render_plots(figs)
+    sections += figs
+    if plan:
+        pt = plan_table(plan)
+        if pt:
+            sections.append(pt)
+    if summary:
+        sections.append(Table("All summary fields", ["field", "value"], [[k, _fmt(v)] for k, v in summary.items()],
+                              collapsed=True))
+    return sections
+
+
+CSS = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222;padding:0 1em}"
+       "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 10px;text-align:left}"
+       "th{background:#f3f3f3}img{max-width:100%}figure{display:inline-block;width:48%;margin:.5%;vertical-align:top}"
+       "figure h3{font-size:1em;margin:.2em 0}figcaption,.note{font-size:.85em;color:#555}details{margin:1em 0}")
 
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
@@ -115,43 +374,22 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     run = read_run(run_dir)
     out = Path(out_dir) if out_dir else run["dir"]
     out.mkdir(parents=True, exist_ok=True)
-    plots = render_plots(run["rows"])
-    summary, plan = run["summary"], run["plan"]
-    pvm = predicted_vs_measured(summary, plan)
+    sections = build_sections(run)
     title = f"meshwright run report: {run['dir'].name}"
-
-    md = [f"# {title}", "", "## Totals", "", "| metric | value |", "|---|---|"]
-    md += [f"| {k} | {_fmt(v)} |" for k, v in summary.items()]
-    if pvm:
-        md += ["", "## Predicted vs measured", "", "| quantity | predicted | measured | error |", "|---|---|---|---|"]
-        for label, p, m in pvm:
-            err = f"{(m - p) / p:+.1%}" if isinstance(p, (int, float)) and isinstance(m, (int, float)) and p else "n/a"
-            md.append(f"| {label} | {_fmt(p)} | {_fmt(m)} | {err} |")
-    md += ["", "## Plots", ""]
-    for name in plots:
-        (out / f"report_{name}.png").write_bytes(plots[name])
-        md.append(f"![{name}](report_{name}.png)")
-    if plan is not None:
-        md += ["", "## Plan", "", "```yaml", yaml.safe_dump(plan, sort_keys=False).rstrip(), "```"]
-    md_path = out / "report.md"
-    md_path.write_text("\n".join(md) + "\n")
-
+    md = [f"# {title}", ""]
     h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-         "<style>body{font-family:sans-serif;max-width:980px;margin:2em auto}table{border-collapse:collapse}"
-         "td,th{border:1px solid #ccc;padding:3px 8px}img{max-width:100%}</style></head><body>",
-         f"<h1>{html.escape(title)}</h1><h2>Totals</h2><table>"]
-    h += [f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in summary.items()]
-    h.append("</table>")
-    if pvm:
-        h.append("<h2>Predicted vs measured</h2><table><tr><th>quantity</th><th>predicted</th><th>measured</th></tr>")
-        h += [f"<tr><td>{html.escape(l)}</td><td>{html.escape(_fmt(p))}</td><td>{html.escape(_fmt(m))}</td></tr>" for l, p, m in pvm]
-        h.append("</table>")
-    h.append("<h2>Plots</h2>")
-    for name, png in plots.items():
-        h.append(f"<h3>{name}</h3><img alt='{name}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
-    if plan is not None:
-        h.append(f"<h2>Plan</h2><pre>{html.escape(yaml.safe_dump(plan, sort_keys=False))}</pre>")
+         f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    figs = [s for s in sections if isinstance(s, Figure)]
+    for s in sections:
+        if isinstance(s, Figure) and s is figs[0]:
+            md += ["## Plots", ""]
+            h.append("<h2>Plots</h2>")
+        if isinstance(s, Figure):
+            (out / f"report_{s.name}.png").write_bytes(s.png)
+        md += s.to_markdown() + [""]
+        h.append(s.to_html())
     h.append("</body></html>")
-    html_path = out / "report.html"
+    md_path, html_path = out / "report.md", out / "report.html"
+    md_path.write_text("\n".join(md))
     html_path.write_text("\n".join(h))
-    return {"html": html_path, "markdown": md_path, **{f"plot_{k}": out / f"report_{k}.png" for k in plots}}
+    return {"html": html_path, "markdown": md_path, **{f"plot_{f.name}": out / f"report_{f.name}.png" for f in figs}}

@@ -32,6 +32,7 @@ from meshwright.optim import CoatAdamW
 from meshwright.tools.energy import EnergyAccountant, EnergyTotals
 from meshwright.tools.flops import hardware_flops_per_token, model_flops_per_token
 from meshwright.tools.mfu import mfu as compute_mfu
+from meshwright.tools.sinks import Sinks, open_sinks
 from meshwright.train.checkpoint import latest_checkpoint, load_runtime, save_checkpoint
 from meshwright.train.runtime import Runtime
 
@@ -223,6 +224,7 @@ class Trainer:
         resumed = self._resume_for_fit(resume)
         run = _RunStats(first_step=self.step)
         log = self._open_log(resumed)
+        self._sinks = open_sinks(self.cfg, self.out_dir, to_dict(self.cfg)) if log is not None else Sinks()
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
                    disable=not (self.cfg.progress and self.runtime.is_main), mininterval=1.0, dynamic_ncols=True)
         self._start_energy()
@@ -235,6 +237,7 @@ class Trainer:
             bar.close()
             if log is not None:
                 log.close()
+            self._sinks.close()
             if self.energy is not None:
                 self.energy.pause()
         if run.eval_loss is None and self.cfg.eval_every == 0:
@@ -275,6 +278,7 @@ class Trainer:
             if log is not None:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
+                self._sinks.write(rec)  # TensorBoard / W&B, when the config switches them on
             run.interval_s, run.interval_tokens = 0.0, 0
         if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
             self.save()

@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import shlex
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -117,23 +116,10 @@ def _best(argv):
 
 
 def megatron_style_parser() -> argparse.ArgumentParser:
-    """The subset of Megatron-LM's arguments.py our export uses, with Megatron's names and types."""
-    p = argparse.ArgumentParser(exit_on_error=False)
-    for name in ("--num-layers", "--hidden-size", "--num-attention-heads", "--ffn-hidden-size", "--seq-length",
-                 "--max-position-embeddings", "--micro-batch-size", "--global-batch-size", "--tensor-model-parallel-size",
-                 "--pipeline-model-parallel-size", "--num-query-groups", "--num-layers-per-virtual-pipeline-stage",
-                 "--recompute-num-layers", "--num-experts", "--moe-router-topk", "--expert-model-parallel-size",
-                 "--moe-ffn-hidden-size", "--decoder-first-pipeline-num-layers", "--decoder-last-pipeline-num-layers"):
-        p.add_argument(name, type=int)
-    for name in ("--group-query-attention", "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
-                 "--sequence-parallel", "--use-distributed-optimizer", "--use-torch-fsdp2", "--bf16"):
-        p.add_argument(name, action="store_true")
-    p.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"])
-    p.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"])
-    p.add_argument("--recompute-granularity", choices=["full", "selective"])
-    p.add_argument("--recompute-method", choices=["uniform", "block"])
-    p.add_argument("--fp8-format", choices=["e4m3", "hybrid"])
-    return p
+    """Megatron-LM's own parser (the pinned arguments.py in tests/consumers, on the installed megatron-core)."""
+    from consumers.loaders import megatron_parser
+
+    return megatron_parser()
 
 
 def test_megatron_args_parse_and_match_the_plan(capsys):
@@ -180,15 +166,18 @@ def test_deepspeed_config_loads_in_deepspeed(monkeypatch):
     assert ds.bfloat16_config.enabled
 
 
-def test_torchtitan_toml_parses_and_degrees_multiply_to_world():
+def test_torchtitan_config_parses_and_degrees_multiply_to_world():
+    # torchtitan's configs are Python now (the TOML job config is gone): the export is a Python module
     plan, cfg = _best(GOLDEN_CASES["llama2_13b_16xa100_budget40"])
-    text, _ = exports.torchtitan_toml(plan, cfg)
-    t = tomllib.loads(text)
+    text, _ = exports.torchtitan_config(plan, cfg)
+    compile(text, "apply_plan.py", "exec")
+    t, ac, _ = exports.torchtitan_settings(plan, cfg)
+    t["activation_checkpoint"] = {"mode": {"None": "none", "FullAC.Config()": "full", "SelectiveAC.Config()": "selective"}[ac]}
     par = t["parallelism"]
     world = (par["data_parallel_replicate_degree"] * par["data_parallel_shard_degree"] * par["tensor_parallel_degree"]
              * par["pipeline_parallel_degree"] * par["context_parallel_degree"])
     assert world == 16
-    assert t["training"]["global_batch_size"] == 256 and t["training"]["seq_len"] == 4096
+    assert t["training"]["num_tokens_per_train_step"] == 256 * 4096 and t["training"]["max_context_length"] == 4096
     assert t["activation_checkpoint"]["mode"] in ("none", "selective", "full")
 
 
@@ -307,7 +296,7 @@ def test_hsdp_exports_to_torchtitan_mesh_and_deepspeed_hpz(monkeypatch):
     plan = plan_from_dict({"model": "llama2-7b", "seq_len": 4096, "global_batch": 256, "micro_batch": 1,
                            "cluster": {"preset": "dgx-a100-80g", "nodes": 8},
                            "layers": [{"dp": 64, "zero": 3, "dp_shard": 8, "repeat": cfg.n_layers}]})
-    par = tomllib.loads(exports.torchtitan_toml(plan, cfg)[0])["parallelism"]
+    par = exports.torchtitan_settings(plan, cfg)[0]["parallelism"]
     assert (par["data_parallel_replicate_degree"], par["data_parallel_shard_degree"]) == (8, 8)
     conf, notes = exports.deepspeed_config(plan, cfg)
     assert conf["zero_optimization"]["zero_hpz_partition_size"] == 8 and any("hpZ" in n for n in notes)

@@ -1,31 +1,40 @@
 """Translate a Plan into the settings of other stacks, so Megatron-LM, DeepSpeed and torchtitan users
-benefit from the planner too. Where a stack cannot express part of a plan (per-layer strategies,
-ZeRO levels it lacks) the export picks the nearest setting and says so in ``notes``."""
+benefit from the planner too. Each export names the consumer version it targets (``stacks.TARGETS``);
+where a stack cannot express part of a plan (per-layer strategies, ZeRO levels it lacks, memory savers)
+the export picks the nearest setting and says so in ``notes``; ``stacks.stack_constraints`` restricts
+the search to what the stack runs."""
 
 from __future__ import annotations
 
 import json
+import shlex
+from typing import Optional
 
-from meshwright.config import ModelConfig
+from meshwright.config import ModelConfig, TrainConfig
 from meshwright.errors import invalid
 from meshwright.launcher.planner.export.deepspeed import deepspeed_config
-from meshwright.launcher.planner.export.megatron import megatron_args
-from meshwright.launcher.planner.export.torchtitan import torchtitan_toml
+from meshwright.launcher.planner.export.megatron import megatron_args, megatron_env
+from meshwright.launcher.planner.export.stacks import TARGETS, stack_constraints, stack_problems
+from meshwright.launcher.planner.export.torchtitan import torchtitan_config, torchtitan_settings, torchtitan_toml
 from meshwright.plan import Plan
 
-EMITTERS = ("megatron", "deepspeed", "torchtitan")
+EMITTERS = tuple(TARGETS)
 
 
-def emit(plan: Plan, cfg: ModelConfig, target: str) -> tuple[str, list[str]]:
-    """Text for ``meshwright plan --emit TARGET`` and the notes on approximations."""
+def emit(plan: Plan, cfg: ModelConfig, target: str, train: Optional[TrainConfig] = None) -> tuple[str, list[str]]:
+    """Text for ``meshwright plan --emit TARGET`` and the notes (the first names the targeted version)."""
+    if target not in TARGETS:
+        raise invalid("emit", target, ", ".join(EMITTERS))
     if target == "megatron":
-        args, notes = megatron_args(plan, cfg)
-        return " ".join(args), notes
-    if target == "deepspeed":
-        conf, notes = deepspeed_config(plan, cfg)
-        return json.dumps(conf, indent=2), notes
-    if target == "torchtitan":
-        return torchtitan_toml(plan, cfg)
-    raise invalid("emit", target, ", ".join(EMITTERS))
+        args, notes = megatron_args(plan, cfg, train)
+        text = " ".join(shlex.quote(a) for a in args)
+    elif target == "deepspeed":
+        conf, notes = deepspeed_config(plan, cfg, train)
+        text = json.dumps(conf, indent=2)
+    else:
+        text, notes = torchtitan_config(plan, cfg, train)
+    return text, [f"targets {TARGETS[target]}", *notes]
 
-__all__ = ["EMITTERS", "deepspeed_config", "emit", "megatron_args", "torchtitan_toml"]
+
+__all__ = ["EMITTERS", "TARGETS", "deepspeed_config", "emit", "megatron_args", "megatron_env", "stack_constraints",
+           "stack_problems", "torchtitan_config", "torchtitan_settings", "torchtitan_toml"]

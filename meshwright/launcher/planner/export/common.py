@@ -1,18 +1,64 @@
-"""What every export shares: the per-layer strategy the consumer gets (they take one for all layers)."""
+"""What every export shares: the one strategy the consumer gets (they take one for all layers), the
+notes on what it cannot express, and the optimizer settings taken from a TrainConfig."""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from collections import Counter
+from typing import Any, Optional
 
-from meshwright.plan import Plan
+from meshwright.config import TrainConfig
+from meshwright.plan import LayerStrategy, Plan
+
+_FIELDS = ("tp", "sp", "dp", "zero", "dp_shard", "recompute", "ep")
 
 
-def _uniform(plan: Plan, notes: list[str]) -> Any:
-    """The strategy of the first layer; note when layers differ (these stacks want one per model)."""
+def _runs(values: list[str]) -> str:
+    """'0-9: x, 10-79: y' for per-layer values (readable in a one-line note)."""
+    out, start = [], 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[start]:
+            out.append(f"{start}-{i - 1}: {values[start]}" if i - 1 > start else f"{start}: {values[start]}")
+            start = i
+    return ", ".join(out)
+
+
+def _uniform(plan: Plan, notes: list[str], cfg: Any = None) -> LayerStrategy:
+    """The strategy the export writes: the most common value of each field over the layers (MoE layers
+    decide ``ep``). A note names every field whose layers differ, with the layer ranges, so nothing is
+    collapsed silently."""
     strategies = plan.layer_strategies()
+    chosen: dict[str, Any] = {}
+    for name in _FIELDS:
+        per_layer = [getattr(s, name) for s in strategies]
+        if name == "ep" and cfg is not None and cfg.n_experts:
+            per_layer = [s.ep for i, s in enumerate(strategies) if cfg.is_moe_layer(i)] or [1]
+        value = Counter(per_layer).most_common(1)[0][0]
+        chosen[name] = value
+        if len({str(v) for v in per_layer}) > 1:
+            notes.append(f"layers differ in {name} ({_runs([str(getattr(s, name)) for s in strategies])}); "
+                         f"this stack takes one value for all layers: exported {name}={value}")
+    savers = {(s.savers.fp8_act, s.savers.wta_crs, s.savers.lemo) for s in strategies}
+    if any(any(v) for v in savers):
+        notes.append("meshwright memory savers (COAT FP8 activations, WTA-CRS, LeMo) have no equivalent here: dropped, "
+                     "so activation memory will exceed the plan's prediction")
     first = strategies[0]
-    for name in ("tp", "sp", "zero", "dp_shard", "recompute", "ep"):
-        values = sorted({str(getattr(s, name)) for s in strategies})
-        if len(values) > 1:
-            notes.append(f"layers use {name} in {{{', '.join(values)}}}; exported {name}={getattr(first, name)} for all")
-    return first
+    s = dataclasses.replace(first, **chosen)
+    if s.dp_shard is not None and not (s.zero >= 2 and 1 < s.dp_shard < s.dp and s.dp % s.dp_shard == 0):
+        s = dataclasses.replace(s, dp_shard=None)
+    if s.sp and s.tp == 1:
+        s = dataclasses.replace(s, sp=False)
+    return s
+
+
+def stage_sizes(plan: Plan, n_layers: int) -> list[int]:
+    """Transformer blocks per (virtual) pipeline stage, in stage order (stage j sits on rank j % pp)."""
+    return [b - a for a, b in plan.stage_ranges(n_layers)]
+
+
+def optimizer_settings(train: Optional[TrainConfig], notes: list[str], stack: str) -> Optional[TrainConfig]:
+    """The TrainConfig whose lr/betas/eps/weight decay/clipping the export writes, or None with a note."""
+    if train is None:
+        notes.append(f"no train config given (--train-config): {stack} optimizer and schedule settings are left "
+                     "to your launch script")
+    return train

@@ -1,42 +1,82 @@
-"""Plan -> DeepSpeed config JSON."""
+"""Plan -> DeepSpeed config JSON (checked with DeepSpeed's own DeepSpeedConfig and its pipeline-engine rules).
+
+DeepSpeed takes pipeline stages from the model code (``PipelineModule(num_stages=..., partition_method=...)``),
+not from the JSON, so the planned stage split is written as a snippet in the notes."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
-from meshwright.config import ModelConfig
-from meshwright.launcher.planner.export.common import _uniform
+from meshwright.config import ModelConfig, TrainConfig
+from meshwright.launcher.planner.export.common import _uniform, optimizer_settings, stage_sizes
 from meshwright.plan import Plan
 
 
-def deepspeed_config(plan: Plan, cfg: ModelConfig) -> tuple[dict[str, Any], list[str]]:
+def pipeline_snippet(plan: Plan, cfg: ModelConfig) -> str:
+    """The PipelineModule call that reproduces the planned split (DeepSpeed reads no split from the JSON)."""
+    sizes = stage_sizes(plan, cfg.n_layers)
+    if len(set(sizes)) == 1:
+        return f"PipelineModule(layers, num_stages={plan.pipeline.degree}, partition_method='type:<your block class>')"
+    return (f"PipelineModule(layers, num_stages={plan.pipeline.degree}, partition_method='type:<your block class>') "
+            f"balances blocks evenly; the plan puts {sizes} blocks on stages 0..{len(sizes) - 1}: override "
+            "PipelineModule._partition_layers to set self.parts from these counts")
+
+
+def deepspeed_config(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] = None) -> tuple[dict[str, Any], list[str]]:
     """DeepSpeed config dict (loads in ``deepspeed.runtime.config.DeepSpeedConfig``)."""
     notes: list[str] = []
-    s = _uniform(plan, notes)
-    dp = max(x.dp for x in plan.layer_strategies())
-    gas = plan.global_batch // (dp * plan.micro_batch)
+    s = _uniform(plan, notes, cfg)
+    pp = plan.pipeline
+    gas = plan.global_batch // (s.dp * plan.micro_batch)
+    zero = s.zero
+    if pp.degree > 1 and zero >= 2:
+        notes.append(f"zero={zero} with pp={pp.degree}: DeepSpeed's pipeline engine refuses ZeRO-2/3 "
+                     "(runtime/pipe/engine.py); exported ZeRO-1, which needs more memory than planned")
+        zero = 1
     conf: dict[str, Any] = {
         "train_batch_size": plan.global_batch,
         "train_micro_batch_size_per_gpu": plan.micro_batch,
         "gradient_accumulation_steps": gas,
-        "gradient_clipping": 1.0,
         "bf16": {"enabled": True},
-        "zero_optimization": {"stage": s.zero, "overlap_comm": True, "contiguous_gradients": True},
-        "optimizer": {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}},
+        "zero_optimization": {"stage": zero},
         "steps_per_print": 100,
         "wall_clock_breakdown": False,
     }
-    if s.dp_shard and s.zero == 3:
+    if zero >= 1:
+        conf["zero_optimization"].update({"overlap_comm": True, "contiguous_gradients": True})
+    if s.dp_shard and zero == 3:
         conf["zero_optimization"]["zero_hpz_partition_size"] = s.dp_shard
         notes.append(f"HSDP dp_shard={s.dp_shard} exported as ZeRO++ hpZ (a secondary parameter partition of "
                      f"{s.dp_shard} ranks; gradients and optimizer states stay sharded over all {s.dp})")
     elif s.dp_shard:
         notes.append(f"HSDP at ZeRO-2 has no DeepSpeed equivalent: exported sharding over all {s.dp} dp ranks")
-    if s.recompute != "none":
-        conf["activation_checkpointing"] = {"partition_activations": s.sp, "contiguous_memory_optimization": False,
-                                            "number_checkpoints": cfg.n_layers, "cpu_checkpointing": False}
-    if s.tp > 1 or plan.pipeline.degree > 1:
-        notes.append(f"DeepSpeed needs tp={s.tp} / pp={plan.pipeline.degree} from the model code (Megatron-DeepSpeed mpu, PipelineModule)")
-    if plan.pipeline.degree > 1:
-        conf["pipeline"] = {"stages": plan.pipeline.degree, "partition": "uniform"}
+    t = optimizer_settings(train, notes, "DeepSpeed")
+    if t is not None:
+        conf["gradient_clipping"] = t.grad_clip
+        conf["optimizer"] = {"type": "AdamW", "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.eps,
+                                                         "weight_decay": t.weight_decay}}
+        conf["scheduler"] = {"type": "WarmupCosineLR", "params": {"total_num_steps": t.steps, "warmup_num_steps": t.warmup_steps,
+                                                                  "cos_min_ratio": t.min_lr / t.lr}}
+    if pp.degree > 1:
+        # Read by PipelineEngine; activation_checkpoint_interval=1 recomputes every layer (full recompute)
+        conf["pipeline"] = {"activation_checkpoint_interval": 1 if s.recompute != "none" else 0}
+        notes.append(f"pipeline stages come from the model code: {pipeline_snippet(plan, cfg)}")
+        if pp.schedule != "1f1b":
+            notes.append(f"DeepSpeed's pipeline engine has one schedule (1F1B-like TrainSchedule): {pp.schedule} "
+                         f"{'with ' + str(pp.virtual_stages) + ' virtual stages ' if pp.virtual_stages > 1 else ''}is not available")
+    elif s.recompute != "none":
+        conf["activation_checkpointing"] = {"partition_activations": False, "contiguous_memory_optimization": False,
+                                            "cpu_checkpointing": False}
+        notes.append("recompute: wrap each transformer block in deepspeed.checkpointing.checkpoint (the JSON block only "
+                     "configures it)")
+    if s.recompute == "selective":
+        notes.append("DeepSpeed has no selective (attention-only) recomputation: exported full recomputation, slower than planned")
+    if s.tp > 1:
+        notes.append(f"tp={s.tp}: DeepSpeed has no tensor parallelism of its own for training; use Megatron-DeepSpeed's mpu "
+                     "(or AutoTP) in the model code" + (" with sequence parallelism" if s.sp else ""))
+    if cfg.n_experts:
+        notes.append(f"expert parallelism ep={s.ep}: build the MoE layers with deepspeed.moe.layer.MoE(num_experts="
+                     f"{cfg.n_experts}, ep_size={s.ep}, k={cfg.top_k}); the JSON has no expert settings")
+    if plan.optimizer.states == "fp8":
+        notes.append("COAT FP8 optimizer states have no DeepSpeed setting: exported fp32 Adam states (more memory)")
     return conf, notes

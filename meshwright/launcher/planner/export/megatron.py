@@ -1,16 +1,41 @@
-"""Plan -> Megatron-LM ``pretrain_gpt.py`` arguments."""
+"""Plan -> Megatron-LM ``pretrain_gpt.py`` arguments and environment (checked against the pinned
+arguments.py of tests/consumers/megatron_lm with its own parser and validate_args)."""
 
 from __future__ import annotations
 
-from meshwright.config import ModelConfig
-from meshwright.launcher.planner.export.common import _uniform
+from typing import Optional
+
+from meshwright.config import ModelConfig, TrainConfig
+from meshwright.launcher.planner.export.common import _uniform, optimizer_settings, stage_sizes
 from meshwright.plan import Plan
 
 
-def megatron_args(plan: Plan, cfg: ModelConfig) -> tuple[list[str], list[str]]:
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def megatron_env(plan: Plan, cfg: ModelConfig) -> dict[str, str]:
+    """Environment Megatron-LM needs: one CUDA work queue so TP/SP communication overlaps in issue order
+    (validate_args refuses tp>1 without it before Blackwell, unless FSDP is on)."""
+    s = _uniform(plan, [], cfg)
+    fsdp = s.zero == 3 and plan.pipeline.degree == 1 and s.ep == 1
+    return {"CUDA_DEVICE_MAX_CONNECTIONS": "1"} if s.tp > 1 and not fsdp else {}
+
+
+def pipeline_layout(plan: Plan, cfg: ModelConfig) -> str:
+    """--pipeline-model-parallel-layout: E(mbedding), t(ransformer) x n, L(oss) per (virtual) stage, '|'-separated,
+    in stage order; it carries uneven and interleaved splits exactly."""
+    sizes = stage_sizes(plan, cfg.n_layers)
+    parts = []
+    for j, n in enumerate(sizes):
+        parts.append(("E" if j == 0 else "") + (f"t*{n}" if n > 1 else "t") + ("L" if j == len(sizes) - 1 else ""))
+    return "|".join(parts)
+
+
+def megatron_args(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] = None) -> tuple[list[str], list[str]]:
     """Megatron-LM ``pretrain_gpt.py`` arguments for the plan (and notes on what was approximated)."""
     notes: list[str] = []
-    s = _uniform(plan, notes)
+    s = _uniform(plan, notes, cfg)
     pp = plan.pipeline
     args = [
         "--num-layers", str(cfg.n_layers), "--hidden-size", str(cfg.d_model),
@@ -18,43 +43,70 @@ def megatron_args(plan: Plan, cfg: ModelConfig) -> tuple[list[str], list[str]]:
         "--seq-length", str(plan.seq_len), "--max-position-embeddings", str(max(cfg.max_seq_len, plan.seq_len)),
         "--micro-batch-size", str(plan.micro_batch), "--global-batch-size", str(plan.global_batch),
         "--tensor-model-parallel-size", str(s.tp), "--pipeline-model-parallel-size", str(pp.degree),
+        "--norm-epsilon", _num(cfg.norm_eps), "--init-method-std", _num(cfg.init_std),
+        # Megatron's dropout defaults are 0.1; the model config says what the model uses
+        "--attention-dropout", _num(cfg.dropout), "--hidden-dropout", _num(cfg.dropout),
     ]
     if cfg.kv_heads != cfg.n_heads:
         args += ["--group-query-attention", "--num-query-groups", str(cfg.kv_heads)]
     if cfg.arch == "llama":
-        args += ["--swiglu", "--normalization", "RMSNorm", "--position-embedding-type", "rope", "--disable-bias-linear"]
+        args += ["--swiglu", "--normalization", "RMSNorm", "--position-embedding-type", "rope",
+                 "--rotary-base", _num(cfg.rope_theta), "--disable-bias-linear"]
     if not cfg.tie_embeddings:
         args.append("--untie-embeddings-and-output-weights")
     if s.sp:
         args.append("--sequence-parallel")
-    if pp.degree > 1 and pp.schedule == "interleaved_1f1b":
-        args += ["--num-layers-per-virtual-pipeline-stage", str(cfg.n_layers // (pp.degree * pp.virtual_stages))]
-    if pp.degree > 1 and pp.stages and pp.virtual_stages == 1:
-        sizes = [b - a for a, b in pp.stages]
-        if len(set(sizes)) > 1:
-            args += ["--decoder-first-pipeline-num-layers", str(sizes[0]), "--decoder-last-pipeline-num-layers", str(sizes[-1])]
-            if len(set(sizes[1:-1])) > 1:
-                notes.append(f"stage sizes {sizes}: Megatron splits the middle stages evenly")
-    if pp.schedule == "gpipe" and pp.degree > 1:
-        notes.append("Megatron-LM has no GPipe schedule; it will run 1F1B")
+    if pp.degree > 1:
+        args += ["--pipeline-model-parallel-layout", pipeline_layout(plan, cfg)]
+        if pp.schedule == "gpipe":
+            notes.append("Megatron-LM has no GPipe schedule; it will run 1F1B (less activation memory than planned)")
     if s.recompute == "full":
         args += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
     elif s.recompute == "selective":
         args += ["--recompute-granularity", "selective"]
-    if s.zero in (1, 2):
-        args.append("--use-distributed-optimizer")
-        if s.zero == 2:
-            notes.append("zero=2 exported as --use-distributed-optimizer (Megatron shards optimizer states and gradients)")
-    elif s.zero == 3:
-        args += ["--use-torch-fsdp2"]
-    if s.dp_shard:
-        notes.append(f"HSDP (dp_shard={s.dp_shard}) has no Megatron-LM flag here: exported sharding over all {s.dp} dp ranks")
+    fsdp = s.zero == 3 and pp.degree == 1 and s.ep == 1
+    if s.zero == 3 and not fsdp:
+        notes.append(f"zero=3 with pp={pp.degree} ep={s.ep}: Megatron's --use-torch-fsdp2 needs pp=1 and ep=1 "
+                     "(validate_args); exported the distributed optimizer (ZeRO-1) instead, which needs more memory")
+    if fsdp:
+        # FSDP2 refuses gradient-accumulation fusion (a TE/apex kernel writing into .main_grad)
+        args += ["--use-torch-fsdp2", "--no-gradient-accumulation-fusion"]
+        notes.append("leave CUDA_DEVICE_MAX_CONNECTIONS unset or > 1: Megatron-LM asserts it with FSDP")
+        if s.dp_shard:
+            notes.append(f"HSDP (dp_shard={s.dp_shard}) with --use-torch-fsdp2 has no Megatron-LM flag: exported "
+                         f"sharding over all {s.dp} dp ranks")
+    elif s.dp > 1:
+        args.append("--overlap-grad-reduce")  # the cost model overlaps the gradient reduce with backward
+        if s.zero >= 1:
+            args += ["--use-distributed-optimizer", "--overlap-param-gather"]
+            if s.zero == 2:
+                notes.append("zero=2 exported as --use-distributed-optimizer: Megatron shards the fp32 main weights and "
+                             "Adam states (6 + 12/dp bytes per parameter), not the gradients")
+            if s.dp_shard:
+                args += ["--num-distributed-optimizer-instances", str(s.dp // s.dp_shard)]
+                notes.append(f"HSDP dp_shard={s.dp_shard}: the optimizer is sharded within groups of {s.dp_shard} ranks and "
+                             f"replicated {s.dp // s.dp_shard}x (--num-distributed-optimizer-instances)")
     if cfg.n_experts:
         args += ["--num-experts", str(cfg.n_experts), "--moe-router-topk", str(cfg.top_k),
-                 "--expert-model-parallel-size", str(max(x.ep for x in plan.layer_strategies()))]
+                 "--expert-model-parallel-size", str(s.ep), "--moe-router-load-balancing-type", "aux_loss",
+                 "--moe-aux-loss-coeff", _num(cfg.aux_loss_coef), "--moe-z-loss-coeff", _num(cfg.z_loss_coef)]
         if cfg.expert_ffn_dim != cfg.ffn_dim:
             args += ["--moe-ffn-hidden-size", str(cfg.expert_ffn_dim)]
-    args += ["--bf16"] if plan.optimizer.states == "fp32" else ["--bf16", "--fp8-format", "hybrid"]
+        if cfg.moe_every > 1:
+            args += ["--moe-layer-freq", str(cfg.moe_every)]
+        if cfg.capacity_factor is not None:
+            args += ["--moe-expert-capacity-factor", _num(cfg.capacity_factor)]
+    args.append("--bf16")
     if plan.optimizer.states == "fp8":
-        notes.append("COAT FP8 optimizer states have no Megatron-LM flag; exported FP8 compute instead")
+        notes.append("COAT FP8 optimizer states have no Megatron-LM flag: exported fp32 Adam states (more memory)")
+    t = optimizer_settings(train, notes, "Megatron-LM")
+    if t is not None:
+        args += ["--lr", _num(t.lr), "--min-lr", _num(t.min_lr), "--lr-decay-style", "cosine",
+                 "--lr-warmup-iters", str(t.warmup_steps), "--train-iters", str(t.steps),
+                 "--weight-decay", _num(t.weight_decay), "--adam-beta1", _num(t.beta1), "--adam-beta2", _num(t.beta2),
+                 "--adam-eps", _num(t.eps), "--clip-grad", _num(t.grad_clip), "--seed", str(t.seed)]
+    env = megatron_env(plan, cfg)
+    if env:
+        notes.append("set " + " ".join(f"{k}={v}" for k, v in env.items()) + " in the launch environment "
+                     "(Megatron-LM asserts it with tensor parallelism before Blackwell)")
     return args, notes

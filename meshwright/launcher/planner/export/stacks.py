@@ -1,0 +1,88 @@
+"""Which layouts each export target can execute, and which consumer version it targets.
+
+``stack_constraints`` turns a target into search constraints (a union of constraint sets: the planner's
+Constraints fix one value per field, so "ZeRO-0/1 with any pp, or ZeRO-3 with pp=1" is two sets);
+``stack_problems`` says why a finished plan cannot run on the target as planned (the planner then takes
+the next-best layout). ``meshwright plan --emit X`` (and the planner's ``--stack X``) use both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from meshwright.errors import invalid
+from meshwright.launcher.planner.search import Constraints
+from meshwright.plan import Plan
+
+# The consumer each export is written for; tests/consumers/ holds the pinned copies checked against.
+TARGETS: dict[str, str] = {
+    "megatron": "Megatron-LM core_v0.16.1 (commit 55ac708; pretrain_gpt.py arguments)",
+    "deepspeed": "DeepSpeed 0.19 (checked against 0.19.8; pipeline engine rules of runtime/pipe/engine.py)",
+    "torchtitan": "torchtitan main @ b5bcd76 (2026-08-21; Python Trainer.Config, the TOML job config is gone)",
+}
+
+
+def _sets(base: Constraints, *overrides: dict[str, Any]) -> list[Constraints]:
+    """The constraint sets ``base`` + each override, dropping the ones that contradict a user-fixed field."""
+    out = []
+    for o in overrides:
+        if all(getattr(base, k) is None or getattr(base, k) == v for k, v in o.items()):
+            out.append(dataclasses.replace(base, **o))
+    return out
+
+
+def stack_constraints(target: str, base: Constraints | None = None) -> list[Constraints]:
+    """Constraint sets whose union is what ``target`` can execute (the user's own constraints kept).
+
+    megatron: DDP or the distributed optimizer (ZeRO-0/1) with any pp/ep, or torch FSDP2 (ZeRO-3) with
+    pp=1 and ep=1 (validate_args); no GPipe. deepspeed: the pipeline engine refuses ZeRO-2/3, so pp>1 runs
+    ZeRO-0/1 on its 1F1B-style schedule; pp=1 takes any ZeRO stage. torchtitan: DDP (replicate) or FSDP
+    (ZeRO-3, also as HSDP); ZeRO-1/2 do not exist there. An empty list: the user's constraints exclude
+    every layout the target runs.
+    """
+    base = dataclasses.replace(base or Constraints(), runtime_compatible=False)
+    if target == "megatron":
+        sets = _sets(base, {"zero": 0}, {"zero": 1}, {"zero": 3, "pp": 1, "ep": 1})
+        return sets
+    if target == "deepspeed":
+        return _sets(base, {"pp": 1}, {"zero": 0, "schedule": "1f1b"}, {"zero": 1, "schedule": "1f1b"})
+    if target == "torchtitan":
+        return _sets(base, {"zero": 0}, {"zero": 3})
+    raise invalid("emit", target, ", ".join(TARGETS))
+
+
+def stack_problems(target: str, plan: Plan, cfg: Any) -> list[str]:
+    """Why ``target`` cannot run ``plan`` as planned (empty: it can, perhaps with notes)."""
+    strategies = plan.layer_strategies()
+    pp = plan.pipeline
+    zeros = {s.zero for s in strategies}
+    out = []
+    if any(s.savers.fp8_act or s.savers.wta_crs or s.savers.lemo for s in strategies):
+        out.append("uses meshwright memory savers")
+    if plan.optimizer.states != "fp32":
+        out.append("uses COAT FP8 optimizer states")
+    moe_eps = {s.ep for i, s in enumerate(strategies) if cfg.is_moe_layer(i)}
+    if len({(s.tp, s.sp, s.zero, s.dp_shard, s.recompute) for s in strategies}) > 1 or len(moe_eps) > 1:
+        out.append("layers use different strategies")
+    if target == "megatron":
+        if pp.degree > 1 and pp.schedule == "gpipe":
+            out.append("Megatron-LM has no GPipe schedule")
+        if 3 in zeros and (pp.degree > 1 or any(s.ep > 1 for s in strategies)):
+            out.append("--use-torch-fsdp2 needs pp=1 and ep=1")
+        if 2 in zeros:
+            out.append("Megatron-LM has no ZeRO-2 (its distributed optimizer shards optimizer states only)")
+    elif target == "deepspeed":
+        if pp.degree > 1 and zeros & {2, 3}:
+            out.append("DeepSpeed's pipeline engine refuses ZeRO-2/3")
+        if pp.degree > 1 and pp.schedule != "1f1b":
+            out.append(f"DeepSpeed's pipeline engine runs one schedule (1F1B-like), not {pp.schedule}")
+    elif target == "torchtitan":
+        if zeros & {1, 2}:
+            out.append("torchtitan has no ZeRO-1/2")
+        for i, s in enumerate(strategies):
+            shard = s.dp_shard or (s.dp if s.zero == 3 else 1)
+            if s.ep > 1 and (shard * s.tp) % s.ep:
+                out.append(f"expert_parallel_degree={s.ep} must divide dp_shard*tp={shard}*{s.tp} (layer {i})")
+                break
+    return out

@@ -1,0 +1,238 @@
+"""Exports checked against their consumers' own code: Megatron-LM's parser and validate_args (pinned copy),
+DeepSpeed's DeepSpeedConfig and pipeline-engine rules (installed), torchtitan's config dataclasses (pinned
+copy) and its pipeline stage rules; and ``plan --emit X`` keeps to layouts X runs."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+
+from consumers.loaders import megatron_parser, megatron_validate, torchtitan_configs
+from meshwright.cli import main
+from meshwright.config import TrainConfig, load_model_config
+from meshwright.launcher.planner import export as exports
+from meshwright.launcher.planner.search import Constraints
+from meshwright.plan import plan_from_dict, validate_plan
+
+
+def _plan(model: str, world: int, pp: int = 1, schedule: str = "1f1b", v: int = 1, stages=None, gb: int = 1024, **layer):
+    cfg = load_model_config(model)
+    layer.setdefault("dp", world // (pp * layer.get("tp", 1)))
+    dp = layer["dp"]
+    layers = [{**layer, "repeat": cfg.n_layers}]
+    plan = plan_from_dict({"model": model, "seq_len": 4096, "global_batch": gb, "micro_batch": 1,
+                           "pipeline": {"degree": pp, "schedule": schedule, "virtual_stages": v,
+                                        "microbatches": gb // dp if pp > 1 else 1, "stages": stages or []},
+                           "layers": layers})
+    validate_plan(plan, cfg, world)
+    return plan, cfg
+
+
+# 16 DGX-A100 nodes (128 GPUs) and variants, as in the issue
+CASES = {
+    "llama2-70b tp8 pp8 zero1": (("llama2-70b", 128), dict(pp=8, tp=8, sp=True, zero=1, recompute="selective")),
+    "llama2-70b tp8 pp4 zero2 interleaved": (("llama2-70b", 128), dict(pp=4, schedule="interleaved_1f1b", v=2, tp=8, sp=True, zero=2)),
+    "llama2-70b tp4 pp1 zero3 full": (("llama2-70b", 128), dict(tp=4, sp=True, zero=3, recompute="full")),
+    "llama2-70b tp8 pp2 zero3 (fsdp refused with pp)": (("llama2-70b", 128), dict(pp=2, tp=8, sp=True, zero=3)),
+    "llama2-70b hsdp zero2": (("llama2-70b", 128), dict(tp=8, sp=True, zero=2, dp_shard=8)),
+    "llama2-70b uneven stages": (("llama2-70b", 128), dict(pp=4, tp=8, sp=True, zero=1, stages=[[0, 18], [18, 39], [39, 60], [60, 80]])),
+    "llama3-70b tp8 pp4": (("llama3-70b", 128), dict(pp=4, tp=8, sp=True, zero=1)),
+    "mixtral ep8 tp2 pp2": (("mixtral-8x7b", 128), dict(pp=2, tp=2, sp=True, zero=1, ep=8)),
+    "mixtral ep4 zero0": (("mixtral-8x7b", 16), dict(tp=2, sp=True, ep=4, gb=256)),
+}
+
+
+def _case(name):
+    (model, world), kw = CASES[name]
+    return (*_plan(model, world, **kw), world)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_megatron_export_passes_megatron_validate_args(name):
+    plan, cfg, world = _case(name)
+    args, notes = exports.megatron_args(plan, cfg, TrainConfig(lr=1.5e-4, min_lr=1.5e-5, steps=1000, warmup_steps=100))
+    parser_opts = {o for a in megatron_parser()._actions for o in a.option_strings}
+    assert [a for a in args if a.startswith("--") and a not in parser_opts] == []
+    ns = megatron_validate(args, world, exports.megatron_env(plan, cfg))
+    s = plan.layer_strategies()[0]
+    assert ns.tensor_model_parallel_size == s.tp and ns.pipeline_model_parallel_size == plan.pipeline.degree
+    assert ns.data_parallel_size == world // (s.tp * plan.pipeline.degree)
+    assert ns.rotary_base == int(cfg.rope_theta) and ns.attention_dropout == 0 and ns.hidden_dropout == 0
+    assert ns.lr == 1.5e-4 and ns.train_iters == 1000 and ns.adam_beta2 == 0.95
+    fsdp = s.zero == 3 and plan.pipeline.degree == 1
+    assert ns.use_torch_fsdp2 == fsdp and ns.use_distributed_optimizer == (s.zero >= 1 and not fsdp)
+    if not fsdp:
+        assert ns.overlap_grad_reduce
+    if s.zero == 2:
+        assert any("not the gradients" in n for n in notes)
+    if s.zero == 3 and not fsdp:
+        assert any("--use-torch-fsdp2 needs pp=1" in n for n in notes)
+    if s.dp_shard:
+        assert ns.num_distributed_optimizer_instances == s.dp // s.dp_shard
+    if plan.pipeline.degree > 1:  # the exact planned split, virtual stages included
+        from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
+
+        layout = PipelineParallelLayerLayout(ns.pipeline_model_parallel_layout, plan.pipeline.degree)
+        layout.validate_layer_layout(num_layers=cfg.n_layers, mtp_num_layers=None)
+        assert (ns.virtual_pipeline_model_parallel_size or 1) == plan.pipeline.virtual_stages
+        sizes = [b - a for a, b in plan.stage_ranges(cfg.n_layers)]
+        from megatron.core.transformer.enums import LayerType
+
+        flat = [sum(1 for t in stage if t == LayerType.decoder)
+                for stage in PipelineParallelLayerLayout.parse_str_to_list(ns.pipeline_model_parallel_layout)]
+        assert flat == sizes
+    if cfg.n_experts:
+        assert ns.moe_aux_loss_coeff == cfg.aux_loss_coef and ns.num_experts == cfg.n_experts
+        assert ns.expert_model_parallel_size == s.ep
+
+
+def test_megatron_fsdp_export_leaves_max_connections_alone():
+    plan, cfg, world = _case("llama2-70b tp4 pp1 zero3 full")
+    args, notes = exports.megatron_args(plan, cfg)
+    assert exports.megatron_env(plan, cfg) == {} and any("unset or > 1" in n for n in notes)
+    with pytest.raises(AssertionError, match="FSDP always requires CUDA_DEVICE_MAX_CONNECTIONS"):
+        megatron_validate(args, world, {"CUDA_DEVICE_MAX_CONNECTIONS": "1"})
+
+
+def test_megatron_validate_args_catches_what_the_old_export_got_wrong():
+    """The harness is not a rubber stamp: FSDP2 with pp>1, and tp>1 without CUDA_DEVICE_MAX_CONNECTIONS, fail."""
+    plan, cfg, world = _case("llama2-70b tp8 pp2 zero3 (fsdp refused with pp)")
+    args, _ = exports.megatron_args(plan, cfg)
+    bad = [a for a in args if a not in ("--use-distributed-optimizer", "--overlap-param-gather")] + ["--use-torch-fsdp2"]
+    with pytest.raises(AssertionError, match="pipeline parallelism"):
+        megatron_validate(bad, world, {"CUDA_DEVICE_MAX_CONNECTIONS": "1"})
+    with pytest.raises(AssertionError, match="CUDA_DEVICE_MAX_CONNECTIONS"):
+        megatron_validate(args, world, {})
+
+
+def _ds_config(conf, dp, monkeypatch):
+    import deepspeed.runtime.config as dsc
+
+    class MPU:
+        def get_data_parallel_world_size(self):
+            return dp
+
+    monkeypatch.setattr(dsc.dist, "get_rank", lambda *a, **k: 0)
+    return dsc.DeepSpeedConfig(json.loads(json.dumps(conf)), mpu=MPU())
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_deepspeed_export_loads_and_keeps_the_pipeline_engine_rules(name, monkeypatch):
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    plan, cfg, world = _case(name)
+    conf, notes = exports.deepspeed_config(plan, cfg, TrainConfig(lr=2e-4, grad_clip=0.5))
+    s = plan.layer_strategies()[0]
+    ds = _ds_config(conf, s.dp, monkeypatch)
+    assert ds.train_batch_size == plan.global_batch
+    assert ds.train_micro_batch_size_per_gpu * ds.gradient_accumulation_steps * s.dp == plan.global_batch
+    assert ds.optimizer_params["lr"] == 2e-4 and ds.gradient_clipping == 0.5
+    if plan.pipeline.degree > 1:
+        # runtime/pipe/engine.py: assert zero_optimization_stage() < ZeroStageEnum.gradients
+        assert ds.zero_optimization_stage < ZeroStageEnum.gradients
+        assert ds.pipeline["activation_checkpoint_interval"] == (0 if s.recompute == "none" else 1)
+        assert any("PipelineModule(" in n and f"num_stages={plan.pipeline.degree}" in n for n in notes)
+        if s.zero >= 2:
+            assert any("refuses ZeRO-2/3" in n for n in notes)
+    else:
+        assert ds.zero_optimization_stage == s.zero
+    if cfg.n_experts:
+        assert any(f"ep_size={s.ep}" in n for n in notes)
+
+
+def _titan_check(plan, cfg, world, settings):
+    """Construct torchtitan's own dataclasses (unknown fields raise) and apply its mesh and stage rules."""
+    tt = torchtitan_configs()
+    par = tt.ParallelismConfig(**settings["parallelism"])
+    tt.TrainingConfig(**settings["training"])
+    assert (par.data_parallel_replicate_degree * par.data_parallel_shard_degree * par.tensor_parallel_degree
+            * par.pipeline_parallel_degree * par.context_parallel_degree) == world
+    dense = par.data_parallel_shard_degree * par.context_parallel_degree * par.tensor_parallel_degree
+    assert dense % par.expert_parallel_degree == 0  # efsdp * ep == dp_shard * cp * tp
+    if par.pipeline_parallel_degree > 1:
+        parts = par.module_fqns_per_model_part
+        # pipeline_parallel.py: stages % pp == 0; single-stage schedules 1 stage per rank, looped ones >= 2
+        assert len(parts) % par.pipeline_parallel_degree == 0
+        per_rank = len(parts) // par.pipeline_parallel_degree
+        assert per_rank == 1 if par.pipeline_parallel_schedule in ("1F1B", "GPipe") else per_rank >= 2
+        layers = [m for p in parts for m in p if m.startswith("layers.")]
+        assert layers == [f"layers.{i}" for i in range(cfg.n_layers)]
+        assert [sum(m.startswith("layers.") for m in p) for p in parts] == [b - a for a, b in plan.stage_ranges(cfg.n_layers)]
+    return par
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_torchtitan_export_builds_torchtitans_config_dataclasses(name):
+    plan, cfg, world = _case(name)
+    settings, ac, notes = exports.torchtitan_settings(plan, cfg)
+    par = _titan_check(plan, cfg, world, settings)
+    s = plan.layer_strategies()[0]
+    assert par.enable_sequence_parallel == s.sp
+    assert ac == {"none": "None", "full": "FullAC.Config()", "selective": "SelectiveAC.Config()"}[s.recompute]
+    if cfg.n_experts and par.expert_parallel_degree != s.ep:
+        assert any(f"instead of the planned {s.ep}" in n for n in notes)
+    text, _ = exports.torchtitan_config(plan, cfg)
+    compile(text, "apply_plan.py", "exec")  # valid Python
+    assert "b5bcd76" in text
+
+
+def test_torchtitan_interleaved_stage_count_is_valid():
+    """The old TOML export gave 17 virtual stages for pp=8 (torchtitan raises); the stage list is explicit now."""
+    plan, cfg = _plan("llama2-70b", 128, pp=8, schedule="interleaved_1f1b", v=2, tp=8, sp=True, zero=3)
+    settings, _, _ = exports.torchtitan_settings(plan, cfg)
+    par = _titan_check(plan, cfg, 128, settings)
+    assert len(par.module_fqns_per_model_part) == 16 and "pipeline_parallel_layers_per_stage" not in settings["parallelism"]
+
+
+def test_differing_layers_are_noted_not_silently_collapsed():
+    cfg = load_model_config("llama2-13b")
+    plan = plan_from_dict({"model": "llama2-13b", "seq_len": 4096, "global_batch": 64, "micro_batch": 1,
+                           "layers": [{"tp": 2, "dp": 4, "zero": 2, "recompute": "full", "repeat": 10},
+                                      {"tp": 2, "dp": 4, "zero": 0, "recompute": "none", "repeat": 30}]})
+    for target in exports.EMITTERS:
+        _, notes = exports.emit(plan, cfg, target)
+        assert notes[0].startswith("targets ")
+        assert any("layers differ in zero (0-9: 2, 10-39: 0)" in n for n in notes), target
+        assert any("layers differ in recompute" in n for n in notes), target
+    assert exports.stack_problems("megatron", plan, cfg) == ["layers use different strategies",
+                                                             "Megatron-LM has no ZeRO-2 (its distributed optimizer shards optimizer states only)"]
+
+
+def test_stack_constraints_union_and_conflicts():
+    sets = exports.stack_constraints("deepspeed", Constraints(pp=4))
+    assert [(c.pp, c.zero) for c in sets] == [(4, 0), (4, 1)]
+    assert exports.stack_constraints("deepspeed", Constraints(pp=4, zero=3)) == []
+    assert [(c.zero, c.pp, c.ep) for c in exports.stack_constraints("megatron")] == [(0, None, None), (1, None, None), (3, 1, 1)]
+    assert {c.zero for c in exports.stack_constraints("torchtitan")} == {0, 3}
+    with pytest.raises(Exception, match="emit"):
+        exports.stack_constraints("jax")
+
+
+@pytest.mark.parametrize("target", exports.EMITTERS)
+def test_plan_emit_searches_layouts_the_stack_runs(target, capsys, tmp_path):
+    train = tmp_path / "train.yaml"
+    train.write_text("lr: 0.0002\nmin_lr: 0.00002\nsteps: 500\nwarmup_steps: 50\n")
+    argv = ["plan", "--model", "llama2-13b", "--cluster", "dgx-a100-80g", "--nodes", "2", "--seq-len", "4096",
+            "--global-batch", "256", "--emit", target, "--train-config", str(train), "--out", str(tmp_path / "p.yaml")]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "note: targets " in err
+    from meshwright.plan import load_plan
+
+    plan = load_plan(tmp_path / "p.yaml")
+    cfg = load_model_config("llama2-13b")
+    assert exports.stack_problems(target, plan, cfg) == []
+    if target == "megatron":
+        ns = megatron_validate(shlex.split(out), 16, exports.megatron_env(plan, cfg))
+        assert ns.lr == 2e-4 and ns.train_iters == 500
+    elif target == "deepspeed":
+        conf = json.loads(out)
+        if "pipeline" in conf:
+            assert conf["zero_optimization"]["stage"] < 2
+        assert conf["optimizer"]["params"]["lr"] == 2e-4
+    else:
+        settings, _, _ = exports.torchtitan_settings(plan, cfg)
+        _titan_check(plan, cfg, 16, settings)
+        assert "apply_plan" in out

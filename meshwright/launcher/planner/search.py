@@ -216,6 +216,12 @@ class _Kind:
     act: np.ndarray  # bytes per microbatch in flight
     cls: np.ndarray  # (tp, sp) class index, for transitions
     tpsp: list[tuple[int, bool]]
+    # bytes of the all-gathered layer (+ prefetch) under ZeRO-3: a maximum per rank, not a sum (empty = none)
+    gather: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+
+    def __post_init__(self) -> None:
+        if len(self.gather) != len(self.strategies):
+            self.gather = np.zeros(len(self.strategies))
 
 
 def _skey(s: LayerStrategy) -> tuple:
@@ -239,13 +245,14 @@ def _cached_layer_costs(cfg: ModelConfig, index: int, s: LayerStrategy, mb_sampl
 
 def _kind_costs(cfg: ModelConfig, index: int, strategies: list[LayerStrategy], mb: int, max_dp: int,
                 seq_len: int, hw: cm.Hardware, states: str, m_eff: float) -> _Kind:
-    objs, stat, act = [], [], []
+    objs, stat, act, gat = [], [], [], []
     for s in strategies:
         c = _cached_layer_costs(cfg, index, s, mb * max_dp / s.dp, seq_len, hw, states)
         objs.append(m_eff * cm.layer_microbatch_s(c, hw) + cm.layer_step_dp_s(c, hw))
-        stat.append(c["static_bytes"] + c["gathered_bytes"])
+        stat.append(c["static_bytes"])
         act.append(c["act_bytes"])
-    objs_a, stat_a, act_a = np.array(objs), np.array(stat), np.array(act)
+        gat.append(c["gathered_bytes"])
+    objs_a, stat_a, act_a, gat_a = np.array(objs), np.array(stat), np.array(act), np.array(gat)
     # Pareto pruning inside each (tp, sp) class: drop strategies no better in time, static and activation memory.
     classes = [(s.tp, s.sp) for s in strategies]
     tpsp = sorted(set(classes))
@@ -253,8 +260,10 @@ def _kind_costs(cfg: ModelConfig, index: int, strategies: list[LayerStrategy], m
     n = len(strategies)
     if n:
         same = cls_all[:, None] == cls_all[None, :]
-        le = (objs_a[None, :] <= objs_a[:, None]) & (stat_a[None, :] <= stat_a[:, None]) & (act_a[None, :] <= act_a[:, None])
-        lt = (objs_a[None, :] < objs_a[:, None]) | (stat_a[None, :] < stat_a[:, None]) | (act_a[None, :] < act_a[:, None])
+        le = ((objs_a[None, :] <= objs_a[:, None]) & (stat_a[None, :] <= stat_a[:, None]) & (act_a[None, :] <= act_a[:, None])
+              & (gat_a[None, :] <= gat_a[:, None]))
+        lt = ((objs_a[None, :] < objs_a[:, None]) | (stat_a[None, :] < stat_a[:, None]) | (act_a[None, :] < act_a[:, None])
+              | (gat_a[None, :] < gat_a[:, None]))
         earlier = np.arange(n)[None, :] < np.arange(n)[:, None]
         dom = same & le & (lt | earlier)  # dom[i, j]: j dominates i
         np.fill_diagonal(dom, False)
@@ -264,7 +273,7 @@ def _kind_costs(cfg: ModelConfig, index: int, strategies: list[LayerStrategy], m
     strategies = [strategies[i] for i in keep]
     tpsp = sorted(set(classes[i] for i in keep))
     cls = np.array([tpsp.index(classes[i]) for i in keep], dtype=int)
-    return _Kind(strategies, objs_a[keep], stat_a[keep], act_a[keep], cls, tpsp)
+    return _Kind(strategies, objs_a[keep], stat_a[keep], act_a[keep], cls, tpsp, gat_a[keep])
 
 
 def _stage_dp(kinds: list[_Kind], budget: float, inflight: float, trans_cost: np.ndarray | None) -> tuple[float, list[int]] | None:
@@ -480,8 +489,8 @@ def search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: i
                 any_fit = False
                 for sched, v in scheds:
                     n_cand += 1
-                    cand = _solve_candidate(cfg, cluster, hw, c, allow, st, pp, per_stage, allowed_tps, t_base,
-                                            max_dp, mb, m, sched, v, seq_len, global_batch, usable, model_name)
+                    cand = _solve_candidate(_Outer(cfg, cluster, hw, c, allow, st, pp, per_stage, allowed_tps, t_base,
+                                                   max_dp, mb, m, sched, v, seq_len, global_batch, usable, model_name))
                     for item in cand:
                         if isinstance(item, Candidate):
                             feasible.append(item)
@@ -518,126 +527,230 @@ def search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: i
     return result
 
 
-def _solve_candidate(cfg, cluster, hw, c, allow, states, pp, per_stage, tps, t_base, max_dp, mb, m, sched, v,
-                     seq_len, global_batch, usable, model_name) -> list[Any]:
-    """Run the per-rank DPs for one outer candidate and return a scored Candidate or a rejection."""
-    m_eff = m + (pp - 1) / v if pp > 1 else m
-    kinds_cache: dict[bool, _Kind] = {}
-    trans_cache: dict[bool, np.ndarray] = {}
-    tokens = mb * seq_len
+@dataclass
+class _Outer:
+    """One outer candidate (pp, smallest tp, micro-batch, schedule, optimizer states) and its fixed inputs."""
 
-    def kind_for(i: int) -> _Kind:
-        key = cfg.is_moe_layer(i)
-        if key not in kinds_cache:
-            strategies = layer_strategies(cfg, i, per_stage, tps, seq_len, c, allow, mb, max_dp, global_batch,
-                                          cluster.devices_per_node)
-            kinds_cache[key] = _kind_costs(cfg, i, strategies, mb, max_dp, seq_len, hw, states, m_eff)
-            trans_cache[key] = _transition_matrix(kinds_cache[key], cfg, tokens * max_dp, hw, m_eff)
-        return kinds_cache[key]
+    cfg: ModelConfig
+    cluster: ClusterSpec
+    hw: cm.Hardware
+    c: Constraints
+    allow: Allow
+    states: str
+    pp: int
+    per_stage: int
+    tps: list[int]  # tp degrees the layers may take (>= t_base)
+    t_base: int
+    max_dp: int
+    mb: int
+    m: int  # microbatches per step
+    sched: str
+    v: int  # virtual stages
+    seq_len: int
+    global_batch: int
+    usable: float  # bytes the DP may fill (budget less framework overhead and headroom)
+    model_name: Any
 
-    emb_tp = 1 if c.runtime_compatible or cfg.vocab_size % t_base else t_base
-    head_layers = (cm.head_fwd_flops(cfg, 1.0) / cm.layer_fwd_flops(cfg, 0, 1.0, seq_len))
-    layout = f"pp={pp} tp>={t_base} mb={mb} {sched}{f' v={v}' if v > 1 else ''}{' fp8-states' if states == 'fp8' else ''}"
+    @property
+    def m_eff(self) -> float:
+        """Microbatch-times a layer's cost is paid per step (steady state + its share of fill/drain)."""
+        return self.m + (self.pp - 1) / self.v if self.pp > 1 else self.m
+
+    @property
+    def tokens(self) -> int:
+        return self.mb * self.seq_len
+
+    @property
+    def emb_tp(self) -> int:
+        return 1 if self.c.runtime_compatible or self.cfg.vocab_size % self.t_base else self.t_base
+
+    def label(self) -> str:
+        v = f" v={self.v}" if self.v > 1 else ""
+        return f"pp={self.pp} tp>={self.t_base} mb={self.mb} {self.sched}{v}{' fp8-states' if self.states == 'fp8' else ''}"
+
+
+class _KindTable:
+    """Cost vectors per layer kind (dense/MoE) for one outer candidate, built on first use, and their
+    ZeRO-3-free variants (ZeRO-3 strategies at infinite cost) for ranks that cannot afford a gather buffer."""
+
+    def __init__(self, o: _Outer) -> None:
+        self.o = o
+        self.kinds: dict[bool, _Kind] = {}
+        self.trans: dict[bool, np.ndarray] = {}
+        self.no_z3: dict[bool, _Kind] = {}
+
+    def kind(self, i: int) -> _Kind:
+        o, key = self.o, self.o.cfg.is_moe_layer(i)
+        if key not in self.kinds:
+            strategies = layer_strategies(o.cfg, i, o.per_stage, o.tps, o.seq_len, o.c, o.allow, o.mb, o.max_dp,
+                                          o.global_batch, o.cluster.devices_per_node)
+            k = self.kinds[key] = _kind_costs(o.cfg, i, strategies, o.mb, o.max_dp, o.seq_len, o.hw, o.states, o.m_eff)
+            self.trans[key] = _transition_matrix(k, o.cfg, o.tokens * o.max_dp, o.hw, o.m_eff)
+            self.no_z3[key] = dataclasses.replace(k, obj=np.where(k.gather > 0, np.inf, k.obj))
+        return self.kinds[key]
+
+
+def _rank_extra_bytes(o: _Outer, first: bool, last: bool) -> float:
+    """Memory outside the blocks on one pipeline rank: embedding (first) and head + logits (last)."""
+    extra = 0.0
+    emb_dp = o.per_stage // o.emb_tp
+    for flag_first, flag_last in ((first, False), (False, last)):
+        if flag_first or flag_last:
+            n = cm.embedding_param_count(o.cfg, flag_first, flag_last, o.emb_tp)
+            extra += sum(cm.model_state_bytes(n, emb_dp, 0 if emb_dp == 1 else 1, o.states, o.hw).values())
+    if last:
+        extra += cm.logits_bytes(o.cfg, o.tokens, o.emb_tp, o.hw.elem_bytes)
+    return extra
+
+
+def _rank_dp(o: _Outer, table: _KindTable, layers: list[int], budget: float, inflight: float) -> tuple[float, list[int]] | None:
+    """Min-time strategies for one rank's layers within ``budget`` bytes.
+
+    ZeRO-3 layers need one all-gathered layer (+ prefetch) at a time: a maximum over the rank, not a sum,
+    so the DP runs once with the largest such buffer reserved and once without ZeRO-3, and keeps the faster.
+    """
+    ks = [table.kind(i) for i in layers]
+    key = o.cfg.is_moe_layer(layers[0]) if layers else False
+    single_kind = len({o.cfg.is_moe_layer(i) for i in layers}) == 1
+    trans = table.trans[key] if single_kind and layers else None
+    reserve = max((float(k.gather.max()) for k in ks if len(k.gather)), default=0.0)
+    best = _stage_dp(ks, budget - reserve, inflight, trans)
+    if reserve > 0:
+        plain = _stage_dp([table.no_z3[o.cfg.is_moe_layer(i)] for i in layers], budget, inflight, trans)
+        if plain is not None and (best is None or plain[0] < best[0]):
+            best = plain
+    return best
+
+
+def _min_memory_assignment(ks: list[_Kind], inflight: float) -> tuple[list[int], float]:
+    """The memory-minimal strategy per layer and the bytes it needs (gather buffers as a maximum)."""
+    mins = [int(np.argmin(k.static + inflight * k.act + k.gather)) for k in ks]
+    need = sum(float(k.static[j] + inflight * k.act[j]) for k, j in zip(ks, mins))
+    need += max((float(k.gather[j]) for k, j in zip(ks, mins)), default=0.0)
+    return mins, need
+
+
+def _group_same_class(kind: _Kind, picked: list[int]) -> list[int]:
+    """Cost only depends on (tp, sp) changes: sort inside each same-class run so identical strategies sit
+    together and the plan reads as a few ``repeat`` blocks."""
+    runs, cur = [], []
+    for si in picked:
+        if cur and kind.cls[cur[-1]] != kind.cls[si]:
+            runs.append(sorted(cur))
+            cur = []
+        cur.append(si)
+    runs.append(sorted(cur))
+    return [x for run in runs for x in run]
+
+
+def _assign_layers(o: _Outer, table: _KindTable, stages: list[list[int]]) -> tuple[Optional[list[LayerStrategy]], Optional[float]]:
+    """Strategies for every layer of one stage partition: (strategies, None), or (None, GiB needed) when
+    some rank does not fit. Raises _NoStrategy when the constraints leave a layer without options."""
+    cfg, pp = o.cfg, o.pp
+    rank_layers: list[list[int]] = [[] for _ in range(pp)]
+    for j, (a, b) in enumerate(stages):
+        rank_layers[j % pp].extend(range(a, b))
+    choices: dict[int, LayerStrategy] = {}
+    memo: dict[tuple, Any] = {}
+    for r, layers in enumerate(rank_layers):
+        ks = [table.kind(i) for i in layers]
+        if any(len(k.strategies) == 0 for k in ks):
+            raise _NoStrategy()
+        inflight = cm.inflight_microbatches(o.sched, pp, r, o.m, o.v)
+        first, last = r == 0, r == pp - 1
+        extra = _rank_extra_bytes(o, first, last)
+        # ranks with similar activation pressure share one DP (round inflight up to a power of two)
+        inflight_r = float(2 ** math.ceil(math.log2(inflight))) if inflight > 1 else 1.0
+        inflight_r = min(inflight_r, float(o.m)) if o.sched != "gpipe" else inflight
+        sig = (tuple(cfg.is_moe_layer(i) for i in layers), inflight_r, first, last)
+        if sig not in memo:
+            memo[sig] = _rank_dp(o, table, layers, o.usable - extra, inflight_r)
+        res = memo[sig]
+        if res is None:
+            # The DP's buckets and rounded-up in-flight count are conservative: fall back to the
+            # memory-minimal assignment when that fits; otherwise it says how far off the layout is.
+            mins, need = _min_memory_assignment(ks, inflight)
+            need += extra
+            if need > o.usable:
+                return None, (need + cm.framework_overhead_bytes(o.hw, need)) / cm.GIB
+            res = (float(sum(k.obj[j] for k, j in zip(ks, mins))), mins)
+        picked = list(res[1])
+        if len({cfg.is_moe_layer(i) for i in layers}) == 1 and layers:
+            picked = _group_same_class(table.kind(layers[0]), picked)
+        for i, si in zip(layers, picked):
+            choices[i] = table.kind(i).strategies[si]
+    return [choices[i] for i in range(cfg.n_layers)], None
+
+
+class _NoStrategy(Exception):
+    """No per-layer strategy satisfies the user's constraints for this outer candidate."""
+
+
+def _score_plans(o: _Outer, stages: list[list[int]], strategies: list[LayerStrategy]) -> tuple[Any, Optional[float]]:
+    """Build the Plan(s) for a strategy assignment (embedding ZeRO levels tried) and judge them with
+    ``evaluate_plan``: (Candidate | rejection dict | None, GiB needed by the best plan that did not fit)."""
+    cfg = o.cfg
+    e_tp = min(s.tp for s in strategies)
+    if cfg.vocab_size % e_tp or o.c.runtime_compatible:
+        e_tp = 1
+    real_max_dp = max(s.dp for s in strategies)
+    if (o.mb * o.max_dp) % real_max_dp:
+        return None, None
+    mb_plan = o.mb * o.max_dp // real_max_dp
+    best_plan = best_pred = None
+    need: Optional[float] = None
+    # the embedding/head's ZeRO level is not in the per-layer DP: score the runtime's choices for it
+    for e_zero in _embedding_zero_options(strategies, o.per_stage // e_tp, o.c.runtime_compatible):
+        plan = Plan(model=o.model_name, cluster={"preset": o.cluster.name, "nodes": o.cluster.nodes,
+                                                  "devices_per_node": o.cluster.devices_per_node},
+                    seq_len=o.seq_len, global_batch=o.global_batch, micro_batch=mb_plan,
+                    pipeline=PipelineSpec(degree=o.pp, schedule=o.sched,
+                                          microbatches=o.global_batch // (real_max_dp * mb_plan) if o.pp > 1 else 1,
+                                          virtual_stages=o.v, stages=stages if o.pp > 1 else []),
+                    layers=_compress(strategies), embedding=EmbeddingStrategy(tp=e_tp, zero=e_zero),
+                    optimizer=OptimizerSpec(states=o.states))
+        try:
+            validate_plan(plan, cfg, o.per_stage * o.pp)
+        except ConfigError as exc:
+            return {"layout": o.label(), "reason": f"invalid plan: {exc}"}, need
+        pred = cm.evaluate_plan(plan, cfg, o.hw, o.per_stage * o.pp)
+        if not pred.fits:
+            need = max(pred.memory_gib) if need is None else min(need, max(pred.memory_gib))
+        elif best_pred is None or pred.step_s < best_pred.step_s:
+            best_plan, best_pred = plan, pred
+    if best_plan is None:
+        return None, need
+    best_plan.predicted = best_pred.to_dict()
+    return Candidate(best_plan, best_pred), need
+
+
+def _solve_candidate(o: _Outer) -> list[Any]:
+    """Run the per-rank DPs for one outer candidate over its stage partitions; return the scored
+    Candidates, rejections, and an out-of-memory rejection with the smallest need when nothing fits."""
+    table = _KindTable(o)
+    head_layers = cm.head_fwd_flops(o.cfg, 1.0) / cm.layer_fwd_flops(o.cfg, 0, 1.0, o.seq_len)
     out: list[Any] = []
-    fixed = False
-    best_need = None
-    for stages in _partitions(cfg, pp, v, head_layers, fixed):
-        rank_layers: list[list[int]] = [[] for _ in range(pp)]
-        for j, (a, b) in enumerate(stages):
-            rank_layers[j % pp].extend(range(a, b))
-        choices: dict[int, LayerStrategy] = {}
-        ok = True
-        memo: dict[tuple, Any] = {}
-        for r in range(pp):
-            layers = rank_layers[r]
-            ks = [kind_for(i) for i in layers]
-            if any(len(k.strategies) == 0 for k in ks):
-                return [{"layout": layout, "reason": "no strategy satisfies the constraints"}]
-            inflight = cm.inflight_microbatches(sched, pp, r, m, v)
-            extra = 0.0
-            first, last = r == 0, r == pp - 1
-            emb_dp = per_stage // emb_tp
-            for flag_first, flag_last in ((first, False), (False, last)):
-                if flag_first or flag_last:
-                    n = cm.embedding_param_count(cfg, flag_first, flag_last, emb_tp)
-                    extra += sum(cm.model_state_bytes(n, emb_dp, 0 if emb_dp == 1 else 1, states, hw).values())
-            if last:
-                extra += cm.logits_bytes(cfg, tokens, emb_tp, hw.elem_bytes)
-            # ranks with similar activation pressure share one DP (round inflight up to a power of two)
-            inflight_r = float(2 ** math.ceil(math.log2(inflight))) if inflight > 1 else 1.0
-            inflight_r = min(inflight_r, float(m)) if sched != "gpipe" else inflight
-            sig = (tuple(cfg.is_moe_layer(i) for i in layers), inflight_r, first, last)
-            if sig not in memo:
-                single_kind = len({cfg.is_moe_layer(i) for i in layers}) == 1
-                trans = trans_cache[cfg.is_moe_layer(layers[0])] if single_kind and layers else None
-                memo[sig] = _stage_dp(ks, usable - extra, inflight_r, trans)
-            res = memo[sig]
-            if res is None:
-                # The DP's buckets and rounded-up in-flight count are conservative: fall back to the
-                # memory-minimal assignment when that fits; otherwise it says how far off the layout is.
-                mins = [int(np.argmin(k.static + inflight * k.act)) for k in ks]
-                need = extra + sum(float(k.static[j] + inflight * k.act[j]) for k, j in zip(ks, mins))
-                need_gib = (need + cm.framework_overhead_bytes(hw, need)) / cm.GIB
-                if need <= usable - 0.0:
-                    res = (float(sum(k.obj[j] for k, j in zip(ks, mins))), mins)
-                else:
-                    best_need = need_gib if best_need is None else min(best_need, need_gib)
-                    ok = False
-                    break
-            picked = list(res[1])
-            if len({cfg.is_moe_layer(i) for i in layers}) == 1 and layers:
-                # cost only depends on (tp, sp) changes: sort inside each same-class run so identical
-                # strategies sit together and the plan reads as a few `repeat` blocks
-                kk = kind_for(layers[0])
-                runs, cur = [], []
-                for si in picked:
-                    if cur and kk.cls[cur[-1]] != kk.cls[si]:
-                        runs.append(sorted(cur))
-                        cur = []
-                    cur.append(si)
-                runs.append(sorted(cur))
-                picked = [x for run in runs for x in run]
-            for i, si in zip(layers, picked):
-                choices[i] = kinds_cache[cfg.is_moe_layer(i)].strategies[si]
-        if not ok:
+    best_need: Optional[float] = None
+
+    def note(need: Optional[float]) -> None:
+        nonlocal best_need
+        if need is not None:
+            best_need = need if best_need is None else min(best_need, need)
+
+    for stages in _partitions(o.cfg, o.pp, o.v, head_layers, False):
+        try:
+            strategies, need = _assign_layers(o, table, stages)
+        except _NoStrategy:
+            return [{"layout": o.label(), "reason": "no strategy satisfies the constraints"}]
+        note(need)
+        if strategies is None:
             continue
-        strategies = [choices[i] for i in range(cfg.n_layers)]
-        e_tp = min(s.tp for s in strategies)
-        if cfg.vocab_size % e_tp or c.runtime_compatible:
-            e_tp = 1
-        real_max_dp = max(s.dp for s in strategies)
-        mb_plan = mb * max_dp // real_max_dp if (mb * max_dp) % real_max_dp == 0 else None
-        if mb_plan is None:
-            continue
-        # the embedding/head's ZeRO level is not in the per-layer DP: score the runtime's choices for it
-        best_plan = best_pred = None
-        for e_zero in _embedding_zero_options(strategies, per_stage // e_tp, c.runtime_compatible):
-            plan = Plan(model=model_name, cluster={"preset": cluster.name, "nodes": cluster.nodes,
-                                                    "devices_per_node": cluster.devices_per_node},
-                        seq_len=seq_len, global_batch=global_batch, micro_batch=mb_plan,
-                        pipeline=PipelineSpec(degree=pp, schedule=sched,
-                                              microbatches=global_batch // (real_max_dp * mb_plan) if pp > 1 else 1,
-                                              virtual_stages=v, stages=stages if pp > 1 else []),
-                        layers=_compress(strategies), embedding=EmbeddingStrategy(tp=e_tp, zero=e_zero),
-                        optimizer=OptimizerSpec(states=states))
-            try:
-                validate_plan(plan, cfg, per_stage * pp)
-            except ConfigError as exc:
-                out.append({"layout": layout, "reason": f"invalid plan: {exc}"})
-                break
-            pred = cm.evaluate_plan(plan, cfg, hw, per_stage * pp)
-            if not pred.fits:
-                need = max(pred.memory_gib)
-                best_need = need if best_need is None else min(best_need, need)
-            elif best_pred is None or pred.step_s < best_pred.step_s:
-                best_plan, best_pred = plan, pred
-        if best_plan is None:
-            continue
-        plan, pred = best_plan, best_pred
-        plan.predicted = pred.to_dict()
-        out.append(Candidate(plan, pred))
-    if not any(isinstance(o, Candidate) for o in out) and best_need is not None:
-        out.append({"layout": layout, "reason": f"out of memory by {best_need - hw.memory_bytes / cm.GIB:.2f} GiB",
+        item, need = _score_plans(o, stages, strategies)
+        note(need)
+        if item is not None:
+            out.append(item)
+    if not any(isinstance(x, Candidate) for x in out) and best_need is not None:
+        out.append({"layout": o.label(), "reason": f"out of memory by {best_need - o.hw.memory_bytes / cm.GIB:.2f} GiB",
                     "need_gib": round(best_need, 3)})
     return out
 

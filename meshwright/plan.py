@@ -264,8 +264,6 @@ def validate_plan(plan: Plan, model: ModelConfig | str | dict, world_size: int) 
             raise invalid("pipeline.microbatches", pp.microbatches, f"{per_rank} = global_batch/(dp*micro_batch) = {plan.global_batch}/({max_dp}*{plan.micro_batch})")
         if pp.schedule == "interleaved_1f1b" and pp.microbatches % pp.degree:
             raise invalid("pipeline.microbatches", pp.microbatches, f"a multiple of pipeline.degree={pp.degree} for interleaved_1f1b")
-        if cfg.tie_embeddings:
-            raise invalid("pipeline.degree", pp.degree, "1 for models with tied embeddings (the head and embedding would sit on different stages)")
     if plan.embedding.tp > 1 and (cfg.vocab_size % plan.embedding.tp or per_stage % plan.embedding.tp):
         raise invalid("embedding.tp", plan.embedding.tp, f"a divisor of vocab_size={cfg.vocab_size} and of {per_stage} devices per stage")
 

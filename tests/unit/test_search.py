@@ -48,7 +48,7 @@ def test_auto_plan_is_valid_for_the_trainer(world):
 def test_auto_plan_never_pipelines_tied_embeddings():
     cfg = load_model_config("tiny-gpt2")
     assert cfg.tie_embeddings
-    r = S.search(cfg, load_cluster("local-cpu", nodes=2), 64, 8)
+    r = S.search(cfg, load_cluster("local-cpu", nodes=2), 64, 8, constraints=S.Constraints(runtime_compatible=True))
     assert r.best.plan.pipeline.degree == 1
     assert all(c.plan.pipeline.degree == 1 for c in r.runners_up)
     assert any("tied embeddings" in x["reason"] for x in r.rejected)
@@ -224,8 +224,9 @@ def test_zero3_search_reserves_one_gathered_layer_not_one_per_layer():
     cfg = load_model_config("llama2-13b")
     cluster = _a100()
     c = S.Constraints(tp=1, pp=1, zero=3, recompute="none", micro_batch=1)
-    judge = S.search(cfg, cluster, 4096, 64, constraints=c).best.prediction.memory_gib[0]
-    gather_per_layer = cfg.layer_params(0) * 2 * 2 / cm.GIB
+    roomy = cm.hardware_from_cluster(cluster, memory_budget_gib=500)
+    judge = S.search(cfg, cluster, 4096, 64, hw=roomy, constraints=c).best.prediction.memory_gib[0]
+    gather_per_layer = cm.layer_costs(cfg, 0, LayerStrategy(dp=8, zero=3), 1, 4096, roomy)["gathered_bytes"] / cm.GIB
     budget = judge + 1.0
     assert budget < judge + (cfg.n_layers - 1) * gather_per_layer  # the old sum would reject this budget
     hw = cm.hardware_from_cluster(cluster, memory_budget_gib=budget)
@@ -245,3 +246,19 @@ def test_published_fsdp_layouts_are_expressible():
                  constraints=S.Constraints(tp=8, pp=1, zero=3, micro_batch=1))
     assert r.best is not None and all(s.zero == 3 and s.tp == 8 for s in r.best.plan.layers)
     assert max(r.best.prediction.memory_gib) <= 80.0
+
+
+def test_tied_embeddings_pipeline_in_the_full_search_and_pay_the_embedding_all_reduce():
+    """Megatron and BLOOM pipeline tied embeddings: the last stage keeps a copy and the two gradients are
+    all-reduced once per step between the first and last stage."""
+    cfg = load_model_config("megatron-gpt-18.4b")
+    assert cfg.tie_embeddings
+    cluster = _a100(4)
+    r = S.search(cfg, cluster, 2048, 256, constraints=S.Constraints(tp=8, pp=4, micro_batch=1))
+    assert r.best is not None and r.best.plan.pipeline.degree == 4
+    validate_plan(r.best.plan, cfg, 32)
+    hw = cm.hardware_from_cluster(cluster)
+    bw, lat = cm.link(hw, 2, 8 * 3)
+    want = cm.allreduce_s(cfg.vocab_size * cfg.d_model / 8 * hw.policy.reduce_bytes, 2, bw, lat)
+    assert cm.tied_embedding_grad_s(cfg, 8, 4, 8, hw) == pytest.approx(want) and want > 0
+    assert cm.tied_embedding_grad_s(cfg, 8, 1, 8, hw) == 0.0

@@ -216,7 +216,8 @@ class _Kind:
     act: np.ndarray  # bytes per microbatch in flight
     cls: np.ndarray  # (tp, sp) class index, for transitions
     tpsp: list[tuple[int, bool]]
-    # bytes of the all-gathered layer (+ prefetch) under ZeRO-3: a maximum per rank, not a sum (empty = none)
+    # transient bytes while the layer runs (ZeRO-3 all-gathered layer + prefetch, backward working set):
+    # a maximum per rank, not a sum (empty = none)
     gather: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
 
     def __post_init__(self) -> None:
@@ -251,7 +252,7 @@ def _kind_costs(cfg: ModelConfig, index: int, strategies: list[LayerStrategy], m
         objs.append(m_eff * cm.layer_microbatch_s(c, hw) + cm.layer_step_dp_s(c, hw))
         stat.append(c["static_bytes"])
         act.append(c["act_bytes"])
-        gat.append(c["gathered_bytes"])
+        gat.append(c["transient_bytes"])
     objs_a, stat_a, act_a, gat_a = np.array(objs), np.array(stat), np.array(act), np.array(gat)
     # Pareto pruning inside each (tp, sp) class: drop strategies no better in time, static and activation memory.
     classes = [(s.tp, s.sp) for s in strategies]
@@ -441,8 +442,8 @@ def search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: i
 
     outer = list(itertools.product(state_opts, pps))
     for st, pp in tqdm(outer, desc="plan search", unit="pp", disable=not progress, leave=False):
-        if pp > 1 and cfg.tie_embeddings:
-            rejected.append({"layout": f"pp={pp}", "reason": "tied embeddings need pp=1"})
+        if pp > 1 and cfg.tie_embeddings and c.runtime_compatible:
+            rejected.append({"layout": f"pp={pp}", "reason": "meshwright's runtime runs tied embeddings with pp=1 only"})
             continue
         per_stage = world // pp
         tps = tp_choices(cfg, per_stage, seq_len)
@@ -482,7 +483,7 @@ def search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: i
                     if c.schedule == "gpipe":
                         scheds.append(("gpipe", 1))
                     if c.schedule in (None, "interleaved_1f1b"):
-                        for v in ([c.virtual_stages] if c.virtual_stages else [2]):
+                        for v in ([c.virtual_stages] if c.virtual_stages else _interleave_depths(cfg.n_layers, pp)):
                             if v > 1 and m % pp == 0 and cfg.n_layers >= pp * v:
                                 scheds.append(("interleaved_1f1b", v))
                 mb_best: Optional[float] = None
@@ -570,14 +571,14 @@ class _Outer:
 
 
 class _KindTable:
-    """Cost vectors per layer kind (dense/MoE) for one outer candidate, built on first use, and their
-    ZeRO-3-free variants (ZeRO-3 strategies at infinite cost) for ranks that cannot afford a gather buffer."""
+    """Cost vectors per layer kind (dense/MoE) for one outer candidate, built on first use, and their variants
+    with the strategies whose transient memory exceeds a level masked out (infinite cost)."""
 
     def __init__(self, o: _Outer) -> None:
         self.o = o
         self.kinds: dict[bool, _Kind] = {}
         self.trans: dict[bool, np.ndarray] = {}
-        self.no_z3: dict[bool, _Kind] = {}
+        self.masked: dict[tuple[bool, float, float], tuple[_Kind, float]] = {}
 
     def kind(self, i: int) -> _Kind:
         o, key = self.o, self.o.cfg.is_moe_layer(i)
@@ -586,39 +587,64 @@ class _KindTable:
                                           o.global_batch, o.cluster.devices_per_node)
             k = self.kinds[key] = _kind_costs(o.cfg, i, strategies, o.mb, o.max_dp, o.seq_len, o.hw, o.states, o.m_eff)
             self.trans[key] = _transition_matrix(k, o.cfg, o.tokens * o.max_dp, o.hw, o.m_eff)
-            self.no_z3[key] = dataclasses.replace(k, obj=np.where(k.gather > 0, np.inf, k.obj))
         return self.kinds[key]
+
+    def capped(self, i: int, level: float, inflight: float) -> tuple[_Kind, float]:
+        """Layer ``i``'s kind with strategies whose transient bytes exceed ``level`` at infinite cost, and its
+        memory shifted down by its smallest footprint at ``inflight`` (returned): the DP then spends its
+        buckets on the differences between strategies, not on the state every strategy holds."""
+        key = (self.o.cfg.is_moe_layer(i), level, inflight)
+        if key not in self.masked:
+            k = self.kind(i)
+            over = k.gather > level * (1 + 1e-9)
+            base = float(np.min(k.static + inflight * k.act)) if len(k.strategies) else 0.0
+            self.masked[key] = (dataclasses.replace(k, obj=np.where(over, np.inf, k.obj), static=k.static - base,
+                                                    gather=np.where(over, 0.0, k.gather)), base)
+        return self.masked[key]
+
+
+def _transient_levels(ks: list[_Kind]) -> list[float]:
+    """Transient-memory caps worth trying on one rank: the largest transient of all strategies, of those
+    without ZeRO-3, without full recompute, and without any recompute (a handful of DPs, not one per value)."""
+    levels = set()
+    preds = [lambda s: True, lambda s: s.zero < 3, lambda s: s.zero < 3 and s.recompute != "full",
+             lambda s: s.zero < 3 and s.recompute == "none"]
+    for pred in preds:
+        vals = [float(k.gather[j]) for k in ks for j, st in enumerate(k.strategies) if pred(st)]
+        if vals:
+            levels.add(max(vals))
+    return sorted(levels, reverse=True)
 
 
 def _rank_extra_bytes(o: _Outer, first: bool, last: bool) -> float:
     """Memory outside the blocks on one pipeline rank: embedding (first) and head + logits (last)."""
-    extra = 0.0
     emb_dp = o.per_stage // o.emb_tp
-    for flag_first, flag_last in ((first, False), (False, last)):
-        if flag_first or flag_last:
-            n = cm.embedding_param_count(o.cfg, flag_first, flag_last, o.emb_tp)
-            extra += sum(cm.model_state_bytes(n, emb_dp, 0 if emb_dp == 1 else 1, o.states, o.hw).values())
+    extra = cm.embedding_static_bytes(o.cfg, first, last, o.emb_tp, emb_dp, 0 if emb_dp == 1 else 1, o.states, o.hw)
     if last:
         extra += cm.logits_bytes(o.cfg, o.tokens, o.emb_tp, o.hw.elem_bytes)
+        if o.hw.runtime_buffers:
+            extra += cm.loss_buffer_bytes(o.cfg, o.tokens, o.emb_tp)
     return extra
 
 
 def _rank_dp(o: _Outer, table: _KindTable, layers: list[int], budget: float, inflight: float) -> tuple[float, list[int]] | None:
     """Min-time strategies for one rank's layers within ``budget`` bytes.
 
-    ZeRO-3 layers need one all-gathered layer (+ prefetch) at a time: a maximum over the rank, not a sum,
-    so the DP runs once with the largest such buffer reserved and once without ZeRO-3, and keeps the faster.
+    ZeRO-3 layers need one all-gathered layer (+ prefetch) at a time and backward one layer's working set:
+    a maximum over the rank, not a sum. The DP runs once per transient level (``_transient_levels``) with
+    that much reserved and the strategies above it masked, and keeps the fastest.
     """
     ks = [table.kind(i) for i in layers]
     key = o.cfg.is_moe_layer(layers[0]) if layers else False
     single_kind = len({o.cfg.is_moe_layer(i) for i in layers}) == 1
     trans = table.trans[key] if single_kind and layers else None
-    reserve = max((float(k.gather.max()) for k in ks if len(k.gather)), default=0.0)
-    best = _stage_dp(ks, budget - reserve, inflight, trans)
-    if reserve > 0:
-        plain = _stage_dp([table.no_z3[o.cfg.is_moe_layer(i)] for i in layers], budget, inflight, trans)
-        if plain is not None and (best is None or plain[0] < best[0]):
-            best = plain
+    best = None
+    for level in _transient_levels(ks) or [0.0]:
+        capped = [table.capped(i, level, inflight) for i in layers]
+        base = sum(b for _, b in capped)
+        res = _stage_dp([k for k, _ in capped], budget - level - base, inflight, trans)
+        if res is not None and (best is None or res[0] < best[0]):
+            best = res
     return best
 
 
@@ -753,6 +779,13 @@ def _solve_candidate(o: _Outer) -> list[Any]:
         out.append({"layout": o.label(), "reason": f"out of memory by {best_need - o.hw.memory_bytes / cm.GIB:.2f} GiB",
                     "need_gib": round(best_need, 3)})
     return out
+
+
+def _interleave_depths(n_layers: int, pp: int) -> list[int]:
+    """Model chunks per rank tried for interleaved 1F1B: 2, and every depth up to 8 that splits the layers
+    evenly (Llama 3 405B ran 4-7 chunks per rank; deeper interleaving shrinks the bubble, costs p2p)."""
+    even = [v for v in range(3, 9) if n_layers % (pp * v) == 0]
+    return [2] + even
 
 
 def _embedding_zero_options(strategies: list[LayerStrategy], emb_dp: int, runtime_compatible: bool) -> list[int]:

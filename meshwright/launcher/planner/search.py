@@ -28,7 +28,7 @@ from meshwright.launcher.planner import cost_model as cm
 from meshwright.plan import EmbeddingStrategy, LayerStrategy, OptimizerSpec, PipelineSpec, Plan, Savers, validate_plan
 
 RECOMPUTE = ("none", "selective", "full")
-N_BUCKETS = 96
+N_BUCKETS = 64
 
 
 @dataclass
@@ -488,18 +488,26 @@ def search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: i
                                 scheds.append(("interleaved_1f1b", v))
                 mb_best: Optional[float] = None
                 any_fit = False
+                prev_depth: Optional[float] = None  # best time of the previous interleaving depth
                 for sched, v in scheds:
                     n_cand += 1
                     cand = _solve_candidate(_Outer(cfg, cluster, hw, c, allow, st, pp, per_stage, allowed_tps, t_base,
                                                    max_dp, mb, m, sched, v, seq_len, global_batch, usable, model_name))
+                    depth_best: Optional[float] = None
                     for item in cand:
                         if isinstance(item, Candidate):
                             feasible.append(item)
                             any_fit = True
                             t = item.prediction.step_s
                             mb_best = t if mb_best is None else min(mb_best, t)
+                            depth_best = t if depth_best is None else min(depth_best, t)
                         else:
                             rejected.append(item)
+                    if sched == "interleaved_1f1b" and c.virtual_stages is None:
+                        # deeper interleaving only shrinks the bubble further: stop once a depth stops helping
+                        if depth_best is None or (prev_depth is not None and depth_best >= prev_depth):
+                            break
+                        prev_depth = depth_best
                 if not any_fit:
                     if c.micro_batch is None and mb != mbs[-1]:
                         rejected.append({"layout": f"pp={pp} tp>={t_base} mb>{mb}", "reason": f"pruned: mb={mb} is already out of memory"})
@@ -579,6 +587,7 @@ class _KindTable:
         self.kinds: dict[bool, _Kind] = {}
         self.trans: dict[bool, np.ndarray] = {}
         self.masked: dict[tuple[bool, float, float], tuple[_Kind, float]] = {}
+        self.levels: dict[tuple, list[float]] = {}
 
     def kind(self, i: int) -> _Kind:
         o, key = self.o, self.o.cfg.is_moe_layer(i)
@@ -605,15 +614,18 @@ class _KindTable:
 
 def _transient_levels(ks: list[_Kind]) -> list[float]:
     """Transient-memory caps worth trying on one rank: the largest transient of all strategies, of those
-    without ZeRO-3, without full recompute, and without any recompute (a handful of DPs, not one per value)."""
+    without ZeRO-3, and of those also without full recompute (a few DPs, not one per value)."""
     levels = set()
-    preds = [lambda s: True, lambda s: s.zero < 3, lambda s: s.zero < 3 and s.recompute != "full",
-             lambda s: s.zero < 3 and s.recompute == "none"]
+    preds = [lambda s: True, lambda s: s.zero < 3, lambda s: s.zero < 3 and s.recompute != "full"]
     for pred in preds:
         vals = [float(k.gather[j]) for k in ks for j, st in enumerate(k.strategies) if pred(st)]
         if vals:
             levels.add(max(vals))
-    return sorted(levels, reverse=True)
+    out: list[float] = []
+    for lv in sorted(levels, reverse=True):  # levels within 15% of a kept one add little: keep the larger
+        if not out or lv < 0.85 * out[-1]:
+            out.append(lv)
+    return out
 
 
 def _rank_extra_bytes(o: _Outer, first: bool, last: bool) -> float:
@@ -639,10 +651,29 @@ def _rank_dp(o: _Outer, table: _KindTable, layers: list[int], budget: float, inf
     single_kind = len({o.cfg.is_moe_layer(i) for i in layers}) == 1
     trans = table.trans[key] if single_kind and layers else None
     best = None
-    for level in _transient_levels(ks) or [0.0]:
+    sig = tuple(sorted({id(k) for k in ks}))
+    if sig not in table.levels:
+        table.levels[sig] = _transient_levels(list({id(k): k for k in ks}.values()))
+    # no assignment beats every layer's fastest strategy: once a level reaches it, lower levels cannot help
+    floor = sum(float(k.obj.min()) for k in ks if len(k.obj))
+    levels = table.levels[sig] or [0.0]
+
+    def run(level: float) -> tuple[float, list[int]] | None:
         capped = [table.capped(i, level, inflight) for i in layers]
-        base = sum(b for _, b in capped)
-        res = _stage_dp([k for k, _ in capped], budget - level - base, inflight, trans)
+        return _stage_dp([k for k, _ in capped], budget - level - sum(b for _, b in capped), inflight, trans)
+
+    best = run(levels[0])
+    if best is not None and best[0] <= floor * (1 + 1e-9):
+        return best
+    if best is not None:
+        # refine: the smallest level that still admits the chosen strategies frees the difference
+        used = max(float(k.gather[j]) for k, j in zip(ks, best[1])) if ks else 0.0
+        tighter = [lv for lv in levels[1:] if lv >= used * (1 - 1e-9)]
+        todo = [min(tighter)] if tighter else []
+    else:
+        todo = levels[1:]  # nothing fits with the largest reserve: try smaller ones
+    for level in todo:
+        res = run(level)
         if res is not None and (best is None or res[0] < best[0]):
             best = res
     return best

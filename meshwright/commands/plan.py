@@ -14,6 +14,9 @@ import sys
 from typing import Any
 
 from meshwright.errors import ConfigError
+from meshwright.launcher.planner.stack import STACKS
+
+STACK_NAMES = tuple(STACKS)
 
 JSON_SCHEMA_VERSION = 1
 
@@ -43,6 +46,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--any-runtime", action="store_true",
                    help="search the full space (ZeRO-1, vocab-parallel embeddings, savers) instead of only layouts "
                         "meshwright's runtime runs unchanged; useful with --emit; implied by --allow")
+    p.add_argument("--stack", default="meshwright", choices=STACK_NAMES,
+                   help="the training stack that will run the plan: its precision policy (bytes per parameter, "
+                        "gradient-reduction dtype) and overlap rules shape memory and step time (default meshwright)")
+    p.add_argument("--dtype", default=None, choices=("bf16", "fp32"),
+                   help="training dtype (TrainConfig.dtype; default bf16 where the device lists it, fp32 on CPU)")
     p.add_argument("--attention", default="flash", choices=("flash", "materialized"),
                    help="attention kernels of the stack: flash (fused; meshwright, Megatron since 2023) or "
                         "materialized scores (e.g. Megatron-LM 2021), which cost memory traffic and activation memory")
@@ -85,7 +93,8 @@ def _load_inputs(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_model_config(args.model)
     cluster = load_cluster(args.cluster, nodes=args.nodes, devices_per_node=args.devices_per_node)
     hprof = load_hardware_profile(args.hardware_profile) if args.hardware_profile else None
-    hw = cm.hardware_from_cluster(cluster, hprof, args.memory_budget_gib)
+    hw = cm.hardware_from_cluster(cluster, hprof, args.memory_budget_gib, stack=getattr(args, "stack", "meshwright"),
+                                  dtype=getattr(args, "dtype", None))
     if args.model_profile:
         hw = apply_model_profile(hw, load_model_profile(args.model_profile), cfg, hprof)
     if args.attention != hw.attention:
@@ -113,7 +122,8 @@ def compute_result(args: argparse.Namespace) -> dict[str, Any]:
         "schema": JSON_SCHEMA_VERSION,
         "model": cfg.name, "cluster": cluster.name, "nodes": cluster.nodes, "devices_per_node": cluster.devices_per_node,
         "world_size": cluster.world_size, "seq_len": args.seq_len, "global_batch": args.global_batch,
-        "memory_budget_gib": round(res.budget_gib, 3), "compute_dtype": hw.compute_dtype,
+        "memory_budget_gib": round(res.budget_gib, 3), "compute_dtype": hw.compute_dtype, "stack": hw.stack,
+        "precision": hw.policy.name,
         "search_s": round(res.search_s, 3), "candidates": res.candidates, "feasible": res.best is not None,
     }
     if res.best is None:
@@ -175,7 +185,7 @@ def render_text(result: dict[str, Any]) -> str:
     r = result
     lines = [f"meshwright plan: {r['model']} on {r['nodes']} x {r['devices_per_node']} {r['cluster']} "
              f"({r['world_size']} devices), seq {r['seq_len']}, global batch {r['global_batch']}, "
-             f"budget {r['memory_budget_gib']:.1f} GiB/device, {r['compute_dtype']}"]
+             f"budget {r['memory_budget_gib']:.1f} GiB/device, {r['compute_dtype']}, stack {r['stack']} ({r['precision']})"]
     if not r["feasible"]:
         lines.append(r["error"])
         return "\n".join(lines)

@@ -34,6 +34,11 @@ ACT_COEF = {
     "llama": {"rep_h": 6.0, "shard_h": 4.0, "shard_f": 4.0},  # 2 RMSNorms (x, x*rsqrt, out); q, rotated q/k, o; SwiGLU 4f
     "gpt2": {"rep_h": 4.0, "shard_h": 4.0, "shard_f": 2.0},  # Korthikanti's 10 + 24/t without dropout masks
 }
+# Extra saved bytes per token per layer under bf16 autocast with fp32 parameters (meshwright's runtime), in units
+# of d_model, beyond ACT_COEF at 2 bytes: norms and residual adds stay fp32 and the bf16 casts feeding the
+# matmuls are saved next to them. Measured on CPU with count_saved_bytes (slope over two batch sizes, weight
+# copies excluded): llama2-7b block 227,336 vs 169,984 B/token (+14.0 h); gpt2-small 30,628 vs 24,576 (+7.9 h).
+AUTOCAST_EXTRA_H = {"llama": 14.0, "gpt2": 8.0}
 # Share of activation bytes that are inputs of linear layers (what WTA-CRS samples).
 LINEAR_INPUT_SHARE = 0.4
 # Share of saved activation bytes COAT stores in FP8 (the rest, e.g. norm statistics, stays high precision).
@@ -94,23 +99,24 @@ class Hardware:
         return PRECISIONS["fp32" if self.elem_bytes == 4 else self.precision]
 
 
-def apply_stack(hw: Hardware, stack: Stack | str, dtype: Optional[str] = None) -> Hardware:
-    """``hw`` with the memory and overlap rules of ``stack`` training in ``dtype`` (default: hw's compute dtype)."""
+def apply_stack(hw: Hardware, stack: Stack | str) -> Hardware:
+    """``hw`` with the memory and overlap rules of ``stack`` training in ``hw.compute_dtype``."""
     st = get_stack(stack) if isinstance(stack, str) else stack
-    dtype = dtype or hw.compute_dtype
-    if dtype != hw.compute_dtype and hw.compute_dtype != "fp32" and dtype == "fp32":
-        hw = dataclasses.replace(hw, compute_dtype="fp32")
-    return dataclasses.replace(hw, precision=precision_for_dtype(dtype, st.name), runtime_buffers=st.runtime_buffers,
+    return dataclasses.replace(hw, precision=precision_for_dtype(hw.compute_dtype, st.name), runtime_buffers=st.runtime_buffers,
                                dp_overlap=st.dp_overlap, tp_wgrad_overlap=st.tp_wgrad_overlap,
                                pipeline_slowdown=st.pipeline_slowdown, stack=st.name)
 
 
 def hardware_from_cluster(cluster: ClusterSpec, profile: Optional[dict[str, Any]] = None,
-                          memory_budget_gib: Optional[float] = None, stack: str = "meshwright") -> Hardware:
+                          memory_budget_gib: Optional[float] = None, stack: str = "meshwright",
+                          dtype: Optional[str] = None) -> Hardware:
     """ClusterSpec (preset figures) overridden by a measured hardware profile's ``derived`` figures, with the
-    memory and overlap rules of the ``stack`` that will run the plan."""
+    memory and overlap rules of the ``stack`` that will run the plan in ``dtype`` (TrainConfig.dtype; default
+    bf16 where the device lists it, fp32 on CPUs, where bf16 matmuls are ~70x slower)."""
     cpu = cluster.device == "cpu"
-    dtype = "fp32" if cpu else ("bf16" if "bf16" in cluster.peak_tflops else "fp32")
+    if dtype is not None and dtype not in ("fp32", "bf16"):
+        raise invalid("dtype", dtype, "fp32 or bf16")
+    dtype = dtype or ("fp32" if cpu else ("bf16" if "bf16" in cluster.peak_tflops else "fp32"))
     hw = Hardware(
         mem_bw=device_memory_bw(cluster.device),
         peak_flops=cluster.peak_flops(dtype),
@@ -497,6 +503,14 @@ def activation_bytes(cfg: ModelConfig, index: int, tokens: float, tp: int, sp: b
     return nbytes
 
 
+def autocast_extra_act_bytes(cfg: ModelConfig, tokens: float, tp: int, sp: bool, recompute: str) -> float:
+    """What autocast adds to ``activation_bytes`` at 2 bytes: fp32 norm/residual tensors and saved bf16 casts
+    (``AUTOCAST_EXTRA_H``), h-wide and outside the tp region (split by SP); full recompute keeps only the fp32
+    block input (2 more bytes per value)."""
+    per_token = 2.0 * cfg.d_model if recompute == "full" else AUTOCAST_EXTRA_H[cfg.arch] * cfg.d_model
+    return per_token * tokens / (tp if sp else 1)
+
+
 def embedding_param_count(cfg: ModelConfig, first: bool, last: bool, tp: int) -> float:
     """Parameters of the embedding (first stage) and the untied head + final norm (last stage), tp-sharded."""
     n = 0.0
@@ -625,6 +639,8 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
     act = hw.act_scale * activation_bytes(cfg, index, tokens, s.tp, s.sp, s.recompute, hw.elem_bytes,
                                           s.savers.fp8_act, s.savers.wta_crs, s.savers.lemo, s.ep)
     act += attention_score_bytes(cfg, tokens * lemo, seq_len, s.tp, s.recompute, hw)
+    if hw.policy.weight_copy_bytes > 0:
+        act += hw.act_scale * autocast_extra_act_bytes(cfg, tokens * lemo, s.tp, s.sp, s.recompute)
     pol = hw.policy
     # ZeRO-3: the all-gathered layer + the prefetched next one (+ its unsharded gradient before reduce-scatter)
     gathered = shard_params * pol.gather_bytes * (3 if hw.runtime_buffers else 2) if s.zero >= 3 else 0.0

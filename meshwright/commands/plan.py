@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pp", type=int, default=None)
     g.add_argument("--dp", type=int, default=None)
     g.add_argument("--ep", type=int, default=None)
+    g.add_argument("--cp", type=int, default=None,
+                   help="context parallel degree (ring attention; each rank holds seq_len/cp tokens); planned and "
+                        "exported, not yet run by meshwright's runtime")
     g.add_argument("--zero", type=int, default=None, choices=(0, 1, 2, 3))
     g.add_argument("--recompute", default=None, choices=("none", "selective", "full"))
     g.add_argument("--sp", default=None, action=argparse.BooleanOptionalAction,
@@ -108,7 +111,7 @@ def compute_result(args: argparse.Namespace) -> dict[str, Any]:
 
     inputs = _load_inputs(args)
     cfg, cluster, hw = inputs["cfg"], inputs["cluster"], inputs["hw"]
-    constraints = Constraints(tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep, zero=args.zero, recompute=args.recompute, sp=args.sp,
+    constraints = Constraints(tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep, cp=args.cp, zero=args.zero, recompute=args.recompute, sp=args.sp,
                               micro_batch=args.micro_batch, schedule=args.schedule, virtual_stages=args.virtual_stages,
                               runtime_compatible=not (args.any_runtime or args.allow))
     allow = Allow.parse(args.allow)

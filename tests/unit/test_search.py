@@ -262,3 +262,32 @@ def test_tied_embeddings_pipeline_in_the_full_search_and_pay_the_embedding_all_r
     want = cm.allreduce_s(cfg.vocab_size * cfg.d_model / 8 * hw.policy.reduce_bytes, 2, bw, lat)
     assert cm.tied_embedding_grad_s(cfg, 8, 4, 8, hw) == pytest.approx(want) and want > 0
     assert cm.tied_embedding_grad_s(cfg, 8, 1, 8, hw) == 0.0
+
+
+# ---- context parallelism (a planner dimension; the runtime rejects it) --------------------------------
+
+LLAMA3_405B = {"name": "llama3-405b", "arch": "llama", "vocab_size": 128256, "d_model": 16384, "n_layers": 126,
+               "n_heads": 128, "n_kv_heads": 8, "ffn_hidden": 53248, "max_seq_len": 131072, "rope_theta": 500000.0}
+
+
+def test_context_parallel_plan_for_long_context_and_ring_cost_by_hand():
+    """Llama 3 405B at 128K context (Dubey et al. 2024, Table 4: tp 8, cp 16, pp 16 on 16K H100): no plan fits
+    without cp; with cp=16 the search finds one, each rank holds 8K tokens."""
+    cfg = load_model_config(LLAMA3_405B)
+    cluster = load_cluster("dgx-h100-80g", nodes=2048)
+    fixed = dict(tp=8, pp=16, micro_batch=1, recompute="full")
+    assert S.search(cfg, cluster, 131072, 16, constraints=S.Constraints(cp=1, **fixed), suggest=False).best is None
+    r = S.search(cfg, cluster, 131072, 16, constraints=S.Constraints(cp=16, **fixed), suggest=False)
+    assert r.best is not None and all(s.cp == 16 and s.tp == 8 for s in r.best.plan.layers)
+    validate_plan(r.best.plan, cfg, 16384)
+    assert max(r.best.prediction.memory_gib) <= 80.0
+    hw = cm.hardware_from_cluster(cluster)
+    kv = 8192 * 2 * 8 / 8 * 128 * 2  # tokens x (K, V) x kv_heads/tp x head_dim x bf16
+    bw, lat = cm.link(hw, 16, 8)
+    assert cm.cp_ring_s(8192, cfg, 8, 16, hw) == pytest.approx(3 * 15 * (lat + kv / bw))
+    from meshwright.parallel.support import check_runtime_support
+
+    with pytest.raises(ConfigError, match="cp"):
+        check_runtime_support(r.best.plan, cfg, "dtensor", "torch")
+    with pytest.raises(ConfigError, match="cp"):
+        S.search(cfg, cluster, 131072 - 8, 16, constraints=S.Constraints(cp=16, **fixed))

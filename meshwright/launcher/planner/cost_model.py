@@ -322,6 +322,22 @@ def tp_comm_s(tokens: float, cfg: ModelConfig, tp: int, sp: bool, recompute: str
     return n * one
 
 
+def attention_core_fwd_flops(cfg: ModelConfig, tokens: float, seq_len: int, tp: int) -> float:
+    """Forward FLOPs of the attention core (QK^T and AV) for ``tokens`` queries over ``seq_len`` keys on a tp rank."""
+    return 4.0 * tokens * seq_len * cfg.d_model / tp
+
+
+def cp_ring_s(tokens: float, cfg: ModelConfig, tp: int, cp: int, hw: Hardware) -> float:
+    """Ring attention's traffic per layer and microbatch (Liu et al. 2023; Megatron-LM context parallelism):
+    each of cp-1 steps passes the local K and V chunk (tokens x 2 x kv_heads/tp x head_dim) to the next rank
+    forward, and K, V plus their gradients backward: 3 chunk-passes per step. Ranks sit tp apart."""
+    if cp <= 1:
+        return 0.0
+    kv = tokens * 2 * cfg.kv_heads / tp * cfg.head_dim * hw.elem_bytes
+    bw, lat = link(hw, cp, tp)
+    return 3 * (cp - 1) * p2p_s(kv, bw, lat)
+
+
 def ep_alltoall_bytes(tokens: float, cfg: ModelConfig, elem_bytes: int) -> float:
     """Bytes one rank sends in one dispatch (or combine) all-to-all: tokens x hidden x top_k."""
     return tokens * cfg.d_model * cfg.top_k * elem_bytes
@@ -595,7 +611,7 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
     """All cost terms of block ``index`` under LayerStrategy ``s`` for a microbatch of ``mb_samples``
     sequences on this rank: per-microbatch compute and exposed communication, per-step DP traffic,
     static memory and activation bytes per microbatch."""
-    tokens = mb_samples * seq_len
+    tokens = mb_samples * seq_len / s.cp  # context parallelism splits each sequence over cp ranks
     moe = cfg.is_moe_layer(index)
     fwd_flops = layer_fwd_flops(cfg, index, tokens, seq_len) / s.tp
     extra = recompute_extra_fwd_fraction(cfg, index, seq_len, s.recompute)
@@ -614,6 +630,9 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
         # the 2 backward collectives run under the weight-gradient matmuls (1x forward matmul time)
         bwd_comm = comm_mb * 2.0 / (4 + (2 if s.recompute == "full" else 0))
         comm_mb = comm_mb - bwd_comm + exposed_s(matmul, bwd_comm, hw.overlap_slowdown)
+    if s.cp > 1:
+        comm_mb += exposed_s(3.0 * compute_s(attention_core_fwd_flops(cfg, tokens, seq_len, s.tp), hw, cfg.head_dim),
+                             cp_ring_s(tokens, cfg, s.tp, s.cp, hw), hw.overlap_slowdown)
     if moe:
         comm_mb += ep_comm_s(tokens * lemo, cfg, s.ep, s.tp, s.recompute, hw)
     if prev is not None:
@@ -623,15 +642,16 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
         expert = cfg.n_experts * 3 * cfg.d_model * cfg.expert_ffn_dim
         dense = cfg.layer_params(index) - expert
         shard_params = dense / s.tp + expert / (s.tp * s.ep)
-        dp_dense_mb, dp_dense_step = dp_comm_s(dense / s.tp, s.dp, s.zero, s.tp, hw)
-        dp_exp_mb, dp_exp_step = dp_comm_s(expert / (s.tp * s.ep), s.dp // s.ep, s.zero, s.tp * s.ep, hw)
+        dpc = s.dp * s.cp  # weights are replicated over cp ranks: gradients reduce over dp*cp
+        dp_dense_mb, dp_dense_step = dp_comm_s(dense / s.tp, dpc, s.zero, s.tp, hw)
+        dp_exp_mb, dp_exp_step = dp_comm_s(expert / (s.tp * s.ep), dpc // s.ep, s.zero, s.tp * s.ep, hw)
         dp_mb, dp_step = dp_dense_mb + dp_exp_mb, dp_dense_step + dp_exp_step
-        states_b = model_state_bytes(dense / s.tp, s.dp, s.zero, states, hw)
-        exp_b = model_state_bytes(expert / (s.tp * s.ep), s.dp // s.ep, s.zero, states, hw)
+        states_b = model_state_bytes(dense / s.tp, dpc, s.zero, states, hw)
+        exp_b = model_state_bytes(expert / (s.tp * s.ep), dpc // s.ep, s.zero, states, hw)
         states_b = {k: states_b[k] + exp_b[k] for k in states_b}
     else:
         shard_params = cfg.layer_params(index) / s.tp
-        group = s.dp_shard or s.dp  # HSDP: ZeRO state and gathers inside groups of dp_shard ranks
+        group = s.dp_shard or s.dp * s.cp  # HSDP: ZeRO state and gathers inside groups of dp_shard ranks
         dp_mb, dp_step = dp_comm_s(shard_params, group, s.zero, s.tp, hw)
         if group < s.dp:
             dp_mb += hsdp_allreduce_s(shard_params, s.dp, group, s.tp, hw)

@@ -39,6 +39,7 @@ class Constraints:
     pp: Optional[int] = None
     dp: Optional[int] = None
     ep: Optional[int] = None
+    cp: Optional[int] = None  # context parallel degree (ring attention); fixed when given, 1 otherwise
     zero: Optional[int] = None
     recompute: Optional[str] = None
     sp: Optional[bool] = None  # sequence parallelism on tp>1 layers (None: searched)
@@ -51,7 +52,7 @@ class Constraints:
     runtime_compatible: bool = False
 
     def validate(self, prefix: str = "") -> None:
-        for name in ("tp", "pp", "dp", "ep", "micro_batch", "virtual_stages"):
+        for name in ("tp", "pp", "dp", "ep", "cp", "micro_batch", "virtual_stages"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise invalid(name.replace("_", "-"), v, "a positive integer")
@@ -122,7 +123,7 @@ def describe_layout(plan: Plan) -> str:
         head += f" {pp.schedule}" + (f" v={pp.virtual_stages}" if pp.virtual_stages > 1 else "") + f" m={pp.microbatches}"
     parts = []
     for s in plan.layers:
-        t = f"{s.repeat}x tp{s.tp}{' sp' if s.sp else ''} dp{s.dp} z{s.zero}{f' hsdp{s.dp_shard}' if s.dp_shard else ''} rc={s.recompute}"
+        t = f"{s.repeat}x tp{s.tp}{' sp' if s.sp else ''}{f' cp{s.cp}' if s.cp > 1 else ''} dp{s.dp} z{s.zero}{f' hsdp{s.dp_shard}' if s.dp_shard else ''} rc={s.recompute}"
         if s.ep > 1:
             t += f" ep{s.ep}"
         if s.savers.fp8_act:
@@ -161,9 +162,9 @@ def node_shard(dp: int, tp: int, devices_per_node: int) -> Optional[int]:
 
 def layer_strategies(cfg: ModelConfig, index: int, per_stage: int, tps: list[int], seq_len: int,
                      c: Constraints, allow: Allow, mb: int, max_dp: int, global_batch: int,
-                     devices_per_node: int = 0) -> list[LayerStrategy]:
-    """Every strategy block ``index`` may take on a stage of ``per_stage`` devices (ZeRO-2/3 also as HSDP
-    with node-sized shard groups when dp spans nodes)."""
+                     devices_per_node: int = 0, cp: int = 1) -> list[LayerStrategy]:
+    """Every strategy block ``index`` may take on a stage of ``per_stage`` devices per context-parallel
+    rank (ZeRO-2/3 also as HSDP with node-sized shard groups when dp spans nodes and cp is 1)."""
     out = []
     moe = cfg.is_moe_layer(index)
     saver_opts = [Savers()]
@@ -199,8 +200,8 @@ def layer_strategies(cfg: ModelConfig, index: int, per_stage: int, tps: list[int
         for sp, z, rc, ep, sv in itertools.product(sps, zeros, rcs, eps, saver_opts):
             if c.runtime_compatible and moe and (sp or (ep > 1 and (z != 0 or dp != max_dp))):
                 continue  # the runtime keeps MoE tokens tp-replicated and expert grads off ZeRO/mixed-dp paths
-            out.append(LayerStrategy(tp=t, sp=sp, dp=dp, zero=z, ep=ep, recompute=rc, savers=sv))
-            shard = node_shard(dp, t, devices_per_node) if z >= 2 and not moe else None
+            out.append(LayerStrategy(tp=t, sp=sp, dp=dp, zero=z, ep=ep, cp=cp, recompute=rc, savers=sv))
+            shard = node_shard(dp, t, devices_per_node) if z >= 2 and not moe and cp == 1 else None
             if shard is not None:
                 out.append(LayerStrategy(tp=t, sp=sp, dp=dp, zero=z, dp_shard=shard, ep=ep, recompute=rc, savers=sv))
     return out
@@ -226,7 +227,7 @@ class _Kind:
 
 
 def _skey(s: LayerStrategy) -> tuple:
-    return (s.tp, s.sp, s.dp, s.zero, s.dp_shard, s.ep, s.recompute, s.savers.fp8_act, s.savers.wta_crs, s.savers.lemo)
+    return (s.tp, s.sp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, s.recompute, s.savers.fp8_act, s.savers.wta_crs, s.savers.lemo)
 
 
 _COST_CACHE: dict[tuple, dict[str, float]] = {}
@@ -426,6 +427,9 @@ def search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: i
         raise invalid("seq-len" if seq_len < 1 else "global-batch", seq_len if seq_len < 1 else global_batch, "a positive integer")
     if seq_len > cfg.max_seq_len:
         raise invalid("seq-len", seq_len, f"at most the model's max_seq_len={cfg.max_seq_len}")
+    cp = c.cp or 1
+    if cp > 1 and seq_len % (2 * cp):
+        raise invalid("cp", cp, f"a degree with seq_len={seq_len} divisible by 2*cp (ring attention splits each sequence into 2*cp chunks)")
     state_opts = [states] if states else (["fp32", "fp8"] if allow.fp8 else ["fp32"])
     pps = [p for p in divisors(world) if p <= cfg.n_layers]
     if c.pp is not None:
@@ -446,16 +450,19 @@ def search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: i
             rejected.append({"layout": f"pp={pp}", "reason": "meshwright's runtime runs tied embeddings with pp=1 only"})
             continue
         per_stage = world // pp
-        tps = tp_choices(cfg, per_stage, seq_len)
+        if per_stage % cp:
+            rejected.append({"layout": f"pp={pp} cp={cp}", "reason": f"cp={cp} does not divide {per_stage} devices per stage"})
+            continue
+        tps = tp_choices(cfg, per_stage // cp, seq_len)
         if c.tp is not None:
             if c.tp not in tps:
                 rejected.append({"layout": f"pp={pp} tp={c.tp}", "reason": f"tp={c.tp} does not divide heads/FFN/{per_stage} devices"})
                 continue
             tps = [c.tp]
         if c.dp is not None:
-            tps = [t for t in tps if per_stage // t == c.dp]
+            tps = [t for t in tps if per_stage // (t * cp) == c.dp]
         for t_base in tps:
-            max_dp = per_stage // t_base
+            max_dp = per_stage // (t_base * cp)
             if global_batch % max_dp:
                 continue
             per_replica = global_batch // max_dp
@@ -492,7 +499,7 @@ def search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: i
                 for sched, v in scheds:
                     n_cand += 1
                     cand = _solve_candidate(_Outer(cfg, cluster, hw, c, allow, st, pp, per_stage, allowed_tps, t_base,
-                                                   max_dp, mb, m, sched, v, seq_len, global_batch, usable, model_name))
+                                                   max_dp, mb, m, sched, v, seq_len, global_batch, usable, model_name, cp))
                     depth_best: Optional[float] = None
                     for item in cand:
                         if isinstance(item, Candidate):
@@ -559,6 +566,7 @@ class _Outer:
     global_batch: int
     usable: float  # bytes the DP may fill (budget less framework overhead and headroom)
     model_name: Any
+    cp: int = 1  # context-parallel degree: per_stage = tp * dp * cp
 
     @property
     def m_eff(self) -> float:
@@ -592,8 +600,8 @@ class _KindTable:
     def kind(self, i: int) -> _Kind:
         o, key = self.o, self.o.cfg.is_moe_layer(i)
         if key not in self.kinds:
-            strategies = layer_strategies(o.cfg, i, o.per_stage, o.tps, o.seq_len, o.c, o.allow, o.mb, o.max_dp,
-                                          o.global_batch, o.cluster.devices_per_node)
+            strategies = layer_strategies(o.cfg, i, o.per_stage // o.cp, o.tps, o.seq_len, o.c, o.allow, o.mb, o.max_dp,
+                                          o.global_batch, o.cluster.devices_per_node, o.cp)
             k = self.kinds[key] = _kind_costs(o.cfg, i, strategies, o.mb, o.max_dp, o.seq_len, o.hw, o.states, o.m_eff)
             self.trans[key] = _transition_matrix(k, o.cfg, o.tokens * o.max_dp, o.hw, o.m_eff)
         return self.kinds[key]

@@ -67,6 +67,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--grid-intensity", type=float, default=None, metavar="KG_PER_KWH",
                    help="grid carbon intensity in kgCO2e/kWh (default 0.385, US average)")
     c.add_argument("--price-per-device-hour", type=float, default=None, metavar="USD")
+    c.add_argument("--power-basis", default="node", choices=("node", "tdp", "measured"),
+                   help="node: device idle..TDP by utilisation + host power (default); tdp: GPU TDP x device-hours, "
+                        "as the Llama 2/3 model cards count; measured: --measured-power-w per device")
+    c.add_argument("--measured-power-w", type=float, default=None, metavar="W",
+                   help="measured average power per device (for --power-basis measured)")
     c.add_argument("--goodput", type=float, default=1.0,
                    help="fraction of wall-clock doing useful steps (failures, restarts, eval); e.g. 0.8")
     p.add_argument("--top", type=int, default=5, help="how many layouts to list (best + runner-ups)")
@@ -157,7 +162,8 @@ def _capacity(args: argparse.Namespace, cluster: Any, predicted: dict[str, Any])
     cap = capacity_plan(cluster, predicted["tokens_per_s"], parse_tokens(args.train_tokens), utilisation=utilisation,
                         pue=DEFAULT_PUE if args.pue is None else args.pue,
                         grid_intensity=DEFAULT_GRID if args.grid_intensity is None else args.grid_intensity,
-                        price_per_device_hour=args.price_per_device_hour, goodput=args.goodput)
+                        price_per_device_hour=args.price_per_device_hour, goodput=args.goodput,
+                        power_basis=args.power_basis, measured_power_w=args.measured_power_w)
     return {k: (float(f"{v:.7g}") if isinstance(v, float) else v) for k, v in cap.as_dict().items()}
 
 

@@ -821,10 +821,11 @@ def _solve_candidate(o: _Outer) -> list[Any]:
 
 
 def _interleave_depths(n_layers: int, pp: int) -> list[int]:
-    """Model chunks per rank tried for interleaved 1F1B: 2, and every depth up to 8 that splits the layers
-    evenly (Llama 3 405B ran 4-7 chunks per rank; deeper interleaving shrinks the bubble, costs p2p)."""
+    """Model chunks per rank tried for interleaved 1F1B: 2, and the smallest and largest depth up to 8 that
+    split the layers evenly (Llama 3 405B ran 4-7 chunks per rank; deeper interleaving shrinks the bubble,
+    costs p2p)."""
     even = [v for v in range(3, 9) if n_layers % (pp * v) == 0]
-    return [2] + even
+    return [2] + sorted({even[0], even[-1]}) if even else [2]  # at most two deeper ones: search time
 
 
 def _embedding_zero_options(strategies: list[LayerStrategy], emb_dp: int, runtime_compatible: bool) -> list[int]:

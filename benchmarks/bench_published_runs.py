@@ -106,18 +106,19 @@ def runs() -> list[Run]:
     # (the paper says up to 156) in eq. (3)'s convention.
     out.append(Run("BLOOM-176B", "Le Scao et al. 2022, sec. 3.4", gpt("bloom-176b", 14336, 70, 112, vocab=250880),
                    "dgx-a100-80g", 384, 2048, 2048, 4, 12, 150, megatron96, "deepspeed", attention="materialized",
-                   recompute="full", zero=1, certain=False, note="150-156 TFLOP/s reported; ALiBi modelled as gpt2 blocks"))
+                   recompute="full", sp=False, zero=1, certain=False,
+                   note="150-156 TFLOP/s reported; ALiBi modelled as gpt2 blocks"))
     # OPT-175B (Zhang et al. 2022, sec. 2.3): 992 A100 80GB, FSDP + Megatron tp 8, up to 147 TFLOP/s per GPU;
     # batch 2M tokens (992 x 2048); convention and recomputation not stated.
     out.append(Run("OPT-175B", "Zhang et al. 2022, sec. 2.3", gpt("opt-175b", 12288, 96, 96, vocab=50272),
                    "dgx-a100-80g", 992, 2048, 992, 8, 1, 147, megatron72, "torchtitan", attention="materialized",
-                   zero=3, certain=False, note="FLOP convention unstated (72-formula assumed)"))
+                   sp=False, zero=3, certain=False, note="FLOP convention and recomputation unstated (72-formula assumed)"))
     # MT-NLG 530B (Smith et al. 2022, sec. 3.2 / Table): tp 8, pp 35 on 280/350/420 DGX A100, global batch 1920,
     # seq 2048, DeepSpeed pipeline + Megatron tp, full recomputation; 126 / 121 / 113 TFLOP/s per GPU.
     for nodes, tf in [(280, 126), (350, 121), (420, 113)]:
         out.append(Run("MT-NLG 530B", "Smith et al. 2022, Table 2", gpt("mt-nlg-530b", 20480, 105, 128),
                        "dgx-a100-80g", nodes * 8, 2048, 1920, 8, 35, tf, megatron96, "deepspeed",
-                       attention="materialized", recompute="full", zero=1, micro_batch=1))
+                       attention="materialized", recompute="full", sp=False, zero=1, micro_batch=1))
     # Llama 3 405B (Dubey et al. 2024, Table 4): H100 80GB, seq 8192 (and 131072 with cp 16), tp 8, pp 16,
     # 16M tokens per batch; BF16 MFU 43% / 41% / 38% of 989 TFLOP/s.
     for gpus, seq, cp, mfu in [(8192, 8192, 1, 0.43), (16384, 8192, 1, 0.41), (16384, 131072, 16, 0.38)]:

@@ -412,17 +412,9 @@ def _partitions(cfg: ModelConfig, pp: int, v: int, head_layers: float, fixed: bo
     return out
 
 
-def search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: int,
-           hw: Optional[cm.Hardware] = None, constraints: Optional[Constraints] = None,
-           allow: Optional[Allow] = None, states: Optional[str] = None, top: int = 5,
-           progress: bool = False, suggest: bool = True) -> SearchResult:
-    """Search plans for ``cfg`` on ``cluster`` (its nodes x devices_per_node ranks)."""
-    t0 = time.perf_counter()
-    c = constraints or Constraints()
+def _check_request(cfg: ModelConfig, seq_len: int, global_batch: int, c: Constraints, world: int) -> list[int]:
+    """One-line errors for a request no layout can satisfy; returns the pipeline degrees to try."""
     c.validate()
-    allow = allow or Allow()
-    hw = hw or cm.hardware_from_cluster(cluster)
-    world = cluster.world_size
     if seq_len < 1 or global_batch < 1:
         raise invalid("seq-len" if seq_len < 1 else "global-batch", seq_len if seq_len < 1 else global_batch, "a positive integer")
     if seq_len > cfg.max_seq_len:
@@ -430,115 +422,158 @@ def search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: i
     cp = c.cp or 1
     if cp > 1 and seq_len % (2 * cp):
         raise invalid("cp", cp, f"a degree with seq_len={seq_len} divisible by 2*cp (ring attention splits each sequence into 2*cp chunks)")
-    state_opts = [states] if states else (["fp32", "fp8"] if allow.fp8 else ["fp32"])
     pps = [p for p in divisors(world) if p <= cfg.n_layers]
     if c.pp is not None:
         if c.pp not in pps:
             raise invalid("pp", c.pp, f"a divisor of world size {world} no larger than n_layers={cfg.n_layers}: {pps}")
         pps = [c.pp]
-    feasible: list[Candidate] = []
-    rejected: list[dict[str, Any]] = []
-    n_cand = 0
-    budget = hw.memory_bytes
-    usable = (budget - hw.overhead_bytes) / (1 + hw.fragmentation)
-    model_name = cfg.name if cfg.name != "custom" else to_dict(cfg)
-    from tqdm import tqdm
+    return pps
 
-    outer = list(itertools.product(state_opts, pps))
-    for st, pp in tqdm(outer, desc="plan search", unit="pp", disable=not progress, leave=False):
-        if pp > 1 and cfg.tie_embeddings and c.runtime_compatible:
-            rejected.append({"layout": f"pp={pp}", "reason": "meshwright's runtime runs tied embeddings with pp=1 only"})
+
+def _schedules(cfg: ModelConfig, c: Constraints, pp: int, m: int) -> list[tuple[str, int]]:
+    """(schedule, virtual stages) to try for ``pp`` stages and ``m`` microbatches."""
+    if pp == 1:
+        return [("1f1b", 1)]
+    scheds: list[tuple[str, int]] = []
+    if c.schedule in (None, "1f1b"):
+        scheds.append(("1f1b", 1))
+    if c.schedule == "gpipe":
+        scheds.append(("gpipe", 1))
+    if c.schedule in (None, "interleaved_1f1b"):
+        for v in ([c.virtual_stages] if c.virtual_stages else _interleave_depths(cfg.n_layers, pp)):
+            if v > 1 and m % pp == 0 and cfg.n_layers >= pp * v:
+                scheds.append(("interleaved_1f1b", v))
+    return scheds
+
+
+@dataclass
+class _Collector:
+    """Feasible candidates and rejections gathered over the outer loop."""
+
+    feasible: list[Candidate] = dataclasses.field(default_factory=list)
+    rejected: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    candidates: int = 0
+
+
+def _try_micro_batch(base: _Outer, out: _Collector) -> Optional[float]:
+    """Every schedule for one (pp, tp, micro-batch): the best step time found, None when nothing fits."""
+    best: Optional[float] = None
+    prev_depth: Optional[float] = None  # best time of the previous interleaving depth
+    for sched, v in _schedules(base.cfg, base.c, base.pp, base.m):
+        out.candidates += 1
+        depth_best: Optional[float] = None
+        for item in _solve_candidate(dataclasses.replace(base, sched=sched, v=v)):
+            if isinstance(item, Candidate):
+                out.feasible.append(item)
+                t = item.prediction.step_s
+                best = t if best is None else min(best, t)
+                depth_best = t if depth_best is None else min(depth_best, t)
+            else:
+                out.rejected.append(item)
+        if sched == "interleaved_1f1b" and base.c.virtual_stages is None:
+            # deeper interleaving only shrinks the bubble further: stop once a depth stops helping
+            if depth_best is None or (prev_depth is not None and depth_best >= prev_depth):
+                break
+            prev_depth = depth_best
+    return best
+
+
+def _try_micro_batches(base: _Outer, per_replica: int, out: _Collector) -> None:
+    """Micro-batch sizes ascending for one (pp, smallest tp). Larger micro-batches only add activation memory:
+    once one is out of memory, or two in a row did not beat the best so far, the larger ones are not tried
+    (recorded as pruned)."""
+    c, pp, t_base = base.c, base.pp, base.t_base
+    mbs = [b for b in divisors(per_replica) if b <= 64]
+    if c.micro_batch is not None:
+        mbs = [b for b in mbs if b == c.micro_batch]
+    best_mb_time: Optional[float] = None
+    worse = 0
+    for mb in mbs:
+        if worse >= 2:
+            out.rejected.append({"layout": f"pp={pp} tp>={t_base} mb>={mb}", "reason": "pruned: larger micro-batches stopped helping"})
+            break
+        mb_best = _try_micro_batch(dataclasses.replace(base, mb=mb, m=per_replica // mb), out)
+        if mb_best is None:
+            if c.micro_batch is None and mb != mbs[-1]:
+                out.rejected.append({"layout": f"pp={pp} tp>={t_base} mb>{mb}", "reason": f"pruned: mb={mb} is already out of memory"})
+            break
+        if best_mb_time is None or mb_best < best_mb_time * (1 - 1e-3):
+            best_mb_time, worse = mb_best, 0
+        else:
+            worse += 1
+
+
+def _try_pipeline(base: _Outer, out: _Collector) -> None:
+    """Every smallest-tp choice for one pipeline degree (``base.pp``) and optimizer-state format."""
+    cfg, c, pp, cp, world = base.cfg, base.c, base.pp, base.cp, base.cluster.world_size
+    if pp > 1 and cfg.tie_embeddings and c.runtime_compatible:
+        out.rejected.append({"layout": f"pp={pp}", "reason": "meshwright's runtime runs tied embeddings with pp=1 only"})
+        return
+    per_stage = world // pp
+    if per_stage % cp:
+        out.rejected.append({"layout": f"pp={pp} cp={cp}", "reason": f"cp={cp} does not divide {per_stage} devices per stage"})
+        return
+    tps = tp_choices(cfg, per_stage // cp, base.seq_len)
+    if c.tp is not None:
+        if c.tp not in tps:
+            out.rejected.append({"layout": f"pp={pp} tp={c.tp}", "reason": f"tp={c.tp} does not divide heads/FFN/{per_stage} devices"})
+            return
+        tps = [c.tp]
+    if c.dp is not None:
+        tps = [t for t in tps if per_stage // (t * cp) == c.dp]
+    for t_base in tps:
+        max_dp = per_stage // (t_base * cp)
+        if base.global_batch % max_dp:
             continue
-        per_stage = world // pp
-        if per_stage % cp:
-            rejected.append({"layout": f"pp={pp} cp={cp}", "reason": f"cp={cp} does not divide {per_stage} devices per stage"})
-            continue
-        tps = tp_choices(cfg, per_stage // cp, seq_len)
-        if c.tp is not None:
-            if c.tp not in tps:
-                rejected.append({"layout": f"pp={pp} tp={c.tp}", "reason": f"tp={c.tp} does not divide heads/FFN/{per_stage} devices"})
-                continue
-            tps = [c.tp]
-        if c.dp is not None:
-            tps = [t for t in tps if per_stage // (t * cp) == c.dp]
-        for t_base in tps:
-            max_dp = per_stage // (t_base * cp)
-            if global_batch % max_dp:
-                continue
-            per_replica = global_batch // max_dp
-            mbs = [b for b in divisors(per_replica) if b <= 64]
-            if c.micro_batch is not None:
-                mbs = [b for b in mbs if b == c.micro_batch]
-            if pp > 1:
-                mbs = [b for b in mbs if per_replica // b >= 1]
-            allowed_tps = [t for t in tps if t >= t_base][:3]
-            best_mb_time: Optional[float] = None
-            worse = 0
-            for mb in mbs:
-                # Larger micro-batches only add activation memory: once one is out of memory, or two in a
-                # row did not beat the best so far, the larger ones are not tried (recorded as pruned).
-                if worse >= 2:
-                    rejected.append({"layout": f"pp={pp} tp>={t_base} mb>={mb}", "reason": "pruned: larger micro-batches stopped helping"})
-                    break
-                m = per_replica // mb
-                scheds: list[tuple[str, int]] = []
-                if pp == 1:
-                    scheds = [("1f1b", 1)]
-                else:
-                    if c.schedule in (None, "1f1b"):
-                        scheds.append(("1f1b", 1))
-                    if c.schedule == "gpipe":
-                        scheds.append(("gpipe", 1))
-                    if c.schedule in (None, "interleaved_1f1b"):
-                        for v in ([c.virtual_stages] if c.virtual_stages else _interleave_depths(cfg.n_layers, pp)):
-                            if v > 1 and m % pp == 0 and cfg.n_layers >= pp * v:
-                                scheds.append(("interleaved_1f1b", v))
-                mb_best: Optional[float] = None
-                any_fit = False
-                prev_depth: Optional[float] = None  # best time of the previous interleaving depth
-                for sched, v in scheds:
-                    n_cand += 1
-                    cand = _solve_candidate(_Outer(cfg, cluster, hw, c, allow, st, pp, per_stage, allowed_tps, t_base,
-                                                   max_dp, mb, m, sched, v, seq_len, global_batch, usable, model_name, cp))
-                    depth_best: Optional[float] = None
-                    for item in cand:
-                        if isinstance(item, Candidate):
-                            feasible.append(item)
-                            any_fit = True
-                            t = item.prediction.step_s
-                            mb_best = t if mb_best is None else min(mb_best, t)
-                            depth_best = t if depth_best is None else min(depth_best, t)
-                        else:
-                            rejected.append(item)
-                    if sched == "interleaved_1f1b" and c.virtual_stages is None:
-                        # deeper interleaving only shrinks the bubble further: stop once a depth stops helping
-                        if depth_best is None or (prev_depth is not None and depth_best >= prev_depth):
-                            break
-                        prev_depth = depth_best
-                if not any_fit:
-                    if c.micro_batch is None and mb != mbs[-1]:
-                        rejected.append({"layout": f"pp={pp} tp>={t_base} mb>{mb}", "reason": f"pruned: mb={mb} is already out of memory"})
-                    break
-                if best_mb_time is None or mb_best < best_mb_time * (1 - 1e-3):
-                    best_mb_time, worse = mb_best, 0
-                else:
-                    worse += 1
-    feasible.sort(key=lambda x: (x.prediction.step_s, describe_layout(x.plan)))
+        allowed_tps = [t for t in tps if t >= t_base][:3]
+        _try_micro_batches(dataclasses.replace(base, per_stage=per_stage, tps=allowed_tps, t_base=t_base, max_dp=max_dp),
+                           base.global_batch // max_dp, out)
+
+
+def _result(out: _Collector, top: int, budget: float, t0: float) -> SearchResult:
+    """Distinct layouts, fastest first; rejections closest-to-fitting first."""
+    out.feasible.sort(key=lambda x: (x.prediction.step_s, describe_layout(x.plan)))
     uniq: list[Candidate] = []
     seen = set()
-    for x in feasible:
+    for x in out.feasible:
         key = describe_layout(x.plan)
         if key not in seen:
             seen.add(key)
             uniq.append(x)
-    rejected.sort(key=lambda r: ("need_gib" not in r, r.get("need_gib", 0.0), r["layout"]))
+    rejected = sorted(out.rejected, key=lambda r: ("need_gib" not in r, r.get("need_gib", 0.0), r["layout"]))
     result = SearchResult(best=uniq[0] if uniq else None, runners_up=uniq[1:top], rejected=rejected,
-                          search_s=time.perf_counter() - t0, candidates=n_cand, budget_gib=budget / cm.GIB)
+                          search_s=time.perf_counter() - t0, candidates=out.candidates, budget_gib=budget / cm.GIB)
     if not uniq:
         needs = [r["need_gib"] for r in rejected if "need_gib" in r]
         result.min_memory_gib = min(needs) if needs else None
-        if suggest:
-            result.suggestion = _suggest(cfg, cluster, seq_len, global_batch, hw, c, allow)
+    return result
+
+
+def search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: int,
+           hw: Optional[cm.Hardware] = None, constraints: Optional[Constraints] = None,
+           allow: Optional[Allow] = None, states: Optional[str] = None, top: int = 5,
+           progress: bool = False, suggest: bool = True) -> SearchResult:
+    """Search plans for ``cfg`` on ``cluster`` (its nodes x devices_per_node ranks): pipeline degree and
+    optimizer-state format outside (``_try_pipeline``), then smallest tp, micro-batch and schedule, then the
+    per-rank DPs (``_solve_candidate``)."""
+    t0 = time.perf_counter()
+    c = constraints or Constraints()
+    allow = allow or Allow()
+    hw = hw or cm.hardware_from_cluster(cluster)
+    pps = _check_request(cfg, seq_len, global_batch, c, cluster.world_size)
+    state_opts = [states] if states else (["fp32", "fp8"] if allow.fp8 else ["fp32"])
+    usable = (hw.memory_bytes - hw.overhead_bytes) / (1 + hw.fragmentation)
+    model_name = cfg.name if cfg.name != "custom" else to_dict(cfg)
+    out = _Collector()
+    from tqdm import tqdm
+
+    for st, pp in tqdm(list(itertools.product(state_opts, pps)), desc="plan search", unit="pp", disable=not progress, leave=False):
+        base = _Outer(cfg, cluster, hw, c, allow, st, pp, 0, [], 0, 0, 0, 0, "1f1b", 1, seq_len, global_batch, usable,
+                      model_name, c.cp or 1)
+        _try_pipeline(base, out)
+    result = _result(out, top, hw.memory_bytes, t0)
+    if result.best is None and suggest:
+        result.suggestion = _suggest(cfg, cluster, seq_len, global_batch, hw, c, allow)
         result.search_s = time.perf_counter() - t0
     return result
 

@@ -548,3 +548,14 @@ def test_autocast_activation_extra_matches_saved_bytes_of_a_block():
     h = hw(precision="autocast")
     c = cm.layer_costs(cfg, 0, LayerStrategy(), 1, 64, h)
     assert c["act_bytes"] == pytest.approx(64 * want)
+
+
+def test_cluster_memory_bandwidth_and_clock_fraction_change_the_hardware():
+    """An H100 with slower HBM and a power-capped clock: the cluster spec says so and the cost model follows."""
+    cl = load_cluster("dgx-h100-80g")
+    base = cm.hardware_from_cluster(cl)
+    slow = cm.hardware_from_cluster(dataclasses.replace(cl, memory_bw_gbps=2400.0, clock_fraction=0.8))
+    assert slow.mem_bw == pytest.approx(0.8 * 2400e9) and base.mem_bw == pytest.approx(0.8 * 3.35e12)
+    assert slow.peak_flops == pytest.approx(0.8 * base.peak_flops)
+    with pytest.raises(Exception, match="clock_fraction"):
+        dataclasses.replace(cl, clock_fraction=1.5).validate()

@@ -117,9 +117,10 @@ def hardware_from_cluster(cluster: ClusterSpec, profile: Optional[dict[str, Any]
     if dtype is not None and dtype not in ("fp32", "bf16"):
         raise invalid("dtype", dtype, "fp32 or bf16")
     dtype = dtype or ("fp32" if cpu else ("bf16" if "bf16" in cluster.peak_tflops else "fp32"))
+    mem_bw = 0.8 * cluster.memory_bw_gbps * 1e9 if cluster.memory_bw_gbps else device_memory_bw(cluster.device)
     hw = Hardware(
-        mem_bw=device_memory_bw(cluster.device),
-        peak_flops=cluster.peak_flops(dtype),
+        mem_bw=mem_bw,
+        peak_flops=cluster.peak_flops(dtype) * cluster.clock_fraction,
         matmul_efficiency=0.85 if cpu else 0.75,
         devices_per_node=cluster.devices_per_node,
         intra_bw=cluster.intra_node_bw_gbps * 1e9, intra_lat=cluster.intra_node_latency_us * 1e-6,

@@ -366,3 +366,17 @@ def test_model_profile_in_the_training_dtype_is_recorded_and_checked():
     assert cal.act_scale == pytest.approx(prof["entries"][0]["act_bytes_per_token"]["none"] / analytic_bf16)
     with pytest.raises(Exception, match="dtype"):
         profile_model(cfg, [1, 2], [16, 32], [1], iters=1, progress=False, dtype="fp8")
+
+
+def test_cp_and_power_basis_flags(capsys):
+    base = ["--model", "tiny", "--cluster", "local-cpu", "--seq-len", "128", "--global-batch", "8"]
+    rc, _, err = _run(capsys, ["plan", *base, "--cp", "2"])
+    assert rc != 0 or "any-runtime" in err
+    with pytest.raises(Exception, match="any-runtime"):
+        plan_cmd.compute_result(_args([*base, "--cp", "2"]))
+    out = plan_cmd.compute_result(_args([*base, "--cp", "2", "--any-runtime"]))
+    assert all(s["cp"] == 2 for s in out["plan"]["layers"]) and "cp2" in out["layout"]
+    tdp = plan_cmd.compute_result(_args([*base, "--train-tokens", "1B", "--power-basis", "tdp", "--pue", "1.0"]))
+    node = plan_cmd.compute_result(_args([*base, "--train-tokens", "1B", "--pue", "1.0"]))
+    assert tdp["capacity"]["device_hours"] == node["capacity"]["device_hours"]
+    assert tdp["capacity"]["energy_mwh"] != node["capacity"]["energy_mwh"]

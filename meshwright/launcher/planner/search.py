@@ -420,6 +420,9 @@ def _check_request(cfg: ModelConfig, seq_len: int, global_batch: int, c: Constra
     if seq_len > cfg.max_seq_len:
         raise invalid("seq-len", seq_len, f"at most the model's max_seq_len={cfg.max_seq_len}")
     cp = c.cp or 1
+    if cp > 1 and c.runtime_compatible:
+        raise invalid("cp", cp, "1 for layouts meshwright's runtime runs (context parallelism is planned and exported "
+                      "only: add --any-runtime)")
     if cp > 1 and seq_len % (2 * cp):
         raise invalid("cp", cp, f"a degree with seq_len={seq_len} divisible by 2*cp (ring attention splits each sequence into 2*cp chunks)")
     pps = [p for p in divisors(world) if p <= cfg.n_layers]

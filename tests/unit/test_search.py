@@ -291,3 +291,19 @@ def test_context_parallel_plan_for_long_context_and_ring_cost_by_hand():
         check_runtime_support(r.best.plan, cfg, "dtensor", "torch")
     with pytest.raises(ConfigError, match="cp"):
         S.search(cfg, cluster, 131072 - 8, 16, constraints=S.Constraints(cp=16, **fixed))
+
+
+def test_llama2_7b_on_one_h200_budget_never_returns_the_layout_that_ran_out_of_memory():
+    """Measured on one H200 (issue 17): llama2-7b, seq 4096, mb 1, no recompute went out of memory with 133 GiB
+    allocated + 6 GiB reserved. The memory model puts that layout above the 130 GiB budget, and the search's
+    best plan fits it."""
+    cfg = load_model_config("llama2-7b")
+    cluster = load_cluster("dgx-h100-80g", devices_per_node=1)
+    roomy = cm.hardware_from_cluster(cluster, memory_budget_gib=400)
+    c = S.Constraints(tp=1, pp=1, micro_batch=1, recompute="none", runtime_compatible=True)
+    oom = S.search(cfg, cluster, 4096, 8, hw=roomy, constraints=c).best.prediction
+    assert max(oom.memory_gib) > 139.0  # what the card had: the layout does not fit
+    hw = cm.hardware_from_cluster(cluster, memory_budget_gib=130)
+    r = S.search(cfg, cluster, 4096, 8, hw=hw, constraints=S.Constraints(runtime_compatible=True))
+    assert r.best is not None and max(r.best.prediction.memory_gib) <= 130.0
+    assert any(s.recompute != "none" for s in r.best.plan.layers)

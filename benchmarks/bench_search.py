@@ -111,8 +111,8 @@ def bench_megatron(rows_limit: int | None) -> list[str]:
         cl = load_cluster("dgx-a100-80g", nodes=gpus // 8)
         seq = 2048
         # the 2021 runs predate FlashAttention: their softmax/dropout kernels read and write the score matrices
-        hw_2021 = dataclasses.replace(cm.hardware_from_cluster(cl), attention="materialized")
-        ref = search(cfg, cl, seq, batch, hw=hw_2021, constraints=Constraints(tp=tp, pp=pp, micro_batch=1, recompute="full"),
+        hw_2021 = dataclasses.replace(cm.hardware_from_cluster(cl, stack="megatron"), attention="materialized")
+        ref = search(cfg, cl, seq, batch, hw=hw_2021, constraints=Constraints(tp=tp, pp=pp, micro_batch=1, recompute="full", sp=False),
                      suggest=False)
         if ref.best is None:
             out.append(f"| {name} | {gpus} | t={tp} p={pp} B={batch} | {published} | infeasible in our model | - | - | - | - | - | - |")

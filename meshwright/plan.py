@@ -51,7 +51,7 @@ class LayerStrategy:
     # groups, so the per-microbatch gathers stay on fast links; null = shard over all dp ranks
     dp_shard: Optional[int] = None
     ep: int = 1  # expert parallel degree, carved out of dp (MoE layers only)
-    cp: int = 1  # context parallel degree (reserved: validated, runtime supports cp=1)
+    cp: int = 1  # context parallel degree: ring attention over cp ranks, each holding seq_len/cp tokens (planner only)
     recompute: Literal["none", "selective", "full"] = "none"
     savers: Savers = field(default_factory=Savers)
     repeat: int = 1  # this strategy applies to `repeat` consecutive layers
@@ -228,8 +228,10 @@ def validate_plan(plan: Plan, model: ModelConfig | str | dict, world_size: int) 
                 f"{f}: tp*dp*cp = {s.tp}*{s.dp}*{s.cp} = {s.tp * s.dp * s.cp} but each pipeline stage has "
                 f"{per_stage} devices (world {world_size} / pipeline.degree {pp.degree}); valid: tp*dp*cp == {per_stage}"
             )
-        if s.cp != 1:
-            raise invalid(f"{f}.cp", s.cp, "1 (context parallelism is not supported by the runtime yet)")
+        if s.cp != strategies[0].cp:
+            raise invalid(f"{f}.cp", s.cp, f"{strategies[0].cp}, the cp of layer 0 (one context-parallel degree per plan)")
+        if s.cp > 1 and plan.seq_len % (2 * s.cp):
+            raise invalid(f"{f}.cp", s.cp, f"a degree with seq_len={plan.seq_len} divisible by 2*cp (ring attention's load-balanced chunks)")
         if s.sp and plan.seq_len % s.tp:
             raise invalid(f"{f}.sp", s.sp, f"false, or a tp dividing seq_len={plan.seq_len}")
         if s.ep > 1:
@@ -264,8 +266,6 @@ def validate_plan(plan: Plan, model: ModelConfig | str | dict, world_size: int) 
             raise invalid("pipeline.microbatches", pp.microbatches, f"{per_rank} = global_batch/(dp*micro_batch) = {plan.global_batch}/({max_dp}*{plan.micro_batch})")
         if pp.schedule == "interleaved_1f1b" and pp.microbatches % pp.degree:
             raise invalid("pipeline.microbatches", pp.microbatches, f"a multiple of pipeline.degree={pp.degree} for interleaved_1f1b")
-        if cfg.tie_embeddings:
-            raise invalid("pipeline.degree", pp.degree, "1 for models with tied embeddings (the head and embedding would sit on different stages)")
     if plan.embedding.tp > 1 and (cfg.vocab_size % plan.embedding.tp or per_stage % plan.embedding.tp):
         raise invalid("embedding.tp", plan.embedding.tp, f"a divisor of vocab_size={cfg.vocab_size} and of {per_stage} devices per stage")
 

@@ -14,6 +14,9 @@ import sys
 from typing import Any
 
 from meshwright.errors import ConfigError
+from meshwright.launcher.planner.stack import STACKS
+
+STACK_NAMES = tuple(STACKS)
 
 JSON_SCHEMA_VERSION = 1
 
@@ -33,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pp", type=int, default=None)
     g.add_argument("--dp", type=int, default=None)
     g.add_argument("--ep", type=int, default=None)
+    g.add_argument("--cp", type=int, default=None,
+                   help="context parallel degree (ring attention; each rank holds seq_len/cp tokens); planned and "
+                        "exported, not yet run by meshwright's runtime")
     g.add_argument("--zero", type=int, default=None, choices=(0, 1, 2, 3))
     g.add_argument("--recompute", default=None, choices=("none", "selective", "full"))
     g.add_argument("--sp", default=None, action=argparse.BooleanOptionalAction,
@@ -43,6 +49,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--any-runtime", action="store_true",
                    help="search the full space (ZeRO-1, vocab-parallel embeddings, savers) instead of only layouts "
                         "meshwright's runtime runs unchanged; implied by --allow (--emit searches what its stack runs)")
+    p.add_argument("--stack", default=None, choices=STACK_NAMES,
+                   help="the training stack that will run the plan: its precision policy (bytes per parameter, "
+                        "gradient-reduction dtype) and overlap rules shape memory and step time (default: the --emit "
+                        "target, else meshwright)")
+    p.add_argument("--dtype", default=None, choices=("bf16", "fp32"),
+                   help="training dtype (TrainConfig.dtype; default bf16 where the device lists it, fp32 on CPU)")
     p.add_argument("--attention", default="flash", choices=("flash", "materialized"),
                    help="attention kernels of the stack: flash (fused; meshwright, Megatron since 2023) or "
                         "materialized scores (e.g. Megatron-LM 2021), which cost memory traffic and activation memory")
@@ -56,6 +68,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--grid-intensity", type=float, default=None, metavar="KG_PER_KWH",
                    help="grid carbon intensity in kgCO2e/kWh (default 0.385, US average)")
     c.add_argument("--price-per-device-hour", type=float, default=None, metavar="USD")
+    c.add_argument("--power-basis", default="node", choices=("node", "tdp", "measured"),
+                   help="node: device idle..TDP by utilisation + host power (default); tdp: GPU TDP x device-hours, "
+                        "as the Llama 2/3 model cards count; measured: --measured-power-w per device")
+    c.add_argument("--measured-power-w", type=float, default=None, metavar="W",
+                   help="measured average power per device (for --power-basis measured)")
     c.add_argument("--goodput", type=float, default=1.0,
                    help="fraction of wall-clock doing useful steps (failures, restarts, eval); e.g. 0.8")
     p.add_argument("--top", type=int, default=5, help="how many layouts to list (best + runner-ups)")
@@ -88,12 +105,22 @@ def _load_inputs(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_model_config(args.model)
     cluster = load_cluster(args.cluster, nodes=args.nodes, devices_per_node=args.devices_per_node)
     hprof = load_hardware_profile(args.hardware_profile) if args.hardware_profile else None
-    hw = cm.hardware_from_cluster(cluster, hprof, args.memory_budget_gib)
+    hw = cm.hardware_from_cluster(cluster, hprof, args.memory_budget_gib, stack=_stack(args),
+                                  dtype=getattr(args, "dtype", None))
     if args.model_profile:
         hw = apply_model_profile(hw, load_model_profile(args.model_profile), cfg, hprof)
     if args.attention != hw.attention:
         hw = dataclasses.replace(hw, attention=args.attention)
     return {"cfg": cfg, "cluster": cluster, "hw": hw}
+
+
+def _stack(args: argparse.Namespace) -> str:
+    """The stack the prediction describes: --stack, else the --emit target (its rules), else meshwright's runtime."""
+    stack, target = getattr(args, "stack", None), getattr(args, "emit", None)
+    if stack is not None and target is not None and stack != target:
+        raise ConfigError(f"stack={stack!r} is invalid with --emit {target}; valid: {target!r} or no --stack "
+                          "(an export is predicted for the stack that runs it)")
+    return stack or target or "meshwright"
 
 
 def compute_result(args: argparse.Namespace) -> dict[str, Any]:
@@ -102,7 +129,7 @@ def compute_result(args: argparse.Namespace) -> dict[str, Any]:
 
     inputs = _load_inputs(args)
     cfg, cluster, hw = inputs["cfg"], inputs["cluster"], inputs["hw"]
-    constraints = Constraints(tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep, zero=args.zero, recompute=args.recompute, sp=args.sp,
+    constraints = Constraints(tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep, cp=args.cp, zero=args.zero, recompute=args.recompute, sp=args.sp,
                               micro_batch=args.micro_batch, schedule=args.schedule, virtual_stages=args.virtual_stages,
                               runtime_compatible=not (args.any_runtime or args.allow))
     allow = Allow.parse(args.allow)
@@ -119,7 +146,8 @@ def compute_result(args: argparse.Namespace) -> dict[str, Any]:
         "schema": JSON_SCHEMA_VERSION,
         "model": cfg.name, "cluster": cluster.name, "nodes": cluster.nodes, "devices_per_node": cluster.devices_per_node,
         "world_size": cluster.world_size, "seq_len": args.seq_len, "global_batch": args.global_batch,
-        "memory_budget_gib": round(res.budget_gib, 3), "compute_dtype": hw.compute_dtype,
+        "memory_budget_gib": round(res.budget_gib, 3), "compute_dtype": hw.compute_dtype, "stack": hw.stack,
+        "precision": hw.policy.name,
         "search_s": round(res.search_s, 3), "candidates": res.candidates, "feasible": res.best is not None,
     }
     if res.best is None:
@@ -170,7 +198,8 @@ def _capacity(args: argparse.Namespace, cluster: Any, predicted: dict[str, Any])
     cap = capacity_plan(cluster, predicted["tokens_per_s"], parse_tokens(args.train_tokens), utilisation=utilisation,
                         pue=DEFAULT_PUE if args.pue is None else args.pue,
                         grid_intensity=DEFAULT_GRID if args.grid_intensity is None else args.grid_intensity,
-                        price_per_device_hour=args.price_per_device_hour, goodput=args.goodput)
+                        price_per_device_hour=args.price_per_device_hour, goodput=args.goodput,
+                        power_basis=args.power_basis, measured_power_w=args.measured_power_w)
     return {k: (float(f"{v:.7g}") if isinstance(v, float) else v) for k, v in cap.as_dict().items()}
 
 
@@ -201,7 +230,7 @@ def render_text(result: dict[str, Any]) -> str:
     r = result
     lines = [f"meshwright plan: {r['model']} on {r['nodes']} x {r['devices_per_node']} {r['cluster']} "
              f"({r['world_size']} devices), seq {r['seq_len']}, global batch {r['global_batch']}, "
-             f"budget {r['memory_budget_gib']:.1f} GiB/device, {r['compute_dtype']}"]
+             f"budget {r['memory_budget_gib']:.1f} GiB/device, {r['compute_dtype']}, stack {r['stack']} ({r['precision']})"]
     if not r["feasible"]:
         lines.append(r["error"])
         return "\n".join(lines)

@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--tp", type=_int_list, default=None, help="tp degrees (default 1,2 where they divide the heads)")
     m.add_argument("--iters", type=int, default=3)
     m.add_argument("--device", default="cpu", help="cpu or cuda")
+    m.add_argument("--dtype", default=None, choices=("fp32", "bf16"),
+                   help="training precision to profile in (default: bf16 autocast on cuda, fp32 on cpu); "
+                        "the planner needs a profile in the dtype it plans for")
     m.add_argument("--timeout-s", type=float, default=120.0, help="process-group timeout (under torchrun)")
     m.set_defaults(func=run_model)
 
@@ -88,7 +91,7 @@ def run_model(args: argparse.Namespace) -> int:
     with distributed_from_env(args.timeout_s) as writer:
         device = torch.device(args.device, int(os.environ.get("LOCAL_RANK", "0"))) if args.device == "cuda" else torch.device("cpu")
         prof = profile_model(cfg, args.batch_sizes, args.seq_lens, tps, device, args.iters,
-                             progress=writer and sys.stderr.isatty())
+                             progress=writer and sys.stderr.isatty(), dtype=args.dtype)
         if writer:
             save_model_profile(prof, args.out)
             for e in prof["entries"]:

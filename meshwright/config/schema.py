@@ -172,13 +172,21 @@ class ClusterSpec:
     inter_node_bw_gbps: float = 1.0
     inter_node_latency_us: float = 50.0
     host_power_w: float = 0.0  # CPUs, NICs, fans per node, for the energy model
+    # device-memory bandwidth (GB/s, datasheet) where the device name does not say it, e.g. an H100 96 GB
+    # with HBM2e; null = known from the device name
+    memory_bw_gbps: Optional[float] = None
+    # sustained clock under the site's power cap as a fraction of boost (peak FLOP/s scale with it); 1 = none
+    clock_fraction: float = 1.0
     sources: dict[str, str] = field(default_factory=dict)
 
     DTYPES = ("fp32", "tf32", "bf16", "fp16", "fp8")
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
-        _positive(p, self, "nodes", "devices_per_node", "memory_gib", "tdp_w", "intra_node_bw_gbps", "inter_node_bw_gbps")
+        _positive(p, self, "nodes", "devices_per_node", "memory_gib", "tdp_w", "intra_node_bw_gbps", "inter_node_bw_gbps",
+                  "memory_bw_gbps")
+        if not 0.0 < self.clock_fraction <= 1.0:
+            raise invalid(f"{p}clock_fraction", self.clock_fraction, "a number in (0, 1] (sustained / boost clock)")
         if self.idle_w < 0 or self.idle_w > self.tdp_w:
             raise invalid(f"{p}idle_w", self.idle_w, f"a number in [0, tdp_w={self.tdp_w}]")
         if self.intra_node_latency_us < 0 or self.inter_node_latency_us < 0:

@@ -18,6 +18,11 @@ def check_runtime_support(plan: Plan, cfg: ModelConfig, tp_backend: str, dp_back
     if dp_backend not in DP_BACKENDS:
         raise invalid("dp_backend", dp_backend, ", ".join(DP_BACKENDS))
     strategies = plan.layer_strategies()
+    cps = sorted({s.cp for s in strategies})
+    if cps != [1]:
+        raise invalid("layers[*].cp", cps, "1 (context parallelism is planned, not yet run: the runtime supports tp, sp, dp/ZeRO, pp, ep)")
+    if cfg.tie_embeddings and plan.pipeline.degree > 1:
+        raise invalid("pipeline.degree", plan.pipeline.degree, "1 for tied embeddings (the runtime does not all-reduce the embedding gradient across stages)")
     if plan.embedding.tp != 1:
         raise invalid("embedding.tp", plan.embedding.tp, "1 (the runtime replicates embeddings and head over tp)")
     uniform_tp1 = all(s.tp == 1 for s in strategies)

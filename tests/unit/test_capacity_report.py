@@ -79,3 +79,27 @@ def test_plan_cli_capacity_section(capsys):
     assert set(cap) >= {"days", "device_hours", "energy_mwh", "tco2e", "cost_usd"}
     assert main(args[:-6] + ["--train-tokens", "10B", "--pue", "0.5"]) == 2
     assert "pue=0.5 is invalid" in capsys.readouterr().err
+
+
+def test_power_basis_tdp_reproduces_the_llama2_model_card_by_hand():
+    """Llama 2 70B card: 1,720,320 A100-80GB GPU-hours at 400 W (TDP), 291.42 tCO2eq. power_basis=tdp counts
+    device-hours x TDP only, so the card's energy (688.1 MWh) and its implied grid intensity come back."""
+    from meshwright.launcher.planner.capacity import power_per_device_w
+
+    cluster = load_cluster("dgx-a100-80g", nodes=2)
+    hours = 1_720_320 / 16
+    tokens_per_s = 1e6
+    train = tokens_per_s * hours * 3600
+    cap = capacity_plan(cluster, tokens_per_s, train, utilisation=0.3, pue=1.0, grid_intensity=291.42 / 688.128,
+                        power_basis="tdp")
+    assert cap.device_hours == pytest.approx(1_720_320)
+    assert cap.energy_mwh == pytest.approx(1_720_320 * 400 / 1e6)
+    assert cap.tco2e == pytest.approx(291.42)
+    node = capacity_plan(cluster, tokens_per_s, train, utilisation=0.3, pue=1.0, power_basis="node")
+    assert node.energy_mwh != cap.energy_mwh  # idle..TDP by utilisation + host power
+    meas = capacity_plan(cluster, tokens_per_s, train, pue=1.0, power_basis="measured", measured_power_w=350.0)
+    assert meas.energy_mwh == pytest.approx(1_720_320 * 350 / 1e6)
+    with pytest.raises(ConfigError, match="measured_power_w"):
+        capacity_plan(cluster, tokens_per_s, train, power_basis="measured")
+    with pytest.raises(ConfigError, match="power_basis"):
+        power_per_device_w(cluster, 0.5, "wall")

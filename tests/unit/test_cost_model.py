@@ -434,3 +434,128 @@ def test_overhead_fits_prefer_the_collectives_timed_in_the_profile():
                     for t in (64, 128, 256, 512)]}
     (key, a, b), = overhead_fits({"runtime_overheads": [e]}, cfg, slow_links)
     assert key == "tp2" and a == pytest.approx(0.015, rel=1e-6) and b == pytest.approx(0.0, abs=1e-12)
+
+
+# ---- what the runtime allocates: precision policies, copies, loss buffers, working set (issue 17) ----
+
+def test_precision_policies_bytes_per_parameter_by_hand():
+    n = 1e9
+    auto = cm.model_state_bytes(n, 8, 0, "fp32", hw(precision="autocast"))
+    assert auto == {"params": 4e9, "grads": 4e9, "optimizer": 8e9}  # fp32 params + grads, m and v; no master copy
+    meg = cm.model_state_bytes(n, 8, 0, "fp32", hw(precision="bf16_fp32_grads"))
+    assert sum(meg.values()) == pytest.approx(18e9)  # Megatron: 2 + 4 + 12
+    meg1 = cm.model_state_bytes(n, 8, 1, "fp32", hw(precision="bf16_fp32_grads"))
+    assert sum(meg1.values()) == pytest.approx(6e9 + 12e9 / 8)  # distributed optimizer: 6 + 12/d
+    titan = cm.model_state_bytes(n, 8, 3, "fp32", hw(precision="fsdp_mixed"))
+    assert sum(titan.values()) == pytest.approx(16e9 / 8)
+    # fp32 compute keeps everything fp32 whatever the stack says
+    assert hw(precision="bf16_fp32_grads", compute_dtype="fp32").policy.name == "fp32"
+    assert cm.optimizer_state_bytes("fp32") == 8.0
+    with pytest.raises(Exception, match="optimizer.name"):
+        cm.optimizer_state_bytes("fp32", "lion")
+
+
+def test_autocast_weight_copies_and_zero3_gather_by_hand():
+    cfg = load_model_config("llama2-7b")
+    n = cfg.layer_params(0)
+    h = hw(precision="autocast", runtime_buffers=True)
+    c = cm.layer_costs(cfg, 0, LayerStrategy(dp=8, zero=0), 1, 4096, h)
+    assert c["copy_bytes"] == pytest.approx(2 * n)  # one bf16 copy of each weight, not sharded over dp
+    assert c["static_bytes"] == pytest.approx(n * (4 + 4 + 8) + 2 * n)
+    z3 = cm.layer_costs(cfg, 0, LayerStrategy(dp=8, zero=3), 1, 4096, h)
+    assert z3["gathered_bytes"] == pytest.approx(3 * 4 * n)  # fp32 layer + prefetched layer + unsharded gradient
+    titan = cm.layer_costs(cfg, 0, LayerStrategy(dp=8, zero=3), 1, 4096, hw(precision="fsdp_mixed", runtime_buffers=True))
+    assert titan["gathered_bytes"] == pytest.approx(3 * 2 * n) and titan["copy_bytes"] == 0.0  # gathered in bf16
+    plain = cm.layer_costs(cfg, 0, LayerStrategy(dp=8, zero=3), 1, 4096, hw())
+    assert plain["gathered_bytes"] == pytest.approx(2 * 2 * n) and plain["transient_bytes"] == plain["gathered_bytes"]
+
+
+def test_loss_buffers_and_backward_working_set_by_hand():
+    cfg = load_model_config("llama2-7b")
+    V, h_, f_ = cfg.vocab_size, cfg.d_model, cfg.ffn_dim
+    assert cm.loss_buffer_bytes(cfg, 4096, 2) == 4096 * V / 2 * 8  # fp32 log-probs + fp32 logit gradient
+    # full recompute rebuilds the whole block (6h + 4h + 4f per token) minus its kept input (h), + 2f of gradients
+    full = cm.backward_working_bytes(cfg, 0, 4096, 1, False, "full", 2)
+    assert full == pytest.approx(4096 * 2 * ((10 * h_ + 4 * f_ - h_) + 2 * f_))
+    none = cm.backward_working_bytes(cfg, 0, 4096, 1, False, "none", 2)
+    assert none == pytest.approx(4096 * 2 * 2 * f_)
+    sel = cm.backward_working_bytes(cfg, 0, 4096, 2, True, "selective", 2)
+    assert sel == pytest.approx(4096 * 2 * (4 * h_ / 2 + 2 * f_ / 2))  # the attention core's 4h/tp again
+
+
+def test_single_device_memory_with_runtime_buffers_by_hand():
+    cfg = load_model_config("tiny")
+    h = hw(precision="autocast", runtime_buffers=True, overhead_bytes=100.0, fragmentation=0.1)
+    plan = Plan(model="tiny", seq_len=128, global_batch=4, micro_batch=2, layers=[LayerStrategy(repeat=cfg.n_layers)])
+    p = cm.evaluate_plan(plan, cfg, h, 1)
+    t = 2 * 128
+    states = cfg.num_params() * 16 + 2 * (cfg.n_layers * cfg.layer_params(0) + cfg.vocab_size * cfg.d_model)
+    acts = cfg.n_layers * (cm.activation_bytes(cfg, 0, t, 1, False, "none", 2) + cm.autocast_extra_act_bytes(cfg, t, 1, False, "none"))
+    ends = cm.logits_bytes(cfg, t, 1, 2) + cm.loss_buffer_bytes(cfg, t, 1)
+    work = cm.backward_working_bytes(cfg, 0, t, 1, False, "none", 2)
+    used = states + acts + ends + work
+    assert p.memory_gib[0] * cm.GIB == pytest.approx(used + 100.0 + 0.1 * used)
+
+
+def test_stack_rules_change_dp_reduction_overlap_and_pipeline_time():
+    cfg = load_model_config("llama2-7b")
+    n = 1e9
+    meg = cm.apply_stack(hw(), "megatron")
+    assert cm.dp_comm_s(n, 8, 0, 1, meg)[1] == pytest.approx(cm.allreduce_s(n * 4, 8, 100 * GB, 1e-5))  # fp32 grads
+    c = cm.layer_costs(cfg, 0, LayerStrategy(dp=8), 1, 4096, meg)
+    assert cm.layer_step_dp_s(c, meg) == pytest.approx(c["dp_step"])  # reduced after backward, not overlapped
+    titan = cm.apply_stack(hw(), "torchtitan")
+    ct = cm.layer_costs(cfg, 0, LayerStrategy(dp=8), 1, 4096, titan)
+    assert cm.layer_step_dp_s(ct, titan) < ct["dp_step"]
+    # Megatron hides the backward TP collectives under the weight-gradient matmuls
+    s = LayerStrategy(tp=8, sp=True, dp=1)
+    plain, ov = cm.layer_costs(cfg, 0, s, 1, 4096, hw()), cm.layer_costs(cfg, 0, s, 1, 4096, hw(tp_wgrad_overlap=True))
+    assert ov["comm_mb"] == pytest.approx(plain["comm_mb"] / 2 + max(0.0, plain["comm_mb"] / 2 - cm.compute_s(
+        cm.layer_fwd_flops(cfg, 0, 4096, 4096) / 8, hw(), 1.0)))
+    # DeepSpeed's pipeline engine is slower on the same pipelined layout
+    plan = Plan(model="llama2-7b", seq_len=4096, global_batch=64, micro_batch=1,
+                pipeline=PipelineSpec(degree=2, schedule="1f1b", microbatches=16),
+                layers=[LayerStrategy(tp=1, dp=4, repeat=32)])
+    ds = cm.apply_stack(hw(), "deepspeed")
+    d = cm.evaluate_plan(plan, cfg, ds, 8)
+    same = cm.evaluate_plan(plan, cfg, dataclasses.replace(ds, pipeline_slowdown=1.0), 8)
+    assert d.step_s == pytest.approx(1.25 * same.step_s, rel=0.02)  # all but the small exposed DP tail
+    with pytest.raises(Exception, match="stack"):
+        cm.apply_stack(hw(), "jax")
+
+
+def test_backward_is_twice_forward_for_matmuls_only():
+    cfg = load_model_config("llama2-7b")
+    h = hw(mem_bw=1e12)
+    c = cm.layer_costs(cfg, 0, LayerStrategy(), 1, 4096, h)
+    mm = cm.compute_s(cm.layer_fwd_flops(cfg, 0, 4096, 4096), h, cfg.d_model)
+    ew = cm.elementwise_s(cfg, 0, 4096, 1, False, h)
+    assert c["compute_mb"] == pytest.approx(3 * mm + 2 * ew)
+
+
+def test_autocast_activation_extra_matches_saved_bytes_of_a_block():
+    """Under bf16 autocast a block saves fp32 norm/residual tensors next to the bf16 casts: the planner's
+    AUTOCAST_EXTRA_H, checked on the tiny block with the profiler's slope measurement (weight copies excluded)."""
+    from meshwright.launcher.profiling.blocks import shard_block
+    from meshwright.launcher.profiling.model import saved_bytes_per_token
+
+    cfg = load_model_config("tiny")
+    torch.manual_seed(0)
+    block = shard_block(cfg, 0, 1)
+    measured = saved_bytes_per_token(block, cfg, 1, 64, torch.device("cpu"), "bf16")
+    want = cm.activation_bytes(cfg, 0, 1.0, 1, False, "none", 2) + cm.autocast_extra_act_bytes(cfg, 1.0, 1, False, "none")
+    assert measured == pytest.approx(want, rel=0.15)
+    h = hw(precision="autocast")
+    c = cm.layer_costs(cfg, 0, LayerStrategy(), 1, 64, h)
+    assert c["act_bytes"] == pytest.approx(64 * want)
+
+
+def test_cluster_memory_bandwidth_and_clock_fraction_change_the_hardware():
+    """An H100 with slower HBM and a power-capped clock: the cluster spec says so and the cost model follows."""
+    cl = load_cluster("dgx-h100-80g")
+    base = cm.hardware_from_cluster(cl)
+    slow = cm.hardware_from_cluster(dataclasses.replace(cl, memory_bw_gbps=2400.0, clock_fraction=0.8))
+    assert slow.mem_bw == pytest.approx(0.8 * 2400e9) and base.mem_bw == pytest.approx(0.8 * 3.35e12)
+    assert slow.peak_flops == pytest.approx(0.8 * base.peak_flops)
+    with pytest.raises(Exception, match="clock_fraction"):
+        dataclasses.replace(cl, clock_fraction=1.5).validate()

@@ -32,8 +32,8 @@ GOLDEN_CASES = {
                                 "--global-batch", "1024", "--tp", "8", "--pp", "1", "--micro-batch", "1", "--recompute", "full"],
 }
 JSON_KEYS = ["candidates", "cluster", "compute_dtype", "devices_per_node", "feasible", "global_batch", "layout", "memory_budget_gib",
-             "model", "nodes", "plan", "predicted", "rejected", "rejected_total", "runners_up", "schema", "search_s", "seq_len",
-             "stages", "world_size"]
+             "model", "nodes", "plan", "precision", "predicted", "rejected", "rejected_total", "runners_up", "schema", "search_s",
+             "seq_len", "stack", "stages", "world_size"]
 PREDICTED_KEYS = ["breakdown", "fits", "hfu", "memory_gib", "memory_gib_max", "mfu", "step_s", "tflops_per_device", "tokens_per_s"]
 
 
@@ -311,3 +311,61 @@ def test_hsdp_exports_to_torchtitan_mesh_and_deepspeed_hpz(monkeypatch):
     assert ds.zero_config.zero_hpz_partition_size == 8
     _, mnotes = exports.megatron_args(plan, cfg)
     assert any("HSDP" in n for n in mnotes)
+
+
+# ---- stacks and training precision (issue 17) ----------------------------------------------------
+
+def test_stack_option_sets_the_precision_policy_and_changes_memory(capsys):
+    base = ["--model", "llama2-7b", "--cluster", "dgx-a100-80g", "--seq-len", "4096", "--global-batch", "64",
+            "--tp", "1", "--pp", "1", "--zero", "0", "--recompute", "full", "--micro-batch", "1", "--json",
+            "--memory-budget-gib", "400"]
+    got = {}
+    for stack in ("meshwright", "megatron", "deepspeed", "torchtitan"):
+        rc, text, _ = _run(capsys, ["plan", *base, "--stack", stack])
+        assert rc == 0
+        data = json.loads(text)
+        assert data["stack"] == stack
+        got[stack] = (data["precision"], data["predicted"]["memory_gib_max"])
+    assert got["meshwright"][0] == "autocast" and got["megatron"][0] == "bf16_fp32_grads" and got["deepspeed"][0] == "bf16"
+    # ZeRO-0 states of 6.7B params: meshwright 16 B/param + 2 B autocast copies, Megatron 18, DeepSpeed 16
+    assert got["deepspeed"][1] < got["megatron"][1]
+    rc, text, _ = _run(capsys, ["plan", *base, "--dtype", "fp32"])
+    assert json.loads(text)["precision"] == "fp32" and json.loads(text)["compute_dtype"] == "fp32"
+
+
+def test_model_profile_in_the_training_dtype_is_recorded_and_checked():
+    from meshwright.config import load_cluster
+    from meshwright.launcher.planner import cost_model as cm
+    from meshwright.launcher.profiling.model import apply_model_profile, profile_model
+
+    cfg = load_model_config("tiny")
+    prof = profile_model(cfg, [1, 2], [16, 32], [1], iters=1, progress=False, dtype="bf16")
+    assert prof["dtype"] == "bf16" and prof["mode"] == "autocast" and prof["matmul_ref"][0]["dtype"] == "bf16"
+    # autocast saves its bf16 casts for the matmuls next to the fp32 norm/residual tensors: not half the fp32 bytes
+    fp32 = profile_model(cfg, [1, 2], [16, 32], [1], iters=1, progress=False)
+    assert fp32["dtype"] == "fp32"
+    assert prof["entries"][0]["act_bytes_per_token"]["none"] != fp32["entries"][0]["act_bytes_per_token"]["none"]
+    cpu = cm.hardware_from_cluster(load_cluster("local-cpu"))
+    with pytest.raises(Exception, match="model-profile.dtype"):
+        apply_model_profile(cpu, prof, cfg)  # an fp32 plan cannot be calibrated with bf16 timings
+    bf = cm.hardware_from_cluster(load_cluster("local-cpu"), dtype="bf16")
+    cal = apply_model_profile(bf, prof, cfg)
+    analytic_bf16 = cm.activation_bytes(cfg, 0, 1.0, 1, False, "none", 2) + cm.autocast_extra_act_bytes(cfg, 1.0, 1, False, "none")
+    assert cal.compute_dtype == "bf16"
+    assert cal.act_scale == pytest.approx(prof["entries"][0]["act_bytes_per_token"]["none"] / analytic_bf16)
+    with pytest.raises(Exception, match="dtype"):
+        profile_model(cfg, [1, 2], [16, 32], [1], iters=1, progress=False, dtype="fp8")
+
+
+def test_cp_and_power_basis_flags(capsys):
+    base = ["--model", "tiny", "--cluster", "local-cpu", "--seq-len", "128", "--global-batch", "8"]
+    rc, _, err = _run(capsys, ["plan", *base, "--cp", "2"])
+    assert rc != 0 or "any-runtime" in err
+    with pytest.raises(Exception, match="any-runtime"):
+        plan_cmd.compute_result(_args([*base, "--cp", "2"]))
+    out = plan_cmd.compute_result(_args([*base, "--cp", "2", "--any-runtime"]))
+    assert all(s["cp"] == 2 for s in out["plan"]["layers"]) and "cp2" in out["layout"]
+    tdp = plan_cmd.compute_result(_args([*base, "--train-tokens", "1B", "--power-basis", "tdp", "--pue", "1.0"]))
+    node = plan_cmd.compute_result(_args([*base, "--train-tokens", "1B", "--pue", "1.0"]))
+    assert tdp["capacity"]["device_hours"] == node["capacity"]["device_hours"]
+    assert tdp["capacity"]["energy_mwh"] != node["capacity"]["energy_mwh"]

@@ -48,7 +48,7 @@ def test_auto_plan_is_valid_for_the_trainer(world):
 def test_auto_plan_never_pipelines_tied_embeddings():
     cfg = load_model_config("tiny-gpt2")
     assert cfg.tie_embeddings
-    r = S.search(cfg, load_cluster("local-cpu", nodes=2), 64, 8)
+    r = S.search(cfg, load_cluster("local-cpu", nodes=2), 64, 8, constraints=S.Constraints(runtime_compatible=True))
     assert r.best.plan.pipeline.degree == 1
     assert all(c.plan.pipeline.degree == 1 for c in r.runners_up)
     assert any("tied embeddings" in x["reason"] for x in r.rejected)
@@ -210,3 +210,100 @@ def test_hsdp_is_offered_with_node_sized_shards_only_when_dp_spans_nodes():
     assert {s.dp_shard for s in strategies} == {None, 8}
     r = S.search(cfg, load_cluster("dgx-a100-80g", nodes=8), 4096, 256, constraints=S.Constraints(tp=1, zero=3))
     assert r.best is not None and all(s.dp_shard in (None, 8) for s in r.best.plan.layer_strategies())
+
+
+# ---- ZeRO-3 gather buffers: a maximum per rank in the search, as in evaluate_plan -------------------
+
+OPT_175B = {"name": "opt-175b", "arch": "gpt2", "vocab_size": 50272, "d_model": 12288, "n_layers": 96, "n_heads": 96,
+            "max_seq_len": 2048, "tie_embeddings": True}
+
+
+def test_zero3_search_reserves_one_gathered_layer_not_one_per_layer():
+    """Llama 2 13B, ZeRO-3 on 8 A100 under a budget the judge's figure fits but a per-layer sum of gather
+    buffers (40 x 2 layers of bf16) would not: the search finds it and agrees with evaluate_plan."""
+    cfg = load_model_config("llama2-13b")
+    cluster = _a100()
+    c = S.Constraints(tp=1, pp=1, zero=3, recompute="none", micro_batch=1)
+    roomy = cm.hardware_from_cluster(cluster, memory_budget_gib=500)
+    judge = S.search(cfg, cluster, 4096, 64, hw=roomy, constraints=c).best.prediction.memory_gib[0]
+    gather_per_layer = cm.layer_costs(cfg, 0, LayerStrategy(dp=8, zero=3), 1, 4096, roomy)["gathered_bytes"] / cm.GIB
+    budget = judge + 1.0
+    assert budget < judge + (cfg.n_layers - 1) * gather_per_layer  # the old sum would reject this budget
+    hw = cm.hardware_from_cluster(cluster, memory_budget_gib=budget)
+    r = S.search(cfg, cluster, 4096, 64, hw=hw, constraints=c)
+    assert r.best is not None and r.best.prediction.fits
+    assert r.best.prediction.memory_gib[0] == pytest.approx(judge, rel=1e-6)
+
+
+def test_published_fsdp_layouts_are_expressible():
+    """torchtitan Llama 3 8B (FSDP on 8 H100, seq 8192, local batch 1) and OPT-175B (FSDP + Megatron tp 8 on
+    992 A100 80 GB, seq 2048, ~2M-token batch; Zhang et al. 2022 sec. 2.3) give feasible ZeRO-3 plans."""
+    cfg = load_model_config("llama3-8b")
+    r = S.search(cfg, load_cluster("dgx-h100-80g"), 8192, 8, constraints=S.Constraints(tp=1, pp=1, zero=3, micro_batch=1))
+    assert r.best is not None and all(s.zero == 3 for s in r.best.plan.layers)
+    opt = load_model_config(OPT_175B)
+    r = S.search(opt, load_cluster("dgx-a100-80g", nodes=124), 2048, 992,
+                 constraints=S.Constraints(tp=8, pp=1, zero=3, micro_batch=1))
+    assert r.best is not None and all(s.zero == 3 and s.tp == 8 for s in r.best.plan.layers)
+    assert max(r.best.prediction.memory_gib) <= 80.0
+
+
+def test_tied_embeddings_pipeline_in_the_full_search_and_pay_the_embedding_all_reduce():
+    """Megatron and BLOOM pipeline tied embeddings: the last stage keeps a copy and the two gradients are
+    all-reduced once per step between the first and last stage."""
+    cfg = load_model_config("megatron-gpt-18.4b")
+    assert cfg.tie_embeddings
+    cluster = _a100(4)
+    r = S.search(cfg, cluster, 2048, 256, constraints=S.Constraints(tp=8, pp=4, micro_batch=1))
+    assert r.best is not None and r.best.plan.pipeline.degree == 4
+    validate_plan(r.best.plan, cfg, 32)
+    hw = cm.hardware_from_cluster(cluster)
+    bw, lat = cm.link(hw, 2, 8 * 3)
+    want = cm.allreduce_s(cfg.vocab_size * cfg.d_model / 8 * hw.policy.reduce_bytes, 2, bw, lat)
+    assert cm.tied_embedding_grad_s(cfg, 8, 4, 8, hw) == pytest.approx(want) and want > 0
+    assert cm.tied_embedding_grad_s(cfg, 8, 1, 8, hw) == 0.0
+
+
+# ---- context parallelism (a planner dimension; the runtime rejects it) --------------------------------
+
+LLAMA3_405B = {"name": "llama3-405b", "arch": "llama", "vocab_size": 128256, "d_model": 16384, "n_layers": 126,
+               "n_heads": 128, "n_kv_heads": 8, "ffn_hidden": 53248, "max_seq_len": 131072, "rope_theta": 500000.0}
+
+
+def test_context_parallel_plan_for_long_context_and_ring_cost_by_hand():
+    """Llama 3 405B at 128K context (Dubey et al. 2024, Table 4: tp 8, cp 16, pp 16 on 16K H100): no plan fits
+    without cp; with cp=16 the search finds one, each rank holds 8K tokens."""
+    cfg = load_model_config(LLAMA3_405B)
+    cluster = load_cluster("dgx-h100-80g", nodes=2048)
+    fixed = dict(tp=8, pp=16, micro_batch=1, recompute="full")
+    assert S.search(cfg, cluster, 131072, 16, constraints=S.Constraints(cp=1, **fixed), suggest=False).best is None
+    r = S.search(cfg, cluster, 131072, 16, constraints=S.Constraints(cp=16, **fixed), suggest=False)
+    assert r.best is not None and all(s.cp == 16 and s.tp == 8 for s in r.best.plan.layers)
+    validate_plan(r.best.plan, cfg, 16384)
+    assert max(r.best.prediction.memory_gib) <= 80.0
+    hw = cm.hardware_from_cluster(cluster)
+    kv = 8192 * 2 * 8 / 8 * 128 * 2  # tokens x (K, V) x kv_heads/tp x head_dim x bf16
+    bw, lat = cm.link(hw, 16, 8)
+    assert cm.cp_ring_s(8192, cfg, 8, 16, hw) == pytest.approx(3 * 15 * (lat + kv / bw))
+    from meshwright.parallel.support import check_runtime_support
+
+    with pytest.raises(ConfigError, match="cp"):
+        check_runtime_support(r.best.plan, cfg, "dtensor", "torch")
+    with pytest.raises(ConfigError, match="cp"):
+        S.search(cfg, cluster, 131072 - 8, 16, constraints=S.Constraints(cp=16, **fixed))
+
+
+def test_llama2_7b_on_one_h200_budget_never_returns_the_layout_that_ran_out_of_memory():
+    """Measured on one H200 (issue 17): llama2-7b, seq 4096, mb 1, no recompute went out of memory with 133 GiB
+    allocated + 6 GiB reserved. The memory model puts that layout above the 130 GiB budget, and the search's
+    best plan fits it."""
+    cfg = load_model_config("llama2-7b")
+    cluster = load_cluster("dgx-h100-80g", devices_per_node=1)
+    roomy = cm.hardware_from_cluster(cluster, memory_budget_gib=400)
+    c = S.Constraints(tp=1, pp=1, micro_batch=1, recompute="none", runtime_compatible=True)
+    oom = S.search(cfg, cluster, 4096, 8, hw=roomy, constraints=c).best.prediction
+    assert max(oom.memory_gib) > 139.0  # what the card had: the layout does not fit
+    hw = cm.hardware_from_cluster(cluster, memory_budget_gib=130)
+    r = S.search(cfg, cluster, 4096, 8, hw=hw, constraints=S.Constraints(runtime_compatible=True))
+    assert r.best is not None and max(r.best.prediction.memory_gib) <= 130.0
+    assert any(s.recompute != "none" for s in r.best.plan.layers)

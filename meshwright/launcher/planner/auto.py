@@ -24,8 +24,10 @@ def auto_plan(model_cfg: Any, cluster: ClusterSpec | str | dict | int | None = N
     TrainConfig). The cluster is reshaped to hold ``world_size`` devices (one node when it fits one
     node). The returned Plan passes ``validate_plan``; an infeasible request raises ConfigError.
     """
+    dtype: Optional[str] = None
     if isinstance(model_cfg, TrainConfig):
         tc = model_cfg
+        dtype = tc.dtype
         world_size = cluster if isinstance(cluster, int) else world_size
         model_cfg, cluster = tc.model, tc.cluster
         seq_len = seq_len or tc.seq_len
@@ -43,7 +45,12 @@ def auto_plan(model_cfg: Any, cluster: ClusterSpec | str | dict | int | None = N
         spec = dataclasses.replace(spec, nodes=world_size // spec.devices_per_node)
     else:
         raise invalid("world_size", world_size, f"at most {spec.devices_per_node} or a multiple of devices_per_node")
-    hw = cm.hardware_from_cluster(spec, hardware_profile, memory_budget_gib)
+    # the plan runs on meshwright's runtime in the run's dtype (fp32, or fp32 params + bf16 autocast)
+    if model_profile is not None:
+        dtype = model_profile.get("dtype", "fp32")  # what the profile timed is what this run trains in
+    elif spec.device == "cpu":
+        dtype = "fp32"
+    hw = cm.hardware_from_cluster(spec, hardware_profile, memory_budget_gib, stack="meshwright", dtype=dtype)
     if model_profile is not None:
         hw = apply_model_profile(hw, model_profile, cfg, hardware_profile)
     constraints = dataclasses.replace(constraints or Constraints(), runtime_compatible=True)

@@ -1,8 +1,11 @@
 """Capacity planning: from a predicted throughput to days, device-hours, energy, CO2 and cost.
 
-Power model per device: idle + utilisation x (TDP - idle), from the cluster preset, plus each node's
-host power (CPUs, NICs, fans), all multiplied by the data centre's PUE. Utilisation defaults to the
-fraction of the step the devices are busy computing (the cost model's compute time / step time).
+Power bases (``power_basis``), each multiplied by the data centre's PUE:
+- ``node`` (default): per device idle + utilisation x (TDP - idle) from the cluster preset, plus each node's
+  host power (CPUs, NICs, fans). Utilisation defaults to the fraction of the step the devices compute.
+- ``tdp``: GPU TDP x device-hours, nothing else: how the Llama 2 and Llama 3 model cards count ("peak power
+  capacity per GPU device"), so their figures can be reproduced (with pue=1).
+- ``measured``: a measured average power per device (NVML, ``meshwright train``'s energy log) x device-hours.
 """
 
 from __future__ import annotations
@@ -41,9 +44,27 @@ def device_power_w(cluster: ClusterSpec, utilisation: float) -> float:
     return cluster.idle_w + utilisation * (cluster.tdp_w - cluster.idle_w)
 
 
+POWER_BASES = ("node", "tdp", "measured")
+
+
+def power_per_device_w(cluster: ClusterSpec, utilisation: float, basis: str = "node",
+                       measured_w: float | None = None) -> tuple[float, float]:
+    """(W per device, W per node of host power) under ``basis`` (see the module docstring)."""
+    if basis not in POWER_BASES:
+        raise invalid("power_basis", basis, ", ".join(POWER_BASES))
+    if basis == "tdp":
+        return cluster.tdp_w, 0.0
+    if basis == "measured":
+        if measured_w is None or measured_w <= 0:
+            raise invalid("measured_power_w", measured_w, "a positive average W per device (needed by power_basis=measured)")
+        return measured_w, 0.0
+    return device_power_w(cluster, utilisation), cluster.host_power_w
+
+
 def capacity_plan(cluster: ClusterSpec, tokens_per_s: float, train_tokens: float, utilisation: float = 1.0,
                   pue: float = DEFAULT_PUE, grid_intensity: float = DEFAULT_GRID,
-                  price_per_device_hour: float | None = None, goodput: float = 1.0) -> Capacity:
+                  price_per_device_hour: float | None = None, goodput: float = 1.0,
+                  power_basis: str = "node", measured_power_w: float | None = None) -> Capacity:
     """What training ``train_tokens`` tokens at ``tokens_per_s`` on ``cluster`` costs.
 
     ``goodput`` is the fraction of wall-clock time spent on useful steps (failures, restarts,
@@ -61,8 +82,8 @@ def capacity_plan(cluster: ClusterSpec, tokens_per_s: float, train_tokens: float
     seconds = train_tokens / (tokens_per_s * goodput)
     hours = seconds / 3600.0
     devices = cluster.world_size
-    power = device_power_w(cluster, utilisation)
-    it_energy_wh = hours * (devices * power + cluster.nodes * cluster.host_power_w)
+    power, host = power_per_device_w(cluster, utilisation, power_basis, measured_power_w)
+    it_energy_wh = hours * (devices * power + cluster.nodes * host)
     energy_mwh = it_energy_wh * pue / 1e6
     return Capacity(
         train_tokens=train_tokens, days=seconds / 86400.0, device_hours=hours * devices,

@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 from meshwright.config import ClusterSpec, ModelConfig
 from meshwright.errors import invalid
+from meshwright.launcher.planner.stack import PRECISIONS, Precision, Stack, get_stack, precision_for_dtype
 from meshwright.memory.fp8_activations import fp8_activation_saved_fraction
 from meshwright.optim.coat import coat_state_bytes_per_param
 from meshwright.tools.flops import head_fwd_flops, layer_fwd_flops
@@ -33,6 +34,11 @@ ACT_COEF = {
     "llama": {"rep_h": 6.0, "shard_h": 4.0, "shard_f": 4.0},  # 2 RMSNorms (x, x*rsqrt, out); q, rotated q/k, o; SwiGLU 4f
     "gpt2": {"rep_h": 4.0, "shard_h": 4.0, "shard_f": 2.0},  # Korthikanti's 10 + 24/t without dropout masks
 }
+# Extra saved bytes per token per layer under bf16 autocast with fp32 parameters (meshwright's runtime), in units
+# of d_model, beyond ACT_COEF at 2 bytes: norms and residual adds stay fp32 and the bf16 casts feeding the
+# matmuls are saved next to them. Measured on CPU with count_saved_bytes (slope over two batch sizes, weight
+# copies excluded): llama2-7b block 227,336 vs 169,984 B/token (+14.0 h); gpt2-small 30,628 vs 24,576 (+7.9 h).
+AUTOCAST_EXTRA_H = {"llama": 14.0, "gpt2": 8.0}
 # Share of activation bytes that are inputs of linear layers (what WTA-CRS samples).
 LINEAR_INPUT_SHARE = 0.4
 # Share of saved activation bytes COAT stores in FP8 (the rest, e.g. norm statistics, stays high precision).
@@ -69,6 +75,15 @@ class Hardware:
     # per-layer, per-microbatch framework overhead of parallel layouts, (key, a, b): a + b*tokens seconds,
     # keys tp2 / tp2sp / zero2 / zero3 (runtime_profile.overhead_key), measured by a model profile under torchrun
     strategy_overheads: tuple[tuple[str, float, float], ...] = ()
+    # the stack that runs the plan (planner/stack.py): precision policy and overlap rules. The plain defaults
+    # are the analytic textbook model (16 B/param, bf16 reduction, overlap everything, no runtime buffers);
+    # hardware_from_cluster applies a real stack's rules.
+    precision: str = "bf16"
+    runtime_buffers: bool = False  # count the loss's fp32 buffers and the backward working set of one layer
+    dp_overlap: bool = True
+    tp_wgrad_overlap: bool = False
+    pipeline_slowdown: float = 1.0
+    stack: str = "analytic"
 
     @property
     def elem_bytes(self) -> int:
@@ -78,15 +93,34 @@ class Hardware:
     def mixed_precision(self) -> bool:
         return self.elem_bytes == 2
 
+    @property
+    def policy(self) -> Precision:
+        """The precision policy in force: fp32 compute keeps everything in fp32 whatever the stack."""
+        return PRECISIONS["fp32" if self.elem_bytes == 4 else self.precision]
+
+
+def apply_stack(hw: Hardware, stack: Stack | str) -> Hardware:
+    """``hw`` with the memory and overlap rules of ``stack`` training in ``hw.compute_dtype``."""
+    st = get_stack(stack) if isinstance(stack, str) else stack
+    return dataclasses.replace(hw, precision=precision_for_dtype(hw.compute_dtype, st.name), runtime_buffers=st.runtime_buffers,
+                               dp_overlap=st.dp_overlap, tp_wgrad_overlap=st.tp_wgrad_overlap,
+                               pipeline_slowdown=st.pipeline_slowdown, stack=st.name)
+
 
 def hardware_from_cluster(cluster: ClusterSpec, profile: Optional[dict[str, Any]] = None,
-                          memory_budget_gib: Optional[float] = None) -> Hardware:
-    """ClusterSpec (preset figures) overridden by a measured hardware profile's ``derived`` figures."""
+                          memory_budget_gib: Optional[float] = None, stack: str = "meshwright",
+                          dtype: Optional[str] = None) -> Hardware:
+    """ClusterSpec (preset figures) overridden by a measured hardware profile's ``derived`` figures, with the
+    memory and overlap rules of the ``stack`` that will run the plan in ``dtype`` (TrainConfig.dtype; default
+    bf16 where the device lists it, fp32 on CPUs, where bf16 matmuls are ~70x slower)."""
     cpu = cluster.device == "cpu"
-    dtype = "fp32" if cpu else ("bf16" if "bf16" in cluster.peak_tflops else "fp32")
+    if dtype is not None and dtype not in ("fp32", "bf16"):
+        raise invalid("dtype", dtype, "fp32 or bf16")
+    dtype = dtype or ("fp32" if cpu else ("bf16" if "bf16" in cluster.peak_tflops else "fp32"))
+    mem_bw = 0.8 * cluster.memory_bw_gbps * 1e9 if cluster.memory_bw_gbps else device_memory_bw(cluster.device)
     hw = Hardware(
-        mem_bw=device_memory_bw(cluster.device),
-        peak_flops=cluster.peak_flops(dtype),
+        mem_bw=mem_bw,
+        peak_flops=cluster.peak_flops(dtype) * cluster.clock_fraction,
         matmul_efficiency=0.85 if cpu else 0.75,
         devices_per_node=cluster.devices_per_node,
         intra_bw=cluster.intra_node_bw_gbps * 1e9, intra_lat=cluster.intra_node_latency_us * 1e-6,
@@ -107,7 +141,7 @@ def hardware_from_cluster(cluster: ClusterSpec, profile: Optional[dict[str, Any]
         if memory_budget_gib <= 0:
             raise invalid("memory_budget_gib", memory_budget_gib, "a positive number of GiB")
         hw = dataclasses.replace(hw, memory_bytes=memory_budget_gib * GIB)
-    return hw
+    return apply_stack(hw, stack)
 
 
 def device_memory_bw(device: str) -> float:
@@ -289,6 +323,22 @@ def tp_comm_s(tokens: float, cfg: ModelConfig, tp: int, sp: bool, recompute: str
     return n * one
 
 
+def attention_core_fwd_flops(cfg: ModelConfig, tokens: float, seq_len: int, tp: int) -> float:
+    """Forward FLOPs of the attention core (QK^T and AV) for ``tokens`` queries over ``seq_len`` keys on a tp rank."""
+    return 4.0 * tokens * seq_len * cfg.d_model / tp
+
+
+def cp_ring_s(tokens: float, cfg: ModelConfig, tp: int, cp: int, hw: Hardware) -> float:
+    """Ring attention's traffic per layer and microbatch (Liu et al. 2023; Megatron-LM context parallelism):
+    each of cp-1 steps passes the local K and V chunk (tokens x 2 x kv_heads/tp x head_dim) to the next rank
+    forward, and K, V plus their gradients backward: 3 chunk-passes per step. Ranks sit tp apart."""
+    if cp <= 1:
+        return 0.0
+    kv = tokens * 2 * cfg.kv_heads / tp * cfg.head_dim * hw.elem_bytes
+    bw, lat = link(hw, cp, tp)
+    return 3 * (cp - 1) * p2p_s(kv, bw, lat)
+
+
 def ep_alltoall_bytes(tokens: float, cfg: ModelConfig, elem_bytes: int) -> float:
     """Bytes one rank sends in one dispatch (or combine) all-to-all: tokens x hidden x top_k."""
     return tokens * cfg.d_model * cfg.top_k * elem_bytes
@@ -314,12 +364,13 @@ def dp_comm_s(param_count: float, dp: int, zero: int, stride: int, hw: Hardware)
     """
     if dp <= 1:
         return 0.0, 0.0
-    nbytes = param_count * hw.elem_bytes
+    grads = param_count * hw.policy.reduce_bytes  # the stacks reduce fp32 main gradients (Megatron, FSDP2 reduce_dtype)
+    params = param_count * hw.policy.gather_bytes
     bw, lat = link(hw, dp, stride)
-    ag = allgather_s(nbytes, dp, bw, lat)
-    rs = reduce_scatter_s(nbytes, dp, bw, lat)
+    ag = allgather_s(params, dp, bw, lat)
+    rs = reduce_scatter_s(grads, dp, bw, lat)
     if zero <= 1:
-        return 0.0, allreduce_s(nbytes, dp, bw, lat)
+        return 0.0, allreduce_s(grads, dp, bw, lat)
     if zero == 2:
         return rs, ag
     return 2 * ag + rs, 0.0
@@ -333,7 +384,7 @@ def hsdp_allreduce_s(param_count: float, dp: int, shard: int, stride: int, hw: H
     if replicas <= 1:
         return 0.0
     bw, lat = link(hw, replicas, stride * shard)
-    return allreduce_s(param_count / shard * hw.elem_bytes, replicas, bw, lat)
+    return allreduce_s(param_count / shard * hw.policy.reduce_bytes, replicas, bw, lat)
 
 
 def redistribution_s(tokens: float, cfg: ModelConfig, prev: tuple[int, bool], cur: tuple[int, bool], hw: Hardware) -> float:
@@ -410,14 +461,22 @@ def optimizer_bytes_per_param(states: str, mixed_precision: bool) -> float:
     return b + (4.0 if mixed_precision else 0.0)
 
 
+def optimizer_state_bytes(states: str, name: str = "adamw") -> float:
+    """Optimizer state per parameter without the master copy: AdamW keeps m and v (fp32: 8 B; COAT FP8:
+    2 B + group metadata). The master copy belongs to the precision policy (``Precision.master_bytes``)."""
+    if name != "adamw":
+        raise invalid("optimizer.name", name, "adamw")
+    return optimizer_bytes_per_param(states, False)
+
+
 def model_state_bytes(param_count: float, dp: int, zero: int, states: str, hw: Hardware) -> dict[str, float]:
     """Parameters, gradients and optimizer states of ``param_count`` (already tp/ep-sharded) parameters
     on one device: ZeRO-1 shards optimizer states over dp, ZeRO-2 also gradients, ZeRO-3 also parameters."""
-    e = hw.elem_bytes
+    p = hw.policy
     return {
-        "params": param_count * e / (dp if zero >= 3 else 1),
-        "grads": param_count * e / (dp if zero >= 2 else 1),
-        "optimizer": param_count * optimizer_bytes_per_param(states, hw.mixed_precision) / (dp if zero >= 1 else 1),
+        "params": param_count * p.param_bytes / (dp if zero >= 3 else 1),
+        "grads": param_count * p.grad_bytes / (dp if zero >= 2 else 1),
+        "optimizer": param_count * (optimizer_state_bytes(states) + p.master_bytes) / (dp if zero >= 1 else 1),
     }
 
 
@@ -461,6 +520,14 @@ def activation_bytes(cfg: ModelConfig, index: int, tokens: float, tp: int, sp: b
     return nbytes
 
 
+def autocast_extra_act_bytes(cfg: ModelConfig, tokens: float, tp: int, sp: bool, recompute: str) -> float:
+    """What autocast adds to ``activation_bytes`` at 2 bytes: fp32 norm/residual tensors and saved bf16 casts
+    (``AUTOCAST_EXTRA_H``), h-wide and outside the tp region (split by SP); full recompute keeps only the fp32
+    block input (2 more bytes per value)."""
+    per_token = 2.0 * cfg.d_model if recompute == "full" else AUTOCAST_EXTRA_H[cfg.arch] * cfg.d_model
+    return per_token * tokens / (tp if sp else 1)
+
+
 def embedding_param_count(cfg: ModelConfig, first: bool, last: bool, tp: int) -> float:
     """Parameters of the embedding (first stage) and the untied head + final norm (last stage), tp-sharded."""
     n = 0.0
@@ -478,6 +545,36 @@ def embedding_param_count(cfg: ModelConfig, first: bool, last: bool, tp: int) ->
 def logits_bytes(cfg: ModelConfig, tokens: float, tp: int, elem_bytes: int) -> float:
     """Logits of one microbatch on the last stage: the head's output plus the fp32 copy the loss keeps."""
     return tokens * cfg.vocab_size / tp * (elem_bytes + 4)
+
+
+def loss_buffer_bytes(cfg: ModelConfig, tokens: float, tp: int) -> float:
+    """What cross-entropy adds at the start of backward beyond ``logits_bytes``: the fp32 log-probabilities it
+    saved and the fp32 gradient of the logits (4 + 4 B per vocabulary entry per token)."""
+    return tokens * cfg.vocab_size / tp * 8.0
+
+
+def backward_working_bytes(cfg: ModelConfig, index: int, tokens: float, tp: int, sp: bool, recompute: str,
+                           elem_bytes: int) -> float:
+    """Transient memory while one block runs backward: the activations recomputation rebuilds for it
+    (all of them under full, the attention core under selective) plus the gradients of its widest pair of
+    FFN activations (2 f/tp per token). A maximum over the rank's layers, like a ZeRO-3 gather buffer."""
+    none = activation_bytes(cfg, index, tokens, tp, sp, "none", elem_bytes)
+    kept = activation_bytes(cfg, index, tokens, tp, sp, recompute, elem_bytes)
+    f = cfg.top_k * cfg.expert_ffn_dim if cfg.is_moe_layer(index) else cfg.ffn_dim
+    return (none - kept) + tokens * 2.0 * f / tp * elem_bytes
+
+
+def embedding_static_bytes(cfg: ModelConfig, first: bool, last: bool, tp: int, dp: int, zero: int, states: str,
+                           hw: Hardware) -> float:
+    """Model states of the embedding (first rank) and head (last rank), plus the autocast copy of the head
+    weight where the policy keeps one (the embedding lookup runs in fp32 under autocast)."""
+    if not (first or last):
+        return 0.0
+    n = embedding_param_count(cfg, first, last, tp)
+    total = sum(model_state_bytes(n, dp, zero, states, hw).values())
+    if last:
+        total += cfg.vocab_size * cfg.d_model / tp * hw.policy.weight_copy_bytes
+    return total
 
 
 def framework_overhead_bytes(hw: Hardware, used_bytes: float) -> float:
@@ -515,19 +612,28 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
     """All cost terms of block ``index`` under LayerStrategy ``s`` for a microbatch of ``mb_samples``
     sequences on this rank: per-microbatch compute and exposed communication, per-step DP traffic,
     static memory and activation bytes per microbatch."""
-    tokens = mb_samples * seq_len
+    tokens = mb_samples * seq_len / s.cp  # context parallelism splits each sequence over cp ranks
     moe = cfg.is_moe_layer(index)
     fwd_flops = layer_fwd_flops(cfg, index, tokens, seq_len) / s.tp
     extra = recompute_extra_fwd_fraction(cfg, index, seq_len, s.recompute)
     lemo = s.savers.lemo if s.savers.lemo is not None else 1.0
     width = min(cfg.d_model, (cfg.expert_ffn_dim if moe else cfg.ffn_dim) / s.tp, cfg.n_heads // s.tp * cfg.head_dim)
-    fwd = (compute_s(fwd_flops * lemo, hw, width) + elementwise_s(cfg, index, tokens * lemo, s.tp, s.sp, hw)
-           + attention_scores_s(cfg, tokens * lemo, seq_len, s.tp, hw))
-    compute_mb = fwd * (3.0 + extra) + hw.layer_overhead_s
+    matmul = compute_s(fwd_flops * lemo, hw, width)
+    memory_bound = elementwise_s(cfg, index, tokens * lemo, s.tp, s.sp, hw) + attention_scores_s(cfg, tokens * lemo, seq_len, s.tp, hw)
+    fwd = matmul + memory_bound
+    # backward is 2x forward for matmuls (input and weight gradients) but ~1x for memory-bound kernels
+    compute_mb = matmul * (3.0 + extra) + memory_bound * (2.0 + extra) + hw.layer_overhead_s
     overhead_mb = strategy_overhead_s(hw, s.tp, s.sp, s.zero, s.dp, tokens * lemo)
     model_flops_mb = fwd_flops * 3.0
     hw_flops_mb = fwd_flops * lemo * (3.0 + extra)
     comm_mb = tp_comm_s(tokens * lemo, cfg, s.tp, s.sp, s.recompute, hw)
+    if hw.tp_wgrad_overlap and comm_mb > 0:
+        # the 2 backward collectives run under the weight-gradient matmuls (1x forward matmul time)
+        bwd_comm = comm_mb * 2.0 / (4 + (2 if s.recompute == "full" else 0))
+        comm_mb = comm_mb - bwd_comm + exposed_s(matmul, bwd_comm, hw.overlap_slowdown)
+    if s.cp > 1:
+        comm_mb += exposed_s(3.0 * compute_s(attention_core_fwd_flops(cfg, tokens, seq_len, s.tp), hw, cfg.head_dim),
+                             cp_ring_s(tokens, cfg, s.tp, s.cp, hw), hw.overlap_slowdown)
     if moe:
         comm_mb += ep_comm_s(tokens * lemo, cfg, s.ep, s.tp, s.recompute, hw)
     if prev is not None:
@@ -537,15 +643,16 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
         expert = cfg.n_experts * 3 * cfg.d_model * cfg.expert_ffn_dim
         dense = cfg.layer_params(index) - expert
         shard_params = dense / s.tp + expert / (s.tp * s.ep)
-        dp_dense_mb, dp_dense_step = dp_comm_s(dense / s.tp, s.dp, s.zero, s.tp, hw)
-        dp_exp_mb, dp_exp_step = dp_comm_s(expert / (s.tp * s.ep), s.dp // s.ep, s.zero, s.tp * s.ep, hw)
+        dpc = s.dp * s.cp  # weights are replicated over cp ranks: gradients reduce over dp*cp
+        dp_dense_mb, dp_dense_step = dp_comm_s(dense / s.tp, dpc, s.zero, s.tp, hw)
+        dp_exp_mb, dp_exp_step = dp_comm_s(expert / (s.tp * s.ep), dpc // s.ep, s.zero, s.tp * s.ep, hw)
         dp_mb, dp_step = dp_dense_mb + dp_exp_mb, dp_dense_step + dp_exp_step
-        states_b = model_state_bytes(dense / s.tp, s.dp, s.zero, states, hw)
-        exp_b = model_state_bytes(expert / (s.tp * s.ep), s.dp // s.ep, s.zero, states, hw)
+        states_b = model_state_bytes(dense / s.tp, dpc, s.zero, states, hw)
+        exp_b = model_state_bytes(expert / (s.tp * s.ep), dpc // s.ep, s.zero, states, hw)
         states_b = {k: states_b[k] + exp_b[k] for k in states_b}
     else:
         shard_params = cfg.layer_params(index) / s.tp
-        group = s.dp_shard or s.dp  # HSDP: ZeRO state and gathers inside groups of dp_shard ranks
+        group = s.dp_shard or s.dp * s.cp  # HSDP: ZeRO state and gathers inside groups of dp_shard ranks
         dp_mb, dp_step = dp_comm_s(shard_params, group, s.zero, s.tp, hw)
         if group < s.dp:
             dp_mb += hsdp_allreduce_s(shard_params, s.dp, group, s.tp, hw)
@@ -553,10 +660,18 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
     act = hw.act_scale * activation_bytes(cfg, index, tokens, s.tp, s.sp, s.recompute, hw.elem_bytes,
                                           s.savers.fp8_act, s.savers.wta_crs, s.savers.lemo, s.ep)
     act += attention_score_bytes(cfg, tokens * lemo, seq_len, s.tp, s.recompute, hw)
-    gathered = shard_params * hw.elem_bytes * 2 if s.zero >= 3 else 0.0  # all-gathered layer + prefetch
+    if hw.policy.weight_copy_bytes > 0:
+        act += hw.act_scale * autocast_extra_act_bytes(cfg, tokens * lemo, s.tp, s.sp, s.recompute)
+    pol = hw.policy
+    # ZeRO-3: the all-gathered layer + the prefetched next one (+ its unsharded gradient before reduce-scatter)
+    gathered = shard_params * pol.gather_bytes * (3 if hw.runtime_buffers else 2) if s.zero >= 3 else 0.0
+    working = (backward_working_bytes(cfg, index, tokens * lemo, s.tp, s.sp, s.recompute, hw.elem_bytes) * hw.act_scale
+               if hw.runtime_buffers else 0.0)
+    copies = shard_params * pol.weight_copy_bytes  # autocast's compute-dtype copy of each weight in use
     return {
         "compute_mb": compute_mb, "fwd_mb": fwd, "comm_mb": comm_mb, "overhead_mb": overhead_mb, "dp_mb": dp_mb, "dp_step": dp_step,
-        "static_bytes": sum(states_b.values()), "act_bytes": act, "gathered_bytes": gathered,
+        "static_bytes": sum(states_b.values()) + copies, "act_bytes": act, "gathered_bytes": gathered,
+        "transient_bytes": gathered + working, "copy_bytes": copies,
         "model_flops_mb": model_flops_mb, "hw_flops_mb": hw_flops_mb, "shard_params": shard_params,
         **{f"{k}_bytes": v for k, v in states_b.items()},
     }
@@ -569,95 +684,151 @@ def layer_microbatch_s(c: dict[str, float], hw: Hardware) -> float:
 
 
 def layer_step_dp_s(c: dict[str, float], hw: Hardware) -> float:
-    """Per-step DP traffic of one layer left exposed after overlapping it with the last backward."""
+    """Per-step DP traffic of one layer left exposed after overlapping it with the last backward (all of it
+    when the stack reduces gradients after backward, e.g. Megatron-LM without --overlap-grad-reduce)."""
+    if not hw.dp_overlap:
+        return c["dp_step"]
     return exposed_s(c["compute_mb"] - c["fwd_mb"], c["dp_step"], hw.overlap_slowdown)
+
+
+@dataclass
+class _RankTotals:
+    """Per pipeline rank sums of one plan, filled layer by layer (``_add_layers``) then by the ends."""
+
+    pp: int
+    mb_s: list[float] = field(default_factory=list)  # seconds per microbatch
+    step_s: list[float] = field(default_factory=list)  # exposed per-step DP traffic
+    static: list[float] = field(default_factory=list)  # bytes
+    act: list[float] = field(default_factory=list)  # bytes per microbatch in flight
+    transient: list[float] = field(default_factory=list)  # max over layers: ZeRO-3 gather + backward working set
+    model_flops: float = 0.0
+    hw_flops: float = 0.0
+    comm: float = 0.0
+    compute: float = 0.0
+    dp: float = 0.0
+    overhead: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("mb_s", "step_s", "static", "act", "transient"):
+            setattr(self, name, [0.0] * self.pp)
+
+
+def _microbatches(plan: Any, strategies: list[Any]) -> int:
+    max_dp = max(s.dp for s in strategies)
+    return plan.pipeline.microbatches if plan.pipeline.degree > 1 else plan.global_batch // (max_dp * plan.micro_batch)
+
+
+def _add_layers(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strategies: list[Any], m: int) -> None:
+    """Every block's costs on the rank that holds it (identical layers computed once)."""
+    pp = plan.pipeline
+    states = plan.optimizer.states
+    max_dp = max(s.dp for s in strategies)
+    ranges = plan.stage_ranges(cfg.n_layers)
+    stage_of = {i: j % pp.degree for j, (a, b) in enumerate(ranges) for i in range(a, b)}
+    starts = {a for a, _ in ranges}
+    memo: dict[tuple, dict[str, float]] = {}
+    for i, s in enumerate(strategies):
+        r = stage_of[i]
+        mb_samples = plan.micro_batch * max_dp / s.dp
+        prev = (strategies[i - 1].tp, strategies[i - 1].sp) if i > 0 and i not in starts else None
+        key = (cfg.is_moe_layer(i), s.tp, s.sp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, s.recompute, s.savers.fp8_act,
+               s.savers.wta_crs, s.savers.lemo, prev)
+        c = memo.get(key)
+        if c is None:
+            c = memo[key] = layer_costs(cfg, i, s, mb_samples, plan.seq_len, hw, states, prev)
+        t.mb_s[r] += layer_microbatch_s(c, hw)
+        t.step_s[r] += layer_step_dp_s(c, hw)
+        t.static[r] += c["static_bytes"]
+        t.act[r] += c["act_bytes"]
+        t.transient[r] = max(t.transient[r], c["transient_bytes"])
+        t.model_flops += c["model_flops_mb"] * m
+        t.hw_flops += c["hw_flops_mb"] * m
+        t.comm += c["comm_mb"] * m
+        t.compute += c["compute_mb"] * m
+        t.overhead += c["overhead_mb"] * m
+        t.dp += c["dp_step"] + c["dp_mb"] * m
+
+
+def tied_embedding_grad_s(cfg: ModelConfig, tp: int, pp: int, world_per_stage: int, hw: Hardware) -> float:
+    """Per-step all-reduce of the tied word-embedding gradient between the first and last pipeline stage
+    (Megatron-LM keeps a copy of the embedding on the last stage and sums the two gradients)."""
+    if pp <= 1 or not cfg.tie_embeddings:
+        return 0.0
+    bw, lat = link(hw, 2, world_per_stage * (pp - 1))
+    return allreduce_s(cfg.vocab_size * cfg.d_model / tp * hw.policy.reduce_bytes, 2, bw, lat)
+
+
+def _add_ends(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strategies: list[Any], m: int,
+              world_size: int) -> float:
+    """Embedding on the first rank, head (+ its compute) on the last; returns the head's tokens per microbatch."""
+    pp, emb = plan.pipeline, plan.embedding
+    last = pp.degree - 1
+    per_stage = world_size // pp.degree
+    max_dp = max(s.dp for s in strategies)
+    s_last = strategies[-1]
+    head_tokens = plan.micro_batch * plan.seq_len * max_dp / s_last.dp / s_last.cp
+    head_flops = head_fwd_flops(cfg, head_tokens) / emb.tp
+    t.mb_s[last] += compute_s(head_flops * 3.0, hw, min(cfg.d_model, cfg.vocab_size / emb.tp))
+    t.model_flops += head_flops * 3.0 * m
+    t.hw_flops += head_flops * 3.0 * m
+    emb_dp = per_stage // emb.tp
+    for r in {0, last}:
+        t.static[r] += embedding_static_bytes(cfg, r == 0, r == last, emb.tp, emb_dp, emb.zero, plan.optimizer.states, hw)
+        n = embedding_param_count(cfg, r == 0, r == last, emb.tp)
+        per_mb, step = dp_comm_s(n, emb_dp, emb.zero, emb.tp, hw)
+        t.step_s[r] += step + tied_embedding_grad_s(cfg, emb.tp, pp.degree, per_stage, hw)
+        t.mb_s[r] += per_mb  # embedding/head ZeRO-2/3 traffic: small, counted as exposed
+    return head_tokens
+
+
+def _memory_gib(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, m: int, head_tokens: float) -> list[float]:
+    """Peak memory per pipeline rank: states, in-flight activations, the largest transient, the loss's buffers
+    on the last rank, framework overhead and allocator headroom."""
+    pp = plan.pipeline
+    v = pp.virtual_stages if pp.schedule == "interleaved_1f1b" else 1
+    last = pp.degree - 1
+    mem = []
+    for r in range(pp.degree):
+        inflight = inflight_microbatches(pp.schedule, pp.degree, r, m, v)
+        used = t.static[r] + inflight * t.act[r] + t.transient[r]
+        if r == last:
+            used += logits_bytes(cfg, head_tokens, plan.embedding.tp, hw.elem_bytes)
+            if hw.runtime_buffers:
+                used += loss_buffer_bytes(cfg, head_tokens, plan.embedding.tp)
+        mem.append((used + framework_overhead_bytes(hw, used)) / GIB)
+    return mem
 
 
 def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int) -> Prediction:
     """Predict step time, throughput, MFU/HFU and memory per pipeline stage of a (validated) Plan."""
     strategies = plan.layer_strategies()
     pp = plan.pipeline
-    states = plan.optimizer.states
-    max_dp = max(s.dp for s in strategies)
-    m = pp.microbatches if pp.degree > 1 else plan.global_batch // (max_dp * plan.micro_batch)
+    m = _microbatches(plan, strategies)
     v = pp.virtual_stages if pp.schedule == "interleaved_1f1b" else 1
-    ranges = plan.stage_ranges(cfg.n_layers)
-    per_stage = world_size // pp.degree
-    stage_of = {}
-    for j, (a, b) in enumerate(ranges):
-        for i in range(a, b):
-            stage_of[i] = j % pp.degree
-    rank_mb = [0.0] * pp.degree
-    rank_step = [0.0] * pp.degree  # per-step exposed DP traffic
-    rank_static = [0.0] * pp.degree
-    rank_act = [0.0] * pp.degree  # per microbatch
-    rank_gather = [0.0] * pp.degree
-    model_flops = hw_flops = 0.0
-    comm_total = compute_total = dp_total = overhead_total = 0.0
-    starts = {a for a, _ in ranges}
-    memo: dict[tuple, dict[str, float]] = {}  # identical layers collapse
-    for i, s in enumerate(strategies):
-        r = stage_of[i]
-        mb_samples = plan.micro_batch * max_dp / s.dp
-        prev = (strategies[i - 1].tp, strategies[i - 1].sp) if i > 0 and i not in starts else None
-        key = (cfg.is_moe_layer(i), s.tp, s.sp, s.dp, s.zero, s.dp_shard, s.ep, s.recompute, s.savers.fp8_act,
-               s.savers.wta_crs, s.savers.lemo, prev)
-        c = memo.get(key)
-        if c is None:
-            c = memo[key] = layer_costs(cfg, i, s, mb_samples, plan.seq_len, hw, states, prev)
-        rank_mb[r] += layer_microbatch_s(c, hw)
-        rank_step[r] += layer_step_dp_s(c, hw)
-        rank_static[r] += c["static_bytes"]
-        rank_act[r] += c["act_bytes"]
-        rank_gather[r] = max(rank_gather[r], c["gathered_bytes"])
-        model_flops += c["model_flops_mb"] * m
-        hw_flops += c["hw_flops_mb"] * m
-        comm_total += c["comm_mb"] * m
-        compute_total += c["compute_mb"] * m
-        overhead_total += c["overhead_mb"] * m
-        dp_total += c["dp_step"] + c["dp_mb"] * m
-    # Embedding on the first rank, head (+ its compute and logits) on the last.
-    emb = plan.embedding
-    tokens_mb = plan.micro_batch * plan.seq_len
-    last = pp.degree - 1
-    s_last = strategies[-1]
-    head_tokens = tokens_mb * max_dp / s_last.dp
-    head_flops = head_fwd_flops(cfg, head_tokens) / emb.tp
-    head_s = compute_s(head_flops * 3.0, hw, min(cfg.d_model, cfg.vocab_size / emb.tp))
-    rank_mb[last] += head_s
-    model_flops += head_flops * 3.0 * m
-    hw_flops += head_flops * 3.0 * m
-    emb_dp = per_stage // emb.tp
-    for r in {0, last}:
-        n = embedding_param_count(cfg, r == 0, r == last, emb.tp)
-        rank_static[r] += sum(model_state_bytes(n, emb_dp, emb.zero, states, hw).values())
-        per_mb, step = dp_comm_s(n, emb_dp, emb.zero, emb.tp, hw)
-        rank_step[r] += step
-        rank_mb[r] += per_mb  # embedding/head ZeRO-2/3 traffic: small, counted as exposed
+    t = _RankTotals(pp.degree)
+    _add_layers(t, plan, cfg, hw, strategies, m)
+    head_tokens = _add_ends(t, plan, cfg, hw, strategies, m, world_size)
+    rank_mb = t.mb_s
     if pp.degree > 1:
-        cross = per_stage >= hw.devices_per_node
-        p2p = pp_p2p_s(tokens_mb, cfg, strategies[0].tp, strategies[0].sp, hw, cross) * v
-        rank_mb = [t + p2p for t in rank_mb]
-    step = pipeline_step_s(rank_mb, m, pp.schedule, v, hw.contention) + max(rank_step)
-    mem = []
-    for r in range(pp.degree):
-        inflight = inflight_microbatches(pp.schedule, pp.degree, r, m, v)
-        used = rank_static[r] + inflight * rank_act[r] + rank_gather[r]
-        if r == last:
-            used += logits_bytes(cfg, head_tokens, emb.tp, hw.elem_bytes)
-        mem.append((used + framework_overhead_bytes(hw, used)) / GIB)
+        cross = world_size // pp.degree >= hw.devices_per_node
+        s0 = strategies[0]
+        p2p = pp_p2p_s(plan.micro_batch * plan.seq_len / s0.cp, cfg, s0.tp, s0.sp, hw, cross) * v
+        rank_mb = [x + p2p for x in rank_mb]
+    step = pipeline_step_s(rank_mb, m, pp.schedule, v, hw.contention)
+    if pp.degree > 1:
+        step *= hw.pipeline_slowdown
+    step += max(t.step_s)
+    mem = _memory_gib(t, plan, cfg, hw, m, head_tokens)
     tokens = plan.global_batch * plan.seq_len
     # MFU uses the model's own FLOPs per token (PaLM convention); HFU counts recomputation too.
     mfu_flops = cfg.flops_per_token(plan.seq_len) * tokens
-    ratio = hw_flops / model_flops if model_flops else 1.0
-    tflops = mfu_flops / step / world_size / 1e12
+    ratio = t.hw_flops / t.model_flops if t.model_flops else 1.0
     peak = hw.peak_flops
     return Prediction(
-        step_s=step, tokens_per_s=tokens / step, tflops_per_device=tflops,
+        step_s=step, tokens_per_s=tokens / step, tflops_per_device=mfu_flops / step / world_size / 1e12,
         mfu=mfu_flops / step / world_size / peak, hfu=mfu_flops * ratio / step / world_size / peak,
         memory_gib=mem, fits=max(mem) * GIB <= hw.memory_bytes,
-        breakdown={"compute_s": compute_total / pp.degree, "tp_ep_comm_s": comm_total / pp.degree,
-                   "dp_comm_s": dp_total / pp.degree, "framework_overhead_s": overhead_total / pp.degree, "bubble_fraction": bubble_fraction(pp.degree, m, pp.schedule, v),
-                   "microbatches": float(m)},
+        breakdown={"compute_s": t.compute / pp.degree, "tp_ep_comm_s": t.comm / pp.degree,
+                   "dp_comm_s": t.dp / pp.degree, "framework_overhead_s": t.overhead / pp.degree,
+                   "bubble_fraction": bubble_fraction(pp.degree, m, pp.schedule, v), "microbatches": float(m)},
     )
-

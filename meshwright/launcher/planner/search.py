@@ -28,7 +28,7 @@ from meshwright.launcher.planner import cost_model as cm
 from meshwright.plan import EmbeddingStrategy, LayerStrategy, OptimizerSpec, PipelineSpec, Plan, Savers, validate_plan
 
 RECOMPUTE = ("none", "selective", "full")
-N_BUCKETS = 96
+N_BUCKETS = 64
 
 
 @dataclass
@@ -39,6 +39,7 @@ class Constraints:
     pp: Optional[int] = None
     dp: Optional[int] = None
     ep: Optional[int] = None
+    cp: Optional[int] = None  # context parallel degree (ring attention); fixed when given, 1 otherwise
     zero: Optional[int] = None
     recompute: Optional[str] = None
     sp: Optional[bool] = None  # sequence parallelism on tp>1 layers (None: searched)
@@ -51,7 +52,7 @@ class Constraints:
     runtime_compatible: bool = False
 
     def validate(self, prefix: str = "") -> None:
-        for name in ("tp", "pp", "dp", "ep", "micro_batch", "virtual_stages"):
+        for name in ("tp", "pp", "dp", "ep", "cp", "micro_batch", "virtual_stages"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise invalid(name.replace("_", "-"), v, "a positive integer")
@@ -122,7 +123,7 @@ def describe_layout(plan: Plan) -> str:
         head += f" {pp.schedule}" + (f" v={pp.virtual_stages}" if pp.virtual_stages > 1 else "") + f" m={pp.microbatches}"
     parts = []
     for s in plan.layers:
-        t = f"{s.repeat}x tp{s.tp}{' sp' if s.sp else ''} dp{s.dp} z{s.zero}{f' hsdp{s.dp_shard}' if s.dp_shard else ''} rc={s.recompute}"
+        t = f"{s.repeat}x tp{s.tp}{' sp' if s.sp else ''}{f' cp{s.cp}' if s.cp > 1 else ''} dp{s.dp} z{s.zero}{f' hsdp{s.dp_shard}' if s.dp_shard else ''} rc={s.recompute}"
         if s.ep > 1:
             t += f" ep{s.ep}"
         if s.savers.fp8_act:
@@ -161,9 +162,9 @@ def node_shard(dp: int, tp: int, devices_per_node: int) -> Optional[int]:
 
 def layer_strategies(cfg: ModelConfig, index: int, per_stage: int, tps: list[int], seq_len: int,
                      c: Constraints, allow: Allow, mb: int, max_dp: int, global_batch: int,
-                     devices_per_node: int = 0) -> list[LayerStrategy]:
-    """Every strategy block ``index`` may take on a stage of ``per_stage`` devices (ZeRO-2/3 also as HSDP
-    with node-sized shard groups when dp spans nodes)."""
+                     devices_per_node: int = 0, cp: int = 1) -> list[LayerStrategy]:
+    """Every strategy block ``index`` may take on a stage of ``per_stage`` devices per context-parallel
+    rank (ZeRO-2/3 also as HSDP with node-sized shard groups when dp spans nodes and cp is 1)."""
     out = []
     moe = cfg.is_moe_layer(index)
     saver_opts = [Savers()]
@@ -199,8 +200,8 @@ def layer_strategies(cfg: ModelConfig, index: int, per_stage: int, tps: list[int
         for sp, z, rc, ep, sv in itertools.product(sps, zeros, rcs, eps, saver_opts):
             if c.runtime_compatible and moe and (sp or (ep > 1 and (z != 0 or dp != max_dp))):
                 continue  # the runtime keeps MoE tokens tp-replicated and expert grads off ZeRO/mixed-dp paths
-            out.append(LayerStrategy(tp=t, sp=sp, dp=dp, zero=z, ep=ep, recompute=rc, savers=sv))
-            shard = node_shard(dp, t, devices_per_node) if z >= 2 and not moe else None
+            out.append(LayerStrategy(tp=t, sp=sp, dp=dp, zero=z, ep=ep, cp=cp, recompute=rc, savers=sv))
+            shard = node_shard(dp, t, devices_per_node) if z >= 2 and not moe and cp == 1 else None
             if shard is not None:
                 out.append(LayerStrategy(tp=t, sp=sp, dp=dp, zero=z, dp_shard=shard, ep=ep, recompute=rc, savers=sv))
     return out
@@ -216,10 +217,17 @@ class _Kind:
     act: np.ndarray  # bytes per microbatch in flight
     cls: np.ndarray  # (tp, sp) class index, for transitions
     tpsp: list[tuple[int, bool]]
+    # transient bytes while the layer runs (ZeRO-3 all-gathered layer + prefetch, backward working set):
+    # a maximum per rank, not a sum (empty = none)
+    gather: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+
+    def __post_init__(self) -> None:
+        if len(self.gather) != len(self.strategies):
+            self.gather = np.zeros(len(self.strategies))
 
 
 def _skey(s: LayerStrategy) -> tuple:
-    return (s.tp, s.sp, s.dp, s.zero, s.dp_shard, s.ep, s.recompute, s.savers.fp8_act, s.savers.wta_crs, s.savers.lemo)
+    return (s.tp, s.sp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, s.recompute, s.savers.fp8_act, s.savers.wta_crs, s.savers.lemo)
 
 
 _COST_CACHE: dict[tuple, dict[str, float]] = {}
@@ -239,13 +247,14 @@ def _cached_layer_costs(cfg: ModelConfig, index: int, s: LayerStrategy, mb_sampl
 
 def _kind_costs(cfg: ModelConfig, index: int, strategies: list[LayerStrategy], mb: int, max_dp: int,
                 seq_len: int, hw: cm.Hardware, states: str, m_eff: float) -> _Kind:
-    objs, stat, act = [], [], []
+    objs, stat, act, gat = [], [], [], []
     for s in strategies:
         c = _cached_layer_costs(cfg, index, s, mb * max_dp / s.dp, seq_len, hw, states)
         objs.append(m_eff * cm.layer_microbatch_s(c, hw) + cm.layer_step_dp_s(c, hw))
-        stat.append(c["static_bytes"] + c["gathered_bytes"])
+        stat.append(c["static_bytes"])
         act.append(c["act_bytes"])
-    objs_a, stat_a, act_a = np.array(objs), np.array(stat), np.array(act)
+        gat.append(c["transient_bytes"])
+    objs_a, stat_a, act_a, gat_a = np.array(objs), np.array(stat), np.array(act), np.array(gat)
     # Pareto pruning inside each (tp, sp) class: drop strategies no better in time, static and activation memory.
     classes = [(s.tp, s.sp) for s in strategies]
     tpsp = sorted(set(classes))
@@ -253,8 +262,10 @@ def _kind_costs(cfg: ModelConfig, index: int, strategies: list[LayerStrategy], m
     n = len(strategies)
     if n:
         same = cls_all[:, None] == cls_all[None, :]
-        le = (objs_a[None, :] <= objs_a[:, None]) & (stat_a[None, :] <= stat_a[:, None]) & (act_a[None, :] <= act_a[:, None])
-        lt = (objs_a[None, :] < objs_a[:, None]) | (stat_a[None, :] < stat_a[:, None]) | (act_a[None, :] < act_a[:, None])
+        le = ((objs_a[None, :] <= objs_a[:, None]) & (stat_a[None, :] <= stat_a[:, None]) & (act_a[None, :] <= act_a[:, None])
+              & (gat_a[None, :] <= gat_a[:, None]))
+        lt = ((objs_a[None, :] < objs_a[:, None]) | (stat_a[None, :] < stat_a[:, None]) | (act_a[None, :] < act_a[:, None])
+              | (gat_a[None, :] < gat_a[:, None]))
         earlier = np.arange(n)[None, :] < np.arange(n)[:, None]
         dom = same & le & (lt | earlier)  # dom[i, j]: j dominates i
         np.fill_diagonal(dom, False)
@@ -264,7 +275,7 @@ def _kind_costs(cfg: ModelConfig, index: int, strategies: list[LayerStrategy], m
     strategies = [strategies[i] for i in keep]
     tpsp = sorted(set(classes[i] for i in keep))
     cls = np.array([tpsp.index(classes[i]) for i in keep], dtype=int)
-    return _Kind(strategies, objs_a[keep], stat_a[keep], act_a[keep], cls, tpsp)
+    return _Kind(strategies, objs_a[keep], stat_a[keep], act_a[keep], cls, tpsp, gat_a[keep])
 
 
 def _stage_dp(kinds: list[_Kind], budget: float, inflight: float, trans_cost: np.ndarray | None) -> tuple[float, list[int]] | None:
@@ -401,245 +412,458 @@ def _partitions(cfg: ModelConfig, pp: int, v: int, head_layers: float, fixed: bo
     return out
 
 
-def search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: int,
-           hw: Optional[cm.Hardware] = None, constraints: Optional[Constraints] = None,
-           allow: Optional[Allow] = None, states: Optional[str] = None, top: int = 5,
-           progress: bool = False, suggest: bool = True) -> SearchResult:
-    """Search plans for ``cfg`` on ``cluster`` (its nodes x devices_per_node ranks)."""
-    t0 = time.perf_counter()
-    c = constraints or Constraints()
+def _check_request(cfg: ModelConfig, seq_len: int, global_batch: int, c: Constraints, world: int) -> list[int]:
+    """One-line errors for a request no layout can satisfy; returns the pipeline degrees to try."""
     c.validate()
-    allow = allow or Allow()
-    hw = hw or cm.hardware_from_cluster(cluster)
-    world = cluster.world_size
     if seq_len < 1 or global_batch < 1:
         raise invalid("seq-len" if seq_len < 1 else "global-batch", seq_len if seq_len < 1 else global_batch, "a positive integer")
     if seq_len > cfg.max_seq_len:
         raise invalid("seq-len", seq_len, f"at most the model's max_seq_len={cfg.max_seq_len}")
-    state_opts = [states] if states else (["fp32", "fp8"] if allow.fp8 else ["fp32"])
+    cp = c.cp or 1
+    if cp > 1 and c.runtime_compatible:
+        raise invalid("cp", cp, "1 for layouts meshwright's runtime runs (context parallelism is planned and exported "
+                      "only: add --any-runtime)")
+    if cp > 1 and seq_len % (2 * cp):
+        raise invalid("cp", cp, f"a degree with seq_len={seq_len} divisible by 2*cp (ring attention splits each sequence into 2*cp chunks)")
     pps = [p for p in divisors(world) if p <= cfg.n_layers]
     if c.pp is not None:
         if c.pp not in pps:
             raise invalid("pp", c.pp, f"a divisor of world size {world} no larger than n_layers={cfg.n_layers}: {pps}")
         pps = [c.pp]
-    feasible: list[Candidate] = []
-    rejected: list[dict[str, Any]] = []
-    n_cand = 0
-    budget = hw.memory_bytes
-    usable = (budget - hw.overhead_bytes) / (1 + hw.fragmentation)
-    model_name = cfg.name if cfg.name != "custom" else to_dict(cfg)
-    from tqdm import tqdm
+    return pps
 
-    outer = list(itertools.product(state_opts, pps))
-    for st, pp in tqdm(outer, desc="plan search", unit="pp", disable=not progress, leave=False):
-        if pp > 1 and cfg.tie_embeddings:
-            rejected.append({"layout": f"pp={pp}", "reason": "tied embeddings need pp=1"})
+
+def _schedules(cfg: ModelConfig, c: Constraints, pp: int, m: int) -> list[tuple[str, int]]:
+    """(schedule, virtual stages) to try for ``pp`` stages and ``m`` microbatches."""
+    if pp == 1:
+        return [("1f1b", 1)]
+    scheds: list[tuple[str, int]] = []
+    if c.schedule in (None, "1f1b"):
+        scheds.append(("1f1b", 1))
+    if c.schedule == "gpipe":
+        scheds.append(("gpipe", 1))
+    if c.schedule in (None, "interleaved_1f1b"):
+        for v in ([c.virtual_stages] if c.virtual_stages else _interleave_depths(cfg.n_layers, pp)):
+            if v > 1 and m % pp == 0 and cfg.n_layers >= pp * v:
+                scheds.append(("interleaved_1f1b", v))
+    return scheds
+
+
+@dataclass
+class _Collector:
+    """Feasible candidates and rejections gathered over the outer loop."""
+
+    feasible: list[Candidate] = dataclasses.field(default_factory=list)
+    rejected: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    candidates: int = 0
+
+
+def _try_micro_batch(base: _Outer, out: _Collector) -> Optional[float]:
+    """Every schedule for one (pp, tp, micro-batch): the best step time found, None when nothing fits."""
+    best: Optional[float] = None
+    prev_depth: Optional[float] = None  # best time of the previous interleaving depth
+    for sched, v in _schedules(base.cfg, base.c, base.pp, base.m):
+        out.candidates += 1
+        depth_best: Optional[float] = None
+        for item in _solve_candidate(dataclasses.replace(base, sched=sched, v=v)):
+            if isinstance(item, Candidate):
+                out.feasible.append(item)
+                t = item.prediction.step_s
+                best = t if best is None else min(best, t)
+                depth_best = t if depth_best is None else min(depth_best, t)
+            else:
+                out.rejected.append(item)
+        if sched == "interleaved_1f1b" and base.c.virtual_stages is None:
+            # deeper interleaving only shrinks the bubble further: stop once a depth stops helping
+            if depth_best is None or (prev_depth is not None and depth_best >= prev_depth):
+                break
+            prev_depth = depth_best
+    return best
+
+
+def _try_micro_batches(base: _Outer, per_replica: int, out: _Collector) -> None:
+    """Micro-batch sizes ascending for one (pp, smallest tp). Larger micro-batches only add activation memory:
+    once one is out of memory, or two in a row did not beat the best so far, the larger ones are not tried
+    (recorded as pruned)."""
+    c, pp, t_base = base.c, base.pp, base.t_base
+    mbs = [b for b in divisors(per_replica) if b <= 64]
+    if c.micro_batch is not None:
+        mbs = [b for b in mbs if b == c.micro_batch]
+    best_mb_time: Optional[float] = None
+    worse = 0
+    for mb in mbs:
+        if worse >= 2:
+            out.rejected.append({"layout": f"pp={pp} tp>={t_base} mb>={mb}", "reason": "pruned: larger micro-batches stopped helping"})
+            break
+        mb_best = _try_micro_batch(dataclasses.replace(base, mb=mb, m=per_replica // mb), out)
+        if mb_best is None:
+            if c.micro_batch is None and mb != mbs[-1]:
+                out.rejected.append({"layout": f"pp={pp} tp>={t_base} mb>{mb}", "reason": f"pruned: mb={mb} is already out of memory"})
+            break
+        if best_mb_time is None or mb_best < best_mb_time * (1 - 1e-3):
+            best_mb_time, worse = mb_best, 0
+        else:
+            worse += 1
+
+
+def _try_pipeline(base: _Outer, out: _Collector) -> None:
+    """Every smallest-tp choice for one pipeline degree (``base.pp``) and optimizer-state format."""
+    cfg, c, pp, cp, world = base.cfg, base.c, base.pp, base.cp, base.cluster.world_size
+    if pp > 1 and cfg.tie_embeddings and c.runtime_compatible:
+        out.rejected.append({"layout": f"pp={pp}", "reason": "meshwright's runtime runs tied embeddings with pp=1 only"})
+        return
+    per_stage = world // pp
+    if per_stage % cp:
+        out.rejected.append({"layout": f"pp={pp} cp={cp}", "reason": f"cp={cp} does not divide {per_stage} devices per stage"})
+        return
+    tps = tp_choices(cfg, per_stage // cp, base.seq_len)
+    if c.tp is not None:
+        if c.tp not in tps:
+            out.rejected.append({"layout": f"pp={pp} tp={c.tp}", "reason": f"tp={c.tp} does not divide heads/FFN/{per_stage} devices"})
+            return
+        tps = [c.tp]
+    if c.dp is not None:
+        tps = [t for t in tps if per_stage // (t * cp) == c.dp]
+    for t_base in tps:
+        max_dp = per_stage // (t_base * cp)
+        if base.global_batch % max_dp:
             continue
-        per_stage = world // pp
-        tps = tp_choices(cfg, per_stage, seq_len)
-        if c.tp is not None:
-            if c.tp not in tps:
-                rejected.append({"layout": f"pp={pp} tp={c.tp}", "reason": f"tp={c.tp} does not divide heads/FFN/{per_stage} devices"})
-                continue
-            tps = [c.tp]
-        if c.dp is not None:
-            tps = [t for t in tps if per_stage // t == c.dp]
-        for t_base in tps:
-            max_dp = per_stage // t_base
-            if global_batch % max_dp:
-                continue
-            per_replica = global_batch // max_dp
-            mbs = [b for b in divisors(per_replica) if b <= 64]
-            if c.micro_batch is not None:
-                mbs = [b for b in mbs if b == c.micro_batch]
-            if pp > 1:
-                mbs = [b for b in mbs if per_replica // b >= 1]
-            allowed_tps = [t for t in tps if t >= t_base][:3]
-            best_mb_time: Optional[float] = None
-            worse = 0
-            for mb in mbs:
-                # Larger micro-batches only add activation memory: once one is out of memory, or two in a
-                # row did not beat the best so far, the larger ones are not tried (recorded as pruned).
-                if worse >= 2:
-                    rejected.append({"layout": f"pp={pp} tp>={t_base} mb>={mb}", "reason": "pruned: larger micro-batches stopped helping"})
-                    break
-                m = per_replica // mb
-                scheds: list[tuple[str, int]] = []
-                if pp == 1:
-                    scheds = [("1f1b", 1)]
-                else:
-                    if c.schedule in (None, "1f1b"):
-                        scheds.append(("1f1b", 1))
-                    if c.schedule == "gpipe":
-                        scheds.append(("gpipe", 1))
-                    if c.schedule in (None, "interleaved_1f1b"):
-                        for v in ([c.virtual_stages] if c.virtual_stages else [2]):
-                            if v > 1 and m % pp == 0 and cfg.n_layers >= pp * v:
-                                scheds.append(("interleaved_1f1b", v))
-                mb_best: Optional[float] = None
-                any_fit = False
-                for sched, v in scheds:
-                    n_cand += 1
-                    cand = _solve_candidate(cfg, cluster, hw, c, allow, st, pp, per_stage, allowed_tps, t_base,
-                                            max_dp, mb, m, sched, v, seq_len, global_batch, usable, model_name)
-                    for item in cand:
-                        if isinstance(item, Candidate):
-                            feasible.append(item)
-                            any_fit = True
-                            t = item.prediction.step_s
-                            mb_best = t if mb_best is None else min(mb_best, t)
-                        else:
-                            rejected.append(item)
-                if not any_fit:
-                    if c.micro_batch is None and mb != mbs[-1]:
-                        rejected.append({"layout": f"pp={pp} tp>={t_base} mb>{mb}", "reason": f"pruned: mb={mb} is already out of memory"})
-                    break
-                if best_mb_time is None or mb_best < best_mb_time * (1 - 1e-3):
-                    best_mb_time, worse = mb_best, 0
-                else:
-                    worse += 1
-    feasible.sort(key=lambda x: (x.prediction.step_s, describe_layout(x.plan)))
+        allowed_tps = [t for t in tps if t >= t_base][:3]
+        _try_micro_batches(dataclasses.replace(base, per_stage=per_stage, tps=allowed_tps, t_base=t_base, max_dp=max_dp),
+                           base.global_batch // max_dp, out)
+
+
+def _result(out: _Collector, top: int, budget: float, t0: float) -> SearchResult:
+    """Distinct layouts, fastest first; rejections closest-to-fitting first."""
+    out.feasible.sort(key=lambda x: (x.prediction.step_s, describe_layout(x.plan)))
     uniq: list[Candidate] = []
     seen = set()
-    for x in feasible:
+    for x in out.feasible:
         key = describe_layout(x.plan)
         if key not in seen:
             seen.add(key)
             uniq.append(x)
-    rejected.sort(key=lambda r: ("need_gib" not in r, r.get("need_gib", 0.0), r["layout"]))
+    rejected = sorted(out.rejected, key=lambda r: ("need_gib" not in r, r.get("need_gib", 0.0), r["layout"]))
     result = SearchResult(best=uniq[0] if uniq else None, runners_up=uniq[1:top], rejected=rejected,
-                          search_s=time.perf_counter() - t0, candidates=n_cand, budget_gib=budget / cm.GIB)
+                          search_s=time.perf_counter() - t0, candidates=out.candidates, budget_gib=budget / cm.GIB)
     if not uniq:
         needs = [r["need_gib"] for r in rejected if "need_gib" in r]
         result.min_memory_gib = min(needs) if needs else None
-        if suggest:
-            result.suggestion = _suggest(cfg, cluster, seq_len, global_batch, hw, c, allow)
+    return result
+
+
+def search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: int,
+           hw: Optional[cm.Hardware] = None, constraints: Optional[Constraints] = None,
+           allow: Optional[Allow] = None, states: Optional[str] = None, top: int = 5,
+           progress: bool = False, suggest: bool = True) -> SearchResult:
+    """Search plans for ``cfg`` on ``cluster`` (its nodes x devices_per_node ranks): pipeline degree and
+    optimizer-state format outside (``_try_pipeline``), then smallest tp, micro-batch and schedule, then the
+    per-rank DPs (``_solve_candidate``)."""
+    t0 = time.perf_counter()
+    c = constraints or Constraints()
+    allow = allow or Allow()
+    hw = hw or cm.hardware_from_cluster(cluster)
+    pps = _check_request(cfg, seq_len, global_batch, c, cluster.world_size)
+    state_opts = [states] if states else (["fp32", "fp8"] if allow.fp8 else ["fp32"])
+    usable = (hw.memory_bytes - hw.overhead_bytes) / (1 + hw.fragmentation)
+    model_name = cfg.name if cfg.name != "custom" else to_dict(cfg)
+    out = _Collector()
+    from tqdm import tqdm
+
+    for st, pp in tqdm(list(itertools.product(state_opts, pps)), desc="plan search", unit="pp", disable=not progress, leave=False):
+        base = _Outer(cfg, cluster, hw, c, allow, st, pp, 0, [], 0, 0, 0, 0, "1f1b", 1, seq_len, global_batch, usable,
+                      model_name, c.cp or 1)
+        _try_pipeline(base, out)
+    result = _result(out, top, hw.memory_bytes, t0)
+    if result.best is None and suggest:
+        result.suggestion = _suggest(cfg, cluster, seq_len, global_batch, hw, c, allow)
         result.search_s = time.perf_counter() - t0
     return result
 
 
-def _solve_candidate(cfg, cluster, hw, c, allow, states, pp, per_stage, tps, t_base, max_dp, mb, m, sched, v,
-                     seq_len, global_batch, usable, model_name) -> list[Any]:
-    """Run the per-rank DPs for one outer candidate and return a scored Candidate or a rejection."""
-    m_eff = m + (pp - 1) / v if pp > 1 else m
-    kinds_cache: dict[bool, _Kind] = {}
-    trans_cache: dict[bool, np.ndarray] = {}
-    tokens = mb * seq_len
+@dataclass
+class _Outer:
+    """One outer candidate (pp, smallest tp, micro-batch, schedule, optimizer states) and its fixed inputs."""
 
-    def kind_for(i: int) -> _Kind:
-        key = cfg.is_moe_layer(i)
-        if key not in kinds_cache:
-            strategies = layer_strategies(cfg, i, per_stage, tps, seq_len, c, allow, mb, max_dp, global_batch,
-                                          cluster.devices_per_node)
-            kinds_cache[key] = _kind_costs(cfg, i, strategies, mb, max_dp, seq_len, hw, states, m_eff)
-            trans_cache[key] = _transition_matrix(kinds_cache[key], cfg, tokens * max_dp, hw, m_eff)
-        return kinds_cache[key]
+    cfg: ModelConfig
+    cluster: ClusterSpec
+    hw: cm.Hardware
+    c: Constraints
+    allow: Allow
+    states: str
+    pp: int
+    per_stage: int
+    tps: list[int]  # tp degrees the layers may take (>= t_base)
+    t_base: int
+    max_dp: int
+    mb: int
+    m: int  # microbatches per step
+    sched: str
+    v: int  # virtual stages
+    seq_len: int
+    global_batch: int
+    usable: float  # bytes the DP may fill (budget less framework overhead and headroom)
+    model_name: Any
+    cp: int = 1  # context-parallel degree: per_stage = tp * dp * cp
 
-    emb_tp = 1 if c.runtime_compatible or cfg.vocab_size % t_base else t_base
-    head_layers = (cm.head_fwd_flops(cfg, 1.0) / cm.layer_fwd_flops(cfg, 0, 1.0, seq_len))
-    layout = f"pp={pp} tp>={t_base} mb={mb} {sched}{f' v={v}' if v > 1 else ''}{' fp8-states' if states == 'fp8' else ''}"
+    @property
+    def m_eff(self) -> float:
+        """Microbatch-times a layer's cost is paid per step (steady state + its share of fill/drain)."""
+        return self.m + (self.pp - 1) / self.v if self.pp > 1 else self.m
+
+    @property
+    def tokens(self) -> int:
+        return self.mb * self.seq_len
+
+    @property
+    def emb_tp(self) -> int:
+        return 1 if self.c.runtime_compatible or self.cfg.vocab_size % self.t_base else self.t_base
+
+    def label(self) -> str:
+        v = f" v={self.v}" if self.v > 1 else ""
+        return f"pp={self.pp} tp>={self.t_base} mb={self.mb} {self.sched}{v}{' fp8-states' if self.states == 'fp8' else ''}"
+
+
+class _KindTable:
+    """Cost vectors per layer kind (dense/MoE) for one outer candidate, built on first use, and their variants
+    with the strategies whose transient memory exceeds a level masked out (infinite cost)."""
+
+    def __init__(self, o: _Outer) -> None:
+        self.o = o
+        self.kinds: dict[bool, _Kind] = {}
+        self.trans: dict[bool, np.ndarray] = {}
+        self.masked: dict[tuple[bool, float, float], tuple[_Kind, float]] = {}
+        self.levels: dict[tuple, list[float]] = {}
+
+    def kind(self, i: int) -> _Kind:
+        o, key = self.o, self.o.cfg.is_moe_layer(i)
+        if key not in self.kinds:
+            strategies = layer_strategies(o.cfg, i, o.per_stage // o.cp, o.tps, o.seq_len, o.c, o.allow, o.mb, o.max_dp,
+                                          o.global_batch, o.cluster.devices_per_node, o.cp)
+            k = self.kinds[key] = _kind_costs(o.cfg, i, strategies, o.mb, o.max_dp, o.seq_len, o.hw, o.states, o.m_eff)
+            self.trans[key] = _transition_matrix(k, o.cfg, o.tokens * o.max_dp, o.hw, o.m_eff)
+        return self.kinds[key]
+
+    def capped(self, i: int, level: float, inflight: float) -> tuple[_Kind, float]:
+        """Layer ``i``'s kind with strategies whose transient bytes exceed ``level`` at infinite cost, and its
+        memory shifted down by its smallest footprint at ``inflight`` (returned): the DP then spends its
+        buckets on the differences between strategies, not on the state every strategy holds."""
+        key = (self.o.cfg.is_moe_layer(i), level, inflight)
+        if key not in self.masked:
+            k = self.kind(i)
+            over = k.gather > level * (1 + 1e-9)
+            base = float(np.min(k.static + inflight * k.act)) if len(k.strategies) else 0.0
+            self.masked[key] = (dataclasses.replace(k, obj=np.where(over, np.inf, k.obj), static=k.static - base,
+                                                    gather=np.where(over, 0.0, k.gather)), base)
+        return self.masked[key]
+
+
+def _transient_levels(ks: list[_Kind]) -> list[float]:
+    """Transient-memory caps worth trying on one rank: the largest transient of all strategies, of those
+    without ZeRO-3, and of those also without full recompute (a few DPs, not one per value)."""
+    levels = set()
+    preds = [lambda s: True, lambda s: s.zero < 3, lambda s: s.zero < 3 and s.recompute != "full"]
+    for pred in preds:
+        vals = [float(k.gather[j]) for k in ks for j, st in enumerate(k.strategies) if pred(st)]
+        if vals:
+            levels.add(max(vals))
+    out: list[float] = []
+    for lv in sorted(levels, reverse=True):  # levels within 15% of a kept one add little: keep the larger
+        if not out or lv < 0.85 * out[-1]:
+            out.append(lv)
+    return out
+
+
+def _rank_extra_bytes(o: _Outer, first: bool, last: bool) -> float:
+    """Memory outside the blocks on one pipeline rank: embedding (first) and head + logits (last)."""
+    emb_dp = o.per_stage // o.emb_tp
+    extra = cm.embedding_static_bytes(o.cfg, first, last, o.emb_tp, emb_dp, 0 if emb_dp == 1 else 1, o.states, o.hw)
+    if last:
+        extra += cm.logits_bytes(o.cfg, o.tokens, o.emb_tp, o.hw.elem_bytes)
+        if o.hw.runtime_buffers:
+            extra += cm.loss_buffer_bytes(o.cfg, o.tokens, o.emb_tp)
+    return extra
+
+
+def _rank_dp(o: _Outer, table: _KindTable, layers: list[int], budget: float, inflight: float) -> tuple[float, list[int]] | None:
+    """Min-time strategies for one rank's layers within ``budget`` bytes.
+
+    ZeRO-3 layers need one all-gathered layer (+ prefetch) at a time and backward one layer's working set:
+    a maximum over the rank, not a sum. The DP runs once per transient level (``_transient_levels``) with
+    that much reserved and the strategies above it masked, and keeps the fastest.
+    """
+    ks = [table.kind(i) for i in layers]
+    key = o.cfg.is_moe_layer(layers[0]) if layers else False
+    single_kind = len({o.cfg.is_moe_layer(i) for i in layers}) == 1
+    trans = table.trans[key] if single_kind and layers else None
+    best = None
+    sig = tuple(sorted({id(k) for k in ks}))
+    if sig not in table.levels:
+        table.levels[sig] = _transient_levels(list({id(k): k for k in ks}.values()))
+    # no assignment beats every layer's fastest strategy: once a level reaches it, lower levels cannot help
+    floor = sum(float(k.obj.min()) for k in ks if len(k.obj))
+    levels = table.levels[sig] or [0.0]
+
+    def run(level: float) -> tuple[float, list[int]] | None:
+        capped = [table.capped(i, level, inflight) for i in layers]
+        return _stage_dp([k for k, _ in capped], budget - level - sum(b for _, b in capped), inflight, trans)
+
+    best = run(levels[0])
+    if best is not None and best[0] <= floor * (1 + 1e-9):
+        return best
+    if best is not None:
+        # refine: the smallest level that still admits the chosen strategies frees the difference
+        used = max(float(k.gather[j]) for k, j in zip(ks, best[1])) if ks else 0.0
+        tighter = [lv for lv in levels[1:] if lv >= used * (1 - 1e-9)]
+        todo = [min(tighter)] if tighter else []
+    else:
+        todo = levels[1:]  # nothing fits with the largest reserve: try smaller ones
+    for level in todo:
+        res = run(level)
+        if res is not None and (best is None or res[0] < best[0]):
+            best = res
+    return best
+
+
+def _min_memory_assignment(ks: list[_Kind], inflight: float) -> tuple[list[int], float]:
+    """The memory-minimal strategy per layer and the bytes it needs (gather buffers as a maximum)."""
+    mins = [int(np.argmin(k.static + inflight * k.act + k.gather)) for k in ks]
+    need = sum(float(k.static[j] + inflight * k.act[j]) for k, j in zip(ks, mins))
+    need += max((float(k.gather[j]) for k, j in zip(ks, mins)), default=0.0)
+    return mins, need
+
+
+def _group_same_class(kind: _Kind, picked: list[int]) -> list[int]:
+    """Cost only depends on (tp, sp) changes: sort inside each same-class run so identical strategies sit
+    together and the plan reads as a few ``repeat`` blocks."""
+    runs, cur = [], []
+    for si in picked:
+        if cur and kind.cls[cur[-1]] != kind.cls[si]:
+            runs.append(sorted(cur))
+            cur = []
+        cur.append(si)
+    runs.append(sorted(cur))
+    return [x for run in runs for x in run]
+
+
+def _assign_layers(o: _Outer, table: _KindTable, stages: list[list[int]]) -> tuple[Optional[list[LayerStrategy]], Optional[float]]:
+    """Strategies for every layer of one stage partition: (strategies, None), or (None, GiB needed) when
+    some rank does not fit. Raises _NoStrategy when the constraints leave a layer without options."""
+    cfg, pp = o.cfg, o.pp
+    rank_layers: list[list[int]] = [[] for _ in range(pp)]
+    for j, (a, b) in enumerate(stages):
+        rank_layers[j % pp].extend(range(a, b))
+    choices: dict[int, LayerStrategy] = {}
+    memo: dict[tuple, Any] = {}
+    for r, layers in enumerate(rank_layers):
+        ks = [table.kind(i) for i in layers]
+        if any(len(k.strategies) == 0 for k in ks):
+            raise _NoStrategy()
+        inflight = cm.inflight_microbatches(o.sched, pp, r, o.m, o.v)
+        first, last = r == 0, r == pp - 1
+        extra = _rank_extra_bytes(o, first, last)
+        # ranks with similar activation pressure share one DP (round inflight up to a power of two)
+        inflight_r = float(2 ** math.ceil(math.log2(inflight))) if inflight > 1 else 1.0
+        inflight_r = min(inflight_r, float(o.m)) if o.sched != "gpipe" else inflight
+        sig = (tuple(cfg.is_moe_layer(i) for i in layers), inflight_r, first, last)
+        if sig not in memo:
+            memo[sig] = _rank_dp(o, table, layers, o.usable - extra, inflight_r)
+        res = memo[sig]
+        if res is None:
+            # The DP's buckets and rounded-up in-flight count are conservative: fall back to the
+            # memory-minimal assignment when that fits; otherwise it says how far off the layout is.
+            mins, need = _min_memory_assignment(ks, inflight)
+            need += extra
+            if need > o.usable:
+                return None, (need + cm.framework_overhead_bytes(o.hw, need)) / cm.GIB
+            res = (float(sum(k.obj[j] for k, j in zip(ks, mins))), mins)
+        picked = list(res[1])
+        if len({cfg.is_moe_layer(i) for i in layers}) == 1 and layers:
+            picked = _group_same_class(table.kind(layers[0]), picked)
+        for i, si in zip(layers, picked):
+            choices[i] = table.kind(i).strategies[si]
+    return [choices[i] for i in range(cfg.n_layers)], None
+
+
+class _NoStrategy(Exception):
+    """No per-layer strategy satisfies the user's constraints for this outer candidate."""
+
+
+def _score_plans(o: _Outer, stages: list[list[int]], strategies: list[LayerStrategy]) -> tuple[Any, Optional[float]]:
+    """Build the Plan(s) for a strategy assignment (embedding ZeRO levels tried) and judge them with
+    ``evaluate_plan``: (Candidate | rejection dict | None, GiB needed by the best plan that did not fit)."""
+    cfg = o.cfg
+    e_tp = min(s.tp for s in strategies)
+    if cfg.vocab_size % e_tp or o.c.runtime_compatible:
+        e_tp = 1
+    real_max_dp = max(s.dp for s in strategies)
+    if (o.mb * o.max_dp) % real_max_dp:
+        return None, None
+    mb_plan = o.mb * o.max_dp // real_max_dp
+    best_plan = best_pred = None
+    need: Optional[float] = None
+    # the embedding/head's ZeRO level is not in the per-layer DP: score the runtime's choices for it
+    for e_zero in _embedding_zero_options(strategies, o.per_stage // e_tp, o.c.runtime_compatible):
+        plan = Plan(model=o.model_name, cluster={"preset": o.cluster.name, "nodes": o.cluster.nodes,
+                                                  "devices_per_node": o.cluster.devices_per_node},
+                    seq_len=o.seq_len, global_batch=o.global_batch, micro_batch=mb_plan,
+                    pipeline=PipelineSpec(degree=o.pp, schedule=o.sched,
+                                          microbatches=o.global_batch // (real_max_dp * mb_plan) if o.pp > 1 else 1,
+                                          virtual_stages=o.v, stages=stages if o.pp > 1 else []),
+                    layers=_compress(strategies), embedding=EmbeddingStrategy(tp=e_tp, zero=e_zero),
+                    optimizer=OptimizerSpec(states=o.states))
+        try:
+            validate_plan(plan, cfg, o.per_stage * o.pp)
+        except ConfigError as exc:
+            return {"layout": o.label(), "reason": f"invalid plan: {exc}"}, need
+        pred = cm.evaluate_plan(plan, cfg, o.hw, o.per_stage * o.pp)
+        if not pred.fits:
+            need = max(pred.memory_gib) if need is None else min(need, max(pred.memory_gib))
+        elif best_pred is None or pred.step_s < best_pred.step_s:
+            best_plan, best_pred = plan, pred
+    if best_plan is None:
+        return None, need
+    best_plan.predicted = best_pred.to_dict()
+    return Candidate(best_plan, best_pred), need
+
+
+def _solve_candidate(o: _Outer) -> list[Any]:
+    """Run the per-rank DPs for one outer candidate over its stage partitions; return the scored
+    Candidates, rejections, and an out-of-memory rejection with the smallest need when nothing fits."""
+    table = _KindTable(o)
+    head_layers = cm.head_fwd_flops(o.cfg, 1.0) / cm.layer_fwd_flops(o.cfg, 0, 1.0, o.seq_len)
     out: list[Any] = []
-    fixed = False
-    best_need = None
-    for stages in _partitions(cfg, pp, v, head_layers, fixed):
-        rank_layers: list[list[int]] = [[] for _ in range(pp)]
-        for j, (a, b) in enumerate(stages):
-            rank_layers[j % pp].extend(range(a, b))
-        choices: dict[int, LayerStrategy] = {}
-        ok = True
-        memo: dict[tuple, Any] = {}
-        for r in range(pp):
-            layers = rank_layers[r]
-            ks = [kind_for(i) for i in layers]
-            if any(len(k.strategies) == 0 for k in ks):
-                return [{"layout": layout, "reason": "no strategy satisfies the constraints"}]
-            inflight = cm.inflight_microbatches(sched, pp, r, m, v)
-            extra = 0.0
-            first, last = r == 0, r == pp - 1
-            emb_dp = per_stage // emb_tp
-            for flag_first, flag_last in ((first, False), (False, last)):
-                if flag_first or flag_last:
-                    n = cm.embedding_param_count(cfg, flag_first, flag_last, emb_tp)
-                    extra += sum(cm.model_state_bytes(n, emb_dp, 0 if emb_dp == 1 else 1, states, hw).values())
-            if last:
-                extra += cm.logits_bytes(cfg, tokens, emb_tp, hw.elem_bytes)
-            # ranks with similar activation pressure share one DP (round inflight up to a power of two)
-            inflight_r = float(2 ** math.ceil(math.log2(inflight))) if inflight > 1 else 1.0
-            inflight_r = min(inflight_r, float(m)) if sched != "gpipe" else inflight
-            sig = (tuple(cfg.is_moe_layer(i) for i in layers), inflight_r, first, last)
-            if sig not in memo:
-                single_kind = len({cfg.is_moe_layer(i) for i in layers}) == 1
-                trans = trans_cache[cfg.is_moe_layer(layers[0])] if single_kind and layers else None
-                memo[sig] = _stage_dp(ks, usable - extra, inflight_r, trans)
-            res = memo[sig]
-            if res is None:
-                # The DP's buckets and rounded-up in-flight count are conservative: fall back to the
-                # memory-minimal assignment when that fits; otherwise it says how far off the layout is.
-                mins = [int(np.argmin(k.static + inflight * k.act)) for k in ks]
-                need = extra + sum(float(k.static[j] + inflight * k.act[j]) for k, j in zip(ks, mins))
-                need_gib = (need + cm.framework_overhead_bytes(hw, need)) / cm.GIB
-                if need <= usable - 0.0:
-                    res = (float(sum(k.obj[j] for k, j in zip(ks, mins))), mins)
-                else:
-                    best_need = need_gib if best_need is None else min(best_need, need_gib)
-                    ok = False
-                    break
-            picked = list(res[1])
-            if len({cfg.is_moe_layer(i) for i in layers}) == 1 and layers:
-                # cost only depends on (tp, sp) changes: sort inside each same-class run so identical
-                # strategies sit together and the plan reads as a few `repeat` blocks
-                kk = kind_for(layers[0])
-                runs, cur = [], []
-                for si in picked:
-                    if cur and kk.cls[cur[-1]] != kk.cls[si]:
-                        runs.append(sorted(cur))
-                        cur = []
-                    cur.append(si)
-                runs.append(sorted(cur))
-                picked = [x for run in runs for x in run]
-            for i, si in zip(layers, picked):
-                choices[i] = kinds_cache[cfg.is_moe_layer(i)].strategies[si]
-        if not ok:
+    best_need: Optional[float] = None
+
+    def note(need: Optional[float]) -> None:
+        nonlocal best_need
+        if need is not None:
+            best_need = need if best_need is None else min(best_need, need)
+
+    for stages in _partitions(o.cfg, o.pp, o.v, head_layers, False):
+        try:
+            strategies, need = _assign_layers(o, table, stages)
+        except _NoStrategy:
+            return [{"layout": o.label(), "reason": "no strategy satisfies the constraints"}]
+        note(need)
+        if strategies is None:
             continue
-        strategies = [choices[i] for i in range(cfg.n_layers)]
-        e_tp = min(s.tp for s in strategies)
-        if cfg.vocab_size % e_tp or c.runtime_compatible:
-            e_tp = 1
-        real_max_dp = max(s.dp for s in strategies)
-        mb_plan = mb * max_dp // real_max_dp if (mb * max_dp) % real_max_dp == 0 else None
-        if mb_plan is None:
-            continue
-        # the embedding/head's ZeRO level is not in the per-layer DP: score the runtime's choices for it
-        best_plan = best_pred = None
-        for e_zero in _embedding_zero_options(strategies, per_stage // e_tp, c.runtime_compatible):
-            plan = Plan(model=model_name, cluster={"preset": cluster.name, "nodes": cluster.nodes,
-                                                    "devices_per_node": cluster.devices_per_node},
-                        seq_len=seq_len, global_batch=global_batch, micro_batch=mb_plan,
-                        pipeline=PipelineSpec(degree=pp, schedule=sched,
-                                              microbatches=global_batch // (real_max_dp * mb_plan) if pp > 1 else 1,
-                                              virtual_stages=v, stages=stages if pp > 1 else []),
-                        layers=_compress(strategies), embedding=EmbeddingStrategy(tp=e_tp, zero=e_zero),
-                        optimizer=OptimizerSpec(states=states))
-            try:
-                validate_plan(plan, cfg, per_stage * pp)
-            except ConfigError as exc:
-                out.append({"layout": layout, "reason": f"invalid plan: {exc}"})
-                break
-            pred = cm.evaluate_plan(plan, cfg, hw, per_stage * pp)
-            if not pred.fits:
-                need = max(pred.memory_gib)
-                best_need = need if best_need is None else min(best_need, need)
-            elif best_pred is None or pred.step_s < best_pred.step_s:
-                best_plan, best_pred = plan, pred
-        if best_plan is None:
-            continue
-        plan, pred = best_plan, best_pred
-        plan.predicted = pred.to_dict()
-        out.append(Candidate(plan, pred))
-    if not any(isinstance(o, Candidate) for o in out) and best_need is not None:
-        out.append({"layout": layout, "reason": f"out of memory by {best_need - hw.memory_bytes / cm.GIB:.2f} GiB",
+        item, need = _score_plans(o, stages, strategies)
+        note(need)
+        if item is not None:
+            out.append(item)
+    if not any(isinstance(x, Candidate) for x in out) and best_need is not None:
+        out.append({"layout": o.label(), "reason": f"out of memory by {best_need - o.hw.memory_bytes / cm.GIB:.2f} GiB",
                     "need_gib": round(best_need, 3)})
     return out
+
+
+def _interleave_depths(n_layers: int, pp: int) -> list[int]:
+    """Model chunks per rank tried for interleaved 1F1B: 2, and the smallest and largest depth up to 8 that
+    split the layers evenly (Llama 3 405B ran 4-7 chunks per rank; deeper interleaving shrinks the bubble,
+    costs p2p)."""
+    even = [v for v in range(3, 9) if n_layers % (pp * v) == 0]
+    return [2] + sorted({even[0], even[-1]}) if even else [2]  # at most two deeper ones: search time
 
 
 def _embedding_zero_options(strategies: list[LayerStrategy], emb_dp: int, runtime_compatible: bool) -> list[int]:

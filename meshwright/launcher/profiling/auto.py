@@ -71,8 +71,9 @@ def _decide(missing: bool) -> bool:
 
 
 def auto_profiles(cfg: ModelConfig, world_size: int, seq_len: int, micro_batch: int,
-                  progress: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(hardware profile, model profile) for this run's machines; collective under torchrun."""
+                  progress: bool = False, dtype: str = "fp32") -> tuple[dict[str, Any], dict[str, Any]]:
+    """(hardware profile, model profile) for this run's machines, the model timed in the run's ``dtype``
+    (TrainConfig.dtype; fp32 on CPU, as the runtime trains there); collective under torchrun."""
     import torch.distributed as dist
 
     rank, world = rank_and_world()
@@ -80,8 +81,9 @@ def auto_profiles(cfg: ModelConfig, world_size: int, seq_len: int, micro_batch: 
     tps = default_tps(cfg, limit=world_size)
     root = cache_dir()
     hw_path = root / profile_key("hardware", world_size)
-    model_path = root / profile_key("model", world_size, model=to_dict(cfg), batches=batches, seqs=seqs, tps=tps)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    dtype = dtype if device.type == "cuda" else "fp32"
+    model_path = root / profile_key("model", world_size, model=to_dict(cfg), batches=batches, seqs=seqs, tps=tps, dtype=dtype)
     if _decide(not hw_path.is_file()):
         hw = profile_hardware(["bf16", "fp32"] if device.type == "cuda" else ["fp32"],
                               [2048, 4096] if device.type == "cuda" else [128, 256], iters=PROFILE_ITERS, progress=progress)
@@ -89,7 +91,7 @@ def auto_profiles(cfg: ModelConfig, world_size: int, seq_len: int, micro_batch: 
             root.mkdir(parents=True, exist_ok=True)
             save_hardware_profile(hw, hw_path)
     if _decide(not model_path.is_file()):
-        prof = profile_model(cfg, batches, seqs, tps, device, PROFILE_ITERS, progress=progress)
+        prof = profile_model(cfg, batches, seqs, tps, device, PROFILE_ITERS, progress=progress, dtype=dtype)
         if rank == 0:
             root.mkdir(parents=True, exist_ok=True)
             save_model_profile(prof, model_path)

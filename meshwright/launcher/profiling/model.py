@@ -12,6 +12,7 @@ cluster preset and the analytic formulas in ``cost_model`` stand in.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -34,15 +35,24 @@ MODEL_PROFILE_VERSION = 1
 KIND = "meshwright-model-profile"
 
 
-def saved_bytes_per_token(block: nn.Module, cfg: ModelConfig, batch: int, seq: int, device: torch.device) -> float:
-    """Bytes the block saves for backward per token (no recomputation), measured with saved_tensors_hooks."""
-    x = torch.randn(batch, seq, cfg.d_model, device=device, requires_grad=True)
-    rope = rope_for(cfg, seq, device)
-    # the block input counts: its norm saves it, and nothing upstream keeps it for backward
-    with count_saved_bytes(block, exclude=[*rope] if rope else []) as sb:
-        y = block(x, rope)
-    del y
-    return sb.total / (batch * seq)
+def saved_bytes_per_token(block: nn.Module, cfg: ModelConfig, batch: int, seq: int, device: torch.device,
+                          dtype: str = "fp32") -> float:
+    """Bytes the block saves for backward per token (no recomputation) in the training precision, measured
+    with saved_tensors_hooks at ``batch`` and ``2*batch`` sequences: the slope. Under autocast the bf16 weight
+    copies are saved too, once per forward whatever the tokens; the cost model counts them as weight copies."""
+
+    def total(b: int) -> float:
+        x = torch.randn(b, seq, cfg.d_model, device=device, requires_grad=True)
+        rope = rope_for(cfg, seq, device)
+        # the block input counts: its norm saves it, and nothing upstream keeps it for backward
+        with count_saved_bytes(block, exclude=[*rope] if rope else []) as sb, training_mode(device, dtype):
+            y = block(x, rope)
+        del y
+        return float(sb.total)
+
+    if dtype == "fp32":
+        return total(batch) / (batch * seq)
+    return (total(2 * batch) - total(batch)) / (batch * seq)
 
 
 def _distributed() -> bool:
@@ -55,8 +65,23 @@ def default_tps(cfg: ModelConfig, limit: int = 2) -> list[int]:
     return [t for t in (1, 2) if t <= limit and cfg.n_heads % t == 0 and cfg.kv_heads % t == 0 and cfg.ffn_dim % t == 0]
 
 
-def time_block(block: nn.Module, cfg: ModelConfig, batch: int, seq: int, device: torch.device, iters: int = 3) -> tuple[float, float]:
-    """Median forward and backward seconds of one block (under torchrun every rank times it at once)."""
+PROFILE_DTYPES = ("fp32", "bf16")
+
+
+def training_mode(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """The precision the runtime trains in (train/local_runtime.py): fp32 parameters under bf16 autocast
+    for ``bf16``, plain fp32 otherwise. Profiles are taken the same way so their times match the run."""
+    if dtype not in PROFILE_DTYPES:
+        raise invalid("dtype", dtype, ", ".join(PROFILE_DTYPES))
+    if dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def time_block(block: nn.Module, cfg: ModelConfig, batch: int, seq: int, device: torch.device, iters: int = 3,
+               dtype: str = "fp32") -> tuple[float, float]:
+    """Median forward and backward seconds of one block in the training precision (under torchrun every
+    rank times it at once)."""
     x = torch.randn(batch, seq, cfg.d_model, device=device, requires_grad=True)
     rope = rope_for(cfg, seq, device)
     fwd, bwd = [], []
@@ -66,7 +91,8 @@ def time_block(block: nn.Module, cfg: ModelConfig, batch: int, seq: int, device:
         dist.barrier()
     for i in range(iters + 1):
         t0 = time.perf_counter()
-        y = block(x, rope)
+        with training_mode(device, dtype):
+            y = block(x, rope)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t1 = time.perf_counter()
@@ -94,15 +120,35 @@ def predict_time(fit: dict[str, float], tokens: float, seq: int) -> float:
     return fit["a"] + fit["b"] * tokens + fit["c"] * tokens * seq
 
 
+def default_profile_dtype(device: torch.device) -> str:
+    """bf16 on GPUs (how the runtime trains there), fp32 on CPUs (bf16 matmuls are ~70x slower there)."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def allocator_headroom(device: torch.device) -> Optional[float]:
+    """Reserved-but-unallocated memory at the peak as a fraction of the allocated peak (CUDA caching
+    allocator); None off CUDA or before anything was allocated."""
+    if device.type != "cuda":
+        return None
+    alloc = torch.cuda.max_memory_allocated(device)
+    return (torch.cuda.max_memory_reserved(device) - alloc) / alloc if alloc else None
+
+
 def profile_model(cfg: ModelConfig, batch_sizes: list[int], seq_lens: list[int], tps: list[int],
-                  device: Optional[torch.device] = None, iters: int = 3, progress: bool = True) -> dict[str, Any]:
-    """Profile the dense (and MoE, if any) block kinds of ``cfg`` for each tp degree.
+                  device: Optional[torch.device] = None, iters: int = 3, progress: bool = True,
+                  dtype: Optional[str] = None) -> dict[str, Any]:
+    """Profile the dense (and MoE, if any) block kinds of ``cfg`` for each tp degree, in the training
+    precision ``dtype`` (default: bf16 autocast on GPU, fp32 on CPU; recorded in the profile).
 
     Under torchrun (collective: every rank calls it) all ranks measure at once, as they will run, and
     ``runtime_overheads`` adds the runtime's own TP/SP and ZeRO-2/3 blocks (runtime_profile)."""
     from tqdm import tqdm
 
     device = device or torch.device("cpu")
+    dtype = dtype or default_profile_dtype(device)
+    training_mode(device, dtype)  # validates the name
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     if len(batch_sizes) * len(seq_lens) < 3:
         raise invalid("batch-sizes x seq-lens", f"{len(batch_sizes)}x{len(seq_lens)}", "at least 3 points for the 3-term fit")
     if max(seq_lens) > cfg.max_seq_len:
@@ -117,10 +163,10 @@ def profile_model(cfg: ModelConfig, batch_sizes: list[int], seq_lens: list[int],
         points = []
         for b in batch_sizes:
             for s in seq_lens:
-                f, bw = time_block(block, cfg, b, s, device, iters)
+                f, bw = time_block(block, cfg, b, s, device, iters, dtype)
                 points.append({"batch": b, "seq": s, "tokens": b * s, "fwd_s": f, "bwd_s": bw})
         b0, s0 = batch_sizes[0], seq_lens[-1]
-        act = saved_bytes_per_token(block, cfg, b0, s0, device)
+        act = saved_bytes_per_token(block, cfg, b0, s0, device, dtype)
         entries.append({
             "kind": kind, "layer_index": index, "tp": tp, "points": points,
             "fwd_fit": fit_time(points, "fwd_s"), "bwd_fit": fit_time(points, "bwd_s"),
@@ -131,9 +177,13 @@ def profile_model(cfg: ModelConfig, batch_sizes: list[int], seq_lens: list[int],
 
     # a matmul reference taken now: planning divides by it and multiplies by the hardware profile's
     # figure for the same size, so load or contention that differs between the two runs cancels
-    ref = measure_matmul(device, ["fp32"], [128, 256, 512], iters)
+    ref = measure_matmul(device, [dtype], [128, 256, 512], iters)
     out = {"version": MODEL_PROFILE_VERSION, "kind": KIND, "model": to_dict(cfg), "device": device.type,
-           "dtype": "fp32", "torch": torch.__version__, "entries": entries, "matmul_ref": ref, "world_size": 1}
+           "dtype": dtype, "mode": "autocast" if dtype == "bf16" else "fp32", "torch": torch.__version__,
+           "entries": entries, "matmul_ref": ref, "world_size": 1}
+    headroom = allocator_headroom(device)
+    if headroom is not None:
+        out["allocator_headroom"] = headroom
     if _distributed():
         import torch.distributed as dist
 
@@ -181,11 +231,17 @@ def apply_model_profile(hw: cm.Hardware, profile: dict[str, Any], cfg: ModelConf
     ours = {"d_model": cfg.d_model, "n_heads": cfg.n_heads, "ffn_hidden": cfg.ffn_hidden, "arch": cfg.arch}
     if shape != ours:
         raise invalid("model-profile", f"{profile['model'].get('name')} {shape}", f"a profile of {cfg.name} {ours}")
+    pdtype = profile.get("dtype", "fp32")
+    if pdtype != hw.compute_dtype:
+        raise invalid("model-profile.dtype", pdtype,
+                      f"{hw.compute_dtype}, the training dtype (re-run `meshwright profile model --dtype {hw.compute_dtype}`)")
     e = next((x for x in profile["entries"] if x["kind"] == "dense" and x["tp"] == 1), profile["entries"][0])
     big = max(e["points"], key=lambda p: p["tokens"]) if e.get("points") else {"tokens": 1024, "seq": e["act_seq_len"]}
     t = predict_time(e["fwd_fit"], big["tokens"], big["seq"]) + predict_time(e["bwd_fit"], big["tokens"], big["seq"])
     flops = 3 * cm.layer_fwd_flops(cfg, e["layer_index"] or 0, big["tokens"], big["seq"]) / e["tp"]
-    analytic = cm.activation_bytes(cfg, e["layer_index"] or 0, 1.0, e["tp"], False, "none", 4)
+    analytic = cm.activation_bytes(cfg, e["layer_index"] or 0, 1.0, e["tp"], False, "none", 2 if pdtype == "bf16" else 4)
+    if pdtype == "bf16":  # profiled under autocast, as the runtime trains
+        analytic += cm.autocast_extra_act_bytes(cfg, 1.0, e["tp"], False, "none")
     scale = e["act_bytes_per_token"]["none"] / analytic if analytic else 1.0
     # the measured time already contains the memory-bound kernels: no separate elementwise term
     # the fits' intercepts are the per-block fixed cost (op dispatch, kernel launches)
@@ -194,5 +250,7 @@ def apply_model_profile(hw: cm.Hardware, profile: dict[str, Any], cfg: ModelConf
     t_var = max(t / ratio - overhead, 1e-12)
     eff = min(max(flops / t_var / hw.peak_flops, 1e-4), 1.0)
 
+    frag = profile.get("allocator_headroom")
     return dataclasses.replace(hw, matmul_efficiency=eff, efficiency_half_width=0.0, act_scale=scale, mem_bw=float("inf"),
-                               layer_overhead_s=overhead, strategy_overheads=overhead_fits(profile, cfg, hw, ratio))
+                               layer_overhead_s=overhead, strategy_overheads=overhead_fits(profile, cfg, hw, ratio),
+                               fragmentation=hw.fragmentation if frag is None else max(float(frag), 0.0))

@@ -1,0 +1,78 @@
+"""What the training stack that will run a plan does differently: precision policy and overlap rules.
+
+A prediction describes one stack (``meshwright plan --stack``): meshwright's own runtime, Megatron-LM,
+DeepSpeed or torchtitan. Each keeps weights, gradients and optimizer states in different dtypes, reduces
+gradients in different dtypes and overlaps different communication, which moves memory by several bytes
+per parameter and step time by 10-25% at scale. Exports (planner/export) read the same ``Stack``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from meshwright.errors import invalid
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per parameter (or per element) a precision policy keeps; why each number is what it is in ``PRECISIONS``."""
+
+    name: str
+    param_bytes: float  # stored parameters (sharded by ZeRO-3)
+    grad_bytes: float  # gradient buffer (sharded by ZeRO-2/3)
+    master_bytes: float  # fp32 master copy kept by the optimizer (sharded by ZeRO-1+)
+    weight_copy_bytes: float  # compute-dtype copies of the rank's weights kept alive (autocast cache), not dp-sharded
+    gather_bytes: float  # per element of an all-gathered ZeRO-3 layer
+    reduce_bytes: float  # per element of the data-parallel gradient reduction
+
+
+PRECISIONS = {
+    # fp32 everywhere (CPU runs, or TrainConfig.dtype=fp32)
+    "fp32": Precision("fp32", 4, 4, 0, 0, 4, 4),
+    # fp32 parameters + torch.autocast(bf16): meshwright's runtime on GPU (train/local_runtime.py). Autocast caches
+    # one bf16 copy of every weight it casts until the forward leaves autocast; backward keeps them as saved inputs.
+    "autocast": Precision("autocast", 4, 4, 0, 2, 4, 4),
+    # bf16 parameters, fp32 main gradients and fp32 master weights: Megatron-LM (18 B/param; 6 + 12/dp with the
+    # distributed optimizer), gradients reduced in fp32 (--accumulate-allreduce-grads-in-fp32)
+    "bf16_fp32_grads": Precision("bf16_fp32_grads", 2, 4, 4, 0, 2, 4),
+    # bf16 parameters and gradients, fp32 master in the optimizer: DeepSpeed bf16 (16 B/param, the ZeRO paper's
+    # count) reducing in bf16; also the planner's plain analytic default
+    "bf16": Precision("bf16", 2, 2, 4, 0, 2, 2),
+    # FSDP2 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): fp32 sharded parameters, gradients and
+    # states; layers all-gathered in bf16 (torchtitan)
+    "fsdp_mixed": Precision("fsdp_mixed", 4, 4, 0, 0, 2, 4),
+}
+
+
+@dataclass(frozen=True)
+class Stack:
+    """Per-stack rules the cost model applies (``cost_model.apply_stack``)."""
+
+    name: str
+    precision: str  # PRECISIONS key on GPU (CPU runs are fp32)
+    dp_overlap: bool  # gradient reduction overlapped with backward (DDP buckets, --overlap-grad-reduce, overlap_comm)
+    tp_wgrad_overlap: bool  # backward TP collectives overlapped with weight-gradient matmuls
+    pipeline_slowdown: float  # step-time factor of the stack's pipeline engine on pp>1 layouts
+    runtime_buffers: bool = True  # loss buffers and the backward working set counted
+
+
+STACKS = {
+    "meshwright": Stack("meshwright", "autocast", dp_overlap=True, tp_wgrad_overlap=False, pipeline_slowdown=1.0),
+    # Megatron-LM defaults: no --overlap-grad-reduce; async TP all-reduce / SP all-gather overlap the wgrad GEMMs
+    "megatron": Stack("megatron", "bf16_fp32_grads", dp_overlap=False, tp_wgrad_overlap=True, pipeline_slowdown=1.0),
+    # DeepSpeed's pipeline engine ran 23-27% slower than Megatron's on the same shapes (BLOOM/MT-NLG reports, issue 17)
+    "deepspeed": Stack("deepspeed", "bf16", dp_overlap=True, tp_wgrad_overlap=False, pipeline_slowdown=1.25),
+    "torchtitan": Stack("torchtitan", "fsdp_mixed", dp_overlap=True, tp_wgrad_overlap=False, pipeline_slowdown=1.0),
+}
+
+
+def get_stack(name: str) -> Stack:
+    """The rules of a stack by name, with a one-line error for unknown names."""
+    if name not in STACKS:
+        raise invalid("stack", name, ", ".join(STACKS))
+    return STACKS[name]
+
+
+def precision_for_dtype(dtype: str, stack: str = "meshwright") -> str:
+    """Precision policy of ``stack`` training in ``dtype`` (TrainConfig.dtype): fp32 runs are fp32 throughout."""
+    return "fp32" if dtype in ("fp32", "tf32") else get_stack(stack).precision

@@ -92,7 +92,7 @@ class _FP8LinearFn(torch.autograd.Function):
         ctx.x_dtype, ctx.gemm = x.dtype, gemm
         if gemm is None:
             out = F.linear(x, weight, bias)
-            ctx.compute_dtype = out.dtype
+            ctx.compute_dtype, ctx.w_dtype = out.dtype, weight.dtype
             ctx.save_for_backward(q, scale, weight)
             return out
         cdt = _compute_dtype(x)
@@ -100,8 +100,8 @@ class _FP8LinearFn(torch.autograd.Function):
         out = fp8_mm(_flat2(q), scale, qw.t(), sw, cdt, gemm).view(*x.shape[:-1], weight.shape[0])
         if bias is not None:
             out = out + bias.to(cdt)
-        ctx.compute_dtype = cdt
-        ctx.save_for_backward(q, scale, qw, sw, weight)
+        ctx.compute_dtype, ctx.w_dtype = cdt, weight.dtype
+        ctx.save_for_backward(q, scale, qw, sw)  # not the weight: FSDP may free its gathered copy
         return out
 
     @staticmethod
@@ -117,15 +117,15 @@ class _FP8LinearFn(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 gw = (g2.t() @ _flat2(dequantize_per_tensor(q, scale, cdt))).to(weight.dtype)
         else:
-            q, scale, qw, sw, weight = ctx.saved_tensors
+            q, scale, qw, sw = ctx.saved_tensors
             qg, sg = quantize_per_tensor(grad, GRAD_FP8)
             qg2 = _flat2(qg)
             if ctx.needs_input_grad[0]:
                 gx = fp8_mm(qg2, sg, qw, sw, cdt, ctx.gemm).view(grad.shape[:-1] + (qw.shape[1],)).to(ctx.x_dtype)
             if ctx.needs_input_grad[1]:
-                gw = fp8_mm(qg2.t(), sg, _flat2(q), scale, cdt, ctx.gemm).to(weight.dtype)
+                gw = fp8_mm(qg2.t(), sg, _flat2(q), scale, cdt, ctx.gemm).to(ctx.w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = g2.sum(0).to(weight.dtype)
+            gb = g2.sum(0).to(ctx.w_dtype)
         return gx, gw, gb, None, None, None
 
 

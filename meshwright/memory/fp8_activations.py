@@ -334,8 +334,14 @@ def fp8_gemm_layers_from_plan(plan: Any) -> list[bool]:
 
 
 # ---- the planner's terms: saved bytes per token of one block -------------------------------------
+def block_linear_params(cfg: ModelConfig) -> int:
+    """Weights of one dense block's linear layers (q, k, v, o and the MLP's two or three matrices)."""
+    d, hq, kv, f = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.ffn_dim
+    return 2 * d * hq + 2 * d * kv + (2 if cfg.arch == "gpt2" else 3) * d * f
+
+
 def block_saved_bytes_per_token(cfg: ModelConfig, fp8_act: bool = False, tokens: int | None = None,
-                                dtype_bytes: int = 4) -> float:
+                                dtype_bytes: int = 4, fp8_gemm: bool = False) -> float:
     """Bytes one dense block saves for backward per token (the planner's activation term).
 
     Counted tensor by tensor from what autograd keeps in our Block, including the block's input (kept by
@@ -345,6 +351,8 @@ def block_saved_bytes_per_token(cfg: ModelConfig, fp8_act: bool = False, tokens:
     and fp32 logsumexp; the MLP's a, b, silu(a) and the product. With FP8: norm inputs and MLP
     activations become FP8 + one fp32 scale per 1x16 group, linear inputs FP8, the attention core stays
     in the compute dtype. ``tokens`` adds the per-tensor scales (3 fp32 scalars per block).
+    ``fp8_gemm`` (with ``fp8_act``): wo's input is saved in FP8 too (its GEMM runs in FP8), and with
+    ``tokens`` the FP8 weight copies the backward GEMMs reuse (1 byte per linear weight) and their scales.
     """
     d, hq, f, nh = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.ffn_dim, cfg.n_heads
     b = dtype_bytes
@@ -361,6 +369,10 @@ def block_saved_bytes_per_token(cfg: ModelConfig, fp8_act: bool = False, tokens:
     norm = grp(d) + stats + d  # FP8 1x16 norm input, stats, FP8 per-tensor input of the next linears
     mlp = (grp(f) if gpt2 else 2 * grp(f)) + f  # FP8 1x16 activation inputs, FP8 per-tensor w2 input
     extra = 12 / tokens if tokens else 0.0
+    if fp8_gemm:
+        n_linear = 6 if gpt2 else 7
+        extra += (block_linear_params(cfg) + 4 * (n_linear + 1)) / tokens if tokens else 0.0
+        return float(2 * norm + core + mlp + hq) + extra  # + wo's FP8 input (and its scale, in extra)
     return float(2 * norm + core + mlp) + extra
 
 

@@ -113,6 +113,10 @@ def test_saved_bytes_fall_and_match_the_planner_formula(preset, dtype):
     tokens, b = batch * seq, dtype.itemsize
     assert base == block_saved_bytes_per_token(model.cfg, False, dtype_bytes=b) * tokens
     assert ours == block_saved_bytes_per_token(model.cfg, True, tokens=tokens, dtype_bytes=b) * tokens
+    gemm = copy.deepcopy(model)
+    apply_fp8_activations(gemm, gemm_layers=None, backend="emulate")
+    assert _block_saved(gemm, batch, seq, dtype) == block_saved_bytes_per_token(
+        model.cfg, True, tokens=tokens, dtype_bytes=b, fp8_gemm=True) * tokens
     ratio = ours / base
     limit = {("tiny", 4): 0.36, ("tiny-gpt2", 4): 0.47, ("tiny", 2): 0.49, ("tiny-gpt2", 2): 0.68}[(preset, b)]
     assert ratio < limit, ratio

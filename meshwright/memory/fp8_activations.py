@@ -6,7 +6,8 @@ FP8 with the granularity each consumer tolerates: inputs of linear layers get on
 the gated product) get one scale per 1x16 group along the hidden dimension, because their backward
 is elementwise and outlier channels would otherwise crush every other channel's resolution.
 The residual stream and the attention core (q, k, v, softmax statistics, attention output) stay in the
-compute dtype, and every forward value is computed exactly as before: only saved copies are FP8.
+compute dtype, and (without FP8 GEMMs) every forward value is computed exactly as before: only saved
+copies are FP8.
 
 Implementation: custom autograd Functions that save FP8 tensors and compute their own backward,
 swapped in by changing the class of the existing modules (parameter names and checkpoints unchanged).

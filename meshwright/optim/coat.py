@@ -11,12 +11,13 @@ local shard, groups are formed over the local shard's flattened elements).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
 
 from meshwright.errors import invalid
-from meshwright.optim.coat_fused import compiled_update
+from meshwright.optim.coat_fused import compiled_update, fp8_adamw_update
 from meshwright.optim.fp8_quant import K_MIN, GroupQuantized, dequantize_groups, fp8_dtype, groups_of, quantize_groups
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -104,6 +105,9 @@ class CoatAdamW(torch.optim.Optimizer):
         gq = GroupQuantized(state[name], *(state[f"{name}_{m}"] for m in _META))
         return dequantize_groups(gq, like.shape, group_size)
 
+    def _use_fused(self, param: torch.Tensor) -> bool:
+        return self.fused if self.fused is not None else param.is_cuda
+
     @staticmethod
     def _moment(state: dict[str, Any], name: str) -> tuple[torch.Tensor, ...]:
         return (state[name],) + tuple(state[f"{name}_{m}"] for m in _META)
@@ -136,17 +140,26 @@ class CoatAdamW(torch.optim.Optimizer):
                 state = self.state[p] if self.state[p] else self._init_state(p, group)
                 state["step"] += 1
                 step = state["step"].item()
-                if group["quantize"] and (self.fused if self.fused is not None else param.is_cuda):
+                if group["quantize"] and self._use_fused(param):
                     key = (id(group), step, param.device)
                     if key not in scalars:  # one small host-to-device copy per group and step
                         scalars[key] = torch.tensor([1 - lr * wd, -lr / (1 - beta1 ** step),
                                                      math.sqrt(1 - beta2 ** step)], dtype=torch.float32,
                                                     device=param.device)
                     decay, neg_step, bc2_sqrt = scalars[key].unbind()
-                    new = compiled_update()(param.detach(), grad, self._moment(state, "exp_avg"),
-                                            self._moment(state, "exp_avg_sq"), decay, neg_step, bc2_sqrt, beta1, beta2,
-                                            eps, group["group_size"], fp8_dtype(group["m_format"]),
-                                            fp8_dtype(group["v_format"]), group["expand"], group.get("k_min", K_MIN))
+                    args = (param.detach(), grad, self._moment(state, "exp_avg"), self._moment(state, "exp_avg_sq"),
+                            decay, neg_step, bc2_sqrt, beta1, beta2, eps, group["group_size"],
+                            fp8_dtype(group["m_format"]), fp8_dtype(group["v_format"]), group["expand"],
+                            group.get("k_min", K_MIN))
+                    try:
+                        new = compiled_update()(*args)
+                    except Exception as exc:  # noqa: BLE001 - a compiler failure (no Triton, no C++ compiler)
+                        if self.fused:
+                            raise
+                        warnings.warn(f"CoatAdamW: the compiled step failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                                      "using the reference ops from now on", RuntimeWarning, stacklevel=2)
+                        self.fused = False
+                        new = fp8_adamw_update(*args)
                     for name, values in zip(_MOMENTS, new):
                         state[name] = values[0]
                         for m, t in zip(_META, values[1:]):

@@ -337,3 +337,29 @@ def test_fused_step_matches_the_reference_and_keeps_state_and_checkpoints(tmp_pa
         assert (p - q).abs().max().item() <= 0.1 * lr
     with pytest.raises(ConfigError, match="optimizer.fused"):
         CoatAdamW(_tiny_mlp().parameters(), fused="yes")
+
+
+def test_fused_default_falls_back_to_eager_ops_when_compiling_fails(monkeypatch):
+    """fused=None (the GPU default) must not stop training on a machine where torch.compile fails."""
+    import meshwright.optim.coat as coat
+
+    def broken():
+        def fail(*args):
+            raise RuntimeError("no compiler")
+        return fail
+
+    monkeypatch.setattr(coat, "compiled_update", broken)
+    model, ref = _tiny_mlp(), _tiny_mlp()
+    opt = CoatAdamW(model.parameters(), lr=1e-3)
+    monkeypatch.setattr(opt, "_use_fused", lambda p: True if opt.fused is None else opt.fused)
+    ref_opt = CoatAdamW(ref.parameters(), lr=1e-3, fused=False)
+    with pytest.warns(RuntimeWarning, match="compiled step failed"):
+        _train(model, opt, 2)
+    _train(ref, ref_opt, 2)
+    assert opt.fused is False
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert (p - q).abs().max().item() <= 0.1 * 1e-3  # the eager twin of the fused step, then the reference
+    strict_model = _tiny_mlp()
+    strict = CoatAdamW(strict_model.parameters(), lr=1e-3, fused=True)  # asked for explicitly: no silent fallback
+    with pytest.raises(RuntimeError, match="no compiler"):
+        _train(strict_model, strict, 1)

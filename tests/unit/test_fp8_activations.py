@@ -363,3 +363,13 @@ def test_cuda_scaled_mm_matches_the_emulation():
 
     for ours, ref in zip(run("scaled_mm"), run("emulate")):
         assert _rel(ours, ref) < 2 ** -7
+
+
+def test_the_runtime_applies_fp8_gemm_from_the_plan():
+    from meshwright.parallel.runtime import apply_plan_savers
+
+    model = build_model("tiny", seed=0)
+    plan = Plan(layers=[LayerStrategy(savers=Savers(fp8_act=True, fp8_gemm=True), repeat=2),
+                        LayerStrategy(savers=Savers(fp8_act=True), repeat=2)])
+    assert apply_plan_savers(model, plan, seed=0)["fp8_act"] == [0, 1, 2, 3]
+    assert [model.layers[str(i)].feed_forward.w2._fp8_gemm for i in range(4)] == ["auto", "auto", None, None]

@@ -31,8 +31,9 @@ from meshwright.config import ModelConfig
 from meshwright.errors import invalid
 from meshwright.models.layers import GeluMLP, RMSNorm, SwiGLU
 from meshwright.memory.fp8_gemm import BACKENDS, GRAD_FP8, INPUT_FP8, WEIGHT_FP8, fp8_mm, gemm_backend
-from meshwright.optim.fp8_quant import (dequantize_last_dim_groups, dequantize_per_tensor, fp8_dtype,
-                                        quantize_last_dim_groups, quantize_per_tensor)
+from meshwright.memory.fp8_cast import (dequantize_last_dim_groups, dequantize_per_tensor, quantize_last_dim_groups,
+                                        quantize_per_tensor)
+from meshwright.optim.fp8_quant import fp8_dtype
 
 GROUP = 16  # COAT's 1 x 16 groups for non-linear inputs
 FP8 = torch.float8_e4m3fn

@@ -373,3 +373,25 @@ def test_the_runtime_applies_fp8_gemm_from_the_plan():
                         LayerStrategy(savers=Savers(fp8_act=True), repeat=2)])
     assert apply_plan_savers(model, plan, seed=0)["fp8_act"] == [0, 1, 2, 3]
     assert [model.layers[str(i)].feed_forward.w2._fp8_gemm for i in range(4)] == ["auto", "auto", None, None]
+
+
+def test_compiled_quantisers_are_bit_identical_to_the_eager_ones():
+    """GPU tensors go through torch.compile'd quantisers (memory/fp8_cast.py); forced onto CPU here."""
+    from meshwright.memory.fp8_cast import CompiledOnDevices
+    from meshwright.optim import fp8_quant
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 40, 72, generator=g) * torch.logspace(-3, 3, 72)).to(torch.bfloat16)
+    for fn, args in ((fp8_quant.quantize_per_tensor, (torch.float8_e5m2,)), (fp8_quant.quantize_last_dim_groups, (16,))):
+        compiled = CompiledOnDevices(fn, devices=("cpu",))
+        ours, ref = compiled(x, *args), fn(x, *args)
+        assert not compiled.broken
+        for a, b in zip(ours, ref):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a,
+                               b.view(torch.uint8) if b.element_size() == 1 else b)
+    broken = CompiledOnDevices(lambda t: (_ for _ in ()).throw(RuntimeError("x")), devices=("cpu",))
+    broken._compiled = broken.fn  # a compiler that fails: warn once, then the eager function
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"), pytest.raises(RuntimeError):
+        broken(x)  # the eager function raises too here; a real quantiser would return its result
+    assert broken.broken

@@ -67,6 +67,17 @@ def test_profile_hardware_skips_fp8_without_fp8_tensor_cores():
     json.dumps(prof)
 
 
+def test_profile_hardware_cli_says_why_fp8_was_skipped(tmp_path, capsys):
+    from meshwright.cli import main
+
+    if scaled_mm_supported("cuda"):
+        pytest.skip("this machine has FP8 tensor cores")
+    out = tmp_path / "hw.json"
+    assert main(["profile", "hardware", "--dtypes", "fp32,fp8", "--sizes", "64", "--iters", "1", "--out", str(out)]) == 0
+    assert f"fp8 matmul {FP8_SKIPPED}" in capsys.readouterr().out
+    assert json.loads(out.read_text())["fp8_matmul"] == FP8_SKIPPED
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or not scaled_mm_supported("cuda"),
                     reason="needs a GPU with FP8 tensor cores (compute capability >= 8.9)")
 def test_profile_hardware_measures_fp8_on_fp8_gpus():

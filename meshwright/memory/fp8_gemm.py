@@ -13,8 +13,6 @@ CPU tests check the numerics that the GPU path computes (up to accumulation orde
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 INPUT_FP8 = torch.float8_e4m3fn  # COAT fabit
@@ -36,14 +34,17 @@ def scaled_mm_supported(device: torch.device | str) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+_CUDA_HAS_FP8: bool | None = None  # asked once per process (the GPUs of one job are of one kind)
+
+
 def gemm_backend(device: torch.device | str) -> str:
-    """``"scaled_mm"`` where the device has FP8 tensor cores, else ``"emulate"`` (cached per device)."""
-    return _backend_of(str(device))
-
-
-@functools.lru_cache(maxsize=None)
-def _backend_of(device: str) -> str:
-    return "scaled_mm" if scaled_mm_supported(device) else "emulate"
+    """``"scaled_mm"`` where the device has FP8 tensor cores, else ``"emulate"``."""
+    global _CUDA_HAS_FP8
+    if torch.device(device).type != "cuda":
+        return "emulate"
+    if _CUDA_HAS_FP8 is None:
+        _CUDA_HAS_FP8 = scaled_mm_supported(device)
+    return "scaled_mm" if _CUDA_HAS_FP8 else "emulate"
 
 
 def _both_e5m2(a: torch.Tensor, b: torch.Tensor) -> bool:

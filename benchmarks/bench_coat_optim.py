@@ -21,8 +21,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_coat_gpu import LLAMA_1B3  # noqa: E402
 from meshwright.models import build_model, count_parameters  # noqa: E402
 from meshwright.optim import CoatAdamW  # noqa: E402
+
+MODELS = {"llama-1.3b": LLAMA_1B3}  # beside the presets: the model of bench_coat_gpu.py
 
 
 def time_steps(opt: torch.optim.Optimizer, device: str, warmup: int, steps: int) -> tuple[float, float]:
@@ -41,14 +46,14 @@ def time_steps(opt: torch.optim.Optimizer, device: str, warmup: int, steps: int)
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny")
+    p.add_argument("--model", default="tiny", help="a model preset or llama-1.3b")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: less noise on a shared box)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = build_model(args.model, seed=0).to(args.device)
+    model = build_model(MODELS.get(args.model, args.model), seed=0).to(args.device)
     g = torch.Generator(device=args.device).manual_seed(0)
     for prm in model.parameters():
         prm.grad = torch.randn(prm.shape, device=args.device, generator=g) * 1e-3

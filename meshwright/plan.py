@@ -28,11 +28,14 @@ class Savers:
     """Memory savers switched on for one layer (each changes numerics; the planner needs --allow)."""
 
     fp8_act: bool = False  # COAT FP8 activations
+    fp8_gemm: bool = False  # COAT FP8 GEMMs in the linear layers (needs fp8_act: they reuse its FP8 copies)
     wta_crs: Optional[float] = None  # keep ratio of WTA-CRS sampled weight gradients
     lemo: Optional[float] = None  # LeMo token keep ratio (fine-tuning only)
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
+        if self.fp8_gemm and not self.fp8_act:
+            raise invalid(f"{p}fp8_gemm", self.fp8_gemm, "false unless fp8_act is true (FP8 GEMMs reuse its FP8 copies)")
         for name in ("wta_crs", "lemo"):
             v = getattr(self, name)
             if v is not None and not 0.0 < v <= 1.0:

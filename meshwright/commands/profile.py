@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     kinds.required = True
     h = kinds.add_parser("hardware", help="matmul TFLOP/s per dtype; under torchrun also collectives, p2p, overlap")
     h.add_argument("--out", default="hardware_profile.json", help="output JSON (written by rank 0)")
-    h.add_argument("--dtypes", default=None, help="comma-separated: fp32,bf16,fp16 (default fp32 on CPU, bf16,fp32 on GPU)")
+    h.add_argument("--dtypes", default=None, help="comma-separated: fp32,bf16,fp16,fp8 (default fp32 on CPU, bf16,fp8,fp32 on GPU; "
+                   "fp8 is measured where the GPU has FP8 tensor cores, skipped elsewhere)")
     h.add_argument("--sizes", type=_int_list, default=None, help="matmul sizes n (default 256,512,1024 CPU; 2048,4096,8192 GPU)")
     h.add_argument("--cluster", default=None, help="cluster preset whose figures fill what cannot be measured here")
     h.add_argument("--iters", type=int, default=3)
@@ -62,7 +63,7 @@ def run_hardware(args: argparse.Namespace) -> int:
     if args.iters < 1:
         raise ConfigError(f"--iters={args.iters!r} is invalid; valid: a positive integer")
     gpu = torch.cuda.is_available()
-    dtypes = args.dtypes.split(",") if args.dtypes else (["bf16", "fp32"] if gpu else ["fp32"])
+    dtypes = args.dtypes.split(",") if args.dtypes else (["bf16", "fp8", "fp32"] if gpu else ["fp32"])
     sizes = args.sizes or ([2048, 4096, 8192] if gpu else [256, 512, 1024])
     cluster = load_cluster(args.cluster) if args.cluster else None
     with distributed_from_env(args.timeout_s) as writer:
@@ -74,6 +75,8 @@ def run_hardware(args: argparse.Namespace) -> int:
             print(f"wrote {args.out}: peak TFLOP/s {peaks}; intra {d['intra_bw_gbps']:.3g} GB/s "
                   f"{d['intra_latency_us']:.3g} us; inter {d['inter_bw_gbps']:.3g} GB/s; overlap slowdown "
                   f"{d['overlap_slowdown']:.2f}; GPU: {prof['device']['gpu'].get('name', prof['device']['gpu'].get('reason'))}")
+            if prof["fp8_matmul"].startswith("skipped"):
+                print(f"fp8 matmul {prof['fp8_matmul']}")
     return 0
 
 

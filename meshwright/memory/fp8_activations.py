@@ -6,12 +6,16 @@ FP8 with the granularity each consumer tolerates: inputs of linear layers get on
 the gated product) get one scale per 1x16 group along the hidden dimension, because their backward
 is elementwise and outlier channels would otherwise crush every other channel's resolution.
 The residual stream and the attention core (q, k, v, softmax statistics, attention output) stay in the
-compute dtype, and every forward value is computed exactly as before: only saved copies are FP8.
+compute dtype, and (without FP8 GEMMs) every forward value is computed exactly as before: only saved
+copies are FP8.
 
 Implementation: custom autograd Functions that save FP8 tensors and compute their own backward,
 swapped in by changing the class of the existing modules (parameter names and checkpoints unchanged).
 The three projections that read the same normed input (wq/wk/wv, w1/w3) share one quantized copy.
-On CPU compute is fp32 and FP8 is storage only; an FP8 tensor-core matmul path is not wired yet.
+Backward passes run in the forward's compute dtype, so bf16 autocast over fp32 parameters, bf16
+parameters and fp32 all work. Optionally (``gemm_layers``, the Plan's ``savers.fp8_gemm``) the linear
+layers also compute with FP8 GEMMs on the saved FP8 copies (:mod:`meshwright.memory.fp8_gemm`):
+``torch._scaled_mm`` on compute capability >= 8.9, a dequantise-and-matmul emulation elsewhere.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from torch import nn
 from meshwright.config import ModelConfig
 from meshwright.errors import invalid
 from meshwright.models.layers import GeluMLP, RMSNorm, SwiGLU
-from meshwright.optim.fp8_quant import (dequantize_last_dim_groups, dequantize_per_tensor, fp8_dtype,
-                                        quantize_last_dim_groups, quantize_per_tensor)
+from meshwright.memory.fp8_gemm import BACKENDS, GRAD_FP8, INPUT_FP8, WEIGHT_FP8, fp8_mm, gemm_backend
+from meshwright.memory.fp8_cast import (dequantize_last_dim_groups, dequantize_per_tensor, quantize_last_dim_groups,
+                                        quantize_per_tensor)
+from meshwright.optim.fp8_quant import fp8_dtype
 
 GROUP = 16  # COAT's 1 x 16 groups for non-linear inputs
 FP8 = torch.float8_e4m3fn
@@ -61,29 +67,68 @@ def _flat2(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer computes in here: the autocast dtype where autocast is on, else x's."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and x.is_floating_point():
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
 class _FP8LinearFn(torch.autograd.Function):
-    """y = x W^T + b, saving x as per-tensor-scaled FP8 (the weight is a parameter: saved anyway)."""
+    """y = x W^T + b, saving x as per-tensor-scaled FP8 (``gemm=None``) or computing with FP8 GEMMs.
+
+    ``gemm=None``: the forward is the plain ``F.linear`` (bit for bit), only the saved copy of x is FP8.
+    ``gemm="scaled_mm"``/``"emulate"``: COAT's FP8 linear (see :mod:`meshwright.memory.fp8_gemm`): x and
+    W in E4M3 per tensor for the forward GEMM, the same FP8 copies reused by the backward GEMMs (no second
+    cast), the output gradient in E5M2 per tensor. The backward runs in the forward's compute dtype (the
+    autocast dtype under autocast), so bf16 autocast with fp32 parameters works, and returns gradients in
+    the dtypes of x, W and b.
+    """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                cache: _QuantCache, dtype: torch.dtype) -> torch.Tensor:
+                cache: _QuantCache, dtype: torch.dtype, gemm: str | None = None) -> torch.Tensor:
         q, scale = cache.get(x, dtype)
-        ctx.save_for_backward(q, scale, weight)
         ctx.has_bias = bias is not None
-        ctx.x_dtype = x.dtype
-        return F.linear(x, weight, bias)
+        ctx.x_dtype, ctx.gemm = x.dtype, gemm
+        if gemm is None:
+            out = F.linear(x, weight, bias)
+            ctx.compute_dtype, ctx.w_dtype = out.dtype, weight.dtype
+            ctx.save_for_backward(q, scale, weight)
+            return out
+        cdt = _compute_dtype(x)
+        qw, sw = quantize_per_tensor(weight, WEIGHT_FP8)
+        out = fp8_mm(_flat2(q), scale, qw.t(), sw, cdt, gemm).view(*x.shape[:-1], weight.shape[0])
+        if bias is not None:
+            out = out + bias.to(cdt)
+        ctx.compute_dtype, ctx.w_dtype = cdt, weight.dtype
+        ctx.save_for_backward(q, scale, qw, sw)  # not the weight: FSDP may free its gathered copy
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        q, scale, weight = ctx.saved_tensors
-        gx = grad @ weight if ctx.needs_input_grad[0] else None
-        gw = gb = None
-        if ctx.needs_input_grad[1]:
-            x = dequantize_per_tensor(q, scale, grad.dtype)
-            gw = _flat2(grad).t() @ _flat2(x)
+        cdt = ctx.compute_dtype
+        grad = grad.to(cdt)
+        g2 = _flat2(grad)
+        gx = gw = gb = None
+        if ctx.gemm is None:
+            q, scale, weight = ctx.saved_tensors
+            if ctx.needs_input_grad[0]:
+                gx = (grad @ weight.to(cdt)).to(ctx.x_dtype)
+            if ctx.needs_input_grad[1]:
+                gw = (g2.t() @ _flat2(dequantize_per_tensor(q, scale, cdt))).to(weight.dtype)
+        else:
+            q, scale, qw, sw = ctx.saved_tensors
+            qg, sg = quantize_per_tensor(grad, GRAD_FP8)
+            qg2 = _flat2(qg)
+            if ctx.needs_input_grad[0]:
+                gx = fp8_mm(qg2, sg, qw, sw, cdt, ctx.gemm).view(grad.shape[:-1] + (qw.shape[1],)).to(ctx.x_dtype)
+            if ctx.needs_input_grad[1]:
+                gw = fp8_mm(qg2.t(), sg, _flat2(q), scale, cdt, ctx.gemm).to(ctx.w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = _flat2(grad).sum(0)
-        return gx, gw, gb, None, None
+            gb = g2.sum(0).to(ctx.w_dtype)
+        return gx, gw, gb, None, None, None
 
 
 class _FP8RMSNormFn(torch.autograd.Function):
@@ -172,11 +217,13 @@ class _FP8GeluFn(torch.autograd.Function):
 class FP8Linear(nn.Linear):
     _fp8_cache: _QuantCache
     _fp8_dtype: torch.dtype = FP8
+    _fp8_gemm: str | None = None  # None: FP8 storage only; "auto", "scaled_mm" or "emulate": FP8 GEMMs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
-        return _FP8LinearFn.apply(x, self.weight, self.bias, self._fp8_cache, self._fp8_dtype)
+        gemm = gemm_backend(x.device) if self._fp8_gemm == "auto" else self._fp8_gemm
+        return _FP8LinearFn.apply(x, self.weight, self.bias, self._fp8_cache, self._fp8_dtype, gemm)
 
 
 class FP8RMSNorm(RMSNorm):
@@ -211,53 +258,69 @@ _SWAPS: list[tuple[type, type]] = [(RMSNorm, FP8RMSNorm), (nn.LayerNorm, FP8Laye
                                    (GeluMLP, FP8GeluMLP), (nn.Linear, FP8Linear)]
 
 
-def _swap(name: str, module: nn.Module, cache: _QuantCache, linear_dtype: torch.dtype) -> None:
+def _swap(name: str, module: nn.Module, cache: _QuantCache, linear_dtype: torch.dtype, gemm: str | None) -> None:
     for base, fp8 in _SWAPS:
         if type(module) is base:  # exact type: leaves MoE experts, LoRA wrappers etc. untouched
-            if fp8 is FP8Linear and name.endswith(KEEP_LINEAR):
-                return
+            if fp8 is FP8Linear and gemm is None and name.endswith(KEEP_LINEAR):
+                return  # with FP8 GEMMs wo is swapped too: its GEMM is worth the extra FP8 copy
             module.__class__ = fp8
             if fp8 is FP8Linear:
-                module._fp8_cache = cache
+                module._fp8_cache = _QuantCache() if name.endswith(KEEP_LINEAR) else cache
                 module._fp8_dtype = linear_dtype
+                module._fp8_gemm = gemm
             return
 
 
-def _select(n_layers: int, layers: Iterable[int] | Iterable[bool] | None) -> list[int]:
+def _select(n_layers: int, layers: Iterable[int] | Iterable[bool] | None, field: str = "fp8_act.layers") -> list[int]:
     if layers is None:
         return list(range(n_layers))
     chosen = list(layers)
     if chosen and all(isinstance(v, bool) for v in chosen):
         if len(chosen) != n_layers:
-            raise invalid("fp8_act.layers", chosen, f"{n_layers} booleans (one per layer) or layer indices")
+            raise invalid(field, chosen, f"{n_layers} booleans (one per layer) or layer indices")
         return [i for i, on in enumerate(chosen) if on]
     for i in chosen:
         if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n_layers:
-            raise invalid("fp8_act.layers", i, f"layer indices in [0, {n_layers})")
+            raise invalid(field, i, f"layer indices in [0, {n_layers})")
     return sorted(set(chosen))
 
 
+GEMM_CHOICES = ("auto",) + BACKENDS
+
+
 def apply_fp8_activations(model: nn.Module, layers: Iterable[int] | Iterable[bool] | None = None,
-                          linear_format: str = "e4m3") -> list[int]:
+                          linear_format: str = "e4m3", gemm_layers: Iterable[int] | Iterable[bool] | None = (),
+                          backend: str = "auto") -> list[int]:
     """Store the saved activations of the chosen blocks (default: all) in FP8; returns their indices.
 
     ``layers`` is a list of block indices or one boolean per block (the Plan's
-    ``layers[i].savers.fp8_act``, see :func:`fp8_act_layers_from_plan`). Call it before applying
-    FSDP/TP wrappers. Blocks not present (cut off for another pipeline stage) are skipped.
+    ``layers[i].savers.fp8_act``, see :func:`fp8_act_layers_from_plan`). ``gemm_layers`` (same forms,
+    ``None`` = every chosen block, default none) picks the blocks whose linear layers also compute with
+    FP8 GEMMs (``savers.fp8_gemm``); they must be among ``layers``. ``backend``: ``"auto"`` uses
+    ``torch._scaled_mm`` on GPUs of compute capability >= 8.9 and the emulation elsewhere. Call it before
+    applying FSDP/TP wrappers. Blocks not present (cut off for another pipeline stage) are skipped.
     """
     blocks = getattr(model, "layers", None)
     if not isinstance(blocks, nn.ModuleDict):
         raise invalid("model", type(model).__name__, "a meshwright Decoder with a `layers` ModuleDict")
+    if backend not in GEMM_CHOICES:
+        raise invalid("fp8_gemm.backend", backend, " or ".join(GEMM_CHOICES))
     n_layers = getattr(getattr(model, "cfg", None), "n_layers", None) or len(blocks)
     dtype = fp8_dtype(linear_format)
+    chosen = _select(n_layers, layers)
+    gemm = set(chosen if gemm_layers is None else _select(n_layers, gemm_layers, "fp8_gemm.layers"))
+    if gemm - set(chosen):
+        raise invalid("fp8_gemm.layers", sorted(gemm - set(chosen)), "layers that also have fp8_act")
+    if gemm and dtype != INPUT_FP8:
+        raise invalid("fp8_act.linear_format", linear_format, "'e4m3' with FP8 GEMMs (COAT's forward format)")
     done = []
-    for i in _select(n_layers, layers):
+    for i in chosen:
         block = blocks[str(i)] if str(i) in blocks else None
         if block is None:
             continue
         cache = _QuantCache()
         for name, sub in block.named_modules():
-            _swap(name, sub, cache, dtype)
+            _swap(name, sub, cache, dtype, backend if i in gemm else None)
         done.append(i)
     return done
 
@@ -267,9 +330,20 @@ def fp8_act_layers_from_plan(plan: Any) -> list[bool]:
     return [bool(s.savers.fp8_act) for s in plan.layer_strategies()]
 
 
+def fp8_gemm_layers_from_plan(plan: Any) -> list[bool]:
+    """One flag per block from ``plan.layers[i].savers.fp8_gemm`` (``repeat`` expanded)."""
+    return [bool(s.savers.fp8_gemm) for s in plan.layer_strategies()]
+
+
 # ---- the planner's terms: saved bytes per token of one block -------------------------------------
+def block_linear_params(cfg: ModelConfig) -> int:
+    """Weights of one dense block's linear layers (q, k, v, o and the MLP's two or three matrices)."""
+    d, hq, kv, f = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.ffn_dim
+    return 2 * d * hq + 2 * d * kv + (2 if cfg.arch == "gpt2" else 3) * d * f
+
+
 def block_saved_bytes_per_token(cfg: ModelConfig, fp8_act: bool = False, tokens: int | None = None,
-                                dtype_bytes: int = 4) -> float:
+                                dtype_bytes: int = 4, fp8_gemm: bool = False) -> float:
     """Bytes one dense block saves for backward per token (the planner's activation term).
 
     Counted tensor by tensor from what autograd keeps in our Block, including the block's input (kept by
@@ -279,6 +353,8 @@ def block_saved_bytes_per_token(cfg: ModelConfig, fp8_act: bool = False, tokens:
     and fp32 logsumexp; the MLP's a, b, silu(a) and the product. With FP8: norm inputs and MLP
     activations become FP8 + one fp32 scale per 1x16 group, linear inputs FP8, the attention core stays
     in the compute dtype. ``tokens`` adds the per-tensor scales (3 fp32 scalars per block).
+    ``fp8_gemm`` (with ``fp8_act``): wo's input is saved in FP8 too (its GEMM runs in FP8), and with
+    ``tokens`` the FP8 weight copies the backward GEMMs reuse (1 byte per linear weight) and their scales.
     """
     d, hq, f, nh = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.ffn_dim, cfg.n_heads
     b = dtype_bytes
@@ -295,6 +371,10 @@ def block_saved_bytes_per_token(cfg: ModelConfig, fp8_act: bool = False, tokens:
     norm = grp(d) + stats + d  # FP8 1x16 norm input, stats, FP8 per-tensor input of the next linears
     mlp = (grp(f) if gpt2 else 2 * grp(f)) + f  # FP8 1x16 activation inputs, FP8 per-tensor w2 input
     extra = 12 / tokens if tokens else 0.0
+    if fp8_gemm:
+        n_linear = 6 if gpt2 else 7
+        extra += (block_linear_params(cfg) + 4 * (n_linear + 1)) / tokens if tokens else 0.0
+        return float(2 * norm + core + mlp + hq) + extra  # + wo's FP8 input (and its scale, in extra)
     return float(2 * norm + core + mlp) + extra
 
 

@@ -11,11 +11,13 @@ local shard, groups are formed over the local shard's flattened elements).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
 
 from meshwright.errors import invalid
+from meshwright.optim.coat_fused import compiled_update, fp8_adamw_update
 from meshwright.optim.fp8_quant import K_MIN, GroupQuantized, dequantize_groups, fp8_dtype, groups_of, quantize_groups
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -49,13 +51,16 @@ class CoatAdamW(torch.optim.Optimizer):
 
     ``m_format``/``v_format`` pick E4M3 or E5M2 per moment; ``expand=False`` switches off dynamic range
     expansion (naive per-group FP8, for comparison); ``k_min`` bounds the exponent from below (1/16:
-    groups wider than FP8 are compressed, as COAT's kernel does; 1: expand only, small values may flush). With ``quantize=False`` the update is term for term
-    torch's single-tensor AdamW.
+    groups wider than FP8 are compressed, as COAT's kernel does; 1: expand only, small values may flush).
+    ``fused``: run FP8 updates through the compiled step of :mod:`meshwright.optim.coat_fused` (``None``:
+    for parameters on a GPU; the reference ops on CPU, where compiling costs more than it saves on small
+    models). With ``quantize=False`` the update is term for term torch's single-tensor AdamW.
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, quantize: bool = True, group_size: int = 128,
-                 m_format: str = "e4m3", v_format: str = "e4m3", expand: bool = True, k_min: float = K_MIN) -> None:
+                 m_format: str = "e4m3", v_format: str = "e4m3", expand: bool = True, k_min: float = K_MIN,
+                 fused: bool | None = None) -> None:
         if not (isinstance(lr, (int, float)) and lr >= 0):
             raise invalid("optimizer.lr", lr, "a number >= 0")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -71,8 +76,11 @@ class CoatAdamW(torch.optim.Optimizer):
         m_dtype, v_dtype = fp8_dtype(m_format), fp8_dtype(v_format)  # validated here: one-line error
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, quantize=quantize,
                         group_size=group_size, m_format=m_format, v_format=v_format, expand=expand, k_min=k_min)
+        if fused not in (None, True, False):
+            raise invalid("optimizer.fused", fused, "null (compiled on GPU, reference on CPU), true or false")
         super().__init__(params, defaults)
         self._dtypes = {"exp_avg": m_dtype, "exp_avg_sq": v_dtype}
+        self.fused = fused  # not a param-group default: the state dict stays the reference's
 
     # ---- state layout ----------------------------------------------------------------------------
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
@@ -97,6 +105,13 @@ class CoatAdamW(torch.optim.Optimizer):
         gq = GroupQuantized(state[name], *(state[f"{name}_{m}"] for m in _META))
         return dequantize_groups(gq, like.shape, group_size)
 
+    def _use_fused(self, param: torch.Tensor) -> bool:
+        return self.fused if self.fused is not None else param.is_cuda
+
+    @staticmethod
+    def _moment(state: dict[str, Any], name: str) -> tuple[torch.Tensor, ...]:
+        return (state[name],) + tuple(state[f"{name}_{m}"] for m in _META)
+
     @staticmethod
     def _store_moment(state: dict[str, Any], name: str, value: torch.Tensor, group: dict[str, Any]) -> None:
         dtype = fp8_dtype(group["v_format"] if name == "exp_avg_sq" else group["m_format"])
@@ -112,6 +127,7 @@ class CoatAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        scalars: dict[tuple, torch.Tensor] = {}
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
@@ -124,6 +140,31 @@ class CoatAdamW(torch.optim.Optimizer):
                 state = self.state[p] if self.state[p] else self._init_state(p, group)
                 state["step"] += 1
                 step = state["step"].item()
+                if group["quantize"] and self._use_fused(param):
+                    key = (id(group), step, param.device)
+                    if key not in scalars:  # one small host-to-device copy per group and step
+                        scalars[key] = torch.tensor([1 - lr * wd, -lr / (1 - beta1 ** step),
+                                                     math.sqrt(1 - beta2 ** step)], dtype=torch.float32,
+                                                    device=param.device)
+                    decay, neg_step, bc2_sqrt = scalars[key].unbind()
+                    args = (param.detach(), grad, self._moment(state, "exp_avg"), self._moment(state, "exp_avg_sq"),
+                            decay, neg_step, bc2_sqrt, beta1, beta2, eps, group["group_size"],
+                            fp8_dtype(group["m_format"]), fp8_dtype(group["v_format"]), group["expand"],
+                            group.get("k_min", K_MIN))
+                    try:
+                        new = compiled_update()(*args)
+                    except Exception as exc:  # noqa: BLE001 - a compiler failure (no Triton, no C++ compiler)
+                        if self.fused:
+                            raise
+                        warnings.warn(f"CoatAdamW: the compiled step failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                                      "using the reference ops from now on", RuntimeWarning, stacklevel=2)
+                        self.fused = False
+                        new = fp8_adamw_update(*args)
+                    for name, values in zip(_MOMENTS, new):
+                        state[name] = values[0]
+                        for m, t in zip(_META, values[1:]):
+                            state[f"{name}_{m}"] = t
+                    continue
                 if group["quantize"]:
                     exp_avg = self._load_moment(state, "exp_avg", param, group["group_size"]).to(param.dtype)
                     exp_avg_sq = self._load_moment(state, "exp_avg_sq", param, group["group_size"]).to(param.dtype)

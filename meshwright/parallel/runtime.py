@@ -116,7 +116,7 @@ def apply_plan_savers(model: Decoder, plan: Plan, seed: int) -> dict[str, list[i
     fp8 = [bool(s.savers.fp8_act) for s in strategies]
     out: dict[str, list[int]] = {"fp8_act": [], "wta_crs": []}
     if any(fp8):
-        out["fp8_act"] = apply_fp8_activations(model, layers=fp8)
+        out["fp8_act"] = apply_fp8_activations(model, layers=fp8, gemm_layers=[bool(s.savers.fp8_gemm) for s in strategies])
     keep = {i: s.savers.wta_crs for i, s in enumerate(strategies) if s.savers.wta_crs is not None}
     if keep:
         apply_wta_crs_per_layer(model, keep, seed=seed)

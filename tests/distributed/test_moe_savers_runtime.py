@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 CASES = {"moe_ep2_dp4", "moe_ep4_dp4", "moe_ep2_tp2", "moe_ep2_pp2", "moe_ep1_ddp_dp4", "moe_ep2_dp4_fp8_wta",
-         "fp8_dp4_fsdp_layers02", "fp8_layerwise_dp4_tp2", "fp8_dp2_tp2", "fp8_dp2_tp2_sp", "wta_dp4_ddp",
+         "fp8_dp4_fsdp_layers02", "fp8gemm_dp4_fsdp_layers02", "fp8_layerwise_dp4_tp2", "fp8_dp2_tp2", "fp8_dp2_tp2_sp", "wta_dp4_ddp",
          "wta_dp2_tp2", "wta_keep1_dp4_equals_exact", "ckpt_moe_ep2_to_ep4", "ckpt_moe_ep2_to_fsdp_ep1"}
 MOE = load_model_config({"name": "m", "arch": "llama", "vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4,
                          "n_kv_heads": 2, "ffn_hidden": 64, "moe_ffn_hidden": 48, "n_experts": 4, "top_k": 2,

@@ -84,6 +84,7 @@ class Hardware:
     tp_wgrad_overlap: bool = False
     pipeline_slowdown: float = 1.0
     stack: str = "analytic"
+    fp8_peak_flops: float = 0.0  # FP8 tensor-core matmul FLOP/s (0: none or unknown), for savers.fp8_gemm
 
     @property
     def elem_bytes(self) -> int:
@@ -127,12 +128,14 @@ def hardware_from_cluster(cluster: ClusterSpec, profile: Optional[dict[str, Any]
         inter_bw=cluster.inter_node_bw_gbps * 1e9, inter_lat=cluster.inter_node_latency_us * 1e-6,
         memory_bytes=cluster.memory_gib * GIB, compute_dtype=dtype,
         overhead_bytes=(0.05 if cpu else 1.0) * GIB, efficiency_half_width=8.0 if cpu else 128.0,
+        fp8_peak_flops=0.0 if cpu else cluster.peak_tflops.get("fp8", 0.0) * 1e12,
     )
     if profile:
         d = profile["derived"]
         peak = d["peak_tflops"].get(dtype) or max(d["peak_tflops"].values())
         hw = dataclasses.replace(
             hw, peak_flops=peak * 1e12, matmul_efficiency=1.0,
+            fp8_peak_flops=d["peak_tflops"]["fp8"] * 1e12 if "fp8" in d["peak_tflops"] else hw.fp8_peak_flops,
             intra_bw=d["intra_bw_gbps"] * 1e9, intra_lat=d["intra_latency_us"] * 1e-6,
             inter_bw=d["inter_bw_gbps"] * 1e9, inter_lat=d["inter_latency_us"] * 1e-6,
             overlap_slowdown=d["overlap_slowdown"], contention=float(d.get("contention", 1.0)),
@@ -260,6 +263,14 @@ def matmul_efficiency(hw: Hardware, width: float) -> float:
     Small shards (high tp) keep the device less busy: efficiency = e_max * w / (w + w_half).
     """
     return hw.matmul_efficiency * width / (width + hw.efficiency_half_width)
+
+
+def fp8_matmul_speedup(hw: Hardware) -> float:
+    """FP8 over compute-dtype matmul throughput (measured by ``profile hardware`` or the cluster preset's
+    ``peak_tflops.fp8``); 1.0 without FP8 tensor cores or with fp32 compute (nothing to speed up)."""
+    if hw.fp8_peak_flops <= 0 or not hw.mixed_precision:
+        return 1.0
+    return max(1.0, hw.fp8_peak_flops / hw.peak_flops)  # both peaks (preset) or both measured (profile)
 
 
 def compute_s(flops: float, hw: Hardware, width: float) -> float:
@@ -618,7 +629,11 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
     extra = recompute_extra_fwd_fraction(cfg, index, seq_len, s.recompute)
     lemo = s.savers.lemo if s.savers.lemo is not None else 1.0
     width = min(cfg.d_model, (cfg.expert_ffn_dim if moe else cfg.ffn_dim) / s.tp, cfg.n_heads // s.tp * cfg.head_dim)
-    matmul = compute_s(fwd_flops * lemo, hw, width)
+    matmul_flops = fwd_flops
+    if s.savers.fp8_gemm and not moe:  # COAT FP8 GEMMs: the linear layers' share runs at FP8 throughput
+        linear = 2 * tokens * cfg.layer_params(index) / s.tp
+        matmul_flops = fwd_flops - linear + linear / fp8_matmul_speedup(hw)
+    matmul = compute_s(matmul_flops * lemo, hw, width)
     memory_bound = elementwise_s(cfg, index, tokens * lemo, s.tp, s.sp, hw) + attention_scores_s(cfg, tokens * lemo, seq_len, s.tp, hw)
     fwd = matmul + memory_bound
     # backward is 2x forward for matmuls (input and weight gradients) but ~1x for memory-bound kernels
@@ -732,7 +747,7 @@ def _add_layers(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strat
         mb_samples = plan.micro_batch * max_dp / s.dp
         prev = (strategies[i - 1].tp, strategies[i - 1].sp) if i > 0 and i not in starts else None
         key = (cfg.is_moe_layer(i), s.tp, s.sp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, s.recompute, s.savers.fp8_act,
-               s.savers.wta_crs, s.savers.lemo, prev)
+               s.savers.fp8_gemm, s.savers.wta_crs, s.savers.lemo, prev)
         c = memo.get(key)
         if c is None:
             c = memo[key] = layer_costs(cfg, i, s, mb_samples, plan.seq_len, hw, states, prev)

@@ -71,6 +71,7 @@ class Allow:
     fp8: bool = False
     wta_crs: Optional[float] = None
     lemo: Optional[float] = None
+    fp8_gemm: bool = False  # set by search() under fp8 where the hardware has FP8 matmuls faster than its dtype
 
     @staticmethod
     def parse(items: list[str] | None) -> "Allow":
@@ -127,7 +128,7 @@ def describe_layout(plan: Plan) -> str:
         if s.ep > 1:
             t += f" ep{s.ep}"
         if s.savers.fp8_act:
-            t += " fp8act"
+            t += " fp8gemm" if s.savers.fp8_gemm else " fp8act"
         if s.savers.wta_crs is not None:
             t += f" wta{s.savers.wta_crs:g}"
         if s.savers.lemo is not None:
@@ -173,6 +174,8 @@ def layer_strategies(cfg: ModelConfig, index: int, per_stage: int, tps: list[int
         allow = dataclasses.replace(allow, lemo=None)
     if allow.fp8:
         saver_opts.append(Savers(fp8_act=True))
+    if allow.fp8_gemm:
+        saver_opts.append(Savers(fp8_act=True, fp8_gemm=True))
     if allow.wta_crs is not None:
         saver_opts += [dataclasses.replace(s, wta_crs=allow.wta_crs) for s in list(saver_opts)]
     if allow.lemo is not None:
@@ -198,6 +201,8 @@ def layer_strategies(cfg: ModelConfig, index: int, per_stage: int, tps: list[int
             if c.ep is not None:
                 eps = [e for e in eps if e == c.ep] or ([1] if c.ep == 1 else [])
         for sp, z, rc, ep, sv in itertools.product(sps, zeros, rcs, eps, saver_opts):
+            if sv.fp8_gemm and t > 1:
+                continue  # the runtime's FP8 GEMMs take whole weights (parallel/support.py)
             if c.runtime_compatible and moe and (sp or (ep > 1 and (z != 0 or dp != max_dp))):
                 continue  # the runtime keeps MoE tokens tp-replicated and expert grads off ZeRO/mixed-dp paths
             out.append(LayerStrategy(tp=t, sp=sp, dp=dp, zero=z, ep=ep, cp=cp, recompute=rc, savers=sv))
@@ -227,7 +232,8 @@ class _Kind:
 
 
 def _skey(s: LayerStrategy) -> tuple:
-    return (s.tp, s.sp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, s.recompute, s.savers.fp8_act, s.savers.wta_crs, s.savers.lemo)
+    return (s.tp, s.sp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, s.recompute, s.savers.fp8_act, s.savers.fp8_gemm,
+            s.savers.wta_crs, s.savers.lemo)
 
 
 _COST_CACHE: dict[tuple, dict[str, float]] = {}
@@ -563,6 +569,7 @@ def search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: i
     c = constraints or Constraints()
     allow = allow or Allow()
     hw = hw or cm.hardware_from_cluster(cluster)
+    allow = dataclasses.replace(allow, fp8_gemm=allow.fp8 and cm.fp8_matmul_speedup(hw) > 1)
     pps = _check_request(cfg, seq_len, global_batch, c, cluster.world_size)
     state_opts = [states] if states else (["fp32", "fp8"] if allow.fp8 else ["fp32"])
     usable = (hw.memory_bytes - hw.overhead_bytes) / (1 + hw.fragmentation)

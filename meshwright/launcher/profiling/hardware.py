@@ -23,12 +23,15 @@ import torch
 
 from meshwright.config.io import read_versioned_json, write_json_atomic
 from meshwright.errors import ConfigError
+from meshwright.memory.fp8_gemm import ALIGN, scaled_mm_supported
 
 HARDWARE_PROFILE_VERSION = 1
 KIND = "meshwright-hardware-profile"
 REQUIRED_DERIVED = ("peak_tflops", "intra_bw_gbps", "intra_latency_us", "inter_bw_gbps", "inter_latency_us",
                     "overlap_slowdown")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FP8 = "fp8"  # E4M3 x E4M3 -> bf16 through torch._scaled_mm (per-tensor scales), where the GPU has FP8 tensor cores
+FP8_SKIPPED = "skipped: needs a CUDA GPU of compute capability >= 8.9 (FP8 tensor cores for torch._scaled_mm)"
 
 
 def gpu_facts() -> dict[str, Any]:
@@ -150,12 +153,19 @@ def measure_matmul(device: torch.device, dtypes: list[str], sizes: list[int], it
     together = rank_and_world()[1] > 1
     out = []
     for name in dtypes:
-        if name not in DTYPES:
-            raise ConfigError(f"dtypes={name!r} is invalid; valid: {', '.join(DTYPES)}")
+        if name not in DTYPES and name != FP8:
+            raise ConfigError(f"dtypes={name!r} is invalid; valid: {', '.join([*DTYPES, FP8])}")
+        if name == FP8 and not scaled_mm_supported(device):
+            continue  # the profile says why (profile_hardware's "fp8_matmul")
         for n in sizes:
-            a = torch.randn(n, n, device=device, dtype=DTYPES[name])
-            b = torch.randn(n, n, device=device, dtype=DTYPES[name])
-            fn = lambda: a @ b  # noqa: E731
+            if name == FP8:
+                if n % ALIGN:
+                    continue
+                fn = _fp8_matmul(n, device)
+            else:
+                a = torch.randn(n, n, device=device, dtype=DTYPES[name])
+                b = torch.randn(n, n, device=device, dtype=DTYPES[name])
+                fn = lambda: a @ b  # noqa: E731
             t = (_rate_in_window(fn, device, window_s, windows=max(iters, 3)) if together
                  else _time(fn, device, max(iters, 3), min_sample_s=0.02, best=True))
             row = {"dtype": name, "n": n, "seconds": t, "tflops": 2 * n**3 / t / 1e12, "concurrent": together}
@@ -163,6 +173,14 @@ def measure_matmul(device: torch.device, dtypes: list[str], sizes: list[int], it
                 row["solo_seconds"] = _solo_seconds(fn, device, iters)
             out.append(row)
     return out
+
+
+def _fp8_matmul(n: int, device: torch.device) -> Callable[[], Any]:
+    """An n x n x n FP8 GEMM as COAT's linear layers run it: E4M3 operands, per-tensor scales, bf16 out."""
+    a = torch.randn(n, n, device=device).to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device=device).to(torch.float8_e4m3fn).t()  # column-major, as _scaled_mm wants
+    one = torch.ones((), device=device)
+    return lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
 
 
 def alpha_beta(v1: float, t1: float, v2: float, t2: float, hops: float) -> tuple[float, float]:
@@ -352,6 +370,8 @@ def profile_hardware(dtypes: list[str], sizes: list[int], per_node: Optional[int
         "device": {"type": device.type, "gpu": gpu_facts()},
         "world_size": world, "devices_per_node": per_node,
         "matmul": matmul, "collectives": collectives, "p2p": p2p, "overlap": overlap,
+        "fp8_matmul": ("measured" if any(m["dtype"] == FP8 for m in matmul)
+                       else FP8_SKIPPED if FP8 in dtypes else "not requested"),
         "derived": derive(matmul, collectives, overlap, fallback),
     }
 

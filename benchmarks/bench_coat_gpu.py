@@ -1,0 +1,202 @@
+"""COAT on one GPU: bf16 AdamW vs COAT (FP8 states + FP8 activations + FP8 GEMMs) vs torchao float8 (#18).
+
+The ~1.3B Llama (d_model 2048, 22 layers, 16 heads, ffn 5632, vocab 32000) at batch 4 x 4096 on one
+H100/H200, every configuration with fp32 master weights under bf16 autocast, in its own subprocess (a
+fresh allocator and compile cache): peak ``max_memory_reserved``, tokens/s, optimizer-step time and the
+loss after ``--steps`` steps on the embedded corpus (the same batches for every configuration). Prints
+one JSON document with the ratios against bf16 AdamW.
+
+    python benchmarks/bench_coat_gpu.py [--steps 300] [--configs bf16_adamw,coat,torchao_float8] [--compile]
+    python benchmarks/bench_coat_gpu.py --smoke     # CPU, tiny model, 3 steps: checks the script runs
+
+Configurations:
+- ``bf16_adamw``: torch.optim.AdamW(fused=True), plain model.
+- ``coat``: CoatAdamW (FP8 moments, fused compiled step) + FP8 activations + FP8 GEMMs in every block
+  (torch._scaled_mm where the GPU has FP8 tensor cores; the emulation elsewhere).
+- ``coat_states``: CoatAdamW alone; ``coat_act``: CoatAdamW + FP8 activations without FP8 GEMMs.
+- ``torchao_float8``: torchao's ``convert_to_float8_training`` on the block linears (tensorwise dynamic
+  scaling) + fused AdamW; skipped (with the reason) where torchao is not installed. torchao is meant to be
+  run under torch.compile: compare it with ``--compile`` as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from meshwright.memory.fp8_activations import apply_fp8_activations  # noqa: E402
+from meshwright.memory.fp8_gemm import gemm_backend  # noqa: E402
+from meshwright.models import build_model, count_parameters, lm_loss  # noqa: E402
+from meshwright.optim import CoatAdamW  # noqa: E402
+
+LLAMA_1B3 = {"name": "llama-1.3b", "arch": "llama", "vocab_size": 32000, "d_model": 2048, "n_layers": 22,
+             "n_heads": 16, "n_kv_heads": 16, "ffn_hidden": 5632, "max_seq_len": 4096, "tie_embeddings": False}
+CONFIGS = ("bf16_adamw", "coat", "torchao_float8", "coat_states", "coat_act")
+DEFAULT_CONFIGS = "bf16_adamw,coat,torchao_float8"
+LR, BETAS, WD, WARMUP = 3e-4, (0.9, 0.95), 0.1, 30
+
+
+def _torchao_convert(model: torch.nn.Module) -> None:
+    """torchao float8 training on the same linears COAT quantises (the blocks'; not the LM head)."""
+    from torchao.float8 import convert_to_float8_training  # lazy: optional, absent from most images
+
+    convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: fqn.startswith("layers."))
+
+
+def build(name: str, model_cfg: Any, device: str, fused_opt: bool | None) -> tuple[torch.nn.Module, torch.optim.Optimizer, str]:
+    model = build_model(model_cfg, seed=0).to(device)
+    note = ""
+    if name in ("coat", "coat_act"):
+        apply_fp8_activations(model, gemm_layers=None if name == "coat" else ())
+        note = f"FP8 GEMM backend: {gemm_backend(device)}" if name == "coat" else ""
+    if name == "torchao_float8":
+        _torchao_convert(model)
+    params = model.parameters()
+    if name.startswith("coat"):
+        opt = CoatAdamW(params, lr=LR, betas=BETAS, weight_decay=WD, fused=fused_opt)
+    else:
+        opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, weight_decay=WD, fused=device == "cuda")
+    return model, opt, note
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Train one configuration for ``args.steps`` steps; figures as a dict (or the reason it was skipped)."""
+    from bench_coat import token_stream  # the corpus loader the CPU COAT benchmark uses
+
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    model_cfg = "tiny" if args.smoke else LLAMA_1B3
+    torch.manual_seed(0)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        model, opt, note = build(name, model_cfg, device, None if not args.smoke else False)
+    except ImportError as exc:
+        return {"name": name, "skipped": f"{type(exc).__name__}: {exc}"}
+    n_params = count_parameters(model)
+    fwd = torch.compile(model) if args.compile else model
+    next_batch, val_batches, source = token_stream(args.seq, args.batch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / WARMUP))
+    losses, step_s, opt_s = [], [], []
+    for step in range(args.steps):
+        x, y = (t.to(device, non_blocking=True) for t in next_batch())
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device, torch.bfloat16):
+            logits = fwd(x)
+        loss = lm_loss(logits, y)
+        loss.backward()
+        _sync(device)
+        t1 = time.perf_counter()
+        opt.step()
+        _sync(device)
+        t2 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        losses.append(loss.item())
+        step_s.append(t2 - t0)
+        opt_s.append(t2 - t1)
+    with torch.no_grad(), torch.autocast(device, torch.bfloat16):
+        val = [lm_loss(fwd(x.to(device)), y.to(device)).item() for x, y in val_batches[: args.val_batches]]
+    steady = slice(min(args.warmup_steps, max(args.steps - 1, 0)), None)  # compile / autotune steps excluded
+    step_med = statistics.median(step_s[steady])
+    out = {
+        "name": name, "note": note, "params": n_params, "data": source,
+        "step_s": round(step_med, 5), "tokens_per_s": round(args.batch * args.seq / step_med, 1),
+        "optimizer_step_s": round(statistics.median(opt_s[steady]), 5),
+        "first_loss": round(losses[0], 4), "loss_last10": round(sum(losses[-10:]) / len(losses[-10:]), 4),
+        "val_loss": round(sum(val) / len(val), 4),
+    }
+    if device == "cuda":
+        out["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+        out["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return out
+
+
+def ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each configuration against bf16 AdamW: memory saved (x lower), speed (x), loss difference (%)."""
+    base = next((r for r in results if r["name"] == "bf16_adamw" and "step_s" in r), None)
+    out: dict[str, dict[str, float]] = {}
+    if base is None:
+        return out
+    for r in results:
+        if r is base or "step_s" not in r:
+            continue
+        row = {"throughput_x": round(r["tokens_per_s"] / base["tokens_per_s"], 3),
+               "optimizer_step_x_of_adamw": round(r["optimizer_step_s"] / base["optimizer_step_s"], 3),
+               "loss_last10_diff_pct": round(100 * (r["loss_last10"] / base["loss_last10"] - 1), 2),
+               "val_loss_diff_pct": round(100 * (r["val_loss"] / base["val_loss"] - 1), 2)}
+        if "peak_reserved_gib" in r:
+            row["memory_x_lower"] = round(base["peak_reserved_gib"] / r["peak_reserved_gib"], 3)
+        out[r["name"]] = row
+    return out
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated from {', '.join(CONFIGS)}")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model in every configuration")
+    p.add_argument("--warmup-steps", type=int, default=5, help="steps left out of the timings")
+    p.add_argument("--val-batches", type=int, default=4)
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny model, batch 2 x 32, 3 steps")
+    p.add_argument("--inline", action="store_true", help="run the configurations in this process (no subprocesses)")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one configuration, one JSON line
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.batch, args.seq, args.steps, args.val_batches, args.warmup_steps = 2, 32, min(args.steps, 3), 1, 1
+    names = [c for c in args.configs.split(",") if c]
+    bad = [c for c in names if c not in CONFIGS]
+    if bad or not names:
+        p.error(f"--configs={args.configs!r} is invalid; valid: a comma-separated list of {', '.join(CONFIGS)}")
+    if min(args.steps, args.batch, args.seq) < 1:
+        p.error("--steps, --batch and --seq must be positive integers")
+    args.names = names
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse(argv)
+    if args.one:
+        print(json.dumps(run_one(args.one, args)), flush=True)
+        return {}
+    results = []
+    for name in args.names:
+        if args.inline:
+            results.append(run_one(name, args))
+            continue
+        cmd = [sys.executable, __file__, "--one", name, *(argv if argv is not None else sys.argv[1:])]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        results.append(json.loads(lines[-1]) if proc.returncode == 0 and lines
+                       else {"name": name, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]})
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else None
+    doc = {"device": gpu or "cpu", "torch": torch.__version__, "model": "tiny" if args.smoke else LLAMA_1B3,
+           "batch": args.batch, "seq": args.seq, "steps": args.steps, "compile": args.compile,
+           "results": results, "vs_bf16_adamw": ratios(results)}
+    print(json.dumps(doc, indent=1))
+    return doc
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""COAT FP8 GEMMs in the planner (#18): FP8 matmul throughput from the profile or preset, used under --allow fp8."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from meshwright.config import load_cluster, load_model_config
+from meshwright.launcher.planner import cost_model as cm
+from meshwright.launcher.planner import search as S
+from meshwright.launcher.profiling.hardware import FP8_SKIPPED, derive, profile_hardware
+from meshwright.memory.fp8_gemm import scaled_mm_supported
+from meshwright.plan import LayerStrategy, Savers
+
+
+def test_fp8_matmul_speedup_from_preset_and_profile():
+    h100, a100 = load_cluster("dgx-h100-80g"), load_cluster("dgx-a100-80g")
+    assert cm.fp8_matmul_speedup(cm.hardware_from_cluster(h100)) == pytest.approx(1979.0 / 989.5)
+    assert cm.fp8_matmul_speedup(cm.hardware_from_cluster(a100)) == 1.0  # no FP8 tensor cores
+    assert cm.fp8_matmul_speedup(cm.hardware_from_cluster(load_cluster("local-cpu"))) == 1.0
+    # a measured profile wins over the preset: here bf16 700 and fp8 1050 TFLOP/s measured
+    d = derive([{"dtype": "bf16", "n": 8192, "seconds": 1.0, "tflops": 700.0},
+                {"dtype": "fp8", "n": 8192, "seconds": 1.0, "tflops": 1050.0}], [], None,
+               {"intra_bw_gbps": 1.0, "intra_latency_us": 1.0, "inter_bw_gbps": 1.0, "inter_latency_us": 1.0})
+    hw = cm.hardware_from_cluster(h100, {"derived": d})
+    assert cm.fp8_matmul_speedup(hw) == pytest.approx(1.5)
+    assert cm.fp8_matmul_speedup(dataclasses.replace(hw, compute_dtype="fp32")) == 1.0
+
+
+def test_fp8_gemm_speeds_up_the_linear_share_only():
+    cfg, hw = load_model_config("llama2-7b"), cm.hardware_from_cluster(load_cluster("dgx-h100-80g"))
+    act = LayerStrategy(savers=Savers(fp8_act=True))
+    gemm = LayerStrategy(savers=Savers(fp8_act=True, fp8_gemm=True))
+    a, g = cm.layer_costs(cfg, 0, act, 1, 4096, hw), cm.layer_costs(cfg, 0, gemm, 1, 4096, hw)
+    assert g["act_bytes"] == a["act_bytes"] and g["model_flops_mb"] == a["model_flops_mb"]
+    # attention scores and elementwise work keep their time: between 1x and the full 2x matmul speed-up
+    assert a["fwd_mb"] / 2 < g["fwd_mb"] < 0.75 * a["fwd_mb"]
+    plain_hw = cm.hardware_from_cluster(load_cluster("dgx-a100-80g"))
+    assert cm.layer_costs(cfg, 0, gemm, 1, 4096, plain_hw)["fwd_mb"] == cm.layer_costs(cfg, 0, act, 1, 4096, plain_hw)["fwd_mb"]
+
+
+def test_search_offers_fp8_gemms_only_with_allow_fp8_on_fp8_hardware():
+    cfg = load_model_config("llama2-7b")
+    h100, a100 = load_cluster("dgx-h100-80g"), load_cluster("dgx-a100-80g")
+
+    def gemm_plans(cluster, allow):
+        r = S.search(cfg, cluster, 4096, 64, allow=allow)
+        return [c for c in [r.best, *r.runners_up] if any(s.savers.fp8_gemm for s in c.plan.layer_strategies())], r
+
+    with_gemm, r = gemm_plans(h100, S.Allow.parse(["fp8"]))
+    assert with_gemm and all(s.savers.fp8_act for c in with_gemm for s in c.plan.layer_strategies() if s.savers.fp8_gemm)
+    assert any(s.savers.fp8_gemm for s in r.best.plan.layer_strategies())  # twice the matmul rate wins on time
+    assert "fp8gemm" in r.best.layout()
+    assert not gemm_plans(h100, S.Allow())[0]
+    assert not gemm_plans(a100, S.Allow.parse(["fp8"]))[0]
+
+
+def test_profile_hardware_skips_fp8_without_fp8_tensor_cores():
+    if scaled_mm_supported("cuda"):
+        pytest.skip("this machine has FP8 tensor cores (see the CUDA test)")
+    prof = profile_hardware(["fp32", "fp8"], [64], iters=1, progress=False)
+    assert prof["fp8_matmul"] == FP8_SKIPPED
+    assert [m["dtype"] for m in prof["matmul"]] == ["fp32"] and "fp8" not in prof["derived"]["peak_tflops"]
+    json.dumps(prof)
+
+
+def test_profile_hardware_cli_says_why_fp8_was_skipped(tmp_path, capsys):
+    from meshwright.cli import main
+
+    if scaled_mm_supported("cuda"):
+        pytest.skip("this machine has FP8 tensor cores")
+    out = tmp_path / "hw.json"
+    assert main(["profile", "hardware", "--dtypes", "fp32,fp8", "--sizes", "64", "--iters", "1", "--out", str(out)]) == 0
+    assert f"fp8 matmul {FP8_SKIPPED}" in capsys.readouterr().out
+    assert json.loads(out.read_text())["fp8_matmul"] == FP8_SKIPPED
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not scaled_mm_supported("cuda"),
+                    reason="needs a GPU with FP8 tensor cores (compute capability >= 8.9)")
+def test_profile_hardware_measures_fp8_on_fp8_gpus():
+    prof = profile_hardware(["bf16", "fp8"], [2048], iters=2, progress=False)
+    assert prof["fp8_matmul"] == "measured"
+    peaks = prof["derived"]["peak_tflops"]
+    assert peaks["fp8"] > 0 and peaks["bf16"] > 0
+
+
+def test_runtime_rejects_fp8_gemms_on_tensor_parallel_layers():
+    from meshwright.errors import ConfigError
+    from meshwright.parallel.support import check_runtime_support
+    from meshwright.plan import Plan
+
+    cfg = load_model_config("tiny")
+    ok = Plan(layers=[LayerStrategy(savers=Savers(fp8_act=True, fp8_gemm=True), repeat=cfg.n_layers)])
+    check_runtime_support(ok, cfg, "dtensor", "torch")
+    bad = Plan(layers=[LayerStrategy(tp=2, savers=Savers(fp8_act=True, fp8_gemm=True), repeat=cfg.n_layers)])
+    with pytest.raises(ConfigError, match=r"layers\[0\].savers.fp8_gemm"):
+        check_runtime_support(bad, cfg, "dtensor", "torch")

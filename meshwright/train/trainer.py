@@ -32,7 +32,7 @@ from meshwright.optim import CoatAdamW
 from meshwright.tools.energy import EnergyAccountant, EnergyTotals
 from meshwright.tools.flops import hardware_flops_per_token, model_flops_per_token
 from meshwright.tools.mfu import mfu as compute_mfu
-from meshwright.train.checkpoint import latest_checkpoint, load_runtime, save_checkpoint
+from meshwright.train.checkpoint import load_latest, load_runtime, save_checkpoint
 from meshwright.train.runtime import Runtime
 
 
@@ -170,10 +170,13 @@ class Trainer:
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Load ``path`` (or the latest checkpoint in out_dir/ckpt); False when there is none."""
-        target = Path(path) if path is not None else latest_checkpoint(self.ckpt_dir)
-        if target is None:
-            return False
-        state = load_runtime(target, self.runtime, self.optimizer)
+        if path is not None:
+            target, state = Path(path), load_runtime(path, self.runtime, self.optimizer)
+        else:  # a damaged newest checkpoint falls back to the previous complete one, with a warning
+            found = load_latest(self.ckpt_dir, self.runtime, self.optimizer, warn=self.print)
+            if found is None:
+                return False
+            target, state = found
         if state["step"] > self.cfg.steps:
             raise invalid("steps", self.cfg.steps, f"at least the checkpoint's step {state['step']} ({target})")
         self.step = int(state["step"])

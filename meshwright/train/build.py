@@ -20,6 +20,7 @@ from meshwright.models import build_model
 from meshwright.parallel.runtime import build_distributed_runtime, init_distributed
 from meshwright.plan import Plan, default_plan, load_plan, validate_plan
 from meshwright.train.local_runtime import LocalRuntime
+from meshwright.train.run_dir import RunLock, check_fresh_or_overwrite, check_resume_config, nospace, prepare_out_dir
 from meshwright.train.runtime import Runtime
 from meshwright.train.trainer import Trainer
 
@@ -113,9 +114,35 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
     return rt
 
 
-def run_training(train_cfg: TrainConfig, plan_ref: str | None = None, resume: bool | str = False) -> dict[str, Any]:
-    """Everything `meshwright train` does, callable from Python (tests, benchmarks)."""
+def run_training(train_cfg: TrainConfig, plan_ref: str | None = None, resume: bool | str = False, *,
+                 overwrite: bool = False, allow_config_change: bool = False) -> dict[str, Any]:
+    """Everything `meshwright train` does, callable from Python (tests, benchmarks). The main rank holds a lock
+    on out_dir for the whole run and applies the fresh/resume/overwrite rules of ``run_dir`` first."""
     job = TrainingJob.resolve(train_cfg, plan_ref)
+    if job.distributed and job.world_size == 1 and job.plan is not None and job.plan.world_size() > 1:
+        raise invalid("plan", plan_ref or train_cfg.plan, f"a plan for this process count: it lays the model out on "
+                      f"{job.plan.world_size()} devices; launch it with torchrun --nproc-per-node "
+                      f"{job.plan.world_size()} (or `meshwright launch`)")
+    lock = None
+    if int(os.environ.get("RANK", "0")) == 0:
+        out = prepare_out_dir(train_cfg.out_dir)
+        lock = RunLock(out).acquire()
+    try:
+        if lock is not None:
+            check_fresh_or_overwrite(train_cfg.out_dir, resume, overwrite)
+            check_resume_config(train_cfg, resume, allow_config_change)
+        return _train(job, train_cfg, plan_ref, resume)
+    except OSError as exc:
+        err = nospace(exc)
+        if err is None:
+            raise
+        raise err from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(job: TrainingJob, train_cfg: TrainConfig, plan_ref: str | None, resume: bool | str) -> dict[str, Any]:
     model_cfg = job.model
     runtime = build_runtime(job)
     try:

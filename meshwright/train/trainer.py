@@ -33,6 +33,7 @@ from meshwright.tools.energy import EnergyAccountant, EnergyTotals
 from meshwright.tools.flops import hardware_flops_per_token, model_flops_per_token
 from meshwright.tools.mfu import mfu as compute_mfu
 from meshwright.train.checkpoint import load_latest, load_runtime, save_checkpoint
+from meshwright.train.run_dir import reopen_log
 from meshwright.train.runtime import Runtime
 
 
@@ -207,25 +208,22 @@ class Trainer:
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "step_s": step_s, "finite": finite}
 
     # ---- the loop --------------------------------------------------------------------------------
-    def _open_log(self, resumed: bool):
+    def _open_log(self, resumed: bool, run: "_RunStats") -> Any:
+        """Main rank: log.jsonl for this session; on resume the records past the checkpoint are dropped (they
+        will be redone) by an atomic rewrite (``run_dir.reopen_log``), and the kept ones seed the summary."""
         if not self.runtime.is_main:
             return None
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / "log.jsonl"
-        kept: list[str] = []
-        if resumed and path.is_file():  # drop records past the checkpoint (they will be redone)
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
-        fh = path.open("w")
-        for line in kept:
-            fh.write(line + "\n")
-        fh.flush()
+        fh, kept = reopen_log(self.out_dir / "log.jsonl", self.step if resumed else None)
+        if resumed and self.step >= self.cfg.steps:  # nothing to train: the summary comes from the log
+            run.seed_from_log(kept)
         return fh
 
     def fit(self, resume: bool | str | Path = False) -> dict[str, Any]:
         """Train to ``cfg.steps``; returns (and on the main rank writes) the summary."""
         resumed = self._resume_for_fit(resume)
         run = _RunStats(first_step=self.step)
-        log = self._open_log(resumed)
+        log = self._open_log(resumed, run)
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
                    disable=not (self.cfg.progress and self.runtime.is_main), mininterval=1.0, dynamic_ncols=True)
         self._start_energy()
@@ -320,7 +318,8 @@ class Trainer:
         memory = self._memory_per_rank()
         summary.update({"memory_gib_per_rank": memory, "peak_memory_gib": max(memory)})
         summary.update(self._energy_summary(run))
-        if rt.is_main and summary["steps_this_run"] > 0:
+        # a run killed after its final checkpoint gets its summary when resumed
+        if rt.is_main and (summary["steps_this_run"] > 0 or (resumed and not (self.out_dir / "summary.json").is_file())):
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
             self.print(format_summary(summary))
         return summary
@@ -355,6 +354,15 @@ class _RunStats:
     steady_tokens: int = 0
     records: list[dict[str, Any]] = field(default_factory=list)
     energy_last: dict[str, float] = field(default_factory=dict)
+
+    def seed_from_log(self, kept: list[dict[str, Any]]) -> None:
+        """Losses of the records kept from an earlier session, for a summary when nothing is left to train."""
+        losses = [r["loss"] for r in kept if r.get("loss") is not None]
+        if losses:
+            self.first_loss, self.last_loss = losses[0], losses[-1]
+        evals = [r["eval_loss"] for r in kept if r.get("eval_loss") is not None]
+        self.eval_loss = evals[-1] if evals else None
+        self.records.extend(kept[-1:])
 
     def record_step(self, out: dict[str, Any], tokens: int, step: int) -> None:
         self.loss, self.lr = out["loss"], out["lr"]

@@ -205,6 +205,10 @@ class Trainer:
                 raise NonFiniteLoss(f"step {self.step}: loss={loss} grad_norm={grad_norm} is not finite "
                                     f"(nan_policy='stop'); valid: a lower lr, grad_clip>0, or nan_policy=skip")
             self.skipped_steps += 1
+            if self.skipped_steps > cfg.max_skipped:
+                raise NonFiniteLoss(f"step {self.step}: {self.skipped_steps} non-finite steps skipped, more than "
+                                    f"max_skipped={cfg.max_skipped} (nan_policy='skip'); valid: a lower lr, "
+                                    f"grad_clip>0, or a larger max_skipped")
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "step_s": step_s, "finite": finite}
 
     # ---- the loop --------------------------------------------------------------------------------

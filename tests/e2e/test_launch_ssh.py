@@ -137,13 +137,14 @@ def test_two_node_deepspeed_launch_over_pdsh(sshd, tmp_path):
 
 
 def test_deepspeed_env_and_ssh_options_are_quoted():
-    from meshwright.launcher.remote.argv import deepspeed_env_file_text, dry_run_lines, pdsh_ssh_args
+    from meshwright.launcher.remote.argv import dry_run_lines, env_script_text, pdsh_ssh_args
 
     words = shlex.split(pdsh_ssh_args("/keys/my key'$(id)", "-o UserKnownHostsFile=/dev/null"))
     assert words[:2] == ["-o", "UserKnownHostsFile=/dev/null"] and words[-2:] == ["-i", "/keys/my key'$(id)"]
     spec = LaunchSpec(hosts=[Host("n0", 2), Host("n1", 2)], train_args=["train", "default"], env={"B": "2", "A": "x y"})
-    assert deepspeed_env_file_text(spec) == "A=x y\nB=2\n"
+    assert env_script_text(spec) == "export A='x y'\nexport B=2\n"  # sourced from a 0600 file, values quoted
     lines = dry_run_lines(spec, "deepspeed", "/etc/hostfile")
-    assert lines[0] == "# DS_ENV_FILE exports on every host: 'A=x y' B=2" and lines[1].startswith("deepspeed --hostfile=")
+    assert lines[0] == "# every host sources these from a file only you can read (--venv_script): 'A=x y' B=2"
+    assert lines[1].startswith("deepspeed --hostfile=")
     with pytest.raises(ConfigError, match="env="):
         LaunchSpec(hosts=[Host("n0", 1)], train_args=["train", "x"], env={"A": "1\nB=2"}).validate()

@@ -42,6 +42,7 @@ from meshwright.train.checkpoint_io import (
     MANIFEST, CheckpointCorrupt, SafeFileSystemReader, SafeLoadPlanner, read_metadata_file, verify_manifest,
     write_manifest,
 )
+from meshwright.train.faults import fault_point
 from meshwright.train.runtime import Runtime
 
 STEP_RE = re.compile(r"^step_(\d{6,})$")
@@ -97,12 +98,14 @@ def _atomic_dir(path: Path, runtime: Runtime) -> Iterator[Path]:
         runtime.barrier()
         yield tmp
         runtime.barrier()
+        fault_point("ckpt_write")
         if runtime.is_main:
             write_manifest(tmp)  # after every rank's files exist; a directory without it is incomplete
-    except (OSError, CheckpointException) as exc:
+    except (OSError, RuntimeError, CheckpointException) as exc:
+        full = _disk_full(tmp.parent)  # before the partial files are removed and free space returns
         if runtime.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise _save_error(path, exc) from None
+        raise _save_error(path, exc, full) from None
     if runtime.is_main:
         old = path.with_name(path.name + ".old")
         if old.exists():
@@ -114,9 +117,18 @@ def _atomic_dir(path: Path, runtime: Runtime) -> Iterator[Path]:
     runtime.barrier()
 
 
-def _save_error(path: Path, exc: BaseException) -> ConfigError:
+def _disk_full(directory: Path, margin: int = 1 << 20) -> bool:
+    """Less than ``margin`` bytes free where the checkpoint is written (torch.save reports a full disk as
+    "unexpected pos", not ENOSPC)."""
+    try:
+        return shutil.disk_usage(directory).free < margin
+    except OSError:
+        return False
+
+
+def _save_error(path: Path, exc: BaseException, full: bool = False) -> ConfigError:
     """One line for a failed checkpoint write; the partial ``.tmp`` is already gone."""
-    nospace = getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc)
+    nospace = full or getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc)
     if nospace:
         return ConfigError(f"checkpoint {path}: no space left on device (the partial {path.name}.tmp was removed); "
                            f"valid: free space on that disk, a smaller keep_checkpoints, or another out_dir")
@@ -234,10 +246,16 @@ def save_checkpoint(root: str | Path, step: int, runtime: Runtime, optimizer: to
         except OSError as exc:
             pointer.unlink(missing_ok=True)
             raise _save_error(root / LATEST, exc) from None
+        fault_point("ckpt_pointer")
         if keep > 0:
             older = [p for p in list_checkpoints(root) if _step_of(p) < step]
             for old in older[:max(len(older) - (keep - 1), 0)]:
-                shutil.rmtree(old, ignore_errors=True)
+                trash = old.with_name(old.name + ".old")  # out of the listing at once, then deleted
+                os.replace(old, trash)
+                fault_point("prune")
+                shutil.rmtree(trash, ignore_errors=True)
+            for leftover in root.glob("step_*.old"):  # a kill mid-prune
+                shutil.rmtree(leftover, ignore_errors=True)
     runtime.barrier()
     return final
 

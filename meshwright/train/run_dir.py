@@ -20,6 +20,7 @@ from meshwright.config import TrainConfig
 from meshwright.config.io import to_dict
 from meshwright.errors import ConfigError, invalid
 from meshwright.train.checkpoint import LATEST, STATE_FILE, STEP_RE, latest_checkpoint, list_checkpoints
+from meshwright.train.faults import fault_point
 
 LOCK_FILE = ".meshwright.lock"
 # what meshwright writes into out_dir: the only names --overwrite removes
@@ -164,6 +165,7 @@ def reopen_log(path: Path, max_step: int | None) -> tuple[TextIO, list[dict[str,
         fh.writelines(line + "\n" for line in kept)
         fh.flush()
         os.fsync(fh.fileno())
+    fault_point("log_rewrite")
     os.replace(tmp, path)
     return path.open("a"), [json.loads(line) for line in kept]
 

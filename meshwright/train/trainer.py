@@ -33,6 +33,7 @@ from meshwright.tools.energy import EnergyAccountant, EnergyTotals
 from meshwright.tools.flops import hardware_flops_per_token, model_flops_per_token
 from meshwright.tools.mfu import mfu as compute_mfu
 from meshwright.train.checkpoint import load_latest, load_runtime, save_checkpoint
+from meshwright.train.faults import fault_point
 from meshwright.train.run_dir import reopen_log
 from meshwright.train.runtime import Runtime
 
@@ -281,6 +282,7 @@ class Trainer:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
             run.interval_s, run.interval_tokens = 0.0, 0
+        fault_point("step")
         if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
             self.save()
 

@@ -196,3 +196,19 @@ def test_token_ids_outside_the_vocabulary_are_one_line(tmp_path, inputs):
     with pytest.raises(ConfigError) as err:
         TokenDataset(out)
     assert one_line(err) and "60000" in str(err.value)
+
+
+def test_report_reader_tolerates_a_torn_last_line_and_refuses_binary(tmp_path):
+    from meshwright.tools.report import read_run
+
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    assert [r["step"] for r in read_run(tmp_path)["rows"]] == [1]
+    (tmp_path / "log.jsonl").write_bytes(b"\x00\x01binary")
+    with pytest.raises(ConfigError) as err:
+        read_run(tmp_path)
+    assert one_line(err) and "binary" in str(err.value)
+    (tmp_path / "log.jsonl").write_text('{"step": 1}\n')
+    (tmp_path / "summary.json").write_text("{torn")
+    with pytest.raises(ConfigError) as err:
+        read_run(tmp_path)
+    assert one_line(err) and "summary.json" in str(err.value)

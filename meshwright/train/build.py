@@ -100,14 +100,16 @@ def device_memory_bytes() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def check_memory(model_cfg: ModelConfig, world_size: int, available: int | None = None) -> None:
+def check_memory(model_cfg: ModelConfig, world_size: int, available: int | None = None, frozen_base: bool = False) -> None:
     """Up-front sanity check, before any allocation: refuse (one line) a model whose weights, gradients and AdamW
-    state could not fit even spread evenly over every device (a vocab of 10^12 used to crash the allocator)."""
-    need = model_cfg.num_params() * TRAIN_BYTES_PER_PARAM / max(world_size, 1)
+    state (weights alone for a frozen base, as MEFT trains) could not fit even spread evenly over every device
+    (a vocab of 10^12 used to crash the allocator)."""
+    per_param = 4 if frozen_base else TRAIN_BYTES_PER_PARAM
+    need = model_cfg.num_params() * per_param / max(world_size, 1)
     have = available if available is not None else device_memory_bytes()
     if need > have:
         raise invalid("model", model_cfg.name, f"a model that fits: {model_cfg.num_params():,} params need about "
-                      f"{need / 2**30:,.1f} GiB per device for weights, gradients and AdamW state over {world_size} "
+                      f"{need / 2**30:,.1f} GiB per device ({per_param} bytes per parameter for training) over {world_size} "
                       f"device(s); one device here has {have / 2**30:,.1f} GiB")
 
 
@@ -116,7 +118,7 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
     The Plan is validated once: here for one process, by the distributed runtime otherwise."""
     job = train_cfg if isinstance(train_cfg, TrainingJob) else TrainingJob.resolve(train_cfg, plan_ref)
     cfg, model_cfg = job.cfg, job.model
-    check_memory(model_cfg, job.world_size)
+    check_memory(model_cfg, job.world_size, frozen_base=cfg.meft is not None)
     if job.distributed:
         if cfg.meft is not None:
             raise invalid("meft", "set", "null under the distributed runtime (MEFT runs in one process; DDP is tested "

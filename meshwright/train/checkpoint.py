@@ -168,7 +168,7 @@ def load_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Opti
         warnings.warn(f"checkpoint {path} has no {MANIFEST} (written before checksums); loading it unverified", stacklevel=2)
     meta = _read_json(state_file)
     state = runtime.checkpoint_state(optimizer)
-    check_fits(read_metadata_file(path / ".metadata"), state, path)
+    check_fits(read_metadata_file(path / ".metadata"), state, path, whole_model=runtime.world_size == 1)
     try:
         with _quiet_dcp():
             dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner())
@@ -207,14 +207,17 @@ def _first_failure(exc: CheckpointException) -> str:
     return "unknown DCP failure"
 
 
-def check_fits(metadata: Metadata, state: dict[str, Any], path: Path) -> None:
+def check_fits(metadata: Metadata, state: dict[str, Any], path: Path, whole_model: bool = True) -> None:
     """Name, in one line, the first tensor this run needs that the checkpoint lacks or holds in another shape,
-    and model tensors the checkpoint has that this model lacks (a different model or optimizer)."""
+    and (when this rank holds the whole model: one process) model tensors the checkpoint has that this model
+    lacks: a different model or optimizer. Framework extras (``_extra_state``) are left to DCP."""
     flat, _ = flatten_state_dict(state)
     saved = metadata.state_dict_metadata
     part = {"model": "model parameter", "optim": "optimizer state"}
     for key, value in flat.items():
         kind = part.get(key.split(".", 1)[0], "state")
+        if key.endswith("._extra_state"):
+            continue
         if key not in saved:
             raise ConfigError(f"resume={str(path)!r} does not fit this run: {kind} {key.split('.', 1)[-1]!r} is not "
                               f"in the checkpoint (different model or optimizer?); valid: a checkpoint of the same "
@@ -224,7 +227,9 @@ def check_fits(metadata: Metadata, state: dict[str, Any], path: Path) -> None:
                 raise ConfigError(f"resume={str(path)!r} does not fit this run: {kind} {key.split('.', 1)[-1]!r} has "
                                   f"shape {tuple(saved[key].size)} in the checkpoint, {tuple(value.shape)} here; "
                                   f"valid: a checkpoint of the same model")
-    extra = sorted(k for k in saved if k.startswith("model.") and k not in flat)
+    if not whole_model:  # a pipeline stage holds only its layers
+        return
+    extra = sorted(k for k in saved if k.startswith("model.") and k not in flat and not k.endswith("._extra_state"))
     if extra:
         raise ConfigError(f"resume={str(path)!r} does not fit this run: the checkpoint has {len(extra)} model "
                           f"tensor(s) this model lacks, e.g. {extra[0].split('.', 1)[1]!r}; valid: a checkpoint of "

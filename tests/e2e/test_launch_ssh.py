@@ -148,3 +148,25 @@ def test_deepspeed_env_and_ssh_options_are_quoted():
     assert lines[1].startswith("deepspeed --hostfile=")
     with pytest.raises(ConfigError, match="env="):
         LaunchSpec(hosts=[Host("n0", 1)], train_args=["train", "x"], env={"A": "1\nB=2"}).validate()
+
+
+def test_torchrun_env_values_travel_in_a_private_file_not_the_command_line(sshd, tmp_path):
+    """--env values reach every host intact through a 0600 file (sourced, then removed), never a command line,
+    and nothing hidden in them runs."""
+    from meshwright.launcher.remote.argv import remote_env_file, remote_shell_command, torchrun_argv
+
+    marker = tmp_path / "pwned"
+    value = f"x $(touch {marker}) `touch {marker}` 'q' \"d\""
+    script = tmp_path / "printenv-python"
+    script.write_text("#!/bin/sh\nprintf 'A=%s|\\n' \"$A\"\nls -A .meshwright\n")
+    script.chmod(0o755)
+    spec = LaunchSpec(hosts=[Host("127.0.0.1", 1), Host("127.0.0.2", 1)], train_args=["train", "default"],
+                      python=str(script), workdir=str(tmp_path), env={"A": value})
+    assert value not in remote_shell_command(spec, torchrun_argv(spec, 0), remote_env_file(spec, 0))
+    out = io.StringIO()
+    results = run_over_ssh(spec, ssh_port=sshd.port, ssh_key=str(sshd.key), connect_timeout=10, sink=out)
+    assert [r.exit_code for r in results] == [0, 0], out.getvalue()
+    text = out.getvalue()
+    assert f"[127.0.0.1] A={value}|" in text and f"[127.0.0.2] A={value}|" in text
+    assert not marker.exists()
+    assert not list((tmp_path / ".meshwright").iterdir())  # each host removed its file after sourcing it

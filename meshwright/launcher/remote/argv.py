@@ -56,11 +56,27 @@ def torchrun_argv(spec: LaunchSpec, node_rank: int) -> list[str]:
     ]
 
 
-def remote_shell_command(spec: LaunchSpec, argv: list[str]) -> str:
-    """``cd WORKDIR && env K=V ... ARGV`` with every piece quoted: the only string sent over SSH."""
+def remote_shell_command(spec: LaunchSpec, argv: list[str], env_file: str | None = None) -> str:
+    """``cd WORKDIR && env K=V ... ARGV`` with every piece quoted: the only string sent over SSH. With
+    ``env_file`` (a 0600 file of ``export K='V'`` lines already on the host) the values stay off the command
+    line: ``cd WORKDIR && . FILE && rm -f FILE && exec ARGV``."""
+    if env_file is not None:
+        f = shlex.quote(env_file)
+        return f"cd {shlex.quote(spec.workdir)} && . {f} && rm -f {f} && exec {shlex.join(argv)}"
     env = [f"{k}={v}" for k, v in sorted(spec.env.items())]
     prefix = ["env", *env] if env else []
     return f"cd {shlex.quote(spec.workdir)} && exec {shlex.join(prefix + argv)}"
+
+
+def remote_env_file(spec: LaunchSpec, node_rank: int) -> str:
+    """Where a host's env file goes: under its work directory, one per host (a shared directory is safe)."""
+    return f"{spec.workdir.rstrip('/')}/.meshwright/launch-env-{spec.run_id}-{node_rank}.sh"
+
+
+def upload_env_command(path: str) -> str:
+    """The remote command that stores stdin as a file only the user can read."""
+    parent = path.rsplit("/", 1)[0]
+    return f"umask 077 && mkdir -p {shlex.quote(parent)} && cat > {shlex.quote(path)}"
 
 
 def deepspeed_user_args(spec: LaunchSpec) -> list[str]:
@@ -128,7 +144,7 @@ def dry_run_lines(spec: LaunchSpec, launcher: str, hostfile: str | Path, ssh_por
         pairs = shlex.join(f"{k}={v}" for k, v in sorted(spec.env.items()))
         env = [f"# every host sources these from a file only you can read (--venv_script): {pairs}"] if spec.env else []
         return env + [shlex.join(deepspeed_argv(spec, hostfile, deepspeed_ssh_port(spec.hosts, ssh_port)))]
-    lines = []
+    lines = ["# --env values go to a 0600 file on each host, sourced then removed; shown inline here"] if spec.env else []
     for i, host in enumerate(spec.hosts):
         ssh = ["ssh", "-o", "BatchMode=yes"]
         if ssh_port or host.port:

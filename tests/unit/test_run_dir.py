@@ -109,3 +109,20 @@ def test_out_dir_that_is_a_file_or_unwritable_is_one_line(data, tmp_path):
     with pytest.raises(ConfigError) as err:
         run_training(cfg(data, f / "sub"))
     assert str(err.value).startswith("out_dir=") and "\n" not in str(err.value)
+
+
+def test_cli_flags_overwrite_and_allow_config_change(data, tmp_path, capsys):
+    from meshwright.cli import main
+
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"model": MICRO, "data": {"path": str(data)}, "seq_len": 32, "global_batch": 8,
+                                    "micro_batch": 4, "steps": 2, "warmup_steps": 1, "eval_every": 0, "log_every": 1,
+                                    "out_dir": str(tmp_path / "out"), "progress": False, "energy": False}))
+    assert main(["train", str(cfg_file)]) == 0
+    assert main(["train", str(cfg_file)]) == 2  # another run's checkpoints: refused
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--overwrite" in err[0]
+    assert main(["train", str(cfg_file), "steps=3", "--overwrite"]) == 0  # flags after the overrides work too
+    assert main(["train", str(cfg_file), "steps=4", "lr=0.01", "--resume"]) == 2
+    assert "--allow-config-change" in capsys.readouterr().err
+    assert main(["train", str(cfg_file), "steps=4", "lr=0.01", "--resume", "--allow-config-change"]) == 0

@@ -24,7 +24,8 @@ from meshwright.train.faults import fault_point
 
 LOCK_FILE = ".meshwright.lock"
 # what meshwright writes into out_dir: the only names --overwrite removes
-OUTPUTS = ("log.jsonl", "log.jsonl.tmp", "summary.json", "config.yaml", "plan.yaml")
+OUTPUTS = ("log.jsonl", "log.jsonl.tmp", "summary.json", "summary.json.tmp", "config.yaml", "config.yaml.tmp",
+           "plan.yaml", "plan.yaml.tmp")
 # fields that change the trajectory: a resume with other values is refused unless told (steps may grow; the
 # layout may change, as checkpoints reshard)
 RESUME_FIELDS = ("model", "data", "seq_len", "global_batch", "seed", "optimizer", "lr", "min_lr", "warmup_steps",

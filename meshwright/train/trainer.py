@@ -326,7 +326,9 @@ class Trainer:
         summary.update(self._energy_summary(run))
         # a run killed after its final checkpoint gets its summary when resumed
         if rt.is_main and (summary["steps_this_run"] > 0 or (resumed and not (self.out_dir / "summary.json").is_file())):
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+            tmp = self.out_dir / "summary.json.tmp"  # atomic: a kill never leaves half a summary
+            tmp.write_text(json.dumps(summary, indent=1) + "\n")
+            os.replace(tmp, self.out_dir / "summary.json")
             self.print(format_summary(summary))
         return summary
 

@@ -163,7 +163,9 @@ def load_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Opti
         raise invalid("resume", str(path), f"a complete checkpoint directory (with .metadata and {STATE_FILE})")
     if (path / MANIFEST).is_file():
         if verify:  # load_latest has just verified it
-            verify_manifest(path)
+            error = _verify(path, runtime)
+            if _agreed_bad(error, runtime):
+                raise error or CheckpointCorrupt(f"checkpoint {path} is damaged (found by another rank)")
     else:
         warnings.warn(f"checkpoint {path} has no {MANIFEST} (written before checksums); loading it unverified", stacklevel=2)
     meta = _read_json(state_file)
@@ -317,9 +319,8 @@ def load_latest(root: str | Path, runtime: Runtime, optimizer: torch.optim.Optim
     candidates = resume_candidates(root)
     first_error: CheckpointCorrupt | None = None
     for path in candidates:
-        error = _verify(path)
-        ok = runtime.all_reduce_mean(0.0 if error else 1.0) == 1.0  # every rank takes the same one
-        if not ok:
+        error = _verify(path, runtime)
+        if _agreed_bad(error, runtime):  # every rank takes the same one
             error = error or CheckpointCorrupt(f"checkpoint {path} is damaged on another rank")
             first_error = first_error or error
             if warn is not None and runtime.is_main:
@@ -331,11 +332,17 @@ def load_latest(root: str | Path, runtime: Runtime, optimizer: torch.optim.Optim
     return None
 
 
-def _verify(path: Path) -> CheckpointCorrupt | None:
-    """Checksums, trainer state and metadata of ``path``: the error, or None when they are intact."""
+def _agreed_bad(error: CheckpointCorrupt | None, runtime: Runtime) -> bool:
+    """Collective: True on every rank when any rank found damage."""
+    return runtime.all_reduce_mean(0.0 if error else 1.0) != 1.0
+
+
+def _verify(path: Path, runtime: Runtime) -> CheckpointCorrupt | None:
+    """Checksums (this rank's share of the files: the ranks split the hashing), trainer state and metadata of
+    ``path``: the error, or None when they are intact."""
     try:
         if (path / MANIFEST).is_file():
-            verify_manifest(path)
+            verify_manifest(path, part=(runtime.rank, runtime.world_size))
         _read_json(path / STATE_FILE)
         read_metadata_file(path / ".metadata")
     except CheckpointCorrupt as exc:

@@ -162,10 +162,14 @@ def reopen_log(path: Path, max_step: int | None) -> tuple[TextIO, list[dict[str,
     the new log, never an empty one. Returns the handle (positioned for appending) and the kept records."""
     kept = read_log(path, max_step) if max_step is not None else []
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as fh:
-        fh.writelines(line + "\n" for line in kept)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with tmp.open("w") as fh:
+            fh.writelines(line + "\n" for line in kept)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError:
+        tmp.unlink(missing_ok=True)  # e.g. a full disk: the old log stays as it was
+        raise
     fault_point("log_rewrite")
     os.replace(tmp, path)
     return path.open("a"), [json.loads(line) for line in kept]

@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 run: setup  ## train the default model on the embedded corpus with a plan chosen for this machine
-	$(VENV)/bin/meshwright train default
+	$(VENV)/bin/meshwright train default --overwrite
 
 test: setup  ## the whole suite (unit, distributed under torchrun/gloo, end-to-end CLI)
 	$(PY) -m pytest -q tests

@@ -21,6 +21,8 @@ from meshwright.errors import ConfigError, invalid
 PLAN_VERSION = 1
 RECOMPUTE_MODES = ("none", "selective", "full")
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+MAX_DEGREE = 2**20  # devices in one parallel dimension
+MAX_REPEAT = 10_000  # layers of one strategy (ModelConfig allows at most 10,000 layers)
 
 
 @dataclass
@@ -64,6 +66,9 @@ class LayerStrategy:
         for name in ("tp", "dp", "ep", "cp", "repeat"):
             if getattr(self, name) < 1:
                 raise invalid(f"{p}{name}", getattr(self, name), "a positive integer")
+            bound = MAX_REPEAT if name == "repeat" else MAX_DEGREE
+            if getattr(self, name) > bound:  # a repeat of 10^9 hung expanding the layers
+                raise invalid(f"{p}{name}", getattr(self, name), f"at most {bound:,}")
         if self.zero not in (0, 1, 2, 3):
             raise invalid(f"{p}zero", self.zero, "0, 1, 2 or 3")
         if self.sp and self.tp == 1:

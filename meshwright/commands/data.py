@@ -32,6 +32,8 @@ def _prepare(args: argparse.Namespace) -> int:
     from meshwright.data.prepare import prepare, prepare_default_corpus
     from meshwright.errors import ConfigError, invalid
 
+    if args.max_files is not None and args.max_files <= 0:
+        raise invalid("--max-files", args.max_files, "a positive integer")
     if args.default:
         if args.inputs or args.out:
             raise ConfigError("--default takes no INPUTS or --out; valid: `meshwright data prepare --default` or `... INPUTS --out DIR`")

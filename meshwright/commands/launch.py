@@ -34,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from meshwright.launcher.remote.hostfile import load_hosts
     from meshwright.launcher.remote.ssh import run_over_ssh, summarize_failure
 
+    if args.ssh_port is not None and not 0 < args.ssh_port < 65536:
+        raise invalid("--ssh-port", args.ssh_port, "an integer in 1..65535")
     command = args.train_command[1:] if args.train_command[:1] == ["--"] else args.train_command
     env = {}
     for item in args.env:
@@ -61,8 +63,12 @@ def run(args: argparse.Namespace) -> int:
 def run_deepspeed(spec, args: argparse.Namespace) -> int:
     """Run DeepSpeed's own multi-node runner (pdsh over ssh) locally; it reaches every host itself.
 
-    The user's ``--env`` travels in a ``DS_ENV_FILE`` (the runner exports it on every host), and the SSH
-    key goes to pdsh's ssh through ``PDSH_SSH_ARGS_APPEND`` (DeepSpeed appends ``-p PORT`` to it).
+    Hardened against its shell: the hostfile is rewritten in DeepSpeed's format from the parsed hosts (a YAML
+    hostfile is not passed verbatim), train arguments are single-quoted for the remote shell line
+    (``argv.deepspeed_user_args``), and ``--env`` values go into a 0600 script in the work directory that every
+    host sources (``--venv_script``), never onto the remote command line. DeepSpeed's runner ``cd``s to the same
+    work directory on every host, so that directory (and the script) must be shared, as the data already is.
+    The SSH key goes to pdsh's ssh through ``PDSH_SSH_ARGS_APPEND`` (DeepSpeed appends ``-p PORT`` to it).
     """
     import shlex
     import shutil
@@ -70,9 +76,11 @@ def run_deepspeed(spec, args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from meshwright.errors import invalid
-    from meshwright.launcher.remote.argv import deepspeed_argv, deepspeed_env_file_text, pdsh_ssh_args
+    from meshwright.launcher.remote.argv import (
+        deepspeed_argv, deepspeed_hostfile_text, deepspeed_ssh_port, env_script_text, pdsh_ssh_args,
+    )
 
-    argv = deepspeed_argv(spec, Path(args.hosts).resolve(), args.ssh_port)
+    ssh_port = deepspeed_ssh_port(spec.hosts, args.ssh_port)
     beside = Path(args.python).parent / "deepspeed"
     exe = str(beside) if beside.is_file() else shutil.which("deepspeed")
     if exe is None:
@@ -82,9 +90,13 @@ def run_deepspeed(spec, args: argparse.Namespace) -> int:
     real_ssh = shutil.which("ssh")
     if real_ssh is None:
         raise invalid("launcher", "deepspeed", "torchrun, or install an ssh client (openssh-client)")
-    argv[0] = exe
-    run_env = {**os.environ, "PDSH_RCMD_TYPE": "ssh"}
+    # the user's --env wins over the same names in this environment (which DeepSpeed would export unquoted)
+    run_env = {k: v for k, v in os.environ.items() if k not in spec.env}
+    run_env["PDSH_RCMD_TYPE"] = "ssh"
+    env_script: Path | None = None
     with tempfile.TemporaryDirectory(prefix="meshwright-ds-") as tmp:
+        hostfile = Path(tmp) / "hostfile"
+        hostfile.write_text(deepspeed_hostfile_text(spec.hosts))
         # DeepSpeed's reachability probe runs a bare `ssh HOST hostname` and pdsh execs `ssh` from PATH:
         # a wrapper first on PATH gives both the key and the user's PDSH_SSH_ARGS_APPEND options.
         opts = pdsh_ssh_args(args.ssh_key, os.environ.get("PDSH_SSH_ARGS_APPEND", ""))
@@ -92,8 +104,27 @@ def run_deepspeed(spec, args: argparse.Namespace) -> int:
         wrapper.write_text(f"#!/bin/sh\nexec {shlex.quote(real_ssh)} {opts} \"$@\"\n")
         wrapper.chmod(0o700)
         run_env["PATH"] = f"{tmp}{os.pathsep}{os.environ.get('PATH', '')}"
-        if spec.env:
-            env_file = Path(tmp) / "deepspeed_env"
-            env_file.write_text(deepspeed_env_file_text(spec))
-            run_env["DS_ENV_FILE"] = str(env_file)
-        return subprocess.call(argv, cwd=spec.workdir, env=run_env)
+        if spec.env and len(spec.hosts) == 1:
+            run_env.update(spec.env)  # one host: DeepSpeed runs it locally, with this environment
+        elif spec.env:
+            env_script = _private_file(Path(spec.workdir) / ".meshwright", env_script_text(spec))
+        try:
+            argv = deepspeed_argv(spec, hostfile, ssh_port, env_script=env_script.resolve() if env_script else None)
+            argv[0] = exe
+            return subprocess.call(argv, cwd=spec.workdir, env=run_env)
+        finally:
+            if env_script is not None:
+                env_script.unlink(missing_ok=True)
+
+
+def _private_file(directory, text: str):
+    """Write ``text`` to a new file only this user can read (created 0600, never world-readable in between)."""
+    import secrets
+    from pathlib import Path
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    path = Path(directory) / f"launch-env-{os.getpid()}-{secrets.token_hex(4)}.sh"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    return path

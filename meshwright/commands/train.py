@@ -31,6 +31,10 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
                    help="Plan YAML/JSON path, or 'auto' to let the planner choose (default: config's plan, else one process / pure DP)")
     p.add_argument("--resume", action="store_true", help="resume from OUT_DIR/ckpt/latest if it exists")
     p.add_argument("--resume-from", default=None, metavar="CKPT", help="resume from this checkpoint directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start fresh in an OUT_DIR that holds another run (removes only meshwright's own files there)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume although model/data/optimiser fields differ from the checkpoint's saved config")
 
 
 def _split_overrides(args: argparse.Namespace) -> None:
@@ -40,11 +44,14 @@ def _split_overrides(args: argparse.Namespace) -> None:
     tail.add_argument("overrides", nargs="*")
     ns, unknown = tail.parse_known_intermixed_args(args.overrides)
     if unknown:
-        raise ConfigError(f"option={unknown[0]!r} is invalid; valid: --plan, --resume, --resume-from or KEY=VALUE")
+        raise ConfigError(f"option={unknown[0]!r} is invalid; valid: --plan, --resume, --resume-from, --overwrite, "
+                          f"--allow-config-change or KEY=VALUE")
     args.overrides = ns.overrides
     args.plan = ns.plan if ns.plan is not None else args.plan
     args.resume = args.resume or ns.resume
     args.resume_from = ns.resume_from if ns.resume_from is not None else args.resume_from
+    args.overwrite = args.overwrite or ns.overwrite
+    args.allow_config_change = args.allow_config_change or ns.allow_config_change
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -54,7 +61,8 @@ def _run(args: argparse.Namespace) -> int:
     resume: bool | str = args.resume_from if args.resume_from else args.resume
     if not resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
         resume = True  # an elastic restart (torchrun --max-restarts) continues from the latest complete checkpoint
-    summary = run_training(cfg, args.plan, resume)
+    summary = run_training(cfg, args.plan, resume, overwrite=args.overwrite,
+                           allow_config_change=args.allow_config_change)
     if summary["steps_this_run"] == 0:
         return 0
     return 0 if summary.get("final_loss") is not None else 1  # every step was skipped as NaN

@@ -25,6 +25,10 @@ def model_config_from_hf(data: dict[str, Any], name: str = "hf") -> ModelConfig:
     model_type = data.get("model_type", "")
     if model_type not in ("llama", "mistral", "mixtral", "gpt2"):
         raise invalid("config.json model_type", model_type, "llama, mistral, mixtral or gpt2")
+    shape_keys = ("hidden_size", "n_embd", "num_hidden_layers", "n_layer")
+    if not any(k in data for k in shape_keys):
+        raise invalid("config.json", f"model_type={model_type!r} only", f"a config.json with the model's shape "
+                      f"({', '.join(shape_keys[:3])}, ...); defaults are not guessed")
     out: dict[str, Any] = {"name": data.get("_name_or_path") or name, "arch": "gpt2" if model_type == "gpt2" else "llama"}
     for hf_key, ours in HF_KEYS.items():
         if hf_key in data and data[hf_key] is not None:

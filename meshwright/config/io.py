@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -17,6 +18,53 @@ import yaml
 from meshwright.errors import ConfigError
 
 T = TypeVar("T")
+MAX_INT = 2**53  # no size, count or seed in meshwright is larger; beyond it a value is a typo or an attack
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with the same key twice (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"key {key!r} appears twice (line {key_node.start_mark.line + 1}); valid: each key once")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with duplicate keys refused (one-line ConfigError)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _no_duplicate_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ConfigError(f"key {k!r} appears twice; valid: each key once")
+        out[k] = v
+    return out
+
+
+def load_json(text: str) -> Any:
+    """``json.loads`` with duplicate keys refused (one-line ConfigError)."""
+    return json.loads(text, object_pairs_hook=_no_duplicate_pairs)
+
+
+def read_text(path: Path, label: str) -> str:
+    """A text file's contents; binary or non-UTF-8 content is one line naming ``label`` and the path."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{label}={str(path)!r} is unreadable ({exc.strerror or exc})") from None
+    if b"\x00" in raw:
+        raise ConfigError(f"{label}={str(path)!r} is a binary file; valid: a UTF-8 text file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{label}={str(path)!r} is not UTF-8 text (byte {exc.start}); valid: a UTF-8 text file") from None
 
 
 def _type_name(tp: Any) -> str:
@@ -84,20 +132,30 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
             return value
         raise ConfigError(f"{field}={value!r} is invalid; valid: true or false")
     if tp is int:
+        out = None
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{field}={value!r} is invalid; valid: an integer")
+            out = value
+        elif isinstance(value, float) and value.is_integer():
+            out = int(value)
+        if out is None:
+            raise ConfigError(f"{field}={value!r} is invalid; valid: an integer")
+        if abs(out) > MAX_INT:
+            raise ConfigError(f"{field}={value!r} is invalid; valid: an integer of magnitude at most 2**53")
+        return out
     if tp is float:
+        out_f = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            out_f = float(value) if abs(value) < 1e308 or isinstance(value, float) else math.inf
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
             try:
-                return float(value)
+                out_f = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{field}={value!r} is invalid; valid: a number")
+        if out_f is None:
+            raise ConfigError(f"{field}={value!r} is invalid; valid: a number")
+        if not math.isfinite(out_f):  # NaN/inf in lr, eps, betas, peaks, ... poison a run silently
+            raise ConfigError(f"{field}={value!r} is invalid; valid: a finite number (not NaN or infinity)")
+        return out_f
     if tp is str:
         if isinstance(value, str):
             return value
@@ -143,18 +201,22 @@ def to_dict(obj: Any) -> Any:
 
 
 def read_mapping(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON file into a mapping, with a one-line error for missing or malformed files."""
+    """Read a YAML or JSON file into a mapping, with a one-line error for missing, binary, empty, duplicated-key
+    or malformed files."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config path={str(p)!r} does not exist; valid: an existing YAML or JSON file")
+    text = read_text(p, "config path")
     try:
-        text = p.read_text()
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        data = load_json(text) if p.suffix == ".json" else load_yaml(text)
+    except ConfigError as exc:
+        raise ConfigError(f"config path={str(p)!r}: {exc}") from None
+    except (yaml.YAMLError, json.JSONDecodeError, RecursionError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"config path={str(p)!r} is not valid YAML/JSON ({first})") from None
-    if data is None:
-        data = {}
+    if data is None or data == {}:
+        raise ConfigError(f"config path={str(p)!r} is empty; valid: a mapping of fields (an empty file is a mistake, "
+                          f"not a request for defaults)")
     if not isinstance(data, dict):
         raise ConfigError(f"config path={str(p)!r} holds {type(data).__name__}; valid: a mapping at the top level")
     return data
@@ -179,7 +241,7 @@ def read_versioned_json(path: str | Path, label: str, kind: str, version: int, c
     if not p.is_file():
         raise ConfigError(f"{label}={str(p)!r} does not exist; valid: a JSON file from `{command}`")
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(read_text(p, label))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{label}={str(p)!r} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(data, dict) or data.get("kind") != kind:
@@ -199,4 +261,4 @@ def write_yaml(obj: Any, path: str | Path) -> None:
     tmp.replace(p)
 
 
-__all__ = ["dump_yaml", "from_dict", "read_mapping", "read_versioned_json", "to_dict", "write_json_atomic", "write_yaml"]
+__all__ = ["dump_yaml", "from_dict", "load_json", "load_yaml", "read_mapping", "read_text", "read_versioned_json", "to_dict", "write_json_atomic", "write_yaml"]

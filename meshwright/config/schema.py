@@ -21,6 +21,22 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+# Upper bounds on sizes, far above any real model (Llama-3 405B: 126 layers, d_model 16384, vocab 128k) and far
+# below what hangs or crashes the allocator (10^8 layers hung model construction; vocab 10^12 crashed it).
+MAX_SIZES = {"vocab_size": 2**24, "d_model": 2**17, "n_layers": 10_000, "n_heads": 2**12, "n_kv_heads": 2**12,
+             "ffn_hidden": 2**20, "moe_ffn_hidden": 2**20, "max_seq_len": 2**22, "n_experts": 4096, "multiple_of": 2**16}
+MAX_STEPS = 10**9
+MAX_TOKENS_PER_STEP = 2**34
+MAX_SEED = 2**32 - 1
+
+
+def _at_most(prefix: str, obj: Any, bounds: dict[str, int]) -> None:
+    for name, bound in bounds.items():
+        value = getattr(obj, name)
+        if value is not None and value > bound:
+            raise invalid(f"{prefix}{name}", value, f"at most {bound:,}")
+
+
 def _positive(prefix: str, obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
@@ -60,6 +76,7 @@ class ModelConfig:
         p = f"{prefix}." if prefix else ""
         _positive(p, self, "vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "multiple_of", "moe_every")
         _positive(p, self, "norm_eps", "rope_theta", "init_std")
+        _at_most(p, self, MAX_SIZES)
         if self.d_model % self.n_heads:
             raise invalid(f"{p}n_heads", self.n_heads, f"a divisor of d_model={self.d_model}: {divisors(self.d_model)}")
         if self.arch == "llama" and self.head_dim % 2:
@@ -264,6 +281,7 @@ class TrainConfig:
     tp_backend: Literal["dtensor", "megatron"] = "dtensor"
     dp_backend: Literal["torch", "deepspeed"] = "torch"
     nan_policy: Literal["stop", "skip"] = "stop"
+    max_skipped: int = 10  # nan_policy=skip: stop (non-zero exit) once more steps than this were skipped
     progress: bool = True
     keep_checkpoints: int = 3
     # accounting: FLOPs convention for MFU/HFU, energy metering (NVML + offline codecarbon), CO2
@@ -285,6 +303,14 @@ class TrainConfig:
         _positive(p, self, "seq_len", "global_batch", "micro_batch", "steps", "lr", "log_every", "eval_batches")
         if self.global_batch % self.micro_batch:
             raise invalid(f"{p}global_batch", self.global_batch, f"a multiple of micro_batch={self.micro_batch}")
+        _at_most(p, self, {"steps": MAX_STEPS, "seq_len": MAX_SIZES["max_seq_len"], "global_batch": 2**24})
+        if self.global_batch * self.seq_len > MAX_TOKENS_PER_STEP:
+            raise invalid(f"{p}global_batch", self.global_batch, f"at most {MAX_TOKENS_PER_STEP:,} tokens per step "
+                          f"(global_batch*seq_len) with seq_len={self.seq_len}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise invalid(f"{p}seed", self.seed, f"an integer in [0, {MAX_SEED}]")
+        if self.max_skipped < 0:
+            raise invalid(f"{p}max_skipped", self.max_skipped, "a non-negative integer (skipped NaN steps tolerated)")
         if self.min_lr < 0 or self.min_lr > self.lr:
             raise invalid(f"{p}min_lr", self.min_lr, f"a number in [0, lr={self.lr}]")
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:
@@ -297,8 +323,9 @@ class TrainConfig:
             raise invalid(f"{p}weight_decay", self.weight_decay, "a non-negative number")
         if self.grad_clip < 0:
             raise invalid(f"{p}grad_clip", self.grad_clip, "a non-negative number (0 disables clipping)")
-        if self.eval_every < 0 or self.ckpt_every < 0:
-            raise invalid(f"{p}eval_every", self.eval_every, "a non-negative integer (0 disables)")
+        for name in ("eval_every", "ckpt_every"):
+            if getattr(self, name) < 0:
+                raise invalid(f"{p}{name}", getattr(self, name), "a non-negative integer (0 disables)")
         if self.energy_every < 1:
             raise invalid(f"{p}energy_every", self.energy_every, "a positive integer (steps)")
         if self.keep_checkpoints < 1:

@@ -22,6 +22,34 @@ from meshwright.errors import ConfigError, invalid
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+def _read_index(index_file: Path) -> dict[str, Any]:
+    """index.json, checked field by field: a damaged one is one line naming the field, never a traceback."""
+    label = f"data.path={str(index_file.parent)!r}"
+    try:
+        index = json.loads(index_file.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{label} has a malformed index.json ({type(exc).__name__}); valid: re-run `meshwright data prepare`") from None
+    problems = []
+    if not isinstance(index, dict):
+        problems.append("not a mapping")
+    else:
+        if index.get("dtype") not in ("uint16", "uint32"):
+            problems.append(f"dtype={index.get('dtype')!r}")
+        n = index.get("num_tokens")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            problems.append(f"num_tokens={n!r}")
+        tok = index.get("tokenizer")
+        if not isinstance(tok, dict) or not isinstance(tok.get("vocab_size"), int) or tok["vocab_size"] < 1:
+            problems.append("tokenizer.vocab_size")
+        offsets = index.get("doc_offsets")
+        if not isinstance(offsets, list) or not offsets or not all(isinstance(o, int) for o in offsets) \
+                or (isinstance(n, int) and offsets[-1] != n) or any(b < a for a, b in zip(offsets, offsets[1:])):
+            problems.append("doc_offsets")
+    if problems:
+        raise ConfigError(f"{label} has a malformed index.json ({', '.join(problems)}); valid: re-run `meshwright data prepare`")
+    return index
+
+
 class TokenDataset:
     """A prepared data directory: memory-mapped ``tokens.bin`` plus ``index.json``."""
 
@@ -30,13 +58,20 @@ class TokenDataset:
         index_file = self.path / "index.json"
         if not index_file.is_file():
             raise invalid("data.path", str(path), "'default' or a directory made by `meshwright data prepare` (with index.json)")
-        self.index: dict[str, Any] = json.loads(index_file.read_text())
+        self.index: dict[str, Any] = _read_index(index_file)
         dtype = np.dtype(self.index["dtype"])
         n = int(self.index["num_tokens"])
-        size = (self.path / "tokens.bin").stat().st_size
+        tokens_file = self.path / "tokens.bin"
+        if not tokens_file.is_file():
+            raise invalid("data.path", str(path), "a prepared data directory with tokens.bin; re-run `meshwright data prepare`")
+        size = tokens_file.stat().st_size
         if size != n * dtype.itemsize:
             raise ConfigError(f"data.path={str(path)!r} is inconsistent: tokens.bin has {size} bytes, index says {n} x {dtype.itemsize}; valid: re-run `meshwright data prepare`")
-        self.tokens = np.memmap(self.path / "tokens.bin", dtype=dtype, mode="r", shape=(n,))
+        self.tokens = np.memmap(tokens_file, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype=dtype)
+        top = int(self.tokens.max()) if n else -1
+        if top >= self.vocab_size:
+            raise ConfigError(f"data.path={str(path)!r} holds token id {top}, outside its tokenizer's vocabulary of "
+                              f"{self.vocab_size}; valid: re-run `meshwright data prepare`")
 
     @property
     def vocab_size(self) -> int:

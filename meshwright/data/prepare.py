@@ -138,11 +138,42 @@ def _write(tmp: Path, files: list[Path], tokenizer: str, vocab_size: int, text_k
     (tmp / "index.json").write_text(json.dumps(index))
 
 
+def is_prepared_dir(path: Path) -> bool:
+    """True for a directory this module wrote: index.json with our version and offsets, and tokens.bin."""
+    try:
+        index = json.loads((path / "index.json").read_bytes().decode("utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return (isinstance(index, dict) and index.get("version") == INDEX_VERSION and "doc_offsets" in index
+            and (path / "tokens.bin").is_file())
+
+
+def check_out_dir(out: Path, inputs: list[str | Path]) -> None:
+    """``--out`` may only name a new path, an empty directory or a prepared data set: replacing it must never
+    delete an unrelated directory, a file, or the inputs themselves."""
+    resolved = out.resolve()
+    if str(out) in (".", "") or resolved == Path.cwd().resolve() or resolved == Path(resolved.anchor):
+        raise invalid("--out", str(out), "a new directory for the prepared data (not the current or root directory)")
+    for item in inputs:
+        src = Path(item).resolve()
+        if src == resolved or resolved in src.parents:
+            raise invalid("--out", str(out), f"a directory outside the inputs (it holds input {item}, which "
+                          f"replacing it would delete)")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise invalid("--out", str(out), "a new or prepared data directory (this path is a file; it is left alone)")
+    if any(out.iterdir()) and not is_prepared_dir(out):
+        raise invalid("--out", str(out), "a new, empty or previously prepared data directory (this one holds other "
+                      "files, which would be deleted; it is left alone)")
+
+
 def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "byte", vocab_size: int = 4096,
             text_key: str = "text", progress: bool = True) -> Path:
-    """Tokenize ``inputs`` into ``out`` (replaced atomically if it exists). Returns ``out``."""
+    """Tokenize ``inputs`` into ``out`` (replaced atomically if it is a prepared data set). Returns ``out``."""
     if tokenizer not in TOKENIZERS:
         raise invalid("tokenizer", tokenizer, " or ".join(TOKENIZERS))
+    check_out_dir(Path(out), inputs)
     files = collect_inputs(inputs)
     return atomic_directory(Path(out), lambda tmp: _write(tmp, files, tokenizer, vocab_size, text_key, progress))
 
@@ -162,6 +193,8 @@ def prepare_default_corpus(max_files: int | None = 400, tokenizer: str = "byte",
     """
     if tokenizer not in TOKENIZERS:
         raise invalid("data.tokenizer", tokenizer, " or ".join(TOKENIZERS))
+    if max_files is not None and max_files <= 0:
+        raise invalid("max_files", max_files, "a positive integer or null (all files)")
     files = stdlib_files(max_files)
     root = stdlib_root()
     key_src = json.dumps({

@@ -87,19 +87,29 @@ def install_shard_optimizer_hooks(optimizer: torch.optim.Optimizer, shards: dict
                 for k, p in zip(saved["params"], live["params"]) if p in shards]
 
     def post(_: torch.optim.Optimizer, state_dict: dict) -> dict:
+        # ``Optimizer.state_dict()`` shares each parameter's state dict with the live state: write into copies,
+        # or the next step meets DTensors in its own state (aten.lerp_ "mixed torch.Tensor and DTensor")
+        state_dict["state"] = dict(state_dict["state"])
         for k, p in pairs(state_dict):
             dim, mesh = shards[p]
-            for key, v in state_dict["state"].get(k, {}).items():
+            if k not in state_dict["state"]:
+                continue
+            inner = state_dict["state"][k] = dict(state_dict["state"][k])
+            for key, v in inner.items():
                 if torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.shape:
-                    state_dict["state"][k][key] = DTensor.from_local(v, mesh, [Shard(dim)], run_check=False)
+                    inner[key] = DTensor.from_local(v, mesh, [Shard(dim)], run_check=False)
         return state_dict
 
     def pre(_: torch.optim.Optimizer, state_dict: dict) -> dict:
+        state_dict["state"] = dict(state_dict["state"])  # the caller's dicts stay as they were
         for k, p in pairs(state_dict):
             dim, mesh = shards[p]
-            for key, v in state_dict["state"].get(k, {}).items():
+            if k not in state_dict["state"]:
+                continue
+            inner = state_dict["state"][k] = dict(state_dict["state"][k])
+            for key, v in inner.items():
                 if isinstance(v, DTensor) or (torch.is_tensor(v) and v.dim() == p.dim() and v.shape != p.shape):
-                    state_dict["state"][k][key] = _shard_of(v, dim, mesh.size(), mesh.get_local_rank(), p)
+                    inner[key] = _shard_of(v, dim, mesh.size(), mesh.get_local_rank(), p)
         return state_dict
 
     optimizer.register_state_dict_post_hook(post)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional, Union
 
 import yaml
 
+from meshwright.config.io import read_text
 from meshwright.errors import ConfigError
 
 MIN_POINTS = 3  # fewer readings than this: a number in the totals table, not a plot
@@ -96,14 +97,24 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     if not log_path.is_file():
         raise ConfigError(f"run_dir={str(run)!r} has no log.jsonl; valid: a directory written by `meshwright train`")
     rows = []
-    for i, line in enumerate(log_path.read_text().splitlines()):
+    lines = read_text(log_path, "run_dir log.jsonl").splitlines()
+    for i, line in enumerate(lines):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
+                if i == len(lines) - 1:
+                    break  # a run killed mid-write leaves a torn last line
                 raise ConfigError(f"{log_path}:{i + 1} is not valid JSON; valid: one JSON object per line") from None
-    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
-    plan = yaml.safe_load((run / "plan.yaml").read_text()) if (run / "plan.yaml").is_file() else None
+    summary, plan = {}, None
+    try:
+        if (run / "summary.json").is_file():
+            summary = json.loads(read_text(run / "summary.json", "run_dir summary.json"))
+        if (run / "plan.yaml").is_file():
+            plan = yaml.safe_load(read_text(run / "plan.yaml", "run_dir plan.yaml"))
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"run_dir={str(run)!r} has a malformed summary.json or plan.yaml "
+                          f"({str(exc).splitlines()[0]}); valid: files written by `meshwright train`") from None
     return {"rows": rows, "summary": summary, "plan": plan, "dir": run}
 
 

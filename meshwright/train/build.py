@@ -20,6 +20,7 @@ from meshwright.models import build_model
 from meshwright.parallel.runtime import build_distributed_runtime, init_distributed
 from meshwright.plan import Plan, default_plan, load_plan, validate_plan
 from meshwright.train.local_runtime import LocalRuntime
+from meshwright.train.run_dir import RunLock, check_fresh_or_overwrite, check_resume_config, nospace, prepare_out_dir
 from meshwright.train.runtime import Runtime
 from meshwright.train.trainer import Trainer
 
@@ -87,11 +88,37 @@ def _plan_needs_parallel(plan: Plan | None) -> bool:
                for s in plan.layer_strategies())
 
 
+TRAIN_BYTES_PER_PARAM = 16  # fp32 weights + gradients + AdamW's two moments
+
+
+def device_memory_bytes() -> int:
+    """Memory of one device this process trains on: the GPU's, else the host's physical RAM."""
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(0).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def check_memory(model_cfg: ModelConfig, world_size: int, available: int | None = None, frozen_base: bool = False) -> None:
+    """Up-front sanity check, before any allocation: refuse (one line) a model whose weights, gradients and AdamW
+    state (weights alone for a frozen base, as MEFT trains) could not fit even spread evenly over every device
+    (a vocab of 10^12 used to crash the allocator)."""
+    per_param = 4 if frozen_base else TRAIN_BYTES_PER_PARAM
+    need = model_cfg.num_params() * per_param / max(world_size, 1)
+    have = available if available is not None else device_memory_bytes()
+    if need > have:
+        raise invalid("model", model_cfg.name, f"a model that fits: {model_cfg.num_params():,} params need about "
+                      f"{need / 2**30:,.1f} GiB per device ({per_param} bytes per parameter for training) over {world_size} "
+                      f"device(s); one device here has {have / 2**30:,.1f} GiB")
+
+
 def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = None) -> Runtime:
     """LocalRuntime for one process; the distributed runtime under torchrun or when the plan needs it.
     The Plan is validated once: here for one process, by the distributed runtime otherwise."""
     job = train_cfg if isinstance(train_cfg, TrainingJob) else TrainingJob.resolve(train_cfg, plan_ref)
     cfg, model_cfg = job.cfg, job.model
+    check_memory(model_cfg, job.world_size, frozen_base=cfg.meft is not None)
     if job.distributed:
         if cfg.meft is not None:
             raise invalid("meft", "set", "null under the distributed runtime (MEFT runs in one process; DDP is tested "
@@ -113,9 +140,35 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
     return rt
 
 
-def run_training(train_cfg: TrainConfig, plan_ref: str | None = None, resume: bool | str = False) -> dict[str, Any]:
-    """Everything `meshwright train` does, callable from Python (tests, benchmarks)."""
+def run_training(train_cfg: TrainConfig, plan_ref: str | None = None, resume: bool | str = False, *,
+                 overwrite: bool = False, allow_config_change: bool = False) -> dict[str, Any]:
+    """Everything `meshwright train` does, callable from Python (tests, benchmarks). The main rank holds a lock
+    on out_dir for the whole run and applies the fresh/resume/overwrite rules of ``run_dir`` first."""
     job = TrainingJob.resolve(train_cfg, plan_ref)
+    if job.distributed and job.world_size == 1 and job.plan is not None and job.plan.world_size() > 1:
+        raise invalid("plan", plan_ref or train_cfg.plan, f"a plan for this process count: it lays the model out on "
+                      f"{job.plan.world_size()} devices; launch it with torchrun --nproc-per-node "
+                      f"{job.plan.world_size()} (or `meshwright launch`)")
+    lock = None
+    if int(os.environ.get("RANK", "0")) == 0:
+        out = prepare_out_dir(train_cfg.out_dir)
+        lock = RunLock(out).acquire()
+    try:
+        if lock is not None:
+            check_fresh_or_overwrite(train_cfg.out_dir, resume, overwrite)
+            check_resume_config(train_cfg, resume, allow_config_change)
+        return _train(job, train_cfg, plan_ref, resume)
+    except OSError as exc:
+        err = nospace(exc)
+        if err is None:
+            raise
+        raise err from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(job: TrainingJob, train_cfg: TrainConfig, plan_ref: str | None, resume: bool | str) -> dict[str, Any]:
     model_cfg = job.model
     runtime = build_runtime(job)
     try:

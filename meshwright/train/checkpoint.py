@@ -10,11 +10,17 @@ step, data position, ...) marks a checkpoint directory; per-rank RNG files sit b
 trainer's step management on top: ``step_000123/`` directories, a ``latest`` pointer file replaced
 atomically, keep-last-K. Without an initialised process group DCP runs in one process (verified by
 tests/unit/test_checkpoint.py).
+
+Nothing read back is trusted: ``checksums.json`` (SHA-256 per file, written before the rename) is verified
+before DCP reads a byte, ``.metadata`` and byte items go through allow-listed unpicklers
+(``checkpoint_io``), a checkpoint that does not fit this model/optimizer is named in one line, and
+``load_latest`` falls back to the previous complete checkpoint when the newest one is damaged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -27,8 +33,16 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from meshwright.errors import invalid
+from meshwright.errors import ConfigError, invalid
+from meshwright.train.checkpoint_io import (
+    MANIFEST, CheckpointCorrupt, SafeFileSystemReader, SafeLoadPlanner, read_metadata_file, verify_manifest,
+    write_manifest,
+)
+from meshwright.train.faults import fault_point
 from meshwright.train.runtime import Runtime
 
 STEP_RE = re.compile(r"^step_(\d{6,})$")
@@ -76,13 +90,22 @@ def _atomic_dir(path: Path, runtime: Runtime) -> Iterator[Path]:
     """Collective: yield an empty ``<path>.tmp`` for every rank to write into; once all ranks are done
     the main rank swaps it in for ``path``, so ``path`` only ever names a complete checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
-    if runtime.is_main:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # a previous crash mid-write
-        tmp.mkdir(parents=True)
-    runtime.barrier()
-    yield tmp
-    runtime.barrier()
+    try:
+        if runtime.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)  # a previous crash mid-write
+            tmp.mkdir(parents=True)
+        runtime.barrier()
+        yield tmp
+        runtime.barrier()
+        fault_point("ckpt_write")
+        if runtime.is_main:
+            write_manifest(tmp)  # after every rank's files exist; a directory without it is incomplete
+    except (OSError, RuntimeError, CheckpointException) as exc:
+        full = _disk_full(tmp.parent)  # before the partial files are removed and free space returns
+        if runtime.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _save_error(path, exc, full) from None
     if runtime.is_main:
         old = path.with_name(path.name + ".old")
         if old.exists():
@@ -92,6 +115,26 @@ def _atomic_dir(path: Path, runtime: Runtime) -> Iterator[Path]:
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
     runtime.barrier()
+
+
+def _disk_full(directory: Path, margin: int = 1 << 20) -> bool:
+    """Less than ``margin`` bytes free where the checkpoint is written (torch.save reports a full disk as
+    "unexpected pos", not ENOSPC)."""
+    try:
+        return shutil.disk_usage(directory).free < margin
+    except OSError:
+        return False
+
+
+def _save_error(path: Path, exc: BaseException, full: bool = False) -> ConfigError:
+    """One line for a failed checkpoint write; the partial ``.tmp`` is already gone."""
+    nospace = full or getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc)
+    if nospace:
+        return ConfigError(f"checkpoint {path}: no space left on device (the partial {path.name}.tmp was removed); "
+                           f"valid: free space on that disk, a smaller keep_checkpoints, or another out_dir")
+    first = str(exc).strip().splitlines()
+    return ConfigError(f"checkpoint {path} could not be written: {type(exc).__name__}: "
+                       f"{first[-1] if first else ''} (the partial {path.name}.tmp was removed)")
 
 
 def save_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Optimizer | None,
@@ -109,37 +152,123 @@ def save_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Opti
     return path
 
 
-def load_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    """Collective: read ``path`` into this layout's pieces (resharding as needed) and this rank's RNG
-    when the checkpoint has it; returns the meta (trainer state) dict."""
+def load_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Optimizer | None, *,
+                 verify: bool = True) -> dict[str, Any]:
+    """Collective: verify ``path`` (checksums, metadata allow-list, fit to this model/optimizer), read it into
+    this layout's pieces (resharding as needed) and this rank's RNG; returns the meta (trainer state) dict.
+    Every failure is one ``ConfigError`` line (``CheckpointCorrupt`` for damaged files); nothing is executed."""
     path = Path(path)
     state_file = path / STATE_FILE
     if not (state_file.is_file() and (path / ".metadata").is_file()):
         raise invalid("resume", str(path), f"a complete checkpoint directory (with .metadata and {STATE_FILE})")
+    if (path / MANIFEST).is_file():
+        if verify:  # load_latest has just verified it
+            error = _verify(path, runtime)
+            if _agreed_bad(error, runtime):
+                raise error or CheckpointCorrupt(f"checkpoint {path} is damaged (found by another rank)")
+    else:
+        warnings.warn(f"checkpoint {path} has no {MANIFEST} (written before checksums); loading it unverified", stacklevel=2)
+    meta = _read_json(state_file)
     state = runtime.checkpoint_state(optimizer)
-    with _quiet_dcp():
-        dcp.load(state, checkpoint_id=str(path))
+    check_fits(read_metadata_file(path / ".metadata"), state, path, whole_model=runtime.world_size == 1)
+    try:
+        with _quiet_dcp():
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner())
+    except CheckpointException as exc:
+        raise CheckpointCorrupt(f"checkpoint {path} could not be read: {_first_failure(exc)}") from None
+    except CheckpointCorrupt:
+        raise
+    except (RuntimeError, ValueError, AssertionError, OSError, KeyError) as exc:
+        raise CheckpointCorrupt(f"checkpoint {path} could not be read: {type(exc).__name__}: "
+                                f"{(str(exc).strip().splitlines() or [''])[0][:300]}") from None
     runtime.load_checkpoint_state(state, optimizer)
     rng_file = _rng_file(path, runtime.rank)
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
-    return json.loads(state_file.read_text())
+        try:
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        except Exception as exc:  # noqa: BLE001 - a damaged RNG file is one line, never a traceback
+            raise CheckpointCorrupt(f"checkpoint file {rng_file} is refused: {type(exc).__name__}: "
+                                    f"{(str(exc).strip().splitlines() or [''])[0][:200]}") from None
+    return meta
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointCorrupt(f"checkpoint file {path} is garbled: {type(exc).__name__}: {str(exc)[:200]}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("step"), int) or data["step"] < 0:
+        raise CheckpointCorrupt(f"checkpoint file {path} is garbled: no non-negative integer 'step'")
+    return data
+
+
+def _first_failure(exc: CheckpointException) -> str:
+    for err, _trace in exc.failures.values():
+        lines = str(err).strip().splitlines()
+        return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
+    return "unknown DCP failure"
+
+
+def check_fits(metadata: Metadata, state: dict[str, Any], path: Path, whole_model: bool = True) -> None:
+    """Name, in one line, the first tensor this run needs that the checkpoint lacks or holds in another shape,
+    and (when this rank holds the whole model: one process) model tensors the checkpoint has that this model
+    lacks: a different model or optimizer. Framework extras (``_extra_state``) are left to DCP."""
+    flat, _ = flatten_state_dict(state)
+    saved = metadata.state_dict_metadata
+    part = {"model": "model parameter", "optim": "optimizer state"}
+    for key, value in flat.items():
+        kind = part.get(key.split(".", 1)[0], "state")
+        if key.endswith("._extra_state"):
+            continue
+        if key not in saved:
+            raise ConfigError(f"resume={str(path)!r} does not fit this run: {kind} {key.split('.', 1)[-1]!r} is not "
+                              f"in the checkpoint (different model or optimizer?); valid: a checkpoint of the same "
+                              f"model and optimizer")
+        if isinstance(value, torch.Tensor) and isinstance(saved[key], TensorStorageMetadata):
+            if tuple(saved[key].size) != tuple(value.shape):
+                raise ConfigError(f"resume={str(path)!r} does not fit this run: {kind} {key.split('.', 1)[-1]!r} has "
+                                  f"shape {tuple(saved[key].size)} in the checkpoint, {tuple(value.shape)} here; "
+                                  f"valid: a checkpoint of the same model")
+    if not whole_model:  # a pipeline stage holds only its layers
+        return
+    extra = sorted(k for k in saved if k.startswith("model.") and k not in flat and not k.endswith("._extra_state"))
+    if extra:
+        raise ConfigError(f"resume={str(path)!r} does not fit this run: the checkpoint has {len(extra)} model "
+                          f"tensor(s) this model lacks, e.g. {extra[0].split('.', 1)[1]!r}; valid: a checkpoint of "
+                          f"the same model")
 
 
 def save_checkpoint(root: str | Path, step: int, runtime: Runtime, optimizer: torch.optim.Optimizer,
                     trainer_state: dict[str, Any], keep: int = 3) -> Path:
     """Collective: write checkpoint ``step`` under ``root`` (with RNG), point ``latest`` at it and keep
-    the last ``keep``. Returns the checkpoint's directory."""
+    the last ``keep`` (pruning only checkpoints of earlier steps, never the one just written). Returns the
+    checkpoint's directory."""
     root = Path(root)
     final = save_runtime(step_dir(root, step), runtime, optimizer, {**trainer_state, "step": step}, rng=True)
     if runtime.is_main:
         pointer = root / f"{LATEST}.tmp"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, root / LATEST)
-        for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            pointer.write_text(final.name + "\n")
+            os.replace(pointer, root / LATEST)
+        except OSError as exc:
+            pointer.unlink(missing_ok=True)
+            raise _save_error(root / LATEST, exc) from None
+        fault_point("ckpt_pointer")
+        if keep > 0:
+            older = [p for p in list_checkpoints(root) if _step_of(p) < step]
+            for old in older[:max(len(older) - (keep - 1), 0)]:
+                trash = old.with_name(old.name + ".old")  # out of the listing at once, then deleted
+                os.replace(old, trash)
+                fault_point("prune")
+                shutil.rmtree(trash, ignore_errors=True)
+            for leftover in root.glob("step_*.old"):  # a kill mid-prune
+                shutil.rmtree(leftover, ignore_errors=True)
     runtime.barrier()
     return final
+
+
+def _step_of(path: Path) -> int:
+    return int(STEP_RE.match(path.name).group(1))
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -148,16 +277,74 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
+    return sorted(found, key=_step_of)
+
+
+def _pointer_target(root: Path) -> Path | None:
+    """The directory ``latest`` names, or None when it is absent, binary, garbled or names no checkpoint."""
+    pointer = root / LATEST
+    try:
+        name = pointer.read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not STEP_RE.match(name):
+        return None
+    target = root / name
+    return target if (target / STATE_FILE).is_file() else None
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
     """The checkpoint the ``latest`` pointer names, else the newest complete one, else None."""
     root = Path(root)
-    pointer = root / LATEST
-    if pointer.is_file():
-        target = root / pointer.read_text().strip()
-        if (target / STATE_FILE).is_file():
-            return target
+    target = _pointer_target(root)
+    if target is not None:
+        return target
     found = list_checkpoints(root)
     return found[-1] if found else None
+
+
+def resume_candidates(root: str | Path) -> list[Path]:
+    """Checkpoints to try on resume, best first: the one ``latest`` names, then the others newest first."""
+    root = Path(root)
+    first = latest_checkpoint(root)
+    rest = [p for p in reversed(list_checkpoints(root)) if p != first]
+    return ([first] if first is not None else []) + rest
+
+
+def load_latest(root: str | Path, runtime: Runtime, optimizer: torch.optim.Optimizer | None,
+                warn: Any = None) -> tuple[Path, dict[str, Any]] | None:
+    """Collective: load the newest checkpoint under ``root`` that is intact; a damaged one is reported with
+    ``warn`` (one line) and the previous complete one is tried. None when ``root`` holds none; when all are
+    damaged the newest one's error is raised. A checkpoint that does not fit the model is never skipped."""
+    candidates = resume_candidates(root)
+    first_error: CheckpointCorrupt | None = None
+    for path in candidates:
+        error = _verify(path, runtime)
+        if _agreed_bad(error, runtime):  # every rank takes the same one
+            error = error or CheckpointCorrupt(f"checkpoint {path} is damaged on another rank")
+            first_error = first_error or error
+            if warn is not None and runtime.is_main:
+                warn(f"warning: {error}; falling back to the previous checkpoint")
+            continue
+        return path, load_runtime(path, runtime, optimizer, verify=False)
+    if first_error is not None:
+        raise first_error
+    return None
+
+
+def _agreed_bad(error: CheckpointCorrupt | None, runtime: Runtime) -> bool:
+    """Collective: True on every rank when any rank found damage."""
+    return runtime.all_reduce_mean(0.0 if error else 1.0) != 1.0
+
+
+def _verify(path: Path, runtime: Runtime) -> CheckpointCorrupt | None:
+    """Checksums (this rank's share of the files: the ranks split the hashing), trainer state and metadata of
+    ``path``: the error, or None when they are intact."""
+    try:
+        if (path / MANIFEST).is_file():
+            verify_manifest(path, part=(runtime.rank, runtime.world_size))
+        _read_json(path / STATE_FILE)
+        read_metadata_file(path / ".metadata")
+    except CheckpointCorrupt as exc:
+        return exc
+    return None

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from meshwright.models import lm_loss
+from meshwright.models.moe import moe_layers, router_stats
 from meshwright.train.runtime import Batch, Runtime
 
 
@@ -23,6 +24,8 @@ class LocalRuntime(Runtime):
         self.model.train()
         # bf16 autocast (fp32 master weights); on CPU keep fp32 - bf16 matmul is ~70x slower there
         self.autocast_dtype = torch.bfloat16 if dtype == "bf16" else None
+        self._moe = bool(moe_layers(self.model))
+        self._last_aux: float | None = None  # mean auxiliary (balance + z) loss of the last step, MoE only
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -32,22 +35,32 @@ class LocalRuntime(Runtime):
     def parameters(self) -> Iterable[nn.Parameter]:
         return self.model.parameters()
 
-    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(LM loss, auxiliary MoE loss or None): the objective is their sum, the log shows them apart."""
         with self._autocast():
             logits = self.model(inputs.to(self.device))
             loss = lm_loss(logits, targets.to(self.device))
             aux = self.model.aux_loss() if hasattr(self.model, "aux_loss") else None
-        return loss if aux is None else loss + aux
+        return loss, aux
 
     def forward_backward(self, micro_batches: list[Batch]) -> float:
-        """Mean loss over the micro-batches; gradients accumulate as the mean too (loss / n each)."""
+        """Mean LM loss over the micro-batches (the auxiliary loss is trained on but logged apart, as the
+        distributed runtime does); gradients accumulate as the mean of (LM + aux) too (/ n each)."""
         n = len(micro_batches)
-        total = 0.0
+        total, total_aux = 0.0, 0.0
         for inputs, targets in micro_batches:
-            loss = self._loss(inputs, targets)
-            (loss / n).backward()
+            loss, aux = self._loss(inputs, targets)
+            ((loss if aux is None else loss + aux) / n).backward()
             total += loss.item()
+            total_aux += 0.0 if aux is None else aux.item()
+        self._last_aux = total_aux / n if self._moe else None
         return total / n
+
+    def extra_log_fields(self) -> dict[str, Any]:
+        """Router statistics of the last forward and the auxiliary loss, as ``DistributedRuntime`` logs them."""
+        if not self._moe:
+            return {}
+        return {**router_stats(self.model), "aux_loss": self._last_aux}
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[Batch]) -> float:

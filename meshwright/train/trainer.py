@@ -33,7 +33,9 @@ from meshwright.tools.energy import EnergyAccountant, EnergyTotals
 from meshwright.tools.flops import hardware_flops_per_token, model_flops_per_token
 from meshwright.tools.mfu import mfu as compute_mfu
 from meshwright.tools.sinks import Sinks, open_sinks
-from meshwright.train.checkpoint import latest_checkpoint, load_runtime, save_checkpoint
+from meshwright.train.checkpoint import load_latest, load_runtime, save_checkpoint
+from meshwright.train.faults import fault_point
+from meshwright.train.run_dir import reopen_log
 from meshwright.train.runtime import Runtime
 
 
@@ -171,10 +173,13 @@ class Trainer:
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Load ``path`` (or the latest checkpoint in out_dir/ckpt); False when there is none."""
-        target = Path(path) if path is not None else latest_checkpoint(self.ckpt_dir)
-        if target is None:
-            return False
-        state = load_runtime(target, self.runtime, self.optimizer)
+        if path is not None:
+            target, state = Path(path), load_runtime(path, self.runtime, self.optimizer)
+        else:  # a damaged newest checkpoint falls back to the previous complete one, with a warning
+            found = load_latest(self.ckpt_dir, self.runtime, self.optimizer, warn=self.print)
+            if found is None:
+                return False
+            target, state = found
         if state["step"] > self.cfg.steps:
             raise invalid("steps", self.cfg.steps, f"at least the checkpoint's step {state['step']} ({target})")
         self.step = int(state["step"])
@@ -202,28 +207,29 @@ class Trainer:
                 raise NonFiniteLoss(f"step {self.step}: loss={loss} grad_norm={grad_norm} is not finite "
                                     f"(nan_policy='stop'); valid: a lower lr, grad_clip>0, or nan_policy=skip")
             self.skipped_steps += 1
+            if self.skipped_steps > cfg.max_skipped:
+                raise NonFiniteLoss(f"step {self.step}: {self.skipped_steps} non-finite steps skipped, more than "
+                                    f"max_skipped={cfg.max_skipped} (nan_policy='skip'); valid: a lower lr, "
+                                    f"grad_clip>0, or a larger max_skipped")
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "step_s": step_s, "finite": finite}
 
     # ---- the loop --------------------------------------------------------------------------------
-    def _open_log(self, resumed: bool):
+    def _open_log(self, resumed: bool, run: "_RunStats") -> Any:
+        """Main rank: log.jsonl for this session; on resume the records past the checkpoint are dropped (they
+        will be redone) by an atomic rewrite (``run_dir.reopen_log``), and the kept ones seed the summary."""
         if not self.runtime.is_main:
             return None
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / "log.jsonl"
-        kept: list[str] = []
-        if resumed and path.is_file():  # drop records past the checkpoint (they will be redone)
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
-        fh = path.open("w")
-        for line in kept:
-            fh.write(line + "\n")
-        fh.flush()
+        fh, kept = reopen_log(self.out_dir / "log.jsonl", self.step if resumed else None)
+        if resumed and self.step >= self.cfg.steps:  # nothing to train: the summary comes from the log
+            run.seed_from_log(kept)
         return fh
 
     def fit(self, resume: bool | str | Path = False) -> dict[str, Any]:
         """Train to ``cfg.steps``; returns (and on the main rank writes) the summary."""
         resumed = self._resume_for_fit(resume)
         run = _RunStats(first_step=self.step)
-        log = self._open_log(resumed)
+        log = self._open_log(resumed, run)
         self._sinks = open_sinks(self.cfg, self.out_dir, to_dict(self.cfg)) if log is not None else Sinks()
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
                    disable=not (self.cfg.progress and self.runtime.is_main), mininterval=1.0, dynamic_ncols=True)
@@ -280,6 +286,7 @@ class Trainer:
                 log.flush()
                 self._sinks.write(rec)  # TensorBoard / W&B, when the config switches them on
             run.interval_s, run.interval_tokens = 0.0, 0
+        fault_point("step")
         if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
             self.save()
 
@@ -321,8 +328,11 @@ class Trainer:
         memory = self._memory_per_rank()
         summary.update({"memory_gib_per_rank": memory, "peak_memory_gib": max(memory)})
         summary.update(self._energy_summary(run))
-        if rt.is_main and summary["steps_this_run"] > 0:
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        # a run killed after its final checkpoint gets its summary when resumed
+        if rt.is_main and (summary["steps_this_run"] > 0 or (resumed and not (self.out_dir / "summary.json").is_file())):
+            tmp = self.out_dir / "summary.json.tmp"  # atomic: a kill never leaves half a summary
+            tmp.write_text(json.dumps(summary, indent=1) + "\n")
+            os.replace(tmp, self.out_dir / "summary.json")
             self.print(format_summary(summary))
         return summary
 
@@ -356,6 +366,15 @@ class _RunStats:
     steady_tokens: int = 0
     records: list[dict[str, Any]] = field(default_factory=list)
     energy_last: dict[str, float] = field(default_factory=dict)
+
+    def seed_from_log(self, kept: list[dict[str, Any]]) -> None:
+        """Losses of the records kept from an earlier session, for a summary when nothing is left to train."""
+        losses = [r["loss"] for r in kept if r.get("loss") is not None]
+        if losses:
+            self.first_loss, self.last_loss = losses[0], losses[-1]
+        evals = [r["eval_loss"] for r in kept if r.get("eval_loss") is not None]
+        self.eval_loss = evals[-1] if evals else None
+        self.records.extend(kept[-1:])
 
     def record_step(self, out: dict[str, Any], tokens: int, step: int) -> None:
         self.loss, self.lr = out["loss"], out["lr"]

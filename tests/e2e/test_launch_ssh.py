@@ -137,13 +137,36 @@ def test_two_node_deepspeed_launch_over_pdsh(sshd, tmp_path):
 
 
 def test_deepspeed_env_and_ssh_options_are_quoted():
-    from meshwright.launcher.remote.argv import deepspeed_env_file_text, dry_run_lines, pdsh_ssh_args
+    from meshwright.launcher.remote.argv import dry_run_lines, env_script_text, pdsh_ssh_args
 
     words = shlex.split(pdsh_ssh_args("/keys/my key'$(id)", "-o UserKnownHostsFile=/dev/null"))
     assert words[:2] == ["-o", "UserKnownHostsFile=/dev/null"] and words[-2:] == ["-i", "/keys/my key'$(id)"]
     spec = LaunchSpec(hosts=[Host("n0", 2), Host("n1", 2)], train_args=["train", "default"], env={"B": "2", "A": "x y"})
-    assert deepspeed_env_file_text(spec) == "A=x y\nB=2\n"
+    assert env_script_text(spec) == "export A='x y'\nexport B=2\n"  # sourced from a 0600 file, values quoted
     lines = dry_run_lines(spec, "deepspeed", "/etc/hostfile")
-    assert lines[0] == "# DS_ENV_FILE exports on every host: 'A=x y' B=2" and lines[1].startswith("deepspeed --hostfile=")
+    assert lines[0] == "# every host sources these from a file only you can read (--venv_script): 'A=x y' B=2"
+    assert lines[1].startswith("deepspeed --hostfile=")
     with pytest.raises(ConfigError, match="env="):
         LaunchSpec(hosts=[Host("n0", 1)], train_args=["train", "x"], env={"A": "1\nB=2"}).validate()
+
+
+def test_torchrun_env_values_travel_in_a_private_file_not_the_command_line(sshd, tmp_path):
+    """--env values reach every host intact through a 0600 file (sourced, then removed), never a command line,
+    and nothing hidden in them runs."""
+    from meshwright.launcher.remote.argv import remote_env_file, remote_shell_command, torchrun_argv
+
+    marker = tmp_path / "pwned"
+    value = f"x $(touch {marker}) `touch {marker}` 'q' \"d\""
+    script = tmp_path / "printenv-python"
+    script.write_text("#!/bin/sh\nprintf 'A=%s|\\n' \"$A\"\nls -A .meshwright\n")
+    script.chmod(0o755)
+    spec = LaunchSpec(hosts=[Host("127.0.0.1", 1), Host("127.0.0.2", 1)], train_args=["train", "default"],
+                      python=str(script), workdir=str(tmp_path), env={"A": value})
+    assert value not in remote_shell_command(spec, torchrun_argv(spec, 0), remote_env_file(spec, 0))
+    out = io.StringIO()
+    results = run_over_ssh(spec, ssh_port=sshd.port, ssh_key=str(sshd.key), connect_timeout=10, sink=out)
+    assert [r.exit_code for r in results] == [0, 0], out.getvalue()
+    text = out.getvalue()
+    assert f"[127.0.0.1] A={value}|" in text and f"[127.0.0.2] A={value}|" in text
+    assert not marker.exists()
+    assert not list((tmp_path / ".meshwright").iterdir())  # each host removed its file after sourcing it

@@ -251,3 +251,31 @@ def test_experts_without_tokens_get_zero_not_none_gradients():
     x = torch.zeros(0, 8, requires_grad=True)
     ex(x, torch.tensor([0, 0])).sum().backward()
     assert ex.w1.grad is not None and torch.all(ex.w1.grad == 0) and torch.all(ex.w2.grad == 0)
+
+
+# ---- one-process run log (#19 item 8) ----------------------------------------------------------------------
+
+def test_local_runtime_logs_lm_loss_and_aux_loss_apart_with_router_stats():
+    """The one-process runtime trains on LM + aux but logs the LM loss alone, with ``aux_loss`` and the
+    router statistics beside it, as the distributed runtime logs them."""
+    from meshwright.train.local_runtime import LocalRuntime
+
+    cfg = _cfg()
+    model = build_model(cfg, seed=0)
+    ref = build_model(cfg, seed=0)
+    rt = LocalRuntime(model)
+    tokens = torch.randint(0, cfg.vocab_size, (4, cfg.max_seq_len), generator=torch.Generator().manual_seed(3))
+    batches = [(tokens[:2, :-1], tokens[:2, 1:]), (tokens[2:, :-1], tokens[2:, 1:])]
+    logged = rt.forward_backward(batches)
+    lm, aux = [None] * 2, [None] * 2
+    for i, (x, y) in enumerate(batches):
+        lm[i] = lm_loss(ref(x), y)
+        aux[i] = ref.aux_loss()
+    assert logged == pytest.approx(sum(float(v) for v in lm) / 2, rel=1e-6)  # LM loss only
+    fields = rt.extra_log_fields()
+    assert fields["aux_loss"] == pytest.approx(sum(float(a) for a in aux) / 2, rel=1e-5) and fields["aux_loss"] > 0
+    assert set(fields) >= {"moe_layers", "moe_dropped_frac", "moe_balance_loss"}
+    # and gradients are those of LM + aux
+    sum(((lm_i + a) / 2) for lm_i, a in zip(lm, aux)).backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-5), name

@@ -30,6 +30,8 @@ class LaunchSpec:
     def validate(self) -> None:
         if not self.train_args or self.train_args[0] != "train":
             raise invalid("command", " ".join(self.train_args) or "<empty>", "'-- train CONFIG [--plan PLAN|auto] ...'")
+        if not self.hosts:
+            raise invalid("hosts", [], "at least one host")
         if not 0 < self.rdzv_port < 65536:
             raise invalid("rdzv_port", self.rdzv_port, "an integer in 1..65535")
         if self.max_restarts < 0:
@@ -38,8 +40,8 @@ class LaunchSpec:
             if not k or not set(k) <= ENV_NAME_OK or k[0].isdigit():
                 raise invalid("env", k, "names of letters, digits and '_' (not starting with a digit)")
         for k, v in self.env.items():
-            if "\n" in v or "\r" in v:
-                raise invalid("env", f"{k}={v!r}", "a value without line breaks")
+            if "\n" in v or "\r" in v or "\x00" in v:
+                raise invalid("env", f"{k}={v!r}", "a value without line breaks or NUL bytes")
 
 
 def torchrun_argv(spec: LaunchSpec, node_rank: int) -> list[str]:
@@ -54,26 +56,76 @@ def torchrun_argv(spec: LaunchSpec, node_rank: int) -> list[str]:
     ]
 
 
-def remote_shell_command(spec: LaunchSpec, argv: list[str]) -> str:
-    """``cd WORKDIR && env K=V ... ARGV`` with every piece quoted: the only string sent over SSH."""
+def remote_shell_command(spec: LaunchSpec, argv: list[str], env_file: str | None = None) -> str:
+    """``cd WORKDIR && env K=V ... ARGV`` with every piece quoted: the only string sent over SSH. With
+    ``env_file`` (a 0600 file of ``export K='V'`` lines already on the host) the values stay off the command
+    line: ``cd WORKDIR && . FILE && rm -f FILE && exec ARGV``."""
+    if env_file is not None:
+        f = shlex.quote(env_file)
+        return f"cd {shlex.quote(spec.workdir)} && . {f} && rm -f {f} && exec {shlex.join(argv)}"
     env = [f"{k}={v}" for k, v in sorted(spec.env.items())]
     prefix = ["env", *env] if env else []
     return f"cd {shlex.quote(spec.workdir)} && exec {shlex.join(prefix + argv)}"
 
 
-def deepspeed_argv(spec: LaunchSpec, hostfile: str | Path, ssh_port: int | None = None, launcher: str = "pdsh") -> list[str]:
-    """The single local ``deepspeed`` command; DeepSpeed's runner reaches the hosts over pdsh/ssh."""
+def remote_env_file(spec: LaunchSpec, node_rank: int) -> str:
+    """Where a host's env file goes: under its work directory, one per host (a shared directory is safe)."""
+    return f"{spec.workdir.rstrip('/')}/.meshwright/launch-env-{spec.run_id}-{node_rank}.sh"
+
+
+def upload_env_command(path: str) -> str:
+    """The remote command that stores stdin as a file only the user can read."""
+    parent = path.rsplit("/", 1)[0]
+    return f"umask 077 && mkdir -p {shlex.quote(parent)} && cat > {shlex.quote(path)}"
+
+
+def deepspeed_user_args(spec: LaunchSpec) -> list[str]:
+    """The train arguments as DeepSpeed's runner must receive them. With several hosts its pdsh runner joins
+    them into one remote shell line (only wrapping words with spaces in double quotes, where ``$(...)`` still
+    runs), so each is single-quoted here and words with whitespace are refused. One host runs locally
+    without a shell: the words go as they are."""
+    if len(spec.hosts) == 1:
+        return list(spec.train_args)
+    for arg in spec.train_args:
+        if any(c.isspace() for c in arg):
+            raise invalid("command", arg, "arguments without whitespace under --launcher deepspeed with several hosts "
+                          "(DeepSpeed's pdsh runner splits them); put such values in a config file or use --launcher torchrun")
+    return [shlex.quote(a) for a in spec.train_args]
+
+
+def deepspeed_ssh_port(hosts: list[Host], ssh_port: int | None) -> int | None:
+    """The one SSH port DeepSpeed's runner can use (it has no per-host port): --ssh-port or the hosts' common one."""
+    ports = {h.port for h in hosts if h.port is not None}
+    if len(ports) > 1 or (ports and ssh_port is not None and ports != {ssh_port}):
+        found = sorted(ports | ({ssh_port} if ssh_port is not None else set()))
+        raise invalid("port", found, "one SSH port for every host under --launcher deepspeed (its runner takes a single "
+                      "--ssh_port); use --launcher torchrun for per-host ports")
+    return ssh_port if ssh_port is not None else next(iter(ports), None)
+
+
+def deepspeed_hostfile_text(hosts: list[Host]) -> str:
+    """DeepSpeed's ``HOST slots=N`` format from the parsed hosts (``user@host`` keeps a user: pdsh -w accepts it)."""
+    return "".join(f"{h.address} slots={h.slots}\n" for h in hosts)
+
+
+def deepspeed_argv(spec: LaunchSpec, hostfile: str | Path, ssh_port: int | None = None, launcher: str = "pdsh",
+                   env_script: str | Path | None = None) -> list[str]:
+    """The single local ``deepspeed`` command; DeepSpeed's runner reaches the hosts over pdsh/ssh. ``env_script``
+    (sourced on every host through ``--venv_script``) carries the user's environment, so values never appear on
+    the remote command line."""
     argv = ["deepspeed", f"--hostfile={hostfile}", f"--master_addr={spec.hosts[0].name}",
             f"--master_port={spec.rdzv_port}", f"--launcher={launcher}", f"--num_nodes={len(spec.hosts)}",
             f"--num_gpus={spec.hosts[0].slots}"]
     if ssh_port is not None:
         argv.append(f"--ssh_port={ssh_port}")
-    return argv + ["--no_local_rank", "--module", "meshwright.cli", *spec.train_args]
+    if env_script is not None:
+        argv.append(f"--venv_script={shlex.quote(str(env_script))}")
+    return argv + ["--no_local_rank", "--module", "meshwright.cli", *deepspeed_user_args(spec)]
 
 
-def deepspeed_env_file_text(spec: LaunchSpec) -> str:
-    """``KEY=VALUE`` lines for DeepSpeed's ``DS_ENV_FILE``: its runner exports them on every host."""
-    return "".join(f"{k}={v}\n" for k, v in sorted(spec.env.items()))
+def env_script_text(spec: LaunchSpec) -> str:
+    """``export KEY='VALUE'`` lines, each value quoted, for the 0600 script the remote shells source."""
+    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(spec.env.items()))
 
 
 def pdsh_ssh_args(ssh_key: str | None, extra: str = "") -> str:
@@ -90,9 +142,9 @@ def dry_run_lines(spec: LaunchSpec, launcher: str, hostfile: str | Path, ssh_por
     spec.validate()
     if launcher == "deepspeed":
         pairs = shlex.join(f"{k}={v}" for k, v in sorted(spec.env.items()))
-        env = [f"# DS_ENV_FILE exports on every host: {pairs}"] if spec.env else []
-        return env + [shlex.join(deepspeed_argv(spec, hostfile, ssh_port))]
-    lines = []
+        env = [f"# every host sources these from a file only you can read (--venv_script): {pairs}"] if spec.env else []
+        return env + [shlex.join(deepspeed_argv(spec, hostfile, deepspeed_ssh_port(spec.hosts, ssh_port)))]
+    lines = ["# --env values go to a 0600 file on each host, sourced then removed; shown inline here"] if spec.env else []
     for i, host in enumerate(spec.hosts):
         ssh = ["ssh", "-o", "BatchMode=yes"]
         if ssh_port or host.port:

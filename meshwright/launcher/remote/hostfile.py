@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from meshwright.config.io import load_yaml, read_text
 from meshwright.errors import ConfigError, invalid
 
 HOST_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
@@ -85,9 +86,12 @@ def load_hosts(path: str | Path) -> list[Host]:
     p = Path(path)
     if not p.is_file():
         raise invalid("hosts", str(p), "an existing hostfile ('HOST slots=N' lines) or cluster YAML")
-    text = p.read_text()
+    text = read_text(p, "hosts")  # binary or non-UTF-8 is one line
     if p.suffix in (".yaml", ".yml"):
-        data = yaml.safe_load(text) or {}
+        try:
+            data = load_yaml(text) or {}
+        except yaml.YAMLError as exc:
+            raise invalid("hosts", str(p), f"valid YAML ({str(exc).splitlines()[0]})") from None
         entries = data.get("hosts") if isinstance(data, dict) else None
         if not isinstance(entries, list):
             raise invalid(f"{p} hosts", entries, "a list of {name, slots} mappings")

@@ -8,6 +8,7 @@ which is how the other hosts are stopped when one fails.
 from __future__ import annotations
 
 import collections
+import io
 import sys
 import threading
 import time
@@ -15,7 +16,9 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from meshwright.errors import ConfigError
-from meshwright.launcher.remote.argv import LaunchSpec, remote_shell_command, torchrun_argv
+from meshwright.launcher.remote.argv import (
+    LaunchSpec, env_script_text, remote_env_file, remote_shell_command, torchrun_argv, upload_env_command,
+)
 from meshwright.launcher.remote.hostfile import Host
 
 
@@ -78,7 +81,8 @@ def run_over_ssh(spec: LaunchSpec, ssh_port: int | None = None, ssh_key: str | N
     streams = [PrefixedStream(h.name, sink, lock) for h in spec.hosts]
     promises = []
     for i, (host, conn, stream) in enumerate(zip(spec.hosts, conns, streams)):
-        cmd = remote_shell_command(spec, torchrun_argv(spec, i))
+        env_file = _upload_env(spec, conn, host, i) if spec.env else None
+        cmd = remote_shell_command(spec, torchrun_argv(spec, i), env_file)
         promises.append(conn.run(cmd, asynchronous=True, pty=True, warn=True, hide=False,
                                  out_stream=stream, err_stream=stream, in_stream=False))
     codes: list[int | None] = [None] * len(promises)
@@ -108,6 +112,19 @@ def run_over_ssh(spec: LaunchSpec, ssh_port: int | None = None, ssh_key: str | N
             conn.close()
     return [HostResult(h.name, c, list(s.tail), i in stopped, i == first_failure)
             for i, (h, c, s) in enumerate(zip(spec.hosts, codes, streams))]
+
+
+def _upload_env(spec: LaunchSpec, conn: Any, host: Host, node_rank: int) -> str:
+    """Put the ``--env`` values in a 0600 file on ``host`` (sent over the SSH channel's stdin, never on a command
+    line); the remote command sources and removes it. Returns its path."""
+    path = remote_env_file(spec, node_rank)
+    result = conn.run(upload_env_command(path), in_stream=io.StringIO(env_script_text(spec)), pty=False, warn=True,
+                      hide=True)
+    if result.exited != 0:
+        raise ConfigError(f"host={host.name!r} could not store the --env file {path} "
+                          f"({(result.stderr.strip().splitlines() or ['exit ' + str(result.exited)])[-1]}); "
+                          f"valid: a writable --workdir on every host")
+    return path
 
 
 def summarize_failure(results: list[HostResult]) -> str | None:

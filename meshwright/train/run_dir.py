@@ -1,0 +1,183 @@
+"""One run per output directory, and nothing in it lost: the lock, the fresh-run/resume/overwrite rules, the
+saved-config check on resume, and the crash-safe rewrite of ``log.jsonl``.
+
+Without these, two runs into one ``out_dir`` garbled each other's log, a fresh run's keep-last-K pruning
+deleted its own new checkpoints next to an older run's higher-numbered ones, and a kill during the resume
+rewrite of ``log.jsonl`` emptied it. Only the main rank calls these.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, TextIO
+
+from meshwright.config import TrainConfig
+from meshwright.config.io import to_dict
+from meshwright.errors import ConfigError, invalid
+from meshwright.train.checkpoint import LATEST, STATE_FILE, STEP_RE, latest_checkpoint, list_checkpoints
+from meshwright.train.faults import fault_point
+
+LOCK_FILE = ".meshwright.lock"
+# what meshwright writes into out_dir: the only names --overwrite removes
+OUTPUTS = ("log.jsonl", "log.jsonl.tmp", "summary.json", "summary.json.tmp", "config.yaml", "config.yaml.tmp",
+           "plan.yaml", "plan.yaml.tmp")
+# fields that change the trajectory: a resume with other values is refused unless told (steps may grow; the
+# layout may change, as checkpoints reshard)
+RESUME_FIELDS = ("model", "data", "seq_len", "global_batch", "seed", "optimizer", "lr", "min_lr", "warmup_steps",
+                 "weight_decay", "beta1", "beta2", "eps", "grad_clip", "dtype", "meft")
+
+
+def prepare_out_dir(out_dir: str | Path) -> Path:
+    """Create ``out_dir`` or say in one line why it cannot be used (a file, no permission, disk full)."""
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise invalid("out_dir", str(path), "a directory (this path is a file)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".meshwright.write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise invalid("out_dir", str(path), f"a writable directory ({exc.strerror or exc})") from None
+    return path
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``out_dir/.meshwright.lock`` for the life of the run. The kernel drops it when the
+    process dies (kill -9 included), so a stale lock file never blocks a resume."""
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.path = Path(out_dir) / LOCK_FILE
+        self._fh: TextIO | None = None
+
+    def acquire(self) -> "RunLock":
+        fh = self.path.open("a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            fh.close()
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise invalid("out_dir", str(self.path.parent), f"a directory no other run is using (it is locked "
+                              f"by a running meshwright process, pid {holder}); wait for it or pick another out_dir") from None
+            raise
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh is not None:
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def check_fresh_or_overwrite(out_dir: str | Path, resume: bool | str, overwrite: bool) -> None:
+    """A fresh run into a directory that holds another run's checkpoints is refused unless it resumes or
+    ``overwrite`` is set; ``overwrite`` removes only what meshwright wrote (ckpt/ step directories, the
+    ``latest`` pointer, the log, summary, config and plan), never other files."""
+    out = Path(out_dir)
+    ckpt = out / "ckpt"
+    found = list_checkpoints(ckpt)
+    if resume or not (found or (out / "log.jsonl").is_file()):
+        return
+    if not overwrite:
+        what = f"checkpoints up to {found[-1].name}" if found else "a log.jsonl"
+        raise invalid("out_dir", str(out), f"an empty directory or one to continue: it holds another run's {what}; "
+                      f"use --resume to continue it, --overwrite to replace it, or another out_dir")
+    remove_outputs(out)
+
+
+def remove_outputs(out: Path) -> None:
+    """Delete meshwright's own files in ``out`` (see ``check_fresh_or_overwrite``)."""
+    ckpt = out / "ckpt"
+    if ckpt.is_dir():
+        for p in ckpt.iterdir():
+            base = p.name.removesuffix(".tmp").removesuffix(".old")
+            if p.is_dir() and STEP_RE.match(base):
+                shutil.rmtree(p)
+            elif p.is_file() and p.name in (LATEST, f"{LATEST}.tmp"):
+                p.unlink()
+        if not any(ckpt.iterdir()):
+            ckpt.rmdir()
+    for name in OUTPUTS:
+        (out / name).unlink(missing_ok=True)
+
+
+def check_resume_config(cfg: TrainConfig, resume: bool | str, allow_change: bool) -> None:
+    """Refuse, in one line, a resume whose trajectory-defining fields differ from the checkpoint's saved config."""
+    if not resume or allow_change:
+        return
+    target = Path(resume) if isinstance(resume, str) else latest_checkpoint(Path(cfg.out_dir) / "ckpt")
+    if target is None:
+        return
+    try:
+        saved = json.loads((target / STATE_FILE).read_bytes().decode("utf-8")).get("config")
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return  # the checkpoint loader names the damage (and may fall back to an intact checkpoint)
+    if not isinstance(saved, dict):
+        return
+    now = to_dict(cfg)
+    for name in RESUME_FIELDS:
+        if name in saved and saved[name] != now.get(name):
+            raise invalid(name, now.get(name), f"{saved[name]!r} as in the checkpoint {target} (resume continues "
+                          f"that run; pass --allow-config-change to resume with a different {name})")
+
+
+def read_log(path: Path, max_step: int) -> list[str]:
+    """The records of ``log.jsonl`` up to ``max_step``; torn or garbled lines (a kill mid-write) are dropped."""
+    kept = []
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step", 0), int) and rec.get("step", 0) <= max_step:
+            kept.append(line)
+    return kept
+
+
+def reopen_log(path: Path, max_step: int | None) -> tuple[TextIO, list[dict[str, Any]]]:
+    """Open ``log.jsonl`` for this session: fresh (``max_step`` None) or keeping the records up to ``max_step``.
+    The rewrite goes to ``log.jsonl.tmp``, fsynced, then renamed: a kill at any point leaves either the old or
+    the new log, never an empty one. Returns the handle (positioned for appending) and the kept records."""
+    kept = read_log(path, max_step) if max_step is not None else []
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with tmp.open("w") as fh:
+            fh.writelines(line + "\n" for line in kept)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError:
+        tmp.unlink(missing_ok=True)  # e.g. a full disk: the old log stays as it was
+        raise
+    fault_point("log_rewrite")
+    os.replace(tmp, path)
+    return path.open("a"), [json.loads(line) for line in kept]
+
+
+def nospace(exc: BaseException) -> ConfigError | None:
+    """The one-line error for a full disk, or None when ``exc`` is something else."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return ConfigError(f"{exc.filename or 'out_dir'}: no space left on device; valid: free space on that disk, a "
+                           f"smaller keep_checkpoints, or another out_dir")
+    return None

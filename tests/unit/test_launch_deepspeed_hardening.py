@@ -1,0 +1,119 @@
+"""`--launcher deepspeed` against DeepSpeed's own PDSH runner: the remote shell line it builds (simulated
+here with bash, as pdsh would hand it to the remote login shell) runs nothing hidden in train arguments or
+--env values, delivers every word intact, keeps env values off the command line, and the hostfile it reads
+is DeepSpeed's format written from the parsed hosts."""
+
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from meshwright.cli import main
+from meshwright.commands.launch import _private_file
+from meshwright.errors import ConfigError
+from meshwright.launcher.remote.argv import (
+    LaunchSpec, deepspeed_argv, deepspeed_hostfile_text, deepspeed_ssh_port, env_script_text,
+)
+from meshwright.launcher.remote.hostfile import Host, load_hosts
+
+# no whitespace (refused in one line, see below); each would create a pwned* file if a shell ran it
+HOSTILE = ["train", "tiny-test", "out_dir=$(id>{m}1)", "--plan=`id>{m}2`", "x;id>{m}3", "it's", 'a"b',
+           "data.path=$HOME", "lr=1e-3>{m}4", "steps=1&&id>{m}7"]
+
+
+def remote_line(spec, tmp_path, env_script=None):
+    """The command line DeepSpeed's PDSHRunner sends to every host, with its launcher swapped for a printer."""
+    runner_mod = pytest.importorskip("deepspeed.launcher.runner")
+    from deepspeed.launcher.multinode_runner import PDSHRunner
+
+    argv = deepspeed_argv(spec, tmp_path / "hostfile", None, env_script=env_script)
+    args = runner_mod.parse_args(argv[1:])
+    cmd, _kill, _env = PDSHRunner(args, "WORLD").get_cmd({}, {h.name: [0] for h in spec.hosts})
+    words = cmd[cmd.index(spec.hosts[0].name if len(spec.hosts) == 1 else ",".join(h.name for h in spec.hosts)) + 1:]
+    line = " ".join(words)  # pdsh joins its arguments with spaces for the remote shell
+    launcher = f"{sys.executable} -u -m deepspeed.launcher.launch"
+    assert launcher in line
+    return line.replace(launcher, "printf '%s\\n' \"ENV_A=$A\"")
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash as the simulated remote shell")
+def test_hostile_train_args_and_env_reach_the_hosts_intact_and_run_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    train = [a.format(m=marker) for a in HOSTILE]
+    spec = LaunchSpec(hosts=[Host("n0", 1), Host("n1", 1)], train_args=train,
+                      env={"A": f"v $(touch {marker}5) `touch {marker}6` 'q'"})
+    script = _private_file(tmp_path / ".meshwright", env_script_text(spec))
+    line = remote_line(spec, tmp_path, env_script=script)
+    assert spec.env["A"] not in line and "touch" not in line  # env values off the line
+    out = subprocess.run(["bash", "-c", line], capture_output=True, text=True, cwd=tmp_path, timeout=30)
+    assert out.returncode == 0, out.stderr
+    printed = out.stdout.splitlines()
+    assert printed[0] == f"ENV_A={spec.env['A']}"  # the sourced value arrived exactly
+    assert printed[printed.index("meshwright.cli") + 1:] == train  # every word exactly as typed
+    assert not list(tmp_path.glob("pwned*"))  # and nothing ran
+
+
+def test_without_quoting_deepspeed_would_run_them(tmp_path):
+    """The simulation is sharp: DeepSpeed's runner given the raw words runs the hidden command."""
+    pytest.importorskip("deepspeed.launcher.runner")
+    marker = tmp_path / "pwned"
+    spec = LaunchSpec(hosts=[Host("n0", 1), Host("n1", 1)], train_args=["train", f"out_dir=$(id>{marker})"])
+    import meshwright.launcher.remote.argv as argv_mod
+
+    raw = argv_mod.deepspeed_user_args
+    try:
+        argv_mod.deepspeed_user_args = lambda s: list(s.train_args)
+        line = remote_line(spec, tmp_path)
+    finally:
+        argv_mod.deepspeed_user_args = raw
+    subprocess.run(["bash", "-c", line], capture_output=True, text=True, cwd=tmp_path, timeout=30)
+    assert marker.exists()
+
+
+def test_whitespace_in_train_args_is_one_line_under_multi_host_deepspeed(tmp_path):
+    spec = LaunchSpec(hosts=[Host("n0", 1), Host("n1", 1)], train_args=["train", "data.path=/my data"])
+    with pytest.raises(ConfigError) as err:
+        deepspeed_argv(spec, tmp_path / "h")
+    assert "\n" not in str(err.value) and "whitespace" in str(err.value)
+    one = LaunchSpec(hosts=[Host("n0", 1)], train_args=["train", "data.path=/my data"])
+    assert deepspeed_argv(one, tmp_path / "h")[-1] == "data.path=/my data"  # one host: no shell, no quoting
+
+
+def test_env_script_is_private(tmp_path):
+    path = _private_file(tmp_path / ".meshwright", "export A=1\n")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_yaml_hosts_become_a_deepspeed_hostfile(tmp_path):
+    runner_mod = pytest.importorskip("deepspeed.launcher.runner")
+    y = tmp_path / "hosts.yaml"
+    y.write_text("hosts:\n  - {name: n0, slots: 2, user: alice, port: 2222}\n  - {name: n1, slots: 2, user: alice, port: 2222}\n")
+    hosts = load_hosts(y)
+    text = deepspeed_hostfile_text(hosts)
+    assert text == "alice@n0 slots=2\nalice@n1 slots=2\n"
+    assert dict(runner_mod._parse_hostfile(text.splitlines())) == {"alice@n0": 2, "alice@n1": 2}  # DeepSpeed reads it
+    assert deepspeed_ssh_port(hosts, None) == 2222
+    mixed = [Host("n0", 1, port=2222), Host("n1", 1, port=2200)]
+    with pytest.raises(ConfigError, match="one SSH port"):
+        deepspeed_ssh_port(mixed, None)
+    with pytest.raises(ConfigError, match="one SSH port"):
+        deepspeed_ssh_port(hosts, 22)
+
+
+@pytest.mark.parametrize("port", ["0", "70000", "-1"])
+def test_ssh_port_is_range_checked(tmp_path, capsys, port):
+    hf = tmp_path / "hostfile"
+    hf.write_text("n0 slots=1\n")
+    assert main(["launch", "--hosts", str(hf), "--ssh-port", port, "--dry-run", "--", "train", "tiny-test"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--ssh-port" in err[0]
+
+
+def test_binary_hostfile_is_one_line(tmp_path):
+    hf = tmp_path / "hostfile"
+    hf.write_bytes(b"\x00\xffnode slots=1")
+    with pytest.raises(ConfigError) as err:
+        load_hosts(hf)
+    assert "\n" not in str(err.value) and "binary" in str(err.value)

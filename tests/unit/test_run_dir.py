@@ -1,0 +1,128 @@
+"""One run per out_dir and nothing lost in it: the lock, fresh/resume/overwrite rules, the saved-config check,
+the crash-safe log rewrite, a summary after a kill past the final checkpoint, and full disks as one line."""
+
+import errno
+import json
+
+import pytest
+import torch.distributed.checkpoint as dcp
+
+from _train_helpers import MICRO, prepared_corpus
+from meshwright.config import load_train_config
+from meshwright.errors import ConfigError
+from meshwright.train.build import run_training
+from meshwright.train.run_dir import RunLock, read_log
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return prepared_corpus(tmp_path_factory.mktemp("data"))
+
+
+def cfg(data, out, **overrides):
+    return load_train_config({
+        "model": MICRO, "data": {"path": str(data)}, "seq_len": 32, "global_batch": 8, "micro_batch": 4,
+        "steps": 4, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1, "eval_every": 0, "eval_batches": 1,
+        "log_every": 1, "ckpt_every": 2, "out_dir": str(out), "progress": False, "energy": False, **overrides,
+    })
+
+
+def steps_logged(out):
+    return [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_a_second_run_into_a_locked_out_dir_is_one_line(data, tmp_path):
+    tmp_path.mkdir(exist_ok=True)
+    with RunLock(tmp_path):
+        with pytest.raises(ConfigError) as err:
+            run_training(cfg(data, tmp_path))
+    assert "\n" not in str(err.value) and "locked" in str(err.value) and "out_dir=" in str(err.value)
+    assert not (tmp_path / "log.jsonl").exists()
+    run_training(cfg(data, tmp_path, steps=2))  # released: the next run goes ahead
+    assert steps_logged(tmp_path) == [1, 2]
+
+
+def test_fresh_run_into_another_runs_dir_refuses_unless_resume_or_overwrite(data, tmp_path):
+    run_training(cfg(data, tmp_path, steps=6))
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError) as err:
+        run_training(cfg(data, tmp_path, steps=4))
+    assert "\n" not in str(err.value) and "step_000006" in str(err.value) and "--overwrite" in str(err.value)
+    assert (tmp_path / "ckpt" / "step_000006").is_dir()  # nothing touched
+    summary = run_training(cfg(data, tmp_path, steps=4), overwrite=True)
+    assert summary["steps"] == 4 and not summary["resumed"]
+    ckpts = sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("step_"))
+    assert ckpts == ["step_000002", "step_000004"]  # the old run's step_000006 is gone; the new ones survived
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step_000004"
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # not meshwright's: kept
+    assert steps_logged(tmp_path) == [1, 2, 3, 4]
+
+
+def test_resume_refuses_a_changed_config_unless_told(data, tmp_path):
+    run_training(cfg(data, tmp_path, steps=4))
+    with pytest.raises(ConfigError) as err:
+        run_training(cfg(data, tmp_path, steps=6, lr=1e-2), resume=True)
+    assert "\n" not in str(err.value) and str(err.value).startswith("lr=0.01") and "--allow-config-change" in str(err.value)
+    summary = run_training(cfg(data, tmp_path, steps=6), resume=True)  # more steps is a continuation
+    assert summary["resumed"] and summary["steps_this_run"] == 2
+    summary = run_training(cfg(data, tmp_path, steps=7, lr=1e-2), resume=True, allow_config_change=True)
+    assert summary["steps_this_run"] == 1
+
+
+def test_log_rewrite_drops_torn_lines_and_keeps_records_up_to_the_checkpoint(data, tmp_path):
+    run_training(cfg(data, tmp_path, steps=4))
+    log = tmp_path / "log.jsonl"
+    log.write_text(log.read_text() + '{"step": 5, "loss": 1.2')  # a kill mid-write of step 5's record
+    assert [json.loads(x)["step"] for x in read_log(log, 10)] == [1, 2, 3, 4]
+    (tmp_path / "ckpt" / "latest").write_text("step_000002\n")  # resume from step 2: records 3.. are redone
+    run_training(cfg(data, tmp_path, steps=5), resume=True)
+    assert steps_logged(tmp_path) == [1, 2, 3, 4, 5]
+    assert not (tmp_path / "log.jsonl.tmp").exists()
+
+
+def test_a_run_killed_after_its_final_checkpoint_gets_its_summary_on_resume(data, tmp_path):
+    first = run_training(cfg(data, tmp_path, steps=4))
+    (tmp_path / "summary.json").unlink()  # as if killed between the final checkpoint and the summary
+    summary = run_training(cfg(data, tmp_path, steps=4), resume=True)
+    assert summary["steps_this_run"] == 0 and summary["steps"] == 4
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["final_loss"] == first["final_loss"] and written["resumed"] is True
+
+
+def test_disk_full_during_a_checkpoint_is_one_line_and_leaves_no_tmp(data, tmp_path, monkeypatch):
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dcp, "save", full)
+    with pytest.raises(ConfigError) as err:
+        run_training(cfg(data, tmp_path, steps=2))
+    assert "\n" not in str(err.value) and "no space left on device" in str(err.value)
+    assert not list((tmp_path / "ckpt").glob("*.tmp"))
+
+
+def test_out_dir_that_is_a_file_or_unwritable_is_one_line(data, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ConfigError) as err:
+        run_training(cfg(data, f))
+    assert str(err.value).startswith("out_dir=") and "a file" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        run_training(cfg(data, f / "sub"))
+    assert str(err.value).startswith("out_dir=") and "\n" not in str(err.value)
+
+
+def test_cli_flags_overwrite_and_allow_config_change(data, tmp_path, capsys):
+    from meshwright.cli import main
+
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"model": MICRO, "data": {"path": str(data)}, "seq_len": 32, "global_batch": 8,
+                                    "micro_batch": 4, "steps": 2, "warmup_steps": 1, "eval_every": 0, "log_every": 1,
+                                    "out_dir": str(tmp_path / "out"), "progress": False, "energy": False}))
+    assert main(["train", str(cfg_file)]) == 0
+    assert main(["train", str(cfg_file)]) == 2  # another run's checkpoints: refused
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--overwrite" in err[0]
+    assert main(["train", str(cfg_file), "steps=3", "--overwrite"]) == 0  # flags after the overrides work too
+    assert main(["train", str(cfg_file), "steps=4", "lr=0.01", "--resume"]) == 2
+    assert "--allow-config-change" in capsys.readouterr().err
+    assert main(["train", str(cfg_file), "steps=4", "lr=0.01", "--resume", "--allow-config-change"]) == 0

@@ -28,6 +28,25 @@ def _positive(prefix: str, obj: Any, *names: str) -> None:
             raise invalid(f"{prefix}{name}", value, "a positive number")
 
 
+ROPE_SCALING = {  # rope_type -> required keys (Hugging Face names); the values are checked to be positive
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def validate_rope_scaling(spec: Any, key: str) -> None:
+    """The rotary scalings the model implements (``meshwright.models.layers.rope_inv_freq``)."""
+    kind = spec.get("rope_type", spec.get("type")) if isinstance(spec, dict) else None
+    if kind not in ROPE_SCALING:
+        raise invalid(f"{key}.rope_type", kind, f"one of {', '.join(ROPE_SCALING)} (or rope_scaling: null)")
+    for name in ROPE_SCALING[kind]:
+        value = spec.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise invalid(f"{key}.{name}", value, f"a positive number (required by rope_type {kind})")
+    if kind == "llama3" and not spec["high_freq_factor"] > spec["low_freq_factor"]:
+        raise invalid(f"{key}.high_freq_factor", spec["high_freq_factor"], f"greater than low_freq_factor={spec['low_freq_factor']}")
+
+
 @dataclass
 class ModelConfig:
     """Shape of a decoder-only transformer; ``arch`` picks Llama-style or GPT-2-style blocks."""
@@ -44,6 +63,10 @@ class ModelConfig:
     max_seq_len: int = 256
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: Optional[dict[str, Any]] = None  # {"rope_type": "llama3"|"linear", "factor": ..., ...} (Llama 3.1)
+    sliding_window: Optional[int] = None  # Mistral: each token sees itself and the previous window-1 tokens
+    qkv_bias: bool = False  # Qwen2: biases on the q/k/v projections (not on the output projection)
+    attn_head_dim: Optional[int] = None  # None = d_model / n_heads; set when a checkpoint's head_dim differs
     tie_embeddings: bool = False
     dropout: float = 0.0
     init_std: float = 0.02
@@ -60,10 +83,18 @@ class ModelConfig:
         p = f"{prefix}." if prefix else ""
         _positive(p, self, "vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "multiple_of", "moe_every")
         _positive(p, self, "norm_eps", "rope_theta", "init_std")
-        if self.d_model % self.n_heads:
+        if self.attn_head_dim is None and self.d_model % self.n_heads:
             raise invalid(f"{p}n_heads", self.n_heads, f"a divisor of d_model={self.d_model}: {divisors(self.d_model)}")
+        if self.attn_head_dim is not None and self.attn_head_dim <= 0:
+            raise invalid(f"{p}attn_head_dim", self.attn_head_dim, "a positive integer or null (d_model/n_heads)")
         if self.arch == "llama" and self.head_dim % 2:
             raise invalid(f"{p}d_model", self.d_model, "d_model/n_heads must be even for rotary embeddings")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise invalid(f"{p}sliding_window", self.sliding_window, "a positive number of tokens or null (full causal)")
+        if self.rope_scaling is not None:
+            validate_rope_scaling(self.rope_scaling, f"{p}rope_scaling")
+        if self.arch == "gpt2" and (self.rope_scaling is not None or self.qkv_bias or self.attn_head_dim is not None):
+            raise invalid(f"{p}arch", self.arch, "'llama' for rope_scaling, qkv_bias or attn_head_dim (gpt2 blocks have none)")
         kv = self.kv_heads
         if kv <= 0 or self.n_heads % kv:
             raise invalid(f"{p}n_kv_heads", self.n_kv_heads, f"a divisor of n_heads={self.n_heads}: {divisors(self.n_heads)}")
@@ -86,7 +117,7 @@ class ModelConfig:
     # ---- derived shapes -------------------------------------------------------------------------
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.attn_head_dim if self.attn_head_dim is not None else self.d_model // self.n_heads
 
     @property
     def kv_heads(self) -> int:
@@ -115,9 +146,9 @@ class ModelConfig:
     # ---- analytic parameter counts (the modules are checked against these in tests) -----------
     def attention_params(self) -> int:
         d, hd = self.d_model, self.head_dim
-        qo = 2 * d * d
+        qo = 2 * d * self.n_heads * hd
         kv = 2 * d * self.kv_heads * hd
-        bias = (3 * d + d) if self.arch == "gpt2" else 0
+        bias = (3 * d + d) if self.arch == "gpt2" else (self.n_heads + 2 * self.kv_heads) * hd if self.qkv_bias else 0
         return qo + kv + bias
 
     def dense_mlp_params(self) -> int:

@@ -60,7 +60,7 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         if cfg.arch == "llama":
-            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, scaling=cfg.rope_scaling)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         else:
@@ -89,7 +89,8 @@ class Decoder(nn.Module):
         if self.output is not None and not cfg.tie_embeddings:
             nn.init.normal_(self.output.weight, std=cfg.init_std)
         if cfg.arch == "llama" and self.rope_cos is not None:
-            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device)
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device,
+                                   scaling=cfg.rope_scaling)
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
 

@@ -260,6 +260,7 @@ class TrainConfig:
     """One training run: what model, on which data, for how long, with which optimiser settings."""
 
     model: Any = "tiny"  # preset name, path to YAML/HF config.json, or an inline ModelConfig mapping
+    init_from: Optional[str] = None  # Hugging Face model directory (config.json + safetensors): start from its weights
     cluster: Any = "local-cpu"
     data: DataConfig = field(default_factory=DataConfig)
     seq_len: int = 128
@@ -327,6 +328,8 @@ class TrainConfig:
             raise ConfigError(f"{p}{exc}") from None
         if self.meft is not None:
             from_dict(MeftConfig, self.meft, prefix=f"{p}meft")
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
+            raise invalid(f"{p}init_from", self.init_from, "null or the path of a Hugging Face model directory")
         if not isinstance(self.model, (str, dict)):
             raise invalid(f"{p}model", self.model, "a preset name, a path, or a mapping of ModelConfig fields")
         if not isinstance(self.cluster, (str, dict)):

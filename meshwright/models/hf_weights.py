@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from meshwright.config import ModelConfig, load_model_config
+from meshwright.config.hf import hf_config_from_model
 from meshwright.errors import ConfigError, invalid
 from meshwright.models.decoder import Decoder
 from meshwright.models.layers import rope_tables
@@ -325,3 +326,15 @@ class _KeyOnlyReader:
 
     def __contains__(self, key: str) -> bool:
         return key in self._keys
+
+
+def save_hf(model: nn.Module, cfg: ModelConfig, out: str | Path) -> Path:
+    """Write ``out/config.json`` + ``out/model.safetensors`` that transformers' ``from_pretrained`` loads."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.float() if v.is_floating_point() else v for k, v in hf_state_dict(model, cfg).items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config_from_model(cfg), indent=1) + "\n")
+    return out

@@ -127,3 +127,17 @@ def test_unused_checkpoint_tensor_is_refused(tmp_path):
     save_file(state, str(path / "model.safetensors"))
     with pytest.raises(ConfigError, match="no place for"):
         from_pretrained(path)
+
+
+@pytest.mark.parametrize("kind", ["llama3", "mistral", "qwen2", "mixtral", "gpt2"])
+def test_save_hf_round_trip_through_transformers(kind, tmp_path):
+    from meshwright.models.hf_weights import save_hf
+
+    hf, path = _saved(kind, tmp_path)
+    ours = from_pretrained(path)
+    out = save_hf(ours, ours.cfg, tmp_path / "export")
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(back) is type(hf)
+    tokens = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        assert (back(tokens).logits - hf(tokens).logits).abs().max().item() < 1e-4

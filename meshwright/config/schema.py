@@ -240,10 +240,12 @@ class ClusterSpec:
 
 @dataclass
 class DataConfig:
-    """Where tokens come from. ``path: default`` is the embedded corpus (Python stdlib sources)."""
+    """Where tokens come from. ``path: default`` is the embedded corpus (Python stdlib sources); a ``.jsonl``
+    file of prompt/response or chat examples trains on the responses only. ``tokenizer``: byte, bpe, or the
+    path of a pretrained model's ``tokenizer.json`` (or of its directory)."""
 
     path: str = "default"
-    tokenizer: Literal["byte", "bpe"] = "byte"
+    tokenizer: str = "byte"
     val_fraction: float = 0.05
     max_files: Optional[int] = 400
 
@@ -253,6 +255,8 @@ class DataConfig:
             raise invalid(f"{p}val_fraction", self.val_fraction, "a number in (0, 0.5)")
         if self.max_files is not None and self.max_files <= 0:
             raise invalid(f"{p}max_files", self.max_files, "a positive integer or null")
+        if not isinstance(self.tokenizer, str) or not self.tokenizer:
+            raise invalid(f"{p}tokenizer", self.tokenizer, "byte, bpe, or the path of a Hugging Face tokenizer.json")
 
 
 @dataclass

@@ -135,9 +135,12 @@ class Decoder(nn.Module):
         return self.cfg.flops_per_token(seq_len)
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy over all positions, computed in fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross entropy over the positions whose target is not ``ignore_index`` (masked prompt
+    tokens of instruction data), computed in fp32; 0 (not NaN) when a micro-batch has no target at all."""
+    flat = targets.flatten()
+    total = F.cross_entropy(logits.float().flatten(0, 1), flat, ignore_index=ignore_index, reduction="sum")
+    return total / (flat != ignore_index).sum().clamp_min(1)
 
 
 def count_parameters(model: nn.Module) -> int:

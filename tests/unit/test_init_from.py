@@ -74,3 +74,32 @@ def test_init_from_bad_path_and_model_conflict(data, hf_dir, tmp_path):
 def test_export_refuses_a_directory_without_a_run(tmp_path, capsys):
     assert main(["export", str(tmp_path), "--hf", str(tmp_path / "o")]) == 2
     assert "CKPT" in capsys.readouterr().err
+
+
+def test_finetune_pretrained_on_chat_jsonl_with_its_tokenizer(tmp_path, monkeypatch):
+    """init_from + the model's tokenizer.json + prompt/response jsonl: trains on responses only, and a byte
+    tokenizer on the same (600-token) pretrained model is refused."""
+    import json
+
+    from meshwright.data.corpus import stdlib_files
+    from meshwright.data.tokenizer import BPETokenizer
+
+    monkeypatch.setenv("MESHWRIGHT_CACHE", str(tmp_path / "cache"))
+    hf = tmp_path / "hf"
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64)).save_pretrained(hf)
+    BPETokenizer.train([f.read_text(errors="replace") for f in stdlib_files(5)], 600).save(hf / "tokenizer.json")
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"prompt": f"Q{i}: say {w}\nA: ", "response": w}) + "\n"
+                           for i, w in enumerate(["yes", "no", "maybe", "always"] * 30)))
+    cfg = load_train_config({"init_from": str(hf), "data": {"path": str(sft), "tokenizer": str(hf), "val_fraction": 0.2},
+                             "seq_len": 32, "global_batch": 4, "micro_batch": 4, "steps": 20, "lr": 1e-2,
+                             "warmup_steps": 2, "eval_every": 0, "eval_batches": 2, "out_dir": str(tmp_path / "run"),
+                             "progress": False, "energy": False})
+    summary = run_training(cfg)
+    assert summary["final_loss"] < summary["first_loss"]
+    bad = load_train_config({**{k: v for k, v in cfg.__dict__.items() if k != "data"}, "data": {"path": "default", "max_files": 5}})
+    with pytest.raises(ConfigError, match="data.tokenizer='byte'"):
+        run_training(bad)

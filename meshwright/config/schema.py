@@ -359,6 +359,9 @@ class MeftConfig:
     train_head: bool = True
     track_error: bool = False  # keep the stack input and log the reconstruction error of every backward
     compute_dtype: Optional[Literal["fp64", "fp32", "bf16", "fp16"]] = None  # for the safe default; None = params' dtype
+    tolerance: float = 1e-3  # the safe default keeps the measured reconstruction error of the stack input below this
+    guard_every: int = 50  # with the safe default: every N-th backward measures the error, one layer leaves the
+    #                        reversible set while it exceeds ``tolerance`` (0 = never: conversion-time check only)
 
     def validate(self, prefix: str = "meft", n_layers: int | None = None) -> None:
         if self.variant not in VARIANTS:
@@ -373,6 +376,11 @@ class MeftConfig:
             raise invalid(f"{prefix}.adapter_dropout", self.adapter_dropout, "a number in [0, 1)")
         if self.adapter_init_std < 0:
             raise invalid(f"{prefix}.adapter_init_std", self.adapter_init_std, "a number >= 0")
+        if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float)) \
+                or not math.isfinite(self.tolerance) or self.tolerance <= 0:
+            raise invalid(f"{prefix}.tolerance", self.tolerance, "a finite number > 0 (relative reconstruction error)")
+        if isinstance(self.guard_every, bool) or not isinstance(self.guard_every, int) or self.guard_every < 0:
+            raise invalid(f"{prefix}.guard_every", self.guard_every, "an integer >= 0 (backward steps; 0 = off)")
         if self.reversible_layers is not None:
             bad = isinstance(self.reversible_layers, bool) or not isinstance(self.reversible_layers, int) \
                 or self.reversible_layers < 0 or (n_layers is not None and self.reversible_layers > n_layers)

@@ -142,6 +142,7 @@ def run_training(train_cfg: TrainConfig, plan_ref: str | None = None, resume: bo
         if runtime.is_main:
             Path(train_cfg.out_dir).mkdir(parents=True, exist_ok=True)
             write_yaml(train_cfg, Path(train_cfg.out_dir) / "config.yaml")
+            write_yaml(model_cfg, Path(train_cfg.out_dir) / "model.yaml")  # resolved (init_from, overrides): for export
             if runtime.plan is not None:  # the layout this run used, for `meshwright report`
                 runtime.plan.save(Path(train_cfg.out_dir) / "plan.yaml")
             print(f"train: model {model_cfg.name} ({model_cfg.num_params() / 1e6:.2f}M params) | data {ds.path} "

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch.distributed.checkpoint as dcp
 
-from meshwright.config import load_train_config
+from meshwright.config import load_model_config, load_train_config
 from meshwright.errors import ConfigError, invalid
 from meshwright.models import build_model
 from meshwright.models.hf_weights import save_hf
@@ -39,7 +39,8 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
     cfg = load_train_config(str(run_dir / "config.yaml"))
     if cfg.meft is not None:
         raise invalid("meft", "set", "a run without MEFT (its reversible blocks and adapters are not a Hugging Face architecture)")
-    model_cfg = resolve_model_config(cfg)
+    resolved = run_dir / "model.yaml"  # written by run_training: independent of init_from's directory
+    model_cfg = load_model_config(str(resolved)) if resolved.is_file() else resolve_model_config(cfg)
     model = build_model(model_cfg, device="cpu")
     state = {k: v for k, v in model.state_dict().items() if not (model_cfg.tie_embeddings and k == "output.weight")}
     try:

@@ -53,10 +53,11 @@ def test_init_from_train_export_round_trip(data, hf_dir, tmp_path):
     summary = run_training(_cfg(data, hf_dir, run))
     assert summary["final_loss"] is not None
     out = tmp_path / "exported"
+    moved = hf_dir.rename(tmp_path / "moved")  # export reads the run's resolved model.yaml, not init_from's directory
     assert main(["export", str(run), "--hf", str(out)]) == 0
     back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     ours = from_pretrained(out).eval()
-    start = from_pretrained(hf_dir)
+    start = from_pretrained(moved)
     trained = dict(ours.named_parameters())
     assert any(not torch.equal(p, trained[n]) for n, p in start.named_parameters())  # training moved the weights
     tokens = torch.randint(0, 256, (2, 32))

@@ -253,6 +253,8 @@ def load_pretrained_into(model: nn.Module | Iterable[nn.Module], path: str | Pat
         _reset_rope(mod, cfg)
     if check_unused is None:
         check_unused = len(layers_seen) == cfg.n_layers
+    if cfg.tie_embeddings:
+        used.add("lm_head.weight")  # some tied checkpoints store the head as well; the model shares the embedding
     if check_unused:
         extra = sorted(k for k in reader.keys() if k not in used and not k.endswith(IGNORED_SUFFIXES))
         if extra:

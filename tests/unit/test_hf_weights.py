@@ -29,6 +29,9 @@ def _build(kind: str):
         rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 16, "rope_theta": 500000.0}
         return T.LlamaForCausalLM(T.LlamaConfig(**SMALL, rope_parameters=rope, tie_word_embeddings=True, head_dim=12))
+    if kind == "llama_linear":  # linear rope scaling 
+        return T.LlamaForCausalLM(T.LlamaConfig(**SMALL, rope_parameters={"rope_type": "linear", "factor": 4.0,
+                                                                           "rope_theta": 20000.0}))
     if kind == "mistral":
         return T.MistralForCausalLM(T.MistralConfig(**SMALL, sliding_window=5))
     if kind == "qwen2":
@@ -56,7 +59,7 @@ def _saved(kind: str, tmp_path, max_shard_size=None):
     return hf, out
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama3", "mistral", "qwen2", "mixtral", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "llama3", "llama_linear", "mistral", "qwen2", "mixtral", "gpt2"])
 def test_from_pretrained_matches_transformers_logits(kind, tmp_path):
     hf, path = _saved(kind, tmp_path)
     ours = from_pretrained(path).eval()
@@ -141,3 +144,30 @@ def test_save_hf_round_trip_through_transformers(kind, tmp_path):
     tokens = torch.randint(0, 97, (2, 24))
     with torch.no_grad():
         assert (back(tokens).logits - hf(tokens).logits).abs().max().item() < 1e-4
+
+
+def test_tied_checkpoint_that_also_stores_the_head_loads(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf, path = _saved("llama3", tmp_path)  # tie_word_embeddings=True
+    state = load_file(str(path / "model.safetensors"))
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, str(path / "model.safetensors"))
+    ours = from_pretrained(path).eval()
+    tokens = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        assert (ours(tokens) - hf(tokens).logits).abs().max().item() < 1e-4
+
+
+def test_transformers4_config_keys_are_read():
+    from meshwright.config.hf import model_config_from_hf
+
+    data = {"model_type": "llama", "vocab_size": 97, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "intermediate_size": 48, "max_position_embeddings": 64, "rope_theta": 500000.0,
+            "rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 16}}
+    cfg = model_config_from_hf(data)
+    assert cfg.rope_theta == 500000.0 and cfg.rope_scaling["rope_type"] == "llama3" and cfg.rope_scaling["factor"] == 8.0
+    data["rope_scaling"] = {"type": "dynamic", "factor": 2.0}
+    with pytest.raises(ConfigError, match="rope_type"):
+        model_config_from_hf(data)

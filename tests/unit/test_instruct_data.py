@@ -97,3 +97,15 @@ def test_malformed_example_is_one_line(tok_path, tmp_path):
     bad.write_text(json.dumps({"messages": [{"role": "wizard", "content": "x"}]}) + "\n")
     with pytest.raises(ConfigError, match=r"bad.jsonl:1 messages\[0\]"):
         prepare([bad], tmp_path / "o", tokenizer=str(tok_path), fmt="instruct", progress=False)
+
+
+def test_data_prepare_cli_instruct(tok_path, jsonl, tmp_path, capsys):
+    from meshwright.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["data", "prepare", str(jsonl), "--out", str(out), "--tokenizer", str(tok_path), "--format", "instruct",
+                 "--no-progress"]) == 0
+    assert "tokenizer hf (vocab 600)" in capsys.readouterr().out
+    assert TokenDataset(out).mask is not None
+    assert main(["data", "prepare", str(jsonl), "--out", str(out), "--tokenizer", str(tmp_path / "none.json")]) == 2
+    assert "tokenizer" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import sys
 from meshwright import __version__
 from meshwright.errors import ConfigError
 
-COMMANDS = ("data", "train", "profile", "plan", "launch", "report", "completion")
+COMMANDS = ("data", "train", "profile", "plan", "launch", "report", "export", "completion")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     prep.add_argument("inputs", nargs="*", metavar="INPUT", help="files (.txt .md .py .jsonl) or directories")
     prep.add_argument("--out", metavar="DIR", help="output directory (replaced atomically)")
-    prep.add_argument("--tokenizer", default="byte", choices=["byte", "bpe"], help="byte-level (default) or BPE (needs `tokenizers`)")
+    prep.add_argument("--tokenizer", default="byte", metavar="byte|bpe|PATH",
+                      help="byte-level (default), BPE trained on the inputs, or a pretrained model's tokenizer.json "
+                           "(needs `tokenizers`)")
+    prep.add_argument("--format", default="text", choices=["text", "instruct"],
+                      help="text documents (default) or prompt/response / chat jsonl with the loss on responses only")
     prep.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
     prep.add_argument("--text-key", default="text", help="field holding the text in .jsonl lines (default 'text')")
     prep.add_argument("--default", action="store_true", help="build the embedded default corpus (stdlib sources) into the cache")
@@ -43,7 +47,8 @@ def _prepare(args: argparse.Namespace) -> int:
             raise invalid("inputs", [], "one or more files or directories (or --default)")
         if not args.out:
             raise invalid("--out", None, "an output directory")
-        out = prepare(args.inputs, args.out, args.tokenizer, args.vocab_size, args.text_key, progress=not args.no_progress)
+        out = prepare(args.inputs, args.out, args.tokenizer, args.vocab_size, args.text_key,
+                      progress=not args.no_progress, fmt=args.format)
     index = json.loads((out / "index.json").read_text())
     print(f"prepared {out}: {index['num_tokens']:,} tokens ({index['dtype']}), {index['num_documents']} documents, "
           f"tokenizer {index['tokenizer']['name']} (vocab {index['tokenizer']['vocab_size']})")

@@ -1,4 +1,9 @@
-"""Hugging Face ``config.json`` -> ModelConfig (Llama/Mistral/Mixtral/GPT-2)."""
+"""Hugging Face ``config.json`` -> ModelConfig (Llama/Mistral/Qwen2/Mixtral/GPT-2), and back.
+
+Import keeps what the file says (rope theta wherever transformers wrote it, rope scaling, sliding window,
+head_dim, q/k/v biases, tied embeddings); a setting meshwright cannot run is a one-line error, never
+silently dropped. ``hf_config_from_model`` is the inverse used by ``meshwright export --hf``.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,10 @@ from meshwright.config.io import from_dict
 from meshwright.config.schema import ModelConfig
 from meshwright.errors import invalid
 
+MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral", "gpt2")
+
 HF_KEYS = {
-    # Hugging Face config.json keys -> ModelConfig fields (LlamaConfig, MistralConfig, MixtralConfig, GPT2Config)
+    # Hugging Face config.json keys -> ModelConfig fields (LlamaConfig, MistralConfig, Qwen2Config, MixtralConfig, GPT2Config)
     "vocab_size": "vocab_size", "hidden_size": "d_model", "num_hidden_layers": "n_layers",
     "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads", "intermediate_size": "ffn_hidden",
     "max_position_embeddings": "max_seq_len", "rms_norm_eps": "norm_eps", "rope_theta": "rope_theta",
@@ -19,25 +26,149 @@ HF_KEYS = {
     "layer_norm_epsilon": "norm_eps", "n_inner": "ffn_hidden",
 }
 
+# Settings with one value meshwright runs; anything else is refused (key -> (accepted values, what is valid)).
+_GPT2_FIXED = {
+    "activation_function": (("gelu_new", "gelu_pytorch_tanh"), "gelu_new (tanh-approximated GELU)"),
+    "scale_attn_weights": ((True, None), "true"),
+    "scale_attn_by_inverse_layer_idx": ((False, None), "false"),
+    "reorder_and_upcast_attn": ((False, None), "false"),
+    "add_cross_attention": ((False, None), "false"),
+}
+_LLAMA_FIXED = {
+    "hidden_act": (("silu", None), "silu (SwiGLU)"),
+    "mlp_bias": ((False, None), "false"),
+    "attention_bias": ((False, None), "false (q/k/v/o biases; Qwen2's q/k/v-only biases are supported)"),
+    "pretraining_tp": ((1, None), "1"),
+}
+
+
+def _rope(data: dict[str, Any]) -> tuple[float | None, dict[str, Any] | None]:
+    """rope_theta and the scaling spec, from transformers 5's ``rope_parameters`` or 4.x's top-level keys."""
+    params = data.get("rope_parameters")
+    legacy = data.get("rope_scaling")
+    theta = data.get("rope_theta")
+    spec: dict[str, Any] | None = None
+    if isinstance(params, dict):
+        theta = params.get("rope_theta", theta)
+        spec = dict(params)
+    elif params is not None:
+        raise invalid("config.json rope_parameters", params, "a mapping (one rope setting for every layer)")
+    if isinstance(legacy, dict):
+        spec = {**legacy, **(spec or {})}
+    elif legacy is not None:
+        raise invalid("config.json rope_scaling", legacy, "a mapping or null")
+    if spec is not None:
+        spec.pop("rope_theta", None)
+        if "type" in spec and "rope_type" not in spec:
+            spec["rope_type"] = spec.pop("type")
+        spec.pop("type", None)
+        if spec.get("rope_type", "default") == "default":
+            spec = None
+        else:
+            if spec.get("attention_factor") not in (None, 1, 1.0):
+                raise invalid("config.json rope_parameters.attention_factor", spec["attention_factor"], "1 or absent")
+            spec.pop("attention_factor", None)
+    return theta, spec
+
+
+def _check_fixed(data: dict[str, Any], fixed: dict[str, tuple[tuple, str]]) -> None:
+    for key, (accepted, valid) in fixed.items():
+        if key in data and data[key] not in accepted:
+            raise invalid(f"config.json {key}", data[key], f"{valid} (the only value meshwright runs)")
+
 
 def model_config_from_hf(data: dict[str, Any], name: str = "hf") -> ModelConfig:
-    """Map a Hugging Face ``config.json`` (Llama/Mistral/Mixtral/GPT-2) onto a ModelConfig."""
+    """Map a Hugging Face ``config.json`` onto a ModelConfig, refusing settings meshwright cannot run."""
     model_type = data.get("model_type", "")
-    if model_type not in ("llama", "mistral", "mixtral", "gpt2"):
-        raise invalid("config.json model_type", model_type, "llama, mistral, mixtral or gpt2")
+    if model_type not in MODEL_TYPES:
+        raise invalid("config.json model_type", model_type, ", ".join(MODEL_TYPES))
     shape_keys = ("hidden_size", "n_embd", "num_hidden_layers", "n_layer")
     if not any(k in data for k in shape_keys):
         raise invalid("config.json", f"model_type={model_type!r} only", f"a config.json with the model's shape "
                       f"({', '.join(shape_keys[:3])}, ...); defaults are not guessed")
-    out: dict[str, Any] = {"name": data.get("_name_or_path") or name, "arch": "gpt2" if model_type == "gpt2" else "llama"}
+    gpt2 = model_type == "gpt2"
+    out: dict[str, Any] = {"name": data.get("_name_or_path") or name, "arch": "gpt2" if gpt2 else "llama"}
     for hf_key, ours in HF_KEYS.items():
         if hf_key in data and data[hf_key] is not None:
             out[ours] = data[hf_key]
-    if model_type == "gpt2":
+    if gpt2:
+        _check_fixed(data, _GPT2_FIXED)
         out.setdefault("tie_embeddings", True)
         out.pop("n_kv_heads", None)
-    else:
-        out.setdefault("tie_embeddings", False)
+        return from_dict(ModelConfig, out, prefix="model")
+    _check_fixed(data, _LLAMA_FIXED)
+    out.setdefault("tie_embeddings", False)
+    theta, scaling = _rope(data)
+    if theta is not None:
+        out["rope_theta"] = theta
+    if scaling is not None:
+        out["rope_scaling"] = scaling
+    head_dim = data.get("head_dim")
+    if head_dim is not None and head_dim * data.get("num_attention_heads", 0) != data.get("hidden_size"):
+        out["attn_head_dim"] = head_dim
+    window = data.get("sliding_window")
+    if model_type == "qwen2":
+        out["qkv_bias"] = True
+        types = set(data.get("layer_types") or [])
+        if data.get("use_sliding_window") or types - {"full_attention"}:
+            raise invalid("config.json use_sliding_window", data.get("use_sliding_window"),
+                          "false (Qwen2's per-layer sliding windows are not implemented)")
+        window = None
+    elif model_type in ("mistral", "mixtral") and window is not None:
+        if data.get("layer_types") and set(data["layer_types"]) - {"sliding_attention"}:
+            raise invalid("config.json layer_types", sorted(set(data["layer_types"])), "one attention type for every layer")
+    elif window is not None:
+        raise invalid("config.json sliding_window", window, f"null for model_type {model_type}")
+    if window is not None:
+        out["sliding_window"] = window
     if model_type == "mixtral":
         out["moe_ffn_hidden"] = out.pop("ffn_hidden", None)
+        out["n_experts"] = data.get("num_local_experts", 8)
+        out.setdefault("top_k", 2)
+        if out["top_k"] < 2:
+            raise invalid("config.json num_experts_per_tok", out["top_k"], "at least 2 (Mixtral renormalises the top-k gates)")
+        if data.get("router_jitter_noise"):
+            raise invalid("config.json router_jitter_noise", data["router_jitter_noise"], "0 (no router noise)")
     return from_dict(ModelConfig, out, prefix="model")
+
+
+def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
+    """The ``config.json`` transformers needs to rebuild ``cfg`` (LlamaForCausalLM, MistralForCausalLM,
+    Qwen2ForCausalLM, MixtralForCausalLM or GPT2LMHeadModel)."""
+    if cfg.arch == "gpt2":
+        if cfg.n_experts:
+            raise invalid("model.n_experts", cfg.n_experts, "0 for a GPT-2 export")
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+                "n_embd": cfg.d_model, "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_positions": cfg.max_seq_len,
+                "n_inner": cfg.ffn_dim, "layer_norm_epsilon": cfg.norm_eps, "activation_function": "gelu_new",
+                "tie_word_embeddings": cfg.tie_embeddings, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+                "bos_token_id": None, "eos_token_id": None, "torch_dtype": "float32"}
+    if cfg.n_experts and (cfg.moe_every != 1 or cfg.capacity_factor is not None):
+        raise invalid("model.moe_every", cfg.moe_every, "1 with capacity_factor null (Mixtral: experts in every block, no dropping)")
+    model_type = "mixtral" if cfg.n_experts else "qwen2" if cfg.qkv_bias else "mistral" if cfg.sliding_window else "llama"
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "mixtral": "MixtralForCausalLM"}[model_type]
+    rope: dict[str, Any] = {"rope_type": "default"} if cfg.rope_scaling is None else dict(cfg.rope_scaling)
+    rope["rope_theta"] = cfg.rope_theta
+    out: dict[str, Any] = {
+        "architectures": [arch], "model_type": model_type, "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim, "intermediate_size": cfg.expert_ffn_dim if cfg.n_experts else cfg.ffn_dim,
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
+        "tie_word_embeddings": cfg.tie_embeddings, "rope_theta": cfg.rope_theta, "rope_parameters": rope,
+        "attention_dropout": 0.0, "bos_token_id": None, "eos_token_id": None, "torch_dtype": "float32",
+    }
+    if cfg.rope_scaling is not None:
+        out["rope_scaling"] = dict(cfg.rope_scaling)
+    if model_type == "llama":
+        out.update(attention_bias=False, mlp_bias=False)
+    if model_type in ("mistral", "mixtral"):
+        out["sliding_window"] = cfg.sliding_window
+    if model_type == "qwen2":
+        if cfg.sliding_window is not None:
+            raise invalid("model.sliding_window", cfg.sliding_window, "null with qkv_bias (Qwen2 export)")
+        out.update(use_sliding_window=False, sliding_window=None)
+    if model_type == "mixtral":
+        out.update(num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k, router_aux_loss_coef=cfg.aux_loss_coef,
+                   router_jitter_noise=0.0, output_router_logits=False)
+    return out

@@ -44,6 +44,25 @@ def _positive(prefix: str, obj: Any, *names: str) -> None:
             raise invalid(f"{prefix}{name}", value, "a positive number")
 
 
+ROPE_SCALING = {  # rope_type -> required keys (Hugging Face names); the values are checked to be positive
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def validate_rope_scaling(spec: Any, key: str) -> None:
+    """The rotary scalings the model implements (``meshwright.models.layers.rope_inv_freq``)."""
+    kind = spec.get("rope_type", spec.get("type")) if isinstance(spec, dict) else None
+    if kind not in ROPE_SCALING:
+        raise invalid(f"{key}.rope_type", kind, f"one of {', '.join(ROPE_SCALING)} (or rope_scaling: null)")
+    for name in ROPE_SCALING[kind]:
+        value = spec.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise invalid(f"{key}.{name}", value, f"a positive number (required by rope_type {kind})")
+    if kind == "llama3" and not spec["high_freq_factor"] > spec["low_freq_factor"]:
+        raise invalid(f"{key}.high_freq_factor", spec["high_freq_factor"], f"greater than low_freq_factor={spec['low_freq_factor']}")
+
+
 @dataclass
 class ModelConfig:
     """Shape of a decoder-only transformer; ``arch`` picks Llama-style or GPT-2-style blocks."""
@@ -60,6 +79,10 @@ class ModelConfig:
     max_seq_len: int = 256
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: Optional[dict[str, Any]] = None  # {"rope_type": "llama3"|"linear", "factor": ..., ...} (Llama 3.1)
+    sliding_window: Optional[int] = None  # Mistral: each token sees itself and the previous window-1 tokens
+    qkv_bias: bool = False  # Qwen2: biases on the q/k/v projections (not on the output projection)
+    attn_head_dim: Optional[int] = None  # None = d_model / n_heads; set when a checkpoint's head_dim differs
     tie_embeddings: bool = False
     dropout: float = 0.0
     init_std: float = 0.02
@@ -77,10 +100,18 @@ class ModelConfig:
         _positive(p, self, "vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "multiple_of", "moe_every")
         _positive(p, self, "norm_eps", "rope_theta", "init_std")
         _at_most(p, self, MAX_SIZES)
-        if self.d_model % self.n_heads:
+        if self.attn_head_dim is None and self.d_model % self.n_heads:
             raise invalid(f"{p}n_heads", self.n_heads, f"a divisor of d_model={self.d_model}: {divisors(self.d_model)}")
+        if self.attn_head_dim is not None and self.attn_head_dim <= 0:
+            raise invalid(f"{p}attn_head_dim", self.attn_head_dim, "a positive integer or null (d_model/n_heads)")
         if self.arch == "llama" and self.head_dim % 2:
             raise invalid(f"{p}d_model", self.d_model, "d_model/n_heads must be even for rotary embeddings")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise invalid(f"{p}sliding_window", self.sliding_window, "a positive number of tokens or null (full causal)")
+        if self.rope_scaling is not None:
+            validate_rope_scaling(self.rope_scaling, f"{p}rope_scaling")
+        if self.arch == "gpt2" and (self.rope_scaling is not None or self.qkv_bias or self.attn_head_dim is not None):
+            raise invalid(f"{p}arch", self.arch, "'llama' for rope_scaling, qkv_bias or attn_head_dim (gpt2 blocks have none)")
         kv = self.kv_heads
         if kv <= 0 or self.n_heads % kv:
             raise invalid(f"{p}n_kv_heads", self.n_kv_heads, f"a divisor of n_heads={self.n_heads}: {divisors(self.n_heads)}")
@@ -103,7 +134,7 @@ class ModelConfig:
     # ---- derived shapes -------------------------------------------------------------------------
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.attn_head_dim if self.attn_head_dim is not None else self.d_model // self.n_heads
 
     @property
     def kv_heads(self) -> int:
@@ -132,9 +163,9 @@ class ModelConfig:
     # ---- analytic parameter counts (the modules are checked against these in tests) -----------
     def attention_params(self) -> int:
         d, hd = self.d_model, self.head_dim
-        qo = 2 * d * d
+        qo = 2 * d * self.n_heads * hd
         kv = 2 * d * self.kv_heads * hd
-        bias = (3 * d + d) if self.arch == "gpt2" else 0
+        bias = (3 * d + d) if self.arch == "gpt2" else (self.n_heads + 2 * self.kv_heads) * hd if self.qkv_bias else 0
         return qo + kv + bias
 
     def dense_mlp_params(self) -> int:
@@ -234,10 +265,12 @@ class ClusterSpec:
 
 @dataclass
 class DataConfig:
-    """Where tokens come from. ``path: default`` is the embedded corpus (Python stdlib sources)."""
+    """Where tokens come from. ``path: default`` is the embedded corpus (Python stdlib sources); a ``.jsonl``
+    file of prompt/response or chat examples trains on the responses only. ``tokenizer``: byte, bpe, or the
+    path of a pretrained model's ``tokenizer.json`` (or of its directory)."""
 
     path: str = "default"
-    tokenizer: Literal["byte", "bpe"] = "byte"
+    tokenizer: str = "byte"
     val_fraction: float = 0.05
     max_files: Optional[int] = 400
 
@@ -247,6 +280,8 @@ class DataConfig:
             raise invalid(f"{p}val_fraction", self.val_fraction, "a number in (0, 0.5)")
         if self.max_files is not None and self.max_files <= 0:
             raise invalid(f"{p}max_files", self.max_files, "a positive integer or null")
+        if not isinstance(self.tokenizer, str) or not self.tokenizer:
+            raise invalid(f"{p}tokenizer", self.tokenizer, "byte, bpe, or the path of a Hugging Face tokenizer.json")
 
 
 @dataclass
@@ -254,6 +289,7 @@ class TrainConfig:
     """One training run: what model, on which data, for how long, with which optimiser settings."""
 
     model: Any = "tiny"  # preset name, path to YAML/HF config.json, or an inline ModelConfig mapping
+    init_from: Optional[str] = None  # Hugging Face model directory (config.json + safetensors): start from its weights
     cluster: Any = "local-cpu"
     data: DataConfig = field(default_factory=DataConfig)
     seq_len: int = 128
@@ -336,6 +372,8 @@ class TrainConfig:
             raise ConfigError(f"{p}{exc}") from None
         if self.meft is not None:
             from_dict(MeftConfig, self.meft, prefix=f"{p}meft")
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
+            raise invalid(f"{p}init_from", self.init_from, "null or the path of a Hugging Face model directory")
         if not isinstance(self.model, (str, dict)):
             raise invalid(f"{p}model", self.model, "a preset name, a path, or a mapping of ModelConfig fields")
         if not isinstance(self.cluster, (str, dict)):
@@ -361,6 +399,9 @@ class MeftConfig:
     train_head: bool = True
     track_error: bool = False  # keep the stack input and log the reconstruction error of every backward
     compute_dtype: Optional[Literal["fp64", "fp32", "bf16", "fp16"]] = None  # for the safe default; None = params' dtype
+    tolerance: float = 1e-3  # the safe default keeps the measured reconstruction error of the stack input below this
+    guard_every: int = 50  # with the safe default: every N-th backward measures the error, one layer leaves the
+    #                        reversible set while it exceeds ``tolerance`` (0 = never: conversion-time check only)
 
     def validate(self, prefix: str = "meft", n_layers: int | None = None) -> None:
         if self.variant not in VARIANTS:
@@ -375,6 +416,11 @@ class MeftConfig:
             raise invalid(f"{prefix}.adapter_dropout", self.adapter_dropout, "a number in [0, 1)")
         if self.adapter_init_std < 0:
             raise invalid(f"{prefix}.adapter_init_std", self.adapter_init_std, "a number >= 0")
+        if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float)) \
+                or not math.isfinite(self.tolerance) or self.tolerance <= 0:
+            raise invalid(f"{prefix}.tolerance", self.tolerance, "a finite number > 0 (relative reconstruction error)")
+        if isinstance(self.guard_every, bool) or not isinstance(self.guard_every, int) or self.guard_every < 0:
+            raise invalid(f"{prefix}.guard_every", self.guard_every, "an integer >= 0 (backward steps; 0 = off)")
         if self.reversible_layers is not None:
             bad = isinstance(self.reversible_layers, bool) or not isinstance(self.reversible_layers, int) \
                 or self.reversible_layers < 0 or (n_layers is not None and self.reversible_layers > n_layers)

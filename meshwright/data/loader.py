@@ -5,21 +5,25 @@ epoch visits every window once in an order drawn from ``(seed, epoch)``. Global 
 sequences at positions ``[k*global_batch, (k+1)*global_batch)`` of that stream, and data-parallel rank
 ``r`` reads the ``r``-th contiguous slice of it, so a global batch is the same set of sequences for any
 ``dp_size``. The loader's whole state is the number of sequences consumed, which makes resume exact.
+Instruction data carries a loss mask (``mask.bin``): targets outside the responses become ``IGNORE_INDEX``.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from meshwright.data.prepare import prepare_default_corpus
+from meshwright.data.prepare import prepare_default_corpus, prepare_instruct_cached
 from meshwright.errors import ConfigError, invalid
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+IGNORE_INDEX = -100  # F.cross_entropy's default: lm_loss skips these targets
+LARGE_VOCAB = 1024  # from scratch, bytes on a vocabulary this large leave most embeddings unused: warn
 
 
 def _read_index(index_file: Path) -> dict[str, Any]:
@@ -72,6 +76,9 @@ class TokenDataset:
         if top >= self.vocab_size:
             raise ConfigError(f"data.path={str(path)!r} holds token id {top}, outside its tokenizer's vocabulary of "
                               f"{self.vocab_size}; valid: re-run `meshwright data prepare`")
+        self.mask: np.ndarray | None = None
+        if self.index.get("loss_mask"):
+            self.mask = np.memmap(self.path / self.index["loss_mask"], dtype=np.uint8, mode="r", shape=(n,))
 
     @property
     def vocab_size(self) -> int:
@@ -91,20 +98,26 @@ class TokenDataset:
             point = target  # one huge document (or a final one) - cut inside it
         return point
 
-    def split(self, name: str, val_fraction: float) -> np.ndarray:
+    def split(self, name: str, val_fraction: float, array: np.ndarray | None = None) -> np.ndarray:
         point = self.split_point(val_fraction)
+        array = self.tokens if array is None else array
         if name == "train":
-            return self.tokens[:point]
+            return array[:point]
         if name == "val":
-            return self.tokens[point:]
+            return array[point:]
         raise invalid("split", name, "'train' or 'val'")
+
+    def split_mask(self, name: str, val_fraction: float) -> np.ndarray | None:
+        """The loss mask of a split (instruction data), or None (every target counts)."""
+        return None if self.mask is None else self.split(name, val_fraction, self.mask)
 
 
 class SequenceLoader:
     """Deterministic, resumable, data-parallel-sharded loader of (inputs, targets) micro-batches."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int, micro_batch: int,
-                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True, name: str = "train") -> None:
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True, name: str = "train",
+                 loss_mask: np.ndarray | None = None) -> None:
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise invalid("dp_rank", dp_rank, f"an integer in [0, dp_size={dp_size})")
         if global_batch % dp_size:
@@ -113,6 +126,7 @@ class SequenceLoader:
         if per_rank % micro_batch:
             raise invalid("micro_batch", micro_batch, f"a divisor of global_batch/dp_size = {global_batch}/{dp_size} = {per_rank}")
         self.tokens = tokens
+        self.loss_mask = loss_mask
         self.seq_len, self.global_batch, self.micro_batch = seq_len, global_batch, micro_batch
         self.dp_rank, self.dp_size, self.seed, self.shuffle, self.name = dp_rank, dp_size, seed, shuffle, name
         self.n_windows = (len(tokens) - 1) // seq_len
@@ -135,8 +149,9 @@ class SequenceLoader:
             self._perm_epoch = epoch
         return int(self._perm[i])
 
-    def _sequences(self, positions: range) -> torch.Tensor:
-        rows = [np.asarray(self.tokens[w * self.seq_len: w * self.seq_len + self.seq_len + 1], dtype=np.int64)
+    def _sequences(self, positions: range, source: np.ndarray | None = None) -> torch.Tensor:
+        source = self.tokens if source is None else source
+        rows = [np.asarray(source[w * self.seq_len: w * self.seq_len + self.seq_len + 1], dtype=np.int64)
                 for w in (self._window(p) for p in positions)]
         return torch.from_numpy(np.stack(rows))
 
@@ -145,10 +160,13 @@ class SequenceLoader:
         per_rank = self.global_batch // self.dp_size
         first = start + self.dp_rank * per_rank
         seqs = self._sequences(range(first, first + per_rank))
+        targets = seqs[:, 1:]
+        if self.loss_mask is not None:
+            keep = self._sequences(range(first, first + per_rank), self.loss_mask)[:, 1:].bool()
+            targets = targets.masked_fill(~keep, IGNORE_INDEX)
         out = []
         for i in range(0, per_rank, self.micro_batch):
-            chunk = seqs[i: i + self.micro_batch]
-            out.append((chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()))
+            out.append((seqs[i: i + self.micro_batch, :-1].contiguous(), targets[i: i + self.micro_batch].contiguous()))
         return out
 
     def next_batch(self) -> list[Batch]:
@@ -179,17 +197,34 @@ def resolve_data_path(data_cfg: Any, vocab_size: int, progress: bool = True) -> 
     """``data.path`` -> prepared directory; ``default`` builds (once) the cached stdlib corpus."""
     if data_cfg.path == "default":
         return prepare_default_corpus(data_cfg.max_files, data_cfg.tokenizer, vocab_size=vocab_size, progress=progress)
+    if data_cfg.path.endswith(".jsonl") and Path(data_cfg.path).is_file():  # instruction/chat examples
+        return prepare_instruct_cached(data_cfg.path, data_cfg.tokenizer, progress=progress)
     return Path(data_cfg.path)
+
+
+def check_vocabulary(ds: TokenDataset, vocab_size: int, pretrained: bool) -> None:
+    """The data's tokenizer must fit the model; bytes fed to a large pretrained vocabulary are an error
+    (its ids 0-255 are not bytes), and a warning on a large model trained from scratch."""
+    if ds.vocab_size > vocab_size:
+        raise invalid("model.vocab_size", vocab_size, f"at least the data's vocabulary {ds.vocab_size} ({ds.path})")
+    if ds.index["tokenizer"]["name"] != "byte" or vocab_size <= 256:
+        return
+    msg = (f"data.tokenizer='byte' feeds a model with vocab_size={vocab_size}; valid: data.tokenizer set to the "
+           f"model's tokenizer.json")
+    if pretrained:  # a checkpoint with more than 256 tokens was not trained on bytes
+        raise ConfigError(msg)
+    if vocab_size > LARGE_VOCAB:
+        print(f"warning: {msg} (bytes use only 256 of its embeddings)", file=sys.stderr, flush=True)
 
 
 def build_loaders(cfg: Any, vocab_size: int, dp_rank: int = 0, dp_size: int = 1,
                   progress: bool = True) -> tuple[SequenceLoader, SequenceLoader, TokenDataset]:
     """Train and validation loaders for a TrainConfig, checked against the model's vocabulary."""
     ds = TokenDataset(resolve_data_path(cfg.data, vocab_size, progress))
-    if ds.vocab_size > vocab_size:
-        raise invalid("model.vocab_size", vocab_size, f"at least the data's vocabulary {ds.vocab_size} ({ds.path})")
+    check_vocabulary(ds, vocab_size, pretrained=getattr(cfg, "init_from", None) is not None)
     common = dict(seq_len=cfg.seq_len, global_batch=cfg.global_batch, micro_batch=cfg.micro_batch,
                   dp_rank=dp_rank, dp_size=dp_size, seed=cfg.seed)
-    train = SequenceLoader(ds.split("train", cfg.data.val_fraction), shuffle=True, name="train", **common)
-    val = SequenceLoader(ds.split("val", cfg.data.val_fraction), shuffle=False, name="val", **common)
+    f = cfg.data.val_fraction
+    train = SequenceLoader(ds.split("train", f), shuffle=True, name="train", loss_mask=ds.split_mask("train", f), **common)
+    val = SequenceLoader(ds.split("val", f), shuffle=False, name="val", loss_mask=ds.split_mask("val", f), **common)
     return train, val, ds

@@ -5,10 +5,13 @@ Layout of a prepared directory (written atomically: built in a sibling temp dir,
     tokens.bin      uint16 (vocab <= 65536) or uint32 token ids, little-endian, documents back to back,
                     each followed by the tokenizer's end-of-document id
     index.json      tokenizer, dtype, num_tokens, doc_offsets (D+1 token offsets), sources
-    tokenizer.json  only for BPE
+    tokenizer.json  only for BPE and Hugging Face tokenizers
+    mask.bin        only for instruction/chat data: uint8, 1 where the token is a loss target (responses)
 
 Inputs may be .txt/.md/.py files (one document each), .jsonl files (one document per line, text under
-``text_key``) or directories (searched recursively for those suffixes, sorted).
+``text_key``) or directories (searched recursively for those suffixes, sorted). With ``format='instruct'``
+the .jsonl lines are prompt/response or chat examples (``meshwright.data.instruct``) and the loss is
+masked to the responses. ``tokenizer`` is byte, bpe or the path of a pretrained model's tokenizer.json.
 """
 
 from __future__ import annotations
@@ -20,16 +23,18 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 from meshwright.data.corpus import stdlib_files, stdlib_root
-from meshwright.data.tokenizer import TOKENIZERS, BPETokenizer, ByteTokenizer
+from meshwright.data.instruct import encode_example, iter_examples
+from meshwright.data.tokenizer import TOKENIZERS, BPETokenizer, ByteTokenizer, HFTokenizer, tokenizer_file
 from meshwright.errors import ConfigError, invalid
 
 SUFFIXES = (".txt", ".md", ".py", ".jsonl")
+FORMATS = ("text", "instruct")
 INDEX_VERSION = 1
 
 
@@ -109,9 +114,17 @@ def _token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<u4")
 
 
-def _write(tmp: Path, files: list[Path], tokenizer: str, vocab_size: int, text_key: str, progress: bool) -> None:
+def _write(tmp: Path, files: list[Path], tokenizer: str, vocab_size: int, text_key: str, progress: bool,
+           fmt: str = "text") -> None:
+    if fmt == "instruct":
+        return _write_instruct(tmp, files, HFTokenizer.load(tokenizer) if tokenizer not in TOKENIZERS else ByteTokenizer(),
+                               progress)
     if tokenizer == "bpe":
         tok = BPETokenizer.train((t for _, t in iter_documents(files, text_key)), vocab_size)
+        tok.save(tmp / "tokenizer.json")
+        encode = lambda text: np.asarray(tok.encode(text), dtype=np.int64)  # noqa: E731
+    elif tokenizer not in TOKENIZERS:
+        tok = HFTokenizer.load(tokenizer)
         tok.save(tmp / "tokenizer.json")
         encode = lambda text: np.asarray(tok.encode(text), dtype=np.int64)  # noqa: E731
     else:
@@ -168,14 +181,68 @@ def check_out_dir(out: Path, inputs: list[str | Path]) -> None:
                       "files, which would be deleted; it is left alone)")
 
 
+def _write_instruct(tmp: Path, files: list[Path], tok: Any, progress: bool) -> None:
+    """tokens.bin + mask.bin + index.json for prompt/response or chat jsonl files."""
+    if tok.name == "hf":
+        tok.save(tmp / "tokenizer.json")
+    dtype = _token_dtype(tok.vocab_size)
+    offsets, sources, trained = [0], [], 0
+    with (tmp / "tokens.bin").open("wb") as fh, (tmp / "mask.bin").open("wb") as mh:
+        for path in tqdm(files, desc="tokenize", unit="file", disable=not progress, file=sys.stderr):
+            if path.suffix != ".jsonl":
+                raise invalid("inputs", str(path), "a .jsonl file of prompt/response or messages lines (format instruct)")
+            n = 0
+            for segments in iter_examples(path):
+                ids, mask = encode_example(segments, tok)
+                fh.write(ids.astype(dtype).tobytes())
+                mh.write(mask.tobytes())
+                offsets.append(offsets[-1] + len(ids))
+                trained += int(mask.sum())
+                n += 1
+            sources.append({"path": str(path), "documents": n})
+    index = {"version": INDEX_VERSION, "tokenizer": tok.to_json(), "dtype": dtype.name, "num_tokens": offsets[-1],
+             "num_documents": len(offsets) - 1, "doc_offsets": offsets, "sources": sources,
+             "loss_mask": "mask.bin", "trained_tokens": trained}
+    (tmp / "index.json").write_text(json.dumps(index))
+
+
+def check_tokenizer(tokenizer: str, key: str = "tokenizer") -> str:
+    """byte, bpe, or an existing tokenizer.json (a model directory holding one is accepted)."""
+    if tokenizer in TOKENIZERS:
+        return tokenizer
+    try:
+        return str(tokenizer_file(tokenizer))
+    except ConfigError:
+        raise invalid(key, tokenizer, "byte, bpe, or the path of a Hugging Face tokenizer.json") from None
+
+
 def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "byte", vocab_size: int = 4096,
-            text_key: str = "text", progress: bool = True) -> Path:
+            text_key: str = "text", progress: bool = True, fmt: str = "text") -> Path:
     """Tokenize ``inputs`` into ``out`` (replaced atomically if it is a prepared data set). Returns ``out``."""
-    if tokenizer not in TOKENIZERS:
-        raise invalid("tokenizer", tokenizer, " or ".join(TOKENIZERS))
+    tokenizer = check_tokenizer(tokenizer)
+    if fmt not in FORMATS:
+        raise invalid("format", fmt, " or ".join(FORMATS))
+    if fmt == "instruct" and tokenizer == "bpe":
+        raise invalid("tokenizer", tokenizer, "byte or a tokenizer.json path for instruction data")
     check_out_dir(Path(out), inputs)
     files = collect_inputs(inputs)
-    return atomic_directory(Path(out), lambda tmp: _write(tmp, files, tokenizer, vocab_size, text_key, progress))
+    return atomic_directory(Path(out), lambda tmp: _write(tmp, files, tokenizer, vocab_size, text_key, progress, fmt))
+
+
+def prepare_instruct_cached(path: str | Path, tokenizer: str, progress: bool = True,
+                            cache: str | Path | None = None) -> Path:
+    """``data.path: FILE.jsonl`` of instruction/chat examples, tokenized once into the cache."""
+    path = Path(path)
+    tokenizer = check_tokenizer(tokenizer, "data.tokenizer")
+    tok_key = hashlib.sha256(Path(tokenizer).read_bytes()).hexdigest() if tokenizer not in TOKENIZERS else tokenizer
+    st = path.stat()
+    key = hashlib.sha256(json.dumps({"v": INDEX_VERSION, "file": str(path.resolve()), "size": st.st_size,
+                                     "mtime": st.st_mtime_ns, "tok": tok_key}).encode()).hexdigest()[:16]
+    final = Path(cache or cache_root()) / f"instruct-{path.stem}-{key}"
+    if (final / "index.json").is_file():
+        return final
+    return atomic_directory(final, lambda tmp: _write(tmp, [path], tokenizer, 0, "text", progress, "instruct"),
+                            keep_existing=True)
 
 
 def cache_root() -> Path:
@@ -191,19 +258,19 @@ def prepare_default_corpus(max_files: int | None = 400, tokenizer: str = "byte",
     The cache key covers the Python version, the file list with sizes, the tokenizer and its vocabulary,
     so a different interpreter or setting gets its own directory.
     """
-    if tokenizer not in TOKENIZERS:
-        raise invalid("data.tokenizer", tokenizer, " or ".join(TOKENIZERS))
+    tokenizer = check_tokenizer(tokenizer, "data.tokenizer")
     if max_files is not None and max_files <= 0:
         raise invalid("max_files", max_files, "a positive integer or null (all files)")
     files = stdlib_files(max_files)
     root = stdlib_root()
+    tok_key = tokenizer if tokenizer in TOKENIZERS else hashlib.sha256(Path(tokenizer).read_bytes()).hexdigest()
     key_src = json.dumps({
-        "v": INDEX_VERSION, "python": sys.version, "tokenizer": tokenizer,
+        "v": INDEX_VERSION, "python": sys.version, "tokenizer": tok_key,
         "vocab": vocab_size if tokenizer == "bpe" else 256,
         "files": [[str(f.relative_to(root)), f.stat().st_size] for f in files],
     })
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
-    final = Path(cache or cache_root()) / f"stdlib-{tokenizer}-{key}"
+    final = Path(cache or cache_root()) / f"stdlib-{tokenizer if tokenizer in TOKENIZERS else 'hf'}-{key}"
     if (final / "index.json").is_file():
         return final
     return atomic_directory(final, lambda tmp: _write(tmp, files, tokenizer, vocab_size, "text", progress),

@@ -1,4 +1,5 @@
-"""Tokenizers: byte-level (always available, vocab 256) and an optional trained BPE (``tokenizers``).
+"""Tokenizers: byte-level (always available, vocab 256), an optional trained BPE (``tokenizers``) and a
+pretrained model's own Hugging Face ``tokenizer.json`` (``data.tokenizer: PATH``, for fine-tuning).
 
 The byte tokenizer uses byte 0 (NUL, absent from text files) as the end-of-document token, so the
 vocabulary stays exactly 256 and matches the ``tiny`` model presets.
@@ -12,7 +13,7 @@ from typing import Iterable, Protocol
 
 from meshwright.errors import ConfigError, invalid
 
-TOKENIZERS = ("byte", "bpe")
+TOKENIZERS = ("byte", "bpe")  # ... or the path of a Hugging Face tokenizer.json
 
 
 class Tokenizer(Protocol):
@@ -102,10 +103,79 @@ class BPETokenizer:
         return {"name": "bpe", "vocab_size": self.vocab_size, "eos_id": self.eos_id, "file": "tokenizer.json"}
 
 
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<|im_end|>", "<eos>", "<|eot_id|>")
+
+
+def tokenizer_file(ref: str | Path) -> Path:
+    """``ref`` as a ``tokenizer.json`` path (a model directory holding one is accepted too)."""
+    p = Path(ref)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise invalid("data.tokenizer", str(ref), "byte, bpe, or the path of a Hugging Face tokenizer.json "
+                      "(or of a model directory holding one)")
+    return p
+
+
+class HFTokenizer:
+    """A pretrained model's ``tokenizer.json`` (Hugging Face ``tokenizers``); no special tokens are added,
+    the end-of-document id is the ``eos_token`` of a neighbouring ``tokenizer_config.json`` or a usual name."""
+
+    name = "hf"
+
+    def __init__(self, tok, eos_id: int) -> None:
+        self._tok = tok
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.eos_id = eos_id
+
+    @classmethod
+    def load(cls, path: str | Path) -> "HFTokenizer":
+        tk = _require_tokenizers()
+        file = tokenizer_file(path)
+        tok = tk.Tokenizer.from_file(str(file))
+        names: list[str] = []
+        config = file.with_name("tokenizer_config.json")
+        if config.is_file():
+            eos = json.loads(config.read_text()).get("eos_token")
+            eos = eos.get("content") if isinstance(eos, dict) else eos
+            if isinstance(eos, str):
+                names.append(eos)
+        for name in [*names, *EOS_CANDIDATES]:
+            eos_id = tok.token_to_id(name)
+            if eos_id is not None:
+                return cls(tok, eos_id)
+        raise invalid("data.tokenizer", str(path), f"a tokenizer with an end-of-text token ({', '.join(EOS_CANDIDATES)}) "
+                      "or a tokenizer_config.json naming eos_token")
+
+    def save(self, path: str | Path) -> None:
+        self._tok.save(str(path))
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids])
+
+    def to_json(self) -> dict:
+        return {"name": "hf", "vocab_size": self.vocab_size, "eos_id": self.eos_id, "file": "tokenizer.json"}
+
+
+def make_tokenizer(ref: str) -> Tokenizer:
+    """``byte`` or a tokenizer.json path (``bpe`` is trained from the data, in ``prepare``)."""
+    if ref == "byte":
+        return ByteTokenizer()
+    if ref == "bpe":
+        raise invalid("tokenizer", ref, "byte or a tokenizer.json path here (bpe is trained by `meshwright data prepare`)")
+    return HFTokenizer.load(ref)
+
+
 def load_tokenizer(data_dir: str | Path) -> Tokenizer:
     """The tokenizer a prepared data directory was built with (from its ``index.json``)."""
     d = Path(data_dir)
     meta = json.loads((d / "index.json").read_text())["tokenizer"]
     if meta["name"] == "byte":
         return ByteTokenizer()
+    if meta["name"] == "hf":
+        return HFTokenizer(_require_tokenizers().Tokenizer.from_file(str(d / meta.get("file", "tokenizer.json"))),
+                           int(meta["eos_id"]))
     return BPETokenizer.load(d / meta.get("file", "tokenizer.json"))

@@ -45,6 +45,21 @@ from meshwright.models.decoder import Decoder
 
 # Tolerated relative reconstruction error when choosing how many layers may be reversible by default.
 DEFAULT_TOLERANCE = 1e-3
+# The conversion-time measurement (random tokens, fresh adapters) must land 10x inside the tolerance: other
+# inputs and adapters that grow in training amplify more, and the guard catches what is left.
+CALIBRATION_MARGIN = 0.1
+
+
+def layers_within_tolerance(per_layer: Sequence[float], tolerance: float) -> int:
+    """From ``reconstruction_error(...)['per_layer']`` measured with every layer reversible (entry i = error of
+    layer i's input after inverting from the top down to it): the most top layers whose inversion stays
+    within ``tolerance`` at every depth."""
+    n = 0
+    for err in reversed(list(per_layer)):
+        if not (err <= tolerance):  # NaN counts as too large
+            break
+        n += 1
+    return n
 
 
 def safe_reversible_layers(n_layers: int, dtype: torch.dtype, lam: float = PAPER_SCALE, beta: float = 1.0,
@@ -57,6 +72,10 @@ def safe_reversible_layers(n_layers: int, dtype: torch.dtype, lam: float = PAPER
     (fp32, λ=0.1: ~6e-3 after 4 layers, ~50 after 8). Examples with tolerance 1e-3: fp64 → 12
     layers for MEFT1/2, 6 for MEFT3; fp32 → 3 for MEFT1/2, 1 for MEFT3; bf16/fp16 → 0.
     Pass ``reversible_layers`` explicitly after checking ``reconstruction_error`` on your model.
+
+    This is an *upper bound*: real pre-trained layers amplify far more than 1/(λβ) (about 1000x per layer
+    was measured on a 12-layer model), so ``make_reversible``'s default also measures the error at
+    conversion (``calibrate_reversible_layers``) and guards it during training.
     """
     eps = torch.finfo(dtype).eps
     amp = 1.0 / min(lam * beta, 1.0)
@@ -277,6 +296,7 @@ class _StackCall:
     params: list[nn.Parameter]
     track: bool
     stack: "MeftStack"
+    guard: bool = False  # this backward checks the error against the stack's tolerance (and falls back)
 
 
 class _ReversibleFunction(torch.autograd.Function):
@@ -313,7 +333,10 @@ class _ReversibleFunction(torch.autograd.Function):
             for layer, rng in zip(reversed(call.layers), reversed(fctx.rng)):
                 y1, y2, dy1, dy2 = layer.backward_step(y1, y2, dy1, dy2, call.ctx, rng, grads)
         if call.track:
-            call.stack.last_reconstruction_error = _relative_error((y1, y2), (saved[2], saved[3]))
+            err = _relative_error((y1, y2), (saved[2], saved[3]))
+            call.stack.last_reconstruction_error = err
+            if call.guard:
+                call.stack.fall_back(err)
         param_grads = tuple(grads.get(id(p)) for p in call.params)
         return (dy1, dy2, None, *param_grads)
 
@@ -328,12 +351,24 @@ def _relative_error(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -
 class MeftStack(nn.Module):
     """The converted layers: bottom ones run ordinary autograd, the top ``n_reversible`` are reversible."""
 
-    def __init__(self, layers: Sequence[MeftLayer], n_reversible: int, track_error: bool = False) -> None:
+    def __init__(self, layers: Sequence[MeftLayer], n_reversible: int, track_error: bool = False,
+                 tolerance: float | None = None, guard_every: int = 0) -> None:
         super().__init__()
         self.layers = nn.ModuleDict({str(i): layer for i, layer in enumerate(layers)})
         self.n_reversible = n_reversible
         self.track_error = track_error
         self.last_reconstruction_error: float | None = None
+        # the guard (safe default only): every guard_every-th backward measures the error; above tolerance
+        # the lowest reversible layer goes back to ordinary autograd for the following steps
+        self.tolerance, self.guard_every = tolerance, guard_every
+        self.fallbacks: list[dict[str, Any]] = []
+        self._backward_calls = 0
+
+    def fall_back(self, err: float) -> None:
+        """Called by a guarded backward: one layer fewer is reversible while ``err`` exceeds the tolerance."""
+        if self.tolerance is not None and err > self.tolerance and self.n_reversible > 0:
+            self.n_reversible -= 1
+            self.fallbacks.append({"call": self._backward_calls, "error": err, "n_reversible": self.n_reversible})
 
     def _split(self) -> tuple[list[MeftLayer], list[MeftLayer]]:
         layers = list(self.layers.values())
@@ -357,7 +392,9 @@ class MeftStack(nn.Module):
             for layer in reversible:
                 x1, x2 = layer(x1, x2, ctx)
             return x1, x2
-        call = _StackCall(reversible, ctx, params, self.track_error, self)
+        guard = bool(self.guard_every) and self.tolerance is not None and self._backward_calls % self.guard_every == 0
+        self._backward_calls += 1
+        call = _StackCall(reversible, ctx, params, self.track_error or guard, self, guard)
         return _ReversibleFunction.apply(x1, x2, call, *params)
 
     @torch.no_grad()
@@ -521,6 +558,44 @@ def resolve_reversible_layers(cfg: MeftConfig, n_layers: int, dtype: torch.dtype
     return safe_reversible_layers(n_layers, dtype, cfg.lam, cfg.beta)
 
 
+@torch.no_grad()
+def calibrate_reversible_layers(model: nn.Module, *probe: Any, tolerance: float = DEFAULT_TOLERANCE,
+                                upper: int | None = None) -> dict[str, Any]:
+    """Measure the reconstruction error with every layer reversible on ``probe`` inputs (token ids), set the
+    stack to the most top layers that stay within ``tolerance`` (at most ``upper``) and return the evidence."""
+    stack = model.stack
+    keep = stack.n_reversible
+    stack.n_reversible = len(stack.layers)
+    try:
+        measured = model.reconstruction_error(*probe)
+    finally:
+        stack.n_reversible = keep
+    n = layers_within_tolerance(measured["per_layer"], tolerance)
+    if upper is not None:
+        n = min(n, upper)
+    stack.n_reversible = n
+    return {"n_reversible": n, "per_layer": measured["per_layer"], "tolerance": tolerance}
+
+
+def _probe_tokens(vocab_size: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab_size, (2, seq_len), generator=g).to(device)
+
+
+def apply_safe_default(model: nn.Module, cfg: MeftConfig, n_layers: int, dtype: torch.dtype, vocab_size: int,
+                       seq_len: int) -> None:
+    """The safe default (``reversible_layers: null``): measured at conversion on random tokens, capped by the
+    dtype's analytic bound, then guarded during training (``guard_every``)."""
+    upper = resolve_reversible_layers(cfg, n_layers, dtype)
+    device = next(model.parameters()).device
+    if device.type == "meta":
+        model.stack.n_reversible = upper
+    else:
+        model.calibration = calibrate_reversible_layers(model, _probe_tokens(vocab_size, seq_len, device),
+                                                        tolerance=cfg.tolerance * CALIBRATION_MARGIN, upper=upper)
+    model.stack.tolerance, model.stack.guard_every = cfg.tolerance, cfg.guard_every
+
+
 def _freeze(model: nn.Module, head: Sequence[nn.Module | None], cfg: MeftConfig) -> None:
     """Freeze everything but adapters (and the head when ``train_head``)."""
     if not cfg.freeze_base:
@@ -554,6 +629,9 @@ def make_reversible(model: nn.Module, variant: str = "meft1", scale: float = PAP
             raise invalid("model", "pipeline stage", "a whole Decoder with embeddings, norm and head")
         n_rev = resolve_reversible_layers(cfg, n_layers, _model_dtype(model))
         out = MeftDecoder(model, cfg, n_rev)
+        if cfg.reversible_layers is None:
+            apply_safe_default(out, cfg, n_layers, _model_dtype(model), model.cfg.vocab_size,
+                               min(64, model.cfg.max_seq_len))
         _freeze(out, [out.output, out.norm], cfg)
         return out
     if hasattr(model, "encoder") and hasattr(model, "embeddings") and hasattr(getattr(model, "encoder"), "layer"):
@@ -584,7 +662,11 @@ def last_reconstruction_error(model: nn.Module) -> float | None:
 def log_fields(model: nn.Module) -> dict[str, float]:
     """Fields the trainer adds to its JSONL step record (empty when nothing was measured)."""
     err = last_reconstruction_error(model)
-    return {} if err is None else {"meft_reconstruction_error": err}
+    out: dict[str, float] = {} if err is None else {"meft_reconstruction_error": err}
+    stacks = _stacks(model)
+    if stacks and any(s.fallbacks for s in stacks):
+        out["meft_reversible_layers"] = float(min(s.n_reversible for s in stacks))
+    return out
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -602,5 +684,6 @@ def two_stream_reference(stack: MeftStack, h: torch.Tensor, ctx: Any = None) -> 
 
 __all__: list[str] = [
     "Adapter", "MeftConfig", "MeftDecoder", "MeftLayer", "MeftStack", "make_reversible", "reconstruction_error",
-    "last_reconstruction_error", "log_fields", "safe_reversible_layers", "two_stream_reference", "VARIANTS",
+    "last_reconstruction_error", "log_fields", "safe_reversible_layers", "calibrate_reversible_layers",
+    "layers_within_tolerance", "two_stream_reference", "VARIANTS",
 ]

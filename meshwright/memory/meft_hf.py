@@ -15,7 +15,7 @@ from torch import nn
 
 from meshwright.errors import invalid
 from meshwright.memory.meft import (Adapter, MeftConfig, MeftLayer, MeftStack, _freeze, _model_dtype,
-                                    resolve_reversible_layers)
+                                    apply_safe_default, resolve_reversible_layers)
 
 
 class BertMeftLayer(MeftLayer):
@@ -116,5 +116,7 @@ def make_reversible_bert(model: nn.Module, cfg: MeftConfig) -> MeftBertModel:
     cfg.validate(n_layers=n_layers)
     n_rev = resolve_reversible_layers(cfg, n_layers, _model_dtype(model))
     out = MeftBertModel(model, cfg, n_rev)
+    if cfg.reversible_layers is None:
+        apply_safe_default(out, cfg, n_layers, _model_dtype(model), hc.vocab_size, min(64, hc.max_position_embeddings))
     _freeze(out, [out.pooler], cfg)
     return out

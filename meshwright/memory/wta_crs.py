@@ -85,7 +85,7 @@ class RowSample:
 
     indices: torch.Tensor  # int64 (<= k,)
     weights: torch.Tensor  # float32 (<= k,)
-    n_winners: int
+    n_winners: int  # a 0-d device tensor from the sync-free sampler
 
 
 def choose_winners(sorted_probs: torch.Tensor, k: int, total: float = 1.0) -> int:
@@ -124,6 +124,44 @@ def wta_crs_sample(probs: torch.Tensor, k: int, generator: torch.Generator | Non
     idx = torch.cat([win_idx, drawn])
     weights = torch.cat([torch.ones(c, dtype=torch.float32, device=probs.device), w])
     return RowSample(idx, weights, c)
+
+
+def wta_crs_sample_static(probs: torch.Tensor, k: int, generator: torch.Generator | None = None,
+                          winners: bool = True) -> RowSample:
+    """The same estimator as :func:`wta_crs_sample` with fixed shapes and no host synchronisation (GPUs).
+
+    Always k rows: position p < |C| holds the p-th winner (weight 1), positions >= |C| hold draws with
+    replacement from the residual distribution (weight (1 - sum_C q) / ((k - |C|) q_j)). |C| stays a device
+    tensor: k draws are made and the first |C| are replaced by winners (the draws are i.i.d., so any k - |C|
+    of them form the same estimator). When the winners hold all the mass (at most k rows have q > 0, or
+    none do) the draws get weight 0 and the estimate is exact. ``n_winners`` is a 0-d device tensor.
+    """
+    probs = probs.float()
+    top = torch.topk(probs, k)
+    if winners:
+        c = choose_winners_tensor(top.values, k, probs.double().sum())
+    else:
+        c = torch.zeros((), dtype=torch.int64, device=probs.device)
+    is_win = torch.arange(k, device=probs.device) < c
+    win_mask = torch.zeros_like(probs, dtype=torch.bool).scatter(0, top.indices, is_win)
+    residual = probs.masked_fill(win_mask, 0.0)
+    mass = residual.double().sum()
+    has_mass = mass > 0
+    safe = torch.where(has_mass, residual, torch.ones_like(residual))  # multinomial needs some mass
+    drawn = torch.multinomial(safe, k, replacement=True, generator=generator)
+    w = torch.where(has_mass, mass / ((k - c).double() * safe[drawn].double()), torch.zeros((), dtype=torch.float64,
+                                                                                             device=probs.device))
+    idx = torch.where(is_win, top.indices, drawn)
+    weights = torch.where(is_win, torch.ones_like(w), w).float()
+    return RowSample(idx, weights, c)  # type: ignore[arg-type]
+
+
+def choose_winners_tensor(sorted_probs: torch.Tensor, k: int, total: torch.Tensor) -> torch.Tensor:
+    """:func:`choose_winners` as a 0-d device tensor (no ``.item()``)."""
+    c = torch.arange(k, device=sorted_probs.device, dtype=torch.float64)
+    head = torch.cat([sorted_probs.new_zeros(1, dtype=torch.float64), sorted_probs[: k - 1].double().cumsum(0)])
+    residual = (total - head).clamp_min(0.0)
+    return torch.argmin(residual.pow(2) / (k - c))
 
 
 def estimate_grad_weight(g2d: torch.Tensor, x2d_rows: torch.Tensor, sample: RowSample) -> torch.Tensor:
@@ -205,21 +243,22 @@ class WTACRSLinear(nn.Linear):
     defensive: float
     wta_seed: int
     wta_enabled: bool
+    sync_free: bool | None  # None: the sync-free sampler on CUDA inputs, the reference sampler elsewhere
 
     @classmethod
     def convert(cls, linear: nn.Linear, keep_ratio: float, min_rows: int = 8, proposal: str = "x",
-                defensive: float = 0.1, seed: int = 0) -> "WTACRSLinear":
+                defensive: float = 0.1, seed: int = 0, sync_free: bool | None = None) -> "WTACRSLinear":
         """Turn ``linear`` into a WTA-CRS linear in place (names, parameters and hooks stay)."""
         if not isinstance(linear, nn.Linear):
             raise invalid("wta_crs.target", type(linear).__name__, "an nn.Linear")
         if not isinstance(linear, WTACRSLinear):
             base = type(linear)
             linear.__class__ = cls if base is nn.Linear else _mixin(cls, base)
-        linear.configure(keep_ratio, min_rows, proposal, defensive, seed)
+        linear.configure(keep_ratio, min_rows, proposal, defensive, seed, sync_free)
         return linear  # type: ignore[return-value]
 
     def configure(self, keep_ratio: float, min_rows: int = 8, proposal: str = "x", defensive: float = 0.1,
-                  seed: int = 0) -> None:
+                  seed: int = 0, sync_free: bool | None = None) -> None:
         self.keep_ratio = check_keep_ratio(keep_ratio)
         if isinstance(min_rows, bool) or not isinstance(min_rows, int) or min_rows < 1:
             raise invalid("wta_crs.min_rows", min_rows, "a positive integer")
@@ -228,6 +267,9 @@ class WTACRSLinear(nn.Linear):
         if isinstance(defensive, bool) or not isinstance(defensive, (int, float)) or not 0.0 < defensive <= 1.0:
             raise invalid("wta_crs.defensive", defensive, "a number in (0, 1] (share of the ||x||-only proposal)")
         self.min_rows, self.proposal, self.defensive, self.wta_seed = min_rows, proposal, float(defensive), int(seed)
+        if sync_free not in (None, True, False):
+            raise invalid("wta_crs.sync_free", sync_free, "null (auto: on CUDA), true or false")
+        self.sync_free = sync_free
         self.wta_enabled = True
         self._generator: torch.Generator | None = None
         self._gnorm_cache: torch.Tensor | None = None
@@ -259,14 +301,13 @@ class WTACRSLinear(nn.Linear):
         """Proposal q over the n rows (known in forward); see the module docstring."""
         xn = self._row_sq_norms(x2d, self._x_sharded).sqrt()
         total = xn.sum()
-        if total <= 0:
-            return xn
-        q = xn / total
+        q = xn / total.clamp_min(torch.finfo(xn.dtype).tiny)  # all-zero x: q = 0 (no host branch)
         cache = self._gnorm_cache
         if self.proposal == "cached" and cache is not None and len(shape) >= 3 and cache.numel() == shape[-2]:
             est = xn * cache.to(xn.device).repeat(x2d.shape[0] // shape[-2])
-            if est.sum() > 0:
-                q = (1.0 - self.defensive) * est / est.sum() + self.defensive * q
+            est_sum = est.sum()
+            mixed = (1.0 - self.defensive) * est / est_sum.clamp_min(torch.finfo(est.dtype).tiny) + self.defensive * q
+            q = torch.where(est_sum > 0, mixed, q)
         return q
 
     def _draw(self, x2d: torch.Tensor, shape: torch.Size) -> RowSample:
@@ -275,7 +316,9 @@ class WTACRSLinear(nn.Linear):
         if k >= n:  # keep_ratio=1 (or tiny inputs): the exact gradient
             sample = RowSample(torch.arange(n, device=x2d.device), torch.ones(n, device=x2d.device), n)
         else:
-            sample = wta_crs_sample(self.probabilities(x2d, shape), k, self._gen(x2d.device))
+            static = self.sync_free if self.sync_free is not None else x2d.is_cuda
+            sampler = wta_crs_sample_static if static else wta_crs_sample
+            sample = sampler(self.probabilities(x2d, shape), k, self._gen(x2d.device))
         self.last_indices = sample.indices
         return sample
 
@@ -353,8 +396,11 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 # ---- applying it to a model ------------------------------------------------------------------------
 def apply_wta_crs(model: nn.Module, keep_ratio: float, layers: Iterable[int] | None = None,
                   targets: Sequence[str] = DEFAULT_TARGETS, min_rows: int = 8,
-                  proposal: Literal["x", "cached"] = "x", defensive: float = 0.1, seed: int = 0) -> list[str]:
+                  proposal: Literal["x", "cached"] = "x", defensive: float = 0.1, seed: int = 0,
+                  sync_free: bool | None = None) -> list[str]:
     """Make the ``targets`` linears of the chosen transformer blocks WTA-CRS linears; return their names.
+
+    ``sync_free`` picks the fixed-shape sampler that never waits on the host (None: on CUDA inputs).
 
     ``targets`` are names relative to a block (default: the paper's set, attention output projection and
     the MLP projections, not q/k/v). ``layers`` are block indices (default all). Layer i's target t gets
@@ -382,7 +428,7 @@ def apply_wta_crs(model: nn.Module, keep_ratio: float, layers: Iterable[int] | N
                 continue  # e.g. w3 on a GPT-2 MLP
             if not isinstance(mod, nn.Linear):
                 raise invalid("wta_crs.targets", t, "names of nn.Linear modules inside a block")
-            WTACRSLinear.convert(mod, keep_ratio, min_rows, proposal, defensive, seed + len(converted))
+            WTACRSLinear.convert(mod, keep_ratio, min_rows, proposal, defensive, seed + len(converted), sync_free)
             converted.append(f"layers.{key}.{t}")
     if not converted:
         raise invalid("wta_crs.targets", list(targets), f"linear names inside a block such as {list(DEFAULT_TARGETS)}")

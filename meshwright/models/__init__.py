@@ -6,6 +6,7 @@ import torch
 
 from meshwright.config import ModelConfig, load_model_config
 from meshwright.models.decoder import Block, Decoder, count_parameters, lm_loss
+from meshwright.models.hf_weights import from_pretrained, load_pretrained_into
 
 
 def build_model(cfg: ModelConfig | str | dict, device: str | torch.device | None = None, seed: int | None = None) -> Decoder:
@@ -19,4 +20,5 @@ def build_model(cfg: ModelConfig | str | dict, device: str | torch.device | None
         return Decoder(cfg)
 
 
-__all__ = ["Block", "Decoder", "build_model", "count_parameters", "lm_loss", "ModelConfig"]
+__all__ = ["Block", "Decoder", "build_model", "count_parameters", "from_pretrained", "lm_loss", "load_pretrained_into",
+           "ModelConfig"]

@@ -60,7 +60,7 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         if cfg.arch == "llama":
-            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, scaling=cfg.rope_scaling)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         else:
@@ -89,7 +89,8 @@ class Decoder(nn.Module):
         if self.output is not None and not cfg.tie_embeddings:
             nn.init.normal_(self.output.weight, std=cfg.init_std)
         if cfg.arch == "llama" and self.rope_cos is not None:
-            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device)
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device,
+                                   scaling=cfg.rope_scaling)
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
 
@@ -134,9 +135,12 @@ class Decoder(nn.Module):
         return self.cfg.flops_per_token(seq_len)
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy over all positions, computed in fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross entropy over the positions whose target is not ``ignore_index`` (masked prompt
+    tokens of instruction data), computed in fp32; 0 (not NaN) when a micro-batch has no target at all."""
+    flat = targets.flatten()
+    total = F.cross_entropy(logits.float().flatten(0, 1), flat, ignore_index=ignore_index, reduction="sum")
+    return total / (flat != ignore_index).sum().clamp_min(1)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -30,9 +30,33 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape (max_seq_len, head_dim/2) for rotary position embeddings."""
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None,
+                  device: torch.device | None = None) -> torch.Tensor:
+    """Rotary frequencies, with the checkpoint's scaling: ``linear`` divides them by ``factor``; ``llama3``
+    (Llama 3.1) divides only the low frequencies and blends the middle band, as Meta's reference does."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if scaling is None:
+        return inv
+    kind = scaling.get("rope_type", scaling.get("type"))
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv / factor
+    if kind != "llama3":
+        raise ValueError(f"rope_scaling.rope_type={kind!r} is invalid; valid: linear, llama3")
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device: torch.device | None = None,
+                scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (max_seq_len, head_dim/2) for rotary position embeddings."""
+    inv = rope_inv_freq(head_dim, theta, scaling, device)
     pos = torch.arange(max_seq_len, device=device, dtype=torch.float32)
     angles = torch.outer(pos, inv)
     return angles.cos(), angles.sin()
@@ -54,8 +78,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.type_as(x)
 
 
+def sliding_window_mask(seq_len: int, window: int, device: torch.device | None = None) -> torch.Tensor:
+    """Boolean (seq, seq) mask, True where query i may attend key j: j <= i and i - j < window (Mistral)."""
+    i = torch.arange(seq_len, device=device)[:, None]
+    j = torch.arange(seq_len, device=device)[None, :]
+    return (j <= i) & (i - j < window)
+
+
 class Attention(nn.Module):
-    """Causal self-attention with optional GQA and RoPE.
+    """Causal self-attention with optional GQA, RoPE, q/k/v biases (Qwen2) and a sliding window (Mistral).
 
     Head counts are inferred from tensor shapes at run time, so the same code runs on a
     tensor-parallel shard that holds only n_heads/tp query heads and n_kv_heads/tp KV heads.
@@ -67,9 +98,11 @@ class Attention(nn.Module):
         self.n_rep = cfg.n_heads // cfg.kv_heads
         self.use_rope = use_rope
         self.dropout = cfg.dropout
-        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=bias)
-        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=bias)
-        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=bias)
+        self.sliding_window = cfg.sliding_window
+        qkv_bias = bias or cfg.qkv_bias
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -85,6 +118,8 @@ class Attention(nn.Module):
             v = v.repeat_interleave(self.n_rep, dim=2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         drop = self.dropout if self.training else 0.0
+        if attn_mask is None and self.sliding_window is not None and s > self.sliding_window:
+            attn_mask = sliding_window_mask(s, self.sliding_window, x.device)
         if attn_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
         else:

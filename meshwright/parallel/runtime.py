@@ -36,7 +36,7 @@ from meshwright.config import ModelConfig, load_model_config
 from meshwright.errors import invalid
 from meshwright.memory.fp8_activations import apply_fp8_activations
 from meshwright.memory.wta_crs import apply_wta_crs_per_layer
-from meshwright.models import build_model, lm_loss
+from meshwright.models import build_model, lm_loss, load_pretrained_into
 from meshwright.models.decoder import Decoder
 from meshwright.models.moe import attach_aux_loss_to_backward, router_stats
 from meshwright.parallel.data_parallel import all_reduce_grads, apply_ddp, apply_fsdp, zero1_optimizer
@@ -159,9 +159,12 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
     """Runs a validated Plan on all ranks of the default process group."""
 
     def __init__(self, model_cfg: ModelConfig | str | dict, plan: Plan, *, tp_backend: str = "dtensor",
-                 seed: int = 1234, device: torch.device | None = None, dp_shard: int | None = None) -> None:
+                 seed: int = 1234, device: torch.device | None = None, dp_shard: int | None = None,
+                 init_from: str | None = None) -> None:
         """``dp_shard`` turns ZeRO-2/3 layers into HSDP: shard over ``dp_shard`` ranks, replicate across
-        ``dp/dp_shard`` groups (None: shard over the whole dp group)."""
+        ``dp/dp_shard`` groups (None: shard over the whole dp group). ``init_from`` loads a Hugging Face
+        checkpoint: after the layout is applied, so each rank reads only its stages' parameters and, for
+        DTensor (tp/FSDP) shards, only its slices; Megatron's plain shards load into the full model first."""
         cfg = load_model_config(model_cfg)
         self.cfg, self.plan, self.tp_backend = cfg, plan, tp_backend
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -175,6 +178,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         self.dp_rank, self.dp_size = m.dp_rank, m.max_dp
         strategies = self.strategies = plan.layer_strategies()
         full = build_model(cfg, device="cpu", seed=seed).to(self.device)
+        if init_from is not None and tp_backend == "megatron":
+            load_pretrained_into(full, init_from, cfg)
         self.saver_layers = apply_plan_savers(full, plan, seed)
         ranges = plan.stage_ranges(cfg.n_layers)
         self.n_stages = len(ranges)
@@ -215,6 +220,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
             self._apply_layers(chunk)
             self._apply_outer(chunk)
         self.chunks = chunks
+        if init_from is not None and tp_backend != "megatron":
+            load_pretrained_into(chunks, init_from, cfg, check_unused=m.pp == 1)
         self.model = StateView(chunks)
         if self._megatron_state:
             from meshwright.parallel.megatron_tp import install_state_hooks
@@ -464,16 +471,19 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         self._schedules.clear()
 
 
-def build_distributed_runtime(train_cfg: Any, model_cfg: ModelConfig, plan: Plan) -> Runtime:
+def build_distributed_runtime(train_cfg: Any, model_cfg: ModelConfig, plan: Plan, init_from: str | None = None) -> Runtime:
     """The trainer's entry point under torchrun: init the process group, apply the Plan (each runtime
     validates it against the world once)."""
     device = init_distributed()
     if train_cfg.dp_backend == "deepspeed":
+        if init_from is not None:
+            raise invalid("init_from", init_from, "null with dp_backend deepspeed (use dp_backend torch to start from Hugging Face weights)")
         from meshwright.parallel.deepspeed_backend import DeepSpeedRuntime
 
         rt: Runtime = DeepSpeedRuntime(model_cfg, plan, train_cfg=train_cfg, seed=train_cfg.seed, device=device)
     else:
-        rt = DistributedRuntime(model_cfg, plan, tp_backend=train_cfg.tp_backend, seed=train_cfg.seed, device=device)
+        rt = DistributedRuntime(model_cfg, plan, tp_backend=train_cfg.tp_backend, seed=train_cfg.seed, device=device,
+                                init_from=init_from)
     per_rank = train_cfg.global_batch // rt.dp_size if train_cfg.global_batch % rt.dp_size == 0 else None
     if per_rank is None or per_rank % train_cfg.micro_batch:
         raise invalid("global_batch", train_cfg.global_batch,

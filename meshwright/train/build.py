@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from meshwright.config import ClusterSpec, ModelConfig, TrainConfig, load_cluster, load_model_config
-from meshwright.config.io import from_dict, write_yaml
+from meshwright.config.io import from_dict, to_dict, write_yaml
 from meshwright.data.loader import build_loaders
 from meshwright.errors import invalid
 from meshwright.launcher.planner.auto import auto_plan
 from meshwright.launcher.profiling.auto import auto_profiles, describe
 from meshwright.memory.meft import MeftConfig, make_reversible
-from meshwright.models import build_model
+from meshwright.models import build_model, load_pretrained_into
 from meshwright.parallel.runtime import build_distributed_runtime, init_distributed
 from meshwright.plan import Plan, default_plan, load_plan, validate_plan
 from meshwright.train.local_runtime import LocalRuntime
@@ -37,7 +37,7 @@ class TrainingJob:
 
     @classmethod
     def resolve(cls, cfg: TrainConfig, plan_ref: str | None = None) -> "TrainingJob":
-        job = cls(cfg, load_model_config(cfg.model), load_cluster(cfg.cluster), world_size_from_env())
+        job = cls(cfg, resolve_model_config(cfg), load_cluster(cfg.cluster), world_size_from_env())
         ref = plan_ref if plan_ref is not None else cfg.plan
         job.plan = _auto_plan(job) if ref == "auto" else _plan_file(ref)
         return job
@@ -47,6 +47,22 @@ class TrainingJob:
         """Under torchrun with several ranks, or when the Plan asks for more than one device or for per-layer
         features that only the distributed runtime applies."""
         return self.world_size > 1 or _plan_needs_parallel(self.plan)
+
+
+def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
+    """The model: ``cfg.model``, or with ``init_from`` the checkpoint's config.json (a ``model`` mapping then
+    overrides fields such as max_seq_len or dropout; a shape it changes fails when the weights load)."""
+    if cfg.init_from is None:
+        return load_model_config(cfg.model)
+    config_json = Path(cfg.init_from) / "config.json"
+    if not config_json.is_file():
+        raise invalid("init_from", cfg.init_from, "a Hugging Face model directory with config.json and model*.safetensors")
+    base = load_model_config(str(config_json))
+    if isinstance(cfg.model, dict):
+        return from_dict(ModelConfig, {**to_dict(base), **cfg.model}, prefix="model")
+    if cfg.model != TrainConfig.model:
+        raise invalid("model", cfg.model, f"unset or a mapping of overrides when init_from is set (the model is {config_json})")
+    return base
 
 
 def world_size_from_env() -> int:
@@ -124,7 +140,7 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
             raise invalid("meft", "set", "null under the distributed runtime (MEFT runs in one process; DDP is tested "
                           "at the module level in tests/distributed/test_meft_ddp.py)")
         plan = job.plan or default_plan(model_cfg, job.world_size, cfg.seq_len, cfg.global_batch, cfg.micro_batch)
-        return build_distributed_runtime(cfg, model_cfg, plan)
+        return build_distributed_runtime(cfg, model_cfg, plan, init_from=cfg.init_from)
     import torch
 
     if job.plan is not None:
@@ -133,6 +149,8 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
         raise invalid("seq_len", cfg.seq_len, f"at most model.max_seq_len={model_cfg.max_seq_len}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_model(model_cfg, seed=cfg.seed)
+    if cfg.init_from is not None:  # pretrained weights before any saver wraps the modules
+        load_pretrained_into(model, cfg.init_from, model_cfg)
     if cfg.meft is not None:  # reversible fine-tuning: frozen base, adapters (+ head) train
         model = make_reversible(model, config=from_dict(MeftConfig, cfg.meft, prefix="meft"))
     rt = LocalRuntime(model, device=device, dtype=cfg.dtype if device == "cuda" else "fp32")
@@ -177,6 +195,7 @@ def _train(job: TrainingJob, train_cfg: TrainConfig, plan_ref: str | None, resum
         if runtime.is_main:
             Path(train_cfg.out_dir).mkdir(parents=True, exist_ok=True)
             write_yaml(train_cfg, Path(train_cfg.out_dir) / "config.yaml")
+            write_yaml(model_cfg, Path(train_cfg.out_dir) / "model.yaml")  # resolved (init_from, overrides): for export
             if runtime.plan is not None:  # the layout this run used, for `meshwright report`
                 runtime.plan.save(Path(train_cfg.out_dir) / "plan.yaml")
             print(f"train: model {model_cfg.name} ({model_cfg.num_params() / 1e6:.2f}M params) | data {ds.path} "

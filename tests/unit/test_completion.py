@@ -13,7 +13,7 @@ from meshwright.commands.completion import tables
 
 CASES = [
     (["meshwright", "pl"], "plan"),
-    (["meshwright", ""], "data train profile plan launch report completion"),
+    (["meshwright", ""], "data train profile plan launch report export completion"),
     (["meshwright", "plan", "--em"], "--emit"),
     (["meshwright", "plan", "--model", "llama2-7b", "--emit", ""], "megatron deepspeed torchtitan"),
     (["meshwright", "profile", ""], "hardware model"),
@@ -39,7 +39,7 @@ def _script(shell: str, capsys) -> str:
 def test_script_is_generated_from_the_parser(capsys):
     text = _script("bash", capsys)
     t = tables(build_parser())
-    assert t["words"]["_"].split() == ["data", "train", "profile", "plan", "launch", "report", "completion"]
+    assert t["words"]["_"].split() == ["data", "train", "profile", "plan", "launch", "report", "export", "completion"]
     assert "--train-config" in t["opts"]["_ plan"] and t["choices"]["_ plan --emit"] == "megatron deepspeed torchtitan"
     assert "complete -o filenames -F _meshwright meshwright" in text and "--train-config" in text
 

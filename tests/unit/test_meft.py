@@ -227,7 +227,8 @@ def test_safe_defaults_per_dtype():
     m = make_reversible(tiny(n_layers=8, dtype=torch.float32), variant="meft1", adapter_dim=8)
     assert m.stack.n_reversible == 3
     m = make_reversible(tiny(n_layers=8, dtype=torch.float64), variant="meft3", adapter_dim=8)
-    assert m.stack.n_reversible == 6
+    # #20: the analytic bound (6) is now an upper bound; the default is measured (tests/unit/test_meft_safe_default.py)
+    assert 1 <= m.stack.n_reversible <= 6
 
 
 def test_autocast_state_is_replayed_in_backward():

@@ -1,0 +1,342 @@
+"""Hugging Face safetensors weights <-> meshwright's Decoder: key renaming, Conv1D transposes, the q/k
+rotary permutation, stacked experts; read per parameter *slice*, so a sharded rank reads only its piece.
+
+Every Decoder parameter has a ``Source``: how to read any slice ``idx`` of it (in meshwright's layout)
+from the checkpoint's tensors. A plain model reads whole parameters; a DTensor parameter (tensor- or
+fully-sharded) reads only the rows/columns its local shard covers; a pipeline stage has only its own
+layers' parameters, so it reads only those. ``load_pretrained_into`` works on any of them;
+``from_pretrained`` builds the plain model from ``config.json`` and loads it. ``hf_state_dict`` is the
+inverse (used by ``meshwright export --hf``).
+
+Layout differences (measured equal to transformers' logits to 1e-4 in tests/unit/test_hf_weights.py):
+- Llama/Mistral/Qwen2/Mixtral rotate the two halves of each head (``rotate_half``); meshwright rotates
+  interleaved pairs, so q/k rows (and Qwen2's q/k biases) are permuted within each head.
+- GPT-2 stores Conv1D weights as (in, out) and fuses q/k/v into ``c_attn``.
+- Mixtral stores each expert's w1/w2/w3 apart; meshwright stacks them along dim 0.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from meshwright.config import ModelConfig, load_model_config
+from meshwright.config.hf import hf_config_from_model
+from meshwright.errors import ConfigError, invalid
+from meshwright.models.decoder import Decoder
+from meshwright.models.layers import rope_tables
+
+Index = tuple[slice, ...]
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")  # buffers some checkpoints carry
+
+
+class SafetensorsReader:
+    """A Hugging Face model directory's safetensors files (one, or sharded with an index), opened lazily."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.root = Path(path)
+        self._handles: dict[Path, Any] = {}
+        index = self.root / "model.safetensors.index.json"
+        single = self.root / "model.safetensors"
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            self.files = {k: self.root / v for k, v in weight_map.items()}
+        elif single.is_file():
+            self.files = {k: single for k in self._open(single).keys()}
+        else:
+            raise invalid("init_from", str(path), "a Hugging Face model directory with model.safetensors "
+                          "or model.safetensors.index.json")
+
+    def _open(self, file: Path) -> Any:
+        from safetensors import safe_open
+
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(file), framework="pt")
+        return self._handles[file]
+
+    def keys(self) -> list[str]:
+        return list(self.files)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.files
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._slice(key).get_shape())
+
+    def _slice(self, key: str) -> Any:
+        if key not in self.files:
+            raise ConfigError(f"init_from={str(self.root)!r} lacks tensor {key!r}; valid: a checkpoint of the "
+                              f"architecture its config.json names")
+        return self._open(self.files[key]).get_slice(key)
+
+    def read(self, key: str, idx: Index) -> torch.Tensor:
+        """Only the elements ``idx`` of ``key`` (safetensors reads the slice, not the whole tensor)."""
+        return self._slice(key)[idx]
+
+
+def _bounds(s: slice, n: int) -> tuple[int, int]:
+    start, stop, step = s.indices(n)
+    if step != 1:
+        raise ValueError("strided slices are not supported")
+    return start, stop
+
+
+@dataclass
+class Source:
+    """One meshwright parameter from one checkpoint tensor: optionally a column block (``offset``,
+    ``width``) of a transposed Conv1D weight, optionally with the rotary permutation over ``rope_heads``."""
+
+    key: str
+    transpose: bool = False
+    offset: int = 0  # start of this parameter along the checkpoint axis that becomes meshwright's dim 0
+    rope_heads: int = 0
+
+    def keys(self) -> list[str]:
+        return [self.key]
+
+    def read(self, reader: SafetensorsReader, idx: Index, shape: tuple[int, ...]) -> torch.Tensor:
+        r0, r1 = _bounds(idx[0], shape[0])
+        if self.rope_heads:
+            hd = shape[0] // self.rope_heads
+            h0, h1 = r0 // hd, -(-r1 // hd)
+            whole = self._rows(reader, h0 * hd, h1 * hd, idx[1:])
+            nh = h1 - h0
+            whole = whole.reshape(nh, 2, hd // 2, *whole.shape[1:]).transpose(1, 2).reshape(nh * hd, *whole.shape[1:])
+            return whole[r0 - h0 * hd: r1 - h0 * hd]
+        return self._rows(reader, r0, r1, idx[1:])
+
+    def _rows(self, reader: SafetensorsReader, r0: int, r1: int, rest: Index) -> torch.Tensor:
+        rows = slice(self.offset + r0, self.offset + r1)
+        if self.transpose and rest:  # Conv1D (in, out): our rows are its columns
+            return reader.read(self.key, (rest[0], rows)).t().contiguous()
+        return reader.read(self.key, (rows, *rest))
+
+
+@dataclass
+class Stacked:
+    """Experts stacked along dim 0 from one checkpoint tensor per expert."""
+
+    parts: list[Source]
+
+    def keys(self) -> list[str]:
+        return [p.key for p in self.parts]
+
+    def read(self, reader: SafetensorsReader, idx: Index, shape: tuple[int, ...]) -> torch.Tensor:
+        e0, e1 = _bounds(idx[0], shape[0])
+        rows = [self.parts[e].read(reader, idx[1:], shape[1:]) for e in range(e0, e1)]
+        return torch.stack(rows) if rows else torch.empty(0, *[_len(s, n) for s, n in zip(idx[1:], shape[1:])])
+
+
+def _len(s: slice, n: int) -> int:
+    a, b = _bounds(s, n)
+    return b - a
+
+
+def _prefix(reader: SafetensorsReader, leaf: str) -> str:
+    """'model.' / 'transformer.' / '' : whatever the checkpoint puts before ``leaf``."""
+    for key in reader.keys():
+        if key.endswith(leaf) and (key == leaf or key[: -len(leaf)].endswith(".")):
+            return key[: -len(leaf)]
+    raise ConfigError(f"init_from={str(reader.root)!r} has no tensor ending in {leaf!r}; valid: a checkpoint of the "
+                      f"architecture its config.json names")
+
+
+def llama_sources(cfg: ModelConfig, reader: SafetensorsReader) -> dict[str, Source | Stacked]:
+    """Sources for Llama/Mistral/Qwen2/Mixtral checkpoints."""
+    p = _prefix(reader, "embed_tokens.weight")
+    out: dict[str, Source | Stacked] = {"tok_embeddings.weight": Source(f"{p}embed_tokens.weight"),
+                                        "norm.weight": Source(f"{p}norm.weight")}
+    out["output.weight"] = Source("lm_head.weight" if "lm_head.weight" in reader else f"{p}embed_tokens.weight")
+    for i in range(cfg.n_layers):
+        h, o = f"{p}layers.{i}.", f"layers.{i}."
+        out[o + "attention_norm.weight"] = Source(h + "input_layernorm.weight")
+        out[o + "ffn_norm.weight"] = Source(h + "post_attention_layernorm.weight")
+        for ours, theirs, heads in (("wq", "q_proj", cfg.n_heads), ("wk", "k_proj", cfg.kv_heads), ("wv", "v_proj", 0),
+                                    ("wo", "o_proj", 0)):
+            out[f"{o}attention.{ours}.weight"] = Source(f"{h}self_attn.{theirs}.weight", rope_heads=heads)
+            if cfg.qkv_bias and ours != "wo":
+                out[f"{o}attention.{ours}.bias"] = Source(f"{h}self_attn.{theirs}.bias", rope_heads=heads)
+        if cfg.is_moe_layer(i):
+            moe = f"{h}block_sparse_moe."
+            out[o + "feed_forward.router.weight"] = Source(moe + "gate.weight")
+            for w in ("w1", "w2", "w3"):
+                out[f"{o}feed_forward.experts.{w}"] = Stacked(
+                    [Source(f"{moe}experts.{e}.{w}.weight") for e in range(cfg.n_experts)])
+        else:
+            for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+                out[f"{o}feed_forward.{ours}.weight"] = Source(f"{h}mlp.{theirs}.weight")
+    return out
+
+
+def gpt2_sources(cfg: ModelConfig, reader: SafetensorsReader) -> dict[str, Source | Stacked]:
+    """Sources for GPT-2 checkpoints (Conv1D weights are (in, out); q/k/v fused in c_attn)."""
+    p = _prefix(reader, "wte.weight")
+    d = cfg.d_model
+    out: dict[str, Source | Stacked] = {"tok_embeddings.weight": Source(f"{p}wte.weight"),
+                                        "pos_embeddings.weight": Source(f"{p}wpe.weight"),
+                                        "norm.weight": Source(f"{p}ln_f.weight"), "norm.bias": Source(f"{p}ln_f.bias")}
+    out["output.weight"] = Source("lm_head.weight" if "lm_head.weight" in reader else f"{p}wte.weight")
+    for i in range(cfg.n_layers):
+        h, o = f"{p}h.{i}.", f"layers.{i}."
+        for ours, theirs in (("attention_norm", "ln_1"), ("ffn_norm", "ln_2")):
+            out[f"{o}{ours}.weight"] = Source(f"{h}{theirs}.weight")
+            out[f"{o}{ours}.bias"] = Source(f"{h}{theirs}.bias")
+        for j, name in enumerate(("wq", "wk", "wv")):
+            out[f"{o}attention.{name}.weight"] = Source(f"{h}attn.c_attn.weight", transpose=True, offset=j * d)
+            out[f"{o}attention.{name}.bias"] = Source(f"{h}attn.c_attn.bias", offset=j * d)
+        for ours, theirs in (("attention.wo", "attn.c_proj"), ("feed_forward.w1", "mlp.c_fc"),
+                             ("feed_forward.w2", "mlp.c_proj")):
+            out[f"{o}{ours}.weight"] = Source(f"{h}{theirs}.weight", transpose=True)
+            out[f"{o}{ours}.bias"] = Source(f"{h}{theirs}.bias")
+    return out
+
+
+def weight_sources(cfg: ModelConfig, reader: SafetensorsReader) -> dict[str, Source | Stacked]:
+    return gpt2_sources(cfg, reader) if cfg.arch == "gpt2" else llama_sources(cfg, reader)
+
+
+def _local_index(param: torch.Tensor) -> tuple[Index, torch.Tensor]:
+    """The global slice this rank holds of ``param`` and the local tensor to write it into."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        DTensor = ()  # type: ignore[assignment]
+    if isinstance(param, DTensor):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+        return tuple(slice(o, o + n) for o, n in zip(offset, shape)), param.to_local()
+    return tuple(slice(0, n) for n in param.shape), param
+
+
+@torch.no_grad()
+def load_pretrained_into(model: nn.Module | Iterable[nn.Module], path: str | Path, cfg: ModelConfig | None = None,
+                         strict: bool = True, check_unused: bool | None = None) -> list[str]:
+    """Copy a Hugging Face checkpoint into ``model`` (a plain Decoder, a pipeline stage, or a list of
+    stage chunks), each rank reading only the slices its (possibly DTensor-sharded) parameters hold.
+
+    Parameters without a source (adapters added by a memory saver) are an error with ``strict``, else
+    skipped. ``check_unused`` (default: when every layer is present) refuses checkpoint tensors that no
+    parameter used, so a weight meshwright's model has no place for is never silently dropped.
+    Returns the names loaded. Rotary tables are recomputed (they are not in the checkpoint).
+    """
+    modules = [model] if isinstance(model, nn.Module) else list(model)
+    cfg = cfg if cfg is not None else load_model_config(str(Path(path) / "config.json"))
+    reader = SafetensorsReader(path)
+    sources = weight_sources(cfg, reader)
+    loaded: list[str] = []
+    used: set[str] = set()
+    layers_seen: set[str] = set()
+    for mod in modules:
+        for name, param in mod.named_parameters():
+            if name not in sources:
+                if strict:
+                    raise ConfigError(f"init_from: parameter {name!r} has no tensor in {str(path)!r}; valid: load the "
+                                      f"checkpoint before adding adapters, or strict=False")
+                continue
+            src = sources[name]
+            idx, local = _local_index(param)
+            value = src.read(reader, idx, tuple(param.shape))
+            if tuple(value.shape) != tuple(local.shape):
+                raise ConfigError(f"init_from: {name} reads shape {tuple(value.shape)} from {str(path)!r}, the model "
+                                  f"holds {tuple(local.shape)}; valid: a model config matching the checkpoint's config.json")
+            local.copy_(value.to(local.dtype))
+            loaded.append(name)
+            used.update(src.keys())
+            if name.startswith("layers."):
+                layers_seen.add(name.split(".")[1])
+        _reset_rope(mod, cfg)
+    if check_unused is None:
+        check_unused = len(layers_seen) == cfg.n_layers
+    if cfg.tie_embeddings:
+        used.add("lm_head.weight")  # some tied checkpoints store the head as well; the model shares the embedding
+    if check_unused:
+        extra = sorted(k for k in reader.keys() if k not in used and not k.endswith(IGNORED_SUFFIXES))
+        if extra:
+            raise ConfigError(f"init_from={str(path)!r} has {len(extra)} tensor(s) meshwright's model has no place for "
+                              f"(first: {extra[0]!r}); valid: a checkpoint whose config.json describes all of its weights")
+    return loaded
+
+
+def _reset_rope(module: nn.Module, cfg: ModelConfig) -> None:
+    cos_buf = getattr(module, "rope_cos", None)
+    if isinstance(cos_buf, torch.Tensor) and cos_buf.device.type != "meta":
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=cos_buf.device,
+                               scaling=cfg.rope_scaling)
+        module.rope_cos.copy_(cos)
+        module.rope_sin.copy_(sin)
+
+
+def from_pretrained(path: str | Path, device: str | torch.device | None = None,
+                    dtype: torch.dtype | None = None) -> nn.Module:
+    """A Decoder built from ``path/config.json`` with the checkpoint's weights (no random init pass)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise invalid("init_from", str(path), "a Hugging Face model directory with config.json")
+    cfg = load_model_config(str(path / "config.json"))
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    model = model.to_empty(device=device or "cpu")
+    if cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight  # to_empty keeps the tie, but be explicit
+    if dtype is not None:
+        model = model.to(dtype)
+    load_pretrained_into(model, path, cfg)
+    return model
+
+
+def hf_state_dict(model: nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The inverse of the sources: a Hugging Face state dict (contiguous CPU tensors) for ``model``."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    fake = _KeyOnlyReader(cfg)
+    sources = weight_sources(cfg, fake)  # type: ignore[arg-type]
+    for name, src in sources.items():
+        if name == "output.weight" and cfg.tie_embeddings:
+            continue
+        value = state[name]
+        parts = src.parts if isinstance(src, Stacked) else [src]
+        values = list(value) if isinstance(src, Stacked) else [value]
+        for part, v in zip(parts, values):
+            if part.rope_heads:
+                nh, hd = part.rope_heads, v.shape[0] // part.rope_heads
+                v = v.reshape(nh, hd // 2, 2, *v.shape[1:]).transpose(1, 2).reshape(v.shape)
+            if part.transpose:
+                v = v.t()
+            prev = out.get(part.key)  # GPT-2's c_attn: q, k, v concatenated in that order
+            if prev is not None:
+                v = torch.cat([prev, v], dim=-1 if v.dim() == 2 else 0)
+            out[part.key] = v.contiguous()
+    return out
+
+
+class _KeyOnlyReader:
+    """Stands in for a reader when writing: the canonical key layout (``model.``/``transformer.`` prefixes)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        leaf = "transformer.wte.weight" if cfg.arch == "gpt2" else "model.embed_tokens.weight"
+        self._keys = [leaf] + ([] if cfg.tie_embeddings else ["lm_head.weight"])
+        self.root = Path(".")
+
+    def keys(self) -> list[str]:
+        return self._keys
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._keys
+
+
+def save_hf(model: nn.Module, cfg: ModelConfig, out: str | Path) -> Path:
+    """Write ``out/config.json`` + ``out/model.safetensors`` that transformers' ``from_pretrained`` loads."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.float() if v.is_floating_point() else v for k, v in hf_state_dict(model, cfg).items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config_from_model(cfg), indent=1) + "\n")
+    return out

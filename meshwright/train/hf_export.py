@@ -1,0 +1,54 @@
+"""A meshwright training checkpoint -> a Hugging Face model directory (``meshwright export CKPT --hf OUT``).
+
+The checkpoint is read with DCP into the plain model of the run's own config (``config.yaml`` of the
+run directory), whatever layout wrote it; the weights are then renamed/permuted back to transformers'
+layout by ``meshwright.models.hf_weights``. Runs whose modules a memory saver changed (MEFT, LoRA)
+are refused in one line: their parameters have no place in the plain architecture.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.distributed.checkpoint as dcp
+
+from meshwright.config import load_model_config, load_train_config
+from meshwright.errors import ConfigError, invalid
+from meshwright.models import build_model
+from meshwright.models.hf_weights import save_hf
+from meshwright.train.build import resolve_model_config
+from meshwright.train.checkpoint import STATE_FILE, _quiet_dcp, latest_checkpoint
+
+
+def find_run(ckpt: str | Path) -> tuple[Path, Path]:
+    """(checkpoint dir, run dir) for a run directory (its latest checkpoint) or a ``step_*`` directory."""
+    path = Path(ckpt)
+    if (path / "config.yaml").is_file():
+        found = latest_checkpoint(path / "ckpt")
+        if found is None:
+            raise invalid("CKPT", str(ckpt), "a run directory with at least one checkpoint under ckpt/")
+        return found, path
+    if (path / STATE_FILE).is_file() and (path.parent.parent / "config.yaml").is_file():
+        return path, path.parent.parent
+    raise invalid("CKPT", str(ckpt), "a run directory (with config.yaml) or one of its ckpt/step_* directories")
+
+
+def export_hf(ckpt: str | Path, out: str | Path) -> Path:
+    """Write ``out`` (config.json + model.safetensors) from the model weights of checkpoint ``ckpt``."""
+    step_dir, run_dir = find_run(ckpt)
+    cfg = load_train_config(str(run_dir / "config.yaml"))
+    if cfg.meft is not None:
+        raise invalid("meft", "set", "a run without MEFT (its reversible blocks and adapters are not a Hugging Face architecture)")
+    resolved = run_dir / "model.yaml"  # written by run_training: independent of init_from's directory
+    model_cfg = load_model_config(str(resolved)) if resolved.is_file() else resolve_model_config(cfg)
+    model = build_model(model_cfg, device="cpu")
+    state = {k: v for k, v in model.state_dict().items() if not (model_cfg.tie_embeddings and k == "output.weight")}
+    try:
+        with _quiet_dcp():
+            dcp.load({"model": state}, checkpoint_id=str(step_dir))
+    except Exception as exc:  # DCP raises a multi-line CheckpointException
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"CKPT={str(step_dir)!r} does not hold the plain model of {run_dir / 'config.yaml'} ({first}); "
+                          f"valid: a checkpoint of a run without adapters") from None
+    model.load_state_dict(state, strict=False)
+    return save_hf(model, model_cfg, out)

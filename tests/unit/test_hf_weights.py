@@ -1,0 +1,173 @@
+"""Hugging Face weights in and out: tiny random transformers models saved with save_pretrained, loaded with
+``from_pretrained``/``init_from``; logits must match transformers' to 1e-4 in fp32 (no network)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from meshwright.config import load_model_config  # noqa: E402
+from meshwright.errors import ConfigError  # noqa: E402
+from meshwright.models import from_pretrained, load_pretrained_into  # noqa: E402
+from meshwright.models.decoder import Decoder  # noqa: E402
+
+SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64)
+
+
+def _build(kind: str):
+    T = transformers
+    torch.manual_seed(0)
+    if kind == "llama":
+        return T.LlamaForCausalLM(T.LlamaConfig(**SMALL))
+    if kind == "llama3":  # Llama 3.1 rope scaling, theta 500000, tied embeddings, head_dim != hidden/heads
+        rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16, "rope_theta": 500000.0}
+        return T.LlamaForCausalLM(T.LlamaConfig(**SMALL, rope_parameters=rope, tie_word_embeddings=True, head_dim=12))
+    if kind == "llama_linear":  # linear rope scaling 
+        return T.LlamaForCausalLM(T.LlamaConfig(**SMALL, rope_parameters={"rope_type": "linear", "factor": 4.0,
+                                                                           "rope_theta": 20000.0}))
+    if kind == "mistral":
+        return T.MistralForCausalLM(T.MistralConfig(**SMALL, sliding_window=5))
+    if kind == "qwen2":
+        return T.Qwen2ForCausalLM(T.Qwen2Config(**SMALL))
+    if kind == "mixtral":
+        return T.MixtralForCausalLM(T.MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2))
+    if kind == "gpt2":
+        return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    raise ValueError(kind)
+
+
+def _perturb(model: torch.nn.Module) -> None:
+    """Random init leaves biases/norms at 0/1; perturb them so the test sees every tensor's mapping."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+
+
+def _saved(kind: str, tmp_path, max_shard_size=None):
+    hf = _build(kind).eval()
+    _perturb(hf)
+    out = tmp_path / kind
+    hf.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    return hf, out
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama3", "llama_linear", "mistral", "qwen2", "mixtral", "gpt2"])
+def test_from_pretrained_matches_transformers_logits(kind, tmp_path):
+    hf, path = _saved(kind, tmp_path)
+    ours = from_pretrained(path).eval()
+    tokens = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(tokens).logits
+        got = ours(tokens)
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() < 1e-4
+
+
+def test_config_import_keeps_what_the_file_says(tmp_path):
+    _, path = _saved("llama3", tmp_path)
+    cfg = load_model_config(str(path / "config.json"))
+    assert cfg.rope_theta == 500000.0
+    assert cfg.rope_scaling["rope_type"] == "llama3" and cfg.rope_scaling["factor"] == 8.0
+    assert cfg.tie_embeddings and cfg.head_dim == 12 and cfg.attn_head_dim == 12
+    _, path = _saved("mistral", tmp_path)
+    assert load_model_config(str(path / "config.json")).sliding_window == 5
+    _, path = _saved("qwen2", tmp_path)
+    assert load_model_config(str(path / "config.json")).qkv_bias
+
+
+def test_sharded_checkpoint_and_unsharded_load_equal(tmp_path):
+    hf, path = _saved("llama", tmp_path, max_shard_size="20KB")
+    assert (path / "model.safetensors.index.json").is_file()
+    ours = from_pretrained(path).eval()
+    tokens = torch.randint(0, 97, (1, 16))
+    with torch.no_grad():
+        assert (ours(tokens) - hf(tokens).logits).abs().max().item() < 1e-4
+
+
+def test_pipeline_stage_reads_only_its_layers(tmp_path):
+    _, path = _saved("llama", tmp_path)
+    full = from_pretrained(path)
+    cfg = full.cfg
+    stage = Decoder(cfg)
+    del stage.layers["0"]
+    stage.tok_embeddings = None
+    names = load_pretrained_into(stage, path, cfg)
+    assert not any(n.startswith("layers.0.") or n.startswith("tok_embeddings") for n in names)
+    for name, p in stage.named_parameters():
+        assert torch.equal(p, full.get_parameter(name)), name
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "rope_type"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"model_type": "phi"}, "model_type"),
+])
+def test_unsupported_config_is_a_one_line_error(change, field, tmp_path):
+    _, path = _saved("llama", tmp_path)
+    data = json.loads((path / "config.json").read_text())
+    data.update(change)
+    (path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError) as err:
+        load_model_config(str(path / "config.json"))
+    assert field in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unused_checkpoint_tensor_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, path = _saved("llama", tmp_path)
+    state = load_file(str(path / "model.safetensors"))
+    state["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(32)
+    save_file(state, str(path / "model.safetensors"))
+    with pytest.raises(ConfigError, match="no place for"):
+        from_pretrained(path)
+
+
+@pytest.mark.parametrize("kind", ["llama3", "mistral", "qwen2", "mixtral", "gpt2"])
+def test_save_hf_round_trip_through_transformers(kind, tmp_path):
+    from meshwright.models.hf_weights import save_hf
+
+    hf, path = _saved(kind, tmp_path)
+    ours = from_pretrained(path)
+    out = save_hf(ours, ours.cfg, tmp_path / "export")
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(back) is type(hf)
+    tokens = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        assert (back(tokens).logits - hf(tokens).logits).abs().max().item() < 1e-4
+
+
+def test_tied_checkpoint_that_also_stores_the_head_loads(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf, path = _saved("llama3", tmp_path)  # tie_word_embeddings=True
+    state = load_file(str(path / "model.safetensors"))
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, str(path / "model.safetensors"))
+    ours = from_pretrained(path).eval()
+    tokens = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        assert (ours(tokens) - hf(tokens).logits).abs().max().item() < 1e-4
+
+
+def test_transformers4_config_keys_are_read():
+    from meshwright.config.hf import model_config_from_hf
+
+    data = {"model_type": "llama", "vocab_size": 97, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "intermediate_size": 48, "max_position_embeddings": 64, "rope_theta": 500000.0,
+            "rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 16}}
+    cfg = model_config_from_hf(data)
+    assert cfg.rope_theta == 500000.0 and cfg.rope_scaling["rope_type"] == "llama3" and cfg.rope_scaling["factor"] == 8.0
+    data["rope_scaling"] = {"type": "dynamic", "factor": 2.0}
+    with pytest.raises(ConfigError, match="rope_type"):
+        model_config_from_hf(data)

@@ -1,0 +1,107 @@
+"""``init_from`` in a train config and ``meshwright export CKPT --hf OUT``: pretrained weights in, trained
+weights out, checked against transformers' own forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from meshwright.cli import main  # noqa: E402
+from meshwright.config import load_train_config  # noqa: E402
+from meshwright.errors import ConfigError  # noqa: E402
+from meshwright.models import from_pretrained  # noqa: E402
+from meshwright.train.build import build_runtime, run_training  # noqa: E402
+
+from _train_helpers import prepared_corpus  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return prepared_corpus(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture()
+def hf_dir(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=True)
+    model = transformers.Qwen2ForCausalLM(cfg)
+    model.save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+def _cfg(data, hf_dir, out, **kw):
+    return load_train_config({"init_from": str(hf_dir), "data": {"path": str(data)}, "seq_len": 32, "global_batch": 4,
+                              "micro_batch": 4, "steps": 3, "warmup_steps": 1, "eval_every": 0, "eval_batches": 1,
+                              "out_dir": str(out), "progress": False, "energy": False, **kw})
+
+
+def test_init_from_loads_the_checkpoint_weights(data, hf_dir, tmp_path):
+    rt = build_runtime(_cfg(data, hf_dir, tmp_path / "run"))
+    want = from_pretrained(hf_dir)
+    got = dict(rt.model.named_parameters())
+    for name, p in want.named_parameters():
+        assert torch.equal(got[name].detach().cpu(), p.detach()), name
+
+
+def test_init_from_train_export_round_trip(data, hf_dir, tmp_path):
+    run = tmp_path / "run"
+    summary = run_training(_cfg(data, hf_dir, run))
+    assert summary["final_loss"] is not None
+    out = tmp_path / "exported"
+    moved = hf_dir.rename(tmp_path / "moved")  # export reads the run's resolved model.yaml, not init_from's directory
+    assert main(["export", str(run), "--hf", str(out)]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ours = from_pretrained(out).eval()
+    start = from_pretrained(moved)
+    trained = dict(ours.named_parameters())
+    assert any(not torch.equal(p, trained[n]) for n, p in start.named_parameters())  # training moved the weights
+    tokens = torch.randint(0, 256, (2, 32))
+    with torch.no_grad():
+        assert (back(tokens).logits - ours(tokens)).abs().max().item() < 1e-4
+
+
+def test_init_from_bad_path_and_model_conflict(data, hf_dir, tmp_path):
+    with pytest.raises(ConfigError, match="init_from"):
+        build_runtime(_cfg(data, tmp_path / "nowhere", tmp_path / "run"))
+    with pytest.raises(ConfigError, match="model"):
+        build_runtime(_cfg(data, hf_dir, tmp_path / "run", model="small"))
+
+
+def test_export_refuses_a_directory_without_a_run(tmp_path, capsys):
+    assert main(["export", str(tmp_path), "--hf", str(tmp_path / "o")]) == 2
+    assert "CKPT" in capsys.readouterr().err
+
+
+def test_finetune_pretrained_on_chat_jsonl_with_its_tokenizer(tmp_path, monkeypatch):
+    """init_from + the model's tokenizer.json + prompt/response jsonl: trains on responses only, and a byte
+    tokenizer on the same (600-token) pretrained model is refused."""
+    import json
+
+    from meshwright.data.corpus import stdlib_files
+    from meshwright.data.tokenizer import BPETokenizer
+
+    monkeypatch.setenv("MESHWRIGHT_CACHE", str(tmp_path / "cache"))
+    hf = tmp_path / "hf"
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64)).save_pretrained(hf)
+    BPETokenizer.train([f.read_text(errors="replace") for f in stdlib_files(5)], 600).save(hf / "tokenizer.json")
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"prompt": f"Q{i}: say {w}\nA: ", "response": w}) + "\n"
+                           for i, w in enumerate(["yes", "no", "maybe", "always"] * 30)))
+    cfg = load_train_config({"init_from": str(hf), "data": {"path": str(sft), "tokenizer": str(hf), "val_fraction": 0.2},
+                             "seq_len": 32, "global_batch": 4, "micro_batch": 4, "steps": 20, "lr": 1e-2,
+                             "warmup_steps": 2, "eval_every": 0, "eval_batches": 2, "out_dir": str(tmp_path / "run"),
+                             "progress": False, "energy": False})
+    summary = run_training(cfg)
+    assert summary["final_loss"] < summary["first_loss"]
+    bad = load_train_config({**{k: v for k, v in cfg.__dict__.items() if k not in ("data", "out_dir")},
+                             "data": {"path": "default", "max_files": 5}, "out_dir": str(tmp_path / "run2")})
+    with pytest.raises(ConfigError, match="data.tokenizer='byte'"):
+        run_training(bad)

@@ -48,6 +48,7 @@ from meshwright.parallel.recompute import apply_recompute
 from meshwright.parallel.support import check_runtime_support
 from meshwright.parallel.tensor_parallel import apply_tp
 from meshwright.plan import Plan, validate_plan
+from meshwright.train.precision import PrecisionPolicy, apply_autocast
 from meshwright.train.runtime import Batch, Runtime, TorchDistributedCollectives
 
 DEFAULT_TIMEOUT = timedelta(seconds=int(os.environ.get("MESHWRIGHT_PG_TIMEOUT_S", "300")))
@@ -149,15 +150,21 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
     """Runs a validated Plan on all ranks of the default process group."""
 
     def __init__(self, model_cfg: ModelConfig | str | dict, plan: Plan, *, tp_backend: str = "dtensor",
-                 seed: int = 1234, device: torch.device | None = None, dp_shard: int | None = None) -> None:
+                 seed: int = 1234, device: torch.device | None = None, dp_shard: int | None = None,
+                 precision: PrecisionPolicy | None = None) -> None:
         """``dp_shard`` turns ZeRO-2/3 layers into HSDP: shard over ``dp_shard`` ranks, replicate across
-        ``dp/dp_shard`` groups (None: shard over the whole dp group)."""
+        ``dp/dp_shard`` groups (None: shard over the whole dp group). ``precision``: fp32 when None."""
         cfg = load_model_config(model_cfg)
+        self.precision = precision or PrecisionPolicy()
+        self.compute_dtype = self.precision.compute_dtype
         self.cfg, self.plan, self.tp_backend = cfg, plan, tp_backend
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         validate_plan(plan, cfg, self.world_size)
         check_runtime_support(plan, cfg, tp_backend, "torch")
         self.device = device or torch.device("cpu")
+        if tp_backend == "megatron" and self.precision.mixed and self.device.type != "cuda":
+            raise invalid("dtype", self.compute_dtype, "fp32 with tp_backend=megatron on CPU (megatron-core's linear "
+                          "backward honours autocast on CUDA only), or tp_backend=dtensor")
         if dp_shard is not None and dp_shard < 1:
             raise invalid("dp_shard", dp_shard, "null or a positive divisor of the layers' dp degree")
         self.dp_shard = dp_shard
@@ -204,6 +211,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         for chunk in chunks:
             self._apply_layers(chunk)
             self._apply_outer(chunk)
+            apply_autocast(chunk, self.precision, self.device.type)  # every layout computes in the policy's dtype
         self.chunks = chunks
         self.model = StateView(chunks)
         if self._megatron_state:
@@ -258,7 +266,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
                     self._post_scale.append((params, 1.0 / m.max_dp))
                 continue
             if s.zero >= 2:
-                apply_fsdp(block, hsdp["replicate", "shard"] if hsdp is not None else m.dp_mesh(s.tp), s.zero)
+                apply_fsdp(block, hsdp["replicate", "shard"] if hsdp is not None else m.dp_mesh(s.tp), s.zero,
+                           self.precision.fsdp_policy())
                 if s.zero == 2:
                     self._zero2_blocks.append(block)
                 if s.dp != m.max_dp:
@@ -274,7 +283,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
             return
         if self.plan.embedding.zero >= 2:
             for mod in outer:
-                apply_fsdp(mod, m.stage_mesh["stage"], self.plan.embedding.zero)
+                apply_fsdp(mod, m.stage_mesh["stage"], self.plan.embedding.zero, self.precision.fsdp_policy())
         else:
             self._manual.append(([p for mod in outer for p in mod.parameters()], m.stage_group, 1.0 / m.per_stage))
 
@@ -463,7 +472,8 @@ def build_distributed_runtime(train_cfg: Any, model_cfg: ModelConfig, plan: Plan
 
         rt: Runtime = DeepSpeedRuntime(model_cfg, plan, train_cfg=train_cfg, seed=train_cfg.seed, device=device)
     else:
-        rt = DistributedRuntime(model_cfg, plan, tp_backend=train_cfg.tp_backend, seed=train_cfg.seed, device=device)
+        rt = DistributedRuntime(model_cfg, plan, tp_backend=train_cfg.tp_backend, seed=train_cfg.seed, device=device,
+                                precision=PrecisionPolicy.from_dtype(train_cfg.dtype))
     per_rank = train_cfg.global_batch // rt.dp_size if train_cfg.global_batch % rt.dp_size == 0 else None
     if per_rank is None or per_rank % train_cfg.micro_batch:
         raise invalid("global_batch", train_cfg.global_batch,

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from meshwright.models import lm_loss
+from meshwright.train.precision import PrecisionPolicy
 from meshwright.train.runtime import Batch, Runtime
 
 
@@ -21,13 +22,12 @@ class LocalRuntime(Runtime):
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.model.train()
-        # bf16 autocast (fp32 master weights); on CPU keep fp32 - bf16 matmul is ~70x slower there
-        self.autocast_dtype = torch.bfloat16 if dtype == "bf16" else None
+        # bf16: autocast with fp32 master weights, on every device (train/precision.py says why)
+        self.precision = PrecisionPolicy.from_dtype(dtype)
+        self.compute_dtype = self.precision.compute_dtype
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return self.precision.autocast(self.device.type)
 
     def parameters(self) -> Iterable[nn.Parameter]:
         return self.model.parameters()

@@ -244,7 +244,8 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     optimizer: Literal["adamw", "coat_adamw"] = "adamw"
-    dtype: Literal["fp32", "bf16"] = "fp32"
+    dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast with fp32 master weights, on CPU too (train/precision.py)
+    compile: bool = False  # torch.compile per transformer block and the loss (train/compile.py)
     seed: int = 1234
     eval_every: int = 50
     eval_batches: int = 4

@@ -48,6 +48,7 @@ from meshwright.parallel.recompute import apply_recompute
 from meshwright.parallel.support import check_runtime_support
 from meshwright.parallel.tensor_parallel import apply_tp
 from meshwright.plan import Plan, validate_plan
+from meshwright.train.compile import compile_block, compiled_loss
 from meshwright.train.precision import PrecisionPolicy, apply_autocast
 from meshwright.train.runtime import Batch, Runtime, TorchDistributedCollectives
 
@@ -151,9 +152,10 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
 
     def __init__(self, model_cfg: ModelConfig | str | dict, plan: Plan, *, tp_backend: str = "dtensor",
                  seed: int = 1234, device: torch.device | None = None, dp_shard: int | None = None,
-                 precision: PrecisionPolicy | None = None) -> None:
+                 precision: PrecisionPolicy | None = None, compile_backend: str | None = None) -> None:
         """``dp_shard`` turns ZeRO-2/3 layers into HSDP: shard over ``dp_shard`` ranks, replicate across
-        ``dp/dp_shard`` groups (None: shard over the whole dp group). ``precision``: fp32 when None."""
+        ``dp/dp_shard`` groups (None: shard over the whole dp group). ``precision``: fp32 when None.
+        ``compile_backend``: torch.compile each block (after TP and recompute, before FSDP2) and the loss."""
         cfg = load_model_config(model_cfg)
         self.precision = precision or PrecisionPolicy()
         self.compute_dtype = self.precision.compute_dtype
@@ -165,6 +167,11 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         if tp_backend == "megatron" and self.precision.mixed and self.device.type != "cuda":
             raise invalid("dtype", self.compute_dtype, "fp32 with tp_backend=megatron on CPU (megatron-core's linear "
                           "backward honours autocast on CUDA only), or tp_backend=dtensor")
+        self.compile_backend = compile_backend
+        self.loss_fn = compiled_loss(lm_loss, compile_backend) if compile_backend is not None else lm_loss
+        if compile_backend is not None and (tp_backend == "megatron" or any(s.ep > 1 for s in plan.layer_strategies())):
+            raise invalid("compile", True, "false with tp_backend=megatron or ep>1 layers (their collectives run in "
+                          "custom autograd functions that torch.compile does not trace), or tp_backend=dtensor and ep=1")
         if dp_shard is not None and dp_shard < 1:
             raise invalid("dp_shard", dp_shard, "null or a positive divisor of the layers' dp degree")
         self.dp_shard = dp_shard
@@ -258,6 +265,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
                 # backward through the all-to-all already summed the ep peers' contributions
                 self._manual.append((experts, g.edp, 1.0 / m.max_dp))
             apply_recompute(block, s.recompute)
+            if self.compile_backend is not None:
+                compile_block(block, self.compile_backend)
             params = [p for p in block.parameters() if not is_expert_param(p)]
             if self.uniform_ddp:
                 continue
@@ -315,7 +324,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         if (n, train) not in self._schedules:
             pp = self.plan.pipeline
             self._schedules[(n, train)] = build_schedule(self.modules, self.stage_ids, self.n_stages, pp.schedule, n,
-                                                         lm_loss, self.device, self.meshes.pp_group)
+                                                         self.loss_fn, self.device, self.meshes.pp_group)
         return self._schedules[(n, train)]
 
     def _run_pipeline(self, micro_batches: list[Batch], train: bool) -> float:
@@ -341,7 +350,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
                 for block in self._zero2_blocks:  # ZeRO-2: keep parameters gathered until the last microbatch
                     block.set_reshard_after_backward(i == n - 1)
                 with sync:
-                    loss = lm_loss(mod(x.to(self.device)), y.to(self.device))
+                    loss = self.loss_fn(mod(x.to(self.device)), y.to(self.device))
                     aux = self.chunks[0].aux_loss() if self.cfg.n_experts else None
                     ((loss if aux is None else loss + aux) / n).backward()  # the log shows the LM loss alone
                 total += float(loss.detach())
@@ -356,7 +365,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         if self.meshes.pp > 1:
             local = self._run_pipeline(micro_batches, train=False)
         else:
-            local = sum(float(lm_loss(self.modules[0](x.to(self.device)), y.to(self.device))) for x, y in micro_batches)
+            local = sum(float(self.loss_fn(self.modules[0](x.to(self.device)), y.to(self.device))) for x, y in micro_batches)
             local /= len(micro_batches)
         for mod in self.modules:
             mod.train()
@@ -404,6 +413,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         if self._heterogeneous:  # foreach kernels cannot mix DTensors of different meshes with plain tensors
             for group in opt.param_groups:
                 group["foreach"] = False
+                group["fused"] = False
         if self._state_shards:  # megatron tp shards and ep expert shards: optimizer states as DTensors too
             install_shard_optimizer_hooks(opt, dict(self._state_shards))
         return opt
@@ -467,13 +477,16 @@ def build_distributed_runtime(train_cfg: Any, model_cfg: ModelConfig, plan: Plan
     """The trainer's entry point under torchrun: init the process group, apply the Plan (each runtime
     validates it against the world once)."""
     device = init_distributed()
+    if train_cfg.dp_backend == "deepspeed" and train_cfg.compile:
+        raise invalid("compile", True, "false with dp_backend=deepspeed (the engine wraps the model), or dp_backend=torch")
     if train_cfg.dp_backend == "deepspeed":
         from meshwright.parallel.deepspeed_backend import DeepSpeedRuntime
 
         rt: Runtime = DeepSpeedRuntime(model_cfg, plan, train_cfg=train_cfg, seed=train_cfg.seed, device=device)
     else:
         rt = DistributedRuntime(model_cfg, plan, tp_backend=train_cfg.tp_backend, seed=train_cfg.seed, device=device,
-                                precision=PrecisionPolicy.from_dtype(train_cfg.dtype))
+                                precision=PrecisionPolicy.from_dtype(train_cfg.dtype),
+                                compile_backend="inductor" if train_cfg.compile else None)
     per_rank = train_cfg.global_batch // rt.dp_size if train_cfg.global_batch % rt.dp_size == 0 else None
     if per_rank is None or per_rank % train_cfg.micro_batch:
         raise invalid("global_batch", train_cfg.global_batch,

@@ -108,7 +108,10 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
     model = build_model(model_cfg, seed=cfg.seed)
     if cfg.meft is not None:  # reversible fine-tuning: frozen base, adapters (+ head) train
         model = make_reversible(model, config=from_dict(MeftConfig, cfg.meft, prefix="meft"))
-    rt = LocalRuntime(model, device=device, dtype=cfg.dtype)  # bf16 is honoured on CPU too (train/precision.py)
+    if cfg.meft is not None and cfg.compile:
+        raise invalid("compile", True, "false with meft (reversible stacks are not compiled)")
+    rt = LocalRuntime(model, device=device, dtype=cfg.dtype,  # bf16 is honoured on CPU too (train/precision.py)
+                      compile_backend="inductor" if cfg.compile else None)
     rt.plan = job.plan
     return rt
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from meshwright.models import lm_loss
+from meshwright.train.compile import compile_blocks, compiled_loss
 from meshwright.train.precision import PrecisionPolicy
 from meshwright.train.runtime import Batch, Runtime
 
@@ -17,7 +18,9 @@ from meshwright.train.runtime import Batch, Runtime
 class LocalRuntime(Runtime):
     """One process, one device: gradient accumulation over micro-batches, clipping, eval."""
 
-    def __init__(self, model: nn.Module, device: str | torch.device = "cpu", dtype: str = "fp32") -> None:
+    def __init__(self, model: nn.Module, device: str | torch.device = "cpu", dtype: str = "fp32",
+                 compile_backend: str | None = None) -> None:
+        """``compile_backend``: torch.compile each block and the loss with it (None: eager)."""
         self.plan: Any = None  # the Plan this process was started with, if any (written to out_dir/plan.yaml)
         self.device = torch.device(device)
         self.model = model.to(self.device)
@@ -25,6 +28,10 @@ class LocalRuntime(Runtime):
         # bf16: autocast with fp32 master weights, on every device (train/precision.py says why)
         self.precision = PrecisionPolicy.from_dtype(dtype)
         self.compute_dtype = self.precision.compute_dtype
+        self.loss_fn = lm_loss
+        if compile_backend is not None:
+            compile_blocks(self.model, compile_backend)
+            self.loss_fn = compiled_loss(lm_loss, compile_backend)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return self.precision.autocast(self.device.type)
@@ -35,7 +42,7 @@ class LocalRuntime(Runtime):
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with self._autocast():
             logits = self.model(inputs.to(self.device))
-            loss = lm_loss(logits, targets.to(self.device))
+            loss = self.loss_fn(logits, targets.to(self.device))
             aux = self.model.aux_loss() if hasattr(self.model, "aux_loss") else None
         return loss if aux is None else loss + aux
 
@@ -55,7 +62,7 @@ class LocalRuntime(Runtime):
         self.model.eval()
         try:
             with self._autocast():
-                losses = [lm_loss(self.model(x.to(self.device)), y.to(self.device)).item() for x, y in micro_batches]
+                losses = [self.loss_fn(self.model(x.to(self.device)), y.to(self.device)).item() for x, y in micro_batches]
         finally:
             self.model.train(was_training)
         return sum(losses) / max(len(losses), 1)

@@ -33,6 +33,7 @@ from meshwright.tools.energy import EnergyAccountant, EnergyTotals
 from meshwright.tools.flops import hardware_flops_per_token, model_flops_per_token
 from meshwright.tools.mfu import mfu as compute_mfu
 from meshwright.train.checkpoint import latest_checkpoint, load_runtime, save_checkpoint
+from meshwright.train.compile import fast_adamw_kwargs
 from meshwright.train.runtime import Runtime
 
 
@@ -50,10 +51,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def build_optimizer(cfg: TrainConfig, runtime: Runtime) -> torch.optim.Optimizer:
-    """AdamW (or COAT's FP8-state AdamW) over ``runtime.param_groups``; the runtime may wrap it."""
+    """AdamW (or COAT's FP8-state AdamW) over ``runtime.param_groups``; the runtime may wrap it or turn the
+    multi-tensor kernels off where its parameters cannot share them."""
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
-        make: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] = lambda groups: torch.optim.AdamW(groups, **kwargs)  # noqa: E731
+        device = next(iter(runtime.parameters()), torch.empty(0)).device.type
+        fast = {**kwargs, **fast_adamw_kwargs(device)}  # fused on CUDA, foreach on CPU
+        make: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] = lambda groups: torch.optim.AdamW(groups, **fast)  # noqa: E731
     elif cfg.optimizer == "coat_adamw":
         make = lambda groups: CoatAdamW(groups, **kwargs)  # noqa: E731
     else:

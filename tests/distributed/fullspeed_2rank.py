@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parity_lib import CFG, MAX_NORM, SEED, STEPS, Report, failure, init, make_opt, rel, run_worker, shard
+from parity_lib import CFG, MAX_NORM, SEED, STEPS, Report, failure, init, make_opt, reference, rel, run_worker, shard
 
 from meshwright.models import build_model
 from meshwright.parallel.runtime import DistributedRuntime
@@ -45,6 +45,16 @@ BF16_CASES = {
     "bf16_tp2_dtensor": (plan(uniform(tp=2)), "dtensor"),
     "bf16_tp2_sp_recompute": (plan(uniform(tp=2, sp=True, recompute="full")), "dtensor"),
     "bf16_pp2_1f1b": (plan(uniform(), pipeline={"degree": 2, "schedule": "1f1b", "microbatches": 4}), "dtensor"),
+}
+
+
+# compile: true composed with each layout (aot_eager: dynamo + AOTAutograd trace the same graphs inductor would
+# get, without its C++ build per rank); fp32 losses within COMPILE_RTOL of the one-process eager run
+COMPILE_RTOL = 1e-4
+COMPILE_CASES = {
+    "compile_dp2_zero3_fsdp_recompute": plan(uniform(dp=2, zero=3, recompute="full"), embedding={"zero": 3}),
+    "compile_tp2_sp": plan(uniform(tp=2, sp=True)),
+    "compile_pp2_1f1b": plan(uniform(), pipeline={"degree": 2, "schedule": "1f1b", "microbatches": 4}),
 }
 
 
@@ -95,6 +105,15 @@ def bf16_case(pd: dict, backend: str, ref: list[float]) -> dict:
             "losses": losses, "ref": ref, "compute_dtype": rt.compute_dtype}
 
 
+def compile_case(pd: dict, ref: list[dict]) -> dict:
+    rt = DistributedRuntime(CFG, plan_from_dict(pd), seed=SEED, compile_backend="aot_eager")
+    compiled = [b for c in rt.chunks for b in c.layers.values() if b._compiled_call_impl is not None]
+    losses = train(rt)
+    rt.close()
+    worst = max(rel(a, r["loss"]) for a, r in zip(losses, ref))
+    return {"ok": worst <= COMPILE_RTOL and len(compiled) > 0, "loss_rel": worst, "compiled_blocks": len(compiled)}
+
+
 def main() -> None:
     init()
     out = sys.argv[1] if len(sys.argv) > 1 else None
@@ -110,6 +129,16 @@ def main() -> None:
             res = failure(f"case {name}", e)
         report.add(name, res["ok"], res)
         dist.barrier()
+    ref32 = reference()
+    for name, pd in COMPILE_CASES.items():
+        if only and name not in only:
+            continue
+        try:
+            res = compile_case(pd, ref32)
+        except Exception as e:
+            res = failure(f"case {name}", e)
+        report.add(name, res["ok"], res)
+        dist.barrier()
     if only is None or "bf16_megatron_cpu_refused" in only:
         try:
             DistributedRuntime(CFG, plan_from_dict(plan(uniform(tp=2))), tp_backend="megatron", seed=SEED,
@@ -119,6 +148,14 @@ def main() -> None:
             msg = str(e)
             res = {"ok": "dtype" in msg and "megatron" in msg and "\n" not in msg, "error": msg}
         report.add("bf16_megatron_cpu_refused", res["ok"], res)
+        try:
+            DistributedRuntime(CFG, plan_from_dict(plan(uniform(tp=2))), tp_backend="megatron", seed=SEED,
+                               compile_backend="aot_eager")
+            res = {"ok": False, "error": "compile with megatron tp was accepted"}
+        except Exception as e:
+            msg = str(e)
+            res = {"ok": msg.startswith("compile=True is invalid") and "\n" not in msg, "error": msg}
+        report.add("compile_megatron_refused", res["ok"], res)
     report.gather_and_write()
     dist.destroy_process_group()
 

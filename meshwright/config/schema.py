@@ -246,6 +246,7 @@ class TrainConfig:
     optimizer: Literal["adamw", "coat_adamw"] = "adamw"
     dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast with fp32 master weights, on CPU too (train/precision.py)
     compile: bool = False  # torch.compile per transformer block and the loss (train/compile.py)
+    loss_chunk_tokens: int = 0  # >0: head + loss per chunk of this many tokens, no full logits (models/chunked_loss.py)
     seed: int = 1234
     eval_every: int = 50
     eval_batches: int = 4
@@ -287,6 +288,8 @@ class TrainConfig:
             raise invalid(f"{p}grad_clip", self.grad_clip, "a non-negative number (0 disables clipping)")
         if self.eval_every < 0 or self.ckpt_every < 0:
             raise invalid(f"{p}eval_every", self.eval_every, "a non-negative integer (0 disables)")
+        if self.loss_chunk_tokens < 0:
+            raise invalid(f"{p}loss_chunk_tokens", self.loss_chunk_tokens, "0 (plain loss) or a positive number of tokens")
         if self.energy_every < 1:
             raise invalid(f"{p}energy_every", self.energy_every, "a positive integer (steps)")
         if self.keep_checkpoints < 1:

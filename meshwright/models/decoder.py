@@ -105,9 +105,10 @@ class Decoder(nn.Module):
             h = h + self.pos_embeddings(pos)
         return self.embed_dropout(h)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_hidden: bool = False) -> torch.Tensor:
         """Tokens (batch, seq) -> logits (batch, seq, vocab). A pipeline stage without embeddings takes
-        hidden states instead, and a stage without the head returns hidden states."""
+        hidden states instead, and a stage without the head returns hidden states; so does ``return_hidden``
+        (the chunked loss applies the head itself)."""
         h = self.embed(x) if self.tok_embeddings is not None else x
         seq_len = h.shape[1]
         if seq_len > self.cfg.max_seq_len:
@@ -117,7 +118,7 @@ class Decoder(nn.Module):
             h = layer(h, rope)
         if self.norm is not None:
             h = self.norm(h)
-        if self.output is not None:
+        if self.output is not None and not return_hidden:
             h = self.output(h)
         return h
 

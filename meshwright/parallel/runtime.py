@@ -477,6 +477,9 @@ def build_distributed_runtime(train_cfg: Any, model_cfg: ModelConfig, plan: Plan
     """The trainer's entry point under torchrun: init the process group, apply the Plan (each runtime
     validates it against the world once)."""
     device = init_distributed()
+    if getattr(train_cfg, "loss_chunk_tokens", 0):
+        raise invalid("loss_chunk_tokens", train_cfg.loss_chunk_tokens, "0 under the distributed runtime (the chunked "
+                      "loss runs in one process: LocalRuntime)")
     if train_cfg.dp_backend == "deepspeed" and train_cfg.compile:
         raise invalid("compile", True, "false with dp_backend=deepspeed (the engine wraps the model), or dp_backend=torch")
     if train_cfg.dp_backend == "deepspeed":

@@ -108,10 +108,11 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
     model = build_model(model_cfg, seed=cfg.seed)
     if cfg.meft is not None:  # reversible fine-tuning: frozen base, adapters (+ head) train
         model = make_reversible(model, config=from_dict(MeftConfig, cfg.meft, prefix="meft"))
-    if cfg.meft is not None and cfg.compile:
-        raise invalid("compile", True, "false with meft (reversible stacks are not compiled)")
+    if cfg.meft is not None and (cfg.compile or cfg.loss_chunk_tokens):
+        raise invalid("compile" if cfg.compile else "loss_chunk_tokens", cfg.compile or cfg.loss_chunk_tokens,
+                      "false/0 with meft (the reversible model is neither compiled nor split at the head)")
     rt = LocalRuntime(model, device=device, dtype=cfg.dtype,  # bf16 is honoured on CPU too (train/precision.py)
-                      compile_backend="inductor" if cfg.compile else None)
+                      compile_backend="inductor" if cfg.compile else None, loss_chunk_tokens=cfg.loss_chunk_tokens)
     rt.plan = job.plan
     return rt
 

@@ -43,6 +43,7 @@ from meshwright.parallel.data_parallel import all_reduce_grads, apply_ddp, apply
 from meshwright.parallel.expert_parallel import A2AMeter, EPGroups, apply_ep, ep_groups_from_mesh, is_expert_param
 from meshwright.parallel.layerwise import apply_batch_redistribution
 from meshwright.parallel.mesh import build_meshes, hsdp_shard
+from meshwright.parallel.meta_init import materialize, supports_meta_init
 from meshwright.parallel.pipeline import build_schedule, cut_stage, stage_ids
 from meshwright.parallel.recompute import apply_recompute
 from meshwright.parallel.support import check_runtime_support
@@ -178,7 +179,9 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         m = self.meshes = build_meshes(plan, self.world_size, self.rank, self.device.type, dp_shard)
         self.dp_rank, self.dp_size = m.dp_rank, m.max_dp
         strategies = self.strategies = plan.layer_strategies()
-        full = build_model(cfg, device="cpu", seed=seed).to(self.device)
+        # dense DTensor layouts: built on meta, each rank materialises its shards only (parallel/meta_init.py)
+        self.meta_init = supports_meta_init(cfg, plan, tp_backend)
+        full = build_model(cfg, device="meta") if self.meta_init else build_model(cfg, device="cpu", seed=seed).to(self.device)
         self.saver_layers = apply_plan_savers(full, plan, seed)
         ranges = plan.stage_ranges(cfg.n_layers)
         self.n_stages = len(ranges)
@@ -219,6 +222,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
             self._apply_layers(chunk)
             self._apply_outer(chunk)
             apply_autocast(chunk, self.precision, self.device.type)  # every layout computes in the policy's dtype
+        if self.meta_init:
+            materialize(chunks, cfg, seed, self.device)
         self.chunks = chunks
         self.model = StateView(chunks)
         if self._megatron_state:

@@ -1,5 +1,6 @@
 """Two-rank checks of issue 16 (one torchrun launch): under each layout the matmuls run in bf16 when the
-precision policy says so, and the losses track the one-process bf16 run.
+precision policy says so, and the losses track the one-process bf16 run; ``compile`` composes with the
+layouts; meta-device initialisation gives the one-process model's weights bitwise.
 
 Tolerance (bf16): relative loss error <= BF16_RTOL per step over STEPS steps. bf16 keeps 8 mantissa bits
 (~4e-3 relative per rounding); layouts sum partial products in other orders and FSDP2 reduces gradients
@@ -55,6 +56,16 @@ COMPILE_CASES = {
     "compile_dp2_zero3_fsdp_recompute": plan(uniform(dp=2, zero=3, recompute="full"), embedding={"zero": 3}),
     "compile_tp2_sp": plan(uniform(tp=2, sp=True)),
     "compile_pp2_1f1b": plan(uniform(), pipeline={"degree": 2, "schedule": "1f1b", "microbatches": 4}),
+}
+
+
+# meta-device init: every parameter equals the one-process build_model(CFG, seed) bitwise
+META_CASES = {
+    "meta_tp2_sp": plan(uniform(tp=2, sp=True)),
+    "meta_dp2_zero3_fsdp": plan(uniform(dp=2, zero=3), embedding={"zero": 3}),
+    "meta_pp2_1f1b": plan(uniform(), pipeline={"degree": 2, "schedule": "1f1b", "microbatches": 4}),
+    "meta_pp2_interleaved": plan(uniform(), pipeline={"degree": 2, "schedule": "interleaved_1f1b", "microbatches": 4,
+                                                      "virtual_stages": 2}),
 }
 
 
@@ -114,6 +125,23 @@ def compile_case(pd: dict, ref: list[dict]) -> dict:
     return {"ok": worst <= COMPILE_RTOL and len(compiled) > 0, "loss_rel": worst, "compiled_blocks": len(compiled)}
 
 
+def meta_case(pd: dict) -> dict:
+    from torch.distributed.tensor import DTensor
+
+    rt = DistributedRuntime(CFG, plan_from_dict(pd), seed=SEED)
+    ref = dict(build_model(CFG, seed=SEED).named_parameters())
+    mismatched, local_numel = [], 0
+    for name, p in rt.model.named_parameters():
+        local_numel += (p.to_local() if isinstance(p, DTensor) else p).numel()
+        full = p.full_tensor() if isinstance(p, DTensor) else p
+        if not torch.equal(full.detach(), ref[name].detach()):
+            mismatched.append(name)
+    total = sum(p.numel() for p in ref.values())
+    rt.close()
+    ok = rt.meta_init and not mismatched and local_numel < total  # and no rank holds every parameter
+    return {"ok": ok, "mismatched": mismatched[:5], "meta_init": rt.meta_init, "local_fraction": local_numel / total}
+
+
 def main() -> None:
     init()
     out = sys.argv[1] if len(sys.argv) > 1 else None
@@ -125,6 +153,15 @@ def main() -> None:
             continue
         try:
             res = bf16_case(pd, backend, ref)
+        except Exception as e:
+            res = failure(f"case {name}", e)
+        report.add(name, res["ok"], res)
+        dist.barrier()
+    for name, pd in META_CASES.items():
+        if only and name not in only:
+            continue
+        try:
+            res = meta_case(pd)
         except Exception as e:
             res = failure(f"case {name}", e)
         report.add(name, res["ok"], res)

@@ -53,10 +53,13 @@ def _copy_shard(param: torch.Tensor, full: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def materialize(chunks: Iterable[nn.Module], cfg: ModelConfig, seed: int, device: torch.device) -> None:
+def materialize(chunks: Iterable[nn.Module], cfg: ModelConfig, seed: int,
+                device: torch.device) -> dict[nn.Parameter, nn.Parameter]:
     """Allocate ``chunks`` (stages cut from a meta Decoder, already sharded) on ``device`` and fill them with
-    the one-process model's initial values for ``seed``."""
+    the one-process model's initial values for ``seed``. ``to_empty`` replaces Parameter objects, so this
+    returns {meta parameter: its materialised replacement} for lists built before (gradient buckets)."""
     chunks = list(chunks)
+    before = {n: p for chunk in chunks for n, p in chunk.named_parameters()}
     live: dict[str, torch.Tensor] = {}
     for chunk in chunks:
         chunk.to_empty(device=device)
@@ -78,3 +81,4 @@ def materialize(chunks: Iterable[nn.Module], cfg: ModelConfig, seed: int, device
             cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device)
             chunk.rope_cos.copy_(cos)
             chunk.rope_sin.copy_(sin)
+    return {old: live[n] for n, old in before.items()}

@@ -222,8 +222,10 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
             self._apply_layers(chunk)
             self._apply_outer(chunk)
             apply_autocast(chunk, self.precision, self.device.type)  # every layout computes in the policy's dtype
-        if self.meta_init:
-            materialize(chunks, cfg, seed, self.device)
+        if self.meta_init:  # gradient buckets listed meta parameters: point them at the materialised ones
+            new = materialize(chunks, cfg, seed, self.device)
+            self._manual = [([new.get(p, p) for p in ps], group, scale) for ps, group, scale in self._manual]
+            self._post_scale = [([new.get(p, p) for p in ps], factor) for ps, factor in self._post_scale]
         self.chunks = chunks
         self.model = StateView(chunks)
         if self._megatron_state:

@@ -4,8 +4,8 @@ Prints ONE JSON report (and writes it to --out): for gpt2-small (batch 16 x 1024
 (d_model 2048, 22 layers, 16 heads, ffn 5632, vocab 32000, batch 4 x 4096): tokens/s, MFU (PaLM FLOPs over
 the cluster preset's dense bf16 peak), peak ``max_memory_reserved`` of
 
-- the meshwright trainer: ``Trainer.train_step`` on the runtime ``meshwright train`` builds (LocalRuntime),
-  eager and with ``compile: true`` (+ ``loss_chunk_tokens``),
+- the meshwright trainer: ``Trainer.train_step`` on the runtime ``meshwright train`` builds (LocalRuntime)
+  with ``compile: true`` (``--extra``: also eager, and compiled with ``loss_chunk_tokens``),
 - the same Decoder in a plain loop (torch.compile of the whole model, fused AdamW, bf16 autocast),
 - Hugging Face ``GPT2LMHeadModel`` (eager, sdpa) for gpt2-small,
 
@@ -16,7 +16,7 @@ Each section runs in its own subprocess (a clean CUDA allocator per measurement,
 section only), with its own timeout; the whole check is sized to finish in under 8 minutes on an H100/H200.
 deepspeed, megatron-core, codecarbon and fabric are blocked in every section, as on the bare GPU image.
 
-    python benchmarks/gpu_check.py [--out report.json] [--only gpt2_trainer_compiled,...]
+    python benchmarks/gpu_check.py [--out report.json] [--extra] [--only gpt2_trainer_compiled,...]
     python benchmarks/gpu_check.py --cpu-smoke     # tiny sizes, fp32, no compile: checks the plumbing on CPU
 """
 
@@ -48,8 +48,10 @@ WORKLOADS = {
     "gpt2": {"gpu": ("gpt2-small", 16, 1024, 20, 5), "cpu": ("tiny-gpt2", 2, 64, 2, 1)},
     "llama1b": {"gpu": (LLAMA_1B, 4, 4096, 8, 3), "cpu": (TINY_LLAMA, 2, 64, 2, 1)},
 }
-SECTIONS = ("gpt2_trainer_eager", "gpt2_trainer_compiled", "gpt2_plain_compiled", "gpt2_hf_eager",
-            "llama1b_trainer_compiled", "llama1b_plain_compiled", "llama7b_planned")
+DEFAULT_SECTIONS = ("gpt2_trainer_compiled", "gpt2_plain_compiled", "gpt2_hf_eager", "llama1b_trainer_compiled",
+                    "llama1b_plain_compiled", "llama7b_planned")
+EXTRA_SECTIONS = ("gpt2_trainer_eager", "gpt2_trainer_compiled_chunked")  # --extra (about 2 more minutes)
+SECTIONS = DEFAULT_SECTIONS + EXTRA_SECTIONS
 TIMEOUT_S = {"llama7b_planned": 170, "llama1b_trainer_compiled": 110, "llama1b_plain_compiled": 100}
 
 
@@ -252,13 +254,16 @@ def run_section(name: str, smoke: bool) -> dict[str, Any]:
     work = name.split("_")[0]
     if work in WORKLOADS:
         model, batch, seq, steps, warm = WORKLOADS[work][kind]
-    if name in ("gpt2_trainer_eager", "gpt2_trainer_compiled", "llama1b_trainer_compiled"):
+    if name in ("gpt2_trainer_eager", "gpt2_trainer_compiled", "gpt2_trainer_compiled_chunked", "llama1b_trainer_compiled"):
         compiled = compile_ and not name.endswith("eager")
-        chunk = 0 if name.endswith("eager") else (0 if smoke else 4096)
-        plan = _plan_cli(model, seq, batch, tmp, "--tp", "1", "--pp", "1", "--dp", "1", "--recompute", "none",
-                         "--micro-batch", str(batch))
+        chunk = (seq * batch // 4) if name.endswith("chunked") else 0  # four chunks: 1/4 of the logits at a time
+        try:  # the planner's prediction for this very layout (one device, no recompute, one micro-batch)
+            predicted = _predicted(_plan_cli(model, seq, batch, tmp, "--tp", "1", "--pp", "1", "--dp", "1",
+                                             "--recompute", "none", "--micro-batch", str(batch)))
+        except Exception as e:  # e.g. the planner predicts it does not fit: measure anyway
+            predicted = {"plan_error": f"{type(e).__name__}: {str(e)[:300]}"}
         res = _trainer_run(model, batch, seq, steps, warm, dtype, compiled, tmp, loss_chunk=chunk)
-        return {**res, **_predicted(plan)}
+        return {**res, **predicted}
     if name in ("gpt2_plain_compiled", "llama1b_plain_compiled"):
         return _plain_loop(model, batch, seq, steps, warm, dtype, compile_)
     if name == "gpt2_hf_eager":
@@ -310,6 +315,8 @@ def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "gpt2_trainer_compiled_over_plain_compiled": _ratio(r.get("gpt2_trainer_compiled", {}), r.get("gpt2_plain_compiled", {})),
         "gpt2_trainer_eager_over_plain_compiled": _ratio(r.get("gpt2_trainer_eager", {}), r.get("gpt2_plain_compiled", {})),
+        "gpt2_trainer_chunked_over_plain_compiled": _ratio(r.get("gpt2_trainer_compiled_chunked", {}),
+                                                           r.get("gpt2_plain_compiled", {})),
         "gpt2_trainer_compiled_over_hf_eager": _ratio(r.get("gpt2_trainer_compiled", {}), r.get("gpt2_hf_eager", {})),
         "llama1b_trainer_compiled_over_plain_compiled": _ratio(r.get("llama1b_trainer_compiled", {}),
                                                                r.get("llama1b_plain_compiled", {})),
@@ -329,14 +336,15 @@ def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes, fp32, no compile (CPU plumbing check)")
-    ap.add_argument("--only", default="", help=f"comma-separated sections (default all: {','.join(SECTIONS)})")
+    ap.add_argument("--only", default="", help=f"comma-separated sections (default: {','.join(DEFAULT_SECTIONS)})")
+    ap.add_argument("--extra", action="store_true", help=f"also run {', '.join(EXTRA_SECTIONS)}")
     ap.add_argument("--out", default=None, help="also write the JSON report here")
     ap.add_argument("--section", default=None, help=argparse.SUPPRESS)  # internal: run one section in this process
     args = ap.parse_args(argv)
     if args.section:
         print(MARK + json.dumps(run_section(args.section, args.cpu_smoke)), flush=True)
         return 0
-    names = [s for s in args.only.split(",") if s] or list(SECTIONS)
+    names = [s for s in args.only.split(",") if s] or list(DEFAULT_SECTIONS + (EXTRA_SECTIONS if args.extra else ()))
     bad = [n for n in names if n not in SECTIONS]
     if bad:
         ap.error(f"--only={bad[0]!r} is invalid; valid: {', '.join(SECTIONS)}")

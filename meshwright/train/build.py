@@ -105,7 +105,7 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
     if cfg.seq_len > model_cfg.max_seq_len:
         raise invalid("seq_len", cfg.seq_len, f"at most model.max_seq_len={model_cfg.max_seq_len}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build_model(model_cfg, device=device, seed=cfg.seed)  # initialised on its device (CPU: the same stream)
+    model = build_model(model_cfg, seed=cfg.seed)  # drawn on the CPU: the values every layout starts from
     if cfg.meft is not None:  # reversible fine-tuning: frozen base, adapters (+ head) train
         model = make_reversible(model, config=from_dict(MeftConfig, cfg.meft, prefix="meft"))
     if cfg.meft is not None and (cfg.compile or cfg.loss_chunk_tokens):

@@ -149,6 +149,23 @@ def meta_case(pd: dict, ref_step: dict) -> dict:
             "grad_rel": grad_rel}
 
 
+def bf16_deepspeed_case(ref: list[float]) -> dict:
+    """DeepSpeed's own bf16 mode (bf16 weights, fp32 master copy in its optimizer) from the same policy."""
+    import types
+
+    from meshwright.parallel.deepspeed_backend import DeepSpeedRuntime
+
+    train_cfg = types.SimpleNamespace(global_batch=8, micro_batch=2, dtype="bf16")
+    rt = DeepSpeedRuntime(CFG, plan_from_dict(plan(uniform(dp=2, zero=3))), train_cfg=train_cfg, seed=SEED)
+    losses = train(rt, steps=2)  # the engine exists once the optimizer is built: hook its module after the fact
+    meter = LinearDtypes([rt.engine.module])
+    rt.eval_loss(shard(0, rt.dp_rank, rt.dp_size))
+    meter.close()
+    worst = max(rel(a, b) for a, b in zip(losses, ref))
+    ok = meter.seen == {"bfloat16"} and worst <= BF16_RTOL and rt.ds_config["bf16"]["enabled"]
+    return {"ok": ok, "linear_out_dtypes": sorted(meter.seen), "loss_rel": worst, "losses": losses, "ref": ref[:2]}
+
+
 def main() -> None:
     init()
     out = sys.argv[1] if len(sys.argv) > 1 else None
@@ -182,6 +199,13 @@ def main() -> None:
         except Exception as e:
             res = failure(f"case {name}", e)
         report.add(name, res["ok"], res)
+        dist.barrier()
+    if only is None or "bf16_deepspeed_zero3" in only:
+        try:
+            res = bf16_deepspeed_case(ref)
+        except Exception as e:
+            res = failure("case bf16_deepspeed_zero3", e)
+        report.add("bf16_deepspeed_zero3", res["ok"], res)
         dist.barrier()
     if only is None or "bf16_megatron_cpu_refused" in only:
         try:

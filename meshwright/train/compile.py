@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from meshwright.errors import invalid
+from meshwright.models.chunked_loss import chunk_loss_sum
 
 BACKENDS = ("inductor", "aot_eager", "eager")
 
@@ -42,6 +43,11 @@ def compiled_loss(loss_fn: Callable[..., torch.Tensor], backend: str = "inductor
     """The loss compiled on its own: the fp32 upcast, log-softmax and gather fuse, so the fp32 logits copy
     exists only inside the kernel."""
     return torch.compile(loss_fn, backend=check_backend(backend))
+
+
+def compiled_chunk_loss(backend: str = "inductor") -> Callable[..., torch.Tensor]:
+    """The chunked loss's per-chunk head + loss, compiled (shapes marked dynamic: the last chunk is shorter)."""
+    return torch.compile(chunk_loss_sum, backend=check_backend(backend), dynamic=None)
 
 
 def fast_adamw_kwargs(device_type: str) -> dict[str, Any]:

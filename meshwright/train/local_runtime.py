@@ -11,7 +11,7 @@ from torch import nn
 
 from meshwright.models import lm_loss
 from meshwright.models.chunked_loss import chunked_lm_loss
-from meshwright.train.compile import compile_blocks, compiled_loss
+from meshwright.train.compile import compile_blocks, compiled_chunk_loss, compiled_loss
 from meshwright.train.precision import PrecisionPolicy
 from meshwright.train.runtime import Batch, Runtime
 
@@ -32,9 +32,11 @@ class LocalRuntime(Runtime):
         self.compute_dtype = self.precision.compute_dtype
         self.loss_fn = lm_loss
         self.loss_chunk_tokens = loss_chunk_tokens
+        self.chunk_fn = None  # chunked loss: the per-chunk head + loss (None: eager)
         if compile_backend is not None:
             compile_blocks(self.model, compile_backend)
             self.loss_fn = compiled_loss(lm_loss, compile_backend)
+            self.chunk_fn = compiled_chunk_loss(compile_backend)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return self.precision.autocast(self.device.type)
@@ -45,7 +47,8 @@ class LocalRuntime(Runtime):
     def _lm_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         x, y = inputs.to(self.device), targets.to(self.device)
         if self.loss_chunk_tokens:
-            return chunked_lm_loss(self.model(x, return_hidden=True), self.model.output, y, self.loss_chunk_tokens)
+            return chunked_lm_loss(self.model(x, return_hidden=True), self.model.output, y, self.loss_chunk_tokens,
+                                   self.chunk_fn)
         return self.loss_fn(self.model(x), y)
 
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

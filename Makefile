@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup run test test-fast bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,11 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/bench_trainer.py
+
+# On a bare NVIDIA machine: the system Python (torch >= 2.11 with CUDA), not the CPU-pinned .venv.
+GPU_PY ?= python3
+gpu-check:  ## one JSON report: trainer vs plain compiled loop vs HF, 1.3B llama MFU, planned llama2-7b (< 8 min)
+	PYTHONPATH=$(CURDIR) $(GPU_PY) benchmarks/gpu_check.py --out gpu_check.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

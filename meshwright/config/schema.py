@@ -305,7 +305,9 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     optimizer: Literal["adamw", "coat_adamw"] = "adamw"
-    dtype: Literal["fp32", "bf16"] = "fp32"
+    dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast with fp32 master weights, on CPU too (train/precision.py)
+    compile: bool = False  # torch.compile per transformer block and the loss (train/compile.py)
+    loss_chunk_tokens: int = 0  # >0: head + loss per chunk of this many tokens, no full logits (models/chunked_loss.py)
     seed: int = 1234
     eval_every: int = 50
     eval_batches: int = 4
@@ -362,6 +364,8 @@ class TrainConfig:
         for name in ("eval_every", "ckpt_every"):
             if getattr(self, name) < 0:
                 raise invalid(f"{p}{name}", getattr(self, name), "a non-negative integer (0 disables)")
+        if self.loss_chunk_tokens < 0:
+            raise invalid(f"{p}loss_chunk_tokens", self.loss_chunk_tokens, "0 (plain loss) or a positive number of tokens")
         if self.energy_every < 1:
             raise invalid(f"{p}energy_every", self.energy_every, "a positive integer (steps)")
         if self.keep_checkpoints < 1:

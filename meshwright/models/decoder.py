@@ -9,6 +9,9 @@ distributed checkpoints reshard between layouts.
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,28 +74,38 @@ class Decoder(nn.Module):
     def init_weights(self) -> None:
         """(Re)initialise every parameter; also used after building on the meta device."""
         cfg = self.cfg
-        if self.tok_embeddings is not None:
-            nn.init.normal_(self.tok_embeddings.weight, std=cfg.init_std)
-        if self.pos_embeddings is not None:
-            nn.init.normal_(self.pos_embeddings.weight, std=cfg.init_std / 2)
-        for block in self.layers.values():
-            for name, module in block.named_modules():
-                if isinstance(module, nn.Linear):
-                    out_proj = name.endswith(("wo", "w2"))
-                    init_linear(module, residual_std(cfg) if out_proj else cfg.init_std)
-                elif isinstance(module, (nn.LayerNorm, RMSNorm)):
-                    module.reset_parameters()
-                elif hasattr(module, "init_weights") and module is not block:
-                    module.init_weights()
-        if self.norm is not None:
-            self.norm.reset_parameters()
-        if self.output is not None and not cfg.tie_embeddings:
-            nn.init.normal_(self.output.weight, std=cfg.init_std)
+        for path, init in self.init_steps():
+            init(self.get_submodule(path))
         if cfg.arch == "llama" and self.rope_cos is not None:
             cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device,
                                    scaling=cfg.rope_scaling)
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
+
+    def init_steps(self) -> list[tuple[str, Callable[[nn.Module], None]]]:
+        """(module path, initialiser) in the order ``init_weights`` runs them, i.e. the order of RNG draws:
+        meta-device initialisation (parallel/meta_init.py) replays them module by module."""
+        cfg = self.cfg
+        steps: list[tuple[str, Callable[[nn.Module], None]]] = []
+        if self.tok_embeddings is not None:
+            steps.append(("tok_embeddings", functools.partial(_normal_weight, std=cfg.init_std)))
+        if self.pos_embeddings is not None:
+            steps.append(("pos_embeddings", functools.partial(_normal_weight, std=cfg.init_std / 2)))
+        for key, block in self.layers.items():
+            for name, module in block.named_modules():
+                path = f"layers.{key}.{name}" if name else f"layers.{key}"
+                if isinstance(module, nn.Linear):
+                    out_proj = name.endswith(("wo", "w2"))
+                    steps.append((path, functools.partial(init_linear, std=residual_std(cfg) if out_proj else cfg.init_std)))
+                elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                    steps.append((path, _reset))
+                elif hasattr(module, "init_weights") and module is not block:
+                    steps.append((path, _init_weights))
+        if self.norm is not None:
+            steps.append(("norm", _reset))
+        if self.output is not None and not cfg.tie_embeddings:
+            steps.append(("output", functools.partial(_normal_weight, std=cfg.init_std)))
+        return steps
 
     def rope(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.rope_cos is None:
@@ -106,9 +119,10 @@ class Decoder(nn.Module):
             h = h + self.pos_embeddings(pos)
         return self.embed_dropout(h)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_hidden: bool = False) -> torch.Tensor:
         """Tokens (batch, seq) -> logits (batch, seq, vocab). A pipeline stage without embeddings takes
-        hidden states instead, and a stage without the head returns hidden states."""
+        hidden states instead, and a stage without the head returns hidden states; so does ``return_hidden``
+        (the chunked loss applies the head itself)."""
         h = self.embed(x) if self.tok_embeddings is not None else x
         seq_len = h.shape[1]
         if seq_len > self.cfg.max_seq_len:
@@ -118,7 +132,7 @@ class Decoder(nn.Module):
             h = layer(h, rope)
         if self.norm is not None:
             h = self.norm(h)
-        if self.output is not None:
+        if self.output is not None and not return_hidden:
             h = self.output(h)
         return h
 
@@ -133,6 +147,18 @@ class Decoder(nn.Module):
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         return self.cfg.flops_per_token(seq_len)
+
+
+def _normal_weight(module: nn.Module, std: float) -> None:
+    nn.init.normal_(module.weight, std=std)
+
+
+def _reset(module: nn.Module) -> None:
+    module.reset_parameters()
+
+
+def _init_weights(module: nn.Module) -> None:
+    module.init_weights()
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

@@ -13,7 +13,7 @@ ZeRO levels map onto torch as follows:
 from __future__ import annotations
 
 import inspect
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
@@ -25,9 +25,11 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 
-def apply_fsdp(module: nn.Module, dp_mesh: DeviceMesh, zero: int) -> nn.Module:
-    """ZeRO-3 (``zero=3``) or ZeRO-2-like (``zero=2``) sharding of ``module`` over ``dp_mesh``."""
-    fully_shard(module, mesh=dp_mesh, reshard_after_forward=(zero == 3))
+def apply_fsdp(module: nn.Module, dp_mesh: DeviceMesh, zero: int, mp_policy: Any = None) -> nn.Module:
+    """ZeRO-3 (``zero=3``) or ZeRO-2-like (``zero=2``) sharding of ``module`` over ``dp_mesh``; ``mp_policy``
+    is FSDP2's ``MixedPrecisionPolicy`` (None: no casts, fp32)."""
+    extra = {"mp_policy": mp_policy} if mp_policy is not None else {}
+    fully_shard(module, mesh=dp_mesh, reshard_after_forward=(zero == 3), **extra)
     return module
 
 

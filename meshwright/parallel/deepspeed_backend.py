@@ -21,6 +21,7 @@ from meshwright.errors import invalid
 from meshwright.models import build_model, lm_loss
 from meshwright.parallel.support import check_runtime_support
 from meshwright.plan import Plan, validate_plan
+from meshwright.train.precision import PrecisionPolicy
 from meshwright.train.runtime import Batch, Runtime, TorchDistributedCollectives
 
 
@@ -61,6 +62,9 @@ class DeepSpeedRuntime(TorchDistributedCollectives, Runtime):
         mb = train_cfg.micro_batch if train_cfg is not None else plan.micro_batch
         self.grad_accum = micro_batches_per_step or gb // (self.dp_size * mb)
         self.ds_config = deepspeed_config(self.zero, mb, self.grad_accum, self.dp_size)
+        precision = PrecisionPolicy.from_dtype(train_cfg.dtype if train_cfg is not None else "fp32")
+        self.ds_config.update(precision.deepspeed_sections())  # bf16: bf16 weights, fp32 master copy
+        self.compute_dtype = precision.compute_dtype
         self.engine: Any = None
         self._params = list(self.model.parameters())
 

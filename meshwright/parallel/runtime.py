@@ -43,11 +43,14 @@ from meshwright.parallel.data_parallel import all_reduce_grads, apply_ddp, apply
 from meshwright.parallel.expert_parallel import A2AMeter, EPGroups, apply_ep, ep_groups_from_mesh, is_expert_param
 from meshwright.parallel.layerwise import apply_batch_redistribution
 from meshwright.parallel.mesh import build_meshes, hsdp_shard
+from meshwright.parallel.meta_init import materialize, supports_meta_init
 from meshwright.parallel.pipeline import build_schedule, cut_stage, stage_ids
 from meshwright.parallel.recompute import apply_recompute
 from meshwright.parallel.support import check_runtime_support
 from meshwright.parallel.tensor_parallel import apply_tp
 from meshwright.plan import Plan, validate_plan
+from meshwright.train.compile import compile_block, compiled_loss
+from meshwright.train.precision import PrecisionPolicy, apply_autocast
 from meshwright.train.runtime import Batch, Runtime, TorchDistributedCollectives
 
 DEFAULT_TIMEOUT = timedelta(seconds=int(os.environ.get("MESHWRIGHT_PG_TIMEOUT_S", "300")))
@@ -160,24 +163,39 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
 
     def __init__(self, model_cfg: ModelConfig | str | dict, plan: Plan, *, tp_backend: str = "dtensor",
                  seed: int = 1234, device: torch.device | None = None, dp_shard: int | None = None,
-                 init_from: str | None = None) -> None:
+                 init_from: str | None = None, precision: PrecisionPolicy | None = None,
+                 compile_backend: str | None = None) -> None:
         """``dp_shard`` turns ZeRO-2/3 layers into HSDP: shard over ``dp_shard`` ranks, replicate across
         ``dp/dp_shard`` groups (None: shard over the whole dp group). ``init_from`` loads a Hugging Face
         checkpoint: after the layout is applied, so each rank reads only its stages' parameters and, for
-        DTensor (tp/FSDP) shards, only its slices; Megatron's plain shards load into the full model first."""
+        DTensor (tp/FSDP) shards, only its slices; Megatron's plain shards load into the full model first.
+        ``precision``: fp32 when None. ``compile_backend``: torch.compile each block (after TP and recompute,
+        before FSDP2) and the loss."""
         cfg = load_model_config(model_cfg)
+        self.precision = precision or PrecisionPolicy()
+        self.compute_dtype = self.precision.compute_dtype
         self.cfg, self.plan, self.tp_backend = cfg, plan, tp_backend
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         validate_plan(plan, cfg, self.world_size)
         check_runtime_support(plan, cfg, tp_backend, "torch")
         self.device = device or torch.device("cpu")
+        if tp_backend == "megatron" and self.precision.mixed and self.device.type != "cuda":
+            raise invalid("dtype", self.compute_dtype, "fp32 with tp_backend=megatron on CPU (megatron-core's linear "
+                          "backward honours autocast on CUDA only), or tp_backend=dtensor")
+        self.compile_backend = compile_backend
+        self.loss_fn = compiled_loss(lm_loss, compile_backend) if compile_backend is not None else lm_loss
+        if compile_backend is not None and (tp_backend == "megatron" or any(s.ep > 1 for s in plan.layer_strategies())):
+            raise invalid("compile", True, "false with tp_backend=megatron or ep>1 layers (their collectives run in "
+                          "custom autograd functions that torch.compile does not trace), or tp_backend=dtensor and ep=1")
         if dp_shard is not None and dp_shard < 1:
             raise invalid("dp_shard", dp_shard, "null or a positive divisor of the layers' dp degree")
         self.dp_shard = dp_shard
         m = self.meshes = build_meshes(plan, self.world_size, self.rank, self.device.type, dp_shard)
         self.dp_rank, self.dp_size = m.dp_rank, m.max_dp
         strategies = self.strategies = plan.layer_strategies()
-        full = build_model(cfg, device="cpu", seed=seed).to(self.device)
+        # dense DTensor layouts: built on meta, each rank materialises its shards only (parallel/meta_init.py)
+        self.meta_init = supports_meta_init(cfg, plan, tp_backend)
+        full = build_model(cfg, device="meta") if self.meta_init else build_model(cfg, device="cpu", seed=seed).to(self.device)
         if init_from is not None and tp_backend == "megatron":
             load_pretrained_into(full, init_from, cfg)
         self.saver_layers = apply_plan_savers(full, plan, seed)
@@ -219,6 +237,11 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         for chunk in chunks:
             self._apply_layers(chunk)
             self._apply_outer(chunk)
+            apply_autocast(chunk, self.precision, self.device.type)  # every layout computes in the policy's dtype
+        if self.meta_init:  # gradient buckets listed meta parameters: point them at the materialised ones
+            new = materialize(chunks, cfg, seed, self.device)
+            self._manual = [([new.get(p, p) for p in ps], group, scale) for ps, group, scale in self._manual]
+            self._post_scale = [([new.get(p, p) for p in ps], factor) for ps, factor in self._post_scale]
         self.chunks = chunks
         if init_from is not None and tp_backend != "megatron":
             load_pretrained_into(chunks, init_from, cfg, check_unused=m.pp == 1)
@@ -267,6 +290,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
                 # backward through the all-to-all already summed the ep peers' contributions
                 self._manual.append((experts, g.edp, 1.0 / m.max_dp))
             apply_recompute(block, s.recompute)
+            if self.compile_backend is not None:
+                compile_block(block, self.compile_backend)
             params = [p for p in block.parameters() if not is_expert_param(p)]
             if self.uniform_ddp:
                 continue
@@ -275,7 +300,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
                     self._post_scale.append((params, 1.0 / m.max_dp))
                 continue
             if s.zero >= 2:
-                apply_fsdp(block, hsdp["replicate", "shard"] if hsdp is not None else m.dp_mesh(s.tp), s.zero)
+                apply_fsdp(block, hsdp["replicate", "shard"] if hsdp is not None else m.dp_mesh(s.tp), s.zero,
+                           self.precision.fsdp_policy())
                 if s.zero == 2:
                     self._zero2_blocks.append(block)
                 if s.dp != m.max_dp:
@@ -291,7 +317,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
             return
         if self.plan.embedding.zero >= 2:
             for mod in outer:
-                apply_fsdp(mod, m.stage_mesh["stage"], self.plan.embedding.zero)
+                apply_fsdp(mod, m.stage_mesh["stage"], self.plan.embedding.zero, self.precision.fsdp_policy())
         else:
             self._manual.append(([p for mod in outer for p in mod.parameters()], m.stage_group, 1.0 / m.per_stage))
 
@@ -323,7 +349,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         if (n, train) not in self._schedules:
             pp = self.plan.pipeline
             self._schedules[(n, train)] = build_schedule(self.modules, self.stage_ids, self.n_stages, pp.schedule, n,
-                                                         lm_loss, self.device, self.meshes.pp_group)
+                                                         self.loss_fn, self.device, self.meshes.pp_group)
         return self._schedules[(n, train)]
 
     def _run_pipeline(self, micro_batches: list[Batch], train: bool) -> float:
@@ -349,7 +375,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
                 for block in self._zero2_blocks:  # ZeRO-2: keep parameters gathered until the last microbatch
                     block.set_reshard_after_backward(i == n - 1)
                 with sync:
-                    loss = lm_loss(mod(x.to(self.device)), y.to(self.device))
+                    loss = self.loss_fn(mod(x.to(self.device)), y.to(self.device))
                     aux = self.chunks[0].aux_loss() if self.cfg.n_experts else None
                     ((loss if aux is None else loss + aux) / n).backward()  # the log shows the LM loss alone
                 total += float(loss.detach())
@@ -364,7 +390,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         if self.meshes.pp > 1:
             local = self._run_pipeline(micro_batches, train=False)
         else:
-            local = sum(float(lm_loss(self.modules[0](x.to(self.device)), y.to(self.device))) for x, y in micro_batches)
+            local = sum(float(self.loss_fn(self.modules[0](x.to(self.device)), y.to(self.device))) for x, y in micro_batches)
             local /= len(micro_batches)
         for mod in self.modules:
             mod.train()
@@ -412,6 +438,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         if self._heterogeneous:  # foreach kernels cannot mix DTensors of different meshes with plain tensors
             for group in opt.param_groups:
                 group["foreach"] = False
+                group["fused"] = False
         if self._state_shards:  # megatron tp shards and ep expert shards: optimizer states as DTensors too
             install_shard_optimizer_hooks(opt, dict(self._state_shards))
         return opt
@@ -475,6 +502,11 @@ def build_distributed_runtime(train_cfg: Any, model_cfg: ModelConfig, plan: Plan
     """The trainer's entry point under torchrun: init the process group, apply the Plan (each runtime
     validates it against the world once)."""
     device = init_distributed()
+    if getattr(train_cfg, "loss_chunk_tokens", 0):
+        raise invalid("loss_chunk_tokens", train_cfg.loss_chunk_tokens, "0 under the distributed runtime (the chunked "
+                      "loss runs in one process: LocalRuntime)")
+    if train_cfg.dp_backend == "deepspeed" and train_cfg.compile:
+        raise invalid("compile", True, "false with dp_backend=deepspeed (the engine wraps the model), or dp_backend=torch")
     if train_cfg.dp_backend == "deepspeed":
         if init_from is not None:
             raise invalid("init_from", init_from, "null with dp_backend deepspeed (use dp_backend torch to start from Hugging Face weights)")
@@ -483,7 +515,8 @@ def build_distributed_runtime(train_cfg: Any, model_cfg: ModelConfig, plan: Plan
         rt: Runtime = DeepSpeedRuntime(model_cfg, plan, train_cfg=train_cfg, seed=train_cfg.seed, device=device)
     else:
         rt = DistributedRuntime(model_cfg, plan, tp_backend=train_cfg.tp_backend, seed=train_cfg.seed, device=device,
-                                init_from=init_from)
+                               init_from=init_from, precision=PrecisionPolicy.from_dtype(train_cfg.dtype),
+                               compile_backend="inductor" if train_cfg.compile else None)
     per_rank = train_cfg.global_batch // rt.dp_size if train_cfg.global_batch % rt.dp_size == 0 else None
     if per_rank is None or per_rank % train_cfg.micro_batch:
         raise invalid("global_batch", train_cfg.global_batch,

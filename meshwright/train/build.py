@@ -148,12 +148,16 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
     if cfg.seq_len > model_cfg.max_seq_len:
         raise invalid("seq_len", cfg.seq_len, f"at most model.max_seq_len={model_cfg.max_seq_len}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build_model(model_cfg, seed=cfg.seed)
+    model = build_model(model_cfg, seed=cfg.seed)  # drawn on the CPU: the values every layout starts from
     if cfg.init_from is not None:  # pretrained weights before any saver wraps the modules
         load_pretrained_into(model, cfg.init_from, model_cfg)
     if cfg.meft is not None:  # reversible fine-tuning: frozen base, adapters (+ head) train
         model = make_reversible(model, config=from_dict(MeftConfig, cfg.meft, prefix="meft"))
-    rt = LocalRuntime(model, device=device, dtype=cfg.dtype if device == "cuda" else "fp32")
+    if cfg.meft is not None and (cfg.compile or cfg.loss_chunk_tokens):
+        raise invalid("compile" if cfg.compile else "loss_chunk_tokens", cfg.compile or cfg.loss_chunk_tokens,
+                      "false/0 with meft (the reversible model is neither compiled nor split at the head)")
+    rt = LocalRuntime(model, device=device, dtype=cfg.dtype,  # bf16 is honoured on CPU too (train/precision.py)
+                      compile_backend="inductor" if cfg.compile else None, loss_chunk_tokens=cfg.loss_chunk_tokens)
     rt.plan = job.plan
     return rt
 

@@ -10,36 +10,54 @@ import torch
 from torch import nn
 
 from meshwright.models import lm_loss
+from meshwright.models.chunked_loss import chunked_lm_loss
 from meshwright.models.moe import moe_layers, router_stats
+from meshwright.train.compile import compile_blocks, compiled_chunk_loss, compiled_loss
+from meshwright.train.precision import PrecisionPolicy
 from meshwright.train.runtime import Batch, Runtime
 
 
 class LocalRuntime(Runtime):
     """One process, one device: gradient accumulation over micro-batches, clipping, eval."""
 
-    def __init__(self, model: nn.Module, device: str | torch.device = "cpu", dtype: str = "fp32") -> None:
+    def __init__(self, model: nn.Module, device: str | torch.device = "cpu", dtype: str = "fp32",
+                 compile_backend: str | None = None, loss_chunk_tokens: int = 0) -> None:
+        """``compile_backend``: torch.compile each block and the loss with it (None: eager).
+        ``loss_chunk_tokens`` > 0: head + loss per chunk of tokens, the whole logits never exist."""
         self.plan: Any = None  # the Plan this process was started with, if any (written to out_dir/plan.yaml)
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.model.train()
-        # bf16 autocast (fp32 master weights); on CPU keep fp32 - bf16 matmul is ~70x slower there
-        self.autocast_dtype = torch.bfloat16 if dtype == "bf16" else None
+        # bf16: autocast with fp32 master weights, on every device (train/precision.py says why)
+        self.precision = PrecisionPolicy.from_dtype(dtype)
+        self.compute_dtype = self.precision.compute_dtype
+        self.loss_fn = lm_loss
+        self.loss_chunk_tokens = loss_chunk_tokens
+        self.chunk_fn = None  # chunked loss: the per-chunk head + loss (None: eager)
+        if compile_backend is not None:
+            compile_blocks(self.model, compile_backend)
+            self.loss_fn = compiled_loss(lm_loss, compile_backend)
+            self.chunk_fn = compiled_chunk_loss(compile_backend)
         self._moe = bool(moe_layers(self.model))
         self._last_aux: float | None = None  # mean auxiliary (balance + z) loss of the last step, MoE only
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return self.precision.autocast(self.device.type)
 
     def parameters(self) -> Iterable[nn.Parameter]:
         return self.model.parameters()
 
+    def _lm_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        x, y = inputs.to(self.device), targets.to(self.device)
+        if self.loss_chunk_tokens:
+            return chunked_lm_loss(self.model(x, return_hidden=True), self.model.output, y, self.loss_chunk_tokens,
+                                   self.chunk_fn)
+        return self.loss_fn(self.model(x), y)
+
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(LM loss, auxiliary MoE loss or None): the objective is their sum, the log shows them apart."""
         with self._autocast():
-            logits = self.model(inputs.to(self.device))
-            loss = lm_loss(logits, targets.to(self.device))
+            loss = self._lm_loss(inputs, targets)
             aux = self.model.aux_loss() if hasattr(self.model, "aux_loss") else None
         return loss, aux
 
@@ -68,7 +86,7 @@ class LocalRuntime(Runtime):
         self.model.eval()
         try:
             with self._autocast():
-                losses = [lm_loss(self.model(x.to(self.device)), y.to(self.device)).item() for x, y in micro_batches]
+                losses = [self._lm_loss(x, y).item() for x, y in micro_batches]
         finally:
             self.model.train(was_training)
         return sum(losses) / max(len(losses), 1)

@@ -41,6 +41,7 @@ class Runtime(abc.ABC):
     world_size: int = 1
     dp_rank: int = 0
     dp_size: int = 1
+    compute_dtype: str = "fp32"  # the dtype the matmuls run in (train/precision.py): MFU uses its peak
 
     @property
     def is_main(self) -> bool:

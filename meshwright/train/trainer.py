@@ -36,6 +36,7 @@ from meshwright.tools.sinks import Sinks, open_sinks
 from meshwright.train.checkpoint import load_latest, load_runtime, save_checkpoint
 from meshwright.train.faults import fault_point
 from meshwright.train.run_dir import reopen_log
+from meshwright.train.compile import fast_adamw_kwargs
 from meshwright.train.runtime import Runtime
 
 
@@ -53,10 +54,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def build_optimizer(cfg: TrainConfig, runtime: Runtime) -> torch.optim.Optimizer:
-    """AdamW (or COAT's FP8-state AdamW) over ``runtime.param_groups``; the runtime may wrap it."""
+    """AdamW (or COAT's FP8-state AdamW) over ``runtime.param_groups``; the runtime may wrap it or turn the
+    multi-tensor kernels off where its parameters cannot share them."""
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
-        make: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] = lambda groups: torch.optim.AdamW(groups, **kwargs)  # noqa: E731
+        device = next(iter(runtime.parameters()), torch.empty(0)).device.type
+        fast = {**kwargs, **fast_adamw_kwargs(device)}  # fused on CUDA, foreach on CPU
+        make: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] = lambda groups: torch.optim.AdamW(groups, **fast)  # noqa: E731
     elif cfg.optimizer == "coat_adamw":
         make = lambda groups: CoatAdamW(groups, **kwargs)  # noqa: E731
     else:
@@ -124,8 +128,8 @@ class Trainer:
         per_device_flops = tps * self.flops_per_token / world
         return {
             "tokens_per_s": tps, "tokens_per_s_per_device": tps / world,
-            "mfu": compute_mfu(tps, self.flops_per_token, self.cluster, self.cfg.dtype, world),
-            "hfu": compute_mfu(tps, self.hw_flops_per_token, self.cluster, self.cfg.dtype, world),
+            "mfu": compute_mfu(tps, self.flops_per_token, self.cluster, self.runtime.compute_dtype, world),
+            "hfu": compute_mfu(tps, self.hw_flops_per_token, self.cluster, self.runtime.compute_dtype, world),
             "tflops_per_device": per_device_flops / 1e12,
         }
 
@@ -317,9 +321,9 @@ class Trainer:
             "model": self.model_cfg.name, "params": self.model_cfg.num_params(), "steps": self.step,
             "steps_this_run": self.step - run.first_step, "tokens": self.step * self.tokens_per_step,
             "train_s": steady_s, "step_s": steady_s / max(steady_tokens / self.tokens_per_step, 1),
-            "world_size": rt.world_size, "dp_size": rt.dp_size, "dtype": cfg.dtype,
+            "world_size": rt.world_size, "dp_size": rt.dp_size, "dtype": cfg.dtype, "compute_dtype": rt.compute_dtype,
             "flops_per_token": self.flops_per_token,
-            "peak_tflops_per_device": self.cluster.peak_flops(cfg.dtype) / 1e12,
+            "peak_tflops_per_device": self.cluster.peak_flops(rt.compute_dtype) / 1e12,
             **self.throughput(steady_tokens, steady_s),
             "first_loss": run.first_loss, "final_loss": run.last_loss, "eval_loss": run.eval_loss,
             "skipped_steps": self.skipped_steps, "resumed": resumed, "flops_convention": cfg.flops_convention,
@@ -395,7 +399,7 @@ def format_summary(s: dict[str, Any]) -> str:
     return (f"summary: {s['model']} ({s['params'] / 1e6:.2f}M params), {s['steps']} steps, {s['tokens']:,} tokens | "
             f"{s['tokens_per_s']:,.0f} tokens/s ({s['tokens_per_s_per_device']:,.0f}/device) | "
             f"{s['tflops_per_device'] * 1e3:.1f} GFLOP/s/device | MFU {100 * s['mfu']:.1f}% of "
-            f"{s['peak_tflops_per_device'] * 1e3:.0f} GFLOP/s {s['dtype']} peak | "
+            f"{s['peak_tflops_per_device'] * 1e3:.0f} GFLOP/s {s.get('compute_dtype', s['dtype'])} peak | "
             f"loss {num(s['first_loss'], '.3f')} -> {num(s['final_loss'], '.3f')} | eval loss {num(s['eval_loss'], '.3f')}"
             + (f" | energy {s['energy_j']:,.0f} J ({s['j_per_token'] * 1e3:.2f} mJ/token, GPU: {s['energy_gpu_source']}), "
                f"{s['co2_kg'] * 1e3:.3f} gCO2e" if s.get("energy_j") is not None else ""))

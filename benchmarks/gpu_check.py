@@ -1,0 +1,371 @@
+"""One-GPU check of issue 16: is meshwright's trainer as fast as a plain compiled loop on one NVIDIA GPU?
+
+Prints ONE JSON report (and writes it to --out): for gpt2-small (batch 16 x 1024, bf16) and a ~1.3B llama
+(d_model 2048, 22 layers, 16 heads, ffn 5632, vocab 32000, batch 4 x 4096): tokens/s, MFU (PaLM FLOPs over
+the cluster preset's dense bf16 peak), peak ``max_memory_reserved`` of
+
+- the meshwright trainer: ``Trainer.train_step`` on the runtime ``meshwright train`` builds (LocalRuntime)
+  with ``compile: true`` (``--extra``: also eager, and compiled with ``loss_chunk_tokens``),
+- the same Decoder in a plain loop (torch.compile of the whole model, fused AdamW, bf16 autocast),
+- Hugging Face ``GPT2LMHeadModel`` (eager, sdpa) for gpt2-small,
+
+with the planner's predicted step time and memory for that one-GPU layout next to the measured ones; then
+it plans llama2-7b for this card (``meshwright plan``) and trains that layout for a few steps.
+
+Each section runs in its own subprocess (a clean CUDA allocator per measurement, an OOM or a crash costs one
+section only), with its own timeout; the whole check is sized to finish in under 8 minutes on an H100/H200.
+deepspeed, megatron-core, codecarbon and fabric are blocked in every section, as on the bare GPU image.
+
+    python benchmarks/gpu_check.py [--out report.json] [--extra] [--only gpt2_trainer_compiled,...]
+    python benchmarks/gpu_check.py --cpu-smoke     # tiny sizes, fp32, no compile: checks the plumbing on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+MARK = "GPU_CHECK_RESULT "
+BLOCKED = ("deepspeed", "megatron", "codecarbon", "fabric", "invoke", "paramiko")
+LLAMA_1B = {"name": "llama-1.3b", "arch": "llama", "vocab_size": 32000, "d_model": 2048, "n_layers": 22, "n_heads": 16,
+            "n_kv_heads": 16, "ffn_hidden": 5632, "max_seq_len": 4096, "tie_embeddings": False}
+TINY_LLAMA = {"name": "tiny-llama", "arch": "llama", "vocab_size": 256, "d_model": 64, "n_layers": 2, "n_heads": 4,
+              "n_kv_heads": 4, "ffn_hidden": 128, "max_seq_len": 64, "tie_embeddings": False}
+
+# per workload: model, batch, seq, timed steps, warm-up steps (GPU) and the tiny CPU twin
+WORKLOADS = {
+    "gpt2": {"gpu": ("gpt2-small", 16, 1024, 20, 5), "cpu": ("tiny-gpt2", 2, 64, 2, 1)},
+    "llama1b": {"gpu": (LLAMA_1B, 4, 4096, 8, 3), "cpu": (TINY_LLAMA, 2, 64, 2, 1)},
+}
+DEFAULT_SECTIONS = ("gpt2_trainer_compiled", "gpt2_plain_compiled", "gpt2_hf_eager", "llama1b_trainer_compiled",
+                    "llama1b_plain_compiled", "llama7b_planned")
+EXTRA_SECTIONS = ("gpt2_trainer_eager", "gpt2_trainer_compiled_chunked")  # --extra (about 2 more minutes)
+SECTIONS = DEFAULT_SECTIONS + EXTRA_SECTIONS
+# caps, not estimates (expected: 40-90 s per section on an H100/H200, about 6 minutes in all)
+TIMEOUT_S = {"llama7b_planned": 240, "llama1b_trainer_compiled": 180, "llama1b_plain_compiled": 150,
+             "gpt2_trainer_compiled": 150, "gpt2_trainer_compiled_chunked": 150, "gpt2_plain_compiled": 120}
+
+
+# ---- helpers run inside a section subprocess ------------------------------------------------------------
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _cluster() -> str:
+    """The preset whose peak and memory describe this machine (H100/H200 share the dense bf16 peak)."""
+    return "dgx-h100-80g" if _device() == "cuda" else "local-cpu"
+
+
+def _memory_budget_gib() -> float:
+    import torch
+
+    if not torch.cuda.is_available():
+        return 1.0
+    return round(torch.cuda.get_device_properties(0).total_memory / 2**30 * 0.93, 1)
+
+
+def _reset_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _memory() -> dict[str, float | None]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"peak_reserved_gib": None, "peak_allocated_gib": None}
+    return {"peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+            "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _rates(model_cfg: Any, batch: int, seq: int, seconds_per_step: float, dtype: str) -> dict[str, float]:
+    from meshwright.config import load_cluster
+    from meshwright.tools.flops import model_flops_per_token
+    from meshwright.tools.mfu import mfu
+
+    tps = batch * seq / seconds_per_step
+    return {"step_s": round(seconds_per_step, 5), "tokens_per_s": round(tps),
+            "mfu": round(mfu(tps, float(model_flops_per_token(model_cfg, seq, "palm")), load_cluster(_cluster()), dtype), 4)}
+
+
+def _plan_cli(model: Any, seq: int, batch: int, out_dir: Path, *constraints: str) -> dict[str, Any]:
+    """``meshwright plan --json`` for one device of this machine; returns its JSON (with the Plan's path)."""
+    from meshwright.cli import main as cli
+
+    model_ref = model
+    if isinstance(model, dict):
+        from meshwright.config.io import write_yaml
+        from meshwright.config import load_model_config
+
+        model_ref = str(out_dir / f"{model['name']}.yaml")
+        write_yaml(load_model_config(model), model_ref)
+    plan_path = out_dir / f"plan_{model_ref if isinstance(model, str) else model['name']}.yaml"
+    argv = ["plan", "--model", str(model_ref), "--cluster", _cluster(), "--nodes", "1", "--devices-per-node", "1",
+            "--memory-budget-gib", str(_memory_budget_gib()), "--seq-len", str(seq), "--global-batch", str(batch),
+            "--json", "--out", str(plan_path), *constraints]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = cli(argv)
+    if rc not in (0, None):
+        raise RuntimeError(f"meshwright plan exited {rc}: {' '.join(argv)}")
+    out = json.loads(buf.getvalue())
+    out["plan_path"] = str(plan_path)
+    return out
+
+
+def _predicted(plan_json: dict[str, Any]) -> dict[str, Any]:
+    p = plan_json.get("predicted") or {}
+    return {"predicted_step_s": p.get("step_s"), "predicted_memory_gib": p.get("memory_gib_max"),
+            "predicted_mfu": p.get("mfu"), "layout": plan_json.get("layout")}
+
+
+def _trainer_run(model: Any, batch: int, seq: int, steps: int, warm: int, dtype: str, compile_: bool, tmp: Path,
+                 plan: str | None = None, micro_batch: int | None = None, loss_chunk: int = 0) -> dict[str, Any]:
+    """``Trainer.train_step`` on the runtime ``meshwright train`` builds for this config (no eval, logging or
+    checkpoint in the timed window)."""
+    from meshwright.config import load_train_config
+    from meshwright.data.loader import build_loaders
+    from meshwright.train.build import TrainingJob, build_runtime
+    from meshwright.train.trainer import Trainer
+
+    cfg = load_train_config({"model": model, "cluster": _cluster(), "seq_len": seq, "global_batch": batch,
+                             "micro_batch": micro_batch or batch, "steps": warm + steps, "warmup_steps": 1,
+                             "dtype": dtype, "compile": compile_, "loss_chunk_tokens": loss_chunk, "plan": plan,
+                             "eval_every": 0, "energy": False, "progress": False, "auto_profile": False,
+                             "out_dir": str(tmp / "run"), "data": {"path": "default", "max_files": 120}})
+    t_build = time.perf_counter()
+    job = TrainingJob.resolve(cfg)
+    runtime = build_runtime(job)
+    train, val, _ = build_loaders(cfg, job.model.vocab_size, runtime.dp_rank, runtime.dp_size, False)
+    trainer = Trainer(cfg, runtime, train, val, job.model, job.cluster, out_dir=tmp / "run", print_fn=lambda s: None)
+    build_s = time.perf_counter() - t_build
+    _reset_memory()
+    t0 = time.perf_counter()
+    losses = []
+    for i in range(warm + steps):
+        if i == warm:
+            _sync()
+            t = time.perf_counter()
+        losses.append(trainer.train_step()["loss"])
+    _sync()
+    dt = (time.perf_counter() - t) / steps
+    out = {**_rates(job.model, batch, seq, dt, runtime.compute_dtype), **_memory(), "compute_dtype": runtime.compute_dtype,
+           "runtime": type(runtime).__name__, "warmup_s": round(t - t0, 1), "build_s": round(build_s, 1),
+           "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4), "compile": compile_,
+           "loss_chunk_tokens": loss_chunk}
+    runtime.close()
+    return out
+
+
+def _plain_loop(model_cfg: Any, batch: int, seq: int, steps: int, warm: int, dtype: str, compile_: bool) -> dict[str, Any]:
+    """The same Decoder in a minimal loop: torch.compile(model), fused AdamW, bf16 autocast, fp32 loss."""
+    import torch
+    import torch.nn.functional as F
+
+    from meshwright.config import load_model_config
+    from meshwright.models import build_model
+
+    cfg = load_model_config(model_cfg)
+    dev = _device()
+    model = build_model(cfg, device=dev, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **({"fused": True} if dev == "cuda" else {}))
+    fwd = torch.compile(model) if compile_ else model
+    x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=dev)
+    _reset_memory()
+    t0 = time.perf_counter()
+    for i in range(warm + steps):
+        if i == warm:
+            _sync()
+            t = time.perf_counter()
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            logits = fwd(x[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    _sync()
+    dt = (time.perf_counter() - t) / steps
+    return {**_rates(cfg, batch, seq, dt, dtype), **_memory(), "warmup_s": round(t - t0, 1), "compile": compile_,
+            "loss_last": round(float(loss), 4)}
+
+
+def _hf_loop(batch: int, seq: int, steps: int, warm: int, dtype: str, smoke: bool) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from meshwright.config import load_model_config
+
+    dev = _device()
+    if smoke:
+        hf_cfg = GPT2Config(n_positions=seq, n_embd=64, n_layer=2, n_head=4, vocab_size=256, attn_implementation="sdpa")
+    else:
+        hf_cfg = GPT2Config(n_positions=1024, attn_implementation="sdpa")
+    model = GPT2LMHeadModel(hf_cfg).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **({"fused": True} if dev == "cuda" else {}))
+    x = torch.randint(0, hf_cfg.vocab_size, (batch, seq + 1), device=dev)
+    _reset_memory()
+    for i in range(warm + steps):
+        if i == warm:
+            _sync()
+            t = time.perf_counter()
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            logits = model(x[:, :-1]).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    _sync()
+    dt = (time.perf_counter() - t) / steps
+    ref = load_model_config("tiny-gpt2" if smoke else "gpt2-small")  # same shape: same FLOPs per token
+    return {**_rates(ref, batch, seq, dt, dtype), **_memory(), "params": sum(p.numel() for p in model.parameters())}
+
+
+def run_section(name: str, smoke: bool) -> dict[str, Any]:
+    """One measurement, in this (sub)process."""
+    for m in BLOCKED:
+        sys.modules[m] = None  # type: ignore[assignment]
+    dtype, compile_ = ("fp32", False) if smoke else ("bf16", True)
+    kind = "cpu" if smoke else "gpu"
+    tmp = Path(tempfile.mkdtemp(prefix=f"gpu_check_{name}_"))
+    work = name.split("_")[0]
+    if work in WORKLOADS:
+        model, batch, seq, steps, warm = WORKLOADS[work][kind]
+    if name in ("gpt2_trainer_eager", "gpt2_trainer_compiled", "gpt2_trainer_compiled_chunked", "llama1b_trainer_compiled"):
+        compiled = compile_ and not name.endswith("eager")
+        chunk = (seq * batch // 4) if name.endswith("chunked") else 0  # four chunks: 1/4 of the logits at a time
+        try:  # the planner's prediction for this very layout (one device, no recompute, one micro-batch)
+            predicted = _predicted(_plan_cli(model, seq, batch, tmp, "--tp", "1", "--pp", "1", "--dp", "1",
+                                             "--recompute", "none", "--micro-batch", str(batch)))
+        except Exception as e:  # e.g. the planner predicts it does not fit: measure anyway
+            predicted = {"plan_error": f"{type(e).__name__}: {str(e)[:300]}"}
+        res = _trainer_run(model, batch, seq, steps, warm, dtype, compiled, tmp, loss_chunk=chunk)
+        return {**res, **predicted}
+    if name in ("gpt2_plain_compiled", "llama1b_plain_compiled"):
+        return _plain_loop(model, batch, seq, steps, warm, dtype, compile_)
+    if name == "gpt2_hf_eager":
+        return _hf_loop(batch, seq, steps, warm, dtype, smoke)
+    if name == "llama7b_planned":
+        model, seq, batch = ("tiny", 64, 4) if smoke else ("llama2-7b", 4096, 4)
+        plan = _plan_cli(model, seq, batch, tmp)
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(_free_port())})
+        from meshwright.plan import load_plan
+
+        mb = load_plan(plan["plan_path"]).micro_batch
+        res = _trainer_run(model, batch, seq, 2, 1, dtype, compile_, tmp, plan=plan["plan_path"], micro_batch=mb)
+        return {**res, **_predicted(plan), "micro_batch": mb}
+    raise ValueError(f"section={name!r} is invalid; valid: {', '.join(SECTIONS)}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- the orchestrator -----------------------------------------------------------------------------------
+def _spawn(name: str, smoke: bool, timeout: float) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--section", name] + (["--cpu-smoke"] if smoke else [])
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s", "wall_s": round(time.perf_counter() - t0, 1)}
+    for line in proc.stdout.splitlines():
+        if line.startswith(MARK):
+            return {**json.loads(line[len(MARK):]), "wall_s": round(time.perf_counter() - t0, 1)}
+    tail = (proc.stderr or proc.stdout)[-600:]
+    return {"error": f"rc={proc.returncode}: {tail}", "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def _ratio(a: dict[str, Any], b: dict[str, Any], key: str = "tokens_per_s") -> float | None:
+    if a.get(key) and b.get(key):
+        return round(a[key] / b[key], 3)
+    return None
+
+
+def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Ratios side by side, and the issue's targets next to them."""
+    r = results
+    out: dict[str, Any] = {
+        "gpt2_trainer_compiled_over_plain_compiled": _ratio(r.get("gpt2_trainer_compiled", {}), r.get("gpt2_plain_compiled", {})),
+        "gpt2_trainer_eager_over_plain_compiled": _ratio(r.get("gpt2_trainer_eager", {}), r.get("gpt2_plain_compiled", {})),
+        "gpt2_trainer_chunked_over_plain_compiled": _ratio(r.get("gpt2_trainer_compiled_chunked", {}),
+                                                           r.get("gpt2_plain_compiled", {})),
+        "gpt2_trainer_compiled_over_hf_eager": _ratio(r.get("gpt2_trainer_compiled", {}), r.get("gpt2_hf_eager", {})),
+        "llama1b_trainer_compiled_over_plain_compiled": _ratio(r.get("llama1b_trainer_compiled", {}),
+                                                               r.get("llama1b_plain_compiled", {})),
+        "llama1b_trainer_mfu": r.get("llama1b_trainer_compiled", {}).get("mfu"),
+        "targets": {"gpt2_trainer_over_plain_compiled": ">= 0.95", "llama1b_mfu": ">= 0.55 (PaLM, 989.5 TFLOP/s bf16)",
+                    "llama7b_planned": "trains without OOM"},
+    }
+    for name, res in r.items():
+        if res.get("predicted_step_s") and res.get("step_s"):
+            out[f"{name}_measured_over_predicted_step_s"] = round(res["step_s"] / res["predicted_step_s"], 3)
+        if res.get("predicted_memory_gib") and res.get("peak_reserved_gib"):
+            out[f"{name}_measured_over_predicted_memory"] = round(res["peak_reserved_gib"] / res["predicted_memory_gib"], 3)
+    out["llama7b_planned_trained"] = "error" not in r.get("llama7b_planned", {"error": "not run"})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes, fp32, no compile (CPU plumbing check)")
+    ap.add_argument("--only", default="", help=f"comma-separated sections (default: {','.join(DEFAULT_SECTIONS)})")
+    ap.add_argument("--extra", action="store_true", help=f"also run {', '.join(EXTRA_SECTIONS)}")
+    ap.add_argument("--out", default=None, help="also write the JSON report here")
+    ap.add_argument("--section", default=None, help=argparse.SUPPRESS)  # internal: run one section in this process
+    args = ap.parse_args(argv)
+    if args.section:
+        print(MARK + json.dumps(run_section(args.section, args.cpu_smoke)), flush=True)
+        return 0
+    names = [s for s in args.only.split(",") if s] or list(DEFAULT_SECTIONS + (EXTRA_SECTIONS if args.extra else ()))
+    bad = [n for n in names if n not in SECTIONS]
+    if bad:
+        ap.error(f"--only={bad[0]!r} is invalid; valid: {', '.join(SECTIONS)}")
+    import torch
+
+    t0 = time.perf_counter()
+    env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+           "cpu_smoke": args.cpu_smoke, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    results = {}
+    for name in names:
+        results[name] = _spawn(name, args.cpu_smoke, TIMEOUT_S.get(name, 100) * (3 if args.cpu_smoke else 1))
+        print(f"[{time.perf_counter() - t0:6.1f}s] {name}: {json.dumps(results[name])[:300]}", file=sys.stderr, flush=True)
+    report = {"env": env, "results": results, "summary": summarise(results), "total_s": round(time.perf_counter() - t0, 1)}
+    text = json.dumps(report, indent=1)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0 if all("error" not in r for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""``compile: true``: torch.compile per transformer block and for the loss, plus the fast AdamW kernels.
+
+Blocks are compiled in place with ``nn.Module.compile`` (parameter names, hooks and state-dict keys stay
+those of the plain model, so checkpoints reshard), after tensor parallelism and recomputation and before
+FSDP2 wraps them: torchtitan's order, in which each block is one graph that FSDP2's hooks surround.
+Compiling per block rather than the whole model keeps the graphs small and identical across layers
+(one compilation serves every block) and lets pipeline stages cut the model anywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from meshwright.errors import invalid
+from meshwright.models.chunked_loss import chunk_loss_sum
+
+BACKENDS = ("inductor", "aot_eager", "eager")
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise invalid("compile_backend", backend, " | ".join(BACKENDS))
+    return backend
+
+
+def compile_block(block: nn.Module, backend: str = "inductor") -> nn.Module:
+    """Compile ``block``'s call in place (``nn.Module.compile``); its forward may already be wrapped by recompute."""
+    block.compile(backend=check_backend(backend))
+    return block
+
+
+def compile_blocks(model: nn.Module, backend: str = "inductor") -> nn.Module:
+    """Compile every transformer block of a Decoder (or a pipeline stage cut from one)."""
+    for block in model.layers.values():
+        compile_block(block, backend)
+    return model
+
+
+def compiled_loss(loss_fn: Callable[..., torch.Tensor], backend: str = "inductor") -> Callable[..., torch.Tensor]:
+    """The loss compiled on its own: the fp32 upcast, log-softmax and gather fuse, so the fp32 logits copy
+    exists only inside the kernel."""
+    return torch.compile(loss_fn, backend=check_backend(backend))
+
+
+def compiled_chunk_loss(backend: str = "inductor") -> Callable[..., torch.Tensor]:
+    """The chunked loss's per-chunk head + loss, compiled (shapes marked dynamic: the last chunk is shorter)."""
+    return torch.compile(chunk_loss_sum, backend=check_backend(backend), dynamic=None)
+
+
+def fast_adamw_kwargs(device_type: str) -> dict[str, Any]:
+    """AdamW's multi-tensor kernels: ``fused=True`` on CUDA (one kernel for all parameters), ``foreach=True``
+    on CPU (grouped ops; bitwise equal to the per-parameter loop there, so fp32 CPU runs do not change)."""
+    return {"fused": True} if device_type == "cuda" else {"foreach": True}

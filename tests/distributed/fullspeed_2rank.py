@@ -1,0 +1,233 @@
+"""Two-rank checks of issue 16 (one torchrun launch): under each layout the matmuls run in bf16 when the
+precision policy says so, and the losses track the one-process bf16 run; ``compile`` composes with the
+layouts; meta-device initialisation gives the one-process model's weights bitwise.
+
+Tolerance (bf16): relative loss error <= BF16_RTOL per step over STEPS steps. bf16 keeps 8 mantissa bits
+(~4e-3 relative per rounding); layouts sum partial products in other orders and FSDP2 reduces gradients
+in fp32 while the one-process run accumulates them in place, so they differ by a few 1e-3 at most.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from parity_lib import (CFG, MAX_NORM, RTOL, SEED, STEPS, Report, failure, full_grads, init, make_opt, reference, rel,
+                        run_worker, shard)
+
+from meshwright.models import build_model
+from meshwright.parallel.runtime import DistributedRuntime
+from meshwright.plan import plan_from_dict
+from meshwright.train.local_runtime import LocalRuntime
+from meshwright.train.precision import PrecisionPolicy
+
+BF16_RTOL = 5e-3
+L = CFG.n_layers
+
+
+def plan(layers, pipeline=None, embedding=None) -> dict:
+    d = {"model": "tiny-par", "seq_len": 16, "global_batch": 8, "micro_batch": 2, "layers": layers}
+    if pipeline:
+        d["pipeline"] = pipeline
+    if embedding:
+        d["embedding"] = embedding
+    return d
+
+
+def uniform(**kw) -> list[dict]:
+    return [{**kw, "repeat": L}]
+
+
+BF16_CASES = {
+    "bf16_dp2_ddp": (plan(uniform(dp=2)), "dtensor"),
+    "bf16_dp2_zero3_fsdp": (plan(uniform(dp=2, zero=3), embedding={"zero": 3}), "dtensor"),
+    "bf16_tp2_dtensor": (plan(uniform(tp=2)), "dtensor"),
+    "bf16_tp2_sp_recompute": (plan(uniform(tp=2, sp=True, recompute="full")), "dtensor"),
+    "bf16_pp2_1f1b": (plan(uniform(), pipeline={"degree": 2, "schedule": "1f1b", "microbatches": 4}), "dtensor"),
+}
+
+
+# compile: true composed with each layout (aot_eager: dynamo + AOTAutograd trace the same graphs inductor would
+# get, without its C++ build per rank); fp32 losses within COMPILE_RTOL of the one-process eager run
+COMPILE_RTOL = 1e-4
+COMPILE_CASES = {
+    "compile_dp2_zero3_fsdp_recompute": plan(uniform(dp=2, zero=3, recompute="full"), embedding={"zero": 3}),
+    "compile_tp2_sp": plan(uniform(tp=2, sp=True)),
+    "compile_pp2_1f1b": plan(uniform(), pipeline={"degree": 2, "schedule": "1f1b", "microbatches": 4}),
+}
+
+
+# meta-device init: every parameter equals the one-process build_model(CFG, seed) bitwise
+META_CASES = {
+    "meta_tp2_sp": plan(uniform(tp=2, sp=True)),
+    "meta_dp2_zero3_fsdp": plan(uniform(dp=2, zero=3), embedding={"zero": 3}),
+    "meta_dp2_zero2_fsdp": plan(uniform(dp=2, zero=2)),
+    "meta_pp2_1f1b": plan(uniform(), pipeline={"degree": 2, "schedule": "1f1b", "microbatches": 4}),
+    "meta_pp2_interleaved": plan(uniform(), pipeline={"degree": 2, "schedule": "interleaved_1f1b", "microbatches": 4,
+                                                      "virtual_stages": 2}),
+}
+
+
+class LinearDtypes:
+    """Forward hooks on every nn.Linear: the dtypes of their outputs (the matmul's result dtype)."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.seen: set[str] = set()
+        self.calls = 0
+        self.handles = [m.register_forward_hook(self._hook) for mod in modules for m in mod.modules()
+                        if isinstance(m, nn.Linear) or type(m).__name__ in ("ColumnParallelLinear", "RowParallelLinear")]
+
+    def _hook(self, module: nn.Module, args: tuple, out) -> None:
+        out = out[0] if isinstance(out, tuple) else out
+        self.seen.add(str(out.dtype).replace("torch.", ""))
+        self.calls += 1
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def train(rt, steps: int = STEPS) -> list[float]:
+    opt = rt.build_optimizer(make_opt)
+    losses = []
+    for step in range(steps):
+        losses.append(rt.forward_backward(shard(step, rt.dp_rank, rt.dp_size)))
+        rt.clip_grad_norm_(MAX_NORM)
+        rt.optimizer_step(opt)
+    return losses
+
+
+def bf16_reference() -> list[float]:
+    """The one-process bf16 run (LocalRuntime, 4 micro-batches of 2 per step, as dp=1 reads them)."""
+    return train(LocalRuntime(build_model(CFG, seed=SEED), dtype="bf16"))
+
+
+def bf16_case(pd: dict, backend: str, ref: list[float]) -> dict:
+    rt = DistributedRuntime(CFG, plan_from_dict(pd), tp_backend=backend, seed=SEED,
+                            precision=PrecisionPolicy.from_dtype("bf16"))
+    meter = LinearDtypes(rt.chunks)
+    losses = train(rt)
+    meter.close()
+    rt.close()
+    worst = max(rel(a, b) for a, b in zip(losses, ref))
+    ok = meter.seen == {"bfloat16"} and meter.calls > 0 and worst <= BF16_RTOL
+    return {"ok": ok, "linear_out_dtypes": sorted(meter.seen), "linear_calls": meter.calls, "loss_rel": worst,
+            "losses": losses, "ref": ref, "compute_dtype": rt.compute_dtype}
+
+
+def compile_case(pd: dict, ref: list[dict]) -> dict:
+    rt = DistributedRuntime(CFG, plan_from_dict(pd), seed=SEED, compile_backend="aot_eager")
+    compiled = [b for c in rt.chunks for b in c.layers.values() if b._compiled_call_impl is not None]
+    losses = train(rt)
+    rt.close()
+    worst = max(rel(a, r["loss"]) for a, r in zip(losses, ref))
+    return {"ok": worst <= COMPILE_RTOL and len(compiled) > 0, "loss_rel": worst, "compiled_blocks": len(compiled)}
+
+
+def meta_case(pd: dict, ref_step: dict) -> dict:
+    """Initial weights bitwise equal to one process; then one step's gradients match it (buckets built
+    before materialisation must point at the materialised parameters)."""
+    from torch.distributed.tensor import DTensor
+
+    rt = DistributedRuntime(CFG, plan_from_dict(pd), seed=SEED)
+    ref = dict(build_model(CFG, seed=SEED).named_parameters())
+    mismatched, local_numel = [], 0
+    for name, p in rt.model.named_parameters():
+        local_numel += (p.to_local() if isinstance(p, DTensor) else p).numel()
+        full = p.full_tensor() if isinstance(p, DTensor) else p
+        if not torch.equal(full.detach(), ref[name].detach()):
+            mismatched.append(name)
+    total = sum(p.numel() for p in ref.values())
+    rt.forward_backward(shard(0, rt.dp_rank, rt.dp_size))
+    grad_rel = max(rel(g, ref_step["grads"][n]) for n, g in full_grads(rt).items())
+    rt.close()
+    ok = rt.meta_init and not mismatched and local_numel < total and grad_rel <= RTOL  # no rank holds every parameter
+    return {"ok": ok, "mismatched": mismatched[:5], "meta_init": rt.meta_init, "local_fraction": local_numel / total,
+            "grad_rel": grad_rel}
+
+
+def bf16_deepspeed_case(ref: list[float]) -> dict:
+    """DeepSpeed's own bf16 mode (bf16 weights, fp32 master copy in its optimizer) from the same policy."""
+    import types
+
+    from meshwright.parallel.deepspeed_backend import DeepSpeedRuntime
+
+    train_cfg = types.SimpleNamespace(global_batch=8, micro_batch=2, dtype="bf16")
+    rt = DeepSpeedRuntime(CFG, plan_from_dict(plan(uniform(dp=2, zero=3))), train_cfg=train_cfg, seed=SEED)
+    losses = train(rt, steps=2)  # the engine exists once the optimizer is built: hook its module after the fact
+    meter = LinearDtypes([rt.engine.module])
+    rt.eval_loss(shard(0, rt.dp_rank, rt.dp_size))
+    meter.close()
+    worst = max(rel(a, b) for a, b in zip(losses, ref))
+    ok = meter.seen == {"bfloat16"} and worst <= BF16_RTOL and rt.ds_config["bf16"]["enabled"]
+    return {"ok": ok, "linear_out_dtypes": sorted(meter.seen), "loss_rel": worst, "losses": losses, "ref": ref[:2]}
+
+
+def main() -> None:
+    init()
+    out = sys.argv[1] if len(sys.argv) > 1 else None
+    only = set(sys.argv[2].split(",")) if len(sys.argv) > 2 and sys.argv[2] else None
+    report = Report(out)
+    ref = bf16_reference()
+    ref32 = reference()
+    for name, (pd, backend) in BF16_CASES.items():
+        if only and name not in only:
+            continue
+        try:
+            res = bf16_case(pd, backend, ref)
+        except Exception as e:
+            res = failure(f"case {name}", e)
+        report.add(name, res["ok"], res)
+        dist.barrier()
+    for name, pd in META_CASES.items():
+        if only and name not in only:
+            continue
+        try:
+            res = meta_case(pd, ref32[0])
+        except Exception as e:
+            res = failure(f"case {name}", e)
+        report.add(name, res["ok"], res)
+        dist.barrier()
+    for name, pd in COMPILE_CASES.items():
+        if only and name not in only:
+            continue
+        try:
+            res = compile_case(pd, ref32)
+        except Exception as e:
+            res = failure(f"case {name}", e)
+        report.add(name, res["ok"], res)
+        dist.barrier()
+    if only is None or "bf16_deepspeed_zero3" in only:
+        try:
+            res = bf16_deepspeed_case(ref)
+        except Exception as e:
+            res = failure("case bf16_deepspeed_zero3", e)
+        report.add("bf16_deepspeed_zero3", res["ok"], res)
+        dist.barrier()
+    if only is None or "bf16_megatron_cpu_refused" in only:
+        try:
+            DistributedRuntime(CFG, plan_from_dict(plan(uniform(tp=2))), tp_backend="megatron", seed=SEED,
+                               precision=PrecisionPolicy.from_dtype("bf16"))
+            res = {"ok": False, "error": "megatron tp with bf16 on CPU was accepted"}
+        except Exception as e:  # megatron-core's backward ignores CPU autocast: refused with a one-line error
+            msg = str(e)
+            res = {"ok": "dtype" in msg and "megatron" in msg and "\n" not in msg, "error": msg}
+        report.add("bf16_megatron_cpu_refused", res["ok"], res)
+        try:
+            DistributedRuntime(CFG, plan_from_dict(plan(uniform(tp=2))), tp_backend="megatron", seed=SEED,
+                               compile_backend="aot_eager")
+            res = {"ok": False, "error": "compile with megatron tp was accepted"}
+        except Exception as e:
+            msg = str(e)
+            res = {"ok": msg.startswith("compile=True is invalid") and "\n" not in msg, "error": msg}
+        report.add("compile_megatron_refused", res["ok"], res)
+    report.gather_and_write()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    run_worker(main)

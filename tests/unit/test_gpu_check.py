@@ -1,0 +1,47 @@
+"""benchmarks/gpu_check.py --cpu-smoke: the one-GPU check's plumbing (sections in subprocesses, the planner's
+prediction next to the measurement, one JSON report) runs on CPU with tiny sizes. The GPU figures need a GPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.timeout(300)
+def test_cpu_smoke_report(tmp_path) -> None:
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--out", str(out),
+                           "--only", "gpt2_trainer_eager,gpt2_plain_compiled"], capture_output=True, text=True,
+                          timeout=280, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert json.loads(proc.stdout) == report  # one JSON document on stdout
+    trainer, plain = report["results"]["gpt2_trainer_eager"], report["results"]["gpt2_plain_compiled"]
+    assert trainer["runtime"] == "LocalRuntime" and trainer["compute_dtype"] == "fp32"
+    assert trainer["tokens_per_s"] > 0 and plain["tokens_per_s"] > 0 and trainer["predicted_step_s"] > 0
+    assert report["summary"]["gpt2_trainer_eager_over_plain_compiled"] == round(
+        trainer["tokens_per_s"] / plain["tokens_per_s"], 3)
+
+
+def test_unknown_section_is_one_line_error() -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--only", "nope"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 2 and "--only='nope' is invalid; valid:" in proc.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.timeout(600)
+def test_gpu_check_trainer_section_on_cuda(tmp_path) -> None:
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--out", str(out),
+                           "--only", "gpt2_trainer_compiled"], capture_output=True, text=True, timeout=580, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())["results"]["gpt2_trainer_compiled"]
+    assert res["compute_dtype"] == "bf16" and res["peak_reserved_gib"] > 0

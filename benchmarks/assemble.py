@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["trainer", "parallel", "planner", "planner_trust_table", "planner_tables", "capacity", "moe", "moe_savers_runtime", "coat", "wta_crs", "meft", "lemo", "energy", "launch"]
+ORDER = ["trainer", "full_speed", "parallel", "planner", "planner_trust_table", "planner_tables", "published_runs", "capacity",
+         "exports", "moe", "moe_savers_runtime", "coat", "finetune", "wta_crs", "meft", "lemo", "energy", "launch",
+         "checkpoint_safety"]
 
 HEADER = """# Benchmarks
 

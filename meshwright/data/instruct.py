@@ -16,6 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
+from meshwright.data.jsonl import iter_jsonl
 from meshwright.errors import ConfigError
 
 Segment = tuple[str, bool]  # (text, trained)
@@ -40,15 +41,8 @@ def render(obj: object, where: str) -> list[Segment]:
 
 
 def iter_examples(path: Path) -> Iterator[list[Segment]]:
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                raise ConfigError(f"{path}:{lineno} is not valid JSON; valid: one JSON object per line") from None
-            yield render(obj, f"{path}:{lineno}")
+    for lineno, obj in iter_jsonl(path):
+        yield render(obj, f"{path}:{lineno}")
 
 
 def encode_example(segments: list[Segment], tok) -> tuple[np.ndarray, np.ndarray]:

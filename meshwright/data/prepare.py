@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from meshwright.data.corpus import stdlib_files, stdlib_root
 from meshwright.data.instruct import encode_example, iter_examples
+from meshwright.data.jsonl import iter_jsonl
 from meshwright.data.tokenizer import TOKENIZERS, BPETokenizer, ByteTokenizer, HFTokenizer, tokenizer_file
 from meshwright.errors import ConfigError, invalid
 
@@ -63,17 +64,10 @@ def iter_documents(files: list[Path], text_key: str = "text") -> Iterator[tuple[
     """(source, text) for every document; a .jsonl file holds one JSON object per line."""
     for path in files:
         if path.suffix == ".jsonl":
-            with path.open(encoding="utf-8", errors="replace") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError:
-                        raise ConfigError(f"{path}:{lineno} is not valid JSON; valid: one JSON object per line") from None
-                    if not isinstance(obj, dict) or not isinstance(obj.get(text_key), str):
-                        raise ConfigError(f"{path}:{lineno} has no string field {text_key!r}; valid: objects like {{\"{text_key}\": \"...\"}} (see --text-key)")
-                    yield path, obj[text_key]
+            for lineno, obj in iter_jsonl(path, errors="replace"):
+                if not isinstance(obj, dict) or not isinstance(obj.get(text_key), str):
+                    raise ConfigError(f"{path}:{lineno} has no string field {text_key!r}; valid: objects like {{\"{text_key}\": \"...\"}} (see --text-key)")
+                yield path, obj[text_key]
         else:
             yield path, path.read_text(encoding="utf-8", errors="replace")
 

@@ -13,10 +13,25 @@ import sys
 
 import torch
 import torch.distributed as dist
+from parity_lib import (
+    CFG,
+    MAX_NORM,
+    RTOL,
+    SEED,
+    STEPS,
+    Report,
+    failure,
+    full_grads,
+    init,
+    make_opt,
+    plan,
+    reference,
+    rel,
+    run_worker,
+    shard,
+    uniform,
+)
 from torch import nn
-
-from parity_lib import (CFG, MAX_NORM, RTOL, SEED, STEPS, Report, failure, full_grads, init, make_opt, reference, rel,
-                        run_worker, shard)
 
 from meshwright.models import build_model
 from meshwright.parallel.runtime import DistributedRuntime
@@ -25,20 +40,6 @@ from meshwright.train.local_runtime import LocalRuntime
 from meshwright.train.precision import PrecisionPolicy
 
 BF16_RTOL = 5e-3
-L = CFG.n_layers
-
-
-def plan(layers, pipeline=None, embedding=None) -> dict:
-    d = {"model": "tiny-par", "seq_len": 16, "global_batch": 8, "micro_batch": 2, "layers": layers}
-    if pipeline:
-        d["pipeline"] = pipeline
-    if embedding:
-        d["embedding"] = embedding
-    return d
-
-
-def uniform(**kw) -> list[dict]:
-    return [{**kw, "repeat": L}]
 
 
 BF16_CASES = {

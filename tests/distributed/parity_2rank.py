@@ -5,27 +5,28 @@ from __future__ import annotations
 import sys
 
 import torch.distributed as dist
+from parity_lib import (
+    CFG,
+    STEPS,
+    Report,
+    check_runtime,
+    failure,
+    init,
+    make_opt,
+    plan,
+    reference,
+    run_worker,
+    shard,
+    uniform,
+)
 
-from parity_lib import CFG, GLOBAL, MICRO, STEPS, Report, check_runtime, failure, init, make_opt, reference, run_worker, shard
-
-from meshwright.train.checkpoint import load_runtime, save_runtime
 from meshwright.parallel.runtime import DistributedRuntime
 from meshwright.plan import plan_from_dict
+from meshwright.train.checkpoint import load_runtime, save_runtime
 
 L = CFG.n_layers
 
 
-def plan(layers, pipeline=None, embedding=None) -> dict:
-    d = {"model": "tiny-par", "seq_len": 16, "global_batch": GLOBAL, "micro_batch": MICRO, "layers": layers}
-    if pipeline:
-        d["pipeline"] = pipeline
-    if embedding:
-        d["embedding"] = embedding
-    return d
-
-
-def uniform(**kw) -> list[dict]:
-    return [{**kw, "repeat": L}]
 
 
 CASES = {

@@ -6,13 +6,11 @@ from __future__ import annotations
 import sys
 
 import torch.distributed as dist
+from parity_lib import CFG, Report, check_runtime, failure, init, plan, reference, run_worker, uniform
 
-from parity_lib import CFG, Report, check_runtime, failure, init, reference, run_worker
-
-from meshwright.train.checkpoint import load_runtime, save_runtime
 from meshwright.parallel.runtime import DistributedRuntime
 from meshwright.plan import plan_from_dict
-from parity_2rank import plan, uniform
+from meshwright.train.checkpoint import load_runtime, save_runtime
 
 PP2 = {"degree": 2, "schedule": "1f1b", "microbatches": 2}
 CASES = {

@@ -30,6 +30,21 @@ CFG = load_model_config({"name": "tiny-par", "arch": "llama", "vocab_size": 256,
 SEQ, GLOBAL, MICRO, STEPS, MAX_NORM, LR = 16, 8, 2, 3, 0.5, 1e-2
 
 
+def plan(layers, pipeline=None, embedding=None) -> dict:
+    """A Plan mapping for the tiny parity model (batch shape of ``batch``/``shard``)."""
+    d = {"model": "tiny-par", "seq_len": 16, "global_batch": GLOBAL, "micro_batch": MICRO, "layers": layers}
+    if pipeline:
+        d["pipeline"] = pipeline
+    if embedding:
+        d["embedding"] = embedding
+    return d
+
+
+def uniform(**kw) -> list[dict]:
+    """One strategy for every layer of the parity model."""
+    return [{**kw, "repeat": CFG.n_layers}]
+
+
 def init(timeout_s: int = 60) -> tuple[int, int]:
     dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
     torch.set_num_threads(1)

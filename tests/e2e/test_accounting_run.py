@@ -25,6 +25,6 @@ def test_training_logs_energy_hfu_memory_and_reports(tmp_path):
     assert summary["energy_gpu_source"] == "none"  # no NVML on this machine: said once, then skipped
     assert main(["report", str(out)]) == 0
     html = (out / "report.html").read_text()
-    for title in ("loss", "throughput", "mfu", "power", "energy", "memory"):
+    for title in ("Loss", "Throughput", "Model FLOPs utilisation", "Power", "Cumulative energy", "Memory"):
         assert f"<h3>{title}</h3>" in html
     assert "Predicted vs measured" in html  # plan auto wrote the plan with its predictions

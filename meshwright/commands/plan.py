@@ -296,6 +296,9 @@ def run(args: argparse.Namespace) -> int:
 
             train = load_train_config(args.train_config)
         text, notes = emit(best.plan, objects["cfg"], args.emit, train)
+        if args.allow:  # the consumers run none of meshwright's savers: say so rather than drop them unseen
+            notes.append(f"--allow {' '.join(args.allow)} ignored: {args.emit} runs none of meshwright's memory savers, "
+                         "so the search kept to layouts without them")
         print(text)
         for n in notes:
             print(f"note: {n}", file=sys.stderr)

@@ -236,3 +236,11 @@ def test_plan_emit_searches_layouts_the_stack_runs(target, capsys, tmp_path):
         settings, _, _ = exports.torchtitan_settings(plan, cfg)
         _titan_check(plan, cfg, 16, settings)
         assert "apply_plan" in out
+
+
+def test_plan_emit_says_when_it_ignores_allowed_savers(capsys):
+    argv = ["plan", "--model", "llama2-13b", "--cluster", "dgx-a100-80g", "--nodes", "2", "--seq-len", "4096",
+            "--global-batch", "256", "--emit", "megatron", "--allow", "fp8"]
+    assert main(argv) == 0
+    _, err = capsys.readouterr()
+    assert "note: --allow fp8 ignored" in err

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 MARK = "GPU_CHECK_RESULT "
@@ -101,6 +101,39 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _time_steps(step: Callable[[], Any], warm: int, steps: int) -> tuple[float, float, list[Any]]:
+    """(seconds per timed step, warm-up seconds, every step's result): ``warm`` untimed steps, then ``steps``."""
+    t0 = time.perf_counter()
+    out = []
+    for i in range(warm + steps):
+        if i == warm:
+            _sync()
+            t = time.perf_counter()
+        out.append(step())
+    _sync()
+    return (time.perf_counter() - t) / steps, t - t0, out
+
+
+def _loop_step(forward: Callable[[Any], Any], model: Any, opt: Any, x: Any, dtype: str) -> Callable[[], Any]:
+    """One plain training step: bf16 autocast forward, fp32 loss, backward, clip, optimizer step."""
+    import torch
+    import torch.nn.functional as F
+
+    dev = x.device.type
+
+    def step() -> Any:
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            logits = forward(x[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
 def _rates(model_cfg: Any, batch: int, seq: int, seconds_per_step: float, dtype: str) -> dict[str, float]:
     from meshwright.config import load_cluster
     from meshwright.tools.flops import model_flops_per_token
@@ -163,17 +196,9 @@ def _trainer_run(model: Any, batch: int, seq: int, steps: int, warm: int, dtype:
     trainer = Trainer(cfg, runtime, train, val, job.model, job.cluster, out_dir=tmp / "run", print_fn=lambda s: None)
     build_s = time.perf_counter() - t_build
     _reset_memory()
-    t0 = time.perf_counter()
-    losses = []
-    for i in range(warm + steps):
-        if i == warm:
-            _sync()
-            t = time.perf_counter()
-        losses.append(trainer.train_step()["loss"])
-    _sync()
-    dt = (time.perf_counter() - t) / steps
+    dt, warmup_s, losses = _time_steps(lambda: trainer.train_step()["loss"], warm, steps)
     out = {**_rates(job.model, batch, seq, dt, runtime.compute_dtype), **_memory(), "compute_dtype": runtime.compute_dtype,
-           "runtime": type(runtime).__name__, "warmup_s": round(t - t0, 1), "build_s": round(build_s, 1),
+           "runtime": type(runtime).__name__, "warmup_s": round(warmup_s, 1), "build_s": round(build_s, 1),
            "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4), "compile": compile_,
            "loss_chunk_tokens": loss_chunk}
     runtime.close()
@@ -183,7 +208,6 @@ def _trainer_run(model: Any, batch: int, seq: int, steps: int, warm: int, dtype:
 def _plain_loop(model_cfg: Any, batch: int, seq: int, steps: int, warm: int, dtype: str, compile_: bool) -> dict[str, Any]:
     """The same Decoder in a minimal loop: torch.compile(model), fused AdamW, bf16 autocast, fp32 loss."""
     import torch
-    import torch.nn.functional as F
 
     from meshwright.config import load_model_config
     from meshwright.models import build_model
@@ -195,27 +219,13 @@ def _plain_loop(model_cfg: Any, batch: int, seq: int, steps: int, warm: int, dty
     fwd = torch.compile(model) if compile_ else model
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=dev)
     _reset_memory()
-    t0 = time.perf_counter()
-    for i in range(warm + steps):
-        if i == warm:
-            _sync()
-            t = time.perf_counter()
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            logits = fwd(x[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    _sync()
-    dt = (time.perf_counter() - t) / steps
-    return {**_rates(cfg, batch, seq, dt, dtype), **_memory(), "warmup_s": round(t - t0, 1), "compile": compile_,
-            "loss_last": round(float(loss), 4)}
+    dt, warmup_s, losses = _time_steps(_loop_step(fwd, model, opt, x, dtype), warm, steps)
+    return {**_rates(cfg, batch, seq, dt, dtype), **_memory(), "warmup_s": round(warmup_s, 1), "compile": compile_,
+            "loss_last": round(float(losses[-1]), 4)}
 
 
 def _hf_loop(batch: int, seq: int, steps: int, warm: int, dtype: str, smoke: bool) -> dict[str, Any]:
     import torch
-    import torch.nn.functional as F
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from meshwright.config import load_model_config
@@ -229,19 +239,7 @@ def _hf_loop(batch: int, seq: int, steps: int, warm: int, dtype: str, smoke: boo
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **({"fused": True} if dev == "cuda" else {}))
     x = torch.randint(0, hf_cfg.vocab_size, (batch, seq + 1), device=dev)
     _reset_memory()
-    for i in range(warm + steps):
-        if i == warm:
-            _sync()
-            t = time.perf_counter()
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            logits = model(x[:, :-1]).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    _sync()
-    dt = (time.perf_counter() - t) / steps
+    dt, _, _ = _time_steps(_loop_step(lambda inp: model(inp).logits, model, opt, x, dtype), warm, steps)
     ref = load_model_config("tiny-gpt2" if smoke else "gpt2-small")  # same shape: same FLOPs per token
     return {**_rates(ref, batch, seq, dt, dtype), **_memory(), "params": sum(p.numel() for p in model.parameters())}
 

@@ -174,39 +174,19 @@ def main() -> None:
     report = Report(out)
     ref = bf16_reference()
     ref32 = reference()
-    for name, (pd, backend) in BF16_CASES.items():
+    cases = {**{name: (lambda pd=pd, backend=backend: bf16_case(pd, backend, ref))
+                for name, (pd, backend) in BF16_CASES.items()},
+             **{name: (lambda pd=pd: meta_case(pd, ref32[0])) for name, pd in META_CASES.items()},
+             **{name: (lambda pd=pd: compile_case(pd, ref32)) for name, pd in COMPILE_CASES.items()},
+             "bf16_deepspeed_zero3": lambda: bf16_deepspeed_case(ref)}
+    for name, run in cases.items():
         if only and name not in only:
             continue
         try:
-            res = bf16_case(pd, backend, ref)
+            res = run()
         except Exception as e:
             res = failure(f"case {name}", e)
         report.add(name, res["ok"], res)
-        dist.barrier()
-    for name, pd in META_CASES.items():
-        if only and name not in only:
-            continue
-        try:
-            res = meta_case(pd, ref32[0])
-        except Exception as e:
-            res = failure(f"case {name}", e)
-        report.add(name, res["ok"], res)
-        dist.barrier()
-    for name, pd in COMPILE_CASES.items():
-        if only and name not in only:
-            continue
-        try:
-            res = compile_case(pd, ref32)
-        except Exception as e:
-            res = failure(f"case {name}", e)
-        report.add(name, res["ok"], res)
-        dist.barrier()
-    if only is None or "bf16_deepspeed_zero3" in only:
-        try:
-            res = bf16_deepspeed_case(ref)
-        except Exception as e:
-            res = failure("case bf16_deepspeed_zero3", e)
-        report.add("bf16_deepspeed_zero3", res["ok"], res)
         dist.barrier()
     if only is None or "bf16_megatron_cpu_refused" in only:
         try:

@@ -147,15 +147,15 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
         validate_plan(job.plan, model_cfg, job.plan.world_size())
     if cfg.seq_len > model_cfg.max_seq_len:
         raise invalid("seq_len", cfg.seq_len, f"at most model.max_seq_len={model_cfg.max_seq_len}")
+    if cfg.meft is not None and (cfg.compile or cfg.loss_chunk_tokens):
+        raise invalid("compile" if cfg.compile else "loss_chunk_tokens", cfg.compile or cfg.loss_chunk_tokens,
+                      "false/0 with meft (the reversible model is neither compiled nor split at the head)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_model(model_cfg, seed=cfg.seed)  # drawn on the CPU: the values every layout starts from
     if cfg.init_from is not None:  # pretrained weights before any saver wraps the modules
         load_pretrained_into(model, cfg.init_from, model_cfg)
     if cfg.meft is not None:  # reversible fine-tuning: frozen base, adapters (+ head) train
         model = make_reversible(model, config=from_dict(MeftConfig, cfg.meft, prefix="meft"))
-    if cfg.meft is not None and (cfg.compile or cfg.loss_chunk_tokens):
-        raise invalid("compile" if cfg.compile else "loss_chunk_tokens", cfg.compile or cfg.loss_chunk_tokens,
-                      "false/0 with meft (the reversible model is neither compiled nor split at the head)")
     rt = LocalRuntime(model, device=device, dtype=cfg.dtype,  # bf16 is honoured on CPU too (train/precision.py)
                       compile_backend="inductor" if cfg.compile else None, loss_chunk_tokens=cfg.loss_chunk_tokens)
     rt.plan = job.plan
@@ -165,12 +165,8 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
 def run_training(train_cfg: TrainConfig, plan_ref: str | None = None, resume: bool | str = False, *,
                  overwrite: bool = False, allow_config_change: bool = False) -> dict[str, Any]:
     """Everything `meshwright train` does, callable from Python (tests, benchmarks). The main rank holds a lock
-    on out_dir for the whole run and applies the fresh/resume/overwrite rules of ``run_dir`` first."""
-    job = TrainingJob.resolve(train_cfg, plan_ref)
-    if job.distributed and job.world_size == 1 and job.plan is not None and job.plan.world_size() > 1:
-        raise invalid("plan", plan_ref or train_cfg.plan, f"a plan for this process count: it lays the model out on "
-                      f"{job.plan.world_size()} devices; launch it with torchrun --nproc-per-node "
-                      f"{job.plan.world_size()} (or `meshwright launch`)")
+    on out_dir for the whole run and applies the fresh/resume/overwrite rules of ``run_dir`` first, before
+    anything expensive (``plan: auto`` profiles the machines)."""
     lock = None
     if int(os.environ.get("RANK", "0")) == 0:
         out = prepare_out_dir(train_cfg.out_dir)
@@ -179,7 +175,12 @@ def run_training(train_cfg: TrainConfig, plan_ref: str | None = None, resume: bo
         if lock is not None:
             check_fresh_or_overwrite(train_cfg.out_dir, resume, overwrite)
             check_resume_config(train_cfg, resume, allow_config_change)
-        return _train(job, train_cfg, plan_ref, resume)
+        job = TrainingJob.resolve(train_cfg, plan_ref)
+        if job.distributed and job.world_size == 1 and job.plan is not None and job.plan.world_size() > 1:
+            raise invalid("plan", plan_ref or train_cfg.plan, f"a plan for this process count: it lays the model out "
+                          f"on {job.plan.world_size()} devices; launch it with torchrun --nproc-per-node "
+                          f"{job.plan.world_size()} (or `meshwright launch`)")
+        return _train(job, resume)
     except OSError as exc:
         err = nospace(exc)
         if err is None:
@@ -190,8 +191,8 @@ def run_training(train_cfg: TrainConfig, plan_ref: str | None = None, resume: bo
             lock.release()
 
 
-def _train(job: TrainingJob, train_cfg: TrainConfig, plan_ref: str | None, resume: bool | str) -> dict[str, Any]:
-    model_cfg = job.model
+def _train(job: TrainingJob, resume: bool | str) -> dict[str, Any]:
+    train_cfg, model_cfg = job.cfg, job.model
     runtime = build_runtime(job)
     try:
         progress = train_cfg.progress and runtime.is_main

@@ -34,9 +34,9 @@ from meshwright.tools.flops import hardware_flops_per_token, model_flops_per_tok
 from meshwright.tools.mfu import mfu as compute_mfu
 from meshwright.tools.sinks import Sinks, open_sinks
 from meshwright.train.checkpoint import load_latest, load_runtime, save_checkpoint
+from meshwright.train.compile import fast_adamw_kwargs
 from meshwright.train.faults import fault_point
 from meshwright.train.run_dir import reopen_log
-from meshwright.train.compile import fast_adamw_kwargs
 from meshwright.train.runtime import Runtime
 
 

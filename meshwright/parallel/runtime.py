@@ -337,11 +337,11 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
                     if p.grad is not None:
                         p.grad.mul_(factor)
 
-    def _mean_over_ranks(self, local: float) -> float:
-        """Mean of the last stage's per-rank losses (ranks sharing a data shard count equally)."""
-        t = torch.tensor([local if self.has_last else 0.0], dtype=torch.float64, device=self.device)
+    def _mean_over_ranks(self, local: torch.Tensor | float) -> torch.Tensor:
+        """Mean of the last stage's per-rank losses (ranks sharing a data shard count equally), on the device."""
+        t = torch.as_tensor(local if self.has_last else 0.0, dtype=torch.float64, device=self.device).reshape(())
         dist.all_reduce(t)
-        return float(t.item()) / self.meshes.per_stage
+        return t / self.meshes.per_stage
 
     def _schedule(self, n: int, train: bool):
         """One schedule per (micro-batch count, train/eval): a stage first run by ``eval`` never builds
@@ -352,7 +352,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
                                                          self.loss_fn, self.device, self.meshes.pp_group)
         return self._schedules[(n, train)]
 
-    def _run_pipeline(self, micro_batches: list[Batch], train: bool) -> float:
+    def _run_pipeline(self, micro_batches: list[Batch], train: bool) -> torch.Tensor | float:
         sched = self._schedule(len(micro_batches), train)
         x = torch.cat([b[0] for b in micro_batches]).to(self.device)
         y = torch.cat([b[1] for b in micro_batches]).to(self.device)
@@ -360,16 +360,21 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         kwargs: dict[str, Any] = {"target": y, "losses": []} if self.has_last else {}
         (sched.step if train else sched.eval)(*args, **kwargs)
         if self.has_last:
-            return float(torch.stack([lo.detach().float() for lo in kwargs["losses"]]).mean())
+            return torch.stack([lo.detach().float() for lo in kwargs["losses"]]).mean()
         return 0.0
 
     def forward_backward(self, micro_batches: list[Batch]) -> float:
+        return float(self.forward_backward_lazy(micro_batches))
+
+    def forward_backward_lazy(self, micro_batches: list[Batch]) -> torch.Tensor:
         for mod in self.modules:
             mod.train()
+        local: torch.Tensor | float
         if self.meshes.pp > 1:
             local = self._run_pipeline(micro_batches, train=True)
         else:
-            mod, n, total = self.modules[0], len(micro_batches), 0.0
+            mod, n = self.modules[0], len(micro_batches)
+            total = torch.zeros((), dtype=torch.float64, device=self.device)  # as the float sum it replaces
             for i, (x, y) in enumerate(micro_batches):
                 sync = contextlib.nullcontext() if not isinstance(mod, DDP) or i == n - 1 else mod.no_sync()
                 for block in self._zero2_blocks:  # ZeRO-2: keep parameters gathered until the last microbatch
@@ -378,7 +383,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
                     loss = self.loss_fn(mod(x.to(self.device)), y.to(self.device))
                     aux = self.chunks[0].aux_loss() if self.cfg.n_experts else None
                     ((loss if aux is None else loss + aux) / n).backward()  # the log shows the LM loss alone
-                total += float(loss.detach())
+                total += loss.detach().double()
             local = total / n
         self._finish_grads()
         return self._mean_over_ranks(local)
@@ -394,7 +399,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
             local /= len(micro_batches)
         for mod in self.modules:
             mod.train()
-        return self._mean_over_ranks(local)
+        return float(self._mean_over_ranks(local))
 
     def _replicas(self, p: nn.Parameter, g: torch.Tensor) -> int:
         """How many ranks of this stage hold the same values as this rank's piece of ``g``."""
@@ -409,27 +414,36 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         return per_stage // shard[1] if shard else per_stage
 
     @torch.no_grad()
-    def grad_norm(self) -> float:
-        """Global L2 norm of all gradients across tp/pp/dp shards (each value counted once)."""
+    def grad_norm_lazy(self) -> torch.Tensor:
+        """Global L2 norm of all gradients across tp/pp/dp shards (each value counted once), on the device.
+        Squares are summed in fp64 (``vector_norm(dtype=)``: no fp64 copy of the gradients)."""
         sq = torch.zeros((), dtype=torch.float64, device=self.device)
         for p in self._params:
             if p.grad is None:
                 continue
             g = p.grad
             local = g.to_local() if isinstance(g, DTensor) else g
-            sq += local.double().pow(2).sum() / self._replicas(p, g)
+            sq += torch.linalg.vector_norm(local, dtype=torch.float64).square() / self._replicas(p, g)
         dist.all_reduce(sq)
-        return float(sq.sqrt())
+        return sq.sqrt()
+
+    def grad_norm(self) -> float:
+        return float(self.grad_norm_lazy())
 
     @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float) -> float:
-        norm = self.grad_norm()
-        coef = max_norm / (norm + 1e-6)
-        if coef < 1.0:
-            for p in self._params:
-                if p.grad is not None:
-                    (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).mul_(coef)
+    def clip_grad_norm_lazy(self, max_norm: float) -> torch.Tensor:
+        """Total norm before clipping; the clip factor stays on the device (no host sync)."""
+        norm = self.grad_norm_lazy()
+        if max_norm > 0:
+            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in self._params if p.grad is not None]
+            coef = coef.to(grads[0].dtype) if grads else coef
+            for g in grads:
+                g.mul_(coef)
         return norm
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        return float(self.clip_grad_norm_lazy(max_norm))
 
     def build_optimizer(self, make: Any) -> torch.optim.Optimizer:
         opt = make(self.param_groups())

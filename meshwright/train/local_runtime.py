@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any, Iterable
 
 import torch
@@ -39,7 +38,7 @@ class LocalRuntime(Runtime):
             self.loss_fn = compiled_loss(lm_loss, compile_backend)
             self.chunk_fn = compiled_chunk_loss(compile_backend)
         self._moe = bool(moe_layers(self.model))
-        self._last_aux: float | None = None  # mean auxiliary (balance + z) loss of the last step, MoE only
+        self._last_aux: torch.Tensor | None = None  # mean auxiliary (balance + z) loss of the last step, MoE only
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return self.precision.autocast(self.device.type)
@@ -47,8 +46,14 @@ class LocalRuntime(Runtime):
     def parameters(self) -> Iterable[nn.Parameter]:
         return self.model.parameters()
 
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Host batch -> device without a host sync on CUDA (a pageable copy waits for the queued kernels)."""
+        if self.device.type == "cuda" and t.device.type == "cpu":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
     def _lm_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        x, y = inputs.to(self.device), targets.to(self.device)
+        x, y = self._to_device(inputs), self._to_device(targets)
         if self.loss_chunk_tokens:
             return chunked_lm_loss(self.model(x, return_hidden=True), self.model.output, y, self.loss_chunk_tokens,
                                    self.chunk_fn)
@@ -61,24 +66,30 @@ class LocalRuntime(Runtime):
             aux = self.model.aux_loss() if hasattr(self.model, "aux_loss") else None
         return loss, aux
 
-    def forward_backward(self, micro_batches: list[Batch]) -> float:
-        """Mean LM loss over the micro-batches (the auxiliary loss is trained on but logged apart, as the
-        distributed runtime does); gradients accumulate as the mean of (LM + aux) too (/ n each)."""
+    def forward_backward_lazy(self, micro_batches: list[Batch]) -> torch.Tensor:
+        """Mean LM loss over the micro-batches, on the device (the auxiliary loss is trained on but logged
+        apart, as the distributed runtime does); gradients accumulate as the mean of (LM + aux) too (/ n each)."""
         n = len(micro_batches)
-        total, total_aux = 0.0, 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)  # as the float sum it replaces
+        total_aux = torch.zeros((), dtype=torch.float64, device=self.device)
         for inputs, targets in micro_batches:
             loss, aux = self._loss(inputs, targets)
             ((loss if aux is None else loss + aux) / n).backward()
-            total += loss.item()
-            total_aux += 0.0 if aux is None else aux.item()
+            total += loss.detach().double()
+            if aux is not None:
+                total_aux += aux.detach().double()
         self._last_aux = total_aux / n if self._moe else None
         return total / n
+
+    def forward_backward(self, micro_batches: list[Batch]) -> float:
+        return float(self.forward_backward_lazy(micro_batches))
 
     def extra_log_fields(self) -> dict[str, Any]:
         """Router statistics of the last forward and the auxiliary loss, as ``DistributedRuntime`` logs them."""
         if not self._moe:
             return {}
-        return {**router_stats(self.model), "aux_loss": self._last_aux}
+        aux = None if self._last_aux is None else float(self._last_aux)
+        return {**router_stats(self.model), "aux_loss": aux}
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[Batch]) -> float:
@@ -91,13 +102,21 @@ class LocalRuntime(Runtime):
             self.model.train(was_training)
         return sum(losses) / max(len(losses), 1)
 
-    def clip_grad_norm_(self, max_norm: float) -> float:
-        """Total gradient 2-norm before clipping; ``max_norm <= 0`` only measures it."""
+    def clip_grad_norm_lazy(self, max_norm: float) -> torch.Tensor:
+        """Total gradient 2-norm before clipping, on the device; ``max_norm <= 0`` only measures it. The clip
+        factor stays on the device too (``clip_grads_with_norm_``); multi-tensor kernels on accelerators, the
+        per-tensor loop on CPU (as before: CPU trajectories stay bitwise)."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         if not params:
-            return 0.0
-        limit = max_norm if max_norm > 0 else math.inf
-        return float(torch.nn.utils.clip_grad_norm_(params, limit, foreach=False))
+            return torch.zeros((), device=self.device)
+        foreach = self.device.type != "cpu"
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0, error_if_nonfinite=False, foreach=foreach)
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=foreach)
+        return norm
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        return float(self.clip_grad_norm_lazy(max_norm))
 
     def model_state(self) -> dict[str, Any]:
         return self.model.state_dict()

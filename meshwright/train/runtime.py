@@ -31,6 +31,10 @@ class Runtime(abc.ABC):
     - ``forward_backward`` consumes this rank's micro-batches of one optimiser step (gradient
       accumulation or a pipeline schedule), leaves gradients ready for the optimiser (already
       reduced across data parallelism), and returns the step's mean loss averaged over all ranks.
+    - ``forward_backward_lazy``/``clip_grad_norm_lazy`` do the same but return 0-dim tensors on the device,
+      not read back: on a GPU every read-back is a host sync that idles the device while Python launches
+      the next kernels, so the trainer reads loss and norm once per step, after the optimiser step is queued.
+      Runtimes that can defer the read implement these and derive the float versions from them.
     - ``model_state``/``load_model_state`` expose state dicts keyed by the plain model's parameter
       names, so checkpoints written under one layout load under another.
     """
@@ -58,6 +62,14 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     def clip_grad_norm_(self, max_norm: float) -> float: ...
+
+    def forward_backward_lazy(self, micro_batches: list[Batch]) -> torch.Tensor:
+        """``forward_backward``'s mean loss as a 0-dim tensor (this default reads it back first)."""
+        return torch.tensor(self.forward_backward(micro_batches), dtype=torch.float64)
+
+    def clip_grad_norm_lazy(self, max_norm: float) -> torch.Tensor:
+        """``clip_grad_norm_``'s total norm as a 0-dim tensor (this default reads it back first)."""
+        return torch.tensor(self.clip_grad_norm_(max_norm), dtype=torch.float64)
 
     def build_optimizer(self, make: Any) -> torch.optim.Optimizer:
         """``make(param_groups)`` builds the optimiser; distributed backends may wrap it (DeepSpeed)."""

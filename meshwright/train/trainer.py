@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from meshwright.config import ClusterSpec, ModelConfig, TrainConfig
@@ -68,6 +69,23 @@ def build_optimizer(cfg: TrainConfig, runtime: Runtime) -> torch.optim.Optimizer
     return runtime.build_optimizer(make)
 
 
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` can skip a non-finite step without the host looking first: torch's fused
+    Adam/AdamW read a ``found_inf`` tensor (the hook GradScaler uses) and leave parameters, moments and the
+    step count untouched where it is 1. Then the loss and norm are read back after the step is queued.
+    Plain tensors only: the flag is a plain tensor, which DTensor parameters (FSDP2, TP) refuse to mix with."""
+    groups = optimizer.param_groups
+    return (type(optimizer) in (torch.optim.AdamW, torch.optim.Adam) and all(g.get("fused") for g in groups)
+            and not any(isinstance(p, DTensor) for g in groups for p in g["params"]))
+
+
+def _read_back(loss: torch.Tensor, norm: torch.Tensor) -> tuple[float, float]:
+    """(loss, grad norm) as floats in one device-to-host copy."""
+    pair = torch.stack([loss.detach().to(torch.float64), norm.detach().to(device=loss.device, dtype=torch.float64)])
+    a, b = pair.tolist()
+    return a, b
+
+
 def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
@@ -94,6 +112,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, runtime)
         self.step = 0
         self.skipped_steps = 0
+        self._skips_on_device: bool | None = None  # skips_on_device(self.optimizer), decided at the first step
         self.tokens_per_step = cfg.global_batch * cfg.seq_len
         # The model owns its FLOPs; the convention is named in the config so MFU is comparable across tools.
         self.flops_per_token = float(model_flops_per_token(model_cfg, cfg.seq_len, cfg.flops_convention))
@@ -197,13 +216,25 @@ class Trainer:
         lr = self.set_lr(self.step)
         t0 = time.perf_counter()
         batches = self.train_loader.next_batch()
-        loss = rt.forward_backward(batches)
-        grad_norm = rt.clip_grad_norm_(cfg.grad_clip)
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)
-        if finite:
-            rt.optimizer_step(self.optimizer)
+        loss_t = rt.forward_backward_lazy(batches)
+        norm_t = rt.clip_grad_norm_lazy(cfg.grad_clip)
+        if self._skips_on_device is None:
+            self._skips_on_device = skips_on_device(self.optimizer)
+        if self._skips_on_device:  # queue the step, then the one host sync of this step
+            self.optimizer.found_inf = (~(torch.isfinite(loss_t) & torch.isfinite(norm_t))).float()  # type: ignore[attr-defined]
+            try:
+                rt.optimizer_step(self.optimizer)
+            finally:
+                del self.optimizer.found_inf  # type: ignore[attr-defined]
+            loss, grad_norm = _read_back(loss_t, norm_t)
+            finite = math.isfinite(loss) and math.isfinite(grad_norm)
         else:
-            self.optimizer.zero_grad(set_to_none=True)
+            loss, grad_norm = _read_back(loss_t, norm_t)
+            finite = math.isfinite(loss) and math.isfinite(grad_norm)
+            if finite:
+                rt.optimizer_step(self.optimizer)
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
         step_s = time.perf_counter() - t0
         self.step += 1
         if not finite:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -113,10 +114,21 @@ def test_wandb_offline_run_records_the_scalars(tmp_path, monkeypatch):
     assert len(files) == 1 and files[0].stat().st_size > 0
     from wandb.proto import wandb_internal_pb2
 
+    def records() -> list:
+        out = []
+        for data in _wandb_records(files[0]):  # the offline log, as `wandb sync` would upload it
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(data)
+            out.append(rec)
+        return out
+
+    # wandb's service may still be flushing the file when finish() returns (seen: a 7-byte file); its
+    # closing record is "exit", so wait for that (bounded) rather than read a half-written log
+    deadline = time.monotonic() + 30
+    while not any(r.WhichOneof("record_type") == "exit" for r in records()) and time.monotonic() < deadline:
+        time.sleep(0.2)
     losses = []
-    for data in _wandb_records(files[0]):  # the offline log, as `wandb sync` would upload it
-        rec = wandb_internal_pb2.Record()
-        rec.ParseFromString(data)
+    for rec in records():
         if rec.WhichOneof("record_type") == "history":
             items = {i.key or "/".join(i.nested_key): i.value_json for i in rec.history.item}
             if "loss" in items:

@@ -73,12 +73,12 @@ class PoisonedRuntime(LocalRuntime):
 
     calls = 0
 
-    def forward_backward(self, micro_batches):
-        loss = super().forward_backward(micro_batches)
+    def forward_backward_lazy(self, micro_batches):  # what the trainer calls
+        loss = super().forward_backward_lazy(micro_batches)
         type(self).calls += 1
         if type(self).calls == 3:
             next(self.model.parameters()).grad.fill_(float("nan"))
-            return float("nan")
+            return torch.full_like(loss, float("nan"))
         return loss
 
 
@@ -90,21 +90,30 @@ def test_nan_policy_stop_raises_one_line(data, tmp_path):
     assert isinstance(exc.value, ConfigError) and "\n" not in str(exc.value)
 
 
-def test_nan_policy_skip_leaves_weights_untouched(data, tmp_path):
+@pytest.mark.parametrize("fused", [False, True], ids=["host-checks-first", "fused-skips-on-device"])
+def test_nan_policy_skip_leaves_weights_untouched(data, tmp_path, fused):
+    """Both skip paths: the host reads loss and norm before stepping (foreach AdamW), or torch's fused AdamW
+    skips on the device from a ``found_inf`` flag and the host reads back after the step (the CUDA path)."""
     PoisonedRuntime.calls = 0
     trainer = make_trainer(data, tmp_path, runtime_cls=PoisonedRuntime, nan_policy="skip", steps=5)
-    snapshots = []
-    orig = trainer.runtime.forward_backward
+    if fused:  # what build_optimizer picks on CUDA; fused AdamW runs on CPU too
+        trainer.optimizer = torch.optim.AdamW(trainer.runtime.param_groups(trainer.cfg.weight_decay), fused=True)
+    snapshots, states = [], []
+    orig = trainer.runtime.forward_backward_lazy
 
     def spy(batches):
         snapshots.append([p.detach().clone() for p in trainer.runtime.model.parameters()])
+        states.append([{k: v.clone() for k, v in st.items()} for st in trainer.optimizer.state.values()])
         return orig(batches)
 
-    trainer.runtime.forward_backward = spy
+    trainer.runtime.forward_backward_lazy = spy
     summary = trainer.fit()
+    assert trainer._skips_on_device is fused
     assert summary["skipped_steps"] == 1 and summary["steps"] == 5
-    # weights before step 4 equal weights before step 3: the NaN step changed nothing
+    # weights (and Adam moments, step counts) before step 4 equal those before step 3: the NaN step changed nothing
     assert all(torch.equal(a, b) for a, b in zip(snapshots[2], snapshots[3]))
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(states[2], states[3]) for k in a)
+    assert not hasattr(trainer.optimizer, "found_inf")
     assert all(torch.isfinite(p).all() for p in trainer.runtime.model.parameters())
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r.get("skipped", False) for r in records] == [False, False, True, False, False]

@@ -51,7 +51,10 @@ WORKLOADS = {
 DEFAULT_SECTIONS = ("gpt2_trainer_compiled", "gpt2_plain_compiled", "gpt2_hf_eager", "llama1b_trainer_compiled",
                     "llama1b_plain_compiled", "llama7b_planned")
 EXTRA_SECTIONS = ("gpt2_trainer_eager", "gpt2_trainer_compiled_chunked")  # --extra (about 2 more minutes)
-SECTIONS = DEFAULT_SECTIONS + EXTRA_SECTIONS
+# the trainer and the plain loop again, with torch.profiler over 3 steps after the timed ones: device-busy
+# fraction, host waits and the costliest host ops (where a gap between the two comes from)
+TRACE_SECTIONS = ("gpt2_trainer_traced", "gpt2_plain_traced")
+SECTIONS = DEFAULT_SECTIONS + EXTRA_SECTIONS + TRACE_SECTIONS
 # caps, not estimates (expected: 40-90 s per section on an H100/H200, about 6 minutes in all)
 TIMEOUT_S = {"llama7b_planned": 240, "llama1b_trainer_compiled": 180, "llama1b_plain_compiled": 150,
              "gpt2_trainer_compiled": 150, "gpt2_trainer_compiled_chunked": 150, "gpt2_plain_compiled": 120}
@@ -112,6 +115,29 @@ def _time_steps(step: Callable[[], Any], warm: int, steps: int) -> tuple[float, 
         out.append(step())
     _sync()
     return (time.perf_counter() - t) / steps, t - t0, out
+
+
+def _trace(step: Callable[[], Any], steps: int = 3) -> dict[str, Any]:
+    """Where a step's time goes: wall time per step, device-busy time per step (kernels and copies, summed)
+    and the host calls that wait for the device (syncs), from torch.profiler over ``steps`` steps."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    _sync()
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync()
+        wall = (time.perf_counter() - t0) / steps
+    events = prof.key_averages()
+    device_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / steps
+    waits = {e.key: e.count // steps for e in events if any(k in e.key for k in ("Synchronize", "cudaMemcpy", "item"))}
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+    return {"trace_wall_step_s": round(wall, 5), "trace_device_busy_s": round(device_us / 1e6, 5),
+            "trace_busy_fraction": round(device_us / 1e6 / wall, 3) if wall else None, "trace_host_waits": waits,
+            "trace_top_cpu_ms": {e.key[:60]: round(e.self_cpu_time_total / 1e3 / steps, 2) for e in top}}
 
 
 def _loop_step(forward: Callable[[Any], Any], model: Any, opt: Any, x: Any, dtype: str) -> Callable[[], Any]:
@@ -176,7 +202,8 @@ def _predicted(plan_json: dict[str, Any]) -> dict[str, Any]:
 
 
 def _trainer_run(model: Any, batch: int, seq: int, steps: int, warm: int, dtype: str, compile_: bool, tmp: Path,
-                 plan: str | None = None, micro_batch: int | None = None, loss_chunk: int = 0) -> dict[str, Any]:
+                 plan: str | None = None, micro_batch: int | None = None, loss_chunk: int = 0,
+                 trace: bool = False) -> dict[str, Any]:
     """``Trainer.train_step`` on the runtime ``meshwright train`` builds for this config (no eval, logging or
     checkpoint in the timed window)."""
     from meshwright.config import load_train_config
@@ -197,7 +224,8 @@ def _trainer_run(model: Any, batch: int, seq: int, steps: int, warm: int, dtype:
     build_s = time.perf_counter() - t_build
     _reset_memory()
     dt, warmup_s, losses = _time_steps(lambda: trainer.train_step()["loss"], warm, steps)
-    out = {**_rates(job.model, batch, seq, dt, runtime.compute_dtype), **_memory(), "compute_dtype": runtime.compute_dtype,
+    traced = _trace(trainer.train_step) if trace else {}
+    out = {**traced, **_rates(job.model, batch, seq, dt, runtime.compute_dtype), **_memory(), "compute_dtype": runtime.compute_dtype,
            "runtime": type(runtime).__name__, "warmup_s": round(warmup_s, 1), "build_s": round(build_s, 1),
            "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4), "compile": compile_,
            "loss_chunk_tokens": loss_chunk}
@@ -205,7 +233,8 @@ def _trainer_run(model: Any, batch: int, seq: int, steps: int, warm: int, dtype:
     return out
 
 
-def _plain_loop(model_cfg: Any, batch: int, seq: int, steps: int, warm: int, dtype: str, compile_: bool) -> dict[str, Any]:
+def _plain_loop(model_cfg: Any, batch: int, seq: int, steps: int, warm: int, dtype: str, compile_: bool,
+                trace: bool = False) -> dict[str, Any]:
     """The same Decoder in a minimal loop: torch.compile(model), fused AdamW, bf16 autocast, fp32 loss."""
     import torch
 
@@ -219,8 +248,10 @@ def _plain_loop(model_cfg: Any, batch: int, seq: int, steps: int, warm: int, dty
     fwd = torch.compile(model) if compile_ else model
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=dev)
     _reset_memory()
-    dt, warmup_s, losses = _time_steps(_loop_step(fwd, model, opt, x, dtype), warm, steps)
-    return {**_rates(cfg, batch, seq, dt, dtype), **_memory(), "warmup_s": round(warmup_s, 1), "compile": compile_,
+    step = _loop_step(fwd, model, opt, x, dtype)
+    dt, warmup_s, losses = _time_steps(step, warm, steps)
+    traced = _trace(step) if trace else {}
+    return {**traced, **_rates(cfg, batch, seq, dt, dtype), **_memory(), "warmup_s": round(warmup_s, 1), "compile": compile_,
             "loss_last": round(float(losses[-1]), 4)}
 
 
@@ -254,6 +285,10 @@ def run_section(name: str, smoke: bool) -> dict[str, Any]:
     work = name.split("_")[0]
     if work in WORKLOADS:
         model, batch, seq, steps, warm = WORKLOADS[work][kind]
+    if name == "gpt2_trainer_traced":
+        return _trainer_run(model, batch, seq, steps, warm, dtype, compile_, tmp, trace=True)
+    if name == "gpt2_plain_traced":
+        return _plain_loop(model, batch, seq, steps, warm, dtype, compile_, trace=True)
     if name in ("gpt2_trainer_eager", "gpt2_trainer_compiled", "gpt2_trainer_compiled_chunked", "llama1b_trainer_compiled"):
         compiled = compile_ and not name.endswith("eager")
         chunk = (seq * batch // 4) if name.endswith("chunked") else 0  # four chunks: 1/4 of the logits at a time

@@ -166,10 +166,11 @@ class Trainer:
         last.update(j=total_j, s=seconds)
         return {"energy_j": total_j, "power_w": d_j / d_s if d_s > 0 else None}
 
-    def _memory_per_rank(self) -> list[float]:
-        """Peak memory of every rank in GiB (CUDA max allocated on GPUs, process peak RSS on CPU). Collective."""
+    def _memory_per_rank(self, reserved: bool = False) -> list[float]:
+        """Peak memory of every rank in GiB (CUDA max allocated on GPUs -- ``reserved``: what the caching
+        allocator held, the figure the planner predicts and an OOM is about -- process peak RSS on CPU). Collective."""
         if torch.cuda.is_available():
-            local = torch.cuda.max_memory_allocated() / 2**30
+            local = (torch.cuda.max_memory_reserved() if reserved else torch.cuda.max_memory_allocated()) / 2**30
         else:
             local = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
         if dist.is_available() and dist.is_initialized() and self.runtime.world_size > 1:
@@ -362,6 +363,8 @@ class Trainer:
         }
         memory = self._memory_per_rank()
         summary.update({"memory_gib_per_rank": memory, "peak_memory_gib": max(memory)})
+        if torch.cuda.is_available():  # same ranks on every rank: the gather is collective
+            summary["peak_reserved_gib"] = max(self._memory_per_rank(reserved=True))
         summary.update(self._energy_summary(run))
         # a run killed after its final checkpoint gets its summary when resumed
         if rt.is_main and (summary["steps_this_run"] > 0 or (resumed and not (self.out_dir / "summary.json").is_file())):

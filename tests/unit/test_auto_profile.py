@@ -35,6 +35,7 @@ def test_auto_profiles_measure_once_then_reuse_the_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ap, "profile_hardware", boom)
     monkeypatch.setattr(ap, "profile_model", boom)
+    monkeypatch.setattr(ap, "matmul_drift", lambda *a: 1.0)  # this machine's speed is not on trial here
     hw2, prof2 = ap.auto_profiles(cfg, 1, 32, 2)
     assert hw2 == hw and prof2["entries"] == prof["entries"]
     with pytest.raises(AssertionError, match="profiled again"):  # another shape is another profile
@@ -54,3 +55,27 @@ def test_auto_plan_uses_the_profiles(tmp_path, monkeypatch):
     calibrated = apply_model_profile(cm.hardware_from_cluster(load_cluster("local-cpu"), hw_prof), prof, cfg, hw_prof)
     assert calibrated.matmul_efficiency != preset.matmul_efficiency and calibrated.layer_overhead_s > 0
     assert "calibrated with profiles of 1 rank" in ap.describe(hw_prof, prof)
+
+
+def test_a_cached_hardware_profile_measured_on_a_busy_machine_is_measured_again(tmp_path, monkeypatch):
+    """A profile whose matmul rate is far below what a quick probe sees today (it was taken while other
+    work ran) is re-measured instead of misleading every later plan."""
+    import json
+
+    monkeypatch.setenv("MESHWRIGHT_CACHE_DIR", str(tmp_path))
+    cfg = load_model_config("tiny")
+    ap.auto_profiles(cfg, 1, 32, 2)
+    hw_file = next(p for p in tmp_path.iterdir() if p.name.startswith("hardware-"))
+    assert ap.matmul_drift(hw_file, ap.torch.device("cpu")) < ap.STALE_FACTOR * 50  # a fresh profile: no drift to speak of
+    prof = json.loads(hw_file.read_text())
+    for row in prof["matmul"]:
+        row["tflops"] /= 100  # as if measured while the machine was 100x oversubscribed
+    hw_file.write_text(json.dumps(prof))
+    assert ap.matmul_drift(hw_file, ap.torch.device("cpu")) > ap.STALE_FACTOR
+
+    def reprofiled(*a, **k):
+        raise RuntimeError("re-profiled")
+
+    monkeypatch.setattr(ap, "profile_hardware", reprofiled)
+    with pytest.raises(RuntimeError, match="re-profiled"):
+        ap.auto_profiles(cfg, 1, 32, 2)

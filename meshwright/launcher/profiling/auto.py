@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -59,6 +60,28 @@ def profile_grid(seq_len: int, micro_batch: int) -> tuple[list[int], list[int]]:
     return batches, seqs
 
 
+STALE_FACTOR = 2.0  # a cached matmul rate this many times below today's probe was measured on a busy machine
+
+
+def matmul_drift(hw_path: Path, device: torch.device) -> float:
+    """Today's matmul rate over the cached profile's, at the profile's largest size and first dtype
+    (a ~millisecond probe). Profiles are cached per machine for good; one measured while the machine was
+    busy (other jobs, a test suite) would mislead every later plan, so ``auto_profiles`` re-measures when
+    this exceeds ``STALE_FACTOR``. 1.0 where the profile holds no usable matmul entry."""
+    from meshwright.launcher.profiling.hardware import DTYPES, _time
+
+    rows = [r for r in load_hardware_profile(hw_path).get("matmul", []) if not r.get("concurrent") and r.get("tflops")]
+    if not rows or rows[0]["dtype"] not in DTYPES:
+        return 1.0
+    dtype = rows[0]["dtype"]
+    row = max((r for r in rows if r["dtype"] == dtype), key=lambda r: r["n"])
+    n = int(row["n"])
+    a = torch.randn(n, n, device=device).to(DTYPES[dtype])
+    b = torch.randn(n, n, device=device).to(DTYPES[dtype])
+    seconds = _time(lambda: a @ b, device, iters=3, warmup=1, best=True)
+    return (2 * n**3 / seconds / 1e12) / row["tflops"]
+
+
 def _decide(missing: bool) -> bool:
     """Rank 0's answer to "must we profile?", shared with every rank."""
     import torch.distributed as dist
@@ -84,7 +107,14 @@ def auto_profiles(cfg: ModelConfig, world_size: int, seq_len: int, micro_batch: 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     dtype = dtype if device.type == "cuda" else "fp32"
     model_path = root / profile_key("model", world_size, model=to_dict(cfg), batches=batches, seqs=seqs, tps=tps, dtype=dtype)
-    if _decide(not hw_path.is_file()):
+    stale = False
+    if rank == 0 and hw_path.is_file():
+        drift = matmul_drift(hw_path, device)
+        stale = drift > STALE_FACTOR
+        if stale:
+            print(f"plan auto: the cached hardware profile's matmul rate is {drift:.1f}x below today's; re-profiling "
+                  f"({hw_path})", file=sys.stderr)
+    if _decide(stale or not hw_path.is_file()):
         hw = profile_hardware(["bf16", "fp32"] if device.type == "cuda" else ["fp32"],
                               [2048, 4096] if device.type == "cuda" else [128, 256], iters=PROFILE_ITERS, progress=progress)
         if rank == 0:

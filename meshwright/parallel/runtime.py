@@ -51,7 +51,7 @@ from meshwright.parallel.tensor_parallel import apply_tp
 from meshwright.plan import Plan, validate_plan
 from meshwright.train.compile import compile_block, compiled_loss
 from meshwright.train.precision import PrecisionPolicy, apply_autocast
-from meshwright.train.runtime import Batch, Runtime, TorchDistributedCollectives
+from meshwright.train.runtime import Batch, Runtime, TorchDistributedCollectives, batch_to_device
 
 DEFAULT_TIMEOUT = timedelta(seconds=int(os.environ.get("MESHWRIGHT_PG_TIMEOUT_S", "300")))
 
@@ -354,8 +354,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
 
     def _run_pipeline(self, micro_batches: list[Batch], train: bool) -> torch.Tensor | float:
         sched = self._schedule(len(micro_batches), train)
-        x = torch.cat([b[0] for b in micro_batches]).to(self.device)
-        y = torch.cat([b[1] for b in micro_batches]).to(self.device)
+        x = batch_to_device(torch.cat([b[0] for b in micro_batches]), self.device)
+        y = batch_to_device(torch.cat([b[1] for b in micro_batches]), self.device)
         args = (x,) if self.has_first else ()
         kwargs: dict[str, Any] = {"target": y, "losses": []} if self.has_last else {}
         (sched.step if train else sched.eval)(*args, **kwargs)
@@ -380,7 +380,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
                 for block in self._zero2_blocks:  # ZeRO-2: keep parameters gathered until the last microbatch
                     block.set_reshard_after_backward(i == n - 1)
                 with sync:
-                    loss = self.loss_fn(mod(x.to(self.device)), y.to(self.device))
+                    loss = self.loss_fn(mod(batch_to_device(x, self.device)), batch_to_device(y, self.device))
                     aux = self.chunks[0].aux_loss() if self.cfg.n_experts else None
                     ((loss if aux is None else loss + aux) / n).backward()  # the log shows the LM loss alone
                 total += loss.detach().double()

@@ -13,7 +13,7 @@ from meshwright.models.chunked_loss import chunked_lm_loss
 from meshwright.models.moe import moe_layers, router_stats
 from meshwright.train.compile import compile_blocks, compiled_chunk_loss, compiled_loss
 from meshwright.train.precision import PrecisionPolicy
-from meshwright.train.runtime import Batch, Runtime
+from meshwright.train.runtime import Batch, Runtime, batch_to_device
 
 
 class LocalRuntime(Runtime):
@@ -46,14 +46,8 @@ class LocalRuntime(Runtime):
     def parameters(self) -> Iterable[nn.Parameter]:
         return self.model.parameters()
 
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        """Host batch -> device without a host sync on CUDA (a pageable copy waits for the queued kernels)."""
-        if self.device.type == "cuda" and t.device.type == "cpu":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t.to(self.device)
-
     def _lm_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        x, y = self._to_device(inputs), self._to_device(targets)
+        x, y = batch_to_device(inputs, self.device), batch_to_device(targets, self.device)
         if self.loss_chunk_tokens:
             return chunked_lm_loss(self.model(x, return_hidden=True), self.model.output, y, self.loss_chunk_tokens,
                                    self.chunk_fn)

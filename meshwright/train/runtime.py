@@ -22,6 +22,14 @@ if TYPE_CHECKING:
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), each (micro_batch, seq_len) int64
 
 
+def batch_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch tensor on ``device`` without a host sync on CUDA: a copy from pageable memory waits for
+    every kernel already queued, a pinned one with ``non_blocking`` does not."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class Runtime(abc.ABC):
     """What the trainer needs from a (possibly parallel) model layout.
 

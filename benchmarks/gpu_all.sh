@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Every GPU check of issues 16-18 in one call (about 7-8 minutes on one H100/H200), for sessions whose GPU
+# time is short: each part has its own timeout and writes its JSON under $OUT as soon as it is done.
+#   bash benchmarks/gpu_all.sh            # on the GPU machine (python3 with torch+CUDA; torchao from .whl if carried)
+#   bash benchmarks/gpu_all.sh cpu        # the same plumbing on CPU, tiny sizes (a minute or two)
+# Parts: CUDA tests; gpu_check (trainer vs plain compiled loop on gpt2-small, 1.3B llama MFU, the planner's
+# llama2-7b layout, predictions beside measurements); the CoatAdamW optimizer step; COAT vs bf16 vs torchao
+# training; `train --plan auto` predicted vs measured. Set PARTS to run a subset, STEPS for the COAT runs.
+set -u
+MODE=${1:-gpu}
+OUT=${OUT:-/tmp/gpu_all}; mkdir -p "$OUT"
+PY=${PY:-python3}
+PARTS=${PARTS:-tests,check,optim,coat,planner}
+STEPS=${STEPS:-120}
+CHECK=${CHECK:-gpt2_trainer_compiled,gpt2_plain_compiled,llama1b_trainer_compiled,llama7b_planned}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MESHWRIGHT_CACHE_DIR=${MESHWRIGHT_CACHE_DIR:-/tmp/mw-profiles}
+T0=$(date +%s); stamp() { echo "== [$(( $(date +%s) - T0 ))s] $*"; }
+has() { [[ ",$PARTS," == *",$1,"* ]]; }
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (torchao): installed out of the image's way
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+stamp env
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit,driver_version --format=csv 2>/dev/null
+$PY -c "import torch;print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+if [ "$MODE" = cpu ]; then SMOKE=--cpu-smoke; COAT="--smoke"; OPT="--device cpu --model tiny --steps 2"; PL=--cpu-smoke
+else SMOKE=; COAT="--steps $STEPS"; OPT="--device cuda --model llama-1.3b --steps 5"; PL="--cases gpt2-small --steps 30"; fi
+if has tests && [ "$MODE" != cpu ]; then
+  stamp CUDA tests
+  timeout 120 $PY -m pytest -q -p no:cacheprovider tests/unit/test_fp8_activations.py tests/unit/test_coat_planner.py \
+    tests/unit/test_wta_crs_sync_free.py tests/unit/test_coat_optimizer.py -k "cuda or fp8_gpus" 2>&1 | tail -4
+fi
+if has check; then
+  stamp gpu_check "$CHECK"
+  timeout 330 $PY benchmarks/gpu_check.py $SMOKE --out "$OUT/gpu_check.json" --only "$CHECK" 2>&1 | grep "^\["
+fi
+if has optim; then
+  stamp CoatAdamW optimizer step
+  timeout 90 $PY benchmarks/bench_coat_optim.py $OPT > "$OUT/coat_optim.json" 2> "$OUT/coat_optim.err"; tail -c 700 "$OUT/coat_optim.json"
+fi
+if has coat; then
+  stamp COAT training
+  timeout 240 $PY benchmarks/bench_coat_gpu.py $COAT --configs bf16_adamw,coat,torchao_float8 > "$OUT/coat_train.json" 2> "$OUT/coat_train.err"
+  $PY -c "import json,sys;d=json.load(open(sys.argv[1]));print(json.dumps(d['vs_bf16_adamw']))" "$OUT/coat_train.json" 2>&1 | tail -3
+fi
+if has planner; then
+  stamp "train --plan auto: predicted vs measured"
+  timeout 150 $PY benchmarks/bench_planner_gpu.py $PL --out "$OUT/planner_gpu.md" 2>&1 | tail -3
+fi
+stamp done

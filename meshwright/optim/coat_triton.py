@@ -1,0 +1,144 @@
+"""CoatAdamW's Triton step: every parameter of a param group updated by one kernel launch (#18).
+
+Why: the compiled step (:mod:`meshwright.optim.coat_fused`) still costs one guarded call and several
+kernels per parameter (group reductions, then quantisation); on an H200 that was 4.95x torch's fused
+AdamW. The COAT update moves ~16 bytes per parameter, so one pass over memory is the floor. The
+kernel (:mod:`meshwright.optim._coat_triton_kernels`) reads each weight, gradient and FP8 moment once
+and writes them once, a program per block of whole groups, and finds the parameters through a table
+of addresses: one launch per param group and step, the per-step scalars as kernel arguments (no
+recompilation when the learning rate or step changes).
+
+The moments and their metadata are updated in place; the state layout is the reference's, so
+``state_dict()``, checkpoints and resharding are unchanged. Triton is imported lazily: CPU tensors run
+under Triton's interpreter (slow, for tests), CUDA tensors compiled.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Sequence
+
+import torch
+
+from meshwright.errors import invalid
+from meshwright.optim.coat_fused import Moment
+from meshwright.optim.fp8_quant import fp8_max, groups_of
+
+BLOCK_GROUPS = 8  # groups per program: 8 x 128 = 1024 elements, 4 warps
+NUM_WARPS = 4
+_ROW = 11  # the kernel's ROW: 10 addresses and the numel per parameter
+_FORMATS = {torch.float8_e4m3fn: (3, 7, False), torch.float8_e5m2: (2, 15, True)}  # mantissa bits, bias, e5m2
+_KERNELS: dict[bool, ModuleType] = {}
+_WORK: dict[tuple, torch.Tensor] = {}
+
+
+def triton_available() -> bool:
+    """Whether ``triton`` imports (the GPU image has it; CPU machines may not)."""
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return True
+
+
+def kernels(interpret: bool) -> ModuleType:
+    """The kernel module, compiled (CUDA) or interpreted (CPU tensors): Triton fixes the mode when a
+    function is decorated, so the file is executed once per mode as its own module."""
+    if interpret not in _KERNELS:
+        import triton
+
+        name = f"meshwright.optim._coat_triton_kernels_{'interpreted' if interpret else 'compiled'}"
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_coat_triton_kernels.py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        knobs = getattr(triton, "knobs", None)  # triton >= 3.4; older ones read the environment
+        saved = knobs.runtime.interpret if knobs else os.environ.get("TRITON_INTERPRET")
+        if knobs:
+            knobs.runtime.interpret = interpret
+        else:
+            os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+        try:
+            sys.modules[name] = module  # Triton reads the source of the functions through their module
+            spec.loader.exec_module(module)
+        finally:
+            if knobs:
+                knobs.runtime.interpret = saved
+            elif saved is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = saved
+        _KERNELS[interpret] = module
+    return _KERNELS[interpret]
+
+
+def eligible(param: torch.Tensor, grad: torch.Tensor) -> str | None:
+    """None when the kernel can update ``param``; else why not (the caller falls back or errors)."""
+    if param.dtype != torch.float32 or grad.dtype != torch.float32:
+        return f"fp32 weights and gradients (got {param.dtype}/{grad.dtype})"
+    if param.device != grad.device or param.device.type not in ("cuda", "cpu"):
+        return f"weight and gradient on one CUDA (or, interpreted, CPU) device (got {param.device}/{grad.device})"
+    if not (param.is_contiguous() and grad.is_contiguous()):
+        return "contiguous weights and gradients"
+    return None
+
+
+def _work_table(numels: tuple[int, ...], group_size: int, device: torch.device) -> torch.Tensor:
+    """(parameter index, first group) per program, int32 pairs; cached per parameter sizes."""
+    key = (numels, group_size, device)
+    if key not in _WORK:
+        blocks = torch.tensor([-(-groups_of(n, group_size) // BLOCK_GROUPS) for n in numels], dtype=torch.int64)
+        tensor = torch.repeat_interleave(torch.arange(len(numels)), blocks)
+        starts = torch.cumsum(blocks, 0) - blocks
+        first = (torch.arange(int(blocks.sum())) - starts[tensor]) * BLOCK_GROUPS
+        _WORK[key] = torch.stack([tensor, first], 1).to(torch.int32).contiguous().to(device)
+        if len(_WORK) > 64:  # parameter sets change rarely; keep the cache small anyway
+            _WORK.pop(next(iter(_WORK)))
+    return _WORK[key]
+
+
+def coat_adamw_triton(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ms: Sequence[Moment],
+                      vs: Sequence[Moment], *, lr: float, weight_decay: float, beta1: float, beta2: float,
+                      eps: float, step: float, group_size: int, m_dtype: torch.dtype, v_dtype: torch.dtype,
+                      expand: bool, k_min: float) -> None:
+    """One AdamW step on every ``params[i]`` (in place) and its FP8 moments ``ms[i]``/``vs[i]`` (in place:
+    data, scale, centre, exponent), all on one device, all at the same ``step`` (already incremented).
+
+    The scalars are the reference's, computed in double and rounded to fp32 as torch does.
+    """
+    if not params:
+        return
+    device = params[0].device
+    for p, g in zip(params, grads):
+        why = eligible(p, g)
+        if why is not None or p.device != device:
+            raise invalid("optimizer.fused", "triton", why or f"all parameters of a group on one device ({p.device} vs {device})")
+    for moment in (*ms, *vs):
+        for t in moment:
+            if not t.is_contiguous() or t.device != device:
+                raise invalid("optimizer.state", "non-contiguous or misplaced", f"contiguous tensors on {device}")
+    rows = []
+    for p, g, m, v in zip(params, grads, ms, vs):
+        rows.extend(t.data_ptr() for t in (p, g, *m, *v))
+        rows.append(p.numel())
+    ptrs = torch.tensor(rows, dtype=torch.int64).to(device)
+    work = _work_table(tuple(p.numel() for p in params), group_size, device)
+    (m_mbits, m_bias, m_e5m2), (v_mbits, v_bias, v_e5m2) = _FORMATS[m_dtype], _FORMATS[v_dtype]
+    target = lambda dtype: math.log2(fp8_max(dtype) ** 2 / 2)  # noqa: E731 - as fp8_quant.expansion_exponent
+    interpret = device.type == "cpu"
+    kernel = kernels(interpret).coat_adamw_kernel
+    kernel[(work.shape[0],)](
+        ptrs, work, *(float(x) for x in (1 - lr * weight_decay, -lr / (1 - beta1 ** step), math.sqrt(1 - beta2 ** step),
+                                         1 - beta1, beta2, 1 - beta2, eps, k_min, target(m_dtype), target(v_dtype))),
+        GROUP=group_size, GP2=triton_next_pow2(group_size), BLOCK_G=BLOCK_GROUPS, EXPAND=bool(expand),
+        M_MBITS=m_mbits, M_BIAS=m_bias, M_SUB=2.0 ** (1 - m_bias - m_mbits), M_E5M2=m_e5m2, M_FMAX=fp8_max(m_dtype),
+        V_MBITS=v_mbits, V_BIAS=v_bias, V_SUB=2.0 ** (1 - v_bias - v_mbits), V_E5M2=v_e5m2, V_FMAX=fp8_max(v_dtype),
+        LIBDEVICE=not interpret, num_warps=NUM_WARPS, enable_fp_fusion=False)
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()

@@ -11,9 +11,11 @@ from a table of addresses, so one launch serves every parameter of a param group
 FP8 moments are read and written as bytes and encoded/decoded here with integer arithmetic
 (round to nearest even, as torch's fp32 -> FP8 cast): independent of Triton's FP8 support, which the
 interpreter lacks. The arithmetic follows the reference ops (:mod:`meshwright.optim.fp8_quant`,
-``CoatAdamW``'s reference update) operation for operation, with IEEE division and square root and
-no contraction into FMAs (the launcher passes ``enable_fp_fusion=False``), except the lerp, which
-is an FMA as in torch's CPU and CUDA kernels.
+``CoatAdamW``'s reference update) operation for operation, with no contraction into FMAs (the launcher passes ``enable_fp_fusion=False``) except the lerp,
+an FMA as in torch's CPU and CUDA kernels. ``MATH`` picks the per-element pow, division and square
+root: 0 interpreter (IEEE, pow in float64), 1 precise (IEEE, libdevice powf as torch's CUDA pow), 2 fast
+(the hardware's approximate exp2/log2/division/sqrt: the precise mode spends ~100 instructions per pow,
+four pows per element, which makes the kernel compute-bound on an H100/H200).
 """
 
 from __future__ import annotations
@@ -26,11 +28,20 @@ ROW = tl.constexpr(11)  # per parameter in the pointer table: 10 addresses, then
 
 
 @triton.jit
-def _pow(x, e, LIBDEVICE: tl.constexpr):
-    """x ** e for x >= 0, e > 0: libdevice's powf on CUDA (what torch's CUDA pow calls); the
-    interpreter has no libdevice, so there exp2(e log2 x) in float64 (then rounded to fp32)."""
-    if LIBDEVICE:
+def _lg2_approx(x):
+    """The hardware's log2 (MUFU.LG2, ~2^-22 absolute error); tl.log2 would call libdevice's log2f."""
+    return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _pow(x, e, MATH: tl.constexpr):
+    """x ** e for x >= 0, e > 0. MATH 0 (interpreter): exp2(e log2 x) in float64, then rounded (libdevice
+    is absent there); 1 (precise): libdevice's powf, what torch's CUDA pow calls; 2 (fast): the
+    hardware's approximate exp2/log2 in fp32 (lg2(0) = -inf, so 0 maps to 0)."""
+    if MATH == 1:
         r = libdevice.pow(x, e)
+    elif MATH == 2:
+        r = tl.exp2(e * _lg2_approx(x))
     else:
         pos = x > 0
         xd = tl.where(pos, x, 1.0).to(tl.float64)
@@ -39,11 +50,32 @@ def _pow(x, e, LIBDEVICE: tl.constexpr):
 
 
 @triton.jit
-def _log2(x, LIBDEVICE: tl.constexpr):
-    if LIBDEVICE:
+def _log2(x, MATH: tl.constexpr):
+    if MATH == 1:
         r = libdevice.log2(x)
+    elif MATH == 2:
+        r = _lg2_approx(x)
     else:
         r = tl.log2(x)
+    return r
+
+
+@triton.jit
+def _div(a, b, MATH: tl.constexpr):
+    """IEEE division as torch's, except in fast mode (Triton's '/', within 2 ulp)."""
+    if MATH == 2:
+        r = a / b
+    else:
+        r = tl.div_rn(a, b)
+    return r
+
+
+@triton.jit
+def _sqrt(x, MATH: tl.constexpr):
+    if MATH == 2:
+        r = tl.sqrt(x)
+    else:
+        r = tl.sqrt_rn(x)
     return r
 
 
@@ -63,15 +95,15 @@ def _sign(x):
 
 
 @triton.jit
-def _decode(byte, MBITS: tl.constexpr, BIAS: tl.constexpr, SUB: tl.constexpr, E5M2: tl.constexpr):
-    """FP8 bytes -> fp32, exactly torch's FP8 -> fp32 cast (e4m3fn: no inf, 0x7f NaN; e5m2: IEEE-like)."""
+def _decode(byte, MBITS: tl.constexpr, BIAS: tl.constexpr, E5M2: tl.constexpr):
+    """FP8 bytes -> fp32, exactly torch's FP8 -> fp32 cast (e4m3fn: no inf, 0x7f NaN; e5m2: IEEE-like).
+
+    The magnitude bits shifted into fp32's place read as fp32 2^(BIAS-127) times the value (FP8
+    subnormals land on fp32 subnormals), so one exact multiplication by 2^(127-BIAS) finishes it."""
     b = byte.to(tl.int32)
-    e = (b >> MBITS) & ((1 << (7 - MBITS)) - 1)
-    mant = b & ((1 << MBITS) - 1)
-    normal = (((e + (127 - BIAS)) << 23) | (mant << (23 - MBITS))).to(tl.float32, bitcast=True)
-    mag = tl.where(e == 0, mant.to(tl.float32) * SUB, normal)
+    mag = ((b & 127) << (23 - MBITS)).to(tl.float32, bitcast=True) * (2.0 ** (127 - BIAS))
     if E5M2:
-        mag = tl.where(e == 31, tl.where(mant == 0, float("inf"), float("nan")), mag)
+        mag = tl.where((b & 124) == 124, tl.where((b & 3) == 0, float("inf"), float("nan")), mag)
     else:
         mag = tl.where((b & 127) == 127, float("nan"), mag)
     return tl.where(b >= 128, -mag, mag)
@@ -79,35 +111,41 @@ def _decode(byte, MBITS: tl.constexpr, BIAS: tl.constexpr, SUB: tl.constexpr, E5
 
 @triton.jit
 def _encode(y, MBITS: tl.constexpr, BIAS: tl.constexpr):
-    """fp32 (already clamped to +-fmax) -> FP8 bytes, rounding to nearest even like torch's cast."""
+    """fp32 (already clamped to +-fmax) -> FP8 bytes, rounding to nearest even: torch's (c10's) cast,
+    step for step (normal range in integers, subnormals by adding a power of two in fp32)."""
     bits = y.to(tl.int32, bitcast=True)
     sign = (bits >> 24) & 128
     a = bits & 0x7FFFFFFF
     SH: tl.constexpr = 23 - MBITS
-    normal = ((a + ((1 << (SH - 1)) - 1) + ((a >> SH) & 1)) >> SH) - ((127 - BIAS) << MBITS)
-    # below the smallest normal: the value in units of the smallest subnormal, rounded to nearest even
-    e = (a >> 23) - 127
-    mant = (a & 0x7FFFFF) | 0x800000
-    s = tl.minimum(tl.maximum((24 - BIAS - MBITS) - e, 1), 31)
-    sub = (mant + ((1 << (s - 1)) - 1) + ((mant >> s) & 1)) >> s
+    normal = (a + (((BIAS - 127) << 23) + (1 << (SH - 1)) - 1) + ((a >> SH) & 1)) >> SH
+    # add 2^(SH - BIAS + 1), whose fp32 ulp is FP8's smallest subnormal, then take its bits away again
+    MAGIC: tl.constexpr = (127 + SH - BIAS + 1) << 23
+    MAGIC_F: tl.constexpr = 2.0 ** (SH - BIAS + 1)
+    sub = (a.to(tl.float32, bitcast=True) + MAGIC_F).to(tl.int32, bitcast=True) - MAGIC
     code = tl.where(a >= ((128 - BIAS) << 23), normal, sub)
     code = tl.where(a > 0x7F800000, 127, code)  # NaN stays NaN
     return (code | sign).to(tl.uint8)
 
 
 @triton.jit
-def _dequant(byte, scale, center, expand, MBITS: tl.constexpr, BIAS: tl.constexpr, SUB: tl.constexpr,
-             E5M2: tl.constexpr, LIBDEVICE: tl.constexpr):
+def _dequant(byte, scale, center, expand, MBITS: tl.constexpr, BIAS: tl.constexpr, E5M2: tl.constexpr,
+             MATH: tl.constexpr):
     """sign(q) c (|q| s)^(1/k), as fp8_quant.dequantize_groups."""
-    q = _decode(byte, MBITS, BIAS, SUB, E5M2)
+    q = _decode(byte, MBITS, BIAS, E5M2)
     y = tl.abs(q) * scale[:, None]
-    inv_k = tl.div_rn(tl.full(expand.shape, 1.0, tl.float32), expand)
-    return _sign(q) * center[:, None] * _pow(y, tl.broadcast_to(inv_k[:, None], y.shape), LIBDEVICE)
+    inv_k = _div(tl.full(expand.shape, 1.0, tl.float32), expand, MATH)
+    r = _pow(y, tl.broadcast_to(inv_k[:, None], y.shape), MATH)
+    if MATH == 2:  # fast: a select instead of sign() and a multiplication (differs only in the sign of 0)
+        r = r * center[:, None]
+        r = tl.where(q < 0, -r, r)
+    else:
+        r = _sign(q) * center[:, None] * r
+    return r
 
 
 @triton.jit
 def _requant(x, k_min, target, FMAX: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr,
-             EXPAND: tl.constexpr, LIBDEVICE: tl.constexpr):
+             EXPAND: tl.constexpr, MATH: tl.constexpr):
     """Per-row (group) statistics and FP8 codes, as fp8_quant.quantize_groups; x is 0 outside the tensor."""
     mag = tl.abs(x)
     # tl.reduce with own combines, not tl.max/tl.min: those are jit functions of triton's library,
@@ -118,46 +156,69 @@ def _requant(x, k_min, target, FMAX: tl.constexpr, MBITS: tl.constexpr, BIAS: tl
     if EXPAND:
         amax_s = tl.where(nonzero, amax, 1.0)
         amin_s = tl.where(nonzero, amin, 1.0)
-        c = tl.sqrt_rn(amax_s) * tl.sqrt_rn(amin_s)
-        ratio = _log2(tl.div_rn(amax_s, amin_s), LIBDEVICE)
-        inv = tl.div_rn(tl.full(ratio.shape, 1.0, tl.float32), tl.maximum(ratio, 1e-30))
+        c = _sqrt(amax_s, MATH) * _sqrt(amin_s, MATH)
+        ratio = _log2(_div(amax_s, amin_s, MATH), MATH)
+        inv = _div(tl.full(ratio.shape, 1.0, tl.float32), tl.maximum(ratio, 1e-30), MATH)
         k = tl.where(ratio > 0, tl.floor(inv * target * 16.0) * 0.0625, 1024.0)
         k = tl.minimum(tl.maximum(k, k_min), 1024.0)
         kk = tl.broadcast_to(k[:, None], x.shape)
-        y = _sign(x) * _pow(tl.div_rn(mag, tl.broadcast_to(c[:, None], x.shape)), kk, LIBDEVICE)
-        scale = tl.div_rn(_pow(tl.div_rn(amax_s, c), k, LIBDEVICE), tl.full(k.shape, FMAX, tl.float32))
+        if MATH == 2:  # fast: one reciprocal per group, a multiplication per element
+            inv_c = 1.0 / c
+            y = _pow(mag * inv_c[:, None], kk, MATH)
+            y = tl.where(x < 0, -y, y)
+        else:
+            y = _sign(x) * _pow(_div(mag, tl.broadcast_to(c[:, None], x.shape), MATH), kk, MATH)
+        scale = _div(_pow(_div(amax_s, c, MATH), k, MATH), tl.full(k.shape, FMAX, tl.float32), MATH)
         center = tl.where(nonzero, c, 0.0)
     else:
         k = tl.full(amax.shape, 1.0, tl.float32)
         center = tl.where(nonzero, 1.0, 0.0)
         y = x
-        scale = tl.where(nonzero, tl.div_rn(amax, tl.full(amax.shape, FMAX, tl.float32)), 1.0)
-    q = tl.div_rn(y, tl.broadcast_to(scale[:, None], x.shape))
+        scale = tl.where(nonzero, _div(amax, tl.full(amax.shape, FMAX, tl.float32), MATH), 1.0)
+    if MATH == 2:
+        inv_s = 1.0 / scale
+        q = y * inv_s[:, None]
+    else:
+        q = _div(y, tl.broadcast_to(scale[:, None], x.shape), MATH)
     q = tl.where(q > FMAX, FMAX, tl.where(q < -FMAX, -FMAX, q))  # NaN passes, as torch.clamp
     return _encode(q, MBITS, BIAS), scale, center, k
 
 
 @triton.jit
-def coat_adamw_kernel(ptrs, work, decay, neg_step, bc2_sqrt, w1, beta2, c2, eps, k_min, m_target, v_target,
+def _at(base, row, i, ALIGN: tl.constexpr):
+    """``base`` moved by entry ``i`` of the table (an element offset: tensors lie anywhere, the table
+    holds their distances from one base tensor of their dtype). ALIGN > 0: the launcher checked that
+    every address is a multiple of 16 bytes, so the offset is one of ALIGN elements, which lets Triton
+    move 16 bytes per load and store."""
+    off = tl.load(row + i)
+    if ALIGN > 0:
+        off = tl.multiple_of(off, ALIGN)
+    return base + off
+
+
+@triton.jit
+def coat_adamw_kernel(base32, base8, ptrs, work, decay, neg_step, bc2_sqrt, w1, beta2, c2, eps, k_min, m_target, v_target,
                       GROUP: tl.constexpr, GP2: tl.constexpr, BLOCK_G: tl.constexpr, EXPAND: tl.constexpr,
-                      M_MBITS: tl.constexpr, M_BIAS: tl.constexpr, M_SUB: tl.constexpr, M_E5M2: tl.constexpr,
-                      M_FMAX: tl.constexpr, V_MBITS: tl.constexpr, V_BIAS: tl.constexpr, V_SUB: tl.constexpr,
-                      V_E5M2: tl.constexpr, V_FMAX: tl.constexpr, LIBDEVICE: tl.constexpr):
+                      M_MBITS: tl.constexpr, M_BIAS: tl.constexpr, M_E5M2: tl.constexpr,
+                      M_FMAX: tl.constexpr, V_MBITS: tl.constexpr, V_BIAS: tl.constexpr,
+                      V_E5M2: tl.constexpr, V_FMAX: tl.constexpr, MATH: tl.constexpr, ALIGNED: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(work + 2 * pid).to(tl.int64)
     g0 = tl.load(work + 2 * pid + 1).to(tl.int64)
     row = ptrs + ROW * t
-    p_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(tl.float32))
-    md_ptr = tl.load(row + 2).to(tl.pointer_type(tl.uint8))
-    ms_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
-    mc_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
-    mk_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
-    vd_ptr = tl.load(row + 6).to(tl.pointer_type(tl.uint8))
-    vs_ptr = tl.load(row + 7).to(tl.pointer_type(tl.float32))
-    vc_ptr = tl.load(row + 8).to(tl.pointer_type(tl.float32))
-    vk_ptr = tl.load(row + 9).to(tl.pointer_type(tl.float32))
+    p_ptr = _at(base32, row, 0, 4 * ALIGNED)
+    g_ptr = _at(base32, row, 1, 4 * ALIGNED)
+    md_ptr = _at(base8, row, 2, 16 * ALIGNED)
+    ms_ptr = _at(base32, row, 3, 4 * ALIGNED)
+    mc_ptr = _at(base32, row, 4, 4 * ALIGNED)
+    mk_ptr = _at(base32, row, 5, 4 * ALIGNED)
+    vd_ptr = _at(base8, row, 6, 16 * ALIGNED)
+    vs_ptr = _at(base32, row, 7, 4 * ALIGNED)
+    vc_ptr = _at(base32, row, 8, 4 * ALIGNED)
+    vk_ptr = _at(base32, row, 9, 4 * ALIGNED)
     n = tl.load(row + 10)
+    if ALIGNED:  # the launcher checked: every numel a multiple of 4, so masks come in runs of 4
+        n = tl.multiple_of(n, 4)
 
     groups = g0 + tl.arange(0, BLOCK_G).to(tl.int64)
     cols = tl.arange(0, GP2)
@@ -169,10 +230,10 @@ def coat_adamw_kernel(ptrs, work, decay, neg_step, bc2_sqrt, w1, beta2, c2, eps,
     g = tl.load(g_ptr + offs, mask=mask, other=0.0)
     m = _dequant(tl.load(md_ptr + offs, mask=mask, other=0), tl.load(ms_ptr + groups, mask=gmask, other=1.0),
                  tl.load(mc_ptr + groups, mask=gmask, other=0.0), tl.load(mk_ptr + groups, mask=gmask, other=1.0),
-                 M_MBITS, M_BIAS, M_SUB, M_E5M2, LIBDEVICE)
+                 M_MBITS, M_BIAS, M_E5M2, MATH)
     v = _dequant(tl.load(vd_ptr + offs, mask=mask, other=0), tl.load(vs_ptr + groups, mask=gmask, other=1.0),
                  tl.load(vc_ptr + groups, mask=gmask, other=0.0), tl.load(vk_ptr + groups, mask=gmask, other=1.0),
-                 V_MBITS, V_BIAS, V_SUB, V_E5M2, LIBDEVICE)
+                 V_MBITS, V_BIAS, V_E5M2, MATH)
 
     # AdamW, in the reference's order: decay, lerp (an FMA, as torch's kernels), v*b2 + (1-b2)*g*g, addcdiv
     p = p * decay
@@ -182,16 +243,16 @@ def coat_adamw_kernel(ptrs, work, decay, neg_step, bc2_sqrt, w1, beta2, c2, eps,
     v = v * beta2 + c2 * g * g
     m = tl.where(mask, m, 0.0)
     v = tl.where(mask, v, 0.0)
-    denom = tl.div_rn(tl.sqrt_rn(v), tl.full(v.shape, bc2_sqrt, tl.float32)) + eps
-    p = p + tl.div_rn(neg_step * m, denom)
+    denom = _div(_sqrt(v, MATH), tl.full(v.shape, bc2_sqrt, tl.float32), MATH) + eps
+    p = p + _div(neg_step * m, denom, MATH)
     tl.store(p_ptr + offs, p, mask=mask)
 
-    mq, m_scale, m_center, m_k = _requant(m, k_min, m_target, M_FMAX, M_MBITS, M_BIAS, EXPAND, LIBDEVICE)
+    mq, m_scale, m_center, m_k = _requant(m, k_min, m_target, M_FMAX, M_MBITS, M_BIAS, EXPAND, MATH)
     tl.store(md_ptr + offs, mq, mask=mask)
     tl.store(ms_ptr + groups, m_scale, mask=gmask)
     tl.store(mc_ptr + groups, m_center, mask=gmask)
     tl.store(mk_ptr + groups, m_k, mask=gmask)
-    vq, v_scale, v_center, v_k = _requant(v, k_min, v_target, V_FMAX, V_MBITS, V_BIAS, EXPAND, LIBDEVICE)
+    vq, v_scale, v_center, v_k = _requant(v, k_min, v_target, V_FMAX, V_MBITS, V_BIAS, EXPAND, MATH)
     tl.store(vd_ptr + offs, vq, mask=mask)
     tl.store(vs_ptr + groups, v_scale, mask=gmask)
     tl.store(vc_ptr + groups, v_center, mask=gmask)

@@ -1,7 +1,7 @@
 """CoatAdamW's Triton step (#18) against the reference ops: under Triton's interpreter on CPU, compiled on CUDA.
 
 Stated bound (what the tests allow): weights within 0.01 lr of the reference; exponents equal on >= 99% of
-the groups and otherwise 1/16 apart; FP8 codes at most one code apart where the exponents agree and
+the groups (one group of a small tensor may differ) and otherwise 1/16 apart; FP8 codes at most one code apart where the exponents agree and
 different on at most 1e-3 of the elements; the moments they stand for within 1e-4 relative where the
 codes agree. Measured on CPU (interpreter, these tests): FP8 codes and exponents identical, weights
 identical after the first step and within 6e-8 after four (fp32 rounding of pow: the interpreter's is
@@ -55,7 +55,8 @@ def _assert_close_to_reference(ref_model, ref_opt, model, opt, lr: float = LR) -
         gs = ref_opt.param_groups[0]["group_size"]
         for name in ("exp_avg", "exp_avg_sq"):
             k_r, k_t = st_r[f"{name}_expand"], st_t[f"{name}_expand"]
-            assert (k_r != k_t).float().mean().item() <= 0.01 and (k_r - k_t).abs().max().item() <= 1 / 16, name
+            assert (k_r != k_t).sum().item() <= max(1, 0.01 * k_r.numel()), name
+            assert (k_r - k_t).abs().max().item() <= 1 / 16, name
             a, b = st_r[name].view(torch.uint8).int(), st_t[name].view(torch.uint8).int()
             same_k = (k_r == k_t).repeat_interleave(gs)[: a.numel()]
             assert (a - b)[same_k].abs().max().item() <= 1, name  # adjacent codes of one sign differ by one
@@ -74,7 +75,9 @@ def test_interpreted_kernel_matches_the_reference(kw):
     ref_opt = CoatAdamW(ref.parameters(), lr=LR, fused="reference", **kw)
     tri_opt = CoatAdamW(tri.parameters(), lr=LR, fused="triton", **kw)
     _run(ref, ref_opt, 3)
+    versions = [p._version for p in tri.parameters()]
     _run(tri, tri_opt, 3)
+    assert all(p._version > v for p, v in zip(tri.parameters(), versions))  # in-place writes are visible to autograd
     _assert_close_to_reference(ref, ref_opt, tri, tri_opt)
     assert tri_opt.state_bytes() == ref_opt.state_bytes()
 
@@ -136,8 +139,11 @@ def test_selection_errors_and_fallback(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the compiled Triton kernel)")
-def test_cuda_kernel_matches_the_reference_and_is_the_default():
-    torch.manual_seed(0)
+@pytest.mark.parametrize("math_mode", ["fast", "precise"])
+def test_cuda_kernel_matches_the_reference_and_is_the_default(monkeypatch, math_mode):
+    from meshwright.optim import coat_triton
+
+    monkeypatch.setattr(coat_triton, "MATH", math_mode)
     ref, tri, auto = _Odd("cuda"), _Odd("cuda"), _Odd("cuda")
     ref_opt = CoatAdamW(ref.parameters(), lr=LR, v_format="e5m2", fused="reference")
     tri_opt = CoatAdamW(tri.parameters(), lr=LR, v_format="e5m2", fused="triton")

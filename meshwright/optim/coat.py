@@ -129,7 +129,7 @@ class CoatAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def _moment(state: dict[str, Any], name: str) -> tuple[torch.Tensor, ...]:
-        return (state[name],) + tuple(state[f"{name}_{m}"] for m in _META)
+        return state[name], state[f"{name}_scale"], state[f"{name}_center"], state[f"{name}_expand"]
 
     @staticmethod
     def _store_moment(state: dict[str, Any], name: str, value: torch.Tensor, group: dict[str, Any]) -> None:
@@ -156,12 +156,14 @@ class CoatAdamW(torch.optim.Optimizer):
                 if grad.is_sparse:
                     raise invalid("grad.layout", "sparse", "dense gradients (CoatAdamW has no sparse path)")
                 state = self.state[p] if self.state[p] else self._init_state(p, group)
+                if group["quantize"] and self._use_triton(param, grad):
+                    batch.setdefault((state["step"].item() + 1, param.device), []).append((param, grad, state))
+                    continue
                 state["step"] += 1
                 step = state["step"].item()
-                if group["quantize"] and self._use_triton(param, grad):
-                    batch.setdefault((step, param.device), []).append((param, grad, state))
-                    continue
                 self._update(param, grad, state, group, step, scalars)
+            if batch:  # the step counters of the batch in one call
+                torch._foreach_add_([st["step"] for items in batch.values() for _, _, st in items], 1.0)
             for (step, _), items in batch.items():
                 self._triton_update(items, group, step, scalars)
         return loss

@@ -40,6 +40,7 @@ _ROW = 11  # the kernel's ROW: 10 addresses and the numel per parameter
 _FORMATS = {torch.float8_e4m3fn: (3, 7, False), torch.float8_e5m2: (2, 15, True)}  # mantissa bits, bias, e5m2
 _KERNELS: dict[bool, ModuleType] = {}
 _WORK: dict[tuple, torch.Tensor] = {}
+_TABLES: dict[tuple, torch.Tensor] = {}
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,6 +108,18 @@ def _work_table(numels: tuple[int, ...], group_size: int, device: torch.device) 
     return _WORK[key]
 
 
+def _table(rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The address table on ``device``; reused while the tensors stay where they are (the caching
+    allocator usually hands gradients the same blocks every step), so most steps copy nothing to the
+    GPU (a copy from pageable memory would wait for the work queued before the step)."""
+    key = (rows, device)
+    if key not in _TABLES:
+        _TABLES[key] = torch.tensor(rows, dtype=torch.int64).to(device)
+        if len(_TABLES) > 16:
+            _TABLES.pop(next(iter(_TABLES)))
+    return _TABLES[key]
+
+
 def coat_adamw_triton(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ms: Sequence[Moment],
                       vs: Sequence[Moment], *, lr: float, weight_decay: float, beta1: float, beta2: float,
                       eps: float, step: float, group_size: int, m_dtype: torch.dtype, v_dtype: torch.dtype,
@@ -119,40 +132,47 @@ def coat_adamw_triton(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
     if not params:
         return
     device = params[0].device
-    for p, g in zip(params, grads):
-        why = eligible(p, g)
-        if why is not None or p.device != device:
-            raise invalid("optimizer.fused", "triton", why or f"all parameters of a group on one device ({p.device} vs {device})")
-    for moment in (*ms, *vs):
-        for t in moment:
-            if not t.is_contiguous() or t.device != device:
-                raise invalid("optimizer.state", "non-contiguous or misplaced", f"contiguous tensors on {device}")
-    aligned = [all(t.data_ptr() % 16 == 0 for t in (p, g, *m, *v)) and p.numel() % 4 == 0 and group_size % 4 == 0
-               for p, g, m, v in zip(params, grads, ms, vs)]
-    for flag in (True, False):  # 16-byte accesses where every tensor allows them (~2.5x fewer instructions)
-        idx = [i for i, a in enumerate(aligned) if a == flag]
-        if idx:
-            _launch([params[i] for i in idx], [grads[i] for i in idx], [ms[i] for i in idx], [vs[i] for i in idx],
-                    flag, lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps, step=step,
-                    group_size=group_size, m_dtype=m_dtype, v_dtype=v_dtype, expand=expand, k_min=k_min)
+    n_fields = 2 + len(ms[0]) + len(vs[0])
+    infos: dict[bool, list] = {True: [], False: []}  # aligned or not -> (index, addresses)
+    for i, (p, g, m, v) in enumerate(zip(params, grads, ms, vs)):
+        ts = (p, g, *m, *v)
+        n, n_groups = p.numel(), groups_of(p.numel(), group_size)
+        # the kernel writes through raw addresses: dtypes, places and sizes are checked, not assumed
+        if len(ts) != n_fields or p.dtype != torch.float32 or g.dtype != torch.float32 or g.numel() != n \
+                or m[0].numel() != n or v[0].numel() != n or any(t.numel() != n_groups for t in (*m[1:], *v[1:])) \
+                or m[0].element_size() != 1 or v[0].element_size() != 1 \
+                or any(t.dtype != torch.float32 for t in (*m[1:], *v[1:])):
+            raise invalid("optimizer.state", f"parameter {i} ({tuple(p.shape)})", "fp32 weight and gradient, FP8 moments "
+                          f"of {n} elements and fp32 metadata of {n_groups} groups each")
+        if not all(t.is_contiguous() and t.device == device for t in ts):
+            raise invalid("optimizer.state", f"parameter {i} ({tuple(p.shape)})", f"contiguous tensors on {device}")
+        addrs = [t.data_ptr() for t in ts]
+        aligned = n % 4 == 0 and group_size % 4 == 0 and all(a % 16 == 0 for a in addrs)
+        infos[aligned].append((i, addrs))
+    for aligned, items in infos.items():  # 16-byte accesses where every tensor allows them (~2.5x fewer instructions)
+        if items:
+            idx = [i for i, _ in items]
+            _launch([params[i] for i in idx], [ms[i][0] for i in idx], [a for _, a in items], aligned, lr=lr,
+                    weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps, step=step, group_size=group_size,
+                    m_dtype=m_dtype, v_dtype=v_dtype, expand=expand, k_min=k_min)
     for p in params:  # written behind autograd's back: bump versions as an in-place op would
         torch.autograd.graph.increment_version(p)
 
 
-def _launch(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ms: Sequence[Moment], vs: Sequence[Moment],
-            aligned: bool, *, lr: float, weight_decay: float, beta1: float, beta2: float, eps: float, step: float,
-            group_size: int, m_dtype: torch.dtype, v_dtype: torch.dtype, expand: bool, k_min: float) -> None:
-    """One kernel launch over ``params``; the table holds each tensor's distance (in elements) from one
-    base tensor of its dtype: pointer arithmetic from a kernel argument keeps Triton's alignment analysis."""
+def _launch(params: Sequence[torch.Tensor], m_data: Sequence[torch.Tensor], addrs: Sequence[list[int]], aligned: bool, *,
+            lr: float, weight_decay: float, beta1: float, beta2: float, eps: float, step: float, group_size: int,
+            m_dtype: torch.dtype, v_dtype: torch.dtype, expand: bool, k_min: float) -> None:
+    """One kernel launch over ``params`` (``addrs``: each one's 10 tensor addresses, in the kernel's
+    order). The table holds each tensor's distance in elements from one base tensor of its dtype:
+    pointer arithmetic from a kernel argument keeps Triton's alignment analysis."""
     device = params[0].device
-    base32, base8 = params[0], ms[0][0].view(torch.uint8)
+    base32, base8 = params[0], m_data[0].view(torch.uint8)
     b32, b8 = base32.data_ptr(), base8.data_ptr()
     rows = []
-    for p, g, m, v in zip(params, grads, ms, vs):
-        for i, t in enumerate((p, g, *m, *v)):
-            rows.append(t.data_ptr() - b8 if i in (2, 6) else (t.data_ptr() - b32) // 4)
-        rows.append(p.numel())
-    ptrs = torch.tensor(rows, dtype=torch.int64).to(device)
+    for p, a in zip(params, addrs):
+        rows += [(a[0] - b32) // 4, (a[1] - b32) // 4, a[2] - b8, (a[3] - b32) // 4, (a[4] - b32) // 4,
+                 (a[5] - b32) // 4, a[6] - b8, (a[7] - b32) // 4, (a[8] - b32) // 4, (a[9] - b32) // 4, p.numel()]
+    ptrs = _table(tuple(rows), device)
     work = _work_table(tuple(p.numel() for p in params), group_size, device)
     (m_mbits, m_bias, m_e5m2), (v_mbits, v_bias, v_e5m2) = _FORMATS[m_dtype], _FORMATS[v_dtype]
     target = lambda dtype: math.log2(fp8_max(dtype) ** 2 / 2)  # noqa: E731 - as fp8_quant.expansion_exponent

@@ -3,8 +3,9 @@
     python benchmarks/bench_coat_optim.py [--model tiny] [--steps 10] [--device cpu|cuda] [--threads 1]
                                           [--triton-blocks 8] [--variants coat_reference,coat_triton,...]
 
-The Triton variant runs on CUDA only (on CPU Triton's interpreter is a test tool, not a speed);
-``--triton-blocks 4,8,16`` adds one Triton variant per groups-per-program count (tuning).
+The Triton variants run on CUDA only (on CPU Triton's interpreter is a test tool, not a speed):
+``coat_triton`` (the default fast math), ``coat_triton_precise`` (libdevice powf, IEEE division), and
+with ``--triton-blocks 4,8,16`` one more per groups-per-program count (tuning).
 
 Gradients are fixed random tensors (the step's cost does not depend on their values); each variant
 runs ``--warmup`` steps first (the fused step compiles there), then the median of ``--steps`` timed
@@ -51,15 +52,16 @@ def time_steps(opt: torch.optim.Optimizer, device: str, warmup: int, steps: int)
 
 
 @contextlib.contextmanager
-def _block_groups(block: int | None):
-    """Run the Triton step with ``block`` groups per program (None: leave the default)."""
-    saved = coat_triton.BLOCK_GROUPS
-    if block is not None:
-        coat_triton.BLOCK_GROUPS = block
+def _triton_settings(settings: dict):
+    """Run with coat_triton's module settings (BLOCK_GROUPS, MATH) changed, then restore them."""
+    saved = {k: getattr(coat_triton, k) for k in settings}
+    for k, v in settings.items():
+        setattr(coat_triton, k, v)
     try:
         yield
     finally:
-        coat_triton.BLOCK_GROUPS = saved
+        for k, v in saved.items():
+            setattr(coat_triton, k, v)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -88,7 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device == "cuda" and coat_triton.triton_available():
         for b in blocks:
             variants["coat_triton" if b == coat_triton.BLOCK_GROUPS else f"coat_triton_bg{b}"] = \
-                lambda ps, b=b: (b, CoatAdamW(ps, lr=1e-4, fused="triton"))
+                lambda ps, b=b: ({"BLOCK_GROUPS": b}, CoatAdamW(ps, lr=1e-4, fused="triton"))
+        variants["coat_triton_precise"] = lambda ps: ({"MATH": "precise"}, CoatAdamW(ps, lr=1e-4, fused="triton"))
     chosen = args.variants.split(",") if args.variants else list(variants)
     unknown = [v for v in chosen if v not in variants]
     if unknown:
@@ -96,8 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {}
     for name in chosen:
         made = variants[name](model.parameters())
-        block, opt = made if isinstance(made, tuple) else (None, made)
-        with _block_groups(block):
+        settings, opt = made if isinstance(made, tuple) else ({}, made)
+        with _triton_settings(settings):
             first, med = time_steps(opt, args.device, args.warmup, args.steps)
         rows[name] = {"first_step_s": round(first, 4), "step_s": round(med, 5)}
         del opt, made

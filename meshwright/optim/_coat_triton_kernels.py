@@ -257,3 +257,13 @@ def coat_adamw_kernel(base32, base8, ptrs, work, decay, neg_step, bc2_sqrt, w1, 
     tl.store(vs_ptr + groups, v_scale, mask=gmask)
     tl.store(vc_ptr + groups, v_center, mask=gmask)
     tl.store(vk_ptr + groups, v_k, mask=gmask)
+
+
+@triton.jit
+def fp8_codec_kernel(x_ptr, code_ptr, byte_ptr, y_ptr, n, MBITS: tl.constexpr, BIAS: tl.constexpr,
+                     E5M2: tl.constexpr, BLOCK: tl.constexpr):
+    """The kernel's FP8 encoder and decoder alone (tests compare them with torch's casts, every code)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(code_ptr + offs, _encode(tl.load(x_ptr + offs, mask=mask, other=0.0), MBITS, BIAS), mask=mask)
+    tl.store(y_ptr + offs, _decode(tl.load(byte_ptr + offs, mask=mask, other=0), MBITS, BIAS, E5M2), mask=mask)

@@ -10,6 +10,8 @@ exp2(e log2 x) in float64, torch's is SLEEF's powf), represented moments within 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -66,6 +68,46 @@ def _assert_close_to_reference(ref_model, ref_opt, model, opt, lr: float = LR) -
             x_r, x_t = (dequantize_groups(GroupQuantized(*(st[f"{name}{m}"] for m in ("", "_scale", "_center", "_expand"))),
                                           group_size=gs) for st in (st_r, st_t))
             torch.testing.assert_close(x_t[a == b], x_r[a == b], rtol=1e-4, atol=0)
+
+
+_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+def test_fp8_codec_equals_torchs_casts_on_every_code(dtype, device):
+    """The kernel reads and writes FP8 as bytes: its decoder on all 256 codes and its encoder on every
+    code, every midpoint between neighbours (ties to even), one fp32 ulp either side, values below
+    half the smallest subnormal, +-0 and NaN must give torch's casts bit for bit."""
+    from meshwright.optim.coat_triton import _FORMATS, kernels
+
+    fmax = torch.finfo(dtype).max
+    codes = torch.arange(256, dtype=torch.uint8)
+    values = codes.view(dtype).float()
+    finite = values[torch.isfinite(values)].unique()
+    mids = (finite[1:] + finite[:-1]) / 2  # exact in fp32: FP8 has few mantissa bits
+    x = torch.cat([finite, mids, torch.nextafter(mids, torch.full_like(mids, math.inf)),
+                   torch.nextafter(mids, torch.full_like(mids, -math.inf)),
+                   torch.tensor([0.0, -0.0, math.nan, -math.nan, 1e-30, -1e-30, 2.0 ** -150, fmax, -fmax]),
+                   torch.randn(2000) * 10.0 ** torch.randint(-8, 4, (2000,)).float()]).clamp(-fmax, fmax)
+    n = max(x.numel(), 256)
+    x = torch.cat([x, x.new_zeros(n - x.numel())])
+    byte = torch.cat([codes, codes.new_zeros(n - 256)])
+    x, byte = x.to(device), byte.to(device)
+    code, y = torch.empty(n, dtype=torch.uint8, device=device), torch.empty(n, device=device)
+    mbits, bias, e5m2 = _FORMATS[dtype]
+    kernels(device == "cpu").fp8_codec_kernel[(triton_cdiv(n, 1024),)](x, code, byte, y, n, MBITS=mbits, BIAS=bias,
+                                                                       E5M2=e5m2, BLOCK=1024)
+    expected = x.to(dtype).view(torch.uint8)
+    assert torch.equal(code.cpu(), expected.cpu()), (x[code != expected], code[code != expected], expected[code != expected])
+    got, want = y[:256].cpu(), values
+    assert torch.equal(got.isnan(), want.isnan())
+    keep = ~want.isnan()
+    assert torch.equal(got[keep].view(torch.int32), want[keep].view(torch.int32))  # +-0 and subnormals included
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 @pytest.mark.parametrize("kw", [dict(v_format="e5m2"), dict(m_format="e5m2", group_size=100, expand=False, weight_decay=0.0)],

@@ -157,6 +157,9 @@ def test_selection_errors_and_fallback(monkeypatch):
     model.weight.grad, model.bias.grad = torch.ones_like(model.weight), torch.ones_like(model.bias)
     with pytest.raises(ConfigError, match="optimizer.fused='triton' is invalid; valid: fp32 weights"):
         CoatAdamW(model.parameters(), fused="triton").step()
+    cpu = torch.nn.Parameter(torch.zeros(4))
+    assert not CoatAdamW([cpu])._use_triton(cpu, torch.zeros(4))  # None on CPU: the reference ops
+    assert CoatAdamW([cpu], fused="triton")._use_triton(cpu, torch.zeros(4))  # asked for: interpreted
     # fused=None: a Triton failure warns once and the step goes on through the next path (here the reference)
     import meshwright.optim.coat as coat
 

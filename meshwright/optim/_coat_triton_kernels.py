@@ -13,7 +13,7 @@ FP8 moments are read and written as bytes and encoded/decoded here with integer 
 interpreter lacks. The arithmetic follows the reference ops (:mod:`meshwright.optim.fp8_quant`,
 ``CoatAdamW``'s reference update) operation for operation, with no contraction into FMAs (the launcher passes ``enable_fp_fusion=False``) except the lerp,
 an FMA as in torch's CPU and CUDA kernels. ``MATH`` picks the per-element pow, division and square
-root: 0 interpreter (IEEE, pow in float64), 1 precise (IEEE, libdevice powf as torch's CUDA pow), 2 fast
+root: 0 interpreter (IEEE, pow in float64; 3: the fast mode's code paths there, for tests), 1 precise (IEEE, libdevice powf as torch's CUDA pow), 2 fast
 (the hardware's approximate exp2/log2/division/sqrt: the precise mode spends ~100 instructions per pow,
 four pows per element, which makes the kernel compute-bound on an H100/H200).
 """
@@ -40,8 +40,8 @@ def _pow(x, e, MATH: tl.constexpr):
     hardware's approximate exp2/log2 in fp32 (lg2(0) = -inf, so 0 maps to 0)."""
     if MATH == 1:
         r = libdevice.pow(x, e)
-    elif MATH == 2:
-        r = tl.exp2(e * _lg2_approx(x))
+    elif MATH >= 2:
+        r = tl.exp2(e * _log2(x, MATH))
     else:
         pos = x > 0
         xd = tl.where(pos, x, 1.0).to(tl.float64)
@@ -55,7 +55,7 @@ def _log2(x, MATH: tl.constexpr):
         r = libdevice.log2(x)
     elif MATH == 2:
         r = _lg2_approx(x)
-    else:
+    else:  # 0, and 3: the fast mode's code paths in the interpreter (IEEE log2, no inline assembly there)
         r = tl.log2(x)
     return r
 
@@ -63,7 +63,7 @@ def _log2(x, MATH: tl.constexpr):
 @triton.jit
 def _div(a, b, MATH: tl.constexpr):
     """IEEE division as torch's, except in fast mode (Triton's '/', within 2 ulp)."""
-    if MATH == 2:
+    if MATH >= 2:
         r = a / b
     else:
         r = tl.div_rn(a, b)
@@ -72,7 +72,7 @@ def _div(a, b, MATH: tl.constexpr):
 
 @triton.jit
 def _sqrt(x, MATH: tl.constexpr):
-    if MATH == 2:
+    if MATH >= 2:
         r = tl.sqrt(x)
     else:
         r = tl.sqrt_rn(x)
@@ -135,7 +135,7 @@ def _dequant(byte, scale, center, expand, MBITS: tl.constexpr, BIAS: tl.constexp
     y = tl.abs(q) * scale[:, None]
     inv_k = _div(tl.full(expand.shape, 1.0, tl.float32), expand, MATH)
     r = _pow(y, tl.broadcast_to(inv_k[:, None], y.shape), MATH)
-    if MATH == 2:  # fast: a select instead of sign() and a multiplication (differs only in the sign of 0)
+    if MATH >= 2:  # fast: a select instead of sign() and a multiplication (differs only in the sign of 0)
         r = r * center[:, None]
         r = tl.where(q < 0, -r, r)
     else:
@@ -162,7 +162,7 @@ def _requant(x, k_min, target, FMAX: tl.constexpr, MBITS: tl.constexpr, BIAS: tl
         k = tl.where(ratio > 0, tl.floor(inv * target * 16.0) * 0.0625, 1024.0)
         k = tl.minimum(tl.maximum(k, k_min), 1024.0)
         kk = tl.broadcast_to(k[:, None], x.shape)
-        if MATH == 2:  # fast: one reciprocal per group, a multiplication per element
+        if MATH >= 2:  # fast: one reciprocal per group, a multiplication per element
             inv_c = 1.0 / c
             y = _pow(mag * inv_c[:, None], kk, MATH)
             y = tl.where(x < 0, -y, y)
@@ -175,7 +175,7 @@ def _requant(x, k_min, target, FMAX: tl.constexpr, MBITS: tl.constexpr, BIAS: tl
         center = tl.where(nonzero, 1.0, 0.0)
         y = x
         scale = tl.where(nonzero, _div(amax, tl.full(amax.shape, FMAX, tl.float32), MATH), 1.0)
-    if MATH == 2:
+    if MATH >= 2:
         inv_s = 1.0 / scale
         q = y * inv_s[:, None]
     else:

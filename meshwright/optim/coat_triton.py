@@ -36,6 +36,7 @@ NUM_WARPS = 4
 # "precise" (libdevice powf as torch's CUDA pow, IEEE division/sqrt: ~4x the instructions, compute-bound)
 MATH = "fast"
 _MATH_CODES = {"precise": 1, "fast": 2}
+INTERPRET_MATH = 0  # CPU tensors (Triton's interpreter): 0 IEEE, 3 the fast mode's code paths (tests)
 _ROW = 11  # the kernel's ROW: 10 addresses and the numel per parameter
 _FORMATS = {torch.float8_e4m3fn: (3, 7, False), torch.float8_e5m2: (2, 15, True)}  # mantissa bits, bias, e5m2
 _KERNELS: dict[bool, ModuleType] = {}
@@ -185,7 +186,7 @@ def _launch(params: Sequence[torch.Tensor], m_data: Sequence[torch.Tensor], addr
         GROUP=group_size, GP2=triton_next_pow2(group_size), BLOCK_G=BLOCK_GROUPS, EXPAND=bool(expand),
         M_MBITS=m_mbits, M_BIAS=m_bias, M_E5M2=m_e5m2, M_FMAX=fp8_max(m_dtype),
         V_MBITS=v_mbits, V_BIAS=v_bias, V_E5M2=v_e5m2, V_FMAX=fp8_max(v_dtype),
-        MATH=0 if interpret else _MATH_CODES[MATH], ALIGNED=aligned, num_warps=NUM_WARPS, enable_fp_fusion=False)
+        MATH=INTERPRET_MATH if interpret else _MATH_CODES[MATH], ALIGNED=aligned, num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
 def triton_next_pow2(n: int) -> int:

@@ -1,6 +1,7 @@
 """CoatAdamW's Triton step (#18) against the reference ops: under Triton's interpreter on CPU, compiled on CUDA.
 
-Stated bound (what the tests allow): weights within 0.01 lr of the reference; exponents equal on >= 99% of
+Stated bound (what the tests allow; on CUDA see _assert_close_to_reference's exact_math=False for the
+rare one-code-step moves): weights within 0.01 lr of the reference; exponents equal on >= 99% of
 the groups (one group of a small tensor may differ) and otherwise 1/16 apart; FP8 codes at most one code apart where the exponents agree and
 different on at most 1e-3 of the elements; the moments they stand for within 1e-4 relative where the
 codes agree. Measured on CPU (interpreter, these tests): FP8 codes and exponents identical, weights
@@ -46,9 +47,17 @@ def _run(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, seed0: 
         opt.step()
 
 
-def _assert_close_to_reference(ref_model, ref_opt, model, opt, lr: float = LR) -> None:
+def _assert_close_to_reference(ref_model, ref_opt, model, opt, lr: float = LR, exact_math: bool = True) -> None:
+    """``exact_math``: IEEE math on both sides (the interpreter against torch on CPU). Otherwise (CUDA,
+    where torch's kernels contract to FMAs and divide by scalars via reciprocals, and the fast mode uses
+    approximate exp2/log2) an FP8 code may now and then land one step away, which moves its weight by a
+    fraction of one Adam step: allowed on 1e-3 of the elements (at least 2 per tensor), up to 0.5 lr."""
     for p, q in zip(ref_model.parameters(), model.parameters()):
-        assert (p - q).abs().max().item() <= 0.01 * lr
+        diff = (p - q).abs()
+        if exact_math:
+            assert diff.max().item() <= 0.01 * lr
+        else:
+            assert (diff > 0.01 * lr).sum().item() <= max(2, 1e-3 * p.numel()) and diff.max().item() <= 0.5 * lr
         st_r, st_t = ref_opt.state[p], opt.state[q]
         assert torch.equal(st_r["step"], st_t["step"])
         for key, t in st_r.items():
@@ -62,7 +71,7 @@ def _assert_close_to_reference(ref_model, ref_opt, model, opt, lr: float = LR) -
             a, b = st_r[name].view(torch.uint8).int(), st_t[name].view(torch.uint8).int()
             same_k = (k_r == k_t).repeat_interleave(gs)[: a.numel()]
             assert (a - b)[same_k].abs().max().item() <= 1, name  # adjacent codes of one sign differ by one
-            assert (a != b).float().mean().item() <= 1e-3, name
+            assert (a != b).sum().item() <= (1e-3 * a.numel() if exact_math else max(2, 1e-3 * a.numel())), name
             # the values they stand for: the metadata of one-value groups (k = 1024) is ill-conditioned on
             # purpose (scale = (max/c)^1024 with c = sqrt(max)^2), so compare what a step would read
             x_r, x_t = (dequantize_groups(GroupQuantized(*(st[f"{name}{m}"] for m in ("", "_scale", "_center", "_expand"))),
@@ -122,6 +131,21 @@ def test_interpreted_kernel_matches_the_reference(kw):
     assert all(p._version > v for p, v in zip(tri.parameters(), versions))  # in-place writes are visible to autograd
     _assert_close_to_reference(ref, ref_opt, tri, tri_opt)
     assert tri_opt.state_bytes() == ref_opt.state_bytes()
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")  # numpy's log2(0) = -inf, as intended
+def test_fast_math_code_paths_under_the_interpreter(monkeypatch):
+    """The CUDA default's code paths (reciprocals, select for signs, exp2(e log2 x) in fp32) with the
+    interpreter's IEEE exp2/log2 in place of the hardware's approximations: within the CUDA bound."""
+    from meshwright.optim import coat_triton
+
+    monkeypatch.setattr(coat_triton, "INTERPRET_MATH", 3)
+    ref, tri = _Odd(), _Odd()
+    ref_opt = CoatAdamW(ref.parameters(), lr=LR, v_format="e5m2", fused="reference")
+    tri_opt = CoatAdamW(tri.parameters(), lr=LR, v_format="e5m2", fused="triton")
+    _run(ref, ref_opt, 3)
+    _run(tri, tri_opt, 3)
+    _assert_close_to_reference(ref, ref_opt, tri, tri_opt, exact_math=False)
 
 
 def test_state_dict_and_checkpoints_cross_between_triton_and_reference(tmp_path):
@@ -196,7 +220,7 @@ def test_cuda_kernel_matches_the_reference_and_is_the_default(monkeypatch, math_
     for model, opt in ((ref, ref_opt), (tri, tri_opt), (auto, auto_opt)):
         _run(model, opt, 4)
     torch.cuda.synchronize()
-    _assert_close_to_reference(ref, ref_opt, tri, tri_opt)
+    _assert_close_to_reference(ref, ref_opt, tri, tri_opt, exact_math=False)
     first = {k: v.data_ptr() for k, v in auto_opt.state[next(auto.parameters())].items()}
     _run(auto, auto_opt, 1, seed0=10)
     assert not auto_opt._triton_failed

@@ -89,6 +89,12 @@ def _min2(a, b):
     return tl.minimum(a, b)
 
 
+# triton's own combines where they exist: the interpreter recognises them and reduces with numpy
+# (our own would run its slow element-by-element path); compiled, both are the same max/min
+_MAX = getattr(tl.standard, "_elementwise_max", _max2)
+_MIN = getattr(tl.standard, "_elementwise_min", _min2)
+
+
 @triton.jit
 def _sign(x):
     return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
@@ -148,10 +154,10 @@ def _requant(x, k_min, target, FMAX: tl.constexpr, MBITS: tl.constexpr, BIAS: tl
              EXPAND: tl.constexpr, MATH: tl.constexpr):
     """Per-row (group) statistics and FP8 codes, as fp8_quant.quantize_groups; x is 0 outside the tensor."""
     mag = tl.abs(x)
-    # tl.reduce with own combines, not tl.max/tl.min: those are jit functions of triton's library,
-    # decorated compiled when triton was imported, which the interpreter cannot call
-    amax = tl.reduce(mag, 1, _max2)
-    amin = tl.reduce(tl.where(mag > 0, mag, float("inf")), 1, _min2)
+    # tl.reduce, not tl.max/tl.min: those are jit functions of triton's library, decorated compiled when
+    # triton was imported, which the interpreter cannot call
+    amax = tl.reduce(mag, 1, _MAX)
+    amin = tl.reduce(tl.where(mag > 0, mag, float("inf")), 1, _MIN)
     nonzero = amax > 0
     if EXPAND:
         amax_s = tl.where(nonzero, amax, 1.0)

@@ -5,7 +5,7 @@ kernels per parameter (group reductions, then quantisation); on an H200 that was
 AdamW. The COAT update moves ~16 bytes per parameter, so one pass over memory is the floor. The
 kernel (:mod:`meshwright.optim._coat_triton_kernels`) reads each weight, gradient and FP8 moment once
 and writes them once, a program per block of whole groups, and finds the parameters through a table
-of addresses: one launch per param group and step, the per-step scalars as kernel arguments (no
+of their offsets from one base tensor: one launch per param group and step, the per-step scalars as kernel arguments (no
 recompilation when the learning rate or step changes).
 
 The moments and their metadata are updated in place; the state layout is the reference's, so
@@ -37,7 +37,6 @@ NUM_WARPS = 4
 MATH = "fast"
 _MATH_CODES = {"precise": 1, "fast": 2}
 INTERPRET_MATH = 0  # CPU tensors (Triton's interpreter): 0 IEEE, 3 the fast mode's code paths (tests)
-_ROW = 11  # the kernel's ROW: 10 addresses and the numel per parameter
 _FORMATS = {torch.float8_e4m3fn: (3, 7, False), torch.float8_e5m2: (2, 15, True)}  # mantissa bits, bias, e5m2
 _KERNELS: dict[bool, ModuleType] = {}
 _WORK: dict[tuple, torch.Tensor] = {}
@@ -141,10 +140,10 @@ def coat_adamw_triton(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
         # the kernel writes through raw addresses: dtypes, places and sizes are checked, not assumed
         if len(ts) != n_fields or p.dtype != torch.float32 or g.dtype != torch.float32 or g.numel() != n \
                 or m[0].numel() != n or v[0].numel() != n or any(t.numel() != n_groups for t in (*m[1:], *v[1:])) \
-                or m[0].element_size() != 1 or v[0].element_size() != 1 \
+                or m[0].dtype != m_dtype or v[0].dtype != v_dtype \
                 or any(t.dtype != torch.float32 for t in (*m[1:], *v[1:])):
-            raise invalid("optimizer.state", f"parameter {i} ({tuple(p.shape)})", "fp32 weight and gradient, FP8 moments "
-                          f"of {n} elements and fp32 metadata of {n_groups} groups each")
+            raise invalid("optimizer.state", f"parameter {i} ({tuple(p.shape)})", "fp32 weight and gradient, moments "
+                          f"of {n} elements in {m_dtype}/{v_dtype} and fp32 metadata of {n_groups} groups each")
         if not all(t.is_contiguous() and t.device == device for t in ts):
             raise invalid("optimizer.state", f"parameter {i} ({tuple(p.shape)})", f"contiguous tensors on {device}")
         addrs = [t.data_ptr() for t in ts]

@@ -181,6 +181,15 @@ def test_selection_errors_and_fallback(monkeypatch):
     model.weight.grad, model.bias.grad = torch.ones_like(model.weight), torch.ones_like(model.bias)
     with pytest.raises(ConfigError, match="optimizer.fused='triton' is invalid; valid: fp32 weights"):
         CoatAdamW(model.parameters(), fused="triton").step()
+    from meshwright.optim.coat_triton import coat_adamw_triton
+
+    p, g = torch.zeros(300), torch.zeros(300)
+    meta = [torch.ones(3) for _ in range(3)]
+    short = (torch.zeros(299, dtype=E4M3), *meta)  # one element short: the kernel would write past it
+    with pytest.raises(ConfigError, match="optimizer.state.*moments of 300 elements"):
+        coat_adamw_triton([p], [g], [short], [(torch.zeros(300, dtype=E4M3), *meta)], lr=LR, weight_decay=0.0,
+                          beta1=0.9, beta2=0.999, eps=1e-8, step=1.0, group_size=128, m_dtype=E4M3, v_dtype=E4M3,
+                          expand=True, k_min=1 / 16)
     cpu = torch.nn.Parameter(torch.zeros(4))
     assert not CoatAdamW([cpu])._use_triton(cpu, torch.zeros(4))  # None on CPU: the reference ops
     assert CoatAdamW([cpu], fused="triton")._use_triton(cpu, torch.zeros(4))  # asked for: interpreted

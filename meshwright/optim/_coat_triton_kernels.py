@@ -6,16 +6,18 @@ One program owns ``BLOCK_G`` whole groups of one parameter: it reads the fp32 we
 and the FP8 moments with their group metadata, dequantises (COAT's range expansion inverted), runs
 AdamW, writes the weight, then forms each group's new (scale, centre, exponent) and writes the moments
 again as FP8. Which parameter and which groups a program owns come from a work table; parameters come
-from a table of addresses, so one launch serves every parameter of a param group.
+from a table of offsets from one base tensor per dtype, so one launch serves a whole param group.
 
-FP8 moments are read and written as bytes and encoded/decoded here with integer arithmetic
-(round to nearest even, as torch's fp32 -> FP8 cast): independent of Triton's FP8 support, which the
-interpreter lacks. The arithmetic follows the reference ops (:mod:`meshwright.optim.fp8_quant`,
-``CoatAdamW``'s reference update) operation for operation, with no contraction into FMAs (the launcher passes ``enable_fp_fusion=False``) except the lerp,
-an FMA as in torch's CPU and CUDA kernels. ``MATH`` picks the per-element pow, division and square
-root: 0 interpreter (IEEE, pow in float64; 3: the fast mode's code paths there, for tests), 1 precise (IEEE, libdevice powf as torch's CUDA pow), 2 fast
-(the hardware's approximate exp2/log2/division/sqrt: the precise mode spends ~100 instructions per pow,
-four pows per element, which makes the kernel compute-bound on an H100/H200).
+FP8 moments are read and written as bytes and encoded/decoded here with integer arithmetic (round to
+nearest even, as torch's fp32 -> FP8 cast): independent of Triton's FP8 support, which the interpreter
+lacks. The arithmetic follows the reference ops (:mod:`meshwright.optim.fp8_quant`, ``CoatAdamW``'s
+reference update) operation for operation, with no contraction into FMAs (the launcher passes
+``enable_fp_fusion=False``) except the lerp, an FMA as in torch's CPU and CUDA kernels.
+
+``MATH`` picks the per-element pow, division and square root: 0 interpreter (IEEE, pow in float64),
+1 precise (IEEE, libdevice powf as torch's CUDA pow), 2 fast (the hardware's approximate exp2/log2,
+reciprocals: the precise pow costs ~100 instructions, four per element, which makes the kernel
+compute-bound on an H100/H200), 3 the fast mode's code paths under the interpreter (tests).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-ROW = tl.constexpr(11)  # per parameter in the pointer table: 10 addresses, then its numel
+ROW = tl.constexpr(11)  # per parameter in the table: 10 tensor offsets, then its numel
 
 
 @triton.jit

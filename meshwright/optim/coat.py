@@ -83,8 +83,8 @@ class CoatAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, quantize=quantize,
                         group_size=group_size, m_format=m_format, v_format=v_format, expand=expand, k_min=k_min)
         if not (fused is None or isinstance(fused, bool) or fused in FUSED_CHOICES):
-            raise invalid("optimizer.fused", fused, "null (Triton on GPU if it imports, else compiled; reference on CPU), "
-                          "'triton', 'compile' (or true) or 'reference' (or false)")
+            raise invalid("optimizer.fused", fused, "null (Triton on GPU if it imports, else compiled; "
+                          "reference on CPU), 'triton', 'compile' (or true) or 'reference' (or false)")
         super().__init__(params, defaults)
         self._dtypes = {"exp_avg": m_dtype, "exp_avg_sq": v_dtype}
         self.fused = FUSED_ALIASES.get(fused, fused)  # not a param-group default: the state dict stays the reference's

@@ -1,12 +1,12 @@
 """CoatAdamW's Triton step (#18) against the reference ops: under Triton's interpreter on CPU, compiled on CUDA.
 
-Stated bound (what the tests allow; on CUDA see _assert_close_to_reference's exact_math=False for the
-rare one-code-step moves): weights within 0.01 lr of the reference; exponents equal on >= 99% of
-the groups (one group of a small tensor may differ) and otherwise 1/16 apart; FP8 codes at most one code apart where the exponents agree and
-different on at most 1e-3 of the elements; the moments they stand for within 1e-4 relative where the
-codes agree. Measured on CPU (interpreter, these tests): FP8 codes and exponents identical, weights
-identical after the first step and within 6e-8 after four (fp32 rounding of pow: the interpreter's is
-exp2(e log2 x) in float64, torch's is SLEEF's powf), represented moments within 2e-5 relative.
+Stated bound (what the tests allow): FP8 codes at most one code apart where the exponents agree and
+different on at most 1e-3 of the elements; exponents equal on >= 99% of the groups (one group of a small
+tensor may differ) and otherwise 1/16 apart; the moments they stand for within 1e-4 relative where the
+codes agree; weights within 0.01 lr of the reference (on CUDA see ``exact_math=False`` below for the
+rare one-code moves). Measured on CPU (interpreter, these tests): FP8 codes and exponents identical,
+weights identical after the first step and within 6e-8 after four (fp32 rounding of pow: the
+interpreter's is exp2(e log2 x) in float64, torch's is SLEEF's powf), represented moments within 2e-5.
 """
 
 from __future__ import annotations

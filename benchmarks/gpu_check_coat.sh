@@ -12,7 +12,7 @@ CONFIGS=${2:-bf16_adamw,coat,torchao_float8}
 OUT=${OUT:-.}
 export PYTHONPATH=${PYTHONPATH:-$(pwd)}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-timeout 300 python -m pytest -q tests/unit/test_fp8_activations.py tests/unit/test_coat_planner.py -k "cuda or fp8_gpus" 2>&1 | tail -3
+timeout 300 python -m pytest -q tests/unit/test_fp8_activations.py tests/unit/test_coat_planner.py tests/unit/test_coat_triton.py -k "cuda or fp8_gpus" 2>&1 | tail -3
 timeout 300 python benchmarks/bench_coat_optim.py --device cuda --model llama-1.3b --steps 5 > "$OUT/coat_gpu_optim.json"
 timeout 1500 python benchmarks/bench_coat_gpu.py --steps "$STEPS" --configs "$CONFIGS" > "$OUT/coat_gpu_train.json"
 cat "$OUT/coat_gpu_optim.json" "$OUT/coat_gpu_train.json"

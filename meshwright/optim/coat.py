@@ -18,11 +18,14 @@ import torch
 
 from meshwright.errors import invalid
 from meshwright.optim.coat_fused import compiled_update, fp8_adamw_update
+from meshwright.optim.coat_triton import coat_adamw_triton, eligible, triton_available
 from meshwright.optim.fp8_quant import K_MIN, GroupQuantized, dequantize_groups, fp8_dtype, groups_of, quantize_groups
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 _META = ("scale", "center", "expand")
 META_BYTES_PER_GROUP = 12  # fp32 scale, centre and exponent per group and per moment
+FUSED_CHOICES = ("triton", "compile", "reference")
+FUSED_ALIASES = {True: True, False: False, "compile": True, "reference": False}  # kept: True/False as before
 
 
 def coat_state_bytes_per_param(group_size: int = 128, quantized: bool = True, numel: int | None = None) -> float:
@@ -52,9 +55,12 @@ class CoatAdamW(torch.optim.Optimizer):
     ``m_format``/``v_format`` pick E4M3 or E5M2 per moment; ``expand=False`` switches off dynamic range
     expansion (naive per-group FP8, for comparison); ``k_min`` bounds the exponent from below (1/16:
     groups wider than FP8 are compressed, as COAT's kernel does; 1: expand only, small values may flush).
-    ``fused``: run FP8 updates through the compiled step of :mod:`meshwright.optim.coat_fused` (``None``:
-    for parameters on a GPU; the reference ops on CPU, where compiling costs more than it saves on small
-    models). With ``quantize=False`` the update is term for term torch's single-tensor AdamW.
+    ``fused`` picks the FP8 step: ``"triton"`` (:mod:`meshwright.optim.coat_triton`: one kernel launch
+    per param group; CPU tensors run interpreted, for tests), ``"compile"``/``True`` (the compiled step
+    of :mod:`meshwright.optim.coat_fused`, one per parameter), ``"reference"``/``False`` (plain torch
+    ops). ``None``: on a GPU the Triton kernel when triton imports, else the compiled step (each falls
+    back to the next with a warning if it fails); the reference ops on CPU. With ``quantize=False`` the
+    update is term for term torch's single-tensor AdamW.
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -76,11 +82,13 @@ class CoatAdamW(torch.optim.Optimizer):
         m_dtype, v_dtype = fp8_dtype(m_format), fp8_dtype(v_format)  # validated here: one-line error
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, quantize=quantize,
                         group_size=group_size, m_format=m_format, v_format=v_format, expand=expand, k_min=k_min)
-        if fused not in (None, True, False):
-            raise invalid("optimizer.fused", fused, "null (compiled on GPU, reference on CPU), true or false")
+        if not (fused is None or isinstance(fused, bool) or fused in FUSED_CHOICES):
+            raise invalid("optimizer.fused", fused, "null (Triton on GPU if it imports, else compiled; "
+                          "reference on CPU), 'triton', 'compile' (or true) or 'reference' (or false)")
         super().__init__(params, defaults)
         self._dtypes = {"exp_avg": m_dtype, "exp_avg_sq": v_dtype}
-        self.fused = fused  # not a param-group default: the state dict stays the reference's
+        self.fused = FUSED_ALIASES.get(fused, fused)  # not a param-group default: the state dict stays the reference's
+        self._triton_failed = False  # fused=None: the Triton step failed once, the compiled step from then on
 
     # ---- state layout ----------------------------------------------------------------------------
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
@@ -106,11 +114,22 @@ class CoatAdamW(torch.optim.Optimizer):
         return dequantize_groups(gq, like.shape, group_size)
 
     def _use_fused(self, param: torch.Tensor) -> bool:
-        return self.fused if self.fused is not None else param.is_cuda
+        """The compiled per-parameter step (``fused="compile"``, or ``None`` on a GPU)."""
+        return self.fused is True if self.fused is not None else param.is_cuda
+
+    def _use_triton(self, param: torch.Tensor, grad: torch.Tensor) -> bool:
+        """The Triton kernel: asked for (then ineligible tensors are an error), or ``None`` on a GPU."""
+        if self.fused == "triton":
+            why = eligible(param, grad)
+            if why is not None:
+                raise invalid("optimizer.fused", "triton", why)
+            return True
+        return (self.fused is None and param.is_cuda and not self._triton_failed and eligible(param, grad) is None
+                and triton_available())
 
     @staticmethod
     def _moment(state: dict[str, Any], name: str) -> tuple[torch.Tensor, ...]:
-        return (state[name],) + tuple(state[f"{name}_{m}"] for m in _META)
+        return state[name], state[f"{name}_scale"], state[f"{name}_center"], state[f"{name}_expand"]
 
     @staticmethod
     def _store_moment(state: dict[str, Any], name: str, value: torch.Tensor, group: dict[str, Any]) -> None:
@@ -129,8 +148,7 @@ class CoatAdamW(torch.optim.Optimizer):
                 loss = closure()
         scalars: dict[tuple, torch.Tensor] = {}
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            batch: dict[tuple, list] = {}  # (step, device) -> parameters for one Triton launch
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -138,51 +156,90 @@ class CoatAdamW(torch.optim.Optimizer):
                 if grad.is_sparse:
                     raise invalid("grad.layout", "sparse", "dense gradients (CoatAdamW has no sparse path)")
                 state = self.state[p] if self.state[p] else self._init_state(p, group)
+                if group["quantize"] and self._use_triton(param, grad):
+                    batch.setdefault((state["step"].item() + 1, param.device), []).append((param, grad, state))
+                    continue
                 state["step"] += 1
                 step = state["step"].item()
-                if group["quantize"] and self._use_fused(param):
-                    key = (id(group), step, param.device)
-                    if key not in scalars:  # one small host-to-device copy per group and step
-                        scalars[key] = torch.tensor([1 - lr * wd, -lr / (1 - beta1 ** step),
-                                                     math.sqrt(1 - beta2 ** step)], dtype=torch.float32,
-                                                    device=param.device)
-                    decay, neg_step, bc2_sqrt = scalars[key].unbind()
-                    args = (param.detach(), grad, self._moment(state, "exp_avg"), self._moment(state, "exp_avg_sq"),
-                            decay, neg_step, bc2_sqrt, beta1, beta2, eps, group["group_size"],
-                            fp8_dtype(group["m_format"]), fp8_dtype(group["v_format"]), group["expand"],
-                            group.get("k_min", K_MIN))
-                    try:
-                        new = compiled_update()(*args)
-                    except Exception as exc:  # noqa: BLE001 - a compiler failure (no Triton, no C++ compiler)
-                        if self.fused:
-                            raise
-                        warnings.warn(f"CoatAdamW: the compiled step failed ({type(exc).__name__}: {str(exc)[:200]}); "
-                                      "using the reference ops from now on", RuntimeWarning, stacklevel=2)
-                        self.fused = False
-                        new = fp8_adamw_update(*args)
-                    for name, values in zip(_MOMENTS, new):
-                        state[name] = values[0]
-                        for m, t in zip(_META, values[1:]):
-                            state[f"{name}_{m}"] = t
-                    continue
-                if group["quantize"]:
-                    exp_avg = self._load_moment(state, "exp_avg", param, group["group_size"]).to(param.dtype)
-                    exp_avg_sq = self._load_moment(state, "exp_avg_sq", param, group["group_size"]).to(param.dtype)
-                else:
-                    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                # Same operation order as torch.optim.AdamW (single-tensor path), so quantize=False matches it.
-                param.mul_(1 - lr * wd)
-                exp_avg.lerp_(grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                bias_correction1 = 1 - beta1 ** step
-                bias_correction2 = 1 - beta2 ** step
-                step_size = lr / bias_correction1
-                denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
-                param.addcdiv_(exp_avg, denom, value=-step_size)
-                if group["quantize"]:
-                    self._store_moment(state, "exp_avg", exp_avg, group)
-                    self._store_moment(state, "exp_avg_sq", exp_avg_sq, group)
+                self._update(param, grad, state, group, step, scalars)
+            if batch:  # the step counters of the batch in one call
+                torch._foreach_add_([st["step"] for items in batch.values() for _, _, st in items], 1.0)
+            for (step, _), items in batch.items():
+                self._triton_update(items, group, step, scalars)
         return loss
+
+    def _triton_update(self, items: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]], group: dict[str, Any],
+                       step: float, scalars: dict[tuple, torch.Tensor]) -> None:
+        """One kernel launch for the parameters of ``group`` at ``step`` on one device (moments in place)."""
+        for _, _, state in items:  # the kernel writes in place: own, contiguous state tensors
+            for key, t in state.items():
+                if key != "step" and not t.is_contiguous():
+                    state[key] = t.contiguous()
+        beta1, beta2 = group["betas"]
+        try:
+            coat_adamw_triton([i[0] for i in items], [i[1] for i in items],
+                              [self._moment(i[2], "exp_avg") for i in items],
+                              [self._moment(i[2], "exp_avg_sq") for i in items],
+                              lr=group["lr"], weight_decay=group["weight_decay"], beta1=beta1, beta2=beta2,
+                              eps=group["eps"], step=step, group_size=group["group_size"],
+                              m_dtype=fp8_dtype(group["m_format"]), v_dtype=fp8_dtype(group["v_format"]),
+                              expand=group["expand"], k_min=group.get("k_min", K_MIN))
+        except Exception as exc:  # noqa: BLE001 - a Triton compile failure on this machine
+            if self.fused == "triton":
+                raise
+            warnings.warn(f"CoatAdamW: the Triton step failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                          "using the compiled step from now on", RuntimeWarning, stacklevel=3)
+            self._triton_failed = True
+            for param, grad, state in items:
+                self._update(param, grad, state, group, step, scalars)
+
+    def _update(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+                step: float, scalars: dict[tuple, torch.Tensor]) -> None:
+        """One parameter's step through the compiled step or the reference ops."""
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        if group["quantize"] and self._use_fused(param):
+            key = (id(group), step, param.device)
+            if key not in scalars:  # one small host-to-device copy per group and step
+                scalars[key] = torch.tensor([1 - lr * wd, -lr / (1 - beta1 ** step),
+                                             math.sqrt(1 - beta2 ** step)], dtype=torch.float32,
+                                            device=param.device)
+            decay, neg_step, bc2_sqrt = scalars[key].unbind()
+            args = (param.detach(), grad, self._moment(state, "exp_avg"), self._moment(state, "exp_avg_sq"),
+                    decay, neg_step, bc2_sqrt, beta1, beta2, eps, group["group_size"],
+                    fp8_dtype(group["m_format"]), fp8_dtype(group["v_format"]), group["expand"],
+                    group.get("k_min", K_MIN))
+            try:
+                new = compiled_update()(*args)
+            except Exception as exc:  # noqa: BLE001 - a compiler failure (no Triton, no C++ compiler)
+                if self.fused is True:
+                    raise
+                warnings.warn(f"CoatAdamW: the compiled step failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                              "using the reference ops from now on", RuntimeWarning, stacklevel=2)
+                self.fused = False
+                new = fp8_adamw_update(*args)
+            for name, values in zip(_MOMENTS, new):
+                state[name] = values[0]
+                for m, t in zip(_META, values[1:]):
+                    state[f"{name}_{m}"] = t
+            return
+        if group["quantize"]:
+            exp_avg = self._load_moment(state, "exp_avg", param, group["group_size"]).to(param.dtype)
+            exp_avg_sq = self._load_moment(state, "exp_avg_sq", param, group["group_size"]).to(param.dtype)
+        else:
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        # Same operation order as torch.optim.AdamW (single-tensor path), so quantize=False matches it.
+        param.mul_(1 - lr * wd)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction1 = 1 - beta1 ** step
+        bias_correction2 = 1 - beta2 ** step
+        step_size = lr / bias_correction1
+        denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+        param.addcdiv_(exp_avg, denom, value=-step_size)
+        if group["quantize"]:
+            self._store_moment(state, "exp_avg", exp_avg, group)
+            self._store_moment(state, "exp_avg_sq", exp_avg_sq, group)
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def _params_by_index(self, groups: list[dict[str, Any]] | None = None) -> dict[Any, tuple[torch.Tensor, dict]]:
@@ -254,8 +311,8 @@ class CoatAdamW(torch.optim.Optimizer):
                 for name in _MOMENTS:
                     dtype = fp8_dtype(group["v_format"] if name == "exp_avg_sq" else group["m_format"])
                     st[name] = st[name].to(dtype)
-                    for m in _META:
-                        st[f"{name}_{m}"] = st[f"{name}_{m}"].float()
+                    for m in _META:  # own copies: the Triton step updates state in place
+                        st[f"{name}_{m}"] = st[f"{name}_{m}"].to(torch.float32, copy=True)
 
     def state_bytes(self) -> int:
         """Bytes held by moment tensors and their metadata (the ``step`` counters excluded)."""

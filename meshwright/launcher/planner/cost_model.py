@@ -39,6 +39,23 @@ ACT_COEF = {
 # matmuls are saved next to them. Measured on CPU with count_saved_bytes (slope over two batch sizes, weight
 # copies excluded): llama2-7b block 227,336 vs 169,984 B/token (+14.0 h); gpt2-small 30,628 vs 24,576 (+7.9 h).
 AUTOCAST_EXTRA_H = {"llama": 14.0, "gpt2": 8.0}
+# What a *compiled* block saves (TrainConfig.compile: torch.compile per block; AOTAutograd's min-cut partitioner
+# keeps matmul inputs/outputs and recomputes the cheap pointwise ops in backward, so it saves far less than eager
+# autocast). Per token per layer: x = fp32 block inputs (4 B per value, outside the tp region); rep = compute-dtype
+# h-wide tensors outside the tp region (norm outputs, the attention projection's output); q = h-wide tensors inside it
+# (q, attention output), kv = k and v, f = FFN-wide ones; stats = fp32 norm statistics (B); lse = attention's fp32
+# log-sum-exp per head. Measured on CPU with count_saved_bytes under bf16 autocast (inductor and
+# aot_eager_decomp_partition save the same tensors; benchmarks/results/planner_gpu.md), pinned by
+# tests/unit/test_compiled_memory.py. selective keeps what meshwright's SAC policy must save (matmul and attention
+# outputs) and no weight copy; full keeps the block input only.
+COMPILED_ACT = {
+    "llama": {"none": {"x": 1, "rep": 3, "q": 2, "kv": 2, "f": 3, "stats": 8, "lse": 1},  # silu(w1)*w3 saved, not silu
+              "selective": {"x": 1, "rep": 1, "q": 2, "kv": 2, "f": 2, "stats": 0, "lse": 1},
+              "full": {"x": 1, "rep": 0, "q": 0, "kv": 0, "f": 0, "stats": 0, "lse": 0}},
+    "gpt2": {"none": {"x": 1, "rep": 3, "q": 2, "kv": 2, "f": 2, "stats": 16, "lse": 1},
+             "selective": {"x": 1, "rep": 1, "q": 2, "kv": 2, "f": 1, "stats": 0, "lse": 1},
+             "full": {"x": 1, "rep": 0, "q": 0, "kv": 0, "f": 0, "stats": 0, "lse": 0}},
+}
 # Share of activation bytes that are inputs of linear layers (what WTA-CRS samples).
 LINEAR_INPUT_SHARE = 0.4
 # Share of saved activation bytes COAT stores in FP8 (the rest, e.g. norm statistics, stays high precision).
@@ -85,6 +102,9 @@ class Hardware:
     pipeline_slowdown: float = 1.0
     stack: str = "analytic"
     fp8_peak_flops: float = 0.0  # FP8 tensor-core matmul FLOP/s (0: none or unknown), for savers.fp8_gemm
+    # TrainConfig.compile (meshwright's runtime): blocks compiled (COMPILED_ACT) and the loss compiled (no fp32 logits)
+    compiled: bool = False
+    grads_set_to_none: bool = False  # Stack.grads_set_to_none: gradients do not exist before the first backward
 
     @property
     def elem_bytes(self) -> int:
@@ -105,18 +125,22 @@ def apply_stack(hw: Hardware, stack: Stack | str) -> Hardware:
     st = get_stack(stack) if isinstance(stack, str) else stack
     return dataclasses.replace(hw, precision=precision_for_dtype(hw.compute_dtype, st.name), runtime_buffers=st.runtime_buffers,
                                dp_overlap=st.dp_overlap, tp_wgrad_overlap=st.tp_wgrad_overlap,
-                               pipeline_slowdown=st.pipeline_slowdown, stack=st.name)
+                               pipeline_slowdown=st.pipeline_slowdown, stack=st.name,
+                               grads_set_to_none=st.grads_set_to_none)
 
 
 def hardware_from_cluster(cluster: ClusterSpec, profile: Optional[dict[str, Any]] = None,
                           memory_budget_gib: Optional[float] = None, stack: str = "meshwright",
-                          dtype: Optional[str] = None) -> Hardware:
+                          dtype: Optional[str] = None, compile: bool = False) -> Hardware:
     """ClusterSpec (preset figures) overridden by a measured hardware profile's ``derived`` figures, with the
     memory and overlap rules of the ``stack`` that will run the plan in ``dtype`` (TrainConfig.dtype; default
-    bf16 where the device lists it, fp32 on CPUs, where bf16 matmuls are ~70x slower)."""
+    bf16 where the device lists it, fp32 on CPUs, where bf16 matmuls are ~70x slower) and ``compile``
+    (TrainConfig.compile, meshwright's runtime only)."""
     cpu = cluster.device == "cpu"
     if dtype is not None and dtype not in ("fp32", "bf16"):
         raise invalid("dtype", dtype, "fp32 or bf16")
+    if compile and stack != "meshwright":
+        raise invalid("compile", True, f"false with stack={stack!r} (compile describes meshwright's runtime)")
     dtype = dtype or ("fp32" if cpu else ("bf16" if "bf16" in cluster.peak_tflops else "fp32"))
     mem_bw = 0.8 * cluster.memory_bw_gbps * 1e9 if cluster.memory_bw_gbps else device_memory_bw(cluster.device)
     hw = Hardware(
@@ -129,6 +153,9 @@ def hardware_from_cluster(cluster: ClusterSpec, profile: Optional[dict[str, Any]
         memory_bytes=cluster.memory_gib * GIB, compute_dtype=dtype,
         overhead_bytes=(0.05 if cpu else 1.0) * GIB, efficiency_half_width=8.0 if cpu else 128.0,
         fp8_peak_flops=0.0 if cpu else cluster.peak_tflops.get("fp8", 0.0) * 1e12,
+        # CUDA caching allocator: max_memory_reserved was 6.2-7.3% above max_memory_allocated in three runs on an
+        # H200 (gpt2-small, a 1.3B and a 7B llama; benchmarks/results/planner_gpu.md)
+        fragmentation=0.05 if cpu else 0.065, compiled=compile,
     )
     if profile:
         d = profile["derived"]
@@ -539,6 +566,27 @@ def autocast_extra_act_bytes(cfg: ModelConfig, tokens: float, tp: int, sp: bool,
     return per_token * tokens / (tp if sp else 1)
 
 
+def compiled_activation_bytes(cfg: ModelConfig, tokens: float, tp: int, sp: bool, recompute: str,
+                              elem_bytes: int) -> float:
+    """Bytes a compiled block (``COMPILED_ACT``) saves for backward for ``tokens`` tokens: the fp32 block input, the
+    compute-dtype tensors outside the tp region (split by SP) and inside it (split by tp), norm statistics and the
+    attention log-sum-exp."""
+    if recompute not in ("none", "selective", "full"):
+        raise invalid("recompute", recompute, "none, selective or full")
+    c = COMPILED_ACT[cfg.arch][recompute]
+    h, rep_div = cfg.d_model, (tp if sp else 1)
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    outside = 4.0 * c["x"] * h + elem_bytes * c["rep"] * h + c["stats"]
+    inside = elem_bytes * (c["q"] * q + c["kv"] * kv + c["f"] * cfg.ffn_dim) + 4.0 * c["lse"] * cfg.n_heads
+    return (outside / rep_div + inside / tp) * tokens
+
+
+def compiled_layer(cfg: ModelConfig, index: int, savers: Any, hw: Hardware) -> bool:
+    """Whether block ``index`` is costed as compiled: a compiled run's dense blocks without FP8/WTA-CRS savers (those
+    and MoE layers keep the eager figures)."""
+    return hw.compiled and not cfg.is_moe_layer(index) and not savers.fp8_act and savers.wta_crs is None
+
+
 def embedding_param_count(cfg: ModelConfig, first: bool, last: bool, tp: int) -> float:
     """Parameters of the embedding (first stage) and the untied head + final norm (last stage), tp-sharded."""
     n = 0.0
@@ -564,13 +612,30 @@ def loss_buffer_bytes(cfg: ModelConfig, tokens: float, tp: int) -> float:
     return tokens * cfg.vocab_size / tp * 8.0
 
 
+def loss_peak_bytes(cfg: ModelConfig, tokens: float, tp: int, hw: Hardware) -> float:
+    """Logits-sized buffers alive on the last stage at the loss's peak. Eager: the head's output and its fp32 copy
+    (``logits_bytes``), plus the log-probabilities and fp32 gradient (``loss_buffer_bytes``) on real stacks. Compiled
+    loss (train/compile.py): the fused kernel saves only the compute-dtype logits and writes their gradient in the
+    compute dtype, so 2 x elem bytes per logit (measured: 0.03 B per logit saved beyond the logits on CPU)."""
+    if hw.compiled:
+        return tokens * cfg.vocab_size / tp * 2 * hw.elem_bytes
+    b = logits_bytes(cfg, tokens, tp, hw.elem_bytes)
+    if hw.runtime_buffers:
+        b += loss_buffer_bytes(cfg, tokens, tp)
+    return b
+
+
 def backward_working_bytes(cfg: ModelConfig, index: int, tokens: float, tp: int, sp: bool, recompute: str,
-                           elem_bytes: int) -> float:
+                           elem_bytes: int, compiled: bool = False) -> float:
     """Transient memory while one block runs backward: the activations recomputation rebuilds for it
     (all of them under full, the attention core under selective) plus the gradients of its widest pair of
     FFN activations (2 f/tp per token). A maximum over the rank's layers, like a ZeRO-3 gather buffer."""
-    none = activation_bytes(cfg, index, tokens, tp, sp, "none", elem_bytes)
-    kept = activation_bytes(cfg, index, tokens, tp, sp, recompute, elem_bytes)
+    if compiled:
+        none = compiled_activation_bytes(cfg, tokens, tp, sp, "none", elem_bytes)
+        kept = compiled_activation_bytes(cfg, tokens, tp, sp, recompute, elem_bytes)
+    else:
+        none = activation_bytes(cfg, index, tokens, tp, sp, "none", elem_bytes)
+        kept = activation_bytes(cfg, index, tokens, tp, sp, recompute, elem_bytes)
     f = cfg.top_k * cfg.expert_ffn_dim if cfg.is_moe_layer(index) else cfg.ffn_dim
     return (none - kept) + tokens * 2.0 * f / tp * elem_bytes
 
@@ -672,17 +737,25 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
         if group < s.dp:
             dp_mb += hsdp_allreduce_s(shard_params, s.dp, group, s.tp, hw)
         states_b = model_state_bytes(shard_params, group, s.zero, states, hw)
-    act = hw.act_scale * activation_bytes(cfg, index, tokens, s.tp, s.sp, s.recompute, hw.elem_bytes,
-                                          s.savers.fp8_act, s.savers.wta_crs, s.savers.lemo, s.ep)
-    act += attention_score_bytes(cfg, tokens * lemo, seq_len, s.tp, s.recompute, hw)
-    if hw.policy.weight_copy_bytes > 0:
-        act += hw.act_scale * autocast_extra_act_bytes(cfg, tokens * lemo, s.tp, s.sp, s.recompute)
     pol = hw.policy
+    compiled = compiled_layer(cfg, index, s.savers, hw)
+    if compiled:
+        act = hw.act_scale * compiled_activation_bytes(cfg, tokens * lemo, s.tp, s.sp, s.recompute, hw.elem_bytes)
+    else:
+        act = hw.act_scale * activation_bytes(cfg, index, tokens, s.tp, s.sp, s.recompute, hw.elem_bytes,
+                                              s.savers.fp8_act, s.savers.wta_crs, s.savers.lemo, s.ep)
+        if pol.weight_copy_bytes > 0:
+            act += hw.act_scale * autocast_extra_act_bytes(cfg, tokens * lemo, s.tp, s.sp, s.recompute)
+    act += attention_score_bytes(cfg, tokens * lemo, seq_len, s.tp, s.recompute, hw)
     # ZeRO-3: the all-gathered layer + the prefetched next one (+ its unsharded gradient before reduce-scatter)
     gathered = shard_params * pol.gather_bytes * (3 if hw.runtime_buffers else 2) if s.zero >= 3 else 0.0
-    working = (backward_working_bytes(cfg, index, tokens * lemo, s.tp, s.sp, s.recompute, hw.elem_bytes) * hw.act_scale
-               if hw.runtime_buffers else 0.0)
+    working = (backward_working_bytes(cfg, index, tokens * lemo, s.tp, s.sp, s.recompute, hw.elem_bytes, compiled)
+               * hw.act_scale if hw.runtime_buffers else 0.0)
     copies = shard_params * pol.weight_copy_bytes  # autocast's compute-dtype copy of each weight in use
+    if compiled and s.recompute != "none":
+        # a compiled checkpointed block saves no weight copy (the casts are recomputed): one layer's at a time
+        working += copies if hw.runtime_buffers else 0.0
+        copies = 0.0
     return {
         "compute_mb": compute_mb, "fwd_mb": fwd, "comm_mb": comm_mb, "overhead_mb": overhead_mb, "dp_mb": dp_mb, "dp_step": dp_step,
         "static_bytes": sum(states_b.values()) + copies, "act_bytes": act, "gathered_bytes": gathered,
@@ -716,6 +789,8 @@ class _RankTotals:
     static: list[float] = field(default_factory=list)  # bytes
     act: list[float] = field(default_factory=list)  # bytes per microbatch in flight
     transient: list[float] = field(default_factory=list)  # max over layers: ZeRO-3 gather + backward working set
+    grads: list[float] = field(default_factory=list)  # gradient bytes (part of static)
+    copies: list[float] = field(default_factory=list)  # autocast weight copies (part of static)
     model_flops: float = 0.0
     hw_flops: float = 0.0
     comm: float = 0.0
@@ -724,7 +799,7 @@ class _RankTotals:
     overhead: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("mb_s", "step_s", "static", "act", "transient"):
+        for name in ("mb_s", "step_s", "static", "act", "transient", "grads", "copies"):
             setattr(self, name, [0.0] * self.pp)
 
 
@@ -754,6 +829,8 @@ def _add_layers(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strat
         t.mb_s[r] += layer_microbatch_s(c, hw)
         t.step_s[r] += layer_step_dp_s(c, hw)
         t.static[r] += c["static_bytes"]
+        t.grads[r] += c["grads_bytes"]
+        t.copies[r] += c["copy_bytes"]
         t.act[r] += c["act_bytes"]
         t.transient[r] = max(t.transient[r], c["transient_bytes"])
         t.model_flops += c["model_flops_mb"] * m
@@ -790,28 +867,47 @@ def _add_ends(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strateg
     for r in {0, last}:
         t.static[r] += embedding_static_bytes(cfg, r == 0, r == last, emb.tp, emb_dp, emb.zero, plan.optimizer.states, hw)
         n = embedding_param_count(cfg, r == 0, r == last, emb.tp)
+        t.grads[r] += model_state_bytes(n, emb_dp, emb.zero, plan.optimizer.states, hw)["grads"]
+        if r == last:
+            t.copies[r] += cfg.vocab_size * cfg.d_model / emb.tp * hw.policy.weight_copy_bytes
         per_mb, step = dp_comm_s(n, emb_dp, emb.zero, emb.tp, hw)
         t.step_s[r] += step + tied_embedding_grad_s(cfg, emb.tp, pp.degree, per_stage, hw)
         t.mb_s[r] += per_mb  # embedding/head ZeRO-2/3 traffic: small, counted as exposed
     return head_tokens
 
 
-def _memory_gib(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, m: int, head_tokens: float) -> list[float]:
+def grads_absent_at_peak(plan: Any, hw: Hardware, strategies: list[Any], m: int) -> bool:
+    """True when no gradient exists while the activations peak: a stack that frees gradients between steps
+    (``grads_set_to_none``), one microbatch per step (no accumulation), one pipeline stage and no data parallelism
+    (DDP buckets and sharded-gradient buffers persist). The peak is then at the start of backward, before the
+    gradients of the large activation holders exist, or at its end, once the activations are gone."""
+    return hw.grads_set_to_none and m == 1 and plan.pipeline.degree == 1 and all(s.dp == 1 for s in strategies)
+
+
+def _memory_gib(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, m: int, head_tokens: float,
+                strategies: list[Any]) -> tuple[list[float], dict[str, float]]:
     """Peak memory per pipeline rank: states, in-flight activations, the largest transient, the loss's buffers
-    on the last rank, framework overhead and allocator headroom."""
+    on the last rank, framework overhead and allocator headroom; and the terms of the largest rank (GiB)."""
     pp = plan.pipeline
     v = pp.virtual_stages if pp.schedule == "interleaved_1f1b" else 1
     last = pp.degree - 1
-    mem = []
+    no_grads = grads_absent_at_peak(plan, hw, strategies, m)
+    mem, terms = [], []
     for r in range(pp.degree):
         inflight = inflight_microbatches(pp.schedule, pp.degree, r, m, v)
-        used = t.static[r] + inflight * t.act[r] + t.transient[r]
-        if r == last:
-            used += logits_bytes(cfg, head_tokens, plan.embedding.tp, hw.elem_bytes)
-            if hw.runtime_buffers:
-                used += loss_buffer_bytes(cfg, head_tokens, plan.embedding.tp)
-        mem.append((used + framework_overhead_bytes(hw, used)) / GIB)
-    return mem
+        loss = loss_peak_bytes(cfg, head_tokens, plan.embedding.tp, hw) if r == last else 0.0
+        used = t.static[r] + inflight * t.act[r] + t.transient[r] + loss
+        absent = 0.0
+        if no_grads:
+            absent = min(t.grads[r], used - (t.static[r] + t.transient[r]))
+            used -= absent
+        over = framework_overhead_bytes(hw, used)
+        mem.append((used + over) / GIB)
+        terms.append({"mem_states_gib": (t.static[r] - t.copies[r]) / GIB, "mem_weight_copies_gib": t.copies[r] / GIB,
+                      "mem_activations_gib": inflight * t.act[r] / GIB, "mem_transient_gib": t.transient[r] / GIB,
+                      "mem_loss_gib": loss / GIB, "mem_grads_absent_gib": absent / GIB,  # subtracted
+                      "mem_overhead_gib": over / GIB})
+    return mem, terms[max(range(pp.degree), key=lambda r: mem[r])]
 
 
 def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int) -> Prediction:
@@ -833,7 +929,7 @@ def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int) ->
     if pp.degree > 1:
         step *= hw.pipeline_slowdown
     step += max(t.step_s)
-    mem = _memory_gib(t, plan, cfg, hw, m, head_tokens)
+    mem, mem_terms = _memory_gib(t, plan, cfg, hw, m, head_tokens, strategies)
     tokens = plan.global_batch * plan.seq_len
     # MFU uses the model's own FLOPs per token (PaLM convention); HFU counts recomputation too.
     mfu_flops = cfg.flops_per_token(plan.seq_len) * tokens
@@ -845,5 +941,6 @@ def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int) ->
         memory_gib=mem, fits=max(mem) * GIB <= hw.memory_bytes,
         breakdown={"compute_s": t.compute / pp.degree, "tp_ep_comm_s": t.comm / pp.degree,
                    "dp_comm_s": t.dp / pp.degree, "framework_overhead_s": t.overhead / pp.degree,
-                   "bubble_fraction": bubble_fraction(pp.degree, m, pp.schedule, v), "microbatches": float(m)},
+                   "bubble_fraction": bubble_fraction(pp.degree, m, pp.schedule, v), "microbatches": float(m),
+                   **mem_terms},
     )

@@ -61,6 +61,13 @@ LINEAR_INPUT_SHARE = 0.4
 # Share of saved activation bytes COAT stores in FP8 (the rest, e.g. norm statistics, stays high precision).
 FP8_ACT_SHARE = 0.75
 FP8_GROUP = 128  # COAT per-group quantisation: one fp32 scale per 128 values
+# Flash attention (fused kernel, causal): it computes only the unmasked half of the score and context matmuls, at
+# a fraction of the dense peak that grows with head_dim and sequence length (short causal sequences waste tiles):
+# Hardware.flash_eff_max * d/(d+64) * s/(s+512). FlashAttention-2 on H100 (Shah et al. 2024, FlashAttention-3, FA2
+# causal bars): ~165 TFLOP/s fwd+bwd at head_dim 64, seq 1k (17% of 989) and ~300 at head_dim 128, seq 4k (30%):
+# 0.5 gives both (FA2 uses neither wgmma nor TMA on Hopper). On A100 FA2 reaches 50-73% of peak (Dao 2023): 0.9.
+# Backward runs 5 of the kernel's matmuls to the forward's 2 (2.5x its FLOPs).
+FLASH_EFF_HOPPER, FLASH_EFF_OTHER = 0.5, 0.9
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,7 @@ class Hardware:
     # TrainConfig.compile (meshwright's runtime): blocks compiled (COMPILED_ACT) and the loss compiled (no fp32 logits)
     compiled: bool = False
     grads_set_to_none: bool = False  # Stack.grads_set_to_none: gradients do not exist before the first backward
+    flash_eff_max: float = FLASH_EFF_OTHER  # FlashAttention-2's best fraction of peak on this device (see FLASH_EFF_*)
 
     @property
     def elem_bytes(self) -> int:
@@ -156,6 +164,7 @@ def hardware_from_cluster(cluster: ClusterSpec, profile: Optional[dict[str, Any]
         # CUDA caching allocator: max_memory_reserved was 6.2-7.3% above max_memory_allocated in three runs on an
         # H200 (gpt2-small, a 1.3B and a 7B llama; benchmarks/results/planner_gpu.md)
         fragmentation=0.05 if cpu else 0.065, compiled=compile,
+        flash_eff_max=FLASH_EFF_HOPPER if any(k in cluster.device.upper() for k in ("H100", "H200")) else FLASH_EFF_OTHER,
     )
     if profile:
         d = profile["derived"]
@@ -282,6 +291,85 @@ def attention_score_bytes(cfg: ModelConfig, tokens: float, seq_len: int, tp: int
     if recompute != "none":
         return 0.0
     return score_elements(cfg, tokens, seq_len, tp, hw) * 2.5 * hw.elem_bytes
+
+
+# Passes over the logits per element (bytes) of the loss, forward + backward: the compiled loss reads the
+# compute-dtype logits twice and writes their gradient once (3 x elem bytes); the eager fp32 loss casts them up (2+4),
+# log-softmaxes (two reads + a write, 12), then backward writes the nll gradient (4), log-softmax backward reads two
+# fp32 tensors, reduces and writes (16), and casts back (4+2): 44 B.
+EAGER_LOSS_BYTES = 44.0
+
+
+def loss_s(cfg: ModelConfig, tokens: float, tp: int, hw: Hardware) -> float:
+    """Memory-bound time of the loss over one microbatch's logits; meshwright's runtime only, like
+    ``optimizer_step_s`` (the other stacks' fused vocab-parallel losses are left to their calibration)."""
+    if hw.stack != "meshwright":
+        return 0.0
+    per = 3.0 * hw.elem_bytes if hw.compiled else EAGER_LOSS_BYTES
+    return tokens * cfg.vocab_size / tp * per / hw.mem_bw
+
+
+def weight_traffic_mb_s(param_count: float, recompute: str, hw: Hardware) -> float:
+    """Autocast's per-microbatch passes over the weights: each forward casts every fp32 weight to the compute dtype
+    (read 4, write 2 B; again when recomputation reruns the forward) and backward casts each weight gradient up to
+    fp32 (2 + 4 B). 0 for policies that keep compute-dtype weights."""
+    if hw.policy.weight_copy_bytes <= 0:
+        return 0.0
+    return param_count * (6.0 * (2 if recompute != "none" else 1) + 6.0) / hw.mem_bw
+
+
+def grad_accumulate_s(param_count: float, hw: Hardware) -> float:
+    """One accumulation of a microbatch's fp32 weight gradients into ``.grad`` (read 4 + 4, write 4 B), paid by every
+    microbatch after the first under autocast (stacks with fused main-gradient accumulation pay nothing)."""
+    if hw.policy.weight_copy_bytes <= 0:
+        return 0.0
+    return param_count * 12.0 / hw.mem_bw
+
+
+def optimizer_step_s(param_count: float, dp: int, zero: int, states: str, hw: Hardware) -> float:
+    """The optimizer step over this rank's share of ``param_count`` parameters: memory-bound. Fused AdamW reads the
+    fp32 weights (or master copy), the gradient, m and v and writes the weights, m and v back (+ the compute-dtype
+    weights when a master copy exists); gradient clipping reads the gradients once more. Counted for meshwright's
+    runtime, where it was checked on an H200; for the other stacks it would move the published runs the wrong way
+    (Megatron-LM 2021's 1.7-18B runs, already predicted 9-15% slow, by 1-2% more), so their calibration keeps it out."""
+    if hw.stack != "meshwright":
+        return 0.0
+    p = hw.policy
+    n = param_count / (dp if zero >= 1 else 1)
+    master = p.master_bytes or p.param_bytes
+    nbytes = 2 * master + (p.param_bytes if p.master_bytes else 0) + 2 * p.grad_bytes + 2 * optimizer_state_bytes(states)
+    return n * nbytes / hw.mem_bw
+
+
+FLASH_BWD_OVER_FWD = 2.5
+# A GEMM whose dimension breaks 16-byte alignment (e.g. gpt2's vocabulary of 50257 bf16 values) cannot use the
+# aligned tensor-core kernels: nanoGPT's padding of 50257 to 50304 made GPT-2 small ~25-30% faster, i.e. its head ran
+# at about half speed. Megatron-LM, DeepSpeed and torchtitan configs pad the vocabulary; meshwright keeps it as given.
+UNALIGNED_GEMM_EFFICIENCY = 0.5
+
+
+def flash_kernels(hw: Hardware) -> bool:
+    """Whether the attention core is costed as a causal FlashAttention-2 kernel: meshwright's runtime with flash
+    attention (PyTorch's SDPA flash backend is FlashAttention-2). The other stacks' fused attention (cuDNN /
+    TransformerEngine, FlashAttention-3 class on H100) and materialized attention keep the dense-matmul count, which
+    the published runs calibrate (benchmarks/bench_published_runs.py)."""
+    return hw.attention == "flash" and hw.stack == "meshwright" and hw.mixed_precision  # FA2 runs in bf16/fp16 only
+
+
+def flash_attention_fwd_s(cfg: ModelConfig, tokens: float, seq_len: int, tp: int, hw: Hardware) -> float:
+    """Forward time of the causal flash-attention core: half of ``attention_core_fwd_flops`` at the kernel's
+    efficiency (``FLASH_EFF_HOPPER`` / ``FLASH_EFF_OTHER``)."""
+    d = cfg.head_dim
+    eff = hw.flash_eff_max * d / (d + 64.0) * seq_len / (seq_len + 512.0)
+    return 0.5 * attention_core_fwd_flops(cfg, tokens, seq_len, tp) / (hw.peak_flops * eff)
+
+
+def head_s(cfg: ModelConfig, tokens: float, tp: int, hw: Hardware) -> float:
+    """Forward + backward time of the output projection; unaligned vocabularies run slower on meshwright."""
+    t = compute_s(head_fwd_flops(cfg, tokens) / tp * 3.0, hw, min(cfg.d_model, cfg.vocab_size / tp))
+    if hw.stack == "meshwright" and hw.mixed_precision and (cfg.vocab_size // tp) % 8:
+        t /= UNALIGNED_GEMM_EFFICIENCY
+    return t
 
 
 def matmul_efficiency(hw: Hardware, width: float) -> float:
@@ -695,17 +783,29 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
     lemo = s.savers.lemo if s.savers.lemo is not None else 1.0
     width = min(cfg.d_model, (cfg.expert_ffn_dim if moe else cfg.ffn_dim) / s.tp, cfg.n_heads // s.tp * cfg.head_dim)
     matmul_flops = fwd_flops
+    attn = 0.0
+    if flash_kernels(hw):  # the attention core runs in its own kernel, not at matmul speed
+        matmul_flops -= attention_core_fwd_flops(cfg, tokens, seq_len, s.tp)
+        attn = flash_attention_fwd_s(cfg, tokens * lemo, seq_len, s.tp, hw)
     if s.savers.fp8_gemm and not moe:  # COAT FP8 GEMMs: the linear layers' share runs at FP8 throughput
         linear = 2 * tokens * cfg.layer_params(index) / s.tp
-        matmul_flops = fwd_flops - linear + linear / fp8_matmul_speedup(hw)
+        matmul_flops = matmul_flops - linear + linear / fp8_matmul_speedup(hw)
     matmul = compute_s(matmul_flops * lemo, hw, width)
     memory_bound = elementwise_s(cfg, index, tokens * lemo, s.tp, s.sp, hw) + attention_scores_s(cfg, tokens * lemo, seq_len, s.tp, hw)
-    fwd = matmul + memory_bound
+    fwd = matmul + attn + memory_bound
+    extra_mm = extra_mem = extra_attn = extra
+    if s.recompute == "selective" and hw.stack == "meshwright":
+        # meshwright's SAC policy keeps matmul and attention outputs: backward reruns the memory-bound ops only
+        extra_mm, extra_mem, extra_attn = 0.0, 1.0, 0.0
+    elif attn > 0 and s.recompute != "none":
+        # full reruns the whole forward (attention included); selective (Korthikanti) reruns the attention core
+        extra_mm, extra_attn = (1.0, 1.0) if s.recompute == "full" else (0.0, 1.0)
     # backward is 2x forward for matmuls (input and weight gradients) but ~1x for memory-bound kernels
-    compute_mb = matmul * (3.0 + extra) + memory_bound * (2.0 + extra) + hw.layer_overhead_s
+    compute_mb = (matmul * (3.0 + extra_mm) + attn * (1.0 + FLASH_BWD_OVER_FWD + extra_attn)
+                  + memory_bound * (2.0 + extra_mem) + hw.layer_overhead_s)
     overhead_mb = strategy_overhead_s(hw, s.tp, s.sp, s.zero, s.dp, tokens * lemo)
     model_flops_mb = fwd_flops * 3.0
-    hw_flops_mb = fwd_flops * lemo * (3.0 + extra)
+    hw_flops_mb = fwd_flops * lemo * (3.0 + (0.0 if s.recompute == "selective" and hw.stack == "meshwright" else extra))
     comm_mb = tp_comm_s(tokens * lemo, cfg, s.tp, s.sp, s.recompute, hw)
     if hw.tp_wgrad_overlap and comm_mb > 0:
         # the 2 backward collectives run under the weight-gradient matmuls (1x forward matmul time)
@@ -752,6 +852,9 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
     working = (backward_working_bytes(cfg, index, tokens * lemo, s.tp, s.sp, s.recompute, hw.elem_bytes, compiled)
                * hw.act_scale if hw.runtime_buffers else 0.0)
     copies = shard_params * pol.weight_copy_bytes  # autocast's compute-dtype copy of each weight in use
+    compute_mb += weight_traffic_mb_s(shard_params, s.recompute, hw)
+    zero_dp = s.dp_shard or s.dp * s.cp
+    opt_step = optimizer_step_s(shard_params, zero_dp if not moe else s.dp * s.cp, s.zero, states, hw)
     if compiled and s.recompute != "none":
         # a compiled checkpointed block saves no weight copy (the casts are recomputed): one layer's at a time
         working += copies if hw.runtime_buffers else 0.0
@@ -761,6 +864,7 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
         "static_bytes": sum(states_b.values()) + copies, "act_bytes": act, "gathered_bytes": gathered,
         "transient_bytes": gathered + working, "copy_bytes": copies,
         "model_flops_mb": model_flops_mb, "hw_flops_mb": hw_flops_mb, "shard_params": shard_params,
+        "opt_step": opt_step, "accum_mb": grad_accumulate_s(shard_params / (zero_dp if s.zero >= 2 else 1), hw),
         **{f"{k}_bytes": v for k, v in states_b.items()},
     }
 
@@ -827,7 +931,7 @@ def _add_layers(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strat
         if c is None:
             c = memo[key] = layer_costs(cfg, i, s, mb_samples, plan.seq_len, hw, states, prev)
         t.mb_s[r] += layer_microbatch_s(c, hw)
-        t.step_s[r] += layer_step_dp_s(c, hw)
+        t.step_s[r] += layer_step_dp_s(c, hw) + c["opt_step"] + (m - 1) * c["accum_mb"]
         t.static[r] += c["static_bytes"]
         t.grads[r] += c["grads_bytes"]
         t.copies[r] += c["copy_bytes"]
@@ -860,7 +964,8 @@ def _add_ends(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strateg
     s_last = strategies[-1]
     head_tokens = plan.micro_batch * plan.seq_len * max_dp / s_last.dp / s_last.cp
     head_flops = head_fwd_flops(cfg, head_tokens) / emb.tp
-    t.mb_s[last] += compute_s(head_flops * 3.0, hw, min(cfg.d_model, cfg.vocab_size / emb.tp))
+    t.mb_s[last] += head_s(cfg, head_tokens, emb.tp, hw)
+    t.mb_s[last] += loss_s(cfg, head_tokens, emb.tp, hw)
     t.model_flops += head_flops * 3.0 * m
     t.hw_flops += head_flops * 3.0 * m
     emb_dp = per_stage // emb.tp
@@ -872,6 +977,8 @@ def _add_ends(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strateg
             t.copies[r] += cfg.vocab_size * cfg.d_model / emb.tp * hw.policy.weight_copy_bytes
         per_mb, step = dp_comm_s(n, emb_dp, emb.zero, emb.tp, hw)
         t.step_s[r] += step + tied_embedding_grad_s(cfg, emb.tp, pp.degree, per_stage, hw)
+        t.step_s[r] += optimizer_step_s(n, emb_dp, emb.zero, plan.optimizer.states, hw) + (m - 1) * grad_accumulate_s(n, hw)
+        t.mb_s[r] += weight_traffic_mb_s(n if r == last else 0.0, "none", hw)  # the head's cast (the lookup reads fp32)
         t.mb_s[r] += per_mb  # embedding/head ZeRO-2/3 traffic: small, counted as exposed
     return head_tokens
 
@@ -906,7 +1013,9 @@ def _memory_gib(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, m: in
         terms.append({"mem_states_gib": (t.static[r] - t.copies[r]) / GIB, "mem_weight_copies_gib": t.copies[r] / GIB,
                       "mem_activations_gib": inflight * t.act[r] / GIB, "mem_transient_gib": t.transient[r] / GIB,
                       "mem_loss_gib": loss / GIB, "mem_grads_absent_gib": absent / GIB,  # subtracted
-                      "mem_overhead_gib": over / GIB})
+                      "mem_overhead_gib": over / GIB,
+                      # what torch.cuda.max_memory_reserved should report: the rest (CUDA context, NCCL) is outside
+                      "mem_reserved_gib": (used + hw.fragmentation * used) / GIB})
     return mem, terms[max(range(pp.degree), key=lambda r: mem[r])]
 
 

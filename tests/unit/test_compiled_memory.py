@@ -126,3 +126,37 @@ def test_one_microbatch_step_peaks_before_gradients_exist():
 def test_compile_is_a_meshwright_runtime_setting():
     with pytest.raises(Exception, match="compile"):
         cm.hardware_from_cluster(load_cluster("dgx-h100-80g"), stack="megatron", compile=True)
+
+
+def test_plan_auto_and_the_cli_follow_compile(monkeypatch, capsys):
+    """``train --plan auto`` plans for TrainConfig.compile; ``meshwright plan --compile`` predicts the compiled run."""
+    import json
+
+    from meshwright.cli import main
+    from meshwright.config import load_train_config
+    from meshwright.launcher.planner import auto
+
+    seen = []
+    real = cm.hardware_from_cluster
+
+    def spy(*a, **kw):
+        seen.append(kw.get("compile"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(auto.cm, "hardware_from_cluster", spy)
+    for flag in (True, False):
+        tc = load_train_config({"model": "tiny", "cluster": "local-cpu", "seq_len": 32, "global_batch": 2, "micro_batch": 1,
+                                "compile": flag})
+        auto.auto_plan(tc, 1)
+    assert seen == [True, False]
+    argv = ["plan", "--model", "gpt2-small", "--cluster", "dgx-h200-141g", "--nodes", "1", "--devices-per-node", "1",
+            "--seq-len", "1024", "--global-batch", "16", "--tp", "1", "--pp", "1", "--dp", "1", "--recompute", "none",
+            "--micro-batch", "16", "--json"]
+    got = {}
+    for extra in ([], ["--compile"]):
+        assert main(argv + extra) in (0, None)
+        got[bool(extra)] = json.loads(capsys.readouterr().out)["predicted"]["breakdown"]
+    # 16 x 1024 x 50257 logits: 14 B each eager, 4 B compiled
+    assert got[False]["mem_loss_gib"] * cm.GIB == pytest.approx(16 * 1024 * 50257 * 14, rel=1e-5)
+    assert got[True]["mem_loss_gib"] * cm.GIB == pytest.approx(16 * 1024 * 50257 * 4, rel=1e-5)
+    assert got[True]["mem_activations_gib"] < got[False]["mem_activations_gib"]

@@ -55,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "target, else meshwright)")
     p.add_argument("--dtype", default=None, choices=("bf16", "fp32"),
                    help="training dtype (TrainConfig.dtype; default bf16 where the device lists it, fp32 on CPU)")
+    p.add_argument("--compile", default=False, action=argparse.BooleanOptionalAction,
+                   help="the run compiles its blocks and loss (TrainConfig.compile, meshwright's runtime): smaller saved "
+                        "activations, no fp32 logits (default: off, as TrainConfig)")
     p.add_argument("--attention", default="flash", choices=("flash", "materialized"),
                    help="attention kernels of the stack: flash (fused; meshwright, Megatron since 2023) or "
                         "materialized scores (e.g. Megatron-LM 2021), which cost memory traffic and activation memory")
@@ -106,7 +109,7 @@ def _load_inputs(args: argparse.Namespace) -> dict[str, Any]:
     cluster = load_cluster(args.cluster, nodes=args.nodes, devices_per_node=args.devices_per_node)
     hprof = load_hardware_profile(args.hardware_profile) if args.hardware_profile else None
     hw = cm.hardware_from_cluster(cluster, hprof, args.memory_budget_gib, stack=_stack(args),
-                                  dtype=getattr(args, "dtype", None))
+                                  dtype=getattr(args, "dtype", None), compile=bool(getattr(args, "compile", False)))
     if args.model_profile:
         hw = apply_model_profile(hw, load_model_profile(args.model_profile), cfg, hprof)
     if args.attention != hw.attention:

@@ -128,7 +128,7 @@ def test_megatron_args_parse_and_match_the_plan(capsys):
     rc, out, _ = _run(capsys, ["plan", *argv, "--emit", "megatron"])
     assert rc == 0
     ns = megatron_style_parser().parse_args(shlex.split(out))
-    plan, cfg = _best(argv)
+    plan, cfg = _best([*argv, "--emit", "megatron"])  # the plan the export was made from (Megatron's own search)
     assert ns.tensor_model_parallel_size == 4 and ns.pipeline_model_parallel_size == 2
     assert ns.num_layers == cfg.n_layers and ns.hidden_size == cfg.d_model and ns.seq_length == 4096
     assert ns.micro_batch_size == plan.micro_batch and ns.global_batch_size == 256

@@ -39,11 +39,35 @@ ACT_COEF = {
 # matmuls are saved next to them. Measured on CPU with count_saved_bytes (slope over two batch sizes, weight
 # copies excluded): llama2-7b block 227,336 vs 169,984 B/token (+14.0 h); gpt2-small 30,628 vs 24,576 (+7.9 h).
 AUTOCAST_EXTRA_H = {"llama": 14.0, "gpt2": 8.0}
+# What a *compiled* block saves (TrainConfig.compile: torch.compile per block; AOTAutograd's min-cut partitioner
+# keeps matmul inputs/outputs and recomputes the cheap pointwise ops in backward, so it saves far less than eager
+# autocast). Per token per layer: x = fp32 block inputs (4 B per value, outside the tp region); rep = compute-dtype
+# h-wide tensors outside the tp region (norm outputs, the attention projection's output); q = h-wide tensors inside it
+# (q, attention output), kv = k and v, f = FFN-wide ones; stats = fp32 norm statistics (B); lse = attention's fp32
+# log-sum-exp per head. Measured on CPU with count_saved_bytes under bf16 autocast (inductor and
+# aot_eager_decomp_partition save the same tensors; benchmarks/results/planner_gpu.md), pinned by
+# tests/unit/test_compiled_memory.py. selective keeps what meshwright's SAC policy must save (matmul and attention
+# outputs) and no weight copy; full keeps the block input only.
+COMPILED_ACT = {
+    "llama": {"none": {"x": 1, "rep": 3, "q": 2, "kv": 2, "f": 3, "stats": 8, "lse": 1},  # silu(w1)*w3 saved, not silu
+              "selective": {"x": 1, "rep": 1, "q": 2, "kv": 2, "f": 2, "stats": 0, "lse": 1},
+              "full": {"x": 1, "rep": 0, "q": 0, "kv": 0, "f": 0, "stats": 0, "lse": 0}},
+    "gpt2": {"none": {"x": 1, "rep": 3, "q": 2, "kv": 2, "f": 2, "stats": 16, "lse": 1},
+             "selective": {"x": 1, "rep": 1, "q": 2, "kv": 2, "f": 1, "stats": 0, "lse": 1},
+             "full": {"x": 1, "rep": 0, "q": 0, "kv": 0, "f": 0, "stats": 0, "lse": 0}},
+}
 # Share of activation bytes that are inputs of linear layers (what WTA-CRS samples).
 LINEAR_INPUT_SHARE = 0.4
 # Share of saved activation bytes COAT stores in FP8 (the rest, e.g. norm statistics, stays high precision).
 FP8_ACT_SHARE = 0.75
 FP8_GROUP = 128  # COAT per-group quantisation: one fp32 scale per 128 values
+# Flash attention (fused kernel, causal): it computes only the unmasked half of the score and context matmuls, at
+# a fraction of the dense peak that grows with head_dim and sequence length (short causal sequences waste tiles):
+# Hardware.flash_eff_max * d/(d+64) * s/(s+512). FlashAttention-2 on H100 (Shah et al. 2024, FlashAttention-3, FA2
+# causal bars): ~165 TFLOP/s fwd+bwd at head_dim 64, seq 1k (17% of 989) and ~300 at head_dim 128, seq 4k (30%):
+# 0.5 gives both (FA2 uses neither wgmma nor TMA on Hopper). On A100 FA2 reaches 50-73% of peak (Dao 2023): 0.9.
+# Backward runs 5 of the kernel's matmuls to the forward's 2 (2.5x its FLOPs).
+FLASH_EFF_HOPPER, FLASH_EFF_OTHER = 0.5, 0.9
 
 
 @dataclass(frozen=True)
@@ -85,6 +109,10 @@ class Hardware:
     pipeline_slowdown: float = 1.0
     stack: str = "analytic"
     fp8_peak_flops: float = 0.0  # FP8 tensor-core matmul FLOP/s (0: none or unknown), for savers.fp8_gemm
+    # TrainConfig.compile (meshwright's runtime): blocks compiled (COMPILED_ACT) and the loss compiled (no fp32 logits)
+    compiled: bool = False
+    grads_set_to_none: bool = False  # Stack.grads_set_to_none: gradients do not exist before the first backward
+    flash_eff_max: float = FLASH_EFF_OTHER  # FlashAttention-2's best fraction of peak on this device (see FLASH_EFF_*)
 
     @property
     def elem_bytes(self) -> int:
@@ -105,18 +133,22 @@ def apply_stack(hw: Hardware, stack: Stack | str) -> Hardware:
     st = get_stack(stack) if isinstance(stack, str) else stack
     return dataclasses.replace(hw, precision=precision_for_dtype(hw.compute_dtype, st.name), runtime_buffers=st.runtime_buffers,
                                dp_overlap=st.dp_overlap, tp_wgrad_overlap=st.tp_wgrad_overlap,
-                               pipeline_slowdown=st.pipeline_slowdown, stack=st.name)
+                               pipeline_slowdown=st.pipeline_slowdown, stack=st.name,
+                               grads_set_to_none=st.grads_set_to_none)
 
 
 def hardware_from_cluster(cluster: ClusterSpec, profile: Optional[dict[str, Any]] = None,
                           memory_budget_gib: Optional[float] = None, stack: str = "meshwright",
-                          dtype: Optional[str] = None) -> Hardware:
+                          dtype: Optional[str] = None, compile: bool = False) -> Hardware:
     """ClusterSpec (preset figures) overridden by a measured hardware profile's ``derived`` figures, with the
     memory and overlap rules of the ``stack`` that will run the plan in ``dtype`` (TrainConfig.dtype; default
-    bf16 where the device lists it, fp32 on CPUs, where bf16 matmuls are ~70x slower)."""
+    bf16 where the device lists it, fp32 on CPUs, where bf16 matmuls are ~70x slower) and ``compile``
+    (TrainConfig.compile, meshwright's runtime only)."""
     cpu = cluster.device == "cpu"
     if dtype is not None and dtype not in ("fp32", "bf16"):
         raise invalid("dtype", dtype, "fp32 or bf16")
+    if compile and stack != "meshwright":
+        raise invalid("compile", True, f"false with stack={stack!r} (compile describes meshwright's runtime)")
     dtype = dtype or ("fp32" if cpu else ("bf16" if "bf16" in cluster.peak_tflops else "fp32"))
     mem_bw = 0.8 * cluster.memory_bw_gbps * 1e9 if cluster.memory_bw_gbps else device_memory_bw(cluster.device)
     hw = Hardware(
@@ -129,6 +161,10 @@ def hardware_from_cluster(cluster: ClusterSpec, profile: Optional[dict[str, Any]
         memory_bytes=cluster.memory_gib * GIB, compute_dtype=dtype,
         overhead_bytes=(0.05 if cpu else 1.0) * GIB, efficiency_half_width=8.0 if cpu else 128.0,
         fp8_peak_flops=0.0 if cpu else cluster.peak_tflops.get("fp8", 0.0) * 1e12,
+        # CUDA caching allocator: max_memory_reserved was 6.2-7.3% above max_memory_allocated in three runs on an
+        # H200 (gpt2-small, a 1.3B and a 7B llama; benchmarks/results/planner_gpu.md)
+        fragmentation=0.05 if cpu else 0.065, compiled=compile,
+        flash_eff_max=FLASH_EFF_HOPPER if any(k in cluster.device.upper() for k in ("H100", "H200")) else FLASH_EFF_OTHER,
     )
     if profile:
         d = profile["derived"]
@@ -255,6 +291,85 @@ def attention_score_bytes(cfg: ModelConfig, tokens: float, seq_len: int, tp: int
     if recompute != "none":
         return 0.0
     return score_elements(cfg, tokens, seq_len, tp, hw) * 2.5 * hw.elem_bytes
+
+
+# Passes over the logits per element (bytes) of the loss, forward + backward: the compiled loss reads the
+# compute-dtype logits twice and writes their gradient once (3 x elem bytes); the eager fp32 loss casts them up (2+4),
+# log-softmaxes (two reads + a write, 12), then backward writes the nll gradient (4), log-softmax backward reads two
+# fp32 tensors, reduces and writes (16), and casts back (4+2): 44 B.
+EAGER_LOSS_BYTES = 44.0
+
+
+def loss_s(cfg: ModelConfig, tokens: float, tp: int, hw: Hardware) -> float:
+    """Memory-bound time of the loss over one microbatch's logits; meshwright's runtime only, like
+    ``optimizer_step_s`` (the other stacks' fused vocab-parallel losses are left to their calibration)."""
+    if hw.stack != "meshwright":
+        return 0.0
+    per = 3.0 * hw.elem_bytes if hw.compiled else EAGER_LOSS_BYTES
+    return tokens * cfg.vocab_size / tp * per / hw.mem_bw
+
+
+def weight_traffic_mb_s(param_count: float, recompute: str, hw: Hardware) -> float:
+    """Autocast's per-microbatch passes over the weights: each forward casts every fp32 weight to the compute dtype
+    (read 4, write 2 B; again when recomputation reruns the forward) and backward casts each weight gradient up to
+    fp32 (2 + 4 B). 0 for policies that keep compute-dtype weights."""
+    if hw.policy.weight_copy_bytes <= 0:
+        return 0.0
+    return param_count * (6.0 * (2 if recompute != "none" else 1) + 6.0) / hw.mem_bw
+
+
+def grad_accumulate_s(param_count: float, hw: Hardware) -> float:
+    """One accumulation of a microbatch's fp32 weight gradients into ``.grad`` (read 4 + 4, write 4 B), paid by every
+    microbatch after the first under autocast (stacks with fused main-gradient accumulation pay nothing)."""
+    if hw.policy.weight_copy_bytes <= 0:
+        return 0.0
+    return param_count * 12.0 / hw.mem_bw
+
+
+def optimizer_step_s(param_count: float, dp: int, zero: int, states: str, hw: Hardware) -> float:
+    """The optimizer step over this rank's share of ``param_count`` parameters: memory-bound. Fused AdamW reads the
+    fp32 weights (or master copy), the gradient, m and v and writes the weights, m and v back (+ the compute-dtype
+    weights when a master copy exists); gradient clipping reads the gradients once more. Counted for meshwright's
+    runtime, where it was checked on an H200; for the other stacks it would move the published runs the wrong way
+    (Megatron-LM 2021's 1.7-18B runs, already predicted 9-15% slow, by 1-2% more), so their calibration keeps it out."""
+    if hw.stack != "meshwright":
+        return 0.0
+    p = hw.policy
+    n = param_count / (dp if zero >= 1 else 1)
+    master = p.master_bytes or p.param_bytes
+    nbytes = 2 * master + (p.param_bytes if p.master_bytes else 0) + 2 * p.grad_bytes + 2 * optimizer_state_bytes(states)
+    return n * nbytes / hw.mem_bw
+
+
+FLASH_BWD_OVER_FWD = 2.5
+# A GEMM whose dimension breaks 16-byte alignment (e.g. gpt2's vocabulary of 50257 bf16 values) cannot use the
+# aligned tensor-core kernels: nanoGPT's padding of 50257 to 50304 made GPT-2 small ~25-30% faster, i.e. its head ran
+# at about half speed. Megatron-LM, DeepSpeed and torchtitan configs pad the vocabulary; meshwright keeps it as given.
+UNALIGNED_GEMM_EFFICIENCY = 0.5
+
+
+def flash_kernels(hw: Hardware) -> bool:
+    """Whether the attention core is costed as a causal FlashAttention-2 kernel: meshwright's runtime with flash
+    attention (PyTorch's SDPA flash backend is FlashAttention-2). The other stacks' fused attention (cuDNN /
+    TransformerEngine, FlashAttention-3 class on H100) and materialized attention keep the dense-matmul count, which
+    the published runs calibrate (benchmarks/bench_published_runs.py)."""
+    return hw.attention == "flash" and hw.stack == "meshwright" and hw.mixed_precision  # FA2 runs in bf16/fp16 only
+
+
+def flash_attention_fwd_s(cfg: ModelConfig, tokens: float, seq_len: int, tp: int, hw: Hardware) -> float:
+    """Forward time of the causal flash-attention core: half of ``attention_core_fwd_flops`` at the kernel's
+    efficiency (``FLASH_EFF_HOPPER`` / ``FLASH_EFF_OTHER``)."""
+    d = cfg.head_dim
+    eff = hw.flash_eff_max * d / (d + 64.0) * seq_len / (seq_len + 512.0)
+    return 0.5 * attention_core_fwd_flops(cfg, tokens, seq_len, tp) / (hw.peak_flops * eff)
+
+
+def head_s(cfg: ModelConfig, tokens: float, tp: int, hw: Hardware) -> float:
+    """Forward + backward time of the output projection; unaligned vocabularies run slower on meshwright."""
+    t = compute_s(head_fwd_flops(cfg, tokens) / tp * 3.0, hw, min(cfg.d_model, cfg.vocab_size / tp))
+    if hw.stack == "meshwright" and hw.mixed_precision and (cfg.vocab_size // tp) % 8:
+        t /= UNALIGNED_GEMM_EFFICIENCY
+    return t
 
 
 def matmul_efficiency(hw: Hardware, width: float) -> float:
@@ -539,6 +654,27 @@ def autocast_extra_act_bytes(cfg: ModelConfig, tokens: float, tp: int, sp: bool,
     return per_token * tokens / (tp if sp else 1)
 
 
+def compiled_activation_bytes(cfg: ModelConfig, tokens: float, tp: int, sp: bool, recompute: str,
+                              elem_bytes: int) -> float:
+    """Bytes a compiled block (``COMPILED_ACT``) saves for backward for ``tokens`` tokens: the fp32 block input, the
+    compute-dtype tensors outside the tp region (split by SP) and inside it (split by tp), norm statistics and the
+    attention log-sum-exp."""
+    if recompute not in ("none", "selective", "full"):
+        raise invalid("recompute", recompute, "none, selective or full")
+    c = COMPILED_ACT[cfg.arch][recompute]
+    h, rep_div = cfg.d_model, (tp if sp else 1)
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    outside = 4.0 * c["x"] * h + elem_bytes * c["rep"] * h + c["stats"]
+    inside = elem_bytes * (c["q"] * q + c["kv"] * kv + c["f"] * cfg.ffn_dim) + 4.0 * c["lse"] * cfg.n_heads
+    return (outside / rep_div + inside / tp) * tokens
+
+
+def compiled_layer(cfg: ModelConfig, index: int, savers: Any, hw: Hardware) -> bool:
+    """Whether block ``index`` is costed as compiled: a compiled run's dense blocks without FP8/WTA-CRS savers (those
+    and MoE layers keep the eager figures)."""
+    return hw.compiled and not cfg.is_moe_layer(index) and not savers.fp8_act and savers.wta_crs is None
+
+
 def embedding_param_count(cfg: ModelConfig, first: bool, last: bool, tp: int) -> float:
     """Parameters of the embedding (first stage) and the untied head + final norm (last stage), tp-sharded."""
     n = 0.0
@@ -564,13 +700,30 @@ def loss_buffer_bytes(cfg: ModelConfig, tokens: float, tp: int) -> float:
     return tokens * cfg.vocab_size / tp * 8.0
 
 
+def loss_peak_bytes(cfg: ModelConfig, tokens: float, tp: int, hw: Hardware) -> float:
+    """Logits-sized buffers alive on the last stage at the loss's peak. Eager: the head's output and its fp32 copy
+    (``logits_bytes``), plus the log-probabilities and fp32 gradient (``loss_buffer_bytes``) on real stacks. Compiled
+    loss (train/compile.py): the fused kernel saves only the compute-dtype logits and writes their gradient in the
+    compute dtype, so 2 x elem bytes per logit (measured: 0.03 B per logit saved beyond the logits on CPU)."""
+    if hw.compiled:
+        return tokens * cfg.vocab_size / tp * 2 * hw.elem_bytes
+    b = logits_bytes(cfg, tokens, tp, hw.elem_bytes)
+    if hw.runtime_buffers:
+        b += loss_buffer_bytes(cfg, tokens, tp)
+    return b
+
+
 def backward_working_bytes(cfg: ModelConfig, index: int, tokens: float, tp: int, sp: bool, recompute: str,
-                           elem_bytes: int) -> float:
+                           elem_bytes: int, compiled: bool = False) -> float:
     """Transient memory while one block runs backward: the activations recomputation rebuilds for it
     (all of them under full, the attention core under selective) plus the gradients of its widest pair of
     FFN activations (2 f/tp per token). A maximum over the rank's layers, like a ZeRO-3 gather buffer."""
-    none = activation_bytes(cfg, index, tokens, tp, sp, "none", elem_bytes)
-    kept = activation_bytes(cfg, index, tokens, tp, sp, recompute, elem_bytes)
+    if compiled:
+        none = compiled_activation_bytes(cfg, tokens, tp, sp, "none", elem_bytes)
+        kept = compiled_activation_bytes(cfg, tokens, tp, sp, recompute, elem_bytes)
+    else:
+        none = activation_bytes(cfg, index, tokens, tp, sp, "none", elem_bytes)
+        kept = activation_bytes(cfg, index, tokens, tp, sp, recompute, elem_bytes)
     f = cfg.top_k * cfg.expert_ffn_dim if cfg.is_moe_layer(index) else cfg.ffn_dim
     return (none - kept) + tokens * 2.0 * f / tp * elem_bytes
 
@@ -630,17 +783,29 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
     lemo = s.savers.lemo if s.savers.lemo is not None else 1.0
     width = min(cfg.d_model, (cfg.expert_ffn_dim if moe else cfg.ffn_dim) / s.tp, cfg.n_heads // s.tp * cfg.head_dim)
     matmul_flops = fwd_flops
+    attn = 0.0
+    if flash_kernels(hw):  # the attention core runs in its own kernel, not at matmul speed
+        matmul_flops -= attention_core_fwd_flops(cfg, tokens, seq_len, s.tp)
+        attn = flash_attention_fwd_s(cfg, tokens * lemo, seq_len, s.tp, hw)
     if s.savers.fp8_gemm and not moe:  # COAT FP8 GEMMs: the linear layers' share runs at FP8 throughput
         linear = 2 * tokens * cfg.layer_params(index) / s.tp
-        matmul_flops = fwd_flops - linear + linear / fp8_matmul_speedup(hw)
+        matmul_flops = matmul_flops - linear + linear / fp8_matmul_speedup(hw)
     matmul = compute_s(matmul_flops * lemo, hw, width)
     memory_bound = elementwise_s(cfg, index, tokens * lemo, s.tp, s.sp, hw) + attention_scores_s(cfg, tokens * lemo, seq_len, s.tp, hw)
-    fwd = matmul + memory_bound
+    fwd = matmul + attn + memory_bound
+    extra_mm = extra_mem = extra_attn = extra
+    if s.recompute == "selective" and hw.stack == "meshwright":
+        # meshwright's SAC policy keeps matmul and attention outputs: backward reruns the memory-bound ops only
+        extra_mm, extra_mem, extra_attn = 0.0, 1.0, 0.0
+    elif attn > 0 and s.recompute != "none":
+        # full reruns the whole forward (attention included); selective (Korthikanti) reruns the attention core
+        extra_mm, extra_attn = (1.0, 1.0) if s.recompute == "full" else (0.0, 1.0)
     # backward is 2x forward for matmuls (input and weight gradients) but ~1x for memory-bound kernels
-    compute_mb = matmul * (3.0 + extra) + memory_bound * (2.0 + extra) + hw.layer_overhead_s
+    compute_mb = (matmul * (3.0 + extra_mm) + attn * (1.0 + FLASH_BWD_OVER_FWD + extra_attn)
+                  + memory_bound * (2.0 + extra_mem) + hw.layer_overhead_s)
     overhead_mb = strategy_overhead_s(hw, s.tp, s.sp, s.zero, s.dp, tokens * lemo)
     model_flops_mb = fwd_flops * 3.0
-    hw_flops_mb = fwd_flops * lemo * (3.0 + extra)
+    hw_flops_mb = fwd_flops * lemo * (3.0 + (0.0 if s.recompute == "selective" and hw.stack == "meshwright" else extra))
     comm_mb = tp_comm_s(tokens * lemo, cfg, s.tp, s.sp, s.recompute, hw)
     if hw.tp_wgrad_overlap and comm_mb > 0:
         # the 2 backward collectives run under the weight-gradient matmuls (1x forward matmul time)
@@ -672,22 +837,34 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
         if group < s.dp:
             dp_mb += hsdp_allreduce_s(shard_params, s.dp, group, s.tp, hw)
         states_b = model_state_bytes(shard_params, group, s.zero, states, hw)
-    act = hw.act_scale * activation_bytes(cfg, index, tokens, s.tp, s.sp, s.recompute, hw.elem_bytes,
-                                          s.savers.fp8_act, s.savers.wta_crs, s.savers.lemo, s.ep)
-    act += attention_score_bytes(cfg, tokens * lemo, seq_len, s.tp, s.recompute, hw)
-    if hw.policy.weight_copy_bytes > 0:
-        act += hw.act_scale * autocast_extra_act_bytes(cfg, tokens * lemo, s.tp, s.sp, s.recompute)
     pol = hw.policy
+    compiled = compiled_layer(cfg, index, s.savers, hw)
+    if compiled:
+        act = hw.act_scale * compiled_activation_bytes(cfg, tokens * lemo, s.tp, s.sp, s.recompute, hw.elem_bytes)
+    else:
+        act = hw.act_scale * activation_bytes(cfg, index, tokens, s.tp, s.sp, s.recompute, hw.elem_bytes,
+                                              s.savers.fp8_act, s.savers.wta_crs, s.savers.lemo, s.ep)
+        if pol.weight_copy_bytes > 0:
+            act += hw.act_scale * autocast_extra_act_bytes(cfg, tokens * lemo, s.tp, s.sp, s.recompute)
+    act += attention_score_bytes(cfg, tokens * lemo, seq_len, s.tp, s.recompute, hw)
     # ZeRO-3: the all-gathered layer + the prefetched next one (+ its unsharded gradient before reduce-scatter)
     gathered = shard_params * pol.gather_bytes * (3 if hw.runtime_buffers else 2) if s.zero >= 3 else 0.0
-    working = (backward_working_bytes(cfg, index, tokens * lemo, s.tp, s.sp, s.recompute, hw.elem_bytes) * hw.act_scale
-               if hw.runtime_buffers else 0.0)
+    working = (backward_working_bytes(cfg, index, tokens * lemo, s.tp, s.sp, s.recompute, hw.elem_bytes, compiled)
+               * hw.act_scale if hw.runtime_buffers else 0.0)
     copies = shard_params * pol.weight_copy_bytes  # autocast's compute-dtype copy of each weight in use
+    compute_mb += weight_traffic_mb_s(shard_params, s.recompute, hw)
+    zero_dp = s.dp_shard or s.dp * s.cp
+    opt_step = optimizer_step_s(shard_params, zero_dp if not moe else s.dp * s.cp, s.zero, states, hw)
+    if compiled and s.recompute != "none":
+        # a compiled checkpointed block saves no weight copy (the casts are recomputed): one layer's at a time
+        working += copies if hw.runtime_buffers else 0.0
+        copies = 0.0
     return {
         "compute_mb": compute_mb, "fwd_mb": fwd, "comm_mb": comm_mb, "overhead_mb": overhead_mb, "dp_mb": dp_mb, "dp_step": dp_step,
         "static_bytes": sum(states_b.values()) + copies, "act_bytes": act, "gathered_bytes": gathered,
         "transient_bytes": gathered + working, "copy_bytes": copies,
         "model_flops_mb": model_flops_mb, "hw_flops_mb": hw_flops_mb, "shard_params": shard_params,
+        "opt_step": opt_step, "accum_mb": grad_accumulate_s(shard_params / (zero_dp if s.zero >= 2 else 1), hw),
         **{f"{k}_bytes": v for k, v in states_b.items()},
     }
 
@@ -716,6 +893,8 @@ class _RankTotals:
     static: list[float] = field(default_factory=list)  # bytes
     act: list[float] = field(default_factory=list)  # bytes per microbatch in flight
     transient: list[float] = field(default_factory=list)  # max over layers: ZeRO-3 gather + backward working set
+    grads: list[float] = field(default_factory=list)  # gradient bytes (part of static)
+    copies: list[float] = field(default_factory=list)  # autocast weight copies (part of static)
     model_flops: float = 0.0
     hw_flops: float = 0.0
     comm: float = 0.0
@@ -724,7 +903,7 @@ class _RankTotals:
     overhead: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("mb_s", "step_s", "static", "act", "transient"):
+        for name in ("mb_s", "step_s", "static", "act", "transient", "grads", "copies"):
             setattr(self, name, [0.0] * self.pp)
 
 
@@ -752,8 +931,10 @@ def _add_layers(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strat
         if c is None:
             c = memo[key] = layer_costs(cfg, i, s, mb_samples, plan.seq_len, hw, states, prev)
         t.mb_s[r] += layer_microbatch_s(c, hw)
-        t.step_s[r] += layer_step_dp_s(c, hw)
+        t.step_s[r] += layer_step_dp_s(c, hw) + c["opt_step"] + (m - 1) * c["accum_mb"]
         t.static[r] += c["static_bytes"]
+        t.grads[r] += c["grads_bytes"]
+        t.copies[r] += c["copy_bytes"]
         t.act[r] += c["act_bytes"]
         t.transient[r] = max(t.transient[r], c["transient_bytes"])
         t.model_flops += c["model_flops_mb"] * m
@@ -783,35 +964,59 @@ def _add_ends(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strateg
     s_last = strategies[-1]
     head_tokens = plan.micro_batch * plan.seq_len * max_dp / s_last.dp / s_last.cp
     head_flops = head_fwd_flops(cfg, head_tokens) / emb.tp
-    t.mb_s[last] += compute_s(head_flops * 3.0, hw, min(cfg.d_model, cfg.vocab_size / emb.tp))
+    t.mb_s[last] += head_s(cfg, head_tokens, emb.tp, hw)
+    t.mb_s[last] += loss_s(cfg, head_tokens, emb.tp, hw)
     t.model_flops += head_flops * 3.0 * m
     t.hw_flops += head_flops * 3.0 * m
     emb_dp = per_stage // emb.tp
     for r in {0, last}:
         t.static[r] += embedding_static_bytes(cfg, r == 0, r == last, emb.tp, emb_dp, emb.zero, plan.optimizer.states, hw)
         n = embedding_param_count(cfg, r == 0, r == last, emb.tp)
+        t.grads[r] += model_state_bytes(n, emb_dp, emb.zero, plan.optimizer.states, hw)["grads"]
+        if r == last:
+            t.copies[r] += cfg.vocab_size * cfg.d_model / emb.tp * hw.policy.weight_copy_bytes
         per_mb, step = dp_comm_s(n, emb_dp, emb.zero, emb.tp, hw)
         t.step_s[r] += step + tied_embedding_grad_s(cfg, emb.tp, pp.degree, per_stage, hw)
+        t.step_s[r] += optimizer_step_s(n, emb_dp, emb.zero, plan.optimizer.states, hw) + (m - 1) * grad_accumulate_s(n, hw)
+        t.mb_s[r] += weight_traffic_mb_s(n if r == last else 0.0, "none", hw)  # the head's cast (the lookup reads fp32)
         t.mb_s[r] += per_mb  # embedding/head ZeRO-2/3 traffic: small, counted as exposed
     return head_tokens
 
 
-def _memory_gib(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, m: int, head_tokens: float) -> list[float]:
+def grads_absent_at_peak(plan: Any, hw: Hardware, strategies: list[Any], m: int) -> bool:
+    """True when no gradient exists while the activations peak: a stack that frees gradients between steps
+    (``grads_set_to_none``), one microbatch per step (no accumulation), one pipeline stage and no data parallelism
+    (DDP buckets and sharded-gradient buffers persist). The peak is then at the start of backward, before the
+    gradients of the large activation holders exist, or at its end, once the activations are gone."""
+    return hw.grads_set_to_none and m == 1 and plan.pipeline.degree == 1 and all(s.dp == 1 for s in strategies)
+
+
+def _memory_gib(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, m: int, head_tokens: float,
+                strategies: list[Any]) -> tuple[list[float], dict[str, float]]:
     """Peak memory per pipeline rank: states, in-flight activations, the largest transient, the loss's buffers
-    on the last rank, framework overhead and allocator headroom."""
+    on the last rank, framework overhead and allocator headroom; and the terms of the largest rank (GiB)."""
     pp = plan.pipeline
     v = pp.virtual_stages if pp.schedule == "interleaved_1f1b" else 1
     last = pp.degree - 1
-    mem = []
+    no_grads = grads_absent_at_peak(plan, hw, strategies, m)
+    mem, terms = [], []
     for r in range(pp.degree):
         inflight = inflight_microbatches(pp.schedule, pp.degree, r, m, v)
-        used = t.static[r] + inflight * t.act[r] + t.transient[r]
-        if r == last:
-            used += logits_bytes(cfg, head_tokens, plan.embedding.tp, hw.elem_bytes)
-            if hw.runtime_buffers:
-                used += loss_buffer_bytes(cfg, head_tokens, plan.embedding.tp)
-        mem.append((used + framework_overhead_bytes(hw, used)) / GIB)
-    return mem
+        loss = loss_peak_bytes(cfg, head_tokens, plan.embedding.tp, hw) if r == last else 0.0
+        used = t.static[r] + inflight * t.act[r] + t.transient[r] + loss
+        absent = 0.0
+        if no_grads:
+            absent = min(t.grads[r], used - (t.static[r] + t.transient[r]))
+            used -= absent
+        over = framework_overhead_bytes(hw, used)
+        mem.append((used + over) / GIB)
+        terms.append({"mem_states_gib": (t.static[r] - t.copies[r]) / GIB, "mem_weight_copies_gib": t.copies[r] / GIB,
+                      "mem_activations_gib": inflight * t.act[r] / GIB, "mem_transient_gib": t.transient[r] / GIB,
+                      "mem_loss_gib": loss / GIB, "mem_grads_absent_gib": absent / GIB,  # subtracted
+                      "mem_overhead_gib": over / GIB,
+                      # what torch.cuda.max_memory_reserved should report: the rest (CUDA context, NCCL) is outside
+                      "mem_reserved_gib": (used + hw.fragmentation * used) / GIB})
+    return mem, terms[max(range(pp.degree), key=lambda r: mem[r])]
 
 
 def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int) -> Prediction:
@@ -833,7 +1038,7 @@ def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int) ->
     if pp.degree > 1:
         step *= hw.pipeline_slowdown
     step += max(t.step_s)
-    mem = _memory_gib(t, plan, cfg, hw, m, head_tokens)
+    mem, mem_terms = _memory_gib(t, plan, cfg, hw, m, head_tokens, strategies)
     tokens = plan.global_batch * plan.seq_len
     # MFU uses the model's own FLOPs per token (PaLM convention); HFU counts recomputation too.
     mfu_flops = cfg.flops_per_token(plan.seq_len) * tokens
@@ -845,5 +1050,6 @@ def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int) ->
         memory_gib=mem, fits=max(mem) * GIB <= hw.memory_bytes,
         breakdown={"compute_s": t.compute / pp.degree, "tp_ep_comm_s": t.comm / pp.degree,
                    "dp_comm_s": t.dp / pp.degree, "framework_overhead_s": t.overhead / pp.degree,
-                   "bubble_fraction": bubble_fraction(pp.degree, m, pp.schedule, v), "microbatches": float(m)},
+                   "bubble_fraction": bubble_fraction(pp.degree, m, pp.schedule, v), "microbatches": float(m),
+                   **mem_terms},
     )

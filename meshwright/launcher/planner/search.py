@@ -686,9 +686,7 @@ def _rank_extra_bytes(o: _Outer, first: bool, last: bool) -> float:
     emb_dp = o.per_stage // o.emb_tp
     extra = cm.embedding_static_bytes(o.cfg, first, last, o.emb_tp, emb_dp, 0 if emb_dp == 1 else 1, o.states, o.hw)
     if last:
-        extra += cm.logits_bytes(o.cfg, o.tokens, o.emb_tp, o.hw.elem_bytes)
-        if o.hw.runtime_buffers:
-            extra += cm.loss_buffer_bytes(o.cfg, o.tokens, o.emb_tp)
+        extra += cm.loss_peak_bytes(o.cfg, o.tokens, o.emb_tp, o.hw)
     return extra
 
 

@@ -54,10 +54,14 @@ class Stack:
     tp_wgrad_overlap: bool  # backward TP collectives overlapped with weight-gradient matmuls
     pipeline_slowdown: float  # step-time factor of the stack's pipeline engine on pp>1 layouts
     runtime_buffers: bool = True  # loss buffers and the backward working set counted
+    # gradients freed between steps (``zero_grad(set_to_none=True)`` with no DDP bucket or fp32 main-grad buffer):
+    # a one-microbatch, one-stage, dp=1 step holds its activations before any gradient exists
+    grads_set_to_none: bool = False
 
 
 STACKS = {
-    "meshwright": Stack("meshwright", "autocast", dp_overlap=True, tp_wgrad_overlap=False, pipeline_slowdown=1.0),
+    "meshwright": Stack("meshwright", "autocast", dp_overlap=True, tp_wgrad_overlap=False, pipeline_slowdown=1.0,
+                        grads_set_to_none=True),
     # Megatron-LM defaults: no --overlap-grad-reduce; async TP all-reduce / SP all-gather overlap the wgrad GEMMs
     "megatron": Stack("megatron", "bf16_fp32_grads", dp_overlap=False, tp_wgrad_overlap=True, pipeline_slowdown=1.0),
     # DeepSpeed's pipeline engine ran 23-27% slower than Megatron's on the same shapes (BLOOM/MT-NLG reports, issue 17)

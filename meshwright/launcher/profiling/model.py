@@ -251,6 +251,7 @@ def apply_model_profile(hw: cm.Hardware, profile: dict[str, Any], cfg: ModelConf
     eff = min(max(flops / t_var / hw.peak_flops, 1e-4), 1.0)
 
     frag = profile.get("allocator_headroom")
+    scale = 1.0 if hw.compiled else scale  # the profile measures eager blocks; compiled ones save COMPILED_ACT
     return dataclasses.replace(hw, matmul_efficiency=eff, efficiency_half_width=0.0, act_scale=scale, mem_bw=float("inf"),
                                layer_overhead_s=overhead, strategy_overheads=overhead_fits(profile, cfg, hw, ratio),
                                fragmentation=hw.fragmentation if frag is None else max(float(frag), 0.0))

@@ -1,0 +1,162 @@
+"""The planner's memory model of a compiled run (``compile: true``) against bytes measured on CPU.
+
+A compiled block (torch.compile per block) saves what AOTAutograd's min-cut partitioner keeps, which is far less
+than eager autocast; the compiled loss never materialises fp32 logits. ``cost_model.COMPILED_ACT`` and
+``loss_peak_bytes`` say how much; these tests measure it with ``saved_tensors_hooks`` (which see the tensors a
+compiled graph saves) under bf16 autocast. The ``aot_eager_decomp_partition`` backend runs the partitioner inductor
+uses without generating kernels (the same tensors are saved; benchmarks/results/planner_gpu.md), so it is fast here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from meshwright.config import load_cluster, load_model_config
+from meshwright.launcher.planner import cost_model as cm
+from meshwright.launcher.profiling.blocks import rope_for, shard_block
+from meshwright.memory.accounting import count_saved_bytes
+from meshwright.models.decoder import lm_loss
+from meshwright.parallel.recompute import apply_recompute
+from meshwright.plan import LayerStrategy, Plan
+
+BACKEND = "aot_eager_decomp_partition"
+SEQ = 32
+
+
+def _cfg(arch: str):
+    # h, f and heads all distinct so a wrong coefficient on any of them shows
+    extra = {"n_kv_heads": 4} if arch == "llama" else {}
+    return load_model_config({"name": f"t-{arch}", "arch": arch, "vocab_size": 256, "d_model": 64, "n_layers": 1,
+                              "n_heads": 4, "ffn_hidden": 176, "max_seq_len": 64, **extra})
+
+
+def _saved(cfg, recompute: str, compiled: bool) -> tuple[float, float]:
+    """(bytes per token, bytes independent of the batch) a block saves under bf16 autocast: two batch sizes."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    block = apply_recompute(shard_block(cfg, 0, 1), recompute)
+    fn = torch.compile(block, backend=BACKEND) if compiled else block
+    rope = rope_for(cfg, SEQ, torch.device("cpu"))
+
+    def total(b: int) -> int:
+        x = torch.randn(b, SEQ, cfg.d_model, requires_grad=True)
+        with count_saved_bytes(block, exclude=[*rope] if rope else []) as sb, torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(x, rope)
+        y.float().sum().backward()  # the graph runs end to end (a saved tensor it lacked would fail here)
+        return sb.total
+
+    a, b = total(2), total(4)
+    per_token = (b - a) / (2 * SEQ)
+    return per_token, a - 2 * SEQ * per_token
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_compiled_block_saves_what_the_cost_model_says(arch, recompute):
+    cfg = _cfg(arch)
+    per_token, fixed = _saved(cfg, recompute, compiled=True)
+    assert per_token == pytest.approx(cm.compiled_activation_bytes(cfg, 1.0, 1, False, recompute, 2), rel=0.02)
+    # without recomputation the graph keeps the bf16 weight copies (the cost model's copy_bytes); with it, none
+    weights = 2 * sum(p.numel() for p in shard_block(cfg, 0, 1).parameters() if p.dim() > 1)
+    assert fixed == pytest.approx(weights if recompute == "none" else 0.0, abs=64 * 1024 if recompute == "full" else 1)
+    h = cm.Hardware(peak_flops=1e12, matmul_efficiency=1.0, devices_per_node=1, intra_bw=1e9, intra_lat=0.0,
+                    inter_bw=1e9, inter_lat=0.0, memory_bytes=1e12, precision="autocast", compiled=True)
+    c = cm.layer_costs(cfg, 0, LayerStrategy(recompute=recompute), 1, SEQ, h)
+    assert c["act_bytes"] == pytest.approx(SEQ * cm.compiled_activation_bytes(cfg, 1.0, 1, False, recompute, 2))
+    assert c["copy_bytes"] == pytest.approx(cfg.layer_params(0) * 2 if recompute == "none" else 0.0)
+
+
+def test_compiled_block_saves_less_than_eager_and_eager_matches_its_own_model():
+    """The eager figures stay those of the eager model; compiling saves ~40% (llama, no recomputation)."""
+    cfg = _cfg("llama")
+    eager, _ = _saved(cfg, "none", compiled=False)
+    compiled, _ = _saved(cfg, "none", compiled=True)
+    want_eager = cm.activation_bytes(cfg, 0, 1.0, 1, False, "none", 2) + cm.autocast_extra_act_bytes(cfg, 1.0, 1, False, "none")
+    assert eager == pytest.approx(want_eager, rel=0.1)
+    assert compiled < 0.7 * eager
+
+
+def test_compiled_loss_keeps_no_fp32_logits():
+    """Eager lm_loss saves fp32 log-probabilities (4 B per logit); the compiled loss only the logits it gets."""
+    torch._dynamo.reset()
+    w = torch.nn.Parameter(torch.randn(512, 32) * 0.02)
+
+    def per_logit(fn) -> float:
+        def total(n: int) -> int:
+            h = torch.randn(n, 32, requires_grad=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = torch.nn.functional.linear(h, w).unsqueeze(0)
+            with count_saved_bytes(exclude=[w, h, logits]) as sb, torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = fn(logits, torch.randint(0, 512, (1, n)))
+            loss.backward()
+            return sb.total
+        return (total(128) - total(64)) / (64 * 512)
+
+    assert per_logit(lm_loss) == pytest.approx(4.0, rel=0.02)
+    assert per_logit(torch.compile(lm_loss, backend=BACKEND)) < 0.1
+    cfg = load_model_config("gpt2-small")
+    hw = cm.hardware_from_cluster(load_cluster("dgx-h100-80g", nodes=1, devices_per_node=1), compile=True)
+    assert cm.loss_peak_bytes(cfg, 1.0, 1, hw) == pytest.approx(4.0 * cfg.vocab_size)  # bf16 logits + bf16 gradient
+    eager = dataclasses.replace(hw, compiled=False)
+    assert cm.loss_peak_bytes(cfg, 1.0, 1, eager) == pytest.approx(14.0 * cfg.vocab_size)
+
+
+def _gpt2_plan(global_batch: int) -> Plan:
+    return Plan(model="gpt2-small", seq_len=1024, global_batch=global_batch, micro_batch=16,
+                layers=[LayerStrategy(repeat=12)])
+
+
+def test_one_microbatch_step_peaks_before_gradients_exist():
+    """meshwright frees gradients between steps: one microbatch holds its activations before any gradient
+    exists; a second microbatch finds the first one's gradients."""
+    cfg = load_model_config("gpt2-small")
+    hw = cm.hardware_from_cluster(load_cluster("dgx-h100-80g", nodes=1, devices_per_node=1), compile=True)
+    one, two = cm.evaluate_plan(_gpt2_plan(16), cfg, hw, 1), cm.evaluate_plan(_gpt2_plan(32), cfg, hw, 1)
+    grads = cfg.num_params() * 4 / cm.GIB
+    assert one.breakdown["mem_grads_absent_gib"] == pytest.approx(grads, rel=1e-6)
+    assert two.breakdown["mem_grads_absent_gib"] == 0.0
+    assert two.memory_gib[0] - one.memory_gib[0] == pytest.approx(grads * (1 + hw.fragmentation), rel=1e-6)
+    megatron = cm.hardware_from_cluster(load_cluster("dgx-h100-80g", nodes=1, devices_per_node=1), stack="megatron")
+    assert cm.evaluate_plan(_gpt2_plan(16), cfg, megatron, 1).breakdown["mem_grads_absent_gib"] == 0.0
+
+
+def test_compile_is_a_meshwright_runtime_setting():
+    with pytest.raises(Exception, match="compile"):
+        cm.hardware_from_cluster(load_cluster("dgx-h100-80g"), stack="megatron", compile=True)
+
+
+def test_plan_auto_and_the_cli_follow_compile(monkeypatch, capsys):
+    """``train --plan auto`` plans for TrainConfig.compile; ``meshwright plan --compile`` predicts the compiled run."""
+    import json
+
+    from meshwright.cli import main
+    from meshwright.config import load_train_config
+    from meshwright.launcher.planner import auto
+
+    seen = []
+    real = cm.hardware_from_cluster
+
+    def spy(*a, **kw):
+        seen.append(kw.get("compile"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(auto.cm, "hardware_from_cluster", spy)
+    for flag in (True, False):
+        tc = load_train_config({"model": "tiny", "cluster": "local-cpu", "seq_len": 32, "global_batch": 2, "micro_batch": 1,
+                                "compile": flag})
+        auto.auto_plan(tc, 1)
+    assert seen == [True, False]
+    argv = ["plan", "--model", "gpt2-small", "--cluster", "dgx-h200-141g", "--nodes", "1", "--devices-per-node", "1",
+            "--seq-len", "1024", "--global-batch", "16", "--tp", "1", "--pp", "1", "--dp", "1", "--recompute", "none",
+            "--micro-batch", "16", "--json"]
+    got = {}
+    for extra in ([], ["--compile"]):
+        assert main(argv + extra) in (0, None)
+        got[bool(extra)] = json.loads(capsys.readouterr().out)["predicted"]["breakdown"]
+    # 16 x 1024 x 50257 logits: 14 B each eager, 4 B compiled
+    assert got[False]["mem_loss_gib"] * cm.GIB == pytest.approx(16 * 1024 * 50257 * 14, rel=1e-5)
+    assert got[True]["mem_loss_gib"] * cm.GIB == pytest.approx(16 * 1024 * 50257 * 4, rel=1e-5)
+    assert got[True]["mem_activations_gib"] < got[False]["mem_activations_gib"]

@@ -10,9 +10,15 @@ where it is replicated) is copied into the sharded parameter; the copy is droppe
 module's full tensors at a time (the largest: the embedding or the head), never the whole model, and the
 device holds only its shards. The cost is CPU time: every value of the model is drawn on every rank.
 
+With ``init="keyed"`` (models/init.py; the default on CUDA) nothing is replayed: each rank draws only the
+tiles of its own shards, on its device, from generators keyed by (seed, parameter name, tile), and the
+one-process ``build_model(cfg, seed=seed, init="keyed")`` holds the same values. The host allocates nothing
+but the (meta) module tree; the device holds its shards plus one tile at a time.
+
 Supported: dense models with the DTensor TP backend and no per-layer savers (the other paths build the full
-model on the host first, as before): megatron-core copies plain-Linear slices at wrap time, expert
-parallelism slices experts by hand, and the savers swap modules with their own RNG draws.
+model first, as before: on the host with ``stream``, on the device with ``keyed``): megatron-core copies
+plain-Linear slices at wrap time, expert parallelism slices experts by hand, and the savers swap modules with
+their own RNG draws.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from meshwright.config import ModelConfig
 from meshwright.models import build_model
-from meshwright.models.layers import rope_tables
+from meshwright.models.init import init_keyed
 from meshwright.plan import Plan
 
 
@@ -52,19 +58,49 @@ def _copy_shard(param: torch.Tensor, full: torch.Tensor) -> None:
         param.copy_(full)
 
 
-@torch.no_grad()
-def materialize(chunks: Iterable[nn.Module], cfg: ModelConfig, seed: int,
-                device: torch.device) -> dict[nn.Parameter, nn.Parameter]:
-    """Allocate ``chunks`` (stages cut from a meta Decoder, already sharded) on ``device`` and fill them with
-    the one-process model's initial values for ``seed``. ``to_empty`` replaces Parameter objects, so this
-    returns {meta parameter: its materialised replacement} for lists built before (gradient buckets)."""
-    chunks = list(chunks)
-    before = {n: p for chunk in chunks for n, p in chunk.named_parameters()}
-    live: dict[str, torch.Tensor] = {}
+def _to_empty(chunks: list[nn.Module], device: torch.device) -> None:
+    """``to_empty`` on every chunk, keeping tied parameters tied (``to_empty`` gives each owning module its own
+    tensor: a tied head would drift from its embedding)."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for chunk in chunks:
+        for module in chunk.modules():
+            for key, p in module._parameters.items():
+                if p is not None:
+                    owners.setdefault(id(p), []).append((module, key))
     for chunk in chunks:
         chunk.to_empty(device=device)
+    for group in owners.values():
+        first, key = group[0]
+        for module, other in group[1:]:
+            setattr(module, other, getattr(first, key))
+
+
+@torch.no_grad()
+def materialize(chunks: Iterable[nn.Module], cfg: ModelConfig, seed: int, device: torch.device,
+                init: str = "stream") -> dict[nn.Parameter, nn.Parameter]:
+    """Allocate ``chunks`` (stages cut from a meta Decoder, already sharded) on ``device`` and fill them with
+    the one-process model's initial values for ``seed`` under ``init`` (``stream`` or ``keyed``). ``to_empty``
+    replaces Parameter objects, so this returns {meta parameter: its materialised replacement} for lists built
+    before (gradient buckets)."""
+    chunks = list(chunks)
+    before = {n: p for chunk in chunks for n, p in chunk.named_parameters()}
+    _to_empty(chunks, device)
+    live: dict[str, torch.Tensor] = {}
+    for chunk in chunks:
         live.update(dict(chunk.named_parameters()))
     ref = build_model(cfg, device="meta")
+    if init == "keyed":
+        init_keyed(live.items(), ref.init_specs(), seed)
+    else:
+        _replay_stream(ref, live, seed)
+    for chunk in chunks:  # non-persistent buffers (RoPE tables) are computed, not drawn
+        if getattr(chunk, "rope_cos", None) is not None:
+            chunk.reset_rope()
+    return {old: live[n] for n, old in before.items()}
+
+
+def _replay_stream(ref: nn.Module, live: dict[str, torch.Tensor], seed: int) -> None:
+    """The one-process CPU stream, module by module; each rank keeps the slices it owns (module docstring)."""
     torch.manual_seed(seed)
     for module in ref.modules():  # the constructors' default inits: drawn, then overwritten, as in one process
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -76,9 +112,3 @@ def materialize(chunks: Iterable[nn.Module], cfg: ModelConfig, seed: int,
             target = live.get(f"{path}.{name}")
             if target is not None:
                 _copy_shard(target, full)
-    for chunk in chunks:  # non-persistent buffers (RoPE tables) are computed, not drawn
-        if getattr(chunk, "rope_cos", None) is not None:
-            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device)
-            chunk.rope_cos.copy_(cos)
-            chunk.rope_sin.copy_(sin)
-    return {old: live[n] for n, old in before.items()}

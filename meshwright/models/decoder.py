@@ -74,7 +74,6 @@ class Decoder(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """(Re)initialise every parameter; also used after building on the meta device."""
-        cfg = self.cfg
         for path, init in self.init_steps():
             init(self.get_submodule(path))
         self.reset_rope()

@@ -90,6 +90,7 @@ def materialize(chunks: Iterable[nn.Module], cfg: ModelConfig, seed: int, device
         live.update(dict(chunk.named_parameters()))
     ref = build_model(cfg, device="meta")
     if init == "keyed":
+        torch.manual_seed(seed)  # nothing is drawn from it here, but later consumers (dropout) start seeded as before
         init_keyed(live.items(), ref.init_specs(), seed)
     else:
         _replay_stream(ref, live, seed)

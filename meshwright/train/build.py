@@ -162,6 +162,7 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
     rt = LocalRuntime(model, device=device, dtype=cfg.dtype,  # bf16 is honoured on CPU too (train/precision.py)
                       compile_backend="inductor" if cfg.compile else None, loss_chunk_tokens=cfg.loss_chunk_tokens)
     rt.plan = job.plan
+    rt.init = scheme
     return rt
 
 

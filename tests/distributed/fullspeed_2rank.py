@@ -84,8 +84,8 @@ KEYED_CASES = {
 
 
 class AllocMeter(TorchDispatchMode):
-    """Bytes of every fresh tensor (an op output that aliases no input: not a view, not in-place) created while
-    active; a DTensor counts its local shard. Deterministic, unlike the allocator's peak on a shared host."""
+    """Bytes of every fresh tensor (an op output that aliases no input: not a view, not in-place; not on meta)
+    created while active; a DTensor counts its local shard. Deterministic, unlike the allocator's peak on a shared host."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -97,7 +97,7 @@ class AllocMeter(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         outs = out if isinstance(out, (tuple, list)) else (out,)
         for ret, t in zip(func._schema.returns, outs):
-            if isinstance(t, torch.Tensor) and ret.alias_info is None:
+            if isinstance(t, torch.Tensor) and ret.alias_info is None and t.device.type != "meta":
                 n = (t._local_tensor if isinstance(t, DTensor) else t).untyped_storage().nbytes()
                 self.total += n
                 self.largest = max(self.largest, n)

@@ -58,7 +58,7 @@ class DeepSpeedRuntime(TorchDistributedCollectives, Runtime):
         if self.zero == 0:
             raise invalid("layers[0].zero", 0, "1, 2 or 3 with dp_backend=deepspeed (zero=0 is plain DDP: use dp_backend=torch)")
         self.device = device or torch.device("cpu")
-        scheme = resolve_init(getattr(train_cfg, "init", "auto"), self.device.type)  # as the one-process run
+        self.init = scheme = resolve_init(getattr(train_cfg, "init", "auto"), self.device.type)  # as one process
         self.model = (build_model(cfg, device=self.device, seed=seed, init="keyed") if scheme == "keyed"
                       else build_model(cfg, device="cpu", seed=seed).to(self.device))
         gb = train_cfg.global_batch if train_cfg is not None else plan.global_batch

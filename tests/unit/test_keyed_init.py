@@ -113,10 +113,13 @@ def test_the_one_process_runtime_starts_from_the_chosen_scheme(tmp_path):
 
     base = {"model": "tiny", "seq_len": 32, "global_batch": 2, "micro_batch": 2, "steps": 1, "warmup_steps": 0,
             "out_dir": str(tmp_path)}
-    for init, ref in (("keyed", build_model("tiny", seed=9, init="keyed")), ("auto", build_model("tiny", seed=9))):
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the runtime trains, and keyed draws
+    auto = build_model("tiny", seed=9, init="keyed", device=device) if device == "cuda" else build_model("tiny", seed=9)
+    for init, ref in (("keyed", build_model("tiny", seed=9, init="keyed", device=device)), ("auto", auto)):
         rt = build_runtime(load_train_config({**base, "init": init, "seed": 9}))
         got = dict(rt.model.named_parameters())
-        assert all(torch.equal(got[n].cpu(), p) for n, p in ref.named_parameters()), init  # auto on CPU: stream
+        assert rt.init == resolve_init(init, device)
+        assert all(torch.equal(got[n], p.to(got[n].device)) for n, p in ref.named_parameters()), init
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -126,3 +129,9 @@ def test_keyed_draws_on_the_gpu_and_auto_picks_it_there():
     again = build_model("tiny", seed=2, device="cuda", init="keyed")
     assert all(torch.equal(x, y) for x, y in zip(model.parameters(), again.parameters()))
     assert resolve_init(TrainConfig().init, "cuda") == "keyed"
+    spec = ParamInit("normal", "layers.0.feed_forward.w1.weight", 0.02)  # a box cut inside tiles, drawn on the GPU
+    whole = torch.empty(3000, 2500, device="cuda")
+    fill_keyed(whole, (3000, 2500), (0, 0), spec, 3)
+    part = torch.empty(1000, 1300, device="cuda")
+    fill_keyed(part, (3000, 2500), (700, 900), spec, 3)
+    assert torch.equal(part, whole[700:1700, 900:2200])

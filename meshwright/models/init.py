@@ -121,9 +121,11 @@ def local_box(param: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tuple
 
 
 @torch.no_grad()
-def init_keyed(named: Iterable[tuple[str, torch.Tensor]], specs: dict[str, ParamInit], seed: int) -> int:
+def init_keyed(named: Iterable[tuple[str, torch.Tensor]], specs: dict[str, ParamInit], seed: int,
+               boxes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] | None = None) -> int:
     """Fill each (name, parameter) with its keyed values (``specs`` from ``Decoder.init_specs``); names not in
-    ``specs`` are an error (a parameter nobody initialises). Returns the values drawn."""
+    ``specs`` are an error (a parameter nobody initialises). ``boxes``: {name: (global shape, offset)} of plain
+    tensors that are shards (expert parallelism); DTensors carry theirs. Returns the values drawn."""
     generators: dict[torch.device, torch.Generator] = {}
     scratch: dict[torch.device, torch.Tensor] = {}
     drawn = 0
@@ -131,7 +133,7 @@ def init_keyed(named: Iterable[tuple[str, torch.Tensor]], specs: dict[str, Param
         spec = specs.get(name)
         if spec is None:
             raise KeyError(f"no keyed initialiser for parameter {name!r}")
-        local, shape, offset = local_box(param)
+        local, shape, offset = (param, *boxes[name]) if boxes and name in boxes else local_box(param)
         gen = generators.setdefault(local.device, torch.Generator(device=local.device))
         buf = scratch.get(local.device)
         need = math.prod(min(t, d) for t, d in zip(tile_shape(shape), shape))

@@ -15,10 +15,10 @@ tiles of its own shards, on its device, from generators keyed by (seed, paramete
 one-process ``build_model(cfg, seed=seed, init="keyed")`` holds the same values. The host allocates nothing
 but the (meta) module tree; the device holds its shards plus one tile at a time.
 
-Supported: dense models with the DTensor TP backend and no per-layer savers (the other paths build the full
-model first, as before: on the host with ``stream``, on the device with ``keyed``): megatron-core copies
-plain-Linear slices at wrap time, expert parallelism slices experts by hand, and the savers swap modules with
-their own RNG draws.
+Supported: models under the DTensor TP backend without per-layer savers, dense or MoE (expert-parallel shards
+are plain tensors cut by hand: ``expert_boxes`` gives their place in the full tensor). The other paths build
+the full model first, as before (on the host with ``stream``, on the device with ``keyed``): megatron-core
+copies plain-Linear slices at wrap time, and the savers swap modules with their own RNG draws.
 """
 
 from __future__ import annotations
@@ -34,13 +34,29 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from meshwright.config import ModelConfig
 from meshwright.models import build_model
 from meshwright.models.init import init_keyed
+from meshwright.models.moe import GroupedExperts
+from meshwright.parallel.expert_parallel import ExpertParallelExperts
 from meshwright.plan import Plan
+
+Box = tuple[tuple[int, ...], tuple[int, ...]]  # (global shape, offset of the local tensor in it)
 
 
 def supports_meta_init(cfg: ModelConfig, plan: Plan, tp_backend: str) -> bool:
     """Whether this model and layout materialise from ``meta`` (see the module docstring)."""
     savers = any(s.savers.fp8_act or s.savers.wta_crs or s.savers.lemo for s in plan.layer_strategies())
-    return tp_backend == "dtensor" and not cfg.n_experts and not savers
+    return tp_backend == "dtensor" and not savers
+
+
+def expert_boxes(chunks: Iterable[nn.Module]) -> dict[str, Box]:
+    """Expert-parallel shards are plain tensors cut by hand: {name: (global shape, offset)} of each."""
+    out: dict[str, Box] = {}
+    for chunk in chunks:
+        for path, module in chunk.named_modules():
+            if isinstance(module, ExpertParallelExperts):
+                for w in ("w1", "w3", "w2"):
+                    local = getattr(module, w)
+                    out[f"{path}.{w}"] = ((module.n_experts, *local.shape[1:]), (module.first_expert,) + (0,) * (local.dim() - 1))
+    return out
 
 
 def _cpu_twin(module: nn.Module) -> nn.Module:
@@ -49,8 +65,10 @@ def _cpu_twin(module: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def _copy_shard(param: torch.Tensor, full: torch.Tensor) -> None:
-    if isinstance(param, DTensor):
+def _copy_shard(param: torch.Tensor, full: torch.Tensor, box: Box | None = None) -> None:
+    if box is not None:
+        param.copy_(full[tuple(slice(o, o + n) for o, n in zip(box[1], param.shape))])
+    elif isinstance(param, DTensor):
         shape, offset = compute_local_shape_and_global_offset(full.shape, param.device_mesh, param.placements)
         local = param.to_local()
         local.copy_(full[tuple(slice(o, o + n) for o, n in zip(offset, shape))])
@@ -67,12 +85,16 @@ def _to_empty(chunks: list[nn.Module], device: torch.device) -> None:
             for key, p in module._parameters.items():
                 if p is not None:
                     owners.setdefault(id(p), []).append((module, key))
+    old = {id(p): p for chunk in chunks for module in chunk.modules() for p in module._parameters.values() if p is not None}
     for chunk in chunks:
         chunk.to_empty(device=device)
-    for group in owners.values():
+    for pid, group in owners.items():
         first, key = group[0]
+        new = getattr(first, key)
         for module, other in group[1:]:
-            setattr(module, other, getattr(first, key))
+            setattr(module, other, new)
+        if getattr(old[pid], "_meshwright_expert", False):  # the expert-shard mark lives on the Parameter object
+            new._meshwright_expert = True
 
 
 @torch.no_grad()
@@ -89,27 +111,30 @@ def materialize(chunks: Iterable[nn.Module], cfg: ModelConfig, seed: int, device
     for chunk in chunks:
         live.update(dict(chunk.named_parameters()))
     ref = build_model(cfg, device="meta")
+    boxes = expert_boxes(chunks)
     if init == "keyed":
         torch.manual_seed(seed)  # nothing is drawn from it here, but later consumers (dropout) start seeded as before
-        init_keyed(live.items(), ref.init_specs(), seed)
+        init_keyed(live.items(), ref.init_specs(), seed, boxes)
     else:
-        _replay_stream(ref, live, seed)
+        _replay_stream(ref, live, seed, boxes)
     for chunk in chunks:  # non-persistent buffers (RoPE tables) are computed, not drawn
         if getattr(chunk, "rope_cos", None) is not None:
             chunk.reset_rope()
     return {old: live[n] for n, old in before.items()}
 
 
-def _replay_stream(ref: nn.Module, live: dict[str, torch.Tensor], seed: int) -> None:
+def _replay_stream(ref: nn.Module, live: dict[str, torch.Tensor], seed: int, boxes: dict[str, Box]) -> None:
     """The one-process CPU stream, module by module; each rank keeps the slices it owns (module docstring)."""
     torch.manual_seed(seed)
-    for module in ref.modules():  # the constructors' default inits: drawn, then overwritten, as in one process
+    for module in ref.modules():  # the constructors' inits, in construction order: drawn, then overwritten
         if isinstance(module, (nn.Linear, nn.Embedding)):
             _cpu_twin(module).reset_parameters()
+        elif isinstance(module, GroupedExperts):  # its constructor calls init_weights
+            _cpu_twin(module).init_weights()
     for path, init in ref.init_steps():
         twin = _cpu_twin(ref.get_submodule(path))
         init(twin)
         for name, full in twin.named_parameters():
             target = live.get(f"{path}.{name}")
             if target is not None:
-                _copy_shard(target, full)
+                _copy_shard(target, full, boxes.get(f"{path}.{name}"))

@@ -248,6 +248,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
             apply_autocast(chunk, self.precision, self.device.type)  # every layout computes in the policy's dtype
         if self.meta_init:  # gradient buckets listed meta parameters: point them at the materialised ones
             new = materialize(chunks, cfg, seed, self.device, self.init)
+            self._expert_params = {new.get(p, p): ep for p, ep in self._expert_params.items()}
+            self._state_shards = {new.get(p, p): v for p, v in self._state_shards.items()}
             self._manual = [([new.get(p, p) for p in ps], group, scale) for ps, group, scale in self._manual]
             self._post_scale = [([new.get(p, p) for p in ps], factor) for ps, factor in self._post_scale]
         self.chunks = chunks

@@ -232,7 +232,8 @@ def _trainer_run(model: Any, batch: int, seq: int, steps: int, warm: int, dtype:
     dt, warmup_s, losses = _time_steps(lambda: trainer.train_step()["loss"], warm, steps)
     traced = _trace(trainer.train_step) if trace else {}
     out = {**traced, **_rates(job.model, batch, seq, dt, runtime.compute_dtype), **_memory(), "compute_dtype": runtime.compute_dtype,
-           "runtime": type(runtime).__name__, "warmup_s": round(warmup_s, 1), "build_s": round(build_s, 1),
+           "runtime": type(runtime).__name__, "init": getattr(runtime, "init", None), "warmup_s": round(warmup_s, 1),
+           "build_s": round(build_s, 1),
            "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4), "compile": compile_,
            "loss_chunk_tokens": loss_chunk}
     runtime.close()

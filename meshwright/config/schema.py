@@ -309,6 +309,10 @@ class TrainConfig:
     compile: bool = False  # torch.compile per transformer block and the loss (train/compile.py)
     loss_chunk_tokens: int = 0  # >0: head + loss per chunk of this many tokens, no full logits (models/chunked_loss.py)
     seed: int = 1234
+    # initial weights: "stream" (one CPU RNG stream, module by module: every earlier run's values), "keyed" (each
+    # parameter tile drawn on its device from (seed, name, tile): shards drawn alone, fast for 7B-70B), "auto":
+    # keyed on CUDA, stream on CPU (CPU trajectories unchanged). models/init.py says why.
+    init: Literal["auto", "stream", "keyed"] = "auto"
     eval_every: int = 50
     eval_batches: int = 4
     log_every: int = 10

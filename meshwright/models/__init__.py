@@ -5,15 +5,38 @@ from __future__ import annotations
 import torch
 
 from meshwright.config import ModelConfig, load_model_config
+from meshwright.errors import invalid
 from meshwright.models.decoder import Block, Decoder, count_parameters, lm_loss
+from meshwright.models.init import keyed_model
 from meshwright.models.hf_weights import from_pretrained, load_pretrained_into
 
 
-def build_model(cfg: ModelConfig | str | dict, device: str | torch.device | None = None, seed: int | None = None) -> Decoder:
-    """Build the decoder for ``cfg``. On ``device='meta'`` nothing is allocated (for counting/planning)."""
+def build_model(cfg: ModelConfig | str | dict, device: str | torch.device | None = None, seed: int | None = None,
+                init: str = "stream") -> Decoder:
+    """Build the decoder for ``cfg``. On ``device='meta'`` nothing is allocated (for counting/planning).
+
+    ``init``: ``stream`` draws every value from the global CPU RNG in module order (the values every earlier run
+    started from); ``keyed`` builds on meta and draws each parameter on ``device`` from generators keyed by
+    (seed, name, tile) (models/init.py): the values a sharded run draws shard by shard."""
     cfg = load_model_config(cfg)
+    if init not in ("stream", "keyed"):
+        raise invalid("init", init, "stream or keyed")
     if seed is not None:
         torch.manual_seed(seed)
+    if init == "keyed":
+        if seed is None:
+            raise invalid("seed", seed, "an integer with init=keyed (the keys need it)")
+        with torch.device("meta"):
+            model = Decoder(cfg)
+        target = torch.device(device) if device is not None else torch.device("cpu")
+        if target.type == "meta":
+            return model
+        model.to_empty(device=target)
+        if cfg.tie_embeddings:  # to_empty gives each module its own tensor: tie again
+            model.output.weight = model.tok_embeddings.weight
+        keyed_model(model, model.init_specs(), seed)
+        model.reset_rope()
+        return model
     if device is None:
         return Decoder(cfg)
     with torch.device(device):

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshwright.config import ModelConfig
+from meshwright.models.init import ParamInit
 from meshwright.models.layers import Attention, GeluMLP, RMSNorm, SwiGLU, init_linear, residual_std, rope_tables
-from meshwright.models.moe import MoE
+from meshwright.models.moe import GroupedExperts, MoE
 
 
 class Block(nn.Module):
@@ -73,9 +74,14 @@ class Decoder(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """(Re)initialise every parameter; also used after building on the meta device."""
-        cfg = self.cfg
         for path, init in self.init_steps():
             init(self.get_submodule(path))
+        self.reset_rope()
+
+    @torch.no_grad()
+    def reset_rope(self) -> None:
+        """Recompute the RoPE tables (non-persistent buffers: computed, never drawn; garbage after ``to_empty``)."""
+        cfg = self.cfg
         if cfg.arch == "llama" and self.rope_cos is not None:
             cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device,
                                    scaling=cfg.rope_scaling)
@@ -106,6 +112,45 @@ class Decoder(nn.Module):
         if self.output is not None and not cfg.tie_embeddings:
             steps.append(("output", functools.partial(_normal_weight, std=cfg.init_std)))
         return steps
+
+    def init_specs(self) -> dict[str, ParamInit]:
+        """{parameter name: how it starts} with the distributions ``init_steps`` gives (the last step that touches a
+        parameter wins, as in the stream), for the ``keyed`` scheme (models/init.py). Tied names share a key."""
+        cfg = self.cfg
+        specs: dict[str, ParamInit] = {}
+
+        def normal(name: str, std: float) -> None:
+            specs[name] = ParamInit("normal", name, std)
+
+        if self.tok_embeddings is not None:
+            normal("tok_embeddings.weight", cfg.init_std)
+        if self.pos_embeddings is not None:
+            normal("pos_embeddings.weight", cfg.init_std / 2)
+        for key, block in self.layers.items():
+            for name, module in block.named_modules():
+                path = f"layers.{key}.{name}" if name else f"layers.{key}"
+                if isinstance(module, nn.Linear):
+                    normal(f"{path}.weight", residual_std(cfg) if name.endswith(("wo", "w2")) else cfg.init_std)
+                elif isinstance(module, GroupedExperts):
+                    normal(f"{path}.w1", module.std)
+                    normal(f"{path}.w3", module.std)
+                    normal(f"{path}.w2", module.out_std)
+                elif not isinstance(module, (nn.LayerNorm, RMSNorm)):
+                    continue
+                if isinstance(module, (nn.LayerNorm, RMSNorm)):
+                    specs[f"{path}.weight"] = ParamInit("ones", f"{path}.weight")
+                if getattr(module, "bias", None) is not None:
+                    specs[f"{path}.bias"] = ParamInit("zeros", f"{path}.bias")
+        if self.norm is not None:
+            specs["norm.weight"] = ParamInit("ones", "norm.weight")
+            if getattr(self.norm, "bias", None) is not None:
+                specs["norm.bias"] = ParamInit("zeros", "norm.bias")
+        if self.output is not None:
+            if cfg.tie_embeddings:
+                specs["output.weight"] = ParamInit("normal", "tok_embeddings.weight", cfg.init_std)
+            else:
+                normal("output.weight", cfg.init_std)
+        return specs
 
     def rope(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.rope_cos is None:

@@ -19,6 +19,7 @@ from torch import nn
 from meshwright.config import ModelConfig, load_model_config
 from meshwright.errors import invalid
 from meshwright.models import build_model, lm_loss
+from meshwright.models.init import resolve_init
 from meshwright.parallel.support import check_runtime_support
 from meshwright.plan import Plan, validate_plan
 from meshwright.train.precision import PrecisionPolicy
@@ -57,7 +58,9 @@ class DeepSpeedRuntime(TorchDistributedCollectives, Runtime):
         if self.zero == 0:
             raise invalid("layers[0].zero", 0, "1, 2 or 3 with dp_backend=deepspeed (zero=0 is plain DDP: use dp_backend=torch)")
         self.device = device or torch.device("cpu")
-        self.model = build_model(cfg, device="cpu", seed=seed).to(self.device)
+        self.init = scheme = resolve_init(getattr(train_cfg, "init", "auto"), self.device.type)  # as one process
+        self.model = (build_model(cfg, device=self.device, seed=seed, init="keyed") if scheme == "keyed"
+                      else build_model(cfg, device="cpu", seed=seed).to(self.device))
         gb = train_cfg.global_batch if train_cfg is not None else plan.global_batch
         mb = train_cfg.micro_batch if train_cfg is not None else plan.micro_batch
         self.grad_accum = micro_batches_per_step or gb // (self.dp_size * mb)

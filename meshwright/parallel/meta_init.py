@@ -10,9 +10,15 @@ where it is replicated) is copied into the sharded parameter; the copy is droppe
 module's full tensors at a time (the largest: the embedding or the head), never the whole model, and the
 device holds only its shards. The cost is CPU time: every value of the model is drawn on every rank.
 
-Supported: dense models with the DTensor TP backend and no per-layer savers (the other paths build the full
-model on the host first, as before): megatron-core copies plain-Linear slices at wrap time, expert
-parallelism slices experts by hand, and the savers swap modules with their own RNG draws.
+With ``init="keyed"`` (models/init.py; the default on CUDA) nothing is replayed: each rank draws only the
+tiles of its own shards, on its device, from generators keyed by (seed, parameter name, tile), and the
+one-process ``build_model(cfg, seed=seed, init="keyed")`` holds the same values. The host allocates nothing
+but the (meta) module tree; the device holds its shards plus one tile at a time.
+
+Supported: models under the DTensor TP backend without per-layer savers, dense or MoE (expert-parallel shards
+are plain tensors cut by hand: ``expert_boxes`` gives their place in the full tensor). The other paths build
+the full model first, as before (on the host with ``stream``, on the device with ``keyed``): megatron-core
+copies plain-Linear slices at wrap time, and the savers swap modules with their own RNG draws.
 """
 
 from __future__ import annotations
@@ -27,14 +33,30 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from meshwright.config import ModelConfig
 from meshwright.models import build_model
-from meshwright.models.layers import rope_tables
+from meshwright.models.init import init_keyed
+from meshwright.models.moe import GroupedExperts
+from meshwright.parallel.expert_parallel import ExpertParallelExperts
 from meshwright.plan import Plan
+
+Box = tuple[tuple[int, ...], tuple[int, ...]]  # (global shape, offset of the local tensor in it)
 
 
 def supports_meta_init(cfg: ModelConfig, plan: Plan, tp_backend: str) -> bool:
     """Whether this model and layout materialise from ``meta`` (see the module docstring)."""
     savers = any(s.savers.fp8_act or s.savers.wta_crs or s.savers.lemo for s in plan.layer_strategies())
-    return tp_backend == "dtensor" and not cfg.n_experts and not savers
+    return tp_backend == "dtensor" and not savers
+
+
+def expert_boxes(chunks: Iterable[nn.Module]) -> dict[str, Box]:
+    """Expert-parallel shards are plain tensors cut by hand: {name: (global shape, offset)} of each."""
+    out: dict[str, Box] = {}
+    for chunk in chunks:
+        for path, module in chunk.named_modules():
+            if isinstance(module, ExpertParallelExperts):
+                for w in ("w1", "w3", "w2"):
+                    local = getattr(module, w)
+                    out[f"{path}.{w}"] = ((module.n_experts, *local.shape[1:]), (module.first_expert,) + (0,) * (local.dim() - 1))
+    return out
 
 
 def _cpu_twin(module: nn.Module) -> nn.Module:
@@ -43,8 +65,10 @@ def _cpu_twin(module: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def _copy_shard(param: torch.Tensor, full: torch.Tensor) -> None:
-    if isinstance(param, DTensor):
+def _copy_shard(param: torch.Tensor, full: torch.Tensor, box: Box | None = None) -> None:
+    if box is not None:
+        param.copy_(full[tuple(slice(o, o + n) for o, n in zip(box[1], param.shape))])
+    elif isinstance(param, DTensor):
         shape, offset = compute_local_shape_and_global_offset(full.shape, param.device_mesh, param.placements)
         local = param.to_local()
         local.copy_(full[tuple(slice(o, o + n) for o, n in zip(offset, shape))])
@@ -52,33 +76,65 @@ def _copy_shard(param: torch.Tensor, full: torch.Tensor) -> None:
         param.copy_(full)
 
 
-@torch.no_grad()
-def materialize(chunks: Iterable[nn.Module], cfg: ModelConfig, seed: int,
-                device: torch.device) -> dict[nn.Parameter, nn.Parameter]:
-    """Allocate ``chunks`` (stages cut from a meta Decoder, already sharded) on ``device`` and fill them with
-    the one-process model's initial values for ``seed``. ``to_empty`` replaces Parameter objects, so this
-    returns {meta parameter: its materialised replacement} for lists built before (gradient buckets)."""
-    chunks = list(chunks)
-    before = {n: p for chunk in chunks for n, p in chunk.named_parameters()}
-    live: dict[str, torch.Tensor] = {}
+def _to_empty(chunks: list[nn.Module], device: torch.device) -> None:
+    """``to_empty`` on every chunk, keeping tied parameters tied (``to_empty`` gives each owning module its own
+    tensor: a tied head would drift from its embedding)."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for chunk in chunks:
+        for module in chunk.modules():
+            for key, p in module._parameters.items():
+                if p is not None:
+                    owners.setdefault(id(p), []).append((module, key))
+    old = {id(p): p for chunk in chunks for module in chunk.modules() for p in module._parameters.values() if p is not None}
     for chunk in chunks:
         chunk.to_empty(device=device)
+    for pid, group in owners.items():
+        first, key = group[0]
+        new = getattr(first, key)
+        for module, other in group[1:]:
+            setattr(module, other, new)
+        if getattr(old[pid], "_meshwright_expert", False):  # the expert-shard mark lives on the Parameter object
+            new._meshwright_expert = True
+
+
+@torch.no_grad()
+def materialize(chunks: Iterable[nn.Module], cfg: ModelConfig, seed: int, device: torch.device,
+                init: str = "stream") -> dict[nn.Parameter, nn.Parameter]:
+    """Allocate ``chunks`` (stages cut from a meta Decoder, already sharded) on ``device`` and fill them with
+    the one-process model's initial values for ``seed`` under ``init`` (``stream`` or ``keyed``). ``to_empty``
+    replaces Parameter objects, so this returns {meta parameter: its materialised replacement} for lists built
+    before (gradient buckets)."""
+    chunks = list(chunks)
+    before = {n: p for chunk in chunks for n, p in chunk.named_parameters()}
+    _to_empty(chunks, device)
+    live: dict[str, torch.Tensor] = {}
+    for chunk in chunks:
         live.update(dict(chunk.named_parameters()))
     ref = build_model(cfg, device="meta")
+    boxes = expert_boxes(chunks)
+    if init == "keyed":
+        torch.manual_seed(seed)  # nothing is drawn from it here, but later consumers (dropout) start seeded as before
+        init_keyed(live.items(), ref.init_specs(), seed, boxes)
+    else:
+        _replay_stream(ref, live, seed, boxes)
+    for chunk in chunks:  # non-persistent buffers (RoPE tables) are computed, not drawn
+        if getattr(chunk, "rope_cos", None) is not None:
+            chunk.reset_rope()
+    return {old: live[n] for n, old in before.items()}
+
+
+def _replay_stream(ref: nn.Module, live: dict[str, torch.Tensor], seed: int, boxes: dict[str, Box]) -> None:
+    """The one-process CPU stream, module by module; each rank keeps the slices it owns (module docstring)."""
     torch.manual_seed(seed)
-    for module in ref.modules():  # the constructors' default inits: drawn, then overwritten, as in one process
+    for module in ref.modules():  # the constructors' inits, in construction order: drawn, then overwritten
         if isinstance(module, (nn.Linear, nn.Embedding)):
             _cpu_twin(module).reset_parameters()
+        elif isinstance(module, GroupedExperts):  # its constructor calls init_weights
+            _cpu_twin(module).init_weights()
     for path, init in ref.init_steps():
         twin = _cpu_twin(ref.get_submodule(path))
         init(twin)
         for name, full in twin.named_parameters():
             target = live.get(f"{path}.{name}")
             if target is not None:
-                _copy_shard(target, full)
-    for chunk in chunks:  # non-persistent buffers (RoPE tables) are computed, not drawn
-        if getattr(chunk, "rope_cos", None) is not None:
-            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device)
-            chunk.rope_cos.copy_(cos)
-            chunk.rope_sin.copy_(sin)
-    return {old: live[n] for n, old in before.items()}
+                _copy_shard(target, full, boxes.get(f"{path}.{name}"))

@@ -38,6 +38,7 @@ from meshwright.memory.fp8_activations import apply_fp8_activations
 from meshwright.memory.wta_crs import apply_wta_crs_per_layer
 from meshwright.models import build_model, lm_loss, load_pretrained_into
 from meshwright.models.decoder import Decoder
+from meshwright.models.init import resolve_init
 from meshwright.models.moe import attach_aux_loss_to_backward, router_stats
 from meshwright.parallel.data_parallel import all_reduce_grads, apply_ddp, apply_fsdp, zero1_optimizer
 from meshwright.parallel.expert_parallel import A2AMeter, EPGroups, apply_ep, ep_groups_from_mesh, is_expert_param
@@ -164,13 +165,14 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
     def __init__(self, model_cfg: ModelConfig | str | dict, plan: Plan, *, tp_backend: str = "dtensor",
                  seed: int = 1234, device: torch.device | None = None, dp_shard: int | None = None,
                  init_from: str | None = None, precision: PrecisionPolicy | None = None,
-                 compile_backend: str | None = None) -> None:
+                 compile_backend: str | None = None, init: str = "auto") -> None:
         """``dp_shard`` turns ZeRO-2/3 layers into HSDP: shard over ``dp_shard`` ranks, replicate across
         ``dp/dp_shard`` groups (None: shard over the whole dp group). ``init_from`` loads a Hugging Face
         checkpoint: after the layout is applied, so each rank reads only its stages' parameters and, for
         DTensor (tp/FSDP) shards, only its slices; Megatron's plain shards load into the full model first.
         ``precision``: fp32 when None. ``compile_backend``: torch.compile each block (after TP and recompute,
-        before FSDP2) and the loss."""
+        before FSDP2) and the loss. ``init``: the initial weights' scheme (models/init.py; ``auto``: keyed on
+        CUDA, the CPU stream elsewhere), the one-process model's for the same seed."""
         cfg = load_model_config(model_cfg)
         self.precision = precision or PrecisionPolicy()
         self.compute_dtype = self.precision.compute_dtype
@@ -179,6 +181,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         validate_plan(plan, cfg, self.world_size)
         check_runtime_support(plan, cfg, tp_backend, "torch")
         self.device = device or torch.device("cpu")
+        self.init = resolve_init(init, self.device.type)
         if tp_backend == "megatron" and self.precision.mixed and self.device.type != "cuda":
             raise invalid("dtype", self.compute_dtype, "fp32 with tp_backend=megatron on CPU (megatron-core's linear "
                           "backward honours autocast on CUDA only), or tp_backend=dtensor")
@@ -195,7 +198,12 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         strategies = self.strategies = plan.layer_strategies()
         # dense DTensor layouts: built on meta, each rank materialises its shards only (parallel/meta_init.py)
         self.meta_init = supports_meta_init(cfg, plan, tp_backend)
-        full = build_model(cfg, device="meta") if self.meta_init else build_model(cfg, device="cpu", seed=seed).to(self.device)
+        if self.meta_init:
+            full = build_model(cfg, device="meta")
+        elif self.init == "keyed":  # the whole model, but drawn on the device
+            full = build_model(cfg, device=self.device, seed=seed, init="keyed")
+        else:
+            full = build_model(cfg, device="cpu", seed=seed).to(self.device)
         if init_from is not None and tp_backend == "megatron":
             load_pretrained_into(full, init_from, cfg)
         self.saver_layers = apply_plan_savers(full, plan, seed)
@@ -239,7 +247,9 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
             self._apply_outer(chunk)
             apply_autocast(chunk, self.precision, self.device.type)  # every layout computes in the policy's dtype
         if self.meta_init:  # gradient buckets listed meta parameters: point them at the materialised ones
-            new = materialize(chunks, cfg, seed, self.device)
+            new = materialize(chunks, cfg, seed, self.device, self.init)
+            self._expert_params = {new.get(p, p): ep for p, ep in self._expert_params.items()}
+            self._state_shards = {new.get(p, p): v for p, v in self._state_shards.items()}
             self._manual = [([new.get(p, p) for p in ps], group, scale) for ps, group, scale in self._manual]
             self._post_scale = [([new.get(p, p) for p in ps], factor) for ps, factor in self._post_scale]
         self.chunks = chunks
@@ -530,7 +540,8 @@ def build_distributed_runtime(train_cfg: Any, model_cfg: ModelConfig, plan: Plan
     else:
         rt = DistributedRuntime(model_cfg, plan, tp_backend=train_cfg.tp_backend, seed=train_cfg.seed, device=device,
                                init_from=init_from, precision=PrecisionPolicy.from_dtype(train_cfg.dtype),
-                               compile_backend="inductor" if train_cfg.compile else None)
+                               compile_backend="inductor" if train_cfg.compile else None,
+                               init=getattr(train_cfg, "init", "auto"))
     per_rank = train_cfg.global_batch // rt.dp_size if train_cfg.global_batch % rt.dp_size == 0 else None
     if per_rank is None or per_rank % train_cfg.micro_batch:
         raise invalid("global_batch", train_cfg.global_batch,

@@ -17,6 +17,7 @@ from meshwright.launcher.planner.auto import auto_plan
 from meshwright.launcher.profiling.auto import auto_profiles, describe
 from meshwright.memory.meft import MeftConfig, make_reversible
 from meshwright.models import build_model, load_pretrained_into
+from meshwright.models.init import resolve_init
 from meshwright.parallel.runtime import build_distributed_runtime, init_distributed
 from meshwright.plan import Plan, default_plan, load_plan, validate_plan
 from meshwright.train.local_runtime import LocalRuntime
@@ -151,7 +152,9 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
         raise invalid("compile" if cfg.compile else "loss_chunk_tokens", cfg.compile or cfg.loss_chunk_tokens,
                       "false/0 with meft (the reversible model is neither compiled nor split at the head)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build_model(model_cfg, seed=cfg.seed)  # drawn on the CPU: the values every layout starts from
+    # the values every layout starts from: one CPU stream, or keyed draws on the device itself (models/init.py)
+    scheme = resolve_init(cfg.init, device)
+    model = build_model(model_cfg, seed=cfg.seed, init=scheme, device=device if scheme == "keyed" else None)
     if cfg.init_from is not None:  # pretrained weights before any saver wraps the modules
         load_pretrained_into(model, cfg.init_from, model_cfg)
     if cfg.meft is not None:  # reversible fine-tuning: frozen base, adapters (+ head) train
@@ -159,6 +162,7 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
     rt = LocalRuntime(model, device=device, dtype=cfg.dtype,  # bf16 is honoured on CPU too (train/precision.py)
                       compile_backend="inductor" if cfg.compile else None, loss_chunk_tokens=cfg.loss_chunk_tokens)
     rt.plan = job.plan
+    rt.init = scheme
     return rt
 
 

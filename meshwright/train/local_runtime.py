@@ -24,6 +24,7 @@ class LocalRuntime(Runtime):
         """``compile_backend``: torch.compile each block and the loss with it (None: eager).
         ``loss_chunk_tokens`` > 0: head + loss per chunk of tokens, the whole logits never exist."""
         self.plan: Any = None  # the Plan this process was started with, if any (written to out_dir/plan.yaml)
+        self.init: str | None = None  # the initial weights' scheme (models/init.py), when train/build.py built them
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.model.train()

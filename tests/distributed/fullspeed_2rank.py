@@ -32,7 +32,9 @@ from parity_lib import (
     uniform,
 )
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from meshwright.config import load_model_config
 from meshwright.models import build_model
 from meshwright.parallel.runtime import DistributedRuntime
 from meshwright.plan import plan_from_dict
@@ -70,6 +72,111 @@ META_CASES = {
     "meta_pp2_interleaved": plan(uniform(), pipeline={"degree": 2, "schedule": "interleaved_1f1b", "microbatches": 4,
                                                       "virtual_stages": 2}),
 }
+
+
+# keyed init (models/init.py) with 16x16 tiles, so the tiny model's parameters are cut into many tiles and every
+# shard boundary falls on a tile edge: each rank draws exactly its shards' values (no tile is drawn twice)
+KEYED_TILE = 16
+KEYED_CASES = {
+    "keyed_tp2_sp": plan(uniform(tp=2, sp=True)),
+    "keyed_dp2_zero3_fsdp": plan(uniform(dp=2, zero=3), embedding={"zero": 3}),
+    "keyed_pp2_1f1b": plan(uniform(), pipeline={"degree": 2, "schedule": "1f1b", "microbatches": 4}),
+}
+# MoE with expert parallelism, also built on meta now: expert shards are plain tensors cut by hand
+KEYED_MOE = load_model_config({"name": "tiny-moe-par", "arch": "llama", "vocab_size": 256, "d_model": 32,
+                               "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 64, "moe_ffn_hidden": 48,
+                               "n_experts": 4, "top_k": 2, "max_seq_len": 64})
+KEYED_MOE_CASES = {"keyed_moe_ep2_dp2": {**plan([{"dp": 2, "ep": 2, "repeat": 2}]), "model": "tiny-moe-par"}}
+
+
+class AllocMeter(TorchDispatchMode):
+    """Bytes of every fresh tensor (an op output that aliases no input: not a view, not in-place; not on meta)
+    created while active; a DTensor counts its local shard. Deterministic, unlike the allocator's peak on a shared host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.distributed.tensor import DTensor
+
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        for ret, t in zip(func._schema.returns, outs):
+            if isinstance(t, torch.Tensor) and ret.alias_info is None and t.device.type != "meta":
+                n = (t._local_tensor if isinstance(t, DTensor) else t).untyped_storage().nbytes()
+                self.total += n
+                self.largest = max(self.largest, n)
+        return out
+
+
+def keyed_case(pd: dict, cfg=CFG) -> dict:
+    """Initial weights bitwise equal to the one-process keyed model; then one step's gradients match it. Each rank
+    draws exactly the values of its own shards (``values_drawn``); materialising allocates its shards (and the RoPE
+    tables), and while drawing no tensor above one tile: no full-size tensor of a sharded parameter, no copy of
+    the model, exists on a rank at any moment (counted by AllocMeter, the fresh tensors' bytes)."""
+    from torch.distributed.tensor import DTensor
+
+    from meshwright.models import init as keyed
+    from meshwright.parallel import meta_init
+
+    old_tile, old_fill = keyed.TILE, meta_init.init_keyed
+    keyed.TILE = KEYED_TILE
+    meters = {"draw": AllocMeter(), "to_empty": AllocMeter()}
+    drawn = []
+    old_to_empty = meta_init._to_empty
+
+    def metered_fill(named, specs, seed, boxes=None):
+        with meters["draw"]:
+            drawn.append(old_fill(named, specs, seed, boxes))
+        return drawn[-1]
+
+    def metered_to_empty(chunks, device):
+        with meters["to_empty"]:
+            old_to_empty(chunks, device)
+
+    meta_init.init_keyed, meta_init._to_empty = metered_fill, metered_to_empty
+    try:
+        ref_model = build_model(cfg, seed=SEED, init="keyed")
+        ref = {n: p.detach().clone() for n, p in ref_model.named_parameters()}
+        specs = ref_model.init_specs()
+        ref_step = reference(steps=1, model=ref_model)[0] if cfg is CFG else None  # dense: the loss is lm_loss alone
+        rt = DistributedRuntime(cfg, plan_from_dict(pd), seed=SEED, init="keyed")
+    finally:
+        keyed.TILE, meta_init.init_keyed, meta_init._to_empty = old_tile, old_fill, old_to_empty
+    mismatched, local_numel, local_normal, local_bytes = [], 0, 0, 0
+    boxes = meta_init.expert_boxes(rt.chunks)  # expert shards: compared with their experts' slice of one process
+    for name, p in rt.model.named_parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        local_numel += local.numel()
+        local_bytes += local.numel() * local.element_size()
+        local_normal += local.numel() if specs[name].kind == "normal" else 0
+        full = p.full_tensor() if isinstance(p, DTensor) else p
+        want = ref[name]
+        if name in boxes:
+            want = want[tuple(slice(o, o + n) for o, n in zip(boxes[name][1], p.shape))]
+        if not torch.equal(full.detach(), want):
+            mismatched.append(name)
+    total = sum(p.numel() for p in ref.values())
+    buffer_bytes = sum(b.numel() * b.element_size() for c in rt.chunks for b in c.buffers())  # RoPE tables
+    grad_rel = 0.0
+    if ref_step is not None:
+        rt.forward_backward(shard(0, rt.dp_rank, rt.dp_size))
+        grad_rel = max(rel(g, ref_step["grads"][n]) for n, g in full_grads(rt).items())
+    rt.close()
+    tile_bytes = KEYED_TILE * KEYED_TILE * 4
+    draw, alloc = meters["draw"], meters["to_empty"]
+    ok = (rt.meta_init and rt.init == "keyed" and not mismatched and grad_rel <= RTOL and local_numel < total
+          and drawn == [local_normal]  # exactly this rank's shards of the drawn parameters, nothing else
+          # while drawing: no tensor above one tile (the reused buffer); all together (with the device mesh's
+          # small index tensors) under a tenth of this rank's share, where a full copy would exceed it
+          and draw.largest <= tile_bytes and draw.total < local_bytes / 10
+          and alloc.total == local_bytes + buffer_bytes)  # to_empty: this rank's shards and RoPE tables, no more
+    return {"ok": ok, "mismatched": mismatched[:5], "local_fraction": local_numel / total, "grad_rel": grad_rel,
+            "values_drawn": drawn, "local_normal_numel": local_normal, "draw_alloc_bytes": draw.total,
+            "draw_largest_bytes": draw.largest, "to_empty_bytes": alloc.total, "local_param_bytes": local_bytes,
+            "buffer_bytes": buffer_bytes,
+            "model_bytes": total * 4}
 
 
 class LinearDtypes:
@@ -177,6 +284,8 @@ def main() -> None:
     cases = {**{name: (lambda pd=pd, backend=backend: bf16_case(pd, backend, ref))
                 for name, (pd, backend) in BF16_CASES.items()},
              **{name: (lambda pd=pd: meta_case(pd, ref32[0])) for name, pd in META_CASES.items()},
+             **{name: (lambda pd=pd: keyed_case(pd)) for name, pd in KEYED_CASES.items()},
+             **{name: (lambda pd=pd: keyed_case(pd, KEYED_MOE)) for name, pd in KEYED_MOE_CASES.items()},
              **{name: (lambda pd=pd: compile_case(pd, ref32)) for name, pd in COMPILE_CASES.items()},
              "bf16_deepspeed_zero3": lambda: bf16_deepspeed_case(ref)}
     for name, run in cases.items():

@@ -2,7 +2,9 @@
 matmuls under every layout and the losses track the one-process bf16 run (relative error <= 5e-3);
 ``compile`` composes with FSDP2 + recompute, TP/SP and pipelining (fp32 losses within 1e-4 of eager);
 meta-device initialisation under tp2+sp, FSDP2 (ZeRO-2/3) and pp2 gives the one-process weights bitwise,
-each rank holding only its shards, and the first step's gradients match one process within 1e-5."""
+each rank holding only its shards, and the first step's gradients match one process within 1e-5; the keyed
+scheme (init: keyed) under tp2+sp, FSDP2 ZeRO-3, pp2 and MoE ep2 gives the one-process keyed weights bitwise, each rank
+drawing exactly its shards' values and allocating no tensor above one tile while drawing."""
 
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from helpers import read_json, run_torchrun
 HERE = Path(__file__).resolve().parent
 CASES = {"bf16_dp2_ddp", "bf16_dp2_zero3_fsdp", "bf16_tp2_dtensor", "bf16_tp2_sp_recompute", "bf16_pp2_1f1b", "bf16_deepspeed_zero3",
          "bf16_megatron_cpu_refused", "compile_dp2_zero3_fsdp_recompute", "compile_tp2_sp", "compile_pp2_1f1b",
-         "compile_megatron_refused", "meta_tp2_sp", "meta_dp2_zero3_fsdp", "meta_dp2_zero2_fsdp", "meta_pp2_1f1b", "meta_pp2_interleaved"}
+         "compile_megatron_refused", "meta_tp2_sp", "meta_dp2_zero3_fsdp", "meta_dp2_zero2_fsdp", "meta_pp2_1f1b", "meta_pp2_interleaved",
+         "keyed_tp2_sp", "keyed_dp2_zero3_fsdp", "keyed_pp2_1f1b", "keyed_moe_ep2_dp2"}
 
 
 @pytest.mark.timeout(420)

@@ -1,0 +1,136 @@
+"""Build time of the initial weights (issue 16, meta init): the ``stream`` scheme (one CPU RNG stream replayed
+module by module on every rank) against ``keyed`` (each rank draws its own tiles on its device).
+
+A llama2-7b-shaped model with ``--layers`` layers. World 1 (gloo on CPU, NCCL on CUDA): the plan of gpu_check's
+llama7b_planned section (tp1 pp1 dp1, full recompute); under torchrun ``--layout`` fsdp (ZeRO-3, embeddings
+too), tp or pp over all ranks. Times ``DistributedRuntime`` construction (built on ``meta``, then materialised)
+and, at world 1, ``build_model`` for the one-process run. Prints one JSON line per (scheme, what) from rank 0.
+
+    PYTHONPATH=. python benchmarks/bench_meta_init.py --layers 2 --init stream keyed --threads 1
+    PYTHONPATH=. torchrun --nproc-per-node 2 benchmarks/bench_meta_init.py --layers 2 --layout fsdp --what runtime
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import meshwright.parallel.runtime as runtime_mod
+from meshwright.config import load_model_config
+from meshwright.models import build_model
+from meshwright.parallel.runtime import DistributedRuntime, init_distributed
+from meshwright.plan import plan_from_dict
+
+
+class FreshBytes(TorchDispatchMode):
+    """Bytes of every fresh tensor (an op output aliasing no input, not on meta) created while active; DTensors count
+    their shard."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for ret, t in zip(func._schema.returns, out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and ret.alias_info is None and t.device.type != "meta":
+                self.total += getattr(t, "_local_tensor", t).untyped_storage().nbytes()
+        return out
+
+
+def metered_materialize(meter: FreshBytes):
+    """``materialize`` as the runtime calls it, under ``meter``."""
+    original = runtime_mod.materialize
+
+    def run(*args, **kwargs):
+        with meter:
+            return original(*args, **kwargs)
+    return run
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama2-7b")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--init", nargs="+", default=["stream", "keyed"], choices=["stream", "keyed"])
+    ap.add_argument("--what", nargs="+", default=["runtime", "one_process"], choices=["runtime", "one_process"])
+    ap.add_argument("--layout", default="single", choices=["single", "fsdp", "tp", "pp"])
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    ap.add_argument("--count-bytes", action="store_true", help="count the bytes materialisation allocates (slower)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = load_model_config(args.model)
+    cfg = load_model_config({**{k: getattr(base, k) for k in base.__dataclass_fields__}, "n_layers": args.layers,
+                             "name": f"{base.name}-{args.layers}l"})
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(_free_port())})
+    device = init_distributed()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    layer = {"single": {"recompute": "full"}, "fsdp": {"dp": world, "zero": 3}, "tp": {"tp": world}, "pp": {}}[args.layout]
+    pd = {"model": cfg.name, "seq_len": 128, "global_batch": world, "micro_batch": 1,
+          "layers": [{**layer, "repeat": cfg.n_layers}]}
+    if args.layout == "fsdp":
+        pd["embedding"] = {"zero": 3}
+    if args.layout == "pp":
+        pd["pipeline"] = {"degree": world, "schedule": "1f1b", "microbatches": world}
+        pd["global_batch"] = world
+    whats = args.what if world == 1 else ["runtime"]
+    for init in args.init:
+        for what in whats:
+            dist.barrier()
+            t0, c0 = time.perf_counter(), time.process_time()
+            if what == "runtime":
+                meter, original = FreshBytes(), runtime_mod.materialize
+                if args.count_bytes:
+                    runtime_mod.materialize = metered_materialize(meter)
+                try:
+                    rt = DistributedRuntime(cfg, plan_from_dict(pd), seed=1234, device=device, init=init)
+                finally:
+                    runtime_mod.materialize = original
+                _sync()
+                dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+                extra = {"meta_init": rt.meta_init, "local_params": sum(
+                    (p.to_local() if hasattr(p, "to_local") else p).numel() for p in rt.parameters())}
+                if args.count_bytes:
+                    extra["materialize_fresh_bytes"] = meter.total
+                rt.close()
+                del rt
+            else:
+                target = device if init == "keyed" else None
+                build_model(cfg, seed=1234, init=init, device=target).to(device)  # dropped once timed
+                _sync()
+                dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+                extra = {}
+            slowest = torch.tensor([dt], device=device)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+            if rank == 0:
+                print(json.dumps({"model": cfg.name, "params": cfg.num_params(), "init": init, "what": what,
+                                  "layout": args.layout, "world": world, "device": str(device),
+                                  "threads": torch.get_num_threads(), "seconds": round(dt, 2), "cpu_s": round(cpu, 2),
+                                  "slowest_rank_s": round(float(slowest), 2), **extra}), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

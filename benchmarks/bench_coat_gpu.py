@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results.append(run_one(name, args))
             continue
         cmd = [sys.executable, __file__, "--one", name, *(argv if argv is not None else sys.argv[1:])]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keep carried packages (torchao)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         results.append(json.loads(lines[-1]) if proc.returncode == 0 and lines
                        else {"name": name, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]})

@@ -10,7 +10,7 @@ set -u
 MODE=${1:-gpu}
 OUT=${OUT:-/tmp/gpu_all}; mkdir -p "$OUT"
 PY=${PY:-python3}
-PARTS=${PARTS:-tests,check,optim,coat,planner}
+PARTS=${PARTS:-tests,check,optim,coat,planner,trace}
 STEPS=${STEPS:-120}
 CHECK=${CHECK:-gpt2_trainer_compiled,gpt2_plain_compiled,llama1b_trainer_compiled,llama7b_planned}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MESHWRIGHT_CACHE_DIR=${MESHWRIGHT_CACHE_DIR:-/tmp/mw-profiles}
@@ -27,8 +27,9 @@ if [ "$MODE" = cpu ]; then SMOKE=--cpu-smoke; COAT="--smoke"; OPT="--device cpu 
 else SMOKE=; COAT="--steps $STEPS"; OPT="--device cuda --model llama-1.3b --steps 5"; PL="--cases gpt2-small --steps 30"; fi
 if has tests && [ "$MODE" != cpu ]; then
   stamp CUDA tests
-  timeout 120 $PY -m pytest -q -p no:cacheprovider tests/unit/test_fp8_activations.py tests/unit/test_coat_planner.py \
-    tests/unit/test_wta_crs_sync_free.py tests/unit/test_coat_optimizer.py -k "cuda or fp8_gpus" 2>&1 | tail -4
+  timeout 150 $PY -m pytest -q -p no:cacheprovider tests/unit/test_fp8_activations.py tests/unit/test_coat_planner.py \
+    tests/unit/test_wta_crs_sync_free.py tests/unit/test_coat_optimizer.py -k "cuda or fp8_gpus" 2>&1 | tail -2
+  timeout 150 $PY -m pytest -q -p no:cacheprovider tests/unit/test_coat_triton.py tests/unit/test_keyed_init.py 2>&1 | tail -6
 fi
 if has check; then
   stamp gpu_check "$CHECK"
@@ -46,5 +47,9 @@ fi
 if has planner; then
   stamp "train --plan auto: predicted vs measured"
   timeout 150 $PY benchmarks/bench_planner_gpu.py $PL --out "$OUT/planner_gpu.md" 2>&1 | tail -3
+fi
+if has trace; then  # last: where the trainer's step time goes, beside the plain loop's (torch.profiler)
+  stamp traced steps
+  timeout 120 $PY benchmarks/gpu_check.py $SMOKE --out "$OUT/gpu_trace.json" --only gpt2_trainer_traced,gpt2_plain_traced 2>&1 | grep "^\["
 fi
 stamp done

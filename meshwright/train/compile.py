@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from meshwright.errors import invalid
+from meshwright.models import lm_loss
 from meshwright.models.chunked_loss import chunk_loss_sum
 
 BACKENDS = ("inductor", "aot_eager", "eager")
@@ -43,6 +44,20 @@ def compiled_loss(loss_fn: Callable[..., torch.Tensor], backend: str = "inductor
     """The loss compiled on its own: the fp32 upcast, log-softmax and gather fuse, so the fp32 logits copy
     exists only inside the kernel."""
     return torch.compile(loss_fn, backend=check_backend(backend))
+
+
+def head_lm_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``lm_loss(head(hidden), targets)``: the output projection and the loss as one function to compile."""
+    return lm_loss(head(hidden), targets)
+
+
+def compiled_head_loss(backend: str = "inductor") -> Callable[..., torch.Tensor]:
+    """The output projection compiled together with the loss. Why: left eager, the head is a plain cuBLAS
+    GEMM, and a vocabulary that is not a multiple of 8 (gpt2's 50257) makes it an unaligned one that runs
+    far below peak; inside the graph inductor pads it (``shape_padding``) and fuses the fp32 upcast and
+    log-softmax onto it. On an H200 the eager head left gpt2-small's trainer with ~16 ms more GPU work per
+    step than a whole-model compiled loop (0.72x its tokens/s, 2026-11-26)."""
+    return torch.compile(head_lm_loss, backend=check_backend(backend))
 
 
 def compiled_chunk_loss(backend: str = "inductor") -> Callable[..., torch.Tensor]:

@@ -79,3 +79,29 @@ def test_a_cached_hardware_profile_measured_on_a_busy_machine_is_measured_again(
     monkeypatch.setattr(ap, "profile_hardware", reprofiled)
     with pytest.raises(RuntimeError, match="re-profiled"):
         ap.auto_profiles(cfg, 1, 32, 2)
+
+
+def test_a_profiled_plan_keeps_the_work_outside_the_blocks_and_the_training_fragmentation(tmp_path, monkeypatch):
+    """The block fits hold the blocks' memory-bound kernels, not the loss, optimizer step or gradient
+    accumulation: those stay costed at the device's bandwidth. The profile's allocator headroom (measured
+    after many block shapes) does not replace the fragmentation of a one-shape training run."""
+    import dataclasses
+
+    monkeypatch.setenv("MESHWRIGHT_CACHE_DIR", str(tmp_path))
+    from meshwright.config import load_cluster
+    from meshwright.launcher.planner import cost_model as cm
+    from meshwright.launcher.profiling.model import apply_model_profile
+    from meshwright.plan import LayerStrategy
+
+    cfg = load_model_config("tiny")
+    hw_prof, prof = ap.auto_profiles(cfg, 1, 32, 2)
+    preset = cm.hardware_from_cluster(load_cluster("local-cpu"), hw_prof)
+    calibrated = apply_model_profile(preset, {**prof, "allocator_headroom": 0.5}, cfg, hw_prof)
+    assert calibrated.block_time_measured and calibrated.fragmentation == preset.fragmentation
+    assert calibrated.mem_bw == preset.mem_bw < float("inf")
+    mine = dataclasses.replace(calibrated, stack="meshwright")
+    assert cm.optimizer_step_s(1e6, 1, 0, "fp32", mine) > 0 and cm.loss_s(cfg, 64, 1, mine) > 0
+    s = LayerStrategy()
+    inside = cm.layer_costs(cfg, 0, s, 2, 32, calibrated)["compute_mb"]
+    again = cm.layer_costs(cfg, 0, s, 2, 32, dataclasses.replace(calibrated, block_time_measured=False))["compute_mb"]
+    assert again > inside  # without the flag the blocks' elementwise kernels would be counted twice

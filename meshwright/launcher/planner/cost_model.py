@@ -109,6 +109,10 @@ class Hardware:
     pipeline_slowdown: float = 1.0
     stack: str = "analytic"
     fp8_peak_flops: float = 0.0  # FP8 tensor-core matmul FLOP/s (0: none or unknown), for savers.fp8_gemm
+    # a model profile timed the blocks (profiling/model.py): their fits already hold the memory-bound kernels and the
+    # attention core, so layer_costs adds neither; the work outside the blocks (loss, optimizer step, gradient
+    # accumulation, the head's weight cast) is still costed at mem_bw
+    block_time_measured: bool = False
     # TrainConfig.compile (meshwright's runtime): blocks compiled (COMPILED_ACT) and the loss compiled (no fp32 logits)
     compiled: bool = False
     grads_set_to_none: bool = False  # Stack.grads_set_to_none: gradients do not exist before the first backward
@@ -784,14 +788,15 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
     width = min(cfg.d_model, (cfg.expert_ffn_dim if moe else cfg.ffn_dim) / s.tp, cfg.n_heads // s.tp * cfg.head_dim)
     matmul_flops = fwd_flops
     attn = 0.0
-    if flash_kernels(hw):  # the attention core runs in its own kernel, not at matmul speed
+    if flash_kernels(hw) and not hw.block_time_measured:  # the attention core runs in its own kernel, not at matmul speed
         matmul_flops -= attention_core_fwd_flops(cfg, tokens, seq_len, s.tp)
         attn = flash_attention_fwd_s(cfg, tokens * lemo, seq_len, s.tp, hw)
     if s.savers.fp8_gemm and not moe:  # COAT FP8 GEMMs: the linear layers' share runs at FP8 throughput
         linear = 2 * tokens * cfg.layer_params(index) / s.tp
         matmul_flops = matmul_flops - linear + linear / fp8_matmul_speedup(hw)
     matmul = compute_s(matmul_flops * lemo, hw, width)
-    memory_bound = elementwise_s(cfg, index, tokens * lemo, s.tp, s.sp, hw) + attention_scores_s(cfg, tokens * lemo, seq_len, s.tp, hw)
+    memory_bound = 0.0 if hw.block_time_measured else (
+        elementwise_s(cfg, index, tokens * lemo, s.tp, s.sp, hw) + attention_scores_s(cfg, tokens * lemo, seq_len, s.tp, hw))
     fwd = matmul + attn + memory_bound
     extra_mm = extra_mem = extra_attn = extra
     if s.recompute == "selective" and hw.stack == "meshwright":

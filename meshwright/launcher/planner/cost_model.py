@@ -693,6 +693,9 @@ def embedding_param_count(cfg: ModelConfig, first: bool, last: bool, tp: int) ->
     return n
 
 
+EAGER_LOSS_PEAK_BYTES = 12.0  # per logit, meshwright's eager loss at its backward peak (loss_peak_bytes)
+
+
 def logits_bytes(cfg: ModelConfig, tokens: float, tp: int, elem_bytes: int) -> float:
     """Logits of one microbatch on the last stage: the head's output plus the fp32 copy the loss keeps."""
     return tokens * cfg.vocab_size / tp * (elem_bytes + 4)
@@ -711,6 +714,11 @@ def loss_peak_bytes(cfg: ModelConfig, tokens: float, tp: int, hw: Hardware) -> f
     compute dtype, so 2 x elem bytes per logit (measured: 0.03 B per logit saved beyond the logits on CPU)."""
     if hw.compiled:
         return tokens * cfg.vocab_size / tp * 2 * hw.elem_bytes
+    if hw.stack == "meshwright" and hw.runtime_buffers:
+        # our eager lm_loss: nothing keeps the head's output or its fp32 copy past the forward (log_softmax saves
+        # only its result), so the peak is in backward: the saved fp32 log-probabilities, their gradient and the
+        # logits' fp32 gradient, 12 B per logit (gpt2-small eager bf16 on an H200: ~11.5 B per logit measured)
+        return tokens * cfg.vocab_size / tp * EAGER_LOSS_PEAK_BYTES
     b = logits_bytes(cfg, tokens, tp, hw.elem_bytes)
     if hw.runtime_buffers:
         b += loss_buffer_bytes(cfg, tokens, tp)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["trainer", "full_speed", "parallel", "planner", "planner_trust_table", "planner_tables", "published_runs", "capacity",
+ORDER = ["gpu_h200", "trainer", "full_speed", "parallel", "planner", "planner_trust_table", "planner_tables", "published_runs", "capacity",
          "exports", "moe", "moe_savers_runtime", "coat", "finetune", "wta_crs", "meft", "lemo", "energy", "launch",
          "checkpoint_safety"]
 
@@ -18,8 +18,8 @@ HEADER = """# Benchmarks
 Every figure below was measured on the machine named in its section, with the command given there,
 side by side with its baseline in one run. Timings on the 2-core development CPU are noisy (other
 work shared the cores while several were taken); ratios and deterministic quantities (bytes saved
-for backward, optimizer-state bytes, FLOPs) are the figures to trust. No GPU was lent for these
-sessions, so there are no GPU figures yet.
+for backward, optimizer-state bytes, FLOPs) are the figures to trust. GPU figures come from one NVIDIA H200
+lent for 15 minutes on 2026-11-26 (first section); sections that say "not yet measured" on a GPU still are.
 """
 
 

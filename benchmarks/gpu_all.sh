@@ -14,6 +14,9 @@ PARTS=${PARTS:-tests,check,optim,coat,planner,trace}
 STEPS=${STEPS:-120}
 CHECK=${CHECK:-gpt2_trainer_compiled,gpt2_plain_compiled,llama1b_trainer_compiled,llama7b_planned}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MESHWRIGHT_CACHE_DIR=${MESHWRIGHT_CACHE_DIR:-/tmp/mw-profiles}
+# the log is written as it goes (a call cut short by its time limit keeps it): no caller-side tee, and every
+# filter here is line-buffered (a block-buffered grep lost the whole log of the second H200 call)
+exec > >(tee -a "$OUT/log.txt") 2>&1
 T0=$(date +%s); stamp() { echo "== [$(( $(date +%s) - T0 ))s] $*"; }
 has() { [[ ",$PARTS," == *",$1,"* ]]; }
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (torchao): installed out of the image's way
@@ -33,7 +36,7 @@ if has tests && [ "$MODE" != cpu ]; then
 fi
 if has check; then
   stamp gpu_check "$CHECK"
-  timeout 330 $PY benchmarks/gpu_check.py $SMOKE --out "$OUT/gpu_check.json" --only "$CHECK" 2>&1 | grep "^\["
+  timeout 330 $PY benchmarks/gpu_check.py $SMOKE --out "$OUT/gpu_check.json" --only "$CHECK" 2>&1 | grep --line-buffered "^\["
 fi
 if has optim; then
   stamp CoatAdamW optimizer step
@@ -50,6 +53,6 @@ if has planner; then
 fi
 if has trace; then  # last: where the trainer's step time goes, beside the plain loop's (torch.profiler)
   stamp traced steps
-  timeout 120 $PY benchmarks/gpu_check.py $SMOKE --out "$OUT/gpu_trace.json" --only gpt2_trainer_traced,gpt2_plain_traced 2>&1 | grep "^\["
+  timeout 120 $PY benchmarks/gpu_check.py $SMOKE --out "$OUT/gpu_trace.json" --only gpt2_trainer_traced,gpt2_plain_traced 2>&1 | grep --line-buffered "^\["
 fi
 stamp done

@@ -32,7 +32,9 @@ from meshwright.errors import invalid
 from meshwright.models.layers import GeluMLP, RMSNorm, SwiGLU
 from meshwright.memory.fp8_gemm import BACKENDS, GRAD_FP8, INPUT_FP8, WEIGHT_FP8, fp8_mm, gemm_backend
 from meshwright.memory.fp8_cast import (dequantize_last_dim_groups, dequantize_per_tensor, quantize_last_dim_groups,
-                                        quantize_per_tensor)
+                                        quantize_per_tensor, quantize_per_tensor_t)
+from meshwright.memory.fp8_fused import (fused_rmsnorm_backward, fused_rmsnorm_forward, fused_swiglu_backward,
+                                         fused_swiglu_forward)
 from meshwright.optim.fp8_quant import fp8_dtype
 
 GROUP = 16  # COAT's 1 x 16 groups for non-linear inputs
@@ -44,23 +46,46 @@ KEEP_LINEAR = ("attention.wo",)
 
 # ---- a one-entry cache so wq/wk/wv (and w1/w3) save one FP8 copy of their shared input ----------
 class _QuantCache:
-    """Remembers the FP8 copy of the last linear input. Everything is held by weak reference: the
-    input decides whether it is the same tensor, and the FP8 copy lives only as long as autograd keeps
-    it for backward (no FP8 tensor outlives its step because of the cache)."""
+    """Remembers the FP8 copies of the last linear input while that input is alive.
+
+    The entry (FP8 copy, scale and, for FP8 GEMMs, the transposed FP8 copy the weight gradient reads) is
+    keyed by a weak reference to the input and dropped when the input is freed, so wq/wk/wv (w1/w3) cast
+    their shared input once and no FP8 copy outlives its input because of the cache; autograd keeps
+    what the backward needs.
+    """
 
     def __init__(self) -> None:
         self._ref: weakref.ReferenceType | None = None
-        self._value: tuple[weakref.ReferenceType, weakref.ReferenceType] | None = None
+        self._entry: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         self._version = -1
 
+    def _drop(self, ref: weakref.ReferenceType) -> None:
+        if ref is self._ref:
+            self._ref, self._entry = None, None
+
+    def _hit(self, x: torch.Tensor, dtype: torch.dtype, transposed: bool) -> bool:
+        e = self._entry
+        return (e is not None and self._ref is not None and self._ref() is x and self._version == x._version
+                and e[0].dtype == dtype and (e[2] is not None or not transposed))
+
     def get(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._ref is not None and self._ref() is x and self._version == x._version and self._value is not None:
-            q, scale = self._value[0](), self._value[1]()
-            if q is not None and scale is not None and q.dtype == dtype:
-                return q, scale
-        q, scale = quantize_per_tensor(x, dtype)
-        self._ref, self._value, self._version = weakref.ref(x), (weakref.ref(q), weakref.ref(scale)), x._version
-        return q, scale
+        """(FP8 copy of x's shape, fp32 scale)."""
+        if not self._hit(x, dtype, False):
+            q, scale = quantize_per_tensor(x, dtype)
+            self._store(x, (q, scale, None))
+        q, scale = self._entry[0], self._entry[1]
+        return q.view(x.shape), scale
+
+    def get_t(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(FP8 copy as (tokens, k), its contiguous transpose (k, tokens), fp32 scale), cast in one go."""
+        if not self._hit(x, dtype, True):
+            q, qt, scale = quantize_per_tensor_t(_flat2(x), dtype)  # 2-D: one compiled graph for any rank
+            self._store(x, (q, scale, qt))
+        q, scale, qt = self._entry
+        return q.view(-1, x.shape[-1]), qt, scale
+
+    def _store(self, x: torch.Tensor, entry: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]) -> None:
+        self._ref, self._entry, self._version = weakref.ref(x, self._drop), entry, x._version
 
 
 def _flat2(t: torch.Tensor) -> torch.Tensor:
@@ -89,21 +114,25 @@ class _FP8LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 cache: _QuantCache, dtype: torch.dtype, gemm: str | None = None) -> torch.Tensor:
-        q, scale = cache.get(x, dtype)
         ctx.has_bias = bias is not None
         ctx.x_dtype, ctx.gemm = x.dtype, gemm
         if gemm is None:
+            q, scale = cache.get(x, dtype)
             out = F.linear(x, weight, bias)
             ctx.compute_dtype, ctx.w_dtype = out.dtype, weight.dtype
             ctx.save_for_backward(q, scale, weight)
             return out
+        # Layouts for _scaled_mm (row-major A, column-major B) planned so that no GEMM copies an operand:
+        # forward x @ W^T reads q (row-major) and qw^T = qw viewed transposed; the backward reads the
+        # transposed copies written by the casts: g @ W with B = (W^T)^T, g^T x with A = g^T, B = (x^T)^T.
+        q, qt, scale = cache.get_t(x, dtype)
         cdt = _compute_dtype(x)
-        qw, sw = quantize_per_tensor(weight, WEIGHT_FP8)
-        out = fp8_mm(_flat2(q), scale, qw.t(), sw, cdt, gemm).view(*x.shape[:-1], weight.shape[0])
+        qw, qwt, sw = quantize_per_tensor_t(weight, WEIGHT_FP8)
+        out = fp8_mm(q, scale, qw.t(), sw, cdt, gemm).view(*x.shape[:-1], weight.shape[0])
         if bias is not None:
             out = out + bias.to(cdt)
         ctx.compute_dtype, ctx.w_dtype = cdt, weight.dtype
-        ctx.save_for_backward(q, scale, qw, sw)  # not the weight: FSDP may free its gathered copy
+        ctx.save_for_backward(qt, scale, qwt, sw)  # not the weight: FSDP may free its gathered copy
         return out
 
     @staticmethod
@@ -119,38 +148,33 @@ class _FP8LinearFn(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 gw = (g2.t() @ _flat2(dequantize_per_tensor(q, scale, cdt))).to(weight.dtype)
         else:
-            q, scale, qw, sw = ctx.saved_tensors
-            qg, sg = quantize_per_tensor(grad, GRAD_FP8)
-            qg2 = _flat2(qg)
+            qt, scale, qwt, sw = ctx.saved_tensors
+            qg, qgt, sg = quantize_per_tensor_t(g2, GRAD_FP8)
             if ctx.needs_input_grad[0]:
-                gx = fp8_mm(qg2, sg, qw, sw, cdt, ctx.gemm).view(grad.shape[:-1] + (qw.shape[1],)).to(ctx.x_dtype)
+                gx = fp8_mm(qg, sg, qwt.t(), sw, cdt, ctx.gemm).view(grad.shape[:-1] + (qwt.shape[0],)).to(ctx.x_dtype)
             if ctx.needs_input_grad[1]:
-                gw = fp8_mm(qg2.t(), sg, _flat2(q), scale, cdt, ctx.gemm).to(ctx.w_dtype)
+                gw = fp8_mm(qgt, sg, qt.t(), scale, cdt, ctx.gemm).to(ctx.w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g2.sum(0).to(ctx.w_dtype)
         return gx, gw, gb, None, None, None
 
 
 class _FP8RMSNormFn(torch.autograd.Function):
-    """RMSNorm saving x in 1x16 FP8 groups plus the per-token fp32 1/rms (4 bytes per token)."""
+    """RMSNorm saving x in 1x16 FP8 groups plus the per-token fp32 1/rms (4 bytes per token).
+
+    Forward and backward are one compiled unit each on GPUs (:mod:`meshwright.memory.fp8_fused`)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        xf = x.float()
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        q, s = quantize_last_dim_groups(x, GROUP)
+        out, rstd, q, s = fused_rmsnorm_forward(x, weight, eps, GROUP)
         ctx.save_for_backward(q, s, rstd, weight)
-        return (xf * rstd).type_as(x) * weight
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, s, rstd, weight = ctx.saved_tensors
-        xhat = dequantize_last_dim_groups(q, s, GROUP) * rstd
-        g = grad.float()
-        gw = (g * xhat).reshape(-1, xhat.shape[-1]).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        dxhat = g * weight.float()
-        gx = rstd * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
-        return gx.to(grad.dtype), gw, None
+        gx, gw = fused_rmsnorm_backward(grad, q, s, rstd, weight, GROUP)
+        return gx, gw.to(weight.dtype) if ctx.needs_input_grad[1] else None, None
 
 
 class _FP8LayerNormFn(torch.autograd.Function):
@@ -181,21 +205,19 @@ class _FP8LayerNormFn(torch.autograd.Function):
 
 
 class _FP8SwiGLUProductFn(torch.autograd.Function):
-    """silu(a) * b saving a and b in 1x16 FP8 groups (instead of a, silu(a) and b in full precision)."""
+    """silu(a) * b saving a and b in 1x16 FP8 groups (instead of a, silu(a) and b in full precision).
+
+    Forward and backward are one compiled unit each on GPUs (:mod:`meshwright.memory.fp8_fused`)."""
 
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(*quantize_last_dim_groups(a, GROUP), *quantize_last_dim_groups(b, GROUP))
-        return F.silu(a) * b
+        out, *saved = fused_swiglu_forward(a, b, GROUP)
+        ctx.save_for_backward(*saved)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        qa, sa, qb, sb = ctx.saved_tensors
-        a = dequantize_last_dim_groups(qa, sa, GROUP, grad.dtype)
-        b = dequantize_last_dim_groups(qb, sb, GROUP, grad.dtype)
-        sig = torch.sigmoid(a)
-        silu = a * sig
-        return grad * b * sig * (1 + a * (1 - sig)), grad * silu
+        return fused_swiglu_backward(grad, *ctx.saved_tensors, GROUP)
 
 
 class _FP8GeluFn(torch.autograd.Function):

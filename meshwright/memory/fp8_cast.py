@@ -17,24 +17,43 @@ from typing import Any, Callable
 
 import torch
 
+from meshwright.memory import op_bytes
 from meshwright.optim import fp8_quant
+
+
+def _dynamic(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    for d in range(t.dim()):
+        torch._dynamo.maybe_mark_dynamic(t, d)
+    return t
 
 
 class CompiledOnDevices:
     """Call ``fn`` compiled (built on first use) when its first argument lives on one of ``devices``."""
 
-    def __init__(self, fn: Callable[..., Any], devices: tuple[str, ...] = ("cuda",)) -> None:
+    def __init__(self, fn: Callable[..., Any], devices: tuple[str, ...] = ("cuda",), passes: int = 1) -> None:
         self.fn, self.devices = fn, devices
+        self.passes = passes  # reads of the inputs by the fused kernels (2 where a global amax precedes a cast)
         self._compiled: Callable[..., Any] | None = None
         self.broken = False
 
     def __call__(self, x: torch.Tensor, *args: Any) -> Any:
+        if op_bytes.counting():  # counted as the fused kernel the GPU runs (memory/op_bytes.py)
+            return op_bytes.run_as_fused(self.fn.__name__, self.fn, (x, *args), self.passes)
         if self.broken or x.device.type not in self.devices:
             return self.fn(x, *args)
         if self._compiled is None:
-            self._compiled = torch.compile(self.fn, dynamic=True)
+            self._compiled = torch.compile(self.fn)
+        # One graph per input dtype and output format: plain detached tensors (a Parameter is another
+        # type with static shapes for dynamo: one graph per weight shape) and autocast off (the forward
+        # runs under autocast, the backward not). Beyond 8 graphs dynamo silently runs the function
+        # eagerly (recompile_limit), as the quantisers of weights, inputs and gradients together did.
+        # Tensor dimensions are dynamic from the first call (one graph for every shape), Python numbers
+        # (group size, eps) constants: ``dynamic=True`` would make them symbols too (slower indexing).
+        x, args = _dynamic(x), tuple(_dynamic(a) if isinstance(a, torch.Tensor) else a for a in args)
         try:
-            return self._compiled(x, *args)
+            with torch.autocast(x.device.type, enabled=False):
+                return self._compiled(x, *args)
         except Exception as exc:  # noqa: BLE001 - no Triton / compiler here: stay correct, just slower
             self.broken = True
             warnings.warn(f"{self.fn.__name__}: torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); "
@@ -42,7 +61,8 @@ class CompiledOnDevices:
             return self.fn(x, *args)
 
 
-quantize_per_tensor = CompiledOnDevices(fp8_quant.quantize_per_tensor)
+quantize_per_tensor = CompiledOnDevices(fp8_quant.quantize_per_tensor, passes=2)
+quantize_per_tensor_t = CompiledOnDevices(fp8_quant.quantize_per_tensor_t, passes=2)
 dequantize_per_tensor = CompiledOnDevices(fp8_quant.dequantize_per_tensor)
 quantize_last_dim_groups = CompiledOnDevices(fp8_quant.quantize_last_dim_groups)
 dequantize_last_dim_groups = CompiledOnDevices(fp8_quant.dequantize_last_dim_groups)

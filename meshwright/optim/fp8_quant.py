@@ -131,6 +131,20 @@ def quantize_per_tensor(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3f
     return q, scale
 
 
+def quantize_per_tensor_t(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`quantize_per_tensor` of ``x`` flattened to 2-D (rows, last dim), plus the transposed copy.
+
+    Why: ``torch._scaled_mm`` takes a row-major first and a column-major second operand, so the weight
+    gradient (g^T x) needs g^T and x^T materialised and the input gradient (g W) needs W^T. Writing them
+    next to the cast (one compiled kernel on GPUs, from the FP8 copy: 1 byte read per element) replaces
+    an eager strided copy of the FP8 tensor in the backward. Returns (q (rows, k), q^T (k, rows)
+    contiguous, scale); the bits are those of :func:`quantize_per_tensor`.
+    """
+    q, scale = quantize_per_tensor(x.reshape(-1, x.shape[-1]), dtype)
+    return q, q.t().contiguous(), scale
+
+
 def dequantize_per_tensor(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return (q.float() * scale).to(dtype)
 

@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--table", choices=("linear", "block", "none"), default="none")
+    p.add_argument("--by-op", action="store_true", help="per block: kernels and GB grouped by op name")
     p.add_argument("--eager-quantisers", action="store_true",
                    help="count the eager ops of the quantisers (what runs when torch.compile is not used)")
     args = p.parse_args(argv)
@@ -92,6 +93,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.table != "none":
         for k in (f"{args.table}_bf16", f"{args.table}_fp8"):
             print(f"\n### {k}\n\n{logs[k].table()}\n")
+    if args.by_op:
+        print("\n| op | bf16 block: kernels, GB | FP8 block: kernels, GB |\n|---|---|---|")
+        groups: dict[str, dict[str, list[float]]] = {}
+        for k in ("block_bf16", "block_fp8"):
+            for r in logs[k].records:
+                key = r.name + (" (transpose)" if r.transpose else "")
+                groups.setdefault(key, {}).setdefault(k, [0, 0.0])
+                groups[key][k][0] += 1
+                groups[key][k][1] += r.bytes / 1e9
+        for key, g in sorted(groups.items(), key=lambda kv: -max(v[1] for v in kv[1].values())):
+            cell = lambda k: f"{g[k][0]}, {g[k][1]:.2f}" if k in g else "-"  # noqa: E731
+            print(f"| {key} | {cell('block_bf16')} | {cell('block_fp8')} |")
     print(json.dumps(out, indent=1))
     return out
 

@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_flatten
 
 # ops that launch no kernel (metadata, views, allocation without a fill)
 _FREE = {"aten.detach.default", "aten.empty.memory_format", "aten.empty_strided.default", "aten.lift_fresh.default",
-         "aten.alias.default", "prim.device.default", "aten.is_same_size.default",
+         "aten.alias.default", "aten._unsafe_view.default", "prim.device.default", "aten.is_same_size.default",
          "aten.empty_like.default", "aten.new_empty.default", "aten.new_empty_strided.default"}
 
 

@@ -125,6 +125,10 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "first_loss": round(losses[0], 4), "loss_last10": round(sum(losses[-10:]) / len(losses[-10:]), 4),
         "val_loss": round(sum(val) / len(val), 4),
     }
+    if name in ("coat", "coat_act") and not args.smoke:  # did every FP8 unit stay compiled (no eager fallback)?
+        from bench_fp8_linear_gpu import compiled_status
+
+        out.update(compiled_status())
     if device == "cuda":
         out["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
         out["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)

@@ -33,6 +33,14 @@ UNITS = (fp8_cast.quantize_per_tensor, fp8_cast.quantize_per_tensor_t, fp8_cast.
          fp8_fused.fused_rmsnorm_backward, fp8_fused.fused_swiglu_forward, fp8_fused.fused_swiglu_backward)
 
 
+def compiled_status() -> dict[str, Any]:
+    """Graphs each compiled FP8 unit built (dynamo runs a unit eagerly beyond 8) and those that failed."""
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    return {"compiled_graphs": {u.fn.__name__: len(_debug_get_cache_entry_list(u.fn.__code__)) for u in UNITS},
+            "compiled_broken": [u.fn.__name__ for u in UNITS if u.broken]}
+
+
 def _time(step: Callable[[], None], iters: int, device: str) -> float:
     """Median milliseconds of ``step`` (3 warm-up calls first: compilation, autotuning)."""
     for _ in range(3):
@@ -92,9 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out["block_fp8_ms"] = _time(run, iters, device)
     out["block_fp8_over_bf16"] = round(out["block_fp8_ms"] / out["block_bf16_ms"], 3)
 
-    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
-    out["compiled_graphs"] = {u.fn.__name__: len(_debug_get_cache_entry_list(u.fn.__code__)) for u in UNITS}
-    out["compiled_broken"] = [u.fn.__name__ for u in UNITS if u.broken]
+    out.update(compiled_status())
     try:  # the kernels of one FP8 block step, longest first
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
         with torch.profiler.profile(activities=acts) as prof:

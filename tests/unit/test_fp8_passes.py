@@ -112,3 +112,23 @@ def test_the_gpu_micro_benchmark_runs_on_cpu(capsys):
     out = main(["--smoke"])
     assert out["linear_fp8_ms"] > 0 and out["block_fp8_ms"] > 0 and out["compiled_broken"] == []
     assert out["fp8_block_top_kernels_ms"] and '"block_fp8_over_bf16"' in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled units run on CUDA tensors only")
+def test_cuda_training_steps_keep_every_unit_compiled():
+    """Two steps of tiny with FP8 GEMMs on the GPU: every unit compiled, few graphs, none fell back."""
+    from meshwright.memory.fp8_activations import apply_fp8_activations
+    from meshwright.models import build_model, lm_loss
+    from bench_fp8_linear_gpu import compiled_status
+
+    model = build_model("tiny", seed=0).cuda()
+    apply_fp8_activations(model, gemm_layers=None)
+    tokens = torch.randint(0, 256, (4, 65), device="cuda")
+    for _ in range(2):
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = lm_loss(model(tokens[:, :-1]), tokens[:, 1:])
+        loss.backward()
+    status = compiled_status()
+    assert status["compiled_broken"] == [] and torch.isfinite(loss)
+    graphs = status["compiled_graphs"]
+    assert 1 <= graphs["quantize_per_tensor_t"] <= 3 and 1 <= graphs["swiglu_backward"] <= 2, graphs

@@ -284,82 +284,102 @@ def _kind_costs(cfg: ModelConfig, index: int, strategies: list[LayerStrategy], m
     return _Kind(strategies, objs_a[keep], stat_a[keep], act_a[keep], cls, tpsp, gat_a[keep])
 
 
+class _DPKind:
+    """One layer kind's gather indices for one DP (its bucket size and in-flight count): built once per call and
+    shared by every layer of that kind, so a layer costs a few whole-array numpy operations. Tables are laid out
+    (strategy, bucket): numpy reduces over a leading axis several times faster than over a short trailing one."""
+
+    def __init__(self, k: _Kind, bucket: float, inflight: float) -> None:
+        nb = N_BUCKETS + 1
+        S, C = len(k.strategies), len(k.tpsp)
+        self.C, self.cls, self.cls_range = C, k.cls, np.arange(C)
+        self.w = np.ceil((k.static + inflight * k.act) / bucket - 1e-9).astype(int)
+        # J[s, j]: the bucket a layer taking s in j buckets leaves to the layers before it; nb (the +inf pad of every
+        # source table below) where s does not fit. Row S is a padding strategy with +inf time, so every f has a
+        # trailing +inf row that the per-class gathers use as filler.
+        J = np.full((S + 1, nb), nb)
+        J[:S] = np.arange(nb)[None, :] - self.w[:, None]
+        J[J < 0] = nb
+        self.J = J
+        self.obj = np.append(k.obj, np.inf)[:, None]
+        self.cls_at = np.append(k.cls, 0)[:, None] * (nb + 1) + J  # into a flattened (C, nb + 1) per-class table
+        groups = [np.flatnonzero(k.cls == c) for c in range(C)]
+        width = max((len(g) for g in groups), default=0)
+        cls_idx = np.full((C, width), S, dtype=int)  # strategy indices per class, padded with S
+        for c, g in enumerate(groups):
+            cls_idx[c, :len(g)] = g
+        self.cls_idx, self.width, self.cls_idx_flat = cls_idx, width, cls_idx.ravel()
+
+
 def _stage_dp(kinds: list[_Kind], budget: float, inflight: float, trans_cost: np.ndarray | None) -> tuple[float, list[int]] | None:
     """Min-time assignment of strategies to the stage's layers (``kinds``: one _Kind per layer, in order)
     with sum(static + inflight*act) <= budget. Returns (time, strategy index per layer) or None.
 
-    ``trans_cost`` is the (C, C) cost between (tp, sp) classes; the min over previous strategies is
-    taken per class first, so one layer costs O(buckets x (S + C^2)) instead of O(buckets x S^2), and
-    the per-strategy memory shift is one gather with a precomputed index matrix.
+    ``f[s, j]``: the least time of the layers so far, the last one taking strategy ``s``, in at most ``j`` memory
+    buckets. ``trans_cost`` is the (C, C) cost between (tp, sp) classes; the min over previous strategies is
+    taken per class first, so one layer costs O(buckets x (S + C^2)) instead of O(buckets x S^2). Only the
+    minima are kept going forward: the backtrack recomputes the argmins of the one bucket it visits per layer
+    (``_dp_prev``) with numpy's first-index tie-breaking, so it picks what a full argmin table would.
     """
     if budget <= 0:
         return None
     bucket = budget / N_BUCKETS
     nb = N_BUCKETS + 1
-    rows = np.arange(nb)
-    f = None
-    back: list[tuple[np.ndarray, np.ndarray]] = []
+    prep: dict[int, _DPKind] = {}
+    fs: list[np.ndarray] = []  # f after each layer, (S + 1, nb)
+    modes: list[int] = []  # how a layer took the min over the previous one: 0 first layer, 1 overall, 2 per class
+    dks: list[_DPKind] = []
     prev_kind: _Kind | None = None
-    prep: dict[int, tuple] = {}
     for k in kinds:
-        if id(k) not in prep:
-            w = np.ceil((k.static + inflight * k.act) / bucket - 1e-9).astype(int)
-            J = rows[:, None] - w[None, :]
-            J = np.where(J < 0, nb, J)  # row nb is the +inf pad
-            groups = [np.flatnonzero(k.cls == c) for c in range(len(k.tpsp))]
-            S = len(k.strategies)
-            # (C, maxS) strategy indices per class, padded with S (an +inf column) for one-shot class minima
-            width = max(len(g) for g in groups)
-            cls_idx = np.full((len(groups), width), S, dtype=int)
-            for c, g in enumerate(groups):
-                cls_idx[c, :len(g)] = g
-            gp = np.empty((nb + 1, S))
-            gp[nb] = np.inf
-            ap = np.empty((nb + 1, S), dtype=int)
-            ap[nb] = -1
-            prep[id(k)] = (w, J, np.arange(S)[None, :], groups, cls_idx, gp, ap)
-        w, J, cols, groups, cls_idx, gp, ap = prep[id(k)]
-        S = len(k.strategies)
-        if f is None:
-            g = np.zeros((nb, S))
-            g_arg = np.full((nb, S), -1, dtype=int)
-        elif trans_cost is not None and prev_kind is k and len(groups) > 1:
-            C = len(groups)
-            fpad = np.concatenate([f, np.full((nb, 1), np.inf)], axis=1)
-            sub = fpad[:, cls_idx]  # (nb, C, maxS)
-            a = sub.argmin(axis=2)
-            cls_best = np.take_along_axis(sub, a[:, :, None], axis=2)[:, :, 0]
-            cls_arg = cls_idx[np.arange(C)[None, :], a]
-            tot = cls_best[:, :, None] + trans_cost[None, :, :]  # (nb, C_prev, C_cur)
-            best_c = tot.argmin(axis=1)
-            g_c = tot[rows[:, None], best_c, np.arange(C)[None, :]]
-            g = g_c[:, k.cls]
-            g_arg = cls_arg[rows[:, None], best_c][:, k.cls]
+        p = prep.get(id(k))
+        if p is None:
+            p = prep[id(k)] = _DPKind(k, bucket, inflight)
+        g = np.empty(nb + 1)
+        g[nb] = np.inf
+        if not fs:
+            g[:nb] = 0.0
+            mode, f = 0, g.take(p.J) + p.obj
+        elif trans_cost is not None and prev_kind is k and p.C > 1:
+            # per class the best previous strategy, then per class the best previous class plus the switch
+            cls_best = fs[-1].take(p.cls_idx_flat, axis=0).reshape(p.C, p.width, nb).min(axis=1)
+            g = np.empty((p.C, nb + 1))
+            g[:, nb] = np.inf
+            np.minimum.reduce(cls_best[:, None, :] + trans_cost[:, :, None], axis=0, out=g[:, :nb])
+            mode, f = 2, g.take(p.cls_at) + p.obj
         else:
-            a = f.argmin(axis=1)
-            g = np.repeat(f[rows, a][:, None], S, axis=1)
-            g_arg = np.repeat(a[:, None], S, axis=1)
-        gp[:nb] = g
-        ap[:nb] = g_arg
-        f = gp[J, cols] + k.obj[None, :]
-        back.append((ap[J, cols], w))
+            np.minimum.reduce(fs[-1], axis=0, out=g[:nb])
+            mode, f = 1, g.take(p.J) + p.obj
+        fs.append(f)
+        modes.append(mode)
+        dks.append(p)
         prev_kind = k
-    if f is None:
+    if not fs:
         return 0.0, []
-    last = f[N_BUCKETS]
+    last = fs[-1][:-1, N_BUCKETS]
     s = int(np.argmin(last))
     if not np.isfinite(last[s]):
         return None
     total = float(last[s])
     choice = [0] * len(kinds)
     j = N_BUCKETS
-    for li in range(len(kinds) - 1, -1, -1):
+    for li in range(len(kinds) - 1, 0, -1):
         choice[li] = s
-        arg, w = back[li]
-        prev_s = int(arg[j, s])
-        j -= int(w[s])
-        s = prev_s
+        p = dks[li]
+        j -= int(p.w[s])
+        s = _dp_prev(fs[li - 1][:, j], modes[li], p, s, trans_cost)
+    choice[0] = s
     return total, choice
+
+
+def _dp_prev(col: np.ndarray, mode: int, p: _DPKind, s: int, trans_cost: np.ndarray | None) -> int:
+    """The previous layer's strategy on the optimal path into strategy ``s`` (``col``: the previous f at the
+    bucket the path leaves it): the argmins behind the forward pass's minima, in the same order."""
+    if mode == 1:
+        return int(col.argmin())
+    sub = col[p.cls_idx]  # (C, width)
+    a = sub.argmin(axis=1)
+    c = int((sub[p.cls_range, a] + trans_cost[:, p.cls[s]]).argmin())
+    return int(p.cls_idx[c, a[c]])
 
 
 def _transition_matrix(kind: _Kind, cfg: ModelConfig, tokens: float, hw: cm.Hardware, m_eff: float) -> np.ndarray:

@@ -236,52 +236,82 @@ def _skey(s: LayerStrategy) -> tuple:
             s.savers.wta_crs, s.savers.lemo)
 
 
-_COST_CACHE: dict[tuple, dict[str, float]] = {}
+class _SearchMemo:
+    """Pure results shared by every outer candidate of one ``search`` call (one model, hardware and sequence
+    length, so none of them is in a key): per-layer costs, strategy cost vectors, and evaluate_plan's layer costs.
+    Scoped to the call, not the process: nothing outlives the inputs it was computed from."""
+
+    def __init__(self) -> None:
+        self.layer_costs: dict[tuple, dict[str, float]] = {}
+        self.vectors: dict[tuple, _Vectors] = {}
+        self.plan_costs: dict[Any, Any] = {}  # cost_model.evaluate_plan's cache
 
 
-def _cached_layer_costs(cfg: ModelConfig, index: int, s: LayerStrategy, mb_samples: float, seq_len: int,
-                        hw: cm.Hardware, states: str) -> dict[str, float]:
-    """layer_costs memoised per layer kind: identical layers (and candidates sharing a micro-batch) collapse."""
-    key = (id(cfg), cfg.is_moe_layer(index), _skey(s), mb_samples, seq_len, id(hw), states)
-    hit = _COST_CACHE.get(key)
-    if hit is None:
-        if len(_COST_CACHE) > 200_000:
-            _COST_CACHE.clear()
-        hit = _COST_CACHE[key] = cm.layer_costs(cfg, index, s, mb_samples, seq_len, hw, states)
-    return hit
+@dataclass
+class _Vectors:
+    """One layer kind's strategies and their cost terms for one (stage size, tp degrees, micro-batch, dp, states):
+    every schedule of that micro-batch shares them; only the objective's microbatch count differs (``kind``)."""
+
+    strategies: list[LayerStrategy]
+    mb_s: np.ndarray  # seconds per microbatch (cm.layer_microbatch_s)
+    step_s: np.ndarray  # exposed per-step DP seconds (cm.layer_step_dp_s)
+    static: np.ndarray
+    act: np.ndarray
+    gather: np.ndarray
+    classes: list[tuple[int, bool]]
+    # pairwise memory comparisons for the Pareto pruning, [i, j] about j against i, within one (tp, sp) class
+    mem_le: np.ndarray
+    mem_lt: np.ndarray
+
+    def kind(self, m_eff: float) -> _Kind:
+        """The cost vectors at ``m_eff`` microbatch-times per step, without strategies dominated inside their
+        (tp, sp) class (no better in time, static, activation and transient memory; the earlier one of equals)."""
+        obj = m_eff * self.mb_s + self.step_s
+        n = len(self.strategies)
+        if n:
+            dom = self.mem_le & (obj[None, :] <= obj[:, None]) & (self.mem_lt | (obj[None, :] < obj[:, None]))
+            keep = np.flatnonzero(~dom.any(axis=1))  # dom[i, j]: j dominates i
+        else:
+            keep = np.array([], dtype=int)
+        strategies = [self.strategies[i] for i in keep]
+        tpsp = sorted(set(self.classes[i] for i in keep))
+        cls = np.array([tpsp.index(self.classes[i]) for i in keep], dtype=int)
+        return _Kind(strategies, obj[keep], self.static[keep], self.act[keep], cls, tpsp, self.gather[keep])
 
 
-def _kind_costs(cfg: ModelConfig, index: int, strategies: list[LayerStrategy], mb: int, max_dp: int,
-                seq_len: int, hw: cm.Hardware, states: str, m_eff: float) -> _Kind:
-    objs, stat, act, gat = [], [], [], []
+def _vectors(o: "_Outer", index: int) -> _Vectors:
+    """Strategies of layer ``index``'s kind for outer candidate ``o`` and their costs, memoised per search."""
+    moe = o.cfg.is_moe_layer(index)
+    key = (moe, o.per_stage, o.cp, tuple(o.tps), o.mb, o.max_dp, o.states)
+    hit = o.memo.vectors.get(key)
+    if hit is not None:
+        return hit
+    strategies = layer_strategies(o.cfg, index, o.per_stage // o.cp, o.tps, o.seq_len, o.c, o.allow, o.mb, o.max_dp,
+                                  o.global_batch, o.cluster.devices_per_node, o.cp)
+    mb_s, step, stat, act, gat = [], [], [], [], []
     for s in strategies:
-        c = _cached_layer_costs(cfg, index, s, mb * max_dp / s.dp, seq_len, hw, states)
-        objs.append(m_eff * cm.layer_microbatch_s(c, hw) + cm.layer_step_dp_s(c, hw))
+        mb_samples = o.mb * o.max_dp / s.dp
+        ckey = (moe, _skey(s), mb_samples, o.states)
+        c = o.memo.layer_costs.get(ckey)
+        if c is None:
+            c = o.memo.layer_costs[ckey] = cm.layer_costs(o.cfg, index, s, mb_samples, o.seq_len, o.hw, o.states)
+        mb_s.append(cm.layer_microbatch_s(c, o.hw))
+        step.append(cm.layer_step_dp_s(c, o.hw))
         stat.append(c["static_bytes"])
         act.append(c["act_bytes"])
         gat.append(c["transient_bytes"])
-    objs_a, stat_a, act_a, gat_a = np.array(objs), np.array(stat), np.array(act), np.array(gat)
-    # Pareto pruning inside each (tp, sp) class: drop strategies no better in time, static and activation memory.
+    stat_a, act_a, gat_a = np.array(stat), np.array(act), np.array(gat)
     classes = [(s.tp, s.sp) for s in strategies]
-    tpsp = sorted(set(classes))
+    n, tpsp = len(strategies), sorted(set(classes))
     cls_all = np.array([tpsp.index(c) for c in classes], dtype=int)
-    n = len(strategies)
-    if n:
-        same = cls_all[:, None] == cls_all[None, :]
-        le = ((objs_a[None, :] <= objs_a[:, None]) & (stat_a[None, :] <= stat_a[:, None]) & (act_a[None, :] <= act_a[:, None])
-              & (gat_a[None, :] <= gat_a[:, None]))
-        lt = ((objs_a[None, :] < objs_a[:, None]) | (stat_a[None, :] < stat_a[:, None]) | (act_a[None, :] < act_a[:, None])
-              | (gat_a[None, :] < gat_a[:, None]))
-        earlier = np.arange(n)[None, :] < np.arange(n)[:, None]
-        dom = same & le & (lt | earlier)  # dom[i, j]: j dominates i
-        np.fill_diagonal(dom, False)
-        keep = np.flatnonzero(~dom.any(axis=1))
-    else:
-        keep = np.array([], dtype=int)
-    strategies = [strategies[i] for i in keep]
-    tpsp = sorted(set(classes[i] for i in keep))
-    cls = np.array([tpsp.index(classes[i]) for i in keep], dtype=int)
-    return _Kind(strategies, objs_a[keep], stat_a[keep], act_a[keep], cls, tpsp, gat_a[keep])
+    same = cls_all[:, None] == cls_all[None, :]
+    np.fill_diagonal(same, False)
+    mem_le = same & (stat_a[None, :] <= stat_a[:, None]) & (act_a[None, :] <= act_a[:, None]) & (gat_a[None, :] <= gat_a[:, None])
+    mem_lt = ((stat_a[None, :] < stat_a[:, None]) | (act_a[None, :] < act_a[:, None]) | (gat_a[None, :] < gat_a[:, None])
+              | (np.arange(n)[None, :] < np.arange(n)[:, None]))
+    hit = o.memo.vectors[key] = _Vectors(strategies, np.array(mb_s), np.array(step), stat_a, act_a, gat_a, classes,
+                                         mem_le, mem_lt)
+    return hit
 
 
 class _DPKind:
@@ -595,11 +625,12 @@ def search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: i
     usable = (hw.memory_bytes - hw.overhead_bytes) / (1 + hw.fragmentation)
     model_name = cfg.name if cfg.name != "custom" else to_dict(cfg)
     out = _Collector()
+    memo = _SearchMemo()
     from tqdm import tqdm
 
     for st, pp in tqdm(list(itertools.product(state_opts, pps)), desc="plan search", unit="pp", disable=not progress, leave=False):
         base = _Outer(cfg, cluster, hw, c, allow, st, pp, 0, [], 0, 0, 0, 0, "1f1b", 1, seq_len, global_batch, usable,
-                      model_name, c.cp or 1)
+                      model_name, c.cp or 1, memo)
         _try_pipeline(base, out)
     result = _result(out, top, hw.memory_bytes, t0)
     if result.best is None and suggest:
@@ -632,6 +663,7 @@ class _Outer:
     usable: float  # bytes the DP may fill (budget less framework overhead and headroom)
     model_name: Any
     cp: int = 1  # context-parallel degree: per_stage = tp * dp * cp
+    memo: _SearchMemo = dataclasses.field(default_factory=_SearchMemo)  # shared by every candidate of one search
 
     @property
     def m_eff(self) -> float:
@@ -665,9 +697,7 @@ class _KindTable:
     def kind(self, i: int) -> _Kind:
         o, key = self.o, self.o.cfg.is_moe_layer(i)
         if key not in self.kinds:
-            strategies = layer_strategies(o.cfg, i, o.per_stage // o.cp, o.tps, o.seq_len, o.c, o.allow, o.mb, o.max_dp,
-                                          o.global_batch, o.cluster.devices_per_node, o.cp)
-            k = self.kinds[key] = _kind_costs(o.cfg, i, strategies, o.mb, o.max_dp, o.seq_len, o.hw, o.states, o.m_eff)
+            k = self.kinds[key] = _vectors(o, i).kind(o.m_eff)
             self.trans[key] = _transition_matrix(k, o.cfg, o.tokens * o.max_dp, o.hw, o.m_eff)
         return self.kinds[key]
 
@@ -841,7 +871,7 @@ def _score_plans(o: _Outer, stages: list[list[int]], strategies: list[LayerStrat
             validate_plan(plan, cfg, o.per_stage * o.pp)
         except ConfigError as exc:
             return {"layout": o.label(), "reason": f"invalid plan: {exc}"}, need
-        pred = cm.evaluate_plan(plan, cfg, o.hw, o.per_stage * o.pp)
+        pred = cm.evaluate_plan(plan, cfg, o.hw, o.per_stage * o.pp, cache=o.memo.plan_costs)
         if not pred.fits:
             need = max(pred.memory_gib) if need is None else min(need, max(pred.memory_gib))
         elif best_pred is None or pred.step_s < best_pred.step_s:

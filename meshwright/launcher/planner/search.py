@@ -225,10 +225,19 @@ class _Kind:
     # transient bytes while the layer runs (ZeRO-3 all-gathered layer + prefetch, backward working set):
     # a maximum per rank, not a sum (empty = none)
     gather: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    # (C, width) strategy indices per class, padded with len(strategies): the DP's per-class minima gather them.
+    # Derived from ``cls``; dataclasses.replace carries it over to the masked variants, which keep ``cls``.
+    cls_idx: Optional[np.ndarray] = None
 
     def __post_init__(self) -> None:
         if len(self.gather) != len(self.strategies):
             self.gather = np.zeros(len(self.strategies))
+        if self.cls_idx is None:
+            S = len(self.strategies)
+            groups = [np.flatnonzero(self.cls == c) for c in range(len(self.tpsp))]
+            self.cls_idx = np.full((len(groups), max((len(g) for g in groups), default=0)), S, dtype=int)
+            for c, g in enumerate(groups):
+                self.cls_idx[c, :len(g)] = g
 
 
 def _skey(s: LayerStrategy) -> tuple:
@@ -245,6 +254,13 @@ class _SearchMemo:
         self.layer_costs: dict[tuple, dict[str, float]] = {}
         self.vectors: dict[tuple, _Vectors] = {}
         self.plan_costs: dict[Any, Any] = {}  # cost_model.evaluate_plan's cache
+        self._moe_flags: Optional[tuple[bool, ...]] = None
+
+    def moe_flags(self, cfg: ModelConfig) -> tuple[bool, ...]:
+        """``cfg.is_moe_layer(i)`` for every layer: the layer's kind key."""
+        if self._moe_flags is None:
+            self._moe_flags = tuple(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+        return self._moe_flags
 
 
 @dataclass
@@ -333,12 +349,8 @@ class _DPKind:
         self.J = J
         self.obj = np.append(k.obj, np.inf)[:, None]
         self.cls_at = np.append(k.cls, 0)[:, None] * (nb + 1) + J  # into a flattened (C, nb + 1) per-class table
-        groups = [np.flatnonzero(k.cls == c) for c in range(C)]
-        width = max((len(g) for g in groups), default=0)
-        cls_idx = np.full((C, width), S, dtype=int)  # strategy indices per class, padded with S
-        for c, g in enumerate(groups):
-            cls_idx[c, :len(g)] = g
-        self.cls_idx, self.width, self.cls_idx_flat = cls_idx, width, cls_idx.ravel()
+        self.cls_idx = k.cls_idx
+        self.width, self.cls_idx_flat = k.cls_idx.shape[1], k.cls_idx.ravel()
 
 
 def _stage_dp(kinds: list[_Kind], budget: float, inflight: float, trans_cost: np.ndarray | None) -> tuple[float, list[int]] | None:
@@ -371,7 +383,7 @@ def _stage_dp(kinds: list[_Kind], budget: float, inflight: float, trans_cost: np
             mode, f = 0, g.take(p.J) + p.obj
         elif trans_cost is not None and prev_kind is k and p.C > 1:
             # per class the best previous strategy, then per class the best previous class plus the switch
-            cls_best = fs[-1].take(p.cls_idx_flat, axis=0).reshape(p.C, p.width, nb).min(axis=1)
+            cls_best = np.minimum.reduce(fs[-1].take(p.cls_idx_flat, axis=0).reshape(p.C, p.width, nb), axis=1)
             g = np.empty((p.C, nb + 1))
             g[:, nb] = np.inf
             np.minimum.reduce(cls_best[:, None, :] + trans_cost[:, :, None], axis=0, out=g[:, :nb])
@@ -685,34 +697,49 @@ class _Outer:
 
 class _KindTable:
     """Cost vectors per layer kind (dense/MoE) for one outer candidate, built on first use, and their variants
-    with the strategies whose transient memory exceeds a level masked out (infinite cost)."""
+    with the strategies whose transient memory exceeds a level masked out (infinite cost). A layer's kind key is
+    ``flags[i]`` (is it an MoE layer); per-rank work runs on these keys, once per kind rather than per layer."""
 
     def __init__(self, o: _Outer) -> None:
         self.o = o
+        self.flags = o.memo.moe_flags(o.cfg)
         self.kinds: dict[bool, _Kind] = {}
         self.trans: dict[bool, np.ndarray] = {}
+        self.fastest: dict[bool, float] = {}  # each kind's fastest strategy time
         self.masked: dict[tuple[bool, float, float], tuple[_Kind, float]] = {}
         self.levels: dict[tuple, list[float]] = {}
+        self.rank_results: dict[tuple, Any] = {}  # _rank_dp per (kind keys, in-flight, first, last): all partitions
 
     def kind(self, i: int) -> _Kind:
-        o, key = self.o, self.o.cfg.is_moe_layer(i)
+        o, key = self.o, self.flags[i]
         if key not in self.kinds:
             k = self.kinds[key] = _vectors(o, i).kind(o.m_eff)
             self.trans[key] = _transition_matrix(k, o.cfg, o.tokens * o.max_dp, o.hw, o.m_eff)
+            if len(k.obj):
+                self.fastest[key] = float(k.obj.min())
         return self.kinds[key]
 
-    def capped(self, i: int, level: float, inflight: float) -> tuple[_Kind, float]:
-        """Layer ``i``'s kind with strategies whose transient bytes exceed ``level`` at infinite cost, and its
+    def rank_kinds(self, layers: list[int]) -> tuple[tuple[bool, ...], dict[bool, _Kind]]:
+        """The kind key of each of ``layers`` and the kinds they use (built on first use)."""
+        keys = tuple(self.flags[i] for i in layers)
+        used: dict[bool, _Kind] = {}
+        for i, key in zip(layers, keys):
+            if key not in used:
+                used[key] = self.kind(i)
+        return keys, used
+
+    def capped(self, key: bool, level: float, inflight: float) -> tuple[_Kind, float]:
+        """Kind ``key`` with strategies whose transient bytes exceed ``level`` at infinite cost, and its
         memory shifted down by its smallest footprint at ``inflight`` (returned): the DP then spends its
         buckets on the differences between strategies, not on the state every strategy holds."""
-        key = (self.o.cfg.is_moe_layer(i), level, inflight)
-        if key not in self.masked:
-            k = self.kind(i)
+        mkey = (key, level, inflight)
+        if mkey not in self.masked:
+            k = self.kinds[key]
             over = k.gather > level * (1 + 1e-9)
             base = float(np.min(k.static + inflight * k.act)) if len(k.strategies) else 0.0
-            self.masked[key] = (dataclasses.replace(k, obj=np.where(over, np.inf, k.obj), static=k.static - base,
-                                                    gather=np.where(over, 0.0, k.gather)), base)
-        return self.masked[key]
+            self.masked[mkey] = (dataclasses.replace(k, obj=np.where(over, np.inf, k.obj), static=k.static - base,
+                                                     gather=np.where(over, 0.0, k.gather)), base)
+        return self.masked[mkey]
 
 
 def _transient_levels(ks: list[_Kind]) -> list[float]:
@@ -740,36 +767,37 @@ def _rank_extra_bytes(o: _Outer, first: bool, last: bool) -> float:
     return extra
 
 
-def _rank_dp(o: _Outer, table: _KindTable, layers: list[int], budget: float, inflight: float) -> tuple[float, list[int]] | None:
-    """Min-time strategies for one rank's layers within ``budget`` bytes.
+def _rank_dp(o: _Outer, table: _KindTable, keys: tuple[bool, ...], used: dict[bool, _Kind], budget: float,
+             inflight: float) -> tuple[float, list[int]] | None:
+    """Min-time strategies for one rank's layers (``keys``: their kind keys, ``used``: those kinds) within
+    ``budget`` bytes.
 
     ZeRO-3 layers need one all-gathered layer (+ prefetch) at a time and backward one layer's working set:
     a maximum over the rank, not a sum. The DP runs once per transient level (``_transient_levels``) with
     that much reserved and the strategies above it masked, and keeps the fastest.
     """
-    ks = [table.kind(i) for i in layers]
-    key = o.cfg.is_moe_layer(layers[0]) if layers else False
-    single_kind = len({o.cfg.is_moe_layer(i) for i in layers}) == 1
-    trans = table.trans[key] if single_kind and layers else None
+    ks = [used[key] for key in keys]
+    trans = table.trans[keys[0]] if len(used) == 1 else None
     best = None
-    sig = tuple(sorted({id(k) for k in ks}))
+    sig = tuple(sorted(id(k) for k in used.values()))
     if sig not in table.levels:
-        table.levels[sig] = _transient_levels(list({id(k): k for k in ks}.values()))
+        table.levels[sig] = _transient_levels(list(used.values()))
     # no assignment beats every layer's fastest strategy: once a level reaches it, lower levels cannot help
-    floor = sum(float(k.obj.min()) for k in ks if len(k.obj))
+    floor = sum(table.fastest[key] for key in keys if key in table.fastest)
     levels = table.levels[sig] or [0.0]
 
     def run(level: float) -> tuple[float, list[int]] | None:
-        capped = [table.capped(i, level, inflight) for i in layers]
-        return _stage_dp([k for k, _ in capped], budget - level - sum(b for _, b in capped), inflight, trans)
+        capped = {key: table.capped(key, level, inflight) for key in used}
+        return _stage_dp([capped[key][0] for key in keys], budget - level - sum(capped[key][1] for key in keys),
+                         inflight, trans)
 
     best = run(levels[0])
     if best is not None and best[0] <= floor * (1 + 1e-9):
         return best
     if best is not None:
         # refine: the smallest level that still admits the chosen strategies frees the difference
-        used = max(float(k.gather[j]) for k, j in zip(ks, best[1])) if ks else 0.0
-        tighter = [lv for lv in levels[1:] if lv >= used * (1 - 1e-9)]
+        used_bytes = max(float(k.gather[j]) for k, j in zip(ks, best[1])) if ks else 0.0
+        tighter = [lv for lv in levels[1:] if lv >= used_bytes * (1 - 1e-9)]
         todo = [min(tighter)] if tighter else []
     else:
         todo = levels[1:]  # nothing fits with the largest reserve: try smaller ones
@@ -809,20 +837,21 @@ def _assign_layers(o: _Outer, table: _KindTable, stages: list[list[int]]) -> tup
     for j, (a, b) in enumerate(stages):
         rank_layers[j % pp].extend(range(a, b))
     choices: dict[int, LayerStrategy] = {}
-    memo: dict[tuple, Any] = {}
+    memo = table.rank_results
     for r, layers in enumerate(rank_layers):
-        ks = [table.kind(i) for i in layers]
-        if any(len(k.strategies) == 0 for k in ks):
+        keys, used = table.rank_kinds(layers)
+        if any(len(k.strategies) == 0 for k in used.values()):
             raise _NoStrategy()
+        ks = [used[key] for key in keys]
         inflight = cm.inflight_microbatches(o.sched, pp, r, o.m, o.v)
         first, last = r == 0, r == pp - 1
         extra = _rank_extra_bytes(o, first, last)
         # ranks with similar activation pressure share one DP (round inflight up to a power of two)
         inflight_r = float(2 ** math.ceil(math.log2(inflight))) if inflight > 1 else 1.0
         inflight_r = min(inflight_r, float(o.m)) if o.sched != "gpipe" else inflight
-        sig = (tuple(cfg.is_moe_layer(i) for i in layers), inflight_r, first, last)
+        sig = (keys, inflight_r, first, last)
         if sig not in memo:
-            memo[sig] = _rank_dp(o, table, layers, o.usable - extra, inflight_r)
+            memo[sig] = _rank_dp(o, table, keys, used, o.usable - extra, inflight_r)
         res = memo[sig]
         if res is None:
             # The DP's buckets and rounded-up in-flight count are conservative: fall back to the
@@ -833,10 +862,10 @@ def _assign_layers(o: _Outer, table: _KindTable, stages: list[list[int]]) -> tup
                 return None, (need + cm.framework_overhead_bytes(o.hw, need)) / cm.GIB
             res = (float(sum(k.obj[j] for k, j in zip(ks, mins))), mins)
         picked = list(res[1])
-        if len({cfg.is_moe_layer(i) for i in layers}) == 1 and layers:
-            picked = _group_same_class(table.kind(layers[0]), picked)
-        for i, si in zip(layers, picked):
-            choices[i] = table.kind(i).strategies[si]
+        if len(used) == 1:
+            picked = _group_same_class(ks[0], picked)
+        for i, key, si in zip(layers, keys, picked):
+            choices[i] = used[key].strategies[si]
     return [choices[i] for i in range(cfg.n_layers)], None
 
 

@@ -338,19 +338,20 @@ class _DPKind:
     def __init__(self, k: _Kind, bucket: float, inflight: float) -> None:
         nb = N_BUCKETS + 1
         S, C = len(k.strategies), len(k.tpsp)
-        self.C, self.cls, self.cls_range = C, k.cls, np.arange(C)
+        self.C, self.cls, self.cls_range, self.cls_idx = C, k.cls, np.arange(C), k.cls_idx
         self.w = np.ceil((k.static + inflight * k.act) / bucket - 1e-9).astype(int)
         # J[s, j]: the bucket a layer taking s in j buckets leaves to the layers before it; nb (the +inf pad of every
         # source table below) where s does not fit. Row S is a padding strategy with +inf time, so every f has a
-        # trailing +inf row that the per-class gathers use as filler.
+        # trailing +inf row that the per-class gathers (cls_idx pads with S) pick up as filler.
         J = np.full((S + 1, nb), nb)
-        J[:S] = np.arange(nb)[None, :] - self.w[:, None]
+        np.subtract(_BUCKET_ROW, self.w[:, None], out=J[:S])
         J[J < 0] = nb
         self.J = J
         self.obj = np.append(k.obj, np.inf)[:, None]
         self.cls_at = np.append(k.cls, 0)[:, None] * (nb + 1) + J  # into a flattened (C, nb + 1) per-class table
-        self.cls_idx = k.cls_idx
-        self.width, self.cls_idx_flat = k.cls_idx.shape[1], k.cls_idx.ravel()
+
+
+_BUCKET_ROW = np.arange(N_BUCKETS + 1)[None, :]
 
 
 def _stage_dp(kinds: list[_Kind], budget: float, inflight: float, trans_cost: np.ndarray | None) -> tuple[float, list[int]] | None:
@@ -372,25 +373,31 @@ def _stage_dp(kinds: list[_Kind], budget: float, inflight: float, trans_cost: np
     modes: list[int] = []  # how a layer took the min over the previous one: 0 first layer, 1 overall, 2 per class
     dks: list[_DPKind] = []
     prev_kind: _Kind | None = None
+    minimum = np.minimum.reduce
+    trans3 = trans_cost[:, :, None] if trans_cost is not None else None  # [previous class, class, bucket]
+    g1 = np.empty(nb + 1)  # the min over the previous layer per bucket, +inf pad at nb
+    g1[nb] = np.inf
+    g1_head = g1[:nb]
+    gc: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # per class count: (C, nb + 1) per-class minima, +inf pad
     for k in kinds:
         p = prep.get(id(k))
         if p is None:
             p = prep[id(k)] = _DPKind(k, bucket, inflight)
-        g = np.empty(nb + 1)
-        g[nb] = np.inf
         if not fs:
-            g[:nb] = 0.0
-            mode, f = 0, g.take(p.J) + p.obj
-        elif trans_cost is not None and prev_kind is k and p.C > 1:
+            g1_head.fill(0.0)
+            mode, f = 0, g1.take(p.J) + p.obj
+        elif trans3 is not None and prev_kind is k and p.C > 1:
             # per class the best previous strategy, then per class the best previous class plus the switch
-            cls_best = np.minimum.reduce(fs[-1].take(p.cls_idx_flat, axis=0).reshape(p.C, p.width, nb), axis=1)
-            g = np.empty((p.C, nb + 1))
-            g[:, nb] = np.inf
-            np.minimum.reduce(cls_best[:, None, :] + trans_cost[:, :, None], axis=0, out=g[:, :nb])
+            if p.C not in gc:
+                g = np.empty((p.C, nb + 1))
+                g[:, nb] = np.inf
+                gc[p.C] = (g, g[:, :nb])
+            g, g_head = gc[p.C]
+            minimum(minimum(fs[-1].take(p.cls_idx, axis=0), axis=1, keepdims=True) + trans3, axis=0, out=g_head)
             mode, f = 2, g.take(p.cls_at) + p.obj
         else:
-            np.minimum.reduce(fs[-1], axis=0, out=g[:nb])
-            mode, f = 1, g.take(p.J) + p.obj
+            minimum(fs[-1], axis=0, out=g1_head)
+            mode, f = 1, g1.take(p.J) + p.obj
         fs.append(f)
         modes.append(mode)
         dks.append(p)

@@ -15,6 +15,7 @@ tp; sequence parallelism shards the replicated part too. The coefficients are th
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -963,6 +964,25 @@ def _add_layers(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strat
         t.dp += c["dp_step"] + c["dp_mb"] * m
 
 
+def _layer_totals(plan: Any, cfg: ModelConfig, hw: Hardware, strategies: list[Any], m: int,
+                  cache: dict[Any, Any]) -> _RankTotals:
+    """A fresh copy of the blocks' per-rank sums (``_add_layers``), computed once per blocks-and-pipeline layout in
+    ``cache``: plans that differ only in their embedding (the search scores several ZeRO levels for it) share them."""
+    pp = plan.pipeline
+    key = ("layers", tuple((s.tp, s.sp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, s.recompute, s.savers.fp8_act, s.savers.fp8_gemm,
+                            s.savers.wta_crs, s.savers.lemo, s.repeat) for s in plan.layers),
+           pp.degree, pp.virtual_stages, tuple(tuple(r) for r in pp.stages), plan.micro_batch, plan.seq_len,
+           plan.optimizer.states, m)
+    done = cache.get(key)
+    if done is None:
+        done = cache[key] = _RankTotals(pp.degree)
+        _add_layers(done, plan, cfg, hw, strategies, m, cache)
+    t = copy.copy(done)
+    for name in ("mb_s", "step_s", "static", "act", "transient", "grads", "copies"):
+        setattr(t, name, list(getattr(done, name)))
+    return t
+
+
 def tied_embedding_grad_s(cfg: ModelConfig, tp: int, pp: int, world_per_stage: int, hw: Hardware) -> float:
     """Per-step all-reduce of the tied word-embedding gradient between the first and last pipeline stage
     (Megatron-LM keeps a copy of the embedding on the last stage and sums the two gradients)."""
@@ -1048,8 +1068,7 @@ def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int,
     pp = plan.pipeline
     m = _microbatches(plan, strategies)
     v = pp.virtual_stages if pp.schedule == "interleaved_1f1b" else 1
-    t = _RankTotals(pp.degree)
-    _add_layers(t, plan, cfg, hw, strategies, m, cache)
+    t = _layer_totals(plan, cfg, hw, strategies, m, cache)
     head_tokens = _add_ends(t, plan, cfg, hw, strategies, m, world_size)
     rank_mb = t.mb_s
     if pp.degree > 1:

@@ -251,7 +251,7 @@ class _SearchMemo:
     Scoped to the call, not the process: nothing outlives the inputs it was computed from."""
 
     def __init__(self) -> None:
-        self.layer_costs: dict[tuple, dict[str, float]] = {}
+        self.layer_costs: dict[tuple, tuple[dict[str, float], float, float]] = {}  # costs, per-mb s, per-step DP s
         self.vectors: dict[tuple, _Vectors] = {}
         self.plan_costs: dict[Any, Any] = {}  # cost_model.evaluate_plan's cache
         self._moe_flags: Optional[tuple[bool, ...]] = None
@@ -308,11 +308,13 @@ def _vectors(o: "_Outer", index: int) -> _Vectors:
     for s in strategies:
         mb_samples = o.mb * o.max_dp / s.dp
         ckey = (moe, _skey(s), mb_samples, o.states)
-        c = o.memo.layer_costs.get(ckey)
-        if c is None:
-            c = o.memo.layer_costs[ckey] = cm.layer_costs(o.cfg, index, s, mb_samples, o.seq_len, o.hw, o.states)
-        mb_s.append(cm.layer_microbatch_s(c, o.hw))
-        step.append(cm.layer_step_dp_s(c, o.hw))
+        got = o.memo.layer_costs.get(ckey)
+        if got is None:
+            c = cm.layer_costs(o.cfg, index, s, mb_samples, o.seq_len, o.hw, o.states)
+            got = o.memo.layer_costs[ckey] = (c, cm.layer_microbatch_s(c, o.hw), cm.layer_step_dp_s(c, o.hw))
+        c = got[0]
+        mb_s.append(got[1])
+        step.append(got[2])
         stat.append(c["static_bytes"])
         act.append(c["act_bytes"])
         gat.append(c["transient_bytes"])

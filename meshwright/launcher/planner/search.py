@@ -254,6 +254,7 @@ class _SearchMemo:
         self.layer_costs: dict[tuple, tuple[dict[str, float], float, float]] = {}  # costs, per-mb s, per-step DP s
         self.vectors: dict[tuple, _Vectors] = {}
         self.plan_costs: dict[Any, Any] = {}  # cost_model.evaluate_plan's cache
+        self.redistribution: dict[tuple, float] = {}  # cm.redistribution_s per (tokens, from class, to class)
         self._moe_flags: Optional[tuple[bool, ...]] = None
 
     def moe_flags(self, cfg: ModelConfig) -> tuple[bool, ...]:
@@ -433,13 +434,19 @@ def _dp_prev(col: np.ndarray, mode: int, p: _DPKind, s: int, trans_cost: np.ndar
     return int(p.cls_idx[c, a[c]])
 
 
-def _transition_matrix(kind: _Kind, cfg: ModelConfig, tokens: float, hw: cm.Hardware, m_eff: float) -> np.ndarray:
-    """(C, C) seconds per step for changing (tp, sp) class between consecutive layers of this kind."""
+def _transition_matrix(kind: _Kind, cfg: ModelConfig, tokens: float, hw: cm.Hardware, m_eff: float,
+                       memo: Optional[dict[tuple, float]] = None) -> np.ndarray:
+    """(C, C) seconds per step for changing (tp, sp) class between consecutive layers of this kind
+    (``memo``: the search's redistribution times per (tokens, from, to), shared by its candidates)."""
+    memo = {} if memo is None else memo
     C = len(kind.tpsp)
     out = np.zeros((C, C))
     for a in range(C):
         for b in range(C):
-            out[a, b] = m_eff * cm.redistribution_s(tokens, cfg, kind.tpsp[a], kind.tpsp[b], hw)
+            key = (tokens, kind.tpsp[a], kind.tpsp[b])
+            if key not in memo:
+                memo[key] = cm.redistribution_s(tokens, cfg, kind.tpsp[a], kind.tpsp[b], hw)
+            out[a, b] = m_eff * memo[key]
     return out
 
 
@@ -723,7 +730,7 @@ class _KindTable:
         o, key = self.o, self.flags[i]
         if key not in self.kinds:
             k = self.kinds[key] = _vectors(o, i).kind(o.m_eff)
-            self.trans[key] = _transition_matrix(k, o.cfg, o.tokens * o.max_dp, o.hw, o.m_eff)
+            self.trans[key] = _transition_matrix(k, o.cfg, o.tokens * o.max_dp, o.hw, o.m_eff, o.memo.redistribution)
             if len(k.obj):
                 self.fastest[key] = float(k.obj.min())
         return self.kinds[key]

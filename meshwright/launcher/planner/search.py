@@ -4,8 +4,9 @@ outside, a Galvatron-style dynamic programme over per-layer strategies under a m
 For every outer candidate (pp, smallest tp, micro-batch, schedule, partition) each pipeline rank runs
 a DP over its layers x memory buckets x strategies (tp, sp, zero, recompute, ep, savers), with the
 cost of changing (tp, sp) between neighbouring layers on the transitions. The DP is vectorised in
-numpy, per-layer cost terms are memoised per layer kind (identical layers collapse), strategies
-dominated in time and memory are pruned, and ranks with similar activation pressure share one DP.
+numpy, per-layer cost terms are memoised per layer kind for the duration of one search (identical layers,
+and the schedules of one micro-batch, share them: ``_SearchMemo``), strategies dominated in time and
+memory are pruned, and ranks with similar activation pressure share one DP.
 Every surviving candidate is then scored by ``cost_model.evaluate_plan`` — the DP is the heuristic,
 the cost model the judge — so predicted figures are always those of the emitted plan.
 """

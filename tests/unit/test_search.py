@@ -187,6 +187,94 @@ def test_stage_dp_matches_brute_force():
             assert t == pytest.approx(best)
 
 
+def _stage_dp_full_tables(kinds, budget, inflight, trans_cost):
+    """The stage DP as first written: (bucket, strategy) tables with a full argmin table kept per layer for the
+    backtrack. The search's _stage_dp keeps only minima and recomputes argmins on the path; it must agree exactly."""
+    bucket, nb = budget / S.N_BUCKETS, S.N_BUCKETS + 1
+    rows, f, back, prev = np.arange(nb), None, [], None
+    for k in kinds:
+        n = len(k.strategies)
+        w = np.ceil((k.static + inflight * k.act) / bucket - 1e-9).astype(int)
+        J = rows[:, None] - w[None, :]
+        J = np.where(J < 0, nb, J)
+        if f is None:
+            g, arg = np.zeros((nb, n)), np.full((nb, n), -1)
+        elif trans_cost is not None and prev is k and len(k.tpsp) > 1:
+            C = len(k.tpsp)
+            groups = [np.flatnonzero(k.cls == c) for c in range(C)]
+            cls_best = np.stack([f[:, g].min(axis=1) for g in groups], axis=1)
+            cls_arg = np.stack([g[f[:, g].argmin(axis=1)] for g in groups], axis=1)
+            tot = cls_best[:, :, None] + trans_cost[None, :, :]
+            best_c = tot.argmin(axis=1)
+            g = tot.min(axis=1)[:, k.cls]
+            arg = cls_arg[rows[:, None], best_c][:, k.cls]
+        else:
+            a = f.argmin(axis=1)
+            g, arg = np.repeat(f.min(axis=1)[:, None], n, axis=1), np.repeat(a[:, None], n, axis=1)
+        gp, ap = np.vstack([g, np.full((1, n), np.inf)]), np.vstack([arg, np.full((1, n), -1)])
+        f = gp[J, np.arange(n)[None, :]] + k.obj[None, :]
+        back.append((ap[J, np.arange(n)[None, :]], w))
+        prev = k
+    s = int(np.argmin(f[S.N_BUCKETS]))
+    if not np.isfinite(f[S.N_BUCKETS, s]):
+        return None
+    total, choice, j = float(f[S.N_BUCKETS, s]), [0] * len(kinds), S.N_BUCKETS
+    for li in range(len(kinds) - 1, -1, -1):
+        choice[li] = s
+        arg, w = back[li]
+        s, j = int(arg[j, s]), j - int(w[s])
+    return total, choice
+
+
+def test_stage_dp_keeps_the_full_table_dp_choices_including_ties():
+    """Same total and same strategy per layer as the full-argmin-table DP, on random kinds whose costs are small
+    integers (many exact ties: the first-index tie-breaking must survive), mixing two kinds (MoE-like) and
+    transitions on and off."""
+    rng = np.random.default_rng(1)
+    tps = [(1, False), (2, False), (2, True), (4, True)]
+    for trial in range(60):
+        kinds = []
+        for _ in range(2):
+            n = int(rng.integers(1, 9))
+            cls_of = rng.integers(0, len(tps), n)
+            tpsp = sorted({tps[c] for c in cls_of})
+            strategies = [LayerStrategy(tp=tps[c][0], sp=tps[c][1], dp=8 // tps[c][0]) for c in cls_of]
+            cls = np.array([tpsp.index(tps[c]) for c in cls_of])
+            kinds.append(S._Kind(strategies, rng.integers(1, 4, n).astype(float), rng.integers(0, 4, n).astype(float),
+                                 rng.integers(0, 3, n).astype(float), cls, tpsp))
+        C, single = len(kinds[0].tpsp), trial % 2 == 1
+        # as in the search: transition costs only on a rank whose layers are all of one kind
+        trans = rng.integers(0, 3, (C, C)).astype(float) if single and trial % 3 else None
+        layers = [kinds[0]] * int(rng.integers(1, 7)) if single else [kinds[int(x)] for x in rng.integers(0, 2, 6)]
+        budget, inflight = float(rng.integers(4, 40)), float(rng.integers(1, 3))
+        assert S._stage_dp(layers, budget, inflight, trans) == _stage_dp_full_tables(layers, budget, inflight, trans)
+
+
+def test_one_search_computes_each_layer_cost_once():
+    """The search memo (per search call): layer_costs once per (kind, strategy, micro-batch, states) for the DPs and
+    once per (kind, strategy, previous class) for the plans scored, and the blocks' sums once per layout, shared by
+    the embedding ZeRO variants. llama2-7b on 8 A100: 798 layer_costs and 104 block sums for 136 plans scored
+    (1,134 and 136 before the memo); the plan is the same (tests/unit/test_plan_cli.py goldens)."""
+    calls = {"layer_costs": 0, "_add_layers": 0, "evaluate_plan": 0}
+    originals = {name: getattr(cm, name) for name in calls}
+
+    def counted(name):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return originals[name](*args, **kwargs)
+        return wrapper
+
+    mp = pytest.MonkeyPatch()
+    try:
+        for name in calls:
+            mp.setattr(cm, name, counted(name))
+        r = S.search(load_model_config("llama2-7b"), _a100(), 4096, 128)
+    finally:
+        mp.undo()
+    assert r.best is not None and r.candidates == 104
+    assert calls == {"layer_costs": 798, "_add_layers": 104, "evaluate_plan": 136}
+
+
 def test_runtime_compatible_plans_pass_the_runtime_check():
     """auto_plan and the CLI default emit only what meshwright.parallel.runtime runs unchanged."""
     runtime = pytest.importorskip("meshwright.parallel.runtime")

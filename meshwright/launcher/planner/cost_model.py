@@ -15,6 +15,7 @@ tp; sequence parallelism shards the replicated part too. The coefficients are th
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -925,21 +926,26 @@ def _microbatches(plan: Any, strategies: list[Any]) -> int:
     return plan.pipeline.microbatches if plan.pipeline.degree > 1 else plan.global_batch // (max_dp * plan.micro_batch)
 
 
-def _add_layers(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strategies: list[Any], m: int) -> None:
-    """Every block's costs on the rank that holds it (identical layers computed once)."""
+def _add_layers(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strategies: list[Any], m: int,
+                memo: dict[Any, Any]) -> None:
+    """Every block's costs on the rank that holds it (identical layers computed once; ``memo`` may carry them
+    over from other plans of the same model and hardware)."""
     pp = plan.pipeline
     states = plan.optimizer.states
     max_dp = max(s.dp for s in strategies)
     ranges = plan.stage_ranges(cfg.n_layers)
     stage_of = {i: j % pp.degree for j, (a, b) in enumerate(ranges) for i in range(a, b)}
     starts = {a for a, _ in ranges}
-    memo: dict[tuple, dict[str, float]] = {}
+    skeys: dict[int, tuple] = {}  # per strategy object (a repeat block expands to one object)
     for i, s in enumerate(strategies):
         r = stage_of[i]
         mb_samples = plan.micro_batch * max_dp / s.dp
         prev = (strategies[i - 1].tp, strategies[i - 1].sp) if i > 0 and i not in starts else None
-        key = (cfg.is_moe_layer(i), s.tp, s.sp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, s.recompute, s.savers.fp8_act,
-               s.savers.fp8_gemm, s.savers.wta_crs, s.savers.lemo, prev)
+        skey = skeys.get(id(s))
+        if skey is None:
+            skey = skeys[id(s)] = (s.tp, s.sp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, s.recompute, s.savers.fp8_act,
+                                   s.savers.fp8_gemm, s.savers.wta_crs, s.savers.lemo, mb_samples, plan.seq_len, states)
+        key = (cfg.is_moe_layer(i), skey, prev)
         c = memo.get(key)
         if c is None:
             c = memo[key] = layer_costs(cfg, i, s, mb_samples, plan.seq_len, hw, states, prev)
@@ -956,6 +962,25 @@ def _add_layers(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strat
         t.compute += c["compute_mb"] * m
         t.overhead += c["overhead_mb"] * m
         t.dp += c["dp_step"] + c["dp_mb"] * m
+
+
+def _layer_totals(plan: Any, cfg: ModelConfig, hw: Hardware, strategies: list[Any], m: int,
+                  cache: dict[Any, Any]) -> _RankTotals:
+    """A fresh copy of the blocks' per-rank sums (``_add_layers``), computed once per blocks-and-pipeline layout in
+    ``cache``: plans that differ only in their embedding (the search scores several ZeRO levels for it) share them."""
+    pp = plan.pipeline
+    key = ("layers", tuple((s.tp, s.sp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, s.recompute, s.savers.fp8_act, s.savers.fp8_gemm,
+                            s.savers.wta_crs, s.savers.lemo, s.repeat) for s in plan.layers),
+           pp.degree, pp.virtual_stages, tuple(tuple(r) for r in pp.stages), plan.micro_batch, plan.seq_len,
+           plan.optimizer.states, m)
+    done = cache.get(key)
+    if done is None:
+        done = cache[key] = _RankTotals(pp.degree)
+        _add_layers(done, plan, cfg, hw, strategies, m, cache)
+    t = copy.copy(done)
+    for name in ("mb_s", "step_s", "static", "act", "transient", "grads", "copies"):
+        setattr(t, name, list(getattr(done, name)))
+    return t
 
 
 def tied_embedding_grad_s(cfg: ModelConfig, tp: int, pp: int, world_per_stage: int, hw: Hardware) -> float:
@@ -1032,14 +1057,18 @@ def _memory_gib(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, m: in
     return mem, terms[max(range(pp.degree), key=lambda r: mem[r])]
 
 
-def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int) -> Prediction:
-    """Predict step time, throughput, MFU/HFU and memory per pipeline stage of a (validated) Plan."""
+def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int,
+                  cache: Optional[dict[Any, Any]] = None) -> Prediction:
+    """Predict step time, throughput, MFU/HFU and memory per pipeline stage of a (validated) Plan.
+
+    ``cache``: a dict the caller keeps while it evaluates many plans of *one* model on *one* Hardware (the search
+    does): per-layer costs and the model's FLOPs per token are then computed once for all of them."""
+    cache = {} if cache is None else cache
     strategies = plan.layer_strategies()
     pp = plan.pipeline
     m = _microbatches(plan, strategies)
     v = pp.virtual_stages if pp.schedule == "interleaved_1f1b" else 1
-    t = _RankTotals(pp.degree)
-    _add_layers(t, plan, cfg, hw, strategies, m)
+    t = _layer_totals(plan, cfg, hw, strategies, m, cache)
     head_tokens = _add_ends(t, plan, cfg, hw, strategies, m, world_size)
     rank_mb = t.mb_s
     if pp.degree > 1:
@@ -1054,7 +1083,10 @@ def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int) ->
     mem, mem_terms = _memory_gib(t, plan, cfg, hw, m, head_tokens, strategies)
     tokens = plan.global_batch * plan.seq_len
     # MFU uses the model's own FLOPs per token (PaLM convention); HFU counts recomputation too.
-    mfu_flops = cfg.flops_per_token(plan.seq_len) * tokens
+    fkey = ("flops_per_token", plan.seq_len)
+    if fkey not in cache:
+        cache[fkey] = cfg.flops_per_token(plan.seq_len)
+    mfu_flops = cache[fkey] * tokens
     ratio = t.hw_flops / t.model_flops if t.model_flops else 1.0
     peak = hw.peak_flops
     return Prediction(

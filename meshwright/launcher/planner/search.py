@@ -4,8 +4,9 @@ outside, a Galvatron-style dynamic programme over per-layer strategies under a m
 For every outer candidate (pp, smallest tp, micro-batch, schedule, partition) each pipeline rank runs
 a DP over its layers x memory buckets x strategies (tp, sp, zero, recompute, ep, savers), with the
 cost of changing (tp, sp) between neighbouring layers on the transitions. The DP is vectorised in
-numpy, per-layer cost terms are memoised per layer kind (identical layers collapse), strategies
-dominated in time and memory are pruned, and ranks with similar activation pressure share one DP.
+numpy, per-layer cost terms are memoised per layer kind for the duration of one search (identical layers,
+and the schedules of one micro-batch, share them: ``_SearchMemo``), strategies dominated in time and
+memory are pruned, and ranks with similar activation pressure share one DP.
 Every surviving candidate is then scored by ``cost_model.evaluate_plan`` — the DP is the heuristic,
 the cost model the judge — so predicted figures are always those of the emitted plan.
 """
@@ -225,10 +226,19 @@ class _Kind:
     # transient bytes while the layer runs (ZeRO-3 all-gathered layer + prefetch, backward working set):
     # a maximum per rank, not a sum (empty = none)
     gather: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    # (C, width) strategy indices per class, padded with len(strategies): the DP's per-class minima gather them.
+    # Derived from ``cls``; dataclasses.replace carries it over to the masked variants, which keep ``cls``.
+    cls_idx: Optional[np.ndarray] = None
 
     def __post_init__(self) -> None:
         if len(self.gather) != len(self.strategies):
             self.gather = np.zeros(len(self.strategies))
+        if self.cls_idx is None:
+            S = len(self.strategies)
+            groups = [np.flatnonzero(self.cls == c) for c in range(len(self.tpsp))]
+            self.cls_idx = np.full((len(groups), max((len(g) for g in groups), default=0)), S, dtype=int)
+            for c, g in enumerate(groups):
+                self.cls_idx[c, :len(g)] = g
 
 
 def _skey(s: LayerStrategy) -> tuple:
@@ -236,139 +246,208 @@ def _skey(s: LayerStrategy) -> tuple:
             s.savers.wta_crs, s.savers.lemo)
 
 
-_COST_CACHE: dict[tuple, dict[str, float]] = {}
+class _SearchMemo:
+    """Pure results shared by every outer candidate of one ``search`` call (one model, hardware and sequence
+    length, so none of them is in a key): per-layer costs, strategy cost vectors, and evaluate_plan's layer costs.
+    Scoped to the call, not the process: nothing outlives the inputs it was computed from."""
+
+    def __init__(self) -> None:
+        self.layer_costs: dict[tuple, tuple[dict[str, float], float, float]] = {}  # costs, per-mb s, per-step DP s
+        self.vectors: dict[tuple, _Vectors] = {}
+        self.plan_costs: dict[Any, Any] = {}  # cost_model.evaluate_plan's cache
+        self.redistribution: dict[tuple, float] = {}  # cm.redistribution_s per (tokens, from class, to class)
+        self._moe_flags: Optional[tuple[bool, ...]] = None
+
+    def moe_flags(self, cfg: ModelConfig) -> tuple[bool, ...]:
+        """``cfg.is_moe_layer(i)`` for every layer: the layer's kind key."""
+        if self._moe_flags is None:
+            self._moe_flags = tuple(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+        return self._moe_flags
 
 
-def _cached_layer_costs(cfg: ModelConfig, index: int, s: LayerStrategy, mb_samples: float, seq_len: int,
-                        hw: cm.Hardware, states: str) -> dict[str, float]:
-    """layer_costs memoised per layer kind: identical layers (and candidates sharing a micro-batch) collapse."""
-    key = (id(cfg), cfg.is_moe_layer(index), _skey(s), mb_samples, seq_len, id(hw), states)
-    hit = _COST_CACHE.get(key)
-    if hit is None:
-        if len(_COST_CACHE) > 200_000:
-            _COST_CACHE.clear()
-        hit = _COST_CACHE[key] = cm.layer_costs(cfg, index, s, mb_samples, seq_len, hw, states)
-    return hit
+@dataclass
+class _Vectors:
+    """One layer kind's strategies and their cost terms for one (stage size, tp degrees, micro-batch, dp, states):
+    every schedule of that micro-batch shares them; only the objective's microbatch count differs (``kind``)."""
+
+    strategies: list[LayerStrategy]
+    mb_s: np.ndarray  # seconds per microbatch (cm.layer_microbatch_s)
+    step_s: np.ndarray  # exposed per-step DP seconds (cm.layer_step_dp_s)
+    static: np.ndarray
+    act: np.ndarray
+    gather: np.ndarray
+    classes: list[tuple[int, bool]]
+    # pairwise memory comparisons for the Pareto pruning, [i, j] about j against i, within one (tp, sp) class
+    mem_le: np.ndarray
+    mem_lt: np.ndarray
+
+    def kind(self, m_eff: float) -> _Kind:
+        """The cost vectors at ``m_eff`` microbatch-times per step, without strategies dominated inside their
+        (tp, sp) class (no better in time, static, activation and transient memory; the earlier one of equals)."""
+        obj = m_eff * self.mb_s + self.step_s
+        n = len(self.strategies)
+        if n:
+            dom = self.mem_le & (obj[None, :] <= obj[:, None]) & (self.mem_lt | (obj[None, :] < obj[:, None]))
+            keep = np.flatnonzero(~dom.any(axis=1))  # dom[i, j]: j dominates i
+        else:
+            keep = np.array([], dtype=int)
+        strategies = [self.strategies[i] for i in keep]
+        tpsp = sorted(set(self.classes[i] for i in keep))
+        cls = np.array([tpsp.index(self.classes[i]) for i in keep], dtype=int)
+        return _Kind(strategies, obj[keep], self.static[keep], self.act[keep], cls, tpsp, self.gather[keep])
 
 
-def _kind_costs(cfg: ModelConfig, index: int, strategies: list[LayerStrategy], mb: int, max_dp: int,
-                seq_len: int, hw: cm.Hardware, states: str, m_eff: float) -> _Kind:
-    objs, stat, act, gat = [], [], [], []
+def _vectors(o: "_Outer", index: int) -> _Vectors:
+    """Strategies of layer ``index``'s kind for outer candidate ``o`` and their costs, memoised per search."""
+    moe = o.cfg.is_moe_layer(index)
+    key = (moe, o.per_stage, o.cp, tuple(o.tps), o.mb, o.max_dp, o.states)
+    hit = o.memo.vectors.get(key)
+    if hit is not None:
+        return hit
+    strategies = layer_strategies(o.cfg, index, o.per_stage // o.cp, o.tps, o.seq_len, o.c, o.allow, o.mb, o.max_dp,
+                                  o.global_batch, o.cluster.devices_per_node, o.cp)
+    mb_s, step, stat, act, gat = [], [], [], [], []
     for s in strategies:
-        c = _cached_layer_costs(cfg, index, s, mb * max_dp / s.dp, seq_len, hw, states)
-        objs.append(m_eff * cm.layer_microbatch_s(c, hw) + cm.layer_step_dp_s(c, hw))
+        mb_samples = o.mb * o.max_dp / s.dp
+        ckey = (moe, _skey(s), mb_samples, o.states)
+        got = o.memo.layer_costs.get(ckey)
+        if got is None:
+            c = cm.layer_costs(o.cfg, index, s, mb_samples, o.seq_len, o.hw, o.states)
+            got = o.memo.layer_costs[ckey] = (c, cm.layer_microbatch_s(c, o.hw), cm.layer_step_dp_s(c, o.hw))
+        c = got[0]
+        mb_s.append(got[1])
+        step.append(got[2])
         stat.append(c["static_bytes"])
         act.append(c["act_bytes"])
         gat.append(c["transient_bytes"])
-    objs_a, stat_a, act_a, gat_a = np.array(objs), np.array(stat), np.array(act), np.array(gat)
-    # Pareto pruning inside each (tp, sp) class: drop strategies no better in time, static and activation memory.
+    stat_a, act_a, gat_a = np.array(stat), np.array(act), np.array(gat)
     classes = [(s.tp, s.sp) for s in strategies]
-    tpsp = sorted(set(classes))
+    n, tpsp = len(strategies), sorted(set(classes))
     cls_all = np.array([tpsp.index(c) for c in classes], dtype=int)
-    n = len(strategies)
-    if n:
-        same = cls_all[:, None] == cls_all[None, :]
-        le = ((objs_a[None, :] <= objs_a[:, None]) & (stat_a[None, :] <= stat_a[:, None]) & (act_a[None, :] <= act_a[:, None])
-              & (gat_a[None, :] <= gat_a[:, None]))
-        lt = ((objs_a[None, :] < objs_a[:, None]) | (stat_a[None, :] < stat_a[:, None]) | (act_a[None, :] < act_a[:, None])
-              | (gat_a[None, :] < gat_a[:, None]))
-        earlier = np.arange(n)[None, :] < np.arange(n)[:, None]
-        dom = same & le & (lt | earlier)  # dom[i, j]: j dominates i
-        np.fill_diagonal(dom, False)
-        keep = np.flatnonzero(~dom.any(axis=1))
-    else:
-        keep = np.array([], dtype=int)
-    strategies = [strategies[i] for i in keep]
-    tpsp = sorted(set(classes[i] for i in keep))
-    cls = np.array([tpsp.index(classes[i]) for i in keep], dtype=int)
-    return _Kind(strategies, objs_a[keep], stat_a[keep], act_a[keep], cls, tpsp, gat_a[keep])
+    same = cls_all[:, None] == cls_all[None, :]
+    np.fill_diagonal(same, False)
+    mem_le = same & (stat_a[None, :] <= stat_a[:, None]) & (act_a[None, :] <= act_a[:, None]) & (gat_a[None, :] <= gat_a[:, None])
+    mem_lt = ((stat_a[None, :] < stat_a[:, None]) | (act_a[None, :] < act_a[:, None]) | (gat_a[None, :] < gat_a[:, None])
+              | (np.arange(n)[None, :] < np.arange(n)[:, None]))
+    hit = o.memo.vectors[key] = _Vectors(strategies, np.array(mb_s), np.array(step), stat_a, act_a, gat_a, classes,
+                                         mem_le, mem_lt)
+    return hit
+
+
+class _DPKind:
+    """One layer kind's gather indices for one DP (its bucket size and in-flight count): built once per call and
+    shared by every layer of that kind, so a layer costs a few whole-array numpy operations. Tables are laid out
+    (strategy, bucket): numpy reduces over a leading axis several times faster than over a short trailing one."""
+
+    def __init__(self, k: _Kind, bucket: float, inflight: float) -> None:
+        nb = N_BUCKETS + 1
+        S, C = len(k.strategies), len(k.tpsp)
+        self.C, self.cls, self.cls_range, self.cls_idx = C, k.cls, np.arange(C), k.cls_idx
+        self.w = np.ceil((k.static + inflight * k.act) / bucket - 1e-9).astype(int)
+        # J[s, j]: the bucket a layer taking s in j buckets leaves to the layers before it; nb (the +inf pad of every
+        # source table below) where s does not fit. Row S is a padding strategy with +inf time, so every f has a
+        # trailing +inf row that the per-class gathers (cls_idx pads with S) pick up as filler.
+        J = np.full((S + 1, nb), nb)
+        np.subtract(_BUCKET_ROW, self.w[:, None], out=J[:S])
+        J[J < 0] = nb
+        self.J = J
+        self.obj = np.append(k.obj, np.inf)[:, None]
+        self.cls_at = np.append(k.cls, 0)[:, None] * (nb + 1) + J  # into a flattened (C, nb + 1) per-class table
+
+
+_BUCKET_ROW = np.arange(N_BUCKETS + 1)[None, :]
 
 
 def _stage_dp(kinds: list[_Kind], budget: float, inflight: float, trans_cost: np.ndarray | None) -> tuple[float, list[int]] | None:
     """Min-time assignment of strategies to the stage's layers (``kinds``: one _Kind per layer, in order)
     with sum(static + inflight*act) <= budget. Returns (time, strategy index per layer) or None.
 
-    ``trans_cost`` is the (C, C) cost between (tp, sp) classes; the min over previous strategies is
-    taken per class first, so one layer costs O(buckets x (S + C^2)) instead of O(buckets x S^2), and
-    the per-strategy memory shift is one gather with a precomputed index matrix.
+    ``f[s, j]``: the least time of the layers so far, the last one taking strategy ``s``, in at most ``j`` memory
+    buckets. ``trans_cost`` is the (C, C) cost between (tp, sp) classes; the min over previous strategies is
+    taken per class first, so one layer costs O(buckets x (S + C^2)) instead of O(buckets x S^2). Only the
+    minima are kept going forward: the backtrack recomputes the argmins of the one bucket it visits per layer
+    (``_dp_prev``) with numpy's first-index tie-breaking, so it picks what a full argmin table would.
     """
     if budget <= 0:
         return None
     bucket = budget / N_BUCKETS
     nb = N_BUCKETS + 1
-    rows = np.arange(nb)
-    f = None
-    back: list[tuple[np.ndarray, np.ndarray]] = []
+    prep: dict[int, _DPKind] = {}
+    fs: list[np.ndarray] = []  # f after each layer, (S + 1, nb)
+    modes: list[int] = []  # how a layer took the min over the previous one: 0 first layer, 1 overall, 2 per class
+    dks: list[_DPKind] = []
     prev_kind: _Kind | None = None
-    prep: dict[int, tuple] = {}
+    minimum = np.minimum.reduce
+    trans3 = trans_cost[:, :, None] if trans_cost is not None else None  # [previous class, class, bucket]
+    g1 = np.empty(nb + 1)  # the min over the previous layer per bucket, +inf pad at nb
+    g1[nb] = np.inf
+    g1_head = g1[:nb]
+    gc: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # per class count: (C, nb + 1) per-class minima, +inf pad
     for k in kinds:
-        if id(k) not in prep:
-            w = np.ceil((k.static + inflight * k.act) / bucket - 1e-9).astype(int)
-            J = rows[:, None] - w[None, :]
-            J = np.where(J < 0, nb, J)  # row nb is the +inf pad
-            groups = [np.flatnonzero(k.cls == c) for c in range(len(k.tpsp))]
-            S = len(k.strategies)
-            # (C, maxS) strategy indices per class, padded with S (an +inf column) for one-shot class minima
-            width = max(len(g) for g in groups)
-            cls_idx = np.full((len(groups), width), S, dtype=int)
-            for c, g in enumerate(groups):
-                cls_idx[c, :len(g)] = g
-            gp = np.empty((nb + 1, S))
-            gp[nb] = np.inf
-            ap = np.empty((nb + 1, S), dtype=int)
-            ap[nb] = -1
-            prep[id(k)] = (w, J, np.arange(S)[None, :], groups, cls_idx, gp, ap)
-        w, J, cols, groups, cls_idx, gp, ap = prep[id(k)]
-        S = len(k.strategies)
-        if f is None:
-            g = np.zeros((nb, S))
-            g_arg = np.full((nb, S), -1, dtype=int)
-        elif trans_cost is not None and prev_kind is k and len(groups) > 1:
-            C = len(groups)
-            fpad = np.concatenate([f, np.full((nb, 1), np.inf)], axis=1)
-            sub = fpad[:, cls_idx]  # (nb, C, maxS)
-            a = sub.argmin(axis=2)
-            cls_best = np.take_along_axis(sub, a[:, :, None], axis=2)[:, :, 0]
-            cls_arg = cls_idx[np.arange(C)[None, :], a]
-            tot = cls_best[:, :, None] + trans_cost[None, :, :]  # (nb, C_prev, C_cur)
-            best_c = tot.argmin(axis=1)
-            g_c = tot[rows[:, None], best_c, np.arange(C)[None, :]]
-            g = g_c[:, k.cls]
-            g_arg = cls_arg[rows[:, None], best_c][:, k.cls]
+        p = prep.get(id(k))
+        if p is None:
+            p = prep[id(k)] = _DPKind(k, bucket, inflight)
+        if not fs:
+            g1_head.fill(0.0)
+            mode, f = 0, g1.take(p.J) + p.obj
+        elif trans3 is not None and prev_kind is k and p.C > 1:
+            # per class the best previous strategy, then per class the best previous class plus the switch
+            if p.C not in gc:
+                g = np.empty((p.C, nb + 1))
+                g[:, nb] = np.inf
+                gc[p.C] = (g, g[:, :nb])
+            g, g_head = gc[p.C]
+            minimum(minimum(fs[-1].take(p.cls_idx, axis=0), axis=1, keepdims=True) + trans3, axis=0, out=g_head)
+            mode, f = 2, g.take(p.cls_at) + p.obj
         else:
-            a = f.argmin(axis=1)
-            g = np.repeat(f[rows, a][:, None], S, axis=1)
-            g_arg = np.repeat(a[:, None], S, axis=1)
-        gp[:nb] = g
-        ap[:nb] = g_arg
-        f = gp[J, cols] + k.obj[None, :]
-        back.append((ap[J, cols], w))
+            minimum(fs[-1], axis=0, out=g1_head)
+            mode, f = 1, g1.take(p.J) + p.obj
+        fs.append(f)
+        modes.append(mode)
+        dks.append(p)
         prev_kind = k
-    if f is None:
+    if not fs:
         return 0.0, []
-    last = f[N_BUCKETS]
+    last = fs[-1][:-1, N_BUCKETS]
     s = int(np.argmin(last))
     if not np.isfinite(last[s]):
         return None
     total = float(last[s])
     choice = [0] * len(kinds)
     j = N_BUCKETS
-    for li in range(len(kinds) - 1, -1, -1):
+    for li in range(len(kinds) - 1, 0, -1):
         choice[li] = s
-        arg, w = back[li]
-        prev_s = int(arg[j, s])
-        j -= int(w[s])
-        s = prev_s
+        p = dks[li]
+        j -= int(p.w[s])
+        s = _dp_prev(fs[li - 1][:, j], modes[li], p, s, trans_cost)
+    choice[0] = s
     return total, choice
 
 
-def _transition_matrix(kind: _Kind, cfg: ModelConfig, tokens: float, hw: cm.Hardware, m_eff: float) -> np.ndarray:
-    """(C, C) seconds per step for changing (tp, sp) class between consecutive layers of this kind."""
+def _dp_prev(col: np.ndarray, mode: int, p: _DPKind, s: int, trans_cost: np.ndarray | None) -> int:
+    """The previous layer's strategy on the optimal path into strategy ``s`` (``col``: the previous f at the
+    bucket the path leaves it): the argmins behind the forward pass's minima, in the same order."""
+    if mode == 1:
+        return int(col.argmin())
+    sub = col[p.cls_idx]  # (C, width)
+    a = sub.argmin(axis=1)
+    c = int((sub[p.cls_range, a] + trans_cost[:, p.cls[s]]).argmin())
+    return int(p.cls_idx[c, a[c]])
+
+
+def _transition_matrix(kind: _Kind, cfg: ModelConfig, tokens: float, hw: cm.Hardware, m_eff: float,
+                       memo: Optional[dict[tuple, float]] = None) -> np.ndarray:
+    """(C, C) seconds per step for changing (tp, sp) class between consecutive layers of this kind
+    (``memo``: the search's redistribution times per (tokens, from, to), shared by its candidates)."""
+    memo = {} if memo is None else memo
     C = len(kind.tpsp)
     out = np.zeros((C, C))
     for a in range(C):
         for b in range(C):
-            out[a, b] = m_eff * cm.redistribution_s(tokens, cfg, kind.tpsp[a], kind.tpsp[b], hw)
+            key = (tokens, kind.tpsp[a], kind.tpsp[b])
+            if key not in memo:
+                memo[key] = cm.redistribution_s(tokens, cfg, kind.tpsp[a], kind.tpsp[b], hw)
+            out[a, b] = m_eff * memo[key]
     return out
 
 
@@ -575,11 +654,12 @@ def search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: i
     usable = (hw.memory_bytes - hw.overhead_bytes) / (1 + hw.fragmentation)
     model_name = cfg.name if cfg.name != "custom" else to_dict(cfg)
     out = _Collector()
+    memo = _SearchMemo()
     from tqdm import tqdm
 
     for st, pp in tqdm(list(itertools.product(state_opts, pps)), desc="plan search", unit="pp", disable=not progress, leave=False):
         base = _Outer(cfg, cluster, hw, c, allow, st, pp, 0, [], 0, 0, 0, 0, "1f1b", 1, seq_len, global_batch, usable,
-                      model_name, c.cp or 1)
+                      model_name, c.cp or 1, memo)
         _try_pipeline(base, out)
     result = _result(out, top, hw.memory_bytes, t0)
     if result.best is None and suggest:
@@ -612,6 +692,7 @@ class _Outer:
     usable: float  # bytes the DP may fill (budget less framework overhead and headroom)
     model_name: Any
     cp: int = 1  # context-parallel degree: per_stage = tp * dp * cp
+    memo: _SearchMemo = dataclasses.field(default_factory=_SearchMemo)  # shared by every candidate of one search
 
     @property
     def m_eff(self) -> float:
@@ -633,36 +714,49 @@ class _Outer:
 
 class _KindTable:
     """Cost vectors per layer kind (dense/MoE) for one outer candidate, built on first use, and their variants
-    with the strategies whose transient memory exceeds a level masked out (infinite cost)."""
+    with the strategies whose transient memory exceeds a level masked out (infinite cost). A layer's kind key is
+    ``flags[i]`` (is it an MoE layer); per-rank work runs on these keys, once per kind rather than per layer."""
 
     def __init__(self, o: _Outer) -> None:
         self.o = o
+        self.flags = o.memo.moe_flags(o.cfg)
         self.kinds: dict[bool, _Kind] = {}
         self.trans: dict[bool, np.ndarray] = {}
+        self.fastest: dict[bool, float] = {}  # each kind's fastest strategy time
         self.masked: dict[tuple[bool, float, float], tuple[_Kind, float]] = {}
         self.levels: dict[tuple, list[float]] = {}
+        self.rank_results: dict[tuple, Any] = {}  # _rank_dp per (kind keys, in-flight, first, last): all partitions
 
     def kind(self, i: int) -> _Kind:
-        o, key = self.o, self.o.cfg.is_moe_layer(i)
+        o, key = self.o, self.flags[i]
         if key not in self.kinds:
-            strategies = layer_strategies(o.cfg, i, o.per_stage // o.cp, o.tps, o.seq_len, o.c, o.allow, o.mb, o.max_dp,
-                                          o.global_batch, o.cluster.devices_per_node, o.cp)
-            k = self.kinds[key] = _kind_costs(o.cfg, i, strategies, o.mb, o.max_dp, o.seq_len, o.hw, o.states, o.m_eff)
-            self.trans[key] = _transition_matrix(k, o.cfg, o.tokens * o.max_dp, o.hw, o.m_eff)
+            k = self.kinds[key] = _vectors(o, i).kind(o.m_eff)
+            self.trans[key] = _transition_matrix(k, o.cfg, o.tokens * o.max_dp, o.hw, o.m_eff, o.memo.redistribution)
+            if len(k.obj):
+                self.fastest[key] = float(k.obj.min())
         return self.kinds[key]
 
-    def capped(self, i: int, level: float, inflight: float) -> tuple[_Kind, float]:
-        """Layer ``i``'s kind with strategies whose transient bytes exceed ``level`` at infinite cost, and its
+    def rank_kinds(self, layers: list[int]) -> tuple[tuple[bool, ...], dict[bool, _Kind]]:
+        """The kind key of each of ``layers`` and the kinds they use (built on first use)."""
+        keys = tuple(self.flags[i] for i in layers)
+        used: dict[bool, _Kind] = {}
+        for i, key in zip(layers, keys):
+            if key not in used:
+                used[key] = self.kind(i)
+        return keys, used
+
+    def capped(self, key: bool, level: float, inflight: float) -> tuple[_Kind, float]:
+        """Kind ``key`` with strategies whose transient bytes exceed ``level`` at infinite cost, and its
         memory shifted down by its smallest footprint at ``inflight`` (returned): the DP then spends its
         buckets on the differences between strategies, not on the state every strategy holds."""
-        key = (self.o.cfg.is_moe_layer(i), level, inflight)
-        if key not in self.masked:
-            k = self.kind(i)
+        mkey = (key, level, inflight)
+        if mkey not in self.masked:
+            k = self.kinds[key]
             over = k.gather > level * (1 + 1e-9)
             base = float(np.min(k.static + inflight * k.act)) if len(k.strategies) else 0.0
-            self.masked[key] = (dataclasses.replace(k, obj=np.where(over, np.inf, k.obj), static=k.static - base,
-                                                    gather=np.where(over, 0.0, k.gather)), base)
-        return self.masked[key]
+            self.masked[mkey] = (dataclasses.replace(k, obj=np.where(over, np.inf, k.obj), static=k.static - base,
+                                                     gather=np.where(over, 0.0, k.gather)), base)
+        return self.masked[mkey]
 
 
 def _transient_levels(ks: list[_Kind]) -> list[float]:
@@ -690,36 +784,37 @@ def _rank_extra_bytes(o: _Outer, first: bool, last: bool) -> float:
     return extra
 
 
-def _rank_dp(o: _Outer, table: _KindTable, layers: list[int], budget: float, inflight: float) -> tuple[float, list[int]] | None:
-    """Min-time strategies for one rank's layers within ``budget`` bytes.
+def _rank_dp(o: _Outer, table: _KindTable, keys: tuple[bool, ...], used: dict[bool, _Kind], budget: float,
+             inflight: float) -> tuple[float, list[int]] | None:
+    """Min-time strategies for one rank's layers (``keys``: their kind keys, ``used``: those kinds) within
+    ``budget`` bytes.
 
     ZeRO-3 layers need one all-gathered layer (+ prefetch) at a time and backward one layer's working set:
     a maximum over the rank, not a sum. The DP runs once per transient level (``_transient_levels``) with
     that much reserved and the strategies above it masked, and keeps the fastest.
     """
-    ks = [table.kind(i) for i in layers]
-    key = o.cfg.is_moe_layer(layers[0]) if layers else False
-    single_kind = len({o.cfg.is_moe_layer(i) for i in layers}) == 1
-    trans = table.trans[key] if single_kind and layers else None
+    ks = [used[key] for key in keys]
+    trans = table.trans[keys[0]] if len(used) == 1 else None
     best = None
-    sig = tuple(sorted({id(k) for k in ks}))
+    sig = tuple(sorted(id(k) for k in used.values()))
     if sig not in table.levels:
-        table.levels[sig] = _transient_levels(list({id(k): k for k in ks}.values()))
+        table.levels[sig] = _transient_levels(list(used.values()))
     # no assignment beats every layer's fastest strategy: once a level reaches it, lower levels cannot help
-    floor = sum(float(k.obj.min()) for k in ks if len(k.obj))
+    floor = sum(table.fastest[key] for key in keys if key in table.fastest)
     levels = table.levels[sig] or [0.0]
 
     def run(level: float) -> tuple[float, list[int]] | None:
-        capped = [table.capped(i, level, inflight) for i in layers]
-        return _stage_dp([k for k, _ in capped], budget - level - sum(b for _, b in capped), inflight, trans)
+        capped = {key: table.capped(key, level, inflight) for key in used}
+        return _stage_dp([capped[key][0] for key in keys], budget - level - sum(capped[key][1] for key in keys),
+                         inflight, trans)
 
     best = run(levels[0])
     if best is not None and best[0] <= floor * (1 + 1e-9):
         return best
     if best is not None:
         # refine: the smallest level that still admits the chosen strategies frees the difference
-        used = max(float(k.gather[j]) for k, j in zip(ks, best[1])) if ks else 0.0
-        tighter = [lv for lv in levels[1:] if lv >= used * (1 - 1e-9)]
+        used_bytes = max(float(k.gather[j]) for k, j in zip(ks, best[1])) if ks else 0.0
+        tighter = [lv for lv in levels[1:] if lv >= used_bytes * (1 - 1e-9)]
         todo = [min(tighter)] if tighter else []
     else:
         todo = levels[1:]  # nothing fits with the largest reserve: try smaller ones
@@ -759,20 +854,21 @@ def _assign_layers(o: _Outer, table: _KindTable, stages: list[list[int]]) -> tup
     for j, (a, b) in enumerate(stages):
         rank_layers[j % pp].extend(range(a, b))
     choices: dict[int, LayerStrategy] = {}
-    memo: dict[tuple, Any] = {}
+    memo = table.rank_results
     for r, layers in enumerate(rank_layers):
-        ks = [table.kind(i) for i in layers]
-        if any(len(k.strategies) == 0 for k in ks):
+        keys, used = table.rank_kinds(layers)
+        if any(len(k.strategies) == 0 for k in used.values()):
             raise _NoStrategy()
+        ks = [used[key] for key in keys]
         inflight = cm.inflight_microbatches(o.sched, pp, r, o.m, o.v)
         first, last = r == 0, r == pp - 1
         extra = _rank_extra_bytes(o, first, last)
         # ranks with similar activation pressure share one DP (round inflight up to a power of two)
         inflight_r = float(2 ** math.ceil(math.log2(inflight))) if inflight > 1 else 1.0
         inflight_r = min(inflight_r, float(o.m)) if o.sched != "gpipe" else inflight
-        sig = (tuple(cfg.is_moe_layer(i) for i in layers), inflight_r, first, last)
+        sig = (keys, inflight_r, first, last)
         if sig not in memo:
-            memo[sig] = _rank_dp(o, table, layers, o.usable - extra, inflight_r)
+            memo[sig] = _rank_dp(o, table, keys, used, o.usable - extra, inflight_r)
         res = memo[sig]
         if res is None:
             # The DP's buckets and rounded-up in-flight count are conservative: fall back to the
@@ -783,10 +879,10 @@ def _assign_layers(o: _Outer, table: _KindTable, stages: list[list[int]]) -> tup
                 return None, (need + cm.framework_overhead_bytes(o.hw, need)) / cm.GIB
             res = (float(sum(k.obj[j] for k, j in zip(ks, mins))), mins)
         picked = list(res[1])
-        if len({cfg.is_moe_layer(i) for i in layers}) == 1 and layers:
-            picked = _group_same_class(table.kind(layers[0]), picked)
-        for i, si in zip(layers, picked):
-            choices[i] = table.kind(i).strategies[si]
+        if len(used) == 1:
+            picked = _group_same_class(ks[0], picked)
+        for i, key, si in zip(layers, keys, picked):
+            choices[i] = used[key].strategies[si]
     return [choices[i] for i in range(cfg.n_layers)], None
 
 
@@ -821,7 +917,7 @@ def _score_plans(o: _Outer, stages: list[list[int]], strategies: list[LayerStrat
             validate_plan(plan, cfg, o.per_stage * o.pp)
         except ConfigError as exc:
             return {"layout": o.label(), "reason": f"invalid plan: {exc}"}, need
-        pred = cm.evaluate_plan(plan, cfg, o.hw, o.per_stage * o.pp)
+        pred = cm.evaluate_plan(plan, cfg, o.hw, o.per_stage * o.pp, cache=o.memo.plan_costs)
         if not pred.fits:
             need = max(pred.memory_gib) if need is None else min(need, max(pred.memory_gib))
         elif best_pred is None or pred.step_s < best_pred.step_s:

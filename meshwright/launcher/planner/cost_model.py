@@ -937,6 +937,9 @@ def _add_layers(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strat
     stage_of = {i: j % pp.degree for j, (a, b) in enumerate(ranges) for i in range(a, b)}
     starts = {a for a, _ in ranges}
     skeys: dict[int, tuple] = {}  # per strategy object (a repeat block expands to one object)
+    # per cost key the terms this plan adds (they depend on m too, so they live for this call only)
+    adds: dict[tuple, tuple[float, ...]] = {}
+    t_mb, t_step, t_static, t_grads, t_copies, t_act, t_transient = t.mb_s, t.step_s, t.static, t.grads, t.copies, t.act, t.transient
     for i, s in enumerate(strategies):
         r = stage_of[i]
         mb_samples = plan.micro_batch * max_dp / s.dp
@@ -946,22 +949,30 @@ def _add_layers(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strat
             skey = skeys[id(s)] = (s.tp, s.sp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, s.recompute, s.savers.fp8_act,
                                    s.savers.fp8_gemm, s.savers.wta_crs, s.savers.lemo, mb_samples, plan.seq_len, states)
         key = (cfg.is_moe_layer(i), skey, prev)
-        c = memo.get(key)
-        if c is None:
-            c = memo[key] = layer_costs(cfg, i, s, mb_samples, plan.seq_len, hw, states, prev)
-        t.mb_s[r] += layer_microbatch_s(c, hw)
-        t.step_s[r] += layer_step_dp_s(c, hw) + c["opt_step"] + (m - 1) * c["accum_mb"]
-        t.static[r] += c["static_bytes"]
-        t.grads[r] += c["grads_bytes"]
-        t.copies[r] += c["copy_bytes"]
-        t.act[r] += c["act_bytes"]
-        t.transient[r] = max(t.transient[r], c["transient_bytes"])
-        t.model_flops += c["model_flops_mb"] * m
-        t.hw_flops += c["hw_flops_mb"] * m
-        t.comm += c["comm_mb"] * m
-        t.compute += c["compute_mb"] * m
-        t.overhead += c["overhead_mb"] * m
-        t.dp += c["dp_step"] + c["dp_mb"] * m
+        add = adds.get(key)
+        if add is None:
+            c = memo.get(key)
+            if c is None:
+                c = memo[key] = layer_costs(cfg, i, s, mb_samples, plan.seq_len, hw, states, prev)
+            add = adds[key] = (layer_microbatch_s(c, hw), layer_step_dp_s(c, hw) + c["opt_step"] + (m - 1) * c["accum_mb"],
+                               c["static_bytes"], c["grads_bytes"], c["copy_bytes"], c["act_bytes"], c["transient_bytes"],
+                               c["model_flops_mb"] * m, c["hw_flops_mb"] * m, c["comm_mb"] * m, c["compute_mb"] * m,
+                               c["overhead_mb"] * m, c["dp_step"] + c["dp_mb"] * m)
+        mb, step, static, grads, copies, act, transient, model_flops, hw_flops, comm, compute, overhead, dp = add
+        t_mb[r] += mb
+        t_step[r] += step
+        t_static[r] += static
+        t_grads[r] += grads
+        t_copies[r] += copies
+        t_act[r] += act
+        if transient > t_transient[r]:
+            t_transient[r] = transient
+        t.model_flops += model_flops
+        t.hw_flops += hw_flops
+        t.comm += comm
+        t.compute += compute
+        t.overhead += overhead
+        t.dp += dp
 
 
 def _layer_totals(plan: Any, cfg: ModelConfig, hw: Hardware, strategies: list[Any], m: int,

@@ -342,7 +342,8 @@ class _DPKind:
     def __init__(self, k: _Kind, bucket: float, inflight: float) -> None:
         nb = N_BUCKETS + 1
         S, C = len(k.strategies), len(k.tpsp)
-        self.C, self.cls, self.cls_range, self.cls_idx = C, k.cls, np.arange(C), k.cls_idx
+        self.C, self.cls, self.cls_idx = C, k.cls, k.cls_idx
+        self.cls_idx_t = np.ascontiguousarray(k.cls_idx.T)  # (width, C): the class minima reduce over a leading axis
         self.w = np.ceil((k.static + inflight * k.act) / bucket - 1e-9).astype(int)
         # J[s, j]: the bucket a layer taking s in j buckets leaves to the layers before it; nb (the +inf pad of every
         # source table below) where s does not fit. Row S is a padding strategy with +inf time, so every f has a
@@ -375,6 +376,7 @@ def _stage_dp(kinds: list[_Kind], budget: float, inflight: float, trans_cost: np
     prep: dict[int, _DPKind] = {}
     fs: list[np.ndarray] = []  # f after each layer, (S + 1, nb)
     modes: list[int] = []  # how a layer took the min over the previous one: 0 first layer, 1 overall, 2 per class
+    class_mins: list[np.ndarray | None] = []  # mode 2: the previous f's (C, nb) per-class minima, for the backtrack
     dks: list[_DPKind] = []
     prev_kind: _Kind | None = None
     minimum = np.minimum.reduce
@@ -387,9 +389,10 @@ def _stage_dp(kinds: list[_Kind], budget: float, inflight: float, trans_cost: np
         p = prep.get(id(k))
         if p is None:
             p = prep[id(k)] = _DPKind(k, bucket, inflight)
+        mins = None
         if not fs:
             g1_head.fill(0.0)
-            mode, f = 0, g1.take(p.J) + p.obj
+            mode, f = 0, g1.take(p.J)
         elif trans3 is not None and prev_kind is k and p.C > 1:
             # per class the best previous strategy, then per class the best previous class plus the switch
             if p.C not in gc:
@@ -397,13 +400,16 @@ def _stage_dp(kinds: list[_Kind], budget: float, inflight: float, trans_cost: np
                 g[:, nb] = np.inf
                 gc[p.C] = (g, g[:, :nb])
             g, g_head = gc[p.C]
-            minimum(minimum(fs[-1].take(p.cls_idx, axis=0), axis=1, keepdims=True) + trans3, axis=0, out=g_head)
-            mode, f = 2, g.take(p.cls_at) + p.obj
+            mins = minimum(fs[-1].take(p.cls_idx_t, axis=0), axis=0)  # (C, nb)
+            minimum(mins[:, None, :] + trans3, axis=0, out=g_head)
+            mode, f = 2, g.take(p.cls_at)
         else:
             minimum(fs[-1], axis=0, out=g1_head)
-            mode, f = 1, g1.take(p.J) + p.obj
+            mode, f = 1, g1.take(p.J)
+        f += p.obj
         fs.append(f)
         modes.append(mode)
+        class_mins.append(mins)
         dks.append(p)
         prev_kind = k
     if not fs:
@@ -419,20 +425,21 @@ def _stage_dp(kinds: list[_Kind], budget: float, inflight: float, trans_cost: np
         choice[li] = s
         p = dks[li]
         j -= int(p.w[s])
-        s = _dp_prev(fs[li - 1][:, j], modes[li], p, s, trans_cost)
+        s = _dp_prev(fs[li - 1][:, j], modes[li], p, s, trans_cost, class_mins[li], j)
     choice[0] = s
     return total, choice
 
 
-def _dp_prev(col: np.ndarray, mode: int, p: _DPKind, s: int, trans_cost: np.ndarray | None) -> int:
+def _dp_prev(col: np.ndarray, mode: int, p: _DPKind, s: int, trans_cost: np.ndarray | None,
+             mins: np.ndarray | None, j: int) -> int:
     """The previous layer's strategy on the optimal path into strategy ``s`` (``col``: the previous f at the
-    bucket the path leaves it): the argmins behind the forward pass's minima, in the same order."""
+    bucket ``j`` the path leaves it; ``mins``: the forward pass's per-class minima of that f): the argmins behind
+    the forward pass's minima, in the same order (first class, then first strategy inside it)."""
     if mode == 1:
         return int(col.argmin())
-    sub = col[p.cls_idx]  # (C, width)
-    a = sub.argmin(axis=1)
-    c = int((sub[p.cls_range, a] + trans_cost[:, p.cls[s]]).argmin())
-    return int(p.cls_idx[c, a[c]])
+    c = int((mins[:, j] + trans_cost[:, p.cls[s]]).argmin())
+    row = p.cls_idx[c]
+    return int(row[col.take(row).argmin()])
 
 
 def _transition_matrix(kind: _Kind, cfg: ModelConfig, tokens: float, hw: cm.Hardware, m_eff: float,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 
 import numpy as np
@@ -273,6 +274,32 @@ def test_one_search_computes_each_layer_cost_once():
         mp.undo()
     assert r.best is not None and r.candidates == 104
     assert calls == {"layer_costs": 798, "_add_layers": 104, "evaluate_plan": 136}
+
+
+def test_search_pauses_the_cyclic_collector_and_restores_its_state():
+    """The candidates are solved with Python's cyclic GC off (full collections walking every object of the
+    process cost ~0.1 s per large search) and the collector is left as the caller had it, on or off."""
+    seen = []
+    original = S._try_pipeline
+
+    def recording(base, out):
+        seen.append(gc.isenabled())
+        return original(base, out)
+
+    mp = pytest.MonkeyPatch()
+    was = gc.isenabled()
+    try:
+        mp.setattr(S, "_try_pipeline", recording)
+        gc.enable()
+        assert S.search(load_model_config("tiny"), _a100(), 256, 8).best is not None
+        assert gc.isenabled()
+        gc.disable()
+        assert S.search(load_model_config("tiny"), _a100(), 256, 8).best is not None
+        assert not gc.isenabled()
+    finally:
+        mp.undo()
+        (gc.enable if was else gc.disable)()
+    assert seen and not any(seen)
 
 
 def test_runtime_compatible_plans_pass_the_runtime_check():

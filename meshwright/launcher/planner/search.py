@@ -13,12 +13,14 @@ the cost model the judge — so predicted figures are always those of the emitte
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import itertools
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -644,6 +646,22 @@ def _result(out: _Collector, top: int, budget: float, t0: float) -> SearchResult
     return result
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Python's cyclic collector off while the candidates are solved, back on as it was after.
+
+    The search makes no reference cycles (its memos, kinds and plans are freed by reference counting), but it
+    keeps tens of thousands of memo objects alive while it runs, and their promotion triggers full collections
+    that walk every object of the process (~0.1 s each with torch imported, at least one per large search)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: int,
            hw: Optional[cm.Hardware] = None, constraints: Optional[Constraints] = None,
            allow: Optional[Allow] = None, states: Optional[str] = None, top: int = 5,
@@ -660,15 +678,18 @@ def search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: i
     state_opts = [states] if states else (["fp32", "fp8"] if allow.fp8 else ["fp32"])
     usable = (hw.memory_bytes - hw.overhead_bytes) / (1 + hw.fragmentation)
     model_name = cfg.name if cfg.name != "custom" else to_dict(cfg)
-    out = _Collector()
-    memo = _SearchMemo()
     from tqdm import tqdm
 
-    for st, pp in tqdm(list(itertools.product(state_opts, pps)), desc="plan search", unit="pp", disable=not progress, leave=False):
-        base = _Outer(cfg, cluster, hw, c, allow, st, pp, 0, [], 0, 0, 0, 0, "1f1b", 1, seq_len, global_batch, usable,
-                      model_name, c.cp or 1, memo)
-        _try_pipeline(base, out)
-    result = _result(out, top, hw.memory_bytes, t0)
+    with _gc_paused():
+        out = _Collector()
+        memo = _SearchMemo()
+        for st, pp in tqdm(list(itertools.product(state_opts, pps)), desc="plan search", unit="pp", disable=not progress,
+                           leave=False):
+            _try_pipeline(_Outer(cfg, cluster, hw, c, allow, st, pp, 0, [], 0, 0, 0, 0, "1f1b", 1, seq_len, global_batch,
+                                 usable, model_name, c.cp or 1, memo), out)
+        del memo  # freed before the collector is back on: it then has only the result's objects to walk
+        result = _result(out, top, hw.memory_bytes, t0)
+        del out
     if result.best is None and suggest:
         result.suggestion = _suggest(cfg, cluster, seq_len, global_batch, hw, c, allow)
         result.search_s = time.perf_counter() - t0

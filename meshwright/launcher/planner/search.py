@@ -386,6 +386,11 @@ def _stage_dp(kinds: list[_Kind], budget: float, inflight: float, trans_cost: np
     g1 = np.empty(nb + 1)  # the min over the previous layer per bucket, +inf pad at nb
     g1[nb] = np.inf
     g1_head = g1[:nb]
+    if trans3 is not None and len(kinds) > 1 and all(k is kinds[0] for k in kinds):
+        p = _DPKind(kinds[0], bucket, inflight)
+        if p.C > 1:
+            return _stage_dp_one_kind(p, len(kinds), trans_cost, g1)
+        prep[id(kinds[0])] = p
     gc: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # per class count: (C, nb + 1) per-class minima, +inf pad
     for k in kinds:
         p = prep.get(id(k))
@@ -428,6 +433,52 @@ def _stage_dp(kinds: list[_Kind], budget: float, inflight: float, trans_cost: np
         p = dks[li]
         j -= int(p.w[s])
         s = _dp_prev(fs[li - 1][:, j], modes[li], p, s, trans_cost, class_mins[li], j)
+    choice[0] = s
+    return total, choice
+
+
+def _stage_dp_one_kind(p: _DPKind, n: int, trans_cost: np.ndarray, g1: np.ndarray) -> tuple[float, list[int]] | None:
+    """``_stage_dp`` for ``n`` > 1 layers of one kind with transitions between its C > 1 classes (every rank of a
+    dense model), without the general loop's per-layer dispatch. The layers between the first and the last are kept
+    only class-major, ``fT[w, c, j] = f[cls_idx[c, w], j]`` (gathered straight from the per-class minima: the
+    same sums as f's, so the same minima and, in class order, the same first-index argmins)."""
+    nb = N_BUCKETS + 1
+    minimum = np.minimum.reduce
+    trans3 = trans_cost[:, :, None]
+    cls_idx_t = p.cls_idx_t
+    at_t, obj_t = p.cls_at.take(cls_idx_t, axis=0), p.obj.take(cls_idx_t, axis=0)  # (W, C, nb), (W, C, 1)
+    g = np.empty((p.C, nb + 1))
+    g[:, nb] = np.inf
+    g_head = g[:, :nb]
+    g1[:nb].fill(0.0)
+    f0 = g1.take(p.J)
+    f0 += p.obj
+    ft = f0.take(cls_idx_t, axis=0)
+    fts = [ft]  # class-major f of layers 0 .. n - 2
+    class_mins = [ft]  # per layer li >= 1: the previous layer's (C, nb) per-class minima (entry 0 unused)
+    for li in range(1, n):
+        mins = minimum(ft, axis=0)
+        minimum(mins[:, None, :] + trans3, axis=0, out=g_head)
+        class_mins.append(mins)
+        if li < n - 1:
+            ft = g.take(at_t)
+            ft += obj_t
+            fts.append(ft)
+    f = g.take(p.cls_at)  # the last layer in strategy order: its argmin picks the first strategy of equals
+    f += p.obj
+    last = f[:-1, N_BUCKETS]
+    s = int(np.argmin(last))
+    if not np.isfinite(last[s]):
+        return None
+    total = float(last[s])
+    choice = [0] * n
+    j = N_BUCKETS
+    w, cls, cls_idx = p.w.tolist(), p.cls.tolist(), p.cls_idx
+    for li in range(n - 1, 0, -1):
+        choice[li] = s
+        j -= w[s]
+        c = int((class_mins[li][:, j] + trans_cost[:, cls[s]]).argmin())
+        s = int(cls_idx[c, fts[li - 1][:, c, j].argmin()])
     choice[0] = s
     return total, choice
 

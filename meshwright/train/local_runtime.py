@@ -11,7 +11,7 @@ from torch import nn
 from meshwright.models import lm_loss
 from meshwright.models.chunked_loss import chunked_lm_loss
 from meshwright.models.moe import moe_layers, router_stats
-from meshwright.train.compile import compile_blocks, compiled_chunk_loss, compiled_head_loss, compiled_loss
+from meshwright.train.compile import compile_blocks, compiled_chunk_loss, compiled_head_loss
 from meshwright.train.precision import PrecisionPolicy
 from meshwright.train.runtime import Batch, Runtime, batch_to_device
 
@@ -31,13 +31,11 @@ class LocalRuntime(Runtime):
         # bf16: autocast with fp32 master weights, on every device (train/precision.py says why)
         self.precision = PrecisionPolicy.from_dtype(dtype)
         self.compute_dtype = self.precision.compute_dtype
-        self.loss_fn = lm_loss
         self.loss_chunk_tokens = loss_chunk_tokens
         self.chunk_fn = None  # chunked loss: the per-chunk head + loss (None: eager)
         self.head_loss_fn = None  # compile: the head and the loss in one compiled graph (None: eager)
         if compile_backend is not None:
             compile_blocks(self.model, compile_backend)
-            self.loss_fn = compiled_loss(lm_loss, compile_backend)
             self.head_loss_fn = compiled_head_loss(compile_backend)
             self.chunk_fn = compiled_chunk_loss(compile_backend)
         self._moe = bool(moe_layers(self.model))
@@ -54,9 +52,9 @@ class LocalRuntime(Runtime):
         if self.loss_chunk_tokens:
             return chunked_lm_loss(self.model(x, return_hidden=True), self.model.output, y, self.loss_chunk_tokens,
                                    self.chunk_fn)
-        if self.head_loss_fn is not None and getattr(self.model, "output", None) is not None:
+        if self.head_loss_fn is not None:
             return self.head_loss_fn(self.model.output, self.model(x, return_hidden=True), y)
-        return self.loss_fn(self.model(x), y)
+        return lm_loss(self.model(x), y)
 
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(LM loss, auxiliary MoE loss or None): the objective is their sum, the log shows them apart."""

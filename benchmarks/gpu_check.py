@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 MARK = "GPU_CHECK_RESULT "
@@ -120,6 +120,19 @@ def _time_steps(step: Callable[[], Any], warm: int, steps: int) -> tuple[float, 
         out.append(step())
     _sync()
     return (time.perf_counter() - t) / steps, t - t0, out
+
+
+def _time_trainer(it: Iterator[dict[str, Any]], warm: int, steps: int) -> tuple[float, float, list[float]]:
+    """``_time_steps`` for the trainer, over ``Trainer.steps()`` as ``fit`` runs it: a step's loss may be read
+    back after the next step is queued, so no sync is added; each yielded step has been read back, so the
+    window from the last warm-up step's read-back to the last timed step's holds exactly the timed steps."""
+    t0 = time.perf_counter()
+    losses = [next(it)["loss"] for _ in range(warm)]
+    if not warm:
+        _sync()
+    t = time.perf_counter()
+    losses += [next(it)["loss"] for _ in range(steps)]
+    return (time.perf_counter() - t) / steps, t - t0, losses
 
 
 def _trace(step: Callable[[], Any], steps: int = 3) -> dict[str, Any]:
@@ -219,7 +232,8 @@ def _trainer_run(model: Any, batch: int, seq: int, steps: int, warm: int, dtype:
     from meshwright.train.trainer import Trainer
 
     cfg = load_train_config({"model": model, "cluster": _cluster(), "seq_len": seq, "global_batch": batch,
-                             "micro_batch": micro_batch or batch, "steps": warm + steps, "warmup_steps": 1, "lr": 3e-4,
+                             "micro_batch": micro_batch or batch, "steps": warm + steps + (3 if trace else 0),
+                             "warmup_steps": 1, "lr": 3e-4,
                              "dtype": dtype, "compile": compile_, "loss_chunk_tokens": loss_chunk, "plan": plan,
                              "eval_every": 0, "energy": False, "progress": False, "auto_profile": False,
                              "out_dir": str(tmp / "run"), "data": {"path": "default", "max_files": 120}})
@@ -230,8 +244,9 @@ def _trainer_run(model: Any, batch: int, seq: int, steps: int, warm: int, dtype:
     trainer = Trainer(cfg, runtime, train, val, job.model, job.cluster, out_dir=tmp / "run", print_fn=lambda s: None)
     build_s = time.perf_counter() - t_build
     _reset_memory()
-    dt, warmup_s, losses = _time_steps(lambda: trainer.train_step()["loss"], warm, steps)
-    traced = _trace(trainer.train_step) if trace else {}
+    it = trainer.steps()
+    dt, warmup_s, losses = _time_trainer(it, warm, steps)
+    traced = _trace(it.__next__) if trace else {}
     out = {**traced, **_rates(job.model, batch, seq, dt, runtime.compute_dtype), **_memory(), "compute_dtype": runtime.compute_dtype,
            "runtime": type(runtime).__name__, "init": getattr(runtime, "init", None), "warmup_s": round(warmup_s, 1),
            "build_s": round(build_s, 1),

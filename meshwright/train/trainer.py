@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -113,6 +113,8 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self._skips_on_device: bool | None = None  # skips_on_device(self.optimizer), decided at the first step
+        self.overlap_readback = True  # fit reads a step's loss back after queueing the next (see may_overlap)
+        self._last_done = 0.0  # perf_counter at the last read-back
         self.tokens_per_step = cfg.global_batch * cfg.seq_len
         # The model owns its FLOPs; the convention is named in the config so MFU is comparable across tools.
         self.flops_per_token = float(model_flops_per_token(model_cfg, cfg.seq_len, cfg.flops_convention))
@@ -212,7 +214,14 @@ class Trainer:
         return True
 
     def train_step(self) -> dict[str, Any]:
-        """One optimiser step: LR, this rank's micro-batches, forward/backward, clip, step (or skip on NaN)."""
+        """One optimiser step: LR, this rank's micro-batches, forward/backward, clip, step (or skip on NaN),
+        and its loss and gradient norm read back before returning."""
+        return self._resolve(self._queue_step())
+
+    def _queue_step(self) -> "_QueuedStep":
+        """Queue one optimiser step. Where the optimizer skips a non-finite step on the device (fused AdamW's
+        ``found_inf``) the host does not wait: the loss and norm stay on the device until ``_resolve``.
+        Elsewhere they are read back first, and the host skips the update on NaN/inf."""
         cfg, rt = self.cfg, self.runtime
         lr = self.set_lr(self.step)
         t0 = time.perf_counter()
@@ -221,33 +230,80 @@ class Trainer:
         norm_t = rt.clip_grad_norm_lazy(cfg.grad_clip)
         if self._skips_on_device is None:
             self._skips_on_device = skips_on_device(self.optimizer)
-        if self._skips_on_device:  # queue the step, then the one host sync of this step
+        self.step += 1
+        q = _QueuedStep(self.step, lr, t0, loss_t, norm_t)
+        if self._skips_on_device:
             self.optimizer.found_inf = (~(torch.isfinite(loss_t) & torch.isfinite(norm_t))).float()  # type: ignore[attr-defined]
             try:
                 rt.optimizer_step(self.optimizer)
             finally:
                 del self.optimizer.found_inf  # type: ignore[attr-defined]
-            loss, grad_norm = _read_back(loss_t, norm_t)
-            finite = math.isfinite(loss) and math.isfinite(grad_norm)
+            return q
+        q.loss, q.grad_norm = _read_back(loss_t, norm_t)
+        if math.isfinite(q.loss) and math.isfinite(q.grad_norm):
+            rt.optimizer_step(self.optimizer)
         else:
-            loss, grad_norm = _read_back(loss_t, norm_t)
-            finite = math.isfinite(loss) and math.isfinite(grad_norm)
-            if finite:
-                rt.optimizer_step(self.optimizer)
-            else:
-                self.optimizer.zero_grad(set_to_none=True)
-        step_s = time.perf_counter() - t0
-        self.step += 1
+            self.optimizer.zero_grad(set_to_none=True)
+        q.done_at = time.perf_counter()
+        return q
+
+    def _resolve(self, q: "_QueuedStep") -> dict[str, Any]:
+        """Read step ``q``'s loss and norm back (the one host sync of a step), count it against ``nan_policy``,
+        and time it: from its start, or from the previous step's read-back when it was queued before that
+        (then the interval is what the device took, with the host's work hidden under it)."""
+        cfg = self.cfg
+        if q.loss is None:
+            q.loss, q.grad_norm = _read_back(q.loss_t, q.norm_t)
+            q.done_at = time.perf_counter()
+        loss, grad_norm = q.loss, q.grad_norm
+        step_s = q.done_at - max(q.t0, self._last_done)
+        self._last_done = q.done_at
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if not finite:
             if cfg.nan_policy == "stop":
-                raise NonFiniteLoss(f"step {self.step}: loss={loss} grad_norm={grad_norm} is not finite "
+                raise NonFiniteLoss(f"step {q.step}: loss={loss} grad_norm={grad_norm} is not finite "
                                     f"(nan_policy='stop'); valid: a lower lr, grad_clip>0, or nan_policy=skip")
             self.skipped_steps += 1
             if self.skipped_steps > cfg.max_skipped:
-                raise NonFiniteLoss(f"step {self.step}: {self.skipped_steps} non-finite steps skipped, more than "
+                raise NonFiniteLoss(f"step {q.step}: {self.skipped_steps} non-finite steps skipped, more than "
                                     f"max_skipped={cfg.max_skipped} (nan_policy='skip'); valid: a lower lr, "
                                     f"grad_clip>0, or a larger max_skipped")
-        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "step_s": step_s, "finite": finite}
+        return {"loss": loss, "grad_norm": grad_norm, "lr": q.lr, "step_s": step_s, "finite": finite, "step": q.step}
+
+    def steps(self) -> Iterator[dict[str, Any]]:
+        """Train to ``cfg.steps``, yielding each step's ``train_step`` record in order. Where ``may_overlap``
+        allows, step N is yielded after step N+1 is queued; otherwise before, so what the caller does with it
+        (eval, a checkpoint) sees the weights of step N and nothing later."""
+        pending: _QueuedStep | None = None  # queued on the device, read back after the next is queued
+        try:
+            while self.step < self.cfg.steps:
+                queued = self._queue_step()
+                if pending is not None:
+                    earlier, pending = pending, None
+                    yield self._resolve(earlier)
+                if self.may_overlap(queued.step):
+                    pending = queued
+                else:
+                    yield self._resolve(queued)
+        except Exception:
+            if pending is not None:  # the last good step keeps its record when the next one fails
+                earlier, pending = pending, None
+                yield self._resolve(earlier)
+            raise
+
+    def may_overlap(self, step: int) -> bool:
+        """Whether step ``step``'s read-back may wait until step ``step + 1`` is queued, so the device never
+        idles while the host reads, logs and launches the next step. Only where the device itself skips a
+        non-finite update (the host's late look changes nothing it would have done: under ``nan_policy: stop``
+        the run still stops at step ``step``, with no checkpoint after it), with no per-step statistics that
+        the next forward would overwrite (MoE routers, MEFT), and never at a step followed by eval, a
+        checkpoint or the end."""
+        cfg = self.cfg
+        if not (self.overlap_readback and self._skips_on_device):
+            return False
+        if self.model_cfg.n_experts or cfg.meft is not None or step >= cfg.steps:
+            return False
+        return not ((cfg.eval_every > 0 and step % cfg.eval_every == 0) or (cfg.ckpt_every and step % cfg.ckpt_every == 0))
 
     # ---- the loop --------------------------------------------------------------------------------
     def _open_log(self, resumed: bool, run: "_RunStats") -> Any:
@@ -271,10 +327,8 @@ class Trainer:
                    disable=not (self.cfg.progress and self.runtime.is_main), mininterval=1.0, dynamic_ncols=True)
         self._start_energy()
         try:
-            while self.step < self.cfg.steps:
-                self._run_one_step(run, log)
-                bar.set_postfix(loss=f"{run.loss:.3f}", lr=f"{run.lr:.2e}", refresh=False)
-                bar.update(1)
+            for out in self.steps():
+                self._after_step(run, log, bar, out)
         finally:
             bar.close()
             if log is not None:
@@ -302,13 +356,12 @@ class Trainer:
             self.energy = EnergyAccountant(device_indices=local, nvml="auto" if local is not None else None)
             self.energy.resume()
 
-    def _run_one_step(self, run: "_RunStats", log: Any) -> None:
-        """One optimiser step plus what follows it on this step: the log record, eval, a checkpoint."""
-        cfg = self.cfg
-        out = self.train_step()
-        run.record_step(out, self.tokens_per_step, self.step)
-        is_eval = cfg.eval_every > 0 and (self.step % cfg.eval_every == 0 or self.step == cfg.steps)
-        will_log = (self.step % cfg.log_every == 0 or self.step == run.first_step + 1 or self.step == cfg.steps
+    def _after_step(self, run: "_RunStats", log: Any, bar: Any, out: dict[str, Any]) -> None:
+        """What follows a read-back step: the log record, eval, a checkpoint, the progress bar."""
+        cfg, step = self.cfg, out["step"]
+        run.record_step(out, self.tokens_per_step, step)
+        is_eval = cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.steps)
+        will_log = (step % cfg.log_every == 0 or step == run.first_step + 1 or step == cfg.steps
                     or is_eval or not out["finite"])
         # collective on every rank; read before eval so router stats describe the training batch
         extra = self._extra_log_fields() if will_log else {}
@@ -323,16 +376,18 @@ class Trainer:
                 self._sinks.write(rec)  # TensorBoard / W&B, when the config switches them on
             run.interval_s, run.interval_tokens = 0.0, 0
         fault_point("step")
-        if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
-            self.save()
+        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
+            self.save()  # never overlapped (may_overlap): self.step == step, nothing else queued
+        bar.set_postfix(loss=f"{run.loss:.3f}", lr=f"{run.lr:.2e}", refresh=False)
+        bar.update(1)
 
     def _log_record(self, run: "_RunStats", out: dict[str, Any], extra: dict[str, Any], is_eval: bool) -> dict[str, Any]:
         cfg = self.cfg
-        rec = {"step": self.step, "loss": _finite(out["loss"]), "lr": out["lr"], "grad_norm": _finite(out["grad_norm"]),
-               "tokens": self.step * self.tokens_per_step,
+        rec = {"step": out["step"], "loss": _finite(out["loss"]), "lr": out["lr"], "grad_norm": _finite(out["grad_norm"]),
+               "tokens": out["step"] * self.tokens_per_step,
                "step_s": run.interval_s / max(run.interval_tokens / self.tokens_per_step, 1),
                **self.throughput(run.interval_tokens, run.interval_s)}
-        if self.step % cfg.energy_every == 0 or self.step == cfg.steps:  # same steps on every rank
+        if out["step"] % cfg.energy_every == 0 or out["step"] == cfg.steps:  # same steps on every rank
             rec.update(self._energy_snapshot(run.energy_last))
         rec["memory_gib"] = self._memory_per_rank()
         rec.update(extra)
@@ -386,6 +441,21 @@ class Trainer:
         tokens = max(self.tokens_per_step * (self.step - run.first_step), 1)
         self.energy = None
         return all_ranks.as_dict(tokens, self.cfg.pue, self.cfg.grid_intensity)
+
+
+@dataclass
+class _QueuedStep:
+    """An optimiser step queued on the device: its loss and gradient norm still there (``loss`` None) or
+    already read back (``loss``, ``grad_norm``, ``done_at`` set)."""
+
+    step: int
+    lr: float
+    t0: float
+    loss_t: torch.Tensor
+    norm_t: torch.Tensor
+    loss: float | None = None
+    grad_norm: float | None = None
+    done_at: float = 0.0
 
 
 @dataclass

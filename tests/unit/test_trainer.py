@@ -146,3 +146,65 @@ def test_build_runtime_picks_local_or_distributed(monkeypatch):
     with pytest.raises(ConfigError, match="WORLD_SIZE='two' is invalid") as exc:
         build_runtime(cfg)
     assert "\n" not in str(exc.value)
+
+
+def _fused(trainer):
+    """What build_optimizer picks on CUDA (fused AdamW, which skips non-finite steps on the device); it runs on CPU too."""
+    trainer.optimizer = torch.optim.AdamW(trainer.runtime.param_groups(trainer.cfg.weight_decay), fused=True)
+    return trainer
+
+
+def test_readback_overlaps_the_next_step_except_at_boundaries(data, tmp_path):
+    """With the device skipping non-finite steps, fit reads step N's loss after step N+1 is queued (the device
+    never idles on the host), except where eval, a checkpoint or the end follow step N. The records, the
+    weights and the checkpoint are those of the run that reads every step back at once."""
+    kw = dict(steps=9, eval_every=4, ckpt_every=6, log_every=1)
+    lagged, eager = (_fused(make_trainer(data, tmp_path / n, **kw)) for n in ("lagged", "eager"))
+    eager.overlap_readback = False
+    events = []
+    queue, resolve = lagged._queue_step, lagged._resolve
+
+    def spy_queue():
+        q = queue()
+        events.append(("queue", q.step))
+        return q
+
+    def spy_resolve(q):
+        events.append(("read", q.step))
+        return resolve(q)
+
+    lagged._queue_step, lagged._resolve = spy_queue, spy_resolve
+    lagged.fit()
+    eager.fit()
+    order = {e: i for i, e in enumerate(events)}
+    overlapped = [n for n in range(1, 9) if order[("queue", n + 1)] < order[("read", n)]]
+    assert overlapped == [1, 2, 3, 5, 7]  # not 4 (eval), 6 (checkpoint); 9 is the last
+    logs = [[json.loads(line) for line in (tmp_path / n / "log.jsonl").read_text().splitlines()] for n in ("lagged", "eager")]
+    assert [r["step"] for r in logs[0]] == list(range(1, 10))
+    for a, b in zip(*logs):
+        assert (a["step"], a["loss"], a["grad_norm"], a["lr"], a.get("eval_loss")) == \
+               (b["step"], b["loss"], b["grad_norm"], b["lr"], b.get("eval_loss"))
+    assert all(torch.equal(p, q) for p, q in zip(lagged.runtime.model.parameters(), eager.runtime.model.parameters()))
+    assert all(r["step_s"] > 0 for r in logs[0])
+
+
+def test_no_overlap_where_the_host_must_look_first(data, tmp_path):
+    """Host-side skipping (foreach AdamW, CPU's default) reads every step back before the next: the host must
+    see a NaN before it steps. A fused optimizer may overlap (decided at the first step)."""
+    host = make_trainer(data, tmp_path / "b", steps=3)
+    host.train_step()
+    fused = _fused(make_trainer(data, tmp_path / "c", steps=3))
+    fused.train_step()
+    assert (host.may_overlap(1), fused.may_overlap(1), fused.may_overlap(3)) == (False, True, False)
+
+
+def test_nan_policy_stop_with_overlapped_readback_stops_at_that_step(data, tmp_path):
+    """The device skipped the NaN step; the host learns of it one step late and still names that step,
+    writes no record past the last good one and no checkpoint."""
+    PoisonedRuntime.calls = 0
+    trainer = _fused(make_trainer(data, tmp_path, runtime_cls=PoisonedRuntime, nan_policy="stop", steps=6))
+    with pytest.raises(NonFiniteLoss, match=r"step 3: loss=nan"):
+        trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())

@@ -165,6 +165,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-batches", type=int, default=4)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model, batch 2 x 32, 3 steps")
     p.add_argument("--inline", action="store_true", help="run the configurations in this process (no subprocesses)")
+    p.add_argument("--out", default=None, help="also write the JSON here after every configuration (a run cut "
+                   "short by a time limit keeps the finished ones)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one configuration, one JSON line
     args = p.parse_args(argv)
     if args.smoke:
@@ -184,21 +186,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.one:
         print(json.dumps(run_one(args.one, args)), flush=True)
         return {}
-    results = []
+    results: list[dict[str, Any]] = []
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else None
+
+    def document() -> dict[str, Any]:
+        return {"device": gpu or "cpu", "torch": torch.__version__, "model": "tiny" if args.smoke else LLAMA_1B3,
+                "batch": args.batch, "seq": args.seq, "steps": args.steps, "compile": args.compile,
+                "results": results, "vs_bf16_adamw": ratios(results)}
+
     for name in args.names:
         if args.inline:
             results.append(run_one(name, args))
-            continue
-        cmd = [sys.executable, __file__, "--one", name, *(argv if argv is not None else sys.argv[1:])]
-        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keep carried packages (torchao)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        results.append(json.loads(lines[-1]) if proc.returncode == 0 and lines
-                       else {"name": name, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]})
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else None
-    doc = {"device": gpu or "cpu", "torch": torch.__version__, "model": "tiny" if args.smoke else LLAMA_1B3,
-           "batch": args.batch, "seq": args.seq, "steps": args.steps, "compile": args.compile,
-           "results": results, "vs_bf16_adamw": ratios(results)}
+        else:
+            cmd = [sys.executable, __file__, "--one", name, *(argv if argv is not None else sys.argv[1:])]
+            path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keep carried packages (torchao)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            results.append(json.loads(lines[-1]) if proc.returncode == 0 and lines
+                           else {"name": name, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]})
+        if args.out:
+            tmp = Path(args.out + ".tmp")
+            tmp.write_text(json.dumps(document(), indent=1) + "\n")
+            os.replace(tmp, args.out)
+    doc = document()
     print(json.dumps(doc, indent=1))
     return doc
 

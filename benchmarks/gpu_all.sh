@@ -5,7 +5,9 @@
 #   bash benchmarks/gpu_all.sh cpu        # the same plumbing on CPU, tiny sizes (a minute or two)
 # Parts: CUDA tests; gpu_check (trainer vs plain compiled loop on gpt2-small, 1.3B llama MFU, the planner's
 # llama2-7b layout, predictions beside measurements); the CoatAdamW optimizer step; COAT vs bf16 vs torchao
-# training; `train --plan auto` predicted vs measured. Set PARTS to run a subset, STEPS for the COAT runs.
+# training; `train --plan auto` predicted vs measured. Set PARTS to run a subset, STEPS for the COAT runs,
+# COAT_COMPILE=1 to torch.compile every COAT configuration (FP8 casts fuse only there; torchao expects it),
+# COAT_CONFIGS and COAT_TIMEOUT (seconds) to fit the call.
 set -u
 MODE=${1:-gpu}
 OUT=${OUT:-/tmp/gpu_all}; mkdir -p "$OUT"
@@ -44,7 +46,8 @@ if has optim; then
 fi
 if has coat; then
   stamp COAT training
-  timeout 240 $PY benchmarks/bench_coat_gpu.py $COAT --configs bf16_adamw,coat,torchao_float8 > "$OUT/coat_train.json" 2> "$OUT/coat_train.err"
+  timeout ${COAT_TIMEOUT:-240} $PY benchmarks/bench_coat_gpu.py $COAT ${COAT_COMPILE:+--compile} \
+    --configs ${COAT_CONFIGS:-bf16_adamw,coat,torchao_float8} --out "$OUT/coat_train.json" > /dev/null 2> "$OUT/coat_train.err"
   $PY -c "import json,sys;d=json.load(open(sys.argv[1]));print(json.dumps(d['vs_bf16_adamw']))" "$OUT/coat_train.json" 2>&1 | tail -3
 fi
 if has planner; then

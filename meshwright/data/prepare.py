@@ -33,6 +33,7 @@ from meshwright.data.instruct import encode_example, iter_examples
 from meshwright.data.jsonl import iter_jsonl
 from meshwright.data.tokenizer import TOKENIZERS, BPETokenizer, ByteTokenizer, HFTokenizer, tokenizer_file
 from meshwright.errors import ConfigError, invalid
+from meshwright.tools.cache import cache_root
 
 SUFFIXES = (".txt", ".md", ".py", ".jsonl")
 FORMATS = ("text", "instruct")
@@ -237,12 +238,6 @@ def prepare_instruct_cached(path: str | Path, tokenizer: str, progress: bool = T
         return final
     return atomic_directory(final, lambda tmp: _write(tmp, [path], tokenizer, 0, "text", progress, "instruct"),
                             keep_existing=True)
-
-
-def cache_root() -> Path:
-    """``$MESHWRIGHT_CACHE`` or ``~/.cache/meshwright``."""
-    env = os.environ.get("MESHWRIGHT_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "meshwright"
 
 
 def prepare_default_corpus(max_files: int | None = 400, tokenizer: str = "byte", vocab_size: int = 4096,

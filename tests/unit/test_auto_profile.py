@@ -105,3 +105,14 @@ def test_a_profiled_plan_keeps_the_work_outside_the_blocks_and_the_training_frag
     inside = cm.layer_costs(cfg, 0, s, 2, 32, calibrated)["compute_mb"]
     again = cm.layer_costs(cfg, 0, s, 2, 32, dataclasses.replace(calibrated, block_time_measured=False))["compute_mb"]
     assert again > inside  # without the flag the blocks' elementwise kernels would be counted twice
+
+
+def test_one_cache_variable_moves_profiles_and_corpora(tmp_path, monkeypatch):
+    """``$MESHWRIGHT_CACHE`` is the root of every cache; the older profiles-only ``$MESHWRIGHT_CACHE_DIR`` wins where set."""
+    from meshwright.data.prepare import cache_root
+
+    monkeypatch.delenv("MESHWRIGHT_CACHE_DIR", raising=False)
+    monkeypatch.setenv("MESHWRIGHT_CACHE", str(tmp_path / "root"))
+    assert cache_root() == tmp_path / "root" and ap.cache_dir() == tmp_path / "root" / "profiles"
+    monkeypatch.setenv("MESHWRIGHT_CACHE_DIR", str(tmp_path / "old"))
+    assert ap.cache_dir() == tmp_path / "old" and cache_root() == tmp_path / "root"

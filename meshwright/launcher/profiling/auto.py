@@ -29,14 +29,15 @@ from meshwright.launcher.profiling.hardware import (
     save_hardware_profile,
 )
 from meshwright.launcher.profiling.model import default_tps, load_model_profile, profile_model, save_model_profile
+from meshwright.tools.cache import profile_cache
 
 PROFILE_ITERS = 3
 
 
 def cache_dir() -> Path:
-    """Where cached profiles live: ``$MESHWRIGHT_CACHE_DIR`` or ``~/.cache/meshwright/profiles``."""
-    root = os.environ.get("MESHWRIGHT_CACHE_DIR")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "meshwright" / "profiles"
+    """Where cached profiles live (``tools/cache.py``): ``$MESHWRIGHT_CACHE/profiles``, default
+    ``~/.cache/meshwright/profiles``; ``$MESHWRIGHT_CACHE_DIR`` still overrides it."""
+    return profile_cache()
 
 
 def _device_name() -> str:

@@ -82,7 +82,12 @@ HEAD_CASES = {
     "chunked_compile_dp2_zero3_fsdp": (FSDP_HEAD, "aot_eager", HEAD_CHUNK),
     "chunked_compile_pp2_1f1b": (PP2, "aot_eager", HEAD_CHUNK),
     "chunked_tp2_sp": (plan(uniform(tp=2, sp=True)), None, HEAD_CHUNK),
+    "chunked_pp2_interleaved": (plan(uniform(), pipeline={"degree": 2, "schedule": "interleaved_1f1b", "microbatches": 4,
+                                                          "virtual_stages": 2}), None, HEAD_CHUNK),
 }
+# bf16 with the chunked loss: the head, now called by the loss outside the stage's forward, still computes in bf16
+# (the loss enters the policy's autocast region itself) and the losses track the one-process bf16 run
+BF16_CHUNKED = {"bf16_chunked_dp2_zero3_fsdp": FSDP_HEAD}
 
 
 # meta-device init: every parameter equals the one-process build_model(CFG, seed) bitwise
@@ -235,9 +240,9 @@ def bf16_reference() -> list[float]:
     return train(LocalRuntime(build_model(CFG, seed=SEED), dtype="bf16"))
 
 
-def bf16_case(pd: dict, backend: str, ref: list[float]) -> dict:
+def bf16_case(pd: dict, backend: str, ref: list[float], loss_chunk_tokens: int = 0) -> dict:
     rt = DistributedRuntime(CFG, plan_from_dict(pd), tp_backend=backend, seed=SEED,
-                            precision=PrecisionPolicy.from_dtype("bf16"))
+                            precision=PrecisionPolicy.from_dtype("bf16"), loss_chunk_tokens=loss_chunk_tokens)
     meter = LinearDtypes(rt.chunks)
     losses = train(rt)
     meter.close()
@@ -344,6 +349,7 @@ def main() -> None:
              **{name: (lambda pd=pd: keyed_case(pd, KEYED_MOE)) for name, pd in KEYED_MOE_CASES.items()},
              **{name: (lambda pd=pd: compile_case(pd, ref32)) for name, pd in COMPILE_CASES.items()},
              **{name: (lambda pd=pd, b=b, c=c: head_case(pd, b, c, ref32)) for name, (pd, b, c) in HEAD_CASES.items()},
+             **{name: (lambda pd=pd: bf16_case(pd, "dtensor", ref, HEAD_CHUNK)) for name, pd in BF16_CHUNKED.items()},
              "bf16_deepspeed_zero3": lambda: bf16_deepspeed_case(ref)}
     for name, run in cases.items():
         if only and name not in only:

@@ -6,8 +6,8 @@ each rank holding only its shards, and the first step's gradients match one proc
 scheme (init: keyed) under tp2+sp, FSDP2 ZeRO-3, pp2 and MoE ep2 gives the one-process keyed weights bitwise, each rank
 drawing exactly its shards' values and allocating no tensor above one tile while drawing; with compile the last stage's
 head runs inside the compiled loss graph (DDP, FSDP2 with an FSDP-wrapped head, pp2) and ``loss_chunk_tokens`` runs
-head + loss per chunk (FSDP2, pp2, TP+SP; eager and compiled): losses, grad norms, eval loss and first-step gradients
-within 1e-5 of the one-process eager run."""
+head + loss per chunk (FSDP2, pp2 1F1B and interleaved, TP+SP; eager and compiled): losses, grad norms, eval loss and
+first-step gradients within 1e-5 of the one-process eager run; under bf16 the chunked head still computes in bf16."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ CASES = {"bf16_dp2_ddp", "bf16_dp2_zero3_fsdp", "bf16_tp2_dtensor", "bf16_tp2_sp
          "compile_megatron_refused", "meta_tp2_sp", "meta_dp2_zero3_fsdp", "meta_dp2_zero2_fsdp", "meta_pp2_1f1b", "meta_pp2_interleaved",
          "keyed_tp2_sp", "keyed_dp2_zero3_fsdp", "keyed_pp2_1f1b", "keyed_moe_ep2_dp2",
          "headloss_compile_dp2_ddp", "headloss_compile_dp2_zero3_fsdp", "headloss_compile_pp2_1f1b",
-         "chunked_dp2_zero3_fsdp", "chunked_compile_dp2_zero3_fsdp", "chunked_compile_pp2_1f1b", "chunked_tp2_sp"}
+         "chunked_dp2_zero3_fsdp", "chunked_compile_dp2_zero3_fsdp", "chunked_compile_pp2_1f1b", "chunked_tp2_sp",
+         "chunked_pp2_interleaved", "bf16_chunked_dp2_zero3_fsdp"}
 
 
 @pytest.mark.timeout(420)

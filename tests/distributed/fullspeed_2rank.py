@@ -84,6 +84,7 @@ HEAD_CASES = {
     "chunked_tp2_sp": (plan(uniform(tp=2, sp=True)), None, HEAD_CHUNK),
     "chunked_pp2_interleaved": (plan(uniform(), pipeline={"degree": 2, "schedule": "interleaved_1f1b", "microbatches": 4,
                                                           "virtual_stages": 2}), None, HEAD_CHUNK),
+    "chunked_megatron_tp2": (plan(uniform(tp=2)), None, HEAD_CHUNK, "megatron"),  # the head stays a plain replica
 }
 # bf16 with the chunked loss: the head, now called by the loss outside the stage's forward, still computes in bf16
 # (the loss enters the policy's autocast region itself) and the losses track the one-process bf16 run
@@ -262,12 +263,13 @@ def compile_case(pd: dict, ref: list[dict]) -> dict:
     return {"ok": worst <= COMPILE_RTOL and len(compiled) > 0, "loss_rel": worst, "compiled_blocks": len(compiled)}
 
 
-def head_case(pd: dict, backend: str | None, chunk: int, ref: list[dict]) -> dict:
+def head_case(pd: dict, backend: str | None, chunk: int, ref: list[dict], tp_backend: str = "dtensor") -> dict:
     """Parity with the one-process eager run (check_runtime), and where the head ran: a pre-hook on the last stage's
     head records whether dynamo was tracing it (compile: every call inside the compiled loss graph) and, eager, the
     rows it was given (chunked: at most HEAD_CHUNK tokens a call, the short last chunk among them; never the batch)."""
     torch._dynamo.reset()  # fresh recompile budget: a runtime past dynamo's limit would fall back to eager silently
-    rt = DistributedRuntime(CFG, plan_from_dict(pd), seed=SEED, compile_backend=backend, loss_chunk_tokens=chunk)
+    rt = DistributedRuntime(CFG, plan_from_dict(pd), seed=SEED, compile_backend=backend, loss_chunk_tokens=chunk,
+                            tp_backend=tp_backend)
     # calls [inside a compiled graph, eager]: a tensor bumped in place, since a Python list or int read while tracing
     # becomes a guard that every call breaks (recompiles until dynamo's limit, then eager: the check would fail)
     calls = torch.zeros(2, dtype=torch.int64)
@@ -348,7 +350,7 @@ def main() -> None:
              **{name: (lambda pd=pd: keyed_case(pd)) for name, pd in KEYED_CASES.items()},
              **{name: (lambda pd=pd: keyed_case(pd, KEYED_MOE)) for name, pd in KEYED_MOE_CASES.items()},
              **{name: (lambda pd=pd: compile_case(pd, ref32)) for name, pd in COMPILE_CASES.items()},
-             **{name: (lambda pd=pd, b=b, c=c: head_case(pd, b, c, ref32)) for name, (pd, b, c) in HEAD_CASES.items()},
+             **{name: (lambda args=args: head_case(*args[:3], ref32, *args[3:])) for name, args in HEAD_CASES.items()},
              **{name: (lambda pd=pd: bf16_case(pd, "dtensor", ref, HEAD_CHUNK)) for name, pd in BF16_CHUNKED.items()},
              "bf16_deepspeed_zero3": lambda: bf16_deepspeed_case(ref)}
     for name, run in cases.items():

@@ -42,6 +42,19 @@ def cut_stage(model: Decoder, start: int, end: int, first: bool, last: bool) -> 
     return stage
 
 
+class HiddenOutput(nn.Module):
+    """The last stage returning its final hidden states (``return_hidden``): the schedule's ``loss_fn`` then
+    applies the head with the loss (compiled together, or chunked). Holds the chunk as a submodule only for
+    the schedule; names, state dicts and optimizers keep using the chunk itself."""
+
+    def __init__(self, chunk: Decoder) -> None:
+        super().__init__()
+        self.chunk = chunk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.chunk(x, return_hidden=True)
+
+
 def build_schedule(chunks: list[nn.Module], ids: list[int], n_stages: int, schedule: str, n_microbatches: int,
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], device: torch.device,
                    pp_group: dist.ProcessGroup):

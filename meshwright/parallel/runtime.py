@@ -45,12 +45,13 @@ from meshwright.parallel.expert_parallel import A2AMeter, EPGroups, apply_ep, ep
 from meshwright.parallel.layerwise import apply_batch_redistribution
 from meshwright.parallel.mesh import build_meshes, hsdp_shard
 from meshwright.parallel.meta_init import materialize, supports_meta_init
-from meshwright.parallel.pipeline import build_schedule, cut_stage, stage_ids
+from meshwright.parallel.pipeline import HiddenOutput, build_schedule, cut_stage, stage_ids
 from meshwright.parallel.recompute import apply_recompute
 from meshwright.parallel.support import check_runtime_support
 from meshwright.parallel.tensor_parallel import apply_tp
 from meshwright.plan import Plan, validate_plan
-from meshwright.train.compile import compile_block, compiled_loss
+from meshwright.train.compile import compile_block
+from meshwright.train.head_loss import head_loss
 from meshwright.train.precision import PrecisionPolicy, apply_autocast
 from meshwright.train.runtime import Batch, Runtime, TorchDistributedCollectives, batch_to_device
 
@@ -165,14 +166,15 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
     def __init__(self, model_cfg: ModelConfig | str | dict, plan: Plan, *, tp_backend: str = "dtensor",
                  seed: int = 1234, device: torch.device | None = None, dp_shard: int | None = None,
                  init_from: str | None = None, precision: PrecisionPolicy | None = None,
-                 compile_backend: str | None = None, init: str = "auto") -> None:
+                 compile_backend: str | None = None, init: str = "auto", loss_chunk_tokens: int = 0) -> None:
         """``dp_shard`` turns ZeRO-2/3 layers into HSDP: shard over ``dp_shard`` ranks, replicate across
         ``dp/dp_shard`` groups (None: shard over the whole dp group). ``init_from`` loads a Hugging Face
         checkpoint: after the layout is applied, so each rank reads only its stages' parameters and, for
         DTensor (tp/FSDP) shards, only its slices; Megatron's plain shards load into the full model first.
         ``precision``: fp32 when None. ``compile_backend``: torch.compile each block (after TP and recompute,
-        before FSDP2) and the loss. ``init``: the initial weights' scheme (models/init.py; ``auto``: keyed on
-        CUDA, the CPU stream elsewhere), the one-process model's for the same seed."""
+        before FSDP2) and the last stage's head together with the loss. ``init``: the initial weights' scheme
+        (models/init.py; ``auto``: keyed on CUDA, the CPU stream elsewhere), the one-process model's for the
+        same seed. ``loss_chunk_tokens`` > 0: the last stage's head + loss per chunk of tokens (no full logits)."""
         cfg = load_model_config(model_cfg)
         self.precision = precision or PrecisionPolicy()
         self.compute_dtype = self.precision.compute_dtype
@@ -186,7 +188,12 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
             raise invalid("dtype", self.compute_dtype, "fp32 with tp_backend=megatron on CPU (megatron-core's linear "
                           "backward honours autocast on CUDA only), or tp_backend=dtensor")
         self.compile_backend = compile_backend
-        self.loss_fn = compiled_loss(lm_loss, compile_backend) if compile_backend is not None else lm_loss
+        if loss_chunk_tokens < 0:
+            raise invalid("loss_chunk_tokens", loss_chunk_tokens, "0 (plain loss) or a positive number of tokens")
+        # compile and/or chunked loss: the last stage returns hidden states and its head runs inside the loss
+        # (compiled with it: inductor pads an unaligned vocab and fuses the fp32 upcast); None: logits, lm_loss
+        self.loss_chunk_tokens = loss_chunk_tokens
+        self.head_loss = head_loss(compile_backend, loss_chunk_tokens)
         if compile_backend is not None and (tp_backend == "megatron" or any(s.ep > 1 for s in plan.layer_strategies())):
             raise invalid("compile", True, "false with tp_backend=megatron or ep>1 layers (their collectives run in "
                           "custom autograd functions that torch.compile does not trace), or tp_backend=dtensor and ep=1")
@@ -262,6 +269,9 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
             install_state_hooks(self.model, {k: (d, mesh if mesh is not None else m.tp_mesh(tp))
                                              for k, (d, tp, mesh) in self._megatron_state.items()})
         self.modules = [apply_ddp(c, m.stage_group, self.device) if self.uniform_ddp and m.per_stage > 1 else c for c in chunks]
+        # what the pipeline schedule runs: the last stage hands its hidden states to loss_fn when the head is there
+        self._stage_modules = [HiddenOutput(mod) if self.head_loss is not None and i == self.n_stages - 1 else mod
+                               for mod, i in zip(self.modules, self.stage_ids)]
         self._schedules: dict[tuple[int, bool], Any] = {}
         self._params = list(dict.fromkeys(self.model.parameters()))
         self._heterogeneous = len({(type(p), getattr(p, "device_mesh", None)) for p in self._params}) > 1
@@ -331,6 +341,20 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         else:
             self._manual.append(([p for mod in outer for p in mod.parameters()], m.stage_group, 1.0 / m.per_stage))
 
+    # ---- the loss ----------------------------------------------------------------------------------
+    def _forward(self, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A whole-model stage's output: hidden states when the head runs inside the loss, else logits."""
+        return mod(x, return_hidden=True) if self.head_loss is not None else mod(x)
+
+    def loss_fn(self, out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The last stage's mean LM loss from its output (``_forward``'s, or the schedule's last stage's): the
+        head + loss in the policy's autocast region (the stage's own forward runs there, apply_autocast)."""
+        if self.head_loss is None:
+            return lm_loss(out, targets)
+        head = self.chunks[self.stage_ids.index(self.n_stages - 1)].output
+        with self.precision.autocast(self.device.type):
+            return self.head_loss(head, out, targets)
+
     # ---- Runtime API -----------------------------------------------------------------------------
     def parameters(self) -> Iterable[nn.Parameter]:
         return self._params
@@ -358,7 +382,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         its backward buffers (pytorch#162822), so training never reuses an eval schedule."""
         if (n, train) not in self._schedules:
             pp = self.plan.pipeline
-            self._schedules[(n, train)] = build_schedule(self.modules, self.stage_ids, self.n_stages, pp.schedule, n,
+            self._schedules[(n, train)] = build_schedule(self._stage_modules, self.stage_ids, self.n_stages, pp.schedule, n,
                                                          self.loss_fn, self.device, self.meshes.pp_group)
         return self._schedules[(n, train)]
 
@@ -390,7 +414,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
                 for block in self._zero2_blocks:  # ZeRO-2: keep parameters gathered until the last microbatch
                     block.set_reshard_after_backward(i == n - 1)
                 with sync:
-                    loss = self.loss_fn(mod(batch_to_device(x, self.device)), batch_to_device(y, self.device))
+                    loss = self.loss_fn(self._forward(mod, batch_to_device(x, self.device)), batch_to_device(y, self.device))
                     aux = self.chunks[0].aux_loss() if self.cfg.n_experts else None
                     ((loss if aux is None else loss + aux) / n).backward()  # the log shows the LM loss alone
                 total += loss.detach().double()
@@ -405,7 +429,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         if self.meshes.pp > 1:
             local = self._run_pipeline(micro_batches, train=False)
         else:
-            local = sum(float(self.loss_fn(self.modules[0](x.to(self.device)), y.to(self.device))) for x, y in micro_batches)
+            local = sum(float(self.loss_fn(self._forward(self.modules[0], x.to(self.device)), y.to(self.device)))
+                        for x, y in micro_batches)
             local /= len(micro_batches)
         for mod in self.modules:
             mod.train()
@@ -524,13 +549,14 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
 
 def build_distributed_runtime(train_cfg: Any, model_cfg: ModelConfig, plan: Plan, init_from: str | None = None) -> Runtime:
     """The trainer's entry point under torchrun: init the process group, apply the Plan (each runtime
-    validates it against the world once)."""
-    device = init_distributed()
-    if getattr(train_cfg, "loss_chunk_tokens", 0):
-        raise invalid("loss_chunk_tokens", train_cfg.loss_chunk_tokens, "0 under the distributed runtime (the chunked "
-                      "loss runs in one process: LocalRuntime)")
+    validates it against the world once). What the DeepSpeed engine cannot run is refused before any group exists."""
+    chunk_tokens = getattr(train_cfg, "loss_chunk_tokens", 0)
+    if train_cfg.dp_backend == "deepspeed" and chunk_tokens:
+        raise invalid("loss_chunk_tokens", chunk_tokens, "0 with dp_backend=deepspeed (the engine wraps the model and "
+                      "its head), or dp_backend=torch")
     if train_cfg.dp_backend == "deepspeed" and train_cfg.compile:
         raise invalid("compile", True, "false with dp_backend=deepspeed (the engine wraps the model), or dp_backend=torch")
+    device = init_distributed()
     if train_cfg.dp_backend == "deepspeed":
         if init_from is not None:
             raise invalid("init_from", init_from, "null with dp_backend deepspeed (use dp_backend torch to start from Hugging Face weights)")
@@ -541,7 +567,7 @@ def build_distributed_runtime(train_cfg: Any, model_cfg: ModelConfig, plan: Plan
         rt = DistributedRuntime(model_cfg, plan, tp_backend=train_cfg.tp_backend, seed=train_cfg.seed, device=device,
                                init_from=init_from, precision=PrecisionPolicy.from_dtype(train_cfg.dtype),
                                compile_backend="inductor" if train_cfg.compile else None,
-                               init=getattr(train_cfg, "init", "auto"))
+                               init=getattr(train_cfg, "init", "auto"), loss_chunk_tokens=chunk_tokens)
     per_rank = train_cfg.global_batch // rt.dp_size if train_cfg.global_batch % rt.dp_size == 0 else None
     if per_rank is None or per_rank % train_cfg.micro_batch:
         raise invalid("global_batch", train_cfg.global_batch,

@@ -1,4 +1,4 @@
-"""``compile: true``: torch.compile per transformer block and for the loss, plus the fast AdamW kernels.
+"""``compile: true``: torch.compile per transformer block and for the head + loss, plus the fast AdamW kernels.
 
 Blocks are compiled in place with ``nn.Module.compile`` (parameter names, hooks and state-dict keys stay
 those of the plain model, so checkpoints reshard), after tensor parallelism and recomputation and before
@@ -38,12 +38,6 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> nn.Module:
     for block in model.layers.values():
         compile_block(block, backend)
     return model
-
-
-def compiled_loss(loss_fn: Callable[..., torch.Tensor], backend: str = "inductor") -> Callable[..., torch.Tensor]:
-    """The loss compiled on its own: the fp32 upcast, log-softmax and gather fuse, so the fp32 logits copy
-    exists only inside the kernel."""
-    return torch.compile(loss_fn, backend=check_backend(backend))
 
 
 def head_lm_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

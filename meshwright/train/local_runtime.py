@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from meshwright.models import lm_loss
-from meshwright.models.chunked_loss import chunked_lm_loss
 from meshwright.models.moe import moe_layers, router_stats
-from meshwright.train.compile import compile_blocks, compiled_chunk_loss, compiled_head_loss
+from meshwright.train.compile import compile_blocks
+from meshwright.train.head_loss import head_loss
 from meshwright.train.precision import PrecisionPolicy
 from meshwright.train.runtime import Batch, Runtime, batch_to_device
 
@@ -32,12 +32,11 @@ class LocalRuntime(Runtime):
         self.precision = PrecisionPolicy.from_dtype(dtype)
         self.compute_dtype = self.precision.compute_dtype
         self.loss_chunk_tokens = loss_chunk_tokens
-        self.chunk_fn = None  # chunked loss: the per-chunk head + loss (None: eager)
-        self.head_loss_fn = None  # compile: the head and the loss in one compiled graph (None: eager)
         if compile_backend is not None:
             compile_blocks(self.model, compile_backend)
-            self.head_loss_fn = compiled_head_loss(compile_backend)
-            self.chunk_fn = compiled_chunk_loss(compile_backend)
+        # compile and/or chunked loss: the head runs with the loss (None: eager logits, then lm_loss)
+        self.head_loss = head_loss(compile_backend, loss_chunk_tokens)
+        self.chunk_fn = self.head_loss.chunk_fn if self.head_loss is not None else None  # the compiled per-chunk loss
         self._moe = bool(moe_layers(self.model))
         self._last_aux: torch.Tensor | None = None  # mean auxiliary (balance + z) loss of the last step, MoE only
 
@@ -49,11 +48,8 @@ class LocalRuntime(Runtime):
 
     def _lm_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         x, y = batch_to_device(inputs, self.device), batch_to_device(targets, self.device)
-        if self.loss_chunk_tokens:
-            return chunked_lm_loss(self.model(x, return_hidden=True), self.model.output, y, self.loss_chunk_tokens,
-                                   self.chunk_fn)
-        if self.head_loss_fn is not None:
-            return self.head_loss_fn(self.model.output, self.model(x, return_hidden=True), y)
+        if self.head_loss is not None:
+            return self.head_loss(self.model.output, self.model(x, return_hidden=True), y)
         return lm_loss(self.model(x), y)
 
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

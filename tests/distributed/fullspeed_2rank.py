@@ -16,10 +16,13 @@ import torch.distributed as dist
 from parity_lib import (
     CFG,
     MAX_NORM,
+    MICRO,
     RTOL,
     SEED,
+    SEQ,
     STEPS,
     Report,
+    check_runtime,
     failure,
     full_grads,
     init,
@@ -61,6 +64,31 @@ COMPILE_CASES = {
     "compile_tp2_sp": plan(uniform(tp=2, sp=True)),
     "compile_pp2_1f1b": plan(uniform(), pipeline={"degree": 2, "schedule": "1f1b", "microbatches": 4}),
 }
+
+
+# the head inside the loss: under compile the last stage's output projection runs in the compiled loss graph (DDP,
+# FSDP2 with the head itself FSDP-wrapped, the last pipeline stage); loss_chunk_tokens runs head + loss per chunk of
+# HEAD_CHUNK tokens (a micro-batch's 2 x 16 = 32 tokens -> 12, 12, 8: the last chunk shorter), eager and compiled.
+# Eval loss, 3 steps' losses and grad norms, and the first step's gradients match the one-process eager run within
+# parity_lib.RTOL = 1e-5 (fp32: only the order of reductions differs)
+HEAD_CHUNK = 12
+FSDP_HEAD = plan(uniform(dp=2, zero=3), embedding={"zero": 3})  # embedding.zero 3: the head is FSDP2-wrapped too
+PP2 = plan(uniform(), pipeline={"degree": 2, "schedule": "1f1b", "microbatches": 4})
+HEAD_CASES = {
+    "headloss_compile_dp2_ddp": (plan(uniform(dp=2)), "aot_eager", 0),
+    "headloss_compile_dp2_zero3_fsdp": (FSDP_HEAD, "aot_eager", 0),
+    "headloss_compile_pp2_1f1b": (PP2, "aot_eager", 0),
+    "chunked_dp2_zero3_fsdp": (FSDP_HEAD, None, HEAD_CHUNK),
+    "chunked_compile_dp2_zero3_fsdp": (FSDP_HEAD, "aot_eager", HEAD_CHUNK),
+    "chunked_compile_pp2_1f1b": (PP2, "aot_eager", HEAD_CHUNK),
+    "chunked_tp2_sp": (plan(uniform(tp=2, sp=True)), None, HEAD_CHUNK),
+    "chunked_pp2_interleaved": (plan(uniform(), pipeline={"degree": 2, "schedule": "interleaved_1f1b", "microbatches": 4,
+                                                          "virtual_stages": 2}), None, HEAD_CHUNK),
+    "chunked_megatron_tp2": (plan(uniform(tp=2)), None, HEAD_CHUNK, "megatron"),  # the head stays a plain replica
+}
+# bf16 with the chunked loss: the head, now called by the loss outside the stage's forward, still computes in bf16
+# (the loss enters the policy's autocast region itself) and the losses track the one-process bf16 run
+BF16_CHUNKED = {"bf16_chunked_dp2_zero3_fsdp": FSDP_HEAD}
 
 
 # meta-device init: every parameter equals the one-process build_model(CFG, seed) bitwise
@@ -213,9 +241,9 @@ def bf16_reference() -> list[float]:
     return train(LocalRuntime(build_model(CFG, seed=SEED), dtype="bf16"))
 
 
-def bf16_case(pd: dict, backend: str, ref: list[float]) -> dict:
+def bf16_case(pd: dict, backend: str, ref: list[float], loss_chunk_tokens: int = 0) -> dict:
     rt = DistributedRuntime(CFG, plan_from_dict(pd), tp_backend=backend, seed=SEED,
-                            precision=PrecisionPolicy.from_dtype("bf16"))
+                            precision=PrecisionPolicy.from_dtype("bf16"), loss_chunk_tokens=loss_chunk_tokens)
     meter = LinearDtypes(rt.chunks)
     losses = train(rt)
     meter.close()
@@ -233,6 +261,41 @@ def compile_case(pd: dict, ref: list[dict]) -> dict:
     rt.close()
     worst = max(rel(a, r["loss"]) for a, r in zip(losses, ref))
     return {"ok": worst <= COMPILE_RTOL and len(compiled) > 0, "loss_rel": worst, "compiled_blocks": len(compiled)}
+
+
+def head_case(pd: dict, backend: str | None, chunk: int, ref: list[dict], tp_backend: str = "dtensor") -> dict:
+    """Parity with the one-process eager run (check_runtime), and where the head ran: a pre-hook on the last stage's
+    head records whether dynamo was tracing it (compile: every call inside the compiled loss graph) and, eager, the
+    rows it was given (chunked: at most HEAD_CHUNK tokens a call, the short last chunk among them; never the batch)."""
+    torch._dynamo.reset()  # fresh recompile budget: a runtime past dynamo's limit would fall back to eager silently
+    rt = DistributedRuntime(CFG, plan_from_dict(pd), seed=SEED, compile_backend=backend, loss_chunk_tokens=chunk,
+                            tp_backend=tp_backend)
+    # calls [inside a compiled graph, eager]: a tensor bumped in place, since a Python list or int read while tracing
+    # becomes a guard that every call breaks (recompiles until dynamo's limit, then eager: the check would fail)
+    calls = torch.zeros(2, dtype=torch.int64)
+    rows: list[int] = []  # eager calls only: never traced
+
+    def pre(mod, args) -> None:
+        if torch.compiler.is_compiling():
+            calls[0] += 1
+        else:
+            calls[1] += 1
+            rows.append(args[0].numel() // args[0].shape[-1])
+
+    head = rt.chunks[rt.stage_ids.index(rt.n_stages - 1)].output if rt.has_last else None
+    if head is not None:
+        head.register_forward_pre_hook(pre)
+    res = check_runtime(rt, ref)
+    res.pop("opt")
+    rt.close()
+    compiled, eager = calls.tolist()
+    where = True
+    if head is not None:  # the ranks holding the last stage
+        where = compiled > 0 and eager == 0 if backend is not None else eager > 0 and compiled == 0
+        if chunk and backend is None:
+            where = where and max(rows) <= chunk and (MICRO * SEQ) % chunk in rows
+    return {**res, "ok": res["ok"] and where and rt.head_loss is not None, "head_calls_compiled": compiled,
+            "head_calls_eager": eager, "head_rows": sorted(set(rows)), "has_head": head is not None}
 
 
 def meta_case(pd: dict, ref_step: dict) -> dict:
@@ -287,6 +350,8 @@ def main() -> None:
              **{name: (lambda pd=pd: keyed_case(pd)) for name, pd in KEYED_CASES.items()},
              **{name: (lambda pd=pd: keyed_case(pd, KEYED_MOE)) for name, pd in KEYED_MOE_CASES.items()},
              **{name: (lambda pd=pd: compile_case(pd, ref32)) for name, pd in COMPILE_CASES.items()},
+             **{name: (lambda args=args: head_case(*args[:3], ref32, *args[3:])) for name, args in HEAD_CASES.items()},
+             **{name: (lambda pd=pd: bf16_case(pd, "dtensor", ref, HEAD_CHUNK)) for name, pd in BF16_CHUNKED.items()},
              "bf16_deepspeed_zero3": lambda: bf16_deepspeed_case(ref)}
     for name, run in cases.items():
         if only and name not in only:

@@ -4,7 +4,10 @@ matmuls under every layout and the losses track the one-process bf16 run (relati
 meta-device initialisation under tp2+sp, FSDP2 (ZeRO-2/3) and pp2 gives the one-process weights bitwise,
 each rank holding only its shards, and the first step's gradients match one process within 1e-5; the keyed
 scheme (init: keyed) under tp2+sp, FSDP2 ZeRO-3, pp2 and MoE ep2 gives the one-process keyed weights bitwise, each rank
-drawing exactly its shards' values and allocating no tensor above one tile while drawing."""
+drawing exactly its shards' values and allocating no tensor above one tile while drawing; with compile the last stage's
+head runs inside the compiled loss graph (DDP, FSDP2 with an FSDP-wrapped head, pp2) and ``loss_chunk_tokens`` runs
+head + loss per chunk (FSDP2, pp2 1F1B and interleaved, TP+SP, megatron TP; eager and compiled): losses, grad norms, eval loss and
+first-step gradients within 1e-5 of the one-process eager run; under bf16 the chunked head still computes in bf16."""
 
 from __future__ import annotations
 
@@ -18,7 +21,10 @@ HERE = Path(__file__).resolve().parent
 CASES = {"bf16_dp2_ddp", "bf16_dp2_zero3_fsdp", "bf16_tp2_dtensor", "bf16_tp2_sp_recompute", "bf16_pp2_1f1b", "bf16_deepspeed_zero3",
          "bf16_megatron_cpu_refused", "compile_dp2_zero3_fsdp_recompute", "compile_tp2_sp", "compile_pp2_1f1b",
          "compile_megatron_refused", "meta_tp2_sp", "meta_dp2_zero3_fsdp", "meta_dp2_zero2_fsdp", "meta_pp2_1f1b", "meta_pp2_interleaved",
-         "keyed_tp2_sp", "keyed_dp2_zero3_fsdp", "keyed_pp2_1f1b", "keyed_moe_ep2_dp2"}
+         "keyed_tp2_sp", "keyed_dp2_zero3_fsdp", "keyed_pp2_1f1b", "keyed_moe_ep2_dp2",
+         "headloss_compile_dp2_ddp", "headloss_compile_dp2_zero3_fsdp", "headloss_compile_pp2_1f1b",
+         "chunked_dp2_zero3_fsdp", "chunked_compile_dp2_zero3_fsdp", "chunked_compile_pp2_1f1b", "chunked_tp2_sp",
+         "chunked_pp2_interleaved", "chunked_megatron_tp2", "bf16_chunked_dp2_zero3_fsdp"}
 
 
 @pytest.mark.timeout(420)

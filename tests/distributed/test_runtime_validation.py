@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from meshwright.memory.accounting import count_saved_bytes
 from meshwright.models import build_model, lm_loss
 from meshwright.parallel.deepspeed_backend import deepspeed_config
 from meshwright.parallel.recompute import apply_recompute
+from meshwright.parallel.runtime import build_distributed_runtime
 from meshwright.parallel.support import check_runtime_support
 from meshwright.plan import plan_from_dict, validate_plan
 
@@ -84,3 +87,17 @@ def test_deepspeed_config_is_fp32_zero_with_torch_optimizer() -> None:
     assert cfg["zero_allow_untested_optimizer"] and not cfg["bf16"]["enabled"]
     with pytest.raises(ConfigError, match="^zero=0 is invalid"):
         deepspeed_config(0, 1, 1, 1)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("loss_chunk_tokens", 8, r"^loss_chunk_tokens=8 is invalid; valid: 0 with dp_backend=deepspeed .*or dp_backend=torch$"),
+    ("compile", True, r"^compile=True is invalid; valid: false with dp_backend=deepspeed"),
+])
+def test_deepspeed_refuses_chunked_loss_and_compile_before_any_group(field, value, match) -> None:
+    """The chunked loss runs under dp_backend=torch (every layout, tests/distributed/fullspeed_2rank.py); the DeepSpeed
+    engine wraps the model and its head, so it is refused there, in one line and before a process group is made."""
+    train_cfg = types.SimpleNamespace(**{"dp_backend": "deepspeed", "compile": False, "loss_chunk_tokens": 0, field: value})
+    with pytest.raises(ConfigError, match=match) as e:
+        build_distributed_runtime(train_cfg, CFG, _plan(layers=[{"dp": 2, "zero": 3, "repeat": 4}]))
+    assert "\n" not in str(e.value)
+    assert not torch.distributed.is_initialized()

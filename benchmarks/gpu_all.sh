@@ -54,6 +54,11 @@ if has planner; then
   stamp "train --plan auto: predicted vs measured"
   timeout 150 $PY benchmarks/bench_planner_gpu.py $PL --out "$OUT/planner_gpu.md" 2>&1 | tail -3
 fi
+if has headloss && [ "$MODE" != cpu ]; then  # not in the default PARTS: DistributedRuntime (world 1), eager head vs head in the compiled loss
+  stamp "head in the loss (DistributedRuntime, world 1)"
+  timeout ${HEADLOSS_TIMEOUT:-300} torchrun --standalone --nproc-per-node 1 benchmarks/bench_head_loss_gpu.py --steps 10 \
+    --only eager_head,head_in_loss,plain_compiled > "$OUT/head_loss.json" 2> "$OUT/head_loss.err"; tail -c 600 "$OUT/head_loss.json"
+fi
 if has trace; then  # last: where the trainer's step time goes, beside the plain loop's (torch.profiler)
   stamp traced steps
   timeout 120 $PY benchmarks/gpu_check.py $SMOKE --out "$OUT/gpu_trace.json" --only gpt2_trainer_traced,gpt2_plain_traced 2>&1 | grep --line-buffered "^\["

@@ -129,3 +129,19 @@ def test_plan_auto_and_the_cli_follow_loss_chunk_tokens(monkeypatch, capsys):
         got[bool(extra)] = json.loads(capsys.readouterr().out)["predicted"]["breakdown"]
     assert got[False]["mem_loss_gib"] * cm.GIB == pytest.approx(TOKENS * 50257 * 4, rel=1e-5)
     assert got[True]["mem_loss_gib"] * cm.GIB == pytest.approx(CHUNK * 50257 * 4, rel=1e-5)
+
+
+def test_search_finds_the_layout_only_the_chunked_loss_fits():
+    """The search's per-rank memory (``_rank_extra_bytes``) counts the chunked loss too: under a 9.5 GiB budget,
+    gpt2-small mb 16 x 1024 without recompute fits on one H200 only with the chunked compiled loss."""
+    from meshwright.launcher.planner.search import Constraints, search
+
+    cfg = load_model_config("gpt2-small")
+    cluster = load_cluster("dgx-h200-141g", nodes=1, devices_per_node=1)
+    c = Constraints(tp=1, pp=1, dp=1, recompute="none", micro_batch=16)
+    got = {}
+    for chunk in (0, CHUNK):
+        hw = cm.hardware_from_cluster(cluster, memory_budget_gib=9.5, compile=True, loss_chunk_tokens=chunk)
+        got[chunk] = search(cfg, cluster, 1024, 16, hw=hw, constraints=c, suggest=False).best
+    assert got[0] is None
+    assert got[CHUNK] is not None and max(got[CHUNK].prediction.memory_gib) <= 9.5

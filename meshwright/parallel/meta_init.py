@@ -15,10 +15,26 @@ tiles of its own shards, on its device, from generators keyed by (seed, paramete
 one-process ``build_model(cfg, seed=seed, init="keyed")`` holds the same values. The host allocates nothing
 but the (meta) module tree; the device holds its shards plus one tile at a time.
 
-Supported: models under the DTensor TP backend without per-layer savers, dense or MoE (expert-parallel shards
-are plain tensors cut by hand: ``expert_boxes`` gives their place in the full tensor). The other paths build
-the full model first, as before (on the host with ``stream``, on the device with ``keyed``): megatron-core
-copies plain-Linear slices at wrap time, and the savers swap modules with their own RNG draws.
+Supported: models under the DTensor TP backend, dense or MoE (expert-parallel shards are plain tensors cut by
+hand: ``expert_boxes`` gives their place in the full tensor), with or without the per-layer memory savers the
+distributed runtime applies (``apply_plan_savers``), under both schemes. Those savers go onto the meta model
+like onto a full one because they neither add parameters nor draw from the RNG when applied: FP8 activations
+and FP8 GEMMs change the classes of existing modules; WTA-CRS changes the class of existing linears and keeps
+only a seed (its generator is created, seeded by that seed alone, at its first forward). So parameter names,
+shapes and the stream the one-process model draws are those of the saver-free model; the replay (which runs
+on a fresh saver-free meta reference) and the keyed specs hold for them unchanged, and the values equal the
+one-process model with the same savers and seed. The savers that do add parameters never reach this runtime:
+MEFT (reversible blocks, adapters drawn from the global stream at conversion, a probing forward to pick the
+reversible depth) and LeMo are refused by it (``train/build.py``, ``parallel/support.py``) and run in one
+process on a fully built model. A future saver that adds parameters must give them ``init_specs`` entries
+(keyed) and ``init_steps`` (stream) in the one-process model first; ``init_keyed`` raises on a parameter with
+no spec, so it cannot slip through uninitialised.
+
+Not supported: megatron-core TP (``tp_backend=megatron``). Its ``ColumnParallelLinear``/``RowParallelLinear``
+are built by ``apply_megatron_tp`` from the full plain ``nn.Linear``s, copying their slices at wrap time (and
+megatron-core allocates its own weights at construction, on the current CUDA device or the host): on meta there
+is nothing to copy, and its parameters' names and init are megatron-core's. That path, and DeepSpeed, build
+the full model first, as before (on the host with ``stream``, on the device with ``keyed``).
 """
 
 from __future__ import annotations
@@ -42,9 +58,9 @@ Box = tuple[tuple[int, ...], tuple[int, ...]]  # (global shape, offset of the lo
 
 
 def supports_meta_init(cfg: ModelConfig, plan: Plan, tp_backend: str) -> bool:
-    """Whether this model and layout materialise from ``meta`` (see the module docstring)."""
-    savers = any(s.savers.fp8_act or s.savers.wta_crs or s.savers.lemo for s in plan.layer_strategies())
-    return tp_backend == "dtensor" and not savers
+    """Whether this model and layout materialise from ``meta`` (see the module docstring): every DTensor-backend
+    layout, per-layer savers included (they change module classes, not parameters or the RNG stream)."""
+    return tp_backend == "dtensor"
 
 
 def expert_boxes(chunks: Iterable[nn.Module]) -> dict[str, Box]:

@@ -196,7 +196,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         m = self.meshes = build_meshes(plan, self.world_size, self.rank, self.device.type, dp_shard)
         self.dp_rank, self.dp_size = m.dp_rank, m.max_dp
         strategies = self.strategies = plan.layer_strategies()
-        # dense DTensor layouts: built on meta, each rank materialises its shards only (parallel/meta_init.py)
+        # DTensor layouts (savers included): built on meta, each rank materialises its shards only (parallel/meta_init.py)
         self.meta_init = supports_meta_init(cfg, plan, tp_backend)
         if self.meta_init:
             full = build_model(cfg, device="meta")

@@ -4,7 +4,10 @@ matmuls under every layout and the losses track the one-process bf16 run (relati
 meta-device initialisation under tp2+sp, FSDP2 (ZeRO-2/3) and pp2 gives the one-process weights bitwise,
 each rank holding only its shards, and the first step's gradients match one process within 1e-5; the keyed
 scheme (init: keyed) under tp2+sp, FSDP2 ZeRO-3, pp2 and MoE ep2 gives the one-process keyed weights bitwise, each rank
-drawing exactly its shards' values and allocating no tensor above one tile while drawing."""
+drawing exactly its shards' values and allocating no tensor above one tile while drawing. Plans with per-layer savers
+(FP8 activations/GEMMs, WTA-CRS) are built on meta too (stream: tp2+sp, FSDP2 ZeRO-3, pp2; keyed: tp2+sp, pp2): the
+weights of the one-process model with the same savers bitwise, the savers on the rank's blocks, and the first step's
+gradients those of the same layout built from the full model."""
 
 from __future__ import annotations
 
@@ -18,7 +21,9 @@ HERE = Path(__file__).resolve().parent
 CASES = {"bf16_dp2_ddp", "bf16_dp2_zero3_fsdp", "bf16_tp2_dtensor", "bf16_tp2_sp_recompute", "bf16_pp2_1f1b", "bf16_deepspeed_zero3",
          "bf16_megatron_cpu_refused", "compile_dp2_zero3_fsdp_recompute", "compile_tp2_sp", "compile_pp2_1f1b",
          "compile_megatron_refused", "meta_tp2_sp", "meta_dp2_zero3_fsdp", "meta_dp2_zero2_fsdp", "meta_pp2_1f1b", "meta_pp2_interleaved",
-         "keyed_tp2_sp", "keyed_dp2_zero3_fsdp", "keyed_pp2_1f1b", "keyed_moe_ep2_dp2"}
+         "keyed_tp2_sp", "keyed_dp2_zero3_fsdp", "keyed_pp2_1f1b", "keyed_moe_ep2_dp2",
+         "meta_savers_tp2_sp", "meta_savers_dp2_zero3_fsdp", "meta_savers_pp2_1f1b", "keyed_savers_tp2_sp",
+         "keyed_savers_pp2_1f1b"}
 
 
 @pytest.mark.timeout(420)

@@ -1,7 +1,7 @@
 """Two-rank checks of issue 16 (one torchrun launch): under each layout the matmuls run in bf16 when the
 precision policy says so, and the losses track the one-process bf16 run; ``compile`` composes with the
-layouts; meta-device initialisation gives the one-process model's weights bitwise, per-layer memory savers
-(FP8 activations/GEMMs, WTA-CRS) included.
+layouts; meta-device initialisation gives the one-process model's weights bitwise, megatron-core tp and
+per-layer memory savers (FP8 activations/GEMMs, WTA-CRS) included.
 
 Tolerance (bf16): relative loss error <= BF16_RTOL per step over STEPS steps. bf16 keeps 8 mantissa bits
 (~4e-3 relative per rounding); layouts sum partial products in other orders and FSDP2 reduces gradients
@@ -92,6 +92,9 @@ META_SAVER_CASES = {
     "meta_savers_pp2_1f1b": plan(with_savers(), pipeline={"degree": 2, "schedule": "1f1b", "microbatches": 4}),
 }
 
+# ... and megatron-core tp (built on meta too: its parallel linears are made there, materialize fills the shards)
+MEGATRON_META_CASES = {"meta_megatron_tp2": plan(uniform(tp=2))}
+
 # keyed init (models/init.py) with 16x16 tiles, so the tiny model's parameters are cut into many tiles and every
 # shard boundary falls on a tile edge: each rank draws exactly its shards' values (no tile is drawn twice)
 KEYED_TILE = 16
@@ -102,6 +105,7 @@ KEYED_CASES = {
     "keyed_savers_tp2_sp": plan(with_savers(tp=2, sp=True)),
     "keyed_savers_pp2_1f1b": plan(with_savers(), pipeline={"degree": 2, "schedule": "1f1b", "microbatches": 4}),
 }
+KEYED_MEGATRON_CASES = {"keyed_megatron_tp2": plan(uniform(tp=2))}
 # MoE with expert parallelism, also built on meta now: expert shards are plain tensors cut by hand
 KEYED_MOE = load_model_config({"name": "tiny-moe-par", "arch": "llama", "vocab_size": 256, "d_model": 32,
                                "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 64, "moe_ffn_hidden": 48,
@@ -130,6 +134,21 @@ class AllocMeter(TorchDispatchMode):
         return out
 
 
+def full_value(rt, p: torch.Tensor) -> torch.Tensor:
+    """A parameter's full tensor (collective over its tp group): DTensors gathered, megatron's plain shards
+    all-gathered along their dim, anything else as it is."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(p, DTensor):
+        return p.full_tensor().detach()
+    if p in rt._megatron_shards:
+        dim, tp = rt._megatron_shards[p]
+        parts = [torch.empty_like(p) for _ in range(tp)]
+        dist.all_gather(parts, p.detach().contiguous(), group=rt.meshes.tp_mesh(tp).get_group())
+        return torch.cat(parts, dim=dim)
+    return p.detach()
+
+
 def has_savers(pd: dict) -> bool:
     return any(s.savers.fp8_act or s.savers.wta_crs is not None for s in plan_from_dict(pd).layer_strategies())
 
@@ -152,13 +171,13 @@ def expected_kinds(pd: dict, layers) -> dict[int, set[str]]:
             for i in layers}
 
 
-def full_build_grads(pd: dict, cfg, init: str) -> dict[str, torch.Tensor]:
+def full_build_grads(pd: dict, cfg, init: str, tp_backend: str = "dtensor") -> dict[str, torch.Tensor]:
     """First-step full gradients of the same layout (savers included) built the old way: the whole model first,
     then cut and sharded (meta init switched off)."""
     old = runtime_mod.supports_meta_init
     runtime_mod.supports_meta_init = lambda *a: False
     try:
-        rt = DistributedRuntime(cfg, plan_from_dict(pd), seed=SEED, init=init)
+        rt = DistributedRuntime(cfg, plan_from_dict(pd), seed=SEED, init=init, tp_backend=tp_backend)
     finally:
         runtime_mod.supports_meta_init = old
     assert not rt.meta_init
@@ -175,7 +194,7 @@ def saver_reference(pd: dict, cfg, init: str) -> nn.Module:
     return model
 
 
-def keyed_case(pd: dict, cfg=CFG) -> dict:
+def keyed_case(pd: dict, cfg=CFG, tp_backend: str = "dtensor") -> dict:
     """Initial weights bitwise equal to the one-process keyed model; then one step's gradients match it. Each rank
     draws exactly the values of its own shards (``values_drawn``); materialising allocates its shards (and the RoPE
     tables), and while drawing no tensor above one tile: no full-size tensor of a sharded parameter, no copy of
@@ -207,7 +226,7 @@ def keyed_case(pd: dict, cfg=CFG) -> dict:
         ref = {n: p.detach().clone() for n, p in ref_model.named_parameters()}
         specs = ref_model.init_specs()
         ref_step = reference(steps=1, model=ref_model)[0] if cfg is CFG and not savers else None  # dense: lm_loss alone
-        rt = DistributedRuntime(cfg, plan_from_dict(pd), seed=SEED, init="keyed")
+        rt = DistributedRuntime(cfg, plan_from_dict(pd), seed=SEED, init="keyed", tp_backend=tp_backend)
     finally:
         keyed.TILE, meta_init.init_keyed, meta_init._to_empty = old_tile, old_fill, old_to_empty
     mismatched, local_numel, local_normal, local_bytes = [], 0, 0, 0
@@ -217,11 +236,11 @@ def keyed_case(pd: dict, cfg=CFG) -> dict:
         local_numel += local.numel()
         local_bytes += local.numel() * local.element_size()
         local_normal += local.numel() if specs[name].kind == "normal" else 0
-        full = p.full_tensor() if isinstance(p, DTensor) else p
+        full = full_value(rt, p)
         want = ref[name]
         if name in boxes:
             want = want[tuple(slice(o, o + n) for o, n in zip(boxes[name][1], p.shape))]
-        if not torch.equal(full.detach(), want):
+        if not torch.equal(full, want):
             mismatched.append(name)
     total = sum(p.numel() for p in ref.values())
     buffer_bytes = sum(b.numel() * b.element_size() for c in rt.chunks for b in c.buffers())  # RoPE tables
@@ -237,7 +256,7 @@ def keyed_case(pd: dict, cfg=CFG) -> dict:
     if savers:
         keyed.TILE = KEYED_TILE  # the same tiles as above: the values depend on the tile size
         try:
-            want = full_build_grads(pd, cfg, "keyed")
+            want = full_build_grads(pd, cfg, "keyed", tp_backend)
         finally:
             keyed.TILE = old_tile
         grad_rel = max(rel(g, want[n]) for n, g in grads.items())
@@ -314,27 +333,26 @@ def compile_case(pd: dict, ref: list[dict]) -> dict:
     return {"ok": worst <= COMPILE_RTOL and len(compiled) > 0, "loss_rel": worst, "compiled_blocks": len(compiled)}
 
 
-def meta_case(pd: dict, ref_step: dict) -> dict:
+def meta_case(pd: dict, ref_step: dict, tp_backend: str = "dtensor") -> dict:
     """Initial weights bitwise equal to one process; then one step's gradients match it (buckets built
     before materialisation must point at the materialised parameters). With savers in the Plan: the one-process
     model with the same savers, and the gradients of the same layout built from the full model."""
     from torch.distributed.tensor import DTensor
 
     savers = has_savers(pd)
-    rt = DistributedRuntime(CFG, plan_from_dict(pd), seed=SEED)
+    rt = DistributedRuntime(CFG, plan_from_dict(pd), seed=SEED, tp_backend=tp_backend)
     ref = dict((saver_reference(pd, CFG, "stream") if savers else build_model(CFG, seed=SEED)).named_parameters())
     kinds = saver_kinds(rt.chunks)
     mismatched, local_numel = [], 0
     for name, p in rt.model.named_parameters():
         local_numel += (p.to_local() if isinstance(p, DTensor) else p).numel()
-        full = p.full_tensor() if isinstance(p, DTensor) else p
-        if not torch.equal(full.detach(), ref[name].detach()):
+        if not torch.equal(full_value(rt, p), ref[name].detach()):
             mismatched.append(name)
     total = sum(p.numel() for p in ref.values())
     rt.forward_backward(shard(0, rt.dp_rank, rt.dp_size))
     grads = full_grads(rt)
     rt.close()
-    want = full_build_grads(pd, CFG, "stream") if savers else ref_step["grads"]
+    want = full_build_grads(pd, CFG, "stream", tp_backend) if savers else ref_step["grads"]
     grad_rel = max(rel(g, want[n]) for n, g in grads.items())
     # the savers act: these gradients differ from the saver-free one-process model's (same weights, same data)
     effect = max(rel(g, ref_step["grads"][n]) for n, g in grads.items()) if savers else None
@@ -371,7 +389,9 @@ def main() -> None:
     cases = {**{name: (lambda pd=pd, backend=backend: bf16_case(pd, backend, ref))
                 for name, (pd, backend) in BF16_CASES.items()},
              **{name: (lambda pd=pd: meta_case(pd, ref32[0])) for name, pd in {**META_CASES, **META_SAVER_CASES}.items()},
+             **{name: (lambda pd=pd: meta_case(pd, ref32[0], "megatron")) for name, pd in MEGATRON_META_CASES.items()},
              **{name: (lambda pd=pd: keyed_case(pd)) for name, pd in KEYED_CASES.items()},
+             **{name: (lambda pd=pd: keyed_case(pd, tp_backend="megatron")) for name, pd in KEYED_MEGATRON_CASES.items()},
              **{name: (lambda pd=pd: keyed_case(pd, KEYED_MOE)) for name, pd in KEYED_MOE_CASES.items()},
              **{name: (lambda pd=pd: compile_case(pd, ref32)) for name, pd in COMPILE_CASES.items()},
              "bf16_deepspeed_zero3": lambda: bf16_deepspeed_case(ref)}

@@ -7,7 +7,8 @@ scheme (init: keyed) under tp2+sp, FSDP2 ZeRO-3, pp2 and MoE ep2 gives the one-p
 drawing exactly its shards' values and allocating no tensor above one tile while drawing. Plans with per-layer savers
 (FP8 activations/GEMMs, WTA-CRS) are built on meta too (stream: tp2+sp, FSDP2 ZeRO-3, pp2; keyed: tp2+sp, pp2): the
 weights of the one-process model with the same savers bitwise, the savers on the rank's blocks, and the first step's
-gradients those of the same layout built from the full model."""
+gradients those of the same layout built from the full model; megatron-core tp2 is built on meta too (both schemes:
+the one-process weights bitwise, its shards gathered along their dim, gradients within 1e-5)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ CASES = {"bf16_dp2_ddp", "bf16_dp2_zero3_fsdp", "bf16_tp2_dtensor", "bf16_tp2_sp
          "compile_megatron_refused", "meta_tp2_sp", "meta_dp2_zero3_fsdp", "meta_dp2_zero2_fsdp", "meta_pp2_1f1b", "meta_pp2_interleaved",
          "keyed_tp2_sp", "keyed_dp2_zero3_fsdp", "keyed_pp2_1f1b", "keyed_moe_ep2_dp2",
          "meta_savers_tp2_sp", "meta_savers_dp2_zero3_fsdp", "meta_savers_pp2_1f1b", "keyed_savers_tp2_sp",
-         "keyed_savers_pp2_1f1b"}
+         "keyed_savers_pp2_1f1b", "meta_megatron_tp2", "keyed_megatron_tp2"}
 
 
 @pytest.mark.timeout(420)

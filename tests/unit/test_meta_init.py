@@ -62,3 +62,24 @@ def test_a_parameter_the_one_process_model_lacks_is_an_error(init):
     meta.layers["2"].extra = nn.Linear(4, 4, device="meta")  # e.g. a saver that added an adapter
     with pytest.raises(KeyError, match="layers.2.extra.weight"):
         materialize([meta], CFG, seed=3, device=torch.device("cpu"), init=init)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_a_meta_model_with_savers_materialises_to_the_keyed_one_process_model():
+    """The keyed path on its default device: drawn on the GPU, equal to the one-process keyed CUDA model with the
+    same savers; one forward/backward through the FP8 layers (FP8 GEMMs on >= sm89) runs on the result."""
+    device = torch.device("cuda")
+    ref = build_model(CFG, seed=3, init="keyed", device=device)
+    apply_plan_savers(ref, PLAN, 3)
+    meta = build_model(CFG, device="meta")
+    apply_plan_savers(meta, PLAN, 3)
+    materialize([meta], CFG, seed=3, device=device, init="keyed")
+    want = dict(ref.named_parameters())
+    got = dict(meta.named_parameters())
+    assert got.keys() == want.keys()
+    assert all(got[n].device.type == "cuda" and torch.equal(got[n], want[n]) for n in want)
+    x = torch.randint(0, CFG.vocab_size, (2, 8), device=device)
+    out = meta(x)
+    assert torch.equal(out, ref(x))
+    out.float().square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in meta.parameters() if p.requires_grad)

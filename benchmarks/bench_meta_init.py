@@ -8,13 +8,20 @@ and, at world 1, ``build_model`` for the one-process run. Prints one JSON line p
 
     PYTHONPATH=. python benchmarks/bench_meta_init.py --layers 2 --init stream keyed --threads 1
     PYTHONPATH=. torchrun --nproc-per-node 2 benchmarks/bench_meta_init.py --layers 2 --layout fsdp --what runtime
+
+``--tp-backend megatron`` and ``--savers`` (FP8 activations on even layers, WTA-CRS on odd ones) pick the layouts
+built on meta since meta init covers them; ``--full-build`` switches meta init off (the whole model first, as
+those layouts were built before) for a side-by-side on the same machine; ``--count-build-bytes`` counts the fresh
+bytes of the whole runtime construction (both paths), and every line carries the process's peak RSS.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import resource
 import socket
 import time
 
@@ -76,6 +83,10 @@ def main() -> None:
     ap.add_argument("--layout", default="single", choices=["single", "fsdp", "tp", "pp"])
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
     ap.add_argument("--count-bytes", action="store_true", help="count the bytes materialisation allocates (slower)")
+    ap.add_argument("--count-build-bytes", action="store_true", help="count the bytes the whole construction allocates")
+    ap.add_argument("--tp-backend", default="dtensor", choices=["dtensor", "megatron"])
+    ap.add_argument("--savers", action="store_true", help="FP8 activations on even layers, WTA-CRS (0.5) on odd ones")
+    ap.add_argument("--full-build", action="store_true", help="meta init off: the whole model first (the old path)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -88,8 +99,12 @@ def main() -> None:
     device = init_distributed()
     world, rank = dist.get_world_size(), dist.get_rank()
     layer = {"single": {"recompute": "full"}, "fsdp": {"dp": world, "zero": 3}, "tp": {"tp": world}, "pp": {}}[args.layout]
+    savers = [{"fp8_act": True} if i % 2 == 0 else {"wta_crs": 0.5} for i in range(cfg.n_layers)]
     pd = {"model": cfg.name, "seq_len": 128, "global_batch": world, "micro_batch": 1,
-          "layers": [{**layer, "repeat": cfg.n_layers}]}
+          "layers": [{**layer, "savers": savers[i]} for i in range(cfg.n_layers)] if args.savers
+          else [{**layer, "repeat": cfg.n_layers}]}
+    if args.full_build:
+        runtime_mod.supports_meta_init = lambda *a, **k: False
     if args.layout == "fsdp":
         pd["embedding"] = {"zero": 3}
     if args.layout == "pp":
@@ -104,8 +119,11 @@ def main() -> None:
                 meter, original = FreshBytes(), runtime_mod.materialize
                 if args.count_bytes:
                     runtime_mod.materialize = metered_materialize(meter)
+                build = FreshBytes() if args.count_build_bytes else contextlib.nullcontext()
                 try:
-                    rt = DistributedRuntime(cfg, plan_from_dict(pd), seed=1234, device=device, init=init)
+                    with build:
+                        rt = DistributedRuntime(cfg, plan_from_dict(pd), seed=1234, device=device, init=init,
+                                                tp_backend=args.tp_backend)
                 finally:
                     runtime_mod.materialize = original
                 _sync()
@@ -114,6 +132,8 @@ def main() -> None:
                     (p.to_local() if hasattr(p, "to_local") else p).numel() for p in rt.parameters())}
                 if args.count_bytes:
                     extra["materialize_fresh_bytes"] = meter.total
+                if args.count_build_bytes:
+                    extra["build_fresh_bytes"] = build.total
                 rt.close()
                 del rt
             else:
@@ -126,7 +146,9 @@ def main() -> None:
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
             if rank == 0:
                 print(json.dumps({"model": cfg.name, "params": cfg.num_params(), "init": init, "what": what,
-                                  "layout": args.layout, "world": world, "device": str(device),
+                                  "layout": args.layout, "tp_backend": args.tp_backend, "savers": args.savers,
+                                  "world": world, "device": str(device),
+                                  "max_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
                                   "threads": torch.get_num_threads(), "seconds": round(dt, 2), "cpu_s": round(cpu, 2),
                                   "slowest_rank_s": round(float(slowest), 2), **extra}), flush=True)
     dist.destroy_process_group()

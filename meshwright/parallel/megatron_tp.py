@@ -2,12 +2,15 @@
 
 The block's Linear layers are swapped for megatron-core's parallel layers, driven by *our* tp
 process group (``tp_group=``), so megatron's global ``parallel_state`` is never initialised and the
-meshes stay explicit. Weights are copied from the plain model's slices, so this backend gives the
-same numbers as the DTensor one. Parameters stay plain local shards; ``to_dtensor_state`` /
+meshes stay explicit. Weights are copied from the plain model's slices (or, on a meta block, left for
+``parallel/meta_init.py`` to fill with those slices' values), so this backend gives the same numbers as the
+DTensor one. Parameters stay plain local shards; ``to_dtensor_state`` /
 ``load_dtensor_state`` expose them as DTensors so distributed checkpoints still reshard.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -61,19 +64,20 @@ def apply_megatron_tp(block: nn.Module, tp_group: dist.ProcessGroup) -> dict[str
         dev, dtype = lin.weight.device, lin.weight.dtype
         cfg = _config(tp, dtype)
         bias = lin.bias is not None
-        if column:
-            new = Column(lin.in_features, lin.out_features, config=cfg, init_method=_noop_init, bias=bias,
-                         gather_output=False, tp_group=tp_group)
-            w = lin.weight.detach().chunk(tp, dim=0)[r]
-        else:
-            new = Row(lin.in_features, lin.out_features, config=cfg, init_method=_noop_init, bias=bias,
-                      input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
-            w = lin.weight.detach().chunk(tp, dim=1)[r]
+        # on meta (parallel/meta_init.py) the layers are built there too: no host copy of the shard, nothing to copy
+        with torch.device("meta") if dev.type == "meta" else contextlib.nullcontext():
+            if column:
+                new = Column(lin.in_features, lin.out_features, config=cfg, init_method=_noop_init, bias=bias,
+                             gather_output=False, tp_group=tp_group)
+            else:
+                new = Row(lin.in_features, lin.out_features, config=cfg, init_method=_noop_init, bias=bias,
+                          input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
         new = new.to(dev)
-        with torch.no_grad():
-            new.weight.copy_(w)
-            if bias:
-                new.bias.copy_(lin.bias.detach().chunk(tp, dim=0)[r] if column else lin.bias.detach())
+        if dev.type != "meta":  # the slices of the plain weights; on meta, materialize fills these shards later
+            with torch.no_grad():
+                new.weight.copy_(lin.weight.detach().chunk(tp, dim=0 if column else 1)[r])
+                if bias:
+                    new.bias.copy_(lin.bias.detach().chunk(tp, dim=0)[r] if column else lin.bias.detach())
         setattr(parent, attr, new)
         shard_dims[f"{path}.weight"] = 0 if column else 1
         if bias and column:

@@ -15,10 +15,33 @@ tiles of its own shards, on its device, from generators keyed by (seed, paramete
 one-process ``build_model(cfg, seed=seed, init="keyed")`` holds the same values. The host allocates nothing
 but the (meta) module tree; the device holds its shards plus one tile at a time.
 
-Supported: models under the DTensor TP backend without per-layer savers, dense or MoE (expert-parallel shards
-are plain tensors cut by hand: ``expert_boxes`` gives their place in the full tensor). The other paths build
-the full model first, as before (on the host with ``stream``, on the device with ``keyed``): megatron-core
-copies plain-Linear slices at wrap time, and the savers swap modules with their own RNG draws.
+Supported: every layout of the torch runtime, dense or MoE, under both schemes and both tp backends:
+
+- Expert-parallel shards and megatron-core tp shards are plain tensors cut by hand: ``expert_boxes`` and the
+  runtime's ``shard_box``es give their place in the full tensor, and both schemes fill that box.
+- megatron-core tp: ``apply_megatron_tp`` builds its ``ColumnParallelLinear``/``RowParallelLinear`` on meta
+  too (``use_cpu_initialization`` allocates with the default device, here meta; ``perform_initialization`` is
+  off) and skips the copy of the plain weights' slices; the parameters keep the plain names (``weight``,
+  ``bias``) and their local shape, so their values are the slices the copy would have taken. The attributes
+  megatron-core sets on its Parameter objects survive ``to_empty`` (``_to_empty``). Not with ``init_from``:
+  pretrained weights are loaded into the full plain model before megatron copies its slices, so that path
+  still builds the full model first (the DTensor backend loads each rank's slices after the layout instead).
+- Per-layer memory savers the distributed runtime applies (``apply_plan_savers``): they go onto the meta model
+  like onto a full one because they neither add parameters nor draw from the RNG when applied. FP8
+  activations and FP8 GEMMs change the classes of existing modules; WTA-CRS changes the class of existing
+  linears and keeps only a seed (its generator is created, seeded by that seed alone, at its first forward).
+  So parameter names, shapes and the stream the one-process model draws are those of the saver-free model;
+  the replay (on a fresh saver-free meta reference) and the keyed specs hold for them unchanged, and the
+  values equal the one-process model with the same savers and seed, under ``stream`` and ``keyed`` alike.
+  The savers that do add parameters never reach this runtime: MEFT (reversible blocks, adapters drawn from
+  the global stream at conversion, a probing forward to pick the reversible depth) and LeMo are refused by it
+  (``train/build.py``, ``parallel/support.py``) and run in one process on a fully built model.
+
+A parameter the one-process model does not initialise (a future saver or layout adding one) is an error under
+both schemes (``init_keyed``: no spec; the replay: no step), never left with ``to_empty``'s garbage: such a
+module must first get its ``init_specs`` entry and ``init_steps`` place in the one-process model. DeepSpeed
+(``parallel/deepspeed_backend.py``) builds the full model first (on the host with ``stream``, on the device
+with ``keyed``).
 """
 
 from __future__ import annotations
@@ -41,10 +64,21 @@ from meshwright.plan import Plan
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (global shape, offset of the local tensor in it)
 
 
-def supports_meta_init(cfg: ModelConfig, plan: Plan, tp_backend: str) -> bool:
-    """Whether this model and layout materialise from ``meta`` (see the module docstring)."""
-    savers = any(s.savers.fp8_act or s.savers.wta_crs or s.savers.lemo for s in plan.layer_strategies())
-    return tp_backend == "dtensor" and not savers
+def supports_meta_init(cfg: ModelConfig, plan: Plan, tp_backend: str, init_from: str | None = None) -> bool:
+    """Whether this model and layout materialise from ``meta`` (see the module docstring): every layout, per-layer
+    savers included (they change module classes, not parameters or the RNG stream), except megatron-core TP with
+    pretrained weights (``init_from`` loads them into the full plain model before its slices are copied)."""
+    return tp_backend == "dtensor" or (tp_backend == "megatron" and init_from is None)
+
+
+def shard_box(local_shape: Iterable[int], dim: int, parts: int, index: int) -> Box:
+    """The box of a plain tensor shard cut by hand: part ``index`` of ``parts`` equal parts along ``dim``
+    (megatron-core's tp partitions)."""
+    shape = list(local_shape)
+    offset = [0] * len(shape)
+    offset[dim] = index * shape[dim]
+    shape[dim] *= parts
+    return tuple(shape), tuple(offset)
 
 
 def expert_boxes(chunks: Iterable[nn.Module]) -> dict[str, Box]:
@@ -78,7 +112,8 @@ def _copy_shard(param: torch.Tensor, full: torch.Tensor, box: Box | None = None)
 
 def _to_empty(chunks: list[nn.Module], device: torch.device) -> None:
     """``to_empty`` on every chunk, keeping tied parameters tied (``to_empty`` gives each owning module its own
-    tensor: a tied head would drift from its embedding)."""
+    tensor: a tied head would drift from its embedding) and the attributes set on the Parameter objects (our
+    expert-shard mark, megatron-core's ``allreduce``/``partition_dim``...): ``to_empty`` makes new ones."""
     owners: dict[int, list[tuple[nn.Module, str]]] = {}
     for chunk in chunks:
         for module in chunk.modules():
@@ -93,17 +128,18 @@ def _to_empty(chunks: list[nn.Module], device: torch.device) -> None:
         new = getattr(first, key)
         for module, other in group[1:]:
             setattr(module, other, new)
-        if getattr(old[pid], "_meshwright_expert", False):  # the expert-shard mark lives on the Parameter object
-            new._meshwright_expert = True
+        for attr, value in vars(old[pid]).items():
+            setattr(new, attr, value)
 
 
 @torch.no_grad()
 def materialize(chunks: Iterable[nn.Module], cfg: ModelConfig, seed: int, device: torch.device,
-                init: str = "stream") -> dict[nn.Parameter, nn.Parameter]:
+                init: str = "stream", boxes: dict[str, Box] | None = None) -> dict[nn.Parameter, nn.Parameter]:
     """Allocate ``chunks`` (stages cut from a meta Decoder, already sharded) on ``device`` and fill them with
-    the one-process model's initial values for ``seed`` under ``init`` (``stream`` or ``keyed``). ``to_empty``
-    replaces Parameter objects, so this returns {meta parameter: its materialised replacement} for lists built
-    before (gradient buckets)."""
+    the one-process model's initial values for ``seed`` under ``init`` (``stream`` or ``keyed``). ``boxes``:
+    {name: (global shape, offset)} of plain-tensor shards cut by the caller (megatron-core tp, ``shard_box``);
+    expert shards are found here. ``to_empty`` replaces Parameter objects, so this returns {meta parameter: its
+    materialised replacement} for lists built before (gradient buckets)."""
     chunks = list(chunks)
     before = {n: p for chunk in chunks for n, p in chunk.named_parameters()}
     _to_empty(chunks, device)
@@ -111,7 +147,7 @@ def materialize(chunks: Iterable[nn.Module], cfg: ModelConfig, seed: int, device
     for chunk in chunks:
         live.update(dict(chunk.named_parameters()))
     ref = build_model(cfg, device="meta")
-    boxes = expert_boxes(chunks)
+    boxes = {**expert_boxes(chunks), **(boxes or {})}
     if init == "keyed":
         torch.manual_seed(seed)  # nothing is drawn from it here, but later consumers (dropout) start seeded as before
         init_keyed(live.items(), ref.init_specs(), seed, boxes)
@@ -131,6 +167,7 @@ def _replay_stream(ref: nn.Module, live: dict[str, torch.Tensor], seed: int, box
             _cpu_twin(module).reset_parameters()
         elif isinstance(module, GroupedExperts):  # its constructor calls init_weights
             _cpu_twin(module).init_weights()
+    filled: set[str] = set()
     for path, init in ref.init_steps():
         twin = _cpu_twin(ref.get_submodule(path))
         init(twin)
@@ -138,3 +175,7 @@ def _replay_stream(ref: nn.Module, live: dict[str, torch.Tensor], seed: int, box
             target = live.get(f"{path}.{name}")
             if target is not None:
                 _copy_shard(target, full, boxes.get(f"{path}.{name}"))
+                filled.add(f"{path}.{name}")
+    missing = sorted(set(live) - filled)
+    if missing:  # a parameter the one-process model does not have (a module added by a layout or a saver)
+        raise KeyError(f"no stream initialiser for parameters {missing[:5]}")

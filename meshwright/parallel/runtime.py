@@ -44,7 +44,7 @@ from meshwright.parallel.data_parallel import all_reduce_grads, apply_ddp, apply
 from meshwright.parallel.expert_parallel import A2AMeter, EPGroups, apply_ep, ep_groups_from_mesh, is_expert_param
 from meshwright.parallel.layerwise import apply_batch_redistribution
 from meshwright.parallel.mesh import build_meshes, hsdp_shard
-from meshwright.parallel.meta_init import materialize, supports_meta_init
+from meshwright.parallel.meta_init import Box, materialize, shard_box, supports_meta_init
 from meshwright.parallel.pipeline import HiddenOutput, build_schedule, cut_stage, stage_ids
 from meshwright.parallel.recompute import apply_recompute
 from meshwright.parallel.support import check_runtime_support
@@ -203,8 +203,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         m = self.meshes = build_meshes(plan, self.world_size, self.rank, self.device.type, dp_shard)
         self.dp_rank, self.dp_size = m.dp_rank, m.max_dp
         strategies = self.strategies = plan.layer_strategies()
-        # dense DTensor layouts: built on meta, each rank materialises its shards only (parallel/meta_init.py)
-        self.meta_init = supports_meta_init(cfg, plan, tp_backend)
+        # built on meta (savers and megatron tp included), each rank materialises its shards only (parallel/meta_init.py)
+        self.meta_init = supports_meta_init(cfg, plan, tp_backend, init_from)
         if self.meta_init:
             full = build_model(cfg, device="meta")
         elif self.init == "keyed":  # the whole model, but drawn on the device
@@ -248,14 +248,16 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         self._megatron_shards: dict[nn.Parameter, tuple[int, int]] = {}  # param -> (shard dim, tp)
         self._megatron_state: dict[str, tuple[int, int, Any]] = {}  # state key -> (dim, tp, mesh or None: tp mesh)
         self._state_shards: dict[nn.Parameter, tuple[int, Any]] = {}  # plain local shards: (dim, 1-D mesh)
+        self._shard_boxes: dict[str, Box] = {}  # megatron tp shards: their box in the full tensor (meta init)
         self._zero2_blocks: list[nn.Module] = []  # FSDP2 modules at ZeRO-2: gathered once per step
         for chunk in chunks:
             self._apply_layers(chunk)
             self._apply_outer(chunk)
             apply_autocast(chunk, self.precision, self.device.type)  # every layout computes in the policy's dtype
         if self.meta_init:  # gradient buckets listed meta parameters: point them at the materialised ones
-            new = materialize(chunks, cfg, seed, self.device, self.init)
+            new = materialize(chunks, cfg, seed, self.device, self.init, self._shard_boxes)
             self._expert_params = {new.get(p, p): ep for p, ep in self._expert_params.items()}
+            self._megatron_shards = {new.get(p, p): v for p, v in self._megatron_shards.items()}
             self._state_shards = {new.get(p, p): v for p, v in self._state_shards.items()}
             self._manual = [([new.get(p, p) for p in ps], group, scale) for ps, group, scale in self._manual]
             self._post_scale = [([new.get(p, p) for p in ps], factor) for ps, factor in self._post_scale]
@@ -290,6 +292,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
                     dims = apply_megatron_tp(block, tp_mesh.get_group())
                     for pname, p in block.named_parameters():
                         if pname in dims:
+                            self._shard_boxes[f"layers.{name}.{pname}"] = shard_box(p.shape, dims[pname], s.tp,
+                                                                                     tp_mesh.get_local_rank())
                             self._megatron_shards[p] = (dims[pname], s.tp)
                             self._megatron_state[f"layers.{name}.{pname}"] = (dims[pname], s.tp, None)
                             self._state_shards[p] = (dims[pname], m.tp_mesh(s.tp))

@@ -1,6 +1,7 @@
 """Two-rank checks of issue 16 (one torchrun launch): under each layout the matmuls run in bf16 when the
 precision policy says so, and the losses track the one-process bf16 run; ``compile`` composes with the
-layouts; meta-device initialisation gives the one-process model's weights bitwise.
+layouts; meta-device initialisation gives the one-process model's weights bitwise, megatron-core tp and
+per-layer memory savers (FP8 activations/GEMMs, WTA-CRS) included.
 
 Tolerance (bf16): relative loss error <= BF16_RTOL per step over STEPS steps. bf16 keeps 8 mantissa bits
 (~4e-3 relative per rounding); layouts sum partial products in other orders and FSDP2 reduces gradients
@@ -38,8 +39,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from meshwright.config import load_model_config
+from meshwright.memory.fp8_activations import FP8Linear
+from meshwright.memory.wta_crs import WTACRSLinear
 from meshwright.models import build_model
-from meshwright.parallel.runtime import DistributedRuntime
+from meshwright.parallel import runtime as runtime_mod
+from meshwright.parallel.runtime import DistributedRuntime, apply_plan_savers
 from meshwright.plan import plan_from_dict
 from meshwright.train.local_runtime import LocalRuntime
 from meshwright.train.precision import PrecisionPolicy
@@ -101,6 +105,23 @@ META_CASES = {
                                                       "virtual_stages": 2}),
 }
 
+# ... with per-layer savers (they swap module classes, add no parameters and draw nothing at apply time): FP8
+# activations (+ FP8 GEMMs) on some layers, WTA-CRS on others, none on one; weights bitwise the one-process model
+# with the same savers, first-step gradients those of the same layout built from the full model (within RTOL)
+def with_savers(**kw) -> list[dict]:
+    """Layer 0 FP8 activations (+ FP8 GEMMs where tp=1: tp>1 refuses them), 1 WTA-CRS, 2 none, 3 FP8 activations."""
+    fp8_0 = {"fp8_act": True, "fp8_gemm": kw.get("tp", 1) == 1}
+    return [{**kw, **s} for s in ({"savers": fp8_0}, {"savers": {"wta_crs": 0.5}}, {}, {"savers": {"fp8_act": True}})]
+
+
+META_SAVER_CASES = {
+    "meta_savers_tp2_sp": plan(with_savers(tp=2, sp=True)),
+    "meta_savers_dp2_zero3_fsdp": plan(with_savers(dp=2, zero=3), embedding={"zero": 3}),
+    "meta_savers_pp2_1f1b": plan(with_savers(), pipeline={"degree": 2, "schedule": "1f1b", "microbatches": 4}),
+}
+
+# ... and megatron-core tp (built on meta too: its parallel linears are made there, materialize fills the shards)
+MEGATRON_META_CASES = {"meta_megatron_tp2": plan(uniform(tp=2))}
 
 # keyed init (models/init.py) with 16x16 tiles, so the tiny model's parameters are cut into many tiles and every
 # shard boundary falls on a tile edge: each rank draws exactly its shards' values (no tile is drawn twice)
@@ -109,7 +130,10 @@ KEYED_CASES = {
     "keyed_tp2_sp": plan(uniform(tp=2, sp=True)),
     "keyed_dp2_zero3_fsdp": plan(uniform(dp=2, zero=3), embedding={"zero": 3}),
     "keyed_pp2_1f1b": plan(uniform(), pipeline={"degree": 2, "schedule": "1f1b", "microbatches": 4}),
+    "keyed_savers_tp2_sp": plan(with_savers(tp=2, sp=True)),
+    "keyed_savers_pp2_1f1b": plan(with_savers(), pipeline={"degree": 2, "schedule": "1f1b", "microbatches": 4}),
 }
+KEYED_MEGATRON_CASES = {"keyed_megatron_tp2": plan(uniform(tp=2))}
 # MoE with expert parallelism, also built on meta now: expert shards are plain tensors cut by hand
 KEYED_MOE = load_model_config({"name": "tiny-moe-par", "arch": "llama", "vocab_size": 256, "d_model": 32,
                                "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 64, "moe_ffn_hidden": 48,
@@ -138,7 +162,67 @@ class AllocMeter(TorchDispatchMode):
         return out
 
 
-def keyed_case(pd: dict, cfg=CFG) -> dict:
+def full_value(rt, p: torch.Tensor) -> torch.Tensor:
+    """A parameter's full tensor (collective over its tp group): DTensors gathered, megatron's plain shards
+    all-gathered along their dim, anything else as it is."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(p, DTensor):
+        return p.full_tensor().detach()
+    if p in rt._megatron_shards:
+        dim, tp = rt._megatron_shards[p]
+        parts = [torch.empty_like(p) for _ in range(tp)]
+        dist.all_gather(parts, p.detach().contiguous(), group=rt.meshes.tp_mesh(tp).get_group())
+        return torch.cat(parts, dim=dim)
+    return p.detach()
+
+
+def has_savers(pd: dict) -> bool:
+    return any(s.savers.fp8_act or s.savers.wta_crs is not None for s in plan_from_dict(pd).layer_strategies())
+
+
+def saver_kinds(chunks) -> dict[int, set[str]]:
+    """{layer: the savers its modules carry} over this rank's blocks: proof the savers were applied to the meta
+    model (and survived the layout and the materialisation)."""
+    out: dict[int, set[str]] = {}
+    for chunk in chunks:
+        for key, block in chunk.layers.items():
+            mods = list(block.modules())
+            out[int(key)] = ({"fp8"} if any(isinstance(m, FP8Linear) for m in mods) else set()) | \
+                            ({"wta"} if any(isinstance(m, WTACRSLinear) for m in mods) else set())
+    return out
+
+
+def expected_kinds(pd: dict, layers) -> dict[int, set[str]]:
+    strategies = plan_from_dict(pd).layer_strategies()
+    return {i: ({"fp8"} if strategies[i].savers.fp8_act else set()) | ({"wta"} if strategies[i].savers.wta_crs else set())
+            for i in layers}
+
+
+def full_build_grads(pd: dict, cfg, init: str, tp_backend: str = "dtensor") -> dict[str, torch.Tensor]:
+    """First-step full gradients of the same layout (savers included) built the old way: the whole model first,
+    then cut and sharded (meta init switched off)."""
+    old = runtime_mod.supports_meta_init
+    runtime_mod.supports_meta_init = lambda *a: False
+    try:
+        rt = DistributedRuntime(cfg, plan_from_dict(pd), seed=SEED, init=init, tp_backend=tp_backend)
+    finally:
+        runtime_mod.supports_meta_init = old
+    assert not rt.meta_init
+    rt.forward_backward(shard(0, rt.dp_rank, rt.dp_size))
+    grads = full_grads(rt)
+    rt.close()
+    return grads
+
+
+def saver_reference(pd: dict, cfg, init: str) -> nn.Module:
+    """The one-process model with the Plan's savers (same seed and scheme): the values meta init must give."""
+    model = build_model(cfg, seed=SEED, init=init)
+    apply_plan_savers(model, plan_from_dict(pd), SEED)
+    return model
+
+
+def keyed_case(pd: dict, cfg=CFG, tp_backend: str = "dtensor") -> dict:
     """Initial weights bitwise equal to the one-process keyed model; then one step's gradients match it. Each rank
     draws exactly the values of its own shards (``values_drawn``); materialising allocates its shards (and the RoPE
     tables), and while drawing no tensor above one tile: no full-size tensor of a sharded parameter, no copy of
@@ -164,12 +248,13 @@ def keyed_case(pd: dict, cfg=CFG) -> dict:
             old_to_empty(chunks, device)
 
     meta_init.init_keyed, meta_init._to_empty = metered_fill, metered_to_empty
+    savers = has_savers(pd)
     try:
-        ref_model = build_model(cfg, seed=SEED, init="keyed")
+        ref_model = saver_reference(pd, cfg, "keyed") if savers else build_model(cfg, seed=SEED, init="keyed")
         ref = {n: p.detach().clone() for n, p in ref_model.named_parameters()}
         specs = ref_model.init_specs()
-        ref_step = reference(steps=1, model=ref_model)[0] if cfg is CFG else None  # dense: the loss is lm_loss alone
-        rt = DistributedRuntime(cfg, plan_from_dict(pd), seed=SEED, init="keyed")
+        ref_step = reference(steps=1, model=ref_model)[0] if cfg is CFG and not savers else None  # dense: lm_loss alone
+        rt = DistributedRuntime(cfg, plan_from_dict(pd), seed=SEED, init="keyed", tp_backend=tp_backend)
     finally:
         keyed.TILE, meta_init.init_keyed, meta_init._to_empty = old_tile, old_fill, old_to_empty
     mismatched, local_numel, local_normal, local_bytes = [], 0, 0, 0
@@ -179,19 +264,30 @@ def keyed_case(pd: dict, cfg=CFG) -> dict:
         local_numel += local.numel()
         local_bytes += local.numel() * local.element_size()
         local_normal += local.numel() if specs[name].kind == "normal" else 0
-        full = p.full_tensor() if isinstance(p, DTensor) else p
+        full = full_value(rt, p)
         want = ref[name]
         if name in boxes:
             want = want[tuple(slice(o, o + n) for o, n in zip(boxes[name][1], p.shape))]
-        if not torch.equal(full.detach(), want):
+        if not torch.equal(full, want):
             mismatched.append(name)
     total = sum(p.numel() for p in ref.values())
     buffer_bytes = sum(b.numel() * b.element_size() for c in rt.chunks for b in c.buffers())  # RoPE tables
     grad_rel = 0.0
+    kinds = saver_kinds(rt.chunks)
     if ref_step is not None:
         rt.forward_backward(shard(0, rt.dp_rank, rt.dp_size))
         grad_rel = max(rel(g, ref_step["grads"][n]) for n, g in full_grads(rt).items())
+    elif savers:  # the savers change the gradients: the reference is the same layout built from the full model
+        rt.forward_backward(shard(0, rt.dp_rank, rt.dp_size))
+        grads = full_grads(rt)
     rt.close()
+    if savers:
+        keyed.TILE = KEYED_TILE  # the same tiles as above: the values depend on the tile size
+        try:
+            want = full_build_grads(pd, cfg, "keyed", tp_backend)
+        finally:
+            keyed.TILE = old_tile
+        grad_rel = max(rel(g, want[n]) for n, g in grads.items())
     tile_bytes = KEYED_TILE * KEYED_TILE * 4
     draw, alloc = meters["draw"], meters["to_empty"]
     ok = (rt.meta_init and rt.init == "keyed" and not mismatched and grad_rel <= RTOL and local_numel < total
@@ -199,8 +295,10 @@ def keyed_case(pd: dict, cfg=CFG) -> dict:
           # while drawing: no tensor above one tile (the reused buffer); all together (with the device mesh's
           # small index tensors) under a tenth of this rank's share, where a full copy would exceed it
           and draw.largest <= tile_bytes and draw.total < local_bytes / 10
-          and alloc.total == local_bytes + buffer_bytes)  # to_empty: this rank's shards and RoPE tables, no more
+          and alloc.total == local_bytes + buffer_bytes  # to_empty: this rank's shards and RoPE tables, no more
+          and kinds == expected_kinds(pd, kinds))  # the savers are on this rank's blocks (none where the Plan has none)
     return {"ok": ok, "mismatched": mismatched[:5], "local_fraction": local_numel / total, "grad_rel": grad_rel,
+            "saver_kinds": {k: sorted(v) for k, v in kinds.items()},
             "values_drawn": drawn, "local_normal_numel": local_normal, "draw_alloc_bytes": draw.total,
             "draw_largest_bytes": draw.largest, "to_empty_bytes": alloc.total, "local_param_bytes": local_bytes,
             "buffer_bytes": buffer_bytes,
@@ -298,26 +396,33 @@ def head_case(pd: dict, backend: str | None, chunk: int, ref: list[dict], tp_bac
             "head_calls_eager": eager, "head_rows": sorted(set(rows)), "has_head": head is not None}
 
 
-def meta_case(pd: dict, ref_step: dict) -> dict:
+def meta_case(pd: dict, ref_step: dict, tp_backend: str = "dtensor") -> dict:
     """Initial weights bitwise equal to one process; then one step's gradients match it (buckets built
-    before materialisation must point at the materialised parameters)."""
+    before materialisation must point at the materialised parameters). With savers in the Plan: the one-process
+    model with the same savers, and the gradients of the same layout built from the full model."""
     from torch.distributed.tensor import DTensor
 
-    rt = DistributedRuntime(CFG, plan_from_dict(pd), seed=SEED)
-    ref = dict(build_model(CFG, seed=SEED).named_parameters())
+    savers = has_savers(pd)
+    rt = DistributedRuntime(CFG, plan_from_dict(pd), seed=SEED, tp_backend=tp_backend)
+    ref = dict((saver_reference(pd, CFG, "stream") if savers else build_model(CFG, seed=SEED)).named_parameters())
+    kinds = saver_kinds(rt.chunks)
     mismatched, local_numel = [], 0
     for name, p in rt.model.named_parameters():
         local_numel += (p.to_local() if isinstance(p, DTensor) else p).numel()
-        full = p.full_tensor() if isinstance(p, DTensor) else p
-        if not torch.equal(full.detach(), ref[name].detach()):
+        if not torch.equal(full_value(rt, p), ref[name].detach()):
             mismatched.append(name)
     total = sum(p.numel() for p in ref.values())
     rt.forward_backward(shard(0, rt.dp_rank, rt.dp_size))
-    grad_rel = max(rel(g, ref_step["grads"][n]) for n, g in full_grads(rt).items())
+    grads = full_grads(rt)
     rt.close()
-    ok = rt.meta_init and not mismatched and local_numel < total and grad_rel <= RTOL  # no rank holds every parameter
+    want = full_build_grads(pd, CFG, "stream", tp_backend) if savers else ref_step["grads"]
+    grad_rel = max(rel(g, want[n]) for n, g in grads.items())
+    # the savers act: these gradients differ from the saver-free one-process model's (same weights, same data)
+    effect = max(rel(g, ref_step["grads"][n]) for n, g in grads.items()) if savers else None
+    ok = (rt.meta_init and not mismatched and local_numel < total and grad_rel <= RTOL  # no rank holds every parameter
+          and kinds == expected_kinds(pd, kinds) and (effect is None or effect > 1e-4))
     return {"ok": ok, "mismatched": mismatched[:5], "meta_init": rt.meta_init, "local_fraction": local_numel / total,
-            "grad_rel": grad_rel}
+            "grad_rel": grad_rel, "saver_effect": effect, "saver_kinds": {k: sorted(v) for k, v in kinds.items()}}
 
 
 def bf16_deepspeed_case(ref: list[float]) -> dict:
@@ -346,8 +451,10 @@ def main() -> None:
     ref32 = reference()
     cases = {**{name: (lambda pd=pd, backend=backend: bf16_case(pd, backend, ref))
                 for name, (pd, backend) in BF16_CASES.items()},
-             **{name: (lambda pd=pd: meta_case(pd, ref32[0])) for name, pd in META_CASES.items()},
+             **{name: (lambda pd=pd: meta_case(pd, ref32[0])) for name, pd in {**META_CASES, **META_SAVER_CASES}.items()},
+             **{name: (lambda pd=pd: meta_case(pd, ref32[0], "megatron")) for name, pd in MEGATRON_META_CASES.items()},
              **{name: (lambda pd=pd: keyed_case(pd)) for name, pd in KEYED_CASES.items()},
+             **{name: (lambda pd=pd: keyed_case(pd, tp_backend="megatron")) for name, pd in KEYED_MEGATRON_CASES.items()},
              **{name: (lambda pd=pd: keyed_case(pd, KEYED_MOE)) for name, pd in KEYED_MOE_CASES.items()},
              **{name: (lambda pd=pd: compile_case(pd, ref32)) for name, pd in COMPILE_CASES.items()},
              **{name: (lambda args=args: head_case(*args[:3], ref32, *args[3:])) for name, args in HEAD_CASES.items()},

@@ -4,7 +4,11 @@ matmuls under every layout and the losses track the one-process bf16 run (relati
 meta-device initialisation under tp2+sp, FSDP2 (ZeRO-2/3) and pp2 gives the one-process weights bitwise,
 each rank holding only its shards, and the first step's gradients match one process within 1e-5; the keyed
 scheme (init: keyed) under tp2+sp, FSDP2 ZeRO-3, pp2 and MoE ep2 gives the one-process keyed weights bitwise, each rank
-drawing exactly its shards' values and allocating no tensor above one tile while drawing; with compile the last stage's
+drawing exactly its shards' values and allocating no tensor above one tile while drawing. Plans with per-layer savers
+(FP8 activations/GEMMs, WTA-CRS) are built on meta too (stream: tp2+sp, FSDP2 ZeRO-3, pp2; keyed: tp2+sp, pp2): the
+weights of the one-process model with the same savers bitwise, the savers on the rank's blocks, and the first step's
+gradients those of the same layout built from the full model; megatron-core tp2 is built on meta too (both schemes:
+the one-process weights bitwise, its shards gathered along their dim, gradients within 1e-5). With compile the last stage's
 head runs inside the compiled loss graph (DDP, FSDP2 with an FSDP-wrapped head, pp2) and ``loss_chunk_tokens`` runs
 head + loss per chunk (FSDP2, pp2 1F1B and interleaved, TP+SP, megatron TP; eager and compiled): losses, grad norms, eval loss and
 first-step gradients within 1e-5 of the one-process eager run; under bf16 the chunked head still computes in bf16."""
@@ -24,7 +28,9 @@ CASES = {"bf16_dp2_ddp", "bf16_dp2_zero3_fsdp", "bf16_tp2_dtensor", "bf16_tp2_sp
          "keyed_tp2_sp", "keyed_dp2_zero3_fsdp", "keyed_pp2_1f1b", "keyed_moe_ep2_dp2",
          "headloss_compile_dp2_ddp", "headloss_compile_dp2_zero3_fsdp", "headloss_compile_pp2_1f1b",
          "chunked_dp2_zero3_fsdp", "chunked_compile_dp2_zero3_fsdp", "chunked_compile_pp2_1f1b", "chunked_tp2_sp",
-         "chunked_pp2_interleaved", "chunked_megatron_tp2", "bf16_chunked_dp2_zero3_fsdp"}
+         "chunked_pp2_interleaved", "chunked_megatron_tp2", "bf16_chunked_dp2_zero3_fsdp",
+         "meta_savers_tp2_sp", "meta_savers_dp2_zero3_fsdp", "meta_savers_pp2_1f1b", "keyed_savers_tp2_sp",
+         "keyed_savers_pp2_1f1b", "meta_megatron_tp2", "keyed_megatron_tp2"}
 
 
 @pytest.mark.timeout(420)

@@ -7,8 +7,8 @@ test_coat_triton.py: codes, exponents and weights (within 0.01 lr) of the refere
 tensors (FSDP2's empty local shards), all-zero groups and gradients, blocks with a tail, group sizes 1,
 3 and 4096 (one group larger than the tensor), addresses not 16-byte aligned (the unaligned launch, and
 both launches in one param group), parameters skipping steps (one launch per step count), lerp's
-second branch (beta1 < 0.5), expand-only k_min = 1, param groups with different settings, and
-non-finite gradients.
+second branch (beta1 < 0.5), expand-only k_min = 1, param groups with different settings, strided
+state and parameters, and non-finite gradients.
 """
 
 from __future__ import annotations
@@ -167,3 +167,35 @@ def test_non_finite_gradients(device):
             if i == 1:  # inf: the group's codes all NaN in both (inf/inf in the expansion; NaN's sign may differ)
                 assert a.float()[:128].isnan().all() and b.float()[:128].isnan().all(), name
     assert ref.ps[0][:128].isnan().sum() == 1 and tri.ps[0][:128].isnan().sum() == 1  # only the NaN element's weight
+
+
+def test_non_contiguous_state_and_parameters():
+    """State tensors that arrive strided (e.g. loaded as views) are made contiguous before the in-place
+    kernel writes; a strided parameter is a one-line error under ``fused="triton"`` (the kernel writes
+    through flat addresses) and stays on the reference ops under ``fused=None`` on CPU."""
+    from meshwright.errors import ConfigError
+
+    ref, tri = _Params(_ODD), _Params(_ODD)
+    ref_opt = CoatAdamW(ref.parameters(), lr=LR, fused="reference")
+    tri_opt = CoatAdamW(tri.parameters(), lr=LR, fused="triton")
+    for m, opt in ((ref, ref_opt), (tri, tri_opt)):
+        _run(m, opt, 1, _grad)
+    for st in tri_opt.state.values():  # the same values, every other element of a buffer twice the size
+        for key, t in list(st.items()):
+            if key != "step":
+                strided = torch.zeros(2 * t.numel(), dtype=t.dtype)[::2]
+                strided.copy_(t)
+                assert t.numel() <= 1 or not strided.is_contiguous()  # one element: contiguous anyway
+                st[key] = strided
+    for m, opt in ((ref, ref_opt), (tri, tri_opt)):
+        _run(m, opt, 2, _grad)
+    _assert_close_to_reference(ref, ref_opt, tri, tri_opt)
+    assert all(t.is_contiguous() for st in tri_opt.state.values() for t in st.values())
+
+    w = torch.nn.Parameter(torch.randn(6, 4).t())  # a transposed weight: not contiguous
+    w.grad = torch.randn(6, 4).t()
+    with pytest.raises(ConfigError, match="optimizer.fused='triton' is invalid; valid: contiguous weights"):
+        CoatAdamW([w], fused="triton").step()
+    before = w.detach().clone()
+    CoatAdamW([w]).step()  # fused=None on CPU: the reference ops, which take any strides
+    assert not torch.equal(w, before)

@@ -63,6 +63,8 @@ MOE = load_model_config({"name": "tiny-moe-par", "arch": "llama", "vocab_size": 
                          "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 64, "moe_ffn_hidden": 48, "n_experts": 4,
                          "top_k": 2, "capacity_factor": 1.25, "max_seq_len": 64, "aux_loss_coef": 0.1,
                          "z_loss_coef": 0.01})
+GPT2 = load_model_config({"name": "tiny-gpt2-par", "arch": "gpt2", "vocab_size": 256, "d_model": 64, "n_layers": 2,
+                          "n_heads": 4, "ffn_hidden": 128, "max_seq_len": 64})  # biases: colwise shards, rowwise once
 FP8_TP_GRAD_RTOL = 2e-3
 WHOLE_FACTOR = 1.5
 WHOLE_LOSS_RTOL = 5e-3
@@ -100,6 +102,9 @@ CASES = {
     "fp8gemm_scaledmm_dp2_tp2_sp_layers02": (CFG, plan([{"tp": 2, "dp": 2, "sp": True, "savers": {"fp8_act": True,
                                                                                               "fp8_gemm": True}},
                                                         {"tp": 2, "dp": 2, "sp": True}] * 2)),
+    "fp8gemm_gpt2_dp2_tp2_sp": (GPT2, {**plan([{"tp": 2, "dp": 2, "sp": True, "savers": {"fp8_act": True,
+                                                                                      "fp8_gemm": True},
+                                                 "repeat": 2}]), "model": "tiny-gpt2-par"}),
     "wta_dp4_ddp": (CFG, plan([{"dp": 4, "savers": {"wta_crs": 0.5}, "repeat": 4}])),
     "wta_dp2_tp2": (CFG, plan([{"tp": 2, "dp": 2, "savers": {"wta_crs": 0.5}, "repeat": 4}])),
     "wta_keep1_dp4_equals_exact": (CFG, plan([{"dp": 4, "savers": {"wta_crs": 1.0}, "repeat": 4}])),
@@ -201,9 +206,16 @@ class GemmLog:
     def __init__(self) -> None:
         self.calls: list[tuple[tuple[int, ...], tuple[int, ...], str]] = []
         self.scaled_mm_calls = 0
+        self.casts = 0  # per-tensor FP8 casts (weights, inputs, output gradients)
 
     def __enter__(self) -> "GemmLog":
         self._mm, self._smm = fp8_activations.fp8_mm, torch._scaled_mm
+        self._cast = fp8_activations.quantize_per_tensor_t
+
+        def cast(*args, **kwargs):
+            self.casts += 1
+            return self._cast(*args, **kwargs)
+        fp8_activations.quantize_per_tensor_t = cast
 
         def mm(a, a_scale, b, b_scale, out_dtype, backend="emulate"):
             self.calls.append((tuple(a.shape), tuple(b.shape), backend))
@@ -217,6 +229,17 @@ class GemmLog:
 
     def __exit__(self, *exc) -> None:
         fp8_activations.fp8_mm, torch._scaled_mm = self._mm, self._smm
+        fp8_activations.quantize_per_tensor_t = self._cast
+
+
+def expected_casts(rt, micro_batches: int) -> int:
+    """FP8 casts of one step when blocks share their input casts: per FP8-GEMM block and micro-batch one
+    per weight and output gradient, and one per distinct linear input (normed input of wq/wk/wv, wo's,
+    normed input of the MLP's first linears, w2's): 4, where unshared casts would be one per linear."""
+    blocks = [b for c in rt.chunks for b in c.layers.values()
+              if any(isinstance(m, FP8Linear) and m._fp8_gemm is not None for m in b.modules())]
+    n = sum(isinstance(m, FP8Linear) for b in blocks for m in b.modules())
+    return micro_batches * (2 * n + 4 * len(blocks))
 
 
 def expected_shard_gemms(rt, plan, micro_batches: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -294,6 +317,7 @@ def _run_case(name: str, cfg, pd: dict) -> dict:
             expected = expected_shard_gemms(rt, p, len(micro))
             res["gemm"] = {"calls": len(log.calls), "expected": len(expected), "shapes_equal": seen == expected,
                            "backends": sorted({b for *_, b in log.calls}), "scaled_mm_calls": log.scaled_mm_calls,
+                           "casts": log.casts, "expected_casts": expected_casts(rt, len(micro)),
                            "shard_shapes": sorted(set(seen))}
         tight = step == 0 or not gemm_tp  # FP8 GEMM runs are chaotic after a step (docstring): step 0 only
         if tight:
@@ -325,7 +349,7 @@ def _run_case(name: str, cfg, pd: dict) -> dict:
         ok = ok and v["grad"] <= WHOLE_FACTOR * v["effect"]["grad"] and v["norm"] <= WHOLE_FACTOR * v["effect"]["norm"] \
             and v["loss"] <= WHOLE_LOSS_RTOL
         want = "scaled_mm" if "scaledmm" in name else "emulate"
-        ok = ok and g["shapes_equal"] and g["calls"] > 0 and g["backends"] == [want] and (
+        ok = ok and g["shapes_equal"] and g["calls"] > 0 and g["backends"] == [want] and g["casts"] == g["expected_casts"] and (
             want == "emulate" or g["scaled_mm_calls"] == g["calls"])
     res.update({**worst, "worst_grad_param": worst_name, "n_expert_shards": n_expert, "saver_layers": rt.saver_layers})
     if cfg.n_experts:

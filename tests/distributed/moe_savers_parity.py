@@ -48,8 +48,6 @@ import torch.distributed as dist
 from parity_lib import CFG, MAX_NORM, MICRO, RTOL, SEED, SEQ, Report, failure, full_grads, init, make_opt, rel, run_worker, shard
 from parity_2rank import plan
 
-from torch.distributed.tensor import DTensor
-
 from meshwright.config import load_model_config
 from meshwright.memory import fp8_activations
 from meshwright.memory.fp8_activations import FP8Linear, _FP8LinearFn, _QuantCache
@@ -102,6 +100,9 @@ CASES = {
     "fp8gemm_scaledmm_dp2_tp2_sp_layers02": (CFG, plan([{"tp": 2, "dp": 2, "sp": True, "savers": {"fp8_act": True,
                                                                                               "fp8_gemm": True}},
                                                         {"tp": 2, "dp": 2, "sp": True}] * 2)),
+    "fp8gemm_dp2_tp2_sp_zero3_recompute": (CFG, plan([{"tp": 2, "dp": 2, "sp": True, "zero": 3, "recompute": "full",
+                                                      "savers": {"fp8_act": True, "fp8_gemm": True}, "repeat": 4}],
+                                                    embedding={"zero": 3})),
     "fp8gemm_gpt2_dp2_tp2_sp": (GPT2, {**plan([{"tp": 2, "dp": 2, "sp": True, "savers": {"fp8_act": True,
                                                                                       "fp8_gemm": True},
                                                  "repeat": 2}]), "model": "tiny-gpt2-par"}),
@@ -232,14 +233,18 @@ class GemmLog:
         fp8_activations.quantize_per_tensor_t = self._cast
 
 
-def expected_casts(rt, micro_batches: int) -> int:
+def expected_casts(rt, plan, micro_batches: int) -> int:
     """FP8 casts of one step when blocks share their input casts: per FP8-GEMM block and micro-batch one
     per weight and output gradient, and one per distinct linear input (normed input of wq/wk/wv, wo's,
-    normed input of the MLP's first linears, w2's): 4, where unshared casts would be one per linear."""
-    blocks = [b for c in rt.chunks for b in c.layers.values()
-              if any(isinstance(m, FP8Linear) and m._fp8_gemm is not None for m in b.modules())]
-    n = sum(isinstance(m, FP8Linear) for b in blocks for m in b.modules())
-    return micro_batches * (2 * n + 4 * len(blocks))
+    normed input of the MLP's first linears, w2's): 4, where unshared casts would be one per linear.
+    Full recompute casts the forward's operands again."""
+    strategies, total = plan.layer_strategies(), 0
+    for c in rt.chunks:
+        for key, b in c.layers.items():
+            n = sum(isinstance(m, FP8Linear) and m._fp8_gemm is not None for m in b.modules())
+            if n:
+                total += (n + 4) * (2 if strategies[int(key)].recompute == "full" else 1) + n
+    return micro_batches * total
 
 
 def expected_shard_gemms(rt, plan, micro_batches: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -251,12 +256,13 @@ def expected_shard_gemms(rt, plan, micro_batches: int) -> list[tuple[tuple[int, 
     out = []
     for c in rt.chunks:
         for key, block in c.layers.items():
-            m = MICRO * max_dp // strategies[int(key)].dp * SEQ
-            for mod in block.modules():
+            s = strategies[int(key)]
+            m, fwd = MICRO * max_dp // s.dp * SEQ, 2 if s.recompute == "full" else 1  # full recompute: forward twice
+            for name, mod in block.named_modules():
                 if isinstance(mod, FP8Linear) and mod._fp8_gemm is not None:
-                    w = mod.weight.to_local() if isinstance(mod.weight, DTensor) else mod.weight
-                    n, k = w.shape
-                    out += [((m, k), (k, n)), ((m, n), (n, k)), ((n, m), (m, k))] * micro_batches
+                    n, k = mod.out_features, mod.in_features  # the shard: 1/tp of n (colwise) or k (rowwise)
+                    n, k = (n // s.tp, k) if name.rsplit(".", 1)[-1] in COLWISE else (n, k // s.tp)
+                    out += ([((m, k), (k, n))] * fwd + [((m, n), (n, k)), ((n, m), (m, k))]) * micro_batches
     return sorted(out)
 
 
@@ -317,7 +323,7 @@ def _run_case(name: str, cfg, pd: dict) -> dict:
             expected = expected_shard_gemms(rt, p, len(micro))
             res["gemm"] = {"calls": len(log.calls), "expected": len(expected), "shapes_equal": seen == expected,
                            "backends": sorted({b for *_, b in log.calls}), "scaled_mm_calls": log.scaled_mm_calls,
-                           "casts": log.casts, "expected_casts": expected_casts(rt, len(micro)),
+                           "casts": log.casts, "expected_casts": expected_casts(rt, p, len(micro)),
                            "shard_shapes": sorted(set(seen))}
         tight = step == 0 or not gemm_tp  # FP8 GEMM runs are chaotic after a step (docstring): step 0 only
         if tight:

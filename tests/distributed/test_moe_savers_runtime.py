@@ -25,6 +25,7 @@ sys.path.insert(0, str(HERE))
 CASES = {"moe_ep2_dp4", "moe_ep4_dp4", "moe_ep2_tp2", "moe_ep2_pp2", "moe_ep1_ddp_dp4", "moe_ep2_dp4_fp8_wta",
          "fp8_dp4_fsdp_layers02", "fp8gemm_dp4_fsdp_layers02", "fp8_layerwise_dp4_tp2", "fp8_dp2_tp2", "fp8_dp2_tp2_sp", "wta_dp4_ddp",
          "fp8gemm_dp2_tp2", "fp8gemm_dp2_tp2_sp", "fp8gemm_scaledmm_dp2_tp2_sp_layers02", "fp8gemm_gpt2_dp2_tp2_sp",
+         "fp8gemm_dp2_tp2_sp_zero3_recompute",
          "wta_dp2_tp2", "wta_keep1_dp4_equals_exact", "ckpt_moe_ep2_to_ep4", "ckpt_moe_ep2_to_fsdp_ep1"}
 MOE = load_model_config({"name": "m", "arch": "llama", "vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4,
                          "n_kv_heads": 2, "ffn_hidden": 64, "moe_ffn_hidden": 48, "n_experts": 4, "top_k": 2,
@@ -68,7 +69,7 @@ def test_savers_are_applied_on_the_planned_layers(report: dict) -> None:
 
 
 @pytest.mark.parametrize("case", ["fp8gemm_dp2_tp2", "fp8gemm_dp2_tp2_sp", "fp8gemm_scaledmm_dp2_tp2_sp_layers02",
-                                  "fp8gemm_gpt2_dp2_tp2_sp"])
+                                  "fp8gemm_gpt2_dp2_tp2_sp", "fp8gemm_dp2_tp2_sp_zero3_recompute"])
 def test_fp8_gemms_run_on_the_tensor_parallel_shards(report: dict, case: str) -> None:
     """Every FP8 GEMM of step 1 (3 per FP8 linear and micro-batch) has this rank's shard shapes, on the
     expected backend; linears reading one activation cast it once under tp too; the tp run equals the per-shard recipe in one process and tracks the whole-tensor one."""

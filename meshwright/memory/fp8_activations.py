@@ -77,11 +77,12 @@ class _QuantCache:
         return (e is not None and self._ref is not None and self._ref() is key and self._version == x._version
                 and self._sig == self._signature(x) and e[0].dtype == dtype and (e[2] is not None or not transposed))
 
-    def get(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(FP8 copy of x's shape, fp32 scale)."""
-        if not self._hit(x, dtype, False, x):
+    def get(self, x: torch.Tensor, dtype: torch.dtype, key: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(FP8 copy of x's shape, fp32 scale); ``key`` as in :meth:`get_t`."""
+        key = x if key is None else key
+        if not self._hit(x, dtype, False, key):
             q, scale = quantize_per_tensor(x, dtype)
-            self._store(x, (q, scale, None), x)
+            self._store(x, (q, scale, None), key)
         q, scale = self._entry[0], self._entry[1]
         return q.view(x.shape), scale
 
@@ -135,7 +136,7 @@ class _FP8LinearFn(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.x_dtype, ctx.gemm = x.dtype, gemm
         if gemm is None:
-            q, scale = cache.get(x, dtype)
+            q, scale = cache.get(x, dtype, key)
             out = F.linear(x, weight, bias)
             ctx.compute_dtype, ctx.w_dtype = out.dtype, weight.dtype
             ctx.save_for_backward(q, scale, weight)
@@ -270,7 +271,9 @@ class FP8Linear(nn.Linear):
             x_local, w_local, b_local, wrap = local_operands(x, self.weight, self.bias)
             return wrap(_FP8LinearFn.apply(x_local, w_local, b_local, self._fp8_cache, self._fp8_dtype, gemm,
                                            cache_key(x_local)))
-        return _FP8LinearFn.apply(x, self.weight, self.bias, self._fp8_cache, self._fp8_dtype, gemm)
+        # FP8 storage only: DTensor ops (global scale); tp hooks wrap one activation in a fresh DTensor per linear
+        key = cache_key(x._local_tensor) if isinstance(x, DTensor) else None
+        return _FP8LinearFn.apply(x, self.weight, self.bias, self._fp8_cache, self._fp8_dtype, gemm, key)
 
 
 class FP8RMSNorm(RMSNorm):

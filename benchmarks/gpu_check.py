@@ -318,7 +318,8 @@ def run_section(name: str, smoke: bool) -> dict[str, Any]:
         try:  # the planner's prediction for this very layout (one device, no recompute, one micro-batch)
             predicted = _predicted(_plan_cli(model, seq, batch, tmp, "--tp", "1", "--pp", "1", "--dp", "1",
                                              "--recompute", "none", "--micro-batch", str(batch),
-                                             *(["--compile"] if compiled else [])))
+                                             *(["--compile"] if compiled else []),
+                                             *(["--loss-chunk-tokens", str(chunk)] if chunk else [])))
         except Exception as e:  # e.g. the planner predicts it does not fit: measure anyway
             predicted = {"plan_error": f"{type(e).__name__}: {str(e)[:300]}"}
         res = _trainer_run(model, batch, seq, steps, warm, dtype, compiled, tmp, loss_chunk=chunk)

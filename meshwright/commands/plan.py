@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", default=False, action=argparse.BooleanOptionalAction,
                    help="the run compiles its blocks and loss (TrainConfig.compile, meshwright's runtime): smaller saved "
                         "activations, no fp32 logits (default: off, as TrainConfig)")
+    p.add_argument("--loss-chunk-tokens", type=int, default=0, metavar="N",
+                   help="the run's last stage takes head + loss N tokens at a time (TrainConfig.loss_chunk_tokens, "
+                        "meshwright's runtime): one chunk's logits instead of the microbatch's (default: 0, whole)")
     p.add_argument("--attention", default="flash", choices=("flash", "materialized"),
                    help="attention kernels of the stack: flash (fused; meshwright, Megatron since 2023) or "
                         "materialized scores (e.g. Megatron-LM 2021), which cost memory traffic and activation memory")
@@ -109,7 +112,8 @@ def _load_inputs(args: argparse.Namespace) -> dict[str, Any]:
     cluster = load_cluster(args.cluster, nodes=args.nodes, devices_per_node=args.devices_per_node)
     hprof = load_hardware_profile(args.hardware_profile) if args.hardware_profile else None
     hw = cm.hardware_from_cluster(cluster, hprof, args.memory_budget_gib, stack=_stack(args),
-                                  dtype=getattr(args, "dtype", None), compile=bool(getattr(args, "compile", False)))
+                                  dtype=getattr(args, "dtype", None), compile=bool(getattr(args, "compile", False)),
+                                  loss_chunk_tokens=getattr(args, "loss_chunk_tokens", 0) or 0)
     if args.model_profile:
         hw = apply_model_profile(hw, load_model_profile(args.model_profile), cfg, hprof)
     if args.attention != hw.attention:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -128,9 +128,23 @@ class GroupedExperts(nn.Module):
         return expert_swiglu(x, counts, self.w1, self.w3, self.w2)
 
 
+def swiglu_rows(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """One expert's SwiGLU on its rows: w2(silu(w1 x) * w3 x)."""
+    return (F.silu(x @ w1.t()) * (x @ w3.t())) @ w2.t()
+
+
+class ExpertMLP(nn.Module):
+    """``swiglu_rows`` as a parameter-free module (the weights are passed in). Why a module: under ``compile: true``
+    expert parallelism compiles the experts' math alone (``nn.Module.compile``, dynamic row counts) while the
+    token all-to-alls around it stay eager (train/compile.py), and hooks can see where it ran."""
+
+    def forward(self, x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        return swiglu_rows(x, w1, w3, w2)
+
+
 def expert_swiglu(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
-                  w2: torch.Tensor) -> torch.Tensor:
-    """Apply expert e's SwiGLU to its contiguous block of rows (a loop: CPU has no grouped GEMM)."""
+                  w2: torch.Tensor, mlp: Callable[..., torch.Tensor] = swiglu_rows) -> torch.Tensor:
+    """Apply expert e's SwiGLU (``mlp``) to its contiguous block of rows (a loop: CPU has no grouped GEMM)."""
     sizes = [int(c) for c in counts.tolist()]
     if len(sizes) != w1.shape[0]:
         raise ValueError(f"counts has {len(sizes)} entries for {w1.shape[0]} experts")
@@ -139,8 +153,7 @@ def expert_swiglu(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: t
         if chunk.shape[0] == 0:
             outs.append(chunk.new_zeros(0, w2.shape[1]))
             continue
-        h = F.silu(chunk @ w1[e].t()) * (chunk @ w3[e].t())
-        outs.append(h @ w2[e].t())
+        outs.append(mlp(chunk, w1[e], w3[e], w2[e]))
     out = torch.cat(outs) if outs else x.new_zeros(0, w2.shape[1])
     if sum(sizes) == 0 and torch.is_grad_enabled():
         # No token reached these experts (possible on an EP rank): keep the weights in the graph so

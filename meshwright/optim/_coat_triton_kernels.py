@@ -47,7 +47,8 @@ def _pow(x, e, MATH: tl.constexpr):
     else:
         pos = x > 0
         xd = tl.where(pos, x, 1.0).to(tl.float64)
-        r = tl.where(pos, tl.exp2(e.to(tl.float64) * tl.log2(xd)).to(tl.float32), 0.0)
+        # 0 -> 0, NaN -> NaN (as powf and the fast path do: a NaN moment stays NaN, as in the reference)
+        r = tl.where(pos, tl.exp2(e.to(tl.float64) * tl.log2(xd)).to(tl.float32), tl.where(x == 0, 0.0, x))
     return r
 
 

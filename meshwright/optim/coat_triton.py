@@ -146,6 +146,8 @@ def coat_adamw_triton(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
                           f"of {n} elements in {m_dtype}/{v_dtype} and fp32 metadata of {n_groups} groups each")
         if not all(t.is_contiguous() and t.device == device for t in ts):
             raise invalid("optimizer.state", f"parameter {i} ({tuple(p.shape)})", f"contiguous tensors on {device}")
+        if n == 0:  # an empty local shard (FSDP2 on more ranks than elements): nothing to read or write
+            continue
         addrs = [t.data_ptr() for t in ts]
         aligned = n % 4 == 0 and group_size % 4 == 0 and all(a % 16 == 0 for a in addrs)
         infos[aligned].append((i, addrs))

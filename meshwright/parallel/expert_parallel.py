@@ -36,7 +36,7 @@ from torch import nn
 
 from meshwright.config import ModelConfig, divisors
 from meshwright.errors import invalid
-from meshwright.models.moe import GroupedExperts, expert_swiglu, moe_layers
+from meshwright.models.moe import ExpertMLP, GroupedExperts, expert_swiglu, moe_layers
 
 
 def check_ep(n_experts: int, ep: int, dp: int, field_name: str = "ep") -> None:
@@ -126,6 +126,7 @@ class ExpertParallelExperts(nn.Module):
         self.w3 = nn.Parameter(experts.w3.detach()[lo:hi].clone())
         self.w2 = nn.Parameter(experts.w2.detach()[lo:hi].clone())
         self.meter = meter if meter is not None else A2AMeter()
+        self.mlp = ExpertMLP()  # the local experts' math: compiled under compile: true, the all-to-alls stay eager
         for p in (self.w1, self.w3, self.w2):
             p._meshwright_expert = True  # type: ignore[attr-defined]
 
@@ -147,7 +148,7 @@ class ExpertParallelExperts(nn.Module):
         chunks = torch.split(got, chunk_sizes)
         by_expert = [src * nl + e for e in range(nl) for src in range(ep)]
         grouped = torch.cat([chunks[i] for i in by_expert]) if chunks else got
-        out = expert_swiglu(grouped, recv_grid.sum(0), self.w1, self.w3, self.w2)
+        out = expert_swiglu(grouped, recv_grid.sum(0), self.w1, self.w3, self.w2, self.mlp)
         out_chunks = torch.split(out, [chunk_sizes[i] for i in by_expert])
         back_order = [0] * len(by_expert)
         for pos, i in enumerate(by_expert):

@@ -33,6 +33,21 @@ def compile_block(block: nn.Module, backend: str = "inductor") -> nn.Module:
     return block
 
 
+def compile_expert_parallel_block(block: nn.Module, backend: str = "inductor") -> nn.Module:
+    """Compile the parts of an expert-parallel MoE block that run no collective, torchtitan's way: the attention
+    and both norms, and the local experts' SwiGLU (``experts.mlp``, dynamic row counts: each expert gets a
+    different number of tokens). Routing, the token all-to-alls (custom autograd functions with uneven splits
+    read on the host, which dynamo does not trace) and the weighted combine stay eager between them."""
+    backend = check_backend(backend)
+    mlp = getattr(getattr(block.feed_forward, "experts", None), "mlp", None)
+    if not isinstance(mlp, nn.Module):
+        raise ValueError(f"{type(block).__name__} has no expert-parallel experts (feed_forward.experts.mlp)")
+    for part in (block.attention_norm, block.attention, block.ffn_norm):
+        part.compile(backend=backend)
+    mlp.compile(backend=backend, dynamic=True)
+    return block
+
+
 def compile_blocks(model: nn.Module, backend: str = "inductor") -> nn.Module:
     """Compile every transformer block of a Decoder (or a pipeline stage cut from one)."""
     for block in model.layers.values():

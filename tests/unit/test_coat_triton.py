@@ -42,7 +42,7 @@ def _run(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, seed0: 
         for i, p in enumerate(model.parameters()):  # gradients spanning many decades, as real ones do
             grad = torch.randn(p.shape, generator=g) * 10.0 ** (-((i + s) % 7))
             if i == 4:
-                grad[0, :50] = 0.0  # an all-zero group and a group with zeros in it
+                grad[0, :50] = 0.0  # a group with zeros in it (all-zero groups: test_coat_triton_edges.py)
             p.grad = grad.to(p.device)
         opt.step()
 
@@ -52,9 +52,12 @@ def _assert_close_to_reference(ref_model, ref_opt, model, opt, lr: float = LR, e
     where torch's kernels contract to FMAs and divide by scalars via reciprocals, and the fast mode uses
     approximate exp2/log2) an FP8 code may now and then land one step away, which moves its weight by a
     fraction of one Adam step: allowed on 1e-3 of the elements (at least 2 per tensor), up to 0.5 lr."""
+    group_size = {id(p): g["group_size"] for g in ref_opt.param_groups for p in g["params"]}
     for p, q in zip(ref_model.parameters(), model.parameters()):
         diff = (p - q).abs()
-        if exact_math:
+        if p.numel() == 0:
+            pass
+        elif exact_math:
             assert diff.max().item() <= 0.01 * lr
         else:
             assert (diff > 0.01 * lr).sum().item() <= max(2, 1e-3 * p.numel()) and diff.max().item() <= 0.5 * lr
@@ -63,10 +66,12 @@ def _assert_close_to_reference(ref_model, ref_opt, model, opt, lr: float = LR, e
         for key, t in st_r.items():
             u = st_t[key]
             assert t.dtype == u.dtype and t.shape == u.shape and t.device == u.device, key
-        gs = ref_opt.param_groups[0]["group_size"]
+        gs = group_size[id(p)]
         for name in ("exp_avg", "exp_avg_sq"):
             k_r, k_t = st_r[f"{name}_expand"], st_t[f"{name}_expand"]
             assert (k_r != k_t).sum().item() <= max(1, 0.01 * k_r.numel()), name
+            if k_r.numel() == 0:
+                continue
             assert (k_r - k_t).abs().max().item() <= 1 / 16, name
             a, b = st_r[name].view(torch.uint8).int(), st_t[name].view(torch.uint8).int()
             same_k = (k_r == k_t).repeat_interleave(gs)[: a.numel()]

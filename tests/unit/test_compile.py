@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from _train_helpers import MICRO
+from meshwright.config import load_model_config
 from meshwright.errors import ConfigError
 from meshwright.models import build_model
-from meshwright.train.compile import check_backend, compile_blocks, fast_adamw_kwargs
+from meshwright.train.compile import check_backend, compile_blocks, compile_expert_parallel_block, fast_adamw_kwargs
 from meshwright.train.local_runtime import LocalRuntime
 from meshwright.parallel.recompute import apply_recompute
 
@@ -73,3 +74,15 @@ def test_compiled_chunked_loss_matches_eager_plain_loss() -> None:
     for name, p in chunked.model.named_parameters():
         ref = g0[name].grad
         assert float((p.grad - ref).norm() / ref.norm()) <= 1e-5, name
+
+
+def test_expert_parallel_compile_needs_expert_parallel_experts() -> None:
+    """compile_expert_parallel_block compiles an ep>1 MoE block's collective-free parts; a dense block, or an MoE
+    block whose experts are still local (ep=1: the whole block is compiled instead), is refused in one line."""
+    moe_cfg = load_model_config({"name": "m", "arch": "llama", "vocab_size": 64, "d_model": 32, "n_layers": 1,
+                                 "n_heads": 4, "ffn_hidden": 64, "moe_ffn_hidden": 48, "n_experts": 4, "top_k": 2,
+                                 "max_seq_len": 32})
+    for cfg in (MICRO, moe_cfg):
+        block = build_model(cfg, seed=0).layers["0"]
+        with pytest.raises(ValueError, match="no expert-parallel experts"):
+            compile_expert_parallel_block(block, "aot_eager")

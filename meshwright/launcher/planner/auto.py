@@ -25,11 +25,11 @@ def auto_plan(model_cfg: Any, cluster: ClusterSpec | str | dict | int | None = N
     node). The returned Plan passes ``validate_plan``; an infeasible request raises ConfigError.
     """
     dtype: Optional[str] = None
-    compile_ = False
+    compile_, chunk = False, 0
     if isinstance(model_cfg, TrainConfig):
         tc = model_cfg
         dtype = tc.dtype
-        compile_ = tc.compile
+        compile_, chunk = tc.compile, tc.loss_chunk_tokens
         world_size = cluster if isinstance(cluster, int) else world_size
         model_cfg, cluster = tc.model, tc.cluster
         seq_len = seq_len or tc.seq_len
@@ -53,7 +53,7 @@ def auto_plan(model_cfg: Any, cluster: ClusterSpec | str | dict | int | None = N
     elif spec.device == "cpu":
         dtype = "fp32"
     hw = cm.hardware_from_cluster(spec, hardware_profile, memory_budget_gib, stack="meshwright", dtype=dtype,
-                                  compile=compile_)
+                                  compile=compile_, loss_chunk_tokens=chunk)
     if model_profile is not None:
         hw = apply_model_profile(hw, model_profile, cfg, hardware_profile)
     constraints = dataclasses.replace(constraints or Constraints(), runtime_compatible=True)

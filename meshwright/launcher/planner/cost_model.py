@@ -116,6 +116,10 @@ class Hardware:
     block_time_measured: bool = False
     # TrainConfig.compile (meshwright's runtime): blocks compiled (COMPILED_ACT) and the loss compiled (no fp32 logits)
     compiled: bool = False
+    # TrainConfig.loss_chunk_tokens (meshwright's runtime): the last stage's head + loss run per chunk of this many
+    # tokens under checkpointing (models/chunked_loss.py), so only one chunk's logits exist and backward recomputes
+    # each chunk's head matmul; 0: the whole microbatch's logits at once
+    loss_chunk_tokens: int = 0
     grads_set_to_none: bool = False  # Stack.grads_set_to_none: gradients do not exist before the first backward
     flash_eff_max: float = FLASH_EFF_OTHER  # FlashAttention-2's best fraction of peak on this device (see FLASH_EFF_*)
 
@@ -144,16 +148,21 @@ def apply_stack(hw: Hardware, stack: Stack | str) -> Hardware:
 
 def hardware_from_cluster(cluster: ClusterSpec, profile: Optional[dict[str, Any]] = None,
                           memory_budget_gib: Optional[float] = None, stack: str = "meshwright",
-                          dtype: Optional[str] = None, compile: bool = False) -> Hardware:
+                          dtype: Optional[str] = None, compile: bool = False, loss_chunk_tokens: int = 0) -> Hardware:
     """ClusterSpec (preset figures) overridden by a measured hardware profile's ``derived`` figures, with the
     memory and overlap rules of the ``stack`` that will run the plan in ``dtype`` (TrainConfig.dtype; default
-    bf16 where the device lists it, fp32 on CPUs, where bf16 matmuls are ~70x slower) and ``compile``
-    (TrainConfig.compile, meshwright's runtime only)."""
+    bf16 where the device lists it, fp32 on CPUs, where bf16 matmuls are ~70x slower), ``compile``
+    (TrainConfig.compile) and ``loss_chunk_tokens`` (TrainConfig.loss_chunk_tokens), both meshwright's runtime only."""
     cpu = cluster.device == "cpu"
     if dtype is not None and dtype not in ("fp32", "bf16"):
         raise invalid("dtype", dtype, "fp32 or bf16")
     if compile and stack != "meshwright":
         raise invalid("compile", True, f"false with stack={stack!r} (compile describes meshwright's runtime)")
+    if not isinstance(loss_chunk_tokens, int) or loss_chunk_tokens < 0:
+        raise invalid("loss_chunk_tokens", loss_chunk_tokens, "0 (plain loss) or a positive number of tokens")
+    if loss_chunk_tokens and stack != "meshwright":
+        raise invalid("loss_chunk_tokens", loss_chunk_tokens,
+                      f"0 with stack={stack!r} (the chunked loss is meshwright's runtime)")
     dtype = dtype or ("fp32" if cpu else ("bf16" if "bf16" in cluster.peak_tflops else "fp32"))
     mem_bw = 0.8 * cluster.memory_bw_gbps * 1e9 if cluster.memory_bw_gbps else device_memory_bw(cluster.device)
     hw = Hardware(
@@ -168,7 +177,7 @@ def hardware_from_cluster(cluster: ClusterSpec, profile: Optional[dict[str, Any]
         fp8_peak_flops=0.0 if cpu else cluster.peak_tflops.get("fp8", 0.0) * 1e12,
         # CUDA caching allocator: max_memory_reserved was 6.2-7.3% above max_memory_allocated in three runs on an
         # H200 (gpt2-small, a 1.3B and a 7B llama; benchmarks/results/planner_gpu.md)
-        fragmentation=0.05 if cpu else 0.065, compiled=compile,
+        fragmentation=0.05 if cpu else 0.065, compiled=compile, loss_chunk_tokens=loss_chunk_tokens,
         flash_eff_max=FLASH_EFF_HOPPER if any(k in cluster.device.upper() for k in ("H100", "H200")) else FLASH_EFF_OTHER,
     )
     if profile:
@@ -303,14 +312,19 @@ def attention_score_bytes(cfg: ModelConfig, tokens: float, seq_len: int, tp: int
 # log-softmaxes (two reads + a write, 12), then backward writes the nll gradient (4), log-softmax backward reads two
 # fp32 tensors, reduces and writes (16), and casts back (4+2): 44 B.
 EAGER_LOSS_BYTES = 44.0
+# Of those, the forward's (the chunked loss reruns it in backward): eager cast (2+4) and log-softmax (12), 18 B;
+# compiled, one read of the compute-dtype logits.
+EAGER_LOSS_FWD_BYTES = 18.0
 
 
 def loss_s(cfg: ModelConfig, tokens: float, tp: int, hw: Hardware) -> float:
-    """Memory-bound time of the loss over one microbatch's logits; meshwright's runtime only, like
-    ``optimizer_step_s`` (the other stacks' fused vocab-parallel losses are left to their calibration)."""
+    """Memory-bound time of the loss over one microbatch's logits (with the forward the chunked loss reruns);
+    meshwright's runtime only, like ``optimizer_step_s`` (the other stacks' fused vocab-parallel losses are left to their calibration)."""
     if hw.stack != "meshwright":
         return 0.0
     per = 3.0 * hw.elem_bytes if hw.compiled else EAGER_LOSS_BYTES
+    if loss_chunked(hw):  # checkpointed chunks: backward reruns each chunk's forward
+        per += 1.0 * hw.elem_bytes if hw.compiled else EAGER_LOSS_FWD_BYTES
     return tokens * cfg.vocab_size / tp * per / hw.mem_bw
 
 
@@ -369,9 +383,16 @@ def flash_attention_fwd_s(cfg: ModelConfig, tokens: float, seq_len: int, tp: int
     return 0.5 * attention_core_fwd_flops(cfg, tokens, seq_len, tp) / (hw.peak_flops * eff)
 
 
+def head_passes(hw: Hardware) -> float:
+    """Forward-sized passes of the head matmul per microbatch: forward + backward (3), plus the forward that the
+    chunked loss recomputes in backward (4)."""
+    return 4.0 if loss_chunked(hw) else 3.0
+
+
 def head_s(cfg: ModelConfig, tokens: float, tp: int, hw: Hardware) -> float:
-    """Forward + backward time of the output projection; unaligned vocabularies run slower on meshwright."""
-    t = compute_s(head_fwd_flops(cfg, tokens) / tp * 3.0, hw, min(cfg.d_model, cfg.vocab_size / tp))
+    """Forward + backward time of the output projection (and its recomputation under the chunked loss); unaligned
+    vocabularies run slower on meshwright."""
+    t = compute_s(head_fwd_flops(cfg, tokens) / tp * head_passes(hw), hw, min(cfg.d_model, cfg.vocab_size / tp))
     if hw.stack == "meshwright" and hw.mixed_precision and (cfg.vocab_size // tp) % 8:
         t /= UNALIGNED_GEMM_EFFICIENCY
     return t
@@ -708,11 +729,21 @@ def loss_buffer_bytes(cfg: ModelConfig, tokens: float, tp: int) -> float:
     return tokens * cfg.vocab_size / tp * 8.0
 
 
+def loss_chunked(hw: Hardware) -> bool:
+    """Whether the last stage runs head + loss per chunk of tokens (meshwright's runtime, ``loss_chunk_tokens`` > 0)."""
+    return hw.loss_chunk_tokens > 0 and hw.stack == "meshwright"
+
+
 def loss_peak_bytes(cfg: ModelConfig, tokens: float, tp: int, hw: Hardware) -> float:
     """Logits-sized buffers alive on the last stage at the loss's peak. Eager: the head's output and its fp32 copy
     (``logits_bytes``), plus the log-probabilities and fp32 gradient (``loss_buffer_bytes``) on real stacks. Compiled
-    loss (train/compile.py): the fused kernel saves only the compute-dtype logits and writes their gradient in the
-    compute dtype, so 2 x elem bytes per logit (measured: 0.03 B per logit saved beyond the logits on CPU)."""
+    loss (train/compile.py, the head inside the compiled graph): the fused kernel saves only the compute-dtype logits
+    and writes their gradient in the compute dtype, so 2 x elem bytes per logit (measured: 0.03 B per logit saved
+    beyond the logits on CPU). Chunked (``loss_chunk_tokens``, models/chunked_loss.py): the same per-logit bytes,
+    eager or compiled, but over one chunk of at most ``loss_chunk_tokens`` tokens: each chunk runs under
+    checkpointing, so its logits are dropped after its forward and rebuilt one chunk at a time in backward."""
+    if loss_chunked(hw):
+        tokens = min(tokens, float(hw.loss_chunk_tokens))
     if hw.compiled:
         return tokens * cfg.vocab_size / tp * 2 * hw.elem_bytes
     if hw.stack == "meshwright" and hw.runtime_buffers:
@@ -1016,7 +1047,7 @@ def _add_ends(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strateg
     t.mb_s[last] += head_s(cfg, head_tokens, emb.tp, hw)
     t.mb_s[last] += loss_s(cfg, head_tokens, emb.tp, hw)
     t.model_flops += head_flops * 3.0 * m
-    t.hw_flops += head_flops * 3.0 * m
+    t.hw_flops += head_flops * head_passes(hw) * m
     emb_dp = per_stage // emb.tp
     for r in {0, last}:
         t.static[r] += embedding_static_bytes(cfg, r == 0, r == last, emb.tp, emb_dp, emb.zero, plan.optimizer.states, hw)

@@ -15,7 +15,9 @@ The three projections that read the same normed input (wq/wk/wv, w1/w3) share on
 Backward passes run in the forward's compute dtype, so bf16 autocast over fp32 parameters, bf16
 parameters and fp32 all work. Optionally (``gemm_layers``, the Plan's ``savers.fp8_gemm``) the linear
 layers also compute with FP8 GEMMs on the saved FP8 copies (:mod:`meshwright.memory.fp8_gemm`):
-``torch._scaled_mm`` on compute capability >= 8.9, a dequantise-and-matmul emulation elsewhere.
+``torch._scaled_mm`` on compute capability >= 8.9, a dequantise-and-matmul emulation elsewhere. On
+DTensor tensor-parallel layers the FP8 GEMMs run on each rank's local shards with per-shard scales
+(:mod:`meshwright.memory.fp8_tp`).
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from typing import Any, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from meshwright.config import ModelConfig
 from meshwright.errors import invalid
 from meshwright.models.layers import GeluMLP, RMSNorm, SwiGLU
+from meshwright.memory.fp8_tp import cache_key, local_operands
 from meshwright.memory.fp8_gemm import BACKENDS, GRAD_FP8, INPUT_FP8, WEIGHT_FP8, fp8_mm, gemm_backend
 from meshwright.memory.fp8_cast import (dequantize_last_dim_groups, dequantize_per_tensor, quantize_last_dim_groups,
                                         quantize_per_tensor, quantize_per_tensor_t)
@@ -58,34 +62,47 @@ class _QuantCache:
         self._ref: weakref.ReferenceType | None = None
         self._entry: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         self._version = -1
+        self._sig: tuple = ()
 
     def _drop(self, ref: weakref.ReferenceType) -> None:
         if ref is self._ref:
             self._ref, self._entry = None, None
 
-    def _hit(self, x: torch.Tensor, dtype: torch.dtype, transposed: bool) -> bool:
-        e = self._entry
-        return (e is not None and self._ref is not None and self._ref() is x and self._version == x._version
-                and e[0].dtype == dtype and (e[2] is not None or not transposed))
+    @staticmethod
+    def _signature(x: torch.Tensor) -> tuple:
+        return (tuple(x.shape), x.stride(), x.storage_offset())
 
-    def get(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(FP8 copy of x's shape, fp32 scale)."""
-        if not self._hit(x, dtype, False):
+    def _hit(self, x: torch.Tensor, dtype: torch.dtype, transposed: bool, key: torch.Tensor) -> bool:
+        e = self._entry
+        return (e is not None and self._ref is not None and self._ref() is key and self._version == x._version
+                and self._sig == self._signature(x) and e[0].dtype == dtype and (e[2] is not None or not transposed))
+
+    def get(self, x: torch.Tensor, dtype: torch.dtype, key: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(FP8 copy of x's shape, fp32 scale); ``key`` as in :meth:`get_t`."""
+        key = x if key is None else key
+        if not self._hit(x, dtype, False, key):
             q, scale = quantize_per_tensor(x, dtype)
-            self._store(x, (q, scale, None))
+            self._store(x, (q, scale, None), key)
         q, scale = self._entry[0], self._entry[1]
         return q.view(x.shape), scale
 
-    def get_t(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(FP8 copy as (tokens, k), its contiguous transpose (k, tokens), fp32 scale), cast in one go."""
-        if not self._hit(x, dtype, True):
+    def get_t(self, x: torch.Tensor, dtype: torch.dtype,
+              key: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(FP8 copy as (tokens, k), its contiguous transpose (k, tokens), fp32 scale), cast in one go.
+
+        ``key`` (default x) is the tensor the entry lives as long as; a view of it with the same shape,
+        strides and offset hits (tensor-parallel linears get fresh views of one activation)."""
+        key = x if key is None else key
+        if not self._hit(x, dtype, True, key):
             q, qt, scale = quantize_per_tensor_t(_flat2(x), dtype)  # 2-D: one compiled graph for any rank
-            self._store(x, (q, scale, qt))
+            self._store(x, (q, scale, qt), key)
         q, scale, qt = self._entry
         return q.view(-1, x.shape[-1]), qt, scale
 
-    def _store(self, x: torch.Tensor, entry: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]) -> None:
-        self._ref, self._entry, self._version = weakref.ref(x, self._drop), entry, x._version
+    def _store(self, x: torch.Tensor, entry: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+               key: torch.Tensor) -> None:
+        self._ref, self._entry, self._version = weakref.ref(key, self._drop), entry, x._version
+        self._sig = self._signature(x)
 
 
 def _flat2(t: torch.Tensor) -> torch.Tensor:
@@ -106,18 +123,20 @@ class _FP8LinearFn(torch.autograd.Function):
     ``gemm=None``: the forward is the plain ``F.linear`` (bit for bit), only the saved copy of x is FP8.
     ``gemm="scaled_mm"``/``"emulate"``: COAT's FP8 linear (see :mod:`meshwright.memory.fp8_gemm`): x and
     W in E4M3 per tensor for the forward GEMM, the same FP8 copies reused by the backward GEMMs (no second
-    cast), the output gradient in E5M2 per tensor. The backward runs in the forward's compute dtype (the
+    cast), the output gradient in E5M2 per tensor. ``key``: what the shared-input cache keys x on
+    (tensor parallelism hands each linear a fresh view of one activation, :func:`fp8_tp.cache_key`). The backward runs in the forward's compute dtype (the
     autocast dtype under autocast), so bf16 autocast with fp32 parameters works, and returns gradients in
     the dtypes of x, W and b.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                cache: _QuantCache, dtype: torch.dtype, gemm: str | None = None) -> torch.Tensor:
+                cache: _QuantCache, dtype: torch.dtype, gemm: str | None = None,
+                key: torch.Tensor | None = None) -> torch.Tensor:
         ctx.has_bias = bias is not None
         ctx.x_dtype, ctx.gemm = x.dtype, gemm
         if gemm is None:
-            q, scale = cache.get(x, dtype)
+            q, scale = cache.get(x, dtype, key)
             out = F.linear(x, weight, bias)
             ctx.compute_dtype, ctx.w_dtype = out.dtype, weight.dtype
             ctx.save_for_backward(q, scale, weight)
@@ -125,7 +144,7 @@ class _FP8LinearFn(torch.autograd.Function):
         # Layouts for _scaled_mm (row-major A, column-major B) planned so that no GEMM copies an operand:
         # forward x @ W^T reads q (row-major) and qw^T = qw viewed transposed; the backward reads the
         # transposed copies written by the casts: g @ W with B = (W^T)^T, g^T x with A = g^T, B = (x^T)^T.
-        q, qt, scale = cache.get_t(x, dtype)
+        q, qt, scale = cache.get_t(x, dtype, key)
         cdt = _compute_dtype(x)
         qw, qwt, sw = quantize_per_tensor_t(weight, WEIGHT_FP8)
         out = fp8_mm(q, scale, qw.t(), sw, cdt, gemm).view(*x.shape[:-1], weight.shape[0])
@@ -156,7 +175,7 @@ class _FP8LinearFn(torch.autograd.Function):
                 gw = fp8_mm(qgt, sg, qt.t(), scale, cdt, ctx.gemm).to(ctx.w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g2.sum(0).to(ctx.w_dtype)
-        return gx, gw, gb, None, None, None
+        return gx, gw, gb, None, None, None, None
 
 
 class _FP8RMSNormFn(torch.autograd.Function):
@@ -237,6 +256,9 @@ class _FP8GeluFn(torch.autograd.Function):
 
 # ---- module classes swapped in place (same parameters, same names) ------------------------------
 class FP8Linear(nn.Linear):
+    """nn.Linear saving its input in FP8 and, with ``_fp8_gemm``, computing with FP8 GEMMs; a DTensor
+    (tensor-parallel) weight runs those GEMMs on the local shards (:func:`fp8_tp.local_operands`)."""
+
     _fp8_cache: _QuantCache
     _fp8_dtype: torch.dtype = FP8
     _fp8_gemm: str | None = None  # None: FP8 storage only; "auto", "scaled_mm" or "emulate": FP8 GEMMs
@@ -245,7 +267,13 @@ class FP8Linear(nn.Linear):
         if not torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
         gemm = gemm_backend(x.device) if self._fp8_gemm == "auto" else self._fp8_gemm
-        return _FP8LinearFn.apply(x, self.weight, self.bias, self._fp8_cache, self._fp8_dtype, gemm)
+        if gemm is not None and isinstance(self.weight, DTensor):  # tensor parallel: FP8 GEMMs on the local shards
+            x_local, w_local, b_local, wrap = local_operands(x, self.weight, self.bias)
+            return wrap(_FP8LinearFn.apply(x_local, w_local, b_local, self._fp8_cache, self._fp8_dtype, gemm,
+                                           cache_key(x_local)))
+        # FP8 storage only: DTensor ops (global scale); tp hooks wrap one activation in a fresh DTensor per linear
+        key = cache_key(x._local_tensor) if isinstance(x, DTensor) else None
+        return _FP8LinearFn.apply(x, self.weight, self.bias, self._fp8_cache, self._fp8_dtype, gemm, key)
 
 
 class FP8RMSNorm(RMSNorm):

@@ -48,8 +48,8 @@ def check_runtime_support(plan: Plan, cfg: ModelConfig, tp_backend: str, dp_back
                 raise invalid("tp_backend", tp_backend, f"dtensor for MoE layers with tp>1 ({f}.tp={s.tp})")
         if s.savers.lemo is not None:
             raise invalid(f"{f}.savers.lemo", s.savers.lemo, "null (LeMo is a fine-tuning saver applied by meshwright.memory.lemo, not this runtime)")
-        if s.savers.fp8_gemm and s.tp > 1:
-            raise invalid(f"{f}.savers.fp8_gemm", True, "false on layers with tp>1 (FP8 GEMMs take whole weights; tensor-parallel shards are not wired)")
+        # FP8 GEMMs (which need fp8_act) run on DTensor shards (memory/fp8_tp.py); megatron-core's parallel
+        # linears are not swapped, so every saver stays refused there
         if (s.savers.fp8_act or s.savers.wta_crs is not None) and tp_backend == "megatron" and s.tp > 1:
             raise invalid("tp_backend", tp_backend, f"dtensor for memory savers on layers with tp>1 ({f}.tp={s.tp})")
     if cfg.n_experts and dp_backend == "deepspeed":

@@ -109,8 +109,8 @@ META_CASES = {
 # activations (+ FP8 GEMMs) on some layers, WTA-CRS on others, none on one; weights bitwise the one-process model
 # with the same savers, first-step gradients those of the same layout built from the full model (within RTOL)
 def with_savers(**kw) -> list[dict]:
-    """Layer 0 FP8 activations (+ FP8 GEMMs where tp=1: tp>1 refuses them), 1 WTA-CRS, 2 none, 3 FP8 activations."""
-    fp8_0 = {"fp8_act": True, "fp8_gemm": kw.get("tp", 1) == 1}
+    """Layer 0 FP8 activations + FP8 GEMMs (on the shards under tp), 1 WTA-CRS, 2 none, 3 FP8 activations."""
+    fp8_0 = {"fp8_act": True, "fp8_gemm": True}
     return [{**kw, **s} for s in ({"savers": fp8_0}, {"savers": {"wta_crs": 0.5}}, {}, {"savers": {"fp8_act": True}})]
 
 

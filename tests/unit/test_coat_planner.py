@@ -87,7 +87,7 @@ def test_profile_hardware_measures_fp8_on_fp8_gpus():
     assert peaks["fp8"] > 0 and peaks["bf16"] > 0
 
 
-def test_runtime_rejects_fp8_gemms_on_tensor_parallel_layers():
+def test_runtime_runs_fp8_gemms_on_dtensor_tp_layers_and_refuses_megatron_tp():
     from meshwright.errors import ConfigError
     from meshwright.parallel.support import check_runtime_support
     from meshwright.plan import Plan
@@ -95,6 +95,16 @@ def test_runtime_rejects_fp8_gemms_on_tensor_parallel_layers():
     cfg = load_model_config("tiny")
     ok = Plan(layers=[LayerStrategy(savers=Savers(fp8_act=True, fp8_gemm=True), repeat=cfg.n_layers)])
     check_runtime_support(ok, cfg, "dtensor", "torch")
-    bad = Plan(layers=[LayerStrategy(tp=2, savers=Savers(fp8_act=True, fp8_gemm=True), repeat=cfg.n_layers)])
-    with pytest.raises(ConfigError, match=r"layers\[0\].savers.fp8_gemm"):
-        check_runtime_support(bad, cfg, "dtensor", "torch")
+    tp = Plan(layers=[LayerStrategy(tp=2, savers=Savers(fp8_act=True, fp8_gemm=True), repeat=cfg.n_layers)])
+    check_runtime_support(tp, cfg, "dtensor", "torch")  # FP8 GEMMs on the DTensor shards (memory/fp8_tp.py)
+    with pytest.raises(ConfigError, match=r"^tp_backend='megatron' is invalid; valid: dtensor for memory savers"):
+        check_runtime_support(tp, cfg, "megatron", "torch")
+
+
+def test_search_offers_fp8_gemms_on_tensor_parallel_layers():
+    cfg = load_model_config("llama2-7b")
+    r = S.search(cfg, load_cluster("dgx-h100-80g"), 4096, 64, constraints=S.Constraints(tp=2),
+                 allow=S.Allow.parse(["fp8"]))
+    cands = [r.best, *r.runners_up]
+    assert all(s.tp == 2 for c in cands for s in c.plan.layer_strategies())
+    assert any(s.savers.fp8_gemm for s in r.best.plan.layer_strategies()), r.best.layout()

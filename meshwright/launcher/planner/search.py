@@ -204,8 +204,6 @@ def layer_strategies(cfg: ModelConfig, index: int, per_stage: int, tps: list[int
             if c.ep is not None:
                 eps = [e for e in eps if e == c.ep] or ([1] if c.ep == 1 else [])
         for sp, z, rc, ep, sv in itertools.product(sps, zeros, rcs, eps, saver_opts):
-            if sv.fp8_gemm and t > 1:
-                continue  # the runtime's FP8 GEMMs take whole weights (parallel/support.py)
             if c.runtime_compatible and moe and (sp or (ep > 1 and (z != 0 or dp != max_dp))):
                 continue  # the runtime keeps MoE tokens tp-replicated and expert grads off ZeRO/mixed-dp paths
             out.append(LayerStrategy(tp=t, sp=sp, dp=dp, zero=z, ep=ep, cp=cp, recompute=rc, savers=sv))

@@ -85,6 +85,38 @@ def sliding_window_mask(seq_len: int, window: int, device: torch.device | None =
     return (j <= i) & (i - j < window)
 
 
+class AttentionCore(nn.Module):
+    """What runs between the projections: RoPE, the GQA repeat and SDPA. A module of its own (no parameters) so a
+    tensor-parallel backend whose projections run collectives in custom autograd functions (megatron-core) can
+    compile it apart from them (train/compile.py); eager, the ops are Attention's, in its order."""
+
+    def __init__(self, head_dim: int, n_rep: int, use_rope: bool, dropout: float, sliding_window: int | None) -> None:
+        super().__init__()
+        self.head_dim, self.n_rep, self.use_rope = head_dim, n_rep, use_rope
+        self.dropout, self.sliding_window = dropout, sliding_window
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """q (batch, seq, heads * head_dim), k/v (batch, seq, kv_heads * head_dim) -> (batch, seq, heads * head_dim)."""
+        b, s, _ = q.shape
+        q, k, v = (t.view(b, s, -1, self.head_dim) for t in (q, k, v))
+        if self.use_rope and rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.n_rep > 1:
+            k = k.repeat_interleave(self.n_rep, dim=2)
+            v = v.repeat_interleave(self.n_rep, dim=2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        drop = self.dropout if self.training else 0.0
+        if attn_mask is None and self.sliding_window is not None and s > self.sliding_window:
+            attn_mask = sliding_window_mask(s, self.sliding_window, q.device)
+        if attn_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
+        return out.transpose(1, 2).reshape(b, s, -1)
+
+
 class Attention(nn.Module):
     """Causal self-attention with optional GQA, RoPE, q/k/v biases (Qwen2) and a sliding window (Mistral).
 
@@ -94,37 +126,51 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: ModelConfig, bias: bool = False, use_rope: bool = True) -> None:
         super().__init__()
-        self.head_dim = cfg.head_dim
-        self.n_rep = cfg.n_heads // cfg.kv_heads
-        self.use_rope = use_rope
-        self.dropout = cfg.dropout
-        self.sliding_window = cfg.sliding_window
         qkv_bias = bias or cfg.qkv_bias
         self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=qkv_bias)
         self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=qkv_bias)
         self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.core = AttentionCore(cfg.head_dim, cfg.n_heads // cfg.kv_heads, use_rope, cfg.dropout, cfg.sliding_window)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=bias)
+
+    # the core's settings, read by the savers that recompute attention scores (memory/lemo.py)
+    @property
+    def head_dim(self) -> int:
+        return self.core.head_dim
+
+    @property
+    def n_rep(self) -> int:
+        return self.core.n_rep
+
+    @property
+    def use_rope(self) -> bool:
+        return self.core.use_rope
+
+    @property
+    def dropout(self) -> float:
+        return self.core.dropout
+
+    @property
+    def sliding_window(self) -> int | None:
+        return self.core.sliding_window
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        b, s, _ = x.shape
-        q = self.wq(x).view(b, s, -1, self.head_dim)
-        k = self.wk(x).view(b, s, -1, self.head_dim)
-        v = self.wv(x).view(b, s, -1, self.head_dim)
-        if self.use_rope and rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.n_rep > 1:
-            k = k.repeat_interleave(self.n_rep, dim=2)
-            v = v.repeat_interleave(self.n_rep, dim=2)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        drop = self.dropout if self.training else 0.0
-        if attn_mask is None and self.sliding_window is not None and s > self.sliding_window:
-            attn_mask = sliding_window_mask(s, self.sliding_window, x.device)
-        if attn_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
-        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+        return self.wo(self.core(self.wq(x), self.wk(x), self.wv(x), rope, attn_mask))
+
+
+class SiluGate(nn.Module):
+    """SwiGLU's gating, silu(a) * b: a module (no parameters) so it compiles apart from the linears around it."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return F.silu(a) * b
+
+
+class GeluTanh(nn.Module):
+    """GPT-2's activation, gelu with the tanh approximation: a module for the same reason as ``SiluGate``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
 
 
 class SwiGLU(nn.Module):
@@ -134,10 +180,11 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.w1 = nn.Linear(d_model, hidden, bias=False)
         self.w3 = nn.Linear(d_model, hidden, bias=False)
+        self.act = SiluGate()
         self.w2 = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(self.act(self.w1(x), self.w3(x)))
 
 
 class GeluMLP(nn.Module):
@@ -146,10 +193,11 @@ class GeluMLP(nn.Module):
     def __init__(self, d_model: int, hidden: int) -> None:
         super().__init__()
         self.w1 = nn.Linear(d_model, hidden)
+        self.act = GeluTanh()
         self.w2 = nn.Linear(hidden, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.gelu(self.w1(x), approximate="tanh"))
+        return self.w2(self.act(self.w1(x)))
 
 
 def init_linear(module: nn.Linear, std: float) -> None:

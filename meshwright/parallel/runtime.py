@@ -50,7 +50,7 @@ from meshwright.parallel.recompute import apply_recompute
 from meshwright.parallel.support import check_runtime_support
 from meshwright.parallel.tensor_parallel import apply_tp
 from meshwright.plan import Plan, validate_plan
-from meshwright.train.compile import compile_block, compile_expert_parallel_block
+from meshwright.train.compile import compile_block, compile_expert_parallel_block, compile_megatron_tp_block
 from meshwright.train.head_loss import head_loss
 from meshwright.train.precision import PrecisionPolicy, apply_autocast
 from meshwright.train.runtime import Batch, Runtime, TorchDistributedCollectives, batch_to_device
@@ -172,7 +172,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         checkpoint: after the layout is applied, so each rank reads only its stages' parameters and, for
         DTensor (tp/FSDP) shards, only its slices; Megatron's plain shards load into the full model first.
         ``precision``: fp32 when None. ``compile_backend``: torch.compile each block (after TP and recompute,
-        before FSDP2; of an ep>1 block its collective-free parts) and the last stage's head together with the loss. ``init``: the initial weights' scheme
+        before FSDP2; of an ep>1 or megatron tp>1 block its collective-free parts) and the last stage's head together with the loss. ``init``: the initial weights' scheme
         (models/init.py; ``auto``: keyed on CUDA, the CPU stream elsewhere), the one-process model's for the
         same seed. ``loss_chunk_tokens`` > 0: the last stage's head + loss per chunk of tokens (no full logits)."""
         cfg = load_model_config(model_cfg)
@@ -194,9 +194,6 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         # (compiled with it: inductor pads an unaligned vocab and fuses the fp32 upcast); None: logits, lm_loss
         self.loss_chunk_tokens = loss_chunk_tokens
         self.head_loss = head_loss(compile_backend, loss_chunk_tokens)
-        if compile_backend is not None and tp_backend == "megatron":
-            raise invalid("compile", True, "false with tp_backend=megatron (its collectives run in custom autograd "
-                          "functions that torch.compile does not trace), or tp_backend=dtensor")
         if dp_shard is not None and dp_shard < 1:
             raise invalid("dp_shard", dp_shard, "null or a positive divisor of the layers' dp degree")
         self.dp_shard = dp_shard
@@ -316,6 +313,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
             apply_recompute(block, s.recompute)
             if self.compile_backend is not None and s.ep > 1:  # the all-to-alls stay eager between compiled parts
                 compile_expert_parallel_block(block, self.compile_backend)
+            elif self.compile_backend is not None and s.tp > 1 and self.tp_backend == "megatron":  # so do its linears
+                compile_megatron_tp_block(block, self.compile_backend)
             elif self.compile_backend is not None:
                 compile_block(block, self.compile_backend)
             params = [p for p in block.parameters() if not is_expert_param(p)]

@@ -48,6 +48,21 @@ def compile_expert_parallel_block(block: nn.Module, backend: str = "inductor") -
     return block
 
 
+def compile_megatron_tp_block(block: nn.Module, backend: str = "inductor") -> nn.Module:
+    """Compile the parts of a megatron-core tensor-parallel block that run no collective: both norms, the attention
+    core between the QKV and output projections (RoPE, GQA repeat, SDPA) and the MLP's activation/gating between
+    its two linears. megatron-core's ``ColumnParallelLinear``/``RowParallelLinear`` stay eager between them: their
+    all-reduces run in custom autograd functions that dynamo does not trace (torchtitan's sub-module compile)."""
+    backend = check_backend(backend)
+    core = getattr(block.attention, "core", None)
+    act = getattr(block.feed_forward, "act", None)
+    if not isinstance(core, nn.Module) or not isinstance(act, nn.Module):
+        raise ValueError(f"{type(block).__name__} has no attention.core or feed_forward.act to compile apart")
+    for part in (block.attention_norm, core, block.ffn_norm, act):
+        part.compile(backend=backend)
+    return block
+
+
 def compile_blocks(model: nn.Module, backend: str = "inductor") -> nn.Module:
     """Compile every transformer block of a Decoder (or a pipeline stage cut from one)."""
     for block in model.layers.values():

@@ -11,7 +11,13 @@ from _train_helpers import MICRO
 from meshwright.config import load_model_config
 from meshwright.errors import ConfigError
 from meshwright.models import build_model
-from meshwright.train.compile import check_backend, compile_blocks, compile_expert_parallel_block, fast_adamw_kwargs
+from meshwright.train.compile import (
+    check_backend,
+    compile_blocks,
+    compile_expert_parallel_block,
+    compile_megatron_tp_block,
+    fast_adamw_kwargs,
+)
 from meshwright.train.local_runtime import LocalRuntime
 from meshwright.parallel.recompute import apply_recompute
 
@@ -86,3 +92,38 @@ def test_expert_parallel_compile_needs_expert_parallel_experts() -> None:
         block = build_model(cfg, seed=0).layers["0"]
         with pytest.raises(ValueError, match="no expert-parallel experts"):
             compile_expert_parallel_block(block, "aot_eager")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_megatron_tp_compile_compiles_the_collective_free_parts(arch: str) -> None:
+    """compile_megatron_tp_block compiles the norms, the attention core and the MLP activation/gating, never the
+    Linears (megatron-core's parallel layers under tp): here on a plain block, whose forward and gradients match the
+    eager block's (aot_eager: the same ops), every call of a compiled part traced; an MoE block (no MLP gating
+    module) is refused in one line. Parity under megatron tp2: tests/distributed/fullspeed_2rank.py."""
+    torch._dynamo.reset()
+    cfg = load_model_config({"name": "m", "arch": arch, "vocab_size": 64, "d_model": 32, "n_layers": 1, "n_heads": 4,
+                             **({"n_kv_heads": 2} if arch == "llama" else {}), "ffn_hidden": 64, "max_seq_len": 32})
+    model = build_model(cfg, seed=0)
+    eager, block = model.layers["0"], build_model(cfg, seed=0).layers["0"]
+    compile_megatron_tp_block(block, "aot_eager")
+    parts = [block.attention_norm, block.attention.core, block.ffn_norm, block.feed_forward.act]
+    assert all(p._compiled_call_impl is not None for p in parts) and block._compiled_call_impl is None
+    assert not any(m._compiled_call_impl is not None for m in block.modules() if isinstance(m, torch.nn.Linear))
+    traced = []
+    for p in parts:
+        p.register_forward_pre_hook(lambda mod, args: traced.append(torch.compiler.is_compiling()))
+    h = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(1))
+    rope = model.rope(16)
+    outs = [b(h, rope) for b in (eager, block)]
+    for out in outs:
+        out.square().sum().backward()
+    assert traced and all(traced) and len(traced) == len(parts)
+    assert torch.allclose(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+    for (name, p), q in zip(eager.named_parameters(), block.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), name
+    moe_cfg = load_model_config({"name": "m", "arch": "llama", "vocab_size": 64, "d_model": 32, "n_layers": 1,
+                                 "n_heads": 4, "ffn_hidden": 64, "moe_ffn_hidden": 48, "n_experts": 4, "top_k": 2,
+                                 "max_seq_len": 32})
+    with pytest.raises(ValueError, match="no attention.core or feed_forward.act"):
+        compile_megatron_tp_block(build_model(moe_cfg, seed=0).layers["0"], "aot_eager")

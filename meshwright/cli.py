@@ -35,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"meshwright {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+        # a path the command was given cannot be read or written: one line, not a traceback
+        where = exc.filename if exc.filename is not None else "?"
+        print(f"meshwright {args.command}: error: path={str(where)!r} is unusable ({exc.strerror or exc}); valid: an "
+              f"existing, readable input or a writable output location", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"meshwright {args.command}: interrupted", file=sys.stderr)
         return 130

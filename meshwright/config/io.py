@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import types
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -222,6 +223,18 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def check_output_path(path: str | Path, label: str, directory: bool) -> None:
+    """Before any work: ``path`` can become the output (a ``directory`` or a file) — not the other kind already,
+    and its nearest existing parent is a writable directory. Creates nothing."""
+    p = Path(path)
+    what = "a directory" if directory else "a file path"
+    if p.exists() and p.is_dir() != directory:
+        raise ConfigError(f"{label}={str(path)!r} is invalid; valid: {what} (this path is {'a file' if directory else 'a directory'})")
+    parent = next((a for a in p.absolute().parents if a.exists()), None)
+    if parent is not None and not (parent.is_dir() and os.access(parent, os.W_OK)):
+        raise ConfigError(f"{label}={str(path)!r} is invalid; valid: {what} in a writable directory ({parent} is not one)")
+
+
 def dump_yaml(obj: Any) -> str:
     return yaml.safe_dump(to_dict(obj), sort_keys=False)
 
@@ -261,4 +274,4 @@ def write_yaml(obj: Any, path: str | Path) -> None:
     tmp.replace(p)
 
 
-__all__ = ["dump_yaml", "from_dict", "load_json", "load_yaml", "read_mapping", "read_text", "read_versioned_json", "to_dict", "write_json_atomic", "write_yaml"]
+__all__ = ["check_output_path", "dump_yaml", "from_dict", "load_json", "load_yaml", "read_mapping", "read_text", "read_versioned_json", "to_dict", "write_json_atomic", "write_yaml"]

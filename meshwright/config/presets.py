@@ -79,9 +79,11 @@ def load_train_config(ref: str | Path | dict[str, Any] | None = None, overrides:
         target = data
         parts = key.split(".")
         for part in parts[:-1]:
-            target = target.setdefault(part, {})
-            if not isinstance(target, dict):
-                raise invalid(key, value, "a key whose parents are mappings")
+            parent = target.setdefault(part, {})
+            if not isinstance(parent, dict):
+                raise invalid(key, value, f"a key whose parents are mappings ({part}={parent!r} here; set {part} "
+                              f"as a whole, e.g. {part}={{...}})")
+            target = parent
         target[parts[-1]] = value
     cfg = from_dict(TrainConfig, data)
     load_model_config(cfg.model)  # fail early, with the model's own field names
@@ -96,6 +98,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override={text!r} is invalid; valid: KEY=VALUE, e.g. steps=100")
     key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override={text!r} is invalid; valid: KEY=VALUE with a field name before '=', e.g. steps=100")
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:

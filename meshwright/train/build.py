@@ -21,7 +21,9 @@ from meshwright.models.init import resolve_init
 from meshwright.parallel.runtime import build_distributed_runtime, init_distributed
 from meshwright.plan import Plan, default_plan, load_plan, validate_plan
 from meshwright.train.local_runtime import LocalRuntime
-from meshwright.train.run_dir import RunLock, check_fresh_or_overwrite, check_resume_config, nospace, prepare_out_dir
+from meshwright.train.checkpoint import require_complete
+from meshwright.train.run_dir import (RunLock, check_fresh_or_overwrite, check_resume_config, dirs_to_create, nospace,
+                                     prepare_out_dir, remove_unused)
 from meshwright.train.runtime import Runtime
 from meshwright.train.trainer import Trainer
 
@@ -171,8 +173,11 @@ def run_training(train_cfg: TrainConfig, plan_ref: str | None = None, resume: bo
     """Everything `meshwright train` does, callable from Python (tests, benchmarks). The main rank holds a lock
     on out_dir for the whole run and applies the fresh/resume/overwrite rules of ``run_dir`` first, before
     anything expensive (``plan: auto`` profiles the machines)."""
-    lock = None
+    if isinstance(resume, str):  # a wrong --resume-from fails before the run creates or builds anything
+        require_complete(Path(resume))
+    lock, created, done = None, [], False
     if int(os.environ.get("RANK", "0")) == 0:
+        created = dirs_to_create(train_cfg.out_dir)
         out = prepare_out_dir(train_cfg.out_dir)
         lock = RunLock(out).acquire()
     try:
@@ -184,7 +189,9 @@ def run_training(train_cfg: TrainConfig, plan_ref: str | None = None, resume: bo
             raise invalid("plan", plan_ref or train_cfg.plan, f"a plan for this process count: it lays the model out "
                           f"on {job.plan.world_size()} devices; launch it with torchrun --nproc-per-node "
                           f"{job.plan.world_size()} (or `meshwright launch`)")
-        return _train(job, resume)
+        summary = _train(job, resume)
+        done = True
+        return summary
     except OSError as exc:
         err = nospace(exc)
         if err is None:
@@ -193,6 +200,8 @@ def run_training(train_cfg: TrainConfig, plan_ref: str | None = None, resume: bo
     finally:
         if lock is not None:
             lock.release()
+            if not done:  # refused input: a directory this run created holds only the lock; remove it
+                remove_unused(created)
 
 
 def _train(job: TrainingJob, resume: bool | str) -> dict[str, Any]:

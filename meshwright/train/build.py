@@ -42,7 +42,7 @@ class TrainingJob:
     def resolve(cls, cfg: TrainConfig, plan_ref: str | None = None) -> "TrainingJob":
         job = cls(cfg, resolve_model_config(cfg), load_cluster(cfg.cluster), world_size_from_env())
         ref = plan_ref if plan_ref is not None else cfg.plan
-        job.plan = _auto_plan(job) if ref == "auto" else _plan_file(ref)
+        job.plan = _auto_plan(job) if ref == "auto" else load_plan_file(ref)
         return job
 
     @property
@@ -76,7 +76,7 @@ def world_size_from_env() -> int:
         raise invalid("WORLD_SIZE", raw, "an integer (set by torchrun)") from None
 
 
-def _plan_file(ref: str | None) -> Plan | None:
+def load_plan_file(ref: str | None) -> Plan | None:
     if ref is None:
         return None
     if not Path(ref).is_file():

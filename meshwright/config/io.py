@@ -35,9 +35,38 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+MAX_NODES = 1_000_000  # values in a config once aliases are expanded; a real plan of 10,000 layers has ~200k
+
+
+def _expanded_size(obj: Any, memo: dict[int, int | None]) -> int:
+    """Values ``obj`` holds once YAML aliases are expanded (shared objects counted once per use); cycles refused."""
+    if not isinstance(obj, (dict, list)):
+        return 1
+    key = id(obj)
+    if key in memo:
+        if memo[key] is None:
+            raise ConfigError("a YAML alias refers to a mapping or list that contains it; valid: a config without cycles")
+        return memo[key]  # type: ignore[return-value]
+    memo[key] = None
+    items = [x for kv in obj.items() for x in kv] if isinstance(obj, dict) else obj
+    n = 1
+    for item in items:
+        n += _expanded_size(item, memo)
+        if n > MAX_NODES:
+            break
+    memo[key] = n
+    return n
+
+
 def load_yaml(text: str) -> Any:
-    """``yaml.safe_load`` with duplicate keys refused (one-line ConfigError)."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    """``yaml.safe_load`` with duplicate keys, alias bombs and alias cycles refused (one-line ConfigError): nine
+    nested aliases of nine items expand to 10^9 values when a config is copied or written (a plan's
+    ``predicted`` hung `train` that way)."""
+    data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    if _expanded_size(data, {}) > MAX_NODES:
+        raise ConfigError(f"the YAML expands to more than {MAX_NODES:,} values through aliases (*name); valid: a "
+                          f"config without alias expansion bombs")
+    return data
 
 
 def _no_duplicate_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

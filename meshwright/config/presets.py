@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from meshwright.config.hf import model_config_from_hf
-from meshwright.config.io import from_dict, read_mapping, to_dict
+from meshwright.config.io import from_dict, load_yaml, read_mapping, to_dict
 from meshwright.config.schema import ClusterSpec, ModelConfig, TrainConfig
 from meshwright.errors import ConfigError, invalid
 
@@ -101,7 +101,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key.strip():
         raise ConfigError(f"override={text!r} is invalid; valid: KEY=VALUE with a field name before '=', e.g. steps=100")
     try:
-        value = yaml.safe_load(raw)
+        value = load_yaml(raw)  # duplicate keys and alias bombs refused here too
     except yaml.YAMLError:
         value = raw
     return key.strip(), value

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Union
 
 import yaml
 
-from meshwright.config.io import read_text
+from meshwright.config.io import load_yaml, read_text
 from meshwright.errors import ConfigError, invalid
 
 MIN_POINTS = 3  # fewer readings than this: a number in the totals table, not a plot
@@ -114,7 +114,7 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
         if (run / "summary.json").is_file():
             summary = json.loads(read_text(run / "summary.json", "run_dir summary.json"))
         if (run / "plan.yaml").is_file():
-            plan = yaml.safe_load(read_text(run / "plan.yaml", "run_dir plan.yaml"))
+            plan = load_yaml(read_text(run / "plan.yaml", "run_dir plan.yaml"))
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"run_dir={str(run)!r} has a malformed summary.json or plan.yaml "
                           f"({str(exc).splitlines()[0]}); valid: files written by `meshwright train`") from None

@@ -251,3 +251,33 @@ def test_launch_checks_before_any_host_starts(capsys, tmp_path, flags, train, ne
 ])
 def test_profile_flags(capsys, argv, needle):
     assert needle in one_line_error(capsys, argv)
+
+
+# ---- YAML shapes ------------------------------------------------------------------------------------------
+
+BOMB = "predicted:\n  a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"  {c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+
+
+@pytest.mark.timeout(60)
+def test_yaml_alias_bomb_in_a_plan_is_refused(capsys, tmp_path):
+    """Nine nested aliases of nine items: 10^9 values once a plan is copied or written (train hung, memory grew)."""
+    plan = tmp_path / "p.yaml"
+    plan.write_text("version: 1\nmodel: tiny\nseq_len: 64\nglobal_batch: 8\nmicro_batch: 4\n"
+                    "layers:\n  - {repeat: 4}\n" + BOMB)
+    line = one_line_error(capsys, [*TRAIN, f"out_dir={tmp_path / 'o'}", "--plan", str(plan)])
+    assert "expands to more than" in line and not (tmp_path / "o").exists()
+
+
+def test_yaml_alias_cycle_is_refused(capsys, tmp_path):
+    """A mapping that contains itself: every walk of it (copy, write) recursed without end."""
+    plan = tmp_path / "p.yaml"
+    plan.write_text("version: 1\nmodel: tiny\nseq_len: 64\nglobal_batch: 8\nmicro_batch: 4\n"
+                    "layers:\n  - {repeat: 4}\npredicted: &p {a: *p}\n")
+    line = one_line_error(capsys, [*TRAIN, f"out_dir={tmp_path / 'o'}", "--plan", str(plan)])
+    assert "contains it" in line and not (tmp_path / "o").exists()
+
+
+def test_duplicate_keys_in_an_override_mapping(capsys, tmp_path):
+    line = one_line_error(capsys, [*TRAIN, f"out_dir={tmp_path / 'o'}", "model={n_layers: 2, n_layers: 3}"])
+    assert "'n_layers' appears twice" in line  # the last one won silently

@@ -281,3 +281,10 @@ def test_yaml_alias_cycle_is_refused(capsys, tmp_path):
 def test_duplicate_keys_in_an_override_mapping(capsys, tmp_path):
     line = one_line_error(capsys, [*TRAIN, f"out_dir={tmp_path / 'o'}", "model={n_layers: 2, n_layers: 3}"])
     assert "'n_layers' appears twice" in line  # the last one won silently
+
+
+def test_unknown_key_in_a_yaml_hostfile(capsys, tmp_path):
+    hosts = tmp_path / "hosts.yaml"
+    hosts.write_text("hosts:\n  - {name: n0, slot: 8}\n")  # `slot`: was launched with the default 1 slot
+    argv = ["launch", "--hosts", str(hosts), "--dry-run", "--workdir", "/w", "--", "train", "tiny-test"]
+    assert "hosts[0].slot=8 is invalid" in one_line_error(capsys, argv)

@@ -288,3 +288,11 @@ def test_unknown_key_in_a_yaml_hostfile(capsys, tmp_path):
     hosts.write_text("hosts:\n  - {name: n0, slot: 8}\n")  # `slot`: was launched with the default 1 slot
     argv = ["launch", "--hosts", str(hosts), "--dry-run", "--workdir", "/w", "--", "train", "tiny-test"]
     assert "hosts[0].slot=8 is invalid" in one_line_error(capsys, argv)
+
+
+def test_max_files_without_default_is_refused(capsys, tmp_path):
+    src = tmp_path / "a.txt"
+    src.write_text("hello world\n")
+    argv = ["data", "prepare", str(src), "--out", str(tmp_path / "d"), "--max-files", "3", "--no-progress"]
+    assert "--max-files=3 is invalid" in one_line_error(capsys, argv)  # was ignored: every input was tokenized
+    assert not (tmp_path / "d").exists()

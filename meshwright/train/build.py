@@ -138,6 +138,8 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
     job = train_cfg if isinstance(train_cfg, TrainingJob) else TrainingJob.resolve(train_cfg, plan_ref)
     cfg, model_cfg = job.cfg, job.model
     check_memory(model_cfg, job.world_size, frozen_base=cfg.meft is not None)
+    if cfg.seq_len > model_cfg.max_seq_len:  # both runtimes: under torchrun it failed deep in the model
+        raise invalid("seq_len", cfg.seq_len, f"at most model.max_seq_len={model_cfg.max_seq_len}")
     if job.distributed:
         if cfg.meft is not None:
             raise invalid("meft", "set", "null under the distributed runtime (MEFT runs in one process; DDP is tested "
@@ -148,8 +150,6 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
 
     if job.plan is not None:
         validate_plan(job.plan, model_cfg, job.plan.world_size())
-    if cfg.seq_len > model_cfg.max_seq_len:
-        raise invalid("seq_len", cfg.seq_len, f"at most model.max_seq_len={model_cfg.max_seq_len}")
     if cfg.meft is not None and (cfg.compile or cfg.loss_chunk_tokens):
         raise invalid("compile" if cfg.compile else "loss_chunk_tokens", cfg.compile or cfg.loss_chunk_tokens,
                       "false/0 with meft (the reversible model is neither compiled nor split at the head)")

@@ -15,6 +15,7 @@ import yaml
 from _train_helpers import MICRO, prepared_corpus
 from meshwright.cli import main
 from meshwright.config import load_model_config, load_train_config
+from meshwright.errors import ConfigError
 from meshwright.models import build_model
 from meshwright.models.hf_weights import save_hf
 from meshwright.train.build import run_training
@@ -296,3 +297,17 @@ def test_max_files_without_default_is_refused(capsys, tmp_path):
     argv = ["data", "prepare", str(src), "--out", str(tmp_path / "d"), "--max-files", "3", "--no-progress"]
     assert "--max-files=3 is invalid" in one_line_error(capsys, argv)  # was ignored: every input was tokenized
     assert not (tmp_path / "d").exists()
+
+
+def test_seq_len_beyond_the_model_is_refused_before_the_distributed_runtime(monkeypatch):
+    """Under torchrun the distributed runtime was built (process group, model, init_from) before seq_len failed."""
+    import meshwright.train.build as build
+
+    def no_runtime(*a, **k):
+        raise AssertionError("built the distributed runtime")
+
+    monkeypatch.setattr(build, "build_distributed_runtime", no_runtime)
+    job = build.TrainingJob.resolve(load_train_config("tiny-test", {"seq_len": 512}))
+    job.world_size = 2
+    with pytest.raises(ConfigError, match=r"^seq_len=512 is invalid; valid: at most model.max_seq_len=256$"):
+        build.build_runtime(job)

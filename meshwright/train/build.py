@@ -4,6 +4,7 @@ the Trainer. ``run_training`` is the Python entry point (tests, benchmarks); the
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,23 @@ def check_memory(model_cfg: ModelConfig, world_size: int, available: int | None 
                       f"device(s); one device here has {have / 2**30:,.1f} GiB")
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a missing parent package
+        return False
+
+
+def check_backends_installed(cfg: TrainConfig, plan: Plan) -> None:
+    """The optional stacks a distributed run names must be importable here (the GPU image lacks deepspeed and
+    megatron-core): said before the process group starts and the model is built, not as an ImportError deep in it."""
+    if cfg.dp_backend == "deepspeed" and not _installed("deepspeed"):
+        raise invalid("dp_backend", cfg.dp_backend, "torch, or install deepspeed on every host")
+    if cfg.tp_backend == "megatron" and any(s.tp > 1 for s in plan.layer_strategies()) \
+            and not _installed("megatron.core"):
+        raise invalid("tp_backend", cfg.tp_backend, "dtensor, or install megatron-core on every host")
+
+
 def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = None) -> Runtime:
     """LocalRuntime for one process; the distributed runtime under torchrun or when the plan needs it.
     The Plan is validated once: here for one process, by the distributed runtime otherwise."""
@@ -145,6 +163,7 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
             raise invalid("meft", "set", "null under the distributed runtime (MEFT runs in one process; DDP is tested "
                           "at the module level in tests/distributed/test_meft_ddp.py)")
         plan = job.plan or default_plan(model_cfg, job.world_size, cfg.seq_len, cfg.global_batch, cfg.micro_batch)
+        check_backends_installed(cfg, plan)
         return build_distributed_runtime(cfg, model_cfg, plan, init_from=cfg.init_from)
     import torch
 

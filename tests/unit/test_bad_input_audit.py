@@ -311,3 +311,25 @@ def test_seq_len_beyond_the_model_is_refused_before_the_distributed_runtime(monk
     job.world_size = 2
     with pytest.raises(ConfigError, match=r"^seq_len=512 is invalid; valid: at most model.max_seq_len=256$"):
         build.build_runtime(job)
+
+
+@pytest.mark.parametrize("overrides,missing,plan,needle", [
+    ({"dp_backend": "deepspeed"}, "deepspeed", None, "dp_backend='deepspeed' is invalid"),
+    ({"tp_backend": "megatron"}, "megatron", "configs/plans/tiny-tp2.yaml", "tp_backend='megatron' is invalid"),
+])
+def test_missing_optional_stack_is_one_line_before_the_runtime(monkeypatch, overrides, missing, plan, needle):
+    """The GPU image lacks deepspeed and megatron-core: a run naming them was an ImportError deep in the runtime."""
+    import sys
+
+    import meshwright.train.build as build
+
+    def no_runtime(*a, **k):
+        raise AssertionError("built the distributed runtime")
+
+    monkeypatch.setattr(build, "build_distributed_runtime", no_runtime)
+    monkeypatch.setitem(sys.modules, missing, None)  # as if not installed
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    job = build.TrainingJob.resolve(load_train_config("tiny-test", overrides), plan)
+    job.world_size = 2
+    with pytest.raises(ConfigError, match=needle):
+        build.build_runtime(job)

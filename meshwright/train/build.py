@@ -21,6 +21,7 @@ from meshwright.models import build_model, load_pretrained_into
 from meshwright.models.init import resolve_init
 from meshwright.parallel.runtime import build_distributed_runtime, init_distributed
 from meshwright.plan import Plan, default_plan, load_plan, validate_plan
+from meshwright.tools.sinks import check_sink_packages
 from meshwright.train.local_runtime import LocalRuntime
 from meshwright.train.checkpoint import require_complete
 from meshwright.train.run_dir import (RunLock, check_fresh_or_overwrite, check_resume_config, dirs_to_create, nospace,
@@ -194,6 +195,7 @@ def run_training(train_cfg: TrainConfig, plan_ref: str | None = None, resume: bo
     anything expensive (``plan: auto`` profiles the machines)."""
     if isinstance(resume, str):  # a wrong --resume-from fails before the run creates or builds anything
         require_complete(Path(resume))
+    check_sink_packages(train_cfg.tensorboard, train_cfg.wandb)
     lock, created, done = None, [], False
     if int(os.environ.get("RANK", "0")) == 0:
         created = dirs_to_create(train_cfg.out_dir)

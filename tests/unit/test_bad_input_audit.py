@@ -333,3 +333,18 @@ def test_missing_optional_stack_is_one_line_before_the_runtime(monkeypatch, over
     job.world_size = 2
     with pytest.raises(ConfigError, match=needle):
         build.build_runtime(job)
+
+
+@pytest.mark.parametrize("override,missing", [("tensorboard=true", "tensorboard"), ("wandb=offline", "wandb")])
+def test_missing_sink_package_is_said_before_the_model_is_built(capsys, tmp_path, monkeypatch, override, missing):
+    import sys
+
+    import meshwright.train.build as build
+
+    def no_job(*a, **k):
+        raise AssertionError("resolved the model and plan before checking the sink packages")
+
+    monkeypatch.setitem(sys.modules, missing, None)  # as if not installed
+    monkeypatch.setattr(build.TrainingJob, "resolve", no_job)
+    line = one_line_error(capsys, [*TRAIN, f"out_dir={tmp_path / 'o'}", override])
+    assert f"needs the {missing} package" in line and not (tmp_path / "o").exists()

@@ -348,3 +348,40 @@ def test_missing_sink_package_is_said_before_the_model_is_built(capsys, tmp_path
     monkeypatch.setattr(build.TrainingJob, "resolve", no_job)
     line = one_line_error(capsys, [*TRAIN, f"out_dir={tmp_path / 'o'}", override])
     assert f"needs the {missing} package" in line and not (tmp_path / "o").exists()
+
+
+# ---- profiles fed to `meshwright plan` --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def profiles(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audit-profiles")
+    hw, mp = root / "hw.json", root / "mp.json"
+    assert main(["profile", "hardware", "--out", str(hw), "--sizes", "64,128", "--iters", "1"]) == 0
+    assert main(["profile", "model", "--model", "tiny", "--out", str(mp), "--batch-sizes", "1,2", "--seq-lens", "16,32",
+                 "--iters", "1"]) == 0
+    return json.loads(hw.read_text()), json.loads(mp.read_text())
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("which,damage,needle", [
+    ("hw", lambda d: d["derived"]["peak_tflops"].update(fp32=NAN), "derived.peak_tflops="),  # NaN passed `v <= 0`
+    ("hw", lambda d: d["derived"].update(intra_bw_gbps=NAN), "derived.intra_bw_gbps=nan"),
+    ("hw", lambda d: d["derived"].update(overlap_slowdown=float("inf")), "derived.overlap_slowdown=inf"),
+    ("hw", lambda d: d["derived"]["peak_tflops"].update(fp32=True), "derived.peak_tflops="),
+    ("hw", lambda d: d["derived"].update(contention="x"), "derived.contention='x'"),  # ValueError traceback
+    ("mp", lambda d: d.update(entries=[1, 2]), "entries[0]=1 is invalid"),  # TypeError traceback
+    ("mp", lambda d: d.pop("model"), "model-profile.model=None is invalid"),  # KeyError traceback
+    ("mp", lambda d: d.update(matmul_ref=NAN), "matmul_ref=nan is invalid"),  # TypeError with a hardware profile
+    ("mp", lambda d: d["entries"][0]["fwd_fit"].update(a=NAN), "fwd_fit="),  # NaN step times, silently
+    ("mp", lambda d: d["entries"][0].update(act_bytes_per_token="x"), "act_bytes_per_token='x'"),
+])
+def test_damaged_profiles(capsys, tmp_path, profiles, which, damage, needle):
+    hw, mp = json.loads(json.dumps(profiles[0])), json.loads(json.dumps(profiles[1]))
+    damage(hw if which == "hw" else mp)
+    (tmp_path / "hw.json").write_text(json.dumps(hw))
+    (tmp_path / "mp.json").write_text(json.dumps(mp))
+    argv = ["plan", "--model", "tiny", "--cluster", "local-cpu", "--seq-len", "32", "--global-batch", "8", "--top", "1",
+            "--hardware-profile", str(tmp_path / "hw.json"), "--model-profile", str(tmp_path / "mp.json")]
+    assert needle in one_line_error(capsys, argv)

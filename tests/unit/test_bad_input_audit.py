@@ -385,3 +385,18 @@ def test_damaged_profiles(capsys, tmp_path, profiles, which, damage, needle):
     argv = ["plan", "--model", "tiny", "--cluster", "local-cpu", "--seq-len", "32", "--global-batch", "8", "--top", "1",
             "--hardware-profile", str(tmp_path / "hw.json"), "--model-profile", str(tmp_path / "mp.json")]
     assert needle in one_line_error(capsys, argv)
+
+
+def test_damaged_profile_cache_is_measured_again(tmp_path, monkeypatch):
+    """`plan: auto` with a garbled cached profile was a one-line dead end on rank 0 (and a hang of the other ranks
+    waiting for its broadcast): the cache is derived data, so it is measured again."""
+    from meshwright.launcher.profiling import auto as ap
+
+    monkeypatch.setenv("MESHWRIGHT_CACHE_DIR", str(tmp_path))
+    cfg = load_model_config("tiny")
+    ap.auto_profiles(cfg, 1, 32, 2)
+    for f in tmp_path.iterdir():
+        f.write_text("{garbled")
+    hw, prof = ap.auto_profiles(cfg, 1, 32, 2)
+    assert hw["kind"] == "meshwright-hardware-profile" and prof["entries"][0]["tp"] == 1
+    assert all(json.loads(f.read_text())["version"] == 1 for f in tmp_path.iterdir())

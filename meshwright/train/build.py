@@ -121,17 +121,28 @@ def device_memory_bytes() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def check_memory(model_cfg: ModelConfig, world_size: int, available: int | None = None, frozen_base: bool = False) -> None:
+def check_memory(model_cfg: ModelConfig, world_size: int, available: int | None = None, frozen_base: bool = False,
+                 micro_tokens: int = 0, loss_chunk_tokens: int = 0) -> None:
     """Up-front sanity check, before any allocation: refuse (one line) a model whose weights, gradients and AdamW
     state (weights alone for a frozen base, as MEFT trains) could not fit even spread evenly over every device
-    (a vocab of 10^12 used to crash the allocator)."""
+    (a vocab of 10^12 used to crash the allocator); then a micro-batch of ``micro_tokens`` tokens whose
+    activations could not fit either: a lower bound (the logits, or one chunk of them, and each block's input, at
+    2 bytes a value, spread over every device), so only hopeless micro-batches are refused, never a real one."""
     per_param = 4 if frozen_base else TRAIN_BYTES_PER_PARAM
-    need = model_cfg.num_params() * per_param / max(world_size, 1)
+    world = max(world_size, 1)
+    need = model_cfg.num_params() * per_param / world
     have = available if available is not None else device_memory_bytes()
     if need > have:
         raise invalid("model", model_cfg.name, f"a model that fits: {model_cfg.num_params():,} params need about "
                       f"{need / 2**30:,.1f} GiB per device ({per_param} bytes per parameter for training) over {world_size} "
                       f"device(s); one device here has {have / 2**30:,.1f} GiB")
+    logits = min(micro_tokens, loss_chunk_tokens or micro_tokens) * model_cfg.vocab_size
+    act = (logits + micro_tokens * model_cfg.n_layers * model_cfg.d_model) * 2 / world
+    if need + act > have:
+        raise invalid("micro_batch", f"{micro_tokens:,} tokens per micro-batch",
+                      f"fewer: their activations alone need at least {act / 2**30:,.1f} GiB per device beside "
+                      f"{need / 2**30:,.1f} GiB of weights and optimizer state; one device here has {have / 2**30:,.1f} "
+                      f"GiB (lower micro_batch or seq_len, or set loss_chunk_tokens)")
 
 
 def _installed(module: str) -> bool:
@@ -156,7 +167,8 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
     The Plan is validated once: here for one process, by the distributed runtime otherwise."""
     job = train_cfg if isinstance(train_cfg, TrainingJob) else TrainingJob.resolve(train_cfg, plan_ref)
     cfg, model_cfg = job.cfg, job.model
-    check_memory(model_cfg, job.world_size, frozen_base=cfg.meft is not None)
+    check_memory(model_cfg, job.world_size, frozen_base=cfg.meft is not None, micro_tokens=cfg.micro_batch * cfg.seq_len,
+                 loss_chunk_tokens=cfg.loss_chunk_tokens)
     if cfg.seq_len > model_cfg.max_seq_len:  # both runtimes: under torchrun it failed deep in the model
         raise invalid("seq_len", cfg.seq_len, f"at most model.max_seq_len={model_cfg.max_seq_len}")
     if job.distributed:

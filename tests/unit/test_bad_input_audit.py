@@ -400,3 +400,34 @@ def test_damaged_profile_cache_is_measured_again(tmp_path, monkeypatch):
     hw, prof = ap.auto_profiles(cfg, 1, 32, 2)
     assert hw["kind"] == "meshwright-hardware-profile" and prof["entries"][0]["tp"] == 1
     assert all(json.loads(f.read_text())["version"] == 1 for f in tmp_path.iterdir())
+
+
+# ---- memory ----------------------------------------------------------------------------------------------
+
+def test_hopeless_micro_batch_is_refused_before_any_allocation():
+    """micro_batch x seq_len whose logits and block inputs alone exceed the device (an OOM kill, or CUDA's OOM
+    traceback, after the model was built); a lower bound, so real micro-batches pass."""
+    from meshwright.train.build import check_memory
+
+    tiny = load_model_config("tiny")
+    with pytest.raises(ConfigError, match=r"^micro_batch='16,777,216 tokens per micro-batch' is invalid; valid: fewer"):
+        check_memory(tiny, 1, available=20 * 2**30, micro_tokens=2**24)  # 24 GiB of logits and block inputs
+    check_memory(tiny, 1, available=20 * 2**30, micro_tokens=2**24, loss_chunk_tokens=4096)  # chunked logits: 16 GiB
+    check_memory(load_model_config("llama3-8b"), 8, available=80 * 2**30, micro_tokens=16 * 8192)  # a real one
+
+
+@pytest.mark.parametrize("error", ["OutOfMemoryError", "cpu"])
+def test_out_of_memory_during_training_is_one_line(capsys, monkeypatch, tmp_path, error):
+    import torch
+
+    import meshwright.commands.train as train_cmd
+
+    def oom(*a, **k):
+        if error == "cpu":
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                               "you tried to allocate 68719476736 bytes.\\nmore detail")
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB.\\nGPU 0 has ...")
+
+    monkeypatch.setattr(train_cmd, "run_training", oom)
+    line = one_line_error(capsys, [*TRAIN, f"out_dir={tmp_path / 'o'}"])
+    assert "error: out of memory (" in line and "micro_batch" in line

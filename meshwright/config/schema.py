@@ -28,6 +28,7 @@ MAX_SIZES = {"vocab_size": 2**24, "d_model": 2**17, "n_layers": 10_000, "n_heads
 MAX_STEPS = 10**9
 MAX_TOKENS_PER_STEP = 2**34
 MAX_SEED = 2**32 - 1
+MAX_DEVICES = 2**20  # devices in one cluster (the largest runs use ~10^5); the planner searches 2**20 in ~15 s
 
 
 def _at_most(prefix: str, obj: Any, bounds: dict[str, int]) -> None:
@@ -246,6 +247,9 @@ class ClusterSpec:
                   "memory_bw_gbps")
         if self.host_power_w < 0:
             raise invalid(f"{p}host_power_w", self.host_power_w, "a non-negative number of W per node")
+        if self.nodes * self.devices_per_node > MAX_DEVICES:  # 10^9 nodes hung the planner enumerating divisors
+            raise invalid(f"{p}nodes", self.nodes, f"at most {MAX_DEVICES:,} devices in all (nodes x devices_per_node="
+                          f"{self.devices_per_node})")
         if not 0.0 < self.clock_fraction <= 1.0:
             raise invalid(f"{p}clock_fraction", self.clock_fraction, "a number in (0, 1] (sustained / boost clock)")
         if self.idle_w < 0 or self.idle_w > self.tdp_w:

@@ -431,3 +431,10 @@ def test_out_of_memory_during_training_is_one_line(capsys, monkeypatch, tmp_path
     monkeypatch.setattr(train_cmd, "run_training", oom)
     line = one_line_error(capsys, [*TRAIN, f"out_dir={tmp_path / 'o'}"])
     assert "error: out of memory (" in line and "micro_batch" in line
+
+
+@pytest.mark.timeout(60)
+def test_cluster_size_is_bounded_not_a_hang(capsys):
+    argv = ["plan", "--model", "tiny", "--cluster", "dgx-h100-80g", "--seq-len", "64", "--global-batch", "8",
+            "--nodes", str(10**9), "--top", "1"]
+    assert "cluster.nodes=1000000000 is invalid" in one_line_error(capsys, argv)  # hung enumerating divisors

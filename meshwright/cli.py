@@ -35,9 +35,29 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"meshwright {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+        # a path the command was given cannot be read or written: one line, not a traceback
+        where = exc.filename if exc.filename is not None else "?"
+        print(f"meshwright {args.command}: error: path={str(where)!r} is unusable ({exc.strerror or exc}); valid: an "
+              f"existing, readable input or a writable output location", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as exc:
+        if not _out_of_memory(exc):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"meshwright {args.command}: error: out of memory ({first[:200]}); valid: a smaller micro_batch or "
+              f"seq_len, recompute/loss_chunk_tokens, or a layout over more devices (`meshwright plan`)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"meshwright {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """torch.OutOfMemoryError (CUDA), the CPU allocator's failure, or Python's MemoryError: matched by name so
+    that `meshwright --help` never imports torch."""
+    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or "DefaultCPUAllocator: can't allocate memory" in str(exc))
 
 
 def run() -> None:

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     prep.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
     prep.add_argument("--text-key", default="text", help="field holding the text in .jsonl lines (default 'text')")
     prep.add_argument("--default", action="store_true", help="build the embedded default corpus (stdlib sources) into the cache")
-    prep.add_argument("--max-files", type=int, default=400, help="with --default: files to sample (default 400)")
+    prep.add_argument("--max-files", type=int, default=None, help="with --default: files to sample (default 400)")
     prep.add_argument("--no-progress", action="store_true", help="no progress bar")
     prep.set_defaults(func=_prepare)
 
@@ -41,10 +41,13 @@ def _prepare(args: argparse.Namespace) -> int:
     if args.default:
         if args.inputs or args.out:
             raise ConfigError("--default takes no INPUTS or --out; valid: `meshwright data prepare --default` or `... INPUTS --out DIR`")
-        out = prepare_default_corpus(args.max_files, args.tokenizer, args.vocab_size, progress=not args.no_progress)
+        out = prepare_default_corpus(400 if args.max_files is None else args.max_files, args.tokenizer, args.vocab_size,
+                                     progress=not args.no_progress)
     else:
         if not args.inputs:
             raise invalid("inputs", [], "one or more files or directories (or --default)")
+        if args.max_files is not None:  # it samples the embedded corpus only; on INPUTS it was ignored silently
+            raise invalid("--max-files", args.max_files, "used only with --default (every INPUT file is tokenized)")
         if not args.out:
             raise invalid("--out", None, "an output directory")
         out = prepare(args.inputs, args.out, args.tokenizer, args.vocab_size, args.text_key,

@@ -36,7 +36,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.ssh_port is not None and not 0 < args.ssh_port < 65536:
         raise invalid("--ssh-port", args.ssh_port, "an integer in 1..65535")
+    if not 0 < args.connect_timeout < float("inf"):
+        raise invalid("--connect-timeout", args.connect_timeout, "a positive number of seconds")
+    if args.ssh_key is not None and not os.path.isfile(args.ssh_key):
+        raise invalid("--ssh-key", args.ssh_key, "an existing private key file")
     command = args.train_command[1:] if args.train_command[:1] == ["--"] else args.train_command
+    if command[:1] == ["train"] and os.path.realpath(args.workdir) == os.path.realpath(os.getcwd()):
+        from meshwright.commands.train import preflight
+
+        preflight(command)  # the hosts run in this directory: a bad config fails here, before any host starts
     env = {}
     for item in args.env:
         if "=" not in item:

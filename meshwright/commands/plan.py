@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Any
 
-from meshwright.errors import ConfigError
+from meshwright.errors import ConfigError, invalid
 from meshwright.launcher.planner.stack import STACKS
 
 STACK_NAMES = tuple(STACKS)
@@ -108,6 +108,7 @@ def _load_inputs(args: argparse.Namespace) -> dict[str, Any]:
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise ConfigError(f"--{name.replace('_', '-')}={v!r} is invalid; valid: a positive integer")
+    _check_outputs_and_extras(args)
     cfg = load_model_config(args.model)
     cluster = load_cluster(args.cluster, nodes=args.nodes, devices_per_node=args.devices_per_node)
     hprof = load_hardware_profile(args.hardware_profile) if args.hardware_profile else None
@@ -119,6 +120,25 @@ def _load_inputs(args: argparse.Namespace) -> dict[str, Any]:
     if args.attention != hw.attention:
         hw = dataclasses.replace(hw, attention=args.attention)
     return {"cfg": cfg, "cluster": cluster, "hw": hw}
+
+
+def _check_outputs_and_extras(args: argparse.Namespace) -> None:
+    """What would otherwise fail only after the search: the --out path, --train-config, the capacity inputs."""
+    from meshwright.config import load_train_config
+    from meshwright.config.io import check_output_path
+    from meshwright.launcher.planner.capacity import DEFAULT_GRID, DEFAULT_PUE, check_capacity_inputs, parse_tokens
+
+    if getattr(args, "out", None):
+        check_output_path(args.out, "--out", directory=False)
+    if getattr(args, "train_config", None):
+        if not getattr(args, "emit", None):
+            raise invalid("--train-config", args.train_config, "used only with --emit (drop it, or add --emit)")
+        args.train_config_loaded = load_train_config(args.train_config)
+    if hasattr(args, "goodput"):
+        check_capacity_inputs(None if args.train_tokens is None else parse_tokens(args.train_tokens),
+                              DEFAULT_PUE if args.pue is None else args.pue,
+                              DEFAULT_GRID if args.grid_intensity is None else args.grid_intensity,
+                              args.price_per_device_hour, args.goodput, args.power_basis, args.measured_power_w)
 
 
 def _stack(args: argparse.Namespace) -> str:
@@ -295,13 +315,12 @@ def run(args: argparse.Namespace) -> int:
         return 1
     best = objects["best"]
     if args.out:
-        best.plan.save(args.out)
+        try:
+            best.plan.save(args.out)
+        except OSError as exc:
+            raise invalid("--out", args.out, f"a writable file path ({exc.strerror or exc})") from None
     if args.emit:
-        train = None
-        if args.train_config:
-            from meshwright.config import load_train_config
-
-            train = load_train_config(args.train_config)
+        train = getattr(args, "train_config_loaded", None)
         text, notes = emit(best.plan, objects["cfg"], args.emit, train)
         if args.allow:  # the consumers run none of meshwright's savers: say so rather than drop them unseen
             notes.append(f"--allow {' '.join(args.allow)} ignored: {args.emit} runs none of meshwright's memory savers, "

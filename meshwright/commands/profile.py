@@ -54,14 +54,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.set_defaults(func=run_model)
 
 
+def _check_common(args: argparse.Namespace) -> None:
+    """Before any measurement: iterations, the process-group timeout and the --out path."""
+    from meshwright.config.io import check_output_path
+
+    if args.iters < 1:  # 0 iterations averaged an empty list into a NaN profile
+        raise ConfigError(f"--iters={args.iters!r} is invalid; valid: a positive integer")
+    if not 0 < args.timeout_s < float("inf"):
+        raise ConfigError(f"--timeout-s={args.timeout_s!r} is invalid; valid: a positive number of seconds")
+    check_output_path(args.out, "--out", directory=False)
+
+
 def run_hardware(args: argparse.Namespace) -> int:
     import torch
 
     from meshwright.config import load_cluster
     from meshwright.launcher.profiling.hardware import distributed_from_env, profile_hardware, save_hardware_profile
 
-    if args.iters < 1:
-        raise ConfigError(f"--iters={args.iters!r} is invalid; valid: a positive integer")
+    _check_common(args)
     gpu = torch.cuda.is_available()
     dtypes = args.dtypes.split(",") if args.dtypes else (["bf16", "fp8", "fp32"] if gpu else ["fp32"])
     sizes = args.sizes or ([2048, 4096, 8192] if gpu else [256, 512, 1024])
@@ -87,6 +97,7 @@ def run_model(args: argparse.Namespace) -> int:
     from meshwright.launcher.profiling.hardware import distributed_from_env
     from meshwright.launcher.profiling.model import default_tps, profile_model, save_model_profile
 
+    _check_common(args)
     cfg = load_model_config(args.model)
     if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
         raise ConfigError(f"--device={args.device!r} is invalid; valid: cpu" + (" or cuda" if torch.cuda.is_available() else " (no GPU here)"))

@@ -10,7 +10,7 @@ import os
 
 from meshwright.config import load_train_config, parse_override, preset_names
 from meshwright.errors import ConfigError
-from meshwright.train.build import run_training
+from meshwright.train.build import load_plan_file, run_training
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,6 +52,22 @@ def _split_overrides(args: argparse.Namespace) -> None:
     args.resume_from = ns.resume_from if ns.resume_from is not None else args.resume_from
     args.overwrite = args.overwrite or ns.overwrite
     args.allow_config_change = args.allow_config_change or ns.allow_config_change
+
+
+def preflight(argv: list[str]) -> None:
+    """Check a ``train ...`` command line without running it: its config, overrides and plan file, one line per
+    mistake (``meshwright launch`` calls it before starting anything on the hosts)."""
+    p = argparse.ArgumentParser(prog="meshwright train", add_help=False)
+    p.add_argument("config")
+    p.add_argument("overrides", nargs=argparse.REMAINDER)
+    _add_flags(p)
+    args, unknown = p.parse_known_args(argv[1:])
+    args.overrides = list(args.overrides) + unknown
+    _split_overrides(args)
+    cfg = load_train_config(args.config, dict(parse_override(o) for o in args.overrides))
+    plan = args.plan if args.plan is not None else cfg.plan
+    if plan is not None and plan != "auto":
+        load_plan_file(plan)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import types
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -34,9 +35,38 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+MAX_NODES = 1_000_000  # values in a config once aliases are expanded; a real plan of 10,000 layers has ~200k
+
+
+def _expanded_size(obj: Any, memo: dict[int, int | None]) -> int:
+    """Values ``obj`` holds once YAML aliases are expanded (shared objects counted once per use); cycles refused."""
+    if not isinstance(obj, (dict, list)):
+        return 1
+    key = id(obj)
+    if key in memo:
+        if memo[key] is None:
+            raise ConfigError("a YAML alias refers to a mapping or list that contains it; valid: a config without cycles")
+        return memo[key]  # type: ignore[return-value]
+    memo[key] = None
+    items = [x for kv in obj.items() for x in kv] if isinstance(obj, dict) else obj
+    n = 1
+    for item in items:
+        n += _expanded_size(item, memo)
+        if n > MAX_NODES:
+            break
+    memo[key] = n
+    return n
+
+
 def load_yaml(text: str) -> Any:
-    """``yaml.safe_load`` with duplicate keys refused (one-line ConfigError)."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    """``yaml.safe_load`` with duplicate keys, alias bombs and alias cycles refused (one-line ConfigError): nine
+    nested aliases of nine items expand to 10^9 values when a config is copied or written (a plan's
+    ``predicted`` hung `train` that way)."""
+    data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    if _expanded_size(data, {}) > MAX_NODES:
+        raise ConfigError(f"the YAML expands to more than {MAX_NODES:,} values through aliases (*name); valid: a "
+                          f"config without alias expansion bombs")
+    return data
 
 
 def _no_duplicate_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -222,6 +252,18 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def check_output_path(path: str | Path, label: str, directory: bool) -> None:
+    """Before any work: ``path`` can become the output (a ``directory`` or a file) — not the other kind already,
+    and its nearest existing parent is a writable directory. Creates nothing."""
+    p = Path(path)
+    what = "a directory" if directory else "a file path"
+    if p.exists() and p.is_dir() != directory:
+        raise ConfigError(f"{label}={str(path)!r} is invalid; valid: {what} (this path is {'a file' if directory else 'a directory'})")
+    parent = next((a for a in p.absolute().parents if a.exists()), None)
+    if parent is not None and not (parent.is_dir() and os.access(parent, os.W_OK)):
+        raise ConfigError(f"{label}={str(path)!r} is invalid; valid: {what} in a writable directory ({parent} is not one)")
+
+
 def dump_yaml(obj: Any) -> str:
     return yaml.safe_dump(to_dict(obj), sort_keys=False)
 
@@ -261,4 +303,4 @@ def write_yaml(obj: Any, path: str | Path) -> None:
     tmp.replace(p)
 
 
-__all__ = ["dump_yaml", "from_dict", "load_json", "load_yaml", "read_mapping", "read_text", "read_versioned_json", "to_dict", "write_json_atomic", "write_yaml"]
+__all__ = ["check_output_path", "dump_yaml", "from_dict", "load_json", "load_yaml", "read_mapping", "read_text", "read_versioned_json", "to_dict", "write_json_atomic", "write_yaml"]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from meshwright.config.hf import model_config_from_hf
-from meshwright.config.io import from_dict, read_mapping, to_dict
+from meshwright.config.io import from_dict, load_yaml, read_mapping, to_dict
 from meshwright.config.schema import ClusterSpec, ModelConfig, TrainConfig
 from meshwright.errors import ConfigError, invalid
 
@@ -79,9 +79,11 @@ def load_train_config(ref: str | Path | dict[str, Any] | None = None, overrides:
         target = data
         parts = key.split(".")
         for part in parts[:-1]:
-            target = target.setdefault(part, {})
-            if not isinstance(target, dict):
-                raise invalid(key, value, "a key whose parents are mappings")
+            parent = target.setdefault(part, {})
+            if not isinstance(parent, dict):
+                raise invalid(key, value, f"a key whose parents are mappings ({part}={parent!r} here; set {part} "
+                              f"as a whole, e.g. {part}={{...}})")
+            target = parent
         target[parts[-1]] = value
     cfg = from_dict(TrainConfig, data)
     load_model_config(cfg.model)  # fail early, with the model's own field names
@@ -96,8 +98,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override={text!r} is invalid; valid: KEY=VALUE, e.g. steps=100")
     key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override={text!r} is invalid; valid: KEY=VALUE with a field name before '=', e.g. steps=100")
     try:
-        value = yaml.safe_load(raw)
+        value = load_yaml(raw)  # duplicate keys and alias bombs refused here too
     except yaml.YAMLError:
         value = raw
     return key.strip(), value

@@ -28,6 +28,7 @@ MAX_SIZES = {"vocab_size": 2**24, "d_model": 2**17, "n_layers": 10_000, "n_heads
 MAX_STEPS = 10**9
 MAX_TOKENS_PER_STEP = 2**34
 MAX_SEED = 2**32 - 1
+MAX_DEVICES = 2**20  # devices in one cluster (the largest runs use ~10^5); the planner searches 2**20 in ~15 s
 
 
 def _at_most(prefix: str, obj: Any, bounds: dict[str, int]) -> None:
@@ -123,11 +124,22 @@ class ModelConfig:
             raise invalid(f"{p}dropout", self.dropout, "a number in [0, 1)")
         if self.n_experts < 0:
             raise invalid(f"{p}n_experts", self.n_experts, "0 (dense) or a positive integer")
+        # MoE fields are range-checked on dense models too: a typo there is silently ignored otherwise
+        if self.top_k < 1:
+            raise invalid(f"{p}top_k", self.top_k, "a positive integer (experts per token)")
+        if self.moe_ffn_hidden is not None and self.moe_ffn_hidden <= 0:
+            raise invalid(f"{p}moe_ffn_hidden", self.moe_ffn_hidden, "a positive integer or null (ffn_hidden)")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise invalid(f"{p}capacity_factor", self.capacity_factor, "a positive number or null (no dropping)")
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            if getattr(self, name) < 0:
+                raise invalid(f"{p}{name}", getattr(self, name), "a non-negative number (0 disables it)")
         if self.n_experts:
+            if self.moe_every > self.n_layers:
+                raise invalid(f"{p}moe_every", self.moe_every, f"at most n_layers={self.n_layers} (no block would get "
+                              f"experts), or n_experts=0 for a dense model")
             if not 1 <= self.top_k <= self.n_experts:
                 raise invalid(f"{p}top_k", self.top_k, f"an integer in [1, n_experts={self.n_experts}]")
-            if self.capacity_factor is not None and self.capacity_factor <= 0:
-                raise invalid(f"{p}capacity_factor", self.capacity_factor, "a positive number or null (no dropping)")
             if self.arch != "llama":
                 raise invalid(f"{p}arch", self.arch, "'llama' for MoE models (SwiGLU experts)")
 
@@ -233,12 +245,18 @@ class ClusterSpec:
         p = f"{prefix}." if prefix else ""
         _positive(p, self, "nodes", "devices_per_node", "memory_gib", "tdp_w", "intra_node_bw_gbps", "inter_node_bw_gbps",
                   "memory_bw_gbps")
+        if self.host_power_w < 0:
+            raise invalid(f"{p}host_power_w", self.host_power_w, "a non-negative number of W per node")
+        if self.nodes * self.devices_per_node > MAX_DEVICES:  # 10^9 nodes hung the planner enumerating divisors
+            raise invalid(f"{p}nodes", self.nodes, f"at most {MAX_DEVICES:,} devices in all (nodes x devices_per_node="
+                          f"{self.devices_per_node})")
         if not 0.0 < self.clock_fraction <= 1.0:
             raise invalid(f"{p}clock_fraction", self.clock_fraction, "a number in (0, 1] (sustained / boost clock)")
         if self.idle_w < 0 or self.idle_w > self.tdp_w:
             raise invalid(f"{p}idle_w", self.idle_w, f"a number in [0, tdp_w={self.tdp_w}]")
-        if self.intra_node_latency_us < 0 or self.inter_node_latency_us < 0:
-            raise invalid(f"{p}intra_node_latency_us", self.intra_node_latency_us, "a non-negative number")
+        for name in ("intra_node_latency_us", "inter_node_latency_us"):
+            if getattr(self, name) < 0:
+                raise invalid(f"{p}{name}", getattr(self, name), "a non-negative number")
         if not self.peak_tflops:
             raise invalid(f"{p}peak_tflops", self.peak_tflops, f"a mapping with at least one of {', '.join(self.DTYPES)}")
         for k, v in self.peak_tflops.items():
@@ -342,7 +360,11 @@ class TrainConfig:
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
-        _positive(p, self, "seq_len", "global_batch", "micro_batch", "steps", "lr", "log_every", "eval_batches")
+        _positive(p, self, "seq_len", "global_batch", "micro_batch", "steps", "lr", "eps", "log_every", "eval_batches")
+        if not self.out_dir.strip():
+            raise invalid(f"{p}out_dir", self.out_dir, "a directory path (an empty one would write into the working directory)")
+        if self.wandb is not None and not self.wandb_project.strip():
+            raise invalid(f"{p}wandb_project", self.wandb_project, "a non-empty W&B project name")
         if self.global_batch % self.micro_batch:
             raise invalid(f"{p}global_batch", self.global_batch, f"a multiple of micro_batch={self.micro_batch}")
         _at_most(p, self, {"steps": MAX_STEPS, "seq_len": MAX_SIZES["max_seq_len"], "global_batch": 2**24})

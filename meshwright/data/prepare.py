@@ -176,6 +176,15 @@ def check_out_dir(out: Path, inputs: list[str | Path]) -> None:
                       "files, which would be deleted; it is left alone)")
 
 
+def check_writable_parent(out: Path) -> None:
+    """The directory ``out`` is built beside must be creatable and writable: said before any input is tokenized."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=out.parent))
+    except OSError as exc:
+        raise invalid("--out", str(out), f"a path in a writable directory ({exc.strerror or exc})") from None
+
+
 def _write_instruct(tmp: Path, files: list[Path], tok: Any, progress: bool) -> None:
     """tokens.bin + mask.bin + index.json for prompt/response or chat jsonl files."""
     if tok.name == "hf":
@@ -220,6 +229,7 @@ def prepare(inputs: list[str | Path], out: str | Path, tokenizer: str = "byte", 
     if fmt == "instruct" and tokenizer == "bpe":
         raise invalid("tokenizer", tokenizer, "byte or a tokenizer.json path for instruction data")
     check_out_dir(Path(out), inputs)
+    check_writable_parent(Path(out))
     files = collect_inputs(inputs)
     return atomic_directory(Path(out), lambda tmp: _write(tmp, files, tokenizer, vocab_size, text_key, progress, fmt))
 

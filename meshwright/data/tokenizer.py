@@ -14,6 +14,7 @@ from typing import Iterable, Protocol
 from meshwright.errors import ConfigError, invalid
 
 TOKENIZERS = ("byte", "bpe")  # ... or the path of a Hugging Face tokenizer.json
+MAX_BPE_VOCAB = 2**20  # far above any real vocabulary (Llama 3: 128k, Gemma: 256k)
 
 
 class Tokenizer(Protocol):
@@ -72,8 +73,8 @@ class BPETokenizer:
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> "BPETokenizer":
         tk = _require_tokenizers()
-        if vocab_size < 512:
-            raise invalid("vocab_size", vocab_size, "at least 512 for a BPE tokenizer")
+        if not 512 <= vocab_size <= MAX_BPE_VOCAB:  # a huge size aborted the process inside the Rust trainer
+            raise invalid("vocab_size", vocab_size, f"an integer in [512, {MAX_BPE_VOCAB:,}] for a BPE tokenizer")
         tok = tk.Tokenizer(tk.models.BPE())
         tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = tk.decoders.ByteLevel()

@@ -44,7 +44,13 @@ class SafetensorsReader:
         index = self.root / "model.safetensors.index.json"
         single = self.root / "model.safetensors"
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            try:
+                weight_map = json.loads(index.read_bytes().decode("utf-8")).get("weight_map")
+            except (ValueError, UnicodeDecodeError, AttributeError):
+                weight_map = None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise invalid("init_from", str(path), f"a directory whose {index.name} is JSON with a weight_map "
+                              f"of tensor name -> file name")
             self.files = {k: self.root / v for k, v in weight_map.items()}
         elif single.is_file():
             self.files = {k: single for k in self._open(single).keys()}
@@ -56,7 +62,12 @@ class SafetensorsReader:
         from safetensors import safe_open
 
         if file not in self._handles:
-            self._handles[file] = safe_open(str(file), framework="pt")
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt")
+            except Exception as exc:  # noqa: BLE001 - SafetensorError (truncated, garbage), OSError: one line
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise invalid("init_from", str(self.root), f"a directory of readable safetensors files: {file.name} "
+                              f"is damaged or truncated ({first[:200]})") from None
         return self._handles[file]
 
     def keys(self) -> list[str]:
@@ -95,9 +106,20 @@ class Source:
     transpose: bool = False
     offset: int = 0  # start of this parameter along the checkpoint axis that becomes meshwright's dim 0
     rope_heads: int = 0
+    exact: bool = True  # the checkpoint tensor has exactly this parameter's shape (False: a block of a fused one)
 
     def keys(self) -> list[str]:
         return [self.key]
+
+    def check_shape(self, reader: SafetensorsReader, name: str, shape: tuple[int, ...]) -> None:
+        """Refuse a checkpoint tensor larger than the parameter: slicing would otherwise load its corner silently."""
+        if not self.exact:
+            return
+        found = reader.shape(self.key)
+        want = tuple(reversed(shape)) if self.transpose else shape
+        if found != want:
+            raise ConfigError(f"init_from: {name} has shape {want} in the model, {self.key} has {found} in "
+                              f"{str(reader.root)!r}; valid: a model config matching the checkpoint's config.json")
 
     def read(self, reader: SafetensorsReader, idx: Index, shape: tuple[int, ...]) -> torch.Tensor:
         r0, r1 = _bounds(idx[0], shape[0])
@@ -187,8 +209,8 @@ def gpt2_sources(cfg: ModelConfig, reader: SafetensorsReader) -> dict[str, Sourc
             out[f"{o}{ours}.weight"] = Source(f"{h}{theirs}.weight")
             out[f"{o}{ours}.bias"] = Source(f"{h}{theirs}.bias")
         for j, name in enumerate(("wq", "wk", "wv")):
-            out[f"{o}attention.{name}.weight"] = Source(f"{h}attn.c_attn.weight", transpose=True, offset=j * d)
-            out[f"{o}attention.{name}.bias"] = Source(f"{h}attn.c_attn.bias", offset=j * d)
+            out[f"{o}attention.{name}.weight"] = Source(f"{h}attn.c_attn.weight", transpose=True, offset=j * d, exact=False)
+            out[f"{o}attention.{name}.bias"] = Source(f"{h}attn.c_attn.bias", offset=j * d, exact=False)
         for ours, theirs in (("attention.wo", "attn.c_proj"), ("feed_forward.w1", "mlp.c_fc"),
                              ("feed_forward.w2", "mlp.c_proj")):
             out[f"{o}{ours}.weight"] = Source(f"{h}{theirs}.weight", transpose=True)
@@ -241,6 +263,8 @@ def load_pretrained_into(model: nn.Module | Iterable[nn.Module], path: str | Pat
                 continue
             src = sources[name]
             idx, local = _local_index(param)
+            if isinstance(src, Source):
+                src.check_shape(reader, name, tuple(param.shape))
             value = src.read(reader, idx, tuple(param.shape))
             if tuple(value.shape) != tuple(local.shape):
                 raise ConfigError(f"init_from: {name} reads shape {tuple(value.shape)} from {str(path)!r}, the model "

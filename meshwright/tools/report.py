@@ -20,8 +20,8 @@ from typing import Any, Callable, Optional, Union
 
 import yaml
 
-from meshwright.config.io import read_text
-from meshwright.errors import ConfigError
+from meshwright.config.io import load_yaml, read_text
+from meshwright.errors import ConfigError, invalid
 
 MIN_POINTS = 3  # fewer readings than this: a number in the totals table, not a plot
 
@@ -101,20 +101,27 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     for i, line in enumerate(lines):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 if i == len(lines) - 1:
                     break  # a run killed mid-write leaves a torn last line
                 raise ConfigError(f"{log_path}:{i + 1} is not valid JSON; valid: one JSON object per line") from None
+            if not isinstance(row, dict):
+                raise ConfigError(f"{log_path}:{i + 1} holds {type(row).__name__}; valid: one JSON object per line")
+            rows.append(row)
     summary, plan = {}, None
     try:
         if (run / "summary.json").is_file():
             summary = json.loads(read_text(run / "summary.json", "run_dir summary.json"))
         if (run / "plan.yaml").is_file():
-            plan = yaml.safe_load(read_text(run / "plan.yaml", "run_dir plan.yaml"))
+            plan = load_yaml(read_text(run / "plan.yaml", "run_dir plan.yaml"))
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"run_dir={str(run)!r} has a malformed summary.json or plan.yaml "
                           f"({str(exc).splitlines()[0]}); valid: files written by `meshwright train`") from None
+    for name, value in (("summary.json", summary), ("plan.yaml", plan)):
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"run_dir={str(run)!r} has a {name} holding {type(value).__name__}; valid: a mapping, "
+                              f"as `meshwright train` writes")
     return {"rows": rows, "summary": summary, "plan": plan, "dir": run}
 
 
@@ -124,11 +131,15 @@ def _series(rows: list[dict[str, Any]], key: str, scale: float = 1.0) -> tuple[l
         v = r.get(key)
         if isinstance(v, list):  # per-rank values: plot the max, keep the detail in the table
             v = max(v) if v else None
-        if v is None or "step" not in r:
+        if not _number(v) or not _number(r.get("step")):  # hand-edited or foreign records are skipped, not plotted
             continue
         xs.append(r["step"])
         ys.append(v * scale)
     return xs, ys
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def smooth(ys: list[float], window: int = 0) -> list[float]:
@@ -384,7 +395,10 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     """Write report.html and report.md (+ PNGs) for a run; returns their paths."""
     run = read_run(run_dir)
     out = Path(out_dir) if out_dir else run["dir"]
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise invalid("--out", str(out), f"a writable directory ({exc.strerror or exc})") from None
     sections = build_sections(run)
     title = f"meshwright run report: {run['dir'].name}"
     md = [f"# {title}", ""]

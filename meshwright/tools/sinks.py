@@ -39,6 +39,16 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def check_sink_packages(tensorboard: bool, wandb: str | None) -> None:
+    """The sinks a config switches on must be importable: checked when the run starts, before the model is built."""
+    import importlib.util
+
+    if tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise _missing("tensorboard", True, "tensorboard")
+    if wandb is not None and importlib.util.find_spec("wandb") is None:
+        raise _missing("wandb", wandb, "wandb")
+
+
 def _missing(field: str, value: Any, package: str) -> ConfigError:
     return ConfigError(f"{field}={value!r} needs the {package} package; valid: pip install 'meshwright[{package}]', "
                        f"or {field}: {'false' if isinstance(value, bool) else 'null'}")

@@ -4,6 +4,7 @@ the Trainer. ``run_training`` is the Python entry point (tests, benchmarks); the
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,11 @@ from meshwright.models import build_model, load_pretrained_into
 from meshwright.models.init import resolve_init
 from meshwright.parallel.runtime import build_distributed_runtime, init_distributed
 from meshwright.plan import Plan, default_plan, load_plan, validate_plan
+from meshwright.tools.sinks import check_sink_packages
 from meshwright.train.local_runtime import LocalRuntime
-from meshwright.train.run_dir import RunLock, check_fresh_or_overwrite, check_resume_config, nospace, prepare_out_dir
+from meshwright.train.checkpoint import require_complete
+from meshwright.train.run_dir import (RunLock, check_fresh_or_overwrite, check_resume_config, dirs_to_create, nospace,
+                                     prepare_out_dir, remove_unused)
 from meshwright.train.runtime import Runtime
 from meshwright.train.trainer import Trainer
 
@@ -40,7 +44,7 @@ class TrainingJob:
     def resolve(cls, cfg: TrainConfig, plan_ref: str | None = None) -> "TrainingJob":
         job = cls(cfg, resolve_model_config(cfg), load_cluster(cfg.cluster), world_size_from_env())
         ref = plan_ref if plan_ref is not None else cfg.plan
-        job.plan = _auto_plan(job) if ref == "auto" else _plan_file(ref)
+        job.plan = _auto_plan(job) if ref == "auto" else load_plan_file(ref)
         return job
 
     @property
@@ -74,7 +78,7 @@ def world_size_from_env() -> int:
         raise invalid("WORLD_SIZE", raw, "an integer (set by torchrun)") from None
 
 
-def _plan_file(ref: str | None) -> Plan | None:
+def load_plan_file(ref: str | None) -> Plan | None:
     if ref is None:
         return None
     if not Path(ref).is_file():
@@ -117,17 +121,45 @@ def device_memory_bytes() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def check_memory(model_cfg: ModelConfig, world_size: int, available: int | None = None, frozen_base: bool = False) -> None:
+def check_memory(model_cfg: ModelConfig, world_size: int, available: int | None = None, frozen_base: bool = False,
+                 micro_tokens: int = 0, loss_chunk_tokens: int = 0) -> None:
     """Up-front sanity check, before any allocation: refuse (one line) a model whose weights, gradients and AdamW
     state (weights alone for a frozen base, as MEFT trains) could not fit even spread evenly over every device
-    (a vocab of 10^12 used to crash the allocator)."""
+    (a vocab of 10^12 used to crash the allocator); then a micro-batch of ``micro_tokens`` tokens whose
+    activations could not fit either: a lower bound (the logits, or one chunk of them, and each block's input, at
+    2 bytes a value, spread over every device), so only hopeless micro-batches are refused, never a real one."""
     per_param = 4 if frozen_base else TRAIN_BYTES_PER_PARAM
-    need = model_cfg.num_params() * per_param / max(world_size, 1)
+    world = max(world_size, 1)
+    need = model_cfg.num_params() * per_param / world
     have = available if available is not None else device_memory_bytes()
     if need > have:
         raise invalid("model", model_cfg.name, f"a model that fits: {model_cfg.num_params():,} params need about "
                       f"{need / 2**30:,.1f} GiB per device ({per_param} bytes per parameter for training) over {world_size} "
                       f"device(s); one device here has {have / 2**30:,.1f} GiB")
+    logits = min(micro_tokens, loss_chunk_tokens or micro_tokens) * model_cfg.vocab_size
+    act = (logits + micro_tokens * model_cfg.n_layers * model_cfg.d_model) * 2 / world
+    if need + act > have:
+        raise invalid("micro_batch", f"{micro_tokens:,} tokens per micro-batch",
+                      f"fewer: their activations alone need at least {act / 2**30:,.1f} GiB per device beside "
+                      f"{need / 2**30:,.1f} GiB of weights and optimizer state; one device here has {have / 2**30:,.1f} "
+                      f"GiB (lower micro_batch or seq_len, or set loss_chunk_tokens)")
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a missing parent package
+        return False
+
+
+def check_backends_installed(cfg: TrainConfig, plan: Plan) -> None:
+    """The optional stacks a distributed run names must be importable here (the GPU image lacks deepspeed and
+    megatron-core): said before the process group starts and the model is built, not as an ImportError deep in it."""
+    if cfg.dp_backend == "deepspeed" and not _installed("deepspeed"):
+        raise invalid("dp_backend", cfg.dp_backend, "torch, or install deepspeed on every host")
+    if cfg.tp_backend == "megatron" and any(s.tp > 1 for s in plan.layer_strategies()) \
+            and not _installed("megatron.core"):
+        raise invalid("tp_backend", cfg.tp_backend, "dtensor, or install megatron-core on every host")
 
 
 def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = None) -> Runtime:
@@ -135,19 +167,21 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
     The Plan is validated once: here for one process, by the distributed runtime otherwise."""
     job = train_cfg if isinstance(train_cfg, TrainingJob) else TrainingJob.resolve(train_cfg, plan_ref)
     cfg, model_cfg = job.cfg, job.model
-    check_memory(model_cfg, job.world_size, frozen_base=cfg.meft is not None)
+    check_memory(model_cfg, job.world_size, frozen_base=cfg.meft is not None, micro_tokens=cfg.micro_batch * cfg.seq_len,
+                 loss_chunk_tokens=cfg.loss_chunk_tokens)
+    if cfg.seq_len > model_cfg.max_seq_len:  # both runtimes: under torchrun it failed deep in the model
+        raise invalid("seq_len", cfg.seq_len, f"at most model.max_seq_len={model_cfg.max_seq_len}")
     if job.distributed:
         if cfg.meft is not None:
             raise invalid("meft", "set", "null under the distributed runtime (MEFT runs in one process; DDP is tested "
                           "at the module level in tests/distributed/test_meft_ddp.py)")
         plan = job.plan or default_plan(model_cfg, job.world_size, cfg.seq_len, cfg.global_batch, cfg.micro_batch)
+        check_backends_installed(cfg, plan)
         return build_distributed_runtime(cfg, model_cfg, plan, init_from=cfg.init_from)
     import torch
 
     if job.plan is not None:
         validate_plan(job.plan, model_cfg, job.plan.world_size())
-    if cfg.seq_len > model_cfg.max_seq_len:
-        raise invalid("seq_len", cfg.seq_len, f"at most model.max_seq_len={model_cfg.max_seq_len}")
     if cfg.meft is not None and (cfg.compile or cfg.loss_chunk_tokens):
         raise invalid("compile" if cfg.compile else "loss_chunk_tokens", cfg.compile or cfg.loss_chunk_tokens,
                       "false/0 with meft (the reversible model is neither compiled nor split at the head)")
@@ -171,8 +205,12 @@ def run_training(train_cfg: TrainConfig, plan_ref: str | None = None, resume: bo
     """Everything `meshwright train` does, callable from Python (tests, benchmarks). The main rank holds a lock
     on out_dir for the whole run and applies the fresh/resume/overwrite rules of ``run_dir`` first, before
     anything expensive (``plan: auto`` profiles the machines)."""
-    lock = None
+    if isinstance(resume, str):  # a wrong --resume-from fails before the run creates or builds anything
+        require_complete(Path(resume))
+    check_sink_packages(train_cfg.tensorboard, train_cfg.wandb)
+    lock, created, done = None, [], False
     if int(os.environ.get("RANK", "0")) == 0:
+        created = dirs_to_create(train_cfg.out_dir)
         out = prepare_out_dir(train_cfg.out_dir)
         lock = RunLock(out).acquire()
     try:
@@ -184,7 +222,9 @@ def run_training(train_cfg: TrainConfig, plan_ref: str | None = None, resume: bo
             raise invalid("plan", plan_ref or train_cfg.plan, f"a plan for this process count: it lays the model out "
                           f"on {job.plan.world_size()} devices; launch it with torchrun --nproc-per-node "
                           f"{job.plan.world_size()} (or `meshwright launch`)")
-        return _train(job, resume)
+        summary = _train(job, resume)
+        done = True
+        return summary
     except OSError as exc:
         err = nospace(exc)
         if err is None:
@@ -193,6 +233,8 @@ def run_training(train_cfg: TrainConfig, plan_ref: str | None = None, resume: bo
     finally:
         if lock is not None:
             lock.release()
+            if not done:  # refused input: a directory this run created holds only the lock; remove it
+                remove_unused(created)
 
 
 def _train(job: TrainingJob, resume: bool | str) -> dict[str, Any]:

@@ -152,6 +152,12 @@ def save_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Opti
     return path
 
 
+def require_complete(path: Path) -> None:
+    """One line unless ``path`` is a complete checkpoint directory (checked before a run builds anything)."""
+    if not ((path / STATE_FILE).is_file() and (path / ".metadata").is_file()):
+        raise invalid("resume", str(path), f"a complete checkpoint directory (with .metadata and {STATE_FILE})")
+
+
 def load_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Optimizer | None, *,
                  verify: bool = True) -> dict[str, Any]:
     """Collective: verify ``path`` (checksums, metadata allow-list, fit to this model/optimizer), read it into
@@ -159,8 +165,7 @@ def load_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Opti
     Every failure is one ``ConfigError`` line (``CheckpointCorrupt`` for damaged files); nothing is executed."""
     path = Path(path)
     state_file = path / STATE_FILE
-    if not (state_file.is_file() and (path / ".metadata").is_file()):
-        raise invalid("resume", str(path), f"a complete checkpoint directory (with .metadata and {STATE_FILE})")
+    require_complete(path)
     if (path / MANIFEST).is_file():
         if verify:  # load_latest has just verified it
             error = _verify(path, runtime)

@@ -13,11 +13,14 @@ from pathlib import Path
 import torch.distributed.checkpoint as dcp
 
 from meshwright.config import load_model_config, load_train_config
+from meshwright.config.io import check_output_path
 from meshwright.errors import ConfigError, invalid
 from meshwright.models import build_model
 from meshwright.models.hf_weights import save_hf
 from meshwright.train.build import resolve_model_config
 from meshwright.train.checkpoint import STATE_FILE, _quiet_dcp, latest_checkpoint
+from meshwright.train.checkpoint_io import (MANIFEST, SafeFileSystemReader, SafeLoadPlanner, read_metadata_file,
+                                           verify_manifest)
 
 
 def find_run(ckpt: str | Path) -> tuple[Path, Path]:
@@ -36,16 +39,22 @@ def find_run(ckpt: str | Path) -> tuple[Path, Path]:
 def export_hf(ckpt: str | Path, out: str | Path) -> Path:
     """Write ``out`` (config.json + model.safetensors) from the model weights of checkpoint ``ckpt``."""
     step_dir, run_dir = find_run(ckpt)
+    check_output_path(out, "--hf", directory=True)  # before the checkpoint is read
     cfg = load_train_config(str(run_dir / "config.yaml"))
     if cfg.meft is not None:
         raise invalid("meft", "set", "a run without MEFT (its reversible blocks and adapters are not a Hugging Face architecture)")
     resolved = run_dir / "model.yaml"  # written by run_training: independent of init_from's directory
     model_cfg = load_model_config(str(resolved)) if resolved.is_file() else resolve_model_config(cfg)
+    if (step_dir / MANIFEST).is_file():  # a damaged checkpoint is refused, not exported half-read
+        verify_manifest(step_dir)
+    read_metadata_file(step_dir / ".metadata")  # allow-listed unpickling, as a resume reads it
     model = build_model(model_cfg, device="cpu")
     state = {k: v for k, v in model.state_dict().items() if not (model_cfg.tie_embeddings and k == "output.weight")}
     try:
         with _quiet_dcp():
-            dcp.load({"model": state}, checkpoint_id=str(step_dir))
+            dcp.load({"model": state}, storage_reader=SafeFileSystemReader(str(step_dir)), planner=SafeLoadPlanner())
+    except ConfigError:
+        raise
     except Exception as exc:  # DCP raises a multi-line CheckpointException
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"CKPT={str(step_dir)!r} does not hold the plain model of {run_dir / 'config.yaml'} ({first}); "

@@ -47,6 +47,28 @@ def prepare_out_dir(out_dir: str | Path) -> Path:
     return path
 
 
+def dirs_to_create(out_dir: str | Path) -> list[Path]:
+    """``out_dir`` and those of its parents that do not exist yet, deepest first (what ``prepare_out_dir`` makes)."""
+    out: list[Path] = []
+    path = Path(out_dir).absolute()
+    while not path.exists() and path != path.parent:
+        out.append(path)
+        path = path.parent
+    return out
+
+
+def remove_unused(created: list[Path]) -> None:
+    """After a run refused its input: remove the directories it created that hold nothing but its lock file, so
+    bad input leaves nothing behind."""
+    for i, path in enumerate(created):
+        try:
+            if i == 0 and [p.name for p in path.iterdir()] == [LOCK_FILE]:
+                (path / LOCK_FILE).unlink()
+            path.rmdir()
+        except OSError:
+            return
+
+
 class RunLock:
     """An exclusive ``flock`` on ``out_dir/.meshwright.lock`` for the life of the run. The kernel drops it when the
     process dies (kill -9 included), so a stale lock file never blocks a resume."""

@@ -10,6 +10,7 @@ Power bases (``power_basis``), each multiplied by the data centre's PUE:
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from meshwright.config import ClusterSpec
@@ -61,6 +62,25 @@ def power_per_device_w(cluster: ClusterSpec, utilisation: float, basis: str = "n
     return device_power_w(cluster, utilisation), cluster.host_power_w
 
 
+def check_capacity_inputs(train_tokens: float | None, pue: float, grid_intensity: float,
+                          price_per_device_hour: float | None, goodput: float, power_basis: str,
+                          measured_power_w: float | None) -> None:
+    """The user's capacity inputs, one line per mistake (NaN included); `meshwright plan` calls it before searching."""
+    if not 0.0 < goodput <= 1.0:
+        raise invalid("goodput", goodput, "a number in (0, 1]")
+    if train_tokens is not None and not 0 < train_tokens < math.inf:
+        raise invalid("train_tokens", train_tokens, "a positive, finite number of tokens")
+    validate_grid(pue, grid_intensity)
+    if price_per_device_hour is not None and not 0 <= price_per_device_hour < math.inf:
+        raise invalid("price_per_device_hour", price_per_device_hour, "a non-negative, finite number of USD")
+    if power_basis not in POWER_BASES:
+        raise invalid("power_basis", power_basis, ", ".join(POWER_BASES))
+    if measured_power_w is not None and not 0 < measured_power_w < math.inf:
+        raise invalid("measured_power_w", measured_power_w, "a positive, finite average W per device")
+    if power_basis == "measured" and measured_power_w is None:
+        raise invalid("measured_power_w", measured_power_w, "a positive average W per device (needed by power_basis=measured)")
+
+
 def capacity_plan(cluster: ClusterSpec, tokens_per_s: float, train_tokens: float, utilisation: float = 1.0,
                   pue: float = DEFAULT_PUE, grid_intensity: float = DEFAULT_GRID,
                   price_per_device_hour: float | None = None, goodput: float = 1.0,
@@ -70,15 +90,9 @@ def capacity_plan(cluster: ClusterSpec, tokens_per_s: float, train_tokens: float
     ``goodput`` is the fraction of wall-clock time spent on useful steps (failures, restarts,
     evaluation and checkpoints take the rest); published large runs report roughly 0.7-0.9.
     """
-    if not 0.0 < goodput <= 1.0:
-        raise invalid("goodput", goodput, "a number in (0, 1]")
-    if train_tokens <= 0:
-        raise invalid("train_tokens", train_tokens, "a positive number of tokens")
+    check_capacity_inputs(train_tokens, pue, grid_intensity, price_per_device_hour, goodput, power_basis, measured_power_w)
     if tokens_per_s <= 0:
         raise invalid("tokens_per_s", tokens_per_s, "a positive predicted throughput")
-    validate_grid(pue, grid_intensity)
-    if price_per_device_hour is not None and price_per_device_hour < 0:
-        raise invalid("price_per_device_hour", price_per_device_hour, "a non-negative number of USD")
     seconds = train_tokens / (tokens_per_s * goodput)
     hours = seconds / 3600.0
     devices = cluster.world_size

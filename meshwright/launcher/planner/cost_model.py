@@ -191,8 +191,8 @@ def hardware_from_cluster(cluster: ClusterSpec, profile: Optional[dict[str, Any]
             overlap_slowdown=d["overlap_slowdown"], contention=float(d.get("contention", 1.0)),
         )
     if memory_budget_gib is not None:
-        if memory_budget_gib <= 0:
-            raise invalid("memory_budget_gib", memory_budget_gib, "a positive number of GiB")
+        if not 0 < memory_budget_gib < float("inf"):  # NaN too: it made every layout "not fit"
+            raise invalid("memory_budget_gib", memory_budget_gib, "a positive, finite number of GiB")
         hw = dataclasses.replace(hw, memory_bytes=memory_budget_gib * GIB)
     return apply_stack(hw, stack)
 

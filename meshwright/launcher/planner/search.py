@@ -31,6 +31,7 @@ from meshwright.launcher.planner import cost_model as cm
 from meshwright.plan import EmbeddingStrategy, LayerStrategy, OptimizerSpec, PipelineSpec, Plan, Savers, validate_plan
 
 RECOMPUTE = ("none", "selective", "full")
+MAX_GLOBAL_BATCH = 2**24  # TrainConfig's bound on global_batch
 N_BUCKETS = 64
 
 
@@ -579,6 +580,9 @@ def _check_request(cfg: ModelConfig, seq_len: int, global_batch: int, c: Constra
         raise invalid("seq-len" if seq_len < 1 else "global-batch", seq_len if seq_len < 1 else global_batch, "a positive integer")
     if seq_len > cfg.max_seq_len:
         raise invalid("seq-len", seq_len, f"at most the model's max_seq_len={cfg.max_seq_len}")
+    if global_batch > MAX_GLOBAL_BATCH:  # 10^11 hung enumerating micro-batch sizes
+        raise invalid("global-batch", global_batch, f"at most {MAX_GLOBAL_BATCH:,} sequences (as TrainConfig)")
+    _check_fixed_degrees(cfg, global_batch, c, world)
     cp = c.cp or 1
     if cp > 1 and c.runtime_compatible:
         raise invalid("cp", cp, "1 for layouts meshwright's runtime runs (context parallelism is planned and exported "
@@ -591,6 +595,26 @@ def _check_request(cfg: ModelConfig, seq_len: int, global_batch: int, c: Constra
             raise invalid("pp", c.pp, f"a divisor of world size {world} no larger than n_layers={cfg.n_layers}: {pps}")
         pps = [c.pp]
     return pps
+
+
+def _check_fixed_degrees(cfg: ModelConfig, global_batch: int, c: Constraints, world: int) -> None:
+    """A fixed degree no layout can take is named here, not reported later as "no layout fits in memory"."""
+    if c.tp is not None:
+        tps = [d for d in divisors(world) if cfg.n_heads % d == 0 and cfg.kv_heads % d == 0]
+        if c.tp not in tps:
+            raise invalid("tp", c.tp, f"a divisor of n_heads={cfg.n_heads}, n_kv_heads={cfg.kv_heads} and the world "
+                          f"size {world}: {tps}")
+    if c.dp is not None and world % c.dp:
+        raise invalid("dp", c.dp, f"a divisor of the world size {world}: {divisors(world)}")
+    if c.micro_batch is not None and global_batch % c.micro_batch:
+        raise invalid("micro-batch", c.micro_batch, f"a divisor of global-batch={global_batch}")
+    if c.ep is not None and c.ep > 1:
+        if not cfg.n_experts:
+            raise invalid("ep", c.ep, f"1 (model {cfg.name} has no experts)")
+        if cfg.n_experts % c.ep:
+            raise invalid("ep", c.ep, f"a divisor of n_experts={cfg.n_experts}: {divisors(cfg.n_experts)}")
+    if c.sp and c.tp == 1:
+        raise invalid("sp", c.sp, "off with tp=1 (sequence parallelism splits over the tp group)")
 
 
 def _schedules(cfg: ModelConfig, c: Constraints, pp: int, m: int) -> list[tuple[str, int]]:

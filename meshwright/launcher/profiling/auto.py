@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -22,6 +23,7 @@ import torch
 
 from meshwright.config import ModelConfig
 from meshwright.config.io import to_dict
+from meshwright.errors import ConfigError
 from meshwright.launcher.profiling.hardware import (
     load_hardware_profile,
     profile_hardware,
@@ -83,6 +85,18 @@ def matmul_drift(hw_path: Path, device: torch.device) -> float:
     return (2 * n**3 / seconds / 1e12) / row["tflops"]
 
 
+def _usable(model_path: Path) -> bool:
+    """A cached model profile that loads; a damaged one (a kill mid-write predates atomic writes) is re-measured."""
+    if not model_path.is_file():
+        return False
+    try:
+        load_model_profile(model_path)
+    except ConfigError as exc:
+        print(f"plan auto: re-profiling: the cached model profile is unusable ({exc})", file=sys.stderr)
+        return False
+    return True
+
+
 def _decide(missing: bool) -> bool:
     """Rank 0's answer to "must we profile?", shared with every rank."""
     import torch.distributed as dist
@@ -110,9 +124,13 @@ def auto_profiles(cfg: ModelConfig, world_size: int, seq_len: int, micro_batch: 
     model_path = root / profile_key("model", world_size, model=to_dict(cfg), batches=batches, seqs=seqs, tps=tps, dtype=dtype)
     stale = False
     if rank == 0 and hw_path.is_file():
-        drift = matmul_drift(hw_path, device)
+        try:
+            drift = matmul_drift(hw_path, device)
+        except ConfigError as exc:  # a damaged cache file is measured again, not a dead end (or a hang of the other ranks)
+            print(f"plan auto: re-profiling: the cached hardware profile is unusable ({exc})", file=sys.stderr)
+            drift = math.inf
         stale = drift > STALE_FACTOR
-        if stale:
+        if stale and math.isfinite(drift):
             print(f"plan auto: the cached hardware profile's matmul rate is {drift:.1f}x below today's; re-profiling "
                   f"({hw_path})", file=sys.stderr)
     if _decide(stale or not hw_path.is_file()):
@@ -121,7 +139,7 @@ def auto_profiles(cfg: ModelConfig, world_size: int, seq_len: int, micro_batch: 
         if rank == 0:
             root.mkdir(parents=True, exist_ok=True)
             save_hardware_profile(hw, hw_path)
-    if _decide(not model_path.is_file()):
+    if _decide(not (rank == 0 and _usable(model_path))):
         prof = profile_model(cfg, batches, seqs, tps, device, PROFILE_ITERS, progress=progress, dtype=dtype)
         if rank == 0:
             root.mkdir(parents=True, exist_ok=True)

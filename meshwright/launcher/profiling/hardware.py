@@ -12,6 +12,7 @@ versioned JSON file; ``load_hardware_profile`` validates version and fields.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
 import time
@@ -390,13 +391,20 @@ def load_hardware_profile(path: str | Path) -> dict[str, Any]:
         if key not in d:
             raise ConfigError(f"hardware-profile.derived.{key} is required; valid: a mapping with " + ", ".join(REQUIRED_DERIVED))
     if not isinstance(d["peak_tflops"], dict) or not d["peak_tflops"] or any(
-            not isinstance(v, (int, float)) or v <= 0 for v in d["peak_tflops"].values()):
+            not finite_number(v) or v <= 0 for v in d["peak_tflops"].values()):  # NaN/bool passed `v <= 0`
         raise ConfigError(f"hardware-profile.derived.peak_tflops={d['peak_tflops']!r} is invalid; valid: a mapping dtype -> positive TFLOP/s")
     for key in REQUIRED_DERIVED[1:]:
         v = d[key]
-        if not isinstance(v, (int, float)) or v < 0 or (key.endswith("bw_gbps") and v == 0):
-            raise ConfigError(f"hardware-profile.derived.{key}={v!r} is invalid; valid: a non-negative number (bandwidth > 0)")
+        if not finite_number(v) or v < 0 or (key.endswith("bw_gbps") and v == 0):
+            raise ConfigError(f"hardware-profile.derived.{key}={v!r} is invalid; valid: a finite non-negative number (bandwidth > 0)")
+    if "contention" in d and not (finite_number(d["contention"]) and d["contention"] > 0):
+        raise ConfigError(f"hardware-profile.derived.contention={d['contention']!r} is invalid; valid: a positive number")
     return data
+
+
+def finite_number(v: Any) -> bool:
+    """A real JSON number: not a bool, NaN or infinity (``json`` reads NaN and Infinity)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @contextlib.contextmanager

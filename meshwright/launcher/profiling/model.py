@@ -27,7 +27,7 @@ from meshwright.config.io import read_versioned_json, to_dict, write_json_atomic
 from meshwright.errors import ConfigError, invalid
 from meshwright.launcher.planner import cost_model as cm
 from meshwright.launcher.profiling.blocks import rope_for, shard_block
-from meshwright.launcher.profiling.hardware import measure_matmul, rank_and_world
+from meshwright.launcher.profiling.hardware import finite_number, measure_matmul, rank_and_world
 from meshwright.launcher.profiling.overhead import overhead_fits, profile_runtime_overheads
 from meshwright.memory.accounting import count_saved_bytes
 
@@ -203,10 +203,26 @@ def load_model_profile(path: str | Path) -> dict[str, Any]:
     entries = data.get("entries")
     if not isinstance(entries, list) or not entries:
         raise ConfigError("model-profile.entries is required; valid: a non-empty list")
+    if not isinstance(data.get("model"), dict):
+        raise ConfigError(f"model-profile.model={data.get('model')!r} is invalid; valid: the profiled ModelConfig "
+                          f"(re-run `meshwright profile model`)")
     for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            raise ConfigError(f"model-profile.entries[{i}]={e!r} is invalid; valid: a mapping")
         for key in ("kind", "tp", "fwd_fit", "bwd_fit", "act_bytes_per_token", "act_seq_len"):
             if key not in e:
                 raise ConfigError(f"model-profile.entries[{i}].{key} is required")
+        for fit in ("fwd_fit", "bwd_fit"):
+            if not isinstance(e[fit], dict) or not all(finite_number(e[fit].get(k)) for k in ("a", "b", "c")):
+                raise ConfigError(f"model-profile.entries[{i}].{fit}={e[fit]!r} is invalid; valid: finite a, b, c")
+        act = e["act_bytes_per_token"]
+        if not isinstance(act, dict) or not finite_number(act.get("none")):
+            raise ConfigError(f"model-profile.entries[{i}].act_bytes_per_token={act!r} is invalid; valid: a mapping "
+                              f"with a finite 'none'")
+    ref = data.get("matmul_ref")
+    if ref is not None and (not isinstance(ref, list) or not all(
+            isinstance(m, dict) and "dtype" in m and "n" in m and finite_number(m.get("tflops")) for m in ref)):
+        raise ConfigError(f"model-profile.matmul_ref={ref!r} is invalid; valid: a list of {{dtype, n, tflops}}")
     return data
 
 

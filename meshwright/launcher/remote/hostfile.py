@@ -81,6 +81,9 @@ def _check_hosts(hosts: list[Host], source: str) -> list[Host]:
     return hosts
 
 
+HOST_KEYS = ("name", "slots", "user", "port")
+
+
 def load_hosts(path: str | Path) -> list[Host]:
     """A DeepSpeed hostfile, or a YAML with ``hosts: [{name, slots, user?, port?}]``."""
     p = Path(path)
@@ -99,6 +102,9 @@ def load_hosts(path: str | Path) -> list[Host]:
         for i, e in enumerate(entries):
             if not isinstance(e, dict) or "name" not in e:
                 raise invalid(f"{p} hosts[{i}]", e, "a mapping with name and slots")
+            unknown = [k for k in e if k not in HOST_KEYS]
+            if unknown:  # a typo such as `slot: 8` silently meant 1 slot
+                raise invalid(f"{p} hosts[{i}].{unknown[0]}", e[unknown[0]], f"keys among {', '.join(HOST_KEYS)}")
             hosts.append(_make_host(e["name"], e.get("slots", 1), f"{p} hosts[{i}]", e.get("user"), e.get("port")))
         return _check_hosts(hosts, str(p))
     return parse_hostfile_text(text, str(p))

@@ -256,7 +256,8 @@ class Trainer:
             q.loss, q.grad_norm = _read_back(q.loss_t, q.norm_t)
             q.done_at = time.perf_counter()
         loss, grad_norm = q.loss, q.grad_norm
-        step_s = q.done_at - max(q.t0, self._last_done)
+        start = max(q.t0, self._last_done)
+        step_s = q.done_at - start
         self._last_done = q.done_at
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if not finite:
@@ -268,7 +269,8 @@ class Trainer:
                 raise NonFiniteLoss(f"step {q.step}: {self.skipped_steps} non-finite steps skipped, more than "
                                     f"max_skipped={cfg.max_skipped} (nan_policy='skip'); valid: a lower lr, "
                                     f"grad_clip>0, or a larger max_skipped")
-        return {"loss": loss, "grad_norm": grad_norm, "lr": q.lr, "step_s": step_s, "finite": finite, "step": q.step}
+        return {"loss": loss, "grad_norm": grad_norm, "lr": q.lr, "step_s": step_s, "finite": finite, "step": q.step,
+                "early_s": start - q.t0}  # queued before the previous read-back: counted in that step's step_s
 
     def steps(self) -> Iterator[dict[str, Any]]:
         """Train to ``cfg.steps``, yielding each step's ``train_step`` record in order. Where ``may_overlap``
@@ -493,6 +495,8 @@ class _RunStats:
         self.interval_tokens += tokens
         if step > self.first_step + 1:  # the first step pays one-off allocation costs
             self.steady_s += out["step_s"]
+            if step == self.first_step + 2:  # its start was counted in the first step's interval (overlapped)
+                self.steady_s += out.get("early_s", 0.0)
             self.steady_tokens += tokens
 
 

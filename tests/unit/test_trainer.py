@@ -208,3 +208,30 @@ def test_nan_policy_stop_with_overlapped_readback_stops_at_that_step(data, tmp_p
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
+
+
+def test_steady_state_timing_counts_the_second_step_when_the_first_is_overlapped(data, tmp_path, monkeypatch):
+    """The summary's steady state excludes the first step, not the second: where step 1 is read back after
+    step 2 was queued, the time spent queueing step 2 still counts. A fake clock that advances one second
+    per forward/backward (all the work there is, on CPU) makes every step take exactly 1 s."""
+    import types
+
+    import meshwright.train.trainer as trainer_mod
+
+    clock = [0.0]
+    monkeypatch.setattr(trainer_mod, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    summaries = {}
+    for name, overlap in (("lagged", True), ("eager", False)):
+        trainer = _fused(make_trainer(data, tmp_path / name, steps=5, eval_every=0, log_every=1))
+        trainer.overlap_readback = overlap
+        orig = trainer.runtime.forward_backward_lazy
+
+        def timed(batches, orig=orig):
+            clock[0] += 1.0
+            return orig(batches)
+
+        trainer.runtime.forward_backward_lazy = timed
+        summaries[name] = trainer.fit()
+    assert summaries["eager"]["train_s"] == pytest.approx(4.0)  # steps 2..5, 1 s each
+    assert summaries["lagged"]["train_s"] == pytest.approx(4.0)
+    assert summaries["lagged"]["step_s"] == pytest.approx(1.0)

@@ -64,3 +64,30 @@ def test_two_rank_training_matches_one_process_and_resumes_across_layouts(tmp_pa
     assert sorted(c) == list(range(1, 7))
     for s in (4, 5, 6):
         assert c[s] == pytest.approx(a[s], rel=RTOL), (s, a[s], c[s])
+
+
+MIXED_PP_PLAN = """version: 1
+model: tiny
+seq_len: 64
+global_batch: 8
+micro_batch: 2
+pipeline: {degree: 2, schedule: gpipe, microbatches: 2}
+layers:
+  - {dp: 2, zero: 3, repeat: 2}
+  - {dp: 2, repeat: 2}
+"""
+
+
+@pytest.mark.timeout(300)
+def test_overlapped_readback_is_decided_alike_on_every_rank(tmp_path, one_thread):
+    """pp2 x dp2 with ZeRO-3 (DTensor) blocks on stage 0 and replicated (plain) blocks on stage 1, fused AdamW:
+    stage 0 cannot skip non-finite steps on the device, stage 1 can. Were stage 1 to read step N back after
+    queueing step N+1 while stage 0 logs step N first, their collectives (the log's memory gather against the
+    pipeline's sends) would cross and hang; the run must finish with every step logged."""
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(MIXED_PP_PLAN)
+    out = tmp_path / "run"
+    run_torchrun(HERE / "overlap_worker.py", 4,
+                 ["configs/train/tiny-test.yaml", f"out_dir={out}", "steps=4", "warmup_steps=1", "eval_every=0",
+                  "log_every=1", "ckpt_every=0", "data.max_files=20", "--plan", str(plan)], timeout=240)
+    assert sorted(losses(out)) == [1, 2, 3, 4]

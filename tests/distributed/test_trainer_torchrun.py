@@ -93,8 +93,8 @@ def test_overlapped_readback_is_decided_alike_on_every_rank(tmp_path, one_thread
     stage 0 cannot skip non-finite steps on the device, stage 1 can. Were stage 1 to read step N back after
     queueing step N+1 while stage 0 logs step N first, their collectives (the log's memory gather against the
     pipeline's sends) would cross and hang: no rank overlaps, and the run finishes with every step logged.
-    Under DDP (every rank plain) every rank overlaps the same steps (not 3: eval, 6: the end), with the losses,
-    grad norms and eval losses of the run that reads every step back at once, bitwise."""
+    Under DDP and under a plain pp2 pipeline (every rank plain) every rank overlaps the same steps (not 3: eval,
+    6: the end), with the losses, grad norms and eval losses of the run that reads every step back at once, bitwise."""
     plan = tmp_path / "plan.yaml"
     plan.write_text(MIXED_PP_PLAN)
     out = tmp_path / "mixed"
@@ -102,13 +102,16 @@ def test_overlapped_readback_is_decided_alike_on_every_rank(tmp_path, one_thread
                                                         "--plan", str(plan)], timeout=240)
     assert sorted(losses(out)) == [1, 2, 3, 4]
     assert overlapped(proc, 4) == {"[]"}
-    logs = {}
-    for name, env in (("lagged", {}), ("eager", {"MESHWRIGHT_TEST_NO_OVERLAP": "1"})):
-        proc = run_torchrun(HERE / "overlap_worker.py", 2, [*OVERLAP_ARGS, f"out_dir={tmp_path / name}", "steps=6",
-                                                            "eval_every=3", "--plan", "configs/plans/tiny-dp2.yaml"],
-                            timeout=240, env=env)
-        assert overlapped(proc, 2) == ({"[1, 2, 4, 5]"} if name == "lagged" else {"[]"})
-        logs[name] = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in logs["lagged"]] == list(range(1, 7))
-    for a, b in zip(logs["lagged"], logs["eager"]):
-        assert (a["step"], a["loss"], a["grad_norm"], a.get("eval_loss")) == (b["step"], b["loss"], b["grad_norm"], b.get("eval_loss"))
+    for layout in ("dp2", "pp2"):
+        logs = {}
+        for name, env in (("lagged", {}), ("eager", {"MESHWRIGHT_TEST_NO_OVERLAP": "1"})):
+            out = tmp_path / f"{layout}-{name}"
+            proc = run_torchrun(HERE / "overlap_worker.py", 2, [*OVERLAP_ARGS, f"out_dir={out}", "steps=6", "eval_every=3",
+                                                                "--plan", f"configs/plans/tiny-{layout}.yaml"],
+                                timeout=240, env=env)
+            assert overlapped(proc, 2) == ({"[1, 2, 4, 5]"} if name == "lagged" else {"[]"}), layout
+            logs[name] = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in logs["lagged"]] == list(range(1, 7))
+        for a, b in zip(logs["lagged"], logs["eager"]):
+            assert (a["step"], a["loss"], a["grad_norm"], a.get("eval_loss")) == \
+                   (b["step"], b["loss"], b["grad_norm"], b.get("eval_loss")), layout

@@ -74,7 +74,7 @@ class _QuantCache:
 
     def _hit(self, x: torch.Tensor, dtype: torch.dtype, transposed: bool, key: torch.Tensor) -> bool:
         e = self._entry
-        return (e is not None and self._ref is not None and self._ref() is key and self._version == x._version
+        return (e is not None and self._ref is not None and self._ref() is key and self._version == key._version
                 and self._sig == self._signature(x) and e[0].dtype == dtype and (e[2] is not None or not transposed))
 
     def get(self, x: torch.Tensor, dtype: torch.dtype, key: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +101,8 @@ class _QuantCache:
 
     def _store(self, x: torch.Tensor, entry: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
                key: torch.Tensor) -> None:
-        self._ref, self._entry, self._version = weakref.ref(key, self._drop), entry, x._version
+        # the key's version: views share their root's counter, a fresh DTensor wrapper starts its own at 0
+        self._ref, self._entry, self._version = weakref.ref(key, self._drop), entry, key._version
         self._sig = self._signature(x)
 
 

@@ -113,6 +113,7 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self._skips_on_device: bool | None = None  # skips_on_device(self.optimizer), decided at the first step
+        self._overlap_everywhere = False  # _skips_on_device on every rank (see may_overlap)
         self.overlap_readback = True  # fit reads a step's loss back after queueing the next (see may_overlap)
         self._last_done = 0.0  # perf_counter at the last read-back
         self.tokens_per_step = cfg.global_batch * cfg.seq_len
@@ -230,6 +231,9 @@ class Trainer:
         norm_t = rt.clip_grad_norm_lazy(cfg.grad_clip)
         if self._skips_on_device is None:
             self._skips_on_device = skips_on_device(self.optimizer)
+            # collective, same point on every rank: overlap only where all ranks can, or their log collectives
+            # and the next step's would cross (pipeline stages with DTensor blocks on one stage, plain on another)
+            self._overlap_everywhere = rt.all_reduce_mean(float(self._skips_on_device)) == 1.0
         self.step += 1
         q = _QueuedStep(self.step, lr, t0, loss_t, norm_t)
         if self._skips_on_device:
@@ -256,7 +260,8 @@ class Trainer:
             q.loss, q.grad_norm = _read_back(q.loss_t, q.norm_t)
             q.done_at = time.perf_counter()
         loss, grad_norm = q.loss, q.grad_norm
-        step_s = q.done_at - max(q.t0, self._last_done)
+        start = max(q.t0, self._last_done)
+        step_s = q.done_at - start
         self._last_done = q.done_at
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if not finite:
@@ -268,7 +273,8 @@ class Trainer:
                 raise NonFiniteLoss(f"step {q.step}: {self.skipped_steps} non-finite steps skipped, more than "
                                     f"max_skipped={cfg.max_skipped} (nan_policy='skip'); valid: a lower lr, "
                                     f"grad_clip>0, or a larger max_skipped")
-        return {"loss": loss, "grad_norm": grad_norm, "lr": q.lr, "step_s": step_s, "finite": finite, "step": q.step}
+        return {"loss": loss, "grad_norm": grad_norm, "lr": q.lr, "step_s": step_s, "finite": finite, "step": q.step,
+                "early_s": start - q.t0}  # queued before the previous read-back: counted in that step's step_s
 
     def steps(self) -> Iterator[dict[str, Any]]:
         """Train to ``cfg.steps``, yielding each step's ``train_step`` record in order. Where ``may_overlap``
@@ -297,9 +303,9 @@ class Trainer:
         non-finite update (the host's late look changes nothing it would have done: under ``nan_policy: stop``
         the run still stops at step ``step``, with no checkpoint after it), with no per-step statistics that
         the next forward would overwrite (MoE routers, MEFT), and never at a step followed by eval, a
-        checkpoint or the end."""
+        checkpoint or the end. The same on every rank: the log's collectives must come in the same order."""
         cfg = self.cfg
-        if not (self.overlap_readback and self._skips_on_device):
+        if not (self.overlap_readback and self._overlap_everywhere):
             return False
         if self.model_cfg.n_experts or cfg.meft is not None or step >= cfg.steps:
             return False
@@ -493,6 +499,8 @@ class _RunStats:
         self.interval_tokens += tokens
         if step > self.first_step + 1:  # the first step pays one-off allocation costs
             self.steady_s += out["step_s"]
+            if step == self.first_step + 2:  # its start was counted in the first step's interval (overlapped)
+                self.steady_s += out.get("early_s", 0.0)
             self.steady_tokens += tokens
 
 

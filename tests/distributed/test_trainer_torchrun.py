@@ -64,3 +64,54 @@ def test_two_rank_training_matches_one_process_and_resumes_across_layouts(tmp_pa
     assert sorted(c) == list(range(1, 7))
     for s in (4, 5, 6):
         assert c[s] == pytest.approx(a[s], rel=RTOL), (s, a[s], c[s])
+
+
+
+MIXED_PP_PLAN = """version: 1
+model: tiny
+seq_len: 64
+global_batch: 8
+micro_batch: 2
+pipeline: {degree: 2, schedule: gpipe, microbatches: 2}
+layers:
+  - {dp: 2, zero: 3, repeat: 2}
+  - {dp: 2, repeat: 2}
+"""
+OVERLAP_ARGS = ["configs/train/tiny-test.yaml", "warmup_steps=1", "log_every=1", "data.max_files=20"]
+
+
+def overlapped(proc, world: int) -> set[str]:
+    """The distinct 'overlapped [...]' lists the ranks printed (one when all ranks agree)."""
+    lines = [line.split(" overlapped ", 1) for line in proc.stdout.splitlines() if " overlapped " in line]
+    assert sorted(int(a.split()[-1]) for a, _ in lines) == list(range(world))
+    return {b for _, b in lines}
+
+
+@pytest.mark.timeout(300)
+def test_overlapped_readback_is_decided_alike_on_every_rank(tmp_path, one_thread):
+    """pp2 x dp2 with ZeRO-3 (DTensor) blocks on stage 0 and replicated (plain) blocks on stage 1, fused AdamW:
+    stage 0 cannot skip non-finite steps on the device, stage 1 can. Were stage 1 to read step N back after
+    queueing step N+1 while stage 0 logs step N first, their collectives (the log's memory gather against the
+    pipeline's sends) would cross and hang: no rank overlaps, and the run finishes with every step logged.
+    Under DDP and under a plain pp2 pipeline (every rank plain) every rank overlaps the same steps (not 3: eval,
+    6: the end), with the losses, grad norms and eval losses of the run that reads every step back at once, bitwise."""
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(MIXED_PP_PLAN)
+    out = tmp_path / "mixed"
+    proc = run_torchrun(HERE / "overlap_worker.py", 4, [*OVERLAP_ARGS, f"out_dir={out}", "steps=4", "eval_every=0",
+                                                        "--plan", str(plan)], timeout=240)
+    assert sorted(losses(out)) == [1, 2, 3, 4]
+    assert overlapped(proc, 4) == {"[]"}
+    for layout in ("dp2", "pp2"):
+        logs = {}
+        for name, env in (("lagged", {}), ("eager", {"MESHWRIGHT_TEST_NO_OVERLAP": "1"})):
+            out = tmp_path / f"{layout}-{name}"
+            proc = run_torchrun(HERE / "overlap_worker.py", 2, [*OVERLAP_ARGS, f"out_dir={out}", "steps=6", "eval_every=3",
+                                                                "--plan", f"configs/plans/tiny-{layout}.yaml"],
+                                timeout=240, env=env)
+            assert overlapped(proc, 2) == ({"[1, 2, 4, 5]"} if name == "lagged" else {"[]"}), layout
+            logs[name] = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in logs["lagged"]] == list(range(1, 7))
+        for a, b in zip(logs["lagged"], logs["eager"]):
+            assert (a["step"], a["loss"], a["grad_norm"], a.get("eval_loss")) == \
+                   (b["step"], b["loss"], b["grad_norm"], b.get("eval_loss")), layout

@@ -137,3 +137,28 @@ def test_unsupported_layouts_give_one_line_errors(group):
         local_operands(distribute_tensor(x, mesh, [Replicate()]), distribute_tensor(w, mesh, [Shard(1)]), None)
     with pytest.raises(ConfigError, match=r"^fp8_gemm colwise input placement=Shard\(dim=1\) is invalid"):
         local_operands(distribute_tensor(x, mesh, [Shard(1)]), distribute_tensor(w, mesh, [Shard(0)]), None)
+
+
+def test_shared_input_cache_sees_in_place_updates_through_fresh_dtensor_views(group):
+    """FP8 storage on a tp linear keys its saved input on the local activation: an in-place update of that
+    activation between two linears that share the cast (each given a fresh DTensor wrapper, version 0, as the
+    tp input hooks make) must recast, or the second linear's weight gradient comes from the old values."""
+    from meshwright.memory.fp8_activations import FP8Linear, _QuantCache
+
+    mesh = init_device_mesh("cpu", (1,))
+    torch.manual_seed(0)
+    cache = _QuantCache()
+    lins = []
+    for _ in range(2):
+        lin = FP8Linear(16, 8, bias=False)
+        lin._fp8_cache = cache
+        lin.weight = torch.nn.Parameter(distribute_tensor(lin.weight.detach(), mesh, [Shard(0)]))
+        lins.append(lin)
+    act = torch.randn(4, 16)
+    lins[0](DTensor.from_local(act, mesh, (Replicate(),), run_check=False))
+    with torch.no_grad():
+        act.mul_(2.0)
+    lins[1](DTensor.from_local(act, mesh, (Replicate(),), run_check=False)).to_local().sum().backward()
+    expected = torch.ones(4, 8).t() @ act  # d(sum(x W^T))/dW = 1^T x, with x the updated activation
+    err = (lins[1].weight.grad.to_local() - expected).norm() / expected.norm()
+    assert err < 0.1, float(err)  # FP8 rounding is a few percent; the stale copy is off by half

@@ -208,3 +208,77 @@ def test_nan_policy_stop_with_overlapped_readback_stops_at_that_step(data, tmp_p
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
+
+
+def test_steady_state_timing_counts_the_second_step_when_the_first_is_overlapped(data, tmp_path, monkeypatch):
+    """The summary's steady state excludes the first step, not the second: where step 1 is read back after
+    step 2 was queued, the time spent queueing step 2 still counts. A fake clock that advances one second
+    per forward/backward (all the work there is, on CPU) makes every step take exactly 1 s."""
+    import types
+
+    import meshwright.train.trainer as trainer_mod
+
+    clock = [0.0]
+    monkeypatch.setattr(trainer_mod, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    summaries = {}
+    for name, overlap in (("lagged", True), ("eager", False)):
+        trainer = _fused(make_trainer(data, tmp_path / name, steps=5, eval_every=0, log_every=1))
+        trainer.overlap_readback = overlap
+        orig = trainer.runtime.forward_backward_lazy
+
+        def timed(batches, orig=orig):
+            clock[0] += 1.0
+            return orig(batches)
+
+        trainer.runtime.forward_backward_lazy = timed
+        summaries[name] = trainer.fit()
+    assert summaries["eager"]["train_s"] == pytest.approx(4.0)  # steps 2..5, 1 s each
+    assert summaries["lagged"]["train_s"] == pytest.approx(4.0)
+    assert summaries["lagged"]["step_s"] == pytest.approx(1.0)
+
+
+def test_overlapped_run_resumes_on_the_exact_trajectory(data, tmp_path):
+    """Fused AdamW (overlapped read-back between checkpoints): resuming the step-4 checkpoint replays steps
+    5..10 bit for bit, the log keeps steps 1..4 and the loader continues where the checkpoint left it."""
+    import shutil
+
+    kw = dict(steps=10, ckpt_every=4, eval_every=5)
+    straight = _fused(make_trainer(data, tmp_path / "straight", **kw))
+    straight.fit()
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    ckpt = tmp_path / "resumed" / "ckpt"
+    for name in ("step_000008", "step_000010"):
+        shutil.rmtree(ckpt / name)
+    (ckpt / "latest").write_text("step_000004\n")
+    resumed = _fused(make_trainer(data, tmp_path / "resumed", **kw))
+    summary = resumed.fit(resume=True)
+    assert summary["steps_this_run"] == 6 and resumed._overlap_everywhere
+    logs = [[json.loads(line) for line in (tmp_path / n / "log.jsonl").read_text().splitlines()] for n in ("straight", "resumed")]
+    assert [r["step"] for r in logs[1]] == list(range(1, 11))
+    assert [(r["loss"], r["grad_norm"], r.get("eval_loss")) for r in logs[0]] == \
+           [(r["loss"], r["grad_norm"], r.get("eval_loss")) for r in logs[1]]
+    assert all(torch.equal(p, q) for p, q in zip(straight.runtime.model.parameters(), resumed.runtime.model.parameters()))
+
+
+class FailingRuntime(LocalRuntime):
+    """Raises (as an out-of-memory error would) in its third forward/backward."""
+
+    calls = 0
+
+    def forward_backward_lazy(self, micro_batches):
+        type(self).calls += 1
+        if type(self).calls == 3:
+            raise RuntimeError("simulated out of memory")
+        return super().forward_backward_lazy(micro_batches)
+
+
+def test_a_failing_step_keeps_the_overlapped_record_of_the_step_before(data, tmp_path):
+    """Step 2 is still on the device (overlapped) when step 3 fails: its record is written before the error
+    propagates, and no checkpoint is written."""
+    FailingRuntime.calls = 0
+    trainer = _fused(make_trainer(data, tmp_path, runtime_cls=FailingRuntime, steps=6, eval_every=0))
+    with pytest.raises(RuntimeError, match="simulated out of memory"):
+        trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(r["loss"] is not None for r in records)
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())

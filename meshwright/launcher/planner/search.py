@@ -911,31 +911,42 @@ def _assignment_s(kinds: list[_Kind], choice: list[int], trans_cost: np.ndarray 
 
 
 def _repair(kinds: list[_Kind], choice: list[int], budget: float, inflight: float) -> Optional[list[int]]:
-    """Make an assignment that is over ``budget`` (exact bytes) fit: move one layer at a time to the smaller strategy
-    of its kind that costs the least time per byte saved, until it fits (None when it cannot). Greedy, and blind to
-    class changes (the caller scores the result with them)."""
+    """Make an assignment that is over ``budget`` (exact bytes) fit: move layers to the smaller strategy of their kind
+    that costs the least time per byte saved, as many of one (kind, strategy) group at a time as the excess needs,
+    until it fits (None when it cannot). Greedy, and blind to class changes (the caller scores them)."""
     choice = list(choice)
-    size = [k.static + inflight * k.act for k in kinds]
-    over = sum(float(sz[j]) for sz, j in zip(size, choice)) - budget
-    moves: dict[tuple[int, int], tuple[float, int]] = {}  # (kind, strategy) -> (seconds per byte, target)
+    kind_of: dict[int, _Kind] = {id(k): k for k in kinds}
+    size = {kid: k.static + inflight * k.act for kid, k in kind_of.items()}
+    groups: dict[tuple[int, int], list[int]] = {}  # (kind, strategy) -> its layers
+    for i, (k, j) in enumerate(zip(kinds, choice)):
+        groups.setdefault((id(k), int(j)), []).append(i)
+    over = sum(float(size[id(k)][j]) for k, j in zip(kinds, choice)) - budget
+    moves: dict[tuple[int, int], tuple[float, int, float]] = {}  # group -> (seconds per byte, target, bytes saved)
     while over > budget * 1e-12:
         best = None
-        for i, (k, j) in enumerate(zip(kinds, choice)):
-            key = (id(k), j)
+        for key, layers in groups.items():
+            if not layers:
+                continue
             if key not in moves:
-                saved = size[i][j] - size[i]
+                kid, j = key
+                k, sz = kind_of[kid], size[kid]
+                saved = sz[j] - sz
                 with np.errstate(divide="ignore", invalid="ignore"):
                     rate = np.where(saved > 0, (k.obj - k.obj[j]) / saved, np.inf)
                 t = int(np.argmin(rate))
-                moves[key] = (float(rate[t]), t)
-            rate, t = moves[key]
-            if best is None or rate < best[0]:
-                best = (rate, i, t)
-        if best is None or not np.isfinite(best[0]):
+                moves[key] = (float(rate[t]), t, float(saved[t]))
+            if best is None or moves[key][0] < moves[best][0]:
+                best = key
+        if best is None or not np.isfinite(moves[best][0]):
             return None
-        _, i, t = best
-        over -= float(size[i][choice[i]] - size[i][t])
-        choice[i] = t
+        _, t, saved = moves[best]
+        layers = groups[best]
+        n = min(len(layers), max(1, math.ceil(over / saved - 1e-9)))
+        moved, groups[best] = layers[-n:], layers[:-n]
+        groups.setdefault((best[0], t), []).extend(moved)
+        for i in moved:
+            choice[i] = t
+        over -= n * saved
     return choice
 
 

@@ -20,7 +20,7 @@ import itertools
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -33,6 +33,12 @@ from meshwright.plan import EmbeddingStrategy, LayerStrategy, OptimizerSpec, Pip
 RECOMPUTE = ("none", "selective", "full")
 MAX_GLOBAL_BATCH = 2**24  # TrainConfig's bound on global_batch
 N_BUCKETS = 64
+# the least relative gain in a rank DP's time for which the refined DP's answer is kept and scored as well (below the
+# 0.5% by which #17 counts a missed plan)
+REFINE_GAIN = 5e-3
+# candidates scored more than this much slower than the best so far skip the refined DPs (search time: they double
+# the DPs of a 1,024-GPU search otherwise); the rounding loss they recovered was 5% in #17's case
+REFINE_WINDOW = 0.10
 
 
 @dataclass
@@ -270,6 +276,7 @@ class _SearchMemo:
         self.plan_costs: dict[Any, Any] = {}  # cost_model.evaluate_plan's cache
         self.redistribution: dict[tuple, float] = {}  # cm.redistribution_s per (tokens, from class, to class)
         self._moe_flags: Optional[tuple[bool, ...]] = None
+        self.best_step_s = math.inf  # the fastest candidate scored so far (gates the refined DPs)
 
     def moe_flags(self, cfg: ModelConfig) -> tuple[bool, ...]:
         """``cfg.is_moe_layer(i)`` for every layer: the layer's kind key."""
@@ -280,12 +287,13 @@ class _SearchMemo:
 
 @dataclass
 class _Vectors:
-    """One layer kind's strategies and their cost terms for one (stage size, tp degrees, micro-batch, dp, states):
+    """One layer kind's strategies and their cost terms for one (stage size, tp degrees, micro-batch, microbatches, dp,
+    states):
     every schedule of that micro-batch shares them; only the objective's microbatch count differs (``kind``)."""
 
     strategies: list[LayerStrategy]
     mb_s: np.ndarray  # seconds per microbatch (cm.layer_microbatch_s)
-    step_s: np.ndarray  # exposed per-step DP seconds (cm.layer_step_dp_s)
+    step_s: np.ndarray  # per-step seconds: exposed DP (cm.layer_step_dp_s), optimizer step, gradient accumulation
     static: np.ndarray
     act: np.ndarray
     gather: np.ndarray
@@ -313,7 +321,7 @@ class _Vectors:
 def _vectors(o: "_Outer", index: int) -> _Vectors:
     """Strategies of layer ``index``'s kind for outer candidate ``o`` and their costs, memoised per search."""
     moe = o.cfg.is_moe_layer(index)
-    key = (moe, o.per_stage, o.cp, tuple(o.tps), o.mb, o.max_dp, o.states)
+    key = (moe, o.per_stage, o.cp, tuple(o.tps), o.mb, o.m, o.max_dp, o.states)
     hit = o.memo.vectors.get(key)
     if hit is not None:
         return hit
@@ -329,7 +337,9 @@ def _vectors(o: "_Outer", index: int) -> _Vectors:
             got = o.memo.layer_costs[ckey] = (c, cm.layer_microbatch_s(c, o.hw), cm.layer_step_dp_s(c, o.hw))
         c = got[0]
         mb_s.append(got[1])
-        step.append(got[2])
+        # per step, as evaluate_plan counts it: exposed DP traffic, the optimizer step over this rank's shard and the
+        # accumulation of every microbatch after the first (both depend on the ZeRO level: #17)
+        step.append(got[2] + c["opt_step"] + (o.m - 1) * c["accum_mb"])
         stat.append(c["static_bytes"])
         act.append(c["act_bytes"])
         gat.append(c["transient_bytes"])
@@ -352,13 +362,16 @@ class _DPKind:
     shared by every layer of that kind, so a layer costs a few whole-array numpy operations. Tables are laid out
     (strategy, bucket): numpy reduces over a leading axis several times faster than over a short trailing one."""
 
-    def __init__(self, k: _Kind, bucket: float, inflight: float) -> None:
+    def __init__(self, k: _Kind, bucket: float, inflight: float, rounding: str = "up") -> None:
         nb = N_BUCKETS + 1
         S, C = len(k.strategies), len(k.tpsp)
         self.C, self.cls, self.cls_idx = C, k.cls, k.cls_idx
         # cls_idx_t (width, C): the class minima reduce over a leading axis
         self.cls_idx_t, self.obj, self.obj_t, cls_rows = k.dp_arrays()
-        self.w = np.ceil((k.static + inflight * k.act) / bucket - 1e-9).astype(int)
+        x = (k.static + inflight * k.act) / bucket
+        # up: every assignment the DP admits fits (conservative); down: every one that fits is admitted (relaxation)
+        w = np.ceil(x - 1e-9) if rounding == "up" else np.floor(x + 1e-9) if rounding == "down" else np.rint(x)
+        self.w = np.maximum(w, 0).astype(int)
         # J[s, j]: the bucket a layer taking s in j buckets leaves to the layers before it; nb (the +inf pad of every
         # source table below) where s does not fit. Row S is a padding strategy with +inf time, so every f has a
         # trailing +inf row that the per-class gathers (cls_idx pads with S) pick up as filler.
@@ -372,9 +385,12 @@ class _DPKind:
 _BUCKET_ROW = np.arange(N_BUCKETS + 1)[None, :]
 
 
-def _stage_dp(kinds: list[_Kind], budget: float, inflight: float, trans_cost: np.ndarray | None) -> tuple[float, list[int]] | None:
+def _stage_dp(kinds: list[_Kind], budget: float, inflight: float, trans_cost: np.ndarray | None,
+              rounding: str = "up") -> tuple[float, list[int]] | None:
     """Min-time assignment of strategies to the stage's layers (``kinds``: one _Kind per layer, in order)
     with sum(static + inflight*act) <= budget. Returns (time, strategy index per layer) or None.
+    Weights are rounded ``up`` to whole buckets (what it returns fits), ``down`` (a relaxation: what it returns may
+    not fit, but its time is a lower bound) or to the ``nearest`` (``_refined_stage_dp`` checks the last two).
 
     ``f[s, j]``: the least time of the layers so far, the last one taking strategy ``s``, in at most ``j`` memory
     buckets. ``trans_cost`` is the (C, C) cost between (tp, sp) classes; the min over previous strategies is
@@ -398,7 +414,7 @@ def _stage_dp(kinds: list[_Kind], budget: float, inflight: float, trans_cost: np
     g1[nb] = np.inf
     g1_head = g1[:nb]
     if trans3 is not None and len(kinds) > 1 and all(k is kinds[0] for k in kinds):
-        p = _DPKind(kinds[0], bucket, inflight)
+        p = _DPKind(kinds[0], bucket, inflight, rounding)
         if p.C > 1:
             return _stage_dp_one_kind(p, len(kinds), trans_cost, g1)
         prep[id(kinds[0])] = p
@@ -406,7 +422,7 @@ def _stage_dp(kinds: list[_Kind], budget: float, inflight: float, trans_cost: np
     for k in kinds:
         p = prep.get(id(k))
         if p is None:
-            p = prep[id(k)] = _DPKind(k, bucket, inflight)
+            p = prep[id(k)] = _DPKind(k, bucket, inflight, rounding)
         mins = None
         if not fs:
             g1_head.fill(0.0)
@@ -893,23 +909,109 @@ def _transient_levels(ks: list[_Kind]) -> list[float]:
     return out
 
 
-def _rank_extra_bytes(o: _Outer, first: bool, last: bool) -> float:
-    """Memory outside the blocks on one pipeline rank: embedding (first) and head + logits (last)."""
+def _rank_extra_bytes(o: _Outer, first: bool, last: bool, emb_zero: int = 1) -> float:
+    """Memory outside the blocks on one pipeline rank: embedding (first) and head + logits (last), the embedding at
+    ZeRO level ``emb_zero`` where it is data parallel (1: what every plan scored may use; the plans of layers with
+    ZeRO-2/3 also try the embedding at their level: ``_embedding_zero_options``)."""
     emb_dp = o.per_stage // o.emb_tp
-    extra = cm.embedding_static_bytes(o.cfg, first, last, o.emb_tp, emb_dp, 0 if emb_dp == 1 else 1, o.states, o.hw)
+    extra = cm.embedding_static_bytes(o.cfg, first, last, o.emb_tp, emb_dp, 0 if emb_dp == 1 else emb_zero, o.states, o.hw)
     if last:
         extra += cm.loss_peak_bytes(o.cfg, o.tokens, o.emb_tp, o.hw)
     return extra
 
 
+def _stage_bytes(kinds: list[_Kind], choice: list[int], inflight: float) -> float:
+    """The exact bytes the stage DP counts for one assignment: sum(static + inflight * act)."""
+    return float(sum(k.static[j] + inflight * k.act[j] for k, j in zip(kinds, choice)))
+
+
+def _assignment_s(kinds: list[_Kind], choice: list[int], trans_cost: np.ndarray | None) -> float:
+    """The stage DP's objective of one assignment: the layers' times plus the (tp, sp) class changes."""
+    t = float(sum(k.obj[j] for k, j in zip(kinds, choice)))
+    if trans_cost is not None:
+        cls = [int(k.cls[j]) for k, j in zip(kinds, choice)]
+        t += float(sum(trans_cost[a, b] for a, b in zip(cls, cls[1:])))
+    return t
+
+
+def _repair(kinds: list[_Kind], choice: list[int], budget: float, inflight: float) -> Optional[list[int]]:
+    """Make an assignment that is over ``budget`` (exact bytes) fit: move layers to the smaller strategy of their kind
+    that costs the least time per byte saved, as many of one (kind, strategy) group at a time as the excess needs,
+    until it fits (None when it cannot). Greedy, and blind to class changes (the caller scores them)."""
+    choice = list(choice)
+    kind_of: dict[int, _Kind] = {id(k): k for k in kinds}
+    size = {kid: k.static + inflight * k.act for kid, k in kind_of.items()}
+    groups: dict[tuple[int, int], list[int]] = {}  # (kind, strategy) -> its layers
+    for i, (k, j) in enumerate(zip(kinds, choice)):
+        groups.setdefault((id(k), int(j)), []).append(i)
+    over = sum(float(size[id(k)][j]) for k, j in zip(kinds, choice)) - budget
+    moves: dict[tuple[int, int], tuple[float, int, float]] = {}  # group -> (seconds per byte, target, bytes saved)
+    while over > budget * 1e-12:
+        best = None
+        for key, layers in groups.items():
+            if not layers:
+                continue
+            if key not in moves:
+                kid, j = key
+                k, sz = kind_of[kid], size[kid]
+                saved = sz[j] - sz
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    rate = np.where(saved > 0, (k.obj - k.obj[j]) / saved, np.inf)
+                t = int(np.argmin(rate))
+                moves[key] = (float(rate[t]), t, float(saved[t]))
+            if best is None or moves[key][0] < moves[best][0]:
+                best = key
+        if best is None or not np.isfinite(moves[best][0]):
+            return None
+        _, t, saved = moves[best]
+        layers = groups[best]
+        n = min(len(layers), max(1, math.ceil(over / saved - 1e-9)))
+        moved, groups[best] = layers[-n:], layers[:-n]
+        groups.setdefault((best[0], t), []).extend(moved)
+        for i in moved:
+            choice[i] = t
+        over -= n * saved
+    return choice
+
+
+def _refined_stage_dp(kinds: list[_Kind], budget: float, inflight: float, trans_cost: np.ndarray | None,
+                      beat: float = math.inf) -> tuple[float, list[int]] | None:
+    """``_stage_dp`` without most of its rounding loss, at up to two DPs' cost. Rounding every layer's bytes up to
+    whole buckets loses up to one bucket per layer: on a rank of 40 layers and 64 buckets that is up to 60% of the
+    budget, enough to rule out the best assignment when strategies of very different size (tp2 and tp8) set the
+    bucket scale (#17). Rounded down, the DP is a relaxation: its answer is optimal if it fits, and nothing is faster
+    than ``beat`` seconds if it is not. Otherwise that answer and the one with weights rounded to the nearest bucket
+    are made to fit (``_repair``), and the faster is returned. None: nothing found that fits and beats ``beat``."""
+    found: list[tuple[float, list[int]]] = []
+    for rounding in ("down", "nearest"):
+        res = _stage_dp(kinds, budget, inflight, trans_cost, rounding=rounding)
+        if res is None or (rounding == "down" and res[0] >= beat):
+            break
+        if _stage_bytes(kinds, res[1], inflight) <= budget * (1 + 1e-12):
+            found.append(res)
+            if rounding == "down":
+                break  # the relaxation's optimum fits: nothing is faster
+            continue
+        fixed = _repair(kinds, res[1], budget, inflight)
+        if fixed is not None:
+            found.append((_assignment_s(kinds, fixed, trans_cost), fixed))
+    best = min(found, key=lambda r: r[0], default=None)
+    return best if best is not None and best[0] < beat else None
+
+
 def _rank_dp(o: _Outer, table: _KindTable, keys: tuple[bool, ...], used: dict[bool, _Kind], budget: float,
-             inflight: float) -> tuple[float, list[int]] | None:
+             inflight: float, refine_budget: Optional[float] = None
+             ) -> tuple[Optional[tuple[float, list[int]]], Optional[Callable[[], Any]]]:
     """Min-time strategies for one rank's layers (``keys``: their kind keys, ``used``: those kinds) within
-    ``budget`` bytes.
+    ``budget`` bytes: (the bucketed DP's answer, None or a function that returns a faster one that
+    ``_refined_stage_dp`` finds, or None; run on demand and once: ``_solve_candidate`` calls it for candidates
+    near the best plan so far).
 
     ZeRO-3 layers need one all-gathered layer (+ prefetch) at a time and backward one layer's working set:
     a maximum over the rank, not a sum. The DP runs once per transient level (``_transient_levels``) with
-    that much reserved and the strategies above it masked, and keeps the fastest.
+    that much reserved and the strategies above it masked, and keeps the fastest. Where that is slower than
+    every layer's fastest strategy (memory binds), the refined DP can rerun the DP without the rounding loss;
+    both answers are scored by evaluate_plan, so the refinement can only add a candidate.
     """
     ks = [used[key] for key in keys]
     trans = table.trans[keys[0]] if len(used) == 1 else None
@@ -921,14 +1023,15 @@ def _rank_dp(o: _Outer, table: _KindTable, keys: tuple[bool, ...], used: dict[bo
     floor = sum(table.fastest[key] for key in keys if key in table.fastest)
     levels = table.levels[sig] or [0.0]
 
-    def run(level: float) -> tuple[float, list[int]] | None:
+    def run(level: float, dp: Any = _stage_dp, room: float = budget, **kw: Any) -> tuple[float, list[int]] | None:
         capped = {key: table.capped(key, level, inflight) for key in used}
-        return _stage_dp([capped[key][0] for key in keys], budget - level - sum(capped[key][1] for key in keys),
-                         inflight, trans)
+        return dp([capped[key][0] for key in keys], room - level - sum(capped[key][1] for key in keys),
+                  inflight, trans, **kw)
 
     best = run(levels[0])
+    best_level = levels[0]
     if best is not None and best[0] <= floor * (1 + 1e-9):
-        return best
+        return best, None
     if best is not None:
         # refine: the smallest level that still admits the chosen strategies frees the difference
         used_bytes = max(float(k.gather[j]) for k, j in zip(ks, best[1])) if ks else 0.0
@@ -939,8 +1042,28 @@ def _rank_dp(o: _Outer, table: _KindTable, keys: tuple[bool, ...], used: dict[bo
     for level in todo:
         res = run(level)
         if res is not None and (best is None or res[0] < best[0]):
-            best = res
-    return best
+            best, best_level = res, level
+    done: list[list[tuple[float, list[int]]]] = []
+
+    def refine() -> list[tuple[float, list[int]]]:
+        """Faster answers, fastest last: at the bucketed answer's level (search time: one level; every level when
+        none fits) within ``budget``, then at it and the smaller levels within ``refine_budget`` where that is
+        larger (an answer that relies on it is only a candidate: evaluate_plan may find that it does not fit)."""
+        if not done:
+            found: list[tuple[float, list[int]]] = []
+            beat = best[0] * (1 - REFINE_GAIN) if best is not None else math.inf
+            rooms = [(budget, [best_level] if best is not None else levels)]
+            if refine_budget is not None and refine_budget > budget * (1 + 1e-9):
+                rooms.append((refine_budget, [lv for lv in levels if lv <= best_level] if best is not None else levels))
+            for room, lvls in rooms:
+                for level in lvls:
+                    res = run(level, _refined_stage_dp, room, beat=found[-1][0] * (1 - REFINE_GAIN) if found else beat)
+                    if res is not None:
+                        found.append(res)
+            done.append(found)
+        return done[0]
+
+    return best, refine
 
 
 def _min_memory_assignment(ks: list[_Kind], inflight: float) -> tuple[list[int], float]:
@@ -964,14 +1087,18 @@ def _group_same_class(kind: _Kind, picked: list[int]) -> list[int]:
     return [x for run in runs for x in run]
 
 
-def _assign_layers(o: _Outer, table: _KindTable, stages: list[list[int]]) -> tuple[Optional[list[LayerStrategy]], Optional[float]]:
-    """Strategies for every layer of one stage partition: (strategies, None), or (None, GiB needed) when
-    some rank does not fit. Raises _NoStrategy when the constraints leave a layer without options."""
+def _assign_layers(o: _Outer, table: _KindTable, stages: list[list[int]]
+                   ) -> tuple[Optional[list[LayerStrategy]], Optional[float], Optional[Callable[[], Any]]]:
+    """Strategies for every layer of one stage partition: (strategies, None, refine), or (None, GiB needed, None)
+    when some rank does not fit. ``refine`` (None where no rank's memory binds) returns the assignments with the
+    refined rank DPs' faster answers (none when no rank has one). Raises _NoStrategy when the constraints leave a
+    layer without options."""
     cfg, pp = o.cfg, o.pp
     rank_layers: list[list[int]] = [[] for _ in range(pp)]
     for j, (a, b) in enumerate(stages):
         rank_layers[j % pp].extend(range(a, b))
     choices: dict[int, LayerStrategy] = {}
+    pending: list[tuple[list[int], tuple[bool, ...], dict[bool, _Kind], Callable[[], Any]]] = []
     memo = table.rank_results
     for r, layers in enumerate(rank_layers):
         keys, used = table.rank_kinds(layers)
@@ -981,27 +1108,54 @@ def _assign_layers(o: _Outer, table: _KindTable, stages: list[list[int]]) -> tup
         inflight = cm.inflight_microbatches(o.sched, pp, r, o.m, o.v)
         first, last = r == 0, r == pp - 1
         extra = _rank_extra_bytes(o, first, last)
+        # the refined DP may count on the embedding's smallest ZeRO footprint (evaluate_plan judges the plan)
+        extra_lo = _rank_extra_bytes(o, first, last, 3 if o.c.zero is None else max(o.c.zero, 1))
         # ranks with similar activation pressure share one DP (round inflight up to a power of two)
         inflight_r = float(2 ** math.ceil(math.log2(inflight))) if inflight > 1 else 1.0
         inflight_r = min(inflight_r, float(o.m)) if o.sched != "gpipe" else inflight
         sig = (keys, inflight_r, first, last)
         if sig not in memo:
-            memo[sig] = _rank_dp(o, table, keys, used, o.usable - extra, inflight_r)
-        res = memo[sig]
+            memo[sig] = _rank_dp(o, table, keys, used, o.usable - extra, inflight_r, o.usable - extra_lo)
+        res, refine = memo[sig]
         if res is None:
             # The DP's buckets and rounded-up in-flight count are conservative: fall back to the
             # memory-minimal assignment when that fits; otherwise it says how far off the layout is.
             mins, need = _min_memory_assignment(ks, inflight)
             need += extra
             if need > o.usable:
-                return None, (need + cm.framework_overhead_bytes(o.hw, need)) / cm.GIB
+                return None, (need + cm.framework_overhead_bytes(o.hw, need)) / cm.GIB, None
             res = (float(sum(k.obj[j] for k, j in zip(ks, mins))), mins)
-        picked = list(res[1])
-        if len(used) == 1:
-            picked = _group_same_class(ks[0], picked)
-        for i, key, si in zip(layers, keys, picked):
-            choices[i] = used[key].strategies[si]
-    return [choices[i] for i in range(cfg.n_layers)], None
+        if refine is not None:
+            pending.append((layers, keys, used, refine))
+        _place(choices, layers, keys, used, res[1])
+
+    def refined() -> list[list[LayerStrategy]]:
+        """Assignments with every rank's refined answers: the first ones (within the budget), then the last ones."""
+        out = []
+        for pick in (0, -1):
+            alt, found = dict(choices), False
+            for layers, keys, used, refine in pending:
+                got = refine()
+                if got:
+                    found = True
+                    _place(alt, layers, keys, used, got[pick][1])
+            if found:
+                strategies = [alt[i] for i in range(cfg.n_layers)]
+                if strategies not in out:
+                    out.append(strategies)
+        return out
+
+    return [choices[i] for i in range(cfg.n_layers)], None, refined if pending else None
+
+
+def _place(choices: dict[int, LayerStrategy], layers: list[int], keys: tuple[bool, ...], used: dict[bool, _Kind],
+           picked: list[int]) -> None:
+    """Write one rank's DP answer (strategy index per layer) into ``choices`` (layer -> strategy)."""
+    picked = list(picked)
+    if len(used) == 1:
+        picked = _group_same_class(used[keys[0]], picked)
+    for i, key, si in zip(layers, keys, picked):
+        choices[i] = used[key].strategies[si]
 
 
 class _NoStrategy(Exception):
@@ -1061,7 +1215,7 @@ def _solve_candidate(o: _Outer) -> list[Any]:
 
     for stages in _partitions(o.cfg, o.pp, o.v, head_layers, False):
         try:
-            strategies, need = _assign_layers(o, table, stages)
+            strategies, need, refined = _assign_layers(o, table, stages)
         except _NoStrategy:
             return [{"layout": o.label(), "reason": "no strategy satisfies the constraints"}]
         note(need)
@@ -1071,6 +1225,17 @@ def _solve_candidate(o: _Outer) -> list[Any]:
         note(need)
         if item is not None:
             out.append(item)
+        # the rank DPs' rounding loss, recovered where the plan is near the best so far (or does not fit)
+        if refined is not None and (not isinstance(item, Candidate)
+                                    or item.prediction.step_s <= o.memo.best_step_s * (1 + REFINE_WINDOW)):
+            for alt in refined():
+                item, need = _score_plans(o, stages, alt)
+                note(need)
+                if item is not None:
+                    out.append(item)
+    for item in out:
+        if isinstance(item, Candidate):
+            o.memo.best_step_s = min(o.memo.best_step_s, item.prediction.step_s)
     if not any(isinstance(x, Candidate) for x in out) and best_need is not None:
         out.append({"layout": o.label(), "reason": f"out of memory by {best_need - o.hw.memory_bytes / cm.GIB:.2f} GiB",
                     "need_gib": round(best_need, 3)})

@@ -34,6 +34,17 @@ def scaled_mm_supported(device: torch.device | str) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+def cpu_scaled_mm_runs() -> bool:
+    """Whether this torch build implements ``torch._scaled_mm`` on CPU (a reference kernel in 2.13): the real
+    FP8 GEMM path, its layouts and scales, can then be checked without a GPU."""
+    try:
+        a = torch.zeros(16, 16).to(torch.float8_e4m3fn)
+        torch._scaled_mm(a, a.t(), scale_a=torch.tensor(1.0), scale_b=torch.tensor(1.0), out_dtype=torch.float32)
+        return True
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return False
+
+
 _CUDA_HAS_FP8: bool | None = None  # asked once per process (the GPUs of one job are of one kind)
 
 

@@ -53,6 +53,7 @@ from parity_2rank import plan
 
 from meshwright.config import load_model_config
 from meshwright.memory import fp8_activations
+from meshwright.memory.fp8_gemm import cpu_scaled_mm_runs
 from meshwright.memory.fp8_activations import FP8Linear, _FP8LinearFn, _QuantCache
 from meshwright.models import build_model, lm_loss
 from meshwright.models.moe import moe_layers
@@ -332,17 +333,10 @@ def vs_one_process(cfg, p, dp: int, run: dict) -> dict:
     return {**gap(run, whole), "effect": gap(flat(plain), whole), "tp_vs_plain": gap(run, plain)}
 
 
-def cpu_scaled_mm_works() -> bool:
-    try:
-        a = torch.zeros(16, 16).to(torch.float8_e4m3fn)
-        torch._scaled_mm(a, a.t(), scale_a=torch.tensor(1.0), scale_b=torch.tensor(1.0), out_dtype=torch.float32)
-        return True
-    except (RuntimeError, NotImplementedError, AttributeError):
-        return False
 
 
 def run_case(name: str, cfg, pd: dict, compile_backend: str | None = None) -> dict:
-    if "scaledmm" in name and not cpu_scaled_mm_works():
+    if "scaledmm" in name and not cpu_scaled_mm_runs():
         return {"ok": True, "skipped": "this torch has no CPU torch._scaled_mm"}
     force_scaled_mm("scaledmm" in name)
     try:

@@ -13,6 +13,7 @@ from meshwright.memory.fp8_activations import (FP8Linear, FP8RMSNorm, FP8SwiGLU,
                                                _FP8LinearFn, _FP8RMSNormFn, _FP8SwiGLUProductFn, _QuantCache,
                                                apply_fp8_activations, block_saved_bytes_per_token,
                                                fp8_act_layers_from_plan, fp8_activation_saved_fraction)
+from meshwright.memory.fp8_gemm import cpu_scaled_mm_runs
 from meshwright.models import build_model, lm_loss
 from meshwright.models.layers import RMSNorm
 from meshwright.optim.fp8_quant import (dequantize_last_dim_groups, dequantize_per_tensor, quantize_last_dim_groups,
@@ -267,16 +268,9 @@ def test_emulated_fp8_gemm_equals_a_written_out_reference():
     torch.testing.assert_close(ws.grad, rgw, rtol=1e-6, atol=1e-6)
 
 
-def _cpu_scaled_mm_works() -> bool:
-    try:
-        a = torch.zeros(16, 16).to(torch.float8_e4m3fn)
-        torch._scaled_mm(a, a.t(), scale_a=torch.tensor(1.0), scale_b=torch.tensor(1.0), out_dtype=torch.float32)
-        return True
-    except (RuntimeError, NotImplementedError, AttributeError):
-        return False
 
 
-@pytest.mark.skipif(not _cpu_scaled_mm_works(), reason="this torch has no CPU torch._scaled_mm")
+@pytest.mark.skipif(not cpu_scaled_mm_runs(), reason="this torch has no CPU torch._scaled_mm")
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("tokens", [128, 132])  # 132: not divisible by 16, _scaled_mm falls back
 def test_scaled_mm_path_matches_the_emulation(autocast, tokens):

@@ -20,7 +20,7 @@ from meshwright.config import load_model_config
 from meshwright.errors import ConfigError
 from meshwright.memory import fp8_activations
 from meshwright.memory.fp8_activations import apply_fp8_activations
-from meshwright.memory.fp8_gemm import scaled_mm_supported
+from meshwright.memory.fp8_gemm import cpu_scaled_mm_runs, scaled_mm_supported
 from meshwright.memory.fp8_tp import local_operands
 from meshwright.models import build_model, lm_loss
 from meshwright.parallel.tensor_parallel import apply_tp
@@ -39,13 +39,6 @@ def group():
     dist.destroy_process_group()
 
 
-def _cpu_scaled_mm_works() -> bool:
-    try:
-        a = torch.zeros(16, 16).to(torch.float8_e4m3fn)
-        torch._scaled_mm(a, a.t(), scale_a=torch.tensor(1.0), scale_b=torch.tensor(1.0), out_dtype=torch.float32)
-        return True
-    except (RuntimeError, NotImplementedError, AttributeError):
-        return False
 
 
 def _run(device: str, backend: str, sp: bool | None, arch: str) -> dict:
@@ -103,7 +96,7 @@ def test_one_rank_tp_fp8_gemms_equal_the_plain_fp8_model(group, sp, arch):
     _check(_run("cpu", "emulate", sp, arch), 1e-5)
 
 
-@pytest.mark.skipif(not _cpu_scaled_mm_works(), reason="this torch has no CPU torch._scaled_mm")
+@pytest.mark.skipif(not cpu_scaled_mm_runs(), reason="this torch has no CPU torch._scaled_mm")
 def test_one_rank_tp_scaled_mm_path_on_cpu(group):
     _check(_run("cpu", "scaled_mm", True, "llama"), 1e-5)
 

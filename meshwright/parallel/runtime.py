@@ -192,7 +192,6 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
             raise invalid("loss_chunk_tokens", loss_chunk_tokens, "0 (plain loss) or a positive number of tokens")
         # compile and/or chunked loss: the last stage returns hidden states and its head runs inside the loss
         # (compiled with it: inductor pads an unaligned vocab and fuses the fp32 upcast); None: logits, lm_loss
-        self.loss_chunk_tokens = loss_chunk_tokens
         self.head_loss = head_loss(compile_backend, loss_chunk_tokens)
         if dp_shard is not None and dp_shard < 1:
             raise invalid("dp_shard", dp_shard, "null or a positive divisor of the layers' dp degree")
@@ -311,12 +310,13 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
                 # backward through the all-to-all already summed the ep peers' contributions
                 self._manual.append((experts, g.edp, 1.0 / m.max_dp))
             apply_recompute(block, s.recompute)
-            if self.compile_backend is not None and s.ep > 1:  # the all-to-alls stay eager between compiled parts
-                compile_expert_parallel_block(block, self.compile_backend)
-            elif self.compile_backend is not None and s.tp > 1 and self.tp_backend == "megatron":  # so do its linears
-                compile_megatron_tp_block(block, self.compile_backend)
-            elif self.compile_backend is not None:
-                compile_block(block, self.compile_backend)
+            if self.compile_backend is not None:
+                if s.ep > 1:  # the all-to-alls stay eager between compiled parts
+                    compile_expert_parallel_block(block, self.compile_backend)
+                elif s.tp > 1 and self.tp_backend == "megatron":  # so do its linears
+                    compile_megatron_tp_block(block, self.compile_backend)
+                else:
+                    compile_block(block, self.compile_backend)
             params = [p for p in block.parameters() if not is_expert_param(p)]
             if self.uniform_ddp:
                 continue

@@ -31,12 +31,10 @@ class LocalRuntime(Runtime):
         # bf16: autocast with fp32 master weights, on every device (train/precision.py says why)
         self.precision = PrecisionPolicy.from_dtype(dtype)
         self.compute_dtype = self.precision.compute_dtype
-        self.loss_chunk_tokens = loss_chunk_tokens
         if compile_backend is not None:
             compile_blocks(self.model, compile_backend)
         # compile and/or chunked loss: the head runs with the loss (None: eager logits, then lm_loss)
         self.head_loss = head_loss(compile_backend, loss_chunk_tokens)
-        self.chunk_fn = self.head_loss.chunk_fn if self.head_loss is not None else None  # the compiled per-chunk loss
         self._moe = bool(moe_layers(self.model))
         self._last_aux: torch.Tensor | None = None  # mean auxiliary (balance + z) loss of the last step, MoE only
 

@@ -73,7 +73,7 @@ def test_compiled_chunked_loss_matches_eager_plain_loss() -> None:
     batch = [(x[:, :-1], x[:, 1:])]
     plain = LocalRuntime(build_model(MICRO, seed=6))
     chunked = LocalRuntime(build_model(MICRO, seed=6), compile_backend="aot_eager", loss_chunk_tokens=20)
-    assert chunked.chunk_fn is not None
+    assert chunked.head_loss.chunk_fn is not None
     l0, l1 = plain.forward_backward(batch), chunked.forward_backward(batch)
     assert abs(l1 - l0) <= 1e-5 * abs(l0)
     g0 = dict(plain.model.named_parameters())

@@ -944,7 +944,7 @@ def _repair(kinds: list[_Kind], choice: list[int], budget: float, inflight: floa
     groups: dict[tuple[int, int], list[int]] = {}  # (kind, strategy) -> its layers
     for i, (k, j) in enumerate(zip(kinds, choice)):
         groups.setdefault((id(k), int(j)), []).append(i)
-    over = sum(float(size[id(k)][j]) for k, j in zip(kinds, choice)) - budget
+    over = _stage_bytes(kinds, choice, inflight) - budget
     moves: dict[tuple[int, int], tuple[float, int, float]] = {}  # group -> (seconds per byte, target, bytes saved)
     while over > budget * 1e-12:
         best = None

@@ -3,8 +3,9 @@ rotary permutation, stacked experts; read per parameter *slice*, so a sharded ra
 
 Every Decoder parameter has a ``Source``: how to read any slice ``idx`` of it (in meshwright's layout)
 from the checkpoint's tensors. A plain model reads whole parameters; a DTensor parameter (tensor- or
-fully-sharded) reads only the rows/columns its local shard covers; a pipeline stage has only its own
-layers' parameters, so it reads only those. ``load_pretrained_into`` works on any of them;
+fully-sharded) reads only the rows/columns its local shard covers, and so does a plain tensor that is a shard
+cut by hand (megatron-core tp) given its box; a pipeline stage has only its own layers' parameters, so it
+reads only those. ``load_pretrained_into`` works on any of them;
 ``from_pretrained`` builds the plain model from ``config.json`` and loads it. ``hf_state_dict`` is the
 inverse (used by ``meshwright export --hf``).
 
@@ -222,8 +223,15 @@ def weight_sources(cfg: ModelConfig, reader: SafetensorsReader) -> dict[str, Sou
     return gpt2_sources(cfg, reader) if cfg.arch == "gpt2" else llama_sources(cfg, reader)
 
 
-def _local_index(param: torch.Tensor) -> tuple[Index, torch.Tensor]:
-    """The global slice this rank holds of ``param`` and the local tensor to write it into."""
+Box = tuple[tuple[int, ...], tuple[int, ...]]  # (global shape, offset of a plain local shard in it)
+
+
+def _local_index(param: torch.Tensor, box: Box | None = None) -> tuple[Index, tuple[int, ...], torch.Tensor]:
+    """The global slice this rank holds of ``param``, the global shape, and the local tensor to write it into.
+    ``box``: a plain tensor that is a shard cut by hand (megatron-core tp), placed by its caller."""
+    if box is not None:
+        shape, offset = box
+        return tuple(slice(o, o + n) for o, n in zip(offset, param.shape)), tuple(shape), param
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch without DTensor
@@ -232,20 +240,26 @@ def _local_index(param: torch.Tensor) -> tuple[Index, torch.Tensor]:
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
         shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-        return tuple(slice(o, o + n) for o, n in zip(offset, shape)), param.to_local()
-    return tuple(slice(0, n) for n in param.shape), param
+        return tuple(slice(o, o + n) for o, n in zip(offset, shape)), tuple(param.shape), param.to_local()
+    return tuple(slice(0, n) for n in param.shape), tuple(param.shape), param
 
 
 @torch.no_grad()
 def load_pretrained_into(model: nn.Module | Iterable[nn.Module], path: str | Path, cfg: ModelConfig | None = None,
-                         strict: bool = True, check_unused: bool | None = None) -> list[str]:
+                         strict: bool = True, check_unused: bool | None = None, boxes: dict[str, Box] | None = None,
+                         whole_model: Iterable[str] | None = None) -> list[str]:
     """Copy a Hugging Face checkpoint into ``model`` (a plain Decoder, a pipeline stage, or a list of
     stage chunks), each rank reading only the slices its (possibly DTensor-sharded) parameters hold.
 
-    Parameters without a source (adapters added by a memory saver) are an error with ``strict``, else
-    skipped. ``check_unused`` (default: when every layer is present) refuses checkpoint tensors that no
-    parameter used, so a weight meshwright's model has no place for is never silently dropped.
-    Returns the names loaded. Rotary tables are recomputed (they are not in the checkpoint).
+    ``boxes``: {name: (global shape, offset)} of plain parameters that are shards cut by hand (megatron-core
+    tp, ``parallel/meta_init.shard_box``): each reads only its box, through the same transforms (transposes,
+    rotary permutation, fused blocks) as the whole parameter. Parameters without a source (adapters added by a
+    memory saver) are an error with ``strict``, else skipped. ``check_unused`` (default: when every layer is
+    present, or ``whole_model`` is given) refuses checkpoint tensors that no parameter uses, so a weight
+    meshwright's model has no place for is never silently dropped; ``whole_model``: the parameter names of the
+    whole model when ``model`` holds only some (a pipeline stage): the check then counts the tensors the other
+    stages load as used, without reading them. Returns the names loaded. Rotary tables are recomputed (they are
+    not in the checkpoint).
     """
     modules = [model] if isinstance(model, nn.Module) else list(model)
     cfg = cfg if cfg is not None else load_model_config(str(Path(path) / "config.json"))
@@ -262,10 +276,10 @@ def load_pretrained_into(model: nn.Module | Iterable[nn.Module], path: str | Pat
                                       f"checkpoint before adding adapters, or strict=False")
                 continue
             src = sources[name]
-            idx, local = _local_index(param)
+            idx, shape, local = _local_index(param, (boxes or {}).get(name))
             if isinstance(src, Source):
-                src.check_shape(reader, name, tuple(param.shape))
-            value = src.read(reader, idx, tuple(param.shape))
+                src.check_shape(reader, name, shape)
+            value = src.read(reader, idx, shape)
             if tuple(value.shape) != tuple(local.shape):
                 raise ConfigError(f"init_from: {name} reads shape {tuple(value.shape)} from {str(path)!r}, the model "
                                   f"holds {tuple(local.shape)}; valid: a model config matching the checkpoint's config.json")
@@ -275,8 +289,12 @@ def load_pretrained_into(model: nn.Module | Iterable[nn.Module], path: str | Pat
             if name.startswith("layers."):
                 layers_seen.add(name.split(".")[1])
         _reset_rope(mod, cfg)
+    if whole_model is not None:  # what the other stages load counts as used
+        for name in whole_model:
+            if name in sources:
+                used.update(sources[name].keys())
     if check_unused is None:
-        check_unused = len(layers_seen) == cfg.n_layers
+        check_unused = len(layers_seen) == cfg.n_layers or whole_model is not None
     if cfg.tie_embeddings:
         used.add("lm_head.weight")  # some tied checkpoints store the head as well; the model shares the embedding
     if check_unused:

@@ -3,8 +3,8 @@
 The block's Linear layers are swapped for megatron-core's parallel layers, driven by *our* tp
 process group (``tp_group=``), so megatron's global ``parallel_state`` is never initialised and the
 meshes stay explicit. Weights are copied from the plain model's slices (or, on a meta block, left for
-``parallel/meta_init.py`` to fill with those slices' values), so this backend gives the same numbers as the
-DTensor one. Parameters stay plain local shards; ``to_dtensor_state`` /
+``parallel/meta_init.py`` to fill with those slices' values, and for ``init_from`` to read from the checkpoint),
+all placed by ``meta_init.shard_box``, so this backend gives the same numbers as the DTensor one. Parameters stay plain local shards; ``to_dtensor_state`` /
 ``load_dtensor_state`` expose them as DTensors so distributed checkpoints still reshard.
 """
 
@@ -17,6 +17,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
+
+from meshwright.parallel.meta_init import box_index, shard_box
 
 _COLUMN = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
 _ROW = ("attention.wo", "feed_forward.w2")
@@ -75,9 +77,11 @@ def apply_megatron_tp(block: nn.Module, tp_group: dist.ProcessGroup) -> dict[str
         new = new.to(dev)
         if dev.type != "meta":  # the slices of the plain weights; on meta, materialize fills these shards later
             with torch.no_grad():
-                new.weight.copy_(lin.weight.detach().chunk(tp, dim=0 if column else 1)[r])
+                box = shard_box(new.weight.shape, 0 if column else 1, tp, r)
+                new.weight.copy_(lin.weight.detach()[box_index(box, new.weight.shape)])
                 if bias:
-                    new.bias.copy_(lin.bias.detach().chunk(tp, dim=0)[r] if column else lin.bias.detach())
+                    new.bias.copy_(lin.bias.detach()[box_index(shard_box(new.bias.shape, 0, tp, r), new.bias.shape)]
+                                   if column else lin.bias.detach())
         setattr(parent, attr, new)
         shard_dims[f"{path}.weight"] = 0 if column else 1
         if bias and column:

@@ -23,9 +23,11 @@ Supported: every layout of the torch runtime, dense or MoE, under both schemes a
   too (``use_cpu_initialization`` allocates with the default device, here meta; ``perform_initialization`` is
   off) and skips the copy of the plain weights' slices; the parameters keep the plain names (``weight``,
   ``bias``) and their local shape, so their values are the slices the copy would have taken. The attributes
-  megatron-core sets on its Parameter objects survive ``to_empty`` (``_to_empty``). Not with ``init_from``:
-  pretrained weights are loaded into the full plain model before megatron copies its slices, so that path
-  still builds the full model first (the DTensor backend loads each rank's slices after the layout instead).
+  megatron-core sets on its Parameter objects survive ``to_empty`` (``_to_empty``).
+- ``init_from`` (a Hugging Face checkpoint), under both tp backends: the runtime materialises as above, then
+  ``load_pretrained_into`` reads each rank's slices straight from the safetensors files: a DTensor shard's
+  from its placements, a megatron-core shard's from the same ``shard_box`` the initialisation filled. No rank
+  holds the whole model, whatever the backend.
 - Per-layer memory savers the distributed runtime applies (``apply_plan_savers``): they go onto the meta model
   like onto a full one because they neither add parameters nor draw from the RNG when applied. FP8
   activations and FP8 GEMMs change the classes of existing modules; WTA-CRS changes the class of existing
@@ -56,24 +58,25 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from meshwright.config import ModelConfig
 from meshwright.models import build_model
+from meshwright.models.hf_weights import Box  # (global shape, offset of the local tensor in it)
 from meshwright.models.init import init_keyed
 from meshwright.models.moe import GroupedExperts
 from meshwright.parallel.expert_parallel import ExpertParallelExperts
 from meshwright.plan import Plan
 
-Box = tuple[tuple[int, ...], tuple[int, ...]]  # (global shape, offset of the local tensor in it)
 
 
 def supports_meta_init(cfg: ModelConfig, plan: Plan, tp_backend: str, init_from: str | None = None) -> bool:
-    """Whether this model and layout materialise from ``meta`` (see the module docstring): every layout, per-layer
-    savers included (they change module classes, not parameters or the RNG stream), except megatron-core TP with
-    pretrained weights (``init_from`` loads them into the full plain model before its slices are copied)."""
-    return tp_backend == "dtensor" or (tp_backend == "megatron" and init_from is None)
+    """Whether this model and layout materialise from ``meta`` (see the module docstring): every layout of both tp
+    backends, per-layer savers included (they change module classes, not parameters or the RNG stream), with or
+    without ``init_from`` (pretrained weights are read per shard after the layout, megatron-core's by box)."""
+    return tp_backend in ("dtensor", "megatron")
 
 
 def shard_box(local_shape: Iterable[int], dim: int, parts: int, index: int) -> Box:
     """The box of a plain tensor shard cut by hand: part ``index`` of ``parts`` equal parts along ``dim``
-    (megatron-core's tp partitions)."""
+    (megatron-core's tp partitions). The one definition of a megatron shard's place: the copy from a plain
+    weight (``megatron_tp``), the initialisation (``materialize``) and ``init_from`` (``load_pretrained_into``) use it."""
     shape = list(local_shape)
     offset = [0] * len(shape)
     offset[dim] = index * shape[dim]
@@ -98,10 +101,15 @@ def _cpu_twin(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module).to_empty(device="cpu")
 
 
+def box_index(box: Box, local_shape: Iterable[int]) -> tuple[slice, ...]:
+    """The slices of the full tensor a local tensor of ``local_shape`` at ``box`` holds."""
+    return tuple(slice(o, o + n) for o, n in zip(box[1], local_shape))
+
+
 @torch.no_grad()
 def _copy_shard(param: torch.Tensor, full: torch.Tensor, box: Box | None = None) -> None:
     if box is not None:
-        param.copy_(full[tuple(slice(o, o + n) for o, n in zip(box[1], param.shape))])
+        param.copy_(full[box_index(box, param.shape)])
     elif isinstance(param, DTensor):
         shape, offset = compute_local_shape_and_global_offset(full.shape, param.device_mesh, param.placements)
         local = param.to_local()

@@ -170,7 +170,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         """``dp_shard`` turns ZeRO-2/3 layers into HSDP: shard over ``dp_shard`` ranks, replicate across
         ``dp/dp_shard`` groups (None: shard over the whole dp group). ``init_from`` loads a Hugging Face
         checkpoint: after the layout is applied, so each rank reads only its stages' parameters and, for
-        DTensor (tp/FSDP) shards, only its slices; Megatron's plain shards load into the full model first.
+        DTensor (tp/FSDP) shards and megatron-core's plain shards (their ``shard_box``), only its slices.
         ``precision``: fp32 when None. ``compile_backend``: torch.compile each block (after TP and recompute,
         before FSDP2; of an ep>1 or megatron tp>1 block its collective-free parts) and the last stage's head together with the loss. ``init``: the initial weights' scheme
         (models/init.py; ``auto``: keyed on CUDA, the CPU stream elsewhere), the one-process model's for the
@@ -207,8 +207,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
             full = build_model(cfg, device=self.device, seed=seed, init="keyed")
         else:
             full = build_model(cfg, device="cpu", seed=seed).to(self.device)
-        if init_from is not None and tp_backend == "megatron":
-            load_pretrained_into(full, init_from, cfg)
+        whole_model = [n for n, _ in full.named_parameters()]  # for init_from's unused-tensor check under pp
         self.saver_layers = apply_plan_savers(full, plan, seed)
         ranges = plan.stage_ranges(cfg.n_layers)
         self.n_stages = len(ranges)
@@ -258,8 +257,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
             self._manual = [([new.get(p, p) for p in ps], group, scale) for ps, group, scale in self._manual]
             self._post_scale = [([new.get(p, p) for p in ps], factor) for ps, factor in self._post_scale]
         self.chunks = chunks
-        if init_from is not None and tp_backend != "megatron":
-            load_pretrained_into(chunks, init_from, cfg, check_unused=m.pp == 1)
+        if init_from is not None:  # each rank reads its stages' parameters, of its shards only their boxes
+            load_pretrained_into(chunks, init_from, cfg, boxes=self._shard_boxes, whole_model=whole_model)
         self.model = StateView(chunks)
         if self._megatron_state:
             from meshwright.parallel.megatron_tp import install_state_hooks

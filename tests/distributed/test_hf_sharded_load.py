@@ -1,4 +1,5 @@
-"""``init_from`` under torchrun: tp2 / FSDP2 / pp2 loads equal the one-process load (tests/distributed/hf_load_worker.py)."""
+"""``init_from`` under torchrun: tp2 (DTensor, megatron-core: Llama and GPT-2) / FSDP2 / pp2 loads equal the one-process
+load and each rank reads only part of the file (tests/distributed/hf_load_worker.py)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,23 @@ def test_sharded_loads_equal_the_one_process_load(tmp_path):
     cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4,
+                                                                n_positions=64))
+    with torch.no_grad():  # biases start at 0: perturb them so the fused c_attn bias's boxes are seen
+        for p in gpt2.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    gpt2.save_pretrained(tmp_path / "gpt2")
     out = tmp_path / "report.json"
-    run_torchrun(REPO / "tests/distributed/hf_load_worker.py", nproc=2, args=[str(tmp_path / "hf"), str(out)], timeout=300)
+    run_torchrun(REPO / "tests/distributed/hf_load_worker.py", nproc=2,
+                 args=[str(tmp_path / "hf"), str(out), str(tmp_path / "gpt2")], timeout=300)
     res = read_json(out)
-    for case in ("tp2_dtensor", "tp2_megatron", "fsdp2_zero3", "pp2"):
+    cases = ("tp2_dtensor", "tp2_megatron", "tp2_megatron_gpt2", "fsdp2_zero3", "pp2")
+    for case in cases:
         assert res[case]["ok"], (case, res[case])
-    for case in ("tp2_dtensor", "fsdp2_zero3", "pp2"):  # each rank read about half of the weights, not all of them
+    for case in ("tp2_megatron", "tp2_megatron_gpt2"):  # built on meta: no rank held the whole model
+        for rank in range(2):
+            assert res[case]["ranks"][str(rank)]["meta_init"], (case, res[case])
+    for case in cases:  # each rank read about half of the weights, not all of them
         for rank in range(2):
             assert res[case]["ranks"][str(rank)]["read_fraction"] < 0.75, (case, res[case])

@@ -13,6 +13,15 @@ and, at world 1, ``build_model`` for the one-process run. Prints one JSON line p
 built on meta since meta init covers them; ``--full-build`` switches meta init off (the whole model first, as
 those layouts were built before) for a side-by-side on the same machine; ``--count-build-bytes`` counts the fresh
 bytes of the whole runtime construction (both paths), and every line carries the process's peak RSS.
+
+``--init-from DIR`` loads a Hugging Face checkpoint into the runtime (``init_from``); ``--write-checkpoint DIR``
+(one process, no torchrun) first writes one with the model's shapes (``--set d_model=2048 ...`` overrides
+fields of the preset), e.g. for megatron-core tp2 from a llama-shaped checkpoint (issue 16):
+
+    PYTHONPATH=. python benchmarks/bench_meta_init.py --layers 2 --set d_model=2048 n_heads=16 n_kv_heads=16 \
+        ffn_hidden=5504 vocab_size=8000 --write-checkpoint /tmp/ckpt
+    PYTHONPATH=. torchrun --nproc-per-node 2 benchmarks/bench_meta_init.py --layers 2 --set d_model=2048 n_heads=16 \
+        n_kv_heads=16 ffn_hidden=5504 vocab_size=8000 --layout tp --tp-backend megatron --init stream --init-from /tmp/ckpt
 """
 
 from __future__ import annotations
@@ -87,12 +96,23 @@ def main() -> None:
     ap.add_argument("--tp-backend", default="dtensor", choices=["dtensor", "megatron"])
     ap.add_argument("--savers", action="store_true", help="FP8 activations on even layers, WTA-CRS (0.5) on odd ones")
     ap.add_argument("--full-build", action="store_true", help="meta init off: the whole model first (the old path)")
+    ap.add_argument("--set", nargs="+", default=[], metavar="FIELD=INT", help="override integer fields of the preset")
+    ap.add_argument("--init-from", default=None, help="a Hugging Face checkpoint directory to load (init_from)")
+    ap.add_argument("--write-checkpoint", default=None, help="write the model (seed 1234) there as a HF checkpoint, exit")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     base = load_model_config(args.model)
-    cfg = load_model_config({**{k: getattr(base, k) for k in base.__dataclass_fields__}, "n_layers": args.layers,
-                             "name": f"{base.name}-{args.layers}l"})
+    fields = {k: getattr(base, k) for k in base.__dataclass_fields__}
+    fields.update({k: int(v) for k, v in (item.split("=", 1) for item in args.set)})
+    suffix = "-".join([f"{args.layers}l"] + [item.replace("=", "") for item in args.set])
+    cfg = load_model_config({**fields, "n_layers": args.layers, "name": f"{base.name}-{suffix}"})
+    if args.write_checkpoint:
+        from meshwright.models.hf_weights import save_hf
+
+        save_hf(build_model(cfg, seed=1234, init="keyed"), cfg, args.write_checkpoint)
+        print(json.dumps({"wrote": args.write_checkpoint, "model": cfg.name, "params": cfg.num_params()}))
+        return
     if "WORLD_SIZE" not in os.environ:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                            "MASTER_PORT": str(_free_port())})
@@ -123,7 +143,7 @@ def main() -> None:
                 try:
                     with build:
                         rt = DistributedRuntime(cfg, plan_from_dict(pd), seed=1234, device=device, init=init,
-                                                tp_backend=args.tp_backend)
+                                                tp_backend=args.tp_backend, init_from=args.init_from)
                 finally:
                     runtime_mod.materialize = original
                 _sync()
@@ -147,6 +167,7 @@ def main() -> None:
             if rank == 0:
                 print(json.dumps({"model": cfg.name, "params": cfg.num_params(), "init": init, "what": what,
                                   "layout": args.layout, "tp_backend": args.tp_backend, "savers": args.savers,
+                                  "init_from": args.init_from is not None,
                                   "world": world, "device": str(device),
                                   "max_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
                                   "threads": torch.get_num_threads(), "seconds": round(dt, 2), "cpu_s": round(cpu, 2),

@@ -32,6 +32,7 @@ import json
 import os
 import resource
 import socket
+import threading
 import time
 
 import torch
@@ -70,6 +71,43 @@ def metered_materialize(meter: FreshBytes):
         with meter:
             return original(*args, **kwargs)
     return run
+
+
+class RssPeaks:
+    """Peak anonymous and file-backed resident memory (``/proc/self/status`` RssAnon/RssFile, sampled every 2 ms
+    on a thread): the page cache of a memory-mapped checkpoint counts in ``ru_maxrss`` but is shared between the
+    ranks of a host, the anonymous memory (the tensors) is each rank's own. Zeros where /proc is absent."""
+
+    def __init__(self) -> None:
+        self.peak = {"RssAnon": 0, "RssFile": 0}
+        self._sample()
+        self.start = dict(self.peak)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    key = line.split(":", 1)[0]
+                    if key in self.peak:
+                        self.peak[key] = max(self.peak[key], int(line.split()[1]) * 1024)
+        except OSError:
+            self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            time.sleep(0.002)
+
+    def __enter__(self) -> "RssPeaks":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
 
 
 def _sync() -> None:
@@ -141,14 +179,18 @@ def main() -> None:
                     runtime_mod.materialize = metered_materialize(meter)
                 build = FreshBytes() if args.count_build_bytes else contextlib.nullcontext()
                 try:
-                    with build:
+                    with build, RssPeaks() as peaks:
                         rt = DistributedRuntime(cfg, plan_from_dict(pd), seed=1234, device=device, init=init,
                                                 tp_backend=args.tp_backend, init_from=args.init_from)
                 finally:
                     runtime_mod.materialize = original
                 _sync()
                 dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-                extra = {"meta_init": rt.meta_init, "local_params": sum(
+                extra = {"peak_rss_anon_gb": round(peaks.peak["RssAnon"] / 2**30, 2),
+                         "peak_rss_file_gb": round(peaks.peak["RssFile"] / 2**30, 2),
+                         "start_rss_anon_gb": round(peaks.start["RssAnon"] / 2**30, 2),
+                         "start_rss_file_gb": round(peaks.start["RssFile"] / 2**30, 2),
+                         "meta_init": rt.meta_init, "local_params": sum(
                     (p.to_local() if hasattr(p, "to_local") else p).numel() for p in rt.parameters())}
                 if args.count_bytes:
                     extra["materialize_fresh_bytes"] = meter.total

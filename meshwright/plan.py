@@ -61,6 +61,14 @@ class LayerStrategy:
     savers: Savers = field(default_factory=Savers)
     repeat: int = 1  # this strategy applies to `repeat` consecutive layers
 
+    def with_repeat(self, repeat: int) -> "LayerStrategy":
+        """A copy with another ``repeat`` (``dataclasses.replace`` without its per-call field walk: the planner makes
+        tens of thousands; the ``savers`` object is shared, as replace shares it)."""
+        out = object.__new__(LayerStrategy)
+        out.__dict__.update(self.__dict__)
+        out.repeat = repeat
+        return out
+
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
         for name in ("tp", "dp", "ep", "cp", "repeat"):
@@ -150,7 +158,7 @@ class Plan:
         """One LayerStrategy per transformer block (``repeat`` expanded)."""
         out: list[LayerStrategy] = []
         for s in self.layers:
-            one = dataclasses.replace(s, repeat=1)
+            one = s.with_repeat(1)
             out.extend(one for _ in range(s.repeat))
         return out
 
@@ -224,10 +232,10 @@ def validate_plan(plan: Plan, model: ModelConfig | str | dict, world_size: int) 
     if world_size % pp.degree:
         raise invalid("pipeline.degree", pp.degree, f"a divisor of world size {world_size}: {divisors(world_size)}")
     per_stage = world_size // pp.degree
-    tp_choices = [d for d in divisors(per_stage) if cfg.n_heads % d == 0 and cfg.kv_heads % d == 0]
     for i, s in enumerate(strategies):
         f = f"layers[{i}]"
         if cfg.n_heads % s.tp or cfg.kv_heads % s.tp:
+            tp_choices = [d for d in divisors(per_stage) if cfg.n_heads % d == 0 and cfg.kv_heads % d == 0]
             raise invalid(f"{f}.tp", s.tp, f"a divisor of n_heads={cfg.n_heads} and n_kv_heads={cfg.kv_heads} within {per_stage} devices: {tp_choices}")
         if cfg.ffn_dim % s.tp or (cfg.n_experts and cfg.expert_ffn_dim % s.tp):
             raise invalid(f"{f}.tp", s.tp, f"a divisor of the FFN width {cfg.ffn_dim}")

@@ -17,8 +17,16 @@ from meshwright.tools.flops import palm_flops_per_token
 
 
 def divisors(n: int) -> list[int]:
-    """Positive divisors of n, ascending (the valid degrees offered in one-line errors)."""
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """Positive divisors of n, ascending (the valid degrees offered in one-line errors; the planner asks often)."""
+    small, large = [], []
+    d = 1
+    while d * d <= n:
+        if n % d == 0:
+            small.append(d)
+            if d * d != n:
+                large.append(n // d)
+        d += 1
+    return small + large[::-1]
 
 
 # Upper bounds on sizes, far above any real model (Llama-3 405B: 126 layers, d_model 16384, vocab 128k) and far

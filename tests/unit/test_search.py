@@ -304,6 +304,33 @@ def test_search_pauses_the_cyclic_collector_and_restores_its_state():
     assert seen and not any(seen)
 
 
+def test_search_leaves_no_cyclic_garbage():
+    """With the collector paused, whatever the search builds must be freed by reference counting: a reference
+    cycle (the refined rank DPs' closures hold the kind table that holds them) kept every candidate's kinds alive
+    until the collector ran (184k objects, ~0.1-0.3 s after a 1,024-GPU fp8 search)."""
+    refined = []
+    original = S._refined_stage_dp
+
+    def counting(*a, **k):
+        refined.append(1)
+        return original(*a, **k)
+
+    mp = pytest.MonkeyPatch()
+    was = gc.isenabled()
+    try:
+        mp.setattr(S, "_refined_stage_dp", counting)
+        gc.collect()
+        gc.disable()
+        r = S.search(load_model_config("llama2-13b"), load_cluster("dgx-h100-80g", nodes=1), 4096, 64,
+                     allow=S.Allow(fp8=True))
+        found = gc.collect()
+    finally:
+        mp.undo()
+        (gc.enable if was else gc.disable)()
+    assert r.best is not None and refined, "the case must run refined rank DPs (their closures made the cycle)"
+    assert found == 0
+
+
 def test_runtime_compatible_plans_pass_the_runtime_check():
     """auto_plan and the CLI default emit only what meshwright.parallel.runtime runs unchanged."""
     runtime = pytest.importorskip("meshwright.parallel.runtime")

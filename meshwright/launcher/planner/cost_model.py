@@ -816,15 +816,65 @@ class Prediction:
 
 
 def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len: int, hw: Hardware,
-                states: str = "fp32", prev: Optional[tuple[int, bool]] = None) -> dict[str, float]:
+                states: str = "fp32", prev: Optional[tuple[int, bool]] = None,
+                parts: Optional[dict[tuple, Any]] = None) -> dict[str, float]:
     """All cost terms of block ``index`` under LayerStrategy ``s`` for a microbatch of ``mb_samples``
     sequences on this rank: per-microbatch compute and exposed communication, per-step DP traffic,
-    static memory and activation bytes per microbatch."""
+    static memory and activation bytes per microbatch.
+
+    ``parts``: a cache of the terms that depend on a few of the strategy's fields (compute on tp/sp/recompute,
+    shards and states on tp/dp/ZeRO, activations on tp/sp/recompute/savers), keyed by those fields, the layer's
+    kind and the tokens: for one model, hardware and sequence length only (the search's memo)."""
     tokens = mb_samples * seq_len / s.cp  # context parallelism splits each sequence over cp ranks
     moe = cfg.is_moe_layer(index)
+    sv = s.savers
+    lemo = sv.lemo if sv.lemo is not None else 1.0
+    if parts is None:
+        parts = {}
+    key = ("compute", moe, tokens, seq_len, s.tp, s.sp, s.recompute, s.ep, s.cp, sv.fp8_gemm, sv.lemo)
+    comp = parts.get(key)
+    if comp is None:
+        comp = parts[key] = _compute_terms(cfg, index, moe, s, tokens, seq_len, lemo, hw)
+    fwd, compute_mb, model_flops_mb, hw_flops_mb, comm_mb = comp
+    overhead_mb = strategy_overhead_s(hw, s.tp, s.sp, s.zero, s.dp, tokens * lemo)
+    if prev is not None:
+        comm_mb += redistribution_s(tokens, cfg, prev, (s.tp, s.sp), hw)
+    key = ("shard", moe, s.tp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, states)
+    shard = parts.get(key)
+    if shard is None:
+        shard = parts[key] = _shard_terms(cfg, index, moe, s, states, hw)
+    shard_params, dp_mb, dp_step, states_b, opt_step, accum_mb = shard
+    pol = hw.policy
+    compiled = compiled_layer(cfg, index, sv, hw)
+    key = ("act", moe, tokens, seq_len, s.tp, s.sp, s.recompute, s.ep, sv.fp8_act, sv.wta_crs, sv.lemo)
+    acts = parts.get(key)
+    if acts is None:
+        acts = parts[key] = _activation_terms(cfg, index, s, tokens, seq_len, lemo, compiled, hw)
+    act, working = acts
+    # ZeRO-3: the all-gathered layer + the prefetched next one (+ its unsharded gradient before reduce-scatter)
+    gathered = shard_params * pol.gather_bytes * (3 if hw.runtime_buffers else 2) if s.zero >= 3 else 0.0
+    copies = shard_params * pol.weight_copy_bytes  # autocast's compute-dtype copy of each weight in use
+    compute_mb += weight_traffic_mb_s(shard_params, s.recompute, hw)
+    if compiled and s.recompute != "none":
+        # a compiled checkpointed block saves no weight copy (the casts are recomputed): one layer's at a time
+        working += copies if hw.runtime_buffers else 0.0
+        copies = 0.0
+    return {
+        "compute_mb": compute_mb, "fwd_mb": fwd, "comm_mb": comm_mb, "overhead_mb": overhead_mb, "dp_mb": dp_mb, "dp_step": dp_step,
+        "static_bytes": sum(states_b.values()) + copies, "act_bytes": act, "gathered_bytes": gathered,
+        "transient_bytes": gathered + working, "copy_bytes": copies,
+        "model_flops_mb": model_flops_mb, "hw_flops_mb": hw_flops_mb, "shard_params": shard_params,
+        "opt_step": opt_step, "accum_mb": accum_mb,
+        **{f"{k}_bytes": v for k, v in states_b.items()},
+    }
+
+
+def _compute_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, tokens: float, seq_len: int, lemo: float,
+                   hw: Hardware) -> tuple[float, float, float, float, float]:
+    """layer_costs' compute and TP/CP/EP collectives per microbatch (before the weights' traffic): forward seconds,
+    compute seconds, model and hardware FLOPs, communication seconds."""
     fwd_flops = layer_fwd_flops(cfg, index, tokens, seq_len) / s.tp
     extra = recompute_extra_fwd_fraction(cfg, index, seq_len, s.recompute)
-    lemo = s.savers.lemo if s.savers.lemo is not None else 1.0
     width = min(cfg.d_model, (cfg.expert_ffn_dim if moe else cfg.ffn_dim) / s.tp, cfg.n_heads // s.tp * cfg.head_dim)
     matmul_flops = fwd_flops
     attn = 0.0
@@ -848,7 +898,6 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
     # backward is 2x forward for matmuls (input and weight gradients) but ~1x for memory-bound kernels
     compute_mb = (matmul * (3.0 + extra_mm) + attn * (1.0 + FLASH_BWD_OVER_FWD + extra_attn)
                   + memory_bound * (2.0 + extra_mem) + hw.layer_overhead_s)
-    overhead_mb = strategy_overhead_s(hw, s.tp, s.sp, s.zero, s.dp, tokens * lemo)
     model_flops_mb = fwd_flops * 3.0
     hw_flops_mb = fwd_flops * lemo * (3.0 + (0.0 if s.recompute == "selective" and hw.stack == "meshwright" else extra))
     comm_mb = tp_comm_s(tokens * lemo, cfg, s.tp, s.sp, s.recompute, hw)
@@ -861,9 +910,13 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
                              cp_ring_s(tokens, cfg, s.tp, s.cp, hw), hw.overlap_slowdown)
     if moe:
         comm_mb += ep_comm_s(tokens * lemo, cfg, s.ep, s.tp, s.recompute, hw)
-    if prev is not None:
-        comm_mb += redistribution_s(tokens, cfg, prev, (s.tp, s.sp), hw)
-    # Parameters on one shard: attention/dense MLP split by tp; experts by tp and ep.
+    return fwd, compute_mb, model_flops_mb, hw_flops_mb, comm_mb
+
+
+def _shard_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, states: str, hw: Hardware
+                 ) -> tuple[float, float, float, dict[str, float], float, float]:
+    """layer_costs' terms of one rank's shard: parameters on it (attention/dense MLP split by tp, experts by tp and
+    ep), DP traffic per microbatch and per step, model-state bytes, optimizer step and gradient accumulation."""
     if moe:
         expert = cfg.n_experts * 3 * cfg.d_model * cfg.expert_ffn_dim
         dense = cfg.layer_params(index) - expert
@@ -882,36 +935,26 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
         if group < s.dp:
             dp_mb += hsdp_allreduce_s(shard_params, s.dp, group, s.tp, hw)
         states_b = model_state_bytes(shard_params, group, s.zero, states, hw)
-    pol = hw.policy
-    compiled = compiled_layer(cfg, index, s.savers, hw)
+    zero_dp = s.dp_shard or s.dp * s.cp
+    opt_step = optimizer_step_s(shard_params, zero_dp if not moe else s.dp * s.cp, s.zero, states, hw)
+    accum_mb = grad_accumulate_s(shard_params / (zero_dp if s.zero >= 2 else 1), hw)
+    return shard_params, dp_mb, dp_step, states_b, opt_step, accum_mb
+
+
+def _activation_terms(cfg: ModelConfig, index: int, s: Any, tokens: float, seq_len: int, lemo: float, compiled: bool,
+                      hw: Hardware) -> tuple[float, float]:
+    """layer_costs' activation bytes per microbatch and the backward working set (before weight copies)."""
     if compiled:
         act = hw.act_scale * compiled_activation_bytes(cfg, tokens * lemo, s.tp, s.sp, s.recompute, hw.elem_bytes)
     else:
         act = hw.act_scale * activation_bytes(cfg, index, tokens, s.tp, s.sp, s.recompute, hw.elem_bytes,
                                               s.savers.fp8_act, s.savers.wta_crs, s.savers.lemo, s.ep)
-        if pol.weight_copy_bytes > 0:
+        if hw.policy.weight_copy_bytes > 0:
             act += hw.act_scale * autocast_extra_act_bytes(cfg, tokens * lemo, s.tp, s.sp, s.recompute)
     act += attention_score_bytes(cfg, tokens * lemo, seq_len, s.tp, s.recompute, hw)
-    # ZeRO-3: the all-gathered layer + the prefetched next one (+ its unsharded gradient before reduce-scatter)
-    gathered = shard_params * pol.gather_bytes * (3 if hw.runtime_buffers else 2) if s.zero >= 3 else 0.0
     working = (backward_working_bytes(cfg, index, tokens * lemo, s.tp, s.sp, s.recompute, hw.elem_bytes, compiled)
                * hw.act_scale if hw.runtime_buffers else 0.0)
-    copies = shard_params * pol.weight_copy_bytes  # autocast's compute-dtype copy of each weight in use
-    compute_mb += weight_traffic_mb_s(shard_params, s.recompute, hw)
-    zero_dp = s.dp_shard or s.dp * s.cp
-    opt_step = optimizer_step_s(shard_params, zero_dp if not moe else s.dp * s.cp, s.zero, states, hw)
-    if compiled and s.recompute != "none":
-        # a compiled checkpointed block saves no weight copy (the casts are recomputed): one layer's at a time
-        working += copies if hw.runtime_buffers else 0.0
-        copies = 0.0
-    return {
-        "compute_mb": compute_mb, "fwd_mb": fwd, "comm_mb": comm_mb, "overhead_mb": overhead_mb, "dp_mb": dp_mb, "dp_step": dp_step,
-        "static_bytes": sum(states_b.values()) + copies, "act_bytes": act, "gathered_bytes": gathered,
-        "transient_bytes": gathered + working, "copy_bytes": copies,
-        "model_flops_mb": model_flops_mb, "hw_flops_mb": hw_flops_mb, "shard_params": shard_params,
-        "opt_step": opt_step, "accum_mb": grad_accumulate_s(shard_params / (zero_dp if s.zero >= 2 else 1), hw),
-        **{f"{k}_bytes": v for k, v in states_b.items()},
-    }
+    return act, working
 
 
 def layer_microbatch_s(c: dict[str, float], hw: Hardware) -> float:
@@ -971,15 +1014,25 @@ def _add_layers(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strat
     # per cost key the terms this plan adds (they depend on m too, so they live for this call only)
     adds: dict[tuple, tuple[float, ...]] = {}
     t_mb, t_step, t_static, t_grads, t_copies, t_act, t_transient = t.mb_s, t.step_s, t.static, t.grads, t.copies, t.act, t.transient
+    key = None
     for i, s in enumerate(strategies):
         r = stage_of[i]
+        moe = cfg.is_moe_layer(i)
+        if i > 0 and i not in starts:
+            before = strategies[i - 1]
+            if before is s and key is not None and key[2] == (s.tp, s.sp) and key[0] == moe:
+                add = adds[key]  # the same strategy after itself: the previous layer's key (most layers of a plan)
+                _add_one(t, r, add, t_mb, t_step, t_static, t_grads, t_copies, t_act, t_transient)
+                continue
+            prev = (before.tp, before.sp)
+        else:
+            prev = None
         mb_samples = plan.micro_batch * max_dp / s.dp
-        prev = (strategies[i - 1].tp, strategies[i - 1].sp) if i > 0 and i not in starts else None
         skey = skeys.get(id(s))
         if skey is None:
             skey = skeys[id(s)] = (s.tp, s.sp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, s.recompute, s.savers.fp8_act,
                                    s.savers.fp8_gemm, s.savers.wta_crs, s.savers.lemo, mb_samples, plan.seq_len, states)
-        key = (cfg.is_moe_layer(i), skey, prev)
+        key = (moe, skey, prev)
         add = adds.get(key)
         if add is None:
             c = memo.get(key)
@@ -989,21 +1042,28 @@ def _add_layers(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strat
                                c["static_bytes"], c["grads_bytes"], c["copy_bytes"], c["act_bytes"], c["transient_bytes"],
                                c["model_flops_mb"] * m, c["hw_flops_mb"] * m, c["comm_mb"] * m, c["compute_mb"] * m,
                                c["overhead_mb"] * m, c["dp_step"] + c["dp_mb"] * m)
-        mb, step, static, grads, copies, act, transient, model_flops, hw_flops, comm, compute, overhead, dp = add
-        t_mb[r] += mb
-        t_step[r] += step
-        t_static[r] += static
-        t_grads[r] += grads
-        t_copies[r] += copies
-        t_act[r] += act
-        if transient > t_transient[r]:
-            t_transient[r] = transient
-        t.model_flops += model_flops
-        t.hw_flops += hw_flops
-        t.comm += comm
-        t.compute += compute
-        t.overhead += overhead
-        t.dp += dp
+        _add_one(t, r, add, t_mb, t_step, t_static, t_grads, t_copies, t_act, t_transient)
+
+
+def _add_one(t: _RankTotals, r: int, add: tuple[float, ...], t_mb: list[float], t_step: list[float],
+             t_static: list[float], t_grads: list[float], t_copies: list[float], t_act: list[float],
+             t_transient: list[float]) -> None:
+    """One block's terms (``_add_layers``' ``add`` tuple) added to rank ``r``'s sums and the plan's totals."""
+    mb, step, static, grads, copies, act, transient, model_flops, hw_flops, comm, compute, overhead, dp = add
+    t_mb[r] += mb
+    t_step[r] += step
+    t_static[r] += static
+    t_grads[r] += grads
+    t_copies[r] += copies
+    t_act[r] += act
+    if transient > t_transient[r]:
+        t_transient[r] = transient
+    t.model_flops += model_flops
+    t.hw_flops += hw_flops
+    t.comm += comm
+    t.compute += compute
+    t.overhead += overhead
+    t.dp += dp
 
 
 def _layer_totals(plan: Any, cfg: ModelConfig, hw: Hardware, strategies: list[Any], m: int,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import itertools
 import math
@@ -162,6 +163,7 @@ def tp_choices(cfg: ModelConfig, per_stage: int, seq_len: int) -> list[int]:
     return out
 
 
+@functools.lru_cache(maxsize=4096)
 def node_shard(dp: int, tp: int, devices_per_node: int) -> Optional[int]:
     """HSDP shard-group size for a layer whose dp group spans nodes: the largest divisor of dp whose
     tp*shard ranks fit one node (1 < shard < dp); None when dp fits one node (FSDP already stays there)."""
@@ -272,6 +274,7 @@ class _SearchMemo:
 
     def __init__(self) -> None:
         self.layer_costs: dict[tuple, tuple[dict[str, float], float, float]] = {}  # costs, per-mb s, per-step DP s
+        self.cost_parts: dict[tuple, Any] = {}  # cm.layer_costs' terms shared by strategies that differ elsewhere
         self.vectors: dict[tuple, _Vectors] = {}
         self.plan_costs: dict[Any, Any] = {}  # cost_model.evaluate_plan's cache
         self.redistribution: dict[tuple, float] = {}  # cm.redistribution_s per (tokens, from class, to class)
@@ -333,7 +336,7 @@ def _vectors(o: "_Outer", index: int) -> _Vectors:
         ckey = (moe, _skey(s), mb_samples, o.states)
         got = o.memo.layer_costs.get(ckey)
         if got is None:
-            c = cm.layer_costs(o.cfg, index, s, mb_samples, o.seq_len, o.hw, o.states)
+            c = cm.layer_costs(o.cfg, index, s, mb_samples, o.seq_len, o.hw, o.states, parts=o.memo.cost_parts)
             got = o.memo.layer_costs[ckey] = (c, cm.layer_microbatch_s(c, o.hw), cm.layer_step_dp_s(c, o.hw))
         c = got[0]
         mb_s.append(got[1])
@@ -368,10 +371,9 @@ class _DPKind:
         self.C, self.cls, self.cls_idx = C, k.cls, k.cls_idx
         # cls_idx_t (width, C): the class minima reduce over a leading axis
         self.cls_idx_t, self.obj, self.obj_t, cls_rows = k.dp_arrays()
-        x = (k.static + inflight * k.act) / bucket
-        # up: every assignment the DP admits fits (conservative); down: every one that fits is admitted (relaxation)
-        w = np.ceil(x - 1e-9) if rounding == "up" else np.floor(x + 1e-9) if rounding == "down" else np.rint(x)
-        self.w = np.maximum(w, 0).astype(int)
+        self.w = _bucket_weights((k.static + inflight * k.act) / bucket, rounding)
+        usable = self.w[np.isfinite(k.obj)]
+        self.min_w = int(usable.min()) if len(usable) else N_BUCKETS + 1  # the smallest strategy a layer can take
         # J[s, j]: the bucket a layer taking s in j buckets leaves to the layers before it; nb (the +inf pad of every
         # source table below) where s does not fit. Row S is a padding strategy with +inf time, so every f has a
         # trailing +inf row that the per-class gathers (cls_idx pads with S) pick up as filler.
@@ -383,6 +385,40 @@ class _DPKind:
 
 
 _BUCKET_ROW = np.arange(N_BUCKETS + 1)[None, :]
+
+
+def _bucket_weights(x: np.ndarray, rounding: str) -> np.ndarray:
+    """Buckets each strategy takes (``x``: its bytes over the bucket size). up: every assignment the DP admits
+    fits (conservative); down: every one that fits is admitted (a relaxation); nearest: in between."""
+    w = np.ceil(x - 1e-9) if rounding == "up" else np.floor(x + 1e-9) if rounding == "down" else np.rint(x)
+    return np.maximum(w, 0).astype(int)
+
+
+def _all_fastest(k: _Kind, n: int, bucket: float, inflight: float, trans_cost: np.ndarray | None,
+                 rounding: str) -> tuple[float, list[int]] | None:
+    """The stage DP's answer for ``n`` layers of kind ``k`` without running it, where memory does not bind: when
+    one strategy is strictly the fastest, ``n`` of it fit the buckets and staying in a class costs nothing (changing
+    costs >= 0), every layer taking it is the unique optimum, and its time is the DP's sum, added in the DP's order.
+    None: the DP must run."""
+    obj = k.obj
+    if not len(obj):
+        return None
+    s = int(obj.argmin())
+    fastest = obj[s]
+    if not np.isfinite(fastest) or np.count_nonzero(obj == fastest) != 1:
+        return None
+    x = (k.static[s] + inflight * k.act[s]) / bucket  # numpy float64 scalars: the same IEEE ops as _DPKind's arrays
+    w = max(math.ceil(x - 1e-9) if rounding == "up" else math.floor(x + 1e-9) if rounding == "down" else round(x), 0)
+    if w * n > N_BUCKETS:
+        return None
+    if trans_cost is not None:
+        c = k.cls[s]
+        if trans_cost[c, c] != 0 or (trans_cost < 0).any():
+            return None
+    total = 0.0
+    for _ in range(n):
+        total = total + fastest
+    return float(total), [s] * n
 
 
 def _stage_dp(kinds: list[_Kind], budget: float, inflight: float, trans_cost: np.ndarray | None,
@@ -413,8 +449,15 @@ def _stage_dp(kinds: list[_Kind], budget: float, inflight: float, trans_cost: np
     g1 = np.empty(nb + 1)  # the min over the previous layer per bucket, +inf pad at nb
     g1[nb] = np.inf
     g1_head = g1[:nb]
-    if trans3 is not None and len(kinds) > 1 and all(k is kinds[0] for k in kinds):
+    one_kind = len(kinds) > 0 and all(k is kinds[0] for k in kinds)
+    if one_kind:
+        hit = _all_fastest(kinds[0], len(kinds), bucket, inflight, trans_cost, rounding)
+        if hit is not None:
+            return hit
+    if trans3 is not None and len(kinds) > 1 and one_kind:
         p = _DPKind(kinds[0], bucket, inflight, rounding)
+        if p.min_w * len(kinds) > N_BUCKETS:
+            return None  # not even the smallest strategy fits every layer
         if p.C > 1:
             return _stage_dp_one_kind(p, len(kinds), trans_cost, g1)
         prep[id(kinds[0])] = p
@@ -551,7 +594,7 @@ def _compress(strategies: list[LayerStrategy]) -> list[LayerStrategy]:
         if keys and keys[-1] == k:
             out[-1].repeat += 1
         else:
-            out.append(dataclasses.replace(s, repeat=1))
+            out.append(s.with_repeat(1))
             keys.append(k)
         prev = s
     return out
@@ -1176,6 +1219,7 @@ def _score_plans(o: _Outer, stages: list[list[int]], strategies: list[LayerStrat
     best_plan = best_pred = None
     need: Optional[float] = None
     # the embedding/head's ZeRO level is not in the per-layer DP: score the runtime's choices for it
+    validated = False
     for e_zero in _embedding_zero_options(strategies, o.per_stage // e_tp, o.c.runtime_compatible):
         plan = Plan(model=o.model_name, cluster={"preset": o.cluster.name, "nodes": o.cluster.nodes,
                                                   "devices_per_node": o.cluster.devices_per_node},
@@ -1185,10 +1229,12 @@ def _score_plans(o: _Outer, stages: list[list[int]], strategies: list[LayerStrat
                                           virtual_stages=o.v, stages=stages if o.pp > 1 else []),
                     layers=_compress(strategies), embedding=EmbeddingStrategy(tp=e_tp, zero=e_zero),
                     optimizer=OptimizerSpec(states=o.states))
-        try:
-            validate_plan(plan, cfg, o.per_stage * o.pp)
-        except ConfigError as exc:
-            return {"layout": o.label(), "reason": f"invalid plan: {exc}"}, need
+        if not validated:  # validate_plan does not read the embedding's ZeRO level: the plans differ only there
+            try:
+                validate_plan(plan, cfg, o.per_stage * o.pp)
+            except ConfigError as exc:
+                return {"layout": o.label(), "reason": f"invalid plan: {exc}"}, need
+            validated = True
         pred = cm.evaluate_plan(plan, cfg, o.hw, o.per_stage * o.pp, cache=o.memo.plan_costs)
         if not pred.fits:
             need = max(pred.memory_gib) if need is None else min(need, max(pred.memory_gib))
@@ -1217,6 +1263,7 @@ def _solve_candidate(o: _Outer) -> list[Any]:
         try:
             strategies, need, refined = _assign_layers(o, table, stages)
         except _NoStrategy:
+            table.rank_results.clear()  # see below
             return [{"layout": o.label(), "reason": "no strategy satisfies the constraints"}]
         note(need)
         if strategies is None:
@@ -1233,6 +1280,9 @@ def _solve_candidate(o: _Outer) -> list[Any]:
                 note(need)
                 if item is not None:
                     out.append(item)
+    # the rank DPs' refine closures hold the table that holds them: break the cycle so reference counting frees the
+    # candidate's kinds now (the search runs with the cyclic collector paused)
+    table.rank_results.clear()
     for item in out:
         if isinstance(item, Candidate):
             o.memo.best_step_s = min(o.memo.best_step_s, item.prediction.step_s)

@@ -1018,52 +1018,41 @@ def _add_layers(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strat
     for i, s in enumerate(strategies):
         r = stage_of[i]
         moe = cfg.is_moe_layer(i)
-        if i > 0 and i not in starts:
-            before = strategies[i - 1]
-            if before is s and key is not None and key[2] == (s.tp, s.sp) and key[0] == moe:
-                add = adds[key]  # the same strategy after itself: the previous layer's key (most layers of a plan)
-                _add_one(t, r, add, t_mb, t_step, t_static, t_grads, t_copies, t_act, t_transient)
-                continue
-            prev = (before.tp, before.sp)
+        before = strategies[i - 1] if i > 0 and i not in starts else None
+        if before is s and key is not None and key[2] == (s.tp, s.sp) and key[0] == moe:
+            add = adds[key]  # the same strategy after itself: the previous layer's key (most layers of a plan)
         else:
-            prev = None
-        mb_samples = plan.micro_batch * max_dp / s.dp
-        skey = skeys.get(id(s))
-        if skey is None:
-            skey = skeys[id(s)] = (s.tp, s.sp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, s.recompute, s.savers.fp8_act,
-                                   s.savers.fp8_gemm, s.savers.wta_crs, s.savers.lemo, mb_samples, plan.seq_len, states)
-        key = (moe, skey, prev)
-        add = adds.get(key)
-        if add is None:
-            c = memo.get(key)
-            if c is None:
-                c = memo[key] = layer_costs(cfg, i, s, mb_samples, plan.seq_len, hw, states, prev)
-            add = adds[key] = (layer_microbatch_s(c, hw), layer_step_dp_s(c, hw) + c["opt_step"] + (m - 1) * c["accum_mb"],
-                               c["static_bytes"], c["grads_bytes"], c["copy_bytes"], c["act_bytes"], c["transient_bytes"],
-                               c["model_flops_mb"] * m, c["hw_flops_mb"] * m, c["comm_mb"] * m, c["compute_mb"] * m,
-                               c["overhead_mb"] * m, c["dp_step"] + c["dp_mb"] * m)
-        _add_one(t, r, add, t_mb, t_step, t_static, t_grads, t_copies, t_act, t_transient)
-
-
-def _add_one(t: _RankTotals, r: int, add: tuple[float, ...], t_mb: list[float], t_step: list[float],
-             t_static: list[float], t_grads: list[float], t_copies: list[float], t_act: list[float],
-             t_transient: list[float]) -> None:
-    """One block's terms (``_add_layers``' ``add`` tuple) added to rank ``r``'s sums and the plan's totals."""
-    mb, step, static, grads, copies, act, transient, model_flops, hw_flops, comm, compute, overhead, dp = add
-    t_mb[r] += mb
-    t_step[r] += step
-    t_static[r] += static
-    t_grads[r] += grads
-    t_copies[r] += copies
-    t_act[r] += act
-    if transient > t_transient[r]:
-        t_transient[r] = transient
-    t.model_flops += model_flops
-    t.hw_flops += hw_flops
-    t.comm += comm
-    t.compute += compute
-    t.overhead += overhead
-    t.dp += dp
+            prev = (before.tp, before.sp) if before is not None else None
+            mb_samples = plan.micro_batch * max_dp / s.dp
+            skey = skeys.get(id(s))
+            if skey is None:
+                skey = skeys[id(s)] = (s.tp, s.sp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, s.recompute, s.savers.fp8_act,
+                                       s.savers.fp8_gemm, s.savers.wta_crs, s.savers.lemo, mb_samples, plan.seq_len, states)
+            key = (moe, skey, prev)
+            add = adds.get(key)
+            if add is None:
+                c = memo.get(key)
+                if c is None:
+                    c = memo[key] = layer_costs(cfg, i, s, mb_samples, plan.seq_len, hw, states, prev)
+                add = adds[key] = (layer_microbatch_s(c, hw), layer_step_dp_s(c, hw) + c["opt_step"] + (m - 1) * c["accum_mb"],
+                                   c["static_bytes"], c["grads_bytes"], c["copy_bytes"], c["act_bytes"], c["transient_bytes"],
+                                   c["model_flops_mb"] * m, c["hw_flops_mb"] * m, c["comm_mb"] * m, c["compute_mb"] * m,
+                                   c["overhead_mb"] * m, c["dp_step"] + c["dp_mb"] * m)
+        mb, step, static, grads, copies, act, transient, model_flops, hw_flops, comm, compute, overhead, dp = add
+        t_mb[r] += mb
+        t_step[r] += step
+        t_static[r] += static
+        t_grads[r] += grads
+        t_copies[r] += copies
+        t_act[r] += act
+        if transient > t_transient[r]:
+            t_transient[r] = transient
+        t.model_flops += model_flops
+        t.hw_flops += hw_flops
+        t.comm += comm
+        t.compute += compute
+        t.overhead += overhead
+        t.dp += dp
 
 
 def _layer_totals(plan: Any, cfg: ModelConfig, hw: Hardware, strategies: list[Any], m: int,

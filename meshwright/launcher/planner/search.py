@@ -301,20 +301,20 @@ class _Vectors:
     act: np.ndarray
     gather: np.ndarray
     classes: list[tuple[int, bool]]
-    # pairwise memory comparisons for the Pareto pruning, [i, j] about j against i, within one (tp, sp) class
-    mem_le: np.ndarray
-    mem_lt: np.ndarray
+    # per (tp, sp) class: its strategies' indices (ascending) and their pairwise memory comparisons for the Pareto
+    # pruning, [i, j] about j against i (dominance is only judged inside a class: blocks, not an n x n table)
+    blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
 
     def kind(self, m_eff: float) -> _Kind:
         """The cost vectors at ``m_eff`` microbatch-times per step, without strategies dominated inside their
         (tp, sp) class (no better in time, static, activation and transient memory; the earlier one of equals)."""
         obj = m_eff * self.mb_s + self.step_s
-        n = len(self.strategies)
-        if n:
-            dom = self.mem_le & (obj[None, :] <= obj[:, None]) & (self.mem_lt | (obj[None, :] < obj[:, None]))
-            keep = np.flatnonzero(~dom.any(axis=1))  # dom[i, j]: j dominates i
-        else:
-            keep = np.array([], dtype=int)
+        kept = []
+        for idx, mem_le, mem_lt in self.blocks:
+            o = obj[idx]
+            dom = mem_le & (o[None, :] <= o[:, None]) & (mem_lt | (o[None, :] < o[:, None]))
+            kept.append(idx[~dom.any(axis=1)])  # dom[i, j]: j dominates i
+        keep = np.sort(np.concatenate(kept)) if kept else np.array([], dtype=int)
         strategies = [self.strategies[i] for i in keep]
         tpsp = sorted(set(self.classes[i] for i in keep))
         cls = np.array([tpsp.index(self.classes[i]) for i in keep], dtype=int)
@@ -348,15 +348,19 @@ def _vectors(o: "_Outer", index: int) -> _Vectors:
         gat.append(c["transient_bytes"])
     stat_a, act_a, gat_a = np.array(stat), np.array(act), np.array(gat)
     classes = [(s.tp, s.sp) for s in strategies]
-    n, tpsp = len(strategies), sorted(set(classes))
+    tpsp = sorted(set(classes))
     cls_all = np.array([tpsp.index(c) for c in classes], dtype=int)
-    same = cls_all[:, None] == cls_all[None, :]
-    np.fill_diagonal(same, False)
-    mem_le = same & (stat_a[None, :] <= stat_a[:, None]) & (act_a[None, :] <= act_a[:, None]) & (gat_a[None, :] <= gat_a[:, None])
-    mem_lt = ((stat_a[None, :] < stat_a[:, None]) | (act_a[None, :] < act_a[:, None]) | (gat_a[None, :] < gat_a[:, None])
-              | (np.arange(n)[None, :] < np.arange(n)[:, None]))
+    blocks = []
+    for c in range(len(tpsp)):
+        idx = np.flatnonzero(cls_all == c)
+        st, ac, ga = stat_a[idx], act_a[idx], gat_a[idx]
+        mem_le = (st[None, :] <= st[:, None]) & (ac[None, :] <= ac[:, None]) & (ga[None, :] <= ga[:, None])
+        np.fill_diagonal(mem_le, False)
+        mem_lt = ((st[None, :] < st[:, None]) | (ac[None, :] < ac[:, None]) | (ga[None, :] < ga[:, None])
+                  | (idx[None, :] < idx[:, None]))
+        blocks.append((idx, mem_le, mem_lt))
     hit = o.memo.vectors[key] = _Vectors(strategies, np.array(mb_s), np.array(step), stat_a, act_a, gat_a, classes,
-                                         mem_le, mem_lt)
+                                         blocks)
     return hit
 
 

@@ -155,7 +155,10 @@ def _dequant(byte, scale, center, expand, MBITS: tl.constexpr, BIAS: tl.constexp
 @triton.jit
 def _requant(x, k_min, target, FMAX: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr,
              EXPAND: tl.constexpr, MATH: tl.constexpr):
-    """Per-row (group) statistics and FP8 codes, as fp8_quant.quantize_groups; x is 0 outside the tensor."""
+    """Per-row (group) statistics and FP8 codes, as fp8_quant.quantize_groups; x is 0 outside the tensor.
+    A non-finite value is left out of the statistics and stored as NaN (poisons only its element)."""
+    finite = tl.abs(x) < float("inf")  # false for +-inf and NaN
+    x = tl.where(finite, x, 0.0)
     mag = tl.abs(x)
     # tl.reduce, not tl.max/tl.min: those are jit functions of triton's library, decorated compiled when
     # triton was imported, which the interpreter cannot call
@@ -189,7 +192,8 @@ def _requant(x, k_min, target, FMAX: tl.constexpr, MBITS: tl.constexpr, BIAS: tl
         q = y * inv_s[:, None]
     else:
         q = _div(y, tl.broadcast_to(scale[:, None], x.shape), MATH)
-    q = tl.where(q > FMAX, FMAX, tl.where(q < -FMAX, -FMAX, q))  # NaN passes, as torch.clamp
+    q = tl.where(q > FMAX, FMAX, tl.where(q < -FMAX, -FMAX, q))
+    q = tl.where(finite, q, float("nan"))
     return _encode(q, MBITS, BIAS), scale, center, k
 
 

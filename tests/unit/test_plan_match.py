@@ -54,6 +54,14 @@ def test_each_mismatch_is_one_line_naming_the_plan_field(monkeypatch, overrides,
     assert needle in refused(overrides, TP2, 2, monkeypatch)
 
 
+def test_the_config_plan_field_is_checked_too(monkeypatch, tmp_path):
+    """`plan: FILE` in the train config goes through the same check as --plan FILE."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"^plan.seq_len=64 is invalid; valid: 32"):
+        TrainingJob.resolve(load_train_config("tiny-test", {"plan": TP2, "seq_len": 32}))
+    assert TrainingJob.resolve(load_train_config("tiny-test", {"plan": TP2})).plan_ref == TP2
+
+
 def test_an_unknown_model_name_in_the_plan(monkeypatch, tmp_path):
     plan = write(tmp_path, ONE.replace("model: tiny", "model: made-elsewhere"))
     msg = refused({}, plan, 1, monkeypatch)

@@ -41,17 +41,19 @@ def run(args: argparse.Namespace) -> int:
     if args.ssh_key is not None and not os.path.isfile(args.ssh_key):
         raise invalid("--ssh-key", args.ssh_key, "an existing private key file")
     command = args.train_command[1:] if args.train_command[:1] == ["--"] else args.train_command
+    hosts = load_hosts(args.hosts)
     if command[:1] == ["train"] and os.path.realpath(args.workdir) == os.path.realpath(os.getcwd()):
         from meshwright.commands.train import preflight
 
-        preflight(command)  # the hosts run in this directory: a bad config fails here, before any host starts
+        # the hosts run in this directory: a bad config, or a plan for another device count, fails here first
+        preflight(command, world_size=sum(h.slots for h in hosts))
     env = {}
     for item in args.env:
         if "=" not in item:
             raise invalid("env", item, "KEY=VALUE")
         k, v = item.split("=", 1)
         env[k] = v
-    spec = LaunchSpec(hosts=load_hosts(args.hosts), train_args=command, python=args.python, workdir=args.workdir,
+    spec = LaunchSpec(hosts=hosts, train_args=command, python=args.python, workdir=args.workdir,
                       rdzv_port=args.rdzv_port, max_restarts=args.max_restarts, env=env)
     spec.validate()
     if args.dry_run:

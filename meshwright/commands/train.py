@@ -10,7 +10,8 @@ import os
 
 from meshwright.config import load_train_config, parse_override, preset_names
 from meshwright.errors import ConfigError
-from meshwright.train.build import load_plan_file, run_training
+from meshwright.train.build import load_plan_file, resolve_model_config, run_training
+from meshwright.train.plan_match import check_plan_matches
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -54,9 +55,10 @@ def _split_overrides(args: argparse.Namespace) -> None:
     args.allow_config_change = args.allow_config_change or ns.allow_config_change
 
 
-def preflight(argv: list[str]) -> None:
-    """Check a ``train ...`` command line without running it: its config, overrides and plan file, one line per
-    mistake (``meshwright launch`` calls it before starting anything on the hosts)."""
+def preflight(argv: list[str], world_size: int | None = None) -> None:
+    """Check a ``train ...`` command line without running it: its config, overrides and plan file (and that the
+    file fits the config and, given ``world_size``, the devices it will run on), one line per mistake
+    (``meshwright launch`` calls it before starting anything on the hosts)."""
     p = argparse.ArgumentParser(prog="meshwright train", add_help=False)
     p.add_argument("config")
     p.add_argument("overrides", nargs=argparse.REMAINDER)
@@ -67,7 +69,10 @@ def preflight(argv: list[str]) -> None:
     cfg = load_train_config(args.config, dict(parse_override(o) for o in args.overrides))
     plan = args.plan if args.plan is not None else cfg.plan
     if plan is not None and plan != "auto":
-        load_plan_file(plan)
+        loaded = load_plan_file(plan)
+        assert loaded is not None
+        model = resolve_model_config(cfg)
+        check_plan_matches(loaded, cfg, model, loaded.world_size() if world_size is None else world_size, plan)
 
 
 def _run(args: argparse.Namespace) -> int:

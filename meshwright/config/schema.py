@@ -35,6 +35,9 @@ MAX_SIZES = {"vocab_size": 2**24, "d_model": 2**17, "n_layers": 10_000, "n_heads
              "ffn_hidden": 2**20, "moe_ffn_hidden": 2**20, "max_seq_len": 2**22, "n_experts": 4096, "multiple_of": 2**16}
 MAX_STEPS = 10**9
 MAX_TOKENS_PER_STEP = 2**34
+# The trainer holds every evaluation batch in memory for the whole run (int64 inputs + targets, 16 bytes a token):
+# eval_batches x global_batch x seq_len tokens at most this many (4 GiB), or one batch, whichever is more.
+MAX_EVAL_TOKENS = 2**28
 MAX_SEED = 2**32 - 1
 MAX_DEVICES = 2**20  # devices in one cluster (the largest runs use ~10^5); the planner searches 2**20 in ~15 s
 
@@ -379,6 +382,12 @@ class TrainConfig:
         if self.global_batch * self.seq_len > MAX_TOKENS_PER_STEP:
             raise invalid(f"{p}global_batch", self.global_batch, f"at most {MAX_TOKENS_PER_STEP:,} tokens per step "
                           f"(global_batch*seq_len) with seq_len={self.seq_len}")
+        most_eval = max(1, MAX_EVAL_TOKENS // (self.global_batch * self.seq_len))
+        if self.eval_batches > most_eval:  # 10^9 built batches at the first eval until memory ran out (30 s to 3 GB)
+            raise invalid(f"{p}eval_batches", self.eval_batches, f"at most {most_eval:,} with global_batch="
+                          f"{self.global_batch} and seq_len={self.seq_len} (the trainer holds every evaluation batch in "
+                          f"memory: at most {MAX_EVAL_TOKENS:,} tokens, {MAX_EVAL_TOKENS * 16 / 2**30:.0f} GiB of inputs "
+                          f"and targets)")
         if not 0 <= self.seed <= MAX_SEED:
             raise invalid(f"{p}seed", self.seed, f"an integer in [0, {MAX_SEED}]")
         if self.max_skipped < 0:

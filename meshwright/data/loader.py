@@ -137,6 +137,11 @@ class SequenceLoader:
         self._perm: np.ndarray | None = None
 
     @property
+    def batches_per_pass(self) -> int:
+        """Global batches that visit every window once; an unshuffled loader only repeats windows after that."""
+        return -(-self.n_windows // self.global_batch)
+
+    @property
     def micro_batches_per_step(self) -> int:
         return self.global_batch // (self.dp_size * self.micro_batch)
 

@@ -155,8 +155,12 @@ def _dequant(byte, scale, center, expand, MBITS: tl.constexpr, BIAS: tl.constexp
 @triton.jit
 def _requant(x, k_min, target, FMAX: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr,
              EXPAND: tl.constexpr, MATH: tl.constexpr):
-    """Per-row (group) statistics and FP8 codes, as fp8_quant.quantize_groups; x is 0 outside the tensor."""
+    """Per-row (group) statistics and FP8 codes, as fp8_quant.quantize_groups; x is 0 outside the tensor.
+    A non-finite value is left out of the statistics and stored as NaN (poisons only its element): its
+    magnitude is made NaN, which the max and min below skip (CUDA's max.f32/min.f32, the interpreter's
+    nanmax/nanmin) and every later operation keeps, so the code is NaN with one select per element."""
     mag = tl.abs(x)
+    mag = tl.where(mag < float("inf"), mag, float("nan"))
     # tl.reduce, not tl.max/tl.min: those are jit functions of triton's library, decorated compiled when
     # triton was imported, which the interpreter cannot call
     amax = tl.reduce(mag, 1, _MAX)
@@ -182,7 +186,7 @@ def _requant(x, k_min, target, FMAX: tl.constexpr, MBITS: tl.constexpr, BIAS: tl
     else:
         k = tl.full(amax.shape, 1.0, tl.float32)
         center = tl.where(nonzero, 1.0, 0.0)
-        y = x
+        y = tl.where(mag == mag, x, float("nan"))  # an inf would clamp to FMAX
         scale = tl.where(nonzero, _div(amax, tl.full(amax.shape, FMAX, tl.float32), MATH), 1.0)
     if MATH >= 2:
         inv_s = 1.0 / scale

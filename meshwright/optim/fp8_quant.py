@@ -82,8 +82,13 @@ def quantize_groups(x: torch.Tensor, group_size: int = 128, dtype: torch.dtype =
     """Quantize ``x`` (any shape) group-wise along its flattened elements.
 
     ``expand=False`` is naive per-group absmax scaling (k = 1, c = 1), the baseline COAT improves on.
+    A non-finite value is stored as NaN and left out of its group's statistics, so it poisons only its own
+    element, as in fp32 AdamW (in the statistics, a NaN read the whole group as zero, an inf made every code of
+    the group NaN: both for every later step, as the stored NaN stays).
     """
     g = _grouped(x, group_size)
+    finite = g.isfinite()
+    g = torch.where(finite, g, torch.zeros_like(g))
     mag = g.abs()
     amax = mag.amax(dim=1)
     nonzero = amax > 0
@@ -102,7 +107,8 @@ def quantize_groups(x: torch.Tensor, group_size: int = 128, dtype: torch.dtype =
         center = torch.where(nonzero, torch.ones_like(amax), torch.zeros_like(amax))
         y = g
         scale = torch.where(nonzero, amax / fmax, torch.ones_like(amax))
-    q = (y / scale[:, None]).clamp(-fmax, fmax).to(dtype)  # clamp: e4m3fn has no inf, overflow would be NaN
+    q = (y / scale[:, None]).clamp(-fmax, fmax)  # clamp: e4m3fn has no inf, overflow would be NaN
+    q = torch.where(finite, q, torch.full_like(q, float("nan"))).to(dtype)
     return GroupQuantized(q.reshape(-1)[: x.numel()], scale, center, k)
 
 

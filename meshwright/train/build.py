@@ -24,6 +24,7 @@ from meshwright.plan import Plan, default_plan, load_plan, validate_plan
 from meshwright.tools.sinks import check_sink_packages
 from meshwright.train.local_runtime import LocalRuntime
 from meshwright.train.checkpoint import require_complete
+from meshwright.train.plan_match import check_plan_matches, check_world
 from meshwright.train.run_dir import (RunLock, check_fresh_or_overwrite, check_resume_config, dirs_to_create, nospace,
                                      prepare_out_dir, remove_unused)
 from meshwright.train.runtime import Runtime
@@ -39,12 +40,16 @@ class TrainingJob:
     cluster: ClusterSpec
     world_size: int
     plan: Plan | None = None
+    plan_ref: str | None = None  # where the Plan came from: a path, "auto", or None
 
     @classmethod
     def resolve(cls, cfg: TrainConfig, plan_ref: str | None = None) -> "TrainingJob":
         job = cls(cfg, resolve_model_config(cfg), load_cluster(cfg.cluster), world_size_from_env())
         ref = plan_ref if plan_ref is not None else cfg.plan
         job.plan = _auto_plan(job) if ref == "auto" else load_plan_file(ref)
+        if job.plan is not None and ref != "auto":  # a file made for other numbers: refused before anything is built
+            check_plan_matches(job.plan, cfg, job.model, None, ref)  # the device count: in build_runtime
+        job.plan_ref = ref
         return job
 
     @property
@@ -171,6 +176,8 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
                  loss_chunk_tokens=cfg.loss_chunk_tokens)
     if cfg.seq_len > model_cfg.max_seq_len:  # both runtimes: under torchrun it failed deep in the model
         raise invalid("seq_len", cfg.seq_len, f"at most model.max_seq_len={model_cfg.max_seq_len}")
+    if job.plan is not None:  # a plan for another device count: said here, not as tp*dp*cp deep in the runtime
+        check_world(job.plan, job.world_size, str(job.plan_ref))
     if job.distributed:
         if cfg.meft is not None:
             raise invalid("meft", "set", "null under the distributed runtime (MEFT runs in one process; DDP is tested "
@@ -218,10 +225,6 @@ def run_training(train_cfg: TrainConfig, plan_ref: str | None = None, resume: bo
             check_fresh_or_overwrite(train_cfg.out_dir, resume, overwrite)
             check_resume_config(train_cfg, resume, allow_config_change)
         job = TrainingJob.resolve(train_cfg, plan_ref)
-        if job.distributed and job.world_size == 1 and job.plan is not None and job.plan.world_size() > 1:
-            raise invalid("plan", plan_ref or train_cfg.plan, f"a plan for this process count: it lays the model out "
-                          f"on {job.plan.world_size()} devices; launch it with torchrun --nproc-per-node "
-                          f"{job.plan.world_size()} (or `meshwright launch`)")
         summary = _train(job, resume)
         done = True
         return summary

@@ -123,6 +123,7 @@ class Trainer:
         recompute = [s.recompute for s in plan.layer_strategies()] if plan is not None else "none"
         self.hw_flops_per_token = float(hardware_flops_per_token(model_cfg, cfg.seq_len, recompute, cfg.flops_convention))
         self._eval_batches = None
+        self.eval_batch_count = self._eval_batch_count()
         self.energy: EnergyAccountant | None = None
 
     # ---- pieces ----------------------------------------------------------------------------------
@@ -132,11 +133,25 @@ class Trainer:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
+    def _eval_batch_count(self) -> int:
+        """``eval_batches``, clamped to one pass over the validation split: the val loader does not shuffle and
+        wraps around, so further batches only repeat windows already scored (and are held in memory). The split's
+        size is known only once the data is loaded, after the config was validated, so this is a note, not an error."""
+        n = self.cfg.eval_batches
+        if self.val_loader is None or n <= self.val_loader.batches_per_pass:
+            return n
+        one_pass = self.val_loader.batches_per_pass
+        if self.runtime.is_main:
+            self.print(f"note: eval_batches={n} clamped to {one_pass}: the validation split holds "
+                       f"{self.val_loader.n_windows:,} sequences of {self.cfg.seq_len} tokens, {one_pass} batch(es) of "
+                       f"global_batch={self.cfg.global_batch}; more would only repeat them")
+        return one_pass
+
     def evaluate(self) -> float | None:
         if self.val_loader is None or self.cfg.eval_batches <= 0:
             return None
         if self._eval_batches is None:
-            self._eval_batches = self.val_loader.fixed_batches(self.cfg.eval_batches)
+            self._eval_batches = self.val_loader.fixed_batches(self.eval_batch_count)
         with self._not_training():
             return self.runtime.eval_loss(self._eval_batches)
 

@@ -72,8 +72,8 @@ MIXED_PP_PLAN = """version: 1
 model: tiny
 seq_len: 64
 global_batch: 8
-micro_batch: 2
-pipeline: {degree: 2, schedule: gpipe, microbatches: 2}
+micro_batch: 4
+pipeline: {degree: 2, schedule: gpipe, microbatches: 1}
 layers:
   - {dp: 2, zero: 3, repeat: 2}
   - {dp: 2, repeat: 2}

@@ -1,0 +1,137 @@
+"""A Plan file run with a train config it was not made for (issues #16/#17): the runtimes read the train config's
+model, seq_len and batch split while the Plan's layout and memory were computed for its own, so a plan for seq 64
+ran at seq 32, a plan for `tiny` on `tiny-moe`, a 2-device plan on 4 ranks. Each is now one line naming the plan
+field, before any model is built; what the Plan does not record (steps, lr) may differ; `--plan auto` still works."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import REPO
+from meshwright.cli import main
+from meshwright.config import load_model_config, load_train_config
+from meshwright.config.io import to_dict
+from meshwright.errors import ConfigError
+import meshwright.train.build as build_mod
+from meshwright.train.build import TrainingJob, build_runtime, run_training
+
+TP2 = str(REPO / "configs/plans/tiny-tp2.yaml")  # tiny, seq 64, global 8, micro 4, 2 devices (tiny-test's numbers)
+ONE = "version: 1\nmodel: tiny\nseq_len: 64\nglobal_batch: 8\nmicro_batch: 4\nlayers:\n  - {repeat: 4}\n"
+
+
+def refused(overrides: dict, plan: str, world: int, monkeypatch, build: bool = False) -> str:
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    with pytest.raises(ConfigError) as err:
+        job = TrainingJob.resolve(load_train_config("tiny-test", overrides), plan)
+        if build:
+            build_runtime(job)
+    msg = str(err.value)
+    assert "\n" not in msg
+    return msg
+
+
+def write(tmp_path: Path, text: str, name: str = "plan.yaml") -> str:
+    (tmp_path / name).write_text(text)
+    return str(tmp_path / name)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"seq_len": 32}, "plan.seq_len=64 is invalid; valid: 32, the train config's seq_len (re-plan with `meshwright plan ... --seq-len 32`, or set seq_len=64"),
+    ({"micro_batch": 2}, "plan.micro_batch=4 is invalid; valid: 2, the train config's micro_batch"),
+    ({"global_batch": 16}, "plan.global_batch=8 is invalid; valid: 16, the train config's global_batch"),
+    ({"model": "tiny-moe"}, "plan.model.n_experts=0 is invalid; valid: 4, the train model's (tiny-moe) n_experts"),
+    ({"model": "llama2-7b"}, "plan.model.n_layers=4 is invalid; valid: 32"),
+    ({"model": {"name": "tiny", "n_layers": 8, "d_model": 128, "n_heads": 4, "vocab_size": 256}},
+     "plan.model.n_layers=4 is invalid; valid: 8"),  # same name, a mapping: compared field by field
+])
+def test_each_mismatch_is_one_line_naming_the_plan_field(monkeypatch, overrides, needle):
+    if overrides.get("model") == "tiny-moe":  # the moe shape is what differs; read its expert count
+        needle = needle.replace("4,", f"{load_model_config('tiny-moe').n_experts},")
+    assert needle in refused(overrides, TP2, 2, monkeypatch)
+
+
+def test_the_config_plan_field_is_checked_too(monkeypatch, tmp_path):
+    """`plan: FILE` in the train config goes through the same check as --plan FILE."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"^plan.seq_len=64 is invalid; valid: 32"):
+        TrainingJob.resolve(load_train_config("tiny-test", {"plan": TP2, "seq_len": 32}))
+    assert TrainingJob.resolve(load_train_config("tiny-test", {"plan": TP2})).plan_ref == TP2
+
+
+def test_an_unknown_model_name_in_the_plan(monkeypatch, tmp_path):
+    plan = write(tmp_path, ONE.replace("model: tiny", "model: made-elsewhere"))
+    msg = refused({}, plan, 1, monkeypatch)
+    assert msg.startswith("plan.model='made-elsewhere' is invalid; valid: 'tiny', the train config's model")
+
+
+def test_the_device_count_must_be_this_runs(monkeypatch):
+    """Said when the runtime is picked (before the process group or the model), not as tp*dp*cp inside it."""
+    def no_runtime(*a, **k):
+        raise AssertionError("built the distributed runtime")
+
+    monkeypatch.setattr(build_mod, "build_distributed_runtime", no_runtime)
+    msg = refused({}, TP2, 4, monkeypatch, build=True)  # torchrun --nproc-per-node 4 with a 2-device plan
+    assert msg.startswith(f"plan={TP2!r} is invalid; valid: a plan for this run's 4 processes: it lays the model out on 2")
+    assert "torchrun --nproc-per-node 2" in refused({}, TP2, 1, monkeypatch, build=True)  # one process, as before
+
+
+def test_fp8_optimizer_states_need_coat(monkeypatch, tmp_path):
+    plan = write(tmp_path, ONE + "optimizer: {states: fp8}\n")
+    assert refused({}, plan, 1, monkeypatch).startswith("plan.optimizer.states='fp8' is invalid; valid: fp32 with optimizer='adamw'")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    TrainingJob.resolve(load_train_config("tiny-test", {"optimizer": "coat_adamw"}), plan)
+
+
+def test_what_the_plan_does_not_record_may_differ(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = load_train_config("tiny-test", {"steps": 99, "lr": 1e-2, "eval_every": 0, "seed": 7, "cluster": "dgx-h100-80g"})
+    assert TrainingJob.resolve(cfg, TP2).plan.world_size() == 2
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    # a model mapping or another file of the same shape matches field by field, whatever its name
+    tiny = to_dict(load_model_config("tiny"))
+    for ref in (yaml.safe_dump({**tiny, "name": "tiny-copy"}), None):
+        model = write(tmp_path, ref, "tiny-copy.yaml") if ref else "tiny"
+        plan = write(tmp_path, ONE.replace("model: tiny", f"model: {json.dumps(tiny)}"))
+        TrainingJob.resolve(load_train_config("tiny-test", {"model": model}), plan)
+    plan = write(tmp_path, ONE.replace("model: tiny", f"model: {tmp_path / 'tiny-copy.yaml'}"))
+    TrainingJob.resolve(load_train_config("tiny-test"), plan)
+    assert TrainingJob.resolve(load_train_config("tiny-test", {"seq_len": 32}), "auto").plan.seq_len == 32
+
+
+def test_the_cli_refuses_before_creating_the_run_dir(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    out = tmp_path / "o"
+    plan = write(tmp_path, ONE)
+    rc = main(["train", "tiny-test", "seq_len=32", f"out_dir={out}", "--plan", plan])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    assert rc == 2 and len(err) == 1 and "plan.seq_len=64 is invalid; valid: 32" in err[0], err
+    assert not out.exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_matching_plan_file_trains(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg = load_train_config("tiny-test", {"steps": 2, "warmup_steps": 1, "eval_every": 0, "log_every": 1,
+                                          "ckpt_every": 0, "energy": False, "data.max_files": 20,
+                                          "out_dir": str(tmp_path / "run")})
+    summary = run_training(cfg, write(tmp_path, ONE))
+    assert summary["steps_this_run"] == 2 and summary["final_loss"] is not None
+    assert yaml.safe_load((tmp_path / "run" / "plan.yaml").read_text())["seq_len"] == 64
+
+
+def test_launch_checks_the_plan_against_the_hosts(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)  # the hosts run in this directory: launch preflights the train command here
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("127.0.0.1 slots=4\n")
+    argv = ["launch", "--hosts", str(hostfile), "--dry-run", "--", "train", "tiny-test"]
+    assert main([*argv, "--plan", "configs/plans/tiny-tp2.yaml"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    assert len(err) == 1 and "a plan for this run's 4 processes: it lays the model out on 2" in err[0], err
+    assert main([*argv, "seq_len=32", "--plan", "configs/plans/tiny-tp2.yaml"]) == 2
+    assert "plan.seq_len=64 is invalid" in capsys.readouterr().err
+    hostfile.write_text("127.0.0.1 slots=2\n")
+    assert main([*argv, "--plan", "configs/plans/tiny-tp2.yaml"]) == 0

@@ -273,7 +273,9 @@ class _SearchMemo:
     Scoped to the call, not the process: nothing outlives the inputs it was computed from."""
 
     def __init__(self) -> None:
-        self.layer_costs: dict[tuple, tuple[dict[str, float], float, float]] = {}  # costs, per-mb s, per-step DP s
+        # per (kind, strategy, microbatch, states): per-mb s, per-step DP + optimizer s, accumulation s per microbatch,
+        # static, activation and transient bytes
+        self.layer_costs: dict[tuple, tuple[float, ...]] = {}
         self.cost_parts: dict[tuple, Any] = {}  # cm.layer_costs' terms shared by strategies that differ elsewhere
         self.vectors: dict[tuple, _Vectors] = {}
         self.plan_costs: dict[Any, Any] = {}  # cost_model.evaluate_plan's cache
@@ -330,23 +332,22 @@ def _vectors(o: "_Outer", index: int) -> _Vectors:
         return hit
     strategies = layer_strategies(o.cfg, index, o.per_stage // o.cp, o.tps, o.seq_len, o.c, o.allow, o.mb, o.max_dp,
                                   o.global_batch, o.cluster.devices_per_node, o.cp)
-    mb_s, step, stat, act, gat = [], [], [], [], []
+    rows = []
+    memo, states, mb_dp = o.memo.layer_costs, o.states, o.mb * o.max_dp
     for s in strategies:
-        mb_samples = o.mb * o.max_dp / s.dp
-        ckey = (moe, _skey(s), mb_samples, o.states)
-        got = o.memo.layer_costs.get(ckey)
+        mb_samples = mb_dp / s.dp
+        ckey = (moe, _skey(s), mb_samples, states)
+        got = memo.get(ckey)
         if got is None:
-            c = cm.layer_costs(o.cfg, index, s, mb_samples, o.seq_len, o.hw, o.states, parts=o.memo.cost_parts)
-            got = o.memo.layer_costs[ckey] = (c, cm.layer_microbatch_s(c, o.hw), cm.layer_step_dp_s(c, o.hw))
-        c = got[0]
-        mb_s.append(got[1])
-        # per step, as evaluate_plan counts it: exposed DP traffic, the optimizer step over this rank's shard and the
-        # accumulation of every microbatch after the first (both depend on the ZeRO level: #17)
-        step.append(got[2] + c["opt_step"] + (o.m - 1) * c["accum_mb"])
-        stat.append(c["static_bytes"])
-        act.append(c["act_bytes"])
-        gat.append(c["transient_bytes"])
-    stat_a, act_a, gat_a = np.array(stat), np.array(act), np.array(gat)
+            c = cm.layer_costs(o.cfg, index, s, mb_samples, o.seq_len, o.hw, states, parts=o.memo.cost_parts)
+            # per step, as evaluate_plan counts it: exposed DP traffic, the optimizer step over this rank's shard and
+            # the accumulation of every microbatch after the first (both depend on the ZeRO level: #17)
+            got = memo[ckey] = (cm.layer_microbatch_s(c, o.hw), cm.layer_step_dp_s(c, o.hw) + c["opt_step"],
+                                c["accum_mb"], c["static_bytes"], c["act_bytes"], c["transient_bytes"])
+        rows.append(got)
+    cols = np.array(rows).reshape(len(rows), 6).T
+    mb_s, step = cols[0], cols[1] + (o.m - 1) * cols[2]  # the same additions, in the same order, as per layer
+    stat_a, act_a, gat_a = cols[3].copy(), cols[4].copy(), cols[5].copy()
     classes = [(s.tp, s.sp) for s in strategies]
     tpsp = sorted(set(classes))
     cls_all = np.array([tpsp.index(c) for c in classes], dtype=int)
@@ -359,8 +360,7 @@ def _vectors(o: "_Outer", index: int) -> _Vectors:
         mem_lt = ((st[None, :] < st[:, None]) | (ac[None, :] < ac[:, None]) | (ga[None, :] < ga[:, None])
                   | (idx[None, :] < idx[:, None]))
         blocks.append((idx, mem_le, mem_lt))
-    hit = o.memo.vectors[key] = _Vectors(strategies, np.array(mb_s), np.array(step), stat_a, act_a, gat_a, classes,
-                                         blocks)
+    hit = o.memo.vectors[key] = _Vectors(strategies, mb_s.copy(), step, stat_a, act_a, gat_a, classes, blocks)
     return hit
 
 

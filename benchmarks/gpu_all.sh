@@ -34,7 +34,7 @@ if has tests && [ "$MODE" != cpu ]; then
   stamp CUDA tests
   timeout 150 $PY -m pytest -q -p no:cacheprovider tests/unit/test_fp8_activations.py tests/unit/test_coat_planner.py \
     tests/unit/test_wta_crs_sync_free.py tests/unit/test_coat_optimizer.py tests/unit/test_fp8_tp.py -k "cuda or fp8_gpus" 2>&1 | tail -2
-  timeout 200 $PY -m pytest -q -p no:cacheprovider tests/unit/test_coat_triton.py tests/unit/test_coat_triton_edges.py \
+  timeout 200 $PY -m pytest -q -p no:cacheprovider tests/unit/test_coat_triton.py tests/unit/test_coat_triton_edges.py tests/unit/test_coat_nonfinite.py \
     tests/unit/test_keyed_init.py tests/unit/test_meta_init.py tests/unit/test_fp8_passes.py 2>&1 | tail -8
 fi
 if has check; then

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from meshwright.config import load_cluster, load_model_config  # noqa: E402
 from meshwright.launcher.planner import cost_model as cm  # noqa: E402
-from meshwright.launcher.planner.search import Constraints, describe_layout, search  # noqa: E402
+from meshwright.launcher.planner.search import Allow, Constraints, describe_layout, search  # noqa: E402
 
 # name, tp, pp, GPUs, global batch, published TFLOP/s per GPU (Table 1)
 MEGATRON_TABLE1 = [
@@ -43,12 +43,16 @@ MEGATRON_TABLE1 = [
     ("megatron-gpt-1t", 8, 64, 3072, 3072, 163),
 ]
 
+# model, cluster, nodes, seq, global batch, target seconds, `--allow` items
 SEARCH_CASES = [
-    ("llama2-70b", "dgx-a100-80g", 128, 4096, 1024, 10.0),
-    ("llama2-7b", "dgx-a100-80g", 1, 4096, 128, 1.0),
-    ("llama3-8b", "dgx-h100-80g", 1, 8192, 64, 1.0),
-    ("mixtral-8x7b", "dgx-h100-80g", 2, 4096, 128, 2.0),
-    ("megatron-gpt-18.4b", "dgx-a100-80g", 1, 2048, 64, 1.0),
+    ("llama2-70b", "dgx-a100-80g", 128, 4096, 1024, 10.0, []),
+    ("llama2-7b", "dgx-a100-80g", 1, 4096, 128, 1.0, []),
+    ("llama3-8b", "dgx-h100-80g", 1, 8192, 64, 1.0, []),
+    ("mixtral-8x7b", "dgx-h100-80g", 2, 4096, 128, 2.0, []),
+    ("megatron-gpt-18.4b", "dgx-a100-80g", 1, 2048, 64, 1.0, []),
+    # FP8 (COAT) allowed: two optimizer-state formats and three saver sets per strategy
+    ("llama2-70b", "dgx-h100-80g", 8, 4096, 512, 1.0, ["fp8"]),
+    ("llama3-70b", "dgx-h100-80g", 128, 8192, 1024, 1.0, ["fp8"]),
 ]
 
 
@@ -84,18 +88,19 @@ def megatron_flops_per_step(cfg, batch: int, seq: int) -> float:
 def bench_search_time(repeats: int) -> list[str]:
     rows = ["| case | devices | search s (best of %d) | target s | candidates | best layout | MFU |" % repeats,
             "|---|---|---|---|---|---|---|"]
-    for model, cluster, nodes, seq, gb, target in SEARCH_CASES:
+    for model, cluster, nodes, seq, gb, target, allow in SEARCH_CASES:
         cfg = load_model_config(model)
         cl = load_cluster(cluster, nodes=nodes)
         best_t, r = None, None
         for _ in range(repeats):
             t0 = time.perf_counter()
-            r = search(cfg, cl, seq, gb)
+            r = search(cfg, cl, seq, gb, allow=Allow.parse(allow))
             dt = time.perf_counter() - t0
             best_t = dt if best_t is None else min(best_t, dt)
         lay = describe_layout(r.best.plan) if r.best else "infeasible"
         mfu = f"{100 * r.best.prediction.mfu:.1f}%" if r.best else "-"
-        rows.append(f"| {model} seq {seq} gb {gb} on {cluster} | {cl.world_size} | {best_t:.2f} | < {target:g} | {r.candidates} | `{lay}` | {mfu} |")
+        flags = "".join(f", allow {a}" for a in allow)
+        rows.append(f"| {model} seq {seq} gb {gb} on {cluster}{flags} | {cl.world_size} | {best_t:.2f} | < {target:g} | {r.candidates} | `{lay}` | {mfu} |")
         print(rows[-1], flush=True)
     return rows
 

@@ -193,7 +193,7 @@ def _sac_bytes(contexts: list, skip: set) -> int:
     seen: set = set()
     for caching, _ in contexts:
         for outs in caching.storage.values():
-            for wrapped in outs.values():
+            for wrapped in (outs.values() if isinstance(outs, dict) else outs):  # dict (torch 2.13) or list
                 for t in torch.utils._pytree.tree_leaves(torch.utils._pytree.tree_map(lambda w: getattr(w, "val", w),
                                                                                        wrapped)):
                     st = t.untyped_storage() if isinstance(t, torch.Tensor) else None

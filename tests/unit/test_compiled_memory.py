@@ -69,6 +69,16 @@ def test_compiled_block_saves_what_the_cost_model_says(arch, recompute):
     assert c["copy_bytes"] == pytest.approx(cfg.layer_params(0) * 2 if recompute == "none" else 0.0)
 
 
+@pytest.mark.parametrize("recompute", ["none", "selective"])
+def test_compiled_gqa_block_saves_what_the_cost_model_says(recompute):
+    """Grouped-query attention (2 kv heads for 4 query heads): without recomputation the compiled block keeps k and v
+    after the GQA repeat (q-wide), under SAC the kv-wide outputs of wk and wv."""
+    cfg = load_model_config({"name": "t-gqa", "arch": "llama", "vocab_size": 256, "d_model": 64, "n_layers": 1,
+                             "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 176, "max_seq_len": 64})
+    per_token, _ = _saved(cfg, recompute, compiled=True)
+    assert per_token == pytest.approx(cm.compiled_activation_bytes(cfg, 1.0, 1, False, recompute, 2), rel=0.02)
+
+
 def test_compiled_block_saves_less_than_eager_and_eager_matches_its_own_model():
     """The eager figures stay those of the eager model; compiling saves ~40% (llama, no recomputation)."""
     cfg = _cfg("llama")

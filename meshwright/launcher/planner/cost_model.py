@@ -43,14 +43,15 @@ AUTOCAST_EXTRA_H = {"llama": 14.0, "gpt2": 8.0}
 # What a *compiled* block saves (TrainConfig.compile: torch.compile per block; AOTAutograd's min-cut partitioner
 # keeps matmul inputs/outputs and recomputes the cheap pointwise ops in backward, so it saves far less than eager
 # autocast). Per token per layer: x = fp32 block inputs (4 B per value, outside the tp region); rep = compute-dtype
-# h-wide tensors outside the tp region (norm outputs, the attention projection's output); q = h-wide tensors inside it
-# (q, attention output), kv = k and v, f = FFN-wide ones; stats = fp32 norm statistics (B); lse = attention's fp32
+# h-wide tensors outside the tp region (norm outputs, the attention projection's output); q = q-wide tensors inside it
+# (q, attention output; k and v after the GQA repeat without recomputation), kv = k and v before it, f = FFN-wide ones; stats = fp32 norm statistics (B); lse = attention's fp32
 # log-sum-exp per head. Measured on CPU with count_saved_bytes under bf16 autocast (inductor and
 # aot_eager_decomp_partition save the same tensors; benchmarks/results/planner_gpu.md), pinned by
 # tests/unit/test_compiled_memory.py. selective keeps what meshwright's SAC policy must save (matmul and attention
 # outputs) and no weight copy; full keeps the block input only.
 COMPILED_ACT = {
-    "llama": {"none": {"x": 1, "rep": 3, "q": 2, "kv": 2, "f": 3, "stats": 8, "lse": 1},  # silu(w1)*w3 saved, not silu
+    # silu(w1)*w3 saved, not silu; k and v saved after the GQA repeat (q-wide: q 4, kv 0; measured with 1, 2, 4 kv heads)
+    "llama": {"none": {"x": 1, "rep": 3, "q": 4, "kv": 0, "f": 3, "stats": 8, "lse": 1},
               "selective": {"x": 1, "rep": 1, "q": 2, "kv": 2, "f": 2, "stats": 0, "lse": 1},
               "full": {"x": 1, "rep": 0, "q": 0, "kv": 0, "f": 0, "stats": 0, "lse": 0}},
     "gpt2": {"none": {"x": 1, "rep": 3, "q": 2, "kv": 2, "f": 2, "stats": 16, "lse": 1},

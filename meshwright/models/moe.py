@@ -198,7 +198,9 @@ class MoE(nn.Module):
         r = route(self.router(flat), self.top_k, self.capacity_factor)
         expert_out = self.experts(flat[r.token_idx], r.counts)
         gated = expert_out * r.weights.unsqueeze(-1).to(expert_out.dtype)
-        out = torch.zeros_like(flat).index_add(0, r.token_idx, gated)
+        # in the experts' dtype, as a dense MLP's output projection returns it (bf16 under autocast: index_add
+        # wants one dtype, and the block's residual add upcasts it again)
+        out = torch.zeros_like(flat, dtype=gated.dtype).index_add(0, r.token_idx, gated)
         aux = self.aux_loss_coef * r.balance_loss + self.z_loss_coef * r.z_loss
         if self.aux_loss_in_backward is not None:
             # Pipeline stages never see the loss: inject d(aux) into backward instead (then

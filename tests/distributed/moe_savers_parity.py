@@ -35,6 +35,10 @@ with the shapes of this rank's shards, on the expected backend (the real torch._
 compile (``compile_moe_*``): ep2 layouts with the collective-free parts of each ep block compiled (aot_eager) against
 the same eager reference, tolerance COMPILE_RTOL, and pre-hooks showing every call of those parts ran compiled.
 
+chunked loss (``chunked_*moe*``): ep2 layouts with ``loss_chunk_tokens`` (head + loss per chunk of HEAD_CHUNK tokens),
+eager (dp4) and compiled (pp2, selective recompute), against the same eager reference (whole-logits lm_loss) within
+CHUNKED_RTOL, with a pre-hook showing where the head ran (per chunk, or inside the compiled chunk graph).
+
 Guards against a no-op: for saver cases the reference WITHOUT savers must differ from the reference
 with them (``saver_effect`` > 1e-4), so the check fails if the runtime dropped the saver.
 """
@@ -162,6 +166,55 @@ COMPILE_CASES = {
     "compile_moe_ep2_pp2_selective": (MOE, moe_plan([{"dp": 2, "ep": 2, "recompute": "selective", "repeat": 2}],
                                                     pipeline=PP2)),
 }
+
+
+# loss_chunk_tokens > 0 with ep>1 (models/chunked_loss.py, train/head_loss.py): the head + loss run per chunk of
+# HEAD_CHUNK tokens (a micro-batch's 2 x 16 = 32 tokens -> 12, 12, 8: the last chunk shorter) after expert-parallel MoE
+# blocks whose aux loss is added to the chunked LM loss, eager and compiled (aot_eager: each ep block's collective-free
+# parts and the per-chunk head + loss); against the same eager one-process reference (lm_loss on whole logits), loss /
+# gradients / grad norm within CHUNKED_RTOL (fp32: only the order of the loss's sums differs); a pre-hook on the head
+# shows every eager call saw at most HEAD_CHUNK rows, the short last chunk among them, and compiled, that every call ran
+# inside the compiled chunk graph
+HEAD_CHUNK = 12
+CHUNKED_RTOL = RTOL
+CHUNKED_CASES = {
+    "chunked_moe_ep2_dp4": (MOE, moe_plan([{"dp": 4, "ep": 2, "repeat": 2}]), None),
+    "chunked_compile_moe_ep2_pp2_selective": (MOE, moe_plan([{"dp": 2, "ep": 2, "recompute": "selective", "repeat": 2}],
+                                                            pipeline=PP2), "aot_eager"),
+}
+
+
+class HeadRows:
+    """A forward pre-hook on the last stage's head: [calls inside a compiled graph, eager calls] (a tensor bumped in
+    place: a Python counter read while tracing becomes a guard) and the rows of each eager call."""
+
+    def __init__(self, rt) -> None:
+        self.calls = torch.zeros(2, dtype=torch.int64)
+        self.rows: list[int] = []
+        self.head = rt.chunks[rt.stage_ids.index(rt.n_stages - 1)].output if rt.has_last else None
+        self.handle = self.head.register_forward_pre_hook(self._pre) if self.head is not None else None
+
+    def _pre(self, mod, args) -> None:
+        if torch.compiler.is_compiling():
+            self.calls[0] += 1
+        else:
+            self.calls[1] += 1
+            self.rows.append(args[0].numel() // args[0].shape[-1])
+
+    def close(self, compiled: bool) -> dict:
+        """Where the head ran, and whether that is where it should: chunks of at most HEAD_CHUNK rows (eager) or the
+        compiled chunk graph only; ranks without the last stage pass."""
+        if self.handle is not None:
+            self.handle.remove()
+        inside, eager = self.calls.tolist()
+        if self.head is None:
+            ok = True
+        elif compiled:
+            ok = inside > 0 and eager == 0
+        else:
+            ok = eager > 0 and inside == 0 and max(self.rows) <= HEAD_CHUNK and (MICRO * SEQ) % HEAD_CHUNK in self.rows
+        return {"ok": ok, "calls_compiled": inside, "calls_eager": eager, "rows": sorted(set(self.rows)),
+                "has_head": self.head is not None}
 
 
 class CompiledCalls:
@@ -335,25 +388,26 @@ def vs_one_process(cfg, p, dp: int, run: dict) -> dict:
 
 
 
-def run_case(name: str, cfg, pd: dict, compile_backend: str | None = None) -> dict:
+def run_case(name: str, cfg, pd: dict, compile_backend: str | None = None, loss_chunk_tokens: int = 0) -> dict:
     if "scaledmm" in name and not cpu_scaled_mm_runs():
         return {"ok": True, "skipped": "this torch has no CPU torch._scaled_mm"}
     force_scaled_mm("scaledmm" in name)
     try:
-        return _run_case(name, cfg, pd, compile_backend)
+        return _run_case(name, cfg, pd, compile_backend, loss_chunk_tokens)
     finally:
         force_scaled_mm(False)
 
 
-def _run_case(name: str, cfg, pd: dict, compile_backend: str | None = None) -> dict:
+def _run_case(name: str, cfg, pd: dict, compile_backend: str | None = None, loss_chunk_tokens: int = 0) -> dict:
     p = plan_from_dict(pd)
     dp = max(s.dp for s in p.layer_strategies())
     gemm_tp = any(s.savers.fp8_gemm and s.tp > 1 for s in p.layer_strategies())
     ref = reference(cfg, p, dp, shards=gemm_tp)
     if compile_backend is not None:
         torch._dynamo.reset()  # fresh recompile budget: past dynamo's limit it would fall back to eager silently
-    rt = DistributedRuntime(cfg, p, seed=SEED, compile_backend=compile_backend)
+    rt = DistributedRuntime(cfg, p, seed=SEED, compile_backend=compile_backend, loss_chunk_tokens=loss_chunk_tokens)
     probe = CompiledCalls(rt) if compile_backend is not None else None
+    head = HeadRows(rt) if loss_chunk_tokens else None
     opt = rt.build_optimizer(make_opt)
     worst = {"loss": 0.0, "grad": 0.0, "norm": 0.0}
     worst_name, n_expert, stats = "", 0, {}
@@ -400,6 +454,8 @@ def _run_case(name: str, cfg, pd: dict, compile_backend: str | None = None) -> d
                    ref_norms=[r["norm"] for r in ref])
     if compile_backend is not None:
         tol = dict.fromkeys(tol, COMPILE_RTOL)
+    if loss_chunk_tokens:
+        tol = {k: min(v, CHUNKED_RTOL) for k, v in tol.items()}
     ok = all(v <= tol[k] and math.isfinite(v) for k, v in worst.items())
     if name in ACT_CAST_CASES:
         ok = ok and res["act_casts"]["casts"] == res["act_casts"]["expected"] > 0
@@ -411,6 +467,9 @@ def _run_case(name: str, cfg, pd: dict, compile_backend: str | None = None) -> d
         ok = ok and g["shapes_equal"] and g["calls"] > 0 and g["backends"] == [want] and g["casts"] == g["expected_casts"] and (
             want == "emulate" or g["scaled_mm_calls"] == g["calls"])
     res.update({**worst, "worst_grad_param": worst_name, "n_expert_shards": n_expert, "saver_layers": rt.saver_layers})
+    if head is not None:  # the head ran per chunk (eager) or inside the compiled chunk graph, never on the batch
+        res["head"] = head.close(compile_backend is not None)
+        ok = ok and res["head"]["ok"] and rt.head_loss is not None and rt.head_loss.chunk_tokens == loss_chunk_tokens
     if probe is not None:  # every call of every compiled part ran inside a compiled graph
         res["compiled"] = probe.close()
         ok = ok and res["compiled"]["parts"] > 0 and res["compiled"]["calls_compiled"] > 0 \
@@ -487,6 +546,15 @@ def main() -> None:
             continue
         try:
             res = run_case(name, cfg, pd, compile_backend="aot_eager")
+        except Exception as e:
+            res = failure(f"case {name}", e)
+        report.add(name, res["ok"], res)
+        dist.barrier()
+    for name, (cfg, pd, backend) in CHUNKED_CASES.items():
+        if only and name not in only:
+            continue
+        try:
+            res = run_case(name, cfg, pd, compile_backend=backend, loss_chunk_tokens=HEAD_CHUNK)
         except Exception as e:
             res = failure(f"case {name}", e)
         report.add(name, res["ok"], res)

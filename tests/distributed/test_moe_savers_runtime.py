@@ -2,8 +2,8 @@
 
 One 4-rank torchrun launch (moe_savers_parity.py) checks every case against the one-process model with
 the same savers and the same data shards (loss, full gradients, grad norm, router statistics), and
-resumes DCP checkpoints written under ep2 in ep4 and FSDP/ep1 layouts; the one-line rejections are
-checked in-process.
+resumes DCP checkpoints written under ep2 in ep4 and FSDP/ep1 layouts; ep2 layouts also run compiled and with the
+chunked head + loss (``loss_chunk_tokens``); the one-line rejections are checked in-process.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ CASES = {"moe_ep2_dp4", "moe_ep4_dp4", "moe_ep2_tp2", "moe_ep2_pp2", "moe_ep1_dd
          "fp8gemm_dp2_tp2", "fp8gemm_dp2_tp2_sp", "fp8gemm_scaledmm_dp2_tp2_sp_layers02", "fp8gemm_gpt2_dp2_tp2_sp",
          "fp8gemm_dp2_tp2_sp_zero3_recompute",
          "wta_dp2_tp2", "wta_keep1_dp4_equals_exact", "ckpt_moe_ep2_to_ep4", "ckpt_moe_ep2_to_fsdp_ep1",
-         "compile_moe_ep2_dp4", "compile_moe_ep2_tp2_recompute", "compile_moe_ep2_pp2_selective"}
+         "compile_moe_ep2_dp4", "compile_moe_ep2_tp2_recompute", "compile_moe_ep2_pp2_selective",
+         "chunked_moe_ep2_dp4", "chunked_compile_moe_ep2_pp2_selective"}
 MOE = load_model_config({"name": "m", "arch": "llama", "vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4,
                          "n_kv_heads": 2, "ffn_hidden": 64, "moe_ffn_hidden": 48, "n_experts": 4, "top_k": 2,
                          "max_seq_len": 32})

@@ -20,7 +20,7 @@ from meshwright.launcher.profiling.blocks import rope_for, shard_block
 from meshwright.memory.accounting import count_saved_bytes
 from meshwright.models.decoder import lm_loss
 from meshwright.parallel.recompute import apply_recompute
-from meshwright.plan import LayerStrategy, Plan
+from meshwright.plan import LayerStrategy, Plan, Savers
 
 BACKEND = "aot_eager_decomp_partition"
 SEQ = 32
@@ -67,6 +67,16 @@ def test_compiled_block_saves_what_the_cost_model_says(arch, recompute):
     c = cm.layer_costs(cfg, 0, LayerStrategy(recompute=recompute), 1, SEQ, h)
     assert c["act_bytes"] == pytest.approx(SEQ * cm.compiled_activation_bytes(cfg, 1.0, 1, False, recompute, 2))
     assert c["copy_bytes"] == pytest.approx(cfg.layer_params(0) * 2 if recompute == "none" else 0.0)
+
+
+@pytest.mark.parametrize("recompute", ["none", "selective"])
+def test_compiled_gqa_block_saves_what_the_cost_model_says(recompute):
+    """Grouped-query attention (2 kv heads for 4 query heads): without recomputation the compiled block keeps k and v
+    after the GQA repeat (q-wide), under SAC the kv-wide outputs of wk and wv."""
+    cfg = load_model_config({"name": "t-gqa", "arch": "llama", "vocab_size": 256, "d_model": 64, "n_layers": 1,
+                             "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 176, "max_seq_len": 64})
+    per_token, _ = _saved(cfg, recompute, compiled=True)
+    assert per_token == pytest.approx(cm.compiled_activation_bytes(cfg, 1.0, 1, False, recompute, 2), rel=0.02)
 
 
 def test_compiled_block_saves_less_than_eager_and_eager_matches_its_own_model():
@@ -162,3 +172,110 @@ def test_plan_auto_and_the_cli_follow_compile(monkeypatch, capsys):
     assert got[False]["mem_loss_gib"] * cm.GIB == pytest.approx(16 * 1024 * 50257 * 12, rel=1e-5)
     assert got[True]["mem_loss_gib"] * cm.GIB == pytest.approx(16 * 1024 * 50257 * 4, rel=1e-5)
     assert got[True]["mem_activations_gib"] < got[False]["mem_activations_gib"]
+
+
+# ---- compiled MoE blocks ---------------------------------------------------------------------------------------
+# h, expert FFN width, heads, kv heads, experts and top_k all distinct, so a wrong coefficient on any of them shows;
+# a capacity factor of 0.5 drops about half the assignments, so per-token and per-routed-token bytes come apart
+MOE_RTOL = 0.02
+
+
+def _moe_cfg(capacity: float | None):
+    return load_model_config({"name": "t-moe", "arch": "llama", "vocab_size": 256, "d_model": 64, "n_layers": 1,
+                              "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 176, "moe_ffn_hidden": 80, "n_experts": 6,
+                              "top_k": 2, "capacity_factor": capacity, "max_seq_len": 64})
+
+
+@pytest.fixture(scope="module")
+def one_rank_group():
+    """A one-rank gloo process group: ExpertParallelExperts over it runs the ep>1 code path (all-to-alls included)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+def _sac_bytes(contexts: list, skip: set) -> int:
+    """Bytes of the outputs selective checkpointing cached (its MUST_SAVE ops): saved_tensors_hooks do not see them."""
+    seen: set = set()
+    for caching, _ in contexts:
+        for outs in caching.storage.values():
+            for wrapped in (outs.values() if isinstance(outs, dict) else outs):  # dict (torch 2.13) or list
+                for t in torch.utils._pytree.tree_leaves(torch.utils._pytree.tree_map(lambda w: getattr(w, "val", w),
+                                                                                       wrapped)):
+                    st = t.untyped_storage() if isinstance(t, torch.Tensor) else None
+                    if st is not None and st.data_ptr() not in skip:
+                        seen.add((st.data_ptr(), st.nbytes()))
+    return sum(n for _, n in seen)
+
+
+def _moe_saved(monkeypatch, cfg, recompute: str, group=None) -> list[tuple[int, int, int]]:
+    """(tokens, routed assignments, bytes saved) of one compiled MoE block under bf16 autocast, compiled as the runtime
+    compiles it (``compile_block`` at ep=1, ``compile_expert_parallel_block`` over ``group`` at ep>1), two batches."""
+    from meshwright.parallel import recompute as rc
+    from meshwright.parallel.expert_parallel import ExpertParallelExperts
+    from meshwright.train import compile as compile_mod
+
+    monkeypatch.setattr(compile_mod, "BACKENDS", (*compile_mod.BACKENDS, BACKEND))
+    contexts: list = []
+    make = rc._selective_context
+    monkeypatch.setattr(rc, "_selective_context", lambda: contexts.append(make()) or contexts[-1])
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    block = shard_block(cfg, 0, 1)
+    if group is not None:
+        block.feed_forward.experts = ExpertParallelExperts(block.feed_forward.experts, group)
+    apply_recompute(block, recompute)
+    (compile_mod.compile_block if group is None else compile_mod.compile_expert_parallel_block)(block, BACKEND)
+    rope = rope_for(cfg, SEQ, torch.device("cpu"))
+    skip = {t.untyped_storage().data_ptr() for t in [*block.parameters(), *rope]}
+    out = []
+    for b in (2, 4):
+        contexts.clear()
+        x = torch.randn(b, SEQ, cfg.d_model, requires_grad=True)
+        with count_saved_bytes(block, exclude=[*rope]) as sb, torch.autocast("cpu", dtype=torch.bfloat16):
+            y = block(x, rope)
+        total = sb.total + _sac_bytes(contexts, skip)
+        y.float().sum().backward()
+        out.append((b * SEQ, int(block.feed_forward.last_stats["tokens_per_expert"].sum()), total))
+    return out
+
+
+@pytest.mark.parametrize("ep", [1, 2])
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_compiled_moe_block_saves_what_the_cost_model_says(monkeypatch, request, ep, recompute):
+    """A compiled MoE block (the whole block at ep=1, attention/norms/experts' SwiGLU at ep>1: a one-rank group runs
+    the expert-parallel path) saves ``compiled_moe_activation_bytes`` for the tokens and the assignments its experts
+    ran, with and without capacity dropping; without recomputation the rest is the bf16 weight copies."""
+    group = request.getfixturevalue("one_rank_group") if ep > 1 else None
+    for capacity in (None, 0.5):
+        cfg = _moe_cfg(capacity)
+        (t1, a1, s1), (t2, a2, s2) = _moe_saved(monkeypatch, cfg, recompute, group)
+        if capacity is not None:
+            assert a1 < 0.6 * cfg.top_k * t1  # the capacity limit dropped assignments
+        want = [cm.compiled_moe_activation_bytes(cfg, t, 1, recompute, 2, ep, routed=a) for t, a in ((t1, a1), (t2, a2))]
+        assert s2 - s1 == pytest.approx(want[1] - want[0], rel=MOE_RTOL), (capacity, s1, s2, want)
+        weights = 2 * sum(p.numel() for p in shard_block(cfg, 0, 1).parameters() if p.dim() > 1)
+        # the batch-independent rest: bf16 weight copies (+ an E-wide fp32 vector) without recomputation, else none
+        assert s1 - want[0] == pytest.approx(weights if recompute == "none" else 0.0, abs=8 * cfg.n_experts)
+
+
+def test_planner_costs_compiled_moe_blocks_with_their_own_figures():
+    """layer_costs charges a compiled MoE block ``compiled_moe_activation_bytes`` (ep=1 and ep>1 differ), which is far
+    below the eager figure without recomputation; FP8 activations keep the eager model."""
+    cfg = _moe_cfg(None)
+    h = cm.Hardware(peak_flops=1e12, matmul_efficiency=1.0, devices_per_node=1, intra_bw=1e9, intra_lat=0.0,
+                    inter_bw=1e9, inter_lat=0.0, memory_bytes=1e12, precision="autocast", compiled=True)
+    for ep in (1, 2):
+        for recompute in ("none", "selective", "full"):
+            c = cm.layer_costs(cfg, 0, LayerStrategy(recompute=recompute, dp=2, ep=ep), 1, SEQ, h)
+            assert c["act_bytes"] == pytest.approx(cm.compiled_moe_activation_bytes(cfg, SEQ, 1, recompute, 2, ep))
+    compiled = cm.layer_costs(cfg, 0, LayerStrategy(), 1, SEQ, h)["act_bytes"]
+    eager = cm.layer_costs(cfg, 0, LayerStrategy(), 1, SEQ, dataclasses.replace(h, compiled=False))["act_bytes"]
+    assert compiled < 0.75 * eager
+    fp8 = LayerStrategy(savers=Savers(fp8_act=True))
+    assert cm.layer_costs(cfg, 0, fp8, 1, SEQ, h)["act_bytes"] == \
+        cm.layer_costs(cfg, 0, fp8, 1, SEQ, dataclasses.replace(h, compiled=False))["act_bytes"]

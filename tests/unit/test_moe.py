@@ -279,3 +279,22 @@ def test_local_runtime_logs_lm_loss_and_aux_loss_apart_with_router_stats():
     sum(((lm_i + a) / 2) for lm_i, a in zip(lm, aux)).backward()
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-5), name
+
+
+def test_moe_runs_under_bf16_autocast():
+    """Under the bf16 policy (autocast, fp32 weights) the experts return bf16 rows: the combine adds them in that
+    dtype (index_add wants one dtype; the fp32 residual add upcasts the block's output again), and a step trains."""
+    from meshwright.train.local_runtime import LocalRuntime
+
+    cfg = _cfg(n_layers=2, capacity_factor=1.25)
+    model = build_model(cfg, seed=0)
+    x = torch.randn(2, 8, cfg.d_model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.layers["0"].feed_forward(x)
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+    rt = LocalRuntime(model, dtype="bf16")
+    tokens = torch.randint(0, cfg.vocab_size, (2, 9))
+    loss = rt.forward_backward([(tokens[:, :-1], tokens[:, 1:])])
+    assert math.isfinite(loss)
+    grads = [p.grad for n, p in model.named_parameters() if "experts" in n]
+    assert grads and all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)

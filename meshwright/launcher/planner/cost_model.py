@@ -43,19 +43,46 @@ AUTOCAST_EXTRA_H = {"llama": 14.0, "gpt2": 8.0}
 # What a *compiled* block saves (TrainConfig.compile: torch.compile per block; AOTAutograd's min-cut partitioner
 # keeps matmul inputs/outputs and recomputes the cheap pointwise ops in backward, so it saves far less than eager
 # autocast). Per token per layer: x = fp32 block inputs (4 B per value, outside the tp region); rep = compute-dtype
-# h-wide tensors outside the tp region (norm outputs, the attention projection's output); q = h-wide tensors inside it
-# (q, attention output), kv = k and v, f = FFN-wide ones; stats = fp32 norm statistics (B); lse = attention's fp32
+# h-wide tensors outside the tp region (norm outputs, the attention projection's output); q = q-wide tensors inside it
+# (q, attention output; k and v after the GQA repeat without recomputation), kv = k and v before it, f = FFN-wide ones; stats = fp32 norm statistics (B); lse = attention's fp32
 # log-sum-exp per head. Measured on CPU with count_saved_bytes under bf16 autocast (inductor and
 # aot_eager_decomp_partition save the same tensors; benchmarks/results/planner_gpu.md), pinned by
 # tests/unit/test_compiled_memory.py. selective keeps what meshwright's SAC policy must save (matmul and attention
 # outputs) and no weight copy; full keeps the block input only.
 COMPILED_ACT = {
-    "llama": {"none": {"x": 1, "rep": 3, "q": 2, "kv": 2, "f": 3, "stats": 8, "lse": 1},  # silu(w1)*w3 saved, not silu
+    # silu(w1)*w3 saved, not silu; k and v saved after the GQA repeat (q-wide: q 4, kv 0; measured with 1, 2, 4 kv heads)
+    "llama": {"none": {"x": 1, "rep": 3, "q": 4, "kv": 0, "f": 3, "stats": 8, "lse": 1},
               "selective": {"x": 1, "rep": 1, "q": 2, "kv": 2, "f": 2, "stats": 0, "lse": 1},
               "full": {"x": 1, "rep": 0, "q": 0, "kv": 0, "f": 0, "stats": 0, "lse": 0}},
     "gpt2": {"none": {"x": 1, "rep": 3, "q": 2, "kv": 2, "f": 2, "stats": 16, "lse": 1},
              "selective": {"x": 1, "rep": 1, "q": 2, "kv": 2, "f": 1, "stats": 0, "lse": 1},
              "full": {"x": 1, "rep": 0, "q": 0, "kv": 0, "f": 0, "stats": 0, "lse": 0}},
+}
+# What a compiled MoE block saves (MoE models are llama-style). Two ways of compiling run (train/compile.py):
+# "block" (ep=1, nn.Module.compile of the whole block): dynamo cuts it at the routing's data-dependent ops (bincount,
+# .tolist(), .item()) into ~15 graphs, so the fp32 residual entering the MoE is kept next to the block input (x: 2);
+# "experts" (ep>1, compile_expert_parallel_block): attention, norms and the experts' SwiGLU compiled, the router and
+# the combine eager (their fp32 logits and the z-loss's logsumexp are saved: router_f 2, z 2; the whole-block graphs
+# keep one logsumexp and recompute the fp32 logits; with fewer than 6 experts they keep no logsumexp, 4 B a token
+# less). Per token: x, rep, q,
+# kv, stats, lse as COMPILED_ACT (q: 3 = q and k, v after the GQA repeat, so kv: 0); router_f / router_c: fp32 /
+# compute-dtype E-wide tensors (probabilities; logits); z: fp32 values; slot: bytes per top-k slot (fp32 gate, int64
+# expert; +1 bool keep mask with a capacity factor). Per routed token (an assignment the capacity limit kept, counted
+# on the rank whose expert runs it): e_h / e_f compute-dtype h- / expert-FFN-wide tensors (the expert's input rows and
+# its gathered output; w1 and w3 outputs and their SwiGLU product), e_idx int64 indices, e_gate the compute-dtype gate.
+# Under recomputation the checkpoint holds a graph break, so dynamo runs it as eager torch.utils.checkpoint (ep=1:
+# nothing of the block compiled): selective keeps SAC's MUST_SAVE outputs (wq/wk/wv/wo, SDPA output + lse, router
+# logits; w1/w3/w2 per routed token), full the fp32 block input. Router and experts are tp-replicated (no SP on MoE
+# blocks), so only q/kv/lse split by tp. Measured on CPU with count_saved_bytes under bf16 autocast (slope over batch
+# sizes; benchmarks/results/planner_gpu.md), pinned by tests/unit/test_compiled_memory.py.
+_MOE_KEYS = ("x", "rep", "q", "kv", "stats", "lse", "router_f", "router_c", "z", "slot", "e_h", "e_f", "e_idx", "e_gate")
+_MOE_SELECTIVE = dict(zip(_MOE_KEYS, (1, 1, 2, 2, 0, 1, 0, 1, 0, 0, 1, 2, 0, 0)))
+_MOE_FULL = dict(zip(_MOE_KEYS, (1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)))
+COMPILED_MOE_ACT = {
+    "block": {"none": dict(zip(_MOE_KEYS, (2, 3, 3, 0, 8, 1, 1, 1, 1, 12, 2, 3, 2, 1))),
+              "selective": _MOE_SELECTIVE, "full": _MOE_FULL},
+    "experts": {"none": dict(zip(_MOE_KEYS, (2, 3, 3, 0, 8, 1, 2, 0, 2, 12, 3, 3, 2, 1))),
+                "selective": _MOE_SELECTIVE, "full": _MOE_FULL},
 }
 # Share of activation bytes that are inputs of linear layers (what WTA-CRS samples).
 LINEAR_INPUT_SHARE = 0.4
@@ -695,10 +722,45 @@ def compiled_activation_bytes(cfg: ModelConfig, tokens: float, tp: int, sp: bool
     return (outside / rep_div + inside / tp) * tokens
 
 
+def routed_tokens(cfg: ModelConfig, tokens: float) -> float:
+    """Token-expert assignments an MoE layer keeps for ``tokens`` tokens: top_k each, at most the capacity
+    ceil(c*T*k/E) per expert when a capacity factor c < 1 caps them (the planner assumes balanced routing)."""
+    return tokens * cfg.top_k * min(1.0, cfg.capacity_factor or 1.0)
+
+
+def compiled_moe_activation_bytes(cfg: ModelConfig, tokens: float, tp: int, recompute: str, elem_bytes: int,
+                                  ep: int = 1, routed: Optional[float] = None) -> float:
+    """Bytes a compiled MoE block (``COMPILED_MOE_ACT``: the whole block at ep=1, its collective-free parts at ep>1)
+    saves for backward for ``tokens`` tokens of which ``routed`` token-expert assignments run on this rank's experts
+    (default ``routed_tokens``): the attention part as a compiled dense block's (q/kv/lse split by tp), the router's
+    per-token and per-top-k-slot tensors, and the experts' per routed token (tp-replicated: not split)."""
+    if recompute not in ("none", "selective", "full"):
+        raise invalid("recompute", recompute, "none, selective or full")
+    c = COMPILED_MOE_ACT["experts" if ep > 1 else "block"][recompute]
+    h, e, eb = cfg.d_model, cfg.n_experts, elem_bytes
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    slot = c["slot"] + (1 if c["slot"] and cfg.capacity_factor is not None else 0)  # the keep mask
+    outside = (4.0 * c["x"] * h + eb * c["rep"] * h + c["stats"] + 4.0 * c["router_f"] * e + eb * c["router_c"] * e
+               + 4.0 * c["z"] + slot * cfg.top_k)
+    inside = eb * (c["q"] * q + c["kv"] * kv) + 4.0 * c["lse"] * cfg.n_heads
+    expert = eb * (c["e_h"] * h + c["e_f"] * cfg.expert_ffn_dim + c["e_gate"]) + 8.0 * c["e_idx"]
+    if routed is None:
+        routed = routed_tokens(cfg, tokens)
+    return (outside + inside / tp) * tokens + expert * routed
+
+
+def compiled_block_bytes(cfg: ModelConfig, index: int, tokens: float, tp: int, sp: bool, recompute: str,
+                         elem_bytes: int, ep: int = 1) -> float:
+    """``compiled_moe_activation_bytes`` for an MoE block, ``compiled_activation_bytes`` for a dense one."""
+    if cfg.is_moe_layer(index):
+        return compiled_moe_activation_bytes(cfg, tokens, tp, recompute, elem_bytes, ep)
+    return compiled_activation_bytes(cfg, tokens, tp, sp, recompute, elem_bytes)
+
+
 def compiled_layer(cfg: ModelConfig, index: int, savers: Any, hw: Hardware) -> bool:
-    """Whether block ``index`` is costed as compiled: a compiled run's dense blocks without FP8/WTA-CRS savers (those
-    and MoE layers keep the eager figures)."""
-    return hw.compiled and not cfg.is_moe_layer(index) and not savers.fp8_act and savers.wta_crs is None
+    """Whether block ``index`` is costed as compiled: a compiled run's blocks, dense (``COMPILED_ACT``) or MoE
+    (``COMPILED_MOE_ACT``), without FP8/WTA-CRS savers (those keep the eager figures)."""
+    return hw.compiled and not savers.fp8_act and savers.wta_crs is None
 
 
 def embedding_param_count(cfg: ModelConfig, first: bool, last: bool, tp: int) -> float:
@@ -758,13 +820,18 @@ def loss_peak_bytes(cfg: ModelConfig, tokens: float, tp: int, hw: Hardware) -> f
 
 
 def backward_working_bytes(cfg: ModelConfig, index: int, tokens: float, tp: int, sp: bool, recompute: str,
-                           elem_bytes: int, compiled: bool = False) -> float:
+                           elem_bytes: int, compiled: bool = False, ep: int = 1) -> float:
     """Transient memory while one block runs backward: the activations recomputation rebuilds for it
     (all of them under full, the attention core under selective) plus the gradients of its widest pair of
-    FFN activations (2 f/tp per token). A maximum over the rank's layers, like a ZeRO-3 gather buffer."""
-    if compiled:
-        none = compiled_activation_bytes(cfg, tokens, tp, sp, "none", elem_bytes)
-        kept = compiled_activation_bytes(cfg, tokens, tp, sp, recompute, elem_bytes)
+    FFN activations (2 f/tp per token). A maximum over the rank's layers, like a ZeRO-3 gather buffer.
+    A compiled MoE block at ep=1 under recomputation runs eager (``COMPILED_MOE_ACT``): it rebuilds eager tensors."""
+    if compiled and cfg.is_moe_layer(index) and ep == 1 and recompute != "none":
+        none = (activation_bytes(cfg, index, tokens, tp, sp, "none", elem_bytes)
+                + autocast_extra_act_bytes(cfg, tokens, tp, sp, "none"))
+        kept = compiled_block_bytes(cfg, index, tokens, tp, sp, recompute, elem_bytes, ep)
+    elif compiled:
+        none = compiled_block_bytes(cfg, index, tokens, tp, sp, "none", elem_bytes, ep)
+        kept = compiled_block_bytes(cfg, index, tokens, tp, sp, recompute, elem_bytes, ep)
     else:
         none = activation_bytes(cfg, index, tokens, tp, sp, "none", elem_bytes)
         kept = activation_bytes(cfg, index, tokens, tp, sp, recompute, elem_bytes)
@@ -945,14 +1012,15 @@ def _activation_terms(cfg: ModelConfig, index: int, s: Any, tokens: float, seq_l
                       hw: Hardware) -> tuple[float, float]:
     """layer_costs' activation bytes per microbatch and the backward working set (before weight copies)."""
     if compiled:
-        act = hw.act_scale * compiled_activation_bytes(cfg, tokens * lemo, s.tp, s.sp, s.recompute, hw.elem_bytes)
+        act = hw.act_scale * compiled_block_bytes(cfg, index, tokens * lemo, s.tp, s.sp, s.recompute, hw.elem_bytes,
+                                                  s.ep)
     else:
         act = hw.act_scale * activation_bytes(cfg, index, tokens, s.tp, s.sp, s.recompute, hw.elem_bytes,
                                               s.savers.fp8_act, s.savers.wta_crs, s.savers.lemo, s.ep)
         if hw.policy.weight_copy_bytes > 0:
             act += hw.act_scale * autocast_extra_act_bytes(cfg, tokens * lemo, s.tp, s.sp, s.recompute)
     act += attention_score_bytes(cfg, tokens * lemo, seq_len, s.tp, s.recompute, hw)
-    working = (backward_working_bytes(cfg, index, tokens * lemo, s.tp, s.sp, s.recompute, hw.elem_bytes, compiled)
+    working = (backward_working_bytes(cfg, index, tokens * lemo, s.tp, s.sp, s.recompute, hw.elem_bytes, compiled, s.ep)
                * hw.act_scale if hw.runtime_buffers else 0.0)
     return act, working
 

@@ -27,6 +27,8 @@ ranks of a tp group sample the same rows.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Iterable, Literal, Mapping, Sequence
@@ -370,7 +372,7 @@ class WTACRSLinear(nn.Linear):
             self._x_sharded, self._g_sharded = True, False
             x_local = x.redistribute(mesh, [Shard(x.dim() - 1)]).to_local()
             out = self._sampled_linear(x_local, w_local, None) if active else F.linear(x_local, w_local)
-            y = DTensor.from_local(out, mesh, [Partial()], run_check=False, grad_placements=[Replicate()])
+            y = DTensor.from_local(out, mesh, [Partial()], run_check=False, **_replicated_grad(Replicate()))
             y = y.redistribute(mesh, [Replicate()])
             return y + bias if bias is not None else y
         raise ConfigError(f"wta_crs weight placement {placement} is invalid; valid: Shard(0) (colwise) or Shard(1) (rowwise)")
@@ -387,6 +389,20 @@ def _mixin(cls: type, base: type) -> type:
     if base not in _MIXINS:
         _MIXINS[base] = type(f"WTACRS{base.__name__}", (cls, base), {})
     return _MIXINS[base]
+
+
+@functools.lru_cache(maxsize=None)
+def _from_local_takes_grad_placements() -> bool:
+    """``DTensor.from_local(grad_placements=)`` is in torch 2.13, not in the GPU image's torch 2.11 (TypeError there)."""
+    from torch.distributed.tensor import DTensor
+
+    return "grad_placements" in inspect.signature(DTensor.from_local).parameters
+
+
+def _replicated_grad(replicate: object) -> dict[str, object]:
+    """Keywords asking ``from_local`` of a Partial output for a Replicate gradient. Without the keyword (torch 2.11)
+    ``from_local``'s backward already maps a Partial forward placement to a Replicate gradient, so both agree."""
+    return {"grad_placements": [replicate]} if _from_local_takes_grad_placements() else {}
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

@@ -14,4 +14,6 @@ def test_wta_crs_tp2_same_rows_and_ddp_parity(tmp_path):
     run_torchrun(WORKER, 2, [str(out)], timeout=240)
     report = read_json(out)
     assert report["ok"] and report["tp_ok"] and report["ddp_ok"]
+    assert report["tp_no_grad_kwarg_ok"]  # the torch 2.11 path (from_local without grad_placements=) agrees too
+    assert report["tp_no_grad_kwarg_step1_w2_rows"] == int(0.3 * 60)
     assert report["tp_step1_w1_rows"] == int(0.3 * 60) and report["tp_step1_w2_rows"] == int(0.3 * 60)

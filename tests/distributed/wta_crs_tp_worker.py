@@ -4,6 +4,8 @@ TP: a GPT-2 MLP (w1 ColwiseParallel, w2 RowwiseParallel, biases on) with WTA-CRS
 Every rank must sample the same rows as the other rank AND as the one-process layer with the same
 seed; forward, grad_input and (sampled) weight gradients must match the one-process run. Two steps
 with the cached-gradient-norm proposal exercise the norm all-reduce on both shard layouts.
+The TP check runs twice: with DTensor.from_local(grad_placements=) (torch 2.13) and without it (the torch
+2.11 path: from_local's default gradient placement), forced here by patching wta_crs._replicated_grad.
 DP: DDP over a WTA-CRS `tiny` model; the averaged gradient equals the mean of the one-process
 sampled gradients of the two ranks' batches.
 Writes {"ok": true, ...} to argv[1] on rank 0; any mismatch raises (non-zero exit).
@@ -22,6 +24,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from meshwright.memory import wta_crs
 from meshwright.memory.wta_crs import WTACRSLinear, apply_wta_crs
 from meshwright.models import build_model, lm_loss
 from meshwright.models.layers import GeluMLP
@@ -35,8 +38,7 @@ def gathered(t: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def check_tp(report: dict) -> None:
-    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+def check_tp(report: dict, mesh, suffix: str = "") -> None:
     torch.manual_seed(0)
     ref = GeluMLP(32, 64)
     for lin in (ref.w1, ref.w2):
@@ -61,12 +63,12 @@ def check_tp(report: dict) -> None:
             for pname in ("weight", "bias"):
                 g_tp = getattr(getattr(tp, name), pname).grad.full_tensor()
                 torch.testing.assert_close(g_tp, getattr(getattr(ref, name), pname).grad, **TOL)
-            report[f"tp_step{step}_{name}_rows"] = int(idx_tp.numel())
+            report[f"tp{suffix}_step{step}_{name}_rows"] = int(idx_tp.numel())
         assert tp.w1._gnorm_cache is not None and tp.w2._gnorm_cache is not None
         torch.testing.assert_close(tp.w1._gnorm_cache, ref.w1._gnorm_cache, **TOL)  # all-reduced norms
         for m in (ref, tp):
             m.zero_grad(set_to_none=True)
-    report["tp_ok"] = True
+    report[f"tp{suffix}_ok"] = True
 
 
 def check_ddp(report: dict) -> None:
@@ -98,7 +100,15 @@ def main() -> None:
     torch.set_num_threads(1)
     report: dict = {}
     try:
-        check_tp(report)
+        mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+        check_tp(report, mesh)
+        report["tp_grad_placements_kwarg"] = wta_crs._from_local_takes_grad_placements()
+        real = wta_crs._replicated_grad
+        wta_crs._replicated_grad = lambda replicate: {}  # the torch 2.11 call: no grad_placements keyword
+        try:
+            check_tp(report, mesh, "_no_grad_kwarg")
+        finally:
+            wta_crs._replicated_grad = real
         check_ddp(report)
         if dist.get_rank() == 0:
             with open(sys.argv[1], "w") as f:

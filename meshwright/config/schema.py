@@ -336,6 +336,9 @@ class TrainConfig:
     optimizer: Literal["adamw", "coat_adamw"] = "adamw"
     dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast with fp32 master weights, on CPU too (train/precision.py)
     compile: bool = False  # torch.compile per transformer block and the loss (train/compile.py)
+    # what compile covers: "blocks" (each block, then head + loss) or "model" (the whole forward, head and loss as one
+    # graph; an experiment for one process, dense models, no recompute/savers/loss chunks; the planner does not model it)
+    compile_scope: Literal["blocks", "model"] = "blocks"
     loss_chunk_tokens: int = 0  # >0: head + loss per chunk of this many tokens, no full logits (models/chunked_loss.py)
     seed: int = 1234
     # initial weights: "stream" (one CPU RNG stream, module by module: every earlier run's values), "keyed" (each
@@ -409,6 +412,9 @@ class TrainConfig:
                 raise invalid(f"{p}{name}", getattr(self, name), "a non-negative integer (0 disables)")
         if self.loss_chunk_tokens < 0:
             raise invalid(f"{p}loss_chunk_tokens", self.loss_chunk_tokens, "0 (plain loss) or a positive number of tokens")
+        if self.compile_scope == "model" and (not self.compile or self.loss_chunk_tokens):
+            raise invalid(f"{p}compile_scope", self.compile_scope, "'blocks', or 'model' with compile: true and "
+                          f"loss_chunk_tokens: 0 (here compile={self.compile}, loss_chunk_tokens={self.loss_chunk_tokens})")
         if self.energy_every < 1:
             raise invalid(f"{p}energy_every", self.energy_every, "a positive integer (steps)")
         if self.keep_checkpoints < 1:

@@ -24,6 +24,7 @@ from meshwright.plan import Plan, default_plan, load_plan, validate_plan
 from meshwright.tools.sinks import check_sink_packages
 from meshwright.train.local_runtime import LocalRuntime
 from meshwright.train.checkpoint import require_complete
+from meshwright.train.compile import MODEL_SCOPE_SUPPORTED
 from meshwright.train.plan_match import check_plan_matches, check_world
 from meshwright.train.run_dir import (RunLock, check_fresh_or_overwrite, check_resume_config, dirs_to_create, nospace,
                                      prepare_out_dir, remove_unused)
@@ -114,6 +115,15 @@ def _plan_needs_parallel(plan: Plan | None) -> bool:
                for s in plan.layer_strategies())
 
 
+def _model_scope_obstacle(job: TrainingJob) -> str:
+    """Why ``compile_scope: model`` cannot apply to this job (said in its one-line refusal)."""
+    if job.model.n_experts:
+        return f"an MoE model, n_experts={job.model.n_experts}"
+    if job.world_size > 1:
+        return f"the distributed runtime, world size {job.world_size}"
+    return "the distributed runtime, a Plan with recompute, ZeRO or per-layer savers (they wrap the blocks)"
+
+
 TRAIN_BYTES_PER_PARAM = 16  # fp32 weights + gradients + AdamW's two moments
 
 
@@ -178,6 +188,9 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
         raise invalid("seq_len", cfg.seq_len, f"at most model.max_seq_len={model_cfg.max_seq_len}")
     if job.plan is not None:  # a plan for another device count: said here, not as tp*dp*cp deep in the runtime
         check_world(job.plan, job.world_size, str(job.plan_ref))
+    if cfg.compile_scope == "model" and (job.distributed or model_cfg.n_experts):
+        raise invalid("compile_scope", "model", f"{MODEL_SCOPE_SUPPORTED} (here: "
+                      f"{_model_scope_obstacle(job)})")
     if job.distributed:
         if cfg.meft is not None:
             raise invalid("meft", "set", "null under the distributed runtime (MEFT runs in one process; DDP is tested "
@@ -201,7 +214,8 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
     if cfg.meft is not None:  # reversible fine-tuning: frozen base, adapters (+ head) train
         model = make_reversible(model, config=from_dict(MeftConfig, cfg.meft, prefix="meft"))
     rt = LocalRuntime(model, device=device, dtype=cfg.dtype,  # bf16 is honoured on CPU too (train/precision.py)
-                      compile_backend="inductor" if cfg.compile else None, loss_chunk_tokens=cfg.loss_chunk_tokens)
+                      compile_backend="inductor" if cfg.compile else None, loss_chunk_tokens=cfg.loss_chunk_tokens,
+                      compile_scope=cfg.compile_scope)
     rt.plan = job.plan
     rt.init = scheme
     return rt

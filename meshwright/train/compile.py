@@ -5,6 +5,10 @@ those of the plain model, so checkpoints reshard), after tensor parallelism and 
 FSDP2 wraps them: torchtitan's order, in which each block is one graph that FSDP2's hooks surround.
 Compiling per block rather than the whole model keeps the graphs small and identical across layers
 (one compilation serves every block) and lets pipeline stages cut the model anywhere.
+
+``compile_scope: model`` (one process only) is the A/B experiment against that choice: the whole Decoder forward,
+head and loss in ONE graph (``compiled_model_loss``), as a plain ``torch.compile(model)`` loop does, so the block
+boundaries fuse and the embedding runs inside the graph (issue #16).
 """
 
 from __future__ import annotations
@@ -17,8 +21,12 @@ from torch import nn
 from meshwright.errors import invalid
 from meshwright.models import lm_loss
 from meshwright.models.chunked_loss import chunk_loss_sum
+from meshwright.models.moe import moe_layers
 
 BACKENDS = ("inductor", "aot_eager", "eager")
+SCOPES = ("blocks", "model")  # compile_scope: per transformer block (+ head and loss), or the whole model in one graph
+MODEL_SCOPE_SUPPORTED = "'blocks', or 'model' only for a dense model in one process, with compile: true, " \
+    "loss_chunk_tokens: 0 and no recompute or per-layer savers"
 
 
 def check_backend(backend: str) -> str:
@@ -82,6 +90,38 @@ def compiled_head_loss(backend: str = "inductor") -> Callable[..., torch.Tensor]
     log-softmax onto it. On an H200 the eager head left gpt2-small's trainer with ~16 ms more GPU work per
     step than a whole-model compiled loop (0.72x its tokens/s, 2026-11-26)."""
     return torch.compile(head_lm_loss, backend=check_backend(backend))
+
+
+def model_lm_loss(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The whole Decoder forward (embedding, blocks, final norm) then ``head_lm_loss``: one function to compile."""
+    return head_lm_loss(model.output, model(tokens, return_hidden=True), targets)
+
+
+def check_model_scope(model: nn.Module, backend: str | None, loss_chunk_tokens: int = 0) -> None:
+    """Refuse (one line) ``compile_scope: model`` where one whole-model graph cannot apply: no compile backend,
+    a chunked loss (a Python loop over chunks), an MoE model (routing breaks the graph), or blocks whose forward
+    recompute or a saver has wrapped (they are built around per-block graphs)."""
+    reason = None
+    if backend is None:
+        reason = "compile is off"
+    elif loss_chunk_tokens:
+        reason = f"loss_chunk_tokens={loss_chunk_tokens}"
+    elif moe_layers(model):
+        reason = "an MoE model"
+    elif any("forward" in vars(b) for b in getattr(model, "layers", {}).values()):
+        reason = "blocks wrapped by recompute or a per-layer saver"
+    elif getattr(model, "tok_embeddings", None) is None or getattr(model, "output", None) is None:
+        reason = "a model without its embedding or head (a pipeline stage)"
+    if reason is not None:
+        raise invalid("compile_scope", "model", f"{MODEL_SCOPE_SUPPORTED} (here: {reason})")
+
+
+def compiled_model_loss(backend: str = "inductor") -> Callable[..., torch.Tensor]:
+    """``model_lm_loss`` compiled as one graph: ``(model, tokens, targets) -> loss``. Why: the trainer's per-block
+    compile leaves the embedding, positional add and dropout eager, fuses nothing across block boundaries and
+    launches one graph per block; a plain ``torch.compile(model)`` loop has none of that. This measures the
+    difference in the trainer itself (benchmarks/gpu_check.py ``gpt2_trainer_compiled_model``)."""
+    return torch.compile(model_lm_loss, backend=check_backend(backend))
 
 
 def compiled_chunk_loss(backend: str = "inductor") -> Callable[..., torch.Tensor]:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
+from meshwright.errors import invalid
 from meshwright.models import lm_loss
 from meshwright.models.moe import moe_layers, router_stats
-from meshwright.train.compile import compile_blocks
+from meshwright.train.compile import SCOPES, check_model_scope, compile_blocks, compiled_model_loss
 from meshwright.train.head_loss import head_loss
 from meshwright.train.precision import PrecisionPolicy
 from meshwright.train.runtime import Batch, Runtime, batch_to_device
@@ -20,8 +21,9 @@ class LocalRuntime(Runtime):
     """One process, one device: gradient accumulation over micro-batches, clipping, eval."""
 
     def __init__(self, model: nn.Module, device: str | torch.device = "cpu", dtype: str = "fp32",
-                 compile_backend: str | None = None, loss_chunk_tokens: int = 0) -> None:
-        """``compile_backend``: torch.compile each block and the loss with it (None: eager).
+                 compile_backend: str | None = None, loss_chunk_tokens: int = 0, compile_scope: str = "blocks") -> None:
+        """``compile_backend``: torch.compile each block and the loss with it (None: eager); with
+        ``compile_scope="model"`` the whole forward, head and loss as one graph instead (train/compile.py).
         ``loss_chunk_tokens`` > 0: head + loss per chunk of tokens, the whole logits never exist."""
         self.plan: Any = None  # the Plan this process was started with, if any (written to out_dir/plan.yaml)
         self.init: str | None = None  # the initial weights' scheme (models/init.py), when train/build.py built them
@@ -31,10 +33,18 @@ class LocalRuntime(Runtime):
         # bf16: autocast with fp32 master weights, on every device (train/precision.py says why)
         self.precision = PrecisionPolicy.from_dtype(dtype)
         self.compute_dtype = self.precision.compute_dtype
-        if compile_backend is not None:
-            compile_blocks(self.model, compile_backend)
-        # compile and/or chunked loss: the head runs with the loss (None: eager logits, then lm_loss)
-        self.head_loss = head_loss(compile_backend, loss_chunk_tokens)
+        self.model_loss: Callable[..., torch.Tensor] | None = None  # compile_scope "model": (model, tokens, targets) -> loss, one compiled graph
+        self.head_loss = None
+        if compile_scope not in SCOPES:
+            raise invalid("compile_scope", compile_scope, " | ".join(SCOPES))
+        if compile_scope == "model":
+            check_model_scope(self.model, compile_backend, loss_chunk_tokens)
+            self.model_loss = compiled_model_loss(compile_backend)
+        else:
+            if compile_backend is not None:
+                compile_blocks(self.model, compile_backend)
+            # compile and/or chunked loss: the head runs with the loss (None: eager logits, then lm_loss)
+            self.head_loss = head_loss(compile_backend, loss_chunk_tokens)
         self._moe = bool(moe_layers(self.model))
         self._last_aux: torch.Tensor | None = None  # mean auxiliary (balance + z) loss of the last step, MoE only
 
@@ -46,6 +56,8 @@ class LocalRuntime(Runtime):
 
     def _lm_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         x, y = batch_to_device(inputs, self.device), batch_to_device(targets, self.device)
+        if self.model_loss is not None:
+            return self.model_loss(self.model, x, y)
         if self.head_loss is not None:
             return self.head_loss(self.model.output, self.model(x, return_hidden=True), y)
         return lm_loss(self.model(x), y)

@@ -5,7 +5,8 @@ Prints ONE JSON report (and writes it to --out): for gpt2-small (batch 16 x 1024
 the cluster preset's dense bf16 peak), peak ``max_memory_reserved`` of
 
 - the meshwright trainer: ``Trainer.train_step`` on the runtime ``meshwright train`` builds (LocalRuntime)
-  with ``compile: true`` (``--extra``: also eager, and compiled with ``loss_chunk_tokens``),
+  with ``compile: true`` (``--extra``: also eager, compiled with ``loss_chunk_tokens``, and compiled with
+  ``compile_scope: model``: the whole Decoder, head and loss as one graph instead of one graph per block),
 - the same Decoder in a plain loop (torch.compile of the whole model, fused AdamW, bf16 autocast),
 - Hugging Face ``GPT2LMHeadModel`` (eager, sdpa) for gpt2-small,
 
@@ -17,7 +18,8 @@ section only), with its own timeout; the whole check is sized to finish in under
 deepspeed, megatron-core, codecarbon and fabric are blocked in every section, as on the bare GPU image.
 
     python benchmarks/gpu_check.py [--out report.json] [--extra] [--only gpt2_trainer_compiled,...]
-    python benchmarks/gpu_check.py --cpu-smoke     # tiny sizes, fp32, no compile: checks the plumbing on CPU
+    python benchmarks/gpu_check.py --cpu-smoke     # tiny sizes, fp32, no compile (but for compile_scope model): the
+                                                   # plumbing on CPU
 """
 
 from __future__ import annotations
@@ -50,14 +52,16 @@ WORKLOADS = {
 }
 DEFAULT_SECTIONS = ("gpt2_trainer_compiled", "gpt2_plain_compiled", "gpt2_hf_eager", "llama1b_trainer_compiled",
                     "llama1b_plain_compiled", "llama7b_planned")
-EXTRA_SECTIONS = ("gpt2_trainer_eager", "gpt2_trainer_compiled_chunked")  # --extra (about 2 more minutes)
+EXTRA_SECTIONS = ("gpt2_trainer_eager", "gpt2_trainer_compiled_chunked",  # --extra (about 3 more minutes)
+                  "gpt2_trainer_compiled_model")
 # the trainer and the plain loop again, with torch.profiler over 3 steps after the timed ones: device-busy
 # fraction, host waits and the costliest host ops (where a gap between the two comes from)
 TRACE_SECTIONS = ("gpt2_trainer_traced", "gpt2_plain_traced")
 SECTIONS = DEFAULT_SECTIONS + EXTRA_SECTIONS + TRACE_SECTIONS
 # caps, not estimates (expected: 40-90 s per section on an H100/H200, about 6 minutes in all)
 TIMEOUT_S = {"llama7b_planned": 240, "llama1b_trainer_compiled": 180, "llama1b_plain_compiled": 150,
-             "gpt2_trainer_compiled": 150, "gpt2_trainer_compiled_chunked": 150, "gpt2_plain_compiled": 120}
+             "gpt2_trainer_compiled": 150, "gpt2_trainer_compiled_chunked": 150, "gpt2_trainer_compiled_model": 150,
+             "gpt2_plain_compiled": 120}
 
 
 # ---- helpers run inside a section subprocess ------------------------------------------------------------
@@ -222,7 +226,7 @@ def _predicted(plan_json: dict[str, Any]) -> dict[str, Any]:
 
 def _trainer_run(model: Any, batch: int, seq: int, steps: int, warm: int, dtype: str, compile_: bool, tmp: Path,
                  plan: str | None = None, micro_batch: int | None = None, loss_chunk: int = 0,
-                 trace: bool = False) -> dict[str, Any]:
+                 trace: bool = False, compile_scope: str = "blocks") -> dict[str, Any]:
     """``Trainer.train_step`` on the runtime ``meshwright train`` builds for this config (no eval, logging or
     checkpoint in the timed window). lr 3e-4: the default preset's 3e-3 is for tiny models and, with one
     warm-up step, made llama2-7b's loss climb (11.5 -> 29.7 in three steps on the H200)."""
@@ -234,7 +238,8 @@ def _trainer_run(model: Any, batch: int, seq: int, steps: int, warm: int, dtype:
     cfg = load_train_config({"model": model, "cluster": _cluster(), "seq_len": seq, "global_batch": batch,
                              "micro_batch": micro_batch or batch, "steps": warm + steps + (3 if trace else 0),
                              "warmup_steps": 1, "lr": 3e-4,
-                             "dtype": dtype, "compile": compile_, "loss_chunk_tokens": loss_chunk, "plan": plan,
+                             "dtype": dtype, "compile": compile_, "compile_scope": compile_scope,
+                             "loss_chunk_tokens": loss_chunk, "plan": plan,
                              "eval_every": 0, "energy": False, "progress": False, "auto_profile": False,
                              "out_dir": str(tmp / "run"), "data": {"path": "default", "max_files": 120}})
     t_build = time.perf_counter()
@@ -251,7 +256,7 @@ def _trainer_run(model: Any, batch: int, seq: int, steps: int, warm: int, dtype:
            "runtime": type(runtime).__name__, "init": getattr(runtime, "init", None), "warmup_s": round(warmup_s, 1),
            "build_s": round(build_s, 1),
            "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4), "compile": compile_,
-           "loss_chunk_tokens": loss_chunk}
+           "loss_chunk_tokens": loss_chunk, "compile_scope": compile_scope}
     runtime.close()
     return out
 
@@ -312,8 +317,12 @@ def run_section(name: str, smoke: bool) -> dict[str, Any]:
         return _trainer_run(model, batch, seq, steps, warm, dtype, compile_, tmp, trace=True)
     if name == "gpt2_plain_traced":
         return _plain_loop(model, batch, seq, steps, warm, dtype, compile_, trace=True)
-    if name in ("gpt2_trainer_eager", "gpt2_trainer_compiled", "gpt2_trainer_compiled_chunked", "llama1b_trainer_compiled"):
-        compiled = compile_ and not name.endswith("eager")
+    if name in ("gpt2_trainer_eager", "gpt2_trainer_compiled", "gpt2_trainer_compiled_chunked", "gpt2_trainer_compiled_model",
+                "llama1b_trainer_compiled"):
+        scope = "model" if name.endswith("_model") else "blocks"
+        # compile_scope model exists only compiled: the CPU smoke compiles it too (inductor, tiny model), as it checks
+        # that section's plumbing; the other smoke sections stay eager
+        compiled = (compile_ or scope == "model") and not name.endswith("eager")
         chunk = (seq * batch // 4) if name.endswith("chunked") else 0  # four chunks: 1/4 of the logits at a time
         try:  # the planner's prediction for this very layout (one device, no recompute, one micro-batch)
             predicted = _predicted(_plan_cli(model, seq, batch, tmp, "--tp", "1", "--pp", "1", "--dp", "1",
@@ -322,7 +331,9 @@ def run_section(name: str, smoke: bool) -> dict[str, Any]:
                                              *(["--loss-chunk-tokens", str(chunk)] if chunk else [])))
         except Exception as e:  # e.g. the planner predicts it does not fit: measure anyway
             predicted = {"plan_error": f"{type(e).__name__}: {str(e)[:300]}"}
-        res = _trainer_run(model, batch, seq, steps, warm, dtype, compiled, tmp, loss_chunk=chunk)
+        if scope == "model":  # the planner models per-block graphs only: its figures are those of compile_scope blocks
+            predicted["predicted_for_compile_scope"] = "blocks"
+        res = _trainer_run(model, batch, seq, steps, warm, dtype, compiled, tmp, loss_chunk=chunk, compile_scope=scope)
         return {**res, **predicted}
     if name in ("gpt2_plain_compiled", "llama1b_plain_compiled"):
         return _plain_loop(model, batch, seq, steps, warm, dtype, compile_)
@@ -377,6 +388,11 @@ def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "gpt2_trainer_eager_over_plain_compiled": _ratio(r.get("gpt2_trainer_eager", {}), r.get("gpt2_plain_compiled", {})),
         "gpt2_trainer_chunked_over_plain_compiled": _ratio(r.get("gpt2_trainer_compiled_chunked", {}),
                                                            r.get("gpt2_plain_compiled", {})),
+        # compile_scope model vs blocks: what the per-block compile costs against one whole-model graph
+        "gpt2_trainer_model_scope_over_plain_compiled": _ratio(r.get("gpt2_trainer_compiled_model", {}),
+                                                               r.get("gpt2_plain_compiled", {})),
+        "gpt2_trainer_model_scope_over_blocks_scope": _ratio(r.get("gpt2_trainer_compiled_model", {}),
+                                                             r.get("gpt2_trainer_compiled", {})),
         "gpt2_trainer_compiled_over_hf_eager": _ratio(r.get("gpt2_trainer_compiled", {}), r.get("gpt2_hf_eager", {})),
         "llama1b_trainer_compiled_over_plain_compiled": _ratio(r.get("llama1b_trainer_compiled", {}),
                                                                r.get("llama1b_plain_compiled", {})),
@@ -402,7 +418,8 @@ def _report(env: dict[str, Any], results: dict[str, dict[str, Any]], t0: float) 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes, fp32, no compile (CPU plumbing check)")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="tiny sizes, fp32, no compile but for compile_scope model (CPU plumbing check)")
     ap.add_argument("--only", default="", help=f"comma-separated sections (default: {','.join(DEFAULT_SECTIONS)})")
     ap.add_argument("--extra", action="store_true", help=f"also run {', '.join(EXTRA_SECTIONS)}")
     ap.add_argument("--out", default=None, help="also write the JSON report here")

@@ -1,7 +1,7 @@
 """``compile_scope: model`` (train/compile.py): the whole Decoder forward, head and loss as ONE compiled graph in
 LocalRuntime, the A/B knob against the per-block compile of issue #16. It gives the eager losses and gradients within
-test_compile.py's 1e-4 relative over 3 steps, fp32 and bf16 autocast (aot_eager: dynamo + AOTAutograd, no C++ build),
-in one graph without breaks; where it cannot apply it is refused in one line naming what is supported."""
+test_compile.py's 1e-4 relative over 3 steps (aot_eager: dynamo + AOTAutograd, fp32 and bf16 autocast; inductor,
+fp32, as test_compile.py), in one graph without breaks; where it cannot apply it is refused in one line naming what is supported."""
 
 from __future__ import annotations
 
@@ -41,12 +41,12 @@ def _steps(rt: LocalRuntime, steps: int = 3) -> tuple[list[float], list[dict[str
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_model_scope_matches_eager_in_one_graph(dtype: str) -> None:
+@pytest.mark.parametrize("backend,dtype", [("aot_eager", "fp32"), ("aot_eager", "bf16"), ("inductor", "fp32")])
+def test_model_scope_matches_eager_in_one_graph(backend: str, dtype: str) -> None:
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     model = build_model(MICRO, seed=5)
-    rt = LocalRuntime(model, dtype=dtype, compile_backend="aot_eager", compile_scope="model")
+    rt = LocalRuntime(model, dtype=dtype, compile_backend=backend, compile_scope="model")
     assert rt.model_loss is not None and rt.head_loss is None
     assert not any(b._compiled_call_impl is not None for b in rt.model.layers.values())  # no per-block graphs
     comp, comp_grads = _steps(rt)

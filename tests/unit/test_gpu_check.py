@@ -30,6 +30,24 @@ def test_cpu_smoke_report(tmp_path) -> None:
         trainer["tokens_per_s"] / plain["tokens_per_s"], 3)
 
 
+@pytest.mark.timeout(400)
+def test_cpu_smoke_compile_scope_model_section(tmp_path) -> None:
+    """gpt2_trainer_compiled_model (issue #16's blocks-vs-model A/B): the trainer built with compile_scope model,
+    compiled (inductor, tiny model) even in the smoke, next to the per-block section in the summary."""
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--out", str(out),
+                           "--only", "gpt2_trainer_compiled_model,gpt2_trainer_compiled"], capture_output=True, text=True,
+                          timeout=380, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    model, blocks = report["results"]["gpt2_trainer_compiled_model"], report["results"]["gpt2_trainer_compiled"]
+    assert model["compile_scope"] == "model" and model["compile"] is True and model["runtime"] == "LocalRuntime"
+    assert blocks["compile_scope"] == "blocks" and model["predicted_for_compile_scope"] == "blocks"
+    assert model["tokens_per_s"] > 0 and model["loss_last"] < model["loss_first"]
+    assert report["summary"]["gpt2_trainer_model_scope_over_blocks_scope"] == round(
+        model["tokens_per_s"] / blocks["tokens_per_s"], 3)
+
+
 def test_unknown_section_is_one_line_error() -> None:
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--only", "nope"],
                           capture_output=True, text=True, timeout=60, cwd=REPO)

@@ -5,7 +5,8 @@ The block is compiled as meshwright's runtime compiles it (train/compile.py): th
 process group: the all-to-alls run, with nothing to exchange). Saved bytes are counted with ``count_saved_bytes`` plus
 what selective checkpointing caches (its MUST_SAVE outputs, which saved-tensor hooks do not see), under autocast, for
 two batch sizes x capacity factor None / 0.5 (so routed tokens vary apart from tokens); a least-squares fit gives
-bytes = fixed + a * tokens + b * routed. ``cm.compiled_moe_activation_bytes`` is printed next to it.
+bytes = fixed + a * tokens + b * routed. ``cm.compiled_moe_activation_bytes`` (compiled) or the eager
+formula (``EAGER_MOE_ACT``) is printed next to it.
 
     PYTHONPATH=. python benchmarks/bench_compiled_moe_memory.py                                  # CPU, ~1 min
     PYTHONPATH=. python benchmarks/bench_compiled_moe_memory.py --device cuda --backend inductor  # a GPU, ~5 min
@@ -120,10 +121,14 @@ def main() -> None:
                 samples = [s for cap in (None, 0.5) for s in measure(model_cfg(args, cap), recompute, ep, backend,
                                                                       device, torch.bfloat16)]
                 fixed, per_t, per_r = fit(samples)
-                f_t = cm.compiled_moe_activation_bytes(cfg0, 1.0, 1, recompute, 2, ep, routed=0.0)
-                f_r = cm.compiled_moe_activation_bytes(cfg0, 0.0, 1, recompute, 2, ep, routed=1.0)
+                if backend:
+                    f_t = cm.compiled_moe_activation_bytes(cfg0, 1.0, 1, recompute, 2, ep, routed=0.0)
+                    f_r = cm.compiled_moe_activation_bytes(cfg0, 0.0, 1, recompute, 2, ep, routed=1.0)
+                else:  # the eager figure (activation_bytes of an MoE layer, autocast included)
+                    f_t = cm.moe_block_bytes(cfg0, cm.EAGER_MOE_ACT[recompute], 1.0, 1, 2, routed=0.0)
+                    f_r = cm.moe_block_bytes(cfg0, cm.EAGER_MOE_ACT[recompute], 0.0, 1, 2, routed=1.0)
                 run = "compiled" if backend else "eager"
-                formula = (f"{f_t:.0f} | {f_r:.0f}" if backend else "- | -")
+                formula = f"{f_t:.0f} | {f_r:.0f}"
                 print(f"| {ep} | {recompute} | {run} | {per_t:.0f} | {per_r:.0f} | {round(fixed) + 0} | {formula} |", flush=True)
     dist.destroy_process_group()
 

@@ -84,6 +84,17 @@ COMPILED_MOE_ACT = {
     "experts": {"none": dict(zip(_MOE_KEYS, (2, 3, 3, 0, 8, 1, 2, 0, 2, 12, 3, 3, 2, 1))),
                 "selective": _MOE_SELECTIVE, "full": _MOE_FULL},
 }
+# What an *eager* MoE block saves under bf16 autocast with fp32 parameters (meshwright's runtime; the same at ep=1 and
+# over an expert-parallel group), in COMPILED_MOE_ACT's units; autocast's extras are inside (no AUTOCAST_EXTRA_H on
+# MoE blocks). none: x 4 (block input, both norms' x*rsqrt, the residual entering the MoE), rep 4 (autocast casts the
+# attention norm's output once per q/k/v linear, the ffn norm's once for the router), q 4 (q, k, v after rope and the
+# GQA repeat, SDPA output), router_f 2 (softmax probabilities, the fp32 logits), z 2 (logsumexp, top-k sum), slot 12
+# (int64 expert + fp32 probability per top-k slot); per routed token e_h 4 (each expert's rows cast once for w1 and
+# once for w3, the concatenated output, the gated rows), e_f 4 (w1, w3, silu, their product), two int64 indices, the
+# gate. selective / full: SAC's outputs / the block input, as compiled (the checkpoint runs eager). Measured on CPU
+# with count_saved_bytes (+ SAC's cache), benchmarks/results/planner_gpu.md; pinned by tests/unit/test_compiled_memory.py.
+EAGER_MOE_ACT = {"none": dict(zip(_MOE_KEYS, (4, 4, 4, 0, 8, 1, 2, 0, 2, 12, 4, 4, 2, 1))),
+                 "selective": _MOE_SELECTIVE, "full": _MOE_FULL}
 # Share of activation bytes that are inputs of linear layers (what WTA-CRS samples).
 LINEAR_INPUT_SHARE = 0.4
 # Share of saved activation bytes COAT stores in FP8 (the rest, e.g. norm statistics, stays high precision).
@@ -664,28 +675,24 @@ def activation_bytes(cfg: ModelConfig, index: int, tokens: float, tp: int, sp: b
                      lemo: Optional[float] = None, ep: int = 1) -> float:
     """Bytes block ``index`` saves for backward for ``tokens`` tokens of one microbatch.
 
-    Korthikanti et al. 2022 structure for our blocks: rep_h*h replicated over tp (sharded by SP) plus
-    (shard_h*h + shard_f*f)/tp; an MoE FFN holds top_k copies of each token's expert activations
-    (4 f_e each, SwiGLU) and dispatch/combine buffers (2 h each). full recompute keeps only the block
-    input (sharded with SP); selective drops the attention core's q/k/v/out copies.
+    Dense blocks: Korthikanti et al. 2022 structure: rep_h*h replicated over tp (sharded by SP) plus
+    (shard_h*h + shard_f*f)/tp; full recompute keeps only the block input (sharded with SP); selective drops the
+    attention core's q/k/v/out copies. MoE blocks: what the eager block was measured to save under autocast
+    (``EAGER_MOE_ACT``, per token and per routed token: ``moe_block_bytes``), so ``autocast_extra_act_bytes`` is
+    not added to them.
     """
     c = ACT_COEF[cfg.arch]
     h = cfg.d_model
-    rep = c["rep_h"] * h / (tp if sp else 1)
-    if cfg.is_moe_layer(index):
-        ffn = cfg.top_k * (4.0 * cfg.expert_ffn_dim / tp + 2.0 * h) + cfg.n_experts
-    else:
-        ffn = c["shard_f"] * cfg.ffn_dim / tp
-    attn = c["shard_h"] * h / tp
-    if recompute == "full":
-        per_token = h / (tp if sp else 1)
-    elif recompute == "selective":
-        per_token = rep + ffn
-    elif recompute == "none":
-        per_token = rep + attn + ffn
-    else:
+    if recompute not in ("none", "selective", "full"):
         raise invalid("recompute", recompute, "none, selective or full")
-    nbytes = per_token * tokens * elem_bytes
+    if cfg.is_moe_layer(index):  # measured, autocast included (EAGER_MOE_ACT)
+        nbytes = moe_block_bytes(cfg, EAGER_MOE_ACT[recompute], tokens, tp, elem_bytes)
+    else:
+        rep = c["rep_h"] * h / (tp if sp else 1)
+        ffn = c["shard_f"] * cfg.ffn_dim / tp
+        attn = c["shard_h"] * h / tp
+        per_token = {"full": h / (tp if sp else 1), "selective": rep + ffn, "none": rep + attn + ffn}[recompute]
+        nbytes = per_token * tokens * elem_bytes
     if lemo is not None:
         nbytes *= lemo
     if wta_crs is not None and recompute != "full":
@@ -736,7 +743,14 @@ def compiled_moe_activation_bytes(cfg: ModelConfig, tokens: float, tp: int, reco
     per-token and per-top-k-slot tensors, and the experts' per routed token (tp-replicated: not split)."""
     if recompute not in ("none", "selective", "full"):
         raise invalid("recompute", recompute, "none, selective or full")
-    c = COMPILED_MOE_ACT["experts" if ep > 1 else "block"][recompute]
+    return moe_block_bytes(cfg, COMPILED_MOE_ACT["experts" if ep > 1 else "block"][recompute], tokens, tp, elem_bytes,
+                           routed)
+
+
+def moe_block_bytes(cfg: ModelConfig, c: dict[str, float], tokens: float, tp: int, elem_bytes: int,
+                    routed: Optional[float] = None) -> float:
+    """Bytes an MoE block saving ``c`` (``_MOE_KEYS`` counts: ``COMPILED_MOE_ACT`` / ``EAGER_MOE_ACT``) keeps for
+    ``tokens`` tokens and ``routed`` token-expert assignments on this rank's experts (default ``routed_tokens``)."""
     h, e, eb = cfg.d_model, cfg.n_experts, elem_bytes
     q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     slot = c["slot"] + (1 if c["slot"] and cfg.capacity_factor is not None else 0)  # the keep mask
@@ -823,11 +837,11 @@ def backward_working_bytes(cfg: ModelConfig, index: int, tokens: float, tp: int,
                            elem_bytes: int, compiled: bool = False, ep: int = 1) -> float:
     """Transient memory while one block runs backward: the activations recomputation rebuilds for it
     (all of them under full, the attention core under selective) plus the gradients of its widest pair of
-    FFN activations (2 f/tp per token). A maximum over the rank's layers, like a ZeRO-3 gather buffer.
+    FFN activations (2 f/tp per token; an MoE block's experts: 2 f_e per routed token, tp-replicated). A maximum
+    over the rank's layers, like a ZeRO-3 gather buffer.
     A compiled MoE block at ep=1 under recomputation runs eager (``COMPILED_MOE_ACT``): it rebuilds eager tensors."""
     if compiled and cfg.is_moe_layer(index) and ep == 1 and recompute != "none":
-        none = (activation_bytes(cfg, index, tokens, tp, sp, "none", elem_bytes)
-                + autocast_extra_act_bytes(cfg, tokens, tp, sp, "none"))
+        none = activation_bytes(cfg, index, tokens, tp, sp, "none", elem_bytes)
         kept = compiled_block_bytes(cfg, index, tokens, tp, sp, recompute, elem_bytes, ep)
     elif compiled:
         none = compiled_block_bytes(cfg, index, tokens, tp, sp, "none", elem_bytes, ep)
@@ -835,8 +849,9 @@ def backward_working_bytes(cfg: ModelConfig, index: int, tokens: float, tp: int,
     else:
         none = activation_bytes(cfg, index, tokens, tp, sp, "none", elem_bytes)
         kept = activation_bytes(cfg, index, tokens, tp, sp, recompute, elem_bytes)
-    f = cfg.top_k * cfg.expert_ffn_dim if cfg.is_moe_layer(index) else cfg.ffn_dim
-    return (none - kept) + tokens * 2.0 * f / tp * elem_bytes
+    if cfg.is_moe_layer(index):  # experts are tp-replicated and run the routed assignments
+        return (none - kept) + routed_tokens(cfg, tokens) * 2.0 * cfg.expert_ffn_dim * elem_bytes
+    return (none - kept) + tokens * 2.0 * cfg.ffn_dim / tp * elem_bytes
 
 
 def embedding_static_bytes(cfg: ModelConfig, first: bool, last: bool, tp: int, dp: int, zero: int, states: str,
@@ -1017,7 +1032,7 @@ def _activation_terms(cfg: ModelConfig, index: int, s: Any, tokens: float, seq_l
     else:
         act = hw.act_scale * activation_bytes(cfg, index, tokens, s.tp, s.sp, s.recompute, hw.elem_bytes,
                                               s.savers.fp8_act, s.savers.wta_crs, s.savers.lemo, s.ep)
-        if hw.policy.weight_copy_bytes > 0:
+        if hw.policy.weight_copy_bytes > 0 and not cfg.is_moe_layer(index):  # EAGER_MOE_ACT holds autocast's
             act += hw.act_scale * autocast_extra_act_bytes(cfg, tokens * lemo, s.tp, s.sp, s.recompute)
     act += attention_score_bytes(cfg, tokens * lemo, seq_len, s.tp, s.recompute, hw)
     working = (backward_working_bytes(cfg, index, tokens * lemo, s.tp, s.sp, s.recompute, hw.elem_bytes, compiled, s.ep)

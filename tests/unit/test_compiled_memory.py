@@ -214,8 +214,7 @@ def _sac_bytes(contexts: list, skip: set) -> int:
 
 def _moe_saved(monkeypatch, cfg, recompute: str, group=None, compiled: bool = True) -> list[tuple[int, int, int]]:
     """(tokens, routed assignments, bytes saved) of one MoE block under bf16 autocast, compiled as the runtime
-    compiles it (``compile_block`` at ep=1, ``compile_expert_parallel_block`` over ``group`` at ep>1) or eager,
-    two batches."""
+    compiles it (``compile_layer``: in parts, at ep=1 and over ``group`` at ep>1) or eager, two batches."""
     from meshwright.parallel import recompute as rc
     from meshwright.parallel.expert_parallel import ExpertParallelExperts
     from meshwright.train import compile as compile_mod
@@ -231,7 +230,7 @@ def _moe_saved(monkeypatch, cfg, recompute: str, group=None, compiled: bool = Tr
         block.feed_forward.experts = ExpertParallelExperts(block.feed_forward.experts, group)
     apply_recompute(block, recompute)
     if compiled:
-        (compile_mod.compile_block if group is None else compile_mod.compile_expert_parallel_block)(block, BACKEND)
+        compile_mod.compile_layer(block, BACKEND)
     rope = rope_for(cfg, SEQ, torch.device("cpu"))
     skip = {t.untyped_storage().data_ptr() for t in [*block.parameters(), *rope]}
     out = []
@@ -249,7 +248,7 @@ def _moe_saved(monkeypatch, cfg, recompute: str, group=None, compiled: bool = Tr
 @pytest.mark.parametrize("ep", [1, 2])
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
 def test_compiled_moe_block_saves_what_the_cost_model_says(monkeypatch, request, ep, recompute):
-    """A compiled MoE block (the whole block at ep=1, attention/norms/experts' SwiGLU at ep>1: a one-rank group runs
+    """A compiled MoE block (attention/norms/experts' SwiGLU compiled, at ep=1 and over a one-rank group, which runs
     the expert-parallel path) saves ``compiled_moe_activation_bytes`` for the tokens and the assignments its experts
     ran, with and without capacity dropping; without recomputation the rest is the bf16 weight copies."""
     group = request.getfixturevalue("one_rank_group") if ep > 1 else None
@@ -294,7 +293,7 @@ def test_eager_moe_block_saves_what_the_cost_model_says(monkeypatch, request, ep
 
 
 def test_planner_costs_compiled_moe_blocks_with_their_own_figures():
-    """layer_costs charges a compiled MoE block ``compiled_moe_activation_bytes`` (ep=1 and ep>1 differ), which is far
+    """layer_costs charges a compiled MoE block ``compiled_moe_activation_bytes`` (ep=1 and ep>1 alike), which is far
     below the eager figure without recomputation; FP8 activations keep the eager model."""
     cfg = _moe_cfg(None)
     h = cm.Hardware(peak_flops=1e12, matmul_efficiency=1.0, devices_per_node=1, intra_bw=1e9, intra_lat=0.0,

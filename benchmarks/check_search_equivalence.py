@@ -234,13 +234,16 @@ def worker(cases_path: str, out_path: str) -> None:
 def probe_worker(cases_path: str, out_path: str) -> None:
     """--dp-probe: every stage DP of every case run twice in this tree, with and without the ``_all_fastest``
     shortcut (which skips the DP where one strategy is the fastest); the two answers must be identical. This sees
-    the DP answers the end-to-end diff can miss (a differing assignment that ends outside the top plans)."""
+    the DP answers the end-to-end diff can miss (a differing assignment that ends outside the top plans). Likewise
+    every cached layer_costs against a fresh one, and every Pareto pruning against the n x n table before #17."""
     import numpy as np
+    from meshwright.launcher.planner import cost_model as cm
     from meshwright.launcher.planner import search as S
 
     cases = json.loads(Path(cases_path).read_text())
     dp, shortcut = S._stage_dp, S._all_fastest
-    stats = {"calls": 0, "shortcut_hits": 0, "mismatches": 0}
+    stats = {"calls": 0, "shortcut_hits": 0, "mismatches": 0, "layer_costs_cached": 0, "layer_costs_mismatches": 0,
+             "pareto_calls": 0, "pareto_mismatches": 0}
     found: list[dict[str, Any]] = []
     current: dict[str, Any] = {}
 
@@ -269,7 +272,49 @@ def probe_worker(cases_path: str, out_path: str) -> None:
                                                             for j in order]})
         return ref
 
+    layer_costs = cm.layer_costs
+
+    def costs_checked(*a: Any, parts: Any = None, **kw: Any) -> Any:
+        """layer_costs with its per-search cache of terms against a fresh computation (a field missing from a cache
+        key would reuse another strategy's terms)."""
+        got = layer_costs(*a, parts=parts, **kw)
+        if parts is not None:
+            stats["layer_costs_cached"] += 1
+            ref = layer_costs(*a, **kw)
+            if canon(got) != canon(ref):
+                stats["layer_costs_mismatches"] += 1
+                if len(found) < 20:
+                    found.append({"case": current, "layer_costs": repr(a[2]), "cached": canon(got), "fresh": canon(ref)})
+        return got
+
+    kind = S._Vectors.kind
+
+    def pareto_checked(self: Any, m_eff: float) -> Any:
+        """_Vectors.kind (Pareto pruning per class block) against the n x n table of the code before it."""
+        got = kind(self, m_eff)
+        stats["pareto_calls"] += 1
+        obj = m_eff * self.mb_s + self.step_s
+        n = len(self.strategies)
+        st, ac, ga = self.static, self.act, self.gather
+        cls = np.array([sorted(set(self.classes)).index(c) for c in self.classes], dtype=int)
+        same = cls[:, None] == cls[None, :]
+        np.fill_diagonal(same, False)
+        mem_le = same & (st[None, :] <= st[:, None]) & (ac[None, :] <= ac[:, None]) & (ga[None, :] <= ga[:, None])
+        mem_lt = ((st[None, :] < st[:, None]) | (ac[None, :] < ac[:, None]) | (ga[None, :] < ga[:, None])
+                  | (np.arange(n)[None, :] < np.arange(n)[:, None]))
+        dom = mem_le & (obj[None, :] <= obj[:, None]) & (mem_lt | (obj[None, :] < obj[:, None]))
+        keep = np.flatnonzero(~dom.any(axis=1))
+        same_kind = ([id(x) for x in got.strategies] == [id(self.strategies[i]) for i in keep]
+                     and canon(got.obj) == canon(obj[keep]) and canon(got.static) == canon(st[keep]))
+        if not same_kind:
+            stats["pareto_mismatches"] += 1
+            if len(found) < 20:
+                found.append({"case": current, "pareto_kept": len(got.strategies), "table_kept": len(keep)})
+        return got
+
     S._stage_dp = checked
+    cm.layer_costs = costs_checked
+    S._Vectors.kind = pareto_checked
     for case in cases:
         current = case
         run_case(case)
@@ -378,8 +423,10 @@ def main() -> int:
             print(f"MISMATCH {json.dumps(f)}")
         st = got["stats"]
         print(f"{len(cases)} cases ({t:.0f} s): {st['calls']} stage DPs, {st['shortcut_hits']} answered by the "
-              f"shortcut, {st['mismatches']} differ from the DP's answer")
-        return 1 if st["mismatches"] else 0
+              f"shortcut, {st['mismatches']} differ from the DP's answer; {st['layer_costs_cached']} cached "
+              f"layer_costs, {st['layer_costs_mismatches']} differ from a fresh one; {st['pareto_calls']} Pareto "
+              f"prunings, {st['pareto_mismatches']} differ from the n x n table")
+        return 1 if st["mismatches"] or st["layer_costs_mismatches"] or st["pareto_mismatches"] else 0
     if not a.base:
         ap.error("--base is required")
     secs = {}

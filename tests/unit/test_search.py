@@ -251,6 +251,25 @@ def test_stage_dp_keeps_the_full_table_dp_choices_including_ties():
         assert S._stage_dp(layers, budget, inflight, trans) == _stage_dp_full_tables(layers, budget, inflight, trans)
 
 
+@pytest.mark.parametrize("with_trans", [False, True])
+def test_stage_dp_shortcut_keeps_the_dp_choice_on_one_ulp_near_ties(with_trans):
+    """_all_fastest skips the DP where one strategy is strictly the fastest, but a strategy 1 ulp slower (ZeRO-2
+    beside ZeRO-3 whose gathers overlap: the same time summed another way) ties with it once added to the layers
+    before, and the DP's first-index tie-breaking then picks it for every layer but the first. A 300-case random A/B
+    against the code before the shortcut (benchmarks/check_search_equivalence.py) found such runners-up: megatron-gpt-
+    76.1b with 6 layers on 2 x 8 H100, megatron stack, tp=2, mb=1: ZeRO 2,2,3,2,2,3 before, ZeRO-3 throughout after.
+    The shortcut must give the DP's answer exactly (the full-table DP is the reference)."""
+    strategies = [LayerStrategy(tp=2, sp=True, dp=4, zero=2), LayerStrategy(tp=2, sp=True, dp=4, zero=3)]
+    # ZeRO-2 first (lower index) and 1 ulp slower than ZeRO-3; it keeps less transient memory (no gathers), so the
+    # Pareto pruning keeps both
+    kind = S._Kind(strategies, np.array([np.nextafter(0.0633700416094302, 1.0), 0.0633700416094302]),
+                   np.array([1.0, 0.5]), np.zeros(2), np.array([0, 0]), [(2, True)], gather=np.array([0.0, 1.0]))
+    trans = np.zeros((1, 1)) if with_trans else None
+    for layers in (1, 2, 3, 4, 5, 8):
+        got = S._stage_dp([kind] * layers, 64.0, 1.0, trans)
+        assert got == _stage_dp_full_tables([kind] * layers, 64.0, 1.0, trans), layers
+
+
 def test_one_search_computes_each_layer_cost_once():
     """The search memo (per search call): layer_costs once per (kind, strategy, micro-batch, states) for the DPs and
     once per (kind, strategy, previous class) for the plans scored, and the blocks' sums once per layout, shared by

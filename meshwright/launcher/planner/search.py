@@ -401,8 +401,9 @@ def _bucket_weights(x: np.ndarray, rounding: str) -> np.ndarray:
 def _all_fastest(k: _Kind, n: int, bucket: float, inflight: float, trans_cost: np.ndarray | None,
                  rounding: str) -> tuple[float, list[int]] | None:
     """The stage DP's answer for ``n`` layers of kind ``k`` without running it, where memory does not bind: when
-    one strategy is strictly the fastest, ``n`` of it fit the buckets and staying in a class costs nothing (changing
-    costs >= 0), every layer taking it is the unique optimum, and its time is the DP's sum, added in the DP's order.
+    one strategy is strictly the fastest (by more than the float spacing at the sums: no other path ties), ``n`` of
+    it fit the buckets and staying in a class costs nothing (changing costs >= 0), every layer taking it is the
+    unique optimum, and its time is the DP's sum, added in the DP's order.
     None: the DP must run."""
     obj = k.obj
     if not len(obj):
@@ -422,6 +423,14 @@ def _all_fastest(k: _Kind, n: int, bucket: float, inflight: float, trans_cost: n
     total = 0.0
     for _ in range(n):
         total = total + fastest
+    # the DP must not find another path of this float total either: a strategy a few ulps slower (ZeRO-2 beside a
+    # ZeRO-3 whose gathers overlap) ties once added to the layers before, and the DP's first-index tie-breaking may
+    # pick it. Where the next fastest is slower by more than the spacing at the sums, every other path is strictly
+    # slower at every layer.
+    if len(obj) > 1:
+        second = np.partition(obj, 1)[1]
+        if np.isfinite(second) and not second - fastest > np.spacing(total + second):
+            return None
     return float(total), [s] * n
 
 

@@ -425,11 +425,12 @@ def _all_fastest(k: _Kind, n: int, bucket: float, inflight: float, trans_cost: n
         total = total + fastest
     # the DP must not find another path of this float total either: a strategy a few ulps slower (ZeRO-2 beside a
     # ZeRO-3 whose gathers overlap) ties once added to the layers before, and the DP's first-index tie-breaking may
-    # pick it. Where the next fastest is slower by more than the spacing at the sums, every other path is strictly
-    # slower at every layer.
+    # pick it. Each of a path's <= 2n additions (layer times, class changes) rounds by at most half the spacing at
+    # the sums, so two paths' float totals differ by at least their exact difference less 2n spacings: where the next
+    # fastest is slower by more than that, every other path's float total is strictly larger.
     if len(obj) > 1:
         second = np.partition(obj, 1)[1]
-        if np.isfinite(second) and not second - fastest > np.spacing(total + second):
+        if np.isfinite(second) and not second - fastest > 2 * n * np.spacing(total + second):
             return None
     return float(total), [s] * n
 

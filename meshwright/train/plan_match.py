@@ -22,15 +22,17 @@ from meshwright.config import ModelConfig, TrainConfig, load_model_config
 from meshwright.errors import ConfigError, invalid
 from meshwright.plan import Plan
 
-# What decides the layout's validity (tp/ep divisibility, layer count) and the predicted memory.
+# What decides the layout's validity (tp/ep divisibility, layer count) and the predicted memory (the cost model
+# also reads arch's activation coefficients, head_dim, and an MoE layer's top_k and capacity_factor).
 SHAPE_FIELDS = ("n_layers", "d_model", "n_heads", "kv_heads", "ffn_dim", "vocab_size", "n_experts", "moe_every",
-                "expert_ffn_dim")
+                "expert_ffn_dim", "arch", "head_dim", "top_k", "capacity_factor")
+MOE_FIELDS = ("moe_every", "expert_ffn_dim", "top_k", "capacity_factor")
 
 
-def _shape(cfg: ModelConfig) -> dict[str, int]:
+def _shape(cfg: ModelConfig) -> dict[str, Any]:
     shape = {name: getattr(cfg, name) for name in SHAPE_FIELDS}
     if not cfg.n_experts:  # MoE-only fields mean nothing on a dense model
-        for name in ("moe_every", "expert_ffn_dim"):
+        for name in MOE_FIELDS:
             shape.pop(name)
     return shape
 

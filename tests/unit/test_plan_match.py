@@ -177,3 +177,23 @@ def test_a_named_model_mapping_matches_a_plan_made_from_its_yaml(tmp_path, monke
     mapping = {**to_dict(load_model_config("tiny")), "name": "small-llama"}
     plan = write(tmp_path, ONE.replace("model: tiny", "model: small-llama"))
     TrainingJob.resolve(load_train_config("tiny-test", {"model": mapping}), plan)
+
+
+MHA = {**to_dict(load_model_config("tiny")), "name": "tiny-mha", "n_kv_heads": None}  # gpt2 blocks have no GQA
+
+
+@pytest.mark.parametrize("field,plan_value,train_model", [
+    ("top_k", 1, "tiny-moe"),  # routed tokens, dispatch bytes and expert activations scale with it
+    ("capacity_factor", 1.0, "tiny-moe"),  # the planner counts min(1, capacity) of the routed tokens
+    ("arch", "gpt2", MHA),  # activation coefficients per arch
+    ("attn_head_dim", 64, "tiny"),  # q/k/v widths: attention memory and flops
+])
+def test_other_fields_the_memory_model_reads_are_compared(monkeypatch, tmp_path, field, plan_value, train_model):
+    """The planner's memory and time read arch, head_dim, top_k and capacity_factor too: a plan for a model that
+    differs only there predicted another model's memory (was accepted: only the layout-shaping fields were read)."""
+    train = load_model_config(train_model)
+    planned = {**to_dict(train), "name": "custom", field: plan_value, "ffn_hidden": train.ffn_dim}
+    plan = write(tmp_path, ONE.replace("model: tiny", f"model: {json.dumps(planned)}"))
+    msg = refused({"model": train_model}, plan, 1, monkeypatch)
+    shown = {"attn_head_dim": "head_dim"}.get(field, field)
+    assert msg.startswith(f"plan.model.{shown}="), msg

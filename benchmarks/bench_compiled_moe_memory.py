@@ -1,11 +1,12 @@
 """What a compiled MoE block saves for backward, per token and per routed token, against the planner's formula.
 
-The block is compiled as meshwright's runtime compiles it (train/compile.py): the whole block at ep=1
-(``compile_block``), its collective-free parts at ep>1 (``compile_expert_parallel_block``, run here over a one-rank
-process group: the all-to-alls run, with nothing to exchange). Saved bytes are counted with ``count_saved_bytes`` plus
+The block is compiled as meshwright's runtime compiles it (train/compile.py ``compile_layer``): in parts at every ep
+(``compile_moe_block``; ep>1 runs here over a one-rank process group: the all-to-alls run, with nothing to exchange);
+``--whole`` compiles the ep=1 block whole instead (``compile_block``, the runtime's path before). Saved bytes are counted with ``count_saved_bytes`` plus
 what selective checkpointing caches (its MUST_SAVE outputs, which saved-tensor hooks do not see), under autocast, for
 two batch sizes x capacity factor None / 0.5 (so routed tokens vary apart from tokens); a least-squares fit gives
-bytes = fixed + a * tokens + b * routed. ``cm.compiled_moe_activation_bytes`` is printed next to it.
+bytes = fixed + a * tokens + b * routed. ``cm.compiled_moe_activation_bytes`` (compiled) or the eager
+formula (``EAGER_MOE_ACT``) is printed next to it.
 
     PYTHONPATH=. python benchmarks/bench_compiled_moe_memory.py                                  # CPU, ~1 min
     PYTHONPATH=. python benchmarks/bench_compiled_moe_memory.py --device cuda --backend inductor  # a GPU, ~5 min
@@ -54,7 +55,8 @@ def sac_bytes(contexts: list, skip: set) -> int:
     return sum(n for _, n in seen)
 
 
-def measure(cfg, recompute: str, ep: int, backend: str | None, device: torch.device, dtype) -> list[tuple[int, int, int]]:
+def measure(cfg, recompute: str, ep: int, backend: str | None, device: torch.device, dtype,
+            whole: bool = False) -> list[tuple[int, int, int]]:
     """(tokens, routed, saved bytes) for batches of 2 and 4 sequences."""
     contexts: list = []
     make = rc._selective_context
@@ -67,7 +69,10 @@ def measure(cfg, recompute: str, ep: int, backend: str | None, device: torch.dev
             block.feed_forward.experts = ExpertParallelExperts(block.feed_forward.experts, dist.group.WORLD)
         block = rc.apply_recompute(block.to(device), recompute)
         if backend is not None:
-            (compile_mod.compile_expert_parallel_block if ep > 1 else compile_mod.compile_block)(block, backend)
+            if whole and ep == 1:  # the old ep=1 path, for comparison
+                compile_mod.compile_block(block, backend)
+            else:
+                compile_mod.compile_layer(block, backend)
         rope = rope_for(cfg, SEQ, device)
         skip = {t.untyped_storage().data_ptr() for t in [*block.parameters(), *rope]}
         out = []
@@ -102,8 +107,9 @@ def main() -> None:
     p.add_argument("--expert-ffn", type=int, default=80)
     p.add_argument("--experts", type=int, default=6)
     p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--ep", default="1,2", help="comma-separated: 1 (whole-block compile), 2 (sub-module compile)")
+    p.add_argument("--ep", default="1,2", help="comma-separated ep degrees (2: over a one-rank group)")
     p.add_argument("--recompute", default="none,selective,full")
+    p.add_argument("--whole", action="store_true", help="compile the ep=1 block whole (the old path) for comparison")
     args = p.parse_args()
     device = torch.device(args.device)
     compile_mod.BACKENDS = (*compile_mod.BACKENDS, args.backend)  # the partitioner inductor uses, without kernels
@@ -118,12 +124,16 @@ def main() -> None:
         for recompute in args.recompute.split(","):
             for backend in (None, args.backend):
                 samples = [s for cap in (None, 0.5) for s in measure(model_cfg(args, cap), recompute, ep, backend,
-                                                                      device, torch.bfloat16)]
+                                                                      device, torch.bfloat16, args.whole)]
                 fixed, per_t, per_r = fit(samples)
-                f_t = cm.compiled_moe_activation_bytes(cfg0, 1.0, 1, recompute, 2, ep, routed=0.0)
-                f_r = cm.compiled_moe_activation_bytes(cfg0, 0.0, 1, recompute, 2, ep, routed=1.0)
+                if backend:
+                    f_t = cm.compiled_moe_activation_bytes(cfg0, 1.0, 1, recompute, 2, ep, routed=0.0)
+                    f_r = cm.compiled_moe_activation_bytes(cfg0, 0.0, 1, recompute, 2, ep, routed=1.0)
+                else:  # the eager figure (activation_bytes of an MoE layer, autocast included)
+                    f_t = cm.moe_block_bytes(cfg0, cm.EAGER_MOE_ACT[recompute], 1.0, 1, 2, routed=0.0)
+                    f_r = cm.moe_block_bytes(cfg0, cm.EAGER_MOE_ACT[recompute], 0.0, 1, 2, routed=1.0)
                 run = "compiled" if backend else "eager"
-                formula = (f"{f_t:.0f} | {f_r:.0f}" if backend else "- | -")
+                formula = f"{f_t:.0f} | {f_r:.0f}"
                 print(f"| {ep} | {recompute} | {run} | {per_t:.0f} | {per_r:.0f} | {round(fixed) + 0} | {formula} |", flush=True)
     dist.destroy_process_group()
 

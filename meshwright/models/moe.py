@@ -115,6 +115,9 @@ class GroupedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(n_experts, hidden, d_model))
         self.w3 = nn.Parameter(torch.empty(n_experts, hidden, d_model))
         self.w2 = nn.Parameter(torch.empty(n_experts, d_model, hidden))
+        # the experts' math as a parameter-free module (state-dict keys unchanged): under compile: true it is
+        # compiled apart when the block cannot be compiled whole (train/compile.py, compile_moe_block)
+        self.mlp = ExpertMLP()
         self.init_weights()
 
     @torch.no_grad()
@@ -125,7 +128,7 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: (A, d_model) tokens grouped by expert (counts[e] rows for expert e, in order)."""
-        return expert_swiglu(x, counts, self.w1, self.w3, self.w2)
+        return expert_swiglu(x, counts, self.w1, self.w3, self.w2, self.mlp)
 
 
 def swiglu_rows(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:

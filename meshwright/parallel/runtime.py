@@ -50,7 +50,7 @@ from meshwright.parallel.recompute import apply_recompute
 from meshwright.parallel.support import check_runtime_support
 from meshwright.parallel.tensor_parallel import apply_tp
 from meshwright.plan import Plan, validate_plan
-from meshwright.train.compile import compile_block, compile_expert_parallel_block, compile_megatron_tp_block
+from meshwright.train.compile import compile_layer
 from meshwright.train.head_loss import head_loss
 from meshwright.train.precision import PrecisionPolicy, apply_autocast
 from meshwright.train.runtime import Batch, Runtime, TorchDistributedCollectives, batch_to_device
@@ -309,13 +309,9 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
                 # backward through the all-to-all already summed the ep peers' contributions
                 self._manual.append((experts, g.edp, 1.0 / m.max_dp))
             apply_recompute(block, s.recompute)
-            if self.compile_backend is not None:
-                if s.ep > 1:  # the all-to-alls stay eager between compiled parts
-                    compile_expert_parallel_block(block, self.compile_backend)
-                elif s.tp > 1 and self.tp_backend == "megatron":  # so do its linears
-                    compile_megatron_tp_block(block, self.compile_backend)
-                else:
-                    compile_block(block, self.compile_backend)
+            if self.compile_backend is not None:  # MoE blocks (routing, all-to-alls) and megatron tp>1 (its
+                # linears) in parts, the rest whole
+                compile_layer(block, self.compile_backend, megatron_tp=s.tp > 1 and self.tp_backend == "megatron")
             params = [p for p in block.parameters() if not is_expert_param(p)]
             if self.uniform_ddp:
                 continue

@@ -21,7 +21,7 @@ from torch import nn
 from meshwright.errors import invalid
 from meshwright.models import lm_loss
 from meshwright.models.chunked_loss import chunk_loss_sum
-from meshwright.models.moe import moe_layers
+from meshwright.models.moe import GroupedExperts, MoE, moe_layers
 
 BACKENDS = ("inductor", "aot_eager", "eager")
 SCOPES = ("blocks", "model")  # compile_scope: per transformer block (+ head and loss), or the whole model in one graph
@@ -41,19 +41,52 @@ def compile_block(block: nn.Module, backend: str = "inductor") -> nn.Module:
     return block
 
 
-def compile_expert_parallel_block(block: nn.Module, backend: str = "inductor") -> nn.Module:
-    """Compile the parts of an expert-parallel MoE block that run no collective, torchtitan's way: the attention
-    and both norms, and the local experts' SwiGLU (``experts.mlp``, dynamic row counts: each expert gets a
-    different number of tokens). Routing, the token all-to-alls (custom autograd functions with uneven splits
-    read on the host, which dynamo does not trace) and the weighted combine stay eager between them."""
+def compile_moe_block(block: nn.Module, backend: str = "inductor") -> nn.Module:
+    """Compile an MoE block's parts, torchtitan's way: the attention and both norms, and the experts' SwiGLU
+    (``experts.mlp``, dynamic row counts: each expert gets a different number of tokens). Routing, the token
+    all-to-alls under ep>1 (custom autograd functions with uneven splits read on the host, which dynamo does not
+    trace) and the weighted combine stay eager between them. Why at ep=1 too: compiled whole, the block is cut by
+    dynamo at the routing's data-dependent ops (bincount, ``.tolist()``, ``.item()``) into ~18 graphs with 15 graph
+    breaks, and under selective/full recompute the break inside the checkpointed forward makes dynamo run the
+    checkpoint eagerly, so nothing compiles; in parts it is 3 graphs, no break, in every recompute mode
+    (benchmarks/results/planner_gpu.md)."""
     backend = check_backend(backend)
     mlp = getattr(getattr(block.feed_forward, "experts", None), "mlp", None)
     if not isinstance(mlp, nn.Module):
-        raise ValueError(f"{type(block).__name__} has no expert-parallel experts (feed_forward.experts.mlp)")
+        raise ValueError(f"{type(block).__name__} has no MoE experts (feed_forward.experts.mlp)")
     for part in (block.attention_norm, block.attention, block.ffn_norm):
         part.compile(backend=backend)
+        _without_ddp_split(part)
     mlp.compile(backend=backend, dynamic=True)
+    _without_ddp_split(mlp)
     return block
+
+
+def _without_ddp_split(part: nn.Module) -> None:
+    """Compile ``part`` (already ``nn.Module.compile``d) without dynamo's DDPOptimizer, which splits a graph at DDP's
+    bucket boundaries. Why: a part runs inside the block's eager checkpoint, and under selective recompute + DDP the
+    split graphs reach AOTAutograd's partitioner without their checkpoint ids (torch 2.13: ``cleanup_recompute_tags``
+    fails comparing None ids; measured at ep=1 with DDP over dp4). A part is small (a norm, the attention, one
+    expert's SwiGLU): DDP's own hooks still reduce its gradients bucket by bucket."""
+    part._compiled_call_impl = torch._dynamo.config.patch(optimize_ddp=False)(part._compiled_call_impl)
+
+
+def compile_expert_parallel_block(block: nn.Module, backend: str = "inductor") -> nn.Module:
+    """``compile_moe_block`` for a block whose experts are expert-parallel (refuses local ``GroupedExperts``)."""
+    experts = getattr(block.feed_forward, "experts", None)
+    if experts is None or isinstance(experts, GroupedExperts):
+        raise ValueError(f"{type(block).__name__} has no expert-parallel experts (feed_forward.experts.mlp)")
+    return compile_moe_block(block, backend)
+
+
+def compile_layer(block: nn.Module, backend: str = "inductor", megatron_tp: bool = False) -> nn.Module:
+    """Compile one transformer block the way its layout allows: an MoE block in parts (``compile_moe_block``, any
+    ep), a megatron-core tp>1 block in parts (``compile_megatron_tp_block``), any other block whole."""
+    if isinstance(getattr(block, "feed_forward", None), MoE):
+        return compile_moe_block(block, backend)
+    if megatron_tp:
+        return compile_megatron_tp_block(block, backend)
+    return compile_block(block, backend)
 
 
 def compile_megatron_tp_block(block: nn.Module, backend: str = "inductor") -> nn.Module:
@@ -72,9 +105,9 @@ def compile_megatron_tp_block(block: nn.Module, backend: str = "inductor") -> nn
 
 
 def compile_blocks(model: nn.Module, backend: str = "inductor") -> nn.Module:
-    """Compile every transformer block of a Decoder (or a pipeline stage cut from one)."""
+    """Compile every transformer block of a Decoder (or a pipeline stage cut from one): ``compile_layer``."""
     for block in model.layers.values():
-        compile_block(block, backend)
+        compile_layer(block, backend)
     return model
 
 

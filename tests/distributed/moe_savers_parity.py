@@ -165,6 +165,8 @@ COMPILE_CASES = {
     "compile_moe_ep2_tp2_recompute": (MOE, moe_plan([{"tp": 2, "dp": 2, "ep": 2, "recompute": "full", "repeat": 2}])),
     "compile_moe_ep2_pp2_selective": (MOE, moe_plan([{"dp": 2, "ep": 2, "recompute": "selective", "repeat": 2}],
                                                     pipeline=PP2)),
+    # ep=1 MoE blocks are compiled in parts too (compile_moe_block): under selective recompute and DDP over dp4
+    "compile_moe_ep1_dp4_selective": (MOE, moe_plan([{"dp": 4, "recompute": "selective", "repeat": 2}])),
 }
 
 
@@ -218,12 +220,13 @@ class HeadRows:
 
 
 class CompiledCalls:
-    """Forward pre-hooks on the compiled parts of every ep>1 block: calls made while dynamo traced them (inside a
-    compiled graph) and eager ones. A tensor bumped in place: a Python counter read while tracing becomes a guard."""
+    """Forward pre-hooks on the compiled parts of every MoE block (compiled in parts at any ep): calls made while
+    dynamo traced them (inside a compiled graph) and eager ones. A tensor bumped in place: a Python counter read while
+    tracing becomes a guard."""
 
     def __init__(self, rt) -> None:
         self.calls = torch.zeros(2, dtype=torch.int64)
-        self.parts = [part for c in rt.chunks for name, b in c.layers.items() if rt.strategies[int(name)].ep > 1
+        self.parts = [part for c in rt.chunks for b in c.layers.values() if hasattr(b.feed_forward, "experts")
                       for part in (b.attention_norm, b.attention, b.ffn_norm, b.feed_forward.experts.mlp)]
         self.handles = [m.register_forward_pre_hook(self._pre) for m in self.parts]
 

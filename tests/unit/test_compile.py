@@ -127,3 +127,63 @@ def test_megatron_tp_compile_compiles_the_collective_free_parts(arch: str) -> No
                                  "max_seq_len": 32})
     with pytest.raises(ValueError, match="no attention.core or feed_forward.act"):
         compile_megatron_tp_block(build_model(moe_cfg, seed=0).layers["0"], "aot_eager")
+
+
+# an MoE model at ep=1: 2 layers, the capacity limit dropping assignments, h / f_e / experts / top_k distinct
+MOE_MICRO = {"name": "micro-moe", "arch": "llama", "vocab_size": 256, "d_model": 32, "n_layers": 2, "n_heads": 4,
+             "n_kv_heads": 2, "ffn_hidden": 64, "moe_ffn_hidden": 48, "n_experts": 4, "top_k": 2,
+             "capacity_factor": 0.75, "max_seq_len": 64}
+MOE_COMPILE_RTOL = 1e-5  # the ep>1 compile parity tolerance (tests/distributed/moe_savers_parity.py COMPILE_RTOL)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_compiled_moe_blocks_at_ep1_compile_in_parts_and_match_eager(recompute: str) -> None:
+    """compile: true on an ep=1 MoE model (LocalRuntime): every block is compiled in parts (attention, norms, the
+    experts' SwiGLU), not whole, so under selective/full recompute the parts still run traced (compiled whole, the
+    graph break inside the checkpoint left the block eager). Loss, first-step gradients and 3 steps' losses match
+    the eager run within MOE_COMPILE_RTOL (fp32, aot_eager: the same ops)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = load_model_config(MOE_MICRO)
+    models = [build_model(cfg, seed=4) for _ in range(2)]
+    for m in models:
+        for block in m.layers.values():
+            apply_recompute(block, recompute)
+    eager, compiled = LocalRuntime(models[0]), LocalRuntime(models[1], compile_backend="aot_eager")
+    blocks = list(compiled.model.layers.values())
+    parts = [p for b in blocks for p in (b.attention_norm, b.attention, b.ffn_norm, b.feed_forward.experts.mlp)]
+    assert all(p._compiled_call_impl is not None for p in parts)
+    assert not any(b._compiled_call_impl is not None for b in blocks)  # not whole: no graph break in the block
+    calls = torch.zeros(2, dtype=torch.int64)  # [inside a graph, eager]: bumped in place (a list's length is a guard)
+
+    def count(mod, args) -> None:
+        if torch.compiler.is_compiling():
+            calls[0] += 1
+        else:
+            calls[1] += 1
+
+    for p in parts:
+        p.register_forward_pre_hook(count)
+    x = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(3))
+    batch = [(x[:, :-1], x[:, 1:])]
+    opts = [torch.optim.AdamW(rt.param_groups(0.1), lr=3e-3, **fast_adamw_kwargs("cpu")) for rt in (eager, compiled)]
+    losses: list[list[float]] = [[], []]
+    for step in range(3):
+        for i, rt in enumerate((eager, compiled)):
+            losses[i].append(rt.forward_backward(batch))
+        if step == 0:
+            ref = dict(eager.model.named_parameters())
+            for name, p in compiled.model.named_parameters():
+                g = ref[name].grad
+                assert float((p.grad - g).norm() / g.norm()) <= MOE_COMPILE_RTOL, name
+        for rt, opt in zip((eager, compiled), opts):
+            rt.clip_grad_norm_(1.0)
+            rt.optimizer_step(opt)
+    assert all(abs(a - b) <= MOE_COMPILE_RTOL * abs(a) for a, b in zip(*losses)), losses
+    assert any(b.feed_forward.last_stats["dropped"] > 0 for b in blocks)  # the capacity limit was exercised
+    inside, outside = calls.tolist()  # every call of a part ran inside its graph, recompute's reruns included
+    assert inside >= 3 * len(parts) and outside == 0, (inside, outside)
+    assert counters["stats"]["unique_graphs"] > 0 and sum(counters["graph_break"].values()) == 0

@@ -58,32 +58,38 @@ COMPILED_ACT = {
              "selective": {"x": 1, "rep": 1, "q": 2, "kv": 2, "f": 1, "stats": 0, "lse": 1},
              "full": {"x": 1, "rep": 0, "q": 0, "kv": 0, "f": 0, "stats": 0, "lse": 0}},
 }
-# What a compiled MoE block saves (MoE models are llama-style). Two ways of compiling run (train/compile.py):
-# "block" (ep=1, nn.Module.compile of the whole block): dynamo cuts it at the routing's data-dependent ops (bincount,
-# .tolist(), .item()) into ~15 graphs, so the fp32 residual entering the MoE is kept next to the block input (x: 2);
-# "experts" (ep>1, compile_expert_parallel_block): attention, norms and the experts' SwiGLU compiled, the router and
-# the combine eager (their fp32 logits and the z-loss's logsumexp are saved: router_f 2, z 2; the whole-block graphs
-# keep one logsumexp and recompute the fp32 logits; with fewer than 6 experts they keep no logsumexp, 4 B a token
-# less). Per token: x, rep, q,
-# kv, stats, lse as COMPILED_ACT (q: 3 = q and k, v after the GQA repeat, so kv: 0); router_f / router_c: fp32 /
-# compute-dtype E-wide tensors (probabilities; logits); z: fp32 values; slot: bytes per top-k slot (fp32 gate, int64
-# expert; +1 bool keep mask with a capacity factor). Per routed token (an assignment the capacity limit kept, counted
-# on the rank whose expert runs it): e_h / e_f compute-dtype h- / expert-FFN-wide tensors (the expert's input rows and
-# its gathered output; w1 and w3 outputs and their SwiGLU product), e_idx int64 indices, e_gate the compute-dtype gate.
-# Under recomputation the checkpoint holds a graph break, so dynamo runs it as eager torch.utils.checkpoint (ep=1:
-# nothing of the block compiled): selective keeps SAC's MUST_SAVE outputs (wq/wk/wv/wo, SDPA output + lse, router
-# logits; w1/w3/w2 per routed token), full the fp32 block input. Router and experts are tp-replicated (no SP on MoE
-# blocks), so only q/kv/lse split by tp. Measured on CPU with count_saved_bytes under bf16 autocast (slope over batch
-# sizes; benchmarks/results/planner_gpu.md), pinned by tests/unit/test_compiled_memory.py.
+# What a compiled MoE block saves (MoE models are llama-style). Every MoE block, at any ep, is compiled in parts
+# (train/compile.py compile_moe_block): attention, norms and the experts' SwiGLU compiled, the router, the all-to-alls
+# (ep>1) and the combine eager, so the fp32 residual entering the MoE is kept next to the block input (x: 2) and the
+# router's fp32 logits and the z-loss's logsumexp are saved (router_f 2, z 2). Per token: x, rep, q, kv, stats, lse
+# as COMPILED_ACT (q: 3 = q and k, v after the GQA repeat, so kv: 0); router_f / router_c: fp32 / compute-dtype E-wide
+# tensors (probabilities; logits); z: fp32 values; slot: bytes per top-k slot (fp32 gate, int64 expert; +1 bool keep
+# mask with a capacity factor). Per routed token (an assignment the capacity limit kept, counted on the rank whose
+# expert runs it): e_h / e_f compute-dtype h- / expert-FFN-wide tensors (the expert's input rows and its output; w1
+# and w3 outputs and their SwiGLU product), e_idx int64 indices, e_gate the compute-dtype gate (measured the same at
+# ep=1 and over a one-rank ep group). Under recomputation the checkpoint wraps the block eagerly with the compiled
+# parts inside: selective keeps SAC's MUST_SAVE outputs (wq/wk/wv/wo, SDPA output + lse, router logits; w1/w3/w2 per
+# routed token), full the fp32 block input. Router and experts are tp-replicated (no SP on MoE blocks), so only
+# q/kv/lse split by tp. (Compiled whole, an ep=1 block saved 16 B a token and 128 B a routed token less without
+# recomputation, but took ~18 graphs and 15 graph breaks, and nothing compiled under recomputation.) Measured on CPU
+# with count_saved_bytes under bf16 autocast (slope over batch sizes; benchmarks/results/planner_gpu.md), pinned by
+# tests/unit/test_compiled_memory.py.
 _MOE_KEYS = ("x", "rep", "q", "kv", "stats", "lse", "router_f", "router_c", "z", "slot", "e_h", "e_f", "e_idx", "e_gate")
 _MOE_SELECTIVE = dict(zip(_MOE_KEYS, (1, 1, 2, 2, 0, 1, 0, 1, 0, 0, 1, 2, 0, 0)))
 _MOE_FULL = dict(zip(_MOE_KEYS, (1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)))
-COMPILED_MOE_ACT = {
-    "block": {"none": dict(zip(_MOE_KEYS, (2, 3, 3, 0, 8, 1, 1, 1, 1, 12, 2, 3, 2, 1))),
-              "selective": _MOE_SELECTIVE, "full": _MOE_FULL},
-    "experts": {"none": dict(zip(_MOE_KEYS, (2, 3, 3, 0, 8, 1, 2, 0, 2, 12, 3, 3, 2, 1))),
-                "selective": _MOE_SELECTIVE, "full": _MOE_FULL},
-}
+COMPILED_MOE_ACT = {"none": dict(zip(_MOE_KEYS, (2, 3, 3, 0, 8, 1, 2, 0, 2, 12, 3, 3, 2, 1))),
+                    "selective": _MOE_SELECTIVE, "full": _MOE_FULL}
+# What an *eager* MoE block saves under bf16 autocast with fp32 parameters (meshwright's runtime; the same at ep=1 and
+# over an expert-parallel group), in COMPILED_MOE_ACT's units; autocast's extras are inside (no AUTOCAST_EXTRA_H on
+# MoE blocks). none: x 4 (block input, both norms' x*rsqrt, the residual entering the MoE), rep 4 (autocast casts the
+# attention norm's output once per q/k/v linear, the ffn norm's once for the router), q 4 (q, k, v after rope and the
+# GQA repeat, SDPA output), router_f 2 (softmax probabilities, the fp32 logits), z 2 (logsumexp, top-k sum), slot 12
+# (int64 expert + fp32 probability per top-k slot); per routed token e_h 4 (each expert's rows cast once for w1 and
+# once for w3, the concatenated output, the gated rows), e_f 4 (w1, w3, silu, their product), two int64 indices, the
+# gate. selective / full: SAC's outputs / the block input, as compiled (the checkpoint runs eager). Measured on CPU
+# with count_saved_bytes (+ SAC's cache), benchmarks/results/planner_gpu.md; pinned by tests/unit/test_compiled_memory.py.
+EAGER_MOE_ACT = {"none": dict(zip(_MOE_KEYS, (4, 4, 4, 0, 8, 1, 2, 0, 2, 12, 4, 4, 2, 1))),
+                 "selective": _MOE_SELECTIVE, "full": _MOE_FULL}
 # Share of activation bytes that are inputs of linear layers (what WTA-CRS samples).
 LINEAR_INPUT_SHARE = 0.4
 # Share of saved activation bytes COAT stores in FP8 (the rest, e.g. norm statistics, stays high precision).
@@ -664,28 +670,24 @@ def activation_bytes(cfg: ModelConfig, index: int, tokens: float, tp: int, sp: b
                      lemo: Optional[float] = None, ep: int = 1) -> float:
     """Bytes block ``index`` saves for backward for ``tokens`` tokens of one microbatch.
 
-    Korthikanti et al. 2022 structure for our blocks: rep_h*h replicated over tp (sharded by SP) plus
-    (shard_h*h + shard_f*f)/tp; an MoE FFN holds top_k copies of each token's expert activations
-    (4 f_e each, SwiGLU) and dispatch/combine buffers (2 h each). full recompute keeps only the block
-    input (sharded with SP); selective drops the attention core's q/k/v/out copies.
+    Dense blocks: Korthikanti et al. 2022 structure: rep_h*h replicated over tp (sharded by SP) plus
+    (shard_h*h + shard_f*f)/tp; full recompute keeps only the block input (sharded with SP); selective drops the
+    attention core's q/k/v/out copies. MoE blocks: what the eager block was measured to save under autocast
+    (``EAGER_MOE_ACT``, per token and per routed token: ``moe_block_bytes``), so ``autocast_extra_act_bytes`` is
+    not added to them.
     """
     c = ACT_COEF[cfg.arch]
     h = cfg.d_model
-    rep = c["rep_h"] * h / (tp if sp else 1)
-    if cfg.is_moe_layer(index):
-        ffn = cfg.top_k * (4.0 * cfg.expert_ffn_dim / tp + 2.0 * h) + cfg.n_experts
-    else:
-        ffn = c["shard_f"] * cfg.ffn_dim / tp
-    attn = c["shard_h"] * h / tp
-    if recompute == "full":
-        per_token = h / (tp if sp else 1)
-    elif recompute == "selective":
-        per_token = rep + ffn
-    elif recompute == "none":
-        per_token = rep + attn + ffn
-    else:
+    if recompute not in ("none", "selective", "full"):
         raise invalid("recompute", recompute, "none, selective or full")
-    nbytes = per_token * tokens * elem_bytes
+    if cfg.is_moe_layer(index):  # measured, autocast included (EAGER_MOE_ACT)
+        nbytes = moe_block_bytes(cfg, EAGER_MOE_ACT[recompute], tokens, tp, elem_bytes)
+    else:
+        rep = c["rep_h"] * h / (tp if sp else 1)
+        ffn = c["shard_f"] * cfg.ffn_dim / tp
+        attn = c["shard_h"] * h / tp
+        per_token = {"full": h / (tp if sp else 1), "selective": rep + ffn, "none": rep + attn + ffn}[recompute]
+        nbytes = per_token * tokens * elem_bytes
     if lemo is not None:
         nbytes *= lemo
     if wta_crs is not None and recompute != "full":
@@ -730,13 +732,19 @@ def routed_tokens(cfg: ModelConfig, tokens: float) -> float:
 
 def compiled_moe_activation_bytes(cfg: ModelConfig, tokens: float, tp: int, recompute: str, elem_bytes: int,
                                   ep: int = 1, routed: Optional[float] = None) -> float:
-    """Bytes a compiled MoE block (``COMPILED_MOE_ACT``: the whole block at ep=1, its collective-free parts at ep>1)
-    saves for backward for ``tokens`` tokens of which ``routed`` token-expert assignments run on this rank's experts
+    """Bytes a compiled MoE block (``COMPILED_MOE_ACT``: compiled in parts at every ``ep``, so ``ep`` does not change
+    it) saves for backward for ``tokens`` tokens of which ``routed`` token-expert assignments run on this rank's experts
     (default ``routed_tokens``): the attention part as a compiled dense block's (q/kv/lse split by tp), the router's
     per-token and per-top-k-slot tensors, and the experts' per routed token (tp-replicated: not split)."""
     if recompute not in ("none", "selective", "full"):
         raise invalid("recompute", recompute, "none, selective or full")
-    c = COMPILED_MOE_ACT["experts" if ep > 1 else "block"][recompute]
+    return moe_block_bytes(cfg, COMPILED_MOE_ACT[recompute], tokens, tp, elem_bytes, routed)
+
+
+def moe_block_bytes(cfg: ModelConfig, c: dict[str, float], tokens: float, tp: int, elem_bytes: int,
+                    routed: Optional[float] = None) -> float:
+    """Bytes an MoE block saving ``c`` (``_MOE_KEYS`` counts: ``COMPILED_MOE_ACT`` / ``EAGER_MOE_ACT``) keeps for
+    ``tokens`` tokens and ``routed`` token-expert assignments on this rank's experts (default ``routed_tokens``)."""
     h, e, eb = cfg.d_model, cfg.n_experts, elem_bytes
     q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     slot = c["slot"] + (1 if c["slot"] and cfg.capacity_factor is not None else 0)  # the keep mask
@@ -823,20 +831,18 @@ def backward_working_bytes(cfg: ModelConfig, index: int, tokens: float, tp: int,
                            elem_bytes: int, compiled: bool = False, ep: int = 1) -> float:
     """Transient memory while one block runs backward: the activations recomputation rebuilds for it
     (all of them under full, the attention core under selective) plus the gradients of its widest pair of
-    FFN activations (2 f/tp per token). A maximum over the rank's layers, like a ZeRO-3 gather buffer.
-    A compiled MoE block at ep=1 under recomputation runs eager (``COMPILED_MOE_ACT``): it rebuilds eager tensors."""
-    if compiled and cfg.is_moe_layer(index) and ep == 1 and recompute != "none":
-        none = (activation_bytes(cfg, index, tokens, tp, sp, "none", elem_bytes)
-                + autocast_extra_act_bytes(cfg, tokens, tp, sp, "none"))
-        kept = compiled_block_bytes(cfg, index, tokens, tp, sp, recompute, elem_bytes, ep)
-    elif compiled:
+    FFN activations (2 f/tp per token; an MoE block's experts: 2 f_e per routed token, tp-replicated). A maximum
+    over the rank's layers, like a ZeRO-3 gather buffer.
+    A compiled block's recomputation rebuilds what its compiled graphs save (an MoE block's: its compiled parts')."""
+    if compiled:
         none = compiled_block_bytes(cfg, index, tokens, tp, sp, "none", elem_bytes, ep)
         kept = compiled_block_bytes(cfg, index, tokens, tp, sp, recompute, elem_bytes, ep)
     else:
         none = activation_bytes(cfg, index, tokens, tp, sp, "none", elem_bytes)
         kept = activation_bytes(cfg, index, tokens, tp, sp, recompute, elem_bytes)
-    f = cfg.top_k * cfg.expert_ffn_dim if cfg.is_moe_layer(index) else cfg.ffn_dim
-    return (none - kept) + tokens * 2.0 * f / tp * elem_bytes
+    if cfg.is_moe_layer(index):  # experts are tp-replicated and run the routed assignments
+        return (none - kept) + routed_tokens(cfg, tokens) * 2.0 * cfg.expert_ffn_dim * elem_bytes
+    return (none - kept) + tokens * 2.0 * cfg.ffn_dim / tp * elem_bytes
 
 
 def embedding_static_bytes(cfg: ModelConfig, first: bool, last: bool, tp: int, dp: int, zero: int, states: str,
@@ -1017,7 +1023,7 @@ def _activation_terms(cfg: ModelConfig, index: int, s: Any, tokens: float, seq_l
     else:
         act = hw.act_scale * activation_bytes(cfg, index, tokens, s.tp, s.sp, s.recompute, hw.elem_bytes,
                                               s.savers.fp8_act, s.savers.wta_crs, s.savers.lemo, s.ep)
-        if hw.policy.weight_copy_bytes > 0:
+        if hw.policy.weight_copy_bytes > 0 and not cfg.is_moe_layer(index):  # EAGER_MOE_ACT holds autocast's
             act += hw.act_scale * autocast_extra_act_bytes(cfg, tokens * lemo, s.tp, s.sp, s.recompute)
     act += attention_score_bytes(cfg, tokens * lemo, seq_len, s.tp, s.recompute, hw)
     working = (backward_working_bytes(cfg, index, tokens * lemo, s.tp, s.sp, s.recompute, hw.elem_bytes, compiled, s.ep)

@@ -197,3 +197,21 @@ def test_other_fields_the_memory_model_reads_are_compared(monkeypatch, tmp_path,
     msg = refused({"model": train_model}, plan, 1, monkeypatch)
     shown = {"attn_head_dim": "head_dim"}.get(field, field)
     assert msg.startswith(f"plan.model.{shown}="), msg
+
+
+@pytest.mark.timeout(120)
+def test_plan_auto_with_init_from_plans_the_checkpoints_model(tmp_path, monkeypatch):
+    """`--plan auto` with `init_from` planned the train config's `model` field (the default preset, or a mapping of
+    overrides read as a whole model) instead of the checkpoint's config.json: a 4-layer `tiny` layout for a 2-layer
+    model (refused by validate_plan under torchrun), predictions for the wrong model, and a run-dir plan.yaml that
+    no longer matched its own run when passed back with --plan."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    d = _hf_dir(tmp_path)
+    for model in (None, {"max_seq_len": 128}):
+        over = {"init_from": str(d), "auto_profile": False, **({"model": model} if model else {})}
+        cfg = load_train_config("tiny-test", over)
+        job = TrainingJob.resolve(cfg, "auto")
+        assert job.plan.model == "my-llama" and len(job.plan.layer_strategies()) == 2, job.plan.model
+        saved = str(tmp_path / "saved.yaml")
+        job.plan.save(saved)
+        TrainingJob.resolve(cfg, saved)  # the run dir's plan.yaml matches its own run

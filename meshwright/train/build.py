@@ -103,7 +103,7 @@ def _auto_plan(job: TrainingJob) -> Plan:
                                             progress=False, dtype=job.cfg.dtype)
         if int(os.environ.get("RANK", "0")) == 0:
             print(describe(hw_prof, model_prof), flush=True)
-    return auto_plan(job.cfg, job.world_size, hardware_profile=hw_prof, model_profile=model_prof)
+    return auto_plan(job.cfg, job.world_size, hardware_profile=hw_prof, model_profile=model_prof, model=job.model)
 
 
 def _plan_needs_parallel(plan: Plan | None) -> bool:

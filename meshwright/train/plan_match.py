@@ -15,27 +15,36 @@ schedule, checkpointing, ...). ``--plan auto`` plans are made from the config an
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from meshwright.config import ModelConfig, TrainConfig, load_model_config
 from meshwright.errors import ConfigError, invalid
 from meshwright.plan import Plan
 
-# What decides the layout's validity (tp/ep divisibility, layer count) and the predicted memory.
+# What decides the layout's validity (tp/ep divisibility, layer count) and the predicted memory (the cost model
+# also reads arch's activation coefficients, head_dim, and an MoE layer's top_k and capacity_factor).
 SHAPE_FIELDS = ("n_layers", "d_model", "n_heads", "kv_heads", "ffn_dim", "vocab_size", "n_experts", "moe_every",
-                "expert_ffn_dim")
+                "expert_ffn_dim", "arch", "head_dim", "top_k", "capacity_factor")
+MOE_FIELDS = ("moe_every", "expert_ffn_dim", "top_k", "capacity_factor")
 
 
-def _shape(cfg: ModelConfig) -> dict[str, int]:
+def _shape(cfg: ModelConfig) -> dict[str, Any]:
     shape = {name: getattr(cfg, name) for name in SHAPE_FIELDS}
     if not cfg.n_experts:  # MoE-only fields mean nothing on a dense model
-        for name in ("moe_every", "expert_ffn_dim"):
+        for name in MOE_FIELDS:
             shape.pop(name)
     return shape
 
 
-def _resolve(ref: Any) -> ModelConfig | None:
-    """The plan's model, or None when its name is no preset or file here (a plan made on another machine)."""
+def _resolve(ref: Any, cfg: TrainConfig) -> ModelConfig | None:
+    """The plan's model, or None when its name is no preset or file here (a plan made on another machine).
+    With ``init_from``, the checkpoint directory's name is its config.json (what ``meshwright plan --model
+    DIR/config.json`` records), read before any preset of the same name."""
+    if cfg.init_from is not None and isinstance(ref, str) and ref == Path(cfg.init_from).name:
+        config_json = Path(cfg.init_from) / "config.json"
+        if config_json.is_file():
+            ref = str(config_json)
     try:
         return load_model_config(ref)
     except (ConfigError, OSError):
@@ -46,11 +55,15 @@ def _resolve(ref: Any) -> ModelConfig | None:
 
 def check_model(plan: Plan, cfg: TrainConfig, model: ModelConfig) -> None:
     """By name when both sides name a model (a different name is still fine when it resolves to the same
-    shape); by the layout-shaping fields when either side is a mapping (or the names differ)."""
+    shape); by the layout-shaping fields when either side is a mapping (or the names differ). A plan named
+    after ``init_from``'s directory is that config.json; one whose name is no preset or file here is taken by
+    name when the train model (a named mapping) has that very name."""
     train_named = not isinstance(cfg.model, dict)  # a preset/path, or init_from's config.json
     if isinstance(plan.model, str) and train_named and plan.model == model.name:
         return
-    theirs = _resolve(plan.model)
+    theirs = _resolve(plan.model, cfg)
+    if theirs is None and isinstance(plan.model, str) and plan.model == model.name != "custom":
+        return  # a named mapping planned from its YAML (the file records the name): both sides name one model
     if theirs is None:
         raise invalid("plan.model", plan.model, f"{model.name!r}, the train config's model (re-plan with `meshwright "
                       f"plan --model {model.name} ...`, or train the plan's model)")

@@ -135,3 +135,83 @@ def test_launch_checks_the_plan_against_the_hosts(tmp_path, capsys, monkeypatch)
     assert "plan.seq_len=64 is invalid" in capsys.readouterr().err
     hostfile.write_text("127.0.0.1 slots=2\n")
     assert main([*argv, "--plan", "configs/plans/tiny-tp2.yaml"]) == 0
+
+
+def _hf_dir(tmp_path: Path, name: str = "my-llama", layers: int = 2) -> Path:
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 256, "hidden_size": 64, "num_hidden_layers": layers,
+        "num_attention_heads": 4, "intermediate_size": 96, "max_position_embeddings": 128}))
+    return d
+
+
+def test_init_from_with_model_overrides_matches_a_plan_made_for_its_config_json(tmp_path, monkeypatch, capsys):
+    """docs/finetune.md's workflow: `init_from: DIR` plus `model: {max_seq_len: ...}` overrides, with a plan from
+    `meshwright plan --model DIR/config.json` (which names the model after DIR). Refused before the fix as
+    "plan.model='my-llama' is invalid; valid: 'my-llama'" (the name resolves to no preset here)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    d = _hf_dir(tmp_path)
+    plan = str(tmp_path / "plan.yaml")
+    assert main(["plan", "--model", str(d / "config.json"), "--cluster", "local-cpu", "--devices-per-node", "1",
+                 "--seq-len", "64", "--global-batch", "8", "--micro-batch", "4", "--out", plan]) in (0, None)
+    capsys.readouterr()
+    assert yaml.safe_load(Path(plan).read_text())["model"] == "my-llama"
+    for model in ({"max_seq_len": 256, "dropout": 0.0}, None):  # overrides (a mapping), or the checkpoint's as is
+        over = {"init_from": str(d), **({"model": model} if model else {})}
+        TrainingJob.resolve(load_train_config("tiny-test", over), plan)
+    # an override that changes the shape is still compared field by field against the checkpoint's config.json
+    msg = refused({"init_from": str(d), "model": {"n_layers": 3}}, plan, 1, monkeypatch)
+    assert msg.startswith("plan.model.n_layers=2 is invalid; valid: 3"), msg
+    # a plan made for another checkpoint directory (another name) is still refused
+    other = _hf_dir(tmp_path, "other-llama", layers=3)
+    msg = refused({"init_from": str(other), "model": {"max_seq_len": 256}}, plan, 1, monkeypatch)
+    assert msg.startswith("plan.model='my-llama' is invalid; valid: 'other-llama'"), msg
+
+
+def test_a_named_model_mapping_matches_a_plan_made_from_its_yaml(tmp_path, monkeypatch):
+    """A train config's inline `model:` mapping with a name (gpu_check's style), planned by writing it to a YAML
+    file (`meshwright plan --model that.yaml` records the name): both sides name the same model, matched by name
+    although the name is no preset here (refused before as "valid: 'small-llama', the train config's model")."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    mapping = {**to_dict(load_model_config("tiny")), "name": "small-llama"}
+    plan = write(tmp_path, ONE.replace("model: tiny", "model: small-llama"))
+    TrainingJob.resolve(load_train_config("tiny-test", {"model": mapping}), plan)
+
+
+MHA = {**to_dict(load_model_config("tiny")), "name": "tiny-mha", "n_kv_heads": None}  # gpt2 blocks have no GQA
+
+
+@pytest.mark.parametrize("field,plan_value,train_model", [
+    ("top_k", 1, "tiny-moe"),  # routed tokens, dispatch bytes and expert activations scale with it
+    ("capacity_factor", 1.0, "tiny-moe"),  # the planner counts min(1, capacity) of the routed tokens
+    ("arch", "gpt2", MHA),  # activation coefficients per arch
+    ("attn_head_dim", 64, "tiny"),  # q/k/v widths: attention memory and flops
+])
+def test_other_fields_the_memory_model_reads_are_compared(monkeypatch, tmp_path, field, plan_value, train_model):
+    """The planner's memory and time read arch, head_dim, top_k and capacity_factor too: a plan for a model that
+    differs only there predicted another model's memory (was accepted: only the layout-shaping fields were read)."""
+    train = load_model_config(train_model)
+    planned = {**to_dict(train), "name": "custom", field: plan_value, "ffn_hidden": train.ffn_dim}
+    plan = write(tmp_path, ONE.replace("model: tiny", f"model: {json.dumps(planned)}"))
+    msg = refused({"model": train_model}, plan, 1, monkeypatch)
+    shown = {"attn_head_dim": "head_dim"}.get(field, field)
+    assert msg.startswith(f"plan.model.{shown}="), msg
+
+
+@pytest.mark.timeout(120)
+def test_plan_auto_with_init_from_plans_the_checkpoints_model(tmp_path, monkeypatch):
+    """`--plan auto` with `init_from` planned the train config's `model` field (the default preset, or a mapping of
+    overrides read as a whole model) instead of the checkpoint's config.json: a 4-layer `tiny` layout for a 2-layer
+    model (refused by validate_plan under torchrun), predictions for the wrong model, and a run-dir plan.yaml that
+    no longer matched its own run when passed back with --plan."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    d = _hf_dir(tmp_path)
+    for model in (None, {"max_seq_len": 128}):
+        over = {"init_from": str(d), "auto_profile": False, **({"model": model} if model else {})}
+        cfg = load_train_config("tiny-test", over)
+        job = TrainingJob.resolve(cfg, "auto")
+        assert job.plan.model == "my-llama" and len(job.plan.layer_strategies()) == 2, job.plan.model
+        saved = str(tmp_path / "saved.yaml")
+        job.plan.save(saved)
+        TrainingJob.resolve(cfg, saved)  # the run dir's plan.yaml matches its own run

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-from meshwright.config import ClusterSpec, TrainConfig, load_cluster, load_model_config
+from meshwright.config import ClusterSpec, ModelConfig, TrainConfig, load_cluster, load_model_config
 from meshwright.errors import ConfigError, invalid
 from meshwright.launcher.planner import cost_model as cm
 from meshwright.launcher.planner.search import Allow, Constraints, infeasible_message, search
@@ -16,12 +16,14 @@ from meshwright.plan import Plan, validate_plan
 def auto_plan(model_cfg: Any, cluster: ClusterSpec | str | dict | int | None = None, world_size: Optional[int] = None,
               seq_len: Optional[int] = None, global_batch: Optional[int] = None, hardware_profile: Optional[dict] = None,
               constraints: Optional[Constraints] = None, allow: Optional[Allow] = None,
-              memory_budget_gib: Optional[float] = None, model_profile: Optional[dict] = None) -> Plan:
+              memory_budget_gib: Optional[float] = None, model_profile: Optional[dict] = None,
+              model: Optional[ModelConfig] = None) -> Plan:
     """The plan ``meshwright train --plan auto`` uses: best searched plan for ``world_size`` ranks.
 
     Call as ``auto_plan(model_cfg, cluster, world_size, seq_len, global_batch)`` or, from the trainer,
     ``auto_plan(train_cfg, world_size)`` (model, cluster, seq_len and global_batch come from the
-    TrainConfig). The cluster is reshaped to hold ``world_size`` devices (one node when it fits one
+    TrainConfig; ``model``: the resolved model when it is not ``train_cfg.model`` alone, e.g. ``init_from``'s
+    config.json). The cluster is reshaped to hold ``world_size`` devices (one node when it fits one
     node). The returned Plan passes ``validate_plan``; an infeasible request raises ConfigError.
     """
     dtype: Optional[str] = None
@@ -31,7 +33,7 @@ def auto_plan(model_cfg: Any, cluster: ClusterSpec | str | dict | int | None = N
         dtype = tc.dtype
         compile_, chunk = tc.compile, tc.loss_chunk_tokens
         world_size = cluster if isinstance(cluster, int) else world_size
-        model_cfg, cluster = tc.model, tc.cluster
+        model_cfg, cluster = (model if model is not None else tc.model), tc.cluster
         seq_len = seq_len or tc.seq_len
         global_batch = global_batch or tc.global_batch
         if constraints is None or constraints.micro_batch is None:

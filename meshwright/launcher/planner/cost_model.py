@@ -90,6 +90,19 @@ COMPILED_MOE_ACT = {"none": dict(zip(_MOE_KEYS, (2, 3, 3, 0, 8, 1, 2, 0, 2, 12, 
 # with count_saved_bytes (+ SAC's cache), benchmarks/results/planner_gpu.md; pinned by tests/unit/test_compiled_memory.py.
 EAGER_MOE_ACT = {"none": dict(zip(_MOE_KEYS, (4, 4, 4, 0, 8, 1, 2, 0, 2, 12, 4, 4, 2, 1))),
                  "selective": _MOE_SELECTIVE, "full": _MOE_FULL}
+# An fp32 run (no autocast) has none of autocast's casts in EAGER_MOE_ACT: the attention norm's output is saved once
+# for q/k/v and the ffn norm's once for the router (rep 2, not 4), each expert's rows once for w1 and w3 (e_h 3, not
+# 4). Measured on CPU in fp32 with count_saved_bytes (exact, ep=1 and a one-rank ep group, capacity on/off); selective
+# and full save no casts and are the same. Pinned by tests/unit/test_compiled_memory.py.
+EAGER_MOE_ACT_FP32 = {**EAGER_MOE_ACT, "none": {**EAGER_MOE_ACT["none"], "rep": 2, "e_h": 3}}
+
+
+def eager_moe_act(recompute: str, elem_bytes: int) -> dict[str, float]:
+    """What an eager MoE block saves (``_MOE_KEYS`` counts) in a run whose compute dtype is ``elem_bytes`` wide:
+    fp32 (4) saves no autocast casts."""
+    return (EAGER_MOE_ACT_FP32 if elem_bytes == 4 else EAGER_MOE_ACT)[recompute]
+
+
 # Share of activation bytes that are inputs of linear layers (what WTA-CRS samples).
 LINEAR_INPUT_SHARE = 0.4
 # Share of saved activation bytes COAT stores in FP8 (the rest, e.g. norm statistics, stays high precision).
@@ -680,8 +693,8 @@ def activation_bytes(cfg: ModelConfig, index: int, tokens: float, tp: int, sp: b
     h = cfg.d_model
     if recompute not in ("none", "selective", "full"):
         raise invalid("recompute", recompute, "none, selective or full")
-    if cfg.is_moe_layer(index):  # measured, autocast included (EAGER_MOE_ACT)
-        nbytes = moe_block_bytes(cfg, EAGER_MOE_ACT[recompute], tokens, tp, elem_bytes)
+    if cfg.is_moe_layer(index):  # measured, autocast included (EAGER_MOE_ACT; fp32: EAGER_MOE_ACT_FP32)
+        nbytes = moe_block_bytes(cfg, eager_moe_act(recompute, elem_bytes), tokens, tp, elem_bytes)
     else:
         rep = c["rep_h"] * h / (tp if sp else 1)
         ffn = c["shard_f"] * cfg.ffn_dim / tp

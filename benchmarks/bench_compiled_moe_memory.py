@@ -97,8 +97,8 @@ def fit(samples: list[tuple[int, int, int]]) -> tuple[float, float, float]:
     return c[0], c[1], c[2]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_moe_block_args(p: argparse.ArgumentParser) -> None:
+    """The device, compile backend and MoE block shape flags this script shares with bench_moe_compile_graphs."""
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default="aot_eager_decomp_partition", help="torch.compile backend (inductor on a GPU)")
     p.add_argument("--d-model", type=int, default=64)
@@ -107,6 +107,11 @@ def main() -> None:
     p.add_argument("--expert-ffn", type=int, default=80)
     p.add_argument("--experts", type=int, default=6)
     p.add_argument("--top-k", type=int, default=2)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_moe_block_args(p)
     p.add_argument("--ep", default="1,2", help="comma-separated ep degrees (2: over a one-rank group)")
     p.add_argument("--recompute", default="none,selective,full")
     p.add_argument("--whole", action="store_true", help="compile the ep=1 block whole (the old path) for comparison")

@@ -28,6 +28,8 @@ from meshwright.launcher.profiling.blocks import rope_for, shard_block  # noqa: 
 from meshwright.parallel.recompute import apply_recompute  # noqa: E402
 from meshwright.train import compile as compile_mod  # noqa: E402
 
+from bench_compiled_moe_memory import add_moe_block_args  # noqa: E402  (this folder: the shared shape flags)
+
 
 def run(args: argparse.Namespace, recompute: str, whole: bool) -> tuple[int, int, list[float]]:
     """(unique graphs, graph breaks, seconds per step) of one block compiled ``whole`` or in parts."""
@@ -59,14 +61,7 @@ def run(args: argparse.Namespace, recompute: str, whole: bool) -> tuple[int, int
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--backend", default="aot_eager_decomp_partition", help="torch.compile backend (inductor on a GPU)")
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--expert-ffn", type=int, default=80)
-    p.add_argument("--experts", type=int, default=6)
-    p.add_argument("--top-k", type=int, default=2)
+    add_moe_block_args(p)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=32)
     p.add_argument("--steps", type=int, default=12)

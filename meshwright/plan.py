@@ -232,7 +232,11 @@ def validate_plan(plan: Plan, model: ModelConfig | str | dict, world_size: int) 
     if world_size % pp.degree:
         raise invalid("pipeline.degree", pp.degree, f"a divisor of world size {world_size}: {divisors(world_size)}")
     per_stage = world_size // pp.degree
+    prev = None
     for i, s in enumerate(strategies):
+        if s is prev and s.ep == 1:
+            continue  # a repeat of the layer before (one object per entry): only the ep checks read the index
+        prev = s
         f = f"layers[{i}]"
         if cfg.n_heads % s.tp or cfg.kv_heads % s.tp:
             tp_choices = [d for d in divisors(per_stage) if cfg.n_heads % d == 0 and cfg.kv_heads % d == 0]

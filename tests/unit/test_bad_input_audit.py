@@ -327,7 +327,8 @@ def test_missing_optional_stack_is_one_line_before_the_runtime(monkeypatch, over
         raise AssertionError("built the distributed runtime")
 
     monkeypatch.setattr(build, "build_distributed_runtime", no_runtime)
-    monkeypatch.setitem(sys.modules, missing, None)  # as if not installed
+    for name in [m for m in list(sys.modules) if m == missing or m.startswith(missing + ".")] + [missing]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed (an earlier test may have imported it)
     monkeypatch.chdir(Path(__file__).resolve().parents[2])
     job = build.TrainingJob.resolve(load_train_config("tiny-test", overrides), plan)
     job.world_size = 2
@@ -344,7 +345,8 @@ def test_missing_sink_package_is_said_before_the_model_is_built(capsys, tmp_path
     def no_job(*a, **k):
         raise AssertionError("resolved the model and plan before checking the sink packages")
 
-    monkeypatch.setitem(sys.modules, missing, None)  # as if not installed
+    for name in [m for m in list(sys.modules) if m == missing or m.startswith(missing + ".")] + [missing]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed (an earlier test may have imported it)
     monkeypatch.setattr(build.TrainingJob, "resolve", no_job)
     line = one_line_error(capsys, [*TRAIN, f"out_dir={tmp_path / 'o'}", override])
     assert f"needs the {missing} package" in line and not (tmp_path / "o").exists()

@@ -903,10 +903,13 @@ class Prediction:
 
 def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len: int, hw: Hardware,
                 states: str = "fp32", prev: Optional[tuple[int, bool]] = None,
-                parts: Optional[dict[tuple, Any]] = None) -> dict[str, float]:
+                parts: Optional[dict[tuple, Any]] = None, lean: bool = False) -> Any:
     """All cost terms of block ``index`` under LayerStrategy ``s`` for a microbatch of ``mb_samples``
     sequences on this rank: per-microbatch compute and exposed communication, per-step DP traffic,
     static memory and activation bytes per microbatch.
+
+    ``lean``: only what the search's DP reads, as a tuple (``layer_microbatch_s``, ``layer_step_dp_s`` + the optimizer
+    step, accumulation per microbatch, static, activation and transient bytes) without building the dict.
 
     ``parts``: a cache of the terms that depend on a few of the strategy's fields (compute on tp/sp/recompute,
     shards and states on tp/dp/ZeRO, activations on tp/sp/recompute/savers), keyed by those fields, the layer's
@@ -945,6 +948,9 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
         # a compiled checkpointed block saves no weight copy (the casts are recomputed): one layer's at a time
         working += copies if hw.runtime_buffers else 0.0
         copies = 0.0
+    if lean:
+        return (microbatch_s(compute_mb, comm_mb, overhead_mb, dp_mb, hw), step_dp_s(compute_mb, fwd, dp_step, hw) + opt_step,
+                accum_mb, sum(states_b.values()) + copies, act, gathered + working)
     return {
         "compute_mb": compute_mb, "fwd_mb": fwd, "comm_mb": comm_mb, "overhead_mb": overhead_mb, "dp_mb": dp_mb, "dp_step": dp_step,
         "static_bytes": sum(states_b.values()) + copies, "act_bytes": act, "gathered_bytes": gathered,
@@ -1047,15 +1053,25 @@ def _activation_terms(cfg: ModelConfig, index: int, s: Any, tokens: float, seq_l
 def layer_microbatch_s(c: dict[str, float], hw: Hardware) -> float:
     """Time one layer adds to its rank per microbatch: compute, TP/EP collectives, framework overhead and
     the part of per-microbatch DP traffic (ZeRO-2/3) that compute does not hide."""
-    return c["compute_mb"] + c["comm_mb"] + c["overhead_mb"] + exposed_s(c["compute_mb"], c["dp_mb"], hw.overlap_slowdown)
+    return microbatch_s(c["compute_mb"], c["comm_mb"], c["overhead_mb"], c["dp_mb"], hw)
+
+
+def microbatch_s(compute: float, comm: float, overhead: float, dp_mb: float, hw: Hardware) -> float:
+    """``layer_microbatch_s`` from its terms."""
+    return compute + comm + overhead + exposed_s(compute, dp_mb, hw.overlap_slowdown)
 
 
 def layer_step_dp_s(c: dict[str, float], hw: Hardware) -> float:
     """Per-step DP traffic of one layer left exposed after overlapping it with the last backward (all of it
     when the stack reduces gradients after backward, e.g. Megatron-LM without --overlap-grad-reduce)."""
+    return step_dp_s(c["compute_mb"], c["fwd_mb"], c["dp_step"], hw)
+
+
+def step_dp_s(compute: float, fwd: float, dp_step: float, hw: Hardware) -> float:
+    """``layer_step_dp_s`` from its terms."""
     if not hw.dp_overlap:
-        return c["dp_step"]
-    return exposed_s(c["compute_mb"] - c["fwd_mb"], c["dp_step"], hw.overlap_slowdown)
+        return dp_step
+    return exposed_s(compute - fwd, dp_step, hw.overlap_slowdown)
 
 
 @dataclass
@@ -1101,6 +1117,8 @@ def _add_layers(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strat
     # per cost key the terms this plan adds (they depend on m too, so they live for this call only)
     adds: dict[tuple, tuple[float, ...]] = {}
     t_mb, t_step, t_static, t_grads, t_copies, t_act, t_transient = t.mb_s, t.step_s, t.static, t.grads, t.copies, t.act, t.transient
+    # the plan-wide sums in locals (the same additions in the same order), written back after the loop
+    model_flops_t, hw_flops_t, comm_t, compute_t, overhead_t, dp_t = t.model_flops, t.hw_flops, t.comm, t.compute, t.overhead, t.dp
     key = None
     for i, s in enumerate(strategies):
         r = stage_of[i]
@@ -1134,12 +1152,13 @@ def _add_layers(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strat
         t_act[r] += act
         if transient > t_transient[r]:
             t_transient[r] = transient
-        t.model_flops += model_flops
-        t.hw_flops += hw_flops
-        t.comm += comm
-        t.compute += compute
-        t.overhead += overhead
-        t.dp += dp
+        model_flops_t += model_flops
+        hw_flops_t += hw_flops
+        comm_t += comm
+        compute_t += compute
+        overhead_t += overhead
+        dp_t += dp
+    t.model_flops, t.hw_flops, t.comm, t.compute, t.overhead, t.dp = model_flops_t, hw_flops_t, comm_t, compute_t, overhead_t, dp_t
 
 
 def _layer_totals(plan: Any, cfg: ModelConfig, hw: Hardware, strategies: list[Any], m: int,

@@ -339,11 +339,10 @@ def _vectors(o: "_Outer", index: int) -> _Vectors:
         ckey = (moe, _skey(s), mb_samples, states)
         got = memo.get(ckey)
         if got is None:
-            c = cm.layer_costs(o.cfg, index, s, mb_samples, o.seq_len, o.hw, states, parts=o.memo.cost_parts)
             # per step, as evaluate_plan counts it: exposed DP traffic, the optimizer step over this rank's shard and
             # the accumulation of every microbatch after the first (both depend on the ZeRO level: #17)
-            got = memo[ckey] = (cm.layer_microbatch_s(c, o.hw), cm.layer_step_dp_s(c, o.hw) + c["opt_step"],
-                                c["accum_mb"], c["static_bytes"], c["act_bytes"], c["transient_bytes"])
+            got = memo[ckey] = cm.layer_costs(o.cfg, index, s, mb_samples, o.seq_len, o.hw, states,
+                                              parts=o.memo.cost_parts, lean=True)
         rows.append(got)
     cols = np.array(rows).reshape(len(rows), 6).T
     mb_s, step = cols[0], cols[1] + (o.m - 1) * cols[2]  # the same additions, in the same order, as per layer
@@ -917,6 +916,7 @@ class _KindTable:
         self.masked: dict[tuple[bool, float, float], tuple[_Kind, float]] = {}
         self.levels: dict[tuple, list[float]] = {}
         self.rank_results: dict[tuple, Any] = {}  # _rank_dp per (kind keys, in-flight, first, last): all partitions
+        self.extras: dict[tuple[bool, bool], tuple[float, float]] = {}  # _rank_extra_bytes per (first, last): 1, lowest
 
     def kind(self, i: int) -> _Kind:
         o, key = self.o, self.flags[i]
@@ -1164,9 +1164,12 @@ def _assign_layers(o: _Outer, table: _KindTable, stages: list[list[int]]
         ks = [used[key] for key in keys]
         inflight = cm.inflight_microbatches(o.sched, pp, r, o.m, o.v)
         first, last = r == 0, r == pp - 1
-        extra = _rank_extra_bytes(o, first, last)
-        # the refined DP may count on the embedding's smallest ZeRO footprint (evaluate_plan judges the plan)
-        extra_lo = _rank_extra_bytes(o, first, last, 3 if o.c.zero is None else max(o.c.zero, 1))
+        ends = table.extras.get((first, last))
+        if ends is None:
+            # the refined DP may count on the embedding's smallest ZeRO footprint (evaluate_plan judges the plan)
+            ends = table.extras[(first, last)] = (
+                _rank_extra_bytes(o, first, last), _rank_extra_bytes(o, first, last, 3 if o.c.zero is None else max(o.c.zero, 1)))
+        extra, extra_lo = ends
         # ranks with similar activation pressure share one DP (round inflight up to a power of two)
         inflight_r = float(2 ** math.ceil(math.log2(inflight))) if inflight > 1 else 1.0
         inflight_r = min(inflight_r, float(o.m)) if o.sched != "gpipe" else inflight
@@ -1234,6 +1237,7 @@ def _score_plans(o: _Outer, stages: list[list[int]], strategies: list[LayerStrat
     need: Optional[float] = None
     # the embedding/head's ZeRO level is not in the per-layer DP: score the runtime's choices for it
     validated = False
+    layers = _compress(strategies)
     for e_zero in _embedding_zero_options(strategies, o.per_stage // e_tp, o.c.runtime_compatible):
         plan = Plan(model=o.model_name, cluster={"preset": o.cluster.name, "nodes": o.cluster.nodes,
                                                   "devices_per_node": o.cluster.devices_per_node},
@@ -1241,7 +1245,7 @@ def _score_plans(o: _Outer, stages: list[list[int]], strategies: list[LayerStrat
                     pipeline=PipelineSpec(degree=o.pp, schedule=o.sched,
                                           microbatches=o.global_batch // (real_max_dp * mb_plan) if o.pp > 1 else 1,
                                           virtual_stages=o.v, stages=stages if o.pp > 1 else []),
-                    layers=_compress(strategies), embedding=EmbeddingStrategy(tp=e_tp, zero=e_zero),
+                    layers=layers, embedding=EmbeddingStrategy(tp=e_tp, zero=e_zero),
                     optimizer=OptimizerSpec(states=o.states))
         if not validated:  # validate_plan does not read the embedding's ZeRO level: the plans differ only there
             try:

@@ -86,7 +86,10 @@ def load_train_config(ref: str | Path | dict[str, Any] | None = None, overrides:
             target = parent
         target[parts[-1]] = value
     cfg = from_dict(TrainConfig, data)
-    load_model_config(cfg.model)  # fail early, with the model's own field names
+    if cfg.init_from is None or not isinstance(cfg.model, dict):
+        # fail early, with the model's own field names; with init_from a mapping only overrides the checkpoint's
+        # config.json and is checked merged with it (train/build.resolve_model_config), not as a whole model
+        load_model_config(cfg.model)
     load_cluster(cfg.cluster)
     return cfg
 

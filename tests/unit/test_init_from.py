@@ -72,6 +72,20 @@ def test_init_from_bad_path_and_model_conflict(data, hf_dir, tmp_path):
         build_runtime(_cfg(data, hf_dir, tmp_path / "run", model="small"))
 
 
+def test_init_from_overrides_are_checked_against_the_checkpoint_not_a_default_model(data, tmp_path):
+    """``model:`` under init_from overrides the checkpoint's config.json: ``n_kv_heads: 8`` is valid for this
+    8-head checkpoint, though not for a default 4-head model (it was refused as one before the checkpoint was read);
+    an override the checkpoint cannot take is still refused, naming the model field."""
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=64)
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "hf8")
+    rt = build_runtime(_cfg(data, tmp_path / "hf8", tmp_path / "run", model={"n_kv_heads": 8, "dropout": 0.0}))
+    assert rt.model.cfg.n_kv_heads == 8 and rt.model.cfg.n_heads == 8
+    with pytest.raises(ConfigError, match=r"model\.n_kv_heads=3"):
+        build_runtime(_cfg(data, tmp_path / "hf8", tmp_path / "run2", model={"n_kv_heads": 3}))
+
+
 def test_export_refuses_a_directory_without_a_run(tmp_path, capsys):
     assert main(["export", str(tmp_path), "--hf", str(tmp_path / "o")]) == 2
     assert "CKPT" in capsys.readouterr().err

@@ -132,8 +132,8 @@ def main() -> None:
                                                                       device, torch.bfloat16, args.whole)]
                 fixed, per_t, per_r = fit(samples)
                 if backend:
-                    f_t = cm.compiled_moe_activation_bytes(cfg0, 1.0, 1, recompute, 2, ep, routed=0.0)
-                    f_r = cm.compiled_moe_activation_bytes(cfg0, 0.0, 1, recompute, 2, ep, routed=1.0)
+                    f_t = cm.compiled_moe_activation_bytes(cfg0, 1.0, 1, recompute, 2, routed=0.0)
+                    f_r = cm.compiled_moe_activation_bytes(cfg0, 0.0, 1, recompute, 2, routed=1.0)
                 else:  # the eager figure (activation_bytes of an MoE layer, autocast included)
                     f_t = cm.moe_block_bytes(cfg0, cm.EAGER_MOE_ACT[recompute], 1.0, 1, 2, routed=0.0)
                     f_r = cm.moe_block_bytes(cfg0, cm.EAGER_MOE_ACT[recompute], 0.0, 1, 2, routed=1.0)

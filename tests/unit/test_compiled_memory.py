@@ -259,7 +259,7 @@ def test_compiled_moe_block_saves_what_the_cost_model_says(monkeypatch, request,
         (t1, a1, s1), (t2, a2, s2) = _moe_saved(monkeypatch, cfg, recompute, group)
         if capacity is not None:
             assert a1 < 0.6 * cfg.top_k * t1  # the capacity limit dropped assignments
-        want = [cm.compiled_moe_activation_bytes(cfg, t, 1, recompute, 2, ep, routed=a) for t, a in ((t1, a1), (t2, a2))]
+        want = [cm.compiled_moe_activation_bytes(cfg, t, 1, recompute, 2, routed=a) for t, a in ((t1, a1), (t2, a2))]
         assert s2 - s1 == pytest.approx(want[1] - want[0], rel=MOE_RTOL), (capacity, s1, s2, want)
         weights = 2 * sum(p.numel() for p in shard_block(cfg, 0, 1).parameters() if p.dim() > 1)
         # the batch-independent rest: bf16 weight copies (+ an E-wide fp32 vector) without recomputation, else none
@@ -290,7 +290,7 @@ def test_eager_moe_block_saves_what_the_cost_model_says(monkeypatch, request, ep
     h = cm.Hardware(peak_flops=1e12, matmul_efficiency=1.0, devices_per_node=1, intra_bw=1e9, intra_lat=0.0,
                     inter_bw=1e9, inter_lat=0.0, memory_bytes=1e12, precision="autocast")
     c = cm.layer_costs(cfg, 0, LayerStrategy(recompute=recompute, dp=2, ep=ep), 1, SEQ, h)
-    assert c["act_bytes"] == pytest.approx(cm.activation_bytes(cfg, 0, SEQ, 1, False, recompute, 2, ep=ep))
+    assert c["act_bytes"] == pytest.approx(cm.activation_bytes(cfg, 0, SEQ, 1, False, recompute, 2))
     assert c["act_bytes"] == pytest.approx(cm.moe_block_bytes(cfg, cm.EAGER_MOE_ACT[recompute], SEQ, 1, 2))
 
 
@@ -307,7 +307,7 @@ def test_eager_fp32_moe_block_saves_what_the_cost_model_says(monkeypatch, reques
         (t1, a1, s1), (t2, a2, s2) = _moe_saved(monkeypatch, cfg, recompute, group, compiled=False, autocast=False)
         if capacity is None:  # every assignment kept: the planner's own figure (balanced routing) is exact
             assert (a1, a2) == (cfg.top_k * t1, cfg.top_k * t2)
-            want = [cm.activation_bytes(cfg, 0, t, 1, False, recompute, 4, ep=ep) for t in (t1, t2)]
+            want = [cm.activation_bytes(cfg, 0, t, 1, False, recompute, 4) for t in (t1, t2)]
         else:
             want = [cm.moe_block_bytes(cfg, cm.eager_moe_act(recompute, 4), t, 1, 4, routed=a)
                     for t, a in ((t1, a1), (t2, a2))]
@@ -328,7 +328,7 @@ def test_planner_costs_compiled_moe_blocks_with_their_own_figures():
     for ep in (1, 2):
         for recompute in ("none", "selective", "full"):
             c = cm.layer_costs(cfg, 0, LayerStrategy(recompute=recompute, dp=2, ep=ep), 1, SEQ, h)
-            assert c["act_bytes"] == pytest.approx(cm.compiled_moe_activation_bytes(cfg, SEQ, 1, recompute, 2, ep))
+            assert c["act_bytes"] == pytest.approx(cm.compiled_moe_activation_bytes(cfg, SEQ, 1, recompute, 2))
     compiled = cm.layer_costs(cfg, 0, LayerStrategy(), 1, SEQ, h)["act_bytes"]
     eager = cm.layer_costs(cfg, 0, LayerStrategy(), 1, SEQ, dataclasses.replace(h, compiled=False))["act_bytes"]
     assert compiled < 0.75 * eager

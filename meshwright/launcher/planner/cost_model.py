@@ -678,9 +678,15 @@ def model_state_bytes(param_count: float, dp: int, zero: int, states: str, hw: H
     }
 
 
+def check_recompute(recompute: str) -> None:
+    """The activation formulas' one check of their recompute mode."""
+    if recompute not in ("none", "selective", "full"):
+        raise invalid("recompute", recompute, "none, selective or full")
+
+
 def activation_bytes(cfg: ModelConfig, index: int, tokens: float, tp: int, sp: bool, recompute: str,
                      elem_bytes: int, fp8_act: bool = False, wta_crs: Optional[float] = None,
-                     lemo: Optional[float] = None, ep: int = 1) -> float:
+                     lemo: Optional[float] = None) -> float:
     """Bytes block ``index`` saves for backward for ``tokens`` tokens of one microbatch.
 
     Dense blocks: Korthikanti et al. 2022 structure: rep_h*h replicated over tp (sharded by SP) plus
@@ -691,8 +697,7 @@ def activation_bytes(cfg: ModelConfig, index: int, tokens: float, tp: int, sp: b
     """
     c = ACT_COEF[cfg.arch]
     h = cfg.d_model
-    if recompute not in ("none", "selective", "full"):
-        raise invalid("recompute", recompute, "none, selective or full")
+    check_recompute(recompute)
     if cfg.is_moe_layer(index):  # measured, autocast included (EAGER_MOE_ACT; fp32: EAGER_MOE_ACT_FP32)
         nbytes = moe_block_bytes(cfg, eager_moe_act(recompute, elem_bytes), tokens, tp, elem_bytes)
     else:
@@ -727,8 +732,7 @@ def compiled_activation_bytes(cfg: ModelConfig, tokens: float, tp: int, sp: bool
     """Bytes a compiled block (``COMPILED_ACT``) saves for backward for ``tokens`` tokens: the fp32 block input, the
     compute-dtype tensors outside the tp region (split by SP) and inside it (split by tp), norm statistics and the
     attention log-sum-exp."""
-    if recompute not in ("none", "selective", "full"):
-        raise invalid("recompute", recompute, "none, selective or full")
+    check_recompute(recompute)
     c = COMPILED_ACT[cfg.arch][recompute]
     h, rep_div = cfg.d_model, (tp if sp else 1)
     q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
@@ -744,13 +748,12 @@ def routed_tokens(cfg: ModelConfig, tokens: float) -> float:
 
 
 def compiled_moe_activation_bytes(cfg: ModelConfig, tokens: float, tp: int, recompute: str, elem_bytes: int,
-                                  ep: int = 1, routed: Optional[float] = None) -> float:
+                                  routed: Optional[float] = None) -> float:
     """Bytes a compiled MoE block (``COMPILED_MOE_ACT``: compiled in parts at every ``ep``, so ``ep`` does not change
     it) saves for backward for ``tokens`` tokens of which ``routed`` token-expert assignments run on this rank's experts
     (default ``routed_tokens``): the attention part as a compiled dense block's (q/kv/lse split by tp), the router's
     per-token and per-top-k-slot tensors, and the experts' per routed token (tp-replicated: not split)."""
-    if recompute not in ("none", "selective", "full"):
-        raise invalid("recompute", recompute, "none, selective or full")
+    check_recompute(recompute)
     return moe_block_bytes(cfg, COMPILED_MOE_ACT[recompute], tokens, tp, elem_bytes, routed)
 
 
@@ -771,10 +774,10 @@ def moe_block_bytes(cfg: ModelConfig, c: dict[str, float], tokens: float, tp: in
 
 
 def compiled_block_bytes(cfg: ModelConfig, index: int, tokens: float, tp: int, sp: bool, recompute: str,
-                         elem_bytes: int, ep: int = 1) -> float:
+                         elem_bytes: int) -> float:
     """``compiled_moe_activation_bytes`` for an MoE block, ``compiled_activation_bytes`` for a dense one."""
     if cfg.is_moe_layer(index):
-        return compiled_moe_activation_bytes(cfg, tokens, tp, recompute, elem_bytes, ep)
+        return compiled_moe_activation_bytes(cfg, tokens, tp, recompute, elem_bytes)
     return compiled_activation_bytes(cfg, tokens, tp, sp, recompute, elem_bytes)
 
 
@@ -841,15 +844,15 @@ def loss_peak_bytes(cfg: ModelConfig, tokens: float, tp: int, hw: Hardware) -> f
 
 
 def backward_working_bytes(cfg: ModelConfig, index: int, tokens: float, tp: int, sp: bool, recompute: str,
-                           elem_bytes: int, compiled: bool = False, ep: int = 1) -> float:
+                           elem_bytes: int, compiled: bool = False) -> float:
     """Transient memory while one block runs backward: the activations recomputation rebuilds for it
     (all of them under full, the attention core under selective) plus the gradients of its widest pair of
     FFN activations (2 f/tp per token; an MoE block's experts: 2 f_e per routed token, tp-replicated). A maximum
     over the rank's layers, like a ZeRO-3 gather buffer.
     A compiled block's recomputation rebuilds what its compiled graphs save (an MoE block's: its compiled parts')."""
     if compiled:
-        none = compiled_block_bytes(cfg, index, tokens, tp, sp, "none", elem_bytes, ep)
-        kept = compiled_block_bytes(cfg, index, tokens, tp, sp, recompute, elem_bytes, ep)
+        none = compiled_block_bytes(cfg, index, tokens, tp, sp, "none", elem_bytes)
+        kept = compiled_block_bytes(cfg, index, tokens, tp, sp, recompute, elem_bytes)
     else:
         none = activation_bytes(cfg, index, tokens, tp, sp, "none", elem_bytes)
         kept = activation_bytes(cfg, index, tokens, tp, sp, recompute, elem_bytes)
@@ -935,7 +938,7 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
     shard_params, dp_mb, dp_step, states_b, opt_step, accum_mb = shard
     pol = hw.policy
     compiled = compiled_layer(cfg, index, sv, hw)
-    key = ("act", moe, tokens, seq_len, s.tp, s.sp, s.recompute, s.ep, sv.fp8_act, sv.wta_crs, sv.lemo)
+    key = ("act", moe, tokens, seq_len, s.tp, s.sp, s.recompute, sv.fp8_act, sv.wta_crs, sv.lemo)
     acts = parts.get(key)
     if acts is None:
         acts = parts[key] = _activation_terms(cfg, index, s, tokens, seq_len, lemo, compiled, hw)
@@ -1037,15 +1040,14 @@ def _activation_terms(cfg: ModelConfig, index: int, s: Any, tokens: float, seq_l
                       hw: Hardware) -> tuple[float, float]:
     """layer_costs' activation bytes per microbatch and the backward working set (before weight copies)."""
     if compiled:
-        act = hw.act_scale * compiled_block_bytes(cfg, index, tokens * lemo, s.tp, s.sp, s.recompute, hw.elem_bytes,
-                                                  s.ep)
+        act = hw.act_scale * compiled_block_bytes(cfg, index, tokens * lemo, s.tp, s.sp, s.recompute, hw.elem_bytes)
     else:
         act = hw.act_scale * activation_bytes(cfg, index, tokens, s.tp, s.sp, s.recompute, hw.elem_bytes,
-                                              s.savers.fp8_act, s.savers.wta_crs, s.savers.lemo, s.ep)
+                                              s.savers.fp8_act, s.savers.wta_crs, s.savers.lemo)
         if hw.policy.weight_copy_bytes > 0 and not cfg.is_moe_layer(index):  # EAGER_MOE_ACT holds autocast's
             act += hw.act_scale * autocast_extra_act_bytes(cfg, tokens * lemo, s.tp, s.sp, s.recompute)
     act += attention_score_bytes(cfg, tokens * lemo, seq_len, s.tp, s.recompute, hw)
-    working = (backward_working_bytes(cfg, index, tokens * lemo, s.tp, s.sp, s.recompute, hw.elem_bytes, compiled, s.ep)
+    working = (backward_working_bytes(cfg, index, tokens * lemo, s.tp, s.sp, s.recompute, hw.elem_bytes, compiled)
                * hw.act_scale if hw.runtime_buffers else 0.0)
     return act, working
 

@@ -391,8 +391,9 @@ _BUCKET_ROW = np.arange(N_BUCKETS + 1)[None, :]
 
 
 def _bucket_weights(x: np.ndarray, rounding: str) -> np.ndarray:
-    """Buckets each strategy takes (``x``: its bytes over the bucket size). up: every assignment the DP admits
-    fits (conservative); down: every one that fits is admitted (a relaxation); nearest: in between."""
+    """Buckets each strategy takes (``x``: its bytes over the bucket size; an array, or one numpy scalar). up: every
+    assignment the DP admits fits (conservative); down: every one that fits is admitted (a relaxation); nearest: in
+    between."""
     w = np.ceil(x - 1e-9) if rounding == "up" else np.floor(x + 1e-9) if rounding == "down" else np.rint(x)
     return np.maximum(w, 0).astype(int)
 
@@ -411,8 +412,8 @@ def _all_fastest(k: _Kind, n: int, bucket: float, inflight: float, trans_cost: n
     fastest = obj[s]
     if not np.isfinite(fastest) or np.count_nonzero(obj == fastest) != 1:
         return None
-    x = (k.static[s] + inflight * k.act[s]) / bucket  # numpy float64 scalars: the same IEEE ops as _DPKind's arrays
-    w = max(math.ceil(x - 1e-9) if rounding == "up" else math.floor(x + 1e-9) if rounding == "down" else round(x), 0)
+    # numpy float64 scalars: the same IEEE ops, and the same rounding, as _DPKind's arrays
+    w = int(_bucket_weights((k.static[s] + inflight * k.act[s]) / bucket, rounding))
     if w * n > N_BUCKETS:
         return None
     if trans_cost is not None:
@@ -1277,30 +1278,31 @@ def _solve_candidate(o: _Outer) -> list[Any]:
         if need is not None:
             best_need = need if best_need is None else min(best_need, need)
 
-    for stages in _partitions(o.cfg, o.pp, o.v, head_layers, False):
-        try:
-            strategies, need, refined = _assign_layers(o, table, stages)
-        except _NoStrategy:
-            table.rank_results.clear()  # see below
-            return [{"layout": o.label(), "reason": "no strategy satisfies the constraints"}]
-        note(need)
-        if strategies is None:
-            continue
-        item, need = _score_plans(o, stages, strategies)
-        note(need)
-        if item is not None:
-            out.append(item)
-        # the rank DPs' rounding loss, recovered where the plan is near the best so far (or does not fit)
-        if refined is not None and (not isinstance(item, Candidate)
-                                    or item.prediction.step_s <= o.memo.best_step_s * (1 + REFINE_WINDOW)):
-            for alt in refined():
-                item, need = _score_plans(o, stages, alt)
-                note(need)
-                if item is not None:
-                    out.append(item)
-    # the rank DPs' refine closures hold the table that holds them: break the cycle so reference counting frees the
-    # candidate's kinds now (the search runs with the cyclic collector paused)
-    table.rank_results.clear()
+    try:
+        for stages in _partitions(o.cfg, o.pp, o.v, head_layers, False):
+            try:
+                strategies, need, refined = _assign_layers(o, table, stages)
+            except _NoStrategy:
+                return [{"layout": o.label(), "reason": "no strategy satisfies the constraints"}]
+            note(need)
+            if strategies is None:
+                continue
+            item, need = _score_plans(o, stages, strategies)
+            note(need)
+            if item is not None:
+                out.append(item)
+            # the rank DPs' rounding loss, recovered where the plan is near the best so far (or does not fit)
+            if refined is not None and (not isinstance(item, Candidate)
+                                        or item.prediction.step_s <= o.memo.best_step_s * (1 + REFINE_WINDOW)):
+                for alt in refined():
+                    item, need = _score_plans(o, stages, alt)
+                    note(need)
+                    if item is not None:
+                        out.append(item)
+    finally:
+        # the rank DPs' refine closures hold the table that holds them: break the cycle so reference counting frees
+        # the candidate's kinds now (the search runs with the cyclic collector paused)
+        table.rank_results.clear()
     for item in out:
         if isinstance(item, Candidate):
             o.memo.best_step_s = min(o.memo.best_step_s, item.prediction.step_s)

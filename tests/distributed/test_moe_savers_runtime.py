@@ -28,7 +28,7 @@ CASES = {"moe_ep2_dp4", "moe_ep4_dp4", "moe_ep2_tp2", "moe_ep2_pp2", "moe_ep1_dd
          "fp8gemm_dp2_tp2_sp_zero3_recompute",
          "wta_dp2_tp2", "wta_keep1_dp4_equals_exact", "ckpt_moe_ep2_to_ep4", "ckpt_moe_ep2_to_fsdp_ep1",
          "compile_moe_ep2_dp4", "compile_moe_ep2_tp2_recompute", "compile_moe_ep2_pp2_selective",
-         "compile_moe_ep1_dp4_selective",
+         "compile_moe_ep1_dp4_selective", "compile_moe_ep1_dp4_zero3",
          "chunked_moe_ep2_dp4", "chunked_compile_moe_ep2_pp2_selective"}
 MOE = load_model_config({"name": "m", "arch": "llama", "vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4,
                          "n_kv_heads": 2, "ffn_hidden": 64, "moe_ffn_hidden": 48, "n_experts": 4, "top_k": 2,
@@ -139,6 +139,7 @@ def test_compile_with_ep_compiles_the_collective_free_parts(report: dict) -> Non
             c = r["compiled"]
             assert c["parts"] > 0 and c["calls_compiled"] >= c["parts"] and c["calls_eager"] == 0, (case, rank, c)
             assert r["a2a_bytes"] > 0 and r["n_expert_shards"] > 0, (case, rank)
-    for rank, r in report["compile_moe_ep1_dp4_selective"]["ranks"].items():  # ep=1: in parts, under recompute too
-        c = r["compiled"]
-        assert c["parts"] > 0 and c["calls_compiled"] >= c["parts"] and c["calls_eager"] == 0, (rank, c)
+    for case in ("compile_moe_ep1_dp4_selective", "compile_moe_ep1_dp4_zero3"):  # ep=1: in parts, under recompute
+        for rank, r in report[case]["ranks"].items():                          # and FSDP2 too
+            c = r["compiled"]
+            assert c["parts"] > 0 and c["calls_compiled"] >= c["parts"] and c["calls_eager"] == 0, (case, rank, c)

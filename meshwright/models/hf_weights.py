@@ -315,12 +315,14 @@ def _reset_rope(module: nn.Module, cfg: ModelConfig) -> None:
 
 
 def from_pretrained(path: str | Path, device: str | torch.device | None = None,
-                    dtype: torch.dtype | None = None) -> nn.Module:
-    """A Decoder built from ``path/config.json`` with the checkpoint's weights (no random init pass)."""
+                    dtype: torch.dtype | None = None, cfg: ModelConfig | None = None) -> nn.Module:
+    """A Decoder built from ``path/config.json`` (or ``cfg``: the checkpoint's config with overrides) with the
+    checkpoint's weights and no random init pass: the strict load fills every parameter or refuses, so drawing
+    them first would only cost time (minutes of CPU draws at 70B) and a second host copy."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise invalid("init_from", str(path), "a Hugging Face model directory with config.json")
-    cfg = load_model_config(str(path / "config.json"))
+    cfg = cfg if cfg is not None else load_model_config(str(path / "config.json"))
     with torch.device("meta"):
         model = Decoder(cfg)
     model = model.to_empty(device=device or "cpu")

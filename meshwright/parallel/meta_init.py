@@ -24,8 +24,9 @@ Supported: every layout of the torch runtime, dense or MoE, under both schemes a
   off) and skips the copy of the plain weights' slices; the parameters keep the plain names (``weight``,
   ``bias``) and their local shape, so their values are the slices the copy would have taken. The attributes
   megatron-core sets on its Parameter objects survive ``to_empty`` (``_to_empty``).
-- ``init_from`` (a Hugging Face checkpoint), under both tp backends: the runtime materialises as above, then
-  ``load_pretrained_into`` reads each rank's slices straight from the safetensors files: a DTensor shard's
+- ``init_from`` (a Hugging Face checkpoint), under both tp backends: the runtime allocates the shards as above but
+  draws nothing (``init="pretrained"``), then ``load_pretrained_into`` reads each rank's slices straight from the
+  safetensors files (strict: every parameter gets its slice, or the run is refused): a DTensor shard's
   from its placements, a megatron-core shard's from the same ``shard_box`` the initialisation filled. No rank
   holds the whole model, whatever the backend.
 - Per-layer memory savers the distributed runtime applies (``apply_plan_savers``): they go onto the meta model
@@ -144,7 +145,8 @@ def _to_empty(chunks: list[nn.Module], device: torch.device) -> None:
 def materialize(chunks: Iterable[nn.Module], cfg: ModelConfig, seed: int, device: torch.device,
                 init: str = "stream", boxes: dict[str, Box] | None = None) -> dict[nn.Parameter, nn.Parameter]:
     """Allocate ``chunks`` (stages cut from a meta Decoder, already sharded) on ``device`` and fill them with
-    the one-process model's initial values for ``seed`` under ``init`` (``stream`` or ``keyed``). ``boxes``:
+    the one-process model's initial values for ``seed`` under ``init`` (``stream`` or ``keyed``; ``pretrained``: drawn
+    from nothing, for ``init_from``, whose strict per-shard load then fills every parameter or refuses). ``boxes``:
     {name: (global shape, offset)} of plain-tensor shards cut by the caller (megatron-core tp, ``shard_box``);
     expert shards are found here. ``to_empty`` replaces Parameter objects, so this returns {meta parameter: its
     materialised replacement} for lists built before (gradient buckets)."""
@@ -156,9 +158,10 @@ def materialize(chunks: Iterable[nn.Module], cfg: ModelConfig, seed: int, device
         live.update(dict(chunk.named_parameters()))
     ref = build_model(cfg, device="meta")
     boxes = {**expert_boxes(chunks), **(boxes or {})}
-    if init == "keyed":
+    if init in ("keyed", "pretrained"):
         torch.manual_seed(seed)  # nothing is drawn from it here, but later consumers (dropout) start seeded as before
-        init_keyed(live.items(), ref.init_specs(), seed, boxes)
+        if init == "keyed":
+            init_keyed(live.items(), ref.init_specs(), seed, boxes)
     else:
         _replay_stream(ref, live, seed, boxes)
     for chunk in chunks:  # non-persistent buffers (RoPE tables) are computed, not drawn

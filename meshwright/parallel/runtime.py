@@ -249,6 +249,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
             self._apply_layers(chunk)
             self._apply_outer(chunk)
             apply_autocast(chunk, self.precision, self.device.type)  # every layout computes in the policy's dtype
+        if init_from is not None and self.meta_init:  # the strict load below fills every shard: nothing to draw
+            self.init = "pretrained"
         if self.meta_init:  # gradient buckets listed meta parameters: point them at the materialised ones
             new = materialize(chunks, cfg, seed, self.device, self.init, self._shard_boxes)
             self._expert_params = {new.get(p, p): ep for p, ep in self._expert_params.items()}

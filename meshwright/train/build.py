@@ -17,7 +17,7 @@ from meshwright.errors import invalid
 from meshwright.launcher.planner.auto import auto_plan
 from meshwright.launcher.profiling.auto import auto_profiles, describe
 from meshwright.memory.meft import MeftConfig, make_reversible
-from meshwright.models import build_model, load_pretrained_into
+from meshwright.models import build_model, from_pretrained
 from meshwright.models.init import resolve_init
 from meshwright.parallel.runtime import build_distributed_runtime, init_distributed
 from meshwright.plan import Plan, default_plan, load_plan, validate_plan
@@ -208,9 +208,11 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # the values every layout starts from: one CPU stream, or keyed draws on the device itself (models/init.py)
     scheme = resolve_init(cfg.init, device)
-    model = build_model(model_cfg, seed=cfg.seed, init=scheme, device=device if scheme == "keyed" else None)
-    if cfg.init_from is not None:  # pretrained weights before any saver wraps the modules
-        load_pretrained_into(model, cfg.init_from, model_cfg)
+    if cfg.init_from is not None:  # pretrained weights, nothing drawn, before any saver wraps the modules
+        torch.manual_seed(cfg.seed)  # later consumers (dropout, saver seeds) start where an initialised run's do
+        model, scheme = from_pretrained(cfg.init_from, device=device, cfg=model_cfg), "pretrained"
+    else:
+        model = build_model(model_cfg, seed=cfg.seed, init=scheme, device=device if scheme == "keyed" else None)
     if cfg.meft is not None:  # reversible fine-tuning: frozen base, adapters (+ head) train
         model = make_reversible(model, config=from_dict(MeftConfig, cfg.meft, prefix="meft"))
     rt = LocalRuntime(model, device=device, dtype=cfg.dtype,  # bf16 is honoured on CPU too (train/precision.py)

@@ -1,7 +1,8 @@
 """Sharded Hugging Face loads (one torchrun launch, 2 gloo ranks): under tp2 (DTensor and Megatron), FSDP2
 (ZeRO-3, embeddings too) and pp2 every rank's parameters equal the one-process ``from_pretrained`` load (megatron's
 shards: bitwise the slices megatron's copy from that full model takes), the first eval loss equals the one-process
-loss (rel <= 1e-5), and every layout reads only part of the file. Megatron tp2 is built on meta (no rank builds the
+loss (rel <= 1e-5), every layout reads only part of the file, and no random value is drawn for weights the load
+overwrites (neither initialisation scheme runs). Megatron tp2 is built on meta (no rank builds the
 whole model) and its first training step's loss equals the one-process loss too, for a Llama and (optional third
 argument) a GPT-2 checkpoint (transposed Conv1D, fused c_attn: the boxes go through those transforms)."""
 
@@ -15,6 +16,7 @@ from parity_lib import Report, failure, init, rel, run_worker
 
 from meshwright.models import from_pretrained, lm_loss
 from meshwright.models import hf_weights
+from meshwright.parallel import meta_init
 from meshwright.parallel.runtime import DistributedRuntime
 from meshwright.plan import plan_from_dict
 
@@ -68,9 +70,20 @@ def main() -> None:
             return t
 
         hf_weights.SafetensorsReader.read = counting
+        draws = {"n": 0}
+        real_replay, real_keyed = meta_init._replay_stream, meta_init.init_keyed
+
+        def drawn(real, _d=draws):
+            def wrapped(*a, **k):
+                _d["n"] += 1
+                return real(*a, **k)
+            return wrapped
+
+        meta_init._replay_stream, meta_init.init_keyed = drawn(real_replay), drawn(real_keyed)
         try:
             rt = DistributedRuntime(cfg, plan_from_dict(p), tp_backend=backend, seed=99, init_from=ckpt)
             hf_weights.SafetensorsReader.read = real_read
+            meta_init._replay_stream, meta_init.init_keyed = real_replay, real_keyed
             worst = 0.0
             from torch.distributed.tensor import DTensor
 
@@ -90,11 +103,14 @@ def main() -> None:
             extra = {}
             if backend == "megatron":  # built on meta like every other layout; step 1 trains on the loaded weights
                 extra = {"meta_init": rt.meta_init, "step1_loss_rel": rel(rt.forward_backward(mine), ref_loss)}
-            ok = worst == 0.0 and loss_err <= 1e-5 and extra.get("meta_init", True) and extra.get("step1_loss_rel", 0) <= 1e-5
+            extra.update(init=rt.init, init_draw_calls=draws["n"])
+            ok = (worst == 0.0 and loss_err <= 1e-5 and extra.get("meta_init", True) and extra.get("step1_loss_rel", 0) <= 1e-5
+                  and draws["n"] == 0 and rt.init == "pretrained")
             report.add(name, ok, {"max_param_diff": worst, "loss_rel": loss_err, "read_fraction": frac, **extra})
             rt.close()
         except Exception as exc:  # noqa: BLE001
             hf_weights.SafetensorsReader.read = real_read
+            meta_init._replay_stream, meta_init.init_keyed = real_replay, real_keyed
             report.add(name, False, failure(name, exc))
     report.gather_and_write()
 

@@ -1,5 +1,5 @@
 """``init_from`` under torchrun: tp2 (DTensor, megatron-core: Llama and GPT-2) / FSDP2 / pp2 loads equal the one-process
-load and each rank reads only part of the file (tests/distributed/hf_load_worker.py)."""
+load, each rank reads only part of the file and draws no initial values (tests/distributed/hf_load_worker.py)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,10 @@ def test_sharded_loads_equal_the_one_process_load(tmp_path):
     for case in ("tp2_megatron", "tp2_megatron_gpt2"):  # built on meta: no rank held the whole model
         for rank in range(2):
             assert res[case]["ranks"][str(rank)]["meta_init"], (case, res[case])
+    for case in cases:  # the load fills every shard: no rank drew initial values for it (either scheme)
+        for rank in range(2):
+            r = res[case]["ranks"][str(rank)]
+            assert r["init"] == "pretrained" and r["init_draw_calls"] == 0, (case, rank, r)
     for case in cases:  # each rank read about half of the weights, not all of them
         for rank in range(2):
             assert res[case]["ranks"][str(rank)]["read_fraction"] < 0.75, (case, res[case])

@@ -40,8 +40,13 @@ def _cfg(data, hf_dir, out, **kw):
                               "out_dir": str(out), "progress": False, "energy": False, **kw})
 
 
-def test_init_from_loads_the_checkpoint_weights(data, hf_dir, tmp_path):
+def test_init_from_loads_the_checkpoint_weights(data, hf_dir, tmp_path, monkeypatch):
+    def no_draws(*a, **k):  # the strict load fills every parameter: drawing initial values first is wasted time
+        raise AssertionError("initial weights drawn although init_from overwrites all of them")
+
+    monkeypatch.setattr("meshwright.train.build.build_model", no_draws)
     rt = build_runtime(_cfg(data, hf_dir, tmp_path / "run"))
+    assert rt.init == "pretrained"
     want = from_pretrained(hf_dir)
     got = dict(rt.model.named_parameters())
     for name, p in want.named_parameters():

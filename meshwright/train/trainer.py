@@ -436,6 +436,7 @@ class Trainer:
             "first_loss": run.first_loss, "final_loss": run.last_loss, "eval_loss": run.eval_loss,
             "skipped_steps": self.skipped_steps, "resumed": resumed, "flops_convention": cfg.flops_convention,
             "hw_flops_per_token": self.hw_flops_per_token,
+            "init": getattr(rt, "init", None),  # the initial weights: stream | keyed draws, or pretrained (init_from)
         }
         memory = self._memory_per_rank()
         summary.update({"memory_gib_per_rank": memory, "peak_memory_gib": max(memory)})

@@ -56,7 +56,7 @@ def test_init_from_loads_the_checkpoint_weights(data, hf_dir, tmp_path, monkeypa
 def test_init_from_train_export_round_trip(data, hf_dir, tmp_path):
     run = tmp_path / "run"
     summary = run_training(_cfg(data, hf_dir, run))
-    assert summary["final_loss"] is not None
+    assert summary["final_loss"] is not None and summary["init"] == "pretrained"
     out = tmp_path / "exported"
     moved = hf_dir.rename(tmp_path / "moved")  # export reads the run's resolved model.yaml, not init_from's directory
     assert main(["export", str(run), "--hf", str(out)]) == 0

@@ -204,7 +204,9 @@ class _FP8LayerNormFn(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                 eps: float) -> torch.Tensor:
         xf = x.float()
-        var, mean = torch.var_mean(xf, dim=-1, keepdim=True, correction=0)
+        # mean, then variance: torch.var_mean has no DTensor sharding rule in torch 2.11 (sequence-parallel norms)
+        mean = xf.mean(-1, keepdim=True)
+        var = (xf - mean).pow(2).mean(-1, keepdim=True)
         rstd = torch.rsqrt(var + eps)
         q, s = quantize_last_dim_groups(x, GROUP)
         ctx.save_for_backward(q, s, mean, rstd, weight)
@@ -216,9 +218,9 @@ class _FP8LayerNormFn(torch.autograd.Function):
         q, s, mean, rstd, weight = ctx.saved_tensors
         xhat = (dequantize_last_dim_groups(q, s, GROUP) - mean) * rstd
         g = grad.float()
-        d = xhat.shape[-1]
-        gw = (g * xhat).reshape(-1, d).sum(0).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        gb = g.reshape(-1, d).sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        tokens = tuple(range(g.dim() - 1))  # summed without a flatten, which a sequence-sharded DTensor refuses (2.11)
+        gw = (g * xhat).sum(tokens).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        gb = g.sum(tokens).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
         dxhat = g * weight.float() if weight is not None else g
         gx = rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
         return gx.to(grad.dtype), gw, gb, None

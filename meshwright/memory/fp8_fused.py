@@ -32,7 +32,7 @@ def rmsnorm_backward(grad: torch.Tensor, q: torch.Tensor, s: torch.Tensor, rstd:
     """(input gradient in grad's dtype, fp32 weight gradient) from the FP8 copy of the input."""
     xhat = fp8_quant.dequantize_last_dim_groups(q, s, group) * rstd
     g = grad.float()
-    gw = (g * xhat).reshape(-1, xhat.shape[-1]).sum(0)
+    gw = (g * xhat).sum(tuple(range(g.dim() - 1)))  # no flatten: a sequence-sharded DTensor may not (torch 2.11)
     dxhat = g * weight.float()
     gx = rstd * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
     return gx.to(grad.dtype), gw

@@ -115,7 +115,8 @@ def _decode(byte, MBITS: tl.constexpr, BIAS: tl.constexpr, E5M2: tl.constexpr):
         mag = tl.where((b & 124) == 124, tl.where((b & 3) == 0, float("inf"), float("nan")), mag)
     else:
         mag = tl.where((b & 127) == 127, float("nan"), mag)
-    return tl.where(b >= 128, -mag, mag)
+    # the sign as a bit, not by negation: triton lowers -x to 0 - x in some versions (3.6: -0.0 decoded as +0.0)
+    return (mag.to(tl.int32, bitcast=True) | ((b & 128) << 24)).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -77,7 +77,9 @@ def test_kernel_and_reference_agree_on_non_finite_gradients(monkeypatch, math_mo
     from meshwright.optim import coat_triton
 
     monkeypatch.setattr(coat_triton, "INTERPRET_MATH", math_mode)
-    tol, rtol = (0.04, 1e-3) if math_mode == 3 else (0.01, 1e-5)
+    # scale/centre: the interpreter's pow (float64, rounded) vs torch's powf; within 1e-5 under triton 3.9's interpreter,
+    # 7.5e-5 under triton 3.6's (the GPU image's): bounded at 1e-4, the CUDA tests hold the compiled kernel's pow
+    tol, rtol = (0.04, 1e-3) if math_mode == 3 else (0.01, 1e-4)
     runs = {}
     for fused in ("reference", "triton"):
         model = _model()

@@ -193,9 +193,10 @@ def summary(rows: list[dict]) -> list[str]:
                  + (f" ({', '.join(r['cfg'].name + '@' + str(r['run'].gpus) for r in worse)})" if worse else ""))
     if free:
         ratios = [r["free_ratio"] for r in free]
-        secs = [r["free_s"] for r in free]
-        lines.append(f"- free search / published layout: {min(ratios):.3f}x to {max(ratios):.2f}x; free search time "
-                     f"{min(secs):.2f} to {max(secs):.2f} s per run, {sum(secs):.1f} s in all")
+        secs = [r["free_s"] for r in free if "free_s" in r]
+        lines.append(f"- free search / published layout: {min(ratios):.3f}x to {max(ratios):.2f}x"
+                     + (f"; free search time {min(secs):.2f} to {max(secs):.2f} s per run, {sum(secs):.1f} s in all"
+                        if secs else ""))
     return lines
 
 
@@ -204,6 +205,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="published layouts only (no free search)")
     ap.add_argument("--free-max-gpus", type=int, default=None, help="free search only up to this many GPUs (default: all)")
     ap.add_argument("--rows", default=None, help="comma-separated run indices (default: all)")
+    ap.add_argument("--no-times", action="store_true", help="print '-' for the free-search seconds (output comparable byte for byte)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []
@@ -212,6 +214,8 @@ def main() -> None:
         selected = [selected[int(i)] for i in args.rows.split(",")]
     for run in selected:
         r = evaluate(run, 0 if args.quick else args.free_max_gpus)
+        if args.no_times:
+            r.pop("free_s", None)
         rows.append(r)
         print(table([r])[-1], flush=True)
         if "free_layout" in r:

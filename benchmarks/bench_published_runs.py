@@ -5,9 +5,10 @@ Each run: its source (paper, table), model shape, GPUs, layout (tp, pp, dp, cp, 
 paper's own FLOP convention: we apply the paper's FLOPs-per-token formula to our predicted tokens/s, so the
 error does not depend on how a paper counts recomputation or attention.
 
-    python benchmarks/bench_published_runs.py [--quick] [--free-max-gpus N] [--out benchmarks/results/published_runs.md]
+    python benchmarks/bench_published_runs.py [--quick] [--free-max-gpus N] [--rows 0,1,...] [--out FILE]
 
-``--quick`` evaluates the published layouts only (no free search).
+``--quick`` evaluates the published layouts only (no free search); ``--free-max-gpus`` limits the free search to
+runs up to N GPUs (default: every run; all 22 take about a minute on 2 shared cores).
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def runs() -> list[Run]:
     return out
 
 
-def evaluate(run: Run, free_max_gpus: int) -> dict:
+def evaluate(run: Run, free_max_gpus: Optional[int]) -> dict:
     cfg = load_model_config(run.model)
     cl = load_cluster(run.cluster, nodes=run.gpus // 8)
     hw = dataclasses.replace(cm.hardware_from_cluster(cl, stack=run.stack), attention=run.attention)
@@ -147,7 +148,7 @@ def evaluate(run: Run, free_max_gpus: int) -> dict:
     row["layout"] = describe_layout(ref.best.plan)
     row["mem"] = max(p.memory_gib)
     row["tokens_s"] = p.tokens_per_s
-    if run.gpus <= free_max_gpus:
+    if free_max_gpus is None or run.gpus <= free_max_gpus:
         t0 = time.perf_counter()
         free = search(cfg, cl, run.seq, run.batch, hw=hw, constraints=Constraints(cp=run.cp if run.cp > 1 else None),
                       suggest=False)
@@ -160,7 +161,7 @@ def evaluate(run: Run, free_max_gpus: int) -> dict:
 
 def table(rows: list[dict]) -> list[str]:
     out = ["| system | source | model | GPUs | layout (t, p, cp) | stack | published TFLOP/s/GPU | predicted (published layout) | "
-           "error | free search / published layout | certain |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "error | free search / published layout | free search s | certain |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         run = r["run"]
         name = r["cfg"].name
@@ -169,10 +170,11 @@ def table(rows: list[dict]) -> list[str]:
             pred, err = r["error"], "-"
         else:
             pred, err = f"{r['pred_tflops']:.0f} (`{r['layout'][:60]}`, {r['mem']:.0f} GiB)", f"{100 * r['err']:+.1f}%"
-        free = f"{r['free_ratio']:.2f}x" if "free_ratio" in r else "not run"
+        free = f"{r['free_ratio']:.3f}x" if "free_ratio" in r else "not run"
+        free_s = f"{r['free_s']:.2f}" if "free_s" in r else "-"
         cert = "yes" if run.certain else f"no: {run.note}"
         out.append(f"| {run.system} | {run.source} | {name} | {run.gpus} | {lay} | {run.stack} | {run.published_tflops:.0f} | "
-                   f"{pred} | {err} | {free} | {cert} |")
+                   f"{pred} | {err} | {free} | {free_s} | {cert} |")
     return out
 
 
@@ -189,14 +191,21 @@ def summary(rows: list[dict]) -> list[str]:
                      f"max {100 * max(abs(r['err']) for r in ok):.1f}%")
     lines.append(f"- free search below 0.98x the published layout's prediction: {len(worse)}/{len(free)} searched runs"
                  + (f" ({', '.join(r['cfg'].name + '@' + str(r['run'].gpus) for r in worse)})" if worse else ""))
+    if free:
+        ratios = [r["free_ratio"] for r in free]
+        secs = [r["free_s"] for r in free if "free_s" in r]
+        lines.append(f"- free search / published layout: {min(ratios):.3f}x to {max(ratios):.2f}x"
+                     + (f"; free search time {min(secs):.2f} to {max(secs):.2f} s per run, {sum(secs):.1f} s in all"
+                        if secs else ""))
     return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="published layouts only (no free search)")
-    ap.add_argument("--free-max-gpus", type=int, default=2048, help="free search only up to this many GPUs")
+    ap.add_argument("--free-max-gpus", type=int, default=None, help="free search only up to this many GPUs (default: all)")
     ap.add_argument("--rows", default=None, help="comma-separated run indices (default: all)")
+    ap.add_argument("--no-times", action="store_true", help="print '-' for the free-search seconds (output comparable byte for byte)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []
@@ -205,11 +214,15 @@ def main() -> None:
         selected = [selected[int(i)] for i in args.rows.split(",")]
     for run in selected:
         r = evaluate(run, 0 if args.quick else args.free_max_gpus)
+        if args.no_times:
+            r.pop("free_s", None)
         rows.append(r)
         print(table([r])[-1], flush=True)
+        if "free_layout" in r:
+            print(f"    free search: {r['free_layout'][:160]}", flush=True)
     text = [f"## Published runs vs the planner ({time.strftime('%Y-%m-%d')})", "",
             f"Machine: {platform.machine()} CPU, {platform.python_version()}; planner only (no GPU).",
-            f"Command: `python benchmarks/bench_published_runs.py{' --quick' if args.quick else ''}`", "",
+            f"Command: `python {' '.join(sys.argv)}`", "",
             *summary(rows), "", *table(rows)]
     if args.out:
         Path(args.out).write_text("\n".join(text) + "\n")

@@ -122,3 +122,22 @@ def test_refined_stage_dp_returns_none_when_the_relaxation_cannot_beat():
     up = S._stage_dp([kind] * 40, 64.0, 1.0, None)
     assert S._refined_stage_dp([kind] * 40, 64.0, 1.0, None, beat=S._stage_dp([kind] * 40, 64.0, 1.0, None, rounding="down")[0]) is None
     assert up is not None
+
+
+def test_rank_dp_is_not_lost_to_the_rounded_up_inflight_count():
+    """Korthikanti et al. 2022's GPT-1T layout (tp 8, pp 64 interleaved v=2, 512 A100s, Megatron stack): rank 0 holds
+    64 + 32 = 96 microbatches, which the shared rank DPs count as 128. At 128 all-selective does not fit, so with the
+    recomputation free the search put one layer on full recompute (0.92x the all-selective layout it could express);
+    with recomputation fixed to selective it fell back to the exact count and found it. Rank DPs where memory binds
+    now also run at the rank's own count: the free recomputation is no slower than any fixed one."""
+    cfg = load_model_config({"name": "gpt-1t", "arch": "gpt2", "vocab_size": 51200, "d_model": 25600, "n_layers": 128,
+                             "n_heads": 160, "max_seq_len": 2048, "tie_embeddings": True})
+    cluster = load_cluster("dgx-a100-80g", nodes=64)
+    hw = dataclasses.replace(cm.hardware_from_cluster(cluster, stack="megatron"), attention="materialized")
+    base = S.Constraints(tp=8, pp=64, micro_batch=1, zero=0, sp=True, schedule="interleaved_1f1b", virtual_stages=2)
+    assert cm.inflight_microbatches("interleaved_1f1b", 64, 0, 512, 2) == 96.0
+    free = S.search(cfg, cluster, 2048, 512, hw=hw, constraints=base, suggest=False).best
+    for rc in ("selective", "full"):
+        fixed = S.search(cfg, cluster, 2048, 512, hw=hw, constraints=dataclasses.replace(base, recompute=rc), suggest=False).best
+        assert free.prediction.step_s <= fixed.prediction.step_s * (1 + 1e-9), rc
+    assert all(s.recompute != "full" for s in free.plan.layers)

@@ -1156,7 +1156,8 @@ def _assign_layers(o: _Outer, table: _KindTable, stages: list[list[int]]
     for j, (a, b) in enumerate(stages):
         rank_layers[j % pp].extend(range(a, b))
     choices: dict[int, LayerStrategy] = {}
-    pending: list[tuple[list[int], tuple[bool, ...], dict[bool, _Kind], Callable[[], Any]]] = []
+    # per rank whose memory binds: its layers, kind keys, kinds, refine, and its _OwnCount where it has one
+    pending: list[tuple[list[int], tuple[bool, ...], dict[bool, _Kind], Callable[[], Any], Optional[_OwnCount]]] = []
     memo = table.rank_results
     for r, layers in enumerate(rank_layers):
         keys, used = table.rank_kinds(layers)
@@ -1178,6 +1179,18 @@ def _assign_layers(o: _Outer, table: _KindTable, stages: list[list[int]]
         if sig not in memo:
             memo[sig] = _rank_dp(o, table, keys, used, o.usable - extra, inflight_r, o.usable - extra_lo)
         res, refine = memo[sig]
+        if inflight_r > inflight and (res is None or refine is not None):
+            # memory binds under the shared, rounded-up count (up to 2x this rank's activations: rank 0 of pp=64
+            # interleaved holds 96 microbatches, counted as 128, and lost the all-selective layout, #17): this rank's
+            # own count may admit faster strategies. Run at once where nothing fit, else with the refined DPs.
+            own: Optional[_OwnCount] = _OwnCount(o, table, (keys, inflight, first, last), used, extra, extra_lo, res, refine)
+            if res is None:
+                res, refine = own.dp()
+                own = None
+            else:
+                refine = own.refine
+        else:
+            own = None
         if res is None:
             # The DP's buckets and rounded-up in-flight count are conservative: fall back to the
             # memory-minimal assignment when that fits; otherwise it says how far off the layout is.
@@ -1187,19 +1200,25 @@ def _assign_layers(o: _Outer, table: _KindTable, stages: list[list[int]]
                 return None, (need + cm.framework_overhead_bytes(o.hw, need)) / cm.GIB, None
             res = (float(sum(k.obj[j] for k, j in zip(ks, mins))), mins)
         if refine is not None:
-            pending.append((layers, keys, used, refine))
+            pending.append((layers, keys, used, refine, own))
         _place(choices, layers, keys, used, res[1])
 
     def refined() -> list[list[LayerStrategy]]:
-        """Assignments with every rank's refined answers: the first ones (within the budget), then the last ones."""
+        """Assignments with every rank's refined answers: the first ones (within the budget), the last ones of the
+        shared DPs (where a rank's own-count DP added faster ones after them), then the last ones."""
         out = []
-        for pick in (0, -1):
+        for pick in ("first", "shared", "last"):
             alt, found = dict(choices), False
-            for layers, keys, used, refine in pending:
+            for layers, keys, used, refine, own in pending:
                 got = refine()
+                i = 0 if pick == "first" else -1
+                if pick == "shared" and own is not None:
+                    if not own.n_shared:
+                        continue  # the shared DP had no faster answer: the rank keeps its first one
+                    i = own.n_shared - 1
                 if got:
                     found = True
-                    _place(alt, layers, keys, used, got[pick][1])
+                    _place(alt, layers, keys, used, got[i][1])
             if found:
                 strategies = [alt[i] for i in range(cfg.n_layers)]
                 if strategies not in out:
@@ -1207,6 +1226,38 @@ def _assign_layers(o: _Outer, table: _KindTable, stages: list[list[int]]
         return out
 
     return [choices[i] for i in range(cfg.n_layers)], None, refined if pending else None
+
+
+class _OwnCount:
+    """One rank's DP at its own in-flight count where the shared DP ran at a rounded-up one and memory binds:
+    (keys, inflight, first, last) is its memo key in ``table.rank_results``. Every answer fits at the rank's count,
+    so it can only add faster candidates."""
+
+    def __init__(self, o: _Outer, table: _KindTable, sig: tuple, used: dict[bool, _Kind], extra: float,
+                 extra_lo: float, res: Optional[tuple[float, list[int]]], refine: Optional[Callable[[], Any]]) -> None:
+        self.o, self.table, self.sig, self.used, self.extra, self.extra_lo = o, table, sig, used, extra, extra_lo
+        self.res, self.shared_refine = res, refine
+        self.n_shared = 0  # how many of ``refine``'s answers are the shared DP's (set by ``refine``)
+
+    def dp(self) -> tuple[Optional[tuple[float, list[int]]], Optional[Callable[[], Any]]]:
+        """``_rank_dp`` at the rank's own count (memoised per key: ranks with the same count share it)."""
+        memo = self.table.rank_results
+        if self.sig not in memo:
+            keys, inflight = self.sig[0], self.sig[1]
+            memo[self.sig] = _rank_dp(self.o, self.table, keys, self.used, self.o.usable - self.extra, inflight,
+                                      self.o.usable - self.extra_lo)
+        return memo[self.sig]
+
+    def refine(self) -> list[tuple[float, list[int]]]:
+        """Faster answers, fastest last (as ``_rank_dp``'s refine): the shared DP's refinements (``n_shared`` of them),
+        then the own-count DP's answer and refinements that beat them all."""
+        found = list(self.shared_refine()) if self.shared_refine is not None else []
+        self.n_shared = len(found)
+        res, refine = self.dp()
+        for x in ([res] if res is not None else []) + (refine() if refine is not None else []):
+            if x[0] < (found[-1][0] if found else self.res[0] if self.res is not None else math.inf):
+                found.append(x)
+        return found
 
 
 def _place(choices: dict[int, LayerStrategy], layers: list[int], keys: tuple[bool, ...], used: dict[bool, _Kind],

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-fast bench gpu-check clean
+.PHONY: setup run test test-fast bench gpu-check compat clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ bench: setup
 GPU_PY ?= python3
 gpu-check:  ## one JSON report: trainer vs plain compiled loop vs HF, 1.3B llama MFU, planned llama2-7b (< 8 min)
 	PYTHONPATH=$(CURDIR) $(GPU_PY) benchmarks/gpu_check.py --out gpu_check.json
+
+# The suites under the GPU image's torch (2.11) on this CPU, in a venv outside the repo (network; ~4 min to build)
+compat:  ## unit + distributed tests under torch $(TORCH) (default 2.11.0): failures beyond the absent optional stacks
+	TORCH=$${TORCH:-2.11.0} bash benchmarks/torch_compat.sh all
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

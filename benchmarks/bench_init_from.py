@@ -58,8 +58,9 @@ def main() -> None:
         for i in range(args.repeat):
             for tree in trees:
                 env = {**os.environ, "PYTHONPATH": tree}
+                # cwd outside every tree: `python -c` puts the cwd first on sys.path, ahead of PYTHONPATH
                 out = subprocess.run([sys.executable, "-c", CHILD, str(ckpt), str(Path(tmp) / f"run{i}")], env=env,
-                                     capture_output=True, text=True, timeout=900, check=True)
+                                     capture_output=True, text=True, timeout=900, check=True, cwd=tmp)
                 rows[tree].append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"checkpoint: Llama {params / 1e6:.0f}M parameters ({args.layers} layers, d_model {args.d_model}), fp32")
         print("| tree | init | build s (each run) | best | peak RSS GiB |")

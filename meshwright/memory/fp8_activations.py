@@ -79,6 +79,8 @@ class _QuantCache:
 
     def get(self, x: torch.Tensor, dtype: torch.dtype, key: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(FP8 copy of x's shape, fp32 scale); ``key`` as in :meth:`get_t`."""
+        if torch.compiler.is_compiling():  # see get_t
+            return quantize_per_tensor(x, dtype)
         key = x if key is None else key
         if not self._hit(x, dtype, False, key):
             q, scale = quantize_per_tensor(x, dtype)
@@ -92,6 +94,11 @@ class _QuantCache:
 
         ``key`` (default x) is the tensor the entry lives as long as; a view of it with the same shape,
         strides and offset hits (tensor-parallel linears get fresh views of one activation)."""
+        if torch.compiler.is_compiling():
+            # traced: the weakref/version/offset checks would break the graph at every linear (24 breaks in a
+            # 2-block model compiled whole); in one graph the shared input's casts are common subexpressions
+            q, qt, scale = quantize_per_tensor_t(_flat2(x), dtype)
+            return q, qt, scale
         key = x if key is None else key
         if not self._hit(x, dtype, True, key):
             q, qt, scale = quantize_per_tensor_t(_flat2(x), dtype)  # 2-D: one compiled graph for any rank

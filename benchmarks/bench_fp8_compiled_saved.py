@@ -1,0 +1,32 @@
+"""Bytes saved for backward per token by one llama block, eager vs torch.compile (inductor), with and without FP8
+activations: the slope between two sequence lengths, so the block's weight casts (a constant) drop out.
+
+    python benchmarks/bench_fp8_compiled_saved.py        (CPU, bf16 autocast, ~1 min)
+"""
+import torch, json
+from meshwright.config import load_model_config
+from meshwright.models import build_model
+from meshwright.memory.fp8_activations import apply_fp8_activations
+from meshwright.memory.accounting import count_saved_bytes
+cfg = load_model_config({"name": "b", "arch": "llama", "vocab_size": 512, "d_model": 512, "n_layers": 1, "n_heads": 8,
+                         "n_kv_heads": 8, "ffn_hidden": 1408, "max_seq_len": 1024})
+res = {}
+for saver in ["none", "fp8_act"]:
+    for mode in ["eager", "inductor"]:
+        torch._dynamo.reset()
+        m = build_model(cfg, seed=0)
+        if saver != "none":
+            apply_fp8_activations(m, gemm_layers=())
+        blk = m.layers["0"] if hasattr(m.layers, "keys") else m.layers[0]
+        f = blk if mode == "eager" else torch.compile(blk, backend=mode, dynamic=False)
+        tot = {}
+        for seq in (256, 512):
+            h = torch.randn(2, seq, cfg.d_model, requires_grad=True)
+            with torch.autocast("cpu", torch.bfloat16):
+                f(h)
+                with count_saved_bytes(blk) as sb:
+                    o = f(h)
+            o.float().sum().backward()
+            tot[seq] = sb.total
+        res[f"{saver}/{mode}"] = (tot[512] - tot[256]) / (2 * 256)
+        print(saver, mode, "bytes/token", res[f"{saver}/{mode}"], "per d_model", res[f"{saver}/{mode}"] / cfg.d_model, flush=True)

@@ -1,15 +1,20 @@
 """Bytes saved for backward per token by one llama block, eager vs torch.compile (inductor), with and without FP8
 activations: the slope between two sequence lengths, so the block's weight casts (a constant) drop out.
 
-    python benchmarks/bench_fp8_compiled_saved.py        (CPU, bf16 autocast, ~1 min)
+    python benchmarks/bench_fp8_compiled_saved.py [llama512|llama1024|gpt2_512]   (CPU, bf16 autocast, ~1 min)
 """
 import torch, json
 from meshwright.config import load_model_config
 from meshwright.models import build_model
 from meshwright.memory.fp8_activations import apply_fp8_activations
 from meshwright.memory.accounting import count_saved_bytes
-cfg = load_model_config({"name": "b", "arch": "llama", "vocab_size": 512, "d_model": 512, "n_layers": 1, "n_heads": 8,
-                         "n_kv_heads": 8, "ffn_hidden": 1408, "max_seq_len": 1024})
+import sys
+shapes = {"llama512": {"arch": "llama", "d_model": 512, "n_heads": 8, "n_kv_heads": 8, "ffn_hidden": 1408},
+          "llama1024": {"arch": "llama", "d_model": 1024, "n_heads": 16, "n_kv_heads": 16, "ffn_hidden": 2816},
+          "gpt2_512": {"arch": "gpt2", "d_model": 512, "n_heads": 8}}
+name = sys.argv[1] if len(sys.argv) > 1 else "llama512"
+cfg = load_model_config({"name": "b", "vocab_size": 512, "n_layers": 1, "max_seq_len": 1024, **shapes[name]})
+print(name, flush=True)
 res = {}
 for saver in ["none", "fp8_act"]:
     for mode in ["eager", "inductor"]:

@@ -416,6 +416,21 @@ def block_saved_bytes_per_token(cfg: ModelConfig, fp8_act: bool = False, tokens:
     ``fp8_gemm`` (with ``fp8_act``): wo's input is saved in FP8 too (its GEMM runs in FP8), and with
     ``tokens`` the FP8 weight copies the backward GEMMs reuse (1 byte per linear weight) and their scales.
     """
+    rep, shard = block_saved_bytes_split(cfg, fp8_act, dtype_bytes, fp8_gemm)
+    extra = 0.0
+    if fp8_act and tokens:
+        extra = 12 / tokens
+        if fp8_gemm:
+            n_linear = 6 if cfg.arch == "gpt2" else 7
+            extra += (block_linear_params(cfg) + 4 * (n_linear + 1)) / tokens
+    return rep + shard + extra
+
+
+def block_saved_bytes_split(cfg: ModelConfig, fp8_act: bool = False, dtype_bytes: int = 4,
+                            fp8_gemm: bool = False) -> tuple[float, float]:
+    """``block_saved_bytes_per_token`` without the per-tensor terms, split as tensor parallelism splits it: (the
+    norms' part, outside the tp region: sequence-sharded under SP, else replicated; the attention core and MLP
+    part, inside it: divided by tp). Bytes per token."""
     d, hq, f, nh = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.ffn_dim, cfg.n_heads
     b = dtype_bytes
     gpt2 = cfg.arch == "gpt2"
@@ -426,16 +441,11 @@ def block_saved_bytes_per_token(cfg: ModelConfig, fp8_act: bool = False, tokens:
         # llama: fp32 input, normalised (compute dtype), weighted output, fp32 1/rms
         norm = (2 * d * b + 2 * b) if gpt2 else (4 + 2 * b) * d + 4
         mlp = (2 * f if gpt2 else 4 * f) * b  # gpt2: gelu input, w2 input; llama: a, b, silu(a), w2 input
-        return float(2 * norm + core + mlp)
+        return float(2 * norm), float(core + mlp)
     grp = lambda n: n + 4 * -(-n // GROUP)  # noqa: E731  FP8 + fp32 scale per 1x16 group
     norm = grp(d) + stats + d  # FP8 1x16 norm input, stats, FP8 per-tensor input of the next linears
     mlp = (grp(f) if gpt2 else 2 * grp(f)) + f  # FP8 1x16 activation inputs, FP8 per-tensor w2 input
-    extra = 12 / tokens if tokens else 0.0
-    if fp8_gemm:
-        n_linear = 6 if gpt2 else 7
-        extra += (block_linear_params(cfg) + 4 * (n_linear + 1)) / tokens if tokens else 0.0
-        return float(2 * norm + core + mlp + hq) + extra  # + wo's FP8 input (and its scale, in extra)
-    return float(2 * norm + core + mlp) + extra
+    return float(2 * norm), float(core + mlp + (hq if fp8_gemm else 0))  # fp8_gemm: + wo's FP8 input
 
 
 def fp8_activation_saved_fraction(cfg: ModelConfig, dtype_bytes: int = 4) -> float:

@@ -32,7 +32,8 @@ def divisors(n: int) -> list[int]:
 # Upper bounds on sizes, far above any real model (Llama-3 405B: 126 layers, d_model 16384, vocab 128k) and far
 # below what hangs or crashes the allocator (10^8 layers hung model construction; vocab 10^12 crashed it).
 MAX_SIZES = {"vocab_size": 2**24, "d_model": 2**17, "n_layers": 10_000, "n_heads": 2**12, "n_kv_heads": 2**12,
-             "ffn_hidden": 2**20, "moe_ffn_hidden": 2**20, "max_seq_len": 2**22, "n_experts": 4096, "multiple_of": 2**16}
+             "ffn_hidden": 2**20, "moe_ffn_hidden": 2**20, "max_seq_len": 2**22, "n_experts": 4096, "multiple_of": 2**16,
+             "attn_head_dim": 2**14}  # head_dim: 128 in every large model; 2**53 was blamed on the model as a whole
 MAX_STEPS = 10**9
 MAX_TOKENS_PER_STEP = 2**34
 # The trainer holds every evaluation batch in memory for the whole run (int64 inputs + targets, 16 bytes a token):
@@ -258,6 +259,8 @@ class ClusterSpec:
                   "memory_bw_gbps")
         if self.host_power_w < 0:
             raise invalid(f"{p}host_power_w", self.host_power_w, "a non-negative number of W per node")
+        if self.devices_per_node > MAX_DEVICES:  # named itself, not as "nodes=1 is invalid"
+            raise invalid(f"{p}devices_per_node", self.devices_per_node, f"at most {MAX_DEVICES:,} devices in all")
         if self.nodes * self.devices_per_node > MAX_DEVICES:  # 10^9 nodes hung the planner enumerating divisors
             raise invalid(f"{p}nodes", self.nodes, f"at most {MAX_DEVICES:,} devices in all (nodes x devices_per_node="
                           f"{self.devices_per_node})")

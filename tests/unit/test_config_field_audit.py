@@ -1,0 +1,391 @@
+"""A generated bad-input audit over every field of every config dataclass (TrainConfig with its data, meft, inline
+model and cluster sections; ModelConfig and ClusterSpec files; the Plan with its layers, pipeline, embedding and
+optimizer), found by introspection, not listed by hand: a field added later is audited too.
+
+Each field gets the wrong values YAML can produce for its type (a string for a number, a list or a mapping for a
+scalar, null for a required value, zero and negative counts, NaN and infinities, a huge integer, an unknown enum
+string, ...), written into a YAML file and read through the public loading path. Every case must end in acceptance
+(the value is in fact valid; it is then carried on through what `train`/`plan` compute before any model is built)
+or one ConfigError line naming the field and what is valid. A traceback of another type, a multi-line message, a
+message not naming the field or a hang is a finding. A cheap subset goes through the CLI (`train`, `plan`,
+`profile model`, `export`) and must be one stderr line and exit 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import signal
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Union, get_args, get_origin, get_type_hints
+
+import pytest
+import yaml
+
+import meshwright.train.build as build
+from meshwright.cli import main
+from meshwright.config import ClusterSpec, MeftConfig, ModelConfig, TrainConfig, load_cluster, load_model_config
+from meshwright.config import load_train_config
+from meshwright.config.presets import CONFIG_ROOT
+from meshwright.data.loader import TokenDataset, resolve_data_path
+from meshwright.errors import ConfigError
+from meshwright.config.io import read_mapping
+from meshwright.launcher.planner import cost_model as cm
+from meshwright.launcher.remote.hostfile import Host, load_hosts
+from meshwright.memory.lemo import LemoConfig, apply_lemo
+from meshwright.models import build_model
+from meshwright.plan import Plan, default_plan, load_plan
+from meshwright.tools.sinks import check_sink_packages
+from meshwright.train.checkpoint import STATE_FILE
+
+MICRO = {"name": "micro", "vocab_size": 256, "d_model": 64, "n_layers": 2, "n_heads": 4, "ffn_hidden": 128,
+         "max_seq_len": 64}
+CASE_TIMEOUT_S = 10  # a case that takes longer is a hang (every one takes milliseconds)
+
+TINY = yaml.safe_load((CONFIG_ROOT / "models" / "tiny.yaml").read_text())
+LOCAL = yaml.safe_load((CONFIG_ROOT / "clusters" / "local-cpu.yaml").read_text())
+TRAIN = {**yaml.safe_load((CONFIG_ROOT / "train" / "tiny-test.yaml").read_text()), "out_dir": "runs/audit"}
+PLAN = {"version": 1, "model": "tiny", "cluster": "local-cpu", "seq_len": TRAIN["seq_len"],
+        "global_batch": TRAIN["global_batch"], "micro_batch": TRAIN["micro_batch"],
+        "pipeline": {"stages": [[0, TINY["n_layers"]]]}, "layers": [{"repeat": TINY["n_layers"]}],
+        "embedding": {}, "optimizer": {}, "predicted": {}}
+
+
+# ---- the walk ---------------------------------------------------------------------------------------------
+
+def _unwrap(hint: Any) -> tuple[Any, bool]:
+    """(the type inside Optional[...], whether null is allowed)."""
+    if get_origin(hint) in (Union, types.UnionType):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        nullable = len(args) < len(get_args(hint))
+        return (args[0] if len(args) == 1 else Union[tuple(args)]), nullable
+    return hint, False
+
+
+def walk(cls: type, path: tuple = ()) -> list[tuple[tuple, Any]]:
+    """Every (path, annotation) under dataclass ``cls``: its fields, the fields of nested dataclasses, the first
+    item of a list of dataclasses or lists, and one key of a typed mapping."""
+    out: list[tuple[tuple, Any]] = []
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        hint = hints[f.name]
+        here = (*path, f.name)
+        out.append((here, hint))
+        out.extend(_walk_type(_unwrap(hint)[0], here))
+    return out
+
+
+def _walk_type(tp: Any, path: tuple) -> list[tuple[tuple, Any]]:
+    if dataclasses.is_dataclass(tp):
+        return walk(tp, path)
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is list and args and (dataclasses.is_dataclass(args[0]) or get_origin(args[0]) is list):
+        return [((*path, 0), args[0]), *_walk_type(args[0], (*path, 0))]
+    if origin is list and args:
+        return [((*path, 0), args[0])]
+    if origin is dict and args and args[1] is not Any:
+        return [((*path, "fp32"), args[1])]  # the one typed mapping: ClusterSpec.peak_tflops
+    return []
+
+
+def wrong_values(hint: Any) -> list[Any]:
+    """Values YAML can produce that are wrong for ``hint`` (some turn out valid: zero where 0 means off)."""
+    tp, nullable = _unwrap(hint)
+    values: list[Any] = [] if nullable else [None]
+    origin = get_origin(tp)
+    if tp is bool:
+        return values + ["abc", "true", 1, [True], {"x": 1}]
+    if tp is int:
+        return values + ["abc", "12", 1.5, True, 0, -1, 2**53, 10**30, math.nan, math.inf, [1, 2], {"x": 1}]
+    if tp is float:
+        return values + ["abc", True, 0, -1, 10**30, 1e300, math.nan, math.inf, -math.inf, "nan", "-inf", [1.0],
+                         {"x": 1}]
+    if tp is str:
+        return values + [123, 1.5, True, "", " ", [1, 2], {"x": 1}]
+    if origin is Literal:
+        first = get_args(tp)[0]
+        return values + ["bogus", str(first).upper(), 1, [first], {"x": first}]
+    if origin is list:
+        return values + ["abc", 5, {"x": 1}, [], ["x"], [None], [1], [1, 2, 3], [-1, 2**53]]
+    if origin is dict:
+        return values + ["abc", 5, [1], {}, {"bogus": 1}, {"fp32": math.nan}, {"fp32": "x"}]
+    if dataclasses.is_dataclass(tp):
+        return values + ["abc", 5, [1], {"bogus": 1}]
+    return values + [5, 1.5, True, [1], {"bogus": 1}, ""]  # Any: a preset name, path or mapping
+
+
+# ---- roots: a base document, the public loader and what is computed from it before a model is built ---------
+
+class Reached(Exception):
+    """The run got as far as building the model: everything before it accepted the config."""
+
+
+def _no_build(*a: Any, **k: Any) -> None:
+    raise Reached
+
+
+def _train_downstream(cfg: TrainConfig, path: Path, monkeypatch: pytest.MonkeyPatch, plan: str | None = None) -> None:
+    """What `meshwright train` does with a loaded config before the model is built (build_runtime's checks)."""
+    check_sink_packages(cfg.tensorboard, cfg.wandb)
+    monkeypatch.setattr(build, "build_model", _no_build)
+    monkeypatch.setattr(build, "build_distributed_runtime", _no_build)
+    job = build.TrainingJob.resolve(cfg, plan)
+    try:
+        build.build_runtime(job)
+    except Reached:
+        pass
+    if cfg.data.path != "default":  # the default corpus is prepared (slow) and its path is a fixed word
+        TokenDataset(resolve_data_path(cfg.data, job.model.vocab_size, progress=False))
+
+
+@dataclass
+class Root:
+    name: str  # id prefix
+    cls: type
+    base: dict[str, Any]
+    inside: tuple  # where cls sits in the document
+    label: str  # prefix the messages use for fields under ``inside``
+    load: Callable[[Path, pytest.MonkeyPatch], Any]
+
+    def cases(self) -> list[tuple[tuple, Any]]:
+        return [((*self.inside, *p), hint) for p, hint in walk(self.cls)]
+
+    def field(self, path: tuple) -> str:
+        inner = path[len(self.inside):]
+        text = self.label
+        for part in inner:
+            text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+        return text
+
+
+def _load_train(path: Path, mp: pytest.MonkeyPatch) -> None:
+    _train_downstream(load_train_config(str(path)), path, mp)
+
+
+def _load_model(path: Path, mp: pytest.MonkeyPatch) -> None:
+    cfg = load_model_config(str(path))
+    cfg.num_params(), cfg.flops_per_token()
+    default_plan(cfg, 1, min(64, cfg.max_seq_len), 8, 8)
+
+
+def _load_cluster(path: Path, mp: pytest.MonkeyPatch) -> None:
+    spec = load_cluster(str(path))
+    cm.hardware_from_cluster(spec)
+    spec.peak_flops("bf16")
+
+
+def _load_hosts(path: Path, mp: pytest.MonkeyPatch) -> None:
+    load_hosts(path)
+
+
+def _load_lemo(path: Path, mp: pytest.MonkeyPatch) -> None:
+    apply_lemo(build_model(MICRO), read_mapping(path))  # the mapping form apply_lemo reads (from_dict inside)
+
+
+def _load_plan(path: Path, mp: pytest.MonkeyPatch) -> None:
+    load_plan(path)
+    _train_downstream(load_train_config(TRAIN), path, mp, plan=str(path))
+
+
+ROOTS = [
+    Root("train", TrainConfig, TRAIN, (), "", _load_train),
+    Root("train.meft", MeftConfig, {**TRAIN, "meft": {}}, ("meft",), "meft", _load_train),
+    Root("train.model", ModelConfig, {**TRAIN, "model": TINY}, ("model",), "model", _load_train),
+    Root("train.cluster", ClusterSpec, {**TRAIN, "cluster": LOCAL}, ("cluster",), "cluster", _load_train),
+    Root("model", ModelConfig, TINY, (), "model", _load_model),
+    Root("cluster", ClusterSpec, LOCAL, (), "cluster", _load_cluster),
+    Root("plan", Plan, PLAN, (), "", _load_plan),
+    Root("hosts", Host, {"hosts": [{"name": "n0", "slots": 2}]}, ("hosts", 0), "hosts[0]", _load_hosts),
+    Root("lemo", LemoConfig, {"block_size": 16}, (), "lemo", _load_lemo),
+]
+FIELDS = [(root, path, hint) for root in ROOTS for path, hint in root.cases()]
+
+
+def _set(doc: Any, path: tuple, value: Any) -> Any:
+    """A deep copy of ``doc`` with ``path`` set to ``value`` (missing parents become mappings)."""
+    doc = yaml.safe_load(yaml.safe_dump(doc))
+    target = doc
+    for part in path[:-1]:
+        if isinstance(part, str) and (not isinstance(target, dict) or part not in target):
+            target[part] = {}
+        target = target[part]
+    target[path[-1]] = value
+    return doc
+
+
+def _field_named(message: str, field: str) -> bool:
+    """The message names ``field`` (list indices at its end may be left out: ``pipeline.stages`` for
+    ``pipeline.stages[0][0]``); a plan's fields may be prefixed ``plan.`` (check_plan_matches)."""
+    need = re.sub(r"(\[\d+\])+$", "", field)
+    return re.search(r"(?<![\w.\[])(plan\.)?" + re.escape(need) + r"(?![\w])", message) is not None
+
+
+class _Hang(Exception):
+    pass
+
+
+def _alarm(*_: Any) -> None:
+    raise _Hang
+
+
+def run_case(root: Root, path: tuple, value: Any, tmp: Path, mp: pytest.MonkeyPatch) -> str | None:
+    """None if the case is fine (accepted, or a one-line error naming the field); else what went wrong."""
+    file = tmp / f"{root.name}.yaml"
+    try:
+        file.write_text(yaml.safe_dump(_set(root.base, path, value), sort_keys=False))
+    except Exception as exc:  # the value cannot be written as YAML: not a case
+        return f"could not write YAML ({exc})"
+    field = root.field(path)
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, CASE_TIMEOUT_S)
+    try:
+        with mp.context() as m:
+            root.load(file, m)
+    except _Hang:
+        return f"hung (> {CASE_TIMEOUT_S} s)"
+    except ConfigError as exc:
+        msg = str(exc)
+        if "\n" in msg:
+            return f"multi-line error: {msg!r}"
+        if not _field_named(msg, field):
+            return f"error does not name {field}: {msg!r}"
+        if "valid" not in msg:
+            return f"error does not say what is valid: {msg!r}"
+        return None
+    except Exception as exc:  # noqa: BLE001 - the finding itself
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        return f"{type(exc).__module__}.{type(exc).__name__}: {first}"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+def _id(case: tuple) -> str:
+    root, path, _ = case
+    return f"{root.name}:{root.field(path) or path}"
+
+
+@pytest.mark.parametrize("case", FIELDS, ids=[_id(c) for c in FIELDS])
+def test_every_wrong_value_is_accepted_or_one_line_naming_the_field(case, tmp_path, monkeypatch):
+    root, path, hint = case
+    findings = []
+    for value in wrong_values(hint):
+        problem = run_case(root, path, value, tmp_path, monkeypatch)
+        if problem is not None:
+            findings.append(f"{root.field(path)}={value!r}: {problem}")
+    assert not findings, "\n".join(findings)
+
+
+def test_the_walk_reaches_every_config_dataclass():
+    """The introspection found the nested sections (a walk that stopped at the top would audit little)."""
+    names = {_id(c) for c in FIELDS}
+    for expected in ("train:data.val_fraction", "train.meft:meft.guard_every", "train.model:model.n_kv_heads",
+                     "train.cluster:cluster.peak_tflops.fp32", "plan:layers[0].savers.wta_crs",
+                     "plan:pipeline.stages[0][0]", "plan:embedding.tp", "plan:optimizer.states", "model:model.top_k",
+                     "cluster:cluster.clock_fraction"):
+        assert expected in names, expected
+    assert len(FIELDS) > 150
+
+
+# ---- the CLI: a cheap subset ------------------------------------------------------------------------------
+
+PLAN_ARGS = ["--seq-len", "64", "--global-batch", "8", "--top", "1", "--json"]
+
+
+def _cli_argvs(root: Root, file: Path, tmp: Path) -> list[list[str]]:
+    """The commands that read ``file`` as their config (refused cases only for `train`: nothing may train)."""
+    if root.name.startswith("train"):
+        run = tmp / "run"
+        (run / "ckpt" / "step_000001").mkdir(parents=True, exist_ok=True)
+        (run / "ckpt" / "step_000001" / STATE_FILE).write_text("{}")
+        (run / "config.yaml").write_text(file.read_text())
+        return [["train", str(file)], ["export", str(run), "--hf", str(tmp / "hf")]]
+    if root.name == "model":
+        run = tmp / "run"
+        (run / "ckpt" / "step_000001").mkdir(parents=True, exist_ok=True)
+        (run / "ckpt" / "step_000001" / STATE_FILE).write_text("{}")
+        (run / "config.yaml").write_text(yaml.safe_dump(TRAIN))
+        (run / "model.yaml").write_text(file.read_text())
+        return [["plan", "--model", str(file), "--cluster", "local-cpu", *PLAN_ARGS],
+                ["profile", "model", "--model", str(file), "--out", str(tmp / "prof.json")],
+                ["export", str(run), "--hf", str(tmp / "hf")]]
+    if root.name == "cluster":
+        return [["plan", "--model", "tiny", "--cluster", str(file), *PLAN_ARGS]]
+    if root.name == "plan":
+        return [["train", "tiny-test", f"out_dir={tmp / 'o'}", "--plan", str(file)]]
+    if root.name == "hosts":
+        return [["launch", "--hosts", str(file), "--dry-run", "--", "train", "tiny-test"]]
+    return []
+
+
+def _cli_cases() -> list[tuple[Root, tuple, Any]]:
+    """Per field the first wrong value the loader refuses (and, for `plan`-only roots, every accepted one)."""
+    out = []
+    for root, path, hint in FIELDS:
+        if root.name == "lemo":  # a Python API (apply_lemo), no command reads it
+            continue
+        values = wrong_values(hint)
+        out.append((root, path, values[0 if values[0] is not None else 1]))
+    return out
+
+
+CLI_CASES = _cli_cases()
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=[f"{r.name}:{r.field(p)}={v!r}" for r, p, v in CLI_CASES])
+def test_cli_refusal_is_one_stderr_line_naming_the_field(case, tmp_path, capsys):
+    root, path, value = case
+    file = tmp_path / f"{root.name}.yaml"
+    file.write_text(yaml.safe_dump(_set(root.base, path, value), sort_keys=False))
+    field = root.field(path)
+    for argv in _cli_argvs(root, file, tmp_path):
+        capsys.readouterr()
+        rc = main(argv)
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert rc == 2 and len(err) == 1, (argv[0], rc, err)
+        assert "error:" in err[0] and _field_named(err[0], field), (argv[0], err[0])
+        assert not (tmp_path / "o").exists() and not (tmp_path / "hf").exists()
+
+
+PLANNED = [c for c in FIELDS if c[0].name in ("model", "cluster")]
+
+
+@pytest.mark.parametrize("case", PLANNED, ids=[_id(c) for c in PLANNED])
+def test_accepted_values_plan_or_are_refused_in_one_line(case, tmp_path, capsys, monkeypatch):
+    """A model or cluster value the loader accepts is searched by `meshwright plan` (huge but finite peaks,
+    bandwidths, memories, coefficients): a plan, or one line naming the field."""
+    root, path, hint = case
+    file = tmp_path / f"{root.name}.yaml"
+    for value in wrong_values(hint):
+        file.write_text(yaml.safe_dump(_set(root.base, path, value), sort_keys=False))
+        try:
+            root.load(file, monkeypatch)
+        except ConfigError:
+            continue  # refused: the other tests check how
+        capsys.readouterr()
+        rc = main(_cli_argvs(root, file, tmp_path)[0])
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert rc == 0 or (rc == 2 and len(err) == 1 and _field_named(err[0], root.field(path))), (value, rc, err)
+
+
+def test_huge_hostfile_slots_are_refused(tmp_path):
+    """The hostfile YAML is read without the config io's integer bound: 10^30 slots became the launch command's
+    --nproc-per-node (found in the audit's list of accepted values)."""
+    hosts = tmp_path / "hosts.yaml"
+    hosts.write_text(yaml.safe_dump({"hosts": [{"name": "n0", "slots": 10**30}]}))
+    with pytest.raises(ConfigError, match=r"hosts\[0\]\.slots=10+ is invalid; valid: a positive integer, at most"):
+        load_hosts(hosts)
+    hosts.write_text(yaml.safe_dump({"hosts": [{"name": "n0", "slots": 2, "port": True}]}))
+    with pytest.raises(ConfigError, match=r"hosts\[0\]\.port=True is invalid"):  # was port 1
+        load_hosts(hosts)

@@ -466,8 +466,10 @@ class MeftConfig:
                 or self.scale <= 0:
             what = {"meft1": "λ", "meft2": "β", "meft3": "λ=β"}[self.variant]
             raise invalid(f"{prefix}.scale", self.scale, f"a finite number > 0 ({what} of {self.variant}; paper: 0.1)")
-        if isinstance(self.adapter_dim, bool) or not isinstance(self.adapter_dim, int) or self.adapter_dim <= 0:
-            raise invalid(f"{prefix}.adapter_dim", self.adapter_dim, "a positive integer (adapter bottleneck width)")
+        if isinstance(self.adapter_dim, bool) or not isinstance(self.adapter_dim, int) or self.adapter_dim <= 0 \
+                or self.adapter_dim > MAX_SIZES["d_model"]:  # 2**53 was an allocator failure after the model was built
+            raise invalid(f"{prefix}.adapter_dim", self.adapter_dim, f"a positive integer, at most "
+                          f"{MAX_SIZES['d_model']:,} (adapter bottleneck width)")
         if not 0.0 <= self.adapter_dropout < 1.0:
             raise invalid(f"{prefix}.adapter_dropout", self.adapter_dropout, "a number in [0, 1)")
         if self.adapter_init_std < 0:

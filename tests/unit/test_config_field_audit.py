@@ -389,3 +389,34 @@ def test_huge_hostfile_slots_are_refused(tmp_path):
     hosts.write_text(yaml.safe_dump({"hosts": [{"name": "n0", "slots": 2, "port": True}]}))
     with pytest.raises(ConfigError, match=r"hosts\[0\]\.port=True is invalid"):  # was port 1
         load_hosts(hosts)
+
+
+# ---- values valid alone, nonsense together ----------------------------------------------------------------
+
+ONE_DEVICE_LEMO = ("version: 1\nmodel: tiny\nseq_len: 64\nglobal_batch: 8\nmicro_batch: 4\n"
+                   "layers:\n  - {repeat: 4, savers: {lemo: 0.5}}\n")
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["micro_batch=16"], "global_batch=8 is invalid; valid: a multiple of micro_batch=16"),
+    (["seq_len=512"], "seq_len=512 is invalid; valid: at most model.max_seq_len=256"),
+    (["--plan", str(CONFIG_ROOT / "plans" / "tiny-dp2.yaml")], "valid: a plan for this process count"),
+    (["meft={adapter_dim: 9007199254740992}"], "meft.adapter_dim=9007199254740992 is invalid"),  # allocator failure
+    (["--plan", "one-device-lemo.yaml"], "layers[0].savers.lemo=0.5 is applied by the distributed runtime"),
+])
+def test_nonsense_combinations_are_one_line_before_any_step(overrides, needle, tmp_path, capsys):
+    """Checked before the model or a process group exists. A one-device plan with a per-layer saver (LeMo,
+    recompute, ZeRO) runs on the distributed runtime: outside torchrun that was torch's ValueError "environment
+    variable RANK expected"; 2**53 adapter dims reached the allocator after the model was built."""
+    (tmp_path / "one-device-lemo.yaml").write_text(ONE_DEVICE_LEMO)
+    rc = main(["train", "tiny-test", "steps=1", "warmup_steps=0", "eval_every=0", "energy=false", f"out_dir={tmp_path / 'o'}", *overrides])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and needle in err[0], (rc, err)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("field,value", [("block_size", 2**53), ("predictor_rank", 2**53)])
+def test_lemo_sizes_are_bounded(field, value):
+    """apply_lemo accepted 2**53 (the predictors' d_model x rank weights, a block longer than any sequence)."""
+    with pytest.raises(ConfigError, match=rf"^lemo.{field}={value} is invalid; valid: .*at most"):
+        apply_lemo(build_model(MICRO), {field: value})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -23,6 +24,9 @@ RECOMPUTE_MODES = ("none", "selective", "full")
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 MAX_DEGREE = 2**20  # devices in one parallel dimension
 MAX_REPEAT = 10_000  # layers of one strategy (ModelConfig allows at most 10,000 layers)
+# what `meshwright report` reads from ``predicted`` (numbers; memory_gib per stage) besides free-form notes
+PREDICTED_NUMBERS = ("step_s", "tokens_per_s", "tflops_per_device", "mfu", "hfu", "memory_gib", "memory_gib_max",
+                     "energy_j_per_step")
 MAX_MICROBATCHES = 2**24  # a pipeline's microbatches per step are at most the global batch (TrainConfig: 2**24)
 
 
@@ -158,6 +162,13 @@ class Plan:
                 raise invalid(name, getattr(self, name), "a positive integer")
         if not self.layers:
             raise invalid("layers", self.layers, "a non-empty list of layer strategies")
+        for key in PREDICTED_NUMBERS:  # 'x' here trained, then `meshwright report` failed formatting it
+            value = self.predicted.get(key)
+            items = value if isinstance(value, list) else [value]
+            if value is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                             and math.isfinite(v) for v in items):
+                raise invalid(f"predicted.{key}", value, "a finite number" + (" or a list of them, one per pipeline "
+                              "stage" if key == "memory_gib" else "") + " (as `meshwright plan` writes), or no entry")
         for name, what in (("model", "ModelConfig"), ("cluster", "ClusterSpec")):  # 5 or [1] was a TypeError later
             if not isinstance(getattr(self, name), (str, dict)):
                 raise invalid(name, getattr(self, name), f"a preset name, a path, or a mapping of {what} fields")

@@ -66,14 +66,14 @@ ROPE_SCALING = {  # rope_type -> required keys (Hugging Face names); the values 
 def validate_rope_scaling(spec: Any, key: str) -> None:
     """The rotary scalings the model implements (``meshwright.models.layers.rope_inv_freq``)."""
     kind = spec.get("rope_type", spec.get("type")) if isinstance(spec, dict) else None
-    if kind not in ROPE_SCALING:
+    if not isinstance(kind, str) or kind not in ROPE_SCALING:  # a list here was "unhashable type"
         raise invalid(f"{key}.rope_type", kind, f"one of {', '.join(ROPE_SCALING)} (or rope_scaling: null)")
     for name in ROPE_SCALING[kind]:
         value = spec.get(name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise invalid(f"{key}.{name}", value, f"a positive number (required by rope_type {kind})")
     if kind == "llama3" and not spec["high_freq_factor"] > spec["low_freq_factor"]:
-        raise invalid(f"{key}.high_freq_factor", spec["high_freq_factor"], f"greater than low_freq_factor={spec['low_freq_factor']}")
+        raise invalid(f"{key}.high_freq_factor", spec["high_freq_factor"], f"greater than {key}.low_freq_factor={spec['low_freq_factor']}")
 
 
 @dataclass

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import re
 import signal
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 import pytest
 import yaml
@@ -30,6 +31,7 @@ import meshwright.train.build as build
 from meshwright.cli import main
 from meshwright.config import ClusterSpec, MeftConfig, ModelConfig, TrainConfig, load_cluster, load_model_config
 from meshwright.config import load_train_config
+from meshwright.config.hf import HF_KEYS, hf_config_from_model
 from meshwright.config.presets import CONFIG_ROOT
 from meshwright.data.loader import TokenDataset, resolve_data_path
 from meshwright.errors import ConfigError
@@ -153,7 +155,7 @@ def _train_downstream(cfg: TrainConfig, path: Path, monkeypatch: pytest.MonkeyPa
 @dataclass
 class Root:
     name: str  # id prefix
-    cls: type
+    cls: type | None  # None: only ``extra`` (a config.json, a free-form mapping's conventional keys)
     base: dict[str, Any]
     inside: tuple  # where cls sits in the document
     label: str  # prefix the messages use for fields under ``inside``
@@ -162,7 +164,15 @@ class Root:
     extra: tuple = ()  # (path, annotation) of keys a free-form mapping holds by convention
 
     def cases(self) -> list[tuple[tuple, Any]]:
-        return [((*self.inside, *p), hint) for p, hint in [*walk(self.cls), *self.extra]]
+        fields = walk(self.cls) if self.cls is not None else []
+        return [((*self.inside, *p), hint) for p, hint in [*fields, *self.extra]]
+
+    def names(self, path: tuple) -> list[str]:
+        """What a message may call the field (a config.json key is also named by the ModelConfig field it maps to)."""
+        if self.name != "hf":
+            return [self.field(path)]
+        key = path[0]
+        return [f"config.json {key}", key, f"model.{HF_KEYS.get(key, key)}", f"model.{HF_ALIASES.get(key, key)}"]
 
     def field(self, path: tuple) -> str:
         inner = path[len(self.inside):]
@@ -196,6 +206,31 @@ def _load_lemo(path: Path, mp: pytest.MonkeyPatch) -> None:
     apply_lemo(build_model(MICRO), read_mapping(path))  # the mapping form apply_lemo reads (from_dict inside)
 
 
+def _load_hf(path: Path, mp: pytest.MonkeyPatch) -> None:
+    hf = path.with_name("config.json")  # what `--model DIR/config.json` and init_from read
+    hf.write_text(json.dumps(yaml.safe_load(path.read_text())))
+    _load_model(hf, mp)
+
+
+def _hf_base() -> dict[str, Any]:
+    """tiny-moe's config.json as `meshwright export --hf` writes it (Mixtral: the MoE keys too), plus keys of the
+    other families the mapping reads."""
+    base = hf_config_from_model(load_model_config("tiny-moe"))
+    return {**base, "layer_types": ["sliding_attention"] * base["num_hidden_layers"], "sliding_window": 64}
+
+
+def _hf_hint(value: Any) -> Any:
+    """The annotation a config.json key has, read from the value transformers writes there."""
+    if value is None:
+        return Optional[int]
+    return {bool: bool, int: int, float: float, str: str, list: list[str], dict: dict[str, Any]}[type(value)]
+
+
+HF_ALIASES = {"head_dim": "attn_head_dim", "rope_parameters": "rope_scaling", "num_local_experts": "n_experts",
+              "intermediate_size": "moe_ffn_hidden", "sliding_window": "sliding_window"}
+HF_BASE = _hf_base()
+
+
 def _load_plan(path: Path, mp: pytest.MonkeyPatch) -> None:
     plan = load_plan(path)
     _train_downstream(load_train_config(TRAIN), path, mp, plan=str(path))
@@ -215,6 +250,12 @@ ROOTS = [
          extra=tuple(((("predicted", k), list[float] if k == "memory_gib" else float) for k in PREDICTED_NUMBERS))),
     Root("hosts", Host, {"hosts": [{"name": "n0", "slots": 2}]}, ("hosts", 0), "hosts[0]", _load_hosts),
     Root("lemo", LemoConfig, {"block_size": 16}, (), "lemo", _load_lemo),
+    Root("hf", None, HF_BASE, (), "", _load_hf, extra=tuple(((k,), _hf_hint(v)) for k, v in HF_BASE.items())),
+    Root("model.rope", None, {**TINY, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
+         (), "model", _load_model, extra=((("rope_scaling", "rope_type"), Literal["llama3", "linear"]),
+                                          (("rope_scaling", "factor"), float), (("rope_scaling", "low_freq_factor"), float),
+                                          (("rope_scaling", "original_max_position_embeddings"), int))),
 ]
 FIELDS = [(root, path, hint) for root in ROOTS for path, hint in root.cases()]
 
@@ -229,6 +270,10 @@ def _set(doc: Any, path: tuple, value: Any) -> Any:
         target = target[part]
     target[path[-1]] = value
     return doc
+
+
+def _named(message: str, root: Root, path: tuple) -> bool:
+    return any(_field_named(message, name) for name in root.names(path))
 
 
 def _field_named(message: str, field: str) -> bool:
@@ -265,7 +310,7 @@ def run_case(root: Root, path: tuple, value: Any, tmp: Path, mp: pytest.MonkeyPa
         msg = str(exc)
         if "\n" in msg:
             return f"multi-line error: {msg!r}"
-        if not _field_named(msg, field):
+        if not _named(msg, root, path):
             return f"error does not name {field}: {msg!r}"
         if "valid" not in msg:
             return f"error does not say what is valid: {msg!r}"
@@ -324,7 +369,11 @@ def _cli_argvs(root: Root, file: Path, tmp: Path) -> list[list[str]]:
         (run / "ckpt" / "step_000001" / STATE_FILE).write_text("{}")
         (run / "config.yaml").write_text(file.read_text())
         return [["train", str(file)], ["export", str(run), "--hf", str(tmp / "hf")]]
-    if root.name == "model":
+    if root.name == "hf":
+        hf = file.with_name("config.json")
+        hf.write_text(json.dumps(yaml.safe_load(file.read_text())))
+        return [["plan", "--model", str(hf), "--cluster", "local-cpu", *PLAN_ARGS]]
+    if root.name.startswith("model"):
         run = tmp / "run"
         (run / "ckpt" / "step_000001").mkdir(parents=True, exist_ok=True)
         (run / "ckpt" / "step_000001" / STATE_FILE).write_text("{}")
@@ -370,11 +419,11 @@ def test_cli_refusal_is_one_stderr_line_naming_the_field(case, tmp_path, capsys,
         rc = main(argv)
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         assert rc == 2 and len(err) == 1, (argv[0], value, rc, err)
-        assert "error:" in err[0] and _field_named(err[0], field), (argv[0], value, err[0])
+        assert "error:" in err[0] and _named(err[0], root, path), (argv[0], value, err[0])
         assert not (tmp_path / "o").exists() and not (tmp_path / "hf").exists()
 
 
-PLANNED = [c for c in FIELDS if c[0].name in ("model", "cluster")]
+PLANNED = [c for c in FIELDS if c[0].name in ("model", "model.rope", "hf", "cluster")]
 
 
 @pytest.mark.parametrize("case", PLANNED, ids=[_id(c) for c in PLANNED])
@@ -392,7 +441,7 @@ def test_accepted_values_plan_or_are_refused_in_one_line(case, tmp_path, capsys,
         capsys.readouterr()
         rc = main(_cli_argvs(root, file, tmp_path)[0])
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-        assert rc == 0 or (rc == 2 and len(err) == 1 and _field_named(err[0], root.field(path))), (value, rc, err)
+        assert rc == 0 or (rc == 2 and len(err) == 1 and _named(err[0], root, path)), (value, rc, err)
 
 
 def test_huge_hostfile_slots_are_refused(tmp_path):

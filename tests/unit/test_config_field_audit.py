@@ -496,3 +496,19 @@ def test_report_skips_non_numeric_predictions_of_a_hand_edited_plan(tmp_path, ca
     for predicted in ({"memory_gib": "x"}, {"memory_gib": [1, "x"]}, {"mfu": "x"}, {"step_s": [1, "a"]}, "abc"):
         (run / "plan.yaml").write_text(yaml.safe_dump({**PLAN, "predicted": predicted}))
         assert main(["report", str(run)]) == 0, predicted
+
+
+def test_profile_out_of_memory_names_the_profile_flags(tmp_path, capsys, monkeypatch):
+    """`profile hardware --sizes 100000000` ran out of memory and was told to lower micro_batch or seq_len (train
+    config fields it does not read)."""
+    import meshwright.launcher.profiling.hardware as hardware
+
+    def oom(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried "
+                           "to allocate 40000000000000000 bytes.")
+
+    monkeypatch.setattr(hardware, "profile_hardware", oom)
+    rc = main(["profile", "hardware", "--out", str(tmp_path / "h.json"), "--sizes", "100000000", "--iters", "1"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and "out of memory" in err[0] and "--sizes" in err[0], err
+    assert "micro_batch" not in err[0]

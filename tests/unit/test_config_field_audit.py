@@ -467,6 +467,10 @@ ONE_DEVICE_LEMO = ("version: 1\nmodel: tiny\nseq_len: 64\nglobal_batch: 8\nmicro
     (["--plan", str(CONFIG_ROOT / "plans" / "tiny-dp2.yaml")], "valid: a plan for this process count"),
     (["meft={adapter_dim: 9007199254740992}"], "meft.adapter_dim=9007199254740992 is invalid"),  # allocator failure
     (["--plan", "one-device-lemo.yaml"], "layers[0].savers.lemo=0.5 is applied by the distributed runtime"),
+    # plan: auto searched first and named the plan command's flags (--seq-len, --memory-budget-gib)
+    (["plan=auto", "auto_profile=false", "seq_len=512"], "seq_len=512 is invalid; valid: at most model.max_seq_len"),
+    (["plan=auto", "auto_profile=false", "cluster={peak_tflops: {fp32: 1.0}, memory_gib: 0.0001}"],
+     "a larger cluster.memory_gib"),
 ])
 def test_nonsense_combinations_are_one_line_before_any_step(overrides, needle, tmp_path, capsys):
     """Checked before the model or a process group exists. A one-device plan with a per-layer saver (LeMo,

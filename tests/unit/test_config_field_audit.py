@@ -368,7 +368,10 @@ def _cli_argvs(root: Root, file: Path, tmp: Path) -> list[list[str]]:
         (run / "ckpt" / "step_000001").mkdir(parents=True, exist_ok=True)
         (run / "ckpt" / "step_000001" / STATE_FILE).write_text("{}")
         (run / "config.yaml").write_text(file.read_text())
-        return [["train", str(file)], ["export", str(run), "--hf", str(tmp / "hf")]]
+        hosts = tmp / "hosts"
+        hosts.write_text("n0 slots=1\n")
+        return [["train", str(file)], ["export", str(run), "--hf", str(tmp / "hf")],
+                ["launch", "--hosts", str(hosts), "--dry-run", "--", "train", str(file)]]
     if root.name == "hf":
         hf = file.with_name("config.json")
         hf.write_text(json.dumps(yaml.safe_load(file.read_text())))

@@ -1,14 +1,16 @@
-"""A generated bad-input audit over every field of every config dataclass (TrainConfig with its data, meft, inline
-model and cluster sections; ModelConfig and ClusterSpec files; the Plan with its layers, pipeline, embedding and
-optimizer), found by introspection, not listed by hand: a field added later is audited too.
+"""A generated bad-input audit over every field of every config (TrainConfig with its data, meft, inline model and
+cluster sections; ModelConfig and ClusterSpec files, rope_scaling keys; the Plan with its layers, savers, pipeline,
+embedding, optimizer and the predicted numbers `report` reads; YAML hostfile entries; LemoConfig; every key of a
+Hugging Face config.json), found by introspection, not listed by hand: a field added later is audited too.
 
 Each field gets the wrong values YAML can produce for its type (a string for a number, a list or a mapping for a
 scalar, null for a required value, zero and negative counts, NaN and infinities, a huge integer, an unknown enum
-string, ...), written into a YAML file and read through the public loading path. Every case must end in acceptance
-(the value is in fact valid; it is then carried on through what `train`/`plan` compute before any model is built)
-or one ConfigError line naming the field and what is valid. A traceback of another type, a multi-line message, a
-message not naming the field or a hang is a finding. A cheap subset goes through the CLI (`train`, `plan`,
-`profile model`, `export`) and must be one stderr line and exit 2.
+string, ...), written into a file and read through the public loading path. Every case must end in acceptance
+(the value is in fact valid; it is then carried on through what `train`/`plan`/`report` compute before any model is
+built) or one ConfigError line naming the field and what is valid. A traceback of another type, a multi-line
+message, a message not naming the field or a hang is a finding. Each field's first refused value also goes through
+the CLI (`train`, `launch --dry-run`, `plan`, `profile model`, `export`): one stderr line, exit 2. Then values valid
+alone but nonsense together, checked before any step.
 """
 
 from __future__ import annotations

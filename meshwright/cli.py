@@ -45,12 +45,19 @@ def main(argv: list[str] | None = None) -> int:
         if not _out_of_memory(exc):
             raise
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        print(f"meshwright {args.command}: error: out of memory ({first[:200]}); valid: a smaller micro_batch or "
-              f"seq_len, recompute/loss_chunk_tokens, or a layout over more devices (`meshwright plan`)", file=sys.stderr)
+        advice = OOM_ADVICE.get(args.command, OOM_ADVICE["train"])
+        print(f"meshwright {args.command}: error: out of memory ({first[:200]}); valid: {advice}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"meshwright {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+# what to change after an out-of-memory error, per command (profile's sizes are flags, not the train config's)
+OOM_ADVICE = {
+    "train": "a smaller micro_batch or seq_len, recompute/loss_chunk_tokens, or a layout over more devices (`meshwright plan`)",
+    "profile": "smaller --sizes (hardware) or --batch-sizes/--seq-lens (model)",
+}
 
 
 def _out_of_memory(exc: BaseException) -> bool:

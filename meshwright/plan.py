@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -23,6 +24,10 @@ RECOMPUTE_MODES = ("none", "selective", "full")
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 MAX_DEGREE = 2**20  # devices in one parallel dimension
 MAX_REPEAT = 10_000  # layers of one strategy (ModelConfig allows at most 10,000 layers)
+# what `meshwright report` reads from ``predicted`` (numbers; memory_gib per stage) besides free-form notes
+PREDICTED_NUMBERS = ("step_s", "tokens_per_s", "tflops_per_device", "mfu", "hfu", "memory_gib", "memory_gib_max",
+                     "energy_j_per_step")
+MAX_MICROBATCHES = 2**24  # a pipeline's microbatches per step are at most the global batch (TrainConfig: 2**24)
 
 
 @dataclass
@@ -104,11 +109,16 @@ class PipelineSpec:
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
-        for name in ("degree", "microbatches", "virtual_stages"):
+        for name, bound in (("degree", MAX_DEGREE), ("microbatches", MAX_MICROBATCHES), ("virtual_stages", MAX_REPEAT)):
             if getattr(self, name) < 1:
                 raise invalid(f"{p}{name}", getattr(self, name), "a positive integer")
+            if getattr(self, name) > bound:  # degree 2**53 was blamed on the plan file as "2**53 devices"
+                raise invalid(f"{p}{name}", getattr(self, name), f"at most {bound:,}")
         if self.schedule != "interleaved_1f1b" and self.virtual_stages != 1:
             raise invalid(f"{p}virtual_stages", self.virtual_stages, "1 unless schedule is interleaved_1f1b")
+        for j, stage in enumerate(self.stages):  # [0] or [0, 2, 4] was a ValueError unpacking (start, end)
+            if len(stage) != 2:
+                raise invalid(f"{p}stages[{j}]", stage, "a [start, end) pair of layer indices")
 
 
 @dataclass
@@ -118,8 +128,8 @@ class EmbeddingStrategy:
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
-        if self.tp < 1:
-            raise invalid(f"{p}tp", self.tp, "a positive integer")
+        if not 1 <= self.tp <= MAX_DEGREE:
+            raise invalid(f"{p}tp", self.tp, f"a positive integer, at most {MAX_DEGREE:,}")
         if self.zero not in (0, 1, 2, 3):
             raise invalid(f"{p}zero", self.zero, "0, 1, 2 or 3")
 
@@ -152,6 +162,16 @@ class Plan:
                 raise invalid(name, getattr(self, name), "a positive integer")
         if not self.layers:
             raise invalid("layers", self.layers, "a non-empty list of layer strategies")
+        for key in PREDICTED_NUMBERS:  # 'x' here trained, then `meshwright report` failed formatting it
+            value = self.predicted.get(key)
+            items = value if isinstance(value, list) else [value]
+            if value is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                             and math.isfinite(v) for v in items):
+                raise invalid(f"predicted.{key}", value, "a finite number" + (" or a list of them, one per pipeline "
+                              "stage" if key == "memory_gib" else "") + " (as `meshwright plan` writes), or no entry")
+        for name, what in (("model", "ModelConfig"), ("cluster", "ClusterSpec")):  # 5 or [1] was a TypeError later
+            if not isinstance(getattr(self, name), (str, dict)):
+                raise invalid(name, getattr(self, name), f"a preset name, a path, or a mapping of {what} fields")
 
     # ---- layer expansion -----------------------------------------------------------------------
     def layer_strategies(self) -> list[LayerStrategy]:

@@ -71,6 +71,10 @@ def _rope(data: dict[str, Any]) -> tuple[float | None, dict[str, Any] | None]:
     return theta, spec
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_fixed(data: dict[str, Any], fixed: dict[str, tuple[tuple, str]]) -> None:
     for key, (accepted, valid) in fixed.items():
         if key in data and data[key] not in accepted:
@@ -103,9 +107,12 @@ def model_config_from_hf(data: dict[str, Any], name: str = "hf") -> ModelConfig:
         out["rope_theta"] = theta
     if scaling is not None:
         out["rope_scaling"] = scaling
-    head_dim = data.get("head_dim")
-    if head_dim is not None and head_dim * data.get("num_attention_heads", 0) != data.get("hidden_size"):
-        out["attn_head_dim"] = head_dim
+    head_dim, heads = data.get("head_dim"), data.get("num_attention_heads")
+    if head_dim is not None and not (_is_int(head_dim) and _is_int(heads) and head_dim * heads == data.get("hidden_size")):
+        out["attn_head_dim"] = head_dim  # checked there (a mapping here was a TypeError multiplying it)
+    layer_types = data.get("layer_types")
+    if layer_types is not None and (not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types)):
+        raise invalid("config.json layer_types", layer_types, "null or a list of attention type names, one per layer")
     window = data.get("sliding_window")
     if model_type == "qwen2":
         out["qkv_bias"] = True
@@ -125,7 +132,7 @@ def model_config_from_hf(data: dict[str, Any], name: str = "hf") -> ModelConfig:
         out["moe_ffn_hidden"] = out.pop("ffn_hidden", None)
         out["n_experts"] = data.get("num_local_experts", 8)
         out.setdefault("top_k", 2)
-        if out["top_k"] < 2:
+        if _is_int(out["top_k"]) and out["top_k"] < 2:  # another type: model.top_k names it below
             raise invalid("config.json num_experts_per_tok", out["top_k"], "at least 2 (Mixtral renormalises the top-k gates)")
         if data.get("router_jitter_noise"):
             raise invalid("config.json router_jitter_noise", data["router_jitter_noise"], "0 (no router noise)")

@@ -32,7 +32,8 @@ def divisors(n: int) -> list[int]:
 # Upper bounds on sizes, far above any real model (Llama-3 405B: 126 layers, d_model 16384, vocab 128k) and far
 # below what hangs or crashes the allocator (10^8 layers hung model construction; vocab 10^12 crashed it).
 MAX_SIZES = {"vocab_size": 2**24, "d_model": 2**17, "n_layers": 10_000, "n_heads": 2**12, "n_kv_heads": 2**12,
-             "ffn_hidden": 2**20, "moe_ffn_hidden": 2**20, "max_seq_len": 2**22, "n_experts": 4096, "multiple_of": 2**16}
+             "ffn_hidden": 2**20, "moe_ffn_hidden": 2**20, "max_seq_len": 2**22, "n_experts": 4096, "multiple_of": 2**16,
+             "attn_head_dim": 2**14}  # head_dim: 128 in every large model; 2**53 was blamed on the model as a whole
 MAX_STEPS = 10**9
 MAX_TOKENS_PER_STEP = 2**34
 # The trainer holds every evaluation batch in memory for the whole run (int64 inputs + targets, 16 bytes a token):
@@ -65,14 +66,14 @@ ROPE_SCALING = {  # rope_type -> required keys (Hugging Face names); the values 
 def validate_rope_scaling(spec: Any, key: str) -> None:
     """The rotary scalings the model implements (``meshwright.models.layers.rope_inv_freq``)."""
     kind = spec.get("rope_type", spec.get("type")) if isinstance(spec, dict) else None
-    if kind not in ROPE_SCALING:
+    if not isinstance(kind, str) or kind not in ROPE_SCALING:  # a list here was "unhashable type"
         raise invalid(f"{key}.rope_type", kind, f"one of {', '.join(ROPE_SCALING)} (or rope_scaling: null)")
     for name in ROPE_SCALING[kind]:
         value = spec.get(name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise invalid(f"{key}.{name}", value, f"a positive number (required by rope_type {kind})")
     if kind == "llama3" and not spec["high_freq_factor"] > spec["low_freq_factor"]:
-        raise invalid(f"{key}.high_freq_factor", spec["high_freq_factor"], f"greater than low_freq_factor={spec['low_freq_factor']}")
+        raise invalid(f"{key}.high_freq_factor", spec["high_freq_factor"], f"greater than {key}.low_freq_factor={spec['low_freq_factor']}")
 
 
 @dataclass
@@ -258,6 +259,8 @@ class ClusterSpec:
                   "memory_bw_gbps")
         if self.host_power_w < 0:
             raise invalid(f"{p}host_power_w", self.host_power_w, "a non-negative number of W per node")
+        if self.devices_per_node > MAX_DEVICES:  # named itself, not as "nodes=1 is invalid"
+            raise invalid(f"{p}devices_per_node", self.devices_per_node, f"at most {MAX_DEVICES:,} devices in all")
         if self.nodes * self.devices_per_node > MAX_DEVICES:  # 10^9 nodes hung the planner enumerating divisors
             raise invalid(f"{p}nodes", self.nodes, f"at most {MAX_DEVICES:,} devices in all (nodes x devices_per_node="
                           f"{self.devices_per_node})")
@@ -463,8 +466,10 @@ class MeftConfig:
                 or self.scale <= 0:
             what = {"meft1": "λ", "meft2": "β", "meft3": "λ=β"}[self.variant]
             raise invalid(f"{prefix}.scale", self.scale, f"a finite number > 0 ({what} of {self.variant}; paper: 0.1)")
-        if isinstance(self.adapter_dim, bool) or not isinstance(self.adapter_dim, int) or self.adapter_dim <= 0:
-            raise invalid(f"{prefix}.adapter_dim", self.adapter_dim, "a positive integer (adapter bottleneck width)")
+        if isinstance(self.adapter_dim, bool) or not isinstance(self.adapter_dim, int) or self.adapter_dim <= 0 \
+                or self.adapter_dim > MAX_SIZES["d_model"]:  # 2**53 was an allocator failure after the model was built
+            raise invalid(f"{prefix}.adapter_dim", self.adapter_dim, f"a positive integer, at most "
+                          f"{MAX_SIZES['d_model']:,} (adapter bottleneck width)")
         if not 0.0 <= self.adapter_dropout < 1.0:
             raise invalid(f"{prefix}.adapter_dropout", self.adapter_dropout, "a number in [0, 1)")
         if self.adapter_init_std < 0:

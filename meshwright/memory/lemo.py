@@ -29,9 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshwright.config.io import from_dict
+from meshwright.config.schema import MAX_SIZES
 from meshwright.errors import ConfigError, invalid
 from meshwright.models.decoder import Block, Decoder
 from meshwright.models.layers import Attention, apply_rope
+
+MAX_TOKENS = MAX_SIZES["max_seq_len"]  # a scoring block is at most one sequence
+MAX_RANK = MAX_SIZES["d_model"]  # a low-rank predictor is at most as wide as the model
 
 
 @dataclass
@@ -52,8 +56,8 @@ class LemoConfig:
         for r in ratios:
             if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < r <= 1.0:
                 raise invalid(f"{p}keep_ratio", self.keep_ratio, "a keep ratio in (0, 1] or a list of them, one per chosen layer")
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
-            raise invalid(f"{p}block_size", self.block_size, "a positive integer number of tokens (e.g. 64)")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or not 1 <= self.block_size <= MAX_TOKENS:
+            raise invalid(f"{p}block_size", self.block_size, f"a positive integer number of tokens (e.g. 64), at most {MAX_TOKENS:,}")
         if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
             raise invalid(f"{p}threshold", self.threshold, "null or a share of the score mass in (0, 1]")
         if self.layers is not None and (len(set(self.layers)) != len(self.layers) or any(i < 0 for i in self.layers)):
@@ -64,8 +68,9 @@ class LemoConfig:
             raise invalid(f"{p}scorer", self.scorer, "'attention' or 'predictor'")
         if self.aggregate not in ("mean", "sum"):
             raise invalid(f"{p}aggregate", self.aggregate, "'mean' (average over the later queries) or 'sum'")
-        if isinstance(self.predictor_rank, bool) or not isinstance(self.predictor_rank, int) or self.predictor_rank < 1:
-            raise invalid(f"{p}predictor_rank", self.predictor_rank, "a positive integer")
+        if isinstance(self.predictor_rank, bool) or not isinstance(self.predictor_rank, int) \
+                or not 1 <= self.predictor_rank <= MAX_RANK:  # the predictors' weights are d_model x rank
+            raise invalid(f"{p}predictor_rank", self.predictor_rank, f"a positive integer, at most {MAX_RANK:,}")
 
 
 @dataclass

@@ -283,15 +283,16 @@ def totals_table(summary: dict[str, Any]) -> Table:
 def predicted_vs_measured(summary: dict[str, Any], plan: dict[str, Any] | None) -> list[tuple[str, Any, Any]]:
     """Rows where both the plan's prediction and the run's measurement exist (nothing to compare otherwise)."""
     pred = (plan or {}).get("predicted") or {}
+    pred = pred if isinstance(pred, dict) else {}  # a hand-edited plan.yaml: non-numbers are skipped, as in the log
     rows = []
     for label, pkey, mkey in [("step time (s)", "step_s", "step_s"), ("tokens/s", "tokens_per_s", "tokens_per_s"),
                               ("MFU", "mfu", "mfu"), ("memory (GiB, max rank; measured = process peak incl. framework)", "memory_gib", "peak_memory_gib")]:
         p, m = pred.get(pkey), summary.get(mkey)
         if isinstance(p, list):
-            p = max(p) if p else None
+            p = max((v for v in p if _number(v)), default=None)
         if isinstance(m, list):
-            m = max(m) if m else None
-        if p is not None and m is not None:
+            m = max((v for v in m if _number(v)), default=None)
+        if _number(p) and _number(m):
             rows.append((label, p, m))
     return rows
 
@@ -338,7 +339,9 @@ def plan_table(plan: dict[str, Any]) -> Optional[Table]:
             bounds.append([start, end])
             start = end
         stages = bounds
-    mem = (plan.get("predicted") or {}).get("memory_gib") or []
+    pred = plan.get("predicted") if isinstance(plan.get("predicted"), dict) else {}
+    mem = pred.get("memory_gib") if isinstance(pred.get("memory_gib"), list) else []
+    mem = [m if _number(m) else None for m in mem]
     rows = []
     for r in range(degree):
         first = True

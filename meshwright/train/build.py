@@ -115,6 +115,26 @@ def _plan_needs_parallel(plan: Plan | None) -> bool:
                for s in plan.layer_strategies())
 
 
+def _parallel_feature(plan: Plan) -> str:
+    """The first per-layer feature of ``plan`` that only the distributed runtime applies (for one-line errors)."""
+    for i, s in enumerate(plan.layer_strategies()):
+        for name, value in (("recompute", s.recompute if s.recompute != "none" else None), ("zero", s.zero or None),
+                            ("savers.fp8_act", s.savers.fp8_act or None), ("savers.wta_crs", s.savers.wta_crs),
+                            ("savers.lemo", s.savers.lemo)):
+            if value is not None:
+                return f"layers[{i}].{name}={value!r}"
+    return f"its {plan.world_size()} devices"
+
+
+def _process_group_possible() -> bool:
+    """A process group can start: one is up, or torchrun's rendezvous variables are set."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return True
+    return all(k in os.environ for k in ("MASTER_ADDR", "MASTER_PORT", "RANK"))
+
+
 def _model_scope_obstacle(job: TrainingJob) -> str:
     """Why ``compile_scope: model`` cannot apply to this job (said in its one-line refusal)."""
     if job.model.n_experts:
@@ -197,6 +217,13 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
                           "at the module level in tests/distributed/test_meft_ddp.py)")
         plan = job.plan or default_plan(model_cfg, job.world_size, cfg.seq_len, cfg.global_batch, cfg.micro_batch)
         check_backends_installed(cfg, plan)
+        if not _process_group_possible():  # was torch's "environment variable RANK expected"
+            if job.plan is None:
+                raise invalid("WORLD_SIZE", job.world_size, "1, or the rendezvous variables torchrun sets (MASTER_ADDR, "
+                              "MASTER_PORT, RANK) beside it")
+            raise invalid("plan", str(job.plan_ref), f"a plan run under torchrun: {_parallel_feature(job.plan)} is applied "
+                          f"by the distributed runtime, which needs a process group; launch it with torchrun "
+                          f"--nproc-per-node {job.plan.world_size()} (or `meshwright launch`)")
         return build_distributed_runtime(cfg, model_cfg, plan, init_from=cfg.init_from)
     import torch
 

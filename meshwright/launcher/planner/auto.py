@@ -28,6 +28,7 @@ def auto_plan(model_cfg: Any, cluster: ClusterSpec | str | dict | int | None = N
     """
     dtype: Optional[str] = None
     compile_, chunk = False, 0
+    from_train = isinstance(model_cfg, TrainConfig)  # errors then name the train config's fields, not plan's flags
     if isinstance(model_cfg, TrainConfig):
         tc = model_cfg
         dtype = tc.dtype
@@ -42,6 +43,8 @@ def auto_plan(model_cfg: Any, cluster: ClusterSpec | str | dict | int | None = N
     if world_size is None or seq_len is None or global_batch is None or cluster is None:
         raise ConfigError("auto_plan needs cluster, world_size, seq_len and global_batch")
     cfg = load_model_config(model_cfg)
+    if from_train and seq_len > cfg.max_seq_len:  # was "seq-len=... is invalid", the plan command's flag
+        raise invalid("seq_len", seq_len, f"at most model.max_seq_len={cfg.max_seq_len}")
     spec = load_cluster(cluster)
     if world_size <= spec.devices_per_node:
         spec = dataclasses.replace(spec, nodes=1, devices_per_node=world_size)
@@ -61,7 +64,10 @@ def auto_plan(model_cfg: Any, cluster: ClusterSpec | str | dict | int | None = N
     constraints = dataclasses.replace(constraints or Constraints(), runtime_compatible=True)
     result = search(cfg, spec, seq_len, global_batch, hw=hw, constraints=constraints, allow=allow)
     if result.best is None:
-        raise ConfigError(infeasible_message(result))
+        message = infeasible_message(result)
+        if from_train:  # the budget is the cluster's memory here, not `meshwright plan --memory-budget-gib`
+            message = "plan='auto' found no layout: " + message.replace("--memory-budget-gib", "cluster.memory_gib")
+        raise ConfigError(message)
     plan = result.best.plan
     validate_plan(plan, cfg, world_size)
     return plan

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from meshwright.config.io import load_yaml, read_text
+from meshwright.config.schema import MAX_DEVICES
 from meshwright.errors import ConfigError, invalid
 
 HOST_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
@@ -38,14 +39,16 @@ def check_host_name(name: str, field: str = "host") -> str:
     return name
 
 
-def _make_host(name: Any, slots: Any, where: str, user: Any = None, port: Any = None) -> Host:
-    check_host_name(name, f"{where} host")
-    if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
-        raise invalid(f"{where} slots", slots, "a positive integer")
+def _make_host(name: Any, slots: Any, where: str, user: Any = None, port: Any = None, keys: bool = False) -> Host:
+    """``keys``: name the YAML keys (``hosts[0].slots``, ``hosts[0].name``), else the hostfile's words."""
+    label = (lambda key, word: f"{where}.{key}") if keys else (lambda key, word: f"{where} {word}")
+    check_host_name(name, label("name", "host"))
+    if not isinstance(slots, int) or isinstance(slots, bool) or not 1 <= slots <= MAX_DEVICES:
+        raise invalid(label("slots", "slots"), slots, f"a positive integer, at most {MAX_DEVICES:,}")
     if user is not None and (not isinstance(user, str) or not USER_RE.match(user)):
-        raise invalid(f"{where} user", user, "a POSIX user name")
-    if port is not None and (not isinstance(port, int) or not 0 < port < 65536):
-        raise invalid(f"{where} port", port, "an integer in 1..65535")
+        raise invalid(label("user", "user"), user, "a POSIX user name")
+    if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536):
+        raise invalid(label("port", "port"), port, "an integer in 1..65535")  # `port: true` was port 1
     return Host(name, slots, user, port)
 
 
@@ -105,6 +108,7 @@ def load_hosts(path: str | Path) -> list[Host]:
             unknown = [k for k in e if k not in HOST_KEYS]
             if unknown:  # a typo such as `slot: 8` silently meant 1 slot
                 raise invalid(f"{p} hosts[{i}].{unknown[0]}", e[unknown[0]], f"keys among {', '.join(HOST_KEYS)}")
-            hosts.append(_make_host(e["name"], e.get("slots", 1), f"{p} hosts[{i}]", e.get("user"), e.get("port")))
+            hosts.append(_make_host(e["name"], e.get("slots", 1), f"{p} hosts[{i}]", e.get("user"), e.get("port"),
+                                    keys=True))
         return _check_hosts(hosts, str(p))
     return parse_hostfile_text(text, str(p))

@@ -7,7 +7,7 @@ import torch, json
 from meshwright.config import load_model_config
 from meshwright.models import build_model
 from meshwright.memory.fp8_activations import apply_fp8_activations
-from meshwright.memory.accounting import count_saved_bytes
+from meshwright.memory.accounting import saved_bytes_per_token
 import sys
 shapes = {"llama512": {"arch": "llama", "d_model": 512, "n_heads": 8, "n_kv_heads": 8, "ffn_hidden": 1408},
           "llama1024": {"arch": "llama", "d_model": 1024, "n_heads": 16, "n_kv_heads": 16, "ffn_hidden": 2816},
@@ -24,14 +24,5 @@ for saver in ["none", "fp8_act"]:
             apply_fp8_activations(m, gemm_layers=())
         blk = m.layers["0"] if hasattr(m.layers, "keys") else m.layers[0]
         f = blk if mode == "eager" else torch.compile(blk, backend=mode, dynamic=False)
-        tot = {}
-        for seq in (256, 512):
-            h = torch.randn(2, seq, cfg.d_model, requires_grad=True)
-            with torch.autocast("cpu", torch.bfloat16):
-                f(h)
-                with count_saved_bytes(blk) as sb:
-                    o = f(h)
-            o.float().sum().backward()
-            tot[seq] = sb.total
-        res[f"{saver}/{mode}"] = (tot[512] - tot[256]) / (2 * 256)
+        res[f"{saver}/{mode}"] = saved_bytes_per_token(blk, f, cfg.d_model, (256, 512))
         print(saver, mode, "bytes/token", res[f"{saver}/{mode}"], "per d_model", res[f"{saver}/{mode}"] / cfg.d_model, flush=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -73,3 +73,21 @@ def saved_bytes_of(fn, *args, module: nn.Module | None = None, **kwargs) -> tupl
     with count_saved_bytes(module) as sb:
         out = fn(*args, **kwargs)
     return out, sb
+
+
+def saved_bytes_per_token(block: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], d_model: int,
+                          seqs: tuple[int, int], batch: int = 2, autocast_dtype: torch.dtype | None = torch.bfloat16
+                          ) -> float:
+    """Bytes ``fn`` (``block`` itself, or a compiled version of it) saves for backward per token: the slope of
+    ``count_saved_bytes`` between two sequence lengths, so what does not grow with tokens (weight casts under
+    autocast) drops out. Each length runs once before it is counted (a compiled ``fn`` builds its graph then)."""
+    totals = []
+    for seq in seqs:
+        h = torch.randn(batch, seq, d_model, requires_grad=True)
+        with torch.autocast("cpu", autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            fn(h)
+            with count_saved_bytes(block) as saved:
+                out = fn(h)
+        out.float().sum().backward()
+        totals.append(saved.total)
+    return (totals[1] - totals[0]) / (batch * (seqs[1] - seqs[0]))

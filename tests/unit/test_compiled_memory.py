@@ -341,7 +341,7 @@ def _measured_fp8_block_bytes_per_token(cfg, compiled: bool) -> float:
     """What one dense block with FP8 activations saves per token under bf16 autocast: the slope between two
     sequence lengths (the block's weight casts, a constant, drop out), eager or compiled (aot_eager_decomp_partition:
     inductor's partitioner without its C++ build)."""
-    from meshwright.memory.accounting import count_saved_bytes
+    from meshwright.memory.accounting import saved_bytes_per_token
     from meshwright.memory.fp8_activations import apply_fp8_activations
     from meshwright.models import build_model
 
@@ -350,16 +350,7 @@ def _measured_fp8_block_bytes_per_token(cfg, compiled: bool) -> float:
     apply_fp8_activations(model, gemm_layers=())
     block = model.layers["0"]
     fn = torch.compile(block, backend="aot_eager_decomp_partition", dynamic=False) if compiled else block
-    totals = []
-    for seq in (64, 128):
-        h = torch.randn(2, seq, cfg.d_model, requires_grad=True)
-        with torch.autocast("cpu", torch.bfloat16):
-            fn(h)
-            with count_saved_bytes(block) as saved:
-                out = fn(h)
-        out.float().sum().backward()
-        totals.append(saved.total)
-    return (totals[1] - totals[0]) / (2 * 64)
+    return saved_bytes_per_token(block, fn, cfg.d_model, (64, 128))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -3,7 +3,7 @@ activations: the slope between two sequence lengths, so the block's weight casts
 
     python benchmarks/bench_fp8_compiled_saved.py [llama512|llama1024|gpt2_512]   (CPU, bf16 autocast, ~1 min)
 """
-import torch, json
+import torch
 from meshwright.config import load_model_config
 from meshwright.models import build_model
 from meshwright.memory.fp8_activations import apply_fp8_activations

@@ -4,7 +4,8 @@
 # triton lowerings) shows here before it costs GPU time. Like the GPU image, the venv has no deepspeed,
 # megatron-core, codecarbon or fabric, so tests of those stacks fail there by design; the summary lists the
 # other failures (exit 1 if any).
-#   bash benchmarks/torch_compat.sh [unit|distributed|all]        (TORCH=2.11.0 VENV=/tmp/meshwright-torch-compat)
+#   bash benchmarks/torch_compat.sh [unit|distributed|all|gpu-smoke]   (TORCH=2.11.0 VENV=/tmp/meshwright-torch-compat)
+# gpu-smoke: benchmarks/gpu_all.sh's CPU mode (every part of the prepared GPU call, tiny shapes) under that torch
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH=${TORCH:-2.11.0}
@@ -17,12 +18,16 @@ if [ ! -x "$VENV/bin/python" ]; then
       "transformers>=4.40" tokenizers safetensors nvidia-ml-py
 fi
 "$VENV/bin/python" -c "import torch; print('torch', torch.__version__)"
+if [ "$WHAT" = gpu-smoke ]; then
+  OUT=${OUT:-$(mktemp -d)} PY="$VENV/bin/python" PYTHONPATH=$PWD timeout 1800 bash benchmarks/gpu_all.sh cpu
+  exit $?
+fi
 suites=()
 case "$WHAT" in
   unit) suites=(tests/unit) ;;
   distributed) suites=(tests/distributed) ;;
   all) suites=(tests/unit tests/distributed) ;;
-  *) echo "usage: $0 [unit|distributed|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [unit|distributed|all|gpu-smoke]" >&2; exit 2 ;;
 esac
 log=$(mktemp)
 COLUMNS=400 PYTHONPATH=$PWD timeout 3600 "$VENV/bin/python" -m pytest -q -p no:cacheprovider -o addopts="" -rf "${suites[@]}" \

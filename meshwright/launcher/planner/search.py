@@ -261,6 +261,60 @@ class _Kind:
                                                  np.append(self.cls, 0)[:, None] * (N_BUCKETS + 2))
         return got
 
+    def hull(self, inflight: float) -> tuple[float, float, list[tuple[float, float]]]:
+        """The lower convex hull of this kind's (bytes at ``inflight``, time) points, from the smallest footprint to
+        the fastest strategy: (its bytes, its time, the segments (extra bytes, time saved) in order of seconds saved
+        per byte, best first). ``_lp_bound``'s input, built once per (kind, in-flight count)."""
+        hulls = self.__dict__.setdefault("_hulls", {})
+        got = hulls.get(inflight)
+        if got is None:
+            w = self.static + inflight * self.act
+            ok = np.isfinite(self.obj)
+            pts: list[tuple[float, float]] = []  # Pareto front by bytes ascending, then its lower hull
+            for x, y in sorted(zip(w[ok].tolist(), self.obj[ok].tolist())):
+                if pts and y >= pts[-1][1]:
+                    continue
+                while len(pts) >= 2 and ((pts[-1][1] - pts[-2][1]) * (x - pts[-2][0])
+                                         >= (y - pts[-2][1]) * (pts[-1][0] - pts[-2][0])):
+                    pts.pop()  # pts[-1] lies on or above the chord from pts[-2] to (x, y)
+                pts.append((x, y))
+            got = hulls[inflight] = ((pts[0][0], pts[0][1], [(b[0] - a[0], a[1] - b[1]) for a, b in zip(pts, pts[1:])])
+                                     if pts else (math.inf, math.inf, []))
+        return got
+
+
+def _lp_bound(kinds: list[_Kind], budget: float, inflight: float, trans_cost: np.ndarray | None) -> float:
+    """A lower bound on the time of every assignment of ``kinds`` (one per layer) within ``budget`` bytes (as the
+    stage DP counts them): the linear relaxation's optimum, where layers may mix strategies fractionally (every layer
+    starts at its kind's smallest hull point and the budget left buys hull segments, most seconds saved per byte
+    first). It is within about one layer's strategy step of the optimum, much tighter than the rounded-down DP, so
+    it settles that a refined DP cannot beat a time without running it. Class changes are left out (they cost >= 0;
+    with a negative one the bound is -inf). +inf where not even the smallest footprints fit."""
+    if trans_cost is not None and (trans_cost < 0).any():
+        return -math.inf
+    counts: dict[int, list[Any]] = {}
+    for k in kinds:
+        c = counts.get(id(k))
+        if c is None:
+            counts[id(k)] = [k, 1]
+        else:
+            c[1] += 1
+    total, room, segs = 0.0, budget * (1 + 1e-12), []
+    for k, n in counts.values():
+        w0, t0, hull = k.hull(inflight)
+        total += n * t0
+        room -= n * w0
+        segs.extend((saved / dw, n * dw, n * saved) for dw, saved in hull)
+    if not room >= -abs(budget) * 1e-9:
+        return math.inf
+    segs.sort(key=lambda s: -s[0])
+    for _, dw, saved in segs:
+        if room <= 0:
+            break
+        total -= saved if dw <= room else saved * (room / dw)
+        room -= dw
+    return total
+
 
 def _skey(s: LayerStrategy) -> tuple:
     return (s.tp, s.sp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, s.recompute, s.savers.fp8_act, s.savers.fp8_gemm,
@@ -1040,6 +1094,8 @@ def _refined_stage_dp(kinds: list[_Kind], budget: float, inflight: float, trans_
     bucket scale (#17). Rounded down, the DP is a relaxation: its answer is optimal if it fits, and nothing is faster
     than ``beat`` seconds if it is not. Otherwise that answer and the one with weights rounded to the nearest bucket
     are made to fit (``_repair``), and the faster is returned. None: nothing found that fits and beats ``beat``."""
+    if beat < math.inf and _lp_bound(kinds, budget, inflight, trans_cost) >= beat * (1 + 1e-9):
+        return None  # nothing that fits beats ``beat`` (most refined DPs end so: their two DPs and repairs skipped)
     found: list[tuple[float, list[int]]] = []
     for rounding in ("down", "nearest"):
         res = _stage_dp(kinds, budget, inflight, trans_cost, rounding=rounding)

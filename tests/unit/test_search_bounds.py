@@ -39,7 +39,7 @@ def _brute(layers: list[S._Kind], budget: float, inflight: float, trans: np.ndar
 
 def test_lp_bound_never_exceeds_a_fitting_assignment():
     rng = np.random.default_rng(3)
-    finite = 0
+    finite = tighter = 0
     for trial in range(150):
         kinds = [_random_kind(rng, int(rng.integers(1, 6)), masked=trial % 3 == 0) for _ in range(2)]
         single = trial % 2 == 0
@@ -53,7 +53,11 @@ def test_lp_bound_never_exceeds_a_fitting_assignment():
             continue
         finite += 1
         assert bound >= sum(float(np.min(k.obj)) for k in layers) * (1 - 1e-12)  # never below the floor
-    assert finite > 40
+        # near the time to beat, a rank of one kind with several classes also bounds per class (or one change)
+        by_class = S._lp_bound(layers, budget, inflight, trans, beat=bound * 1.005)
+        assert bound <= by_class <= exact * (1 + 1e-12), (trial, by_class, exact)
+        tighter += by_class > bound * (1 + 1e-9)
+    assert finite > 40 and tighter > 5, (finite, tighter)
     # a negative class change could make an assignment cheaper than its layers' sum: no bound then
     k = _random_kind(rng, 4)
     assert S._lp_bound([k] * 3, 10.0, 1.0, -np.ones((len(k.tpsp),) * 2)) == -math.inf

@@ -1,6 +1,6 @@
 """The planner's linear-relaxation bound (``_lp_bound``): it must never exceed the time of an assignment that fits
-(else a refined DP or an own-count DP that would have found a faster plan is skipped), and skipping by it must not
-change any DP's answer."""
+(else a refined DP that would have found a faster answer is skipped), and skipping by it must not change any DP's
+answer."""
 
 from __future__ import annotations
 

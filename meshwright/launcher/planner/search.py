@@ -261,6 +261,90 @@ class _Kind:
                                                  np.append(self.cls, 0)[:, None] * (N_BUCKETS + 2))
         return got
 
+    def hull(self, inflight: float, cls: Optional[int] = None) -> tuple[float, float, list[tuple[float, float]]]:
+        """The lower convex hull of this kind's (bytes at ``inflight``, time) points (of class ``cls`` only where
+        given), from the smallest footprint to the fastest strategy: (its bytes, its time, the segments (extra bytes,
+        time saved), most seconds saved per byte first). ``_lp_bound``'s input, built once per (kind, count, class)."""
+        hulls = self.__dict__.setdefault("_hulls", {})
+        got = hulls.get((inflight, cls))
+        if got is None:
+            ok = np.isfinite(self.obj) if cls is None else np.isfinite(self.obj) & (self.cls == cls)
+            w, t = (self.static + inflight * self.act)[ok], self.obj[ok]
+            order = np.lexsort((t, w))
+            w, t = w[order], t[order]
+            front = np.ones(len(t), dtype=bool)  # Pareto front: faster than every smaller strategy
+            front[1:] = t[1:] < np.minimum.accumulate(t)[:-1]
+            pts: list[tuple[float, float]] = []
+            for x, y in zip(w[front].tolist(), t[front].tolist()):
+                while len(pts) >= 2 and ((pts[-1][1] - pts[-2][1]) * (x - pts[-2][0])
+                                         >= (y - pts[-2][1]) * (pts[-1][0] - pts[-2][0])):
+                    pts.pop()  # pts[-1] lies on or above the chord from pts[-2] to (x, y)
+                pts.append((x, y))
+            got = hulls[(inflight, cls)] = (
+                (pts[0][0], pts[0][1], [(q[0] - p[0], p[1] - q[1]) for p, q in zip(pts, pts[1:])])
+                if pts else (math.inf, math.inf, []))
+        return got
+
+
+def _lp_bound(kinds: list[_Kind], budget: float, inflight: float, trans_cost: np.ndarray | None,
+              beat: float = math.inf) -> float:
+    """A lower bound on the time of every assignment of ``kinds`` (one per layer) within ``budget`` bytes (as the
+    stage DP counts them): the linear relaxation's optimum, where layers may mix strategies fractionally (``_lp``).
+    It is within about one layer's strategy step of the optimum, much tighter than the rounded-down DP, so it settles
+    that a refined DP cannot beat ``beat`` without running it. Class changes cost >= 0 (with a negative one the
+    bound is -inf). Where the relaxation is within 1% of ``beat`` on a rank of one kind with several classes, an
+    assignment either stays in one class (the relaxation over that class's strategies) or changes class at least
+    once (the cheapest change on top): the larger bound. +inf where not even the smallest footprints fit."""
+    if not kinds:
+        return 0.0
+    if trans_cost is not None and (trans_cost < 0).any():
+        return -math.inf
+    first, room = kinds[0], budget * (1 + 1e-12)
+    if all(k is first for k in kinds):
+        groups = [(first, len(kinds))]
+    else:
+        counts: dict[int, list[Any]] = {}
+        for k in kinds:
+            c = counts.get(id(k))
+            if c is None:
+                counts[id(k)] = [k, 1]
+            else:
+                c[1] += 1
+        groups = [(k, n) for k, n in counts.values()]
+    bound = _lp(groups, room, inflight, None)
+    n, C = len(kinds), len(first.tpsp)
+    if trans_cost is not None and len(groups) == 1 and C > 1 and n > 1 and beat * 0.99 <= bound < beat:
+        change = float(np.min(trans_cost + np.diag(np.full(C, np.inf))))
+        stay = min(_lp(groups, room, inflight, c) + (n - 1) * float(trans_cost[c, c]) for c in range(C))
+        bound = max(bound, min(stay, bound + change))
+    return bound
+
+
+def _lp(groups: list[tuple[_Kind, int]], room: float, inflight: float, cls: Optional[int]) -> float:
+    """The linear relaxation of the stage DP for ``groups`` (kind, layers of it) within ``room`` bytes (strategies of
+    class ``cls`` only where given): every layer starts at its kind's smallest hull point and the bytes left buy hull
+    segments, most seconds saved per byte first (the last one fractionally). +inf where nothing fits."""
+    total, tol = 0.0, abs(room) * 1e-9
+    segs: list[tuple[float, float, float]] = []
+    for k, n in groups:
+        w0, t0, hull = k.hull(inflight, cls)
+        total += n * t0
+        room -= n * w0
+        if len(groups) == 1:
+            segs = [(0.0, n * dw, n * saved) for dw, saved in hull]  # already best first
+        else:
+            segs.extend((saved / dw, n * dw, n * saved) for dw, saved in hull)
+    if not room >= -tol or total == math.inf:
+        return math.inf
+    if len(groups) > 1:
+        segs.sort(key=lambda x: -x[0])
+    for _, dw, saved in segs:
+        if room <= 0:
+            break
+        total -= saved if dw <= room else saved * (room / dw)
+        room -= dw
+    return total
+
 
 def _skey(s: LayerStrategy) -> tuple:
     return (s.tp, s.sp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, s.recompute, s.savers.fp8_act, s.savers.fp8_gemm,
@@ -1040,6 +1124,8 @@ def _refined_stage_dp(kinds: list[_Kind], budget: float, inflight: float, trans_
     bucket scale (#17). Rounded down, the DP is a relaxation: its answer is optimal if it fits, and nothing is faster
     than ``beat`` seconds if it is not. Otherwise that answer and the one with weights rounded to the nearest bucket
     are made to fit (``_repair``), and the faster is returned. None: nothing found that fits and beats ``beat``."""
+    if beat < math.inf and _lp_bound(kinds, budget, inflight, trans_cost, beat) >= beat * (1 + 1e-9):
+        return None  # nothing that fits beats ``beat`` (most refined DPs end so: their two DPs and repairs skipped)
     found: list[tuple[float, list[int]]] = []
     for rounding in ("down", "nearest"):
         res = _stage_dp(kinds, budget, inflight, trans_cost, rounding=rounding)

@@ -1,0 +1,106 @@
+"""The planner's linear-relaxation bound (``_lp_bound``): it must never exceed the time of an assignment that fits
+(else a refined DP that would have found a faster answer is skipped), and skipping by it must not change any DP's
+answer."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from meshwright.launcher.planner import search as S
+from meshwright.plan import LayerStrategy
+
+TPS = [(1, False), (2, True), (4, True)]
+
+
+def _random_kind(rng: np.random.Generator, n: int, masked: bool = False) -> S._Kind:
+    cls_of = rng.integers(0, len(TPS), n)
+    tpsp = sorted({TPS[c] for c in cls_of})
+    strategies = [LayerStrategy(tp=TPS[c][0], sp=TPS[c][1], dp=8 // TPS[c][0]) for c in cls_of]
+    obj = rng.uniform(1, 3, n)
+    if masked:
+        obj[rng.random(n) < 0.3] = np.inf  # a transient-memory level's masked strategies
+    return S._Kind(strategies, obj, rng.uniform(0, 4, n), rng.uniform(0, 2, n),
+                   np.array([tpsp.index(TPS[c]) for c in cls_of]), tpsp)
+
+
+def _brute(layers: list[S._Kind], budget: float, inflight: float, trans: np.ndarray | None) -> float:
+    """The least time over every assignment whose bytes fit (inf where none does)."""
+    best = math.inf
+    for combo in itertools.product(*(range(len(k.obj)) for k in layers)):
+        if S._stage_bytes(layers, list(combo), inflight) <= budget:
+            t = S._assignment_s(layers, list(combo), trans)
+            best = min(best, t)
+    return best
+
+
+def test_lp_bound_never_exceeds_a_fitting_assignment():
+    rng = np.random.default_rng(3)
+    finite = tighter = 0
+    for trial in range(150):
+        kinds = [_random_kind(rng, int(rng.integers(1, 6)), masked=trial % 3 == 0) for _ in range(2)]
+        single = trial % 2 == 0
+        layers = [kinds[0]] * int(rng.integers(1, 5)) if single else [kinds[int(x)] for x in rng.integers(0, 2, 4)]
+        trans = rng.uniform(0, 0.5, (len(kinds[0].tpsp),) * 2) if single else None
+        budget, inflight = float(rng.uniform(0, 14)), float(rng.integers(1, 4))
+        exact = _brute(layers, budget, inflight, trans)
+        bound = S._lp_bound(layers, budget, inflight, trans)
+        assert bound <= exact * (1 + 1e-12), (trial, bound, exact)
+        if math.isinf(exact):
+            continue
+        finite += 1
+        assert bound >= sum(float(np.min(k.obj)) for k in layers) * (1 - 1e-12)  # never below the floor
+        # near the time to beat, a rank of one kind with several classes also bounds per class (or one change)
+        by_class = S._lp_bound(layers, budget, inflight, trans, beat=bound * 1.005)
+        assert bound <= by_class <= exact * (1 + 1e-12), (trial, by_class, exact)
+        tighter += by_class > bound * (1 + 1e-9)
+    assert finite > 40 and tighter > 5, (finite, tighter)
+    # a negative class change could make an assignment cheaper than its layers' sum: no bound then
+    k = _random_kind(rng, 4)
+    assert S._lp_bound([k] * 3, 10.0, 1.0, -np.ones((len(k.tpsp),) * 2)) == -math.inf
+
+
+def test_lp_bound_is_the_linear_relaxation():
+    """40 identical layers (1.0 s at 1.69 buckets, 1.02 s at 1.09, 1.5 s at 0): every layer buys the 1.09-bucket
+    step (0.44 s per bucket) and 20.4 of the 24 buckets of the next step (0.033 s per bucket): 40.12 s, here also the
+    exact optimum. Nothing fits below 0 bytes: +inf."""
+    kind = S._Kind([LayerStrategy(tp=1, dp=8, zero=z) for z in range(3)], np.array([1.0, 1.02, 1.5]),
+                   np.array([1.69, 1.09, 0.0]), np.zeros(3), np.zeros(3, dtype=int), [(1, False)])
+    assert S._lp_bound([kind] * 40, 64.0, 1.0, None) == pytest.approx(40.12)
+    assert S._lp_bound([kind] * 40, 200.0, 1.0, None) == pytest.approx(40.0)  # everything fits: the floor
+    assert S._lp_bound([kind] * 40, 0.0, 1.0, None) == pytest.approx(60.0)
+    assert S._lp_bound([kind] * 40, -1.0, 1.0, None) == math.inf
+
+
+def test_refined_stage_dp_skips_its_dps_only_where_they_cannot_beat(monkeypatch):
+    """Where the bound reaches ``beat`` the refined DP runs no DP and answers None, as its DPs would have; elsewhere
+    its answer is the one it gives without the bound (random kinds, beats around the exact optimum)."""
+    rng = np.random.default_rng(5)
+    calls = []
+    stage_dp = S._stage_dp
+    monkeypatch.setattr(S, "_stage_dp", lambda *a, **k: calls.append(1) or stage_dp(*a, **k))
+    skipped = 0
+    for trial in range(120):
+        kind = _random_kind(rng, int(rng.integers(2, 7)))
+        layers = [kind] * int(rng.integers(4, 12))
+        trans = rng.uniform(0, 0.2, (len(kind.tpsp),) * 2) if trial % 2 else None
+        budget, inflight = float(rng.uniform(5, 30)), 1.0
+        up = stage_dp(layers, budget, inflight, trans)
+        if up is None:
+            continue
+        beat = up[0] * float(rng.uniform(0.9, 1.0))
+        calls.clear()
+        with_bound = S._refined_stage_dp(layers, budget, inflight, trans, beat=beat)
+        ran = len(calls)
+        with monkeypatch.context() as m:
+            m.setattr(S, "_lp_bound", lambda *a: -math.inf)
+            without = S._refined_stage_dp(layers, budget, inflight, trans, beat=beat)
+        assert with_bound == without
+        if ran == 0:
+            skipped += 1
+            assert with_bound is None
+            assert S._lp_bound(layers, budget, inflight, trans) >= beat
+    assert skipped > 10, skipped

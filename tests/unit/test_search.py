@@ -483,3 +483,13 @@ def test_llama2_7b_on_one_h200_budget_never_returns_the_layout_that_ran_out_of_m
     r = S.search(cfg, cluster, 4096, 8, hw=hw, constraints=S.Constraints(runtime_compatible=True))
     assert r.best is not None and max(r.best.prediction.memory_gib) <= 130.0
     assert any(s.recompute != "none" for s in r.best.plan.layers)
+
+
+def test_interleaving_depth_is_searched_when_no_depth_splits_the_layers_evenly():
+    """Llama 3 405B: 126 layers over pp=16 split evenly at no depth from 3 to 8. Only v=2 was tried (its bubble,
+    47% at 16 microbatches, put the 16K-GPU run 16% low); chunks a layer apart are tried at 4 and as deep as the
+    layers allow. Where an even depth exists the choice is unchanged (search time)."""
+    assert S._interleave_depths(126, 16) == [2, 4, 7]
+    assert S._interleave_depths(80, 16) == [2, 5]  # 80 = 16 x 5: the even depth only
+    assert S._interleave_depths(48, 2) == [2, 3, 8]
+    assert S._interleave_depths(40, 16) == [2]  # fewer than 3 layers per rank: nothing deeper

@@ -1454,7 +1454,11 @@ def _interleave_depths(n_layers: int, pp: int) -> list[int]:
     split the layers evenly (Llama 3 405B ran 4-7 chunks per rank; deeper interleaving shrinks the bubble,
     costs p2p)."""
     even = [v for v in range(3, 9) if n_layers % (pp * v) == 0]
-    return [2] + sorted({even[0], even[-1]}) if even else [2]  # at most two deeper ones: search time
+    if even:
+        return [2] + sorted({even[0], even[-1]})  # at most two deeper ones: search time
+    # no even split (Llama 3 405B: 126 layers over 16 ranks): chunks a layer apart, 4 and as deep as the layers allow
+    deep = min(8, n_layers // pp)
+    return [2] + sorted({v for v in (4, deep) if 2 < v <= deep})
 
 
 def _embedding_zero_options(strategies: list[LayerStrategy], emb_dp: int, runtime_compatible: bool) -> list[int]:

@@ -97,8 +97,7 @@ class _QuantCache:
         if torch.compiler.is_compiling():
             # traced: the weakref/version/offset checks would break the graph at every linear (24 breaks in a
             # 2-block model compiled whole); in one graph the shared input's casts are common subexpressions
-            q, qt, scale = quantize_per_tensor_t(_flat2(x), dtype)
-            return q, qt, scale
+            return quantize_per_tensor_t(_flat2(x), dtype)
         key = x if key is None else key
         if not self._hit(x, dtype, True, key):
             q, qt, scale = quantize_per_tensor_t(_flat2(x), dtype)  # 2-D: one compiled graph for any rank

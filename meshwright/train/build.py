@@ -107,23 +107,24 @@ def _auto_plan(job: TrainingJob) -> Plan:
 
 
 def _plan_needs_parallel(plan: Plan | None) -> bool:
-    if plan is None:
-        return False
-    if plan.world_size() > 1:
-        return True
-    return any(s.recompute != "none" or s.zero or s.savers.fp8_act or s.savers.wta_crs or s.savers.lemo
-               for s in plan.layer_strategies())
+    return plan is not None and (plan.world_size() > 1 or _layer_parallel_feature(plan) is not None)
+
+
+def _layer_parallel_feature(plan: Plan) -> str | None:
+    """The first per-layer feature of ``plan`` that only the distributed runtime applies, as ``layers[i].name=value``
+    (for one-line errors), or None."""
+    for i, s in enumerate(plan.layer_strategies()):
+        for name, value in (("recompute", s.recompute != "none" and s.recompute), ("zero", s.zero),
+                            ("savers.fp8_act", s.savers.fp8_act), ("savers.wta_crs", s.savers.wta_crs),
+                            ("savers.lemo", s.savers.lemo)):
+            if value:
+                return f"layers[{i}].{name}={value!r}"
+    return None
 
 
 def _parallel_feature(plan: Plan) -> str:
-    """The first per-layer feature of ``plan`` that only the distributed runtime applies (for one-line errors)."""
-    for i, s in enumerate(plan.layer_strategies()):
-        for name, value in (("recompute", s.recompute if s.recompute != "none" else None), ("zero", s.zero or None),
-                            ("savers.fp8_act", s.savers.fp8_act or None), ("savers.wta_crs", s.savers.wta_crs),
-                            ("savers.lemo", s.savers.lemo)):
-            if value is not None:
-                return f"layers[{i}].{name}={value!r}"
-    return f"its {plan.world_size()} devices"
+    """What makes ``plan`` need the distributed runtime: a per-layer feature, else its device count."""
+    return _layer_parallel_feature(plan) or f"its {plan.world_size()} devices"
 
 
 def _process_group_possible() -> bool:

@@ -689,6 +689,13 @@ def check_recompute(recompute: str) -> None:
         raise invalid("recompute", recompute, "none, selective or full")
 
 
+def fp8_counted_block(cfg: ModelConfig, index: int, fp8_act: bool, recompute: str) -> bool:
+    """Whether block ``index`` is costed by the tensor-by-tensor FP8 count (``block_saved_bytes_split``): a dense
+    block with FP8 activations and no recomputation. Such a block saves no autocast casts, and compiled it saves
+    ``COMPILED_FP8_ACT`` times the count (both measured)."""
+    return fp8_act and recompute == "none" and not cfg.is_moe_layer(index)
+
+
 def activation_bytes(cfg: ModelConfig, index: int, tokens: float, tp: int, sp: bool, recompute: str,
                      elem_bytes: int, fp8_act: bool = False, wta_crs: Optional[float] = None,
                      lemo: Optional[float] = None) -> float:
@@ -711,7 +718,7 @@ def activation_bytes(cfg: ModelConfig, index: int, tokens: float, tp: int, sp: b
         attn = c["shard_h"] * h / tp
         per_token = {"full": h / (tp if sp else 1), "selective": rep + ffn, "none": rep + attn + ffn}[recompute]
         nbytes = per_token * tokens * elem_bytes
-    fp8_counted = fp8_act and recompute == "none" and not cfg.is_moe_layer(index)
+    fp8_counted = fp8_counted_block(cfg, index, fp8_act, recompute)
     if fp8_counted:  # what the FP8 block saves, tensor by tensor (equals count_saved_bytes under bf16 autocast too)
         norms, core = block_saved_bytes_split(cfg, True, elem_bytes)
         nbytes = (norms / (tp if sp else 1) + core / tp) * tokens
@@ -1051,7 +1058,7 @@ def _activation_terms(cfg: ModelConfig, index: int, s: Any, tokens: float, seq_l
     else:
         act = hw.act_scale * activation_bytes(cfg, index, tokens, s.tp, s.sp, s.recompute, hw.elem_bytes,
                                               s.savers.fp8_act, s.savers.wta_crs, s.savers.lemo)
-        fp8_block = s.savers.fp8_act and s.recompute == "none" and not cfg.is_moe_layer(index)
+        fp8_block = fp8_counted_block(cfg, index, s.savers.fp8_act, s.recompute)
         if fp8_block and hw.compiled:  # measured: inductor's partitioner keeps bf16 and recomputes the casts
             act *= COMPILED_FP8_ACT[cfg.arch]
         # EAGER_MOE_ACT holds autocast's casts; an FP8 block saves none (its own casts replace them: measured)

@@ -14,15 +14,19 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.timeout(300)
-def test_cpu_smoke_report(tmp_path) -> None:
+def _cpu_smoke(tmp_path: Path, sections: str, timeout: int) -> tuple[dict, str]:
+    """Run ``gpu_check.py --cpu-smoke --only sections``: (the report it wrote, its stdout)."""
     out = tmp_path / "report.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--out", str(out),
-                           "--only", "gpt2_trainer_eager,gpt2_plain_compiled"], capture_output=True, text=True,
-                          timeout=280, cwd=REPO)
+                           "--only", sections], capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(out.read_text())
-    assert json.loads(proc.stdout) == report  # one JSON document on stdout
+    return json.loads(out.read_text()), proc.stdout
+
+
+@pytest.mark.timeout(300)
+def test_cpu_smoke_report(tmp_path) -> None:
+    report, stdout = _cpu_smoke(tmp_path, "gpt2_trainer_eager,gpt2_plain_compiled", 280)
+    assert json.loads(stdout) == report  # one JSON document on stdout
     trainer, plain = report["results"]["gpt2_trainer_eager"], report["results"]["gpt2_plain_compiled"]
     assert trainer["runtime"] == "LocalRuntime" and trainer["compute_dtype"] == "fp32"
     assert trainer["tokens_per_s"] > 0 and plain["tokens_per_s"] > 0 and trainer["predicted_step_s"] > 0
@@ -34,12 +38,7 @@ def test_cpu_smoke_report(tmp_path) -> None:
 def test_cpu_smoke_compile_scope_model_section(tmp_path) -> None:
     """gpt2_trainer_compiled_model (issue #16's blocks-vs-model A/B): the trainer built with compile_scope model,
     compiled (inductor, tiny model) even in the smoke, next to the per-block section in the summary."""
-    out = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--out", str(out),
-                           "--only", "gpt2_trainer_compiled_model,gpt2_trainer_compiled"], capture_output=True, text=True,
-                          timeout=380, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report, _ = _cpu_smoke(tmp_path, "gpt2_trainer_compiled_model,gpt2_trainer_compiled", 380)
     model, blocks = report["results"]["gpt2_trainer_compiled_model"], report["results"]["gpt2_trainer_compiled"]
     assert model["compile_scope"] == "model" and model["compile"] is True and model["runtime"] == "LocalRuntime"
     assert blocks["compile_scope"] == "blocks" and model["predicted_for_compile_scope"] == "blocks"

@@ -82,6 +82,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Train one configuration for ``args.steps`` steps; figures as a dict (or the reason it was skipped)."""
     from bench_coat import token_stream  # the corpus loader the CPU COAT benchmark uses
 
+    steps = args.steps_by_name.get(name, args.steps)
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     model_cfg = "tiny" if args.smoke else LLAMA_1B3
     torch.manual_seed(0)
@@ -100,9 +101,9 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     # step's host launch time, which costs the configuration with more kernels more); the optimizer step's time from
     # every OPT_TIMING_EVERY-th steady step, synced around opt.step() only; losses read back once, at the end.
     losses, opt_s = [], []
-    first_steady = min(args.warmup_steps, max(args.steps - 1, 0))  # compile / autotune steps excluded
+    first_steady = min(args.warmup_steps, max(steps - 1, 0))  # compile / autotune steps excluded
     t_start = None
-    for step in range(args.steps):
+    for step in range(steps):
         if step == first_steady:
             _sync(device)
             t_start = time.perf_counter()
@@ -123,7 +124,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         sched.step()
         losses.append(loss.detach())
     _sync(device)
-    steady_steps = args.steps - first_steady
+    steady_steps = steps - first_steady
     step_med = (time.perf_counter() - t_start) / steady_steps
     losses = torch.stack(losses).float().tolist()
     with torch.no_grad(), torch.autocast(device, torch.bfloat16):
@@ -131,7 +132,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     out = {
         "name": name, "note": note, "params": n_params, "data": source,
         "step_s": round(step_med, 5), "tokens_per_s": round(args.batch * args.seq / step_med, 1),
-        "optimizer_step_s": round(statistics.median(opt_s), 5), "steady_steps": steady_steps,
+        "optimizer_step_s": round(statistics.median(opt_s), 5), "steps": steps, "steady_steps": steady_steps,
         "first_loss": round(losses[0], 4), "loss_last10": round(sum(losses[-10:]) / len(losses[-10:]), 4),
         "val_loss": round(sum(val) / len(val), 4),
     }
@@ -155,9 +156,10 @@ def ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         if r is base or "step_s" not in r:
             continue
         row = {"throughput_x": round(r["tokens_per_s"] / base["tokens_per_s"], 3),
-               "optimizer_step_x_of_adamw": round(r["optimizer_step_s"] / base["optimizer_step_s"], 3),
-               "loss_last10_diff_pct": round(100 * (r["loss_last10"] / base["loss_last10"] - 1), 2),
-               "val_loss_diff_pct": round(100 * (r["val_loss"] / base["val_loss"] - 1), 2)}
+               "optimizer_step_x_of_adamw": round(r["optimizer_step_s"] / base["optimizer_step_s"], 3)}
+        if r.get("steps") == base.get("steps"):  # losses compare only after the same number of steps
+            row["loss_last10_diff_pct"] = round(100 * (r["loss_last10"] / base["loss_last10"] - 1), 2)
+            row["val_loss_diff_pct"] = round(100 * (r["val_loss"] / base["val_loss"] - 1), 2)
         if "peak_reserved_gib" in r:
             row["memory_x_lower"] = round(base["peak_reserved_gib"] / r["peak_reserved_gib"], 3)
         out[r["name"]] = row
@@ -170,6 +172,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated from {', '.join(CONFIGS)}")
+    p.add_argument("--steps-for", default="", metavar="NAME=N,...",
+                   help="fewer steps for some configurations (throughput and memory only: their loss is not compared)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model in every configuration")
     p.add_argument("--warmup-steps", type=int, default=5, help="steps left out of the timings")
     p.add_argument("--val-batches", type=int, default=4)
@@ -188,6 +192,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if min(args.steps, args.batch, args.seq) < 1:
         p.error("--steps, --batch and --seq must be positive integers")
     args.names = names
+    args.steps_by_name = {}
+    for item in filter(None, args.steps_for.split(",")):
+        name, _, n = item.partition("=")
+        if name not in CONFIGS or not n.isdigit() or int(n) < 1:
+            p.error(f"--steps-for={args.steps_for!r} is invalid: give NAME=N pairs, NAME one of {', '.join(CONFIGS)}, N >= 1")
+        args.steps_by_name[name] = min(int(n), 3) if args.smoke else int(n)
     return args
 
 

@@ -7,7 +7,8 @@
 # llama2-7b layout, predictions beside measurements); the CoatAdamW optimizer step; COAT vs bf16 vs torchao
 # training; `train --plan auto` predicted vs measured. Set PARTS to run a subset, STEPS for the COAT runs,
 # COAT_COMPILE=1 to torch.compile every COAT configuration (FP8 casts fuse only there; torchao expects it),
-# COAT_CONFIGS and COAT_TIMEOUT (seconds) to fit the call.
+# COAT_CONFIGS, COAT_STEPS_FOR (e.g. torchao_float8=100), COAT_TIMEOUT, TESTS_TIMEOUT and PLANNER_TIMEOUT
+# (seconds) to fit the call.
 set -u
 MODE=${1:-gpu}
 OUT=${OUT:-/tmp/gpu_all}; mkdir -p "$OUT"
@@ -32,10 +33,11 @@ if [ "$MODE" = cpu ]; then SMOKE=--cpu-smoke; COAT="--smoke"; OPT="--device cpu 
 else SMOKE=; COAT="--steps $STEPS"; OPT="--device cuda --model llama-1.3b --steps 5"; PL="--cases gpt2-small --steps 30"; fi
 if has tests && [ "$MODE" != cpu ]; then
   stamp CUDA tests
-  timeout 150 $PY -m pytest -q -p no:cacheprovider tests/unit/test_fp8_activations.py tests/unit/test_coat_planner.py \
+  timeout ${TESTS_TIMEOUT:-150} $PY -m pytest -q -p no:cacheprovider tests/unit/test_fp8_activations.py tests/unit/test_coat_planner.py \
     tests/unit/test_wta_crs_sync_free.py tests/unit/test_coat_optimizer.py tests/unit/test_fp8_tp.py -k "cuda or fp8_gpus" 2>&1 | tail -2
-  timeout 200 $PY -m pytest -q -p no:cacheprovider tests/unit/test_coat_triton.py tests/unit/test_coat_triton_edges.py tests/unit/test_coat_nonfinite.py \
-    tests/unit/test_keyed_init.py tests/unit/test_meta_init.py tests/unit/test_fp8_passes.py 2>&1 | tail -8
+  timeout ${TESTS_TIMEOUT:-200} $PY -m pytest -q -p no:cacheprovider tests/unit/test_coat_triton.py tests/unit/test_coat_triton_edges.py tests/unit/test_coat_nonfinite.py \
+    tests/unit/test_keyed_init.py tests/unit/test_meta_init.py tests/unit/test_fp8_passes.py \
+    tests/unit/test_fp8_quant_finite_unchanged.py 2>&1 | tail -8
 fi
 if has check; then
   stamp gpu_check "$CHECK"
@@ -47,13 +49,13 @@ if has optim; then
 fi
 if has coat; then
   stamp COAT training
-  timeout ${COAT_TIMEOUT:-240} $PY benchmarks/bench_coat_gpu.py $COAT ${COAT_COMPILE:+--compile} \
+  timeout ${COAT_TIMEOUT:-240} $PY benchmarks/bench_coat_gpu.py $COAT ${COAT_COMPILE:+--compile} ${COAT_STEPS_FOR:+--steps-for $COAT_STEPS_FOR} \
     --configs ${COAT_CONFIGS:-bf16_adamw,coat,torchao_float8} --out "$OUT/coat_train.json" > /dev/null 2> "$OUT/coat_train.err"
   $PY -c "import json,sys;d=json.load(open(sys.argv[1]));print(json.dumps(d['vs_bf16_adamw']))" "$OUT/coat_train.json" 2>&1 | tail -3
 fi
 if has planner; then
   stamp "train --plan auto: predicted vs measured"
-  timeout 150 $PY benchmarks/bench_planner_gpu.py $PL --out "$OUT/planner_gpu.md" 2>&1 | tail -3
+  timeout ${PLANNER_TIMEOUT:-150} $PY benchmarks/bench_planner_gpu.py $PL --out "$OUT/planner_gpu.md" 2>&1 | tail -3
 fi
 if has headloss && [ "$MODE" != cpu ]; then  # not in the default PARTS: DistributedRuntime (world 1), eager head vs head in the compiled loss
   stamp "head in the loss (DistributedRuntime, world 1)"

@@ -40,7 +40,9 @@ class CompiledOnDevices:
     def __call__(self, x: torch.Tensor, *args: Any) -> Any:
         if op_bytes.counting():  # counted as the fused kernel the GPU runs (memory/op_bytes.py)
             return op_bytes.run_as_fused(self.fn.__name__, self.fn, (x, *args), self.passes)
-        if self.broken or x.device.type not in self.devices:
+        if self.broken or x.device.type not in self.devices or torch.compiler.is_compiling():
+            # traced into an enclosing graph (a compiled COAT model): the plain code, which the enclosing compile
+            # fuses; a nested compile call would mark dimensions dynamic, which dynamo forbids while tracing
             return self.fn(x, *args)
         if self._compiled is None:
             self._compiled = torch.compile(self.fn)

@@ -20,7 +20,7 @@ def _loss_and_grads(model, fwd, x, y):
         logits = fwd(x)
     loss = lm_loss(logits, y)
     loss.backward()
-    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def test_fp8_model_compiles_to_one_graph_with_the_eager_numbers():
@@ -42,3 +42,32 @@ def test_fp8_model_compiles_to_one_graph_with_the_eager_numbers():
     for n, g in grads_e.items():
         err = float((grads_c[n] - g).norm() / g.norm().clamp_min(1e-12))
         assert err <= 1e-6, (n, err)
+
+
+def test_fp8_model_compiles_with_the_gpu_quantisers(monkeypatch):
+    """The quantisers compiled for GPU tensors (``CompiledOnDevices``) are traced into the model's graph on the GPU
+    only: a nested compile there marked dimensions dynamic inside dynamo's trace, which it forbids ("Attempt to
+    trace forbidden callable maybe_mark_dynamic"; the compiled COAT run on an H100, 2026-11-26). Here they take
+    CPU tensors too, so the CPU walks the GPU's path: one graph, the eager model's numbers."""
+    from meshwright.memory import fp8_cast, fp8_fused
+
+    quantisers = [v for mod in (fp8_cast, fp8_fused) for v in vars(mod).values() if isinstance(v, fp8_cast.CompiledOnDevices)]
+    assert len(quantisers) >= 9
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 256, (2, 32)), torch.randint(0, 256, (2, 32))
+    eager = build_model("tiny", seed=0)
+    apply_fp8_activations(eager, gemm_layers=None)
+    loss_e, grads_e = _loss_and_grads(eager, eager, x, y)
+    for q in quantisers:
+        monkeypatch.setattr(q, "devices", ("cuda", "cpu"))
+    compiled = build_model("tiny", seed=0)
+    apply_fp8_activations(compiled, gemm_layers=None)
+    torch._dynamo.reset()
+    counters.clear()
+    loss_c, grads_c = _loss_and_grads(compiled, torch.compile(compiled, backend="aot_eager"), x, y)
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1
+    assert all(q._compiled is None and not q.broken for q in quantisers)  # traced inline, never compiled apart
+    assert abs(loss_c - loss_e) <= 1e-6 * abs(loss_e)
+    for n, g in grads_e.items():
+        assert float((grads_c[n] - g).norm() / g.norm().clamp_min(1e-12)) <= 1e-6, n

@@ -416,6 +416,21 @@ def _report(env: dict[str, Any], results: dict[str, dict[str, Any]], t0: float) 
                        "total_s": round(time.perf_counter() - t0, 1)}, indent=1)
 
 
+def _sdpa_backends() -> dict[str, str]:
+    """The kernel SDPA picks for each check's attention shape (bf16, causal): the planner's attention term depends on it
+    (cuDNN's attention on Hopper with torch >= 2.11, FlashAttention-2 elsewhere; launcher/planner/cost_model.py)."""
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    names = {int(getattr(SDPBackend, n)): n.lower() for n in dir(SDPBackend) if n.isupper()}
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    out = {}
+    for label, heads, seq, d in (("gpt2 (d64, s1024)", 12, 1024, 64), ("llama (d128, s4096)", 16, 4096, 128)):
+        q = torch.empty(1, heads, seq, d, device=dev, dtype=torch.bfloat16)
+        out[label] = names.get(int(torch._fused_sdp_choice(q, q, q, is_causal=True)), "?")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu-smoke", action="store_true",
@@ -436,7 +451,9 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-           "cpu_smoke": args.cpu_smoke, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+           "cpu_smoke": args.cpu_smoke, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+           "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+           "sdpa_backend": _sdpa_backends()}
     results: dict[str, dict[str, Any]] = {}
     for name in names:
         results[name] = _spawn(name, args.cpu_smoke, TIMEOUT_S.get(name, 100) * (3 if args.cpu_smoke else 1))

@@ -1,5 +1,5 @@
 """Step-time terms of meshwright's runtime on a GPU (issue 17): optimizer step, autocast weight traffic, gradient
-accumulation, the loss's passes, FlashAttention-2 and unaligned heads, each by hand from its docstring."""
+accumulation, the loss's passes, flash attention and unaligned (eager) heads, each by hand from its docstring."""
 
 from __future__ import annotations
 
@@ -59,6 +59,8 @@ def test_flash_attention_and_unaligned_head():
     dense = cm.compute_s(3 * 2 * cfg.vocab_size * cfg.d_model * t, hw, cfg.d_model)
     assert cm.head_s(cfg, t, 1, hw) == pytest.approx(dense / cm.UNALIGNED_GEMM_EFFICIENCY)
     assert cm.head_s(padded, t, 1, hw) == pytest.approx(dense * 50304 / 50257)
+    # compiled, the head runs in the loss's graph, where inductor pads the GEMM: the dense rate
+    assert cm.head_s(cfg, t, 1, _h200(compile=True)) == pytest.approx(dense)
 
 
 def test_accumulation_is_paid_by_every_microbatch_after_the_first():

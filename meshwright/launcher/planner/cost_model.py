@@ -115,11 +115,16 @@ FP8_ACT_SHARE = 0.75
 FP8_GROUP = 128  # COAT per-group quantisation: one fp32 scale per 128 values
 # Flash attention (fused kernel, causal): it computes only the unmasked half of the score and context matmuls, at
 # a fraction of the dense peak that grows with head_dim and sequence length (short causal sequences waste tiles):
-# Hardware.flash_eff_max * d/(d+64) * s/(s+512). FlashAttention-2 on H100 (Shah et al. 2024, FlashAttention-3, FA2
-# causal bars): ~165 TFLOP/s fwd+bwd at head_dim 64, seq 1k (17% of 989) and ~300 at head_dim 128, seq 4k (30%):
-# 0.5 gives both (FA2 uses neither wgmma nor TMA on Hopper). On A100 FA2 reaches 50-73% of peak (Dao 2023): 0.9.
+# Hardware.flash_eff_max * d/(d+64) * s/(s+512).
+# Hopper: PyTorch >= 2.11 with cuDNN > 9.15 (the cu130 wheels ship 9.19) runs SDPA on sm90 with cuDNN's attention,
+# not FlashAttention-2 (``check_prefer_cudnn_attention`` in sdp_utils.cpp); cuDNN's kernel is FlashAttention-3
+# class (wgmma + TMA). FA2's own bars (FA3 paper: ~17% of 989 TFLOP/s at head_dim 64, seq 1k; ~30% at 128, 4k) gave
+# 0.5, which put meshwright's compiled 1.3B llama on one H100 20% slow (0.295 predicted vs 0.246 s measured,
+# 2026-11-26). 0.7 is the least-squares fit (log ratio) over the three compiled one-GPU runs measured
+# (gpt2-small and the 1.3B llama on an H100, llama2-7b on an H200): measured/predicted 1.12, 0.90, 1.06
+# (benchmarks/results/gpu_h100.md). On A100 (no cuDNN preference) FA2 reaches 50-73% of peak (Dao 2023): 0.9.
 # Backward runs 5 of the kernel's matmuls to the forward's 2 (2.5x its FLOPs).
-FLASH_EFF_HOPPER, FLASH_EFF_OTHER = 0.5, 0.9
+FLASH_EFF_HOPPER, FLASH_EFF_OTHER = 0.7, 0.9
 
 
 @dataclass(frozen=True)
@@ -172,7 +177,7 @@ class Hardware:
     # each chunk's head matmul; 0: the whole microbatch's logits at once
     loss_chunk_tokens: int = 0
     grads_set_to_none: bool = False  # Stack.grads_set_to_none: gradients do not exist before the first backward
-    flash_eff_max: float = FLASH_EFF_OTHER  # FlashAttention-2's best fraction of peak on this device (see FLASH_EFF_*)
+    flash_eff_max: float = FLASH_EFF_OTHER  # the SDPA flash kernel's best fraction of peak on this device (see FLASH_EFF_*)
 
     @property
     def elem_bytes(self) -> int:
@@ -444,7 +449,9 @@ def head_s(cfg: ModelConfig, tokens: float, tp: int, hw: Hardware) -> float:
     """Forward + backward time of the output projection (and its recomputation under the chunked loss); unaligned
     vocabularies run slower on meshwright."""
     t = compute_s(head_fwd_flops(cfg, tokens) / tp * head_passes(hw), hw, min(cfg.d_model, cfg.vocab_size / tp))
-    if hw.stack == "meshwright" and hw.mixed_precision and (cfg.vocab_size // tp) % 8:
+    # compiled, the head runs inside the loss's graph (train/head_loss.py), where inductor pads the GEMM: gpt2-small's
+    # trainer step fell from 61 ms (eager head, H200) to 40 ms (head in the compiled loss, H100), 2026-11-26
+    if hw.stack == "meshwright" and hw.mixed_precision and not hw.compiled and (cfg.vocab_size // tp) % 8:
         t /= UNALIGNED_GEMM_EFFICIENCY
     return t
 

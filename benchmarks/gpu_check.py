@@ -52,8 +52,8 @@ WORKLOADS = {
 }
 DEFAULT_SECTIONS = ("gpt2_trainer_compiled", "gpt2_plain_compiled", "gpt2_hf_eager", "llama1b_trainer_compiled",
                     "llama1b_plain_compiled", "llama7b_planned")
-EXTRA_SECTIONS = ("gpt2_trainer_eager", "gpt2_trainer_compiled_chunked",  # --extra (about 3 more minutes)
-                  "gpt2_trainer_compiled_model")
+EXTRA_SECTIONS = ("gpt2_trainer_eager", "gpt2_trainer_compiled_chunked",  # --extra (about 4 more minutes)
+                  "gpt2_trainer_compiled_model", "gpt2_plain_compiled_with_loss")
 # the trainer and the plain loop again, with torch.profiler over 3 steps after the timed ones: device-busy
 # fraction, host waits and the costliest host ops (where a gap between the two comes from)
 TRACE_SECTIONS = ("gpt2_trainer_traced", "gpt2_plain_traced")
@@ -61,7 +61,7 @@ SECTIONS = DEFAULT_SECTIONS + EXTRA_SECTIONS + TRACE_SECTIONS
 # caps, not estimates (expected: 40-90 s per section on an H100/H200, about 6 minutes in all)
 TIMEOUT_S = {"llama7b_planned": 240, "llama1b_trainer_compiled": 180, "llama1b_plain_compiled": 150,
              "gpt2_trainer_compiled": 150, "gpt2_trainer_compiled_chunked": 150, "gpt2_trainer_compiled_model": 150,
-             "gpt2_plain_compiled": 120}
+             "gpt2_plain_compiled": 120, "gpt2_plain_compiled_with_loss": 150}
 
 
 # ---- helpers run inside a section subprocess ------------------------------------------------------------
@@ -182,6 +182,31 @@ def _loop_step(forward: Callable[[Any], Any], model: Any, opt: Any, x: Any, dtyp
     return step
 
 
+def _loop_step_compiled_loss(model: Any, opt: Any, x: Any, dtype: str) -> Callable[[], Any]:
+    """The plain step with forward, head and loss as one ``torch.compile`` graph (the stronger plain baseline: inductor
+    fuses the cross-entropy over the logits and pads an unaligned head, as the trainer's compiled loss does)."""
+    import torch
+    import torch.nn.functional as F
+
+    dev = x.device.type
+
+    @torch.compile
+    def loss_fn(inp: Any, tgt: Any) -> Any:
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            logits = model(inp)
+        return F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten())
+
+    def step() -> Any:
+        loss = loss_fn(x[:, :-1], x[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
 def _rates(model_cfg: Any, batch: int, seq: int, seconds_per_step: float, dtype: str) -> dict[str, float]:
     from meshwright.config import load_cluster
     from meshwright.tools.flops import model_flops_per_token
@@ -262,7 +287,7 @@ def _trainer_run(model: Any, batch: int, seq: int, steps: int, warm: int, dtype:
 
 
 def _plain_loop(model_cfg: Any, batch: int, seq: int, steps: int, warm: int, dtype: str, compile_: bool,
-                trace: bool = False) -> dict[str, Any]:
+                trace: bool = False, with_loss: bool = False) -> dict[str, Any]:
     """The same Decoder in a minimal loop: torch.compile(model), fused AdamW, bf16 autocast, fp32 loss."""
     import torch
 
@@ -273,10 +298,12 @@ def _plain_loop(model_cfg: Any, batch: int, seq: int, steps: int, warm: int, dty
     dev = _device()
     model = build_model(cfg, device=dev, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **({"fused": True} if dev == "cuda" else {}))
-    fwd = torch.compile(model) if compile_ else model
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=dev)
     _reset_memory()
-    step = _loop_step(fwd, model, opt, x, dtype)
+    if with_loss:  # forward, head and loss in one compiled graph
+        step = _loop_step_compiled_loss(model, opt, x, dtype)
+    else:
+        step = _loop_step(torch.compile(model) if compile_ else model, model, opt, x, dtype)
     dt, warmup_s, losses = _time_steps(step, warm, steps)
     traced = _trace(step) if trace else {}
     return {**traced, **_rates(cfg, batch, seq, dt, dtype), **_memory(), "warmup_s": round(warmup_s, 1), "compile": compile_,
@@ -337,6 +364,8 @@ def run_section(name: str, smoke: bool) -> dict[str, Any]:
         return {**res, **predicted}
     if name in ("gpt2_plain_compiled", "llama1b_plain_compiled"):
         return _plain_loop(model, batch, seq, steps, warm, dtype, compile_)
+    if name == "gpt2_plain_compiled_with_loss":  # compiled on CPU too: the section exists to compile the loss
+        return {**_plain_loop(model, batch, seq, steps, warm, dtype, True, with_loss=True), "compile": True}
     if name == "gpt2_hf_eager":
         return _hf_loop(batch, seq, steps, warm, dtype, smoke)
     if name == "llama7b_planned":
@@ -393,6 +422,9 @@ def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
                                                                r.get("gpt2_plain_compiled", {})),
         "gpt2_trainer_model_scope_over_blocks_scope": _ratio(r.get("gpt2_trainer_compiled_model", {}),
                                                              r.get("gpt2_trainer_compiled", {})),
+        # against the stronger plain baseline: forward, head and loss in one compiled graph
+        "gpt2_trainer_compiled_over_plain_compiled_with_loss": _ratio(r.get("gpt2_trainer_compiled", {}),
+                                                                      r.get("gpt2_plain_compiled_with_loss", {})),
         "gpt2_trainer_compiled_over_hf_eager": _ratio(r.get("gpt2_trainer_compiled", {}), r.get("gpt2_hf_eager", {})),
         "llama1b_trainer_compiled_over_plain_compiled": _ratio(r.get("llama1b_trainer_compiled", {}),
                                                                r.get("llama1b_plain_compiled", {})),

@@ -8,6 +8,7 @@ model ran eagerly. Under tracing the cache steps aside; in one graph the shared 
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 
@@ -44,30 +45,46 @@ def test_fp8_model_compiles_to_one_graph_with_the_eager_numbers():
         assert err <= 1e-6, (n, err)
 
 
-def test_fp8_model_compiles_with_the_gpu_quantisers(monkeypatch):
+@pytest.mark.parametrize("backend", ["auto", "scaled_mm"])
+def test_fp8_model_compiles_with_the_gpu_quantisers(monkeypatch, backend):
     """The quantisers compiled for GPU tensors (``CompiledOnDevices``) are traced into the model's graph on the GPU
     only: a nested compile there marked dimensions dynamic inside dynamo's trace, which it forbids ("Attempt to
     trace forbidden callable maybe_mark_dynamic"; the compiled COAT run on an H100, 2026-11-26). Here they take
-    CPU tensors too, so the CPU walks the GPU's path: one graph, the eager model's numbers."""
+    CPU tensors too, so the CPU walks the GPU's path: one graph, the eager model's numbers. ``scaled_mm``: the GEMMs
+    the GPU runs, through torch's CPU reference kernel of ``_scaled_mm``."""
     from meshwright.memory import fp8_cast, fp8_fused
+    from meshwright.memory.fp8_gemm import cpu_scaled_mm_runs
+
+    if backend == "scaled_mm" and not cpu_scaled_mm_runs():
+        pytest.skip("this torch build has no CPU _scaled_mm")
 
     quantisers = [v for mod in (fp8_cast, fp8_fused) for v in vars(mod).values() if isinstance(v, fp8_cast.CompiledOnDevices)]
     assert len(quantisers) >= 9
     torch.manual_seed(0)
     x, y = torch.randint(0, 256, (2, 32)), torch.randint(0, 256, (2, 32))
     eager = build_model("tiny", seed=0)
-    apply_fp8_activations(eager, gemm_layers=None)
+    apply_fp8_activations(eager, gemm_layers=None, backend=backend)
     loss_e, grads_e = _loss_and_grads(eager, eager, x, y)
     for q in quantisers:
         monkeypatch.setattr(q, "devices", ("cuda", "cpu"))
     compiled = build_model("tiny", seed=0)
-    apply_fp8_activations(compiled, gemm_layers=None)
+    apply_fp8_activations(compiled, gemm_layers=None, backend=backend)
     torch._dynamo.reset()
     counters.clear()
     loss_c, grads_c = _loss_and_grads(compiled, torch.compile(compiled, backend="aot_eager"), x, y)
     assert dict(counters["graph_break"]) == {}
     assert counters["stats"]["unique_graphs"] == 1
     assert all(q._compiled is None and not q.broken for q in quantisers)  # traced inline, never compiled apart
-    assert abs(loss_c - loss_e) <= 1e-6 * abs(loss_e)
-    for n, g in grads_e.items():
-        assert float((grads_c[n] - g).norm() / g.norm().clamp_min(1e-12)) <= 1e-6, n
+    if backend == "auto":  # the emulated GEMMs on CPU: aot_eager runs the same aten ops, bit-identical
+        assert abs(loss_c - loss_e) <= 1e-6 * abs(loss_e)
+        for n, g in grads_e.items():
+            assert float((grads_c[n] - g).norm() / g.norm().clamp_min(1e-12)) <= 1e-6, n
+        return
+    # with _scaled_mm's CPU reference kernel the traced run rounds differently from the eager one somewhere (not
+    # isolated); the E5M2 output gradients (2-bit mantissa) turn last-bit differences into FP8-sized ones: measured
+    # loss 8e-5 relative, whole-model gradients 0.071 apart (cosine 0.998), within the FP8 GEMMs' own error
+    # (test_fp8_activations: 0.087-0.100 against the unquantised model)
+    assert abs(loss_c - loss_e) <= 1e-3 * abs(loss_e)
+    flat_e, flat_c = (torch.cat([g[n].flatten() for n in sorted(grads_e)]) for g in (grads_e, grads_c))
+    assert float((flat_c - flat_e).norm() / flat_e.norm()) < 0.12
+    assert torch.nn.functional.cosine_similarity(flat_c, flat_e, dim=0).item() > 0.99

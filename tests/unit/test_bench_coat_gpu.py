@@ -29,3 +29,19 @@ def test_bad_configs_are_one_line_errors(capsys):
     with pytest.raises(SystemExit):
         bench_coat_gpu.main(["--smoke", "--configs", "bf16_adamw,fp4"])
     assert "--configs='bf16_adamw,fp4' is invalid; valid:" in capsys.readouterr().err
+
+
+def test_fewer_steps_for_one_configuration_drop_its_loss_comparison():
+    doc = bench_coat_gpu.main(["--smoke", "--inline", "--steps", "3", "--configs", "bf16_adamw,coat",
+                               "--steps-for", "coat=2"])
+    base, coat = doc["results"]
+    assert (base["steps"], coat["steps"]) == (3, 2)
+    # throughput and memory still compare; losses after different step counts do not
+    assert set(doc["vs_bf16_adamw"]["coat"]) == {"throughput_x", "optimizer_step_x_of_adamw"}
+
+
+@pytest.mark.parametrize("bad", ["coat", "fp4=2", "coat=0", "coat=x"])
+def test_bad_steps_for_is_a_one_line_error(capsys, bad):
+    with pytest.raises(SystemExit):
+        bench_coat_gpu.main(["--smoke", "--steps-for", bad])
+    assert f"--steps-for={bad!r} is invalid: give NAME=N pairs" in capsys.readouterr().err

@@ -164,3 +164,44 @@ def test_compiled_fp8_blocks_compose_with_recompute(monkeypatch, recompute):
     assert grads_c.keys() == grads_e.keys()
     for n, g in grads_e.items():
         assert float((grads_c[n] - g).norm() / g.norm().clamp_min(1e-12)) <= 1e-6, n
+
+
+@pytest.mark.timeout(600)
+def test_compiled_fp8_blocks_compose_with_fsdp2(monkeypatch):
+    """FSDP2 (a one-rank gloo group) with each block compiled (aot_eager) after ``fully_shard``: the blocks compute
+    on the gathered plain parameters, so the opaque operators run; loss and gradients are the eager FSDP2 model's."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from meshwright.memory import fp8_fused
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    ran = []  # calls of the norm's forward from inside its opaque operator (eager calls bind the function at import)
+    norm_forward = fp8_fused.fused_rmsnorm_forward
+    monkeypatch.setattr(fp8_fused, "fused_rmsnorm_forward", lambda *a: ran.append(1) or norm_forward(*a))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        torch.manual_seed(0)
+        x, y = torch.randint(0, 256, (2, 32)), torch.randint(0, 256, (2, 32))
+        runs = []
+        for compiled in (False, True):
+            torch._dynamo.reset()
+            model = build_model("tiny", seed=0)
+            apply_fp8_activations(model, gemm_layers=None)
+            for block in model.layers.values():
+                fully_shard(block, mesh=mesh)
+                if compiled:
+                    block.compile(backend="aot_eager")
+            fully_shard(model, mesh=mesh)
+            loss, _ = _loss_and_grads(model, model, x, y)
+            runs.append((loss, {n: p.grad.full_tensor() for n, p in model.named_parameters()}))
+    finally:
+        dist.destroy_process_group()
+    assert len(ran) == 2 * len(model.layers)  # the compiled forward's norms, one operator each
+    (loss_e, grads_e), (loss_c, grads_c) = runs
+    assert abs(loss_c - loss_e) <= 1e-6 * abs(loss_e)
+    for n, g in grads_e.items():
+        assert float((grads_c[n] - g).norm() / g.norm().clamp_min(1e-12)) <= 1e-6, n

@@ -28,26 +28,29 @@ def opaque(*tensors: Tensor | None) -> bool:
     return torch.compiler.is_compiling() and not any(isinstance(t, DTensor) for t in tensors)
 
 
-def _fresh(*ts: Tensor) -> tuple[Tensor, ...]:
-    # a custom operator's outputs may not alias its inputs (an fp32 input's .float() is the input itself)
-    return tuple(t.clone() if t._is_view() else t for t in ts)
+def _own(outs: tuple[Tensor, ...], *inputs: Tensor | None) -> tuple[Tensor, ...]:
+    """``outs``, copied where one shares an input's storage (a custom operator's outputs may not alias its inputs:
+    an fp32 input's ``.float()`` is the input itself) or is not contiguous (the fake implementations say it is)."""
+    taken = {i.untyped_storage().data_ptr() for i in inputs if i is not None}
+    return tuple(t.clone(memory_format=torch.contiguous_format)
+                 if t.untyped_storage().data_ptr() in taken or not t.is_contiguous() else t for t in outs)
 
 
 @torch.library.custom_op("meshwright::fp8_quant_tensor", mutates_args=())
 def quant_tensor(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """:func:`fp8_quant.quantize_per_tensor`: (FP8 copy of x, fp32 scale)."""
-    return _fresh(*fp8_cast.quantize_per_tensor(x, dtype))
+    return _own(fp8_cast.quantize_per_tensor(x, dtype), x)
 
 
 @quant_tensor.register_fake
 def _(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(x, dtype=dtype), x.new_empty((), dtype=torch.float32)
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty((), dtype=torch.float32)
 
 
 @torch.library.custom_op("meshwright::fp8_quant_tensor_t", mutates_args=())
 def quant_tensor_t(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`fp8_quant.quantize_per_tensor_t`: (FP8 copy (rows, k), its transpose (k, rows), fp32 scale)."""
-    return _fresh(*fp8_cast.quantize_per_tensor_t(x, dtype))
+    return _own(fp8_cast.quantize_per_tensor_t(x, dtype), x)
 
 
 @quant_tensor_t.register_fake
@@ -60,7 +63,7 @@ def _(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
 @torch.library.custom_op("meshwright::fp8_quant_groups", mutates_args=())
 def quant_groups(x: Tensor, group: int) -> tuple[Tensor, Tensor]:
     """:func:`fp8_quant.quantize_last_dim_groups` (E4M3): (FP8 copy of x, fp32 scale per 1 x group)."""
-    return _fresh(*fp8_cast.quantize_last_dim_groups(x, group))
+    return _own(fp8_cast.quantize_last_dim_groups(x, group), x)
 
 
 def _group_scales(x: Tensor, group: int) -> Tensor:
@@ -69,13 +72,13 @@ def _group_scales(x: Tensor, group: int) -> Tensor:
 
 @quant_groups.register_fake
 def _(x: Tensor, group: int) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(x, dtype=torch.float8_e4m3fn), _group_scales(x, group)
+    return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), _group_scales(x, group)
 
 
 @torch.library.custom_op("meshwright::fp8_rmsnorm_fwd", mutates_args=())
 def rmsnorm_fwd(x: Tensor, weight: Tensor, eps: float, group: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`fp8_fused.rmsnorm_forward`: (output, fp32 1/rms, FP8 1 x group copy of x, its scales)."""
-    return _fresh(*fp8_fused.fused_rmsnorm_forward(x, weight, eps, group))
+    return _own(fp8_fused.fused_rmsnorm_forward(x, weight, eps, group), x, weight)
 
 
 @rmsnorm_fwd.register_fake
@@ -83,21 +86,21 @@ def _(x: Tensor, weight: Tensor, eps: float, group: int) -> tuple[Tensor, Tensor
     out = torch.empty(torch.broadcast_shapes(x.shape, weight.shape), dtype=torch.promote_types(x.dtype, weight.dtype),
                       device=x.device)
     rstd = x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
-    return out, rstd, torch.empty_like(x, dtype=torch.float8_e4m3fn), _group_scales(x, group)
+    return out, rstd, x.new_empty(x.shape, dtype=torch.float8_e4m3fn), _group_scales(x, group)
 
 
 @torch.library.custom_op("meshwright::fp8_swiglu_fwd", mutates_args=())
 def swiglu_fwd(a: Tensor, b: Tensor, group: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`fp8_fused.swiglu_forward`: (silu(a) * b, FP8 1 x group copies of a and b with their scales)."""
-    return _fresh(*fp8_fused.fused_swiglu_forward(a, b, group))
+    return _own(fp8_fused.fused_swiglu_forward(a, b, group), a, b)
 
 
 @swiglu_fwd.register_fake
 def _(a: Tensor, b: Tensor, group: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     out = torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=torch.promote_types(a.dtype, b.dtype),
                       device=a.device)
-    return (out, torch.empty_like(a, dtype=torch.float8_e4m3fn), _group_scales(a, group),
-            torch.empty_like(b, dtype=torch.float8_e4m3fn), _group_scales(b, group))
+    return (out, a.new_empty(a.shape, dtype=torch.float8_e4m3fn), _group_scales(a, group),
+            b.new_empty(b.shape, dtype=torch.float8_e4m3fn), _group_scales(b, group))
 
 
 @torch.library.custom_op("meshwright::fp8_gelu_fwd", mutates_args=())
@@ -105,12 +108,12 @@ def gelu_fwd(a: Tensor, group: int) -> tuple[Tensor, Tensor, Tensor]:
     """(gelu(a) with the tanh approximation, FP8 1 x group copy of a, its scales): the output ties the cast to the
     forward (an operator whose outputs only backward reads may be moved there by the partitioner, and was)."""
     q, s = fp8_cast.quantize_last_dim_groups(a, group)
-    return _fresh(F.gelu(a, approximate="tanh"), q, s)
+    return _own((F.gelu(a, approximate="tanh"), q, s), a)
 
 
 @gelu_fwd.register_fake
 def _(a: Tensor, group: int) -> tuple[Tensor, Tensor, Tensor]:
-    return torch.empty_like(a), torch.empty_like(a, dtype=torch.float8_e4m3fn), _group_scales(a, group)
+    return a.new_empty(a.shape), a.new_empty(a.shape, dtype=torch.float8_e4m3fn), _group_scales(a, group)
 
 
 @torch.library.custom_op("meshwright::fp8_linear", mutates_args=())
@@ -118,7 +121,7 @@ def linear(x: Tensor, q: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear(x, weight, bias)`` on operands already in the compute dtype. ``q`` (the FP8 copy of x that backward
     reads) is not used: taking it makes its cast part of the forward, which the partitioner then cannot move into the
     backward (it did, for a cast whose outputs only backward reads), so the FP8 copy is what it saves."""
-    return F.linear(x, weight, bias)
+    return _own((F.linear(x, weight, bias),), x, q, weight, bias)[0]
 
 
 @linear.register_fake
@@ -134,7 +137,7 @@ def _(x: Tensor, q: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 def weight_grad(grad: Tensor, q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     """grad (tokens, n)^T @ dequantised q (tokens, k) in ``dtype``: a linear's weight gradient from its FP8 input."""
     x = fp8_cast.dequantize_per_tensor(q, scale, dtype)
-    return grad.t() @ x.reshape(-1, x.shape[-1])
+    return _own((grad.t() @ x.reshape(-1, x.shape[-1]),), grad, q, scale)[0]
 
 
 @weight_grad.register_fake
@@ -145,7 +148,7 @@ def _(grad: Tensor, q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
 @torch.library.custom_op("meshwright::fp8_mm", mutates_args=())
 def mm(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, out_dtype: torch.dtype, backend: str) -> Tensor:
     """:func:`fp8_gemm.fp8_mm` (FP8 (M, K) @ FP8 (K, N) with per-tensor scales) as one operator."""
-    return fp8_gemm.fp8_mm(a, a_scale, b, b_scale, out_dtype, backend)
+    return _own((fp8_gemm.fp8_mm(a, a_scale, b, b_scale, out_dtype, backend),), a, a_scale, b, b_scale)[0]
 
 
 @mm.register_fake

@@ -95,20 +95,29 @@ def test_fp8_model_compiles_with_the_gpu_quantisers(monkeypatch, backend):
     assert torch.nn.functional.cosine_similarity(flat_c, flat_e, dim=0).item() > 0.99
 
 
-def _saved(cfg, compiled: bool, gemm_layers) -> tuple[float, dict[str, int]]:
+def _saved(cfg, compiled: bool, gemm_layers, device: str = "cpu",
+           backend: str = "aot_eager_decomp_partition") -> tuple[float, dict[str, int]]:
     """(bytes one block saves per token: the slope between two lengths; bytes per dtype at the longer length)."""
     from meshwright.memory.accounting import count_saved_bytes, saved_bytes_per_token
 
     torch._dynamo.reset()
     model = build_model(cfg, seed=0)
     apply_fp8_activations(model, gemm_layers=gemm_layers)
-    block = model.layers["0"]
-    fn = torch.compile(block, backend="aot_eager_decomp_partition", dynamic=False) if compiled else block
-    per_token = saved_bytes_per_token(block, fn, cfg.d_model, (64, 128))
-    h = torch.randn(2, 128, cfg.d_model, requires_grad=True)
-    with torch.autocast("cpu", torch.bfloat16), count_saved_bytes(block) as saved:
+    block = model.layers["0"].to(device)
+    fn = torch.compile(block, backend=backend, dynamic=False) if compiled else block
+    per_token = saved_bytes_per_token(block, fn, cfg.d_model, (64, 128), device=device)
+    h = torch.randn(2, 128, cfg.d_model, device=device, requires_grad=True)
+    with torch.autocast(device, torch.bfloat16), count_saved_bytes(block) as saved:
         fn(h)
     return per_token, saved.by_dtype
+
+
+def _small(arch: str):
+    from meshwright.config import load_model_config
+
+    shape = {"arch": "llama", "n_kv_heads": 4, "ffn_hidden": 352} if arch == "llama" else {"arch": "gpt2"}
+    return load_model_config({"name": "f", "vocab_size": 128, "d_model": 128, "n_layers": 1, "n_heads": 4,
+                              "max_seq_len": 128, **shape})
 
 
 @pytest.mark.parametrize("arch,gemm_layers", [("llama", ()), ("gpt2", ()), ("llama", None)])
@@ -116,16 +125,23 @@ def test_a_compiled_fp8_block_saves_the_eager_fp8_copies(arch, gemm_layers):
     """Compiled (inductor's min-cut partitioner, here without its C++ build), an FP8 block saves what the eager one
     saves per token: its FP8 copies. The casts used to be traced inline, and the partitioner kept no float8 tensor
     (bf16 inputs, the casts recomputed in backward): 13% more bytes per token (llama) and no FP8 bytes at all."""
-    from meshwright.config import load_model_config
-
-    shape = {"arch": "llama", "n_kv_heads": 4, "ffn_hidden": 352} if arch == "llama" else {"arch": "gpt2"}
-    cfg = load_model_config({"name": "f", "vocab_size": 128, "d_model": 128, "n_layers": 1, "n_heads": 4,
-                             "max_seq_len": 128, **shape})
+    cfg = _small(arch)
     eager, eager_dtypes = _saved(cfg, False, gemm_layers)
     compiled, compiled_dtypes = _saved(cfg, True, gemm_layers)
     assert compiled == eager, (compiled, eager)
     fp8 = [k for k in eager_dtypes if k.startswith("float8")]
     assert fp8 and {k: compiled_dtypes.get(k) for k in fp8} == {k: eager_dtypes[k] for k in fp8}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (inductor's Triton backend)")
+@pytest.mark.parametrize("arch,gemm_layers", [("llama", ()), ("gpt2", ()), ("llama", None)])
+def test_a_compiled_fp8_block_saves_the_eager_fp8_copies_on_cuda(arch, gemm_layers):
+    """The same with inductor on a GPU (the quantisers compiled apart inside the operators; ``gemm_layers=None``:
+    ``_scaled_mm`` on compute capability >= 8.9)."""
+    cfg = _small(arch)
+    eager, _ = _saved(cfg, False, gemm_layers, "cuda", "inductor")
+    compiled, _ = _saved(cfg, True, gemm_layers, "cuda", "inductor")
+    assert compiled == eager, (compiled, eager)
 
 
 @pytest.mark.timeout(600)

@@ -6,7 +6,8 @@ compiled FP8 block saved 13% more than the eager one (benchmarks/results/fp8_com
 operators (``torch.library.custom_op``) they are single nodes the partitioner will not recompute (not in its
 allowlist), so their FP8 outputs are what it saves: the eager set. The FP8 autograd Functions call these only while
 dynamo traces them and only on plain tensors (:func:`opaque`); eager runs, and DTensor (tensor/sequence-parallel)
-operands, keep calling the quantisers directly. Each operator runs the quantiser of :mod:`meshwright.memory.fp8_cast`
+operands, keep calling the quantisers directly (a tensor-parallel linear with FP8 GEMMs computes on its local shards,
+plain tensors, and so does use them). Each operator runs the quantiser of :mod:`meshwright.memory.fp8_cast`
 or :mod:`meshwright.memory.fp8_fused` at execution time (compiled by itself on GPUs), so its bits are the eager ones.
 No autograd is registered: they run inside the forward of an autograd Function, which owns the backward.
 """

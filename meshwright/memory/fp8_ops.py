@@ -4,12 +4,16 @@ Why: traced inline into a compiled block, a cast to FP8 is a handful of element-
 min-cut partitioner may recompute in backward; it does, keeping the bf16 inputs instead of the FP8 copies, so a
 compiled FP8 block saved 13% more than the eager one (benchmarks/results/fp8_compiled.md). Registered as custom
 operators (``torch.library.custom_op``) they are single nodes the partitioner will not recompute (not in its
-allowlist), so their FP8 outputs are what it saves: the eager set. The FP8 autograd Functions call these only while
+allowlist) when the forward needs them, so their FP8 outputs are what it saves: the eager set. Hence each cast is
+tied to a forward output (the norm/SwiGLU/GELU forwards are one operator each; the bf16-GEMM linear takes the FP8
+copy of its input), and the backward GEMMs that read FP8 copies are operators too (else the partitioner moves their
+dequantise into the forward and saves its bf16 output). The FP8 autograd Functions call these only while
 dynamo traces them and only on plain tensors (:func:`opaque`); eager runs, and DTensor (tensor/sequence-parallel)
 operands, keep calling the quantisers directly (a tensor-parallel linear with FP8 GEMMs computes on its local shards,
 plain tensors, and so does use them). Each operator runs the quantiser of :mod:`meshwright.memory.fp8_cast`
 or :mod:`meshwright.memory.fp8_fused` at execution time (compiled by itself on GPUs), so its bits are the eager ones.
-No autograd is registered: they run inside the forward of an autograd Function, which owns the backward.
+No autograd is registered: they run inside the forward or backward of an autograd Function, which owns the
+backward.
 """
 
 from __future__ import annotations

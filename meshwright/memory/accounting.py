@@ -76,15 +76,17 @@ def saved_bytes_of(fn, *args, module: nn.Module | None = None, **kwargs) -> tupl
 
 
 def saved_bytes_per_token(block: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], d_model: int,
-                          seqs: tuple[int, int], batch: int = 2, autocast_dtype: torch.dtype | None = torch.bfloat16
-                          ) -> float:
+                          seqs: tuple[int, int], batch: int = 2, autocast_dtype: torch.dtype | None = torch.bfloat16,
+                          device: str = "cpu") -> float:
     """Bytes ``fn`` (``block`` itself, or a compiled version of it) saves for backward per token: the slope of
     ``count_saved_bytes`` between two sequence lengths, so what does not grow with tokens (weight casts under
-    autocast) drops out. Each length runs once before it is counted (a compiled ``fn`` builds its graph then)."""
+    autocast) drops out. Each length runs once before it is counted (a compiled ``fn`` builds its graph then).
+    ``device``: where the input is made (the block must already be there)."""
     totals = []
     for seq in seqs:
-        h = torch.randn(batch, seq, d_model, requires_grad=True)
-        with torch.autocast("cpu", autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        h = torch.randn(batch, seq, d_model, device=device, requires_grad=True)
+        with torch.autocast(torch.device(device).type, autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
             fn(h)
             with count_saved_bytes(block) as saved:
                 out = fn(h)

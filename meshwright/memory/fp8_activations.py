@@ -33,6 +33,7 @@ from torch.distributed.tensor import DTensor
 from meshwright.config import ModelConfig
 from meshwright.errors import invalid
 from meshwright.models.layers import GeluMLP, RMSNorm, SwiGLU
+from meshwright.memory import fp8_ops
 from meshwright.memory.fp8_tp import cache_key, local_operands
 from meshwright.memory.fp8_gemm import BACKENDS, GRAD_FP8, INPUT_FP8, WEIGHT_FP8, fp8_mm, gemm_backend
 from meshwright.memory.fp8_cast import (dequantize_last_dim_groups, dequantize_per_tensor, quantize_last_dim_groups,
@@ -80,7 +81,7 @@ class _QuantCache:
     def get(self, x: torch.Tensor, dtype: torch.dtype, key: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(FP8 copy of x's shape, fp32 scale); ``key`` as in :meth:`get_t`."""
         if torch.compiler.is_compiling():  # see get_t
-            return quantize_per_tensor(x, dtype)
+            return fp8_ops.quant_tensor(x, dtype) if fp8_ops.opaque(x) else quantize_per_tensor(x, dtype)
         key = x if key is None else key
         if not self._hit(x, dtype, False, key):
             q, scale = quantize_per_tensor(x, dtype)
@@ -96,8 +97,9 @@ class _QuantCache:
         strides and offset hits (tensor-parallel linears get fresh views of one activation)."""
         if torch.compiler.is_compiling():
             # traced: the weakref/version/offset checks would break the graph at every linear (24 breaks in a
-            # 2-block model compiled whole); in one graph the shared input's casts are common subexpressions
-            return quantize_per_tensor_t(_flat2(x), dtype)
+            # 2-block model compiled whole); in one graph the shared input's casts are common subexpressions. On plain
+            # tensors they are opaque operators, so the partitioner saves their FP8 outputs (memory/fp8_ops.py)
+            return (fp8_ops.quant_tensor_t if fp8_ops.opaque(x) else quantize_per_tensor_t)(_flat2(x), dtype)
         key = x if key is None else key
         if not self._hit(x, dtype, True, key):
             q, qt, scale = quantize_per_tensor_t(_flat2(x), dtype)  # 2-D: one compiled graph for any rank
@@ -114,6 +116,11 @@ class _QuantCache:
 
 def _flat2(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
+
+
+def _group_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """1 x GROUP FP8 copy of x and its scales; an opaque operator while traced (memory/fp8_ops.py)."""
+    return (fp8_ops.quant_groups if fp8_ops.opaque(x) else quantize_last_dim_groups)(x, GROUP)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -144,7 +151,11 @@ class _FP8LinearFn(torch.autograd.Function):
         ctx.x_dtype, ctx.gemm = x.dtype, gemm
         if gemm is None:
             q, scale = cache.get(x, dtype, key)
-            out = F.linear(x, weight, bias)
+            if fp8_ops.opaque(x, weight):  # traced: the cast becomes part of the forward (fp8_ops.linear)
+                cdt = _compute_dtype(x)  # what autocast would cast the operands to (bit for bit the same GEMM)
+                out = fp8_ops.linear(x.to(cdt), q, weight.to(cdt), None if bias is None else bias.to(cdt))
+            else:
+                out = F.linear(x, weight, bias)
             ctx.compute_dtype, ctx.w_dtype = out.dtype, weight.dtype
             ctx.save_for_backward(q, scale, weight)
             return out
@@ -153,7 +164,7 @@ class _FP8LinearFn(torch.autograd.Function):
         # transposed copies written by the casts: g @ W with B = (W^T)^T, g^T x with A = g^T, B = (x^T)^T.
         q, qt, scale = cache.get_t(x, dtype, key)
         cdt = _compute_dtype(x)
-        qw, qwt, sw = quantize_per_tensor_t(weight, WEIGHT_FP8)
+        qw, qwt, sw = (fp8_ops.quant_tensor_t if fp8_ops.opaque(weight) else quantize_per_tensor_t)(weight, WEIGHT_FP8)
         out = fp8_mm(q, scale, qw.t(), sw, cdt, gemm).view(*x.shape[:-1], weight.shape[0])
         if bias is not None:
             out = out + bias.to(cdt)
@@ -171,15 +182,18 @@ class _FP8LinearFn(torch.autograd.Function):
             q, scale, weight = ctx.saved_tensors
             if ctx.needs_input_grad[0]:
                 gx = (grad @ weight.to(cdt)).to(ctx.x_dtype)
-            if ctx.needs_input_grad[1]:
+            if ctx.needs_input_grad[1] and fp8_ops.opaque(g2, q):  # traced: backward reads the FP8 copy (fp8_ops)
+                gw = fp8_ops.weight_grad(g2, q, scale, cdt).to(weight.dtype)
+            elif ctx.needs_input_grad[1]:
                 gw = (g2.t() @ _flat2(dequantize_per_tensor(q, scale, cdt))).to(weight.dtype)
         else:
             qt, scale, qwt, sw = ctx.saved_tensors
             qg, qgt, sg = quantize_per_tensor_t(g2, GRAD_FP8)
+            mm = fp8_ops.mm if fp8_ops.opaque(g2, qt) else fp8_mm  # traced: on the saved FP8 copies (fp8_ops)
             if ctx.needs_input_grad[0]:
-                gx = fp8_mm(qg, sg, qwt.t(), sw, cdt, ctx.gemm).view(grad.shape[:-1] + (qwt.shape[0],)).to(ctx.x_dtype)
+                gx = mm(qg, sg, qwt.t(), sw, cdt, ctx.gemm).view(grad.shape[:-1] + (qwt.shape[0],)).to(ctx.x_dtype)
             if ctx.needs_input_grad[1]:
-                gw = fp8_mm(qgt, sg, qt.t(), scale, cdt, ctx.gemm).to(ctx.w_dtype)
+                gw = mm(qgt, sg, qt.t(), scale, cdt, ctx.gemm).to(ctx.w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g2.sum(0).to(ctx.w_dtype)
         return gx, gw, gb, None, None, None, None
@@ -192,7 +206,8 @@ class _FP8RMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        out, rstd, q, s = fused_rmsnorm_forward(x, weight, eps, GROUP)
+        fwd = fp8_ops.rmsnorm_fwd if fp8_ops.opaque(x, weight) else fused_rmsnorm_forward
+        out, rstd, q, s = fwd(x, weight, eps, GROUP)
         ctx.save_for_backward(q, s, rstd, weight)
         return out
 
@@ -214,7 +229,7 @@ class _FP8LayerNormFn(torch.autograd.Function):
         mean = xf.mean(-1, keepdim=True)
         var = (xf - mean).pow(2).mean(-1, keepdim=True)
         rstd = torch.rsqrt(var + eps)
-        q, s = quantize_last_dim_groups(x, GROUP)
+        q, s = _group_quant(x)
         ctx.save_for_backward(q, s, mean, rstd, weight)
         ctx.has_bias = bias is not None
         return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
@@ -239,7 +254,7 @@ class _FP8SwiGLUProductFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        out, *saved = fused_swiglu_forward(a, b, GROUP)
+        out, *saved = (fp8_ops.swiglu_fwd if fp8_ops.opaque(a, b) else fused_swiglu_forward)(a, b, GROUP)
         ctx.save_for_backward(*saved)
         return out
 
@@ -253,8 +268,12 @@ class _FP8GeluFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(*quantize_last_dim_groups(a, GROUP))
-        return F.gelu(a, approximate="tanh")
+        if fp8_ops.opaque(a):
+            out, qa, sa = fp8_ops.gelu_fwd(a, GROUP)
+        else:
+            out, (qa, sa) = F.gelu(a, approximate="tanh"), quantize_last_dim_groups(a, GROUP)
+        ctx.save_for_backward(qa, sa)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:

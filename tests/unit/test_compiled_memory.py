@@ -358,7 +358,8 @@ def test_fp8_block_bytes_in_the_planner_are_the_measured_ones(arch):
     """The planner's activation bytes of an FP8 block (no recompute, bf16 autocast) against the block's saved
     tensors, eager and compiled. Eager: the tensor-by-tensor count exactly (autocast adds no casts to an FP8
     block; the planner used to add them, and over-predicted it by 54%). Compiled: COMPILED_FP8_ACT, measured with
-    inductor at d_model 512/1024 (results/fp8_compiled.md), within 1% at this small shape."""
+    inductor at d_model 512 (results/fp8_compiled.md): the FP8 casts are opaque operators there, so the compiled
+    block saves the eager count exactly (it saved 13% more, llama, when the partitioner recomputed the casts)."""
     shape = {"arch": "llama", "n_kv_heads": 4, "ffn_hidden": 352} if arch == "llama" else {"arch": "gpt2"}
     cfg = load_model_config({"name": "f", "vocab_size": 128, "d_model": 128, "n_layers": 1, "n_heads": 4,
                              "max_seq_len": 128, **shape})
@@ -368,5 +369,4 @@ def test_fp8_block_bytes_in_the_planner_are_the_measured_ones(arch):
     for compiled in (False, True):
         predicted = cm.layer_costs(cfg, 0, fp8, 1, 128, dataclasses.replace(h, compiled=compiled))["act_bytes"] / 128
         measured = _measured_fp8_block_bytes_per_token(cfg, compiled)
-        tol = 1e-9 if not compiled else 0.01  # measured: 0.04% (llama), 0.02% (gpt2)
-        assert predicted == pytest.approx(measured, rel=tol), (compiled, predicted, measured)
+        assert predicted == pytest.approx(measured, rel=1e-9), (compiled, predicted, measured)

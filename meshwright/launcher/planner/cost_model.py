@@ -103,11 +103,12 @@ def eager_moe_act(recompute: str, elem_bytes: int) -> dict[str, float]:
     return (EAGER_MOE_ACT_FP32 if elem_bytes == 4 else EAGER_MOE_ACT)[recompute]
 
 
-# A compiled dense block with FP8 activations (no recompute) over the eager one: inductor's partitioner saves bf16
-# tensors and recomputes the FP8 casts in backward (no float8 tensor is kept). Bytes saved per token, slope between
-# seq 256 and 512 under bf16 autocast (benchmarks/bench_fp8_compiled_saved.py; results/fp8_compiled.md): llama
-# d512/d1024 (ffn 2.75 d) 25.07 vs 22.20 bytes per d_model, gpt2 d512 22.09 vs 21.59.
-COMPILED_FP8_ACT = {"llama": 25.07 / 22.20, "gpt2": 22.09 / 21.59}
+# A compiled dense block with FP8 activations (no recompute) over the eager one. The FP8 casts are opaque operators
+# under torch.compile (memory/fp8_ops.py), so inductor's partitioner saves their FP8 outputs, the eager set. Bytes
+# saved per token, slope between seq 256 and 512 under bf16 autocast (benchmarks/bench_fp8_compiled_saved.py;
+# results/fp8_compiled.md, 2026-11-26 s27): llama d512 22.20 vs 22.20 bytes per d_model, gpt2 d512 21.59 vs 21.59.
+# (Before, with the casts traced inline, the partitioner kept bf16 inputs and recomputed the casts: 25.07 and 22.09.)
+COMPILED_FP8_ACT = {"llama": 22.20 / 22.20, "gpt2": 21.59 / 21.59}
 # Share of activation bytes that are inputs of linear layers (what WTA-CRS samples).
 LINEAR_INPUT_SHARE = 0.4
 # Share of saved activation bytes COAT stores in FP8 (the rest, e.g. norm statistics, stays high precision).
@@ -1066,7 +1067,7 @@ def _activation_terms(cfg: ModelConfig, index: int, s: Any, tokens: float, seq_l
         act = hw.act_scale * activation_bytes(cfg, index, tokens, s.tp, s.sp, s.recompute, hw.elem_bytes,
                                               s.savers.fp8_act, s.savers.wta_crs, s.savers.lemo)
         fp8_block = fp8_counted_block(cfg, index, s.savers.fp8_act, s.recompute)
-        if fp8_block and hw.compiled:  # measured: inductor's partitioner keeps bf16 and recomputes the casts
+        if fp8_block and hw.compiled:  # measured: the compiled block saves the eager FP8 copies (factor 1)
             act *= COMPILED_FP8_ACT[cfg.arch]
         # EAGER_MOE_ACT holds autocast's casts; an FP8 block saves none (its own casts replace them: measured)
         if hw.policy.weight_copy_bytes > 0 and not cfg.is_moe_layer(index) and not fp8_block:

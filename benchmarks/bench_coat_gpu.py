@@ -38,13 +38,14 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from meshwright.memory.fp8_activations import apply_fp8_activations  # noqa: E402
+from meshwright.memory import fp8_ops  # noqa: E402
 from meshwright.memory.fp8_gemm import gemm_backend  # noqa: E402
 from meshwright.models import build_model, count_parameters, lm_loss  # noqa: E402
 from meshwright.optim import CoatAdamW  # noqa: E402
 
 LLAMA_1B3 = {"name": "llama-1.3b", "arch": "llama", "vocab_size": 32000, "d_model": 2048, "n_layers": 22,
              "n_heads": 16, "n_kv_heads": 16, "ffn_hidden": 5632, "max_seq_len": 4096, "tie_embeddings": False}
-CONFIGS = ("bf16_adamw", "coat", "torchao_float8", "coat_states", "coat_act")
+CONFIGS = ("bf16_adamw", "coat", "torchao_float8", "coat_states", "coat_act", "coat_fused")
 DEFAULT_CONFIGS = "bf16_adamw,coat,torchao_float8"
 LR, BETAS, WD, WARMUP = 3e-4, (0.9, 0.95), 0.1, 30
 OPT_TIMING_EVERY = 10  # steady steps between synced optimizer-step timings (the others run unsynced)
@@ -60,9 +61,11 @@ def _torchao_convert(model: torch.nn.Module) -> None:
 def build(name: str, model_cfg: Any, device: str, fused_opt: bool | None) -> tuple[torch.nn.Module, torch.optim.Optimizer, str]:
     model = build_model(model_cfg, seed=0).to(device)
     note = ""
-    if name in ("coat", "coat_act"):
-        apply_fp8_activations(model, gemm_layers=None if name == "coat" else ())
-        note = f"FP8 GEMM backend: {gemm_backend(device)}" if name == "coat" else ""
+    if name in ("coat", "coat_act", "coat_fused"):
+        # coat_fused: COAT with the FP8 casts traced inline under --compile (inductor fuses them, saves bf16)
+        fp8_ops.set_opaque(name != "coat_fused")
+        apply_fp8_activations(model, gemm_layers=None if name != "coat_act" else ())
+        note = f"FP8 GEMM backend: {gemm_backend(device)}" if name != "coat_act" else ""
     if name == "torchao_float8":
         _torchao_convert(model)
     params = model.parameters()
@@ -136,7 +139,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "first_loss": round(losses[0], 4), "loss_last10": round(sum(losses[-10:]) / len(losses[-10:]), 4),
         "val_loss": round(sum(val) / len(val), 4),
     }
-    if name in ("coat", "coat_act") and not args.smoke:  # did every FP8 unit stay compiled (no eager fallback)?
+    if name in ("coat", "coat_act", "coat_fused") and not args.smoke:  # did every FP8 unit stay compiled (no eager fallback)?
         from bench_fp8_linear_gpu import compiled_status
 
         out.update(compiled_status())

@@ -28,9 +28,20 @@ from meshwright.optim import fp8_quant
 Tensor = torch.Tensor
 
 
+_OPAQUE = True  # set_opaque(False): traced casts inline again, so inductor may fuse them with their neighbours
+
+
+def set_opaque(enabled: bool) -> None:
+    """Keep compiled FP8 blocks' casts opaque (True, the default: the FP8 copies are saved, the eager bytes) or trace
+    them inline (False: inductor fuses them with the norm/activation/bias next to them, and saves bf16 instead).
+    The trade is memory against fusion; ``benchmarks/bench_coat_gpu.py`` times both (``coat`` and ``coat_fused``)."""
+    global _OPAQUE
+    _OPAQUE = bool(enabled)
+
+
 def opaque(*tensors: Tensor | None) -> bool:
-    """Whether to call the operators here: dynamo is tracing and no operand is a DTensor."""
-    return torch.compiler.is_compiling() and not any(isinstance(t, DTensor) for t in tensors)
+    """Whether to call the operators here: dynamo is tracing, the operators are on, and no operand is a DTensor."""
+    return _OPAQUE and torch.compiler.is_compiling() and not any(isinstance(t, DTensor) for t in tensors)
 
 
 def _own(outs: tuple[Tensor, ...], *inputs: Tensor | None) -> tuple[Tensor, ...]:

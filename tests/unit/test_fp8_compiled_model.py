@@ -133,6 +133,21 @@ def test_a_compiled_fp8_block_saves_the_eager_fp8_copies(arch, gemm_layers):
     assert fp8 and {k: compiled_dtypes.get(k) for k in fp8} == {k: eager_dtypes[k] for k in fp8}
 
 
+def test_set_opaque_false_traces_the_casts_inline_again():
+    """The switch the GPU benchmark's ``coat_fused`` uses: with the operators off, inductor's partitioner recomputes the
+    casts in backward and saves no FP8 tensor (more bytes than eager: the bf16 inputs)."""
+    from meshwright.memory import fp8_ops
+
+    cfg = _small("llama")
+    eager, _ = _saved(cfg, False, ())
+    fp8_ops.set_opaque(False)
+    try:
+        inline, inline_dtypes = _saved(cfg, True, ())
+    finally:
+        fp8_ops.set_opaque(True)
+    assert inline > eager and not any(k.startswith("float8") for k in inline_dtypes), (inline, eager, inline_dtypes)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (inductor's Triton backend)")
 @pytest.mark.parametrize("arch,gemm_layers", [("llama", ()), ("gpt2", ()), ("llama", None)])
 def test_a_compiled_fp8_block_saves_the_eager_fp8_copies_on_cuda(arch, gemm_layers):

@@ -1126,7 +1126,7 @@ class _RankTotals:
 
 
 def _microbatches(plan: Any, strategies: list[Any]) -> int:
-    max_dp = max(s.dp for s in strategies)
+    max_dp = max(s.dp for s in strategies)  # ``plan.layers`` (repeat blocks) give the same maximum
     return plan.pipeline.microbatches if plan.pipeline.degree > 1 else plan.global_batch // (max_dp * plan.micro_batch)
 
 
@@ -1138,8 +1138,14 @@ def _add_layers(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strat
     states = plan.optimizer.states
     max_dp = max(s.dp for s in strategies)
     ranges = plan.stage_ranges(cfg.n_layers)
-    stage_of = {i: j % pp.degree for j, (a, b) in enumerate(ranges) for i in range(a, b)}
-    starts = {a for a, _ in ranges}
+    # per layer: its pipeline rank, whether it starts a stage (no redistribution from the layer before) and whether
+    # it is an MoE block; shared by the plans of one layout (``memo`` holds one model's costs)
+    lkey = ("layer_layout", pp.degree, tuple(ranges), cfg.n_layers, cfg.n_experts, cfg.moe_every)
+    layout = memo.get(lkey)
+    if layout is None:
+        stage_of = {i: j % pp.degree for j, (a, b) in enumerate(ranges) for i in range(a, b)}
+        starts = {a for a, _ in ranges}
+        layout = memo[lkey] = [(stage_of[i], i == 0 or i in starts, cfg.is_moe_layer(i)) for i in range(len(strategies))]
     skeys: dict[int, tuple] = {}  # per strategy object (a repeat block expands to one object)
     # per cost key the terms this plan adds (they depend on m too, so they live for this call only)
     adds: dict[tuple, tuple[float, ...]] = {}
@@ -1147,10 +1153,8 @@ def _add_layers(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strat
     # the plan-wide sums in locals (the same additions in the same order), written back after the loop
     model_flops_t, hw_flops_t, comm_t, compute_t, overhead_t, dp_t = t.model_flops, t.hw_flops, t.comm, t.compute, t.overhead, t.dp
     key = None
-    for i, s in enumerate(strategies):
-        r = stage_of[i]
-        moe = cfg.is_moe_layer(i)
-        before = strategies[i - 1] if i > 0 and i not in starts else None
+    for i, (s, (r, start, moe)) in enumerate(zip(strategies, layout)):
+        before = None if start else strategies[i - 1]
         if before is s and key is not None and key[2] == (s.tp, s.sp) and key[0] == moe:
             add = adds[key]  # the same strategy after itself: the previous layer's key (most layers of a plan)
         else:
@@ -1188,10 +1192,10 @@ def _add_layers(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strat
     t.model_flops, t.hw_flops, t.comm, t.compute, t.overhead, t.dp = model_flops_t, hw_flops_t, comm_t, compute_t, overhead_t, dp_t
 
 
-def _layer_totals(plan: Any, cfg: ModelConfig, hw: Hardware, strategies: list[Any], m: int,
-                  cache: dict[Any, Any]) -> _RankTotals:
+def _layer_totals(plan: Any, cfg: ModelConfig, hw: Hardware, m: int, cache: dict[Any, Any]) -> _RankTotals:
     """A fresh copy of the blocks' per-rank sums (``_add_layers``), computed once per blocks-and-pipeline layout in
-    ``cache``: plans that differ only in their embedding (the search scores several ZeRO levels for it) share them."""
+    ``cache``: plans that differ only in their embedding (the search scores several ZeRO levels for it) share them.
+    The blocks are expanded to one strategy per layer only to compute them."""
     pp = plan.pipeline
     key = ("layers", tuple((s.tp, s.sp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, s.recompute, s.savers.fp8_act, s.savers.fp8_gemm,
                             s.savers.wta_crs, s.savers.lemo, s.repeat) for s in plan.layers),
@@ -1200,7 +1204,7 @@ def _layer_totals(plan: Any, cfg: ModelConfig, hw: Hardware, strategies: list[An
     done = cache.get(key)
     if done is None:
         done = cache[key] = _RankTotals(pp.degree)
-        _add_layers(done, plan, cfg, hw, strategies, m, cache)
+        _add_layers(done, plan, cfg, hw, plan.layer_strategies(), m, cache)
     t = copy.copy(done)
     for name in ("mb_s", "step_s", "static", "act", "transient", "grads", "copies"):
         setattr(t, name, list(getattr(done, name)))
@@ -1288,11 +1292,13 @@ def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int,
     ``cache``: a dict the caller keeps while it evaluates many plans of *one* model on *one* Hardware (the search
     does): per-layer costs and the model's FLOPs per token are then computed once for all of them."""
     cache = {} if cache is None else cache
-    strategies = plan.layer_strategies()
+    # the repeat blocks, not one strategy per layer: what is read of them here (the first and last layer's fields, the
+    # largest dp, whether every dp is 1) is the same, and the per-layer sums expand them once per layout (cached)
+    strategies = plan.layers
     pp = plan.pipeline
     m = _microbatches(plan, strategies)
     v = pp.virtual_stages if pp.schedule == "interleaved_1f1b" else 1
-    t = _layer_totals(plan, cfg, hw, strategies, m, cache)
+    t = _layer_totals(plan, cfg, hw, m, cache)
     head_tokens = _add_ends(t, plan, cfg, hw, strategies, m, world_size)
     rank_mb = t.mb_s
     if pp.degree > 1:

@@ -261,6 +261,30 @@ class _Kind:
                                                  np.append(self.cls, 0)[:, None] * (N_BUCKETS + 2))
         return got
 
+    def fastest_two(self) -> Optional[tuple[int, float, Optional[float]]]:
+        """``_all_fastest``'s view of ``obj``, built once: the strictly fastest strategy, its time and the next
+        fastest time (None where there is no other strategy or it is infinite); None where no strategy is finite or
+        the fastest is not unique."""
+        got = self.__dict__.get("_fastest_two", False)
+        if got is False:
+            got = None
+            obj = self.obj
+            if len(obj):
+                s = int(obj.argmin())
+                fastest = obj[s]
+                if np.isfinite(fastest) and np.count_nonzero(obj == fastest) == 1:
+                    second = np.partition(obj, 1)[1] if len(obj) > 1 else None
+                    got = (s, float(fastest), float(second) if second is not None and np.isfinite(second) else None)
+            self.__dict__["_fastest_two"] = got
+        return got
+
+    def finite(self) -> np.ndarray:
+        """Where ``obj`` is finite (the strategies a layer can take), built once."""
+        got = self.__dict__.get("_finite")
+        if got is None:
+            got = self.__dict__["_finite"] = np.isfinite(self.obj)
+        return got
+
     def obj_full(self) -> np.ndarray:
         """``dp_arrays``' class-major obj (width, C, 1) repeated along the stage DP's buckets, (width, C, nb): built once."""
         got = self.__dict__.get("_obj_full")
@@ -459,33 +483,48 @@ def _vectors(o: "_Outer", index: int) -> _Vectors:
 class _DPKind:
     """One layer kind's gather indices for one DP (its bucket size and in-flight count): built once per call and
     shared by every layer of that kind, so a layer costs a few whole-array numpy operations. Tables are laid out
-    (strategy, bucket): numpy reduces over a leading axis several times faster than over a short trailing one."""
+    (strategy, bucket): numpy reduces over a leading axis several times faster than over a short trailing one.
+    The general loop's (S + 1, nb) tables are built on first use: the one-kind DP gathers its own straight away."""
 
     def __init__(self, k: _Kind, bucket: float, inflight: float, rounding: str = "up") -> None:
-        nb = N_BUCKETS + 1
-        S, C = len(k.strategies), len(k.tpsp)
-        self.C, self.cls, self.cls_idx = C, k.cls, k.cls_idx
+        self.C, self.cls, self.cls_idx = len(k.tpsp), k.cls, k.cls_idx
         # cls_idx_t (width, C): the class minima reduce over a leading axis
-        self.cls_idx_t, self.obj, self.obj_t, cls_rows = k.dp_arrays()
+        self.cls_idx_t, self.obj, self.obj_t, self.cls_rows = k.dp_arrays()
         self.w = _bucket_weights((k.static + inflight * k.act) / bucket, rounding)
-        usable = self.w[np.isfinite(k.obj)]
+        usable = self.w[k.finite()]
         self.min_w = int(usable.min()) if len(usable) else N_BUCKETS + 1  # the smallest strategy a layer can take
-        # J[s, j]: the bucket a layer taking s in j buckets leaves to the layers before it; nb (the +inf pad of every
-        # source table below) where s does not fit. Row S is a padding strategy with +inf time, so every f has a
-        # trailing +inf row that the per-class gathers (cls_idx pads with S) pick up as filler.
-        J = np.full((S + 1, nb), nb)
-        np.subtract(_BUCKET_ROW, self.w[:, None], out=J[:S])
-        J[J < 0] = nb
-        self.J = J
-        self.cls_at = cls_rows + J  # into a flattened (C, nb + 1) per-class table
         self.kind = k
 
-    def one_kind(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """``_stage_dp_one_kind``'s class-major tables: idx_t (W, C), the kind's strategies per class (ascending, padded
-        with S), and gathered by it, each (W, C, nb): the per-class table indices, obj (full, not broadcast: numpy adds
-        a contiguous array several times faster than one broadcast along the buckets) and J."""
+    @functools.cached_property
+    def J(self) -> np.ndarray:
+        """J[s, j]: the bucket a layer taking s in j buckets leaves to the layers before it; nb (the +inf pad of every
+        source table) where s does not fit. Row S is a padding strategy with +inf time, so every f has a trailing +inf
+        row that the per-class gathers (cls_idx pads with S) pick up as filler."""
+        nb = N_BUCKETS + 1
+        J = np.full((len(self.w) + 1, nb), nb)
+        np.subtract(_BUCKET_ROW, self.w[:, None], out=J[:-1])
+        J[J < 0] = nb
+        return J
+
+    @functools.cached_property
+    def cls_at(self) -> np.ndarray:
+        """J's indices into a flattened (C, nb + 1) per-class table."""
+        return self.cls_rows + self.J
+
+    def one_kind(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``_stage_dp_one_kind``'s tables: idx_t (W, C), the kind's strategies per class (ascending, padded with S);
+        gathered by it, each (W, C, nb), the per-class table indices (``cls_at``'s rows), obj (full, not broadcast:
+        numpy adds a contiguous array several times faster than one broadcast along the buckets) and ``J``'s rows;
+        and ``cls_at``'s last column (S,): where the last layer reads the full budget."""
+        nb = N_BUCKETS + 1
         idx_t = self.cls_idx_t
-        return idx_t, self.cls_at.take(idx_t, axis=0), self.kind.obj_full(), self.J.take(idx_t, axis=0)
+        w = self.w
+        # the padding strategy S never fits: J's row of nb
+        J_t = _BUCKET_ROW - np.append(w, nb).take(idx_t)[:, :, None]
+        J_t[J_t < 0] = nb
+        last = N_BUCKETS - w
+        last[last < 0] = nb
+        return idx_t, self.cls_rows.take(idx_t, axis=0) + J_t, self.kind.obj_full(), J_t, self.cls_rows[:-1, 0] + last
 
 
 _BUCKET_ROW = np.arange(N_BUCKETS + 1)[None, :]
@@ -506,13 +545,10 @@ def _all_fastest(k: _Kind, n: int, bucket: float, inflight: float, trans_cost: n
     it fit the buckets and staying in a class costs nothing (changing costs >= 0), every layer taking it is the
     unique optimum, and its time is the DP's sum, added in the DP's order.
     None: the DP must run."""
-    obj = k.obj
-    if not len(obj):
+    got = k.fastest_two()
+    if got is None:
         return None
-    s = int(obj.argmin())
-    fastest = obj[s]
-    if not np.isfinite(fastest) or np.count_nonzero(obj == fastest) != 1:
-        return None
+    s, fastest, second = got
     # numpy float64 scalars: the same IEEE ops, and the same rounding, as _DPKind's arrays
     w = int(_bucket_weights((k.static[s] + inflight * k.act[s]) / bucket, rounding))
     if w * n > N_BUCKETS:
@@ -522,17 +558,15 @@ def _all_fastest(k: _Kind, n: int, bucket: float, inflight: float, trans_cost: n
         if trans_cost[c, c] != 0 or (trans_cost < 0).any():
             return None
     total = 0.0
-    for _ in range(n):
+    for _ in range(n):  # Python floats: the same IEEE additions as the DP's float64 arrays
         total = total + fastest
     # the DP must not find another path of this float total either: a strategy a few ulps slower (ZeRO-2 beside a
     # ZeRO-3 whose gathers overlap) ties once added to the layers before, and the DP's first-index tie-breaking may
     # pick it. Each of a path's <= 2n additions (layer times, class changes) rounds by at most half the spacing at
     # the sums, so two paths' float totals differ by at least their exact difference less 2n spacings: where the next
     # fastest is slower by more than that, every other path's float total is strictly larger.
-    if len(obj) > 1:
-        second = np.partition(obj, 1)[1]
-        if np.isfinite(second) and not second - fastest > 2 * n * np.spacing(total + second):
-            return None
+    if second is not None and not second - fastest > 2 * n * np.spacing(total + second):
+        return None
     return float(total), [s] * n
 
 
@@ -631,7 +665,7 @@ def _stage_dp_one_kind(p: _DPKind, n: int, trans_cost: np.ndarray, g1: np.ndarra
     nb = N_BUCKETS + 1
     minimum = np.minimum.reduce
     C = p.C
-    idx_t, at_t, obj_t, J_t = p.one_kind()  # (W, C), (W, C, nb) x 3
+    idx_t, at_t, obj_t, J_t, at_last = p.one_kind()  # (W, C), (W, C, nb) x 3, (S,)
     # the (C, C) switch costs along the buckets
     trans_f = np.empty((C, C, nb))
     trans_f[...] = trans_cost[:, :, None]
@@ -654,7 +688,7 @@ def _stage_dp_one_kind(p: _DPKind, n: int, trans_cost: np.ndarray, g1: np.ndarra
             ft += obj_t
             fts.append(ft)
     # the last layer in strategy order, at the full budget only: its argmin picks the first strategy of equals
-    last = g.take(p.cls_at[:-1, N_BUCKETS])
+    last = g.take(at_last)
     last += p.obj[:-1, 0]
     s = int(np.argmin(last))
     if not np.isfinite(last[s]):

@@ -985,6 +985,57 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
     }
 
 
+def layer_costs_lean(cfg: ModelConfig, index: int, strategies: list[Any], mb_samples: list[float], seq_len: int,
+                     hw: Hardware, states: str, parts: dict[tuple, Any]) -> list[tuple[float, ...]]:
+    """``layer_costs(..., lean=True, parts=parts)`` for each of ``strategies`` (with its ``mb_samples``), without a
+    call per strategy: the search costs thousands of them per micro-batch size. The same terms, the same operations
+    in the same order (so the same floats); tests/unit/test_search.py checks it against ``layer_costs``."""
+    moe = cfg.is_moe_layer(index)
+    pol = hw.policy
+    gather_bytes, gather_copies = pol.gather_bytes, (3 if hw.runtime_buffers else 2)
+    copy_bytes = pol.weight_copy_bytes
+    casts = copy_bytes > 0  # weight_traffic_mb_s
+    mem_bw, runtime_buffers, slowdown, dp_overlap = hw.mem_bw, hw.runtime_buffers, hw.overlap_slowdown, hw.dp_overlap
+    out = []
+    for s, mbs in zip(strategies, mb_samples):
+        tokens = mbs * seq_len / s.cp
+        sv = s.savers
+        lemo = sv.lemo if sv.lemo is not None else 1.0
+        tp, sp, rc = s.tp, s.sp, s.recompute
+        key = ("compute", moe, tokens, seq_len, tp, sp, rc, s.ep, s.cp, sv.fp8_gemm, sv.lemo)
+        comp = parts.get(key)
+        if comp is None:
+            comp = parts[key] = _compute_terms(cfg, index, moe, s, tokens, seq_len, lemo, hw)
+        fwd, compute_mb, _, _, comm_mb = comp
+        overhead_mb = strategy_overhead_s(hw, tp, sp, s.zero, s.dp, tokens * lemo)
+        key = ("shard", moe, tp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, states)
+        shard = parts.get(key)
+        if shard is None:
+            shard = parts[key] = _shard_terms(cfg, index, moe, s, states, hw)
+        shard_params, dp_mb, dp_step, states_b, opt_step, accum_mb = shard
+        compiled = compiled_layer(cfg, index, sv, hw)
+        key = ("act", moe, tokens, seq_len, tp, sp, rc, sv.fp8_act, sv.wta_crs, sv.lemo)
+        acts = parts.get(key)
+        if acts is None:
+            acts = parts[key] = _activation_terms(cfg, index, s, tokens, seq_len, lemo, compiled, hw)
+        act, working = acts
+        gathered = shard_params * gather_bytes * gather_copies if s.zero >= 3 else 0.0
+        copies = shard_params * copy_bytes
+        compute_mb += (shard_params * (6.0 * (2 if rc != "none" else 1) + 6.0) / mem_bw) if casts else 0.0
+        if compiled and rc != "none":
+            working += copies if runtime_buffers else 0.0
+            copies = 0.0
+        # microbatch_s and step_dp_s (exposed_s: overlap_s less the compute)
+        mb_s = compute_mb + comm_mb + overhead_mb + (max(compute_mb, dp_mb) + slowdown * min(compute_mb, dp_mb) - compute_mb)
+        if dp_overlap:
+            bwd = compute_mb - fwd
+            step = max(bwd, dp_step) + slowdown * min(bwd, dp_step) - bwd
+        else:
+            step = dp_step
+        out.append((mb_s, step + opt_step, accum_mb, sum(states_b.values()) + copies, act, gathered + working))
+    return out
+
+
 def _compute_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, tokens: float, seq_len: int, lemo: float,
                    hw: Hardware) -> tuple[float, float, float, float, float]:
     """layer_costs' compute and TP/CP/EP collectives per microbatch (before the weights' traffic): forward seconds,

@@ -249,15 +249,24 @@ class _Kind:
             for c, g in enumerate(groups):
                 self.cls_idx[c, :len(g)] = g
 
+    def obj_cache(self) -> dict[str, Any]:
+        """The caches that depend on ``obj`` and the classes only (not on memory): kinds that differ in memory only
+        (``_KindTable.capped``'s, per in-flight count) share one."""
+        got = self.__dict__.get("_obj_cache")
+        if got is None:
+            got = self.__dict__["_obj_cache"] = {}
+        return got
+
     def dp_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The stage DP's arrays that do not depend on its bucket size, built once per kind (a rank's DPs at
         several budgets share them): cls_idx transposed (width, C), obj with its +inf padding row (S + 1, 1),
         that gathered class-major (width, C, 1), and the padded class index scaled to a (C, nb + 1) table's rows."""
-        got = self.__dict__.get("_dp_arrays")
+        cache = self.obj_cache()
+        got = cache.get("dp_arrays")
         if got is None:
             cls_idx_t = np.ascontiguousarray(self.cls_idx.T)
             obj = np.append(self.obj, np.inf)[:, None]
-            got = self.__dict__["_dp_arrays"] = (cls_idx_t, obj, obj.take(cls_idx_t, axis=0),
+            got = cache["dp_arrays"] = (cls_idx_t, obj, obj.take(cls_idx_t, axis=0),
                                                  np.append(self.cls, 0)[:, None] * (N_BUCKETS + 2))
         return got
 
@@ -265,7 +274,8 @@ class _Kind:
         """``_all_fastest``'s view of ``obj``, built once: the strictly fastest strategy, its time and the next
         fastest time (None where there is no other strategy or it is infinite); None where no strategy is finite or
         the fastest is not unique."""
-        got = self.__dict__.get("_fastest_two", False)
+        cache = self.obj_cache()
+        got = cache.get("fastest_two", False)
         if got is False:
             got = None
             obj = self.obj
@@ -275,22 +285,24 @@ class _Kind:
                 if np.isfinite(fastest) and np.count_nonzero(obj == fastest) == 1:
                     second = np.partition(obj, 1)[1] if len(obj) > 1 else None
                     got = (s, float(fastest), float(second) if second is not None and np.isfinite(second) else None)
-            self.__dict__["_fastest_two"] = got
+            cache["fastest_two"] = got
         return got
 
     def finite(self) -> np.ndarray:
         """Where ``obj`` is finite (the strategies a layer can take), built once."""
-        got = self.__dict__.get("_finite")
+        cache = self.obj_cache()
+        got = cache.get("finite")
         if got is None:
-            got = self.__dict__["_finite"] = np.isfinite(self.obj)
+            got = cache["finite"] = np.isfinite(self.obj)
         return got
 
     def obj_full(self) -> np.ndarray:
         """``dp_arrays``' class-major obj (width, C, 1) repeated along the stage DP's buckets, (width, C, nb): built once."""
-        got = self.__dict__.get("_obj_full")
+        cache = self.obj_cache()
+        got = cache.get("obj_full")
         if got is None:
             obj_t = self.dp_arrays()[2]
-            got = self.__dict__["_obj_full"] = np.empty(obj_t.shape[:2] + (N_BUCKETS + 1,))
+            got = cache["obj_full"] = np.empty(obj_t.shape[:2] + (N_BUCKETS + 1,))
             got[...] = obj_t
         return got
 
@@ -395,6 +407,8 @@ class _SearchMemo:
         self.layer_costs: dict[tuple, tuple[float, ...]] = {}
         self.cost_parts: dict[tuple, Any] = {}  # cm.layer_costs' terms shared by strategies that differ elsewhere
         self.vectors: dict[tuple, _Vectors] = {}
+        self.strategies: dict[tuple, list[LayerStrategy]] = {}  # layer_strategies per (kind, stage, tps, mb, max_dp)
+        self.skeys: dict[int, list[tuple]] = {}  # _skey of each of those, per list
         self.plan_costs: dict[Any, Any] = {}  # cost_model.evaluate_plan's cache
         self.redistribution: dict[tuple, float] = {}  # cm.redistribution_s per (tokens, from class, to class)
         self._moe_flags: Optional[tuple[bool, ...]] = None
@@ -447,20 +461,32 @@ def _vectors(o: "_Outer", index: int) -> _Vectors:
     hit = o.memo.vectors.get(key)
     if hit is not None:
         return hit
-    strategies = layer_strategies(o.cfg, index, o.per_stage // o.cp, o.tps, o.seq_len, o.c, o.allow, o.mb, o.max_dp,
-                                  o.global_batch, o.cluster.devices_per_node, o.cp)
-    rows = []
+    # the strategies do not depend on the optimizer states or the microbatch count: both state formats share them
+    skey = key[:5] + key[6:7]
+    strategies = o.memo.strategies.get(skey)
+    if strategies is None:
+        strategies = o.memo.strategies[skey] = layer_strategies(
+            o.cfg, index, o.per_stage // o.cp, o.tps, o.seq_len, o.c, o.allow, o.mb, o.max_dp, o.global_batch,
+            o.cluster.devices_per_node, o.cp)
     memo, states, mb_dp = o.memo.layer_costs, o.states, o.mb * o.max_dp
-    for s in strategies:
-        mb_samples = mb_dp / s.dp
-        ckey = (moe, _skey(s), mb_samples, states)
-        got = memo.get(ckey)
-        if got is None:
-            # per step, as evaluate_plan counts it: exposed DP traffic, the optimizer step over this rank's shard and
-            # the accumulation of every microbatch after the first (both depend on the ZeRO level: #17)
-            got = memo[ckey] = cm.layer_costs(o.cfg, index, s, mb_samples, o.seq_len, o.hw, states,
-                                              parts=o.memo.cost_parts, lean=True)
+    skeys = o.memo.skeys.get(id(strategies))
+    if skeys is None:
+        skeys = o.memo.skeys[id(strategies)] = [_skey(s) for s in strategies]  # (the memo keeps ``strategies``)
+    rows: list[Any] = []
+    missing: list[int] = []
+    for i, s in enumerate(strategies):
+        got = memo.get((moe, skeys[i], mb_dp / s.dp, states))
         rows.append(got)
+        if got is None:
+            missing.append(i)
+    if missing:
+        # per step, as evaluate_plan counts it: exposed DP traffic, the optimizer step over this rank's shard and
+        # the accumulation of every microbatch after the first (both depend on the ZeRO level: #17)
+        todo = [strategies[i] for i in missing]
+        mbs = [mb_dp / s.dp for s in todo]
+        for i, mb_samples, got in zip(missing, mbs, cm.layer_costs_lean(o.cfg, index, todo, mbs, o.seq_len, o.hw,
+                                                                        states, o.memo.cost_parts)):
+            rows[i] = memo[(moe, skeys[i], mb_samples, states)] = got
     cols = np.array(rows).reshape(len(rows), 6).T
     mb_s, step = cols[0], cols[1] + (o.m - 1) * cols[2]  # the same additions, in the same order, as per layer
     stat_a, act_a, gat_a = cols[3].copy(), cols[4].copy(), cols[5].copy()
@@ -1054,6 +1080,7 @@ class _KindTable:
         self.trans: dict[bool, np.ndarray] = {}
         self.fastest: dict[bool, float] = {}  # each kind's fastest strategy time
         self.masked: dict[tuple[bool, float, float], tuple[_Kind, float]] = {}
+        self.at_level: dict[tuple[bool, float], tuple[np.ndarray, np.ndarray, dict[str, Any]]] = {}  # capped's obj
         self.levels: dict[tuple, list[float]] = {}
         self.rank_results: dict[tuple, Any] = {}  # _rank_dp per (kind keys, in-flight, first, last): all partitions
         self.extras: dict[tuple[bool, bool], tuple[float, float]] = {}  # _rank_extra_bytes per (first, last): 1, lowest
@@ -1081,13 +1108,23 @@ class _KindTable:
         memory shifted down by its smallest footprint at ``inflight`` (returned): the DP then spends its
         buckets on the differences between strategies, not on the state every strategy holds."""
         mkey = (key, level, inflight)
-        if mkey not in self.masked:
+        got = self.masked.get(mkey)
+        if got is None:
             k = self.kinds[key]
-            over = k.gather > level * (1 + 1e-9)
+            lkey = (key, level)
+            at_level = self.at_level.get(lkey)
+            if at_level is None:
+                over = k.gather > level * (1 + 1e-9)
+                # nothing over the level (the largest one): the kind's own arrays and obj caches
+                at_level = self.at_level[lkey] = (
+                    (np.where(over, np.inf, k.obj), np.where(over, 0.0, k.gather), {}) if over.any()
+                    else (k.obj, k.gather, k.obj_cache()))
+            obj, gather, cache = at_level
             base = float(np.min(k.static + inflight * k.act)) if len(k.strategies) else 0.0
-            self.masked[mkey] = (dataclasses.replace(k, obj=np.where(over, np.inf, k.obj), static=k.static - base,
-                                                     gather=np.where(over, 0.0, k.gather)), base)
-        return self.masked[mkey]
+            capped = _Kind(k.strategies, obj, k.static - base, k.act, k.cls, k.tpsp, gather, k.cls_idx)
+            capped.__dict__["_obj_cache"] = cache  # one per level: the counts' kinds differ in memory only
+            got = self.masked[mkey] = (capped, base)
+        return got
 
 
 def _transient_levels(ks: list[_Kind]) -> list[float]:

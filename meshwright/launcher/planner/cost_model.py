@@ -1272,32 +1272,56 @@ def tied_embedding_grad_s(cfg: ModelConfig, tp: int, pp: int, world_per_stage: i
 
 
 def _add_ends(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strategies: list[Any], m: int,
-              world_size: int) -> float:
-    """Embedding on the first rank, head (+ its compute) on the last; returns the head's tokens per microbatch."""
+              world_size: int, cache: Optional[dict[Any, Any]] = None) -> float:
+    """Embedding on the first rank, head (+ its compute) on the last; returns the head's tokens per microbatch.
+    The additions are computed once per (head tokens, embedding layout, states, pipeline, m) in ``cache`` (one
+    model's and hardware's) and replayed in the same order."""
     pp, emb = plan.pipeline, plan.embedding
-    last = pp.degree - 1
     per_stage = world_size // pp.degree
     max_dp = max(s.dp for s in strategies)
     s_last = strategies[-1]
     head_tokens = plan.micro_batch * plan.seq_len * max_dp / s_last.dp / s_last.cp
+    key = ("ends", head_tokens, emb.tp, emb.zero, plan.optimizer.states, pp.degree, per_stage, m)
+    ops = cache.get(key) if cache is not None else None
+    if ops is None:
+        ops = _ends_ops(plan, cfg, hw, head_tokens, m, per_stage)
+        if cache is not None:
+            cache[key] = ops
+    for name, r, val in ops:
+        if r is None:
+            setattr(t, name, getattr(t, name) + val)
+        else:
+            getattr(t, name)[r] += val
+    return head_tokens
+
+
+def _ends_ops(plan: Any, cfg: ModelConfig, hw: Hardware, head_tokens: float, m: int, per_stage: int
+              ) -> list[tuple[str, Optional[int], float]]:
+    """``_add_ends``' additions in order: (_RankTotals field, rank or None for a plan-wide sum, value)."""
+    pp, emb = plan.pipeline, plan.embedding
+    last = pp.degree - 1
+    ops: list[tuple[str, Optional[int], float]] = []
     head_flops = head_fwd_flops(cfg, head_tokens) / emb.tp
-    t.mb_s[last] += head_s(cfg, head_tokens, emb.tp, hw)
-    t.mb_s[last] += loss_s(cfg, head_tokens, emb.tp, hw)
-    t.model_flops += head_flops * 3.0 * m
-    t.hw_flops += head_flops * head_passes(hw) * m
+    ops.append(("mb_s", last, head_s(cfg, head_tokens, emb.tp, hw)))
+    ops.append(("mb_s", last, loss_s(cfg, head_tokens, emb.tp, hw)))
+    ops.append(("model_flops", None, head_flops * 3.0 * m))
+    ops.append(("hw_flops", None, head_flops * head_passes(hw) * m))
     emb_dp = per_stage // emb.tp
     for r in {0, last}:
-        t.static[r] += embedding_static_bytes(cfg, r == 0, r == last, emb.tp, emb_dp, emb.zero, plan.optimizer.states, hw)
+        ops.append(("static", r, embedding_static_bytes(cfg, r == 0, r == last, emb.tp, emb_dp, emb.zero,
+                                                        plan.optimizer.states, hw)))
         n = embedding_param_count(cfg, r == 0, r == last, emb.tp)
-        t.grads[r] += model_state_bytes(n, emb_dp, emb.zero, plan.optimizer.states, hw)["grads"]
+        ops.append(("grads", r, model_state_bytes(n, emb_dp, emb.zero, plan.optimizer.states, hw)["grads"]))
         if r == last:
-            t.copies[r] += cfg.vocab_size * cfg.d_model / emb.tp * hw.policy.weight_copy_bytes
+            ops.append(("copies", r, cfg.vocab_size * cfg.d_model / emb.tp * hw.policy.weight_copy_bytes))
         per_mb, step = dp_comm_s(n, emb_dp, emb.zero, emb.tp, hw)
-        t.step_s[r] += step + tied_embedding_grad_s(cfg, emb.tp, pp.degree, per_stage, hw)
-        t.step_s[r] += optimizer_step_s(n, emb_dp, emb.zero, plan.optimizer.states, hw) + (m - 1) * grad_accumulate_s(n, hw)
-        t.mb_s[r] += weight_traffic_mb_s(n if r == last else 0.0, "none", hw)  # the head's cast (the lookup reads fp32)
-        t.mb_s[r] += per_mb  # embedding/head ZeRO-2/3 traffic: small, counted as exposed
-    return head_tokens
+        ops.append(("step_s", r, step + tied_embedding_grad_s(cfg, emb.tp, pp.degree, per_stage, hw)))
+        ops.append(("step_s", r, optimizer_step_s(n, emb_dp, emb.zero, plan.optimizer.states, hw)
+                    + (m - 1) * grad_accumulate_s(n, hw)))
+        # the head's cast (the lookup reads fp32)
+        ops.append(("mb_s", r, weight_traffic_mb_s(n if r == last else 0.0, "none", hw)))
+        ops.append(("mb_s", r, per_mb))  # embedding/head ZeRO-2/3 traffic: small, counted as exposed
+    return ops
 
 
 def grads_absent_at_peak(plan: Any, hw: Hardware, strategies: list[Any], m: int) -> bool:
@@ -1316,7 +1340,7 @@ def _memory_gib(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, m: in
     v = pp.virtual_stages if pp.schedule == "interleaved_1f1b" else 1
     last = pp.degree - 1
     no_grads = grads_absent_at_peak(plan, hw, strategies, m)
-    mem, terms = [], []
+    mem, parts = [], []
     for r in range(pp.degree):
         inflight = inflight_microbatches(pp.schedule, pp.degree, r, m, v)
         loss = loss_peak_bytes(cfg, head_tokens, plan.embedding.tp, hw) if r == last else 0.0
@@ -1327,13 +1351,16 @@ def _memory_gib(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, m: in
             used -= absent
         over = framework_overhead_bytes(hw, used)
         mem.append((used + over) / GIB)
-        terms.append({"mem_states_gib": (t.static[r] - t.copies[r]) / GIB, "mem_weight_copies_gib": t.copies[r] / GIB,
-                      "mem_activations_gib": inflight * t.act[r] / GIB, "mem_transient_gib": t.transient[r] / GIB,
-                      "mem_loss_gib": loss / GIB, "mem_grads_absent_gib": absent / GIB,  # subtracted
-                      "mem_overhead_gib": over / GIB,
-                      # what torch.cuda.max_memory_reserved should report: the rest (CUDA context, NCCL) is outside
-                      "mem_reserved_gib": (used + hw.fragmentation * used) / GIB})
-    return mem, terms[max(range(pp.degree), key=lambda r: mem[r])]
+        parts.append((inflight, loss, used, absent, over))
+    r = max(range(pp.degree), key=lambda r: mem[r])  # the terms of the largest rank only
+    inflight, loss, used, absent, over = parts[r]
+    terms = {"mem_states_gib": (t.static[r] - t.copies[r]) / GIB, "mem_weight_copies_gib": t.copies[r] / GIB,
+             "mem_activations_gib": inflight * t.act[r] / GIB, "mem_transient_gib": t.transient[r] / GIB,
+             "mem_loss_gib": loss / GIB, "mem_grads_absent_gib": absent / GIB,  # subtracted
+             "mem_overhead_gib": over / GIB,
+             # what torch.cuda.max_memory_reserved should report: the rest (CUDA context, NCCL) is outside
+             "mem_reserved_gib": (used + hw.fragmentation * used) / GIB}
+    return mem, terms
 
 
 def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int,
@@ -1350,7 +1377,7 @@ def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int,
     m = _microbatches(plan, strategies)
     v = pp.virtual_stages if pp.schedule == "interleaved_1f1b" else 1
     t = _layer_totals(plan, cfg, hw, m, cache)
-    head_tokens = _add_ends(t, plan, cfg, hw, strategies, m, world_size)
+    head_tokens = _add_ends(t, plan, cfg, hw, strategies, m, world_size, cache)
     rank_mb = t.mb_s
     if pp.degree > 1:
         cross = world_size // pp.degree >= hw.devices_per_node

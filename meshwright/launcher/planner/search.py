@@ -391,6 +391,11 @@ def _lp(groups: list[tuple[_Kind, int]], room: float, inflight: float, cls: Opti
     return total
 
 
+def _any_row(a: np.ndarray) -> np.ndarray:
+    """``a.any(axis=1)`` without ndarray.any's Python-level dispatch (the search calls it per class and candidate)."""
+    return np.logical_or.reduce(a, axis=1)
+
+
 def _skey(s: LayerStrategy) -> tuple:
     return (s.tp, s.sp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, s.recompute, s.savers.fp8_act, s.savers.fp8_gemm,
             s.savers.wta_crs, s.savers.lemo)
@@ -446,7 +451,7 @@ class _Vectors:
         for idx, mem_le, mem_lt in self.blocks:
             o = obj[idx]
             dom = mem_le & (o[None, :] <= o[:, None]) & (mem_lt | (o[None, :] < o[:, None]))
-            kept.append(idx[~dom.any(axis=1)])  # dom[i, j]: j dominates i
+            kept.append(idx[~_any_row(dom)])  # dom[i, j]: j dominates i
         keep = np.sort(np.concatenate(kept)) if kept else np.array([], dtype=int)
         strategies = [self.strategies[i] for i in keep]
         tpsp = sorted(set(self.classes[i] for i in keep))
@@ -518,7 +523,7 @@ class _DPKind:
         self.cls_idx_t, self.obj, self.obj_t, self.cls_rows = k.dp_arrays()
         self.w = _bucket_weights((k.static + inflight * k.act) / bucket, rounding)
         usable = self.w[k.finite()]
-        self.min_w = int(usable.min()) if len(usable) else N_BUCKETS + 1  # the smallest strategy a layer can take
+        self.min_w = int(np.minimum.reduce(usable)) if len(usable) else N_BUCKETS + 1  # the smallest strategy a layer can take
         self.kind = k
 
     @functools.cached_property
@@ -1155,7 +1160,11 @@ def _rank_extra_bytes(o: _Outer, first: bool, last: bool, emb_zero: int = 1) -> 
 
 
 def _stage_bytes(kinds: list[_Kind], choice: list[int], inflight: float) -> float:
-    """The exact bytes the stage DP counts for one assignment: sum(static + inflight * act)."""
+    """The exact bytes the stage DP counts for one assignment: sum(static + inflight * act), added layer by layer
+    (a rank of one kind: its per-strategy bytes in one array operation, the same IEEE operations)."""
+    if kinds and all(k is kinds[0] for k in kinds):
+        k = kinds[0]
+        return float(sum((k.static + inflight * k.act).take(choice).tolist()))
     return float(sum(k.static[j] + inflight * k.act[j] for k, j in zip(kinds, choice)))
 
 
@@ -1456,10 +1465,11 @@ def _score_plans(o: _Outer, stages: list[list[int]], strategies: list[LayerStrat
     """Build the Plan(s) for a strategy assignment (embedding ZeRO levels tried) and judge them with
     ``evaluate_plan``: (Candidate | rejection dict | None, GiB needed by the best plan that did not fit)."""
     cfg = o.cfg
-    e_tp = min(s.tp for s in strategies)
+    layers = _compress(strategies)  # the repeat blocks: the same smallest tp, largest dp and ZeRO level
+    e_tp = min(s.tp for s in layers)
     if cfg.vocab_size % e_tp or o.c.runtime_compatible:
         e_tp = 1
-    real_max_dp = max(s.dp for s in strategies)
+    real_max_dp = max(s.dp for s in layers)
     if (o.mb * o.max_dp) % real_max_dp:
         return None, None
     mb_plan = o.mb * o.max_dp // real_max_dp
@@ -1467,8 +1477,7 @@ def _score_plans(o: _Outer, stages: list[list[int]], strategies: list[LayerStrat
     need: Optional[float] = None
     # the embedding/head's ZeRO level is not in the per-layer DP: score the runtime's choices for it
     validated = False
-    layers = _compress(strategies)
-    for e_zero in _embedding_zero_options(strategies, o.per_stage // e_tp, o.c.runtime_compatible):
+    for e_zero in _embedding_zero_options(layers, o.per_stage // e_tp, o.c.runtime_compatible):
         plan = Plan(model=o.model_name, cluster={"preset": o.cluster.name, "nodes": o.cluster.nodes,
                                                   "devices_per_node": o.cluster.devices_per_node},
                     seq_len=o.seq_len, global_batch=o.global_batch, micro_batch=mb_plan,

@@ -962,14 +962,15 @@ def _try_pipeline(base: _Outer, out: _Collector) -> None:
 
 def _result(out: _Collector, top: int, budget: float, t0: float) -> SearchResult:
     """Distinct layouts, fastest first; rejections closest-to-fitting first."""
-    out.feasible.sort(key=lambda x: (x.prediction.step_s, describe_layout(x.plan)))
+    keyed = sorted(((x.prediction.step_s, describe_layout(x.plan)), i) for i, x in enumerate(out.feasible))
     uniq: list[Candidate] = []
     seen = set()
-    for x in out.feasible:
-        key = describe_layout(x.plan)
+    for (_, key), i in keyed:  # fastest first, then by layout (the index only breaks exact ties: the stable order)
         if key not in seen:
             seen.add(key)
-            uniq.append(x)
+            uniq.append(out.feasible[i])
+    for x in uniq[:max(top, 1)]:
+        x.plan.predicted = x.prediction.to_dict()
     rejected = sorted(out.rejected, key=lambda r: ("need_gib" not in r, r.get("need_gib", 0.0), r["layout"]))
     result = SearchResult(best=uniq[0] if uniq else None, runners_up=uniq[1:top], rejected=rejected,
                           search_s=time.perf_counter() - t0, candidates=out.candidates, budget_gib=budget / cm.GIB)
@@ -1499,8 +1500,7 @@ def _score_plans(o: _Outer, stages: list[list[int]], strategies: list[LayerStrat
             best_plan, best_pred = plan, pred
     if best_plan is None:
         return None, need
-    best_plan.predicted = best_pred.to_dict()
-    return Candidate(best_plan, best_pred), need
+    return Candidate(best_plan, best_pred), need  # its plan's ``predicted``: set in _result, for the plans returned
 
 
 def _solve_candidate(o: _Outer) -> list[Any]:

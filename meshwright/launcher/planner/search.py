@@ -249,6 +249,14 @@ class _Kind:
             for c, g in enumerate(groups):
                 self.cls_idx[c, :len(g)] = g
 
+    def cls_list(self) -> list[int]:
+        """``cls`` as a list of ints (read one element at a time), built once."""
+        cache = self.obj_cache()
+        got = cache.get("cls_list")
+        if got is None:
+            got = cache["cls_list"] = self.cls.tolist()
+        return got
+
     def obj_cache(self) -> dict[str, Any]:
         """The caches that depend on ``obj`` and the classes only (not on memory): kinds that differ in memory only
         (``_KindTable.capped``'s, per in-flight count) share one."""
@@ -1323,9 +1331,10 @@ def _min_memory_assignment(ks: list[_Kind], inflight: float) -> tuple[list[int],
 def _group_same_class(kind: _Kind, picked: list[int]) -> list[int]:
     """Cost only depends on (tp, sp) changes: sort inside each same-class run so identical strategies sit
     together and the plan reads as a few ``repeat`` blocks."""
+    cls = kind.cls_list()
     runs, cur = [], []
     for si in picked:
-        if cur and kind.cls[cur[-1]] != kind.cls[si]:
+        if cur and cls[cur[-1]] != cls[si]:
             runs.append(sorted(cur))
             cur = []
         cur.append(si)

@@ -745,6 +745,96 @@ def _stage_dp_one_kind(p: _DPKind, n: int, trans_cost: np.ndarray, g1: np.ndarra
     return total, choice
 
 
+def _stage_dp_many(items: list[tuple[list[_Kind], float, float, Optional[np.ndarray]]]
+                   ) -> list[tuple[float, list[int]] | None]:
+    """``[_stage_dp(*item) for item in items]`` (rounding up), with the one-kind DPs of equal shape (layers, classes,
+    class width) run side by side in one set of numpy operations: a layer of a rank DP is a few operations on arrays
+    of a few thousand elements, whose per-call cost the ranks of one candidate then share. Each DP's elements see the
+    same additions and minima as alone, so each answer is the one ``_stage_dp`` returns."""
+    out: list[tuple[float, list[int]] | None] = [None] * len(items)
+    groups: dict[tuple[int, int, int], list[tuple[int, _DPKind, np.ndarray]]] = {}
+    for i, (kinds, budget, inflight, trans) in enumerate(items):
+        n = len(kinds)
+        if budget <= 0 or trans is None or n < 2 or not all(k is kinds[0] for k in kinds):
+            out[i] = _stage_dp(kinds, budget, inflight, trans)
+            continue
+        # _stage_dp's one-kind path, up to its kernel
+        bucket = budget / N_BUCKETS
+        hit = _all_fastest(kinds[0], n, bucket, inflight, trans, "up")
+        if hit is not None:
+            out[i] = hit
+            continue
+        p = _DPKind(kinds[0], bucket, inflight, "up")
+        if p.min_w * n > N_BUCKETS:
+            continue  # None: not even the smallest strategy fits every layer
+        if p.C <= 1:
+            out[i] = _stage_dp(kinds, budget, inflight, trans)
+            continue
+        groups.setdefault((n, p.C, p.cls_idx_t.shape[0]), []).append((i, p, trans))
+    for (n, _, _), group in groups.items():
+        if len(group) == 1:
+            i, p, trans = group[0]
+            g1 = np.empty(N_BUCKETS + 2)
+            g1[-1] = np.inf
+            out[i] = _stage_dp_one_kind(p, n, trans, g1)
+        else:
+            for (i, _, _), res in zip(group, _stage_dp_one_kind_many([x[1] for x in group], n, [x[2] for x in group])):
+                out[i] = res
+    return out
+
+
+def _stage_dp_one_kind_many(ps: list[_DPKind], n: int, transes: list[np.ndarray]) -> list[tuple[float, list[int]] | None]:
+    """``_stage_dp_one_kind`` for R DPs of the same shape (n layers, C classes, class width W) at once: every array
+    gets a leading DP axis (the gathers index a flattened (R, C, nb + 1) table), the minima reduce the same axes."""
+    R, C, nb = len(ps), ps[0].C, N_BUCKETS + 1
+    minimum = np.minimum.reduce
+    tabs = [p.one_kind() for p in ps]  # idx_t, at_t, obj_t, J_t, at_last
+    at = np.stack([t[1] + r * C * (nb + 1) for r, t in enumerate(tabs)])  # (R, W, C, nb) into g's flat index
+    obj = np.stack([t[2] for t in tabs])
+    trans_f = np.empty((R, C, C, nb))
+    for r, tr in enumerate(transes):
+        trans_f[r] = tr[:, :, None]
+    buf = np.empty((R, C, C, nb))
+    g = np.empty((R, C, nb + 1))
+    g[:, :, nb] = np.inf
+    g_head = g[:, :, :nb]
+    g1 = np.zeros(nb + 1)
+    g1[nb] = np.inf
+    ft = g1.take(np.stack([t[3] for t in tabs]))  # the first layer: 0 + obj where the strategy fits in j buckets
+    ft += obj
+    fts = [ft]
+    class_mins: list[Any] = [None]
+    for li in range(1, n):
+        mins = minimum(ft, axis=1)
+        np.add(mins[:, :, None, :], trans_f, out=buf)
+        minimum(buf, axis=1, out=g_head)
+        class_mins.append(mins)
+        if li < n - 1:
+            ft = g.take(at)
+            ft += obj
+            fts.append(ft)
+    out: list[tuple[float, list[int]] | None] = []
+    for r, (p, trans_cost, tab) in enumerate(zip(ps, transes, tabs)):
+        last = g[r].take(tab[4])
+        last += p.obj[:-1, 0]
+        s = int(np.argmin(last))
+        if not np.isfinite(last[s]):
+            out.append(None)
+            continue
+        total = float(last[s])
+        choice = [0] * n
+        j = N_BUCKETS
+        w, cls, idx_t = p.w.tolist(), p.cls.tolist(), tab[0]
+        for li in range(n - 1, 0, -1):
+            choice[li] = s
+            j -= w[s]
+            c = int((class_mins[li][r, :, j] + trans_cost[:, cls[s]]).argmin())
+            s = int(idx_t[fts[li - 1][r, :, c, j].argmin(), c])
+        choice[0] = s
+        out.append((total, choice))
+    return out
+
+
 def _dp_prev(col: np.ndarray, mode: int, p: _DPKind, s: int, trans_cost: np.ndarray | None,
              mins: np.ndarray | None, j: int) -> int:
     """The previous layer's strategy on the optimal path into strategy ``s`` (``col``: the previous f at the
@@ -1097,6 +1187,7 @@ class _KindTable:
         self.at_level: dict[tuple[bool, float], tuple[np.ndarray, np.ndarray, dict[str, Any]]] = {}  # capped's obj
         self.levels: dict[tuple, list[float]] = {}
         self.rank_results: dict[tuple, Any] = {}  # _rank_dp per (kind keys, in-flight, first, last): all partitions
+        self.first_dps: dict[tuple, Any] = {}  # _rank_dp's first DP per (kind keys, budget, in-flight), run ahead
         self.extras: dict[tuple[bool, bool], tuple[float, float]] = {}  # _rank_extra_bytes per (first, last): 1, lowest
 
     def kind(self, i: int) -> _Kind:
@@ -1116,6 +1207,20 @@ class _KindTable:
             if key not in used:
                 used[key] = self.kind(i)
         return keys, used
+
+    def rank_levels(self, used: dict[bool, _Kind]) -> list[float]:
+        """``_transient_levels`` of a rank's kinds (memoised per set of kinds; [0.0] where there is none)."""
+        sig = tuple(sorted(id(k) for k in used.values()))
+        if sig not in self.levels:
+            self.levels[sig] = _transient_levels(list(used.values()))
+        return self.levels[sig] or [0.0]
+
+    def dp_args(self, keys: tuple[bool, ...], used: dict[bool, _Kind], level: float, inflight: float, room: float
+                ) -> tuple[list[_Kind], float]:
+        """A rank DP's kinds (one per layer, capped at ``level``) and budget: ``room`` less the level's reserve and
+        the footprint every strategy holds."""
+        capped = {key: self.capped(key, level, inflight) for key in used}
+        return [capped[key][0] for key in keys], room - level - sum(capped[key][1] for key in keys)
 
     def capped(self, key: bool, level: float, inflight: float) -> tuple[_Kind, float]:
         """Kind ``key`` with strategies whose transient bytes exceed ``level`` at infinite cost, and its
@@ -1270,19 +1375,17 @@ def _rank_dp(o: _Outer, table: _KindTable, keys: tuple[bool, ...], used: dict[bo
     ks = [used[key] for key in keys]
     trans = table.trans[keys[0]] if len(used) == 1 else None
     best = None
-    sig = tuple(sorted(id(k) for k in used.values()))
-    if sig not in table.levels:
-        table.levels[sig] = _transient_levels(list(used.values()))
+    levels = table.rank_levels(used)
     # no assignment beats every layer's fastest strategy: once a level reaches it, lower levels cannot help
     floor = sum(table.fastest[key] for key in keys if key in table.fastest)
-    levels = table.levels[sig] or [0.0]
 
     def run(level: float, dp: Any = _stage_dp, room: float = budget, **kw: Any) -> tuple[float, list[int]] | None:
-        capped = {key: table.capped(key, level, inflight) for key in used}
-        return dp([capped[key][0] for key in keys], room - level - sum(capped[key][1] for key in keys),
-                  inflight, trans, **kw)
+        return dp(*table.dp_args(keys, used, level, inflight, room)[:2], inflight, trans, **kw)
 
-    best = run(levels[0])
+    # the first DP: run here, or already with the candidate's other ranks' (``_assign_layers``)
+    best = table.first_dps.pop((keys, budget, inflight), _NOT_RUN)
+    if best is _NOT_RUN:
+        best = run(levels[0])
     best_level = levels[0]
     if best is not None and best[0] <= floor * (1 + 1e-9):
         return best, None
@@ -1356,22 +1459,13 @@ def _assign_layers(o: _Outer, table: _KindTable, stages: list[list[int]]
     # per rank whose memory binds: its layers, kind keys, kinds, refine, and its _OwnCount where it has one
     pending: list[tuple[list[int], tuple[bool, ...], dict[bool, _Kind], Callable[[], Any], Optional[_OwnCount]]] = []
     memo = table.rank_results
+    _first_dps_ahead(o, table, rank_layers)
     for r, layers in enumerate(rank_layers):
         keys, used = table.rank_kinds(layers)
         if any(len(k.strategies) == 0 for k in used.values()):
             raise _NoStrategy()
         ks = [used[key] for key in keys]
-        inflight = cm.inflight_microbatches(o.sched, pp, r, o.m, o.v)
-        first, last = r == 0, r == pp - 1
-        ends = table.extras.get((first, last))
-        if ends is None:
-            # the refined DP may count on the embedding's smallest ZeRO footprint (evaluate_plan judges the plan)
-            ends = table.extras[(first, last)] = (
-                _rank_extra_bytes(o, first, last), _rank_extra_bytes(o, first, last, 3 if o.c.zero is None else max(o.c.zero, 1)))
-        extra, extra_lo = ends
-        # ranks with similar activation pressure share one DP (round inflight up to a power of two)
-        inflight_r = float(2 ** math.ceil(math.log2(inflight))) if inflight > 1 else 1.0
-        inflight_r = min(inflight_r, float(o.m)) if o.sched != "gpipe" else inflight
+        inflight, first, last, extra, extra_lo, inflight_r = _rank_counts(o, table, r)
         sig = (keys, inflight_r, first, last)
         if sig not in memo:
             memo[sig] = _rank_dp(o, table, keys, used, o.usable - extra, inflight_r, o.usable - extra_lo)
@@ -1425,6 +1519,47 @@ def _assign_layers(o: _Outer, table: _KindTable, stages: list[list[int]]
     return [choices[i] for i in range(cfg.n_layers)], None, refined if pending else None
 
 
+def _rank_counts(o: _Outer, table: _KindTable, r: int) -> tuple[float, bool, bool, float, float, float]:
+    """Pipeline rank ``r``'s in-flight microbatches, whether it is the first and the last, its bytes outside the
+    blocks (as every plan may count them, and at the embedding's smallest ZeRO footprint) and the in-flight count its
+    shared DP runs at."""
+    pp = o.pp
+    inflight = cm.inflight_microbatches(o.sched, pp, r, o.m, o.v)
+    first, last = r == 0, r == pp - 1
+    ends = table.extras.get((first, last))
+    if ends is None:
+        # the refined DP may count on the embedding's smallest ZeRO footprint (evaluate_plan judges the plan)
+        ends = table.extras[(first, last)] = (
+            _rank_extra_bytes(o, first, last), _rank_extra_bytes(o, first, last, 3 if o.c.zero is None else max(o.c.zero, 1)))
+    extra, extra_lo = ends
+    # ranks with similar activation pressure share one DP (round inflight up to a power of two)
+    inflight_r = float(2 ** math.ceil(math.log2(inflight))) if inflight > 1 else 1.0
+    inflight_r = min(inflight_r, float(o.m)) if o.sched != "gpipe" else inflight
+    return inflight, first, last, extra, extra_lo, inflight_r
+
+
+def _first_dps_ahead(o: _Outer, table: _KindTable, rank_layers: list[list[int]]) -> None:
+    """The first DP of every rank DP ``_assign_layers`` is about to run, run together (``_stage_dp_many``) into
+    ``table.first_dps``, where ``_rank_dp`` takes them: the same answers, with the per-call numpy cost shared."""
+    items: list[tuple[tuple, tuple[list[_Kind], float, float, Optional[np.ndarray]]]] = []
+    seen: set[tuple] = set()
+    for r, layers in enumerate(rank_layers):
+        keys, used = table.rank_kinds(layers)
+        if any(len(k.strategies) == 0 for k in used.values()):
+            break  # _assign_layers raises _NoStrategy here
+        _, first, last, extra, _, inflight_r = _rank_counts(o, table, r)
+        budget = o.usable - extra
+        dkey = (keys, budget, inflight_r)
+        if (keys, inflight_r, first, last) in table.rank_results or dkey in seen or dkey in table.first_dps:
+            continue
+        seen.add(dkey)
+        kinds, room = table.dp_args(keys, used, table.rank_levels(used)[0], inflight_r, budget)
+        items.append((dkey, (kinds, room, inflight_r, table.trans[keys[0]] if len(used) == 1 else None)))
+    if len(items) > 1:
+        for (dkey, _), res in zip(items, _stage_dp_many([x[1] for x in items])):
+            table.first_dps[dkey] = res
+
+
 class _OwnCount:
     """One rank's DP at its own in-flight count where the shared DP ran at a rounded-up one and memory binds:
     (keys, inflight, first, last) is its memo key in ``table.rank_results``. Every answer fits at the rank's count,
@@ -1465,6 +1600,9 @@ def _place(choices: dict[int, LayerStrategy], layers: list[int], keys: tuple[boo
         picked = _group_same_class(used[keys[0]], picked)
     for i, key, si in zip(layers, keys, picked):
         choices[i] = used[key].strategies[si]
+
+
+_NOT_RUN = object()  # _KindTable.first_dps: no answer yet
 
 
 class _NoStrategy(Exception):

@@ -1187,7 +1187,7 @@ class _KindTable:
         self.at_level: dict[tuple[bool, float], tuple[np.ndarray, np.ndarray, dict[str, Any]]] = {}  # capped's obj
         self.levels: dict[tuple, list[float]] = {}
         self.rank_results: dict[tuple, Any] = {}  # _rank_dp per (kind keys, in-flight, first, last): all partitions
-        self.first_dps: dict[tuple, Any] = {}  # _rank_dp's first DP per (kind keys, budget, in-flight), run ahead
+        self.first_dps: dict[tuple, Any] = {}  # _rank_dp's DPs per (kind keys, budget, in-flight, level), run ahead
         self.extras: dict[tuple[bool, bool], tuple[float, float]] = {}  # _rank_extra_bytes per (first, last): 1, lowest
 
     def kind(self, i: int) -> _Kind:
@@ -1380,12 +1380,13 @@ def _rank_dp(o: _Outer, table: _KindTable, keys: tuple[bool, ...], used: dict[bo
     floor = sum(table.fastest[key] for key in keys if key in table.fastest)
 
     def run(level: float, dp: Any = _stage_dp, room: float = budget, **kw: Any) -> tuple[float, list[int]] | None:
+        if dp is _stage_dp:  # run already, with the candidate's other ranks' DPs (``_assign_layers``)?
+            got = table.first_dps.pop((keys, room, inflight, level), _NOT_RUN)
+            if got is not _NOT_RUN:
+                return got
         return dp(*table.dp_args(keys, used, level, inflight, room)[:2], inflight, trans, **kw)
 
-    # the first DP: run here, or already with the candidate's other ranks' (``_assign_layers``)
-    best = table.first_dps.pop((keys, budget, inflight), _NOT_RUN)
-    if best is _NOT_RUN:
-        best = run(levels[0])
+    best = run(levels[0])
     best_level = levels[0]
     if best is not None and best[0] <= floor * (1 + 1e-9):
         return best, None
@@ -1539,9 +1540,11 @@ def _rank_counts(o: _Outer, table: _KindTable, r: int) -> tuple[float, bool, boo
 
 
 def _first_dps_ahead(o: _Outer, table: _KindTable, rank_layers: list[list[int]]) -> None:
-    """The first DP of every rank DP ``_assign_layers`` is about to run, run together (``_stage_dp_many``) into
-    ``table.first_dps``, where ``_rank_dp`` takes them: the same answers, with the per-call numpy cost shared."""
-    items: list[tuple[tuple, tuple[list[_Kind], float, float, Optional[np.ndarray]]]] = []
+    """The DPs at the transient levels that every rank DP ``_assign_layers`` is about to run (``_rank_dp``: the
+    largest level, then the tighter one its answer allows, or the smaller ones where nothing fit), run together
+    (``_stage_dp_many``) into ``table.first_dps``, where ``_rank_dp`` takes them: the same answers, with the
+    per-call numpy cost shared by the ranks."""
+    ranks: list[tuple[tuple, tuple[bool, ...], dict[bool, _Kind], float, float]] = []
     seen: set[tuple] = set()
     for r, layers in enumerate(rank_layers):
         keys, used = table.rank_kinds(layers)
@@ -1550,14 +1553,42 @@ def _first_dps_ahead(o: _Outer, table: _KindTable, rank_layers: list[list[int]])
         _, first, last, extra, _, inflight_r = _rank_counts(o, table, r)
         budget = o.usable - extra
         dkey = (keys, budget, inflight_r)
-        if (keys, inflight_r, first, last) in table.rank_results or dkey in seen or dkey in table.first_dps:
+        if (keys, inflight_r, first, last) in table.rank_results or dkey in seen:
             continue
         seen.add(dkey)
-        kinds, room = table.dp_args(keys, used, table.rank_levels(used)[0], inflight_r, budget)
-        items.append((dkey, (kinds, room, inflight_r, table.trans[keys[0]] if len(used) == 1 else None)))
-    if len(items) > 1:
-        for (dkey, _), res in zip(items, _stage_dp_many([x[1] for x in items])):
-            table.first_dps[dkey] = res
+        ranks.append((dkey, keys, used, budget, inflight_r))
+    if len(ranks) < 2:
+        return
+
+    def run_all(todo: list[tuple[tuple, tuple[bool, ...], dict[bool, _Kind], float, float, float]]) -> list[Any]:
+        items = []
+        for _, keys, used, budget, inflight, level in todo:
+            kinds, room = table.dp_args(keys, used, level, inflight, budget)
+            items.append((kinds, room, inflight, table.trans[keys[0]] if len(used) == 1 else None))
+        got = _stage_dp_many(items)
+        for (dkey, *_, level), res in zip(todo, got):
+            table.first_dps[dkey + (level,)] = res
+        return got
+
+    firsts = run_all([(dkey, keys, used, budget, inflight, table.rank_levels(used)[0])
+                      for dkey, keys, used, budget, inflight in ranks])
+    # what _rank_dp runs next, from the first answer (the same rules)
+    second = []
+    for (dkey, keys, used, budget, inflight), best in zip(ranks, firsts):
+        levels = table.rank_levels(used)
+        floor = sum(table.fastest[key] for key in keys if key in table.fastest)
+        if best is not None and best[0] <= floor * (1 + 1e-9):
+            continue
+        if best is not None:
+            ks = [used[key] for key in keys]
+            used_bytes = max(float(k.gather[j]) for k, j in zip(ks, best[1])) if ks else 0.0
+            tighter = [lv for lv in levels[1:] if lv >= used_bytes * (1 - 1e-9)]
+            todo = [min(tighter)] if tighter else []
+        else:
+            todo = levels[1:]
+        second.extend((dkey, keys, used, budget, inflight, level) for level in todo)
+    if len(second) > 1:
+        run_all(second)
 
 
 class _OwnCount:

@@ -249,6 +249,15 @@ class _Kind:
             for c, g in enumerate(groups):
                 self.cls_idx[c, :len(g)] = g
 
+    def cls_rows_t(self) -> np.ndarray:
+        """``dp_arrays``' scaled class rows gathered class-major (width, C, 1), built once."""
+        cache = self.obj_cache()
+        got = cache.get("cls_rows_t")
+        if got is None:
+            cls_idx_t, _, _, cls_rows = self.dp_arrays()
+            got = cache["cls_rows_t"] = cls_rows.take(cls_idx_t, axis=0)
+        return got
+
     def cls_list(self) -> list[int]:
         """``cls`` as a list of ints (read one element at a time), built once."""
         cache = self.obj_cache()
@@ -563,7 +572,7 @@ class _DPKind:
         J_t[J_t < 0] = nb
         last = N_BUCKETS - w
         last[last < 0] = nb
-        return idx_t, self.cls_rows.take(idx_t, axis=0) + J_t, self.kind.obj_full(), J_t, self.cls_rows[:-1, 0] + last
+        return idx_t, self.kind.cls_rows_t() + J_t, self.kind.obj_full(), J_t, self.cls_rows[:-1, 0] + last
 
 
 _BUCKET_ROW = np.arange(N_BUCKETS + 1)[None, :]
@@ -1219,6 +1228,12 @@ class _KindTable:
                 ) -> tuple[list[_Kind], float]:
         """A rank DP's kinds (one per layer, capped at ``level``) and budget: ``room`` less the level's reserve and
         the footprint every strategy holds."""
+        if len(used) == 1:  # one kind (a dense model): the same kind per layer, its footprint summed layer by layer
+            k, base = self.capped(next(iter(used)), level, inflight)
+            total = 0
+            for _ in keys:
+                total = total + base
+            return [k] * len(keys), room - level - total
         capped = {key: self.capped(key, level, inflight) for key in used}
         return [capped[key][0] for key in keys], room - level - sum(capped[key][1] for key in keys)
 

@@ -754,30 +754,30 @@ def _stage_dp_one_kind(p: _DPKind, n: int, trans_cost: np.ndarray, g1: np.ndarra
     return total, choice
 
 
-def _stage_dp_many(items: list[tuple[list[_Kind], float, float, Optional[np.ndarray]]]
-                   ) -> list[tuple[float, list[int]] | None]:
-    """``[_stage_dp(*item) for item in items]`` (rounding up), with the one-kind DPs of equal shape (layers, classes,
+def _stage_dp_many(items: list[tuple[Any, ...]]) -> list[tuple[float, list[int]] | None]:
+    """``[_stage_dp(*item) for item in items]`` (item: kinds, budget, in-flight count, transitions[, rounding]), with the one-kind DPs of equal shape (layers, classes,
     class width) run side by side in one set of numpy operations: a layer of a rank DP is a few operations on arrays
     of a few thousand elements, whose per-call cost the ranks of one candidate then share. Each DP's elements see the
     same additions and minima as alone, so each answer is the one ``_stage_dp`` returns."""
     out: list[tuple[float, list[int]] | None] = [None] * len(items)
     groups: dict[tuple[int, int, int], list[tuple[int, _DPKind, np.ndarray]]] = {}
-    for i, (kinds, budget, inflight, trans) in enumerate(items):
+    for i, (kinds, budget, inflight, trans, *more) in enumerate(items):
+        rounding = more[0] if more else "up"
         n = len(kinds)
         if budget <= 0 or trans is None or n < 2 or not all(k is kinds[0] for k in kinds):
-            out[i] = _stage_dp(kinds, budget, inflight, trans)
+            out[i] = _stage_dp(kinds, budget, inflight, trans, rounding)
             continue
         # _stage_dp's one-kind path, up to its kernel
         bucket = budget / N_BUCKETS
-        hit = _all_fastest(kinds[0], n, bucket, inflight, trans, "up")
+        hit = _all_fastest(kinds[0], n, bucket, inflight, trans, rounding)
         if hit is not None:
             out[i] = hit
             continue
-        p = _DPKind(kinds[0], bucket, inflight, "up")
+        p = _DPKind(kinds[0], bucket, inflight, rounding)
         if p.min_w * n > N_BUCKETS:
             continue  # None: not even the smallest strategy fits every layer
         if p.C <= 1:
-            out[i] = _stage_dp(kinds, budget, inflight, trans)
+            out[i] = _stage_dp(kinds, budget, inflight, trans, rounding)
             continue
         groups.setdefault((n, p.C, p.cls_idx_t.shape[0]), []).append((i, p, trans))
     for (n, _, _), group in groups.items():
@@ -1357,8 +1357,14 @@ def _refined_stage_dp(kinds: list[_Kind], budget: float, inflight: float, trans_
     if beat < math.inf and _lp_bound(kinds, budget, inflight, trans_cost, beat) >= beat * (1 + 1e-9):
         return None  # nothing that fits beats ``beat`` (most refined DPs end so: their two DPs and repairs skipped)
     found: list[tuple[float, list[int]]] = []
+    ahead: dict[str, Any] = {}
+    if trans_cost is not None and len(kinds) > 1 and all(k is kinds[0] for k in kinds):
+        # one kind (a dense model's rank): the nearest-rounded DP is needed five times in six, so both run
+        # side by side (_stage_dp_many: the same answers, one set of numpy operations per layer)
+        ahead = dict(zip(("down", "nearest"), _stage_dp_many([(kinds, budget, inflight, trans_cost, "down"),
+                                                              (kinds, budget, inflight, trans_cost, "nearest")])))
     for rounding in ("down", "nearest"):
-        res = _stage_dp(kinds, budget, inflight, trans_cost, rounding=rounding)
+        res = ahead[rounding] if ahead else _stage_dp(kinds, budget, inflight, trans_cost, rounding=rounding)
         if res is None or (rounding == "down" and res[0] >= beat):
             break
         if _stage_bytes(kinds, res[1], inflight) <= budget * (1 + 1e-12):

@@ -566,16 +566,17 @@ class _DPKind:
         and ``cls_at``'s last column (S,): where the last layer reads the full budget."""
         nb = N_BUCKETS + 1
         idx_t = self.cls_idx_t
-        w = self.w
-        # the padding strategy S never fits: J's row of nb
-        J_t = _BUCKET_ROW - np.append(w, nb).take(idx_t)[:, :, None]
-        J_t[J_t < 0] = nb
-        last = N_BUCKETS - w
-        last[last < 0] = nb
-        return idx_t, self.kind.cls_rows_t() + J_t, self.kind.obj_full(), J_t, self.cls_rows[:-1, 0] + last
+        # J's rows looked up by weight (capped at nb: no bucket fits it); the padding strategy S never fits
+        w = np.minimum(self.w, nb)
+        J_t = _J_ROWS.take(np.append(w, nb).take(idx_t), axis=0)
+        return idx_t, self.kind.cls_rows_t() + J_t, self.kind.obj_full(), J_t, self.cls_rows[:-1, 0] + _J_LAST.take(w)
 
 
 _BUCKET_ROW = np.arange(N_BUCKETS + 1)[None, :]
+# _J_ROWS[w, j]: J's row of a strategy of w buckets (j - w, nb where it does not fit), w = 0 .. nb; its last column
+_J_ROWS = np.arange(N_BUCKETS + 1)[None, :] - np.arange(N_BUCKETS + 2)[:, None]
+_J_ROWS[_J_ROWS < 0] = N_BUCKETS + 1
+_J_LAST = np.ascontiguousarray(_J_ROWS[:, N_BUCKETS])
 
 
 def _bucket_weights(x: np.ndarray, rounding: str) -> np.ndarray:

@@ -212,6 +212,7 @@ def _instrument(counts: dict[str, int]) -> None:
     wrap("_repair", True)
     wrap("_all_fastest", True)
     wrap("_stage_dp_one_kind", True)
+    wrap("_stage_dp_one_kind_many", True)  # the side-by-side DPs (one count per batch)
 
 
 def worker(cases_path: str, out_path: str) -> None:

@@ -287,10 +287,17 @@ def test_one_search_computes_each_layer_cost_once():
             return originals[name](*args, **kwargs)
         return wrapper
 
+    lean = cm.layer_costs_lean
+
+    def lean_counted(cfg, index, strategies, *args, **kwargs):  # the DP's layer_costs, one call per batch
+        calls["layer_costs"] += len(strategies)
+        return lean(cfg, index, strategies, *args, **kwargs)
+
     mp = pytest.MonkeyPatch()
     try:
         for name in calls:
             mp.setattr(cm, name, counted(name))
+        mp.setattr(cm, "layer_costs_lean", lean_counted)
         r = S.search(load_model_config("llama2-7b"), _a100(), 4096, 128)
     finally:
         mp.undo()
@@ -493,3 +500,38 @@ def test_interleaving_depth_is_searched_when_no_depth_splits_the_layers_evenly()
     assert S._interleave_depths(80, 16) == [2, 5]  # 80 = 16 x 5: the even depth only
     assert S._interleave_depths(48, 2) == [2, 3, 8]
     assert S._interleave_depths(40, 16) == [2]  # fewer than 3 layers per rank: nothing deeper
+
+
+@pytest.mark.parametrize("stack,dtype,compiled,hw_replace", [
+    ("meshwright", None, False, {}), ("meshwright", None, True, {}), ("megatron", None, False, {}),
+    ("deepspeed", "fp32", False, {}), ("torchtitan", None, False, {"overlap_slowdown": 0.0}),
+    ("meshwright", None, False, {"strategy_overheads": (("tp2", 1e-5, 1e-9), ("zero3", 2e-5, 0.0))}),
+    ("meshwright", None, False, {"block_time_measured": True, "layer_overhead_s": 2e-5, "act_scale": 1.15})])
+def test_batched_lean_layer_costs_are_layer_costs_bit_for_bit(stack, dtype, compiled, hw_replace):
+    """The search's DP costs every strategy of a micro-batch size with cm.layer_costs_lean (one call for all of them);
+    it must give exactly layer_costs(lean=True)'s floats (any difference could change a DP's tie-breaking and so a
+    plan), for dense and MoE blocks, every saver, ZeRO level, HSDP, recompute and both optimizer state formats."""
+    allow = S.Allow.parse(["fp8", "wta-crs", "lemo"])
+    for model, cluster, nodes in (("llama2-13b", "dgx-h100-80g", 4), ("mixtral-8x7b", "dgx-h100-80g", 4),
+                                  ("gpt2-medium", "dgx-a100-80g", 2)):
+        cfg = load_model_config(model)
+        cl = load_cluster(cluster, nodes=nodes)
+        hw = cm.hardware_from_cluster(cl, stack=stack, dtype=dtype, compile=compiled)
+        hw = dataclasses.replace(hw, **hw_replace)
+        allow = dataclasses.replace(allow, fp8_gemm=cm.fp8_matmul_speedup(hw) > 1)
+        for index in range(min(cfg.n_layers, 2)):
+            for mb in (1, 2):
+                strategies = S.layer_strategies(cfg, index, 16, [1, 2, 4], 2048, S.Constraints(), allow, mb, 16, 256,
+                                                cl.devices_per_node)
+                assert len(strategies) > 50
+                mbs = [mb * 16 / s.dp for s in strategies]
+                for states in ("fp32", "fp8"):
+                    parts: dict = {}
+                    got = cm.layer_costs_lean(cfg, index, strategies, mbs, 2048, hw, states, parts)
+                    want = [cm.layer_costs(cfg, index, s, m, 2048, hw, states, lean=True)
+                            for s, m in zip(strategies, mbs)]
+                    assert [tuple(map(float.hex, map(float, g))) for g in got] == \
+                        [tuple(map(float.hex, map(float, w))) for w in want]
+                    # and with the shared cache of terms filled by the other path first
+                    again = cm.layer_costs_lean(cfg, index, strategies, mbs, 2048, hw, states, parts)
+                    assert again == got

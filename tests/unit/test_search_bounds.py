@@ -82,6 +82,8 @@ def test_refined_stage_dp_skips_its_dps_only_where_they_cannot_beat(monkeypatch)
     calls = []
     stage_dp = S._stage_dp
     monkeypatch.setattr(S, "_stage_dp", lambda *a, **k: calls.append(1) or stage_dp(*a, **k))
+    many = S._stage_dp_many  # the refined DP's two roundings, side by side on one-kind ranks
+    monkeypatch.setattr(S, "_stage_dp_many", lambda items: calls.extend([1] * len(items)) or many(items))
     skipped = 0
     for trial in range(120):
         kind = _random_kind(rng, int(rng.integers(2, 7)))

@@ -986,6 +986,57 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
     }
 
 
+def layer_costs_lean(cfg: ModelConfig, index: int, strategies: list[Any], mb_samples: list[float], seq_len: int,
+                     hw: Hardware, states: str, parts: dict[tuple, Any]) -> list[tuple[float, ...]]:
+    """``layer_costs(..., lean=True, parts=parts)`` for each of ``strategies`` (with its ``mb_samples``), without a
+    call per strategy: the search costs thousands of them per micro-batch size. The same terms, the same operations
+    in the same order (so the same floats); tests/unit/test_search.py checks it against ``layer_costs``."""
+    moe = cfg.is_moe_layer(index)
+    pol = hw.policy
+    gather_bytes, gather_copies = pol.gather_bytes, (3 if hw.runtime_buffers else 2)
+    copy_bytes = pol.weight_copy_bytes
+    casts = copy_bytes > 0  # weight_traffic_mb_s
+    mem_bw, runtime_buffers, slowdown, dp_overlap = hw.mem_bw, hw.runtime_buffers, hw.overlap_slowdown, hw.dp_overlap
+    out = []
+    for s, mbs in zip(strategies, mb_samples):
+        tokens = mbs * seq_len / s.cp
+        sv = s.savers
+        lemo = sv.lemo if sv.lemo is not None else 1.0
+        tp, sp, rc = s.tp, s.sp, s.recompute
+        key = ("compute", moe, tokens, seq_len, tp, sp, rc, s.ep, s.cp, sv.fp8_gemm, sv.lemo)
+        comp = parts.get(key)
+        if comp is None:
+            comp = parts[key] = _compute_terms(cfg, index, moe, s, tokens, seq_len, lemo, hw)
+        fwd, compute_mb, _, _, comm_mb = comp
+        overhead_mb = strategy_overhead_s(hw, tp, sp, s.zero, s.dp, tokens * lemo)
+        key = ("shard", moe, tp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, states)
+        shard = parts.get(key)
+        if shard is None:
+            shard = parts[key] = _shard_terms(cfg, index, moe, s, states, hw)
+        shard_params, dp_mb, dp_step, states_b, opt_step, accum_mb = shard
+        compiled = compiled_layer(cfg, index, sv, hw)
+        key = ("act", moe, tokens, seq_len, tp, sp, rc, sv.fp8_act, sv.wta_crs, sv.lemo)
+        acts = parts.get(key)
+        if acts is None:
+            acts = parts[key] = _activation_terms(cfg, index, s, tokens, seq_len, lemo, compiled, hw)
+        act, working = acts
+        gathered = shard_params * gather_bytes * gather_copies if s.zero >= 3 else 0.0
+        copies = shard_params * copy_bytes
+        compute_mb += (shard_params * (6.0 * (2 if rc != "none" else 1) + 6.0) / mem_bw) if casts else 0.0
+        if compiled and rc != "none":
+            working += copies if runtime_buffers else 0.0
+            copies = 0.0
+        # microbatch_s and step_dp_s (exposed_s: overlap_s less the compute)
+        mb_s = compute_mb + comm_mb + overhead_mb + (max(compute_mb, dp_mb) + slowdown * min(compute_mb, dp_mb) - compute_mb)
+        if dp_overlap:
+            bwd = compute_mb - fwd
+            step = max(bwd, dp_step) + slowdown * min(bwd, dp_step) - bwd
+        else:
+            step = dp_step
+        out.append((mb_s, step + opt_step, accum_mb, sum(states_b.values()) + copies, act, gathered + working))
+    return out
+
+
 def _compute_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, tokens: float, seq_len: int, lemo: float,
                    hw: Hardware) -> tuple[float, float, float, float, float]:
     """layer_costs' compute and TP/CP/EP collectives per microbatch (before the weights' traffic): forward seconds,
@@ -1127,7 +1178,7 @@ class _RankTotals:
 
 
 def _microbatches(plan: Any, strategies: list[Any]) -> int:
-    max_dp = max(s.dp for s in strategies)
+    max_dp = max(s.dp for s in strategies)  # ``plan.layers`` (repeat blocks) give the same maximum
     return plan.pipeline.microbatches if plan.pipeline.degree > 1 else plan.global_batch // (max_dp * plan.micro_batch)
 
 
@@ -1139,8 +1190,14 @@ def _add_layers(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strat
     states = plan.optimizer.states
     max_dp = max(s.dp for s in strategies)
     ranges = plan.stage_ranges(cfg.n_layers)
-    stage_of = {i: j % pp.degree for j, (a, b) in enumerate(ranges) for i in range(a, b)}
-    starts = {a for a, _ in ranges}
+    # per layer: its pipeline rank, whether it starts a stage (no redistribution from the layer before) and whether
+    # it is an MoE block; shared by the plans of one layout (``memo`` holds one model's costs)
+    lkey = ("layer_layout", pp.degree, tuple(ranges), cfg.n_layers, cfg.n_experts, cfg.moe_every)
+    layout = memo.get(lkey)
+    if layout is None:
+        stage_of = {i: j % pp.degree for j, (a, b) in enumerate(ranges) for i in range(a, b)}
+        starts = {a for a, _ in ranges}
+        layout = memo[lkey] = [(stage_of[i], i == 0 or i in starts, cfg.is_moe_layer(i)) for i in range(len(strategies))]
     skeys: dict[int, tuple] = {}  # per strategy object (a repeat block expands to one object)
     # per cost key the terms this plan adds (they depend on m too, so they live for this call only)
     adds: dict[tuple, tuple[float, ...]] = {}
@@ -1148,10 +1205,8 @@ def _add_layers(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strat
     # the plan-wide sums in locals (the same additions in the same order), written back after the loop
     model_flops_t, hw_flops_t, comm_t, compute_t, overhead_t, dp_t = t.model_flops, t.hw_flops, t.comm, t.compute, t.overhead, t.dp
     key = None
-    for i, s in enumerate(strategies):
-        r = stage_of[i]
-        moe = cfg.is_moe_layer(i)
-        before = strategies[i - 1] if i > 0 and i not in starts else None
+    for i, (s, (r, start, moe)) in enumerate(zip(strategies, layout)):
+        before = None if start else strategies[i - 1]
         if before is s and key is not None and key[2] == (s.tp, s.sp) and key[0] == moe:
             add = adds[key]  # the same strategy after itself: the previous layer's key (most layers of a plan)
         else:
@@ -1189,10 +1244,10 @@ def _add_layers(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strat
     t.model_flops, t.hw_flops, t.comm, t.compute, t.overhead, t.dp = model_flops_t, hw_flops_t, comm_t, compute_t, overhead_t, dp_t
 
 
-def _layer_totals(plan: Any, cfg: ModelConfig, hw: Hardware, strategies: list[Any], m: int,
-                  cache: dict[Any, Any]) -> _RankTotals:
+def _layer_totals(plan: Any, cfg: ModelConfig, hw: Hardware, m: int, cache: dict[Any, Any]) -> _RankTotals:
     """A fresh copy of the blocks' per-rank sums (``_add_layers``), computed once per blocks-and-pipeline layout in
-    ``cache``: plans that differ only in their embedding (the search scores several ZeRO levels for it) share them."""
+    ``cache``: plans that differ only in their embedding (the search scores several ZeRO levels for it) share them.
+    The blocks are expanded to one strategy per layer only to compute them."""
     pp = plan.pipeline
     key = ("layers", tuple((s.tp, s.sp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, s.recompute, s.savers.fp8_act, s.savers.fp8_gemm,
                             s.savers.wta_crs, s.savers.lemo, s.repeat) for s in plan.layers),
@@ -1201,7 +1256,7 @@ def _layer_totals(plan: Any, cfg: ModelConfig, hw: Hardware, strategies: list[An
     done = cache.get(key)
     if done is None:
         done = cache[key] = _RankTotals(pp.degree)
-        _add_layers(done, plan, cfg, hw, strategies, m, cache)
+        _add_layers(done, plan, cfg, hw, plan.layer_strategies(), m, cache)
     t = copy.copy(done)
     for name in ("mb_s", "step_s", "static", "act", "transient", "grads", "copies"):
         setattr(t, name, list(getattr(done, name)))
@@ -1218,32 +1273,56 @@ def tied_embedding_grad_s(cfg: ModelConfig, tp: int, pp: int, world_per_stage: i
 
 
 def _add_ends(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strategies: list[Any], m: int,
-              world_size: int) -> float:
-    """Embedding on the first rank, head (+ its compute) on the last; returns the head's tokens per microbatch."""
+              world_size: int, cache: Optional[dict[Any, Any]] = None) -> float:
+    """Embedding on the first rank, head (+ its compute) on the last; returns the head's tokens per microbatch.
+    The additions are computed once per (head tokens, embedding layout, states, pipeline, m) in ``cache`` (one
+    model's and hardware's) and replayed in the same order."""
     pp, emb = plan.pipeline, plan.embedding
-    last = pp.degree - 1
     per_stage = world_size // pp.degree
     max_dp = max(s.dp for s in strategies)
     s_last = strategies[-1]
     head_tokens = plan.micro_batch * plan.seq_len * max_dp / s_last.dp / s_last.cp
+    key = ("ends", head_tokens, emb.tp, emb.zero, plan.optimizer.states, pp.degree, per_stage, m)
+    ops = cache.get(key) if cache is not None else None
+    if ops is None:
+        ops = _ends_ops(plan, cfg, hw, head_tokens, m, per_stage)
+        if cache is not None:
+            cache[key] = ops
+    for name, r, val in ops:
+        if r is None:
+            setattr(t, name, getattr(t, name) + val)
+        else:
+            getattr(t, name)[r] += val
+    return head_tokens
+
+
+def _ends_ops(plan: Any, cfg: ModelConfig, hw: Hardware, head_tokens: float, m: int, per_stage: int
+              ) -> list[tuple[str, Optional[int], float]]:
+    """``_add_ends``' additions in order: (_RankTotals field, rank or None for a plan-wide sum, value)."""
+    pp, emb = plan.pipeline, plan.embedding
+    last = pp.degree - 1
+    ops: list[tuple[str, Optional[int], float]] = []
     head_flops = head_fwd_flops(cfg, head_tokens) / emb.tp
-    t.mb_s[last] += head_s(cfg, head_tokens, emb.tp, hw)
-    t.mb_s[last] += loss_s(cfg, head_tokens, emb.tp, hw)
-    t.model_flops += head_flops * 3.0 * m
-    t.hw_flops += head_flops * head_passes(hw) * m
+    ops.append(("mb_s", last, head_s(cfg, head_tokens, emb.tp, hw)))
+    ops.append(("mb_s", last, loss_s(cfg, head_tokens, emb.tp, hw)))
+    ops.append(("model_flops", None, head_flops * 3.0 * m))
+    ops.append(("hw_flops", None, head_flops * head_passes(hw) * m))
     emb_dp = per_stage // emb.tp
     for r in {0, last}:
-        t.static[r] += embedding_static_bytes(cfg, r == 0, r == last, emb.tp, emb_dp, emb.zero, plan.optimizer.states, hw)
+        ops.append(("static", r, embedding_static_bytes(cfg, r == 0, r == last, emb.tp, emb_dp, emb.zero,
+                                                        plan.optimizer.states, hw)))
         n = embedding_param_count(cfg, r == 0, r == last, emb.tp)
-        t.grads[r] += model_state_bytes(n, emb_dp, emb.zero, plan.optimizer.states, hw)["grads"]
+        ops.append(("grads", r, model_state_bytes(n, emb_dp, emb.zero, plan.optimizer.states, hw)["grads"]))
         if r == last:
-            t.copies[r] += cfg.vocab_size * cfg.d_model / emb.tp * hw.policy.weight_copy_bytes
+            ops.append(("copies", r, cfg.vocab_size * cfg.d_model / emb.tp * hw.policy.weight_copy_bytes))
         per_mb, step = dp_comm_s(n, emb_dp, emb.zero, emb.tp, hw)
-        t.step_s[r] += step + tied_embedding_grad_s(cfg, emb.tp, pp.degree, per_stage, hw)
-        t.step_s[r] += optimizer_step_s(n, emb_dp, emb.zero, plan.optimizer.states, hw) + (m - 1) * grad_accumulate_s(n, hw)
-        t.mb_s[r] += weight_traffic_mb_s(n if r == last else 0.0, "none", hw)  # the head's cast (the lookup reads fp32)
-        t.mb_s[r] += per_mb  # embedding/head ZeRO-2/3 traffic: small, counted as exposed
-    return head_tokens
+        ops.append(("step_s", r, step + tied_embedding_grad_s(cfg, emb.tp, pp.degree, per_stage, hw)))
+        ops.append(("step_s", r, optimizer_step_s(n, emb_dp, emb.zero, plan.optimizer.states, hw)
+                    + (m - 1) * grad_accumulate_s(n, hw)))
+        # the head's cast (the lookup reads fp32)
+        ops.append(("mb_s", r, weight_traffic_mb_s(n if r == last else 0.0, "none", hw)))
+        ops.append(("mb_s", r, per_mb))  # embedding/head ZeRO-2/3 traffic: small, counted as exposed
+    return ops
 
 
 def grads_absent_at_peak(plan: Any, hw: Hardware, strategies: list[Any], m: int) -> bool:
@@ -1262,7 +1341,7 @@ def _memory_gib(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, m: in
     v = pp.virtual_stages if pp.schedule == "interleaved_1f1b" else 1
     last = pp.degree - 1
     no_grads = grads_absent_at_peak(plan, hw, strategies, m)
-    mem, terms = [], []
+    mem, parts = [], []
     for r in range(pp.degree):
         inflight = inflight_microbatches(pp.schedule, pp.degree, r, m, v)
         loss = loss_peak_bytes(cfg, head_tokens, plan.embedding.tp, hw) if r == last else 0.0
@@ -1273,13 +1352,16 @@ def _memory_gib(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, m: in
             used -= absent
         over = framework_overhead_bytes(hw, used)
         mem.append((used + over) / GIB)
-        terms.append({"mem_states_gib": (t.static[r] - t.copies[r]) / GIB, "mem_weight_copies_gib": t.copies[r] / GIB,
-                      "mem_activations_gib": inflight * t.act[r] / GIB, "mem_transient_gib": t.transient[r] / GIB,
-                      "mem_loss_gib": loss / GIB, "mem_grads_absent_gib": absent / GIB,  # subtracted
-                      "mem_overhead_gib": over / GIB,
-                      # what torch.cuda.max_memory_reserved should report: the rest (CUDA context, NCCL) is outside
-                      "mem_reserved_gib": (used + hw.fragmentation * used) / GIB})
-    return mem, terms[max(range(pp.degree), key=lambda r: mem[r])]
+        parts.append((inflight, loss, used, absent, over))
+    r = max(range(pp.degree), key=lambda r: mem[r])  # the terms of the largest rank only
+    inflight, loss, used, absent, over = parts[r]
+    terms = {"mem_states_gib": (t.static[r] - t.copies[r]) / GIB, "mem_weight_copies_gib": t.copies[r] / GIB,
+             "mem_activations_gib": inflight * t.act[r] / GIB, "mem_transient_gib": t.transient[r] / GIB,
+             "mem_loss_gib": loss / GIB, "mem_grads_absent_gib": absent / GIB,  # subtracted
+             "mem_overhead_gib": over / GIB,
+             # what torch.cuda.max_memory_reserved should report: the rest (CUDA context, NCCL) is outside
+             "mem_reserved_gib": (used + hw.fragmentation * used) / GIB}
+    return mem, terms
 
 
 def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int,
@@ -1289,12 +1371,14 @@ def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int,
     ``cache``: a dict the caller keeps while it evaluates many plans of *one* model on *one* Hardware (the search
     does): per-layer costs and the model's FLOPs per token are then computed once for all of them."""
     cache = {} if cache is None else cache
-    strategies = plan.layer_strategies()
+    # the repeat blocks, not one strategy per layer: what is read of them here (the first and last layer's fields, the
+    # largest dp, whether every dp is 1) is the same, and the per-layer sums expand them once per layout (cached)
+    strategies = plan.layers
     pp = plan.pipeline
     m = _microbatches(plan, strategies)
     v = pp.virtual_stages if pp.schedule == "interleaved_1f1b" else 1
-    t = _layer_totals(plan, cfg, hw, strategies, m, cache)
-    head_tokens = _add_ends(t, plan, cfg, hw, strategies, m, world_size)
+    t = _layer_totals(plan, cfg, hw, m, cache)
+    head_tokens = _add_ends(t, plan, cfg, hw, strategies, m, world_size, cache)
     rank_mb = t.mb_s
     if pp.degree > 1:
         cross = world_size // pp.degree >= hw.devices_per_node

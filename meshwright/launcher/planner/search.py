@@ -249,16 +249,78 @@ class _Kind:
             for c, g in enumerate(groups):
                 self.cls_idx[c, :len(g)] = g
 
+    def cls_rows_t(self) -> np.ndarray:
+        """``dp_arrays``' scaled class rows gathered class-major (width, C, 1), built once."""
+        cache = self.obj_cache()
+        got = cache.get("cls_rows_t")
+        if got is None:
+            cls_idx_t, _, _, cls_rows = self.dp_arrays()
+            got = cache["cls_rows_t"] = cls_rows.take(cls_idx_t, axis=0)
+        return got
+
+    def cls_list(self) -> list[int]:
+        """``cls`` as a list of ints (read one element at a time), built once."""
+        cache = self.obj_cache()
+        got = cache.get("cls_list")
+        if got is None:
+            got = cache["cls_list"] = self.cls.tolist()
+        return got
+
+    def obj_cache(self) -> dict[str, Any]:
+        """The caches that depend on ``obj`` and the classes only (not on memory): kinds that differ in memory only
+        (``_KindTable.capped``'s, per in-flight count) share one."""
+        got = self.__dict__.get("_obj_cache")
+        if got is None:
+            got = self.__dict__["_obj_cache"] = {}
+        return got
+
     def dp_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The stage DP's arrays that do not depend on its bucket size, built once per kind (a rank's DPs at
         several budgets share them): cls_idx transposed (width, C), obj with its +inf padding row (S + 1, 1),
         that gathered class-major (width, C, 1), and the padded class index scaled to a (C, nb + 1) table's rows."""
-        got = self.__dict__.get("_dp_arrays")
+        cache = self.obj_cache()
+        got = cache.get("dp_arrays")
         if got is None:
             cls_idx_t = np.ascontiguousarray(self.cls_idx.T)
             obj = np.append(self.obj, np.inf)[:, None]
-            got = self.__dict__["_dp_arrays"] = (cls_idx_t, obj, obj.take(cls_idx_t, axis=0),
+            got = cache["dp_arrays"] = (cls_idx_t, obj, obj.take(cls_idx_t, axis=0),
                                                  np.append(self.cls, 0)[:, None] * (N_BUCKETS + 2))
+        return got
+
+    def fastest_two(self) -> Optional[tuple[int, float, Optional[float]]]:
+        """``_all_fastest``'s view of ``obj``, built once: the strictly fastest strategy, its time and the next
+        fastest time (None where there is no other strategy or it is infinite); None where no strategy is finite or
+        the fastest is not unique."""
+        cache = self.obj_cache()
+        got = cache.get("fastest_two", False)
+        if got is False:
+            got = None
+            obj = self.obj
+            if len(obj):
+                s = int(obj.argmin())
+                fastest = obj[s]
+                if np.isfinite(fastest) and np.count_nonzero(obj == fastest) == 1:
+                    second = np.partition(obj, 1)[1] if len(obj) > 1 else None
+                    got = (s, float(fastest), float(second) if second is not None and np.isfinite(second) else None)
+            cache["fastest_two"] = got
+        return got
+
+    def finite(self) -> np.ndarray:
+        """Where ``obj`` is finite (the strategies a layer can take), built once."""
+        cache = self.obj_cache()
+        got = cache.get("finite")
+        if got is None:
+            got = cache["finite"] = np.isfinite(self.obj)
+        return got
+
+    def obj_full(self) -> np.ndarray:
+        """``dp_arrays``' class-major obj (width, C, 1) repeated along the stage DP's buckets, (width, C, nb): built once."""
+        cache = self.obj_cache()
+        got = cache.get("obj_full")
+        if got is None:
+            obj_t = self.dp_arrays()[2]
+            got = cache["obj_full"] = np.empty(obj_t.shape[:2] + (N_BUCKETS + 1,))
+            got[...] = obj_t
         return got
 
     def hull(self, inflight: float, cls: Optional[int] = None) -> tuple[float, float, list[tuple[float, float]]]:
@@ -346,6 +408,11 @@ def _lp(groups: list[tuple[_Kind, int]], room: float, inflight: float, cls: Opti
     return total
 
 
+def _any_row(a: np.ndarray) -> np.ndarray:
+    """``a.any(axis=1)`` without ndarray.any's Python-level dispatch (the search calls it per class and candidate)."""
+    return np.logical_or.reduce(a, axis=1)
+
+
 def _skey(s: LayerStrategy) -> tuple:
     return (s.tp, s.sp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, s.recompute, s.savers.fp8_act, s.savers.fp8_gemm,
             s.savers.wta_crs, s.savers.lemo)
@@ -362,6 +429,8 @@ class _SearchMemo:
         self.layer_costs: dict[tuple, tuple[float, ...]] = {}
         self.cost_parts: dict[tuple, Any] = {}  # cm.layer_costs' terms shared by strategies that differ elsewhere
         self.vectors: dict[tuple, _Vectors] = {}
+        self.strategies: dict[tuple, list[LayerStrategy]] = {}  # layer_strategies per (kind, stage, tps, mb, max_dp)
+        self.skeys: dict[int, list[tuple]] = {}  # _skey of each of those, per list
         self.plan_costs: dict[Any, Any] = {}  # cost_model.evaluate_plan's cache
         self.redistribution: dict[tuple, float] = {}  # cm.redistribution_s per (tokens, from class, to class)
         self._moe_flags: Optional[tuple[bool, ...]] = None
@@ -399,7 +468,7 @@ class _Vectors:
         for idx, mem_le, mem_lt in self.blocks:
             o = obj[idx]
             dom = mem_le & (o[None, :] <= o[:, None]) & (mem_lt | (o[None, :] < o[:, None]))
-            kept.append(idx[~dom.any(axis=1)])  # dom[i, j]: j dominates i
+            kept.append(idx[~_any_row(dom)])  # dom[i, j]: j dominates i
         keep = np.sort(np.concatenate(kept)) if kept else np.array([], dtype=int)
         strategies = [self.strategies[i] for i in keep]
         tpsp = sorted(set(self.classes[i] for i in keep))
@@ -414,20 +483,32 @@ def _vectors(o: "_Outer", index: int) -> _Vectors:
     hit = o.memo.vectors.get(key)
     if hit is not None:
         return hit
-    strategies = layer_strategies(o.cfg, index, o.per_stage // o.cp, o.tps, o.seq_len, o.c, o.allow, o.mb, o.max_dp,
-                                  o.global_batch, o.cluster.devices_per_node, o.cp)
-    rows = []
+    # the strategies do not depend on the optimizer states or the microbatch count: both state formats share them
+    skey = key[:5] + key[6:7]
+    strategies = o.memo.strategies.get(skey)
+    if strategies is None:
+        strategies = o.memo.strategies[skey] = layer_strategies(
+            o.cfg, index, o.per_stage // o.cp, o.tps, o.seq_len, o.c, o.allow, o.mb, o.max_dp, o.global_batch,
+            o.cluster.devices_per_node, o.cp)
     memo, states, mb_dp = o.memo.layer_costs, o.states, o.mb * o.max_dp
-    for s in strategies:
-        mb_samples = mb_dp / s.dp
-        ckey = (moe, _skey(s), mb_samples, states)
-        got = memo.get(ckey)
-        if got is None:
-            # per step, as evaluate_plan counts it: exposed DP traffic, the optimizer step over this rank's shard and
-            # the accumulation of every microbatch after the first (both depend on the ZeRO level: #17)
-            got = memo[ckey] = cm.layer_costs(o.cfg, index, s, mb_samples, o.seq_len, o.hw, states,
-                                              parts=o.memo.cost_parts, lean=True)
+    skeys = o.memo.skeys.get(id(strategies))
+    if skeys is None:
+        skeys = o.memo.skeys[id(strategies)] = [_skey(s) for s in strategies]  # (the memo keeps ``strategies``)
+    rows: list[Any] = []
+    missing: list[int] = []
+    for i, s in enumerate(strategies):
+        got = memo.get((moe, skeys[i], mb_dp / s.dp, states))
         rows.append(got)
+        if got is None:
+            missing.append(i)
+    if missing:
+        # per step, as evaluate_plan counts it: exposed DP traffic, the optimizer step over this rank's shard and
+        # the accumulation of every microbatch after the first (both depend on the ZeRO level: #17)
+        todo = [strategies[i] for i in missing]
+        mbs = [mb_dp / s.dp for s in todo]
+        for i, mb_samples, got in zip(missing, mbs, cm.layer_costs_lean(o.cfg, index, todo, mbs, o.seq_len, o.hw,
+                                                                        states, o.memo.cost_parts)):
+            rows[i] = memo[(moe, skeys[i], mb_samples, states)] = got
     cols = np.array(rows).reshape(len(rows), 6).T
     mb_s, step = cols[0], cols[1] + (o.m - 1) * cols[2]  # the same additions, in the same order, as per layer
     stat_a, act_a, gat_a = cols[3].copy(), cols[4].copy(), cols[5].copy()
@@ -450,28 +531,52 @@ def _vectors(o: "_Outer", index: int) -> _Vectors:
 class _DPKind:
     """One layer kind's gather indices for one DP (its bucket size and in-flight count): built once per call and
     shared by every layer of that kind, so a layer costs a few whole-array numpy operations. Tables are laid out
-    (strategy, bucket): numpy reduces over a leading axis several times faster than over a short trailing one."""
+    (strategy, bucket): numpy reduces over a leading axis several times faster than over a short trailing one.
+    The general loop's (S + 1, nb) tables are built on first use: the one-kind DP gathers its own straight away."""
 
     def __init__(self, k: _Kind, bucket: float, inflight: float, rounding: str = "up") -> None:
-        nb = N_BUCKETS + 1
-        S, C = len(k.strategies), len(k.tpsp)
-        self.C, self.cls, self.cls_idx = C, k.cls, k.cls_idx
+        self.C, self.cls, self.cls_idx = len(k.tpsp), k.cls, k.cls_idx
         # cls_idx_t (width, C): the class minima reduce over a leading axis
-        self.cls_idx_t, self.obj, self.obj_t, cls_rows = k.dp_arrays()
+        self.cls_idx_t, self.obj, self.obj_t, self.cls_rows = k.dp_arrays()
         self.w = _bucket_weights((k.static + inflight * k.act) / bucket, rounding)
-        usable = self.w[np.isfinite(k.obj)]
-        self.min_w = int(usable.min()) if len(usable) else N_BUCKETS + 1  # the smallest strategy a layer can take
-        # J[s, j]: the bucket a layer taking s in j buckets leaves to the layers before it; nb (the +inf pad of every
-        # source table below) where s does not fit. Row S is a padding strategy with +inf time, so every f has a
-        # trailing +inf row that the per-class gathers (cls_idx pads with S) pick up as filler.
-        J = np.full((S + 1, nb), nb)
-        np.subtract(_BUCKET_ROW, self.w[:, None], out=J[:S])
+        usable = self.w[k.finite()]
+        self.min_w = int(np.minimum.reduce(usable)) if len(usable) else N_BUCKETS + 1  # the smallest strategy a layer can take
+        self.kind = k
+
+    @functools.cached_property
+    def J(self) -> np.ndarray:
+        """J[s, j]: the bucket a layer taking s in j buckets leaves to the layers before it; nb (the +inf pad of every
+        source table) where s does not fit. Row S is a padding strategy with +inf time, so every f has a trailing +inf
+        row that the per-class gathers (cls_idx pads with S) pick up as filler."""
+        nb = N_BUCKETS + 1
+        J = np.full((len(self.w) + 1, nb), nb)
+        np.subtract(_BUCKET_ROW, self.w[:, None], out=J[:-1])
         J[J < 0] = nb
-        self.J = J
-        self.cls_at = cls_rows + J  # into a flattened (C, nb + 1) per-class table
+        return J
+
+    @functools.cached_property
+    def cls_at(self) -> np.ndarray:
+        """J's indices into a flattened (C, nb + 1) per-class table."""
+        return self.cls_rows + self.J
+
+    def one_kind(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``_stage_dp_one_kind``'s tables: idx_t (W, C), the kind's strategies per class (ascending, padded with S);
+        gathered by it, each (W, C, nb), the per-class table indices (``cls_at``'s rows), obj (full, not broadcast:
+        numpy adds a contiguous array several times faster than one broadcast along the buckets) and ``J``'s rows;
+        and ``cls_at``'s last column (S,): where the last layer reads the full budget."""
+        nb = N_BUCKETS + 1
+        idx_t = self.cls_idx_t
+        # J's rows looked up by weight (capped at nb: no bucket fits it); the padding strategy S never fits
+        w = np.minimum(self.w, nb)
+        J_t = _J_ROWS.take(np.append(w, nb).take(idx_t), axis=0)
+        return idx_t, self.kind.cls_rows_t() + J_t, self.kind.obj_full(), J_t, self.cls_rows[:-1, 0] + _J_LAST.take(w)
 
 
 _BUCKET_ROW = np.arange(N_BUCKETS + 1)[None, :]
+# _J_ROWS[w, j]: J's row of a strategy of w buckets (j - w, nb where it does not fit), w = 0 .. nb; its last column
+_J_ROWS = np.arange(N_BUCKETS + 1)[None, :] - np.arange(N_BUCKETS + 2)[:, None]
+_J_ROWS[_J_ROWS < 0] = N_BUCKETS + 1
+_J_LAST = np.ascontiguousarray(_J_ROWS[:, N_BUCKETS])
 
 
 def _bucket_weights(x: np.ndarray, rounding: str) -> np.ndarray:
@@ -489,13 +594,10 @@ def _all_fastest(k: _Kind, n: int, bucket: float, inflight: float, trans_cost: n
     it fit the buckets and staying in a class costs nothing (changing costs >= 0), every layer taking it is the
     unique optimum, and its time is the DP's sum, added in the DP's order.
     None: the DP must run."""
-    obj = k.obj
-    if not len(obj):
+    got = k.fastest_two()
+    if got is None:
         return None
-    s = int(obj.argmin())
-    fastest = obj[s]
-    if not np.isfinite(fastest) or np.count_nonzero(obj == fastest) != 1:
-        return None
+    s, fastest, second = got
     # numpy float64 scalars: the same IEEE ops, and the same rounding, as _DPKind's arrays
     w = int(_bucket_weights((k.static[s] + inflight * k.act[s]) / bucket, rounding))
     if w * n > N_BUCKETS:
@@ -505,17 +607,15 @@ def _all_fastest(k: _Kind, n: int, bucket: float, inflight: float, trans_cost: n
         if trans_cost[c, c] != 0 or (trans_cost < 0).any():
             return None
     total = 0.0
-    for _ in range(n):
+    for _ in range(n):  # Python floats: the same IEEE additions as the DP's float64 arrays
         total = total + fastest
     # the DP must not find another path of this float total either: a strategy a few ulps slower (ZeRO-2 beside a
     # ZeRO-3 whose gathers overlap) ties once added to the layers before, and the DP's first-index tie-breaking may
     # pick it. Each of a path's <= 2n additions (layer times, class changes) rounds by at most half the spacing at
     # the sums, so two paths' float totals differ by at least their exact difference less 2n spacings: where the next
     # fastest is slower by more than that, every other path's float total is strictly larger.
-    if len(obj) > 1:
-        second = np.partition(obj, 1)[1]
-        if np.isfinite(second) and not second - fastest > 2 * n * np.spacing(total + second):
-            return None
+    if second is not None and not second - fastest > 2 * n * np.spacing(total + second):
+        return None
     return float(total), [s] * n
 
 
@@ -608,47 +708,141 @@ def _stage_dp(kinds: list[_Kind], budget: float, inflight: float, trans_cost: np
 def _stage_dp_one_kind(p: _DPKind, n: int, trans_cost: np.ndarray, g1: np.ndarray) -> tuple[float, list[int]] | None:
     """``_stage_dp`` for ``n`` > 1 layers of one kind with transitions between its C > 1 classes (every rank of a
     dense model), without the general loop's per-layer dispatch. The layers between the first and the last are kept
-    only class-major, ``fT[w, c, j] = f[cls_idx[c, w], j]`` (gathered straight from the per-class minima: the
-    same sums as f's, so the same minima and, in class order, the same first-index argmins)."""
+    only class-major, ``fT[w, c, j] = f[idx_t[w, c], j]`` (gathered straight from the per-class minima: the
+    same sums as f's, so the same minima and, in class order, the same first-index argmins). The per-layer operands
+    are contiguous (W, C, nb) and (C, C, nb) arrays, not broadcasts: the same additions, about twice as fast."""
     nb = N_BUCKETS + 1
     minimum = np.minimum.reduce
-    trans3 = trans_cost[:, :, None]
-    cls_idx_t = p.cls_idx_t
-    at_t, obj_t = p.cls_at.take(cls_idx_t, axis=0), p.obj_t  # (W, C, nb), (W, C, 1)
-    g = np.empty((p.C, nb + 1))
+    C = p.C
+    idx_t, at_t, obj_t, J_t, at_last = p.one_kind()  # (W, C), (W, C, nb) x 3, (S,)
+    # the (C, C) switch costs along the buckets
+    trans_f = np.empty((C, C, nb))
+    trans_f[...] = trans_cost[:, :, None]
+    buf = np.empty((C, C, nb))
+    g = np.empty((C, nb + 1))
     g[:, nb] = np.inf
     g_head = g[:, :nb]
     g1[:nb].fill(0.0)
-    f0 = g1.take(p.J)
-    f0 += p.obj
-    ft = f0.take(cls_idx_t, axis=0)
+    ft = g1.take(J_t)  # the first layer: 0 + obj where the strategy fits in j buckets
+    ft += obj_t
     fts = [ft]  # class-major f of layers 0 .. n - 2
-    class_mins = [ft]  # per layer li >= 1: the previous layer's (C, nb) per-class minima (entry 0 unused)
+    class_mins: list[Any] = [None]  # per layer li >= 1: the previous layer's (C, nb) per-class minima
     for li in range(1, n):
         mins = minimum(ft, axis=0)
-        minimum(mins[:, None, :] + trans3, axis=0, out=g_head)
+        np.add(mins[:, None, :], trans_f, out=buf)
+        minimum(buf, axis=0, out=g_head)
         class_mins.append(mins)
         if li < n - 1:
             ft = g.take(at_t)
             ft += obj_t
             fts.append(ft)
-    f = g.take(p.cls_at)  # the last layer in strategy order: its argmin picks the first strategy of equals
-    f += p.obj
-    last = f[:-1, N_BUCKETS]
+    # the last layer in strategy order, at the full budget only: its argmin picks the first strategy of equals
+    last = g.take(at_last)
+    last += p.obj[:-1, 0]
     s = int(np.argmin(last))
     if not np.isfinite(last[s]):
         return None
     total = float(last[s])
     choice = [0] * n
     j = N_BUCKETS
-    w, cls, cls_idx = p.w.tolist(), p.cls.tolist(), p.cls_idx
+    w, cls = p.w.tolist(), p.cls.tolist()
     for li in range(n - 1, 0, -1):
         choice[li] = s
         j -= w[s]
         c = int((class_mins[li][:, j] + trans_cost[:, cls[s]]).argmin())
-        s = int(cls_idx[c, fts[li - 1][:, c, j].argmin()])
+        s = int(idx_t[fts[li - 1][:, c, j].argmin(), c])
     choice[0] = s
     return total, choice
+
+
+def _stage_dp_many(items: list[tuple[Any, ...]]) -> list[tuple[float, list[int]] | None]:
+    """``[_stage_dp(*item) for item in items]`` (item: kinds, budget, in-flight count, transitions[, rounding]), with the one-kind DPs of equal shape (layers, classes,
+    class width) run side by side in one set of numpy operations: a layer of a rank DP is a few operations on arrays
+    of a few thousand elements, whose per-call cost the ranks of one candidate then share. Each DP's elements see the
+    same additions and minima as alone, so each answer is the one ``_stage_dp`` returns."""
+    out: list[tuple[float, list[int]] | None] = [None] * len(items)
+    groups: dict[tuple[int, int, int], list[tuple[int, _DPKind, np.ndarray]]] = {}
+    for i, (kinds, budget, inflight, trans, *more) in enumerate(items):
+        rounding = more[0] if more else "up"
+        n = len(kinds)
+        if budget <= 0 or trans is None or n < 2 or not all(k is kinds[0] for k in kinds):
+            out[i] = _stage_dp(kinds, budget, inflight, trans, rounding)
+            continue
+        # _stage_dp's one-kind path, up to its kernel
+        bucket = budget / N_BUCKETS
+        hit = _all_fastest(kinds[0], n, bucket, inflight, trans, rounding)
+        if hit is not None:
+            out[i] = hit
+            continue
+        p = _DPKind(kinds[0], bucket, inflight, rounding)
+        if p.min_w * n > N_BUCKETS:
+            continue  # None: not even the smallest strategy fits every layer
+        if p.C <= 1:
+            out[i] = _stage_dp(kinds, budget, inflight, trans, rounding)
+            continue
+        groups.setdefault((n, p.C, p.cls_idx_t.shape[0]), []).append((i, p, trans))
+    for (n, _, _), group in groups.items():
+        if len(group) == 1:
+            i, p, trans = group[0]
+            g1 = np.empty(N_BUCKETS + 2)
+            g1[-1] = np.inf
+            out[i] = _stage_dp_one_kind(p, n, trans, g1)
+        else:
+            for (i, _, _), res in zip(group, _stage_dp_one_kind_many([x[1] for x in group], n, [x[2] for x in group])):
+                out[i] = res
+    return out
+
+
+def _stage_dp_one_kind_many(ps: list[_DPKind], n: int, transes: list[np.ndarray]) -> list[tuple[float, list[int]] | None]:
+    """``_stage_dp_one_kind`` for R DPs of the same shape (n layers, C classes, class width W) at once: every array
+    gets a leading DP axis (the gathers index a flattened (R, C, nb + 1) table), the minima reduce the same axes."""
+    R, C, nb = len(ps), ps[0].C, N_BUCKETS + 1
+    minimum = np.minimum.reduce
+    tabs = [p.one_kind() for p in ps]  # idx_t, at_t, obj_t, J_t, at_last
+    at = np.stack([t[1] + r * C * (nb + 1) for r, t in enumerate(tabs)])  # (R, W, C, nb) into g's flat index
+    obj = np.stack([t[2] for t in tabs])
+    trans_f = np.empty((R, C, C, nb))
+    for r, tr in enumerate(transes):
+        trans_f[r] = tr[:, :, None]
+    buf = np.empty((R, C, C, nb))
+    g = np.empty((R, C, nb + 1))
+    g[:, :, nb] = np.inf
+    g_head = g[:, :, :nb]
+    g1 = np.zeros(nb + 1)
+    g1[nb] = np.inf
+    ft = g1.take(np.stack([t[3] for t in tabs]))  # the first layer: 0 + obj where the strategy fits in j buckets
+    ft += obj
+    fts = [ft]
+    class_mins: list[Any] = [None]
+    for li in range(1, n):
+        mins = minimum(ft, axis=1)
+        np.add(mins[:, :, None, :], trans_f, out=buf)
+        minimum(buf, axis=1, out=g_head)
+        class_mins.append(mins)
+        if li < n - 1:
+            ft = g.take(at)
+            ft += obj
+            fts.append(ft)
+    out: list[tuple[float, list[int]] | None] = []
+    for r, (p, trans_cost, tab) in enumerate(zip(ps, transes, tabs)):
+        last = g[r].take(tab[4])
+        last += p.obj[:-1, 0]
+        s = int(np.argmin(last))
+        if not np.isfinite(last[s]):
+            out.append(None)
+            continue
+        total = float(last[s])
+        choice = [0] * n
+        j = N_BUCKETS
+        w, cls, idx_t = p.w.tolist(), p.cls.tolist(), tab[0]
+        for li in range(n - 1, 0, -1):
+            choice[li] = s
+            j -= w[s]
+            c = int((class_mins[li][r, :, j] + trans_cost[:, cls[s]]).argmin())
+            s = int(idx_t[fts[li - 1][r, :, c, j].argmin(), c])
+        choice[0] = s
+        out.append((total, choice))
+    return out
 
 
 def _dp_prev(col: np.ndarray, mode: int, p: _DPKind, s: int, trans_cost: np.ndarray | None,
@@ -876,14 +1070,15 @@ def _try_pipeline(base: _Outer, out: _Collector) -> None:
 
 def _result(out: _Collector, top: int, budget: float, t0: float) -> SearchResult:
     """Distinct layouts, fastest first; rejections closest-to-fitting first."""
-    out.feasible.sort(key=lambda x: (x.prediction.step_s, describe_layout(x.plan)))
+    keyed = sorted(((x.prediction.step_s, describe_layout(x.plan)), i) for i, x in enumerate(out.feasible))
     uniq: list[Candidate] = []
     seen = set()
-    for x in out.feasible:
-        key = describe_layout(x.plan)
+    for (_, key), i in keyed:  # fastest first, then by layout (the index only breaks exact ties: the stable order)
         if key not in seen:
             seen.add(key)
-            uniq.append(x)
+            uniq.append(out.feasible[i])
+    for x in uniq[:max(top, 1)]:
+        x.plan.predicted = x.prediction.to_dict()
     rejected = sorted(out.rejected, key=lambda r: ("need_gib" not in r, r.get("need_gib", 0.0), r["layout"]))
     result = SearchResult(best=uniq[0] if uniq else None, runners_up=uniq[1:top], rejected=rejected,
                           search_s=time.perf_counter() - t0, candidates=out.candidates, budget_gib=budget / cm.GIB)
@@ -999,8 +1194,10 @@ class _KindTable:
         self.trans: dict[bool, np.ndarray] = {}
         self.fastest: dict[bool, float] = {}  # each kind's fastest strategy time
         self.masked: dict[tuple[bool, float, float], tuple[_Kind, float]] = {}
+        self.at_level: dict[tuple[bool, float], tuple[np.ndarray, np.ndarray, dict[str, Any]]] = {}  # capped's obj
         self.levels: dict[tuple, list[float]] = {}
         self.rank_results: dict[tuple, Any] = {}  # _rank_dp per (kind keys, in-flight, first, last): all partitions
+        self.first_dps: dict[tuple, Any] = {}  # _rank_dp's DPs per (kind keys, budget, in-flight, level), run ahead
         self.extras: dict[tuple[bool, bool], tuple[float, float]] = {}  # _rank_extra_bytes per (first, last): 1, lowest
 
     def kind(self, i: int) -> _Kind:
@@ -1021,18 +1218,48 @@ class _KindTable:
                 used[key] = self.kind(i)
         return keys, used
 
+    def rank_levels(self, used: dict[bool, _Kind]) -> list[float]:
+        """``_transient_levels`` of a rank's kinds (memoised per set of kinds; [0.0] where there is none)."""
+        sig = tuple(sorted(id(k) for k in used.values()))
+        if sig not in self.levels:
+            self.levels[sig] = _transient_levels(list(used.values()))
+        return self.levels[sig] or [0.0]
+
+    def dp_args(self, keys: tuple[bool, ...], used: dict[bool, _Kind], level: float, inflight: float, room: float
+                ) -> tuple[list[_Kind], float]:
+        """A rank DP's kinds (one per layer, capped at ``level``) and budget: ``room`` less the level's reserve and
+        the footprint every strategy holds."""
+        if len(used) == 1:  # one kind (a dense model): the same kind per layer, its footprint summed layer by layer
+            k, base = self.capped(next(iter(used)), level, inflight)
+            total = 0
+            for _ in keys:
+                total = total + base
+            return [k] * len(keys), room - level - total
+        capped = {key: self.capped(key, level, inflight) for key in used}
+        return [capped[key][0] for key in keys], room - level - sum(capped[key][1] for key in keys)
+
     def capped(self, key: bool, level: float, inflight: float) -> tuple[_Kind, float]:
         """Kind ``key`` with strategies whose transient bytes exceed ``level`` at infinite cost, and its
         memory shifted down by its smallest footprint at ``inflight`` (returned): the DP then spends its
         buckets on the differences between strategies, not on the state every strategy holds."""
         mkey = (key, level, inflight)
-        if mkey not in self.masked:
+        got = self.masked.get(mkey)
+        if got is None:
             k = self.kinds[key]
-            over = k.gather > level * (1 + 1e-9)
+            lkey = (key, level)
+            at_level = self.at_level.get(lkey)
+            if at_level is None:
+                over = k.gather > level * (1 + 1e-9)
+                # nothing over the level (the largest one): the kind's own arrays and obj caches
+                at_level = self.at_level[lkey] = (
+                    (np.where(over, np.inf, k.obj), np.where(over, 0.0, k.gather), {}) if over.any()
+                    else (k.obj, k.gather, k.obj_cache()))
+            obj, gather, cache = at_level
             base = float(np.min(k.static + inflight * k.act)) if len(k.strategies) else 0.0
-            self.masked[mkey] = (dataclasses.replace(k, obj=np.where(over, np.inf, k.obj), static=k.static - base,
-                                                     gather=np.where(over, 0.0, k.gather)), base)
-        return self.masked[mkey]
+            capped = _Kind(k.strategies, obj, k.static - base, k.act, k.cls, k.tpsp, gather, k.cls_idx)
+            capped.__dict__["_obj_cache"] = cache  # one per level: the counts' kinds differ in memory only
+            got = self.masked[mkey] = (capped, base)
+        return got
 
 
 def _transient_levels(ks: list[_Kind]) -> list[float]:
@@ -1063,7 +1290,11 @@ def _rank_extra_bytes(o: _Outer, first: bool, last: bool, emb_zero: int = 1) -> 
 
 
 def _stage_bytes(kinds: list[_Kind], choice: list[int], inflight: float) -> float:
-    """The exact bytes the stage DP counts for one assignment: sum(static + inflight * act)."""
+    """The exact bytes the stage DP counts for one assignment: sum(static + inflight * act), added layer by layer
+    (a rank of one kind: its per-strategy bytes in one array operation, the same IEEE operations)."""
+    if kinds and all(k is kinds[0] for k in kinds):
+        k = kinds[0]
+        return float(sum((k.static + inflight * k.act).take(choice).tolist()))
     return float(sum(k.static[j] + inflight * k.act[j] for k, j in zip(kinds, choice)))
 
 
@@ -1127,8 +1358,14 @@ def _refined_stage_dp(kinds: list[_Kind], budget: float, inflight: float, trans_
     if beat < math.inf and _lp_bound(kinds, budget, inflight, trans_cost, beat) >= beat * (1 + 1e-9):
         return None  # nothing that fits beats ``beat`` (most refined DPs end so: their two DPs and repairs skipped)
     found: list[tuple[float, list[int]]] = []
+    ahead: dict[str, Any] = {}
+    if trans_cost is not None and len(kinds) > 1 and all(k is kinds[0] for k in kinds):
+        # one kind (a dense model's rank): the nearest-rounded DP is needed five times in six, so both run
+        # side by side (_stage_dp_many: the same answers, one set of numpy operations per layer)
+        ahead = dict(zip(("down", "nearest"), _stage_dp_many([(kinds, budget, inflight, trans_cost, "down"),
+                                                              (kinds, budget, inflight, trans_cost, "nearest")])))
     for rounding in ("down", "nearest"):
-        res = _stage_dp(kinds, budget, inflight, trans_cost, rounding=rounding)
+        res = ahead[rounding] if ahead else _stage_dp(kinds, budget, inflight, trans_cost, rounding=rounding)
         if res is None or (rounding == "down" and res[0] >= beat):
             break
         if _stage_bytes(kinds, res[1], inflight) <= budget * (1 + 1e-12):
@@ -1160,17 +1397,16 @@ def _rank_dp(o: _Outer, table: _KindTable, keys: tuple[bool, ...], used: dict[bo
     ks = [used[key] for key in keys]
     trans = table.trans[keys[0]] if len(used) == 1 else None
     best = None
-    sig = tuple(sorted(id(k) for k in used.values()))
-    if sig not in table.levels:
-        table.levels[sig] = _transient_levels(list(used.values()))
+    levels = table.rank_levels(used)
     # no assignment beats every layer's fastest strategy: once a level reaches it, lower levels cannot help
     floor = sum(table.fastest[key] for key in keys if key in table.fastest)
-    levels = table.levels[sig] or [0.0]
 
     def run(level: float, dp: Any = _stage_dp, room: float = budget, **kw: Any) -> tuple[float, list[int]] | None:
-        capped = {key: table.capped(key, level, inflight) for key in used}
-        return dp([capped[key][0] for key in keys], room - level - sum(capped[key][1] for key in keys),
-                  inflight, trans, **kw)
+        if dp is _stage_dp:  # run already, with the candidate's other ranks' DPs (``_assign_layers``)?
+            got = table.first_dps.pop((keys, room, inflight, level), _NOT_RUN)
+            if got is not _NOT_RUN:
+                return got
+        return dp(*table.dp_args(keys, used, level, inflight, room)[:2], inflight, trans, **kw)
 
     best = run(levels[0])
     best_level = levels[0]
@@ -1221,9 +1457,10 @@ def _min_memory_assignment(ks: list[_Kind], inflight: float) -> tuple[list[int],
 def _group_same_class(kind: _Kind, picked: list[int]) -> list[int]:
     """Cost only depends on (tp, sp) changes: sort inside each same-class run so identical strategies sit
     together and the plan reads as a few ``repeat`` blocks."""
+    cls = kind.cls_list()
     runs, cur = [], []
     for si in picked:
-        if cur and kind.cls[cur[-1]] != kind.cls[si]:
+        if cur and cls[cur[-1]] != cls[si]:
             runs.append(sorted(cur))
             cur = []
         cur.append(si)
@@ -1245,22 +1482,13 @@ def _assign_layers(o: _Outer, table: _KindTable, stages: list[list[int]]
     # per rank whose memory binds: its layers, kind keys, kinds, refine, and its _OwnCount where it has one
     pending: list[tuple[list[int], tuple[bool, ...], dict[bool, _Kind], Callable[[], Any], Optional[_OwnCount]]] = []
     memo = table.rank_results
+    _first_dps_ahead(o, table, rank_layers)
     for r, layers in enumerate(rank_layers):
         keys, used = table.rank_kinds(layers)
         if any(len(k.strategies) == 0 for k in used.values()):
             raise _NoStrategy()
         ks = [used[key] for key in keys]
-        inflight = cm.inflight_microbatches(o.sched, pp, r, o.m, o.v)
-        first, last = r == 0, r == pp - 1
-        ends = table.extras.get((first, last))
-        if ends is None:
-            # the refined DP may count on the embedding's smallest ZeRO footprint (evaluate_plan judges the plan)
-            ends = table.extras[(first, last)] = (
-                _rank_extra_bytes(o, first, last), _rank_extra_bytes(o, first, last, 3 if o.c.zero is None else max(o.c.zero, 1)))
-        extra, extra_lo = ends
-        # ranks with similar activation pressure share one DP (round inflight up to a power of two)
-        inflight_r = float(2 ** math.ceil(math.log2(inflight))) if inflight > 1 else 1.0
-        inflight_r = min(inflight_r, float(o.m)) if o.sched != "gpipe" else inflight
+        inflight, first, last, extra, extra_lo, inflight_r = _rank_counts(o, table, r)
         sig = (keys, inflight_r, first, last)
         if sig not in memo:
             memo[sig] = _rank_dp(o, table, keys, used, o.usable - extra, inflight_r, o.usable - extra_lo)
@@ -1314,6 +1542,77 @@ def _assign_layers(o: _Outer, table: _KindTable, stages: list[list[int]]
     return [choices[i] for i in range(cfg.n_layers)], None, refined if pending else None
 
 
+def _rank_counts(o: _Outer, table: _KindTable, r: int) -> tuple[float, bool, bool, float, float, float]:
+    """Pipeline rank ``r``'s in-flight microbatches, whether it is the first and the last, its bytes outside the
+    blocks (as every plan may count them, and at the embedding's smallest ZeRO footprint) and the in-flight count its
+    shared DP runs at."""
+    pp = o.pp
+    inflight = cm.inflight_microbatches(o.sched, pp, r, o.m, o.v)
+    first, last = r == 0, r == pp - 1
+    ends = table.extras.get((first, last))
+    if ends is None:
+        # the refined DP may count on the embedding's smallest ZeRO footprint (evaluate_plan judges the plan)
+        ends = table.extras[(first, last)] = (
+            _rank_extra_bytes(o, first, last), _rank_extra_bytes(o, first, last, 3 if o.c.zero is None else max(o.c.zero, 1)))
+    extra, extra_lo = ends
+    # ranks with similar activation pressure share one DP (round inflight up to a power of two)
+    inflight_r = float(2 ** math.ceil(math.log2(inflight))) if inflight > 1 else 1.0
+    inflight_r = min(inflight_r, float(o.m)) if o.sched != "gpipe" else inflight
+    return inflight, first, last, extra, extra_lo, inflight_r
+
+
+def _first_dps_ahead(o: _Outer, table: _KindTable, rank_layers: list[list[int]]) -> None:
+    """The DPs at the transient levels that every rank DP ``_assign_layers`` is about to run (``_rank_dp``: the
+    largest level, then the tighter one its answer allows, or the smaller ones where nothing fit), run together
+    (``_stage_dp_many``) into ``table.first_dps``, where ``_rank_dp`` takes them: the same answers, with the
+    per-call numpy cost shared by the ranks."""
+    ranks: list[tuple[tuple, tuple[bool, ...], dict[bool, _Kind], float, float]] = []
+    seen: set[tuple] = set()
+    for r, layers in enumerate(rank_layers):
+        keys, used = table.rank_kinds(layers)
+        if any(len(k.strategies) == 0 for k in used.values()):
+            break  # _assign_layers raises _NoStrategy here
+        _, first, last, extra, _, inflight_r = _rank_counts(o, table, r)
+        budget = o.usable - extra
+        dkey = (keys, budget, inflight_r)
+        if (keys, inflight_r, first, last) in table.rank_results or dkey in seen:
+            continue
+        seen.add(dkey)
+        ranks.append((dkey, keys, used, budget, inflight_r))
+    if len(ranks) < 2:
+        return
+
+    def run_all(todo: list[tuple[tuple, tuple[bool, ...], dict[bool, _Kind], float, float, float]]) -> list[Any]:
+        items = []
+        for _, keys, used, budget, inflight, level in todo:
+            kinds, room = table.dp_args(keys, used, level, inflight, budget)
+            items.append((kinds, room, inflight, table.trans[keys[0]] if len(used) == 1 else None))
+        got = _stage_dp_many(items)
+        for (dkey, *_, level), res in zip(todo, got):
+            table.first_dps[dkey + (level,)] = res
+        return got
+
+    firsts = run_all([(dkey, keys, used, budget, inflight, table.rank_levels(used)[0])
+                      for dkey, keys, used, budget, inflight in ranks])
+    # what _rank_dp runs next, from the first answer (the same rules)
+    second = []
+    for (dkey, keys, used, budget, inflight), best in zip(ranks, firsts):
+        levels = table.rank_levels(used)
+        floor = sum(table.fastest[key] for key in keys if key in table.fastest)
+        if best is not None and best[0] <= floor * (1 + 1e-9):
+            continue
+        if best is not None:
+            ks = [used[key] for key in keys]
+            used_bytes = max(float(k.gather[j]) for k, j in zip(ks, best[1])) if ks else 0.0
+            tighter = [lv for lv in levels[1:] if lv >= used_bytes * (1 - 1e-9)]
+            todo = [min(tighter)] if tighter else []
+        else:
+            todo = levels[1:]
+        second.extend((dkey, keys, used, budget, inflight, level) for level in todo)
+    if len(second) > 1:
+        run_all(second)
+
+
 class _OwnCount:
     """One rank's DP at its own in-flight count where the shared DP ran at a rounded-up one and memory binds:
     (keys, inflight, first, last) is its memo key in ``table.rank_results``. Every answer fits at the rank's count,
@@ -1356,6 +1655,9 @@ def _place(choices: dict[int, LayerStrategy], layers: list[int], keys: tuple[boo
         choices[i] = used[key].strategies[si]
 
 
+_NOT_RUN = object()  # _KindTable.first_dps: no answer yet
+
+
 class _NoStrategy(Exception):
     """No per-layer strategy satisfies the user's constraints for this outer candidate."""
 
@@ -1364,10 +1666,11 @@ def _score_plans(o: _Outer, stages: list[list[int]], strategies: list[LayerStrat
     """Build the Plan(s) for a strategy assignment (embedding ZeRO levels tried) and judge them with
     ``evaluate_plan``: (Candidate | rejection dict | None, GiB needed by the best plan that did not fit)."""
     cfg = o.cfg
-    e_tp = min(s.tp for s in strategies)
+    layers = _compress(strategies)  # the repeat blocks: the same smallest tp, largest dp and ZeRO level
+    e_tp = min(s.tp for s in layers)
     if cfg.vocab_size % e_tp or o.c.runtime_compatible:
         e_tp = 1
-    real_max_dp = max(s.dp for s in strategies)
+    real_max_dp = max(s.dp for s in layers)
     if (o.mb * o.max_dp) % real_max_dp:
         return None, None
     mb_plan = o.mb * o.max_dp // real_max_dp
@@ -1375,8 +1678,7 @@ def _score_plans(o: _Outer, stages: list[list[int]], strategies: list[LayerStrat
     need: Optional[float] = None
     # the embedding/head's ZeRO level is not in the per-layer DP: score the runtime's choices for it
     validated = False
-    layers = _compress(strategies)
-    for e_zero in _embedding_zero_options(strategies, o.per_stage // e_tp, o.c.runtime_compatible):
+    for e_zero in _embedding_zero_options(layers, o.per_stage // e_tp, o.c.runtime_compatible):
         plan = Plan(model=o.model_name, cluster={"preset": o.cluster.name, "nodes": o.cluster.nodes,
                                                   "devices_per_node": o.cluster.devices_per_node},
                     seq_len=o.seq_len, global_batch=o.global_batch, micro_batch=mb_plan,
@@ -1398,8 +1700,7 @@ def _score_plans(o: _Outer, stages: list[list[int]], strategies: list[LayerStrat
             best_plan, best_pred = plan, pred
     if best_plan is None:
         return None, need
-    best_plan.predicted = best_pred.to_dict()
-    return Candidate(best_plan, best_pred), need
+    return Candidate(best_plan, best_pred), need  # its plan's ``predicted``: set in _result, for the plans returned
 
 
 def _solve_candidate(o: _Outer) -> list[Any]:

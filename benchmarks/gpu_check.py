@@ -162,39 +162,22 @@ def _trace(step: Callable[[], Any], steps: int = 3) -> dict[str, Any]:
             "trace_top_cpu_ms": {e.key[:60]: round(e.self_cpu_time_total / 1e3 / steps, 2) for e in top}}
 
 
-def _loop_step(forward: Callable[[Any], Any], model: Any, opt: Any, x: Any, dtype: str) -> Callable[[], Any]:
-    """One plain training step: bf16 autocast forward, fp32 loss, backward, clip, optimizer step."""
+def _loss_of(forward: Callable[[Any], Any], dev: str, dtype: str) -> Callable[[Any, Any], Any]:
+    """bf16 autocast forward, then the fp32 cross-entropy."""
     import torch
     import torch.nn.functional as F
 
-    dev = x.device.type
-
-    def step() -> Any:
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            logits = forward(x[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    return step
-
-
-def _loop_step_compiled_loss(model: Any, opt: Any, x: Any, dtype: str) -> Callable[[], Any]:
-    """The plain step with forward, head and loss as one ``torch.compile`` graph (the stronger plain baseline: inductor
-    fuses the cross-entropy over the logits and pads an unaligned head, as the trainer's compiled loss does)."""
-    import torch
-    import torch.nn.functional as F
-
-    dev = x.device.type
-
-    @torch.compile
     def loss_fn(inp: Any, tgt: Any) -> Any:
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            logits = model(inp)
+            logits = forward(inp)
         return F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten())
+
+    return loss_fn
+
+
+def _step_of(loss_fn: Callable[[Any, Any], Any], model: Any, opt: Any, x: Any) -> Callable[[], Any]:
+    """One plain training step around ``loss_fn``: backward, clip, optimizer step."""
+    import torch
 
     def step() -> Any:
         loss = loss_fn(x[:, :-1], x[:, 1:])
@@ -205,6 +188,19 @@ def _loop_step_compiled_loss(model: Any, opt: Any, x: Any, dtype: str) -> Callab
         return loss
 
     return step
+
+
+def _loop_step(forward: Callable[[Any], Any], model: Any, opt: Any, x: Any, dtype: str) -> Callable[[], Any]:
+    """One plain training step: bf16 autocast forward, fp32 loss, backward, clip, optimizer step."""
+    return _step_of(_loss_of(forward, x.device.type, dtype), model, opt, x)
+
+
+def _loop_step_compiled_loss(model: Any, opt: Any, x: Any, dtype: str) -> Callable[[], Any]:
+    """The plain step with forward, head and loss as one ``torch.compile`` graph (the stronger plain baseline: inductor
+    fuses the cross-entropy over the logits and pads an unaligned head, as the trainer's compiled loss does)."""
+    import torch
+
+    return _step_of(torch.compile(_loss_of(model, x.device.type, dtype)), model, opt, x)
 
 
 def _rates(model_cfg: Any, batch: int, seq: int, seconds_per_step: float, dtype: str) -> dict[str, float]:

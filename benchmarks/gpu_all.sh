@@ -34,7 +34,8 @@ else SMOKE=; COAT="--steps $STEPS"; OPT="--device cuda --model llama-1.3b --step
 if has tests && [ "$MODE" != cpu ]; then
   stamp CUDA tests
   timeout ${TESTS_TIMEOUT:-150} $PY -m pytest -q -p no:cacheprovider tests/unit/test_fp8_activations.py tests/unit/test_coat_planner.py \
-    tests/unit/test_wta_crs_sync_free.py tests/unit/test_coat_optimizer.py tests/unit/test_fp8_tp.py -k "cuda or fp8_gpus" 2>&1 | tail -2
+    tests/unit/test_wta_crs_sync_free.py tests/unit/test_coat_optimizer.py tests/unit/test_fp8_tp.py tests/unit/test_fp8_compiled_model.py \
+    -k "cuda or fp8_gpus" 2>&1 | tail -2
   timeout ${TESTS_TIMEOUT:-200} $PY -m pytest -q -p no:cacheprovider tests/unit/test_coat_triton.py tests/unit/test_coat_triton_edges.py tests/unit/test_coat_nonfinite.py \
     tests/unit/test_keyed_init.py tests/unit/test_meta_init.py tests/unit/test_fp8_passes.py \
     tests/unit/test_fp8_quant_finite_unchanged.py 2>&1 | tail -8

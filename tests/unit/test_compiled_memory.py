@@ -357,7 +357,7 @@ def _measured_fp8_block_bytes_per_token(cfg, compiled: bool) -> float:
 def test_fp8_block_bytes_in_the_planner_are_the_measured_ones(arch):
     """The planner's activation bytes of an FP8 block (no recompute, bf16 autocast) against the block's saved
     tensors, eager and compiled. Eager: the tensor-by-tensor count exactly (autocast adds no casts to an FP8
-    block; the planner used to add them, and over-predicted it by 54%). Compiled: COMPILED_FP8_ACT, measured with
+    block; the planner used to add them, and over-predicted it by 54%). Compiled: the same count, measured with
     inductor at d_model 512 (results/fp8_compiled.md): the FP8 casts are opaque operators there, so the compiled
     block saves the eager count exactly (it saved 13% more, llama, when the partitioner recomputed the casts)."""
     shape = {"arch": "llama", "n_kv_heads": 4, "ffn_hidden": 352} if arch == "llama" else {"arch": "gpt2"}

@@ -103,12 +103,6 @@ def eager_moe_act(recompute: str, elem_bytes: int) -> dict[str, float]:
     return (EAGER_MOE_ACT_FP32 if elem_bytes == 4 else EAGER_MOE_ACT)[recompute]
 
 
-# A compiled dense block with FP8 activations (no recompute) over the eager one. The FP8 casts are opaque operators
-# under torch.compile (memory/fp8_ops.py), so inductor's partitioner saves their FP8 outputs, the eager set. Bytes
-# saved per token, slope between seq 256 and 512 under bf16 autocast (benchmarks/bench_fp8_compiled_saved.py;
-# results/fp8_compiled.md, 2026-11-26 s27): llama d512 22.20 vs 22.20 bytes per d_model, gpt2 d512 21.59 vs 21.59.
-# (Before, with the casts traced inline, the partitioner kept bf16 inputs and recomputed the casts: 25.07 and 22.09.)
-COMPILED_FP8_ACT = {"llama": 22.20 / 22.20, "gpt2": 21.59 / 21.59}
 # Share of activation bytes that are inputs of linear layers (what WTA-CRS samples).
 LINEAR_INPUT_SHARE = 0.4
 # Share of saved activation bytes COAT stores in FP8 (the rest, e.g. norm statistics, stays high precision).
@@ -699,8 +693,10 @@ def check_recompute(recompute: str) -> None:
 
 def fp8_counted_block(cfg: ModelConfig, index: int, fp8_act: bool, recompute: str) -> bool:
     """Whether block ``index`` is costed by the tensor-by-tensor FP8 count (``block_saved_bytes_split``): a dense
-    block with FP8 activations and no recomputation. Such a block saves no autocast casts, and compiled it saves
-    ``COMPILED_FP8_ACT`` times the count (both measured)."""
+    block with FP8 activations and no recomputation. Such a block saves no autocast casts, and compiled it saves the
+    same count: its FP8 casts are opaque operators there (memory/fp8_ops.py), so inductor's partitioner keeps their FP8
+    outputs (bench_fp8_compiled_saved.py, results/fp8_compiled.md: llama d512 22.20 B per token per d_model eager and
+    compiled, gpt2 21.59; 25.07 and 22.09 compiled when the casts were traced inline). Both measured."""
     return fp8_act and recompute == "none" and not cfg.is_moe_layer(index)
 
 
@@ -1118,8 +1114,6 @@ def _activation_terms(cfg: ModelConfig, index: int, s: Any, tokens: float, seq_l
         act = hw.act_scale * activation_bytes(cfg, index, tokens, s.tp, s.sp, s.recompute, hw.elem_bytes,
                                               s.savers.fp8_act, s.savers.wta_crs, s.savers.lemo)
         fp8_block = fp8_counted_block(cfg, index, s.savers.fp8_act, s.recompute)
-        if fp8_block and hw.compiled:  # measured: the compiled block saves the eager FP8 copies (factor 1)
-            act *= COMPILED_FP8_ACT[cfg.arch]
         # EAGER_MOE_ACT holds autocast's casts; an FP8 block saves none (its own casts replace them: measured)
         if hw.policy.weight_copy_bytes > 0 and not cfg.is_moe_layer(index) and not fp8_block:
             act += hw.act_scale * autocast_extra_act_bytes(cfg, tokens * lemo, s.tp, s.sp, s.recompute)

@@ -211,7 +211,6 @@ def _instrument(counts: dict[str, int]) -> None:
     wrap("_refined_stage_dp", False)
     wrap("_repair", True)
     wrap("_all_fastest", True)
-    wrap("_stage_dp_one_kind", True)
     wrap("_stage_dp_one_kind_many", True)  # the side-by-side DPs (one count per batch)
 
 

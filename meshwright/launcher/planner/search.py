@@ -560,7 +560,7 @@ class _DPKind:
         return self.cls_rows + self.J
 
     def one_kind(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """``_stage_dp_one_kind``'s tables: idx_t (W, C), the kind's strategies per class (ascending, padded with S);
+        """``_stage_dp_one_kind_many``'s tables: idx_t (W, C), the kind's strategies per class (ascending, padded with S);
         gathered by it, each (W, C, nb), the per-class table indices (``cls_at``'s rows), obj (full, not broadcast:
         numpy adds a contiguous array several times faster than one broadcast along the buckets) and ``J``'s rows;
         and ``cls_at``'s last column (S,): where the last layer reads the full budget."""
@@ -657,7 +657,7 @@ def _stage_dp(kinds: list[_Kind], budget: float, inflight: float, trans_cost: np
         if p.min_w * len(kinds) > N_BUCKETS:
             return None  # not even the smallest strategy fits every layer
         if p.C > 1:
-            return _stage_dp_one_kind(p, len(kinds), trans_cost, g1)
+            return _stage_dp_one_kind_many([p], len(kinds), [trans_cost])[0]
         prep[id(kinds[0])] = p
     gc: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # per class count: (C, nb + 1) per-class minima, +inf pad
     for k in kinds:
@@ -705,56 +705,6 @@ def _stage_dp(kinds: list[_Kind], budget: float, inflight: float, trans_cost: np
     return total, choice
 
 
-def _stage_dp_one_kind(p: _DPKind, n: int, trans_cost: np.ndarray, g1: np.ndarray) -> tuple[float, list[int]] | None:
-    """``_stage_dp`` for ``n`` > 1 layers of one kind with transitions between its C > 1 classes (every rank of a
-    dense model), without the general loop's per-layer dispatch. The layers between the first and the last are kept
-    only class-major, ``fT[w, c, j] = f[idx_t[w, c], j]`` (gathered straight from the per-class minima: the
-    same sums as f's, so the same minima and, in class order, the same first-index argmins). The per-layer operands
-    are contiguous (W, C, nb) and (C, C, nb) arrays, not broadcasts: the same additions, about twice as fast."""
-    nb = N_BUCKETS + 1
-    minimum = np.minimum.reduce
-    C = p.C
-    idx_t, at_t, obj_t, J_t, at_last = p.one_kind()  # (W, C), (W, C, nb) x 3, (S,)
-    # the (C, C) switch costs along the buckets
-    trans_f = np.empty((C, C, nb))
-    trans_f[...] = trans_cost[:, :, None]
-    buf = np.empty((C, C, nb))
-    g = np.empty((C, nb + 1))
-    g[:, nb] = np.inf
-    g_head = g[:, :nb]
-    g1[:nb].fill(0.0)
-    ft = g1.take(J_t)  # the first layer: 0 + obj where the strategy fits in j buckets
-    ft += obj_t
-    fts = [ft]  # class-major f of layers 0 .. n - 2
-    class_mins: list[Any] = [None]  # per layer li >= 1: the previous layer's (C, nb) per-class minima
-    for li in range(1, n):
-        mins = minimum(ft, axis=0)
-        np.add(mins[:, None, :], trans_f, out=buf)
-        minimum(buf, axis=0, out=g_head)
-        class_mins.append(mins)
-        if li < n - 1:
-            ft = g.take(at_t)
-            ft += obj_t
-            fts.append(ft)
-    # the last layer in strategy order, at the full budget only: its argmin picks the first strategy of equals
-    last = g.take(at_last)
-    last += p.obj[:-1, 0]
-    s = int(np.argmin(last))
-    if not np.isfinite(last[s]):
-        return None
-    total = float(last[s])
-    choice = [0] * n
-    j = N_BUCKETS
-    w, cls = p.w.tolist(), p.cls.tolist()
-    for li in range(n - 1, 0, -1):
-        choice[li] = s
-        j -= w[s]
-        c = int((class_mins[li][:, j] + trans_cost[:, cls[s]]).argmin())
-        s = int(idx_t[fts[li - 1][:, c, j].argmin(), c])
-    choice[0] = s
-    return total, choice
-
-
 def _stage_dp_many(items: list[tuple[Any, ...]]) -> list[tuple[float, list[int]] | None]:
     """``[_stage_dp(*item) for item in items]`` (item: kinds, budget, in-flight count, transitions[, rounding]), with the one-kind DPs of equal shape (layers, classes,
     class width) run side by side in one set of numpy operations: a layer of a rank DP is a few operations on arrays
@@ -782,25 +732,28 @@ def _stage_dp_many(items: list[tuple[Any, ...]]) -> list[tuple[float, list[int]]
             continue
         groups.setdefault((n, p.C, p.cls_idx_t.shape[0]), []).append((i, p, trans))
     for (n, _, _), group in groups.items():
-        if len(group) == 1:
-            i, p, trans = group[0]
-            g1 = np.empty(N_BUCKETS + 2)
-            g1[-1] = np.inf
-            out[i] = _stage_dp_one_kind(p, n, trans, g1)
-        else:
-            for (i, _, _), res in zip(group, _stage_dp_one_kind_many([x[1] for x in group], n, [x[2] for x in group])):
-                out[i] = res
+        for (i, _, _), res in zip(group, _stage_dp_one_kind_many([x[1] for x in group], n, [x[2] for x in group])):
+            out[i] = res
     return out
 
 
 def _stage_dp_one_kind_many(ps: list[_DPKind], n: int, transes: list[np.ndarray]) -> list[tuple[float, list[int]] | None]:
-    """``_stage_dp_one_kind`` for R DPs of the same shape (n layers, C classes, class width W) at once: every array
-    gets a leading DP axis (the gathers index a flattened (R, C, nb + 1) table), the minima reduce the same axes."""
+    """``_stage_dp`` for R DPs of ``n`` > 1 layers of one kind with transitions between its C > 1 classes (every rank
+    of a dense model), all of the same shape (n layers, C classes, class width W), at once and without the general
+    loop's per-layer dispatch. Every array has a leading DP axis (the gathers index a flattened (R, C, nb + 1) table).
+    The layers between the first and the last are kept only class-major, ``fT[r, w, c, j] = f[r, idx_t[w, c], j]``
+    (gathered straight from the per-class minima: the same sums as f's, so the same minima and, in class order, the
+    same first-index argmins). The per-layer operands are contiguous (R, W, C, nb) and (R, C, C, nb) arrays, not
+    broadcasts: the same additions, about twice as fast. R = 1 (one DP) takes views, not copies, of its tables."""
     R, C, nb = len(ps), ps[0].C, N_BUCKETS + 1
     minimum = np.minimum.reduce
     tabs = [p.one_kind() for p in ps]  # idx_t, at_t, obj_t, J_t, at_last
-    at = np.stack([t[1] + r * C * (nb + 1) for r, t in enumerate(tabs)])  # (R, W, C, nb) into g's flat index
-    obj = np.stack([t[2] for t in tabs])
+    if R == 1:
+        at, obj, first_j = tabs[0][1][None], tabs[0][2][None], tabs[0][3][None]
+    else:
+        at = np.stack([t[1] + r * C * (nb + 1) for r, t in enumerate(tabs)])  # (R, W, C, nb) into g's flat index
+        obj = np.stack([t[2] for t in tabs])
+        first_j = np.stack([t[3] for t in tabs])
     trans_f = np.empty((R, C, C, nb))
     for r, tr in enumerate(transes):
         trans_f[r] = tr[:, :, None]
@@ -810,7 +763,7 @@ def _stage_dp_one_kind_many(ps: list[_DPKind], n: int, transes: list[np.ndarray]
     g_head = g[:, :, :nb]
     g1 = np.zeros(nb + 1)
     g1[nb] = np.inf
-    ft = g1.take(np.stack([t[3] for t in tabs]))  # the first layer: 0 + obj where the strategy fits in j buckets
+    ft = g1.take(first_j)  # the first layer: 0 + obj where the strategy fits in j buckets
     ft += obj
     fts = [ft]
     class_mins: list[Any] = [None]

@@ -343,6 +343,17 @@ def first_diff(a: Any, b: Any, path: str = "") -> tuple[str, Any, Any] | None:
     return None if a == b else (path, a, b)
 
 
+PLAN_FIELDS = ("best", "runners_up", "budget_gib", "min_memory_gib", "suggestion")
+
+
+def _compared(res: dict[str, Any], plans_only: bool) -> dict[str, Any]:
+    """What the A/B compares of one result: everything, or with ``--plans-only`` the plans and what a user reads
+    of an infeasible request (a refusal's message either way)."""
+    if not plans_only or "error" in res:
+        return res
+    return {k: res.get(k) for k in PLAN_FIELDS}
+
+
 def features(res: dict[str, Any]) -> set[str]:
     """What a (canonical) result's plans use, to report what the sample covered."""
     out: set[str] = set()
@@ -398,6 +409,10 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="/tmp/search_ab")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per tree")
+    ap.add_argument("--plans-only", action="store_true",
+                    help="compare the plans returned (best, runners-up, their predictions, the smallest memory need, "
+                         "the suggestion) but not the search's diagnostics (rejections, candidate count): for a "
+                         "change meant to solve fewer candidates, not to return other plans")
     ap.add_argument("--replay", help="a case as JSON (from a difference report): run it on both trees only")
     ap.add_argument("--dp-probe", action="store_true",
                     help="instead of the A/B: in the --new tree only, every stage DP with and without the "
@@ -453,7 +468,7 @@ def main() -> int:
         for k, v in y["counts"].items():
             if v:
                 reach[k] = reach.get(k, 0) + 1
-        d = first_diff(x["result"], y["result"])
+        d = first_diff(_compared(x["result"], a.plans_only), _compared(y["result"], a.plans_only))
         if d:
             diffs += 1
             print(f"DIFF case {json.dumps(case)}\n  field {d[0]}: base {d[1]!r} new {d[2]!r}")

@@ -175,7 +175,7 @@ def compute_result(args: argparse.Namespace) -> dict[str, Any]:
         "world_size": cluster.world_size, "seq_len": args.seq_len, "global_batch": args.global_batch,
         "memory_budget_gib": round(res.budget_gib, 3), "compute_dtype": hw.compute_dtype, "stack": hw.stack,
         "precision": hw.policy.name,
-        "search_s": round(res.search_s, 3), "candidates": res.candidates, "feasible": res.best is not None,
+        "search_s": round(res.search_s, 3), "candidates": res.candidates, "skipped": res.skipped, "feasible": res.best is not None,
     }
     if res.best is None:
         out["error"] = infeasible_message(res)
@@ -298,7 +298,8 @@ def render_text(result: dict[str, Any]) -> str:
         lines.append(f"rejected ({r['rejected_total']}, closest first):")
         for x in r["rejected"]:
             lines.append(f"  {x['layout']}: {x['reason']}")
-    lines.append(f"searched {r['candidates']} candidates in {r['search_s']:.2f} s")
+    skipped = f" ({r['skipped']} skipped on a step-time lower bound)" if r.get("skipped") else ""
+    lines.append(f"searched {r['candidates']} candidates{skipped} in {r['search_s']:.2f} s")
     return "\n".join(lines)
 
 

@@ -33,7 +33,7 @@ GOLDEN_CASES = {
 }
 JSON_KEYS = ["candidates", "cluster", "compute_dtype", "devices_per_node", "feasible", "global_batch", "layout", "memory_budget_gib",
              "model", "nodes", "plan", "precision", "predicted", "rejected", "rejected_total", "runners_up", "schema", "search_s",
-             "seq_len", "stack", "stages", "world_size"]
+             "seq_len", "skipped", "stack", "stages", "world_size"]
 PREDICTED_KEYS = ["breakdown", "fits", "hfu", "memory_gib", "memory_gib_max", "mfu", "step_s", "tflops_per_device", "tokens_per_s"]
 
 

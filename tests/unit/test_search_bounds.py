@@ -106,3 +106,72 @@ def test_refined_stage_dp_skips_its_dps_only_where_they_cannot_beat(monkeypatch)
             assert with_bound is None
             assert S._lp_bound(layers, budget, inflight, trans) >= beat
     assert skipped > 10, skipped
+
+
+# ---- the outer candidates' step-time bound (``_step_lower_bound``) ----------------------------------------------
+
+OUTER_CASES = [  # (model, cluster, nodes, seq, global batch, allow, compiled)
+    ("llama2-13b", "dgx-h100-80g", 2, 4096, 64, ["fp8"], False),
+    ("mixtral-8x7b", "dgx-h100-80g", 2, 4096, 64, [], True),
+    ("gpt2-medium", "dgx-a100-80g", 1, 1024, 32, [], False),
+]
+
+
+def _hw(cluster, compiled: bool):
+    from meshwright.launcher.planner import cost_model as cm
+
+    return cm.hardware_from_cluster(cluster, compile=compiled)
+
+
+@pytest.mark.parametrize("case", OUTER_CASES, ids=lambda c: c[0])
+def test_outer_bound_never_exceeds_a_scored_plan(case, monkeypatch):
+    """Every plan an outer candidate's DPs produce, as ``evaluate_plan`` scores it, is no faster than the candidate's
+    bound (a bound above one would skip a candidate that could have entered the result); and it is not vacuous."""
+    from meshwright.config import load_cluster, load_model_config
+
+    name, cl, nodes, seq, gb, allow, compiled = case
+    cluster = load_cluster(cl, nodes=nodes)
+    checked, ratios = 0, []
+    solve = S._solve_candidate
+
+    def checked_solve(o):
+        nonlocal checked
+        out = solve(o)
+        bound = S._step_lower_bound(o)
+        steps = [x.prediction.step_s for x in out if isinstance(x, S.Candidate)]
+        for t in steps:
+            assert bound <= t, (o.label(), bound, t)
+            checked += 1
+        if steps:
+            ratios.append(bound / min(steps))
+        return out
+
+    monkeypatch.setattr(S, "_solve_candidate", checked_solve)
+    monkeypatch.setattr(S._Collector, "add", lambda self, item: self.feasible.append(item))  # the bar stays infinite
+    S.search(load_model_config(name), cluster, seq, gb, hw=_hw(cluster, compiled), allow=S.Allow.parse(allow),
+             suggest=False)
+    assert checked > 20
+    assert max(ratios) > 0.9, max(ratios)  # tight for some candidates: the bound prunes
+
+
+@pytest.mark.parametrize("case", OUTER_CASES, ids=lambda c: c[0])
+def test_skipping_on_the_bound_returns_the_same_plans(case, monkeypatch):
+    """The search with the bound returns the plans (best and runners-up, predictions included) of the search that
+    solves every candidate, and skips some."""
+    from meshwright.config import load_cluster, load_model_config
+
+    name, cl, nodes, seq, gb, allow, compiled = case
+    cluster = load_cluster(cl, nodes=nodes)
+
+    def run():
+        r = S.search(load_model_config(name), cluster, seq, gb, hw=_hw(cluster, compiled), allow=S.Allow.parse(allow),
+                     suggest=False)
+        plans = [(c.layout(), c.prediction.step_s, c.plan.to_dict()) for c in [r.best, *r.runners_up]]
+        return plans, sum("lower bound" in x["reason"] for x in r.rejected)
+
+    bounded, skipped = run()
+    monkeypatch.setattr(S, "_step_lower_bound", lambda o: 0.0)
+    full, none_skipped = run()
+    assert none_skipped == 0
+    assert skipped > 0
+    assert bounded == full

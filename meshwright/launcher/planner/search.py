@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import heapq
 import itertools
 import math
 import time
@@ -124,6 +125,7 @@ class SearchResult:
     candidates: int
     budget_gib: float
     min_memory_gib: Optional[float] = None  # smallest peak memory of any layout (for infeasible requests)
+    skipped: int = 0  # of ``candidates``, those not solved: their step-time lower bound was slower than the result
     suggestion: Optional[str] = None
 
 
@@ -456,9 +458,34 @@ class _Vectors:
     act: np.ndarray
     gather: np.ndarray
     classes: list[tuple[int, bool]]
-    # per (tp, sp) class: its strategies' indices (ascending) and their pairwise memory comparisons for the Pareto
-    # pruning, [i, j] about j against i (dominance is only judged inside a class: blocks, not an n x n table)
-    blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+    @functools.cached_property
+    def blocks(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per (tp, sp) class: its strategies' indices (ascending) and their pairwise memory comparisons for the
+        Pareto pruning, [i, j] about j against i (dominance is only judged inside a class: blocks, not an n x n
+        table). Built on the first ``kind``: half the vectors of a large search only feed ``_step_lower_bound``."""
+        tpsp = sorted(set(self.classes))
+        cls_all = np.array([tpsp.index(c) for c in self.classes], dtype=int)
+        blocks = []
+        for c in range(len(tpsp)):
+            idx = np.flatnonzero(cls_all == c)
+            st, ac, ga = self.static[idx], self.act[idx], self.gather[idx]
+            mem_le = (st[None, :] <= st[:, None]) & (ac[None, :] <= ac[:, None]) & (ga[None, :] <= ga[:, None])
+            np.fill_diagonal(mem_le, False)
+            mem_lt = ((st[None, :] < st[:, None]) | (ac[None, :] < ac[:, None]) | (ga[None, :] < ga[:, None])
+                      | (idx[None, :] < idx[:, None]))
+            blocks.append((idx, mem_le, mem_lt))
+        return blocks
+
+    def bound_terms(self) -> tuple[float, float, int, list[tuple[int, bool, int]]]:
+        """What ``_step_lower_bound`` reads of these strategies, built once: the smallest per-microbatch and per-step
+        times, the largest dp * cp and the distinct (tp, sp, cp)."""
+        got = self.__dict__.get("_bound_terms")
+        if got is None:
+            got = self.__dict__["_bound_terms"] = (
+                float(self.mb_s.min()), float(self.step_s.min()), max(s.dp * s.cp for s in self.strategies),
+                sorted({(s.tp, s.sp, s.cp) for s in self.strategies}))
+        return got
 
     def kind(self, m_eff: float) -> _Kind:
         """The cost vectors at ``m_eff`` microbatch-times per step, without strategies dominated inside their
@@ -513,18 +540,7 @@ def _vectors(o: "_Outer", index: int) -> _Vectors:
     mb_s, step = cols[0], cols[1] + (o.m - 1) * cols[2]  # the same additions, in the same order, as per layer
     stat_a, act_a, gat_a = cols[3].copy(), cols[4].copy(), cols[5].copy()
     classes = [(s.tp, s.sp) for s in strategies]
-    tpsp = sorted(set(classes))
-    cls_all = np.array([tpsp.index(c) for c in classes], dtype=int)
-    blocks = []
-    for c in range(len(tpsp)):
-        idx = np.flatnonzero(cls_all == c)
-        st, ac, ga = stat_a[idx], act_a[idx], gat_a[idx]
-        mem_le = (st[None, :] <= st[:, None]) & (ac[None, :] <= ac[:, None]) & (ga[None, :] <= ga[:, None])
-        np.fill_diagonal(mem_le, False)
-        mem_lt = ((st[None, :] < st[:, None]) | (ac[None, :] < ac[:, None]) | (ga[None, :] < ga[:, None])
-                  | (idx[None, :] < idx[:, None]))
-        blocks.append((idx, mem_le, mem_lt))
-    hit = o.memo.vectors[key] = _Vectors(strategies, mb_s.copy(), step, stat_a, act_a, gat_a, classes, blocks)
+    hit = o.memo.vectors[key] = _Vectors(strategies, mb_s.copy(), step, stat_a, act_a, gat_a, classes)
     return hit
 
 
@@ -939,23 +955,105 @@ def _schedules(cfg: ModelConfig, c: Constraints, pp: int, m: int) -> list[tuple[
 
 @dataclass
 class _Collector:
-    """Feasible candidates and rejections gathered over the outer loop."""
+    """Feasible candidates and rejections gathered over the outer loop, and the step time a candidate must beat to
+    enter the result's ``top`` distinct layouts (``bar``: infinite until there are that many)."""
 
+    top: int = 1
     feasible: list[Candidate] = dataclasses.field(default_factory=list)
     rejected: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     candidates: int = 0
+    bounded: int = 0  # outer candidates skipped on their step-time lower bound
+    best_by_layout: dict[str, float] = dataclasses.field(default_factory=dict)
+    bar: float = math.inf
+
+    def add(self, item: Candidate) -> None:
+        """Keep a feasible candidate; lower ``bar`` when it enters the fastest ``top`` distinct layouts."""
+        self.feasible.append(item)
+        t = item.prediction.step_s
+        if t >= self.bar:
+            return  # it cannot move the bar (a layout already kept at t or faster stays where it is)
+        key = describe_layout(item.plan)
+        if t < self.best_by_layout.get(key, math.inf):
+            self.best_by_layout[key] = t
+            if len(self.best_by_layout) >= self.top:
+                self.bar = heapq.nsmallest(self.top, self.best_by_layout.values())[-1]
 
 
-def _try_micro_batch(base: _Outer, out: _Collector) -> Optional[float]:
-    """Every schedule for one (pp, tp, micro-batch): the best step time found, None when nothing fits."""
+_BOUND_SLACK = 1e-9  # relative: the bound adds the same terms as evaluate_plan, in another order
+
+
+def _step_lower_bound(o: _Outer) -> float:
+    """A lower bound on ``evaluate_plan``'s step time of every plan outer candidate ``o`` can produce: each layer
+    at its fastest strategy per microbatch and its smallest per-step term, whatever their memory (the DPs only
+    choose slower or equal ones); the head at its cheapest tensor-parallel split and fewest tokens, the stage
+    boundaries at their smallest transfer; then the pipeline schedule of ``evaluate_plan`` over the ranks of each
+    stage partition (the step grows with every rank's time), the smallest over partitions. Redistribution between
+    classes, framework terms of the ends and embedding traffic only add time and are left out. 0 where a kind has
+    no strategy (the solve reports it)."""
+    cfg, hw, pp = o.cfg, o.hw, o.pp
+    flags = o.memo.moe_flags(cfg)
+    per_kind: dict[bool, tuple[float, float, int, list[tuple[int, bool, int]]]] = {}
+    for i, key in enumerate(flags):
+        if key not in per_kind:
+            vec = _vectors(o, i)
+            if not vec.strategies:
+                return 0.0
+            per_kind[key] = vec.bound_terms()
+    mb_min = [per_kind[key][0] for key in flags]
+    step_min = [per_kind[key][1] for key in flags]
+    # the head: evaluate_plan's head tokens are mb * seq * max_dp / (dp * cp) of the last layer's strategy (fewest at
+    # the largest dp * cp) and its tp is 1 or the smallest layer tp (one of o.tps)
+    head_tokens = o.mb * o.seq_len * o.max_dp / per_kind[flags[-1]][2]
+    head = min(cm.head_s(cfg, head_tokens, e, hw) + cm.loss_s(cfg, head_tokens, e, hw)
+               for e in sorted({1, *o.tps}))
+    v = o.v if o.sched == "interleaved_1f1b" else 1
+    p2p = 0.0
+    if pp > 1:  # evaluate_plan's boundary transfer: the first layer's (tp, sp, cp), at least o.mb sequences
+        cross = o.per_stage >= hw.devices_per_node
+        p2p = min(cm.pp_p2p_s(o.mb * o.seq_len / cp, cfg, tp, sp, hw, cross) for tp, sp, cp in per_kind[flags[0]][3]) * v
+    head_layers = cm.head_fwd_flops(cfg, 1.0) / cm.layer_fwd_flops(cfg, 0, 1.0, o.seq_len)
+    best = math.inf
+    for stages in _partitions(cfg, pp, o.v, head_layers, False):
+        rank_mb, rank_step = [0.0] * pp, [0.0] * pp
+        for j, (a, b) in enumerate(stages):
+            rank_mb[j % pp] += sum(mb_min[a:b])
+            rank_step[j % pp] += sum(step_min[a:b])
+        rank_mb[-1] += head
+        rank_mb = [x + p2p for x in rank_mb]
+        step = cm.pipeline_step_s(rank_mb, o.m, o.sched, v, hw.contention)
+        if pp > 1:
+            step *= hw.pipeline_slowdown
+        best = min(best, step + max(rank_step))
+    return best * (1 - _BOUND_SLACK)
+
+
+def _try_micro_batch(base: _Outer, out: _Collector) -> tuple[Optional[float], Optional[float]]:
+    """Every schedule for one (pp, tp, micro-batch): the best step time found (None when nothing solved fits) and
+    the smallest lower bound of the schedules skipped on it (None when none was). A skipped schedule's outcome is
+    unknown: the loops here and in ``_try_micro_batches`` then go on where it might have let them, so the search
+    solves at least the candidates it would have solved without the bound, less the skipped ones."""
     best: Optional[float] = None
+    skipped: Optional[float] = None
     prev_depth: Optional[float] = None  # best time of the previous interleaving depth
     for sched, v in _schedules(base.cfg, base.c, base.pp, base.m):
         out.candidates += 1
+        o = dataclasses.replace(base, sched=sched, v=v)
         depth_best: Optional[float] = None
-        for item in _solve_candidate(dataclasses.replace(base, sched=sched, v=v)):
+        bound = _step_lower_bound(o) if out.bar < math.inf else 0.0
+        if bound > out.bar:
+            # no plan of it can enter the result: its best time is unknown but at least ``bound``
+            out.bounded += 1
+            out.rejected.append({"layout": o.label(), "reason": f"skipped: none of its plans is faster than {bound:.4g} s "
+                                 f"(lower bound); the {out.top} fastest layouts found take at most {out.bar:.4g} s"})
+            skipped = bound if skipped is None else min(skipped, bound)
+            if sched == "interleaved_1f1b" and base.c.virtual_stages is None:
+                if prev_depth is not None and bound >= prev_depth:
+                    break  # the depth stopped helping (or did not fit): the rule below would stop too
+                continue  # unknown: go deeper, with the previous depth's time to beat
+            continue
+        for item in _solve_candidate(o):
             if isinstance(item, Candidate):
-                out.feasible.append(item)
+                out.add(item)
                 t = item.prediction.step_s
                 best = t if best is None else min(best, t)
                 depth_best = t if depth_best is None else min(depth_best, t)
@@ -966,7 +1064,7 @@ def _try_micro_batch(base: _Outer, out: _Collector) -> Optional[float]:
             if depth_best is None or (prev_depth is not None and depth_best >= prev_depth):
                 break
             prev_depth = depth_best
-    return best
+    return best, skipped
 
 
 def _try_micro_batches(base: _Outer, per_replica: int, out: _Collector) -> None:
@@ -983,13 +1081,24 @@ def _try_micro_batches(base: _Outer, per_replica: int, out: _Collector) -> None:
         if worse >= 2:
             out.rejected.append({"layout": f"pp={pp} tp>={t_base} mb>={mb}", "reason": "pruned: larger micro-batches stopped helping"})
             break
-        mb_best = _try_micro_batch(dataclasses.replace(base, mb=mb, m=per_replica // mb), out)
-        if mb_best is None:
+        mb_best, skipped = _try_micro_batch(dataclasses.replace(base, mb=mb, m=per_replica // mb), out)
+        if mb_best is None and skipped is None:
             if c.micro_batch is None and mb != mbs[-1]:
                 out.rejected.append({"layout": f"pp={pp} tp>={t_base} mb>{mb}", "reason": f"pruned: mb={mb} is already out of memory"})
             break
-        if best_mb_time is None or mb_best < best_mb_time * (1 - 1e-3):
-            best_mb_time, worse = mb_best, 0
+        if skipped is None:
+            if best_mb_time is None or mb_best < best_mb_time * (1 - 1e-3):
+                best_mb_time, worse = mb_best, 0
+            else:
+                worse += 1
+            continue
+        # a schedule was skipped: this micro-batch's best lies between the bound and what was solved (maybe out of
+        # memory): it counts as better where it may be, and the time to beat rises rather than falls
+        low = skipped if mb_best is None else min(mb_best, skipped)
+        if best_mb_time is None or low < best_mb_time * (1 - 1e-3):
+            worse = 0
+            if mb_best is not None:
+                best_mb_time = mb_best if best_mb_time is None else max(best_mb_time, mb_best)
         else:
             worse += 1
 
@@ -1034,7 +1143,8 @@ def _result(out: _Collector, top: int, budget: float, t0: float) -> SearchResult
         x.plan.predicted = x.prediction.to_dict()
     rejected = sorted(out.rejected, key=lambda r: ("need_gib" not in r, r.get("need_gib", 0.0), r["layout"]))
     result = SearchResult(best=uniq[0] if uniq else None, runners_up=uniq[1:top], rejected=rejected,
-                          search_s=time.perf_counter() - t0, candidates=out.candidates, budget_gib=budget / cm.GIB)
+                          search_s=time.perf_counter() - t0, candidates=out.candidates, budget_gib=budget / cm.GIB,
+                          skipped=out.bounded)
     if not uniq:
         needs = [r["need_gib"] for r in rejected if "need_gib" in r]
         result.min_memory_gib = min(needs) if needs else None
@@ -1076,7 +1186,7 @@ def search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: i
     from tqdm import tqdm
 
     with _gc_paused():
-        out = _Collector()
+        out = _Collector(top=max(top, 1))
         memo = _SearchMemo()
         for st, pp in tqdm(list(itertools.product(state_opts, pps)), desc="plan search", unit="pp", disable=not progress,
                            leave=False):

@@ -487,6 +487,16 @@ class _Vectors:
                 sorted({(s.tp, s.sp, s.cp) for s in self.strategies}))
         return got
 
+    def lp_kind(self, name: str, obj: Callable[[], np.ndarray]) -> _Kind:
+        """These strategies as one class with objective ``obj()`` (built once per ``name``): ``_lp``'s input for the
+        memory-aware part of ``_step_lower_bound``, whose hulls it keeps per in-flight count."""
+        kinds = self.__dict__.setdefault("_lp_kinds", {})
+        got = kinds.get(name)
+        if got is None:
+            n = len(self.strategies)
+            got = kinds[name] = _Kind(self.strategies, obj(), self.static, self.act, np.zeros(n, dtype=int), [(0, False)])
+        return got
+
     def kind(self, m_eff: float) -> _Kind:
         """The cost vectors at ``m_eff`` microbatch-times per step, without strategies dominated inside their
         (tp, sp) class (no better in time, static, activation and transient memory; the earlier one of equals)."""
@@ -1012,6 +1022,8 @@ def _step_lower_bound(o: _Outer) -> float:
         cross = o.per_stage >= hw.devices_per_node
         p2p = min(cm.pp_p2p_s(o.mb * o.seq_len / cp, cfg, tp, sp, hw, cross) for tp, sp, cp in per_kind[flags[0]][3]) * v
     head_layers = cm.head_fwd_flops(cfg, 1.0) / cm.layer_fwd_flops(cfg, 0, 1.0, o.seq_len)
+    slow = hw.pipeline_slowdown if pp > 1 else 1.0
+    room = _first_rank_room(o, head_tokens)
     best = math.inf
     for stages in _partitions(cfg, pp, o.v, head_layers, False):
         rank_mb, rank_step = [0.0] * pp, [0.0] * pp
@@ -1020,11 +1032,59 @@ def _step_lower_bound(o: _Outer) -> float:
             rank_step[j % pp] += sum(step_min[a:b])
         rank_mb[-1] += head
         rank_mb = [x + p2p for x in rank_mb]
-        step = cm.pipeline_step_s(rank_mb, o.m, o.sched, v, hw.contention)
-        if pp > 1:
-            step *= hw.pipeline_slowdown
-        best = min(best, step + max(rank_step))
+        coupled = 0.0
+        if room is not None:
+            # the first rank's layers must fit: the linear relaxation of its per-microbatch time, of its per-step
+            # time, and of the two as the step charges them (its slowest-rank share, m x its time, plus its step
+            # term), within the bytes it has at least
+            first = [k for j, (a, b) in enumerate(stages) if j % pp == 0 for k in range(a, b)]
+            inflight = cm.inflight_microbatches(o.sched, pp, 0, o.m, v)
+            lp_mb, lp_step, lp_both = _first_rank_lps(o, first, inflight, room, o.m * slow)
+            rank_mb[0] = max(rank_mb[0], lp_mb + p2p + (head if pp == 1 else 0.0))
+            rank_step[0] = max(rank_step[0], lp_step)
+            rest = sum(rank_mb) - max(rank_mb)
+            coupled = lp_both + o.m * slow * (p2p + (head if pp == 1 else 0.0)) + slow * rest / v / max(hw.contention, 1.0)
+        step = cm.pipeline_step_s(rank_mb, o.m, o.sched, v, hw.contention) * slow
+        best = min(best, max(step + max(rank_step), coupled))
     return best * (1 - _BOUND_SLACK)
+
+
+def _first_rank_room(o: _Outer, head_tokens: float) -> Optional[float]:
+    """The most bytes the first pipeline rank's blocks may hold in a plan that fits (``evaluate_plan``: the rank's
+    states, in-flight activations, transient and loss buffers, with framework overhead, within the device), less the
+    least its embedding (and, with one stage, the head's loss buffers) takes at any tp and ZeRO level a plan may
+    give them. None where ``evaluate_plan`` may count the memory otherwise (no gradients at the peak: one stage,
+    one microbatch)."""
+    hw, cfg = o.hw, o.cfg
+    if o.pp == 1 and o.m == 1 and hw.grads_set_to_none:
+        return None
+    last = o.pp == 1
+    ends = math.inf
+    for e in sorted({1, *o.tps}):
+        dp = o.per_stage // e
+        emb = min(cm.embedding_static_bytes(cfg, True, last, e, dp, z if dp > 1 else 0, o.states, hw) for z in range(4))
+        ends = min(ends, emb + (cm.loss_peak_bytes(cfg, head_tokens, e, hw) if last else 0.0))
+    return o.usable * (1 + 1e-9) - ends
+
+
+def _first_rank_lps(o: _Outer, layers: list[int], inflight: float, room: float, a: float) -> tuple[float, float, float]:
+    """``_lp`` over the first rank's ``layers`` within ``room`` bytes at ``inflight`` microbatches, of the layers'
+    per-microbatch time, per-step time and ``a`` x the first plus the second (+inf each where the smallest
+    footprints do not fit)."""
+    counts: dict[bool, int] = {}
+    flags = o.memo.moe_flags(o.cfg)
+    for i in layers:
+        counts[flags[i]] = counts.get(flags[i], 0) + 1
+    vecs = {key: _vectors(o, flags.index(key)) for key in counts}
+    out = []
+    for name in ("mb", "step", "both"):
+        groups = []
+        for key, n in counts.items():
+            vec = vecs[key]
+            obj = {"mb": lambda: vec.mb_s, "step": lambda: vec.step_s, "both": lambda: a * vec.mb_s + vec.step_s}[name]
+            groups.append((vec.lp_kind(f"{name}:{a!r}" if name == "both" else name, obj), n))
+        out.append(_lp(groups, room, inflight, None))
+    return out[0], out[1], out[2]
 
 
 def _try_micro_batch(base: _Outer, out: _Collector) -> tuple[Optional[float], Optional[float]]:

@@ -437,6 +437,7 @@ class _SearchMemo:
         self.redistribution: dict[tuple, float] = {}  # cm.redistribution_s per (tokens, from class, to class)
         self._moe_flags: Optional[tuple[bool, ...]] = None
         self.best_step_s = math.inf  # the fastest candidate scored so far (gates the refined DPs)
+        self.bounds: dict[tuple, float] = {}  # _step_lower_bound per candidate (_candidate_key)
 
     def moe_flags(self, cfg: ModelConfig) -> tuple[bool, ...]:
         """``cfg.is_moe_layer(i)`` for every layer: the layer's kind key."""
@@ -973,6 +974,7 @@ class _Collector:
     rejected: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     candidates: int = 0
     bounded: int = 0  # outer candidates skipped on their step-time lower bound
+    solved: dict[tuple, "_Solved"] = dataclasses.field(default_factory=dict)  # the answers of _warm_start's candidates
     best_by_layout: dict[str, float] = dataclasses.field(default_factory=dict)
     bar: float = math.inf
 
@@ -1087,6 +1089,63 @@ def _first_rank_lps(o: _Outer, layers: list[int], inflight: float, room: float, 
     return out[0], out[1], out[2]
 
 
+def _candidate_key(o: _Outer) -> tuple:
+    """What tells one outer candidate of a search from another."""
+    return (o.states, o.pp, o.t_base, o.mb, o.sched, o.v)
+
+
+def _bound_of(o: _Outer) -> float:
+    """``_step_lower_bound``, once per candidate and search."""
+    key = _candidate_key(o)
+    got = o.memo.bounds.get(key)
+    if got is None:
+        got = o.memo.bounds[key] = _step_lower_bound(o)
+    return got
+
+
+def _keep(items: list[Any], out: _Collector) -> None:
+    """Plans into ``out`` (``out.add``), rejections into its list."""
+    for item in items:
+        if isinstance(item, Candidate):
+            out.add(item)
+        else:
+            out.rejected.append(item)
+
+
+WARM_START = 4  # candidates solved ahead of the loops, least lower bound first
+
+
+def _warm_start(bases: list[tuple[_Outer, int]], out: _Collector) -> None:
+    """Solve first the few candidates most likely to be the fastest (the least lower bounds among every pipeline
+    degree's, smallest tp's and schedule's at its smallest micro-batch), so that ``out.bar`` is near its final value
+    before the loops start and their skipping by the bound bites from the first pipeline degree on. The loops reuse
+    these answers where they reach them; plans of candidates they would not reach are kept too."""
+    cands = []
+    for base, per_replica in bases:
+        mbs = _micro_batch_sizes(base.c, per_replica)
+        if not mbs:
+            continue
+        b = dataclasses.replace(base, mb=mbs[0], m=per_replica // mbs[0])
+        for sched, v in _schedules(b.cfg, b.c, b.pp, b.m):
+            o = dataclasses.replace(b, sched=sched, v=v)
+            cands.append((_bound_of(o), len(cands), o))
+    cands.sort()
+    for bound, _, o in cands[:WARM_START]:
+        if bound > out.bar:
+            break
+        out.candidates += 1
+        # every refined DP runs (the gate's best so far is the loops' to set): where the loops reach the candidate,
+        # they read it as if solved then (``_Solved.view``); its other plans stay in the result
+        solved = out.solved[_candidate_key(o)] = _solve_candidate(o, refine_all=True)
+        _keep(solved.items, out)
+
+
+def _micro_batch_sizes(c: Constraints, per_replica: int) -> list[int]:
+    """Micro-batch sizes tried for ``per_replica`` sequences per model replica, ascending."""
+    mbs = [b for b in divisors(per_replica) if b <= 64]
+    return [b for b in mbs if b == c.micro_batch] if c.micro_batch is not None else mbs
+
+
 def _try_micro_batch(base: _Outer, out: _Collector) -> tuple[Optional[float], Optional[float]]:
     """Every schedule for one (pp, tp, micro-batch): the best step time found (None when nothing solved fits) and
     the smallest lower bound of the schedules skipped on it (None when none was). A skipped schedule's outcome is
@@ -1096,10 +1155,23 @@ def _try_micro_batch(base: _Outer, out: _Collector) -> tuple[Optional[float], Op
     skipped: Optional[float] = None
     prev_depth: Optional[float] = None  # best time of the previous interleaving depth
     for sched, v in _schedules(base.cfg, base.c, base.pp, base.m):
-        out.candidates += 1
         o = dataclasses.replace(base, sched=sched, v=v)
         depth_best: Optional[float] = None
-        bound = _step_lower_bound(o) if out.bar < math.inf else 0.0
+        solved = out.solved.get(_candidate_key(o))  # solved ahead (``_warm_start``): its plans are kept already
+        if solved is not None:
+            items = solved.view(o.memo.best_step_s)
+            _note_best(o, items)
+            for item in items:
+                if isinstance(item, Candidate):
+                    best = item.prediction.step_s if best is None else min(best, item.prediction.step_s)
+                    depth_best = item.prediction.step_s if depth_best is None else min(depth_best, item.prediction.step_s)
+            if sched == "interleaved_1f1b" and base.c.virtual_stages is None:
+                if depth_best is None or (prev_depth is not None and depth_best >= prev_depth):
+                    break
+                prev_depth = depth_best
+            continue
+        out.candidates += 1
+        bound = _bound_of(o) if out.bar < math.inf else 0.0
         if bound > out.bar:
             # no plan of it can enter the result: its best time is unknown but at least ``bound``
             out.bounded += 1
@@ -1111,14 +1183,14 @@ def _try_micro_batch(base: _Outer, out: _Collector) -> tuple[Optional[float], Op
                     break  # the depth stopped helping (or did not fit): the rule below would stop too
                 continue  # unknown: go deeper, with the previous depth's time to beat
             continue
-        for item in _solve_candidate(o):
+        items = _solve_candidate(o).items
+        _note_best(o, items)
+        _keep(items, out)
+        for item in items:
             if isinstance(item, Candidate):
-                out.add(item)
                 t = item.prediction.step_s
                 best = t if best is None else min(best, t)
                 depth_best = t if depth_best is None else min(depth_best, t)
-            else:
-                out.rejected.append(item)
         if sched == "interleaved_1f1b" and base.c.virtual_stages is None:
             # deeper interleaving only shrinks the bubble further: stop once a depth stops helping
             if depth_best is None or (prev_depth is not None and depth_best >= prev_depth):
@@ -1132,9 +1204,7 @@ def _try_micro_batches(base: _Outer, per_replica: int, out: _Collector) -> None:
     once one is out of memory, or two in a row did not beat the best so far, the larger ones are not tried
     (recorded as pruned)."""
     c, pp, t_base = base.c, base.pp, base.t_base
-    mbs = [b for b in divisors(per_replica) if b <= 64]
-    if c.micro_batch is not None:
-        mbs = [b for b in mbs if b == c.micro_batch]
+    mbs = _micro_batch_sizes(c, per_replica)
     best_mb_time: Optional[float] = None
     worse = 0
     for mb in mbs:
@@ -1163,31 +1233,41 @@ def _try_micro_batches(base: _Outer, per_replica: int, out: _Collector) -> None:
             worse += 1
 
 
-def _try_pipeline(base: _Outer, out: _Collector) -> None:
-    """Every smallest-tp choice for one pipeline degree (``base.pp``) and optimizer-state format."""
+def _tp_bases(base: _Outer, out: Optional[_Collector]) -> list[tuple[_Outer, int]]:
+    """Every smallest-tp choice for one pipeline degree (``base.pp``) and optimizer-state format, with its sequences
+    per model replica; what rules the degree or a tp out goes to ``out.rejected`` where ``out`` is given."""
     cfg, c, pp, cp, world = base.cfg, base.c, base.pp, base.cp, base.cluster.world_size
+    reject = out.rejected.append if out is not None else (lambda x: None)
     if pp > 1 and cfg.tie_embeddings and c.runtime_compatible:
-        out.rejected.append({"layout": f"pp={pp}", "reason": "meshwright's runtime runs tied embeddings with pp=1 only"})
-        return
+        reject({"layout": f"pp={pp}", "reason": "meshwright's runtime runs tied embeddings with pp=1 only"})
+        return []
     per_stage = world // pp
     if per_stage % cp:
-        out.rejected.append({"layout": f"pp={pp} cp={cp}", "reason": f"cp={cp} does not divide {per_stage} devices per stage"})
-        return
+        reject({"layout": f"pp={pp} cp={cp}", "reason": f"cp={cp} does not divide {per_stage} devices per stage"})
+        return []
     tps = tp_choices(cfg, per_stage // cp, base.seq_len)
     if c.tp is not None:
         if c.tp not in tps:
-            out.rejected.append({"layout": f"pp={pp} tp={c.tp}", "reason": f"tp={c.tp} does not divide heads/FFN/{per_stage} devices"})
-            return
+            reject({"layout": f"pp={pp} tp={c.tp}", "reason": f"tp={c.tp} does not divide heads/FFN/{per_stage} devices"})
+            return []
         tps = [c.tp]
     if c.dp is not None:
         tps = [t for t in tps if per_stage // (t * cp) == c.dp]
+    bases = []
     for t_base in tps:
         max_dp = per_stage // (t_base * cp)
         if base.global_batch % max_dp:
             continue
         allowed_tps = [t for t in tps if t >= t_base][:3]
-        _try_micro_batches(dataclasses.replace(base, per_stage=per_stage, tps=allowed_tps, t_base=t_base, max_dp=max_dp),
-                           base.global_batch // max_dp, out)
+        bases.append((dataclasses.replace(base, per_stage=per_stage, tps=allowed_tps, t_base=t_base, max_dp=max_dp),
+                      base.global_batch // max_dp))
+    return bases
+
+
+def _try_pipeline(base: _Outer, out: _Collector) -> None:
+    """Every smallest-tp choice for one pipeline degree (``base.pp``) and optimizer-state format."""
+    for tp_base, per_replica in _tp_bases(base, out):
+        _try_micro_batches(tp_base, per_replica, out)
 
 
 def _result(out: _Collector, top: int, budget: float, t0: float) -> SearchResult:
@@ -1248,10 +1328,11 @@ def search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: i
     with _gc_paused():
         out = _Collector(top=max(top, 1))
         memo = _SearchMemo()
-        for st, pp in tqdm(list(itertools.product(state_opts, pps)), desc="plan search", unit="pp", disable=not progress,
-                           leave=False):
-            _try_pipeline(_Outer(cfg, cluster, hw, c, allow, st, pp, 0, [], 0, 0, 0, 0, "1f1b", 1, seq_len, global_batch,
-                                 usable, model_name, c.cp or 1, memo), out)
+        outers = [_Outer(cfg, cluster, hw, c, allow, st, pp, 0, [], 0, 0, 0, 0, "1f1b", 1, seq_len, global_batch, usable,
+                         model_name, c.cp or 1, memo) for st, pp in itertools.product(state_opts, pps)]
+        _warm_start([b for o in outers for b in _tp_bases(o, None)], out)
+        for o in tqdm(outers, desc="plan search", unit="pp", disable=not progress, leave=False):
+            _try_pipeline(o, out)
         del memo  # freed before the collector is back on: it then has only the result's objects to walk
         result = _result(out, top, hw.memory_bytes, t0)
         del out
@@ -1826,12 +1907,31 @@ def _score_plans(o: _Outer, stages: list[list[int]], strategies: list[LayerStrat
     return Candidate(best_plan, best_pred), need  # its plan's ``predicted``: set in _result, for the plans returned
 
 
-def _solve_candidate(o: _Outer) -> list[Any]:
+@dataclass
+class _Solved:
+    """One outer candidate's answer: every item scored (Candidates and rejections), and per stage partition whose
+    plan fitted and was refined, that plan's step and the refined Candidates (``view`` drops them where the refined DPs
+    would not have run)."""
+
+    items: list[Any]
+    refined: list[tuple[float, list[Any]]]
+
+    def view(self, best_step_s: float) -> list[Any]:
+        """The items as the candidate gives them when the fastest plan scored before it takes ``best_step_s``: the
+        refined ones only of plans within ``REFINE_WINDOW`` of it."""
+        dropped = {id(x) for step, alts in self.refined if step > best_step_s * (1 + REFINE_WINDOW) for x in alts}
+        return [x for x in self.items if id(x) not in dropped] if dropped else self.items
+
+
+def _solve_candidate(o: _Outer, refine_all: bool = False) -> _Solved:
     """Run the per-rank DPs for one outer candidate over its stage partitions; return the scored
-    Candidates, rejections, and an out-of-memory rejection with the smallest need when nothing fits."""
+    Candidates, rejections, and an out-of-memory rejection with the smallest need when nothing fits. The refined DPs
+    run where a plan does not fit, and where it does if it is within ``REFINE_WINDOW`` of the fastest plan scored so
+    far (``o.memo.best_step_s``) or ``refine_all``."""
     table = _KindTable(o)
     head_layers = cm.head_fwd_flops(o.cfg, 1.0) / cm.layer_fwd_flops(o.cfg, 0, 1.0, o.seq_len)
     out: list[Any] = []
+    refined_of: list[tuple[float, list[Any]]] = []
     best_need: Optional[float] = None
 
     def note(need: Optional[float]) -> None:
@@ -1844,7 +1944,7 @@ def _solve_candidate(o: _Outer) -> list[Any]:
             try:
                 strategies, need, refined = _assign_layers(o, table, stages)
             except _NoStrategy:
-                return [{"layout": o.label(), "reason": "no strategy satisfies the constraints"}]
+                return _Solved([{"layout": o.label(), "reason": "no strategy satisfies the constraints"}], [])
             note(need)
             if strategies is None:
                 continue
@@ -1853,24 +1953,33 @@ def _solve_candidate(o: _Outer) -> list[Any]:
             if item is not None:
                 out.append(item)
             # the rank DPs' rounding loss, recovered where the plan is near the best so far (or does not fit)
-            if refined is not None and (not isinstance(item, Candidate)
+            fitted = isinstance(item, Candidate)
+            if refined is not None and (not fitted or refine_all
                                         or item.prediction.step_s <= o.memo.best_step_s * (1 + REFINE_WINDOW)):
+                alts = []
                 for alt in refined():
-                    item, need = _score_plans(o, stages, alt)
+                    alt_item, need = _score_plans(o, stages, alt)
                     note(need)
-                    if item is not None:
-                        out.append(item)
+                    if alt_item is not None:
+                        alts.append(alt_item)
+                out.extend(alts)
+                if fitted:
+                    refined_of.append((item.prediction.step_s, alts))
     finally:
         # the rank DPs' refine closures hold the table that holds them: break the cycle so reference counting frees
         # the candidate's kinds now (the search runs with the cyclic collector paused)
         table.rank_results.clear()
-    for item in out:
-        if isinstance(item, Candidate):
-            o.memo.best_step_s = min(o.memo.best_step_s, item.prediction.step_s)
     if not any(isinstance(x, Candidate) for x in out) and best_need is not None:
         out.append({"layout": o.label(), "reason": f"out of memory by {best_need - o.hw.memory_bytes / cm.GIB:.2f} GiB",
                     "need_gib": round(best_need, 3)})
-    return out
+    return _Solved(out, refined_of)
+
+
+def _note_best(o: _Outer, items: list[Any]) -> None:
+    """The fastest plan scored so far (``o.memo.best_step_s``, the refined DPs' gate) after ``items``."""
+    for item in items:
+        if isinstance(item, Candidate):
+            o.memo.best_step_s = min(o.memo.best_step_s, item.prediction.step_s)
 
 
 def _interleave_depths(n_layers: int, pp: int) -> list[int]:

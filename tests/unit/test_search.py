@@ -271,14 +271,15 @@ def test_stage_dp_shortcut_keeps_the_dp_choice_on_one_ulp_near_ties(with_trans):
 
 
 def test_one_search_computes_each_layer_cost_once():
-    """The search memo (per search call): layer_costs once per (kind, strategy, micro-batch, states) for the DPs and
-    once per (kind, strategy, previous class) for the plans scored, and the blocks' sums once per layout, shared by
-    the embedding ZeRO variants. llama2-7b on 8 A100: 700 layer_costs and 122 block sums for 191 plans scored
-    (1,134 and 136 before the memo; 798 and 104 for 136 before the rank DPs counted the optimizer step and
-    gradient accumulation and scored their refined answers too, #17; 111 for 169 and 99 candidates before ranks
-    whose shared DP ran at a rounded-up in-flight count also refined at their own count; 700, 122 and 191 with 100
-    candidates before candidates were skipped on a step-time lower bound: 130 of 141 are now, and their cost vectors
-    are built for the bound); the plan is the one of tests/unit/test_plan_cli.py's golden."""
+    """The search memo (per search call): the DPs' layer costs once per (kind, list of strategies, micro-batch x dp,
+    states) as whole columns (cm.layer_costs_columns; counted here per strategy), layer_costs once per (kind, strategy,
+    previous class) for the plans scored, and the blocks' sums once per layout, shared by the embedding ZeRO variants.
+    llama2-7b on 8 A100: 1,155 strategies costed and 28 block sums for 56 plans scored, 130 of 141 candidates
+    skipped on a step-time lower bound (1,134 and 136 before the memo; 798 and 104 for 136 before the rank DPs
+    counted the optimizer step and gradient accumulation and scored their refined answers too, #17; 111 for 169 and 99
+    candidates before ranks whose shared DP ran at a rounded-up in-flight count also refined at their own count; 700,
+    122 and 191 with 100 candidates, none skipped, when costs were memoised per strategy: columns cost more strategies,
+    each for far less); the plan is the one of tests/unit/test_plan_cli.py's golden."""
     calls = {"layer_costs": 0, "_add_layers": 0, "evaluate_plan": 0}
     originals = {name: getattr(cm, name) for name in calls}
 
@@ -288,22 +289,22 @@ def test_one_search_computes_each_layer_cost_once():
             return originals[name](*args, **kwargs)
         return wrapper
 
-    lean = cm.layer_costs_lean
+    columns = cm.layer_costs_columns
 
-    def lean_counted(cfg, index, strategies, *args, **kwargs):  # the DP's layer_costs, one call per batch
-        calls["layer_costs"] += len(strategies)
-        return lean(cfg, index, strategies, *args, **kwargs)
+    def columns_counted(cfg, index, cols, *args, **kwargs):  # the DP's layer_costs, one call per list of strategies
+        calls["layer_costs"] += len(cols.strategies)
+        return columns(cfg, index, cols, *args, **kwargs)
 
     mp = pytest.MonkeyPatch()
     try:
         for name in calls:
             mp.setattr(cm, name, counted(name))
-        mp.setattr(cm, "layer_costs_lean", lean_counted)
+        mp.setattr(cm, "layer_costs_columns", columns_counted)
         r = S.search(load_model_config("llama2-7b"), _a100(), 4096, 128)
     finally:
         mp.undo()
     assert r.best is not None and r.candidates == 141 and r.skipped == 130
-    assert calls == {"layer_costs": 705, "_add_layers": 28, "evaluate_plan": 56}
+    assert calls == {"layer_costs": 1155, "_add_layers": 28, "evaluate_plan": 56}
 
 
 def test_search_pauses_the_cyclic_collector_and_restores_its_state():
@@ -508,10 +509,11 @@ def test_interleaving_depth_is_searched_when_no_depth_splits_the_layers_evenly()
     ("deepspeed", "fp32", False, {}), ("torchtitan", None, False, {"overlap_slowdown": 0.0}),
     ("meshwright", None, False, {"strategy_overheads": (("tp2", 1e-5, 1e-9), ("zero3", 2e-5, 0.0))}),
     ("meshwright", None, False, {"block_time_measured": True, "layer_overhead_s": 2e-5, "act_scale": 1.15})])
-def test_batched_lean_layer_costs_are_layer_costs_bit_for_bit(stack, dtype, compiled, hw_replace):
-    """The search's DP costs every strategy of a micro-batch size with cm.layer_costs_lean (one call for all of them);
-    it must give exactly layer_costs(lean=True)'s floats (any difference could change a DP's tie-breaking and so a
-    plan), for dense and MoE blocks, every saver, ZeRO level, HSDP, recompute and both optimizer state formats."""
+def test_layer_cost_columns_are_layer_costs_bit_for_bit(stack, dtype, compiled, hw_replace):
+    """The search's DP costs every strategy of a micro-batch size with cm.layer_costs_columns (whole arrays, each term
+    once per group of strategies sharing it); it must give exactly layer_costs(lean=True)'s floats (any difference
+    could change a DP's tie-breaking and so a plan), for dense and MoE blocks, every saver, ZeRO level, HSDP, recompute
+    and both optimizer state formats."""
     allow = S.Allow.parse(["fp8", "wta-crs", "lemo"])
     for model, cluster, nodes in (("llama2-13b", "dgx-h100-80g", 4), ("mixtral-8x7b", "dgx-h100-80g", 4),
                                   ("gpt2-medium", "dgx-a100-80g", 2)):
@@ -526,13 +528,14 @@ def test_batched_lean_layer_costs_are_layer_costs_bit_for_bit(stack, dtype, comp
                                                 cl.devices_per_node)
                 assert len(strategies) > 50
                 mbs = [mb * 16 / s.dp for s in strategies]
+                columns = cm.StrategyColumns(cfg, index, strategies, hw)
                 for states in ("fp32", "fp8"):
                     parts: dict = {}
-                    got = cm.layer_costs_lean(cfg, index, strategies, mbs, 2048, hw, states, parts)
+                    got = cm.layer_costs_columns(cfg, index, columns, mb * 16, 2048, hw, states, parts)
                     want = [cm.layer_costs(cfg, index, s, m, 2048, hw, states, lean=True)
                             for s, m in zip(strategies, mbs)]
-                    assert [tuple(map(float.hex, map(float, g))) for g in got] == \
+                    assert [tuple(map(float.hex, map(float, g))) for g in got.T] == \
                         [tuple(map(float.hex, map(float, w))) for w in want]
                     # and with the shared cache of terms filled by the other path first
-                    again = cm.layer_costs_lean(cfg, index, strategies, mbs, 2048, hw, states, parts)
-                    assert again == got
+                    again = cm.layer_costs_columns(cfg, index, columns, mb * 16, 2048, hw, states, parts)
+                    assert (again == got).all()

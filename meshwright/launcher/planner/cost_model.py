@@ -20,6 +20,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import numpy as np
+
 from meshwright.config import ClusterSpec, ModelConfig
 from meshwright.errors import invalid
 from meshwright.launcher.planner.stack import PRECISIONS, Precision, Stack, get_stack, precision_for_dtype
@@ -982,55 +984,102 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
     }
 
 
-def layer_costs_lean(cfg: ModelConfig, index: int, strategies: list[Any], mb_samples: list[float], seq_len: int,
-                     hw: Hardware, states: str, parts: dict[tuple, Any]) -> list[tuple[float, ...]]:
-    """``layer_costs(..., lean=True, parts=parts)`` for each of ``strategies`` (with its ``mb_samples``), without a
-    call per strategy: the search costs thousands of them per micro-batch size. The same terms, the same operations
-    in the same order (so the same floats); tests/unit/test_search.py checks it against ``layer_costs``."""
+class StrategyColumns:
+    """One list of strategies (of one block kind) as columns, built once per list: the fields ``layer_costs_columns``
+    reads per strategy, and per group of strategies that share a cost term (compute on tp/sp/recompute/ep/cp/FP8 GEMM/
+    LeMo and dp, which sets the tokens; shards on tp/dp/ZeRO/HSDP/ep/cp; activations on tp/sp/recompute/savers and
+    dp/cp; framework overhead on tp/sp/ZeRO/dp/cp/LeMo) one representative and each strategy's group index."""
+
+    def __init__(self, cfg: ModelConfig, index: int, strategies: list[Any], hw: Hardware) -> None:
+        self.strategies = strategies
+        n = len(strategies)
+        groups: dict[str, dict[tuple, int]] = {"compute": {}, "shard": {}, "act": {}, "overhead": {}}
+        self.reps: dict[str, list[Any]] = {name: [] for name in groups}
+        idx = {name: np.empty(n, dtype=np.intp) for name in groups}
+        rc_on, compiled = np.empty(n, dtype=bool), np.empty(n, dtype=bool)
+        for i, s in enumerate(strategies):
+            sv = s.savers
+            keys = {"compute": (s.tp, s.sp, s.recompute, s.ep, s.cp, sv.fp8_gemm, sv.lemo, s.dp),
+                    "shard": (s.tp, s.dp, s.zero, s.dp_shard, s.ep, s.cp),
+                    "act": (s.tp, s.sp, s.recompute, sv.fp8_act, sv.wta_crs, sv.lemo, s.dp, s.cp),
+                    "overhead": (s.tp, s.sp, s.zero, s.dp, s.cp, sv.lemo)}
+            for name, key in keys.items():
+                g = groups[name].get(key)
+                if g is None:
+                    g = groups[name][key] = len(self.reps[name])
+                    self.reps[name].append(s)
+                idx[name][i] = g
+            rc_on[i] = s.recompute != "none"
+            compiled[i] = compiled_layer(cfg, index, sv, hw)
+        self.idx = idx
+        self.zero3 = np.array([s.zero >= 3 for s in strategies], dtype=bool)
+        self.cast_factor = np.where(rc_on, 6.0 * 2 + 6.0, 6.0 * 1 + 6.0)  # weight_traffic_mb_s's reads and writes
+        self.compiled_rc = compiled & rc_on
+
+
+def layer_costs_columns(cfg: ModelConfig, index: int, cols: StrategyColumns, mb_dp: float, seq_len: int,
+                        hw: Hardware, states: str, parts: dict[tuple, Any]) -> np.ndarray:
+    """``layer_costs(..., lean=True, parts=parts)`` of every strategy of ``cols`` at ``mb_dp / s.dp`` sequences per
+    microbatch, as a (6, n) array (the lean tuple's fields in rows), without a Python step per strategy: each
+    term is computed once per group that shares it, then the per-strategy arithmetic runs on whole arrays. The same
+    operations in the same order, so the same floats (tests/unit/test_search.py checks it against ``layer_costs``)."""
     moe = cfg.is_moe_layer(index)
     pol = hw.policy
-    gather_bytes, gather_copies = pol.gather_bytes, (3 if hw.runtime_buffers else 2)
-    copy_bytes = pol.weight_copy_bytes
-    casts = copy_bytes > 0  # weight_traffic_mb_s
-    mem_bw, runtime_buffers, slowdown, dp_overlap = hw.mem_bw, hw.runtime_buffers, hw.overlap_slowdown, hw.dp_overlap
-    out = []
-    for s, mbs in zip(strategies, mb_samples):
-        tokens = mbs * seq_len / s.cp
-        sv = s.savers
-        lemo = sv.lemo if sv.lemo is not None else 1.0
-        tp, sp, rc = s.tp, s.sp, s.recompute
-        key = ("compute", moe, tokens, seq_len, tp, sp, rc, s.ep, s.cp, sv.fp8_gemm, sv.lemo)
-        comp = parts.get(key)
-        if comp is None:
-            comp = parts[key] = _compute_terms(cfg, index, moe, s, tokens, seq_len, lemo, hw)
-        fwd, compute_mb, _, _, comm_mb = comp
-        overhead_mb = strategy_overhead_s(hw, tp, sp, s.zero, s.dp, tokens * lemo)
-        key = ("shard", moe, tp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, states)
-        shard = parts.get(key)
-        if shard is None:
-            shard = parts[key] = _shard_terms(cfg, index, moe, s, states, hw)
-        shard_params, dp_mb, dp_step, states_b, opt_step, accum_mb = shard
-        compiled = compiled_layer(cfg, index, sv, hw)
-        key = ("act", moe, tokens, seq_len, tp, sp, rc, sv.fp8_act, sv.wta_crs, sv.lemo)
-        acts = parts.get(key)
-        if acts is None:
-            acts = parts[key] = _activation_terms(cfg, index, s, tokens, seq_len, lemo, compiled, hw)
-        act, working = acts
-        gathered = shard_params * gather_bytes * gather_copies if s.zero >= 3 else 0.0
-        copies = shard_params * copy_bytes
-        compute_mb += (shard_params * (6.0 * (2 if rc != "none" else 1) + 6.0) / mem_bw) if casts else 0.0
-        if compiled and rc != "none":
-            working += copies if runtime_buffers else 0.0
-            copies = 0.0
-        # microbatch_s and step_dp_s (exposed_s: overlap_s less the compute)
-        mb_s = compute_mb + comm_mb + overhead_mb + (max(compute_mb, dp_mb) + slowdown * min(compute_mb, dp_mb) - compute_mb)
-        if dp_overlap:
-            bwd = compute_mb - fwd
-            step = max(bwd, dp_step) + slowdown * min(bwd, dp_step) - bwd
-        else:
-            step = dp_step
-        out.append((mb_s, step + opt_step, accum_mb, sum(states_b.values()) + copies, act, gathered + working))
-    return out
+    slowdown = hw.overlap_slowdown
+
+    def tokens_of(s: Any) -> float:
+        return mb_dp / s.dp * seq_len / s.cp
+
+    reps = cols.reps
+    comp = np.empty((3, len(reps["compute"])))
+    for g, s in enumerate(reps["compute"]):
+        tokens, sv = tokens_of(s), s.savers
+        key = ("compute", moe, tokens, seq_len, s.tp, s.sp, s.recompute, s.ep, s.cp, sv.fp8_gemm, sv.lemo)
+        c = parts.get(key)
+        if c is None:
+            c = parts[key] = _compute_terms(cfg, index, moe, s, tokens, seq_len, sv.lemo if sv.lemo is not None else 1.0,
+                                            hw)
+        comp[0, g], comp[1, g], comp[2, g] = c[0], c[1], c[4]  # forward, compute, communication seconds
+    over = np.empty(len(reps["overhead"]))
+    for g, s in enumerate(reps["overhead"]):
+        lemo = s.savers.lemo if s.savers.lemo is not None else 1.0
+        over[g] = strategy_overhead_s(hw, s.tp, s.sp, s.zero, s.dp, tokens_of(s) * lemo)
+    shard = np.empty((6, len(reps["shard"])))
+    for g, s in enumerate(reps["shard"]):
+        key = ("shard", moe, s.tp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, states)
+        sh = parts.get(key)
+        if sh is None:
+            sh = parts[key] = _shard_terms(cfg, index, moe, s, states, hw)
+        shard[:, g] = (sh[0], sh[1], sh[2], sum(sh[3].values()), sh[4], sh[5])
+    act = np.empty((2, len(reps["act"])))
+    for g, s in enumerate(reps["act"]):
+        tokens, sv = tokens_of(s), s.savers
+        key = ("act", moe, tokens, seq_len, s.tp, s.sp, s.recompute, sv.fp8_act, sv.wta_crs, sv.lemo)
+        a = parts.get(key)
+        if a is None:
+            a = parts[key] = _activation_terms(cfg, index, s, tokens, seq_len, sv.lemo if sv.lemo is not None else 1.0,
+                                               compiled_layer(cfg, index, sv, hw), hw)
+        act[0, g], act[1, g] = a
+    fwd, compute_mb, comm_mb = comp[:, cols.idx["compute"]]
+    overhead_mb = over[cols.idx["overhead"]]
+    shard_params, dp_mb, dp_step, states_b, opt_step, accum_mb = shard[:, cols.idx["shard"]]
+    act_b, working = act[:, cols.idx["act"]]
+    gathered = np.where(cols.zero3, shard_params * pol.gather_bytes * (3 if hw.runtime_buffers else 2), 0.0)
+    copies = shard_params * pol.weight_copy_bytes
+    if pol.weight_copy_bytes > 0:  # weight_traffic_mb_s
+        compute_mb = compute_mb + shard_params * cols.cast_factor / hw.mem_bw
+    if hw.runtime_buffers:
+        working = np.where(cols.compiled_rc, working + copies, working)
+    copies = np.where(cols.compiled_rc, 0.0, copies)
+    # microbatch_s and step_dp_s (exposed_s: overlap_s less the compute)
+    mb_s = (compute_mb + comm_mb + overhead_mb
+            + (np.maximum(compute_mb, dp_mb) + slowdown * np.minimum(compute_mb, dp_mb) - compute_mb))
+    if hw.dp_overlap:
+        bwd = compute_mb - fwd
+        step = np.maximum(bwd, dp_step) + slowdown * np.minimum(bwd, dp_step) - bwd
+    else:
+        step = dp_step
+    return np.stack([mb_s, step + opt_step, accum_mb, states_b + copies, act_b, gathered + working])
 
 
 def _compute_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, tokens: float, seq_len: int, lemo: float,

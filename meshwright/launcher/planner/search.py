@@ -426,13 +426,13 @@ class _SearchMemo:
     Scoped to the call, not the process: nothing outlives the inputs it was computed from."""
 
     def __init__(self) -> None:
-        # per (kind, strategy, microbatch, states): per-mb s, per-step DP + optimizer s, accumulation s per microbatch,
-        # static, activation and transient bytes
-        self.layer_costs: dict[tuple, tuple[float, ...]] = {}
+        # per (strategies, mb x max_dp, states): cm.layer_costs_columns' rows of per-mb s, per-step DP + optimizer s,
+        # accumulation s per microbatch, static, activation and transient bytes
+        self.columns: dict[tuple, np.ndarray] = {}
         self.cost_parts: dict[tuple, Any] = {}  # cm.layer_costs' terms shared by strategies that differ elsewhere
         self.vectors: dict[tuple, _Vectors] = {}
-        self.strategies: dict[tuple, list[LayerStrategy]] = {}  # layer_strategies per (kind, stage, tps, mb, max_dp)
-        self.skeys: dict[int, list[tuple]] = {}  # _skey of each of those, per list
+        # layer_strategies and their cm.StrategyColumns per (kind, stage, cp, tps, max_dp, tps the micro-batch admits)
+        self.strategies: dict[tuple, tuple[list[LayerStrategy], cm.StrategyColumns]] = {}
         self.plan_costs: dict[Any, Any] = {}  # cost_model.evaluate_plan's cache
         self.redistribution: dict[tuple, float] = {}  # cm.redistribution_s per (tokens, from class, to class)
         self._moe_flags: Optional[tuple[bool, ...]] = None
@@ -521,33 +521,24 @@ def _vectors(o: "_Outer", index: int) -> _Vectors:
     hit = o.memo.vectors.get(key)
     if hit is not None:
         return hit
-    # the strategies do not depend on the optimizer states or the microbatch count: both state formats share them
-    skey = key[:5] + key[6:7]
-    strategies = o.memo.strategies.get(skey)
-    if strategies is None:
-        strategies = o.memo.strategies[skey] = layer_strategies(
-            o.cfg, index, o.per_stage // o.cp, o.tps, o.seq_len, o.c, o.allow, o.mb, o.max_dp, o.global_batch,
-            o.cluster.devices_per_node, o.cp)
-    memo, states, mb_dp = o.memo.layer_costs, o.states, o.mb * o.max_dp
-    skeys = o.memo.skeys.get(id(strategies))
-    if skeys is None:
-        skeys = o.memo.skeys[id(strategies)] = [_skey(s) for s in strategies]  # (the memo keeps ``strategies``)
-    rows: list[Any] = []
-    missing: list[int] = []
-    for i, s in enumerate(strategies):
-        got = memo.get((moe, skeys[i], mb_dp / s.dp, states))
-        rows.append(got)
-        if got is None:
-            missing.append(i)
-    if missing:
-        # per step, as evaluate_plan counts it: exposed DP traffic, the optimizer step over this rank's shard and
-        # the accumulation of every microbatch after the first (both depend on the ZeRO level: #17)
-        todo = [strategies[i] for i in missing]
-        mbs = [mb_dp / s.dp for s in todo]
-        for i, mb_samples, got in zip(missing, mbs, cm.layer_costs_lean(o.cfg, index, todo, mbs, o.seq_len, o.hw,
-                                                                        states, o.memo.cost_parts)):
-            rows[i] = memo[(moe, skeys[i], mb_samples, states)] = got
-    cols = np.array(rows).reshape(len(rows), 6).T
+    # the strategies depend on the micro-batch only through the tp degrees it admits (layer_strategies: the global batch
+    # divides dp x mb): the micro-batches, state formats and microbatch counts that admit the same ones share them
+    per_rank = o.per_stage // o.cp
+    admitted = tuple(t for t in o.tps if not (o.max_dp % (per_rank // t) or o.global_batch % (per_rank // t * o.mb)))
+    skey = (moe, o.per_stage, o.cp, tuple(o.tps), o.max_dp, admitted)
+    got = o.memo.strategies.get(skey)
+    if got is None:
+        strategies = layer_strategies(o.cfg, index, per_rank, o.tps, o.seq_len, o.c, o.allow, o.mb, o.max_dp,
+                                      o.global_batch, o.cluster.devices_per_node, o.cp)
+        got = o.memo.strategies[skey] = (strategies, cm.StrategyColumns(o.cfg, index, strategies, o.hw))
+    strategies, columns = got
+    # per step, as evaluate_plan counts it: exposed DP traffic, the optimizer step over this rank's shard and the
+    # accumulation of every microbatch after the first (both depend on the ZeRO level: #17)
+    ckey = (skey, o.mb * o.max_dp, o.states)
+    cols = o.memo.columns.get(ckey)
+    if cols is None:
+        cols = o.memo.columns[ckey] = cm.layer_costs_columns(o.cfg, index, columns, o.mb * o.max_dp, o.seq_len, o.hw,
+                                                             o.states, o.memo.cost_parts)
     mb_s, step = cols[0], cols[1] + (o.m - 1) * cols[2]  # the same additions, in the same order, as per layer
     stat_a, act_a, gat_a = cols[3].copy(), cols[4].copy(), cols[5].copy()
     classes = [(s.tp, s.sp) for s in strategies]
@@ -1175,6 +1166,13 @@ def _try_micro_batch(base: _Outer, out: _Collector) -> tuple[Optional[float], Op
         if bound > out.bar:
             # no plan of it can enter the result: its best time is unknown but at least ``bound``
             out.bounded += 1
+            if bound == math.inf:
+                # known, not unknown: its first pipeline rank's smallest footprint is over the budget, no plan fits
+                out.rejected.append({"layout": o.label(), "reason": "skipped: out of memory (the first pipeline "
+                                     "rank's smallest strategies alone exceed the budget)"})
+                if sched == "interleaved_1f1b" and base.c.virtual_stages is None:
+                    break  # as the rule below on a depth where nothing fits
+                continue
             out.rejected.append({"layout": o.label(), "reason": f"skipped: none of its plans is faster than {bound:.4g} s "
                                  f"(lower bound); the {out.top} fastest layouts found take at most {out.bar:.4g} s"})
             skipped = bound if skipped is None else min(skipped, bound)

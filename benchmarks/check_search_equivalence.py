@@ -11,10 +11,15 @@ diffs the two. A request both trees refuse with a ConfigError compares its messa
     python benchmarks/check_search_equivalence.py --base /tmp/s25base [--new .] [--n 200] [--seed 0]
         [--out /tmp/search_ab]
     python benchmarks/check_search_equivalence.py --dp-probe [--new .] [--n 200] [--seed 0]
+    python benchmarks/check_search_equivalence.py --bound-probe [--new .] [--n 200] [--seed 0]
 
 ``--dp-probe`` checks the stage-DP shortcut (``_all_fastest``) call by call in one tree: every DP answered with and
 without it. It found what 1,300 end-to-end cases missed: 1-ulp near ties where the DP picks another assignment of
 the same float time (a runner-up's ZeRO levels differed; tests/unit/test_search.py has the reduced case).
+
+``--bound-probe`` solves every outer candidate and checks each plan scored against the candidate's step-time lower
+bound (``_step_lower_bound``), which the search skips candidates on; ``--plans-only`` compares the plans returned,
+not the search's diagnostics (a change meant to solve fewer candidates changes the rejections and counts).
 
 Exit status 1 where any case differs; each difference is printed with the case (JSON, replayable with
 ``--replay``) and the first differing field path with both values.
@@ -321,6 +326,39 @@ def probe_worker(cases_path: str, out_path: str) -> None:
     Path(out_path).write_text(json.dumps({"stats": stats, "found": found}, indent=1))
 
 
+def bound_worker(cases_path: str, out_path: str) -> None:
+    """Every outer candidate solved (none skipped), each scored plan against the candidate's ``_step_lower_bound``:
+    a plan faster than its bound would have been lost by the skipping."""
+    from meshwright.launcher.planner import search as S
+
+    cases = json.loads(Path(cases_path).read_text())
+    stats = {"candidates": 0, "plans": 0, "violations": 0, "tight": 0}
+    found: list[dict[str, Any]] = []
+    current: dict[str, Any] = {}
+    solve = S._solve_candidate
+
+    def checked(o: Any, **kw: Any) -> Any:
+        got = solve(o, **kw)
+        bound = S._step_lower_bound(o)
+        steps = [x.prediction.step_s for x in got.items if isinstance(x, S.Candidate)]
+        stats["candidates"] += 1
+        stats["plans"] += len(steps)
+        stats["tight"] += bool(steps) and bound >= 0.99 * min(steps)
+        for t in steps:
+            if t < bound:
+                stats["violations"] += 1
+                if len(found) < 20:
+                    found.append({"case": current, "candidate": o.label(), "bound": repr(bound), "step": repr(t)})
+        return got
+
+    S._solve_candidate = checked
+    S._Collector.add = lambda self, item: self.feasible.append(item)  # the bar stays infinite: nothing is skipped
+    for case in cases:
+        current = case
+        run_case(case)
+    Path(out_path).write_text(json.dumps({"stats": stats, "found": found}, indent=1))
+
+
 # ---- driver ---------------------------------------------------------------------------------------------------
 
 def first_diff(a: Any, b: Any, path: str = "") -> tuple[str, Any, Any] | None:
@@ -417,6 +455,10 @@ def main() -> int:
     ap.add_argument("--dp-probe", action="store_true",
                     help="instead of the A/B: in the --new tree only, every stage DP with and without the "
                          "_all_fastest shortcut")
+    ap.add_argument("--bound-probe", action="store_true",
+                    help="instead of the A/B: in the --new tree only, every candidate solved and each plan checked "
+                         "against the candidate's step-time lower bound (a plan below it would be lost to skipping)")
+    ap.add_argument("--bound-worker", nargs=2, metavar=("CASES", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--worker", nargs=2, metavar=("CASES", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--probe-worker", nargs=2, metavar=("CASES", "OUT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -426,11 +468,24 @@ def main() -> int:
     if a.probe_worker:
         probe_worker(*a.probe_worker)
         return 0
+    if a.bound_worker:
+        bound_worker(*a.bound_worker)
+        return 0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     cases = [json.loads(a.replay)] if a.replay else draw_cases(a.n, a.seed)
     cases_path = out / "cases.json"
     cases_path.write_text(json.dumps(cases, indent=1))
+    if a.bound_probe:
+        t = run_tree(a.new, cases_path, out / "bounds.json", a.timeout, "--bound-worker")
+        got = json.loads((out / "bounds.json").read_text())
+        for f in got["found"]:
+            print(f"BELOW BOUND {json.dumps(f)}")
+        st = got["stats"]
+        print(f"{len(cases)} cases ({t:.0f} s): {st['candidates']} candidates solved, {st['plans']} plans scored, "
+              f"{st['violations']} faster than their candidate's bound; {st['tight']} candidates' bounds within 1% "
+              f"of their best plan")
+        return 1 if st["violations"] else 0
     if a.dp_probe:
         t = run_tree(a.new, cases_path, out / "probe.json", a.timeout, "--probe-worker")
         got = json.loads((out / "probe.json").read_text())

@@ -1012,6 +1012,9 @@ class StrategyColumns:
             rc_on[i] = s.recompute != "none"
             compiled[i] = compiled_layer(cfg, index, sv, hw)
         self.idx = idx
+        self.classes = [(s.tp, s.sp) for s in strategies]
+        self.max_dp_cp = max((s.dp * s.cp for s in strategies), default=1)
+        self.tp_sp_cp = sorted({(s.tp, s.sp, s.cp) for s in strategies})
         self.zero3 = np.array([s.zero >= 3 for s in strategies], dtype=bool)
         self.cast_factor = np.where(rc_on, 6.0 * 2 + 6.0, 6.0 * 1 + 6.0)  # weight_traffic_mb_s's reads and writes
         self.compiled_rc = compiled & rc_on

@@ -459,6 +459,7 @@ class _Vectors:
     act: np.ndarray
     gather: np.ndarray
     classes: list[tuple[int, bool]]
+    columns: Optional[cm.StrategyColumns] = None  # the strategies' columns (what the bound reads of their fields)
 
     @functools.cached_property
     def blocks(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -483,19 +484,22 @@ class _Vectors:
         times, the largest dp * cp and the distinct (tp, sp, cp)."""
         got = self.__dict__.get("_bound_terms")
         if got is None:
+            cols = self.columns
             got = self.__dict__["_bound_terms"] = (
-                float(self.mb_s.min()), float(self.step_s.min()), max(s.dp * s.cp for s in self.strategies),
-                sorted({(s.tp, s.sp, s.cp) for s in self.strategies}))
+                float(self.mb_s.min()), float(self.step_s.min()),
+                cols.max_dp_cp if cols else max(s.dp * s.cp for s in self.strategies),
+                cols.tp_sp_cp if cols else sorted({(s.tp, s.sp, s.cp) for s in self.strategies}))
         return got
 
-    def lp_kind(self, name: str, obj: Callable[[], np.ndarray]) -> _Kind:
-        """These strategies as one class with objective ``obj()`` (built once per ``name``): ``_lp``'s input for the
-        memory-aware part of ``_step_lower_bound``, whose hulls it keeps per in-flight count."""
+    def lp_kind(self, a: float, obj: Callable[[], np.ndarray]) -> _Kind:
+        """These strategies as one class with objective ``obj()``, ``a`` x per-microbatch time + per-step time (built
+        once per ``a``): ``_lp``'s input for the memory-aware part of ``_step_lower_bound``, whose hulls it keeps per
+        in-flight count."""
         kinds = self.__dict__.setdefault("_lp_kinds", {})
-        got = kinds.get(name)
+        got = kinds.get(a)
         if got is None:
             n = len(self.strategies)
-            got = kinds[name] = _Kind(self.strategies, obj(), self.static, self.act, np.zeros(n, dtype=int), [(0, False)])
+            got = kinds[a] = _Kind(self.strategies, obj(), self.static, self.act, np.zeros(n, dtype=int), [(0, False)])
         return got
 
     def kind(self, m_eff: float) -> _Kind:
@@ -541,8 +545,7 @@ def _vectors(o: "_Outer", index: int) -> _Vectors:
                                                              o.states, o.memo.cost_parts)
     mb_s, step = cols[0], cols[1] + (o.m - 1) * cols[2]  # the same additions, in the same order, as per layer
     stat_a, act_a, gat_a = cols[3].copy(), cols[4].copy(), cols[5].copy()
-    classes = [(s.tp, s.sp) for s in strategies]
-    hit = o.memo.vectors[key] = _Vectors(strategies, mb_s.copy(), step, stat_a, act_a, gat_a, classes)
+    hit = o.memo.vectors[key] = _Vectors(strategies, mb_s.copy(), step, stat_a, act_a, gat_a, columns.classes, columns)
     return hit
 
 
@@ -990,7 +993,9 @@ def _step_lower_bound(o: _Outer) -> float:
     at its fastest strategy per microbatch and its smallest per-step term, whatever their memory (the DPs only
     choose slower or equal ones); the head at its cheapest tensor-parallel split and fewest tokens, the stage
     boundaries at their smallest transfer; then the pipeline schedule of ``evaluate_plan`` over the ranks of each
-    stage partition (the step grows with every rank's time), the smallest over partitions. Redistribution between
+    stage partition (the step grows with every rank's time), the smallest over partitions. On the first rank, whose
+    in-flight activations are the most, its layers must also fit: the linear relaxation of its share of the step
+    within its bytes (``_first_rank_lp``; +inf where not even its smallest strategies fit). Redistribution between
     classes, framework terms of the ends and embedding traffic only add time and are left out. 0 where a kind has
     no strategy (the solve reports it)."""
     cfg, hw, pp = o.cfg, o.hw, o.pp
@@ -1027,16 +1032,14 @@ def _step_lower_bound(o: _Outer) -> float:
         rank_mb = [x + p2p for x in rank_mb]
         coupled = 0.0
         if room is not None:
-            # the first rank's layers must fit: the linear relaxation of its per-microbatch time, of its per-step
-            # time, and of the two as the step charges them (its slowest-rank share, m x its time, plus its step
-            # term), within the bytes it has at least
+            # the first rank's layers must fit: the linear relaxation of its time as the step charges it (m x its
+            # per-microbatch time, as the slowest rank at least, plus its per-step term) within the bytes it has at
+            # most; the other ranks' share of fill and drain at their fastest
             first = [k for j, (a, b) in enumerate(stages) if j % pp == 0 for k in range(a, b)]
             inflight = cm.inflight_microbatches(o.sched, pp, 0, o.m, v)
-            lp_mb, lp_step, lp_both = _first_rank_lps(o, first, inflight, room, o.m * slow)
-            rank_mb[0] = max(rank_mb[0], lp_mb + p2p + (head if pp == 1 else 0.0))
-            rank_step[0] = max(rank_step[0], lp_step)
+            lp = _first_rank_lp(o, first, inflight, room, o.m * slow)
             rest = sum(rank_mb) - max(rank_mb)
-            coupled = lp_both + o.m * slow * (p2p + (head if pp == 1 else 0.0)) + slow * rest / v / max(hw.contention, 1.0)
+            coupled = lp + o.m * slow * (p2p + (head if pp == 1 else 0.0)) + slow * rest / v / max(hw.contention, 1.0)
         step = cm.pipeline_step_s(rank_mb, o.m, o.sched, v, hw.contention) * slow
         best = min(best, max(step + max(rank_step), coupled))
     return best * (1 - _BOUND_SLACK)
@@ -1060,24 +1063,19 @@ def _first_rank_room(o: _Outer, head_tokens: float) -> Optional[float]:
     return o.usable * (1 + 1e-9) - ends
 
 
-def _first_rank_lps(o: _Outer, layers: list[int], inflight: float, room: float, a: float) -> tuple[float, float, float]:
-    """``_lp`` over the first rank's ``layers`` within ``room`` bytes at ``inflight`` microbatches, of the layers'
-    per-microbatch time, per-step time and ``a`` x the first plus the second (+inf each where the smallest
-    footprints do not fit)."""
+def _first_rank_lp(o: _Outer, layers: list[int], inflight: float, room: float, a: float) -> float:
+    """``_lp`` of ``a`` x per-microbatch time + per-step time over the first rank's ``layers`` within ``room`` bytes
+    at ``inflight`` microbatches (+inf where the smallest footprints do not fit). Separate relaxations of the two
+    times skipped no more candidates on the 1,024-GPU searches, at three times the cost."""
     counts: dict[bool, int] = {}
     flags = o.memo.moe_flags(o.cfg)
     for i in layers:
         counts[flags[i]] = counts.get(flags[i], 0) + 1
-    vecs = {key: _vectors(o, flags.index(key)) for key in counts}
-    out = []
-    for name in ("mb", "step", "both"):
-        groups = []
-        for key, n in counts.items():
-            vec = vecs[key]
-            obj = {"mb": lambda: vec.mb_s, "step": lambda: vec.step_s, "both": lambda: a * vec.mb_s + vec.step_s}[name]
-            groups.append((vec.lp_kind(f"{name}:{a!r}" if name == "both" else name, obj), n))
-        out.append(_lp(groups, room, inflight, None))
-    return out[0], out[1], out[2]
+    groups = []
+    for key, n in counts.items():
+        vec = _vectors(o, flags.index(key))
+        groups.append((vec.lp_kind(a, lambda: a * vec.mb_s + vec.step_s), n))
+    return _lp(groups, room, inflight, None)
 
 
 def _candidate_key(o: _Outer) -> tuple:

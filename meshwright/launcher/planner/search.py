@@ -437,7 +437,8 @@ class _SearchMemo:
         self.redistribution: dict[tuple, float] = {}  # cm.redistribution_s per (tokens, from class, to class)
         self._moe_flags: Optional[tuple[bool, ...]] = None
         self.best_step_s = math.inf  # the fastest candidate scored so far (gates the refined DPs)
-        self.bounds: dict[tuple, float] = {}  # _step_lower_bound per candidate (_candidate_key)
+        # _step_lower_bound per candidate (_candidate_key), and _first_rank_room per ("first_rank_room", its inputs)
+        self.bounds: dict[tuple, float] = {}
 
     def moe_flags(self, cfg: ModelConfig) -> tuple[bool, ...]:
         """``cfg.is_moe_layer(i)`` for every layer: the layer's kind key."""
@@ -1055,12 +1056,17 @@ def _first_rank_room(o: _Outer, head_tokens: float) -> Optional[float]:
     if o.pp == 1 and o.m == 1 and hw.grads_set_to_none:
         return None
     last = o.pp == 1
+    key = ("first_rank_room", o.per_stage, tuple(o.tps), o.states, last, head_tokens if last else None)
+    got = o.memo.bounds.get(key)
+    if got is not None:
+        return got
     ends = math.inf
     for e in sorted({1, *o.tps}):
         dp = o.per_stage // e
         emb = min(cm.embedding_static_bytes(cfg, True, last, e, dp, z if dp > 1 else 0, o.states, hw) for z in range(4))
         ends = min(ends, emb + (cm.loss_peak_bytes(cfg, head_tokens, e, hw) if last else 0.0))
-    return o.usable * (1 + 1e-9) - ends
+    got = o.memo.bounds[key] = o.usable * (1 + 1e-9) - ends
+    return got
 
 
 def _first_rank_lp(o: _Outer, layers: list[int], inflight: float, room: float, a: float) -> float:

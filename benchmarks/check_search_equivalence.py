@@ -277,19 +277,22 @@ def probe_worker(cases_path: str, out_path: str) -> None:
                                                             for j in order]})
         return ref
 
-    layer_costs = cm.layer_costs
+    columns = cm.layer_costs_columns
 
-    def costs_checked(*a: Any, parts: Any = None, **kw: Any) -> Any:
-        """layer_costs with its per-search cache of terms against a fresh computation (a field missing from a cache
-        key would reuse another strategy's terms)."""
-        got = layer_costs(*a, parts=parts, **kw)
-        if parts is not None:
-            stats["layer_costs_cached"] += 1
-            ref = layer_costs(*a, **kw)
-            if canon(got) != canon(ref):
-                stats["layer_costs_mismatches"] += 1
-                if len(found) < 20:
-                    found.append({"case": current, "layer_costs": repr(a[2]), "cached": canon(got), "fresh": canon(ref)})
+    def costs_checked(cfg: Any, index: int, cols: Any, mb_dp: float, seq_len: int, hw: Any, states: str,
+                      parts: Any) -> Any:
+        """layer_costs_columns with the search's cache of terms against a fresh cache (a field missing from a cache
+        key would reuse another strategy's terms), counted per strategy."""
+        got = columns(cfg, index, cols, mb_dp, seq_len, hw, states, parts)
+        ref = columns(cfg, index, cols, mb_dp, seq_len, hw, states, {})
+        stats["layer_costs_cached"] += len(cols.strategies)
+        bad = ~(got == ref).all(axis=0)
+        if bad.any():
+            stats["layer_costs_mismatches"] += int(bad.sum())
+            if len(found) < 20:
+                j = int(np.flatnonzero(bad)[0])
+                found.append({"case": current, "layer_costs": repr(cols.strategies[j]), "cached": canon(got[:, j]),
+                              "fresh": canon(ref[:, j])})
         return got
 
     kind = S._Vectors.kind
@@ -318,7 +321,7 @@ def probe_worker(cases_path: str, out_path: str) -> None:
         return got
 
     S._stage_dp = checked
-    cm.layer_costs = costs_checked
+    cm.layer_costs_columns = costs_checked
     S._Vectors.kind = pareto_checked
     for case in cases:
         current = case

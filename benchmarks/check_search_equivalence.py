@@ -437,6 +437,16 @@ def run_tree(tree: str, cases_path: Path, out_path: Path, timeout: float, mode: 
     return time.perf_counter() - t
 
 
+def _probe(tree: str, cases_path: Path, out_path: Path, timeout: float, mode: str, label: str
+           ) -> tuple[dict[str, Any], float]:
+    """Run one in-tree probe worker; print what it found under ``label``; return its stats and seconds."""
+    t = run_tree(tree, cases_path, out_path, timeout, mode)
+    got = json.loads(out_path.read_text())
+    for f in got["found"]:
+        print(f"{label} {json.dumps(f)}")
+    return got["stats"], t
+
+
 def load_results(path: Path) -> tuple[str, dict[int, dict[str, Any]]]:
     lines = path.read_text().splitlines()
     return json.loads(lines[0])["meshwright"], {r["i"]: r for r in map(json.loads, lines[1:])}
@@ -480,21 +490,13 @@ def main() -> int:
     cases_path = out / "cases.json"
     cases_path.write_text(json.dumps(cases, indent=1))
     if a.bound_probe:
-        t = run_tree(a.new, cases_path, out / "bounds.json", a.timeout, "--bound-worker")
-        got = json.loads((out / "bounds.json").read_text())
-        for f in got["found"]:
-            print(f"BELOW BOUND {json.dumps(f)}")
-        st = got["stats"]
+        st, t = _probe(a.new, cases_path, out / "bounds.json", a.timeout, "--bound-worker", "BELOW BOUND")
         print(f"{len(cases)} cases ({t:.0f} s): {st['candidates']} candidates solved, {st['plans']} plans scored, "
               f"{st['violations']} faster than their candidate's bound; {st['tight']} candidates' bounds within 1% "
               f"of their best plan")
         return 1 if st["violations"] else 0
     if a.dp_probe:
-        t = run_tree(a.new, cases_path, out / "probe.json", a.timeout, "--probe-worker")
-        got = json.loads((out / "probe.json").read_text())
-        for f in got["found"]:
-            print(f"MISMATCH {json.dumps(f)}")
-        st = got["stats"]
+        st, t = _probe(a.new, cases_path, out / "probe.json", a.timeout, "--probe-worker", "MISMATCH")
         print(f"{len(cases)} cases ({t:.0f} s): {st['calls']} stage DPs, {st['shortcut_hits']} answered by the "
               f"shortcut, {st['mismatches']} differ from the DP's answer; {st['layer_costs_cached']} cached "
               f"layer_costs, {st['layer_costs_mismatches']} differ from a fresh one; {st['pareto_calls']} Pareto "

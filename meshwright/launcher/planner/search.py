@@ -1150,55 +1150,46 @@ def _try_micro_batch(base: _Outer, out: _Collector) -> tuple[Optional[float], Op
     skipped: Optional[float] = None
     prev_depth: Optional[float] = None  # best time of the previous interleaving depth
     for sched, v in _schedules(base.cfg, base.c, base.pp, base.m):
-        o = dataclasses.replace(base, sched=sched, v=v)
-        depth_best: Optional[float] = None
-        solved = out.solved.get(_candidate_key(o))  # solved ahead (``_warm_start``): its plans are kept already
-        if solved is not None:
-            items = solved.view(o.memo.best_step_s)
-            _note_best(o, items)
-            for item in items:
-                if isinstance(item, Candidate):
-                    best = item.prediction.step_s if best is None else min(best, item.prediction.step_s)
-                    depth_best = item.prediction.step_s if depth_best is None else min(depth_best, item.prediction.step_s)
-            if sched == "interleaved_1f1b" and base.c.virtual_stages is None:
+        depth_best, unknown = _try_schedule(dataclasses.replace(base, sched=sched, v=v), out)
+        if depth_best is not None:
+            best = depth_best if best is None else min(best, depth_best)
+        if unknown is not None:
+            skipped = unknown if skipped is None else min(skipped, unknown)
+        if sched == "interleaved_1f1b" and base.c.virtual_stages is None:
+            # deeper interleaving only shrinks the bubble further: stop once a depth stops helping (or fits nothing)
+            if unknown is None:
                 if depth_best is None or (prev_depth is not None and depth_best >= prev_depth):
                     break
                 prev_depth = depth_best
-            continue
+            elif prev_depth is not None and unknown >= prev_depth:
+                break  # skipped, but at least as slow as the depth before: the rule stops here either way
+            # else unknown: go deeper, with the previous depth's time to beat
+    return best, skipped
+
+
+def _try_schedule(o: _Outer, out: _Collector) -> tuple[Optional[float], Optional[float]]:
+    """One outer candidate: its best step time (None where no plan fits or it was not solved) and, where it was
+    skipped on its bound, that bound (its time is unknown, at least that). A candidate solved ahead (``_warm_start``)
+    is read as if solved now; one whose bound is +inf is known not to fit (None, None)."""
+    solved = out.solved.get(_candidate_key(o))  # solved ahead: its plans are kept already
+    if solved is None:
         out.candidates += 1
         bound = _bound_of(o) if out.bar < math.inf else 0.0
-        if bound > out.bar:
-            # no plan of it can enter the result: its best time is unknown but at least ``bound``
+        if bound > out.bar:  # no plan of it can enter the result
             out.bounded += 1
             if bound == math.inf:
-                # known, not unknown: its first pipeline rank's smallest footprint is over the budget, no plan fits
                 out.rejected.append({"layout": o.label(), "reason": "skipped: out of memory (the first pipeline "
                                      "rank's smallest strategies alone exceed the budget)"})
-                if sched == "interleaved_1f1b" and base.c.virtual_stages is None:
-                    break  # as the rule below on a depth where nothing fits
-                continue
+                return None, None
             out.rejected.append({"layout": o.label(), "reason": f"skipped: none of its plans is faster than {bound:.4g} s "
                                  f"(lower bound); the {out.top} fastest layouts found take at most {out.bar:.4g} s"})
-            skipped = bound if skipped is None else min(skipped, bound)
-            if sched == "interleaved_1f1b" and base.c.virtual_stages is None:
-                if prev_depth is not None and bound >= prev_depth:
-                    break  # the depth stopped helping (or did not fit): the rule below would stop too
-                continue  # unknown: go deeper, with the previous depth's time to beat
-            continue
+            return None, bound
         items = _solve_candidate(o).items
-        _note_best(o, items)
         _keep(items, out)
-        for item in items:
-            if isinstance(item, Candidate):
-                t = item.prediction.step_s
-                best = t if best is None else min(best, t)
-                depth_best = t if depth_best is None else min(depth_best, t)
-        if sched == "interleaved_1f1b" and base.c.virtual_stages is None:
-            # deeper interleaving only shrinks the bubble further: stop once a depth stops helping
-            if depth_best is None or (prev_depth is not None and depth_best >= prev_depth):
-                break
-            prev_depth = depth_best
-    return best, skipped
+    else:
+        items = solved.view(o.memo.best_step_s)
+    _note_best(o, items)
+    return min((x.prediction.step_s for x in items if isinstance(x, Candidate)), default=None), None
 
 
 def _try_micro_batches(base: _Outer, per_replica: int, out: _Collector) -> None:

@@ -460,7 +460,7 @@ class _Vectors:
     act: np.ndarray
     gather: np.ndarray
     classes: list[tuple[int, bool]]
-    columns: Optional[cm.StrategyColumns] = None  # the strategies' columns (what the bound reads of their fields)
+    columns: cm.StrategyColumns  # the strategies' columns (what the bound reads of their fields)
 
     @functools.cached_property
     def blocks(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -485,11 +485,8 @@ class _Vectors:
         times, the largest dp * cp and the distinct (tp, sp, cp)."""
         got = self.__dict__.get("_bound_terms")
         if got is None:
-            cols = self.columns
-            got = self.__dict__["_bound_terms"] = (
-                float(self.mb_s.min()), float(self.step_s.min()),
-                cols.max_dp_cp if cols else max(s.dp * s.cp for s in self.strategies),
-                cols.tp_sp_cp if cols else sorted({(s.tp, s.sp, s.cp) for s in self.strategies}))
+            got = self.__dict__["_bound_terms"] = (float(self.mb_s.min()), float(self.step_s.min()),
+                                                   self.columns.max_dp_cp, self.columns.tp_sp_cp)
         return got
 
     def lp_kind(self, a: float, obj: Callable[[], np.ndarray]) -> _Kind:

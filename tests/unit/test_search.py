@@ -311,16 +311,16 @@ def test_search_pauses_the_cyclic_collector_and_restores_its_state():
     """The candidates are solved with Python's cyclic GC off (full collections walking every object of the
     process cost ~0.1 s per large search) and the collector is left as the caller had it, on or off."""
     seen = []
-    original = S._try_pipeline
+    original = S._try_micro_batches
 
-    def recording(base, out):
+    def recording(base, per_replica, out):
         seen.append(gc.isenabled())
-        return original(base, out)
+        return original(base, per_replica, out)
 
     mp = pytest.MonkeyPatch()
     was = gc.isenabled()
     try:
-        mp.setattr(S, "_try_pipeline", recording)
+        mp.setattr(S, "_try_micro_batches", recording)
         gc.enable()
         assert S.search(load_model_config("tiny"), _a100(), 256, 8).best is not None
         assert gc.isenabled()

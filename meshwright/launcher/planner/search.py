@@ -437,8 +437,8 @@ class _SearchMemo:
         self.redistribution: dict[tuple, float] = {}  # cm.redistribution_s per (tokens, from class, to class)
         self._moe_flags: Optional[tuple[bool, ...]] = None
         self.best_step_s = math.inf  # the fastest candidate scored so far (gates the refined DPs)
-        # _step_lower_bound per candidate (_candidate_key), and _first_rank_room per ("first_rank_room", its inputs)
-        self.bounds: dict[tuple, float] = {}
+        self.bounds: dict[tuple, float] = {}  # _step_lower_bound per candidate (_candidate_key)
+        self.rooms: dict[tuple, float] = {}  # _first_rank_room per (stage size, tps, states, one stage, head tokens)
 
     def moe_flags(self, cfg: ModelConfig) -> tuple[bool, ...]:
         """``cfg.is_moe_layer(i)`` for every layer: the layer's kind key."""
@@ -965,7 +965,7 @@ class _Collector:
     feasible: list[Candidate] = dataclasses.field(default_factory=list)
     rejected: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     candidates: int = 0
-    bounded: int = 0  # outer candidates skipped on their step-time lower bound
+    skipped: int = 0  # outer candidates skipped on their step-time lower bound
     solved: dict[tuple, "_Solved"] = dataclasses.field(default_factory=dict)  # the answers of _warm_start's candidates
     best_by_layout: dict[str, float] = dataclasses.field(default_factory=dict)
     bar: float = math.inf
@@ -1053,8 +1053,8 @@ def _first_rank_room(o: _Outer, head_tokens: float) -> Optional[float]:
     if o.pp == 1 and o.m == 1 and hw.grads_set_to_none:
         return None
     last = o.pp == 1
-    key = ("first_rank_room", o.per_stage, tuple(o.tps), o.states, last, head_tokens if last else None)
-    got = o.memo.bounds.get(key)
+    key = (o.per_stage, tuple(o.tps), o.states, last, head_tokens if last else None)
+    got = o.memo.rooms.get(key)
     if got is not None:
         return got
     ends = math.inf
@@ -1062,7 +1062,7 @@ def _first_rank_room(o: _Outer, head_tokens: float) -> Optional[float]:
         dp = o.per_stage // e
         emb = min(cm.embedding_static_bytes(cfg, True, last, e, dp, z if dp > 1 else 0, o.states, hw) for z in range(4))
         ends = min(ends, emb + (cm.loss_peak_bytes(cfg, head_tokens, e, hw) if last else 0.0))
-    got = o.memo.bounds[key] = o.usable * (1 + 1e-9) - ends
+    got = o.memo.rooms[key] = o.usable * (1 + 1e-9) - ends
     return got
 
 
@@ -1173,7 +1173,7 @@ def _try_schedule(o: _Outer, out: _Collector) -> tuple[Optional[float], Optional
         out.candidates += 1
         bound = _bound_of(o) if out.bar < math.inf else 0.0
         if bound > out.bar:  # no plan of it can enter the result
-            out.bounded += 1
+            out.skipped += 1
             if bound == math.inf:
                 out.rejected.append({"layout": o.label(), "reason": "skipped: out of memory (the first pipeline "
                                      "rank's smallest strategies alone exceed the budget)"})
@@ -1223,11 +1223,11 @@ def _try_micro_batches(base: _Outer, per_replica: int, out: _Collector) -> None:
             worse += 1
 
 
-def _tp_bases(base: _Outer, out: Optional[_Collector]) -> list[tuple[_Outer, int]]:
+def _tp_bases(base: _Outer, out: _Collector) -> list[tuple[_Outer, int]]:
     """Every smallest-tp choice for one pipeline degree (``base.pp``) and optimizer-state format, with its sequences
-    per model replica; what rules the degree or a tp out goes to ``out.rejected`` where ``out`` is given."""
+    per model replica; what rules the degree or a tp out goes to ``out.rejected``."""
     cfg, c, pp, cp, world = base.cfg, base.c, base.pp, base.cp, base.cluster.world_size
-    reject = out.rejected.append if out is not None else (lambda x: None)
+    reject = out.rejected.append
     if pp > 1 and cfg.tie_embeddings and c.runtime_compatible:
         reject({"layout": f"pp={pp}", "reason": "meshwright's runtime runs tied embeddings with pp=1 only"})
         return []
@@ -1254,12 +1254,6 @@ def _tp_bases(base: _Outer, out: Optional[_Collector]) -> list[tuple[_Outer, int
     return bases
 
 
-def _try_pipeline(base: _Outer, out: _Collector) -> None:
-    """Every smallest-tp choice for one pipeline degree (``base.pp``) and optimizer-state format."""
-    for tp_base, per_replica in _tp_bases(base, out):
-        _try_micro_batches(tp_base, per_replica, out)
-
-
 def _result(out: _Collector, top: int, budget: float, t0: float) -> SearchResult:
     """Distinct layouts, fastest first; rejections closest-to-fitting first."""
     keyed = sorted(((x.prediction.step_s, describe_layout(x.plan)), i) for i, x in enumerate(out.feasible))
@@ -1274,7 +1268,7 @@ def _result(out: _Collector, top: int, budget: float, t0: float) -> SearchResult
     rejected = sorted(out.rejected, key=lambda r: ("need_gib" not in r, r.get("need_gib", 0.0), r["layout"]))
     result = SearchResult(best=uniq[0] if uniq else None, runners_up=uniq[1:top], rejected=rejected,
                           search_s=time.perf_counter() - t0, candidates=out.candidates, budget_gib=budget / cm.GIB,
-                          skipped=out.bounded)
+                          skipped=out.skipped)
     if not uniq:
         needs = [r["need_gib"] for r in rejected if "need_gib" in r]
         result.min_memory_gib = min(needs) if needs else None
@@ -1302,7 +1296,7 @@ def search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: i
            allow: Optional[Allow] = None, states: Optional[str] = None, top: int = 5,
            progress: bool = False, suggest: bool = True) -> SearchResult:
     """Search plans for ``cfg`` on ``cluster`` (its nodes x devices_per_node ranks): pipeline degree and
-    optimizer-state format outside (``_try_pipeline``), then smallest tp, micro-batch and schedule, then the
+    optimizer-state format outside (``_tp_bases``), then smallest tp, micro-batch and schedule, then the
     per-rank DPs (``_solve_candidate``)."""
     t0 = time.perf_counter()
     c = constraints or Constraints()
@@ -1318,11 +1312,14 @@ def search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: i
     with _gc_paused():
         out = _Collector(top=max(top, 1))
         memo = _SearchMemo()
-        outers = [_Outer(cfg, cluster, hw, c, allow, st, pp, 0, [], 0, 0, 0, 0, "1f1b", 1, seq_len, global_batch, usable,
-                         model_name, c.cp or 1, memo) for st, pp in itertools.product(state_opts, pps)]
-        _warm_start([b for o in outers for b in _tp_bases(o, None)], out)
-        for o in tqdm(outers, desc="plan search", unit="pp", disable=not progress, leave=False):
-            _try_pipeline(o, out)
+        # per (optimizer-state format, pipeline degree): its smallest-tp choices
+        bases = [_tp_bases(_Outer(cfg, cluster, hw, c, allow, st, pp, 0, [], 0, 0, 0, 0, "1f1b", 1, seq_len, global_batch,
+                                  usable, model_name, c.cp or 1, memo), out)
+                 for st, pp in itertools.product(state_opts, pps)]
+        _warm_start([b for per_pp in bases for b in per_pp], out)
+        for per_pp in tqdm(bases, desc="plan search", unit="pp", disable=not progress, leave=False):
+            for tp_base, per_replica in per_pp:
+                _try_micro_batches(tp_base, per_replica, out)
         del memo  # freed before the collector is back on: it then has only the result's objects to walk
         result = _result(out, top, hw.memory_bytes, t0)
         del out

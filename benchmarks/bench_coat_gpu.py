@@ -81,6 +81,24 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _traced(train_step: Any, steps: int, device: str) -> dict[str, Any]:
+    """Device time of ``steps`` more steps by kind of kernel (benchmarks/kernel_breakdown.py): where a throughput
+    gap to bf16 comes from, measured in the same run."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from kernel_breakdown import breakdown
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    _sync(device)
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            train_step()
+        _sync(device)
+        wall = (time.perf_counter() - t0) / steps
+    return {"steps": steps, "wall_step_s": round(wall, 5), **breakdown(prof, steps)}
+
+
 def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Train one configuration for ``args.steps`` steps; figures as a dict (or the reason it was skipped)."""
     from bench_coat import token_stream  # the corpus loader the CPU COAT benchmark uses
@@ -106,16 +124,13 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     losses, opt_s = [], []
     first_steady = min(args.warmup_steps, max(steps - 1, 0))  # compile / autotune steps excluded
     t_start = None
-    for step in range(steps):
-        if step == first_steady:
-            _sync(device)
-            t_start = time.perf_counter()
+
+    def train_step(timed: bool = False) -> torch.Tensor:
         x, y = (t.to(device, non_blocking=True) for t in next_batch())
         with torch.autocast(device, torch.bfloat16):
             logits = fwd(x)
         loss = lm_loss(logits, y)
         loss.backward()
-        timed = step >= first_steady and (step - first_steady) % OPT_TIMING_EVERY == 0
         if timed:
             _sync(device)
             t1 = time.perf_counter()
@@ -125,7 +140,13 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
             opt_s.append(time.perf_counter() - t1)
         opt.zero_grad(set_to_none=True)
         sched.step()
-        losses.append(loss.detach())
+        return loss.detach()
+
+    for step in range(steps):
+        if step == first_steady:
+            _sync(device)
+            t_start = time.perf_counter()
+        losses.append(train_step(step >= first_steady and (step - first_steady) % OPT_TIMING_EVERY == 0))
     _sync(device)
     steady_steps = steps - first_steady
     step_med = (time.perf_counter() - t_start) / steady_steps
@@ -139,6 +160,8 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "first_loss": round(losses[0], 4), "loss_last10": round(sum(losses[-10:]) / len(losses[-10:]), 4),
         "val_loss": round(sum(val) / len(val), 4),
     }
+    if args.trace_steps:  # after every reported figure: the profiled steps change none of them
+        out["trace"] = _traced(train_step, args.trace_steps, device)
     if name in ("coat", "coat_act", "coat_fused") and not args.smoke:  # did every FP8 unit stay compiled (no eager fallback)?
         from bench_fp8_linear_gpu import compiled_status
 
@@ -180,6 +203,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the model in every configuration")
     p.add_argument("--warmup-steps", type=int, default=5, help="steps left out of the timings")
     p.add_argument("--val-batches", type=int, default=4)
+    p.add_argument("--trace-steps", type=int, default=3,
+                   help="steps profiled after the measured ones, for a device-time breakdown by kind of kernel (0: none)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model, batch 2 x 32, 3 steps")
     p.add_argument("--inline", action="store_true", help="run the configurations in this process (no subprocesses)")
     p.add_argument("--out", default=None, help="also write the JSON here after every configuration (a run cut "
@@ -194,6 +219,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--configs={args.configs!r} is invalid; valid: a comma-separated list of {', '.join(CONFIGS)}")
     if min(args.steps, args.batch, args.seq) < 1:
         p.error("--steps, --batch and --seq must be positive integers")
+    if args.trace_steps < 0:
+        p.error(f"--trace-steps={args.trace_steps} is invalid; valid: 0 (no trace) or a positive number of steps")
     args.names = names
     args.steps_by_name = {}
     for item in filter(None, args.steps_for.split(",")):

@@ -145,6 +145,9 @@ def _trace(step: Callable[[], Any], steps: int = 3) -> dict[str, Any]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from kernel_breakdown import breakdown
+
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     _sync()
     with profile(activities=acts) as prof:
@@ -159,7 +162,8 @@ def _trace(step: Callable[[], Any], steps: int = 3) -> dict[str, Any]:
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
     return {"trace_wall_step_s": round(wall, 5), "trace_device_busy_s": round(device_us / 1e6, 5),
             "trace_busy_fraction": round(device_us / 1e6 / wall, 3) if wall else None, "trace_host_waits": waits,
-            "trace_top_cpu_ms": {e.key[:60]: round(e.self_cpu_time_total / 1e3 / steps, 2) for e in top}}
+            "trace_top_cpu_ms": {e.key[:60]: round(e.self_cpu_time_total / 1e3 / steps, 2) for e in top},
+            "trace_kernels": breakdown(prof, steps)}
 
 
 def _loss_of(forward: Callable[[Any], Any], dev: str, dtype: str) -> Callable[[Any, Any], Any]:

@@ -103,10 +103,11 @@ def runs() -> list[Run]:
                        attention="materialized", recompute="selective", sp=True, zero=0, micro_batch=1,
                        certain=False, note="micro-batch 1 assumed"))
     # BLOOM-176B (BigScience 2022, arXiv 2211.05100 sec. 3.4): 384 A100 80GB, tp 4 pp 12 dp 8, Megatron-DeepSpeed
-    # (DeepSpeed pipeline engine, ZeRO-1), full recomputation, seq 2048, global batch 2048; ~150 TFLOP/s per GPU
-    # (the paper says up to 156) in eq. (3)'s convention.
+    # (DeepSpeed pipeline engine; bf16 through DeepSpeed's BF16_Optimizer, which has ZeRO-1 built in and accumulates
+    # gradients in fp32: stack deepspeed-fp32-accum), full recomputation, seq 2048, global batch 2048; ~150 TFLOP/s
+    # per GPU (the paper says up to 156) in eq. (3)'s convention.
     out.append(Run("BLOOM-176B", "Le Scao et al. 2022, sec. 3.4", gpt("bloom-176b", 14336, 70, 112, vocab=250880),
-                   "dgx-a100-80g", 384, 2048, 2048, 4, 12, 150, megatron96, "deepspeed", attention="materialized",
+                   "dgx-a100-80g", 384, 2048, 2048, 4, 12, 150, megatron96, "deepspeed-fp32-accum", attention="materialized",
                    recompute="full", sp=False, zero=1, certain=False,
                    note="150-156 TFLOP/s reported; ALiBi modelled as gpt2 blocks"))
     # OPT-175B (Zhang et al. 2022, sec. 2.3): 992 A100 80GB, FSDP + Megatron tp 8, up to 147 TFLOP/s per GPU;

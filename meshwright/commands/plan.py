@@ -51,8 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "meshwright's runtime runs unchanged; implied by --allow (--emit searches what its stack runs)")
     p.add_argument("--stack", default=None, choices=STACK_NAMES,
                    help="the training stack that will run the plan: its precision policy (bytes per parameter, "
-                        "gradient-reduction dtype) and overlap rules shape memory and step time (default: the --emit "
-                        "target, else meshwright)")
+                        "gradient-reduction dtype) and overlap rules shape memory and step time, and the search keeps "
+                        "to the layouts it runs (default: the --emit target, else meshwright)")
     p.add_argument("--dtype", default=None, choices=("bf16", "fp32"),
                    help="training dtype (TrainConfig.dtype; default bf16 where the device lists it, fp32 on CPU)")
     p.add_argument("--compile", default=False, action=argparse.BooleanOptionalAction,
@@ -164,8 +164,11 @@ def compute_result(args: argparse.Namespace) -> dict[str, Any]:
         from meshwright.memory.lemo import check_lemo_allowed
 
         check_lemo_allowed(args.task, ["lemo"])
-    if getattr(args, "emit", None):
-        res = _search_for_stack(args.emit, cfg, cluster, args, hw, constraints)
+    from meshwright.launcher.planner.export.stacks import RESTRICTED_STACKS
+
+    target = _stack(args)
+    if target in RESTRICTED_STACKS:  # --emit X or --stack X: only the layouts X runs
+        res = _search_for_stack(target, cfg, cluster, args, hw, constraints)
     else:
         res = search(cfg, cluster, args.seq_len, args.global_batch, hw=hw, constraints=constraints, allow=allow, top=args.top,
                      progress=sys.stderr.isatty() and not args.json)
@@ -203,7 +206,8 @@ def _search_for_stack(target: str, cfg: Any, cluster: Any, args: argparse.Namesp
 
     sets = stack_constraints(target, constraints)
     if not sets:
-        raise ConfigError(f"emit={target!r} cannot run the layout fixed by --zero/--pp/--ep/--schedule; valid: drop the "
+        flag = "emit" if getattr(args, "emit", None) else "stack"
+        raise ConfigError(f"{flag}={target!r} cannot run the layout fixed by --zero/--pp/--ep/--schedule; valid: drop the "
                           f"constraint {target} cannot execute (see `meshwright plan --help`)")
     results = [search(cfg, cluster, args.seq_len, args.global_batch, hw=hw, constraints=c, allow=Allow(), top=args.top,
                       suggest=False) for c in sets]

@@ -7,7 +7,7 @@ import sys
 
 import torch.distributed as dist
 
-from parity_lib import CFG, MAX_NORM, RTOL, Report, failure, init, make_opt, reference, rel, run_worker, shard
+from parity_lib import CFG, MAX_NORM, RTOL, SEED, Report, failure, init, make_opt, reference, rel, run_worker, shard
 
 from meshwright.parallel.deepspeed_backend import DeepSpeedRuntime
 from meshwright.plan import plan_from_dict
@@ -34,6 +34,86 @@ def run_case(zero: int, ref: list[dict], ckpt_dir: str | None = None) -> dict:
     return res
 
 
+def _held_bytes(roots: list, bucket_numel: int) -> tuple[int, int]:
+    """Bytes of the distinct storages reachable from ``roots`` through DeepSpeed/torch objects, containers and
+    ``.grad``: (everything but the reduction buckets, the buckets: tensors of ``bucket_numel`` elements)."""
+    import torch
+
+    seen, storages, todo = set(), {}, list(roots)
+    while todo:
+        o = todo.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        if torch.is_tensor(o):
+            st = o.untyped_storage()
+            storages.setdefault(st.data_ptr(), (st.nbytes(), o.numel() == bucket_numel))
+            if o.is_leaf and o.grad is not None:
+                todo.append(o.grad)
+        elif isinstance(o, dict):
+            todo += [*o.keys(), *o.values()]
+        elif isinstance(o, (list, tuple, set)):
+            todo += list(o)
+        elif (type(o).__module__ or "").startswith(("deepspeed", "torch.optim", "torch.nn", "meshwright")) \
+                and hasattr(o, "__dict__"):
+            todo += list(vars(o).values())
+    return (sum(n for n, bucket in storages.values() if not bucket), sum(n for n, bucket in storages.values() if bucket))
+
+
+def state_bytes_case(stack: str) -> dict:
+    """What DeepSpeed holds at the backward peak of a steady step, in bf16 with the config ``plan --emit deepspeed``
+    writes (ZeRO-1, overlap_comm, 2 micro-batches, dp=2), against the planner's ``stack``: parameters, gradients and
+    optimizer states (``model_state_bytes``) and the reduction buckets (``Hardware.stack_buffer_bytes``).
+    ``deepspeed-fp32-accum`` adds ``data_types.grad_accum_dtype: fp32`` (DeepSpeed's BF16_Optimizer)."""
+    import deepspeed
+    import deepspeed.ops
+    import torch
+
+    from meshwright.config.presets import load_cluster
+    from meshwright.launcher.planner import cost_model as cm
+    from meshwright.launcher.planner.export.deepspeed import deepspeed_config
+    from meshwright.models import build_model, lm_loss
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # gloo, as DeepSpeedRuntime does on CPU
+    p = plan_from_dict(plan(uniform(dp=2, zero=1)))
+    conf, _ = deepspeed_config(p, CFG)
+    conf["zero_allow_untested_optimizer"] = True
+    if stack == "deepspeed-fp32-accum":
+        conf["data_types"] = {"grad_accum_dtype": "fp32"}
+    model = build_model(CFG, seed=SEED)
+    n = sum(t.numel() for t in model.parameters())
+    engine, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=make_opt(model.parameters()), config=conf,
+                                                dist_init_required=False)
+    bucket_numel = int(5e8)  # DeepSpeed's default reduce_bucket_size (the export leaves it)
+    peak = [0, 0]
+
+    def at_backward(*_: object) -> None:
+        got = _held_bytes([ds_opt, engine.module], bucket_numel)
+        if sum(got) > sum(peak):
+            peak[:] = got
+
+    for m in engine.module.modules():
+        m.register_full_backward_hook(at_backward)
+    for step in range(2):  # the second step is steady: optimizer states exist, the first step's are counted
+        if step == 1:
+            peak[:] = [0, 0]
+        for x, y in shard(step, dist.get_rank(), dist.get_world_size()):
+            engine.backward(lm_loss(engine(x), y))
+            engine.step()
+    hw = cm.hardware_from_cluster(load_cluster("dgx-a100-80g"), stack=stack, dtype="bf16")
+    predicted = sum(cm.model_state_bytes(n, 2, 1, "fp32", hw).values())
+    states_err = peak[0] / predicted - 1
+    buckets_err = (peak[1] - hw.stack_buffer_bytes) / max(hw.stack_buffer_bytes, 1.0)
+    # the states within 3% (alignment padding, RoPE tables); the buckets exactly
+    ok = type(ds_opt).__name__ == EXPECTED_OPTIMIZER[stack] and abs(states_err) <= 0.03 and buckets_err == 0
+    return {"ok": ok, "optimizer": type(ds_opt).__name__, "params": n,
+            "measured_bytes_per_param": round(peak[0] / n, 3), "predicted_bytes_per_param": round(predicted / n, 3),
+            "measured_bucket_bytes": peak[1], "predicted_bucket_bytes": hw.stack_buffer_bytes}
+
+
+EXPECTED_OPTIMIZER = {"deepspeed": "DeepSpeedZeroOptimizer", "deepspeed-fp32-accum": "BF16_Optimizer"}
+
+
 def _train(rt, opt, ref: list[dict], start: int, steps: int, check_grads: bool) -> dict:
     worst = {"loss": 0.0, "grad": 0.0, "norm": 0.0}
     for step in range(start, start + steps):
@@ -58,6 +138,13 @@ def main() -> None:
         except Exception as e:
             res = failure(f"deepspeed zero{zero}", e)
         report.add(f"deepspeed_zero{zero}", res["ok"], res)
+        dist.barrier()
+    for stack in EXPECTED_OPTIMIZER:
+        try:
+            res = state_bytes_case(stack)
+        except Exception as e:
+            res = failure(f"{stack} state bytes", e)
+        report.add(f"{stack}_state_bytes", res["ok"], res)
         dist.barrier()
     report.gather_and_write()
     dist.destroy_process_group()

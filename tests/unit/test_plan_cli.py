@@ -333,6 +333,31 @@ def test_stack_option_sets_the_precision_policy_and_changes_memory(capsys):
     assert json.loads(text)["precision"] == "fp32" and json.loads(text)["compute_dtype"] == "fp32"
 
 
+def test_deepspeed_stacks_count_the_buckets_and_the_fp32_accumulation_and_keep_to_what_deepspeed_runs(capsys):
+    """DeepSpeed's two bf16 optimizers as the planner sees them (bytes measured in tests/distributed/parity_deepspeed.py):
+    the ZeRO optimizer's 2.0e9 bytes of reduction buckets, BF16_Optimizer's full fp32 gradient buffer (4 B/param,
+    not sharded), and a search that keeps BF16_Optimizer at ZeRO-0/1."""
+    base = ["--model", "llama2-7b", "--cluster", "dgx-a100-80g", "--seq-len", "4096", "--global-batch", "64", "--tp", "1",
+            "--pp", "1", "--recompute", "full", "--micro-batch", "1", "--json", "--memory-budget-gib", "400"]
+    got = {}
+    for stack in ("deepspeed", "deepspeed-fp32-accum"):
+        rc, text, _ = _run(capsys, ["plan", *base, "--zero", "1", "--stack", stack])
+        assert rc == 0
+        data = json.loads(text)
+        got[stack] = data["predicted"]
+    params = 6.74e9  # llama2-7b, every one on the rank (tp1, pp1), gradients not sharded at ZeRO-1
+    # + 4 B/param fp32 accumulation, - the 2.0e9 bucket bytes; the fp32 reduction moves no memory
+    extra = got["deepspeed-fp32-accum"]["memory_gib_max"] - got["deepspeed"]["memory_gib_max"]
+    assert extra == pytest.approx((4 * params * 1.065 - 2e9) / 2**30, rel=0.01)
+    free = ["--model", "llama2-7b", "--cluster", "dgx-a100-80g", "--nodes", "2", "--seq-len", "4096", "--global-batch", "256"]
+    rc, text, _ = _run(capsys, ["plan", *free, "--json", "--stack", "deepspeed-fp32-accum"])
+    assert rc == 0
+    data = json.loads(text)
+    assert {s["zero"] for s in data["plan"]["layers"]} <= {0, 1}
+    rc, _, err = _run(capsys, ["plan", *base, "--zero", "2", "--stack", "deepspeed-fp32-accum"])
+    assert rc != 0 and "stack='deepspeed-fp32-accum' cannot run the layout fixed by --zero" in err
+
+
 def test_model_profile_in_the_training_dtype_is_recorded_and_checked():
     from meshwright.config import load_cluster
     from meshwright.launcher.planner import cost_model as cm

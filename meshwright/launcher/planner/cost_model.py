@@ -174,6 +174,7 @@ class Hardware:
     # each chunk's head matmul; 0: the whole microbatch's logits at once
     loss_chunk_tokens: int = 0
     grads_set_to_none: bool = False  # Stack.grads_set_to_none: gradients do not exist before the first backward
+    stack_buffer_bytes: float = 0.0  # Stack.reduce_bucket_elements in the compute dtype: allocated at the backward peak
     flash_eff_max: float = FLASH_EFF_OTHER  # the SDPA flash kernel's best fraction of peak on this device (see FLASH_EFF_*)
 
     @property
@@ -196,7 +197,8 @@ def apply_stack(hw: Hardware, stack: Stack | str) -> Hardware:
     return dataclasses.replace(hw, precision=precision_for_dtype(hw.compute_dtype, st.name), runtime_buffers=st.runtime_buffers,
                                dp_overlap=st.dp_overlap, tp_wgrad_overlap=st.tp_wgrad_overlap,
                                pipeline_slowdown=st.pipeline_slowdown, stack=st.name,
-                               grads_set_to_none=st.grads_set_to_none)
+                               grads_set_to_none=st.grads_set_to_none,
+                               stack_buffer_bytes=st.reduce_bucket_elements * hw.elem_bytes)
 
 
 def hardware_from_cluster(cluster: ClusterSpec, profile: Optional[dict[str, Any]] = None,
@@ -895,8 +897,8 @@ def embedding_static_bytes(cfg: ModelConfig, first: bool, last: bool, tp: int, d
 
 
 def framework_overhead_bytes(hw: Hardware, used_bytes: float) -> float:
-    """Runtime context and buffers plus allocator fragmentation."""
-    return hw.overhead_bytes + hw.fragmentation * used_bytes
+    """Runtime context and buffers (the stack's reduction buckets among them) plus allocator fragmentation."""
+    return hw.overhead_bytes + hw.stack_buffer_bytes + hw.fragmentation * used_bytes
 
 
 # ---- whole-plan evaluation -------------------------------------------------------------------------
@@ -1406,7 +1408,7 @@ def _memory_gib(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, m: in
              "mem_loss_gib": loss / GIB, "mem_grads_absent_gib": absent / GIB,  # subtracted
              "mem_overhead_gib": over / GIB,
              # what torch.cuda.max_memory_reserved should report: the rest (CUDA context, NCCL) is outside
-             "mem_reserved_gib": (used + hw.fragmentation * used) / GIB}
+             "mem_reserved_gib": (used + hw.fragmentation * used + hw.stack_buffer_bytes) / GIB}
     return mem, terms
 
 

@@ -1305,7 +1305,7 @@ def search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: i
     allow = dataclasses.replace(allow, fp8_gemm=allow.fp8 and cm.fp8_matmul_speedup(hw) > 1)
     pps = _check_request(cfg, seq_len, global_batch, c, cluster.world_size)
     state_opts = [states] if states else (["fp32", "fp8"] if allow.fp8 else ["fp32"])
-    usable = (hw.memory_bytes - hw.overhead_bytes) / (1 + hw.fragmentation)
+    usable = (hw.memory_bytes - hw.overhead_bytes - hw.stack_buffer_bytes) / (1 + hw.fragmentation)
     model_name = cfg.name if cfg.name != "custom" else to_dict(cfg)
     from tqdm import tqdm
 

@@ -38,6 +38,10 @@ PRECISIONS = {
     # bf16 parameters and gradients, fp32 master in the optimizer: DeepSpeed bf16 (16 B/param, the ZeRO paper's
     # count) reducing in bf16; also the planner's plain analytic default
     "bf16": Precision("bf16", 2, 2, 4, 0, 2, 2),
+    # DeepSpeed's BF16_Optimizer (bf16 with data_types.grad_accum_dtype=fp32 at ZeRO-1, BLOOM-176B's setup): the bf16
+    # gradients plus a full fp32 accumulation buffer (2 + 4 B, not sharded: it implements ZeRO-1 only), fp32 master and
+    # states sharded, gradients reduced in fp32. Measured on DeepSpeed 0.19.8 (tests/distributed/parity_deepspeed.py)
+    "bf16_fp32_accum": Precision("bf16_fp32_accum", 2, 6, 4, 0, 2, 4),
     # FSDP2 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): fp32 sharded parameters, gradients and
     # states; layers all-gathered in bf16 (torchtitan)
     "fsdp_mixed": Precision("fsdp_mixed", 4, 4, 0, 0, 2, 4),
@@ -57,15 +61,25 @@ class Stack:
     # gradients freed between steps (``zero_grad(set_to_none=True)`` with no DDP bucket or fp32 main-grad buffer):
     # a one-microbatch, one-stage, dp=1 step holds its activations before any gradient exists
     grads_set_to_none: bool = False
+    # elements of gradient-reduction buckets the stack allocates per rank at the backward peak, in the compute dtype
+    reduce_bucket_elements: float = 0.0
 
+
+DEEPSPEED_REDUCE_BUCKETS = 2 * 5e8  # two ZeRO reduction buckets (overlap_comm) of DeepSpeed's default reduce_bucket_size
 
 STACKS = {
     "meshwright": Stack("meshwright", "autocast", dp_overlap=True, tp_wgrad_overlap=False, pipeline_slowdown=1.0,
                         grads_set_to_none=True),
     # Megatron-LM defaults: no --overlap-grad-reduce; async TP all-reduce / SP all-gather overlap the wgrad GEMMs
     "megatron": Stack("megatron", "bf16_fp32_grads", dp_overlap=False, tp_wgrad_overlap=True, pipeline_slowdown=1.0),
-    # DeepSpeed's pipeline engine ran 23-27% slower than Megatron's on the same shapes (BLOOM/MT-NLG reports, issue 17)
-    "deepspeed": Stack("deepspeed", "bf16", dp_overlap=True, tp_wgrad_overlap=False, pipeline_slowdown=1.25),
+    # DeepSpeed's pipeline engine ran 23-27% slower than Megatron's on the same shapes (BLOOM/MT-NLG reports, issue 17).
+    # Its ZeRO optimizer reduces gradients through two buckets of reduce_bucket_size (default 5e8 elements) with
+    # overlap_comm, as the export writes it: 2.0e9 bytes in bf16 during backward (measured, DeepSpeed 0.19.8)
+    "deepspeed": Stack("deepspeed", "bf16", dp_overlap=True, tp_wgrad_overlap=False, pipeline_slowdown=1.25,
+                       reduce_bucket_elements=DEEPSPEED_REDUCE_BUCKETS),
+    # the same with data_types.grad_accum_dtype=fp32 (BF16_Optimizer, ZeRO-1 built in, no reduction buckets)
+    "deepspeed-fp32-accum": Stack("deepspeed-fp32-accum", "bf16_fp32_accum", dp_overlap=True, tp_wgrad_overlap=False,
+                                  pipeline_slowdown=1.25),
     "torchtitan": Stack("torchtitan", "fsdp_mixed", dp_overlap=True, tp_wgrad_overlap=False, pipeline_slowdown=1.0),
 }
 

@@ -3,7 +3,7 @@
 ``stack_constraints`` turns a target into search constraints (a union of constraint sets: the planner's
 Constraints fix one value per field, so "ZeRO-0/1 with any pp, or ZeRO-3 with pp=1" is two sets);
 ``stack_problems`` says why a finished plan cannot run on the target as planned (the planner then takes
-the next-best layout). ``meshwright plan --emit X`` (and the planner's ``--stack X``) use both.
+the next-best layout). ``meshwright plan --emit X`` and ``--stack X`` use both.
 """
 
 from __future__ import annotations
@@ -21,6 +21,11 @@ TARGETS: dict[str, str] = {
     "deepspeed": "DeepSpeed 0.19 (checked against 0.19.8; pipeline engine rules of runtime/pipe/engine.py)",
     "torchtitan": "torchtitan main @ b5bcd76 (2026-08-21; Python Trainer.Config, the TOML job config is gone)",
 }
+
+
+# the stacks whose runnable layouts ``stack_constraints`` knows: the export targets, and DeepSpeed with fp32 gradient
+# accumulation (predicted, exported as ``deepspeed`` plus ``data_types.grad_accum_dtype``)
+RESTRICTED_STACKS = (*TARGETS, "deepspeed-fp32-accum")
 
 
 def _sets(base: Constraints, *overrides: dict[str, Any]) -> list[Constraints]:
@@ -47,9 +52,11 @@ def stack_constraints(target: str, base: Constraints | None = None) -> list[Cons
         return sets
     if target == "deepspeed":
         return _sets(base, {"pp": 1}, {"zero": 0, "schedule": "1f1b"}, {"zero": 1, "schedule": "1f1b"})
+    if target == "deepspeed-fp32-accum":  # BF16_Optimizer: ZeRO-1 is built in, ZeRO-2/3 do not exist there
+        return _sets(base, {"zero": 0, "schedule": "1f1b"}, {"zero": 1, "schedule": "1f1b"})
     if target == "torchtitan":
         return _sets(base, {"zero": 0}, {"zero": 3})
-    raise invalid("emit", target, ", ".join(TARGETS))
+    raise invalid("emit", target, ", ".join(RESTRICTED_STACKS))
 
 
 def stack_problems(target: str, plan: Plan, cfg: Any) -> list[str]:
@@ -72,8 +79,10 @@ def stack_problems(target: str, plan: Plan, cfg: Any) -> list[str]:
             out.append("--use-torch-fsdp2 needs pp=1 and ep=1")
         if 2 in zeros:
             out.append("Megatron-LM has no ZeRO-2 (its distributed optimizer shards optimizer states only)")
-    elif target == "deepspeed":
-        if pp.degree > 1 and zeros & {2, 3}:
+    elif target in ("deepspeed", "deepspeed-fp32-accum"):
+        if target == "deepspeed-fp32-accum" and zeros & {2, 3}:
+            out.append("DeepSpeed's BF16_Optimizer (grad_accum_dtype fp32) runs ZeRO-0/1 only")
+        elif pp.degree > 1 and zeros & {2, 3}:
             out.append("DeepSpeed's pipeline engine refuses ZeRO-2/3")
         if pp.degree > 1 and pp.schedule != "1f1b":
             out.append(f"DeepSpeed's pipeline engine runs one schedule (1F1B-like), not {pp.schedule}")

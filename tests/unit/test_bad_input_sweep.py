@@ -1,0 +1,68 @@
+"""A second bad-input sweep of the CLI (after test_bad_input_audit.py): each case is one line on stderr naming the
+field, exit 2, said before any work. Before the fixes these were tracebacks from a library (tokenizers' bare
+``Exception``), or a flag that was silently ignored. CLI calls run in-process (``cli.main``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from meshwright.cli import main
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    """Run the CLI; assert exit 2 with exactly one stderr line (progress bars aside); return that line."""
+    rc = main(argv)
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and "error:" in ln]
+    assert rc == 2 and len(err) == 1, (rc, err)
+    return err[0]
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture()
+def text(tmp_path) -> str:
+    src = tmp_path / "a.txt"
+    src.write_text("hello world\n" * 20)
+    return str(src)
+
+
+# ---- tokenizer.json files (data prepare --tokenizer, train data.tokenizer) ---------------------------------
+
+@pytest.mark.parametrize("content", ["", "[1, 2]\n", '{"model":', "\x00\x01garbage"])
+def test_damaged_tokenizer_json_is_one_line(capsys, tmp_path, text, content):
+    pytest.importorskip("tokenizers")
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text(content)
+    argv = ["data", "prepare", text, "--out", str(tmp_path / "out"), "--tokenizer", str(tok), "--no-progress"]
+    line = one_line_error(capsys, argv)  # was tokenizers' bare Exception ("EOF while parsing a value ...")
+    assert f"data.tokenizer='{tok}' is invalid" in line and "tokenizer.json" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("config", ["{not json", "[1]"])
+def test_damaged_tokenizer_config_json_is_one_line(capsys, tmp_path, text, config):
+    tokenizers = pytest.importorskip("tokenizers")
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.add_special_tokens(["<|endoftext|>"])
+    tok.save(str(model_dir / "tokenizer.json"))
+    (model_dir / "tokenizer_config.json").write_text(config)
+    argv = ["data", "prepare", text, "--out", str(tmp_path / "out"), "--tokenizer", str(model_dir), "--no-progress"]
+    line = one_line_error(capsys, argv)  # was json's JSONDecodeError / AttributeError ('list' has no 'get')
+    assert f"data.tokenizer='{model_dir}" in line and "tokenizer_config.json" in line
+
+
+def test_train_with_a_damaged_tokenizer_json_writes_nothing(capsys, tmp_path):
+    pytest.importorskip("tokenizers")
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text("")
+    line = one_line_error(capsys, ["train", "tiny-test", f"out_dir={tmp_path / 'run'}", f"data.tokenizer={tok}"])
+    assert f"data.tokenizer='{tok}' is invalid" in line
+    assert not (tmp_path / "run").exists()

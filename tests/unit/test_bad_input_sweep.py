@@ -66,3 +66,30 @@ def test_train_with_a_damaged_tokenizer_json_writes_nothing(capsys, tmp_path):
     line = one_line_error(capsys, ["train", "tiny-test", f"out_dir={tmp_path / 'run'}", f"data.tokenizer={tok}"])
     assert f"data.tokenizer='{tok}' is invalid" in line
     assert not (tmp_path / "run").exists()
+
+
+# ---- meshwright plan --virtual-stages ------------------------------------------------------------------------
+
+PLAN = ["plan", "--model", "tiny", "--cluster", "local-cpu", "--seq-len", "64", "--global-batch", "8", "--top", "1"]
+
+
+@pytest.mark.parametrize("flags,needle", [
+    # gpipe/1f1b run one chunk per rank: the flag was dropped and a plan printed as if it had been honoured
+    (["--virtual-stages", "2", "--schedule", "1f1b"], "virtual-stages=2 is invalid; valid: used only with --schedule interleaved_1f1b"),
+    (["--virtual-stages", "2", "--schedule", "gpipe"], "virtual-stages=2 is invalid"),
+    # interleaving with 1 chunk or more chunks than layers: every pipeline was dropped, pp=1 came back (the
+    # pipelines listed as "mb=1 is already out of memory")
+    (["--virtual-stages", "1", "--schedule", "interleaved_1f1b"], "virtual-stages=1 is invalid; valid: at least 2"),
+    (["--virtual-stages", "100", "--schedule", "interleaved_1f1b"], "virtual-stages=100 is invalid; valid: at most 2"),
+    (["--virtual-stages", "3"], "virtual-stages=3 is invalid; valid: at most 2"),
+    (["--virtual-stages", "2", "--pp", "1"], "virtual-stages=2 is invalid; valid: none here"),
+])
+def test_plan_virtual_stages_no_layout_can_take(capsys, flags, needle):
+    assert needle in one_line_error(capsys, [*PLAN, *flags])
+
+
+def test_plan_virtual_stages_that_fit_are_used(capsys):
+    assert main([*PLAN, "--virtual-stages", "2", "--schedule", "interleaved_1f1b", "--pp", "2", "--any-runtime",
+                 "--json"]) == 0
+    pipeline = json.loads(capsys.readouterr().out)["plan"]["pipeline"]
+    assert (pipeline["schedule"], pipeline["virtual_stages"]) == ("interleaved_1f1b", 2)

@@ -128,7 +128,7 @@ def _check_outputs_and_extras(args: argparse.Namespace) -> None:
     from meshwright.config.io import check_output_path
     from meshwright.launcher.planner.capacity import DEFAULT_GRID, DEFAULT_PUE, check_capacity_inputs, parse_tokens
 
-    if getattr(args, "out", None):
+    if getattr(args, "out", None) is not None:  # --out '' wrote nothing, silently
         check_output_path(args.out, "--out", directory=False)
     if getattr(args, "train_config", None):
         if not getattr(args, "emit", None):

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from _train_helpers import MICRO, prepared_corpus
 from meshwright.cli import main
+from meshwright.config import load_train_config
+from meshwright.train.build import run_training
 
 
 def one_line_error(capsys, argv: list[str]) -> str:
@@ -93,3 +96,26 @@ def test_plan_virtual_stages_that_fit_are_used(capsys):
                  "--json"]) == 0
     pipeline = json.loads(capsys.readouterr().out)["plan"]["pipeline"]
     assert (pipeline["schedule"], pipeline["virtual_stages"]) == ("interleaved_1f1b", 2)
+
+
+# ---- empty output paths --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep-run")
+    cfg = load_train_config({"model": MICRO, "data": {"path": str(prepared_corpus(root))}, "seq_len": 32,
+                             "global_batch": 8, "micro_batch": 4, "steps": 2, "warmup_steps": 1, "eval_every": 0,
+                             "out_dir": str(root / "run"), "progress": False, "energy": False})
+    run_training(cfg)
+    return root / "run"
+
+
+def test_export_to_an_empty_path_is_refused(capsys, tmp_path, run_dir):
+    line = one_line_error(capsys, ["export", str(run_dir), "--hf", ""])  # Path('') is '.': wrote into the cwd
+    assert "--hf='' is invalid; valid: a directory (a non-empty path)" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv", [[*PLAN, "--out", ""], ["profile", "model", "--model", "tiny", "--out", ""]])
+def test_empty_out_file_is_named_as_empty(capsys, argv):
+    assert "--out='' is invalid; valid: a file path (a non-empty path)" in one_line_error(capsys, argv)

@@ -119,3 +119,33 @@ def test_export_to_an_empty_path_is_refused(capsys, tmp_path, run_dir):
 @pytest.mark.parametrize("argv", [[*PLAN, "--out", ""], ["profile", "model", "--model", "tiny", "--out", ""]])
 def test_empty_out_file_is_named_as_empty(capsys, argv):
     assert "--out='' is invalid; valid: a file path (a non-empty path)" in one_line_error(capsys, argv)
+
+
+# ---- export never replaces another model's files ---------------------------------------------------------------
+
+def test_export_refuses_a_directory_holding_another_model(capsys, tmp_path, run_dir):
+    from safetensors.torch import save_file
+    import torch
+
+    base = tmp_path / "base"  # e.g. the run's own init_from directory, written by transformers
+    base.mkdir()
+    save_file({"w": torch.ones(2)}, str(base / "model.safetensors"), metadata={"format": "pt"})
+    (base / "config.json").write_text('{"model_type": "llama"}')
+    before = {f.name: f.read_bytes() for f in base.iterdir()}
+    line = one_line_error(capsys, ["export", str(run_dir), "--hf", str(base)])  # replaced both files silently
+    assert f"--hf='{base}' is invalid" in line and "config.json, model.safetensors" in line
+    assert {f.name: f.read_bytes() for f in base.iterdir()} == before
+
+    shards = tmp_path / "sharded"  # a single-file export beside shards: two models in one directory
+    shards.mkdir()
+    (shards / "model.safetensors.index.json").write_text("{}")
+    assert "model.safetensors.index.json" in one_line_error(capsys, ["export", str(run_dir), "--hf", str(shards)])
+
+
+def test_export_may_replace_its_own_earlier_export(capsys, tmp_path, run_dir):
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "README.md").write_text("notes")  # not a model file: kept, not a reason to refuse
+    assert main(["export", str(run_dir), "--hf", str(out)]) == 0
+    assert main(["export", str(run_dir), "--hf", str(out)]) == 0
+    assert sorted(f.name for f in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]

@@ -149,3 +149,20 @@ def test_export_may_replace_its_own_earlier_export(capsys, tmp_path, run_dir):
     assert main(["export", str(run_dir), "--hf", str(out)]) == 0
     assert main(["export", str(run_dir), "--hf", str(out)]) == 0
     assert sorted(f.name for f in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+
+# ---- profile hardware --dtypes -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtypes,needle", [
+    ("", "dtypes='' is invalid"),  # was taken as the default dtypes
+    ("fp8", "--dtypes='fp8' is invalid; valid: at least one dtype"),  # off an FP8 GPU: wrote a profile plan refuses
+])
+def test_profile_hardware_dtypes_that_measure_nothing(capsys, tmp_path, dtypes, needle):
+    import torch
+
+    if dtypes == "fp8" and torch.cuda.is_available():
+        pytest.skip("a GPU may measure fp8")
+    out = tmp_path / "hw.json"
+    line = one_line_error(capsys, ["profile", "hardware", "--dtypes", dtypes, "--sizes", "8", "--iters", "1",
+                                   "--out", str(out)])
+    assert needle in line and not out.exists()

@@ -166,3 +166,13 @@ def test_profile_hardware_dtypes_that_measure_nothing(capsys, tmp_path, dtypes, 
     line = one_line_error(capsys, ["profile", "hardware", "--dtypes", dtypes, "--sizes", "8", "--iters", "1",
                                    "--out", str(out)])
     assert needle in line and not out.exists()
+
+
+# ---- launch --python / --workdir ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag", ["--python", "--workdir"])
+def test_launch_empty_python_or_workdir(capsys, tmp_path, flag):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("n0 slots=1\n")
+    argv = ["launch", "--hosts", str(hosts), "--dry-run", flag, "", "--", "train", "tiny-test"]
+    assert f"{flag}='' is invalid" in one_line_error(capsys, argv)  # printed `exec ''` / `cd ''` host commands

@@ -176,3 +176,13 @@ def test_launch_empty_python_or_workdir(capsys, tmp_path, flag):
     hosts.write_text("n0 slots=1\n")
     argv = ["launch", "--hosts", str(hosts), "--dry-run", flag, "", "--", "train", "tiny-test"]
     assert f"{flag}='' is invalid" in one_line_error(capsys, argv)  # printed `exec ''` / `cd ''` host commands
+
+
+# ---- data prepare --vocab-size ---------------------------------------------------------------------------------
+
+def test_data_prepare_vocab_size_without_bpe(capsys, tmp_path, text):
+    argv = ["data", "prepare", text, "--out", str(tmp_path / "out"), "--vocab-size", "5", "--no-progress"]
+    line = one_line_error(capsys, argv)  # prepared a 256-id byte data set, the size ignored
+    assert "--vocab-size=5 is invalid; valid: used only with --tokenizer bpe" in line
+    assert not (tmp_path / "out").exists()
+    assert main(["data", "prepare", text, "--out", str(tmp_path / "out"), "--no-progress"]) == 0  # the default

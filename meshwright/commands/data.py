@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                            "(needs `tokenizers`)")
     prep.add_argument("--format", default="text", choices=["text", "instruct"],
                       help="text documents (default) or prompt/response / chat jsonl with the loss on responses only")
-    prep.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
+    prep.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default 4096)")
     prep.add_argument("--text-key", default="text", help="field holding the text in .jsonl lines (default 'text')")
     prep.add_argument("--default", action="store_true", help="build the embedded default corpus (stdlib sources) into the cache")
     prep.add_argument("--max-files", type=int, default=None, help="with --default: files to sample (default 400)")
@@ -38,6 +38,10 @@ def _prepare(args: argparse.Namespace) -> int:
 
     if args.max_files is not None and args.max_files <= 0:
         raise invalid("--max-files", args.max_files, "a positive integer")
+    if args.vocab_size is not None and args.tokenizer != "bpe":  # was ignored silently: byte/tokenizer.json fix it
+        raise invalid("--vocab-size", args.vocab_size, "used only with --tokenizer bpe (byte has 256 ids; a "
+                      "tokenizer.json brings its own vocabulary)")
+    args.vocab_size = 4096 if args.vocab_size is None else args.vocab_size
     if args.default:
         if args.inputs or args.out:
             raise ConfigError("--default takes no INPUTS or --out; valid: `meshwright data prepare --default` or `... INPUTS --out DIR`")

@@ -128,7 +128,7 @@ def _check_outputs_and_extras(args: argparse.Namespace) -> None:
     from meshwright.config.io import check_output_path
     from meshwright.launcher.planner.capacity import DEFAULT_GRID, DEFAULT_PUE, check_capacity_inputs, parse_tokens
 
-    if getattr(args, "out", None):
+    if getattr(args, "out", None) is not None:  # --out '' wrote nothing, silently
         check_output_path(args.out, "--out", directory=False)
     if getattr(args, "train_config", None):
         if not getattr(args, "emit", None):
@@ -152,13 +152,15 @@ def _stack(args: argparse.Namespace) -> str:
 
 def compute_result(args: argparse.Namespace) -> dict[str, Any]:
     """Run the search and return the plain-data result (the ``--json`` object)."""
-    from meshwright.launcher.planner.search import Allow, Constraints, describe_layout, infeasible_message, search
+    from meshwright.launcher.planner.search import (Allow, Constraints, check_virtual_stages, describe_layout,
+                                                    infeasible_message, search)
 
     inputs = _load_inputs(args)
     cfg, cluster, hw = inputs["cfg"], inputs["cluster"], inputs["hw"]
     constraints = Constraints(tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep, cp=args.cp, zero=args.zero, recompute=args.recompute, sp=args.sp,
                               micro_batch=args.micro_batch, schedule=args.schedule, virtual_stages=args.virtual_stages,
                               runtime_compatible=not (args.any_runtime or args.allow))
+    check_virtual_stages(cfg, cluster.world_size, constraints)
     allow = Allow.parse(args.allow)
     if allow.lemo is not None:
         from meshwright.memory.lemo import check_lemo_allowed

@@ -257,6 +257,8 @@ def check_output_path(path: str | Path, label: str, directory: bool) -> None:
     and its nearest existing parent is a writable directory. Creates nothing."""
     p = Path(path)
     what = "a directory" if directory else "a file path"
+    if not str(path).strip():  # Path("") is ".": an export or report went into the working directory
+        raise ConfigError(f"{label}={str(path)!r} is invalid; valid: {what} (a non-empty path)")
     if p.exists() and p.is_dir() != directory:
         raise ConfigError(f"{label}={str(path)!r} is invalid; valid: {what} (this path is {'a file' if directory else 'a directory'})")
     parent = next((a for a in p.absolute().parents if a.exists()), None)

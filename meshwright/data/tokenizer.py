@@ -59,6 +59,17 @@ def _require_tokenizers():
     return tokenizers
 
 
+def _read_tokenizer_json(path: Path, field: str, ref: str):
+    """``tokenizers.Tokenizer.from_file``, whose Rust parser raises a bare ``Exception`` for an empty, truncated or
+    non-tokenizer JSON file: one line naming the field instead of that traceback."""
+    tk = _require_tokenizers()
+    try:
+        return tk.Tokenizer.from_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises Exception itself, nothing narrower
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise invalid(field, ref, f"a Hugging Face tokenizer.json ({path} does not parse as one: {first[:160]})") from None
+
+
 class BPETokenizer:
     """Byte-level BPE trained on the input corpus with Hugging Face ``tokenizers`` (optional)."""
 
@@ -85,8 +96,7 @@ class BPETokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> "BPETokenizer":
-        tk = _require_tokenizers()
-        return cls(tk.Tokenizer.from_file(str(path)))
+        return cls(_read_tokenizer_json(Path(path), "data.tokenizer", str(path)))
 
     def save(self, path: str | Path) -> None:
         self._tok.save(str(path))
@@ -131,13 +141,20 @@ class HFTokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> "HFTokenizer":
-        tk = _require_tokenizers()
         file = tokenizer_file(path)
-        tok = tk.Tokenizer.from_file(str(file))
+        tok = _read_tokenizer_json(file, "data.tokenizer", str(path))
         names: list[str] = []
         config = file.with_name("tokenizer_config.json")
         if config.is_file():
-            eos = json.loads(config.read_text()).get("eos_token")
+            try:
+                settings = json.loads(config.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+                raise invalid("data.tokenizer", str(path), f"a model directory whose tokenizer_config.json is a JSON "
+                              f"object ({config} is not valid JSON: {str(exc)[:120]})") from None
+            if not isinstance(settings, dict):
+                raise invalid("data.tokenizer", str(path), f"a model directory whose tokenizer_config.json is a JSON "
+                              f"object ({config} holds {type(settings).__name__})")
+            eos = settings.get("eos_token")
             eos = eos.get("content") if isinstance(eos, dict) else eos
             if isinstance(eos, str):
                 names.append(eos)
@@ -177,6 +194,6 @@ def load_tokenizer(data_dir: str | Path) -> Tokenizer:
     if meta["name"] == "byte":
         return ByteTokenizer()
     if meta["name"] == "hf":
-        return HFTokenizer(_require_tokenizers().Tokenizer.from_file(str(d / meta.get("file", "tokenizer.json"))),
+        return HFTokenizer(_read_tokenizer_json(d / meta.get("file", "tokenizer.json"), "data.path", str(d)),
                            int(meta["eos_id"]))
     return BPETokenizer.load(d / meta.get("file", "tokenizer.json"))

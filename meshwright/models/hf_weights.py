@@ -374,6 +374,42 @@ class _KeyOnlyReader:
         return key in self._keys
 
 
+# safetensors metadata that marks a model.safetensors written by save_hf, so that an export may replace its own
+# earlier output but never another model's weights (check_export_dir)
+EXPORT_MARK = {"producer": "meshwright"}
+
+
+def check_export_dir(out: str | Path, label: str = "--hf") -> None:
+    """``out`` may receive config.json + model.safetensors: a new directory, one without model files, or an earlier
+    export. A Hugging Face model directory (say the run's own ``init_from``) would have had its config.json and
+    weights replaced, or its shards mixed with a single-file model, so it is refused, before anything is read."""
+    d = Path(out)
+    if not d.is_dir():
+        return
+    weights = d / "model.safetensors"
+    if weights.is_file() and _written_by_save_hf(weights):
+        return
+    clash = sorted(f.name for f in d.iterdir()
+                   if f.name in ("config.json", "model.safetensors.index.json") or f.name.endswith(".safetensors"))
+    if clash:
+        shown = ", ".join(clash[:3]) + (f" and {len(clash) - 3} more" if len(clash) > 3 else "")
+        raise invalid(label, str(out), f"a new directory, one without model files, or an earlier `meshwright export` "
+                      f"(this one holds {shown}, not written by an export, which exporting would replace or mix with; "
+                      f"it is left alone)")
+
+
+def _written_by_save_hf(path: Path) -> bool:
+    """Whether ``path``'s safetensors header carries EXPORT_MARK (a damaged or foreign file: no)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - safetensors raises its own SafetensorError and OSError; either way not ours
+        return False
+    return all(meta.get(k) == v for k, v in EXPORT_MARK.items())
+
+
 def save_hf(model: nn.Module, cfg: ModelConfig, out: str | Path) -> Path:
     """Write ``out/config.json`` + ``out/model.safetensors`` that transformers' ``from_pretrained`` loads."""
     from safetensors.torch import save_file
@@ -381,6 +417,6 @@ def save_hf(model: nn.Module, cfg: ModelConfig, out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.float() if v.is_floating_point() else v for k, v in hf_state_dict(model, cfg).items()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", **EXPORT_MARK})
     (out / "config.json").write_text(json.dumps(hf_config_from_model(cfg), indent=1) + "\n")
     return out

@@ -16,7 +16,7 @@ from meshwright.config import load_model_config, load_train_config
 from meshwright.config.io import check_output_path
 from meshwright.errors import ConfigError, invalid
 from meshwright.models import build_model
-from meshwright.models.hf_weights import save_hf
+from meshwright.models.hf_weights import check_export_dir, save_hf
 from meshwright.train.build import resolve_model_config
 from meshwright.train.checkpoint import STATE_FILE, _quiet_dcp, latest_checkpoint
 from meshwright.train.checkpoint_io import (MANIFEST, SafeFileSystemReader, SafeLoadPlanner, read_metadata_file,
@@ -40,6 +40,7 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
     """Write ``out`` (config.json + model.safetensors) from the model weights of checkpoint ``ckpt``."""
     step_dir, run_dir = find_run(ckpt)
     check_output_path(out, "--hf", directory=True)  # before the checkpoint is read
+    check_export_dir(out, "--hf")  # never another model's config.json/weights
     cfg = load_train_config(str(run_dir / "config.yaml"))
     if cfg.meft is not None:
         raise invalid("meft", "set", "a run without MEFT (its reversible blocks and adapters are not a Hugging Face architecture)")

@@ -920,6 +920,28 @@ def _check_request(cfg: ModelConfig, seq_len: int, global_batch: int, c: Constra
     return pps
 
 
+def check_virtual_stages(cfg: ModelConfig, world: int, c: Constraints) -> None:
+    """``--virtual-stages`` is the chunk count of interleaved 1F1B (``_schedules``); where no pipeline can take it,
+    the search dropped it without a word: with --schedule gpipe/1f1b, with 1 under interleaved_1f1b, or deeper
+    than n_layers/pp for every pipeline degree (only pp=1 plans were left, the pipelines reported as "out of
+    memory"). Called on the user's own constraints, before an --emit target narrows the schedules."""
+    v = c.virtual_stages
+    if v is None:
+        return
+    if c.schedule in ("gpipe", "1f1b"):
+        raise invalid("virtual-stages", v, f"used only with --schedule interleaved_1f1b (or no --schedule); "
+                      f"{c.schedule} runs one model chunk per rank")
+    if v < 2 and c.schedule == "interleaved_1f1b":
+        raise invalid("virtual-stages", v, "at least 2 model chunks per rank with --schedule interleaved_1f1b")
+    pps = [p for p in divisors(world) if 1 < p <= cfg.n_layers and (c.pp is None or p == c.pp)]
+    deepest = max((cfg.n_layers // p for p in pps), default=0)
+    if v > 1 and v > deepest:
+        valid = (f"at most {deepest} (pp x virtual-stages <= n_layers={cfg.n_layers} for pp={min(pps)})" if deepest > 1
+                 else "none here: interleaving needs a pipeline degree pp > 1 with pp x virtual-stages <= "
+                      f"n_layers={cfg.n_layers} (world size {world}" + (f", --pp {c.pp}" if c.pp is not None else "") + ")")
+        raise invalid("virtual-stages", v, valid)
+
+
 def _check_fixed_degrees(cfg: ModelConfig, global_batch: int, c: Constraints, world: int) -> None:
     """A fixed degree no layout can take is named here, not reported later as "no layout fits in memory"."""
     if c.tp is not None:

@@ -32,6 +32,10 @@ class LaunchSpec:
             raise invalid("command", " ".join(self.train_args) or "<empty>", "'-- train CONFIG [--plan PLAN|auto] ...'")
         if not self.hosts:
             raise invalid("hosts", [], "at least one host")
+        for name, value in (("python", self.python), ("workdir", self.workdir)):
+            # '' became `exec ''` / `cd ''` on every host: a failure there (or a run in $HOME), after the ssh start
+            if not value.strip() or any(c in value for c in "\n\r\x00"):
+                raise invalid(f"--{name}", value, "a non-empty path on the hosts, without line breaks or NUL bytes")
         if not 0 < self.rdzv_port < 65536:
             raise invalid("rdzv_port", self.rdzv_port, "an integer in 1..65535")
         if self.max_restarts < 0:

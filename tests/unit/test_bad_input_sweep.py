@@ -1,0 +1,188 @@
+"""A second bad-input sweep of the CLI (after test_bad_input_audit.py): each case is one line on stderr naming the
+field, exit 2, said before any work. Before the fixes these were tracebacks from a library (tokenizers' bare
+``Exception``), or a flag that was silently ignored. CLI calls run in-process (``cli.main``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from _train_helpers import MICRO, prepared_corpus
+from meshwright.cli import main
+from meshwright.config import load_train_config
+from meshwright.train.build import run_training
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    """Run the CLI; assert exit 2 with exactly one stderr line (progress bars aside); return that line."""
+    rc = main(argv)
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and "error:" in ln]
+    assert rc == 2 and len(err) == 1, (rc, err)
+    return err[0]
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture()
+def text(tmp_path) -> str:
+    src = tmp_path / "a.txt"
+    src.write_text("hello world\n" * 20)
+    return str(src)
+
+
+# ---- tokenizer.json files (data prepare --tokenizer, train data.tokenizer) ---------------------------------
+
+@pytest.mark.parametrize("content", ["", "[1, 2]\n", '{"model":', "\x00\x01garbage"])
+def test_damaged_tokenizer_json_is_one_line(capsys, tmp_path, text, content):
+    pytest.importorskip("tokenizers")
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text(content)
+    argv = ["data", "prepare", text, "--out", str(tmp_path / "out"), "--tokenizer", str(tok), "--no-progress"]
+    line = one_line_error(capsys, argv)  # was tokenizers' bare Exception ("EOF while parsing a value ...")
+    assert f"data.tokenizer='{tok}' is invalid" in line and "tokenizer.json" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("config", ["{not json", "[1]"])
+def test_damaged_tokenizer_config_json_is_one_line(capsys, tmp_path, text, config):
+    tokenizers = pytest.importorskip("tokenizers")
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.add_special_tokens(["<|endoftext|>"])
+    tok.save(str(model_dir / "tokenizer.json"))
+    (model_dir / "tokenizer_config.json").write_text(config)
+    argv = ["data", "prepare", text, "--out", str(tmp_path / "out"), "--tokenizer", str(model_dir), "--no-progress"]
+    line = one_line_error(capsys, argv)  # was json's JSONDecodeError / AttributeError ('list' has no 'get')
+    assert f"data.tokenizer='{model_dir}" in line and "tokenizer_config.json" in line
+
+
+def test_train_with_a_damaged_tokenizer_json_writes_nothing(capsys, tmp_path):
+    pytest.importorskip("tokenizers")
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text("")
+    line = one_line_error(capsys, ["train", "tiny-test", f"out_dir={tmp_path / 'run'}", f"data.tokenizer={tok}"])
+    assert f"data.tokenizer='{tok}' is invalid" in line
+    assert not (tmp_path / "run").exists()
+
+
+# ---- meshwright plan --virtual-stages ------------------------------------------------------------------------
+
+PLAN = ["plan", "--model", "tiny", "--cluster", "local-cpu", "--seq-len", "64", "--global-batch", "8", "--top", "1"]
+
+
+@pytest.mark.parametrize("flags,needle", [
+    # gpipe/1f1b run one chunk per rank: the flag was dropped and a plan printed as if it had been honoured
+    (["--virtual-stages", "2", "--schedule", "1f1b"], "virtual-stages=2 is invalid; valid: used only with --schedule interleaved_1f1b"),
+    (["--virtual-stages", "2", "--schedule", "gpipe"], "virtual-stages=2 is invalid"),
+    # interleaving with 1 chunk or more chunks than layers: every pipeline was dropped, pp=1 came back (the
+    # pipelines listed as "mb=1 is already out of memory")
+    (["--virtual-stages", "1", "--schedule", "interleaved_1f1b"], "virtual-stages=1 is invalid; valid: at least 2"),
+    (["--virtual-stages", "100", "--schedule", "interleaved_1f1b"], "virtual-stages=100 is invalid; valid: at most 2"),
+    (["--virtual-stages", "3"], "virtual-stages=3 is invalid; valid: at most 2"),
+    (["--virtual-stages", "2", "--pp", "1"], "virtual-stages=2 is invalid; valid: none here"),
+])
+def test_plan_virtual_stages_no_layout_can_take(capsys, flags, needle):
+    assert needle in one_line_error(capsys, [*PLAN, *flags])
+
+
+def test_plan_virtual_stages_that_fit_are_used(capsys):
+    assert main([*PLAN, "--virtual-stages", "2", "--schedule", "interleaved_1f1b", "--pp", "2", "--any-runtime",
+                 "--json"]) == 0
+    pipeline = json.loads(capsys.readouterr().out)["plan"]["pipeline"]
+    assert (pipeline["schedule"], pipeline["virtual_stages"]) == ("interleaved_1f1b", 2)
+
+
+# ---- empty output paths --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep-run")
+    cfg = load_train_config({"model": MICRO, "data": {"path": str(prepared_corpus(root))}, "seq_len": 32,
+                             "global_batch": 8, "micro_batch": 4, "steps": 2, "warmup_steps": 1, "eval_every": 0,
+                             "out_dir": str(root / "run"), "progress": False, "energy": False})
+    run_training(cfg)
+    return root / "run"
+
+
+def test_export_to_an_empty_path_is_refused(capsys, tmp_path, run_dir):
+    line = one_line_error(capsys, ["export", str(run_dir), "--hf", ""])  # Path('') is '.': wrote into the cwd
+    assert "--hf='' is invalid; valid: a directory (a non-empty path)" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv", [[*PLAN, "--out", ""], ["profile", "model", "--model", "tiny", "--out", ""]])
+def test_empty_out_file_is_named_as_empty(capsys, argv):
+    assert "--out='' is invalid; valid: a file path (a non-empty path)" in one_line_error(capsys, argv)
+
+
+# ---- export never replaces another model's files ---------------------------------------------------------------
+
+def test_export_refuses_a_directory_holding_another_model(capsys, tmp_path, run_dir):
+    from safetensors.torch import save_file
+    import torch
+
+    base = tmp_path / "base"  # e.g. the run's own init_from directory, written by transformers
+    base.mkdir()
+    save_file({"w": torch.ones(2)}, str(base / "model.safetensors"), metadata={"format": "pt"})
+    (base / "config.json").write_text('{"model_type": "llama"}')
+    before = {f.name: f.read_bytes() for f in base.iterdir()}
+    line = one_line_error(capsys, ["export", str(run_dir), "--hf", str(base)])  # replaced both files silently
+    assert f"--hf='{base}' is invalid" in line and "config.json, model.safetensors" in line
+    assert {f.name: f.read_bytes() for f in base.iterdir()} == before
+
+    shards = tmp_path / "sharded"  # a single-file export beside shards: two models in one directory
+    shards.mkdir()
+    (shards / "model.safetensors.index.json").write_text("{}")
+    assert "model.safetensors.index.json" in one_line_error(capsys, ["export", str(run_dir), "--hf", str(shards)])
+
+
+def test_export_may_replace_its_own_earlier_export(capsys, tmp_path, run_dir):
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "README.md").write_text("notes")  # not a model file: kept, not a reason to refuse
+    assert main(["export", str(run_dir), "--hf", str(out)]) == 0
+    assert main(["export", str(run_dir), "--hf", str(out)]) == 0
+    assert sorted(f.name for f in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+
+# ---- profile hardware --dtypes -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtypes,needle", [
+    ("", "dtypes='' is invalid"),  # was taken as the default dtypes
+    ("fp8", "--dtypes='fp8' is invalid; valid: at least one dtype"),  # off an FP8 GPU: wrote a profile plan refuses
+])
+def test_profile_hardware_dtypes_that_measure_nothing(capsys, tmp_path, dtypes, needle):
+    import torch
+
+    if dtypes == "fp8" and torch.cuda.is_available():
+        pytest.skip("a GPU may measure fp8")
+    out = tmp_path / "hw.json"
+    line = one_line_error(capsys, ["profile", "hardware", "--dtypes", dtypes, "--sizes", "8", "--iters", "1",
+                                   "--out", str(out)])
+    assert needle in line and not out.exists()
+
+
+# ---- launch --python / --workdir ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag", ["--python", "--workdir"])
+def test_launch_empty_python_or_workdir(capsys, tmp_path, flag):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("n0 slots=1\n")
+    argv = ["launch", "--hosts", str(hosts), "--dry-run", flag, "", "--", "train", "tiny-test"]
+    assert f"{flag}='' is invalid" in one_line_error(capsys, argv)  # printed `exec ''` / `cd ''` host commands
+
+
+# ---- data prepare --vocab-size ---------------------------------------------------------------------------------
+
+def test_data_prepare_vocab_size_without_bpe(capsys, tmp_path, text):
+    argv = ["data", "prepare", text, "--out", str(tmp_path / "out"), "--vocab-size", "5", "--no-progress"]
+    line = one_line_error(capsys, argv)  # prepared a 256-id byte data set, the size ignored
+    assert "--vocab-size=5 is invalid; valid: used only with --tokenizer bpe" in line
+    assert not (tmp_path / "out").exists()
+    assert main(["data", "prepare", text, "--out", str(tmp_path / "out"), "--no-progress"]) == 0  # the default

@@ -209,7 +209,7 @@ def _search_for_stack(target: str, cfg: Any, cluster: Any, args: argparse.Namesp
     sets = stack_constraints(target, constraints)
     if not sets:
         flag = "emit" if getattr(args, "emit", None) else "stack"
-        raise ConfigError(f"{flag}={target!r} cannot run the layout fixed by --zero/--pp/--ep/--schedule; valid: drop the "
+        raise ConfigError(f"{flag}={target!r} cannot run the layout fixed by --zero/--pp/--ep/--schedule/--virtual-stages; valid: drop the "
                           f"constraint {target} cannot execute (see `meshwright plan --help`)")
     results = [search(cfg, cluster, args.seq_len, args.global_batch, hw=hw, constraints=c, allow=Allow(), top=args.top,
                       suggest=False) for c in sets]

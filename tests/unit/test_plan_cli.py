@@ -356,6 +356,10 @@ def test_deepspeed_stacks_count_the_buckets_and_the_fp32_accumulation_and_keep_t
     assert {s["zero"] for s in data["plan"]["layers"]} <= {0, 1}
     rc, _, err = _run(capsys, ["plan", *base, "--zero", "2", "--stack", "deepspeed-fp32-accum"])
     assert rc != 0 and "stack='deepspeed-fp32-accum' cannot run the layout fixed by --zero" in err
+    # DeepSpeed's pipeline engine has no interleaved schedule: the flag is refused, not dropped
+    for flag in (["--stack", "deepspeed"], ["--emit", "deepspeed"]):
+        rc, _, err = _run(capsys, ["plan", *free, "--virtual-stages", "2", *flag])
+        assert rc != 0 and "cannot run the layout fixed by --zero/--pp/--ep/--schedule/--virtual-stages" in err
 
 
 def test_model_profile_in_the_training_dtype_is_recorded_and_checked():

@@ -50,6 +50,8 @@ def stack_constraints(target: str, base: Constraints | None = None) -> list[Cons
     if target == "megatron":
         sets = _sets(base, {"zero": 0}, {"zero": 1}, {"zero": 3, "pp": 1, "ep": 1})
         return sets
+    if target in ("deepspeed", "deepspeed-fp32-accum") and (base.virtual_stages or 1) > 1:
+        return []  # one 1F1B-like schedule: no model chunks to interleave
     if target == "deepspeed":
         return _sets(base, {"pp": 1}, {"zero": 0, "schedule": "1f1b"}, {"zero": 1, "schedule": "1f1b"})
     if target == "deepspeed-fp32-accum":  # BF16_Optimizer: ZeRO-1 is built in, ZeRO-2/3 do not exist there

@@ -356,6 +356,14 @@ def test_deepspeed_stacks_count_the_buckets_and_the_fp32_accumulation_and_keep_t
     assert {s["zero"] for s in data["plan"]["layers"]} <= {0, 1}
     rc, _, err = _run(capsys, ["plan", *base, "--zero", "2", "--stack", "deepspeed-fp32-accum"])
     assert rc != 0 and "stack='deepspeed-fp32-accum' cannot run the layout fixed by --zero" in err
+    # HSDP where the stack has none: DeepSpeed's ZeRO-2 and Megatron's FSDP2 shard over all dp ranks (the search
+    # picked z2 hsdp8 and z3 hsdp8 here, which their exports could only approximate)
+    for stack, zero in (("deepspeed", 2), ("megatron", 3)):
+        rc, text, _ = _run(capsys, ["plan", *free, "--json", "--stack", stack, "--top", "3"])
+        assert rc == 0
+        data = json.loads(text)
+        layouts = [data["layout"]] + [r["layout"] for r in data["runners_up"]]
+        assert len(layouts) == 3 and not [t for t in layouts if f"z{zero} hsdp" in t], (stack, layouts)
     # DeepSpeed's pipeline engine has no interleaved schedule: the flag is refused, not dropped
     for flag in (["--stack", "deepspeed"], ["--emit", "deepspeed"]):
         rc, _, err = _run(capsys, ["plan", *free, "--virtual-stages", "2", *flag])

@@ -58,6 +58,9 @@ class Constraints:
     micro_batch: Optional[int] = None
     schedule: Optional[str] = None
     virtual_stages: Optional[int] = None
+    # HSDP (ZeRO-2/3 sharded within node-sized groups, dp_shard) searched where dp spans nodes; False: plain sharding
+    # only (a stack with no HSDP at that ZeRO level, export/stacks.py)
+    hsdp: Optional[bool] = None
     # Only emit what meshwright's own runtime runs (meshwright.parallel.support.check_runtime_support):
     # embeddings/head replicated over tp, no ZeRO-1 (its ZeroRedundancyOptimizer path needs a pure-DP
     # model), no memory savers. Off = the full space, e.g. for --emit to other stacks.
@@ -218,7 +221,7 @@ def layer_strategies(cfg: ModelConfig, index: int, per_stage: int, tps: list[int
             if c.runtime_compatible and moe and (sp or (ep > 1 and (z != 0 or dp != max_dp))):
                 continue  # the runtime keeps MoE tokens tp-replicated and expert grads off ZeRO/mixed-dp paths
             out.append(LayerStrategy(tp=t, sp=sp, dp=dp, zero=z, ep=ep, cp=cp, recompute=rc, savers=sv))
-            shard = node_shard(dp, t, devices_per_node) if z >= 2 and not moe and cp == 1 else None
+            shard = node_shard(dp, t, devices_per_node) if z >= 2 and not moe and cp == 1 and c.hsdp is not False else None
             if shard is not None:
                 out.append(LayerStrategy(tp=t, sp=sp, dp=dp, zero=z, dp_shard=shard, ep=ep, recompute=rc, savers=sv))
     return out

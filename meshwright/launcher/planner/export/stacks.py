@@ -40,20 +40,20 @@ def _sets(base: Constraints, *overrides: dict[str, Any]) -> list[Constraints]:
 def stack_constraints(target: str, base: Constraints | None = None) -> list[Constraints]:
     """Constraint sets whose union is what ``target`` can execute (the user's own constraints kept).
 
-    megatron: DDP or the distributed optimizer (ZeRO-0/1) with any pp/ep, or torch FSDP2 (ZeRO-3) with
+    megatron: DDP or the distributed optimizer (ZeRO-0/1) with any pp/ep, or torch FSDP2 (ZeRO-3, no HSDP) with
     pp=1 and ep=1 (validate_args); no GPipe. deepspeed: the pipeline engine refuses ZeRO-2/3, so pp>1 runs
-    ZeRO-0/1 on its 1F1B-style schedule; pp=1 takes any ZeRO stage. torchtitan: DDP (replicate) or FSDP
+    ZeRO-0/1 on its 1F1B-style schedule; pp=1 takes any ZeRO stage, HSDP only at ZeRO-3 (hpZ). torchtitan: DDP (replicate) or FSDP
     (ZeRO-3, also as HSDP); ZeRO-1/2 do not exist there. An empty list: the user's constraints exclude
     every layout the target runs.
     """
     base = dataclasses.replace(base or Constraints(), runtime_compatible=False)
-    if target == "megatron":
-        sets = _sets(base, {"zero": 0}, {"zero": 1}, {"zero": 3, "pp": 1, "ep": 1})
-        return sets
+    if target == "megatron":  # --use-torch-fsdp2 shards over all dp ranks: no HSDP flag
+        return _sets(base, {"zero": 0}, {"zero": 1}, {"zero": 3, "pp": 1, "ep": 1, "hsdp": False})
     if target in ("deepspeed", "deepspeed-fp32-accum") and (base.virtual_stages or 1) > 1:
         return []  # one 1F1B-like schedule: no model chunks to interleave
-    if target == "deepspeed":
-        return _sets(base, {"pp": 1}, {"zero": 0, "schedule": "1f1b"}, {"zero": 1, "schedule": "1f1b"})
+    if target == "deepspeed":  # HSDP only at ZeRO-3 (as ZeRO++ hpZ); ZeRO-2 shards over all dp ranks
+        return _sets(base, {"pp": 1, "hsdp": False}, {"pp": 1, "zero": 3}, {"zero": 0, "schedule": "1f1b"},
+                     {"zero": 1, "schedule": "1f1b"})
     if target == "deepspeed-fp32-accum":  # BF16_Optimizer: ZeRO-1 is built in, ZeRO-2/3 do not exist there
         return _sets(base, {"zero": 0, "schedule": "1f1b"}, {"zero": 1, "schedule": "1f1b"})
     if target == "torchtitan":
@@ -81,7 +81,11 @@ def stack_problems(target: str, plan: Plan, cfg: Any) -> list[str]:
             out.append("--use-torch-fsdp2 needs pp=1 and ep=1")
         if 2 in zeros:
             out.append("Megatron-LM has no ZeRO-2 (its distributed optimizer shards optimizer states only)")
+        if any(s.dp_shard and s.zero == 3 for s in strategies):
+            out.append("--use-torch-fsdp2 has no HSDP flag")
     elif target in ("deepspeed", "deepspeed-fp32-accum"):
+        if any(s.dp_shard and s.zero == 2 for s in strategies):
+            out.append("HSDP at ZeRO-2 has no DeepSpeed equivalent")
         if target == "deepspeed-fp32-accum" and zeros & {2, 3}:
             out.append("DeepSpeed's BF16_Optimizer (grad_accum_dtype fp32) runs ZeRO-0/1 only")
         elif pp.degree > 1 and zeros & {2, 3}:

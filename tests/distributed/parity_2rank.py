@@ -108,7 +108,7 @@ def main() -> None:
     if only is None or "deepspeed" in only:
         import tempfile
 
-        from parity_deepspeed import EXPECTED_OPTIMIZER, run_case, state_bytes_case
+        from parity_deepspeed import STATE_BYTES_CASES, run_case, state_bytes_case
 
         box = [tempfile.mkdtemp() if rank == 0 else None]
         dist.broadcast_object_list(box)
@@ -119,12 +119,12 @@ def main() -> None:
                 res = failure(f"deepspeed zero{zero}", e)
             report.add(f"deepspeed_zero{zero}", res["ok"], res)
             dist.barrier()
-        for stack in EXPECTED_OPTIMIZER:  # the planner's DeepSpeed memory against what DeepSpeed holds
+        for stack, zero in STATE_BYTES_CASES:  # the planner's DeepSpeed memory against what DeepSpeed holds
             try:
-                res = state_bytes_case(stack)
+                res = state_bytes_case(stack, zero)
             except Exception as e:
-                res = failure(f"{stack} state bytes", e)
-            report.add(f"{stack}_state_bytes", res["ok"], res)
+                res = failure(f"{stack} zero{zero} state bytes", e)
+            report.add(f"{stack}_zero{zero}_state_bytes", res["ok"], res)
             dist.barrier()
     if only is None or "ckpt_megatron_to_dtensor" in only:  # a megatron-core tp2 checkpoint resumed by the DTensor backend
         import tempfile

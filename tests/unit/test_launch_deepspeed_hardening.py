@@ -117,3 +117,40 @@ def test_binary_hostfile_is_one_line(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_hosts(hf)
     assert "\n" not in str(err.value) and "binary" in str(err.value)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash as the simulated remote shell")
+def test_deepspeed_would_run_a_hostile_workdir_so_it_is_refused(tmp_path, monkeypatch):
+    """DeepSpeed's runner puts its working directory on the remote line as ``cd {os.path.abspath('.')};``,
+    unquoted (and prepends it to the PYTHONPATH it exports in double quotes): a --workdir named ``w;id>pwned``
+    ran ``id`` on every host. Such a directory is refused in one line before DeepSpeed starts."""
+    hostile = tmp_path / "w;id>pwned"  # `cd .../w` fails, then `id>pwned` runs in the remote shell's directory
+    hostile.mkdir()
+    marker = tmp_path / "pwned"
+    spec = LaunchSpec(hosts=[Host("n0", 1), Host("n1", 1)], train_args=["train", "tiny-test"], workdir=str(hostile))
+    monkeypatch.chdir(hostile)  # where run_deepspeed starts DeepSpeed's runner (cwd=--workdir)
+    import meshwright.launcher.remote.argv as argv_mod
+
+    monkeypatch.setattr(argv_mod, "check_deepspeed_workdir", lambda s: None, raising=False)
+    line = remote_line(spec, tmp_path)
+    subprocess.run(["bash", "-c", line], capture_output=True, text=True, cwd=tmp_path, timeout=30)
+    assert marker.exists()  # the simulation is sharp: unguarded, the directory name ran on the "host"
+    marker.unlink()
+    monkeypatch.undo()
+    for workdir in (str(hostile), str(tmp_path / "my runs"), str(tmp_path / "$(id)")):
+        spec.workdir = workdir
+        with pytest.raises(ConfigError) as err:
+            deepspeed_argv(spec, tmp_path / "hostfile")
+        assert "\n" not in str(err.value) and str(err.value).startswith("--workdir=")
+    assert not marker.exists()
+    one = LaunchSpec(hosts=[Host("n0", 1)], train_args=["train", "tiny-test"], workdir=str(tmp_path / "my runs"))
+    assert deepspeed_argv(one, tmp_path / "h")[0] == "deepspeed"  # one host: DeepSpeed runs it locally, no shell
+
+
+def test_cli_dry_run_refuses_hostile_workdir_under_deepspeed(tmp_path, capsys):
+    hf = tmp_path / "hostfile"
+    hf.write_text("n0 slots=1\nn1 slots=1\n")
+    assert main(["launch", "--hosts", str(hf), "--launcher", "deepspeed", "--workdir", "/srv/a;reboot", "--dry-run",
+                 "--", "train", "tiny-test"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--workdir='/srv/a;reboot'" in err[0] and "torchrun" in err[0]

@@ -93,7 +93,8 @@ def run_deepspeed(spec, args: argparse.Namespace) -> int:
 
     from meshwright.errors import invalid
     from meshwright.launcher.remote.argv import (
-        deepspeed_argv, deepspeed_hostfile_text, deepspeed_ssh_port, env_script_text, pdsh_ssh_args,
+        check_deepspeed_exports, deepspeed_argv, deepspeed_export_prefixes, deepspeed_hostfile_text, deepspeed_ssh_port,
+        env_script_text, pdsh_ssh_args,
     )
 
     ssh_port = deepspeed_ssh_port(spec.hosts, args.ssh_port)
@@ -109,6 +110,8 @@ def run_deepspeed(spec, args: argparse.Namespace) -> int:
     # the user's --env wins over the same names in this environment (which DeepSpeed would export unquoted)
     run_env = {k: v for k, v in os.environ.items() if k not in spec.env}
     run_env["PDSH_RCMD_TYPE"] = "ssh"
+    if len(spec.hosts) > 1:
+        check_deepspeed_exports(run_env, deepspeed_export_prefixes())
     env_script: Path | None = None
     with tempfile.TemporaryDirectory(prefix="meshwright-ds-") as tmp:
         hostfile = Path(tmp) / "hostfile"

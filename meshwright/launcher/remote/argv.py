@@ -112,6 +112,33 @@ def check_deepspeed_workdir(spec: LaunchSpec) -> None:
                           "runner puts it unquoted on the remote command line); rename it or use --launcher torchrun")
 
 
+# what stays live inside the double quotes DeepSpeed's runner wraps exported values in (and a line break ends it)
+DOUBLE_QUOTE_LIVE = set('$`"\\\n\r')
+
+
+def deepspeed_export_prefixes() -> list[str]:
+    """The variable-name prefixes DeepSpeed's runner copies from this environment onto every host's command line
+    (its ``EXPORT_ENVS`` plus the accelerator's, e.g. ``NCCL``)."""
+    try:
+        from deepspeed.accelerator import get_accelerator
+        from deepspeed.launcher.runner import EXPORT_ENVS
+
+        return list(EXPORT_ENVS) + list(get_accelerator().export_envs())
+    except Exception:  # noqa: BLE001 - DeepSpeed 0.19.8's lists, should it fail to import here
+        return ["MLFLOW", "PYTHON", "MV2", "UCX", "NCCL"]
+
+
+def check_deepspeed_exports(env: dict[str, str], prefixes: list[str]) -> None:
+    """DeepSpeed's runner exports this environment's ``PYTHON*``, ``NCCL*``, ... variables on the remote line as
+    ``export K="V";``: ``$(...)``, backticks or quotes in a value ran (or broke the line) on every host. Refuse such
+    a value in one line; ``--env`` carries it quoted in a private file instead."""
+    for k, v in sorted(env.items()):
+        if any(k.startswith(p) for p in prefixes) and set(v) & DOUBLE_QUOTE_LIVE:
+            raise invalid("environment", f"{k}={v}", "values without $, `, \", \\ or line breaks in the variables "
+                          "DeepSpeed's runner exports to every host (it puts them in double quotes on the remote command "
+                          f"line); pass it as --env {k}=VALUE, unset it, or use --launcher torchrun")
+
+
 def deepspeed_ssh_port(hosts: list[Host], ssh_port: int | None) -> int | None:
     """The one SSH port DeepSpeed's runner can use (it has no per-host port): --ssh-port or the hosts' common one."""
     ports = {h.port for h in hosts if h.port is not None}

@@ -26,6 +26,7 @@ class SshServer:
     key: Path
     pid: int
     workdir: Path
+    known_hosts: Path  # its host key for both loopback "nodes": launches verify it as they would a real host's
 
     def stop(self) -> None:
         try:
@@ -72,4 +73,8 @@ def start_sshd(workdir: Path, port: int = 2222) -> SshServer:
         if pidfile.exists() and pidfile.read_text().strip():
             break
         time.sleep(0.05)
-    return SshServer(port=port, key=client_key, pid=int(pidfile.read_text().strip()), workdir=workdir)
+    known_hosts = workdir / "known_hosts"
+    pub = Path(f"{host_key}.pub").read_text().split()[:2]
+    known_hosts.write_text("".join(f"[{ip}]:{port} {' '.join(pub)}\n" for ip in ("127.0.0.1", "127.0.0.2")))
+    return SshServer(port=port, key=client_key, pid=int(pidfile.read_text().strip()), workdir=workdir,
+                     known_hosts=known_hosts)

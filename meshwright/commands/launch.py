@@ -17,6 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--launcher", choices=("torchrun", "deepspeed"), default="torchrun")
     p.add_argument("--ssh-port", type=int, default=None, help="SSH port of every host (default 22 or the hostfile's)")
     p.add_argument("--ssh-key", default=None, help="private key file; SSH is key-only")
+    p.add_argument("--ssh-known-hosts", default=None, metavar="FILE",
+                   help="known_hosts file the hosts' keys must be in (default: ~/.ssh/known_hosts, as ssh); "
+                        "unknown or changed host keys are refused")
     p.add_argument("--rdzv-port", type=int, default=29400, help="c10d rendezvous / master port on the first host")
     p.add_argument("--max-restarts", type=int, default=0, help="elastic restarts; the trainer resumes from the latest checkpoint")
     p.add_argument("--python", default=sys.executable, help="python on the hosts (default: this interpreter's path)")
@@ -40,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
         raise invalid("--connect-timeout", args.connect_timeout, "a positive number of seconds")
     if args.ssh_key is not None and not os.path.isfile(args.ssh_key):
         raise invalid("--ssh-key", args.ssh_key, "an existing private key file")
+    if args.ssh_known_hosts is not None and not os.path.isfile(args.ssh_known_hosts):
+        raise invalid("--ssh-known-hosts", args.ssh_known_hosts, "an existing known_hosts file")
     command = args.train_command[1:] if args.train_command[:1] == ["--"] else args.train_command
     hosts = load_hosts(args.hosts)
     if command[:1] == ["train"] and os.path.realpath(args.workdir) == os.path.realpath(os.getcwd()):
@@ -62,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.launcher == "deepspeed":
         return run_deepspeed(spec, args)
-    results = run_over_ssh(spec, args.ssh_port, args.ssh_key, args.connect_timeout)
+    results = run_over_ssh(spec, args.ssh_port, args.ssh_key, args.connect_timeout,
+                           known_hosts=args.ssh_known_hosts)
     message = summarize_failure(results)
     if message:
         print(f"meshwright launch: {message}", file=sys.stderr)
@@ -87,7 +93,8 @@ def run_deepspeed(spec, args: argparse.Namespace) -> int:
 
     from meshwright.errors import invalid
     from meshwright.launcher.remote.argv import (
-        deepspeed_argv, deepspeed_hostfile_text, deepspeed_ssh_port, env_script_text, pdsh_ssh_args,
+        check_deepspeed_exports, deepspeed_argv, deepspeed_export_prefixes, deepspeed_hostfile_text, deepspeed_ssh_port,
+        env_script_text, pdsh_ssh_args,
     )
 
     ssh_port = deepspeed_ssh_port(spec.hosts, args.ssh_port)
@@ -103,6 +110,8 @@ def run_deepspeed(spec, args: argparse.Namespace) -> int:
     # the user's --env wins over the same names in this environment (which DeepSpeed would export unquoted)
     run_env = {k: v for k, v in os.environ.items() if k not in spec.env}
     run_env["PDSH_RCMD_TYPE"] = "ssh"
+    if len(spec.hosts) > 1:
+        check_deepspeed_exports(run_env, deepspeed_export_prefixes())
     env_script: Path | None = None
     with tempfile.TemporaryDirectory(prefix="meshwright-ds-") as tmp:
         hostfile = Path(tmp) / "hostfile"

@@ -146,6 +146,10 @@ def _write(tmp: Path, files: list[Path], tokenizer: str, vocab_size: int, text_k
     (tmp / "index.json").write_text(json.dumps(index))
 
 
+# every name _write and _write_instruct put in a prepared directory
+PREPARED_FILES = frozenset({"index.json", "tokens.bin", "mask.bin", "tokenizer.json"})
+
+
 def is_prepared_dir(path: Path) -> bool:
     """True for a directory this module wrote: index.json with our version and offsets, and tokens.bin."""
     try:
@@ -174,6 +178,11 @@ def check_out_dir(out: Path, inputs: list[str | Path]) -> None:
     if any(out.iterdir()) and not is_prepared_dir(out):
         raise invalid("--out", str(out), "a new, empty or previously prepared data directory (this one holds other "
                       "files, which would be deleted; it is left alone)")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in PREPARED_FILES)
+    if foreign:  # the whole directory is replaced: a file the user added to a prepared set went with it
+        raise invalid("--out", str(out), f"a prepared data directory holding only what `data prepare` writes (this one "
+                      f"also holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which replacing it "
+                      f"would delete; it is left alone)")
 
 
 def check_writable_parent(out: Path) -> None:

@@ -55,7 +55,8 @@ def test_one_host_failing_stops_all_hosts(sshd, tmp_path):
                       python=str(fake_python(tmp_path)), workdir=str(tmp_path))
     out = io.StringIO()
     t0 = time.monotonic()
-    results = run_over_ssh(spec, ssh_port=sshd.port, ssh_key=str(sshd.key), connect_timeout=10, sink=out)
+    results = run_over_ssh(spec, ssh_port=sshd.port, ssh_key=str(sshd.key), connect_timeout=10, sink=out,
+                           known_hosts=str(sshd.known_hosts))
     elapsed = time.monotonic() - t0
     assert elapsed < 45, "the healthy host was not stopped after the failure"
     codes = {r.host: r.exit_code for r in results}
@@ -71,6 +72,23 @@ def test_one_host_failing_stops_all_hosts(sshd, tmp_path):
         time.sleep(0.1)
     else:
         pytest.fail(f"remote process {pid} on 127.0.0.1 still alive")
+
+
+def test_unknown_or_changed_host_key_is_refused_in_one_line(sshd, tmp_path):
+    """The sshd's key is not in an empty known_hosts, or another key is recorded for it: nothing is started."""
+    import paramiko
+
+    spec = LaunchSpec(hosts=[Host("127.0.0.1", 1)], train_args=["train", "default"], python="/bin/false",
+                      workdir=str(tmp_path))
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match=r"^host='127.0.0.1' has no key in known_hosts") as err:
+        run_over_ssh(spec, ssh_port=sshd.port, ssh_key=str(sshd.key), connect_timeout=10, known_hosts=str(empty))
+    assert "\n" not in str(err.value)
+    other = paramiko.ECDSAKey.generate()
+    empty.write_text(f"[127.0.0.1]:{sshd.port} {other.get_name()} {other.get_base64()}\n")
+    with pytest.raises(ConfigError, match=r"^host='127.0.0.1' presented a host key that differs"):
+        run_over_ssh(spec, ssh_port=sshd.port, ssh_key=str(sshd.key), connect_timeout=10, known_hosts=str(empty))
 
 
 def test_cli_launch_unreachable_host_one_line(tmp_path):
@@ -93,7 +111,8 @@ def test_two_node_torchrun_launch_trains_tiny_dp2(sshd, tmp_path):
 
     proc = subprocess.run(
         [sys.executable, "-m", "meshwright.cli", "launch", "--hosts", str(hf), "--ssh-port", str(sshd.port),
-         "--ssh-key", str(sshd.key), "--launcher", "torchrun", "--python", sys.executable, "--workdir", str(REPO),
+         "--ssh-key", str(sshd.key), "--ssh-known-hosts", str(sshd.known_hosts), "--launcher", "torchrun",
+         "--python", sys.executable, "--workdir", str(REPO),
          "--rdzv-port", str(free_port()), "--env", "OMP_NUM_THREADS=1", "--env", f"PYTHONPATH={REPO}",
          "--", "train", "tiny-test", "steps=4", "eval_every=0", "log_every=1", "data.max_files=20", f"out_dir={out_dir}"],
         capture_output=True, text=True, timeout=180, cwd=REPO)
@@ -164,7 +183,8 @@ def test_torchrun_env_values_travel_in_a_private_file_not_the_command_line(sshd,
                       python=str(script), workdir=str(tmp_path), env={"A": value})
     assert value not in remote_shell_command(spec, torchrun_argv(spec, 0), remote_env_file(spec, 0))
     out = io.StringIO()
-    results = run_over_ssh(spec, ssh_port=sshd.port, ssh_key=str(sshd.key), connect_timeout=10, sink=out)
+    results = run_over_ssh(spec, ssh_port=sshd.port, ssh_key=str(sshd.key), connect_timeout=10, sink=out,
+                           known_hosts=str(sshd.known_hosts))
     assert [r.exit_code for r in results] == [0, 0], out.getvalue()
     text = out.getvalue()
     assert f"[127.0.0.1] A={value}|" in text and f"[127.0.0.2] A={value}|" in text

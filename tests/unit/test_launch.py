@@ -46,7 +46,9 @@ def test_torchrun_four_hosts_ranks_and_endpoint():
 
 
 def test_deepspeed_dry_run_golden():
-    lines = dry_run_lines(spec(2), "deepspeed", "/etc/hostfile", ssh_port=2222)
+    s = spec(2)
+    s.workdir = "/srv/run"  # DeepSpeed's runner puts it on the remote line unquoted: a space is refused there
+    lines = dry_run_lines(s, "deepspeed", "/etc/hostfile", ssh_port=2222)
     assert lines == [
         "deepspeed --hostfile=/etc/hostfile --master_addr=node0 --master_port=29400 --launcher=pdsh --num_nodes=2 "
         "--num_gpus=4 --ssh_port=2222 --no_local_rank --module meshwright.cli train configs/train/default.yaml --plan auto"

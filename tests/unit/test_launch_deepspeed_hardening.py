@@ -117,3 +117,86 @@ def test_binary_hostfile_is_one_line(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_hosts(hf)
     assert "\n" not in str(err.value) and "binary" in str(err.value)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash as the simulated remote shell")
+def test_deepspeed_would_run_a_hostile_workdir_so_it_is_refused(tmp_path, monkeypatch):
+    """DeepSpeed's runner puts its working directory on the remote line as ``cd {os.path.abspath('.')};``,
+    unquoted (and prepends it to the PYTHONPATH it exports in double quotes): a --workdir named ``w;id>pwned``
+    ran ``id`` on every host. Such a directory is refused in one line before DeepSpeed starts."""
+    hostile = tmp_path / "w;id>pwned"  # `cd .../w` fails, then `id>pwned` runs in the remote shell's directory
+    hostile.mkdir()
+    marker = tmp_path / "pwned"
+    spec = LaunchSpec(hosts=[Host("n0", 1), Host("n1", 1)], train_args=["train", "tiny-test"], workdir=str(hostile))
+    monkeypatch.chdir(hostile)  # where run_deepspeed starts DeepSpeed's runner (cwd=--workdir)
+    import meshwright.launcher.remote.argv as argv_mod
+
+    monkeypatch.setattr(argv_mod, "check_deepspeed_workdir", lambda s: None, raising=False)
+    line = remote_line(spec, tmp_path)
+    subprocess.run(["bash", "-c", line], capture_output=True, text=True, cwd=tmp_path, timeout=30)
+    assert marker.exists()  # the simulation is sharp: unguarded, the directory name ran on the "host"
+    marker.unlink()
+    monkeypatch.undo()
+    for workdir in (str(hostile), str(tmp_path / "my runs"), str(tmp_path / "$(id)")):
+        spec.workdir = workdir
+        with pytest.raises(ConfigError) as err:
+            deepspeed_argv(spec, tmp_path / "hostfile")
+        assert "\n" not in str(err.value) and str(err.value).startswith("--workdir=")
+    assert not marker.exists()
+    one = LaunchSpec(hosts=[Host("n0", 1)], train_args=["train", "tiny-test"], workdir=str(tmp_path / "my runs"))
+    assert deepspeed_argv(one, tmp_path / "h")[0] == "deepspeed"  # one host: DeepSpeed runs it locally, no shell
+
+
+def test_cli_dry_run_refuses_hostile_workdir_under_deepspeed(tmp_path, capsys):
+    hf = tmp_path / "hostfile"
+    hf.write_text("n0 slots=1\nn1 slots=1\n")
+    assert main(["launch", "--hosts", str(hf), "--launcher", "deepspeed", "--workdir", "/srv/a;reboot", "--dry-run",
+                 "--", "train", "tiny-test"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--workdir='/srv/a;reboot'" in err[0] and "torchrun" in err[0]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash as the simulated remote shell")
+def test_environment_deepspeed_exports_cannot_run_code_on_the_hosts(tmp_path):
+    """DeepSpeed's runner copies this environment's PYTHON*/NCCL*/... variables onto the remote line as
+    ``export K="V";`` (double quotes: ``$(...)`` runs). Such a value is refused before DeepSpeed starts."""
+    pytest.importorskip("deepspeed.launcher.runner")
+    from deepspeed.launcher.multinode_runner import PDSHRunner
+
+    import deepspeed.launcher.runner as runner_mod
+    from meshwright.launcher.remote.argv import check_deepspeed_exports, deepspeed_export_prefixes
+
+    marker = tmp_path / "pwned"
+    env = {"PYTHONWARNINGS": f"ignore$(id>{marker})", "NCCL_DEBUG": "WARN", "HOME_NOTE": "$(not exported)"}
+    spec = LaunchSpec(hosts=[Host("n0", 1), Host("n1", 1)], train_args=["train", "tiny-test"])
+    runner = PDSHRunner(runner_mod.parse_args(deepspeed_argv(spec, tmp_path / "hostfile")[1:]), "WORLD")
+    for k, v in env.items():
+        if any(k.startswith(p) for p in deepspeed_export_prefixes()):
+            runner.add_export(k, v)  # as DeepSpeed's main() does with os.environ
+    cmd, _kill, _env = runner.get_cmd({}, {"n0": [0], "n1": [0]})
+    line = " ".join(cmd[cmd.index("n0,n1") + 1:]).split("cd ", 1)[0]  # the export part of the remote line
+    subprocess.run(["bash", "-c", line], capture_output=True, text=True, cwd=tmp_path, timeout=30)
+    assert marker.exists()  # sharp: DeepSpeed's own quoting runs it
+    marker.unlink()
+    with pytest.raises(ConfigError) as err:
+        check_deepspeed_exports(env, deepspeed_export_prefixes())
+    assert "\n" not in str(err.value) and str(err.value).startswith("environment='PYTHONWARNINGS=")
+    check_deepspeed_exports({"NCCL_DEBUG": "WARN", "HOME_NOTE": "$(x)", "PYTHONPATH": "/a b:/c"}, ["PYTHON", "NCCL"])
+
+
+def test_cli_refuses_hostile_exported_environment_before_deepspeed_starts(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("deepspeed.launcher.runner")
+    if shutil.which("pdsh") is None or shutil.which("ssh") is None:
+        pytest.skip("needs pdsh and ssh on PATH (run_deepspeed checks them first)")
+    import meshwright.commands.launch as launch_mod
+
+    started = []
+    monkeypatch.setattr(launch_mod.subprocess, "call", lambda *a, **k: started.append(a) or 0)
+    monkeypatch.setenv("PYTHONSTARTUP", "`touch /tmp/pwned`")
+    hf = tmp_path / "hostfile"
+    hf.write_text("n0 slots=1\nn1 slots=1\n")
+    assert main(["launch", "--hosts", str(hf), "--launcher", "deepspeed", "--workdir", str(tmp_path),
+                 "--python", sys.executable, "--", "train", "tiny-test"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "PYTHONSTARTUP" in err[0] and "--env PYTHONSTARTUP=" in err[0]
+    assert not started

@@ -6,6 +6,7 @@ remote side of SSH) goes through ``shlex.join`` so host names, paths and user ar
 
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,47 @@ def deepspeed_user_args(spec: LaunchSpec) -> list[str]:
     return [shlex.quote(a) for a in spec.train_args]
 
 
+def check_deepspeed_workdir(spec: LaunchSpec) -> None:
+    """With several hosts DeepSpeed's pdsh runner writes its working directory (our --workdir) onto the remote
+    shell line as ``cd {os.path.abspath('.')};``, unquoted, and prepends it to the PYTHONPATH it exports in double
+    quotes: a directory named ``w;id`` or ``$(id)`` ran on every host, and one with a space broke the ``cd``.
+    Only a path that needs no shell quoting (as given and resolved, as the runner sees it) is accepted."""
+    if len(spec.hosts) == 1:
+        return  # DeepSpeed runs one host locally, without a shell
+    for path in dict.fromkeys((os.path.abspath(spec.workdir), os.path.realpath(spec.workdir))):
+        if shlex.quote(path) != path:
+            raise invalid("--workdir", spec.workdir, "a directory whose absolute path needs no shell quoting "
+                          "(letters, digits and @%+=:,./-_) under --launcher deepspeed with several hosts (DeepSpeed's "
+                          "runner puts it unquoted on the remote command line); rename it or use --launcher torchrun")
+
+
+# what stays live inside the double quotes DeepSpeed's runner wraps exported values in (and a line break ends it)
+DOUBLE_QUOTE_LIVE = set('$`"\\\n\r')
+
+
+def deepspeed_export_prefixes() -> list[str]:
+    """The variable-name prefixes DeepSpeed's runner copies from this environment onto every host's command line
+    (its ``EXPORT_ENVS`` plus the accelerator's, e.g. ``NCCL``)."""
+    try:
+        from deepspeed.accelerator import get_accelerator
+        from deepspeed.launcher.runner import EXPORT_ENVS
+
+        return list(EXPORT_ENVS) + list(get_accelerator().export_envs())
+    except Exception:  # noqa: BLE001 - DeepSpeed 0.19.8's lists, should it fail to import here
+        return ["MLFLOW", "PYTHON", "MV2", "UCX", "NCCL"]
+
+
+def check_deepspeed_exports(env: dict[str, str], prefixes: list[str]) -> None:
+    """DeepSpeed's runner exports this environment's ``PYTHON*``, ``NCCL*``, ... variables on the remote line as
+    ``export K="V";``: ``$(...)``, backticks or quotes in a value ran (or broke the line) on every host. Refuse such
+    a value in one line; ``--env`` carries it quoted in a private file instead."""
+    for k, v in sorted(env.items()):
+        if any(k.startswith(p) for p in prefixes) and set(v) & DOUBLE_QUOTE_LIVE:
+            raise invalid("environment", f"{k}={v}", "values without $, `, \", \\ or line breaks in the variables "
+                          "DeepSpeed's runner exports to every host (it puts them in double quotes on the remote command "
+                          f"line); pass it as --env {k}=VALUE, unset it, or use --launcher torchrun")
+
+
 def deepspeed_ssh_port(hosts: list[Host], ssh_port: int | None) -> int | None:
     """The one SSH port DeepSpeed's runner can use (it has no per-host port): --ssh-port or the hosts' common one."""
     ports = {h.port for h in hosts if h.port is not None}
@@ -117,6 +159,7 @@ def deepspeed_argv(spec: LaunchSpec, hostfile: str | Path, ssh_port: int | None 
     """The single local ``deepspeed`` command; DeepSpeed's runner reaches the hosts over pdsh/ssh. ``env_script``
     (sourced on every host through ``--venv_script``) carries the user's environment, so values never appear on
     the remote command line."""
+    check_deepspeed_workdir(spec)
     argv = ["deepspeed", f"--hostfile={hostfile}", f"--master_addr={spec.hosts[0].name}",
             f"--master_port={spec.rdzv_port}", f"--launcher={launcher}", f"--num_nodes={len(spec.hosts)}",
             f"--num_gpus={spec.hosts[0].slots}"]

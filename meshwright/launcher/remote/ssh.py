@@ -1,6 +1,7 @@
 """Run one torchrun per host over SSH (fabric), stream prefixed output, stop everyone on a failure.
 
-SSH is key-only: no passwords are ever sent, the agent is used only if no key is given. Each host's
+SSH is key-only: no passwords are ever sent, the agent is used only if no key is given. Host keys are checked
+as OpenSSH checks them: against known_hosts, an unknown or changed key refused (fabric alone trusts any). Each host's
 remote command runs under a pty so that closing the connection hangs up the remote process group,
 which is how the other hosts are stopped when one fails.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import io
+import os
 import sys
 import threading
 import time
@@ -54,8 +56,38 @@ class HostResult:
     failed_first: bool = False
 
 
-def connect(host: Host, ssh_port: int | None, ssh_key: str | None, timeout: float) -> Any:
-    """Open a key-authenticated fabric Connection or raise a one-line ConfigError naming the host."""
+GLOBAL_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
+
+
+def check_host_keys(conn: Any, known_hosts: str | None) -> None:
+    """Verify host keys as OpenSSH does: fabric's ``Connection`` installs paramiko's ``AutoAddPolicy`` and loads no
+    known_hosts, which trusted any key (a man in the middle included). Load ``known_hosts`` (else the ssh_config's
+    ``UserKnownHostsFile`` or ``~/.ssh/known_hosts``, and the system file) and refuse keys not in them, unless the
+    user's ssh_config says ``StrictHostKeyChecking no`` or ``accept-new`` for the host (a key that is known and
+    differs is refused even then)."""
+    import paramiko
+
+    client = conn.client
+    if known_hosts is not None:
+        client.load_system_host_keys(known_hosts)  # read only: paramiko never writes back to "system" keys
+    else:
+        files = (conn.ssh_config.get("userknownhostsfile") or "~/.ssh/known_hosts").split()
+        for f in files:
+            path = os.path.expanduser(f)
+            if os.path.isfile(path):
+                client.load_system_host_keys(path)
+        if os.path.isfile(GLOBAL_KNOWN_HOSTS):
+            client.load_system_host_keys(GLOBAL_KNOWN_HOSTS)
+    strict = str(conn.ssh_config.get("stricthostkeychecking", "ask")).lower()
+    trust_new = strict in ("no", "off", "accept-new")
+    client.set_missing_host_key_policy(paramiko.AutoAddPolicy() if trust_new else paramiko.RejectPolicy())
+
+
+def connect(host: Host, ssh_port: int | None, ssh_key: str | None, timeout: float,
+            known_hosts: str | None = None) -> Any:
+    """Open a key-authenticated fabric Connection to a host whose key is known, or raise a one-line ConfigError
+    naming the host."""
+    import paramiko
     from fabric import Connection
 
     kwargs: dict[str, Any] = {"allow_agent": ssh_key is None, "look_for_keys": ssh_key is None, "banner_timeout": timeout,
@@ -64,20 +96,30 @@ def connect(host: Host, ssh_port: int | None, ssh_key: str | None, timeout: floa
         kwargs["key_filename"] = [ssh_key]
     conn = Connection(host.name, user=host.user, port=host.port or ssh_port or 22, connect_timeout=timeout,
                       connect_kwargs=kwargs)
+    check_host_keys(conn, known_hosts)
     try:
         conn.open()
-    except Exception as exc:  # socket errors, auth failures, timeouts
+    except paramiko.BadHostKeyException:
+        raise ConfigError(f"host={host.name!r} presented a host key that differs from the one in known_hosts "
+                          f"(a reinstalled host, or someone in between); valid: a host whose key matches known_hosts "
+                          f"(check it, then update the entry)") from None
+    except Exception as exc:  # socket errors, auth failures, timeouts, unknown host keys
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "not found in known_hosts" in reason:
+            raise ConfigError(f"host={host.name!r} has no key in known_hosts ({reason}); valid: a host whose key is "
+                              f"in ~/.ssh/known_hosts or --ssh-known-hosts FILE (e.g. after `ssh {host.address}` "
+                              f"once, checking the fingerprint)") from None
         raise ConfigError(f"host={host.name!r} is unreachable over SSH ({reason}); valid: a host that accepts key-based SSH") from None
     return conn
 
 
 def run_over_ssh(spec: LaunchSpec, ssh_port: int | None = None, ssh_key: str | None = None,
-                 connect_timeout: float = 10.0, sink: TextIO = sys.stdout, poll_s: float = 0.2) -> list[HostResult]:
+                 connect_timeout: float = 10.0, sink: TextIO = sys.stdout, poll_s: float = 0.2,
+                 known_hosts: str | None = None) -> list[HostResult]:
     """Start torchrun on every host; if any exits non-zero, hang up on the others. Returns per-host results."""
     spec.validate()
     lock = threading.Lock()
-    conns = [connect(h, ssh_port, ssh_key, connect_timeout) for h in spec.hosts]
+    conns = [connect(h, ssh_port, ssh_key, connect_timeout, known_hosts) for h in spec.hosts]
     streams = [PrefixedStream(h.name, sink, lock) for h in spec.hosts]
     promises = []
     for i, (host, conn, stream) in enumerate(zip(spec.hosts, conns, streams)):

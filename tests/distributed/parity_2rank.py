@@ -108,24 +108,11 @@ def main() -> None:
     if only is None or "deepspeed" in only:
         import tempfile
 
-        from parity_deepspeed import STATE_BYTES_CASES, run_case, state_bytes_case
+        from parity_deepspeed import run_all
 
         box = [tempfile.mkdtemp() if rank == 0 else None]
         dist.broadcast_object_list(box)
-        for zero in (1, 2, 3):
-            try:
-                res = run_case(zero, ref4, ckpt_dir=box[0])
-            except Exception as e:
-                res = failure(f"deepspeed zero{zero}", e)
-            report.add(f"deepspeed_zero{zero}", res["ok"], res)
-            dist.barrier()
-        for stack, zero in STATE_BYTES_CASES:  # the planner's DeepSpeed memory against what DeepSpeed holds
-            try:
-                res = state_bytes_case(stack, zero)
-            except Exception as e:
-                res = failure(f"{stack} zero{zero} state bytes", e)
-            report.add(f"{stack}_zero{zero}_state_bytes", res["ok"], res)
-            dist.barrier()
+        run_all(report, ref4, ckpt_dir=box[0])
     if only is None or "ckpt_megatron_to_dtensor" in only:  # a megatron-core tp2 checkpoint resumed by the DTensor backend
         import tempfile
 

@@ -68,7 +68,6 @@ def state_bytes_case(stack: str, zero: int = 1) -> dict:
     ``deepspeed-fp32-accum`` adds ``data_types.grad_accum_dtype: fp32`` (DeepSpeed's BF16_Optimizer)."""
     import deepspeed
     import deepspeed.ops
-    import torch
 
     from meshwright.config.presets import load_cluster
     from meshwright.launcher.planner import cost_model as cm
@@ -132,24 +131,24 @@ def _train(rt, opt, ref: list[dict], start: int, steps: int, check_grads: bool) 
     return {"ok": ok, **worst}
 
 
+def run_all(report: Report, ref: list[dict], ckpt_dir: str | None = None) -> None:
+    """Every DeepSpeed case into ``report``: ZeRO-1/2/3 parity (and resume with ``ckpt_dir``), then the planner's
+    DeepSpeed memory against what DeepSpeed holds (``STATE_BYTES_CASES``); a failing case does not stop the others."""
+    cases = [(f"deepspeed_zero{z}", lambda z=z: run_case(z, ref, ckpt_dir=ckpt_dir)) for z in (1, 2, 3)]
+    cases += [(f"{st}_zero{z}_state_bytes", lambda st=st, z=z: state_bytes_case(st, z)) for st, z in STATE_BYTES_CASES]
+    for name, case in cases:
+        try:
+            res = case()
+        except Exception as e:
+            res = failure(name, e)
+        report.add(name, res["ok"], res)
+        dist.barrier()
+
+
 def main() -> None:
     init()
-    ref = reference(STEPS)
     report = Report(sys.argv[1])
-    for zero in (1, 2, 3):
-        try:
-            res = run_case(zero, ref)
-        except Exception as e:
-            res = failure(f"deepspeed zero{zero}", e)
-        report.add(f"deepspeed_zero{zero}", res["ok"], res)
-        dist.barrier()
-    for stack, zero in STATE_BYTES_CASES:
-        try:
-            res = state_bytes_case(stack, zero)
-        except Exception as e:
-            res = failure(f"{stack} zero{zero} state bytes", e)
-        report.add(f"{stack}_zero{zero}_state_bytes", res["ok"], res)
-        dist.barrier()
+    run_all(report, reference(STEPS))
     report.gather_and_write()
     dist.destroy_process_group()
 

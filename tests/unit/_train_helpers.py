@@ -30,3 +30,24 @@ def make_trainer(data: Path, out: Path, runtime_cls=LocalRuntime, **overrides) -
     runtime = runtime_cls(build_model(model_cfg, seed=cfg.seed))
     train, val, _ = build_loaders(cfg, model_cfg.vocab_size, progress=False)
     return Trainer(cfg, runtime, train, val, model_cfg, load_cluster(cfg.cluster), print_fn=lambda s: None)
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    """Run the CLI in-process; assert exit 2 with exactly one stderr line (progress bars aside); return that line."""
+    from meshwright.cli import main
+
+    rc = main(argv)
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and "error:" in ln]
+    assert rc == 2 and len(err) == 1, (rc, err)
+    return err[0]
+
+
+def trained_run(root: Path) -> Path:
+    """A finished 2-step run of the MICRO model under ``root`` (its out_dir): checkpoints and files to damage or export."""
+    from meshwright.train.build import run_training
+
+    cfg = load_train_config({"model": MICRO, "data": {"path": str(prepared_corpus(root))}, "seq_len": 32,
+                             "global_batch": 8, "micro_batch": 4, "steps": 2, "warmup_steps": 1, "eval_every": 0,
+                             "out_dir": str(root / "run"), "progress": False, "energy": False})
+    run_training(cfg)
+    return root / "run"

@@ -12,24 +12,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from _train_helpers import MICRO, prepared_corpus
+from _train_helpers import MICRO, one_line_error, trained_run
 from meshwright.cli import main
 from meshwright.config import load_model_config, load_train_config
 from meshwright.errors import ConfigError
 from meshwright.models import build_model
 from meshwright.models.hf_weights import save_hf
-from meshwright.train.build import run_training
 
 PLAN = ["plan", "--model", "tiny", "--cluster", "local-cpu", "--seq-len", "64", "--global-batch", "8", "--top", "1"]
 TRAIN = ["train", "tiny-test", "steps=2", "warmup_steps=1", "eval_every=0"]
-
-
-def one_line_error(capsys, argv: list[str]) -> str:
-    """Run the CLI; assert exit 2 with exactly one stderr line (progress bars aside); return that line."""
-    rc = main(argv)
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and "error:" in ln]
-    assert rc == 2 and len(err) == 1, (rc, err)
-    return err[0]
 
 
 @pytest.fixture(autouse=True)
@@ -138,12 +129,7 @@ def test_refused_plan_leaves_no_new_out_dir(capsys, tmp_path):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("audit-run")
-    cfg = load_train_config({"model": MICRO, "data": {"path": str(prepared_corpus(root))}, "seq_len": 32,
-                             "global_batch": 8, "micro_batch": 4, "steps": 2, "warmup_steps": 1, "eval_every": 0,
-                             "out_dir": str(root / "run"), "progress": False, "energy": False})
-    run_training(cfg)
-    return root / "run"
+    return trained_run(tmp_path_factory.mktemp("audit-run"))
 
 
 @pytest.fixture(scope="module")

@@ -5,22 +5,11 @@ field, exit 2, said before any work. Before the fixes these were tracebacks from
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from _train_helpers import MICRO, prepared_corpus
+from _train_helpers import one_line_error, trained_run
 from meshwright.cli import main
-from meshwright.config import load_train_config
-from meshwright.train.build import run_training
-
-
-def one_line_error(capsys, argv: list[str]) -> str:
-    """Run the CLI; assert exit 2 with exactly one stderr line (progress bars aside); return that line."""
-    rc = main(argv)
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and "error:" in ln]
-    assert rc == 2 and len(err) == 1, (rc, err)
-    return err[0]
 
 
 @pytest.fixture(autouse=True)
@@ -102,12 +91,7 @@ def test_plan_virtual_stages_that_fit_are_used(capsys):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweep-run")
-    cfg = load_train_config({"model": MICRO, "data": {"path": str(prepared_corpus(root))}, "seq_len": 32,
-                             "global_batch": 8, "micro_batch": 4, "steps": 2, "warmup_steps": 1, "eval_every": 0,
-                             "out_dir": str(root / "run"), "progress": False, "energy": False})
-    run_training(cfg)
-    return root / "run"
+    return trained_run(tmp_path_factory.mktemp("sweep-run"))
 
 
 def test_export_to_an_empty_path_is_refused(capsys, tmp_path, run_dir):

@@ -126,3 +126,16 @@ def test_cli_flags_overwrite_and_allow_config_change(data, tmp_path, capsys):
     assert main(["train", str(cfg_file), "steps=4", "lr=0.01", "--resume"]) == 2
     assert "--allow-config-change" in capsys.readouterr().err
     assert main(["train", str(cfg_file), "steps=4", "lr=0.01", "--resume", "--allow-config-change"]) == 0
+
+
+
+def test_export_into_a_model_the_checkpoint_does_not_fit_is_one_line(data, tmp_path):
+    """DCP's CheckpointException is a BaseException: `except Exception` let it out of `export` as a traceback."""
+    from meshwright.train.hf_export import export_hf
+
+    run_training(cfg(data, tmp_path / "run", steps=2))
+    model_yaml = tmp_path / "run" / "model.yaml"
+    model_yaml.write_text(model_yaml.read_text().replace("d_model: 64", "d_model: 128"))  # edited by hand
+    with pytest.raises(ConfigError) as err:
+        export_hf(tmp_path / "run", tmp_path / "hf")
+    assert "\n" not in str(err.value) and "model.yaml" in str(err.value) and "step_000002" in str(err.value)

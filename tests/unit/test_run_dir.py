@@ -129,6 +129,22 @@ def test_cli_flags_overwrite_and_allow_config_change(data, tmp_path, capsys):
 
 
 
+def test_a_resume_the_checkpoint_refuses_leaves_the_run_files_intact(data, tmp_path):
+    """--allow-config-change with another model passes the saved-config check but not the checkpoint's shapes; the
+    refused run used to rewrite config.yaml/model.yaml first, so `export` then read the run's checkpoints into the
+    refused model."""
+    from meshwright.train.hf_export import export_hf
+
+    run_training(cfg(data, tmp_path / "run", steps=2))
+    before = {n: (tmp_path / "run" / n).read_text() for n in ("config.yaml", "model.yaml")}
+    with pytest.raises(ConfigError) as err:
+        run_training(cfg(data, tmp_path / "run", steps=3, model={**MICRO, "d_model": 128}), resume=True,
+                     allow_config_change=True)
+    assert "does not fit this run" in str(err.value)
+    assert {n: (tmp_path / "run" / n).read_text() for n in before} == before
+    export_hf(tmp_path / "run", tmp_path / "hf")  # the run's own model: exports
+
+
 def test_export_into_a_model_the_checkpoint_does_not_fit_is_one_line(data, tmp_path):
     """DCP's CheckpointException is a BaseException: `except Exception` let it out of `export` as a traceback."""
     from meshwright.train.hf_export import export_hf

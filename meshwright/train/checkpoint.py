@@ -105,6 +105,8 @@ def _atomic_dir(path: Path, runtime: Runtime) -> Iterator[Path]:
         full = _disk_full(tmp.parent)  # before the partial files are removed and free space returns
         if runtime.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
+        if _interrupted(exc):  # Ctrl-C inside DCP: an interruption (exit 130), not a failed write (exit 2)
+            raise KeyboardInterrupt from None
         raise _save_error(path, exc, full) from None
     if runtime.is_main:
         old = path.with_name(path.name + ".old")
@@ -115,6 +117,12 @@ def _atomic_dir(path: Path, runtime: Runtime) -> Iterator[Path]:
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
     runtime.barrier()
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """DCP catches a KeyboardInterrupt raised while it writes and re-raises it wrapped in a CheckpointException."""
+    return isinstance(exc, CheckpointException) and any(isinstance(err, KeyboardInterrupt)
+                                                        for err, _trace in exc.failures.values())
 
 
 def _disk_full(directory: Path, margin: int = 1 << 20) -> bool:

@@ -155,3 +155,33 @@ def test_export_into_a_model_the_checkpoint_does_not_fit_is_one_line(data, tmp_p
     with pytest.raises(ConfigError) as err:
         export_hf(tmp_path / "run", tmp_path / "hf")
     assert "\n" not in str(err.value) and "model.yaml" in str(err.value) and "step_000002" in str(err.value)
+
+
+def test_ctrl_c_during_a_checkpoint_write_is_an_interruption(data, tmp_path, monkeypatch, capsys):
+    """DCP wraps a KeyboardInterrupt in a CheckpointException: Ctrl-C mid-write was reported as `checkpoint ... could
+    not be written: CheckpointException: KeyboardInterrupt` with exit 2, as if the disk had failed."""
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    from meshwright.cli import main
+
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"model": MICRO, "data": {"path": str(data)}, "seq_len": 32, "global_batch": 8,
+                                    "micro_batch": 4, "steps": 4, "warmup_steps": 1, "eval_every": 0, "log_every": 1,
+                                    "ckpt_every": 2, "out_dir": str(tmp_path / "out"), "progress": False,
+                                    "energy": False}))
+    real, calls = FileSystemWriter.write_data, []
+
+    def ctrl_c_on_the_second_save(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", ctrl_c_on_the_second_save)
+    assert main(["train", str(cfg_file)]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "meshwright train: interrupted"
+    ckpt = tmp_path / "out" / "ckpt"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_000002"]  # no partial step_000004.tmp
+    monkeypatch.setattr(FileSystemWriter, "write_data", real)
+    assert main(["train", str(cfg_file), "--resume"]) == 0
+    assert steps_logged(tmp_path / "out") == [1, 2, 3, 4]

@@ -110,6 +110,23 @@ def test_hf_config_with_only_model_type_is_an_error(tmp_path):
     assert one_line(err) and "config.json" in str(err.value)
 
 
+def test_an_lr_torchs_optimizer_cannot_take_is_refused_and_one_just_below_diverges_into_nan_policy(tmp_path):
+    """lr 1e300 was accepted and then was torch's `value cannot be converted to type float without overflow`
+    traceback at the first step (AdamW's step size lr/(1-beta1) goes to an fp32 kernel), not a divergence."""
+    with pytest.raises(ConfigError) as err:
+        load_train_config("tiny-test", {"lr": 1e300})
+    assert one_line(err) and str(err.value).startswith("lr=1e+300 ") and "beta1=0.9" in str(err.value)
+    with pytest.raises(ConfigError, match=r"^lr=1e\+39 "):
+        load_train_config("tiny-test", {"lr": 1e39, "beta1": 0.0})
+    data = prepared_corpus(tmp_path / "data")
+    for optimizer in ("adamw", "coat_adamw"):
+        trainer = make_trainer(data, tmp_path / optimizer, lr=3.4e37, min_lr=0.0, optimizer=optimizer, steps=3,
+                               eval_every=0)
+        with pytest.raises(NonFiniteLoss) as stopped:
+            trainer.fit()
+        assert one_line(stopped) and str(stopped.value).startswith("step ")
+
+
 class AlwaysNaN(LocalRuntime):
     def forward_backward_lazy(self, micro_batches):  # what the trainer calls
         return super().forward_backward_lazy(micro_batches) * float("nan")

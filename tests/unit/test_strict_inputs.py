@@ -203,6 +203,30 @@ def test_damaged_data_directory_is_one_line(tmp_path, inputs, damage, needle):
     assert one_line(err) and needle in str(err.value)
 
 
+def _set_loss_mask(d, value):
+    index = json.loads((d / "index.json").read_text())
+    (d / "index.json").write_text(json.dumps({**index, "loss_mask": value}))
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda d: (d / "mask.bin").write_bytes((d / "mask.bin").read_bytes()[:-5]), "bytes, expected"),
+    (lambda d: (d / "mask.bin").write_bytes((d / "mask.bin").read_bytes() + b"\x01"), "bytes, expected"),
+    (lambda d: (d / "mask.bin").unlink(), "is missing"),
+    (lambda d: _set_loss_mask(d, "../tokens.bin"), "is missing"),
+    (lambda d: _set_loss_mask(d, 7), "is missing"),
+])
+def test_damaged_loss_mask_of_instruction_data_is_one_line(tmp_path, damage, needle):
+    """A truncated mask.bin (after `data prepare`) was numpy's `mmap length is greater than file size` traceback."""
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("\n".join(json.dumps({"prompt": f"Q{i}: why? ", "response": "because " * 4}) for i in range(20)))
+    out = prepare([sft], tmp_path / "data", fmt="instruct", progress=False)
+    assert TokenDataset(out).mask is not None
+    damage(out)
+    with pytest.raises(ConfigError) as err:
+        TokenDataset(out)
+    assert one_line(err) and "loss mask" in str(err.value) and needle in str(err.value)
+
+
 def test_token_ids_outside_the_vocabulary_are_one_line(tmp_path, inputs):
     out = prepare([inputs], tmp_path / "data", progress=False)
     index = json.loads((out / "index.json").read_text())

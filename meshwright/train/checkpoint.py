@@ -48,6 +48,11 @@ from meshwright.train.runtime import Runtime
 STEP_RE = re.compile(r"^step_(\d{6,})$")
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"  # the caller's meta; a step_* directory without it is not a checkpoint
+# optimizer param_group keys that pick kernels for this process's layout and device, not training hyper-parameters:
+# loading restores the writer's param_groups, so a dp2 checkpoint (foreach=True) resumed under tp2, whose runtime
+# turns foreach off for its mix of DTensor and plain parameters, failed its first step ("got mixed torch.Tensor and
+# DTensor"); they are kept as the runtime set them
+KERNEL_KEYS = ("foreach", "fused", "capturable", "differentiable")
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -194,7 +199,10 @@ def load_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Opti
     except (RuntimeError, ValueError, AssertionError, OSError, KeyError) as exc:
         raise CheckpointCorrupt(f"checkpoint {path} could not be read: {type(exc).__name__}: "
                                 f"{(str(exc).strip().splitlines() or [''])[0][:300]}") from None
+    kernels = [{k: g[k] for k in KERNEL_KEYS if k in g} for g in optimizer.param_groups] if optimizer is not None else []
     runtime.load_checkpoint_state(state, optimizer)
+    for group, keep in zip(optimizer.param_groups if optimizer is not None else [], kernels):
+        group.update(keep)  # this layout's choice, not the writer's (see KERNEL_KEYS)
     rng_file = _rng_file(path, runtime.rank)
     if rng_file.is_file():
         try:

@@ -40,6 +40,7 @@ MAX_TOKENS_PER_STEP = 2**34
 # eval_batches x global_batch x seq_len tokens at most this many (4 GiB), or one batch, whichever is more.
 MAX_EVAL_TOKENS = 2**28
 MAX_SEED = 2**32 - 1
+FLOAT32_MAX = 3.4028234663852886e38  # torch's optimizers pass lr-derived scalars to fp32 kernels
 MAX_DEVICES = 2**20  # devices in one cluster (the largest runs use ~10^5); the planner searches 2**20 in ~15 s
 
 
@@ -406,6 +407,10 @@ class TrainConfig:
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
                 raise invalid(f"{p}{name}", v, "a number in [0, 1)")
+        if self.lr / (1.0 - self.beta1) > FLOAT32_MAX:  # lr 1e300 was torch's "value cannot be converted to type
+            # float without overflow" traceback at the first step, not a divergence into nan_policy
+            raise invalid(f"{p}lr", self.lr, f"at most {FLOAT32_MAX * (1.0 - self.beta1):.3g} with beta1={self.beta1} "
+                          f"(AdamW's first step lr/(1-beta1) must fit a float32)")
         if self.weight_decay < 0:
             raise invalid(f"{p}weight_decay", self.weight_decay, "a non-negative number")
         if self.grad_clip < 0:

@@ -78,7 +78,19 @@ class TokenDataset:
                               f"{self.vocab_size}; valid: re-run `meshwright data prepare`")
         self.mask: np.ndarray | None = None
         if self.index.get("loss_mask"):
-            self.mask = np.memmap(self.path / self.index["loss_mask"], dtype=np.uint8, mode="r", shape=(n,))
+            self.mask = self._loss_mask(n)
+
+    def _loss_mask(self, n: int) -> np.ndarray:
+        """mask.bin, one byte per token: a missing, truncated or grown one was numpy's "mmap length is greater than
+        file size" traceback (or a mask misaligned with the tokens)."""
+        name = self.index["loss_mask"]
+        mask_file = self.path / name if isinstance(name, str) and Path(name).name == name else None
+        size = mask_file.stat().st_size if mask_file is not None and mask_file.is_file() else None
+        if size != n:
+            got = "missing" if size is None else f"{size} bytes"
+            raise ConfigError(f"data.path={str(self.path)!r} has a damaged loss mask: index.json's loss_mask={name!r} "
+                              f"is {got}, expected a file of {n} bytes beside tokens.bin; valid: re-run `meshwright data prepare`")
+        return np.memmap(mask_file, dtype=np.uint8, mode="r", shape=(n,)) if n else np.zeros(0, dtype=np.uint8)
 
     @property
     def vocab_size(self) -> int:

@@ -291,19 +291,29 @@ def _train(job: TrainingJob, resume: bool | str) -> dict[str, Any]:
         progress = train_cfg.progress and runtime.is_main
         train, val, ds = build_loaders(train_cfg, model_cfg.vocab_size, runtime.dp_rank, runtime.dp_size, progress)
         if runtime.is_main:
-            Path(train_cfg.out_dir).mkdir(parents=True, exist_ok=True)
-            write_yaml(train_cfg, Path(train_cfg.out_dir) / "config.yaml")
-            write_yaml(model_cfg, Path(train_cfg.out_dir) / "model.yaml")  # resolved (init_from, overrides): for export
-            if runtime.plan is not None:  # the layout this run used, for `meshwright report`
-                runtime.plan.save(Path(train_cfg.out_dir) / "plan.yaml")
             print(f"train: model {model_cfg.name} ({model_cfg.num_params() / 1e6:.2f}M params) | data {ds.path} "
                   f"({len(ds):,} tokens) | {train_cfg.steps} steps x {train_cfg.global_batch}x{train_cfg.seq_len} tokens | "
                   f"{type(runtime).__name__}, world {runtime.world_size} | out {train_cfg.out_dir}", flush=True)
         trainer = Trainer(train_cfg, runtime, train, val, model_cfg, job.cluster)
-        return trainer.fit(resume=resume)
+        return trainer.fit(resume=resume, before_steps=lambda: _write_run_files(job, runtime))
     finally:
         runtime.close()
         _destroy_process_group()
+
+
+def _write_run_files(job: TrainingJob, runtime: Runtime) -> None:
+    """Main rank: config.yaml, model.yaml (resolved: init_from, overrides; `export` reads it) and plan.yaml (for
+    `report`). Written once the resume has loaded: a resume refused by the checkpoint (another model under
+    --allow-config-change, another seq_len) used to leave them describing the refused config, and `export` of the
+    run then read its checkpoints into the wrong model."""
+    if not runtime.is_main:
+        return
+    out = Path(job.cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_yaml(job.cfg, out / "config.yaml")
+    write_yaml(job.model, out / "model.yaml")
+    if runtime.plan is not None:
+        runtime.plan.save(out / "plan.yaml")
 
 
 def _destroy_process_group() -> None:

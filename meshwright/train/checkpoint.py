@@ -48,6 +48,11 @@ from meshwright.train.runtime import Runtime
 STEP_RE = re.compile(r"^step_(\d{6,})$")
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"  # the caller's meta; a step_* directory without it is not a checkpoint
+# optimizer param_group keys that pick kernels for this process's layout and device, not training hyper-parameters:
+# loading restores the writer's param_groups, so a dp2 checkpoint (foreach=True) resumed under tp2, whose runtime
+# turns foreach off for its mix of DTensor and plain parameters, failed its first step ("got mixed torch.Tensor and
+# DTensor"); they are kept as the runtime set them
+KERNEL_KEYS = ("foreach", "fused", "capturable", "differentiable")
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -105,6 +110,8 @@ def _atomic_dir(path: Path, runtime: Runtime) -> Iterator[Path]:
         full = _disk_full(tmp.parent)  # before the partial files are removed and free space returns
         if runtime.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
+        if _interrupted(exc):  # Ctrl-C inside DCP: an interruption (exit 130), not a failed write (exit 2)
+            raise KeyboardInterrupt from None
         raise _save_error(path, exc, full) from None
     if runtime.is_main:
         old = path.with_name(path.name + ".old")
@@ -115,6 +122,12 @@ def _atomic_dir(path: Path, runtime: Runtime) -> Iterator[Path]:
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
     runtime.barrier()
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """DCP catches a KeyboardInterrupt raised while it writes and re-raises it wrapped in a CheckpointException."""
+    return isinstance(exc, CheckpointException) and any(isinstance(err, KeyboardInterrupt)
+                                                        for err, _trace in exc.failures.values())
 
 
 def _disk_full(directory: Path, margin: int = 1 << 20) -> bool:
@@ -186,7 +199,10 @@ def load_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Opti
     except (RuntimeError, ValueError, AssertionError, OSError, KeyError) as exc:
         raise CheckpointCorrupt(f"checkpoint {path} could not be read: {type(exc).__name__}: "
                                 f"{(str(exc).strip().splitlines() or [''])[0][:300]}") from None
+    kernels = [{k: g[k] for k in KERNEL_KEYS if k in g} for g in optimizer.param_groups] if optimizer is not None else []
     runtime.load_checkpoint_state(state, optimizer)
+    for group, keep in zip(optimizer.param_groups if optimizer is not None else [], kernels):
+        group.update(keep)  # this layout's choice, not the writer's (see KERNEL_KEYS)
     rng_file = _rng_file(path, runtime.rank)
     if rng_file.is_file():
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from meshwright.config import load_model_config, load_train_config
 from meshwright.config.io import check_output_path
@@ -18,7 +19,7 @@ from meshwright.errors import ConfigError, invalid
 from meshwright.models import build_model
 from meshwright.models.hf_weights import check_export_dir, save_hf
 from meshwright.train.build import resolve_model_config
-from meshwright.train.checkpoint import STATE_FILE, _quiet_dcp, latest_checkpoint
+from meshwright.train.checkpoint import STATE_FILE, _first_failure, _quiet_dcp, latest_checkpoint
 from meshwright.train.checkpoint_io import (MANIFEST, SafeFileSystemReader, SafeLoadPlanner, read_metadata_file,
                                            verify_manifest)
 
@@ -45,6 +46,7 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
     if cfg.meft is not None:
         raise invalid("meft", "set", "a run without MEFT (its reversible blocks and adapters are not a Hugging Face architecture)")
     resolved = run_dir / "model.yaml"  # written by run_training: independent of init_from's directory
+    source = resolved if resolved.is_file() else run_dir / "config.yaml"
     model_cfg = load_model_config(str(resolved)) if resolved.is_file() else resolve_model_config(cfg)
     if (step_dir / MANIFEST).is_file():  # a damaged checkpoint is refused, not exported half-read
         verify_manifest(step_dir)
@@ -56,7 +58,10 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
             dcp.load({"model": state}, storage_reader=SafeFileSystemReader(str(step_dir)), planner=SafeLoadPlanner())
     except ConfigError:
         raise
-    except Exception as exc:  # DCP raises a multi-line CheckpointException
+    except CheckpointException as exc:  # a BaseException, not an Exception: it escaped as a traceback
+        raise ConfigError(f"CKPT={str(step_dir)!r} does not hold the plain model of {source} ({_first_failure(exc)}); "
+                          f"valid: a checkpoint of this run's model, without adapters") from None
+    except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"CKPT={str(step_dir)!r} does not hold the plain model of {run_dir / 'config.yaml'} ({first}); "
                           f"valid: a checkpoint of a run without adapters") from None

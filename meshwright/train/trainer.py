@@ -338,9 +338,12 @@ class Trainer:
             run.seed_from_log(kept)
         return fh
 
-    def fit(self, resume: bool | str | Path = False) -> dict[str, Any]:
-        """Train to ``cfg.steps``; returns (and on the main rank writes) the summary."""
+    def fit(self, resume: bool | str | Path = False, before_steps: Callable[[], None] | None = None) -> dict[str, Any]:
+        """Train to ``cfg.steps``; returns (and on the main rank writes) the summary. ``before_steps`` runs once the
+        resume has loaded (or there was none): a refused resume must not rewrite the run's files first."""
         resumed = self._resume_for_fit(resume)
+        if before_steps is not None:
+            before_steps()
         run = _RunStats(first_step=self.step)
         log = self._open_log(resumed, run)
         self._sinks = open_sinks(self.cfg, self.out_dir, to_dict(self.cfg)) if log is not None else Sinks()

@@ -93,3 +93,19 @@ def test_tied_embeddings_round_trip(data, tmp_path):
     load_runtime(latest_checkpoint(tmp_path / "a" / "ckpt"), b.runtime, b.optimizer)
     assert b.runtime.model.output.weight is b.runtime.model.tok_embeddings.weight
     assert torch.equal(a.runtime.model.output.weight, b.runtime.model.output.weight)
+
+
+def test_loading_keeps_this_layouts_optimizer_kernels_and_the_checkpoints_hyper_parameters(data, tmp_path):
+    """A checkpoint restores the writer's param_groups. Its `foreach` (dp2 on CPU: True) overrode the tp2 runtime's
+    foreach=False for its mix of DTensor and plain parameters, and the resumed run failed its first step with
+    "got mixed torch.Tensor and DTensor"; the kernel keys are this process's choice, the rest is the checkpoint's."""
+    a = make_trainer(data, tmp_path / "a", steps=2, eval_every=0)
+    a.fit()
+    assert a.optimizer.param_groups[0]["foreach"] is True
+    b = make_trainer(data, tmp_path / "b", steps=2, eval_every=0)
+    for group in b.optimizer.param_groups:  # what DistributedRuntime.build_optimizer does for a mixed layout
+        group.update(foreach=False, fused=False, betas=(0.5, 0.5))
+    load_runtime(latest_checkpoint(tmp_path / "a" / "ckpt"), b.runtime, b.optimizer)
+    for group in b.optimizer.param_groups:
+        assert group["foreach"] is False and group["fused"] is False
+        assert tuple(group["betas"]) == tuple(a.optimizer.param_groups[0]["betas"])  # hyper-parameters: loaded

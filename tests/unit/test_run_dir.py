@@ -126,3 +126,62 @@ def test_cli_flags_overwrite_and_allow_config_change(data, tmp_path, capsys):
     assert main(["train", str(cfg_file), "steps=4", "lr=0.01", "--resume"]) == 2
     assert "--allow-config-change" in capsys.readouterr().err
     assert main(["train", str(cfg_file), "steps=4", "lr=0.01", "--resume", "--allow-config-change"]) == 0
+
+
+
+def test_a_resume_the_checkpoint_refuses_leaves_the_run_files_intact(data, tmp_path):
+    """--allow-config-change with another model passes the saved-config check but not the checkpoint's shapes; the
+    refused run used to rewrite config.yaml/model.yaml first, so `export` then read the run's checkpoints into the
+    refused model."""
+    from meshwright.train.hf_export import export_hf
+
+    run_training(cfg(data, tmp_path / "run", steps=2))
+    before = {n: (tmp_path / "run" / n).read_text() for n in ("config.yaml", "model.yaml")}
+    with pytest.raises(ConfigError) as err:
+        run_training(cfg(data, tmp_path / "run", steps=3, model={**MICRO, "d_model": 128}), resume=True,
+                     allow_config_change=True)
+    assert "does not fit this run" in str(err.value)
+    assert {n: (tmp_path / "run" / n).read_text() for n in before} == before
+    export_hf(tmp_path / "run", tmp_path / "hf")  # the run's own model: exports
+
+
+def test_export_into_a_model_the_checkpoint_does_not_fit_is_one_line(data, tmp_path):
+    """DCP's CheckpointException is a BaseException: `except Exception` let it out of `export` as a traceback."""
+    from meshwright.train.hf_export import export_hf
+
+    run_training(cfg(data, tmp_path / "run", steps=2))
+    model_yaml = tmp_path / "run" / "model.yaml"
+    model_yaml.write_text(model_yaml.read_text().replace("d_model: 64", "d_model: 128"))  # edited by hand
+    with pytest.raises(ConfigError) as err:
+        export_hf(tmp_path / "run", tmp_path / "hf")
+    assert "\n" not in str(err.value) and "model.yaml" in str(err.value) and "step_000002" in str(err.value)
+
+
+def test_ctrl_c_during_a_checkpoint_write_is_an_interruption(data, tmp_path, monkeypatch, capsys):
+    """DCP wraps a KeyboardInterrupt in a CheckpointException: Ctrl-C mid-write was reported as `checkpoint ... could
+    not be written: CheckpointException: KeyboardInterrupt` with exit 2, as if the disk had failed."""
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    from meshwright.cli import main
+
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"model": MICRO, "data": {"path": str(data)}, "seq_len": 32, "global_batch": 8,
+                                    "micro_batch": 4, "steps": 4, "warmup_steps": 1, "eval_every": 0, "log_every": 1,
+                                    "ckpt_every": 2, "out_dir": str(tmp_path / "out"), "progress": False,
+                                    "energy": False}))
+    real, calls = FileSystemWriter.write_data, []
+
+    def ctrl_c_on_the_second_save(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", ctrl_c_on_the_second_save)
+    assert main(["train", str(cfg_file)]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "meshwright train: interrupted"
+    ckpt = tmp_path / "out" / "ckpt"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_000002"]  # no partial step_000004.tmp
+    monkeypatch.setattr(FileSystemWriter, "write_data", real)
+    assert main(["train", str(cfg_file), "--resume"]) == 0
+    assert steps_logged(tmp_path / "out") == [1, 2, 3, 4]

@@ -110,6 +110,23 @@ def test_hf_config_with_only_model_type_is_an_error(tmp_path):
     assert one_line(err) and "config.json" in str(err.value)
 
 
+def test_an_lr_torchs_optimizer_cannot_take_is_refused_and_one_just_below_diverges_into_nan_policy(tmp_path):
+    """lr 1e300 was accepted and then was torch's `value cannot be converted to type float without overflow`
+    traceback at the first step (AdamW's step size lr/(1-beta1) goes to an fp32 kernel), not a divergence."""
+    with pytest.raises(ConfigError) as err:
+        load_train_config("tiny-test", {"lr": 1e300})
+    assert one_line(err) and str(err.value).startswith("lr=1e+300 ") and "beta1=0.9" in str(err.value)
+    with pytest.raises(ConfigError, match=r"^lr=1e\+39 "):
+        load_train_config("tiny-test", {"lr": 1e39, "beta1": 0.0})
+    data = prepared_corpus(tmp_path / "data")
+    for optimizer in ("adamw", "coat_adamw"):
+        trainer = make_trainer(data, tmp_path / optimizer, lr=3.4e37, min_lr=0.0, optimizer=optimizer, steps=3,
+                               eval_every=0)
+        with pytest.raises(NonFiniteLoss) as stopped:
+            trainer.fit()
+        assert one_line(stopped) and str(stopped.value).startswith("step ")
+
+
 class AlwaysNaN(LocalRuntime):
     def forward_backward_lazy(self, micro_batches):  # what the trainer calls
         return super().forward_backward_lazy(micro_batches) * float("nan")
@@ -184,6 +201,30 @@ def test_damaged_data_directory_is_one_line(tmp_path, inputs, damage, needle):
     with pytest.raises(ConfigError) as err:
         TokenDataset(out)
     assert one_line(err) and needle in str(err.value)
+
+
+def _set_loss_mask(d, value):
+    index = json.loads((d / "index.json").read_text())
+    (d / "index.json").write_text(json.dumps({**index, "loss_mask": value}))
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda d: (d / "mask.bin").write_bytes((d / "mask.bin").read_bytes()[:-5]), "bytes, expected"),
+    (lambda d: (d / "mask.bin").write_bytes((d / "mask.bin").read_bytes() + b"\x01"), "bytes, expected"),
+    (lambda d: (d / "mask.bin").unlink(), "is missing"),
+    (lambda d: _set_loss_mask(d, "../tokens.bin"), "is missing"),
+    (lambda d: _set_loss_mask(d, 7), "is missing"),
+])
+def test_damaged_loss_mask_of_instruction_data_is_one_line(tmp_path, damage, needle):
+    """A truncated mask.bin (after `data prepare`) was numpy's `mmap length is greater than file size` traceback."""
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("\n".join(json.dumps({"prompt": f"Q{i}: why? ", "response": "because " * 4}) for i in range(20)))
+    out = prepare([sft], tmp_path / "data", fmt="instruct", progress=False)
+    assert TokenDataset(out).mask is not None
+    damage(out)
+    with pytest.raises(ConfigError) as err:
+        TokenDataset(out)
+    assert one_line(err) and "loss mask" in str(err.value) and needle in str(err.value)
 
 
 def test_token_ids_outside_the_vocabulary_are_one_line(tmp_path, inputs):

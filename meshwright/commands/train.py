@@ -12,6 +12,7 @@ from meshwright.config import load_train_config, parse_override, preset_names
 from meshwright.errors import ConfigError
 from meshwright.train.build import load_plan_file, resolve_model_config, run_training
 from meshwright.train.plan_match import check_plan_matches
+from meshwright.train.preemption import EXIT_PREEMPTED
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -84,6 +85,8 @@ def _run(args: argparse.Namespace) -> int:
         resume = True  # an elastic restart (torchrun --max-restarts) continues from the latest complete checkpoint
     summary = run_training(cfg, args.plan, resume, overwrite=args.overwrite,
                            allow_config_change=args.allow_config_change)
+    if summary.get("stopped_by"):  # preempted: a checkpoint is saved, the run is not finished
+        return EXIT_PREEMPTED
     if summary["steps_this_run"] == 0:
         return 0
     return 0 if summary.get("final_loss") is not None else 1  # every step was skipped as NaN

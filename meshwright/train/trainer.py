@@ -37,6 +37,7 @@ from meshwright.tools.sinks import Sinks, open_sinks
 from meshwright.train.checkpoint import load_latest, load_runtime, save_checkpoint
 from meshwright.train.compile import fast_adamw_kwargs
 from meshwright.train.faults import fault_point
+from meshwright.train.preemption import Preemption
 from meshwright.train.run_dir import reopen_log
 from meshwright.train.runtime import Runtime
 
@@ -115,6 +116,9 @@ class Trainer:
         self._skips_on_device: bool | None = None  # skips_on_device(self.optimizer), decided at the first step
         self._overlap_everywhere = False  # _skips_on_device on every rank (see may_overlap)
         self.overlap_readback = True  # fit reads a step's loss back after queueing the next (see may_overlap)
+        self.preemption = Preemption()  # fit opens its own: SIGTERM/SIGUSR1 stop at a step with a checkpoint
+        self._stopping = False  # a stop agreed by every rank (preemption.py)
+        self._saved_step = -1  # the step of this process's last checkpoint (fit's final save skips a second one)
         self._last_done = 0.0  # perf_counter at the last read-back
         self.tokens_per_step = cfg.global_batch * cfg.seq_len
         # The model owns its FLOPs; the convention is named in the config so MFU is comparable across tools.
@@ -210,8 +214,10 @@ class Trainer:
 
     def save(self) -> Path:
         with self._not_training():
-            return save_checkpoint(self.ckpt_dir, self.step, self.runtime, self.optimizer, self.trainer_state(),
+            path = save_checkpoint(self.ckpt_dir, self.step, self.runtime, self.optimizer, self.trainer_state(),
                                    keep=self.keep_checkpoints)
+        self._saved_step = self.step
+        return path
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Load ``path`` (or the latest checkpoint in out_dir/ckpt); False when there is none."""
@@ -297,7 +303,7 @@ class Trainer:
         (eval, a checkpoint) sees the weights of step N and nothing later."""
         pending: _QueuedStep | None = None  # queued on the device, read back after the next is queued
         try:
-            while self.step < self.cfg.steps:
+            while self.step < self.cfg.steps and not self._stopping:
                 queued = self._queue_step()
                 if pending is not None:
                     earlier, pending = pending, None
@@ -306,6 +312,9 @@ class Trainer:
                     pending = queued
                 else:
                     yield self._resolve(queued)
+            if pending is not None:  # a stop agreed while a step was in flight: that step is finished first
+                earlier, pending = pending, None
+                yield self._resolve(earlier)
         except Exception:
             if pending is not None:  # the last good step keeps its record when the next one fails
                 earlier, pending = pending, None
@@ -351,8 +360,9 @@ class Trainer:
                    disable=not (self.cfg.progress and self.runtime.is_main), mininterval=1.0, dynamic_ncols=True)
         self._start_energy()
         try:
-            for out in self.steps():
-                self._after_step(run, log, bar, out)
+            with Preemption(self.runtime.world_size) as self.preemption:
+                for out in self.steps():
+                    self._after_step(run, log, bar, out)
         finally:
             bar.close()
             if log is not None:
@@ -360,10 +370,13 @@ class Trainer:
             self._sinks.close()
             if self.energy is not None:
                 self.energy.pause()
-        if run.eval_loss is None and self.cfg.eval_every == 0:
+        if run.eval_loss is None and self.cfg.eval_every == 0 and not self._stopping:
             run.eval_loss = self.evaluate()
-        if self.step > run.first_step:
+        if self.step > run.first_step and self._saved_step != self.step:
             self.save()
+        if self._stopping:
+            self.print(f"stopped at step {self.step} of {self.cfg.steps}: {self.preemption.name} received; checkpoint "
+                       f"saved, continue with `meshwright train ... --resume`")
         return self._finish(run, resumed)
 
     def _resume_for_fit(self, resume: bool | str | Path) -> bool:
@@ -384,9 +397,11 @@ class Trainer:
         """What follows a read-back step: the log record, eval, a checkpoint, the progress bar."""
         cfg, step = self.cfg, out["step"]
         run.record_step(out, self.tokens_per_step, step)
+        if not self._stopping and step < cfg.steps and self.preemption.agreed():
+            self._stopping = True  # steps() finishes the step in flight, if any; fit() saves after it
         is_eval = cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.steps)
         will_log = (step % cfg.log_every == 0 or step == run.first_step + 1 or step == cfg.steps
-                    or is_eval or not out["finite"])
+                    or is_eval or not out["finite"] or self._stopping)  # the log ends where the checkpoint is
         # collective on every rank; read before eval so router stats describe the training batch
         extra = self._extra_log_fields() if will_log else {}
         if is_eval:
@@ -430,6 +445,7 @@ class Trainer:
             steady_tokens = self.tokens_per_step * (self.step - run.first_step)
         summary = {
             "model": self.model_cfg.name, "params": self.model_cfg.num_params(), "steps": self.step,
+            "stopped_by": self.preemption.name if self._stopping else None,
             "steps_this_run": self.step - run.first_step, "tokens": self.step * self.tokens_per_step,
             "train_s": steady_s, "step_s": steady_s / max(steady_tokens / self.tokens_per_step, 1),
             "world_size": rt.world_size, "dp_size": rt.dp_size, "dtype": cfg.dtype, "compute_dtype": rt.compute_dtype,

@@ -182,3 +182,34 @@ def test_disk_full_is_one_line_and_keeps_the_last_checkpoint(data, tmp_path):
         verify_manifest(last)  # what was written before the disk filled is intact
     finally:
         subprocess.run(["umount", str(mnt)])
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_scheduler_signal_stops_at_a_step_with_a_checkpoint_and_the_resume_loses_nothing(data, tmp_path, signum):
+    """Preemption (train/preemption.py): without any periodic checkpoint, SIGTERM/SIGUSR1 mid-run stops the run at
+    the next step boundary with a checkpoint there and exit 143; the resume replays the uninterrupted trajectory.
+    Before, the signal killed the process and every step was lost."""
+    steps = 60  # long enough for the signal to land mid-run
+    out = tmp_path / "run"
+    proc = spawn(data, out, None, ckpt_every=0, steps=steps)
+    deadline = time.monotonic() + 120
+    while not (out / "log.jsonl").is_file() or len((out / "log.jsonl").read_text().splitlines()) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "run ended before its second step was logged"
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    stdout, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, (proc.returncode, err[-2000:])
+    summary = json.loads((out / "summary.json").read_text())
+    stopped = summary["steps"]
+    assert summary["stopped_by"] == signal.Signals(signum).name and 2 <= stopped < steps
+    assert f"stopped at step {stopped} of {steps}" in stdout
+    ckpt = latest_checkpoint(out / "ckpt")
+    assert ckpt is not None and ckpt.name == f"step_{stopped:06d}"
+    verify_manifest(ckpt)
+    assert max(trajectory(out)) == stopped  # the log ends where the checkpoint is
+    resumed = train_in_process(data, out, resume=True, ckpt_every=0, steps=steps)
+    assert resumed["resumed"] and resumed["steps"] == steps and resumed["stopped_by"] is None
+    ref = tmp_path / "ref"
+    train_in_process(data, ref, resume=False, ckpt_every=0, steps=steps)
+    assert trajectory(out) == trajectory(ref)  # bitwise

@@ -135,10 +135,14 @@ def _check_outputs_and_extras(args: argparse.Namespace) -> None:
             raise invalid("--train-config", args.train_config, "used only with --emit (drop it, or add --emit)")
         args.train_config_loaded = load_train_config(args.train_config)
     if hasattr(args, "goodput"):
-        check_capacity_inputs(None if args.train_tokens is None else parse_tokens(args.train_tokens),
-                              DEFAULT_PUE if args.pue is None else args.pue,
+        tokens = None if args.train_tokens is None else parse_tokens(args.train_tokens)
+        check_capacity_inputs(tokens, DEFAULT_PUE if args.pue is None else args.pue,
                               DEFAULT_GRID if args.grid_intensity is None else args.grid_intensity,
                               args.price_per_device_hour, args.goodput, args.power_basis, args.measured_power_w)
+        step_tokens = getattr(args, "global_batch", 0) * getattr(args, "seq_len", 0)
+        if tokens is not None and step_tokens and tokens < step_tokens:  # 0.5 was costed as a run of half a token
+            raise invalid("train_tokens", args.train_tokens, f"at least one step's tokens (global batch x seq len = "
+                          f"{step_tokens:,}), e.g. 2T or 300B")
 
 
 def _stack(args: argparse.Namespace) -> str:

@@ -25,7 +25,7 @@ from meshwright.train.faults import fault_point
 LOCK_FILE = ".meshwright.lock"
 # what meshwright writes into out_dir: the only names --overwrite removes
 OUTPUTS = ("log.jsonl", "log.jsonl.tmp", "summary.json", "summary.json.tmp", "config.yaml", "config.yaml.tmp",
-           "plan.yaml", "plan.yaml.tmp")
+           "model.yaml", "model.yaml.tmp", "plan.yaml", "plan.yaml.tmp")
 # fields that change the trajectory: a resume with other values is refused unless told (steps may grow; the
 # layout may change, as checkpoints reshard)
 RESUME_FIELDS = ("model", "data", "seq_len", "global_batch", "seed", "optimizer", "lr", "min_lr", "warmup_steps",
@@ -112,7 +112,7 @@ class RunLock:
 def check_fresh_or_overwrite(out_dir: str | Path, resume: bool | str, overwrite: bool) -> None:
     """A fresh run into a directory that holds another run's checkpoints is refused unless it resumes or
     ``overwrite`` is set; ``overwrite`` removes only what meshwright wrote (ckpt/ step directories, the
-    ``latest`` pointer, the log, summary, config and plan), never other files."""
+    ``latest`` pointer, the log, summary, config, model and plan), never other files."""
     out = Path(out_dir)
     ckpt = out / "ckpt"
     found = list_checkpoints(ckpt)

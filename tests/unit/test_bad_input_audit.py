@@ -76,6 +76,7 @@ def test_moe_ffn_hidden_zero_is_named_not_a_zero_division(capsys, tmp_path):
     (["--goodput", "0"], "goodput=0.0 is invalid"),
     (["--power-basis", "measured"], "measured_power_w=None is invalid"),
     (["--train-tokens", "inf"], "train_tokens=inf is invalid"),
+    (["--train-tokens", "0.5"], "train_tokens='0.5' is invalid; valid: at least one step's tokens"),  # costed as half a token
     (["--out", "."], "--out='.' is invalid"),  # IsADirectoryError traceback after the search
     (["--out", "/dev/null/plan.yaml"], "--out='/dev/null/plan.yaml' is invalid"),  # FileExistsError traceback
     (["--train-config", "tiny-test"], "--train-config='tiny-test' is invalid"),  # ignored without --emit

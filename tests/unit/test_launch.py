@@ -94,3 +94,45 @@ def test_cli_dry_run_and_bad_hostfile(tmp_path, capsys):
     assert main(["launch", "--hosts", str(hf), "--dry-run", "--", "train", "default"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "host='bad;host' is invalid" in err[0]
+
+
+class _FakeConn:
+    """A fabric Connection stand-in: records its commands and whether it was closed."""
+
+    def __init__(self, name: str, upload_fails: bool = False) -> None:
+        self.name, self.upload_fails, self.runs, self.closed = name, upload_fails, [], False
+
+    def run(self, cmd: str, **kw):
+        from types import SimpleNamespace
+
+        self.runs.append((cmd, kw.get("asynchronous", False)))
+        failed = self.upload_fails and "umask" in cmd
+        return SimpleNamespace(exited=1 if failed else 0, stderr="Read-only file system" if failed else "")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("failing", ["connect", "upload"])
+def test_a_host_failing_before_the_start_leaves_nothing_running_or_open(monkeypatch, failing):
+    """run_over_ssh connects every host and stores every --env file before any torchrun starts; when one of them
+    fails, every connection is closed and the stored --env files (they hold the values) are removed. Before, the
+    earlier hosts' connections stayed open and, after an --env upload failure, their torchruns were already running."""
+    from meshwright.launcher.remote import ssh
+
+    conns = [_FakeConn("node0"), _FakeConn("node1", upload_fails=failing == "upload"), _FakeConn("node2")]
+
+    def fake_connect(host, *a, **k):
+        if failing == "connect" and host.name == "node1":
+            raise ConfigError("host='node1' is unreachable over SSH (timed out); valid: a host that accepts key-based SSH")
+        return conns[int(host.name[-1])]
+
+    monkeypatch.setattr(ssh, "connect", fake_connect)
+    s = LaunchSpec(hosts=[Host(f"node{i}", 1) for i in range(3)], train_args=TRAIN, env={"HF_TOKEN": "secret"})
+    with pytest.raises(ConfigError, match="node1"):
+        ssh.run_over_ssh(s, sink=open("/dev/null", "w"))
+    assert not [c for conn in conns for c, started in conn.runs if started]  # no torchrun was started anywhere
+    reached = conns[:1] if failing == "connect" else conns[:2]
+    assert all(c.closed for c in reached) and not conns[2].runs
+    if failing == "upload":  # node0's stored file is removed; node1 stored none
+        assert [c for c, _ in conns[0].runs if c.startswith("rm -f ")] and not [c for c, _ in conns[1].runs if c.startswith("rm -f ")]

@@ -58,6 +58,19 @@ def test_fresh_run_into_another_runs_dir_refuses_unless_resume_or_overwrite(data
     assert steps_logged(tmp_path) == [1, 2, 3, 4]
 
 
+def test_overwrite_removes_every_file_a_run_writes_and_nothing_else(tmp_path):
+    """remove_outputs: meshwright's own names only (model.yaml and its .tmp were left behind before)."""
+    from meshwright.train.run_dir import OUTPUTS, remove_outputs
+
+    for name in OUTPUTS:
+        (tmp_path / name).write_text("x")
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "model.yml").write_text("mine")
+    remove_outputs(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.yml", "notes.txt"]
+    assert {"model.yaml", "model.yaml.tmp", "config.yaml", "plan.yaml", "log.jsonl", "summary.json"} <= set(OUTPUTS)
+
+
 def test_resume_refuses_a_changed_config_unless_told(data, tmp_path):
     run_training(cfg(data, tmp_path, steps=4))
     with pytest.raises(ConfigError) as err:

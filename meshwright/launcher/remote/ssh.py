@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import io
 import os
+import shlex
 import sys
 import threading
 import time
@@ -116,22 +117,29 @@ def connect(host: Host, ssh_port: int | None, ssh_key: str | None, timeout: floa
 def run_over_ssh(spec: LaunchSpec, ssh_port: int | None = None, ssh_key: str | None = None,
                  connect_timeout: float = 10.0, sink: TextIO = sys.stdout, poll_s: float = 0.2,
                  known_hosts: str | None = None) -> list[HostResult]:
-    """Start torchrun on every host; if any exits non-zero, hang up on the others. Returns per-host results."""
+    """Start torchrun on every host; if any exits non-zero, hang up on the others. Returns per-host results.
+
+    Every host is connected and given its --env file before any torchrun starts, and every connection is closed
+    whatever fails: a host that could not be reached (or store its file) used to leave the earlier connections open,
+    and the earlier hosts' torchruns running, waiting for a rendezvous that never completes."""
     spec.validate()
     lock = threading.Lock()
-    conns = [connect(h, ssh_port, ssh_key, connect_timeout, known_hosts) for h in spec.hosts]
+    conns: list[Any] = []
     streams = [PrefixedStream(h.name, sink, lock) for h in spec.hosts]
-    promises = []
-    for i, (host, conn, stream) in enumerate(zip(spec.hosts, conns, streams)):
-        env_file = _upload_env(spec, conn, host, i) if spec.env else None
-        cmd = remote_shell_command(spec, torchrun_argv(spec, i), env_file)
-        promises.append(conn.run(cmd, asynchronous=True, pty=True, warn=True, hide=False,
-                                 out_stream=stream, err_stream=stream, in_stream=False))
-    codes: list[int | None] = [None] * len(promises)
+    codes: list[int | None] = [None] * len(spec.hosts)
     failed = False
     first_failure: int | None = None
     stopped: set[int] = set()
+    env_files: list[str | None] = []
+    promises: list[Any] = []
     try:
+        for h in spec.hosts:
+            conns.append(connect(h, ssh_port, ssh_key, connect_timeout, known_hosts))
+        for i, (host, conn) in enumerate(zip(spec.hosts, conns)):
+            env_files.append(_upload_env(spec, conn, host, i) if spec.env else None)
+        promises = [conn.run(remote_shell_command(spec, torchrun_argv(spec, i), env_file), asynchronous=True, pty=True,
+                             warn=True, hide=False, out_stream=stream, err_stream=stream, in_stream=False)
+                    for i, (conn, stream, env_file) in enumerate(zip(conns, streams, env_files))]
         while any(c is None for c in codes):
             for i, p in enumerate(promises):
                 if codes[i] is None and p.runner.process_is_finished:
@@ -150,10 +158,23 @@ def run_over_ssh(spec: LaunchSpec, ssh_port: int | None = None, ssh_key: str | N
     finally:
         for s in streams:
             s.flush()
+        if not promises:  # nothing started: the --env files already stored would never be sourced and removed
+            _discard_env_files(conns, env_files)
         for conn in conns:
             conn.close()
     return [HostResult(h.name, c, list(s.tail), i in stopped, i == first_failure)
             for i, (h, c, s) in enumerate(zip(spec.hosts, codes, streams))]
+
+
+def _discard_env_files(conns: list[Any], env_files: list[str | None]) -> None:
+    """Remove the --env files stored on hosts whose torchrun never started (they hold the values); best effort: the
+    launch is already failing with its own error."""
+    for conn, path in zip(conns, env_files):
+        if path is not None:
+            try:
+                conn.run(f"rm -f {shlex.quote(path)}", pty=False, warn=True, hide=True)
+            except Exception:  # noqa: BLE001 - a host gone since the upload: nothing more to do there
+                pass
 
 
 def _upload_env(spec: LaunchSpec, conn: Any, host: Host, node_rank: int) -> str:

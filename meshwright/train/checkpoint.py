@@ -345,7 +345,7 @@ def load_latest(root: str | Path, runtime: Runtime, optimizer: torch.optim.Optim
             error = error or CheckpointCorrupt(f"checkpoint {path} is damaged on another rank")
             first_error = first_error or error
             if warn is not None and runtime.is_main:
-                warn(f"warning: {error}; falling back to the previous checkpoint")
+                warn(f"warning: {error.damage}; falling back to the previous checkpoint")
             continue
         return path, load_runtime(path, runtime, optimizer, verify=False)
     if first_error is not None:

@@ -45,7 +45,15 @@ _ALLOWED: dict[str, set[str]] = {
 
 
 class CheckpointCorrupt(ConfigError):
-    """A checkpoint file is missing, damaged or not what a meshwright checkpoint holds (one line)."""
+    """A checkpoint file is missing, damaged or not what a meshwright checkpoint holds: one line, the damage and what
+    the user can do (``damage`` alone for the resume's fall-back warning)."""
+
+    VALID = ("valid: an intact checkpoint (a resume falls back to the newest intact step_*; --resume-from and "
+             "export can name another)")
+
+    def __init__(self, damage: str) -> None:
+        self.damage = damage
+        super().__init__(f"{damage}; {self.VALID}")
 
 
 class _MetadataUnpickler(pickle.Unpickler):

@@ -109,11 +109,14 @@ def test_damage_is_one_line_and_resume_falls_back_to_the_previous_checkpoint(dat
         t = make_trainer(data, run, steps=4, eval_every=0, warmup_steps=1)
         load_runtime(newest, t.runtime, t.optimizer)
     assert one_line(err.value) and "step_000004" in str(err.value)
+    assert str(err.value).endswith("; valid: an intact checkpoint (a resume falls back to the newest intact step_*; "
+                                   "--resume-from and export can name another)")  # what to do, as every one-line error
     warnings = []
     t = make_trainer(data, run, steps=4, eval_every=0, warmup_steps=1)
     t.print = warnings.append
     assert t.resume() is True and t.step == 2  # fell back to step 2
     assert len(warnings) == 1 and warnings[0].startswith("warning:") and "step_000004" in warnings[0]
+    assert "valid:" not in warnings[0]  # the fall-back warning says the damage and what it does instead
 
 
 def test_all_checkpoints_damaged_is_one_line(data, two_ckpts, tmp_path):

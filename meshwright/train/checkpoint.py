@@ -115,11 +115,18 @@ def _atomic_dir(path: Path, runtime: Runtime) -> Iterator[Path]:
         raise _save_error(path, exc, full) from None
     if runtime.is_main:
         old = path.with_name(path.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        if path.exists():
-            path.rename(old)
-        os.replace(tmp, path)
+        try:
+            if old.exists():
+                shutil.rmtree(old)
+            if path.exists():
+                path.rename(old)
+            os.replace(tmp, path)
+        except OSError as exc:  # the swap itself (an unwritable ckpt/): the checkpoint's own line, no .tmp left
+            if old.exists() and not path.exists():
+                with contextlib.suppress(OSError):
+                    old.rename(path)  # the version it replaced, back in place
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _save_error(path, exc) from None
         shutil.rmtree(old, ignore_errors=True)
     runtime.barrier()
 
@@ -147,7 +154,8 @@ def _save_error(path: Path, exc: BaseException, full: bool = False) -> ConfigErr
                            f"valid: free space on that disk, a smaller keep_checkpoints, or another out_dir")
     first = str(exc).strip().splitlines()
     return ConfigError(f"checkpoint {path} could not be written: {type(exc).__name__}: "
-                       f"{first[-1] if first else ''} (the partial {path.name}.tmp was removed)")
+                       f"{first[-1] if first else ''} (the partial {path.name}.tmp was removed); valid: a writable "
+                       f"{path.parent} with room for the checkpoint, or another out_dir")
 
 
 def save_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Optimizer | None,

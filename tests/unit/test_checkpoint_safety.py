@@ -163,3 +163,29 @@ def test_checksums_are_written_with_every_checkpoint(two_ckpts):
     files = json.loads((ckpt / "checksums.json").read_text())["files"]
     assert set(files) == {p.name for p in ckpt.iterdir() if p.name != "checksums.json"}
     assert all(len(e["sha256"]) == 64 for e in files.values())
+
+
+def test_a_checkpoint_that_cannot_be_swapped_in_is_its_own_one_line_and_leaves_no_tmp(data, tmp_path, monkeypatch):
+    """The final rename of step_N.tmp into place (an unwritable ckpt/, chattr +i as root) raised a bare OSError: the
+    CLI's generic "path ... is unusable" line, and the .tmp stayed. Now the checkpoint's own line and no .tmp."""
+    import os
+
+    from meshwright.train.checkpoint import STEP_RE
+
+    real = os.replace
+
+    def refuse_swap(src, dst, *a, **k):
+        if str(src).endswith(".tmp") and STEP_RE.match(os.path.basename(str(dst))):
+            raise PermissionError(1, "Operation not permitted", str(src), None, str(dst))
+        return real(src, dst, *a, **k)
+
+    t = make_trainer(data, tmp_path / "run", steps=4, eval_every=0, warmup_steps=1)
+    t.fit()
+    good = latest_checkpoint(tmp_path / "run" / "ckpt")
+    monkeypatch.setattr(os, "replace", refuse_swap)
+    with pytest.raises(ConfigError) as err:
+        t.save()
+    line = str(err.value)
+    assert one_line(err.value) and line.startswith(f"checkpoint {good} could not be written: PermissionError")
+    assert "; valid: a writable" in line
+    assert sorted(p.name for p in (tmp_path / "run" / "ckpt").iterdir()) == ["latest", good.name]  # the old one back

@@ -110,6 +110,10 @@ def run_deepspeed(spec, args: argparse.Namespace) -> int:
     # the user's --env wins over the same names in this environment (which DeepSpeed would export unquoted)
     run_env = {k: v for k, v in os.environ.items() if k not in spec.env}
     run_env["PDSH_RCMD_TYPE"] = "ssh"
+    if "PYTHONPATH" in spec.env and len(spec.hosts) > 1:
+        # DeepSpeed always exports PYTHONPATH=<workdir>:<this PYTHONPATH> on the remote line, after the --env script is
+        # sourced: an --env PYTHONPATH was overridden there. Given to the runner, it reaches the hosts (checked below)
+        run_env["PYTHONPATH"] = spec.env["PYTHONPATH"]
     if len(spec.hosts) > 1:
         check_deepspeed_exports(run_env, deepspeed_export_prefixes())
     env_script: Path | None = None

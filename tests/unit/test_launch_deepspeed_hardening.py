@@ -200,3 +200,22 @@ def test_cli_refuses_hostile_exported_environment_before_deepspeed_starts(tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "PYTHONSTARTUP" in err[0] and "--env PYTHONSTARTUP=" in err[0]
     assert not started
+
+
+def test_an_env_pythonpath_reaches_the_hosts_through_deepspeeds_own_export(tmp_path, monkeypatch):
+    """Multi-host DeepSpeed sources the --env script and then exports PYTHONPATH=<workdir>:<the runner's PYTHONPATH>,
+    which overrode `--env PYTHONPATH=...`; the runner now gets that value, so the remote line ends with it."""
+    pytest.importorskip("deepspeed.launcher.runner")
+    if shutil.which("pdsh") is None or shutil.which("ssh") is None:
+        pytest.skip("needs pdsh and ssh on PATH (run_deepspeed checks them first)")
+    import meshwright.commands.launch as launch_mod
+
+    seen = []
+    monkeypatch.setattr(launch_mod.subprocess, "call", lambda argv, **k: seen.append(k["env"]) or 0)
+    monkeypatch.setenv("PYTHONPATH", "/somewhere/local")
+    hf = tmp_path / "hostfile"
+    hf.write_text("n0 slots=1\nn1 slots=1\n")
+    assert main(["launch", "--hosts", str(hf), "--launcher", "deepspeed", "--workdir", str(tmp_path), "--python",
+                 sys.executable, "--env", "PYTHONPATH=/shared/libs", "--", "train", "tiny-test"]) == 0
+    assert seen and seen[0]["PYTHONPATH"] == "/shared/libs"
+

@@ -58,12 +58,12 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
             dcp.load({"model": state}, storage_reader=SafeFileSystemReader(str(step_dir)), planner=SafeLoadPlanner())
     except ConfigError:
         raise
-    except CheckpointException as exc:  # a BaseException, not an Exception: it escaped as a traceback
-        raise ConfigError(f"CKPT={str(step_dir)!r} does not hold the plain model of {source} ({_first_failure(exc)}); "
+    except (CheckpointException, Exception) as exc:  # DCP's CheckpointException is a BaseException, named apart
+        if isinstance(exc, CheckpointException):
+            reason = _first_failure(exc)
+        else:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"CKPT={str(step_dir)!r} does not hold the plain model of {source} ({reason}); "
                           f"valid: a checkpoint of this run's model, without adapters") from None
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"CKPT={str(step_dir)!r} does not hold the plain model of {run_dir / 'config.yaml'} ({first}); "
-                          f"valid: a checkpoint of a run without adapters") from None
     model.load_state_dict(state, strict=False)
     return save_hf(model, model_cfg, out)

@@ -23,8 +23,10 @@ TARGETS: dict[str, str] = {
 }
 
 
-# the stacks whose runnable layouts ``stack_constraints`` knows: the export targets, and DeepSpeed with fp32 gradient
-# accumulation (predicted, exported as ``deepspeed`` plus ``data_types.grad_accum_dtype``)
+# DeepSpeed's two bf16 optimizers: the ZeRO optimizer (what ``--emit deepspeed`` configures) and BF16_Optimizer
+# (``data_types.grad_accum_dtype: fp32``; predicted only: ``--emit deepspeed`` does not write that field)
+DEEPSPEED_STACKS = ("deepspeed", "deepspeed-fp32-accum")
+# the stacks whose runnable layouts ``stack_constraints`` knows
 RESTRICTED_STACKS = (*TARGETS, "deepspeed-fp32-accum")
 
 
@@ -49,7 +51,7 @@ def stack_constraints(target: str, base: Constraints | None = None) -> list[Cons
     base = dataclasses.replace(base or Constraints(), runtime_compatible=False)
     if target == "megatron":  # --use-torch-fsdp2 shards over all dp ranks: no HSDP flag
         return _sets(base, {"zero": 0}, {"zero": 1}, {"zero": 3, "pp": 1, "ep": 1, "hsdp": False})
-    if target in ("deepspeed", "deepspeed-fp32-accum") and (base.virtual_stages or 1) > 1:
+    if target in DEEPSPEED_STACKS and (base.virtual_stages or 1) > 1:
         return []  # one 1F1B-like schedule: no model chunks to interleave
     if target == "deepspeed":  # HSDP only at ZeRO-3 (as ZeRO++ hpZ); ZeRO-2 shards over all dp ranks
         return _sets(base, {"pp": 1, "hsdp": False}, {"pp": 1, "zero": 3}, {"zero": 0, "schedule": "1f1b"},
@@ -83,7 +85,7 @@ def stack_problems(target: str, plan: Plan, cfg: Any) -> list[str]:
             out.append("Megatron-LM has no ZeRO-2 (its distributed optimizer shards optimizer states only)")
         if any(s.dp_shard and s.zero == 3 for s in strategies):
             out.append("--use-torch-fsdp2 has no HSDP flag")
-    elif target in ("deepspeed", "deepspeed-fp32-accum"):
+    elif target in DEEPSPEED_STACKS:
         if any(s.dp_shard and s.zero == 2 for s in strategies):
             out.append("HSDP at ZeRO-2 has no DeepSpeed equivalent")
         if target == "deepspeed-fp32-accum" and zeros & {2, 3}:

@@ -81,24 +81,6 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _traced(train_step: Any, steps: int, device: str) -> dict[str, Any]:
-    """Device time of ``steps`` more steps by kind of kernel (benchmarks/kernel_breakdown.py): where a throughput
-    gap to bf16 comes from, measured in the same run."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from kernel_breakdown import breakdown
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    _sync(device)
-    with profile(activities=acts) as prof:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            train_step()
-        _sync(device)
-        wall = (time.perf_counter() - t0) / steps
-    return {"steps": steps, "wall_step_s": round(wall, 5), **breakdown(prof, steps)}
-
-
 def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Train one configuration for ``args.steps`` steps; figures as a dict (or the reason it was skipped)."""
     from bench_coat import token_stream  # the corpus loader the CPU COAT benchmark uses
@@ -161,7 +143,9 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "val_loss": round(sum(val) / len(val), 4),
     }
     if args.trace_steps:  # after every reported figure: the profiled steps change none of them
-        out["trace"] = _traced(train_step, args.trace_steps, device)
+        from gpu_check import _trace  # the trace gpu_check takes of its own sections, kernel breakdown included
+
+        out["trace"] = _trace(train_step, args.trace_steps)
     if name in ("coat", "coat_act", "coat_fused") and not args.smoke:  # did every FP8 unit stay compiled (no eager fallback)?
         from bench_fp8_linear_gpu import compiled_status
 

@@ -6,6 +6,9 @@ sequences at positions ``[k*global_batch, (k+1)*global_batch)`` of that stream, 
 ``r`` reads the ``r``-th contiguous slice of it, so a global batch is the same set of sequences for any
 ``dp_size``. The loader's whole state is the number of sequences consumed, which makes resume exact.
 Instruction data carries a loss mask (``mask.bin``): targets outside the responses become ``IGNORE_INDEX``.
+The files are read with positional reads on a descriptor held open, not memory-mapped (``token_file.py``: a
+file truncated under a memory map kills the run with SIGBUS), and the train loader's state carries the data
+set's fingerprint (``fingerprint.py``) so a resume onto other data is refused.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from meshwright.data.fingerprint import data_fingerprint
 from meshwright.data.prepare import prepare_default_corpus, prepare_instruct_cached
+from meshwright.data.token_file import FileArray, OpenFile
 from meshwright.errors import ConfigError, invalid
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -55,7 +60,7 @@ def _read_index(index_file: Path) -> dict[str, Any]:
 
 
 class TokenDataset:
-    """A prepared data directory: memory-mapped ``tokens.bin`` plus ``index.json``."""
+    """A prepared data directory: ``tokens.bin`` (held open, read with ``pread``) plus ``index.json``."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -68,29 +73,36 @@ class TokenDataset:
         tokens_file = self.path / "tokens.bin"
         if not tokens_file.is_file():
             raise invalid("data.path", str(path), "a prepared data directory with tokens.bin; re-run `meshwright data prepare`")
-        size = tokens_file.stat().st_size
+        self.token_file = OpenFile(tokens_file, f"data.path={str(path)!r}")  # its size: the open file's, not the path's
+        size = self.token_file.size
         if size != n * dtype.itemsize:
             raise ConfigError(f"data.path={str(path)!r} is inconsistent: tokens.bin has {size} bytes, index says {n} x {dtype.itemsize}; valid: re-run `meshwright data prepare`")
-        self.tokens = np.memmap(tokens_file, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype=dtype)
+        self.tokens = FileArray(self.token_file, dtype, 0, n)
         top = int(self.tokens.max()) if n else -1
         if top >= self.vocab_size:
             raise ConfigError(f"data.path={str(path)!r} holds token id {top}, outside its tokenizer's vocabulary of "
                               f"{self.vocab_size}; valid: re-run `meshwright data prepare`")
-        self.mask: np.ndarray | None = None
+        self.mask: FileArray | None = None
+        self.mask_file: OpenFile | None = None
         if self.index.get("loss_mask"):
             self.mask = self._loss_mask(n)
 
-    def _loss_mask(self, n: int) -> np.ndarray:
+    def _loss_mask(self, n: int) -> FileArray:
         """mask.bin, one byte per token: a missing, truncated or grown one was numpy's "mmap length is greater than
         file size" traceback (or a mask misaligned with the tokens)."""
         name = self.index["loss_mask"]
         mask_file = self.path / name if isinstance(name, str) and Path(name).name == name else None
-        size = mask_file.stat().st_size if mask_file is not None and mask_file.is_file() else None
+        opened = OpenFile(mask_file, f"data.path={str(self.path)!r}") if mask_file is not None and mask_file.is_file() else None
+        size = opened.size if opened is not None else None
         if size != n:
+            if opened is not None:
+                opened.close()
             got = "missing" if size is None else f"{size} bytes"
             raise ConfigError(f"data.path={str(self.path)!r} has a damaged loss mask: index.json's loss_mask={name!r} "
                               f"is {got}, expected a file of {n} bytes beside tokens.bin; valid: re-run `meshwright data prepare`")
-        return np.memmap(mask_file, dtype=np.uint8, mode="r", shape=(n,)) if n else np.zeros(0, dtype=np.uint8)
+        assert opened is not None
+        self.mask_file = opened
+        return FileArray(self.mask_file, np.dtype(np.uint8), 0, n)
 
     @property
     def vocab_size(self) -> int:
@@ -110,16 +122,17 @@ class TokenDataset:
             point = target  # one huge document (or a final one) - cut inside it
         return point
 
-    def split(self, name: str, val_fraction: float, array: np.ndarray | None = None) -> np.ndarray:
+    def split(self, name: str, val_fraction: float, array: FileArray | None = None) -> FileArray:
+        """The train or validation part of the tokens (or of ``array``), unread until the loader asks."""
         point = self.split_point(val_fraction)
         array = self.tokens if array is None else array
         if name == "train":
-            return array[:point]
+            return array.window(0, point)
         if name == "val":
-            return array[point:]
+            return array.window(point, len(array))
         raise invalid("split", name, "'train' or 'val'")
 
-    def split_mask(self, name: str, val_fraction: float) -> np.ndarray | None:
+    def split_mask(self, name: str, val_fraction: float) -> FileArray | None:
         """The loss mask of a split (instruction data), or None (every target counts)."""
         return None if self.mask is None else self.split(name, val_fraction, self.mask)
 
@@ -127,9 +140,9 @@ class TokenDataset:
 class SequenceLoader:
     """Deterministic, resumable, data-parallel-sharded loader of (inputs, targets) micro-batches."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int, micro_batch: int,
+    def __init__(self, tokens: np.ndarray | FileArray, seq_len: int, global_batch: int, micro_batch: int,
                  dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True, name: str = "train",
-                 loss_mask: np.ndarray | None = None) -> None:
+                 loss_mask: np.ndarray | FileArray | None = None) -> None:
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise invalid("dp_rank", dp_rank, f"an integer in [0, dp_size={dp_size})")
         if global_batch % dp_size:
@@ -145,6 +158,7 @@ class SequenceLoader:
         if self.n_windows < 1:
             raise invalid("seq_len", seq_len, f"less than the {name} split's {len(tokens)} tokens")
         self.consumed = 0  # global sequences handed out so far (all ranks together)
+        self.data_fingerprint: dict[str, Any] | None = None  # build_loaders: saved with the position (fingerprint.py)
         self._perm_epoch = -1
         self._perm: np.ndarray | None = None
 
@@ -166,10 +180,12 @@ class SequenceLoader:
             self._perm_epoch = epoch
         return int(self._perm[i])
 
-    def _sequences(self, positions: range, source: np.ndarray | None = None) -> torch.Tensor:
+    def _sequences(self, positions: range, source: np.ndarray | FileArray | None = None) -> torch.Tensor:
         source = self.tokens if source is None else source
-        rows = [np.asarray(source[w * self.seq_len: w * self.seq_len + self.seq_len + 1], dtype=np.int64)
-                for w in (self._window(p) for p in positions)]
+        starts = [self._window(p) * self.seq_len for p in positions]
+        if isinstance(source, FileArray):  # one pread per sequence, one fstat for the batch
+            return torch.from_numpy(source.read_rows(starts, self.seq_len + 1).astype(np.int64))
+        rows = [np.asarray(source[s: s + self.seq_len + 1], dtype=np.int64) for s in starts]
         return torch.from_numpy(np.stack(rows))
 
     def batch_at(self, start: int) -> list[Batch]:
@@ -200,7 +216,10 @@ class SequenceLoader:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"consumed": self.consumed, "seed": self.seed, "seq_len": self.seq_len, "n_windows": self.n_windows}
+        state = {"consumed": self.consumed, "seed": self.seed, "seq_len": self.seq_len, "n_windows": self.n_windows}
+        if self.data_fingerprint is not None:
+            state["data"] = self.data_fingerprint
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("seed", "seq_len", "n_windows"):
@@ -244,4 +263,5 @@ def build_loaders(cfg: Any, vocab_size: int, dp_rank: int = 0, dp_size: int = 1,
     f = cfg.data.val_fraction
     train = SequenceLoader(ds.split("train", f), shuffle=True, name="train", loss_mask=ds.split_mask("train", f), **common)
     val = SequenceLoader(ds.split("val", f), shuffle=False, name="val", loss_mask=ds.split_mask("val", f), **common)
+    train.data_fingerprint = data_fingerprint(ds)
     return train, val, ds

@@ -269,7 +269,7 @@ def run_training(train_cfg: TrainConfig, plan_ref: str | None = None, resume: bo
             check_fresh_or_overwrite(train_cfg.out_dir, resume, overwrite)
             check_resume_config(train_cfg, resume, allow_config_change)
         job = TrainingJob.resolve(train_cfg, plan_ref)
-        summary = _train(job, resume)
+        summary = _train(job, resume, allow_config_change)
         done = True
         return summary
     except OSError as exc:
@@ -284,7 +284,7 @@ def run_training(train_cfg: TrainConfig, plan_ref: str | None = None, resume: bo
                 remove_unused(created)
 
 
-def _train(job: TrainingJob, resume: bool | str) -> dict[str, Any]:
+def _train(job: TrainingJob, resume: bool | str, allow_config_change: bool = False) -> dict[str, Any]:
     train_cfg, model_cfg = job.cfg, job.model
     runtime = build_runtime(job)
     try:
@@ -295,6 +295,7 @@ def _train(job: TrainingJob, resume: bool | str) -> dict[str, Any]:
                   f"({len(ds):,} tokens) | {train_cfg.steps} steps x {train_cfg.global_batch}x{train_cfg.seq_len} tokens | "
                   f"{type(runtime).__name__}, world {runtime.world_size} | out {train_cfg.out_dir}", flush=True)
         trainer = Trainer(train_cfg, runtime, train, val, model_cfg, job.cluster)
+        trainer.allow_data_change = allow_config_change
         return trainer.fit(resume=resume, before_steps=lambda: _write_run_files(job, runtime))
     finally:
         runtime.close()

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from meshwright.config import ClusterSpec, ModelConfig, TrainConfig
 from meshwright.config.io import to_dict
+from meshwright.data.fingerprint import check_resume_data
 from meshwright.data.loader import SequenceLoader
 from meshwright.errors import ConfigError, invalid
 from meshwright.memory.meft import log_fields
@@ -129,6 +130,7 @@ class Trainer:
         self._eval_batches = None
         self.eval_batch_count = self._eval_batch_count()
         self.energy: EnergyAccountant | None = None
+        self.allow_data_change = False  # --allow-config-change: resume onto data other than the checkpoint's
 
     # ---- pieces ----------------------------------------------------------------------------------
     def set_lr(self, step: int) -> float:
@@ -232,6 +234,10 @@ class Trainer:
             raise invalid("steps", self.cfg.steps, f"at least the checkpoint's step {state['step']} ({target})")
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        note = check_resume_data(state["train_loader"].get("data"), self.train_loader.data_fingerprint,
+                                 self.cfg.data.path, str(target), self.allow_data_change)
+        if note is not None and self.runtime.is_main:
+            self.print(note)
         self.train_loader.load_state_dict(state["train_loader"])
         return True
 

@@ -1,0 +1,140 @@
+"""A data set that changes under a run, or between a run and its resume.
+
+tokens.bin truncated while a run reads it was SIGBUS (a memory map, exit -7, no message); now one line and exit 2
+with the checkpoints intact. A resume onto a directory re-prepared with other content was silent; now refused
+naming what differs, unless --allow-config-change. Checkpoints from before the fingerprint still resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from _train_helpers import MICRO, make_trainer
+from meshwright.config import load_train_config
+from meshwright.data.fingerprint import data_fingerprint
+from meshwright.data.loader import TokenDataset
+from meshwright.data.prepare import prepare
+from meshwright.data.token_file import DataChanged
+from meshwright.errors import ConfigError
+from meshwright.train.build import run_training
+from meshwright.train.checkpoint import latest_checkpoint
+from meshwright.train.checkpoint_io import verify_manifest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def text_corpus(root: Path, letter_seed: int, chars: int = 20000) -> Path:
+    """A one-document byte corpus of ``chars`` characters: every seed gives the same size, other bytes."""
+    rng = np.random.default_rng(letter_seed)
+    src = root / f"src{letter_seed}.txt"
+    src.write_text("".join(rng.choice(list("abcdefghij \n"), chars)))
+    return src
+
+
+@pytest.fixture()
+def corpus(tmp_path) -> Path:
+    return prepare([text_corpus(tmp_path, 1)], tmp_path / "corpus", progress=False)
+
+
+def test_reads_match_the_file_and_a_cut_or_rewritten_file_is_one_line(corpus):
+    ds = TokenDataset(corpus)
+    whole = np.fromfile(corpus / "tokens.bin", dtype=ds.tokens.dtype)
+    assert np.array_equal(np.asarray(ds.tokens), whole) and ds.tokens[5] == whole[5]
+    assert np.array_equal(ds.tokens[100:300:7], whole[100:300:7])
+    val = ds.split("val", 0.1)
+    assert np.array_equal(val[:50], whole[len(whole) - len(val):][:50])
+    os.truncate(corpus / "tokens.bin", 1000)
+    with pytest.raises(DataChanged, match=r"tokens.bin changed while the run was reading it \(now 1000 bytes"):
+        ds.tokens.read_rows([0], 33)  # within the new size: the fstat after the read still sees the cut
+    with pytest.raises(DataChanged, match="found its end"):
+        ds.tokens[5000:5100]
+
+
+def test_a_same_size_rewrite_in_place_is_refused(corpus):
+    ds = TokenDataset(corpus)
+    path = corpus / "tokens.bin"
+    before = os.stat(path).st_mtime_ns
+    with open(path, "r+b") as fh:  # in place: same inode, same size, other bytes
+        fh.write(b"z" * 100)
+    os.utime(path, ns=(before, before + 10**9))  # a later write; coarse-clock filesystems may not move it alone
+    with pytest.raises(DataChanged, match="rewritten in place"):
+        ds.tokens.read_rows([0], 33)
+
+
+def test_fingerprint_is_the_same_for_the_same_inputs_prepared_again(tmp_path):
+    src = text_corpus(tmp_path, 1)
+    a = data_fingerprint(TokenDataset(prepare([src], tmp_path / "a", progress=False)))
+    moved = tmp_path / "elsewhere.txt"
+    moved.write_bytes(src.read_bytes())
+    assert data_fingerprint(TokenDataset(prepare([moved], tmp_path / "b", progress=False))) == a
+    other = data_fingerprint(TokenDataset(prepare([text_corpus(tmp_path, 2)], tmp_path / "c", progress=False)))
+    assert other["num_tokens"] == a["num_tokens"] and other["tokens_bin_sample_sha256"] != a["tokens_bin_sample_sha256"]
+
+
+def _config(data: Path, out: Path, **overrides) -> dict:
+    return {"model": MICRO, "data": {"path": str(data)}, "seq_len": 32, "global_batch": 8, "micro_batch": 4,
+            "steps": 4, "warmup_steps": 1, "eval_every": 0, "ckpt_every": 2, "log_every": 1, "out_dir": str(out),
+            "progress": False, "energy": False, **overrides}
+
+
+def test_resume_onto_reprepared_data_is_refused(tmp_path, capsys):
+    data = prepare([text_corpus(tmp_path, 1)], tmp_path / "corpus", progress=False)
+    run_training(load_train_config(_config(data, tmp_path / "run", steps=2)))
+    # the same directory prepared again from other text of the same size: same windows, other sequences
+    prepare([text_corpus(tmp_path, 2)], tmp_path / "corpus", progress=False)
+    with pytest.raises(ConfigError, match=r"is not the data set checkpoint .*step_000002 was trained on "
+                                          r"\(tokens_bin_sample_sha256 .*valid: that data set back"):
+        run_training(load_train_config(_config(data, tmp_path / "run")), resume=True)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
+    capsys.readouterr()
+    summary = run_training(load_train_config(_config(data, tmp_path / "run")), resume=True, allow_config_change=True)
+    assert summary["steps"] == 4 and "resuming on it as asked" in capsys.readouterr().out
+
+
+def test_a_checkpoint_without_a_fingerprint_still_resumes(corpus, tmp_path):
+    old = make_trainer(corpus, tmp_path / "run", steps=2, eval_every=0)
+    old.train_loader.data_fingerprint = None  # what checkpoints written before the fingerprint hold
+    old.fit()
+    assert "data" not in json.loads((latest_checkpoint(tmp_path / "run" / "ckpt") / "trainer_state.json").read_text())["train_loader"]
+    printed: list[str] = []
+    new = make_trainer(corpus, tmp_path / "run", steps=4, eval_every=0)
+    new.print = printed.append
+    summary = new.fit(resume=True)
+    assert summary["resumed"] and summary["steps"] == 4
+    assert any("records no data fingerprint" in line for line in printed), printed
+    assert "data" in json.loads((latest_checkpoint(tmp_path / "run" / "ckpt") / "trainer_state.json").read_text())["train_loader"]
+
+
+def test_tokens_cut_mid_run_is_one_line_not_a_bus_error(tmp_path):
+    data = prepare([text_corpus(tmp_path, 1, chars=200000)], tmp_path / "corpus", progress=False)
+    out = tmp_path / "run"
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(_config(data, out, steps=100000, ckpt_every=2, keep_checkpoints=2)))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("MESHWRIGHT_FAULT", None)
+    proc = subprocess.Popen([sys.executable, "-m", "meshwright.cli", "train", str(cfg_file)], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while latest_checkpoint(out / "ckpt") is None:  # training, with a checkpoint to keep
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.05)
+        os.truncate(data / "tokens.bin", 20000)  # a tenth: the next batch's windows lie mostly past the end
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    errors = [ln for ln in err.splitlines() if ln.strip()]
+    assert proc.returncode == 2, (proc.returncode, err[-2000:])  # not -7 (SIGBUS)
+    assert len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    assert "tokens.bin changed while the run was reading it" in errors[0] and "restore the data" in errors[0]
+    verify_manifest(latest_checkpoint(out / "ckpt"))  # every file there, its SHA-256 as written: intact

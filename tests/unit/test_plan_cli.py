@@ -417,12 +417,14 @@ def test_emit_deepspeed_writes_the_config_of_the_stack_predicted(capsys, monkeyp
     import deepspeed.runtime.config as dsc
 
     from meshwright.launcher.planner.stack import STACKS
+    from meshwright.plan import plan_from_dict
 
     class MPU:
         def get_data_parallel_world_size(self):
             return 8
 
     monkeypatch.setattr(dsc.dist, "get_rank", lambda *a, **k: 0)
+    capsys.readouterr()  # DeepSpeed's import may log to stdout: not the first command's output
     base = ["--model", "llama2-7b", "--cluster", "dgx-a100-80g", "--seq-len", "4096", "--global-batch", "64", "--tp", "1",
             "--pp", "1", "--recompute", "full", "--micro-batch", "1", "--emit", "deepspeed"]
     sizes = STACKS["deepspeed"].deepspeed
@@ -432,6 +434,7 @@ def test_emit_deepspeed_writes_the_config_of_the_stack_predicted(capsys, monkeyp
         assert rc == 0
         got[stack, zero] = conf = json.loads(text)
         ds = dsc.DeepSpeedConfig(conf, mpu=MPU())
+        capsys.readouterr()
         assert ds.bfloat16_config.enabled and ds.zero_optimization_stage == int(zero)
         assert ds.zero_config.reduce_bucket_size == sizes.reduce_bucket_size
     assert got["deepspeed-fp32-accum", "1"]["data_types"] == {"grad_accum_dtype": "fp32"}
@@ -442,3 +445,8 @@ def test_emit_deepspeed_writes_the_config_of_the_stack_predicted(capsys, monkeyp
         sizes.stage3_param_persistence_threshold)
     rc, _, err = _run(capsys, ["plan", *base, "--stack", "megatron"])
     assert rc != 0 and "stack='megatron' is invalid with --emit deepspeed; valid: 'deepspeed' or 'deepspeed-fp32-accum'" in err
+    # the reverse: bf16 without ZeRO under the pipeline engine is BF16_Optimizer too (bf16 accumulation): said, not hidden
+    plan = plan_from_dict({"model": "llama2-7b", "seq_len": 4096, "global_batch": 64, "micro_batch": 1,
+                           "pipeline": {"degree": 2, "schedule": "1f1b"}, "layers": [{"dp": 4, "zero": 0, "repeat": 32}]})
+    _, notes = exports.deepspeed_config(plan, load_model_config("llama2-7b"))
+    assert any("zero=0 with pp>1: DeepSpeed's pipeline engine builds BF16_Optimizer" in n for n in notes)

@@ -59,6 +59,9 @@ def deepspeed_config(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] 
                          "exported ZeRO-1")
             zero = conf["zero_optimization"]["stage"] = 1
         conf["data_types"] = {"grad_accum_dtype": "fp32"}
+    elif zero == 0 and pp.degree > 1:  # engine.py _do_optimizer_sanity_check: bf16 + pipeline + no ZeRO
+        notes.append("zero=0 with pp>1: DeepSpeed's pipeline engine builds BF16_Optimizer (bf16 accumulation, fp32 "
+                     "master and optimizer states sharded over dp), which holds less than the ZeRO-0 planned")
     if zero >= 1:
         conf["zero_optimization"].update({"overlap_comm": True, "contiguous_gradients": True})
     conf["zero_optimization"].update(st.deepspeed.zero_config(zero))

@@ -148,9 +148,11 @@ def _check_outputs_and_extras(args: argparse.Namespace) -> None:
 def _stack(args: argparse.Namespace) -> str:
     """The stack the prediction describes: --stack, else the --emit target (its rules), else meshwright's runtime."""
     stack, target = getattr(args, "stack", None), getattr(args, "emit", None)
-    if stack is not None and target is not None and stack != target:
-        raise ConfigError(f"stack={stack!r} is invalid with --emit {target}; valid: {target!r} or no --stack "
-                          "(an export is predicted for the stack that runs it)")
+    # --emit deepspeed writes either DeepSpeed stack (deepspeed-fp32-accum: BF16_Optimizer)
+    valid = tuple(n for n, st in STACKS.items() if st.deepspeed) if target == "deepspeed" else (target,)
+    if stack is not None and target is not None and stack not in valid:
+        raise ConfigError(f"stack={stack!r} is invalid with --emit {target}; valid: {' or '.join(map(repr, valid))} or "
+                          "no --stack (an export is predicted for the stack that runs it)")
     return stack or target or "meshwright"
 
 
@@ -332,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
             raise invalid("--out", args.out, f"a writable file path ({exc.strerror or exc})") from None
     if args.emit:
         train = getattr(args, "train_config_loaded", None)
-        text, notes = emit(best.plan, objects["cfg"], args.emit, train)
+        text, notes = emit(best.plan, objects["cfg"], args.emit, train, _stack(args))
         if args.allow:  # the consumers run none of meshwright's savers: say so rather than drop them unseen
             notes.append(f"--allow {' '.join(args.allow)} ignored: {args.emit} runs none of meshwright's memory savers, "
                          "so the search kept to layouts without them")

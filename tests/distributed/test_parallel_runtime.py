@@ -24,8 +24,9 @@ FOUR_RANK = {"dp2_tp2_fsdp", "dp2_tp2_sp_zero0", "dp2_tp2_megatron", "pp2_tp2", 
 TWO_RANK = {"dp2_ddp", "dp2_zero1", "dp2_zero2_fsdp", "dp2_zero3_fsdp", "tp2_dtensor", "tp2_megatron", "tp2_sp",
             "pp2_1f1b", "pp2_gpipe", "pp2_interleaved", "layerwise_tp_zero_mix", "recompute_full_dp2",
             "recompute_selective_tp2", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "ckpt_dp2tp2_to_pp2",
-            "ckpt_megatron_to_dtensor", "zero2_gathers_once_per_step", "deepspeed_zero1_state_bytes",
-            "deepspeed_zero2_state_bytes", "deepspeed-fp32-accum_zero1_state_bytes"}
+            "ckpt_megatron_to_dtensor", "zero2_gathers_once_per_step", "deepspeed_zero0_state_bytes",
+            "deepspeed_zero1_state_bytes", "deepspeed_zero2_state_bytes", "deepspeed_zero3_state_bytes",
+            "deepspeed-fp32-accum_zero1_state_bytes"}
 
 
 def _failures(report: dict) -> str:

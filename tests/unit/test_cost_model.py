@@ -471,6 +471,37 @@ def test_autocast_weight_copies_and_zero3_gather_by_hand():
     assert plain["gathered_bytes"] == pytest.approx(2 * 2 * n) and plain["transient_bytes"] == plain["gathered_bytes"]
 
 
+
+def test_deepspeed_zero3_counts_one_bucket_and_its_live_parameter_budget():
+    """DeepSpeed's buffers as its ZeRO stages hold them (runtime/zero/stage3.py; measured in
+    tests/distributed/parity_deepspeed.py): no reduction bucket at ZeRO-0, two at ZeRO-1/2, one at ZeRO-3, and at ZeRO-3
+    all-gathered parameters up to the larger of stage3_max_live_parameters and stage3_max_reuse_distance (the whole
+    model at most), plus the layer's unsharded gradient."""
+    from meshwright.launcher.planner.stack import STACKS, DeepSpeedSizes
+
+    cfg = load_model_config("llama2-7b")
+    n = cfg.layer_params(0)
+    h = cm.apply_stack(hw(), "deepspeed")
+    assert (h.stack_buffers, h.stack_buffer_bytes) == ((0.0, 2e9, 2e9, 1e9), 0.0)
+    z0, z1, z3 = (cm.layer_costs(cfg, 0, LayerStrategy(dp=8, zero=z), 1, 4096, h) for z in (0, 1, 3))
+    assert z0["gathered_bytes"] == 0.0
+    assert z1["gathered_bytes"] == pytest.approx(2e9)  # the buckets, once per rank (a maximum over its layers)
+    assert z3["gathered_bytes"] == pytest.approx(1e9 + 2 * (1e9 + n))
+    # the budget is the larger of the two sizes, and never more than the model (scaled by the layer's tp sharding)
+    st = dataclasses.replace(STACKS["deepspeed"], deepspeed=DeepSpeedSizes(stage3_max_live_parameters=10**8,
+                                                                           stage3_max_reuse_distance=3 * 10**8))
+    assert cm.layer_costs(cfg, 0, LayerStrategy(dp=8, zero=3), 1, 4096, cm.apply_stack(hw(), st))["gathered_bytes"] \
+        == pytest.approx(1e9 + 2 * (3e8 + n))
+    tiny = load_model_config("tiny")
+    t2 = cm.layer_costs(tiny, 0, LayerStrategy(tp=2, dp=4, zero=3), 1, 128, h)
+    assert t2["gathered_bytes"] == pytest.approx(1e9 + 2 * (tiny.num_params() + tiny.layer_params(0)) / 2)
+    # the stacks without a budget keep the layer + prefetch + gradient count, and no buckets
+    fp32_accum = cm.apply_stack(hw(), "deepspeed-fp32-accum")
+    assert (fp32_accum.stack_buffer_bytes, fp32_accum.zero3_live_params) == (0.0, 1e9)
+    titan = cm.layer_costs(cfg, 0, LayerStrategy(dp=8, zero=3), 1, 4096, cm.apply_stack(hw(), "torchtitan"))
+    assert titan["gathered_bytes"] == pytest.approx(3 * 2 * n)
+
+
 def test_loss_buffers_and_backward_working_set_by_hand():
     cfg = load_model_config("llama2-7b")
     V, h_, f_ = cfg.vocab_size, cfg.d_model, cfg.ffn_dim

@@ -336,7 +336,7 @@ def test_stack_option_sets_the_precision_policy_and_changes_memory(capsys):
 def test_deepspeed_stacks_count_the_buckets_and_the_fp32_accumulation_and_keep_to_what_deepspeed_runs(capsys):
     """DeepSpeed's two bf16 optimizers as the planner sees them (bytes measured in tests/distributed/parity_deepspeed.py):
     the ZeRO optimizer's 2.0e9 bytes of reduction buckets, BF16_Optimizer's full fp32 gradient buffer (4 B/param,
-    not sharded), and a search that keeps BF16_Optimizer at ZeRO-0/1."""
+    not sharded), and a search that keeps BF16_Optimizer at ZeRO-1, the one stage DeepSpeed builds it at."""
     base = ["--model", "llama2-7b", "--cluster", "dgx-a100-80g", "--seq-len", "4096", "--global-batch", "64", "--tp", "1",
             "--pp", "1", "--recompute", "full", "--micro-batch", "1", "--json", "--memory-budget-gib", "400"]
     got = {}
@@ -353,9 +353,10 @@ def test_deepspeed_stacks_count_the_buckets_and_the_fp32_accumulation_and_keep_t
     rc, text, _ = _run(capsys, ["plan", *free, "--json", "--stack", "deepspeed-fp32-accum"])
     assert rc == 0
     data = json.loads(text)
-    assert {s["zero"] for s in data["plan"]["layers"]} <= {0, 1}
-    rc, _, err = _run(capsys, ["plan", *base, "--zero", "2", "--stack", "deepspeed-fp32-accum"])
-    assert rc != 0 and "stack='deepspeed-fp32-accum' cannot run the layout fixed by --zero" in err
+    assert {s["zero"] for s in data["plan"]["layers"]} == {1}
+    for zero in ("0", "2"):
+        rc, _, err = _run(capsys, ["plan", *base, "--zero", zero, "--stack", "deepspeed-fp32-accum"])
+        assert rc != 0 and "stack='deepspeed-fp32-accum' cannot run the layout fixed by --zero" in err
     # HSDP where the stack has none: DeepSpeed's ZeRO-2 and Megatron's FSDP2 shard over all dp ranks (the search
     # picked z2 hsdp8 and z3 hsdp8 here, which their exports could only approximate)
     for stack, zero in (("deepspeed", 2), ("megatron", 3)):
@@ -406,3 +407,46 @@ def test_cp_and_power_basis_flags(capsys):
     node = plan_cmd.compute_result(_args([*base, "--train-tokens", "1B", "--pue", "1.0"]))
     assert tdp["capacity"]["device_hours"] == node["capacity"]["device_hours"]
     assert tdp["capacity"]["energy_mwh"] != node["capacity"]["energy_mwh"]
+
+
+def test_emit_deepspeed_writes_the_config_of_the_stack_predicted(capsys, monkeypatch):
+    """``--emit deepspeed --stack deepspeed-fp32-accum`` writes what makes DeepSpeed 0.19.8 build BF16_Optimizer (bf16,
+    ZeRO-1, data_types.grad_accum_dtype fp32: engine.py _do_optimizer_sanity_check), the plain stack leaves the
+    accumulation dtype to bf16 (the ZeRO optimizer), and both write the buffer sizes the planner counts (run under
+    DeepSpeed in tests/distributed/parity_deepspeed.py)."""
+    import deepspeed.runtime.config as dsc
+
+    from meshwright.launcher.planner.stack import STACKS
+    from meshwright.plan import plan_from_dict
+
+    class MPU:
+        def get_data_parallel_world_size(self):
+            return 8
+
+    monkeypatch.setattr(dsc.dist, "get_rank", lambda *a, **k: 0)
+    capsys.readouterr()  # DeepSpeed's import may log to stdout: not the first command's output
+    base = ["--model", "llama2-7b", "--cluster", "dgx-a100-80g", "--seq-len", "4096", "--global-batch", "64", "--tp", "1",
+            "--pp", "1", "--recompute", "full", "--micro-batch", "1", "--emit", "deepspeed"]
+    sizes = STACKS["deepspeed"].deepspeed
+    got = {}
+    for stack, zero in (("deepspeed-fp32-accum", "1"), ("deepspeed", "1"), ("deepspeed", "3")):
+        rc, text, _ = _run(capsys, ["plan", *base, "--stack", stack, "--zero", zero])
+        assert rc == 0
+        got[stack, zero] = conf = json.loads(text)
+        ds = dsc.DeepSpeedConfig(conf, mpu=MPU())
+        capsys.readouterr()
+        assert ds.bfloat16_config.enabled and ds.zero_optimization_stage == int(zero)
+        assert ds.zero_config.reduce_bucket_size == sizes.reduce_bucket_size
+    assert got["deepspeed-fp32-accum", "1"]["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert "data_types" not in got["deepspeed", "1"] and "data_types" not in got["deepspeed", "3"]
+    z3 = dsc.DeepSpeedConfig(got["deepspeed", "3"], mpu=MPU()).zero_config
+    assert (z3.prefetch_bucket_size, z3.max_live_parameters, z3.max_reuse_distance, z3.param_persistence_threshold) == (
+        sizes.stage3_prefetch_bucket_size, sizes.stage3_max_live_parameters, sizes.stage3_max_reuse_distance,
+        sizes.stage3_param_persistence_threshold)
+    rc, _, err = _run(capsys, ["plan", *base, "--stack", "megatron"])
+    assert rc != 0 and "stack='megatron' is invalid with --emit deepspeed; valid: 'deepspeed' or 'deepspeed-fp32-accum'" in err
+    # the reverse: bf16 without ZeRO under the pipeline engine is BF16_Optimizer too (bf16 accumulation): said, not hidden
+    plan = plan_from_dict({"model": "llama2-7b", "seq_len": 4096, "global_batch": 64, "micro_batch": 1,
+                           "pipeline": {"degree": 2, "schedule": "1f1b"}, "layers": [{"dp": 4, "zero": 0, "repeat": 32}]})
+    _, notes = exports.deepspeed_config(plan, load_model_config("llama2-7b"))
+    assert any("zero=0 with pp>1: DeepSpeed's pipeline engine builds BF16_Optimizer" in n for n in notes)

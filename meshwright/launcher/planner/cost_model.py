@@ -174,7 +174,12 @@ class Hardware:
     # each chunk's head matmul; 0: the whole microbatch's logits at once
     loss_chunk_tokens: int = 0
     grads_set_to_none: bool = False  # Stack.grads_set_to_none: gradients do not exist before the first backward
-    stack_buffer_bytes: float = 0.0  # Stack.reduce_bucket_elements in the compute dtype: allocated at the backward peak
+    # the stack's reduction buckets (Stack.buffer_elements) in the compute dtype, allocated at the backward peak: per
+    # ZeRO stage 0..3, and the fewest of them (counted as overhead; the rest per layer: zero_buffer_bytes)
+    stack_buffers: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    stack_buffer_bytes: float = 0.0
+    # Stack.zero3_live_elements: gathered ZeRO-3 parameters kept live at once (DeepSpeed's budget); 0: one layer + prefetch
+    zero3_live_params: float = 0.0
     flash_eff_max: float = FLASH_EFF_OTHER  # the SDPA flash kernel's best fraction of peak on this device (see FLASH_EFF_*)
 
     @property
@@ -194,11 +199,13 @@ class Hardware:
 def apply_stack(hw: Hardware, stack: Stack | str) -> Hardware:
     """``hw`` with the memory and overlap rules of ``stack`` training in ``hw.compute_dtype``."""
     st = get_stack(stack) if isinstance(stack, str) else stack
+    buffers = tuple(st.buffer_elements(z) * hw.elem_bytes for z in range(4))
     return dataclasses.replace(hw, precision=precision_for_dtype(hw.compute_dtype, st.name), runtime_buffers=st.runtime_buffers,
                                dp_overlap=st.dp_overlap, tp_wgrad_overlap=st.tp_wgrad_overlap,
                                pipeline_slowdown=st.pipeline_slowdown, stack=st.name,
                                grads_set_to_none=st.grads_set_to_none,
-                               stack_buffer_bytes=st.reduce_bucket_elements * hw.elem_bytes)
+                               stack_buffers=buffers, stack_buffer_bytes=min(buffers),
+                               zero3_live_params=st.zero3_live_elements())
 
 
 def hardware_from_cluster(cluster: ClusterSpec, profile: Optional[dict[str, Any]] = None,
@@ -901,6 +908,31 @@ def framework_overhead_bytes(hw: Hardware, used_bytes: float) -> float:
     return hw.overhead_bytes + hw.stack_buffer_bytes + hw.fragmentation * used_bytes
 
 
+def zero_buffer_bytes(hw: Hardware, zero: Any) -> Any:
+    """A layer's share of the stack's reduction buckets beyond ``stack_buffer_bytes`` (the fewest any ZeRO stage
+    holds): DeepSpeed holds none at ZeRO-0, two at ZeRO-1/2 and one at ZeRO-3. Counted as transient, a maximum over
+    the rank's layers, so a rank of one ZeRO stage counts that stage's buckets once (``zero``: an int or an array)."""
+    return np.asarray(hw.stack_buffers)[zero] - hw.stack_buffer_bytes
+
+
+def zero3_transient_bytes(cfg: ModelConfig, index: int, shard_params: Any, hw: Hardware, parts: dict) -> Any:
+    """What a ZeRO-3 layer adds while it runs (``shard_params``: its parameters on this rank, a float or an array).
+
+    By default the all-gathered layer, the prefetched next one and (with runtime buffers) its unsharded gradient
+    before the reduce-scatter. A stack with a live-parameter budget (DeepSpeed: ``DeepSpeedSizes.live_parameters``)
+    keeps gathered parameters up to it, the layer in use and its prefetches included, at most the whole model on the
+    rank (scaled by this layer's tp/ep sharding), plus the layer's unsharded gradient before it is copied into the
+    reduction bucket."""
+    gb = hw.policy.gather_bytes
+    if not hw.zero3_live_params:
+        return shard_params * gb * (3 if hw.runtime_buffers else 2)
+    total = parts.get("num_params")
+    if total is None:
+        total = parts["num_params"] = float(cfg.num_params())
+    whole = total * shard_params / max(cfg.layer_params(index), 1)
+    return (np.minimum(hw.zero3_live_params, whole) + shard_params) * gb
+
+
 # ---- whole-plan evaluation -------------------------------------------------------------------------
 
 @dataclass
@@ -965,8 +997,8 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
     if acts is None:
         acts = parts[key] = _activation_terms(cfg, index, s, tokens, seq_len, lemo, compiled, hw)
     act, working = acts
-    # ZeRO-3: the all-gathered layer + the prefetched next one (+ its unsharded gradient before reduce-scatter)
-    gathered = shard_params * pol.gather_bytes * (3 if hw.runtime_buffers else 2) if s.zero >= 3 else 0.0
+    gathered = float(zero3_transient_bytes(cfg, index, shard_params, hw, parts)) if s.zero >= 3 else 0.0
+    gathered += float(zero_buffer_bytes(hw, s.zero))
     copies = shard_params * pol.weight_copy_bytes  # autocast's compute-dtype copy of each weight in use
     compute_mb += weight_traffic_mb_s(shard_params, s.recompute, hw)
     if compiled and s.recompute != "none":
@@ -1017,7 +1049,8 @@ class StrategyColumns:
         self.classes = [(s.tp, s.sp) for s in strategies]
         self.max_dp_cp = max((s.dp * s.cp for s in strategies), default=1)
         self.tp_sp_cp = sorted({(s.tp, s.sp, s.cp) for s in strategies})
-        self.zero3 = np.array([s.zero >= 3 for s in strategies], dtype=bool)
+        self.zero = np.array([s.zero for s in strategies], dtype=np.intp)
+        self.zero3 = self.zero >= 3
         self.cast_factor = np.where(rc_on, 6.0 * 2 + 6.0, 6.0 * 1 + 6.0)  # weight_traffic_mb_s's reads and writes
         self.compiled_rc = compiled & rc_on
 
@@ -1069,7 +1102,8 @@ def layer_costs_columns(cfg: ModelConfig, index: int, cols: StrategyColumns, mb_
     overhead_mb = over[cols.idx["overhead"]]
     shard_params, dp_mb, dp_step, states_b, opt_step, accum_mb = shard[:, cols.idx["shard"]]
     act_b, working = act[:, cols.idx["act"]]
-    gathered = np.where(cols.zero3, shard_params * pol.gather_bytes * (3 if hw.runtime_buffers else 2), 0.0)
+    gathered = np.where(cols.zero3, zero3_transient_bytes(cfg, index, shard_params, hw, parts), 0.0)
+    gathered = gathered + zero_buffer_bytes(hw, cols.zero)
     copies = shard_params * pol.weight_copy_bytes
     if pol.weight_copy_bytes > 0:  # weight_traffic_mb_s
         compute_mb = compute_mb + shard_params * cols.cast_factor / hw.mem_bw

@@ -9,6 +9,7 @@ per parameter and step time by 10-25% at scale. Exports (planner/export) read th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from meshwright.errors import invalid
 
@@ -61,11 +62,52 @@ class Stack:
     # gradients freed between steps (``zero_grad(set_to_none=True)`` with no DDP bucket or fp32 main-grad buffer):
     # a one-microbatch, one-stage, dp=1 step holds its activations before any gradient exists
     grads_set_to_none: bool = False
-    # elements of gradient-reduction buckets the stack allocates per rank at the backward peak, in the compute dtype
-    reduce_bucket_elements: float = 0.0
+    # DeepSpeed's ZeRO buffer sizes (written by ``plan --emit deepspeed``, counted by the cost model); None elsewhere
+    deepspeed: Optional["DeepSpeedSizes"] = None
+    # gradient-reduction buckets of reduce_bucket_size the stack holds at the backward peak, per ZeRO stage 0..3
+    reduce_buckets: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+    def buffer_elements(self, zero: int) -> float:
+        """Elements of the reduction buckets allocated per rank at the backward peak at ZeRO-``zero`` (compute dtype)."""
+        return self.reduce_buckets[zero] * self.deepspeed.reduce_bucket_size if self.deepspeed else 0.0
+
+    def zero3_live_elements(self) -> float:
+        """Elements of all-gathered ZeRO-3 parameters the stack may keep live at once (0: one layer at a time)."""
+        return self.deepspeed.live_parameters() if self.deepspeed else 0.0
 
 
-DEEPSPEED_REDUCE_BUCKETS = 2 * 5e8  # two ZeRO reduction buckets (overlap_comm) of DeepSpeed's default reduce_bucket_size
+@dataclass(frozen=True)
+class DeepSpeedSizes:
+    """The ZeRO buffer sizes (elements) ``plan --emit deepspeed`` writes and the planner counts, DeepSpeed 0.19.8's
+    defaults written out so that the config that runs is the one predicted (runtime/zero/config.py).
+
+    What each costs at the backward peak (runtime/zero/stage3.py, partitioned_param_coordinator.py; measured in
+    tests/distributed/parity_deepspeed.py): ZeRO-1/2 hold two buckets of ``reduce_bucket_size`` with overlap_comm,
+    ZeRO-3 one (``ipg_buckets``, one per gradient dtype), ZeRO-0 none. ZeRO-3 keeps gathered parameters live up to
+    ``stage3_max_live_parameters`` (prefetches of ``stage3_prefetch_bucket_size`` stop there) and keeps those it
+    will reuse within ``stage3_max_reuse_distance`` elements of the trace whatever the live count: the larger of
+    the two bounds the live parameters (measured: the bound plus part of the module in use). Parameters of at most
+    ``stage3_param_persistence_threshold`` elements stay whole on every rank: the norms (and biases), under 0.1% of a
+    7B+ model's parameters, not counted."""
+
+    reduce_bucket_size: int = 500_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_max_live_parameters: int = 1_000_000_000
+    stage3_max_reuse_distance: int = 1_000_000_000
+    stage3_param_persistence_threshold: int = 100_000
+
+    def live_parameters(self) -> float:
+        """The most gathered ZeRO-3 parameter elements DeepSpeed keeps live (the module in use aside)."""
+        return float(max(self.stage3_max_live_parameters, self.stage3_max_reuse_distance))
+
+    def zero_config(self, zero: int) -> dict[str, int]:
+        """The ``zero_optimization`` entries of these sizes at ZeRO-``zero`` (none at ZeRO-0)."""
+        out = {"reduce_bucket_size": self.reduce_bucket_size} if zero >= 1 else {}
+        if zero == 3:
+            out.update({k: getattr(self, k) for k in ("stage3_prefetch_bucket_size", "stage3_max_live_parameters",
+                                                      "stage3_max_reuse_distance", "stage3_param_persistence_threshold")})
+        return out
+
 
 STACKS = {
     "meshwright": Stack("meshwright", "autocast", dp_overlap=True, tp_wgrad_overlap=False, pipeline_slowdown=1.0,
@@ -73,13 +115,14 @@ STACKS = {
     # Megatron-LM defaults: no --overlap-grad-reduce; async TP all-reduce / SP all-gather overlap the wgrad GEMMs
     "megatron": Stack("megatron", "bf16_fp32_grads", dp_overlap=False, tp_wgrad_overlap=True, pipeline_slowdown=1.0),
     # DeepSpeed's pipeline engine ran 23-27% slower than Megatron's on the same shapes (BLOOM/MT-NLG reports, issue 17).
-    # Its ZeRO optimizer reduces gradients through two buckets of reduce_bucket_size (default 5e8 elements) with
-    # overlap_comm, as the export writes it: 2.0e9 bytes in bf16 during backward (measured, DeepSpeed 0.19.8)
+    # Its ZeRO optimizer reduces gradients through two buckets of reduce_bucket_size (5e8 elements) with overlap_comm at
+    # ZeRO-1/2, as the export writes it: 2.0e9 bytes in bf16 during backward; one at ZeRO-3, none at ZeRO-0 (its bf16
+    # optimizer reduces after backward; measured, DeepSpeed 0.19.8)
     "deepspeed": Stack("deepspeed", "bf16", dp_overlap=True, tp_wgrad_overlap=False, pipeline_slowdown=1.25,
-                       reduce_bucket_elements=DEEPSPEED_REDUCE_BUCKETS),
+                       deepspeed=DeepSpeedSizes(), reduce_buckets=(0, 2, 2, 1)),
     # the same with data_types.grad_accum_dtype=fp32 (BF16_Optimizer, ZeRO-1 built in, no reduction buckets)
     "deepspeed-fp32-accum": Stack("deepspeed-fp32-accum", "bf16_fp32_accum", dp_overlap=True, tp_wgrad_overlap=False,
-                                  pipeline_slowdown=1.25),
+                                  pipeline_slowdown=1.25, deepspeed=DeepSpeedSizes()),
     "torchtitan": Stack("torchtitan", "fsdp_mixed", dp_overlap=True, tp_wgrad_overlap=False, pipeline_slowdown=1.0),
 }
 

@@ -21,15 +21,17 @@ from meshwright.plan import Plan
 EMITTERS = tuple(TARGETS)
 
 
-def emit(plan: Plan, cfg: ModelConfig, target: str, train: Optional[TrainConfig] = None) -> tuple[str, list[str]]:
-    """Text for ``meshwright plan --emit TARGET`` and the notes (the first names the targeted version)."""
+def emit(plan: Plan, cfg: ModelConfig, target: str, train: Optional[TrainConfig] = None,
+         stack: Optional[str] = None) -> tuple[str, list[str]]:
+    """Text for ``meshwright plan --emit TARGET`` and the notes (the first names the targeted version); ``stack``:
+    which of the target's stacks (``deepspeed-fp32-accum`` with deepspeed), by default the target's own."""
     if target not in TARGETS:
         raise invalid("emit", target, ", ".join(EMITTERS))
     if target == "megatron":
         args, notes = megatron_args(plan, cfg, train)
         text = " ".join(shlex.quote(a) for a in args)
     elif target == "deepspeed":
-        conf, notes = deepspeed_config(plan, cfg, train)
+        conf, notes = deepspeed_config(plan, cfg, train, stack or target)
         text = json.dumps(conf, indent=2)
     else:
         text, notes = torchtitan_config(plan, cfg, train)

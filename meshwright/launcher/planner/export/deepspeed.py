@@ -1,14 +1,20 @@
 """Plan -> DeepSpeed config JSON (checked with DeepSpeed's own DeepSpeedConfig and its pipeline-engine rules).
 
 DeepSpeed takes pipeline stages from the model code (``PipelineModule(num_stages=..., partition_method=...)``),
-not from the JSON, so the planned stage split is written as a snippet in the notes."""
+not from the JSON, so the planned stage split is written as a snippet in the notes. The config is the one the
+planner's stack predicts: its ZeRO buffer sizes (``DeepSpeedSizes``) written out, and for ``deepspeed-fp32-accum``
+``data_types.grad_accum_dtype: fp32`` at ZeRO-1, the one config for which DeepSpeed 0.19.8 builds BF16_Optimizer
+(engine.py ``_do_optimizer_sanity_check``: bf16 + fp32 accumulation at ZeRO-0 raises, at ZeRO-2/3 it builds the ZeRO
+optimizer)."""
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
 from meshwright.config import ModelConfig, TrainConfig
+from meshwright.errors import invalid
 from meshwright.launcher.planner.export.common import _uniform, optimizer_settings, stage_sizes
+from meshwright.launcher.planner.stack import STACKS, Stack
 from meshwright.plan import Plan
 
 
@@ -22,8 +28,13 @@ def pipeline_snippet(plan: Plan, cfg: ModelConfig) -> str:
             "PipelineModule._partition_layers to set self.parts from these counts")
 
 
-def deepspeed_config(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] = None) -> tuple[dict[str, Any], list[str]]:
-    """DeepSpeed config dict (loads in ``deepspeed.runtime.config.DeepSpeedConfig``)."""
+def deepspeed_config(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] = None,
+                     stack: str | Stack = "deepspeed") -> tuple[dict[str, Any], list[str]]:
+    """DeepSpeed config dict (loads in ``deepspeed.runtime.config.DeepSpeedConfig``) running ``stack``, one of
+    ``DEEPSPEED_STACKS`` (or such a Stack with other buffer sizes)."""
+    st = STACKS.get(stack) if isinstance(stack, str) else stack
+    if st is None or st.deepspeed is None:
+        raise invalid("stack", stack if isinstance(stack, str) else stack.name, "deepspeed or deepspeed-fp32-accum")
     notes: list[str] = []
     s = _uniform(plan, notes, cfg)
     pp = plan.pipeline
@@ -42,8 +53,18 @@ def deepspeed_config(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] 
         "steps_per_print": 100,
         "wall_clock_breakdown": False,
     }
+    if st.precision == "bf16_fp32_accum":  # BF16_Optimizer: ZeRO-1 only (stack_constraints keeps the search there)
+        if zero != 1:
+            notes.append(f"zero={zero}: DeepSpeed builds BF16_Optimizer (grad_accum_dtype fp32) at ZeRO-1 only; "
+                         "exported ZeRO-1")
+            zero = conf["zero_optimization"]["stage"] = 1
+        conf["data_types"] = {"grad_accum_dtype": "fp32"}
+    elif zero == 0 and pp.degree > 1:  # engine.py _do_optimizer_sanity_check: bf16 + pipeline + no ZeRO
+        notes.append("zero=0 with pp>1: DeepSpeed's pipeline engine builds BF16_Optimizer (bf16 accumulation, fp32 "
+                     "master and optimizer states sharded over dp), which holds less than the ZeRO-0 planned")
     if zero >= 1:
         conf["zero_optimization"].update({"overlap_comm": True, "contiguous_gradients": True})
+    conf["zero_optimization"].update(st.deepspeed.zero_config(zero))
     if s.dp_shard and zero == 3:
         conf["zero_optimization"]["zero_hpz_partition_size"] = s.dp_shard
         notes.append(f"HSDP dp_shard={s.dp_shard} exported as ZeRO++ hpZ (a secondary parameter partition of "

@@ -23,8 +23,8 @@ TARGETS: dict[str, str] = {
 }
 
 
-# DeepSpeed's two bf16 optimizers: the ZeRO optimizer (what ``--emit deepspeed`` configures) and BF16_Optimizer
-# (``data_types.grad_accum_dtype: fp32``; predicted only: ``--emit deepspeed`` does not write that field)
+# DeepSpeed's two bf16 optimizers, both written by ``--emit deepspeed --stack X``: the ZeRO optimizer and
+# BF16_Optimizer (``data_types.grad_accum_dtype: fp32`` at ZeRO-1)
 DEEPSPEED_STACKS = ("deepspeed", "deepspeed-fp32-accum")
 # the stacks whose runnable layouts ``stack_constraints`` knows
 RESTRICTED_STACKS = (*TARGETS, "deepspeed-fp32-accum")
@@ -56,8 +56,8 @@ def stack_constraints(target: str, base: Constraints | None = None) -> list[Cons
     if target == "deepspeed":  # HSDP only at ZeRO-3 (as ZeRO++ hpZ); ZeRO-2 shards over all dp ranks
         return _sets(base, {"pp": 1, "hsdp": False}, {"pp": 1, "zero": 3}, {"zero": 0, "schedule": "1f1b"},
                      {"zero": 1, "schedule": "1f1b"})
-    if target == "deepspeed-fp32-accum":  # BF16_Optimizer: ZeRO-1 is built in, ZeRO-2/3 do not exist there
-        return _sets(base, {"zero": 0, "schedule": "1f1b"}, {"zero": 1, "schedule": "1f1b"})
+    if target == "deepspeed-fp32-accum":  # BF16_Optimizer: built at ZeRO-1 only (bf16 + fp32 accumulation at ZeRO-0 raises)
+        return _sets(base, {"zero": 1, "schedule": "1f1b"})
     if target == "torchtitan":
         return _sets(base, {"zero": 0}, {"zero": 3})
     raise invalid("emit", target, ", ".join(RESTRICTED_STACKS))
@@ -88,8 +88,8 @@ def stack_problems(target: str, plan: Plan, cfg: Any) -> list[str]:
     elif target in DEEPSPEED_STACKS:
         if any(s.dp_shard and s.zero == 2 for s in strategies):
             out.append("HSDP at ZeRO-2 has no DeepSpeed equivalent")
-        if target == "deepspeed-fp32-accum" and zeros & {2, 3}:
-            out.append("DeepSpeed's BF16_Optimizer (grad_accum_dtype fp32) runs ZeRO-0/1 only")
+        if target == "deepspeed-fp32-accum" and zeros != {1}:
+            out.append("DeepSpeed builds BF16_Optimizer (grad_accum_dtype fp32) at ZeRO-1 only")
         elif pp.degree > 1 and zeros & {2, 3}:
             out.append("DeepSpeed's pipeline engine refuses ZeRO-2/3")
         if pp.degree > 1 and pp.schedule != "1f1b":

@@ -47,6 +47,9 @@ def _read_index(index_file: Path) -> dict[str, Any]:
         n = index.get("num_tokens")
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             problems.append(f"num_tokens={n!r}")
+        top = index.get("max_token_id", -1)  # absent in data sets prepared before it was recorded
+        if not isinstance(top, int) or isinstance(top, bool) or top < -1:
+            problems.append(f"max_token_id={top!r}")
         tok = index.get("tokenizer")
         if not isinstance(tok, dict) or not isinstance(tok.get("vocab_size"), int) or tok["vocab_size"] < 1:
             problems.append("tokenizer.vocab_size")
@@ -77,9 +80,11 @@ class TokenDataset:
         size = self.token_file.size
         if size != n * dtype.itemsize:
             raise ConfigError(f"data.path={str(path)!r} is inconsistent: tokens.bin has {size} bytes, index says {n} x {dtype.itemsize}; valid: re-run `meshwright data prepare`")
-        self.tokens = FileArray(self.token_file, dtype, 0, n)
-        top = int(self.tokens.max()) if n else -1
-        if top >= self.vocab_size:
+        # every read is checked against the vocabulary (FileArray.below); index.json's max_token_id (recorded by
+        # `data prepare`) refuses a data set at start without reading all of tokens.bin on every rank
+        self.tokens = FileArray(self.token_file, dtype, 0, n, below=self.vocab_size)
+        top = self.index.get("max_token_id")
+        if top is not None and top >= self.vocab_size:
             raise ConfigError(f"data.path={str(path)!r} holds token id {top}, outside its tokenizer's vocabulary of "
                               f"{self.vocab_size}; valid: re-run `meshwright data prepare`")
         self.mask: FileArray | None = None

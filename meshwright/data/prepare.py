@@ -129,12 +129,14 @@ def _write(tmp: Path, files: list[Path], tokenizer: str, vocab_size: int, text_k
     offsets = [0]
     sources: list[dict] = []
     eos = np.asarray([tok.eos_id], dtype=dtype)
+    top = -1  # the largest id written: index.json's max_token_id, so a run need not read every token to check it
     with (tmp / "tokens.bin").open("wb") as fh:
         bar = tqdm(iter_documents(files, text_key), desc="tokenize", unit="doc", disable=not progress, file=sys.stderr)
         for path, text in bar:
             ids = encode(text).astype(dtype)
             fh.write(ids.tobytes())
             fh.write(eos.tobytes())
+            top = max(top, int(ids.max()) if len(ids) else -1, tok.eos_id)
             offsets.append(offsets[-1] + len(ids) + 1)
             if not sources or sources[-1]["path"] != str(path):
                 sources.append({"path": str(path), "documents": 0})
@@ -142,6 +144,7 @@ def _write(tmp: Path, files: list[Path], tokenizer: str, vocab_size: int, text_k
     index = {
         "version": INDEX_VERSION, "tokenizer": tok.to_json(), "dtype": dtype.name,
         "num_tokens": offsets[-1], "num_documents": len(offsets) - 1, "doc_offsets": offsets, "sources": sources,
+        "max_token_id": top,
     }
     (tmp / "index.json").write_text(json.dumps(index))
 
@@ -199,7 +202,7 @@ def _write_instruct(tmp: Path, files: list[Path], tok: Any, progress: bool) -> N
     if tok.name == "hf":
         tok.save(tmp / "tokenizer.json")
     dtype = _token_dtype(tok.vocab_size)
-    offsets, sources, trained = [0], [], 0
+    offsets, sources, trained, top = [0], [], 0, -1
     with (tmp / "tokens.bin").open("wb") as fh, (tmp / "mask.bin").open("wb") as mh:
         for path in tqdm(files, desc="tokenize", unit="file", disable=not progress, file=sys.stderr):
             if path.suffix != ".jsonl":
@@ -207,7 +210,9 @@ def _write_instruct(tmp: Path, files: list[Path], tok: Any, progress: bool) -> N
             n = 0
             for segments in iter_examples(path):
                 ids, mask = encode_example(segments, tok)
-                fh.write(ids.astype(dtype).tobytes())
+                ids = ids.astype(dtype)
+                fh.write(ids.tobytes())
+                top = max(top, int(ids.max()) if len(ids) else -1)
                 mh.write(mask.tobytes())
                 offsets.append(offsets[-1] + len(ids))
                 trained += int(mask.sum())
@@ -215,7 +220,7 @@ def _write_instruct(tmp: Path, files: list[Path], tok: Any, progress: bool) -> N
             sources.append({"path": str(path), "documents": n})
     index = {"version": INDEX_VERSION, "tokenizer": tok.to_json(), "dtype": dtype.name, "num_tokens": offsets[-1],
              "num_documents": len(offsets) - 1, "doc_offsets": offsets, "sources": sources,
-             "loss_mask": "mask.bin", "trained_tokens": trained}
+             "loss_mask": "mask.bin", "trained_tokens": trained, "max_token_id": top}
     (tmp / "index.json").write_text(json.dumps(index))
 
 

@@ -74,12 +74,15 @@ class OpenFile:
 
 class FileArray:
     """``length`` elements of ``dtype`` from element ``start`` of an open file; slicing reads (returns ndarray),
-    ``window`` does not (a lazy sub-range, as a train/validation split)."""
+    ``window`` does not (a lazy sub-range, as a train/validation split). With ``below``, every read is checked to
+    hold values under it (token ids under the vocabulary size): a batch costs one ``max``, where checking the whole
+    file at start would read it all, once per rank, before the first step."""
 
     CHUNK = 1 << 22  # elements per read when scanning the whole array (max, sum)
 
-    def __init__(self, file: OpenFile, dtype: np.dtype, start: int = 0, length: int | None = None) -> None:
-        self.file, self.dtype, self.start = file, np.dtype(dtype), start
+    def __init__(self, file: OpenFile, dtype: np.dtype, start: int = 0, length: int | None = None,
+                 below: int | None = None) -> None:
+        self.file, self.dtype, self.start, self.below = file, np.dtype(dtype), start, below
         self.length = file.size // self.dtype.itemsize - start if length is None else length
 
     def __len__(self) -> int:
@@ -91,7 +94,7 @@ class FileArray:
 
     def window(self, start: int, stop: int) -> "FileArray":
         start, stop, _ = slice(start, stop).indices(self.length)
-        return FileArray(self.file, self.dtype, self.start + start, max(stop - start, 0))
+        return FileArray(self.file, self.dtype, self.start + start, max(stop - start, 0), self.below)
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Elements ``[start, stop)`` (clipped to the array), checked against the file's start-of-run state."""
@@ -104,6 +107,16 @@ class FileArray:
     def _read_into(self, start: int, out: np.ndarray) -> np.ndarray:
         self.file.readinto((self.start + start) * self.dtype.itemsize, out)
         self.file.check()
+        return self._bounded(out)
+
+    def _bounded(self, out: np.ndarray) -> np.ndarray:
+        """``out``, refused in one line if it holds a value at or above ``below``: an id outside the vocabulary is an
+        index error deep in the embedding on CPU, a device-side assert on CUDA."""
+        if self.below is not None and out.size:
+            top = int(out.max())
+            if top >= self.below:
+                raise ConfigError(f"{self.file.label} holds token id {top} in {self.file.path.name}, outside its "
+                                  f"tokenizer's vocabulary of {self.below}; valid: re-run `meshwright data prepare`")
         return out
 
     def read_rows(self, starts: list[int], n: int) -> np.ndarray:
@@ -115,7 +128,7 @@ class FileArray:
                 raise IndexError(f"rows [{s}, {s + n}) outside an array of {self.length}")
             self.file.readinto((self.start + s) * size, out[i])
         self.file.check()
-        return out
+        return self._bounded(out)
 
     def __getitem__(self, key: Any) -> Any:
         if isinstance(key, slice):

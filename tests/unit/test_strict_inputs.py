@@ -11,7 +11,7 @@ import pytest
 from _train_helpers import MICRO, make_trainer, prepared_corpus
 from meshwright.config import ModelConfig, load_cluster, load_model_config, load_train_config
 from meshwright.config.io import read_mapping
-from meshwright.data.loader import TokenDataset
+from meshwright.data.loader import SequenceLoader, TokenDataset
 from meshwright.data.prepare import prepare
 from meshwright.errors import ConfigError
 from meshwright.plan import load_plan
@@ -228,14 +228,45 @@ def test_damaged_loss_mask_of_instruction_data_is_one_line(tmp_path, damage, nee
 
 
 def test_token_ids_outside_the_vocabulary_are_one_line(tmp_path, inputs):
+    """A damaged tokens.bin is refused at the batch that holds the bad id (index.json's max_token_id no longer holds):
+    one line, not an index error deep in the embedding; an index that records one is refused before any read."""
     out = prepare([inputs], tmp_path / "data", progress=False)
     index = json.loads((out / "index.json").read_text())
     tokens = np.fromfile(out / "tokens.bin", dtype=index["dtype"])
+    assert index["max_token_id"] == int(tokens.max()) < 256  # recorded by prepare: bytes + eos
     tokens[3] = 60000
     tokens.tofile(out / "tokens.bin")
+    ds = TokenDataset(out)
+    loader = SequenceLoader(ds.split("train", 0.0), seq_len=8, global_batch=2, micro_batch=2, shuffle=False)
+    with pytest.raises(ConfigError) as err:
+        loader.batch_at(0)  # window 0 holds token 3
+    assert one_line(err) and "60000" in str(err.value) and "tokens.bin" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        ds.tokens[:]
+    assert one_line(err) and "60000" in str(err.value)
+    (out / "index.json").write_text(json.dumps({**index, "max_token_id": 60000}))
     with pytest.raises(ConfigError) as err:
         TokenDataset(out)
     assert one_line(err) and "60000" in str(err.value)
+    (out / "index.json").write_text(json.dumps({**index, "max_token_id": "big"}))
+    with pytest.raises(ConfigError) as err:
+        TokenDataset(out)
+    assert one_line(err) and "max_token_id='big'" in str(err.value)
+
+
+def test_opening_a_data_set_does_not_read_its_tokens(tmp_path, inputs, monkeypatch):
+    """Checking every id at start read all of tokens.bin on every rank before the first step (minutes for a large
+    corpus); the recorded max_token_id and the per-batch check replace it."""
+    from meshwright.data import token_file
+
+    out = prepare([inputs], tmp_path / "data", progress=False)
+    read: list[int] = []
+    real = token_file.OpenFile.readinto
+    monkeypatch.setattr(token_file.OpenFile, "readinto", lambda self, offset, buf: (read.append(buf.nbytes), real(self, offset, buf))[1])
+    ds = TokenDataset(out)
+    assert sum(read) == 0
+    ds.tokens[:16]
+    assert sum(read) == 16 * ds.tokens.dtype.itemsize
 
 
 def test_report_reader_tolerates_a_torn_last_line_and_refuses_binary(tmp_path):

@@ -1,11 +1,13 @@
 """What reading batches with ``pread`` (meshwright/data/token_file.py) costs against the memory map it replaced:
 the loader's per-batch time on the same data set, the same shuffled windows, side by side in one process.
 
-    .venv/bin/python benchmarks/bench_data_loader.py [--tokens 67108864 --seq-len 4096 --batch 8 --batches 500 --rounds 7]
+    .venv/bin/python benchmarks/bench_data_loader.py [--tokens 67108864 --seq-len 4096 --batch 8 --batches 500 --rounds 7
+                                                      --docs 4000000]
 
 The memory-map side is ``SequenceLoader`` over ``np.memmap`` arrays (its plain-array path: numpy slices of the
 map, as before the change); the pread side is ``TokenDataset``'s files (one ``pread`` per sequence, one ``fstat``
-per batch). Both read from the page cache (warmed first). Prints a markdown section (benchmarks/results/data_loader.md).
+per batch). Both read from the page cache (warmed first). Also what opening the data set costs, before (a
+version-1 index.json with the offsets as a JSON list, every token read for the vocabulary check) and now. Prints a markdown section (benchmarks/results/data_loader.md).
 """
 
 from __future__ import annotations
@@ -18,25 +20,56 @@ import platform
 import statistics
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 
 from meshwright.data.fingerprint import data_fingerprint
 from meshwright.data.loader import SequenceLoader, TokenDataset
-from meshwright.data.prepare import INDEX_VERSION
+from meshwright.data.prepare import DOC_OFFSETS, INDEX_VERSION
 
 
-def synthetic(root: Path, n: int) -> Path:
-    """A prepared directory of ``n`` random uint16 tokens (vocab 4096) with a loss mask, written directly."""
+def synthetic(root: Path, n: int, docs: int) -> Path:
+    """A prepared directory of ``n`` random uint16 tokens (vocab 4096) in ``docs`` documents with a loss mask,
+    written directly; ``index_v1.json`` beside it is the same index in version 1 (offsets as a JSON list)."""
     rng = np.random.default_rng(0)
     rng.integers(0, 4096, n, dtype=np.uint16).tofile(root / "tokens.bin")
     rng.integers(0, 2, n, dtype=np.uint8).tofile(root / "mask.bin")
-    docs = list(range(0, n, 8192)) + [n]
-    (root / "index.json").write_text(json.dumps({
-        "version": INDEX_VERSION, "tokenizer": {"name": "bench", "vocab_size": 4096, "eos_id": 0}, "dtype": "uint16",
-        "num_tokens": n, "num_documents": len(docs) - 1, "doc_offsets": docs, "sources": [], "loss_mask": "mask.bin"}))
+    offsets = np.linspace(0, n, docs + 1).astype("<i8")
+    offsets.tofile(root / DOC_OFFSETS)
+    common = {"tokenizer": {"name": "bench", "vocab_size": 4096, "eos_id": 0}, "dtype": "uint16", "num_tokens": n,
+              "num_documents": docs, "sources": [], "loss_mask": "mask.bin"}
+    (root / "index.json").write_text(json.dumps({**common, "version": INDEX_VERSION, "doc_offsets_file": DOC_OFFSETS,
+                                                 "max_token_id": 4095}))
+    (root / "index_v1.json").write_text(json.dumps({**common, "version": 1, "doc_offsets": offsets.tolist()}))
     return root
+
+
+def open_costs(root: Path) -> dict[str, tuple[float, float]]:
+    """Seconds and peak Python-heap MiB (tracemalloc, timed without it) to open the data set as before this change
+    (version-1 index: offsets parsed from JSON, every token read for the vocabulary check) and now."""
+    v1 = root.parent / "v1"
+    v1.mkdir(exist_ok=True)
+    for name in ("tokens.bin", "mask.bin"):
+        if not (v1 / name).exists():
+            os.link(root / name, v1 / name)
+    (v1 / "index.json").write_bytes((root / "index_v1.json").read_bytes())
+
+    def before() -> None:
+        int(TokenDataset(v1).tokens.max())  # a version-1 index; the scan every start used to do
+
+    out = {}
+    for name, fn in (("before", before), ("now", lambda: TokenDataset(root))):
+        t0 = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - t0
+        tracemalloc.start()
+        fn()
+        peak = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
+        out[name] = (seconds, peak)
+    return out
 
 
 def per_batch_s(loader: SequenceLoader, batches: int) -> float:
@@ -54,17 +87,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--batches", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--docs", type=int, default=4_000_000, help="documents (offsets) in the data set")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        root = synthetic(Path(tmp), args.tokens)
-        t0 = time.perf_counter()
+        (Path(tmp) / "data").mkdir()
+        root = synthetic(Path(tmp) / "data", args.tokens, args.docs)
         mapped = np.memmap(root / "tokens.bin", dtype=np.uint16, mode="r")
-        int(mapped.max())  # the old TokenDataset's vocabulary check (also warms the page cache)
-        open_map_s = time.perf_counter() - t0
+        int(mapped.max())  # warms the page cache
         mask_map = np.memmap(root / "mask.bin", dtype=np.uint8, mode="r")
-        t0 = time.perf_counter()
-        ds = TokenDataset(root)  # the same check, read in chunks with pread
-        open_pread_s = time.perf_counter() - t0
+        opening = open_costs(root)
+        ds = TokenDataset(root)
         t0 = time.perf_counter()
         data_fingerprint(ds)
         fingerprint_s = time.perf_counter() - t0
@@ -88,7 +120,7 @@ def main() -> None:
     print(f"## Data loader: pread instead of a memory map\n\nDate {datetime.date.today()} · machine: {platform.machine()}, "
           f"{os.cpu_count()}-core CPU shared with other jobs (read the ratios) · numpy {np.__version__}\n")
     print(f"Command: `.venv/bin/python benchmarks/bench_data_loader.py --tokens {args.tokens} --seq-len {args.seq_len} "
-          f"--batch {args.batch} --batches {args.batches} --rounds {args.rounds}`; a {args.tokens * 2 / 2**20:.0f} MiB "
+          f"--batch {args.batch} --batches {args.batches} --rounds {args.rounds} --docs {args.docs}`; a {args.tokens * 2 / 2**20:.0f} MiB "
           f"uint16 tokens.bin (page cache warm), global batch {args.batch} x {args.seq_len} tokens, shuffled windows, "
           f"median over {args.rounds} interleaved rounds of {args.batches} batches. Memory map: `SequenceLoader` over "
           f"`np.memmap` (numpy slices of the map, as before); pread: `TokenDataset`'s held-open files (one `pread` per "
@@ -97,10 +129,15 @@ def main() -> None:
     for what in ("tokens", "tokens + loss mask"):
         m, p = med[(what, "mmap")], med[(what, "pread")]
         print(f"| {what} | {m * 1e6:.0f} | {p * 1e6:.0f} | {p / m:.2f}x |")
-    print(f"\nOpening the data set (the vocabulary check reads every token): memory map {open_map_s:.3f} s, chunked "
-          f"pread {open_pread_s:.3f} s (both from the page cache; the pread side also parses index.json and opens "
-          f"mask.bin). The fingerprint "
-          f"saved in each checkpoint (about 1 MiB read and hashed): {fingerprint_s * 1e3:.1f} ms once per run.")
+    (b_s, b_mib), (n_s, n_mib) = opening["before"], opening["now"]
+    print(f"\nOpening the data set ({args.docs:,} documents, page cache warm), as every rank does at start: before, "
+          f"the offsets were a JSON list in index.json (version 1) and every token was read for the vocabulary check (measured with today's reader of a version-1 index); "
+          f"now they are `doc_offsets.bin` and the check uses index.json's `max_token_id` plus each batch read.\n")
+    print("| opening | before | now | ratio |\n|---|---|---|---|")
+    print(f"| seconds | {b_s:.3f} | {n_s:.3f} | {n_s / b_s:.3f}x |")
+    print(f"| peak Python heap MiB | {b_mib:.0f} | {n_mib:.0f} | {n_mib / b_mib:.3f}x |")
+    print(f"\nThe fingerprint saved in each checkpoint (about 1 MiB read and hashed): {fingerprint_s * 1e3:.1f} ms once "
+          f"per run.")
 
 
 if __name__ == "__main__":

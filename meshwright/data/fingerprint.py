@@ -46,7 +46,7 @@ def data_fingerprint(ds: Any) -> dict[str, Any]:
         "num_tokens": int(index["num_tokens"]), "dtype": index["dtype"],
         "tokenizer": json.dumps(index["tokenizer"], sort_keys=True),
         "tokenizer_json_sha256": _sha(tok_file.read_bytes()) if tok_file.is_file() else None,
-        "doc_offsets_sha256": _sha(json.dumps(index["doc_offsets"]).encode()),
+        "doc_offsets_sha256": _sha(ds.doc_offsets.astype("<i8").tobytes()),
         "tokens_bin_bytes": ds.token_file.size,
         "tokens_bin_sample_sha256": _sample_sha(ds.token_file.pread, ds.token_file.size),
         "loss_mask": index.get("loss_mask"),

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from meshwright.data.fingerprint import data_fingerprint
-from meshwright.data.prepare import prepare_default_corpus, prepare_instruct_cached
+from meshwright.data.prepare import DOC_OFFSETS, READABLE_VERSIONS, prepare_default_corpus, prepare_instruct_cached
 from meshwright.data.token_file import FileArray, OpenFile
 from meshwright.errors import ConfigError, invalid
 
@@ -53,13 +53,38 @@ def _read_index(index_file: Path) -> dict[str, Any]:
         tok = index.get("tokenizer")
         if not isinstance(tok, dict) or not isinstance(tok.get("vocab_size"), int) or tok["vocab_size"] < 1:
             problems.append("tokenizer.vocab_size")
-        offsets = index.get("doc_offsets")
-        if not isinstance(offsets, list) or not offsets or not all(isinstance(o, int) for o in offsets) \
-                or (isinstance(n, int) and offsets[-1] != n) or any(b < a for a, b in zip(offsets, offsets[1:])):
+        if index.get("version") not in READABLE_VERSIONS:
+            problems.append(f"version={index.get('version')!r}")
+        elif index["version"] == 1 and not (isinstance(index.get("doc_offsets"), list) and index["doc_offsets"]
+                                            and all(isinstance(o, int) for o in index["doc_offsets"])):
             problems.append("doc_offsets")
+        elif index["version"] > 1 and index.get("doc_offsets_file") != DOC_OFFSETS:
+            problems.append(f"doc_offsets_file={index.get('doc_offsets_file')!r}")
     if problems:
         raise ConfigError(f"{label} has a malformed index.json ({', '.join(problems)}); valid: re-run `meshwright data prepare`")
     return index
+
+
+def _doc_offsets(path: Path, index: dict[str, Any]) -> np.ndarray:
+    """The D+1 document offsets (int64), from doc_offsets.bin or a version-1 index's list, checked to run from 0 to
+    num_tokens without decreasing (the train/validation split cuts at them)."""
+    label = f"data.path={str(path)!r}"
+    if index["version"] == 1:
+        offsets = np.asarray(index["doc_offsets"], dtype=np.int64)
+    else:
+        try:
+            offsets = np.fromfile(path / DOC_OFFSETS, dtype="<i8")
+        except OSError as exc:
+            raise ConfigError(f"{label} has no readable {DOC_OFFSETS} ({type(exc).__name__}); valid: re-run "
+                              "`meshwright data prepare`") from None
+    n, docs = index["num_tokens"], index.get("num_documents")
+    if len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != n or (isinstance(docs, int) and len(offsets) != docs + 1) \
+            or bool((np.diff(offsets) < 0).any()):
+        raise ConfigError(f"{label} has damaged document offsets ({len(offsets)} of them, from "
+                          f"{offsets[0] if len(offsets) else None} to {offsets[-1] if len(offsets) else None}; expected "
+                          f"num_documents+1 = {docs!r}+1 from 0 to num_tokens={n}, not decreasing); valid: re-run "
+                          "`meshwright data prepare`")
+    return offsets
 
 
 class TokenDataset:
@@ -71,6 +96,7 @@ class TokenDataset:
         if not index_file.is_file():
             raise invalid("data.path", str(path), "'default' or a directory made by `meshwright data prepare` (with index.json)")
         self.index: dict[str, Any] = _read_index(index_file)
+        self.doc_offsets = _doc_offsets(self.path, self.index)
         dtype = np.dtype(self.index["dtype"])
         n = int(self.index["num_tokens"])
         tokens_file = self.path / "tokens.bin"
@@ -120,9 +146,9 @@ class TokenDataset:
         """Token offset where validation starts: the first document boundary at or after (1-f)*N."""
         n = len(self.tokens)
         target = int(round((1.0 - val_fraction) * n))
-        offsets = self.index["doc_offsets"]
-        cut = int(np.searchsorted(np.asarray(offsets), target))
-        point = offsets[cut] if cut < len(offsets) else n
+        offsets = self.doc_offsets
+        cut = int(np.searchsorted(offsets, target))
+        point = int(offsets[cut]) if cut < len(offsets) else n
         if point <= 0 or point >= n or (n - point) < 0.25 * val_fraction * n:
             point = target  # one huge document (or a final one) - cut inside it
         return point

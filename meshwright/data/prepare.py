@@ -4,7 +4,10 @@ Layout of a prepared directory (written atomically: built in a sibling temp dir,
 
     tokens.bin      uint16 (vocab <= 65536) or uint32 token ids, little-endian, documents back to back,
                     each followed by the tokenizer's end-of-document id
-    index.json      tokenizer, dtype, num_tokens, doc_offsets (D+1 token offsets), sources
+    index.json      tokenizer, dtype, num_tokens, num_documents, max_token_id, sources, doc_offsets_file
+    doc_offsets.bin int64, D+1 token offsets (document k is tokens[off[k]:off[k+1]]); a binary file, not a JSON
+                    list in index.json (version 1, still read): ten million documents were 120 MB of JSON and
+                    0.5 GB of Python integers on every rank
     tokenizer.json  only for BPE and Hugging Face tokenizers
     mask.bin        only for instruction/chat data: uint8, 1 where the token is a loss target (responses)
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from array import array
 import os
 import shutil
 import sys
@@ -37,7 +41,9 @@ from meshwright.tools.cache import cache_root
 
 SUFFIXES = (".txt", ".md", ".py", ".jsonl")
 FORMATS = ("text", "instruct")
-INDEX_VERSION = 1
+INDEX_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: doc_offsets as a JSON list in index.json
+DOC_OFFSETS = "doc_offsets.bin"
 
 
 def collect_inputs(inputs: list[str | Path]) -> list[Path]:
@@ -126,7 +132,7 @@ def _write(tmp: Path, files: list[Path], tokenizer: str, vocab_size: int, text_k
         tok = ByteTokenizer()
         encode = lambda text: np.frombuffer(tok.encode_bytes(text), dtype=np.uint8)  # noqa: E731
     dtype = _token_dtype(tok.vocab_size)
-    offsets = [0]
+    offsets = array("q", [0])
     sources: list[dict] = []
     eos = np.asarray([tok.eos_id], dtype=dtype)
     top = -1  # the largest id written: index.json's max_token_id, so a run need not read every token to check it
@@ -141,16 +147,20 @@ def _write(tmp: Path, files: list[Path], tokenizer: str, vocab_size: int, text_k
             if not sources or sources[-1]["path"] != str(path):
                 sources.append({"path": str(path), "documents": 0})
             sources[-1]["documents"] += 1
-    index = {
-        "version": INDEX_VERSION, "tokenizer": tok.to_json(), "dtype": dtype.name,
-        "num_tokens": offsets[-1], "num_documents": len(offsets) - 1, "doc_offsets": offsets, "sources": sources,
-        "max_token_id": top,
-    }
+    _write_index(tmp, {"tokenizer": tok.to_json(), "dtype": dtype.name, "sources": sources, "max_token_id": top}, offsets)
+
+
+def _write_index(tmp: Path, fields: dict[str, Any], offsets: array) -> None:
+    """doc_offsets.bin and index.json (``fields`` plus the version, token and document counts)."""
+    with (tmp / DOC_OFFSETS).open("wb") as fh:
+        offsets.tofile(fh)  # array("q"): int64, native order (little-endian on every platform torch runs on)
+    index = {"version": INDEX_VERSION, "num_tokens": offsets[-1], "num_documents": len(offsets) - 1,
+             "doc_offsets_file": DOC_OFFSETS, **fields}
     (tmp / "index.json").write_text(json.dumps(index))
 
 
 # every name _write and _write_instruct put in a prepared directory
-PREPARED_FILES = frozenset({"index.json", "tokens.bin", "mask.bin", "tokenizer.json"})
+PREPARED_FILES = frozenset({"index.json", "tokens.bin", "mask.bin", "tokenizer.json", DOC_OFFSETS})
 
 
 def is_prepared_dir(path: Path) -> bool:
@@ -159,8 +169,8 @@ def is_prepared_dir(path: Path) -> bool:
         index = json.loads((path / "index.json").read_bytes().decode("utf-8"))
     except (OSError, ValueError, UnicodeDecodeError):
         return False
-    return (isinstance(index, dict) and index.get("version") == INDEX_VERSION and "doc_offsets" in index
-            and (path / "tokens.bin").is_file())
+    return (isinstance(index, dict) and index.get("version") in READABLE_VERSIONS
+            and ("doc_offsets" in index or "doc_offsets_file" in index) and (path / "tokens.bin").is_file())
 
 
 def check_out_dir(out: Path, inputs: list[str | Path]) -> None:
@@ -202,7 +212,7 @@ def _write_instruct(tmp: Path, files: list[Path], tok: Any, progress: bool) -> N
     if tok.name == "hf":
         tok.save(tmp / "tokenizer.json")
     dtype = _token_dtype(tok.vocab_size)
-    offsets, sources, trained, top = [0], [], 0, -1
+    offsets, sources, trained, top = array("q", [0]), [], 0, -1
     with (tmp / "tokens.bin").open("wb") as fh, (tmp / "mask.bin").open("wb") as mh:
         for path in tqdm(files, desc="tokenize", unit="file", disable=not progress, file=sys.stderr):
             if path.suffix != ".jsonl":
@@ -218,10 +228,8 @@ def _write_instruct(tmp: Path, files: list[Path], tok: Any, progress: bool) -> N
                 trained += int(mask.sum())
                 n += 1
             sources.append({"path": str(path), "documents": n})
-    index = {"version": INDEX_VERSION, "tokenizer": tok.to_json(), "dtype": dtype.name, "num_tokens": offsets[-1],
-             "num_documents": len(offsets) - 1, "doc_offsets": offsets, "sources": sources,
-             "loss_mask": "mask.bin", "trained_tokens": trained, "max_token_id": top}
-    (tmp / "index.json").write_text(json.dumps(index))
+    _write_index(tmp, {"tokenizer": tok.to_json(), "dtype": dtype.name, "sources": sources, "loss_mask": "mask.bin",
+                       "trained_tokens": trained, "max_token_id": top}, offsets)
 
 
 def check_tokenizer(tokenizer: str, key: str = "tokenizer") -> str:

@@ -39,7 +39,8 @@ def test_prepare_writes_memmap_and_index(corpus_dir, tmp_path):
     index = json.loads((out / "index.json").read_text())
     assert index["dtype"] == "uint16" and index["num_documents"] == 4
     ds = TokenDataset(out)
-    offsets = index["doc_offsets"]
+    offsets = np.fromfile(out / index["doc_offsets_file"], dtype="<i8").tolist()  # binary, not a JSON list
+    assert "doc_offsets" not in index and offsets == ds.doc_offsets.tolist()
     assert offsets[-1] == len(ds) == index["num_tokens"]
     tok = load_tokenizer(out)
     docs = [tok.decode(ds.tokens[a:b]) for a, b in zip(offsets, offsets[1:])]
@@ -70,7 +71,7 @@ def test_bpe_tokenizer_optional(corpus_dir, tmp_path):
     ds = TokenDataset(out)
     tok = load_tokenizer(out)
     assert tok.name == "bpe" and ds.vocab_size <= 556
-    offsets = ds.index["doc_offsets"]
+    offsets = ds.doc_offsets
     assert tok.decode(ds.tokens[offsets[0]:offsets[1] - 1]) == TEXT_A
     assert len(ds) < len(ByteTokenizer().encode(TEXT_A + TEXT_B))  # BPE compresses
 
@@ -141,7 +142,7 @@ def test_train_val_split_is_disjoint_at_a_document_boundary(corpus_dir, tmp_path
     out = prepare([corpus_dir] * 1, tmp_path / "p", progress=False)
     ds = TokenDataset(out)
     point = ds.split_point(0.2)
-    assert point in ds.index["doc_offsets"]
+    assert point in ds.doc_offsets
     train, val = ds.split("train", 0.2), ds.split("val", 0.2)
     assert len(train) + len(val) == len(ds) and len(val) > 0
     assert np.array_equal(np.concatenate([train, val]), np.asarray(ds.tokens))

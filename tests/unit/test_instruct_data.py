@@ -48,7 +48,7 @@ def test_mask_covers_exactly_the_responses(tok_path, jsonl, tmp_path):
     ds = TokenDataset(out)
     tok = load_tokenizer(out)
     assert isinstance(tok, HFTokenizer) and ds.vocab_size == tok.vocab_size == 600
-    offs = ds.index["doc_offsets"]
+    offs = ds.doc_offsets.tolist()
     trained = [tok.decode(ds.tokens[a:b][ds.mask[a:b].astype(bool)]) for a, b in zip(offs[:3], offs[1:4])]
     assert trained == ["four", "blue\n", "cat"]  # eos is trained too, and decodes to nothing
     assert all(ds.tokens[b - 1] == tok.eos_id and ds.mask[b - 1] == 1 for b in offs[1:4])

@@ -283,3 +283,36 @@ def test_report_reader_tolerates_a_torn_last_line_and_refuses_binary(tmp_path):
     with pytest.raises(ConfigError) as err:
         read_run(tmp_path)
     assert one_line(err) and "summary.json" in str(err.value)
+
+
+def test_version_1_index_still_reads_and_damaged_offsets_are_one_line(tmp_path, inputs):
+    """Document offsets moved from a JSON list in index.json (version 1) to doc_offsets.bin: data sets prepared
+    before still load with the same split; a missing, truncated or decreasing offsets file is one line."""
+    out = prepare([inputs], tmp_path / "data", progress=False)
+    index = json.loads((out / "index.json").read_text())
+    offsets = np.fromfile(out / "doc_offsets.bin", dtype="<i8")
+    new = TokenDataset(out)
+    points = [new.split_point(f) for f in (0.1, 0.3)]
+
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    (v1 / "tokens.bin").write_bytes((out / "tokens.bin").read_bytes())
+    old_index = {k: v for k, v in index.items() if k not in ("doc_offsets_file", "max_token_id")}
+    (v1 / "index.json").write_text(json.dumps({**old_index, "version": 1, "doc_offsets": offsets.tolist()}))
+    old = TokenDataset(v1)
+    assert old.doc_offsets.tolist() == offsets.tolist() and [old.split_point(f) for f in (0.1, 0.3)] == points
+
+    for damage, needle in [
+        (lambda: (out / "doc_offsets.bin").unlink(), "no readable doc_offsets.bin"),
+        (lambda: offsets[:-1].tofile(out / "doc_offsets.bin"), "damaged document offsets"),
+        (lambda: offsets[::-1].copy().tofile(out / "doc_offsets.bin"), "damaged document offsets"),
+    ]:
+        damage()
+        with pytest.raises(ConfigError) as err:
+            TokenDataset(out)
+        assert one_line(err) and needle in str(err.value)
+        offsets.tofile(out / "doc_offsets.bin")
+    (out / "index.json").write_text(json.dumps({**index, "version": 3}))
+    with pytest.raises(ConfigError) as err:
+        TokenDataset(out)
+    assert one_line(err) and "version=3" in str(err.value)

@@ -20,6 +20,7 @@ the next ``save``, the end of fit, preemption and the error path ``wait`` for it
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 import warnings
 from dataclasses import dataclass
@@ -40,7 +41,10 @@ from meshwright.train.runtime import Runtime
 def make_stager() -> Any:
     """DCP's stager copying every tensor into CPU memory before ``async_save`` returns (pinned, non-blocking
     copies and one synchronise on CUDA); it keeps its buffers between saves. None where this torch lacks
-    ``DefaultStager`` (then ``async_save`` stages with its own default, also a CPU copy, before returning)."""
+    ``DefaultStager`` or ``async_save(async_stager=)`` (then ``async_save`` stages with its own default, also a CPU
+    copy, before returning)."""
+    if "async_stager" not in inspect.signature(dcp.async_save).parameters:
+        return None
     try:
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 

@@ -380,8 +380,10 @@ class Trainer:
                     self._after_step(run, log, bar, out)
         except BaseException:
             # the error path: the checkpoint in flight is finished (it is complete data) before the error goes on
-            with contextlib.suppress(Exception):
+            try:
                 self.wait_for_save()
+            except Exception as exc:  # noqa: BLE001 - the first error is the one to report; this one is named
+                self.print(f"warning: the checkpoint in flight was not completed: {exc}")
             raise
         finally:
             bar.close()

@@ -139,6 +139,41 @@ def test_a_failed_background_write_is_one_line_and_keeps_the_previous_checkpoint
     assert not list(ckpt.glob("*.tmp"))
 
 
+@pytest.mark.timeout(240)
+def test_an_error_during_training_first_completes_the_checkpoint_in_flight(data, tmp_path, monkeypatch):
+    """A step fails while the step-2 checkpoint is still being written (its writer held until fit's error path waits
+    for it): the error propagates, and the checkpoint is complete and named by `latest` by then."""
+    release = threading.Event()
+    write, after_step, wait_for_save = _FileSystemWriter.write_data, Trainer._after_step, Trainer.wait_for_save
+
+    def held_write(self, plan, planner):
+        if threading.current_thread() is not threading.main_thread():
+            release.wait(60)
+        return write(self, plan, planner)
+
+    def failing_after_step(self, run, log, bar, out):
+        if out["step"] == 3:
+            raise RuntimeError("a step failed")
+        after_step(self, run, log, bar, out)
+
+    def releasing_wait(self):
+        release.set()
+        wait_for_save(self)
+
+    monkeypatch.setattr(_FileSystemWriter, "write_data", held_write)
+    monkeypatch.setattr(Trainer, "_after_step", failing_after_step)
+    monkeypatch.setattr(Trainer, "wait_for_save", releasing_wait)
+    t = make_trainer(data, tmp_path, ckpt_async=True, **KW)
+    try:
+        with pytest.raises(RuntimeError, match="a step failed"):
+            t.fit()
+        ckpt = tmp_path / "ckpt"
+        assert latest_checkpoint(ckpt).name == "step_000002" and not list(ckpt.glob("*.tmp"))
+        verify_manifest(ckpt / "step_000002")
+    finally:
+        release.set()
+
+
 def test_ckpt_async_round_trips_and_bad_values_name_the_field(tmp_path):
     base = {"model": "tiny", "out_dir": str(tmp_path)}
     cfg = load_train_config({**base, "ckpt_async": True})

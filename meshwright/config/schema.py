@@ -362,6 +362,9 @@ class TrainConfig:
     max_skipped: int = 10  # nan_policy=skip: stop (non-zero exit) once more steps than this were skipped
     progress: bool = True
     keep_checkpoints: int = 3
+    # write checkpoints in the background: the step waits only for a copy of the state in CPU memory (pinned on CUDA),
+    # the disk write, checksums, rename and `latest` follow while training continues (train/async_checkpoint.py)
+    ckpt_async: bool = False
     # accounting: FLOPs convention for MFU/HFU, energy metering (NVML + offline codecarbon), CO2
     flops_convention: Literal["palm", "megatron", "megatron2021"] = "palm"
     energy: bool = True

@@ -90,44 +90,63 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def prepare_tmp(path: Path, runtime: Runtime) -> Path:
+    """Collective: an empty ``<path>.tmp`` (a previous crash's leftover removed) that every rank may write into."""
+    tmp = path.with_name(path.name + ".tmp")
+    if runtime.is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # a previous crash mid-write
+        tmp.mkdir(parents=True)
+    runtime.barrier()
+    return tmp
+
+
+def write_failed(tmp: Path, path: Path, exc: BaseException, is_main: bool) -> BaseException:
+    """The error to raise for a write into ``tmp`` that failed with ``exc``; the partial ``tmp`` is removed (main rank)."""
+    full = _disk_full(tmp.parent)  # before the partial files are removed and free space returns
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if _interrupted(exc):  # Ctrl-C inside DCP: an interruption (exit 130), not a failed write (exit 2)
+        return KeyboardInterrupt()
+    return _save_error(path, exc, full)
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Main rank, once every rank's files are in ``tmp``: checksums, then swap ``tmp`` in for ``path``."""
+    try:
+        fault_point("ckpt_write")
+        write_manifest(tmp)  # after every rank's files exist; a directory without it is incomplete
+    except (OSError, RuntimeError) as exc:
+        raise write_failed(tmp, path, exc, True) from None
+    old = path.with_name(path.name + ".old")
+    try:
+        if old.exists():
+            shutil.rmtree(old)
+        if path.exists():
+            path.rename(old)
+        os.replace(tmp, path)
+    except OSError as exc:  # the swap itself (an unwritable ckpt/): the checkpoint's own line, no .tmp left
+        if old.exists() and not path.exists():
+            with contextlib.suppress(OSError):
+                old.rename(path)  # the version it replaced, back in place
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _save_error(path, exc) from None
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def _atomic_dir(path: Path, runtime: Runtime) -> Iterator[Path]:
     """Collective: yield an empty ``<path>.tmp`` for every rank to write into; once all ranks are done
     the main rank swaps it in for ``path``, so ``path`` only ever names a complete checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        if runtime.is_main:
-            if tmp.exists():
-                shutil.rmtree(tmp)  # a previous crash mid-write
-            tmp.mkdir(parents=True)
-        runtime.barrier()
+        tmp = prepare_tmp(path, runtime)
         yield tmp
         runtime.barrier()
-        fault_point("ckpt_write")
-        if runtime.is_main:
-            write_manifest(tmp)  # after every rank's files exist; a directory without it is incomplete
     except (OSError, RuntimeError, CheckpointException) as exc:
-        full = _disk_full(tmp.parent)  # before the partial files are removed and free space returns
-        if runtime.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if _interrupted(exc):  # Ctrl-C inside DCP: an interruption (exit 130), not a failed write (exit 2)
-            raise KeyboardInterrupt from None
-        raise _save_error(path, exc, full) from None
+        raise write_failed(tmp, path, exc, runtime.is_main) from None
     if runtime.is_main:
-        old = path.with_name(path.name + ".old")
-        try:
-            if old.exists():
-                shutil.rmtree(old)
-            if path.exists():
-                path.rename(old)
-            os.replace(tmp, path)
-        except OSError as exc:  # the swap itself (an unwritable ckpt/): the checkpoint's own line, no .tmp left
-            if old.exists() and not path.exists():
-                with contextlib.suppress(OSError):
-                    old.rename(path)  # the version it replaced, back in place
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise _save_error(path, exc) from None
-        shutil.rmtree(old, ignore_errors=True)
+        publish(tmp, path)
     runtime.barrier()
 
 
@@ -166,11 +185,16 @@ def save_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Opti
     with _atomic_dir(path, runtime) as tmp:
         with _quiet_dcp():
             dcp.save(runtime.checkpoint_state(optimizer), checkpoint_id=str(tmp))
-        if rng:
-            torch.save(rng_state(), _rng_file(tmp, runtime.rank))
-        if runtime.is_main:
-            (tmp / STATE_FILE).write_text(json.dumps(meta or {}, indent=1))
+        write_small_files(tmp, runtime, meta, rng=rng)
     return path
+
+
+def write_small_files(tmp: Path, runtime: Runtime, meta: dict[str, Any] | None, *, rng: bool) -> None:
+    """This rank's RNG file (with ``rng``) and, on the main rank, ``meta`` as trainer_state.json, into ``tmp``."""
+    if rng:
+        torch.save(rng_state(), _rng_file(tmp, runtime.rank))
+    if runtime.is_main:
+        (tmp / STATE_FILE).write_text(json.dumps(meta or {}, indent=1))
 
 
 def require_complete(path: Path) -> None:
@@ -275,25 +299,31 @@ def save_checkpoint(root: str | Path, step: int, runtime: Runtime, optimizer: to
     root = Path(root)
     final = save_runtime(step_dir(root, step), runtime, optimizer, {**trainer_state, "step": step}, rng=True)
     if runtime.is_main:
-        pointer = root / f"{LATEST}.tmp"
-        try:
-            pointer.write_text(final.name + "\n")
-            os.replace(pointer, root / LATEST)
-        except OSError as exc:
-            pointer.unlink(missing_ok=True)
-            raise _save_error(root / LATEST, exc) from None
-        fault_point("ckpt_pointer")
-        if keep > 0:
-            older = [p for p in list_checkpoints(root) if _step_of(p) < step]
-            for old in older[:max(len(older) - (keep - 1), 0)]:
-                trash = old.with_name(old.name + ".old")  # out of the listing at once, then deleted
-                os.replace(old, trash)
-                fault_point("prune")
-                shutil.rmtree(trash, ignore_errors=True)
-            for leftover in root.glob("step_*.old"):  # a kill mid-prune
-                shutil.rmtree(leftover, ignore_errors=True)
+        point_and_prune(root, final, step, keep)
     runtime.barrier()
     return final
+
+
+def point_and_prune(root: Path, final: Path, step: int, keep: int) -> None:
+    """Main rank, once ``final`` is complete: point ``latest`` at it (atomically) and keep the last ``keep``
+    checkpoints, pruning only those of earlier steps."""
+    pointer = root / f"{LATEST}.tmp"
+    try:
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, root / LATEST)
+    except OSError as exc:
+        pointer.unlink(missing_ok=True)
+        raise _save_error(root / LATEST, exc) from None
+    fault_point("ckpt_pointer")
+    if keep > 0:
+        older = [p for p in list_checkpoints(root) if _step_of(p) < step]
+        for old in older[:max(len(older) - (keep - 1), 0)]:
+            trash = old.with_name(old.name + ".old")  # out of the listing at once, then deleted
+            os.replace(old, trash)
+            fault_point("prune")
+            shutil.rmtree(trash, ignore_errors=True)
+        for leftover in root.glob("step_*.old"):  # a kill mid-prune
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _step_of(path: Path) -> int:

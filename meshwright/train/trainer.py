@@ -35,6 +35,7 @@ from meshwright.tools.energy import EnergyAccountant, EnergyTotals
 from meshwright.tools.flops import hardware_flops_per_token, model_flops_per_token
 from meshwright.tools.mfu import mfu as compute_mfu
 from meshwright.tools.sinks import Sinks, open_sinks
+from meshwright.train.async_checkpoint import AsyncCheckpointer
 from meshwright.train.checkpoint import load_latest, load_runtime, save_checkpoint
 from meshwright.train.compile import fast_adamw_kwargs
 from meshwright.train.faults import fault_point
@@ -131,6 +132,8 @@ class Trainer:
         self.eval_batch_count = self._eval_batch_count()
         self.energy: EnergyAccountant | None = None
         self.allow_data_change = False  # --allow-config-change: resume onto data other than the checkpoint's
+        # ckpt_async: saves stage to CPU memory and write in the background (collective: the same on every rank)
+        self.async_ckpt = AsyncCheckpointer(runtime) if cfg.ckpt_async else None
 
     # ---- pieces ----------------------------------------------------------------------------------
     def set_lr(self, step: int) -> float:
@@ -215,11 +218,23 @@ class Trainer:
                 "lr": lr_at(max(self.step - 1, 0), self.cfg), "config": to_dict(self.cfg)}
 
     def save(self) -> Path:
+        """Checkpoint this step. With ``ckpt_async`` it returns once the state is staged; ``wait_for_save`` waits
+        for the write."""
         with self._not_training():
-            path = save_checkpoint(self.ckpt_dir, self.step, self.runtime, self.optimizer, self.trainer_state(),
-                                   keep=self.keep_checkpoints)
+            if self.async_ckpt is not None:
+                path = self.async_ckpt.save(self.ckpt_dir, self.step, self.optimizer, self.trainer_state(),
+                                            keep=self.keep_checkpoints)
+            else:
+                path = save_checkpoint(self.ckpt_dir, self.step, self.runtime, self.optimizer, self.trainer_state(),
+                                       keep=self.keep_checkpoints)
         self._saved_step = self.step
         return path
+
+    def wait_for_save(self) -> None:
+        """Block until a background checkpoint is complete and in place (its error raised); no-op when synchronous."""
+        if self.async_ckpt is not None:
+            with self._not_training():
+                self.async_ckpt.close()
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Load ``path`` (or the latest checkpoint in out_dir/ckpt); False when there is none."""
@@ -369,6 +384,13 @@ class Trainer:
             with Preemption(self.runtime.world_size) as self.preemption:
                 for out in self.steps():
                     self._after_step(run, log, bar, out)
+        except BaseException:
+            # the error path: the checkpoint in flight is finished (it is complete data) before the error goes on
+            try:
+                self.wait_for_save()
+            except Exception as exc:  # noqa: BLE001 - the first error is the one to report; this one is named
+                self.print(f"warning: the checkpoint in flight was not completed: {exc}")
+            raise
         finally:
             bar.close()
             if log is not None:
@@ -380,6 +402,7 @@ class Trainer:
             run.eval_loss = self.evaluate()
         if self.step > run.first_step and self._saved_step != self.step:
             self.save()
+        self.wait_for_save()  # the run's last checkpoint is on disk and `latest` names it before fit returns
         if self._stopping:
             self.print(f"stopped at step {self.step} of {self.cfg.steps}: {self.preemption.name} received; checkpoint "
                        f"saved, continue with `meshwright train ... --resume`")

@@ -1,6 +1,7 @@
 """The Trainer, data loader and DCP checkpoints under torchrun (2 ranks, gloo, default plan = pure DP):
 the loss trajectory equals the one-process run, and the 2-rank checkpoint resumes in one process
-(DCP reshards; the loader position is counted in global sequences) on the same trajectory.
+(DCP reshards; the loader position is counted in global sequences) on the same trajectory. The 2-rank run writes
+its checkpoints in the background (ckpt_async), the one-process runs synchronously.
 Tolerance: relative 1e-5 on each step's loss (fp32; gradient all-reduce changes summation order)."""
 
 from __future__ import annotations
@@ -37,8 +38,11 @@ def one_thread():
 def test_two_rank_training_matches_one_process_and_resumes_across_layouts(tmp_path, monkeypatch, one_thread):
     cache = tmp_path / "cache"
     two = tmp_path / "two"
-    run_torchrun(HERE / "trainer_worker.py", 2, [*ARGS, f"out_dir={two}"], timeout=240,
-                 env={"MESHWRIGHT_CACHE": str(cache)})
+    # ckpt_async, its writer held until step 5: the step-3 checkpoint is written after steps 4 and 5 changed the
+    # weights, on its own gloo group while training collectives go on; it must still hold step 3's state (the resume)
+    proc = run_torchrun(HERE / "trainer_worker.py", 2, [*ARGS, f"out_dir={two}", "ckpt_async=true"], timeout=240,
+                        env={"MESHWRIGHT_CACHE": str(cache), "MESHWRIGHT_TEST_HOLD_CKPT_WRITE": "5"})
+    assert "rank 0 at step 5: checkpoints ['step_000003.tmp']" in proc.stdout, proc.stdout[-2000:]
     assert len(list(cache.glob("stdlib-byte-*"))) == 1  # two ranks filled the cache once, atomically
     ckpt = two / "ckpt"
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_000003", "step_000006"]

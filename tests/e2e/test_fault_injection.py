@@ -1,6 +1,6 @@
 """Fault injection: kill -9 at named points (a step, mid checkpoint write, after the `latest` update, mid
-pruning, mid log rewrite) and at a random moment; the resumed run must replay the uninterrupted loss
-trajectory bit for bit and lose nothing. Also two live runs on one out_dir, and a full disk (a small tmpfs,
+pruning, mid log rewrite, in a background checkpoint write) and at a random moment; the resumed run must replay
+the uninterrupted loss trajectory bit for bit and lose nothing. Also two live runs on one out_dir, and a full disk (a small tmpfs,
 root only). The killed runs are subprocesses; resumes run in this process (no second torch import).
 
 Kill points are drawn from MESHWRIGHT_FAULT_SEED (default 19) so a failure can be replayed."""
@@ -108,6 +108,20 @@ def test_kill_at_a_fault_point_then_resume_is_bitwise_identical(data, reference,
     had_checkpoint = latest_checkpoint(out / "ckpt") is not None  # else the resume starts over, as it should
     summary = train_in_process(data, out, resume=True)
     assert summary["resumed"] == had_checkpoint
+    assert_nothing_lost(out, reference)
+
+
+@pytest.mark.timeout(400)
+def test_kill_during_a_background_checkpoint_write_then_resume_is_bitwise_identical(data, reference, tmp_path):
+    """ckpt_async: the kill lands in the background writer of the step-4 checkpoint (after every file of it was
+    written, before checksums and rename) while training goes on. Only its .tmp is left, `latest` still names step 2,
+    and the resume (with ckpt_async again) replays the synchronous reference bit for bit."""
+    out = tmp_path / "run"
+    killed(spawn(data, out, "ckpt_write:2", ckpt_async=True))
+    assert latest_checkpoint(out / "ckpt").name == "step_000002"
+    assert (out / "ckpt" / "step_000004.tmp").is_dir() and not (out / "ckpt" / "step_000004").exists()
+    summary = train_in_process(data, out, resume=True, ckpt_async=True)
+    assert summary["resumed"]
     assert_nothing_lost(out, reference)
 
 

@@ -1,0 +1,184 @@
+"""Background checkpoints (``ckpt_async``, train/async_checkpoint.py) in one process: the step does not wait for
+the write, the checkpoint holds the state of its own step even when the writer runs after later steps, the run and
+its resume are bitwise those of synchronous checkpoints, and a failed background write is one line that keeps the
+previous checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import pytest
+import torch
+from torch.distributed.checkpoint.filesystem import _FileSystemWriter
+
+from _train_helpers import make_trainer, prepared_corpus
+from meshwright.config import load_train_config
+from meshwright.config.io import to_dict
+from meshwright.errors import ConfigError
+from meshwright.train.checkpoint import latest_checkpoint, list_checkpoints, load_runtime
+from meshwright.train.checkpoint_io import verify_manifest
+from meshwright.train.trainer import Trainer
+
+KW = dict(steps=6, ckpt_every=2, eval_every=3, keep_checkpoints=5)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return prepared_corpus(tmp_path_factory.mktemp("data"))
+
+
+def losses(out):
+    return {r["step"]: (r["loss"], r["grad_norm"]) for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())}
+
+
+def loaded(data, out, ckpt):
+    """A fresh trainer holding checkpoint ``ckpt``: its parameters and AdamW state."""
+    t = make_trainer(data, out, **KW)
+    load_runtime(ckpt, t.runtime, t.optimizer)
+    return [p.detach().clone() for p in t.runtime.model.parameters()], t.optimizer.state_dict()["state"]
+
+
+def assert_same_state(a, b, what):
+    (pa, sa), (pb, sb) = a, b
+    for i, (p, q) in enumerate(zip(pa, pb)):
+        assert torch.equal(p, q), (what, "parameter", i)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        for field in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(sa[k][field], sb[k][field]), (what, k, field)
+
+
+@pytest.mark.timeout(240)
+def test_writer_held_past_later_steps_still_writes_the_state_of_its_step(data, tmp_path, monkeypatch):
+    """DCP's writer thread is held until training has run two more optimizer steps past the step-2 checkpoint. The
+    step did not wait (step 2 is still a .tmp with no `latest` at step 3), and what is written afterwards is the
+    state at step 2, equal to the synchronous run's checkpoint, not the later weights. Losses, parameters and every
+    checkpoint equal the synchronous run's, bitwise."""
+    sync = make_trainer(data, tmp_path / "sync", **KW)
+    sync.fit()
+
+    release = threading.Event()
+    write = _FileSystemWriter.write_data
+
+    def held_write(self, plan, planner):
+        if threading.current_thread() is not threading.main_thread():  # only the background writer is held
+            release.wait(60)
+        return write(self, plan, planner)
+
+    seen: list[tuple[int, bool, bool]] = []
+    after_step = Trainer._after_step
+
+    def watching_after_step(self, run, log, bar, out):
+        ckpt = self.ckpt_dir
+        if out["step"] == 3:  # one step past the checkpoint, before the writer may run
+            seen.append((out["step"], (ckpt / "step_000002").exists(), (ckpt / "latest").exists()))
+        if out["step"] == 4:  # step 3's and 4's optimizer steps have run; step 4's save waits for step 2's
+            release.set()
+        after_step(self, run, log, bar, out)
+
+    monkeypatch.setattr(_FileSystemWriter, "write_data", held_write)
+    monkeypatch.setattr(Trainer, "_after_step", watching_after_step)
+    asyn = make_trainer(data, tmp_path / "async", ckpt_async=True, **KW)
+    asyn.fit()
+    monkeypatch.undo()
+
+    assert seen == [(3, False, False)]  # training went on while step 2 was being written
+    assert losses(tmp_path / "async") == losses(tmp_path / "sync")
+    for p, q in zip(sync.runtime.model.parameters(), asyn.runtime.model.parameters()):
+        assert torch.equal(p, q)
+    names = [p.name for p in list_checkpoints(tmp_path / "async" / "ckpt")]
+    assert names == ["step_000002", "step_000004", "step_000006"]
+    assert latest_checkpoint(tmp_path / "async" / "ckpt").name == "step_000006"
+    assert not list((tmp_path / "async" / "ckpt").glob("*.tmp"))
+    for name in names:
+        verify_manifest(tmp_path / "async" / "ckpt" / name)
+        assert_same_state(loaded(data, tmp_path / "la", tmp_path / "async" / "ckpt" / name),
+                          loaded(data, tmp_path / "ls", tmp_path / "sync" / "ckpt" / name), name)
+
+
+@pytest.mark.timeout(240)
+def test_resume_of_a_background_checkpoint_replays_the_synchronous_trajectory(data, tmp_path):
+    sync = make_trainer(data, tmp_path / "sync", **KW)
+    sync.fit()
+    asyn = make_trainer(data, tmp_path / "async", ckpt_async=True, **KW)
+    asyn.fit()
+    ckpt = tmp_path / "async" / "ckpt"
+    for name in ("step_000004", "step_000006"):
+        shutil.rmtree(ckpt / name)
+    (ckpt / "latest").write_text("step_000002\n")
+    torch.manual_seed(7)  # the RNG comes from the checkpoint, not the caller
+    resumed = make_trainer(data, tmp_path / "async", ckpt_async=True, **KW)
+    assert resumed.fit(resume=True)["steps_this_run"] == 4
+    assert losses(tmp_path / "async") == losses(tmp_path / "sync")
+    for p, q in zip(sync.runtime.model.parameters(), resumed.runtime.model.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.timeout(240)
+def test_a_failed_background_write_is_one_line_and_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    write = _FileSystemWriter.write_data
+
+    def failing_write(self, plan, planner):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(5, "Input/output error")
+        return write(self, plan, planner)
+
+    monkeypatch.setattr(_FileSystemWriter, "write_data", failing_write)
+    t = make_trainer(data, tmp_path, ckpt_async=True, **KW)
+    with pytest.raises(ConfigError) as err:
+        t.fit()
+    msg = str(err.value)
+    assert "\n" not in msg and "step_000004" in msg and "could not be written" in msg, msg
+    ckpt = tmp_path / "ckpt"
+    assert [p.name for p in list_checkpoints(ckpt)] == ["step_000002"]
+    assert latest_checkpoint(ckpt).name == "step_000002"
+    assert not list(ckpt.glob("*.tmp"))
+
+
+@pytest.mark.timeout(240)
+def test_an_error_during_training_first_completes_the_checkpoint_in_flight(data, tmp_path, monkeypatch):
+    """A step fails while the step-2 checkpoint is still being written (its writer held until fit's error path waits
+    for it): the error propagates, and the checkpoint is complete and named by `latest` by then."""
+    release = threading.Event()
+    write, after_step, wait_for_save = _FileSystemWriter.write_data, Trainer._after_step, Trainer.wait_for_save
+
+    def held_write(self, plan, planner):
+        if threading.current_thread() is not threading.main_thread():
+            release.wait(60)
+        return write(self, plan, planner)
+
+    def failing_after_step(self, run, log, bar, out):
+        if out["step"] == 3:
+            raise RuntimeError("a step failed")
+        after_step(self, run, log, bar, out)
+
+    def releasing_wait(self):
+        release.set()
+        wait_for_save(self)
+
+    monkeypatch.setattr(_FileSystemWriter, "write_data", held_write)
+    monkeypatch.setattr(Trainer, "_after_step", failing_after_step)
+    monkeypatch.setattr(Trainer, "wait_for_save", releasing_wait)
+    t = make_trainer(data, tmp_path, ckpt_async=True, **KW)
+    try:
+        with pytest.raises(RuntimeError, match="a step failed"):
+            t.fit()
+        ckpt = tmp_path / "ckpt"
+        assert latest_checkpoint(ckpt).name == "step_000002" and not list(ckpt.glob("*.tmp"))
+        verify_manifest(ckpt / "step_000002")
+    finally:
+        release.set()
+
+
+def test_ckpt_async_round_trips_and_bad_values_name_the_field(tmp_path):
+    base = {"model": "tiny", "out_dir": str(tmp_path)}
+    cfg = load_train_config({**base, "ckpt_async": True})
+    assert cfg.ckpt_async is True and to_dict(cfg)["ckpt_async"] is True
+    assert load_train_config(to_dict(cfg)).ckpt_async is True
+    assert load_train_config(base).ckpt_async is False
+    with pytest.raises(ConfigError, match="ckpt_async"):
+        load_train_config({**base, "ckpt_async": "sometimes"})

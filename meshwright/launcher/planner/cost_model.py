@@ -1021,6 +1021,29 @@ class StrategyColumns:
         self.zero3 = np.array([s.zero >= 3 for s in strategies], dtype=bool)
         self.cast_factor = np.where(rc_on, 6.0 * 2 + 6.0, 6.0 * 1 + 6.0)  # weight_traffic_mb_s's reads and writes
         self.compiled_rc = compiled & rc_on
+        self.blocks: list["StrategyColumns"] = []  # the lists this one concatenates (``concat``), if any
+
+    @classmethod
+    def concat(cls, blocks: list["StrategyColumns"]) -> "StrategyColumns":
+        """The columns of the blocks' strategies one after another, from theirs (no Python step per strategy). For
+        blocks that share no group (the search's: one tp degree each, and every group key holds tp), the groups and
+        their order are those ``__init__`` finds in the concatenated list; ``layer_costs_columns`` reads the blocks'
+        cached terms, so lists that share a block cost it once."""
+        self = cls.__new__(cls)
+        self.blocks = list(blocks)
+        self.strategies = [s for b in blocks for s in b.strategies]
+        self.reps = {name: [s for b in blocks for s in b.reps[name]] for name in cls.GROUPS}
+        self.idx = {}
+        for name in cls.GROUPS:
+            offsets = np.cumsum([0] + [len(b.reps[name]) for b in blocks[:-1]])
+            self.idx[name] = np.concatenate([b.idx[name] + off for b, off in zip(blocks, offsets.tolist())]
+                                            or [np.zeros(0, dtype=np.intp)])
+        self.classes = [c for b in blocks for c in b.classes]
+        self.max_dp_cp = max((b.max_dp_cp for b in blocks if b.strategies), default=1)
+        self.tp_sp_cp = sorted({x for b in blocks for x in b.tp_sp_cp})
+        for name in ("zero3", "cast_factor", "compiled_rc"):
+            setattr(self, name, np.concatenate([getattr(b, name) for b in blocks] or [np.zeros(0)]))
+        return self
 
 
 def layer_costs_columns(cfg: ModelConfig, index: int, cols: StrategyColumns, mb_dp: float, seq_len: int,
@@ -1033,13 +1056,8 @@ def layer_costs_columns(cfg: ModelConfig, index: int, cols: StrategyColumns, mb_
     The terms that depend on the tokens (compute, overhead, activations) and those that depend on the state format
     (shards) are kept in ``parts`` per list of strategies, gathered per strategy: a search costs each list at every
     micro-batch in both state formats, and each half is then built once, not once per pair."""
-    by_tokens = parts.get(("columns-tokens", cols, mb_dp, seq_len))
-    if by_tokens is None:
-        by_tokens = parts[("columns-tokens", cols, mb_dp, seq_len)] = _token_columns(cfg, index, cols, mb_dp, seq_len,
-                                                                                      hw, parts)
-    by_states = parts.get(("columns-states", cols, states))
-    if by_states is None:
-        by_states = parts[("columns-states", cols, states)] = _state_columns(cfg, index, cols, states, hw, parts)
+    by_tokens = _token_columns(cfg, index, cols, mb_dp, seq_len, hw, parts)
+    by_states = _state_columns(cfg, index, cols, states, hw, parts)
     fwd, compute_mb, comm_mb, overhead_mb, act_b, working = by_tokens
     shard_params, dp_mb, dp_step, states_b, opt_step, accum_mb = by_states
     pol = hw.policy
@@ -1065,7 +1083,23 @@ def layer_costs_columns(cfg: ModelConfig, index: int, cols: StrategyColumns, mb_
 def _token_columns(cfg: ModelConfig, index: int, cols: StrategyColumns, mb_dp: float, seq_len: int, hw: Hardware,
                    parts: dict[tuple, Any]) -> tuple[np.ndarray, ...]:
     """``layer_costs_columns``' terms that depend on the tokens, per strategy: forward, compute and communication
-    seconds and framework overhead per microbatch, activation bytes and the backward working set."""
+    seconds and framework overhead per microbatch, activation bytes and the backward working set. Cached in ``parts``
+    per list (per block of a concatenated one)."""
+    key = ("columns-tokens", cols, mb_dp, seq_len)
+    got = parts.get(key)
+    if got is None:
+        if cols.blocks:
+            got = tuple(np.concatenate(x) for x in zip(*(_token_columns(cfg, index, b, mb_dp, seq_len, hw, parts)
+                                                          for b in cols.blocks)))
+        else:
+            got = _token_columns_of(cfg, index, cols, mb_dp, seq_len, hw, parts)
+        parts[key] = got
+    return got
+
+
+def _token_columns_of(cfg: ModelConfig, index: int, cols: StrategyColumns, mb_dp: float, seq_len: int, hw: Hardware,
+                      parts: dict[tuple, Any]) -> tuple[np.ndarray, ...]:
+    """``_token_columns`` of one list of strategies."""
     moe = cfg.is_moe_layer(index)
 
     def tokens_of(s: Any) -> float:
@@ -1102,7 +1136,21 @@ def _token_columns(cfg: ModelConfig, index: int, cols: StrategyColumns, mb_dp: f
 def _state_columns(cfg: ModelConfig, index: int, cols: StrategyColumns, states: str, hw: Hardware,
                    parts: dict[tuple, Any]) -> np.ndarray:
     """``layer_costs_columns``' shard terms per strategy (``_shard_terms``' fields, the state bytes summed): they
-    depend on the state format, not on the tokens."""
+    depend on the state format, not on the tokens. Cached in ``parts`` per list (per block of a concatenated one)."""
+    key = ("columns-states", cols, states)
+    got = parts.get(key)
+    if got is None:
+        if cols.blocks:
+            got = np.concatenate([_state_columns(cfg, index, b, states, hw, parts) for b in cols.blocks], axis=1)
+        else:
+            got = _state_columns_of(cfg, index, cols, states, hw, parts)
+        parts[key] = got
+    return got
+
+
+def _state_columns_of(cfg: ModelConfig, index: int, cols: StrategyColumns, states: str, hw: Hardware,
+                      parts: dict[tuple, Any]) -> np.ndarray:
+    """``_state_columns`` of one list of strategies."""
     moe = cfg.is_moe_layer(index)
     reps = cols.reps["shard"]
     shard = np.empty((6, len(reps)))

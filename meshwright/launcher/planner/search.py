@@ -335,8 +335,18 @@ class _Kind:
         hulls = self.__dict__.setdefault("_hulls", {})
         got = hulls.get((inflight, cls))
         if got is None:
-            ok = np.isfinite(self.obj) if cls is None else np.isfinite(self.obj) & (self.cls == cls)
-            w, t = (self.static + inflight * self.act)[ok], self.obj[ok]
+            points = self.__dict__.setdefault("_hull_points", {})
+            pts = points.get(cls)
+            if pts is None:  # the finite points of the class, for every in-flight count
+                ok = np.isfinite(self.obj) if cls is None else np.isfinite(self.obj) & (self.cls == cls)
+                pts = points[cls] = (self.static[ok], self.act[ok], self.obj[ok])
+            static, act, t = pts
+            w = static + inflight * act
+            if len(t) > 8:
+                # the front runs from the smallest footprint (the fastest of those) to the fastest strategy (the
+                # smallest of those): no other point is on it, and leaving them out of the sort changes nothing
+                near = np.flatnonzero((t <= t[w == w.min()].min()) & (w <= w[t == t.min()].min()))
+                w, t = w[near], t[near]
             order = np.lexsort((t, w))
             w, t = w[order], t[order]
             front = np.ones(len(t), dtype=bool)  # Pareto front: faster than every smaller strategy
@@ -1082,11 +1092,16 @@ def _step_lower_bound(o: _Outer) -> float:
     partitions = memo.bound_parts.get(pkey)
     if partitions is None:
         partitions = memo.bound_parts[pkey] = _partitions(cfg, pp, o.v, head_layers, False)
+    sums: dict[Any, tuple[float, float]] = {}  # per stage (per stage length where every layer is of one kind)
     for stages in partitions:
         rank_mb, rank_step = [0.0] * pp, [0.0] * pp
         for j, (a, b) in enumerate(stages):
-            rank_mb[j % pp] += sum(mb_min[a:b])
-            rank_step[j % pp] += sum(step_min[a:b])
+            skey = b - a if len(per_kind) == 1 else (a, b)
+            got = sums.get(skey)
+            if got is None:
+                got = sums[skey] = (sum(mb_min[a:b]), sum(step_min[a:b]))
+            rank_mb[j % pp] += got[0]
+            rank_step[j % pp] += got[1]
         rank_mb[-1] += head
         rank_mb = [x + p2p for x in rank_mb]
         coupled = 0.0

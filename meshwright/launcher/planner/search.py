@@ -1023,6 +1023,10 @@ class _Collector:
     best_by_layout: dict[str, float] = dataclasses.field(default_factory=dict)
     bar: float = math.inf
 
+    def fastest_s(self) -> float:
+        """The fastest plan kept so far (inf before any)."""
+        return min(self.best_by_layout.values(), default=math.inf)
+
     def add(self, item: Candidate) -> None:
         """Keep a feasible candidate; lower ``bar`` when it enters the fastest ``top`` distinct layouts."""
         self.feasible.append(item)
@@ -1193,12 +1197,19 @@ def _keep(items: list[Any], out: _Collector) -> None:
 
 
 WARM_START = 4  # candidates solved ahead of the loops, least lower bound first
+# and up to this many while the bar is more than WARM_BAR x the fastest plan found: the first four candidates often
+# give fewer than ``top`` good layouts (GPT-1T on 1,024 H100, every saver: the fifth took 79 s against 32 s for the
+# best, so the loops solved 50 candidates of pp <= 16 before its own plans lowered the bar; mixtral-8x7b: four
+# layouts, no bar at all)
+WARM_START_MAX = 12
+WARM_BAR = 1.05
 
 
 def _warm_start(bases: list[tuple[_Outer, int]], out: _Collector) -> None:
     """Solve first the few candidates most likely to be the fastest (the least lower bounds among every pipeline
     degree's, smallest tp's and schedule's at its smallest micro-batch), so that ``out.bar`` is near its final value
-    before the loops start and their skipping by the bound bites from the first pipeline degree on. The loops reuse
+    before the loops start and their skipping by the bound bites from the first pipeline degree on: ``WARM_START``
+    of them, and more (up to ``WARM_START_MAX``) while the bar is still well above the fastest plan found. The loops reuse
     these answers where they reach them; plans of candidates they would not reach are kept too."""
     cands = []
     for base, per_replica in bases:
@@ -1210,8 +1221,8 @@ def _warm_start(bases: list[tuple[_Outer, int]], out: _Collector) -> None:
             o = dataclasses.replace(b, sched=sched, v=v)
             cands.append((_bound_of(o), len(cands), o))
     cands.sort()
-    for bound, _, o in cands[:WARM_START]:
-        if bound > out.bar:
+    for n, (bound, _, o) in enumerate(cands):
+        if bound > out.bar or n >= WARM_START_MAX or (n >= WARM_START and out.bar <= WARM_BAR * out.fastest_s()):
             break
         out.candidates += 1
         # every refined DP runs (the gate's best so far is the loops' to set): where the loops reach the candidate,

@@ -1009,8 +1009,8 @@ class StrategyColumns:
         for name, fields in self.GROUPS.items():
             # group numbers in order of first appearance; a group's representative is its first strategy
             groups: dict[tuple, int] = {}
-            idx[name] = np.fromiter((groups.setdefault(k, len(groups)) for k in map(operator.itemgetter(*fields), rows)),
-                                    dtype=np.intp, count=n)
+            keys = map(operator.itemgetter(*fields), rows)
+            idx[name] = np.fromiter((groups.setdefault(k, len(groups)) for k in keys), dtype=np.intp, count=n)
             self.reps[name] = [strategies[i] for i in np.unique(idx[name], return_index=True)[1].tolist()]
         rc_on = np.fromiter((s.recompute != "none" for s in strategies), dtype=bool, count=n)
         compiled = np.fromiter((compiled_layer(cfg, index, s.savers, hw) for s in strategies), dtype=bool, count=n)

@@ -565,7 +565,8 @@ def _vectors(o: "_Outer", index: int) -> _Vectors:
     return hit
 
 
-def _tp_block(o: "_Outer", index: int, moe: bool, per_rank: int, t: int) -> tuple[list[LayerStrategy], cm.StrategyColumns]:
+def _tp_block(o: "_Outer", index: int, moe: bool, per_rank: int, t: int
+              ) -> tuple[list[LayerStrategy], cm.StrategyColumns]:
     """``layer_strategies`` of one tp degree that the micro-batch admits, and its columns, memoised per search. Given
     the degree is admitted, the block depends on neither the micro-batch nor the largest dp, but for MoE layers
     under ``runtime_compatible`` (expert parallelism only at the largest dp)."""
@@ -1209,8 +1210,8 @@ def _warm_start(bases: list[tuple[_Outer, int]], out: _Collector) -> None:
     """Solve first the few candidates most likely to be the fastest (the least lower bounds among every pipeline
     degree's, smallest tp's and schedule's at its smallest micro-batch), so that ``out.bar`` is near its final value
     before the loops start and their skipping by the bound bites from the first pipeline degree on: ``WARM_START``
-    of them, and more (up to ``WARM_START_MAX``) while the bar is still well above the fastest plan found. The loops reuse
-    these answers where they reach them; plans of candidates they would not reach are kept too."""
+    of them, and more (up to ``WARM_START_MAX``) while the bar is still well above the fastest plan found. The loops
+    reuse these answers where they reach them; plans of candidates they would not reach are kept too."""
     cands = []
     for base, per_replica in bases:
         mbs = _micro_batch_sizes(base.c, per_replica)

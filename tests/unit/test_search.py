@@ -539,3 +539,14 @@ def test_layer_cost_columns_are_layer_costs_bit_for_bit(stack, dtype, compiled, 
                     # and with the shared cache of terms filled by the other path first
                     again = cm.layer_costs_columns(cfg, index, columns, mb * 16, 2048, hw, states, parts)
                     assert (again == got).all()
+                    # and as the search builds the list: one block per tp degree, each costed on its own (#17)
+                    blocks = [cm.StrategyColumns(cfg, index, [s for s in strategies if s.tp == t], hw)
+                              for t in (1, 2, 4)]
+                    joined = cm.StrategyColumns.concat([b for b in blocks if b.strategies])
+                    assert joined.strategies == strategies and joined.classes == columns.classes
+                    assert all(joined.reps[k] == columns.reps[k] and (joined.idx[k] == columns.idx[k]).all()
+                               for k in cm.StrategyColumns.GROUPS)
+                    fresh: dict = {}
+                    for b in blocks:  # a block costed first (as for a list of the next tp degrees) is reused
+                        cm.layer_costs_columns(cfg, index, b, mb * 16, 2048, hw, states, fresh)
+                    assert (cm.layer_costs_columns(cfg, index, joined, mb * 16, 2048, hw, states, fresh) == got).all()

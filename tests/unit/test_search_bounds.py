@@ -177,3 +177,64 @@ def test_skipping_on_the_bound_loses_no_plan(case, monkeypatch):
     assert len(bounded) == len(full)
     assert all(b <= f for b, f in zip(bounded, full)), (bounded, full)
     assert bounded[0] < full[0] or best == full_best
+
+
+def _hull_reference(k: S._Kind, inflight: float, cls) -> tuple:
+    """``_Kind.hull`` as it was before it sorted only the points that can be on the front: every finite point."""
+    ok = np.isfinite(k.obj) if cls is None else np.isfinite(k.obj) & (k.cls == cls)
+    w, t = (k.static + inflight * k.act)[ok], k.obj[ok]
+    order = np.lexsort((t, w))
+    w, t = w[order], t[order]
+    front = np.ones(len(t), dtype=bool)
+    front[1:] = t[1:] < np.minimum.accumulate(t)[:-1]
+    pts: list[tuple[float, float]] = []
+    for x, y in zip(w[front].tolist(), t[front].tolist()):
+        while len(pts) >= 2 and ((pts[-1][1] - pts[-2][1]) * (x - pts[-2][0])
+                                 >= (y - pts[-2][1]) * (pts[-1][0] - pts[-2][0])):
+            pts.pop()
+        pts.append((x, y))
+    return (pts[0][0], pts[0][1], [(q[0] - p[0], p[1] - q[1]) for p, q in zip(pts, pts[1:])]) if pts else \
+        (math.inf, math.inf, [])
+
+
+def test_hull_is_the_hull_of_every_point():
+    """``_Kind.hull`` leaves the points that cannot be on the front out of its sort: the same hull, float for float,
+    as over every finite point, with ties in bytes and in time (small integers) and masked strategies."""
+    rng = np.random.default_rng(11)
+    for trial in range(300):
+        n = int(rng.integers(1, 60))
+        k = _random_kind(rng, n, masked=trial % 3 == 0)
+        if trial % 2:  # ties everywhere
+            k = S._Kind(k.strategies, np.where(np.isfinite(k.obj), rng.integers(1, 6, n).astype(float), np.inf),
+                        rng.integers(0, 4, n).astype(float), rng.integers(0, 3, n).astype(float), k.cls, k.tpsp)
+        for inflight in (1.0, 2.5, 7.0):
+            for cls in [None, *range(len(k.tpsp))]:
+                assert k.hull(inflight, cls) == _hull_reference(k, inflight, cls), (trial, inflight, cls)
+
+
+@pytest.mark.parametrize("case", OUTER_CASES[:2], ids=lambda c: c[0])
+def test_outer_bound_from_the_search_caches_is_the_fresh_one(case, monkeypatch):
+    """Every candidate's bound as the search computes it (strategy blocks shared between lists, head, boundary
+    transfer, partitions, stage sums and hulls kept per search) is bit for bit the bound of the same candidate
+    alone, with nothing cached: a term cached under a key that misses a field it depends on would differ."""
+    import dataclasses
+
+    from meshwright.config import load_cluster, load_model_config
+
+    name, cl, nodes, seq, gb, allow, compiled = case
+    cluster = load_cluster(cl, nodes=nodes)
+    seen = []
+    bound_of = S._bound_of
+
+    def recorded(o):
+        got = bound_of(o)
+        seen.append((o, got))
+        return got
+
+    monkeypatch.setattr(S, "_bound_of", recorded)
+    S.search(load_model_config(name), cluster, seq, gb, hw=_hw(cluster, compiled), allow=S.Allow.parse(allow),
+             suggest=False)
+    assert len(seen) > 20
+    for o, got in seen:
+        alone = S._step_lower_bound(dataclasses.replace(o, memo=S._SearchMemo()))
+        assert float(alone).hex() == float(got).hex(), (o.label(), alone, got)

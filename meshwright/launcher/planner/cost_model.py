@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -1024,27 +1025,27 @@ class StrategyColumns:
     LeMo and dp, which sets the tokens; shards on tp/dp/ZeRO/HSDP/ep/cp; activations on tp/sp/recompute/savers and
     dp/cp; framework overhead on tp/sp/ZeRO/dp/cp/LeMo) one representative and each strategy's group index."""
 
+    # the fields each group shares, as positions in __init__'s per-strategy rows
+    GROUPS = {"compute": (0, 1, 2, 3, 4, 5, 6, 7),  # tp, sp, recompute, ep, cp, FP8 GEMM, LeMo, dp
+              "shard": (0, 7, 8, 9, 3, 4),  # tp, dp, ZeRO, HSDP shard, ep, cp
+              "act": (0, 1, 2, 10, 11, 6, 7, 4),  # tp, sp, recompute, FP8 activations, WTA-CRS, LeMo, dp, cp
+              "overhead": (0, 1, 8, 7, 4, 6)}  # tp, sp, ZeRO, dp, cp, LeMo
+
     def __init__(self, cfg: ModelConfig, index: int, strategies: list[Any], hw: Hardware) -> None:
         self.strategies = strategies
         n = len(strategies)
-        groups: dict[str, dict[tuple, int]] = {"compute": {}, "shard": {}, "act": {}, "overhead": {}}
-        self.reps: dict[str, list[Any]] = {name: [] for name in groups}
-        idx = {name: np.empty(n, dtype=np.intp) for name in groups}
-        rc_on, compiled = np.empty(n, dtype=bool), np.empty(n, dtype=bool)
-        for i, s in enumerate(strategies):
-            sv = s.savers
-            keys = {"compute": (s.tp, s.sp, s.recompute, s.ep, s.cp, sv.fp8_gemm, sv.lemo, s.dp),
-                    "shard": (s.tp, s.dp, s.zero, s.dp_shard, s.ep, s.cp),
-                    "act": (s.tp, s.sp, s.recompute, sv.fp8_act, sv.wta_crs, sv.lemo, s.dp, s.cp),
-                    "overhead": (s.tp, s.sp, s.zero, s.dp, s.cp, sv.lemo)}
-            for name, key in keys.items():
-                g = groups[name].get(key)
-                if g is None:
-                    g = groups[name][key] = len(self.reps[name])
-                    self.reps[name].append(s)
-                idx[name][i] = g
-            rc_on[i] = s.recompute != "none"
-            compiled[i] = compiled_layer(cfg, index, sv, hw)
+        rows = [(s.tp, s.sp, s.recompute, s.ep, s.cp, s.savers.fp8_gemm, s.savers.lemo, s.dp, s.zero, s.dp_shard,
+                 s.savers.fp8_act, s.savers.wta_crs) for s in strategies]
+        self.reps: dict[str, list[Any]] = {}
+        idx = {}
+        for name, fields in self.GROUPS.items():
+            # group numbers in order of first appearance; a group's representative is its first strategy
+            groups: dict[tuple, int] = {}
+            keys = map(operator.itemgetter(*fields), rows)
+            idx[name] = np.fromiter((groups.setdefault(k, len(groups)) for k in keys), dtype=np.intp, count=n)
+            self.reps[name] = [strategies[i] for i in np.unique(idx[name], return_index=True)[1].tolist()]
+        rc_on = np.fromiter((s.recompute != "none" for s in strategies), dtype=bool, count=n)
+        compiled = np.fromiter((compiled_layer(cfg, index, s.savers, hw) for s in strategies), dtype=bool, count=n)
         self.idx = idx
         self.classes = [(s.tp, s.sp) for s in strategies]
         self.max_dp_cp = max((s.dp * s.cp for s in strategies), default=1)
@@ -1053,6 +1054,30 @@ class StrategyColumns:
         self.zero3 = self.zero >= 3
         self.cast_factor = np.where(rc_on, 6.0 * 2 + 6.0, 6.0 * 1 + 6.0)  # weight_traffic_mb_s's reads and writes
         self.compiled_rc = compiled & rc_on
+        self.blocks: list["StrategyColumns"] = []  # the lists this one concatenates (``concat``), if any
+
+    @classmethod
+    def concat(cls, blocks: list["StrategyColumns"]) -> "StrategyColumns":
+        """The columns of the blocks' strategies one after another, from theirs (no Python step per strategy). For
+        blocks that share no group (the search's: one tp degree each, and every group key holds tp), the groups and
+        their order are those ``__init__`` finds in the concatenated list; ``layer_costs_columns`` reads the blocks'
+        cached terms, so lists that share a block cost it once."""
+        self = cls.__new__(cls)
+        self.blocks = list(blocks)
+        self.strategies = [s for b in blocks for s in b.strategies]
+        self.reps = {name: [s for b in blocks for s in b.reps[name]] for name in cls.GROUPS}
+        self.idx = {}
+        for name in cls.GROUPS:
+            offsets = np.cumsum([0] + [len(b.reps[name]) for b in blocks[:-1]])
+            self.idx[name] = np.concatenate([b.idx[name] + off for b, off in zip(blocks, offsets.tolist())]
+                                            or [np.zeros(0, dtype=np.intp)])
+        self.classes = [c for b in blocks for c in b.classes]
+        self.max_dp_cp = max((b.max_dp_cp for b in blocks if b.strategies), default=1)
+        self.tp_sp_cp = sorted({x for b in blocks for x in b.tp_sp_cp})
+        self.zero = np.concatenate([b.zero for b in blocks] or [np.zeros(0, dtype=np.intp)])
+        for name in ("zero3", "cast_factor", "compiled_rc"):
+            setattr(self, name, np.concatenate([getattr(b, name) for b in blocks] or [np.zeros(0)]))
+        return self
 
 
 def layer_costs_columns(cfg: ModelConfig, index: int, cols: StrategyColumns, mb_dp: float, seq_len: int,
@@ -1060,10 +1085,57 @@ def layer_costs_columns(cfg: ModelConfig, index: int, cols: StrategyColumns, mb_
     """``layer_costs(..., lean=True, parts=parts)`` of every strategy of ``cols`` at ``mb_dp / s.dp`` sequences per
     microbatch, as a (6, n) array (the lean tuple's fields in rows), without a Python step per strategy: each
     term is computed once per group that shares it, then the per-strategy arithmetic runs on whole arrays. The same
-    operations in the same order, so the same floats (tests/unit/test_search.py checks it against ``layer_costs``)."""
-    moe = cfg.is_moe_layer(index)
+    operations in the same order, so the same floats (tests/unit/test_search.py checks it against ``layer_costs``).
+
+    The terms that depend on the tokens (compute, overhead, activations) and those that depend on the state format
+    (shards) are kept in ``parts`` per list of strategies, gathered per strategy: a search costs each list at every
+    micro-batch in both state formats, and each half is then built once, not once per pair."""
+    by_tokens = _token_columns(cfg, index, cols, mb_dp, seq_len, hw, parts)
+    by_states = _state_columns(cfg, index, cols, states, hw, parts)
+    fwd, compute_mb, comm_mb, overhead_mb, act_b, working = by_tokens
+    shard_params, dp_mb, dp_step, states_b, opt_step, accum_mb = by_states
     pol = hw.policy
     slowdown = hw.overlap_slowdown
+    gathered = np.where(cols.zero3, zero3_transient_bytes(cfg, index, shard_params, hw, parts), 0.0)
+    gathered = gathered + zero_buffer_bytes(hw, cols.zero)
+    copies = shard_params * pol.weight_copy_bytes
+    if pol.weight_copy_bytes > 0:  # weight_traffic_mb_s
+        compute_mb = compute_mb + shard_params * cols.cast_factor / hw.mem_bw
+    if hw.runtime_buffers:
+        working = np.where(cols.compiled_rc, working + copies, working)
+    copies = np.where(cols.compiled_rc, 0.0, copies)
+    # microbatch_s and step_dp_s (exposed_s: overlap_s less the compute)
+    mb_s = (compute_mb + comm_mb + overhead_mb
+            + (np.maximum(compute_mb, dp_mb) + slowdown * np.minimum(compute_mb, dp_mb) - compute_mb))
+    if hw.dp_overlap:
+        bwd = compute_mb - fwd
+        step = np.maximum(bwd, dp_step) + slowdown * np.minimum(bwd, dp_step) - bwd
+    else:
+        step = dp_step
+    return np.stack([mb_s, step + opt_step, accum_mb, states_b + copies, act_b, gathered + working])
+
+
+def _token_columns(cfg: ModelConfig, index: int, cols: StrategyColumns, mb_dp: float, seq_len: int, hw: Hardware,
+                   parts: dict[tuple, Any]) -> tuple[np.ndarray, ...]:
+    """``layer_costs_columns``' terms that depend on the tokens, per strategy: forward, compute and communication
+    seconds and framework overhead per microbatch, activation bytes and the backward working set. Cached in ``parts``
+    per list (per block of a concatenated one)."""
+    key = ("columns-tokens", cols, mb_dp, seq_len)
+    got = parts.get(key)
+    if got is None:
+        if cols.blocks:
+            got = tuple(np.concatenate(x) for x in zip(*(_token_columns(cfg, index, b, mb_dp, seq_len, hw, parts)
+                                                          for b in cols.blocks)))
+        else:
+            got = _token_columns_of(cfg, index, cols, mb_dp, seq_len, hw, parts)
+        parts[key] = got
+    return got
+
+
+def _token_columns_of(cfg: ModelConfig, index: int, cols: StrategyColumns, mb_dp: float, seq_len: int, hw: Hardware,
+                      parts: dict[tuple, Any]) -> tuple[np.ndarray, ...]:
+    """``_token_columns`` of one list of strategies."""
+    moe = cfg.is_moe_layer(index)
 
     def tokens_of(s: Any) -> float:
         return mb_dp / s.dp * seq_len / s.cp
@@ -1082,13 +1154,6 @@ def layer_costs_columns(cfg: ModelConfig, index: int, cols: StrategyColumns, mb_
     for g, s in enumerate(reps["overhead"]):
         lemo = s.savers.lemo if s.savers.lemo is not None else 1.0
         over[g] = strategy_overhead_s(hw, s.tp, s.sp, s.zero, s.dp, tokens_of(s) * lemo)
-    shard = np.empty((6, len(reps["shard"])))
-    for g, s in enumerate(reps["shard"]):
-        key = ("shard", moe, s.tp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, states)
-        sh = parts.get(key)
-        if sh is None:
-            sh = parts[key] = _shard_terms(cfg, index, moe, s, states, hw)
-        shard[:, g] = (sh[0], sh[1], sh[2], sum(sh[3].values()), sh[4], sh[5])
     act = np.empty((2, len(reps["act"])))
     for g, s in enumerate(reps["act"]):
         tokens, sv = tokens_of(s), s.savers
@@ -1099,26 +1164,38 @@ def layer_costs_columns(cfg: ModelConfig, index: int, cols: StrategyColumns, mb_
                                                compiled_layer(cfg, index, sv, hw), hw)
         act[0, g], act[1, g] = a
     fwd, compute_mb, comm_mb = comp[:, cols.idx["compute"]]
-    overhead_mb = over[cols.idx["overhead"]]
-    shard_params, dp_mb, dp_step, states_b, opt_step, accum_mb = shard[:, cols.idx["shard"]]
     act_b, working = act[:, cols.idx["act"]]
-    gathered = np.where(cols.zero3, zero3_transient_bytes(cfg, index, shard_params, hw, parts), 0.0)
-    gathered = gathered + zero_buffer_bytes(hw, cols.zero)
-    copies = shard_params * pol.weight_copy_bytes
-    if pol.weight_copy_bytes > 0:  # weight_traffic_mb_s
-        compute_mb = compute_mb + shard_params * cols.cast_factor / hw.mem_bw
-    if hw.runtime_buffers:
-        working = np.where(cols.compiled_rc, working + copies, working)
-    copies = np.where(cols.compiled_rc, 0.0, copies)
-    # microbatch_s and step_dp_s (exposed_s: overlap_s less the compute)
-    mb_s = (compute_mb + comm_mb + overhead_mb
-            + (np.maximum(compute_mb, dp_mb) + slowdown * np.minimum(compute_mb, dp_mb) - compute_mb))
-    if hw.dp_overlap:
-        bwd = compute_mb - fwd
-        step = np.maximum(bwd, dp_step) + slowdown * np.minimum(bwd, dp_step) - bwd
-    else:
-        step = dp_step
-    return np.stack([mb_s, step + opt_step, accum_mb, states_b + copies, act_b, gathered + working])
+    return fwd, compute_mb, comm_mb, over[cols.idx["overhead"]], act_b, working
+
+
+def _state_columns(cfg: ModelConfig, index: int, cols: StrategyColumns, states: str, hw: Hardware,
+                   parts: dict[tuple, Any]) -> np.ndarray:
+    """``layer_costs_columns``' shard terms per strategy (``_shard_terms``' fields, the state bytes summed): they
+    depend on the state format, not on the tokens. Cached in ``parts`` per list (per block of a concatenated one)."""
+    key = ("columns-states", cols, states)
+    got = parts.get(key)
+    if got is None:
+        if cols.blocks:
+            got = np.concatenate([_state_columns(cfg, index, b, states, hw, parts) for b in cols.blocks], axis=1)
+        else:
+            got = _state_columns_of(cfg, index, cols, states, hw, parts)
+        parts[key] = got
+    return got
+
+
+def _state_columns_of(cfg: ModelConfig, index: int, cols: StrategyColumns, states: str, hw: Hardware,
+                      parts: dict[tuple, Any]) -> np.ndarray:
+    """``_state_columns`` of one list of strategies."""
+    moe = cfg.is_moe_layer(index)
+    reps = cols.reps["shard"]
+    shard = np.empty((6, len(reps)))
+    for g, s in enumerate(reps):
+        key = ("shard", moe, s.tp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, states)
+        sh = parts.get(key)
+        if sh is None:
+            sh = parts[key] = _shard_terms(cfg, index, moe, s, states, hw)
+        shard[:, g] = (sh[0], sh[1], sh[2], sum(sh[3].values()), sh[4], sh[5])
+    return shard[:, cols.idx["shard"]]
 
 
 def _compute_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, tokens: float, seq_len: int, lemo: float,

@@ -335,8 +335,18 @@ class _Kind:
         hulls = self.__dict__.setdefault("_hulls", {})
         got = hulls.get((inflight, cls))
         if got is None:
-            ok = np.isfinite(self.obj) if cls is None else np.isfinite(self.obj) & (self.cls == cls)
-            w, t = (self.static + inflight * self.act)[ok], self.obj[ok]
+            points = self.__dict__.setdefault("_hull_points", {})
+            pts = points.get(cls)
+            if pts is None:  # the finite points of the class, for every in-flight count
+                ok = np.isfinite(self.obj) if cls is None else np.isfinite(self.obj) & (self.cls == cls)
+                pts = points[cls] = (self.static[ok], self.act[ok], self.obj[ok])
+            static, act, t = pts
+            w = static + inflight * act
+            if len(t) > 8:
+                # the front runs from the smallest footprint (the fastest of those) to the fastest strategy (the
+                # smallest of those): no other point is on it, and leaving them out of the sort changes nothing
+                near = np.flatnonzero((t <= t[w == w.min()].min()) & (w <= w[t == t.min()].min()))
+                w, t = w[near], t[near]
             order = np.lexsort((t, w))
             w, t = w[order], t[order]
             front = np.ones(len(t), dtype=bool)  # Pareto front: faster than every smaller strategy
@@ -436,12 +446,15 @@ class _SearchMemo:
         self.vectors: dict[tuple, _Vectors] = {}
         # layer_strategies and their cm.StrategyColumns per (kind, stage, cp, tps, max_dp, tps the micro-batch admits)
         self.strategies: dict[tuple, tuple[list[LayerStrategy], cm.StrategyColumns]] = {}
+        self.tp_blocks: dict[tuple, tuple[list[LayerStrategy], cm.StrategyColumns]] = {}  # _tp_block's, per its key
         self.plan_costs: dict[Any, Any] = {}  # cost_model.evaluate_plan's cache
         self.redistribution: dict[tuple, float] = {}  # cm.redistribution_s per (tokens, from class, to class)
         self._moe_flags: Optional[tuple[bool, ...]] = None
         self.best_step_s = math.inf  # the fastest candidate scored so far (gates the refined DPs)
         self.bounds: dict[tuple, float] = {}  # _step_lower_bound per candidate (_candidate_key)
         self.rooms: dict[tuple, float] = {}  # _first_rank_room per (stage size, tps, states, one stage, head tokens)
+        # _step_lower_bound's terms that few fields set: head, boundary transfer, partitions, the first rank's counts
+        self.bound_parts: dict[Any, Any] = {}
 
     def moe_flags(self, cfg: ModelConfig) -> tuple[bool, ...]:
         """``cfg.is_moe_layer(i)`` for every layer: the layer's kind key."""
@@ -533,9 +546,11 @@ def _vectors(o: "_Outer", index: int) -> _Vectors:
     skey = (moe, o.per_stage, o.cp, tuple(o.tps), o.max_dp, admitted)
     got = o.memo.strategies.get(skey)
     if got is None:
-        strategies = layer_strategies(o.cfg, index, per_rank, o.tps, o.seq_len, o.c, o.allow, o.mb, o.max_dp,
-                                      o.global_batch, o.cluster.devices_per_node, o.cp)
-        got = o.memo.strategies[skey] = (strategies, cm.StrategyColumns(o.cfg, index, strategies, o.hw))
+        # layer_strategies goes through the tp degrees in turn: the list is the admitted degrees' blocks one after
+        # another, each shared by every list that admits it (the candidates of the smallest tp degrees next to it)
+        blocks = [_tp_block(o, index, moe, per_rank, t) for t in admitted]
+        columns = cm.StrategyColumns.concat([b[1] for b in blocks])
+        got = o.memo.strategies[skey] = (columns.strategies, columns)
     strategies, columns = got
     # per step, as evaluate_plan counts it: exposed DP traffic, the optimizer step over this rank's shard and the
     # accumulation of every microbatch after the first (both depend on the ZeRO level: #17)
@@ -548,6 +563,20 @@ def _vectors(o: "_Outer", index: int) -> _Vectors:
     stat_a, act_a, gat_a = cols[3].copy(), cols[4].copy(), cols[5].copy()
     hit = o.memo.vectors[key] = _Vectors(strategies, mb_s.copy(), step, stat_a, act_a, gat_a, columns.classes, columns)
     return hit
+
+
+def _tp_block(o: "_Outer", index: int, moe: bool, per_rank: int, t: int
+              ) -> tuple[list[LayerStrategy], cm.StrategyColumns]:
+    """``layer_strategies`` of one tp degree that the micro-batch admits, and its columns, memoised per search. Given
+    the degree is admitted, the block depends on neither the micro-batch nor the largest dp, but for MoE layers
+    under ``runtime_compatible`` (expert parallelism only at the largest dp)."""
+    key = (moe, per_rank, t, o.cp, o.max_dp if moe and o.c.runtime_compatible else None)
+    got = o.memo.tp_blocks.get(key)
+    if got is None:
+        strategies = layer_strategies(o.cfg, index, per_rank, [t], o.seq_len, o.c, o.allow, o.mb, o.max_dp,
+                                      o.global_batch, o.cluster.devices_per_node, o.cp)
+        got = o.memo.tp_blocks[key] = (strategies, cm.StrategyColumns(o.cfg, index, strategies, o.hw))
+    return got
 
 
 class _DPKind:
@@ -995,6 +1024,10 @@ class _Collector:
     best_by_layout: dict[str, float] = dataclasses.field(default_factory=dict)
     bar: float = math.inf
 
+    def fastest_s(self) -> float:
+        """The fastest plan kept so far (inf before any)."""
+        return min(self.best_by_layout.values(), default=math.inf)
+
     def add(self, item: Candidate) -> None:
         """Keep a feasible candidate; lower ``bar`` when it enters the fastest ``top`` distinct layouts."""
         self.feasible.append(item)
@@ -1021,8 +1054,8 @@ def _step_lower_bound(o: _Outer) -> float:
     within its bytes (``_first_rank_lp``; +inf where not even its smallest strategies fit). Redistribution between
     classes, framework terms of the ends and embedding traffic only add time and are left out. 0 where a kind has
     no strategy (the solve reports it)."""
-    cfg, hw, pp = o.cfg, o.hw, o.pp
-    flags = o.memo.moe_flags(cfg)
+    cfg, hw, pp, memo = o.cfg, o.hw, o.pp, o.memo
+    flags = memo.moe_flags(cfg)
     per_kind: dict[bool, tuple[float, float, int, list[tuple[int, bool, int]]]] = {}
     for i, key in enumerate(flags):
         if key not in per_kind:
@@ -1030,27 +1063,50 @@ def _step_lower_bound(o: _Outer) -> float:
             if not vec.strategies:
                 return 0.0
             per_kind[key] = vec.bound_terms()
-    mb_min = [per_kind[key][0] for key in flags]
-    step_min = [per_kind[key][1] for key in flags]
+    if len(per_kind) == 1:  # one kind of layer: the same lists as the comprehensions build
+        mb_min, step_min = [per_kind[flags[0]][0]] * len(flags), [per_kind[flags[0]][1]] * len(flags)
+    else:
+        mb_min = [per_kind[key][0] for key in flags]
+        step_min = [per_kind[key][1] for key in flags]
     # the head: evaluate_plan's head tokens are mb * seq * max_dp / (dp * cp) of the last layer's strategy (fewest at
     # the largest dp * cp) and its tp is 1 or the smallest layer tp (one of o.tps)
     head_tokens = o.mb * o.seq_len * o.max_dp / per_kind[flags[-1]][2]
-    head = min(cm.head_s(cfg, head_tokens, e, hw) + cm.loss_s(cfg, head_tokens, e, hw)
-               for e in sorted({1, *o.tps}))
+    hkey = ("head", head_tokens, tuple(o.tps))
+    head = memo.bound_parts.get(hkey)
+    if head is None:
+        head = memo.bound_parts[hkey] = min(cm.head_s(cfg, head_tokens, e, hw) + cm.loss_s(cfg, head_tokens, e, hw)
+                                            for e in sorted({1, *o.tps}))
     v = o.v if o.sched == "interleaved_1f1b" else 1
     p2p = 0.0
     if pp > 1:  # evaluate_plan's boundary transfer: the first layer's (tp, sp, cp), at least o.mb sequences
         cross = o.per_stage >= hw.devices_per_node
-        p2p = min(cm.pp_p2p_s(o.mb * o.seq_len / cp, cfg, tp, sp, hw, cross) for tp, sp, cp in per_kind[flags[0]][3]) * v
-    head_layers = cm.head_fwd_flops(cfg, 1.0) / cm.layer_fwd_flops(cfg, 0, 1.0, o.seq_len)
+        pkey = ("p2p", o.mb, cross, tuple(per_kind[flags[0]][3]))
+        p2p = memo.bound_parts.get(pkey)
+        if p2p is None:
+            p2p = memo.bound_parts[pkey] = min(cm.pp_p2p_s(o.mb * o.seq_len / cp, cfg, tp, sp, hw, cross)
+                                               for tp, sp, cp in per_kind[flags[0]][3])
+        p2p *= v
+    head_layers = memo.bound_parts.get("head_layers")
+    if head_layers is None:
+        head_layers = memo.bound_parts["head_layers"] = (cm.head_fwd_flops(cfg, 1.0)
+                                                         / cm.layer_fwd_flops(cfg, 0, 1.0, o.seq_len))
     slow = hw.pipeline_slowdown if pp > 1 else 1.0
     room = _first_rank_room(o, head_tokens)
     best = math.inf
-    for stages in _partitions(cfg, pp, o.v, head_layers, False):
+    pkey = ("partitions", pp, o.v)
+    partitions = memo.bound_parts.get(pkey)
+    if partitions is None:
+        partitions = memo.bound_parts[pkey] = _partitions(cfg, pp, o.v, head_layers, False)
+    sums: dict[Any, tuple[float, float]] = {}  # per stage (per stage length where every layer is of one kind)
+    for stages in partitions:
         rank_mb, rank_step = [0.0] * pp, [0.0] * pp
         for j, (a, b) in enumerate(stages):
-            rank_mb[j % pp] += sum(mb_min[a:b])
-            rank_step[j % pp] += sum(step_min[a:b])
+            skey = b - a if len(per_kind) == 1 else (a, b)
+            got = sums.get(skey)
+            if got is None:
+                got = sums[skey] = (sum(mb_min[a:b]), sum(step_min[a:b]))
+            rank_mb[j % pp] += got[0]
+            rank_step[j % pp] += got[1]
         rank_mb[-1] += head
         rank_mb = [x + p2p for x in rank_mb]
         coupled = 0.0
@@ -1058,14 +1114,29 @@ def _step_lower_bound(o: _Outer) -> float:
             # the first rank's layers must fit: the linear relaxation of its time as the step charges it (m x its
             # per-microbatch time, as the slowest rank at least, plus its per-step term) within the bytes it has at
             # most; the other ranks' share of fill and drain at their fastest
-            first = [k for j, (a, b) in enumerate(stages) if j % pp == 0 for k in range(a, b)]
             inflight = cm.inflight_microbatches(o.sched, pp, 0, o.m, v)
-            lp = _first_rank_lp(o, first, inflight, room, o.m * slow)
+            lp = _first_rank_lp(o, _first_rank_counts(o, stages), inflight, room, o.m * slow)
             rest = sum(rank_mb) - max(rank_mb)
             coupled = lp + o.m * slow * (p2p + (head if pp == 1 else 0.0)) + slow * rest / v / max(hw.contention, 1.0)
         step = cm.pipeline_step_s(rank_mb, o.m, o.sched, v, hw.contention) * slow
         best = min(best, max(step + max(rank_step), coupled))
     return best * (1 - _BOUND_SLACK)
+
+
+def _first_rank_counts(o: _Outer, stages: list[list[int]]) -> dict[bool, int]:
+    """How many layers of each kind the first pipeline rank holds under ``stages`` (memoised per search), in the order
+    of the first rank's layers."""
+    key = ("first counts", o.pp, tuple(map(tuple, stages)))
+    got = o.memo.bound_parts.get(key)
+    if got is None:
+        flags = o.memo.moe_flags(o.cfg)
+        got = {}
+        for j, (a, b) in enumerate(stages):
+            if j % o.pp == 0:
+                for i in range(a, b):
+                    got[flags[i]] = got.get(flags[i], 0) + 1
+        o.memo.bound_parts[key] = got
+    return got
 
 
 def _first_rank_room(o: _Outer, head_tokens: float) -> Optional[float]:
@@ -1091,14 +1162,11 @@ def _first_rank_room(o: _Outer, head_tokens: float) -> Optional[float]:
     return got
 
 
-def _first_rank_lp(o: _Outer, layers: list[int], inflight: float, room: float, a: float) -> float:
-    """``_lp`` of ``a`` x per-microbatch time + per-step time over the first rank's ``layers`` within ``room`` bytes
-    at ``inflight`` microbatches (+inf where the smallest footprints do not fit). Separate relaxations of the two
-    times skipped no more candidates on the 1,024-GPU searches, at three times the cost."""
-    counts: dict[bool, int] = {}
+def _first_rank_lp(o: _Outer, counts: dict[bool, int], inflight: float, room: float, a: float) -> float:
+    """``_lp`` of ``a`` x per-microbatch time + per-step time over the first rank's layers (``counts`` per kind)
+    within ``room`` bytes at ``inflight`` microbatches (+inf where the smallest footprints do not fit). Separate
+    relaxations of the two times skipped no more candidates on the 1,024-GPU searches, at three times the cost."""
     flags = o.memo.moe_flags(o.cfg)
-    for i in layers:
-        counts[flags[i]] = counts.get(flags[i], 0) + 1
     groups = []
     for key, n in counts.items():
         vec = _vectors(o, flags.index(key))
@@ -1130,13 +1198,20 @@ def _keep(items: list[Any], out: _Collector) -> None:
 
 
 WARM_START = 4  # candidates solved ahead of the loops, least lower bound first
+# and up to this many while the bar is more than WARM_BAR x the fastest plan found: the first four candidates often
+# give fewer than ``top`` good layouts (GPT-1T on 1,024 H100, every saver: the fifth took 79 s against 32 s for the
+# best, so the loops solved 50 candidates of pp <= 16 before its own plans lowered the bar; mixtral-8x7b: four
+# layouts, no bar at all)
+WARM_START_MAX = 12
+WARM_BAR = 1.05
 
 
 def _warm_start(bases: list[tuple[_Outer, int]], out: _Collector) -> None:
     """Solve first the few candidates most likely to be the fastest (the least lower bounds among every pipeline
     degree's, smallest tp's and schedule's at its smallest micro-batch), so that ``out.bar`` is near its final value
-    before the loops start and their skipping by the bound bites from the first pipeline degree on. The loops reuse
-    these answers where they reach them; plans of candidates they would not reach are kept too."""
+    before the loops start and their skipping by the bound bites from the first pipeline degree on: ``WARM_START``
+    of them, and more (up to ``WARM_START_MAX``) while the bar is still well above the fastest plan found. The loops
+    reuse these answers where they reach them; plans of candidates they would not reach are kept too."""
     cands = []
     for base, per_replica in bases:
         mbs = _micro_batch_sizes(base.c, per_replica)
@@ -1147,8 +1222,8 @@ def _warm_start(bases: list[tuple[_Outer, int]], out: _Collector) -> None:
             o = dataclasses.replace(b, sched=sched, v=v)
             cands.append((_bound_of(o), len(cands), o))
     cands.sort()
-    for bound, _, o in cands[:WARM_START]:
-        if bound > out.bar:
+    for n, (bound, _, o) in enumerate(cands):
+        if bound > out.bar or n >= WARM_START_MAX or (n >= WARM_START and out.bar <= WARM_BAR * out.fastest_s()):
             break
         out.candidates += 1
         # every refined DP runs (the gate's best so far is the loops' to set): where the loops reach the candidate,

@@ -31,24 +31,32 @@ from meshwright.train.checkpoint import save_checkpoint
 from meshwright.train.local_runtime import LocalRuntime
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so a step's time is its compute (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run(mode: str, root: Path, args: argparse.Namespace) -> dict[str, float]:
     """Train ``args.steps`` steps checkpointing every ``args.every``: seconds per kind of step, in the save call
     (and, async, waiting there for the previous write), and for the whole run including the wait for the last write."""
     cfg = load_model_config({"name": "bench", "vocab_size": args.vocab, "d_model": args.d_model, "n_layers": args.layers,
                              "n_heads": 16, "max_seq_len": args.seq})
     torch.manual_seed(0)
-    rt = LocalRuntime(build_model(cfg, seed=0))
+    device = torch.device(args.device)
+    rt = LocalRuntime(build_model(cfg, seed=0).to(device))
     opt = torch.optim.AdamW(rt.parameters(), lr=1e-4)
     writer = AsyncCheckpointer(rt) if mode == "async" else None
     gen = torch.Generator().manual_seed(0)
     ordinary, save_s, wait_s = [], [], []
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
-        batch = [(torch.randint(0, args.vocab, (1, args.seq), generator=gen),
-                  torch.randint(0, args.vocab, (1, args.seq), generator=gen))]
+        batch = [(torch.randint(0, args.vocab, (1, args.seq), generator=gen).to(device),
+                  torch.randint(0, args.vocab, (1, args.seq), generator=gen).to(device))]
         t0 = time.perf_counter()
         rt.forward_backward(batch)
         rt.optimizer_step(opt)
+        sync(device)
         t1 = time.perf_counter()
         if step % args.every == 0:
             state = {"step": step}
@@ -74,6 +82,11 @@ def run(mode: str, root: Path, args: argparse.Namespace) -> dict[str, float]:
             "bytes": size, "params": params, "n_ckpt": len(save_s)}
 
 
+def where(device: str) -> str:
+    """The device named for the results: the GPU's name on CUDA."""
+    return f"on {torch.cuda.get_device_name(0)}" if device.startswith("cuda") else "no GPU"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--d-model", type=int, default=1024)
@@ -83,6 +96,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--every", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the staged copy then goes to pinned host memory)")
     ap.add_argument("--dir", default=None, help="where checkpoints are written (default: a temporary directory)")
     ap.add_argument("--out", default=None, help="also write the section to this file")
     args = ap.parse_args()
@@ -100,8 +114,9 @@ def main() -> None:
     cmd = " ".join(sys.argv[1:])
     lines = [
         "## Asynchronous checkpoints (ckpt_async)", "",
-        f"Date {datetime.date.today()} · machine: {platform.machine()} CPU, no GPU, {args.threads} torch thread(s), "
-        f"cores shared with other jobs (wall-clock numbers are noisy, read the ratio) · torch {torch.__version__}", "",
+        f"Date {datetime.date.today()} · machine: {platform.machine()} CPU, {where(args.device)}, {args.threads} torch "
+        f"thread(s), cores shared with other jobs (wall-clock numbers are noisy, read the ratio) · torch "
+        f"{torch.__version__}", "",
         f"Command: `.venv/bin/python benchmarks/bench_async_checkpoint.py {cmd}`: one process, fp32 model of "
         f"{s['params'] / 1e6:.0f}M parameters (d_model {args.d_model}, {args.layers} layers, vocab {args.vocab}), "
         f"AdamW, batch 1 x {args.seq} tokens, {args.steps} steps with a checkpoint every {args.every} "

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from meshwright.config import ClusterSpec, ModelConfig, TrainConfig
 from meshwright.config.io import to_dict
-from meshwright.data.fingerprint import check_resume_data
+from meshwright.data.fingerprint import check_resume_data, data_label
 from meshwright.data.loader import SequenceLoader
 from meshwright.errors import ConfigError, invalid
 from meshwright.memory.meft import log_fields
@@ -250,7 +250,7 @@ class Trainer:
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         note = check_resume_data(state["train_loader"].get("data"), self.train_loader.data_fingerprint,
-                                 self.cfg.data.path, str(target), self.allow_data_change)
+                                 data_label(self.cfg.data), str(target), self.allow_data_change)
         if note is not None and self.runtime.is_main:
             self.print(note)
         self.train_loader.load_state_dict(state["train_loader"])
@@ -458,12 +458,21 @@ class Trainer:
         if out["step"] % cfg.energy_every == 0 or out["step"] == cfg.steps:  # same steps on every rank
             rec.update(self._energy_snapshot(run.energy_last))
         rec["memory_gib"] = self._memory_per_rank()
+        rec.update(self._tokens_per_source(out["step"]))
         rec.update(extra)
         if is_eval and run.eval_loss is not None:
             rec["eval_loss"] = run.eval_loss
         if not out["finite"]:
             rec["skipped"] = True
         return rec
+
+    def _tokens_per_source(self, step: int) -> dict[str, Any]:
+        """A mixture's tokens per source after ``step`` steps (closed form: data/blend.py), for the log and summary."""
+        per_source = getattr(self.train_loader, "sequences_per_source", None)
+        if per_source is None:
+            return {}
+        counts = per_source(step * self.cfg.global_batch)
+        return {"tokens_per_source": {k: n * self.cfg.seq_len for k, n in counts.items()}}
 
     def _finish(self, run: "_RunStats", resumed: bool) -> dict[str, Any]:
         """The run's summary (throughput over steady-state steps, memory, energy); written by the main rank."""
@@ -486,6 +495,7 @@ class Trainer:
             "hw_flops_per_token": self.hw_flops_per_token,
             "init": getattr(rt, "init", None),  # the initial weights: stream | keyed draws, or pretrained (init_from)
         }
+        summary.update(self._tokens_per_source(self.step))
         memory = self._memory_per_rank()
         summary.update({"memory_gib_per_rank": memory, "peak_memory_gib": max(memory)})
         if torch.cuda.is_available():  # same ranks on every rank: the gather is collective

@@ -58,10 +58,12 @@ def source_of(rows: torch.Tensor) -> list[int]:
 
 
 @pytest.mark.parametrize("weights", [[0.7, 0.3], [1, 2], [5, 3, 1, 1], [0.5, 0.25, 0.125, 0.0625, 0.0625],
-                                     [0.123, 0.456, 0.789], [1e-3, 1, 2.5, 0.33, 7]])
+                                     [0.123, 0.456, 0.789], [1e-3, 1, 2.5, 0.33, 7], [3.14159, 2.71828, 1],
+                                     [6, 68, 278, 269, 177, 297, 66], [38, 24, 24, 6, 2, 2], [35, 32, 29, 11, 8, 1]])
 def test_every_prefix_is_within_one_sample_of_the_weights(weights):
-    """Over any prefix of n samples, each source's count is within one of n * its share, each source's own
-    stream is read in order without gaps, and far positions follow from the period without a replay."""
+    """Over any prefix of n samples, each source's count is within 1 - 1/(2k-2) of n * its share (Megatron's
+    lag rule drifts to 1.02 on the last three sets), each source's own stream is read in order without gaps, and
+    far positions follow from the period without a replay."""
     sched = BlendSchedule(weights)
     share = np.asarray(sched.shares) / sched.period
     assert np.abs(share - np.asarray(weights) / sum(weights)).max() <= 1.0 / MAX_PERIOD
@@ -69,7 +71,7 @@ def test_every_prefix_is_within_one_sample_of_the_weights(weights):
     src, index = sched.locate(np.arange(n))
     counts = np.cumsum(np.eye(len(weights), dtype=np.int64)[src], axis=0)  # counts after each sample
     lag = counts - np.arange(1, n + 1)[:, None] * share[None, :]
-    assert np.abs(lag).max() < 1.0
+    assert np.abs(lag).max() <= 1 - 1 / (2 * len(weights) - 2) + 1e-12
     for j in range(len(weights)):
         assert np.array_equal(index[src == j], np.arange(counts[-1, j]))
     assert [sched.counts(m) for m in (0, 1, n // 3, n)] == [[0] * len(weights)] + \

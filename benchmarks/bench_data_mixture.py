@@ -2,7 +2,8 @@
 set: the loader's per-batch time side by side in one process, the blend table's build time at start, and where
 in the stream a batch is located (at position 0 and at 10^12: the same, no replay).
 
-    .venv/bin/python benchmarks/bench_data_mixture.py [--tokens 16777216 --seq-len 4096 --batch 8 --batches 300 --rounds 5]
+    .venv/bin/python benchmarks/bench_data_mixture.py [--tokens 16777216 --seq-len 4096 --batch 8 --batches 300
+                                                       --rounds 5]
 
 Three synthetic prepared data sets of ``--tokens`` uint16 tokens each (page cache warm). Plain: ``SequenceLoader``
 over the first (``data.path``); one source: ``BlendedLoader`` over the same one (must read the same batches);
@@ -81,8 +82,9 @@ def main() -> None:
     base = med["plain (data.path)"]
 
     builds = []
+    eight = [math.pi, math.e, 1, 2**0.5, 3**0.5, 0.1 * math.pi, 2.2, 5.5]
     for label, weights in [("0.7/0.3 (D=10)", [0.7, 0.3]), ("pi/e/1 (D=100,000)", [math.pi, math.e, 1.0]),
-                           ("8 irrational weights (D=100,000)", [math.pi, math.e, 1, 2**0.5, 3**0.5, 0.1 * math.pi, 2.2, 5.5])]:
+                           ("8 irrational weights (D=100,000)", eight)]:
         t0 = time.perf_counter()
         sched = BlendSchedule(weights)
         build_s = time.perf_counter() - t0

@@ -69,17 +69,17 @@ def data_label(data_cfg: Any) -> str:
     return "data.mixture=[" + ", ".join(f"{s.path} ({s.weight:g})" for s in mixture) + "]"
 
 
-def check_resume_data(saved: Any, now: dict[str, Any] | None, data_path: str, ckpt: str,
+def check_resume_data(saved: Any, now: dict[str, Any] | None, label: str, ckpt: str,
                       allow_change: bool) -> str | None:
     """Refuse (one line) a resume onto data other than the checkpoint's; returns a note to print, or None.
     A checkpoint from before fingerprints (none saved) resumes with a note; ``allow_change``
-    (``--allow-config-change``) makes a difference a note, for a resume onto new data on purpose. ``data_path`` is a
-    path or a whole label (``data_label``: a mixture names its sources and weights)."""
-    label = data_path if data_path.startswith("data.") else f"data.path={data_path!r}"
+    (``--allow-config-change``) makes a difference a note, for a resume onto new data on purpose. ``label``: how
+    messages name the data (``data_label``: ``data.path='x'``, or a mixture's sources and weights)."""
     if now is None:
         return None
     if not isinstance(saved, dict):
-        return (f"note: checkpoint {ckpt} records no data fingerprint (written before they were); {label} could not be checked against the data it was trained on")
+        return (f"note: checkpoint {ckpt} records no data fingerprint (written before they were); {label} could not "
+                f"be checked against the data it was trained on")
     diff = differences(saved, now)
     if not diff:
         return None

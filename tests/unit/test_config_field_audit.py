@@ -252,7 +252,8 @@ def _load_plan(path: Path, mp: pytest.MonkeyPatch) -> None:
 
 ROOTS = [
     Root("train", TrainConfig, TRAIN, (), "", _load_train, skip=(("data", "mixture", 0),)),
-    Root("train.mixture", MixtureSource, {**TRAIN, "data": {**TRAIN["data"], "mixture": [{"path": "default", "weight": 1.0}]}},
+    Root("train.mixture", MixtureSource,
+         {**TRAIN, "data": {**TRAIN["data"], "mixture": [{"path": "default", "weight": 1.0}]}},
          ("data", "mixture", 0), "data.mixture[0]", _load_train),
     Root("train.meft", MeftConfig, {**TRAIN, "meft": {}}, ("meft",), "meft", _load_train),
     Root("train.model", ModelConfig, {**TRAIN, "model": TINY}, ("model",), "model", _load_train),

@@ -147,7 +147,8 @@ def test_a_resumed_mixture_run_equals_an_uninterrupted_one(sources, tmp_path):
     log.write_text("".join(line + "\n" for line in log.read_text().splitlines()[:2]))
     resumed = run_training(cfg(data, tmp_path / "resumed", ckpt_every=2), resume=True)
     assert resumed["steps_this_run"] == 2
-    logs = [[json.loads(x) for x in (tmp_path / n / "log.jsonl").read_text().splitlines()] for n in ("straight", "resumed")]
+    logs = [[json.loads(x) for x in (tmp_path / n / "log.jsonl").read_text().splitlines()]
+            for n in ("straight", "resumed")]
     keys = ("step", "loss", "grad_norm", "eval_loss", "tokens_per_source")
     assert [[r.get(k) for k in keys] for r in logs[0]] == [[r.get(k) for k in keys] for r in logs[1]]
     assert straight["tokens_per_source"] == resumed["tokens_per_source"] == {
@@ -210,6 +211,6 @@ def test_bad_mixture_sources_are_one_line(sources, tmp_path, capsys):
         with pytest.raises(ConfigError) as err:
             build_loaders(cfg(mixture([sources[0], path], [1, 1])), 256, progress=False)
         assert str(err.value).startswith(message.format(path)) and "\n" not in str(err.value)
-    line = one_line_error(capsys, ["train", "tiny-test", f"out_dir={tmp_path / 'run'}",
-                                   f"data.mixture=[{{path: {sources[0]}, weight: 0.7}}, {{path: {other}, weight: 0.3}}]"])
+    mix = f"data.mixture=[{{path: {sources[0]}, weight: 0.7}}, {{path: {other}, weight: 0.3}}]"
+    line = one_line_error(capsys, ["train", "tiny-test", f"out_dir={tmp_path / 'run'}", mix])
     assert "data.mixture[1].path=" in line and "same tokenizer" in line

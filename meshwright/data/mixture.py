@@ -142,6 +142,12 @@ class BlendedLoader(SequenceLoader):
                 keep[rows] = self._read(mask, starts)
         return torch.from_numpy(seqs), None if keep is None else torch.from_numpy(keep)
 
+    def alone(self, j: int) -> "BlendedLoader":
+        """Source ``j`` on its own, with this loader's layout (per-source evaluation: the same shapes on every rank)."""
+        return BlendedLoader([self.sources[j]], [1.0], [self.labels[j]], self.seq_len, self.global_batch,
+                             self.micro_batch, self.dp_rank, self.dp_size, self.seed, self.shuffle,
+                             f"{self.name} split of data.mixture[{j}]")
+
     def sequences_per_source(self, consumed: int) -> dict[str, int]:
         """Sequences each source contributed to the first ``consumed`` positions (closed form, no replay)."""
         return dict(zip(self.labels, self.schedule.counts(consumed)))

@@ -19,6 +19,7 @@ from meshwright.data.blend import MAX_PERIOD, BlendSchedule
 from meshwright.data.loader import IGNORE_INDEX, build_loaders
 from meshwright.data.prepare import prepare
 from meshwright.errors import ConfigError
+from meshwright.tools.sinks import scalars
 from meshwright.train.build import run_training
 
 ALPHABETS = ("abcde", "vwxyz", "01234")
@@ -178,6 +179,29 @@ def test_a_resume_with_a_changed_mixture_is_refused_naming_the_change(sources, t
     assert "mixture[0].weight 0.636363636364 -> 0.7, mixture[1].weight 0.272727272727 -> 0.2" in out
 
 
+def test_eval_per_source_is_each_sources_own_validation_loss(sources, tmp_path):
+    from meshwright.config import load_cluster, load_model_config
+    from meshwright.models import build_model
+    from meshwright.train.local_runtime import LocalRuntime
+    from meshwright.train.trainer import Trainer
+
+    c = cfg({**mixture(sources[:2], [0.6, 0.4]), "eval_per_source": True}, tmp_path / "run", steps=2, eval_batches=2)
+    model_cfg = load_model_config(c.model)
+    train, val, _ = build_loaders(c, 256, progress=False)
+    trainer = Trainer(c, LocalRuntime(build_model(model_cfg, seed=c.seed)), train, val, model_cfg,
+                      load_cluster(c.cluster), print_fn=lambda s: None)
+    summary = trainer.fit()
+    last = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert last["eval_loss_per_source"] == summary["eval_loss_per_source"] and len(last["eval_loss_per_source"]) == 2
+    for path, batches in ((sources[0], 2), (sources[1], 1)):  # source 1's split holds one batch: clamped to it
+        alone = build_loaders(cfg({"path": str(path), "val_fraction": 0.1}), 256, progress=False)[1]
+        assert last["eval_loss_per_source"][str(path)] == trainer.runtime.eval_loss(alone.fixed_batches(batches))
+    assert last["eval_loss"] not in last["eval_loss_per_source"].values()  # the blend is its own set
+    per_source = scalars(last)  # TensorBoard / W&B: one scalar per source
+    assert per_source[f"eval_loss_per_source/{sources[1]}"] == last["eval_loss_per_source"][str(sources[1])]
+    assert per_source[f"tokens_per_source/{sources[0]}"] == last["tokens_per_source"][str(sources[0])] == 10 * 32
+
+
 @pytest.mark.parametrize("data, message", [
     ({"mixture": []}, "data.mixture=[] is invalid; valid: at least one source"),
     ({"mixture": [{"path": "x", "weight": 0}]}, "data.mixture[0].weight=0.0 is invalid; valid: a positive finite"),
@@ -187,6 +211,7 @@ def test_a_resume_with_a_changed_mixture_is_refused_naming_the_change(sources, t
     ({"mixture": [{"weight": 1}]}, "data.mixture[0].path is required"),
     ({"mixture": [{"path": "x"}, {"path": "x"}]}, "data.mixture[1].path='x' is invalid; valid: a data set not "
                                                   "already listed"),
+    ({"eval_per_source": True}, "data.eval_per_source=True is invalid; valid: false without data.mixture"),
     ({"path": "web", "mixture": [{"path": "x"}]}, "data.path='web' is invalid; valid: left unset (default) when "
                                                   "data.mixture is given"),
 ])

@@ -202,6 +202,24 @@ def test_eval_per_source_is_each_sources_own_validation_loss(sources, tmp_path):
     assert per_source[f"tokens_per_source/{sources[0]}"] == last["tokens_per_source"][str(sources[0])] == 10 * 32
 
 
+def test_a_checkpoint_from_before_mixtures_still_resumes(sources, tmp_path):
+    """Its saved config has no data.mixture or data.eval_per_source: fields added since, at their defaults."""
+    from meshwright.train.checkpoint import latest_checkpoint
+    from meshwright.train.checkpoint_io import write_manifest
+
+    c = cfg({"path": str(sources[0]), "val_fraction": 0.1}, tmp_path / "run", steps=2)
+    run_training(c)
+    state_file = next(latest_checkpoint(tmp_path / "run" / "ckpt").glob("trainer_state.json"))
+    state = json.loads(state_file.read_text())
+    for key in ("mixture", "eval_per_source"):
+        del state["config"]["data"][key]
+    state_file.write_text(json.dumps(state))
+    write_manifest(state_file.parent)  # as that checkpoint was written
+    assert run_training(cfg({"path": str(sources[0]), "val_fraction": 0.1}, tmp_path / "run"), resume=True)["steps"] == 4
+    with pytest.raises(ConfigError, match=r"^data\.val_fraction=0\.2 is invalid; valid: 0\.1 as in the checkpoint"):
+        run_training(cfg({"path": str(sources[0]), "val_fraction": 0.2}, tmp_path / "run", steps=6), resume=True)
+
+
 @pytest.mark.parametrize("data, message", [
     ({"mixture": []}, "data.mixture=[] is invalid; valid: at least one source"),
     ({"mixture": [{"path": "x", "weight": 0}]}, "data.mixture[0].weight=0.0 is invalid; valid: a positive finite"),

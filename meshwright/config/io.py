@@ -124,6 +124,9 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
             return value
         raise ConfigError(f"{field}={value!r} is invalid; valid: {_type_name(tp)}")
     if origin in (Union, types.UnionType):
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        if len(inner) == 1 and isinstance(value, (list, tuple, dict)):  # Optional[list/mapping]: the item's own error
+            return _coerce(value, inner[0], field)  # (data.mixture[1].weight), not "a list or null" for the whole
         errors = []
         for arg in get_args(tp):
             if arg is type(None):

@@ -297,6 +297,23 @@ class ClusterSpec:
 
 
 @dataclass
+class MixtureSource:
+    """One data set of a blend (``data.mixture``): ``path`` as ``data.path`` takes it, ``weight`` its share of the
+    sequences (weights are relative: 0.7/0.3 and 7/3 blend alike)."""
+
+    path: str
+    weight: float = 1.0
+
+    def validate(self, prefix: str = "") -> None:
+        p = f"{prefix}." if prefix else ""
+        if not isinstance(self.path, str) or not self.path:
+            raise invalid(f"{p}path", self.path, "a prepared data directory, 'default' or an instruction .jsonl file")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight) \
+                or self.weight <= 0:
+            raise invalid(f"{p}weight", self.weight, "a positive finite number (weights are relative)")
+
+
+@dataclass
 class DataConfig:
     """Where tokens come from. ``path: default`` is the embedded corpus (Python stdlib sources); a ``.jsonl``
     file of prompt/response or chat examples trains on the responses only. ``tokenizer``: byte, bpe, or the
@@ -306,9 +323,28 @@ class DataConfig:
     tokenizer: str = "byte"
     val_fraction: float = 0.05
     max_files: Optional[int] = 400
+    # several data sets blended by weight (data/blend.py), instead of ``path``: [{path: web, weight: 0.7}, ...]
+    mixture: Optional[list[MixtureSource]] = None
+    # also evaluate each source of the mixture alone (eval_loss_per_source in the log): eval_batches more per source
+    eval_per_source: bool = False
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
+        if self.eval_per_source and not self.mixture:
+            raise invalid(f"{p}eval_per_source", self.eval_per_source, f"false without {p}mixture (one data set: "
+                          f"eval_loss is its loss)")
+        if self.mixture is not None:
+            if not self.mixture:
+                raise invalid(f"{p}mixture", self.mixture, "at least one source {path: ..., weight: ...}, or null")
+            if self.path != "default":  # 'default' is also the unset value: a path and a mixture cannot both be meant
+                raise invalid(f"{p}path", self.path, f"left unset (default) when {p}mixture is given: {p}path and "
+                              f"{p}mixture are both set; give one")
+            for i, src in enumerate(self.mixture):
+                src.validate(f"{p}mixture[{i}]")
+                first = next(k for k, s in enumerate(self.mixture) if s.path == src.path)
+                if first != i:
+                    raise invalid(f"{p}mixture[{i}].path", src.path, f"a data set not already listed (it is "
+                                  f"{p}mixture[{first}]; raise that weight instead)")
         if not 0.0 < self.val_fraction < 0.5:
             raise invalid(f"{p}val_fraction", self.val_fraction, "a number in (0, 0.5)")
         if self.max_files is not None and self.max_files <= 0:
@@ -392,10 +428,13 @@ class TrainConfig:
         if self.global_batch * self.seq_len > MAX_TOKENS_PER_STEP:
             raise invalid(f"{p}global_batch", self.global_batch, f"at most {MAX_TOKENS_PER_STEP:,} tokens per step "
                           f"(global_batch*seq_len) with seq_len={self.seq_len}")
-        most_eval = max(1, MAX_EVAL_TOKENS // (self.global_batch * self.seq_len))
+        # eval_per_source holds eval_batches more per source of the mixture
+        sets = 1 + (len(self.data.mixture or []) if self.data.eval_per_source else 0)
+        most_eval = max(1, MAX_EVAL_TOKENS // (self.global_batch * self.seq_len * sets))
         if self.eval_batches > most_eval:  # 10^9 built batches at the first eval until memory ran out (30 s to 3 GB)
             raise invalid(f"{p}eval_batches", self.eval_batches, f"at most {most_eval:,} with global_batch="
-                          f"{self.global_batch} and seq_len={self.seq_len} (the trainer holds every evaluation batch in "
+                          f"{self.global_batch}{', seq_len=' if sets > 1 else ' and seq_len='}{self.seq_len}"
+                          f"{' and data.eval_per_source' if sets > 1 else ''} (the trainer holds every evaluation batch in "
                           f"memory: at most {MAX_EVAL_TOKENS:,} tokens, {MAX_EVAL_TOKENS * 16 / 2**30:.0f} GiB of inputs "
                           f"and targets)")
         if not 0 <= self.seed <= MAX_SEED:

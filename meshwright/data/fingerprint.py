@@ -61,22 +61,31 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
 
 
-def check_resume_data(saved: Any, now: dict[str, Any] | None, data_path: str, ckpt: str,
+def data_label(data_cfg: Any) -> str:
+    """How messages name the run's data: ``data.path='x'``, or ``data.mixture=[x (0.7), y (0.3)]``."""
+    mixture = getattr(data_cfg, "mixture", None)
+    if not mixture:
+        return f"data.path={data_cfg.path!r}"
+    return "data.mixture=[" + ", ".join(f"{s.path} ({s.weight:g})" for s in mixture) + "]"
+
+
+def check_resume_data(saved: Any, now: dict[str, Any] | None, label: str, ckpt: str,
                       allow_change: bool) -> str | None:
     """Refuse (one line) a resume onto data other than the checkpoint's; returns a note to print, or None.
     A checkpoint from before fingerprints (none saved) resumes with a note; ``allow_change``
-    (``--allow-config-change``) makes a difference a note, for a resume onto new data on purpose."""
+    (``--allow-config-change``) makes a difference a note, for a resume onto new data on purpose. ``label``: how
+    messages name the data (``data_label``: ``data.path='x'``, or a mixture's sources and weights)."""
     if now is None:
         return None
     if not isinstance(saved, dict):
-        return (f"note: checkpoint {ckpt} records no data fingerprint (written before they were); data.path="
-                f"{data_path!r} could not be checked against the data it was trained on")
+        return (f"note: checkpoint {ckpt} records no data fingerprint (written before they were); {label} could not "
+                f"be checked against the data it was trained on")
     diff = differences(saved, now)
     if not diff:
         return None
     what = ", ".join(diff)
     if allow_change:
-        return f"note: data.path={data_path!r} differs from checkpoint {ckpt}'s data ({what}); resuming on it as asked"
-    raise ConfigError(f"resume: data.path={data_path!r} is not the data set checkpoint {ckpt} was trained on ({what}); "
+        return f"note: {label} differs from checkpoint {ckpt}'s data ({what}); resuming on it as asked"
+    raise ConfigError(f"resume: {label} is not the data set checkpoint {ckpt} was trained on ({what}); "
                       f"valid: that data set back (prepared again from the same inputs and tokenizer), a new run "
                       f"(another out_dir or --overwrite), or --allow-config-change to continue on this data on purpose")

@@ -31,9 +31,9 @@ IGNORE_INDEX = -100  # F.cross_entropy's default: lm_loss skips these targets
 LARGE_VOCAB = 1024  # from scratch, bytes on a vocabulary this large leave most embeddings unused: warn
 
 
-def _read_index(index_file: Path) -> dict[str, Any]:
+def _read_index(index_file: Path, key: str = "data.path") -> dict[str, Any]:
     """index.json, checked field by field: a damaged one is one line naming the field, never a traceback."""
-    label = f"data.path={str(index_file.parent)!r}"
+    label = f"{key}={str(index_file.parent)!r}"
     try:
         index = json.loads(index_file.read_bytes().decode("utf-8"))
     except (OSError, ValueError, UnicodeDecodeError) as exc:
@@ -65,10 +65,10 @@ def _read_index(index_file: Path) -> dict[str, Any]:
     return index
 
 
-def _doc_offsets(path: Path, index: dict[str, Any]) -> np.ndarray:
+def _doc_offsets(path: Path, index: dict[str, Any], key: str = "data.path") -> np.ndarray:
     """The D+1 document offsets (int64), from doc_offsets.bin or a version-1 index's list, checked to run from 0 to
     num_tokens without decreasing (the train/validation split cuts at them)."""
-    label = f"data.path={str(path)!r}"
+    label = f"{key}={str(path)!r}"
     if index["version"] == 1:
         offsets = np.asarray(index["doc_offsets"], dtype=np.int64)
     else:
@@ -90,28 +90,28 @@ def _doc_offsets(path: Path, index: dict[str, Any]) -> np.ndarray:
 class TokenDataset:
     """A prepared data directory: ``tokens.bin`` (held open, read with ``pread``) plus ``index.json``."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path, key: str = "data.path") -> None:
+        self.path, self.key = Path(path), key  # key: the config field named in errors (data.mixture[1].path)
         index_file = self.path / "index.json"
         if not index_file.is_file():
-            raise invalid("data.path", str(path), "'default' or a directory made by `meshwright data prepare` (with index.json)")
-        self.index: dict[str, Any] = _read_index(index_file)
-        self.doc_offsets = _doc_offsets(self.path, self.index)
+            raise invalid(key, str(path), "'default' or a directory made by `meshwright data prepare` (with index.json)")
+        self.index: dict[str, Any] = _read_index(index_file, key)
+        self.doc_offsets = _doc_offsets(self.path, self.index, key)
         dtype = np.dtype(self.index["dtype"])
         n = int(self.index["num_tokens"])
         tokens_file = self.path / "tokens.bin"
         if not tokens_file.is_file():
-            raise invalid("data.path", str(path), "a prepared data directory with tokens.bin; re-run `meshwright data prepare`")
-        self.token_file = OpenFile(tokens_file, f"data.path={str(path)!r}")  # its size: the open file's, not the path's
+            raise invalid(key, str(path), "a prepared data directory with tokens.bin; re-run `meshwright data prepare`")
+        self.token_file = OpenFile(tokens_file, f"{key}={str(path)!r}")  # its size: the open file's, not the path's
         size = self.token_file.size
         if size != n * dtype.itemsize:
-            raise ConfigError(f"data.path={str(path)!r} is inconsistent: tokens.bin has {size} bytes, index says {n} x {dtype.itemsize}; valid: re-run `meshwright data prepare`")
+            raise ConfigError(f"{key}={str(path)!r} is inconsistent: tokens.bin has {size} bytes, index says {n} x {dtype.itemsize}; valid: re-run `meshwright data prepare`")
         # every read is checked against the vocabulary (FileArray.below); index.json's max_token_id (recorded by
         # `data prepare`) refuses a data set at start without reading all of tokens.bin on every rank
         self.tokens = FileArray(self.token_file, dtype, 0, n, below=self.vocab_size)
         top = self.index.get("max_token_id")
         if top is not None and top >= self.vocab_size:
-            raise ConfigError(f"data.path={str(path)!r} holds token id {top}, outside its tokenizer's vocabulary of "
+            raise ConfigError(f"{key}={str(path)!r} holds token id {top}, outside its tokenizer's vocabulary of "
                               f"{self.vocab_size}; valid: re-run `meshwright data prepare`")
         self.mask: FileArray | None = None
         self.mask_file: OpenFile | None = None
@@ -123,13 +123,13 @@ class TokenDataset:
         file size" traceback (or a mask misaligned with the tokens)."""
         name = self.index["loss_mask"]
         mask_file = self.path / name if isinstance(name, str) and Path(name).name == name else None
-        opened = OpenFile(mask_file, f"data.path={str(self.path)!r}") if mask_file is not None and mask_file.is_file() else None
+        opened = OpenFile(mask_file, f"{self.key}={str(self.path)!r}") if mask_file is not None and mask_file.is_file() else None
         size = opened.size if opened is not None else None
         if size != n:
             if opened is not None:
                 opened.close()
             got = "missing" if size is None else f"{size} bytes"
-            raise ConfigError(f"data.path={str(self.path)!r} has a damaged loss mask: index.json's loss_mask={name!r} "
+            raise ConfigError(f"{self.key}={str(self.path)!r} has a damaged loss mask: index.json's loss_mask={name!r} "
                               f"is {got}, expected a file of {n} bytes beside tokens.bin; valid: re-run `meshwright data prepare`")
         assert opened is not None
         self.mask_file = opened
@@ -219,15 +219,19 @@ class SequenceLoader:
         rows = [np.asarray(source[s: s + self.seq_len + 1], dtype=np.int64) for s in starts]
         return torch.from_numpy(np.stack(rows))
 
+    def _rows(self, positions: range) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The ``seq_len + 1`` tokens at each stream position, and their loss mask (None: every target counts)."""
+        keep = None if self.loss_mask is None else self._sequences(positions, self.loss_mask)
+        return self._sequences(positions), keep
+
     def batch_at(self, start: int) -> list[Batch]:
         """This rank's micro-batches of the global batch starting at global sequence ``start``."""
         per_rank = self.global_batch // self.dp_size
         first = start + self.dp_rank * per_rank
-        seqs = self._sequences(range(first, first + per_rank))
+        seqs, keep = self._rows(range(first, first + per_rank))
         targets = seqs[:, 1:]
-        if self.loss_mask is not None:
-            keep = self._sequences(range(first, first + per_rank), self.loss_mask)[:, 1:].bool()
-            targets = targets.masked_fill(~keep, IGNORE_INDEX)
+        if keep is not None:
+            targets = targets.masked_fill(~keep[:, 1:].bool(), IGNORE_INDEX)
         out = []
         for i in range(0, per_rank, self.micro_batch):
             out.append((seqs[i: i + self.micro_batch, :-1].contiguous(), targets[i: i + self.micro_batch].contiguous()))
@@ -260,13 +264,15 @@ class SequenceLoader:
         self.consumed = int(state["consumed"])
 
 
-def resolve_data_path(data_cfg: Any, vocab_size: int, progress: bool = True) -> Path:
-    """``data.path`` -> prepared directory; ``default`` builds (once) the cached stdlib corpus."""
-    if data_cfg.path == "default":
+def resolve_data_path(data_cfg: Any, vocab_size: int, progress: bool = True, path: str | None = None) -> Path:
+    """``data.path`` (or ``path``, a mixture's source) -> prepared directory; ``default`` builds (once) the cached
+    stdlib corpus."""
+    path = data_cfg.path if path is None else path
+    if path == "default":
         return prepare_default_corpus(data_cfg.max_files, data_cfg.tokenizer, vocab_size=vocab_size, progress=progress)
-    if data_cfg.path.endswith(".jsonl") and Path(data_cfg.path).is_file():  # instruction/chat examples
-        return prepare_instruct_cached(data_cfg.path, data_cfg.tokenizer, progress=progress)
-    return Path(data_cfg.path)
+    if path.endswith(".jsonl") and Path(path).is_file():  # instruction/chat examples
+        return prepare_instruct_cached(path, data_cfg.tokenizer, progress=progress)
+    return Path(path)
 
 
 def check_vocabulary(ds: TokenDataset, vocab_size: int, pretrained: bool) -> None:
@@ -285,8 +291,13 @@ def check_vocabulary(ds: TokenDataset, vocab_size: int, pretrained: bool) -> Non
 
 
 def build_loaders(cfg: Any, vocab_size: int, dp_rank: int = 0, dp_size: int = 1,
-                  progress: bool = True) -> tuple[SequenceLoader, SequenceLoader, TokenDataset]:
-    """Train and validation loaders for a TrainConfig, checked against the model's vocabulary."""
+                  progress: bool = True) -> tuple[SequenceLoader, SequenceLoader, Any]:
+    """Train and validation loaders for a TrainConfig, checked against the model's vocabulary; the data set
+    (a ``TokenDataset``, or a ``mixture.MixtureData`` for ``data.mixture``)."""
+    if getattr(cfg.data, "mixture", None):
+        from meshwright.data.mixture import build_mixture_loaders  # imports this module
+
+        return build_mixture_loaders(cfg, vocab_size, dp_rank, dp_size, progress)
     ds = TokenDataset(resolve_data_path(cfg.data, vocab_size, progress))
     check_vocabulary(ds, vocab_size, pretrained=getattr(cfg, "init_from", None) is not None)
     common = dict(seq_len=cfg.seq_len, global_batch=cfg.global_batch, micro_batch=cfg.micro_batch,

@@ -36,6 +36,9 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
             out[key] = float(max(value))
             if len(value) > 1:
                 out.update({f"{key}/rank{i}": float(v) for i, v in enumerate(value)})
+        elif isinstance(value, dict):  # tokens_per_source: one scalar per source
+            out.update({f"{key}/{k}": float(v) for k, v in value.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
     return out
 
 

@@ -294,6 +294,8 @@ def _train(job: TrainingJob, resume: bool | str, allow_config_change: bool = Fal
             print(f"train: model {model_cfg.name} ({model_cfg.num_params() / 1e6:.2f}M params) | data {ds.path} "
                   f"({len(ds):,} tokens) | {train_cfg.steps} steps x {train_cfg.global_batch}x{train_cfg.seq_len} tokens | "
                   f"{type(runtime).__name__}, world {runtime.world_size} | out {train_cfg.out_dir}", flush=True)
+            for note in getattr(train, "repeat_notes", lambda n: [])(train_cfg.steps * train_cfg.global_batch):
+                print(note, flush=True)
         trainer = Trainer(train_cfg, runtime, train, val, model_cfg, job.cluster)
         trainer.allow_data_change = allow_config_change
         return trainer.fit(resume=resume, before_steps=lambda: _write_run_files(job, runtime))

@@ -154,11 +154,36 @@ def check_resume_config(cfg: TrainConfig, resume: bool | str, allow_change: bool
         return  # the checkpoint loader names the damage (and may fall back to an intact checkpoint)
     if not isinstance(saved, dict):
         return
-    now = to_dict(cfg)
+    now, default = to_dict(cfg), to_dict(type(cfg)())
     for name in RESUME_FIELDS:
-        if name in saved and saved[name] != now.get(name):
-            raise invalid(name, now.get(name), f"{saved[name]!r} as in the checkpoint {target} (resume continues "
-                          f"that run; pass --allow-config-change to resume with a different {name})")
+        if name in saved:
+            found = _difference(saved[name], now.get(name), name, default.get(name))
+            if found is not None:
+                key, was, is_now = found
+                raise invalid(key, is_now, f"{was!r} as in the checkpoint {target} (resume continues that run; pass "
+                              f"--allow-config-change to resume with a different {name})")
+
+
+def _difference(saved: Any, now: Any, key: str, default: Any = None) -> tuple[str, Any, Any] | None:
+    """The first leaf where ``now`` differs from ``saved`` (``data.mixture[1].weight``, not the whole ``data``), as
+    (key, saved, now); None when equal. A key the checkpoint lacks that ``now`` holds at its ``default`` is a field
+    added since the checkpoint was written (data.mixture, data.eval_per_source): equal."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        default = default if isinstance(default, dict) else {}
+        for k in list(saved) + [k for k in now if k not in saved]:
+            if k not in saved and k in default and now[k] == default[k]:
+                continue
+            found = _difference(saved.get(k), now.get(k), f"{key}.{k}", default.get(k))
+            if found is not None:
+                return found
+        return None
+    if isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now):
+        for i, (a, b) in enumerate(zip(saved, now)):
+            found = _difference(a, b, f"{key}[{i}]")
+            if found is not None:
+                return found
+        return None
+    return None if saved == now else (key, saved, now)
 
 
 def read_log(path: Path, max_step: int) -> list[str]:

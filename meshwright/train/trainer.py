@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from meshwright.config import ClusterSpec, ModelConfig, TrainConfig
 from meshwright.config.io import to_dict
-from meshwright.data.fingerprint import check_resume_data
+from meshwright.data.fingerprint import check_resume_data, data_label
 from meshwright.data.loader import SequenceLoader
 from meshwright.errors import ConfigError, invalid
 from meshwright.memory.meft import log_fields
@@ -129,6 +129,8 @@ class Trainer:
         recompute = [s.recompute for s in plan.layer_strategies()] if plan is not None else "none"
         self.hw_flops_per_token = float(hardware_flops_per_token(model_cfg, cfg.seq_len, recompute, cfg.flops_convention))
         self._eval_batches = None
+        self._per_source_batches: dict[str, list[Any]] | None = None  # data.eval_per_source, built at the first eval
+        self.eval_per_source: dict[str, float] | None = None  # each mixture source's eval loss, at the last eval
         self.eval_batch_count = self._eval_batch_count()
         self.energy: EnergyAccountant | None = None
         self.allow_data_change = False  # --allow-config-change: resume onto data other than the checkpoint's
@@ -162,7 +164,21 @@ class Trainer:
         if self._eval_batches is None:
             self._eval_batches = self.val_loader.fixed_batches(self.eval_batch_count)
         with self._not_training():
-            return self.runtime.eval_loss(self._eval_batches)
+            loss = self.runtime.eval_loss(self._eval_batches)
+            if getattr(self.cfg.data, "eval_per_source", False):
+                self.eval_per_source = {label: self.runtime.eval_loss(batches)
+                                        for label, batches in self._source_eval_batches().items()}
+            return loss
+
+    def _source_eval_batches(self) -> dict[str, list[Any]]:
+        """``data.eval_per_source``: each mixture source's own validation batches, built once (at most one pass
+        of that source's split, as for the blended set)."""
+        if self._per_source_batches is None:
+            loaders = [self.val_loader.alone(j) for j in range(len(self.val_loader.sources))]
+            self._per_source_batches = {
+                loader.labels[0]: loader.fixed_batches(min(self.eval_batch_count, loader.batches_per_pass))
+                for loader in loaders}
+        return self._per_source_batches
 
     def _not_training(self) -> Any:
         """Excludes evaluation and checkpoint I/O from the energy windows (J/token counts training only)."""
@@ -250,7 +266,7 @@ class Trainer:
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         note = check_resume_data(state["train_loader"].get("data"), self.train_loader.data_fingerprint,
-                                 self.cfg.data.path, str(target), self.allow_data_change)
+                                 data_label(self.cfg.data), str(target), self.allow_data_change)
         if note is not None and self.runtime.is_main:
             self.print(note)
         self.train_loader.load_state_dict(state["train_loader"])
@@ -458,12 +474,23 @@ class Trainer:
         if out["step"] % cfg.energy_every == 0 or out["step"] == cfg.steps:  # same steps on every rank
             rec.update(self._energy_snapshot(run.energy_last))
         rec["memory_gib"] = self._memory_per_rank()
+        rec.update(self._tokens_per_source(out["step"]))
         rec.update(extra)
         if is_eval and run.eval_loss is not None:
             rec["eval_loss"] = run.eval_loss
+            if self.eval_per_source is not None:
+                rec["eval_loss_per_source"] = self.eval_per_source
         if not out["finite"]:
             rec["skipped"] = True
         return rec
+
+    def _tokens_per_source(self, step: int) -> dict[str, Any]:
+        """A mixture's tokens per source after ``step`` steps (closed form: data/blend.py), for the log and summary."""
+        per_source = getattr(self.train_loader, "sequences_per_source", None)
+        if per_source is None:
+            return {}
+        counts = per_source(step * self.cfg.global_batch)
+        return {"tokens_per_source": {k: n * self.cfg.seq_len for k, n in counts.items()}}
 
     def _finish(self, run: "_RunStats", resumed: bool) -> dict[str, Any]:
         """The run's summary (throughput over steady-state steps, memory, energy); written by the main rank."""
@@ -486,6 +513,9 @@ class Trainer:
             "hw_flops_per_token": self.hw_flops_per_token,
             "init": getattr(rt, "init", None),  # the initial weights: stream | keyed draws, or pretrained (init_from)
         }
+        summary.update(self._tokens_per_source(self.step))
+        if self.eval_per_source is not None:
+            summary["eval_loss_per_source"] = self.eval_per_source
         memory = self._memory_per_rank()
         summary.update({"memory_gib_per_rank": memory, "peak_memory_gib": max(memory)})
         if torch.cuda.is_available():  # same ranks on every rank: the gather is collective

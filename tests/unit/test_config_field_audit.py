@@ -33,6 +33,7 @@ import meshwright.train.build as build
 from meshwright.cli import main
 from meshwright.config import ClusterSpec, MeftConfig, ModelConfig, TrainConfig, load_cluster, load_model_config
 from meshwright.config import load_train_config
+from meshwright.config.schema import MixtureSource
 from meshwright.config.hf import HF_KEYS, hf_config_from_model
 from meshwright.config.presets import CONFIG_ROOT
 from meshwright.data.loader import TokenDataset, resolve_data_path
@@ -152,6 +153,12 @@ def _train_downstream(cfg: TrainConfig, path: Path, monkeypatch: pytest.MonkeyPa
         pass
     if cfg.data.path != "default":  # the default corpus is prepared (slow) and its path is a fixed word
         TokenDataset(resolve_data_path(cfg.data, job.model.vocab_size, progress=False))
+    for i, src in enumerate(cfg.data.mixture or []):  # what data/mixture.open_mixture opens, but the default corpus
+        if src.path != "default":
+            key = f"data.mixture[{i}].path"
+            if not Path(src.path).exists():
+                raise ConfigError(f"{key}={src.path!r} is invalid; valid: an existing prepared data directory")
+            TokenDataset(resolve_data_path(cfg.data, job.model.vocab_size, progress=False, path=src.path), key=key)
 
 
 @dataclass
@@ -164,9 +171,11 @@ class Root:
     load: Callable[[Path, pytest.MonkeyPatch], Any]
 
     extra: tuple = ()  # (path, annotation) of keys a free-form mapping holds by convention
+    skip: tuple = ()  # paths under ``inside`` another root audits (from a base where they exist)
 
     def cases(self) -> list[tuple[tuple, Any]]:
         fields = walk(self.cls) if self.cls is not None else []
+        fields = [(p, h) for p, h in fields if not any(p[:len(s)] == s for s in self.skip)]
         return [((*self.inside, *p), hint) for p, hint in [*fields, *self.extra]]
 
     def names(self, path: tuple) -> list[str]:
@@ -242,7 +251,10 @@ def _load_plan(path: Path, mp: pytest.MonkeyPatch) -> None:
 
 
 ROOTS = [
-    Root("train", TrainConfig, TRAIN, (), "", _load_train),
+    Root("train", TrainConfig, TRAIN, (), "", _load_train, skip=(("data", "mixture", 0),)),
+    Root("train.mixture", MixtureSource,
+         {**TRAIN, "data": {**TRAIN["data"], "mixture": [{"path": "default", "weight": 1.0}]}},
+         ("data", "mixture", 0), "data.mixture[0]", _load_train),
     Root("train.meft", MeftConfig, {**TRAIN, "meft": {}}, ("meft",), "meft", _load_train),
     Root("train.model", ModelConfig, {**TRAIN, "model": TINY}, ("model",), "model", _load_train),
     Root("train.cluster", ClusterSpec, {**TRAIN, "cluster": LOCAL}, ("cluster",), "cluster", _load_train),
@@ -353,7 +365,7 @@ def test_the_walk_reaches_every_config_dataclass():
     for expected in ("train:data.val_fraction", "train.meft:meft.guard_every", "train.model:model.n_kv_heads",
                      "train.cluster:cluster.peak_tflops.fp32", "plan:layers[0].savers.wta_crs",
                      "plan:pipeline.stages[0][0]", "plan:embedding.tp", "plan:optimizer.states", "model:model.top_k",
-                     "cluster:cluster.clock_fraction"):
+                     "cluster:cluster.clock_fraction", "train:data.mixture", "train.mixture:data.mixture[0].weight"):
         assert expected in names, expected
     assert len(FIELDS) > 150
 

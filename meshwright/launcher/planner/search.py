@@ -1350,10 +1350,6 @@ WARM_START = 4  # candidates solved ahead of the loops, least lower bound first
 # layouts, no bar at all)
 WARM_START_MAX = 12
 WARM_BAR = 1.05
-# a candidate whose plans all take over this many times its bound (GPT-1T on 1,024 H100, every saver: pp=32 tp>=2,
-# 4-6x, the DPs' ZeRO-3 mixes) says the same of the other schedules and state formats of its (pp, smallest tp): the warm
-# start passes them over (the loops still reach them)
-WARM_FAR = 2.0
 
 
 def _warm_start(bases: list[tuple[_Outer, int]], out: _Collector) -> None:
@@ -1372,21 +1368,14 @@ def _warm_start(bases: list[tuple[_Outer, int]], out: _Collector) -> None:
             o = dataclasses.replace(b, sched=sched, v=v)
             cands.append((_bound_of(o), len(cands), o))
     cands.sort()
-    n, far = 0, set()  # (pp, smallest tp) whose DPs ended far over their bound: their other schedules, states likewise
-    for bound, _, o in cands:
+    for n, (bound, _, o) in enumerate(cands):
         if bound > out.bar or n >= WARM_START_MAX or (n >= WARM_START and out.bar <= WARM_BAR * out.fastest_s()):
             break
-        if (o.pp, o.t_base) in far:
-            continue
-        n += 1
         out.candidates += 1
         # every refined DP runs (the gate's best so far is the loops' to set): where the loops reach the candidate,
         # they read it as if solved then (``_Solved.view``); its other plans stay in the result
         solved = out.solved[_candidate_key(o)] = _solve_candidate(o, refine_all=True)
         _keep(solved.items, out)
-        got = min((x.prediction.step_s for x in solved.items if isinstance(x, Candidate)), default=math.inf)
-        if got > WARM_FAR * bound:
-            far.add((o.pp, o.t_base))
 
 
 def _micro_batch_sizes(c: Constraints, per_replica: int) -> list[int]:

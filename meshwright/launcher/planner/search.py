@@ -328,36 +328,6 @@ class _Kind:
             got[...] = obj_t
         return got
 
-    def smallest(self, inflight: float) -> float:
-        """The least bytes at ``inflight`` of a finite strategy (the hull's first point; inf where none)."""
-        cache = self.__dict__.setdefault("_smallest", {})
-        got = cache.get(inflight)
-        if got is None:
-            pts = self.__dict__.setdefault("_hull_points", {}).get(None)
-            if pts is None:  # the finite points, as ``hull`` keeps them
-                ok = np.isfinite(self.obj)
-                pts = self.__dict__["_hull_points"][None] = (self.static[ok], self.act[ok], self.obj[ok])
-            got = cache[inflight] = float((pts[0] + inflight * pts[1]).min()) if len(pts[2]) else math.inf
-        return got
-
-    def fastest_point(self, inflight: float, cls: Optional[int] = None) -> Optional[tuple[float, float]]:
-        """(bytes at ``inflight``, time) of a fastest finite strategy (of class ``cls`` only where given), the smallest
-        of those: the hull's last point, without the hull. None where there is none."""
-        cache = self.__dict__.setdefault("_fastest", {})
-        got = cache.get(cls, False)
-        if got is False:
-            ok = np.isfinite(self.obj) if cls is None else np.isfinite(self.obj) & (self.cls == cls)
-            got = None
-            if ok.any():
-                t = np.where(ok, self.obj, np.inf)
-                at = np.flatnonzero(t == t.min())
-                got = (self.static[at], self.act[at], float(t[at[0]]))
-            cache[cls] = got
-        if got is None:
-            return None
-        static, act, t = got
-        return float((static + inflight * act).min()), t
-
     def hull(self, inflight: float, cls: Optional[int] = None) -> tuple[float, float, list[tuple[float, float]]]:
         """The lower convex hull of this kind's (bytes at ``inflight``, time) points (of class ``cls`` only where
         given), from the smallest footprint to the fastest strategy: (its bytes, its time, the segments (extra bytes,
@@ -432,9 +402,6 @@ def _lp(groups: list[tuple[_Kind, int]], room: float, inflight: float, cls: Opti
     class ``cls`` only where given): every layer starts at its kind's smallest hull point and the bytes left buy hull
     segments, most seconds saved per byte first (the last one fractionally). +inf where nothing fits."""
     total, tol = 0.0, abs(room) * 1e-9
-    fast = [k.fastest_point(inflight, cls) for k, _ in groups]
-    if all(f is not None for f in fast) and sum(n * f[0] for f, (_, n) in zip(fast, groups)) <= room:
-        return sum(n * f[1] for f, (_, n) in zip(fast, groups))  # every layer at its fastest fits: the optimum
     segs: list[tuple[float, float, float]] = []
     for k, n in groups:
         w0, t0, hull = k.hull(inflight, cls)
@@ -485,8 +452,7 @@ class _SearchMemo:
         self._moe_flags: Optional[tuple[bool, ...]] = None
         self.best_step_s = math.inf  # the fastest candidate scored so far (gates the refined DPs)
         self.bounds: dict[tuple, float] = {}  # _step_lower_bound per candidate (_candidate_key)
-        self.part_bounds: dict[tuple, float] = {}  # or the part of it over the bar (``_bound_of``)
-        self.rooms: dict[tuple, float] = {}  # _rank_room per (stage size, tps, states, first, last, head tokens)
+        self.rooms: dict[tuple, float] = {}  # _first_rank_room per (stage size, tps, states, one stage, head tokens)
         # _step_lower_bound's terms that few fields set: head, boundary transfer, partitions, the first rank's counts
         self.bound_parts: dict[Any, Any] = {}
 
@@ -1078,16 +1044,16 @@ class _Collector:
 _BOUND_SLACK = 1e-9  # relative: the bound adds the same terms as evaluate_plan, in another order
 
 
-def _step_lower_bound(o: _Outer, enough: float = math.inf) -> float:
+def _step_lower_bound(o: _Outer) -> float:
     """A lower bound on ``evaluate_plan``'s step time of every plan outer candidate ``o`` can produce: each layer
     at its fastest strategy per microbatch and its smallest per-step term, whatever their memory (the DPs only
     choose slower or equal ones); the head at its cheapest tensor-parallel split and fewest tokens, the stage
     boundaries at their smallest transfer; then the pipeline schedule of ``evaluate_plan`` over the ranks of each
-    stage partition (the step grows with every rank's time), the smallest over partitions. Every pipeline rank's
-    layers must also fit: the linear relaxation of its share of the step within its bytes (``_rank_lp_bound``; +inf
-    where not even its smallest strategies fit; each partition's only until its bound exceeds ``enough``: then a
-    lower bound over ``enough``, not the whole one). Redistribution between classes, framework terms of the ends and
-    embedding traffic only add time and are left out. 0 where a kind has no strategy (the solve reports it)."""
+    stage partition (the step grows with every rank's time), the smallest over partitions. On the first rank, whose
+    in-flight activations are the most, its layers must also fit: the linear relaxation of its share of the step
+    within its bytes (``_first_rank_lp``; +inf where not even its smallest strategies fit). Redistribution between
+    classes, framework terms of the ends and embedding traffic only add time and are left out. 0 where a kind has
+    no strategy (the solve reports it)."""
     cfg, hw, pp, memo = o.cfg, o.hw, o.pp, o.memo
     flags = memo.moe_flags(cfg)
     per_kind: dict[bool, tuple[float, float, int, list[tuple[int, bool, int]]]] = {}
@@ -1125,8 +1091,7 @@ def _step_lower_bound(o: _Outer, enough: float = math.inf) -> float:
         head_layers = memo.bound_parts["head_layers"] = (cm.head_fwd_flops(cfg, 1.0)
                                                          / cm.layer_fwd_flops(cfg, 0, 1.0, o.seq_len))
     slow = hw.pipeline_slowdown if pp > 1 else 1.0
-    # no room where evaluate_plan may count memory otherwise (``_rank_room``)
-    coupled_ok = not (o.pp == 1 and o.m == 1 and hw.grads_set_to_none)
+    room = _first_rank_room(o, head_tokens)
     best = math.inf
     pkey = ("partitions", pp, o.v)
     partitions = memo.bound_parts.get(pkey)
@@ -1142,173 +1107,71 @@ def _step_lower_bound(o: _Outer, enough: float = math.inf) -> float:
                 got = sums[skey] = (sum(mb_min[a:b]), sum(step_min[a:b]))
             rank_mb[j % pp] += got[0]
             rank_step[j % pp] += got[1]
-        blocks_mb = rank_mb[:]
         rank_mb[-1] += head
         rank_mb = [x + p2p for x in rank_mb]
+        coupled = 0.0
+        if room is not None:
+            # the first rank's layers must fit: the linear relaxation of its time as the step charges it (m x its
+            # per-microbatch time, as the slowest rank at least, plus its per-step term) within the bytes it has at
+            # most; the other ranks' share of fill and drain at their fastest
+            inflight = cm.inflight_microbatches(o.sched, pp, 0, o.m, v)
+            lp = _first_rank_lp(o, _first_rank_counts(o, stages), inflight, room, o.m * slow)
+            rest = sum(rank_mb) - max(rank_mb)
+            coupled = lp + o.m * slow * (p2p + (head if pp == 1 else 0.0)) + slow * rest / v / max(hw.contention, 1.0)
         step = cm.pipeline_step_s(rank_mb, o.m, o.sched, v, hw.contention) * slow
-        bound = step + max(rank_step)
-        if coupled_ok:
-            bound = _rank_lp_bound(o, stages, rank_mb, blocks_mb, head, head_tokens, v, slow, bound, enough)
-        best = min(best, bound)
+        best = min(best, max(step + max(rank_step), coupled))
     return best * (1 - _BOUND_SLACK)
 
 
-def _rank_lp_bound(o: _Outer, stages: list[list[int]], rank_mb: list[float], blocks_mb: list[float],
-                   head: float, head_tokens: float, v: int, slow: float, best: float, enough: float) -> float:
-    """The step's lower bound where every rank's layers must fit in its bytes. With y_r rank r's time per microbatch
-    (its blocks' x_r, boundary transfer, ends and head) and s_r its per-step time, ``evaluate_plan``'s step is
-    slow * (m max y + D (sum y - max y)) + max s with D = 1 / (v contention) <= m, so for every rank p it is at least
-    slow * (m y_p + D (sum y - y_p)) + s_p: rank p's share slow m x_p + s_p is at least the linear relaxation of that
-    objective over its layers within its bytes at its in-flight count (``_rank_lp``; on the last rank the head rides
-    on the last layer, whose dp x cp sets its tokens), the other ranks at their fastest (``rank_mb``; ``blocks_mb``:
-    their blocks alone). Ranks p tried: the first, the last, and of the ranks between them the first of each layer mix
-    unlike the first's (the others hold as many or fewer microbatches in as many or more bytes: their relaxations are
-    no larger). The largest of these and ``best``, up to the first over ``enough`` (the first rank's always: a bound
-    skipped on is no lower than that, which the loops read); +inf, whatever ``enough``, where a rank's smallest
-    strategies do not fit. (A term per pair of ranks, q paced and p with its per-step time, added
-    nothing on the 1,024-GPU searches at twice the relaxations.)"""
-    pp, m = o.pp, o.m
-    d = slow / v / max(o.hw.contention, 1.0)
-    a = m * slow
-    total = sum(rank_mb)
-    ranks = []
-    for r, counts in _bound_ranks(o, stages):
-        first, last = r == 0, r == pp - 1
-        room = _rank_room(o, head_tokens, first, last)
-        inflight = cm.inflight_microbatches(o.sched, pp, r, m, v)
-        if not _rank_fits(o, counts, inflight, room, a):
-            return math.inf  # known at little cost: the search stops growing the micro-batch there
-        ranks.append((r, counts, first, last, room, inflight))
-    for r, counts, first, last, room, inflight in ranks:
-        if best > enough and not first:
-            break
-        e_mb, e_step = _ends_min(o, first, last) if first or last else (0.0, 0.0)
-        h = rank_mb[r] - blocks_mb[r] - (head if last else 0.0) + e_mb  # boundary transfer, ends (head: in the LP)
-        best = max(best, _rank_lp(o, counts, inflight, room, a, last) + a * h + e_step + d * (total - rank_mb[r]))
-    return best
-
-
-def _bound_ranks(o: _Outer, stages: list[list[int]]) -> list[tuple[int, dict[bool, int]]]:
-    """The pipeline ranks whose memory ``_rank_lp_bound`` checks under ``stages`` and how many layers of each kind
-    they hold (in the order of their layers; memoised per search): the first, the last and of the ranks between the
-    first of each mix of layer counts."""
-    key = ("bound ranks", o.pp, tuple(map(tuple, stages)))
+def _first_rank_counts(o: _Outer, stages: list[list[int]]) -> dict[bool, int]:
+    """How many layers of each kind the first pipeline rank holds under ``stages`` (memoised per search), in the order
+    of the first rank's layers."""
+    key = ("first counts", o.pp, tuple(map(tuple, stages)))
     got = o.memo.bound_parts.get(key)
     if got is None:
         flags = o.memo.moe_flags(o.cfg)
-        counts: list[dict[bool, int]] = [{} for _ in range(o.pp)]
+        got = {}
         for j, (a, b) in enumerate(stages):
-            c = counts[j % o.pp]
-            for i in range(a, b):
-                c[flags[i]] = c.get(flags[i], 0) + 1
-        got, seen = [], [counts[0]]
-        for r, c in enumerate(counts):
-            if 0 < r < o.pp - 1:
-                if c in seen:  # as many or fewer microbatches than the first like it, in as many or more bytes
-                    continue
-                seen.append(c)
-            got.append((r, c))
+            if j % o.pp == 0:
+                for i in range(a, b):
+                    got[flags[i]] = got.get(flags[i], 0) + 1
         o.memo.bound_parts[key] = got
     return got
 
 
-def _rank_room(o: _Outer, head_tokens: float, first: bool, last: bool) -> float:
-    """The most bytes a pipeline rank's blocks may hold in a plan that fits (``evaluate_plan``: the rank's states,
-    in-flight activations, transient and loss buffers, with framework overhead, within the device), less the least
-    its embedding (first) and head with its loss buffers (last) take at any tp and ZeRO level a plan may give them.
-    Valid where ``evaluate_plan`` counts gradients at the peak (not one stage with one microbatch)."""
+def _first_rank_room(o: _Outer, head_tokens: float) -> Optional[float]:
+    """The most bytes the first pipeline rank's blocks may hold in a plan that fits (``evaluate_plan``: the rank's
+    states, in-flight activations, transient and loss buffers, with framework overhead, within the device), less the
+    least its embedding (and, with one stage, the head's loss buffers) takes at any tp and ZeRO level a plan may
+    give them. None where ``evaluate_plan`` may count the memory otherwise (no gradients at the peak: one stage,
+    one microbatch)."""
     hw, cfg = o.hw, o.cfg
-    key = (o.per_stage, tuple(o.tps), o.states, first, last, head_tokens if last else None)
+    if o.pp == 1 and o.m == 1 and hw.grads_set_to_none:
+        return None
+    last = o.pp == 1
+    key = (o.per_stage, tuple(o.tps), o.states, last, head_tokens if last else None)
     got = o.memo.rooms.get(key)
     if got is not None:
         return got
-    ends = 0.0
-    if first or last:
-        ends = math.inf
-        for e in sorted({1, *o.tps}):
-            dp = o.per_stage // e
-            emb = min(cm.embedding_static_bytes(cfg, first, last, e, dp, z if dp > 1 else 0, o.states, hw)
-                      for z in range(4))
-            ends = min(ends, emb + (cm.loss_peak_bytes(cfg, head_tokens, e, hw) if last else 0.0))
+    ends = math.inf
+    for e in sorted({1, *o.tps}):
+        dp = o.per_stage // e
+        emb = min(cm.embedding_static_bytes(cfg, True, last, e, dp, z if dp > 1 else 0, o.states, hw) for z in range(4))
+        ends = min(ends, emb + (cm.loss_peak_bytes(cfg, head_tokens, e, hw) if last else 0.0))
     got = o.memo.rooms[key] = o.usable * (1 + 1e-9) - ends
     return got
 
 
-def _rank_lp(o: _Outer, counts: dict[bool, int], inflight: float, room: float, a: float, last: bool = False) -> float:
-    """``_lp`` of ``a`` x per-microbatch time + per-step time over one rank's layers (``counts`` per kind)
-    within ``room`` bytes at ``inflight`` microbatches (+inf where the smallest footprints do not fit). On the last
-    rank (``last``), the model's last layer also carries the head's least time at that layer's tokens."""
+def _first_rank_lp(o: _Outer, counts: dict[bool, int], inflight: float, room: float, a: float) -> float:
+    """``_lp`` of ``a`` x per-microbatch time + per-step time over the first rank's layers (``counts`` per kind)
+    within ``room`` bytes at ``inflight`` microbatches (+inf where the smallest footprints do not fit). Separate
+    relaxations of the two times skipped no more candidates on the 1,024-GPU searches, at three times the cost."""
     flags = o.memo.moe_flags(o.cfg)
     groups = []
     for key, n in counts.items():
         vec = _vectors(o, flags.index(key))
-        if last and key == flags[-1]:
-            groups.append((vec.lp_kind((a, "head"), lambda: a * (vec.mb_s + _head_by_strategy(o, vec)) + vec.step_s), 1))
-            n -= 1
-        if n:
-            groups.append((vec.lp_kind(a, lambda: a * vec.mb_s + vec.step_s), n))
+        groups.append((vec.lp_kind(a, lambda: a * vec.mb_s + vec.step_s), n))
     return _lp(groups, room, inflight, None)
-
-
-def _rank_fits(o: _Outer, counts: dict[bool, int], inflight: float, room: float, a: float) -> bool:
-    """Whether one rank's layers (``counts`` per kind) fit in ``room`` bytes at ``inflight`` microbatches at their
-    smallest footprints: as ``_rank_lp`` is finite, without its hulls."""
-    flags = o.memo.moe_flags(o.cfg)
-    need = 0.0
-    for key, n in counts.items():
-        vec = _vectors(o, flags.index(key))
-        need += n * vec.lp_kind(a, lambda: a * vec.mb_s + vec.step_s).smallest(inflight)
-    return room - need >= -abs(room) * 1e-9
-
-
-def _head_by_strategy(o: _Outer, vec: _Vectors) -> np.ndarray:
-    """The head's and loss's least time per microbatch (at tp 1 or any of ``o.tps``) where the model's last layer takes
-    each of ``vec``'s strategies: ``evaluate_plan``'s head tokens are mb * seq * max dp / (that layer's dp x cp)."""
-    got = vec.__dict__.get("_head_s")
-    if got is None:
-        ckey = ("dp x cp", id(vec.columns))
-        held = o.memo.bound_parts.get(ckey)
-        if held is None:  # per strategy list (the columns are the memo's for the whole search: their id stays theirs)
-            dpcp = np.array([s.dp * s.cp for s in vec.strategies])
-            held = o.memo.bound_parts[ckey] = (vec.columns, *np.unique(dpcp, return_inverse=True))
-        _, values, inverse = held
-        heads = []
-        for x in values.tolist():
-            tokens = o.mb * o.seq_len * o.max_dp / x
-            hkey = ("head", tokens, tuple(o.tps))
-            t = o.memo.bound_parts.get(hkey)
-            if t is None:
-                t = o.memo.bound_parts[hkey] = min(cm.head_s(o.cfg, tokens, e, o.hw) + cm.loss_s(o.cfg, tokens, e, o.hw)
-                                                   for e in sorted({1, *o.tps}))
-            heads.append(t)
-        got = vec.__dict__["_head_s"] = np.array(heads).take(inverse)
-    return got
-
-
-def _ends_min(o: _Outer, first: bool, last: bool) -> tuple[float, float]:
-    """The least per-microbatch and per-step time ``evaluate_plan`` adds to the first or last rank for the embedding
-    and head weights (their cast and ZeRO traffic; data-parallel gradient step, tied-embedding gradient, optimizer
-    step and accumulation), each over every tp (1 or one of ``o.tps``) and ZeRO level a plan may give them."""
-    key = ("ends", o.per_stage, tuple(o.tps), o.states, o.pp, first, last)
-    got = o.memo.bound_parts.get(key)
-    if got is None:
-        cfg, hw = o.cfg, o.hw
-        mb_s, steps = math.inf, []
-        for e in sorted({1, *o.tps}):
-            emb_dp = o.per_stage // e
-            n = cm.embedding_param_count(cfg, first, last, e)
-            acc = cm.grad_accumulate_s(n, hw)
-            for z in (range(4) if emb_dp > 1 else [0]):
-                per_mb, step = cm.dp_comm_s(n, emb_dp, z, e, hw)
-                mb_s = min(mb_s, cm.weight_traffic_mb_s(n if last else 0.0, "none", hw) + per_mb)
-                steps.append((step + cm.tied_embedding_grad_s(cfg, e, o.pp, o.per_stage, hw)
-                              + cm.optimizer_step_s(n, emb_dp, z, o.states, hw), acc))
-        got = o.memo.bound_parts[key] = (mb_s, steps, {})
-    mb_s, steps, per_m = got
-    step_s = per_m.get(o.m)
-    if step_s is None:
-        step_s = per_m[o.m] = min(x + (o.m - 1) * acc for x, acc in steps)
-    return mb_s, step_s
 
 
 def _candidate_key(o: _Outer) -> tuple:
@@ -1316,21 +1179,12 @@ def _candidate_key(o: _Outer) -> tuple:
     return (o.states, o.pp, o.t_base, o.mb, o.sched, o.v)
 
 
-def _bound_of(o: _Outer, bar: float = math.inf) -> float:
-    """``_step_lower_bound``, once per candidate and search, or where it exceeds ``bar``, the part of it computed until
-    then (``enough``: most candidates of a large search are skipped without most of the ranks' relaxations). The bar
-    only comes down during a search: such a part still exceeds it on the next call."""
+def _bound_of(o: _Outer) -> float:
+    """``_step_lower_bound``, once per candidate and search."""
     key = _candidate_key(o)
     got = o.memo.bounds.get(key)
     if got is None:
-        part = o.memo.part_bounds.get(key)
-        if part is not None and part > bar:
-            return part
-        got = _step_lower_bound(o, enough=bar)
-        if got > bar:  # a lower bound, the whole one or not
-            o.memo.part_bounds[key] = got
-        else:  # every partition at or under the bar was bounded in full: the whole bound
-            o.memo.bounds[key] = got
+        got = o.memo.bounds[key] = _step_lower_bound(o)
     return got
 
 
@@ -1417,12 +1271,12 @@ def _try_schedule(o: _Outer, out: _Collector) -> tuple[Optional[float], Optional
     solved = out.solved.get(_candidate_key(o))  # solved ahead: its plans are kept already
     if solved is None:
         out.candidates += 1
-        bound = _bound_of(o, out.bar) if out.bar < math.inf else 0.0
+        bound = _bound_of(o) if out.bar < math.inf else 0.0
         if bound > out.bar:  # no plan of it can enter the result
             out.skipped += 1
             if bound == math.inf:
-                out.rejected.append({"layout": o.label(), "reason": "skipped: out of memory (a pipeline rank's "
-                                     "smallest strategies alone exceed the budget)"})
+                out.rejected.append({"layout": o.label(), "reason": "skipped: out of memory (the first pipeline "
+                                     "rank's smallest strategies alone exceed the budget)"})
                 return None, None
             out.rejected.append({"layout": o.label(), "reason": f"skipped: none of its plans is faster than {bound:.4g} s "
                                  f"(lower bound); the {out.top} fastest layouts found take at most {out.bar:.4g} s"})

@@ -253,7 +253,7 @@ class Trainer:
                                  self.cfg.data.path, str(target), self.allow_data_change)
         if note is not None and self.runtime.is_main:
             self.print(note)
-        self.train_loader.load_state_dict(state["train_loader"])
+        self.train_loader.load_state_dict(state["train_loader"], data_changed=self.allow_data_change)
         return True
 
     def train_step(self) -> dict[str, Any]:

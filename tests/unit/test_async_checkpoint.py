@@ -182,3 +182,38 @@ def test_ckpt_async_round_trips_and_bad_values_name_the_field(tmp_path):
     assert load_train_config(base).ckpt_async is False
     with pytest.raises(ConfigError, match="ckpt_async"):
         load_train_config({**base, "ckpt_async": "sometimes"})
+
+
+@pytest.mark.timeout(240)
+def test_an_error_in_the_final_eval_first_completes_the_checkpoint_in_flight(data, tmp_path, monkeypatch):
+    """eval_every=0: fit evaluates once after the last step, outside the steps' error path. An error there (a val
+    file changed under the run, a Ctrl-C) left the step-2 checkpoint in flight when fit raised: the caller then tore
+    down the process group its writer used. Now it is complete and named by `latest` when the error propagates."""
+    release = threading.Event()
+    write, wait_for_save = _FileSystemWriter.write_data, Trainer.wait_for_save
+
+    def held_write(self, plan, planner):
+        if threading.current_thread() is not threading.main_thread():
+            release.wait(60)
+        return write(self, plan, planner)
+
+    def failing_eval(self):
+        raise RuntimeError("the final eval failed")
+
+    def releasing_wait(self):
+        release.set()
+        wait_for_save(self)
+
+    monkeypatch.setattr(_FileSystemWriter, "write_data", held_write)
+    monkeypatch.setattr(Trainer, "evaluate", failing_eval)
+    monkeypatch.setattr(Trainer, "wait_for_save", releasing_wait)
+    t = make_trainer(data, tmp_path, ckpt_async=True, **{**KW, "steps": 3, "eval_every": 0})
+    try:
+        with pytest.raises(RuntimeError, match="the final eval failed"):
+            t.fit()
+        ckpt = tmp_path / "ckpt"
+        assert not t.async_ckpt.pending
+        assert latest_checkpoint(ckpt).name == "step_000002" and not list(ckpt.glob("*.tmp"))
+        verify_manifest(ckpt / "step_000002")
+    finally:
+        release.set()

@@ -217,3 +217,34 @@ def test_an_error_in_the_final_eval_first_completes_the_checkpoint_in_flight(dat
         verify_manifest(ckpt / "step_000002")
     finally:
         release.set()
+
+
+def test_export_of_a_run_whose_training_prunes_the_checkpoint_being_read(tmp_path, monkeypatch):
+    """`meshwright export RUN` while the run trains with keep_checkpoints=1: the checkpoint `latest` named is pruned
+    by the next one (point_and_prune, from the background writer with ckpt_async) while export reads it. That was
+    'does not hold the plain model' or '.metadata is unreadable' in about half of the exports of a live run
+    (ckpt_every=1); now the export takes the new `latest`."""
+    from _train_helpers import trained_run
+    from meshwright.train import hf_export
+    from meshwright.train.checkpoint import point_and_prune
+
+    run = trained_run(tmp_path)
+    ckpt = run / "ckpt"
+    read = hf_export.read_metadata_file
+    pruned = []
+
+    def read_while_training_saves(path):
+        if not pruned:  # the run's next checkpoint lands and prunes this one, mid-read
+            step = int(path.parent.name.split("_")[1])
+            shutil.copytree(path.parent, ckpt / f"step_{step + 1:06d}")
+            point_and_prune(ckpt, ckpt / f"step_{step + 1:06d}", step + 1, keep=1)
+            pruned.append(path.parent.name)
+        return read(path)
+
+    monkeypatch.setattr(hf_export, "read_metadata_file", read_while_training_saves)
+    out = hf_export.export_hf(run, tmp_path / "hf")
+    assert pruned == ["step_000002"] and [p.name for p in list_checkpoints(ckpt)] == ["step_000003"]
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    pruned.clear()  # a step directory the user named is not swapped for another: one line saying what happened
+    with pytest.raises(ConfigError, match="checkpoint step_000003 was removed while it was read"):
+        hf_export.export_hf(ckpt / "step_000003", tmp_path / "hf2")

@@ -153,6 +153,11 @@ def _stack(args: argparse.Namespace) -> str:
     if stack is not None and target is not None and stack not in valid:
         raise ConfigError(f"stack={stack!r} is invalid with --emit {target}; valid: {' or '.join(map(repr, valid))} or "
                           "no --stack (an export is predicted for the stack that runs it)")
+    if stack == "deepspeed-fp32-accum" and getattr(args, "dtype", None) == "fp32":
+        # fp32 training has no bf16 gradients to accumulate in fp32: the prediction was fp32 throughout while
+        # --emit deepspeed wrote bf16 with grad_accum_dtype fp32 (BF16_Optimizer), a different run
+        raise invalid("dtype", "fp32", "bf16 with --stack deepspeed-fp32-accum (bf16 training with fp32 gradient "
+                      "accumulation), or another --stack for fp32 training")
     return stack or target or "meshwright"
 
 

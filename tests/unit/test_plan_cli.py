@@ -364,6 +364,11 @@ def test_deepspeed_stacks_count_the_buckets_and_the_fp32_accumulation_and_keep_t
         rc, _, err = _run(capsys, ["plan", *base, *extra, "--emit", "deepspeed", "--stack", "deepspeed-fp32-accum"])
         assert rc != 0 and "error: stack='deepspeed-fp32-accum' (with --emit deepspeed) cannot run the layout fixed " \
                            f"by {fixed}; valid: --zero 1 with" in err, err
+    # fp32 training with the bf16 + fp32-accumulation stack: predicted fp32 throughout, emitted bf16 (BF16_Optimizer)
+    for flag in ([], ["--emit", "deepspeed"]):
+        rc, _, err = _run(capsys, ["plan", *base, "--zero", "1", "--stack", "deepspeed-fp32-accum", "--dtype", "fp32",
+                                   *flag])
+        assert rc != 0 and "error: dtype='fp32' is invalid; valid: bf16 with --stack deepspeed-fp32-accum" in err, err
     # HSDP where the stack has none: DeepSpeed's ZeRO-2 and Megatron's FSDP2 shard over all dp ranks (the search
     # picked z2 hsdp8 and z3 hsdp8 here, which their exports could only approximate)
     for stack, zero in (("deepspeed", 2), ("megatron", 3)):

@@ -153,6 +153,11 @@ def _stack(args: argparse.Namespace) -> str:
     if stack is not None and target is not None and stack not in valid:
         raise ConfigError(f"stack={stack!r} is invalid with --emit {target}; valid: {' or '.join(map(repr, valid))} or "
                           "no --stack (an export is predicted for the stack that runs it)")
+    if stack == "deepspeed-fp32-accum" and getattr(args, "dtype", None) == "fp32":
+        # fp32 training has no bf16 gradients to accumulate in fp32: the prediction was fp32 throughout while
+        # --emit deepspeed wrote bf16 with grad_accum_dtype fp32 (BF16_Optimizer), a different run
+        raise invalid("dtype", "fp32", "bf16 with --stack deepspeed-fp32-accum (bf16 training with fp32 gradient "
+                      "accumulation), or another --stack for fp32 training")
     return stack or target or "meshwright"
 
 
@@ -210,13 +215,16 @@ def _search_for_stack(target: str, cfg: Any, cluster: Any, args: argparse.Namesp
     """Search only the layouts ``target`` runs: the union of its constraint sets, best first, preferring
     plans it runs as planned (export.stack_problems) over ones it would approximate."""
     from meshwright.launcher.planner.export import stack_constraints, stack_problems
+    from meshwright.launcher.planner.export.stacks import RUNS
     from meshwright.launcher.planner.search import Allow, search
 
     sets = stack_constraints(target, constraints)
-    if not sets:
-        flag = "emit" if getattr(args, "emit", None) else "stack"
-        raise ConfigError(f"{flag}={target!r} cannot run the layout fixed by --zero/--pp/--ep/--schedule/--virtual-stages; valid: drop the "
-                          f"constraint {target} cannot execute (see `meshwright plan --help`)")
+    if not sets:  # the flag the user gave (--stack wins: `--emit deepspeed --stack deepspeed-fp32-accum`)
+        flag = "stack" if getattr(args, "stack", None) else "emit"
+        emit = f" (with --emit {args.emit})" if flag == "stack" and getattr(args, "emit", None) else ""
+        fixed = " ".join(f"--{k.replace('_', '-')} {getattr(constraints, k)}" for k in
+                         ("zero", "pp", "ep", "schedule", "virtual_stages") if getattr(constraints, k) is not None)
+        raise ConfigError(f"{flag}={target!r}{emit} cannot run the layout fixed by {fixed}; valid: {RUNS[target]}")
     results = [search(cfg, cluster, args.seq_len, args.global_batch, hw=hw, constraints=c, allow=Allow(), top=args.top,
                       suggest=False) for c in sets]
     cands = sorted((c for r in results for c in ([r.best] if r.best else []) + list(r.runners_up)),

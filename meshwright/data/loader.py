@@ -256,8 +256,10 @@ class SequenceLoader:
             state["data"] = self.data_fingerprint
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("seed", "seq_len", "n_windows"):
+    def load_state_dict(self, state: dict[str, Any], data_changed: bool = False) -> None:
+        """Restore the position. ``data_changed`` (``--allow-config-change``): the data may have another number of
+        windows; the position carries over (taken modulo this data's windows), as a resume onto new data asks."""
+        for key in ("seed", "seq_len") if data_changed else ("seed", "seq_len", "n_windows"):
             if state.get(key) != getattr(self, key):
                 raise ConfigError(f"resume: {self.name} loader {key}={getattr(self, key)!r} differs from the checkpoint's "
                                   f"{state.get(key)!r}; valid: the same seed, seq_len and data as the checkpointed run")

@@ -37,9 +37,30 @@ def find_run(ckpt: str | Path) -> tuple[Path, Path]:
     raise invalid("CKPT", str(ckpt), "a run directory (with config.yaml) or one of its ckpt/step_* directories")
 
 
+PRUNED_RETRIES = 3  # a run directory whose training prunes each checkpoint at the next (keep_checkpoints=1)
+
+
 def export_hf(ckpt: str | Path, out: str | Path) -> Path:
-    """Write ``out`` (config.json + model.safetensors) from the model weights of checkpoint ``ckpt``."""
-    step_dir, run_dir = find_run(ckpt)
+    """Write ``out`` (config.json + model.safetensors) from the model weights of checkpoint ``ckpt``.
+
+    Given a run directory whose training is still running, the checkpoint ``latest`` named may be pruned while it is
+    read (at the next checkpoint with keep_checkpoints=1, sooner with ckpt_async): a failure after which that
+    checkpoint is gone is retried on the new ``latest``, not reported as a damaged or foreign checkpoint."""
+    for attempt in range(PRUNED_RETRIES):
+        step_dir, run_dir = find_run(ckpt)
+        try:
+            return _export(step_dir, run_dir, out)
+        except ConfigError:
+            if step_dir.exists() or step_dir == Path(ckpt) or attempt == PRUNED_RETRIES - 1:
+                if not step_dir.exists():
+                    raise ConfigError(f"CKPT={str(ckpt)!r}: checkpoint {step_dir.name} was removed while it was read "
+                                      f"(pruned by the run's training); valid: a checkpoint that is kept (a larger "
+                                      f"keep_checkpoints) or the export once the run has finished") from None
+                raise
+    raise AssertionError("unreachable")
+
+
+def _export(step_dir: Path, run_dir: Path, out: str | Path) -> Path:
     check_output_path(out, "--hf", directory=True)  # before the checkpoint is read
     check_export_dir(out, "--hf")  # never another model's config.json/weights
     cfg = load_train_config(str(run_dir / "config.yaml"))

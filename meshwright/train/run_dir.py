@@ -8,6 +8,7 @@ rewrite of ``log.jsonl`` emptied it. Only the main rank calls these.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -126,19 +127,26 @@ def check_fresh_or_overwrite(out_dir: str | Path, resume: bool | str, overwrite:
 
 
 def remove_outputs(out: Path) -> None:
-    """Delete meshwright's own files in ``out`` (see ``check_fresh_or_overwrite``)."""
+    """Delete meshwright's own files in ``out`` (see ``check_fresh_or_overwrite``). One that cannot be deleted (a
+    read-only ckpt/) is one line naming it; an empty ckpt/ that cannot go (a mount point) stays, as it holds nothing."""
     ckpt = out / "ckpt"
-    if ckpt.is_dir():
-        for p in ckpt.iterdir():
-            base = p.name.removesuffix(".tmp").removesuffix(".old")
-            if p.is_dir() and STEP_RE.match(base):
-                shutil.rmtree(p)
-            elif p.is_file() and p.name in (LATEST, f"{LATEST}.tmp"):
-                p.unlink()
-        if not any(ckpt.iterdir()):
-            ckpt.rmdir()
-    for name in OUTPUTS:
-        (out / name).unlink(missing_ok=True)
+    try:
+        if ckpt.is_dir():
+            for p in ckpt.iterdir():
+                base = p.name.removesuffix(".tmp").removesuffix(".old")
+                if p.is_dir() and STEP_RE.match(base):
+                    shutil.rmtree(p)
+                elif p.is_file() and p.name in (LATEST, f"{LATEST}.tmp"):
+                    p.unlink()
+            if not any(ckpt.iterdir()):
+                with contextlib.suppress(OSError):
+                    ckpt.rmdir()
+        for name in OUTPUTS:
+            (out / name).unlink(missing_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--overwrite: out_dir={str(out)!r} could not be cleared: {exc.strerror or exc} "
+                          f"({exc.filename}); valid: an out_dir whose previous run's files can be deleted, or another "
+                          f"out_dir") from None
 
 
 def check_resume_config(cfg: TrainConfig, resume: bool | str, allow_change: bool) -> None:

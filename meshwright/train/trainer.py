@@ -252,6 +252,14 @@ class Trainer:
             with self._not_training():
                 self.async_ckpt.close()
 
+    def _complete_save_in_flight(self) -> None:
+        """The error path: the checkpoint in flight is finished (it is complete data) before the error goes on, and
+        before the caller tears down the process group its writer uses."""
+        try:
+            self.wait_for_save()
+        except Exception as exc:  # noqa: BLE001 - the first error is the one to report; this one is named
+            self.print(f"warning: the checkpoint in flight was not completed: {exc}")
+
     def resume(self, path: str | Path | None = None) -> bool:
         """Load ``path`` (or the latest checkpoint in out_dir/ckpt); False when there is none."""
         if path is not None:
@@ -269,7 +277,7 @@ class Trainer:
                                  data_label(self.cfg.data), str(target), self.allow_data_change)
         if note is not None and self.runtime.is_main:
             self.print(note)
-        self.train_loader.load_state_dict(state["train_loader"])
+        self.train_loader.load_state_dict(state["train_loader"], data_changed=self.allow_data_change)
         return True
 
     def train_step(self) -> dict[str, Any]:
@@ -401,11 +409,7 @@ class Trainer:
                 for out in self.steps():
                     self._after_step(run, log, bar, out)
         except BaseException:
-            # the error path: the checkpoint in flight is finished (it is complete data) before the error goes on
-            try:
-                self.wait_for_save()
-            except Exception as exc:  # noqa: BLE001 - the first error is the one to report; this one is named
-                self.print(f"warning: the checkpoint in flight was not completed: {exc}")
+            self._complete_save_in_flight()
             raise
         finally:
             bar.close()
@@ -414,10 +418,14 @@ class Trainer:
             self._sinks.close()
             if self.energy is not None:
                 self.energy.pause()
-        if run.eval_loss is None and self.cfg.eval_every == 0 and not self._stopping:
-            run.eval_loss = self.evaluate()
-        if self.step > run.first_step and self._saved_step != self.step:
-            self.save()
+        try:  # the last ckpt_every checkpoint may still be in flight here too (an error in the final eval)
+            if run.eval_loss is None and self.cfg.eval_every == 0 and not self._stopping:
+                run.eval_loss = self.evaluate()
+            if self.step > run.first_step and self._saved_step != self.step:
+                self.save()
+        except BaseException:
+            self._complete_save_in_flight()
+            raise
         self.wait_for_save()  # the run's last checkpoint is on disk and `latest` names it before fit returns
         if self._stopping:
             self.print(f"stopped at step {self.step} of {self.cfg.steps}: {self.preemption.name} received; checkpoint "

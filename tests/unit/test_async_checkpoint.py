@@ -182,3 +182,69 @@ def test_ckpt_async_round_trips_and_bad_values_name_the_field(tmp_path):
     assert load_train_config(base).ckpt_async is False
     with pytest.raises(ConfigError, match="ckpt_async"):
         load_train_config({**base, "ckpt_async": "sometimes"})
+
+
+@pytest.mark.timeout(240)
+def test_an_error_in_the_final_eval_first_completes_the_checkpoint_in_flight(data, tmp_path, monkeypatch):
+    """eval_every=0: fit evaluates once after the last step, outside the steps' error path. An error there (a val
+    file changed under the run, a Ctrl-C) left the step-2 checkpoint in flight when fit raised: the caller then tore
+    down the process group its writer used. Now it is complete and named by `latest` when the error propagates."""
+    release = threading.Event()
+    write, wait_for_save = _FileSystemWriter.write_data, Trainer.wait_for_save
+
+    def held_write(self, plan, planner):
+        if threading.current_thread() is not threading.main_thread():
+            release.wait(60)
+        return write(self, plan, planner)
+
+    def failing_eval(self):
+        raise RuntimeError("the final eval failed")
+
+    def releasing_wait(self):
+        release.set()
+        wait_for_save(self)
+
+    monkeypatch.setattr(_FileSystemWriter, "write_data", held_write)
+    monkeypatch.setattr(Trainer, "evaluate", failing_eval)
+    monkeypatch.setattr(Trainer, "wait_for_save", releasing_wait)
+    t = make_trainer(data, tmp_path, ckpt_async=True, **{**KW, "steps": 3, "eval_every": 0})
+    try:
+        with pytest.raises(RuntimeError, match="the final eval failed"):
+            t.fit()
+        ckpt = tmp_path / "ckpt"
+        assert not t.async_ckpt.pending
+        assert latest_checkpoint(ckpt).name == "step_000002" and not list(ckpt.glob("*.tmp"))
+        verify_manifest(ckpt / "step_000002")
+    finally:
+        release.set()
+
+
+def test_export_of_a_run_whose_training_prunes_the_checkpoint_being_read(tmp_path, monkeypatch):
+    """`meshwright export RUN` while the run trains with keep_checkpoints=1: the checkpoint `latest` named is pruned
+    by the next one (point_and_prune, from the background writer with ckpt_async) while export reads it. That was
+    'does not hold the plain model' or '.metadata is unreadable' in about half of the exports of a live run
+    (ckpt_every=1); now the export takes the new `latest`."""
+    from _train_helpers import trained_run
+    from meshwright.train import hf_export
+    from meshwright.train.checkpoint import point_and_prune
+
+    run = trained_run(tmp_path)
+    ckpt = run / "ckpt"
+    read = hf_export.read_metadata_file
+    pruned = []
+
+    def read_while_training_saves(path):
+        if not pruned:  # the run's next checkpoint lands and prunes this one, mid-read
+            step = int(path.parent.name.split("_")[1])
+            shutil.copytree(path.parent, ckpt / f"step_{step + 1:06d}")
+            point_and_prune(ckpt, ckpt / f"step_{step + 1:06d}", step + 1, keep=1)
+            pruned.append(path.parent.name)
+        return read(path)
+
+    monkeypatch.setattr(hf_export, "read_metadata_file", read_while_training_saves)
+    out = hf_export.export_hf(run, tmp_path / "hf")
+    assert pruned == ["step_000002"] and [p.name for p in list_checkpoints(ckpt)] == ["step_000003"]
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    pruned.clear()  # a step directory the user named is not swapped for another: one line saying what happened
+    with pytest.raises(ConfigError, match="checkpoint step_000003 was removed while it was read"):
+        hf_export.export_hf(ckpt / "step_000003", tmp_path / "hf2")

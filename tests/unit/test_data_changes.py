@@ -99,6 +99,23 @@ def test_resume_onto_reprepared_data_is_refused(tmp_path, capsys):
     assert summary["steps"] == 4 and "resuming on it as asked" in capsys.readouterr().out
 
 
+def test_allow_config_change_resumes_onto_data_of_another_size(tmp_path, capsys):
+    """--allow-config-change onto a data set of another size (the usual new data) was refused one line later by the
+    loader's window count; the position now carries over onto the new data's windows."""
+    data = prepare([text_corpus(tmp_path, 1)], tmp_path / "corpus", progress=False)
+    run_training(load_train_config(_config(data, tmp_path / "run", steps=2)))
+    prepare([text_corpus(tmp_path, 2, chars=12000)], tmp_path / "corpus", progress=False)
+    capsys.readouterr()
+    summary = run_training(load_train_config(_config(data, tmp_path / "run")), resume=True, allow_config_change=True)
+    out = capsys.readouterr().out
+    assert summary["steps"] == 4 and "resuming on it as asked" in out and "num_tokens 20001 -> 12001" in out, out
+    state = json.loads((latest_checkpoint(tmp_path / "run" / "ckpt") / "trainer_state.json").read_text())
+    assert state["train_loader"]["consumed"] == 4 * 8 and state["train_loader"]["data"]["num_tokens"] == 12001
+    with pytest.raises(ConfigError, match="is not the data set"):  # without the flag: still refused
+        prepare([text_corpus(tmp_path, 3, chars=9000)], tmp_path / "corpus", progress=False)
+        run_training(load_train_config(_config(data, tmp_path / "run", steps=6)), resume=True)
+
+
 def test_a_checkpoint_without_a_fingerprint_still_resumes(corpus, tmp_path):
     old = make_trainer(corpus, tmp_path / "run", steps=2, eval_every=0)
     old.train_loader.data_fingerprint = None  # what checkpoints written before the fingerprint hold

@@ -356,7 +356,19 @@ def test_deepspeed_stacks_count_the_buckets_and_the_fp32_accumulation_and_keep_t
     assert {s["zero"] for s in data["plan"]["layers"]} == {1}
     for zero in ("0", "2"):
         rc, _, err = _run(capsys, ["plan", *base, "--zero", zero, "--stack", "deepspeed-fp32-accum"])
-        assert rc != 0 and "stack='deepspeed-fp32-accum' cannot run the layout fixed by --zero" in err
+        assert rc != 0 and f"stack='deepspeed-fp32-accum' cannot run the layout fixed by --zero {zero} --pp 1; " \
+                           "valid: --zero 1 with --schedule 1f1b" in err
+    # with --emit deepspeed the line names the flag that conflicts (--stack), not emit='deepspeed-fp32-accum'
+    for extra, fixed in ((["--zero", "3"], "--zero 3 --pp 1"), (["--pp", "2", "--virtual-stages", "2"],
+                                                                 "--pp 2 --virtual-stages 2")):
+        rc, _, err = _run(capsys, ["plan", *base, *extra, "--emit", "deepspeed", "--stack", "deepspeed-fp32-accum"])
+        assert rc != 0 and "error: stack='deepspeed-fp32-accum' (with --emit deepspeed) cannot run the layout fixed " \
+                           f"by {fixed}; valid: --zero 1 with" in err, err
+    # fp32 training with the bf16 + fp32-accumulation stack: predicted fp32 throughout, emitted bf16 (BF16_Optimizer)
+    for flag in ([], ["--emit", "deepspeed"]):
+        rc, _, err = _run(capsys, ["plan", *base, "--zero", "1", "--stack", "deepspeed-fp32-accum", "--dtype", "fp32",
+                                   *flag])
+        assert rc != 0 and "error: dtype='fp32' is invalid; valid: bf16 with --stack deepspeed-fp32-accum" in err, err
     # HSDP where the stack has none: DeepSpeed's ZeRO-2 and Megatron's FSDP2 shard over all dp ranks (the search
     # picked z2 hsdp8 and z3 hsdp8 here, which their exports could only approximate)
     for stack, zero in (("deepspeed", 2), ("megatron", 3)):
@@ -368,7 +380,7 @@ def test_deepspeed_stacks_count_the_buckets_and_the_fp32_accumulation_and_keep_t
     # DeepSpeed's pipeline engine has no interleaved schedule: the flag is refused, not dropped
     for flag in (["--stack", "deepspeed"], ["--emit", "deepspeed"]):
         rc, _, err = _run(capsys, ["plan", *free, "--virtual-stages", "2", *flag])
-        assert rc != 0 and "cannot run the layout fixed by --zero/--pp/--ep/--schedule/--virtual-stages" in err
+        assert rc != 0 and "cannot run the layout fixed by --virtual-stages 2; valid: --virtual-stages 1" in err
 
 
 def test_model_profile_in_the_training_dtype_is_recorded_and_checked():

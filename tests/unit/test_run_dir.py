@@ -71,6 +71,40 @@ def test_overwrite_removes_every_file_a_run_writes_and_nothing_else(tmp_path):
     assert {"model.yaml", "model.yaml.tmp", "config.yaml", "plan.yaml", "log.jsonl", "summary.json"} <= set(OUTPUTS)
 
 
+def test_overwrite_of_an_undeletable_ckpt_dir_is_one_line(tmp_path, monkeypatch):
+    """--overwrite where the old run's files cannot go (a read-only ckpt/; as root a chmod does not stop rmtree, so
+    the refusal is raised by the patched call) was a bare PermissionError traceback; a ckpt/ that is a mount point
+    (rmdir: EBUSY) was one too, though it is empty once cleared and may stay."""
+    import os
+    from pathlib import Path
+
+    from meshwright.train import run_dir
+
+    def old_run() -> None:
+        (tmp_path / "ckpt" / "step_000002").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "ckpt" / "step_000002" / "trainer_state.json").write_text("{}")
+        (tmp_path / "ckpt" / "latest").write_text("step_000002\n")
+
+    def refused(path, *a, **k):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    old_run()
+    monkeypatch.setattr(run_dir.shutil, "rmtree", refused)
+    with pytest.raises(ConfigError) as err:
+        run_dir.remove_outputs(tmp_path)
+    assert "\n" not in str(err.value) and str(err.value).startswith(f"--overwrite: out_dir={str(tmp_path)!r} could "
+                                                                     "not be cleared: Permission denied")
+    assert "step_000002" in str(err.value)
+    monkeypatch.undo()
+
+    def busy(self):
+        raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(self))
+
+    monkeypatch.setattr(Path, "rmdir", busy)
+    run_dir.remove_outputs(tmp_path)  # cleared; the empty mount point stays
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"] and not any((tmp_path / "ckpt").iterdir())
+
+
 def test_resume_refuses_a_changed_config_unless_told(data, tmp_path):
     run_training(cfg(data, tmp_path, steps=4))
     with pytest.raises(ConfigError) as err:

@@ -30,6 +30,17 @@ DEEPSPEED_STACKS = ("deepspeed", "deepspeed-fp32-accum")
 RESTRICTED_STACKS = (*TARGETS, "deepspeed-fp32-accum")
 
 
+# what each stack runs, as the flags that reach it (the error for a --zero/--pp/--ep/--schedule/--virtual-stages
+# that excludes every layout of the stack names this; keep in step with ``stack_constraints``)
+RUNS: dict[str, str] = {
+    "megatron": "--zero 0 or 1 with any --pp/--ep, or --zero 3 with --pp 1 and --ep 1; no --schedule gpipe",
+    "deepspeed": "--virtual-stages 1, and --pp 1 (any --zero) or --zero 0/1 with --schedule 1f1b",
+    "deepspeed-fp32-accum": "--zero 1 with --schedule 1f1b and --virtual-stages 1 (DeepSpeed builds BF16_Optimizer "
+                            "at ZeRO-1 only)",
+    "torchtitan": "--zero 0 or 3",
+}
+
+
 def _sets(base: Constraints, *overrides: dict[str, Any]) -> list[Constraints]:
     """The constraint sets ``base`` + each override, dropping the ones that contradict a user-fixed field."""
     out = []

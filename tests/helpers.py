@@ -7,7 +7,9 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -37,3 +39,20 @@ def run_torchrun(script: str | Path, nproc: int, args: list[str] | None = None, 
 
 def read_json(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def held_background_writes(timeout: float) -> tuple[threading.Event, Callable[..., Any]]:
+    """A stand-in for DCP's ``_FileSystemWriter.write_data`` that, off the main thread (ckpt_async's background
+    writer), first waits for the returned event (at most ``timeout`` s): a test holds a background checkpoint back
+    over later steps, then sets the event. Patch it in with ``monkeypatch.setattr(_FileSystemWriter, "write_data", w)``."""
+    from torch.distributed.checkpoint.filesystem import _FileSystemWriter
+
+    release = threading.Event()
+    write = _FileSystemWriter.write_data
+
+    def held_write(self: Any, plan: Any, planner: Any) -> Any:
+        if threading.current_thread() is not threading.main_thread():  # only the background writer is held
+            release.wait(timeout)
+        return write(self, plan, planner)
+
+    return release, held_write

@@ -6,7 +6,7 @@ weights; each rank prints whether that checkpoint was already in place when step
 
 import os
 import sys
-import threading
+from pathlib import Path
 
 from meshwright.cli import main
 
@@ -16,13 +16,11 @@ def hold_background_writes(until: int) -> None:
 
     from meshwright.train.trainer import Trainer
 
-    release = threading.Event()
-    write, after_step = _FileSystemWriter.write_data, Trainer._after_step
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers
+    from helpers import held_background_writes
 
-    def held_write(self, plan, planner):
-        if threading.current_thread() is not threading.main_thread():
-            release.wait(120)
-        return write(self, plan, planner)
+    release, held_write = held_background_writes(120)
+    after_step = Trainer._after_step
 
     def releasing_after_step(self, run, log, bar, out):
         if out["step"] == until and not release.is_set():

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 
 import pytest
 import torch
 from torch.distributed.checkpoint.filesystem import _FileSystemWriter
 
 from _train_helpers import make_trainer, prepared_corpus
+from helpers import held_background_writes
 from meshwright.config import load_train_config
 from meshwright.config.io import to_dict
 from meshwright.errors import ConfigError
@@ -59,13 +59,7 @@ def test_writer_held_past_later_steps_still_writes_the_state_of_its_step(data, t
     sync = make_trainer(data, tmp_path / "sync", **KW)
     sync.fit()
 
-    release = threading.Event()
-    write = _FileSystemWriter.write_data
-
-    def held_write(self, plan, planner):
-        if threading.current_thread() is not threading.main_thread():  # only the background writer is held
-            release.wait(60)
-        return write(self, plan, planner)
+    release, held_write = held_background_writes(60)
 
     seen: list[tuple[int, bool, bool]] = []
     after_step = Trainer._after_step
@@ -143,13 +137,8 @@ def test_a_failed_background_write_is_one_line_and_keeps_the_previous_checkpoint
 def test_an_error_during_training_first_completes_the_checkpoint_in_flight(data, tmp_path, monkeypatch):
     """A step fails while the step-2 checkpoint is still being written (its writer held until fit's error path waits
     for it): the error propagates, and the checkpoint is complete and named by `latest` by then."""
-    release = threading.Event()
-    write, after_step, wait_for_save = _FileSystemWriter.write_data, Trainer._after_step, Trainer.wait_for_save
-
-    def held_write(self, plan, planner):
-        if threading.current_thread() is not threading.main_thread():
-            release.wait(60)
-        return write(self, plan, planner)
+    release, held_write = held_background_writes(60)
+    after_step, wait_for_save = Trainer._after_step, Trainer.wait_for_save
 
     def failing_after_step(self, run, log, bar, out):
         if out["step"] == 3:
@@ -189,13 +178,8 @@ def test_an_error_in_the_final_eval_first_completes_the_checkpoint_in_flight(dat
     """eval_every=0: fit evaluates once after the last step, outside the steps' error path. An error there (a val
     file changed under the run, a Ctrl-C) left the step-2 checkpoint in flight when fit raised: the caller then tore
     down the process group its writer used. Now it is complete and named by `latest` when the error propagates."""
-    release = threading.Event()
-    write, wait_for_save = _FileSystemWriter.write_data, Trainer.wait_for_save
-
-    def held_write(self, plan, planner):
-        if threading.current_thread() is not threading.main_thread():
-            release.wait(60)
-        return write(self, plan, planner)
+    release, held_write = held_background_writes(60)
+    wait_for_save = Trainer.wait_for_save
 
     def failing_eval(self):
         raise RuntimeError("the final eval failed")

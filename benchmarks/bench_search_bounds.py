@@ -12,15 +12,13 @@ time, best of ``--repeat``, with Python's cyclic collector off as in the search.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import json
-import os
-import subprocess
 import sys
 import time
-from pathlib import Path
+
+from bench_search_scale import run_trees, tree_arguments  # the two-tree runner (this directory)
 
 # the two slowest requests of bench_search_scale.py: 1,024 H100, every saver allowed
 REQUESTS = [("megatron-gpt-1t", 2048, 3072), ("mixtral-8x7b", 4096, 1024)]
@@ -71,29 +69,16 @@ def run_one(repeat: int) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", help="the reference tree")
-    ap.add_argument("--new", default=str(Path(__file__).resolve().parents[1]))
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--timeout", type=float, default=900.0)
-    ap.add_argument("--one", action="store_true", help="time this tree only (JSON lines)")
+    ap = tree_arguments(__doc__, repeat=5, timeout=900.0)
     a = ap.parse_args()
     if a.one:
         run_one(a.repeat)
         return 0
     if not a.base:
         ap.error("--base is required")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", "--repeat", str(a.repeat)]
-    procs = {label: subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=str(Path(tree).resolve())),
-                                     stdout=subprocess.PIPE, text=True)
-             for label, tree in (("base", a.base), ("new", a.new))}
-    rows = {}
-    for label, p in procs.items():
-        out, _ = p.communicate(timeout=a.timeout)
-        if p.returncode:
-            print(f"{label} tree failed ({p.returncode})", file=sys.stderr)
-            return 1
-        rows[label] = [json.loads(x) for x in out.splitlines() if x.strip()]
+    rows = run_trees(__file__, a)
+    if rows is None:
+        return 1
     print(f"base: {rows['base'][0]['meshwright']}  \nnew: {rows['new'][0]['meshwright']}  \n"
           f"CPU s of every candidate's bound on a fresh memo, best of {a.repeat}; 1,024 H100, "
           f"--allow {'+'.join(ALLOW)}.\n")

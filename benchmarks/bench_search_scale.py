@@ -53,33 +53,46 @@ def run_one(repeat: int) -> None:
                                   "skipped": getattr(r, "skipped", None)}), flush=True)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def tree_arguments(description: str, repeat: int, timeout: float) -> argparse.ArgumentParser:
+    """The options of a benchmark that times two source trees side by side (``run_trees``)."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", help="the reference tree")
     ap.add_argument("--new", default=str(Path(__file__).resolve().parents[1]))
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--out", help="write the markdown table here too")
-    ap.add_argument("--timeout", type=float, default=1800.0)
+    ap.add_argument("--repeat", type=int, default=repeat)
+    ap.add_argument("--timeout", type=float, default=timeout)
     ap.add_argument("--one", action="store_true", help="time this tree only (JSON lines)")
+    return ap
+
+
+def run_trees(script: str, a: argparse.Namespace) -> dict[str, list[dict]] | None:
+    """``script --one`` under the base and the new tree at once (each importing meshwright from its own tree, so
+    background load hits both alike): each tree's JSON lines, or None (named on stderr) when one failed."""
+    procs = {label: subprocess.Popen([sys.executable, str(Path(script).resolve()), "--one", "--repeat", str(a.repeat)],
+                                     env=dict(os.environ, PYTHONPATH=str(Path(tree).resolve())),
+                                     stdout=subprocess.PIPE, text=True)
+             for label, tree in (("base", a.base), ("new", a.new))}
+    rows = {}
+    for label, p in procs.items():
+        out, _ = p.communicate(timeout=a.timeout)
+        if p.returncode:
+            print(f"{label} tree failed ({p.returncode})", file=sys.stderr)
+            return None
+        rows[label] = [json.loads(x) for x in out.splitlines() if x.strip()]
+    return rows
+
+
+def main() -> int:
+    ap = tree_arguments(__doc__, repeat=3, timeout=1800.0)
+    ap.add_argument("--out", help="write the markdown table here too")
     a = ap.parse_args()
     if a.one:
         run_one(a.repeat)
         return 0
     if not a.base:
         ap.error("--base is required")
-    procs = {}
-    for label, tree in (("base", a.base), ("new", a.new)):
-        env = dict(os.environ, PYTHONPATH=str(Path(tree).resolve()))
-        procs[label] = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--one", "--repeat",
-                                         str(a.repeat)], env=env, stdout=subprocess.PIPE, text=True)
-    rows = {}
-    for label, p in procs.items():
-        out, _ = p.communicate(timeout=a.timeout)
-        if p.returncode:
-            print(f"{label} tree failed ({p.returncode})", file=sys.stderr)
-            return 1
-        lines = [json.loads(x) for x in out.splitlines() if x.strip()]
-        rows[label] = lines
+    rows = run_trees(__file__, a)
+    if rows is None:
+        return 1
     where = {k: v[0]["meshwright"] for k, v in rows.items()}
     table = [f"base: {where['base']}  \nnew: {where['new']}  \nCPU s of one search, best of {a.repeat}; "
              f"{NODES} x 8 GPUs.", "",

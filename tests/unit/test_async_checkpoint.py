@@ -133,30 +133,49 @@ def test_a_failed_background_write_is_one_line_and_keeps_the_previous_checkpoint
     assert not list(ckpt.glob("*.tmp"))
 
 
-@pytest.mark.timeout(240)
-def test_an_error_during_training_first_completes_the_checkpoint_in_flight(data, tmp_path, monkeypatch):
-    """A step fails while the step-2 checkpoint is still being written (its writer held until fit's error path waits
-    for it): the error propagates, and the checkpoint is complete and named by `latest` by then."""
-    release, held_write = held_background_writes(60)
-    after_step, wait_for_save = Trainer._after_step, Trainer.wait_for_save
-
-    def failing_after_step(self, run, log, bar, out):
+def _failing_after_step(after_step):
+    def failing(self, run, log, bar, out):
         if out["step"] == 3:
             raise RuntimeError("a step failed")
         after_step(self, run, log, bar, out)
+    return failing
+
+
+def _failing_eval(evaluate):
+    def failing(self):
+        raise RuntimeError("the final eval failed")
+    return failing
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("method, failing, overrides, message", [
+    # a step fails inside fit's steps loop, its error path
+    ("_after_step", _failing_after_step, {}, "a step failed"),
+    # eval_every=0: fit evaluates once after the last step, outside the steps' error path. An error there (a val
+    # file changed under the run, a Ctrl-C) left the step-2 checkpoint in flight when fit raised: the caller then
+    # tore down the process group its writer used
+    ("evaluate", _failing_eval, {"steps": 3, "eval_every": 0}, "the final eval failed"),
+], ids=["in_a_step", "in_the_final_eval"])
+def test_an_error_first_completes_the_checkpoint_in_flight(data, tmp_path, monkeypatch, method, failing, overrides,
+                                                           message):
+    """An error while the step-2 checkpoint is still being written (its writer held until fit's error path waits
+    for it): the error propagates, and by then the checkpoint is complete and named by `latest`."""
+    release, held_write = held_background_writes(60)
+    wait_for_save = Trainer.wait_for_save
 
     def releasing_wait(self):
         release.set()
         wait_for_save(self)
 
     monkeypatch.setattr(_FileSystemWriter, "write_data", held_write)
-    monkeypatch.setattr(Trainer, "_after_step", failing_after_step)
+    monkeypatch.setattr(Trainer, method, failing(getattr(Trainer, method)))
     monkeypatch.setattr(Trainer, "wait_for_save", releasing_wait)
-    t = make_trainer(data, tmp_path, ckpt_async=True, **KW)
+    t = make_trainer(data, tmp_path, ckpt_async=True, **{**KW, **overrides})
     try:
-        with pytest.raises(RuntimeError, match="a step failed"):
+        with pytest.raises(RuntimeError, match=message):
             t.fit()
         ckpt = tmp_path / "ckpt"
+        assert not t.async_ckpt.pending
         assert latest_checkpoint(ckpt).name == "step_000002" and not list(ckpt.glob("*.tmp"))
         verify_manifest(ckpt / "step_000002")
     finally:
@@ -171,36 +190,6 @@ def test_ckpt_async_round_trips_and_bad_values_name_the_field(tmp_path):
     assert load_train_config(base).ckpt_async is False
     with pytest.raises(ConfigError, match="ckpt_async"):
         load_train_config({**base, "ckpt_async": "sometimes"})
-
-
-@pytest.mark.timeout(240)
-def test_an_error_in_the_final_eval_first_completes_the_checkpoint_in_flight(data, tmp_path, monkeypatch):
-    """eval_every=0: fit evaluates once after the last step, outside the steps' error path. An error there (a val
-    file changed under the run, a Ctrl-C) left the step-2 checkpoint in flight when fit raised: the caller then tore
-    down the process group its writer used. Now it is complete and named by `latest` when the error propagates."""
-    release, held_write = held_background_writes(60)
-    wait_for_save = Trainer.wait_for_save
-
-    def failing_eval(self):
-        raise RuntimeError("the final eval failed")
-
-    def releasing_wait(self):
-        release.set()
-        wait_for_save(self)
-
-    monkeypatch.setattr(_FileSystemWriter, "write_data", held_write)
-    monkeypatch.setattr(Trainer, "evaluate", failing_eval)
-    monkeypatch.setattr(Trainer, "wait_for_save", releasing_wait)
-    t = make_trainer(data, tmp_path, ckpt_async=True, **{**KW, "steps": 3, "eval_every": 0})
-    try:
-        with pytest.raises(RuntimeError, match="the final eval failed"):
-            t.fit()
-        ckpt = tmp_path / "ckpt"
-        assert not t.async_ckpt.pending
-        assert latest_checkpoint(ckpt).name == "step_000002" and not list(ckpt.glob("*.tmp"))
-        verify_manifest(ckpt / "step_000002")
-    finally:
-        release.set()
 
 
 def test_export_of_a_run_whose_training_prunes_the_checkpoint_being_read(tmp_path, monkeypatch):

@@ -342,7 +342,8 @@ def run(args: argparse.Namespace) -> int:
             raise invalid("--out", args.out, f"a writable file path ({exc.strerror or exc})") from None
     if args.emit:
         train = getattr(args, "train_config_loaded", None)
-        text, notes = emit(best.plan, objects["cfg"], args.emit, train, _stack(args))
+        # the dtype the prediction was made in (--dtype, else the cluster's default): the export trains in it
+        text, notes = emit(best.plan, objects["cfg"], args.emit, train, _stack(args), result["compute_dtype"])
         if args.allow:  # the consumers run none of meshwright's savers: say so rather than drop them unseen
             notes.append(f"--allow {' '.join(args.allow)} ignored: {args.emit} runs none of meshwright's memory savers, "
                          "so the search kept to layouts without them")

@@ -49,13 +49,21 @@ def _case(name):
     return (*_plan(model, world, **kw), world)
 
 
+@pytest.mark.parametrize("dtype", exports.DTYPES)
 @pytest.mark.parametrize("name", list(CASES))
-def test_megatron_export_passes_megatron_validate_args(name):
+def test_megatron_export_passes_megatron_validate_args(name, dtype):
+    import torch
+
     plan, cfg, world = _case(name)
-    args, notes = exports.megatron_args(plan, cfg, TrainConfig(lr=1.5e-4, min_lr=1.5e-5, steps=1000, warmup_steps=100))
+    args, notes = exports.megatron_args(plan, cfg, TrainConfig(lr=1.5e-4, min_lr=1.5e-5, steps=1000, warmup_steps=100),
+                                        dtype)
     parser_opts = {o for a in megatron_parser()._actions for o in a.option_strings}
     assert [a for a in args if a.startswith("--") and a not in parser_opts] == []
     ns = megatron_validate(args, world, exports.megatron_env(plan, cfg))
+    # the plan's dtype as validate_args resolves it: bf16 params with fp32 main gradients, or fp32 throughout
+    assert ns.params_dtype == {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    assert ns.bf16 == (dtype == "bf16") and not ns.fp16
+    assert ns.main_grads_dtype == torch.float32 and ns.accumulate_allreduce_grads_in_fp32 == (dtype == "bf16")
     s = plan.layer_strategies()[0]
     assert ns.tensor_model_parallel_size == s.tp and ns.pipeline_model_parallel_size == plan.pipeline.degree
     assert ns.data_parallel_size == world // (s.tp * plan.pipeline.degree)
@@ -118,14 +126,39 @@ def _ds_config(conf, dp, monkeypatch):
     return dsc.DeepSpeedConfig(json.loads(json.dumps(conf)), mpu=MPU())
 
 
+def _ds_optimizer(ds, pipeline: bool):
+    """The optimizer wrapper DeepSpeed's engine picks for config ``ds`` (engine.py _do_optimizer_sanity_check, run on
+    the config alone): None = the torch optimizer as is, "zero_optimization", "bf16" (BF16_Optimizer), "ddp_bf16"."""
+    import torch
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    names = ("_do_optimizer_sanity_check", "get_data_types", "fp16_enabled", "bfloat16_enabled", "zero_optimization",
+             "zero_optimization_stage", "zero_cpu_offload", "zero_compute_grad_norm", "zero_allow_untested_optimizer")
+    engine = type("EngineOnConfig", (), {n: getattr(DeepSpeedEngine, n) for n in names})()
+    engine._config, engine.pipeline_parallelism, engine.global_rank = ds, pipeline, 0
+    return engine._do_optimizer_sanity_check(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]))
+
+
+@pytest.mark.parametrize("dtype", exports.DTYPES)
 @pytest.mark.parametrize("name", list(CASES))
-def test_deepspeed_export_loads_and_keeps_the_pipeline_engine_rules(name, monkeypatch):
+def test_deepspeed_export_loads_and_keeps_the_pipeline_engine_rules(name, dtype, monkeypatch):
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
     plan, cfg, world = _case(name)
-    conf, notes = exports.deepspeed_config(plan, cfg, TrainConfig(lr=2e-4, grad_clip=0.5))
+    conf, notes = exports.deepspeed_config(plan, cfg, TrainConfig(lr=2e-4, grad_clip=0.5), dtype=dtype)
     s = plan.layer_strategies()[0]
     ds = _ds_config(conf, s.dp, monkeypatch)
+    # the plan's dtype as DeepSpeed resolves it: no fp16 block, bf16 on or off; fp32 accumulates and reduces in fp32
+    assert "fp16" not in conf and not ds.float16_config.enabled and ds.bfloat16_config.enabled == (dtype == "bf16")
+    assert ds.grad_accum_dtype is None and ds.communication_data_type is None  # both follow the model dtype
+    built = _ds_optimizer(ds, plan.pipeline.degree > 1)
+    stage = ds.zero_optimization_stage
+    if dtype == "fp32":
+        assert built == (None if stage == 0 else "zero_optimization")
+        assert any("fp32 at ZeRO-" in n for n in notes) == (stage in (1, 2))
+    else:
+        assert built == ("zero_optimization" if stage else "bf16" if plan.pipeline.degree > 1 else "ddp_bf16")
+        assert not any("fp32 at ZeRO-" in n for n in notes)
     assert ds.train_batch_size == plan.global_batch
     assert ds.train_micro_batch_size_per_gpu * ds.gradient_accumulation_steps * s.dp == plan.global_batch
     assert ds.optimizer_params["lr"] == 2e-4 and ds.gradient_clipping == 0.5
@@ -144,9 +177,14 @@ def test_deepspeed_export_loads_and_keeps_the_pipeline_engine_rules(name, monkey
 
 def _titan_check(plan, cfg, world, settings):
     """Construct torchtitan's own dataclasses (unknown fields raise) and apply its mesh and stage rules."""
+    import typing
+
     tt = torchtitan_configs()
     par = tt.ParallelismConfig(**settings["parallelism"])
-    tt.TrainingConfig(**settings["training"])
+    training = tt.TrainingConfig(**settings["training"])
+    hints = typing.get_type_hints(tt.TrainingConfig)
+    for field in ("dtype", "mixed_precision_param", "mixed_precision_reduce"):  # the dataclass checks no Literal
+        assert getattr(training, field) in typing.get_args(hints[field]), field
     assert (par.data_parallel_replicate_degree * par.data_parallel_shard_degree * par.tensor_parallel_degree
             * par.pipeline_parallel_degree * par.context_parallel_degree) == world
     dense = par.data_parallel_shard_degree * par.context_parallel_degree * par.tensor_parallel_degree
@@ -163,18 +201,23 @@ def _titan_check(plan, cfg, world, settings):
     return par
 
 
+@pytest.mark.parametrize("dtype", exports.DTYPES)
 @pytest.mark.parametrize("name", list(CASES))
-def test_torchtitan_export_builds_torchtitans_config_dataclasses(name):
+def test_torchtitan_export_builds_torchtitans_config_dataclasses(name, dtype):
     plan, cfg, world = _case(name)
-    settings, ac, notes = exports.torchtitan_settings(plan, cfg)
+    settings, ac, notes = exports.torchtitan_settings(plan, cfg, dtype=dtype)
     par = _titan_check(plan, cfg, world, settings)
+    # fp32 weights and optimizer states either way; the plan's dtype is what FSDP2 gathers and computes in
+    assert settings["training"] == {**settings["training"], "dtype": "float32", "mixed_precision_reduce": "float32",
+                                    "mixed_precision_param": {"bf16": "bfloat16", "fp32": "float32"}[dtype]}
     s = plan.layer_strategies()[0]
     assert par.enable_sequence_parallel == s.sp
     assert ac == {"none": "None", "full": "FullAC.Config()", "selective": "SelectiveAC.Config()"}[s.recompute]
     if cfg.n_experts and par.expert_parallel_degree != s.ep:
         assert any(f"instead of the planned {s.ep}" in n for n in notes)
-    text, _ = exports.torchtitan_config(plan, cfg)
+    text, _ = exports.torchtitan_config(plan, cfg, dtype=dtype)
     compile(text, "apply_plan.py", "exec")  # valid Python
+    assert f"'mixed_precision_param': '{settings['training']['mixed_precision_param']}'" in text
     assert "b5bcd76" in text
 
 
@@ -210,12 +253,18 @@ def test_stack_constraints_union_and_conflicts():
         exports.stack_constraints("jax")
 
 
+@pytest.mark.parametrize("dtype", [None, "fp32"])
 @pytest.mark.parametrize("target", exports.EMITTERS)
-def test_plan_emit_searches_layouts_the_stack_runs(target, capsys, tmp_path):
+def test_plan_emit_searches_layouts_the_stack_runs(target, dtype, capsys, tmp_path):
+    """... and writes the dtype the plan was predicted in (no --dtype: bf16, the A100's default)."""
+    import torch
+
     train = tmp_path / "train.yaml"
     train.write_text("lr: 0.0002\nmin_lr: 0.00002\nsteps: 500\nwarmup_steps: 50\n")
     argv = ["plan", "--model", "llama2-13b", "--cluster", "dgx-a100-80g", "--nodes", "2", "--seq-len", "4096",
             "--global-batch", "256", "--emit", target, "--train-config", str(train), "--out", str(tmp_path / "p.yaml")]
+    argv += ["--dtype", dtype] if dtype else []
+    fp32 = dtype == "fp32"
     assert main(argv) == 0
     out, err = capsys.readouterr()
     assert "note: targets " in err
@@ -227,15 +276,18 @@ def test_plan_emit_searches_layouts_the_stack_runs(target, capsys, tmp_path):
     if target == "megatron":
         ns = megatron_validate(shlex.split(out), 16, exports.megatron_env(plan, cfg))
         assert ns.lr == 2e-4 and ns.train_iters == 500
+        assert ns.params_dtype == (torch.float32 if fp32 else torch.bfloat16)
     elif target == "deepspeed":
         conf = json.loads(out)
         if "pipeline" in conf:
             assert conf["zero_optimization"]["stage"] < 2
         assert conf["optimizer"]["params"]["lr"] == 2e-4
+        assert conf["bf16"] == {"enabled": not fp32} and "fp16" not in conf
     else:
-        settings, _, _ = exports.torchtitan_settings(plan, cfg)
+        settings, _, _ = exports.torchtitan_settings(plan, cfg, dtype=dtype or "bf16")
         _titan_check(plan, cfg, 16, settings)
         assert "apply_plan" in out
+        assert f"'mixed_precision_param': '{'float32' if fp32 else 'bfloat16'}'" in out
 
 
 def test_plan_emit_says_when_it_ignores_allowed_savers(capsys):
@@ -244,3 +296,18 @@ def test_plan_emit_says_when_it_ignores_allowed_savers(capsys):
     assert main(argv) == 0
     _, err = capsys.readouterr()
     assert "note: --allow fp8 ignored" in err
+
+
+def test_export_dtype_errors_are_one_line():
+    """An unknown dtype, and fp32 with DeepSpeed's bf16 + fp32-accumulation stack (as ``plan --dtype fp32 --stack
+    deepspeed-fp32-accum``), are refused with the field, the value and what is valid."""
+    from meshwright.errors import ConfigError
+
+    plan, cfg, _ = _case("llama2-70b tp8 pp8 zero1")
+    for target in exports.EMITTERS:
+        with pytest.raises(ConfigError, match=r"^dtype='fp16' is invalid; valid: bf16 or fp32$"):
+            exports.emit(plan, cfg, target, dtype="fp16")
+    with pytest.raises(ConfigError, match=r"^dtype='fp32' is invalid; valid: bf16 with stack deepspeed-fp32-accum"):
+        exports.deepspeed_config(plan, cfg, stack="deepspeed-fp32-accum", dtype="fp32")
+    conf, _ = exports.deepspeed_config(plan, cfg, stack="deepspeed-fp32-accum", dtype="bf16")
+    assert conf["bf16"] == {"enabled": True} and conf["data_types"] == {"grad_accum_dtype": "fp32"}

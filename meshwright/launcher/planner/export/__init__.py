@@ -12,6 +12,7 @@ from typing import Optional
 
 from meshwright.config import ModelConfig, TrainConfig
 from meshwright.errors import invalid
+from meshwright.launcher.planner.export.common import DTYPES
 from meshwright.launcher.planner.export.deepspeed import deepspeed_config
 from meshwright.launcher.planner.export.megatron import megatron_args, megatron_env
 from meshwright.launcher.planner.export.stacks import TARGETS, stack_constraints, stack_problems
@@ -22,21 +23,22 @@ EMITTERS = tuple(TARGETS)
 
 
 def emit(plan: Plan, cfg: ModelConfig, target: str, train: Optional[TrainConfig] = None,
-         stack: Optional[str] = None) -> tuple[str, list[str]]:
+         stack: Optional[str] = None, dtype: str = "bf16") -> tuple[str, list[str]]:
     """Text for ``meshwright plan --emit TARGET`` and the notes (the first names the targeted version); ``stack``:
-    which of the target's stacks (``deepspeed-fp32-accum`` with deepspeed), by default the target's own."""
+    which of the target's stacks (``deepspeed-fp32-accum`` with deepspeed), by default the target's own; ``dtype``:
+    the training dtype the plan was predicted in (bf16: the stack's mixed precision, fp32: fp32 throughout)."""
     if target not in TARGETS:
         raise invalid("emit", target, ", ".join(EMITTERS))
     if target == "megatron":
-        args, notes = megatron_args(plan, cfg, train)
+        args, notes = megatron_args(plan, cfg, train, dtype)
         text = " ".join(shlex.quote(a) for a in args)
     elif target == "deepspeed":
-        conf, notes = deepspeed_config(plan, cfg, train, stack or target)
+        conf, notes = deepspeed_config(plan, cfg, train, stack or target, dtype)
         text = json.dumps(conf, indent=2)
     else:
-        text, notes = torchtitan_config(plan, cfg, train)
+        text, notes = torchtitan_config(plan, cfg, train, dtype)
     return text, [f"targets {TARGETS[target]}", *notes]
 
 
-__all__ = ["EMITTERS", "TARGETS", "deepspeed_config", "emit", "megatron_args", "megatron_env", "stack_constraints",
-           "stack_problems", "torchtitan_config", "torchtitan_settings", "torchtitan_toml"]
+__all__ = ["DTYPES", "EMITTERS", "TARGETS", "deepspeed_config", "emit", "megatron_args", "megatron_env",
+           "stack_constraints", "stack_problems", "torchtitan_config", "torchtitan_settings", "torchtitan_toml"]

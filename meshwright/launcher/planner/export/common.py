@@ -1,5 +1,6 @@
 """What every export shares: the one strategy the consumer gets (they take one for all layers), the
-notes on what it cannot express, and the optimizer settings taken from a TrainConfig."""
+notes on what it cannot express, the optimizer settings taken from a TrainConfig and the training dtype
+the plan was predicted in (``plan --dtype``; each target writes it in its own keys)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ from collections import Counter
 from typing import Any, Optional
 
 from meshwright.config import TrainConfig
+from meshwright.errors import invalid
 from meshwright.plan import LayerStrategy, Plan
+
+# the training dtypes a plan is predicted in (Hardware.compute_dtype, ``plan --dtype``): bf16 = each stack's mixed
+# precision (its Stack.precision), fp32 = fp32 throughout (PRECISIONS["fp32"])
+DTYPES = ("bf16", "fp32")
 
 _FIELDS = ("tp", "sp", "dp", "zero", "dp_shard", "recompute", "ep")
 
@@ -62,3 +68,10 @@ def optimizer_settings(train: Optional[TrainConfig], notes: list[str], stack: st
         notes.append(f"no train config given (--train-config): {stack} optimizer and schedule settings are left "
                      "to your launch script")
     return train
+
+
+def check_dtype(dtype: str) -> str:
+    """``dtype`` if an export can write it, else a one-line ConfigError naming the valid ones."""
+    if dtype not in DTYPES:
+        raise invalid("dtype", dtype, " or ".join(DTYPES))
+    return dtype

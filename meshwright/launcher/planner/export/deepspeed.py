@@ -5,7 +5,15 @@ not from the JSON, so the planned stage split is written as a snippet in the not
 planner's stack predicts: its ZeRO buffer sizes (``DeepSpeedSizes``) written out, and for ``deepspeed-fp32-accum``
 ``data_types.grad_accum_dtype: fp32`` at ZeRO-1, the one config for which DeepSpeed 0.19.8 builds BF16_Optimizer
 (engine.py ``_do_optimizer_sanity_check``: bf16 + fp32 accumulation at ZeRO-0 raises, at ZeRO-2/3 it builds the ZeRO
-optimizer)."""
+optimizer).
+
+The training dtype is the plan's (``plan --dtype``): bf16 writes ``bf16.enabled: true``; fp32 writes
+``bf16.enabled: false`` and no ``fp16`` block, so DeepSpeed's model dtype is fp32 (engine.py ``get_data_types``) and
+so are gradient accumulation (``data_types.grad_accum_dtype`` defaults to the model dtype) and the gradient reduction
+(engine.py ``communication_data_type``: fp32 unless fp16/bf16 is on, so ``communication_data_type`` stays unset, as for
+bf16, whose bf16 reduction is what the ``deepspeed`` stack predicts). fp32 builds the ZeRO optimizer at ZeRO-1/2/3 and
+plain torch Adam with the engine's all-reduce at ZeRO-0, pipeline or not (``_do_optimizer_sanity_check``: fp32 model
+and accumulation -> no wrapper). ``deepspeed-fp32-accum`` (bf16 with fp32 accumulation) has no fp32 form."""
 
 from __future__ import annotations
 
@@ -13,7 +21,7 @@ from typing import Any, Optional
 
 from meshwright.config import ModelConfig, TrainConfig
 from meshwright.errors import invalid
-from meshwright.launcher.planner.export.common import _uniform, optimizer_settings, stage_sizes
+from meshwright.launcher.planner.export.common import _uniform, check_dtype, optimizer_settings, stage_sizes
 from meshwright.launcher.planner.stack import STACKS, Stack
 from meshwright.plan import Plan
 
@@ -29,12 +37,15 @@ def pipeline_snippet(plan: Plan, cfg: ModelConfig) -> str:
 
 
 def deepspeed_config(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] = None,
-                     stack: str | Stack = "deepspeed") -> tuple[dict[str, Any], list[str]]:
+                     stack: str | Stack = "deepspeed", dtype: str = "bf16") -> tuple[dict[str, Any], list[str]]:
     """DeepSpeed config dict (loads in ``deepspeed.runtime.config.DeepSpeedConfig``) running ``stack``, one of
-    ``DEEPSPEED_STACKS`` (or such a Stack with other buffer sizes)."""
+    ``DEEPSPEED_STACKS`` (or such a Stack with other buffer sizes), training in ``dtype`` (bf16 or fp32)."""
     st = STACKS.get(stack) if isinstance(stack, str) else stack
     if st is None or st.deepspeed is None:
         raise invalid("stack", stack if isinstance(stack, str) else stack.name, "deepspeed or deepspeed-fp32-accum")
+    if check_dtype(dtype) == "fp32" and st.precision == "bf16_fp32_accum":  # plan --dtype fp32 refuses the same
+        raise invalid("dtype", dtype, f"bf16 with stack {st.name} (bf16 training with fp32 gradient accumulation), "
+                      "or stack deepspeed for fp32 training")
     notes: list[str] = []
     s = _uniform(plan, notes, cfg)
     pp = plan.pipeline
@@ -48,7 +59,7 @@ def deepspeed_config(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] 
         "train_batch_size": plan.global_batch,
         "train_micro_batch_size_per_gpu": plan.micro_batch,
         "gradient_accumulation_steps": gas,
-        "bf16": {"enabled": True},
+        "bf16": {"enabled": dtype == "bf16"},  # fp32: no fp16 block either, so the model dtype is fp32
         "zero_optimization": {"stage": zero},
         "steps_per_print": 100,
         "wall_clock_breakdown": False,
@@ -59,11 +70,15 @@ def deepspeed_config(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] 
                          "exported ZeRO-1")
             zero = conf["zero_optimization"]["stage"] = 1
         conf["data_types"] = {"grad_accum_dtype": "fp32"}
-    elif zero == 0 and pp.degree > 1:  # engine.py _do_optimizer_sanity_check: bf16 + pipeline + no ZeRO
+    elif zero == 0 and pp.degree > 1 and dtype == "bf16":  # engine.py _do_optimizer_sanity_check: bf16, pp, ZeRO-0
         notes.append("zero=0 with pp>1: DeepSpeed's pipeline engine builds BF16_Optimizer (bf16 accumulation, fp32 "
                      "master and optimizer states sharded over dp), which holds less than the ZeRO-0 planned")
     if zero >= 1:
         conf["zero_optimization"].update({"overlap_comm": True, "contiguous_gradients": True})
+    if dtype == "fp32" and zero in (1, 2):
+        notes.append(f"fp32 at ZeRO-{zero}: DeepSpeed's ZeRO optimizer clones each rank's fp32 parameter partition "
+                     f"as its master copy (runtime/zero/stage_1_and_2.py single_partition_of_fp32_groups): 4/dp bytes per "
+                     "parameter more than planned")
     conf["zero_optimization"].update(st.deepspeed.zero_config(zero))
     if s.dp_shard and zero == 3:
         conf["zero_optimization"]["zero_hpz_partition_size"] = s.dp_shard

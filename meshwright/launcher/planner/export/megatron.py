@@ -1,12 +1,20 @@
 """Plan -> Megatron-LM ``pretrain_gpt.py`` arguments and environment (checked against the pinned
-arguments.py of tests/consumers/megatron_lm with its own parser and validate_args)."""
+arguments.py of tests/consumers/megatron_lm with its own parser and validate_args).
+
+The training dtype is the plan's (``plan --dtype``). bf16 writes ``--bf16``: bf16 parameters, fp32 main gradients
+(validate_args turns on accumulate_allreduce_grads_in_fp32) and fp32 main weights in the optimizer. fp32 writes no
+precision flag: validate_args keeps ``params_dtype = torch.float``, gradients are accumulated and reduced in the
+parameters' dtype, and the optimizer is FP32Optimizer, or with ``--use-distributed-optimizer`` the
+DistributedOptimizer, which shards fp32 parameters directly (megatron/core/optimizer/__init__.py
+``_get_megatron_optimizer_based_on_param_groups``; distrib_optimizer.py ``shard_fp32_groups``: no master copy);
+``--use-torch-fsdp2`` shards them without a mixed-precision policy."""
 
 from __future__ import annotations
 
 from typing import Optional
 
 from meshwright.config import ModelConfig, TrainConfig
-from meshwright.launcher.planner.export.common import _uniform, optimizer_settings, stage_sizes
+from meshwright.launcher.planner.export.common import _uniform, check_dtype, optimizer_settings, stage_sizes
 from meshwright.plan import Plan
 
 
@@ -32,8 +40,11 @@ def pipeline_layout(plan: Plan, cfg: ModelConfig) -> str:
     return "|".join(parts)
 
 
-def megatron_args(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] = None) -> tuple[list[str], list[str]]:
-    """Megatron-LM ``pretrain_gpt.py`` arguments for the plan (and notes on what was approximated)."""
+def megatron_args(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] = None,
+                  dtype: str = "bf16") -> tuple[list[str], list[str]]:
+    """Megatron-LM ``pretrain_gpt.py`` arguments for the plan trained in ``dtype`` (and notes on what was
+    approximated)."""
+    check_dtype(dtype)
     notes: list[str] = []
     s = _uniform(plan, notes, cfg)
     pp = plan.pipeline
@@ -96,7 +107,8 @@ def megatron_args(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] = N
             args += ["--moe-layer-freq", str(cfg.moe_every)]
         if cfg.capacity_factor is not None:
             args += ["--moe-expert-capacity-factor", _num(cfg.capacity_factor)]
-    args.append("--bf16")
+    if dtype == "bf16":  # fp32: Megatron's default (params_dtype torch.float), no flag
+        args.append("--bf16")
     if plan.optimizer.states == "fp8":
         notes.append("COAT FP8 optimizer states have no Megatron-LM flag: exported fp32 Adam states (more memory)")
     t = optimizer_settings(train, notes, "Megatron-LM")

@@ -1,6 +1,15 @@
 """Plan -> torchtitan configuration: a Python function that sets a ``Trainer.Config``'s parallelism,
 training and activation-checkpoint fields (torchtitan's configs are Python since 2026; the fields are
-checked against the pinned torchtitan/config/configs.py in tests/consumers/torchtitan)."""
+checked against the pinned torchtitan/config/configs.py in tests/consumers/torchtitan).
+
+The training dtype is the plan's (``plan --dtype``), in ``TrainingConfig``'s three fields: ``dtype`` stays
+"float32" (fp32 parameters, gradients and optimizer states; "bfloat16" there is pure bf16 training, which no
+meshwright stack predicts); ``mixed_precision_param`` is "bfloat16" for a bf16 plan, "float32" for an fp32 one;
+``mixed_precision_reduce`` is "float32" (its only value). configs.py says the mixed-precision fields act through
+fully_shard with dp_shard/cp > 1 and through torch.autocast under DDP; at b5bcd76 the decoders' parallelize.py
+(models/llama3/parallelize.py "Always run apply_fsdp_to_decoder", models/deepseek_v3/parallelize.py) call
+fully_shard with a MixedPrecisionPolicy of them on every layout, the replicate-only (DDP-like) mesh of size 1 and
+tp/pp included (distributed/fsdp.py apply_fsdp_to_decoder), so the one setting covers every exported plan."""
 
 from __future__ import annotations
 
@@ -9,12 +18,14 @@ import pprint
 from typing import Any, Optional
 
 from meshwright.config import ModelConfig, TrainConfig
-from meshwright.launcher.planner.export.common import _uniform, optimizer_settings
+from meshwright.launcher.planner.export.common import _uniform, check_dtype, optimizer_settings
 from meshwright.launcher.planner.export.stacks import TARGETS
 from meshwright.plan import Plan
 
 SCHEDULES = {"1f1b": "1F1B", "gpipe": "GPipe", "interleaved_1f1b": "Interleaved1F1B"}
 AC_CONFIG = {"full": "FullAC.Config()", "selective": "SelectiveAC.Config()", "none": "None"}
+# plan dtype -> TrainingConfig.mixed_precision_param (torchtitan's names: TORCH_DTYPE_MAP keys)
+PARAM_DTYPE = {"bf16": "bfloat16", "fp32": "float32"}
 
 
 def module_fqns(plan: Plan, cfg: ModelConfig) -> list[list[str]]:
@@ -27,9 +38,11 @@ def module_fqns(plan: Plan, cfg: ModelConfig) -> list[list[str]]:
     return parts
 
 
-def torchtitan_settings(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] = None
+def torchtitan_settings(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] = None, dtype: str = "bf16"
                         ) -> tuple[dict[str, dict[str, Any]], str, list[str]]:
-    """Field values per Trainer.Config section (parallelism, training), the activation-checkpoint policy, notes."""
+    """Field values per Trainer.Config section (parallelism, training) for a plan trained in ``dtype``, the
+    activation-checkpoint policy, notes."""
+    check_dtype(dtype)
     notes: list[str] = []
     s = _uniform(plan, notes, cfg)
     pp = plan.pipeline
@@ -61,7 +74,9 @@ def torchtitan_settings(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfi
                          f"instead of the planned {s.ep} (plan with ZeRO-3/FSDP to keep it)")
     training: dict[str, Any] = {"num_tokens_per_microbatch_per_dp_rank": plan.micro_batch * plan.seq_len,
                                 "num_tokens_per_train_step": plan.global_batch * plan.seq_len,
-                                "max_context_length": plan.seq_len}
+                                "max_context_length": plan.seq_len,
+                                "dtype": "float32", "mixed_precision_param": PARAM_DTYPE[dtype],
+                                "mixed_precision_reduce": "float32"}
     t = optimizer_settings(train, notes, "torchtitan")
     if t is not None:
         training.update({"max_norm": t.grad_clip, "steps": t.steps})
@@ -72,10 +87,11 @@ def torchtitan_settings(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfi
     return {"parallelism": par, "training": training}, AC_CONFIG[s.recompute], notes
 
 
-def torchtitan_config(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] = None) -> tuple[str, list[str]]:
+def torchtitan_config(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] = None,
+                      dtype: str = "bf16") -> tuple[str, list[str]]:
     """Python source: ``apply_plan(config)`` sets the planned fields on a torchtitan ``Trainer.Config``."""
-    sections, ac, notes = torchtitan_settings(plan, cfg, train)
-    lines = [f'"""meshwright plan for {cfg.name}: seq {plan.seq_len}, global batch {plan.global_batch}.',
+    sections, ac, notes = torchtitan_settings(plan, cfg, train, dtype)
+    lines = [f'"""meshwright plan for {cfg.name}: seq {plan.seq_len}, global batch {plan.global_batch}, {dtype}.',
              f"Targets {TARGETS['torchtitan']}.",
              "Use: config = apply_plan(<your recipe>()) in a module passed to --module/--config.\"\"\"", ""]
     if ac != "None":
@@ -91,6 +107,7 @@ def torchtitan_config(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig]
     return "\n".join(lines) + "\n", notes
 
 
-def torchtitan_toml(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] = None) -> tuple[str, list[str]]:
+def torchtitan_toml(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] = None,
+                    dtype: str = "bf16") -> tuple[str, list[str]]:
     """Deprecated name of :func:`torchtitan_config` (torchtitan dropped its TOML job config)."""
-    return torchtitan_config(plan, cfg, train)
+    return torchtitan_config(plan, cfg, train, dtype)

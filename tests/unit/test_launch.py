@@ -6,7 +6,9 @@ import pytest
 
 from meshwright.cli import main
 from meshwright.errors import ConfigError
-from meshwright.launcher.remote.argv import LaunchSpec, dry_run_lines, remote_shell_command, torchrun_argv
+from meshwright.launcher.remote.argv import (
+    LaunchSpec, dry_run_lines, login_shell_neutral, posix_remote_script, remote_shell_command, torchrun_argv,
+)
 from meshwright.launcher.remote.hostfile import Host, load_hosts, parse_hostfile_text
 from meshwright.launcher.remote.ssh import connect
 
@@ -20,15 +22,14 @@ def spec(n_hosts: int, **kw) -> LaunchSpec:
 
 def test_torchrun_dry_run_golden_two_hosts():
     lines = dry_run_lines(spec(2), "torchrun", "hostfile", ssh_port=2222, ssh_key="/keys/id_ed25519")
+    # the remote word runs /bin/sh whatever the login shell; the script's quotes travel as printf escapes (\047)
     assert lines == [
-        "[node0] ssh -o BatchMode=yes -p 2222 -i /keys/id_ed25519 node0 'cd '\"'\"'/srv/run dir'\"'\"' && exec "
-        "/opt/venv/bin/python -m torch.distributed.run --nnodes=2 --node-rank=0 --nproc-per-node=4 --rdzv-backend=c10d "
+        f"[node{i}] ssh -o BatchMode=yes -p 2222 -i /keys/id_ed25519 node{i} 'exec /bin/sh -c '\"'\"'eval "
+        "\"$(printf \"cd \\047/srv/run dir\\047 && exec "
+        f"/opt/venv/bin/python -m torch.distributed.run --nnodes=2 --node-rank={i} --nproc-per-node=4 --rdzv-backend=c10d "
         "--rdzv-endpoint=node0:29400 --rdzv-id=meshwright --max-restarts=0 --tee=3 -m meshwright.cli train "
-        "configs/train/default.yaml --plan auto'",
-        "[node1] ssh -o BatchMode=yes -p 2222 -i /keys/id_ed25519 node1 'cd '\"'\"'/srv/run dir'\"'\"' && exec "
-        "/opt/venv/bin/python -m torch.distributed.run --nnodes=2 --node-rank=1 --nproc-per-node=4 --rdzv-backend=c10d "
-        "--rdzv-endpoint=node0:29400 --rdzv-id=meshwright --max-restarts=0 --tee=3 -m meshwright.cli train "
-        "configs/train/default.yaml --plan auto'",
+        "configs/train/default.yaml --plan auto\")\"'\"'\"''"
+        for i in range(2)
     ]
 
 
@@ -38,8 +39,9 @@ def test_torchrun_four_hosts_ranks_and_endpoint():
         argv = torchrun_argv(s, i)
         assert f"--node-rank={i}" in argv and "--nnodes=4" in argv and "--rdzv-endpoint=node0:29400" in argv
         assert "--max-restarts=3" in argv
-    remote = remote_shell_command(s, torchrun_argv(s, 3))
-    # the remote string parses back to exactly the intended words
+    remote = posix_remote_script(s, torchrun_argv(s, 3))
+    assert remote_shell_command(s, torchrun_argv(s, 3)) == login_shell_neutral(remote)
+    # the remote script parses back to exactly the intended words
     words = shlex.split(remote)
     assert words[:3] == ["cd", "/srv/run dir", "&&"]
     assert words[4:6] == ["env", "NCCL_DEBUG=WARN"]
@@ -63,7 +65,7 @@ def test_hostile_host_names_rejected(name):
 
 def test_hostile_user_args_are_quoted_not_executed():
     s = LaunchSpec(hosts=[Host("node0", 1)], train_args=["train", "x; rm -rf /", "out_dir=$(id)"], workdir="/tmp/a b")
-    remote = remote_shell_command(s, torchrun_argv(s, 0))
+    remote = posix_remote_script(s, torchrun_argv(s, 0))
     assert shlex.split(remote)[-2:] == ["x; rm -rf /", "out_dir=$(id)"]
 
 
@@ -135,4 +137,8 @@ def test_a_host_failing_before_the_start_leaves_nothing_running_or_open(monkeypa
     reached = conns[:1] if failing == "connect" else conns[:2]
     assert all(c.closed for c in reached) and not conns[2].runs
     if failing == "upload":  # node0's stored file is removed; node1 stored none
-        assert [c for c, _ in conns[0].runs if c.startswith("rm -f ")] and not [c for c, _ in conns[1].runs if c.startswith("rm -f ")]
+        from meshwright.launcher.remote.argv import remote_env_file, remove_file_command
+
+        rm = "exec /bin/sh -c 'eval \"$(printf \"rm -f "
+        removed = [[c for c, _ in conn.runs if c.startswith(rm)] for conn in conns]
+        assert removed[0] == [remove_file_command(remote_env_file(s, 0))] and not removed[1]

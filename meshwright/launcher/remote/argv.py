@@ -1,13 +1,23 @@
-"""Per-host command lines for torchrun and the DeepSpeed launcher, built as argument lists.
+r"""Per-host command lines for torchrun and the DeepSpeed launcher, built as argument lists.
 
 Commands are lists of arguments until the very end; the one place they become a shell string (the
 remote side of SSH) goes through ``shlex.join`` so host names, paths and user arguments are quoted.
+
+sshd runs that string as ``LOGIN_SHELL -c STRING`` with the user's login shell, which need not be POSIX: fish
+reads ``\\`` and ``\'`` inside single quotes, csh/tcsh end a quoted word at a line break and expand ``!``. So
+the POSIX script is never sent as is: ``login_shell_neutral`` wraps it as ``exec /bin/sh -c 'eval "$(printf
+"F")"'`` where F is the script with every byte outside a small safe set written as a printf octal escape
+(``\047`` for ``'``). The quoted word then holds only characters that sh, bash, dash, zsh, ksh, fish and
+csh/tcsh all take literally inside single quotes, and /bin/sh rebuilds the exact script (POSIX printf).
+A restricted login shell (rbash, rksh) refuses ``exec`` and command paths: such an account cannot start
+torchrun anyway; the launch fails on that host with the shell's own message.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,8 +71,25 @@ def torchrun_argv(spec: LaunchSpec, node_rank: int) -> list[str]:
     ]
 
 
-def remote_shell_command(spec: LaunchSpec, argv: list[str], env_file: str | None = None) -> str:
-    """``cd WORKDIR && env K=V ... ARGV`` with every piece quoted: the only string sent over SSH. With
+# bytes of a POSIX script written as themselves by ``login_shell_neutral``: literal inside single quotes in sh,
+# fish (not \ or ') and csh/tcsh (not ! or a line break), inside sh double quotes (not $ ` " \) and in a printf
+# format (not % or \); every other byte becomes a three-digit octal escape
+NEUTRAL_LITERAL = frozenset((string.ascii_letters + string.digits + " ,./:=@+-_^&|;<>()[]{}~#*?").encode())
+
+
+def login_shell_neutral(script: str) -> str:
+    r"""The command to send over SSH so that any login shell runs POSIX ``script`` with /bin/sh: ``exec /bin/sh -c
+    'eval "$(printf "F")"'``, F the script's UTF-8 bytes with each byte outside ``NEUTRAL_LITERAL`` as ``\ooo``
+    (a leading ``-`` too, so printf never reads an option). Command substitution drops trailing line breaks, so
+    one is never part of a script here (they end in a command)."""
+    data = script.encode()
+    fmt = "".join(chr(b) if b in NEUTRAL_LITERAL and not (i == 0 and b == ord("-")) else f"\\{b:03o}"
+                  for i, b in enumerate(data))
+    return f"exec /bin/sh -c 'eval \"$(printf \"{fmt}\")\"'"
+
+
+def posix_remote_script(spec: LaunchSpec, argv: list[str], env_file: str | None = None) -> str:
+    """The POSIX script each host runs: ``cd WORKDIR && exec env K=V ... ARGV`` with every piece quoted. With
     ``env_file`` (a 0600 file of ``export K='V'`` lines already on the host) the values stay off the command
     line: ``cd WORKDIR && . FILE && rm -f FILE && exec ARGV``."""
     if env_file is not None:
@@ -73,15 +100,25 @@ def remote_shell_command(spec: LaunchSpec, argv: list[str], env_file: str | None
     return f"cd {shlex.quote(spec.workdir)} && exec {shlex.join(prefix + argv)}"
 
 
+def remote_shell_command(spec: LaunchSpec, argv: list[str], env_file: str | None = None) -> str:
+    """The only string sent over SSH to start a host's torchrun: ``posix_remote_script`` for any login shell."""
+    return login_shell_neutral(posix_remote_script(spec, argv, env_file))
+
+
 def remote_env_file(spec: LaunchSpec, node_rank: int) -> str:
     """Where a host's env file goes: under its work directory, one per host (a shared directory is safe)."""
     return f"{spec.workdir.rstrip('/')}/.meshwright/launch-env-{spec.run_id}-{node_rank}.sh"
 
 
 def upload_env_command(path: str) -> str:
-    """The remote command that stores stdin as a file only the user can read."""
+    """The remote command that stores stdin as a file only the user can read (any login shell)."""
     parent = path.rsplit("/", 1)[0]
-    return f"umask 077 && mkdir -p {shlex.quote(parent)} && cat > {shlex.quote(path)}"
+    return login_shell_neutral(f"umask 077 && mkdir -p {shlex.quote(parent)} && cat > {shlex.quote(path)}")
+
+
+def remove_file_command(path: str) -> str:
+    """The remote command that removes ``path`` (an --env file never sourced), for any login shell."""
+    return login_shell_neutral(f"rm -f {shlex.quote(path)}")
 
 
 def deepspeed_user_args(spec: LaunchSpec) -> list[str]:

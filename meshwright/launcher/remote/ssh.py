@@ -3,7 +3,8 @@
 SSH is key-only: no passwords are ever sent, the agent is used only if no key is given. Host keys are checked
 as OpenSSH checks them: against known_hosts, an unknown or changed key refused (fabric alone trusts any). Each host's
 remote command runs under a pty so that closing the connection hangs up the remote process group,
-which is how the other hosts are stopped when one fails.
+which is how the other hosts are stopped when one fails. Every command sent is wrapped by
+``argv.login_shell_neutral``, so the hosts' login shells may be fish or csh/tcsh as well as sh/bash/zsh.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import collections
 import io
 import os
-import shlex
 import sys
 import threading
 import time
@@ -20,7 +20,8 @@ from typing import Any, TextIO
 
 from meshwright.errors import ConfigError
 from meshwright.launcher.remote.argv import (
-    LaunchSpec, env_script_text, remote_env_file, remote_shell_command, torchrun_argv, upload_env_command,
+    LaunchSpec, env_script_text, remote_env_file, remote_shell_command, remove_file_command, torchrun_argv,
+    upload_env_command,
 )
 from meshwright.launcher.remote.hostfile import Host
 
@@ -172,7 +173,7 @@ def _discard_env_files(conns: list[Any], env_files: list[str | None]) -> None:
     for conn, path in zip(conns, env_files):
         if path is not None:
             try:
-                conn.run(f"rm -f {shlex.quote(path)}", pty=False, warn=True, hide=True)
+                conn.run(remove_file_command(path), pty=False, warn=True, hide=True)
             except Exception:  # noqa: BLE001 - a host gone since the upload: nothing more to do there
                 pass
 

@@ -83,7 +83,8 @@ def run_deepspeed(spec, args: argparse.Namespace) -> int:
     hostfile is not passed verbatim), train arguments are single-quoted for the remote shell line
     (``argv.deepspeed_user_args``), and ``--env`` values go into a 0600 script in the work directory that every
     host sources (``--venv_script``), never onto the remote command line. DeepSpeed's runner ``cd``s to the same
-    work directory on every host, so that directory (and the script) must be shared, as the data already is.
+    work directory on every host, so that directory (and the script) must be shared, as the data already is. No
+    ``.deepspeed_env`` is written; the user's, which the runner exports in double quotes, is checked first.
     The SSH key goes to pdsh's ssh through ``PDSH_SSH_ARGS_APPEND`` (DeepSpeed appends ``-p PORT`` to it).
     """
     import shlex
@@ -93,8 +94,8 @@ def run_deepspeed(spec, args: argparse.Namespace) -> int:
 
     from meshwright.errors import invalid
     from meshwright.launcher.remote.argv import (
-        check_deepspeed_exports, deepspeed_argv, deepspeed_export_prefixes, deepspeed_hostfile_text, deepspeed_ssh_port,
-        env_script_text, pdsh_ssh_args,
+        check_deepspeed_env_files, check_deepspeed_exports, deepspeed_argv, deepspeed_env_files,
+        deepspeed_export_prefixes, deepspeed_hostfile_text, deepspeed_ssh_port, env_script_text, pdsh_ssh_args,
     )
 
     ssh_port = deepspeed_ssh_port(spec.hosts, args.ssh_port)
@@ -116,6 +117,7 @@ def run_deepspeed(spec, args: argparse.Namespace) -> int:
         run_env["PYTHONPATH"] = spec.env["PYTHONPATH"]
     if len(spec.hosts) > 1:
         check_deepspeed_exports(run_env, deepspeed_export_prefixes())
+        check_deepspeed_env_files(deepspeed_env_files(spec.workdir, run_env))  # the user's .deepspeed_env, if any
     env_script: Path | None = None
     with tempfile.TemporaryDirectory(prefix="meshwright-ds-") as tmp:
         hostfile = Path(tmp) / "hostfile"

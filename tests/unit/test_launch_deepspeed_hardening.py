@@ -219,3 +219,65 @@ def test_an_env_pythonpath_reaches_the_hosts_through_deepspeeds_own_export(tmp_p
                  sys.executable, "--env", "PYTHONPATH=/shared/libs", "--", "train", "tiny-test"]) == 0
     assert seen and seen[0]["PYTHONPATH"] == "/shared/libs"
 
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash as the simulated remote shell")
+def test_a_deepspeed_env_file_cannot_run_code_on_the_hosts(tmp_path):
+    """DeepSpeed's runner puts each ``.deepspeed_env`` line on the remote line as ``export KEY="VALUE";`` (runner.py
+    reads ~/ and ./.deepspeed_env): a hostile value or key ran there. meshwright writes none; one found is checked."""
+    pytest.importorskip("deepspeed.launcher.runner")
+    from deepspeed.launcher.multinode_runner import PDSHRunner
+
+    import deepspeed.launcher.runner as runner_mod
+    from meshwright.launcher.remote.argv import check_deepspeed_env_files, deepspeed_env_files
+
+    marker = tmp_path / "pwned"
+    hostile = [f"NCCL_SOCKET_IFNAME=eth0$(id>{marker}1)\n", f"A;id>{marker}2;B=1\n", f"X=`id>{marker}3`\n"]
+    spec = LaunchSpec(hosts=[Host("n0", 1), Host("n1", 1)], train_args=["train", "tiny-test"])
+    for line in hostile:
+        runner = PDSHRunner(runner_mod.parse_args(deepspeed_argv(spec, tmp_path / "hostfile")[1:]), "WORLD")
+        key, val = line.split("=", maxsplit=1)  # runner.py main(), for each line of the file
+        runner.add_export(key, val)
+        cmd, _kill, _env = runner.get_cmd({}, {"n0": [0], "n1": [0]})
+        subprocess.run(["bash", "-c", " ".join(cmd[cmd.index("n0,n1") + 1:]).split("cd ", 1)[0]],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=30)
+    assert sorted(p.name for p in tmp_path.glob("pwned*")) == ["pwned1", "pwned2", "pwned3"]  # sharp
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    assert deepspeed_env_files(str(work), {"HOME": str(home)}) == []
+    (home / ".deepspeed_env").write_text("NCCL_DEBUG=WARN\nNCCL_IB_HCA=mlx5_0,mlx5_1\nPYTHONWARNINGS=ignore; it's ok\n")
+    for i, line in enumerate([*hostile, "# a comment\n", "\n"]):
+        (work / ".deepspeed_env").write_text(f"NCCL_DEBUG=INFO\n{line}")
+        files = deepspeed_env_files(str(work), {"HOME": str(home)})
+        assert files == [str(home / ".deepspeed_env"), str(work / ".deepspeed_env")]
+        with pytest.raises(ConfigError) as err:
+            check_deepspeed_env_files(files)
+        assert "\n" not in str(err.value) and str(err.value).startswith(f"{work / '.deepspeed_env'} line 2=")
+    (work / "other_env").write_bytes(b"A=\xff\n")
+    files = deepspeed_env_files(str(work), {"HOME": str(home), "DS_ENV_FILE": "other_env"})
+    with pytest.raises(ConfigError, match="a UTF-8 text file"):
+        check_deepspeed_env_files(files)
+    check_deepspeed_env_files([str(home / ".deepspeed_env")])  # plain values, and ones DeepSpeed double-quotes safely
+
+
+def test_cli_refuses_a_hostile_deepspeed_env_before_deepspeed_starts(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("deepspeed.launcher.runner")
+    if shutil.which("pdsh") is None or shutil.which("ssh") is None:
+        pytest.skip("needs pdsh and ssh on PATH (run_deepspeed checks them first)")
+    import meshwright.commands.launch as launch_mod
+
+    started = []
+    monkeypatch.setattr(launch_mod.subprocess, "call", lambda *a, **k: started.append(a) or 0)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".deepspeed_env").write_text("NCCL_DEBUG=`touch /tmp/pwned`\n")
+    hf = tmp_path / "hostfile"
+    hf.write_text("n0 slots=1\nn1 slots=1\n")
+    argv = ["launch", "--hosts", str(hf), "--launcher", "deepspeed", "--workdir", str(tmp_path), "--python",
+            sys.executable, "--", "train", "tiny-test"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ".deepspeed_env line 1=" in err[0] and "--env NCCL_DEBUG=VALUE" in err[0]
+    assert not started
+    (tmp_path / ".deepspeed_env").write_text("NCCL_DEBUG=WARN\n")
+    assert main(argv) == 0 and started

@@ -176,6 +176,43 @@ def check_deepspeed_exports(env: dict[str, str], prefixes: list[str]) -> None:
                           f"line); pass it as --env {k}=VALUE, unset it, or use --launcher torchrun")
 
 
+def deepspeed_env_files(workdir: str, environ: dict[str, str]) -> list[str]:
+    """The ``.deepspeed_env`` files DeepSpeed's runner reads with several hosts (runner.py: the name is ``DS_ENV_FILE``
+    or ``.deepspeed_env``, looked up in ``~`` and then in its working directory, our --workdir), as they exist."""
+    name = environ.get("DS_ENV_FILE", ".deepspeed_env")
+    home = environ.get("HOME") or os.path.expanduser("~")
+    paths = dict.fromkeys(os.path.join(d, name) for d in (home, workdir))
+    return [p for p in paths if os.path.isfile(p)]
+
+
+def check_deepspeed_env_files(paths: list[str]) -> None:
+    r"""DeepSpeed's runner splits each line of a ``.deepspeed_env`` at its first ``=`` (a blank or comment line stops
+    it with a ValueError traceback) and puts ``export KEY=VALUE;`` on every host's command line, the key as written
+    and the value in double quotes once it holds anything but ``[\w@%+=:,./-]``, where ``$(...)``, backticks and
+    ``\`` stay live. meshwright writes no such file (``--env`` goes to a sourced 0600 script); one the user keeps is
+    refused in one line, naming the file and line, when a line would break that command line or run code in it."""
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                lines = fh.readlines()  # as the runner reads it (text mode: \r ends a line too)
+        except UnicodeDecodeError as exc:
+            raise invalid(path, f"bytes at {exc.start}", "a UTF-8 text file of KEY=VALUE lines (DeepSpeed's runner "
+                          "reads it as text)") from None
+        for n, line in enumerate(lines, 1):
+            key, sep, value = line.partition("=")
+            if not sep:
+                raise invalid(f"{path} line {n}", line.rstrip("\n"), "KEY=VALUE (DeepSpeed's runner splits every "
+                              "line at '=': a blank or comment line stops it with a ValueError)")
+            key = key.strip()
+            if not key or not set(key) <= ENV_NAME_OK or key[0].isdigit():
+                raise invalid(f"{path} line {n}", line.rstrip("\n"), "a KEY of letters, digits and '_' (DeepSpeed's "
+                              "runner writes it unquoted into `export KEY=...;` on every host)")
+            if set(value.strip()) & DOUBLE_QUOTE_LIVE:
+                raise invalid(f"{path} line {n}", line.rstrip("\n"), "a value without $, `, \", \\ or line breaks "
+                              "(DeepSpeed's runner puts it in double quotes on every host's command line); pass it as "
+                              f"--env {key}=VALUE (sourced from a private file, quoted) or use --launcher torchrun")
+
+
 def deepspeed_ssh_port(hosts: list[Host], ssh_port: int | None) -> int | None:
     """The one SSH port DeepSpeed's runner can use (it has no per-host port): --ssh-port or the hosts' common one."""
     ports = {h.port for h in hosts if h.port is not None}

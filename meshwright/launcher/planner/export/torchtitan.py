@@ -8,8 +8,9 @@ meshwright stack predicts); ``mixed_precision_param`` is "bfloat16" for a bf16 p
 ``mixed_precision_reduce`` is "float32" (its only value). configs.py says the mixed-precision fields act through
 fully_shard with dp_shard/cp > 1 and through torch.autocast under DDP; at b5bcd76 the decoders' parallelize.py
 (models/llama3/parallelize.py "Always run apply_fsdp_to_decoder", models/deepseek_v3/parallelize.py) call
-fully_shard with a MixedPrecisionPolicy of them on every layout, the replicate-only (DDP-like) mesh of size 1 and
-tp/pp included (distributed/fsdp.py apply_fsdp_to_decoder), so the one setting covers every exported plan."""
+fully_shard with a MixedPrecisionPolicy of them on every layout, replicate-only (DDP-like: fully_shard over the
+dp_replicate x fsdp=1 mesh) and tp/pp included (distributed/fsdp.py apply_fsdp_to_decoder), so the one setting covers
+every exported plan."""
 
 from __future__ import annotations
 

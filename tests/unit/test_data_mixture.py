@@ -274,6 +274,26 @@ def _log(run: Path, keys=("step", "loss", "grad_norm", "eval_loss", "tokens")) -
     return [[json.loads(x).get(k) for k in keys] for x in (run / "log.jsonl").read_text().splitlines()]
 
 
+def test_a_data_path_run_resumes_as_its_one_source_mixture_and_back_without_the_flag(sources, tmp_path):
+    """The same data in the same order: it needed --allow-config-change though the fingerprints matched."""
+    path, mixed = {"path": str(sources[0]), "val_fraction": 0.1}, mixture(sources[:1], [0.4])
+    run_training(cfg(path, tmp_path / "straight", steps=6, ckpt_every=2))
+    _rewind(tmp_path / "straight", tmp_path / "switched", 2)
+    run_training(cfg(mixed, tmp_path / "switched", steps=6, ckpt_every=2), resume=True)  # no flag
+    assert _log(tmp_path / "straight") == _log(tmp_path / "switched")  # the same batches: the same losses
+    _rewind(tmp_path / "switched", tmp_path / "back", 4)
+    run_training(cfg(path, tmp_path / "back", steps=6), resume=True)  # and back, from the mixture's checkpoint
+    assert _log(tmp_path / "straight") == _log(tmp_path / "back")
+    # other data in a one-source mixture is still refused: another path by the config, the same path by the data
+    with pytest.raises(ConfigError, match=r"^data\.path='.*data1' is invalid; valid: '.*data0' as in the checkpoint"):
+        run_training(cfg(mixture(sources[1:2], [1.0]), tmp_path / "switched", steps=8), resume=True)
+    copy = shutil.copytree(sources[0], tmp_path / "data0")
+    run_training(cfg({"path": str(copy), "val_fraction": 0.1}, tmp_path / "other", steps=2))
+    prepare([sources[2].parent / "src2.txt"], copy, progress=False)  # re-prepared from other text
+    with pytest.raises(ConfigError, match=r"^resume: data\.mixture=\[.*\] is not the data set checkpoint"):
+        run_training(cfg(mixture([copy], [1.0]), tmp_path / "other", steps=4), resume=True)
+
+
 def _rows_by_source(loader, steps: int) -> dict[int, list[bytes]]:
     out: dict[int, list[bytes]] = {}
     for _ in range(steps):

@@ -286,12 +286,13 @@ class SequenceLoader:
         if not same_data or (isinstance(sources, list) and len(sources) != 1):
             self.consumed = consumed  # other data: the count of sequences carries over (as Megatron's consumed_samples)
         elif (old["seq_len"], old["seed"], old["salt"]) == (self.seq_len, self.seed, 0):
-            self.order.transition, self.consumed = old["transition"], int(old["position"])  # the same stream
+            self.order.reset(0, old["transition"])  # the same stream
+            self.consumed = int(old["position"])
         else:
             self.consumed = self.order.carry(WindowOrder(old["n_windows"], old["seq_len"], old["seed"], self.shuffle,
                                                          old["salt"], old["transition"]), int(old["position"]))
             note = carry_note(self, old, self.tokens_base)
-        self.consumed_base = self.consumed
+        self.consumed_base, self._perm_epoch = self.consumed, -1
         return note
 
 

@@ -232,17 +232,15 @@ class BlendedLoader(SequenceLoader):
         saved = _saved_sources(state)
         same_data = state.get("data") is None or self.data_fingerprint is None or state["data"] == self.data_fingerprint
         same_stream = (state["seq_len"], state["seed"]) == (self.seq_len, self.seed)
-        same_order = len(saved) == len(self.sources) and (len(saved) > 1 or saved[0].get("salt", 0) == 0)
-        if same_data and same_stream and same_order:
+        if same_data and same_stream and len(saved) == len(self.sources):
             if isinstance(state.get("sources"), list):  # exactly as saved
                 self.origin = int(state.get("origin", 0))
                 for j, src in enumerate(saved):
                     self.base[j], self.source_tokens_base[j] = int(src["base"]), int(src["tokens_base"])
-                    self.orders[j].salt, self.orders[j].transition = int(src["salt"]), src.get("transition")
-                    self.orders[j]._cached = None
+                    self.orders[j].reset(int(src["salt"]), src.get("transition"))
             elif len(saved) == 1:  # a data.path checkpoint: the one source's stream is that data set's
                 self.origin, self.base[0], self.source_tokens_base[0] = consumed, consumed, self.tokens_base
-                self.orders[0].transition = state.get("transition")
+                self.orders[0].reset(0, state.get("transition"))
             self.consumed = self.consumed_base = consumed
             return None
         note = self._remap(saved, consumed)
@@ -267,7 +265,7 @@ class BlendedLoader(SequenceLoader):
         for j, i in enumerate(match):
             order, label = self.orders[j], f"data.mixture[{j}]={self.labels[j]}"
             same = i is not None and saved[i]["fingerprint"] == digests[j]
-            order.salt, order.transition, order._cached = int(saved[i]["salt"]) if same else next(fresh), None, None
+            order.reset(int(saved[i]["salt"]) if same else next(fresh), None)
             if i is None:
                 self.base[j], self.source_tokens_base[j] = 0, 0
                 said.append(f"{label} new, from its start")
@@ -278,7 +276,8 @@ class BlendedLoader(SequenceLoader):
                 self.base[j] = int(old["position"])
                 said.append(f"{label} other data, at sequence {self.base[j]:,}")
             elif (int(old["seq_len"]), int(old["seed"])) == (self.seq_len, self.seed):
-                self.base[j], order.transition = int(old["position"]), old.get("transition")
+                self.base[j] = int(old["position"])
+                order.reset(order.salt, old.get("transition"))
                 said.append(f"{label} at sequence {self.base[j]:,} of its stream")
             else:
                 tokens = self.sources[j][0]

@@ -55,6 +55,10 @@ class WindowOrder:
         self.transition = transition  # {"epoch": e, "segments": [{seed, seq_len, n_windows, salt, end}, ...]} or None
         self._cached: tuple[int, np.ndarray, int] | None = None
 
+    def reset(self, salt: int, transition: dict[str, Any] | None) -> None:
+        """Another salt or transition (a resume): the cached epoch no longer holds."""
+        self.salt, self.transition, self._cached = salt, transition, None
+
     def _normal(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
             return np.arange(self.n_windows)
@@ -101,6 +105,5 @@ class WindowOrder:
         if i > earlier.skipped(epoch):  # it read something this epoch
             segments.append({"seed": earlier.seed, "seq_len": earlier.seq_len, "n_windows": earlier.n_windows,
                              "salt": earlier.salt, "end": i})
-        self.transition = {"epoch": epoch, "segments": segments} if segments else None
-        self._cached = None
+        self.reset(self.salt, {"epoch": epoch, "segments": segments} if segments else None)
         return epoch * self.n_windows + self.skipped(epoch)

@@ -318,13 +318,13 @@ def stream_of(source: dict[str, Any], tokens: Any, shuffle: bool) -> dict[str, A
             "position": int(source["position"])}
 
 
-def carry_note(loader: SequenceLoader, old: dict[str, Any], tokens: int, label: str = "") -> str:
+def carry_note(loader: SequenceLoader, old: dict[str, Any], tokens: int) -> str:
     """The resume note of a carried-over stream: what changed, the tokens kept, how the epoch goes on."""
     changed = ", ".join(f"{k} {old[k]} -> {getattr(loader, k)}" for k in ("seq_len", "seed")
                         if old[k] != getattr(loader, k))
     epoch = int(old["position"]) // int(old["n_windows"])
     skipped = loader.order.skipped(epoch)
-    return (f"note: resuming{label} with {changed or 'another order'}: {tokens:,} tokens read so far carry over; epoch "
+    return (f"note: resuming with {changed or 'another order'}: {tokens:,} tokens read so far carry over; epoch "
             f"{epoch} goes on with the {loader.order.n_windows - skipped:,} of {loader.order.n_windows:,} windows of "
             f"{loader.seq_len} tokens that no step of it has read ({skipped:,} overlap text it read and wait for "
             f"epoch {epoch + 1})")

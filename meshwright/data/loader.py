@@ -4,7 +4,8 @@ Sequences are non-overlapping windows of ``seq_len + 1`` tokens (inputs and shif
 epoch visits every window once in an order drawn from ``(seed, epoch)``. Global batch ``k`` is the
 sequences at positions ``[k*global_batch, (k+1)*global_batch)`` of that stream, and data-parallel rank
 ``r`` reads the ``r``-th contiguous slice of it, so a global batch is the same set of sequences for any
-``dp_size``. The loader's whole state is the number of sequences consumed, which makes resume exact.
+``dp_size``. The loader's state is the number of sequences consumed, which makes resume exact, plus the tokens
+read (a resume onto another ``seq_len`` carries those, ``stream.py``).
 Instruction data carries a loss mask (``mask.bin``): targets outside the responses become ``IGNORE_INDEX``.
 The files are read with positional reads on a descriptor held open, not memory-mapped (``token_file.py``: a
 file truncated under a memory map kills the run with SIGBUS), and the train loader's state carries the data
@@ -23,6 +24,7 @@ import torch
 
 from meshwright.data.fingerprint import data_fingerprint
 from meshwright.data.prepare import DOC_OFFSETS, READABLE_VERSIONS, prepare_default_corpus, prepare_instruct_cached
+from meshwright.data.stream import WindowOrder
 from meshwright.data.token_file import FileArray, OpenFile
 from meshwright.errors import ConfigError, invalid
 
@@ -190,6 +192,9 @@ class SequenceLoader:
             raise invalid("seq_len", seq_len, f"less than the {name} split's {len(tokens)} tokens")
         self.consumed = 0  # global sequences handed out so far (all ranks together)
         self.data_fingerprint: dict[str, Any] | None = None  # build_loaders: saved with the position (fingerprint.py)
+        self.order = WindowOrder(self.n_windows, seq_len, seed, shuffle)  # stream.py: each epoch's permutation
+        # tokens handed out before ``consumed_base`` (a resume: earlier sessions may have read another seq_len)
+        self.tokens_base, self.consumed_base = 0, 0
         self._perm_epoch = -1
         self._perm: np.ndarray | None = None
 
@@ -207,7 +212,7 @@ class SequenceLoader:
         if not self.shuffle:
             return i
         if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+            self._perm = self.order.permutation(epoch)
             self._perm_epoch = epoch
         return int(self._perm[i])
 
@@ -250,20 +255,79 @@ class SequenceLoader:
             out.extend(self.batch_at(k * self.global_batch))
         return out
 
+    def tokens_at(self, consumed: int) -> int:
+        """Tokens the train stream handed out by position ``consumed`` (earlier sessions' other seq_len included)."""
+        return self.tokens_base + (consumed - self.consumed_base) * self.seq_len
+
     def state_dict(self) -> dict[str, Any]:
-        state = {"consumed": self.consumed, "seed": self.seed, "seq_len": self.seq_len, "n_windows": self.n_windows}
+        state = {"consumed": self.consumed, "seed": self.seed, "seq_len": self.seq_len, "n_windows": self.n_windows,
+                 "tokens": self.tokens_at(self.consumed)}
+        transition = self.order.state(self.consumed)
+        if transition is not None:
+            state["transition"] = transition
         if self.data_fingerprint is not None:
             state["data"] = self.data_fingerprint
         return state
 
-    def load_state_dict(self, state: dict[str, Any], data_changed: bool = False) -> None:
-        """Restore the position. ``data_changed`` (``--allow-config-change``): the data may have another number of
-        windows; the position carries over (taken modulo this data's windows), as a resume onto new data asks."""
-        for key in ("seed", "seq_len") if data_changed else ("seed", "seq_len", "n_windows"):
-            if state.get(key) != getattr(self, key):
-                raise ConfigError(f"resume: {self.name} loader {key}={getattr(self, key)!r} differs from the checkpoint's "
-                                  f"{state.get(key)!r}; valid: the same seed, seq_len and data as the checkpointed run")
-        self.consumed = int(state["consumed"])
+    def load_state_dict(self, state: dict[str, Any], data_changed: bool = False) -> str | None:
+        """Restore the position; returns a note to print, or None. ``data_changed`` (``--allow-config-change``): the
+        data may differ (its position carries over as a count of sequences, taken modulo this data's windows), and
+        so may ``seq_len`` and ``seed``: on the same data the *tokens* carry over and the current epoch goes on
+        with the windows no step of it has read (``stream.py``). Without it either is one line naming the flag."""
+        check_same_stream(state, self, data_changed)
+        consumed = int(state["consumed"])
+        sources = state.get("sources")  # a mixture's checkpoint (mixture.py): one source is this data, in its order
+        old = stream_of(sources[0], self.tokens, self.shuffle) if isinstance(sources, list) and len(sources) == 1 \
+            else {"n_windows": state.get("n_windows"), "seq_len": state.get("seq_len"), "seed": state.get("seed"),
+                  "salt": 0, "transition": state.get("transition"), "position": consumed}
+        self.tokens_base = int(state.get("tokens", consumed * int(state["seq_len"])))
+        same_data = state.get("data") is None or self.data_fingerprint is None or state["data"] == self.data_fingerprint
+        note = None
+        if not same_data or (isinstance(sources, list) and len(sources) != 1):
+            self.consumed = consumed  # other data: the count of sequences carries over (as Megatron's consumed_samples)
+        elif (old["seq_len"], old["seed"], old["salt"]) == (self.seq_len, self.seed, 0):
+            self.order.reset(0, old["transition"])  # the same stream
+            self.consumed = int(old["position"])
+        else:
+            self.consumed = self.order.carry(WindowOrder(old["n_windows"], old["seq_len"], old["seed"], self.shuffle,
+                                                         old["salt"], old["transition"]), int(old["position"]))
+            note = carry_note(self, old, self.tokens_base)
+        self.consumed_base, self._perm_epoch = self.consumed, -1
+        return note
+
+
+def check_same_stream(state: dict[str, Any], loader: SequenceLoader, allow_change: bool) -> None:
+    """A changed seq_len or seed (or number of windows) is refused in one line unless ``--allow-config-change``."""
+    for key in ("seq_len", "seed") if allow_change else ("seq_len", "seed", "n_windows"):
+        if key == "n_windows" and "sources" in state:
+            continue  # a mixture's checkpoint: the fingerprint decides whether it is this data
+        if state.get(key) != getattr(loader, key):
+            if allow_change:
+                continue
+            what = "the same data as the checkpointed run" if key == "n_windows" else \
+                f"{state.get(key)!r} as in the checkpoint, or --allow-config-change to continue the run at {key}=" \
+                f"{getattr(loader, key)!r} (the tokens read carry over: data/stream.py)"
+            raise ConfigError(f"resume: {loader.name} loader {key}={getattr(loader, key)!r} differs from the "
+                              f"checkpoint's {state.get(key)!r}; valid: {what}")
+
+
+def stream_of(source: dict[str, Any], tokens: Any, shuffle: bool) -> dict[str, Any]:
+    """A mixture checkpoint's source as the stream it was: its windows counted on ``tokens`` (the same data)."""
+    return {"n_windows": (len(tokens) - 1) // int(source["seq_len"]), "seq_len": int(source["seq_len"]),
+            "seed": int(source["seed"]), "salt": int(source.get("salt", 0)), "transition": source.get("transition"),
+            "position": int(source["position"])}
+
+
+def carry_note(loader: SequenceLoader, old: dict[str, Any], tokens: int) -> str:
+    """The resume note of a carried-over stream: what changed, the tokens kept, how the epoch goes on."""
+    changed = ", ".join(f"{k} {old[k]} -> {getattr(loader, k)}" for k in ("seq_len", "seed")
+                        if old[k] != getattr(loader, k))
+    epoch = int(old["position"]) // int(old["n_windows"])
+    skipped = loader.order.skipped(epoch)
+    return (f"note: resuming with {changed or 'another order'}: {tokens:,} tokens read so far carry over; epoch "
+            f"{epoch} goes on with the {loader.order.n_windows - skipped:,} of {loader.order.n_windows:,} windows of "
+            f"{loader.seq_len} tokens that no step of it has read ({skipped:,} overlap text it read and wait for "
+            f"epoch {epoch + 1})")
 
 
 def resolve_data_path(data_cfg: Any, vocab_size: int, progress: bool = True, path: str | None = None) -> Path:

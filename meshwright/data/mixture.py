@@ -24,7 +24,8 @@ import torch
 
 from meshwright.data.blend import BlendSchedule
 from meshwright.data.fingerprint import data_fingerprint
-from meshwright.data.loader import SequenceLoader, TokenDataset, check_vocabulary, resolve_data_path
+from meshwright.data.loader import SequenceLoader, TokenDataset, check_same_stream, check_vocabulary, resolve_data_path
+from meshwright.data.stream import WindowOrder
 from meshwright.data.token_file import FileArray
 from meshwright.errors import ConfigError, invalid
 
@@ -36,6 +37,13 @@ class MixtureData:
 
     def __init__(self, datasets: list[TokenDataset], weights: list[float], labels: list[str]) -> None:
         self.datasets, self.weights, self.labels = datasets, weights, labels
+        self._fingerprints: list[dict[str, Any]] | None = None
+
+    def source_fingerprints(self) -> list[dict[str, Any]]:
+        """Each source's own fingerprint (read once: about 1 MiB of each source)."""
+        if self._fingerprints is None:
+            self._fingerprints = [data_fingerprint(ds) for ds in self.datasets]
+        return self._fingerprints
 
     @property
     def path(self) -> str:
@@ -50,13 +58,45 @@ class MixtureData:
         Several: every source's fields under ``mixture[i].``, with its normalised weight, flat so that a refused
         resume names exactly what changed (``mixture[1].weight 0.3 -> 0.5``)."""
         if len(self.datasets) == 1:
-            return data_fingerprint(self.datasets[0])
+            return self.source_fingerprints()[0]
         total = sum(self.weights)
         fp: dict[str, Any] = {"sources": len(self.datasets)}
-        for i, (ds, w) in enumerate(zip(self.datasets, self.weights)):
+        for i, (one, w) in enumerate(zip(self.source_fingerprints(), self.weights)):
             fp[f"mixture[{i}].weight"] = round(w / total, 12)
-            fp.update({f"mixture[{i}].{k}": v for k, v in data_fingerprint(ds).items()})
+            fp.update({f"mixture[{i}].{k}": v for k, v in one.items()})
         return fp
+
+
+def digest(fingerprint: dict[str, Any] | None) -> str | None:
+    """A short name of one source's fingerprint: how a resume finds each source again after the mixture changed."""
+    if not isinstance(fingerprint, dict):
+        return None
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _saved_sources(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """A checkpoint's sources with their stream positions: saved per source (BlendedLoader.state_dict), or derived
+    from a ``data.path`` checkpoint (one source) or from a mixture's from before they were saved (its fingerprint
+    holds each source's fields and weight; positions by the blend's closed form from 0)."""
+    if isinstance(state.get("sources"), list):
+        return state["sources"]
+    consumed, seq_len, seed = int(state["consumed"]), int(state["seq_len"]), int(state["seed"])
+    fp = state.get("data")
+    base = {"seq_len": seq_len, "seed": seed, "base": 0, "tokens_base": 0, "label": None}
+    if not (isinstance(fp, dict) and isinstance(fp.get("sources"), int)):  # one data set
+        return [{**base, "fingerprint": digest(fp), "salt": 0, "position": consumed,
+                 "transition": state.get("transition"), "tokens": int(state.get("tokens", consumed * seq_len))}]
+    n = fp["sources"]
+    weights = [float(fp[f"mixture[{i}].weight"]) for i in range(n)]
+    counts = BlendSchedule(weights).counts(consumed)
+    out = []
+    for i in range(n):
+        prefix = f"mixture[{i}]."
+        own = {k[len(prefix):]: v for k, v in fp.items() if k.startswith(prefix) and k != f"{prefix}weight"}
+        out.append({**base, "fingerprint": digest(own), "salt": i, "position": counts[i], "transition": None,
+                    "tokens": counts[i] * seq_len})
+    return out
+
 
 
 def _tokenizer_key(ds: TokenDataset) -> tuple[str, str | None]:
@@ -106,7 +146,13 @@ class BlendedLoader(SequenceLoader):
         self.schedule = BlendSchedule(weights)
         self.n_windows = sum(self.source_windows)  # one pass over every source: batches_per_pass, resume check
         self.masked = any(mask is not None for _, mask in sources)
-        self._perms: dict[int, tuple[int, np.ndarray]] = {}
+        self.orders = [WindowOrder(n, seq_len, seed, shuffle, salt=j) for j, n in enumerate(self.source_windows)]
+        # position p >= origin reads index base[j] + (its index in the blend from origin) of source j; tokens_base[j]:
+        # source j's tokens before origin. All 0 unless a resume changed the mixture (load_state_dict)
+        self.origin = 0
+        self.base = np.zeros(len(sources), dtype=np.int64)
+        self.source_tokens_base = [0] * len(sources)
+        self.source_fingerprints: list[dict[str, Any]] | None = None  # build_mixture_loaders: finds sources on resume
 
     def _source_window(self, j: int, index: np.ndarray) -> np.ndarray:
         """Windows of source ``j`` at positions ``index`` of its own stream (its own epochs and permutations)."""
@@ -115,13 +161,8 @@ class BlendedLoader(SequenceLoader):
             return i
         out = np.empty_like(i)
         for e in np.unique(epoch):
-            cached = self._perms.get(j)
-            if cached is None or cached[0] != e:
-                key = [self.seed, int(e)] if j == 0 else [self.seed, int(e), j]
-                cached = (int(e), np.random.default_rng(key).permutation(self.source_windows[j]))
-                self._perms[j] = cached
             sel = epoch == e
-            out[sel] = cached[1][i[sel]]
+            out[sel] = self.orders[j].permutation(int(e))[i[sel]]
         return out
 
     def _read(self, array: Any, starts: list[int]) -> np.ndarray:
@@ -130,7 +171,8 @@ class BlendedLoader(SequenceLoader):
         return np.stack([np.asarray(array[s: s + self.seq_len + 1]) for s in starts])
 
     def _rows(self, positions: range) -> tuple[torch.Tensor, torch.Tensor | None]:
-        src, index = self.schedule.locate(np.arange(positions.start, positions.stop))
+        src, index = self.schedule.locate(np.arange(positions.start, positions.stop) - self.origin)
+        index = index + self.base[src]
         seqs = np.empty((len(src), self.seq_len + 1), dtype=np.int64)
         keep = np.ones_like(seqs, dtype=np.uint8) if self.masked else None
         for j in np.unique(src):
@@ -148,9 +190,107 @@ class BlendedLoader(SequenceLoader):
                              self.micro_batch, self.dp_rank, self.dp_size, self.seed, self.shuffle,
                              f"{self.name} split of data.mixture[{j}]")
 
+    def positions(self, consumed: int) -> list[int]:
+        """Each source's position in its own stream once the blend is at ``consumed`` (closed form, no replay)."""
+        return [int(b) + n for b, n in zip(self.base, self.schedule.counts(consumed - self.origin))]
+
     def sequences_per_source(self, consumed: int) -> dict[str, int]:
-        """Sequences each source contributed to the first ``consumed`` positions (closed form, no replay)."""
+        """Sequences each source contributed to the first ``consumed`` positions of a run that kept its mixture."""
         return dict(zip(self.labels, self.schedule.counts(consumed)))
+
+    def tokens_per_source(self, consumed: int) -> dict[str, int]:
+        """Tokens each source has given the run by position ``consumed``, those of sessions before a resume that
+        changed the mixture or seq_len included (a source the mixture dropped is no longer listed)."""
+        counts = self.schedule.counts(consumed - self.origin)
+        return {label: t + n * self.seq_len for label, t, n in zip(self.labels, self.source_tokens_base, counts)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position, and each source's: where its stream is, so a resume onto a changed mixture finds it."""
+        state = super().state_dict()
+        state.pop("transition", None)  # each source has its own
+        total = sum(self.schedule.shares)
+        positions, tokens = self.positions(self.consumed), self.tokens_per_source(self.consumed)
+        state["origin"] = self.origin
+        state["sources"] = [
+            {"label": label, "fingerprint": digest(fp), "weight": round(share / total, 12), "salt": order.salt,
+             "seq_len": self.seq_len, "seed": self.seed, "position": pos, "tokens": tokens[label], "base": int(base),
+             "tokens_base": tb, "transition": order.state(pos)}
+            for label, fp, share, order, pos, base, tb in zip(
+                self.labels, self.source_fingerprints or [None] * len(self.labels), self.schedule.shares, self.orders,
+                positions, self.base, self.source_tokens_base)]
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], data_changed: bool = False) -> str | None:
+        """Restore the position. The same mixture, seq_len and seed resume exactly. With ``--allow-config-change``
+        a changed mixture (weights, sources added or dropped) keeps each source where its stream was (found by
+        its fingerprint, else by its path) and blends by the new weights from here; a new source starts at its
+        beginning; a changed seq_len or seed carries each source's tokens over as a single data set does
+        (stream.py). A ``data.path`` checkpoint resumes as a one-source mixture reading the same batches."""
+        check_same_stream(state, self, data_changed)
+        consumed = int(state["consumed"])
+        self.tokens_base = int(state.get("tokens", consumed * int(state["seq_len"])))
+        saved = _saved_sources(state)
+        same_data = state.get("data") is None or self.data_fingerprint is None or state["data"] == self.data_fingerprint
+        same_stream = (state["seq_len"], state["seed"]) == (self.seq_len, self.seed)
+        if same_data and same_stream and len(saved) == len(self.sources):
+            if isinstance(state.get("sources"), list):  # exactly as saved
+                self.origin = int(state.get("origin", 0))
+                for j, src in enumerate(saved):
+                    self.base[j], self.source_tokens_base[j] = int(src["base"]), int(src["tokens_base"])
+                    self.orders[j].reset(int(src["salt"]), src.get("transition"))
+            elif len(saved) == 1:  # a data.path checkpoint: the one source's stream is that data set's
+                self.origin, self.base[0], self.source_tokens_base[0] = consumed, consumed, self.tokens_base
+                self.orders[0].reset(0, state.get("transition"))
+            self.consumed = self.consumed_base = consumed
+            return None
+        note = self._remap(saved, consumed)
+        self.consumed = self.consumed_base = consumed
+        return note
+
+    def _remap(self, saved: list[dict[str, Any]], consumed: int) -> str:
+        """Each source continues where its stream was; the new blend starts at ``consumed`` (load_state_dict)."""
+        digests = [digest(fp) for fp in (self.source_fingerprints or [None] * len(self.sources))]
+        unused = list(range(len(saved)))
+        match: list[int | None] = []
+        for j, d in enumerate(digests):  # the same data first, then the same path (that source's data changed)
+            i = next((i for i in unused if d is not None and saved[i]["fingerprint"] == d), None)
+            if i is None:
+                i = next((i for i in unused if saved[i].get("label") == self.labels[j]), None)
+            if i is not None:
+                unused.remove(i)
+            match.append(i)
+        taken = {int(x["salt"]) for x in saved}  # a new source's permutations are unlike any source's so far
+        fresh = (s for s in range(len(saved) + len(self.sources) + 1) if s not in taken)
+        said = []
+        for j, i in enumerate(match):
+            order, label = self.orders[j], f"data.mixture[{j}]={self.labels[j]}"
+            same = i is not None and saved[i]["fingerprint"] == digests[j]
+            order.reset(int(saved[i]["salt"]) if same else next(fresh), None)
+            if i is None:
+                self.base[j], self.source_tokens_base[j] = 0, 0
+                said.append(f"{label} new, from its start")
+                continue
+            old = saved[i]
+            self.source_tokens_base[j] = int(old["tokens"])
+            if not same:  # other data at the same path: its count of sequences carries over
+                self.base[j] = int(old["position"])
+                said.append(f"{label} other data, at sequence {self.base[j]:,}")
+            elif (int(old["seq_len"]), int(old["seed"])) == (self.seq_len, self.seed):
+                self.base[j] = int(old["position"])
+                order.reset(order.salt, old.get("transition"))
+                said.append(f"{label} at sequence {self.base[j]:,} of its stream")
+            else:
+                tokens = self.sources[j][0]
+                earlier = WindowOrder((len(tokens) - 1) // int(old["seq_len"]), int(old["seq_len"]), int(old["seed"]),
+                                      self.shuffle, int(old["salt"]), old.get("transition"))
+                self.base[j] = order.carry(earlier, int(old["position"]))
+                epoch = int(old["position"]) // earlier.n_windows
+                said.append(f"{label} {old['tokens']:,} tokens carried over, epoch {epoch} goes on with "
+                            f"{order.n_windows - order.skipped(epoch):,} unread of {order.n_windows:,} windows")
+        dropped = [str(saved[i].get("label") or f"source {i}") for i in unused]
+        self.origin = consumed
+        return ("note: resuming the mixture with each source where its stream was: " + "; ".join(said)
+                + (f"; dropped: {', '.join(dropped)}" if dropped else "") + "; the new weights blend from here")
 
     def repeat_notes(self, consumed: int) -> list[str]:
         """A note for every source that the first ``consumed`` positions visit more than once."""
@@ -172,4 +312,5 @@ def build_mixture_loaders(cfg: Any, vocab_size: int, dp_rank: int = 0, dp_size: 
     loaders = [BlendedLoader([(ds.split(split, f), ds.split_mask(split, f)) for ds in data.datasets],
                              shuffle=split == "train", name=split, **common) for split in ("train", "val")]
     loaders[0].data_fingerprint = data.fingerprint()
+    loaders[0].source_fingerprints = data.source_fingerprints()
     return loaders[0], loaders[1], data

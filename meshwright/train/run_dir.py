@@ -163,6 +163,8 @@ def check_resume_config(cfg: TrainConfig, resume: bool | str, allow_change: bool
     if not isinstance(saved, dict):
         return
     now, default = to_dict(cfg), to_dict(type(cfg)())
+    saved = {**saved, "data": one_source_as_path(saved.get("data"))}
+    now["data"] = one_source_as_path(now.get("data"))
     for name in RESUME_FIELDS:
         if name in saved:
             found = _difference(saved[name], now.get(name), name, default.get(name))
@@ -170,6 +172,18 @@ def check_resume_config(cfg: TrainConfig, resume: bool | str, allow_change: bool
                 key, was, is_now = found
                 raise invalid(key, is_now, f"{was!r} as in the checkpoint {target} (resume continues that run; pass "
                               f"--allow-config-change to resume with a different {name})")
+
+
+def one_source_as_path(data: Any) -> Any:
+    """``data.mixture`` of one source as the ``data.path`` it reads (its weight means nothing alone): a one-source
+    mixture reads exactly the batches of ``data.path``, so a resume from one to the other continues the same run.
+    Whether it is really the same data is the fingerprint's check, once the data is open (fingerprint.py)."""
+    if not isinstance(data, dict) or not isinstance(data.get("mixture"), list) or len(data["mixture"]) != 1:
+        return data
+    source = data["mixture"][0]
+    if not isinstance(source, dict) or "path" not in source:
+        return data
+    return {**data, "path": source["path"], "mixture": None}
 
 
 def _difference(saved: Any, now: Any, key: str, default: Any = None) -> tuple[str, Any, Any] | None:

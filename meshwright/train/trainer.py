@@ -134,6 +134,9 @@ class Trainer:
         self.eval_batch_count = self._eval_batch_count()
         self.energy: EnergyAccountant | None = None
         self.allow_data_change = False  # --allow-config-change: resume onto data other than the checkpoint's
+        # the step and loader position this session started from: a resume may have changed seq_len, global_batch
+        # or the data, so tokens are counted from there (train_loader.tokens_at), not as step * tokens_per_step
+        self._base_step, self._base_consumed = 0, 0
         # ckpt_async: saves stage to CPU memory and write in the background (collective: the same on every rank)
         self.async_ckpt = AsyncCheckpointer(runtime) if cfg.ckpt_async else None
 
@@ -277,7 +280,10 @@ class Trainer:
                                  data_label(self.cfg.data), str(target), self.allow_data_change)
         if note is not None and self.runtime.is_main:
             self.print(note)
-        self.train_loader.load_state_dict(state["train_loader"], data_changed=self.allow_data_change)
+        note = self.train_loader.load_state_dict(state["train_loader"], data_changed=self.allow_data_change)
+        if note is not None and self.runtime.is_main:
+            self.print(note)
+        self._base_step, self._base_consumed = self.step, self.train_loader.consumed
         return True
 
     def train_step(self) -> dict[str, Any]:
@@ -476,7 +482,7 @@ class Trainer:
     def _log_record(self, run: "_RunStats", out: dict[str, Any], extra: dict[str, Any], is_eval: bool) -> dict[str, Any]:
         cfg = self.cfg
         rec = {"step": out["step"], "loss": _finite(out["loss"]), "lr": out["lr"], "grad_norm": _finite(out["grad_norm"]),
-               "tokens": out["step"] * self.tokens_per_step,
+               "tokens": self.tokens_at(out["step"]),
                "step_s": run.interval_s / max(run.interval_tokens / self.tokens_per_step, 1),
                **self.throughput(run.interval_tokens, run.interval_s)}
         if out["step"] % cfg.energy_every == 0 or out["step"] == cfg.steps:  # same steps on every rank
@@ -492,13 +498,20 @@ class Trainer:
             rec["skipped"] = True
         return rec
 
+    def _consumed_at(self, step: int) -> int:
+        """The train loader's position after ``step`` steps."""
+        return self._base_consumed + (step - self._base_step) * self.cfg.global_batch
+
+    def tokens_at(self, step: int) -> int:
+        """Training tokens after ``step`` steps, earlier sessions' (another seq_len or global_batch) included."""
+        return self.train_loader.tokens_at(self._consumed_at(step))
+
     def _tokens_per_source(self, step: int) -> dict[str, Any]:
         """A mixture's tokens per source after ``step`` steps (closed form: data/blend.py), for the log and summary."""
-        per_source = getattr(self.train_loader, "sequences_per_source", None)
+        per_source = getattr(self.train_loader, "tokens_per_source", None)
         if per_source is None:
             return {}
-        counts = per_source(step * self.cfg.global_batch)
-        return {"tokens_per_source": {k: n * self.cfg.seq_len for k, n in counts.items()}}
+        return {"tokens_per_source": per_source(self._consumed_at(step))}
 
     def _finish(self, run: "_RunStats", resumed: bool) -> dict[str, Any]:
         """The run's summary (throughput over steady-state steps, memory, energy); written by the main rank."""
@@ -510,7 +523,7 @@ class Trainer:
         summary = {
             "model": self.model_cfg.name, "params": self.model_cfg.num_params(), "steps": self.step,
             "stopped_by": self.preemption.name if self._stopping else None,
-            "steps_this_run": self.step - run.first_step, "tokens": self.step * self.tokens_per_step,
+            "steps_this_run": self.step - run.first_step, "tokens": self.tokens_at(self.step),
             "train_s": steady_s, "step_s": steady_s / max(steady_tokens / self.tokens_per_step, 1),
             "world_size": rt.world_size, "dp_size": rt.dp_size, "dtype": cfg.dtype, "compute_dtype": rt.compute_dtype,
             "flops_per_token": self.flops_per_token,

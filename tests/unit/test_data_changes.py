@@ -26,6 +26,7 @@ from meshwright.errors import ConfigError
 from meshwright.train.build import run_training
 from meshwright.train.checkpoint import latest_checkpoint
 from meshwright.train.checkpoint_io import verify_manifest
+from meshwright.train.trainer import lr_at
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -156,3 +157,104 @@ def test_tokens_cut_mid_run_is_one_line_not_a_bus_error(tmp_path):
     assert len(errors) == 1 and "Traceback" not in err, err[-2000:]
     assert "tokens.bin changed while the run was reading it" in errors[0] and "restore the data" in errors[0]
     verify_manifest(latest_checkpoint(out / "ckpt"))  # every file there, its SHA-256 as written: intact
+
+
+def _intervals(loader, steps: int) -> list[tuple[int, int]]:
+    """Token ranges [start, end) of the windows the next ``steps`` batches read (each window's last token is the
+    next one's first: it counts with the window it starts)."""
+    out = []
+    for _ in range(steps):
+        first = loader.consumed
+        loader.consumed += loader.global_batch
+        windows = map(loader._window, range(first, loader.consumed))
+        out += [(w * loader.seq_len, (w + 1) * loader.seq_len) for w in windows]
+    return out
+
+
+def _overlap(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> int:
+    seen = np.zeros(max(e for _, e in a + b), dtype=np.int32)
+    for s, e in a:
+        seen[s:e] += 1
+    return sum(int(seen[s:e].sum()) for s, e in b)
+
+
+def _loader(tokens, seq_len, seed=0):
+    from meshwright.data.loader import SequenceLoader
+
+    return SequenceLoader(tokens, seq_len=seq_len, global_batch=4, micro_batch=4, seed=seed)
+
+
+@pytest.mark.parametrize("change", [{"seq_len": 32}, {"seq_len": 8}, {"seq_len": 24}, {"seed": 7}])
+def test_a_changed_seq_len_or_seed_carries_the_tokens_and_reads_no_text_of_the_epoch_twice(change):
+    """--allow-config-change onto another seq_len or seed was refused by the loader; now the tokens carry over and
+    the rest of the epoch reads only text the epoch has not read yet (stream.py)."""
+    tokens = np.arange(16 * 400 + 1) % 50000
+    old = _loader(tokens, 16)
+    old.consumed = 400  # epoch 1 (the tokens of epoch 0 count as read: tokens_at)
+    read = _intervals(old, 25)  # its first 100 windows
+    state = old.state_dict()
+    assert state["tokens"] == 500 * 16
+    new = _loader(tokens, change.get("seq_len", 16), change.get("seed", 0))
+    field = next(iter(change))
+    with pytest.raises(ConfigError, match=rf"^resume: train loader {field}=.* differs from the checkpoint's "
+                                          r".*--allow-config-change to continue the run at"):
+        new.load_state_dict(state)
+    note = new.load_state_dict(state, data_changed=True)
+    assert note.startswith(f"note: resuming with {field} ") and "8,000 tokens read so far carry over" in note
+    assert new.tokens_at(new.consumed) == 8000 and new.consumed // new.n_windows == 1
+    start, end = new.consumed, 2 * new.n_windows  # the rest of epoch 1
+    rest = _intervals(new, -(-(end - start) // 4))
+    epoch_1 = rest[: end - start]
+    assert _overlap(read, epoch_1) == 0  # nothing read twice in the epoch
+    assert len(set(epoch_1)) == len(epoch_1) and len(epoch_1) > new.n_windows // 2
+    assert new.tokens_at(new.consumed) == 8000 + len(rest) * new.seq_len
+    fresh = _loader(tokens, new.seq_len, new.seed)  # the next epoch is the new settings' own permutation
+    assert [new._window(p) for p in range(2 * new.n_windows, 3 * new.n_windows)] == \
+        [fresh._window(p) for p in range(2 * new.n_windows, 3 * new.n_windows)]
+
+
+def test_two_changes_in_one_epoch_stack_and_resume_exactly():
+    tokens = np.arange(16 * 300 + 1) % 50000
+    a = _loader(tokens, 16)
+    read = _intervals(a, 10)
+    b = _loader(tokens, 32, seed=3)
+    b.load_state_dict(a.state_dict(), data_changed=True)
+    read += _intervals(b, 5)
+    c = _loader(tokens, 8, seed=5)
+    c.load_state_dict(b.state_dict(), data_changed=True)
+    state = c.state_dict()
+    assert [s["seq_len"] for s in state["transition"]["segments"]] == [16, 32]
+    again = _loader(tokens, 8, seed=5)
+    assert again.load_state_dict(json.loads(json.dumps(state))) is None  # the same settings: exact, no note
+    rest = _intervals(c, (c.n_windows - c.consumed) // 4)
+    assert _intervals(again, len(rest) // 4) == rest and _overlap(read, rest) == 0
+
+
+def test_meshwright_train_resumes_a_seq_len_32_run_at_64(tmp_path, capsys):
+    """Context extension through the real `meshwright train`: without the flag one line naming the field, both
+    values and the flag; with it the run continues at step 2, its token counts those really read."""
+    from _train_helpers import one_line_error
+    from meshwright.cli import main
+
+    data = prepare([text_corpus(tmp_path, 1)], tmp_path / "corpus", progress=False)
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps(_config(data, tmp_path / "run", steps=2)))
+    assert main(["train", str(cfg_file)]) == 0
+    line = one_line_error(capsys, ["train", str(cfg_file), "steps=4", "seq_len=64", "--resume"])
+    assert "seq_len=64 is invalid; valid: 32 as in the checkpoint" in line and "--allow-config-change" in line
+    line = one_line_error(capsys, ["train", str(cfg_file), "steps=4", "seq_len=128", "--resume",
+                                   "--allow-config-change"])
+    assert "seq_len=128 is invalid; valid: at most model.max_seq_len=64" in line  # the model's maximum
+    assert main(["train", str(cfg_file), "steps=4", "seq_len=64", "--resume", "--allow-config-change"]) == 0
+    out = capsys.readouterr().out
+    assert "note: resuming with seq_len 32 -> 64: 512 tokens read so far carry over; epoch 0 goes on" in out, out
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in log] == [256, 512, 512 + 512, 512 + 1024]  # 8 x 32, then 8 x 64 per step
+    resumed_cfg = load_train_config(_config(data, tmp_path / "run", steps=4, seq_len=64))
+    assert [r["lr"] for r in log[2:]] == [lr_at(2, resumed_cfg), lr_at(3, resumed_cfg)]  # the schedule goes on by step
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["tokens"] == 1536 and summary["resumed"]
+    state = json.loads((latest_checkpoint(tmp_path / "run" / "ckpt") / "trainer_state.json").read_text())
+    assert state["train_loader"]["seq_len"] == 64 and state["train_loader"]["tokens"] == 1536
+    assert main(["train", str(cfg_file), "steps=6", "seq_len=64", "--resume"]) == 0  # the new settings resume plainly
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["tokens"] == 1536 + 1024

@@ -257,3 +257,87 @@ def test_bad_mixture_sources_are_one_line(sources, tmp_path, capsys):
     mix = f"data.mixture=[{{path: {sources[0]}, weight: 0.7}}, {{path: {other}, weight: 0.3}}]"
     line = one_line_error(capsys, ["train", "tiny-test", f"out_dir={tmp_path / 'run'}", mix])
     assert "data.mixture[1].path=" in line and "same tokenizer" in line
+
+
+def _rewind(run: Path, copy: Path, step: int) -> None:
+    """``copy``: ``run`` as it was at ``step`` (its later checkpoints and log records gone)."""
+    shutil.copytree(run, copy)
+    for later in (copy / "ckpt").glob("step_*"):
+        if int(later.name.split("_")[1]) > step:
+            shutil.rmtree(later)
+    (copy / "ckpt" / "latest").write_text(f"step_{step:06d}\n")
+    lines = (copy / "log.jsonl").read_text().splitlines()
+    (copy / "log.jsonl").write_text("".join(x + "\n" for x in lines if json.loads(x)["step"] <= step))
+
+
+def _log(run: Path, keys=("step", "loss", "grad_norm", "eval_loss", "tokens")) -> list[list]:
+    return [[json.loads(x).get(k) for k in keys] for x in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_a_data_path_run_resumes_as_its_one_source_mixture_and_back_without_the_flag(sources, tmp_path):
+    """The same data in the same order: it needed --allow-config-change though the fingerprints matched."""
+    path, mixed = {"path": str(sources[0]), "val_fraction": 0.1}, mixture(sources[:1], [0.4])
+    run_training(cfg(path, tmp_path / "straight", steps=6, ckpt_every=2))
+    _rewind(tmp_path / "straight", tmp_path / "switched", 2)
+    run_training(cfg(mixed, tmp_path / "switched", steps=6, ckpt_every=2), resume=True)  # no flag
+    assert _log(tmp_path / "straight") == _log(tmp_path / "switched")  # the same batches: the same losses
+    _rewind(tmp_path / "switched", tmp_path / "back", 4)
+    run_training(cfg(path, tmp_path / "back", steps=6), resume=True)  # and back, from the mixture's checkpoint
+    assert _log(tmp_path / "straight") == _log(tmp_path / "back")
+    # other data in a one-source mixture is still refused: another path by the config, the same path by the data
+    with pytest.raises(ConfigError, match=r"^data\.path='.*data1' is invalid; valid: '.*data0' as in the checkpoint"):
+        run_training(cfg(mixture(sources[1:2], [1.0]), tmp_path / "switched", steps=8), resume=True)
+    copy = shutil.copytree(sources[0], tmp_path / "data0")
+    run_training(cfg({"path": str(copy), "val_fraction": 0.1}, tmp_path / "other", steps=2))
+    prepare([sources[2].parent / "src2.txt"], copy, progress=False)  # re-prepared from other text
+    with pytest.raises(ConfigError, match=r"^resume: data\.mixture=\[.*\] is not the data set checkpoint"):
+        run_training(cfg(mixture([copy], [1.0]), tmp_path / "other", steps=4), resume=True)
+
+
+def _rows_by_source(loader, steps: int) -> dict[int, list[bytes]]:
+    out: dict[int, list[bytes]] = {}
+    for _ in range(steps):
+        rows = torch.cat([x for x, _ in loader.next_batch()])
+        for row, k in zip(rows, source_of(rows)):
+            out.setdefault(k, []).append(bytes(row.tolist()))
+    return out
+
+
+def test_a_changed_mixture_continues_each_source_where_it_was(sources, tmp_path):
+    """--allow-config-change with new weights read each source at the new blend's position from 0: source 0 jumped
+    ahead and source 2 read its windows again. Now each source goes on where its stream was; an added source
+    starts at its beginning."""
+    old, _, _ = build_loaders(cfg(mixture([sources[0], sources[2]], [0.5, 0.5])), 256, progress=False)
+    _rows_by_source(old, 4)  # 16 sequences of each
+    state = json.loads(json.dumps(old.state_dict()))
+    assert [s["position"] for s in state["sources"]] == [16, 16]
+    went_on = _rows_by_source(old, 12)  # each source's stream as it goes on
+    new, _, _ = build_loaders(cfg(mixture([sources[0], sources[1], sources[2]], [0.6, 0.2, 0.2])), 256,
+                              progress=False)
+    note = new.load_state_dict(state, data_changed=True)
+    assert f"data.mixture[0]={sources[0]} at sequence 16" in note and f"data.mixture[1]={sources[1]} new" in note
+    got = _rows_by_source(new, 5)
+    assert [len(got[k]) for k in range(3)] == [24, 8, 8]  # the new weights
+    assert got[0] == went_on[0][:24] and got[2] == went_on[2][:8]  # where each stream was, in its order
+    assert len(set(got[1])) == 8  # the added source from its start: no window twice
+    after = new.state_dict()
+    assert [s["position"] for s in after["sources"]] == [40, 8, 24]
+    assert new.tokens_per_source(new.consumed) == {str(sources[0]): 40 * 32, str(sources[1]): 8 * 32,
+                                                   str(sources[2]): 24 * 32}
+    again, _, _ = build_loaders(cfg(mixture([sources[0], sources[1], sources[2]], [0.6, 0.2, 0.2])), 256,
+                                progress=False)
+    assert again.load_state_dict(json.loads(json.dumps(after))) is None  # the new mixture resumes exactly
+    assert _rows_by_source(again, 3) == _rows_by_source(new, 3)
+
+
+def test_a_changed_mixture_through_meshwright_train(sources, tmp_path, capsys):
+    run_training(cfg(mixture([sources[0], sources[2]], [0.5, 0.5]), tmp_path / "run", steps=2))
+    capsys.readouterr()
+    summary = run_training(cfg(mixture(sources, [0.5, 0.25, 0.25]), tmp_path / "run", steps=4, seq_len=64),
+                           resume=True, allow_config_change=True)
+    out = capsys.readouterr().out
+    assert "note: resuming the mixture with each source where its stream was" in out, out
+    assert "tokens carried over, epoch 0 goes on with" in out  # seq_len 32 -> 64: per source, as for one data set
+    assert summary["tokens"] == 2 * 8 * 32 + 2 * 8 * 64
+    assert summary["tokens_per_source"] == {str(sources[0]): 8 * 32 + 8 * 64, str(sources[1]): 4 * 64,
+                                            str(sources[2]): 8 * 32 + 4 * 64}

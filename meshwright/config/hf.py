@@ -1,7 +1,7 @@
-"""Hugging Face ``config.json`` -> ModelConfig (Llama/Mistral/Qwen2/Mixtral/GPT-2), and back.
+"""Hugging Face ``config.json`` -> ModelConfig (Llama/Mistral/Qwen2/Qwen3/Mixtral/GPT-2), and back.
 
 Import keeps what the file says (rope theta wherever transformers wrote it, rope scaling, sliding window,
-head_dim, q/k/v biases, tied embeddings); a setting meshwright cannot run is a one-line error, never
+head_dim, q/k/v biases, Qwen3's q/k head norms, tied embeddings); a setting meshwright cannot run is a one-line error, never
 silently dropped. ``hf_config_from_model`` is the inverse used by ``meshwright export --hf``.
 """
 
@@ -13,10 +13,10 @@ from meshwright.config.io import from_dict
 from meshwright.config.schema import ModelConfig
 from meshwright.errors import invalid
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral", "gpt2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "gpt2")
 
 HF_KEYS = {
-    # Hugging Face config.json keys -> ModelConfig fields (LlamaConfig, MistralConfig, Qwen2Config, MixtralConfig, GPT2Config)
+    # Hugging Face config.json keys -> ModelConfig fields (LlamaConfig, MistralConfig, Qwen2/3Config, MixtralConfig, GPT2Config)
     "vocab_size": "vocab_size", "hidden_size": "d_model", "num_hidden_layers": "n_layers",
     "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads", "intermediate_size": "ffn_hidden",
     "max_position_embeddings": "max_seq_len", "rms_norm_eps": "norm_eps", "rope_theta": "rope_theta",
@@ -114,7 +114,10 @@ def model_config_from_hf(data: dict[str, Any], name: str = "hf") -> ModelConfig:
     if layer_types is not None and (not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types)):
         raise invalid("config.json layer_types", layer_types, "null or a list of attention type names, one per layer")
     window = data.get("sliding_window")
-    if model_type == "qwen2":
+    if model_type == "qwen3":
+        out["qk_norm"] = True
+        window = _qwen3_window(data)
+    elif model_type == "qwen2":
         out["qkv_bias"] = True
         types = set(data.get("layer_types") or [])
         if data.get("use_sliding_window") or types - {"full_attention"}:
@@ -139,9 +142,29 @@ def model_config_from_hf(data: dict[str, Any], name: str = "hf") -> ModelConfig:
     return from_dict(ModelConfig, out, prefix="model")
 
 
+def _qwen3_window(data: dict[str, Any]) -> int | None:
+    """Qwen3's window: transformers uses ``sliding_window`` only with ``use_sliding_window``, and then on the layers
+    ``layer_types`` (or ``max_window_layers``: layers from that index on) marks sliding. meshwright runs one window
+    for every layer or none, so a mix is refused."""
+    if not data.get("use_sliding_window"):
+        types = set(data.get("layer_types") or [])
+        if types - {"full_attention"}:
+            raise invalid("config.json layer_types", sorted(types), "full_attention only when use_sliding_window is false")
+        return None
+    window, n = data.get("sliding_window"), data.get("num_hidden_layers")
+    types = data.get("layer_types")
+    if types is None and _is_int(n):
+        start = data.get("max_window_layers", 28)
+        types = ["sliding_attention" if _is_int(start) and i >= start else "full_attention" for i in range(n)]
+    if window is None or set(types or []) - {"sliding_attention"}:
+        raise invalid("config.json use_sliding_window", True, "false, or a sliding_window on every layer "
+                      "(max_window_layers 0; per-layer windows are not implemented)")
+    return window
+
+
 def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
     """The ``config.json`` transformers needs to rebuild ``cfg`` (LlamaForCausalLM, MistralForCausalLM,
-    Qwen2ForCausalLM, MixtralForCausalLM or GPT2LMHeadModel)."""
+    Qwen2ForCausalLM, Qwen3ForCausalLM, MixtralForCausalLM or GPT2LMHeadModel)."""
     if cfg.arch == "gpt2":
         if cfg.n_experts:
             raise invalid("model.n_experts", cfg.n_experts, "0 for a GPT-2 export")
@@ -152,9 +175,13 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
                 "bos_token_id": None, "eos_token_id": None, "torch_dtype": "float32"}
     if cfg.n_experts and (cfg.moe_every != 1 or cfg.capacity_factor is not None):
         raise invalid("model.moe_every", cfg.moe_every, "1 with capacity_factor null (Mixtral: experts in every block, no dropping)")
-    model_type = "mixtral" if cfg.n_experts else "qwen2" if cfg.qkv_bias else "mistral" if cfg.sliding_window else "llama"
+    if cfg.qk_norm and (cfg.n_experts or cfg.qkv_bias):
+        raise invalid("model.qk_norm", True, "false with experts or qkv_bias (no Hugging Face architecture has both; "
+                      "Qwen3 export: a dense model without q/k/v biases)")
+    model_type = ("mixtral" if cfg.n_experts else "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias
+                  else "mistral" if cfg.sliding_window else "llama")
     arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "mixtral": "MixtralForCausalLM"}[model_type]
+            "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM"}[model_type]
     rope: dict[str, Any] = {"rope_type": "default"} if cfg.rope_scaling is None else dict(cfg.rope_scaling)
     rope["rope_theta"] = cfg.rope_theta
     out: dict[str, Any] = {
@@ -171,6 +198,11 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
         out.update(attention_bias=False, mlp_bias=False)
     if model_type in ("mistral", "mixtral"):
         out["sliding_window"] = cfg.sliding_window
+    if model_type == "qwen3":  # one window on every layer (max_window_layers 0), or none
+        window = cfg.sliding_window
+        out.update(attention_bias=False, use_sliding_window=window is not None, sliding_window=window,
+                   max_window_layers=0 if window is not None else cfg.n_layers,
+                   layer_types=[("sliding_attention" if window is not None else "full_attention")] * cfg.n_layers)
     if model_type == "qwen2":
         if cfg.sliding_window is not None:
             raise invalid("model.sliding_window", cfg.sliding_window, "null with qkv_bias (Qwen2 export)")

@@ -36,6 +36,10 @@ def _build(kind: str):
         return T.MistralForCausalLM(T.MistralConfig(**SMALL, sliding_window=5))
     if kind == "qwen2":
         return T.Qwen2ForCausalLM(T.Qwen2Config(**SMALL))
+    if kind == "qwen3":  # q/k head norms, head_dim != hidden/heads, tied embeddings
+        return T.Qwen3ForCausalLM(T.Qwen3Config(**SMALL, head_dim=12, tie_word_embeddings=True))
+    if kind == "qwen3_window":  # a sliding window on every layer
+        return T.Qwen3ForCausalLM(T.Qwen3Config(**SMALL, use_sliding_window=True, sliding_window=5, max_window_layers=0))
     if kind == "mixtral":
         return T.MixtralForCausalLM(T.MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2))
     if kind == "gpt2":
@@ -59,7 +63,8 @@ def _saved(kind: str, tmp_path, max_shard_size=None):
     return hf, out
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama3", "llama_linear", "mistral", "qwen2", "mixtral", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "llama3", "llama_linear", "mistral", "qwen2", "qwen3", "qwen3_window",
+                                  "mixtral", "gpt2"])
 def test_from_pretrained_matches_transformers_logits(kind, tmp_path):
     hf, path = _saved(kind, tmp_path)
     ours = from_pretrained(path).eval()
@@ -81,6 +86,32 @@ def test_config_import_keeps_what_the_file_says(tmp_path):
     assert load_model_config(str(path / "config.json")).sliding_window == 5
     _, path = _saved("qwen2", tmp_path)
     assert load_model_config(str(path / "config.json")).qkv_bias
+    _, path = _saved("qwen3", tmp_path)
+    cfg = load_model_config(str(path / "config.json"))
+    assert cfg.qk_norm and not cfg.qkv_bias and cfg.head_dim == 12 and cfg.tie_embeddings and cfg.sliding_window is None
+    _, path = _saved("qwen3_window", tmp_path)
+    assert load_model_config(str(path / "config.json")).sliding_window == 5
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1, "layer_types": None},
+     "use_sliding_window"),  # windows on some layers only
+    ({"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"model_type": "qwen3_next"}, "model_type"),
+])
+def test_unsupported_qwen3_config_is_a_one_line_error(change, field, tmp_path):
+    _, path = _saved("qwen3", tmp_path)
+    data = json.loads((path / "config.json").read_text())
+    data.update(change)
+    with pytest.raises(ConfigError) as err:
+        load_model_config(_write(path, data))
+    assert field in str(err.value) and "\n" not in str(err.value)
+
+
+def _write(path, data) -> str:
+    (path / "config.json").write_text(json.dumps(data))
+    return str(path / "config.json")
 
 
 def test_sharded_checkpoint_and_unsharded_load_equal(tmp_path):
@@ -132,7 +163,7 @@ def test_unused_checkpoint_tensor_is_refused(tmp_path):
         from_pretrained(path)
 
 
-@pytest.mark.parametrize("kind", ["llama3", "mistral", "qwen2", "mixtral", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama3", "mistral", "qwen2", "qwen3", "qwen3_window", "mixtral", "gpt2"])
 def test_save_hf_round_trip_through_transformers(kind, tmp_path):
     from meshwright.models.hf_weights import save_hf
 

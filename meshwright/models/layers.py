@@ -129,7 +129,8 @@ class _SumGrad(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         import torch.distributed._functional_collectives as funcol
 
-        return funcol.all_reduce(grad.contiguous(), "sum", ctx.group), None
+        out = funcol.all_reduce(grad.contiguous(), "sum", ctx.group)
+        return (out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else out), None
 
 
 class HeadNorm(RMSNorm):

@@ -202,3 +202,24 @@ def test_transformers4_config_keys_are_read():
     data["rope_scaling"] = {"type": "dynamic", "factor": 2.0}
     with pytest.raises(ConfigError, match="rope_type"):
         model_config_from_hf(data)
+
+
+@pytest.mark.parametrize("preset", ["qwen3-0.6b", "qwen3-8b"])
+def test_qwen3_presets_are_the_published_shapes(preset):
+    """The presets' config.json (export mapping) builds transformers' Qwen3 with the parameters our model has (on the
+    meta device: no memory), and imports back to the same ModelConfig."""
+    import dataclasses
+
+    from meshwright.config.hf import hf_config_from_model, model_config_from_hf
+
+    cfg = load_model_config(preset)
+    data = hf_config_from_model(cfg)
+    assert data["model_type"] == "qwen3" and data["head_dim"] == 128
+    with torch.device("meta"):
+        theirs = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**data))
+        ours = Decoder(cfg)
+    n_theirs = sum(p.numel() for p in theirs.parameters())
+    assert n_theirs == cfg.num_params() == sum(p.numel() for p in set(ours.parameters()))
+    assert {"qwen3-0.6b": 596_049_920, "qwen3-8b": 8_190_735_360}[preset] == n_theirs  # 0.6B and 8.2B on the model cards
+    back = model_config_from_hf(data, name=preset)  # head_dim 128 = d_model/n_heads at 8B: not kept apart there
+    assert back.head_dim == cfg.head_dim and dataclasses.replace(back, attn_head_dim=cfg.attn_head_dim) == cfg

@@ -1,4 +1,4 @@
-"""Hugging Face ``config.json`` -> ModelConfig (Llama/Mistral/Qwen2/Qwen3/Mixtral/GPT-2), and back.
+"""Hugging Face ``config.json`` -> ModelConfig (Llama/Mistral/Qwen2/Qwen3/Qwen3-MoE/Mixtral/GPT-2), and back.
 
 Import keeps what the file says (rope theta wherever transformers wrote it, rope scaling, sliding window,
 head_dim, q/k/v biases, Qwen3's q/k head norms, tied embeddings); a setting meshwright cannot run is a one-line error, never
@@ -13,7 +13,7 @@ from meshwright.config.io import from_dict
 from meshwright.config.schema import ModelConfig
 from meshwright.errors import invalid
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "gpt2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gpt2")
 
 HF_KEYS = {
     # Hugging Face config.json keys -> ModelConfig fields (LlamaConfig, MistralConfig, Qwen2/3Config, MixtralConfig, GPT2Config)
@@ -117,6 +117,10 @@ def model_config_from_hf(data: dict[str, Any], name: str = "hf") -> ModelConfig:
     if model_type == "qwen3":
         out["qk_norm"] = True
         window = _qwen3_window(data)
+    elif model_type == "qwen3_moe":  # one window on every layer when use_sliding_window (no max_window_layers there)
+        out["qk_norm"] = True
+        window = data.get("sliding_window") if data.get("use_sliding_window") else None
+        _qwen3_moe(data, out)
     elif model_type == "qwen2":
         out["qkv_bias"] = True
         types = set(data.get("layer_types") or [])
@@ -162,9 +166,30 @@ def _qwen3_window(data: dict[str, Any]) -> int | None:
     return window
 
 
+def _qwen3_moe(data: dict[str, Any], out: dict[str, Any]) -> None:
+    """Qwen3-MoE's experts onto ModelConfig: every ``decoder_sparse_step``-th block (moe_every, the same rule), the
+    others dense with ``intermediate_size``; absent keys take Qwen3MoeConfig's defaults, as transformers does. Refused:
+    ``mlp_only_layers`` (dense blocks off that rule) and gates other than meshwright's (top-k renormalised when k > 1,
+    the raw probability when k = 1)."""
+    experts = data.get("num_experts", data.get("num_local_experts", 128))
+    out["n_experts"] = experts
+    out["top_k"] = data.get("num_experts_per_tok", 8)
+    out["moe_ffn_hidden"] = data.get("moe_intermediate_size", 768)
+    out["moe_every"] = data.get("decoder_sparse_step", 1)
+    out["ffn_hidden"] = data.get("intermediate_size", 6144)
+    if data.get("mlp_only_layers"):
+        raise invalid("config.json mlp_only_layers", data["mlp_only_layers"], "[] (dense blocks only where "
+                      "decoder_sparse_step leaves them)")
+    norm, k = bool(data.get("norm_topk_prob", False)), out["top_k"]
+    if _is_int(k) and norm != (k > 1):
+        raise invalid("config.json norm_topk_prob", data.get("norm_topk_prob", False), f"{str(k > 1).lower()} with "
+                      f"num_experts_per_tok={k} (meshwright renormalises the top-k gates when k > 1 and gates by the raw "
+                      f"probability when k = 1)")
+
+
 def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
     """The ``config.json`` transformers needs to rebuild ``cfg`` (LlamaForCausalLM, MistralForCausalLM,
-    Qwen2ForCausalLM, Qwen3ForCausalLM, MixtralForCausalLM or GPT2LMHeadModel)."""
+    Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, MixtralForCausalLM or GPT2LMHeadModel)."""
     if cfg.arch == "gpt2":
         if cfg.n_experts:
             raise invalid("model.n_experts", cfg.n_experts, "0 for a GPT-2 export")
@@ -173,15 +198,19 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
                 "n_inner": cfg.ffn_dim, "layer_norm_epsilon": cfg.norm_eps, "activation_function": "gelu_new",
                 "tie_word_embeddings": cfg.tie_embeddings, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
                 "bos_token_id": None, "eos_token_id": None, "torch_dtype": "float32"}
-    if cfg.n_experts and (cfg.moe_every != 1 or cfg.capacity_factor is not None):
-        raise invalid("model.moe_every", cfg.moe_every, "1 with capacity_factor null (Mixtral: experts in every block, no dropping)")
-    if cfg.qk_norm and (cfg.n_experts or cfg.qkv_bias):
-        raise invalid("model.qk_norm", True, "false with experts or qkv_bias (no Hugging Face architecture has both; "
-                      "Qwen3 export: a dense model without q/k/v biases)")
-    model_type = ("mixtral" if cfg.n_experts else "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias
-                  else "mistral" if cfg.sliding_window else "llama")
+    if cfg.n_experts and cfg.capacity_factor is not None:
+        raise invalid("model.capacity_factor", cfg.capacity_factor, "null for a Hugging Face export (Mixtral and "
+                      "Qwen3-MoE drop no tokens)")
+    if cfg.n_experts and not cfg.qk_norm and cfg.moe_every != 1:
+        raise invalid("model.moe_every", cfg.moe_every, "1 (Mixtral: experts in every block; qk_norm exports Qwen3-MoE, "
+                      "which takes any moe_every)")
+    if cfg.qk_norm and cfg.qkv_bias:
+        raise invalid("model.qk_norm", True, "false with qkv_bias (no Hugging Face architecture has both; Qwen3 "
+                      "export: no q/k/v biases)")
+    model_type = ("qwen3_moe" if cfg.n_experts and cfg.qk_norm else "mixtral" if cfg.n_experts else "qwen3" if cfg.qk_norm
+                  else "qwen2" if cfg.qkv_bias else "mistral" if cfg.sliding_window else "llama")
     arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM"}[model_type]
+            "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}[model_type]
     rope: dict[str, Any] = {"rope_type": "default"} if cfg.rope_scaling is None else dict(cfg.rope_scaling)
     rope["rope_theta"] = cfg.rope_theta
     out: dict[str, Any] = {
@@ -207,6 +236,12 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
         if cfg.sliding_window is not None:
             raise invalid("model.sliding_window", cfg.sliding_window, "null with qkv_bias (Qwen2 export)")
         out.update(use_sliding_window=False, sliding_window=None)
+    if model_type == "qwen3_moe":
+        window = cfg.sliding_window
+        out.update(intermediate_size=cfg.ffn_dim, moe_intermediate_size=cfg.expert_ffn_dim, num_experts=cfg.n_experts,
+                   num_experts_per_tok=cfg.top_k, decoder_sparse_step=cfg.moe_every, mlp_only_layers=[],
+                   norm_topk_prob=cfg.top_k > 1, router_aux_loss_coef=cfg.aux_loss_coef, output_router_logits=False,
+                   attention_bias=False, use_sliding_window=window is not None, sliding_window=window)
     if model_type == "mixtral":
         out.update(num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k, router_aux_loss_coef=cfg.aux_loss_coef,
                    router_jitter_noise=0.0, output_router_logits=False)

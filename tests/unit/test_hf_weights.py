@@ -40,6 +40,12 @@ def _build(kind: str):
         return T.Qwen3ForCausalLM(T.Qwen3Config(**SMALL, head_dim=12, tie_word_embeddings=True))
     if kind == "qwen3_window":  # a sliding window on every layer
         return T.Qwen3ForCausalLM(T.Qwen3Config(**SMALL, use_sliding_window=True, sliding_window=5, max_window_layers=0))
+    if kind == "qwen3_moe":  # experts in every 2nd block (dense ones between), top-2 renormalised, head_dim apart
+        return T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(**SMALL, head_dim=12, moe_intermediate_size=24, num_experts=4,
+                                                      num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=2))
+    if kind == "qwen3_moe_top1":  # one expert per token, gated by its raw probability (norm_topk_prob false)
+        return T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(**SMALL, moe_intermediate_size=24, num_experts=4,
+                                                      num_experts_per_tok=1, norm_topk_prob=False))
     if kind == "mixtral":
         return T.MixtralForCausalLM(T.MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2))
     if kind == "gpt2":
@@ -64,7 +70,7 @@ def _saved(kind: str, tmp_path, max_shard_size=None):
 
 
 @pytest.mark.parametrize("kind", ["llama", "llama3", "llama_linear", "mistral", "qwen2", "qwen3", "qwen3_window",
-                                  "mixtral", "gpt2"])
+                                  "qwen3_moe", "qwen3_moe_top1", "mixtral", "gpt2"])
 def test_from_pretrained_matches_transformers_logits(kind, tmp_path):
     hf, path = _saved(kind, tmp_path)
     ours = from_pretrained(path).eval()
@@ -93,15 +99,17 @@ def test_config_import_keeps_what_the_file_says(tmp_path):
     assert load_model_config(str(path / "config.json")).sliding_window == 5
 
 
-@pytest.mark.parametrize("change,field", [
-    ({"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1, "layer_types": None},
+@pytest.mark.parametrize("kind,change,field", [
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1, "layer_types": None},
      "use_sliding_window"),  # windows on some layers only
-    ({"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
-    ({"attention_bias": True}, "attention_bias"),
-    ({"model_type": "qwen3_next"}, "model_type"),
+    ("qwen3", {"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
+    ("qwen3", {"attention_bias": True}, "attention_bias"),
+    ("qwen3", {"model_type": "qwen3_next"}, "model_type"),
+    ("qwen3_moe", {"mlp_only_layers": [0]}, "mlp_only_layers"),  # a dense block off decoder_sparse_step's rule
+    ("qwen3_moe", {"norm_topk_prob": False}, "norm_topk_prob"),  # raw top-2 probabilities as gates
 ])
-def test_unsupported_qwen3_config_is_a_one_line_error(change, field, tmp_path):
-    _, path = _saved("qwen3", tmp_path)
+def test_unsupported_qwen3_config_is_a_one_line_error(kind, change, field, tmp_path):
+    _, path = _saved(kind, tmp_path)
     data = json.loads((path / "config.json").read_text())
     data.update(change)
     with pytest.raises(ConfigError) as err:
@@ -163,7 +171,8 @@ def test_unused_checkpoint_tensor_is_refused(tmp_path):
         from_pretrained(path)
 
 
-@pytest.mark.parametrize("kind", ["llama3", "mistral", "qwen2", "qwen3", "qwen3_window", "mixtral", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama3", "mistral", "qwen2", "qwen3", "qwen3_window", "qwen3_moe", "qwen3_moe_top1",
+                                  "mixtral", "gpt2"])
 def test_save_hf_round_trip_through_transformers(kind, tmp_path):
     from meshwright.models.hf_weights import save_hf
 

@@ -155,15 +155,16 @@ def _qwen3_window(data: dict[str, Any]) -> int | None:
         if types - {"full_attention"}:
             raise invalid("config.json layer_types", sorted(types), "full_attention only when use_sliding_window is false")
         return None
-    window, n = data.get("sliding_window"), data.get("num_hidden_layers")
-    types = data.get("layer_types")
-    if types is None and _is_int(n):
-        start = data.get("max_window_layers", 28)
-        types = ["sliding_attention" if _is_int(start) and i >= start else "full_attention" for i in range(n)]
-    if window is None or set(types or []) - {"sliding_attention"}:
-        raise invalid("config.json use_sliding_window", True, "false, or a sliding_window on every layer "
-                      "(max_window_layers 0; per-layer windows are not implemented)")
-    return window
+    types, start = data.get("layer_types"), data.get("max_window_layers", 28)
+    if types is not None and set(types) - {"sliding_attention"}:
+        raise invalid("config.json layer_types", sorted(set(types)), "sliding_attention on every layer with "
+                      "use_sliding_window (per-layer windows are not implemented)")
+    if types is None and start != 0:
+        raise invalid("config.json max_window_layers", start, "0 with use_sliding_window (a window on every layer; "
+                      "per-layer windows are not implemented)")
+    if data.get("sliding_window") is None:
+        raise invalid("config.json sliding_window", None, "a positive number of tokens with use_sliding_window")
+    return data["sliding_window"]
 
 
 def _qwen3_moe(data: dict[str, Any], out: dict[str, Any]) -> None:

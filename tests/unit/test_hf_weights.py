@@ -101,7 +101,7 @@ def test_config_import_keeps_what_the_file_says(tmp_path):
 
 @pytest.mark.parametrize("kind,change,field", [
     ("qwen3", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1, "layer_types": None},
-     "use_sliding_window"),  # windows on some layers only
+     "max_window_layers"),  # windows on some layers only
     ("qwen3", {"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
     ("qwen3", {"attention_bias": True}, "attention_bias"),
     ("qwen3", {"model_type": "qwen3_next"}, "model_type"),

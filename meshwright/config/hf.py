@@ -1,7 +1,7 @@
-"""Hugging Face ``config.json`` -> ModelConfig (Llama/Mistral/Qwen2/Mixtral/GPT-2), and back.
+"""Hugging Face ``config.json`` -> ModelConfig (Llama/Mistral/Qwen2/Qwen3/Qwen3-MoE/Mixtral/GPT-2), and back.
 
 Import keeps what the file says (rope theta wherever transformers wrote it, rope scaling, sliding window,
-head_dim, q/k/v biases, tied embeddings); a setting meshwright cannot run is a one-line error, never
+head_dim, q/k/v biases, Qwen3's q/k head norms, tied embeddings); a setting meshwright cannot run is a one-line error, never
 silently dropped. ``hf_config_from_model`` is the inverse used by ``meshwright export --hf``.
 """
 
@@ -13,10 +13,10 @@ from meshwright.config.io import from_dict
 from meshwright.config.schema import ModelConfig
 from meshwright.errors import invalid
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral", "gpt2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gpt2")
 
 HF_KEYS = {
-    # Hugging Face config.json keys -> ModelConfig fields (LlamaConfig, MistralConfig, Qwen2Config, MixtralConfig, GPT2Config)
+    # Hugging Face config.json keys -> ModelConfig fields (LlamaConfig, MistralConfig, Qwen2/3Config, MixtralConfig, GPT2Config)
     "vocab_size": "vocab_size", "hidden_size": "d_model", "num_hidden_layers": "n_layers",
     "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads", "intermediate_size": "ffn_hidden",
     "max_position_embeddings": "max_seq_len", "rms_norm_eps": "norm_eps", "rope_theta": "rope_theta",
@@ -114,7 +114,14 @@ def model_config_from_hf(data: dict[str, Any], name: str = "hf") -> ModelConfig:
     if layer_types is not None and (not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types)):
         raise invalid("config.json layer_types", layer_types, "null or a list of attention type names, one per layer")
     window = data.get("sliding_window")
-    if model_type == "qwen2":
+    if model_type == "qwen3":
+        out["qk_norm"] = True
+        window = _qwen3_window(data)
+    elif model_type == "qwen3_moe":  # one window on every layer when use_sliding_window (no max_window_layers there)
+        out["qk_norm"] = True
+        window = data.get("sliding_window") if data.get("use_sliding_window") else None
+        _qwen3_moe(data, out)
+    elif model_type == "qwen2":
         out["qkv_bias"] = True
         types = set(data.get("layer_types") or [])
         if data.get("use_sliding_window") or types - {"full_attention"}:
@@ -139,9 +146,51 @@ def model_config_from_hf(data: dict[str, Any], name: str = "hf") -> ModelConfig:
     return from_dict(ModelConfig, out, prefix="model")
 
 
+def _qwen3_window(data: dict[str, Any]) -> int | None:
+    """Qwen3's window: transformers uses ``sliding_window`` only with ``use_sliding_window``, and then on the layers
+    ``layer_types`` (or ``max_window_layers``: layers from that index on) marks sliding. meshwright runs one window
+    for every layer or none, so a mix is refused."""
+    if not data.get("use_sliding_window"):
+        types = set(data.get("layer_types") or [])
+        if types - {"full_attention"}:
+            raise invalid("config.json layer_types", sorted(types), "full_attention only when use_sliding_window is false")
+        return None
+    types, start = data.get("layer_types"), data.get("max_window_layers", 28)
+    if types is not None and set(types) - {"sliding_attention"}:
+        raise invalid("config.json layer_types", sorted(set(types)), "sliding_attention on every layer with "
+                      "use_sliding_window (per-layer windows are not implemented)")
+    if types is None and start != 0:
+        raise invalid("config.json max_window_layers", start, "0 with use_sliding_window (a window on every layer; "
+                      "per-layer windows are not implemented)")
+    if data.get("sliding_window") is None:
+        raise invalid("config.json sliding_window", None, "a positive number of tokens with use_sliding_window")
+    return data["sliding_window"]
+
+
+def _qwen3_moe(data: dict[str, Any], out: dict[str, Any]) -> None:
+    """Qwen3-MoE's experts onto ModelConfig: every ``decoder_sparse_step``-th block (moe_every, the same rule), the
+    others dense with ``intermediate_size``; absent keys take Qwen3MoeConfig's defaults, as transformers does. Refused:
+    ``mlp_only_layers`` (dense blocks off that rule) and gates other than meshwright's (top-k renormalised when k > 1,
+    the raw probability when k = 1)."""
+    experts = data.get("num_experts", data.get("num_local_experts", 128))
+    out["n_experts"] = experts
+    out["top_k"] = data.get("num_experts_per_tok", 8)
+    out["moe_ffn_hidden"] = data.get("moe_intermediate_size", 768)
+    out["moe_every"] = data.get("decoder_sparse_step", 1)
+    out["ffn_hidden"] = data.get("intermediate_size", 6144)
+    if data.get("mlp_only_layers"):
+        raise invalid("config.json mlp_only_layers", data["mlp_only_layers"], "[] (dense blocks only where "
+                      "decoder_sparse_step leaves them)")
+    norm, k = bool(data.get("norm_topk_prob", False)), out["top_k"]
+    if _is_int(k) and norm != (k > 1):
+        raise invalid("config.json norm_topk_prob", data.get("norm_topk_prob", False), f"{str(k > 1).lower()} with "
+                      f"num_experts_per_tok={k} (meshwright renormalises the top-k gates when k > 1 and gates by the raw "
+                      f"probability when k = 1)")
+
+
 def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
     """The ``config.json`` transformers needs to rebuild ``cfg`` (LlamaForCausalLM, MistralForCausalLM,
-    Qwen2ForCausalLM, MixtralForCausalLM or GPT2LMHeadModel)."""
+    Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, MixtralForCausalLM or GPT2LMHeadModel)."""
     if cfg.arch == "gpt2":
         if cfg.n_experts:
             raise invalid("model.n_experts", cfg.n_experts, "0 for a GPT-2 export")
@@ -150,11 +199,19 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
                 "n_inner": cfg.ffn_dim, "layer_norm_epsilon": cfg.norm_eps, "activation_function": "gelu_new",
                 "tie_word_embeddings": cfg.tie_embeddings, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
                 "bos_token_id": None, "eos_token_id": None, "torch_dtype": "float32"}
-    if cfg.n_experts and (cfg.moe_every != 1 or cfg.capacity_factor is not None):
-        raise invalid("model.moe_every", cfg.moe_every, "1 with capacity_factor null (Mixtral: experts in every block, no dropping)")
-    model_type = "mixtral" if cfg.n_experts else "qwen2" if cfg.qkv_bias else "mistral" if cfg.sliding_window else "llama"
+    if cfg.n_experts and cfg.capacity_factor is not None:
+        raise invalid("model.capacity_factor", cfg.capacity_factor, "null for a Hugging Face export (Mixtral and "
+                      "Qwen3-MoE drop no tokens)")
+    if cfg.n_experts and not cfg.qk_norm and cfg.moe_every != 1:
+        raise invalid("model.moe_every", cfg.moe_every, "1 (Mixtral: experts in every block; qk_norm exports Qwen3-MoE, "
+                      "which takes any moe_every)")
+    if cfg.qk_norm and cfg.qkv_bias:
+        raise invalid("model.qk_norm", True, "false with qkv_bias (no Hugging Face architecture has both; Qwen3 "
+                      "export: no q/k/v biases)")
+    model_type = ("qwen3_moe" if cfg.n_experts and cfg.qk_norm else "mixtral" if cfg.n_experts else "qwen3" if cfg.qk_norm
+                  else "qwen2" if cfg.qkv_bias else "mistral" if cfg.sliding_window else "llama")
     arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "mixtral": "MixtralForCausalLM"}[model_type]
+            "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}[model_type]
     rope: dict[str, Any] = {"rope_type": "default"} if cfg.rope_scaling is None else dict(cfg.rope_scaling)
     rope["rope_theta"] = cfg.rope_theta
     out: dict[str, Any] = {
@@ -171,10 +228,21 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
         out.update(attention_bias=False, mlp_bias=False)
     if model_type in ("mistral", "mixtral"):
         out["sliding_window"] = cfg.sliding_window
+    if model_type == "qwen3":  # one window on every layer (max_window_layers 0), or none
+        window = cfg.sliding_window
+        out.update(attention_bias=False, use_sliding_window=window is not None, sliding_window=window,
+                   max_window_layers=0 if window is not None else cfg.n_layers,
+                   layer_types=[("sliding_attention" if window is not None else "full_attention")] * cfg.n_layers)
     if model_type == "qwen2":
         if cfg.sliding_window is not None:
             raise invalid("model.sliding_window", cfg.sliding_window, "null with qkv_bias (Qwen2 export)")
         out.update(use_sliding_window=False, sliding_window=None)
+    if model_type == "qwen3_moe":
+        window = cfg.sliding_window
+        out.update(intermediate_size=cfg.ffn_dim, moe_intermediate_size=cfg.expert_ffn_dim, num_experts=cfg.n_experts,
+                   num_experts_per_tok=cfg.top_k, decoder_sparse_step=cfg.moe_every, mlp_only_layers=[],
+                   norm_topk_prob=cfg.top_k > 1, router_aux_loss_coef=cfg.aux_loss_coef, output_router_logits=False,
+                   attention_bias=False, use_sliding_window=window is not None, sliding_window=window)
     if model_type == "mixtral":
         out.update(num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k, router_aux_loss_coef=cfg.aux_loss_coef,
                    router_jitter_noise=0.0, output_router_logits=False)

@@ -97,6 +97,7 @@ class ModelConfig:
     sliding_window: Optional[int] = None  # Mistral: each token sees itself and the previous window-1 tokens
     qkv_bias: bool = False  # Qwen2: biases on the q/k/v projections (not on the output projection)
     attn_head_dim: Optional[int] = None  # None = d_model / n_heads; set when a checkpoint's head_dim differs
+    qk_norm: bool = False  # Qwen3: RMSNorm over each q/k head (one weight of head_dim, shared by the heads) before RoPE
     tie_embeddings: bool = False
     dropout: float = 0.0
     init_std: float = 0.02
@@ -124,8 +125,10 @@ class ModelConfig:
             raise invalid(f"{p}sliding_window", self.sliding_window, "a positive number of tokens or null (full causal)")
         if self.rope_scaling is not None:
             validate_rope_scaling(self.rope_scaling, f"{p}rope_scaling")
-        if self.arch == "gpt2" and (self.rope_scaling is not None or self.qkv_bias or self.attn_head_dim is not None):
-            raise invalid(f"{p}arch", self.arch, "'llama' for rope_scaling, qkv_bias or attn_head_dim (gpt2 blocks have none)")
+        if self.arch == "gpt2" and (self.rope_scaling is not None or self.qkv_bias or self.attn_head_dim is not None
+                                    or self.qk_norm):
+            raise invalid(f"{p}arch", self.arch, "'llama' for rope_scaling, qkv_bias, attn_head_dim or qk_norm "
+                          "(gpt2 blocks have none)")
         kv = self.kv_heads
         if kv <= 0 or self.n_heads % kv:
             raise invalid(f"{p}n_kv_heads", self.n_kv_heads, f"a divisor of n_heads={self.n_heads}: {divisors(self.n_heads)}")
@@ -206,9 +209,13 @@ class ModelConfig:
     def norm_params(self) -> int:
         return self.d_model * (2 if self.arch == "gpt2" else 1)
 
+    def qk_norm_params(self) -> int:
+        """q_norm + k_norm of one block (Qwen3): one head_dim weight each, shared by all heads."""
+        return 2 * self.head_dim if self.qk_norm else 0
+
     def layer_params(self, index: int, active_only: bool = False) -> int:
         mlp = self.moe_mlp_params(active_only) if self.is_moe_layer(index) else self.dense_mlp_params()
-        return self.attention_params() + mlp + 2 * self.norm_params()
+        return self.attention_params() + mlp + 2 * self.norm_params() + self.qk_norm_params()
 
     def embedding_params(self) -> int:
         """Token embedding (+ learned positions for gpt2) (+ untied output head)."""

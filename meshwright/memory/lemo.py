@@ -103,8 +103,8 @@ def attention_block_scores(attn: Attention, x: torch.Tensor, rope: tuple[torch.T
     """
     b, s, _ = x.shape
     hd = attn.head_dim
-    q = attn.wq(x).view(b, s, -1, hd)
-    k = attn.wk(x).view(b, s, -1, hd)
+    q, k = attn.project_qk(x)
+    q, k = q.view(b, s, -1, hd), k.view(b, s, -1, hd)
     if attn.use_rope and rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     q = q.float().transpose(1, 2) / math.sqrt(hd)  # (b, H, s, hd)

@@ -10,10 +10,12 @@ reads only those. ``load_pretrained_into`` works on any of them;
 inverse (used by ``meshwright export --hf``).
 
 Layout differences (measured equal to transformers' logits to 1e-4 in tests/unit/test_hf_weights.py):
-- Llama/Mistral/Qwen2/Mixtral rotate the two halves of each head (``rotate_half``); meshwright rotates
-  interleaved pairs, so q/k rows (and Qwen2's q/k biases) are permuted within each head.
+- Llama/Mistral/Qwen2/Qwen3/Mixtral rotate the two halves of each head (``rotate_half``); meshwright rotates
+  interleaved pairs, so q/k rows (and Qwen2's q/k biases, Qwen3's q_norm/k_norm weights) are permuted within each
+  head.
 - GPT-2 stores Conv1D weights as (in, out) and fuses q/k/v into ``c_attn``.
-- Mixtral stores each expert's w1/w2/w3 apart; meshwright stacks them along dim 0.
+- Mixtral stores each expert's w1/w2/w3 apart (Qwen3-MoE: gate_proj/down_proj/up_proj); meshwright stacks them
+  along dim 0.
 """
 
 from __future__ import annotations
@@ -170,7 +172,7 @@ def _prefix(reader: SafetensorsReader, leaf: str) -> str:
 
 
 def llama_sources(cfg: ModelConfig, reader: SafetensorsReader) -> dict[str, Source | Stacked]:
-    """Sources for Llama/Mistral/Qwen2/Mixtral checkpoints."""
+    """Sources for Llama/Mistral/Qwen2/Qwen3/Qwen3-MoE/Mixtral checkpoints."""
     p = _prefix(reader, "embed_tokens.weight")
     out: dict[str, Source | Stacked] = {"tok_embeddings.weight": Source(f"{p}embed_tokens.weight"),
                                         "norm.weight": Source(f"{p}norm.weight")}
@@ -184,12 +186,17 @@ def llama_sources(cfg: ModelConfig, reader: SafetensorsReader) -> dict[str, Sour
             out[f"{o}attention.{ours}.weight"] = Source(f"{h}self_attn.{theirs}.weight", rope_heads=heads)
             if cfg.qkv_bias and ours != "wo":
                 out[f"{o}attention.{ours}.bias"] = Source(f"{h}self_attn.{theirs}.bias", rope_heads=heads)
-        if cfg.is_moe_layer(i):
-            moe = f"{h}block_sparse_moe."
+        if cfg.qk_norm:  # one head_dim weight, permuted like the rows of one head
+            for norm in ("q_norm", "k_norm"):
+                out[f"{o}attention.{norm}.weight"] = Source(f"{h}self_attn.{norm}.weight", rope_heads=1)
+        if cfg.is_moe_layer(i):  # Qwen3-MoE (qk_norm): mlp.experts.{e}.gate/up/down_proj; Mixtral: w1/w3/w2
+            moe = f"{h}mlp." if cfg.qk_norm else f"{h}block_sparse_moe."
+            names = ({"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"} if cfg.qk_norm
+                     else {w: w for w in ("w1", "w2", "w3")})
             out[o + "feed_forward.router.weight"] = Source(moe + "gate.weight")
             for w in ("w1", "w2", "w3"):
                 out[f"{o}feed_forward.experts.{w}"] = Stacked(
-                    [Source(f"{moe}experts.{e}.{w}.weight") for e in range(cfg.n_experts)])
+                    [Source(f"{moe}experts.{e}.{names[w]}.weight") for e in range(cfg.n_experts)])
         else:
             for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
                 out[f"{o}feed_forward.{ours}.weight"] = Source(f"{h}mlp.{theirs}.weight")

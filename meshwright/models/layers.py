@@ -117,8 +117,42 @@ class AttentionCore(nn.Module):
         return out.transpose(1, 2).reshape(b, s, -1)
 
 
+class _SumGrad(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over ``group`` (Megatron's copy-to-tensor-parallel-region)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: object) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        import torch.distributed._functional_collectives as funcol
+
+        out = funcol.all_reduce(grad.contiguous(), "sum", ctx.group)
+        return (out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else out), None
+
+
+class HeadNorm(RMSNorm):
+    """RMSNorm over each head of a (batch, seq, heads * head_dim) projection, one weight shared by the heads
+    (Qwen3's q_norm/k_norm). Under tensor parallelism a rank holds only its heads but the whole weight, so the
+    weight's gradient is partial there: ``grad_group`` (set by the tp backends) sums it over the tp ranks."""
+
+    def __init__(self, head_dim: int, eps: float) -> None:
+        super().__init__(head_dim, eps)
+        self.grad_group: object | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        heads = x.unflatten(-1, (-1, self.weight.shape[0]))
+        xf = heads.float()
+        out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        weight = self.weight if self.grad_group is None else _SumGrad.apply(self.weight, self.grad_group)
+        return (out * weight).flatten(-2)
+
+
 class Attention(nn.Module):
-    """Causal self-attention with optional GQA, RoPE, q/k/v biases (Qwen2) and a sliding window (Mistral).
+    """Causal self-attention with optional GQA, RoPE, q/k/v biases (Qwen2), q/k head norms (Qwen3) and a sliding
+    window (Mistral).
 
     Head counts are inferred from tensor shapes at run time, so the same code runs on a
     tensor-parallel shard that holds only n_heads/tp query heads and n_kv_heads/tp KV heads.
@@ -130,6 +164,9 @@ class Attention(nn.Module):
         self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=qkv_bias)
         self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=qkv_bias)
         self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=qkv_bias)
+        # Qwen3: normalise each q/k head before RoPE (absent otherwise, so other checkpoints keep their names)
+        self.q_norm = HeadNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = HeadNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.core = AttentionCore(cfg.head_dim, cfg.n_heads // cfg.kv_heads, use_rope, cfg.dropout, cfg.sliding_window)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=bias)
 
@@ -154,9 +191,18 @@ class Attention(nn.Module):
     def sliding_window(self) -> int | None:
         return self.core.sliding_window
 
+    def project_qk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k before RoPE, (batch, seq, heads * head_dim): the projections, head-normed where the model has
+        q/k norms. Also what the savers that recompute attention scores read (memory/lemo.py)."""
+        q, k = self.wq(x), self.wk(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k
+
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.wo(self.core(self.wq(x), self.wk(x), self.wv(x), rope, attn_mask))
+        q, k = self.project_qk(x)
+        return self.wo(self.core(q, k, self.wv(x), rope, attn_mask))
 
 
 class SiluGate(nn.Module):

@@ -5,7 +5,8 @@ process group (``tp_group=``), so megatron's global ``parallel_state`` is never 
 meshes stay explicit. Weights are copied from the plain model's slices (or, on a meta block, left for
 ``parallel/meta_init.py`` to fill with those slices' values, and for ``init_from`` to read from the checkpoint),
 all placed by ``meta_init.shard_box``, so this backend gives the same numbers as the DTensor one. Parameters stay plain local shards; ``to_dtensor_state`` /
-``load_dtensor_state`` expose them as DTensors so distributed checkpoints still reshard.
+``load_dtensor_state`` expose them as DTensors so distributed checkpoints still reshard. Qwen3's q/k head norms stay
+whole on every rank, their gradients summed over the tp group (``tensor_parallel.share_head_norm_grads``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from meshwright.parallel.meta_init import box_index, shard_box
+from meshwright.parallel.tensor_parallel import share_head_norm_grads
 
 _COLUMN = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
 _ROW = ("attention.wo", "feed_forward.w2")
@@ -55,6 +57,7 @@ def apply_megatron_tp(block: nn.Module, tp_group: dist.ProcessGroup) -> dict[str
     """Swap ``block``'s Linears for megatron-core parallel layers; returns {param name: shard dim}."""
     Column, Row = _classes()
     tp, r = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+    share_head_norm_grads(block, tp_group)
     shard_dims: dict[str, int] = {}
     for path in _COLUMN + _ROW:
         parent_name, attr = path.rsplit(".", 1)

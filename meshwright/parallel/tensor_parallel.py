@@ -5,6 +5,10 @@ w2 row-parallel, so each block needs one all-reduce in attention and one in the 
 norms run sequence-parallel (activations split on the sequence dim between the matmuls) and the
 all-reduces become all-gather + reduce-scatter pairs. The block takes and returns a plain,
 tp-replicated tensor so neighbouring layers with other layouts need not know about DTensor.
+
+Qwen3's q/k head norms stay plain, tp-replicated weights applied to each rank's own heads (the local output of
+the column-parallel wq/wk, with or without ``sp``): their gradients are partial sums over those heads, summed over
+the tp group in backward (``HeadNorm.grad_group``, set by ``share_head_norm_grads``).
 """
 
 from __future__ import annotations
@@ -22,7 +26,16 @@ from torch.distributed.tensor.parallel import (
 )
 
 from meshwright.errors import invalid
+from meshwright.models.layers import HeadNorm
 from meshwright.models.moe import MoE
+
+
+def share_head_norm_grads(block: nn.Module, group: object) -> None:
+    """Sum the gradients of ``block``'s q/k head norms (if any) over the tp ``group``: each rank normalises only its
+    heads with the whole, replicated weight, so its gradient covers only those heads."""
+    for module in block.modules():
+        if isinstance(module, HeadNorm):
+            module.grad_group = group
 
 
 def apply_tp(block: nn.Module, tp_mesh: DeviceMesh, sp: bool = False) -> nn.Module:
@@ -32,6 +45,7 @@ def apply_tp(block: nn.Module, tp_mesh: DeviceMesh, sp: bool = False) -> nn.Modu
     same tokens, routes them identically and runs the experts redundantly, so the block's output stays
     replicated without communication. That needs tp-replicated tokens, hence no ``sp`` on MoE blocks.
     """
+    share_head_norm_grads(block, tp_mesh.get_group())
     mlp = block.feed_forward
     if isinstance(mlp, MoE):
         if sp:

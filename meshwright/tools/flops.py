@@ -4,7 +4,10 @@ Conventions differ by up to ~15% on the same run, so every MFU figure names the 
 
 - ``palm`` (Chowdhery et al. 2022, App. B; nanoGPT): 6N + 12·L·H·Q·T, N = matmul parameters on the
   activated path (non-embedding + output head; MoE counts top_k experts), attention counted
-  non-causally (full T x T).
+  non-causally (full T x T). Norms count as parameters in N, as in PaLM's count; Qwen3's q/k head norms
+  (``qk_norm``) add their 2·head_dim weights per block the same way. Their element-wise work (~5 FLOPs per q/k
+  value, 5·(H + G)·Q per token and block with G KV heads) is left out, as every convention leaves norms out:
+  2.6e4 against 3.9e8 matmul FLOPs per token and block at Qwen3-8B (7e-5).
 - ``megatron`` (current Megatron-LM ``num_floating_point_operations``): 12·s·l·h²·[(1 + g/a + s/(2h))·q/h
   + f/h·(3/2 if gated)·top_k + V/(2·l·h)] per sequence; the s/(2h) term is the causal halving of the
   attention scores/context matmuls; GQA (g KV groups) and SwiGLU are counted.
@@ -37,8 +40,9 @@ def palm_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 def layer_fwd_flops(cfg: ModelConfig, index: int, tokens: float, seq_len: int) -> float:
     """Forward FLOPs of block ``index`` for ``tokens`` tokens (PaLM counting, per layer, for the cost model):
-    2 per active matmul parameter per token plus the non-causal attention score and context matmuls 4*s*h."""
-    return 2.0 * cfg.layer_params(index, active_only=True) * tokens + 4.0 * seq_len * cfg.d_model * tokens
+    2 per active matmul parameter per token plus the non-causal attention score and context matmuls 4*s*H*Q (H*Q:
+    heads x head_dim, d_model unless a checkpoint sets head_dim apart, as Qwen3 does)."""
+    return 2.0 * cfg.layer_params(index, active_only=True) * tokens + 4.0 * seq_len * cfg.n_heads * cfg.head_dim * tokens
 
 
 def head_fwd_flops(cfg: ModelConfig, tokens: float) -> float:

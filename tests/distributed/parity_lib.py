@@ -27,6 +27,8 @@ RTOL = 1e-5
 SEED = 7
 CFG = load_model_config({"name": "tiny-par", "arch": "llama", "vocab_size": 256, "d_model": 64, "n_layers": 4,
                          "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 128, "max_seq_len": 64})
+# Qwen3's layout: q/k head norms (tp-replicated weights on tp-sharded heads), head_dim independent of d_model/n_heads
+QK_CFG = load_model_config({**CFG.__dict__, "name": "tiny-par-qk", "qk_norm": True, "attn_head_dim": 24})
 SEQ, GLOBAL, MICRO, STEPS, MAX_NORM, LR = 16, 8, 2, 3, 0.5, 1e-2
 
 

@@ -69,6 +69,24 @@ def test_compiled_block_saves_what_the_cost_model_says(arch, recompute):
     assert c["copy_bytes"] == pytest.approx(cfg.layer_params(0) * 2 if recompute == "none" else 0.0)
 
 
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_qk_norm_block_saves_what_the_cost_model_says(recompute, compiled):
+    """Qwen3's q/k head norms (head_dim 24 for d_model 64): eager they keep their fp32 input, bf16 output and 1/rms,
+    compiled the bf16 input and 1/rms; recomputation (selective's SAC recomputes element-wise ops) keeps none."""
+    cfg = dataclasses.replace(_cfg("llama"), attn_head_dim=24, qk_norm=True)
+    if not compiled and recompute == "selective":
+        pytest.skip("eager SAC keeps its tensors where saved_tensors_hooks do not see them")
+    per_token, _ = _saved(cfg, recompute, compiled=compiled)
+    if compiled:
+        want = cm.compiled_activation_bytes(cfg, 1.0, 1, False, recompute, 2)
+    else:
+        want = cm.activation_bytes(cfg, 0, 1.0, 1, False, recompute, 2) + cm.autocast_extra_act_bytes(cfg, 1.0, 1, False, recompute)
+    assert per_token == pytest.approx(want, rel=0.01)
+    if recompute == "none":
+        assert cm.qk_norm_act_bytes(cfg, 1, recompute, 2, compiled) > 0.1 * want
+
+
 @pytest.mark.parametrize("recompute", ["none", "selective"])
 def test_compiled_gqa_block_saves_what_the_cost_model_says(recompute):
     """Grouped-query attention (2 kv heads for 4 query heads): without recomputation the compiled block keeps k and v

@@ -180,7 +180,7 @@ class Root:
 
     def names(self, path: tuple) -> list[str]:
         """What a message may call the field (a config.json key is also named by the ModelConfig field it maps to)."""
-        if self.name != "hf":
+        if not self.name.startswith("hf"):
             return [self.field(path)]
         key = path[0]
         return [f"config.json {key}", key, f"model.{HF_KEYS.get(key, key)}", f"model.{HF_ALIASES.get(key, key)}"]
@@ -238,8 +238,23 @@ def _hf_hint(value: Any) -> Any:
 
 
 HF_ALIASES = {"head_dim": "attn_head_dim", "rope_parameters": "rope_scaling", "num_local_experts": "n_experts",
-              "intermediate_size": "moe_ffn_hidden", "sliding_window": "sliding_window"}
+              "intermediate_size": "moe_ffn_hidden", "sliding_window": "sliding_window", "num_experts": "n_experts",
+              "moe_intermediate_size": "moe_ffn_hidden", "decoder_sparse_step": "moe_every"}
 HF_BASE = _hf_base()
+
+
+def _hf_qwen3_base(moe: bool) -> dict[str, Any]:
+    """A Qwen3 (one sliding window on every layer) or Qwen3-MoE (experts every 2nd block) config.json as the export
+    writes it: the keys only those families read (use_sliding_window, max_window_layers, norm_topk_prob, ...)."""
+    tiny = {**TINY, "qk_norm": True, "attn_head_dim": 16, "sliding_window": 32}
+    if moe:
+        tiny.update(n_experts=4, top_k=2, moe_every=2)
+    return hf_config_from_model(load_model_config(tiny))
+
+
+HF_QWEN3 = {"hf.qwen3": _hf_qwen3_base(False), "hf.qwen3_moe": _hf_qwen3_base(True)}
+# keys the "hf" root audits too, read differently by the Qwen3 families
+QWEN3_READS = ("model_type", "head_dim", "layer_types", "sliding_window", "num_experts_per_tok", "intermediate_size")
 
 
 def _load_plan(path: Path, mp: pytest.MonkeyPatch) -> None:
@@ -265,6 +280,9 @@ ROOTS = [
     Root("hosts", Host, {"hosts": [{"name": "n0", "slots": 2}]}, ("hosts", 0), "hosts[0]", _load_hosts),
     Root("lemo", LemoConfig, {"block_size": 16}, (), "lemo", _load_lemo),
     Root("hf", None, HF_BASE, (), "", _load_hf, extra=tuple(((k,), _hf_hint(v)) for k, v in HF_BASE.items())),
+    *[Root(name, None, base, (), "", _load_hf, extra=tuple(((k,), _hf_hint(v)) for k, v in base.items()
+                                                          if k not in HF_BASE or k in QWEN3_READS))
+      for name, base in HF_QWEN3.items()],
     Root("model.rope", None, {**TINY, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
          (), "model", _load_model, extra=((("rope_scaling", "rope_type"), Literal["llama3", "linear"]),
@@ -386,7 +404,7 @@ def _cli_argvs(root: Root, file: Path, tmp: Path) -> list[list[str]]:
         hosts.write_text("n0 slots=1\n")
         return [["train", str(file)], ["export", str(run), "--hf", str(tmp / "hf")],
                 ["launch", "--hosts", str(hosts), "--dry-run", "--", "train", str(file)]]
-    if root.name == "hf":
+    if root.name.startswith("hf"):
         hf = file.with_name("config.json")
         hf.write_text(json.dumps(yaml.safe_load(file.read_text())))
         return [["plan", "--model", str(hf), "--cluster", "local-cpu", *PLAN_ARGS]]
@@ -439,7 +457,7 @@ def test_cli_refusal_is_one_stderr_line_naming_the_field(case, tmp_path, capsys,
         assert not (tmp_path / "o").exists() and not (tmp_path / "hf").exists()
 
 
-PLANNED = [c for c in FIELDS if c[0].name in ("model", "model.rope", "hf", "cluster")]
+PLANNED = [c for c in FIELDS if c[0].name in ("model", "model.rope", "hf", "hf.qwen3", "hf.qwen3_moe", "cluster")]
 
 
 @pytest.mark.parametrize("case", PLANNED, ids=[_id(c) for c in PLANNED])

@@ -5,7 +5,7 @@ import pytest
 from meshwright.config import load_model_config
 from meshwright.errors import ConfigError
 from meshwright.tools.flops import (
-    hardware_flops_per_token, model_flops_per_token, tflops_per_device, utilization,
+    hardware_flops_per_token, model_flops_per_token, palm_flops_per_token, tflops_per_device, utilization,
 )
 
 # GPT-2 small, T=1024. PaLM: N = 12 layers x 7,087,872 + final LN 1,536 + head 50257x768 = 123,653,376;
@@ -64,3 +64,17 @@ def test_mfu_arithmetic():
 def test_unknown_convention_is_one_line_error():
     with pytest.raises(ConfigError, match="flops_convention='foo' is invalid; valid: palm, megatron, megatron2021"):
         model_flops_per_token(load_model_config("tiny"), 128, "foo")
+
+
+@pytest.mark.parametrize("preset", ["qwen3-0.6b", "qwen3-8b", "llama3-8b"])
+def test_per_layer_flops_add_up_to_the_palm_count(preset):
+    """The cost model's per-layer forward FLOPs (x3 for forward + backward), the head and the final norm add up to
+    PaLM's 6N + 12·L·H·Q·T, also when head_dim is set apart from d_model/n_heads (Qwen3-0.6B: 16 heads of 128 on
+    d_model 1024; the attention matmuls were counted d_model wide, half) and with Qwen3's q/k head norms in N."""
+    from meshwright.tools.flops import head_fwd_flops, layer_fwd_flops
+
+    cfg = load_model_config(preset)
+    seq = 4096
+    layers = sum(layer_fwd_flops(cfg, i, 1.0, seq) for i in range(cfg.n_layers))
+    total = 3 * (layers + head_fwd_flops(cfg, 1.0)) + 6 * cfg.norm_params()
+    assert total == pytest.approx(palm_flops_per_token(cfg, seq), rel=1e-12)

@@ -29,6 +29,7 @@ def _saved(kind: str, tmp_path):
     torch.manual_seed(0)
     hf = {"llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(**SMALL)),
           "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**SMALL)),
+          "qwen3": lambda: T.Qwen3ForCausalLM(T.Qwen3Config(**SMALL, head_dim=12)),  # q/k head norms stay whole
           "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
           }[kind]()
     with torch.no_grad():  # biases and norms start at 0/1: perturb them so every mapping is seen
@@ -63,7 +64,7 @@ def _megatron_shaped(cfg, tp: int, rank: int) -> tuple[nn.Module, dict[str, tupl
     return model, boxes
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gpt2"])
 def test_boxed_shards_equal_the_full_loads_slices_and_read_only_their_box(kind, tmp_path, monkeypatch):
     path = _saved(kind, tmp_path)
     full = dict(from_pretrained(path).named_parameters())  # today's path: the whole model, then megatron's slices

@@ -36,6 +36,16 @@ def _build(kind: str):
         return T.MistralForCausalLM(T.MistralConfig(**SMALL, sliding_window=5))
     if kind == "qwen2":
         return T.Qwen2ForCausalLM(T.Qwen2Config(**SMALL))
+    if kind == "qwen3":  # q/k head norms, head_dim != hidden/heads, tied embeddings
+        return T.Qwen3ForCausalLM(T.Qwen3Config(**SMALL, head_dim=12, tie_word_embeddings=True))
+    if kind == "qwen3_window":  # a sliding window on every layer
+        return T.Qwen3ForCausalLM(T.Qwen3Config(**SMALL, use_sliding_window=True, sliding_window=5, max_window_layers=0))
+    if kind == "qwen3_moe":  # experts in every 2nd block (dense ones between), top-2 renormalised, head_dim apart
+        return T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(**SMALL, head_dim=12, moe_intermediate_size=24, num_experts=4,
+                                                      num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=2))
+    if kind == "qwen3_moe_top1":  # one expert per token, gated by its raw probability (norm_topk_prob false)
+        return T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(**SMALL, moe_intermediate_size=24, num_experts=4,
+                                                      num_experts_per_tok=1, norm_topk_prob=False))
     if kind == "mixtral":
         return T.MixtralForCausalLM(T.MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2))
     if kind == "gpt2":
@@ -59,7 +69,8 @@ def _saved(kind: str, tmp_path, max_shard_size=None):
     return hf, out
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama3", "llama_linear", "mistral", "qwen2", "mixtral", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "llama3", "llama_linear", "mistral", "qwen2", "qwen3", "qwen3_window",
+                                  "qwen3_moe", "qwen3_moe_top1", "mixtral", "gpt2"])
 def test_from_pretrained_matches_transformers_logits(kind, tmp_path):
     hf, path = _saved(kind, tmp_path)
     ours = from_pretrained(path).eval()
@@ -81,6 +92,34 @@ def test_config_import_keeps_what_the_file_says(tmp_path):
     assert load_model_config(str(path / "config.json")).sliding_window == 5
     _, path = _saved("qwen2", tmp_path)
     assert load_model_config(str(path / "config.json")).qkv_bias
+    _, path = _saved("qwen3", tmp_path)
+    cfg = load_model_config(str(path / "config.json"))
+    assert cfg.qk_norm and not cfg.qkv_bias and cfg.head_dim == 12 and cfg.tie_embeddings and cfg.sliding_window is None
+    _, path = _saved("qwen3_window", tmp_path)
+    assert load_model_config(str(path / "config.json")).sliding_window == 5
+
+
+@pytest.mark.parametrize("kind,change,field", [
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1, "layer_types": None},
+     "max_window_layers"),  # windows on some layers only
+    ("qwen3", {"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
+    ("qwen3", {"attention_bias": True}, "attention_bias"),
+    ("qwen3", {"model_type": "qwen3_next"}, "model_type"),
+    ("qwen3_moe", {"mlp_only_layers": [0]}, "mlp_only_layers"),  # a dense block off decoder_sparse_step's rule
+    ("qwen3_moe", {"norm_topk_prob": False}, "norm_topk_prob"),  # raw top-2 probabilities as gates
+])
+def test_unsupported_qwen3_config_is_a_one_line_error(kind, change, field, tmp_path):
+    _, path = _saved(kind, tmp_path)
+    data = json.loads((path / "config.json").read_text())
+    data.update(change)
+    with pytest.raises(ConfigError) as err:
+        load_model_config(_write(path, data))
+    assert field in str(err.value) and "\n" not in str(err.value)
+
+
+def _write(path, data) -> str:
+    (path / "config.json").write_text(json.dumps(data))
+    return str(path / "config.json")
 
 
 def test_sharded_checkpoint_and_unsharded_load_equal(tmp_path):
@@ -132,7 +171,8 @@ def test_unused_checkpoint_tensor_is_refused(tmp_path):
         from_pretrained(path)
 
 
-@pytest.mark.parametrize("kind", ["llama3", "mistral", "qwen2", "mixtral", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama3", "mistral", "qwen2", "qwen3", "qwen3_window", "qwen3_moe", "qwen3_moe_top1",
+                                  "mixtral", "gpt2"])
 def test_save_hf_round_trip_through_transformers(kind, tmp_path):
     from meshwright.models.hf_weights import save_hf
 
@@ -171,3 +211,24 @@ def test_transformers4_config_keys_are_read():
     data["rope_scaling"] = {"type": "dynamic", "factor": 2.0}
     with pytest.raises(ConfigError, match="rope_type"):
         model_config_from_hf(data)
+
+
+@pytest.mark.parametrize("preset", ["qwen3-0.6b", "qwen3-8b"])
+def test_qwen3_presets_are_the_published_shapes(preset):
+    """The presets' config.json (export mapping) builds transformers' Qwen3 with the parameters our model has (on the
+    meta device: no memory), and imports back to the same ModelConfig."""
+    import dataclasses
+
+    from meshwright.config.hf import hf_config_from_model, model_config_from_hf
+
+    cfg = load_model_config(preset)
+    data = hf_config_from_model(cfg)
+    assert data["model_type"] == "qwen3" and data["head_dim"] == 128
+    with torch.device("meta"):
+        theirs = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**data))
+        ours = Decoder(cfg)
+    n_theirs = sum(p.numel() for p in theirs.parameters())
+    assert n_theirs == cfg.num_params() == sum(p.numel() for p in set(ours.parameters()))
+    assert {"qwen3-0.6b": 596_049_920, "qwen3-8b": 8_190_735_360}[preset] == n_theirs  # 0.6B and 8.2B on the model cards
+    back = model_config_from_hf(data, name=preset)  # head_dim 128 = d_model/n_heads at 8B: not kept apart there
+    assert back.head_dim == cfg.head_dim and dataclasses.replace(back, attn_head_dim=cfg.attn_head_dim) == cfg

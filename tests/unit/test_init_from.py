@@ -70,6 +70,30 @@ def test_init_from_train_export_round_trip(data, hf_dir, tmp_path):
         assert (back(tokens).logits - ours(tokens)).abs().max().item() < 1e-4
 
 
+def test_qwen3_train_export_round_trip(data, tmp_path):
+    """A Qwen3 checkpoint (q/k head norms, head_dim != hidden/heads) trains 2 steps, exports as Qwen3ForCausalLM, and
+    transformers' logits on the export equal ours; the head norms are trained and exported too (not left at load)."""
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                                   tie_word_embeddings=True)
+    transformers.Qwen3ForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    run = tmp_path / "run"
+    summary = run_training(_cfg(data, tmp_path / "hf", run, steps=2))
+    assert summary["init"] == "pretrained"
+    out = tmp_path / "exported"
+    assert main(["export", str(run), "--hf", str(out)]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(back).__name__ == "Qwen3ForCausalLM"
+    ours = from_pretrained(out).eval()
+    start = from_pretrained(tmp_path / "hf")
+    moved = {n for n, p in start.named_parameters() if not torch.equal(p, ours.get_parameter(n))}
+    assert "layers.0.attention.q_norm.weight" in moved and "layers.1.attention.k_norm.weight" in moved
+    tokens = torch.randint(0, 256, (2, 32))
+    with torch.no_grad():
+        assert (back(tokens).logits - ours(tokens)).abs().max().item() < 1e-4
+
+
 def test_init_from_bad_path_and_model_conflict(data, hf_dir, tmp_path):
     with pytest.raises(ConfigError, match="init_from"):
         build_runtime(_cfg(data, tmp_path / "nowhere", tmp_path / "run"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -100,16 +101,26 @@ def test_batch_rows_equal_single_sequence_runs():
             torch.testing.assert_close(batched[i], m(x[i:i + 1])[0], atol=1e-5, rtol=1e-5)
 
 
-def test_exact_block_scores_match_brute_force():
-    m = model()
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_exact_block_scores_match_brute_force(qk_norm):
+    """Scores from the q/k the attention uses: with Qwen3's q/k head norms, the head-normed ones."""
+    m = model(cfg=dataclasses.replace(CFG, qk_norm=qk_norm))
     attn = m.layers["0"].attention
+    if qk_norm:
+        with torch.no_grad():
+            attn.q_norm.weight.uniform_(0.5, 2.0)
+            attn.k_norm.weight.uniform_(0.5, 2.0)
     x = torch.randn(2, 64, CFG.d_model)
     rope = m.rope(64)
     got = attention_block_scores(attn, x, rope, block_size=8, aggregate="sum", query_chunk=24)  # chunk not a multiple of 8
     mean = attention_block_scores(attn, x, rope, block_size=8, aggregate="mean", query_chunk=64)
     from meshwright.models.layers import apply_rope
-    q = apply_rope(attn.wq(x).view(2, 64, 4, 16), *rope)
-    k = apply_rope(attn.wk(x).view(2, 64, 2, 16), *rope).repeat_interleave(2, dim=2)
+
+    def normed(t, norm):
+        return t if norm is None else t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+
+    q = apply_rope(normed(attn.wq(x).view(2, 64, 4, 16), attn.q_norm), *rope)
+    k = apply_rope(normed(attn.wk(x).view(2, 64, 2, 16), attn.k_norm), *rope).repeat_interleave(2, dim=2)
     want = torch.zeros(2, 64)
     for i in range(64):
         for j in range(i):

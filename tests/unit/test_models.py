@@ -84,3 +84,29 @@ def test_flops_formula_matches_counted_matmul_flops():
     norm_params = (2 * cfg.n_layers + 1) * cfg.d_model
     attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * t
     assert model.flops_per_token(t) - counted == attention + 6 * norm_params
+
+
+def test_qk_norm_config_round_trips_yaml_and_is_validated():
+    """``qk_norm`` (Qwen3) is a ModelConfig field like any other: through YAML and back, refused on gpt2 blocks in one
+    line, and it gives each attention a q_norm/k_norm of head_dim that the head-normed q/k go through."""
+    import yaml
+
+    from meshwright.config.io import dump_yaml, from_dict
+    from meshwright.config.schema import ModelConfig
+    from meshwright.errors import ConfigError
+
+    cfg = load_model_config({"name": "q", "n_heads": 4, "n_kv_heads": 2, "attn_head_dim": 24, "qk_norm": True})
+    assert from_dict(ModelConfig, yaml.safe_load(dump_yaml(cfg))) == cfg
+    with pytest.raises(ConfigError, match="qk_norm") as err:
+        load_model_config({"arch": "gpt2", "qk_norm": True})
+    assert "\n" not in str(err.value)
+    model = build_model(cfg, seed=0)
+    att = model.layers["0"].attention
+    assert att.q_norm.weight.shape == att.k_norm.weight.shape == (24,)
+    assert count_parameters(model) == cfg.num_params()
+    with torch.no_grad():
+        att.q_norm.weight.mul_(3.0)  # every head of q comes out with RMS 3
+    x = 100 * torch.randn(2, 8, cfg.d_model)  # large enough that norm_eps (1e-5) is negligible against mean(q^2)
+    q, _ = att.project_qk(x)
+    rms = q.unflatten(-1, (-1, 24)).pow(2).mean(-1).sqrt()
+    assert torch.allclose(rms, torch.full_like(rms, 3.0), rtol=1e-4)

@@ -495,7 +495,7 @@ def recompute_extra_fwd_fraction(cfg: ModelConfig, index: int, seq_len: int, mod
     if mode == "full":
         return 1.0
     if mode == "selective":
-        attn = 4.0 * seq_len * cfg.d_model
+        attn = 4.0 * seq_len * cfg.n_heads * cfg.head_dim
         return attn / (2.0 * cfg.layer_params(index, active_only=True) + attn)
     raise invalid("recompute", mode, "none, selective or full")
 
@@ -541,8 +541,9 @@ def tp_comm_s(tokens: float, cfg: ModelConfig, tp: int, sp: bool, recompute: str
 
 
 def attention_core_fwd_flops(cfg: ModelConfig, tokens: float, seq_len: int, tp: int) -> float:
-    """Forward FLOPs of the attention core (QK^T and AV) for ``tokens`` queries over ``seq_len`` keys on a tp rank."""
-    return 4.0 * tokens * seq_len * cfg.d_model / tp
+    """Forward FLOPs of the attention core (QK^T and AV) for ``tokens`` queries over ``seq_len`` keys on a tp rank:
+    n_heads x head_dim wide (not d_model: Qwen3-0.6B's 16 heads of 128 are twice its d_model of 1024)."""
+    return 4.0 * tokens * seq_len * cfg.n_heads * cfg.head_dim / tp
 
 
 def cp_ring_s(tokens: float, cfg: ModelConfig, tp: int, cp: int, hw: Hardware) -> float:
@@ -731,13 +732,14 @@ def activation_bytes(cfg: ModelConfig, index: int, tokens: float, tp: int, sp: b
     else:
         rep = c["rep_h"] * h / (tp if sp else 1)
         ffn = c["shard_f"] * cfg.ffn_dim / tp
-        attn = c["shard_h"] * h / tp
+        attn = c["shard_h"] * cfg.n_heads * cfg.head_dim / tp  # q-wide tensors (h unless head_dim != h/heads)
         per_token = {"full": h / (tp if sp else 1), "selective": rep + ffn, "none": rep + attn + ffn}[recompute]
         nbytes = per_token * tokens * elem_bytes
     fp8_counted = fp8_counted_block(cfg, index, fp8_act, recompute)
     if fp8_counted:  # what the FP8 block saves, tensor by tensor (equals count_saved_bytes under bf16 autocast too)
         norms, core = block_saved_bytes_split(cfg, True, elem_bytes)
         nbytes = (norms / (tp if sp else 1) + core / tp) * tokens
+    nbytes += qk_norm_act_bytes(cfg, tp, recompute, elem_bytes, compiled=False) * tokens
     if lemo is not None:
         nbytes *= lemo
     if wta_crs is not None and recompute != "full":
@@ -747,6 +749,20 @@ def activation_bytes(cfg: ModelConfig, index: int, tokens: float, tp: int, sp: b
         lo = nbytes * FP8_ACT_SHARE / elem_bytes
         nbytes = hi + lo * (1 + 4.0 / FP8_GROUP)
     return nbytes
+
+
+def qk_norm_act_bytes(cfg: ModelConfig, tp: int, recompute: str, elem_bytes: int, compiled: bool) -> float:
+    """Bytes per token Qwen3's q/k head norms add to a block's saved activations (0 without ``qk_norm``), inside the tp
+    region. Eager, each norm keeps its fp32 input and its pre-weight output in the compute dtype, (4 + elem) bytes per
+    q/k value, plus the fp32 1/rms per head; compiled, only the compute-dtype input and the 1/rms. Selective recompute
+    (element-wise ops recomputed) and full recompute keep none. Measured on CPU with count_saved_bytes under bf16
+    autocast (d_model 64, 4 q and 4 kv heads of 16 and of 24, tests/unit/test_cost_model.py): eager +800 and +1184 B
+    per token, compiled +288 and +416, these formulas exactly."""
+    if not cfg.qk_norm or recompute != "none":
+        return 0.0
+    width = (cfg.n_heads + cfg.kv_heads) * cfg.head_dim
+    per_value = elem_bytes if compiled else 4.0 + elem_bytes
+    return (per_value * width + 4.0 * (cfg.n_heads + cfg.kv_heads)) / tp
 
 
 def autocast_extra_act_bytes(cfg: ModelConfig, tokens: float, tp: int, sp: bool, recompute: str) -> float:
@@ -768,7 +784,7 @@ def compiled_activation_bytes(cfg: ModelConfig, tokens: float, tp: int, sp: bool
     q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     outside = 4.0 * c["x"] * h + elem_bytes * c["rep"] * h + c["stats"]
     inside = elem_bytes * (c["q"] * q + c["kv"] * kv + c["f"] * cfg.ffn_dim) + 4.0 * c["lse"] * cfg.n_heads
-    return (outside / rep_div + inside / tp) * tokens
+    return (outside / rep_div + inside / tp + qk_norm_act_bytes(cfg, tp, recompute, elem_bytes, compiled=True)) * tokens
 
 
 def routed_tokens(cfg: ModelConfig, tokens: float) -> float:
@@ -784,7 +800,8 @@ def compiled_moe_activation_bytes(cfg: ModelConfig, tokens: float, tp: int, reco
     (default ``routed_tokens``): the attention part as a compiled dense block's (q/kv/lse split by tp), the router's
     per-token and per-top-k-slot tensors, and the experts' per routed token (tp-replicated: not split)."""
     check_recompute(recompute)
-    return moe_block_bytes(cfg, COMPILED_MOE_ACT[recompute], tokens, tp, elem_bytes, routed)
+    qk = qk_norm_act_bytes(cfg, tp, recompute, elem_bytes, compiled=True) * tokens
+    return moe_block_bytes(cfg, COMPILED_MOE_ACT[recompute], tokens, tp, elem_bytes, routed) + qk
 
 
 def moe_block_bytes(cfg: ModelConfig, c: dict[str, float], tokens: float, tp: int, elem_bytes: int,

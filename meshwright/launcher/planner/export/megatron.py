@@ -60,6 +60,10 @@ def megatron_args(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] = N
     ]
     if cfg.kv_heads != cfg.n_heads:
         args += ["--group-query-attention", "--num-query-groups", str(cfg.kv_heads)]
+    if cfg.head_dim * cfg.n_heads != cfg.d_model:  # Megatron-LM's default kv_channels is hidden/heads
+        args += ["--kv-channels", str(cfg.head_dim)]
+    if cfg.qk_norm:  # Qwen3: Megatron-core's q/k layernorm is per head (kv_channels wide), RMSNorm with --normalization
+        args.append("--qk-layernorm")
     if cfg.arch == "llama":
         args += ["--swiglu", "--normalization", "RMSNorm", "--position-embedding-type", "rope",
                  "--rotary-base", _num(cfg.rope_theta), "--disable-bias-linear"]

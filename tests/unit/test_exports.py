@@ -42,6 +42,7 @@ CASES = {
     "mixtral ep8 tp2 pp2": (("mixtral-8x7b", 128), dict(pp=2, tp=2, sp=True, zero=1, ep=8)),
     "mixtral ep4 zero0": (("mixtral-8x7b", 16), dict(tp=2, sp=True, ep=4, gb=256)),
     "qwen3-8b tp4 pp2": (("qwen3-8b", 64), dict(pp=2, tp=4, sp=True, zero=1)),
+    "qwen2.5-7b tp4 qkv bias": (("qwen2.5-7b", 32), dict(tp=4, sp=True, zero=1, gb=256)),  # 28 heads, 4 kv heads
     "qwen3-0.6b tp2": (("qwen3-0.6b", 16), dict(tp=2, sp=True, zero=1, gb=256)),  # head_dim 128 on d_model 1024
 }
 
@@ -71,6 +72,7 @@ def test_megatron_export_passes_megatron_validate_args(name, dtype):
     assert ns.data_parallel_size == world // (s.tp * plan.pipeline.degree)
     assert ns.rotary_base == int(cfg.rope_theta) and ns.attention_dropout == 0 and ns.hidden_dropout == 0
     assert ns.kv_channels == cfg.head_dim and ns.qk_layernorm == cfg.qk_norm  # Qwen3: head_dim apart, q/k norms
+    assert not ns.add_bias_linear and ns.add_qkv_bias == cfg.qkv_bias  # Qwen2: biases on q/k/v only
     assert ns.lr == 1.5e-4 and ns.train_iters == 1000 and ns.adam_beta2 == 0.95
     fsdp = s.zero == 3 and plan.pipeline.degree == 1
     assert ns.use_torch_fsdp2 == fsdp and ns.use_distributed_optimizer == (s.zero >= 1 and not fsdp)

@@ -62,6 +62,8 @@ def megatron_args(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] = N
         args += ["--group-query-attention", "--num-query-groups", str(cfg.kv_heads)]
     if cfg.head_dim * cfg.n_heads != cfg.d_model:  # Megatron-LM's default kv_channels is hidden/heads
         args += ["--kv-channels", str(cfg.head_dim)]
+    if cfg.qkv_bias:  # Qwen2: --disable-bias-linear below drops every bias; this keeps the q/k/v ones (arguments.py)
+        args.append("--add-qkv-bias")
     if cfg.qk_norm:  # Qwen3: Megatron-core's q/k layernorm is per head (kv_channels wide), RMSNorm with --normalization
         args.append("--qk-layernorm")
     if cfg.arch == "llama":

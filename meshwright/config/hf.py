@@ -143,6 +143,8 @@ def model_config_from_hf(data: dict[str, Any], name: str = "hf") -> ModelConfig:
             raise invalid("config.json num_experts_per_tok", out["top_k"], "at least 2 (Mixtral renormalises the top-k gates)")
         if data.get("router_jitter_noise"):
             raise invalid("config.json router_jitter_noise", data["router_jitter_noise"], "0 (no router noise)")
+    if "n_experts" in out:  # Mixtral and Qwen3-MoE train with the balance loss alone: no router z-loss to add
+        out["z_loss_coef"] = 0.0
     return from_dict(ModelConfig, out, prefix="model")
 
 

@@ -232,3 +232,14 @@ def test_qwen3_presets_are_the_published_shapes(preset):
     assert {"qwen3-0.6b": 596_049_920, "qwen3-8b": 8_190_735_360}[preset] == n_theirs  # 0.6B and 8.2B on the model cards
     back = model_config_from_hf(data, name=preset)  # head_dim 128 = d_model/n_heads at 8B: not kept apart there
     assert back.head_dim == cfg.head_dim and dataclasses.replace(back, attn_head_dim=cfg.attn_head_dim) == cfg
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_imported_moe_adds_no_router_z_loss_its_source_never_trained_with(kind):
+    """Mixtral and Qwen3-MoE train with the load-balancing loss alone (router_aux_loss_coef): an import that kept
+    meshwright's default z-loss (0.001) would fine-tune a different objective and log a loss transformers can't match."""
+    from meshwright.config.hf import model_config_from_hf
+
+    data = _build(kind).config.to_dict()
+    cfg = model_config_from_hf(data)
+    assert cfg.z_loss_coef == 0.0 and cfg.aux_loss_coef == data["router_aux_loss_coef"]

@@ -15,7 +15,7 @@ from typing import Optional
 
 from meshwright.config import ModelConfig, TrainConfig
 from meshwright.launcher.planner.export.common import _uniform, check_dtype, optimizer_settings, stage_sizes
-from meshwright.plan import Plan
+from meshwright.plan import LayerStrategy, Plan
 
 
 def _num(x: float) -> str:
@@ -26,8 +26,19 @@ def megatron_env(plan: Plan, cfg: ModelConfig) -> dict[str, str]:
     """Environment Megatron-LM needs: one CUDA work queue so TP/SP communication overlaps in issue order
     (validate_args refuses tp>1 without it before Blackwell, unless FSDP is on)."""
     s = _uniform(plan, [], cfg)
-    fsdp = s.zero == 3 and plan.pipeline.degree == 1 and s.ep == 1
-    return {"CUDA_DEVICE_MAX_CONNECTIONS": "1"} if s.tp > 1 and not fsdp else {}
+    return {"CUDA_DEVICE_MAX_CONNECTIONS": "1"} if s.tp > 1 and _fsdp_refusal(plan, cfg, s) is not None else {}
+
+
+def _fsdp_refusal(plan: Plan, cfg: ModelConfig, s: LayerStrategy) -> str | None:
+    """Why a ZeRO-3 layout cannot be exported as Megatron's --use-torch-fsdp2 (validate_args), or None when it is
+    (a layout below ZeRO-3 gives a reason too: it is not FSDP)."""
+    if s.zero != 3:
+        return f"zero={s.zero}"
+    if plan.pipeline.degree > 1 or s.ep > 1:
+        return f"pp={plan.pipeline.degree} ep={s.ep}: Megatron's --use-torch-fsdp2 needs pp=1 and ep=1"
+    if cfg.tie_embeddings:
+        return "tied embeddings: Megatron's --use-torch-fsdp2 needs --untie-embeddings-and-output-weights"
+    return None
 
 
 def pipeline_layout(plan: Plan, cfg: ModelConfig) -> str:
@@ -81,10 +92,11 @@ def megatron_args(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] = N
         args += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
     elif s.recompute == "selective":
         args += ["--recompute-granularity", "selective"]
-    fsdp = s.zero == 3 and pp.degree == 1 and s.ep == 1
+    why_not_fsdp = _fsdp_refusal(plan, cfg, s)
+    fsdp = why_not_fsdp is None
     if s.zero == 3 and not fsdp:
-        notes.append(f"zero=3 with pp={pp.degree} ep={s.ep}: Megatron's --use-torch-fsdp2 needs pp=1 and ep=1 "
-                     "(validate_args); exported the distributed optimizer (ZeRO-1) instead, which needs more memory")
+        notes.append(f"zero=3 with {why_not_fsdp} (validate_args); exported the distributed optimizer (ZeRO-1) "
+                     "instead, which needs more memory")
     if fsdp:
         # FSDP2 refuses gradient-accumulation fusion (a TE/apex kernel writing into .main_grad)
         args += ["--use-torch-fsdp2", "--no-gradient-accumulation-fusion"]

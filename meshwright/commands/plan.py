@@ -218,7 +218,7 @@ def _search_for_stack(target: str, cfg: Any, cluster: Any, args: argparse.Namesp
     from meshwright.launcher.planner.export.stacks import RUNS
     from meshwright.launcher.planner.search import Allow, search
 
-    sets = stack_constraints(target, constraints)
+    sets = stack_constraints(target, constraints, cfg)
     if not sets:  # the flag the user gave (--stack wins: `--emit deepspeed --stack deepspeed-fp32-accum`)
         flag = "stack" if getattr(args, "stack", None) else "emit"
         emit = f" (with --emit {args.emit})" if flag == "stack" and getattr(args, "emit", None) else ""

@@ -317,3 +317,18 @@ def test_export_dtype_errors_are_one_line():
         exports.deepspeed_config(plan, cfg, stack="deepspeed-fp32-accum", dtype="fp32")
     conf, _ = exports.deepspeed_config(plan, cfg, stack="deepspeed-fp32-accum", dtype="bf16")
     assert conf["bf16"] == {"enabled": True} and conf["data_types"] == {"grad_accum_dtype": "fp32"}
+
+
+def test_megatron_stack_plans_no_fsdp_for_tied_embeddings(capsys):
+    """validate_args refuses --use-torch-fsdp2 without --untie-embeddings-and-output-weights: the megatron stack
+    searches no ZeRO-3 layout for a tied model (qwen3-0.6b), and a --zero 3 asked of it is one line."""
+    tied, untied = load_model_config("qwen3-0.6b"), load_model_config("qwen3-8b")
+    assert {c.zero for c in exports.stack_constraints("megatron", None, tied)} == {0, 1}
+    assert {c.zero for c in exports.stack_constraints("megatron", None, untied)} == {0, 1, 3}
+    plan, cfg, _ = _case("qwen3-0.6b zero3 (fsdp refused with tied embeddings)")
+    assert "--use-torch-fsdp2 needs untied embeddings" in exports.stack_problems("megatron", plan, cfg)
+    argv = ["plan", "--model", "qwen3-0.6b", "--cluster", "dgx-a100-80g", "--nodes", "2", "--seq-len", "4096",
+            "--global-batch", "256", "--emit", "megatron", "--zero", "3"]
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert "emit='megatron' cannot run the layout fixed by --zero 3; valid: " in err and "untied embeddings" in err, err

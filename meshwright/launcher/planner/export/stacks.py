@@ -33,7 +33,8 @@ RESTRICTED_STACKS = (*TARGETS, "deepspeed-fp32-accum")
 # what each stack runs, as the flags that reach it (the error for a --zero/--pp/--ep/--schedule/--virtual-stages
 # that excludes every layout of the stack names this; keep in step with ``stack_constraints``)
 RUNS: dict[str, str] = {
-    "megatron": "--zero 0 or 1 with any --pp/--ep, or --zero 3 with --pp 1 and --ep 1; no --schedule gpipe",
+    "megatron": "--zero 0 or 1 with any --pp/--ep, or --zero 3 with --pp 1 and --ep 1 (untied embeddings); no "
+                "--schedule gpipe",
     "deepspeed": "--virtual-stages 1, and --pp 1 (any --zero) or --zero 0/1 with --schedule 1f1b",
     "deepspeed-fp32-accum": "--zero 1 with --schedule 1f1b and --virtual-stages 1 (DeepSpeed builds BF16_Optimizer "
                             "at ZeRO-1 only)",
@@ -50,18 +51,19 @@ def _sets(base: Constraints, *overrides: dict[str, Any]) -> list[Constraints]:
     return out
 
 
-def stack_constraints(target: str, base: Constraints | None = None) -> list[Constraints]:
+def stack_constraints(target: str, base: Constraints | None = None, cfg: Any = None) -> list[Constraints]:
     """Constraint sets whose union is what ``target`` can execute (the user's own constraints kept).
 
     megatron: DDP or the distributed optimizer (ZeRO-0/1) with any pp/ep, or torch FSDP2 (ZeRO-3, no HSDP) with
     pp=1 and ep=1 (validate_args); no GPipe. deepspeed: the pipeline engine refuses ZeRO-2/3, so pp>1 runs
     ZeRO-0/1 on its 1F1B-style schedule; pp=1 takes any ZeRO stage, HSDP only at ZeRO-3 (hpZ). torchtitan: DDP (replicate) or FSDP
     (ZeRO-3, also as HSDP); ZeRO-1/2 do not exist there. An empty list: the user's constraints exclude
-    every layout the target runs.
+    every layout the target runs. ``cfg`` (the model): Megatron's FSDP2 also needs untied embeddings.
     """
     base = dataclasses.replace(base or Constraints(), runtime_compatible=False)
     if target == "megatron":  # --use-torch-fsdp2 shards over all dp ranks: no HSDP flag
-        return _sets(base, {"zero": 0}, {"zero": 1}, {"zero": 3, "pp": 1, "ep": 1, "hsdp": False})
+        fsdp = [] if cfg is not None and cfg.tie_embeddings else [{"zero": 3, "pp": 1, "ep": 1, "hsdp": False}]
+        return _sets(base, {"zero": 0}, {"zero": 1}, *fsdp)
     if target in DEEPSPEED_STACKS and (base.virtual_stages or 1) > 1:
         return []  # one 1F1B-like schedule: no model chunks to interleave
     if target == "deepspeed":  # HSDP only at ZeRO-3 (as ZeRO++ hpZ); ZeRO-2 shards over all dp ranks
@@ -92,6 +94,8 @@ def stack_problems(target: str, plan: Plan, cfg: Any) -> list[str]:
             out.append("Megatron-LM has no GPipe schedule")
         if 3 in zeros and (pp.degree > 1 or any(s.ep > 1 for s in strategies)):
             out.append("--use-torch-fsdp2 needs pp=1 and ep=1")
+        if 3 in zeros and cfg.tie_embeddings:
+            out.append("--use-torch-fsdp2 needs untied embeddings")
         if 2 in zeros:
             out.append("Megatron-LM has no ZeRO-2 (its distributed optimizer shards optimizer states only)")
         if any(s.dp_shard and s.zero == 3 for s in strategies):

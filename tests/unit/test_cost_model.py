@@ -10,7 +10,7 @@ import torch
 
 from meshwright.config import load_cluster, load_model_config
 from meshwright.launcher.planner import cost_model as cm
-from meshwright.plan import LayerStrategy, PipelineSpec, Plan, validate_plan
+from meshwright.plan import EmbeddingStrategy, LayerStrategy, PipelineSpec, Plan, validate_plan
 
 GB = 1e9
 
@@ -454,6 +454,37 @@ def test_precision_policies_bytes_per_parameter_by_hand():
     assert cm.optimizer_state_bytes("fp32") == 8.0
     with pytest.raises(Exception, match="optimizer.name"):
         cm.optimizer_state_bytes("fp32", "lion")
+
+
+def test_deepspeed_fp32_counts_the_zero_optimizers_master_copy_by_hand():
+    """DeepSpeed 0.19.8 in fp32 (measured in tests/distributed/parity_deepspeed.py): ZeRO-0 runs the torch optimizer
+    (4 + 4 + 8 B), the ZeRO-1/2/3 optimizers clone the rank's fp32 partition as a master copy (4/dp B more) even though
+    the parameters are fp32; the other stacks' fp32 keeps no master copy."""
+    from meshwright.launcher.planner.stack import precision_for_dtype
+
+    n, dp = 1e9, 8
+    ds = cm.apply_stack(hw(compute_dtype="fp32"), "deepspeed")
+    assert ds.policy.name == "deepspeed_fp32" and precision_for_dtype("fp32", "deepspeed") == "deepspeed_fp32"
+    got = {z: sum(cm.model_state_bytes(n, dp, z, "fp32", ds).values()) / n for z in range(4)}
+    assert got == pytest.approx({0: 16.0, 1: 8 + 12 / dp, 2: 4 + 16 / dp, 3: 20 / dp})
+    for stack in ("meshwright", "megatron", "torchtitan"):
+        plain = cm.apply_stack(hw(compute_dtype="fp32"), stack)
+        assert plain.policy.name == "fp32"
+        assert sum(cm.model_state_bytes(n, dp, 1, "fp32", plain).values()) / n == pytest.approx(8 + 8 / dp)
+    # in bf16 the stack keeps its bf16 policy (master copy at every stage)
+    bf = cm.apply_stack(hw(compute_dtype="bf16"), "deepspeed")
+    assert bf.policy.name == "bf16" and sum(cm.model_state_bytes(n, dp, 0, "fp32", bf).values()) / n == 16.0
+    # a whole plan: the cluster's fp32 DeepSpeed hardware predicts the master copy (+ fragmentation) over plain fp32
+    cfg = load_model_config("llama2-7b")
+    dsh = cm.hardware_from_cluster(load_cluster("dgx-a100-80g"), stack="deepspeed", dtype="fp32")
+    for zero in range(4):
+        plan = Plan(model="llama2-7b", seq_len=4096, global_batch=64, micro_batch=1,
+                    layers=[LayerStrategy(dp=dp, zero=zero, recompute="full", repeat=cfg.n_layers)],
+                    embedding=EmbeddingStrategy(zero=zero))
+        validate_plan(plan, cfg, dp)
+        mem = [max(cm.evaluate_plan(plan, cfg, h, dp).memory_gib) for h in (dsh, dataclasses.replace(dsh, precision="fp32"))]
+        master = 0.0 if zero == 0 else cfg.num_params() * 4 / dp * (1 + dsh.fragmentation) / cm.GIB
+        assert mem[0] - mem[1] == pytest.approx(master, abs=1e-6), zero
 
 
 def test_autocast_weight_copies_and_zero3_gather_by_hand():

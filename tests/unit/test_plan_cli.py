@@ -331,6 +331,10 @@ def test_stack_option_sets_the_precision_policy_and_changes_memory(capsys):
     assert got["deepspeed"][1] < got["megatron"][1]
     rc, text, _ = _run(capsys, ["plan", *base, "--dtype", "fp32"])
     assert json.loads(text)["precision"] == "fp32" and json.loads(text)["compute_dtype"] == "fp32"
+    # DeepSpeed's fp32 policy (the ZeRO optimizers' fp32 master copy), the other stacks' plain fp32
+    for stack, name in (("deepspeed", "deepspeed_fp32"), ("meshwright", "fp32")):
+        rc, text, _ = _run(capsys, ["plan", *base, "--dtype", "fp32", "--stack", stack])
+        assert rc == 0 and json.loads(text)["precision"] == name
 
 
 def test_deepspeed_stacks_count_the_buckets_and_the_fp32_accumulation_and_keep_to_what_deepspeed_runs(capsys):

@@ -193,8 +193,10 @@ class Hardware:
 
     @property
     def policy(self) -> Precision:
-        """The precision policy in force: fp32 compute keeps everything in fp32 whatever the stack."""
-        return PRECISIONS["fp32" if self.elem_bytes == 4 else self.precision]
+        """The precision policy in force: fp32 compute keeps everything in fp32 whatever the stack (a stack's own fp32
+        policy, ``Stack.fp32_precision``, where ``apply_stack`` set one)."""
+        p = PRECISIONS[self.precision]
+        return p if self.elem_bytes == 2 or p.dtype == "fp32" else PRECISIONS["fp32"]
 
 
 def apply_stack(hw: Hardware, stack: Stack | str) -> Hardware:
@@ -680,7 +682,7 @@ def optimizer_bytes_per_param(states: str, mixed_precision: bool) -> float:
 
 def optimizer_state_bytes(states: str, name: str = "adamw") -> float:
     """Optimizer state per parameter without the master copy: AdamW keeps m and v (fp32: 8 B; COAT FP8:
-    2 B + group metadata). The master copy belongs to the precision policy (``Precision.master_bytes``)."""
+    2 B + group metadata). The master copy belongs to the precision policy (``Precision.master_at``)."""
     if name != "adamw":
         raise invalid("optimizer.name", name, "adamw")
     return optimizer_bytes_per_param(states, False)
@@ -693,7 +695,7 @@ def model_state_bytes(param_count: float, dp: int, zero: int, states: str, hw: H
     return {
         "params": param_count * p.param_bytes / (dp if zero >= 3 else 1),
         "grads": param_count * p.grad_bytes / (dp if zero >= 2 else 1),
-        "optimizer": param_count * (optimizer_state_bytes(states) + p.master_bytes) / (dp if zero >= 1 else 1),
+        "optimizer": param_count * (optimizer_state_bytes(states) + p.master_at(zero)) / (dp if zero >= 1 else 1),
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 
+import torch
 import torch.distributed as dist
 
 from parity_lib import CFG, MAX_NORM, RTOL, SEED, Report, failure, init, make_opt, reference, rel, run_worker, shard
@@ -141,6 +142,82 @@ def state_bytes_case(stack: str, zero: int = 1, dtype: str = "bf16") -> dict:
     return {"ok": ok, **res}
 
 
+def pipeline_state_bytes_case() -> dict:
+    """bf16 ZeRO-0 under DeepSpeed's pipeline engine, with the config ``plan --emit deepspeed`` writes for pp=2 (the 2
+    ranks: dp=1): DeepSpeed builds BF16_Optimizer with bf16 accumulation. What it holds at the backward peak of a
+    steady step on each stage against the planner's count of that stage's parameters (``Hardware.policy_at``: the
+    stack's ``pipeline_zero0_precision``), within 3% as the other cases."""
+    import deepspeed
+    import deepspeed.ops
+    from deepspeed.pipe import PipelineModule
+
+    from meshwright.config.presets import load_cluster
+    from meshwright.launcher.planner import cost_model as cm
+    from meshwright.launcher.planner.export.deepspeed import deepspeed_config
+    from meshwright.models import build_model, lm_loss
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="gloo", dist_init_required=False)
+    p = plan_from_dict(plan(uniform(), pipeline={"degree": 2, "schedule": "1f1b", "microbatches": 4}))
+    conf, _ = deepspeed_config(p, CFG, stack=STACKS["deepspeed"])
+    model = build_model(CFG, seed=SEED)
+    layers = [_Embed(model), *[_Block(model, b) for b in model.layers.values()], _Head(model)]
+    module = PipelineModule(layers, num_stages=2, loss_fn=lm_loss, partition_method="uniform")
+    engine, ds_opt, _, _ = deepspeed.initialize(model=module, optimizer=make_opt(module.parameters()), config=conf,
+                                                dist_init_required=False)
+    n = sum(t.numel() for t in engine.module.parameters())  # this stage's
+    peak = [0]
+
+    def at_backward(*_: object) -> None:
+        peak[0] = max(peak[0], _held_bytes([ds_opt], 0)[0])
+
+    for m in engine.module.modules():
+        m.register_full_backward_hook(at_backward)
+    for step in range(2):  # the second step is steady
+        peak[0] = 0
+        engine.train_batch(iter(shard(step, 0, 1)))
+    hw = cm.for_pipeline(cm.hardware_from_cluster(load_cluster("dgx-a100-80g"), stack="deepspeed", dtype="bf16"), 2)
+    predicted = sum(cm.model_state_bytes(n, 1, 0, "fp32", hw).values())
+    ok = type(ds_opt).__name__ == "BF16_Optimizer" and abs(peak[0] / predicted - 1) <= 0.03
+    return {"ok": ok, "optimizer": type(ds_opt).__name__, "params": n, "measured_bytes_per_param": round(peak[0] / n, 3),
+            "predicted_bytes_per_param": round(predicted / n, 3)}
+
+
+class _Embed(torch.nn.Module):
+    """The tiny model's embedding as the first pipeline layer."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.tok = model.tok_embeddings
+
+    def forward(self, x):
+        return self.tok(x)
+
+
+class _Block(torch.nn.Module):
+    """One block as a pipeline layer, with its own copy of the RoPE tables (buffers, not parameters)."""
+
+    def __init__(self, model, block) -> None:
+        super().__init__()
+        self.block = block
+        self.register_buffer("cos", model.rope_cos.clone(), persistent=False)
+        self.register_buffer("sin", model.rope_sin.clone(), persistent=False)
+
+    def forward(self, h):
+        return self.block(h, (self.cos[:h.shape[1]], self.sin[:h.shape[1]]))
+
+
+class _Head(torch.nn.Module):
+    """The final norm and output projection as the last pipeline layer."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.norm, self.out = model.norm, model.output
+
+    def forward(self, h):
+        return self.out(self.norm(h))
+
+
 # (stack, ZeRO level, dtype) held to the planner, with the optimizer the emitted config must make DeepSpeed build
 # (ZeRO-0 in bf16 without a pipeline: its fp16 optimizer in bf16; BF16_Optimizer only with grad_accum_dtype fp32 at
 # ZeRO-1; ZeRO-0 in fp32: the torch optimizer itself, no wrapper). fp32 at ZeRO-1/2 holds the ZeRO optimizer's fp32
@@ -179,6 +256,7 @@ def run_all(report: Report, ref: list[dict], ckpt_dir: str | None = None) -> Non
     cases = [(f"deepspeed_zero{z}", lambda z=z: run_case(z, ref, ckpt_dir=ckpt_dir)) for z in (1, 2, 3)]
     cases += [(f"{st}{'' if dt == 'bf16' else '_' + dt}_zero{z}_state_bytes", lambda st=st, z=z, dt=dt: state_bytes_case(st, z, dt))
               for st, z, dt in STATE_BYTES_CASES]
+    cases.append(("deepspeed_pp2_zero0_state_bytes", pipeline_state_bytes_case))
     for name, case in cases:
         try:
             res = case()

@@ -487,6 +487,45 @@ def test_deepspeed_fp32_counts_the_zero_optimizers_master_copy_by_hand():
         assert mem[0] - mem[1] == pytest.approx(master, abs=1e-6), zero
 
 
+def test_deepspeed_pipeline_zero0_counts_bf16_optimizer_and_the_search_agrees():
+    """bf16 ZeRO-0 under DeepSpeed's pipeline engine is BF16_Optimizer with bf16 accumulation (measured in
+    tests/distributed/parity_deepspeed.py): bf16 parameters and gradients plus a bf16 accumulation buffer, fp32 master
+    and Adam states sharded over dp, 6 + 12/dp B/param (18 at dp=1, more than ZeRO-0's 16). Without a pipeline, in
+    fp32, at ZeRO-1, and on the other stacks nothing changes; evaluate_plan and the search count it alike."""
+    from meshwright.launcher.planner.search import Constraints, search
+
+    n = 1e9
+    ds = cm.apply_stack(hw(), "deepspeed")
+    piped = cm.for_pipeline(ds, 4)
+    assert cm.for_pipeline(ds, 1) is ds and cm.for_pipeline(piped, 4) is piped
+    per = lambda h, dp, z: sum(cm.model_state_bytes(n, dp, z, "fp32", h).values()) / n  # noqa: E731
+    assert (per(piped, 8, 0), per(piped, 1, 0), per(ds, 8, 0)) == pytest.approx((6 + 12 / 8, 18.0, 16.0))
+    assert per(piped, 8, 1) == per(ds, 8, 1) == pytest.approx(4 + 12 / 8)
+    assert per(cm.for_pipeline(cm.apply_stack(hw(compute_dtype="fp32"), "deepspeed"), 4), 8, 0) == 16.0
+    for stack in ("meshwright", "megatron", "deepspeed-fp32-accum", "torchtitan"):
+        h = cm.apply_stack(hw(), stack)
+        assert cm.for_pipeline(h, 4) is h
+    # a whole pp=2 plan: every parameter's ZeRO-0 states (blocks, embedding and head) 16 -> 6 + 12/4 B (+ fragmentation)
+    cfg = load_model_config("llama2-7b")
+    dsh = cm.hardware_from_cluster(load_cluster("dgx-a100-80g"), stack="deepspeed")
+    plan = Plan(model="llama2-7b", seq_len=4096, global_batch=64, micro_batch=1,
+                pipeline=PipelineSpec(degree=2, schedule="1f1b", microbatches=16),
+                layers=[LayerStrategy(dp=4, recompute="full", repeat=cfg.n_layers)])
+    validate_plan(plan, cfg, 8)
+    new = cm.evaluate_plan(plan, cfg, dsh, 8)
+    old = cm.evaluate_plan(plan, cfg, dataclasses.replace(dsh, pipeline_zero0_precision=""), 8)
+    saved = sum(o - m for o, m in zip(old.memory_gib, new.memory_gib)) * cm.GIB
+    assert saved == pytest.approx(cfg.num_params() * (16 - 6 - 12 / 4) * (1 + dsh.fragmentation), rel=1e-9)
+    # the search's per-rank DPs count it too (pp>1 on its own Hardware and memos): in 60 GiB the room it leaves buys
+    # less recomputation than the old count allowed
+    tight = dataclasses.replace(dsh, memory_bytes=60 * cm.GIB)
+    fixed = Constraints(pp=2, zero=0, tp=1, micro_batch=1, schedule="1f1b")
+    res, was = (search(cfg, load_cluster("dgx-a100-80g"), 4096, 64, hw=h, constraints=fixed).best
+                for h in (tight, dataclasses.replace(tight, pipeline_zero0_precision="")))
+    assert res.prediction.memory_gib == pytest.approx(cm.evaluate_plan(res.plan, cfg, tight, 8).memory_gib)
+    assert res.prediction.fits and res.prediction.step_s < 0.9 * was.prediction.step_s
+
+
 def test_autocast_weight_copies_and_zero3_gather_by_hand():
     cfg = load_model_config("llama2-7b")
     n = cfg.layer_params(0)

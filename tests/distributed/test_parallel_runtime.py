@@ -26,7 +26,9 @@ TWO_RANK = {"dp2_ddp", "dp2_zero1", "dp2_zero2_fsdp", "dp2_zero3_fsdp", "tp2_dte
             "recompute_selective_tp2", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "ckpt_dp2tp2_to_pp2",
             "ckpt_megatron_to_dtensor", "zero2_gathers_once_per_step", "deepspeed_zero0_state_bytes",
             "deepspeed_zero1_state_bytes", "deepspeed_zero2_state_bytes", "deepspeed_zero3_state_bytes",
-            "deepspeed-fp32-accum_zero1_state_bytes", "tp2_dtensor_qk_norm", "tp2_megatron_qk_norm", "tp2_sp_qk_norm"}
+            "deepspeed-fp32-accum_zero1_state_bytes", "deepspeed_fp32_zero0_state_bytes", "deepspeed_fp32_zero1_state_bytes",
+            "deepspeed_fp32_zero2_state_bytes", "deepspeed_fp32_zero3_state_bytes", "deepspeed_pp2_zero0_state_bytes",
+            "tp2_dtensor_qk_norm", "tp2_megatron_qk_norm", "tp2_sp_qk_norm"}
 
 
 def _failures(report: dict) -> str:

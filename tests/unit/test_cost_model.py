@@ -10,7 +10,7 @@ import torch
 
 from meshwright.config import load_cluster, load_model_config
 from meshwright.launcher.planner import cost_model as cm
-from meshwright.plan import LayerStrategy, PipelineSpec, Plan, validate_plan
+from meshwright.plan import EmbeddingStrategy, LayerStrategy, PipelineSpec, Plan, validate_plan
 
 GB = 1e9
 
@@ -459,6 +459,76 @@ def test_precision_policies_bytes_per_parameter_by_hand():
     assert cm.optimizer_state_bytes("fp32") == 8.0
     with pytest.raises(Exception, match="optimizer.name"):
         cm.optimizer_state_bytes("fp32", "lion")
+
+
+def test_deepspeed_fp32_counts_the_zero_optimizers_master_copy_by_hand():
+    """DeepSpeed 0.19.8 in fp32 (measured in tests/distributed/parity_deepspeed.py): ZeRO-0 runs the torch optimizer
+    (4 + 4 + 8 B), the ZeRO-1/2/3 optimizers clone the rank's fp32 partition as a master copy (4/dp B more) even though
+    the parameters are fp32; the other stacks' fp32 keeps no master copy."""
+    from meshwright.launcher.planner.stack import precision_for_dtype
+
+    n, dp = 1e9, 8
+    ds = cm.apply_stack(hw(compute_dtype="fp32"), "deepspeed")
+    assert ds.policy.name == "deepspeed_fp32" and precision_for_dtype("fp32", "deepspeed") == "deepspeed_fp32"
+    got = {z: sum(cm.model_state_bytes(n, dp, z, "fp32", ds).values()) / n for z in range(4)}
+    assert got == pytest.approx({0: 16.0, 1: 8 + 12 / dp, 2: 4 + 16 / dp, 3: 20 / dp})
+    for stack in ("meshwright", "megatron", "torchtitan"):
+        plain = cm.apply_stack(hw(compute_dtype="fp32"), stack)
+        assert plain.policy.name == "fp32"
+        assert sum(cm.model_state_bytes(n, dp, 1, "fp32", plain).values()) / n == pytest.approx(8 + 8 / dp)
+    # in bf16 the stack keeps its bf16 policy (master copy at every stage)
+    bf = cm.apply_stack(hw(compute_dtype="bf16"), "deepspeed")
+    assert bf.policy.name == "bf16" and sum(cm.model_state_bytes(n, dp, 0, "fp32", bf).values()) / n == 16.0
+    # a whole plan: the cluster's fp32 DeepSpeed hardware predicts the master copy (+ fragmentation) over plain fp32
+    cfg = load_model_config("llama2-7b")
+    dsh = cm.hardware_from_cluster(load_cluster("dgx-a100-80g"), stack="deepspeed", dtype="fp32")
+    for zero in range(4):
+        plan = Plan(model="llama2-7b", seq_len=4096, global_batch=64, micro_batch=1,
+                    layers=[LayerStrategy(dp=dp, zero=zero, recompute="full", repeat=cfg.n_layers)],
+                    embedding=EmbeddingStrategy(zero=zero))
+        validate_plan(plan, cfg, dp)
+        mem = [max(cm.evaluate_plan(plan, cfg, h, dp).memory_gib) for h in (dsh, dataclasses.replace(dsh, precision="fp32"))]
+        master = 0.0 if zero == 0 else cfg.num_params() * 4 / dp * (1 + dsh.fragmentation) / cm.GIB
+        assert mem[0] - mem[1] == pytest.approx(master, abs=1e-6), zero
+
+
+def test_deepspeed_pipeline_zero0_counts_bf16_optimizer_and_the_search_agrees():
+    """bf16 ZeRO-0 under DeepSpeed's pipeline engine is BF16_Optimizer with bf16 accumulation (measured in
+    tests/distributed/parity_deepspeed.py): bf16 parameters and gradients plus a bf16 accumulation buffer, fp32 master
+    and Adam states sharded over dp, 6 + 12/dp B/param (18 at dp=1, more than ZeRO-0's 16). Without a pipeline, in
+    fp32, at ZeRO-1, and on the other stacks nothing changes; evaluate_plan and the search count it alike."""
+    from meshwright.launcher.planner.search import Constraints, search
+
+    n = 1e9
+    ds = cm.apply_stack(hw(), "deepspeed")
+    piped = cm.for_pipeline(ds, 4)
+    assert cm.for_pipeline(ds, 1) is ds and cm.for_pipeline(piped, 4) is piped
+    per = lambda h, dp, z: sum(cm.model_state_bytes(n, dp, z, "fp32", h).values()) / n  # noqa: E731
+    assert (per(piped, 8, 0), per(piped, 1, 0), per(ds, 8, 0)) == pytest.approx((6 + 12 / 8, 18.0, 16.0))
+    assert per(piped, 8, 1) == per(ds, 8, 1) == pytest.approx(4 + 12 / 8)
+    assert per(cm.for_pipeline(cm.apply_stack(hw(compute_dtype="fp32"), "deepspeed"), 4), 8, 0) == 16.0
+    for stack in ("meshwright", "megatron", "deepspeed-fp32-accum", "torchtitan"):
+        h = cm.apply_stack(hw(), stack)
+        assert cm.for_pipeline(h, 4) is h
+    # a whole pp=2 plan: every parameter's ZeRO-0 states (blocks, embedding and head) 16 -> 6 + 12/4 B (+ fragmentation)
+    cfg = load_model_config("llama2-7b")
+    dsh = cm.hardware_from_cluster(load_cluster("dgx-a100-80g"), stack="deepspeed")
+    plan = Plan(model="llama2-7b", seq_len=4096, global_batch=64, micro_batch=1,
+                pipeline=PipelineSpec(degree=2, schedule="1f1b", microbatches=16),
+                layers=[LayerStrategy(dp=4, recompute="full", repeat=cfg.n_layers)])
+    validate_plan(plan, cfg, 8)
+    new = cm.evaluate_plan(plan, cfg, dsh, 8)
+    old = cm.evaluate_plan(plan, cfg, dataclasses.replace(dsh, pipeline_zero0_precision=""), 8)
+    saved = sum(o - m for o, m in zip(old.memory_gib, new.memory_gib)) * cm.GIB
+    assert saved == pytest.approx(cfg.num_params() * (16 - 6 - 12 / 4) * (1 + dsh.fragmentation), rel=1e-9)
+    # the search's per-rank DPs count it too (pp>1 on its own Hardware and memos): in 60 GiB the room it leaves buys
+    # less recomputation than the old count allowed
+    tight = dataclasses.replace(dsh, memory_bytes=60 * cm.GIB)
+    fixed = Constraints(pp=2, zero=0, tp=1, micro_batch=1, schedule="1f1b")
+    res, was = (search(cfg, load_cluster("dgx-a100-80g"), 4096, 64, hw=h, constraints=fixed).best
+                for h in (tight, dataclasses.replace(tight, pipeline_zero0_precision="")))
+    assert res.prediction.memory_gib == pytest.approx(cm.evaluate_plan(res.plan, cfg, tight, 8).memory_gib)
+    assert res.prediction.fits and res.prediction.step_s < 0.9 * was.prediction.step_s
 
 
 def test_autocast_weight_copies_and_zero3_gather_by_hand():

@@ -161,10 +161,10 @@ def test_deepspeed_export_loads_and_keeps_the_pipeline_engine_rules(name, dtype,
     stage = ds.zero_optimization_stage
     if dtype == "fp32":
         assert built == (None if stage == 0 else "zero_optimization")
-        assert any("fp32 at ZeRO-" in n for n in notes) == (stage in (1, 2))
     else:
         assert built == ("zero_optimization" if stage else "bf16" if plan.pipeline.degree > 1 else "ddp_bf16")
-        assert not any("fp32 at ZeRO-" in n for n in notes)
+    # the ZeRO optimizers' fp32 master copy in fp32 is counted by the planner (PRECISIONS["deepspeed_fp32"]), not noted
+    assert not any("fp32 at ZeRO-" in n or "master" in n for n in notes)
     assert ds.train_batch_size == plan.global_batch
     assert ds.train_micro_batch_size_per_gpu * ds.gradient_accumulation_steps * s.dp == plan.global_batch
     assert ds.optimizer_params["lr"] == 2e-4 and ds.gradient_clipping == 0.5

@@ -181,6 +181,10 @@ class Hardware:
     stack_buffer_bytes: float = 0.0
     # Stack.zero3_live_elements: gathered ZeRO-3 parameters kept live at once (DeepSpeed's budget); 0: one layer + prefetch
     zero3_live_params: float = 0.0
+    # Stack.pipeline_zero0_precision, and whether the plan costed has a pipeline (``for_pipeline``): bf16 ZeRO-0 layers
+    # then keep that precision's states (DeepSpeed's pipeline engine builds BF16_Optimizer)
+    pipeline_zero0_precision: str = ""
+    pipelined: bool = False
     flash_eff_max: float = FLASH_EFF_OTHER  # the SDPA flash kernel's best fraction of peak on this device (see FLASH_EFF_*)
 
     @property
@@ -193,8 +197,17 @@ class Hardware:
 
     @property
     def policy(self) -> Precision:
-        """The precision policy in force: fp32 compute keeps everything in fp32 whatever the stack."""
-        return PRECISIONS["fp32" if self.elem_bytes == 4 else self.precision]
+        """The precision policy in force: fp32 compute keeps everything in fp32 whatever the stack (a stack's own fp32
+        policy, ``Stack.fp32_precision``, where ``apply_stack`` set one)."""
+        p = PRECISIONS[self.precision]
+        return p if self.elem_bytes == 2 or p.dtype == "fp32" else PRECISIONS["fp32"]
+
+    def policy_at(self, zero: int) -> Precision:
+        """The precision policy of a layer's model states at ZeRO-``zero``: ``policy``, but under a pipeline engine
+        that builds another optimizer for bf16 ZeRO-0 (``pipeline_zero0_precision``), that one's."""
+        if zero == 0 and self.pipelined and self.pipeline_zero0_precision and self.elem_bytes == 2:
+            return PRECISIONS[self.pipeline_zero0_precision]
+        return self.policy
 
 
 def apply_stack(hw: Hardware, stack: Stack | str) -> Hardware:
@@ -206,7 +219,15 @@ def apply_stack(hw: Hardware, stack: Stack | str) -> Hardware:
                                pipeline_slowdown=st.pipeline_slowdown, stack=st.name,
                                grads_set_to_none=st.grads_set_to_none,
                                stack_buffers=buffers, stack_buffer_bytes=min(buffers),
-                               zero3_live_params=st.zero3_live_elements())
+                               zero3_live_params=st.zero3_live_elements(),
+                               pipeline_zero0_precision=st.pipeline_zero0_precision, pipelined=False)
+
+
+def for_pipeline(hw: Hardware, pp: int) -> Hardware:
+    """``hw`` costing a plan of ``pp`` pipeline stages (the same object where that changes nothing): the stack's
+    pipeline engine may keep other model states (``Hardware.policy_at``)."""
+    pipelined = pp > 1 and bool(hw.pipeline_zero0_precision)
+    return hw if hw.pipelined == pipelined else dataclasses.replace(hw, pipelined=pipelined)
 
 
 def hardware_from_cluster(cluster: ClusterSpec, profile: Optional[dict[str, Any]] = None,
@@ -681,7 +702,7 @@ def optimizer_bytes_per_param(states: str, mixed_precision: bool) -> float:
 
 def optimizer_state_bytes(states: str, name: str = "adamw") -> float:
     """Optimizer state per parameter without the master copy: AdamW keeps m and v (fp32: 8 B; COAT FP8:
-    2 B + group metadata). The master copy belongs to the precision policy (``Precision.master_bytes``)."""
+    2 B + group metadata). The master copy belongs to the precision policy (``Precision.master_at``)."""
     if name != "adamw":
         raise invalid("optimizer.name", name, "adamw")
     return optimizer_bytes_per_param(states, False)
@@ -690,11 +711,12 @@ def optimizer_state_bytes(states: str, name: str = "adamw") -> float:
 def model_state_bytes(param_count: float, dp: int, zero: int, states: str, hw: Hardware) -> dict[str, float]:
     """Parameters, gradients and optimizer states of ``param_count`` (already tp/ep-sharded) parameters
     on one device: ZeRO-1 shards optimizer states over dp, ZeRO-2 also gradients, ZeRO-3 also parameters."""
-    p = hw.policy
+    p = hw.policy_at(zero)
+    zero = max(zero, p.zero_floor)
     return {
         "params": param_count * p.param_bytes / (dp if zero >= 3 else 1),
         "grads": param_count * p.grad_bytes / (dp if zero >= 2 else 1),
-        "optimizer": param_count * (optimizer_state_bytes(states) + p.master_bytes) / (dp if zero >= 1 else 1),
+        "optimizer": param_count * (optimizer_state_bytes(states) + p.master_at(zero)) / (dp if zero >= 1 else 1),
     }
 
 
@@ -1547,6 +1569,9 @@ def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int,
     ``cache``: a dict the caller keeps while it evaluates many plans of *one* model on *one* Hardware (the search
     does): per-layer costs and the model's FLOPs per token are then computed once for all of them."""
     cache = {} if cache is None else cache
+    piped = for_pipeline(hw, plan.pipeline.degree)
+    if piped is not hw:  # other model states than ``hw`` counts: costs of their own
+        hw, cache = piped, cache.setdefault(("pipelined", piped.pipelined), {})
     # the repeat blocks, not one strategy per layer: what is read of them here (the first and last layer's fields, the
     # largest dp, whether every dp is 1) is the same, and the per-layer sums expand them once per layout (cached)
     strategies = plan.layers

@@ -1411,16 +1411,20 @@ def search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: i
 
     with _gc_paused():
         out = _Collector(top=max(top, 1))
-        memo = _SearchMemo()
-        # per (optimizer-state format, pipeline degree): its smallest-tp choices
-        bases = [_tp_bases(_Outer(cfg, cluster, hw, c, allow, st, pp, 0, [], 0, 0, 0, 0, "1f1b", 1, seq_len, global_batch,
-                                  usable, model_name, c.cp or 1, memo), out)
-                 for st, pp in itertools.product(state_opts, pps)]
+        # per (optimizer-state format, pipeline degree): its smallest-tp choices; a stack whose pipeline engine keeps
+        # other model states (cm.for_pipeline) costs pp>1 on its own Hardware, with memos of its own
+        memos: dict[bool, _SearchMemo] = {}
+        bases, memo = [], None
+        for st, pp in itertools.product(state_opts, pps):
+            h = cm.for_pipeline(hw, pp)
+            memo = memos.setdefault(h.pipelined, _SearchMemo())
+            bases.append(_tp_bases(_Outer(cfg, cluster, h, c, allow, st, pp, 0, [], 0, 0, 0, 0, "1f1b", 1, seq_len,
+                                          global_batch, usable, model_name, c.cp or 1, memo), out))
         _warm_start([b for per_pp in bases for b in per_pp], out)
         for per_pp in tqdm(bases, desc="plan search", unit="pp", disable=not progress, leave=False):
             for tp_base, per_replica in per_pp:
                 _try_micro_batches(tp_base, per_replica, out)
-        del memo  # freed before the collector is back on: it then has only the result's objects to walk
+        del memo, memos  # freed before the collector is back on: it then has only the result's objects to walk
         result = _result(out, top, hw.memory_bytes, t0)
         del out
     if result.best is None and suggest:

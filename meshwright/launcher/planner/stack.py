@@ -25,11 +25,25 @@ class Precision:
     weight_copy_bytes: float  # compute-dtype copies of the rank's weights kept alive (autocast cache), not dp-sharded
     gather_bytes: float  # per element of an all-gathered ZeRO-3 layer
     reduce_bytes: float  # per element of the data-parallel gradient reduction
+    dtype: str = "bf16"  # the training dtype (TrainConfig.dtype) the policy describes
+    master_zero: tuple[int, ...] = (0, 1, 2, 3)  # the ZeRO stages at which the optimizer keeps the master copy
+    zero_floor: int = 0  # the optimizer shards as at least this ZeRO stage (BF16_Optimizer: ZeRO-1 built in)
+
+    def master_at(self, zero: int) -> float:
+        """Bytes per parameter of the master copy at ZeRO-``zero`` (before its dp sharding)."""
+        return self.master_bytes if zero in self.master_zero else 0.0
 
 
 PRECISIONS = {
     # fp32 everywhere (CPU runs, or TrainConfig.dtype=fp32)
-    "fp32": Precision("fp32", 4, 4, 0, 0, 4, 4),
+    "fp32": Precision("fp32", 4, 4, 0, 0, 4, 4, dtype="fp32"),
+    # DeepSpeed 0.19.8 in fp32 (``bf16.enabled: false``): fp32 everywhere, but its ZeRO optimizers clone each rank's
+    # fp32 parameter partition as a master copy all the same (4/dp B per parameter): ZeRO-1/2 always
+    # (runtime/zero/stage_1_and_2.py single_partition_of_fp32_groups), ZeRO-3 too (stage3.py _create_fp32_partitions
+    # means to reuse a partition already in fp32 on the device, but compares a torch.device with the device's name, a
+    # str, which is never equal). ZeRO-0 runs the plain torch optimizer (engine.py _do_optimizer_sanity_check): none.
+    # Measured in tests/distributed/parity_deepspeed.py
+    "deepspeed_fp32": Precision("deepspeed_fp32", 4, 4, 4, 0, 4, 4, dtype="fp32", master_zero=(1, 2, 3)),
     # fp32 parameters + torch.autocast(bf16): meshwright's runtime on GPU (train/local_runtime.py). Autocast caches
     # one bf16 copy of every weight it casts until the forward leaves autocast; backward keeps them as saved inputs.
     "autocast": Precision("autocast", 4, 4, 0, 2, 4, 4),
@@ -43,6 +57,11 @@ PRECISIONS = {
     # gradients plus a full fp32 accumulation buffer (2 + 4 B, not sharded: it implements ZeRO-1 only), fp32 master and
     # states sharded, gradients reduced in fp32. Measured on DeepSpeed 0.19.8 (tests/distributed/parity_deepspeed.py)
     "bf16_fp32_accum": Precision("bf16_fp32_accum", 2, 6, 4, 0, 2, 4),
+    # the same optimizer with bf16 accumulation: what DeepSpeed's pipeline engine builds for bf16 at ZeRO-0 (engine.py
+    # _do_optimizer_sanity_check); bf16 gradients kept (zeroed, not freed) plus a full bf16 accumulation buffer, fp32
+    # master and states sharded over dp as at ZeRO-1: 6 + 12/dp B/param. Measured on DeepSpeed 0.19.8 with a 2-stage
+    # PipelineModule (tests/distributed/parity_deepspeed.py)
+    "bf16_bf16_accum": Precision("bf16_bf16_accum", 2, 4, 4, 0, 2, 2, zero_floor=1),
     # FSDP2 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): fp32 sharded parameters, gradients and
     # states; layers all-gathered in bf16 (torchtitan)
     "fsdp_mixed": Precision("fsdp_mixed", 4, 4, 0, 0, 2, 4),
@@ -54,7 +73,7 @@ class Stack:
     """Per-stack rules the cost model applies (``cost_model.apply_stack``)."""
 
     name: str
-    precision: str  # PRECISIONS key on GPU (CPU runs are fp32)
+    precision: str  # PRECISIONS key of bf16 training
     dp_overlap: bool  # gradient reduction overlapped with backward (DDP buckets, --overlap-grad-reduce, overlap_comm)
     tp_wgrad_overlap: bool  # backward TP collectives overlapped with weight-gradient matmuls
     pipeline_slowdown: float  # step-time factor of the stack's pipeline engine on pp>1 layouts
@@ -66,6 +85,9 @@ class Stack:
     deepspeed: Optional["DeepSpeedSizes"] = None
     # gradient-reduction buckets of reduce_bucket_size the stack holds at the backward peak, per ZeRO stage 0..3
     reduce_buckets: tuple[int, int, int, int] = (0, 0, 0, 0)
+    fp32_precision: str = "fp32"  # PRECISIONS key of fp32 training (TrainConfig.dtype=fp32, and CPU runs)
+    # PRECISIONS key of bf16 ZeRO-0 layers under the stack's pipeline engine (pp>1) where it builds another optimizer
+    pipeline_zero0_precision: str = ""
 
     def buffer_elements(self, zero: int) -> float:
         """Elements of the reduction buckets allocated per rank at the backward peak at ZeRO-``zero`` (compute dtype)."""
@@ -117,9 +139,11 @@ STACKS = {
     # DeepSpeed's pipeline engine ran 23-27% slower than Megatron's on the same shapes (BLOOM/MT-NLG reports, issue 17).
     # Its ZeRO optimizer reduces gradients through two buckets of reduce_bucket_size (5e8 elements) with overlap_comm at
     # ZeRO-1/2, as the export writes it: 2.0e9 bytes in bf16 during backward; one at ZeRO-3, none at ZeRO-0 (its bf16
-    # optimizer reduces after backward; measured, DeepSpeed 0.19.8)
+    # optimizer reduces after backward; measured, DeepSpeed 0.19.8). Under its pipeline engine bf16 ZeRO-0 is
+    # BF16_Optimizer with bf16 accumulation (bf16_bf16_accum)
     "deepspeed": Stack("deepspeed", "bf16", dp_overlap=True, tp_wgrad_overlap=False, pipeline_slowdown=1.25,
-                       deepspeed=DeepSpeedSizes(), reduce_buckets=(0, 2, 2, 1)),
+                       deepspeed=DeepSpeedSizes(), reduce_buckets=(0, 2, 2, 1), fp32_precision="deepspeed_fp32",
+                       pipeline_zero0_precision="bf16_bf16_accum"),
     # the same with data_types.grad_accum_dtype=fp32 (BF16_Optimizer, ZeRO-1 built in, no reduction buckets)
     "deepspeed-fp32-accum": Stack("deepspeed-fp32-accum", "bf16_fp32_accum", dp_overlap=True, tp_wgrad_overlap=False,
                                   pipeline_slowdown=1.25, deepspeed=DeepSpeedSizes()),
@@ -135,5 +159,7 @@ def get_stack(name: str) -> Stack:
 
 
 def precision_for_dtype(dtype: str, stack: str = "meshwright") -> str:
-    """Precision policy of ``stack`` training in ``dtype`` (TrainConfig.dtype): fp32 runs are fp32 throughout."""
-    return "fp32" if dtype in ("fp32", "tf32") else get_stack(stack).precision
+    """Precision policy of ``stack`` training in ``dtype`` (TrainConfig.dtype): fp32 runs keep fp32 throughout, with
+    whatever master copy the stack's optimizer keeps all the same (``Stack.fp32_precision``)."""
+    st = get_stack(stack)
+    return st.fp32_precision if dtype in ("fp32", "tf32") else st.precision

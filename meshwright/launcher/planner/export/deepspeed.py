@@ -13,7 +13,11 @@ so are gradient accumulation (``data_types.grad_accum_dtype`` defaults to the mo
 (engine.py ``communication_data_type``: fp32 unless fp16/bf16 is on, so ``communication_data_type`` stays unset, as for
 bf16, whose bf16 reduction is what the ``deepspeed`` stack predicts). fp32 builds the ZeRO optimizer at ZeRO-1/2/3 and
 plain torch Adam with the engine's all-reduce at ZeRO-0, pipeline or not (``_do_optimizer_sanity_check``: fp32 model
-and accumulation -> no wrapper). ``deepspeed-fp32-accum`` (bf16 with fp32 accumulation) has no fp32 form."""
+and accumulation -> no wrapper). The ZeRO-1/2/3 optimizers clone each rank's fp32 partition as a master copy even so,
+which the planner counts (``PRECISIONS["deepspeed_fp32"]``, the deepspeed stack's fp32 policy). ``deepspeed-fp32-accum``
+(bf16 with fp32 accumulation) has no fp32 form. bf16 at ZeRO-0 with pp>1 builds BF16_Optimizer with bf16 accumulation
+(the pipeline engine's rule in ``_do_optimizer_sanity_check``), which the planner counts too (the deepspeed stack's
+``pipeline_zero0_precision``)."""
 
 from __future__ import annotations
 
@@ -70,15 +74,8 @@ def deepspeed_config(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] 
                          "exported ZeRO-1")
             zero = conf["zero_optimization"]["stage"] = 1
         conf["data_types"] = {"grad_accum_dtype": "fp32"}
-    elif zero == 0 and pp.degree > 1 and dtype == "bf16":  # engine.py _do_optimizer_sanity_check: bf16, pp, ZeRO-0
-        notes.append("zero=0 with pp>1: DeepSpeed's pipeline engine builds BF16_Optimizer (bf16 accumulation, fp32 "
-                     "master and optimizer states sharded over dp), which holds less than the ZeRO-0 planned")
     if zero >= 1:
         conf["zero_optimization"].update({"overlap_comm": True, "contiguous_gradients": True})
-    if dtype == "fp32" and zero in (1, 2):
-        notes.append(f"fp32 at ZeRO-{zero}: DeepSpeed's ZeRO optimizer clones each rank's fp32 parameter partition "
-                     f"as its master copy (runtime/zero/stage_1_and_2.py single_partition_of_fp32_groups): 4/dp bytes per "
-                     "parameter more than planned")
     conf["zero_optimization"].update(st.deepspeed.zero_config(zero))
     if s.dp_shard and zero == 3:
         conf["zero_optimization"]["zero_hpz_partition_size"] = s.dp_shard

@@ -401,6 +401,10 @@ class TrainConfig:
     # write checkpoints in the background: the step waits only for a copy of the state in CPU memory (pinned on CUDA),
     # the disk write, checksums, rename and `latest` follow while training continues (train/async_checkpoint.py)
     ckpt_async: bool = False
+    # ckpt_async's staged CPU copy of the state: "keep" it between saves (reused: no new pinned buffers per save, one
+    # more copy of the state in host memory for the whole run), "free" it once each write is on disk, "auto": keep on
+    # CUDA (pinned), free on CPU (train/async_checkpoint.py)
+    ckpt_staging: Literal["auto", "keep", "free"] = "auto"
     # accounting: FLOPs convention for MFU/HFU, energy metering (NVML + offline codecarbon), CO2
     flops_convention: Literal["palm", "megatron", "megatron2021"] = "palm"
     energy: bool = True

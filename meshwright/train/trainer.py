@@ -35,7 +35,7 @@ from meshwright.tools.energy import EnergyAccountant, EnergyTotals
 from meshwright.tools.flops import hardware_flops_per_token, model_flops_per_token
 from meshwright.tools.mfu import mfu as compute_mfu
 from meshwright.tools.sinks import Sinks, open_sinks
-from meshwright.train.async_checkpoint import AsyncCheckpointer
+from meshwright.train.async_checkpoint import AsyncCheckpointer, CheckpointAbandoned
 from meshwright.train.checkpoint import load_latest, load_runtime, save_checkpoint
 from meshwright.train.compile import fast_adamw_kwargs
 from meshwright.train.faults import fault_point
@@ -135,7 +135,8 @@ class Trainer:
         self.energy: EnergyAccountant | None = None
         self.allow_data_change = False  # --allow-config-change: resume onto data other than the checkpoint's
         # ckpt_async: saves stage to CPU memory and write in the background (collective: the same on every rank)
-        self.async_ckpt = AsyncCheckpointer(runtime) if cfg.ckpt_async else None
+        self.async_ckpt = (AsyncCheckpointer(runtime, cfg.ckpt_staging, notify=self.print if runtime.is_main else None)
+                           if cfg.ckpt_async else None)
 
     # ---- pieces ----------------------------------------------------------------------------------
     def set_lr(self, step: int) -> float:
@@ -257,6 +258,10 @@ class Trainer:
         before the caller tears down the process group its writer uses."""
         try:
             self.wait_for_save()
+        except CheckpointAbandoned:  # a repeated Ctrl-C gave it up (its line is printed); the first error goes on
+            pass
+        except KeyboardInterrupt:  # Ctrl-C during the wait: the checkpoint completed, and the run stops anyway
+            pass
         except Exception as exc:  # noqa: BLE001 - the first error is the one to report; this one is named
             self.print(f"warning: the checkpoint in flight was not completed: {exc}")
 

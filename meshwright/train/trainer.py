@@ -39,7 +39,7 @@ from meshwright.train.async_checkpoint import AsyncCheckpointer, CheckpointAband
 from meshwright.train.checkpoint import load_latest, load_runtime, save_checkpoint
 from meshwright.train.compile import fast_adamw_kwargs
 from meshwright.train.faults import fault_point
-from meshwright.train.preemption import Preemption
+from meshwright.train.preemption import Preemption, grace_warning
 from meshwright.train.run_dir import reopen_log
 from meshwright.train.runtime import Runtime
 
@@ -121,6 +121,9 @@ class Trainer:
         self.preemption = Preemption()  # fit opens its own: SIGTERM/SIGUSR1 stop at a step with a checkpoint
         self._stopping = False  # a stop agreed by every rank (preemption.py)
         self._saved_step = -1  # the step of this process's last checkpoint (fit's final save skips a second one)
+        self._slowest_step_s = 0.0  # the slowest step this session after the first (preempt_grace_s)
+        self._ckpt_s: float | None = None  # how long the last checkpoint took to be in place (preempt_grace_s)
+        self._grace_warned = False
         self._last_done = 0.0  # perf_counter at the last read-back
         self.tokens_per_step = cfg.global_batch * cfg.seq_len
         # The model owns its FLOPs; the convention is named in the config so MFU is comparable across tools.
@@ -242,8 +245,10 @@ class Trainer:
                 path = self.async_ckpt.save(self.ckpt_dir, self.step, self.optimizer, self.trainer_state(),
                                             keep=self.keep_checkpoints)
             else:
+                t0 = time.perf_counter()
                 path = save_checkpoint(self.ckpt_dir, self.step, self.runtime, self.optimizer, self.trainer_state(),
                                        keep=self.keep_checkpoints)
+                self._ckpt_s = time.perf_counter() - t0
         self._saved_step = self.step
         return path
 
@@ -475,8 +480,28 @@ class Trainer:
         fault_point("step")
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
             self.save()  # never overlapped (may_overlap): self.step == step, nothing else queued
+        if step > run.first_step + 1:  # the first step pays one-off costs
+            self._check_grace(out["step_s"])
         bar.set_postfix(loss=f"{run.loss:.3f}", lr=f"{run.lr:.2e}", refresh=False)
         bar.update(1)
+
+    def _check_grace(self, step_s: float) -> None:
+        """``preempt_grace_s``: once a stop (steps to the boundary + the last checkpoint's time, write included:
+        a stop waits for it) would not fit, warn once and ask every rank for stops decided in the same step."""
+        self._slowest_step_s = max(self._slowest_step_s, step_s)
+        if self.async_ckpt is not None and self.async_ckpt.last is not None:
+            self._ckpt_s = self.async_ckpt.last.write_s
+        if self._grace_warned:
+            return
+        steps = self.preemption.steps_to_boundary(self.overlap_readback and self._overlap_everywhere)
+        line = grace_warning(self.cfg.preempt_grace_s, self._slowest_step_s, self._ckpt_s, steps,
+                             sooner=self.preemption.world_size > 1 and not self.preemption.eager)
+        if line is None:
+            return
+        self._grace_warned = True
+        self.preemption.want_eager = True
+        if self.runtime.is_main:
+            self.print(line)
 
     def _log_record(self, run: "_RunStats", out: dict[str, Any], extra: dict[str, Any], is_eval: bool) -> dict[str, Any]:
         cfg = self.cfg

@@ -118,6 +118,7 @@ def grace_warning(grace_s: float, step_s: float, ckpt_s: float | None, steps: in
     ckpt = f"the checkpoint {ckpt_s:.1f} s" if ckpt_s is not None else "the checkpoint (not timed yet)"
     return (f"warning: a stop (SIGTERM/SIGUSR1) may take {need:.1f} s here ({steps} step(s) of {step_s:.1f} s to the "
             f"step boundary + {ckpt}), more than preempt_grace_s={grace_s:g}: the scheduler may kill the run before "
-            f"its checkpoint is in place{'; stops are now decided one step sooner' if sooner else ''}; valid: an earlier signal "
+            f"its checkpoint is in place{'; stops are now decided one step sooner' if sooner else ''}; valid: an "
+            f"earlier signal "
             f"(Slurm --signal=USR1@{math.ceil(need * 1.5)}) with preempt_grace_s set to its lead, ckpt_async, or a "
             f"smaller ckpt_every so less is lost")

@@ -251,7 +251,7 @@ class AsyncCheckpointer:
         """Join the writer. On the main thread, Ctrl-C meanwhile is reported, then abandons the save (module
         docstring); returns whether one was pressed."""
         thread = pending.thread
-        if thread is None:
+        if thread is None or thread.ident is None:  # a Ctrl-C in save() before it started: nothing to wait for
             return False
         if threading.current_thread() is not threading.main_thread():
             thread.join()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import signal
 import threading
+import time
 from types import FrameType
 from typing import Any, Optional
 
@@ -37,6 +38,7 @@ class Preemption:
 
     def __init__(self, world_size: int = 1) -> None:
         self.signum: Optional[int] = None
+        self.received_at: Optional[float] = None  # time.monotonic() at this rank's first signal
         self.world_size = world_size
         self._previous: dict[int, Any] = {}
         self._group: Any = None
@@ -68,7 +70,16 @@ class Preemption:
         self._open = False
 
     def _record(self, signum: int, frame: Optional[FrameType]) -> None:
+        if self.received_at is None:
+            self.received_at = time.monotonic()
         self.signum = signum
+
+    def took(self) -> str:
+        """How long this stop took, from this rank's signal to now (the checkpoint in place), for the stop's line:
+        what preempt_grace_s must cover. Empty where the signal came to another rank."""
+        if self.received_at is None:
+            return ""
+        return f" ({time.monotonic() - self.received_at:.1f} s after the signal; preempt_grace_s must cover that)"
 
     def agreed(self) -> bool:
         """Whether every rank stops now: this rank's flag in one process; with several ranks, whether any rank had a

@@ -439,7 +439,7 @@ class Trainer:
         self.wait_for_save()  # the run's last checkpoint is on disk and `latest` names it before fit returns
         if self._stopping:
             self.print(f"stopped at step {self.step} of {self.cfg.steps}: {self.preemption.name} received; checkpoint "
-                       f"saved, continue with `meshwright train ... --resume`")
+                       f"saved{self.preemption.took()}, continue with `meshwright train ... --resume`")
         return self._finish(run, resumed)
 
     def _resume_for_fit(self, resume: bool | str | Path) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -218,6 +219,7 @@ def test_a_scheduler_signal_stops_at_a_step_with_a_checkpoint_and_the_resume_los
     stopped = summary["steps"]
     assert summary["stopped_by"] == signal.Signals(signum).name and 2 <= stopped < steps
     assert f"stopped at step {stopped} of {steps}" in stdout
+    assert re.search(r"checkpoint saved \(\d+\.\d s after the signal; preempt_grace_s must cover that\)", stdout), stdout
     ckpt = latest_checkpoint(out / "ckpt")
     assert ckpt is not None and ckpt.name == f"step_{stopped:06d}"
     verify_manifest(ckpt)

@@ -43,6 +43,7 @@ import ctypes
 import ctypes.util
 import functools
 import inspect
+import shutil
 import signal
 import threading
 import time
@@ -258,7 +259,7 @@ class AsyncCheckpointer:
             return False
         presses = 0
         before = latest_checkpoint(pending.final.parent)
-        keeps = f"{before.name} stays the latest checkpoint" if before is not None else "no checkpoint is kept"
+        keeps = f"{before.name} stays the latest checkpoint" if before is not None else "there is no earlier checkpoint"
 
         def on_interrupt(signum: int, frame: Any) -> None:
             nonlocal presses
@@ -292,8 +293,6 @@ class AsyncCheckpointer:
     def _peer_lost_error(self, pending: _Pending, exc: BaseException) -> ConfigError:
         """A write given up because a peer rank died or its collective timed out: what happened and what to do."""
         if self.runtime.is_main:
-            import shutil
-
             shutil.rmtree(pending.tmp, ignore_errors=True)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
         before = latest_checkpoint(pending.final.parent)
@@ -301,7 +300,7 @@ class AsyncCheckpointer:
                   if before is not None else "no earlier checkpoint exists: the run restarts from step 0")
         return ConfigError(f"checkpoint {pending.final} was not completed: a peer rank was lost or a collective of "
                            f"the checkpoint writer timed out ({type(exc).__name__}: {first}); the partial "
-                           f"{pending.tmp.name} is ignored; valid: find why that rank stopped (its log), then {resume}")
+                           f"{pending.tmp.name} was removed; valid: find why that rank stopped (its log), then {resume}")
 
     def close(self) -> None:
         """Wait for the save in flight and free the staging buffers."""

@@ -1,21 +1,27 @@
-"""How long training stalls per checkpoint: synchronous checkpoints (save_checkpoint) side by side with background
-ones (ckpt_async: AsyncCheckpointer, train/async_checkpoint.py), in one process, one run, same model and steps.
+"""How long training stalls per checkpoint, and what it holds in host memory: synchronous checkpoints
+(save_checkpoint) side by side with background ones (ckpt_async: AsyncCheckpointer, train/async_checkpoint.py),
+staged copy kept between saves (ckpt_staging: keep) or freed after each write (free); same model and steps, each
+mode in a fresh process of its own (so one mode's freed memory is not counted in the next one's RSS).
 
     .venv/bin/python benchmarks/bench_async_checkpoint.py [--d-model 1024 --layers 8 --steps 16 --every 4 --out FILE]
 
 Each mode trains the same fp32 model (AdamW) for ``--steps`` steps with a checkpoint every ``--every`` steps; the
 time of the save call is what the step is blocked for. Ordinary steps of the async mode include the cost of the
 writer running beside them (CPU and disk it takes), so the whole run's time, the final wait for the last write
-included, is reported too. Prints a markdown section (benchmarks/results/async_checkpoint.md).
+included, is reported too. Host memory: the process RSS after the first step (model, AdamW state) and after the
+last write completed (before the end's cleanup): what the checkpoints leave held between saves. Prints a markdown
+section (benchmarks/results/async_checkpoint.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +43,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def rss_gib() -> float:
+    """This process's resident set now (Linux /proc), GiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
 def run(mode: str, root: Path, args: argparse.Namespace) -> dict[str, float]:
     """Train ``args.steps`` steps checkpointing every ``args.every``: seconds per kind of step, in the save call
     (and, async, waiting there for the previous write), and for the whole run including the wait for the last write."""
@@ -46,7 +60,7 @@ def run(mode: str, root: Path, args: argparse.Namespace) -> dict[str, float]:
     device = torch.device(args.device)
     rt = LocalRuntime(build_model(cfg, seed=0).to(device))
     opt = torch.optim.AdamW(rt.parameters(), lr=1e-4)
-    writer = AsyncCheckpointer(rt) if mode == "async" else None
+    writer = AsyncCheckpointer(rt, staging=mode.split("-")[1]) if mode.startswith("async") else None
     gen = torch.Generator().manual_seed(0)
     ordinary, save_s, wait_s = [], [], []
     start = time.perf_counter()
@@ -70,6 +84,11 @@ def run(mode: str, root: Path, args: argparse.Namespace) -> dict[str, float]:
             save_s.append(time.perf_counter() - t1)
         elif step > 1:  # the first step pays one-off allocations
             ordinary.append(t1 - t0)
+        if step == 1:
+            rss_base = rss_gib()
+    if writer is not None:
+        writer.wait()  # the last write on disk, the stager as it is between saves
+    rss_held = rss_gib()
     t0 = time.perf_counter()
     if writer is not None:
         writer.close()
@@ -79,7 +98,10 @@ def run(mode: str, root: Path, args: argparse.Namespace) -> dict[str, float]:
     shutil.rmtree(root)
     return {"ordinary_s": statistics.median(ordinary), "save_s": statistics.median(save_s),
             "wait_s": statistics.median(wait_s) if wait_s else 0.0, "final_wait_s": end - t0, "total_s": end - start,
-            "bytes": size, "params": params, "n_ckpt": len(save_s)}
+            "bytes": size, "params": params, "n_ckpt": len(save_s), "rss_base": rss_base, "rss_held": rss_held}
+
+
+MODES = ("sync", "async-keep", "async-free")
 
 
 def where(device: str) -> str:
@@ -99,43 +121,65 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the staged copy then goes to pinned host memory)")
     ap.add_argument("--dir", default=None, help="where checkpoints are written (default: a temporary directory)")
     ap.add_argument("--out", default=None, help="also write the section to this file")
+    ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # one mode, in this process: its numbers as JSON
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
+    if args.only:
+        with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+            print(json.dumps(run(args.only, Path(tmp) / args.only, args)))
+        return
     res = {}
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        for mode in ("sync", "async"):
-            res[mode] = run(mode, Path(tmp) / mode, args)
-    s, a = res["sync"], res["async"]
+    for mode in MODES:  # each in a fresh process: RSS is not shared with an earlier mode's freed memory
+        argv = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                if v is not None and k not in ("out", "only")]
+        out = subprocess.run([sys.executable, __file__, *argv, "--only", mode], capture_output=True, text=True,
+                             timeout=3600, check=True).stdout
+        res[mode] = json.loads(out.strip().splitlines()[-1])
+    s, a, f = res["sync"], res["async-keep"], res["async-free"]
 
     def cost(r: dict[str, float]) -> str:  # what checkpointing added to the run, the writer's share of later steps too
         return f"{(r['total_s'] - args.steps * s['ordinary_s']) / r['n_ckpt']:.2f}"
 
+    def row(name: str, key: str, fmt: str = ".2f", blank_sync: bool = False) -> str:
+        v = [s[key], a[key], f[key]]
+        ratio = [f"{x / v[0]:.2f}x" if v[0] else "" for x in v[1:]]
+        first = "" if blank_sync else format(v[0], fmt)
+        return f"| {name} | {first} | {v[1]:{fmt}} | {v[2]:{fmt}} | {ratio[0] if not blank_sync else ''} | " \
+               f"{ratio[1] if not blank_sync else ''} |"
+
+    held = {k: r["rss_held"] - r["rss_base"] for k, r in res.items()}
     cmd = " ".join(sys.argv[1:])
     lines = [
         "## Asynchronous checkpoints (ckpt_async)", "",
         f"Date {datetime.date.today()} · machine: {platform.machine()} CPU, {where(args.device)}, {args.threads} torch "
         f"thread(s), cores shared with other jobs (wall-clock numbers are noisy, read the ratio) · torch "
         f"{torch.__version__}", "",
-        f"Command: `.venv/bin/python benchmarks/bench_async_checkpoint.py {cmd}`: one process, fp32 model of "
+        f"Command: `.venv/bin/python benchmarks/bench_async_checkpoint.py {cmd}`: fp32 model of "
         f"{s['params'] / 1e6:.0f}M parameters (d_model {args.d_model}, {args.layers} layers, vocab {args.vocab}), "
         f"AdamW, batch 1 x {args.seq} tokens, {args.steps} steps with a checkpoint every {args.every} "
         f"({s['n_ckpt']} per mode, {s['bytes'] / 2**30:.2f} GiB each: weights + AdamW state + RNG, checksummed); "
-        "both modes in one run, sync first.", "",
-        "| | sync | async | async / sync |", "|---|---|---|---|",
-        f"| training blocked per checkpoint (the save call, median) s | {s['save_s']:.2f} | {a['save_s']:.2f} | "
-        f"{a['save_s'] / s['save_s']:.2f}x |",
-        f"| of which waiting for the previous write s | | {a['wait_s']:.2f} | |",
-        f"| median ordinary step s | {s['ordinary_s']:.2f} | {a['ordinary_s']:.2f} | {a['ordinary_s'] / s['ordinary_s']:.2f}x |",
-        f"| wait for the last write at the end s | | {a['final_wait_s']:.2f} | |",
-        f"| whole run s | {s['total_s']:.1f} | {a['total_s']:.1f} | {a['total_s'] / s['total_s']:.2f}x |",
+        "each mode in a fresh process, sync first.", "",
+        "| | sync | async, staging kept | async, staging freed | kept / sync | freed / sync |",
+        "|---|---|---|---|---|---|",
+        row("training blocked per checkpoint (the save call, median) s", "save_s"),
+        row("of which waiting for the previous write s", "wait_s", blank_sync=True),
+        row("median ordinary step s", "ordinary_s"),
+        row("wait for the last write at the end s", "final_wait_s", blank_sync=True),
+        row("whole run s", "total_s", ".1f"),
         f"| cost per checkpoint s: (whole run - {args.steps} x sync ordinary step) / {s['n_ckpt']} | {cost(s)} | "
-        f"{cost(a)} | {float(cost(a)) / float(cost(s)):.2f}x |",
+        f"{cost(a)} | {cost(f)} | {float(cost(a)) / float(cost(s)):.2f}x | {float(cost(f)) / float(cost(s)):.2f}x |",
+        f"| host RSS after step 1 GiB | {s['rss_base']:.2f} | {a['rss_base']:.2f} | {f['rss_base']:.2f} | | |",
+        f"| host RSS after the last write GiB | {s['rss_held']:.2f} | {a['rss_held']:.2f} | {f['rss_held']:.2f} | | |",
+        f"| held between saves GiB (the difference) | {held['sync']:.2f} | {held['async-keep']:.2f} | "
+        f"{held['async-free']:.2f} | | |",
         "",
         "Async, the save call is the copy of the state into CPU memory, the RNG files and trainer_state.json (and any "
         "wait for the previous write still in flight); the write, checksums and rename run beside the following "
         "steps, whose time includes the CPU the writer takes from them: on this shared 2-core CPU the training and "
-        "the writer compete for the same cores. On a GPU the steps run on the device and that share is smaller.",
+        "the writer compete for the same cores. On a GPU the steps run on the device and that share is smaller. "
+        "Staging kept (ckpt_staging: keep, auto on CUDA) reuses DCP's staged copy at every save; freed (free, auto "
+        "on CPU) allocates it per save and drops it once the write is on disk.",
     ]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -70,7 +70,9 @@ def _out_of_memory(exc: BaseException) -> bool:
 def run() -> None:
     """Entry point of ``python -m meshwright`` and ``python -m meshwright.cli`` (torchrun workers)."""
     code = main()
-    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: see exit_worker
+    ckpt = sys.modules.get("meshwright.train.async_checkpoint")  # loaded only by a run that trained
+    abandoned = ckpt is not None and ckpt.abandoned_write_running()
+    if "TORCHELASTIC_RUN_ID" in os.environ or abandoned:  # a torchrun worker, or a write given up: see exit_worker
         from meshwright.parallel.mesh import exit_worker  # keeps `meshwright --help` free of torch.distributed
 
         exit_worker(code)

@@ -408,6 +408,14 @@ class TrainConfig:
     # write checkpoints in the background: the step waits only for a copy of the state in CPU memory (pinned on CUDA),
     # the disk write, checksums, rename and `latest` follow while training continues (train/async_checkpoint.py)
     ckpt_async: bool = False
+    # ckpt_async's staged CPU copy of the state: "keep" it between saves (reused: no new pinned buffers per save, one
+    # more copy of the state in host memory for the whole run), "free" it once each write is on disk, "auto": keep on
+    # CUDA (pinned), free on CPU (train/async_checkpoint.py)
+    ckpt_staging: Literal["auto", "keep", "free"] = "auto"
+    # seconds the scheduler leaves between its stop signal (SIGTERM/SIGUSR1) and SIGKILL (torchrun: 30; Slurm: the
+    # --signal lead). The trainer warns once when a stop (the steps to the next boundary + a checkpoint) would take
+    # longer, and then decides a stop at the first step boundary (train/preemption.py); 0: no such check
+    preempt_grace_s: float = 30.0
     # accounting: FLOPs convention for MFU/HFU, energy metering (NVML + offline codecarbon), CO2
     flops_convention: Literal["palm", "megatron", "megatron2021"] = "palm"
     energy: bool = True
@@ -476,6 +484,9 @@ class TrainConfig:
             raise invalid(f"{p}energy_every", self.energy_every, "a positive integer (steps)")
         if self.keep_checkpoints < 1:
             raise invalid(f"{p}keep_checkpoints", self.keep_checkpoints, "a positive integer")
+        if not (isinstance(self.preempt_grace_s, (int, float)) and 0 <= self.preempt_grace_s < float("inf")):
+            raise invalid(f"{p}preempt_grace_s", self.preempt_grace_s, "a non-negative number of seconds (0 disables "
+                          "the check)")
         try:
             validate_grid(self.pue, self.grid_intensity)
         except ConfigError as exc:

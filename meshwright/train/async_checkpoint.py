@@ -15,27 +15,101 @@ when it returns on the main rank every rank's files are on disk; only then does 
 write the checksums, rename the directory into place, move ``latest`` and prune. A kill before that leaves a
 ``.tmp``, which resume ignores (it takes the previous complete checkpoint). At most one save is in flight:
 the next ``save``, the end of fit, preemption and the error path ``wait`` for it first (and raise its error).
+
+Ctrl-C while a save is waited for (the run already stopping, or the next save): the first one is reported and the
+wait goes on (the write finishes, is published, then the run stops as asked); the next one abandons it: nothing of
+it is published, the previous checkpoint stays ``latest``, its ``.tmp`` is left for resume to ignore (and the next
+save to remove), and the CLI exits at once (exit 130) without tearing the process group down under the writer
+(``abandoned_write_running``). Where the main rank's writer is already publishing (checksums, renames: local and
+short) the abandon waits for that to end; a further Ctrl-C exits regardless (the publish steps are each atomic).
+
+A write that fails because a peer rank died or a collective of the writer's group timed out is reported as that
+(peer lost, resume from the previous checkpoint, named), not as an unwritable directory.
+
+Staging memory (``ckpt_staging``): DCP's ``DefaultStager`` keeps its CPU copy of every tensor between saves (keyed
+by the source storage) to reuse them; pinning host memory is slow (cudaHostRegister), so on CUDA that reuse is
+what makes the next stage a fast copy, at the price of one more copy of the model and optimizer state in host
+memory for the whole run. ``free`` (``auto`` on CPU, where nothing is pinned) stages each save with a stager of its
+own, closed once the write is on disk, and then asks glibc to hand the freed heap back (``malloc_trim``: the staged
+tensors sit below its mmap threshold once one was freed, so without it the process keeps the whole copy resident,
+measured); ``keep`` (``auto`` on CUDA) reuses one stager for the run. benchmarks/results/async_checkpoint.md has
+the measurement.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import inspect
+import shutil
+import signal
 import threading
+import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from meshwright.errors import ConfigError
 from meshwright.train.checkpoint import (
-    _quiet_dcp, point_and_prune, prepare_tmp, publish, step_dir, write_failed, write_small_files,
+    _quiet_dcp, latest_checkpoint, point_and_prune, prepare_tmp, publish, step_dir, write_failed, write_small_files,
 )
 from meshwright.train.runtime import Runtime
+
+_ABANDONED: list["_Pending"] = []  # abandoned saves (see abandoned_write_running)
+
+
+class CheckpointAbandoned(KeyboardInterrupt):
+    """A repeated Ctrl-C gave up the save being waited for; nothing of it was published (module docstring)."""
+
+
+def abandoned_write_running() -> bool:
+    """Whether an abandoned save's writer still runs: then the process should end without waiting for it and
+    without destroying the process group it uses (the CLI and run_training ask)."""
+    return any(not p.done.is_set() for p in _ABANDONED)
+
+
+def keeps_staging(mode: str) -> bool:
+    """``ckpt_staging``: whether the staged CPU copy is kept between saves (``auto``: where it is pinned, CUDA)."""
+    return mode == "keep" or (mode == "auto" and torch.cuda.is_available())
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether a write failed because another rank is gone or a collective timed out (gloo's 'Connection reset by
+    peer', 'Timed out waiting ... for send operation'), looking through DCP's CheckpointException and causes."""
+    seen: list[BaseException] = [exc]
+    while seen:
+        e = seen.pop()
+        if isinstance(e, getattr(dist, "DistError", ())) or any(
+                k in str(e) for k in ("by peer", "Timed out waiting", "gloo/transport", "Socket Timeout")):
+            return True
+        if isinstance(e, CheckpointException):
+            seen.extend(err for err, _trace in e.failures.values() if isinstance(err, BaseException))
+        seen.extend(x for x in (e.__cause__, e.__context__) if x is not None and x is not e)
+        if len(seen) > 32:  # a cycle of causes
+            break
+    return False
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> Any:
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else None
+
+
+def trim_host_memory() -> None:
+    """Hand the heap glibc keeps after frees back to the OS (``ckpt_staging: free``); a no-op without glibc."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = _libc()
+        if libc is not None:
+            libc.malloc_trim(0)
 
 
 def make_stager() -> Any:
@@ -61,16 +135,29 @@ class _Pending:
 
     tmp: Path
     final: Path
+    step: int = 0
     thread: threading.Thread | None = None
     error: BaseException | None = None
+    started: float = 0.0  # perf_counter when save() began
+    stage_s: float = 0.0  # how long save() blocked the step
+    write_s: float | None = None  # from save() to the checkpoint in place (None until then)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    publishing: bool = False  # the main rank's writer began checksums/renames: it is no longer abandoned
+    abandoned: bool = False  # a repeated Ctrl-C gave it up: nothing is published
+    # set when the writer thread ends. Waited on instead of Thread.join: Python 3.11's join, interrupted by an
+    # exception from a signal handler, releases the running thread's state lock and marks it stopped (bpo-45274)
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 class AsyncCheckpointer:
     """Writes ``save_checkpoint``'s checkpoints in the background; see the module docstring. Constructed on every
     rank at once (it creates its gloo group collectively when a process group is up)."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, staging: str = "auto", notify: Callable[[str], None] | None = None) -> None:
         self.runtime = runtime
+        self.keep_staging = keeps_staging(staging)
+        self.notify = notify  # where the Ctrl-C lines go (the main rank's print); None: nowhere
+        self.last: _Pending | None = None  # the last save that completed (its stage_s and write_s)
         self.group: Any = None
         if dist.is_available() and dist.is_initialized():  # gloo even under NCCL: async_save needs a CPU backend
             from meshwright.parallel.runtime import DEFAULT_TIMEOUT
@@ -78,7 +165,7 @@ class AsyncCheckpointer:
             self.group = dist.new_group(backend="gloo", timeout=DEFAULT_TIMEOUT)
         else:  # one process on purpose; DCP says so from its writer thread, outside _quiet_dcp's reach
             warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
-        self._stager = make_stager()
+        self._stager = make_stager() if self.keep_staging else None  # free: one per save (save)
         self._pending: _Pending | None = None
 
     @property
@@ -90,50 +177,130 @@ class AsyncCheckpointer:
         """Collective: wait for the previous save, stage checkpoint ``step`` to CPU memory, write its RNG files and
         trainer state, and return while the background writes it (``wait`` to be sure it is complete)."""
         self.wait()
+        started = time.perf_counter()
         root, rt = Path(root), self.runtime
         final = step_dir(root, step)
         tmp = final.with_name(final.name + ".tmp")
         try:
             tmp = prepare_tmp(final, rt)
             write_small_files(tmp, rt, {**trainer_state, "step": step}, rng=True)
-            kwargs: dict[str, Any] = {"async_stager": self._stager} if self._stager is not None else {}
+            stager = self._stager if self.keep_staging else make_stager()
+            kwargs: dict[str, Any] = {"async_stager": stager} if stager is not None else {}
             with _quiet_dcp():
                 response = dcp.async_save(rt.checkpoint_state(optimizer), checkpoint_id=str(tmp),
                                           process_group=self.group, **kwargs)
         except (OSError, RuntimeError, CheckpointException) as exc:
             raise write_failed(tmp, final, exc, rt.is_main) from None
         upload = getattr(response, "upload_completion", response)  # AsyncSaveResponse where staging is async
-        pending = _Pending(tmp, final)
-        pending.thread = threading.Thread(target=self._finish, args=(pending, upload, root, step, keep),
+        pending = _Pending(tmp, final, step, started=started, stage_s=time.perf_counter() - started)
+        own = None if self.keep_staging else stager  # free: closed by _finish once the write is on disk
+        pending.thread = threading.Thread(target=self._finish, args=(pending, upload, root, step, keep, own),
                                           name=f"meshwright-ckpt-{step}")
         self._pending = pending
         pending.thread.start()
         return final
 
-    def _finish(self, pending: _Pending, upload: Any, root: Path, step: int, keep: int) -> None:
-        """Background: wait for DCP's write, then (main rank) checksums, rename, ``latest`` and pruning."""
+    def _finish(self, pending: _Pending, upload: Any, root: Path, step: int, keep: int, own_stager: Any) -> None:
+        """Background: wait for DCP's write, then (main rank) checksums, rename, ``latest`` and pruning; with
+        ``ckpt_staging: free`` the save's own stager is closed and the freed memory handed back."""
         try:
             upload.result()  # every rank's files and .metadata are written once this returns (module docstring)
+            if own_stager is not None:
+                own_stager.close()
+                del own_stager
+            with pending.lock:
+                if pending.abandoned:
+                    return
+                pending.publishing = True
             if self.runtime.is_main:
                 publish(pending.tmp, pending.final)
                 point_and_prune(root, pending.final, step, keep)
+            pending.write_s = time.perf_counter() - pending.started
+            if not self.keep_staging:  # after the publish: DCP's worker has dropped the staged dict by then
+                trim_host_memory()
         except BaseException as exc:  # noqa: BLE001 - handed to wait(), which raises it on the training thread
             pending.error = exc
+        finally:
+            pending.done.set()
 
     def wait(self) -> Path | None:
         """Block until the save in flight (if any) is complete and in place; raise its error as one line.
-        Returns the checkpoint's directory, or None when nothing was in flight."""
-        pending, self._pending = self._pending, None
+        Returns the checkpoint's directory, or None when nothing was in flight. Ctrl-C meanwhile: module docstring."""
+        pending = self._pending
         if pending is None:
             return None
-        if pending.thread is not None:
-            pending.thread.join()
+        try:
+            interrupted = self._join(pending)
+        except CheckpointAbandoned:
+            self._pending = None
+            _ABANDONED.append(pending)
+            raise
+        self._pending = None
         if pending.error is not None:
             exc = pending.error
             if isinstance(exc, (OSError, RuntimeError, CheckpointException)):
+                if peer_lost(exc):
+                    raise self._peer_lost_error(pending, exc) from None
                 raise write_failed(pending.tmp, pending.final, exc, self.runtime.is_main) from None
             raise exc
+        self.last = pending
+        if interrupted:  # the Ctrl-C pressed during the wait: the run stops, with this checkpoint in place
+            raise KeyboardInterrupt
         return pending.final
+
+    def _join(self, pending: _Pending) -> bool:
+        """Join the writer. On the main thread, Ctrl-C meanwhile is reported, then abandons the save (module
+        docstring); returns whether one was pressed."""
+        thread = pending.thread
+        if thread is None or thread.ident is None:  # a Ctrl-C in save() before it started: nothing to wait for
+            return False
+        if threading.current_thread() is not threading.main_thread():
+            thread.join()
+            return False
+        presses = 0
+        before = latest_checkpoint(pending.final.parent)
+        keeps = f"{before.name} stays the latest checkpoint" if before is not None else "there is no earlier checkpoint"
+
+        def on_interrupt(signum: int, frame: Any) -> None:
+            nonlocal presses
+            presses += 1
+            say = self.notify or (lambda line: None)
+            if presses == 1:
+                say(f"still finishing checkpoint step {pending.step} (written in the background); press Ctrl-C "
+                    f"again to abandon it ({keeps})")
+                return
+            with pending.lock:
+                if not pending.publishing:
+                    pending.abandoned = True
+            if pending.abandoned or presses > 2:
+                line = (f"abandoned checkpoint step {pending.step}: {keeps}; its {pending.tmp.name} is left and "
+                        f"resume ignores it" if pending.abandoned else
+                        f"exiting while checkpoint step {pending.step} is put in place; resume takes the newest "
+                        f"complete checkpoint")
+                say(line)
+                raise CheckpointAbandoned(line)
+            say(f"checkpoint step {pending.step} is being put in place (checksums, rename), a moment; press "
+                f"Ctrl-C again to exit at once")
+
+        previous = signal.signal(signal.SIGINT, on_interrupt)
+        try:
+            pending.done.wait()  # an Event, not thread.join: see _Pending.done
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        thread.join()  # it has ended (done is set last)
+        return presses > 0
+
+    def _peer_lost_error(self, pending: _Pending, exc: BaseException) -> ConfigError:
+        """A write given up because a peer rank died or its collective timed out: what happened and what to do."""
+        if self.runtime.is_main:
+            shutil.rmtree(pending.tmp, ignore_errors=True)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
+        before = latest_checkpoint(pending.final.parent)
+        resume = (f"resume from the previous checkpoint {before} (`meshwright train ... --resume` takes it)"
+                  if before is not None else "no earlier checkpoint exists: the run restarts from step 0")
+        return ConfigError(f"checkpoint {pending.final} was not completed: a peer rank was lost or a collective of "
+                           f"the checkpoint writer timed out ({type(exc).__name__}: {first}); the partial "
+                           f"{pending.tmp.name} was removed; valid: find why that rank stopped (its log), then {resume}")
 
     def close(self) -> None:
         """Wait for the save in flight and free the staging buffers."""

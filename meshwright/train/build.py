@@ -324,5 +324,9 @@ def _destroy_process_group() -> None:
     interpreter (an abort at exit, "terminate called without an active exception", was seen without it)."""
     import torch.distributed as dist
 
+    from meshwright.train.async_checkpoint import abandoned_write_running
+
+    if abandoned_write_running():  # its writer is in the group's collectives: the process ends without teardown
+        return
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()  # local teardown: no barrier, so a rank that failed does not wait on the others

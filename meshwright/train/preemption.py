@@ -7,12 +7,23 @@ signal; the trainer asks :meth:`Preemption.agreed` after every step and, when it
 flight, writes a checkpoint and returns. Ranks receive a signal at different moments, so with several ranks each
 step's flags are all-reduced (max) in the background on a gloo group of their own, on the host (no wait for the
 GPU, whose steps the trainer overlaps), and read one step later: every rank stops after the same step.
+
+The grace: a stop takes the rest of the steps to the agreed boundary (one, one more for the lagged all-reduce with
+several ranks, one more where the trainer overlaps read-backs) and the checkpoint, all before the scheduler's
+SIGKILL (torchrun: 30 s after SIGTERM; Slurm: the ``--signal`` lead). ``preempt_grace_s`` names that time; the
+trainer measures its steps and checkpoints and, once a stop would not fit (``grace_warning``), warns once and asks
+for eager agreement: the flag is all-reduced and read in the same step (Megatron's ``--exit-signal-handler`` checks
+every iteration synchronously the same way), one step sooner for the price of a host rendezvous per step, which is
+nothing next to steps that long. The request itself travels in the lagged all-reduce, so every rank switches at
+the same step.
 """
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
+import time
 from types import FrameType
 from typing import Any, Optional
 
@@ -27,11 +38,14 @@ class Preemption:
 
     def __init__(self, world_size: int = 1) -> None:
         self.signum: Optional[int] = None
+        self.received_at: Optional[float] = None  # time.monotonic() at this rank's first signal
         self.world_size = world_size
         self._previous: dict[int, Any] = {}
         self._group: Any = None
         self._pending: Any = None  # (work, flag) of the last step's all-reduce
         self._open = False  # outside the context nothing is asked of the other ranks
+        self.want_eager = False  # this rank asks for stops decided in the same step (grace_warning)
+        self.eager = False  # agreed by every rank (one step after any rank asked)
 
     def __enter__(self) -> "Preemption":
         if self.world_size > 1:
@@ -56,7 +70,16 @@ class Preemption:
         self._open = False
 
     def _record(self, signum: int, frame: Optional[FrameType]) -> None:
+        if self.received_at is None:
+            self.received_at = time.monotonic()
         self.signum = signum
+
+    def took(self) -> str:
+        """How long this stop took, from this rank's signal to now (the checkpoint in place), for the stop's line:
+        what preempt_grace_s must cover. Empty where the signal came to another rank."""
+        if self.received_at is None:
+            return ""
+        return f" ({time.monotonic() - self.received_at:.1f} s after the signal; preempt_grace_s must cover that)"
 
     def agreed(self) -> bool:
         """Whether every rank stops now: this rank's flag in one process; with several ranks, whether any rank had a
@@ -74,11 +97,39 @@ class Preemption:
         if self._pending is not None:
             work, flag = self._pending
             work.wait()
-            decided = bool(flag.item() > 0.0)
-        flag = torch.tensor([1.0 if local else 0.0])
-        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag)
+            decided = bool(flag[0].item() > 0.0)
+            self.eager = self.eager or bool(flag[1].item() > 0.0)  # the same on every rank, at the same call
+            self._pending = None
+        flag = torch.tensor([1.0 if local else 0.0, 1.0 if self.want_eager else 0.0])
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        if self.eager:  # read now: the stop is decided at this step
+            work.wait()
+            return decided or bool(flag[0].item() > 0.0)
+        self._pending = (work, flag)
         return decided
+
+    def steps_to_boundary(self, overlapped: bool) -> int:
+        """At most how many step times pass between a signal and the step boundary the stop is agreed at: the
+        step running, one more while the all-reduce lags (several ranks, not eager), one more queued ahead of the
+        read-back (``overlapped``)."""
+        return 1 + int(self.world_size > 1 and not self.eager) + int(overlapped)
 
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum is not None else "a signal on another rank"
+
+
+def grace_warning(grace_s: float, step_s: float, ckpt_s: float | None, steps: int, sooner: bool) -> str | None:
+    """The one line to print when a stop (``steps`` steps of ``step_s`` to the boundary, then a checkpoint of
+    ``ckpt_s``, None while none was timed) would not fit ``grace_s``; None when it fits or the check is off (0).
+    ``sooner``: eager agreement will take a step off (several ranks)."""
+    need = steps * step_s + (ckpt_s or 0.0)
+    if grace_s <= 0 or need <= grace_s:
+        return None
+    ckpt = f"the checkpoint {ckpt_s:.1f} s" if ckpt_s is not None else "the checkpoint (not timed yet)"
+    return (f"warning: a stop (SIGTERM/SIGUSR1) may take {need:.1f} s here ({steps} step(s) of {step_s:.1f} s to the "
+            f"step boundary + {ckpt}), more than preempt_grace_s={grace_s:g}: the scheduler may kill the run before "
+            f"its checkpoint is in place{'; stops are now decided one step sooner' if sooner else ''}; valid: an "
+            f"earlier signal "
+            f"(Slurm --signal=USR1@{math.ceil(need * 1.5)}) with preempt_grace_s set to its lead, ckpt_async, or a "
+            f"smaller ckpt_every so less is lost")

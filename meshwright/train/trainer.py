@@ -35,11 +35,11 @@ from meshwright.tools.energy import EnergyAccountant, EnergyTotals
 from meshwright.tools.flops import hardware_flops_per_token, model_flops_per_token
 from meshwright.tools.mfu import mfu as compute_mfu
 from meshwright.tools.sinks import Sinks, open_sinks
-from meshwright.train.async_checkpoint import AsyncCheckpointer
+from meshwright.train.async_checkpoint import AsyncCheckpointer, CheckpointAbandoned
 from meshwright.train.checkpoint import load_latest, load_runtime, save_checkpoint
 from meshwright.train.compile import fast_adamw_kwargs
 from meshwright.train.faults import fault_point
-from meshwright.train.preemption import Preemption
+from meshwright.train.preemption import Preemption, grace_warning
 from meshwright.train.run_dir import reopen_log
 from meshwright.train.runtime import Runtime
 
@@ -121,6 +121,9 @@ class Trainer:
         self.preemption = Preemption()  # fit opens its own: SIGTERM/SIGUSR1 stop at a step with a checkpoint
         self._stopping = False  # a stop agreed by every rank (preemption.py)
         self._saved_step = -1  # the step of this process's last checkpoint (fit's final save skips a second one)
+        self._slowest_step_s = 0.0  # the slowest step this session after the first (preempt_grace_s)
+        self._ckpt_s: float | None = None  # how long the last checkpoint took to be in place (preempt_grace_s)
+        self._grace_warned = False
         self._last_done = 0.0  # perf_counter at the last read-back
         self.tokens_per_step = cfg.global_batch * cfg.seq_len
         # The model owns its FLOPs; the convention is named in the config so MFU is comparable across tools.
@@ -138,7 +141,8 @@ class Trainer:
         # or the data, so tokens are counted from there (train_loader.tokens_at), not as step * tokens_per_step
         self._base_step, self._base_consumed = 0, 0
         # ckpt_async: saves stage to CPU memory and write in the background (collective: the same on every rank)
-        self.async_ckpt = AsyncCheckpointer(runtime) if cfg.ckpt_async else None
+        self.async_ckpt = (AsyncCheckpointer(runtime, cfg.ckpt_staging, notify=self.print if runtime.is_main else None)
+                           if cfg.ckpt_async else None)
 
     # ---- pieces ----------------------------------------------------------------------------------
     def set_lr(self, step: int) -> float:
@@ -244,8 +248,10 @@ class Trainer:
                 path = self.async_ckpt.save(self.ckpt_dir, self.step, self.optimizer, self.trainer_state(),
                                             keep=self.keep_checkpoints)
             else:
+                t0 = time.perf_counter()
                 path = save_checkpoint(self.ckpt_dir, self.step, self.runtime, self.optimizer, self.trainer_state(),
                                        keep=self.keep_checkpoints)
+                self._ckpt_s = time.perf_counter() - t0
         self._saved_step = self.step
         return path
 
@@ -260,6 +266,10 @@ class Trainer:
         before the caller tears down the process group its writer uses."""
         try:
             self.wait_for_save()
+        except CheckpointAbandoned:  # a repeated Ctrl-C gave it up (its line is printed); the first error goes on
+            pass
+        except KeyboardInterrupt:  # Ctrl-C during the wait: the checkpoint completed, and the run stops anyway
+            pass
         except Exception as exc:  # noqa: BLE001 - the first error is the one to report; this one is named
             self.print(f"warning: the checkpoint in flight was not completed: {exc}")
 
@@ -435,7 +445,7 @@ class Trainer:
         self.wait_for_save()  # the run's last checkpoint is on disk and `latest` names it before fit returns
         if self._stopping:
             self.print(f"stopped at step {self.step} of {self.cfg.steps}: {self.preemption.name} received; checkpoint "
-                       f"saved, continue with `meshwright train ... --resume`")
+                       f"saved{self.preemption.took()}, continue with `meshwright train ... --resume`")
         return self._finish(run, resumed)
 
     def _resume_for_fit(self, resume: bool | str | Path) -> bool:
@@ -476,8 +486,28 @@ class Trainer:
         fault_point("step")
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
             self.save()  # never overlapped (may_overlap): self.step == step, nothing else queued
+        if step > run.first_step + 1:  # the first step pays one-off costs
+            self._check_grace(out["step_s"])
         bar.set_postfix(loss=f"{run.loss:.3f}", lr=f"{run.lr:.2e}", refresh=False)
         bar.update(1)
+
+    def _check_grace(self, step_s: float) -> None:
+        """``preempt_grace_s``: once a stop (steps to the boundary + the last checkpoint's time, write included:
+        a stop waits for it) would not fit, warn once and ask every rank for stops decided in the same step."""
+        self._slowest_step_s = max(self._slowest_step_s, step_s)
+        if self.async_ckpt is not None and self.async_ckpt.last is not None:
+            self._ckpt_s = self.async_ckpt.last.write_s
+        if self._grace_warned:
+            return
+        steps = self.preemption.steps_to_boundary(self.overlap_readback and self._overlap_everywhere)
+        line = grace_warning(self.cfg.preempt_grace_s, self._slowest_step_s, self._ckpt_s, steps,
+                             sooner=self.preemption.world_size > 1 and not self.preemption.eager)
+        if line is None:
+            return
+        self._grace_warned = True
+        self.preemption.want_eager = True
+        if self.runtime.is_main:
+            self.print(line)
 
     def _log_record(self, run: "_RunStats", out: dict[str, Any], extra: dict[str, Any], is_eval: bool) -> dict[str, Any]:
         cfg = self.cfg

@@ -39,10 +39,15 @@ def test_two_rank_training_matches_one_process_and_resumes_across_layouts(tmp_pa
     cache = tmp_path / "cache"
     two = tmp_path / "two"
     # ckpt_async, its writer held until step 5: the step-3 checkpoint is written after steps 4 and 5 changed the
-    # weights, on its own gloo group while training collectives go on; it must still hold step 3's state (the resume)
-    proc = run_torchrun(HERE / "trainer_worker.py", 2, [*ARGS, f"out_dir={two}", "ckpt_async=true"], timeout=240,
+    # weights, on its own gloo group while training collectives go on; it must still hold step 3's state (the resume).
+    # preempt_grace_s=1e-9: every step exceeds it, so from step 2 on the ranks agree on stops eagerly (the request
+    # rides the lagged all-reduce; a rank switching a call before the other would hang or stop alone)
+    proc = run_torchrun(HERE / "trainer_worker.py", 2, [*ARGS, f"out_dir={two}", "ckpt_async=true",
+                                                        "preempt_grace_s=1e-9"], timeout=240,
                         env={"MESHWRIGHT_CACHE": str(cache), "MESHWRIGHT_TEST_HOLD_CKPT_WRITE": "5"})
     assert "rank 0 at step 5: checkpoints ['step_000003.tmp']" in proc.stdout, proc.stdout[-2000:]
+    grace = [x for x in proc.stdout.splitlines() if "warning: a stop (SIGTERM/SIGUSR1) may take" in x]
+    assert len(grace) == 1 and "(2 step(s) of " in grace[0] and "one step sooner" in grace[0], proc.stdout[-2000:]
     assert len(list(cache.glob("stdlib-byte-*"))) == 1  # two ranks filled the cache once, atomically
     ckpt = two / "ckpt"
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_000003", "step_000006"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -218,6 +219,7 @@ def test_a_scheduler_signal_stops_at_a_step_with_a_checkpoint_and_the_resume_los
     stopped = summary["steps"]
     assert summary["stopped_by"] == signal.Signals(signum).name and 2 <= stopped < steps
     assert f"stopped at step {stopped} of {steps}" in stdout
+    assert re.search(r"checkpoint saved \(\d+\.\d s after the signal; preempt_grace_s must cover that\)", stdout), stdout
     ckpt = latest_checkpoint(out / "ckpt")
     assert ckpt is not None and ckpt.name == f"step_{stopped:06d}"
     verify_manifest(ckpt)
@@ -227,3 +229,89 @@ def test_a_scheduler_signal_stops_at_a_step_with_a_checkpoint_and_the_resume_los
     ref = tmp_path / "ref"
     train_in_process(data, ref, resume=False, ckpt_every=0, steps=steps)
     assert trajectory(out) == trajectory(ref)  # bitwise
+
+
+def spawn_held(data: Path, out: Path, hold_step: int, **overrides) -> tuple[subprocess.Popen, Path, Path]:
+    """``spawn`` through held_write_train.py: ckpt_async's write of checkpoint ``hold_step`` held until the test
+    creates out/../held/release. Output goes to files (unbuffered) the test reads while the run lives."""
+    held = out.parent / "held"
+    held.mkdir()
+    cfg_file = out.parent / f"{out.name}-cfg.json"
+    cfg_file.write_text(json.dumps(config(data, out, ckpt_async=True, **overrides)))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "MESHWRIGHT_TEST_HOLD": f"{hold_step}:{held}"}
+    env.pop("MESHWRIGHT_FAULT", None)
+    stdout = out.parent / "stdout.txt"
+    with open(stdout, "w") as fo, open(out.parent / "stderr.txt", "w") as fe:
+        proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "e2e" / "held_write_train.py"), str(cfg_file)],
+                                env=env, cwd=REPO, stdout=fo, stderr=fe)
+    return proc, held, stdout
+
+
+def main_thread_waits(proc: subprocess.Popen, log: Path, step: int, quiet_s: float = 1.0) -> bool:
+    """Whether the run logged ``step`` and its main thread has slept (blocked) for ``quiet_s`` since: it waits for
+    something (here the held checkpoint), read from /proc, which the run does not know about."""
+    if not log.is_file() or f'"step": {step},' not in log.read_text():
+        return False
+    end = time.monotonic() + quiet_s
+    while time.monotonic() < end:
+        if Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "S":
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def wait_until(proc: subprocess.Popen, ready, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            err = (Path(proc.args[-1]).parent / "stderr.txt").read_text()[-2000:]
+            raise AssertionError(f"{what}: not seen (rc={proc.poll()}): {err}")
+        time.sleep(0.02)
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("second_press", [True, False], ids=["abandoned", "completed"])
+def test_ctrl_c_while_a_background_checkpoint_is_waited_for(data, reference, tmp_path, second_press):
+    """ckpt_async, the step-4 write held; at step 6 the trainer waits for it. Ctrl-C then is reported (one line)
+    and the wait goes on. A second Ctrl-C abandons the write: exit 130 at once (the writer still held), no traceback,
+    nothing of step 4 published, step 2 stays `latest`, and the resume replays the reference. Without a second one,
+    the write completes when released, `latest` names step 4, then the run stops (130). Before, the first Ctrl-C
+    broke the wait: the run exited while its writer still ran, and the next save or the process group teardown
+    was not waited for."""
+    out = tmp_path / "run"
+    proc, held, stdout = spawn_held(data, out, hold_step=4)
+    try:
+        # step 6's save waits for step 4's held write
+        wait_until(proc, lambda: (held / "held").exists() and main_thread_waits(proc, out / "log.jsonl", 6),
+                   "the wait for the step-4 checkpoint")
+        proc.send_signal(signal.SIGINT)
+        wait_until(proc, lambda: "still finishing checkpoint step 4" in stdout.read_text(), "the first Ctrl-C's line")
+        line = next(x for x in stdout.read_text().splitlines() if "still finishing" in x)
+        assert "press Ctrl-C again to abandon it (step_000002 stays the latest checkpoint)" in line, line
+        time.sleep(0.3)
+        assert proc.poll() is None  # still waiting for the write
+        if second_press:
+            proc.send_signal(signal.SIGINT)
+        else:
+            (held / "release").touch()
+        proc.wait(timeout=60 if second_press else 120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == 130 and "Traceback" not in err, (proc.returncode, err[-3000:])
+    assert "meshwright train: interrupted" in err
+    ckpt = out / "ckpt"
+    if second_press:
+        assert not (held / "release").exists()  # it exited while the writer was still held
+        assert "abandoned checkpoint step 4: step_000002 stays the latest checkpoint" in stdout.read_text()
+        assert latest_checkpoint(ckpt).name == "step_000002" and not (ckpt / "step_000004").exists()
+        verify_manifest(ckpt / "step_000002")
+        summary = train_in_process(data, out, resume=True, ckpt_async=True)
+        assert summary["resumed"]
+        assert_nothing_lost(out, reference)
+    else:
+        assert latest_checkpoint(ckpt).name == "step_000004" and not list(ckpt.glob("*.tmp"))
+        verify_manifest(ckpt / "step_000004")

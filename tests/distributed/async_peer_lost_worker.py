@@ -1,0 +1,57 @@
+"""Two plain processes (not torchrun, which would kill the survivor first) on a gloo group, each with an
+AsyncCheckpointer: checkpoint 1 is written, then rank 1 dies inside its background write of checkpoint 2. Rank 0
+prints what its wait raised, as one JSON line. Used by tests/unit/test_async_checkpoint.py.
+
+    python async_peer_lost_worker.py RANK PORT ROOT
+"""
+
+import json
+import os
+import sys
+import threading
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.filesystem import _FileSystemWriter
+
+from meshwright.train.async_checkpoint import AsyncCheckpointer
+from meshwright.train.local_runtime import LocalRuntime
+
+
+class TwoRanks(LocalRuntime):
+    """A replicated model on two ranks: only what AsyncCheckpointer asks of a runtime."""
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+
+def main(rank: int, port: str, root: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    torch.manual_seed(0)
+    rt = TwoRanks(torch.nn.Linear(8, 8))
+    rt.rank, rt.world_size = rank, 2
+    opt = torch.optim.AdamW(rt.parameters())
+    ckpt = AsyncCheckpointer(rt)
+    ckpt.save(root, 1, opt, {})
+    ckpt.wait()
+    write = _FileSystemWriter.write_data
+
+    def dying(self, plan, planner):
+        if rank == 1 and threading.current_thread() is not threading.main_thread():
+            os._exit(9)  # a lost node, in the middle of the background write
+        return write(self, plan, planner)
+
+    _FileSystemWriter.write_data = dying
+    ckpt.save(root, 2, opt, {})
+    try:
+        ckpt.wait()
+        print(json.dumps({"error": None}), flush=True)
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        print(json.dumps({"error": str(exc), "type": type(exc).__name__}), flush=True)
+    os._exit(0)  # no teardown of a group whose peer is gone
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), sys.argv[2], sys.argv[3])

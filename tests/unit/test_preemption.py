@@ -1,0 +1,91 @@
+"""The preemption grace (train/preemption.py, ``preempt_grace_s``): the stop-time estimate and its one-line
+warning, the trainer asking for it once a stop would not fit, and eager agreement (the stop decided in the step
+the signal arrived, one step sooner with several ranks). The signal path end to end is in
+tests/e2e/test_fault_injection.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch.distributed as dist
+
+from _train_helpers import make_trainer, prepared_corpus
+from meshwright.config import load_train_config
+from meshwright.config.io import to_dict
+from meshwright.errors import ConfigError
+from meshwright.train.preemption import Preemption, grace_warning
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return prepared_corpus(tmp_path_factory.mktemp("data"))
+
+
+def test_grace_warning_adds_the_steps_to_the_boundary_and_the_checkpoint():
+    line = grace_warning(30.0, 12.0, 10.0, 2, sooner=True)  # 2 x 12 + 10 = 34 > 30
+    assert line is not None and "\n" not in line
+    assert "a stop (SIGTERM/SIGUSR1) may take 34.0 s here (2 step(s) of 12.0 s" in line
+    assert "+ the checkpoint 10.0 s), more than preempt_grace_s=30" in line
+    assert "stops are now decided one step sooner" in line and "--signal=USR1@51" in line
+    assert "one step sooner" not in grace_warning(30.0, 12.0, 10.0, 2, sooner=False)
+    assert "the checkpoint (not timed yet)" in grace_warning(20.0, 12.0, None, 2, sooner=False)
+    assert grace_warning(30.0, 12.0, 6.0, 2, sooner=True) is None  # 30: fits
+    assert grace_warning(0.0, 1e6, 1e6, 3, sooner=True) is None  # 0: the check is off
+
+
+def test_preempt_grace_s_round_trips_and_bad_values_name_the_field(tmp_path):
+    base = {"model": "tiny", "out_dir": str(tmp_path)}
+    assert load_train_config(base).preempt_grace_s == 30.0  # torchrun's SIGTERM-to-SIGKILL
+    cfg = load_train_config({**base, "preempt_grace_s": 90})
+    assert load_train_config(to_dict(cfg)).preempt_grace_s == 90.0
+    for bad in (-1, "soon", float("inf")):
+        with pytest.raises(ConfigError, match="preempt_grace_s"):
+            load_train_config({**base, "preempt_grace_s": bad})
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("grace, warned", [(1e-9, True), (1e9, False), (0.0, False)], ids=["exceeded", "fits", "off"])
+def test_the_trainer_warns_once_with_its_measured_step_and_checkpoint(data, tmp_path, grace, warned):
+    """Any step exceeds a grace of 1e-9 s and none 1e9 s: the warning (once, with the measured step and the step-2
+    checkpoint's time) and the request for eager agreement follow the measurement, not the test's clock."""
+    t = make_trainer(data, tmp_path, steps=5, ckpt_every=2, eval_every=0, preempt_grace_s=grace)
+    lines: list[str] = []
+    t.print = lines.append
+    t.fit()
+    found = [x for x in lines if x.startswith("warning: a stop")]
+    assert len(found) == (1 if warned else 0), lines
+    assert t.preemption.want_eager is warned
+    if warned:  # one process: the step running, then the checkpoint timed at step 2 (before the check there)
+        assert "(1 step(s) of " in found[0] and "the checkpoint (not timed" not in found[0], found[0]
+        assert "one step sooner" not in found[0]  # nothing to gain with one rank
+
+
+@pytest.fixture()
+def one_rank_group(tmp_path):
+    """A one-rank gloo group: Preemption(world_size=2) then runs its all-reduce path against it."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(60)
+def test_eager_agreement_stops_one_step_sooner_and_switches_at_the_same_call(one_rank_group):
+    with Preemption(world_size=2) as lagged:
+        assert not lagged.agreed()
+        os.kill(os.getpid(), signal.SIGTERM)  # recorded by the handler; arrives before the next call
+        assert lagged.signum == signal.SIGTERM
+        assert not lagged.agreed()  # this call's flag is read at the next one
+        assert lagged.agreed()
+        assert lagged.steps_to_boundary(overlapped=False) == 2
+    with Preemption(world_size=2) as eager:
+        eager.want_eager = True
+        assert not eager.agreed() and not eager.eager  # the request travels in this call's all-reduce
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert eager.agreed() and eager.eager  # read at once: the same call decides
+        assert eager.steps_to_boundary(overlapped=False) == 1 and eager.steps_to_boundary(overlapped=True) == 2
+    with Preemption(world_size=1) as one:
+        assert one.steps_to_boundary(overlapped=False) == 1

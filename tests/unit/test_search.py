@@ -272,15 +272,16 @@ def test_stage_dp_shortcut_keeps_the_dp_choice_on_one_ulp_near_ties(with_trans):
 
 def test_one_search_computes_each_layer_cost_once():
     """The search memo (per search call): the DPs' layer costs once per (kind, list of strategies, micro-batch x dp,
-    states) as whole columns (cm.layer_costs_columns; counted here per strategy), layer_costs once per (kind, strategy,
-    previous class) for the plans scored, and the blocks' sums once per layout, shared by the embedding ZeRO variants.
-    llama2-7b on 8 A100: 1,154 strategies costed and 24 block sums for 50 plans scored, 131 of 141 candidates
-    skipped on a step-time lower bound, the same best plan (1,155, 28, 56 and 130 before the rank DPs also tried the
-    transient levels below their first answer, whose plans lower the bar sooner; 1,134 and 136 before the memo; 798 and 104 for 136 before the rank DPs
-    counted the optimizer step and gradient accumulation and scored their refined answers too, #17; 111 for 169 and 99
-    candidates before ranks whose shared DP ran at a rounded-up in-flight count also refined at their own count; 700,
-    122 and 191 with 100 candidates, none skipped, when costs were memoised per strategy: columns cost more strategies,
-    each for far less); the plan is the one of tests/unit/test_plan_cli.py's golden."""
+    states) as whole columns (cm.layer_costs_columns; counted here per strategy), layer_costs once per (kind,
+    strategy, previous class) for the plans scored, and the blocks' sums once per layout, shared by the embedding
+    ZeRO variants. llama2-7b on 8 A100: 1,154 strategies costed and 24 block sums for 50 plans scored, 131 of 141
+    candidates skipped on a step-time lower bound, the same best plan (1,155, 28, 56 and 130 before the rank DPs
+    also tried the transient levels below their first answer, whose plans lower the bar sooner; 1,134 and 136 before
+    the memo; 798 and 104 for 136 before the rank DPs counted the optimizer step and gradient accumulation and
+    scored their refined answers too, #17; 111 for 169 and 99 candidates before ranks whose shared DP ran at a
+    rounded-up in-flight count also refined at their own count; 700, 122 and 191 with 100 candidates, none skipped,
+    when costs were memoised per strategy: columns cost more strategies, each for far less); the plan is the one of
+    tests/unit/test_plan_cli.py's golden."""
     calls = {"layer_costs": 0, "_add_layers": 0, "evaluate_plan": 0}
     originals = {name: getattr(cm, name) for name in calls}
 

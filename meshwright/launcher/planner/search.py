@@ -456,7 +456,8 @@ class _SearchMemo:
         self._moe_flags: Optional[tuple[bool, ...]] = None
         self.best_step_s = math.inf  # the fastest candidate scored so far (gates the refined DPs)
         self.bounds: dict[tuple, float] = {}  # _step_lower_bound per candidate (_candidate_key)
-        # the refinements _solve_candidate defers to the end (_refine_deferred): (candidate, stages, step, refine, table)
+        # the refinements _solve_candidate defers to the search's end (_refine_deferred): (candidate, stages, step,
+        # refine, table)
         self.deferred: list[tuple] = []
         self.rooms: dict[tuple, float] = {}  # _first_rank_room per (stage size, tps, states, one stage, head tokens)
         # _step_lower_bound's terms that few fields set: head, boundary transfer, partitions, the first rank's counts
@@ -1688,12 +1689,12 @@ def _rank_dp(o: _Outer, table: _KindTable, keys: tuple[bool, ...], used: dict[bo
     near the best plan so far).
 
     ZeRO-3 layers need one all-gathered layer (+ prefetch) at a time and backward one layer's working set:
-    a maximum over the rank, not a sum. The DP runs once per transient level (``_transient_levels``) with
-    that much reserved and the strategies above it masked, and keeps the fastest. Where that is slower than
+    a maximum over the rank, not a sum. The DP runs at the largest transient level (``_transient_levels``) with
+    that much reserved and the strategies above it masked, then at the levels ``_next_levels`` picks from its
+    answer, and keeps the fastest. Where that is slower than
     every layer's fastest strategy (memory binds), the refined DP can rerun the DP without the rounding loss;
     both answers are scored by evaluate_plan, so the refinement can only add a candidate.
     """
-    ks = [used[key] for key in keys]
     trans = table.trans[keys[0]] if len(used) == 1 else None
     best = None
     levels = table.rank_levels(used)

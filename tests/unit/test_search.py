@@ -274,7 +274,7 @@ def test_one_search_computes_each_layer_cost_once():
     """The search memo (per search call): the DPs' layer costs once per (kind, list of strategies, micro-batch x dp,
     states) as whole columns (cm.layer_costs_columns; counted here per strategy), layer_costs once per (kind,
     strategy, previous class) for the plans scored, and the blocks' sums once per layout, shared by the embedding
-    ZeRO variants. llama2-7b on 8 A100: 1,154 strategies costed and 24 block sums for 50 plans scored, 131 of 141
+    ZeRO variants. llama2-7b on 8 A100: 1,157 strategies costed and 25 block sums for 52 plans scored, 131 of 141
     candidates skipped on a step-time lower bound, the same best plan (1,155, 28, 56 and 130 before the rank DPs
     also tried the transient levels below their first answer, whose plans lower the bar sooner; 1,134 and 136 before
     the memo; 798 and 104 for 136 before the rank DPs counted the optimizer step and gradient accumulation and
@@ -306,7 +306,7 @@ def test_one_search_computes_each_layer_cost_once():
     finally:
         mp.undo()
     assert r.best is not None and r.candidates == 141 and r.skipped == 131
-    assert calls == {"layer_costs": 1154, "_add_layers": 24, "evaluate_plan": 50}
+    assert calls == {"layer_costs": 1157, "_add_layers": 25, "evaluate_plan": 52}
 
 
 def test_search_pauses_the_cyclic_collector_and_restores_its_state():

@@ -1712,10 +1712,19 @@ def _rank_dp(o: _Outer, table: _KindTable, keys: tuple[bool, ...], used: dict[bo
     best_level = levels[0]
     if best is not None and best[0] <= floor * (1 + 1e-9):
         return best, None
+    # ``old``: the answer of the levels the DP ran before it also tried those below the chosen strategies' transient
+    # (``_next_levels``). Where a lower level's answer is faster, ``old`` and its refinements stay candidates:
+    # evaluate_plan judges, and a faster DP answer can score slower (llama2-7b on 8 A100 lost its second layout)
+    first = best
+    used_bytes = max(float(used[key].gather[j]) for key, j in zip(keys, first[1])) if first is not None else 0.0
+    old, old_level = best, best_level
     for level in _next_levels(table, keys, used, levels, best, budget, inflight):
         res = run(level)
         if res is not None and (best is None or res[0] < best[0]):
             best, best_level = res, level
+        if (res is not None and (first is None or level >= used_bytes * (1 - 1e-9))
+                and (old is None or res[0] < old[0])):
+            old, old_level = res, level
     done: list[list[tuple[float, list[int]]]] = []
 
     def refine() -> list[tuple[float, list[int]]]:
@@ -1726,8 +1735,11 @@ def _rank_dp(o: _Outer, table: _KindTable, keys: tuple[bool, ...], used: dict[bo
         one with the extra room can be faster (megatron-gpt-145.6b on 1,024 H100 with fp8: 6.0123 s)."""
         if not done:
             found: list[tuple[float, list[int]]] = []
-            beat = best[0] * (1 - REFINE_GAIN) if best is not None else math.inf
-            rooms = [(budget, [best_level] if best is not None else levels)]
+            ref = old if old is not None else best  # the refinements count from ``old`` (as before _next_levels)
+            if ref is not best:
+                found.append(ref)  # a candidate as well, placed as the first answer
+            beat = ref[0] * (1 - REFINE_GAIN) if ref is not None else math.inf
+            rooms = [(budget, sorted({best_level, old_level}, reverse=True) if best is not None else levels)]
             if refine_budget is not None and refine_budget > budget * (1 + 1e-9):
                 rooms.append((refine_budget, levels))
             for room, lvls in rooms:

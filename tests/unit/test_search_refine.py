@@ -141,3 +141,44 @@ def test_rank_dp_is_not_lost_to_the_rounded_up_inflight_count():
         fixed = S.search(cfg, cluster, 2048, 512, hw=hw, constraints=dataclasses.replace(base, recompute=rc), suggest=False).best
         assert free.prediction.step_s <= fixed.prediction.step_s * (1 + 1e-9), rc
     assert all(s.recompute != "full" for s in free.plan.layers)
+
+
+def _candidate(cfg, cluster, seq, gb, allow, states, pp, t_base, mb, sched="1f1b", v=1) -> S._Outer:
+    """One outer candidate of ``search`` (pp, smallest tp, micro-batch, schedule, state format), set up as it does."""
+    hw = cm.hardware_from_cluster(cluster)
+    allow = dataclasses.replace(allow, fp8_gemm=allow.fp8 and cm.fp8_matmul_speedup(hw) > 1)
+    usable = (hw.memory_bytes - hw.overhead_bytes - hw.stack_buffer_bytes) / (1 + hw.fragmentation)
+    base = S._Outer(cfg, cluster, hw, S.Constraints(), allow, states, pp, 0, [], 0, 0, 0, 0, "1f1b", 1, seq, gb, usable,
+                    cfg.name, 1, S._SearchMemo())
+    b, per_replica = next((b, n) for b, n in S._tp_bases(base, S._Collector()) if b.t_base == t_base)
+    return dataclasses.replace(b, mb=mb, m=per_replica // mb, sched=sched, v=v)
+
+
+def _fastest(o: S._Outer) -> float:
+    items = S._solve_candidate(o, refine_all=True).items
+    return min(x.prediction.step_s for x in items if isinstance(x, S.Candidate))
+
+
+def test_rank_dp_tries_the_transient_levels_below_its_first_answer():
+    """GPT-1T on 1,024 H100 with every saver, pp=32 1f1b: with tp >= 2 a rank's largest transient level reserves
+    44.6 GiB for a tp2 ZeRO-3 gather; the DP there fits only ZeRO-2/3 with full recompute, and it went on only to
+    the smallest level that still admits those (none), never to 0.2 GiB where 4 layers of tp8 ZeRO-1 fit: 111-165 s
+    against 30.19 s for tp >= 4 (mb=2), whose strategies tp >= 2 (mb=1) also has."""
+    cfg = dataclasses.replace(load_model_config("megatron-gpt-1t"), tie_embeddings=False)
+    cluster = load_cluster("dgx-h100-80g", nodes=128)
+    allow = S.Allow.parse(["fp8", "wta-crs", "lemo"])
+    wide = _fastest(_candidate(cfg, cluster, 2048, 3072, allow, "fp32", 32, 2, 1))
+    narrow = _fastest(_candidate(cfg, cluster, 2048, 3072, allow, "fp32", 32, 4, 2))
+    assert narrow == pytest.approx(30.19, abs=0.01)
+    assert wide <= narrow * (1 + 1e-9)
+
+
+def test_plans_the_refinement_window_passed_over_are_refined_at_the_end():
+    """llama3-70b on 1,024 H100 with every saver: ``pp=2 interleaved v=8 fp8-states`` first scores 3.5626 s, 10.8%
+    over the fastest plan then (3.2147 s), so its refined DPs did not run, and only a warm start that happened to solve
+    it first found its 3.1731 s plan (80 layers of tp8 ZeRO-2). Its lower bound (2.88 s) is below the fastest plan, so
+    its refinement now runs at the end of the search."""
+    cfg, cluster = load_model_config("llama3-70b"), load_cluster("dgx-h100-80g", nodes=128)
+    r = S.search(cfg, cluster, 8192, 1024, allow=S.Allow.parse(["fp8", "wta-crs", "lemo"]), suggest=False)
+    assert r.best.prediction.step_s <= 3.1731 + 5e-5
+    assert r.best.plan.optimizer.states == "fp8" and r.best.plan.pipeline.virtual_stages == 8

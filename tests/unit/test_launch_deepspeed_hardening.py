@@ -184,19 +184,27 @@ def test_environment_deepspeed_exports_cannot_run_code_on_the_hosts(tmp_path):
     check_deepspeed_exports({"NCCL_DEBUG": "WARN", "HOME_NOTE": "$(x)", "PYTHONPATH": "/a b:/c"}, ["PYTHON", "NCCL"])
 
 
-def test_cli_refuses_hostile_exported_environment_before_deepspeed_starts(tmp_path, capsys, monkeypatch):
+def _two_host_deepspeed_launch(tmp_path, monkeypatch) -> tuple[list, list[str]]:
+    """A two-host ``launch --launcher deepspeed`` whose runner is never started (the calls it would make are
+    recorded): the argv and that record. Skips without DeepSpeed's runner, pdsh or ssh (run_deepspeed checks them)."""
     pytest.importorskip("deepspeed.launcher.runner")
     if shutil.which("pdsh") is None or shutil.which("ssh") is None:
         pytest.skip("needs pdsh and ssh on PATH (run_deepspeed checks them first)")
     import meshwright.commands.launch as launch_mod
 
-    started = []
+    started: list = []
     monkeypatch.setattr(launch_mod.subprocess, "call", lambda *a, **k: started.append(a) or 0)
-    monkeypatch.setenv("PYTHONSTARTUP", "`touch /tmp/pwned`")
     hf = tmp_path / "hostfile"
     hf.write_text("n0 slots=1\nn1 slots=1\n")
-    assert main(["launch", "--hosts", str(hf), "--launcher", "deepspeed", "--workdir", str(tmp_path),
-                 "--python", sys.executable, "--", "train", "tiny-test"]) == 2
+    argv = ["launch", "--hosts", str(hf), "--launcher", "deepspeed", "--workdir", str(tmp_path), "--python",
+            sys.executable, "--", "train", "tiny-test"]
+    return started, argv
+
+
+def test_cli_refuses_hostile_exported_environment_before_deepspeed_starts(tmp_path, capsys, monkeypatch):
+    started, argv = _two_host_deepspeed_launch(tmp_path, monkeypatch)
+    monkeypatch.setenv("PYTHONSTARTUP", "`touch /tmp/pwned`")
+    assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "PYTHONSTARTUP" in err[0] and "--env PYTHONSTARTUP=" in err[0]
     assert not started
@@ -262,19 +270,9 @@ def test_a_deepspeed_env_file_cannot_run_code_on_the_hosts(tmp_path):
 
 
 def test_cli_refuses_a_hostile_deepspeed_env_before_deepspeed_starts(tmp_path, capsys, monkeypatch):
-    pytest.importorskip("deepspeed.launcher.runner")
-    if shutil.which("pdsh") is None or shutil.which("ssh") is None:
-        pytest.skip("needs pdsh and ssh on PATH (run_deepspeed checks them first)")
-    import meshwright.commands.launch as launch_mod
-
-    started = []
-    monkeypatch.setattr(launch_mod.subprocess, "call", lambda *a, **k: started.append(a) or 0)
+    started, argv = _two_host_deepspeed_launch(tmp_path, monkeypatch)
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / ".deepspeed_env").write_text("NCCL_DEBUG=`touch /tmp/pwned`\n")
-    hf = tmp_path / "hostfile"
-    hf.write_text("n0 slots=1\nn1 slots=1\n")
-    argv = ["launch", "--hosts", str(hf), "--launcher", "deepspeed", "--workdir", str(tmp_path), "--python",
-            sys.executable, "--", "train", "tiny-test"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and ".deepspeed_env line 1=" in err[0] and "--env NCCL_DEBUG=VALUE" in err[0]

@@ -227,8 +227,14 @@ def _search_for_stack(target: str, cfg: Any, cluster: Any, args: argparse.Namesp
         raise ConfigError(f"{flag}={target!r}{emit} cannot run the layout fixed by {fixed}; valid: {RUNS[target]}")
     results = [search(cfg, cluster, args.seq_len, args.global_batch, hw=hw, constraints=c, allow=Allow(), top=args.top,
                       suggest=False) for c in sets]
-    cands = sorted((c for r in results for c in ([r.best] if r.best else []) + list(r.runners_up)),
-                   key=lambda c: (bool(stack_problems(target, c.plan, cfg)), c.prediction.step_s))
+    from meshwright.launcher.planner.export.uniform import uniform_variants
+    from meshwright.launcher.planner.search import Candidate
+
+    found = [c for r in results for c in ([r.best] if r.best else []) + list(r.runners_up)]
+    cache: dict[Any, Any] = {}  # the stack runs one strategy for every layer: the found plans' layers made to agree
+    found += [Candidate(p, pred) for c in found for p, pred in uniform_variants(c.plan, cfg, hw, cluster.world_size,
+                                                                              cache)]
+    cands = sorted(found, key=lambda c: (bool(stack_problems(target, c.plan, cfg)), c.prediction.step_s))
     res = min(results, key=lambda r: r.best.prediction.step_s if r.best else float("inf"))
     if cands:
         res = dataclasses.replace(res, best=cands[0], runners_up=cands[1:args.top])

@@ -332,3 +332,31 @@ def test_megatron_stack_plans_no_fsdp_for_tied_embeddings(capsys):
     assert main(argv) != 0
     err = capsys.readouterr().err
     assert "emit='megatron' cannot run the layout fixed by --zero 3; valid: " in err and "untied embeddings" in err, err
+
+
+def test_emit_makes_the_found_plans_uniform_rather_than_fall_back_to_a_slow_one():
+    """Mixtral 8x7B on 16 A100: the search's best plans mix recompute and expert-parallel degrees per layer, which
+    no other stack runs; --emit megatron used to fall back to the fastest uniform plan among them, a ZeRO-3 full-
+    recompute one at 1.71x the unrestricted best. The found plans' layers made to agree (export/uniform.py) give a
+    plan Megatron-LM runs as planned within 5% of it, and torchtitan's pick runs as planned too."""
+    from meshwright.cli import build_parser
+    from meshwright.commands import plan as plan_cmd
+    from meshwright.launcher.planner.export.uniform import uniform_variants
+
+    base = ["plan", "--model", "mixtral-8x7b", "--cluster", "dgx-a100-80g", "--nodes", "2", "--seq-len", "4096",
+            "--global-batch", "256", "--any-runtime"]
+    free = plan_cmd.compute_result(build_parser().parse_args(base))["_objects"]["best"]
+    cfg = load_model_config("mixtral-8x7b")
+    assert "layers use different strategies" in exports.stack_problems("megatron", free.plan, cfg)
+    for target in ("megatron", "torchtitan"):
+        best = plan_cmd.compute_result(build_parser().parse_args(base + ["--emit", target]))["_objects"]["best"]
+        assert exports.stack_problems(target, best.plan, cfg) == [], (target, best.layout())
+        assert best.prediction.step_s < 1.05 * free.prediction.step_s, (target, best.layout())
+    from meshwright.config import load_cluster
+    from meshwright.launcher.planner import cost_model as cm
+
+    hw = cm.hardware_from_cluster(load_cluster("dgx-a100-80g", nodes=2))
+    variants = uniform_variants(free.plan, cfg, hw, 16, {})
+    assert variants and all(len({s.key() for i, s in enumerate(p.layer_strategies()) if not cfg.is_moe_layer(i)}) <= 1
+                            for p, _ in variants)
+    assert uniform_variants(variants[0][0], cfg, hw, 16, {}) == []  # a uniform plan has no other variant

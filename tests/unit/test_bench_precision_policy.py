@@ -1,0 +1,56 @@
+"""The prepared GPU check of meshwright's precision policy against FSDP2 mixed precision runs on CPU at tiny sizes:
+each policy trains what it names, from the same weights and tokens, and the planner's prediction sits beside it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import bench_precision_policy as bpp  # noqa: E402
+
+TINY = argparse.Namespace(cpu_smoke=True, layers=1, seq=16, accum=2, steps=1, warmup=1, timeout=60.0)
+
+
+@pytest.mark.timeout(120)
+def test_each_policy_trains_what_it_names_from_the_same_start():
+    runs = {name: bpp.run_one(name, TINY) for name in bpp.POLICIES}
+    assert runs["autocast"]["stored"] == "float32 Parameter"  # fp32 master weights, autocast casts per microbatch
+    assert runs["fsdp_mixed"]["stored"].startswith("float32") and "DTensor" in runs["fsdp_mixed"]["stored"]
+    assert runs["fsdp_mixed_nosync"]["stored"] == runs["fsdp_mixed"]["stored"]
+    assert runs["bf16_master"]["stored"] == "bfloat16 Parameter"
+    first = runs["autocast"]["loss_first"]
+    for r in runs.values():  # same weights and tokens: the first loss differs only by bf16 rounding
+        assert abs(r["loss_first"] - first) < 0.02 and r["loss_last"] < r["loss_first"] + 0.5
+        assert r["tokens_per_s"] > 0 and r["params"] == runs["autocast"]["params"]
+
+
+def test_predictions_isolate_the_precision_terms_and_the_table_has_a_row_per_policy():
+    args = argparse.Namespace(cpu_smoke=False, layers=2, seq=4096, accum=8)
+    pred = bpp.predictions(args, "dgx-h100-80g")
+    auto, fsdp = pred["autocast"], pred["fsdp_mixed"]
+    assert (auto["stack"], auto["precision"], fsdp["stack"], fsdp["precision"]) == (
+        "meshwright", "autocast", "torchtitan", "fsdp_mixed")
+    assert auto["rules_step_s"] == auto["step_s"]  # meshwright's rules are autocast's own
+    # the planner charges autocast the per-microbatch casts and fp32 accumulation, fsdp_mixed none of them
+    assert fsdp["rules_step_s"] < auto["rules_step_s"] and fsdp["memory_gib"] < auto["memory_gib"]
+    measured = {"autocast": {"step_s": 2.0, "tokens_per_s": 1.0, "loss_first": 10.0, "loss_last": 9.0,
+                             "peak_reserved_gib": 40.0},
+                "fsdp_mixed": {"step_s": 1.5, "tokens_per_s": 1.0, "loss_first": 10.0, "loss_last": 9.0,
+                               "peak_reserved_gib": 30.0},
+                "bf16_master": {"policy": "bf16_master", "error": "CUDA out of memory"}}
+    table = bpp.markdown({"date_utc": "d", "device": "NVIDIA H100", "torch": "t", "model": "m", "seq": 4096,
+                          "accum": 8, "policies": list(measured), "measured": measured, "predicted": pred})
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| policy")]
+    assert [r.split(" | ")[0] for r in rows] == ["| autocast", "| fsdp_mixed", "| bf16_master"]
+    assert "| 0.750 |" in rows[1] and "| 40.00 |" in rows[0] and "error: CUDA out of memory" in rows[2]
+
+
+def test_bad_policies_are_one_line_errors(capsys):
+    with pytest.raises(SystemExit):
+        bpp.main(["--cpu-smoke", "--policies", "autocast,fp8"])
+    assert "--policies='autocast,fp8' is invalid: a comma-separated subset of autocast" in capsys.readouterr().err

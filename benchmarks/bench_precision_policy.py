@@ -51,9 +51,11 @@ def model_config(args: argparse.Namespace) -> Any:
     from meshwright.config import load_model_config
 
     cfg = load_model_config("llama2-7b")
-    shape: dict[str, Any] = {"name": f"llama2-7b-{args.layers}l", "n_layers": args.layers, "max_seq_len": max(args.seq, 16)}
+    shape: dict[str, Any] = {"name": f"llama2-7b-{args.layers}l", "n_layers": args.layers,
+                             "max_seq_len": max(args.seq, 16)}
     if args.cpu_smoke:
-        shape.update(name=f"llama-tiny-{args.layers}l", d_model=64, n_heads=4, n_kv_heads=4, ffn_hidden=176, vocab_size=512)
+        shape.update(name=f"llama-tiny-{args.layers}l", d_model=64, n_heads=4, n_kv_heads=4, ffn_hidden=176,
+                     vocab_size=512)
     return dataclasses.replace(cfg, **shape)
 
 
@@ -79,6 +81,12 @@ def _batches(cfg: Any, args: argparse.Namespace, device: str) -> list[tuple[Any,
     return [(t[:, :-1].to(device), t[:, 1:].to(device)) for t in toks]
 
 
+def decay_groups(params: list[Any]) -> list[dict[str, Any]]:
+    """Weight decay on matrices only, as ``Runtime.param_groups`` groups meshwright's own parameters."""
+    return [{"params": [p for p in params if p.dim() >= 2]},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
 class MasterAdamW:
     """bf16 weights, fp32 master copy and AdamW moments: the optimizer a pure-bf16 run keeps (DeepSpeed's bf16 at
     ZeRO-0 in miniature). Gradients are clipped and stepped in fp32, then the weights are rounded from the master."""
@@ -89,7 +97,7 @@ class MasterAdamW:
         self.params = params
         self.master = [p.detach().float().requires_grad_(True) for p in params]
         self.clip = clip
-        self.opt = torch.optim.AdamW(self.master, **kwargs)
+        self.opt = torch.optim.AdamW(decay_groups(self.master), **kwargs)
 
     def step(self) -> Any:
         import torch
@@ -123,7 +131,10 @@ def stored(model: Any) -> str:
     return f"{str(p.dtype).replace('torch.', '')} {type(p).__name__}"
 
 
-def build_step(policy: str, cfg: Any, device: str, timeout_s: float) -> tuple[Callable[[list[tuple[Any, Any]]], Any], str]:
+Step = Callable[[list[tuple[Any, Any]]], Any]
+
+
+def build_step(policy: str, cfg: Any, device: str, timeout_s: float) -> tuple[Step, str]:
     """One training step of ``policy`` (forward/backward over the microbatches, clip, AdamW) -> mean loss tensor,
     and what the model stores (``stored``)."""
     import torch
@@ -155,7 +166,7 @@ def build_step(policy: str, cfg: Any, device: str, timeout_s: float) -> tuple[Ca
         for block in model.layers.values():  # torchtitan: each block, then the root (embedding, norm, head)
             apply_fsdp(block, mesh, 3, mp)
         apply_fsdp(model, mesh, 3, mp)
-        opt = torch.optim.AdamW(model.parameters(), **adamw)
+        opt = torch.optim.AdamW(decay_groups(list(model.parameters())), **adamw)
         nosync = policy == "fsdp_mixed_nosync"
 
         def step(mbs: list[tuple[Any, Any]]) -> Any:
@@ -265,7 +276,8 @@ def _spawn(policy: str, args: argparse.Namespace) -> dict[str, Any]:
            str(args.seq), "--accum", str(args.accum), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--timeout", str(args.timeout)] + (["--cpu-smoke"] if args.cpu_smoke else [])
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+                           check=False)
     except subprocess.TimeoutExpired:
         return {"policy": policy, "error": f"timed out after {args.timeout:.0f} s"}
     for line in r.stdout.splitlines():
@@ -300,7 +312,8 @@ def markdown(res: dict[str, Any]) -> str:
                      f"{_ratio(r['step_s'], base.get('step_s'))} | {_ratio(q['step_s'], pbase['step_s'])} | "
                      f"{_ratio(q['rules_step_s'], pbase['rules_step_s'])} | "
                      f"{_ratio(r.get(mem) if mem else None, base.get(mem) if mem else None)} | "
-                     f"{_ratio(q['memory_gib'], pbase['memory_gib'])} | {r['loss_first']:.4f} -> {r['loss_last']:.4f} |")
+                     f"{_ratio(q['memory_gib'], pbase['memory_gib'])} | "
+                     f"{r['loss_first']:.4f} -> {r['loss_last']:.4f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -313,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 5; 2 on --cpu-smoke)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (optimizer states exist after one)")
     ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset of " + ", ".join(POLICIES))
-    ap.add_argument("--timeout", type=float, default=240.0, help="seconds per policy (and the process group's timeout)")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per policy (and the process group's timeout)")
     ap.add_argument("--out", default="/tmp/precision_policy.json")
     ap.add_argument("--md", default=None, help="markdown table (default: --out with .md)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)

@@ -5,9 +5,10 @@
 #   bash benchmarks/gpu_all.sh cpu        # the same plumbing on CPU, tiny sizes (a minute or two)
 # Parts: CUDA tests; gpu_check (trainer vs plain compiled loop on gpt2-small, 1.3B llama MFU, the planner's
 # llama2-7b layout, predictions beside measurements); the CoatAdamW optimizer step; COAT vs bf16 vs torchao
-# training; `train --plan auto` predicted vs measured. Set PARTS to run a subset, STEPS for the COAT runs,
+# training; `train --plan auto` predicted vs measured; optional (not in the default PARTS): headloss, precision
+# (bench_precision_policy.py). Set PARTS to run a subset, STEPS for the COAT runs,
 # COAT_COMPILE=1 to torch.compile every COAT configuration (FP8 casts fuse only there; torchao expects it),
-# COAT_CONFIGS, COAT_STEPS_FOR (e.g. torchao_float8=100), COAT_TIMEOUT, TESTS_TIMEOUT and PLANNER_TIMEOUT
+# COAT_CONFIGS, COAT_STEPS_FOR (e.g. torchao_float8=100), COAT_TIMEOUT, TESTS_TIMEOUT, PLANNER_TIMEOUT and PRECISION_TIMEOUT
 # (seconds) to fit the call.
 set -u
 MODE=${1:-gpu}
@@ -62,6 +63,12 @@ if has headloss && [ "$MODE" != cpu ]; then  # not in the default PARTS: Distrib
   stamp "head in the loss (DistributedRuntime, world 1)"
   timeout ${HEADLOSS_TIMEOUT:-300} torchrun --standalone --nproc-per-node 1 benchmarks/bench_head_loss_gpu.py --steps 10 \
     --only eager_head,head_in_loss,plain_compiled > "$OUT/head_loss.json" 2> "$OUT/head_loss.err"; tail -c 600 "$OUT/head_loss.json"
+fi
+if has precision; then  # not in the default PARTS: autocast (meshwright ZeRO-0/1) vs FSDP2 mixed precision, planner beside
+  stamp "precision policy: autocast vs FSDP2 mixed precision"
+  if [ "$MODE" = cpu ]; then PP="--cpu-smoke"; else PP=; fi
+  timeout ${PRECISION_TIMEOUT:-200} $PY benchmarks/bench_precision_policy.py $PP --out "$OUT/precision_policy.json" \
+    2> "$OUT/precision_policy.err" | tail -8
 fi
 if has trace; then  # last: where the trainer's step time goes, beside the plain loop's (torch.profiler)
   stamp traced steps

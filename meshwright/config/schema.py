@@ -352,6 +352,10 @@ class DataConfig:
                 if first != i:
                     raise invalid(f"{p}mixture[{i}].path", src.path, f"a data set not already listed (it is "
                                   f"{p}mixture[{first}]; raise that weight instead)")
+            if not math.isfinite(sum(s.weight for s in self.mixture)):  # each weight's share would be w/inf = 0
+                big = max(range(len(self.mixture)), key=lambda i: self.mixture[i].weight)
+                raise invalid(f"{p}mixture[{big}].weight", self.mixture[big].weight, "weights whose sum is a finite "
+                              "number (weights are relative: 1 and 1 blend as 1e308 and 1e308 would)")
         if not 0.0 < self.val_fraction < 0.5:
             raise invalid(f"{p}val_fraction", self.val_fraction, "a number in (0, 0.5)")
         if self.max_files is not None and self.max_files <= 0:

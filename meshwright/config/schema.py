@@ -120,6 +120,9 @@ class ModelConfig:
         if self.attn_head_dim is not None and self.attn_head_dim <= 0:
             raise invalid(f"{p}attn_head_dim", self.attn_head_dim, "a positive integer or null (d_model/n_heads)")
         if self.arch == "llama" and self.head_dim % 2:
+            if self.attn_head_dim is not None:  # set apart (Qwen3's head_dim): d_model is not what is odd
+                raise invalid(f"{p}attn_head_dim", self.attn_head_dim, "an even integer or null (rotary embeddings "
+                              "rotate pairs of a head's dimensions)")
             raise invalid(f"{p}d_model", self.d_model, "d_model/n_heads must be even for rotary embeddings")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise invalid(f"{p}sliding_window", self.sliding_window, "a positive number of tokens or null (full causal)")

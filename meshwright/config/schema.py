@@ -491,6 +491,9 @@ class TrainConfig:
             raise invalid(f"{p}energy_every", self.energy_every, "a positive integer (steps)")
         if self.keep_checkpoints < 1:
             raise invalid(f"{p}keep_checkpoints", self.keep_checkpoints, "a positive integer")
+        if self.ckpt_staging != "auto" and not self.ckpt_async:  # free/keep of a copy only async saves make
+            raise invalid(f"{p}ckpt_staging", self.ckpt_staging, "'auto', or 'keep'/'free' with ckpt_async: true (the "
+                          "staged copy is ckpt_async's; a synchronous save keeps none)")
         if not (isinstance(self.preempt_grace_s, (int, float)) and 0 <= self.preempt_grace_s < float("inf")):
             raise invalid(f"{p}preempt_grace_s", self.preempt_grace_s, "a non-negative number of seconds (0 disables "
                           "the check)")

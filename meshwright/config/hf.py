@@ -113,6 +113,10 @@ def model_config_from_hf(data: dict[str, Any], name: str = "hf") -> ModelConfig:
     layer_types = data.get("layer_types")
     if layer_types is not None and (not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types)):
         raise invalid("config.json layer_types", layer_types, "null or a list of attention type names, one per layer")
+    layers = data.get("num_hidden_layers")
+    if layer_types is not None and _is_int(layers) and len(layer_types) != layers:  # transformers refuses it too
+        raise invalid("config.json layer_types", f"{len(layer_types)} entries", f"one per layer: num_hidden_layers="
+                      f"{layers}")
     window = data.get("sliding_window")
     if model_type == "qwen3":
         out["qk_norm"] = True

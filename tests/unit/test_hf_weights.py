@@ -120,6 +120,8 @@ def test_unsupported_qwen3_config_is_a_one_line_error(kind, change, field, tmp_p
 @pytest.mark.parametrize("kind,change,message", [
     ("qwen3", {"head_dim": 13}, "model.attn_head_dim=13 is invalid; valid: an even integer"),  # blamed d_model=32
     ("qwen3", {"model_type": None}, "config.json model_type=None is invalid; valid: llama"),  # model.architectures
+    ("qwen3", {"layer_types": ["full_attention"] * 3}, "config.json layer_types='3 entries' is invalid; valid: one "
+                                                        "per layer: num_hidden_layers=2"),  # accepted
     ("qwen3_moe", {"num_experts_per_tok": 0}, "model.top_k=0 is invalid"),  # blamed norm_topk_prob=True
     ("qwen3_moe", {"norm_topk_prob": "yes"}, "config.json norm_topk_prob='yes' is invalid; valid: true or false"),
 ])

@@ -503,7 +503,8 @@ class Trainer:
             return
         steps = self.preemption.steps_to_boundary(self.overlap_readback and self._overlap_everywhere)
         line = grace_warning(self.cfg.preempt_grace_s, self._slowest_step_s, self._ckpt_s, steps,
-                             sooner=self.preemption.world_size > 1 and not self.preemption.eager)
+                             sooner=self.preemption.world_size > 1 and not self.preemption.eager,
+                             ckpt_async=self.async_ckpt is not None)
         if line is None:
             return
         self._grace_warned = True

@@ -301,8 +301,8 @@ def test_a_data_path_run_resumes_as_its_one_source_mixture_and_back_without_the_
     # other data in a one-source mixture is still refused: another path by the config, the same path by the data
     with pytest.raises(ConfigError, match=r"^data\.path='.*data1' is invalid; valid: '.*data0' as in the checkpoint"):
         run_training(cfg(mixture(sources[1:2], [1.0]), tmp_path / "switched", steps=8), resume=True)
-    with pytest.raises(ConfigError, match=r"^data\.mixture=\[.*\] is invalid; valid: no mixture \(data\.path='.*data0'\) "
-                                          r"as in the checkpoint"):  # was "data.path='default' is invalid", never set
+    with pytest.raises(ConfigError, match=r"^data\.mixture=\[.*\] is invalid; valid: no mixture "
+                                          r"\(data\.path='.*data0'\) as in the checkpoint"):  # was "data.path='default' is invalid", never set
         run_training(cfg(mixture(sources[:2], [1.0, 1.0]), tmp_path / "switched", steps=8), resume=True)
     copy = shutil.copytree(sources[0], tmp_path / "data0")
     run_training(cfg({"path": str(copy), "val_fraction": 0.1}, tmp_path / "other", steps=2))

@@ -62,6 +62,11 @@ def run(args: argparse.Namespace) -> int:
                       rdzv_port=args.rdzv_port, max_restarts=args.max_restarts, env=env)
     spec.validate()
     if args.dry_run:
+        if args.launcher == "deepspeed" and len(spec.hosts) > 1:  # what the launch would refuse, refused here too
+            from meshwright.launcher.remote.argv import check_deepspeed_env_files, deepspeed_env_files
+
+            check_deepspeed_env_files(deepspeed_env_files(spec.workdir, {k: v for k, v in os.environ.items()
+                                                                          if k not in spec.env}))
         for line in dry_run_lines(spec, args.launcher, args.hosts, args.ssh_port, args.ssh_key):
             print(line)
         return 0

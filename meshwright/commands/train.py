@@ -36,7 +36,8 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="start fresh in an OUT_DIR that holds another run (removes only meshwright's own files there)")
     p.add_argument("--allow-config-change", action="store_true",
-                   help="resume although model/data/optimiser fields (or the data set's fingerprint) differ from the checkpoint's")
+                   help="resume although model/data/optimiser fields, seq_len, seed or global_batch (or the data set's "
+                        "fingerprint) differ from the checkpoint's: the tokens read carry over (docs/training.md)")
 
 
 def _split_overrides(args: argparse.Namespace) -> None:

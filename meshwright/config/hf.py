@@ -83,7 +83,7 @@ def _check_fixed(data: dict[str, Any], fixed: dict[str, tuple[tuple, str]]) -> N
 
 def model_config_from_hf(data: dict[str, Any], name: str = "hf") -> ModelConfig:
     """Map a Hugging Face ``config.json`` onto a ModelConfig, refusing settings meshwright cannot run."""
-    model_type = data.get("model_type", "")
+    model_type = data.get("model_type")
     if model_type not in MODEL_TYPES:
         raise invalid("config.json model_type", model_type, ", ".join(MODEL_TYPES))
     shape_keys = ("hidden_size", "n_embd", "num_hidden_layers", "n_layer")
@@ -113,13 +113,17 @@ def model_config_from_hf(data: dict[str, Any], name: str = "hf") -> ModelConfig:
     layer_types = data.get("layer_types")
     if layer_types is not None and (not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types)):
         raise invalid("config.json layer_types", layer_types, "null or a list of attention type names, one per layer")
+    layers = data.get("num_hidden_layers")
+    if layer_types is not None and _is_int(layers) and len(layer_types) != layers:  # transformers refuses it too
+        raise invalid("config.json layer_types", f"{len(layer_types)} entries", f"one per layer: num_hidden_layers="
+                      f"{layers}")
     window = data.get("sliding_window")
     if model_type == "qwen3":
         out["qk_norm"] = True
         window = _qwen3_window(data)
-    elif model_type == "qwen3_moe":  # one window on every layer when use_sliding_window (no max_window_layers there)
-        out["qk_norm"] = True
-        window = data.get("sliding_window") if data.get("use_sliding_window") else None
+    elif model_type == "qwen3_moe":  # one window on every layer when use_sliding_window (no max_window_layers there);
+        out["qk_norm"] = True  # an absent sliding_window is Qwen3MoeConfig's 4096, as transformers reads it
+        window = data.get("sliding_window", 4096) if data.get("use_sliding_window") else None
         _qwen3_moe(data, out)
     elif model_type == "qwen2":
         out["qkv_bias"] = True
@@ -183,9 +187,11 @@ def _qwen3_moe(data: dict[str, Any], out: dict[str, Any]) -> None:
     if data.get("mlp_only_layers"):
         raise invalid("config.json mlp_only_layers", data["mlp_only_layers"], "[] (dense blocks only where "
                       "decoder_sparse_step leaves them)")
-    norm, k = bool(data.get("norm_topk_prob", False)), out["top_k"]
-    if _is_int(k) and norm != (k > 1):
-        raise invalid("config.json norm_topk_prob", data.get("norm_topk_prob", False), f"{str(k > 1).lower()} with "
+    norm, k = data.get("norm_topk_prob", False), out["top_k"]
+    if norm is not None and not isinstance(norm, bool):  # "yes" was read as true
+        raise invalid("config.json norm_topk_prob", norm, "true or false")
+    if _is_int(k) and k >= 1 and bool(norm) != (k > 1):  # k < 1: model.top_k names it, not the gate
+        raise invalid("config.json norm_topk_prob", norm, f"{str(k > 1).lower()} with "
                       f"num_experts_per_tok={k} (meshwright renormalises the top-k gates when k > 1 and gates by the raw "
                       f"probability when k = 1)")
 

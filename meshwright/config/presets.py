@@ -42,7 +42,7 @@ def load_model_config(ref: str | dict[str, Any] | ModelConfig) -> ModelConfig:
         return from_dict(ModelConfig, ref, prefix="model")
     path = _resolve("models", ref)
     data = read_mapping(path)
-    if "model_type" in data:
+    if "model_type" in data or "architectures" in data:  # a config.json whose model_type went missing is named so
         return model_config_from_hf(data, name=path.parent.name if path.name == "config.json" else path.stem)
     return from_dict(ModelConfig, data, prefix="model")
 

@@ -120,6 +120,9 @@ class ModelConfig:
         if self.attn_head_dim is not None and self.attn_head_dim <= 0:
             raise invalid(f"{p}attn_head_dim", self.attn_head_dim, "a positive integer or null (d_model/n_heads)")
         if self.arch == "llama" and self.head_dim % 2:
+            if self.attn_head_dim is not None:  # set apart (Qwen3's head_dim): d_model is not what is odd
+                raise invalid(f"{p}attn_head_dim", self.attn_head_dim, "an even integer or null (rotary embeddings "
+                              "rotate pairs of a head's dimensions)")
             raise invalid(f"{p}d_model", self.d_model, "d_model/n_heads must be even for rotary embeddings")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise invalid(f"{p}sliding_window", self.sliding_window, "a positive number of tokens or null (full causal)")
@@ -352,6 +355,10 @@ class DataConfig:
                 if first != i:
                     raise invalid(f"{p}mixture[{i}].path", src.path, f"a data set not already listed (it is "
                                   f"{p}mixture[{first}]; raise that weight instead)")
+            if not math.isfinite(sum(s.weight for s in self.mixture)):  # each weight's share would be w/inf = 0
+                big = max(range(len(self.mixture)), key=lambda i: self.mixture[i].weight)
+                raise invalid(f"{p}mixture[{big}].weight", self.mixture[big].weight, "weights whose sum is a finite "
+                              "number (weights are relative: 1 and 1 blend as 1e308 and 1e308 would)")
         if not 0.0 < self.val_fraction < 0.5:
             raise invalid(f"{p}val_fraction", self.val_fraction, "a number in (0, 0.5)")
         if self.max_files is not None and self.max_files <= 0:
@@ -484,6 +491,9 @@ class TrainConfig:
             raise invalid(f"{p}energy_every", self.energy_every, "a positive integer (steps)")
         if self.keep_checkpoints < 1:
             raise invalid(f"{p}keep_checkpoints", self.keep_checkpoints, "a positive integer")
+        if self.ckpt_staging != "auto" and not self.ckpt_async:  # free/keep of a copy only async saves make
+            raise invalid(f"{p}ckpt_staging", self.ckpt_staging, "'auto', or 'keep'/'free' with ckpt_async: true (the "
+                          "staged copy is ckpt_async's; a synchronous save keeps none)")
         if not (isinstance(self.preempt_grace_s, (int, float)) and 0 <= self.preempt_grace_s < float("inf")):
             raise invalid(f"{p}preempt_grace_s", self.preempt_grace_s, "a non-negative number of seconds (0 disables "
                           "the check)")

@@ -29,15 +29,19 @@ def integer_weights(weights: list[float], key: str = "data.mixture") -> list[int
     """Integer shares ``W_j`` (summing to the period ``D``) of relative ``weights``: exact where the weights are
     small fractions, else rounded (largest remainder) to ``MAX_PERIOD``; a weight that rounds to 0 is an error."""
     fracs = [Fraction(w).limit_denominator(10**6) for w in weights]
-    total = sum(fracs)
-    shares = [f / total for f in fracs]
-    period = math.lcm(*(s.denominator for s in shares))
-    if period <= MAX_PERIOD and all(abs(float(s) - w / sum(weights)) < 1e-12 for s, w in zip(shares, weights)):
-        return [int(s * period) for s in shares]
-    exact = [w / sum(weights) * MAX_PERIOD for w in weights]
-    out = [int(math.floor(x)) for x in exact]
-    for j in sorted(range(len(out)), key=lambda j: (out[j] - exact[j], j))[: MAX_PERIOD - sum(out)]:
-        out[j] += 1
+    exact_fit = False
+    if all(fracs):  # a weight under 1e-6 is 0 here: it would pass as an "exact" 0 share (its source never read)
+        shares = [f / sum(fracs) for f in fracs]
+        period = math.lcm(*(s.denominator for s in shares))
+        exact_fit = period <= MAX_PERIOD and all(abs(float(s) - w / sum(weights)) < 1e-12
+                                                 for s, w in zip(shares, weights))
+    if exact_fit:
+        out = [int(s * period) for s in shares]
+    else:
+        exact = [w / sum(weights) * MAX_PERIOD for w in weights]
+        out = [int(math.floor(x)) for x in exact]
+        for j in sorted(range(len(out)), key=lambda j: (out[j] - exact[j], j))[: MAX_PERIOD - sum(out)]:
+            out[j] += 1
     for j, w in enumerate(out):
         if w == 0:
             raise invalid(f"{key}[{j}].weight", weights[j], f"at least 1/{MAX_PERIOD:,} of the total weight "

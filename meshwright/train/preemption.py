@@ -119,10 +119,11 @@ class Preemption:
         return signal.Signals(self.signum).name if self.signum is not None else "a signal on another rank"
 
 
-def grace_warning(grace_s: float, step_s: float, ckpt_s: float | None, steps: int, sooner: bool) -> str | None:
+def grace_warning(grace_s: float, step_s: float, ckpt_s: float | None, steps: int, sooner: bool,
+                  ckpt_async: bool = False) -> str | None:
     """The one line to print when a stop (``steps`` steps of ``step_s`` to the boundary, then a checkpoint of
     ``ckpt_s``, None while none was timed) would not fit ``grace_s``; None when it fits or the check is off (0).
-    ``sooner``: eager agreement will take a step off (several ranks)."""
+    ``sooner``: eager agreement will take a step off (several ranks). ``ckpt_async``: already on, so not advised."""
     need = steps * step_s + (ckpt_s or 0.0)
     if grace_s <= 0 or need <= grace_s:
         return None
@@ -131,5 +132,5 @@ def grace_warning(grace_s: float, step_s: float, ckpt_s: float | None, steps: in
             f"step boundary + {ckpt}), more than preempt_grace_s={grace_s:g}: the scheduler may kill the run before "
             f"its checkpoint is in place{'; stops are now decided one step sooner' if sooner else ''}; valid: an "
             f"earlier signal "
-            f"(Slurm --signal=USR1@{math.ceil(need * 1.5)}) with preempt_grace_s set to its lead, ckpt_async, or a "
-            f"smaller ckpt_every so less is lost")
+            f"(Slurm --signal=USR1@{math.ceil(need * 1.5)}) with preempt_grace_s set to its lead, "
+            f"{'' if ckpt_async else 'ckpt_async, '}or a smaller ckpt_every so less is lost")

@@ -167,10 +167,12 @@ def check_resume_config(cfg: TrainConfig, resume: bool | str, allow_change: bool
     now["data"] = one_source_as_path(now.get("data"))
     for name in RESUME_FIELDS:
         if name in saved:
-            found = _difference(saved[name], now.get(name), name, default.get(name))
+            found = _mixture_switch(saved[name], now.get(name)) if name == "data" else None
+            if found is None and (found := _difference(saved[name], now.get(name), name, default.get(name))):
+                found = (found[0], repr(found[1]), found[2])
             if found is not None:
                 key, was, is_now = found
-                raise invalid(key, is_now, f"{was!r} as in the checkpoint {target} (resume continues that run; pass "
+                raise invalid(key, is_now, f"{was} as in the checkpoint {target} (resume continues that run; pass "
                               f"--allow-config-change to resume with a different {name})")
 
 
@@ -184,6 +186,17 @@ def one_source_as_path(data: Any) -> Any:
     if not isinstance(source, dict) or "path" not in source:
         return data
     return {**data, "path": source["path"], "mixture": None}
+
+
+def _mixture_switch(saved: Any, now: Any) -> tuple[str, str, Any] | None:
+    """A data.path run resumed with a mixture of several sources, or back: named as ``data.mixture`` (the first
+    leaf that differs was data.path, 'default' on the mixture's side, which the user never set)."""
+    if not isinstance(saved, dict) or not isinstance(now, dict):
+        return None
+    was, is_now = saved.get("mixture"), now.get("mixture")
+    if (was is None) == (is_now is None):
+        return None
+    return "data.mixture", repr(was) if was is not None else f"no mixture (data.path={saved.get('path')!r})", is_now
 
 
 def _difference(saved: Any, now: Any, key: str, default: Any = None) -> tuple[str, Any, Any] | None:

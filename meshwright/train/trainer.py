@@ -140,6 +140,7 @@ class Trainer:
         # the step and loader position this session started from: a resume may have changed seq_len, global_batch
         # or the data, so tokens are counted from there (train_loader.tokens_at), not as step * tokens_per_step
         self._base_step, self._base_consumed = 0, 0
+        self.resumed_from: Path | None = None  # the checkpoint resume() loaded
         # ckpt_async: saves stage to CPU memory and write in the background (collective: the same on every rank)
         self.async_ckpt = (AsyncCheckpointer(runtime, cfg.ckpt_staging, notify=self.print if runtime.is_main else None)
                            if cfg.ckpt_async else None)
@@ -294,6 +295,7 @@ class Trainer:
         if note is not None and self.runtime.is_main:
             self.print(note)
         self._base_step, self._base_consumed = self.step, self.train_loader.consumed
+        self.resumed_from = target  # --resume-from another run's checkpoint was reported as this run's ckpt/
         return True
 
     def train_step(self) -> dict[str, Any]:
@@ -451,7 +453,7 @@ class Trainer:
     def _resume_for_fit(self, resume: bool | str | Path) -> bool:
         resumed = bool(resume) and self.resume(None if resume is True else resume)
         if resumed and self.runtime.is_main:
-            self.print(f"resumed from {self.ckpt_dir} at step {self.step}")
+            self.print(f"resumed from {self.resumed_from} at step {self.step}")
             if self.step >= self.cfg.steps:
                 self.print(f"checkpoint is already at step {self.step} = steps; nothing to train (raise steps=...)")
         return resumed
@@ -501,7 +503,8 @@ class Trainer:
             return
         steps = self.preemption.steps_to_boundary(self.overlap_readback and self._overlap_everywhere)
         line = grace_warning(self.cfg.preempt_grace_s, self._slowest_step_s, self._ckpt_s, steps,
-                             sooner=self.preemption.world_size > 1 and not self.preemption.eager)
+                             sooner=self.preemption.world_size > 1 and not self.preemption.eager,
+                             ckpt_async=self.async_ckpt is not None)
         if line is None:
             return
         self._grace_warned = True

@@ -499,6 +499,7 @@ ONE_DEVICE_LEMO = ("version: 1\nmodel: tiny\nseq_len: 64\nglobal_batch: 8\nmicro
 @pytest.mark.parametrize("overrides,needle", [
     (["micro_batch=16"], "global_batch=8 is invalid; valid: a multiple of micro_batch=16"),
     (["seq_len=512"], "seq_len=512 is invalid; valid: at most model.max_seq_len=256"),
+    (["ckpt_staging=free"], "ckpt_staging='free' is invalid; valid: 'auto', or 'keep'/'free' with ckpt_async: true"),
     (["--plan", str(CONFIG_ROOT / "plans" / "tiny-dp2.yaml")], "valid: a plan for this process count"),
     (["meft={adapter_dim: 9007199254740992}"], "meft.adapter_dim=9007199254740992 is invalid"),  # allocator failure
     (["--plan", "one-device-lemo.yaml"], "layers[0].savers.lemo=0.5 is applied by the distributed runtime"),

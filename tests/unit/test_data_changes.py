@@ -258,3 +258,8 @@ def test_meshwright_train_resumes_a_seq_len_32_run_at_64(tmp_path, capsys):
     assert state["train_loader"]["seq_len"] == 64 and state["train_loader"]["tokens"] == 1536
     assert main(["train", str(cfg_file), "steps=6", "seq_len=64", "--resume"]) == 0  # the new settings resume plainly
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["tokens"] == 1536 + 1024
+    capsys.readouterr()
+    src = latest_checkpoint(tmp_path / "run" / "ckpt")  # another run's checkpoint: named as such, not this out_dir's
+    assert main(["train", str(cfg_file), "steps=7", "seq_len=64", f"out_dir={tmp_path / 'other'}", "--resume-from",
+                 str(src)]) == 0
+    assert f"resumed from {src} at step 6" in capsys.readouterr().out

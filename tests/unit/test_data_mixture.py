@@ -229,6 +229,8 @@ def test_a_checkpoint_from_before_mixtures_still_resumes(sources, tmp_path):
     ({"mixture": [{"weight": 1}]}, "data.mixture[0].path is required"),
     ({"mixture": [{"path": "x"}, {"path": "x"}]}, "data.mixture[1].path='x' is invalid; valid: a data set not "
                                                   "already listed"),
+    ({"mixture": [{"path": "x", "weight": 1e308}, {"path": "y", "weight": 1e308}]},
+     "data.mixture[0].weight=1e+308 is invalid; valid: weights whose sum is a finite number"),
     ({"eval_per_source": True}, "data.eval_per_source=True is invalid; valid: false without data.mixture"),
     ({"path": "web", "mixture": [{"path": "x"}]}, "data.path='web' is invalid; valid: left unset (default) when "
                                                   "data.mixture is given"),
@@ -237,6 +239,18 @@ def test_bad_mixture_configs_are_one_line(data, message):
     with pytest.raises(ConfigError) as err:
         cfg(data)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_a_weight_too_small_to_blend_is_refused_never_read_silently():
+    """1e-30 beside 1 passed as an exact share of 0 (its source never read, the run named it with weight 1e-30);
+    equal tiny weights were a ZeroDivisionError. Weights are relative: 1e-30 and 1e-30 blend half and half."""
+    for weights, j in (([1e-30, 1.0], 0), ([1.0, 1e-9], 1), ([3.0, 1.0, 1e-13], 2)):
+        with pytest.raises(ConfigError) as err:
+            BlendSchedule(weights)
+        assert str(err.value).startswith(f"data.mixture[{j}].weight={weights[j]!r} is invalid; valid: at least "
+                                         f"1/{MAX_PERIOD:,} of the total weight")
+    assert BlendSchedule([1e-30, 1e-30]).shares == [MAX_PERIOD // 2] * 2
+    assert BlendSchedule([0.7, 0.3]).shares == [7, 3]  # small fractions stay exact
 
 
 def test_bad_mixture_sources_are_one_line(sources, tmp_path, capsys):
@@ -287,6 +301,9 @@ def test_a_data_path_run_resumes_as_its_one_source_mixture_and_back_without_the_
     # other data in a one-source mixture is still refused: another path by the config, the same path by the data
     with pytest.raises(ConfigError, match=r"^data\.path='.*data1' is invalid; valid: '.*data0' as in the checkpoint"):
         run_training(cfg(mixture(sources[1:2], [1.0]), tmp_path / "switched", steps=8), resume=True)
+    with pytest.raises(ConfigError, match=r"^data\.mixture=\[.*\] is invalid; valid: no mixture "
+                                          r"\(data\.path='.*data0'\) as in the checkpoint"):  # was "data.path='default' is invalid", never set
+        run_training(cfg(mixture(sources[:2], [1.0, 1.0]), tmp_path / "switched", steps=8), resume=True)
     copy = shutil.copytree(sources[0], tmp_path / "data0")
     run_training(cfg({"path": str(copy), "val_fraction": 0.1}, tmp_path / "other", steps=2))
     prepare([sources[2].parent / "src2.txt"], copy, progress=False)  # re-prepared from other text

@@ -117,6 +117,35 @@ def test_unsupported_qwen3_config_is_a_one_line_error(kind, change, field, tmp_p
     assert field in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("kind,change,message", [
+    ("qwen3", {"head_dim": 13}, "model.attn_head_dim=13 is invalid; valid: an even integer"),  # blamed d_model=32
+    ("qwen3", {"model_type": None}, "config.json model_type=None is invalid; valid: llama"),  # model.architectures
+    ("qwen3", {"layer_types": ["full_attention"] * 3}, "config.json layer_types='3 entries' is invalid; valid: one "
+                                                        "per layer: num_hidden_layers=2"),  # accepted
+    ("qwen3_moe", {"num_experts_per_tok": 0}, "model.top_k=0 is invalid"),  # blamed norm_topk_prob=True
+    ("qwen3_moe", {"norm_topk_prob": "yes"}, "config.json norm_topk_prob='yes' is invalid; valid: true or false"),
+])
+def test_odd_qwen3_config_values_name_their_own_key(kind, change, message, tmp_path):
+    """A hand-edited config.json: the one line names the key that is wrong, not a neighbour ("yes" was read as
+    true; a config.json without model_type was read as meshwright's own model YAML)."""
+    _, path = _saved(kind, tmp_path)
+    data = {k: v for k, v in json.loads((path / "config.json").read_text()).items() if k not in change}
+    data.update({k: v for k, v in change.items() if v is not None})
+    with pytest.raises(ConfigError) as err:
+        load_model_config(_write(path, data))
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_qwen3_moe_window_without_its_size_is_transformers_default(tmp_path):
+    """use_sliding_window with no sliding_window key: transformers windows every layer at Qwen3MoeConfig's 4096;
+    the import ran full attention."""
+    _, path = _saved("qwen3_moe", tmp_path)
+    data = {k: v for k, v in json.loads((path / "config.json").read_text()).items() if k != "sliding_window"}
+    data["use_sliding_window"] = True
+    cfg = load_model_config(_write(path, data))
+    assert cfg.sliding_window == transformers.AutoConfig.from_pretrained(path).sliding_window == 4096
+
+
 def _write(path, data) -> str:
     (path / "config.json").write_text(json.dumps(data))
     return str(path / "config.json")

@@ -156,6 +156,21 @@ def test_cli_dry_run_refuses_hostile_workdir_under_deepspeed(tmp_path, capsys):
     assert len(err) == 1 and "--workdir='/srv/a;reboot'" in err[0] and "torchrun" in err[0]
 
 
+def test_cli_dry_run_refuses_the_deepspeed_env_the_launch_would(tmp_path, capsys, monkeypatch):
+    """--dry-run printed the deepspeed command of a launch that then refused the user's .deepspeed_env."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    hf = tmp_path / "hostfile"
+    hf.write_text("n0 slots=1\nn1 slots=1\n")
+    argv = ["launch", "--hosts", str(hf), "--launcher", "deepspeed", "--workdir", str(tmp_path), "--dry-run", "--",
+            "train", "tiny-test"]
+    (tmp_path / ".deepspeed_env").write_text("NCCL_DEBUG=$(touch /tmp/pwned)\n")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ".deepspeed_env line 1=" in err[0] and "--env NCCL_DEBUG=VALUE" in err[0]
+    (tmp_path / ".deepspeed_env").write_text("NCCL_DEBUG=WARN\n")
+    assert main(argv) == 0 and "deepspeed --hostfile=" in capsys.readouterr().out
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash as the simulated remote shell")
 def test_environment_deepspeed_exports_cannot_run_code_on_the_hosts(tmp_path):
     """DeepSpeed's runner copies this environment's PYTHON*/NCCL*/... variables onto the remote line as

@@ -33,6 +33,9 @@ def test_grace_warning_adds_the_steps_to_the_boundary_and_the_checkpoint():
     assert "the checkpoint (not timed yet)" in grace_warning(20.0, 12.0, None, 2, sooner=False)
     assert grace_warning(30.0, 12.0, 6.0, 2, sooner=True) is None  # 30: fits
     assert grace_warning(0.0, 1e6, 1e6, 3, sooner=True) is None  # 0: the check is off
+    assert "ckpt_async, or a smaller ckpt_every" in grace_warning(20.0, 12.0, None, 2, sooner=False)
+    on = grace_warning(20.0, 12.0, None, 2, sooner=False, ckpt_async=True)  # advised what was already on
+    assert "ckpt_async" not in on and on.endswith("its lead, or a smaller ckpt_every so less is lost")
 
 
 def test_preempt_grace_s_round_trips_and_bad_values_name_the_field(tmp_path):
@@ -46,11 +49,13 @@ def test_preempt_grace_s_round_trips_and_bad_values_name_the_field(tmp_path):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("grace, warned", [(1e-9, True), (1e9, False), (0.0, False)], ids=["exceeded", "fits", "off"])
-def test_the_trainer_warns_once_with_its_measured_step_and_checkpoint(data, tmp_path, grace, warned):
+@pytest.mark.parametrize("grace, warned, ckpt_async", [(1e-9, True, False), (1e-9, True, True), (1e9, False, False),
+                                                      (0.0, False, False)], ids=["exceeded", "async", "fits", "off"])
+def test_the_trainer_warns_once_with_its_measured_step_and_checkpoint(data, tmp_path, grace, warned, ckpt_async):
     """Any step exceeds a grace of 1e-9 s and none 1e9 s: the warning (once, with the measured step and the step-2
-    checkpoint's time) and the request for eager agreement follow the measurement, not the test's clock."""
-    t = make_trainer(data, tmp_path, steps=5, ckpt_every=2, eval_every=0, preempt_grace_s=grace)
+    checkpoint's time) and the request for eager agreement follow the measurement, not the test's clock. It
+    advised ckpt_async to a run that had it on."""
+    t = make_trainer(data, tmp_path, steps=5, ckpt_every=2, eval_every=0, preempt_grace_s=grace, ckpt_async=ckpt_async)
     lines: list[str] = []
     t.print = lines.append
     t.fit()
@@ -58,8 +63,10 @@ def test_the_trainer_warns_once_with_its_measured_step_and_checkpoint(data, tmp_
     assert len(found) == (1 if warned else 0), lines
     assert t.preemption.want_eager is warned
     if warned:  # one process: the step running, then the checkpoint timed at step 2 (before the check there)
-        assert "(1 step(s) of " in found[0] and "the checkpoint (not timed" not in found[0], found[0]
+        assert "(1 step(s) of " in found[0], found[0]
+        assert ckpt_async or "the checkpoint (not timed" not in found[0], found[0]  # async: its write may still run
         assert "one step sooner" not in found[0]  # nothing to gain with one rank
+        assert ("ckpt_async, or" in found[0]) is not ckpt_async, found[0]
 
 
 @pytest.fixture()

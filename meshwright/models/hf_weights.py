@@ -171,12 +171,25 @@ def _prefix(reader: SafetensorsReader, leaf: str) -> str:
                       f"architecture its config.json names")
 
 
+def _head_source(cfg: ModelConfig, reader: SafetensorsReader, embedding: str) -> Source:
+    """The output head's tensor: ``lm_head.weight``, or the embedding where the model ties them. An untied model
+    whose checkpoint lacks the head is refused: loading the embedding there would train another model than the
+    checkpoint's, silently (transformers initialises it at random and warns)."""
+    if "lm_head.weight" in reader:
+        return Source("lm_head.weight")
+    if not cfg.tie_embeddings:
+        raise ConfigError(f"init_from={str(reader.root)!r} has no 'lm_head.weight' and config.json "
+                          f"tie_word_embeddings=false; valid: a checkpoint with its output head, or "
+                          f"tie_word_embeddings true if the head is the embedding")
+    return Source(embedding)
+
+
 def llama_sources(cfg: ModelConfig, reader: SafetensorsReader) -> dict[str, Source | Stacked]:
     """Sources for Llama/Mistral/Qwen2/Qwen3/Qwen3-MoE/Mixtral checkpoints."""
     p = _prefix(reader, "embed_tokens.weight")
     out: dict[str, Source | Stacked] = {"tok_embeddings.weight": Source(f"{p}embed_tokens.weight"),
                                         "norm.weight": Source(f"{p}norm.weight")}
-    out["output.weight"] = Source("lm_head.weight" if "lm_head.weight" in reader else f"{p}embed_tokens.weight")
+    out["output.weight"] = _head_source(cfg, reader, f"{p}embed_tokens.weight")
     for i in range(cfg.n_layers):
         h, o = f"{p}layers.{i}.", f"layers.{i}."
         out[o + "attention_norm.weight"] = Source(h + "input_layernorm.weight")
@@ -210,7 +223,7 @@ def gpt2_sources(cfg: ModelConfig, reader: SafetensorsReader) -> dict[str, Sourc
     out: dict[str, Source | Stacked] = {"tok_embeddings.weight": Source(f"{p}wte.weight"),
                                         "pos_embeddings.weight": Source(f"{p}wpe.weight"),
                                         "norm.weight": Source(f"{p}ln_f.weight"), "norm.bias": Source(f"{p}ln_f.bias")}
-    out["output.weight"] = Source("lm_head.weight" if "lm_head.weight" in reader else f"{p}wte.weight")
+    out["output.weight"] = _head_source(cfg, reader, f"{p}wte.weight")
     for i in range(cfg.n_layers):
         h, o = f"{p}h.{i}.", f"layers.{i}."
         for ours, theirs in (("attention_norm", "ln_1"), ("ffn_norm", "ln_2")):

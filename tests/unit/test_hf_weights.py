@@ -228,6 +228,20 @@ def test_tied_checkpoint_that_also_stores_the_head_loads(tmp_path):
         assert (ours(tokens) - hf(tokens).logits).abs().max().item() < 1e-4
 
 
+def test_untied_checkpoint_without_its_head_is_refused(tmp_path):
+    """tie_word_embeddings=false and no lm_head.weight: the head used to be loaded from the embedding, a model
+    other than the checkpoint's, silently."""
+    from safetensors.torch import load_file, save_file
+
+    _, path = _saved("llama", tmp_path)  # untied
+    state = load_file(str(path / "model.safetensors"))
+    del state["lm_head.weight"]
+    save_file(state, str(path / "model.safetensors"))
+    with pytest.raises(ConfigError) as err:
+        from_pretrained(path)
+    assert "\n" not in str(err.value) and "has no 'lm_head.weight' and config.json tie_word_embeddings=false" in str(err.value)
+
+
 def test_transformers4_config_keys_are_read():
     from meshwright.config.hf import model_config_from_hf
 

@@ -1,8 +1,8 @@
-"""Hugging Face ``config.json`` -> ModelConfig (Llama/Mistral/Qwen2/Qwen3/Qwen3-MoE/Mixtral/GPT-2), and back.
+"""Hugging Face ``config.json`` -> ModelConfig (Llama/Mistral/Qwen2/Qwen3/Qwen3-MoE/Phi-3/Mixtral/GPT-2), and back.
 
 Import keeps what the file says (rope theta wherever transformers wrote it, rope scaling, sliding window,
-head_dim, q/k/v biases, Qwen3's q/k head norms, tied embeddings); a setting meshwright cannot run is a one-line error, never
-silently dropped. ``hf_config_from_model`` is the inverse used by ``meshwright export --hf``.
+head_dim, q/k/v biases, Qwen3's q/k head norms, Phi-3's fused projections, tied embeddings); a setting meshwright
+cannot run is a one-line error, never silently dropped. ``hf_config_from_model`` is the inverse used by ``meshwright export --hf``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from meshwright.config.io import from_dict
 from meshwright.config.schema import ModelConfig
 from meshwright.errors import invalid
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gpt2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "phi3", "mixtral", "gpt2")
 
 HF_KEYS = {
     # Hugging Face config.json keys -> ModelConfig fields (LlamaConfig, MistralConfig, Qwen2/3Config, MixtralConfig, GPT2Config)
@@ -40,6 +40,9 @@ _LLAMA_FIXED = {
     "attention_bias": ((False, None), "false (q/k/v/o biases; Qwen2's q/k/v-only biases are supported)"),
     "pretraining_tp": ((1, None), "1"),
 }
+# Phi-3 trains with these dropouts in transformers' training mode; meshwright's blocks have no such dropouts
+_PHI3_FIXED = {key: ((0, None), "0 (meshwright's blocks have no such dropout)")
+               for key in ("resid_pdrop", "embd_pdrop", "attention_dropout")}
 
 
 def _rope(data: dict[str, Any]) -> tuple[float | None, dict[str, Any] | None]:
@@ -110,6 +113,8 @@ def model_config_from_hf(data: dict[str, Any], name: str = "hf") -> ModelConfig:
     head_dim, heads = data.get("head_dim"), data.get("num_attention_heads")
     if head_dim is not None and not (_is_int(head_dim) and _is_int(heads) and head_dim * heads == data.get("hidden_size")):
         out["attn_head_dim"] = head_dim  # checked there (a mapping here was a TypeError multiplying it)
+    if model_type == "phi3":  # before _rope, which keeps no partial_rotary_factor
+        _phi3(data, out)
     layer_types = data.get("layer_types")
     if layer_types is not None and (not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types)):
         raise invalid("config.json layer_types", layer_types, "null or a list of attention type names, one per layer")
@@ -128,6 +133,8 @@ def model_config_from_hf(data: dict[str, Any], name: str = "hf") -> ModelConfig:
             raise invalid("config.json use_sliding_window", data.get("use_sliding_window"),
                           "false (Qwen2's per-layer sliding windows are not implemented)")
         window = None
+    elif model_type == "phi3":  # transformers masks every layer with sliding_window when it is set
+        pass
     elif model_type in ("mistral", "mixtral") and window is not None:
         if data.get("layer_types") and set(data["layer_types"]) - {"sliding_attention"}:
             raise invalid("config.json layer_types", sorted(set(data["layer_types"])), "one attention type for every layer")
@@ -169,6 +176,32 @@ def _qwen3_window(data: dict[str, Any]) -> int | None:
     return data["sliding_window"]
 
 
+def _phi3(data: dict[str, Any], out: dict[str, Any]) -> None:
+    """Phi-3/Phi-4 (Phi3ForCausalLM): llama blocks whose checkpoint fuses q/k/v and gate/up (``fused_proj``). Refused:
+    longrope (Phi-3-mini-128k, Phi-3.5, Phi-4-mini: short/long factors switched by sequence length, not implemented),
+    partial rotary (Phi-4-mini: 0.75, not implemented), dropouts (meshwright's blocks have none).
+    ``original_max_position_embeddings`` only feeds longrope, so with the default rope it changes nothing."""
+    _check_fixed(data, _PHI3_FIXED)
+    out["fused_proj"] = True
+    for where in ("rope_parameters", "rope_scaling"):
+        spec = data.get(where)
+        if not isinstance(spec, dict):
+            continue  # null, or _rope names the field
+        kind = spec.get("rope_type", spec.get("type", "default"))
+        if kind != "default":  # Phi3Config reads su and yarn as longrope; it refuses any other type
+            raise invalid(f"config.json {where}.rope_type", kind, "default (Phi-3's longrope, su and yarn are not "
+                          "implemented)")
+        _full_rotary(spec, f"config.json {where}.")
+    _full_rotary(data, "config.json ")
+
+
+def _full_rotary(data: dict[str, Any], where: str) -> None:
+    factor = data.get("partial_rotary_factor", 1.0)
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor != 1:
+        raise invalid(f"{where}partial_rotary_factor", factor, "1.0 (rotary on every head dimension; partial rotary is "
+                      "not implemented)")
+
+
 def _qwen3_moe(data: dict[str, Any], out: dict[str, Any]) -> None:
     """Qwen3-MoE's experts onto ModelConfig: every ``decoder_sparse_step``-th block (moe_every, the same rule), the
     others dense with ``intermediate_size``; absent keys take Qwen3MoeConfig's defaults, as transformers does. Refused:
@@ -192,7 +225,7 @@ def _qwen3_moe(data: dict[str, Any], out: dict[str, Any]) -> None:
 
 def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
     """The ``config.json`` transformers needs to rebuild ``cfg`` (LlamaForCausalLM, MistralForCausalLM,
-    Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, MixtralForCausalLM or GPT2LMHeadModel)."""
+    Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, Phi3ForCausalLM, MixtralForCausalLM or GPT2LMHeadModel)."""
     if cfg.arch == "gpt2":
         if cfg.n_experts:
             raise invalid("model.n_experts", cfg.n_experts, "0 for a GPT-2 export")
@@ -207,13 +240,16 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.n_experts and not cfg.qk_norm and cfg.moe_every != 1:
         raise invalid("model.moe_every", cfg.moe_every, "1 (Mixtral: experts in every block; qk_norm exports Qwen3-MoE, "
                       "which takes any moe_every)")
+    if cfg.fused_proj and (cfg.qk_norm or cfg.qkv_bias or cfg.n_experts or cfg.rope_scaling is not None):
+        raise invalid("model.fused_proj", True, "false with qk_norm, qkv_bias, experts or rope_scaling (Phi-3 export: a "
+                      "dense model without biases or head norms, default rope)")
     if cfg.qk_norm and cfg.qkv_bias:
         raise invalid("model.qk_norm", True, "false with qkv_bias (no Hugging Face architecture has both; Qwen3 "
                       "export: no q/k/v biases)")
-    model_type = ("qwen3_moe" if cfg.n_experts and cfg.qk_norm else "mixtral" if cfg.n_experts else "qwen3" if cfg.qk_norm
+    model_type = ("phi3" if cfg.fused_proj else "qwen3_moe" if cfg.n_experts and cfg.qk_norm else "mixtral" if cfg.n_experts else "qwen3" if cfg.qk_norm
                   else "qwen2" if cfg.qkv_bias else "mistral" if cfg.sliding_window else "llama")
     arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}[model_type]
+            "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "phi3": "Phi3ForCausalLM", "mixtral": "MixtralForCausalLM"}[model_type]
     rope: dict[str, Any] = {"rope_type": "default"} if cfg.rope_scaling is None else dict(cfg.rope_scaling)
     rope["rope_theta"] = cfg.rope_theta
     out: dict[str, Any] = {
@@ -235,6 +271,10 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
         out.update(attention_bias=False, use_sliding_window=window is not None, sliding_window=window,
                    max_window_layers=0 if window is not None else cfg.n_layers,
                    layer_types=[("sliding_attention" if window is not None else "full_attention")] * cfg.n_layers)
+    if model_type == "phi3":  # one window on every layer, or none; original_max_position_embeddings: longrope's only
+        rope["partial_rotary_factor"] = 1.0
+        out.update(attention_bias=False, sliding_window=cfg.sliding_window, resid_pdrop=0.0, embd_pdrop=0.0,
+                   original_max_position_embeddings=cfg.max_seq_len, pad_token_id=None)
     if model_type == "qwen2":
         if cfg.sliding_window is not None:
             raise invalid("model.sliding_window", cfg.sliding_window, "null with qkv_bias (Qwen2 export)")

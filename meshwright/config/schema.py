@@ -98,6 +98,9 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2: biases on the q/k/v projections (not on the output projection)
     attn_head_dim: Optional[int] = None  # None = d_model / n_heads; set when a checkpoint's head_dim differs
     qk_norm: bool = False  # Qwen3: RMSNorm over each q/k head (one weight of head_dim, shared by the heads) before RoPE
+    # Phi-3/Phi-4: the checkpoint fuses q/k/v (qkv_proj) and gate/up (gate_up_proj). Only the Hugging Face layout: the
+    # model holds them apart either way (so tp, the savers and the planner see the usual weights)
+    fused_proj: bool = False
     tie_embeddings: bool = False
     dropout: float = 0.0
     init_std: float = 0.02
@@ -126,9 +129,9 @@ class ModelConfig:
         if self.rope_scaling is not None:
             validate_rope_scaling(self.rope_scaling, f"{p}rope_scaling")
         if self.arch == "gpt2" and (self.rope_scaling is not None or self.qkv_bias or self.attn_head_dim is not None
-                                    or self.qk_norm):
-            raise invalid(f"{p}arch", self.arch, "'llama' for rope_scaling, qkv_bias, attn_head_dim or qk_norm "
-                          "(gpt2 blocks have none)")
+                                    or self.qk_norm or self.fused_proj):
+            raise invalid(f"{p}arch", self.arch, "'llama' for rope_scaling, qkv_bias, attn_head_dim, qk_norm or "
+                          "fused_proj (gpt2 blocks have none)")
         kv = self.kv_heads
         if kv <= 0 or self.n_heads % kv:
             raise invalid(f"{p}n_kv_heads", self.n_kv_heads, f"a divisor of n_heads={self.n_heads}: {divisors(self.n_heads)}")

@@ -14,6 +14,9 @@ Layout differences (measured equal to transformers' logits to 1e-4 in tests/unit
   interleaved pairs, so q/k rows (and Qwen2's q/k biases, Qwen3's q_norm/k_norm weights) are permuted within each
   head.
 - GPT-2 stores Conv1D weights as (in, out) and fuses q/k/v into ``c_attn``.
+- Phi-3/Phi-4 fuse q/k/v rows into ``qkv_proj`` and gate/up rows into ``gate_up_proj`` (``fused_proj``); each of
+  meshwright's separate weights reads its row block (q/k blocks permuted per head as above), and the export
+  concatenates them back.
 - Mixtral stores each expert's w1/w2/w3 apart (Qwen3-MoE: gate_proj/down_proj/up_proj); meshwright stacks them
   along dim 0.
 """
@@ -110,18 +113,22 @@ class Source:
     offset: int = 0  # start of this parameter along the checkpoint axis that becomes meshwright's dim 0
     rope_heads: int = 0
     exact: bool = True  # the checkpoint tensor has exactly this parameter's shape (False: a block of a fused one)
+    fused_rows: int = 0  # a block of a fused tensor of this many rows (Phi-3): its shape is checked all the same
 
     def keys(self) -> list[str]:
         return [self.key]
 
     def check_shape(self, reader: SafetensorsReader, name: str, shape: tuple[int, ...]) -> None:
         """Refuse a checkpoint tensor larger than the parameter: slicing would otherwise load its corner silently."""
-        if not self.exact:
+        if not self.exact and not self.fused_rows:
             return
         found = reader.shape(self.key)
         want = tuple(reversed(shape)) if self.transpose else shape
+        if self.fused_rows:
+            want = (self.fused_rows, *shape[1:])
         if found != want:
-            raise ConfigError(f"init_from: {name} has shape {want} in the model, {self.key} has {found} in "
+            what = f"{name} (a row block of {self.key})" if self.fused_rows else name
+            raise ConfigError(f"init_from: {what} has shape {want} in the model, {self.key} has {found} in "
                               f"{str(reader.root)!r}; valid: a model config matching the checkpoint's config.json")
 
     def read(self, reader: SafetensorsReader, idx: Index, shape: tuple[int, ...]) -> torch.Tensor:
@@ -181,8 +188,12 @@ def llama_sources(cfg: ModelConfig, reader: SafetensorsReader) -> dict[str, Sour
         h, o = f"{p}layers.{i}.", f"layers.{i}."
         out[o + "attention_norm.weight"] = Source(h + "input_layernorm.weight")
         out[o + "ffn_norm.weight"] = Source(h + "post_attention_layernorm.weight")
+        if cfg.fused_proj:
+            out.update(_phi3_attention(cfg, h, o))
         for ours, theirs, heads in (("wq", "q_proj", cfg.n_heads), ("wk", "k_proj", cfg.kv_heads), ("wv", "v_proj", 0),
                                     ("wo", "o_proj", 0)):
+            if cfg.fused_proj and ours != "wo":
+                continue
             out[f"{o}attention.{ours}.weight"] = Source(f"{h}self_attn.{theirs}.weight", rope_heads=heads)
             if cfg.qkv_bias and ours != "wo":
                 out[f"{o}attention.{ours}.bias"] = Source(f"{h}self_attn.{theirs}.bias", rope_heads=heads)
@@ -197,10 +208,25 @@ def llama_sources(cfg: ModelConfig, reader: SafetensorsReader) -> dict[str, Sour
             for w in ("w1", "w2", "w3"):
                 out[f"{o}feed_forward.experts.{w}"] = Stacked(
                     [Source(f"{moe}experts.{e}.{names[w]}.weight") for e in range(cfg.n_experts)])
+        elif cfg.fused_proj:  # gate rows, then up rows
+            f = cfg.ffn_dim
+            for j, ours in enumerate(("w1", "w3")):
+                out[f"{o}feed_forward.{ours}.weight"] = Source(f"{h}mlp.gate_up_proj.weight", offset=j * f, exact=False,
+                                                               fused_rows=2 * f)
+            out[o + "feed_forward.w2.weight"] = Source(f"{h}mlp.down_proj.weight")
         else:
             for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
                 out[f"{o}feed_forward.{ours}.weight"] = Source(f"{h}mlp.{theirs}.weight")
     return out
+
+
+def _phi3_attention(cfg: ModelConfig, h: str, o: str) -> dict[str, Source | Stacked]:
+    """wq, wk, wv: the q, k and v row blocks of Phi-3's ``qkv_proj`` (q/k permuted per head like Llama's)."""
+    hd, total = cfg.head_dim, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim
+    blocks = (("wq", 0, cfg.n_heads), ("wk", cfg.n_heads * hd, cfg.kv_heads), ("wv", (cfg.n_heads + cfg.kv_heads) * hd, 0))
+    return {f"{o}attention.{ours}.weight": Source(f"{h}self_attn.qkv_proj.weight", offset=offset, rope_heads=heads,
+                                                  exact=False, fused_rows=total)
+            for ours, offset, heads in blocks}
 
 
 def gpt2_sources(cfg: ModelConfig, reader: SafetensorsReader) -> dict[str, Source | Stacked]:
@@ -359,9 +385,12 @@ def hf_state_dict(model: nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]
                 v = v.reshape(nh, hd // 2, 2, *v.shape[1:]).transpose(1, 2).reshape(v.shape)
             if part.transpose:
                 v = v.t()
-            prev = out.get(part.key)  # GPT-2's c_attn: q, k, v concatenated in that order
+            prev = out.get(part.key)  # GPT-2's c_attn, Phi-3's qkv_proj/gate_up_proj: blocks in offset order
             if prev is not None:
-                v = torch.cat([prev, v], dim=-1 if v.dim() == 2 else 0)
+                dim = 1 if part.transpose and v.dim() == 2 else 0
+                if prev.shape[dim] != part.offset:
+                    raise AssertionError(f"{part.key}: block at {part.offset} follows {prev.shape[dim]} rows")
+                v = torch.cat([prev, v], dim=dim)
             out[part.key] = v.contiguous()
     return out
 

@@ -18,6 +18,7 @@ from meshwright.models.decoder import Decoder  # noqa: E402
 
 SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)
+PHI3_TOKENS = dict(pad_token_id=None, bos_token_id=None, eos_token_id=None)  # Phi3Config's defaults are ids >= 97
 
 
 def _build(kind: str):
@@ -46,6 +47,11 @@ def _build(kind: str):
     if kind == "qwen3_moe_top1":  # one expert per token, gated by its raw probability (norm_topk_prob false)
         return T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(**SMALL, moe_intermediate_size=24, num_experts=4,
                                                       num_experts_per_tok=1, norm_topk_prob=False))
+    if kind == "phi3":  # fused qkv_proj and gate_up_proj (Phi-3-mini-4k, Phi-4 without the window)
+        return T.Phi3ForCausalLM(T.Phi3Config(**SMALL, **PHI3_TOKENS))
+    if kind == "phi3_window":  # Phi-3-mini's window on every layer, head_dim != hidden/heads, tied embeddings
+        return T.Phi3ForCausalLM(T.Phi3Config(**SMALL, **PHI3_TOKENS, sliding_window=5, head_dim=12,
+                                              tie_word_embeddings=True))
     if kind == "mixtral":
         return T.MixtralForCausalLM(T.MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2))
     if kind == "gpt2":
@@ -70,7 +76,7 @@ def _saved(kind: str, tmp_path, max_shard_size=None):
 
 
 @pytest.mark.parametrize("kind", ["llama", "llama3", "llama_linear", "mistral", "qwen2", "qwen3", "qwen3_window",
-                                  "qwen3_moe", "qwen3_moe_top1", "mixtral", "gpt2"])
+                                  "qwen3_moe", "qwen3_moe_top1", "phi3", "phi3_window", "mixtral", "gpt2"])
 def test_from_pretrained_matches_transformers_logits(kind, tmp_path):
     hf, path = _saved(kind, tmp_path)
     ours = from_pretrained(path).eval()
@@ -97,6 +103,10 @@ def test_config_import_keeps_what_the_file_says(tmp_path):
     assert cfg.qk_norm and not cfg.qkv_bias and cfg.head_dim == 12 and cfg.tie_embeddings and cfg.sliding_window is None
     _, path = _saved("qwen3_window", tmp_path)
     assert load_model_config(str(path / "config.json")).sliding_window == 5
+    _, path = _saved("phi3_window", tmp_path)
+    cfg = load_model_config(str(path / "config.json"))
+    assert cfg.fused_proj and cfg.sliding_window == 5 and cfg.head_dim == 12 and cfg.tie_embeddings
+    assert cfg.rope_scaling is None and not cfg.qkv_bias and not cfg.qk_norm
 
 
 @pytest.mark.parametrize("kind,change,field", [
@@ -115,6 +125,47 @@ def test_unsupported_qwen3_config_is_a_one_line_error(kind, change, field, tmp_p
     with pytest.raises(ConfigError) as err:
         load_model_config(_write(path, data))
     assert field in str(err.value) and "\n" not in str(err.value)
+
+
+LONGROPE = {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4, "rope_theta": 1e4,
+            "partial_rotary_factor": 1.0}
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"rope_parameters": LONGROPE}, "rope_parameters.rope_type"),  # Phi-3-mini-128k, Phi-3.5-mini
+    ({"rope_parameters": None, "rope_scaling": {"type": "su", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4}},
+     "rope_scaling.rope_type"),  # transformers 4's name for longrope
+    ({"rope_parameters": {**LONGROPE, "rope_type": "default", "partial_rotary_factor": 0.75}},
+     "rope_parameters.partial_rotary_factor"),
+    ({"partial_rotary_factor": 0.75}, "partial_rotary_factor"),  # Phi-4-mini writes it at the top level
+    ({"resid_pdrop": 0.1}, "resid_pdrop"),
+    ({"embd_pdrop": 0.1}, "embd_pdrop"),
+    ({"attention_dropout": 0.1}, "attention_dropout"),
+    ({"attention_bias": True}, "attention_bias"),
+])
+def test_unsupported_phi3_config_is_a_one_line_error(change, field, tmp_path):
+    _, path = _saved("phi3", tmp_path)
+    data = json.loads((path / "config.json").read_text())
+    data.update(change)
+    with pytest.raises(ConfigError) as err:
+        load_model_config(_write(path, data))
+    assert f"config.json {field}=" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_fused_phi3_tensor_of_another_size_is_refused(tmp_path):
+    """q/k/v and gate/up read row blocks of qkv_proj and gate_up_proj: a fused tensor with extra rows is refused, not
+    silently cut to the blocks the model reads."""
+    from safetensors.torch import load_file, save_file
+
+    _, path = _saved("phi3", tmp_path)
+    for key, rows in (("model.layers.1.self_attn.qkv_proj.weight", 64), ("model.layers.0.mlp.gate_up_proj.weight", 96)):
+        state = load_file(str(path / "model.safetensors"))
+        state[key] = torch.cat([state[key], state[key][:8]])
+        save_file(state, str(tmp_path / "model.safetensors"))
+        (tmp_path / "config.json").write_text((path / "config.json").read_text())
+        with pytest.raises(ConfigError, match=rf"{rows}, 32\) in the model, {key} has \({rows + 8}, 32\)") as err:
+            from_pretrained(tmp_path)
+        assert "\n" not in str(err.value)
 
 
 def _write(path, data) -> str:
@@ -172,7 +223,7 @@ def test_unused_checkpoint_tensor_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["llama3", "mistral", "qwen2", "qwen3", "qwen3_window", "qwen3_moe", "qwen3_moe_top1",
-                                  "mixtral", "gpt2"])
+                                  "phi3", "phi3_window", "mixtral", "gpt2"])
 def test_save_hf_round_trip_through_transformers(kind, tmp_path):
     from meshwright.models.hf_weights import save_hf
 

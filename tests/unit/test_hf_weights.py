@@ -285,6 +285,34 @@ def test_qwen3_presets_are_the_published_shapes(preset):
     assert back.head_dim == cfg.head_dim and dataclasses.replace(back, attn_head_dim=cfg.attn_head_dim) == cfg
 
 
+# microsoft/phi-4's config.json (its model-specific keys, as published; transformers 4.47 wrote it)
+PHI4_CONFIG = {"architectures": ["Phi3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+               "bos_token_id": 100257, "embd_pdrop": 0.0, "eos_token_id": 100257, "hidden_act": "silu", "hidden_size": 5120,
+               "initializer_range": 0.02, "intermediate_size": 17920, "max_position_embeddings": 16384,
+               "model_type": "phi3", "num_attention_heads": 40, "num_hidden_layers": 40, "num_key_value_heads": 10,
+               "original_max_position_embeddings": 16384, "pad_token_id": 100257, "resid_pdrop": 0.0, "rms_norm_eps": 1e-05,
+               "rope_scaling": None, "rope_theta": 250000, "sliding_window": None, "tie_word_embeddings": False,
+               "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 100352}
+
+
+def test_phi4_preset_is_the_published_shape():
+    """The phi-4 preset is what microsoft/phi-4's config.json imports to, and its export config.json builds
+    transformers' Phi3ForCausalLM (on the meta device: no memory) with the parameters our model has: 14.66B."""
+    import dataclasses
+
+    from meshwright.config.hf import hf_config_from_model, model_config_from_hf
+
+    cfg = load_model_config("phi-4")
+    assert dataclasses.replace(model_config_from_hf(PHI4_CONFIG), name="phi-4") == cfg
+    data = hf_config_from_model(cfg)
+    assert data["model_type"] == "phi3" and data["architectures"] == ["Phi3ForCausalLM"]
+    with torch.device("meta"):
+        theirs = transformers.Phi3ForCausalLM(transformers.Phi3Config(**data))
+        ours = Decoder(cfg)
+    n_theirs = sum(p.numel() for p in theirs.parameters())
+    assert n_theirs == cfg.num_params() == sum(p.numel() for p in set(ours.parameters())) == 14_659_507_200
+
+
 @pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
 def test_imported_moe_adds_no_router_z_loss_its_source_never_trained_with(kind):
     """Mixtral and Qwen3-MoE train with the load-balancing loss alone (router_aux_loss_coef): an import that kept

@@ -40,8 +40,9 @@ _LLAMA_FIXED = {
     "attention_bias": ((False, None), "false (q/k/v/o biases; Qwen2's q/k/v-only biases are supported)"),
     "pretraining_tp": ((1, None), "1"),
 }
-# Phi-3 trains with these dropouts in transformers' training mode; meshwright's blocks have no such dropouts
-_PHI3_FIXED = {key: ((0, None), "0 (meshwright's blocks have no such dropout)")
+# Phi-3's dropouts (training mode only; every published Phi-3/Phi-4 sets 0) are not mapped: meshwright's one
+# model.dropout drops embeddings, attention and residuals alike, and transformers' Phi-3 has no embedding dropout
+_PHI3_FIXED = {key: ((0, None), "0 (not mapped: model.dropout would also drop the embeddings)")
                for key in ("resid_pdrop", "embd_pdrop", "attention_dropout")}
 
 
@@ -179,7 +180,7 @@ def _qwen3_window(data: dict[str, Any]) -> int | None:
 def _phi3(data: dict[str, Any], out: dict[str, Any]) -> None:
     """Phi-3/Phi-4 (Phi3ForCausalLM): llama blocks whose checkpoint fuses q/k/v and gate/up (``fused_proj``). Refused:
     longrope (Phi-3-mini-128k, Phi-3.5, Phi-4-mini: short/long factors switched by sequence length, not implemented),
-    partial rotary (Phi-4-mini: 0.75, not implemented), dropouts (meshwright's blocks have none).
+    partial rotary (Phi-4-mini: 0.75, not implemented), non-zero dropouts (_PHI3_FIXED).
     ``original_max_position_embeddings`` only feeds longrope, so with the default rope it changes nothing."""
     _check_fixed(data, _PHI3_FIXED)
     out["fused_proj"] = True

@@ -313,6 +313,20 @@ def test_phi4_preset_is_the_published_shape():
     assert n_theirs == cfg.num_params() == sum(p.numel() for p in set(ours.parameters())) == 14_659_507_200
 
 
+@pytest.mark.parametrize("change", [{"qk_norm": True}, {"qkv_bias": True}, {"n_experts": 4},
+                                    {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, {"arch": "gpt2"}])
+def test_fused_proj_without_a_phi3_to_hold_it_is_one_line(change):
+    """fused_proj exports Phi3ForCausalLM (dense, no biases or head norms, default rope): a model it cannot hold is
+    refused in one line naming the field, when loaded (gpt2 blocks) or exported (the rest), never written as another
+    architecture."""
+    from meshwright.config.hf import hf_config_from_model
+
+    base = {"name": "p", "n_heads": 4, "n_kv_heads": 2, "fused_proj": True, **change}
+    with pytest.raises(ConfigError, match="fused_proj") as err:
+        hf_config_from_model(load_model_config(base))
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
 def test_imported_moe_adds_no_router_z_loss_its_source_never_trained_with(kind):
     """Mixtral and Qwen3-MoE train with the load-balancing loss alone (router_aux_loss_coef): an import that kept

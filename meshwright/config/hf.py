@@ -7,6 +7,7 @@ cannot run is a one-line error, never silently dropped. ``hf_config_from_model``
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from meshwright.config.io import from_dict
@@ -68,11 +69,35 @@ def _rope(data: dict[str, Any]) -> tuple[float | None, dict[str, Any] | None]:
         spec.pop("type", None)
         if spec.get("rope_type", "default") == "default":
             spec = None
+        elif spec.get("rope_type") == "longrope":
+            spec = _longrope(spec, data)
         else:
             if spec.get("attention_factor") not in (None, 1, 1.0):
                 raise invalid("config.json rope_parameters.attention_factor", spec["attention_factor"], "1 or absent")
             spec.pop("attention_factor", None)
     return theta, spec
+
+
+def _longrope(spec: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """Phi-3's longrope as transformers computes it (``_compute_longrope_parameters``): the short/long factors, the
+    original length that picks between them, and the cos/sin scale, fixed here from the file's
+    ``max_position_embeddings`` (``factor``) so that a later ``model.max_seq_len`` override keeps the checkpoint's."""
+    original = spec.get("original_max_position_embeddings", data.get("original_max_position_embeddings"))
+    if isinstance(original, bool) or not isinstance(original, (int, float)) or not original > 1:
+        raise invalid("config.json original_max_position_embeddings", original, "the pretraining length (a number "
+                      "above 1; longrope picks its long factors past it)")
+    factor, attention = spec.get("factor"), spec.get("attention_factor")
+    if factor is None:
+        longest = data.get("max_position_embeddings")
+        if isinstance(longest, bool) or not isinstance(longest, (int, float)):
+            raise invalid("config.json max_position_embeddings", longest, "a number of positions")
+        factor = longest / original
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor):
+        raise invalid("config.json rope_parameters.factor", factor, "a number or absent")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return {"rope_type": "longrope", "short_factor": spec.get("short_factor"), "long_factor": spec.get("long_factor"),
+            "original_max_position_embeddings": original, "attention_factor": attention}
 
 
 def _is_int(value: Any) -> bool:
@@ -106,16 +131,19 @@ def model_config_from_hf(data: dict[str, Any], name: str = "hf") -> ModelConfig:
         return from_dict(ModelConfig, out, prefix="model")
     _check_fixed(data, _LLAMA_FIXED)
     out.setdefault("tie_embeddings", False)
+    if model_type == "phi3":  # before _rope: its su/yarn are longrope
+        data = _phi3(data, out)
     theta, scaling = _rope(data)
     if theta is not None:
         out["rope_theta"] = theta
     if scaling is not None:
+        if scaling["rope_type"] == "longrope" and model_type != "phi3":
+            raise invalid("config.json rope_parameters.rope_type", "longrope", f"default, linear or llama3 for "
+                          f"model_type {model_type} (longrope is implemented for phi3)")
         out["rope_scaling"] = scaling
     head_dim, heads = data.get("head_dim"), data.get("num_attention_heads")
     if head_dim is not None and not (_is_int(head_dim) and _is_int(heads) and head_dim * heads == data.get("hidden_size")):
         out["attn_head_dim"] = head_dim  # checked there (a mapping here was a TypeError multiplying it)
-    if model_type == "phi3":  # before _rope, which keeps no partial_rotary_factor
-        _phi3(data, out)
     layer_types = data.get("layer_types")
     if layer_types is not None and (not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types)):
         raise invalid("config.json layer_types", layer_types, "null or a list of attention type names, one per layer")
@@ -177,11 +205,11 @@ def _qwen3_window(data: dict[str, Any]) -> int | None:
     return data["sliding_window"]
 
 
-def _phi3(data: dict[str, Any], out: dict[str, Any]) -> None:
-    """Phi-3/Phi-4 (Phi3ForCausalLM): llama blocks whose checkpoint fuses q/k/v and gate/up (``fused_proj``). Refused:
-    longrope (Phi-3-mini-128k, Phi-3.5, Phi-4-mini: short/long factors switched by sequence length, not implemented),
-    partial rotary (Phi-4-mini: 0.75, not implemented), non-zero dropouts (_PHI3_FIXED).
-    ``original_max_position_embeddings`` only feeds longrope, so with the default rope it changes nothing."""
+def _phi3(data: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
+    """Phi-3/Phi-4 (Phi3ForCausalLM): llama blocks whose checkpoint fuses q/k/v and gate/up (``fused_proj``), default
+    rope or longrope (Phi-3-mini-128k, Phi-3.5-mini: ``su``/``yarn`` are Phi3Config's old names for it, renamed in
+    the returned copy of ``data``). Refused: partial rotary (Phi-4-mini: 0.75, not implemented), non-zero dropouts
+    (_PHI3_FIXED). ``original_max_position_embeddings`` only feeds longrope; with the default rope it changes nothing."""
     _check_fixed(data, _PHI3_FIXED)
     out["fused_proj"] = True
     for where in ("rope_parameters", "rope_scaling"):
@@ -189,11 +217,15 @@ def _phi3(data: dict[str, Any], out: dict[str, Any]) -> None:
         if not isinstance(spec, dict):
             continue  # null, or _rope names the field
         kind = spec.get("rope_type", spec.get("type", "default"))
-        if kind != "default":  # Phi3Config reads su and yarn as longrope; it refuses any other type
-            raise invalid(f"config.json {where}.rope_type", kind, "default (Phi-3's longrope, su and yarn are not "
-                          "implemented)")
+        if kind not in ("default", "longrope", "su", "yarn"):  # Phi3Config refuses any other type
+            raise invalid(f"config.json {where}.rope_type", kind, "default or longrope (su and yarn: Phi-3's old names "
+                          "for longrope)")
         _full_rotary(spec, f"config.json {where}.")
+        if kind in ("su", "yarn"):
+            spec = {k: v for k, v in spec.items() if k != "type"}
+            data = {**data, where: {**spec, "rope_type": "longrope"}}
     _full_rotary(data, "config.json ")
+    return data
 
 
 def _full_rotary(data: dict[str, Any], where: str) -> None:
@@ -241,9 +273,13 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.n_experts and not cfg.qk_norm and cfg.moe_every != 1:
         raise invalid("model.moe_every", cfg.moe_every, "1 (Mixtral: experts in every block; qk_norm exports Qwen3-MoE, "
                       "which takes any moe_every)")
-    if cfg.fused_proj and (cfg.qk_norm or cfg.qkv_bias or cfg.n_experts or cfg.rope_scaling is not None):
-        raise invalid("model.fused_proj", True, "false with qk_norm, qkv_bias, experts or rope_scaling (Phi-3 export: a "
-                      "dense model without biases or head norms, default rope)")
+    longrope = cfg.rope_scaling is not None and cfg.rope_scaling.get("rope_type") == "longrope"
+    if cfg.fused_proj and (cfg.qk_norm or cfg.qkv_bias or cfg.n_experts or (cfg.rope_scaling is not None and not longrope)):
+        raise invalid("model.fused_proj", True, "false with qk_norm, qkv_bias, experts or linear/llama3 rope_scaling "
+                      "(Phi-3 export: a dense model without biases or head norms, default rope or longrope)")
+    if longrope and not cfg.fused_proj:
+        raise invalid("model.rope_scaling.rope_type", "longrope", "linear or llama3 unless fused_proj (longrope exports "
+                      "as Phi-3 only)")
     if cfg.qk_norm and cfg.qkv_bias:
         raise invalid("model.qk_norm", True, "false with qkv_bias (no Hugging Face architecture has both; Qwen3 "
                       "export: no q/k/v biases)")
@@ -274,8 +310,10 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
                    layer_types=[("sliding_attention" if window is not None else "full_attention")] * cfg.n_layers)
     if model_type == "phi3":  # one window on every layer, or none; original_max_position_embeddings: longrope's only
         rope["partial_rotary_factor"] = 1.0
+        original = rope.get("original_max_position_embeddings", cfg.max_seq_len)
+        out.pop("rope_scaling", None)  # Phi3Config would take it over rope_parameters
         out.update(attention_bias=False, sliding_window=cfg.sliding_window, resid_pdrop=0.0, embd_pdrop=0.0,
-                   original_max_position_embeddings=cfg.max_seq_len, pad_token_id=None)
+                   original_max_position_embeddings=original, pad_token_id=None)
     if model_type == "qwen2":
         if cfg.sliding_window is not None:
             raise invalid("model.sliding_window", cfg.sliding_window, "null with qkv_bias (Qwen2 export)")

@@ -61,6 +61,8 @@ def _positive(prefix: str, obj: Any, *names: str) -> None:
 ROPE_SCALING = {  # rope_type -> required keys (Hugging Face names); the values are checked to be positive
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    # Phi-3: plus short_factor/long_factor, one per rotary frequency (head_dim/2), checked by ModelConfig.validate
+    "longrope": ("original_max_position_embeddings", "attention_factor"),
 }
 
 
@@ -73,6 +75,12 @@ def validate_rope_scaling(spec: Any, key: str) -> None:
         value = spec.get(name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise invalid(f"{key}.{name}", value, f"a positive number (required by rope_type {kind})")
+    if kind == "longrope":
+        for name in ("short_factor", "long_factor"):
+            value = spec.get(name)
+            if not isinstance(value, list) or not value or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in value):
+                raise invalid(f"{key}.{name}", value, "a list of positive numbers, one per rotary frequency (head_dim/2)")
     if kind == "llama3" and not spec["high_freq_factor"] > spec["low_freq_factor"]:
         raise invalid(f"{key}.high_freq_factor", spec["high_freq_factor"], f"greater than {key}.low_freq_factor={spec['low_freq_factor']}")
 
@@ -128,6 +136,12 @@ class ModelConfig:
             raise invalid(f"{p}sliding_window", self.sliding_window, "a positive number of tokens or null (full causal)")
         if self.rope_scaling is not None:
             validate_rope_scaling(self.rope_scaling, f"{p}rope_scaling")
+            for name in ("short_factor", "long_factor"):
+                value = self.rope_scaling.get(name)
+                kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+                if kind == "longrope" and len(value) * 2 != self.head_dim:
+                    raise invalid(f"{p}rope_scaling.{name}", f"{len(value)} numbers", f"head_dim/2={self.head_dim // 2} "
+                                  f"numbers (one per rotary frequency)")
         if self.arch == "gpt2" and (self.rope_scaling is not None or self.qkv_bias or self.attn_head_dim is not None
                                     or self.qk_norm or self.fused_proj):
             raise invalid(f"{p}arch", self.arch, "'llama' for rope_scaling, qkv_bias, attn_head_dim, qk_norm or "

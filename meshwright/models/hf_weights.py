@@ -34,8 +34,7 @@ from torch import nn
 from meshwright.config import ModelConfig, load_model_config
 from meshwright.config.hf import hf_config_from_model
 from meshwright.errors import ConfigError, invalid
-from meshwright.models.decoder import Decoder
-from meshwright.models.layers import rope_tables
+from meshwright.models.decoder import Decoder, fill_rope
 
 Index = tuple[slice, ...]
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")  # buffers some checkpoints carry
@@ -339,12 +338,7 @@ def load_pretrained_into(model: nn.Module | Iterable[nn.Module], path: str | Pat
 
 
 def _reset_rope(module: nn.Module, cfg: ModelConfig) -> None:
-    cos_buf = getattr(module, "rope_cos", None)
-    if isinstance(cos_buf, torch.Tensor) and cos_buf.device.type != "meta":
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=cos_buf.device,
-                               scaling=cfg.rope_scaling)
-        module.rope_cos.copy_(cos)
-        module.rope_sin.copy_(sin)
+    fill_rope(module, cfg)
 
 
 def from_pretrained(path: str | Path, device: str | torch.device | None = None,

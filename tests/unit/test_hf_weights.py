@@ -14,6 +14,7 @@ pytest.importorskip("safetensors")
 from meshwright.config import load_model_config  # noqa: E402
 from meshwright.errors import ConfigError  # noqa: E402
 from meshwright.models import from_pretrained, load_pretrained_into  # noqa: E402
+from meshwright.config.hf import model_config_from_hf  # noqa: E402
 from meshwright.models.decoder import Decoder  # noqa: E402
 
 SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -52,6 +53,11 @@ def _build(kind: str):
     if kind == "phi3_window":  # Phi-3-mini's window on every layer, head_dim != hidden/heads, tied embeddings
         return T.Phi3ForCausalLM(T.Phi3Config(**SMALL, **PHI3_TOKENS, sliding_window=5, head_dim=12,
                                               tie_word_embeddings=True))
+    if kind == "phi3_longrope":  # Phi-3.5-mini's rope: short factors up to 16 tokens, long ones past (the tests run 24)
+        rope = {"rope_type": "longrope", "short_factor": [1.0, 1.2, 1.5, 2.0], "long_factor": [1.5, 3.0, 6.0, 9.0],
+                "rope_theta": 10000.0}
+        return T.Phi3ForCausalLM(T.Phi3Config(**SMALL, **PHI3_TOKENS, original_max_position_embeddings=16,
+                                              rope_parameters=rope))
     if kind == "mixtral":
         return T.MixtralForCausalLM(T.MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2))
     if kind == "gpt2":
@@ -76,7 +82,7 @@ def _saved(kind: str, tmp_path, max_shard_size=None):
 
 
 @pytest.mark.parametrize("kind", ["llama", "llama3", "llama_linear", "mistral", "qwen2", "qwen3", "qwen3_window",
-                                  "qwen3_moe", "qwen3_moe_top1", "phi3", "phi3_window", "mixtral", "gpt2"])
+                                  "qwen3_moe", "qwen3_moe_top1", "phi3", "phi3_window", "phi3_longrope", "mixtral", "gpt2"])
 def test_from_pretrained_matches_transformers_logits(kind, tmp_path):
     hf, path = _saved(kind, tmp_path)
     ours = from_pretrained(path).eval()
@@ -132,9 +138,9 @@ LONGROPE = {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [
 
 
 @pytest.mark.parametrize("change,field", [
-    ({"rope_parameters": LONGROPE}, "rope_parameters.rope_type"),  # Phi-3-mini-128k, Phi-3.5-mini
-    ({"rope_parameters": None, "rope_scaling": {"type": "su", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4}},
-     "rope_scaling.rope_type"),  # transformers 4's name for longrope
+    ({"rope_parameters": {**LONGROPE, "rope_type": "dynamic"}}, "rope_parameters.rope_type"),  # Phi3Config refuses it
+    ({"rope_parameters": None, "rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling.rope_type"),
+    ({"rope_parameters": LONGROPE, "original_max_position_embeddings": None}, "original_max_position_embeddings"),
     ({"rope_parameters": {**LONGROPE, "rope_type": "default", "partial_rotary_factor": 0.75}},
      "rope_parameters.partial_rotary_factor"),
     ({"partial_rotary_factor": 0.75}, "partial_rotary_factor"),  # Phi-4-mini writes it at the top level
@@ -150,6 +156,42 @@ def test_unsupported_phi3_config_is_a_one_line_error(change, field, tmp_path):
     with pytest.raises(ConfigError) as err:
         load_model_config(_write(path, data))
     assert f"config.json {field}=" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_phi3_longrope_factors_of_another_length_are_one_line(tmp_path):
+    _, path = _saved("phi3_longrope", tmp_path)
+    data = json.loads((path / "config.json").read_text())
+    data["rope_parameters"]["long_factor"] = [2.0] * 5
+    with pytest.raises(ConfigError, match=r"model\.rope_scaling\.long_factor='5 numbers' is invalid; valid: "
+                                          r"head_dim/2=4 numbers") as err:
+        load_model_config(_write(path, data))
+    assert "\n" not in str(err.value)
+    data["rope_parameters"]["long_factor"] = [2.0, -1.0, 2.0, 2.0]
+    with pytest.raises(ConfigError, match=r"model\.rope_scaling\.long_factor=\[2\.0, -1\.0"):
+        load_model_config(_write(path, data))
+
+
+def test_phi3_longrope_picks_its_factors_by_sequence_length_like_transformers(tmp_path):
+    """transformers' longrope uses the short factors up to original_max_position_embeddings tokens (16 here) and the
+    long ones past it, with cos/sin scaled by sqrt(1 + ln(64/16)/ln 16) either way: our logits equal its own at 12, 16,
+    17 and 40 tokens (each set of factors alone fails one side); the scale stays the file's when model.max_seq_len is
+    overridden; transformers 4's config.json (rope_scaling type su, the original length at the top level) reads alike."""
+    import dataclasses
+    import math
+
+    hf, path = _saved("phi3_longrope", tmp_path)
+    cfg = load_model_config(str(path / "config.json"))
+    assert cfg.rope_scaling["attention_factor"] == pytest.approx(math.sqrt(1 + math.log(4) / math.log(16)))
+    data = json.loads((path / "config.json").read_text())
+    rope = data.pop("rope_parameters")
+    old = {**data, "original_max_position_embeddings": 16, "rope_theta": rope["rope_theta"],
+           "rope_scaling": {"type": "su", "short_factor": rope["short_factor"], "long_factor": rope["long_factor"]}}
+    assert model_config_from_hf(old, name=cfg.name) == cfg
+    for model in (from_pretrained(path).eval(), from_pretrained(path, cfg=dataclasses.replace(cfg, max_seq_len=48)).eval()):
+        for seq in (12, 16, 17, 40):
+            tokens = torch.randint(0, 97, (2, seq), generator=torch.Generator().manual_seed(seq))
+            with torch.no_grad():
+                assert (model(tokens) - hf(tokens).logits).abs().max().item() < 1e-4, seq
 
 
 def test_fused_phi3_tensor_of_another_size_is_refused(tmp_path):
@@ -223,7 +265,7 @@ def test_unused_checkpoint_tensor_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["llama3", "mistral", "qwen2", "qwen3", "qwen3_window", "qwen3_moe", "qwen3_moe_top1",
-                                  "phi3", "phi3_window", "mixtral", "gpt2"])
+                                  "phi3", "phi3_window", "phi3_longrope", "mixtral", "gpt2"])
 def test_save_hf_round_trip_through_transformers(kind, tmp_path):
     from meshwright.models.hf_weights import save_hf
 

@@ -1,8 +1,9 @@
 """Hugging Face ``config.json`` -> ModelConfig (Llama/Mistral/Qwen2/Qwen3/Qwen3-MoE/Phi-3/Mixtral/GPT-2), and back.
 
 Import keeps what the file says (rope theta wherever transformers wrote it, rope scaling, sliding window,
-head_dim, q/k/v biases, Qwen3's q/k head norms, Phi-3's fused projections, tied embeddings); a setting meshwright
-cannot run is a one-line error, never silently dropped. ``hf_config_from_model`` is the inverse used by ``meshwright export --hf``.
+head_dim, q/k/v biases, Qwen3's q/k head norms, Phi-3's fused projections and longrope, tied embeddings); a
+setting meshwright cannot run is a one-line error, never silently dropped. ``hf_config_from_model`` is the inverse
+used by ``meshwright export --hf``.
 """
 
 from __future__ import annotations
@@ -209,7 +210,8 @@ def _phi3(data: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
     """Phi-3/Phi-4 (Phi3ForCausalLM): llama blocks whose checkpoint fuses q/k/v and gate/up (``fused_proj``), default
     rope or longrope (Phi-3-mini-128k, Phi-3.5-mini: ``su``/``yarn`` are Phi3Config's old names for it, renamed in
     the returned copy of ``data``). Refused: partial rotary (Phi-4-mini: 0.75, not implemented), non-zero dropouts
-    (_PHI3_FIXED). ``original_max_position_embeddings`` only feeds longrope; with the default rope it changes nothing."""
+    (_PHI3_FIXED). ``original_max_position_embeddings`` only feeds longrope; with the default rope it changes
+    nothing."""
     _check_fixed(data, _PHI3_FIXED)
     out["fused_proj"] = True
     for where in ("rope_parameters", "rope_scaling"):
@@ -274,19 +276,22 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
         raise invalid("model.moe_every", cfg.moe_every, "1 (Mixtral: experts in every block; qk_norm exports Qwen3-MoE, "
                       "which takes any moe_every)")
     longrope = cfg.rope_scaling is not None and cfg.rope_scaling.get("rope_type") == "longrope"
-    if cfg.fused_proj and (cfg.qk_norm or cfg.qkv_bias or cfg.n_experts or (cfg.rope_scaling is not None and not longrope)):
+    other_rope = cfg.rope_scaling is not None and not longrope
+    if cfg.fused_proj and (cfg.qk_norm or cfg.qkv_bias or cfg.n_experts or other_rope):
         raise invalid("model.fused_proj", True, "false with qk_norm, qkv_bias, experts or linear/llama3 rope_scaling "
                       "(Phi-3 export: a dense model without biases or head norms, default rope or longrope)")
     if longrope and not cfg.fused_proj:
-        raise invalid("model.rope_scaling.rope_type", "longrope", "linear or llama3 unless fused_proj (longrope exports "
-                      "as Phi-3 only)")
+        raise invalid("model.rope_scaling.rope_type", "longrope", "linear or llama3 unless fused_proj "
+                      "(longrope exports as Phi-3 only)")
     if cfg.qk_norm and cfg.qkv_bias:
         raise invalid("model.qk_norm", True, "false with qkv_bias (no Hugging Face architecture has both; Qwen3 "
                       "export: no q/k/v biases)")
-    model_type = ("phi3" if cfg.fused_proj else "qwen3_moe" if cfg.n_experts and cfg.qk_norm else "mixtral" if cfg.n_experts else "qwen3" if cfg.qk_norm
-                  else "qwen2" if cfg.qkv_bias else "mistral" if cfg.sliding_window else "llama")
+    model_type = ("phi3" if cfg.fused_proj else "qwen3_moe" if cfg.n_experts and cfg.qk_norm
+                  else "mixtral" if cfg.n_experts else "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias
+                  else "mistral" if cfg.sliding_window else "llama")
     arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "phi3": "Phi3ForCausalLM", "mixtral": "MixtralForCausalLM"}[model_type]
+            "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "phi3": "Phi3ForCausalLM",
+            "mixtral": "MixtralForCausalLM"}[model_type]
     rope: dict[str, Any] = {"rope_type": "default"} if cfg.rope_scaling is None else dict(cfg.rope_scaling)
     rope["rope_theta"] = cfg.rope_theta
     out: dict[str, Any] = {

@@ -66,6 +66,10 @@ ROPE_SCALING = {  # rope_type -> required keys (Hugging Face names); the values 
 }
 
 
+def _positive_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
 def validate_rope_scaling(spec: Any, key: str) -> None:
     """The rotary scalings the model implements (``meshwright.models.layers.rope_inv_freq``)."""
     kind = spec.get("rope_type", spec.get("type")) if isinstance(spec, dict) else None
@@ -78,9 +82,8 @@ def validate_rope_scaling(spec: Any, key: str) -> None:
     if kind == "longrope":
         for name in ("short_factor", "long_factor"):
             value = spec.get(name)
-            if not isinstance(value, list) or not value or not all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in value):
-                raise invalid(f"{key}.{name}", value, "a list of positive numbers, one per rotary frequency (head_dim/2)")
+            if not isinstance(value, list) or not value or not all(_positive_number(v) for v in value):
+                raise invalid(f"{key}.{name}", value, "a list of positive numbers, one per rotary frequency")
     if kind == "llama3" and not spec["high_freq_factor"] > spec["low_freq_factor"]:
         raise invalid(f"{key}.high_freq_factor", spec["high_freq_factor"], f"greater than {key}.low_freq_factor={spec['low_freq_factor']}")
 
@@ -101,7 +104,7 @@ class ModelConfig:
     max_seq_len: int = 256
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: Optional[dict[str, Any]] = None  # {"rope_type": "llama3"|"linear", "factor": ..., ...} (Llama 3.1)
+    rope_scaling: Optional[dict[str, Any]] = None  # {"rope_type": "llama3"|"linear"|"longrope", ...} (Llama 3.1, Phi-3)
     sliding_window: Optional[int] = None  # Mistral: each token sees itself and the previous window-1 tokens
     qkv_bias: bool = False  # Qwen2: biases on the q/k/v projections (not on the output projection)
     attn_head_dim: Optional[int] = None  # None = d_model / n_heads; set when a checkpoint's head_dim differs
@@ -140,8 +143,8 @@ class ModelConfig:
                 value = self.rope_scaling.get(name)
                 kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
                 if kind == "longrope" and len(value) * 2 != self.head_dim:
-                    raise invalid(f"{p}rope_scaling.{name}", f"{len(value)} numbers", f"head_dim/2={self.head_dim // 2} "
-                                  f"numbers (one per rotary frequency)")
+                    raise invalid(f"{p}rope_scaling.{name}", f"{len(value)} numbers",
+                                  f"head_dim/2={self.head_dim // 2} numbers (one per rotary frequency)")
         if self.arch == "gpt2" and (self.rope_scaling is not None or self.qkv_bias or self.attn_head_dim is not None
                                     or self.qk_norm or self.fused_proj):
             raise invalid(f"{p}arch", self.arch, "'llama' for rope_scaling, qkv_bias, attn_head_dim, qk_norm or "

@@ -53,7 +53,8 @@ def rope_slice(module: nn.Module, cfg: ModelConfig, seq_len: int) -> tuple[torch
     """The tables for a sequence of ``seq_len`` tokens (longrope: the long factors' past its original length)."""
     if module.rope_cos is None:
         return None
-    if getattr(module, "rope_cos_long", None) is not None and seq_len > cfg.rope_scaling["original_max_position_embeddings"]:
+    long = getattr(module, "rope_cos_long", None) is not None
+    if long and seq_len > cfg.rope_scaling["original_max_position_embeddings"]:
         return module.rope_cos_long[:seq_len], module.rope_sin_long[:seq_len]
     return module.rope_cos[:seq_len], module.rope_sin[:seq_len]
 

@@ -222,7 +222,8 @@ def llama_sources(cfg: ModelConfig, reader: SafetensorsReader) -> dict[str, Sour
 def _phi3_attention(cfg: ModelConfig, h: str, o: str) -> dict[str, Source | Stacked]:
     """wq, wk, wv: the q, k and v row blocks of Phi-3's ``qkv_proj`` (q/k permuted per head like Llama's)."""
     hd, total = cfg.head_dim, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim
-    blocks = (("wq", 0, cfg.n_heads), ("wk", cfg.n_heads * hd, cfg.kv_heads), ("wv", (cfg.n_heads + cfg.kv_heads) * hd, 0))
+    blocks = (("wq", 0, cfg.n_heads), ("wk", cfg.n_heads * hd, cfg.kv_heads),
+              ("wv", (cfg.n_heads + cfg.kv_heads) * hd, 0))
     return {f"{o}attention.{ours}.weight": Source(f"{h}self_attn.qkv_proj.weight", offset=offset, rope_heads=heads,
                                                   exact=False, fused_rows=total)
             for ours, offset, heads in blocks}

@@ -258,7 +258,8 @@ QWEN3_READS = ("model_type", "head_dim", "layer_types", "sliding_window", "num_e
 
 
 # Phi-3 (fused_proj, one window on every layer): the keys only Phi-3 has, and the ones it reads its own way
-HF_PHI3 = hf_config_from_model(load_model_config({**TINY, "fused_proj": True, "attn_head_dim": 16, "sliding_window": 32}))
+HF_PHI3 = hf_config_from_model(load_model_config({**TINY, "fused_proj": True, "attn_head_dim": 16,
+                                                  "sliding_window": 32}))
 PHI3_READS = ("model_type", "head_dim", "sliding_window", "rope_parameters", "attention_dropout", "attention_bias")
 
 

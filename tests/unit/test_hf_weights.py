@@ -175,7 +175,8 @@ def test_phi3_longrope_picks_its_factors_by_sequence_length_like_transformers(tm
     """transformers' longrope uses the short factors up to original_max_position_embeddings tokens (16 here) and the
     long ones past it, with cos/sin scaled by sqrt(1 + ln(64/16)/ln 16) either way: our logits equal its own at 12, 16,
     17 and 40 tokens (each set of factors alone fails one side); the scale stays the file's when model.max_seq_len is
-    overridden; transformers 4's config.json (rope_scaling type su, the original length at the top level) reads alike."""
+    overridden; transformers 4's config.json (rope_scaling type su, the original length at the top level) reads
+    alike."""
     import dataclasses
     import math
 
@@ -187,7 +188,8 @@ def test_phi3_longrope_picks_its_factors_by_sequence_length_like_transformers(tm
     old = {**data, "original_max_position_embeddings": 16, "rope_theta": rope["rope_theta"],
            "rope_scaling": {"type": "su", "short_factor": rope["short_factor"], "long_factor": rope["long_factor"]}}
     assert model_config_from_hf(old, name=cfg.name) == cfg
-    for model in (from_pretrained(path).eval(), from_pretrained(path, cfg=dataclasses.replace(cfg, max_seq_len=48)).eval()):
+    longer = dataclasses.replace(cfg, max_seq_len=48)
+    for model in (from_pretrained(path).eval(), from_pretrained(path, cfg=longer).eval()):
         for seq in (12, 16, 17, 40):
             tokens = torch.randint(0, 97, (2, seq), generator=torch.Generator().manual_seed(seq))
             with torch.no_grad():

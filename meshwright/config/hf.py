@@ -222,19 +222,35 @@ def _phi3(data: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
         if kind not in ("default", "longrope", "su", "yarn"):  # Phi3Config refuses any other type
             raise invalid(f"config.json {where}.rope_type", kind, "default or longrope (su and yarn: Phi-3's old names "
                           "for longrope)")
-        _full_rotary(spec, f"config.json {where}.")
         if kind in ("su", "yarn"):
             spec = {k: v for k, v in spec.items() if k != "type"}
             data = {**data, where: {**spec, "rope_type": "longrope"}}
-    _full_rotary(data, "config.json ")
+    _partial_rotary(data, out)
     return data
 
 
-def _full_rotary(data: dict[str, Any], where: str) -> None:
-    factor = data.get("partial_rotary_factor", 1.0)
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor != 1:
-        raise invalid(f"{where}partial_rotary_factor", factor, "1.0 (rotary on every head dimension; partial rotary is "
-                      "not implemented)")
+def _partial_rotary(data: dict[str, Any], out: dict[str, Any]) -> None:
+    """Phi3Config's ``partial_rotary_factor``: its rope mapping's, else the top-level key's (Phi-4-mini: 0.75), else 1.
+    transformers rotates the first ``int(head_dim * factor)`` dimensions of each head (``rotary_dim``)."""
+    spec = data.get("rope_parameters") if isinstance(data.get("rope_parameters"), dict) else data.get("rope_scaling")
+    where = "rope_parameters." if isinstance(data.get("rope_parameters"), dict) else "rope_scaling."
+    if not isinstance(spec, dict) or "partial_rotary_factor" not in spec:
+        spec, where = data, ""
+    factor = spec.get("partial_rotary_factor", 1.0)
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+        raise invalid(f"config.json {where}partial_rotary_factor", factor, "a number in (0, 1]: the share of each "
+                      "head's dimensions that RoPE rotates")
+    if factor == 1:
+        return
+    hidden, heads = data.get("hidden_size"), data.get("num_attention_heads")
+    head_dim = data.get("head_dim") or (hidden // heads if _is_int(hidden) and _is_int(heads) and heads > 0 else None)
+    if not _is_int(head_dim):
+        return  # the shape keys name themselves later
+    rotary = int(head_dim * factor)
+    if rotary < 2 or rotary % 2:
+        raise invalid(f"config.json {where}partial_rotary_factor", factor, f"a share of head_dim={head_dim} that is "
+                      f"an even number of dimensions (here {rotary})")
+    out["rotary_dim"] = rotary
 
 
 def _qwen3_moe(data: dict[str, Any], out: dict[str, Any]) -> None:
@@ -277,6 +293,9 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
                       "which takes any moe_every)")
     longrope = cfg.rope_scaling is not None and cfg.rope_scaling.get("rope_type") == "longrope"
     other_rope = cfg.rope_scaling is not None and not longrope
+    if cfg.rotary_dim is not None and cfg.rotary_dim != cfg.head_dim and not cfg.fused_proj:
+        raise invalid("model.rotary_dim", cfg.rotary_dim, f"null or head_dim={cfg.head_dim} unless fused_proj (partial "
+                      f"rotary exports as Phi-3 only)")
     if cfg.fused_proj and (cfg.qk_norm or cfg.qkv_bias or cfg.n_experts or other_rope):
         raise invalid("model.fused_proj", True, "false with qk_norm, qkv_bias, experts or linear/llama3 rope_scaling "
                       "(Phi-3 export: a dense model without biases or head norms, default rope or longrope)")
@@ -314,7 +333,7 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
                    max_window_layers=0 if window is not None else cfg.n_layers,
                    layer_types=[("sliding_attention" if window is not None else "full_attention")] * cfg.n_layers)
     if model_type == "phi3":  # one window on every layer, or none; original_max_position_embeddings: longrope's only
-        rope["partial_rotary_factor"] = 1.0
+        rope["partial_rotary_factor"] = cfg.rope_dim / cfg.head_dim
         original = rope.get("original_max_position_embeddings", cfg.max_seq_len)
         out.pop("rope_scaling", None)  # Phi3Config would take it over rope_parameters
         out.update(attention_bias=False, sliding_window=cfg.sliding_window, resid_pdrop=0.0, embd_pdrop=0.0,

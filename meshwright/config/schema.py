@@ -112,6 +112,7 @@ class ModelConfig:
     # Phi-3/Phi-4: the checkpoint fuses q/k/v (qkv_proj) and gate/up (gate_up_proj). Only the Hugging Face layout: the
     # model holds them apart either way (so tp, the savers and the planner see the usual weights)
     fused_proj: bool = False
+    rotary_dim: Optional[int] = None  # None = head_dim; Phi-4-mini rotates each head's first 3/4 only (the rest as is)
     tie_embeddings: bool = False
     dropout: float = 0.0
     init_std: float = 0.02
@@ -137,14 +138,17 @@ class ModelConfig:
             raise invalid(f"{p}d_model", self.d_model, "d_model/n_heads must be even for rotary embeddings")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise invalid(f"{p}sliding_window", self.sliding_window, "a positive number of tokens or null (full causal)")
+        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise invalid(f"{p}rotary_dim", self.rotary_dim, f"an even number in 2..head_dim={self.head_dim} or null "
+                          f"(every dimension)")
         if self.rope_scaling is not None:
             validate_rope_scaling(self.rope_scaling, f"{p}rope_scaling")
             for name in ("short_factor", "long_factor"):
                 value = self.rope_scaling.get(name)
                 kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-                if kind == "longrope" and len(value) * 2 != self.head_dim:
+                if kind == "longrope" and len(value) * 2 != self.rope_dim:
                     raise invalid(f"{p}rope_scaling.{name}", f"{len(value)} numbers",
-                                  f"head_dim/2={self.head_dim // 2} numbers (one per rotary frequency)")
+                                  f"rotary_dim/2={self.rope_dim // 2} numbers (one per rotary frequency)")
         if self.arch == "gpt2" and (self.rope_scaling is not None or self.qkv_bias or self.attn_head_dim is not None
                                     or self.qk_norm or self.fused_proj):
             raise invalid(f"{p}arch", self.arch, "'llama' for rope_scaling, qkv_bias, attn_head_dim, qk_norm or "
@@ -183,6 +187,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.attn_head_dim if self.attn_head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """The leading dimensions of each q/k head that RoPE rotates (``rotary_dim``, else all of them)."""
+        return self.rotary_dim if self.rotary_dim is not None else self.head_dim
 
     @property
     def kv_heads(self) -> int:

@@ -27,11 +27,11 @@ def register_rope(module: nn.Module, cfg: ModelConfig, device: torch.device | No
     """The RoPE tables as non-persistent buffers ``rope_cos``/``rope_sin``; with longrope (Phi-3) also the long
     factors' ``rope_cos_long``/``rope_sin_long``, which ``rope_slice`` picks for sequences longer than the scaling's
     ``original_max_position_embeddings`` (transformers picks by the batch's length the same way)."""
-    cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device, scaling=cfg.rope_scaling)
+    cos, sin = rope_tables(cfg.rope_dim, cfg.max_seq_len, cfg.rope_theta, device=device, scaling=cfg.rope_scaling)
     module.register_buffer("rope_cos", cos, persistent=False)
     module.register_buffer("rope_sin", sin, persistent=False)
     if is_longrope(cfg.rope_scaling):
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device, scaling=cfg.rope_scaling,
+        cos, sin = rope_tables(cfg.rope_dim, cfg.max_seq_len, cfg.rope_theta, device=device, scaling=cfg.rope_scaling,
                                long=True)
         module.register_buffer("rope_cos_long", cos, persistent=False)
         module.register_buffer("rope_sin_long", sin, persistent=False)
@@ -43,7 +43,7 @@ def fill_rope(module: nn.Module, cfg: ModelConfig) -> None:
     for suffix, long in (("", False), ("_long", True)):
         cos_buf = getattr(module, f"rope_cos{suffix}", None)
         if isinstance(cos_buf, torch.Tensor) and cos_buf.device.type != "meta":
-            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=cos_buf.device,
+            cos, sin = rope_tables(cfg.rope_dim, cfg.max_seq_len, cfg.rope_theta, device=cos_buf.device,
                                    scaling=cfg.rope_scaling, long=long)
             cos_buf.copy_(cos)
             getattr(module, f"rope_sin{suffix}").copy_(sin)

@@ -102,6 +102,17 @@ def _bounds(s: slice, n: int) -> tuple[int, int]:
     return start, stop
 
 
+def rotate_half_to_pairs(rows: torch.Tensor, heads: int, rope_dim: int = 0, inverse: bool = False) -> torch.Tensor:
+    """Each head's rows (``rows`` holds ``heads`` of them) from transformers' rotate-half order to meshwright's
+    interleaved pairs (``inverse``: back); only the first ``rope_dim`` rows of a head rotate (0: all), the rest stay."""
+    hd = rows.shape[0] // heads
+    rd, rest = rope_dim or hd, rows.shape[1:]
+    t = rows.reshape(heads, hd, *rest)
+    split = (rd // 2, 2) if inverse else (2, rd // 2)
+    rot = t[:, :rd].reshape(heads, *split, *rest).transpose(1, 2).reshape(heads, rd, *rest)
+    return torch.cat([rot, t[:, rd:]], dim=1).reshape(rows.shape)
+
+
 @dataclass
 class Source:
     """One meshwright parameter from one checkpoint tensor: optionally a column block (``offset``,
@@ -111,6 +122,7 @@ class Source:
     transpose: bool = False
     offset: int = 0  # start of this parameter along the checkpoint axis that becomes meshwright's dim 0
     rope_heads: int = 0
+    rope_dim: int = 0  # the rotated leading rows of each head (partial rotary, Phi-4-mini); 0 = all of them
     exact: bool = True  # the checkpoint tensor has exactly this parameter's shape (False: a block of a fused one)
     fused_rows: int = 0  # a block of a fused tensor of this many rows (Phi-3): its shape is checked all the same
 
@@ -136,8 +148,7 @@ class Source:
             hd = shape[0] // self.rope_heads
             h0, h1 = r0 // hd, -(-r1 // hd)
             whole = self._rows(reader, h0 * hd, h1 * hd, idx[1:])
-            nh = h1 - h0
-            whole = whole.reshape(nh, 2, hd // 2, *whole.shape[1:]).transpose(1, 2).reshape(nh * hd, *whole.shape[1:])
+            whole = rotate_half_to_pairs(whole, h1 - h0, self.rope_dim)
             return whole[r0 - h0 * hd: r1 - h0 * hd]
         return self._rows(reader, r0, r1, idx[1:])
 
@@ -183,6 +194,7 @@ def llama_sources(cfg: ModelConfig, reader: SafetensorsReader) -> dict[str, Sour
     out: dict[str, Source | Stacked] = {"tok_embeddings.weight": Source(f"{p}embed_tokens.weight"),
                                         "norm.weight": Source(f"{p}norm.weight")}
     out["output.weight"] = Source("lm_head.weight" if "lm_head.weight" in reader else f"{p}embed_tokens.weight")
+    rd = cfg.rope_dim if cfg.rope_dim != cfg.head_dim else 0
     for i in range(cfg.n_layers):
         h, o = f"{p}layers.{i}.", f"layers.{i}."
         out[o + "attention_norm.weight"] = Source(h + "input_layernorm.weight")
@@ -193,12 +205,12 @@ def llama_sources(cfg: ModelConfig, reader: SafetensorsReader) -> dict[str, Sour
                                     ("wo", "o_proj", 0)):
             if cfg.fused_proj and ours != "wo":
                 continue
-            out[f"{o}attention.{ours}.weight"] = Source(f"{h}self_attn.{theirs}.weight", rope_heads=heads)
+            out[f"{o}attention.{ours}.weight"] = Source(f"{h}self_attn.{theirs}.weight", rope_heads=heads, rope_dim=rd)
             if cfg.qkv_bias and ours != "wo":
-                out[f"{o}attention.{ours}.bias"] = Source(f"{h}self_attn.{theirs}.bias", rope_heads=heads)
+                out[f"{o}attention.{ours}.bias"] = Source(f"{h}self_attn.{theirs}.bias", rope_heads=heads, rope_dim=rd)
         if cfg.qk_norm:  # one head_dim weight, permuted like the rows of one head
             for norm in ("q_norm", "k_norm"):
-                out[f"{o}attention.{norm}.weight"] = Source(f"{h}self_attn.{norm}.weight", rope_heads=1)
+                out[f"{o}attention.{norm}.weight"] = Source(f"{h}self_attn.{norm}.weight", rope_heads=1, rope_dim=rd)
         if cfg.is_moe_layer(i):  # Qwen3-MoE (qk_norm): mlp.experts.{e}.gate/up/down_proj; Mixtral: w1/w3/w2
             moe = f"{h}mlp." if cfg.qk_norm else f"{h}block_sparse_moe."
             names = ({"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"} if cfg.qk_norm
@@ -224,8 +236,9 @@ def _phi3_attention(cfg: ModelConfig, h: str, o: str) -> dict[str, Source | Stac
     hd, total = cfg.head_dim, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim
     blocks = (("wq", 0, cfg.n_heads), ("wk", cfg.n_heads * hd, cfg.kv_heads),
               ("wv", (cfg.n_heads + cfg.kv_heads) * hd, 0))
+    rd = cfg.rope_dim if cfg.rope_dim != cfg.head_dim else 0
     return {f"{o}attention.{ours}.weight": Source(f"{h}self_attn.qkv_proj.weight", offset=offset, rope_heads=heads,
-                                                  exact=False, fused_rows=total)
+                                                  rope_dim=rd, exact=False, fused_rows=total)
             for ours, offset, heads in blocks}
 
 
@@ -376,8 +389,7 @@ def hf_state_dict(model: nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]
         values = list(value) if isinstance(src, Stacked) else [value]
         for part, v in zip(parts, values):
             if part.rope_heads:
-                nh, hd = part.rope_heads, v.shape[0] // part.rope_heads
-                v = v.reshape(nh, hd // 2, 2, *v.shape[1:]).transpose(1, 2).reshape(v.shape)
+                v = rotate_half_to_pairs(v, part.rope_heads, part.rope_dim, inverse=True)
             if part.transpose:
                 v = v.t()
             prev = out.get(part.key)  # GPT-2's c_attn, Phi-3's qkv_proj/gate_up_proj: blocks in offset order

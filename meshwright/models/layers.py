@@ -82,6 +82,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     ``cos``/``sin`` are (seq, head_dim/2) for contiguous positions or (batch, seq, head_dim/2) when
     tokens carry their own positions (LeMo keeps the original positions of the kept tokens).
     """
+    rotated = 2 * cos.shape[-1]
+    if rotated < x.shape[-1]:  # partial rotary (Phi-4-mini): the first ``rotated`` dimensions of each head only
+        return torch.cat([apply_rope(x[..., :rotated], cos, sin), x[..., rotated:]], dim=-1)
     if cos.dim() == 2:
         cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     else:

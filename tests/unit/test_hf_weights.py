@@ -58,6 +58,11 @@ def _build(kind: str):
                 "rope_theta": 10000.0}
         return T.Phi3ForCausalLM(T.Phi3Config(**SMALL, **PHI3_TOKENS, original_max_position_embeddings=16,
                                               rope_parameters=rope))
+    if kind == "phi3_partial":  # Phi-4-mini's rope: longrope on the first 3/4 of each head (6 of 8), tied embeddings
+        rope = {"rope_type": "longrope", "short_factor": [1.0, 1.5, 2.0], "long_factor": [2.0, 5.0, 9.0],
+                "rope_theta": 10000.0, "partial_rotary_factor": 0.75}
+        return T.Phi3ForCausalLM(T.Phi3Config(**SMALL, **PHI3_TOKENS, original_max_position_embeddings=16,
+                                              rope_parameters=rope, tie_word_embeddings=True))
     if kind == "mixtral":
         return T.MixtralForCausalLM(T.MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2))
     if kind == "gpt2":
@@ -82,7 +87,8 @@ def _saved(kind: str, tmp_path, max_shard_size=None):
 
 
 @pytest.mark.parametrize("kind", ["llama", "llama3", "llama_linear", "mistral", "qwen2", "qwen3", "qwen3_window",
-                                  "qwen3_moe", "qwen3_moe_top1", "phi3", "phi3_window", "phi3_longrope", "mixtral", "gpt2"])
+                                  "qwen3_moe", "qwen3_moe_top1", "phi3", "phi3_window", "phi3_longrope", "phi3_partial",
+                                  "mixtral", "gpt2"])
 def test_from_pretrained_matches_transformers_logits(kind, tmp_path):
     hf, path = _saved(kind, tmp_path)
     ours = from_pretrained(path).eval()
@@ -141,9 +147,9 @@ LONGROPE = {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [
     ({"rope_parameters": {**LONGROPE, "rope_type": "dynamic"}}, "rope_parameters.rope_type"),  # Phi3Config refuses it
     ({"rope_parameters": None, "rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling.rope_type"),
     ({"rope_parameters": LONGROPE, "original_max_position_embeddings": None}, "original_max_position_embeddings"),
-    ({"rope_parameters": {**LONGROPE, "rope_type": "default", "partial_rotary_factor": 0.75}},
-     "rope_parameters.partial_rotary_factor"),
-    ({"partial_rotary_factor": 0.75}, "partial_rotary_factor"),  # Phi-4-mini writes it at the top level
+    ({"rope_parameters": {**LONGROPE, "rope_type": "default", "partial_rotary_factor": 0.625}},
+     "rope_parameters.partial_rotary_factor"),  # 5 of 8 dimensions: transformers would rotate 6 (pairs)
+    ({"partial_rotary_factor": 1.5, "rope_parameters": None}, "partial_rotary_factor"),
     ({"resid_pdrop": 0.1}, "resid_pdrop"),
     ({"embd_pdrop": 0.1}, "embd_pdrop"),
     ({"attention_dropout": 0.1}, "attention_dropout"),
@@ -163,7 +169,7 @@ def test_phi3_longrope_factors_of_another_length_are_one_line(tmp_path):
     data = json.loads((path / "config.json").read_text())
     data["rope_parameters"]["long_factor"] = [2.0] * 5
     with pytest.raises(ConfigError, match=r"model\.rope_scaling\.long_factor='5 numbers' is invalid; valid: "
-                                          r"head_dim/2=4 numbers") as err:
+                                          r"rotary_dim/2=4 numbers") as err:
         load_model_config(_write(path, data))
     assert "\n" not in str(err.value)
     data["rope_parameters"]["long_factor"] = [2.0, -1.0, 2.0, 2.0]
@@ -194,6 +200,23 @@ def test_phi3_longrope_picks_its_factors_by_sequence_length_like_transformers(tm
             tokens = torch.randint(0, 97, (2, seq), generator=torch.Generator().manual_seed(seq))
             with torch.no_grad():
                 assert (model(tokens) - hf(tokens).logits).abs().max().item() < 1e-4, seq
+
+
+def test_phi3_partial_rotary_reads_where_phi4_mini_writes_it(tmp_path):
+    """Phi-4-mini's config.json (transformers 4) has partial_rotary_factor at the top level and rope_scaling without it;
+    it imports to the same rotary_dim (6 of 8) as transformers 5's rope_parameters, and a 12-token batch (short
+    factors) matches too."""
+    hf, path = _saved("phi3_partial", tmp_path)
+    cfg = load_model_config(str(path / "config.json"))
+    assert cfg.rotary_dim == 6 and cfg.rope_dim == 6 and cfg.head_dim == 8 and len(cfg.rope_scaling["long_factor"]) == 3
+    data = json.loads((path / "config.json").read_text())
+    rope = data.pop("rope_parameters")
+    old = {**data, "partial_rotary_factor": 0.75, "original_max_position_embeddings": 16, "rope_theta": 1e4,
+           "rope_scaling": {"type": "longrope", "short_factor": rope["short_factor"], "long_factor": rope["long_factor"]}}
+    assert model_config_from_hf(old, name=cfg.name) == cfg
+    tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert (from_pretrained(path).eval()(tokens) - hf(tokens).logits).abs().max().item() < 1e-4
 
 
 def test_fused_phi3_tensor_of_another_size_is_refused(tmp_path):
@@ -267,7 +290,7 @@ def test_unused_checkpoint_tensor_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["llama3", "mistral", "qwen2", "qwen3", "qwen3_window", "qwen3_moe", "qwen3_moe_top1",
-                                  "phi3", "phi3_window", "phi3_longrope", "mixtral", "gpt2"])
+                                  "phi3", "phi3_window", "phi3_longrope", "phi3_partial", "mixtral", "gpt2"])
 def test_save_hf_round_trip_through_transformers(kind, tmp_path):
     from meshwright.models.hf_weights import save_hf
 
@@ -358,7 +381,8 @@ def test_phi4_preset_is_the_published_shape():
 
 
 @pytest.mark.parametrize("change", [{"qk_norm": True}, {"qkv_bias": True}, {"n_experts": 4},
-                                    {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, {"arch": "gpt2"}])
+                                    {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, {"arch": "gpt2"},
+                                    {"rotary_dim": 16, "fused_proj": False}])
 def test_fused_proj_without_a_phi3_to_hold_it_is_one_line(change):
     """fused_proj exports Phi3ForCausalLM (dense, no biases or head norms, default rope): a model it cannot hold is
     refused in one line naming the field, when loaded (gpt2 blocks) or exported (the rest), never written as another
@@ -368,6 +392,14 @@ def test_fused_proj_without_a_phi3_to_hold_it_is_one_line(change):
     base = {"name": "p", "n_heads": 4, "n_kv_heads": 2, "fused_proj": True, **change}
     with pytest.raises(ConfigError, match="fused_proj") as err:
         hf_config_from_model(load_model_config(base))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("rotary_dim", [7, 0, 34])
+def test_rotary_dim_is_even_and_within_the_head(rotary_dim):
+    with pytest.raises(ConfigError, match=rf"model\.rotary_dim={rotary_dim} is invalid; valid: an even number in "
+                                          rf"2\.\.head_dim=32") as err:
+        load_model_config({"name": "p", "n_heads": 4, "rotary_dim": rotary_dim})
     assert "\n" not in str(err.value)
 
 

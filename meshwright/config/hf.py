@@ -209,7 +209,7 @@ def _qwen3_window(data: dict[str, Any]) -> int | None:
 def _phi3(data: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
     """Phi-3/Phi-4 (Phi3ForCausalLM): llama blocks whose checkpoint fuses q/k/v and gate/up (``fused_proj``), default
     rope or longrope (Phi-3-mini-128k, Phi-3.5-mini: ``su``/``yarn`` are Phi3Config's old names for it, renamed in
-    the returned copy of ``data``). Refused: partial rotary (Phi-4-mini: 0.75, not implemented), non-zero dropouts
+    the returned copy of ``data``), partial rotary (Phi-4-mini: ``rotary_dim``). Refused: non-zero dropouts
     (_PHI3_FIXED). ``original_max_position_embeddings`` only feeds longrope; with the default rope it changes
     nothing."""
     _check_fixed(data, _PHI3_FIXED)

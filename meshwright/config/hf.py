@@ -1,19 +1,21 @@
-"""Hugging Face ``config.json`` -> ModelConfig (Llama/Mistral/Qwen2/Qwen3/Qwen3-MoE/Mixtral/GPT-2), and back.
+"""Hugging Face ``config.json`` -> ModelConfig (Llama/Mistral/Qwen2/Qwen3/Qwen3-MoE/Phi-3/Mixtral/GPT-2), and back.
 
 Import keeps what the file says (rope theta wherever transformers wrote it, rope scaling, sliding window,
-head_dim, q/k/v biases, Qwen3's q/k head norms, tied embeddings); a setting meshwright cannot run is a one-line error, never
-silently dropped. ``hf_config_from_model`` is the inverse used by ``meshwright export --hf``.
+head_dim, q/k/v biases, Qwen3's q/k head norms, Phi-3's fused projections and longrope, tied embeddings); a
+setting meshwright cannot run is a one-line error, never silently dropped. ``hf_config_from_model`` is the inverse
+used by ``meshwright export --hf``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from meshwright.config.io import from_dict
 from meshwright.config.schema import ModelConfig
 from meshwright.errors import invalid
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gpt2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "phi3", "mixtral", "gpt2")
 
 HF_KEYS = {
     # Hugging Face config.json keys -> ModelConfig fields (LlamaConfig, MistralConfig, Qwen2/3Config, MixtralConfig, GPT2Config)
@@ -40,6 +42,10 @@ _LLAMA_FIXED = {
     "attention_bias": ((False, None), "false (q/k/v/o biases; Qwen2's q/k/v-only biases are supported)"),
     "pretraining_tp": ((1, None), "1"),
 }
+# Phi-3's dropouts (training mode only; every published Phi-3/Phi-4 sets 0) are not mapped: meshwright's one
+# model.dropout drops embeddings, attention and residuals alike, and transformers' Phi-3 has no embedding dropout
+_PHI3_FIXED = {key: ((0, None), "0 (not mapped: model.dropout would also drop the embeddings)")
+               for key in ("resid_pdrop", "embd_pdrop", "attention_dropout")}
 
 
 def _rope(data: dict[str, Any]) -> tuple[float | None, dict[str, Any] | None]:
@@ -64,11 +70,35 @@ def _rope(data: dict[str, Any]) -> tuple[float | None, dict[str, Any] | None]:
         spec.pop("type", None)
         if spec.get("rope_type", "default") == "default":
             spec = None
+        elif spec.get("rope_type") == "longrope":
+            spec = _longrope(spec, data)
         else:
             if spec.get("attention_factor") not in (None, 1, 1.0):
                 raise invalid("config.json rope_parameters.attention_factor", spec["attention_factor"], "1 or absent")
             spec.pop("attention_factor", None)
     return theta, spec
+
+
+def _longrope(spec: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """Phi-3's longrope as transformers computes it (``_compute_longrope_parameters``): the short/long factors, the
+    original length that picks between them, and the cos/sin scale, fixed here from the file's
+    ``max_position_embeddings`` (``factor``) so that a later ``model.max_seq_len`` override keeps the checkpoint's."""
+    original = spec.get("original_max_position_embeddings", data.get("original_max_position_embeddings"))
+    if isinstance(original, bool) or not isinstance(original, (int, float)) or not original > 1:
+        raise invalid("config.json original_max_position_embeddings", original, "the pretraining length (a number "
+                      "above 1; longrope picks its long factors past it)")
+    factor, attention = spec.get("factor"), spec.get("attention_factor")
+    if factor is None:
+        longest = data.get("max_position_embeddings")
+        if isinstance(longest, bool) or not isinstance(longest, (int, float)):
+            raise invalid("config.json max_position_embeddings", longest, "a number of positions")
+        factor = longest / original
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor):
+        raise invalid("config.json rope_parameters.factor", factor, "a number or absent")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return {"rope_type": "longrope", "short_factor": spec.get("short_factor"), "long_factor": spec.get("long_factor"),
+            "original_max_position_embeddings": original, "attention_factor": attention}
 
 
 def _is_int(value: Any) -> bool:
@@ -102,10 +132,15 @@ def model_config_from_hf(data: dict[str, Any], name: str = "hf") -> ModelConfig:
         return from_dict(ModelConfig, out, prefix="model")
     _check_fixed(data, _LLAMA_FIXED)
     out.setdefault("tie_embeddings", False)
+    if model_type == "phi3":  # before _rope: its su/yarn are longrope
+        data = _phi3(data, out)
     theta, scaling = _rope(data)
     if theta is not None:
         out["rope_theta"] = theta
     if scaling is not None:
+        if scaling["rope_type"] == "longrope" and model_type != "phi3":
+            raise invalid("config.json rope_parameters.rope_type", "longrope", f"default, linear or llama3 for "
+                          f"model_type {model_type} (longrope is implemented for phi3)")
         out["rope_scaling"] = scaling
     head_dim, heads = data.get("head_dim"), data.get("num_attention_heads")
     if head_dim is not None and not (_is_int(head_dim) and _is_int(heads) and head_dim * heads == data.get("hidden_size")):
@@ -132,6 +167,8 @@ def model_config_from_hf(data: dict[str, Any], name: str = "hf") -> ModelConfig:
             raise invalid("config.json use_sliding_window", data.get("use_sliding_window"),
                           "false (Qwen2's per-layer sliding windows are not implemented)")
         window = None
+    elif model_type == "phi3":  # transformers masks every layer with sliding_window when it is set
+        pass
     elif model_type in ("mistral", "mixtral") and window is not None:
         if data.get("layer_types") and set(data["layer_types"]) - {"sliding_attention"}:
             raise invalid("config.json layer_types", sorted(set(data["layer_types"])), "one attention type for every layer")
@@ -173,6 +210,53 @@ def _qwen3_window(data: dict[str, Any]) -> int | None:
     return data["sliding_window"]
 
 
+def _phi3(data: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
+    """Phi-3/Phi-4 (Phi3ForCausalLM): llama blocks whose checkpoint fuses q/k/v and gate/up (``fused_proj``), default
+    rope or longrope (Phi-3-mini-128k, Phi-3.5-mini: ``su``/``yarn`` are Phi3Config's old names for it, renamed in
+    the returned copy of ``data``), partial rotary (Phi-4-mini: ``rotary_dim``). Refused: non-zero dropouts
+    (_PHI3_FIXED). ``original_max_position_embeddings`` only feeds longrope; with the default rope it changes
+    nothing."""
+    _check_fixed(data, _PHI3_FIXED)
+    out["fused_proj"] = True
+    for where in ("rope_parameters", "rope_scaling"):
+        spec = data.get(where)
+        if not isinstance(spec, dict):
+            continue  # null, or _rope names the field
+        kind = spec.get("rope_type", spec.get("type", "default"))
+        if kind not in ("default", "longrope", "su", "yarn"):  # Phi3Config refuses any other type
+            raise invalid(f"config.json {where}.rope_type", kind, "default or longrope (su and yarn: Phi-3's old names "
+                          "for longrope)")
+        if kind in ("su", "yarn"):
+            spec = {k: v for k, v in spec.items() if k != "type"}
+            data = {**data, where: {**spec, "rope_type": "longrope"}}
+    _partial_rotary(data, out)
+    return data
+
+
+def _partial_rotary(data: dict[str, Any], out: dict[str, Any]) -> None:
+    """Phi3Config's ``partial_rotary_factor``: its rope mapping's, else the top-level key's (Phi-4-mini: 0.75), else 1.
+    transformers rotates the first ``int(head_dim * factor)`` dimensions of each head (``rotary_dim``)."""
+    spec = data.get("rope_parameters") if isinstance(data.get("rope_parameters"), dict) else data.get("rope_scaling")
+    where = "rope_parameters." if isinstance(data.get("rope_parameters"), dict) else "rope_scaling."
+    if not isinstance(spec, dict) or "partial_rotary_factor" not in spec:
+        spec, where = data, ""
+    factor = spec.get("partial_rotary_factor", 1.0)
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+        raise invalid(f"config.json {where}partial_rotary_factor", factor, "a number in (0, 1]: the share of each "
+                      "head's dimensions that RoPE rotates")
+    if factor == 1:
+        return
+    hidden, heads = data.get("hidden_size"), data.get("num_attention_heads")
+    head_dim = data.get("head_dim") or (hidden // heads if _is_int(hidden) and _is_int(heads) and heads > 0 else None)
+    if not _is_int(head_dim):
+        return  # the shape keys name themselves later
+    rotary = int(head_dim * factor)
+    if rotary < 2 or rotary % 2:
+        raise invalid(f"config.json {where}partial_rotary_factor", factor, f"a share of head_dim={head_dim} that is "
+                      f"an even number of dimensions (here {rotary})")
+    out["rotary_dim"] = rotary
+
+
 def _qwen3_moe(data: dict[str, Any], out: dict[str, Any]) -> None:
     """Qwen3-MoE's experts onto ModelConfig: every ``decoder_sparse_step``-th block (moe_every, the same rule), the
     others dense with ``intermediate_size``; absent keys take Qwen3MoeConfig's defaults, as transformers does. Refused:
@@ -198,7 +282,7 @@ def _qwen3_moe(data: dict[str, Any], out: dict[str, Any]) -> None:
 
 def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
     """The ``config.json`` transformers needs to rebuild ``cfg`` (LlamaForCausalLM, MistralForCausalLM,
-    Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, MixtralForCausalLM or GPT2LMHeadModel)."""
+    Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, Phi3ForCausalLM, MixtralForCausalLM or GPT2LMHeadModel)."""
     if cfg.arch == "gpt2":
         if cfg.n_experts:
             raise invalid("model.n_experts", cfg.n_experts, "0 for a GPT-2 export")
@@ -213,13 +297,26 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.n_experts and not cfg.qk_norm and cfg.moe_every != 1:
         raise invalid("model.moe_every", cfg.moe_every, "1 (Mixtral: experts in every block; qk_norm exports Qwen3-MoE, "
                       "which takes any moe_every)")
+    longrope = cfg.rope_scaling is not None and cfg.rope_scaling.get("rope_type") == "longrope"
+    other_rope = cfg.rope_scaling is not None and not longrope
+    if cfg.rotary_dim is not None and cfg.rotary_dim != cfg.head_dim and not cfg.fused_proj:
+        raise invalid("model.rotary_dim", cfg.rotary_dim, f"null or head_dim={cfg.head_dim} unless fused_proj (partial "
+                      f"rotary exports as Phi-3 only)")
+    if cfg.fused_proj and (cfg.qk_norm or cfg.qkv_bias or cfg.n_experts or other_rope):
+        raise invalid("model.fused_proj", True, "false with qk_norm, qkv_bias, experts or linear/llama3 rope_scaling "
+                      "(Phi-3 export: a dense model without biases or head norms, default rope or longrope)")
+    if longrope and not cfg.fused_proj:
+        raise invalid("model.rope_scaling.rope_type", "longrope", "linear or llama3 unless fused_proj "
+                      "(longrope exports as Phi-3 only)")
     if cfg.qk_norm and cfg.qkv_bias:
         raise invalid("model.qk_norm", True, "false with qkv_bias (no Hugging Face architecture has both; Qwen3 "
                       "export: no q/k/v biases)")
-    model_type = ("qwen3_moe" if cfg.n_experts and cfg.qk_norm else "mixtral" if cfg.n_experts else "qwen3" if cfg.qk_norm
-                  else "qwen2" if cfg.qkv_bias else "mistral" if cfg.sliding_window else "llama")
+    model_type = ("phi3" if cfg.fused_proj else "qwen3_moe" if cfg.n_experts and cfg.qk_norm
+                  else "mixtral" if cfg.n_experts else "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias
+                  else "mistral" if cfg.sliding_window else "llama")
     arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}[model_type]
+            "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "phi3": "Phi3ForCausalLM",
+            "mixtral": "MixtralForCausalLM"}[model_type]
     rope: dict[str, Any] = {"rope_type": "default"} if cfg.rope_scaling is None else dict(cfg.rope_scaling)
     rope["rope_theta"] = cfg.rope_theta
     out: dict[str, Any] = {
@@ -241,6 +338,12 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
         out.update(attention_bias=False, use_sliding_window=window is not None, sliding_window=window,
                    max_window_layers=0 if window is not None else cfg.n_layers,
                    layer_types=[("sliding_attention" if window is not None else "full_attention")] * cfg.n_layers)
+    if model_type == "phi3":  # one window on every layer, or none; original_max_position_embeddings: longrope's only
+        rope["partial_rotary_factor"] = cfg.rope_dim / cfg.head_dim
+        original = rope.get("original_max_position_embeddings", cfg.max_seq_len)
+        out.pop("rope_scaling", None)  # Phi3Config would take it over rope_parameters
+        out.update(attention_bias=False, sliding_window=cfg.sliding_window, resid_pdrop=0.0, embd_pdrop=0.0,
+                   original_max_position_embeddings=original, pad_token_id=None)
     if model_type == "qwen2":
         if cfg.sliding_window is not None:
             raise invalid("model.sliding_window", cfg.sliding_window, "null with qkv_bias (Qwen2 export)")

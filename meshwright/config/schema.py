@@ -61,7 +61,13 @@ def _positive(prefix: str, obj: Any, *names: str) -> None:
 ROPE_SCALING = {  # rope_type -> required keys (Hugging Face names); the values are checked to be positive
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    # Phi-3: plus short_factor/long_factor, one per rotary frequency (head_dim/2), checked by ModelConfig.validate
+    "longrope": ("original_max_position_embeddings", "attention_factor"),
 }
+
+
+def _positive_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 def validate_rope_scaling(spec: Any, key: str) -> None:
@@ -73,6 +79,11 @@ def validate_rope_scaling(spec: Any, key: str) -> None:
         value = spec.get(name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise invalid(f"{key}.{name}", value, f"a positive number (required by rope_type {kind})")
+    if kind == "longrope":
+        for name in ("short_factor", "long_factor"):
+            value = spec.get(name)
+            if not isinstance(value, list) or not value or not all(_positive_number(v) for v in value):
+                raise invalid(f"{key}.{name}", value, "a list of positive numbers, one per rotary frequency")
     if kind == "llama3" and not spec["high_freq_factor"] > spec["low_freq_factor"]:
         raise invalid(f"{key}.high_freq_factor", spec["high_freq_factor"], f"greater than {key}.low_freq_factor={spec['low_freq_factor']}")
 
@@ -93,11 +104,15 @@ class ModelConfig:
     max_seq_len: int = 256
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: Optional[dict[str, Any]] = None  # {"rope_type": "llama3"|"linear", "factor": ..., ...} (Llama 3.1)
+    rope_scaling: Optional[dict[str, Any]] = None  # {"rope_type": "llama3"|"linear"|"longrope", ...} (Llama 3.1, Phi-3)
     sliding_window: Optional[int] = None  # Mistral: each token sees itself and the previous window-1 tokens
     qkv_bias: bool = False  # Qwen2: biases on the q/k/v projections (not on the output projection)
     attn_head_dim: Optional[int] = None  # None = d_model / n_heads; set when a checkpoint's head_dim differs
     qk_norm: bool = False  # Qwen3: RMSNorm over each q/k head (one weight of head_dim, shared by the heads) before RoPE
+    # Phi-3/Phi-4: the checkpoint fuses q/k/v (qkv_proj) and gate/up (gate_up_proj). Only the Hugging Face layout: the
+    # model holds them apart either way (so tp, the savers and the planner see the usual weights)
+    fused_proj: bool = False
+    rotary_dim: Optional[int] = None  # None = head_dim; Phi-4-mini rotates each head's first 3/4 only (the rest as is)
     tie_embeddings: bool = False
     dropout: float = 0.0
     init_std: float = 0.02
@@ -126,12 +141,21 @@ class ModelConfig:
             raise invalid(f"{p}d_model", self.d_model, "d_model/n_heads must be even for rotary embeddings")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise invalid(f"{p}sliding_window", self.sliding_window, "a positive number of tokens or null (full causal)")
+        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise invalid(f"{p}rotary_dim", self.rotary_dim, f"an even number in 2..head_dim={self.head_dim} or null "
+                          f"(every dimension)")
         if self.rope_scaling is not None:
             validate_rope_scaling(self.rope_scaling, f"{p}rope_scaling")
+            for name in ("short_factor", "long_factor"):
+                value = self.rope_scaling.get(name)
+                kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+                if kind == "longrope" and len(value) * 2 != self.rope_dim:
+                    raise invalid(f"{p}rope_scaling.{name}", f"{len(value)} numbers",
+                                  f"rotary_dim/2={self.rope_dim // 2} numbers (one per rotary frequency)")
         if self.arch == "gpt2" and (self.rope_scaling is not None or self.qkv_bias or self.attn_head_dim is not None
-                                    or self.qk_norm):
-            raise invalid(f"{p}arch", self.arch, "'llama' for rope_scaling, qkv_bias, attn_head_dim or qk_norm "
-                          "(gpt2 blocks have none)")
+                                    or self.qk_norm or self.fused_proj):
+            raise invalid(f"{p}arch", self.arch, "'llama' for rope_scaling, qkv_bias, attn_head_dim, qk_norm or "
+                          "fused_proj (gpt2 blocks have none)")
         kv = self.kv_heads
         if kv <= 0 or self.n_heads % kv:
             raise invalid(f"{p}n_kv_heads", self.n_kv_heads, f"a divisor of n_heads={self.n_heads}: {divisors(self.n_heads)}")
@@ -166,6 +190,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.attn_head_dim if self.attn_head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """The leading dimensions of each q/k head that RoPE rotates (``rotary_dim``, else all of them)."""
+        return self.rotary_dim if self.rotary_dim is not None else self.head_dim
 
     @property
     def kv_heads(self) -> int:

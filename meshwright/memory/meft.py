@@ -41,7 +41,7 @@ from torch import nn
 
 from meshwright.config.schema import PAPER_SCALE, VARIANTS, MeftConfig  # noqa: F401  (MeftConfig re-exported)
 from meshwright.errors import invalid
-from meshwright.models.decoder import Decoder
+from meshwright.models.decoder import Decoder, rope_slice
 
 # Tolerated relative reconstruction error when choosing how many layers may be reversible by default.
 DEFAULT_TOLERANCE = 1e-3
@@ -491,8 +491,9 @@ class MeftDecoder(nn.Module):
         self.norm = base.norm
         self.output = base.output
         if base.rope_cos is not None:
-            self.register_buffer("rope_cos", base.rope_cos, persistent=False)
-            self.register_buffer("rope_sin", base.rope_sin, persistent=False)
+            for name in ("rope_cos", "rope_sin", "rope_cos_long", "rope_sin_long"):  # *_long: longrope (Phi-3)
+                if getattr(base, name, None) is not None:
+                    self.register_buffer(name, getattr(base, name), persistent=False)
         else:
             self.rope_cos = self.rope_sin = None
 
@@ -503,9 +504,7 @@ class MeftDecoder(nn.Module):
         return self.embed_dropout(h)
 
     def rope(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.rope_cos is None:
-            return None
-        return self.rope_cos[:seq_len], self.rope_sin[:seq_len]
+        return rope_slice(self, self.cfg, seq_len)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.embed(tokens)

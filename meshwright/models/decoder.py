@@ -18,8 +18,45 @@ from torch import nn
 
 from meshwright.config import ModelConfig
 from meshwright.models.init import ParamInit
-from meshwright.models.layers import Attention, GeluMLP, RMSNorm, SwiGLU, init_linear, residual_std, rope_tables
+from meshwright.models.layers import (Attention, GeluMLP, RMSNorm, SwiGLU, init_linear, is_longrope, residual_std,
+                                      rope_tables)
 from meshwright.models.moe import GroupedExperts, MoE
+
+
+def register_rope(module: nn.Module, cfg: ModelConfig, device: torch.device | None = None) -> None:
+    """The RoPE tables as non-persistent buffers ``rope_cos``/``rope_sin``; with longrope (Phi-3) also the long
+    factors' ``rope_cos_long``/``rope_sin_long``, which ``rope_slice`` picks for sequences longer than the scaling's
+    ``original_max_position_embeddings`` (transformers picks by the batch's length the same way)."""
+    cos, sin = rope_tables(cfg.rope_dim, cfg.max_seq_len, cfg.rope_theta, device=device, scaling=cfg.rope_scaling)
+    module.register_buffer("rope_cos", cos, persistent=False)
+    module.register_buffer("rope_sin", sin, persistent=False)
+    if is_longrope(cfg.rope_scaling):
+        cos, sin = rope_tables(cfg.rope_dim, cfg.max_seq_len, cfg.rope_theta, device=device, scaling=cfg.rope_scaling,
+                               long=True)
+        module.register_buffer("rope_cos_long", cos, persistent=False)
+        module.register_buffer("rope_sin_long", sin, persistent=False)
+
+
+@torch.no_grad()
+def fill_rope(module: nn.Module, cfg: ModelConfig) -> None:
+    """Recompute ``register_rope``'s tables in place (garbage after ``to_empty``; never drawn, never loaded)."""
+    for suffix, long in (("", False), ("_long", True)):
+        cos_buf = getattr(module, f"rope_cos{suffix}", None)
+        if isinstance(cos_buf, torch.Tensor) and cos_buf.device.type != "meta":
+            cos, sin = rope_tables(cfg.rope_dim, cfg.max_seq_len, cfg.rope_theta, device=cos_buf.device,
+                                   scaling=cfg.rope_scaling, long=long)
+            cos_buf.copy_(cos)
+            getattr(module, f"rope_sin{suffix}").copy_(sin)
+
+
+def rope_slice(module: nn.Module, cfg: ModelConfig, seq_len: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The tables for a sequence of ``seq_len`` tokens (longrope: the long factors' past its original length)."""
+    if module.rope_cos is None:
+        return None
+    long = getattr(module, "rope_cos_long", None) is not None
+    if long and seq_len > cfg.rope_scaling["original_max_position_embeddings"]:
+        return module.rope_cos_long[:seq_len], module.rope_sin_long[:seq_len]
+    return module.rope_cos[:seq_len], module.rope_sin[:seq_len]
 
 
 class Block(nn.Module):
@@ -64,9 +101,7 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         if cfg.arch == "llama":
-            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, scaling=cfg.rope_scaling)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            register_rope(self, cfg)
         else:
             self.rope_cos = self.rope_sin = None
         self.init_weights()
@@ -81,12 +116,8 @@ class Decoder(nn.Module):
     @torch.no_grad()
     def reset_rope(self) -> None:
         """Recompute the RoPE tables (non-persistent buffers: computed, never drawn; garbage after ``to_empty``)."""
-        cfg = self.cfg
-        if cfg.arch == "llama" and self.rope_cos is not None:
-            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device,
-                                   scaling=cfg.rope_scaling)
-            self.rope_cos.copy_(cos)
-            self.rope_sin.copy_(sin)
+        if self.cfg.arch == "llama":
+            fill_rope(self, self.cfg)
 
     def init_steps(self) -> list[tuple[str, Callable[[nn.Module], None]]]:
         """(module path, initialiser) in the order ``init_weights`` runs them, i.e. the order of RNG draws:
@@ -153,9 +184,7 @@ class Decoder(nn.Module):
         return specs
 
     def rope(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.rope_cos is None:
-            return None
-        return self.rope_cos[:seq_len], self.rope_sin[:seq_len]
+        return rope_slice(self, self.cfg, seq_len)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(tokens)

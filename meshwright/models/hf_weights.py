@@ -14,6 +14,9 @@ Layout differences (measured equal to transformers' logits to 1e-4 in tests/unit
   interleaved pairs, so q/k rows (and Qwen2's q/k biases, Qwen3's q_norm/k_norm weights) are permuted within each
   head.
 - GPT-2 stores Conv1D weights as (in, out) and fuses q/k/v into ``c_attn``.
+- Phi-3/Phi-4 fuse q/k/v rows into ``qkv_proj`` and gate/up rows into ``gate_up_proj`` (``fused_proj``); each of
+  meshwright's separate weights reads its row block (q/k blocks permuted per head as above), and the export
+  concatenates them back.
 - Mixtral stores each expert's w1/w2/w3 apart (Qwen3-MoE: gate_proj/down_proj/up_proj); meshwright stacks them
   along dim 0.
 """
@@ -31,8 +34,7 @@ from torch import nn
 from meshwright.config import ModelConfig, load_model_config
 from meshwright.config.hf import hf_config_from_model
 from meshwright.errors import ConfigError, invalid
-from meshwright.models.decoder import Decoder
-from meshwright.models.layers import rope_tables
+from meshwright.models.decoder import Decoder, fill_rope
 
 Index = tuple[slice, ...]
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")  # buffers some checkpoints carry
@@ -100,6 +102,17 @@ def _bounds(s: slice, n: int) -> tuple[int, int]:
     return start, stop
 
 
+def rotate_half_to_pairs(rows: torch.Tensor, heads: int, rope_dim: int = 0, inverse: bool = False) -> torch.Tensor:
+    """Each head's rows (``rows`` holds ``heads`` of them) from transformers' rotate-half order to meshwright's
+    interleaved pairs (``inverse``: back); only the first ``rope_dim`` rows of a head rotate (0: all), the rest stay."""
+    hd = rows.shape[0] // heads
+    rd, rest = rope_dim or hd, rows.shape[1:]
+    t = rows.reshape(heads, hd, *rest)
+    split = (rd // 2, 2) if inverse else (2, rd // 2)
+    rot = t[:, :rd].reshape(heads, *split, *rest).transpose(1, 2).reshape(heads, rd, *rest)
+    return torch.cat([rot, t[:, rd:]], dim=1).reshape(rows.shape)
+
+
 @dataclass
 class Source:
     """One meshwright parameter from one checkpoint tensor: optionally a column block (``offset``,
@@ -109,19 +122,24 @@ class Source:
     transpose: bool = False
     offset: int = 0  # start of this parameter along the checkpoint axis that becomes meshwright's dim 0
     rope_heads: int = 0
+    rope_dim: int = 0  # the rotated leading rows of each head (partial rotary, Phi-4-mini); 0 = all of them
     exact: bool = True  # the checkpoint tensor has exactly this parameter's shape (False: a block of a fused one)
+    fused_rows: int = 0  # a block of a fused tensor of this many rows (Phi-3): its shape is checked all the same
 
     def keys(self) -> list[str]:
         return [self.key]
 
     def check_shape(self, reader: SafetensorsReader, name: str, shape: tuple[int, ...]) -> None:
         """Refuse a checkpoint tensor larger than the parameter: slicing would otherwise load its corner silently."""
-        if not self.exact:
+        if not self.exact and not self.fused_rows:
             return
         found = reader.shape(self.key)
         want = tuple(reversed(shape)) if self.transpose else shape
+        if self.fused_rows:
+            want = (self.fused_rows, *shape[1:])
         if found != want:
-            raise ConfigError(f"init_from: {name} has shape {want} in the model, {self.key} has {found} in "
+            what = f"{name} (a row block of {self.key})" if self.fused_rows else name
+            raise ConfigError(f"init_from: {what} has shape {want} in the model, {self.key} has {found} in "
                               f"{str(reader.root)!r}; valid: a model config matching the checkpoint's config.json")
 
     def read(self, reader: SafetensorsReader, idx: Index, shape: tuple[int, ...]) -> torch.Tensor:
@@ -130,8 +148,7 @@ class Source:
             hd = shape[0] // self.rope_heads
             h0, h1 = r0 // hd, -(-r1 // hd)
             whole = self._rows(reader, h0 * hd, h1 * hd, idx[1:])
-            nh = h1 - h0
-            whole = whole.reshape(nh, 2, hd // 2, *whole.shape[1:]).transpose(1, 2).reshape(nh * hd, *whole.shape[1:])
+            whole = rotate_half_to_pairs(whole, h1 - h0, self.rope_dim)
             return whole[r0 - h0 * hd: r1 - h0 * hd]
         return self._rows(reader, r0, r1, idx[1:])
 
@@ -190,18 +207,23 @@ def llama_sources(cfg: ModelConfig, reader: SafetensorsReader) -> dict[str, Sour
     out: dict[str, Source | Stacked] = {"tok_embeddings.weight": Source(f"{p}embed_tokens.weight"),
                                         "norm.weight": Source(f"{p}norm.weight")}
     out["output.weight"] = _head_source(cfg, reader, f"{p}embed_tokens.weight")
+    rd = cfg.rope_dim if cfg.rope_dim != cfg.head_dim else 0
     for i in range(cfg.n_layers):
         h, o = f"{p}layers.{i}.", f"layers.{i}."
         out[o + "attention_norm.weight"] = Source(h + "input_layernorm.weight")
         out[o + "ffn_norm.weight"] = Source(h + "post_attention_layernorm.weight")
+        if cfg.fused_proj:
+            out.update(_phi3_attention(cfg, h, o))
         for ours, theirs, heads in (("wq", "q_proj", cfg.n_heads), ("wk", "k_proj", cfg.kv_heads), ("wv", "v_proj", 0),
                                     ("wo", "o_proj", 0)):
-            out[f"{o}attention.{ours}.weight"] = Source(f"{h}self_attn.{theirs}.weight", rope_heads=heads)
+            if cfg.fused_proj and ours != "wo":
+                continue
+            out[f"{o}attention.{ours}.weight"] = Source(f"{h}self_attn.{theirs}.weight", rope_heads=heads, rope_dim=rd)
             if cfg.qkv_bias and ours != "wo":
-                out[f"{o}attention.{ours}.bias"] = Source(f"{h}self_attn.{theirs}.bias", rope_heads=heads)
+                out[f"{o}attention.{ours}.bias"] = Source(f"{h}self_attn.{theirs}.bias", rope_heads=heads, rope_dim=rd)
         if cfg.qk_norm:  # one head_dim weight, permuted like the rows of one head
             for norm in ("q_norm", "k_norm"):
-                out[f"{o}attention.{norm}.weight"] = Source(f"{h}self_attn.{norm}.weight", rope_heads=1)
+                out[f"{o}attention.{norm}.weight"] = Source(f"{h}self_attn.{norm}.weight", rope_heads=1, rope_dim=rd)
         if cfg.is_moe_layer(i):  # Qwen3-MoE (qk_norm): mlp.experts.{e}.gate/up/down_proj; Mixtral: w1/w3/w2
             moe = f"{h}mlp." if cfg.qk_norm else f"{h}block_sparse_moe."
             names = ({"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"} if cfg.qk_norm
@@ -210,10 +232,27 @@ def llama_sources(cfg: ModelConfig, reader: SafetensorsReader) -> dict[str, Sour
             for w in ("w1", "w2", "w3"):
                 out[f"{o}feed_forward.experts.{w}"] = Stacked(
                     [Source(f"{moe}experts.{e}.{names[w]}.weight") for e in range(cfg.n_experts)])
+        elif cfg.fused_proj:  # gate rows, then up rows
+            f = cfg.ffn_dim
+            for j, ours in enumerate(("w1", "w3")):
+                out[f"{o}feed_forward.{ours}.weight"] = Source(f"{h}mlp.gate_up_proj.weight", offset=j * f, exact=False,
+                                                               fused_rows=2 * f)
+            out[o + "feed_forward.w2.weight"] = Source(f"{h}mlp.down_proj.weight")
         else:
             for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
                 out[f"{o}feed_forward.{ours}.weight"] = Source(f"{h}mlp.{theirs}.weight")
     return out
+
+
+def _phi3_attention(cfg: ModelConfig, h: str, o: str) -> dict[str, Source | Stacked]:
+    """wq, wk, wv: the q, k and v row blocks of Phi-3's ``qkv_proj`` (q/k permuted per head like Llama's)."""
+    hd, total = cfg.head_dim, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim
+    blocks = (("wq", 0, cfg.n_heads), ("wk", cfg.n_heads * hd, cfg.kv_heads),
+              ("wv", (cfg.n_heads + cfg.kv_heads) * hd, 0))
+    rd = cfg.rope_dim if cfg.rope_dim != cfg.head_dim else 0
+    return {f"{o}attention.{ours}.weight": Source(f"{h}self_attn.qkv_proj.weight", offset=offset, rope_heads=heads,
+                                                  rope_dim=rd, exact=False, fused_rows=total)
+            for ours, offset, heads in blocks}
 
 
 def gpt2_sources(cfg: ModelConfig, reader: SafetensorsReader) -> dict[str, Source | Stacked]:
@@ -326,12 +365,7 @@ def load_pretrained_into(model: nn.Module | Iterable[nn.Module], path: str | Pat
 
 
 def _reset_rope(module: nn.Module, cfg: ModelConfig) -> None:
-    cos_buf = getattr(module, "rope_cos", None)
-    if isinstance(cos_buf, torch.Tensor) and cos_buf.device.type != "meta":
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=cos_buf.device,
-                               scaling=cfg.rope_scaling)
-        module.rope_cos.copy_(cos)
-        module.rope_sin.copy_(sin)
+    fill_rope(module, cfg)
 
 
 def from_pretrained(path: str | Path, device: str | torch.device | None = None,
@@ -368,13 +402,15 @@ def hf_state_dict(model: nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]
         values = list(value) if isinstance(src, Stacked) else [value]
         for part, v in zip(parts, values):
             if part.rope_heads:
-                nh, hd = part.rope_heads, v.shape[0] // part.rope_heads
-                v = v.reshape(nh, hd // 2, 2, *v.shape[1:]).transpose(1, 2).reshape(v.shape)
+                v = rotate_half_to_pairs(v, part.rope_heads, part.rope_dim, inverse=True)
             if part.transpose:
                 v = v.t()
-            prev = out.get(part.key)  # GPT-2's c_attn: q, k, v concatenated in that order
+            prev = out.get(part.key)  # GPT-2's c_attn, Phi-3's qkv_proj/gate_up_proj: blocks in offset order
             if prev is not None:
-                v = torch.cat([prev, v], dim=-1 if v.dim() == 2 else 0)
+                dim = 1 if part.transpose and v.dim() == 2 else 0
+                if prev.shape[dim] != part.offset:
+                    raise AssertionError(f"{part.key}: block at {part.offset} follows {prev.shape[dim]} rows")
+                v = torch.cat([prev, v], dim=dim)
             out[part.key] = v.contiguous()
     return out
 

@@ -31,10 +31,16 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None,
-                  device: torch.device | None = None) -> torch.Tensor:
+                  device: torch.device | None = None, long: bool = False) -> torch.Tensor:
     """Rotary frequencies, with the checkpoint's scaling: ``linear`` divides them by ``factor``; ``llama3``
-    (Llama 3.1) divides only the low frequencies and blends the middle band, as Meta's reference does."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    (Llama 3.1) divides only the low frequencies and blends the middle band, as Meta's reference does; ``longrope``
+    (Phi-3) divides each by its ``short_factor``, or its ``long_factor`` for the tables of sequences longer than
+    ``original_max_position_embeddings`` (``long``)."""
+    wavelength = theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    if is_longrope(scaling):
+        ext = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32, device=device)
+        return 1.0 / (ext * wavelength)
+    inv = 1.0 / wavelength
     if scaling is None:
         return inv
     kind = scaling.get("rope_type", scaling.get("type"))
@@ -54,12 +60,20 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None,
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device: torch.device | None = None,
-                scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape (max_seq_len, head_dim/2) for rotary position embeddings."""
-    inv = rope_inv_freq(head_dim, theta, scaling, device)
+                scaling: dict | None = None, long: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (max_seq_len, head_dim/2) for rotary position embeddings (longrope: scaled by its
+    ``attention_factor``, as transformers scales them; ``long``: the long factors' tables)."""
+    inv = rope_inv_freq(head_dim, theta, scaling, device, long)
     pos = torch.arange(max_seq_len, device=device, dtype=torch.float32)
     angles = torch.outer(pos, inv)
+    if is_longrope(scaling):
+        scale = float(scaling["attention_factor"])
+        return angles.cos() * scale, angles.sin() * scale
     return angles.cos(), angles.sin()
+
+
+def is_longrope(scaling: dict | None) -> bool:
+    return scaling is not None and scaling.get("rope_type", scaling.get("type")) == "longrope"
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -68,6 +82,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     ``cos``/``sin`` are (seq, head_dim/2) for contiguous positions or (batch, seq, head_dim/2) when
     tokens carry their own positions (LeMo keeps the original positions of the kept tokens).
     """
+    rotated = 2 * cos.shape[-1]
+    if rotated < x.shape[-1]:  # partial rotary (Phi-4-mini): the first ``rotated`` dimensions of each head only
+        return torch.cat([apply_rope(x[..., :rotated], cos, sin), x[..., rotated:]], dim=-1)
     if cos.dim() == 2:
         cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     else:

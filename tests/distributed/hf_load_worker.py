@@ -4,7 +4,9 @@ shards: bitwise the slices megatron's copy from that full model takes), the firs
 loss (rel <= 1e-5), every layout reads only part of the file, and no random value is drawn for weights the load
 overwrites (neither initialisation scheme runs). Megatron tp2 is built on meta (no rank builds the
 whole model) and its first training step's loss equals the one-process loss too, for a Llama and (optional third
-argument) a GPT-2 checkpoint (transposed Conv1D, fused c_attn: the boxes go through those transforms)."""
+argument) a GPT-2 checkpoint (transposed Conv1D, fused c_attn: the boxes go through those transforms); with a fourth,
+a Phi-3 checkpoint under tp2, DTensor and megatron (fused qkv_proj/gate_up_proj: each rank's q/k/v and gate/up shards
+are row blocks of one fused tensor)."""
 
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ def reference(path: str):
 def main() -> None:
     path, out = sys.argv[1], sys.argv[2]
     gpt2_path = sys.argv[3] if len(sys.argv) > 3 else None
+    phi3_path = sys.argv[4] if len(sys.argv) > 4 else None
     rank, world = init()
     ref, cfg, x, y, ref_loss = reference(path)
     L = cfg.n_layers
@@ -56,6 +59,11 @@ def main() -> None:
         refs[gpt2_path] = reference(gpt2_path)
         g_cfg = refs[gpt2_path][1]
         cases["tp2_megatron_gpt2"] = (plan(g_cfg, [{"tp": 2, "repeat": g_cfg.n_layers}]), "megatron", gpt2_path)
+    if phi3_path is not None:
+        refs[phi3_path] = reference(phi3_path)
+        p_cfg = refs[phi3_path][1]
+        for backend in ("dtensor", "megatron"):
+            cases[f"tp2_{backend}_phi3"] = (plan(p_cfg, [{"tp": 2, "repeat": p_cfg.n_layers}]), backend, phi3_path)
     report = Report(out)
     real_read = hf_weights.SafetensorsReader.read
     for name, (p, backend, ckpt) in cases.items():

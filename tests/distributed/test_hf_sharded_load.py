@@ -24,14 +24,20 @@ def test_sharded_loads_equal_the_one_process_load(tmp_path):
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
     gpt2.save_pretrained(tmp_path / "gpt2")
+    phi3 = transformers.Phi3ForCausalLM(transformers.Phi3Config(  # fused q/k/v and gate/up, a window under SEQ=16
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, sliding_window=8, pad_token_id=None, bos_token_id=None,
+        eos_token_id=None))
+    phi3.save_pretrained(tmp_path / "phi3")
     out = tmp_path / "report.json"
     run_torchrun(REPO / "tests/distributed/hf_load_worker.py", nproc=2,
-                 args=[str(tmp_path / "hf"), str(out), str(tmp_path / "gpt2")], timeout=300)
+                 args=[str(tmp_path / "hf"), str(out), str(tmp_path / "gpt2"), str(tmp_path / "phi3")], timeout=300)
     res = read_json(out)
-    cases = ("tp2_dtensor", "tp2_megatron", "tp2_megatron_gpt2", "fsdp2_zero3", "pp2")
+    cases = ("tp2_dtensor", "tp2_megatron", "tp2_megatron_gpt2", "tp2_dtensor_phi3", "tp2_megatron_phi3", "fsdp2_zero3",
+             "pp2")
     for case in cases:
         assert res[case]["ok"], (case, res[case])
-    for case in ("tp2_megatron", "tp2_megatron_gpt2"):  # built on meta: no rank held the whole model
+    for case in ("tp2_megatron", "tp2_megatron_gpt2", "tp2_megatron_phi3"):  # built on meta: no rank held the whole model
         for rank in range(2):
             assert res[case]["ranks"][str(rank)]["meta_init"], (case, res[case])
     for case in cases:  # the load fills every shard: no rank drew initial values for it (either scheme)

@@ -257,6 +257,12 @@ HF_QWEN3 = {"hf.qwen3": _hf_qwen3_base(False), "hf.qwen3_moe": _hf_qwen3_base(Tr
 QWEN3_READS = ("model_type", "head_dim", "layer_types", "sliding_window", "num_experts_per_tok", "intermediate_size")
 
 
+# Phi-3 (fused_proj, one window on every layer): the keys only Phi-3 has, and the ones it reads its own way
+HF_PHI3 = hf_config_from_model(load_model_config({**TINY, "fused_proj": True, "attn_head_dim": 16,
+                                                  "sliding_window": 32}))
+PHI3_READS = ("model_type", "head_dim", "sliding_window", "rope_parameters", "attention_dropout", "attention_bias")
+
+
 def _load_plan(path: Path, mp: pytest.MonkeyPatch) -> None:
     plan = load_plan(path)
     _train_downstream(load_train_config(TRAIN), path, mp, plan=str(path))
@@ -283,6 +289,10 @@ ROOTS = [
     *[Root(name, None, base, (), "", _load_hf, extra=tuple(((k,), _hf_hint(v)) for k, v in base.items()
                                                           if k not in HF_BASE or k in QWEN3_READS))
       for name, base in HF_QWEN3.items()],
+    Root("hf.phi3", None, HF_PHI3, (), "", _load_hf,
+         extra=(*(((k,), _hf_hint(v)) for k, v in HF_PHI3.items() if k not in HF_BASE or k in PHI3_READS),
+                (("rope_parameters", "rope_type"), Literal["default"]),
+                (("rope_parameters", "partial_rotary_factor"), float))),
     Root("model.rope", None, {**TINY, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
          (), "model", _load_model, extra=((("rope_scaling", "rope_type"), Literal["llama3", "linear"]),
@@ -457,7 +467,8 @@ def test_cli_refusal_is_one_stderr_line_naming_the_field(case, tmp_path, capsys,
         assert not (tmp_path / "o").exists() and not (tmp_path / "hf").exists()
 
 
-PLANNED = [c for c in FIELDS if c[0].name in ("model", "model.rope", "hf", "hf.qwen3", "hf.qwen3_moe", "cluster")]
+PLANNED = [c for c in FIELDS if c[0].name in ("model", "model.rope", "hf", "hf.qwen3", "hf.qwen3_moe", "hf.phi3",
+                                              "cluster")]
 
 
 @pytest.mark.parametrize("case", PLANNED, ids=[_id(c) for c in PLANNED])

@@ -45,6 +45,7 @@ CASES = {
     "qwen2.5-7b tp4 qkv bias": (("qwen2.5-7b", 32), dict(tp=4, sp=True, zero=1, gb=256)),  # 28 heads, 4 kv heads
     "qwen3-0.6b zero3 (fsdp refused with tied embeddings)": (("qwen3-0.6b", 16), dict(tp=2, zero=3, gb=256)),
     "qwen3-0.6b tp2": (("qwen3-0.6b", 16), dict(tp=2, sp=True, zero=1, gb=256)),  # head_dim 128 on d_model 1024
+    "phi-4 tp2 pp4": (("phi-4", 64), dict(pp=4, tp=2, sp=True, zero=1, gb=256)),  # 10 kv heads: tp 2, 5 or 10
 }
 
 

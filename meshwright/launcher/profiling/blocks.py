@@ -40,4 +40,4 @@ def shard_block(cfg: ModelConfig, index: int, tp: int) -> nn.Module:
 def rope_for(cfg: ModelConfig, seq: int, device: torch.device):
     if cfg.arch != "llama":
         return None
-    return rope_tables(cfg.head_dim, seq, cfg.rope_theta, device=device)
+    return rope_tables(cfg.rope_dim, seq, cfg.rope_theta, device=device)

@@ -361,3 +361,29 @@ def test_emit_makes_the_found_plans_uniform_rather_than_fall_back_to_a_slow_one(
     assert variants and all(len({s.key() for i, s in enumerate(p.layer_strategies()) if not cfg.is_moe_layer(i)}) <= 1
                             for p, _ in variants)
     assert uniform_variants(variants[0][0], cfg, hw, 16, {}) == []  # a uniform plan has no other variant
+
+
+@pytest.mark.parametrize("change,expect,note", [
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8192}}, {"use_rope_scaling": True, "rope_scaling_factor": 8.0},
+     None),  # Llama 3.1
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 4096}}, {"use_rope_scaling": False}, "fixes low/high"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 4.0}}, {"rotary_seq_len_interpolation_factor": 4}, None),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.5}}, {"rotary_seq_len_interpolation_factor": None},
+     "integer interpolation"),
+    ({"rotary_dim": 96}, {"rotary_percent": 0.75}, None),  # Phi-4-mini's share of a 128-wide head
+    ({"sliding_window": 4096}, {"window_size": (4095, 0)}, None),  # Mistral: itself and the 4,095 before
+])
+def test_megatron_export_keeps_rope_scaling_partial_rotary_and_the_window(change, expect, note):
+    """Llama 3.1's rope scaling, partial rotary and a sliding window were exported as plain RoPE with full
+    attention, silently: another model. Each is a Megatron-LM flag now, read back by its own parser, or a note."""
+    import dataclasses
+
+    plan, cfg, world = _case("llama3-70b tp8 pp4")
+    cfg = dataclasses.replace(cfg, **change)
+    args, notes = exports.megatron_args(plan, cfg, None, "bf16")
+    ns = megatron_validate(args, world, exports.megatron_env(plan, cfg))
+    for key, value in expect.items():
+        assert getattr(ns, key) == value, (key, getattr(ns, key))
+    assert any(note in n for n in notes) if note else not [n for n in notes if "rope" in n.lower()]

@@ -41,6 +41,40 @@ def _fsdp_refusal(plan: Plan, cfg: ModelConfig, s: LayerStrategy) -> str | None:
     return None
 
 
+# Megatron-core's llama3 scaling takes only the factor; the rest is fixed at Llama 3.1's values
+# (rotary_pos_embedding.py RotaryEmbedding._apply_scaling defaults)
+MEGATRON_LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _rope_and_window_args(cfg: ModelConfig, notes: list[str]) -> list[str]:
+    """RoPE scaling, partial rotary and the sliding window as Megatron-LM's flags, or a note where it has none (the
+    export used to write plain RoPE and full attention for Llama 3.1, Mistral and Phi-3, silently)."""
+    args: list[str] = []
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "llama3":
+        if all(float(scaling.get(k, v)) == v for k, v in MEGATRON_LLAMA3_FIXED.items()):
+            args += ["--use-rope-scaling", "--rope-scaling-factor", _num(scaling["factor"])]
+        else:
+            notes.append(f"rope_scaling {scaling}: Megatron-LM's llama3 scaling fixes low/high_freq_factor 1/4 and "
+                         "original_max_position_embeddings 8192; exported plain RoPE (another model)")
+    elif kind == "linear":
+        factor = float(scaling["factor"])
+        if factor.is_integer():
+            args += ["--rotary-seq-len-interpolation-factor", str(int(factor))]
+        else:
+            notes.append(f"linear rope_scaling factor {factor}: Megatron-LM takes an integer interpolation factor; "
+                         "exported plain RoPE (another model)")
+    elif kind is not None:
+        notes.append(f"rope_scaling rope_type={kind!r} has no Megatron-LM flag; exported plain RoPE (another model "
+                     "past the original context)")
+    if cfg.rope_dim != cfg.head_dim:  # Phi-4-mini: the first rotary_dim dimensions of each head turn
+        args += ["--rotary-percent", _num(cfg.rope_dim / cfg.head_dim)]
+    if cfg.sliding_window is not None:  # each token sees itself and window-1 before it: TE's (left, right)
+        args += ["--window-size", f"{cfg.sliding_window - 1},0"]
+    return args
+
+
 def pipeline_layout(plan: Plan, cfg: ModelConfig) -> str:
     """--pipeline-model-parallel-layout: E(mbedding), t(ransformer) x n, L(oss) per (virtual) stage, '|'-separated,
     in stage order; it carries uneven and interleaved splits exactly."""
@@ -80,6 +114,7 @@ def megatron_args(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] = N
     if cfg.arch == "llama":
         args += ["--swiglu", "--normalization", "RMSNorm", "--position-embedding-type", "rope",
                  "--rotary-base", _num(cfg.rope_theta), "--disable-bias-linear"]
+        args += _rope_and_window_args(cfg, notes)
     if not cfg.tie_embeddings:
         args.append("--untie-embeddings-and-output-weights")
     if s.sp:

@@ -443,7 +443,7 @@ def check_export_dir(out: str | Path, label: str = "--hf") -> None:
     if not d.is_dir():
         return
     weights = d / "model.safetensors"
-    if weights.is_file() and _written_by_save_hf(weights):
+    if weights.is_file() and written_by_save_hf(weights):
         return
     clash = sorted(f.name for f in d.iterdir()
                    if f.name in ("config.json", "model.safetensors.index.json") or f.name.endswith(".safetensors"))
@@ -454,7 +454,7 @@ def check_export_dir(out: str | Path, label: str = "--hf") -> None:
                       f"it is left alone)")
 
 
-def _written_by_save_hf(path: Path) -> bool:
+def written_by_save_hf(path: Path) -> bool:
     """Whether ``path``'s safetensors header carries EXPORT_MARK (a damaged or foreign file: no)."""
     from safetensors import safe_open
 
@@ -466,13 +466,14 @@ def _written_by_save_hf(path: Path) -> bool:
     return all(meta.get(k) == v for k, v in EXPORT_MARK.items())
 
 
-def save_hf(model: nn.Module, cfg: ModelConfig, out: str | Path) -> Path:
-    """Write ``out/config.json`` + ``out/model.safetensors`` that transformers' ``from_pretrained`` loads."""
+def save_hf(model: nn.Module, cfg: ModelConfig, out: str | Path, config_extra: dict | None = None) -> Path:
+    """Write ``out/config.json`` + ``out/model.safetensors`` that transformers' ``from_pretrained`` loads;
+    ``config_extra``: config.json keys the model config does not hold (the source's token ids)."""
     from safetensors.torch import save_file
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.float() if v.is_floating_point() else v for k, v in hf_state_dict(model, cfg).items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", **EXPORT_MARK})
-    (out / "config.json").write_text(json.dumps(hf_config_from_model(cfg), indent=1) + "\n")
+    (out / "config.json").write_text(json.dumps({**hf_config_from_model(cfg), **(config_extra or {})}, indent=1) + "\n")
     return out

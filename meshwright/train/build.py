@@ -25,6 +25,7 @@ from meshwright.tools.sinks import check_sink_packages
 from meshwright.train.local_runtime import LocalRuntime
 from meshwright.train.checkpoint import require_complete
 from meshwright.train.compile import MODEL_SCOPE_SUPPORTED
+from meshwright.train.hf_companions import save_companions
 from meshwright.train.plan_match import check_plan_matches, check_world
 from meshwright.train.run_dir import (RunLock, check_fresh_or_overwrite, check_resume_config, dirs_to_create, nospace,
                                      prepare_out_dir, remove_unused)
@@ -315,6 +316,7 @@ def _write_run_files(job: TrainingJob, runtime: Runtime) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_yaml(job.cfg, out / "config.yaml")
     write_yaml(job.model, out / "model.yaml")
+    save_companions(job.cfg, out)  # the tokenizer and init_from's token ids, for `export --hf`
     if runtime.plan is not None:
         runtime.plan.save(out / "plan.yaml")
 

@@ -17,8 +17,9 @@ from meshwright.config import load_model_config, load_train_config
 from meshwright.config.io import check_output_path
 from meshwright.errors import ConfigError, invalid
 from meshwright.models import build_model
-from meshwright.models.hf_weights import check_export_dir, save_hf
+from meshwright.models.hf_weights import check_export_dir, save_hf, written_by_save_hf
 from meshwright.train.build import resolve_model_config
+from meshwright.train.hf_companions import companion_token_ids, export_companions
 from meshwright.train.checkpoint import STATE_FILE, _first_failure, _quiet_dcp, latest_checkpoint
 from meshwright.train.checkpoint_io import (MANIFEST, SafeFileSystemReader, SafeLoadPlanner, read_metadata_file,
                                            verify_manifest)
@@ -87,4 +88,8 @@ def _export(step_dir: Path, run_dir: Path, out: str | Path) -> Path:
         raise ConfigError(f"CKPT={str(step_dir)!r} does not hold the plain model of {source} ({reason}); "
                           f"valid: a checkpoint of this run's model, without adapters") from None
     model.load_state_dict(state, strict=False)
-    return save_hf(model, model_cfg, out)
+    weights = Path(out) / "model.safetensors"
+    earlier_export = weights.is_file() and written_by_save_hf(weights)
+    save_hf(model, model_cfg, out, companion_token_ids(run_dir, model_cfg.vocab_size))
+    export_companions(run_dir, out, earlier_export)  # the tokenizer and generation config the run kept
+    return Path(out)

@@ -22,6 +22,7 @@ from meshwright.config.io import to_dict
 from meshwright.errors import ConfigError, invalid
 from meshwright.train.checkpoint import LATEST, STATE_FILE, STEP_RE, latest_checkpoint, list_checkpoints
 from meshwright.train.faults import fault_point
+from meshwright.train.hf_companions import remove_companions
 
 LOCK_FILE = ".meshwright.lock"
 # what meshwright writes into out_dir: the only names --overwrite removes
@@ -143,6 +144,7 @@ def remove_outputs(out: Path) -> None:
                     ckpt.rmdir()
         for name in OUTPUTS:
             (out / name).unlink(missing_ok=True)
+        remove_companions(out)
     except OSError as exc:
         raise ConfigError(f"--overwrite: out_dir={str(out)!r} could not be cleared: {exc.strerror or exc} "
                           f"({exc.filename}); valid: an out_dir whose previous run's files can be deleted, or another "

@@ -174,3 +174,66 @@ def test_finetune_pretrained_on_chat_jsonl_with_its_tokenizer(tmp_path, monkeypa
                              "data": {"path": "default", "max_files": 5}, "out_dir": str(tmp_path / "run2")})
     with pytest.raises(ConfigError, match="data.tokenizer='byte'"):
         run_training(bad)
+
+
+def test_export_carries_the_token_ids_and_generation_config_of_init_from(data, tmp_path):
+    """An export without eos_token_id made transformers' generate run to max_length: the ids and generation config
+    of init_from are kept in the run directory at its start and written beside the exported weights, even after the
+    source directory moved."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   bos_token_id=1, eos_token_id=[2, 3], pad_token_id=0)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.generation_config = transformers.GenerationConfig(bos_token_id=1, eos_token_id=[2, 3], temperature=0.6,
+                                                            do_sample=True)
+    model.save_pretrained(tmp_path / "hf")
+    run = tmp_path / "run"
+    run_training(_cfg(data, tmp_path / "hf", run, steps=1))
+    (tmp_path / "hf").rename(tmp_path / "moved")
+    out = tmp_path / "exported"
+    assert main(["export", str(run), "--hf", str(out)]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert (back.config.bos_token_id, back.config.eos_token_id, back.config.pad_token_id) == (1, [2, 3], 0)
+    assert back.generation_config.eos_token_id == [2, 3] and back.generation_config.temperature == 0.6
+
+
+def test_export_carries_the_runs_tokenizer_and_leaves_a_foreign_one_alone(tmp_path, capsys):
+    """data.tokenizer's files reach the export (AutoTokenizer loads it there); a tokenizer file the export directory
+    already held, not written by an export, is not replaced."""
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from meshwright.train.hf_companions import export_companions, save_companions
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    (tmp_path / "tok" / "tokenizer_config.json").write_text('{"eos_token": "world"}')
+    run = tmp_path / "run"
+    copied = save_companions(SimpleNamespace(init_from=None, data=SimpleNamespace(tokenizer=str(tmp_path / "tok"))), run)
+    assert copied == ["tokenizer.json", "tokenizer_config.json"]
+    out = tmp_path / "out"
+    out.mkdir()
+    assert export_companions(run, out, earlier_export=False) == ["tokenizer.json", "tokenizer_config.json"]
+    loaded = transformers.AutoTokenizer.from_pretrained(out)
+    assert loaded("hello world")["input_ids"] == [1, 2]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "tokenizer.json").write_text("{}")
+    assert export_companions(run, foreign, earlier_export=False) == ["tokenizer_config.json"]
+    assert (foreign / "tokenizer.json").read_text() == "{}" and "left alone" in capsys.readouterr().err
+
+
+def test_overwrite_removes_the_kept_companions_and_nothing_else(tmp_path):
+    """--overwrite: a run from scratch must not export the previous run's tokenizer or token ids."""
+    from meshwright.train.run_dir import remove_outputs
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    for name in ("token_ids.json", "tokenizer.json", "generation_config.json", "notes.txt"):
+        (hf / name).write_text("{}")
+    remove_outputs(tmp_path)
+    assert sorted(p.name for p in hf.iterdir()) == ["notes.txt"]

@@ -1,0 +1,119 @@
+"""The files a Hugging Face model directory carries besides its weights, kept from a run's sources to its export.
+
+A fine-tuned model is used through transformers: ``AutoTokenizer.from_pretrained(OUT)`` needs the tokenizer files,
+and ``generate`` stops at ``eos_token_id`` (config.json, generation_config.json). An export of config.json + weights
+alone gave a directory with no tokenizer and ``eos_token_id: null``: generation never stopped. At the start of a run
+the tokenizer the data was encoded with (``data.tokenizer``'s directory) and ``init_from``'s generation config and
+token ids are copied into the run directory (``hf/``), so the export does not depend on those sources still being
+there; ``meshwright export`` puts them beside the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+COMPANIONS_DIR = "hf"
+TOKEN_IDS_FILE = "token_ids.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+MODEL_FILES = ("generation_config.json",)
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _tokenizer_dir(tokenizer: Any) -> Path | None:
+    """The directory of ``data.tokenizer`` when it names a Hugging Face tokenizer (a tokenizer.json or its folder)."""
+    if not isinstance(tokenizer, str) or tokenizer in ("byte", "bpe"):
+        return None
+    path = Path(tokenizer)
+    folder = path.parent if path.is_file() else path
+    return folder if (folder / "tokenizer.json").is_file() else None
+
+
+def save_companions(cfg: Any, run_dir: str | Path) -> list[str]:
+    """Copy the run's tokenizer files and ``init_from``'s generation config and token ids into ``run_dir/hf``
+    (the names copied). Files are replaced only there, a directory the run creates."""
+    dest = Path(run_dir) / COMPANIONS_DIR
+    sources: list[tuple[Path, tuple[str, ...]]] = []
+    init = Path(cfg.init_from) if getattr(cfg, "init_from", None) else None
+    tok = _tokenizer_dir(getattr(cfg.data, "tokenizer", None))
+    if tok is not None:  # byte or bpe data: init_from's tokenizer is not the one the model was trained on
+        sources.append((tok, TOKENIZER_FILES))
+    if init is not None:
+        sources.append((init, MODEL_FILES))
+    ids = _token_ids(init / "config.json") if init is not None else {}
+    if not sources and not ids:  # nothing to keep (or, on a resume, sources gone): what an earlier start kept stays
+        return []
+    remove_companions(Path(run_dir))  # this run's sources replace an earlier start's, none is mixed in
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for folder, names in sources:
+        for name in names:
+            if (folder / name).is_file():
+                tmp = dest / f".{name}.tmp"
+                shutil.copyfile(folder / name, tmp)
+                tmp.replace(dest / name)
+                copied.append(name)
+    if ids:
+        tmp = dest / f".{TOKEN_IDS_FILE}.tmp"
+        tmp.write_text(json.dumps(ids) + "\n")
+        tmp.replace(dest / TOKEN_IDS_FILE)
+    return copied
+
+
+def remove_companions(run_dir: Path) -> None:
+    """Delete the files ``save_companions`` writes (and ``hf/`` once empty), nothing else (``--overwrite``)."""
+    dest = run_dir / COMPANIONS_DIR
+    if not dest.is_dir():
+        return
+    for name in (*TOKENIZER_FILES, *MODEL_FILES, TOKEN_IDS_FILE):
+        for path in (dest / name, dest / f".{name}.tmp"):
+            path.unlink(missing_ok=True)
+    if not any(dest.iterdir()):
+        dest.rmdir()
+
+
+def _token_ids(config_json: Path) -> dict[str, Any]:
+    """bos/eos/pad ids of a Hugging Face config.json (eos may be a list: Llama 3.1 Instruct stops at three)."""
+    try:
+        data = json.loads(config_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for key in TOKEN_ID_KEYS:
+        value = data.get(key)
+        if isinstance(value, int) or (isinstance(value, list) and value and all(isinstance(v, int) for v in value)):
+            out[key] = value
+    return out
+
+
+def companion_token_ids(run_dir: str | Path, vocab_size: int) -> dict[str, Any]:
+    """The token ids ``init_from``'s config.json gave (those within ``vocab_size``), for the exported config.json."""
+    ids = _token_ids(Path(run_dir) / COMPANIONS_DIR / TOKEN_IDS_FILE)
+    return {k: v for k, v in ids.items() if all(0 <= i < vocab_size for i in (v if isinstance(v, list) else [v]))}
+
+
+def export_companions(run_dir: str | Path, out: str | Path, earlier_export: bool) -> list[str]:
+    """Put the run's saved tokenizer and generation files beside an export in ``out`` (the names written). A file
+    ``out`` already holds is replaced only when ``out`` is an earlier export; otherwise it is left alone with a
+    note (never delete what the export did not write)."""
+    src = Path(run_dir) / COMPANIONS_DIR
+    written: list[str] = []
+    if not src.is_dir():
+        return written
+    for name in (*TOKENIZER_FILES, *MODEL_FILES):
+        if not (src / name).is_file():
+            continue
+        target = Path(out) / name
+        if target.exists() and not earlier_export:
+            print(f"note: --hf {out} already holds {name}, not written by an export: left alone (the run's copy is "
+                  f"{src / name})", file=sys.stderr, flush=True)
+            continue
+        tmp = Path(out) / f".{name}.tmp"
+        shutil.copyfile(src / name, tmp)
+        tmp.replace(target)
+        written.append(name)
+    return written

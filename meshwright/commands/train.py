@@ -11,6 +11,7 @@ import os
 from meshwright.config import load_train_config, parse_override, preset_names
 from meshwright.errors import ConfigError
 from meshwright.train.build import load_plan_file, resolve_model_config, run_training
+from meshwright.train.checkpoint import follow_pointer
 from meshwright.train.plan_match import check_plan_matches
 from meshwright.train.preemption import EXIT_PREEMPTED
 
@@ -81,7 +82,7 @@ def _run(args: argparse.Namespace) -> int:
     _split_overrides(args)
     overrides = dict(parse_override(o) for o in args.overrides)
     cfg = load_train_config(args.config, overrides)
-    resume: bool | str = args.resume_from if args.resume_from else args.resume
+    resume: bool | str = str(follow_pointer(args.resume_from)) if args.resume_from else args.resume
     if not resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
         resume = True  # an elastic restart (torchrun --max-restarts) continues from the latest complete checkpoint
     summary = run_training(cfg, args.plan, resume, overwrite=args.overwrite,

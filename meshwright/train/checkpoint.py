@@ -362,6 +362,19 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def follow_pointer(path: str | Path) -> str | Path:
+    """A checkpoint named by the ``latest`` pointer file, or by the ``ckpt/`` directory holding checkpoints, as the
+    ``step_*`` directory it means (what users tab-complete to); any other path unchanged, for its own checks."""
+    p = Path(path)
+    if p.name == LATEST and p.is_file():
+        target = latest_checkpoint(p.parent)
+        return target if target is not None else path
+    if p.is_dir() and not (p / STATE_FILE).is_file() and ((p / LATEST).is_file() or list_checkpoints(p)):
+        target = latest_checkpoint(p)
+        return target if target is not None else path
+    return path
+
+
 def resume_candidates(root: str | Path) -> list[Path]:
     """Checkpoints to try on resume, best first: the one ``latest`` names, then the others newest first."""
     root = Path(root)

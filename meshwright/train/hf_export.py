@@ -20,14 +20,14 @@ from meshwright.models import build_model
 from meshwright.models.hf_weights import check_export_dir, save_hf, written_by_save_hf
 from meshwright.train.build import resolve_model_config
 from meshwright.train.hf_companions import companion_token_ids, export_companions
-from meshwright.train.checkpoint import STATE_FILE, _first_failure, _quiet_dcp, latest_checkpoint
+from meshwright.train.checkpoint import STATE_FILE, _first_failure, _quiet_dcp, follow_pointer, latest_checkpoint
 from meshwright.train.checkpoint_io import (MANIFEST, SafeFileSystemReader, SafeLoadPlanner, read_metadata_file,
                                            verify_manifest)
 
 
 def find_run(ckpt: str | Path) -> tuple[Path, Path]:
     """(checkpoint dir, run dir) for a run directory (its latest checkpoint) or a ``step_*`` directory."""
-    path = Path(ckpt)
+    path = Path(follow_pointer(ckpt))
     if (path / "config.yaml").is_file():
         found = latest_checkpoint(path / "ckpt")
         if found is None:

@@ -189,3 +189,19 @@ def test_a_checkpoint_that_cannot_be_swapped_in_is_its_own_one_line_and_leaves_n
     assert one_line(err.value) and line.startswith(f"checkpoint {good} could not be written: PermissionError")
     assert "; valid: a writable" in line
     assert sorted(p.name for p in (tmp_path / "run" / "ckpt").iterdir()) == ["latest", good.name]  # the old one back
+
+
+def test_a_checkpoint_named_by_its_pointer_or_its_ckpt_dir_is_the_one_latest_names(tmp_path):
+    """--resume-from and export given ckpt/latest or ckpt/ (what users tab-complete to) were refused in one line;
+    they mean the checkpoint `latest` names. Other paths are left to their own checks."""
+    from meshwright.train.checkpoint import follow_pointer
+
+    ckpt = tmp_path / "run" / "ckpt"
+    for step in ("step_000002", "step_000004"):
+        (ckpt / step).mkdir(parents=True)
+        (ckpt / step / "trainer_state.json").write_text("{}")
+    (ckpt / "latest").write_text("step_000002\n")
+    assert follow_pointer(ckpt / "latest") == ckpt / "step_000002"
+    assert follow_pointer(ckpt) == ckpt / "step_000002"
+    for other in (ckpt / "step_000004", tmp_path / "run", tmp_path / "missing"):
+        assert follow_pointer(other) == other

@@ -263,3 +263,7 @@ def test_meshwright_train_resumes_a_seq_len_32_run_at_64(tmp_path, capsys):
     assert main(["train", str(cfg_file), "steps=7", "seq_len=64", f"out_dir={tmp_path / 'other'}", "--resume-from",
                  str(src)]) == 0
     assert f"resumed from {src} at step 6" in capsys.readouterr().out
+    # the `latest` pointer file (what tab completion gives) means the checkpoint it names
+    assert main(["train", str(cfg_file), "steps=7", "seq_len=64", f"out_dir={tmp_path / 'third'}", "--resume-from",
+                 str(tmp_path / "run" / "ckpt" / "latest")]) == 0
+    assert f"resumed from {src} at step 6" in capsys.readouterr().out

@@ -82,7 +82,7 @@ def test_refined_stage_dp_skips_its_dps_only_where_they_cannot_beat(monkeypatch)
     calls = []
     stage_dp = S._stage_dp
     monkeypatch.setattr(S, "_stage_dp", lambda *a, **k: calls.append(1) or stage_dp(*a, **k))
-    many = S._stage_dp_many  # the refined DP's two roundings, side by side on one-kind ranks
+    many = S._stage_dp_many  # (the refined DP ran its two roundings side by side on one-kind ranks before stop 31's)
     monkeypatch.setattr(S, "_stage_dp_many", lambda items: calls.extend([1] * len(items)) or many(items))
     skipped = 0
     for trial in range(120):
@@ -109,6 +109,53 @@ def test_refined_stage_dp_skips_its_dps_only_where_they_cannot_beat(monkeypatch)
 
 
 # ---- the outer candidates' step-time bound (``_step_lower_bound``) ----------------------------------------------
+
+def test_refined_stage_dp_runs_the_nearest_rounding_only_where_the_rounded_down_answer_needs_it(monkeypatch):
+    """The refined DP's nearest-rounded DP runs only where the rounded-down one beats ``beat`` and does not fit (the
+    other answers settle it: none beats ``beat``, or it fits and nothing is faster), and its answer is the one of both
+    roundings run side by side as before (one-kind ranks with and without transitions, beats around the optimum)."""
+    rng = np.random.default_rng(31)
+    roundings: list[str] = []
+    stage_dp = S._stage_dp
+    monkeypatch.setattr(S, "_stage_dp", lambda *a, rounding="up", **k: roundings.append(rounding)
+                        or stage_dp(*a, rounding=rounding, **k))
+    many = S._stage_dp_many
+    monkeypatch.setattr(S, "_stage_dp_many", lambda items: roundings.extend(x[4] for x in items) or many(items))
+    settled = 0
+    for trial in range(150):
+        kind = _random_kind(rng, int(rng.integers(2, 7)))
+        layers = [kind] * int(rng.integers(4, 12))
+        trans = rng.uniform(0, 0.2, (len(kind.tpsp),) * 2) if trial % 3 else None
+        budget, inflight = float(rng.uniform(5, 30)), 1.0
+        up = stage_dp(layers, budget, inflight, trans)
+        beat = up[0] * float(rng.uniform(0.9, 1.0)) if up is not None and trial % 4 else math.inf
+        down = stage_dp(layers, budget, inflight, trans, rounding="down")
+        nearest = stage_dp(layers, budget, inflight, trans, rounding="nearest")
+        roundings.clear()
+        with monkeypatch.context() as m:
+            m.setattr(S, "_lp_bound", lambda *a: -math.inf)  # every call reaches its DPs
+            got = S._refined_stage_dp(layers, budget, inflight, trans, beat=beat)
+        # the answer of both roundings (as _refined_stage_dp's loop took them, from _stage_dp_many before)
+        found = []
+        for rounding, res in (("down", down), ("nearest", nearest)):
+            if res is None or (rounding == "down" and res[0] >= beat):
+                break
+            if S._stage_bytes(layers, res[1], inflight) <= budget * (1 + 1e-12):
+                found.append(res)
+                if rounding == "down":
+                    break
+                continue
+            fixed = S._repair(layers, res[1], budget, inflight)
+            if fixed is not None:
+                found.append((S._assignment_s(layers, fixed, trans), fixed))
+        best = min(found, key=lambda r: r[0], default=None)
+        assert got == (best if best is not None and best[0] < beat else None), trial
+        needs_nearest = (down is not None and down[0] < beat
+                         and S._stage_bytes(layers, down[1], inflight) > budget * (1 + 1e-12))
+        assert roundings == (["down", "nearest"] if needs_nearest else ["down"]), (trial, roundings)
+        settled += not needs_nearest
+    assert settled > 30, settled
+
 
 OUTER_CASES = [  # (model, cluster, nodes, seq, global batch, allow, compiled)
     ("llama2-13b", "dgx-h100-80g", 2, 4096, 64, ["fp8"], False),
@@ -198,11 +245,12 @@ def _hull_reference(k: S._Kind, inflight: float, cls) -> tuple:
 
 
 def test_hull_is_the_hull_of_every_point():
-    """``_Kind.hull`` leaves the points that cannot be on the front out of its sort: the same hull, float for float,
-    as over every finite point, with ties in bytes and in time (small integers) and masked strategies."""
+    """``_Kind.hull`` leaves the points that cannot be on the front out of its sort (over 64 points) and walks the rest
+    in plain Python: the same hull, float for float, as numpy's sort over every finite point, with ties in bytes and in
+    time (small integers) and masked strategies, on both sides of 64 points."""
     rng = np.random.default_rng(11)
     for trial in range(300):
-        n = int(rng.integers(1, 60))
+        n = int(rng.integers(1, 60)) if trial % 4 else int(rng.integers(60, 200))
         k = _random_kind(rng, n, masked=trial % 3 == 0)
         if trial % 2:  # ties everywhere
             k = S._Kind(k.strategies, np.where(np.isfinite(k.obj), rng.integers(1, 6, n).astype(float), np.inf),

@@ -346,17 +346,19 @@ class _Kind:
                 pts = points[cls] = (self.static[ok], self.act[ok], self.obj[ok])
             static, act, t = pts
             w = static + inflight * act
-            if len(t) > 8:
+            if len(t) > 64:
                 # the front runs from the smallest footprint (the fastest of those) to the fastest strategy (the
                 # smallest of those): no other point is on it, and leaving them out of the sort changes nothing
                 near = np.flatnonzero((t <= t[w == w.min()].min()) & (w <= w[t == t.min()].min()))
                 w, t = w[near], t[near]
-            order = np.lexsort((t, w))
-            w, t = w[order], t[order]
-            front = np.ones(len(t), dtype=bool)  # Pareto front: faster than every smaller strategy
-            front[1:] = t[1:] < np.minimum.accumulate(t)[:-1]
+            # the few points left in plain Python: numpy's per-call cost was most of the time of the 8,000 hulls of a
+            # 1,024-GPU search (a median of 19 points)
             pts: list[tuple[float, float]] = []
-            for x, y in zip(w[front].tolist(), t[front].tolist()):
+            low = math.inf
+            for x, y in sorted(zip(w.tolist(), t.tolist())):  # by bytes, then time (as np.lexsort((t, w)))
+                if not y < low:
+                    continue  # off the Pareto front: no faster than a smaller (or equal) strategy
+                low = y
                 while len(pts) >= 2 and ((pts[-1][1] - pts[-2][1]) * (x - pts[-2][0])
                                          >= (y - pts[-2][1]) * (pts[-1][0] - pts[-2][0])):
                     pts.pop()  # pts[-1] lies on or above the chord from pts[-2] to (x, y)
@@ -1663,14 +1665,11 @@ def _refined_stage_dp(kinds: list[_Kind], budget: float, inflight: float, trans_
     if beat < math.inf and _lp_bound(kinds, budget, inflight, trans_cost, beat) >= beat * (1 + 1e-9):
         return None  # nothing that fits beats ``beat`` (most refined DPs end so: their two DPs and repairs skipped)
     found: list[tuple[float, list[int]]] = []
-    ahead: dict[str, Any] = {}
-    if trans_cost is not None and len(kinds) > 1 and all(k is kinds[0] for k in kinds):
-        # one kind (a dense model's rank): the nearest-rounded DP is needed five times in six, so both run
-        # side by side (_stage_dp_many: the same answers, one set of numpy operations per layer)
-        ahead = dict(zip(("down", "nearest"), _stage_dp_many([(kinds, budget, inflight, trans_cost, "down"),
-                                                              (kinds, budget, inflight, trans_cost, "nearest")])))
+    # one DP at a time: the nearest-rounded one runs only where the rounded-down answer beats ``beat`` and does not
+    # fit. Since stop 31 (the refinements at every level) that is 1 in 4 of the refined DPs on GPT-1T's 1,024-GPU
+    # searches, not the 5 in 6 for which both ran side by side (_stage_dp_many): 7-10% of those searches' time
     for rounding in ("down", "nearest"):
-        res = ahead[rounding] if ahead else _stage_dp(kinds, budget, inflight, trans_cost, rounding=rounding)
+        res = _stage_dp(kinds, budget, inflight, trans_cost, rounding=rounding)
         if res is None or (rounding == "down" and res[0] >= beat):
             break
         if _stage_bytes(kinds, res[1], inflight) <= budget * (1 + 1e-12):

@@ -70,51 +70,49 @@ def test_init_from_train_export_round_trip(data, hf_dir, tmp_path):
         assert (back(tokens).logits - ours(tokens)).abs().max().item() < 1e-4
 
 
-def test_qwen3_train_export_round_trip(data, tmp_path):
-    """A Qwen3 checkpoint (q/k head norms, head_dim != hidden/heads) trains 2 steps, exports as Qwen3ForCausalLM, and
-    transformers' logits on the export equal ours; the head norms are trained and exported too (not left at load)."""
+def _qwen3():
+    return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=True))
+
+
+def _phi3():
+    return transformers.Phi3ForCausalLM(transformers.Phi3Config(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, sliding_window=16, pad_token_id=None, bos_token_id=None,
+        eos_token_id=None))
+
+
+# Qwen3: q/k head norms, head_dim != hidden/heads; the head norms are trained and exported too (not left at load).
+# Phi-3: fused qkv_proj/gate_up_proj split for training and fused back on export, a window shorter than seq_len;
+# every block of the fused tensors was trained and exported.
+ROUND_TRIPS = {
+    "qwen3": (_qwen3, "Qwen3ForCausalLM", {"layers.0.attention.q_norm.weight", "layers.1.attention.k_norm.weight"}),
+    "phi3": (_phi3, "Phi3ForCausalLM", {*(f"layers.1.attention.{w}.weight" for w in ("wq", "wk", "wv")),
+                                        *(f"layers.0.feed_forward.{w}.weight" for w in ("w1", "w3"))}),
+}
+
+
+@pytest.mark.parametrize("kind", list(ROUND_TRIPS))
+def test_train_export_round_trip(kind, data, tmp_path):
+    """A checkpoint of ``kind`` trains 2 steps, exports as its own transformers class, and transformers' logits on
+    the export equal ours; the weights its architecture adds were trained and exported."""
+    build, cls, trained = ROUND_TRIPS[kind]
     torch.manual_seed(0)
-    cfg = transformers.Qwen3Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
-                                   tie_word_embeddings=True)
-    transformers.Qwen3ForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    build().save_pretrained(tmp_path / "hf")
     run = tmp_path / "run"
     summary = run_training(_cfg(data, tmp_path / "hf", run, steps=2))
     assert summary["init"] == "pretrained"
     out = tmp_path / "exported"
     assert main(["export", str(run), "--hf", str(out)]) == 0
     back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    assert type(back).__name__ == "Qwen3ForCausalLM"
+    assert type(back).__name__ == cls
+    if kind == "phi3":
+        assert back.config.sliding_window == 16
     ours = from_pretrained(out).eval()
     start = from_pretrained(tmp_path / "hf")
     moved = {n for n, p in start.named_parameters() if not torch.equal(p, ours.get_parameter(n))}
-    assert "layers.0.attention.q_norm.weight" in moved and "layers.1.attention.k_norm.weight" in moved
-    tokens = torch.randint(0, 256, (2, 32))
-    with torch.no_grad():
-        assert (back(tokens).logits - ours(tokens)).abs().max().item() < 1e-4
-
-
-def test_phi3_train_export_round_trip(data, tmp_path):
-    """A Phi-3 checkpoint (fused qkv_proj/gate_up_proj, a window shorter than seq_len) trains 2 steps with q/k/v and
-    gate/up apart, exports as Phi3ForCausalLM with them fused back, and transformers' logits on the export equal ours;
-    every block of the fused tensors was trained and exported (not left at load)."""
-    torch.manual_seed(0)
-    cfg = transformers.Phi3Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                  sliding_window=16, pad_token_id=None, bos_token_id=None, eos_token_id=None)
-    transformers.Phi3ForCausalLM(cfg).save_pretrained(tmp_path / "hf")
-    run = tmp_path / "run"
-    summary = run_training(_cfg(data, tmp_path / "hf", run, steps=2))
-    assert summary["init"] == "pretrained"
-    out = tmp_path / "exported"
-    assert main(["export", str(run), "--hf", str(out)]) == 0
-    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    assert type(back).__name__ == "Phi3ForCausalLM" and back.config.sliding_window == 16
-    ours = from_pretrained(out).eval()
-    start = from_pretrained(tmp_path / "hf")
-    moved = {n for n, p in start.named_parameters() if not torch.equal(p, ours.get_parameter(n))}
-    assert {f"layers.1.attention.{w}.weight" for w in ("wq", "wk", "wv")} <= moved
-    assert {f"layers.0.feed_forward.{w}.weight" for w in ("w1", "w3")} <= moved
+    assert trained <= moved
     tokens = torch.randint(0, 256, (2, 32))
     with torch.no_grad():
         assert (back(tokens).logits - ours(tokens)).abs().max().item() < 1e-4

@@ -75,6 +75,15 @@ def test_lp_bound_is_the_linear_relaxation():
     assert S._lp_bound([kind] * 40, -1.0, 1.0, None) == math.inf
 
 
+
+def _random_one_kind_rank(rng, transitions: bool):
+    """A rank of 4-11 layers of one random kind, its transition costs (or None), memory budget and in-flight count."""
+    kind = _random_kind(rng, int(rng.integers(2, 7)))
+    layers = [kind] * int(rng.integers(4, 12))
+    trans = rng.uniform(0, 0.2, (len(kind.tpsp),) * 2) if transitions else None
+    return layers, trans, float(rng.uniform(5, 30)), 1.0
+
+
 def test_refined_stage_dp_skips_its_dps_only_where_they_cannot_beat(monkeypatch):
     """Where the bound reaches ``beat`` the refined DP runs no DP and answers None, as its DPs would have; elsewhere
     its answer is the one it gives without the bound (random kinds, beats around the exact optimum)."""
@@ -86,10 +95,7 @@ def test_refined_stage_dp_skips_its_dps_only_where_they_cannot_beat(monkeypatch)
     monkeypatch.setattr(S, "_stage_dp_many", lambda items: calls.extend([1] * len(items)) or many(items))
     skipped = 0
     for trial in range(120):
-        kind = _random_kind(rng, int(rng.integers(2, 7)))
-        layers = [kind] * int(rng.integers(4, 12))
-        trans = rng.uniform(0, 0.2, (len(kind.tpsp),) * 2) if trial % 2 else None
-        budget, inflight = float(rng.uniform(5, 30)), 1.0
+        layers, trans, budget, inflight = _random_one_kind_rank(rng, transitions=bool(trial % 2))
         up = stage_dp(layers, budget, inflight, trans)
         if up is None:
             continue
@@ -123,10 +129,7 @@ def test_refined_stage_dp_runs_the_nearest_rounding_only_where_the_rounded_down_
     monkeypatch.setattr(S, "_stage_dp_many", lambda items: roundings.extend(x[4] for x in items) or many(items))
     settled = 0
     for trial in range(150):
-        kind = _random_kind(rng, int(rng.integers(2, 7)))
-        layers = [kind] * int(rng.integers(4, 12))
-        trans = rng.uniform(0, 0.2, (len(kind.tpsp),) * 2) if trial % 3 else None
-        budget, inflight = float(rng.uniform(5, 30)), 1.0
+        layers, trans, budget, inflight = _random_one_kind_rank(rng, transitions=bool(trial % 3))
         up = stage_dp(layers, budget, inflight, trans)
         beat = up[0] * float(rng.uniform(0.9, 1.0)) if up is not None and trial % 4 else math.inf
         down = stage_dp(layers, budget, inflight, trans, rounding="down")

@@ -75,7 +75,6 @@ def test_lp_bound_is_the_linear_relaxation():
     assert S._lp_bound([kind] * 40, -1.0, 1.0, None) == math.inf
 
 
-
 def _random_one_kind_rank(rng, transitions: bool):
     """A rank of 4-11 layers of one random kind, its transition costs (or None), memory budget and in-flight count."""
     kind = _random_kind(rng, int(rng.integers(2, 7)))

@@ -10,6 +10,7 @@ there; ``meshwright export`` puts them beside the weights.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -45,6 +46,12 @@ def save_companions(cfg: Any, run_dir: str | Path) -> list[str]:
     if init is not None:
         sources.append((init, MODEL_FILES))
     ids = _token_ids(init / "config.json") if init is not None else {}
+    if tok is not None and "eos_token_id" not in ids:  # a tokenizer without init_from: its end-of-document id
+        from meshwright.data.tokenizer import HFTokenizer
+        from meshwright.errors import ConfigError
+
+        with contextlib.suppress(ConfigError):  # none it can name: the export goes without, as before
+            ids["eos_token_id"] = HFTokenizer.load(str(tok)).eos_id
     if not sources and not ids:  # nothing to keep (or, on a resume, sources gone): what an earlier start kept stays
         return []
     remove_companions(Path(run_dir))  # this run's sources replace an earlier start's, none is mixed in

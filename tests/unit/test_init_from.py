@@ -218,6 +218,9 @@ def test_export_carries_the_runs_tokenizer_and_leaves_a_foreign_one_alone(tmp_pa
     assert export_companions(run, out, earlier_export=False) == ["tokenizer.json", "tokenizer_config.json"]
     loaded = transformers.AutoTokenizer.from_pretrained(out)
     assert loaded("hello world")["input_ids"] == [1, 2]
+    from meshwright.train.hf_companions import companion_token_ids
+
+    assert companion_token_ids(run, 3) == {"eos_token_id": 2}  # no init_from: the tokenizer's eos_token ("world")
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "tokenizer.json").write_text("{}")

@@ -88,7 +88,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="print the best plan as Megatron-LM args, a DeepSpeed config or a torchtitan config; the search "
                         "keeps to layouts that stack runs")
     p.add_argument("--train-config", default=None, metavar="YAML",
-                   help="with --emit: take optimizer and schedule settings (lr, betas, clipping, steps) from this TrainConfig")
+                   help="with --emit: take optimizer and schedule settings (lr, betas, clipping, steps) and the "
+                        "dtype, where it sets one, from this TrainConfig")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -134,6 +135,7 @@ def _check_outputs_and_extras(args: argparse.Namespace) -> None:
         if not getattr(args, "emit", None):
             raise invalid("--train-config", args.train_config, "used only with --emit (drop it, or add --emit)")
         args.train_config_loaded = load_train_config(args.train_config)
+        _dtype_from_train_config(args)
     if hasattr(args, "goodput"):
         tokens = None if args.train_tokens is None else parse_tokens(args.train_tokens)
         check_capacity_inputs(tokens, DEFAULT_PUE if args.pue is None else args.pue,
@@ -143,6 +145,21 @@ def _check_outputs_and_extras(args: argparse.Namespace) -> None:
         if tokens is not None and step_tokens and tokens < step_tokens:  # 0.5 was costed as a run of half a token
             raise invalid("train_tokens", args.train_tokens, f"at least one step's tokens (global batch x seq len = "
                           f"{step_tokens:,}), e.g. 2T or 300B")
+
+
+def _dtype_from_train_config(args: argparse.Namespace) -> None:
+    """The training dtype a --train-config sets is the one predicted and emitted (it was ignored: a bf16 prediction
+    and export for a config that trains in fp32); --dtype agrees with it or is refused. A config that leaves dtype
+    at its default does not set it (the device's default stands)."""
+    from meshwright.config.io import read_mapping
+
+    raw = read_mapping(args.train_config) if isinstance(args.train_config, str) else {}
+    if "dtype" not in raw:
+        return
+    wanted = args.train_config_loaded.dtype
+    if getattr(args, "dtype", None) is not None and args.dtype != wanted:
+        raise invalid("--dtype", args.dtype, f"{wanted!r} as --train-config {args.train_config} sets it, or no --dtype")
+    args.dtype = wanted
 
 
 def _stack(args: argparse.Namespace) -> str:

@@ -387,3 +387,19 @@ def test_megatron_export_keeps_rope_scaling_partial_rotary_and_the_window(change
     for key, value in expect.items():
         assert getattr(ns, key) == value, (key, getattr(ns, key))
     assert any(note in n for n in notes) if note else not [n for n in notes if "rope" in n.lower()]
+
+
+def test_plan_emit_takes_the_dtype_a_train_config_sets(tmp_path, capsys):
+    """--train-config's dtype was ignored: a config training in fp32 got a bf16 prediction and a bf16 export."""
+    train = tmp_path / "train.yaml"
+    train.write_text("lr: 0.0002\nmin_lr: 0.00002\nsteps: 500\nwarmup_steps: 50\ndtype: fp32\n")
+    base = ["plan", "--model", "llama2-13b", "--cluster", "dgx-a100-80g", "--nodes", "2", "--seq-len", "4096",
+            "--global-batch", "256", "--emit", "deepspeed", "--train-config", str(train)]
+    assert main(base) == 0
+    assert json.loads(capsys.readouterr().out)["bf16"] == {"enabled": False}
+    assert main(base + ["--dtype", "bf16"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--dtype='bf16' is invalid; valid: 'fp32' as --train-config {train} sets it" in err[0]
+    train.write_text("lr: 0.0002\nmin_lr: 0.00002\nsteps: 500\nwarmup_steps: 50\n")  # no dtype: the default (bf16) stands
+    assert main(base) == 0
+    assert json.loads(capsys.readouterr().out)["bf16"] == {"enabled": True}

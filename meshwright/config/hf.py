@@ -116,11 +116,13 @@ def model_config_from_hf(data: dict[str, Any], name: str = "hf") -> ModelConfig:
     model_type = data.get("model_type")
     if model_type not in MODEL_TYPES:
         raise invalid("config.json model_type", model_type, ", ".join(MODEL_TYPES))
-    shape_keys = ("hidden_size", "n_embd", "num_hidden_layers", "n_layer")
-    if not any(k in data for k in shape_keys):
-        raise invalid("config.json", f"model_type={model_type!r} only", f"a config.json with the model's shape "
-                      f"({', '.join(shape_keys[:3])}, ...); defaults are not guessed")
     gpt2 = model_type == "gpt2"
+    shape_keys = ("vocab_size", "n_embd", "n_layer", "n_head") if gpt2 else (
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    missing = [k for k in shape_keys if data.get(k) is None]
+    if missing:  # a default would only show up as a weight-shape mismatch, blamed on the checkpoint
+        raise invalid(f"config.json {missing[0]}", None, f"the model's own value (a config.json gives "
+                      f"{', '.join(shape_keys)}; defaults are not guessed)")
     out: dict[str, Any] = {"name": data.get("_name_or_path") or name, "arch": "gpt2" if gpt2 else "llama"}
     for hf_key, ours in HF_KEYS.items():
         if hf_key in data and data[hf_key] is not None:
@@ -205,7 +207,9 @@ def _qwen3_window(data: dict[str, Any]) -> int | None:
     if types is None and start != 0:
         raise invalid("config.json max_window_layers", start, "0 with use_sliding_window (a window on every layer; "
                       "per-layer windows are not implemented)")
-    if data.get("sliding_window") is None:
+    if "sliding_window" not in data:  # Qwen3Config's default, as transformers reads the file (and Qwen3-MoE here)
+        return 4096
+    if data["sliding_window"] is None:
         raise invalid("config.json sliding_window", None, "a positive number of tokens with use_sliding_window")
     return data["sliding_window"]
 

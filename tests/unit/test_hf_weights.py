@@ -142,6 +142,8 @@ def test_unsupported_qwen3_config_is_a_one_line_error(kind, change, field, tmp_p
 @pytest.mark.parametrize("kind,change,message", [
     ("qwen3", {"head_dim": 13}, "model.attn_head_dim=13 is invalid; valid: an even integer"),  # blamed d_model=32
     ("qwen3", {"model_type": None}, "config.json model_type=None is invalid; valid: llama"),  # model.architectures
+    ("qwen3", {"hidden_size": None}, "config.json hidden_size=None is invalid; valid: the model's own value"),  # shapes
+    ("qwen3_moe", {"intermediate_size": None}, "config.json intermediate_size=None is invalid"),  # blamed on weights
     ("qwen3", {"layer_types": ["full_attention"] * 3}, "config.json layer_types='3 entries' is invalid; valid: one "
                                                         "per layer: num_hidden_layers=2"),  # accepted
     ("qwen3_moe", {"num_experts_per_tok": 0}, "model.top_k=0 is invalid"),  # blamed norm_topk_prob=True
@@ -158,12 +160,14 @@ def test_odd_qwen3_config_values_name_their_own_key(kind, change, message, tmp_p
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
-def test_qwen3_moe_window_without_its_size_is_transformers_default(tmp_path):
-    """use_sliding_window with no sliding_window key: transformers windows every layer at Qwen3MoeConfig's 4096;
-    the import ran full attention."""
-    _, path = _saved("qwen3_moe", tmp_path)
-    data = {k: v for k, v in json.loads((path / "config.json").read_text()).items() if k != "sliding_window"}
-    data["use_sliding_window"] = True
+@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen3"])
+def test_qwen3_window_without_its_size_is_transformers_default(kind, tmp_path):
+    """use_sliding_window with no sliding_window key: transformers windows every layer at Qwen3(Moe)Config's 4096;
+    the MoE import ran full attention, the dense one refused the file."""
+    _, path = _saved(kind, tmp_path)
+    data = {k: v for k, v in json.loads((path / "config.json").read_text()).items()
+            if k not in ("sliding_window", "layer_types")}
+    data.update(use_sliding_window=True, max_window_layers=0)
     cfg = load_model_config(_write(path, data))
     assert cfg.sliding_window == transformers.AutoConfig.from_pretrained(path).sliding_window == 4096
 

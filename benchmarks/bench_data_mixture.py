@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench_data_loader import per_batch_s  # the per-batch timer of the plain loader's bench (this directory)
 from meshwright.data.blend import BlendSchedule
 from meshwright.data.loader import SequenceLoader, TokenDataset
 from meshwright.data.mixture import BlendedLoader
@@ -46,11 +47,7 @@ def synthetic(root: Path, n: int, seed: int) -> Path:
 
 
 def per_batch_us(loader: SequenceLoader, batches: int) -> float:
-    loader.consumed = 0
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        loader.next_batch()
-    return (time.perf_counter() - t0) / batches * 1e6
+    return per_batch_s(loader, batches) * 1e6
 
 
 def main() -> None:

@@ -213,7 +213,7 @@ def llama_sources(cfg: ModelConfig, reader: SafetensorsReader) -> dict[str, Sour
         out[o + "attention_norm.weight"] = Source(h + "input_layernorm.weight")
         out[o + "ffn_norm.weight"] = Source(h + "post_attention_layernorm.weight")
         if cfg.fused_proj:
-            out.update(_phi3_attention(cfg, h, o))
+            out.update(_phi3_attention(cfg, h, o, rd))
         for ours, theirs, heads in (("wq", "q_proj", cfg.n_heads), ("wk", "k_proj", cfg.kv_heads), ("wv", "v_proj", 0),
                                     ("wo", "o_proj", 0)):
             if cfg.fused_proj and ours != "wo":
@@ -244,12 +244,12 @@ def llama_sources(cfg: ModelConfig, reader: SafetensorsReader) -> dict[str, Sour
     return out
 
 
-def _phi3_attention(cfg: ModelConfig, h: str, o: str) -> dict[str, Source | Stacked]:
-    """wq, wk, wv: the q, k and v row blocks of Phi-3's ``qkv_proj`` (q/k permuted per head like Llama's)."""
+def _phi3_attention(cfg: ModelConfig, h: str, o: str, rd: int) -> dict[str, Source | Stacked]:
+    """wq, wk, wv: the q, k and v row blocks of Phi-3's ``qkv_proj`` (q/k permuted per head like Llama's, their first
+    ``rd`` rows of each head: 0 = all)."""
     hd, total = cfg.head_dim, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim
     blocks = (("wq", 0, cfg.n_heads), ("wk", cfg.n_heads * hd, cfg.kv_heads),
               ("wv", (cfg.n_heads + cfg.kv_heads) * hd, 0))
-    rd = cfg.rope_dim if cfg.rope_dim != cfg.head_dim else 0
     return {f"{o}attention.{ours}.weight": Source(f"{h}self_attn.qkv_proj.weight", offset=offset, rope_heads=heads,
                                                   rope_dim=rd, exact=False, fused_rows=total)
             for ours, offset, heads in blocks}
@@ -435,16 +435,17 @@ class _KeyOnlyReader:
 EXPORT_MARK = {"producer": "meshwright"}
 
 
-def check_export_dir(out: str | Path, label: str = "--hf") -> None:
+def check_export_dir(out: str | Path, label: str = "--hf") -> bool:
     """``out`` may receive config.json + model.safetensors: a new directory, one without model files, or an earlier
-    export. A Hugging Face model directory (say the run's own ``init_from``) would have had its config.json and
-    weights replaced, or its shards mixed with a single-file model, so it is refused, before anything is read."""
+    export (True: the files in it are an export's to replace). A Hugging Face model directory (say the run's own
+    ``init_from``) would have had its config.json and weights replaced, or its shards mixed with a single-file model,
+    so it is refused, before anything is read."""
     d = Path(out)
     if not d.is_dir():
-        return
+        return False
     weights = d / "model.safetensors"
-    if weights.is_file() and written_by_save_hf(weights):
-        return
+    if weights.is_file() and _written_by_save_hf(weights):
+        return True
     clash = sorted(f.name for f in d.iterdir()
                    if f.name in ("config.json", "model.safetensors.index.json") or f.name.endswith(".safetensors"))
     if clash:
@@ -452,9 +453,10 @@ def check_export_dir(out: str | Path, label: str = "--hf") -> None:
         raise invalid(label, str(out), f"a new directory, one without model files, or an earlier `meshwright export` "
                       f"(this one holds {shown}, not written by an export, which exporting would replace or mix with; "
                       f"it is left alone)")
+    return False
 
 
-def written_by_save_hf(path: Path) -> bool:
+def _written_by_save_hf(path: Path) -> bool:
     """Whether ``path``'s safetensors header carries EXPORT_MARK (a damaged or foreign file: no)."""
     from safetensors import safe_open
 

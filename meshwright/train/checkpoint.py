@@ -367,12 +367,13 @@ def follow_pointer(path: str | Path) -> str | Path:
     ``step_*`` directory it means (what users tab-complete to); any other path unchanged, for its own checks."""
     p = Path(path)
     if p.name == LATEST and p.is_file():
-        target = latest_checkpoint(p.parent)
-        return target if target is not None else path
-    if p.is_dir() and not (p / STATE_FILE).is_file() and ((p / LATEST).is_file() or list_checkpoints(p)):
-        target = latest_checkpoint(p)
-        return target if target is not None else path
-    return path
+        root = p.parent
+    elif p.is_dir() and not (p / STATE_FILE).is_file() and ((p / LATEST).is_file() or list_checkpoints(p)):
+        root = p
+    else:
+        return path
+    target = latest_checkpoint(root)
+    return target if target is not None else path
 
 
 def resume_candidates(root: str | Path) -> list[Path]:

@@ -17,7 +17,7 @@ from meshwright.config import load_model_config, load_train_config
 from meshwright.config.io import check_output_path
 from meshwright.errors import ConfigError, invalid
 from meshwright.models import build_model
-from meshwright.models.hf_weights import check_export_dir, save_hf, written_by_save_hf
+from meshwright.models.hf_weights import check_export_dir, save_hf
 from meshwright.train.build import resolve_model_config
 from meshwright.train.hf_companions import companion_token_ids, export_companions
 from meshwright.train.checkpoint import STATE_FILE, _first_failure, _quiet_dcp, follow_pointer, latest_checkpoint
@@ -63,7 +63,7 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
 
 def _export(step_dir: Path, run_dir: Path, out: str | Path) -> Path:
     check_output_path(out, "--hf", directory=True)  # before the checkpoint is read
-    check_export_dir(out, "--hf")  # never another model's config.json/weights
+    earlier_export = check_export_dir(out, "--hf")  # never another model's config.json/weights
     cfg = load_train_config(str(run_dir / "config.yaml"))
     if cfg.meft is not None:
         raise invalid("meft", "set", "a run without MEFT (its reversible blocks and adapters are not a Hugging Face architecture)")
@@ -88,8 +88,6 @@ def _export(step_dir: Path, run_dir: Path, out: str | Path) -> Path:
         raise ConfigError(f"CKPT={str(step_dir)!r} does not hold the plain model of {source} ({reason}); "
                           f"valid: a checkpoint of this run's model, without adapters") from None
     model.load_state_dict(state, strict=False)
-    weights = Path(out) / "model.safetensors"
-    earlier_export = weights.is_file() and written_by_save_hf(weights)
     save_hf(model, model_cfg, out, companion_token_ids(run_dir, model_cfg.vocab_size))
     export_companions(run_dir, out, earlier_export)  # the tokenizer and generation config the run kept
     return Path(out)

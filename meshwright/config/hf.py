@@ -263,7 +263,8 @@ def _partial_rotary(data: dict[str, Any], out: dict[str, Any]) -> None:
 
 def _qwen3_moe(data: dict[str, Any], out: dict[str, Any]) -> None:
     """Qwen3-MoE's experts onto ModelConfig: every ``decoder_sparse_step``-th block (moe_every, the same rule), the
-    others dense with ``intermediate_size``; absent keys take Qwen3MoeConfig's defaults, as transformers does. Refused:
+    others dense with ``intermediate_size`` (a shape key the import requires, mapped with the others); absent expert
+    keys take Qwen3MoeConfig's defaults, as transformers does. Refused:
     ``mlp_only_layers`` (dense blocks off that rule) and gates other than meshwright's (top-k renormalised when k > 1,
     the raw probability when k = 1)."""
     experts = data.get("num_experts", data.get("num_local_experts", 128))
@@ -271,7 +272,6 @@ def _qwen3_moe(data: dict[str, Any], out: dict[str, Any]) -> None:
     out["top_k"] = data.get("num_experts_per_tok", 8)
     out["moe_ffn_hidden"] = data.get("moe_intermediate_size", 768)
     out["moe_every"] = data.get("decoder_sparse_step", 1)
-    out["ffn_hidden"] = data.get("intermediate_size", 6144)
     if data.get("mlp_only_layers"):
         raise invalid("config.json mlp_only_layers", data["mlp_only_layers"], "[] (dense blocks only where "
                       "decoder_sparse_step leaves them)")

@@ -1720,7 +1720,7 @@ def _rank_dp(o: _Outer, table: _KindTable, keys: tuple[bool, ...], used: dict[bo
     # (``_next_levels``). Where a lower level's answer is faster, ``old`` and its refinements stay candidates:
     # evaluate_plan judges, and a faster DP answer can score slower (llama2-7b on 8 A100 lost its second layout)
     first = best
-    used_bytes = max(float(used[key].gather[j]) for key, j in zip(keys, first[1])) if first is not None else 0.0
+    used_bytes = _chosen_transient(keys, used, first[1]) if first is not None else 0.0
     old, old_level = best, best_level
     for level in _next_levels(table, keys, used, levels, best, budget, inflight):
         res = run(level)
@@ -1779,8 +1779,7 @@ def _next_levels(table: _KindTable, keys: tuple[bool, ...], used: dict[bool, _Ki
 def _levels_after(table: _KindTable, keys: tuple[bool, ...], used: dict[bool, _Kind], levels: list[float],
                   best: tuple[float, list[int]], budget: float, inflight: float) -> list[float]:
     """``_next_levels`` where the largest level's DP found an answer."""
-    ks = [used[key] for key in keys]
-    used_bytes = max(float(k.gather[j]) for k, j in zip(ks, best[1])) if ks else 0.0
+    used_bytes = _chosen_transient(keys, used, best[1])
     tighter = [lv for lv in levels[1:] if lv >= used_bytes * (1 - 1e-9)]
     todo = [min(tighter)] if tighter else []
     trans = table.trans[keys[0]] if len(used) == 1 else None
@@ -1790,6 +1789,11 @@ def _levels_after(table: _KindTable, keys: tuple[bool, ...], used: dict[bool, _K
             if _lp_bound(kinds, room, inflight, trans, best[0]) < best[0] * (1 - 1e-9):
                 todo.append(level)
     return todo
+
+
+def _chosen_transient(keys: tuple[bool, ...], used: dict[bool, _Kind], choice: list[int]) -> float:
+    """The largest transient (ZeRO-3 gather) bytes among a rank's chosen strategies: the level they need."""
+    return max((float(used[key].gather[j]) for key, j in zip(keys, choice)), default=0.0)
 
 
 def _min_memory_assignment(ks: list[_Kind], inflight: float) -> tuple[list[int], float]:
@@ -2057,7 +2061,6 @@ class _Solved:
         refined ones only of plans within ``REFINE_WINDOW`` of it."""
         dropped = {id(x) for step, alts in self.refined if step > best_step_s * (1 + REFINE_WINDOW) for x in alts}
         return [x for x in self.items if id(x) not in dropped] if dropped else self.items
-
 
 
 def _solve_candidate(o: _Outer, refine_all: bool = False) -> _Solved:

@@ -233,7 +233,8 @@ def _search_for_stack(target: str, cfg: Any, cluster: Any, args: argparse.Namesp
     plans it runs as planned (export.stack_problems) over ones it would approximate."""
     from meshwright.launcher.planner.export import stack_constraints, stack_problems
     from meshwright.launcher.planner.export.stacks import RUNS
-    from meshwright.launcher.planner.search import Allow, search
+    from meshwright.launcher.planner.export.uniform import uniform_variants
+    from meshwright.launcher.planner.search import Allow, Candidate, search
 
     sets = stack_constraints(target, constraints, cfg)
     if not sets:  # the flag the user gave (--stack wins: `--emit deepspeed --stack deepspeed-fp32-accum`)
@@ -244,9 +245,6 @@ def _search_for_stack(target: str, cfg: Any, cluster: Any, args: argparse.Namesp
         raise ConfigError(f"{flag}={target!r}{emit} cannot run the layout fixed by {fixed}; valid: {RUNS[target]}")
     results = [search(cfg, cluster, args.seq_len, args.global_batch, hw=hw, constraints=c, allow=Allow(), top=args.top,
                       suggest=False) for c in sets]
-    from meshwright.launcher.planner.export.uniform import uniform_variants
-    from meshwright.launcher.planner.search import Candidate
-
     found = [c for r in results for c in ([r.best] if r.best else []) + list(r.runners_up)]
     cache: dict[Any, Any] = {}  # the stack runs one strategy for every layer: the found plans' layers made to agree
     found += [Candidate(p, pred) for c in found for p, pred in uniform_variants(c.plan, cfg, hw, cluster.world_size,

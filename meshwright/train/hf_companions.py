@@ -26,12 +26,19 @@ TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def _tokenizer_dir(tokenizer: Any) -> Path | None:
-    """The directory of ``data.tokenizer`` when it names a Hugging Face tokenizer (a tokenizer.json or its folder)."""
+    """The directory of ``data.tokenizer`` when it names a Hugging Face ``tokenizer.json`` (or its folder), resolved
+    as the data's tokenizer is (``tokenizer_file``). A tokenizer file of another name has no directory of companions:
+    a ``tokenizer.json`` beside it is not the one the data was encoded with."""
     if not isinstance(tokenizer, str) or tokenizer in ("byte", "bpe"):
         return None
-    path = Path(tokenizer)
-    folder = path.parent if path.is_file() else path
-    return folder if (folder / "tokenizer.json").is_file() else None
+    from meshwright.data.tokenizer import tokenizer_file
+    from meshwright.errors import ConfigError
+
+    try:
+        file = tokenizer_file(tokenizer)
+    except ConfigError:  # the data's own loading names it
+        return None
+    return file.parent if file.name == "tokenizer.json" else None
 
 
 def save_companions(cfg: Any, run_dir: str | Path) -> list[str]:

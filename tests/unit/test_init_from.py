@@ -221,6 +221,10 @@ def test_export_carries_the_runs_tokenizer_and_leaves_a_foreign_one_alone(tmp_pa
     from meshwright.train.hf_companions import companion_token_ids
 
     assert companion_token_ids(run, 3) == {"eos_token_id": 2}  # no init_from: the tokenizer's eos_token ("world")
+    tok.save(str(tmp_path / "tok" / "other.json"))  # the data encoded with other.json: tokenizer.json is not its
+    assert save_companions(SimpleNamespace(init_from=None, data=SimpleNamespace(tokenizer=str(tmp_path / "tok" /
+                                                                                              "other.json"))),
+                           tmp_path / "run2") == []
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "tokenizer.json").write_text("{}")

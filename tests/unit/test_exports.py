@@ -83,7 +83,7 @@ def test_megatron_export_passes_megatron_validate_args(name, dtype):
     if s.zero == 2:
         assert any("not the gradients" in n for n in notes)
     if s.zero == 3 and not fsdp:
-        assert any("--use-torch-fsdp2 needs " + ("--untie" if cfg.tie_embeddings else "pp=1") in n for n in notes)
+        assert any("--use-torch-fsdp2 needs " + ("untied" if cfg.tie_embeddings else "pp=1") in n for n in notes)
     if s.dp_shard:
         assert ns.num_distributed_optimizer_instances == s.dp // s.dp_shard
     if plan.pipeline.degree > 1:  # the exact planned split, virtual stages included
@@ -327,7 +327,7 @@ def test_megatron_stack_plans_no_fsdp_for_tied_embeddings(capsys):
     assert {c.zero for c in exports.stack_constraints("megatron", None, tied)} == {0, 1}
     assert {c.zero for c in exports.stack_constraints("megatron", None, untied)} == {0, 1, 3}
     plan, cfg, _ = _case("qwen3-0.6b zero3 (fsdp refused with tied embeddings)")
-    assert "--use-torch-fsdp2 needs untied embeddings" in exports.stack_problems("megatron", plan, cfg)
+    assert any(p.startswith("--use-torch-fsdp2 needs untied embeddings") for p in exports.stack_problems("megatron", plan, cfg))
     argv = ["plan", "--model", "qwen3-0.6b", "--cluster", "dgx-a100-80g", "--nodes", "2", "--seq-len", "4096",
             "--global-batch", "256", "--emit", "megatron", "--zero", "3"]
     assert main(argv) != 0
@@ -403,3 +403,27 @@ def test_plan_emit_takes_the_dtype_a_train_config_sets(tmp_path, capsys):
     train.write_text("lr: 0.0002\nmin_lr: 0.00002\nsteps: 500\nwarmup_steps: 50\n")  # no dtype: the default (bf16) stands
     assert main(base) == 0
     assert json.loads(capsys.readouterr().out)["bf16"] == {"enabled": True}
+
+
+@pytest.mark.parametrize("pp,ep,tied", [(1, 1, False), (1, 1, True), (2, 1, False), (1, 2, False), (2, 2, True)])
+def test_megatron_fsdp2_rule_is_one_for_search_check_export_and_validate_args(pp, ep, tied):
+    """Megatron's --use-torch-fsdp2 conditions (pp=1, ep=1, untied embeddings) were written twice, in the export and in
+    stack_problems (and a third time in stack_constraints). All three now apply ``megatron_fsdp2_refusal``; this fails
+    if any of them drifts from the others or from what Megatron-LM's own validate_args accepts."""
+    import dataclasses
+
+    plan, cfg = _plan("mixtral-8x7b", 16, pp=pp, tp=2, zero=3, ep=ep, gb=256)
+    cfg = dataclasses.replace(cfg, tie_embeddings=tied)
+    args, notes = exports.megatron_args(plan, cfg)
+    exported = "--use-torch-fsdp2" in args
+    problems = [p for p in exports.stack_problems("megatron", plan, cfg) if "--use-torch-fsdp2" in p]
+    searched = any(c.zero == 3 and c.pp in (None, pp) and c.ep in (None, ep)
+                   for c in exports.stack_constraints("megatron", None, cfg))
+    fsdp_args = [a for a in args if a not in ("--use-distributed-optimizer", "--overlap-param-gather", "--use-torch-fsdp2",
+                                              "--no-gradient-accumulation-fusion")]
+    try:
+        megatron_validate(fsdp_args + ["--use-torch-fsdp2", "--no-gradient-accumulation-fusion"], 16, {})
+        accepted = True
+    except AssertionError:
+        accepted = False
+    assert exported == (not problems) == searched == accepted == (pp == 1 and ep == 1 and not tied), (problems, notes)

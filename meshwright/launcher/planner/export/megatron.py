@@ -15,7 +15,8 @@ from typing import Optional
 
 from meshwright.config import ModelConfig, TrainConfig
 from meshwright.launcher.planner.export.common import _uniform, check_dtype, optimizer_settings, stage_sizes
-from meshwright.plan import LayerStrategy, Plan
+from meshwright.launcher.planner.export.stacks import megatron_fsdp2_refusal
+from meshwright.plan import Plan
 
 
 def _num(x: float) -> str:
@@ -26,19 +27,8 @@ def megatron_env(plan: Plan, cfg: ModelConfig) -> dict[str, str]:
     """Environment Megatron-LM needs: one CUDA work queue so TP/SP communication overlaps in issue order
     (validate_args refuses tp>1 without it before Blackwell, unless FSDP is on)."""
     s = _uniform(plan, [], cfg)
-    return {"CUDA_DEVICE_MAX_CONNECTIONS": "1"} if s.tp > 1 and _fsdp_refusal(plan, cfg, s) is not None else {}
-
-
-def _fsdp_refusal(plan: Plan, cfg: ModelConfig, s: LayerStrategy) -> str | None:
-    """Why a ZeRO-3 layout cannot be exported as Megatron's --use-torch-fsdp2 (validate_args), or None when it is
-    (a layout below ZeRO-3 gives a reason too: it is not FSDP)."""
-    if s.zero != 3:
-        return f"zero={s.zero}"
-    if plan.pipeline.degree > 1 or s.ep > 1:
-        return f"pp={plan.pipeline.degree} ep={s.ep}: Megatron's --use-torch-fsdp2 needs pp=1 and ep=1"
-    if cfg.tie_embeddings:
-        return "tied embeddings: Megatron's --use-torch-fsdp2 needs --untie-embeddings-and-output-weights"
-    return None
+    fsdp = megatron_fsdp2_refusal(plan.pipeline.degree, [s], cfg.tie_embeddings) is None
+    return {"CUDA_DEVICE_MAX_CONNECTIONS": "1"} if s.tp > 1 and not fsdp else {}
 
 
 # Megatron-core's llama3 scaling takes only the factor; the rest is fixed at Llama 3.1's values
@@ -127,7 +117,7 @@ def megatron_args(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] = N
         args += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
     elif s.recompute == "selective":
         args += ["--recompute-granularity", "selective"]
-    why_not_fsdp = _fsdp_refusal(plan, cfg, s)
+    why_not_fsdp = megatron_fsdp2_refusal(pp.degree, [s], cfg.tie_embeddings)  # the rule stack_problems applies
     fsdp = why_not_fsdp is None
     if s.zero == 3 and not fsdp:
         notes.append(f"zero=3 with {why_not_fsdp} (validate_args); exported the distributed optimizer (ZeRO-1) "

@@ -427,3 +427,100 @@ def test_megatron_fsdp2_rule_is_one_for_search_check_export_and_validate_args(pp
     except AssertionError:
         accepted = False
     assert exported == (not problems) == searched == accepted == (pp == 1 and ep == 1 and not tied), (problems, notes)
+
+
+@pytest.fixture(scope="module")
+def megatron_single_rank():
+    """One gloo rank with Megatron's model-parallel groups of 1, for building megatron-core modules on the CPU."""
+    pytest.importorskip("megatron.core")
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    yield
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+# megatron-core's CPU build: no TE/apex fusions (the flags change kernels only, not the model)
+_MEGATRON_CPU = ["--use-cpu-initialization", "--no-rope-fusion", "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion",
+                 "--no-masked-softmax-fusion", "--no-persist-layer-norm", "--no-gradient-accumulation-fusion"]
+
+
+def _megatron_gpt(args: list[str], vocab_size: int):
+    """The GPTModel Megatron-LM builds from ``args``, as pretrain_gpt.py's model provider does at core_v0.16.1
+    (core_transformer_config_from_args; GPTModel(..., share_embeddings_and_output_weights=not
+    args.untie_embeddings_and_output_weights, rotary_percent, rotary_base, rope_scaling=args.use_rope_scaling,
+    rope_scaling_factor, seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor)) with the local
+    (non-TE) layer spec. The vocabulary comes from Megatron's tokenizer, not from the arguments: ``vocab_size``."""
+    from consumers.loaders import megatron_arguments
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    ns = megatron_validate(args + _MEGATRON_CPU, 1, {})
+    config = megatron_arguments().core_transformer_config_from_args(ns)
+    spec = get_gpt_layer_local_spec(qk_layernorm=ns.qk_layernorm, normalization=ns.normalization)
+    return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab_size,
+                    max_sequence_length=ns.max_position_embeddings,
+                    share_embeddings_and_output_weights=not ns.untie_embeddings_and_output_weights,
+                    position_embedding_type=ns.position_embedding_type, rotary_percent=ns.rotary_percent,
+                    rotary_base=ns.rotary_base, rope_scaling=ns.use_rope_scaling,
+                    rope_scaling_factor=ns.rope_scaling_factor,
+                    seq_len_interpolation_factor=ns.rotary_seq_len_interpolation_factor), ns
+
+
+_TINY = dict(name="tiny-export", vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=128,
+             max_seq_len=256, rope_theta=500000.0)
+
+
+@pytest.mark.parametrize("change", [
+    {},
+    {"tie_embeddings": True},
+    {"attn_head_dim": 32},  # --kv-channels: heads wider than d_model/n_heads (Qwen3)
+    {"qk_norm": True, "qkv_bias": True, "attn_head_dim": 32},  # both at once: megatron-core builds both
+    {"qkv_bias": True, "n_kv_heads": 4},
+    {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192}},
+    {"rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+    {"rotary_dim": 8},  # partial rotary: the first 8 of each head's 16 dimensions
+], ids=["plain", "tied", "kv-channels", "qk-norm+qkv-bias", "qkv-bias", "llama3-rope", "linear-rope", "partial-rotary"])
+def test_megatron_builds_our_model_from_the_export(change, megatron_single_rank):
+    """Megatron-core builds a GPTModel from the exported arguments with our model's parameters (count and attention
+    shapes: q/k/v biases, q/k head norms, kv_channels, tied or untied output layer) and our rotary angles
+    (RotaryEmbedding's, llama3 and linear scaling, partial rotary) -- not merely arguments its parser accepts."""
+    import dataclasses
+
+    import torch
+
+    from meshwright.config import ModelConfig
+    from meshwright.models import build_model
+    from meshwright.models.decoder import count_parameters
+    from meshwright.models.layers import rope_inv_freq
+
+    cfg = dataclasses.replace(ModelConfig(**_TINY), **change)
+    cfg.validate()
+    plan, _ = _plan("qwen3-0.6b", 1, tp=1, zero=0, gb=8)
+    args, notes = exports.megatron_args(plan, cfg)
+    assert not [n for n in notes if "another model" in n]
+    gpt, ns = _megatron_gpt(args, cfg.vocab_size)
+    ours = build_model(cfg, device="cpu")
+    assert sum(p.numel() for p in gpt.parameters()) == count_parameters(ours)
+    theirs = dict(gpt.decoder.layers[0].self_attention.named_parameters())
+    qkv_rows = (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim
+    assert theirs["linear_qkv.weight"].shape == (qkv_rows, cfg.d_model)
+    assert ("linear_qkv.bias" in theirs) == cfg.qkv_bias and "linear_proj.bias" not in theirs
+    assert ("q_layernorm.weight" in theirs) == cfg.qk_norm
+    if cfg.qk_norm:
+        assert theirs["q_layernorm.weight"].shape == theirs["k_layernorm.weight"].shape == (cfg.head_dim,)
+    assert gpt.share_embeddings_and_output_weights == cfg.tie_embeddings
+    # rotary angles: RotaryEmbedding's position x frequency table (positions / the interpolation factor), which its
+    # forward repeats over the rotated dimensions (get_emb moves it to CUDA first: the table alone on the CPU)
+    seq = 512
+    freqs = gpt.rotary_pos_emb.get_freqs_non_repeated(seq).double()
+    angles = torch.outer(torch.arange(seq, dtype=torch.float64),
+                         rope_inv_freq(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling).double())
+    assert freqs.shape == (seq, cfg.rope_dim // 2)
+    torch.testing.assert_close(freqs, angles, rtol=1e-5, atol=1e-3)

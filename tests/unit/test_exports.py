@@ -524,3 +524,118 @@ def test_megatron_builds_our_model_from_the_export(change, megatron_single_rank)
                          rope_inv_freq(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling).double())
     assert freqs.shape == (seq, cfg.rope_dim // 2)
     torch.testing.assert_close(freqs, angles, rtol=1e-5, atol=1e-3)
+
+
+_LLAMA31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("model,scaling", [
+    ("llama2-70b", None),  # theta 1e4, no scaling: torchtitan's llama3 flavors would give it Llama 3.1's rope
+    ("llama3-70b", None),
+    ("llama3-70b", _LLAMA31),
+    ("llama3-70b", {**_LLAMA31, "factor": 32.0, "original_max_position_embeddings": 4096}),  # Megatron cannot
+    ("llama2-7b", {"rope_type": "linear", "factor": 4.0}),
+    ("llama2-7b", {"rope_type": "linear", "factor": 2.5}),
+    ("qwen3-8b", None),  # head_dim 128 apart from d_model/n_heads
+])
+def test_torchtitan_export_gives_torchtitans_rope_our_frequencies(model, scaling):
+    """torchtitan's own ComplexRoPE (pinned models/common/rope.py @ b5bcd76, loaded with its SPMD typing stubbed)
+    builds its cache from the exported ROPE fields; its angles are our model's (rope_tables), linear scaling included
+    (written as torchtitan's llama scaling with a 1-token original context: every frequency divided)."""
+    import dataclasses
+
+    import torch
+
+    from consumers.loaders import torchtitan_rope
+    from meshwright.models.layers import rope_tables
+
+    cfg = dataclasses.replace(load_model_config(model), rope_scaling=scaling)
+    _, rope = exports.torchtitan_model(cfg)
+    tt = torchtitan_rope()
+    seq = 8192
+    cache = tt.ComplexRoPE(tt.ComplexRoPE.Config(dim=cfg.head_dim, max_context_length=seq, **rope)).cache
+    cos, sin = rope_tables(cfg.head_dim, seq, cfg.rope_theta, scaling=cfg.rope_scaling)
+    torch.testing.assert_close(cache.real, cos, rtol=0, atol=2e-3)
+    torch.testing.assert_close(cache.imag, sin, rtol=0, atol=2e-3)
+    # torchtitan's recipes' rope (every llama3 flavor: theta 500000, llama scaling factor 8) is another model unless
+    # the model is Llama 3.1's: what apply_plan's ROPE replaces
+    recipe = tt.ComplexRoPE(tt.ComplexRoPE.Config(dim=cfg.head_dim, max_context_length=seq, theta=500000,
+                                                  scaling="llama")).cache
+    assert torch.allclose(recipe, cache, atol=2e-3) == (cfg.rope_theta == 500000 and scaling == _LLAMA31)
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"sliding_window": 4096}, r"model\.sliding_window=4096 is invalid; valid: null for --emit torchtitan"),
+    ({"rotary_dim": 96}, r"model\.rotary_dim=96 is invalid; valid: null \(head_dim=128\) for --emit torchtitan"),
+    ({"rope_scaling": {"rope_type": "longrope", "original_max_position_embeddings": 4096, "attention_factor": 1.19,
+                       "short_factor": [1.0] * 64, "long_factor": [2.0] * 64}},
+     r"model\.rope_scaling\.rope_type='longrope' is invalid; valid: llama3, linear or null for --emit torchtitan"),
+])
+def test_torchtitan_export_refuses_what_torchtitan_cannot_express(change, field, capsys):
+    """A sliding window (Mistral), partial rotary (Phi-4-mini) or longrope (Phi-3) has no torchtitan llama3/qwen3
+    setting: the export is one line naming the field, from the export API and before `plan --emit`'s search."""
+    import dataclasses
+
+    from meshwright.errors import ConfigError
+
+    plan, cfg, _ = _case("llama3-70b tp8 pp4")
+    cfg = dataclasses.replace(cfg, **change)
+    with pytest.raises(ConfigError, match="^" + field):
+        exports.emit(plan, cfg, "torchtitan")
+    for target in ("megatron", "deepspeed"):  # the others express these (flags) or carry no model (JSON)
+        exports.emit(plan, cfg, target)
+    gpt2 = load_model_config("gpt2-small")
+    with pytest.raises(ConfigError, match=r"^model\.arch='gpt2' is invalid; valid: llama for --emit torchtitan"):
+        exports.check_emit_model("torchtitan", gpt2)
+    argv = ["plan", "--model", "gpt2-small", "--cluster", "dgx-a100-80g", "--nodes", "1", "--seq-len", "1024",
+            "--global-batch", "64", "--emit", "torchtitan"]
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.arch='gpt2' is invalid" in err[0], err
+
+
+def _titan_recipe(tt_rope, cfg, **override):
+    """A recipe model config as torchtitan's llama3 registry builds it (Decoder.Config -> layers[i].attention:
+    GQAttention.Config with a FusedQKVLinear wqkv and the flavors' ComplexRoPE.Config; feed_forward.w1; norm), with
+    the fields apply_plan reads; ``override`` changes one."""
+    from types import SimpleNamespace as NS
+
+    f = {"dim": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.kv_heads,
+         "head_dim": None, "vocab_size": cfg.vocab_size, "tie": cfg.tie_embeddings, "bias": False,
+         "eps": cfg.norm_eps, "hidden": cfg.ffn_dim, **override}
+    rope = tt_rope.ComplexRoPE.Config(dim=f["dim"] // f["n_heads"], max_context_length=131072, theta=500000,
+                                      scaling="llama")
+    layers = [NS(attention=NS(n_heads=f["n_heads"], n_kv_heads=f["n_kv_heads"], head_dim=f["head_dim"], qk_norm=None,
+                              qkv_linear=NS(wqkv=NS(bias=f["bias"])), rope=rope),
+                 feed_forward=NS(w1=NS(out_features=f["hidden"]))) for _ in range(f["n_layers"])]
+    model = NS(dim=f["dim"], vocab_size=f["vocab_size"], enable_weight_tying=f["tie"], norm=NS(eps=f["eps"]),
+               layers=layers)
+    return NS(model_spec=NS(model=model), parallelism=NS(), training=NS(), activation_checkpoint=None)
+
+
+def test_torchtitan_apply_plan_sets_our_rope_and_refuses_another_model(monkeypatch):
+    """The emitted apply_plan, run on a recipe shaped like torchtitan's llama3 70B flavor: every layer gets the
+    planned rope (Llama 3's unscaled one, not the flavor's Llama 3.1 scaling) and the plan's parallelism; a recipe
+    of another model (8 -> 16 kv heads, tied embeddings) is a ValueError naming the field."""
+    import sys
+    import types
+
+    from consumers.loaders import torchtitan_rope
+
+    plan, cfg, _ = _case("llama3-70b tp8 pp4")
+    text, _ = exports.torchtitan_config(plan, cfg)
+    trainer = types.ModuleType("torchtitan.trainer")
+    trainer.Trainer = type("Trainer", (), {"Config": object})
+    for name, mod in (("torchtitan", types.ModuleType("torchtitan")), ("torchtitan.trainer", trainer)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    ns: dict = {}
+    exec(compile(text, "apply_plan.py", "exec"), ns)
+    tt = torchtitan_rope()
+    config = ns["apply_plan"](_titan_recipe(tt, cfg))
+    ropes = {(r.theta, r.scaling) for r in (layer.attention.rope for layer in config.model_spec.model.layers)}
+    assert ropes == {(500000.0, "none")} and config.parallelism.pipeline_parallel_degree == 4
+    for override, field in (({"n_kv_heads": 16}, "n_kv_heads=16"), ({"tie": True}, "enable_weight_tying=True"),
+                            ({"head_dim": 64}, "head_dim=64"), ({"eps": 1e-6}, "norm_eps=1e-06")):
+        with pytest.raises(ValueError, match=f"^model {field} in the recipe, the plan's model has"):
+            ns["apply_plan"](_titan_recipe(tt, cfg, **override))

@@ -639,3 +639,54 @@ def test_torchtitan_apply_plan_sets_our_rope_and_refuses_another_model(monkeypat
                             ({"head_dim": 64}, "head_dim=64"), ({"eps": 1e-6}, "norm_eps=1e-06")):
         with pytest.raises(ValueError, match=f"^model {field} in the recipe, the plan's model has"):
             ns["apply_plan"](_titan_recipe(tt, cfg, **override))
+
+
+_PHI_LONGROPE = {"rope_type": "longrope", "original_max_position_embeddings": 4096, "attention_factor": 1.19,
+                 "short_factor": [1.0 + i / 64 for i in range(64)], "long_factor": [2.0 + i / 8 for i in range(64)]}
+
+
+@pytest.mark.parametrize("model,change,arch", [
+    ("llama2-7b", {}, "LlamaForCausalLM"),
+    ("llama3-70b", {"rope_scaling": _LLAMA31}, "LlamaForCausalLM"),
+    ("llama2-7b", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}, "LlamaForCausalLM"),
+    ("llama2-7b", {"sliding_window": 4096}, "MistralForCausalLM"),
+    ("qwen2.5-7b", {}, "Qwen2ForCausalLM"),
+    ("qwen3-0.6b", {}, "Qwen3ForCausalLM"),  # head_dim 128 on d_model 1024, tied embeddings
+    ("phi-4", {"rope_scaling": _PHI_LONGROPE, "max_seq_len": 131072}, "Phi3ForCausalLM"),
+    ("phi-4", {"rotary_dim": 96, "rope_scaling": {**_PHI_LONGROPE, "short_factor": [1.0] * 48, "long_factor": [4.0] * 48},
+               "max_seq_len": 131072}, "Phi3ForCausalLM"),  # Phi-4-mini's partial rotary
+    ("mixtral-8x7b", {}, "MixtralForCausalLM"),
+])
+def test_deepspeed_export_names_the_model_transformers_rebuilds_as_ours(model, change, arch, tmp_path):
+    """DeepSpeed's JSON holds no model: the export names the transformers class that rebuilds ours from the
+    config.json meshwright writes, and transformers, reading that file, has our rotary frequencies (its model's
+    RotaryEmbedding: default, llama3, linear, longrope, partial rotary), window, head shape and tying."""
+    import dataclasses
+    import importlib
+
+    import torch
+    import transformers
+
+    from meshwright.config.hf import hf_config_from_model
+    from meshwright.models.layers import rope_inv_freq
+
+    base = load_model_config(model)
+    cfg = dataclasses.replace(base, **change)
+    cfg.validate()
+    plan, _, _ = _case("llama3-70b tp8 pp4")
+    _, notes = exports.deepspeed_config(plan, cfg)
+    assert notes[0].startswith(f"the JSON carries no model: build transformers' {arch} from the config.json")
+    for feature in [*(["sliding window 4096"] if cfg.sliding_window else []), *(["q/k head norms"] if cfg.qk_norm else []),
+                    *(["tied embeddings"] if cfg.tie_embeddings else []), *(["q/k/v biases"] if cfg.qkv_bias else [])]:
+        assert feature in notes[0], feature
+    (tmp_path / "config.json").write_text(json.dumps(hf_config_from_model(cfg)))
+    hf = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert hf.architectures == [arch] and getattr(hf, "sliding_window", None) == cfg.sliding_window
+    assert hf.num_key_value_heads == cfg.kv_heads and bool(hf.tie_word_embeddings) == cfg.tie_embeddings
+    assert getattr(hf, "head_dim", None) in (None, cfg.head_dim) and hf.hidden_size == cfg.d_model
+    mod = importlib.import_module(f"transformers.models.{hf.model_type}.modeling_{hf.model_type}")
+    rotary = next(getattr(mod, n) for n in dir(mod) if n.endswith("RotaryEmbedding"))(hf)
+    torch.testing.assert_close(rotary.inv_freq.double(), rope_inv_freq(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling).double(),
+                               rtol=1e-6, atol=0)
+    scale = float(cfg.rope_scaling["attention_factor"]) if cfg.rope_scaling and "attention_factor" in cfg.rope_scaling else 1.0
+    assert rotary.attention_scaling == pytest.approx(scale)

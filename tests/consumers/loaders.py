@@ -86,7 +86,7 @@ def torchtitan_rope() -> Any:
     """The pinned ``torchtitan/models/common/rope.py`` (ComplexRoPE, CosSinRoPE: their caches are torchtitan's rotary
     frequencies). Its two imports beyond torch are stood in for while it loads, and removed after: ``spmd_types``
     (decorators that only type-check SPMD layouts: identity here) and ``torchtitan.protocols.module.Module`` (an
-    ``nn.Module`` with a ``Config`` dataclass, all RoPE needs of it)."""
+    ``nn.Module`` with a ``Config`` dataclass, all RoPE needs of it); whatever those names held before is put back."""
     name = "pinned_torchtitan_rope"
     if name in sys.modules:
         return sys.modules[name]
@@ -109,10 +109,13 @@ def torchtitan_rope() -> Any:
     module.Module = Module
     stubs = {"spmd_types": spmd, "torchtitan": types.ModuleType("torchtitan"),
              "torchtitan.protocols": types.ModuleType("torchtitan.protocols"), "torchtitan.protocols.module": module}
-    assert not any(k in sys.modules for k in stubs), "a real torchtitan is importable: load it instead"
+    saved = {k: sys.modules.get(k) for k in stubs}
     sys.modules.update(stubs)
     try:
         return _load(name, HERE / "torchtitan" / "torchtitan" / "models" / "common" / "rope.py.pinned")
     finally:
-        for k in stubs:
-            sys.modules.pop(k, None)
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v

@@ -49,6 +49,12 @@ CASES = {
 }
 
 
+_LLAMA31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+
+_PHI_LONGROPE = {"rope_type": "longrope", "original_max_position_embeddings": 4096, "attention_factor": 1.19,
+                 "short_factor": [1.0 + i / 64 for i in range(64)], "long_factor": [2.0 + i / 8 for i in range(64)]}
+
 def _case(name):
     (model, world), kw = CASES[name]
     return (*_plan(model, world, **kw), world)
@@ -363,21 +369,16 @@ def test_emit_makes_the_found_plans_uniform_rather_than_fall_back_to_a_slow_one(
     assert uniform_variants(variants[0][0], cfg, hw, 16, {}) == []  # a uniform plan has no other variant
 
 
-@pytest.mark.parametrize("change,expect,note", [
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                       "original_max_position_embeddings": 8192}}, {"use_rope_scaling": True, "rope_scaling_factor": 8.0},
-     None),  # Llama 3.1
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                       "original_max_position_embeddings": 4096}}, {"use_rope_scaling": False}, "fixes low/high"),
-    ({"rope_scaling": {"rope_type": "linear", "factor": 4.0}}, {"rotary_seq_len_interpolation_factor": 4}, None),
-    ({"rope_scaling": {"rope_type": "linear", "factor": 2.5}}, {"rotary_seq_len_interpolation_factor": None},
-     "integer interpolation"),
-    ({"rotary_dim": 96}, {"rotary_percent": 0.75}, None),  # Phi-4-mini's share of a 128-wide head
-    ({"sliding_window": 4096}, {"window_size": (4095, 0)}, None),  # Mistral: itself and the 4,095 before
+@pytest.mark.parametrize("change,expect", [
+    ({"rope_scaling": _LLAMA31}, {"use_rope_scaling": True, "rope_scaling_factor": 8.0}),  # Llama 3.1
+    ({"rope_scaling": {"rope_type": "linear", "factor": 4.0}}, {"rotary_seq_len_interpolation_factor": 4}),
+    ({"rotary_dim": 96}, {"rotary_percent": 0.75}),  # Phi-4-mini's share of a 128-wide head
+    ({"sliding_window": 4096}, {"window_size": (4095, 0)}),  # Mistral: itself and the 4,095 before
 ])
-def test_megatron_export_keeps_rope_scaling_partial_rotary_and_the_window(change, expect, note):
+def test_megatron_export_keeps_rope_scaling_partial_rotary_and_the_window(change, expect):
     """Llama 3.1's rope scaling, partial rotary and a sliding window were exported as plain RoPE with full
-    attention, silently: another model. Each is a Megatron-LM flag now, read back by its own parser, or a note."""
+    attention, silently: another model. Each is a Megatron-LM flag now, read back by its own parser (and built by
+    megatron-core: test_megatron_builds_our_model_from_the_export)."""
     import dataclasses
 
     plan, cfg, world = _case("llama3-70b tp8 pp4")
@@ -386,7 +387,30 @@ def test_megatron_export_keeps_rope_scaling_partial_rotary_and_the_window(change
     ns = megatron_validate(args, world, exports.megatron_env(plan, cfg))
     for key, value in expect.items():
         assert getattr(ns, key) == value, (key, getattr(ns, key))
-    assert any(note in n for n in notes) if note else not [n for n in notes if "rope" in n.lower()]
+    assert not [n for n in notes if "rope" in n.lower()]
+
+
+@pytest.mark.parametrize("change,error", [
+    ({"rope_scaling": {**_LLAMA31, "factor": 32.0, "original_max_position_embeddings": 4096}},
+     r"model\.rope_scaling\.original_max_position_embeddings=4096 is invalid; valid: 8192 for --emit megatron"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.5}},
+     r"model\.rope_scaling\.factor=2\.5 is invalid; valid: an integer for --emit megatron"),
+    ({"rope_scaling": _PHI_LONGROPE}, r"model\.rope_scaling\.rope_type='longrope' is invalid; valid: llama3, linear or null"),
+    ({"rope_theta": 10000.5}, r"model\.rope_theta=10000\.5 is invalid; valid: an integer for --emit megatron"),
+])
+def test_megatron_export_refuses_a_rope_it_has_no_flags_for(change, error):
+    """A rope Megatron-LM core_v0.16.1 cannot express was exported as plain RoPE with a note ("another model"): now
+    one line naming the field, from the export API and before plan --emit's search (check_emit_model)."""
+    import dataclasses
+
+    from meshwright.errors import ConfigError
+
+    plan, cfg, _ = _case("phi-4 tp2 pp4")
+    cfg = dataclasses.replace(cfg, **change)
+    with pytest.raises(ConfigError, match="^" + error):
+        exports.megatron_args(plan, cfg)
+    with pytest.raises(ConfigError, match="^" + error):
+        exports.check_emit_model("megatron", cfg)
 
 
 def test_plan_emit_takes_the_dtype_a_train_config_sets(tmp_path, capsys):
@@ -486,8 +510,10 @@ _TINY = dict(name="tiny-export", vocab_size=512, d_model=64, n_layers=2, n_heads
                       "original_max_position_embeddings": 8192}},
     {"rope_scaling": {"rope_type": "linear", "factor": 4.0}},
     {"rotary_dim": 8},  # partial rotary: the first 8 of each head's 16 dimensions
-], ids=["plain", "tied", "kv-channels", "qk-norm+qkv-bias", "qkv-bias", "llama3-rope", "linear-rope", "partial-rotary"])
-def test_megatron_builds_our_model_from_the_export(change, megatron_single_rank):
+    {"sliding_window": 3},
+], ids=["plain", "tied", "kv-channels", "qk-norm+qkv-bias", "qkv-bias", "llama3-rope", "linear-rope", "partial-rotary",
+        "window"])
+def test_megatron_builds_our_model_from_the_export(change, megatron_single_rank, monkeypatch):
     """Megatron-core builds a GPTModel from the exported arguments with our model's parameters (count and attention
     shapes: q/k/v biases, q/k head norms, kv_channels, tied or untied output layer) and our rotary angles
     (RotaryEmbedding's, llama3 and linear scaling, partial rotary) -- not merely arguments its parser accepts."""
@@ -524,10 +550,20 @@ def test_megatron_builds_our_model_from_the_export(change, megatron_single_rank)
                          rope_inv_freq(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling).double())
     assert freqs.shape == (seq, cfg.rope_dim // 2)
     torch.testing.assert_close(freqs, angles, rtol=1e-5, atol=1e-3)
+    # the window: the local spec's softmax masks with get_sliding_window_causal_mask (True = masked; it allocates on
+    # CUDA, here on the CPU) -- the complement of our mask
+    from megatron.core.transformer import utils as mcore_utils
 
+    from meshwright.models.layers import sliding_window_mask
 
-_LLAMA31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192}
+    window = gpt.decoder.layers[0].self_attention.core_attention.scale_mask_softmax.window_size
+    assert window == (None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0))
+    if window is not None:
+        ones = torch.ones
+        monkeypatch.setattr(mcore_utils.torch, "ones", lambda *a, **k: ones(*a, **{**k, "device": "cpu"}))
+        assert torch.equal(~mcore_utils.get_sliding_window_causal_mask(9, 9, window),
+                           sliding_window_mask(9, cfg.sliding_window))
+
 
 
 @pytest.mark.parametrize("model,scaling", [
@@ -583,8 +619,9 @@ def test_torchtitan_export_refuses_what_torchtitan_cannot_express(change, field,
     cfg = dataclasses.replace(cfg, **change)
     with pytest.raises(ConfigError, match="^" + field):
         exports.emit(plan, cfg, "torchtitan")
-    for target in ("megatron", "deepspeed"):  # the others express these (flags) or carry no model (JSON)
-        exports.emit(plan, cfg, target)
+    exports.emit(plan, cfg, "deepspeed")  # its JSON carries no model (the HF config.json does: a note names it)
+    if "rope_scaling" not in change:  # a window and partial rotary are Megatron-LM flags (longrope: refused there too)
+        exports.emit(plan, cfg, "megatron")
     gpt2 = load_model_config("gpt2-small")
     with pytest.raises(ConfigError, match=r"^model\.arch='gpt2' is invalid; valid: llama for --emit torchtitan"):
         exports.check_emit_model("torchtitan", gpt2)
@@ -640,9 +677,6 @@ def test_torchtitan_apply_plan_sets_our_rope_and_refuses_another_model(monkeypat
         with pytest.raises(ValueError, match=f"^model {field} in the recipe, the plan's model has"):
             ns["apply_plan"](_titan_recipe(tt, cfg, **override))
 
-
-_PHI_LONGROPE = {"rope_type": "longrope", "original_max_position_embeddings": 4096, "attention_factor": 1.19,
-                 "short_factor": [1.0 + i / 64 for i in range(64)], "long_factor": [2.0 + i / 8 for i in range(64)]}
 
 
 @pytest.mark.parametrize("model,change,arch", [

@@ -14,7 +14,7 @@ from meshwright.config import ModelConfig, TrainConfig
 from meshwright.errors import invalid
 from meshwright.launcher.planner.export.common import DTYPES
 from meshwright.launcher.planner.export.deepspeed import deepspeed_config
-from meshwright.launcher.planner.export.megatron import megatron_args, megatron_env
+from meshwright.launcher.planner.export.megatron import megatron_args, megatron_env, rope_and_window_args
 from meshwright.launcher.planner.export.stacks import TARGETS, stack_constraints, stack_problems
 from meshwright.launcher.planner.export.torchtitan import torchtitan_config, torchtitan_settings, torchtitan_toml
 from meshwright.launcher.planner.export.torchtitan_model import torchtitan_model
@@ -25,9 +25,12 @@ EMITTERS = tuple(TARGETS)
 
 def check_emit_model(target: str, cfg: ModelConfig) -> None:
     """A one-line ConfigError, before any search, for a model ``target`` cannot be (torchtitan: a sliding window,
-    longrope, partial rotary or GPT-2 blocks), so ``plan --emit`` does not search for an export it will refuse."""
+    longrope, partial rotary or GPT-2 blocks; Megatron-LM: a rope scaling it has no flags for), so ``plan --emit``
+    does not search for an export it will refuse."""
     if target == "torchtitan":
         torchtitan_model(cfg)
+    elif target == "megatron" and cfg.arch == "llama":
+        rope_and_window_args(cfg)
 
 
 def emit(plan: Plan, cfg: ModelConfig, target: str, train: Optional[TrainConfig] = None,

@@ -185,6 +185,10 @@ def compute_result(args: argparse.Namespace) -> dict[str, Any]:
 
     inputs = _load_inputs(args)
     cfg, cluster, hw = inputs["cfg"], inputs["cluster"], inputs["hw"]
+    if getattr(args, "emit", None):  # a model the target cannot be: one line now, not after the search
+        from meshwright.launcher.planner.export import check_emit_model
+
+        check_emit_model(args.emit, cfg)
     constraints = Constraints(tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep, cp=args.cp, zero=args.zero, recompute=args.recompute, sp=args.sp,
                               micro_batch=args.micro_batch, schedule=args.schedule, virtual_stages=args.virtual_stages,
                               runtime_compatible=not (args.any_runtime or args.allow))

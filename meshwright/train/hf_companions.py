@@ -3,7 +3,8 @@
 A fine-tuned model is used through transformers: ``AutoTokenizer.from_pretrained(OUT)`` needs the tokenizer files,
 and ``generate`` stops at ``eos_token_id`` (config.json, generation_config.json). An export of config.json + weights
 alone gave a directory with no tokenizer and ``eos_token_id: null``: generation never stopped. At the start of a run
-the tokenizer the data was encoded with (``data.tokenizer``'s directory) and ``init_from``'s generation config and
+the tokenizer the data was encoded with (``data.tokenizer``'s directory; a tokenizer file of another name as
+``tokenizer.json``) and ``init_from``'s generation config and
 token ids are copied into the run directory (``hf/``), so the export does not depend on those sources still being
 there; ``meshwright export`` puts them beside the weights.
 """
@@ -25,52 +26,57 @@ MODEL_FILES = ("generation_config.json",)
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
-def _tokenizer_dir(tokenizer: Any) -> Path | None:
-    """The directory of ``data.tokenizer`` when it names a Hugging Face ``tokenizer.json`` (or its folder), resolved
-    as the data's tokenizer is (``tokenizer_file``). A tokenizer file of another name has no directory of companions:
-    a ``tokenizer.json`` beside it is not the one the data was encoded with."""
+def _tokenizer_sources(tokenizer: Any) -> list[tuple[Path, str]]:
+    """(file, name under ``hf/``) for the tokenizer of ``data.tokenizer``, resolved as the data's is
+    (``tokenizer_file``): a ``tokenizer.json`` brings its directory's tokenizer files under their own names; a
+    tokenizer file of another name is copied alone as ``tokenizer.json``, the name ``AutoTokenizer`` reads (its
+    neighbours are not known to be its own: a ``tokenizer.json`` beside it is not the one the data was encoded with),
+    when it parses as a Hugging Face tokenizers JSON, else with a one-line warning none is."""
     if not isinstance(tokenizer, str) or tokenizer in ("byte", "bpe"):
-        return None
-    from meshwright.data.tokenizer import tokenizer_file
+        return []
+    from meshwright.data.tokenizer import _read_tokenizer_json, tokenizer_file
     from meshwright.errors import ConfigError
 
     try:
         file = tokenizer_file(tokenizer)
     except ConfigError:  # the data's own loading names it
-        return None
-    return file.parent if file.name == "tokenizer.json" else None
+        return []
+    if file.name == "tokenizer.json":
+        return [(file.parent / name, name) for name in TOKENIZER_FILES]
+    try:
+        _read_tokenizer_json(file, "data.tokenizer", tokenizer)
+    except ConfigError as exc:
+        print(f"warning: {exc}; the export will carry no tokenizer", file=sys.stderr, flush=True)
+        return []
+    return [(file, "tokenizer.json")]
 
 
 def save_companions(cfg: Any, run_dir: str | Path) -> list[str]:
     """Copy the run's tokenizer files and ``init_from``'s generation config and token ids into ``run_dir/hf``
     (the names copied). Files are replaced only there, a directory the run creates."""
     dest = Path(run_dir) / COMPANIONS_DIR
-    sources: list[tuple[Path, tuple[str, ...]]] = []
     init = Path(cfg.init_from) if getattr(cfg, "init_from", None) else None
-    tok = _tokenizer_dir(getattr(cfg.data, "tokenizer", None))
-    if tok is not None:  # byte or bpe data: init_from's tokenizer is not the one the model was trained on
-        sources.append((tok, TOKENIZER_FILES))
-    if init is not None:
-        sources.append((init, MODEL_FILES))
+    # byte or bpe data: none (init_from's tokenizer is not the one the model was trained on)
+    tok = _tokenizer_sources(getattr(cfg.data, "tokenizer", None))
+    sources = tok + ([(init / name, name) for name in MODEL_FILES] if init is not None else [])
     ids = _token_ids(init / "config.json") if init is not None else {}
-    if tok is not None and "eos_token_id" not in ids:  # a tokenizer without init_from: its end-of-document id
+    if tok and "eos_token_id" not in ids:  # a tokenizer without init_from: its end-of-document id, as the data's
         from meshwright.data.tokenizer import HFTokenizer
         from meshwright.errors import ConfigError
 
         with contextlib.suppress(ConfigError):  # none it can name: the export goes without, as before
-            ids["eos_token_id"] = HFTokenizer.load(str(tok)).eos_id
+            ids["eos_token_id"] = HFTokenizer.load(str(cfg.data.tokenizer)).eos_id
     if not sources and not ids:  # nothing to keep (or, on a resume, sources gone): what an earlier start kept stays
         return []
     remove_companions(Path(run_dir))  # this run's sources replace an earlier start's, none is mixed in
     dest.mkdir(parents=True, exist_ok=True)
     copied = []
-    for folder, names in sources:
-        for name in names:
-            if (folder / name).is_file():
-                tmp = dest / f".{name}.tmp"
-                shutil.copyfile(folder / name, tmp)
-                tmp.replace(dest / name)
-                copied.append(name)
+    for file, name in sources:
+        if file.is_file():
+            tmp = dest / f".{name}.tmp"
+            shutil.copyfile(file, tmp)
+            tmp.replace(dest / name)
+            copied.append(name)
     if ids:
         tmp = dest / f".{TOKEN_IDS_FILE}.tmp"
         tmp.write_text(json.dumps(ids) + "\n")

@@ -80,3 +80,42 @@ def torchtitan_configs() -> Any:
     """The pinned ``torchtitan/config/configs.py`` (ParallelismConfig, TrainingConfig: kw_only, slots)."""
     name = "pinned_torchtitan_configs"
     return sys.modules.get(name) or _load(name, HERE / "torchtitan" / "torchtitan" / "config" / "configs.py.pinned")
+
+
+def torchtitan_rope() -> Any:
+    """The pinned ``torchtitan/models/common/rope.py`` (ComplexRoPE, CosSinRoPE: their caches are torchtitan's rotary
+    frequencies). Its two imports beyond torch are stood in for while it loads, and removed after: ``spmd_types``
+    (decorators that only type-check SPMD layouts: identity here) and ``torchtitan.protocols.module.Module`` (an
+    ``nn.Module`` with a ``Config`` dataclass, all RoPE needs of it); whatever those names held before is put back."""
+    name = "pinned_torchtitan_rope"
+    if name in sys.modules:
+        return sys.modules[name]
+    import dataclasses
+
+    import torch.nn as nn
+
+    spmd = types.ModuleType("spmd_types")
+    spmd.no_typecheck = lambda *a, **k: (lambda f: f)
+    spmd.local_map = lambda *a, **k: (lambda f: f)
+    spmd.V = spmd.R = object()
+    spmd.PartitionSpec = lambda *a, **k: None
+
+    class Module(nn.Module):
+        @dataclasses.dataclass(kw_only=True, slots=True)
+        class Config:
+            param_init: dict | None = None
+
+    module = types.ModuleType("torchtitan.protocols.module")
+    module.Module = Module
+    stubs = {"spmd_types": spmd, "torchtitan": types.ModuleType("torchtitan"),
+             "torchtitan.protocols": types.ModuleType("torchtitan.protocols"), "torchtitan.protocols.module": module}
+    saved = {k: sys.modules.get(k) for k in stubs}
+    sys.modules.update(stubs)
+    try:
+        return _load(name, HERE / "torchtitan" / "torchtitan" / "models" / "common" / "rope.py.pinned")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v

@@ -13,7 +13,7 @@ case "$which" in
             files="megatron/training/arguments.py megatron/training/argument_utils.py megatron/training/training_config.py
                    megatron/training/common_config.py megatron/training/resilience_config.py" ;;
   torchtitan) repo=pytorch/torchtitan; ref="${2:-$(sed -n 's/^commit: //p' "$here/torchtitan/PIN")}"; dest="$here/torchtitan"
-              files="torchtitan/config/configs.py" ;;
+              files="torchtitan/config/configs.py torchtitan/models/common/rope.py" ;;
   *) echo "usage: $0 megatron|torchtitan [ref] [clone-dir]" >&2; exit 2 ;;
 esac
 clone="${3:-}"

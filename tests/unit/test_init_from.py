@@ -221,10 +221,30 @@ def test_export_carries_the_runs_tokenizer_and_leaves_a_foreign_one_alone(tmp_pa
     from meshwright.train.hf_companions import companion_token_ids
 
     assert companion_token_ids(run, 3) == {"eos_token_id": 2}  # no init_from: the tokenizer's eos_token ("world")
-    tok.save(str(tmp_path / "tok" / "other.json"))  # the data encoded with other.json: tokenizer.json is not its
+    # the data encoded with other.json (another vocabulary): it ships as tokenizer.json, the name AutoTokenizer reads;
+    # the tokenizer.json and tokenizer_config.json beside it are not its own and stay behind
+    other = Tokenizer(models.WordLevel({"[UNK]": 0, "world": 1, "hello": 2, "<|endoftext|>": 3}, unk_token="[UNK]"))
+    other.pre_tokenizer = pre_tokenizers.Whitespace()
+    other.save(str(tmp_path / "tok" / "other.json"))
+    run2 = tmp_path / "run2"
     assert save_companions(SimpleNamespace(init_from=None, data=SimpleNamespace(tokenizer=str(tmp_path / "tok" /
                                                                                               "other.json"))),
-                           tmp_path / "run2") == []
+                           run2) == ["tokenizer.json"]
+    out2 = tmp_path / "out2"
+    out2.mkdir()
+    assert export_companions(run2, out2, earlier_export=False) == ["tokenizer.json"]
+    assert transformers.AutoTokenizer.from_pretrained(out2)("hello world")["input_ids"] == [2, 1]
+    # the end-of-document id the data used: the neighbouring config's eos_token ("world") in other.json's vocabulary
+    assert companion_token_ids(run2, 4) == {"eos_token_id": 1}
+    # a file that is not a tokenizers JSON: one warning line, no tokenizer (the data's loading refuses it anyway)
+    (tmp_path / "tok" / "vocab.txt").write_text("hello\nworld\n")
+    capsys.readouterr()
+    assert save_companions(SimpleNamespace(init_from=None, data=SimpleNamespace(tokenizer=str(tmp_path / "tok" /
+                                                                                              "vocab.txt"))),
+                           tmp_path / "run3") == []
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: data.tokenizer=") and "does not parse as one" in err[0], err
+    assert not (tmp_path / "run3" / "hf").exists()
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "tokenizer.json").write_text("{}")

@@ -14,12 +14,23 @@ from meshwright.config import ModelConfig, TrainConfig
 from meshwright.errors import invalid
 from meshwright.launcher.planner.export.common import DTYPES
 from meshwright.launcher.planner.export.deepspeed import deepspeed_config
-from meshwright.launcher.planner.export.megatron import megatron_args, megatron_env
+from meshwright.launcher.planner.export.megatron import megatron_args, megatron_env, rope_and_window_args
 from meshwright.launcher.planner.export.stacks import TARGETS, stack_constraints, stack_problems
 from meshwright.launcher.planner.export.torchtitan import torchtitan_config, torchtitan_settings, torchtitan_toml
+from meshwright.launcher.planner.export.torchtitan_model import torchtitan_model
 from meshwright.plan import Plan
 
 EMITTERS = tuple(TARGETS)
+
+
+def check_emit_model(target: str, cfg: ModelConfig) -> None:
+    """A one-line ConfigError, before any search, for a model ``target`` cannot be (torchtitan: a sliding window,
+    longrope, partial rotary or GPT-2 blocks; Megatron-LM: a rope scaling it has no flags for), so ``plan --emit``
+    does not search for an export it will refuse."""
+    if target == "torchtitan":
+        torchtitan_model(cfg)
+    elif target == "megatron" and cfg.arch == "llama":
+        rope_and_window_args(cfg)
 
 
 def emit(plan: Plan, cfg: ModelConfig, target: str, train: Optional[TrainConfig] = None,
@@ -40,5 +51,6 @@ def emit(plan: Plan, cfg: ModelConfig, target: str, train: Optional[TrainConfig]
     return text, [f"targets {TARGETS[target]}", *notes]
 
 
-__all__ = ["DTYPES", "EMITTERS", "TARGETS", "deepspeed_config", "emit", "megatron_args", "megatron_env",
-           "stack_constraints", "stack_problems", "torchtitan_config", "torchtitan_settings", "torchtitan_toml"]
+__all__ = ["DTYPES", "EMITTERS", "TARGETS", "check_emit_model", "deepspeed_config", "emit", "megatron_args", "megatron_env",
+           "stack_constraints", "stack_problems", "torchtitan_config", "torchtitan_model", "torchtitan_settings",
+           "torchtitan_toml"]

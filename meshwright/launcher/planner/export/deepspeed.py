@@ -17,14 +17,19 @@ and accumulation -> no wrapper). The ZeRO-1/2/3 optimizers clone each rank's fp3
 which the planner counts (``PRECISIONS["deepspeed_fp32"]``, the deepspeed stack's fp32 policy). ``deepspeed-fp32-accum``
 (bf16 with fp32 accumulation) has no fp32 form. bf16 at ZeRO-0 with pp>1 builds BF16_Optimizer with bf16 accumulation
 (the pipeline engine's rule in ``_do_optimizer_sanity_check``), which the planner counts too (the deepspeed stack's
-``pipeline_zero0_precision``)."""
+``pipeline_zero0_precision``).
+
+The JSON carries nothing about the model: DeepSpeed trains whatever module the launch script builds. The export says
+which transformers class rebuilds ours from the config.json ``hf_config_from_model`` writes (``meshwright export
+--hf``), whose rope scaling, window and head shape transformers reads back as ours (tests/unit/test_exports.py), and
+names the features other model code would drop."""
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
 from meshwright.config import ModelConfig, TrainConfig
-from meshwright.errors import invalid
+from meshwright.errors import ConfigError, invalid
 from meshwright.launcher.planner.export.common import _uniform, check_dtype, optimizer_settings, stage_sizes
 from meshwright.launcher.planner.stack import STACKS, Stack
 from meshwright.plan import Plan
@@ -40,6 +45,45 @@ def pipeline_snippet(plan: Plan, cfg: ModelConfig) -> str:
             "PipelineModule._partition_layers to set self.parts from these counts")
 
 
+def model_features(cfg: ModelConfig) -> list[str]:
+    """The parts of ``cfg`` a generic decoder lacks (the ones a model code of another family would silently drop)."""
+    out = []
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind is not None:
+        out.append(f"rope_scaling {kind}" + (f" factor {scaling['factor']:g}" if "factor" in scaling else ""))
+    if cfg.rope_theta != 10000.0:
+        theta = cfg.rope_theta
+        out.append(f"rope theta {int(theta) if float(theta).is_integer() else theta}")
+    if cfg.rope_dim != cfg.head_dim:
+        out.append(f"rotary on {cfg.rope_dim} of {cfg.head_dim} head dimensions")
+    if cfg.sliding_window is not None:
+        out.append(f"sliding window {cfg.sliding_window}")
+    if cfg.head_dim * cfg.n_heads != cfg.d_model:
+        out.append(f"head_dim {cfg.head_dim} (not d_model/n_heads={cfg.d_model // cfg.n_heads})")
+    if cfg.kv_heads != cfg.n_heads:
+        out.append(f"{cfg.kv_heads} kv heads")
+    out += [name for name, on in (("q/k/v biases", cfg.qkv_bias), ("q/k head norms", cfg.qk_norm),
+                                  ("tied embeddings", cfg.tie_embeddings)) if on]
+    return out
+
+
+def model_note(cfg: ModelConfig) -> str:
+    """Where the model DeepSpeed trains comes from (the JSON holds none), with what it must have."""
+    from meshwright.config.hf import hf_config_from_model
+
+    features = model_features(cfg)
+    need = f"; the model has {', '.join(features)}" if features else ""
+    try:
+        arch = hf_config_from_model(cfg)["architectures"][0]
+    except ConfigError as exc:
+        return (f"the JSON carries no model and no transformers class is this one ({exc}): your model code must be "
+                f"it, or DeepSpeed trains another model{need}")
+    return (f"the JSON carries no model: build transformers' {arch} from the config.json meshwright writes for it "
+            f"(meshwright export --hf; meshwright.config.hf.hf_config_from_model), other model code trains another "
+            f"model{need}")
+
+
 def deepspeed_config(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] = None,
                      stack: str | Stack = "deepspeed", dtype: str = "bf16") -> tuple[dict[str, Any], list[str]]:
     """DeepSpeed config dict (loads in ``deepspeed.runtime.config.DeepSpeedConfig``) running ``stack``, one of
@@ -50,7 +94,7 @@ def deepspeed_config(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] 
     if check_dtype(dtype) == "fp32" and st.precision == "bf16_fp32_accum":  # plan --dtype fp32 refuses the same
         raise invalid("dtype", dtype, f"bf16 with stack {st.name} (bf16 training with fp32 gradient accumulation), "
                       "or stack deepspeed for fp32 training")
-    notes: list[str] = []
+    notes: list[str] = [model_note(cfg)]
     s = _uniform(plan, notes, cfg)
     pp = plan.pipeline
     gas = plan.global_batch // (s.dp * plan.micro_batch)

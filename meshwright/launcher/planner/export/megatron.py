@@ -14,8 +14,10 @@ from __future__ import annotations
 from typing import Optional
 
 from meshwright.config import ModelConfig, TrainConfig
+from meshwright.errors import invalid
 from meshwright.launcher.planner.export.common import _uniform, check_dtype, optimizer_settings, stage_sizes
-from meshwright.plan import LayerStrategy, Plan
+from meshwright.launcher.planner.export.stacks import megatron_fsdp2_refusal
+from meshwright.plan import Plan
 
 
 def _num(x: float) -> str:
@@ -26,19 +28,8 @@ def megatron_env(plan: Plan, cfg: ModelConfig) -> dict[str, str]:
     """Environment Megatron-LM needs: one CUDA work queue so TP/SP communication overlaps in issue order
     (validate_args refuses tp>1 without it before Blackwell, unless FSDP is on)."""
     s = _uniform(plan, [], cfg)
-    return {"CUDA_DEVICE_MAX_CONNECTIONS": "1"} if s.tp > 1 and _fsdp_refusal(plan, cfg, s) is not None else {}
-
-
-def _fsdp_refusal(plan: Plan, cfg: ModelConfig, s: LayerStrategy) -> str | None:
-    """Why a ZeRO-3 layout cannot be exported as Megatron's --use-torch-fsdp2 (validate_args), or None when it is
-    (a layout below ZeRO-3 gives a reason too: it is not FSDP)."""
-    if s.zero != 3:
-        return f"zero={s.zero}"
-    if plan.pipeline.degree > 1 or s.ep > 1:
-        return f"pp={plan.pipeline.degree} ep={s.ep}: Megatron's --use-torch-fsdp2 needs pp=1 and ep=1"
-    if cfg.tie_embeddings:
-        return "tied embeddings: Megatron's --use-torch-fsdp2 needs --untie-embeddings-and-output-weights"
-    return None
+    fsdp = megatron_fsdp2_refusal(plan.pipeline.degree, [s], cfg.tie_embeddings) is None
+    return {"CUDA_DEVICE_MAX_CONNECTIONS": "1"} if s.tp > 1 and not fsdp else {}
 
 
 # Megatron-core's llama3 scaling takes only the factor; the rest is fixed at Llama 3.1's values
@@ -46,28 +37,33 @@ def _fsdp_refusal(plan: Plan, cfg: ModelConfig, s: LayerStrategy) -> str | None:
 MEGATRON_LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
-def _rope_and_window_args(cfg: ModelConfig, notes: list[str]) -> list[str]:
-    """RoPE scaling, partial rotary and the sliding window as Megatron-LM's flags, or a note where it has none (the
-    export used to write plain RoPE and full attention for Llama 3.1, Mistral and Phi-3, silently)."""
-    args: list[str] = []
+def rope_and_window_args(cfg: ModelConfig) -> list[str]:
+    """RoPE base and scaling, partial rotary and the sliding window as Megatron-LM's flags (the export used to write plain RoPE
+    and full attention for Llama 3.1, Mistral and Phi-3, silently), or a one-line ConfigError for a rope Megatron-LM
+    cannot express (its llama3 scaling fixes all but the factor; its linear interpolation factor is an integer; no
+    longrope): exporting plain RoPE would train another model."""
+    if not float(cfg.rope_theta).is_integer():
+        raise invalid("model.rope_theta", cfg.rope_theta, "an integer for --emit megatron (--rotary-base is an integer)")
+    args: list[str] = ["--rotary-base", str(int(cfg.rope_theta))]
     scaling = cfg.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "llama3":
-        if all(float(scaling.get(k, v)) == v for k, v in MEGATRON_LLAMA3_FIXED.items()):
-            args += ["--use-rope-scaling", "--rope-scaling-factor", _num(scaling["factor"])]
-        else:
-            notes.append(f"rope_scaling {scaling}: Megatron-LM's llama3 scaling fixes low/high_freq_factor 1/4 and "
-                         "original_max_position_embeddings 8192; exported plain RoPE (another model)")
+        fixed = {k: v for k, v in MEGATRON_LLAMA3_FIXED.items() if float(scaling.get(k, v)) != v}
+        if fixed:
+            key = next(iter(fixed))
+            raise invalid(f"model.rope_scaling.{key}", scaling[key], f"{MEGATRON_LLAMA3_FIXED[key]:g} for --emit "
+                          "megatron (its llama3 scaling fixes low/high_freq_factor 1/4 and original_max_position_embeddings "
+                          "8192; only the factor is a flag)")
+        args += ["--use-rope-scaling", "--rope-scaling-factor", _num(scaling["factor"])]
     elif kind == "linear":
         factor = float(scaling["factor"])
-        if factor.is_integer():
-            args += ["--rotary-seq-len-interpolation-factor", str(int(factor))]
-        else:
-            notes.append(f"linear rope_scaling factor {factor}: Megatron-LM takes an integer interpolation factor; "
-                         "exported plain RoPE (another model)")
+        if not factor.is_integer():
+            raise invalid("model.rope_scaling.factor", scaling["factor"], "an integer for --emit megatron with linear "
+                          "scaling (--rotary-seq-len-interpolation-factor is an integer)")
+        args += ["--rotary-seq-len-interpolation-factor", str(int(factor))]
     elif kind is not None:
-        notes.append(f"rope_scaling rope_type={kind!r} has no Megatron-LM flag; exported plain RoPE (another model "
-                     "past the original context)")
+        raise invalid("model.rope_scaling.rope_type", kind, "llama3, linear or null for --emit megatron (core_v0.16.1 "
+                      "has no flag for it)")
     if cfg.rope_dim != cfg.head_dim:  # Phi-4-mini: the first rotary_dim dimensions of each head turn
         args += ["--rotary-percent", _num(cfg.rope_dim / cfg.head_dim)]
     if cfg.sliding_window is not None:  # each token sees itself and window-1 before it: TE's (left, right)
@@ -113,8 +109,8 @@ def megatron_args(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] = N
         args.append("--qk-layernorm")
     if cfg.arch == "llama":
         args += ["--swiglu", "--normalization", "RMSNorm", "--position-embedding-type", "rope",
-                 "--rotary-base", _num(cfg.rope_theta), "--disable-bias-linear"]
-        args += _rope_and_window_args(cfg, notes)
+                 "--disable-bias-linear"]
+        args += rope_and_window_args(cfg)
     if not cfg.tie_embeddings:
         args.append("--untie-embeddings-and-output-weights")
     if s.sp:
@@ -127,7 +123,7 @@ def megatron_args(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] = N
         args += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
     elif s.recompute == "selective":
         args += ["--recompute-granularity", "selective"]
-    why_not_fsdp = _fsdp_refusal(plan, cfg, s)
+    why_not_fsdp = megatron_fsdp2_refusal(pp.degree, [s], cfg.tie_embeddings)  # the rule stack_problems applies
     fsdp = why_not_fsdp is None
     if s.zero == 3 and not fsdp:
         notes.append(f"zero=3 with {why_not_fsdp} (validate_args); exported the distributed optimizer (ZeRO-1) "

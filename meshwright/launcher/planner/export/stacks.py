@@ -13,7 +13,7 @@ from typing import Any
 
 from meshwright.errors import invalid
 from meshwright.launcher.planner.search import Constraints
-from meshwright.plan import Plan
+from meshwright.plan import LayerStrategy, Plan
 
 # The consumer each export is written for; tests/consumers/ holds the pinned copies checked against.
 TARGETS: dict[str, str] = {
@@ -42,6 +42,25 @@ RUNS: dict[str, str] = {
 }
 
 
+# Megatron-LM's --use-torch-fsdp2 (validate_args): ZeRO-3 with no pipeline and no expert parallelism, untied embeddings.
+# One rule for the search (stack_constraints), the as-planned check (stack_problems) and the export (megatron_args).
+MEGATRON_FSDP2 = {"zero": 3, "pp": 1, "ep": 1}
+
+
+def megatron_fsdp2_refusal(pp: int, strategies: list[LayerStrategy], tie_embeddings: bool) -> str | None:
+    """Why Megatron-LM's ``--use-torch-fsdp2`` cannot run layers ``strategies`` on ``pp`` pipeline stages (its
+    validate_args asserts), or None when it can. A layer below ZeRO-3 is a reason too: it is not FSDP."""
+    below = sorted({s.zero for s in strategies if s.zero != MEGATRON_FSDP2["zero"]})
+    if below:
+        return f"zero={'/'.join(map(str, below))}: --use-torch-fsdp2 is ZeRO-3"
+    eps = sorted({s.ep for s in strategies})
+    if pp != MEGATRON_FSDP2["pp"] or eps != [MEGATRON_FSDP2["ep"]]:
+        return f"--use-torch-fsdp2 needs pp=1 and ep=1 (pp={pp}, ep={'/'.join(map(str, eps))})"
+    if tie_embeddings:
+        return "--use-torch-fsdp2 needs untied embeddings (--untie-embeddings-and-output-weights)"
+    return None
+
+
 def _sets(base: Constraints, *overrides: dict[str, Any]) -> list[Constraints]:
     """The constraint sets ``base`` + each override, dropping the ones that contradict a user-fixed field."""
     out = []
@@ -62,7 +81,9 @@ def stack_constraints(target: str, base: Constraints | None = None, cfg: Any = N
     """
     base = dataclasses.replace(base or Constraints(), runtime_compatible=False)
     if target == "megatron":  # --use-torch-fsdp2 shards over all dp ranks: no HSDP flag
-        fsdp = [] if cfg is not None and cfg.tie_embeddings else [{"zero": 3, "pp": 1, "ep": 1, "hsdp": False}]
+        fsdp_layer = LayerStrategy(zero=MEGATRON_FSDP2["zero"], ep=MEGATRON_FSDP2["ep"])
+        tied = cfg is not None and cfg.tie_embeddings
+        fsdp = [] if megatron_fsdp2_refusal(MEGATRON_FSDP2["pp"], [fsdp_layer], tied) else [{**MEGATRON_FSDP2, "hsdp": False}]
         return _sets(base, {"zero": 0}, {"zero": 1}, *fsdp)
     if target in DEEPSPEED_STACKS and (base.virtual_stages or 1) > 1:
         return []  # one 1F1B-like schedule: no model chunks to interleave
@@ -92,10 +113,10 @@ def stack_problems(target: str, plan: Plan, cfg: Any) -> list[str]:
     if target == "megatron":
         if pp.degree > 1 and pp.schedule == "gpipe":
             out.append("Megatron-LM has no GPipe schedule")
-        if 3 in zeros and (pp.degree > 1 or any(s.ep > 1 for s in strategies)):
-            out.append("--use-torch-fsdp2 needs pp=1 and ep=1")
-        if 3 in zeros and cfg.tie_embeddings:
-            out.append("--use-torch-fsdp2 needs untied embeddings")
+        fsdp = [s for s in strategies if s.zero == 3]  # the export's rule (megatron_args), on the ZeRO-3 layers
+        fsdp_refusal = megatron_fsdp2_refusal(pp.degree, fsdp, cfg.tie_embeddings) if fsdp else None
+        if fsdp_refusal is not None:
+            out.append(fsdp_refusal)
         if 2 in zeros:
             out.append("Megatron-LM has no ZeRO-2 (its distributed optimizer shards optimizer states only)")
         if any(s.dp_shard and s.zero == 3 for s in strategies):

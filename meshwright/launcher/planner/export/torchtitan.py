@@ -10,7 +10,10 @@ fully_shard with dp_shard/cp > 1 and through torch.autocast under DDP; at b5bcd7
 (models/llama3/parallelize.py "Always run apply_fsdp_to_decoder", models/deepseek_v3/parallelize.py) call
 fully_shard with a MixedPrecisionPolicy of them on every layout, replicate-only (DDP-like: fully_shard over the
 dp_replicate x fsdp=1 mesh) and tp/pp included (distributed/fsdp.py apply_fsdp_to_decoder), so the one setting covers
-every exported plan."""
+every exported plan.
+
+The model is the recipe's (``Trainer.Config.model_spec``): ``MODEL`` and ``ROPE`` (export/torchtitan_model.py) make
+``apply_plan`` refuse a recipe model other than the planned one and give its layers the planned rotary settings."""
 
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from typing import Any, Optional
 from meshwright.config import ModelConfig, TrainConfig
 from meshwright.launcher.planner.export.common import _uniform, check_dtype, optimizer_settings
 from meshwright.launcher.planner.export.stacks import TARGETS
+from meshwright.launcher.planner.export.torchtitan_model import CHECK_SOURCE, torchtitan_model
 from meshwright.plan import Plan
 
 SCHEDULES = {"1f1b": "1F1B", "gpipe": "GPipe", "interleaved_1f1b": "Interleaved1F1B"}
@@ -41,9 +45,11 @@ def module_fqns(plan: Plan, cfg: ModelConfig) -> list[list[str]]:
 
 def torchtitan_settings(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] = None, dtype: str = "bf16"
                         ) -> tuple[dict[str, dict[str, Any]], str, list[str]]:
-    """Field values per Trainer.Config section (parallelism, training) for a plan trained in ``dtype``, the
-    activation-checkpoint policy, notes."""
+    """Field values per Trainer.Config section (parallelism, training), the model's (``model``: what the recipe's
+    model must be; ``rope``: its RoPE.Config fields) for a plan trained in ``dtype``, the activation-checkpoint policy,
+    notes. A model torchtitan cannot be is a one-line ConfigError (torchtitan_model)."""
     check_dtype(dtype)
+    model, rope = torchtitan_model(cfg)
     notes: list[str] = []
     s = _uniform(plan, notes, cfg)
     pp = plan.pipeline
@@ -85,7 +91,7 @@ def torchtitan_settings(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfi
                      f"weight_decay={t.weight_decay}; lr_scheduler warmup_steps={t.warmup_steps}, min_lr={t.min_lr}")
     if plan.optimizer.states == "fp8":
         notes.append("COAT FP8 optimizer states have no torchtitan setting: exported fp32 Adam states (more memory)")
-    return {"parallelism": par, "training": training}, AC_CONFIG[s.recompute], notes
+    return {"parallelism": par, "training": training, "model": model, "rope": rope}, AC_CONFIG[s.recompute], notes
 
 
 def torchtitan_config(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] = None,
@@ -94,14 +100,18 @@ def torchtitan_config(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig]
     sections, ac, notes = torchtitan_settings(plan, cfg, train, dtype)
     lines = [f'"""meshwright plan for {cfg.name}: seq {plan.seq_len}, global batch {plan.global_batch}, {dtype}.',
              f"Targets {TARGETS['torchtitan']}.",
-             "Use: config = apply_plan(<your recipe>()) in a module passed to --module/--config.\"\"\"", ""]
+             "Use: config = apply_plan(<your recipe>()) in a module passed to --module/--config; it raises if the",
+             "recipe's model is not the planned one (MODEL) and sets the planned rotary embedding (ROPE).\"\"\"", "",
+             "import dataclasses", ""]
     if ac != "None":
         lines.append(f"from torchtitan.distributed.activation_checkpoint import {ac.split('.')[0]}")
     lines.append("from torchtitan.trainer import Trainer")
     lines.append("")
     for name, values in sections.items():
         lines.append(f"{name.upper()} = " + pprint.pformat(values, width=120, compact=True, sort_dicts=False))
+    lines += ["", *CHECK_SOURCE.rstrip().splitlines()]
     lines += ["", "", "def apply_plan(config: Trainer.Config) -> Trainer.Config:",
+              "    apply_model(config.model_spec.model)",
               "    for key, value in PARALLELISM.items():", "        setattr(config.parallelism, key, value)",
               "    for key, value in TRAINING.items():", "        setattr(config.training, key, value)",
               f"    config.activation_checkpoint = {ac}", "    return config"]

@@ -193,9 +193,13 @@ def check_memory(model_cfg: ModelConfig, world_size: int, available: int | None 
 
 def check_lora_layout(cfg: TrainConfig, plan: Plan, model_cfg: ModelConfig) -> None:
     """What the distributed runtime runs with ``lora:``: data parallelism (DDP, FSDP2 at ZeRO-2/3, ZeRO-1) of the
-    torch backend, tested for parity with one process. Tensor, pipeline and expert parallelism would shard or cut
-    the adapters in ways no test covers yet, FP8 GEMMs replace the adapted linears' matmuls: refused in one line."""
+    torch backend, tested for parity with one process (eager; compile is tested in one process). Tensor, pipeline and
+    expert parallelism would shard or cut the adapters in ways no test covers yet, FP8 GEMMs replace the adapted
+    linears' matmuls: refused in one line."""
     strategies = plan.layer_strategies()
+    if cfg.compile:
+        raise invalid("compile", True, "false with lora under the distributed runtime (compiled LoRA blocks are tested "
+                      "in one process only)")
     if cfg.dp_backend != "torch":
         raise invalid("dp_backend", cfg.dp_backend, "torch with lora (DistributedRuntime applies the adapters)")
     if plan.pipeline.degree > 1:

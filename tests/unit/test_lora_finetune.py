@@ -261,3 +261,47 @@ def test_peft_export_refusals_are_one_line(data, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "c_attn" in err[0] and "--hf" in err[0]
     assert main(["export", str(gpt2), "--hf", str(tmp_path / "g2")]) == 0  # merged works for every architecture
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("scope", ["blocks"])  # "model" passes too (3.5 min for both on 2 shared cores): not in CI
+def test_compile_with_lora_matches_eager(scope):
+    """``compile: true`` with ``lora:``: the adapted blocks (and with compile_scope model, the whole forward) compile
+    with the trainer's backend and train the adapters as eager does."""
+    torch._dynamo.reset()
+    model_cfg = load_model_config(MICRO)
+    lora = LoraConfig(rank=4, dropout=0.0)
+    x = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(3))
+    losses = []
+    for backend in (None, "inductor"):
+        model = build_model(model_cfg, seed=1)
+        apply_lora_config(model, lora, seed=1)
+        rt = LocalRuntime(model, compile_backend=backend, compile_scope=scope if backend else "blocks")
+        opt = torch.optim.AdamW(rt.param_groups(0.0), lr=1e-2)
+        run = []
+        for _ in range(3):
+            run.append(rt.forward_backward([(x[:, :-1], x[:, 1:])]))
+            rt.optimizer_step(opt)
+        losses.append(run)
+        if backend:
+            assert all(m.lora_B.abs().max() > 0 for m in model.modules() if isinstance(m, LoRALinear))
+    assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(*losses)), losses
+
+
+@pytest.mark.parametrize("plan, over, field", [
+    ("tiny-tp2.yaml", {}, "layers[0].tp=2"), ("tiny-pp2.yaml", {}, "pipeline.degree=2"),
+    ("tiny-dp2.yaml", {"dp_backend": "deepspeed"}, "dp_backend='deepspeed'"),
+    ("tiny-dp2.yaml", {"compile": True}, "compile=True")])
+def test_unsupported_distributed_layouts_are_refused_in_one_line(plan, over, field, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    if over.get("dp_backend") == "deepspeed":
+        monkeypatch.setattr("meshwright.train.build._installed", lambda m: True)
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_train_config({"model": "tiny", "seq_len": 64, "global_batch": 8, "micro_batch": 4, "steps": 1,
+                             "warmup_steps": 0, "out_dir": str(tmp_path / "r"), "plan": str(root / "configs/plans" / plan),
+                             "lora": {}, **over})
+    with pytest.raises(ConfigError) as exc:
+        build_runtime(cfg)
+    assert str(exc.value).startswith(field) and "lora" in str(exc.value) and "\n" not in str(exc.value)

@@ -64,6 +64,7 @@ QK_CASES = {f"{name}_qk_norm": CASES[name] for name in ("tp2_dtensor", "tp2_mega
 LORA = {"rank": 4, "alpha": 8.0, "targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]}
 LORA_CASES = {
     "lora_dp2_ddp": (plan(uniform(dp=2)), LORA),
+    "lora_dp2_zero1": (plan(uniform(dp=2, zero=1)), LORA),
     "lora_dp2_zero2_fsdp": (plan(uniform(dp=2, zero=2)), LORA),
     "lora_dp2_zero3_fsdp": (plan(uniform(dp=2, zero=3), embedding={"zero": 3}), {**LORA, "modules_to_save": ["output"]}),
 }

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from meshwright.cli import main  # noqa: E402
-from meshwright.config import LoraConfig, load_model_config, load_train_config  # noqa: E402
+from meshwright.config import LoraConfig, load_cluster, load_model_config, load_train_config  # noqa: E402
 from meshwright.config.io import dump_yaml, from_dict  # noqa: E402
 from meshwright.config.schema import TrainConfig  # noqa: E402
 from meshwright.errors import ConfigError  # noqa: E402
@@ -143,7 +143,6 @@ def test_checkpoint_resume_replays_a_lora_run_exactly(data, tmp_path):
                                  "eval_every": 0, "out_dir": str(out), "progress": False, "energy": False,
                                  "lora": {"rank": 2, "dropout": 0.1}})
         from meshwright.data.loader import build_loaders
-        from meshwright.config import load_cluster
 
         model_cfg = load_model_config(MICRO)
         model = build_model(model_cfg, seed=cfg.seed)
@@ -305,3 +304,31 @@ def test_unsupported_distributed_layouts_are_refused_in_one_line(plan, over, fie
     with pytest.raises(ConfigError) as exc:
         build_runtime(cfg)
     assert str(exc.value).startswith(field) and "lora" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_planner_counts_lora_states_and_plans_only_layouts_lora_runs():
+    """plan: auto with lora: gradients and AdamW state for the trainable share only (the frozen base: weights), and
+    tp = pp = ep = 1. Llama-3-8B on one A100-80GB: full training (157 GiB) has no layout; LoRA r16 fits."""
+    import dataclasses
+
+    from meshwright.launcher.planner import cost_model as cm
+    from meshwright.launcher.planner.auto import auto_plan
+
+    hw = cm.hardware_from_cluster(load_cluster("dgx-a100-80g"), stack="meshwright", dtype="fp32")
+    lora_hw = dataclasses.replace(hw, trainable_fraction=0.01)
+    full, lora = cm.model_state_bytes(1e6, 1, 0, "fp32", hw), cm.model_state_bytes(1e6, 1, 0, "fp32", lora_hw)
+    assert lora["params"] == full["params"] == 4e6
+    assert (lora["grads"], lora["optimizer"]) == (full["grads"] * 0.01, full["optimizer"] * 0.01) == (4e4, 8e4)
+
+    def cfg(**kw):
+        return load_train_config({"model": "llama3-8b", "cluster": "dgx-a100-80g", "seq_len": 2048,
+                                  "global_batch": 8, "micro_batch": 1, **kw})
+
+    with pytest.raises(ConfigError, match=r"^plan='auto' found no layout"):
+        auto_plan(cfg(), 1)
+    plan = auto_plan(cfg(lora={"rank": 16}), 1)
+    states = plan.predicted["breakdown"]["mem_states_gib"]
+    want = lora_state_bytes(load_model_config("llama3-8b"), LoraConfig(rank=16))
+    assert abs(states - sum(want[k] for k in ("weights", "grads", "optimizer")) / 2**30) < 0.2, states
+    plan4 = auto_plan(cfg(lora={"rank": 16}), 4)
+    assert plan4.pipeline.degree == 1 and all(s.tp == 1 and s.ep == 1 for s in plan4.layer_strategies())

@@ -12,11 +12,11 @@ from typing import Any
 
 from meshwright.config import ClusterSpec, ModelConfig, TrainConfig, load_cluster, load_model_config
 from meshwright.config.io import from_dict, to_dict, write_yaml
+from meshwright.config.schema import LoraConfig
 from meshwright.data.loader import build_loaders
 from meshwright.errors import invalid
 from meshwright.launcher.planner.auto import auto_plan
 from meshwright.launcher.profiling.auto import auto_profiles, describe
-from meshwright.config.schema import LoraConfig
 from meshwright.memory.lora import apply_lora_config, lora_state_bytes
 from meshwright.memory.meft import MeftConfig, make_reversible
 from meshwright.models import build_model, from_pretrained
@@ -191,7 +191,7 @@ def check_memory(model_cfg: ModelConfig, world_size: int, available: int | None 
                       f"GiB (lower micro_batch or seq_len, or set loss_chunk_tokens)")
 
 
-def check_lora_layout(cfg: TrainConfig, plan: Plan, model_cfg: ModelConfig) -> None:
+def check_lora_layout(cfg: TrainConfig, plan: Plan) -> None:
     """What the distributed runtime runs with ``lora:``: data parallelism (DDP, FSDP2 at ZeRO-2/3, ZeRO-1) of the
     torch backend, tested for parity with one process (eager; compile is tested in one process). Tensor, pipeline and
     expert parallelism would shard or cut the adapters in ways no test covers yet, FP8 GEMMs replace the adapted
@@ -257,7 +257,7 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
         plan = job.plan or default_plan(model_cfg, job.world_size, cfg.seq_len, cfg.global_batch, cfg.micro_batch)
         check_backends_installed(cfg, plan)
         if cfg.lora is not None:
-            check_lora_layout(cfg, plan, model_cfg)
+            check_lora_layout(cfg, plan)
         if not _process_group_possible():  # was torch's "environment variable RANK expected"
             if job.plan is None:
                 raise invalid("WORLD_SIZE", job.world_size, "1, or the rendezvous variables torchrun sets (MASTER_ADDR, "

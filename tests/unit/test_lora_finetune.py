@@ -168,8 +168,8 @@ def test_checkpoint_resume_replays_a_lora_run_exactly(data, tmp_path):
 
 
 def _ours(run):
-    step, _ = latest_checkpoint(run / "ckpt"), None
-    model, model_cfg, cfg = load_run_model(step, run)
+    """The run's adapted model (unmerged) as its latest checkpoint holds it."""
+    model, model_cfg, cfg = load_run_model(latest_checkpoint(run / "ckpt"), run)
     return model.eval(), model_cfg, cfg
 
 

@@ -80,7 +80,7 @@ def test_two_rank_layouts_match_one_process_and_resume_under_pp2(four_rank, tmp_
     want = lora_state_bytes(CFG, LoraConfig(**LORA))["optimizer"]
     assert [r["opt_state_bytes"] for r in report["lora_dp2_ddp"]["ranks"].values()] == [want, want]
     assert [r["opt_state_bytes"] for r in report["lora_dp2_zero2_fsdp"]["ranks"].values()] == [want // 2, want // 2]
-    assert want < full / 20, (want, full)
+    assert want < full / 10, (want, full)  # rank 4 on all seven linears of a d_model-64 model: 9% of full AdamW
 
 
 @pytest.mark.timeout(120)

@@ -10,8 +10,8 @@ from meshwright.config.presets import (
                                        parse_override,
                                        preset_names,
 )
-from meshwright.config.schema import ClusterSpec, DataConfig, MeftConfig, ModelConfig, TrainConfig, divisors
+from meshwright.config.schema import ClusterSpec, DataConfig, LoraConfig, MeftConfig, ModelConfig, TrainConfig, divisors
 
-__all__ = ["CONFIG_ROOT", "HF_KEYS", "ClusterSpec", "DataConfig", "MeftConfig", "ModelConfig", "TrainConfig",
+__all__ = ["CONFIG_ROOT", "HF_KEYS", "ClusterSpec", "DataConfig", "LoraConfig", "MeftConfig", "ModelConfig", "TrainConfig",
            "config_json", "divisors", "load_cluster", "load_model_config", "load_train_config", "model_config_from_hf",
            "parse_override", "preset_names"]

@@ -460,6 +460,8 @@ class TrainConfig:
     grid_intensity: float = 0.385  # kgCO2e per kWh (US average 2023)
     # memory savers applied to the plain model (the Plan switches per-layer savers; these are model-wide)
     meft: Optional[dict[str, Any]] = None  # MEFT reversible fine-tuning: fields of meshwright.memory.meft.MeftConfig
+    # LoRA fine-tuning (memory/lora.py): the base frozen, rank-r adapters on the named linears train (docs/finetune.md)
+    lora: Optional["LoraConfig"] = None
     # logging sinks beside log.jsonl (optional extras, imported only when on): TensorBoard event files in
     # OUT_DIR/tensorboard; a Weights & Biases run ("offline" writes OUT_DIR/wandb for `wandb sync`; "online" uploads)
     tensorboard: bool = False
@@ -532,12 +534,69 @@ class TrainConfig:
             raise ConfigError(f"{p}{exc}") from None
         if self.meft is not None:
             from_dict(MeftConfig, self.meft, prefix=f"{p}meft")
+        if self.lora is not None:
+            if self.meft is not None:
+                raise invalid(f"{p}lora", "set", "null when meft is set (one fine-tuning method per run)")
+            self.lora.validate(f"{p}lora")
         if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
             raise invalid(f"{p}init_from", self.init_from, "null or the path of a Hugging Face model directory")
         if not isinstance(self.model, (str, dict)):
             raise invalid(f"{p}model", self.model, "a preset name, a path, or a mapping of ModelConfig fields")
         if not isinstance(self.cluster, (str, dict)):
             raise invalid(f"{p}cluster", self.cluster, "a preset name, a path, or a mapping of ClusterSpec fields")
+
+
+# LoRA targets in meshwright's module names -> the Llama-family Hugging Face names (PEFT's target_modules). GPT-2
+# fuses wq/wk/wv into attn.c_attn; wo is attn.c_proj, w1 mlp.c_fc, w2 mlp.c_proj there (no w3).
+LORA_TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w3": "up_proj",
+                "w2": "down_proj"}
+# modules trained in full beside the adapters (PEFT's modules_to_save) -> their Llama-family Hugging Face names
+LORA_SAVABLE = {"output": "lm_head", "tok_embeddings": "embed_tokens"}
+
+
+@dataclass
+class LoraConfig:
+    """LoRA fine-tuning (``lora:`` section of a train config): every linear named in ``targets`` gets
+    y = x W^T + (alpha / rank) * B A x with W frozen, A (rank x in) kaiming-uniform, B (out x rank) zero; only A, B
+    (and the modules in ``modules_to_save``) train. Names are meshwright's (``LORA_TARGETS`` maps them to HF's)."""
+
+    rank: int = 8
+    alpha: Optional[float] = None  # scale = alpha / rank; null = rank (scale 1)
+    targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo"])
+    dropout: float = 0.0  # on the adapter's input only, as PEFT's lora_dropout
+    modules_to_save: list[str] = field(default_factory=list)  # trained in full too: output, tok_embeddings
+
+    @property
+    def scale(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha) / self.rank
+
+    def validate(self, prefix: str = "lora") -> None:
+        p = f"{prefix}." if prefix else ""
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 1 <= self.rank <= MAX_SIZES["d_model"]:
+            raise invalid(f"{p}rank", self.rank, f"a positive integer, at most {MAX_SIZES['d_model']:,} (and at most "
+                          f"each target's min(in, out))")
+        if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))
+                                       or not math.isfinite(self.alpha) or self.alpha <= 0):
+            raise invalid(f"{p}alpha", self.alpha, "a finite number > 0 (scale = alpha / rank), or null (= rank)")
+        if not isinstance(self.targets, list) or not self.targets:
+            raise invalid(f"{p}targets", self.targets, f"a non-empty list of {', '.join(LORA_TARGETS)}")
+        ours = {v: k for k, v in LORA_TARGETS.items()}
+        for i, t in enumerate(self.targets):
+            if t not in LORA_TARGETS:
+                hint = f" (meshwright's name for {t} is {ours[t]})" if t in ours else ""
+                raise invalid(f"{p}targets[{i}]", t, f"one of {', '.join(LORA_TARGETS)}{hint}")
+            if self.targets.index(t) != i:
+                raise invalid(f"{p}targets[{i}]", t, "a module not already listed")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise invalid(f"{p}dropout", self.dropout, "a number in [0, 1)")
+        if not isinstance(self.modules_to_save, list):
+            raise invalid(f"{p}modules_to_save", self.modules_to_save, f"a list of {', '.join(LORA_SAVABLE)} (or [])")
+        for i, m in enumerate(self.modules_to_save):
+            if m not in LORA_SAVABLE:
+                hint = {v: f" (meshwright's name for {v} is {k})" for k, v in LORA_SAVABLE.items()}.get(m, "")
+                raise invalid(f"{p}modules_to_save[{i}]", m, f"one of {', '.join(LORA_SAVABLE)}{hint}")
+            if self.modules_to_save.index(m) != i:
+                raise invalid(f"{p}modules_to_save[{i}]", m, "a module not already listed")
 
 
 Variant = Literal["meft1", "meft2", "meft3"]

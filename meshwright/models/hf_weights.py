@@ -34,6 +34,7 @@ from torch import nn
 from meshwright.config import ModelConfig, load_model_config
 from meshwright.config.hf import hf_config_from_model
 from meshwright.errors import ConfigError, invalid
+from meshwright.memory.lora import is_adapter_param
 from meshwright.models.decoder import Decoder, fill_rope
 
 Index = tuple[slice, ...]
@@ -312,8 +313,9 @@ def load_pretrained_into(model: nn.Module | Iterable[nn.Module], path: str | Pat
 
     ``boxes``: {name: (global shape, offset)} of plain parameters that are shards cut by hand (megatron-core
     tp, ``parallel/meta_init.shard_box``): each reads only its box, through the same transforms (transposes,
-    rotary permutation, fused blocks) as the whole parameter. Parameters without a source (adapters added by a
-    memory saver) are an error with ``strict``, else skipped. ``check_unused`` (default: when every layer is
+    rotary permutation, fused blocks) as the whole parameter. LoRA adapters (``lora_A``/``lora_B``) are skipped:
+    they are the saver's, drawn by it; other parameters without a source (MEFT's adapters) are an error with
+    ``strict``, else skipped. ``check_unused`` (default: when every layer is
     present, or ``whole_model`` is given) refuses checkpoint tensors that no parameter uses, so a weight
     meshwright's model has no place for is never silently dropped; ``whole_model``: the parameter names of the
     whole model when ``model`` holds only some (a pipeline stage): the check then counts the tensors the other
@@ -330,6 +332,8 @@ def load_pretrained_into(model: nn.Module | Iterable[nn.Module], path: str | Pat
     for mod in modules:
         for name, param in mod.named_parameters():
             if name not in sources:
+                if is_adapter_param(name):  # LoRA's A/B: never in a Hugging Face checkpoint, drawn by the saver
+                    continue
                 if strict:
                     raise ConfigError(f"init_from: parameter {name!r} has no tensor in {str(path)!r}; valid: load the "
                                       f"checkpoint before adding adapters, or strict=False")

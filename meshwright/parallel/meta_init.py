@@ -40,6 +40,10 @@ Supported: every layout of the torch runtime, dense or MoE, under both schemes a
   the global stream at conversion, a probing forward to pick the reversible depth) and LeMo are refused by it
   (``train/build.py``, ``parallel/support.py``) and run in one process on a fully built model.
 
+LoRA adapters (``lora:`` of the trainer, data parallelism only) are added to the meta model before the layout and
+skipped here: ``memory.lora.init_adapters`` fills them after the base, with the values the one-process
+``apply_lora(seed=...)`` draws (keyed by seed and module name, not from the stream).
+
 A parameter the one-process model does not initialise (a future saver or layout adding one) is an error under
 both schemes (``init_keyed``: no spec; the replay: no step), never left with ``to_empty``'s garbage: such a
 module must first get its ``init_specs`` entry and ``init_steps`` place in the one-process model. DeepSpeed
@@ -58,6 +62,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from meshwright.config import ModelConfig
+from meshwright.memory.lora import is_adapter_param
 from meshwright.models import build_model
 from meshwright.models.hf_weights import Box  # (global shape, offset of the local tensor in it)
 from meshwright.models.init import init_keyed
@@ -153,9 +158,10 @@ def materialize(chunks: Iterable[nn.Module], cfg: ModelConfig, seed: int, device
     chunks = list(chunks)
     before = {n: p for chunk in chunks for n, p in chunk.named_parameters()}
     _to_empty(chunks, device)
-    live: dict[str, torch.Tensor] = {}
+    every: dict[str, torch.Tensor] = {}
     for chunk in chunks:
-        live.update(dict(chunk.named_parameters()))
+        every.update(dict(chunk.named_parameters()))
+    live = {n: p for n, p in every.items() if not is_adapter_param(n)}  # LoRA's: memory.lora.init_adapters
     ref = build_model(cfg, device="meta")
     boxes = {**expert_boxes(chunks), **(boxes or {})}
     if init in ("keyed", "pretrained"):
@@ -167,7 +173,7 @@ def materialize(chunks: Iterable[nn.Module], cfg: ModelConfig, seed: int, device
     for chunk in chunks:  # non-persistent buffers (RoPE tables) are computed, not drawn
         if getattr(chunk, "rope_cos", None) is not None:
             chunk.reset_rope()
-    return {old: live[n] for n, old in before.items()}
+    return {old: every[n] for n, old in before.items()}
 
 
 def _replay_stream(ref: nn.Module, live: dict[str, torch.Tensor], seed: int, boxes: dict[str, Box]) -> None:

@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from meshwright.config import ModelConfig, load_model_config
 from meshwright.errors import invalid
 from meshwright.memory.fp8_activations import apply_fp8_activations
+from meshwright.memory.lora import apply_lora_config, init_adapters
 from meshwright.memory.wta_crs import apply_wta_crs_per_layer
 from meshwright.models import build_model, lm_loss, load_pretrained_into
 from meshwright.models.decoder import Decoder
@@ -166,7 +167,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
     def __init__(self, model_cfg: ModelConfig | str | dict, plan: Plan, *, tp_backend: str = "dtensor",
                  seed: int = 1234, device: torch.device | None = None, dp_shard: int | None = None,
                  init_from: str | None = None, precision: PrecisionPolicy | None = None,
-                 compile_backend: str | None = None, init: str = "auto", loss_chunk_tokens: int = 0) -> None:
+                 compile_backend: str | None = None, init: str = "auto", loss_chunk_tokens: int = 0,
+                 lora: Any = None) -> None:
         """``dp_shard`` turns ZeRO-2/3 layers into HSDP: shard over ``dp_shard`` ranks, replicate across
         ``dp/dp_shard`` groups (None: shard over the whole dp group). ``init_from`` loads a Hugging Face
         checkpoint: after the layout is applied, so each rank reads only its stages' parameters and, for
@@ -174,7 +176,9 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         ``precision``: fp32 when None. ``compile_backend``: torch.compile each block (after TP and recompute,
         before FSDP2; of an ep>1 or megatron tp>1 block its collective-free parts) and the last stage's head together with the loss. ``init``: the initial weights' scheme
         (models/init.py; ``auto``: keyed on CUDA, the CPU stream elsewhere), the one-process model's for the
-        same seed. ``loss_chunk_tokens`` > 0: the last stage's head + loss per chunk of tokens (no full logits)."""
+        same seed. ``loss_chunk_tokens`` > 0: the last stage's head + loss per chunk of tokens (no full logits).
+        ``lora``: a ``LoraConfig``: adapters on the plain (meta) model before the layout, base frozen, drawn after the
+        base as the one-process model draws them (data parallelism only: train/build.py ``check_lora_layout``)."""
         cfg = load_model_config(model_cfg)
         self.precision = precision or PrecisionPolicy()
         self.compute_dtype = self.precision.compute_dtype
@@ -208,6 +212,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         else:
             full = build_model(cfg, device="cpu", seed=seed).to(self.device)
         whole_model = [n for n, _ in full.named_parameters()]  # for init_from's unused-tensor check under pp
+        if lora is not None:  # before the savers and the layout: FSDP2 and DDP see the adapters as parameters
+            apply_lora_config(full, lora, seed)
         self.saver_layers = apply_plan_savers(full, plan, seed)
         ranges = plan.stage_ranges(cfg.n_layers)
         self.n_stages = len(ranges)
@@ -261,6 +267,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         self.chunks = chunks
         if init_from is not None:  # each rank reads its stages' parameters, of its shards only their boxes
             load_pretrained_into(chunks, init_from, cfg, boxes=self._shard_boxes, whole_model=whole_model)
+        if lora is not None and self.meta_init:
+            init_adapters(chunks, seed)
         self.model = StateView(chunks)
         if self._megatron_state:
             from meshwright.parallel.megatron_tp import install_state_hooks
@@ -569,7 +577,8 @@ def build_distributed_runtime(train_cfg: Any, model_cfg: ModelConfig, plan: Plan
         rt = DistributedRuntime(model_cfg, plan, tp_backend=train_cfg.tp_backend, seed=train_cfg.seed, device=device,
                                init_from=init_from, precision=PrecisionPolicy.from_dtype(train_cfg.dtype),
                                compile_backend="inductor" if train_cfg.compile else None,
-                               init=getattr(train_cfg, "init", "auto"), loss_chunk_tokens=chunk_tokens)
+                               init=getattr(train_cfg, "init", "auto"), loss_chunk_tokens=chunk_tokens,
+                               lora=getattr(train_cfg, "lora", None))
     per_rank = train_cfg.global_batch // rt.dp_size if train_cfg.global_batch % rt.dp_size == 0 else None
     if per_rank is None or per_rank % train_cfg.micro_batch:
         raise invalid("global_batch", train_cfg.global_batch,

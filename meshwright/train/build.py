@@ -12,10 +12,12 @@ from typing import Any
 
 from meshwright.config import ClusterSpec, ModelConfig, TrainConfig, load_cluster, load_model_config
 from meshwright.config.io import from_dict, to_dict, write_yaml
+from meshwright.config.schema import LoraConfig
 from meshwright.data.loader import build_loaders
 from meshwright.errors import invalid
 from meshwright.launcher.planner.auto import auto_plan
 from meshwright.launcher.profiling.auto import auto_profiles, describe
+from meshwright.memory.lora import apply_lora_config, lora_state_bytes
 from meshwright.memory.meft import MeftConfig, make_reversible
 from meshwright.models import build_model, from_pretrained
 from meshwright.models.init import resolve_init
@@ -159,15 +161,22 @@ def device_memory_bytes() -> int:
 
 
 def check_memory(model_cfg: ModelConfig, world_size: int, available: int | None = None, frozen_base: bool = False,
-                 micro_tokens: int = 0, loss_chunk_tokens: int = 0) -> None:
+                 micro_tokens: int = 0, loss_chunk_tokens: int = 0, lora: LoraConfig | None = None) -> None:
     """Up-front sanity check, before any allocation: refuse (one line) a model whose weights, gradients and AdamW
     state (weights alone for a frozen base, as MEFT trains) could not fit even spread evenly over every device
     (a vocab of 10^12 used to crash the allocator); then a micro-batch of ``micro_tokens`` tokens whose
     activations could not fit either: a lower bound (the logits, or one chunk of them, and each block's input, at
-    2 bytes a value, spread over every device), so only hopeless micro-batches are refused, never a real one."""
-    per_param = 4 if frozen_base else TRAIN_BYTES_PER_PARAM
+    2 bytes a value, spread over every device), so only hopeless micro-batches are refused, never a real one.
+    With ``lora``: the base's and adapters' weights, gradients and AdamW state of the trainable parameters only."""
     world = max(world_size, 1)
-    need = model_cfg.num_params() * per_param / world
+    if lora is not None:
+        state = lora_state_bytes(model_cfg, lora)
+        total = state["weights"] + state["grads"] + state["optimizer"]
+        per_param = round(total / model_cfg.num_params(), 2)
+    else:
+        per_param = 4 if frozen_base else TRAIN_BYTES_PER_PARAM
+        total = model_cfg.num_params() * per_param
+    need = total / world
     have = available if available is not None else device_memory_bytes()
     if need > have:
         raise invalid("model", model_cfg.name, f"a model that fits: {model_cfg.num_params():,} params need about "
@@ -180,6 +189,34 @@ def check_memory(model_cfg: ModelConfig, world_size: int, available: int | None 
                       f"fewer: their activations alone need at least {act / 2**30:,.1f} GiB per device beside "
                       f"{need / 2**30:,.1f} GiB of weights and optimizer state; one device here has {have / 2**30:,.1f} "
                       f"GiB (lower micro_batch or seq_len, or set loss_chunk_tokens)")
+
+
+def check_lora_layout(cfg: TrainConfig, plan: Plan) -> None:
+    """What the distributed runtime runs with ``lora:``: data parallelism (DDP, FSDP2 at ZeRO-2/3, ZeRO-1) of the
+    torch backend, tested for parity with one process (eager; compile is tested in one process). Tensor, pipeline and
+    expert parallelism would shard or cut the adapters in ways no test covers yet, FP8 GEMMs replace the adapted
+    linears' matmuls: refused in one line."""
+    strategies = plan.layer_strategies()
+    if cfg.compile:
+        raise invalid("compile", True, "false with lora under the distributed runtime (compiled LoRA blocks are tested "
+                      "in one process only)")
+    if cfg.dp_backend != "torch":
+        raise invalid("dp_backend", cfg.dp_backend, "torch with lora (DistributedRuntime applies the adapters)")
+    if plan.pipeline.degree > 1:
+        raise invalid("pipeline.degree", plan.pipeline.degree, "1 with lora (pipeline stages are not tested with "
+                      "adapters: use data parallelism, e.g. a plan with dp only)")
+    for i, s in enumerate(strategies):
+        if s.tp > 1:
+            raise invalid(f"layers[{i}].tp", s.tp, "1 with lora (tensor parallelism would shard A and B like the base "
+                          "weight; the adapted model is small: use dp instead)")
+        if s.ep > 1:
+            raise invalid(f"layers[{i}].ep", s.ep, "1 with lora (use dp instead)")
+        if s.savers.fp8_act:
+            raise invalid(f"layers[{i}].savers.fp8_act", s.savers.fp8_act, "false with lora (FP8 GEMMs replace the "
+                          "adapted linears' matmuls)")
+        if s.savers.wta_crs is not None:
+            raise invalid(f"layers[{i}].savers.wta_crs", s.savers.wta_crs, "null with lora in the trainer (WTA-CRS on "
+                          "LoRA linears is a library composition: memory/wta_crs.py)")
 
 
 def _installed(module: str) -> bool:
@@ -205,7 +242,7 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
     job = train_cfg if isinstance(train_cfg, TrainingJob) else TrainingJob.resolve(train_cfg, plan_ref)
     cfg, model_cfg = job.cfg, job.model
     check_memory(model_cfg, job.world_size, frozen_base=cfg.meft is not None, micro_tokens=cfg.micro_batch * cfg.seq_len,
-                 loss_chunk_tokens=cfg.loss_chunk_tokens)
+                 loss_chunk_tokens=cfg.loss_chunk_tokens, lora=cfg.lora)
     if cfg.seq_len > model_cfg.max_seq_len:  # both runtimes: under torchrun it failed deep in the model
         raise invalid("seq_len", cfg.seq_len, f"at most model.max_seq_len={model_cfg.max_seq_len}")
     if job.plan is not None:  # a plan for another device count: said here, not as tp*dp*cp deep in the runtime
@@ -219,6 +256,8 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
                           "at the module level in tests/distributed/test_meft_ddp.py)")
         plan = job.plan or default_plan(model_cfg, job.world_size, cfg.seq_len, cfg.global_batch, cfg.micro_batch)
         check_backends_installed(cfg, plan)
+        if cfg.lora is not None:
+            check_lora_layout(cfg, plan)
         if not _process_group_possible():  # was torch's "environment variable RANK expected"
             if job.plan is None:
                 raise invalid("WORLD_SIZE", job.world_size, "1, or the rendezvous variables torchrun sets (MASTER_ADDR, "
@@ -244,6 +283,8 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
         model = build_model(model_cfg, seed=cfg.seed, init=scheme, device=device if scheme == "keyed" else None)
     if cfg.meft is not None:  # reversible fine-tuning: frozen base, adapters (+ head) train
         model = make_reversible(model, config=from_dict(MeftConfig, cfg.meft, prefix="meft"))
+    if cfg.lora is not None:  # after the weights (drawn or pretrained), before the runtime: base frozen, adapters train
+        apply_lora_config(model, cfg.lora, cfg.seed)
     rt = LocalRuntime(model, device=device, dtype=cfg.dtype,  # bf16 is honoured on CPU too (train/precision.py)
                       compile_backend="inductor" if cfg.compile else None, loss_chunk_tokens=cfg.loss_chunk_tokens,
                       compile_scope=cfg.compile_scope)

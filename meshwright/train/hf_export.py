@@ -2,20 +2,25 @@
 
 The checkpoint is read with DCP into the plain model of the run's own config (``config.yaml`` of the
 run directory), whatever layout wrote it; the weights are then renamed/permuted back to transformers'
-layout by ``meshwright.models.hf_weights``. Runs whose modules a memory saver changed (MEFT, LoRA)
-are refused in one line: their parameters have no place in the plain architecture.
+layout by ``meshwright.models.hf_weights``. A LoRA run (``lora:``) is read into the adapted model and exported
+merged (W + scale * B @ A: the plain architecture, which transformers and vLLM load as any model), or, with
+``export_peft`` (``--peft OUT``), as a PEFT adapter directory (``train/peft_export.py``). MEFT runs are refused in
+one line: their reversible blocks have no place in the plain architecture.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import torch.distributed.checkpoint as dcp
+from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
-from meshwright.config import load_model_config, load_train_config
+from meshwright.config import ModelConfig, TrainConfig, load_model_config, load_train_config
 from meshwright.config.io import check_output_path
 from meshwright.errors import ConfigError, invalid
+from meshwright.memory.lora import apply_lora_config, merge_lora
 from meshwright.models import build_model
 from meshwright.models.hf_weights import check_export_dir, save_hf
 from meshwright.train.build import resolve_model_config
@@ -41,7 +46,7 @@ def find_run(ckpt: str | Path) -> tuple[Path, Path]:
 PRUNED_RETRIES = 3  # a run directory whose training prunes each checkpoint at the next (keep_checkpoints=1)
 
 
-def export_hf(ckpt: str | Path, out: str | Path) -> Path:
+def export_hf(ckpt: str | Path, out: str | Path, writer: Callable[[Path, Path, Any], Path] | None = None) -> Path:
     """Write ``out`` (config.json + model.safetensors) from the model weights of checkpoint ``ckpt``.
 
     Given a run directory whose training is still running, the checkpoint ``latest`` named may be pruned while it is
@@ -50,7 +55,7 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
     for attempt in range(PRUNED_RETRIES):
         step_dir, run_dir = find_run(ckpt)
         try:
-            return _export(step_dir, run_dir, out)
+            return (writer or _export)(step_dir, run_dir, out)
         except ConfigError:
             if step_dir.exists() or step_dir == Path(ckpt) or attempt == PRUNED_RETRIES - 1:
                 if not step_dir.exists():
@@ -64,6 +69,16 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
 def _export(step_dir: Path, run_dir: Path, out: str | Path) -> Path:
     check_output_path(out, "--hf", directory=True)  # before the checkpoint is read
     earlier_export = check_export_dir(out, "--hf")  # never another model's config.json/weights
+    model, model_cfg, _ = load_run_model(step_dir, run_dir)
+    merge_lora(model)  # a LoRA run: the adapters folded into the base weights; nothing otherwise
+    save_hf(model, model_cfg, out, companion_token_ids(run_dir, model_cfg.vocab_size))
+    export_companions(run_dir, out, earlier_export)  # the tokenizer and generation config the run kept
+    return Path(out)
+
+
+def load_run_model(step_dir: Path, run_dir: Path) -> tuple[nn.Module, ModelConfig, TrainConfig]:
+    """The run's plain model (with its LoRA adapters where the run had ``lora:``) holding checkpoint ``step_dir``'s
+    weights, its model config and its train config."""
     cfg = load_train_config(str(run_dir / "config.yaml"))
     if cfg.meft is not None:
         raise invalid("meft", "set", "a run without MEFT (its reversible blocks and adapters are not a Hugging Face architecture)")
@@ -74,6 +89,8 @@ def _export(step_dir: Path, run_dir: Path, out: str | Path) -> Path:
         verify_manifest(step_dir)
     read_metadata_file(step_dir / ".metadata")  # allow-listed unpickling, as a resume reads it
     model = build_model(model_cfg, device="cpu")
+    if cfg.lora is not None:  # the adapters' keys join the state the checkpoint fills
+        apply_lora_config(model, cfg.lora, cfg.seed)
     state = {k: v for k, v in model.state_dict().items() if not (model_cfg.tie_embeddings and k == "output.weight")}
     try:
         with _quiet_dcp():
@@ -85,9 +102,8 @@ def _export(step_dir: Path, run_dir: Path, out: str | Path) -> Path:
             reason = _first_failure(exc)
         else:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"CKPT={str(step_dir)!r} does not hold the plain model of {source} ({reason}); "
-                          f"valid: a checkpoint of this run's model, without adapters") from None
+        what = "the LoRA-adapted model" if cfg.lora is not None else "the plain model"
+        raise ConfigError(f"CKPT={str(step_dir)!r} does not hold {what} of {source} ({reason}); "
+                          f"valid: a checkpoint of this run's model") from None
     model.load_state_dict(state, strict=False)
-    save_hf(model, model_cfg, out, companion_token_ids(run_dir, model_cfg.vocab_size))
-    export_companions(run_dir, out, earlier_export)  # the tokenizer and generation config the run kept
-    return Path(out)
+    return model, model_cfg, cfg

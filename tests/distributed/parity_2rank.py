@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import torch
 import torch.distributed as dist
 from parity_lib import (
     CFG,
+    MAX_NORM,
     QK_CFG,
     SEED,
     STEPS,
     Report,
+    batch,
     check_runtime,
     failure,
+    full_grads,
     init,
     make_opt,
     plan,
@@ -23,7 +27,7 @@ from parity_lib import (
     uniform,
 )
 
-from meshwright.models import build_model
+from meshwright.models import build_model, lm_loss
 from meshwright.parallel.runtime import DistributedRuntime
 from meshwright.plan import plan_from_dict
 from meshwright.train.checkpoint import load_runtime, save_runtime
@@ -53,6 +57,92 @@ CASES = {
 # Trained with SGD: the head norms' gradients are small (~1e-3) and AdamW's second step turns fp32 summation-order
 # noise in them into a ~1e-5 grad-norm difference (one process vs tp2); SGD keeps all three steps within RTOL.
 QK_CASES = {f"{name}_qk_norm": CASES[name] for name in ("tp2_dtensor", "tp2_megatron", "tp2_sp")}
+
+
+# LoRA (the trainer's lora: section) under data parallelism: frozen base, adapters (and, in the zero3 case, the
+# head as modules_to_save, FSDP-sharded with the frozen embedding) against one process with the same adapters
+LORA = {"rank": 4, "alpha": 8.0, "targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]}
+LORA_CASES = {
+    "lora_dp2_ddp": (plan(uniform(dp=2)), LORA),
+    "lora_dp2_zero1": (plan(uniform(dp=2, zero=1)), LORA),
+    "lora_dp2_zero2_fsdp": (plan(uniform(dp=2, zero=2)), LORA),
+    "lora_dp2_zero3_fsdp": (plan(uniform(dp=2, zero=3), embedding={"zero": 3}), {**LORA, "modules_to_save": ["output"]}),
+}
+
+
+def lora_model(lora: dict):
+    from meshwright.config import LoraConfig
+    from meshwright.memory.lora import apply_lora_config
+
+    model = build_model(CFG, seed=SEED)
+    apply_lora_config(model, LoraConfig(**lora), SEED)
+    return model
+
+
+def lora_reference(lora: dict, steps: int = 4) -> list[dict]:
+    """One process, the trainer's optimizer groups over the trainable parameters only; grads of those only."""
+    model = lora_model(lora)
+    opt = make_opt([{"params": [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]},
+                    {"params": [p for p in model.parameters() if p.requires_grad and p.dim() < 2], "weight_decay": 0.0}])
+    out = []
+    for step in range(steps):
+        x, y = batch(step)
+        loss = lm_loss(model(x), y)
+        loss.backward()
+        grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        out.append({"loss": float(loss.detach()), "grads": grads, "norm": norm})
+    return out
+
+
+def lora_cases(report: Report, only: set | None, rank: int) -> None:
+    """The LoRA layouts, then a zero3 checkpoint (adapters + AdamW state) resumed under DDP for steps 3-4."""
+    from meshwright.config import LoraConfig
+
+    refs: dict = {}
+    for name, (pd, lora) in LORA_CASES.items():
+        if only and name not in only:
+            continue
+        try:
+            key = json.dumps(lora, sort_keys=True)
+            ref = refs[key] = refs.get(key) or lora_reference(lora)
+            rt = DistributedRuntime(CFG, plan_from_dict(pd), seed=SEED, lora=LoraConfig(**lora))
+            res = check_runtime(rt, ref)
+            res.pop("opt")
+            rt.forward_backward(shard(0, rt.dp_rank, rt.dp_size))  # which parameters get a gradient at all
+            grads = full_grads(rt)
+            res["grad_names"] = len(grads)
+            res["ok"] = res["ok"] and set(grads) == set(ref[0]["grads"])  # nothing frozen got a gradient
+            rt.close()
+        except Exception as e:
+            res = failure(f"case {name}", e)
+        report.add(name, res["ok"], res)
+        dist.barrier()
+    if only is None or "lora_ckpt_zero3_to_ddp" in only:
+        import tempfile
+
+        try:
+            pd, lora = LORA_CASES["lora_dp2_zero3_fsdp"]
+            ref = lora_reference(lora)
+            box = [tempfile.mkdtemp() if rank == 0 else None]
+            dist.broadcast_object_list(box)
+            path = f"{box[0]}/lckpt"
+            rt = DistributedRuntime(CFG, plan_from_dict(pd), seed=SEED, lora=LoraConfig(**lora))
+            res = check_runtime(rt, ref, steps=2, check_grads=False)
+            save_runtime(path, rt, res.pop("opt"), meta={"step": 2})
+            rt2 = DistributedRuntime(CFG, plan_from_dict(LORA_CASES["lora_dp2_ddp"][0]), seed=99,
+                                     lora=LoraConfig(**lora))
+            opt2 = rt2.build_optimizer(make_opt)
+            load_runtime(path, rt2, opt2)
+            res2 = check_runtime(rt2, ref[2:], steps=2, start=2, check_grads=False, opt=opt2)
+            res2.pop("opt")
+            res = {"ok": res["ok"] and res2["ok"], "save": res, "resume": res2}
+        except Exception as e:
+            res = failure("lora ckpt", e)
+        report.add("lora_ckpt_zero3_to_ddp", res["ok"], res)
+        dist.barrier()
 
 
 def make_sgd(groups):
@@ -122,6 +212,7 @@ def main() -> None:
             res = failure(f"case {name}", e)
         report.add(name, res["ok"], res)
         dist.barrier()
+    lora_cases(report, only, rank)
     if only is None or "zero2_gathers_once_per_step" in only:
         report.add("zero2_gathers_once_per_step", *zero2_gather_counts())
         dist.barrier()

@@ -2,7 +2,8 @@
 
 Two launches: 4 ranks (2-D/3-D layouts, a checkpoint written under dp2·tp2 and resumed under
 pp2·dp2) and 2 ranks (all 2-device layouts incl. DeepSpeed ZeRO-1/2/3, and the same checkpoint
-resumed under pp2). The checkpoint is also resumed here in one process. Tolerance: relative L2
+resumed under pp2; LoRA under DDP and FSDP2 with a ZeRO-3 LoRA checkpoint resumed under DDP). The checkpoint is
+also resumed here in one process. Tolerance: relative L2
 error <= 1e-5 for loss, full gradients (keyed by the plain model's names) and the global grad norm.
 """
 
@@ -28,7 +29,8 @@ TWO_RANK = {"dp2_ddp", "dp2_zero1", "dp2_zero2_fsdp", "dp2_zero3_fsdp", "tp2_dte
             "deepspeed_zero1_state_bytes", "deepspeed_zero2_state_bytes", "deepspeed_zero3_state_bytes",
             "deepspeed-fp32-accum_zero1_state_bytes", "deepspeed_fp32_zero0_state_bytes", "deepspeed_fp32_zero1_state_bytes",
             "deepspeed_fp32_zero2_state_bytes", "deepspeed_fp32_zero3_state_bytes", "deepspeed_pp2_zero0_state_bytes",
-            "tp2_dtensor_qk_norm", "tp2_megatron_qk_norm", "tp2_sp_qk_norm"}
+            "tp2_dtensor_qk_norm", "tp2_megatron_qk_norm", "tp2_sp_qk_norm", "lora_dp2_ddp", "lora_dp2_zero1", "lora_dp2_zero2_fsdp",
+            "lora_dp2_zero3_fsdp", "lora_ckpt_zero3_to_ddp"}
 
 
 def _failures(report: dict) -> str:
@@ -68,6 +70,17 @@ def test_two_rank_layouts_match_one_process_and_resume_under_pp2(four_rank, tmp_
     for name in ("dp2_zero1", "dp2_zero2_fsdp", "dp2_zero3_fsdp"):
         per_rank = [r["opt_state_bytes"] for r in report[name]["ranks"].values()]
         assert max(per_rank) < 0.6 * full and sum(per_rank) >= full, (name, per_rank, full)
+    # LoRA (frozen base): AdamW moments of the adapters only, as the memory model counts them; ZeRO-2 halves them
+    from parity_2rank import LORA
+    from parity_lib import CFG
+
+    from meshwright.config import LoraConfig
+    from meshwright.memory.lora import lora_state_bytes
+
+    want = lora_state_bytes(CFG, LoraConfig(**LORA))["optimizer"]
+    assert [r["opt_state_bytes"] for r in report["lora_dp2_ddp"]["ranks"].values()] == [want, want]
+    assert [r["opt_state_bytes"] for r in report["lora_dp2_zero2_fsdp"]["ranks"].values()] == [want // 2, want // 2]
+    assert want < full / 10, (want, full)  # rank 4 on all seven linears of a d_model-64 model: 9% of full AdamW
 
 
 @pytest.mark.timeout(120)

@@ -1,4 +1,4 @@
-"""A generated bad-input audit over every field of every config (TrainConfig with its data, meft, inline model and
+"""A generated bad-input audit over every field of every config (TrainConfig with its data, meft, lora, inline model and
 cluster sections; ModelConfig and ClusterSpec files, rope_scaling keys; the Plan with its layers, savers, pipeline,
 embedding, optimizer and the predicted numbers `report` reads; YAML hostfile entries; LemoConfig; every key of a
 Hugging Face config.json), found by introspection, not listed by hand: a field added later is audited too.
@@ -31,7 +31,7 @@ import yaml
 
 import meshwright.train.build as build
 from meshwright.cli import main
-from meshwright.config import ClusterSpec, MeftConfig, ModelConfig, TrainConfig, load_cluster, load_model_config
+from meshwright.config import ClusterSpec, LoraConfig, MeftConfig, ModelConfig, TrainConfig, load_cluster, load_model_config
 from meshwright.config import load_train_config
 from meshwright.config.schema import MixtureSource
 from meshwright.config.hf import HF_KEYS, hf_config_from_model
@@ -277,6 +277,7 @@ ROOTS = [
          {**TRAIN, "data": {**TRAIN["data"], "mixture": [{"path": "default", "weight": 1.0}]}},
          ("data", "mixture", 0), "data.mixture[0]", _load_train),
     Root("train.meft", MeftConfig, {**TRAIN, "meft": {}}, ("meft",), "meft", _load_train),
+    Root("train.lora", LoraConfig, {**TRAIN, "lora": {}}, ("lora",), "lora", _load_train),
     Root("train.model", ModelConfig, {**TRAIN, "model": TINY}, ("model",), "model", _load_train),
     Root("train.cluster", ClusterSpec, {**TRAIN, "cluster": LOCAL}, ("cluster",), "cluster", _load_train),
     Root("model", ModelConfig, TINY, (), "model", _load_model),
@@ -390,7 +391,7 @@ def test_every_wrong_value_is_accepted_or_one_line_naming_the_field(case, tmp_pa
 def test_the_walk_reaches_every_config_dataclass():
     """The introspection found the nested sections (a walk that stopped at the top would audit little)."""
     names = {_id(c) for c in FIELDS}
-    for expected in ("train:data.val_fraction", "train.meft:meft.guard_every", "train.model:model.n_kv_heads",
+    for expected in ("train:data.val_fraction", "train.meft:meft.guard_every", "train.lora:lora.rank", "train.model:model.n_kv_heads",
                      "train.cluster:cluster.peak_tflops.fp32", "plan:layers[0].savers.wta_crs",
                      "plan:pipeline.stages[0][0]", "plan:embedding.tp", "plan:optimizer.states", "model:model.top_k",
                      "cluster:cluster.clock_fraction", "train:data.mixture", "train.mixture:data.mixture[0].weight"):

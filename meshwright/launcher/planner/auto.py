@@ -13,6 +13,18 @@ from meshwright.launcher.profiling.model import apply_model_profile
 from meshwright.plan import Plan, validate_plan
 
 
+def lora_search_terms(cfg: ModelConfig, lora: Any, hw: cm.Hardware, constraints: Constraints
+                      ) -> tuple[cm.Hardware, Constraints]:
+    """What ``lora:`` changes in the search: model states for the trainable share only (``Hardware.trainable_fraction``:
+    adapters and modules_to_save over all parameters, adapters included), and the layouts the LoRA runtime runs
+    (tp = pp = ep = 1: train/build.py ``check_lora_layout``)."""
+    from meshwright.memory.lora import lora_state_bytes
+
+    state = lora_state_bytes(cfg, lora)
+    hw = dataclasses.replace(hw, trainable_fraction=state["trainable"] / (state["weights"] / 4))
+    return hw, dataclasses.replace(constraints, tp=1, pp=1, ep=1)
+
+
 def auto_plan(model_cfg: Any, cluster: ClusterSpec | str | dict | int | None = None, world_size: Optional[int] = None,
               seq_len: Optional[int] = None, global_batch: Optional[int] = None, hardware_profile: Optional[dict] = None,
               constraints: Optional[Constraints] = None, allow: Optional[Allow] = None,
@@ -28,11 +40,13 @@ def auto_plan(model_cfg: Any, cluster: ClusterSpec | str | dict | int | None = N
     """
     dtype: Optional[str] = None
     compile_, chunk = False, 0
+    lora = None
     from_train = isinstance(model_cfg, TrainConfig)  # errors then name the train config's fields, not plan's flags
     if isinstance(model_cfg, TrainConfig):
         tc = model_cfg
         dtype = tc.dtype
         compile_, chunk = tc.compile, tc.loss_chunk_tokens
+        lora = tc.lora
         world_size = cluster if isinstance(cluster, int) else world_size
         model_cfg, cluster = (model if model is not None else tc.model), tc.cluster
         seq_len = seq_len or tc.seq_len
@@ -62,6 +76,8 @@ def auto_plan(model_cfg: Any, cluster: ClusterSpec | str | dict | int | None = N
     if model_profile is not None:
         hw = apply_model_profile(hw, model_profile, cfg, hardware_profile)
     constraints = dataclasses.replace(constraints or Constraints(), runtime_compatible=True)
+    if lora is not None:  # the frozen base has no grads or optimizer state; LoRA runs data parallelism only
+        hw, constraints = lora_search_terms(cfg, lora, hw, constraints)
     result = search(cfg, spec, seq_len, global_batch, hw=hw, constraints=constraints, allow=allow)
     if result.best is None:
         message = infeasible_message(result)

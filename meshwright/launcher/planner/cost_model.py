@@ -186,6 +186,10 @@ class Hardware:
     pipeline_zero0_precision: str = ""
     pipelined: bool = False
     flash_eff_max: float = FLASH_EFF_OTHER  # the SDPA flash kernel's best fraction of peak on this device (see FLASH_EFF_*)
+    # LoRA (TrainConfig.lora): the share of the model's parameters that train (adapters, modules_to_save; the adapters
+    # counted in the total). The frozen rest has weights only: no gradients, no optimizer state (model_state_bytes).
+    # Spread evenly over layers and embeddings: the sum over a replica is exact, a pipeline stage's share approximate
+    trainable_fraction: float = 1.0
 
     @property
     def elem_bytes(self) -> int:
@@ -710,13 +714,15 @@ def optimizer_state_bytes(states: str, name: str = "adamw") -> float:
 
 def model_state_bytes(param_count: float, dp: int, zero: int, states: str, hw: Hardware) -> dict[str, float]:
     """Parameters, gradients and optimizer states of ``param_count`` (already tp/ep-sharded) parameters
-    on one device: ZeRO-1 shards optimizer states over dp, ZeRO-2 also gradients, ZeRO-3 also parameters."""
+    on one device: ZeRO-1 shards optimizer states over dp, ZeRO-2 also gradients, ZeRO-3 also parameters.
+    Gradients and optimizer states only for ``hw.trainable_fraction`` of them (LoRA; 1 otherwise)."""
     p = hw.policy_at(zero)
     zero = max(zero, p.zero_floor)
+    trained = param_count * hw.trainable_fraction  # LoRA: the frozen base keeps its weights only
     return {
         "params": param_count * p.param_bytes / (dp if zero >= 3 else 1),
-        "grads": param_count * p.grad_bytes / (dp if zero >= 2 else 1),
-        "optimizer": param_count * (optimizer_state_bytes(states) + p.master_at(zero)) / (dp if zero >= 1 else 1),
+        "grads": trained * p.grad_bytes / (dp if zero >= 2 else 1),
+        "optimizer": trained * (optimizer_state_bytes(states) + p.master_at(zero)) / (dp if zero >= 1 else 1),
     }
 
 

@@ -287,13 +287,12 @@ class Trainer:
             raise invalid("steps", self.cfg.steps, f"at least the checkpoint's step {state['step']} ({target})")
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
-        note = check_resume_data(state["train_loader"].get("data"), self.train_loader.data_fingerprint,
-                                 data_label(self.cfg.data), str(target), self.allow_data_change)
-        if note is not None and self.runtime.is_main:
-            self.print(note)
-        note = self.train_loader.load_state_dict(state["train_loader"], data_changed=self.allow_data_change)
-        if note is not None and self.runtime.is_main:
-            self.print(note)
+        data_note = check_resume_data(state["train_loader"].get("data"), self.train_loader.data_fingerprint,
+                                      data_label(self.cfg.data), str(target), self.allow_data_change)
+        loader_note = self.train_loader.load_state_dict(state["train_loader"], data_changed=self.allow_data_change)
+        notes = [n for n in (data_note, loader_note) if n is not None]  # one line: what changed, then where it goes on
+        if notes and self.runtime.is_main:
+            self.print("; ".join([notes[0], *(n.removeprefix("note: ") for n in notes[1:])]))
         self._base_step, self._base_consumed = self.step, self.train_loader.consumed
         self.resumed_from = target  # --resume-from another run's checkpoint was reported as this run's ckpt/
         return True

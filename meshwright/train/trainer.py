@@ -174,8 +174,12 @@ class Trainer:
         with self._not_training():
             loss = self.runtime.eval_loss(self._eval_batches)
             if getattr(self.cfg.data, "eval_per_source", False):
-                self.eval_per_source = {label: self.runtime.eval_loss(batches)
-                                        for label, batches in self._source_eval_batches().items()}
+                labels = self.cfg.data.source_labels()
+                if len(labels) == 1:  # one data set (data.path or a one-source mixture): its batches are the blend's
+                    self.eval_per_source = {labels[0]: loss}
+                else:
+                    self.eval_per_source = {label: self.runtime.eval_loss(batches)
+                                            for label, batches in self._source_eval_batches().items()}
             return loss
 
     def _source_eval_batches(self) -> dict[str, list[Any]]:

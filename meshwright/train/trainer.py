@@ -517,8 +517,10 @@ class Trainer:
 
     def _log_record(self, run: "_RunStats", out: dict[str, Any], extra: dict[str, Any], is_eval: bool) -> dict[str, Any]:
         cfg = self.cfg
+        # seq_len on every record: a resume may change it (--allow-config-change), and losses at another length are
+        # another series (tools/report.py draws them apart)
         rec = {"step": out["step"], "loss": _finite(out["loss"]), "lr": out["lr"], "grad_norm": _finite(out["grad_norm"]),
-               "tokens": self.tokens_at(out["step"]),
+               "tokens": self.tokens_at(out["step"]), "seq_len": cfg.seq_len,
                "step_s": run.interval_s / max(run.interval_tokens / self.tokens_per_step, 1),
                **self.throughput(run.interval_tokens, run.interval_s)}
         if out["step"] % cfg.energy_every == 0 or out["step"] == cfg.steps:  # same steps on every rank
@@ -559,7 +561,7 @@ class Trainer:
         summary = {
             "model": self.model_cfg.name, "params": self.model_cfg.num_params(), "steps": self.step,
             "stopped_by": self.preemption.name if self._stopping else None,
-            "steps_this_run": self.step - run.first_step, "tokens": self.tokens_at(self.step),
+            "steps_this_run": self.step - run.first_step, "tokens": self.tokens_at(self.step), "seq_len": cfg.seq_len,
             "train_s": steady_s, "step_s": steady_s / max(steady_tokens / self.tokens_per_step, 1),
             "world_size": rt.world_size, "dp_size": rt.dp_size, "dtype": cfg.dtype, "compute_dtype": rt.compute_dtype,
             "flops_per_token": self.flops_per_token,

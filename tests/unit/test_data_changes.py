@@ -250,7 +250,7 @@ def test_meshwright_train_resumes_a_seq_len_32_run_at_64(tmp_path, capsys):
 
     data = prepare([text_corpus(tmp_path, 1)], tmp_path / "corpus", progress=False)
     cfg_file = tmp_path / "c.json"
-    cfg_file.write_text(json.dumps(_config(data, tmp_path / "run", steps=2)))
+    cfg_file.write_text(json.dumps(_config(data, tmp_path / "run", steps=2, eval_every=2)))
     assert main(["train", str(cfg_file)]) == 0
     line = one_line_error(capsys, ["train", str(cfg_file), "steps=4", "seq_len=64", "--resume"])
     assert "seq_len=64 is invalid; valid: 32 as in the checkpoint" in line and "--allow-config-change" in line
@@ -262,6 +262,17 @@ def test_meshwright_train_resumes_a_seq_len_32_run_at_64(tmp_path, capsys):
     assert "note: resuming with seq_len 32 -> 64: 512 tokens read so far carry over; epoch 0 goes on" in out, out
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["tokens"] for r in log] == [256, 512, 512 + 512, 512 + 1024]  # 8 x 32, then 8 x 64 per step
+    # eval losses at 32 and 64 tokens are not one series: every record says its seq_len, and the report parts them
+    assert [r["seq_len"] for r in log] == [32, 32, 64, 64] and "eval_loss" in log[1] and "eval_loss" in log[3]
+    from meshwright.tools.report import figures, read_run, totals_table
+
+    run = read_run(tmp_path / "run")
+    loss = next(f for f in figures(run["rows"], run["summary"]) if f.name == "loss")
+    assert [(s.label, s.xs) for s in loss.series] == [
+        ("train loss (seq_len 32)", [1, 2]), ("eval loss (seq_len 32)", [2]),
+        ("train loss (seq_len 64)", [3, 4]), ("eval loss (seq_len 64)", [4])]
+    assert "seq_len changed (32 -> 64 at step 3)" in loss.caption
+    assert ["eval loss", f"{run['summary']['eval_loss']:.4g}", "at seq_len 64"] in totals_table(run["summary"]).rows
     resumed_cfg = load_train_config(_config(data, tmp_path / "run", steps=4, seq_len=64))
     assert [r["lr"] for r in log[2:]] == [lr_at(2, resumed_cfg), lr_at(3, resumed_cfg)]  # the schedule goes on by step
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -426,6 +426,10 @@ class TrainConfig:
     compile_scope: Literal["blocks", "model"] = "blocks"
     loss_chunk_tokens: int = 0  # >0: head + loss per chunk of this many tokens, no full logits (models/chunked_loss.py)
     seed: int = 1234
+    # a GPT-2 model's learned position table at a model.max_seq_len above the one its weights (a checkpoint on resume,
+    # init_from) were trained with: null refuses in one line; "copy" repeats the trained rows (Longformer),
+    # "interpolate" resamples the table; its AdamW moments grow alike (models/positions.py)
+    grow_positions: Optional[Literal["copy", "interpolate"]] = None
     # initial weights: "stream" (one CPU RNG stream, module by module: every earlier run's values), "keyed" (each
     # parameter tile drawn on its device from (seed, name, tile): shards drawn alone, fast for 7B-70B), "auto":
     # keyed on CUDA, stream on CPU (CPU trajectories unchanged). models/init.py says why.

@@ -280,10 +280,11 @@ class Trainer:
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Load ``path`` (or the latest checkpoint in out_dir/ckpt); False when there is none."""
+        grow = self.cfg.grow_positions  # a learned position table saved smaller than this model's (models/positions.py)
         if path is not None:
-            target, state = Path(path), load_runtime(path, self.runtime, self.optimizer)
+            target, state = Path(path), load_runtime(path, self.runtime, self.optimizer, grow_positions=grow)
         else:  # a damaged newest checkpoint falls back to the previous complete one, with a warning
-            found = load_latest(self.ckpt_dir, self.runtime, self.optimizer, warn=self.print)
+            found = load_latest(self.ckpt_dir, self.runtime, self.optimizer, warn=self.print, grow_positions=grow)
             if found is None:
                 return False
             target, state = found

@@ -298,9 +298,11 @@ def swap_position_tables(metadata: Metadata, state: dict[str, Any], path: Path, 
         size = tuple(saved[key].size)
         if size == tuple(value.shape) or len(size) != value.dim() or size[1:] != tuple(value.shape[1:]) or not size:
             continue  # the same table, or another shape change: check_fits names it
-        check_growth(value.shape[0], size[0], rule, f"checkpoint {path}")
-        what = _is_table_state(key)
-        if what is None:
+        if key == f"model.{TABLE}":  # the model's table: one line naming max_seq_len and the fix
+            check_growth(value.shape[0], size[0], rule, f"checkpoint {path}")
+        elif rule is None:
+            continue  # optimizer state of a table that did not change: check_fits names it
+        if value.dim() != 2 or _is_table_state(key) is None:  # e.g. COAT's flat FP8 moments and their group scales
             raise ConfigError(f"grow_positions={rule!r} cannot grow {key.split('.', 1)[-1]!r} of checkpoint {path} "
                               f"(only the table and AdamW's exp_avg/exp_avg_sq grow); valid: optimizer=adamw")
         placeholder = torch.zeros(size, dtype=saved[key].properties.dtype)

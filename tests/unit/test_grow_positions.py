@@ -111,6 +111,11 @@ def test_a_smaller_table_and_a_rule_for_a_rope_model_are_one_line(data, tmp_path
                                           r"table of checkpoint .*a shorter seq_len needs no smaller table"):
         run_training(cfg(data, tmp_path / "run", model={**GPT2, "max_seq_len": 16}, seq_len=16, steps=4,
                          grow_positions="copy"), resume=True, allow_config_change=True)
+    with pytest.raises(ConfigError, match=r"^grow_positions='copy' cannot grow 'state\.pos_embeddings\.weight\.exp_avg' "
+                                          r"of checkpoint .* valid: optimizer=adamw"):  # COAT's flat FP8 moments
+        run_training(cfg(data, tmp_path / "coat", optimizer="coat_adamw"))
+        run_training(longer(data, tmp_path / "coat", optimizer="coat_adamw", grow_positions="copy"), resume=True,
+                     allow_config_change=True)
     with pytest.raises(ConfigError, match=r"^grow_positions='copy' is invalid; valid: null for a llama model \(it has "
                                           r"no learned position table"):
         run_training(cfg(data, tmp_path / "llama", model=MICRO, grow_positions="copy"))

@@ -3,8 +3,8 @@
 Import keeps what the file says (rope theta wherever transformers wrote it, rope scaling, sliding window,
 head_dim, q/k/v biases, Qwen3's q/k head norms, Phi-3's fused projections and longrope, tied embeddings); a
 setting meshwright cannot run is a one-line error, never silently dropped. Dropout keys, the pretraining run's
-setting rather than the model's, are not imported (one note line when non-zero: DROPOUT_KEYS). ``hf_config_from_model`` is the inverse
-used by ``meshwright export --hf``.
+setting rather than the model's, are not imported (one note line when non-zero: DROPOUT_KEYS).
+``hf_config_from_model`` is the inverse used by ``meshwright export --hf``.
 """
 
 from __future__ import annotations

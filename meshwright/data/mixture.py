@@ -217,8 +217,8 @@ class BlendedLoader(SequenceLoader):
         """Restore the position. The same mixture, seq_len and seed resume exactly. With ``--allow-config-change``
         a changed mixture (weights, sources added or dropped) keeps each source where its stream was (found by
         its fingerprint) and blends by the new weights from here; a new source, and other data at a source's path
-        (its tokens so far still counted for that path), start at their beginning; a changed seq_len or seed carries each source's tokens over as a single data set does
-        (stream.py). A ``data.path`` checkpoint resumes as a one-source mixture reading the same batches."""
+        (its tokens so far still counted for that path), start at their beginning; a changed seq_len or seed
+        carries each source's tokens over as a single data set does (stream.py). A ``data.path`` checkpoint resumes as a one-source mixture reading the same batches."""
         check_same_stream(state, self, data_changed)
         consumed = int(state["consumed"])
         self.tokens_base = int(state.get("tokens", consumed * int(state["seq_len"])))

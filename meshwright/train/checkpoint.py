@@ -239,6 +239,8 @@ def load_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Opti
         raise CheckpointCorrupt(f"checkpoint {path} could not be read: {type(exc).__name__}: "
                                 f"{(str(exc).strip().splitlines() or [''])[0][:300]}") from None
     grow_swapped(state, grown, grow_positions)
+    if grown:  # for the resume note (trainer.py); not part of the checkpoint
+        meta["grown_positions"] = [[tuple(read.shape)[0], tuple(template.shape)[0]] for _, template, read in grown]
     kernels = [{k: g[k] for k in KERNEL_KEYS if k in g} for g in optimizer.param_groups] if optimizer is not None else []
     runtime.load_checkpoint_state(state, optimizer)
     for group, keep in zip(optimizer.param_groups if optimizer is not None else [], kernels):

@@ -298,6 +298,11 @@ class Trainer:
         notes = [n for n in (data_note, loader_note) if n is not None]  # one line: what changed, then where it goes on
         if notes and self.runtime.is_main:
             self.print("; ".join([notes[0], *(n.removeprefix("note: ") for n in notes[1:])]))
+        grown = state.get("grown_positions")
+        if grown and self.runtime.is_main:
+            (old, new), states = grown[0], len(grown) - 1
+            self.print(f"note: the learned position table grew from {old} to {new} rows by grow_positions="
+                       f"{grow}{f', its {states} optimizer moment(s) alike' if states else ''}")
         self._base_step, self._base_consumed = self.step, self.train_loader.consumed
         self.resumed_from = target  # --resume-from another run's checkpoint was reported as this run's ckpt/
         return True

@@ -96,8 +96,11 @@ def test_a_resume_at_a_longer_context_grows_the_table_and_its_adamw_moments(data
         want = np.stack([np.interp(np.arange(64) * 31 / 63, np.arange(32), old[0][:, j].numpy()) for j in range(32)], 1)
         assert np.allclose(new[0].numpy(), want, atol=1e-6)
 
+    capsys.readouterr()
     summary = run_training(longer(data, tmp_path / "run", grow_positions=rule), resume=True, allow_config_change=True)
     assert summary["steps"] == 4 and np.isfinite(summary["final_loss"])
+    assert f"note: the learned position table grew from 32 to 64 rows by grow_positions={rule}, its 2 optimizer " \
+           f"moment(s) alike" in capsys.readouterr().out
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["seq_len"] for r in log] == [32, 32, 64, 64]
     again = trainer(longer(data, tmp_path / "run", steps=5))  # the new checkpoint is 64 rows throughout: plain resume

@@ -7,14 +7,16 @@ an opt-in that is one line naming ``model.max_seq_len`` and the fix. Two rules, 
 
 * ``copy``: the trained rows stay where they are and each new row repeats the table from its start (row ``i`` =
   row ``i mod n``). Longformer grew RoBERTa's 512 positions to 4096 this way ("copying the 512 position embeddings
-  multiple times"), which kept the local structure attention had learned and trained far better than random rows
+  multiple times"), which kept the local structure attention had learned and started far closer to RoBERTa's loss than random rows
   (what transformers' ``ignore_mismatched_sizes=True`` gives). Short sequences see exactly the table they saw before.
 * ``interpolate``: the whole table is resampled linearly to the new length (row ``i`` reads position
   ``i * (n - 1) / (N - 1)``), as vision transformers resize theirs for another resolution: every position moves, so
   the model starts a little off even on short sequences, but no two positions share a vector.
 
 nanoGPT can only crop its table (``crop_block_size``); a shorter table is not needed for a shorter ``seq_len`` (any
-prefix of positions is read), so a smaller ``max_seq_len`` than the weights' is refused, not cropped.
+prefix of positions is read), so a smaller ``max_seq_len`` than the weights' is refused, not cropped. Which rule
+trains better is measured, not assumed: benchmarks/results/grow_positions.md (on a small GPT-2 grown 64 -> 256
+positions, ``interpolate`` reached the lower loss at 256; ``copy`` alone kept short sequences exact).
 The optimizer state of the table grows with it by the same rule (AdamW's ``exp_avg``/``exp_avg_sq``: a copied row
 takes the moments of the row it copies, an interpolated one the interpolated moments, never negative), so the first
 update of a new row is sized like its source's, not an unscaled ``g / |g|`` step of zero moments.

@@ -7,8 +7,9 @@ an opt-in that is one line naming ``model.max_seq_len`` and the fix. Two rules, 
 
 * ``copy``: the trained rows stay where they are and each new row repeats the table from its start (row ``i`` =
   row ``i mod n``). Longformer grew RoBERTa's 512 positions to 4096 this way ("copying the 512 position embeddings
-  multiple times"), which kept the local structure attention had learned and started far closer to RoBERTa's loss than random rows
-  (what transformers' ``ignore_mismatched_sizes=True`` gives). Short sequences see exactly the table they saw before.
+  multiple times"), which kept the local structure attention had learned and started far closer to RoBERTa's loss
+  than random rows (what transformers' ``ignore_mismatched_sizes=True`` gives). Short sequences see exactly the
+  table they saw before.
 * ``interpolate``: the whole table is resampled linearly to the new length (row ``i`` reads position
   ``i * (n - 1) / (N - 1)``), as vision transformers resize theirs for another resolution: every position moves, so
   the model starts a little off even on short sequences, but no two positions share a vector.

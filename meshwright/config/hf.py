@@ -2,13 +2,16 @@
 
 Import keeps what the file says (rope theta wherever transformers wrote it, rope scaling, sliding window,
 head_dim, q/k/v biases, Qwen3's q/k head norms, Phi-3's fused projections and longrope, tied embeddings); a
-setting meshwright cannot run is a one-line error, never silently dropped. ``hf_config_from_model`` is the inverse
-used by ``meshwright export --hf``.
+setting meshwright cannot run is a one-line error, never silently dropped. Dropout keys, the pretraining run's
+setting rather than the model's, are not imported (one note line when non-zero: DROPOUT_KEYS).
+``hf_config_from_model`` is the inverse used by ``meshwright export --hf``.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import sys
 from typing import Any
 
 from meshwright.config.io import from_dict
@@ -42,10 +45,31 @@ _LLAMA_FIXED = {
     "attention_bias": ((False, None), "false (q/k/v/o biases; Qwen2's q/k/v-only biases are supported)"),
     "pretraining_tp": ((1, None), "1"),
 }
-# Phi-3's dropouts (training mode only; every published Phi-3/Phi-4 sets 0) are not mapped: meshwright's one
-# model.dropout drops embeddings, attention and residuals alike, and transformers' Phi-3 has no embedding dropout
-_PHI3_FIXED = {key: ((0, None), "0 (not mapped: model.dropout would also drop the embeddings)")
-               for key in ("resid_pdrop", "embd_pdrop", "attention_dropout")}
+# Dropout keys of Hugging Face configs (GPT2Config's three, Phi3Config's three, attention_dropout of LlamaConfig and its
+# kin): how the pretraining run regularised, used by transformers only in training mode, not part of the model. One
+# rule for every family: none is imported; the run's dropout is meshwright's own model.dropout (default 0: fine-tuning
+# without dropout, as nanoGPT's from_pretrained does; one value for embeddings, attention and residuals, which no
+# family's keys map onto exactly), and a non-zero key is said in one note line, never dropped silently.
+DROPOUT_KEYS = ("attn_pdrop", "embd_pdrop", "resid_pdrop", "attention_dropout")
+_said: set[str] = set()  # notes already printed by this process (a config is often read twice: validation, the run)
+
+
+def dropout_note(data: dict[str, Any]) -> str | None:
+    """The one line naming the non-zero dropout keys of ``data`` that the import leaves out, or None."""
+    found = [f"{k}={data[k]!r}" for k in DROPOUT_KEYS if k in data and data[k] not in (0, None)]
+    if not found:
+        return None
+    return (f"note: config.json {', '.join(found)} not imported: dropout in a Hugging Face config is its pretraining's "
+            f"setting (transformers applies it in training mode); this run's is model.dropout, 0 unless set (e.g. "
+            f"model.dropout=0.1 to fine-tune with dropout)")
+
+
+def _say(note: str | None) -> None:
+    """Print ``note`` on stderr once per process, on the main rank only (every rank reads the config)."""
+    if note is None or note in _said or os.environ.get("RANK", "0") != "0":
+        return
+    _said.add(note)
+    print(note, file=sys.stderr, flush=True)
 
 
 def _rope(data: dict[str, Any]) -> tuple[float | None, dict[str, Any] | None]:
@@ -124,6 +148,7 @@ def model_config_from_hf(data: dict[str, Any], name: str = "hf") -> ModelConfig:
         raise invalid(f"config.json {missing[0]}", None, f"the model's own value (a config.json gives "
                       f"{', '.join(shape_keys)}; defaults are not guessed)")
     out: dict[str, Any] = {"name": data.get("_name_or_path") or name, "arch": "gpt2" if gpt2 else "llama"}
+    _say(dropout_note(data))
     for hf_key, ours in HF_KEYS.items():
         if hf_key in data and data[hf_key] is not None:
             out[ours] = data[hf_key]
@@ -217,10 +242,9 @@ def _qwen3_window(data: dict[str, Any]) -> int | None:
 def _phi3(data: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
     """Phi-3/Phi-4 (Phi3ForCausalLM): llama blocks whose checkpoint fuses q/k/v and gate/up (``fused_proj``), default
     rope or longrope (Phi-3-mini-128k, Phi-3.5-mini: ``su``/``yarn`` are Phi3Config's old names for it, renamed in
-    the returned copy of ``data``), partial rotary (Phi-4-mini: ``rotary_dim``). Refused: non-zero dropouts
-    (_PHI3_FIXED). ``original_max_position_embeddings`` only feeds longrope; with the default rope it changes
+    the returned copy of ``data``), partial rotary (Phi-4-mini: ``rotary_dim``). Its dropouts follow every family's
+    rule (DROPOUT_KEYS). ``original_max_position_embeddings`` only feeds longrope; with the default rope it changes
     nothing."""
-    _check_fixed(data, _PHI3_FIXED)
     out["fused_proj"] = True
     for where in ("rope_parameters", "rope_scaling"):
         spec = data.get(where)

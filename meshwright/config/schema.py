@@ -364,14 +364,16 @@ class DataConfig:
     max_files: Optional[int] = 400
     # several data sets blended by weight (data/blend.py), instead of ``path``: [{path: web, weight: 0.7}, ...]
     mixture: Optional[list[MixtureSource]] = None
-    # also evaluate each source of the mixture alone (eval_loss_per_source in the log): eval_batches more per source
+    # also evaluate each source of the mixture alone (eval_loss_per_source in the log): eval_batches more per source;
+    # one data set (data.path, or a mixture of one source) is its own blend: its eval_loss, nothing evaluated twice
     eval_per_source: bool = False
+
+    def source_labels(self) -> list[str]:
+        """How eval_loss_per_source and tokens_per_source name each source: its path, as configured."""
+        return [s.path for s in self.mixture] if self.mixture else [self.path]
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
-        if self.eval_per_source and not self.mixture:
-            raise invalid(f"{p}eval_per_source", self.eval_per_source, f"false without {p}mixture (one data set: "
-                          f"eval_loss is its loss)")
         if self.mixture is not None:
             if not self.mixture:
                 raise invalid(f"{p}mixture", self.mixture, "at least one source {path: ..., weight: ...}, or null")
@@ -424,6 +426,10 @@ class TrainConfig:
     compile_scope: Literal["blocks", "model"] = "blocks"
     loss_chunk_tokens: int = 0  # >0: head + loss per chunk of this many tokens, no full logits (models/chunked_loss.py)
     seed: int = 1234
+    # a GPT-2 model's learned position table at a model.max_seq_len above the one its weights (a checkpoint on resume,
+    # init_from) were trained with: null refuses in one line; "copy" repeats the trained rows (Longformer),
+    # "interpolate" resamples the table; its AdamW moments grow alike (models/positions.py)
+    grow_positions: Optional[Literal["copy", "interpolate"]] = None
     # initial weights: "stream" (one CPU RNG stream, module by module: every earlier run's values), "keyed" (each
     # parameter tile drawn on its device from (seed, name, tile): shards drawn alone, fast for 7B-70B), "auto":
     # keyed on CUDA, stream on CPU (CPU trajectories unchanged). models/init.py says why.
@@ -482,7 +488,8 @@ class TrainConfig:
             raise invalid(f"{p}global_batch", self.global_batch, f"at most {MAX_TOKENS_PER_STEP:,} tokens per step "
                           f"(global_batch*seq_len) with seq_len={self.seq_len}")
         # eval_per_source holds eval_batches more per source of the mixture
-        sets = 1 + (len(self.data.mixture or []) if self.data.eval_per_source else 0)
+        sources = len(self.data.source_labels())
+        sets = 1 + (sources if self.data.eval_per_source and sources > 1 else 0)
         most_eval = max(1, MAX_EVAL_TOKENS // (self.global_batch * self.seq_len * sets))
         if self.eval_batches > most_eval:  # 10^9 built batches at the first eval until memory ran out (30 s to 3 GB)
             raise invalid(f"{p}eval_batches", self.eval_batches, f"at most {most_eval:,} with global_batch="

@@ -56,6 +56,14 @@ def data_fingerprint(ds: Any) -> dict[str, Any]:
     return fp
 
 
+def digest(fingerprint: dict[str, Any] | None) -> str | None:
+    """A short name of one data set's fingerprint: how a resume finds a mixture's source again (mixture.py), and a
+    ``data.path`` run finds its data among a mixture checkpoint's sources (loader.py)."""
+    if not isinstance(fingerprint, dict):
+        return None
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """``key saved -> now`` for every field that differs (a field only one side has counts)."""
     return [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]

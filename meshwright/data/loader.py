@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from meshwright.data.fingerprint import data_fingerprint
+from meshwright.data.fingerprint import data_fingerprint, digest
 from meshwright.data.prepare import DOC_OFFSETS, READABLE_VERSIONS, prepare_default_corpus, prepare_instruct_cached
 from meshwright.data.stream import WindowOrder
 from meshwright.data.token_file import FileArray, OpenFile
@@ -271,20 +271,22 @@ class SequenceLoader:
 
     def load_state_dict(self, state: dict[str, Any], data_changed: bool = False) -> str | None:
         """Restore the position; returns a note to print, or None. ``data_changed`` (``--allow-config-change``): the
-        data may differ (its position carries over as a count of sequences, taken modulo this data's windows), and
-        so may ``seq_len`` and ``seed``: on the same data the *tokens* carry over and the current epoch goes on
-        with the windows no step of it has read (``stream.py``). Without it either is one line naming the flag."""
+        data may differ, and so may ``seq_len`` and ``seed``. Other data (another fingerprint) starts at its first
+        sequence: the checkpoint's position counted windows of the old data, which mean nothing in the new one (a
+        mixture checkpoint holding this data as a source continues that source's stream). On the same data the
+        *tokens* carry over and the current epoch goes on with the windows no step of it has read (``stream.py``).
+        Without the flag a changed seq_len or seed is one line naming it."""
         check_same_stream(state, self, data_changed)
         consumed = int(state["consumed"])
-        sources = state.get("sources")  # a mixture's checkpoint (mixture.py): one source is this data, in its order
-        old = stream_of(sources[0], self.tokens, self.shuffle) if isinstance(sources, list) and len(sources) == 1 \
-            else {"n_windows": state.get("n_windows"), "seq_len": state.get("seq_len"), "seed": state.get("seed"),
-                  "salt": 0, "transition": state.get("transition"), "position": consumed}
         self.tokens_base = int(state.get("tokens", consumed * int(state["seq_len"])))
-        same_data = state.get("data") is None or self.data_fingerprint is None or state["data"] == self.data_fingerprint
+        old = self._saved_stream(state, consumed)
         note = None
-        if not same_data or (isinstance(sources, list) and len(sources) != 1):
-            self.consumed = consumed  # other data: the count of sequences carries over (as Megatron's consumed_samples)
+        if old is None:  # other data: from its beginning, the tokens read so far still counted
+            self.order.reset(0, None)
+            self.consumed = 0
+            note = (f"note: the {self.name} data is not the checkpoint's: it starts at its first sequence (the "
+                    f"checkpoint's position, {consumed:,} sequences, counted other data); the {self.tokens_base:,} "
+                    f"tokens read so far carry over")
         elif (old["seq_len"], old["seed"], old["salt"]) == (self.seq_len, self.seed, 0):
             self.order.reset(0, old["transition"])  # the same stream
             self.consumed = int(old["position"])
@@ -294,6 +296,23 @@ class SequenceLoader:
             note = carry_note(self, old, self.tokens_base)
         self.consumed_base, self._perm_epoch = self.consumed, -1
         return note
+
+    def _saved_stream(self, state: dict[str, Any], consumed: int) -> dict[str, Any] | None:
+        """This data's stream in the checkpoint (its seq_len, seed, salt, transition and position), or None when the
+        checkpoint counted other data. A mixture checkpoint's source is found by its fingerprint (one source: the
+        mixture reads exactly this data's batches)."""
+        sources = state.get("sources")
+        if isinstance(sources, list):
+            mine = digest(self.data_fingerprint)
+            if len(sources) == 1 and (mine is None or sources[0].get("fingerprint") is None):
+                found = sources  # no fingerprints to compare: the one source is taken as this data
+            else:
+                found = [s for s in sources if mine is not None and s.get("fingerprint") == mine]
+            return stream_of(found[0], self.tokens, self.shuffle) if found else None
+        if state.get("data") is not None and self.data_fingerprint is not None and state["data"] != self.data_fingerprint:
+            return None
+        return {"n_windows": state.get("n_windows"), "seq_len": state.get("seq_len"), "seed": state.get("seed"),
+                "salt": 0, "transition": state.get("transition"), "position": consumed}
 
 
 def check_same_stream(state: dict[str, Any], loader: SequenceLoader, allow_change: bool) -> None:

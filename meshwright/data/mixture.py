@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from meshwright.data.blend import BlendSchedule
-from meshwright.data.fingerprint import data_fingerprint
+from meshwright.data.fingerprint import data_fingerprint, digest
 from meshwright.data.loader import SequenceLoader, TokenDataset, check_same_stream, check_vocabulary, resolve_data_path
 from meshwright.data.stream import WindowOrder
 from meshwright.data.token_file import FileArray
@@ -65,13 +65,6 @@ class MixtureData:
             fp[f"mixture[{i}].weight"] = round(w / total, 12)
             fp.update({f"mixture[{i}].{k}": v for k, v in one.items()})
         return fp
-
-
-def digest(fingerprint: dict[str, Any] | None) -> str | None:
-    """A short name of one source's fingerprint: how a resume finds each source again after the mixture changed."""
-    if not isinstance(fingerprint, dict):
-        return None
-    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _saved_sources(state: dict[str, Any]) -> list[dict[str, Any]]:
@@ -223,9 +216,9 @@ class BlendedLoader(SequenceLoader):
     def load_state_dict(self, state: dict[str, Any], data_changed: bool = False) -> str | None:
         """Restore the position. The same mixture, seq_len and seed resume exactly. With ``--allow-config-change``
         a changed mixture (weights, sources added or dropped) keeps each source where its stream was (found by
-        its fingerprint, else by its path) and blends by the new weights from here; a new source starts at its
-        beginning; a changed seq_len or seed carries each source's tokens over as a single data set does
-        (stream.py). A ``data.path`` checkpoint resumes as a one-source mixture reading the same batches."""
+        its fingerprint) and blends by the new weights from here; a new source, and other data at a source's path
+        (its tokens so far still counted for that path), start at their beginning; a changed seq_len or seed
+        carries each source's tokens over as a single data set does (stream.py). A ``data.path`` checkpoint resumes as a one-source mixture reading the same batches."""
         check_same_stream(state, self, data_changed)
         consumed = int(state["consumed"])
         self.tokens_base = int(state.get("tokens", consumed * int(state["seq_len"])))
@@ -272,9 +265,9 @@ class BlendedLoader(SequenceLoader):
                 continue
             old = saved[i]
             self.source_tokens_base[j] = int(old["tokens"])
-            if not same:  # other data at the same path: its count of sequences carries over
-                self.base[j] = int(old["position"])
-                said.append(f"{label} other data, at sequence {self.base[j]:,}")
+            if not same:  # other data at the same path: from its start (the old position counted other windows)
+                self.base[j] = 0
+                said.append(f"{label} other data, from its start")
             elif (int(old["seq_len"]), int(old["seed"])) == (self.seq_len, self.seed):
                 self.base[j] = int(old["position"])
                 order.reset(order.salt, old.get("transition"))

@@ -36,6 +36,7 @@ from meshwright.config.hf import hf_config_from_model
 from meshwright.errors import ConfigError, invalid
 from meshwright.memory.lora import is_adapter_param
 from meshwright.models.decoder import Decoder, fill_rope
+from meshwright.models.positions import check_growth, grow_table
 
 Index = tuple[slice, ...]
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")  # buffers some checkpoints carry
@@ -161,6 +162,23 @@ class Source:
 
 
 @dataclass
+class GrownTable(Source):
+    """GPT-2's ``wpe`` read whole and grown to the model's ``max_seq_len`` rows by ``rule`` (``grow_positions``:
+    models/positions.py); each rank then keeps the rows its shard holds."""
+
+    rule: str = "copy"
+
+    def check_shape(self, reader: SafetensorsReader, name: str, shape: tuple[int, ...]) -> None:
+        found = reader.shape(self.key)
+        if found[1:] != shape[1:]:
+            super().check_shape(reader, name, shape)
+
+    def read(self, reader: SafetensorsReader, idx: Index, shape: tuple[int, ...]) -> torch.Tensor:
+        whole = reader.read(self.key, tuple(slice(None) for _ in shape))
+        return grow_table(whole, shape[0], self.rule)[idx]
+
+
+@dataclass
 class Stacked:
     """Experts stacked along dim 0 from one checkpoint tensor per expert."""
 
@@ -256,12 +274,20 @@ def _phi3_attention(cfg: ModelConfig, h: str, o: str, rd: int) -> dict[str, Sour
             for ours, offset, heads in blocks}
 
 
-def gpt2_sources(cfg: ModelConfig, reader: SafetensorsReader) -> dict[str, Source | Stacked]:
-    """Sources for GPT-2 checkpoints (Conv1D weights are (in, out); q/k/v fused in c_attn)."""
+def gpt2_sources(cfg: ModelConfig, reader: SafetensorsReader,
+                 grow_positions: str | None = None) -> dict[str, Source | Stacked]:
+    """Sources for GPT-2 checkpoints (Conv1D weights are (in, out); q/k/v fused in c_attn). A ``wpe`` with fewer
+    rows than ``model.max_seq_len`` is grown by ``grow_positions``, else one line naming both (models/positions.py)."""
     p = _prefix(reader, "wte.weight")
     d = cfg.d_model
+    table: Source = Source(f"{p}wpe.weight")
+    if isinstance(reader, SafetensorsReader) and table.key in reader:
+        rows = reader.shape(table.key)[0]
+        check_growth(cfg.max_seq_len, rows, grow_positions, f"init_from={str(reader.root)!r} (config.json n_positions)")
+        if rows != cfg.max_seq_len:
+            table = GrownTable(table.key, rule=str(grow_positions))
     out: dict[str, Source | Stacked] = {"tok_embeddings.weight": Source(f"{p}wte.weight"),
-                                        "pos_embeddings.weight": Source(f"{p}wpe.weight"),
+                                        "pos_embeddings.weight": table,
                                         "norm.weight": Source(f"{p}ln_f.weight"), "norm.bias": Source(f"{p}ln_f.bias")}
     out["output.weight"] = _head_source(cfg, reader, f"{p}wte.weight")
     for i in range(cfg.n_layers):
@@ -279,8 +305,9 @@ def gpt2_sources(cfg: ModelConfig, reader: SafetensorsReader) -> dict[str, Sourc
     return out
 
 
-def weight_sources(cfg: ModelConfig, reader: SafetensorsReader) -> dict[str, Source | Stacked]:
-    return gpt2_sources(cfg, reader) if cfg.arch == "gpt2" else llama_sources(cfg, reader)
+def weight_sources(cfg: ModelConfig, reader: SafetensorsReader,
+                   grow_positions: str | None = None) -> dict[str, Source | Stacked]:
+    return gpt2_sources(cfg, reader, grow_positions) if cfg.arch == "gpt2" else llama_sources(cfg, reader)
 
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (global shape, offset of a plain local shard in it)
@@ -307,7 +334,7 @@ def _local_index(param: torch.Tensor, box: Box | None = None) -> tuple[Index, tu
 @torch.no_grad()
 def load_pretrained_into(model: nn.Module | Iterable[nn.Module], path: str | Path, cfg: ModelConfig | None = None,
                          strict: bool = True, check_unused: bool | None = None, boxes: dict[str, Box] | None = None,
-                         whole_model: Iterable[str] | None = None) -> list[str]:
+                         whole_model: Iterable[str] | None = None, grow_positions: str | None = None) -> list[str]:
     """Copy a Hugging Face checkpoint into ``model`` (a plain Decoder, a pipeline stage, or a list of
     stage chunks), each rank reading only the slices its (possibly DTensor-sharded) parameters hold.
 
@@ -320,12 +347,13 @@ def load_pretrained_into(model: nn.Module | Iterable[nn.Module], path: str | Pat
     meshwright's model has no place for is never silently dropped; ``whole_model``: the parameter names of the
     whole model when ``model`` holds only some (a pipeline stage): the check then counts the tensors the other
     stages load as used, without reading them. Returns the names loaded. Rotary tables are recomputed (they are
-    not in the checkpoint).
+    not in the checkpoint). ``grow_positions``: GPT-2's ``wpe`` with fewer rows than ``max_seq_len`` grows by that
+    rule (models/positions.py).
     """
     modules = [model] if isinstance(model, nn.Module) else list(model)
     cfg = cfg if cfg is not None else load_model_config(str(Path(path) / "config.json"))
     reader = SafetensorsReader(path)
-    sources = weight_sources(cfg, reader)
+    sources = weight_sources(cfg, reader, grow_positions)
     loaded: list[str] = []
     used: set[str] = set()
     layers_seen: set[str] = set()
@@ -373,7 +401,8 @@ def _reset_rope(module: nn.Module, cfg: ModelConfig) -> None:
 
 
 def from_pretrained(path: str | Path, device: str | torch.device | None = None,
-                    dtype: torch.dtype | None = None, cfg: ModelConfig | None = None) -> nn.Module:
+                    dtype: torch.dtype | None = None, cfg: ModelConfig | None = None,
+                    grow_positions: str | None = None) -> nn.Module:
     """A Decoder built from ``path/config.json`` (or ``cfg``: the checkpoint's config with overrides) with the
     checkpoint's weights and no random init pass: the strict load fills every parameter or refuses, so drawing
     them first would only cost time (minutes of CPU draws at 70B) and a second host copy."""
@@ -388,7 +417,7 @@ def from_pretrained(path: str | Path, device: str | torch.device | None = None,
         model.output.weight = model.tok_embeddings.weight  # to_empty keeps the tie, but be explicit
     if dtype is not None:
         model = model.to(dtype)
-    load_pretrained_into(model, path, cfg)
+    load_pretrained_into(model, path, cfg, grow_positions=grow_positions)
     return model
 
 

@@ -168,7 +168,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
                  seed: int = 1234, device: torch.device | None = None, dp_shard: int | None = None,
                  init_from: str | None = None, precision: PrecisionPolicy | None = None,
                  compile_backend: str | None = None, init: str = "auto", loss_chunk_tokens: int = 0,
-                 lora: Any = None) -> None:
+                 lora: Any = None, grow_positions: str | None = None) -> None:
         """``dp_shard`` turns ZeRO-2/3 layers into HSDP: shard over ``dp_shard`` ranks, replicate across
         ``dp/dp_shard`` groups (None: shard over the whole dp group). ``init_from`` loads a Hugging Face
         checkpoint: after the layout is applied, so each rank reads only its stages' parameters and, for
@@ -178,7 +178,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         (models/init.py; ``auto``: keyed on CUDA, the CPU stream elsewhere), the one-process model's for the
         same seed. ``loss_chunk_tokens`` > 0: the last stage's head + loss per chunk of tokens (no full logits).
         ``lora``: a ``LoraConfig``: adapters on the plain (meta) model before the layout, base frozen, drawn after the
-        base as the one-process model draws them (data parallelism only: train/build.py ``check_lora_layout``)."""
+        base as the one-process model draws them (data parallelism only: train/build.py ``check_lora_layout``).
+        ``grow_positions``: init_from's GPT-2 ``wpe`` shorter than max_seq_len grows by that rule (models/positions.py)."""
         cfg = load_model_config(model_cfg)
         self.precision = precision or PrecisionPolicy()
         self.compute_dtype = self.precision.compute_dtype
@@ -266,7 +267,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
             self._post_scale = [([new.get(p, p) for p in ps], factor) for ps, factor in self._post_scale]
         self.chunks = chunks
         if init_from is not None:  # each rank reads its stages' parameters, of its shards only their boxes
-            load_pretrained_into(chunks, init_from, cfg, boxes=self._shard_boxes, whole_model=whole_model)
+            load_pretrained_into(chunks, init_from, cfg, boxes=self._shard_boxes, whole_model=whole_model,
+                                 grow_positions=grow_positions)
         if lora is not None and self.meta_init:
             init_adapters(chunks, seed)
         self.model = StateView(chunks)
@@ -578,7 +580,8 @@ def build_distributed_runtime(train_cfg: Any, model_cfg: ModelConfig, plan: Plan
                                init_from=init_from, precision=PrecisionPolicy.from_dtype(train_cfg.dtype),
                                compile_backend="inductor" if train_cfg.compile else None,
                                init=getattr(train_cfg, "init", "auto"), loss_chunk_tokens=chunk_tokens,
-                               lora=getattr(train_cfg, "lora", None))
+                               lora=getattr(train_cfg, "lora", None),
+                               grow_positions=getattr(train_cfg, "grow_positions", None))
     per_rank = train_cfg.global_batch // rt.dp_size if train_cfg.global_batch % rt.dp_size == 0 else None
     if per_rank is None or per_rank % train_cfg.micro_batch:
         raise invalid("global_batch", train_cfg.global_batch,

@@ -179,13 +179,13 @@ def figures(rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[Figure]
     out: list[Figure] = []
 
     def add(name: str, title: str, ylabel: str, series: list[Series], **kw: Any) -> None:
-        series = [s for s in series if len(s.xs) >= (1 if s.label == "eval loss" else MIN_POINTS)]
+        series = [s for s in series if len(s.xs) >= MIN_POINTS]
         if series and len(series[0].xs) >= MIN_POINTS:
             out.append(Figure(name, title, ylabel, series, **kw))
 
-    loss, eval_loss = _series(rows, "loss"), _series(rows, "eval_loss")
-    add("loss", "Loss", "cross-entropy (nats/token)",
-        [Series("train loss", *loss), Series("eval loss", *eval_loss, style="o-")])
+    loss = loss_figure(rows)
+    if loss is not None:
+        out.append(loss)
     xs, tps = _series(rows, "tokens_per_s")
     steady = summary.get("tokens_per_s")
     add("throughput", "Throughput", "tokens/s (all devices)",
@@ -206,6 +206,46 @@ def figures(rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[Figure]
     add("memory", "Memory", "GiB (max over ranks)",
         [Series("allocated", *_series(rows, "memory_gib")), Series("peak", *_series(rows, "peak_memory_gib"), style="--")])
     return out
+
+
+def seq_len_segments(rows: list[dict[str, Any]]) -> list[tuple[Any, list[dict[str, Any]]]]:
+    """The log cut where ``seq_len`` changes (a resume with --allow-config-change): [(seq_len, rows), ...] in step
+    order. One segment when it never changed, or when no record says (logs from before the field)."""
+    known = {r.get("seq_len") for r in rows if _number(r.get("seq_len"))}
+    if len(known) < 2:
+        return [(next(iter(known), None), rows)]
+    out: list[tuple[Any, list[dict[str, Any]]]] = []
+    for r in rows:
+        key = r.get("seq_len") if _number(r.get("seq_len")) else None
+        if not out or out[-1][0] != key:
+            out.append((key, []))
+        out[-1][1].append(r)
+    return out
+
+
+def loss_figure(rows: list[dict[str, Any]]) -> Optional[Figure]:
+    """Train and eval loss; one pair of series per ``seq_len`` when a resume changed it: a loss per token at another
+    context length is not the same quantity (longer contexts predict better), so the lines are not joined."""
+    segments = seq_len_segments(rows)
+    if len(_series(rows, "loss")[0]) < MIN_POINTS:
+        return None
+    if len(segments) == 1:
+        return Figure("loss", "Loss", "cross-entropy (nats/token)",
+                      [Series("train loss", *_series(rows, "loss"))]
+                      + [Series("eval loss", *ev, style="o-") for ev in [_series(rows, "eval_loss")] if ev[0]])
+    series = []
+    for seq_len, part in segments:
+        tag = f"seq_len {seq_len}" if seq_len is not None else "seq_len not logged"
+        train, ev = _series(part, "loss"), _series(part, "eval_loss")
+        if train[0]:
+            series.append(Series(f"train loss ({tag})", *train))
+        if ev[0]:
+            series.append(Series(f"eval loss ({tag})", *ev, style="o-"))
+    changes = ", ".join(f"{a} -> {b} at step {part[0].get('step')}"
+                        for (a, _), (b, part) in zip(segments, segments[1:]))
+    return Figure("loss", "Loss", "cross-entropy (nats/token)", series,
+                  caption=f"seq_len changed ({changes}): losses at different sequence lengths are separate series, "
+                          f"not comparable across the change")
 
 
 def _energy_caption(summary: dict[str, Any]) -> str:
@@ -265,7 +305,7 @@ def totals_table(summary: dict[str, Any]) -> Table:
     row("TFLOP/s per device", s.get("tflops_per_device"))
     if s.get("first_loss") is not None and s.get("final_loss") is not None:
         rows.append(["loss", f"{s['first_loss']:.4g} -> {s['final_loss']:.4g}", "first -> last training step"])
-    row("eval loss", s.get("eval_loss"))
+    row("eval loss", s.get("eval_loss"), f"at seq_len {s['seq_len']}" if s.get("seq_len") else "")
     row("peak memory (GiB)", s.get("peak_memory_gib"), "max over ranks, process peak incl. framework")
     if s.get("energy_j") is not None:
         gpu_src = s.get("energy_gpu_source") or "none"

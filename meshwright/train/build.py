@@ -21,6 +21,7 @@ from meshwright.memory.lora import apply_lora_config, lora_state_bytes
 from meshwright.memory.meft import MeftConfig, make_reversible
 from meshwright.models import build_model, from_pretrained
 from meshwright.models.init import resolve_init
+from meshwright.models.positions import check_rule_applies
 from meshwright.parallel.runtime import build_distributed_runtime, init_distributed
 from meshwright.plan import Plan, default_plan, load_plan, validate_plan
 from meshwright.tools.sinks import check_sink_packages
@@ -244,7 +245,8 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
     check_memory(model_cfg, job.world_size, frozen_base=cfg.meft is not None, micro_tokens=cfg.micro_batch * cfg.seq_len,
                  loss_chunk_tokens=cfg.loss_chunk_tokens, lora=cfg.lora)
     if cfg.seq_len > model_cfg.max_seq_len:  # both runtimes: under torchrun it failed deep in the model
-        raise invalid("seq_len", cfg.seq_len, f"at most model.max_seq_len={model_cfg.max_seq_len}")
+        raise invalid("seq_len", cfg.seq_len, f"at most model.max_seq_len={model_cfg.max_seq_len} ({_raise_hint(model_cfg)})")
+    check_rule_applies(cfg.grow_positions, model_cfg.arch)
     if job.plan is not None:  # a plan for another device count: said here, not as tp*dp*cp deep in the runtime
         check_world(job.plan, job.world_size, str(job.plan_ref))
     if cfg.compile_scope == "model" and (job.distributed or model_cfg.n_experts):
@@ -278,7 +280,8 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
     scheme = resolve_init(cfg.init, device)
     if cfg.init_from is not None:  # pretrained weights, nothing drawn, before any saver wraps the modules
         torch.manual_seed(cfg.seed)  # later consumers (dropout, saver seeds) start where an initialised run's do
-        model, scheme = from_pretrained(cfg.init_from, device=device, cfg=model_cfg), "pretrained"
+        model = from_pretrained(cfg.init_from, device=device, cfg=model_cfg, grow_positions=cfg.grow_positions)
+        scheme = "pretrained"
     else:
         model = build_model(model_cfg, seed=cfg.seed, init=scheme, device=device if scheme == "keyed" else None)
     if cfg.meft is not None:  # reversible fine-tuning: frozen base, adapters (+ head) train
@@ -291,6 +294,14 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
     rt.plan = job.plan
     rt.init = scheme
     return rt
+
+
+def _raise_hint(model_cfg: ModelConfig) -> str:
+    """How to raise a model's max_seq_len: RoPE tables follow it; a learned table grows only by grow_positions."""
+    if model_cfg.arch == "gpt2":
+        return ("or raise model.max_seq_len; a gpt2 model's learned position table trained at fewer positions grows "
+                "with grow_positions=copy or interpolate")
+    return "or raise model.max_seq_len: its rotary tables follow it"
 
 
 def run_training(train_cfg: TrainConfig, plan_ref: str | None = None, resume: bool | str = False, *,

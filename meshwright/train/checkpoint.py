@@ -34,10 +34,13 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from meshwright.errors import ConfigError, invalid
+from meshwright.models.positions import TABLE, check_growth, grow_table
 from meshwright.train.checkpoint_io import (
     MANIFEST, CheckpointCorrupt, SafeFileSystemReader, SafeLoadPlanner, read_metadata_file, verify_manifest,
     write_manifest,
@@ -204,10 +207,12 @@ def require_complete(path: Path) -> None:
 
 
 def load_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Optimizer | None, *,
-                 verify: bool = True) -> dict[str, Any]:
+                 verify: bool = True, grow_positions: str | None = None) -> dict[str, Any]:
     """Collective: verify ``path`` (checksums, metadata allow-list, fit to this model/optimizer), read it into
     this layout's pieces (resharding as needed) and this rank's RNG; returns the meta (trainer state) dict.
-    Every failure is one ``ConfigError`` line (``CheckpointCorrupt`` for damaged files); nothing is executed."""
+    Every failure is one ``ConfigError`` line (``CheckpointCorrupt`` for damaged files); nothing is executed.
+    ``grow_positions``: a learned position table (and its optimizer moments) saved with fewer rows than this model's
+    is read at its saved size and grown by that rule (models/positions.py); without it, one line."""
     path = Path(path)
     state_file = path / STATE_FILE
     require_complete(path)
@@ -220,7 +225,9 @@ def load_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Opti
         warnings.warn(f"checkpoint {path} has no {MANIFEST} (written before checksums); loading it unverified", stacklevel=2)
     meta = _read_json(state_file)
     state = runtime.checkpoint_state(optimizer)
-    check_fits(read_metadata_file(path / ".metadata"), state, path, whole_model=runtime.world_size == 1)
+    metadata = read_metadata_file(path / ".metadata")
+    grown = swap_position_tables(metadata, state, path, grow_positions)
+    check_fits(metadata, state, path, whole_model=runtime.world_size == 1)
     try:
         with _quiet_dcp():
             dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner())
@@ -231,6 +238,9 @@ def load_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Opti
     except (RuntimeError, ValueError, AssertionError, OSError, KeyError) as exc:
         raise CheckpointCorrupt(f"checkpoint {path} could not be read: {type(exc).__name__}: "
                                 f"{(str(exc).strip().splitlines() or [''])[0][:300]}") from None
+    grow_swapped(state, grown, grow_positions)
+    if grown:  # for the resume note (trainer.py); not part of the checkpoint
+        meta["grown_positions"] = [[tuple(read.shape)[0], tuple(template.shape)[0]] for _, template, read in grown]
     kernels = [{k: g[k] for k in KERNEL_KEYS if k in g} for g in optimizer.param_groups] if optimizer is not None else []
     runtime.load_checkpoint_state(state, optimizer)
     for group, keep in zip(optimizer.param_groups if optimizer is not None else [], kernels):
@@ -260,6 +270,61 @@ def _first_failure(exc: CheckpointException) -> str:
         lines = str(err).strip().splitlines()
         return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
     return "unknown DCP failure"
+
+
+def _is_table_state(key: str) -> str | None:
+    """What a flat state key of the learned position table is ("the model" or an AdamW moment), else None. Keys as
+    ``checkpoint_state`` flattens them: ``model.pos_embeddings.weight``, ``optim.state.pos_embeddings.weight.exp_avg``
+    (torch optimizers through DCP), ``optim.pos_embeddings.weight/exp_avg`` (DeepSpeed)."""
+    if key == f"model.{TABLE}":
+        return "the model"
+    for moment in ("exp_avg", "exp_avg_sq"):
+        if key in (f"optim.state.{TABLE}.{moment}", f"optim.{TABLE}/{moment}"):
+            return f"optimizer state {moment}"
+    return None
+
+
+Swap = tuple[tuple[Any, ...], torch.Tensor, torch.Tensor]  # (path in the state dict, this run's tensor, the read one)
+
+
+def swap_position_tables(metadata: Metadata, state: dict[str, Any], path: Path, rule: str | None) -> list[Swap]:
+    """Where the checkpoint's learned position table (or its moments) has fewer rows than this model's, put a tensor
+    of the saved shape in ``state`` for DCP to read into (``grow_swapped`` grows it after); without a ``rule``, or
+    for a smaller model table or other state of it (COAT's quantized moments), one line. Returns the swaps."""
+    flat, paths = flatten_state_dict(state)
+    saved = metadata.state_dict_metadata
+    swaps: list[Swap] = []
+    for key, value in flat.items():
+        if TABLE not in key or not isinstance(value, torch.Tensor) or not isinstance(saved.get(key), TensorStorageMetadata):
+            continue
+        size = tuple(saved[key].size)
+        if size == tuple(value.shape) or len(size) != value.dim() or size[1:] != tuple(value.shape[1:]) or not size:
+            continue  # the same table, or another shape change: check_fits names it
+        if key == f"model.{TABLE}":  # the model's table: one line naming max_seq_len and the fix
+            check_growth(value.shape[0], size[0], rule, f"checkpoint {path}")
+        elif rule is None:
+            continue  # optimizer state of a table that did not change: check_fits names it
+        if value.dim() != 2 or _is_table_state(key) is None:  # e.g. COAT's flat FP8 moments and their group scales
+            raise ConfigError(f"grow_positions={rule!r} cannot grow {key.split('.', 1)[-1]!r} of checkpoint {path} "
+                              f"(only the table and AdamW's exp_avg/exp_avg_sq grow); valid: optimizer=adamw")
+        placeholder = torch.zeros(size, dtype=saved[key].properties.dtype)
+        set_element(state, paths[key], placeholder)
+        swaps.append((paths[key], value, placeholder))
+    return swaps
+
+
+def grow_swapped(state: dict[str, Any], swaps: list[Swap], rule: str | None) -> None:
+    """Put each table read at its saved size back into ``state`` grown to this run's rows, laid out as this run's
+    tensor was (a DTensor keeps its mesh and placements: every rank holds the whole read table, so no collective)."""
+    for where, template, read in swaps:
+        assert rule is not None
+        grown = grow_table(read, template.shape[0], rule)
+        if isinstance(template, DTensor):
+            value: torch.Tensor = distribute_tensor(grown.to(template.device, template.dtype), template.device_mesh,
+                                                    template.placements, src_data_rank=None)
+        else:
+            value = grown.to(template.device, template.dtype)
+        set_element(state, where, value)
 
 
 def check_fits(metadata: Metadata, state: dict[str, Any], path: Path, whole_model: bool = True) -> None:
@@ -385,7 +450,7 @@ def resume_candidates(root: str | Path) -> list[Path]:
 
 
 def load_latest(root: str | Path, runtime: Runtime, optimizer: torch.optim.Optimizer | None,
-                warn: Any = None) -> tuple[Path, dict[str, Any]] | None:
+                warn: Any = None, grow_positions: str | None = None) -> tuple[Path, dict[str, Any]] | None:
     """Collective: load the newest checkpoint under ``root`` that is intact; a damaged one is reported with
     ``warn`` (one line) and the previous complete one is tried. None when ``root`` holds none; when all are
     damaged the newest one's error is raised. A checkpoint that does not fit the model is never skipped."""
@@ -399,7 +464,7 @@ def load_latest(root: str | Path, runtime: Runtime, optimizer: torch.optim.Optim
             if warn is not None and runtime.is_main:
                 warn(f"warning: {error.damage}; falling back to the previous checkpoint")
             continue
-        return path, load_runtime(path, runtime, optimizer, verify=False)
+        return path, load_runtime(path, runtime, optimizer, verify=False, grow_positions=grow_positions)
     if first_error is not None:
         raise first_error
     return None

@@ -167,6 +167,9 @@ def check_resume_config(cfg: TrainConfig, resume: bool | str, allow_change: bool
     now, default = to_dict(cfg), to_dict(type(cfg)())
     saved = {**saved, "data": one_source_as_path(saved.get("data"))}
     now["data"] = one_source_as_path(now.get("data"))
+    for data in (saved["data"], now["data"]):  # what eval also reports, not the trajectory: never needs the flag
+        if isinstance(data, dict):
+            data.pop("eval_per_source", None)
     for name in RESUME_FIELDS:
         if name in saved:
             found = _mixture_switch(saved[name], now.get(name)) if name == "data" else None

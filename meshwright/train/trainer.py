@@ -174,8 +174,12 @@ class Trainer:
         with self._not_training():
             loss = self.runtime.eval_loss(self._eval_batches)
             if getattr(self.cfg.data, "eval_per_source", False):
-                self.eval_per_source = {label: self.runtime.eval_loss(batches)
-                                        for label, batches in self._source_eval_batches().items()}
+                labels = self.cfg.data.source_labels()
+                if len(labels) == 1:  # one data set (data.path or a one-source mixture): its batches are the blend's
+                    self.eval_per_source = {labels[0]: loss}
+                else:
+                    self.eval_per_source = {label: self.runtime.eval_loss(batches)
+                                            for label, batches in self._source_eval_batches().items()}
             return loss
 
     def _source_eval_batches(self) -> dict[str, list[Any]]:
@@ -276,10 +280,11 @@ class Trainer:
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Load ``path`` (or the latest checkpoint in out_dir/ckpt); False when there is none."""
+        grow = self.cfg.grow_positions  # a learned position table saved smaller than this model's (models/positions.py)
         if path is not None:
-            target, state = Path(path), load_runtime(path, self.runtime, self.optimizer)
+            target, state = Path(path), load_runtime(path, self.runtime, self.optimizer, grow_positions=grow)
         else:  # a damaged newest checkpoint falls back to the previous complete one, with a warning
-            found = load_latest(self.ckpt_dir, self.runtime, self.optimizer, warn=self.print)
+            found = load_latest(self.ckpt_dir, self.runtime, self.optimizer, warn=self.print, grow_positions=grow)
             if found is None:
                 return False
             target, state = found
@@ -287,13 +292,17 @@ class Trainer:
             raise invalid("steps", self.cfg.steps, f"at least the checkpoint's step {state['step']} ({target})")
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
-        note = check_resume_data(state["train_loader"].get("data"), self.train_loader.data_fingerprint,
-                                 data_label(self.cfg.data), str(target), self.allow_data_change)
-        if note is not None and self.runtime.is_main:
-            self.print(note)
-        note = self.train_loader.load_state_dict(state["train_loader"], data_changed=self.allow_data_change)
-        if note is not None and self.runtime.is_main:
-            self.print(note)
+        data_note = check_resume_data(state["train_loader"].get("data"), self.train_loader.data_fingerprint,
+                                      data_label(self.cfg.data), str(target), self.allow_data_change)
+        loader_note = self.train_loader.load_state_dict(state["train_loader"], data_changed=self.allow_data_change)
+        notes = [n for n in (data_note, loader_note) if n is not None]  # one line: what changed, then where it goes on
+        if notes and self.runtime.is_main:
+            self.print("; ".join([notes[0], *(n.removeprefix("note: ") for n in notes[1:])]))
+        grown = state.get("grown_positions")
+        if grown and self.runtime.is_main:
+            (old, new), states = grown[0], len(grown) - 1
+            self.print(f"note: the learned position table grew from {old} to {new} rows by grow_positions="
+                       f"{grow}{f', its {states} optimizer moment(s) alike' if states else ''}")
         self._base_step, self._base_consumed = self.step, self.train_loader.consumed
         self.resumed_from = target  # --resume-from another run's checkpoint was reported as this run's ckpt/
         return True
@@ -514,8 +523,10 @@ class Trainer:
 
     def _log_record(self, run: "_RunStats", out: dict[str, Any], extra: dict[str, Any], is_eval: bool) -> dict[str, Any]:
         cfg = self.cfg
+        # seq_len on every record: a resume may change it (--allow-config-change), and losses at another length are
+        # another series (tools/report.py draws them apart)
         rec = {"step": out["step"], "loss": _finite(out["loss"]), "lr": out["lr"], "grad_norm": _finite(out["grad_norm"]),
-               "tokens": self.tokens_at(out["step"]),
+               "tokens": self.tokens_at(out["step"]), "seq_len": cfg.seq_len,
                "step_s": run.interval_s / max(run.interval_tokens / self.tokens_per_step, 1),
                **self.throughput(run.interval_tokens, run.interval_s)}
         if out["step"] % cfg.energy_every == 0 or out["step"] == cfg.steps:  # same steps on every rank
@@ -556,7 +567,7 @@ class Trainer:
         summary = {
             "model": self.model_cfg.name, "params": self.model_cfg.num_params(), "steps": self.step,
             "stopped_by": self.preemption.name if self._stopping else None,
-            "steps_this_run": self.step - run.first_step, "tokens": self.tokens_at(self.step),
+            "steps_this_run": self.step - run.first_step, "tokens": self.tokens_at(self.step), "seq_len": cfg.seq_len,
             "train_s": steady_s, "step_s": steady_s / max(steady_tokens / self.tokens_per_step, 1),
             "world_size": rt.world_size, "dp_size": rt.dp_size, "dtype": cfg.dtype, "compute_dtype": rt.compute_dtype,
             "flops_per_token": self.flops_per_token,

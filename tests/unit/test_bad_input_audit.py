@@ -296,7 +296,8 @@ def test_seq_len_beyond_the_model_is_refused_before_the_distributed_runtime(monk
     monkeypatch.setattr(build, "build_distributed_runtime", no_runtime)
     job = build.TrainingJob.resolve(load_train_config("tiny-test", {"seq_len": 512}))
     job.world_size = 2
-    with pytest.raises(ConfigError, match=r"^seq_len=512 is invalid; valid: at most model.max_seq_len=256$"):
+    with pytest.raises(ConfigError, match=r"^seq_len=512 is invalid; valid: at most model.max_seq_len=256 \(or raise "
+                                          r"model\.max_seq_len: its rotary tables follow it\)$"):
         build.build_runtime(job)
 
 

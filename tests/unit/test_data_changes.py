@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from _train_helpers import MICRO, make_trainer
 from meshwright.config import load_train_config
@@ -100,18 +101,29 @@ def test_resume_onto_reprepared_data_is_refused(tmp_path, capsys):
     assert summary["steps"] == 4 and "resuming on it as asked" in capsys.readouterr().out
 
 
-def test_allow_config_change_resumes_onto_data_of_another_size(tmp_path, capsys):
-    """--allow-config-change onto a data set of another size (the usual new data) was refused one line later by the
-    loader's window count; the position now carries over onto the new data's windows."""
+def test_allow_config_change_onto_other_data_starts_it_at_its_beginning(tmp_path, capsys):
+    """--allow-config-change onto a data set of another fingerprint (the usual new data) carried the checkpoint's count
+    of sequences onto the new data's windows: a position counted on other text, which skipped (or, past its epoch,
+    repeated) windows of the new data. Now the new data starts at its first sequence, said in one line, and the
+    tokens read so far still count."""
     data = prepare([text_corpus(tmp_path, 1)], tmp_path / "corpus", progress=False)
     run_training(load_train_config(_config(data, tmp_path / "run", steps=2)))
     prepare([text_corpus(tmp_path, 2, chars=12000)], tmp_path / "corpus", progress=False)
     capsys.readouterr()
     summary = run_training(load_train_config(_config(data, tmp_path / "run")), resume=True, allow_config_change=True)
     out = capsys.readouterr().out
-    assert summary["steps"] == 4 and "resuming on it as asked" in out and "num_tokens 20001 -> 12001" in out, out
+    line = next(x for x in out.splitlines() if "resuming on it as asked" in x)
+    assert "num_tokens 20001 -> 12001" in line and "it starts at its first sequence (the checkpoint's position, 16 " \
+        "sequences, counted other data); the 512 tokens read so far carry over" in line, out
+    assert summary["steps"] == 4 and summary["tokens"] == 4 * 8 * 32
     state = json.loads((latest_checkpoint(tmp_path / "run" / "ckpt") / "trainer_state.json").read_text())
-    assert state["train_loader"]["consumed"] == 4 * 8 and state["train_loader"]["data"]["num_tokens"] == 12001
+    assert state["train_loader"]["consumed"] == 2 * 8 and state["train_loader"]["data"]["num_tokens"] == 12001
+    fresh = make_trainer(data, tmp_path / "unused").train_loader  # the new data's own first batches
+    resumed = make_trainer(data, tmp_path / "unused").train_loader
+    old_state = {**state["train_loader"], "consumed": 16, "data": {**state["train_loader"]["data"], "num_tokens": 1}}
+    resumed.load_state_dict(old_state, data_changed=True)
+    for _ in range(3):
+        assert all(torch.equal(a, b) for (a, _), (b, _) in zip(fresh.next_batch(), resumed.next_batch()))
     with pytest.raises(ConfigError, match="is not the data set"):  # without the flag: still refused
         prepare([text_corpus(tmp_path, 3, chars=9000)], tmp_path / "corpus", progress=False)
         run_training(load_train_config(_config(data, tmp_path / "run", steps=6)), resume=True)
@@ -238,7 +250,7 @@ def test_meshwright_train_resumes_a_seq_len_32_run_at_64(tmp_path, capsys):
 
     data = prepare([text_corpus(tmp_path, 1)], tmp_path / "corpus", progress=False)
     cfg_file = tmp_path / "c.json"
-    cfg_file.write_text(json.dumps(_config(data, tmp_path / "run", steps=2)))
+    cfg_file.write_text(json.dumps(_config(data, tmp_path / "run", steps=2, eval_every=2)))
     assert main(["train", str(cfg_file)]) == 0
     line = one_line_error(capsys, ["train", str(cfg_file), "steps=4", "seq_len=64", "--resume"])
     assert "seq_len=64 is invalid; valid: 32 as in the checkpoint" in line and "--allow-config-change" in line
@@ -250,6 +262,17 @@ def test_meshwright_train_resumes_a_seq_len_32_run_at_64(tmp_path, capsys):
     assert "note: resuming with seq_len 32 -> 64: 512 tokens read so far carry over; epoch 0 goes on" in out, out
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["tokens"] for r in log] == [256, 512, 512 + 512, 512 + 1024]  # 8 x 32, then 8 x 64 per step
+    # eval losses at 32 and 64 tokens are not one series: every record says its seq_len, and the report parts them
+    assert [r["seq_len"] for r in log] == [32, 32, 64, 64] and "eval_loss" in log[1] and "eval_loss" in log[3]
+    from meshwright.tools.report import figures, read_run, totals_table
+
+    run = read_run(tmp_path / "run")
+    loss = next(f for f in figures(run["rows"], run["summary"]) if f.name == "loss")
+    assert [(s.label, s.xs) for s in loss.series] == [
+        ("train loss (seq_len 32)", [1, 2]), ("eval loss (seq_len 32)", [2]),
+        ("train loss (seq_len 64)", [3, 4]), ("eval loss (seq_len 64)", [4])]
+    assert "seq_len changed (32 -> 64 at step 3)" in loss.caption
+    assert ["eval loss", f"{run['summary']['eval_loss']:.4g}", "at seq_len 64"] in totals_table(run["summary"]).rows
     resumed_cfg = load_train_config(_config(data, tmp_path / "run", steps=4, seq_len=64))
     assert [r["lr"] for r in log[2:]] == [lr_at(2, resumed_cfg), lr_at(3, resumed_cfg)]  # the schedule goes on by step
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

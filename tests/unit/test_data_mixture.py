@@ -177,6 +177,10 @@ def test_a_resume_with_a_changed_mixture_is_refused_naming_the_change(sources, t
     out = capsys.readouterr().out
     assert summary["steps"] == 4 and "resuming on it as asked" in out
     assert "mixture[0].weight 0.636363636364 -> 0.7, mixture[1].weight 0.272727272727 -> 0.2" in out
+    # source 2, prepared again from other text, starts at its beginning (its old count of sequences meant other text)
+    assert f"data.mixture[2]={data[2]} other data, from its start" in out
+    state = json.loads((tmp_path / "run" / "ckpt" / "step_000004" / "trainer_state.json").read_text())["train_loader"]
+    assert state["sources"][2]["base"] == 0 and state["sources"][0]["base"] > 0
 
 
 def test_eval_per_source_is_each_sources_own_validation_loss(sources, tmp_path):
@@ -231,7 +235,6 @@ def test_a_checkpoint_from_before_mixtures_still_resumes(sources, tmp_path):
                                                   "already listed"),
     ({"mixture": [{"path": "x", "weight": 1e308}, {"path": "y", "weight": 1e308}]},
      "data.mixture[0].weight=1e+308 is invalid; valid: weights whose sum is a finite number"),
-    ({"eval_per_source": True}, "data.eval_per_source=True is invalid; valid: false without data.mixture"),
     ({"path": "web", "mixture": [{"path": "x"}]}, "data.path='web' is invalid; valid: left unset (default) when "
                                                   "data.mixture is given"),
 ])
@@ -353,8 +356,68 @@ def test_a_changed_mixture_through_meshwright_train(sources, tmp_path, capsys):
     summary = run_training(cfg(mixture(sources, [0.5, 0.25, 0.25]), tmp_path / "run", steps=4, seq_len=64),
                            resume=True, allow_config_change=True)
     out = capsys.readouterr().out
-    assert "note: resuming the mixture with each source where its stream was" in out, out
+    assert "resuming on it as asked; resuming the mixture with each source where its stream was" in out, out
     assert "tokens carried over, epoch 0 goes on with" in out  # seq_len 32 -> 64: per source, as for one data set
     assert summary["tokens"] == 2 * 8 * 32 + 2 * 8 * 64
     assert summary["tokens_per_source"] == {str(sources[0]): 8 * 32 + 8 * 64, str(sources[1]): 4 * 64,
                                             str(sources[2]): 8 * 32 + 4 * 64}
+
+
+def test_a_data_path_resume_of_a_mixture_checkpoint_finds_its_source_by_fingerprint(sources):
+    """--allow-config-change from a mixture of several sources to one of them as data.path carried the blend's count of
+    sequences onto it; now that source's own stream goes on (none of its windows read again this epoch), and data
+    that was no source of the mixture starts at its first sequence."""
+    old, _, _ = build_loaders(cfg(mixture([sources[0], sources[2]], [0.5, 0.5])), 256, progress=False)
+    read = _rows_by_source(old, 4)[2]  # 16 sequences of source 2
+    state = json.loads(json.dumps(old.state_dict()))
+    alone, _, _ = build_loaders(cfg({"path": str(sources[2]), "val_fraction": 0.1}), 256, progress=False)
+    note = alone.load_state_dict(state, data_changed=True)
+    assert note.startswith("note: resuming with another order: 1,024 tokens read so far carry over")
+    rest = alone.n_windows - alone.consumed
+    went_on = [bytes(r.tolist()) for _ in range(rest // 8) for x, _ in alone.next_batch() for r in x]
+    assert len(went_on) >= 8 and not set(went_on) & set(read)  # the epoch goes on with windows it has not read
+    other, _, _ = build_loaders(cfg({"path": str(sources[1]), "val_fraction": 0.1}), 256, progress=False)
+    note = other.load_state_dict(state, data_changed=True)
+    fresh, _, _ = build_loaders(cfg({"path": str(sources[1]), "val_fraction": 0.1}), 256, progress=False)
+    assert other.consumed == 0 and "it starts at its first sequence" in note
+    assert torch.equal(other.next_batch()[0][0], fresh.next_batch()[0][0])
+
+
+def test_eval_per_source_on_one_data_set_is_its_eval_loss_for_data_path_and_a_one_source_mixture(sources, tmp_path):
+    """eval_per_source was refused with data.path but allowed for a one-source mixture (which scored the same batches
+    a second time), so a run switching between the two, as a one-source mixture allows, needed --allow-config-change.
+    Now both report their one source as its eval loss, evaluate nothing twice, and resume into each other plainly."""
+    from meshwright.config import load_cluster, load_model_config
+    from meshwright.models import build_model
+    from meshwright.train.local_runtime import LocalRuntime
+    from meshwright.train.trainer import Trainer
+
+    path = {"path": str(sources[0]), "val_fraction": 0.1, "eval_per_source": True}
+    one = {**mixture(sources[:1], [1.0]), "eval_per_source": True}
+    records = []
+    for data in (path, one):
+        c = cfg(data, tmp_path / "run", steps=2, eval_batches=2)
+        model_cfg = load_model_config(c.model)
+        train, val, _ = build_loaders(c, 256, progress=False)
+        runtime = LocalRuntime(build_model(model_cfg, seed=c.seed))
+        calls = []
+        scored = runtime.eval_loss
+        runtime.eval_loss = lambda batches: calls.append(len(batches)) or scored(batches)
+        trainer = Trainer(c, runtime, train, val, model_cfg, load_cluster(c.cluster), out_dir=tmp_path / str(len(records)),
+                          print_fn=lambda s: None)
+        summary = trainer.fit()
+        assert len(calls) == 1  # the final eval only, once: its one source's batches are the blend's
+        last = json.loads((tmp_path / str(len(records)) / "log.jsonl").read_text().splitlines()[-1])
+        assert last["eval_loss_per_source"] == summary["eval_loss_per_source"] == {str(sources[0]): last["eval_loss"]}
+        records.append(last)
+    assert records[0]["eval_loss_per_source"] == records[1]["eval_loss_per_source"]
+    c = cfg(one, steps=2, eval_batches=2)  # the eval memory limit counts no second set for one source
+    most = 2**28 // (c.global_batch * c.seq_len)
+    cfg(one, eval_batches=most)
+    with pytest.raises(ConfigError, match=r"^eval_batches=1048577 is invalid; valid: at most 1,048,576 with"):
+        cfg(one, eval_batches=most + 1)
+    # a data.path run resumed as its one-source mixture with eval_per_source, and back without it: no flag needed
+    plain = {"path": str(sources[0]), "val_fraction": 0.1}
+    run_training(cfg(plain, tmp_path / "switch", steps=2))
+    assert run_training(cfg(one, tmp_path / "switch", steps=4), resume=True)["eval_loss_per_source"]
+    assert "eval_loss_per_source" not in run_training(cfg(plain, tmp_path / "switch", steps=6), resume=True)

@@ -183,9 +183,6 @@ LONGROPE = {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [
     ({"rope_parameters": {**LONGROPE, "rope_type": "default", "partial_rotary_factor": 0.625}},
      "rope_parameters.partial_rotary_factor"),  # 5 of 8 dimensions: transformers would rotate 6 (pairs)
     ({"partial_rotary_factor": 1.5, "rope_parameters": None}, "partial_rotary_factor"),
-    ({"resid_pdrop": 0.1}, "resid_pdrop"),
-    ({"embd_pdrop": 0.1}, "embd_pdrop"),
-    ({"attention_dropout": 0.1}, "attention_dropout"),
     ({"attention_bias": True}, "attention_bias"),
 ])
 def test_unsupported_phi3_config_is_a_one_line_error(change, field, tmp_path):
@@ -195,6 +192,39 @@ def test_unsupported_phi3_config_is_a_one_line_error(change, field, tmp_path):
     with pytest.raises(ConfigError) as err:
         load_model_config(_write(path, data))
     assert f"config.json {field}=" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind, change", [
+    ("gpt2", {}),  # GPT2Config's own 0.1 for all three
+    ("llama", {"attention_dropout": 0.1}),
+    ("qwen3", {"attention_dropout": 0.2}),
+    ("mixtral", {"attention_dropout": 0.3}),
+    ("phi3", {"resid_pdrop": 0.1, "embd_pdrop": 0.2, "attention_dropout": 0.05}),  # refused while llama/gpt2 loaded
+])
+def test_dropout_keys_are_never_imported_and_said_in_one_note_for_every_family(kind, change, tmp_path, capsys,
+                                                                             monkeypatch):
+    """One rule for every family: a config's dropouts are how it was pretrained, not the model; the run's dropout is
+    model.dropout (0 unless set), and non-zero keys are named in one note line (once per process), never an error."""
+    import meshwright.config.hf as hf_config
+
+    monkeypatch.setattr(hf_config, "_said", set())
+    _, path = _saved(kind, tmp_path)
+    data = {**json.loads((path / "config.json").read_text()), **change}
+    keys = {k: v for k, v in data.items() if k in hf_config.DROPOUT_KEYS and v}
+    assert keys, data  # each case has a non-zero dropout key to say
+    capsys.readouterr()
+    cfg = load_model_config(_write(path, data))
+    assert cfg.dropout == 0.0
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and err[0].startswith("note: config.json ") and "not imported" in err[0], err
+    assert all(f"{k}={v!r}" in err[0] for k, v in keys.items()) and "model.dropout" in err[0]
+    load_model_config(_write(path, data))  # read again (validation, then the run): said once
+    assert not capsys.readouterr().err.strip()
+    load_model_config(_write(path, {**data, **{k: 0.0 for k in keys}}))  # zeros: nothing to say
+    assert not capsys.readouterr().err.strip()
+    ours = from_pretrained(path, cfg=cfg).train()  # training mode: no dropout drawn, the same logits twice
+    tokens = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ours(tokens), ours(tokens))
 
 
 def test_phi3_longrope_factors_of_another_length_are_one_line(tmp_path):

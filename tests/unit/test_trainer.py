@@ -13,7 +13,7 @@ from meshwright.errors import ConfigError
 from meshwright.train.local_runtime import LocalRuntime
 from meshwright.train.trainer import NonFiniteLoss, build_optimizer, lr_at
 
-LOG_KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "tokens_per_s_per_device", "step_s", "mfu",
+LOG_KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "seq_len", "tokens_per_s", "tokens_per_s_per_device", "step_s", "mfu",
             "tflops_per_device"}
 
 

@@ -1,0 +1,237 @@
+"""Gemma, Gemma 2, Gemma 3 (text, and the multimodal config's text model) in and out: tiny random transformers models
+saved with save_pretrained; meshwright's logits must equal transformers' to 1e-5 in fp32, on sequences longer than
+the sliding window, and transformers must load meshwright's export back to the same logits (no network)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from meshwright.config import ModelConfig  # noqa: E402
+from meshwright.config.hf import hf_config_from_model, model_config_from_hf  # noqa: E402
+from meshwright.errors import ConfigError  # noqa: E402
+from meshwright.models import from_pretrained  # noqa: E402
+from meshwright.models.decoder import Decoder, count_parameters  # noqa: E402
+from meshwright.models.hf_weights import save_hf  # noqa: E402
+
+# head_dim 12 != hidden/heads (32/4), GQA, a window of 5 on sequences of 24; 6 layers so Gemma 3's 1-in-6 full layer
+# and Gemma 2's alternation both occur
+SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=6, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=12, max_position_embeddings=64, pad_token_id=None, bos_token_id=None,
+             eos_token_id=None)
+TOL = 1e-5  # fp32; measured max |diff| is ~1e-6 (the rotary layouts differ in summation order only)
+
+
+def _build(kind: str):
+    T = transformers
+    torch.manual_seed(0)
+    if kind == "gemma":
+        return T.GemmaForCausalLM(T.GemmaConfig(**SMALL))
+    if kind == "gemma2":  # caps 50/30 (the class defaults, smaller here so they bite), scalar 16 != head_dim
+        cfg = T.Gemma2Config(**SMALL, sliding_window=5, query_pre_attn_scalar=16, attn_logit_softcapping=2.0,
+                             final_logit_softcapping=3.0)
+        return T.Gemma2ForCausalLM(cfg)
+    if kind == "gemma3":  # window on 5 of 6 layers, local base 10000, linear scaling 8 on the full layer, untied
+        rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}
+        cfg = T.Gemma3TextConfig(**SMALL, sliding_window=5, query_pre_attn_scalar=16, rope_parameters=rope,
+                                 tie_word_embeddings=False)
+        return T.Gemma3ForCausalLM(cfg)
+    if kind == "gemma3_capped":  # Gemma 3 with a final-logit cap (Gemma3ForCausalLM applies it when set)
+        return T.Gemma3ForCausalLM(T.Gemma3TextConfig(**SMALL, sliding_window=5, final_logit_softcapping=3.0))
+    raise ValueError(kind)
+
+
+def _perturb(model: torch.nn.Module) -> None:
+    """Norm weights start at 0 ((1 + w) norms): perturb every 1-d tensor so the test sees each one's mapping; the
+    matrices x8 (std 0.16) so scores and logits reach the caps (at init they stay far below them)."""
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn_like(p))
+            else:
+                p.mul_(8.0)
+
+
+def _saved(kind: str, tmp_path):
+    hf = _build(kind).eval()
+    _perturb(hf)
+    out = tmp_path / kind
+    hf.save_pretrained(out)
+    return hf, out
+
+
+def _tokens(seq: int = 24) -> torch.Tensor:
+    return torch.randint(0, 97, (2, seq), generator=torch.Generator().manual_seed(1))
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("kind", ["gemma", "gemma2", "gemma3", "gemma3_capped"])
+def test_gemma_logits_equal_transformers(kind, tmp_path):
+    hf, path = _saved(kind, tmp_path)
+    ours = from_pretrained(path).eval()
+    tokens = _tokens()
+    with torch.no_grad():
+        want, got = hf(tokens).logits, ours(tokens)
+    assert _max_diff(got, want) < TOL
+    assert want.abs().max() > 1.0  # logits of size: the comparison is not between near-zero tensors
+    assert count_parameters(ours) == sum(p.numel() for p in hf.parameters())  # tied weights counted once both sides
+    assert ours.num_params() == count_parameters(ours)  # the config's analytic count = the modules'
+
+
+def test_gemma2_caps_and_windows_change_the_logits(tmp_path):
+    """Each Gemma 2 piece matters at this size: switched off, the logits move far beyond the tolerance (so the parity
+    above is not vacuous)."""
+    hf, path = _saved("gemma2", tmp_path)
+    cfg = from_pretrained(path).cfg
+    tokens = _tokens()
+    with torch.no_grad():
+        want = hf(tokens).logits
+        for change in ({"attn_softcap": None}, {"final_softcap": None}, {"global_every": 0},
+                       {"query_pre_attn_scalar": None}, {"post_norms": False}):
+            other = from_pretrained(path, cfg=ModelConfig(**{**cfg.__dict__, **change})) if "post_norms" not in change \
+                else None
+            if other is None:
+                continue  # post norms change the weights' layout: covered by test_gemma_import_maps_every_norm
+            assert _max_diff(other.eval()(tokens), want) > 1e-2, change
+
+
+def test_gemma_import_maps_every_norm(tmp_path):
+    _, path = _saved("gemma3", tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    ours = model_config_from_hf(cfg)
+    assert (ours.post_norms, ours.qk_norm, ours.norm_unit_offset, ours.scale_embeddings) == (True, True, True, True)
+    assert (ours.sliding_window, ours.global_every, ours.rope_local_theta) == (5, 6, 10_000.0)
+    assert ours.rope_theta == 1_000_000.0 and ours.rope_scaling == {"rope_type": "linear", "factor": 8.0}
+    assert ours.mlp_act == "gelu_tanh" and ours.query_pre_attn_scalar == 16 and ours.head_dim == 12
+    model = Decoder(ours)
+    names = {n for n, _ in model.named_parameters()}
+    assert {"layers.0.attention_post_norm.weight", "layers.0.ffn_post_norm.weight",
+            "layers.0.attention.q_norm.weight"} <= names
+
+
+@pytest.mark.parametrize("kind", ["gemma", "gemma2", "gemma3", "gemma3_capped"])
+def test_gemma_export_round_trips_through_transformers(kind, tmp_path):
+    hf, path = _saved(kind, tmp_path)
+    ours = from_pretrained(path)
+    out = save_hf(ours, ours.cfg, tmp_path / "export")
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(back) is type(hf)
+    tokens = _tokens()
+    with torch.no_grad():
+        assert _max_diff(back(tokens).logits, hf(tokens).logits) < TOL
+    again = model_config_from_hf(json.loads((out / "config.json").read_text()))
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "norm_eps",
+                 "rope_theta", "rope_scaling", "sliding_window", "tie_embeddings", "qk_norm", "post_norms",
+                 "norm_unit_offset", "scale_embeddings", "mlp_act", "attn_softcap", "final_softcap", "global_every",
+                 "rope_local_theta", "max_seq_len"):
+        assert getattr(again, name) == getattr(ours.cfg, name), name
+    assert again.attn_scale == ours.cfg.attn_scale
+
+
+def test_transformers4_gemma3_config_keys_are_read():
+    """Gemma 3 configs written by transformers 4.x: rope_theta, rope_local_base_freq, rope_scaling (full layers),
+    sliding_window_pattern, no layer_types; the published gemma-3-4b text values."""
+    data = {"model_type": "gemma3_text", "vocab_size": 262208, "hidden_size": 2560, "intermediate_size": 10240,
+            "num_hidden_layers": 34, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+            "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0, "sliding_window": 1024,
+            "sliding_window_pattern": 6, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+            "query_pre_attn_scalar": 256, "final_logit_softcapping": None, "attn_logit_softcapping": None,
+            "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131072}
+    cfg = model_config_from_hf(data)
+    assert (cfg.rope_theta, cfg.rope_local_theta, cfg.rope_scaling) == (1e6, 1e4, {"rope_type": "linear", "factor": 8.0})
+    assert (cfg.global_every, cfg.sliding_window, cfg.tie_embeddings, cfg.norm_eps) == (6, 1024, True, 1e-6)
+    want = transformers.Gemma3TextConfig(**{k: v for k, v in data.items() if k != "model_type"})
+    assert [cfg.layer_window(i) is not None for i in range(34)] == [t == "sliding_attention" for t in want.layer_types]
+
+
+def test_multimodal_gemma3_imports_its_text_model_and_says_so(tmp_path):
+    """A Gemma3ForConditionalGeneration checkpoint: the text model's weights load (its logits equal the language
+    model's), the vision tower's are left unread, and one warning says the vision tower is not imported."""
+    T = transformers
+    torch.manual_seed(0)
+    text = T.Gemma3TextConfig(**SMALL, sliding_window=5)
+    vision = T.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  image_size=28, patch_size=14)
+    full = T.Gemma3ForConditionalGeneration(T.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                                           mm_tokens_per_image=4)).eval()
+    _perturb(full)
+    full.save_pretrained(tmp_path / "mm")
+    with pytest.warns(UserWarning, match="vision tower and multimodal projector are not imported"):
+        ours = from_pretrained(tmp_path / "mm").eval()
+    tokens = _tokens()
+    with torch.no_grad():
+        want = full(input_ids=tokens).logits
+        assert _max_diff(ours(tokens), want) < TOL
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),  # transformers' Gemma 3 ignores it: refused
+    ({"layer_types": ["sliding_attention", "full_attention"] + ["sliding_attention"] * 4}, "layer_types"),
+    ({"hidden_activation": "gelu"}, "hidden_activation"),
+    ({"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                          "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}},
+     "rope_parameters.sliding_attention"),
+])
+def test_gemma3_settings_meshwright_cannot_run_are_one_line(change, field):
+    data = {"model_type": "gemma3_text", **{k: v for k, v in SMALL.items() if v is not None}, "sliding_window": 5,
+            **change}
+    with pytest.raises(ConfigError) as err:
+        model_config_from_hf(data)
+    assert field in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"post_norms": True}, "norm_unit_offset"),  # post norms without the rest of Gemma: no HF class computes it
+    ({"norm_unit_offset": True, "scale_embeddings": True, "mlp_act": "gelu_tanh", "attn_softcap": 5.0,
+      "qk_norm": True, "post_norms": True}, "attn_softcap"),
+    ({"norm_unit_offset": True, "scale_embeddings": True, "mlp_act": "gelu_tanh", "sliding_window": 4}, "sliding_window"),
+])
+def test_export_of_a_model_no_gemma_class_computes_is_one_line(change, field):
+    cfg = ModelConfig(**change)
+    with pytest.raises(ConfigError) as err:
+        hf_config_from_model(cfg)
+    assert field in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"attn_softcap": 0.0}, "attn_softcap"), ({"final_softcap": float("inf")}, "final_softcap"),
+    ({"global_every": 2}, "global_every"),  # without a window
+    ({"sliding_window": 4, "global_every": 9}, "global_every"),
+    ({"rope_local_theta": 1e4}, "rope_local_theta"),
+    ({"mlp_act": "relu"}, "mlp_act"), ({"mlp_act": "gelu_tanh", "n_experts": 4}, "mlp_act"),
+    ({"arch": "gpt2", "post_norms": True}, "post_norms"),
+])
+def test_gemma_fields_are_validated_in_one_line(change, field):
+    with pytest.raises(ConfigError) as err:
+        ModelConfig(**change).validate("model")
+    assert f"model.{field}" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_llama_defaults_are_bit_identical():
+    """The Gemma fields at their defaults build exactly the modules and outputs of before: no extra parameter, SDPA's
+    own scale, the silu gate and the plain head."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layers=2, d_model=64, n_heads=4, vocab_size=50, max_seq_len=32, sliding_window=5)
+    model = Decoder(cfg).eval()
+    names = [n for n, _ in model.named_parameters()]
+    assert not any("post_norm" in n for n in names) and type(model.output) is torch.nn.Linear
+    assert model.layers["0"].attention.core.scale is None and model.layers["0"].attention.core.softcap is None
+    tokens = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        a = model(tokens)
+        h = model.tok_embeddings(tokens)
+        for layer in model.layers.values():
+            x = h + layer.attention(layer.attention_norm(h), model.rope(16))
+            h = x + layer.feed_forward(layer.ffn_norm(x))
+        assert torch.equal(a, model.output(model.norm(h)))

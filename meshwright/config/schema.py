@@ -237,6 +237,15 @@ class ModelConfig:
         """The Gemma fields (GEMMA_FIELDS) this model sets off their Llama default."""
         return [name for name, default in GEMMA_FIELDS.items() if getattr(self, name) != default]
 
+    def refuse_gemma(self, who: str, prefix: str = "model") -> None:
+        """One line naming the first Gemma field set, for ``who``: a consumer that computes Llama's blocks itself and
+        would otherwise train or describe another model than this one, silently."""
+        fields = self.gemma_fields()
+        if fields:
+            name = fields[0]
+            raise invalid(f"{prefix}.{name}", getattr(self, name), f"{GEMMA_FIELDS[name]!r} for {who}, which does not "
+                          f"compute Gemma's {', '.join(fields)}")
+
     def is_global_layer(self, index: int) -> bool:
         """Whether block ``index`` attends fully although the model has a sliding window (``global_every``)."""
         return self.global_every > 0 and (index + 1) % self.global_every == 0

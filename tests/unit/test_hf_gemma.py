@@ -235,3 +235,36 @@ def test_llama_defaults_are_bit_identical():
             x = h + layer.attention(layer.attention_norm(h), model.rope(16))
             h = x + layer.feed_forward(layer.ffn_norm(x))
         assert torch.equal(a, model.output(model.norm(h)))
+
+
+PRESETS = {  # preset -> (transformers class, config class, parameters in billions as the model cards round them)
+    "gemma-2-2b": ("Gemma2ForCausalLM", "Gemma2Config", 2.6),
+    "gemma-2-9b": ("Gemma2ForCausalLM", "Gemma2Config", 9.2),
+    "gemma-3-1b": ("Gemma3ForCausalLM", "Gemma3TextConfig", 1.0),
+    "gemma-3-4b": ("Gemma3ForCausalLM", "Gemma3TextConfig", 3.9),  # the text model of the 4.3B multimodal one
+    "gemma-3-12b": ("Gemma3ForCausalLM", "Gemma3TextConfig", 11.8),  # of the 12.2B multimodal one
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_gemma_presets_count_what_transformers_builds(preset):
+    """Each preset exported to config.json and built by transformers on the meta device: the same parameter count as
+    ModelConfig.num_params (post norms, q/k norms, head_dim 256 and tied embeddings all counted), and the preset's own
+    layer pattern, rope bases and caps read back from that config."""
+    from meshwright.config import load_model_config
+
+    cfg = load_model_config(preset)
+    model_cls, _, billions = PRESETS[preset]
+    data = hf_config_from_model(cfg)
+    hf_cfg = transformers.AutoConfig.for_model(**data)
+    with torch.device("meta"):
+        hf = getattr(transformers, model_cls)(hf_cfg)
+    assert sum(p.numel() for p in hf.parameters()) == cfg.num_params()
+    assert round(cfg.num_params() / 1e9, 1) == billions
+    with torch.device("meta"):
+        ours = Decoder(cfg)
+    assert count_parameters(ours) == cfg.num_params()
+    again = model_config_from_hf(data)
+    assert [again.layer_window(i) for i in range(cfg.n_layers)] == [cfg.layer_window(i) for i in range(cfg.n_layers)]
+    assert (again.rope_local_theta, again.attn_softcap, again.final_softcap) == (
+        cfg.rope_local_theta, cfg.attn_softcap, cfg.final_softcap)

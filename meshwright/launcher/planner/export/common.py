@@ -57,6 +57,15 @@ def _uniform(plan: Plan, notes: list[str], cfg: Any = None) -> LayerStrategy:
     return s
 
 
+def model_code_note(cfg: Any, notes: list[str], stack: str, where: str) -> None:
+    """A note for the stacks whose export carries no model definition (DeepSpeed: the user's model code; torchtitan:
+    the recipe's model): with Gemma's fields the model there must compute them, which the export cannot check."""
+    fields = cfg.gemma_fields() if cfg is not None else []
+    if fields:
+        notes.append(f"{stack} takes the model from {where}: it must compute Gemma's {', '.join(fields)} as this model "
+                     f"does (this export sets parallelism and training only)")
+
+
 def stage_sizes(plan: Plan, n_layers: int) -> list[int]:
     """Transformer blocks per (virtual) pipeline stage, in stage order (stage j sits on rank j % pp)."""
     return [b - a for a, b in plan.stage_ranges(n_layers)]

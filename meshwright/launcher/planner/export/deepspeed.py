@@ -25,7 +25,8 @@ from typing import Any, Optional
 
 from meshwright.config import ModelConfig, TrainConfig
 from meshwright.errors import invalid
-from meshwright.launcher.planner.export.common import _uniform, check_dtype, optimizer_settings, stage_sizes
+from meshwright.launcher.planner.export.common import (_uniform, check_dtype, model_code_note, optimizer_settings,
+                                                      stage_sizes)
 from meshwright.launcher.planner.stack import STACKS, Stack
 from meshwright.plan import Plan
 
@@ -51,6 +52,7 @@ def deepspeed_config(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] 
         raise invalid("dtype", dtype, f"bf16 with stack {st.name} (bf16 training with fp32 gradient accumulation), "
                       "or stack deepspeed for fp32 training")
     notes: list[str] = []
+    model_code_note(cfg, notes, "DeepSpeed", "your model code")
     s = _uniform(plan, notes, cfg)
     pp = plan.pipeline
     gas = plan.global_batch // (s.dp * plan.micro_batch)

@@ -19,7 +19,7 @@ import pprint
 from typing import Any, Optional
 
 from meshwright.config import ModelConfig, TrainConfig
-from meshwright.launcher.planner.export.common import _uniform, check_dtype, optimizer_settings
+from meshwright.launcher.planner.export.common import _uniform, check_dtype, model_code_note, optimizer_settings
 from meshwright.launcher.planner.export.stacks import TARGETS
 from meshwright.plan import Plan
 
@@ -45,6 +45,7 @@ def torchtitan_settings(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfi
     activation-checkpoint policy, notes."""
     check_dtype(dtype)
     notes: list[str] = []
+    model_code_note(cfg, notes, "torchtitan", "the recipe apply_plan is given")
     s = _uniform(plan, notes, cfg)
     pp = plan.pipeline
     if s.zero == 0:

@@ -268,3 +268,78 @@ def test_gemma_presets_count_what_transformers_builds(preset):
     assert [again.layer_window(i) for i in range(cfg.n_layers)] == [cfg.layer_window(i) for i in range(cfg.n_layers)]
     assert (again.rope_local_theta, again.attn_softcap, again.final_softcap) == (
         cfg.rope_local_theta, cfg.attn_softcap, cfg.final_softcap)
+
+
+def _hw(**kw):
+    from meshwright.launcher.planner import cost_model as cm
+
+    return cm.Hardware(**{**dict(peak_flops=100e12, matmul_efficiency=1.0, devices_per_node=8, intra_bw=1e11,
+                                 intra_lat=1e-5, inter_bw=1e10, inter_lat=1e-4, memory_bytes=80 * cm.GIB,
+                                 stack="meshwright"), **kw})
+
+
+def _saved_per_sequence(cfg: ModelConfig, seq: int, autocast: bool) -> float:
+    """Bytes a block saves for backward per sequence of ``seq`` tokens (slope over batch 1 -> 2: fixed tensors such as
+    the causal mask drop out)."""
+    from meshwright.memory.accounting import count_saved_bytes
+    from meshwright.models.decoder import Block
+    from meshwright.models.layers import rope_tables
+
+    sizes = []
+    for batch in (1, 2):
+        torch.manual_seed(0)
+        block = Block(cfg, 0)
+        x = torch.randn(batch, seq, cfg.d_model, requires_grad=True)
+        rope = rope_tables(cfg.rope_dim, seq, cfg.rope_theta)
+        with count_saved_bytes(block, exclude=list(rope)) as saved:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                block(x, rope)
+        sizes.append(saved.total)
+    return float(sizes[1] - sizes[0])
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_planner_counts_post_norms_and_capped_scores_as_measured(autocast):
+    """The planner's eager activation model adds what a Gemma block saves beyond a Llama block, measured with
+    count_saved_bytes: the post norms (per token) and the capped attention's scores (per score element, less the
+    SDPA log-sum-exp the explicit path does not keep); GeGLU and the query scalar save nothing more."""
+    from meshwright.launcher.planner import cost_model as cm
+
+    elem = 2 if autocast else 4
+    base = ModelConfig(d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=96, n_layers=2, max_seq_len=64, vocab_size=50)
+    llama = {seq: _saved_per_sequence(base, seq, autocast) for seq in (16, 32)}
+    for change in ({"post_norms": True}, {"post_norms": True, "norm_unit_offset": True}, {"mlp_act": "gelu_tanh"},
+                   {"query_pre_attn_scalar": 10}):
+        cfg = ModelConfig(**{**base.__dict__, **change})
+        extra = _saved_per_sequence(cfg, 16, autocast) - llama[16]
+        assert extra == 16 * cm.post_norm_act_bytes(cfg, "none", elem), change
+        assert cm.activation_bytes(cfg, 0, 16, 1, False, "none", elem) - cm.activation_bytes(base, 0, 16, 1, False,
+                                                                                              "none", elem) == extra
+    capped = ModelConfig(**{**base.__dict__, "attn_softcap": 5.0})
+    lse = 4.0 * base.n_heads  # per token: SDPA's, not saved by the capped path
+    for seq in (16, 32):
+        extra = _saved_per_sequence(capped, seq, autocast) - llama[seq]
+        assert extra == seq * (base.n_heads * seq * cm.capped_score_bytes(elem) - lse)
+    hw = _hw(compute_dtype="fp32" if elem == 4 else "bf16")
+    assert cm.attention_score_bytes(capped, 32, 32, 1, "none", hw) == 32 * base.n_heads * 32 * cm.capped_score_bytes(elem)
+    assert cm.attention_score_bytes(base, 32, 32, 1, "none", hw) == 0.0  # flash SDPA: no scores in memory
+
+
+def test_flops_and_final_cap_memory_count_gemma():
+    """PaLM FLOPs take the model's own parameter count (4 norms per block, q/k norms, head_dim 256 apart from
+    d_model/n_heads, checked against transformers above) and the attention term at head_dim; the eager loss peak keeps
+    the capped logits of Gemma 2's final soft-capping besides."""
+    from meshwright.config import load_model_config
+    from meshwright.launcher.planner import cost_model as cm
+
+    cfg = load_model_config("gemma-2-2b")
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    body = count_parameters(model) - cfg.vocab_size * cfg.d_model  # tied: the embedding is the head
+    assert cfg.num_params(non_embedding=True) == body
+    seq = 4096
+    assert cfg.flops_per_token(seq) == 6.0 * (body + cfg.vocab_size * cfg.d_model) + 12.0 * 26 * 8 * 256 * seq
+    assert cfg.layer_params(0) - ModelConfig(**{**cfg.__dict__, "post_norms": False}).layer_params(0) == 2 * 2304
+    hw = _hw(compute_dtype="bf16", runtime_buffers=True)
+    uncapped = ModelConfig(**{**cfg.__dict__, "final_softcap": None})
+    assert cm.loss_peak_bytes(cfg, 10, 1, hw) - cm.loss_peak_bytes(uncapped, 10, 1, hw) == 10 * cfg.vocab_size * 2

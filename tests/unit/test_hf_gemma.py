@@ -343,3 +343,62 @@ def test_flops_and_final_cap_memory_count_gemma():
     hw = _hw(compute_dtype="bf16", runtime_buffers=True)
     uncapped = ModelConfig(**{**cfg.__dict__, "final_softcap": None})
     assert cm.loss_peak_bytes(cfg, 10, 1, hw) - cm.loss_peak_bytes(uncapped, 10, 1, hw) == 10 * cfg.vocab_size * 2
+
+
+GEMMA_TINY = dict(d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=96, n_layers=2, max_seq_len=32, vocab_size=50,
+                  norm_unit_offset=True, mlp_act="gelu_tanh", scale_embeddings=True, post_norms=True,
+                  attn_softcap=5.0, final_softcap=3.0, sliding_window=4, global_every=2)
+
+
+def test_consumers_that_compute_llama_blocks_themselves_refuse_gemma_in_one_line():
+    """MEFT's reversible blocks, LeMo's scores, COAT's FP8 norms and gated MLP and the segmented loss re-implement part
+    of the forward without Gemma's pieces: each refuses, naming the field, instead of training another model."""
+    from meshwright.memory.fp8_activations import apply_fp8_activations
+    from meshwright.memory.lemo import apply_lemo
+    from meshwright.memory.meft import make_reversible
+    from meshwright.memory.segmented_loss import segmented_lm_loss
+
+    model = Decoder(ModelConfig(**GEMMA_TINY))
+    tokens = torch.randint(0, 50, (1, 8))
+    for call, field in ((lambda: make_reversible(model), "model.norm_unit_offset"),
+                        (lambda: apply_lemo(model), "model.norm_unit_offset"),
+                        (lambda: apply_fp8_activations(model), "model.norm_unit_offset"),
+                        (lambda: segmented_lm_loss(model, tokens, tokens, 4), "model.final_softcap")):
+        with pytest.raises(ConfigError) as err:
+            call()
+        assert field in str(err.value) and "\n" not in str(err.value)
+
+
+def test_stack_exports_refuse_or_name_what_the_model_code_must_compute():
+    """Megatron-LM's arguments define the model and cannot express Gemma: refused in one line. DeepSpeed and torchtitan
+    take the model from the user's code/recipe: their exports say it must compute Gemma's pieces."""
+    from meshwright.launcher.planner import export as exports
+    from meshwright.plan import default_plan
+
+    cfg = ModelConfig(**GEMMA_TINY)
+    plan = default_plan(cfg, 1, 16, 4, 4)
+    with pytest.raises(ConfigError) as err:
+        exports.emit(plan, cfg, "megatron")
+    assert "model.norm_unit_offset" in str(err.value) and "Megatron-LM" in str(err.value) and "\n" not in str(err.value)
+    for target in ("deepspeed", "torchtitan"):
+        _, notes = exports.emit(plan, cfg, target)
+        assert any("attn_softcap" in n and "must compute" in n for n in notes), target
+    _, notes = exports.emit(default_plan(ModelConfig(), 1, 16, 4, 4), ModelConfig(), "deepspeed")
+    assert not any("Gemma" in n for n in notes)
+
+
+def test_gemma_trains_and_its_loss_paths_agree():
+    """One backward through every Gemma piece: the plain loss, the chunked loss (head called per chunk: capped there
+    too) and the compiled-style head loss give the same value, and every parameter gets a finite gradient."""
+    from meshwright.models.chunked_loss import chunked_lm_loss
+    from meshwright.models.decoder import lm_loss
+
+    torch.manual_seed(0)
+    model = Decoder(ModelConfig(**GEMMA_TINY, qk_norm=True, rope_local_theta=100.0, query_pre_attn_scalar=10))
+    tokens = torch.randint(0, 50, (2, 16))
+    loss = lm_loss(model(tokens), tokens)
+    chunked = chunked_lm_loss(model(tokens, return_hidden=True), model.output, tokens, 5)
+    assert torch.allclose(loss, chunked, atol=1e-6)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.output(torch.full((1, 64), 100.0)).abs().max() <= 3.0  # capped logits

@@ -391,10 +391,15 @@ def attention_scores_s(cfg: ModelConfig, tokens: float, seq_len: int, tp: int, h
 def attention_score_bytes(cfg: ModelConfig, tokens: float, seq_len: int, tp: int, recompute: str, hw: Hardware) -> float:
     """Bytes of materialized attention scores saved for backward (Korthikanti et al.'s 5·a·s²·b with 2-byte
     elements: softmax output, dropout mask, dropout output); 0 with flash kernels or when the attention
-    core is recomputed (selective, full)."""
+    core is recomputed (selective, full). Capped scores (``capped_scores``): ``capped_score_bytes`` per element, and
+    under selective recompute the QK^T product itself, which meshwright's SAC policy keeps as a bmm output (from the
+    policy: its cache is invisible to count_saved_bytes' hooks, so this one is not measured)."""
+    capped = capped_scores(cfg, hw)
+    if recompute == "selective" and capped:  # SAC (parallel/recompute.py) saves every bmm output: the raw scores
+        return score_elements(cfg, tokens, seq_len, tp, hw) * hw.elem_bytes
     if recompute != "none":
         return 0.0
-    per = capped_score_bytes(hw.elem_bytes) if capped_scores(cfg, hw) else 2.5 * hw.elem_bytes
+    per = capped_score_bytes(hw.elem_bytes) if capped else 2.5 * hw.elem_bytes
     return score_elements(cfg, tokens, seq_len, tp, hw) * per
 
 

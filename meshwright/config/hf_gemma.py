@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from meshwright.config.schema import ModelConfig
+from meshwright.config.schema import MAX_SIZES, ModelConfig
 from meshwright.errors import invalid
 
 ARCHITECTURES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
@@ -93,6 +93,8 @@ def _layer_pattern(data: dict[str, Any], defaults: dict[str, Any]) -> tuple[int 
     every 2nd, Gemma 3 every ``sliding_window_pattern``-th layer attends fully). meshwright runs a window on every layer
     but each N-th, so another mix of layer types is refused."""
     n = data["num_hidden_layers"]
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= MAX_SIZES["n_layers"]:
+        return None, 0  # model.n_layers names the value (a pattern over 10^18 layers would not finish)
     types = data.get("layer_types")
     if types is None:
         pattern = data.get("sliding_window_pattern", defaults["pattern"])
@@ -133,8 +135,13 @@ def _gemma3_rope(data: dict[str, Any], out: dict[str, Any], has_local: bool, has
             raise invalid("config.json rope_parameters", params, "a mapping per layer type")
         full = {"rope_theta": 1_000_000.0, **full}
         local = {"rope_theta": 10_000.0, **local}
+    elif params is not None and not isinstance(params, dict):
+        raise invalid("config.json rope_parameters", params, f"a mapping per layer type ({FULL}, {SLIDING}) or null")
     else:
-        full = dict(params) if isinstance(params, dict) else {**(data.get("rope_scaling") or {})}
+        legacy = data.get("rope_scaling")
+        if legacy is not None and not isinstance(legacy, dict):
+            raise invalid("config.json rope_scaling", legacy, "a mapping or null")
+        full = dict(params) if isinstance(params, dict) else {**(legacy or {})}
         full.setdefault("rope_theta", data.get("rope_theta", 1_000_000.0))
         local = {"rope_type": "default", "rope_theta": data.get("rope_local_base_freq", 10_000.0)}
     theta, scaling = _rope({"rope_parameters": full})

@@ -19,6 +19,10 @@ Layout differences (measured equal to transformers' logits to 1e-4 in tests/unit
   concatenates them back.
 - Mixtral stores each expert's w1/w2/w3 apart (Qwen3-MoE: gate_proj/down_proj/up_proj); meshwright stacks them
   along dim 0.
+- Gemma 2/3 (``post_norms``) name their four norms input_layernorm, post_attention_layernorm (the attention's
+  output), pre_feedforward_layernorm and post_feedforward_layernorm; Llama's post_attention_layernorm is the MLP's
+  input norm. Gemma 3's multimodal checkpoint puts the text model under ``language_model``: its vision tower's tensors
+  are left unread (``vision_keys``).
 """
 
 from __future__ import annotations

@@ -323,6 +323,9 @@ def test_planner_counts_post_norms_and_capped_scores_as_measured(autocast):
     hw = _hw(compute_dtype="fp32" if elem == 4 else "bf16")
     assert cm.attention_score_bytes(capped, 32, 32, 1, "none", hw) == 32 * base.n_heads * 32 * cm.capped_score_bytes(elem)
     assert cm.attention_score_bytes(base, 32, 32, 1, "none", hw) == 0.0  # flash SDPA: no scores in memory
+    # selective recompute: SAC keeps the QK^T bmm output (its cache is invisible to the hooks: from the policy)
+    assert cm.attention_score_bytes(capped, 32, 32, 1, "selective", hw) == 32 * base.n_heads * 32 * elem
+    assert cm.attention_score_bytes(capped, 32, 32, 1, "full", hw) == 0.0
 
 
 def test_flops_and_final_cap_memory_count_gemma():

@@ -50,7 +50,8 @@ def gemma_fields(model_type: str, data: dict[str, Any], out: dict[str, Any]) -> 
     out.setdefault("tie_embeddings", True)
     out.setdefault("norm_eps", 1e-6)
     out.setdefault("max_seq_len", defaults["max_position_embeddings"])
-    head_dim, heads, hidden = data.get("head_dim", defaults["head_dim"]), data.get("num_attention_heads"), data.get("hidden_size")
+    head_dim = data.get("head_dim", defaults["head_dim"])
+    heads, hidden = data.get("num_attention_heads"), data.get("hidden_size")
     if not (isinstance(heads, int) and isinstance(head_dim, int) and head_dim * heads == hidden):
         out["attn_head_dim"] = head_dim  # ModelConfig names a bad value
     if model_type == "gemma":
@@ -113,8 +114,9 @@ def _layer_pattern(data: dict[str, Any], defaults: dict[str, Any]) -> tuple[int 
         return window, 0
     every = types.index(FULL) + 1
     if any((t == FULL) != ((i + 1) % every == 0) for i, t in enumerate(types)):
-        raise invalid("config.json layer_types", f"full_attention at layers {[i for i, t in enumerate(types) if t == FULL]}",
-                      "full_attention on every N-th layer exactly (layers N-1, 2N-1, ...), sliding_attention elsewhere")
+        full = [i for i, t in enumerate(types) if t == FULL]
+        raise invalid("config.json layer_types", f"full_attention at layers {full}", "full_attention on every N-th "
+                      "layer exactly (layers N-1, 2N-1, ...), sliding_attention elsewhere")
     return window, every
 
 

@@ -1,4 +1,5 @@
-"""Hugging Face ``config.json`` -> ModelConfig (Llama/Mistral/Qwen2/Qwen3/Qwen3-MoE/Phi-3/Mixtral/GPT-2), and back.
+"""Hugging Face ``config.json`` -> ModelConfig (Llama/Mistral/Qwen2/Qwen3/Qwen3-MoE/Phi-3/Mixtral/GPT-2; Gemma 1/2/3 in
+``hf_gemma.py``), and back.
 
 Import keeps what the file says (rope theta wherever transformers wrote it, rope scaling, sliding window,
 head_dim, q/k/v biases, Qwen3's q/k head norms, Phi-3's fused projections and longrope, tied embeddings); a
@@ -18,7 +19,9 @@ from meshwright.config.io import from_dict
 from meshwright.config.schema import ModelConfig
 from meshwright.errors import invalid
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "phi3", "mixtral", "gpt2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "phi3", "mixtral", "gpt2", "gemma", "gemma2",
+               "gemma3_text", "gemma3")
+GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 
 HF_KEYS = {
     # Hugging Face config.json keys -> ModelConfig fields (LlamaConfig, MistralConfig, Qwen2/3Config, MixtralConfig, GPT2Config)
@@ -140,9 +143,13 @@ def model_config_from_hf(data: dict[str, Any], name: str = "hf") -> ModelConfig:
     model_type = data.get("model_type")
     if model_type not in MODEL_TYPES:
         raise invalid("config.json model_type", model_type, ", ".join(MODEL_TYPES))
+    if model_type == "gemma3":
+        data, model_type = gemma3_text_config(data), "gemma3_text"
     gpt2 = model_type == "gpt2"
     shape_keys = ("vocab_size", "n_embd", "n_layer", "n_head") if gpt2 else (
         "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    if model_type in GEMMA_TYPES:  # Gemma's classes default it to 16 or 4, not to the head count
+        shape_keys += ("num_key_value_heads",)
     missing = [k for k in shape_keys if data.get(k) is None]
     if missing:  # a default would only show up as a weight-shape mismatch, blamed on the checkpoint
         raise invalid(f"config.json {missing[0]}", None, f"the model's own value (a config.json gives "
@@ -156,6 +163,11 @@ def model_config_from_hf(data: dict[str, Any], name: str = "hf") -> ModelConfig:
         _check_fixed(data, _GPT2_FIXED)
         out.setdefault("tie_embeddings", True)
         out.pop("n_kv_heads", None)
+        return from_dict(ModelConfig, out, prefix="model")
+    if model_type in GEMMA_TYPES:
+        from meshwright.config.hf_gemma import gemma_fields
+
+        gemma_fields(model_type, data, out)
         return from_dict(ModelConfig, out, prefix="model")
     _check_fixed(data, _LLAMA_FIXED)
     out.setdefault("tie_embeddings", False)
@@ -308,9 +320,30 @@ def _qwen3_moe(data: dict[str, Any], out: dict[str, Any]) -> None:
                       f"probability when k = 1)")
 
 
+def gemma3_text_config(data: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 3's multimodal config.json (Gemma3ForConditionalGeneration): its ``text_config`` as a gemma3_text config
+    (the top-level ``tie_word_embeddings`` where the text config has none). The vision tower and its projector are
+    not imported: said in one note line, and the weights' loader leaves exactly those tensors unread."""
+    text = data.get("text_config")
+    if not isinstance(text, dict):
+        raise invalid("config.json text_config", text, "the language model's config (a mapping) for model_type gemma3")
+    _say("note: config.json model_type gemma3: importing its text model (text_config, language_model weights); the "
+         "vision tower and multimodal projector are not imported")
+    out = {**text, "model_type": "gemma3_text"}
+    if "tie_word_embeddings" not in out and "tie_word_embeddings" in data:
+        out["tie_word_embeddings"] = data["tie_word_embeddings"]
+    out.setdefault("_name_or_path", data.get("_name_or_path"))
+    return out
+
+
 def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
     """The ``config.json`` transformers needs to rebuild ``cfg`` (LlamaForCausalLM, MistralForCausalLM,
-    Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, Phi3ForCausalLM, MixtralForCausalLM or GPT2LMHeadModel)."""
+    Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, Phi3ForCausalLM, MixtralForCausalLM, GPT2LMHeadModel, or
+    GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM: ``hf_gemma``)."""
+    if cfg.gemma_fields():
+        from meshwright.config.hf_gemma import gemma_hf_config
+
+        return gemma_hf_config(cfg)
     if cfg.arch == "gpt2":
         if cfg.n_experts:
             raise invalid("model.n_experts", cfg.n_experts, "0 for a GPT-2 export")

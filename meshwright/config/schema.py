@@ -66,6 +66,13 @@ ROPE_SCALING = {  # rope_type -> required keys (Hugging Face names); the values 
 }
 
 
+# ModelConfig fields that only Gemma sets, with the default that leaves a block Llama's; the consumers that re-implement
+# part of the forward (MEFT, LeMo, the segmented loss, the Megatron-LM export) refuse a model that sets any of them
+GEMMA_FIELDS = {"norm_unit_offset": False, "mlp_act": "silu", "scale_embeddings": False, "query_pre_attn_scalar": None,
+                "post_norms": False, "attn_softcap": None, "final_softcap": None, "global_every": 0,
+                "rope_local_theta": None}
+
+
 def _positive_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
@@ -113,6 +120,16 @@ class ModelConfig:
     # model holds them apart either way (so tp, the savers and the planner see the usual weights)
     fused_proj: bool = False
     rotary_dim: Optional[int] = None  # None = head_dim; Phi-4-mini rotates each head's first 3/4 only (the rest as is)
+    # Gemma (gemma, gemma2, gemma3_text). Each default is the Llama block, bit for bit; GEMMA_FIELDS lists them
+    norm_unit_offset: bool = False  # RMSNorm scales by (1 + weight), in fp32 before the cast (weights start at 0)
+    mlp_act: Literal["silu", "gelu_tanh"] = "silu"  # the gated MLP's gate: SwiGLU, or GeGLU with tanh-approx. gelu
+    scale_embeddings: bool = False  # token embeddings times sqrt(d_model), the factor cast to the weights' dtype
+    query_pre_attn_scalar: Optional[float] = None  # scores scaled by its ** -0.5; None = head_dim's (SDPA's default)
+    post_norms: bool = False  # an RMSNorm on the attention's and the MLP's outputs before each residual add
+    attn_softcap: Optional[float] = None  # scores -> cap * tanh(scores / cap) (an explicit attention path, not SDPA)
+    final_softcap: Optional[float] = None  # logits -> cap * tanh(logits / cap)
+    global_every: int = 0  # with sliding_window: every N-th block (index N-1, 2N-1, ...) attends fully; 0 = none does
+    rope_local_theta: Optional[float] = None  # rope base of the windowed blocks (unscaled); None = rope_theta/scaling
     tie_embeddings: bool = False
     dropout: float = 0.0
     init_std: float = 0.02
@@ -156,6 +173,7 @@ class ModelConfig:
                                     or self.qk_norm or self.fused_proj):
             raise invalid(f"{p}arch", self.arch, "'llama' for rope_scaling, qkv_bias, attn_head_dim, qk_norm or "
                           "fused_proj (gpt2 blocks have none)")
+        self._validate_gemma(p)
         kv = self.kv_heads
         if kv <= 0 or self.n_heads % kv:
             raise invalid(f"{p}n_kv_heads", self.n_kv_heads, f"a divisor of n_heads={self.n_heads}: {divisors(self.n_heads)}")
@@ -185,6 +203,61 @@ class ModelConfig:
                 raise invalid(f"{p}top_k", self.top_k, f"an integer in [1, n_experts={self.n_experts}]")
             if self.arch != "llama":
                 raise invalid(f"{p}arch", self.arch, "'llama' for MoE models (SwiGLU experts)")
+
+    def _validate_gemma(self, p: str) -> None:
+        """Gemma's fields: caps, scalars and bases positive and finite; the window pattern needs a window."""
+        for name in ("query_pre_attn_scalar", "attn_softcap", "final_softcap", "rope_local_theta"):
+            value = getattr(self, name)
+            if value is not None and not _positive_number(value):
+                raise invalid(f"{p}{name}", value, "null or a finite positive number")
+        if self.mlp_act not in ("silu", "gelu_tanh"):
+            raise invalid(f"{p}mlp_act", self.mlp_act, "silu (SwiGLU) or gelu_tanh (GeGLU)")
+        if isinstance(self.global_every, bool) or not isinstance(self.global_every, int) or self.global_every < 0:
+            raise invalid(f"{p}global_every", self.global_every, "0 (no full-attention blocks among windowed ones) or "
+                          "a positive integer N (every N-th block attends fully)")
+        if self.global_every and self.sliding_window is None:
+            raise invalid(f"{p}global_every", self.global_every, "0 without sliding_window (it picks the blocks that "
+                          "attend fully among windowed ones)")
+        if self.global_every > self.n_layers:
+            raise invalid(f"{p}global_every", self.global_every, f"at most n_layers={self.n_layers}, or 0")
+        if self.rope_local_theta is not None and not self.global_every:
+            raise invalid(f"{p}rope_local_theta", self.rope_local_theta, "null unless global_every > 0 (the base of "
+                          "the windowed blocks, beside the full-attention blocks' rope_theta)")
+        if self.rope_local_theta is not None and self.rotary_dim is not None:
+            raise invalid(f"{p}rotary_dim", self.rotary_dim, "null with rope_local_theta (Gemma 3 rotates every "
+                          "dimension)")
+        gemma = self.gemma_fields()
+        if gemma and self.arch == "gpt2":
+            raise invalid(f"{p}{gemma[0]}", getattr(self, gemma[0]), f"{GEMMA_FIELDS[gemma[0]]!r} with arch gpt2 "
+                          f"(Gemma's settings are for llama-style blocks)")
+        if self.mlp_act != "silu" and self.n_experts:
+            raise invalid(f"{p}mlp_act", self.mlp_act, "silu with n_experts > 0 (the experts are SwiGLU)")
+
+    def gemma_fields(self) -> list[str]:
+        """The Gemma fields (GEMMA_FIELDS) this model sets off their Llama default."""
+        return [name for name, default in GEMMA_FIELDS.items() if getattr(self, name) != default]
+
+    def refuse_gemma(self, who: str, prefix: str = "model") -> None:
+        """One line naming the first Gemma field set, for ``who``: a consumer that computes Llama's blocks itself and
+        would otherwise train or describe another model than this one, silently."""
+        fields = self.gemma_fields()
+        if fields:
+            name = fields[0]
+            raise invalid(f"{prefix}.{name}", getattr(self, name), f"{GEMMA_FIELDS[name]!r} for {who}, which does not "
+                          f"compute Gemma's {', '.join(fields)}")
+
+    def is_global_layer(self, index: int) -> bool:
+        """Whether block ``index`` attends fully although the model has a sliding window (``global_every``)."""
+        return self.global_every > 0 and (index + 1) % self.global_every == 0
+
+    def layer_window(self, index: int) -> int | None:
+        """The sliding window of block ``index``: None where it attends fully."""
+        return None if self.is_global_layer(index) else self.sliding_window
+
+    @property
+    def attn_scale(self) -> float | None:
+        """The scores' scale when ``query_pre_attn_scalar`` sets it apart, else None (1/sqrt(head_dim))."""
+        return None if self.query_pre_attn_scalar is None else float(self.query_pre_attn_scalar) ** -0.5
 
     # ---- derived shapes -------------------------------------------------------------------------
     @property
@@ -241,13 +314,17 @@ class ModelConfig:
     def norm_params(self) -> int:
         return self.d_model * (2 if self.arch == "gpt2" else 1)
 
+    def block_norms(self) -> int:
+        """Norms of d_model per block: before attention and MLP, and (``post_norms``, Gemma 2/3) after each."""
+        return 4 if self.post_norms else 2
+
     def qk_norm_params(self) -> int:
         """q_norm + k_norm of one block (Qwen3): one head_dim weight each, shared by all heads."""
         return 2 * self.head_dim if self.qk_norm else 0
 
     def layer_params(self, index: int, active_only: bool = False) -> int:
         mlp = self.moe_mlp_params(active_only) if self.is_moe_layer(index) else self.dense_mlp_params()
-        return self.attention_params() + mlp + 2 * self.norm_params() + self.qk_norm_params()
+        return self.attention_params() + mlp + self.block_norms() * self.norm_params() + self.qk_norm_params()
 
     def embedding_params(self) -> int:
         """Token embedding (+ learned positions for gpt2) (+ untied output head)."""

@@ -386,6 +386,8 @@ def apply_fp8_activations(model: nn.Module, layers: Iterable[int] | Iterable[boo
     n_layers = getattr(getattr(model, "cfg", None), "n_layers", None) or len(blocks)
     dtype = fp8_dtype(linear_format)
     chosen = _select(n_layers, layers)
+    if chosen and hasattr(getattr(model, "cfg", None), "refuse_gemma"):  # FP8RMSNorm/FP8SwiGLU are Llama's numerics
+        model.cfg.refuse_gemma("COAT FP8 activations (its norms and gated MLP)")
     gemm = set(chosen if gemm_layers is None else _select(n_layers, gemm_layers, "fp8_gemm.layers"))
     if gemm - set(chosen):
         raise invalid("fp8_gemm.layers", sorted(gemm - set(chosen)), "layers that also have fp8_act")

@@ -248,6 +248,7 @@ def apply_lemo(model: Decoder, cfg: LemoConfig | dict | None = None) -> list[int
     else:
         cfg.validate("lemo")
     n = len(model.layers)
+    model.cfg.refuse_gemma("LeMo (its scores and kept-token rope are Llama's)")
     ids = sorted(int(k) for k in model.layers.keys())
     chosen = list(cfg.layers) if cfg.layers is not None else ids
     for i in chosen:

@@ -624,6 +624,7 @@ def make_reversible(model: nn.Module, variant: str = "meft1", scale: float = PAP
         cfg.validate(n_layers=n_layers)
         if model.cfg.n_experts > 0:
             raise invalid("model.n_experts", model.cfg.n_experts, "0 (MEFT supports dense blocks only)")
+        model.cfg.refuse_gemma("MEFT (its reversible blocks and embedding are Llama's)")
         if model.tok_embeddings is None or model.output is None or model.norm is None:
             raise invalid("model", "pipeline stage", "a whole Decoder with embeddings, norm and head")
         n_rev = resolve_reversible_layers(cfg, n_layers, _model_dtype(model))

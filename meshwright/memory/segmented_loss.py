@@ -69,6 +69,9 @@ def segmented_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torc
     """
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise invalid("lemo.loss_chunk", chunk_size, "a positive integer (token rows per loss segment)")
+    if getattr(head, "cap", None) is not None:  # SoftcapLinear: the segments would compute uncapped logits
+        raise invalid("model.final_softcap", head.cap, "null for the segmented loss (lemo.loss_chunk), which computes "
+                      "the head's matmul itself, uncapped")
     if hidden.shape[:-1] != targets.shape:
         raise invalid("targets.shape", tuple(targets.shape), f"the leading shape of hidden, {tuple(hidden.shape[:-1])}")
     return SegmentedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias,

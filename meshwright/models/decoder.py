@@ -18,8 +18,8 @@ from torch import nn
 
 from meshwright.config import ModelConfig
 from meshwright.models.init import ParamInit
-from meshwright.models.layers import (Attention, GeluMLP, RMSNorm, SwiGLU, init_linear, is_longrope, residual_std,
-                                      rope_tables)
+from meshwright.models.layers import (Attention, GeluMLP, LocalRope, RMSNorm, SoftcapLinear, SwiGLU, init_linear,
+                                      is_longrope, residual_std, rope_tables)
 from meshwright.models.moe import GroupedExperts, MoE
 
 
@@ -30,6 +30,10 @@ def register_rope(module: nn.Module, cfg: ModelConfig, device: torch.device | No
     cos, sin = rope_tables(cfg.rope_dim, cfg.max_seq_len, cfg.rope_theta, device=device, scaling=cfg.rope_scaling)
     module.register_buffer("rope_cos", cos, persistent=False)
     module.register_buffer("rope_sin", sin, persistent=False)
+    if cfg.rope_local_theta is not None:  # Gemma 3: the windowed blocks' tables, unscaled
+        cos, sin = rope_tables(cfg.rope_dim, cfg.max_seq_len, cfg.rope_local_theta, device=device)
+        module.register_buffer("rope_cos_local", cos, persistent=False)
+        module.register_buffer("rope_sin_local", sin, persistent=False)
     if is_longrope(cfg.rope_scaling):
         cos, sin = rope_tables(cfg.rope_dim, cfg.max_seq_len, cfg.rope_theta, device=device, scaling=cfg.rope_scaling,
                                long=True)
@@ -47,12 +51,21 @@ def fill_rope(module: nn.Module, cfg: ModelConfig) -> None:
                                    scaling=cfg.rope_scaling, long=long)
             cos_buf.copy_(cos)
             getattr(module, f"rope_sin{suffix}").copy_(sin)
+    cos_buf = getattr(module, "rope_cos_local", None)
+    if isinstance(cos_buf, torch.Tensor) and cos_buf.device.type != "meta":
+        cos, sin = rope_tables(cfg.rope_dim, cfg.max_seq_len, cfg.rope_local_theta, device=cos_buf.device)
+        cos_buf.copy_(cos)
+        module.rope_sin_local.copy_(sin)
 
 
-def rope_slice(module: nn.Module, cfg: ModelConfig, seq_len: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The tables for a sequence of ``seq_len`` tokens (longrope: the long factors' past its original length)."""
+def rope_slice(module: nn.Module, cfg: ModelConfig, seq_len: int) -> tuple[torch.Tensor, torch.Tensor] | LocalRope | None:
+    """The tables for a sequence of ``seq_len`` tokens (longrope: the long factors' past its original length; Gemma 3:
+    the full-attention and the windowed blocks' tables, a ``LocalRope``)."""
     if module.rope_cos is None:
         return None
+    if getattr(module, "rope_cos_local", None) is not None:
+        return LocalRope((module.rope_cos[:seq_len], module.rope_sin[:seq_len]),
+                         (module.rope_cos_local[:seq_len], module.rope_sin_local[:seq_len]))
     long = getattr(module, "rope_cos_long", None) is not None
     if long and seq_len > cfg.rope_scaling["original_max_position_embeddings"]:
         return module.rope_cos_long[:seq_len], module.rope_sin_long[:seq_len]
@@ -60,28 +73,39 @@ def rope_slice(module: nn.Module, cfg: ModelConfig, seq_len: int) -> tuple[torch
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: h + attn(norm(h)), then h + mlp(norm(h))."""
+    """Pre-norm transformer block: h + attn(norm(h)), then h + mlp(norm(h)); with ``post_norms`` (Gemma 2/3) the
+    attention's and the MLP's outputs are normed again before each residual add (``attention_post_norm``,
+    ``ffn_post_norm``; absent otherwise, so other models keep their names)."""
 
     def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
         super().__init__()
         self.layer_id = layer_id
         self.arch = cfg.arch
         gpt2 = cfg.arch == "gpt2"
-        norm = (lambda: nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)) if gpt2 else (lambda: RMSNorm(cfg.d_model, cfg.norm_eps))
+        norm = (lambda: nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)) if gpt2 else (
+            lambda: RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_unit_offset))
         self.attention_norm = norm()
-        self.attention = Attention(cfg, bias=gpt2, use_rope=not gpt2)
+        self.attention = Attention(cfg, bias=gpt2, use_rope=not gpt2, layer_id=layer_id)
+        self.attention_post_norm = norm() if cfg.post_norms else None
         self.ffn_norm = norm()
         if cfg.is_moe_layer(layer_id):
             self.feed_forward: nn.Module = MoE(cfg)
         elif gpt2:
             self.feed_forward = GeluMLP(cfg.d_model, cfg.ffn_dim)
         else:
-            self.feed_forward = SwiGLU(cfg.d_model, cfg.ffn_dim)
+            self.feed_forward = SwiGLU(cfg.d_model, cfg.ffn_dim, cfg.mlp_act)
+        self.ffn_post_norm = norm() if cfg.post_norms else None
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        h = h + self.resid_dropout(self.attention(self.attention_norm(h), rope))
-        return h + self.resid_dropout(self.feed_forward(self.ffn_norm(h)))
+    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | LocalRope | None = None) -> torch.Tensor:
+        a = self.attention(self.attention_norm(h), rope)
+        if self.attention_post_norm is not None:
+            a = self.attention_post_norm(a)
+        h = h + self.resid_dropout(a)
+        m = self.feed_forward(self.ffn_norm(h))
+        if self.ffn_post_norm is not None:
+            m = self.ffn_post_norm(m)
+        return h + self.resid_dropout(m)
 
 
 class Decoder(nn.Module):
@@ -96,8 +120,10 @@ class Decoder(nn.Module):
         )
         self.embed_dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
-        self.norm: nn.Module | None = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.arch == "gpt2" else RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.output: nn.Linear | None = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.norm: nn.Module | None = (nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.arch == "gpt2"
+                                       else RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_unit_offset))
+        self.output: nn.Linear | None = (nn.Linear(cfg.d_model, cfg.vocab_size, bias=False) if cfg.final_softcap is None
+                                         else SoftcapLinear(cfg.d_model, cfg.vocab_size, cfg.final_softcap))
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         if cfg.arch == "llama":
@@ -169,11 +195,11 @@ class Decoder(nn.Module):
                 elif not isinstance(module, (nn.LayerNorm, RMSNorm)):
                     continue
                 if isinstance(module, (nn.LayerNorm, RMSNorm)):
-                    specs[f"{path}.weight"] = ParamInit("ones", f"{path}.weight")
+                    specs[f"{path}.weight"] = ParamInit(_norm_start(module), f"{path}.weight")
                 if getattr(module, "bias", None) is not None:
                     specs[f"{path}.bias"] = ParamInit("zeros", f"{path}.bias")
         if self.norm is not None:
-            specs["norm.weight"] = ParamInit("ones", "norm.weight")
+            specs["norm.weight"] = ParamInit(_norm_start(self.norm), "norm.weight")
             if getattr(self.norm, "bias", None) is not None:
                 specs["norm.bias"] = ParamInit("zeros", "norm.bias")
         if self.output is not None:
@@ -188,6 +214,8 @@ class Decoder(nn.Module):
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(tokens)
+        if self.cfg.scale_embeddings:  # Gemma: sqrt(d_model) rounded to the weights' dtype, as transformers does
+            h = h * torch.tensor(self.cfg.d_model ** 0.5, device=h.device).to(self.tok_embeddings.weight.dtype)
         if self.pos_embeddings is not None:
             pos = torch.arange(tokens.shape[1], device=tokens.device)
             h = h + self.pos_embeddings(pos)
@@ -221,6 +249,11 @@ class Decoder(nn.Module):
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         return self.cfg.flops_per_token(seq_len)
+
+
+def _norm_start(module: nn.Module) -> str:
+    """What a norm's weight starts at: 0 where it scales by (1 + weight) (Gemma), else 1."""
+    return "zeros" if getattr(module, "unit_offset", False) else "ones"
 
 
 def _normal_weight(module: nn.Module, std: float) -> None:

@@ -19,6 +19,10 @@ Layout differences (measured equal to transformers' logits to 1e-4 in tests/unit
   concatenates them back.
 - Mixtral stores each expert's w1/w2/w3 apart (Qwen3-MoE: gate_proj/down_proj/up_proj); meshwright stacks them
   along dim 0.
+- Gemma 2/3 (``post_norms``) name their four norms input_layernorm, post_attention_layernorm (the attention's
+  output), pre_feedforward_layernorm and post_feedforward_layernorm; Llama's post_attention_layernorm is the MLP's
+  input norm. Gemma 3's multimodal checkpoint puts the text model under ``language_model``: its vision tower's tensors
+  are left unread (``vision_keys``).
 """
 
 from __future__ import annotations
@@ -230,7 +234,12 @@ def llama_sources(cfg: ModelConfig, reader: SafetensorsReader) -> dict[str, Sour
     for i in range(cfg.n_layers):
         h, o = f"{p}layers.{i}.", f"layers.{i}."
         out[o + "attention_norm.weight"] = Source(h + "input_layernorm.weight")
-        out[o + "ffn_norm.weight"] = Source(h + "post_attention_layernorm.weight")
+        if cfg.post_norms:  # Gemma 2/3: post_attention_layernorm norms the attention's output, not the MLP's input
+            out[o + "attention_post_norm.weight"] = Source(h + "post_attention_layernorm.weight")
+            out[o + "ffn_norm.weight"] = Source(h + "pre_feedforward_layernorm.weight")
+            out[o + "ffn_post_norm.weight"] = Source(h + "post_feedforward_layernorm.weight")
+        else:
+            out[o + "ffn_norm.weight"] = Source(h + "post_attention_layernorm.weight")
         if cfg.fused_proj:
             out.update(_phi3_attention(cfg, h, o, rd))
         for ours, theirs, heads in (("wq", "q_proj", cfg.n_heads), ("wk", "k_proj", cfg.kv_heads), ("wv", "v_proj", 0),
@@ -389,11 +398,27 @@ def load_pretrained_into(model: nn.Module | Iterable[nn.Module], path: str | Pat
     if cfg.tie_embeddings:
         used.add("lm_head.weight")  # some tied checkpoints store the head as well; the model shares the embedding
     if check_unused:
-        extra = sorted(k for k in reader.keys() if k not in used and not k.endswith(IGNORED_SUFFIXES))
+        skipped = vision_keys(path, reader)  # Gemma 3's vision tower: not imported, said when its config was read
+        extra = sorted(k for k in reader.keys() if k not in used and k not in skipped and not k.endswith(IGNORED_SUFFIXES))
         if extra:
             raise ConfigError(f"init_from={str(path)!r} has {len(extra)} tensor(s) meshwright's model has no place for "
                               f"(first: {extra[0]!r}); valid: a checkpoint whose config.json describes all of its weights")
     return loaded
+
+
+VISION_PARTS = ("vision_tower.", "multi_modal_projector.")
+
+
+def vision_keys(path: str | Path, reader: SafetensorsReader) -> set[str]:
+    """The vision tower's and projector's tensors of a multimodal Gemma 3 checkpoint (config.json model_type gemma3),
+    which the text model leaves unread; none for any other checkpoint."""
+    try:
+        model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return set()
+    if model_type != "gemma3":
+        return set()
+    return {k for k in reader.keys() if any(k.startswith(part) or f".{part}" in k for part in VISION_PARTS)}
 
 
 def _reset_rope(module: nn.Module, cfg: ModelConfig) -> None:

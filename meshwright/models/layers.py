@@ -7,6 +7,7 @@ tensor-parallel plans, memory savers and checkpoints address the same names for 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,18 +17,27 @@ from meshwright.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+    """RMSNorm; ``unit_offset`` (Gemma) scales by ``1 + weight`` in fp32 and casts after (weights start at 0), where
+    Llama casts the normalised input and then scales by ``weight``."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, unit_offset: bool = False) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.unit_offset = unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (out * (1.0 + self.weight.float())).type_as(x)
         return out.type_as(x) * self.weight
 
     def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
+        (nn.init.zeros_ if self.unit_offset else nn.init.ones_)(self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}" + (", unit_offset=True" if self.unit_offset else "")
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None,
@@ -107,10 +117,12 @@ class AttentionCore(nn.Module):
     tensor-parallel backend whose projections run collectives in custom autograd functions (megatron-core) can
     compile it apart from them (train/compile.py); eager, the ops are Attention's, in its order."""
 
-    def __init__(self, head_dim: int, n_rep: int, use_rope: bool, dropout: float, sliding_window: int | None) -> None:
+    def __init__(self, head_dim: int, n_rep: int, use_rope: bool, dropout: float, sliding_window: int | None,
+                 scale: float | None = None, softcap: float | None = None) -> None:
         super().__init__()
         self.head_dim, self.n_rep, self.use_rope = head_dim, n_rep, use_rope
         self.dropout, self.sliding_window = dropout, sliding_window
+        self.scale, self.softcap = scale, softcap  # None: SDPA's 1/sqrt(head_dim); no capping (Gemma sets them)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -127,11 +139,34 @@ class AttentionCore(nn.Module):
         drop = self.dropout if self.training else 0.0
         if attn_mask is None and self.sliding_window is not None and s > self.sliding_window:
             attn_mask = sliding_window_mask(s, self.sliding_window, q.device)
-        if attn_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+        if self.softcap is not None:
+            out = capped_attention(q, k, v, self.softcap, self.scale, attn_mask, drop)
+        elif attn_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop, scale=self.scale)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop, scale=self.scale)
         return out.transpose(1, 2).reshape(b, s, -1)
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """``cap * tanh(x / cap)`` (Gemma 2's attention scores and logits): smooth, bounded by +-cap."""
+    return torch.tanh(x / cap) * cap
+
+
+def capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cap: float, scale: float | None = None,
+                     attn_mask: torch.Tensor | None = None, dropout: float = 0.0) -> torch.Tensor:
+    """Causal attention with soft-capped scores, (batch, heads, seq, head_dim) each, as transformers' Gemma 2 eager
+    path computes it: scores * scale, capped, masked, softmax in fp32, cast back. SDPA has no capping, so the scores
+    exist here (seq x seq per head): only models with ``attn_softcap`` take this path."""
+    s = q.shape[-2]
+    scores = softcap(torch.matmul(q, k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5), cap)
+    if attn_mask is None:
+        attn_mask = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~attn_mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if dropout:
+        probs = F.dropout(probs, p=dropout)
+    return torch.matmul(probs, v)
 
 
 class _SumGrad(torch.autograd.Function):
@@ -155,16 +190,18 @@ class HeadNorm(RMSNorm):
     (Qwen3's q_norm/k_norm). Under tensor parallelism a rank holds only its heads but the whole weight, so the
     weight's gradient is partial there: ``grad_group`` (set by the tp backends) sums it over the tp ranks."""
 
-    def __init__(self, head_dim: int, eps: float) -> None:
-        super().__init__(head_dim, eps)
+    def __init__(self, head_dim: int, eps: float, unit_offset: bool = False) -> None:
+        super().__init__(head_dim, eps, unit_offset)
         self.grad_group: object | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         heads = x.unflatten(-1, (-1, self.weight.shape[0]))
         xf = heads.float()
-        out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
         weight = self.weight if self.grad_group is None else _SumGrad.apply(self.weight, self.grad_group)
-        return (out * weight).flatten(-2)
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:  # Gemma 3: (1 + w) in fp32, then the cast
+            return (normed * (1.0 + weight.float())).type_as(x).flatten(-2)
+        return (normed.type_as(x) * weight).flatten(-2)
 
 
 class Attention(nn.Module):
@@ -175,16 +212,21 @@ class Attention(nn.Module):
     tensor-parallel shard that holds only n_heads/tp query heads and n_kv_heads/tp KV heads.
     """
 
-    def __init__(self, cfg: ModelConfig, bias: bool = False, use_rope: bool = True) -> None:
+    def __init__(self, cfg: ModelConfig, bias: bool = False, use_rope: bool = True, layer_id: int = 0) -> None:
         super().__init__()
         qkv_bias = bias or cfg.qkv_bias
         self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=qkv_bias)
         self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=qkv_bias)
         self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=qkv_bias)
-        # Qwen3: normalise each q/k head before RoPE (absent otherwise, so other checkpoints keep their names)
-        self.q_norm = HeadNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = HeadNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.core = AttentionCore(cfg.head_dim, cfg.n_heads // cfg.kv_heads, use_rope, cfg.dropout, cfg.sliding_window)
+        # Qwen3/Gemma 3: normalise each q/k head before RoPE (absent otherwise, so other checkpoints keep their names)
+        unit = cfg.norm_unit_offset
+        self.q_norm = HeadNorm(cfg.head_dim, cfg.norm_eps, unit) if cfg.qk_norm else None
+        self.k_norm = HeadNorm(cfg.head_dim, cfg.norm_eps, unit) if cfg.qk_norm else None
+        window = cfg.layer_window(layer_id)
+        # Gemma 3: the windowed blocks turn with their own rope base (the decoder's LocalRope carries both tables)
+        self.local_rope = cfg.rope_local_theta is not None and window is not None
+        self.core = AttentionCore(cfg.head_dim, cfg.n_heads // cfg.kv_heads, use_rope, cfg.dropout, window,
+                                  cfg.attn_scale, cfg.attn_softcap)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=bias)
 
     # the core's settings, read by the savers that recompute attention scores (memory/lemo.py)
@@ -216,10 +258,20 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | LocalRope | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         q, k = self.project_qk(x)
+        if isinstance(rope, LocalRope):
+            rope = rope.local if self.local_rope else rope.full
         return self.wo(self.core(q, k, self.wv(x), rope, attn_mask))
+
+
+class LocalRope(NamedTuple):
+    """The rope tables of a model whose windowed blocks turn with another base (Gemma 3's ``rope_local_theta``):
+    what the decoder hands every block; each Attention takes its own pair."""
+
+    full: tuple[torch.Tensor, torch.Tensor]
+    local: tuple[torch.Tensor, torch.Tensor]
 
 
 class SiluGate(nn.Module):
@@ -236,14 +288,21 @@ class GeluTanh(nn.Module):
         return F.gelu(x, approximate="tanh")
 
 
-class SwiGLU(nn.Module):
-    """Llama MLP: w2(silu(w1 x) * w3 x)."""
+class GeluGate(nn.Module):
+    """GeGLU's gating, gelu_tanh(a) * b (Gemma's ``gelu_pytorch_tanh``): a module for the same reason as ``SiluGate``."""
 
-    def __init__(self, d_model: int, hidden: int) -> None:
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return F.gelu(a, approximate="tanh") * b
+
+
+class SwiGLU(nn.Module):
+    """Llama MLP: w2(silu(w1 x) * w3 x); ``gelu_tanh``: Gemma's GeGLU, w2(gelu_tanh(w1 x) * w3 x)."""
+
+    def __init__(self, d_model: int, hidden: int, act: str = "silu") -> None:
         super().__init__()
         self.w1 = nn.Linear(d_model, hidden, bias=False)
         self.w3 = nn.Linear(d_model, hidden, bias=False)
-        self.act = SiluGate()
+        self.act = GeluGate() if act == "gelu_tanh" else SiluGate()
         self.w2 = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -261,6 +320,21 @@ class GeluMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(self.act(self.w1(x)))
+
+
+class SoftcapLinear(nn.Linear):
+    """The output head with Gemma 2's final-logit soft-capping, ``cap * tanh(logits / cap)``: every consumer that
+    calls the head (the decoder, the chunked and compiled losses) gets capped logits; the weight stays ``output``'s."""
+
+    def __init__(self, d_model: int, vocab: int, cap: float) -> None:
+        super().__init__(d_model, vocab, bias=False)
+        self.cap = cap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return softcap(super().forward(x), self.cap)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, cap={self.cap}"
 
 
 def init_linear(module: nn.Linear, std: float) -> None:

@@ -83,6 +83,9 @@ def apply_tp(block: nn.Module, tp_mesh: DeviceMesh, sp: bool = False) -> nn.Modu
     }
     if has_w3:
         plan["feed_forward.w3"] = ColwiseParallel()
+    for post in ("attention_post_norm", "ffn_post_norm"):  # Gemma 2/3: on the sequence-split outputs of wo and w2
+        if getattr(block, post, None) is not None:
+            plan[post] = SequenceParallel(use_local_output=False)
     block = parallelize_module(block, tp_mesh, plan)
     # gather the sequence back so the next layer (any layout) sees a plain replicated tensor
     parallelize_module(block, tp_mesh, PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Replicate(),

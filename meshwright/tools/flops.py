@@ -4,8 +4,10 @@ Conventions differ by up to ~15% on the same run, so every MFU figure names the 
 
 - ``palm`` (Chowdhery et al. 2022, App. B; nanoGPT): 6N + 12·L·H·Q·T, N = matmul parameters on the
   activated path (non-embedding + output head; MoE counts top_k experts), attention counted
-  non-causally (full T x T). Norms count as parameters in N, as in PaLM's count; Qwen3's q/k head norms
-  (``qk_norm``) add their 2·head_dim weights per block the same way. Their element-wise work (~5 FLOPs per q/k
+  non-causally (full T x T; sliding-window blocks too, Mistral's and Gemma's). Norms count as parameters in N, as in
+  PaLM's count; Qwen3's q/k head norms (``qk_norm``) add their 2·head_dim weights per block the same way, and Gemma
+  2/3's post norms (``post_norms``) their 2·d_model. Soft-capping's tanh and the embedding scale are element-wise and
+  left out with the norms' own work. Their element-wise work (~5 FLOPs per q/k
   value, 5·(H + G)·Q per token and block with G KV heads) is left out, as every convention leaves norms out:
   2.6e4 against 3.9e8 matmul FLOPs per token and block at Qwen3-8B (7e-5).
 - ``megatron`` (current Megatron-LM ``num_floating_point_operations``): 12·s·l·h²·[(1 + g/a + s/(2h))·q/h

@@ -23,10 +23,11 @@ from meshwright.errors import ConfigError, invalid
 from meshwright.plan import Plan
 
 # What decides the layout's validity (tp/ep divisibility, layer count) and the predicted memory (the cost model
-# also reads arch's activation coefficients, head_dim, qk_norm's saved activations, and an MoE layer's top_k and
-# capacity_factor).
+# also reads arch's activation coefficients, head_dim, qk_norm's saved activations, Gemma's post norms, (1 + w) norms
+# and capped attention scores and logits, and an MoE layer's top_k and capacity_factor).
 SHAPE_FIELDS = ("n_layers", "d_model", "n_heads", "kv_heads", "ffn_dim", "vocab_size", "n_experts", "moe_every",
-                "expert_ffn_dim", "arch", "head_dim", "qk_norm", "top_k", "capacity_factor")
+                "expert_ffn_dim", "arch", "head_dim", "qk_norm", "post_norms", "norm_unit_offset", "attn_softcap",
+                "final_softcap", "top_k", "capacity_factor")
 MOE_FIELDS = ("moe_every", "expert_ffn_dim", "top_k", "capacity_factor")
 
 

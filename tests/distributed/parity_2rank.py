@@ -10,6 +10,7 @@ import torch.distributed as dist
 from parity_lib import (
     CFG,
     MAX_NORM,
+    GEMMA_CFG,
     QK_CFG,
     SEED,
     STEPS,
@@ -57,6 +58,8 @@ CASES = {
 # Trained with SGD: the head norms' gradients are small (~1e-3) and AdamW's second step turns fp32 summation-order
 # noise in them into a ~1e-5 grad-norm difference (one process vs tp2); SGD keeps all three steps within RTOL.
 QK_CASES = {f"{name}_qk_norm": CASES[name] for name in ("tp2_dtensor", "tp2_megatron", "tp2_sp")}
+# and on GEMMA_CFG (Gemma 3's q/k norms with every Gemma 2 piece besides), trained with SGD for the same reason
+GEMMA_CASES = {f"{name}_gemma": CASES[name] for name in ("tp2_dtensor", "tp2_megatron", "tp2_sp")}
 
 
 # LoRA (the trainer's lora: section) under data parallelism: frozen base, adapters (and, in the zero3 case, the
@@ -192,18 +195,18 @@ def main() -> None:
     ref4 = reference(steps=4)
     ref = ref4[:STEPS]
     report = Report(out)
-    qk_ref = None
-    for name, (pd, tp_backend) in {**CASES, **QK_CASES}.items():
+    sgd_refs: dict[str, list] = {}
+    for name, (pd, tp_backend) in {**CASES, **QK_CASES, **GEMMA_CASES}.items():
         if only and name not in only:
             continue
-        cfg = QK_CFG if name in QK_CASES else CFG
-        if cfg is QK_CFG and qk_ref is None:
-            model = build_model(QK_CFG, seed=SEED)
-            qk_ref = reference(model=model, opt=make_sgd(model.parameters()))
+        cfg = QK_CFG if name in QK_CASES else GEMMA_CFG if name in GEMMA_CASES else CFG
+        if cfg is not CFG and cfg.name not in sgd_refs:
+            model = build_model(cfg, seed=SEED)
+            sgd_refs[cfg.name] = reference(model=model, opt=make_sgd(model.parameters()))
         try:
             rt = DistributedRuntime(cfg, plan_from_dict(pd), tp_backend=tp_backend, seed=7)
-            if cfg is QK_CFG:
-                res = check_runtime(rt, qk_ref, opt=rt.build_optimizer(make_sgd))
+            if cfg is not CFG:
+                res = check_runtime(rt, sgd_refs[cfg.name], opt=rt.build_optimizer(make_sgd))
             else:
                 res = check_runtime(rt, ref)
             res.pop("opt")

@@ -29,6 +29,13 @@ CFG = load_model_config({"name": "tiny-par", "arch": "llama", "vocab_size": 256,
                          "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 128, "max_seq_len": 64})
 # Qwen3's layout: q/k head norms (tp-replicated weights on tp-sharded heads), head_dim independent of d_model/n_heads
 QK_CFG = load_model_config({**CFG.__dict__, "name": "tiny-par-qk", "qk_norm": True, "attn_head_dim": 24})
+# Gemma's layout on top of it: (1+w) norms (post norms too: tp-replicated, sequence-split under sp), GeGLU, scaled
+# embeddings, the query scalar, capped scores (the explicit attention path on tp-local heads) and logits, a window of 5
+# on all but every 2nd block with its own rope base (sequences of 16)
+GEMMA_CFG = load_model_config({**QK_CFG.__dict__, "name": "tiny-par-gemma", "norm_unit_offset": True,
+                               "mlp_act": "gelu_tanh", "scale_embeddings": True, "query_pre_attn_scalar": 16,
+                               "post_norms": True, "attn_softcap": 5.0, "final_softcap": 3.0, "sliding_window": 5,
+                               "global_every": 2, "rope_local_theta": 100.0})
 SEQ, GLOBAL, MICRO, STEPS, MAX_NORM, LR = 16, 8, 2, 3, 0.5, 1e-2
 
 

@@ -3,6 +3,7 @@ weights out, checked against transformers' own forward."""
 
 from __future__ import annotations
 
+
 import pytest
 import torch
 
@@ -83,6 +84,25 @@ def _phi3():
         eos_token_id=None))
 
 
+def _gemma2():
+    return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=16, pad_token_id=None,
+        bos_token_id=None, eos_token_id=None))
+
+
+def _gemma3_multimodal():
+    text = transformers.Gemma3TextConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                         max_position_embeddings=64, sliding_window=16, sliding_window_pattern=2,
+                                         pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    return transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4, image_token_index=255,
+        boi_token_index=253, eoi_token_index=254))
+
+
 # Qwen3: q/k head norms, head_dim != hidden/heads; the head norms are trained and exported too (not left at load).
 # Phi-3: fused qkv_proj/gate_up_proj split for training and fused back on export, a window shorter than seq_len;
 # every block of the fused tensors was trained and exported.
@@ -90,6 +110,11 @@ ROUND_TRIPS = {
     "qwen3": (_qwen3, "Qwen3ForCausalLM", {"layers.0.attention.q_norm.weight", "layers.1.attention.k_norm.weight"}),
     "phi3": (_phi3, "Phi3ForCausalLM", {*(f"layers.1.attention.{w}.weight" for w in ("wq", "wk", "wv")),
                                         *(f"layers.0.feed_forward.{w}.weight" for w in ("w1", "w3"))}),
+    # Gemma 2: post norms, caps, a window on layer 0 shorter than seq_len; Gemma 3's multimodal checkpoint: its text
+    # model trains and exports as Gemma3ForCausalLM (the vision tower is not imported)
+    "gemma2": (_gemma2, "Gemma2ForCausalLM", {"layers.0.attention_post_norm.weight", "layers.1.ffn_post_norm.weight"}),
+    "gemma3_multimodal": (_gemma3_multimodal, "Gemma3ForCausalLM", {"layers.0.attention.q_norm.weight",
+                                                                    "layers.1.ffn_post_norm.weight"}),
 }
 
 

@@ -371,13 +371,19 @@ def elementwise_s(cfg: ModelConfig, index: int, tokens: float, tp: int, sp: bool
 SCORE_BYTES_PER_ELEM_FWD = 13.0
 
 
+def capped_scores(cfg: ModelConfig, hw: Hardware) -> bool:
+    """Whether meshwright's runtime computes this model's attention scores explicitly: Gemma 2's ``attn_softcap``, which
+    SDPA cannot apply (models/layers.py ``capped_attention``), so the scores reach memory whatever ``hw.attention``."""
+    return cfg.attn_softcap is not None and hw.stack == "meshwright"
+
+
 def score_elements(cfg: ModelConfig, tokens: float, seq_len: int, tp: int, hw: Hardware) -> float:
     """Attention-score elements a tp rank writes to memory for ``tokens`` tokens: (heads / tp) x seq per
-    token with materialized kernels, none with flash kernels."""
-    if hw.attention == "flash":
-        return 0.0
-    if hw.attention != "materialized":
+    token with materialized kernels (or capped scores), none with flash kernels."""
+    if hw.attention not in ("flash", "materialized"):
         raise invalid("attention", hw.attention, "flash or materialized")
+    if hw.attention == "flash" and not capped_scores(cfg, hw):
+        return 0.0
     return tokens * cfg.n_heads / tp * seq_len
 
 
@@ -389,10 +395,24 @@ def attention_scores_s(cfg: ModelConfig, tokens: float, seq_len: int, tp: int, h
 def attention_score_bytes(cfg: ModelConfig, tokens: float, seq_len: int, tp: int, recompute: str, hw: Hardware) -> float:
     """Bytes of materialized attention scores saved for backward (Korthikanti et al.'s 5·a·s²·b with 2-byte
     elements: softmax output, dropout mask, dropout output); 0 with flash kernels or when the attention
-    core is recomputed (selective, full)."""
+    core is recomputed (selective, full). Capped scores (``capped_scores``): ``capped_score_bytes`` per element, and
+    under selective recompute the QK^T product itself, which meshwright's SAC policy keeps as a bmm output (from the
+    policy: its cache is invisible to count_saved_bytes' hooks, so this one is not measured)."""
+    capped = capped_scores(cfg, hw)
+    if recompute == "selective" and capped:  # SAC (parallel/recompute.py) saves every bmm output: the raw scores
+        return score_elements(cfg, tokens, seq_len, tp, hw) * hw.elem_bytes
     if recompute != "none":
         return 0.0
-    return score_elements(cfg, tokens, seq_len, tp, hw) * 2.5 * hw.elem_bytes
+    per = capped_score_bytes(hw.elem_bytes) if capped else 2.5 * hw.elem_bytes
+    return score_elements(cfg, tokens, seq_len, tp, hw) * per
+
+
+def capped_score_bytes(elem_bytes: int) -> float:
+    """Bytes per score element the capped attention path saves: tanh's output (compute dtype), the fp32 softmax and,
+    below fp32, its cast back for the context matmul. Measured with count_saved_bytes (d_model 64, 4 heads, sequences
+    of 16 and 32): 8 B per element in fp32 and under bf16 autocast, this formula exactly, less the 4 B per head and
+    token of SDPA's log-sum-exp, which the capped path does not save (tests/unit/test_hf_gemma.py)."""
+    return elem_bytes + 4.0 + (elem_bytes if elem_bytes < 4 else 0.0)
 
 
 # Passes over the logits per element (bytes) of the loss, forward + backward: the compiled loss reads the
@@ -768,6 +788,7 @@ def activation_bytes(cfg: ModelConfig, index: int, tokens: float, tp: int, sp: b
         norms, core = block_saved_bytes_split(cfg, True, elem_bytes)
         nbytes = (norms / (tp if sp else 1) + core / tp) * tokens
     nbytes += qk_norm_act_bytes(cfg, tp, recompute, elem_bytes, compiled=False) * tokens
+    nbytes += post_norm_act_bytes(cfg, recompute, elem_bytes) / (tp if sp else 1) * tokens
     if lemo is not None:
         nbytes *= lemo
     if wta_crs is not None and recompute != "full":
@@ -791,6 +812,19 @@ def qk_norm_act_bytes(cfg: ModelConfig, tp: int, recompute: str, elem_bytes: int
     width = (cfg.n_heads + cfg.kv_heads) * cfg.head_dim
     per_value = elem_bytes if compiled else 4.0 + elem_bytes
     return (per_value * width + 4.0 * (cfg.n_heads + cfg.kv_heads)) / tp
+
+
+def post_norm_act_bytes(cfg: ModelConfig, recompute: str, elem_bytes: int) -> float:
+    """Bytes per token Gemma 2/3's post-attention and post-MLP norms (``post_norms``) add to an eager block's saved
+    activations, outside the tp region: each keeps its input upcast to fp32 and its normalised output (fp32 where it
+    scales by 1 + weight, ``norm_unit_offset``; else in the compute dtype) over d_model, plus its fp32 1/rms. Full
+    recompute keeps none; selective recomputes only the attention core, so they stay. Measured with count_saved_bytes
+    (d_model 64, tests/unit/test_hf_gemma.py): +1032 B per token in fp32, +776 (Llama-style) and +1032 ((1 + w)) under
+    bf16 autocast, these formulas exactly."""
+    if not cfg.post_norms or recompute == "full":
+        return 0.0
+    out = 4.0 if cfg.norm_unit_offset else float(elem_bytes)
+    return 2.0 * ((4.0 + out) * cfg.d_model + 4.0)
 
 
 def autocast_extra_act_bytes(cfg: ModelConfig, tokens: float, tp: int, sp: bool, recompute: str) -> float:
@@ -910,8 +944,10 @@ def loss_peak_bytes(cfg: ModelConfig, tokens: float, tp: int, hw: Hardware) -> f
     if hw.stack == "meshwright" and hw.runtime_buffers:
         # our eager lm_loss: nothing keeps the head's output or its fp32 copy past the forward (log_softmax saves
         # only its result), so the peak is in backward: the saved fp32 log-probabilities, their gradient and the
-        # logits' fp32 gradient, 12 B per logit (gpt2-small eager bf16 on an H200: ~11.5 B per logit measured)
-        return tokens * cfg.vocab_size / tp * EAGER_LOSS_PEAK_BYTES
+        # logits' fp32 gradient, 12 B per logit (gpt2-small eager bf16 on an H200: ~11.5 B per logit measured);
+        # Gemma's final soft-capping keeps tanh's output (the capped logits, compute dtype) for backward besides
+        capped = hw.elem_bytes if cfg.final_softcap is not None else 0.0
+        return tokens * cfg.vocab_size / tp * (EAGER_LOSS_PEAK_BYTES + capped)
     b = logits_bytes(cfg, tokens, tp, hw.elem_bytes)
     if hw.runtime_buffers:
         b += loss_buffer_bytes(cfg, tokens, tp)

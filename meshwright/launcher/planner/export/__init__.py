@@ -30,6 +30,7 @@ def check_emit_model(target: str, cfg: ModelConfig) -> None:
     if target == "torchtitan":
         torchtitan_model(cfg)
     elif target == "megatron" and cfg.arch == "llama":
+        cfg.refuse_gemma("the Megatron-LM export (pretrain_gpt.py's arguments have no flag for them)")
         rope_and_window_args(cfg)
 
 

@@ -65,6 +65,7 @@ def model_features(cfg: ModelConfig) -> list[str]:
         out.append(f"{cfg.kv_heads} kv heads")
     out += [name for name, on in (("q/k/v biases", cfg.qkv_bias), ("q/k head norms", cfg.qk_norm),
                                   ("tied embeddings", cfg.tie_embeddings)) if on]
+    out += [f"Gemma's {name}" for name in cfg.gemma_fields()]
     return out
 
 

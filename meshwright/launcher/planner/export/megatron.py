@@ -86,6 +86,9 @@ def megatron_args(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] = N
     """Megatron-LM ``pretrain_gpt.py`` arguments for the plan trained in ``dtype`` (and notes on what was
     approximated)."""
     check_dtype(dtype)
+    # the args build Megatron-LM's GPTModel: no flag scales embeddings, norms after the attention/MLP, caps scores or
+    # logits, or gates with gelu_tanh (--quick-geglu is x*sigmoid(1.702x)); an export would train another model
+    cfg.refuse_gemma("the Megatron-LM export (pretrain_gpt.py's arguments have no flag for them)")
     notes: list[str] = []
     s = _uniform(plan, notes, cfg)
     pp = plan.pipeline

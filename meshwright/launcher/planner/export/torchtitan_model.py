@@ -48,6 +48,7 @@ def torchtitan_model(cfg: ModelConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     one-line ConfigError for a model torchtitan's decoders cannot be."""
     if cfg.arch != "llama":
         raise invalid("model.arch", cfg.arch, "llama for --emit torchtitan (its decoders are Llama-style blocks)")
+    cfg.refuse_gemma("--emit torchtitan (its llama3 and qwen3 decoders compute none of them)")
     if cfg.sliding_window is not None:
         raise invalid("model.sliding_window", cfg.sliding_window, "null for --emit torchtitan (its llama3 and qwen3 "
                       "decoders attend block-causally, with no window)")

@@ -135,6 +135,9 @@ def _check_outputs_and_extras(args: argparse.Namespace) -> None:
         if not getattr(args, "emit", None):
             raise invalid("--train-config", args.train_config, "used only with --emit (drop it, or add --emit)")
         args.train_config_loaded = load_train_config(args.train_config)
+        if args.train_config_loaded.lora is not None:  # Megatron-LM, DeepSpeed and torchtitan get no adapters from it
+            raise invalid("--train-config lora", "set", f"no lora section for --emit {args.emit} (the export carries "
+                          "full training: fine-tune with `meshwright train`, then `meshwright export --peft/--hf`)")
         _dtype_from_train_config(args)
     if hasattr(args, "goodput"):
         tokens = None if args.train_tokens is None else parse_tokens(args.train_tokens)

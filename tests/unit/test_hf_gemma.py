@@ -413,3 +413,20 @@ def test_gemma_trains_and_its_loss_paths_agree():
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     assert model.output(torch.full((1, 64), 100.0)).abs().max() <= 3.0  # capped logits
+
+
+def test_planner_never_plans_the_savers_gemma_refuses():
+    """--allow fp8 and lemo on a Gemma model: the runtime refuses COAT's FP8 activations and LeMo for Gemma, so the
+    search never plans them (FP8 optimizer states stay allowed); the same shape without Gemma's fields takes FP8
+    activations on its layers (gemma-2-9b, 8 H100, 8k tokens)."""
+    import dataclasses
+
+    from meshwright.config import load_cluster, load_model_config
+    from meshwright.config.schema import GEMMA_FIELDS
+    from meshwright.launcher.planner.search import Allow, search
+
+    gemma, spec = load_model_config("gemma-2-9b"), load_cluster("dgx-h100-80g")
+    best = search(gemma, spec, 8192, 64, allow=Allow(fp8=True, lemo=0.5)).best.plan
+    assert not any(s.savers.fp8_act or s.savers.lemo is not None for s in best.layer_strategies())
+    plain = search(dataclasses.replace(gemma, **GEMMA_FIELDS), spec, 8192, 64, allow=Allow(fp8=True)).best.plan
+    assert any(s.savers.fp8_act for s in plain.layer_strategies())

@@ -332,3 +332,24 @@ def test_planner_counts_lora_states_and_plans_only_layouts_lora_runs():
     assert abs(states - sum(want[k] for k in ("weights", "grads", "optimizer")) / 2**30) < 0.2, states
     plan4 = auto_plan(cfg(lora={"rank": 16}), 4)
     assert plan4.pipeline.degree == 1 and all(s.tp == 1 and s.ep == 1 for s in plan4.layer_strategies())
+
+
+def test_plan_auto_with_lora_never_plans_the_savers_lora_refuses(tmp_path, capsys):
+    """--allow fp8/wta-crs with lora: the trainer refuses per-layer FP8 activations and WTA-CRS on LoRA linears
+    (check_lora_layout), so plan: auto never picks them (on Llama-3-8B / one A100 an unfiltered search picks both on
+    every layer); `plan --emit` with a lora train config is one line (the exports carry no adapters)."""
+    from meshwright.cli import main
+    from meshwright.launcher.planner.auto import auto_plan
+    from meshwright.launcher.planner.search import Allow
+
+    cfg = load_train_config({"model": "llama3-8b", "cluster": "dgx-a100-80g", "seq_len": 2048, "global_batch": 8,
+                             "micro_batch": 1, "dtype": "bf16", "lora": {"rank": 16}})
+    plan = auto_plan(cfg, 1, allow=Allow(fp8=True, wta_crs=0.3))
+    assert not any(s.savers.fp8_act or s.savers.wta_crs is not None for s in plan.layer_strategies())
+    path = tmp_path / "lora.yaml"
+    path.write_text("model: tiny\nlora: {rank: 4}\n")
+    capsys.readouterr()
+    assert main(["plan", "--model", "tiny", "--cluster", "dgx-a100-80g", "--seq-len", "64", "--global-batch", "8",
+                 "--emit", "megatron", "--train-config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--train-config lora" in err[0], err

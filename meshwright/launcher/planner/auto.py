@@ -76,8 +76,9 @@ def auto_plan(model_cfg: Any, cluster: ClusterSpec | str | dict | int | None = N
     if model_profile is not None:
         hw = apply_model_profile(hw, model_profile, cfg, hardware_profile)
     constraints = dataclasses.replace(constraints or Constraints(), runtime_compatible=True)
-    if lora is not None:  # the frozen base has no grads or optimizer state; LoRA runs data parallelism only
-        hw, constraints = lora_search_terms(cfg, lora, hw, constraints)
+    if lora is not None:  # the frozen base has no grads or optimizer state; LoRA runs data parallelism only, and
+        hw, constraints = lora_search_terms(cfg, lora, hw, constraints)  # without per-layer FP8 acts or WTA-CRS
+        allow = dataclasses.replace(allow or Allow(), fp8_act=False, wta_crs=None, lemo=None)
     result = search(cfg, spec, seq_len, global_batch, hw=hw, constraints=constraints, allow=allow)
     if result.best is None:
         message = infeasible_message(result)

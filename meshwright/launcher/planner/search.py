@@ -91,6 +91,9 @@ class Allow:
     wta_crs: Optional[float] = None
     lemo: Optional[float] = None
     fp8_gemm: bool = False  # set by search() under fp8 where the hardware has FP8 matmuls faster than its dtype
+    # per-layer FP8 activations (and with them FP8 GEMMs) under fp8; search() clears it where the runtime refuses them
+    # (a Gemma model: COAT's FP8 norm and gated MLP are Llama's), auto_plan with lora (the trainer refuses them there)
+    fp8_act: bool = True
 
     @staticmethod
     def parse(items: list[str] | None) -> "Allow":
@@ -193,9 +196,9 @@ def layer_strategies(cfg: ModelConfig, index: int, per_stage: int, tps: list[int
     if c.runtime_compatible:
         # DistributedRuntime applies fp8_act and wta_crs per layer; LeMo is for fine-tuning only.
         allow = dataclasses.replace(allow, lemo=None)
-    if allow.fp8:
+    if allow.fp8 and allow.fp8_act:
         saver_opts.append(Savers(fp8_act=True))
-    if allow.fp8_gemm:
+    if allow.fp8_gemm and allow.fp8_act:
         saver_opts.append(Savers(fp8_act=True, fp8_gemm=True))
     if allow.wta_crs is not None:
         saver_opts += [dataclasses.replace(s, wta_crs=allow.wta_crs) for s in list(saver_opts)]
@@ -1412,6 +1415,8 @@ def search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: i
     allow = allow or Allow()
     hw = hw or cm.hardware_from_cluster(cluster)
     allow = dataclasses.replace(allow, fp8_gemm=allow.fp8 and cm.fp8_matmul_speedup(hw) > 1)
+    if cfg.gemma_fields():  # what the runtime refuses for Gemma (memory/fp8_activations.py, memory/lemo.py): never planned
+        allow = dataclasses.replace(allow, fp8_act=False, lemo=None)
     pps = _check_request(cfg, seq_len, global_batch, c, cluster.world_size)
     state_opts = [states] if states else (["fp32", "fp8"] if allow.fp8 else ["fp32"])
     usable = (hw.memory_bytes - hw.overhead_bytes - hw.stack_buffer_bytes) / (1 + hw.fragmentation)

@@ -43,6 +43,9 @@ def test_bf16_optimizer_all_reduces_then_all_gathers_after_the_step():
     # the fp32-accumulation stack's BF16_Optimizer: its fp32 buffer goes over the wire in bf16, then the gather
     fp32acc = _hw("deepspeed-fp32-accum")
     assert cm.dp_comm_s(N, 8, 1, 1, fp32acc) == (0.0, pytest.approx(ar + ag))
+    # DeepSpeed builds BF16_Optimizer at ZeRO-0/1 only: the policy's ZeRO-3 keeps ZeRO-3's collectives
+    rs = cm.reduce_scatter_s(N * 2, 8, bw, lat)
+    assert cm.dp_comm_s(N, 8, 3, 1, fp32acc) == (pytest.approx(2 * ag + rs), 0.0) and fp32acc.dp_overlapped(3)
 
 
 def test_bf16_optimizer_step_traffic_is_not_hidden_under_backward():

@@ -214,7 +214,7 @@ class Hardware:
         """Whether per-step DP traffic at ZeRO-``zero`` runs under the last backward: the stack overlaps it, and the
         optimizer does not reduce after backward and gather after the step (``Precision.step_gather``), nor the
         pipeline schedule reduce after every backward (``fsdp_deferred``)."""
-        return self.dp_overlap and not self.policy_at(zero).step_gather and not self.fsdp_deferred(zero)
+        return self.dp_overlap and not self.policy_at(zero).gathers_after_step(zero) and not self.fsdp_deferred(zero)
 
     def fsdp_deferred(self, zero: int) -> bool:
         """Whether a layer at ZeRO-``zero`` is an FSDP2 module whose gather, reduction and resharding the pipeline
@@ -708,7 +708,7 @@ def dp_comm_s(param_count: float, dp: int, zero: int, stride: int, hw: Hardware)
     bw, lat = link(hw, dp, stride)
     ag = allgather_s(params, dp, bw, lat)
     rs = reduce_scatter_s(grads, dp, bw, lat)
-    if p.step_gather:  # BF16_Optimizer: the whole buffer all-reduced, then the parameters all-gathered after the step
+    if p.gathers_after_step(zero):  # BF16_Optimizer: the whole buffer all-reduced, then the params gathered after the step
         return 0.0, allreduce_s(grads, dp, bw, lat) + ag
     if hw.fsdp_deferred(zero):  # the pipeline schedule's one gather and one reduction (all-reduce where replicated)
         return 0.0, (ag + rs if zero >= 2 else allreduce_s(grads, dp, bw, lat))

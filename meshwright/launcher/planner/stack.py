@@ -39,6 +39,11 @@ class Precision:
     # the stored gradients casts the reduce-scatter output back (foreach_reduce's _to_dtype_if_needed)
     shard_cast_zero: tuple[int, ...] = ()
 
+    def gathers_after_step(self, zero: int) -> bool:
+        """Whether the optimizer at ZeRO-``zero`` is BF16_Optimizer's reduce-then-gather (``step_gather``): ZeRO-0/1,
+        the stages DeepSpeed builds it at (ZeRO-2/3 build its ZeRO optimizers)."""
+        return self.step_gather and zero <= 1
+
     def master_at(self, zero: int) -> float:
         """Bytes per parameter of the master copy at ZeRO-``zero`` (before its dp sharding)."""
         return self.master_bytes if zero in self.master_zero else 0.0

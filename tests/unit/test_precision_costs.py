@@ -17,7 +17,7 @@ from meshwright.cli import main
 from meshwright.config import load_cluster, load_model_config
 from meshwright.launcher.planner import cost_model as cm
 from meshwright.launcher.planner import stack as stack_mod
-from meshwright.plan import LayerStrategy, PipelineSpec, Plan, plan_from_dict
+from meshwright.plan import EmbeddingStrategy, LayerStrategy, PipelineSpec, Plan, plan_from_dict
 
 N = 1e8  # parameters on one tp shard
 
@@ -204,3 +204,22 @@ def test_torch_fsdp_source_does_what_the_costs_say():
     src = inspect.getsource(coll._get_param_all_gather_inputs)
     assert "dtype=param_dtype" in src and "torch._foreach_copy_(splits, foreach_copy_inputs)" in src
     assert "_to_dtype_if_needed(reduce_output, orig_dtype)" in inspect.getsource(coll.foreach_reduce)
+
+
+def test_head_copy_follows_the_layers_rule():
+    """The head's compute-dtype copy in the ends' states is the one ``weight_copy_bytes`` counts: autocast's at
+    ZeRO-0/1, none at meshwright's ZeRO-3 (FSDP2 hands autocast bf16 weights), the gathered bf16 head where
+    torchtitan's pipeline keeps it gathered; the plan's memory terms and the ends' states agree."""
+    cfg = load_model_config("llama2-7b")
+    head = cfg.vocab_size * cfg.d_model
+    mesh = _hw("meshwright")
+    states = lambda h, z: cm.embedding_static_bytes(cfg, False, True, 1, 8, z, "fp32", h)  # noqa: E731
+    no_copy = lambda h, z: sum(cm.model_state_bytes(cm.embedding_param_count(cfg, False, True, 1), 8, z, "fp32",  # noqa: E731
+                                                    h).values())
+    assert states(mesh, 0) - no_copy(mesh, 0) == head * 2 and states(mesh, 3) == no_copy(mesh, 3)
+    titan = cm.for_pipeline(_hw("torchtitan"), 2)
+    assert states(titan, 3) - no_copy(titan, 3) == head * 2
+    plan = Plan(model="llama2-7b", seq_len=4096, global_batch=16, micro_batch=1,
+                layers=[LayerStrategy(dp=8, zero=3, repeat=cfg.n_layers)], embedding=EmbeddingStrategy(zero=3))
+    p = cm.evaluate_plan(plan, cfg, mesh, 8)
+    assert p.breakdown["mem_weight_copies_gib"] == 0.0

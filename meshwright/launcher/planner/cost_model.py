@@ -1037,14 +1037,14 @@ def backward_working_bytes(cfg: ModelConfig, index: int, tokens: float, tp: int,
 
 def embedding_static_bytes(cfg: ModelConfig, first: bool, last: bool, tp: int, dp: int, zero: int, states: str,
                            hw: Hardware) -> float:
-    """Model states of the embedding (first rank) and head (last rank), plus the autocast copy of the head
-    weight where the policy keeps one (the embedding lookup runs in fp32 under autocast)."""
+    """Model states of the embedding (first rank) and head (last rank), plus the compute-dtype copy of the head
+    weight where the policy keeps one (``weight_copy_bytes``; the embedding lookup runs in fp32 under autocast)."""
     if not (first or last):
         return 0.0
     n = embedding_param_count(cfg, first, last, tp)
     total = sum(model_state_bytes(n, dp, zero, states, hw).values())
     if last:
-        total += cfg.vocab_size * cfg.d_model / tp * hw.policy.weight_copy_bytes
+        total += cfg.vocab_size * cfg.d_model / tp * weight_copy_bytes(zero, hw)
     return total
 
 

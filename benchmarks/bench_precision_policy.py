@@ -1,11 +1,13 @@
 """meshwright's precision policy against FSDP2 mixed precision on one device, each beside the planner's prediction.
 
 Why: the planner predicts meshwright's runtime at ZeRO-0/1 (fp32 parameters under bf16 autocast) slower and heavier
-than torchtitan's FSDP2 ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``, but it charges the autocast
-policy a cast of every weight and an fp32 gradient accumulation per microbatch (cost_model.weight_traffic_mb_s,
-grad_accumulate_s) and the ``fsdp_mixed`` policy (launcher/planner/stack.py) none, although FSDP2 casts its fp32
-shards at every unshard and reduces and accumulates fp32 gradients per microbatch too (results/exports.md, "What
-the llama2-70b rows say"). One device running the same slice both ways settles which side is wrong.
+than torchtitan's FSDP2 ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``. It charges the autocast policy
+a cast of every weight per forward, the gradient's up-cast and an fp32 gradient accumulation per microbatch
+(cost_model.weight_traffic_mb_s, grad_accumulate_s); since 2026-11-27 it charges the ``fsdp_mixed`` policy
+(launcher/planner/stack.py) FSDP2's cast of the fp32 shard at every all-gather (the forward's and, resharded after
+forward, backward's: cost_model.fsdp_cast_s) and the same fp32 accumulation, which on this slice comes to the same
+step under the same rules (before, it charged fsdp_mixed none of them: results/exports.md, "What the llama2-70b rows
+say"). One device running the same slice both ways settles whether the two really cost the same.
 
 Policies, each on a slice of a llama-7B-shaped model (``--layers`` blocks of d_model 4096 with embedding and head),
 micro-batch 1, ``--accum`` microbatches per AdamW step with clipping at 1.0, the same weights and tokens:

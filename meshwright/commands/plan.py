@@ -183,6 +183,7 @@ def _stack(args: argparse.Namespace) -> str:
 
 def compute_result(args: argparse.Namespace) -> dict[str, Any]:
     """Run the search and return the plain-data result (the ``--json`` object)."""
+    from meshwright.launcher.planner import cost_model as cm
     from meshwright.launcher.planner.search import (Allow, Constraints, check_virtual_stages, describe_layout,
                                                     infeasible_message, search)
 
@@ -223,6 +224,7 @@ def compute_result(args: argparse.Namespace) -> dict[str, Any]:
         out["suggestion"] = res.suggestion
     else:
         out["plan"] = res.best.plan.to_dict()
+        out["precision"] = cm.plan_precision(res.best.plan, hw)  # e.g. DeepSpeed's pipeline engine's BF16_Optimizer
         out["predicted"] = res.best.prediction.to_dict()
         out["layout"] = describe_layout(res.best.plan)
         out["stages"] = _stage_rows(res.best.plan, cfg, res.best.prediction)

@@ -36,8 +36,10 @@ def test_predictions_isolate_the_precision_terms_and_the_table_has_a_row_per_pol
     assert (auto["stack"], auto["precision"], fsdp["stack"], fsdp["precision"]) == (
         "meshwright", "autocast", "torchtitan", "fsdp_mixed")
     assert auto["rules_step_s"] == auto["step_s"]  # meshwright's rules are autocast's own
-    # the planner charges autocast the per-microbatch casts and fp32 accumulation, fsdp_mixed none of them
-    assert fsdp["rules_step_s"] < auto["rules_step_s"] and fsdp["memory_gib"] < auto["memory_gib"]
+    # both pay a weight cast per forward and 6 B per weight more per backward (autocast: the gradient's up-cast;
+    # FSDP2 on its one-rank mesh: the re-gather's cast after reshard_after_forward) and the fp32 accumulation per
+    # microbatch: the same step under the same rules; fsdp_mixed keeps no bf16 weight copy through backward
+    assert fsdp["rules_step_s"] == pytest.approx(auto["rules_step_s"]) and fsdp["memory_gib"] < auto["memory_gib"]
     measured = {"autocast": {"step_s": 2.0, "tokens_per_s": 1.0, "loss_first": 10.0, "loss_last": 9.0,
                              "peak_reserved_gib": 40.0},
                 "fsdp_mixed": {"step_s": 1.5, "tokens_per_s": 1.0, "loss_first": 10.0, "loss_last": 9.0,

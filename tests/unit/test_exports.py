@@ -345,7 +345,9 @@ def test_emit_makes_the_found_plans_uniform_rather_than_fall_back_to_a_slow_one(
     """Mixtral 8x7B on 16 A100: the search's best plans mix recompute and expert-parallel degrees per layer, which
     no other stack runs; --emit megatron used to fall back to the fastest uniform plan among them, a ZeRO-3 full-
     recompute one at 1.71x the unrestricted best. The found plans' layers made to agree (export/uniform.py) give a
-    plan Megatron-LM runs as planned within 5% of it, and torchtitan's pick runs as planned too."""
+    plan Megatron-LM runs as planned within 5% of it, and torchtitan's pick runs as planned too, within 10% (6.7%
+    since its FSDP2 casts and fp32 accumulation are charged and its pp>1 layouts keep the bf16 weights gathered,
+    which leaves it pp=1; 1.3% before)."""
     from meshwright.cli import build_parser
     from meshwright.commands import plan as plan_cmd
     from meshwright.launcher.planner.export.uniform import uniform_variants
@@ -355,10 +357,10 @@ def test_emit_makes_the_found_plans_uniform_rather_than_fall_back_to_a_slow_one(
     free = plan_cmd.compute_result(build_parser().parse_args(base))["_objects"]["best"]
     cfg = load_model_config("mixtral-8x7b")
     assert "layers use different strategies" in exports.stack_problems("megatron", free.plan, cfg)
-    for target in ("megatron", "torchtitan"):
+    for target, within in (("megatron", 1.05), ("torchtitan", 1.10)):
         best = plan_cmd.compute_result(build_parser().parse_args(base + ["--emit", target]))["_objects"]["best"]
         assert exports.stack_problems(target, best.plan, cfg) == [], (target, best.layout())
-        assert best.prediction.step_s < 1.05 * free.prediction.step_s, (target, best.layout())
+        assert best.prediction.step_s < within * free.prediction.step_s, (target, best.layout())
     from meshwright.config import load_cluster
     from meshwright.launcher.planner import cost_model as cm
 

@@ -177,8 +177,20 @@ def test_plans_the_refinement_window_passed_over_are_refined_at_the_end():
     """llama3-70b on 1,024 H100 with every saver: ``pp=2 interleaved v=8 fp8-states`` first scores 3.5626 s, 10.8%
     over the fastest plan then (3.2147 s), so its refined DPs did not run, and only a warm start that happened to solve
     it first found its 3.1731 s plan (80 layers of tp8 ZeRO-2). Its lower bound (2.88 s) is below the fastest plan, so
-    its refinement now runs at the end of the search."""
+    its refinement now runs at the end of the search.
+
+    Costed with meshwright's autocast policy as it was when the case was found (ZeRO-2/3 layers gathered in fp32 and
+    cast by autocast; since 2026-11-27 they are the FSDP2 mixed-precision modules they are, and a pp=1 ZeRO-2/3 plan
+    at 2.756 s wins outright, no refinement needed): the search mechanism under test does not depend on the policy."""
+    from meshwright.launcher.planner.stack import PRECISIONS
+
     cfg, cluster = load_model_config("llama3-70b"), load_cluster("dgx-h100-80g", nodes=128)
-    r = S.search(cfg, cluster, 8192, 1024, allow=S.Allow.parse(["fp8", "wta-crs", "lemo"]), suggest=False)
+    PRECISIONS["autocast_fp32_gathers"] = dataclasses.replace(PRECISIONS["autocast"], name="autocast_fp32_gathers",
+                                                              gather_bytes=4, shard_cast_zero=())
+    try:
+        hw = dataclasses.replace(cm.hardware_from_cluster(cluster), precision="autocast_fp32_gathers")
+        r = S.search(cfg, cluster, 8192, 1024, hw=hw, allow=S.Allow.parse(["fp8", "wta-crs", "lemo"]), suggest=False)
+    finally:
+        del PRECISIONS["autocast_fp32_gathers"]
     assert r.best.prediction.step_s <= 3.1731 + 5e-5
     assert r.best.plan.optimizer.states == "fp8" and r.best.plan.pipeline.virtual_stages == 8

@@ -184,6 +184,7 @@ class Hardware:
     # Stack.pipeline_zero0_precision, and whether the plan costed has a pipeline (``for_pipeline``): bf16 ZeRO-0 layers
     # then keep that precision's states (DeepSpeed's pipeline engine builds BF16_Optimizer)
     pipeline_zero0_precision: str = ""
+    pipeline_defers_fsdp_sync: bool = False  # Stack.pipeline_defers_fsdp_sync (read where ``pipelined``)
     pipelined: bool = False
     flash_eff_max: float = FLASH_EFF_OTHER  # the SDPA flash kernel's best fraction of peak on this device (see FLASH_EFF_*)
     # LoRA (TrainConfig.lora): the share of the model's parameters that train (adapters, modules_to_save; the adapters
@@ -213,6 +214,17 @@ class Hardware:
             return PRECISIONS[self.pipeline_zero0_precision]
         return self.policy
 
+    def dp_overlapped(self, zero: int) -> bool:
+        """Whether per-step DP traffic at ZeRO-``zero`` runs under the last backward: the stack overlaps it, and the
+        optimizer does not reduce after backward and gather after the step (``Precision.step_gather``), nor the
+        pipeline schedule reduce after every backward (``fsdp_deferred``)."""
+        return self.dp_overlap and not self.policy_at(zero).gathers_after_step(zero) and not self.fsdp_deferred(zero)
+
+    def fsdp_deferred(self, zero: int) -> bool:
+        """Whether a layer at ZeRO-``zero`` is an FSDP2 module whose gather, reduction and resharding the pipeline
+        schedule defers to once per step (``Stack.pipeline_defers_fsdp_sync`` on a pp>1 plan)."""
+        return self.pipelined and self.pipeline_defers_fsdp_sync and zero in self.policy_at(zero).shard_cast_zero
+
 
 def apply_stack(hw: Hardware, stack: Stack | str) -> Hardware:
     """``hw`` with the memory and overlap rules of ``stack`` training in ``hw.compute_dtype``."""
@@ -224,14 +236,25 @@ def apply_stack(hw: Hardware, stack: Stack | str) -> Hardware:
                                grads_set_to_none=st.grads_set_to_none,
                                stack_buffers=buffers, stack_buffer_bytes=min(buffers),
                                zero3_live_params=st.zero3_live_elements(),
-                               pipeline_zero0_precision=st.pipeline_zero0_precision, pipelined=False)
+                               pipeline_zero0_precision=st.pipeline_zero0_precision,
+                               pipeline_defers_fsdp_sync=st.pipeline_defers_fsdp_sync, pipelined=False)
 
 
 def for_pipeline(hw: Hardware, pp: int) -> Hardware:
     """``hw`` costing a plan of ``pp`` pipeline stages (the same object where that changes nothing): the stack's
-    pipeline engine may keep other model states (``Hardware.policy_at``)."""
-    pipelined = pp > 1 and bool(hw.pipeline_zero0_precision)
+    pipeline engine may keep other model states (``Hardware.policy_at``), its FSDP2 layers sync once per step
+    (``Hardware.fsdp_deferred``)."""
+    pipelined = pp > 1 and (bool(hw.pipeline_zero0_precision) or hw.pipeline_defers_fsdp_sync)
     return hw if hw.pipelined == pipelined else dataclasses.replace(hw, pipelined=pipelined)
+
+
+def plan_precision(plan: Any, hw: Hardware) -> str:
+    """The precision policy (``PRECISIONS`` name) a plan's model states keep on ``hw``'s stack: ``hw.policy``, or the
+    one the stack's pipeline engine builds for its ZeRO stages (``policy_at``; several joined by "+" where layers and
+    embedding differ)."""
+    piped = for_pipeline(hw, plan.pipeline.degree)
+    names = dict.fromkeys(piped.policy_at(z).name for z in [s.zero for s in plan.layers] + [plan.embedding.zero])
+    return "+".join(names)
 
 
 def hardware_from_cluster(cluster: ClusterSpec, profile: Optional[dict[str, Any]] = None,
@@ -436,19 +459,91 @@ def loss_s(cfg: ModelConfig, tokens: float, tp: int, hw: Hardware) -> float:
     return tokens * cfg.vocab_size / tp * per / hw.mem_bw
 
 
-def weight_traffic_mb_s(param_count: float, recompute: str, hw: Hardware) -> float:
+def autocast_casts(zero: int, hw: Hardware) -> bool:
+    """Whether autocast casts the weights of a layer at ZeRO-``zero``: the policy keeps fp32 weights that autocast
+    caches compute-dtype copies of, and the layer is not an FSDP2 module that hands it compute-dtype weights
+    (``Precision.shard_cast_zero``; autocast casts only fp32 tensors)."""
+    p = hw.policy_at(zero)
+    return p.weight_copy_bytes > 0 and zero not in p.shard_cast_zero
+
+
+def reshards_after_forward(zero: int, hw: Hardware) -> bool:
+    """Whether a layer at ZeRO-``zero`` (an FSDP2 one where the policy says so) frees its gathered weights after
+    forward and gathers them again for backward: ZeRO-3 (meshwright: ``reshard_after_forward=(zero == 3)``,
+    parallel/data_parallel.py) and torchtitan's layers without a pipeline; not ZeRO-2 (gathered once per step) nor
+    torchtitan's on pp>1 layouts (``Hardware.fsdp_deferred``)."""
+    return zero != 2 and not hw.fsdp_deferred(zero)
+
+
+def weight_copy_bytes(zero: int, hw: Hardware) -> float:
+    """Compute-dtype weight copies per parameter alive through the step: autocast's cache (kept by backward as saved
+    inputs), or an FSDP2 layer's gathered compute-dtype weights where it keeps them from forward to backward
+    (``reshards_after_forward``); where it reshards they are the per-layer transient (ZeRO-3:
+    ``zero3_transient_bytes``; a one-rank shard's, one layer at a time, not counted)."""
+    p = hw.policy_at(zero)
+    if zero in p.shard_cast_zero:
+        return 0.0 if reshards_after_forward(zero, hw) else p.gather_bytes
+    return p.weight_copy_bytes
+
+
+def weight_traffic_mb_s(param_count: float, recompute: str, hw: Hardware, zero: int = 0) -> float:
     """Autocast's per-microbatch passes over the weights: each forward casts every fp32 weight to the compute dtype
-    (read 4, write 2 B; again when recomputation reruns the forward) and backward casts each weight gradient up to
-    fp32 (2 + 4 B). 0 for policies that keep compute-dtype weights."""
-    if hw.policy.weight_copy_bytes <= 0:
+    (read 4, write 2 B; again when recomputation reruns the forward in a new autocast region: the cast cache lives
+    for one region, and torch.utils.checkpoint's recomputation enters its own; selective recomputation reruns the
+    casts too, meshwright's policy saving only matmul and attention outputs) and backward casts each weight gradient
+    up to fp32 (2 + 4 B: ToCopyBackward). 0 for policies that keep compute-dtype weights and for FSDP2 layers
+    (``fsdp_cast_s``)."""
+    if not autocast_casts(zero, hw):
         return 0.0
     return param_count * (6.0 * (2 if recompute != "none" else 1) + 6.0) / hw.mem_bw
 
 
+def fsdp_cast_s(param_count: float, dp: int, zero: int, hw: Hardware) -> tuple[float, float]:
+    """FSDP2 MixedPrecisionPolicy's casts of one layer (``param_count`` parameters on its tp/ep shard, sharded over
+    ``dp``) as (per microbatch, per step) seconds at the memory bandwidth; (0, 0) outside ``Precision.shard_cast_zero``.
+
+    Each all-gather copies the rank's fp32 shard into the compute-dtype all-gather input (read ``param_bytes``, write
+    ``gather_bytes`` per shard element; torch 2.13 _fsdp_collectives._get_param_all_gather_inputs), as often as the
+    layer is gathered: per microbatch in forward, and again in backward where it reshards after forward
+    (``reshards_after_forward``: ZeRO-3, as ``dp_comm_s`` counts, and torchtitan's DDP-like ZeRO-0 layers, fully_shard
+    over a one-rank shard mesh whose unshard is the cast of the whole weight, both without a pipeline); ZeRO-2 once per
+    step (kept gathered until the last backward, as ``dp_comm_s`` counts), and so torchtitan's layers on pp>1 layouts
+    (``Hardware.fsdp_deferred``). A ``reduce_bytes`` narrower than the stored gradient casts each reduce-scatter's
+    output (one shard) back up (``_to_dtype_if_needed``).
+    The copy into the flat all-gather buffer, the copy-out and the reduce-scatter copy-in (which converts the
+    compute-dtype gradients to ``reduce_dtype`` as it copies) are FSDP's at any precision and not counted."""
+    p = hw.policy_at(zero)
+    if zero not in p.shard_cast_zero:
+        return 0.0, 0.0
+    shard = param_count / (dp if zero >= 2 else 1)
+    gather = shard * (p.param_bytes + p.gather_bytes)
+    back = shard * (p.reduce_bytes + p.grad_bytes) if p.reduce_bytes < p.grad_bytes else 0.0
+    if hw.fsdp_deferred(zero):  # one gather and one reduction per step
+        return 0.0, (gather + back) / hw.mem_bw
+    if zero == 2:
+        return back / hw.mem_bw, gather / hw.mem_bw
+    return ((2.0 if reshards_after_forward(zero, hw) else 1.0) * gather + back) / hw.mem_bw, 0.0
+
+
+def grad_accumulation_s(param_count: float, dp: int, zero: int, hw: Hardware) -> tuple[float, float]:
+    """Gradient accumulation of one layer (``param_count`` on its tp/ep shard) as (per microbatch after the first, per
+    step) seconds: ``grad_accumulate_s`` of the gradient the rank keeps (sharded at ZeRO-2/3), or, where the pipeline
+    schedule defers FSDP2's reduction (``Hardware.fsdp_deferred``), the unsharded compute-dtype gradient added into
+    its ``reduce_dtype`` accumulator (read ``gather_bytes`` + ``reduce_bytes``, write ``reduce_bytes``) after the
+    first microbatch's cast into it (read ``gather_bytes``, write ``reduce_bytes``) once per step."""
+    if hw.fsdp_deferred(zero):
+        p = hw.policy_at(zero)
+        return (param_count * (p.gather_bytes + 2 * p.reduce_bytes) / hw.mem_bw,
+                param_count * (p.gather_bytes + p.reduce_bytes) / hw.mem_bw)
+    return grad_accumulate_s(param_count / (dp if zero >= 2 else 1), hw), 0.0
+
+
 def grad_accumulate_s(param_count: float, hw: Hardware) -> float:
     """One accumulation of a microbatch's fp32 weight gradients into ``.grad`` (read 4 + 4, write 4 B), paid by every
-    microbatch after the first under autocast (stacks with fused main-gradient accumulation pay nothing)."""
-    if hw.policy.weight_copy_bytes <= 0:
+    microbatch after the first under autocast, and under FSDP2 mixed precision, which adds each microbatch's
+    reduce-scattered shard into the sharded ``.grad`` (foreach_reduce: ``grad._local_tensor += new_sharded_grad``);
+    stacks with fused main-gradient accumulation pay nothing."""
+    if hw.policy.weight_copy_bytes <= 0 and not hw.policy.shard_cast_zero:
         return 0.0
     return param_count * 12.0 / hw.mem_bw
 
@@ -620,23 +715,32 @@ def dp_comm_s(param_count: float, dp: int, zero: int, stride: int, hw: Hardware)
     """DP gradient/parameter traffic of one layer as (per microbatch, per step) seconds.
 
     ``param_count`` is the layer's parameters on one tp/ep shard. ZeRO-0 and 1: one all-reduce (ZeRO-1
-    = reduce-scatter + all-gather, the same volume) per step. ZeRO-2: gradients are reduce-scattered
-    every microbatch (they cannot be accumulated unsharded) and parameters all-gathered once per step.
-    ZeRO-3: parameters all-gathered for forward and backward and gradients reduce-scattered every
-    microbatch (Rajbhandari et al. 2020: 1.5x the volume of DP per microbatch).
+    = reduce-scatter + all-gather, the same volume) per step; under DeepSpeed's BF16_Optimizer
+    (``Precision.step_gather``) an all-reduce of the whole gradient buffer and an all-gather of the parameters.
+    ZeRO-2: gradients are reduce-scattered every microbatch (they cannot be accumulated unsharded) and
+    parameters all-gathered once per step. ZeRO-3: parameters all-gathered for forward and backward and
+    gradients reduce-scattered every microbatch (Rajbhandari et al. 2020: 1.5x the volume of DP per
+    microbatch); one all-gather where the layer keeps its gathered weights from forward to backward
+    (``reshards_after_forward``). FSDP2 layers whose sync the pipeline schedule defers (``Hardware.fsdp_deferred``):
+    one all-gather and one reduce-scatter per step (ZeRO-0/1, replicated: one all-reduce), after all backwards.
     """
     if dp <= 1:
         return 0.0, 0.0
-    grads = param_count * hw.policy.reduce_bytes  # the stacks reduce fp32 main gradients (Megatron, FSDP2 reduce_dtype)
-    params = param_count * hw.policy.gather_bytes
+    p = hw.policy_at(zero)
+    grads = param_count * p.reduce_bytes  # the stacks reduce fp32 main gradients (Megatron, FSDP2 reduce_dtype)
+    params = param_count * p.gather_bytes
     bw, lat = link(hw, dp, stride)
     ag = allgather_s(params, dp, bw, lat)
     rs = reduce_scatter_s(grads, dp, bw, lat)
+    if p.gathers_after_step(zero):  # BF16_Optimizer: the whole buffer all-reduced, then the params gathered after the step
+        return 0.0, allreduce_s(grads, dp, bw, lat) + ag
+    if hw.fsdp_deferred(zero):  # the pipeline schedule's one gather and one reduction (all-reduce where replicated)
+        return 0.0, (ag + rs if zero >= 2 else allreduce_s(grads, dp, bw, lat))
     if zero <= 1:
         return 0.0, allreduce_s(grads, dp, bw, lat)
     if zero == 2:
         return rs, ag
-    return 2 * ag + rs, 0.0
+    return (2 if reshards_after_forward(zero, hw) else 1) * ag + rs, 0.0
 
 
 def hsdp_allreduce_s(param_count: float, dp: int, shard: int, stride: int, hw: Hardware) -> float:
@@ -737,11 +841,12 @@ def model_state_bytes(param_count: float, dp: int, zero: int, states: str, hw: H
     on one device: ZeRO-1 shards optimizer states over dp, ZeRO-2 also gradients, ZeRO-3 also parameters.
     Gradients and optimizer states only for ``hw.trainable_fraction`` of them (LoRA; 1 otherwise)."""
     p = hw.policy_at(zero)
+    deferred = hw.fsdp_deferred(zero)  # the unsharded gradients accumulated in reduce_dtype until the step's reduction
     zero = max(zero, p.zero_floor)
     trained = param_count * hw.trainable_fraction  # LoRA: the frozen base keeps its weights only
     return {
         "params": param_count * p.param_bytes / (dp if zero >= 3 else 1),
-        "grads": trained * p.grad_bytes / (dp if zero >= 2 else 1),
+        "grads": trained * (p.reduce_bytes if deferred else p.grad_bytes / (dp if zero >= 2 else 1)),
         "optimizer": trained * (optimizer_state_bytes(states) + p.master_at(zero)) / (dp if zero >= 1 else 1),
     }
 
@@ -974,14 +1079,14 @@ def backward_working_bytes(cfg: ModelConfig, index: int, tokens: float, tp: int,
 
 def embedding_static_bytes(cfg: ModelConfig, first: bool, last: bool, tp: int, dp: int, zero: int, states: str,
                            hw: Hardware) -> float:
-    """Model states of the embedding (first rank) and head (last rank), plus the autocast copy of the head
-    weight where the policy keeps one (the embedding lookup runs in fp32 under autocast)."""
+    """Model states of the embedding (first rank) and head (last rank), plus the compute-dtype copy of the head
+    weight where the policy keeps one (``weight_copy_bytes``; the embedding lookup runs in fp32 under autocast)."""
     if not (first or last):
         return 0.0
     n = embedding_param_count(cfg, first, last, tp)
     total = sum(model_state_bytes(n, dp, zero, states, hw).values())
     if last:
-        total += cfg.vocab_size * cfg.d_model / tp * hw.policy.weight_copy_bytes
+        total += cfg.vocab_size * cfg.d_model / tp * weight_copy_bytes(zero, hw)
     return total
 
 
@@ -1071,8 +1176,7 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
     shard = parts.get(key)
     if shard is None:
         shard = parts[key] = _shard_terms(cfg, index, moe, s, states, hw)
-    shard_params, dp_mb, dp_step, states_b, opt_step, accum_mb = shard
-    pol = hw.policy
+    shard_params, dp_mb, dp_step, states_b, opt_step, accum_mb, cast_mb = shard
     compiled = compiled_layer(cfg, index, sv, hw)
     key = ("act", moe, tokens, seq_len, s.tp, s.sp, s.recompute, sv.fp8_act, sv.wta_crs, sv.lemo)
     acts = parts.get(key)
@@ -1081,17 +1185,21 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
     act, working = acts
     gathered = float(zero3_transient_bytes(cfg, index, shard_params, hw, parts)) if s.zero >= 3 else 0.0
     gathered += float(zero_buffer_bytes(hw, s.zero))
-    copies = shard_params * pol.weight_copy_bytes  # autocast's compute-dtype copy of each weight in use
-    compute_mb += weight_traffic_mb_s(shard_params, s.recompute, hw)
+    copies = shard_params * weight_copy_bytes(s.zero, hw)  # compute-dtype copies of the weights in use
+    compute_mb += weight_traffic_mb_s(shard_params, s.recompute, hw, s.zero)
+    if hw.policy.shard_cast_zero:  # fsdp_cast_s (added as layer_costs_columns adds it: the same floats)
+        compute_mb += cast_mb
     if compiled and s.recompute != "none":
         # a compiled checkpointed block saves no weight copy (the casts are recomputed): one layer's at a time
         working += copies if hw.runtime_buffers else 0.0
         copies = 0.0
     if lean:
-        return (microbatch_s(compute_mb, comm_mb, overhead_mb, dp_mb, hw), step_dp_s(compute_mb, fwd, dp_step, hw) + opt_step,
+        return (microbatch_s(compute_mb, comm_mb, overhead_mb, dp_mb, hw),
+                step_dp_s(compute_mb, fwd, dp_step, hw, hw.dp_overlapped(s.zero)) + opt_step,
                 accum_mb, sum(states_b.values()) + copies, act, gathered + working)
     return {
         "compute_mb": compute_mb, "fwd_mb": fwd, "comm_mb": comm_mb, "overhead_mb": overhead_mb, "dp_mb": dp_mb, "dp_step": dp_step,
+        "dp_overlapped": hw.dp_overlapped(s.zero), "cast_mb": cast_mb,
         "static_bytes": sum(states_b.values()) + copies, "act_bytes": act, "gathered_bytes": gathered,
         "transient_bytes": gathered + working, "copy_bytes": copies,
         "model_flops_mb": model_flops_mb, "hw_flops_mb": hw_flops_mb, "shard_params": shard_params,
@@ -1133,7 +1241,11 @@ class StrategyColumns:
         self.tp_sp_cp = sorted({(s.tp, s.sp, s.cp) for s in strategies})
         self.zero = np.array([s.zero for s in strategies], dtype=np.intp)
         self.zero3 = self.zero >= 3
-        self.cast_factor = np.where(rc_on, 6.0 * 2 + 6.0, 6.0 * 1 + 6.0)  # weight_traffic_mb_s's reads and writes
+        # weight_traffic_mb_s's reads and writes (0 where autocast casts nothing: autocast_casts)
+        casts = np.fromiter((autocast_casts(s.zero, hw) for s in strategies), dtype=bool, count=n)
+        self.cast_factor = np.where(casts, np.where(rc_on, 6.0 * 2 + 6.0, 6.0 * 1 + 6.0), 0.0)
+        self.copy_bytes = np.fromiter((weight_copy_bytes(s.zero, hw) for s in strategies), dtype=float, count=n)
+        self.dp_overlapped = np.fromiter((hw.dp_overlapped(s.zero) for s in strategies), dtype=bool, count=n)
         self.compiled_rc = compiled & rc_on
         self.blocks: list["StrategyColumns"] = []  # the lists this one concatenates (``concat``), if any
 
@@ -1156,7 +1268,7 @@ class StrategyColumns:
         self.max_dp_cp = max((b.max_dp_cp for b in blocks if b.strategies), default=1)
         self.tp_sp_cp = sorted({x for b in blocks for x in b.tp_sp_cp})
         self.zero = np.concatenate([b.zero for b in blocks] or [np.zeros(0, dtype=np.intp)])
-        for name in ("zero3", "cast_factor", "compiled_rc"):
+        for name in ("zero3", "cast_factor", "copy_bytes", "dp_overlapped", "compiled_rc"):
             setattr(self, name, np.concatenate([getattr(b, name) for b in blocks] or [np.zeros(0)]))
         return self
 
@@ -1174,14 +1286,15 @@ def layer_costs_columns(cfg: ModelConfig, index: int, cols: StrategyColumns, mb_
     by_tokens = _token_columns(cfg, index, cols, mb_dp, seq_len, hw, parts)
     by_states = _state_columns(cfg, index, cols, states, hw, parts)
     fwd, compute_mb, comm_mb, overhead_mb, act_b, working = by_tokens
-    shard_params, dp_mb, dp_step, states_b, opt_step, accum_mb = by_states
-    pol = hw.policy
+    shard_params, dp_mb, dp_step, states_b, opt_step, accum_mb, cast_mb = by_states
     slowdown = hw.overlap_slowdown
     gathered = np.where(cols.zero3, zero3_transient_bytes(cfg, index, shard_params, hw, parts), 0.0)
     gathered = gathered + zero_buffer_bytes(hw, cols.zero)
-    copies = shard_params * pol.weight_copy_bytes
-    if pol.weight_copy_bytes > 0:  # weight_traffic_mb_s
+    copies = shard_params * cols.copy_bytes
+    if hw.policy.weight_copy_bytes > 0:  # weight_traffic_mb_s
         compute_mb = compute_mb + shard_params * cols.cast_factor / hw.mem_bw
+    if hw.policy.shard_cast_zero:  # fsdp_cast_s
+        compute_mb = compute_mb + cast_mb
     if hw.runtime_buffers:
         working = np.where(cols.compiled_rc, working + copies, working)
     copies = np.where(cols.compiled_rc, 0.0, copies)
@@ -1190,7 +1303,8 @@ def layer_costs_columns(cfg: ModelConfig, index: int, cols: StrategyColumns, mb_
             + (np.maximum(compute_mb, dp_mb) + slowdown * np.minimum(compute_mb, dp_mb) - compute_mb))
     if hw.dp_overlap:
         bwd = compute_mb - fwd
-        step = np.maximum(bwd, dp_step) + slowdown * np.minimum(bwd, dp_step) - bwd
+        overlapped = np.maximum(bwd, dp_step) + slowdown * np.minimum(bwd, dp_step) - bwd
+        step = np.where(cols.dp_overlapped, overlapped, dp_step)
     else:
         step = dp_step
     return np.stack([mb_s, step + opt_step, accum_mb, states_b + copies, act_b, gathered + working])
@@ -1269,13 +1383,13 @@ def _state_columns_of(cfg: ModelConfig, index: int, cols: StrategyColumns, state
     """``_state_columns`` of one list of strategies."""
     moe = cfg.is_moe_layer(index)
     reps = cols.reps["shard"]
-    shard = np.empty((6, len(reps)))
+    shard = np.empty((7, len(reps)))
     for g, s in enumerate(reps):
         key = ("shard", moe, s.tp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, states)
         sh = parts.get(key)
         if sh is None:
             sh = parts[key] = _shard_terms(cfg, index, moe, s, states, hw)
-        shard[:, g] = (sh[0], sh[1], sh[2], sum(sh[3].values()), sh[4], sh[5])
+        shard[:, g] = (sh[0], sh[1], sh[2], sum(sh[3].values()), sh[4], sh[5], sh[6])
     return shard[:, cols.idx["shard"]]
 
 
@@ -1324,9 +1438,10 @@ def _compute_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, tokens: floa
 
 
 def _shard_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, states: str, hw: Hardware
-                 ) -> tuple[float, float, float, dict[str, float], float, float]:
+                 ) -> tuple[float, float, float, dict[str, float], float, float, float]:
     """layer_costs' terms of one rank's shard: parameters on it (attention/dense MLP split by tp, experts by tp and
-    ep), DP traffic per microbatch and per step, model-state bytes, optimizer step and gradient accumulation."""
+    ep), DP traffic per microbatch and per step, model-state bytes, optimizer step (with FSDP2's per-step casts) and
+    gradient accumulation, and FSDP2's casts per microbatch (``fsdp_cast_s``)."""
     if moe:
         expert = cfg.n_experts * 3 * cfg.d_model * cfg.expert_ffn_dim
         dense = cfg.layer_params(index) - expert
@@ -1338,6 +1453,9 @@ def _shard_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, states: str, h
         states_b = model_state_bytes(dense / s.tp, dpc, s.zero, states, hw)
         exp_b = model_state_bytes(expert / (s.tp * s.ep), dpc // s.ep, s.zero, states, hw)
         states_b = {k: states_b[k] + exp_b[k] for k in states_b}
+        cast_dense, cast_dense_step = fsdp_cast_s(dense / s.tp, dpc, s.zero, hw)
+        cast_exp, cast_exp_step = fsdp_cast_s(expert / (s.tp * s.ep), dpc // s.ep, s.zero, hw)
+        cast_mb, cast_step = cast_dense + cast_exp, cast_dense_step + cast_exp_step
     else:
         shard_params = cfg.layer_params(index) / s.tp
         group = s.dp_shard or s.dp * s.cp  # HSDP: ZeRO state and gathers inside groups of dp_shard ranks
@@ -1345,10 +1463,12 @@ def _shard_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, states: str, h
         if group < s.dp:
             dp_mb += hsdp_allreduce_s(shard_params, s.dp, group, s.tp, hw)
         states_b = model_state_bytes(shard_params, group, s.zero, states, hw)
+        cast_mb, cast_step = fsdp_cast_s(shard_params, group, s.zero, hw)
     zero_dp = s.dp_shard or s.dp * s.cp
-    opt_step = optimizer_step_s(shard_params, zero_dp if not moe else s.dp * s.cp, s.zero, states, hw)
-    accum_mb = grad_accumulate_s(shard_params / (zero_dp if s.zero >= 2 else 1), hw)
-    return shard_params, dp_mb, dp_step, states_b, opt_step, accum_mb
+    accum_mb, accum_step = grad_accumulation_s(shard_params, zero_dp, s.zero, hw)
+    opt_step = (optimizer_step_s(shard_params, zero_dp if not moe else s.dp * s.cp, s.zero, states, hw) + cast_step
+                + accum_step)
+    return shard_params, dp_mb, dp_step, states_b, opt_step, accum_mb, cast_mb
 
 
 def _activation_terms(cfg: ModelConfig, index: int, s: Any, tokens: float, seq_len: int, lemo: float, compiled: bool,
@@ -1383,12 +1503,12 @@ def microbatch_s(compute: float, comm: float, overhead: float, dp_mb: float, hw:
 def layer_step_dp_s(c: dict[str, float], hw: Hardware) -> float:
     """Per-step DP traffic of one layer left exposed after overlapping it with the last backward (all of it
     when the stack reduces gradients after backward, e.g. Megatron-LM without --overlap-grad-reduce)."""
-    return step_dp_s(c["compute_mb"], c["fwd_mb"], c["dp_step"], hw)
+    return step_dp_s(c["compute_mb"], c["fwd_mb"], c["dp_step"], hw, c["dp_overlapped"])
 
 
-def step_dp_s(compute: float, fwd: float, dp_step: float, hw: Hardware) -> float:
-    """``layer_step_dp_s`` from its terms."""
-    if not hw.dp_overlap:
+def step_dp_s(compute: float, fwd: float, dp_step: float, hw: Hardware, overlapped: bool) -> float:
+    """``layer_step_dp_s`` from its terms (``overlapped``: ``Hardware.dp_overlapped`` of the layer's ZeRO stage)."""
+    if not overlapped:
         return dp_step
     return exposed_s(compute - fwd, dp_step, hw.overlap_slowdown)
 
@@ -1554,13 +1674,16 @@ def _ends_ops(plan: Any, cfg: ModelConfig, hw: Hardware, head_tokens: float, m: 
         n = embedding_param_count(cfg, r == 0, r == last, emb.tp)
         ops.append(("grads", r, model_state_bytes(n, emb_dp, emb.zero, plan.optimizer.states, hw)["grads"]))
         if r == last:
-            ops.append(("copies", r, cfg.vocab_size * cfg.d_model / emb.tp * hw.policy.weight_copy_bytes))
+            ops.append(("copies", r, cfg.vocab_size * cfg.d_model / emb.tp * weight_copy_bytes(emb.zero, hw)))
         per_mb, step = dp_comm_s(n, emb_dp, emb.zero, emb.tp, hw)
         ops.append(("step_s", r, step + tied_embedding_grad_s(cfg, emb.tp, pp.degree, per_stage, hw)))
+        cast_mb, cast_step = fsdp_cast_s(n, emb_dp, emb.zero, hw)  # FSDP2 gathers both ends in the compute dtype
+        deferred = hw.fsdp_deferred(emb.zero)
+        accum = grad_accumulation_s(n, emb_dp, emb.zero, hw) if deferred else (grad_accumulate_s(n, hw), 0.0)
         ops.append(("step_s", r, optimizer_step_s(n, emb_dp, emb.zero, plan.optimizer.states, hw)
-                    + (m - 1) * grad_accumulate_s(n, hw)))
-        # the head's cast (the lookup reads fp32)
-        ops.append(("mb_s", r, weight_traffic_mb_s(n if r == last else 0.0, "none", hw)))
+                    + (m - 1) * accum[0] + accum[1] + cast_step))
+        # the head's cast under autocast (the lookup reads fp32)
+        ops.append(("mb_s", r, weight_traffic_mb_s(n if r == last else 0.0, "none", hw, emb.zero) + cast_mb))
         ops.append(("mb_s", r, per_mb))  # embedding/head ZeRO-2/3 traffic: small, counted as exposed
     return ops
 

@@ -28,6 +28,21 @@ class Precision:
     dtype: str = "bf16"  # the training dtype (TrainConfig.dtype) the policy describes
     master_zero: tuple[int, ...] = (0, 1, 2, 3)  # the ZeRO stages at which the optimizer keeps the master copy
     zero_floor: int = 0  # the optimizer shards as at least this ZeRO stage (BF16_Optimizer: ZeRO-1 built in)
+    # DeepSpeed's BF16_Optimizer (runtime/bf16_optimizer.py): after the last backward the engine all-reduces the whole
+    # gradient-accumulation buffer over dp (pipe/engine.py _exec_reduce_grads -> engine.py buffered_allreduce_fallback:
+    # an all-reduce, not a reduce-scatter), and after each step ``update_lp_params`` all-gathers the updated bf16
+    # parameters from their dp partitions (utils.py all_gather_dp_groups); neither overlaps backward
+    step_gather: bool = False
+    # the ZeRO stages whose layers run under FSDP2 with ``MixedPrecisionPolicy(param_dtype)``: every all-gather first
+    # copies the rank's fp32 shard into a compute-dtype buffer (_fsdp_collectives._get_param_all_gather_inputs), so the
+    # weights reach the forward in the compute dtype and autocast casts none of them; a ``reduce_dtype`` narrower than
+    # the stored gradients casts the reduce-scatter output back (foreach_reduce's _to_dtype_if_needed)
+    shard_cast_zero: tuple[int, ...] = ()
+
+    def gathers_after_step(self, zero: int) -> bool:
+        """Whether the optimizer at ZeRO-``zero`` is BF16_Optimizer's reduce-then-gather (``step_gather``): ZeRO-0/1,
+        the stages DeepSpeed builds it at (ZeRO-2/3 build its ZeRO optimizers)."""
+        return self.step_gather and zero <= 1
 
     def master_at(self, zero: int) -> float:
         """Bytes per parameter of the master copy at ZeRO-``zero`` (before its dp sharding)."""
@@ -46,7 +61,9 @@ PRECISIONS = {
     "deepspeed_fp32": Precision("deepspeed_fp32", 4, 4, 4, 0, 4, 4, dtype="fp32", master_zero=(1, 2, 3)),
     # fp32 parameters + torch.autocast(bf16): meshwright's runtime on GPU (train/local_runtime.py). Autocast caches
     # one bf16 copy of every weight it casts until the forward leaves autocast; backward keeps them as saved inputs.
-    "autocast": Precision("autocast", 4, 4, 0, 2, 4, 4),
+    # Its ZeRO-2/3 layers are FSDP2 modules with MixedPrecisionPolicy(bf16, fp32) (parallel/data_parallel.py
+    # apply_fsdp): their weights arrive in bf16 from the all-gather, which casts the fp32 shard and carries bf16
+    "autocast": Precision("autocast", 4, 4, 0, 2, 2, 4, shard_cast_zero=(2, 3)),
     # bf16 parameters, fp32 main gradients and fp32 master weights: Megatron-LM (18 B/param; 6 + 12/dp with the
     # distributed optimizer), gradients reduced in fp32 (--accumulate-allreduce-grads-in-fp32)
     "bf16_fp32_grads": Precision("bf16_fp32_grads", 2, 4, 4, 0, 2, 4),
@@ -55,16 +72,22 @@ PRECISIONS = {
     "bf16": Precision("bf16", 2, 2, 4, 0, 2, 2),
     # DeepSpeed's BF16_Optimizer (bf16 with data_types.grad_accum_dtype=fp32 at ZeRO-1, BLOOM-176B's setup): the bf16
     # gradients plus a full fp32 accumulation buffer (2 + 4 B, not sharded: it implements ZeRO-1 only), fp32 master and
-    # states sharded, gradients reduced in fp32. Measured on DeepSpeed 0.19.8 (tests/distributed/parity_deepspeed.py)
-    "bf16_fp32_accum": Precision("bf16_fp32_accum", 2, 6, 4, 0, 2, 4),
+    # states sharded. Measured on DeepSpeed 0.19.8 (tests/distributed/parity_deepspeed.py). The fp32 buffer is
+    # all-reduced in the engine's communication_data_type, which is bf16 when bf16 is on and the config names none
+    # (engine.py communication_data_type; allreduce_bucket casts the buffer to it and back), as the export writes it:
+    # 2 B per element on the wire; then the bf16 parameters are all-gathered after the step (step_gather)
+    "bf16_fp32_accum": Precision("bf16_fp32_accum", 2, 6, 4, 0, 2, 2, step_gather=True),
     # the same optimizer with bf16 accumulation: what DeepSpeed's pipeline engine builds for bf16 at ZeRO-0 (engine.py
     # _do_optimizer_sanity_check); bf16 gradients kept (zeroed, not freed) plus a full bf16 accumulation buffer, fp32
     # master and states sharded over dp as at ZeRO-1: 6 + 12/dp B/param. Measured on DeepSpeed 0.19.8 with a 2-stage
-    # PipelineModule (tests/distributed/parity_deepspeed.py)
-    "bf16_bf16_accum": Precision("bf16_bf16_accum", 2, 4, 4, 0, 2, 2, zero_floor=1),
+    # PipelineModule (tests/distributed/parity_deepspeed.py). Communication: the bf16 accumulation buffer all-reduced
+    # whole over dp after the last backward (in place, bf16 on the wire), then the bf16 parameters all-gathered after
+    # the step (step_gather): ZeRO-1's all-gather on top of ZeRO-0's all-reduce, none of it overlapped
+    "bf16_bf16_accum": Precision("bf16_bf16_accum", 2, 4, 4, 0, 2, 2, zero_floor=1, step_gather=True),
     # FSDP2 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): fp32 sharded parameters, gradients and
-    # states; layers all-gathered in bf16 (torchtitan)
-    "fsdp_mixed": Precision("fsdp_mixed", 4, 4, 0, 0, 2, 4),
+    # states; layers all-gathered in bf16 (torchtitan, which applies fully_shard at every ZeRO stage: over a one-rank
+    # shard mesh for its DDP-like layouts, where the "all-gather" is the cast alone)
+    "fsdp_mixed": Precision("fsdp_mixed", 4, 4, 0, 0, 2, 4, shard_cast_zero=(0, 1, 2, 3)),
 }
 
 
@@ -88,6 +111,14 @@ class Stack:
     fp32_precision: str = "fp32"  # PRECISIONS key of fp32 training (TrainConfig.dtype=fp32, and CPU runs)
     # PRECISIONS key of bf16 ZeRO-0 layers under the stack's pipeline engine (pp>1) where it builds another optimizer
     pipeline_zero0_precision: str = ""
+    # on pp>1 layouts the stack's FSDP2 layers sync once per step: torchtitan runs them under
+    # torch.distributed.pipelining, whose stages turn gradient sync and resharding off for every microbatch but the
+    # last (pipelining/stage.py backward_maybe_with_nosync: set_requires_gradient_sync(False),
+    # set_reshard_after_backward(False); perform_reduce_grad after all backwards), and its fsdp_reshard_after_forward
+    # "default" (= not pp_enabled, which its export writes) keeps the weights gathered after forward: one all-gather
+    # and one reduce-scatter per step, the stage's compute-dtype weights and its unsharded gradients accumulated in
+    # reduce_dtype (_fsdp_param.py accumulate_unsharded_grad_if_needed) alive through the step
+    pipeline_defers_fsdp_sync: bool = False
 
     def buffer_elements(self, zero: int) -> float:
         """Elements of the reduction buckets allocated per rank at the backward peak at ZeRO-``zero`` (compute dtype)."""
@@ -147,7 +178,8 @@ STACKS = {
     # the same with data_types.grad_accum_dtype=fp32 (BF16_Optimizer, ZeRO-1 built in, no reduction buckets)
     "deepspeed-fp32-accum": Stack("deepspeed-fp32-accum", "bf16_fp32_accum", dp_overlap=True, tp_wgrad_overlap=False,
                                   pipeline_slowdown=1.25, deepspeed=DeepSpeedSizes()),
-    "torchtitan": Stack("torchtitan", "fsdp_mixed", dp_overlap=True, tp_wgrad_overlap=False, pipeline_slowdown=1.0),
+    "torchtitan": Stack("torchtitan", "fsdp_mixed", dp_overlap=True, tp_wgrad_overlap=False, pipeline_slowdown=1.0,
+                        pipeline_defers_fsdp_sync=True),
 }
 
 

@@ -317,9 +317,10 @@ class AsyncCheckpointer:
         before = latest_checkpoint(pending.final.parent)
         resume = (f"resume from the previous checkpoint {before} (`meshwright train ... --resume` takes it)"
                   if before is not None else "no earlier checkpoint exists: the run restarts from step 0")
-        return CheckpointPeerLost(f"checkpoint {pending.final} was not completed: a peer rank was lost or a collective of "
-                           f"the checkpoint writer timed out ({type(exc).__name__}: {first}); the partial "
-                           f"{pending.tmp.name} was removed; valid: find why that rank stopped (its log), then {resume}")
+        return CheckpointPeerLost(f"checkpoint {pending.final} was not completed: a peer rank was lost or a collective "
+                                  f"of the checkpoint writer timed out ({type(exc).__name__}: {first}); the partial "
+                                  f"{pending.tmp.name} was removed; valid: find why that rank stopped (its log), then "
+                                  f"{resume}")
 
     def close(self, interrupted: bool = False) -> None:
         """Wait for the save in flight (``interrupted``: see ``wait``) and free the staging buffers."""

@@ -111,13 +111,13 @@ def losses(out: Path) -> dict[int, float]:
 
 
 def waiting_for_held_write(run: Launch, out: Path, held: Path, step: int) -> bool:
-    """Both ranks' writers are held, ``step`` is logged and both main threads have slept for a second since: they
+    """Both ranks' writers are held, ``step`` is logged and both main threads have slept for 0.5 s since: they
     wait at ``step``'s save for the held write (read from /proc; the run knows nothing of it)."""
     if not ((held / "held.rank0").exists() and (held / "held.rank1").exists()):
         return False
     if not (out / "log.jsonl").is_file() or step not in losses(out) or len(run.find_workers()) != 2:
         return False
-    end = time.monotonic() + 1.0
+    end = time.monotonic() + 0.5
     while time.monotonic() < end:
         if any(state(w) != "S" for w in run.workers):
             return False
@@ -148,7 +148,7 @@ def test_ctrl_c_twice_during_a_background_save_then_a_rank_killed_on_the_resumed
         before = losses(out)
         run.procs[0].send_signal(signal.SIGINT)  # Ctrl-C in torchrun's terminal: torchrun sends SIGINT to each rank
         run.wait_until(lambda: "still finishing checkpoint step 4" in run.output(), "the first Ctrl-C's line")
-        time.sleep(0.5)
+        time.sleep(0.3)
         assert run.procs[0].poll() is None and all(state(w) != "gone" for w in run.workers)  # still waiting
         run.procs[0].send_signal(signal.SIGINT)  # again: torchrun sends each rank SIGTERM
         run.wait(PROMPT_S)
@@ -216,7 +216,7 @@ def test_sigterm_during_a_background_save_stops_every_rank_after_one_step_with_a
     in one process on the uninterrupted trajectory. Before preemption, the workers died and every step was lost."""
     from meshwright.cli import main
 
-    cache, out, held, steps = tmp_path / "cache", tmp_path / "two", tmp_path / "held", 12
+    cache, out, held, steps = tmp_path / "cache", tmp_path / "two", tmp_path / "held", 8
     held.mkdir()
     args = [*ARGS, f"steps={steps}", f"out_dir={out}"]
     run = Launch(tmp_path, "sigterm", [torchrun(2, args)],
@@ -225,7 +225,7 @@ def test_sigterm_during_a_background_save_stops_every_rank_after_one_step_with_a
         run.wait_until(lambda: waiting_for_held_write(run, out, held, 4),
                        "both ranks waiting at step 4 for the held step-2 write")
         run.procs[0].send_signal(signal.SIGTERM)
-        time.sleep(1.0)
+        time.sleep(0.5)
         assert run.procs[0].poll() is None and latest_checkpoint(out / "ckpt") is None  # still waiting for the write
         (held / "release").touch()
         run.wait(PROMPT_S)

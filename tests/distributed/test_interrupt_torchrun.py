@@ -133,6 +133,11 @@ def no_tracebacks_of_ours(text: str) -> None:
 
 @pytest.mark.timeout(300)
 def test_ctrl_c_twice_during_a_background_save_then_a_rank_killed_on_the_resumed_run(tmp_path):
+    """Ctrl-C reaches both ranks while they wait for the held step-4 write: they say so and keep waiting; a second
+    Ctrl-C (torchrun passes it on as SIGTERM) abandons it: exit 130 each, step 2 stays `latest`, step 4's `.tmp` is
+    gone. Before, the second one was taken for a preemption and the ranks waited for the write until torchrun's
+    SIGKILL. The resume, as two nodes, redoes steps 3-6 bitwise; rank 1 killed -9 then leaves rank 0 one line and
+    exit 1 (a gloo traceback before), with a complete `latest` and no `.tmp`."""
     out, held = tmp_path / "run", tmp_path / "held"
     held.mkdir()
     out.mkdir()
@@ -161,6 +166,7 @@ def test_ctrl_c_twice_during_a_background_save_then_a_rank_killed_on_the_resumed
     for r in (0, 1):  # one line per rank says it was interrupted
         assert text.count(f"meshwright train: interrupted (rank {r} of 2)") == 1, text[-4000:]
     assert text.count("abandoned checkpoint step 4: step_000002 stays the latest checkpoint") == 1, text[-4000:]
+    assert text.count("interrupted during step 6 of 40; step_000002 is the latest complete checkpoint") == 1  # main
     ckpt = out / "ckpt"
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_000002"], text[-4000:]  # the .tmp is removed
     verify_manifest(ckpt / "step_000002")
@@ -168,6 +174,8 @@ def test_ctrl_c_twice_during_a_background_save_then_a_rank_killed_on_the_resumed
 
     # 2. the same run resumed as two nodes (a torchrun each) from the last complete checkpoint; then node 1's rank
     # is killed -9: rank 0 is not stopped by its torchrun (that only watches its own node) and must see it by itself
+    for r in (0, 1):
+        (held / f"exit.rank{r}").unlink()
     port = free_port()
     resume = [*ARGS, f"out_dir={out}", "--resume-from", str(ckpt)]
     nodes = Launch(tmp_path, "nodes", [torchrun(1, resume, (i, 2, port)) for i in (0, 1)],

@@ -9,7 +9,7 @@ import os
 import sys
 
 from meshwright import __version__
-from meshwright.errors import ConfigError
+from meshwright.errors import ConfigError, PeerLost
 
 COMMANDS = ("data", "train", "profile", "plan", "launch", "report", "export", "completion")
 
@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"meshwright {args.command}: error: path={str(where)!r} is unusable ({exc.strerror or exc}); valid: an "
               f"existing, readable input or a writable output location", file=sys.stderr)
         return 2
+    except PeerLost as exc:
+        print(f"meshwright {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except (MemoryError, RuntimeError) as exc:
         if not _out_of_memory(exc):
             raise
@@ -49,8 +52,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"meshwright {args.command}: error: out of memory ({first[:200]}); valid: {advice}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"meshwright {args.command}: interrupted", file=sys.stderr)
+        print(f"meshwright {args.command}: interrupted{_which_rank()}", file=sys.stderr)
         return 130
+
+
+def _which_rank() -> str:
+    """`` (rank R of W)`` under torchrun with several ranks, where each rank says it once; else empty."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f" (rank {os.environ.get('RANK', '?')} of {world})" if world.isdigit() and int(world) > 1 else ""
 
 
 # what to change after an out-of-memory error, per command (profile's sizes are flags, not the train config's)

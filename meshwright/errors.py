@@ -10,3 +10,8 @@ class ConfigError(ValueError):
 def invalid(field: str, value: object, valid: str) -> ConfigError:
     """Build the one-line error every validator in meshwright uses."""
     return ConfigError(f"{field}={value!r} is invalid; valid: {valid}")
+
+
+class PeerLost(RuntimeError):
+    """A multi-rank run stopped because another rank is gone or a collective timed out: not bad input (the CLI
+    prints the one line and exits 1), but said as one line per rank, naming the checkpoint to resume from."""

@@ -16,12 +16,16 @@ write the checksums, rename the directory into place, move ``latest`` and prune.
 ``.tmp``, which resume ignores (it takes the previous complete checkpoint). At most one save is in flight:
 the next ``save``, the end of fit, preemption and the error path ``wait`` for it first (and raise its error).
 
-Ctrl-C while a save is waited for (the run already stopping, or the next save): the first one is reported and the
-wait goes on (the write finishes, is published, then the run stops as asked); the next one abandons it: nothing of
-it is published, the previous checkpoint stays ``latest``, its ``.tmp`` is left for resume to ignore (and the next
-save to remove), and the CLI exits at once (exit 130) without tearing the process group down under the writer
-(``abandoned_write_running``). Where the main rank's writer is already publishing (checksums, renames: local and
-short) the abandon waits for that to end; a further Ctrl-C exits regardless (the publish steps are each atomic).
+Ctrl-C while a save is waited for (the run already stopping, or the next save), or a Ctrl-C that stopped the
+training with a save in flight (``wait(interrupted=True)``): the first one is reported and the wait goes on (the
+write finishes, is published, then the run stops as asked); the next one abandons it: nothing of it is published,
+the previous checkpoint stays ``latest``, its ``.tmp`` is removed (this run created it; were a writer still to add a
+file there as the process ends, resume ignores the ``.tmp`` and the next save removes it), and the CLI exits at once
+(exit 130) without tearing the process group down under the writer (``abandoned_write_running``). Where the main
+rank's writer is already publishing (checksums, renames: local and short) the abandon waits for that to end; a
+further Ctrl-C exits regardless (the publish steps are each atomic). SIGTERM counts as a Ctrl-C here once the run is
+interrupted (torchrun answers a second Ctrl-C in its terminal by sending its workers SIGTERM); before that it goes
+to the handler it had (preemption: the run stops once this save is in place).
 
 A write that fails because a peer rank died or a collective of the writer's group timed out is reported as that
 (peer lost, resume from the previous checkpoint, named), not as an unwritable directory.
@@ -64,6 +68,10 @@ from meshwright.train.checkpoint import (
 from meshwright.train.runtime import Runtime
 
 _ABANDONED: list["_Pending"] = []  # abandoned saves (see abandoned_write_running)
+
+
+class CheckpointPeerLost(ConfigError):
+    """A background write given up because a peer rank died or its collective timed out (``_peer_lost_error``)."""
 
 
 class CheckpointAbandoned(KeyboardInterrupt):
@@ -223,17 +231,20 @@ class AsyncCheckpointer:
         finally:
             pending.done.set()
 
-    def wait(self) -> Path | None:
+    def wait(self, interrupted: bool = False) -> Path | None:
         """Block until the save in flight (if any) is complete and in place; raise its error as one line.
-        Returns the checkpoint's directory, or None when nothing was in flight. Ctrl-C meanwhile: module docstring."""
+        Returns the checkpoint's directory, or None when nothing was in flight. Ctrl-C meanwhile, and
+        ``interrupted`` (a Ctrl-C already stopped the run: the next one abandons the save): module docstring."""
         pending = self._pending
         if pending is None:
             return None
         try:
-            interrupted = self._join(pending)
+            interrupted = self._join(pending, interrupted)
         except CheckpointAbandoned:
             self._pending = None
             _ABANDONED.append(pending)
+            if pending.abandoned:  # nothing of it will be published: its partial files go (module docstring)
+                shutil.rmtree(pending.tmp, ignore_errors=True)
             raise
         self._pending = None
         if pending.error is not None:
@@ -248,9 +259,9 @@ class AsyncCheckpointer:
             raise KeyboardInterrupt
         return pending.final
 
-    def _join(self, pending: _Pending) -> bool:
-        """Join the writer. On the main thread, Ctrl-C meanwhile is reported, then abandons the save (module
-        docstring); returns whether one was pressed."""
+    def _join(self, pending: _Pending, interrupted: bool = False) -> bool:
+        """Join the writer. On the main thread, Ctrl-C (or SIGTERM once interrupted) meanwhile is reported, then
+        abandons the save (module docstring); returns whether one was pressed. ``interrupted``: one was, before."""
         thread = pending.thread
         if thread is None or thread.ident is None:  # a Ctrl-C in save() before it started: nothing to wait for
             return False
@@ -260,11 +271,15 @@ class AsyncCheckpointer:
         presses = 0
         before = latest_checkpoint(pending.final.parent)
         keeps = f"{before.name} stays the latest checkpoint" if before is not None else "there is no earlier checkpoint"
+        say = self.notify or (lambda line: None)
+        previous_term = signal.getsignal(signal.SIGTERM)  # None: not set from Python (the default then)
 
         def on_interrupt(signum: int, frame: Any) -> None:
             nonlocal presses
+            if signum == signal.SIGTERM and presses == 0 and callable(previous_term):
+                previous_term(signum, frame)  # preemption records it: the run stops once this save is in place
+                return
             presses += 1
-            say = self.notify or (lambda line: None)
             if presses == 1:
                 say(f"still finishing checkpoint step {pending.step} (written in the background); press Ctrl-C "
                     f"again to abandon it ({keeps})")
@@ -273,8 +288,8 @@ class AsyncCheckpointer:
                 if not pending.publishing:
                     pending.abandoned = True
             if pending.abandoned or presses > 2:
-                line = (f"abandoned checkpoint step {pending.step}: {keeps}; its {pending.tmp.name} is left and "
-                        f"resume ignores it" if pending.abandoned else
+                line = (f"abandoned checkpoint step {pending.step}: {keeps}; its partial {pending.tmp.name} is "
+                        f"removed" if pending.abandoned else
                         f"exiting while checkpoint step {pending.step} is put in place; resume takes the newest "
                         f"complete checkpoint")
                 say(line)
@@ -282,15 +297,19 @@ class AsyncCheckpointer:
             say(f"checkpoint step {pending.step} is being put in place (checksums, rename), a moment; press "
                 f"Ctrl-C again to exit at once")
 
+        if interrupted:  # the Ctrl-C that stopped the run counts as the first press
+            on_interrupt(signal.SIGINT, None)
         previous = signal.signal(signal.SIGINT, on_interrupt)
+        signal.signal(signal.SIGTERM, on_interrupt)
         try:
             pending.done.wait()  # an Event, not thread.join: see _Pending.done
         finally:
             signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGTERM, previous_term if previous_term is not None else signal.SIG_DFL)
         thread.join()  # it has ended (done is set last)
         return presses > 0
 
-    def _peer_lost_error(self, pending: _Pending, exc: BaseException) -> ConfigError:
+    def _peer_lost_error(self, pending: _Pending, exc: BaseException) -> CheckpointPeerLost:
         """A write given up because a peer rank died or its collective timed out: what happened and what to do."""
         if self.runtime.is_main:
             shutil.rmtree(pending.tmp, ignore_errors=True)
@@ -298,14 +317,15 @@ class AsyncCheckpointer:
         before = latest_checkpoint(pending.final.parent)
         resume = (f"resume from the previous checkpoint {before} (`meshwright train ... --resume` takes it)"
                   if before is not None else "no earlier checkpoint exists: the run restarts from step 0")
-        return ConfigError(f"checkpoint {pending.final} was not completed: a peer rank was lost or a collective of "
-                           f"the checkpoint writer timed out ({type(exc).__name__}: {first}); the partial "
-                           f"{pending.tmp.name} was removed; valid: find why that rank stopped (its log), then {resume}")
+        return CheckpointPeerLost(f"checkpoint {pending.final} was not completed: a peer rank was lost or a collective "
+                                  f"of the checkpoint writer timed out ({type(exc).__name__}: {first}); the partial "
+                                  f"{pending.tmp.name} was removed; valid: find why that rank stopped (its log), then "
+                                  f"{resume}")
 
-    def close(self) -> None:
-        """Wait for the save in flight and free the staging buffers."""
+    def close(self, interrupted: bool = False) -> None:
+        """Wait for the save in flight (``interrupted``: see ``wait``) and free the staging buffers."""
         try:
-            self.wait()
+            self.wait(interrupted)
         finally:
             if self._stager is not None:
                 with contextlib.suppress(Exception):

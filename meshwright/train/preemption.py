@@ -20,15 +20,18 @@ the same step.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import threading
 import time
+from datetime import timedelta
 from types import FrameType
 from typing import Any, Optional
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 EXIT_PREEMPTED = 128 + signal.SIGTERM  # what a process killed by SIGTERM reports: the run is not finished
+EXIT_WAIT_S = 5.0  # how long leaving on an error waits for the last step's flag all-reduce (a peer interrupted too)
 
 
 class Preemption:
@@ -60,14 +63,20 @@ class Preemption:
                 self._previous[s] = signal.signal(s, self._record)
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()
-        if self._pending is not None:  # every rank issued it: finish it, so no collective is left in flight
-            self._pending[0].wait()
-            self._pending = None
-        self._open = False
+        pending, self._pending, self._open = self._pending, None, False
+        if pending is None:
+            return
+        if exc_type is None:  # every rank issued it: finish it, so no collective is left in flight
+            pending[0].wait()
+            return
+        # leaving on an error (Ctrl-C, a peer lost): the other ranks may never issue this step's all-reduce, or be
+        # gone; its failure must not replace the error on its way out, nor its wait hold this rank until the timeout
+        with contextlib.suppress(Exception):
+            pending[0].wait(timedelta(seconds=EXIT_WAIT_S))
 
     def _record(self, signum: int, frame: Optional[FrameType]) -> None:
         if self.received_at is None:

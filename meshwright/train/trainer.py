@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import resource
 import sys
 import time
@@ -28,15 +29,15 @@ from meshwright.config import ClusterSpec, ModelConfig, TrainConfig
 from meshwright.config.io import to_dict
 from meshwright.data.fingerprint import check_resume_data, data_label
 from meshwright.data.loader import SequenceLoader
-from meshwright.errors import ConfigError, invalid
+from meshwright.errors import ConfigError, PeerLost, invalid
 from meshwright.memory.meft import log_fields
 from meshwright.optim import CoatAdamW
 from meshwright.tools.energy import EnergyAccountant, EnergyTotals
 from meshwright.tools.flops import hardware_flops_per_token, model_flops_per_token
 from meshwright.tools.mfu import mfu as compute_mfu
 from meshwright.tools.sinks import Sinks, open_sinks
-from meshwright.train.async_checkpoint import AsyncCheckpointer, CheckpointAbandoned
-from meshwright.train.checkpoint import load_latest, load_runtime, save_checkpoint
+from meshwright.train.async_checkpoint import AsyncCheckpointer, CheckpointAbandoned, CheckpointPeerLost, peer_lost
+from meshwright.train.checkpoint import latest_checkpoint, load_latest, load_runtime, save_checkpoint
 from meshwright.train.compile import fast_adamw_kwargs
 from meshwright.train.faults import fault_point
 from meshwright.train.preemption import Preemption, grace_warning
@@ -260,23 +261,50 @@ class Trainer:
         self._saved_step = self.step
         return path
 
-    def wait_for_save(self) -> None:
-        """Block until a background checkpoint is complete and in place (its error raised); no-op when synchronous."""
+    def wait_for_save(self, interrupted: bool = False) -> None:
+        """Block until a background checkpoint is complete and in place (its error raised); no-op when synchronous.
+        ``interrupted``: a Ctrl-C stopped the run, so the wait says so and the next Ctrl-C abandons the save."""
         if self.async_ckpt is not None:
             with self._not_training():
-                self.async_ckpt.close()
+                self.async_ckpt.close(interrupted)
 
-    def _complete_save_in_flight(self) -> None:
-        """The error path: the checkpoint in flight is finished (it is complete data) before the error goes on, and
+    def _complete_save_in_flight(self, error: BaseException | None = None) -> None:
+        """The error path: the checkpoint in flight is finished (it is complete data) before ``error`` goes on, and
         before the caller tears down the process group its writer uses."""
         try:
-            self.wait_for_save()
+            self.wait_for_save(interrupted=isinstance(error, KeyboardInterrupt))
         except CheckpointAbandoned:  # a repeated Ctrl-C gave it up (its line is printed); the first error goes on
             pass
         except KeyboardInterrupt:  # Ctrl-C during the wait: the checkpoint completed, and the run stops anyway
             pass
         except Exception as exc:  # noqa: BLE001 - the first error is the one to report; this one is named
-            self.print(f"warning: the checkpoint in flight was not completed: {exc}")
+            if error is None or not self._peer_lost(error):  # a peer lost: its one line says what is resumed
+                self.print(f"warning: the checkpoint in flight was not completed: {exc}")
+
+    def _peer_lost(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is a collective failing because another rank is gone (or timed out), with several ranks."""
+        if self.runtime.world_size <= 1:
+            return False
+        return isinstance(exc, CheckpointPeerLost) or (isinstance(exc, (RuntimeError, OSError)) and peer_lost(exc))
+
+    def _stopped_by(self, exc: BaseException) -> BaseException | None:
+        """What to raise instead of ``exc`` on the way out of ``fit``: a peer lost becomes one line naming this rank,
+        the step and the checkpoint to resume from (``PeerLost``); a Ctrl-C is said once, with that checkpoint, by
+        the main rank (and goes on). None: ``exc`` goes on as it is."""
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        if not (interrupted and self.runtime.is_main) and not self._peer_lost(exc):
+            return None
+        latest = latest_checkpoint(self.ckpt_dir)
+        resume = (f"{latest.name} is the latest complete checkpoint: `meshwright train ... --resume` continues from "
+                  f"it" if latest is not None else "no checkpoint was completed: a new run starts from step 0")
+        if interrupted:
+            self.print(f"interrupted during step {self.step} of {self.cfg.steps}; {resume}")
+            return None
+        first = re.sub(r"^\[[^\]]*\] ", "", (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+        first = first.split(". ")[0][:200]  # gloo's first sentence ("Connection reset by peer"), not its advice
+        return PeerLost(f"rank {self.runtime.rank} of {self.runtime.world_size}: training stopped during step "
+                        f"{self.step}: a peer rank was lost or a collective timed out ({type(exc).__name__}: "
+                        f"{first}); valid: find why that rank stopped (its log), then resume: {resume}")
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Load ``path`` (or the latest checkpoint in out_dir/ckpt); False when there is none."""
@@ -422,6 +450,15 @@ class Trainer:
     def fit(self, resume: bool | str | Path = False, before_steps: Callable[[], None] | None = None) -> dict[str, Any]:
         """Train to ``cfg.steps``; returns (and on the main rank writes) the summary. ``before_steps`` runs once the
         resume has loaded (or there was none): a refused resume must not rewrite the run's files first."""
+        try:
+            return self._fit(resume, before_steps)
+        except BaseException as exc:
+            instead = self._stopped_by(exc)
+            if instead is None:
+                raise
+            raise instead from None
+
+    def _fit(self, resume: bool | str | Path, before_steps: Callable[[], None] | None) -> dict[str, Any]:
         resumed = self._resume_for_fit(resume)
         if before_steps is not None:
             before_steps()
@@ -435,8 +472,8 @@ class Trainer:
             with Preemption(self.runtime.world_size) as self.preemption:
                 for out in self.steps():
                     self._after_step(run, log, bar, out)
-        except BaseException:
-            self._complete_save_in_flight()
+        except BaseException as exc:
+            self._complete_save_in_flight(exc)
             raise
         finally:
             bar.close()
@@ -450,11 +487,11 @@ class Trainer:
                 run.eval_loss = self.evaluate()
             if self.step > run.first_step and self._saved_step != self.step:
                 self.save()
-        except BaseException:
-            self._complete_save_in_flight()
+        except BaseException as exc:
+            self._complete_save_in_flight(exc)
             raise
         self.wait_for_save()  # the run's last checkpoint is on disk and `latest` names it before fit returns
-        if self._stopping:
+        if self._stopping and self.runtime.is_main:  # every rank stopped at this step: said once
             self.print(f"stopped at step {self.step} of {self.cfg.steps}: {self.preemption.name} received; checkpoint "
                        f"saved{self.preemption.took()}, continue with `meshwright train ... --resume`")
         return self._finish(run, resumed)

@@ -74,6 +74,75 @@ def test_one_host_failing_stops_all_hosts(sshd, tmp_path):
         pytest.fail(f"remote process {pid} on 127.0.0.1 still alive")
 
 
+def interruptible_python(tmp_path: Path) -> Path:
+    """Stands in for the hosts' python as torchrun behaves: the first Ctrl-C on its terminal starts a stop that
+    waits (a checkpoint being finished), the second ends it with 130; each host records what it received."""
+    script = tmp_path / "fakepython"
+    script.write_text(
+        "#!/bin/sh\n"
+        "case \"$*\" in *--node-rank=1*) node=1;; *) node=0;; esac\n"
+        f"rec={tmp_path}/node$node.txt\n"
+        "n=0\n"
+        "trap 'n=$((n+1)); echo \"INT $n\" >> $rec; echo \"Ctrl-C $n\"; "
+        "if [ $n -ge 2 ]; then echo stopped; exit 130; fi' INT\n"
+        "trap 'echo HUP >> $rec; exit 129' HUP\n"
+        "echo \"node $node waiting\"\n"
+        "i=0; while [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\n"
+        "echo 'not interrupted'; exit 0\n"
+    )
+    script.chmod(0o755)
+    return script
+
+
+def test_ctrl_c_of_the_launch_is_passed_on_to_every_host_not_a_hang_up(sshd, tmp_path):
+    """Ctrl-C of `meshwright launch` reaches each host as its own terminal's Ctrl-C would (SIGINT to torchrun, which
+    stops its ranks: docs/training.md, "Interrupting a run"), and the launch waits for them; a second Ctrl-C is
+    passed on too, then the launch ends interrupted. Before, the first one hung up on the hosts: SIGHUP, the ranks
+    died at once with any checkpoint being written."""
+    import signal
+    import threading
+
+    spec = LaunchSpec(hosts=[Host("127.0.0.1", 1), Host("127.0.0.2", 1)], train_args=["train", "default"],
+                      python=str(interruptible_python(tmp_path)), workdir=str(tmp_path))
+    out = io.StringIO()
+    main = threading.get_ident()
+    seen = []
+
+    def press_twice() -> None:
+        def wait_for(text: str, count: int) -> None:
+            deadline = time.monotonic() + 60
+            while out.getvalue().count(text) < count and time.monotonic() < deadline:
+                time.sleep(0.05)
+            seen.append(out.getvalue().count(text) >= count)
+
+        wait_for(" waiting", 2)
+        signal.pthread_kill(main, signal.SIGINT)
+        wait_for("Ctrl-C 1", 2)
+        time.sleep(0.5)
+        seen.append("stopped" not in out.getvalue() and not launch_done.is_set())  # waiting for the second press
+        if not launch_done.is_set():  # (a launch that ended at the first press fails the test, not the session)
+            signal.pthread_kill(main, signal.SIGINT)
+
+    launch_done = threading.Event()
+    presser = threading.Thread(target=press_twice)
+    presser.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            try:
+                run_over_ssh(spec, ssh_port=sshd.port, ssh_key=str(sshd.key), connect_timeout=10, sink=out,
+                             known_hosts=str(sshd.known_hosts))
+            finally:
+                launch_done.set()
+    finally:
+        presser.join(90)
+    text = out.getvalue()
+    assert seen == [True, True, True], text
+    for node, host in enumerate(("127.0.0.1", "127.0.0.2")):
+        assert (tmp_path / f"node{node}.txt").read_text() == "INT 1\nINT 2\n", text  # no SIGHUP
+        assert f"[{host}] stopped" in text, text
+    assert text.count("meshwright launch: Ctrl-C passed on to the torchrun of every host still running") == 2
+
+
 def test_unknown_or_changed_host_key_is_refused_in_one_line(sshd, tmp_path):
     """The sshd's key is not in an empty known_hosts, or another key is recorded for it: nothing is started."""
     import paramiko

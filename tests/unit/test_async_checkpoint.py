@@ -164,9 +164,9 @@ def test_an_error_first_completes_the_checkpoint_in_flight(data, tmp_path, monke
     release, held_write = held_background_writes(60)
     wait_for_save = Trainer.wait_for_save
 
-    def releasing_wait(self):
+    def releasing_wait(self, *args, **kwargs):
         release.set()
-        wait_for_save(self)
+        wait_for_save(self, *args, **kwargs)
 
     monkeypatch.setattr(_FileSystemWriter, "write_data", held_write)
     monkeypatch.setattr(Trainer, method, failing(getattr(Trainer, method)))
@@ -249,7 +249,7 @@ def test_a_peer_lost_during_a_background_write_says_so_and_names_the_checkpoint_
     assert procs[0].returncode == 0 and procs[1].returncode == 9, (procs[0].returncode, err[-3000:])
     report = json.loads(out.strip().splitlines()[-1])
     msg = report["error"]
-    assert report["type"] == "ConfigError" and "\n" not in msg, report
+    assert report["type"] == "CheckpointPeerLost" and "\n" not in msg, report  # a ConfigError: one line
     assert "a peer rank was lost or a collective of the checkpoint writer timed out" in msg, msg
     assert f"resume from the previous checkpoint {root / 'step_000001'}" in msg, msg
     assert "writable" not in msg, msg
@@ -309,3 +309,68 @@ def test_freed_staging_leaves_no_copy_of_the_state_in_host_memory_and_kept_stagi
         writer.close()
         del rt, opt, writer
     assert held["free"] < state_bytes / 4, held
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("interrupted", [True, False], ids=["after_ctrl_c", "preemption"])
+def test_sigterm_while_a_save_is_waited_for(tmp_path, monkeypatch, interrupted):
+    """torchrun answers a second Ctrl-C by sending its ranks SIGTERM. Once the run is interrupted (a Ctrl-C stopped
+    it and the wait for the save in flight began), SIGTERM is that second Ctrl-C: the save is abandoned, its `.tmp`
+    removed, the previous checkpoint stays `latest`. Before it is, SIGTERM goes to the handler in place (the
+    preemption's, which records it) and the save completes. Before, the abandon never came: the ranks waited for the
+    write until torchrun's SIGKILL."""
+    import signal
+    import threading
+    import time
+
+    from meshwright.train.async_checkpoint import AsyncCheckpointer, CheckpointAbandoned
+    from meshwright.train.local_runtime import LocalRuntime
+
+    torch.manual_seed(0)
+    rt = LocalRuntime(torch.nn.Linear(8, 8))
+    opt = torch.optim.AdamW(rt.parameters())
+    lines: list[str] = []
+    ckpt = AsyncCheckpointer(rt, notify=lines.append)
+    root = tmp_path / "ckpt"
+    ckpt.save(root, 1, opt, {})
+    ckpt.wait()
+    release, held_write = held_background_writes(60)
+    monkeypatch.setattr(_FileSystemWriter, "write_data", held_write)
+    ckpt.save(root, 2, opt, {})
+    recorded: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: recorded.append(signum))  # the preemption's
+
+    def scheduler() -> None:
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1.0 if interrupted else 0.3)  # after the abandon; or: the write goes on, then completes
+        release.set()
+
+    thread = threading.Thread(target=scheduler)
+    thread.start()
+    try:
+        if interrupted:
+            with pytest.raises(CheckpointAbandoned):
+                ckpt.wait(interrupted=True)
+        else:
+            assert ckpt.wait() == root / "step_000002"
+    finally:
+        thread.join()
+        signal.signal(signal.SIGTERM, previous)
+    if interrupted:
+        assert recorded == [] and len(lines) == 2, lines
+        assert lines[0].startswith("still finishing checkpoint step 2 (written in the background); press Ctrl-C "
+                                   "again to abandon it (step_000001 stays the latest checkpoint)"), lines
+        assert lines[1] == ("abandoned checkpoint step 2: step_000001 stays the latest checkpoint; its partial "
+                            "step_000002.tmp is removed"), lines
+        assert not (root / "step_000002.tmp").exists()
+        from meshwright.train.async_checkpoint import _ABANDONED
+
+        _ABANDONED[-1].done.wait(30)  # the released writer ends without publishing anything
+        _ABANDONED.clear()
+        assert latest_checkpoint(root).name == "step_000001" and not (root / "step_000002").exists()
+        assert not (root / "step_000002.tmp").exists()  # nor recreated by the writer released after it
+    else:
+        assert recorded == [signal.SIGTERM] and lines == []
+        assert latest_checkpoint(root).name == "step_000002"
+    verify_manifest(latest_checkpoint(root))

@@ -96,3 +96,36 @@ def test_eager_agreement_stops_one_step_sooner_and_switches_at_the_same_call(one
         assert eager.steps_to_boundary(overlapped=False) == 1 and eager.steps_to_boundary(overlapped=True) == 2
     with Preemption(world_size=1) as one:
         assert one.steps_to_boundary(overlapped=False) == 1
+
+
+class _Work:
+    """A stand-in for the last step's flag all-reduce: records how it is waited for, fails like gloo with a peer gone."""
+
+    def __init__(self, fails: bool) -> None:
+        self.fails, self.waits = fails, []
+
+    def wait(self, timeout=None):
+        self.waits.append(timeout)
+        if self.fails:
+            raise RuntimeError("[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:6335: Connection reset by peer")
+        return True
+
+
+def test_leaving_on_an_error_neither_replaces_it_nor_waits_unbounded_for_the_flag_all_reduce():
+    """Ctrl-C (or a lost peer) mid-run: the other ranks may never issue this step's flag all-reduce, or be gone. Its
+    wait is bounded and its failure does not replace the error on its way out (it was a gloo traceback instead of
+    the one 'interrupted' line, or held the rank until the group's timeout). A normal exit still finishes it."""
+    from datetime import timedelta
+
+    from meshwright.train.preemption import EXIT_WAIT_S
+
+    failing = _Work(fails=True)
+    with pytest.raises(KeyboardInterrupt):
+        with Preemption() as p:
+            p._pending = (failing, None)
+            raise KeyboardInterrupt
+    assert failing.waits == [timedelta(seconds=EXIT_WAIT_S)] and p._pending is None
+    done = _Work(fails=False)
+    with Preemption() as p:
+        p._pending = (done, None)
+    assert done.waits == [None] and p._pending is None

@@ -3,20 +3,25 @@
 SSH is key-only: no passwords are ever sent, the agent is used only if no key is given. Host keys are checked
 as OpenSSH checks them: against known_hosts, an unknown or changed key refused (fabric alone trusts any). Each host's
 remote command runs under a pty so that closing the connection hangs up the remote process group,
-which is how the other hosts are stopped when one fails. Every command sent is wrapped by
+which is how the other hosts are stopped when one fails. A Ctrl-C (or SIGTERM) of the launch is not a hang-up: it
+is passed on as each host's terminal would pass it (ETX on the pty: SIGINT to its torchrun), so the ranks stop as
+under a local torchrun, and the launch waits for them; a second one is passed on too, a third hangs up. Every
+command sent is wrapped by
 ``argv.login_shell_neutral``, so the hosts' login shells may be fish or csh/tcsh as well as sh/bash/zsh.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import os
+import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any, Iterator, TextIO
 
 from meshwright.errors import ConfigError
 from meshwright.launcher.remote.argv import (
@@ -133,6 +138,7 @@ def run_over_ssh(spec: LaunchSpec, ssh_port: int | None = None, ssh_key: str | N
     stopped: set[int] = set()
     env_files: list[str | None] = []
     promises: list[Any] = []
+    interrupts = 0
     try:
         for h in spec.hosts:
             conns.append(connect(h, ssh_port, ssh_key, connect_timeout, known_hosts))
@@ -141,21 +147,30 @@ def run_over_ssh(spec: LaunchSpec, ssh_port: int | None = None, ssh_key: str | N
         promises = [conn.run(remote_shell_command(spec, torchrun_argv(spec, i), env_file), asynchronous=True, pty=True,
                              warn=True, hide=False, out_stream=stream, err_stream=stream, in_stream=False)
                     for i, (conn, stream, env_file) in enumerate(zip(conns, streams, env_files))]
-        while any(c is None for c in codes):
-            for i, p in enumerate(promises):
-                if codes[i] is None and p.runner.process_is_finished:
-                    try:
-                        codes[i] = p.join().exited
-                    except Exception as exc:  # invoke raises for hung-up runners
-                        codes[i] = getattr(getattr(exc, "result", None), "exited", 255) or 255
-                    if codes[i] != 0 and not failed:
-                        failed = True
-                        first_failure = i
-                        for j, conn in enumerate(conns):
-                            if codes[j] is None:
-                                stopped.add(j)
-                                conn.close()  # hangs up the pty: remote torchrun gets SIGHUP
-            time.sleep(poll_s)
+        with _sigterm_as_interrupt():
+            while any(c is None for c in codes):
+                try:
+                    for i, p in enumerate(promises):
+                        if codes[i] is None and p.runner.process_is_finished:
+                            try:
+                                codes[i] = p.join().exited
+                            except Exception as exc:  # invoke raises for hung-up runners
+                                codes[i] = getattr(getattr(exc, "result", None), "exited", 255) or 255
+                            if codes[i] != 0 and not failed and not interrupts:  # interrupted: each host stops itself
+                                failed = True
+                                first_failure = i
+                                for j, conn in enumerate(conns):
+                                    if codes[j] is None:
+                                        stopped.add(j)
+                                        conn.close()  # hangs up the pty: remote torchrun gets SIGHUP
+                    time.sleep(poll_s)
+                except KeyboardInterrupt:
+                    interrupts += 1
+                    if interrupts > FORWARDED_INTERRUPTS:
+                        raise  # the finally hangs up on every host
+                    _forward_interrupt(promises, codes, sink, lock, interrupts)
+        if interrupts:
+            raise KeyboardInterrupt  # every host has stopped: the launch says so (exit 130)
     finally:
         for s in streams:
             s.flush()
@@ -165,6 +180,44 @@ def run_over_ssh(spec: LaunchSpec, ssh_port: int | None = None, ssh_key: str | N
             conn.close()
     return [HostResult(h.name, c, list(s.tail), i in stopped, i == first_failure)
             for i, (h, c, s) in enumerate(zip(spec.hosts, codes, streams))]
+
+
+FORWARDED_INTERRUPTS = 2  # Ctrl-Cs passed on to the hosts; the next one hangs up on them
+
+
+def _forward_interrupt(promises: list[Any], codes: list[int | None], sink: TextIO, lock: threading.Lock,
+                       nth: int) -> None:
+    """A Ctrl-C of the launch, passed on as the Ctrl-C a terminal on each host would send (ETX on its pty): the
+    hosts' torchruns stop their ranks as a local Ctrl-C does (docs/training.md, "Interrupting a run"). Hanging up
+    instead, as before, sent them SIGHUP: the ranks died at once, a checkpoint being written with them."""
+    for i, p in enumerate(promises):
+        if codes[i] is None:
+            with contextlib.suppress(Exception):  # a host that ended meanwhile
+                p.runner.send_interrupt(KeyboardInterrupt())
+    then = ("press Ctrl-C again to abandon a checkpoint they are still writing" if nth < FORWARDED_INTERRUPTS else
+            "press Ctrl-C again to hang up on them (their ranks then die at once)")
+    with lock:
+        sink.write(f"meshwright launch: Ctrl-C passed on to the torchrun of every host still running; waiting for "
+                   f"them to stop ({then})\n")
+        sink.flush()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM to the launch (a scheduler stopping it) is taken as a Ctrl-C: passed on to the hosts, not a hang-up.
+    Main thread only (where Python delivers signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _discard_env_files(conns: list[Any], env_files: list[str | None]) -> None:

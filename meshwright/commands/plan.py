@@ -130,7 +130,10 @@ def _check_outputs_and_extras(args: argparse.Namespace) -> None:
     from meshwright.launcher.planner.capacity import DEFAULT_GRID, DEFAULT_PUE, check_capacity_inputs, parse_tokens
 
     if getattr(args, "out", None) is not None:  # --out '' wrote nothing, silently
-        check_output_path(args.out, "--out", directory=False)
+        check_output_path(args.out, "--out", directory=False, inputs={
+            flag: getattr(args, name, None) for flag, name in (
+                ("--model", "model"), ("--cluster", "cluster"), ("--train-config", "train_config"),
+                ("--hardware-profile", "hardware_profile"), ("--model-profile", "model_profile"))})
     if getattr(args, "train_config", None):
         if not getattr(args, "emit", None):
             raise invalid("--train-config", args.train_config, "used only with --emit (drop it, or add --emit)")

@@ -48,3 +48,52 @@ def test_profile_model_out_is_not_its_model(capsys, tmp_path):
                                    "--batch-sizes", "1,2", "--seq-lens", "16,32", "--iters", "1", "--tp", "1"])
     assert "--out=" in line and "--model" in line
     assert model.read_bytes() == before
+
+
+# ---- export --hf carries the tokenizer the data was encoded with, whatever form data.path takes ------------
+
+def _tokenizer(folder: Path, vocab: int, files: int) -> Path:
+    from meshwright.data.corpus import stdlib_files
+    from meshwright.data.tokenizer import BPETokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    BPETokenizer.train([f.read_text(errors="replace") for f in stdlib_files(files)], vocab).save(folder / "tokenizer.json")
+    return folder
+
+
+@pytest.mark.parametrize("named", ["none", "other"])
+def test_export_carries_the_tokenizer_of_a_prepared_data_directory(tmp_path, named):
+    """init_from + data.path a directory from `data prepare --tokenizer MODEL` (finetune.md's "by hand" route): the
+    export had no tokenizer (AutoTokenizer failed on it); with data.tokenizer naming another tokenizer (not read for a
+    prepared directory) it shipped that one, not the one the data was encoded with."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    import torch
+    from tokenizers import Tokenizer
+
+    from meshwright.cli import main
+    from meshwright.config import load_train_config
+    from meshwright.data.corpus import stdlib_files
+    from meshwright.train.build import run_training
+
+    hf = tmp_path / "hf model"
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64)).save_pretrained(hf)
+    _tokenizer(hf, 600, 5)
+    other = _tokenizer(tmp_path / "other", 520, 3)
+    data = tmp_path / "data"
+    assert main(["data", "prepare", *map(str, stdlib_files(20)), "--tokenizer", str(hf), "--out", str(data),
+                 "--no-progress"]) == 0
+    run = tmp_path / "run"
+    run_training(load_train_config({
+        "init_from": str(hf), "data": {"path": str(data), **({"tokenizer": str(other)} if named == "other" else {})},
+        "seq_len": 32, "global_batch": 4, "micro_batch": 4, "steps": 1, "warmup_steps": 1, "eval_every": 0,
+        "eval_batches": 1, "out_dir": str(run), "progress": False, "energy": False}))
+    out = tmp_path / "exported"
+    assert main(["export", str(run), "--hf", str(out)]) == 0
+    loaded = transformers.AutoTokenizer.from_pretrained(out)
+    want = Tokenizer.from_file(str(hf / "tokenizer.json"))
+    text = "def main(argv):\n    return sorted(argv)\n"
+    assert loaded(text)["input_ids"] == want.encode(text).ids

@@ -97,3 +97,23 @@ def test_export_carries_the_tokenizer_of_a_prepared_data_directory(tmp_path, nam
     want = Tokenizer.from_file(str(hf / "tokenizer.json"))
     text = "def main(argv):\n    return sorted(argv)\n"
     assert loaded(text)["input_ids"] == want.encode(text).ids
+
+
+# ---- Ctrl-C while the command is still starting (importing torch takes seconds on a busy machine) ----------
+
+def test_ctrl_c_while_the_command_starts_is_one_line(capsys, monkeypatch):
+    """A Ctrl-C in the first seconds of `data prepare` (building the parser imports torch: 3-16 s on this shared
+    CPU) was a 40-line KeyboardInterrupt traceback through importlib, not `interrupted` and exit 130."""
+    from meshwright import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    try:
+        rc = cli.main(["data", "prepare", "x.txt", "--out", "d"])
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped main (a traceback)")
+    assert rc == 130
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert err == ["meshwright: interrupted"]

@@ -165,8 +165,8 @@ def check_resume_config(cfg: TrainConfig, resume: bool | str, allow_change: bool
     if not isinstance(saved, dict):
         return
     now, default = to_dict(cfg), to_dict(type(cfg)())
-    saved = {**saved, "data": one_source_as_path(saved.get("data"))}
-    now["data"] = one_source_as_path(now.get("data"))
+    saved = {**saved, "data": _trajectory_data(one_source_as_path(saved.get("data")))}
+    now["data"] = _trajectory_data(one_source_as_path(now.get("data")))
     for name in RESUME_FIELDS:
         if name in saved:
             found = _mixture_switch(saved[name], now.get(name)) if name == "data" else None
@@ -176,6 +176,17 @@ def check_resume_config(cfg: TrainConfig, resume: bool | str, allow_change: bool
                 key, was, is_now = found
                 raise invalid(key, is_now, f"{was} as in the checkpoint {target} (resume continues that run; pass "
                               f"--allow-config-change to resume with a different {name})")
+
+
+# data fields that only add evaluations: no step reads them, so a resume may change them (as eval_every)
+EVAL_ONLY_DATA_FIELDS = ("eval_per_source",)
+
+
+def _trajectory_data(data: Any) -> Any:
+    """``data`` without the fields that do not change the trajectory (``EVAL_ONLY_DATA_FIELDS``)."""
+    if not isinstance(data, dict):
+        return data
+    return {k: v for k, v in data.items() if k not in EVAL_ONLY_DATA_FIELDS}
 
 
 def one_source_as_path(data: Any) -> Any:

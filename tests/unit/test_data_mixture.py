@@ -358,3 +358,12 @@ def test_a_changed_mixture_through_meshwright_train(sources, tmp_path, capsys):
     assert summary["tokens"] == 2 * 8 * 32 + 2 * 8 * 64
     assert summary["tokens_per_source"] == {str(sources[0]): 8 * 32 + 8 * 64, str(sources[1]): 4 * 64,
                                             str(sources[2]): 8 * 32 + 4 * 64}
+
+
+def test_eval_per_source_may_change_on_resume(sources, tmp_path):
+    """data.eval_per_source only adds evaluations (no step reads them): a resume that turns it on was refused as
+    another data config, as if it changed the trajectory (eval_every and eval_batches may change)."""
+    data = mixture(sources[:2], [0.6, 0.4])
+    run_training(cfg(data, tmp_path / "run", steps=2))
+    summary = run_training(cfg({**data, "eval_per_source": True}, tmp_path / "run"), resume=True)
+    assert summary["steps"] == 4 and len(summary["eval_loss_per_source"]) == 2

@@ -166,7 +166,7 @@ def check_resume_config(cfg: TrainConfig, resume: bool | str, allow_change: bool
         return
     now, default = to_dict(cfg), to_dict(type(cfg)())
     saved = {**saved, "data": _trajectory_data(one_source_as_path(saved.get("data")))}
-    now["data"] = _trajectory_data(one_source_as_path(now.get("data")))
+    now["data"] = _same_proportions(saved["data"], _trajectory_data(one_source_as_path(now.get("data"))))
     for name in RESUME_FIELDS:
         if name in saved:
             found = _mixture_switch(saved[name], now.get(name)) if name == "data" else None
@@ -187,6 +187,24 @@ def _trajectory_data(data: Any) -> Any:
     if not isinstance(data, dict):
         return data
     return {k: v for k, v in data.items() if k not in EVAL_ONLY_DATA_FIELDS}
+
+
+def _same_proportions(saved: Any, now: Any) -> Any:
+    """``now`` with the checkpoint's mixture weights where they are the same blend (weights are relative: 7/3 blends
+    exactly as 0.7/0.3, one schedule of integer shares), so that only other proportions are named."""
+    from meshwright.data.blend import integer_weights
+
+    was, is_now = (d.get("mixture") if isinstance(d, dict) else None for d in (saved, now))
+    if not (isinstance(was, list) and isinstance(is_now, list) and len(was) == len(is_now)
+            and all(isinstance(s, dict) and isinstance(n, dict) for s, n in zip(was, is_now))):
+        return now
+    try:
+        same = integer_weights([float(s["weight"]) for s in was]) == integer_weights([float(n["weight"]) for n in is_now])
+    except (ConfigError, KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError):
+        return now  # not weights a blend takes: compared as they are
+    if not same:
+        return now
+    return {**now, "mixture": [{**n, "weight": s["weight"]} for s, n in zip(was, is_now)]}
 
 
 def one_source_as_path(data: Any) -> Any:

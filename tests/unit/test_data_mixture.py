@@ -367,3 +367,13 @@ def test_eval_per_source_may_change_on_resume(sources, tmp_path):
     run_training(cfg(data, tmp_path / "run", steps=2))
     summary = run_training(cfg({**data, "eval_per_source": True}, tmp_path / "run"), resume=True)
     assert summary["steps"] == 4 and len(summary["eval_loss_per_source"]) == 2
+
+
+def test_weights_of_the_same_proportions_resume(sources, tmp_path):
+    """Weights are relative (0.7/0.3 blends as 7/3, the checkpoint's fingerprint records them normalised): 7/3 on
+    resume of a 0.7/0.3 run was refused as `data.mixture[0].weight=7.0 is invalid; valid: 0.7`. Other proportions
+    still are (named against the 7/3 the resumed run's checkpoint now records)."""
+    run_training(cfg(mixture(sources[:2], [0.7, 0.3]), tmp_path / "run", steps=2))
+    assert run_training(cfg(mixture(sources[:2], [7, 3]), tmp_path / "run"), resume=True)["steps"] == 4
+    with pytest.raises(ConfigError, match=r"^data\.mixture\[0\]\.weight=6\.0 is invalid; valid: 7\.0 as in the"):
+        run_training(cfg(mixture(sources[:2], [6, 3]), tmp_path / "run", steps=6), resume=True)

@@ -117,3 +117,19 @@ def test_ctrl_c_while_the_command_starts_is_one_line(capsys, monkeypatch):
     assert rc == 130
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert err == ["meshwright: interrupted"]
+
+
+# ---- --resume with nothing to resume ------------------------------------------------------------------------
+
+def test_resume_that_finds_no_checkpoint_says_it_starts_at_step_0(tmp_path):
+    """`train ... --resume` onto an out_dir without a checkpoint (a typo in out_dir, a run killed before its first
+    checkpoint: its log is then replaced) trained from step 0 without a word."""
+    from _train_helpers import make_trainer, prepared_corpus
+
+    t = make_trainer(prepared_corpus(tmp_path), tmp_path / "run", steps=1, warmup_steps=1, eval_every=0)
+    said: list[str] = []
+    t.print = said.append
+    t.fit(resume=True)
+    assert t.step == 1
+    notes = [s for s in said if s.startswith("note: --resume")]
+    assert notes == [f"note: --resume found no checkpoint in {tmp_path / 'run' / 'ckpt'}: starting at step 0"]

@@ -133,3 +133,24 @@ def test_resume_that_finds_no_checkpoint_says_it_starts_at_step_0(tmp_path):
     assert t.step == 1
     notes = [s for s in said if s.startswith("note: --resume")]
     assert notes == [f"note: --resume found no checkpoint in {tmp_path / 'run' / 'ckpt'}: starting at step 0"]
+
+
+# ---- a cache variable pointing somewhere unusable -------------------------------------------------------------
+
+def test_unusable_meshwright_cache_names_the_variable(capsys, tmp_path, monkeypatch):
+    """MESHWRIGHT_CACHE at a file was `path='.../x' is unusable (File exists)`: the variable that chose it unnamed
+    (and under `plan: auto`, said only after the profiles were measured)."""
+    from meshwright.errors import ConfigError
+    from meshwright.tools.cache import profile_cache
+
+    (tmp_path / "a file").write_text("x")
+    monkeypatch.delenv("MESHWRIGHT_CACHE_DIR", raising=False)  # conftest points it at a temp dir
+    monkeypatch.setenv("MESHWRIGHT_CACHE", str(tmp_path / "a file"))
+    line = one_line_error(capsys, ["data", "prepare", "--default", "--max-files", "2", "--no-progress"])
+    assert f"MESHWRIGHT_CACHE='{tmp_path / 'a file'}' is invalid" in line and "valid: a writable directory" in line
+    with pytest.raises(ConfigError, match=r"^MESHWRIGHT_CACHE='.*a file' is invalid \(Not a directory for .*profiles"):
+        profile_cache(create=True)
+    monkeypatch.setenv("MESHWRIGHT_CACHE_DIR", str(tmp_path / "a file" / "p"))
+    with pytest.raises(ConfigError, match=r"^MESHWRIGHT_CACHE_DIR='.*a file/p' is invalid"):
+        profile_cache(create=True)
+    assert (tmp_path / "a file").read_text() == "x"

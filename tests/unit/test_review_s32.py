@@ -154,3 +154,32 @@ def test_unusable_meshwright_cache_names_the_variable(capsys, tmp_path, monkeypa
     with pytest.raises(ConfigError, match=r"^MESHWRIGHT_CACHE_DIR='.*a file/p' is invalid"):
         profile_cache(create=True)
     assert (tmp_path / "a file").read_text() == "x"
+
+
+# ---- SIGTERM (a scheduler's stop) during data prepare ---------------------------------------------------------
+
+def test_sigterm_during_data_prepare_leaves_no_temp_directory(tmp_path):
+    """`data prepare` killed by SIGTERM (Slurm's preemption, `timeout`) left its hidden `.OUT.tmp-*` directory
+    beside --out, as large as the tokens written so far, which nothing ever removed; Ctrl-C already cleaned it."""
+    import subprocess
+    import sys
+
+    (tmp_path / "a.txt").write_text("hello world\n" * 100)
+    script = (
+        "import os, signal, sys\n"
+        "import meshwright.data.prepare\n"
+        "p = sys.modules['meshwright.data.prepare']  # the package exports a function of that name\n"
+        "real = p._write\n"
+        "def dying(tmp, *a, **k):\n"
+        "    (tmp / 'tokens.bin').write_bytes(b'x' * 4096)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real(tmp, *a, **k)\n"
+        "p._write = dying\n"
+        "from meshwright.cli import main\n"
+        "sys.exit(main(['data', 'prepare', 'a.txt', '--out', 'out', '--no-progress']))\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 143, (proc.returncode, proc.stderr[-2000:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+    assert [ln for ln in proc.stderr.splitlines() if ln.strip()] == ["meshwright data: terminated (SIGTERM); nothing "
+                                                                     "written"]

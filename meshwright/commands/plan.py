@@ -150,13 +150,19 @@ def _check_outputs_and_extras(args: argparse.Namespace) -> None:
                           f"{step_tokens:,}), e.g. 2T or 300B")
 
 
+def _raw_train_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The keys --train-config sets itself (a preset name is its file in configs/train, as `train` reads it)."""
+    from meshwright.config.io import read_mapping
+    from meshwright.config.presets import preset_path
+
+    return read_mapping(preset_path("train", args.train_config)) if isinstance(args.train_config, str) else {}
+
+
 def _dtype_from_train_config(args: argparse.Namespace) -> None:
     """The training dtype a --train-config sets is the one predicted and emitted (it was ignored: a bf16 prediction
     and export for a config that trains in fp32); --dtype agrees with it or is refused. A config that leaves dtype
     at its default does not set it (the device's default stands)."""
-    from meshwright.config.io import read_mapping
-
-    raw = read_mapping(args.train_config) if isinstance(args.train_config, str) else {}
+    raw = _raw_train_config(args)
     if "dtype" not in raw:
         return
     wanted = args.train_config_loaded.dtype

@@ -183,3 +183,16 @@ def test_sigterm_during_data_prepare_leaves_no_temp_directory(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
     assert [ln for ln in proc.stderr.splitlines() if ln.strip()] == ["meshwright data: terminated (SIGTERM); nothing "
                                                                      "written"]
+
+
+# ---- plan --emit --train-config: a preset, and a config for another run ---------------------------------------
+
+def test_plan_emit_takes_a_train_config_preset(capsys):
+    """`--train-config tiny-test` (a preset, as `train tiny-test` takes) became `config path='tiny-test' does not
+    exist` when the dtype it sets started being read from the raw file."""
+    from meshwright.cli import main
+
+    argv = ["plan", "--model", "tiny", "--cluster", "dgx-a100-80g", "--seq-len", "64", "--global-batch", "8",
+            "--emit", "megatron", "--train-config", "tiny-test"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "--train-iters 12 " in capsys.readouterr().out  # tiny-test's steps

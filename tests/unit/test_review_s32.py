@@ -196,3 +196,21 @@ def test_plan_emit_takes_a_train_config_preset(capsys):
             "--emit", "megatron", "--train-config", "tiny-test"]
     assert main(argv) == 0, capsys.readouterr().err
     assert "--train-iters 12 " in capsys.readouterr().out  # tiny-test's steps
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--model", "llama2-7b"], "--model='llama2-7b' is invalid; valid: the model --train-config"),
+    (["--seq-len", "128"], "--seq-len=128 is invalid; valid: 64 as --train-config"),
+    (["--global-batch", "1024"], "--global-batch=1024 is invalid; valid: 8 as --train-config"),
+])
+def test_plan_emit_refuses_a_train_config_of_another_run(capsys, tmp_path, flags, needle):
+    """The export wrote the plan's model, sequence and batch with --train-config's steps and schedule, made for
+    another model or batch (tiny-test's 12 steps of 8x64 under a llama2-7b layout at 1024x4096), without a word."""
+    train = tmp_path / "t.yaml"
+    shutil.copyfile(ROOT / "configs" / "train" / "tiny-test.yaml", train)
+    base = {"--model": "tiny", "--seq-len": "64", "--global-batch": "8"}
+    base.update(dict(zip(flags[::2], flags[1::2])))
+    argv = ["plan", "--cluster", "dgx-a100-80g", *[x for kv in base.items() for x in kv], "--emit", "megatron",
+            "--train-config", str(train)]
+    line = one_line_error(capsys, argv)
+    assert needle in line and str(train) in line

@@ -121,7 +121,7 @@ def check_fresh_or_overwrite(out_dir: str | Path, resume: bool | str, overwrite:
     if resume or not (found or (out / "log.jsonl").is_file()):
         return
     if not overwrite:
-        what = f"checkpoints up to {found[-1].name}" if found else "a log.jsonl"
+        what = f"checkpoints up to {found[-1].name}" if found else "log.jsonl"
         raise invalid("out_dir", str(out), f"an empty directory or one to continue: it holds another run's {what}; "
                       f"use --resume to continue it, --overwrite to replace it, or another out_dir")
     remove_outputs(out)

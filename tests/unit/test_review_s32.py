@@ -214,3 +214,13 @@ def test_plan_emit_refuses_a_train_config_of_another_run(capsys, tmp_path, flags
             "--train-config", str(train)]
     line = one_line_error(capsys, argv)
     assert needle in line and str(train) in line
+
+
+def test_fresh_run_into_a_directory_with_only_a_log_names_it_plainly(tmp_path):
+    """It said `it holds another run's a log.jsonl`."""
+    from meshwright.errors import ConfigError
+    from meshwright.train.run_dir import check_fresh_or_overwrite
+
+    (tmp_path / "log.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match=r"it holds another run's log\.jsonl; use --resume"):
+        check_fresh_or_overwrite(tmp_path, resume=False, overwrite=False)

@@ -291,7 +291,8 @@ def prepare_default_corpus(max_files: int | None = 400, tokenizer: str = "byte",
         "files": [[str(f.relative_to(root)), f.stat().st_size] for f in files],
     })
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
-    final = (Path(cache) if cache else cache_root(create=True)) / f"stdlib-{tokenizer if tokenizer in TOKENIZERS else 'hf'}-{key}"
+    root = Path(cache) if cache else cache_root(create=True)
+    final = root / f"stdlib-{tokenizer if tokenizer in TOKENIZERS else 'hf'}-{key}"
     if (final / "index.json").is_file():
         return final
     return atomic_directory(final, lambda tmp: _write(tmp, files, tokenizer, vocab_size, "text", progress),

@@ -199,7 +199,8 @@ def _same_proportions(saved: Any, now: Any) -> Any:
             and all(isinstance(s, dict) and isinstance(n, dict) for s, n in zip(was, is_now))):
         return now
     try:
-        same = integer_weights([float(s["weight"]) for s in was]) == integer_weights([float(n["weight"]) for n in is_now])
+        same = (integer_weights([float(s["weight"]) for s in was])
+                == integer_weights([float(n["weight"]) for n in is_now]))
     except (ConfigError, KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError):
         return now  # not weights a blend takes: compared as they are
     if not same:

@@ -57,7 +57,8 @@ def _tokenizer(folder: Path, vocab: int, files: int) -> Path:
     from meshwright.data.tokenizer import BPETokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
-    BPETokenizer.train([f.read_text(errors="replace") for f in stdlib_files(files)], vocab).save(folder / "tokenizer.json")
+    texts = [f.read_text(errors="replace") for f in stdlib_files(files)]
+    BPETokenizer.train(texts, vocab).save(folder / "tokenizer.json")
     return folder
 
 

@@ -225,3 +225,25 @@ def test_fresh_run_into_a_directory_with_only_a_log_names_it_plainly(tmp_path):
     (tmp_path / "log.jsonl").write_text("{}\n")
     with pytest.raises(ConfigError, match=r"it holds another run's log\.jsonl; use --resume"):
         check_fresh_or_overwrite(tmp_path, resume=False, overwrite=False)
+
+
+def test_checkpoint_without_checksums_is_a_one_line_warning(tmp_path, capsys):
+    """A checkpoint without checksums.json (older, or the file removed) loaded with Python's UserWarning: two lines,
+    a source path and the code line `return path, load_runtime(...)`, not the `warning: ...` line of the others."""
+    import warnings
+
+    from _train_helpers import make_trainer, prepared_corpus
+    from meshwright.train.checkpoint import latest_checkpoint
+
+    data = prepared_corpus(tmp_path)
+    make_trainer(data, tmp_path / "run", steps=1, warmup_steps=1, eval_every=0).fit()
+    step = latest_checkpoint(tmp_path / "run" / "ckpt")
+    (step / "checksums.json").unlink()
+    t = make_trainer(data, tmp_path / "run", steps=2, warmup_steps=1, eval_every=0)
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert t.resume() is True
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert err == [f"warning: checkpoint {step} has no checksums.json (written before checksums, or removed); "
+                   f"loading it unverified"]

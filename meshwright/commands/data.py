@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +38,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     prep.set_defaults(func=_prepare)
 
 
+@contextlib.contextmanager
+def _sigterm_cleans_up() -> Iterator[None]:
+    """SIGTERM (a scheduler's stop, `timeout`) ends the command as Ctrl-C does: the temp directory being written is
+    removed. Its default action killed the process and left the hidden ``.OUT.tmp-*`` beside --out for good."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        print("meshwright data: terminated (SIGTERM); nothing written", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _prepare(args: argparse.Namespace) -> int:
+    with _sigterm_cleans_up():
+        return _prepare_data(args)
+
+
+def _prepare_data(args: argparse.Namespace) -> int:
     from meshwright.data.prepare import prepare, prepare_default_corpus
     from meshwright.errors import ConfigError, invalid
 

@@ -111,6 +111,7 @@ def _load_inputs(args: argparse.Namespace) -> dict[str, Any]:
             raise ConfigError(f"--{name.replace('_', '-')}={v!r} is invalid; valid: a positive integer")
     _check_outputs_and_extras(args)
     cfg = load_model_config(args.model)
+    _train_config_matches(args, cfg)
     cluster = load_cluster(args.cluster, nodes=args.nodes, devices_per_node=args.devices_per_node)
     hprof = load_hardware_profile(args.hardware_profile) if args.hardware_profile else None
     hw = cm.hardware_from_cluster(cluster, hprof, args.memory_budget_gib, stack=_stack(args),
@@ -130,7 +131,10 @@ def _check_outputs_and_extras(args: argparse.Namespace) -> None:
     from meshwright.launcher.planner.capacity import DEFAULT_GRID, DEFAULT_PUE, check_capacity_inputs, parse_tokens
 
     if getattr(args, "out", None) is not None:  # --out '' wrote nothing, silently
-        check_output_path(args.out, "--out", directory=False)
+        check_output_path(args.out, "--out", directory=False, inputs={
+            flag: getattr(args, name, None) for flag, name in (
+                ("--model", "model"), ("--cluster", "cluster"), ("--train-config", "train_config"),
+                ("--hardware-profile", "hardware_profile"), ("--model-profile", "model_profile"))})
     if getattr(args, "train_config", None):
         if not getattr(args, "emit", None):
             raise invalid("--train-config", args.train_config, "used only with --emit (drop it, or add --emit)")
@@ -150,13 +154,46 @@ def _check_outputs_and_extras(args: argparse.Namespace) -> None:
                           f"{step_tokens:,}), e.g. 2T or 300B")
 
 
+def _raw_train_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The keys --train-config sets itself (a preset name is its file in configs/train, as `train` reads it)."""
+    from meshwright.config.io import read_mapping
+    from meshwright.config.presets import preset_path
+
+    return read_mapping(preset_path("train", args.train_config)) if isinstance(args.train_config, str) else {}
+
+
+def _train_config_matches(args: argparse.Namespace, cfg: Any) -> None:
+    """A --train-config that sets its model, seq_len or global_batch is a config for that run: the export writes its
+    steps and schedule beside the plan's model and batch, so another model or batch is refused in one line (it was
+    mixed in silently: tiny-test's 12 steps of 8x64 under a llama2-7b layout of 1024x4096). Keys the file leaves
+    unset are not compared (a config of optimizer settings alone fits any plan)."""
+    train = getattr(args, "train_config_loaded", None)
+    if train is None:
+        return
+    raw = _raw_train_config(args)
+    for name in ("seq_len", "global_batch"):
+        if name in raw and getattr(train, name) != getattr(args, name):
+            flag = f"--{name.replace('_', '-')}"
+            raise invalid(flag, getattr(args, name), f"{getattr(train, name)} as --train-config {args.train_config} "
+                          f"sets {name} (the export writes its steps and schedule), or a train config for this run")
+    if "model" not in raw and "init_from" not in raw:
+        return
+    from meshwright.train.build import resolve_model_config
+    from meshwright.train.plan_match import SHAPE_FIELDS, model_shape
+
+    theirs = resolve_model_config(train)
+    mine, wanted = model_shape(cfg), model_shape(theirs)
+    for name in SHAPE_FIELDS:
+        if mine.get(name) != wanted.get(name):
+            raise invalid("--model", args.model, f"the model --train-config {args.train_config} trains ({theirs.name}: "
+                          f"{name}={wanted.get(name)}, here {mine.get(name)}), or a train config for this model")
+
+
 def _dtype_from_train_config(args: argparse.Namespace) -> None:
     """The training dtype a --train-config sets is the one predicted and emitted (it was ignored: a bf16 prediction
     and export for a config that trains in fp32); --dtype agrees with it or is refused. A config that leaves dtype
     at its default does not set it (the device's default stands)."""
-    from meshwright.config.io import read_mapping
-
-    raw = read_mapping(args.train_config) if isinstance(args.train_config, str) else {}
+    raw = _raw_train_config(args)
     if "dtype" not in raw:
         return
     wanted = args.train_config_loaded.dtype

@@ -62,7 +62,8 @@ def _check_common(args: argparse.Namespace) -> None:
         raise ConfigError(f"--iters={args.iters!r} is invalid; valid: a positive integer")
     if not 0 < args.timeout_s < float("inf"):
         raise ConfigError(f"--timeout-s={args.timeout_s!r} is invalid; valid: a positive number of seconds")
-    check_output_path(args.out, "--out", directory=False)
+    check_output_path(args.out, "--out", directory=False,
+                      inputs={"--model": getattr(args, "model", None), "--cluster": getattr(args, "cluster", None)})
 
 
 def run_hardware(args: argparse.Namespace) -> int:

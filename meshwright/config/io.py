@@ -255,15 +255,21 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def check_output_path(path: str | Path, label: str, directory: bool) -> None:
+def check_output_path(path: str | Path, label: str, directory: bool,
+                      inputs: dict[str, str | Path | None] | None = None) -> None:
     """Before any work: ``path`` can become the output (a ``directory`` or a file) — not the other kind already,
-    and its nearest existing parent is a writable directory. Creates nothing."""
+    not one of the command's ``inputs`` (flag -> path: `plan --model m.yaml --out m.yaml` replaced the user's model
+    config with the plan), and its nearest existing parent is a writable directory. Creates nothing."""
     p = Path(path)
     what = "a directory" if directory else "a file path"
     if not str(path).strip():  # Path("") is ".": an export or report went into the working directory
         raise ConfigError(f"{label}={str(path)!r} is invalid; valid: {what} (a non-empty path)")
     if p.exists() and p.is_dir() != directory:
         raise ConfigError(f"{label}={str(path)!r} is invalid; valid: {what} (this path is {'a file' if directory else 'a directory'})")
+    for flag, source in (inputs or {}).items():
+        if p.exists() and source is not None and Path(source).exists() and os.path.samefile(p, source):
+            raise ConfigError(f"{label}={str(path)!r} is invalid; valid: {what} other than the {flag} input "
+                              f"{str(source)!r} (writing it would replace that file)")
     parent = next((a for a in p.absolute().parents if a.exists()), None)
     if parent is not None and not (parent.is_dir() and os.access(parent, os.W_OK)):
         raise ConfigError(f"{label}={str(path)!r} is invalid; valid: {what} in a writable directory ({parent} is not one)")

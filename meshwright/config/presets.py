@@ -34,6 +34,11 @@ def _resolve(kind: str, ref: str) -> Path:
     return preset
 
 
+def preset_path(kind: str, ref: str) -> Path:
+    """The file a config reference names: a path, or a preset of ``configs/<kind>`` (models, clusters, train)."""
+    return _resolve(kind, ref)
+
+
 def load_model_config(ref: str | dict[str, Any] | ModelConfig) -> ModelConfig:
     """Preset name, YAML path, HF config.json path, or inline mapping -> validated ModelConfig."""
     if isinstance(ref, ModelConfig):

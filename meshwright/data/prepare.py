@@ -265,7 +265,7 @@ def prepare_instruct_cached(path: str | Path, tokenizer: str, progress: bool = T
     st = path.stat()
     key = hashlib.sha256(json.dumps({"v": INDEX_VERSION, "file": str(path.resolve()), "size": st.st_size,
                                      "mtime": st.st_mtime_ns, "tok": tok_key}).encode()).hexdigest()[:16]
-    final = Path(cache or cache_root()) / f"instruct-{path.stem}-{key}"
+    final = (Path(cache) if cache else cache_root(create=True)) / f"instruct-{path.stem}-{key}"
     if (final / "index.json").is_file():
         return final
     return atomic_directory(final, lambda tmp: _write(tmp, [path], tokenizer, 0, "text", progress, "instruct"),
@@ -291,7 +291,8 @@ def prepare_default_corpus(max_files: int | None = 400, tokenizer: str = "byte",
         "files": [[str(f.relative_to(root)), f.stat().st_size] for f in files],
     })
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
-    final = Path(cache or cache_root()) / f"stdlib-{tokenizer if tokenizer in TOKENIZERS else 'hf'}-{key}"
+    root = Path(cache) if cache else cache_root(create=True)
+    final = root / f"stdlib-{tokenizer if tokenizer in TOKENIZERS else 'hf'}-{key}"
     if (final / "index.json").is_file():
         return final
     return atomic_directory(final, lambda tmp: _write(tmp, files, tokenizer, vocab_size, "text", progress),

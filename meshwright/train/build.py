@@ -351,13 +351,14 @@ def _train(job: TrainingJob, resume: bool | str, allow_config_change: bool = Fal
                 print(note, flush=True)
         trainer = Trainer(train_cfg, runtime, train, val, model_cfg, job.cluster)
         trainer.allow_data_change = allow_config_change
-        return trainer.fit(resume=resume, before_steps=lambda: _write_run_files(job, runtime))
+        data_dir = ds.datasets[0].path if hasattr(ds, "datasets") else ds.path  # a mixture's sources share a tokenizer
+        return trainer.fit(resume=resume, before_steps=lambda: _write_run_files(job, runtime, data_dir))
     finally:
         runtime.close()
         _destroy_process_group()
 
 
-def _write_run_files(job: TrainingJob, runtime: Runtime) -> None:
+def _write_run_files(job: TrainingJob, runtime: Runtime, data_dir: Path | None = None) -> None:
     """Main rank: config.yaml, model.yaml (resolved: init_from, overrides; `export` reads it) and plan.yaml (for
     `report`). Written once the resume has loaded: a resume refused by the checkpoint (another model under
     --allow-config-change, another seq_len) used to leave them describing the refused config, and `export` of the
@@ -368,7 +369,7 @@ def _write_run_files(job: TrainingJob, runtime: Runtime) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_yaml(job.cfg, out / "config.yaml")
     write_yaml(job.model, out / "model.yaml")
-    save_companions(job.cfg, out)  # the tokenizer and init_from's token ids, for `export --hf`
+    save_companions(job.cfg, out, data_dir)  # the data's tokenizer and init_from's token ids, for `export --hf`
     if runtime.plan is not None:
         runtime.plan.save(out / "plan.yaml")
 

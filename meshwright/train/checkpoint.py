@@ -26,6 +26,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -222,7 +223,9 @@ def load_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Opti
             if _agreed_bad(error, runtime):
                 raise error or CheckpointCorrupt(f"checkpoint {path} is damaged (found by another rank)")
     else:
-        warnings.warn(f"checkpoint {path} has no {MANIFEST} (written before checksums); loading it unverified", stacklevel=2)
+        if runtime.is_main:  # one line, as the other warnings of a resume (Python's warning added its code line)
+            print(f"warning: checkpoint {path} has no {MANIFEST} (written before checksums, or removed); loading it "
+                  f"unverified", file=sys.stderr, flush=True)
     meta = _read_json(state_file)
     state = runtime.checkpoint_state(optimizer)
     metadata = read_metadata_file(path / ".metadata")

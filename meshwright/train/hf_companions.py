@@ -51,16 +51,50 @@ def _tokenizer_sources(tokenizer: Any) -> list[tuple[Path, str]]:
     return [(file, "tokenizer.json")]
 
 
-def save_companions(cfg: Any, run_dir: str | Path) -> list[str]:
+def _same_tokenizer(a: Path, b: Path) -> bool:
+    """Whether two tokenizer.json files are one tokenizer (``data prepare`` saves a re-serialised copy)."""
+    from tokenizers import Tokenizer
+
+    try:
+        return bool(Tokenizer.from_file(str(a)).to_str() == Tokenizer.from_file(str(b)).to_str())
+    except Exception:  # noqa: BLE001 - tokenizers raises a bare Exception on a file it cannot read
+        return False
+
+
+def _encoded_with(tok: list[tuple[Path, str]], data_dir: Path) -> tuple[list[tuple[Path, str]], int | None]:
+    """(files, eos id) of the tokenizer the prepared ``data_dir`` was encoded with: ``data.tokenizer``'s files when
+    they are that tokenizer (its tokenizer_config.json etc. come along), else the data's own tokenizer.json (a prepared
+    directory does not read ``data.tokenizer``) and the end-of-document id its index names; none for byte data."""
+    encoded = data_dir / "tokenizer.json"
+    if not encoded.is_file():
+        return [], None
+    main = next((file for file, name in tok if name == "tokenizer.json"), None)
+    if main is not None and _same_tokenizer(main, encoded):
+        return tok, None
+    try:
+        eos = json.loads((data_dir / "index.json").read_text(encoding="utf-8"))["tokenizer"]["eos_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        eos = None
+    return [(encoded, "tokenizer.json")], eos if isinstance(eos, int) and not isinstance(eos, bool) else None
+
+
+def save_companions(cfg: Any, run_dir: str | Path, data_dir: str | Path | None = None) -> list[str]:
     """Copy the run's tokenizer files and ``init_from``'s generation config and token ids into ``run_dir/hf``
-    (the names copied). Files are replaced only there, a directory the run creates."""
+    (the names copied). ``data_dir``: the prepared directory the run reads (a mixture's first source: they share a
+    tokenizer), whose tokenizer.json is the one its ids mean. Files are replaced only there, a directory the run
+    creates."""
     dest = Path(run_dir) / COMPANIONS_DIR
     init = Path(cfg.init_from) if getattr(cfg, "init_from", None) else None
     # byte or bpe data: none (init_from's tokenizer is not the one the model was trained on)
-    tok = _tokenizer_sources(getattr(cfg.data, "tokenizer", None))
+    configured = _tokenizer_sources(getattr(cfg.data, "tokenizer", None))
+    tok, data_eos = configured, None
+    if data_dir is not None:  # data.path a prepared directory: encoded with its tokenizer.json, not data.tokenizer's
+        tok, data_eos = _encoded_with(configured, Path(data_dir))
     sources = tok + ([(init / name, name) for name in MODEL_FILES] if init is not None else [])
     ids = _token_ids(init / "config.json") if init is not None else {}
-    if tok and "eos_token_id" not in ids:  # a tokenizer without init_from: its end-of-document id, as the data's
+    if data_eos is not None and "eos_token_id" not in ids:
+        ids["eos_token_id"] = data_eos
+    if tok and tok is configured and "eos_token_id" not in ids:  # data.tokenizer's end-of-document id, as the data's
         from meshwright.data.tokenizer import HFTokenizer
         from meshwright.errors import ConfigError
 

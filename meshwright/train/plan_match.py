@@ -31,7 +31,8 @@ SHAPE_FIELDS = ("n_layers", "d_model", "n_heads", "kv_heads", "ffn_dim", "vocab_
 MOE_FIELDS = ("moe_every", "expert_ffn_dim", "top_k", "capacity_factor")
 
 
-def _shape(cfg: ModelConfig) -> dict[str, Any]:
+def model_shape(cfg: ModelConfig) -> dict[str, Any]:
+    """The fields that decide a layout's validity and predicted memory (SHAPE_FIELDS; MoE ones on MoE models)."""
     shape = {name: getattr(cfg, name) for name in SHAPE_FIELDS}
     if not cfg.n_experts:  # MoE-only fields mean nothing on a dense model
         for name in MOE_FIELDS:
@@ -69,7 +70,7 @@ def check_model(plan: Plan, cfg: TrainConfig, model: ModelConfig) -> None:
     if theirs is None:
         raise invalid("plan.model", plan.model, f"{model.name!r}, the train config's model (re-plan with `meshwright "
                       f"plan --model {model.name} ...`, or train the plan's model)")
-    mine, planned = _shape(model), _shape(theirs)
+    mine, planned = model_shape(model), model_shape(theirs)
     for name in SHAPE_FIELDS:
         if planned.get(name) != mine.get(name):
             raise invalid(f"plan.model.{name}", planned.get(name),

@@ -121,7 +121,7 @@ def check_fresh_or_overwrite(out_dir: str | Path, resume: bool | str, overwrite:
     if resume or not (found or (out / "log.jsonl").is_file()):
         return
     if not overwrite:
-        what = f"checkpoints up to {found[-1].name}" if found else "a log.jsonl"
+        what = f"checkpoints up to {found[-1].name}" if found else "log.jsonl"
         raise invalid("out_dir", str(out), f"an empty directory or one to continue: it holds another run's {what}; "
                       f"use --resume to continue it, --overwrite to replace it, or another out_dir")
     remove_outputs(out)
@@ -165,11 +165,8 @@ def check_resume_config(cfg: TrainConfig, resume: bool | str, allow_change: bool
     if not isinstance(saved, dict):
         return
     now, default = to_dict(cfg), to_dict(type(cfg)())
-    saved = {**saved, "data": one_source_as_path(saved.get("data"))}
-    now["data"] = one_source_as_path(now.get("data"))
-    for data in (saved["data"], now["data"]):  # what eval also reports, not the trajectory: never needs the flag
-        if isinstance(data, dict):
-            data.pop("eval_per_source", None)
+    saved = {**saved, "data": _trajectory_data(one_source_as_path(saved.get("data")))}
+    now["data"] = _same_proportions(saved["data"], _trajectory_data(one_source_as_path(now.get("data"))))
     for name in RESUME_FIELDS:
         if name in saved:
             found = _mixture_switch(saved[name], now.get(name)) if name == "data" else None
@@ -179,6 +176,36 @@ def check_resume_config(cfg: TrainConfig, resume: bool | str, allow_change: bool
                 key, was, is_now = found
                 raise invalid(key, is_now, f"{was} as in the checkpoint {target} (resume continues that run; pass "
                               f"--allow-config-change to resume with a different {name})")
+
+
+# data fields that only add evaluations: no step reads them, so a resume may change them (as eval_every)
+EVAL_ONLY_DATA_FIELDS = ("eval_per_source",)
+
+
+def _trajectory_data(data: Any) -> Any:
+    """``data`` without the fields that do not change the trajectory (``EVAL_ONLY_DATA_FIELDS``)."""
+    if not isinstance(data, dict):
+        return data
+    return {k: v for k, v in data.items() if k not in EVAL_ONLY_DATA_FIELDS}
+
+
+def _same_proportions(saved: Any, now: Any) -> Any:
+    """``now`` with the checkpoint's mixture weights where they are the same blend (weights are relative: 7/3 blends
+    exactly as 0.7/0.3, one schedule of integer shares), so that only other proportions are named."""
+    from meshwright.data.blend import integer_weights
+
+    was, is_now = (d.get("mixture") if isinstance(d, dict) else None for d in (saved, now))
+    if not (isinstance(was, list) and isinstance(is_now, list) and len(was) == len(is_now)
+            and all(isinstance(s, dict) and isinstance(n, dict) for s, n in zip(was, is_now))):
+        return now
+    try:
+        same = (integer_weights([float(s["weight"]) for s in was])
+                == integer_weights([float(n["weight"]) for n in is_now]))
+    except (ConfigError, KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError):
+        return now  # not weights a blend takes: compared as they are
+    if not same:
+        return now
+    return {**now, "mixture": [{**n, "weight": s["weight"]} for s, n in zip(was, is_now)]}
 
 
 def one_source_as_path(data: Any) -> Any:

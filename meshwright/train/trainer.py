@@ -498,6 +498,8 @@ class Trainer:
 
     def _resume_for_fit(self, resume: bool | str | Path) -> bool:
         resumed = bool(resume) and self.resume(None if resume is True else resume)
+        if resume and not resumed and self.runtime.is_main:  # a typo in out_dir, or killed before a checkpoint
+            self.print(f"note: --resume found no checkpoint in {self.ckpt_dir}: starting at step 0")
         if resumed and self.runtime.is_main:
             self.print(f"resumed from {self.resumed_from} at step {self.step}")
             if self.step >= self.cfg.steps:

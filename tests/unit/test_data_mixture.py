@@ -421,3 +421,22 @@ def test_eval_per_source_on_one_data_set_is_its_eval_loss_for_data_path_and_a_on
     run_training(cfg(plain, tmp_path / "switch", steps=2))
     assert run_training(cfg(one, tmp_path / "switch", steps=4), resume=True)["eval_loss_per_source"]
     assert "eval_loss_per_source" not in run_training(cfg(plain, tmp_path / "switch", steps=6), resume=True)
+
+
+def test_eval_per_source_may_change_on_resume(sources, tmp_path):
+    """data.eval_per_source only adds evaluations (no step reads them): a resume that turns it on was refused as
+    another data config, as if it changed the trajectory (eval_every and eval_batches may change)."""
+    data = mixture(sources[:2], [0.6, 0.4])
+    run_training(cfg(data, tmp_path / "run", steps=2))
+    summary = run_training(cfg({**data, "eval_per_source": True}, tmp_path / "run"), resume=True)
+    assert summary["steps"] == 4 and len(summary["eval_loss_per_source"]) == 2
+
+
+def test_weights_of_the_same_proportions_resume(sources, tmp_path):
+    """Weights are relative (0.7/0.3 blends as 7/3, the checkpoint's fingerprint records them normalised): 7/3 on
+    resume of a 0.7/0.3 run was refused as `data.mixture[0].weight=7.0 is invalid; valid: 0.7`. Other proportions
+    still are (named against the 7/3 the resumed run's checkpoint now records)."""
+    run_training(cfg(mixture(sources[:2], [0.7, 0.3]), tmp_path / "run", steps=2))
+    assert run_training(cfg(mixture(sources[:2], [7, 3]), tmp_path / "run"), resume=True)["steps"] == 4
+    with pytest.raises(ConfigError, match=r"^data\.mixture\[0\]\.weight=6\.0 is invalid; valid: 7\.0 as in the"):
+        run_training(cfg(mixture(sources[:2], [6, 3]), tmp_path / "run", steps=6), resume=True)

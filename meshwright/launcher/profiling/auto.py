@@ -117,7 +117,7 @@ def auto_profiles(cfg: ModelConfig, world_size: int, seq_len: int, micro_batch: 
     rank, world = rank_and_world()
     batches, seqs = profile_grid(seq_len, micro_batch)
     tps = default_tps(cfg, limit=world_size)
-    root = cache_dir()
+    root = profile_cache(create=True)  # before any measurement: an unusable cache is one line naming its variable
     hw_path = root / profile_key("hardware", world_size)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     dtype = dtype if device.type == "cuda" else "fp32"

@@ -16,12 +16,14 @@ from meshwright.plan import Plan, validate_plan
 def lora_search_terms(cfg: ModelConfig, lora: Any, hw: cm.Hardware, constraints: Constraints
                       ) -> tuple[cm.Hardware, Constraints]:
     """What ``lora:`` changes in the search: model states for the trainable share only (``Hardware.trainable_fraction``:
-    adapters and modules_to_save over all parameters, adapters included), and the layouts the LoRA runtime runs
+    adapters and modules_to_save over all parameters, adapters included), the step's time (``Hardware.lora``: no dW
+    of the frozen base, the adapters' GEMMs, gradients reduced and stepped for the trainable parameters), and the layouts the LoRA runtime runs
     (tp = pp = ep = 1: train/build.py ``check_lora_layout``)."""
     from meshwright.memory.lora import lora_state_bytes
+    from meshwright.memory.lora_cost import lora_step
 
     state = lora_state_bytes(cfg, lora)
-    hw = dataclasses.replace(hw, trainable_fraction=state["trainable"] / (state["weights"] / 4))
+    hw = dataclasses.replace(hw, trainable_fraction=state["trainable"] / (state["weights"] / 4), lora=lora_step(cfg, lora))
     return hw, dataclasses.replace(constraints, tp=1, pp=1, ep=1)
 
 

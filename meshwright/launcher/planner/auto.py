@@ -75,11 +75,12 @@ def auto_plan(model_cfg: Any, cluster: ClusterSpec | str | dict | int | None = N
         dtype = "fp32"
     hw = cm.hardware_from_cluster(spec, hardware_profile, memory_budget_gib, stack="meshwright", dtype=dtype,
                                   compile=compile_, loss_chunk_tokens=chunk)
-    if model_profile is not None:
-        hw = apply_model_profile(hw, model_profile, cfg, hardware_profile)
     constraints = dataclasses.replace(constraints or Constraints(), runtime_compatible=True)
     if lora is not None:  # the frozen base has no grads or optimizer state; LoRA runs data parallelism only, and
         hw, constraints = lora_search_terms(cfg, lora, hw, constraints)  # without per-layer FP8 acts or WTA-CRS
+    if model_profile is not None:  # after the LoRA terms: a profile of LoRA blocks calibrates on their FLOPs
+        hw = apply_model_profile(hw, model_profile, cfg, hardware_profile)
+    if lora is not None:
         allow = dataclasses.replace(allow or Allow(), fp8_act=False, wta_crs=None, lemo=None)
     result = search(cfg, spec, seq_len, global_batch, hw=hw, constraints=constraints, allow=allow)
     if result.best is None:

@@ -445,8 +445,10 @@ def weight_traffic_mb_s(param_count: float, recompute: str, hw: Hardware, traine
     fp32 (2 + 4 B): ``trained`` of them (LoRA; default all). 0 for policies that keep compute-dtype weights."""
     if hw.policy.weight_copy_bytes <= 0:
         return 0.0
-    trained = param_count if trained is None else trained
-    return (param_count * 6.0 * (2 if recompute != "none" else 1) + trained * 6.0) / hw.mem_bw
+    passes = 6.0 * (2 if recompute != "none" else 1)
+    if trained is None:
+        return param_count * (passes + 6.0) / hw.mem_bw
+    return (param_count * passes + trained * 6.0) / hw.mem_bw  # layer_costs_columns: the same floats
 
 
 def grad_accumulate_s(param_count: float, hw: Hardware) -> float:
@@ -1199,8 +1201,8 @@ def layer_costs_columns(cfg: ModelConfig, index: int, cols: StrategyColumns, mb_
     copies = shard_params * pol.weight_copy_bytes
     if pol.weight_copy_bytes > 0:  # weight_traffic_mb_s
         if hw.lora is not None:  # the gradients cast up: the adapters' only
-            cast = cols.cast_factor - 6.0 + 6.0 * hw.lora.trained_share(cfg, index)
-            compute_mb = compute_mb + shard_params * cast / hw.mem_bw
+            trained = shard_params * hw.lora.trained_share(cfg, index)
+            compute_mb = compute_mb + (shard_params * (cols.cast_factor - 6.0) + trained * 6.0) / hw.mem_bw
         else:
             compute_mb = compute_mb + shard_params * cols.cast_factor / hw.mem_bw
     if hw.runtime_buffers:

@@ -170,3 +170,27 @@ def test_trainer_reports_the_lora_step_flops_and_full_trainings_beside_them(tmp_
     assert trainer.full_flops_per_token == model_cfg.flops_per_token(64)
     tp = trainer.throughput(1000.0, 1.0)
     assert tp["tflops_per_device"] * 1e12 == pytest.approx(1000.0 * trainer.flops_per_token)
+
+
+@pytest.mark.parametrize("name,lora", [CASES[0], CASES[3], CASES[6]])
+def test_dp_bytes_are_what_ddp_buckets_hold(name, lora, tmp_path):
+    """DDP itself (a one-rank gloo group) buckets exactly the gradient bytes the cost model reduces per step."""
+    import torch.distributed as dist
+
+    cfg = load_model_config(name)
+    h = lora_hw(cfg, lora)
+    ddp_s = LayerStrategy(dp=2, zero=0, repeat=cfg.n_layers)
+    predicted = sum(cm.layer_costs(cfg, i, ddp_s, 1, 32, h)["dp_step"] for i in range(cfg.n_layers))
+    predicted += 4 * cm.lora_embedding_trained(cfg, h, True, True, 1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = build_model(name, seed=0)
+        apply_lora_config(model, lora, seed=0)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        x = torch.randint(0, cfg.vocab_size, (1, 16))
+        lm_loss(ddp(x), x).backward()
+        buckets = sum(int(b) for b in ddp._get_ddp_logging_data()["bucket_sizes"].split(","))
+    finally:
+        dist.destroy_process_group()
+    assert predicted == pytest.approx(buckets, rel=1e-12)
+    assert buckets < 0.2 * 4 * sum(p.numel() for p in model.parameters())  # far below the whole model's

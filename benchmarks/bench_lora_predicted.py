@@ -3,9 +3,10 @@
 and the FLOPs per token each run's MFU counts.
 
 Each model runs full fine-tuning and LoRA (rank 8 on every linear) ``--repeats`` times, alternating, as one
-process each (OMP_NUM_THREADS=1); the median of each column is reported. Profiles are taken by the first
-``--plan auto`` run of each kind (hardware once; blocks once for the plain and once for the LoRA blocks) in a fresh
-cache. Timing on the shared 2-core box is noisy: read the ratios.
+process each (OMP_NUM_THREADS=1); the median of each column is reported. Every repeat starts from an empty profile
+cache: its full run profiles the hardware and the plain blocks, its LoRA run the LoRA blocks (a profile taken while
+the shared machine was busy would otherwise set every later prediction). Timing on the shared 2-core box is noisy:
+read the ratios.
 
     python benchmarks/bench_lora_predicted.py [--models tiny,small] [--repeats 3] [--out benchmarks/results/lora_cost.md]
 """
@@ -29,7 +30,7 @@ MODELS = {"tiny": ("tiny", 64, 8, 4), "small": (SMALL, 128, 8, 4)}  # model, seq
 LORA = "{rank: 8, targets: [wq, wk, wv, wo, w1, w2, w3]}"
 
 
-def run(model: str, lora: bool, steps: int, work: Path, tag: str) -> dict:
+def run(model: str, lora: bool, steps: int, work: Path, tag: str, cache: str) -> dict:
     spec, seq, gb, mb = MODELS[model]
     out = work / tag
     args = [sys.executable, "-m", "meshwright.cli", "train", "tiny-test", f"model={spec}", f"seq_len={seq}",
@@ -38,7 +39,7 @@ def run(model: str, lora: bool, steps: int, work: Path, tag: str) -> dict:
     if lora:
         args.append(f"lora={LORA}")
     args += ["--plan", "auto"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MESHWRIGHT_CACHE": str(work / "cache")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MESHWRIGHT_CACHE": str(work / cache)}
     p = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
     if p.returncode:
         raise SystemExit(f"failed: {' '.join(args)}\n{p.stdout[-1500:]}\n{p.stderr[-1500:]}")
@@ -64,7 +65,8 @@ def main() -> None:
             rows: dict[str, list[dict]] = {"full": [], "lora": []}
             for i in range(args.repeats):
                 for kind in ("full", "lora"):
-                    rows[kind].append(run(model, kind == "lora", args.steps, work, f"{model}-{kind}-{i}"))
+                    rows[kind].append(run(model, kind == "lora", args.steps, work, f"{model}-{kind}-{i}",
+                                          f"cache-{model}-{i}"))
             med = {k: {f: statistics.median(r[f] for r in v) for f in v[0]} for k, v in rows.items()}
             for kind in ("full", "lora"):
                 m = med[kind]
@@ -73,9 +75,11 @@ def main() -> None:
                              f"{m['pred'] / m['meas']:.2f} (runs: {ratios}) |")
                 print(lines[-1], flush=True)
             f, lo = med["full"], med["lora"]
+            pairs = ", ".join(f"{a['pred'] / b['pred']:.2f}/{a['meas'] / b['meas']:.2f}"
+                              for a, b in zip(rows["lora"], rows["full"]))
             summary.append(f"- {model}: LoRA / full step time predicted {lo['pred'] / f['pred']:.2f}, measured "
-                           f"{lo['meas'] / f['meas']:.2f}; LoRA FLOPs per token {lo['flops'] / lo['full_flops']:.3f} of "
-                           f"full training's")
+                           f"{lo['meas'] / f['meas']:.2f} (medians; per repeat predicted/measured: {pairs}); LoRA FLOPs "
+                           f"per token {lo['flops'] / lo['full_flops']:.3f} of full training's")
             print(summary[-1], flush=True)
     text = "\n".join(lines + [""] + summary) + "\n"
     if args.out:

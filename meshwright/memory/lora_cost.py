@@ -39,6 +39,8 @@ class LoraStep:
     head_dgrad: bool
     head_trainable: bool
     embedding_trainable: bool
+    adapter_in: tuple[int, ...] = ()  # per block, the adapted linears' input and output widths summed
+    adapter_out: tuple[int, ...] = ()
 
     def layer_key(self, index: int) -> tuple:
         """What sets block ``index``'s LoRA costs (blocks with the same key cost the same)."""
@@ -80,7 +82,7 @@ def lora_step(cfg: "ModelConfig", lora: "LoraConfig") -> LoraStep:
     if not gpt2:
         dense["w3"] = (d * f, d, f)
     g = embedding_trainable  # whether the block's input needs a gradient
-    adapter, no_w, no_x, no_xa, attn_bwd = [], [], [], [], []
+    adapter, no_w, no_x, no_xa, attn_bwd, widths = [], [], [], [], [], []
     for i in range(cfg.n_layers):
         moe = cfg.is_moe_layer(i)
         mods = {**sizes, **({} if moe else dense)}
@@ -107,13 +109,15 @@ def lora_step(cfg: "ModelConfig", lora: "LoraConfig") -> LoraStep:
             out = linear("w2", act)
         g = h1 or out
         adapter.append(sum(ad.values()))
+        widths.append((sum(mods[m][1] for m in ad), sum(mods[m][2] for m in ad)))
         no_w.append(cfg.layer_params(i, active_only=True))  # nothing inside a block trains but its adapters
         no_x.append(skip_x)
         no_xa.append(skip_xa)
         attn_bwd.append(attn)
     return LoraStep(rank=r, adapter=tuple(adapter), no_wgrad=tuple(no_w), no_dgrad=tuple(no_x),
                     no_dgrad_adapter=tuple(no_xa), attn_bwd=tuple(attn_bwd), head_dgrad=g,
-                    head_trainable=head_trainable, embedding_trainable=embedding_trainable)
+                    head_trainable=head_trainable, embedding_trainable=embedding_trainable,
+                    adapter_in=tuple(w[0] for w in widths), adapter_out=tuple(w[1] for w in widths))
 
 
 def lora_flops_per_token(cfg: "ModelConfig", step: LoraStep, seq_len: int) -> float:

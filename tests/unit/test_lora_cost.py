@@ -194,3 +194,22 @@ def test_dp_bytes_are_what_ddp_buckets_hold(name, lora, tmp_path):
         dist.destroy_process_group()
     assert predicted == pytest.approx(buckets, rel=1e-12)
     assert buckets < 0.2 * 4 * sum(p.numel() for p in model.parameters())  # far below the whole model's
+
+
+@pytest.mark.parametrize("name,lora", CASES)
+def test_adapter_widths_and_sizes_are_the_adapted_modules(name, lora):
+    """The widths the adapters' memory traffic is costed on (cost_model.lora_elementwise_s) and their parameter
+    counts are those of the LoRALinear modules apply_lora builds."""
+    from meshwright.memory.lora import LoRALinear
+
+    model = build_model(name, device="meta")
+    cfg = model.cfg
+    apply_lora_config(model, lora, seed=0)
+    step = lora_step(cfg, lora)
+    for i in range(cfg.n_layers):
+        mods = [m for n, m in model.named_modules() if isinstance(m, LoRALinear) and n.startswith(f"layers.{i}.")]
+        assert step.adapter_in[i] == sum(m.in_features for m in mods)
+        assert step.adapter_out[i] == sum(m.out_features for m in mods)
+        assert step.adapter[i] == sum(m.lora_A.numel() + m.lora_B.numel() for m in mods)
+    h = lora_hw(cfg, lora, mem_bw=1.0)
+    assert cm.lora_elementwise_s(h.lora, 1, 10.0, 0.0, h) == 10.0 * 4 * (6 * step.adapter_in[1] + 10 * step.adapter_out[1])

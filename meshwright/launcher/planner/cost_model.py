@@ -1364,7 +1364,26 @@ def lora_compute_terms(cfg: ModelConfig, index: int, tokens: float, seq_len: int
     base = delta - adapters  # <= 0: the work the frozen base skips
     repeat = 2.0 * st.adapter[index] * tokens / tp * extra_mm
     seconds = compute_s(adapters + repeat, hw, st.rank) + compute_s(base, hw, width)
+    if not hw.block_time_measured:  # a profile of LoRA blocks timed them (profiling/model.py)
+        seconds += lora_elementwise_s(st, index, tokens / tp, extra_mm, hw)
     return seconds, delta, delta + repeat
+
+
+# Elements an eager adapter (memory/lora.py LoRALinear) moves per token besides its GEMMs' FLOPs, in units of its
+# input (in) and output (out) widths: forward reads x for A (in), writes B's output, scales it (read + write) and adds
+# it to the base's (2 reads + write): in + 6 out; backward scales the gradient (read + write), reads it for dB and for
+# the low-rank gradient, reads x for dA, writes the input gradient and adds it to the base's (2 reads + write):
+# 5 in + 4 out. The rank-wide tensors are left out. On a 2-core CPU a rank-8 LoRA block of d_model 384 ran ~20% above
+# its FLOPs' share for this traffic (benchmarks/results/lora_cost.md).
+LORA_ELEM_IN, LORA_ELEM_OUT = 6.0, 10.0
+
+
+def lora_elementwise_s(st: Any, index: int, tokens: float, extra_mm: float, hw: Hardware) -> float:
+    """Memory-bound time of block ``index``'s adapters per microbatch (``LORA_ELEM_*``; their forward part again
+    under full recomputation)."""
+    fwd = st.adapter_in[index] * 1.0 + st.adapter_out[index] * 6.0
+    total = st.adapter_in[index] * LORA_ELEM_IN + st.adapter_out[index] * LORA_ELEM_OUT + extra_mm * fwd
+    return total * tokens * hw.elem_bytes / hw.mem_bw
 
 
 def _shard_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, states: str, hw: Hardware

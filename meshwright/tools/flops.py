@@ -15,6 +15,11 @@ Conventions differ by up to ~15% on the same run, so every MFU figure names the 
   attention scores/context matmuls; GQA (g KV groups) and SwiGLU are counted.
 - ``megatron2021`` (Narayanan et al. SC'21 eq. 3 without recomputation): 72·B·s·l·h²·(1 + s/(6h) + V/(12·l·h)),
   for dense GPT blocks (4h MLP, MHA, no causal halving).
+
+LoRA runs (``lora=``, a ``memory.lora_cost.LoraStep``) count the FLOPs the step executes, not full training's: the
+frozen base computes no weight gradients, so a step is ~4N (forward 2N + input gradients 2N) plus the adapters' 6 per
+parameter, under every convention (its full-training count less what LoRA skips, ``lora_flops_per_token``).
+``full_training_flops_per_token`` stays available for the MFU a full fine-tune of the same model would quote.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from meshwright.errors import invalid
 
 if TYPE_CHECKING:  # the schema calls into this module (ModelConfig.flops_per_token)
     from meshwright.config.schema import ModelConfig
+    from meshwright.memory.lora_cost import LoraStep
 
 Convention = Literal["palm", "megatron", "megatron2021"]
 CONVENTIONS: tuple[str, ...] = ("palm", "megatron", "megatron2021")
@@ -70,8 +76,20 @@ def megatron2021_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 72 * s * l * h * h * (1 + s / (6 * h) + v / (12 * l * h)) / s
 
 
-def model_flops_per_token(cfg: ModelConfig, seq_len: int, convention: str = "palm") -> float:
-    """Training FLOPs (forward + backward) per token of the model under ``convention``."""
+def model_flops_per_token(cfg: ModelConfig, seq_len: int, convention: str = "palm",
+                          lora: "LoraStep | None" = None) -> float:
+    """Training FLOPs (forward + backward) per token of the model under ``convention``; with ``lora``, those a LoRA
+    step executes (the convention's full count less the dW and dX LoRA skips, plus the adapters)."""
+    full = full_training_flops_per_token(cfg, seq_len, convention)
+    if lora is None:
+        return full
+    from meshwright.memory.lora_cost import lora_flops_per_token
+
+    return full + lora_flops_per_token(cfg, lora, seq_len) - palm_flops_per_token(cfg, seq_len)
+
+
+def full_training_flops_per_token(cfg: ModelConfig, seq_len: int, convention: str = "palm") -> float:
+    """Full training's FLOPs per token (6N + attention under PaLM): every weight's gradient computed."""
     if convention == "palm":
         return palm_flops_per_token(cfg, seq_len)
     if convention == "megatron":
@@ -93,10 +111,11 @@ def attention_core_forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> fl
 
 
 def hardware_flops_per_token(cfg: ModelConfig, seq_len: int, recompute: str | list[str] = "none",
-                             convention: str = "palm") -> float:
+                             convention: str = "palm", lora: "LoraStep | None" = None) -> float:
     """Model FLOPs plus the forward work repeated by activation recomputation (the HFU numerator).
 
-    ``recompute`` is one mode for all layers or one mode per layer ("none"|"selective"|"full").
+    ``recompute`` is one mode for all layers or one mode per layer ("none"|"selective"|"full"); ``lora``: a LoRA
+    step's FLOPs, full recomputation repeating the adapters' forward too.
     """
     modes = [recompute] * cfg.n_layers if isinstance(recompute, str) else list(recompute)
     if len(modes) != cfg.n_layers:
@@ -104,14 +123,14 @@ def hardware_flops_per_token(cfg: ModelConfig, seq_len: int, recompute: str | li
     full = forward_layer_flops_per_token(cfg, seq_len) / cfg.n_layers
     sel = attention_core_forward_flops_per_token(cfg, seq_len) / cfg.n_layers
     extra = 0.0
-    for m in modes:
+    for i, m in enumerate(modes):
         if m == "full":
-            extra += full
+            extra += full + (2.0 * lora.adapter[i] if lora is not None else 0.0)
         elif m == "selective":
             extra += sel
         elif m != "none":
             raise invalid("recompute", m, "none, selective or full")
-    return model_flops_per_token(cfg, seq_len, convention) + extra
+    return model_flops_per_token(cfg, seq_len, convention, lora) + extra
 
 
 def utilization(tokens_per_s: float, flops_per_token: float, peak_flops_per_device: float, n_devices: int) -> float:

@@ -300,6 +300,8 @@ def totals_table(summary: dict[str, Any]) -> Table:
     row("step time (s)", s.get("step_s"))
     peak = s.get("peak_tflops_per_device")
     row("MFU", s.get("mfu"), f"of {peak:g} TFLOP/s {s.get('dtype', '')} peak per device" if peak else "", _pct)
+    if s.get("mfu_full") is not None:  # a LoRA run: MFU above counts its step's FLOPs (~4N); this, full training's 6N
+        row("MFU on full training's FLOPs", s.get("mfu_full"), "LoRA: the MFU above counts the FLOPs its step runs", _pct)
     if s.get("hfu") is not None and s.get("hfu") != s.get("mfu"):
         row("HFU", s.get("hfu"), "counts recomputed FLOPs", _pct)
     row("TFLOP/s per device", s.get("tflops_per_device"))

@@ -104,7 +104,7 @@ def _auto_plan(job: TrainingJob) -> Plan:
         if job.world_size > 1:
             init_distributed()
         hw_prof, model_prof = auto_profiles(job.model, job.world_size, job.cfg.seq_len, job.cfg.micro_batch,
-                                            progress=False, dtype=job.cfg.dtype)
+                                            progress=False, dtype=job.cfg.dtype, lora=job.cfg.lora)
         if int(os.environ.get("RANK", "0")) == 0:
             print(describe(hw_prof, model_prof), flush=True)
     return auto_plan(job.cfg, job.world_size, hardware_profile=hw_prof, model_profile=model_prof, model=job.model)

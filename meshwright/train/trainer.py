@@ -33,7 +33,8 @@ from meshwright.errors import ConfigError, PeerLost, invalid
 from meshwright.memory.meft import log_fields
 from meshwright.optim import CoatAdamW
 from meshwright.tools.energy import EnergyAccountant, EnergyTotals
-from meshwright.tools.flops import hardware_flops_per_token, model_flops_per_token
+from meshwright.memory.lora_cost import lora_step
+from meshwright.tools.flops import full_training_flops_per_token, hardware_flops_per_token, model_flops_per_token
 from meshwright.tools.mfu import mfu as compute_mfu
 from meshwright.tools.sinks import Sinks, open_sinks
 from meshwright.train.async_checkpoint import AsyncCheckpointer, CheckpointAbandoned, CheckpointPeerLost, peer_lost
@@ -127,11 +128,17 @@ class Trainer:
         self._grace_warned = False
         self._last_done = 0.0  # perf_counter at the last read-back
         self.tokens_per_step = cfg.global_batch * cfg.seq_len
-        # The model owns its FLOPs; the convention is named in the config so MFU is comparable across tools.
-        self.flops_per_token = float(model_flops_per_token(model_cfg, cfg.seq_len, cfg.flops_convention))
+        # The model owns its FLOPs; the convention is named in the config so MFU is comparable across tools. A LoRA
+        # run counts what its step executes (no dW of the frozen base: ~4N, docs/finetune.md), and keeps full
+        # training's count beside it (``full_flops_per_token``, ``mfu_full``) for comparison with full fine-tuning.
+        lora = lora_step(model_cfg, cfg.lora) if getattr(cfg, "lora", None) is not None else None
+        self.flops_per_token = float(model_flops_per_token(model_cfg, cfg.seq_len, cfg.flops_convention, lora))
+        self.full_flops_per_token = float(full_training_flops_per_token(model_cfg, cfg.seq_len, cfg.flops_convention))
+        self.lora_flops = lora is not None
         plan = runtime.plan
         recompute = [s.recompute for s in plan.layer_strategies()] if plan is not None else "none"
-        self.hw_flops_per_token = float(hardware_flops_per_token(model_cfg, cfg.seq_len, recompute, cfg.flops_convention))
+        self.hw_flops_per_token = float(hardware_flops_per_token(model_cfg, cfg.seq_len, recompute, cfg.flops_convention,
+                                                                 lora))
         self._eval_batches = None
         self._per_source_batches: dict[str, list[Any]] | None = None  # data.eval_per_source, built at the first eval
         self.eval_per_source: dict[str, float] | None = None  # each mixture source's eval loss, at the last eval
@@ -615,6 +622,11 @@ class Trainer:
             "first_loss": run.first_loss, "final_loss": run.last_loss, "eval_loss": run.eval_loss,
             "skipped_steps": self.skipped_steps, "resumed": resumed, "flops_convention": cfg.flops_convention,
             "hw_flops_per_token": self.hw_flops_per_token,
+            # LoRA: flops_per_token / mfu count the executed step; these, full training's 6N count (docs/finetune.md)
+            **({"flops_definition": "lora_executed", "full_flops_per_token": self.full_flops_per_token,
+                "mfu_full": compute_mfu(steady_tokens / steady_s if steady_s > 0 else 0.0, self.full_flops_per_token,
+                                        self.cluster, rt.compute_dtype, max(rt.world_size, 1))}
+               if self.lora_flops else {}),
             "init": getattr(rt, "init", None),  # the initial weights: stream | keyed draws, or pretrained (init_from)
         }
         summary.update(self._tokens_per_source(self.step))
@@ -708,7 +720,9 @@ def format_summary(s: dict[str, Any]) -> str:
 
     return (f"summary: {s['model']} ({s['params'] / 1e6:.2f}M params), {s['steps']} steps, {s['tokens']:,} tokens | "
             f"{s['tokens_per_s']:,.0f} tokens/s ({s['tokens_per_s_per_device']:,.0f}/device) | "
-            f"{s['tflops_per_device'] * 1e3:.1f} GFLOP/s/device | MFU {100 * s['mfu']:.1f}% of "
+            f"{s['tflops_per_device'] * 1e3:.1f} GFLOP/s/device | MFU {100 * s['mfu']:.1f}% "
+            + (f"(LoRA step's FLOPs; {100 * s['mfu_full']:.1f}% counting full training's) " if "mfu_full" in s else "")
+            + f"of "
             f"{s['peak_tflops_per_device'] * 1e3:.0f} GFLOP/s {s.get('compute_dtype', s['dtype'])} peak | "
             f"loss {num(s['first_loss'], '.3f')} -> {num(s['final_loss'], '.3f')} | eval loss {num(s['eval_loss'], '.3f')}"
             + (f" | energy {s['energy_j']:,.0f} J ({s['j_per_token'] * 1e3:.2f} mJ/token, GPU: {s['energy_gpu_source']}), "

@@ -116,3 +116,37 @@ def test_one_cache_variable_moves_profiles_and_corpora(tmp_path, monkeypatch):
     assert cache_root() == tmp_path / "root" and ap.cache_dir() == tmp_path / "root" / "profiles"
     monkeypatch.setenv("MESHWRIGHT_CACHE_DIR", str(tmp_path / "old"))
     assert ap.cache_dir() == tmp_path / "old" and cache_root() == tmp_path / "root"
+
+
+def test_a_lora_run_profiles_its_own_blocks_and_calibrates_on_their_flops(tmp_path, monkeypatch):
+    """`plan: auto` with `lora:` times the blocks as the LoRA run runs them (adapters on, base frozen), under a
+    cache key of their own, and calibrates the matmul efficiency on those blocks' FLOPs; a LoRA profile handed to a
+    plan without LoRA is refused in one line."""
+    import dataclasses
+
+    from meshwright.config import LoraConfig, load_cluster
+    from meshwright.errors import ConfigError
+    from meshwright.launcher.planner import cost_model as cm
+    from meshwright.launcher.profiling.model import apply_model_profile
+    from meshwright.memory.lora_cost import lora_step
+
+    monkeypatch.setenv("MESHWRIGHT_CACHE_DIR", str(tmp_path))
+    cfg, lora = load_model_config("tiny"), LoraConfig(rank=4, targets=["wq", "wv", "w2"])
+    hw_prof, prof = ap.auto_profiles(cfg, 1, 32, 2, lora=lora)
+    assert prof["lora"]["rank"] == 4 and len(list(tmp_path.iterdir())) == 2
+    monkeypatch.setattr(ap, "matmul_drift", lambda *a: 1.0)
+    ap.auto_profiles(cfg, 1, 32, 2)  # the plain blocks: another profile
+    assert len(list(tmp_path.iterdir())) == 3
+    base = cm.hardware_from_cluster(load_cluster("local-cpu"), hw_prof)
+    with pytest.raises(ConfigError, match="model-profile.lora") as err:
+        apply_model_profile(base, prof, cfg, hw_prof)
+    assert "\n" not in str(err.value)
+    step = lora_step(cfg, lora)
+    base = dataclasses.replace(base, peak_flops=base.peak_flops * 1e3)  # no efficiency clamped at 1 on a busy box
+    with_lora = apply_model_profile(dataclasses.replace(base, lora=step), prof, cfg, hw_prof)
+    as_plain = apply_model_profile(base, {k: v for k, v in prof.items() if k != "lora"}, cfg, hw_prof)
+    e = prof["entries"][0]
+    big = max(e["points"], key=lambda p: p["tokens"])
+    full = 3 * cm.layer_fwd_flops(cfg, 0, 1.0, big["seq"])
+    executed = full + 6 * step.adapter[0] - 2 * step.no_wgrad[0]  # a mid-stack block: every dX, no dW of the base
+    assert with_lora.matmul_efficiency == pytest.approx(as_plain.matmul_efficiency * executed / full, rel=1e-9)

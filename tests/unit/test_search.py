@@ -512,7 +512,8 @@ def test_interleaving_depth_is_searched_when_no_depth_splits_the_layers_evenly()
     ("meshwright", None, False, {}), ("meshwright", None, True, {}), ("megatron", None, False, {}),
     ("deepspeed", "fp32", False, {}), ("torchtitan", None, False, {"overlap_slowdown": 0.0}),
     ("meshwright", None, False, {"strategy_overheads": (("tp2", 1e-5, 1e-9), ("zero3", 2e-5, 0.0))}),
-    ("meshwright", None, False, {"block_time_measured": True, "layer_overhead_s": 2e-5, "act_scale": 1.15})])
+    ("meshwright", None, False, {"block_time_measured": True, "layer_overhead_s": 2e-5, "act_scale": 1.15}),
+    ("meshwright", None, False, {"lora": True})])  # a LoRA step (Hardware.lora): adapters on every linear
 def test_layer_cost_columns_are_layer_costs_bit_for_bit(stack, dtype, compiled, hw_replace):
     """The search's DP costs every strategy of a micro-batch size with cm.layer_costs_columns (whole arrays, each term
     once per group of strategies sharing it); it must give exactly layer_costs(lean=True)'s floats (any difference
@@ -525,6 +526,11 @@ def test_layer_cost_columns_are_layer_costs_bit_for_bit(stack, dtype, compiled, 
         cl = load_cluster(cluster, nodes=nodes)
         hw = cm.hardware_from_cluster(cl, stack=stack, dtype=dtype, compile=compiled)
         hw = dataclasses.replace(hw, **hw_replace)
+        if hw_replace.get("lora"):
+            from meshwright.config import LoraConfig
+            from meshwright.memory.lora_cost import lora_step
+
+            hw = dataclasses.replace(hw, lora=lora_step(cfg, LoraConfig(targets=["wq", "wk", "wv", "wo", "w1", "w2", "w3"])))
         allow = dataclasses.replace(allow, fp8_gemm=cm.fp8_matmul_speedup(hw) > 1)
         for index in range(min(cfg.n_layers, 2)):
             for mb in (1, 2):

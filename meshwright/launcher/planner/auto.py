@@ -16,12 +16,14 @@ from meshwright.plan import Plan, validate_plan
 def lora_search_terms(cfg: ModelConfig, lora: Any, hw: cm.Hardware, constraints: Constraints
                       ) -> tuple[cm.Hardware, Constraints]:
     """What ``lora:`` changes in the search: model states for the trainable share only (``Hardware.trainable_fraction``:
-    adapters and modules_to_save over all parameters, adapters included), and the layouts the LoRA runtime runs
+    adapters and modules_to_save over all parameters, adapters included), the step's time (``Hardware.lora``: no dW
+    of the frozen base, the adapters' GEMMs, gradients reduced and stepped for the trainable parameters), and the layouts the LoRA runtime runs
     (tp = pp = ep = 1: train/build.py ``check_lora_layout``)."""
     from meshwright.memory.lora import lora_state_bytes
+    from meshwright.memory.lora_cost import lora_step
 
     state = lora_state_bytes(cfg, lora)
-    hw = dataclasses.replace(hw, trainable_fraction=state["trainable"] / (state["weights"] / 4))
+    hw = dataclasses.replace(hw, trainable_fraction=state["trainable"] / (state["weights"] / 4), lora=lora_step(cfg, lora))
     return hw, dataclasses.replace(constraints, tp=1, pp=1, ep=1)
 
 
@@ -73,11 +75,12 @@ def auto_plan(model_cfg: Any, cluster: ClusterSpec | str | dict | int | None = N
         dtype = "fp32"
     hw = cm.hardware_from_cluster(spec, hardware_profile, memory_budget_gib, stack="meshwright", dtype=dtype,
                                   compile=compile_, loss_chunk_tokens=chunk)
-    if model_profile is not None:
-        hw = apply_model_profile(hw, model_profile, cfg, hardware_profile)
     constraints = dataclasses.replace(constraints or Constraints(), runtime_compatible=True)
     if lora is not None:  # the frozen base has no grads or optimizer state; LoRA runs data parallelism only, and
         hw, constraints = lora_search_terms(cfg, lora, hw, constraints)  # without per-layer FP8 acts or WTA-CRS
+    if model_profile is not None:  # after the LoRA terms: a profile of LoRA blocks calibrates on their FLOPs
+        hw = apply_model_profile(hw, model_profile, cfg, hardware_profile)
+    if lora is not None:
         allow = dataclasses.replace(allow or Allow(), fp8_act=False, wta_crs=None, lemo=None)
     result = search(cfg, spec, seq_len, global_batch, hw=hw, constraints=constraints, allow=allow)
     if result.best is None:

@@ -28,7 +28,7 @@ from meshwright.errors import invalid
 from meshwright.launcher.planner.stack import PRECISIONS, Precision, Stack, get_stack, precision_for_dtype
 from meshwright.memory.fp8_activations import block_saved_bytes_split
 from meshwright.optim.coat import coat_state_bytes_per_param
-from meshwright.tools.flops import head_fwd_flops, layer_fwd_flops
+from meshwright.tools.flops import head_fwd_flops, layer_fwd_flops, model_flops_per_token
 
 GIB = 1024**3
 
@@ -191,6 +191,9 @@ class Hardware:
     # counted in the total). The frozen rest has weights only: no gradients, no optimizer state (model_state_bytes).
     # Spread evenly over layers and embeddings: the sum over a replica is exact, a pipeline stage's share approximate
     trainable_fraction: float = 1.0
+    # LoRA's step (memory/lora_cost.py ``LoraStep``): no dW of the frozen base (nor dX before the first adapter), the
+    # adapters' narrow GEMMs, gradients reduced and stepped for the trainable parameters only; None: full training
+    lora: Any = None
 
     @property
     def elem_bytes(self) -> int:
@@ -486,16 +489,20 @@ def weight_copy_bytes(zero: int, hw: Hardware) -> float:
     return p.weight_copy_bytes
 
 
-def weight_traffic_mb_s(param_count: float, recompute: str, hw: Hardware, zero: int = 0) -> float:
+def weight_traffic_mb_s(param_count: float, recompute: str, hw: Hardware, zero: int = 0,
+                        trained: Optional[float] = None) -> float:
     """Autocast's per-microbatch passes over the weights: each forward casts every fp32 weight to the compute dtype
     (read 4, write 2 B; again when recomputation reruns the forward in a new autocast region: the cast cache lives
     for one region, and torch.utils.checkpoint's recomputation enters its own; selective recomputation reruns the
     casts too, meshwright's policy saving only matmul and attention outputs) and backward casts each weight gradient
-    up to fp32 (2 + 4 B: ToCopyBackward). 0 for policies that keep compute-dtype weights and for FSDP2 layers
+    up to fp32 (2 + 4 B: ToCopyBackward): ``trained`` of them (LoRA; default all). 0 for policies that keep compute-dtype weights and for FSDP2 layers
     (``fsdp_cast_s``)."""
     if not autocast_casts(zero, hw):
         return 0.0
-    return param_count * (6.0 * (2 if recompute != "none" else 1) + 6.0) / hw.mem_bw
+    passes = 6.0 * (2 if recompute != "none" else 1)
+    if trained is None:
+        return param_count * (passes + 6.0) / hw.mem_bw
+    return (param_count * passes + trained * 6.0) / hw.mem_bw  # layer_costs_columns: the same floats
 
 
 def fsdp_cast_s(param_count: float, dp: int, zero: int, hw: Hardware) -> tuple[float, float]:
@@ -542,7 +549,8 @@ def grad_accumulate_s(param_count: float, hw: Hardware) -> float:
     """One accumulation of a microbatch's fp32 weight gradients into ``.grad`` (read 4 + 4, write 4 B), paid by every
     microbatch after the first under autocast, and under FSDP2 mixed precision, which adds each microbatch's
     reduce-scattered shard into the sharded ``.grad`` (foreach_reduce: ``grad._local_tensor += new_sharded_grad``);
-    stacks with fused main-gradient accumulation pay nothing."""
+    stacks with fused main-gradient accumulation pay nothing. LoRA: pass the trainable parameters only (the frozen base
+    has no gradient)."""
     if hw.policy.weight_copy_bytes <= 0 and not hw.policy.shard_cast_zero:
         return 0.0
     return param_count * 12.0 / hw.mem_bw
@@ -553,7 +561,8 @@ def optimizer_step_s(param_count: float, dp: int, zero: int, states: str, hw: Ha
     fp32 weights (or master copy), the gradient, m and v and writes the weights, m and v back (+ the compute-dtype
     weights when a master copy exists); gradient clipping reads the gradients once more. Counted for meshwright's
     runtime, where it was checked on an H200; for the other stacks it would move the published runs the wrong way
-    (Megatron-LM 2021's 1.7-18B runs, already predicted 9-15% slow, by 1-2% more), so their calibration keeps it out."""
+    (Megatron-LM 2021's 1.7-18B runs, already predicted 9-15% slow, by 1-2% more), so their calibration keeps it out.
+    LoRA: pass the trainable parameters only (the optimizer holds no frozen weight)."""
     if hw.stack != "meshwright":
         return 0.0
     p = hw.policy
@@ -587,9 +596,10 @@ def flash_attention_fwd_s(cfg: ModelConfig, tokens: float, seq_len: int, tp: int
 
 
 def head_passes(hw: Hardware) -> float:
-    """Forward-sized passes of the head matmul per microbatch: forward + backward (3), plus the forward that the
-    chunked loss recomputes in backward (4)."""
-    return 4.0 if loss_chunked(hw) else 3.0
+    """Forward-sized passes of the head matmul per microbatch: forward + backward (3; LoRA: no dW of a frozen head,
+    ``LoraStep.head_passes``), plus the forward that the chunked loss recomputes in backward (+1)."""
+    base = hw.lora.head_passes() if hw.lora is not None else 3.0
+    return base + (1.0 if loss_chunked(hw) else 0.0)
 
 
 def head_s(cfg: ModelConfig, tokens: float, tp: int, hw: Hardware) -> float:
@@ -711,7 +721,8 @@ def ep_comm_s(tokens: float, cfg: ModelConfig, ep: int, tp: int, recompute: str,
     return n * alltoall_s(ep_alltoall_bytes(tokens, cfg, hw.elem_bytes), ep, bw, lat)
 
 
-def dp_comm_s(param_count: float, dp: int, zero: int, stride: int, hw: Hardware) -> tuple[float, float]:
+def dp_comm_s(param_count: float, dp: int, zero: int, stride: int, hw: Hardware,
+              trained: Optional[float] = None) -> tuple[float, float]:
     """DP gradient/parameter traffic of one layer as (per microbatch, per step) seconds.
 
     ``param_count`` is the layer's parameters on one tp/ep shard. ZeRO-0 and 1: one all-reduce (ZeRO-1
@@ -723,11 +734,13 @@ def dp_comm_s(param_count: float, dp: int, zero: int, stride: int, hw: Hardware)
     microbatch); one all-gather where the layer keeps its gathered weights from forward to backward
     (``reshards_after_forward``). FSDP2 layers whose sync the pipeline schedule defers (``Hardware.fsdp_deferred``):
     one all-gather and one reduce-scatter per step (ZeRO-0/1, replicated: one all-reduce), after all backwards.
+    ``trained``: the parameters that have gradients (LoRA: adapters; default all): only theirs are reduced (DDP
+    buckets and FSDP2 reduce-scatters skip ``requires_grad=False``), while ZeRO-2/3 still gather every weight.
     """
     if dp <= 1:
         return 0.0, 0.0
     p = hw.policy_at(zero)
-    grads = param_count * p.reduce_bytes  # the stacks reduce fp32 main gradients (Megatron, FSDP2 reduce_dtype)
+    grads = (param_count if trained is None else trained) * p.reduce_bytes  # the stacks reduce fp32 main gradients (Megatron, FSDP2 reduce_dtype)
     params = param_count * p.gather_bytes
     bw, lat = link(hw, dp, stride)
     ag = allgather_s(params, dp, bw, lat)
@@ -743,7 +756,7 @@ def dp_comm_s(param_count: float, dp: int, zero: int, stride: int, hw: Hardware)
     return (2 if reshards_after_forward(zero, hw) else 1) * ag + rs, 0.0
 
 
-def hsdp_allreduce_s(param_count: float, dp: int, shard: int, stride: int, hw: Hardware) -> float:
+def hsdp_allreduce_s(param_count: float, dp: int, shard: int, stride: int, hw: Hardware) -> float:  # grads: pass trained
     """HSDP's extra traffic per microbatch: after the reduce-scatter inside each shard group, every rank
     all-reduces its 1/shard of the gradients with the same shard of the other dp/shard replicas (ranks
     ``stride*shard`` apart, usually on another node)."""
@@ -1145,6 +1158,11 @@ class Prediction:
         }
 
 
+def lora_layer_key(hw: Hardware, index: int) -> tuple:
+    """What sets block ``index``'s LoRA compute (the first block skips more dX than the rest); () without LoRA."""
+    return hw.lora.layer_key(index) if hw.lora is not None else ()
+
+
 def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len: int, hw: Hardware,
                 states: str = "fp32", prev: Optional[tuple[int, bool]] = None,
                 parts: Optional[dict[tuple, Any]] = None, lean: bool = False) -> Any:
@@ -1164,7 +1182,8 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
     lemo = sv.lemo if sv.lemo is not None else 1.0
     if parts is None:
         parts = {}
-    key = ("compute", moe, tokens, seq_len, s.tp, s.sp, s.recompute, s.ep, s.cp, sv.fp8_gemm, sv.lemo)
+    key = ("compute", moe, tokens, seq_len, s.tp, s.sp, s.recompute, s.ep, s.cp, sv.fp8_gemm, sv.lemo,
+           lora_layer_key(hw, index))
     comp = parts.get(key)
     if comp is None:
         comp = parts[key] = _compute_terms(cfg, index, moe, s, tokens, seq_len, lemo, hw)
@@ -1186,7 +1205,8 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
     gathered = float(zero3_transient_bytes(cfg, index, shard_params, hw, parts)) if s.zero >= 3 else 0.0
     gathered += float(zero_buffer_bytes(hw, s.zero))
     copies = shard_params * weight_copy_bytes(s.zero, hw)  # compute-dtype copies of the weights in use
-    compute_mb += weight_traffic_mb_s(shard_params, s.recompute, hw, s.zero)
+    compute_mb += weight_traffic_mb_s(shard_params, s.recompute, hw, s.zero, trained=(
+        shard_params * hw.lora.trained_share(cfg, index) if hw.lora is not None else None))
     if hw.policy.shard_cast_zero:  # fsdp_cast_s (added as layer_costs_columns adds it: the same floats)
         compute_mb += cast_mb
     if compiled and s.recompute != "none":
@@ -1292,7 +1312,12 @@ def layer_costs_columns(cfg: ModelConfig, index: int, cols: StrategyColumns, mb_
     gathered = gathered + zero_buffer_bytes(hw, cols.zero)
     copies = shard_params * cols.copy_bytes
     if hw.policy.weight_copy_bytes > 0:  # weight_traffic_mb_s
-        compute_mb = compute_mb + shard_params * cols.cast_factor / hw.mem_bw
+        if hw.lora is not None:  # the gradients cast up: the adapters' only
+            trained = shard_params * hw.lora.trained_share(cfg, index)
+            compute_mb = compute_mb + np.where(cols.cast_factor > 0, shard_params * (cols.cast_factor - 6.0)
+                                               + trained * 6.0, 0.0) / hw.mem_bw
+        else:
+            compute_mb = compute_mb + shard_params * cols.cast_factor / hw.mem_bw
     if hw.policy.shard_cast_zero:  # fsdp_cast_s
         compute_mb = compute_mb + cast_mb
     if hw.runtime_buffers:
@@ -1339,7 +1364,8 @@ def _token_columns_of(cfg: ModelConfig, index: int, cols: StrategyColumns, mb_dp
     comp = np.empty((3, len(reps["compute"])))
     for g, s in enumerate(reps["compute"]):
         tokens, sv = tokens_of(s), s.savers
-        key = ("compute", moe, tokens, seq_len, s.tp, s.sp, s.recompute, s.ep, s.cp, sv.fp8_gemm, sv.lemo)
+        key = ("compute", moe, tokens, seq_len, s.tp, s.sp, s.recompute, s.ep, s.cp, sv.fp8_gemm, sv.lemo,
+               lora_layer_key(hw, index))
         c = parts.get(key)
         if c is None:
             c = parts[key] = _compute_terms(cfg, index, moe, s, tokens, seq_len, sv.lemo if sv.lemo is not None else 1.0,
@@ -1424,6 +1450,11 @@ def _compute_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, tokens: floa
                   + memory_bound * (2.0 + extra_mem) + hw.layer_overhead_s)
     model_flops_mb = fwd_flops * 3.0
     hw_flops_mb = fwd_flops * lemo * (3.0 + (0.0 if s.recompute == "selective" and hw.stack == "meshwright" else extra))
+    if hw.lora is not None:
+        lora_mb, lora_flops, lora_hw_flops = lora_compute_terms(cfg, index, tokens, seq_len, s.tp, extra_mm, width, hw)
+        compute_mb += lora_mb * lemo
+        model_flops_mb += lora_flops
+        hw_flops_mb += lora_hw_flops * lemo
     comm_mb = tp_comm_s(tokens * lemo, cfg, s.tp, s.sp, s.recompute, hw)
     if hw.tp_wgrad_overlap and comm_mb > 0:
         # the 2 backward collectives run under the weight-gradient matmuls (1x forward matmul time)
@@ -1437,18 +1468,55 @@ def _compute_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, tokens: floa
     return fwd, compute_mb, model_flops_mb, hw_flops_mb, comm_mb
 
 
+def lora_compute_terms(cfg: ModelConfig, index: int, tokens: float, seq_len: int, tp: int, extra_mm: float,
+                       width: float, hw: Hardware) -> tuple[float, float, float]:
+    """What a LoRA step changes in block ``index``'s compute per microbatch (``hw.lora``, memory/lora_cost.py):
+    seconds (the frozen base's dW and the dX nothing needs, removed at the block's GEMM width; the adapters' GEMMs,
+    forward + dA + dB + their dX, added at the rank's width, their forward again under full recomputation), model
+    FLOPs and hardware FLOPs."""
+    st = hw.lora
+    delta = st.layer_flops_delta(cfg, index, seq_len) * tokens / tp
+    adapters = (6.0 * st.adapter[index] - 2.0 * st.no_dgrad_adapter[index]) * tokens / tp
+    base = delta - adapters  # <= 0: the work the frozen base skips
+    repeat = 2.0 * st.adapter[index] * tokens / tp * extra_mm
+    seconds = compute_s(adapters + repeat, hw, st.rank) + compute_s(base, hw, width)
+    if not hw.block_time_measured:  # a profile of LoRA blocks timed them (profiling/model.py)
+        seconds += lora_elementwise_s(st, index, tokens / tp, extra_mm, hw)
+    return seconds, delta, delta + repeat
+
+
+# Elements an eager adapter (memory/lora.py LoRALinear) moves per token besides its GEMMs' FLOPs, in units of its
+# input (in) and output (out) widths: forward reads x for A (in), writes B's output, scales it (read + write) and adds
+# it to the base's (2 reads + write): in + 6 out; backward scales the gradient (read + write), reads it for dB and for
+# the low-rank gradient, reads x for dA, writes the input gradient and adds it to the base's (2 reads + write):
+# 5 in + 4 out. The rank-wide tensors are left out. On a 2-core CPU a rank-8 LoRA block of d_model 384 ran ~20% above
+# its FLOPs' share for this traffic (benchmarks/results/lora_cost.md).
+LORA_ELEM_IN, LORA_ELEM_OUT = 6.0, 10.0
+
+
+def lora_elementwise_s(st: Any, index: int, tokens: float, extra_mm: float, hw: Hardware) -> float:
+    """Memory-bound time of block ``index``'s adapters per microbatch (``LORA_ELEM_*``; their forward part again
+    under full recomputation)."""
+    fwd = st.adapter_in[index] * 1.0 + st.adapter_out[index] * 6.0
+    total = st.adapter_in[index] * LORA_ELEM_IN + st.adapter_out[index] * LORA_ELEM_OUT + extra_mm * fwd
+    return total * tokens * hw.elem_bytes / hw.mem_bw
+
+
 def _shard_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, states: str, hw: Hardware
                  ) -> tuple[float, float, float, dict[str, float], float, float, float]:
     """layer_costs' terms of one rank's shard: parameters on it (attention/dense MLP split by tp, experts by tp and
     ep), DP traffic per microbatch and per step, model-state bytes, optimizer step (with FSDP2's per-step casts) and
     gradient accumulation, and FSDP2's casts per microbatch (``fsdp_cast_s``)."""
+    share = hw.lora.trained_share(cfg, index) if hw.lora is not None else 1.0  # LoRA: the adapters' gradients only
     if moe:
         expert = cfg.n_experts * 3 * cfg.d_model * cfg.expert_ffn_dim
         dense = cfg.layer_params(index) - expert
         shard_params = dense / s.tp + expert / (s.tp * s.ep)
+        trained = shard_params * share if hw.lora is not None else None  # LoRA's adapters sit on the dense part
         dpc = s.dp * s.cp  # weights are replicated over cp ranks: gradients reduce over dp*cp
-        dp_dense_mb, dp_dense_step = dp_comm_s(dense / s.tp, dpc, s.zero, s.tp, hw)
-        dp_exp_mb, dp_exp_step = dp_comm_s(expert / (s.tp * s.ep), dpc // s.ep, s.zero, s.tp * s.ep, hw)
+        dp_dense_mb, dp_dense_step = dp_comm_s(dense / s.tp, dpc, s.zero, s.tp, hw, trained)
+        dp_exp_mb, dp_exp_step = dp_comm_s(expert / (s.tp * s.ep), dpc // s.ep, s.zero, s.tp * s.ep, hw,
+                                           0.0 if hw.lora is not None else None)
         dp_mb, dp_step = dp_dense_mb + dp_exp_mb, dp_dense_step + dp_exp_step
         states_b = model_state_bytes(dense / s.tp, dpc, s.zero, states, hw)
         exp_b = model_state_bytes(expert / (s.tp * s.ep), dpc // s.ep, s.zero, states, hw)
@@ -1458,15 +1526,17 @@ def _shard_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, states: str, h
         cast_mb, cast_step = cast_dense + cast_exp, cast_dense_step + cast_exp_step
     else:
         shard_params = cfg.layer_params(index) / s.tp
+        trained = shard_params * share if hw.lora is not None else None
         group = s.dp_shard or s.dp * s.cp  # HSDP: ZeRO state and gathers inside groups of dp_shard ranks
-        dp_mb, dp_step = dp_comm_s(shard_params, group, s.zero, s.tp, hw)
+        dp_mb, dp_step = dp_comm_s(shard_params, group, s.zero, s.tp, hw, trained)
         if group < s.dp:
-            dp_mb += hsdp_allreduce_s(shard_params, s.dp, group, s.tp, hw)
+            dp_mb += hsdp_allreduce_s(shard_params * share, s.dp, group, s.tp, hw)
         states_b = model_state_bytes(shard_params, group, s.zero, states, hw)
         cast_mb, cast_step = fsdp_cast_s(shard_params, group, s.zero, hw)
     zero_dp = s.dp_shard or s.dp * s.cp
-    accum_mb, accum_step = grad_accumulation_s(shard_params, zero_dp, s.zero, hw)
-    opt_step = (optimizer_step_s(shard_params, zero_dp if not moe else s.dp * s.cp, s.zero, states, hw) + cast_step
+    stepped = shard_params * share  # the optimizer steps and accumulates trainable parameters only (LoRA)
+    accum_mb, accum_step = grad_accumulation_s(stepped, zero_dp, s.zero, hw)
+    opt_step = (optimizer_step_s(stepped, zero_dp if not moe else s.dp * s.cp, s.zero, states, hw) + cast_step
                 + accum_step)
     return shard_params, dp_mb, dp_step, states_b, opt_step, accum_mb, cast_mb
 
@@ -1567,7 +1637,8 @@ def _add_layers(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strat
     key = None
     for i, (s, (r, start, moe)) in enumerate(zip(strategies, layout)):
         before = None if start else strategies[i - 1]
-        if before is s and key is not None and key[2] == (s.tp, s.sp) and key[0] == moe:
+        if (before is s and key is not None and key[2] == (s.tp, s.sp) and key[0] == moe
+                and key[3] == lora_layer_key(hw, i)):
             add = adds[key]  # the same strategy after itself: the previous layer's key (most layers of a plan)
         else:
             prev = (before.tp, before.sp) if before is not None else None
@@ -1576,7 +1647,7 @@ def _add_layers(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strat
             if skey is None:
                 skey = skeys[id(s)] = (s.tp, s.sp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, s.recompute, s.savers.fp8_act,
                                        s.savers.fp8_gemm, s.savers.wta_crs, s.savers.lemo, mb_samples, plan.seq_len, states)
-            key = (moe, skey, prev)
+            key = (moe, skey, prev, lora_layer_key(hw, i))
             add = adds.get(key)
             if add is None:
                 c = memo.get(key)
@@ -1665,27 +1736,40 @@ def _ends_ops(plan: Any, cfg: ModelConfig, hw: Hardware, head_tokens: float, m: 
     head_flops = head_fwd_flops(cfg, head_tokens) / emb.tp
     ops.append(("mb_s", last, head_s(cfg, head_tokens, emb.tp, hw)))
     ops.append(("mb_s", last, loss_s(cfg, head_tokens, emb.tp, hw)))
-    ops.append(("model_flops", None, head_flops * 3.0 * m))
+    ops.append(("model_flops", None, head_flops * (hw.lora.head_passes() if hw.lora is not None else 3.0) * m))
     ops.append(("hw_flops", None, head_flops * head_passes(hw) * m))
     emb_dp = per_stage // emb.tp
     for r in {0, last}:
         ops.append(("static", r, embedding_static_bytes(cfg, r == 0, r == last, emb.tp, emb_dp, emb.zero,
                                                         plan.optimizer.states, hw)))
         n = embedding_param_count(cfg, r == 0, r == last, emb.tp)
+        trained = lora_embedding_trained(cfg, hw, r == 0, r == last, emb.tp) if hw.lora is not None else n
         ops.append(("grads", r, model_state_bytes(n, emb_dp, emb.zero, plan.optimizer.states, hw)["grads"]))
         if r == last:
             ops.append(("copies", r, cfg.vocab_size * cfg.d_model / emb.tp * weight_copy_bytes(emb.zero, hw)))
-        per_mb, step = dp_comm_s(n, emb_dp, emb.zero, emb.tp, hw)
-        ops.append(("step_s", r, step + tied_embedding_grad_s(cfg, emb.tp, pp.degree, per_stage, hw)))
+        per_mb, step = dp_comm_s(n, emb_dp, emb.zero, emb.tp, hw, trained)
+        ops.append(("step_s", r, step + (tied_embedding_grad_s(cfg, emb.tp, pp.degree, per_stage, hw) if trained else 0.0)))
         cast_mb, cast_step = fsdp_cast_s(n, emb_dp, emb.zero, hw)  # FSDP2 gathers both ends in the compute dtype
         deferred = hw.fsdp_deferred(emb.zero)
-        accum = grad_accumulation_s(n, emb_dp, emb.zero, hw) if deferred else (grad_accumulate_s(n, hw), 0.0)
-        ops.append(("step_s", r, optimizer_step_s(n, emb_dp, emb.zero, plan.optimizer.states, hw)
+        accum = grad_accumulation_s(trained, emb_dp, emb.zero, hw) if deferred else (grad_accumulate_s(trained, hw), 0.0)
+        ops.append(("step_s", r, optimizer_step_s(trained, emb_dp, emb.zero, plan.optimizer.states, hw)
                     + (m - 1) * accum[0] + accum[1] + cast_step))
-        # the head's cast under autocast (the lookup reads fp32)
-        ops.append(("mb_s", r, weight_traffic_mb_s(n if r == last else 0.0, "none", hw, emb.zero) + cast_mb))
+        # the head's cast under autocast (the lookup reads fp32); its gradient's cast where it trains (LoRA)
+        head = cfg.vocab_size * cfg.d_model / emb.tp if hw.lora is not None and r == last else None
+        head_trained = head if head is not None and hw.lora.head_trainable else (0.0 if head is not None else None)
+        ops.append(("mb_s", r, weight_traffic_mb_s(n if r == last else 0.0, "none", hw, emb.zero, trained=head_trained)
+                    + cast_mb))
         ops.append(("mb_s", r, per_mb))  # embedding/head ZeRO-2/3 traffic: small, counted as exposed
     return ops
+
+
+def lora_embedding_trained(cfg: ModelConfig, hw: Hardware, first: bool, last: bool, tp: int) -> float:
+    """Of ``embedding_param_count``'s parameters, those a LoRA run trains (``modules_to_save``: the token embedding
+    on the first rank, the head on the last; tied, one weight). Learned positions (gpt2) stay frozen."""
+    st, table = hw.lora, cfg.vocab_size * cfg.d_model / tp
+    if cfg.tie_embeddings:
+        return table if (first or last) and st.embedding_trainable else 0.0
+    return (table if first and st.embedding_trainable else 0.0) + (table if last and st.head_trainable else 0.0)
 
 
 def grads_absent_at_peak(plan: Any, hw: Hardware, strategies: list[Any], m: int) -> bool:
@@ -1759,8 +1843,9 @@ def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int,
     tokens = plan.global_batch * plan.seq_len
     # MFU uses the model's own FLOPs per token (PaLM convention); HFU counts recomputation too.
     fkey = ("flops_per_token", plan.seq_len)
-    if fkey not in cache:
-        cache[fkey] = cfg.flops_per_token(plan.seq_len)
+    if fkey not in cache:  # LoRA: the FLOPs its step executes (tools/flops.py), as the trainer's log counts them
+        cache[fkey] = (model_flops_per_token(cfg, plan.seq_len, lora=hw.lora) if hw.lora is not None
+                       else cfg.flops_per_token(plan.seq_len))
     mfu_flops = cache[fkey] * tokens
     ratio = t.hw_flops / t.model_flops if t.model_flops else 1.0
     peak = hw.peak_flops

@@ -109,9 +109,10 @@ def _decide(missing: bool) -> bool:
 
 
 def auto_profiles(cfg: ModelConfig, world_size: int, seq_len: int, micro_batch: int,
-                  progress: bool = False, dtype: str = "fp32") -> tuple[dict[str, Any], dict[str, Any]]:
+                  progress: bool = False, dtype: str = "fp32", lora: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(hardware profile, model profile) for this run's machines, the model timed in the run's ``dtype``
-    (TrainConfig.dtype; fp32 on CPU, as the runtime trains there); collective under torchrun."""
+    (TrainConfig.dtype; fp32 on CPU, as the runtime trains there) and, with ``lora`` (a LoraConfig), its blocks
+    as the LoRA run runs them (adapters on, base frozen); collective under torchrun."""
     import torch.distributed as dist
 
     rank, world = rank_and_world()
@@ -121,7 +122,9 @@ def auto_profiles(cfg: ModelConfig, world_size: int, seq_len: int, micro_batch: 
     hw_path = root / profile_key("hardware", world_size)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     dtype = dtype if device.type == "cuda" else "fp32"
-    model_path = root / profile_key("model", world_size, model=to_dict(cfg), batches=batches, seqs=seqs, tps=tps, dtype=dtype)
+    lora_key = {"lora": to_dict(lora)} if lora is not None else {}  # a plain run's profile keeps its old name
+    model_path = root / profile_key("model", world_size, model=to_dict(cfg), batches=batches, seqs=seqs, tps=tps, dtype=dtype,
+                                    **lora_key)
     stale = False
     if rank == 0 and hw_path.is_file():
         try:
@@ -140,7 +143,7 @@ def auto_profiles(cfg: ModelConfig, world_size: int, seq_len: int, micro_batch: 
             root.mkdir(parents=True, exist_ok=True)
             save_hardware_profile(hw, hw_path)
     if _decide(not (rank == 0 and _usable(model_path))):
-        prof = profile_model(cfg, batches, seqs, tps, device, PROFILE_ITERS, progress=progress, dtype=dtype)
+        prof = profile_model(cfg, batches, seqs, tps, device, PROFILE_ITERS, progress=progress, dtype=dtype, lora=lora)
         if rank == 0:
             root.mkdir(parents=True, exist_ok=True)
             save_model_profile(prof, model_path)

@@ -136,9 +136,11 @@ def allocator_headroom(device: torch.device) -> Optional[float]:
 
 def profile_model(cfg: ModelConfig, batch_sizes: list[int], seq_lens: list[int], tps: list[int],
                   device: Optional[torch.device] = None, iters: int = 3, progress: bool = True,
-                  dtype: Optional[str] = None) -> dict[str, Any]:
+                  dtype: Optional[str] = None, lora: Any = None) -> dict[str, Any]:
     """Profile the dense (and MoE, if any) block kinds of ``cfg`` for each tp degree, in the training
-    precision ``dtype`` (default: bf16 autocast on GPU, fp32 on CPU; recorded in the profile).
+    precision ``dtype`` (default: bf16 autocast on GPU, fp32 on CPU; recorded in the profile). With ``lora`` (a
+    LoraConfig, recorded too) the blocks are timed as a LoRA run runs them: adapters on, base frozen (no dW; the
+    adapters' small GEMMs and element-wise ops, which a plain block's fit would miss).
 
     Under torchrun (collective: every rank calls it) all ranks measure at once, as they will run, and
     ``runtime_overheads`` adds the runtime's own TP/SP and ZeRO-2/3 blocks (runtime_profile)."""
@@ -160,6 +162,10 @@ def profile_model(cfg: ModelConfig, batch_sizes: list[int], seq_lens: list[int],
     for kind, index, tp in tqdm(jobs, desc="model profile", disable=not progress):
         torch.manual_seed(0)
         block = shard_block(cfg, index, tp).to(device)
+        if lora is not None:
+            from meshwright.memory.lora import apply_lora
+
+            apply_lora(block, lora.rank, lora.targets, lora.alpha, dropout=lora.dropout, seed=0)
         points = []
         for b in batch_sizes:
             for s in seq_lens:
@@ -181,6 +187,8 @@ def profile_model(cfg: ModelConfig, batch_sizes: list[int], seq_lens: list[int],
     out = {"version": MODEL_PROFILE_VERSION, "kind": KIND, "model": to_dict(cfg), "device": device.type,
            "dtype": dtype, "mode": "autocast" if dtype == "bf16" else "fp32", "torch": torch.__version__,
            "entries": entries, "matmul_ref": ref, "world_size": 1}
+    if lora is not None:
+        out["lora"] = to_dict(lora)
     headroom = allocator_headroom(device)
     if headroom is not None:
         out["allocator_headroom"] = headroom
@@ -237,6 +245,17 @@ def speed_ratio(profile: dict[str, Any], hardware_profile: Optional[dict[str, An
     return float(np.median(ratios)) if ratios else 1.0
 
 
+def lora_block_flops_delta(cfg: ModelConfig, lora: dict[str, Any], index: int, seq_len: int) -> float:
+    """Executed minus full-training FLOPs per token of a profiled LoRA block (its input needs a gradient, as
+    ``time_block``'s does: every dX runs)."""
+    from meshwright.config.io import from_dict
+    from meshwright.config.schema import LoraConfig
+    from meshwright.memory.lora_cost import lora_step
+
+    step = lora_step(cfg, from_dict(LoraConfig, lora))
+    return 6.0 * step.adapter[index] - 2.0 * step.no_wgrad[index]
+
+
 def apply_model_profile(hw: cm.Hardware, profile: dict[str, Any], cfg: ModelConfig,
                         hardware_profile: Optional[dict[str, Any]] = None) -> cm.Hardware:
     """Calibrate the cost model with a measured profile of the same model shapes: achieved FLOP/s of a
@@ -261,6 +280,10 @@ def apply_model_profile(hw: cm.Hardware, profile: dict[str, Any], cfg: ModelConf
     scale = e["act_bytes_per_token"]["none"] / analytic if analytic else 1.0
     # the measured time already contains the memory-bound kernels: no separate elementwise term
     # the fits' intercepts are the per-block fixed cost (op dispatch, kernel launches)
+    if profile.get("lora") is not None:  # the blocks were timed as a LoRA run runs them: calibrate on their FLOPs
+        if hw.lora is None:
+            raise invalid("model-profile.lora", profile["lora"], "null for a run without lora: (a profile of plain blocks)")
+        flops += lora_block_flops_delta(cfg, profile["lora"], e["layer_index"] or 0, big["seq"]) * big["tokens"] / e["tp"]
     ratio = speed_ratio(profile, hardware_profile)
     overhead = (max(e["fwd_fit"]["a"], 0.0) + max(e["bwd_fit"]["a"], 0.0)) / ratio
     t_var = max(t / ratio - overhead, 1e-12)

@@ -1,0 +1,137 @@
+"""What one LoRA step computes and reduces, block by block: the planner's time model and the trainer's MFU read it.
+
+A LoRA step (memory/lora.py, base frozen) runs the forward in full, but its backward skips the weight gradient (dW)
+of every frozen parameter: autograd computes dW only for tensors with ``requires_grad``, and the input gradient (dX)
+of a linear only where its input needs one. Before the first adapter nothing needs a gradient (the embedding is
+frozen unless ``modules_to_save`` trains it), so the first block's q/k/v projections (and, with adapters only on the
+MLP, its whole attention) skip dX too. The adapters themselves train in full: 6 FLOPs per adapter parameter and
+token, less A's dX where its input needs none. Only trainable parameters have gradients to reduce over data
+parallelism and an optimizer step; ZeRO-3 still all-gathers the frozen weights.
+
+Sizes are the config's (``ModelConfig.layer_params`` counting, biases and norms included), so the FLOPs derived here
+are the PaLM formula's (tools/flops.py) with LoRA's skips; counted against torch's FlopCounterMode in
+tests/unit/test_lora_cost.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from meshwright.config import LoraConfig, ModelConfig
+
+
+@dataclass(frozen=True)
+class LoraStep:
+    """Per block (``n_layers`` entries): ``adapter`` A + B parameters; ``no_wgrad`` frozen parameters on the activated
+    path (no dW); ``no_dgrad`` frozen matmul parameters whose input needs no gradient (no dX) and ``no_dgrad_adapter``
+    adapters' A parameters likewise (weights only: biases and norms count 4 FLOPs per parameter and token, as palm's
+    6 less their dW); ``attn_bwd`` whether the attention core runs a backward. ``rank`` sets the
+    adapter GEMMs' width. The ends: whether the head computes dX / dW and the embedding trains."""
+
+    rank: int
+    adapter: tuple[int, ...]
+    no_wgrad: tuple[int, ...]
+    no_dgrad: tuple[int, ...]
+    no_dgrad_adapter: tuple[int, ...]
+    attn_bwd: tuple[bool, ...]
+    head_dgrad: bool
+    head_trainable: bool
+    embedding_trainable: bool
+    adapter_in: tuple[int, ...] = ()  # per block, the adapted linears' input and output widths summed
+    adapter_out: tuple[int, ...] = ()
+
+    def layer_key(self, index: int) -> tuple:
+        """What sets block ``index``'s LoRA costs (blocks with the same key cost the same)."""
+        return (self.adapter[index], self.no_wgrad[index], self.no_dgrad[index], self.no_dgrad_adapter[index],
+                self.attn_bwd[index])
+
+    def trained_share(self, cfg: "ModelConfig", index: int) -> float:
+        """Trainable parameters of block ``index`` (its adapters; no base weight inside a block trains) over the base
+        parameters ``ModelConfig.layer_params`` counts: the share of a shard whose gradients exist."""
+        return self.adapter[index] / cfg.layer_params(index)
+
+    def layer_flops_delta(self, cfg: "ModelConfig", index: int, seq_len: int) -> float:
+        """Executed minus full-training FLOPs per token of block ``index`` (PaLM counting): the adapters' 6 per
+        parameter, less the frozen parameters' dW, the dX nothing needs and a skipped attention-core backward."""
+        attn = 0.0 if self.attn_bwd[index] else 8.0 * seq_len * cfg.n_heads * cfg.head_dim
+        return (6.0 * self.adapter[index] - 2.0 * (self.no_wgrad[index] + self.no_dgrad[index]
+                                                   + self.no_dgrad_adapter[index]) - attn)
+
+    def head_passes(self) -> float:
+        """Forward-sized passes of the head matmul: forward, dX where its input needs it, dW where it trains."""
+        return 1.0 + float(self.head_dgrad) + float(self.head_trainable)
+
+
+def lora_step(cfg: "ModelConfig", lora: "LoraConfig") -> LoraStep:
+    """The ``LoraStep`` of ``lora`` on ``cfg``: which gradient each block computes, from which of its inputs need one
+    (``requires_grad`` propagating from the embedding through q/k/v, attention, wo, the MLP's first linears and w2)."""
+    d, hq, gq, r = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, lora.rank
+    gpt2 = cfg.arch == "gpt2"
+    targets = set(lora.targets)
+    saved = set(lora.modules_to_save)
+    tied = cfg.tie_embeddings
+    embedding_trainable = "tok_embeddings" in saved or (tied and "output" in saved)
+    head_trainable = "output" in saved or (tied and "tok_embeddings" in saved)
+    qb, kb = (hq, gq) if gpt2 or cfg.qkv_bias else (0, 0)
+    sizes = {"wq": (d * hq + qb, d, hq), "wk": (d * gq + kb, d, gq), "wv": (d * gq + kb, d, gq),
+             "wo": (hq * d + (d if gpt2 else 0), hq, d)}
+    f = cfg.ffn_dim
+    dense = {"w1": (d * f + (f if gpt2 else 0), d, f), "w2": (f * d + (d if gpt2 else 0), f, d)}
+    if not gpt2:
+        dense["w3"] = (d * f, d, f)
+    g = embedding_trainable  # whether the block's input needs a gradient
+    adapter, no_w, no_x, no_xa, attn_bwd, widths = [], [], [], [], [], []
+    for i in range(cfg.n_layers):
+        moe = cfg.is_moe_layer(i)
+        mods = {**sizes, **({} if moe else dense)}
+        ad = {m: r * (mods[m][1] + mods[m][2]) for m in targets if m in mods}
+        skip_x = skip_xa = 0
+
+        def linear(name: str, needs: bool) -> bool:
+            """Whether ``name``'s output needs a gradient given whether its input does; counts the dX it skips."""
+            nonlocal skip_x, skip_xa
+            if not needs:
+                skip_x += mods[name][1] * mods[name][2]  # the weight's dX GEMM (a bias has none)
+                skip_xa += r * mods[name][1] if name in ad else 0
+            return needs or name in ad
+
+        qkv = [linear(m, g) for m in ("wq", "wk", "wv")]
+        attn = any(qkv)
+        h1 = g or linear("wo", attn)
+        if moe:
+            if not h1:
+                skip_x += cfg.moe_mlp_params(active_only=True)
+            out = h1
+        else:
+            act = any([linear(m, h1) for m in (("w1",) if gpt2 else ("w1", "w3"))])
+            out = linear("w2", act)
+        g = h1 or out
+        adapter.append(sum(ad.values()))
+        widths.append((sum(mods[m][1] for m in ad), sum(mods[m][2] for m in ad)))
+        no_w.append(cfg.layer_params(i, active_only=True))  # nothing inside a block trains but its adapters
+        no_x.append(skip_x)
+        no_xa.append(skip_xa)
+        attn_bwd.append(attn)
+    return LoraStep(rank=r, adapter=tuple(adapter), no_wgrad=tuple(no_w), no_dgrad=tuple(no_x),
+                    no_dgrad_adapter=tuple(no_xa), attn_bwd=tuple(attn_bwd), head_dgrad=g,
+                    head_trainable=head_trainable, embedding_trainable=embedding_trainable,
+                    adapter_in=tuple(w[0] for w in widths), adapter_out=tuple(w[1] for w in widths))
+
+
+def lora_flops_per_token(cfg: "ModelConfig", step: LoraStep, seq_len: int) -> float:
+    """FLOPs per token a LoRA step executes, PaLM counting (``palm_flops_per_token`` less what LoRA skips, plus the
+    adapters): forward 2N, backward dX ~2N (not dW: the base is frozen), the adapters 6 per parameter, the head's dW
+    only where it trains; the frozen norms count 4 per weight (palm counts 6). About 4N for a frozen base."""
+    from meshwright.tools.flops import palm_flops_per_token
+
+    full = palm_flops_per_token(cfg, seq_len)
+    blocks = sum(step.layer_flops_delta(cfg, i, seq_len) for i in range(cfg.n_layers))
+    head = 2.0 * cfg.vocab_size * cfg.d_model * (step.head_passes() - 3.0)
+    return full + blocks + head - 2.0 * cfg.norm_params()  # the final norm: frozen
+
+
+def lora_forward_flops_per_token(step: LoraStep) -> float:
+    """Forward FLOPs per token of the adapters in all blocks: what full recomputation repeats beside the base."""
+    return 2.0 * sum(step.adapter)

@@ -1,0 +1,215 @@
+"""LoRA steps as they run: the FLOPs, DP traffic and optimizer work the planner and the trainer's MFU count, against
+torch's own counts (FlopCounterMode, the parameters that have ``requires_grad``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from meshwright.config import LoraConfig, load_cluster, load_model_config, load_train_config
+from meshwright.launcher.planner import cost_model as cm
+from meshwright.memory.lora import apply_lora_config
+from meshwright.memory.lora_cost import lora_flops_per_token, lora_step
+from meshwright.models import build_model, lm_loss
+from meshwright.plan import EmbeddingStrategy, LayerStrategy, Plan, validate_plan
+from meshwright.tools.flops import full_training_flops_per_token, model_flops_per_token
+
+GB = 1e9
+CASES = [  # (model, lora): adapters on attention, on the MLP only (block 0's attention then skips its backward),
+    # mixed ranks and targets, a trained head, a trained embedding (block 0 then needs every dX)
+    ("tiny", LoraConfig()),
+    ("tiny", LoraConfig(targets=["w1"])),
+    ("tiny", LoraConfig(rank=4, targets=["wv", "w2"])),
+    ("tiny", LoraConfig(modules_to_save=["output"])),
+    ("tiny", LoraConfig(targets=["wo"], modules_to_save=["tok_embeddings"])),
+    ("tiny-gpt2", LoraConfig(targets=["wq", "wv", "w1", "w2"])),
+    ("tiny-gpt2", LoraConfig(modules_to_save=["output"])),  # tied: the embedding trains with the head
+]
+
+
+def counted_flops_per_token(model: torch.nn.Module, seq_len: int, batch: int = 2) -> float:
+    """FLOPs torch's counter sees in one forward + backward of the LoRA model (matmuls; on CPU it does not count SDPA)."""
+    x = torch.randint(0, model.cfg.vocab_size, (batch, seq_len))
+    with FlopCounterMode(display=False) as counter:
+        lm_loss(model(x), x).backward()
+    return counter.get_total_flops() / (batch * seq_len)
+
+
+def not_matmul(cfg, step, seq_len: int) -> float:
+    """What the formula holds beside the counted matmuls: the attention core (12 per block, 4 where its backward is
+    skipped) and 4 FLOPs per frozen norm weight and bias (palm's 6 less the dW)."""
+    attn = sum((12 if step.attn_bwd[i] else 4) * cfg.n_heads * cfg.head_dim * seq_len for i in range(cfg.n_layers))
+    gains = (cfg.block_norms() * cfg.n_layers + 1) * cfg.norm_params()
+    biases = cfg.n_layers * (4 * cfg.d_model + cfg.ffn_dim + cfg.d_model) if cfg.arch == "gpt2" else 0
+    return attn + 4 * (gains + biases)
+
+
+@pytest.mark.parametrize("name,lora", CASES)
+def test_lora_flops_per_token_equal_what_torch_counts(name, lora):
+    model = build_model(name, seed=0)
+    cfg, t = model.cfg, 64
+    apply_lora_config(model, lora, seed=0)
+    step = lora_step(cfg, lora)
+    predicted = lora_flops_per_token(cfg, step, t)
+    assert predicted - not_matmul(cfg, step, t) == counted_flops_per_token(model, t)  # exact
+    # the same model fully trained: palm's 6N; LoRA runs ~0.64-0.74 of it on these tiny shapes
+    assert 0.6 < predicted / cfg.flops_per_token(t) < 0.75
+
+
+def test_a_frozen_base_runs_about_4n():
+    """At 7B, with r=16 adapters on every linear: forward 2N + dX 2N + attention (all of it) + the adapters' 6 per
+    parameter, less the first block's q/k/v dX (their input, the frozen embedding's output, needs no gradient)."""
+    cfg = load_model_config("llama2-7b")
+    step = lora_step(cfg, LoraConfig(rank=16, targets=["wq", "wk", "wv", "wo", "w1", "w2", "w3"]))
+    n = cfg.num_params(non_embedding=True) + cfg.vocab_size * cfg.d_model
+    attn = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * 4096
+    lora = model_flops_per_token(cfg, 4096, lora=step)
+    d, r = cfg.d_model, 16
+    first = 2 * (3 * d * d + 3 * r * d)  # wq, wk, wv (MHA) and their adapters' A
+    assert lora == pytest.approx(4 * n + attn + 6 * sum(step.adapter) - first, rel=1e-12)
+    assert lora / full_training_flops_per_token(cfg, 4096) == pytest.approx(0.716, abs=1e-3)  # 0.67 at short seqs
+    assert model_flops_per_token(cfg, 4096, "megatron", step) < full_training_flops_per_token(cfg, 4096, "megatron")
+
+
+def unit_hw(**kw) -> cm.Hardware:
+    """1 B/s links without latency: a collective's seconds are its bytes per link."""
+    base = dict(peak_flops=1e12, matmul_efficiency=1.0, devices_per_node=8, intra_bw=1.0, intra_lat=0.0,
+                inter_bw=1.0, inter_lat=0.0, memory_bytes=80 * cm.GIB, compute_dtype="fp32", overlap_slowdown=0.0,
+                overhead_bytes=0.0, fragmentation=0.0, efficiency_half_width=0.0, mem_bw=float("inf"))
+    base.update(kw)
+    return cm.apply_stack(cm.Hardware(**base), "meshwright")
+
+
+def lora_hw(cfg, lora, **kw):
+    return dataclasses.replace(unit_hw(**kw), lora=lora_step(cfg, lora))
+
+
+@pytest.mark.parametrize("name,lora", CASES)
+def test_planner_model_flops_are_the_lora_step(name, lora):
+    """The cost model's per-layer and head FLOPs add up to the LoRA step's (less palm's final norm, which no layer
+    holds), and its predicted MFU counts those FLOPs, as the trainer's log does."""
+    cfg = load_model_config(name)
+    h = lora_hw(cfg, lora)
+    t, mb = 64, 2
+    plan = Plan(model=name, seq_len=t, global_batch=mb, micro_batch=mb, layers=[LayerStrategy(repeat=cfg.n_layers)])
+    validate_plan(plan, cfg, 1)
+    flops = sum(cm.layer_costs(cfg, i, plan.layers[0], mb, t, h)["model_flops_mb"] for i in range(cfg.n_layers))
+    flops += cm.head_fwd_flops(cfg, mb * t) * h.lora.head_passes()
+    expected = lora_flops_per_token(cfg, h.lora, t)
+    assert flops / (mb * t) == pytest.approx(expected - 4 * cfg.norm_params(), rel=1e-12)
+    p = cm.evaluate_plan(plan, cfg, h, 1)
+    assert p.mfu == pytest.approx(expected * mb * t / p.step_s / h.peak_flops, rel=1e-12)
+    full = cm.evaluate_plan(plan, cfg, unit_hw(), 1)
+    assert p.step_s < full.step_s  # no dW of the frozen base
+
+
+def trainable_bytes(model: torch.nn.Module, block: int | None = None) -> int:
+    """fp32 gradient bytes DDP / FSDP2 reduce: the parameters with requires_grad (of one block, or outside blocks)."""
+    out = 0
+    for n, p in model.named_parameters():
+        if p.requires_grad and ((block is None and not n.startswith("layers.")) or n.startswith(f"layers.{block}.")):
+            out += 4 * p.numel()
+    return out
+
+
+@pytest.mark.parametrize("name,lora", [CASES[0], CASES[3], CASES[4], CASES[6]])
+def test_dp_traffic_is_the_trainable_gradients_and_zero3_still_gathers_the_base(name, lora):
+    model = build_model(name, device="meta")
+    cfg = model.cfg
+    apply_lora_config(model, lora, seed=0)
+    h = lora_hw(cfg, lora)
+    dp, t = 2, 32
+    # DDP: one all-reduce per step of the gradients: 2 (n-1)/n bytes per link = the gradient bytes at n = 2
+    ddp = LayerStrategy(dp=dp, zero=0, repeat=cfg.n_layers)
+    for i in range(cfg.n_layers):
+        c = cm.layer_costs(cfg, i, ddp, 1, t, h)
+        assert c["dp_step"] == pytest.approx(trainable_bytes(model, i), rel=1e-12) and c["dp_step"] > 0
+        assert c["dp_mb"] == 0.0
+    ends = cm.lora_embedding_trained(cfg, h, True, True, 1) * 4
+    assert ends == trainable_bytes(model)
+    # FSDP2 (ZeRO-3): every weight all-gathered twice per microbatch (frozen ones too), the gradients reduce-scattered
+    z3 = LayerStrategy(dp=dp, zero=3, repeat=cfg.n_layers)
+    c = cm.layer_costs(cfg, 1, z3, 1, t, h)
+    weights = 4 * cfg.layer_params(1)
+    assert c["dp_mb"] == pytest.approx(2 * weights / 2 + trainable_bytes(model, 1) / 2, rel=1e-12)
+    full = cm.layer_costs(cfg, 1, z3, 1, t, unit_hw())
+    assert full["dp_mb"] == pytest.approx(3 * weights / 2, rel=1e-12)
+
+
+def test_optimizer_step_and_accumulation_cover_the_trainable_parameters_only():
+    cfg = load_model_config("tiny")
+    lora = LoraConfig()
+    h = lora_hw(cfg, lora, mem_bw=1.0)
+    s = LayerStrategy(repeat=cfg.n_layers)
+    c, full = cm.layer_costs(cfg, 1, s, 1, 32, h), cm.layer_costs(cfg, 1, s, 1, 32, unit_hw(mem_bw=1.0))
+    share = h.lora.adapter[1] / cfg.layer_params(1)
+    assert c["opt_step"] == pytest.approx(full["opt_step"] * share, rel=1e-12)
+    assert c["accum_mb"] == pytest.approx(full["accum_mb"] * share, rel=1e-12)
+
+
+def test_trainer_reports_the_lora_step_flops_and_full_trainings_beside_them(tmp_path):
+    """The run log's FLOPs per token (MFU's numerator) of a LoRA run are what torch counts in its step (+ the
+    attention and norms the convention adds), and the summary keeps full training's 6N count apart."""
+    from meshwright.train.local_runtime import LocalRuntime
+    from meshwright.train.trainer import Trainer
+
+    cfg = load_train_config({"model": "tiny", "seq_len": 64, "global_batch": 2, "micro_batch": 2, "steps": 1, "warmup_steps": 0,
+                             "eval_every": 0, "out_dir": str(tmp_path), "progress": False, "energy": False,
+                             "lora": {"rank": 4, "targets": ["wq", "wv", "w2"]}})
+    model_cfg = load_model_config("tiny")
+    model = build_model(model_cfg, seed=0)
+    apply_lora_config(model, cfg.lora, cfg.seed)
+    loader = SimpleNamespace(micro_batches_per_step=1, batches_per_pass=1)
+    trainer = Trainer(cfg, LocalRuntime(model), loader, None, model_cfg, load_cluster(cfg.cluster), print_fn=lambda s: None)
+    step = lora_step(model_cfg, cfg.lora)
+    assert trainer.flops_per_token - not_matmul(model_cfg, step, 64) == counted_flops_per_token(model, 64)
+    assert trainer.full_flops_per_token == model_cfg.flops_per_token(64)
+    tp = trainer.throughput(1000.0, 1.0)
+    assert tp["tflops_per_device"] * 1e12 == pytest.approx(1000.0 * trainer.flops_per_token)
+
+
+@pytest.mark.parametrize("name,lora", [CASES[0], CASES[3], CASES[6]])
+def test_dp_bytes_are_what_ddp_buckets_hold(name, lora, tmp_path):
+    """DDP itself (a one-rank gloo group) buckets exactly the gradient bytes the cost model reduces per step."""
+    import torch.distributed as dist
+
+    cfg = load_model_config(name)
+    h = lora_hw(cfg, lora)
+    ddp_s = LayerStrategy(dp=2, zero=0, repeat=cfg.n_layers)
+    predicted = sum(cm.layer_costs(cfg, i, ddp_s, 1, 32, h)["dp_step"] for i in range(cfg.n_layers))
+    predicted += 4 * cm.lora_embedding_trained(cfg, h, True, True, 1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = build_model(name, seed=0)
+        apply_lora_config(model, lora, seed=0)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        x = torch.randint(0, cfg.vocab_size, (1, 16))
+        lm_loss(ddp(x), x).backward()
+        buckets = sum(int(b) for b in ddp._get_ddp_logging_data()["bucket_sizes"].split(","))
+    finally:
+        dist.destroy_process_group()
+    assert predicted == pytest.approx(buckets, rel=1e-12)
+    assert buckets < 0.2 * 4 * sum(p.numel() for p in model.parameters())  # far below the whole model's
+
+
+@pytest.mark.parametrize("name,lora", CASES)
+def test_adapter_widths_and_sizes_are_the_adapted_modules(name, lora):
+    """The widths the adapters' memory traffic is costed on (cost_model.lora_elementwise_s) and their parameter
+    counts are those of the LoRALinear modules apply_lora builds."""
+    from meshwright.memory.lora import LoRALinear
+
+    model = build_model(name, device="meta")
+    cfg = model.cfg
+    apply_lora_config(model, lora, seed=0)
+    step = lora_step(cfg, lora)
+    for i in range(cfg.n_layers):
+        mods = [m for n, m in model.named_modules() if isinstance(m, LoRALinear) and n.startswith(f"layers.{i}.")]
+        assert step.adapter_in[i] == sum(m.in_features for m in mods)
+        assert step.adapter_out[i] == sum(m.out_features for m in mods)
+        assert step.adapter[i] == sum(m.lora_A.numel() + m.lora_B.numel() for m in mods)
+    h = lora_hw(cfg, lora, mem_bw=1.0)
+    assert cm.lora_elementwise_s(h.lora, 1, 10.0, 0.0, h) == 10.0 * 4 * (6 * step.adapter_in[1] + 10 * step.adapter_out[1])

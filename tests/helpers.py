@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -56,3 +57,23 @@ def held_background_writes(timeout: float) -> tuple[threading.Event, Callable[..
         return write(self, plan, planner)
 
     return release, held_write
+
+
+def hold_checkpoint_write(step: int, where: Path, marker: str = "held") -> None:
+    """Make ckpt_async's background writer of checkpoint ``step`` touch ``where/marker`` and wait (at most 120 s)
+    until ``where/release`` exists: a save is in flight exactly when a test signals (the CLI workers of
+    test_fault_injection.py and test_interrupt_torchrun.py)."""
+    from torch.distributed.checkpoint.filesystem import _FileSystemWriter
+
+    write = _FileSystemWriter.write_data
+    tmp_name = f"step_{step:06d}.tmp"
+
+    def held_write(self, plan, planner):
+        if threading.current_thread() is not threading.main_thread() and Path(str(self.path)).name == tmp_name:
+            (where / marker).touch()
+            deadline = time.monotonic() + 120
+            while not (where / "release").exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        return write(self, plan, planner)
+
+    _FileSystemWriter.write_data = held_write

@@ -8,33 +8,17 @@ statuses of workers it shut down on a signal)."""
 
 import os
 import sys
-import threading
-import time
 from pathlib import Path
 
-
-def hold(step: int, where: Path, rank: str) -> None:
-    from torch.distributed.checkpoint.filesystem import _FileSystemWriter
-
-    write = _FileSystemWriter.write_data
-    tmp_name = f"step_{step:06d}.tmp"
-
-    def held_write(self, plan, planner):
-        if threading.current_thread() is not threading.main_thread() and Path(str(self.path)).name == tmp_name:
-            (where / f"held.rank{rank}").touch()
-            deadline = time.monotonic() + 120
-            while not (where / "release").exists() and time.monotonic() < deadline:
-                time.sleep(0.02)
-        return write(self, plan, planner)
-
-    _FileSystemWriter.write_data = held_write
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers import hold_checkpoint_write  # noqa: E402
 
 
 if __name__ == "__main__":
     rank = os.environ["RANK"]
     if os.environ.get("MESHWRIGHT_TEST_HOLD"):
         step, _, where = os.environ["MESHWRIGHT_TEST_HOLD"].partition(":")
-        hold(int(step), Path(where), rank)
+        hold_checkpoint_write(int(step), Path(where), f"held.rank{rank}")
     from meshwright.cli import run
 
     if os.environ.get("MESHWRIGHT_TEST_EXIT"):

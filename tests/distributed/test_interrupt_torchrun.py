@@ -204,19 +204,8 @@ def test_ctrl_c_twice_during_a_background_save_then_a_rank_killed_on_the_resumed
     assert not list(ckpt.glob("*.tmp")), sorted(p.name for p in ckpt.iterdir())
 
 
-@pytest.fixture()
-def one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each torchrun rank runs (OMP_NUM_THREADS=1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.timeout(300)
-def test_sigterm_during_a_background_save_stops_every_rank_after_one_step_with_a_checkpoint(tmp_path, monkeypatch,
-                                                                                           one_thread):
+def test_sigterm_during_a_background_save_stops_every_rank_after_one_step_with_a_checkpoint(tmp_path, monkeypatch):
     """Preemption under torchrun (train/preemption.py): SIGTERM to the agent reaches both workers at different
     moments, here while both wait at step 4's save for the held step-2 write. The signal is recorded, not taken for a
     second Ctrl-C: the wait goes on, the write completes once released, the ranks' flags are exchanged every step, so

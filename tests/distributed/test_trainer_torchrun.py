@@ -24,18 +24,8 @@ def losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())}
 
 
-@pytest.fixture()
-def one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each torchrun rank runs (OMP_NUM_THREADS=1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.timeout(300)
-def test_two_rank_training_matches_one_process_and_resumes_across_layouts(tmp_path, monkeypatch, one_thread):
+def test_two_rank_training_matches_one_process_and_resumes_across_layouts(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     two = tmp_path / "two"
     # ckpt_async, its writer held until step 5: the step-3 checkpoint is written after steps 4 and 5 changed the
@@ -99,7 +89,7 @@ def overlapped(proc, world: int) -> set[str]:
 
 
 @pytest.mark.timeout(300)
-def test_overlapped_readback_is_decided_alike_on_every_rank(tmp_path, one_thread):
+def test_overlapped_readback_is_decided_alike_on_every_rank(tmp_path):
     """pp2 x dp2 with ZeRO-3 (DTensor) blocks on stage 0 and replicated (plain) blocks on stage 1, fused AdamW:
     stage 0 cannot skip non-finite steps on the device, stage 1 can. Were stage 1 to read step N back after
     queueing step N+1 while stage 0 logs step N first, their collectives (the log's memory gather against the

@@ -40,12 +40,13 @@ case "$WHAT" in
   files) shift; suites=("$@") ;;
 esac
 log=$(mktemp)
-COLUMNS=400 PYTHONPATH=$PWD timeout 3600 "$VENV/bin/python" -m pytest -q -p no:cacheprovider -o addopts="" -rf "${suites[@]}" \
+COLUMNS=400 PYTHONPATH=$PWD timeout 3600 "$VENV/bin/python" -m pytest -q -p no:cacheprovider -o addopts="" -rfE --continue-on-collection-errors "${suites[@]}" \
   > "$log" 2>&1 || true
 tail -1 "$log"
 # a failure is the optional stacks' when its test names them or its report says the module is missing (peft: only
 # the latter, so a PEFT-export test that fails because our code imports peft needlessly still counts)
-others=$(grep '^FAILED' "$log" | grep -viE "deepspeed|megatron|codecarbon|fabric|No module named '(deepspeed|megatron|codecarbon|fabric|peft)" || true)
+# ERROR lines (a collection error interrupts the whole run: nothing after it is tested) count as failures too
+others=$(grep -E '^(FAILED|ERROR)|^!+ Interrupted' "$log" | grep -viE "deepspeed|megatron|codecarbon|fabric|No module named '(deepspeed|megatron|codecarbon|fabric|peft)" || true)
 if [ -n "$others" ]; then
   echo "failures not explained by the absent optional stacks (full log: $log):"
   echo "$others"

@@ -32,7 +32,8 @@ what makes the next stage a fast copy, at the price of one more copy of the mode
 memory for the whole run. ``free`` (``auto`` on CPU, where nothing is pinned) stages each save with a stager of its
 own, closed once the write is on disk, and then asks glibc to hand the freed heap back (``malloc_trim``: the staged
 tensors sit below its mmap threshold once one was freed, so without it the process keeps the whole copy resident,
-measured); ``keep`` (``auto`` on CUDA) reuses one stager for the run. benchmarks/results/async_checkpoint.md has
+measured); ``keep`` (``auto`` on CUDA) reuses one stager for the run, where this torch's stager can be reused (not
+2.11's: ``stager_keeps_buffers``). benchmarks/results/async_checkpoint.md has
 the measurement.
 """
 

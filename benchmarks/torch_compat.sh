@@ -46,7 +46,7 @@ tail -1 "$log"
 # a failure is the optional stacks' when its test names them or its report says the module is missing (peft: only
 # the latter, so a PEFT-export test that fails because our code imports peft needlessly still counts)
 # ERROR lines (a collection error interrupts the whole run: nothing after it is tested) count as failures too
-others=$(grep -E '^(FAILED|ERROR)|^!+ Interrupted' "$log" | grep -viE "deepspeed|megatron|codecarbon|fabric|No module named '(deepspeed|megatron|codecarbon|fabric|paramiko|peft)" || true)
+others=$(grep -E '^(FAILED|ERROR) [^ ]|^!+ Interrupted' "$log" | grep -viE "deepspeed|megatron|codecarbon|fabric|No module named '(deepspeed|megatron|codecarbon|fabric|paramiko|peft)" || true)
 if [ -n "$others" ]; then
   echo "failures not explained by the absent optional stacks (full log: $log):"
   echo "$others"

@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "adapter_config.json + adapter_model.safetensors for PeftModel.from_pretrained.")
     p.add_argument("ckpt", metavar="CKPT", help="run directory or checkpoint directory")
     p.add_argument("--hf", metavar="OUT", help="output directory (Hugging Face layout; LoRA runs merged)")
-    p.add_argument("--peft", metavar="OUT", help="output directory for a LoRA run's PEFT adapter")
+    p.add_argument("--peft", metavar="OUT", help="output directory for a LoRA run's PEFT adapter (written without "
+                                                  "the peft package; only loading it needs peft)")
     p.set_defaults(func=_export)
 
 
@@ -33,5 +34,7 @@ def _export(args: argparse.Namespace) -> int:
         print(f"exported {args.ckpt} -> {out} (config.json, model.safetensors)")
     if args.peft is not None:
         out = export_peft(args.ckpt, args.peft)
-        print(f"exported {args.ckpt} -> {out} (adapter_config.json, adapter_model.safetensors)")
+        # said because the GPU image has no peft: the writer needs only safetensors, the reader needs peft
+        print(f"exported {args.ckpt} -> {out} (adapter_config.json, adapter_model.safetensors; peft is not needed "
+              f"to write them, only to load them: PeftModel.from_pretrained)")
     return 0

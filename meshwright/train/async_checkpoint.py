@@ -36,7 +36,8 @@ what makes the next stage a fast copy, at the price of one more copy of the mode
 memory for the whole run. ``free`` (``auto`` on CPU, where nothing is pinned) stages each save with a stager of its
 own, closed once the write is on disk, and then asks glibc to hand the freed heap back (``malloc_trim``: the staged
 tensors sit below its mmap threshold once one was freed, so without it the process keeps the whole copy resident,
-measured); ``keep`` (``auto`` on CUDA) reuses one stager for the run. benchmarks/results/async_checkpoint.md has
+measured); ``keep`` (``auto`` on CUDA) reuses one stager for the run, where this torch's stager can be reused (not
+2.11's: ``stager_keeps_buffers``). benchmarks/results/async_checkpoint.md has
 the measurement.
 """
 
@@ -85,8 +86,29 @@ def abandoned_write_running() -> bool:
 
 
 def keeps_staging(mode: str) -> bool:
-    """``ckpt_staging``: whether the staged CPU copy is kept between saves (``auto``: where it is pinned, CUDA)."""
-    return mode == "keep" or (mode == "auto" and torch.cuda.is_available())
+    """``ckpt_staging``: whether the staged CPU copy is kept between saves (``auto``: where it is pinned, CUDA),
+    which this torch's stager must be able to do (``stager_keeps_buffers``)."""
+    return (mode == "keep" or (mode == "auto" and torch.cuda.is_available())) and stager_keeps_buffers()
+
+
+@functools.lru_cache(maxsize=1)
+def stager_keeps_buffers() -> bool:
+    """Whether one ``DefaultStager`` stages a second time into the buffers of the first. torch 2.11's (the GPU
+    image's) closes its inner stager at the end of every stage: its buffers are dropped and a second stage fails
+    (``KeyError: <class 'type'>`` inside DCP, the second checkpoint of a ``keep`` run; found by torch_compat.sh).
+    There ``keep`` stages with a stager per save, as ``free``. Probed on 16 bytes, once."""
+    stager = make_stager()
+    if stager is None:
+        return False
+    try:
+        src = {"t": torch.arange(4, dtype=torch.float32)}
+        first, second = stager.stage(src), stager.stage(src)
+        return first["t"].data_ptr() == second["t"].data_ptr()
+    except Exception:  # noqa: BLE001 -- any failure of the second stage means: not reusable
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            stager.close()
 
 
 def peer_lost(exc: BaseException) -> bool:
@@ -164,6 +186,9 @@ class AsyncCheckpointer:
     def __init__(self, runtime: Runtime, staging: str = "auto", notify: Callable[[str], None] | None = None) -> None:
         self.runtime = runtime
         self.keep_staging = keeps_staging(staging)
+        if staging == "keep" and not self.keep_staging:
+            warnings.warn(f"ckpt_staging=keep: torch {torch.__version__}'s DefaultStager cannot stage twice into the "
+                          f"same buffers; staging each save on its own (as free)", stacklevel=2)
         self.notify = notify  # where the Ctrl-C lines go (the main rank's print); None: nowhere
         self.last: _Pending | None = None  # the last save that completed (its stage_s and write_s)
         self.group: Any = None

@@ -1,6 +1,7 @@
 """Launch commands: golden dry runs, hostile host names, hostfile validation, unreachable hosts."""
 
 import shlex
+import sys
 
 import pytest
 
@@ -80,7 +81,16 @@ def test_hostfile_formats(tmp_path):
     assert [h.port for h in load_hosts(y)] == [2222, 2222]
 
 
+def test_launch_without_fabric_is_one_line_error(monkeypatch):
+    # the GPU image has no fabric/paramiko: a remote launch says so in one line instead of a ModuleNotFoundError
+    monkeypatch.setitem(sys.modules, "fabric", None)
+    with pytest.raises(ConfigError, match=r"^host='node0' cannot be reached over SSH: .*fabric.*pip install") as e:
+        connect(Host("node0", 1), ssh_port=22, ssh_key=None, timeout=3)
+    assert "\n" not in str(e.value)
+
+
 def test_unreachable_host_is_one_line_error():
+    pytest.importorskip("fabric", reason="the launch dependency fabric is not installed (the GPU image)")
     # Port 9 on loopback: nothing listens, the connection is refused at once.
     with pytest.raises(ConfigError, match=r"^host='127.0.0.1' is unreachable over SSH"):
         connect(Host("127.0.0.1", 1), ssh_port=9, ssh_key=None, timeout=3)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -193,14 +194,18 @@ def test_lora_run_trains_adapters_only_and_exports_merged_for_transformers(lora_
     assert len(plain) == 14 and not any(isinstance(m, LoRALinear) for m in model.modules())
 
 
-def test_peft_export_format_and_qk_permutation(lora_run, hf_dir, tmp_path):
-    """Format checked without PEFT: the keys and config PEFT reads, and base + scale * B @ A of every exported
-    module equals the merged export's weight, which holds only if q/k's B rows were permuted like the base's."""
+def test_peft_export_format_and_qk_permutation(lora_run, hf_dir, tmp_path, monkeypatch, capsys):
+    """Format checked without PEFT (its import made to fail, as on the GPU image, which has no peft): the keys and
+    config PEFT reads, and base + scale * B @ A of every exported module equals the merged export's weight, which
+    holds only if q/k's B rows were permuted like the base's."""
     from safetensors.torch import load_file
 
     model, model_cfg, _ = _ours(lora_run)
     out, merged = tmp_path / "peft", tmp_path / "merged"
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError
     assert main(["export", str(lora_run), "--peft", str(out), "--hf", str(merged)]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "adapter_config.json" in line]
+    assert len(said) == 1 and "peft is not needed to write them" in said[0]
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["peft_type"], config["task_type"], config["r"], config["lora_alpha"]) == ("LORA", "CAUSAL_LM", 4, 8.0)
     assert sorted(config["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",

@@ -94,8 +94,13 @@ def connect(host: Host, ssh_port: int | None, ssh_key: str | None, timeout: floa
             known_hosts: str | None = None) -> Any:
     """Open a key-authenticated fabric Connection to a host whose key is known, or raise a one-line ConfigError
     naming the host."""
-    import paramiko
-    from fabric import Connection
+    try:  # a dependency, but absent where meshwright runs from a bare image (the GPU sessions'): one line, no traceback
+        import paramiko
+        from fabric import Connection
+    except ImportError as exc:
+        raise ConfigError(f"host={host.name!r} cannot be reached over SSH: {exc} (fabric and its paramiko are "
+                          f"needed to launch on remote hosts; valid: pip install 'fabric>=3.2', or `launch --dry-run` "
+                          f"to print the commands)") from None
 
     kwargs: dict[str, Any] = {"allow_agent": ssh_key is None, "look_for_keys": ssh_key is None, "banner_timeout": timeout,
                               "auth_timeout": timeout}

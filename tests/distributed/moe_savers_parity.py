@@ -28,6 +28,9 @@ Two references:
   by about sqrt(2) (~1.4) x one rounding's error, and per-shard scales are never coarser than whole-tensor
   ones, so 1.5 x the effect bounds the gap; losses: the chaotic spread above (9e-4) with 5x margin. A
   missing tp reduction or a wrong shard is of order 1.
+FP8 GEMMs without tp (``fp8gemm_dp*``) round on the reference's own grid: step 0 keeps RTOL; later steps are the
+chaotic spread above (a ~1e-8 reduction-order difference flips single FP8 roundings), checked within
+WHOLE_LOSS_RTOL (losses) and FP8_CHAOS_NORM_RTOL (grad norms).
 Each case also records the FP8 GEMMs of one step (fp8_mm wrapped): 3 per FP8 linear and micro-batch, each
 with the shapes of this rank's shards, on the expected backend (the real torch._scaled_mm CPU kernel for
 ``*scaledmm*``).
@@ -73,6 +76,9 @@ GPT2 = load_model_config({"name": "tiny-gpt2-par", "arch": "gpt2", "vocab_size":
                           "n_heads": 4, "ffn_hidden": 128, "max_seq_len": 64})  # biases: colwise shards, rowwise once
 FP8_TP_GRAD_RTOL = 2e-3
 WHOLE_FACTOR = 1.5
+# FP8 GEMMs without tp, steps after the first: the grad-norm spread of 1e-7 weight perturbations was 1e-3..3e-2
+# (docstring); measured 1.6e-4 on fp8gemm_dp4_fsdp_layers02 (2026-11-27, torch 2.13 and 2.11 CPU)
+FP8_CHAOS_NORM_RTOL = 5e-2
 ACT_CAST_CASES = ("fp8_dp2_tp2", "fp8_dp2_tp2_sp")  # wq/wk/wv and w1/w3 share one FP8 copy of their input
 WHOLE_LOSS_RTOL = 5e-3
 DEFAULT_GEMM_BACKEND = fp8_activations.gemm_backend
@@ -407,6 +413,10 @@ def _run_case(name: str, cfg, pd: dict, compile_backend: str | None = None, loss
     p = plan_from_dict(pd)
     dp = max(s.dp for s in p.layer_strategies())
     gemm_tp = any(s.savers.fp8_gemm and s.tp > 1 for s in p.layer_strategies())
+    # FP8 GEMMs without tp: the same grid as the reference, so step 0 is tight; later steps are the chaotic spread
+    # (module docstring): a ~1e-8 difference in step 0's reduction order flips single FP8 roundings of step 1
+    gemm_dp = not gemm_tp and any(s.savers.fp8_gemm for s in p.layer_strategies())
+    chaos = {"loss": 0.0, "norm": 0.0}
     ref = reference(cfg, p, dp, shards=gemm_tp)
     if compile_backend is not None:
         torch._dynamo.reset()  # fresh recompile budget: past dynamo's limit it would fall back to eager silently
@@ -433,9 +443,11 @@ def _run_case(name: str, cfg, pd: dict, compile_backend: str | None = None, loss
                            "backends": sorted({b for *_, b in log.calls}), "scaled_mm_calls": log.scaled_mm_calls,
                            "casts": log.casts, "expected_casts": expected_casts(rt, p, len(micro)),
                            "shard_shapes": sorted(set(seen))}
-        tight = step == 0 or not gemm_tp  # FP8 GEMM runs are chaotic after a step (docstring): step 0 only
+        tight = step == 0 or not (gemm_tp or gemm_dp)  # FP8 GEMM runs are chaotic after a step (docstring)
         if tight:
             worst["loss"] = max(worst["loss"], rel(loss, ref[step]["loss"]))
+        elif gemm_dp:
+            chaos["loss"] = max(chaos["loss"], rel(loss, ref[step]["loss"]))
         run["loss"].append(loss)
         if step == 0:
             stats = rt.extra_log_fields()
@@ -450,6 +462,8 @@ def _run_case(name: str, cfg, pd: dict, compile_backend: str | None = None, loss
         run["norm"].append(float(norm))
         if tight:
             worst["norm"] = max(worst["norm"], rel(norm, ref[step]["norm"]))
+        elif gemm_dp:
+            chaos["norm"] = max(chaos["norm"], rel(norm, ref[step]["norm"]))
         rt.optimizer_step(opt)
     fp8_tp = any(s.savers.fp8_act and s.tp > 1 for s in p.layer_strategies())
     tol = {"loss": RTOL, "norm": RTOL, "grad": FP8_TP_GRAD_RTOL if fp8_tp else RTOL}
@@ -462,6 +476,9 @@ def _run_case(name: str, cfg, pd: dict, compile_backend: str | None = None, loss
     if loss_chunk_tokens:
         tol = {k: min(v, CHUNKED_RTOL) for k, v in tol.items()}
     ok = all(v <= tol[k] and math.isfinite(v) for k, v in worst.items())
+    if gemm_dp:  # later steps within the chaotic spread: losses WHOLE_LOSS_RTOL, norms FP8_CHAOS_NORM_RTOL
+        res["chaotic_steps"] = chaos
+        ok = ok and chaos["loss"] <= WHOLE_LOSS_RTOL and chaos["norm"] <= FP8_CHAOS_NORM_RTOL
     if name in ACT_CAST_CASES:
         ok = ok and res["act_casts"]["casts"] == res["act_casts"]["expected"] > 0
     if gemm_tp:

@@ -73,6 +73,19 @@ LORA_CASES = {
 }
 
 
+
+def save_and_resume(rt, make_resumed, ref: list[dict], path: str) -> dict:
+    """Two steps of ``rt`` against ``ref``, saved at ``path``; then ``make_resumed()`` (another layout, another seed)
+    loads it and its next two steps are checked against ``ref[2:]``."""
+    res = check_runtime(rt, ref, steps=2, check_grads=False)
+    save_runtime(path, rt, res.pop("opt"), meta={"step": 2})
+    rt2 = make_resumed()
+    opt2 = rt2.build_optimizer(make_opt)
+    load_runtime(path, rt2, opt2)
+    res2 = check_runtime(rt2, ref[2:], steps=2, start=2, check_grads=False, opt=opt2)
+    res2.pop("opt")
+    return {"ok": res["ok"] and res2["ok"], "save": res, "resume": res2}
+
 def lora_model(lora: dict):
     from meshwright.config import LoraConfig
     from meshwright.memory.lora import apply_lora_config
@@ -133,15 +146,8 @@ def lora_cases(report: Report, only: set | None, rank: int) -> None:
             dist.broadcast_object_list(box)
             path = f"{box[0]}/lckpt"
             rt = DistributedRuntime(CFG, plan_from_dict(pd), seed=SEED, lora=LoraConfig(**lora))
-            res = check_runtime(rt, ref, steps=2, check_grads=False)
-            save_runtime(path, rt, res.pop("opt"), meta={"step": 2})
-            rt2 = DistributedRuntime(CFG, plan_from_dict(LORA_CASES["lora_dp2_ddp"][0]), seed=99,
-                                     lora=LoraConfig(**lora))
-            opt2 = rt2.build_optimizer(make_opt)
-            load_runtime(path, rt2, opt2)
-            res2 = check_runtime(rt2, ref[2:], steps=2, start=2, check_grads=False, opt=opt2)
-            res2.pop("opt")
-            res = {"ok": res["ok"] and res2["ok"], "save": res, "resume": res2}
+            res = save_and_resume(rt, lambda: DistributedRuntime(CFG, plan_from_dict(LORA_CASES["lora_dp2_ddp"][0]),
+                                                                 seed=99, lora=LoraConfig(**lora)), ref, path)
         except Exception as e:
             res = failure("lora ckpt", e)
         report.add("lora_ckpt_zero3_to_ddp", res["ok"], res)
@@ -236,14 +242,8 @@ def main() -> None:
             dist.broadcast_object_list(box)
             path = f"{box[0]}/mckpt"
             rt = DistributedRuntime(CFG, plan_from_dict(CASES["tp2_megatron"][0]), tp_backend="megatron", seed=7)
-            res = check_runtime(rt, ref4, steps=2, check_grads=False)
-            save_runtime(path, rt, res.pop("opt"), meta={"step": 2})
-            rt2 = DistributedRuntime(CFG, plan_from_dict(CASES["tp2_megatron"][0]), tp_backend="dtensor", seed=99)
-            opt2 = rt2.build_optimizer(make_opt)
-            load_runtime(path, rt2, opt2)
-            res2 = check_runtime(rt2, ref4[2:], steps=2, start=2, check_grads=False, opt=opt2)
-            res2.pop("opt")
-            res = {"ok": res["ok"] and res2["ok"], "save": res, "resume": res2}
+            res = save_and_resume(rt, lambda: DistributedRuntime(CFG, plan_from_dict(CASES["tp2_megatron"][0]),
+                                                                 tp_backend="dtensor", seed=99), ref4, path)
         except Exception as e:
             res = failure("megatron ckpt", e)
         report.add("ckpt_megatron_to_dtensor", res["ok"], res)

@@ -19,6 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hf", metavar="OUT", help="output directory (Hugging Face layout; LoRA runs merged)")
     p.add_argument("--peft", metavar="OUT", help="output directory for a LoRA run's PEFT adapter (written without "
                                                   "the peft package; only loading it needs peft)")
+    p.add_argument("--base", metavar="DIR", help="a LoRA run's adapter-only checkpoint: the Hugging Face directory "
+                                                 "of its base (init_from), when it is no longer where training read "
+                                                 "it; its fingerprint must match the checkpoint's")
     p.set_defaults(func=_export)
 
 
@@ -30,10 +33,10 @@ def _export(args: argparse.Namespace) -> int:
         raise ConfigError("--hf/--peft are both unset; valid: --hf OUT (a Hugging Face model directory), --peft OUT "
                           "(a LoRA run's PEFT adapter), or both")
     if args.hf is not None:
-        out = export_hf(args.ckpt, args.hf)
+        out = export_hf(args.ckpt, args.hf, base=args.base)
         print(f"exported {args.ckpt} -> {out} (config.json, model.safetensors)")
     if args.peft is not None:
-        out = export_peft(args.ckpt, args.peft)
+        out = export_peft(args.ckpt, args.peft, base=args.base)
         # said because the GPU image has no peft: the writer needs only safetensors, the reader needs peft
         print(f"exported {args.ckpt} -> {out} (adapter_config.json, adapter_model.safetensors; peft is not needed "
               f"to write them, only to load them: PeftModel.from_pretrained)")

@@ -636,6 +636,7 @@ LORA_TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", 
                 "w2": "down_proj"}
 # modules trained in full beside the adapters (PEFT's modules_to_save) -> their Llama-family Hugging Face names
 LORA_SAVABLE = {"output": "lm_head", "tok_embeddings": "embed_tokens"}
+LORA_CHECKPOINTS = ("adapters", "full")
 
 
 @dataclass
@@ -649,6 +650,9 @@ class LoraConfig:
     targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo"])
     dropout: float = 0.0  # on the adapter's input only, as PEFT's lora_dropout
     modules_to_save: list[str] = field(default_factory=list)  # trained in full too: output, tok_embeddings
+    # what a checkpoint holds: "adapters" (the trained tensors, their optimizer state and a reference to the frozen
+    # base: init_from + fingerprint, or the seed it was drawn from; train/lora_base.py) or "full" (the base too)
+    checkpoint: str = "adapters"
 
     @property
     def scale(self) -> float:
@@ -681,6 +685,9 @@ class LoraConfig:
                 raise invalid(f"{p}modules_to_save[{i}]", m, f"one of {', '.join(LORA_SAVABLE)}{hint}")
             if self.modules_to_save.index(m) != i:
                 raise invalid(f"{p}modules_to_save[{i}]", m, "a module not already listed")
+        if self.checkpoint not in LORA_CHECKPOINTS:
+            raise invalid(f"{p}checkpoint", self.checkpoint, f"one of {', '.join(LORA_CHECKPOINTS)} (adapters: the "
+                          f"trained tensors and a reference to the base; full: the base weights too)")
 
 
 Variant = Literal["meft1", "meft2", "meft3"]

@@ -64,8 +64,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from meshwright.errors import ConfigError
 from meshwright.train.checkpoint import (
-    _quiet_dcp, latest_checkpoint, point_and_prune, prepare_tmp, publish, step_dir, write_failed, write_small_files,
+    _quiet_dcp, latest_checkpoint, point_and_prune, prepare_tmp, publish, saved_state, step_dir, write_failed,
+    write_small_files,
 )
+from meshwright.train.lora_base import AdapterScope
 from meshwright.train.runtime import Runtime
 
 _ABANDONED: list["_Pending"] = []  # abandoned saves (see abandoned_write_running)
@@ -206,9 +208,10 @@ class AsyncCheckpointer:
         return self._pending is not None
 
     def save(self, root: str | Path, step: int, optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any],
-             keep: int = 3) -> Path:
+             keep: int = 3, adapters: AdapterScope | None = None) -> Path:
         """Collective: wait for the previous save, stage checkpoint ``step`` to CPU memory, write its RNG files and
-        trainer state, and return while the background writes it (``wait`` to be sure it is complete)."""
+        trainer state, and return while the background writes it (``wait`` to be sure it is complete). ``adapters``:
+        a LoRA run's scope, as for ``save_checkpoint`` (adapter-only: the base is neither staged nor written)."""
         self.wait()
         started = time.perf_counter()
         root, rt = Path(root), self.runtime
@@ -216,11 +219,12 @@ class AsyncCheckpointer:
         tmp = final.with_name(final.name + ".tmp")
         try:
             tmp = prepare_tmp(final, rt)
-            write_small_files(tmp, rt, {**trainer_state, "step": step}, rng=True)
+            state, meta = saved_state(rt, optimizer, {**trainer_state, "step": step}, adapters)
+            write_small_files(tmp, rt, meta, rng=True)
             stager = self._stager if self.keep_staging else make_stager()
             kwargs: dict[str, Any] = {"async_stager": stager} if stager is not None else {}
             with _quiet_dcp():
-                response = dcp.async_save(rt.checkpoint_state(optimizer), checkpoint_id=str(tmp),
+                response = dcp.async_save(state, checkpoint_id=str(tmp),
                                           process_group=self.group, **kwargs)
         except (OSError, RuntimeError, CheckpointException) as exc:
             raise write_failed(tmp, final, exc, rt.is_main) from None

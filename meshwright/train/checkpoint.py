@@ -47,6 +47,7 @@ from meshwright.train.checkpoint_io import (
     write_manifest,
 )
 from meshwright.train.faults import fault_point
+from meshwright.train.lora_base import BASE_KEY, AdapterScope, check_base
 from meshwright.train.runtime import Runtime
 
 STEP_RE = re.compile(r"^step_(\d{6,})$")
@@ -181,14 +182,27 @@ def _save_error(path: Path, exc: BaseException, full: bool = False) -> ConfigErr
                        f"{path.parent} with room for the checkpoint, or another out_dir")
 
 
+def saved_state(runtime: Runtime, optimizer: torch.optim.Optimizer | None, meta: dict[str, Any] | None,
+                adapters: AdapterScope | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(state for DCP, meta) of a save: with an adapter-only LoRA scope the model part holds the trained tensors only
+    and the meta names the base they were trained on (train/lora_base.py)."""
+    state = runtime.checkpoint_state(optimizer)
+    if adapters is None or not adapters.adapters_only:
+        return state, meta
+    return adapters.view(state), {**(meta or {}), BASE_KEY: adapters.base}
+
+
 def save_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Optimizer | None,
-                 meta: dict[str, Any] | None = None, *, rng: bool = False) -> Path:
+                 meta: dict[str, Any] | None = None, *, rng: bool = False,
+                 adapters: AdapterScope | None = None) -> Path:
     """Collective: every rank calls it. Write the runtime's model + optimizer (DCP), ``meta`` as
-    trainer_state.json and, with ``rng``, each rank's RNG into ``path`` atomically. Returns ``path``."""
+    trainer_state.json and, with ``rng``, each rank's RNG into ``path`` atomically. Returns ``path``.
+    ``adapters``: a LoRA run's scope; with ``adapters_only`` the frozen base is left out (``saved_state``)."""
     path = Path(path)
+    state, meta = saved_state(runtime, optimizer, meta, adapters)
     with _atomic_dir(path, runtime) as tmp:
         with _quiet_dcp():
-            dcp.save(runtime.checkpoint_state(optimizer), checkpoint_id=str(tmp))
+            dcp.save(state, checkpoint_id=str(tmp))
         write_small_files(tmp, runtime, meta, rng=rng)
     return path
 
@@ -208,12 +222,15 @@ def require_complete(path: Path) -> None:
 
 
 def load_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Optimizer | None, *,
-                 verify: bool = True, grow_positions: str | None = None) -> dict[str, Any]:
+                 verify: bool = True, grow_positions: str | None = None,
+                 adapters: AdapterScope | None = None) -> dict[str, Any]:
     """Collective: verify ``path`` (checksums, metadata allow-list, fit to this model/optimizer), read it into
     this layout's pieces (resharding as needed) and this rank's RNG; returns the meta (trainer state) dict.
     Every failure is one ``ConfigError`` line (``CheckpointCorrupt`` for damaged files); nothing is executed.
     ``grow_positions``: a learned position table (and its optimizer moments) saved with fewer rows than this model's
-    is read at its saved size and grown by that rule (models/positions.py); without it, one line."""
+    is read at its saved size and grown by that rule (models/positions.py); without it, one line. An adapter-only
+    LoRA checkpoint (``lora_base`` in its meta) needs ``adapters`` (the run's scope): the base this runtime was built
+    from must be the checkpoint's (one line otherwise); only the trained tensors are read over it."""
     path = Path(path)
     state_file = path / STATE_FILE
     require_complete(path)
@@ -228,12 +245,19 @@ def load_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Opti
                   f"unverified", file=sys.stderr, flush=True)
     meta = _read_json(state_file)
     state = runtime.checkpoint_state(optimizer)
+    read = state  # what DCP fills: the whole state, or (adapter-only) a view of the trained tensors' entries
+    if BASE_KEY in meta:
+        if adapters is None:
+            raise invalid("lora", None, f"the lora: section checkpoint {path} was trained with (it holds the LoRA "
+                          f"adapters only, not the base model)")
+        check_base(meta[BASE_KEY], adapters.base, path)
+        read = adapters.view(state)
     metadata = read_metadata_file(path / ".metadata")
-    grown = swap_position_tables(metadata, state, path, grow_positions)
-    check_fits(metadata, state, path, whole_model=runtime.world_size == 1)
+    grown = swap_position_tables(metadata, read, path, grow_positions)
+    check_fits(metadata, read, path, whole_model=runtime.world_size == 1)
     try:
         with _quiet_dcp():
-            dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner())
+            dcp.load(read, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner())
     except CheckpointException as exc:
         raise CheckpointCorrupt(f"checkpoint {path} could not be read: {_first_failure(exc)}") from None
     except CheckpointCorrupt:
@@ -241,7 +265,8 @@ def load_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Opti
     except (RuntimeError, ValueError, AssertionError, OSError, KeyError) as exc:
         raise CheckpointCorrupt(f"checkpoint {path} could not be read: {type(exc).__name__}: "
                                 f"{(str(exc).strip().splitlines() or [''])[0][:300]}") from None
-    grow_swapped(state, grown, grow_positions)
+    grow_swapped(read, grown, grow_positions)
+    state = {**read, "model": {**state["model"], **read["model"]}}  # the base's entries as they are (unread)
     if grown:  # for the resume note (trainer.py); not part of the checkpoint
         meta["grown_positions"] = [[tuple(read.shape)[0], tuple(template.shape)[0]] for _, template, read in grown]
     kernels = [{k: g[k] for k in KERNEL_KEYS if k in g} for g in optimizer.param_groups] if optimizer is not None else []
@@ -360,12 +385,13 @@ def check_fits(metadata: Metadata, state: dict[str, Any], path: Path, whole_mode
 
 
 def save_checkpoint(root: str | Path, step: int, runtime: Runtime, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict[str, Any], keep: int = 3) -> Path:
+                    trainer_state: dict[str, Any], keep: int = 3, adapters: AdapterScope | None = None) -> Path:
     """Collective: write checkpoint ``step`` under ``root`` (with RNG), point ``latest`` at it and keep
     the last ``keep`` (pruning only checkpoints of earlier steps, never the one just written). Returns the
     checkpoint's directory."""
     root = Path(root)
-    final = save_runtime(step_dir(root, step), runtime, optimizer, {**trainer_state, "step": step}, rng=True)
+    final = save_runtime(step_dir(root, step), runtime, optimizer, {**trainer_state, "step": step}, rng=True,
+                         adapters=adapters)
     if runtime.is_main:
         point_and_prune(root, final, step, keep)
     runtime.barrier()
@@ -453,7 +479,8 @@ def resume_candidates(root: str | Path) -> list[Path]:
 
 
 def load_latest(root: str | Path, runtime: Runtime, optimizer: torch.optim.Optimizer | None,
-                warn: Any = None, grow_positions: str | None = None) -> tuple[Path, dict[str, Any]] | None:
+                warn: Any = None, grow_positions: str | None = None,
+                adapters: AdapterScope | None = None) -> tuple[Path, dict[str, Any]] | None:
     """Collective: load the newest checkpoint under ``root`` that is intact; a damaged one is reported with
     ``warn`` (one line) and the previous complete one is tried. None when ``root`` holds none; when all are
     damaged the newest one's error is raised. A checkpoint that does not fit the model is never skipped."""
@@ -467,7 +494,8 @@ def load_latest(root: str | Path, runtime: Runtime, optimizer: torch.optim.Optim
             if warn is not None and runtime.is_main:
                 warn(f"warning: {error.damage}; falling back to the previous checkpoint")
             continue
-        return path, load_runtime(path, runtime, optimizer, verify=False, grow_positions=grow_positions)
+        return path, load_runtime(path, runtime, optimizer, verify=False, grow_positions=grow_positions,
+                                  adapters=adapters)
     if first_error is not None:
         raise first_error
     return None

@@ -30,15 +30,16 @@ CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 
-def export_peft(ckpt: str | Path, out: str | Path) -> Path:
-    """Write ``out`` (adapter_config.json + adapter_model.safetensors) from LoRA checkpoint ``ckpt``."""
-    return export_hf(ckpt, out, writer=_write)
+def export_peft(ckpt: str | Path, out: str | Path, base: str | Path | None = None) -> Path:
+    """Write ``out`` (adapter_config.json + adapter_model.safetensors) from LoRA checkpoint ``ckpt`` (an adapter-only
+    one too: its base is rebuilt and checked, from ``base`` where given, as ``export_hf`` does)."""
+    return export_hf(ckpt, out, writer=_write, base=base)
 
 
-def _write(step_dir: Path, run_dir: Path, out: str | Path) -> Path:
+def _write(step_dir: Path, run_dir: Path, out: str | Path, base: str | Path | None = None) -> Path:
     check_output_path(out, "--peft", directory=True)
     check_peft_dir(out)
-    model, model_cfg, cfg = load_run_model(step_dir, run_dir)
+    model, model_cfg, cfg = load_run_model(step_dir, run_dir, base)
     if cfg.lora is None:
         raise invalid("--peft", str(out), "the export of a LoRA run (this run has no lora: section; use --hf)")
     tensors, targets, saved = peft_state_dict(model, model_cfg, cfg)

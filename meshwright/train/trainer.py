@@ -41,6 +41,7 @@ from meshwright.train.async_checkpoint import AsyncCheckpointer, CheckpointAband
 from meshwright.train.checkpoint import latest_checkpoint, load_latest, load_runtime, save_checkpoint
 from meshwright.train.compile import fast_adamw_kwargs
 from meshwright.train.faults import fault_point
+from meshwright.train.lora_base import AdapterScope
 from meshwright.train.preemption import Preemption, grace_warning
 from meshwright.train.run_dir import reopen_log
 from meshwright.train.runtime import Runtime
@@ -150,10 +151,23 @@ class Trainer:
         self._base_step, self._base_consumed = 0, 0
         self.resumed_from: Path | None = None  # the checkpoint resume() loaded
         # ckpt_async: saves stage to CPU memory and write in the background (collective: the same on every rank)
+        # lora: which tensors a checkpoint carries and the base they train on (adapter-only checkpoints: lora_base.py)
+        self.adapters = (AdapterScope.for_run(cfg, model_cfg, self._init_scheme(), self._device_type())
+                         if getattr(cfg, "lora", None) is not None else None)
         self.async_ckpt = (AsyncCheckpointer(runtime, cfg.ckpt_staging, notify=self.print if runtime.is_main else None)
                            if cfg.ckpt_async else None)
 
     # ---- pieces ----------------------------------------------------------------------------------
+    def _device_type(self) -> str:
+        return next(iter(self.runtime.parameters()), torch.empty(0)).device.type
+
+    def _init_scheme(self) -> str:
+        """How the runtime's initial weights were made (models/init.py); a runtime built by a caller (tests) that
+        does not say: what ``init`` resolves to on its device."""
+        from meshwright.models.init import resolve_init
+
+        return getattr(self.runtime, "init", None) or resolve_init(self.cfg.init, self._device_type())
+
     def set_lr(self, step: int) -> float:
         lr = lr_at(step, self.cfg)
         for group in self.optimizer.param_groups:
@@ -259,11 +273,11 @@ class Trainer:
         with self._not_training():
             if self.async_ckpt is not None:
                 path = self.async_ckpt.save(self.ckpt_dir, self.step, self.optimizer, self.trainer_state(),
-                                            keep=self.keep_checkpoints)
+                                            keep=self.keep_checkpoints, adapters=self.adapters)
             else:
                 t0 = time.perf_counter()
                 path = save_checkpoint(self.ckpt_dir, self.step, self.runtime, self.optimizer, self.trainer_state(),
-                                       keep=self.keep_checkpoints)
+                                       keep=self.keep_checkpoints, adapters=self.adapters)
                 self._ckpt_s = time.perf_counter() - t0
         self._saved_step = self.step
         return path
@@ -317,9 +331,11 @@ class Trainer:
         """Load ``path`` (or the latest checkpoint in out_dir/ckpt); False when there is none."""
         grow = self.cfg.grow_positions  # a learned position table saved smaller than this model's (models/positions.py)
         if path is not None:
-            target, state = Path(path), load_runtime(path, self.runtime, self.optimizer, grow_positions=grow)
+            target, state = Path(path), load_runtime(path, self.runtime, self.optimizer, grow_positions=grow,
+                                                     adapters=self.adapters)
         else:  # a damaged newest checkpoint falls back to the previous complete one, with a warning
-            found = load_latest(self.ckpt_dir, self.runtime, self.optimizer, warn=self.print, grow_positions=grow)
+            found = load_latest(self.ckpt_dir, self.runtime, self.optimizer, warn=self.print, grow_positions=grow,
+                                adapters=self.adapters)
             if found is None:
                 return False
             target, state = found

@@ -111,18 +111,18 @@ def check_base(saved: Any, now: dict[str, Any], ckpt: Path) -> None:
                           f"reference; valid: an intact checkpoint")
     if saved["fingerprint"] == now["fingerprint"]:
         return
-    was = f"the base checkpoint {ckpt} was trained on: {describe(saved)}; it holds the LoRA adapters only"
+    was = f"checkpoint {ckpt} holds LoRA adapters only, trained on the base {describe(saved)}"
     if saved["source"] == "init_from":
         if now["source"] != "init_from":
-            raise invalid("init_from", None, f"{was} (valid: init_from: {saved['init_from']}, or a copy of it)")
-        raise invalid("init_from", now["init_from"], f"{was}, this one's fingerprint is {now['fingerprint'][:12]} "
-                      f"(valid: init_from pointing at that base, or a copy of it)")
+            raise invalid("init_from", None, f"{saved['init_from']} or a copy of it ({was})")
+        raise invalid("init_from", now["init_from"], f"that base or a copy of it ({was}; this one's fingerprint is "
+                      f"{now['fingerprint'][:12]})")
     if now["source"] == "init_from":
-        raise invalid("init_from", now["init_from"], f"null: {was}")
+        raise invalid("init_from", now["init_from"], f"null ({was})")
     for key in ("seed", "init", "device"):
         if saved.get(key) != now.get(key):
-            raise invalid(key, now.get(key), f"{saved.get(key)}: {was}")
-    raise invalid("model", "this run's model", f"the model fields of the run: {was}")
+            raise invalid(key, now.get(key), f"{saved.get(key)!r} ({was})")
+    raise invalid("model", "this run's model", f"the model the checkpoint's run drew, as its model.yaml says ({was})")
 
 
 @dataclass

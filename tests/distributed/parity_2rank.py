@@ -31,7 +31,9 @@ from parity_lib import (
 from meshwright.models import build_model, lm_loss
 from meshwright.parallel.runtime import DistributedRuntime
 from meshwright.plan import plan_from_dict
+from meshwright.errors import ConfigError
 from meshwright.train.checkpoint import load_runtime, save_runtime
+from meshwright.train.checkpoint_io import read_metadata_file
 
 L = CFG.n_layers
 
@@ -74,17 +76,26 @@ LORA_CASES = {
 
 
 
-def save_and_resume(rt, make_resumed, ref: list[dict], path: str) -> dict:
+def save_and_resume(rt, make_resumed, ref: list[dict], path: str, adapters=None) -> dict:
     """Two steps of ``rt`` against ``ref``, saved at ``path``; then ``make_resumed()`` (another layout, another seed)
-    loads it and its next two steps are checked against ``ref[2:]``."""
+    loads it and its next two steps are checked against ``ref[2:]``. ``adapters``: a LoRA run's AdapterScope, for
+    an adapter-only checkpoint (the resumed runtime then builds the same base itself)."""
     res = check_runtime(rt, ref, steps=2, check_grads=False)
-    save_runtime(path, rt, res.pop("opt"), meta={"step": 2})
+    save_runtime(path, rt, res.pop("opt"), meta={"step": 2}, adapters=adapters)
     rt2 = make_resumed()
     opt2 = rt2.build_optimizer(make_opt)
-    load_runtime(path, rt2, opt2)
+    load_runtime(path, rt2, opt2, adapters=adapters)
     res2 = check_runtime(rt2, ref[2:], steps=2, start=2, check_grads=False, opt=opt2)
     res2.pop("opt")
     return {"ok": res["ok"] and res2["ok"], "save": res, "resume": res2}
+
+def lora_scope(lora: dict, seed: int, rt):
+    """The AdapterScope the trainer makes for a LoRA run of CFG from ``seed`` (its base: that seed's draw)."""
+    from meshwright.config import LoraConfig, TrainConfig
+    from meshwright.train.lora_base import AdapterScope
+
+    return AdapterScope.for_run(TrainConfig(seed=seed, lora=LoraConfig(**lora)), CFG, rt.init, rt.device.type)
+
 
 def lora_model(lora: dict):
     from meshwright.config import LoraConfig
@@ -146,8 +157,24 @@ def lora_cases(report: Report, only: set | None, rank: int) -> None:
             dist.broadcast_object_list(box)
             path = f"{box[0]}/lckpt"
             rt = DistributedRuntime(CFG, plan_from_dict(pd), seed=SEED, lora=LoraConfig(**lora))
-            res = save_and_resume(rt, lambda: DistributedRuntime(CFG, plan_from_dict(LORA_CASES["lora_dp2_ddp"][0]),
-                                                                 seed=99, lora=LoraConfig(**lora)), ref, path)
+            # adapter-only (lora.checkpoint: adapters): the DDP runtime rebuilds the base from the same seed and reads
+            # the adapters, the head (modules_to_save) and their AdamW state over it
+            scope = lora_scope(lora, SEED, rt)
+            ddp = LORA_CASES["lora_dp2_ddp"][0]
+            res = save_and_resume(rt, lambda: DistributedRuntime(CFG, plan_from_dict(ddp), seed=SEED,
+                                                                 lora=LoraConfig(**lora)), ref, path, adapters=scope)
+            metadata = read_metadata_file(f"{path}/.metadata").state_dict_metadata
+            saved = sorted(k.split(".", 1)[1] for k in metadata if k.startswith("model."))
+            res["saved_model_keys"] = len(saved)
+            res["ok"] = res["ok"] and bool(saved) and all(scope.carries(k) for k in saved) and "output.weight" in saved
+            # a base drawn from another seed is refused in one line naming the seed, before anything is read
+            rt3 = DistributedRuntime(CFG, plan_from_dict(ddp), seed=99, lora=LoraConfig(**lora))
+            try:
+                load_runtime(path, rt3, rt3.build_optimizer(make_opt), adapters=lora_scope(lora, 99, rt3))
+                res["refusal"] = None
+            except ConfigError as e:
+                res["refusal"] = str(e)
+            res["ok"] = res["ok"] and str(res["refusal"]).startswith("seed=99") and "\n" not in res["refusal"]
         except Exception as e:
             res = failure("lora ckpt", e)
         report.add("lora_ckpt_zero3_to_ddp", res["ok"], res)

@@ -15,6 +15,10 @@ Nothing read back is trusted: ``checksums.json`` (SHA-256 per file, written befo
 before DCP reads a byte, ``.metadata`` and byte items go through allow-listed unpicklers
 (``checkpoint_io``), a checkpoint that does not fit this model/optimizer is named in one line, and
 ``load_latest`` falls back to the previous complete checkpoint when the newest one is damaged.
+
+A LoRA run's checkpoints are adapter-only by default (``adapters``, an ``AdapterScope``: train/lora_base.py): the
+model part holds the trained tensors, trainer_state.json the base they were trained on; the load checks that base
+against the runtime's and reads the trained tensors over it.
 """
 
 from __future__ import annotations

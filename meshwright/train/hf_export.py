@@ -4,7 +4,8 @@ The checkpoint is read with DCP into the plain model of the run's own config (``
 run directory), whatever layout wrote it; the weights are then renamed/permuted back to transformers'
 layout by ``meshwright.models.hf_weights``. A LoRA run (``lora:``) is read into the adapted model and exported
 merged (W + scale * B @ A: the plain architecture, which transformers and vLLM load as any model), or, with
-``export_peft`` (``--peft OUT``), as a PEFT adapter directory (``train/peft_export.py``). MEFT runs are refused in
+``export_peft`` (``--peft OUT``), as a PEFT adapter directory (``train/peft_export.py``). An adapter-only LoRA
+checkpoint has no base in it: ``rebuild_base`` makes it from its recorded source and checks its fingerprint first. MEFT runs are refused in
 one line: their reversible blocks have no place in the plain architecture.
 """
 

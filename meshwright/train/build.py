@@ -26,9 +26,10 @@ from meshwright.parallel.runtime import build_distributed_runtime, init_distribu
 from meshwright.plan import Plan, default_plan, load_plan, validate_plan
 from meshwright.tools.sinks import check_sink_packages
 from meshwright.train.local_runtime import LocalRuntime
-from meshwright.train.checkpoint import require_complete
+from meshwright.train.checkpoint import latest_checkpoint, require_complete
 from meshwright.train.compile import MODEL_SCOPE_SUPPORTED
 from meshwright.train.hf_companions import save_companions
+from meshwright.train.lora_base import check_base_present
 from meshwright.train.plan_match import check_plan_matches, check_world
 from meshwright.train.run_dir import (RunLock, check_fresh_or_overwrite, check_resume_config, dirs_to_create, nospace,
                                      prepare_out_dir, remove_unused)
@@ -321,6 +322,8 @@ def run_training(train_cfg: TrainConfig, plan_ref: str | None = None, resume: bo
         if lock is not None:
             check_fresh_or_overwrite(train_cfg.out_dir, resume, overwrite)
             check_resume_config(train_cfg, resume, allow_config_change)
+            if resume and train_cfg.lora is not None:  # an adapter-only checkpoint's base must be there to rebuild
+                check_base_present(train_cfg, resume_target(train_cfg, resume))
         job = TrainingJob.resolve(train_cfg, plan_ref)
         summary = _train(job, resume, allow_config_change)
         done = True
@@ -335,6 +338,11 @@ def run_training(train_cfg: TrainConfig, plan_ref: str | None = None, resume: bo
             lock.release()
             if not done:  # refused input: a directory this run created holds only the lock; remove it
                 remove_unused(created)
+
+
+def resume_target(cfg: TrainConfig, resume: bool | str) -> Path | None:
+    """The checkpoint a resume will try first: ``--resume-from``'s, or the latest under out_dir/ckpt."""
+    return Path(resume) if isinstance(resume, str) else latest_checkpoint(Path(cfg.out_dir) / "ckpt")
 
 
 def _train(job: TrainingJob, resume: bool | str, allow_config_change: bool = False) -> dict[str, Any]:

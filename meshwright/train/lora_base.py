@@ -174,3 +174,21 @@ def checkpoint_tensor_bytes(model_cfg: ModelConfig, lora: Any) -> dict[str, int]
         return sum(v.numel() * v.element_size() for v in entries.values())
 
     return {"adapters": size(trained) + optim, "full": size(state) + optim}
+
+
+def check_base_present(cfg: TrainConfig, target: Path | None) -> None:
+    """Before a resume builds anything: where checkpoint ``target`` is adapter-only and its base came from
+    ``init_from``, this run's ``init_from`` must name a directory that exists (one line naming the checkpoint's base
+    otherwise; whether it is the same base is checked by its fingerprint when the checkpoint loads)."""
+    if target is None:
+        return
+    try:
+        ref = json.loads((target / "trainer_state.json").read_bytes().decode("utf-8")).get(BASE_KEY)
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return  # the checkpoint loader names the damage (and may fall back to an intact checkpoint)
+    if not isinstance(ref, dict) or ref.get("source") != "init_from":
+        return
+    if cfg.init_from is None or not (Path(cfg.init_from) / "config.json").is_file():
+        state = "unset" if cfg.init_from is None else "missing"
+        raise invalid("init_from", cfg.init_from, f"{ref.get('init_from')} or a copy of it (checkpoint {target} holds "
+                      f"LoRA adapters only, trained on the base {describe(ref)}; this run's init_from is {state})")

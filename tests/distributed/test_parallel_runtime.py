@@ -82,6 +82,10 @@ def test_two_rank_layouts_match_one_process_and_resume_under_pp2(four_rank, tmp_
     assert [r["opt_state_bytes"] for r in report["lora_dp2_ddp"]["ranks"].values()] == [want, want]
     assert [r["opt_state_bytes"] for r in report["lora_dp2_zero2_fsdp"]["ranks"].values()] == [want // 2, want // 2]
     assert want < full / 10, (want, full)  # rank 4 on all seven linears of a d_model-64 model: 9% of full AdamW
+    # the ZeRO-3 LoRA checkpoint resumed under DDP was adapter-only: A and B of the seven linears and the head
+    lora_ckpt = report["lora_ckpt_zero3_to_ddp"]["ranks"]["0"]
+    assert lora_ckpt["saved_model_keys"] == 2 * 7 * CFG.n_layers + 1, lora_ckpt
+    assert lora_ckpt["refusal"].startswith("seed=99 is invalid; valid: 7 (checkpoint "), lora_ckpt["refusal"]
 
 
 @pytest.mark.timeout(120)

@@ -136,6 +136,21 @@ def test_resume_from_an_adapter_checkpoint_replays_the_losses_bitwise(runs):
     for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), n
     assert _losses(runs / "full") == straight  # the full checkpoints' run trained the same trajectory
+    # the base an adapter checkpoint's export rebuilds from the seed is the one the full checkpoint carries
+    c = load_run_model(runs / "full" / "ckpt" / "step_000004", runs / "full")[0]
+    for (n, p), q in zip(a.state_dict().items(), c.state_dict().values()):
+        assert torch.equal(p, q), n
+
+
+def test_background_checkpoints_are_adapter_only_too(runs, data, tmp_path):
+    """ckpt_async stages and writes the same adapter-only state as the synchronous save."""
+    run_training(_cfg(tmp_path / "async", data, ckpt_async=True))
+    sync, bg = runs / "adapters" / "ckpt" / "step_000004", tmp_path / "async" / "ckpt" / "step_000004"
+    assert _model_keys(bg) == _model_keys(sync) and _tensor_bytes(bg) == _tensor_bytes(sync)
+    assert json.loads((bg / STATE_FILE).read_text())[BASE_KEY] == json.loads((sync / STATE_FILE).read_text())[BASE_KEY]
+    a, b = load_run_model(sync, runs / "adapters")[0], load_run_model(bg, tmp_path / "async")[0]
+    for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), n
 
 
 def test_a_run_without_lora_or_with_another_seed_is_refused_in_one_line(runs, data, tmp_path):
@@ -181,6 +196,11 @@ def test_resume_onto_another_base_is_one_line_and_a_copy_of_the_base_resumes(hf_
     msg = str(exc.value)
     assert msg.startswith(f"init_from={str(bases[1].resolve())!r} is invalid; valid: that base or a copy of it")
     assert str(bases[0].resolve()) in msg and "\n" not in msg
+    with pytest.raises(ConfigError) as exc:  # the base is gone: said before the run builds anything
+        run_training(_cfg(tmp_path / "c", data, steps=4, init_from=str(tmp_path / "gone"), **HF), resume=str(ckpt))
+    msg = str(exc.value)
+    assert msg.startswith(f"init_from={str(tmp_path / 'gone')!r} is invalid; valid: {bases[0].resolve()} or a copy")
+    assert "init_from is missing" in msg and "\n" not in msg and not (tmp_path / "c").exists()
     copy = shutil.copytree(bases[0], tmp_path / "moved")
     summary = run_training(_cfg(tmp_path / "b", data, steps=4, init_from=str(copy), **HF), resume=str(ckpt))
     assert summary["steps_this_run"] == 2

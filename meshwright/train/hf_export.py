@@ -5,8 +5,8 @@ run directory), whatever layout wrote it; the weights are then renamed/permuted 
 layout by ``meshwright.models.hf_weights``. A LoRA run (``lora:``) is read into the adapted model and exported
 merged (W + scale * B @ A: the plain architecture, which transformers and vLLM load as any model), or, with
 ``export_peft`` (``--peft OUT``), as a PEFT adapter directory (``train/peft_export.py``). An adapter-only LoRA
-checkpoint has no base in it: ``rebuild_base`` makes it from its recorded source and checks its fingerprint first. MEFT runs are refused in
-one line: their reversible blocks have no place in the plain architecture.
+checkpoint has no base in it: ``rebuild_base`` makes it from its recorded source and checks its fingerprint first.
+MEFT runs are refused in one line: their reversible blocks have no place in the plain architecture.
 """
 
 from __future__ import annotations
@@ -138,7 +138,13 @@ def load_run_model(step_dir: Path, run_dir: Path, base: str | Path | None = None
     if base_ref is not None and cfg.lora is None:
         raise invalid("lora", None, f"the lora: section of the run (checkpoint {step_dir} holds LoRA adapters only; "
                       f"its config.yaml has none)")
-    model = build_model(model_cfg, device="cpu") if base_ref is None else rebuild_base(base_ref, cfg, model_cfg, step_dir, base)
+    if base_ref is None:  # every weight is in the checkpoint: nothing to rebuild
+        if base is not None:
+            raise invalid("--base", str(base), f"unset: checkpoint {step_dir} holds every weight (--base is for a "
+                          f"LoRA run's adapter-only checkpoints)")
+        model = build_model(model_cfg, device="cpu")
+    else:
+        model = rebuild_base(base_ref, cfg, model_cfg, step_dir, base)
     if cfg.lora is not None:  # the adapters' keys join the state the checkpoint fills
         apply_lora_config(model, cfg.lora, cfg.seed)
     state = {k: v for k, v in model.state_dict().items() if not (model_cfg.tie_embeddings and k == "output.weight")}

@@ -80,10 +80,12 @@ def hf_fingerprint(path: str | Path) -> str:
     return h.hexdigest()
 
 
-WEIGHT_NEUTRAL = ("name", "dropout", "capacity_factor", "aux_loss_coef", "z_loss_coef")  # model fields that do not change the weights
+# model fields that do not change the weights drawn from a seed
+WEIGHT_NEUTRAL = ("name", "dropout", "capacity_factor", "aux_loss_coef", "z_loss_coef")
 
 
-def base_reference(cfg: TrainConfig, model_cfg: ModelConfig, init: str | None, device_type: str = "cpu") -> dict[str, Any]:
+def base_reference(cfg: TrainConfig, model_cfg: ModelConfig, init: str | None,
+                   device_type: str = "cpu") -> dict[str, Any]:
     """This run's base: ``init_from`` (resolved path, grow rule, fingerprint) or the recipe it was drawn from."""
     if cfg.init_from is not None:
         root = Path(cfg.init_from)
@@ -101,7 +103,8 @@ def describe(ref: dict[str, Any]) -> str:
     if ref.get("source") == "init_from":
         return f"init_from {ref.get('init_from')} (fingerprint {str(ref.get('fingerprint'))[:12]})"
     device = f" on {ref['device']}" if "device" in ref else ""
-    return f"drawn from seed {ref.get('seed')} ({ref.get('init')} init{device}, fingerprint {str(ref.get('fingerprint'))[:12]})"
+    return (f"drawn from seed {ref.get('seed')} ({ref.get('init')} init{device}, fingerprint "
+            f"{str(ref.get('fingerprint'))[:12]})")
 
 
 def check_base(saved: Any, now: dict[str, Any], ckpt: Path) -> None:
@@ -135,7 +138,8 @@ class AdapterScope:
     adapters_only: bool = True  # lora.checkpoint == "adapters": saves leave the base out
 
     @classmethod
-    def for_run(cls, cfg: TrainConfig, model_cfg: ModelConfig, init: str | None, device_type: str = "cpu") -> "AdapterScope":
+    def for_run(cls, cfg: TrainConfig, model_cfg: ModelConfig, init: str | None,
+                device_type: str = "cpu") -> "AdapterScope":
         assert cfg.lora is not None
         return cls(tuple(cfg.lora.modules_to_save), bool(model_cfg.tie_embeddings),
                    base_reference(cfg, model_cfg, init, device_type), cfg.lora.checkpoint == "adapters")

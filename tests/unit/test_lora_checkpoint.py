@@ -136,6 +136,8 @@ def test_resume_from_an_adapter_checkpoint_replays_the_losses_bitwise(runs):
     for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), n
     assert _losses(runs / "full") == straight  # the full checkpoints' run trained the same trajectory
+    with pytest.raises(ConfigError, match=r"^--base='/x' is invalid; valid: unset: checkpoint .* holds every weight"):
+        load_run_model(runs / "full" / "ckpt" / "step_000004", runs / "full", base="/x")
     # the base an adapter checkpoint's export rebuilds from the seed is the one the full checkpoint carries
     c = load_run_model(runs / "full" / "ckpt" / "step_000004", runs / "full")[0]
     for (n, p), q in zip(a.state_dict().items(), c.state_dict().values()):

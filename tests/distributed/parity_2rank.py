@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -124,8 +125,9 @@ def lora_reference(lora: dict, steps: int = 4) -> list[dict]:
     return out
 
 
-def lora_cases(report: Report, only: set | None, rank: int) -> None:
-    """The LoRA layouts, then a zero3 checkpoint (adapters + AdamW state) resumed under DDP for steps 3-4."""
+def lora_cases(report: Report, only: set | None, rank: int, keep_dir: str | None = None) -> None:
+    """The LoRA layouts, then a zero3 checkpoint (adapters + AdamW state) resumed under DDP for steps 3-4; with
+    ``keep_dir`` that checkpoint is kept there (``lora_adapter_ckpt``) for the test to resume in one process."""
     from meshwright.config import LoraConfig
 
     refs: dict = {}
@@ -153,9 +155,9 @@ def lora_cases(report: Report, only: set | None, rank: int) -> None:
         try:
             pd, lora = LORA_CASES["lora_dp2_zero3_fsdp"]
             ref = lora_reference(lora)
-            box = [tempfile.mkdtemp() if rank == 0 else None]
+            box = [(keep_dir or tempfile.mkdtemp()) if rank == 0 else None]
             dist.broadcast_object_list(box)
-            path = f"{box[0]}/lckpt"
+            path = f"{box[0]}/lora_adapter_ckpt"
             rt = DistributedRuntime(CFG, plan_from_dict(pd), seed=SEED, lora=LoraConfig(**lora))
             # adapter-only (lora.checkpoint: adapters): the DDP runtime rebuilds the base from the same seed and reads
             # the adapters, the head (modules_to_save) and their AdamW state over it
@@ -248,7 +250,7 @@ def main() -> None:
             res = failure(f"case {name}", e)
         report.add(name, res["ok"], res)
         dist.barrier()
-    lora_cases(report, only, rank)
+    lora_cases(report, only, rank, str(Path(out).parent) if out else None)
     if only is None or "zero2_gathers_once_per_step" in only:
         report.add("zero2_gathers_once_per_step", *zero2_gather_counts())
         dist.barrier()

@@ -2,8 +2,8 @@
 
 Two launches: 4 ranks (2-D/3-D layouts, a checkpoint written under dp2·tp2 and resumed under
 pp2·dp2) and 2 ranks (all 2-device layouts incl. DeepSpeed ZeRO-1/2/3, and the same checkpoint
-resumed under pp2; LoRA under DDP and FSDP2 with a ZeRO-3 LoRA checkpoint resumed under DDP). The checkpoint is
-also resumed here in one process. Tolerance: relative L2
+resumed under pp2; LoRA under DDP and FSDP2 with an adapter-only ZeRO-3 LoRA checkpoint resumed under DDP). The
+checkpoints are also resumed here in one process. Tolerance: relative L2
 error <= 1e-5 for loss, full gradients (keyed by the plain model's names) and the global grad norm.
 """
 
@@ -86,6 +86,28 @@ def test_two_rank_layouts_match_one_process_and_resume_under_pp2(four_rank, tmp_
     lora_ckpt = report["lora_ckpt_zero3_to_ddp"]["ranks"]["0"]
     assert lora_ckpt["saved_model_keys"] == 2 * 7 * CFG.n_layers + 1, lora_ckpt
     assert lora_ckpt["refusal"].startswith("seed=99 is invalid; valid: 7 (checkpoint "), lora_ckpt["refusal"]
+    # and it reshards to one process (dp 2 -> 1): the base drawn here, the adapters and moments read, steps 3-4 on track
+    from parity_2rank import LORA_CASES, lora_model, lora_reference, lora_scope
+    import torch
+    from parity_lib import MAX_NORM, RTOL, batch, make_opt, rel
+
+    from meshwright.models import lm_loss
+    from meshwright.train.checkpoint import load_runtime
+    from meshwright.train.local_runtime import LocalRuntime
+
+    lora = LORA_CASES["lora_dp2_zero3_fsdp"][1]
+    rt = LocalRuntime(lora_model(lora))
+    opt = rt.build_optimizer(make_opt)
+    assert load_runtime(tmp_path / "lora_adapter_ckpt", rt, opt, adapters=lora_scope(lora, 7, rt))["step"] == 2
+    ref = lora_reference(lora)
+    for step in (2, 3):
+        x, y = batch(step)
+        loss = lm_loss(rt.model(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(rt.model.parameters(), MAX_NORM)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert rel(loss.item(), ref[step]["loss"]) <= RTOL, (step, loss.item(), ref[step]["loss"])
 
 
 @pytest.mark.timeout(120)

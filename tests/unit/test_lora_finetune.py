@@ -292,23 +292,42 @@ def test_compile_with_lora_matches_eager(scope):
     assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(*losses)), losses
 
 
+def _lora_plan_cfg(plan: str, tmp_path, **over):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    return load_train_config({"model": "tiny", "seq_len": 64, "global_batch": 8, "micro_batch": 4, "steps": 1,
+                              "warmup_steps": 0, "out_dir": str(tmp_path / "r"), "plan": str(root / "configs/plans" / plan),
+                              "lora": {}, **over})
+
+
 @pytest.mark.parametrize("plan, over, field", [
-    ("tiny-tp2.yaml", {}, "layers[0].tp=2"), ("tiny-pp2.yaml", {}, "pipeline.degree=2"),
+    ("tiny-tp2.yaml", {"tp_backend": "megatron"}, "tp_backend='megatron'"),
+    ("tiny-moe-ep2.yaml", {"model": "tiny-moe"}, "layers[0].ep=2"),
     ("tiny-dp2.yaml", {"dp_backend": "deepspeed"}, "dp_backend='deepspeed'"),
     ("tiny-dp2.yaml", {"compile": True}, "compile=True")])
 def test_unsupported_distributed_layouts_are_refused_in_one_line(plan, over, field, tmp_path, monkeypatch):
-    from pathlib import Path
-
     monkeypatch.setenv("WORLD_SIZE", "2")
-    if over.get("dp_backend") == "deepspeed":
-        monkeypatch.setattr("meshwright.train.build._installed", lambda m: True)
-    root = Path(__file__).resolve().parents[2]
-    cfg = load_train_config({"model": "tiny", "seq_len": 64, "global_batch": 8, "micro_batch": 4, "steps": 1,
-                             "warmup_steps": 0, "out_dir": str(tmp_path / "r"), "plan": str(root / "configs/plans" / plan),
-                             "lora": {}, **over})
+    monkeypatch.setattr("meshwright.train.build._installed", lambda m: True)
     with pytest.raises(ConfigError) as exc:
-        build_runtime(cfg)
+        build_runtime(_lora_plan_cfg(plan, tmp_path, **over))
     assert str(exc.value).startswith(field) and "lora" in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("plan", ["tiny-tp2.yaml", "tiny-pp2.yaml", "tiny-dp2-tp2.yaml", "tiny-pp2-dp2.yaml"])
+def test_lora_runs_tensor_and_pipeline_parallel_plans(plan, tmp_path, monkeypatch):
+    """tp (+sp), pp and their dp mixes pass check_lora_layout (parity: tests/distributed/parity_2rank.py and
+    parity_4rank.py): without a process group the refusal is the one asking for torchrun, not one about lora."""
+    from meshwright.plan import load_plan
+
+    path = _lora_plan_cfg(plan, tmp_path).plan
+    loaded = load_plan(path)
+    monkeypatch.setenv("WORLD_SIZE", str(loaded.world_size()))
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(ConfigError, match=r"^plan=.*launch it with torchrun") as exc:
+        build_runtime(_lora_plan_cfg(plan, tmp_path, micro_batch=loaded.micro_batch))
+    assert "lora" not in str(exc.value).replace(str(path), "")
 
 
 def test_planner_counts_lora_states_and_plans_only_layouts_lora_runs():

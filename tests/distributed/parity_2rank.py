@@ -75,7 +75,9 @@ LORA_CASES = {
     "lora_tp2": (plan(uniform(tp=2)), LORA),
     "lora_tp2_sp": (plan(uniform(tp=2, sp=True)), LORA),
     "lora_pp2_1f1b": (plan(uniform(), pipeline={"degree": 2, "schedule": "1f1b", "microbatches": 4}), LORA),
+    "lora_tp2_sp_gemma": (plan(uniform(tp=2, sp=True)), LORA),  # q/k head norms, post norms (sequence-split): frozen
 }
+LORA_MODELS = {"lora_tp2_sp_gemma": GEMMA_CFG}  # the others train CFG
 # where the adapters of a column-parallel (wq, w1) and a row-parallel (wo, w2) linear live under tp
 LORA_TP_PLACEMENTS = {"attention.wq.lora_A": "R", "attention.wq.lora_B": "S(0)", "attention.wo.lora_A": "S(1)",
                       "attention.wo.lora_B": "R", "feed_forward.w1.lora_A": "R", "feed_forward.w1.lora_B": "S(0)",
@@ -96,11 +98,11 @@ def save_and_resume(rt, make_resumed, ref: list[dict], path: str) -> dict:
     res2.pop("opt")
     return {"ok": res["ok"] and res2["ok"], "save": res, "resume": res2}
 
-def lora_model(lora: dict):
+def lora_model(lora: dict, cfg=CFG):
     from meshwright.config import LoraConfig
     from meshwright.memory.lora import apply_lora_config
 
-    model = build_model(CFG, seed=SEED)
+    model = build_model(cfg, seed=SEED)
     apply_lora_config(model, LoraConfig(**lora), SEED)
     return model
 
@@ -115,9 +117,9 @@ def write_lora_run_files(run: Path, lora: dict) -> None:
     write_yaml(CFG, run / "model.yaml")
 
 
-def lora_reference(lora: dict, steps: int = 4, model=None) -> list[dict]:
+def lora_reference(lora: dict, steps: int = 4, model=None, cfg=CFG) -> list[dict]:
     """One process, the trainer's optimizer groups over the trainable parameters only; grads of those only."""
-    model = model or lora_model(lora)
+    model = model or lora_model(lora, cfg)
     opt = make_opt([{"params": [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]},
                     {"params": [p for p in model.parameters() if p.requires_grad and p.dim() < 2], "weight_decay": 0.0}])
     out = []
@@ -133,13 +135,13 @@ def lora_reference(lora: dict, steps: int = 4, model=None) -> list[dict]:
     return out
 
 
-def check_lora_case(name: str, pd: dict, lora: dict, ref: list[dict], steps: int = STEPS) -> dict:
+def check_lora_case(name: str, pd: dict, lora: dict, ref: list[dict], steps: int = STEPS, cfg=CFG) -> dict:
     """One LoRA layout against the one-process ``ref``: loss, first-step gradients and grad norm (check_runtime),
     gradients on exactly this rank's trainable parameters, an optimizer holding only those, and under tp the
     adapters' placements (LORA_TP_PLACEMENTS)."""
     from meshwright.config import LoraConfig
 
-    rt = DistributedRuntime(CFG, plan_from_dict(pd), seed=SEED, lora=LoraConfig(**lora))
+    rt = DistributedRuntime(cfg, plan_from_dict(pd), seed=SEED, lora=LoraConfig(**lora))
     res = check_runtime(rt, ref, steps=steps)
     opt = res.pop("opt")
     rt.forward_backward(shard(0, rt.dp_rank, rt.dp_size))  # which parameters get a gradient at all
@@ -170,9 +172,10 @@ def lora_cases(report: Report, only: set | None, rank: int, out: str | None = No
         if only and name not in only:
             continue
         try:
-            key = json.dumps(lora, sort_keys=True)
-            ref = refs[key] = refs.get(key) or lora_reference(lora)
-            res = check_lora_case(name, pd, lora, ref)
+            cfg = LORA_MODELS.get(name, CFG)
+            key = cfg.name + json.dumps(lora, sort_keys=True)
+            ref = refs[key] = refs.get(key) or lora_reference(lora, cfg=cfg)
+            res = check_lora_case(name, pd, lora, ref, cfg=cfg)
         except Exception as e:
             res = failure(f"case {name}", e)
         report.add(name, res["ok"], res)

@@ -31,7 +31,7 @@ TWO_RANK = {"dp2_ddp", "dp2_zero1", "dp2_zero2_fsdp", "dp2_zero3_fsdp", "tp2_dte
             "deepspeed-fp32-accum_zero1_state_bytes", "deepspeed_fp32_zero0_state_bytes", "deepspeed_fp32_zero1_state_bytes",
             "deepspeed_fp32_zero2_state_bytes", "deepspeed_fp32_zero3_state_bytes", "deepspeed_pp2_zero0_state_bytes",
             "tp2_dtensor_qk_norm", "tp2_megatron_qk_norm", "tp2_sp_qk_norm", "lora_dp2_ddp", "lora_dp2_zero1", "lora_dp2_zero2_fsdp",
-            "lora_dp2_zero3_fsdp", "lora_ckpt_zero3_to_ddp", "lora_tp2", "lora_tp2_sp", "lora_pp2_1f1b",
+            "lora_dp2_zero3_fsdp", "lora_ckpt_zero3_to_ddp", "lora_tp2", "lora_tp2_sp", "lora_pp2_1f1b", "lora_tp2_sp_gemma",
             "lora_ckpt_tp2_to_ddp", "tp2_dtensor_gemma",
             "tp2_megatron_gemma", "tp2_sp_gemma"}
 

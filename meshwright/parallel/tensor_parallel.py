@@ -6,6 +6,10 @@ norms run sequence-parallel (activations split on the sequence dim between the m
 all-reduces become all-gather + reduce-scatter pairs. The block takes and returns a plain,
 tp-replicated tensor so neighbouring layers with other layouts need not know about DTensor.
 
+LoRA adapters (``memory/lora.py``) are sharded with their base linear as PEFT/Megatron shard them
+(``LoraColwiseParallel``/``LoraRowwiseParallel``; plain linears are sharded exactly as torch's styles do), and a frozen
+base stays frozen through ``SequenceParallel``, which re-registers the norms' weights.
+
 Qwen3's q/k head norms stay plain, tp-replicated weights applied to each rank's own heads (the local output of
 the column-parallel wq/wk, with or without ``sp``): their gradients are partial sums over those heads, summed over
 the tp group in backward (``HeadNorm.grad_group``, set by ``share_head_norm_grads``).
@@ -41,8 +45,8 @@ def _distribute(module: nn.Module, mesh: DeviceMesh, placements: dict[str, Place
 class LoraColwiseParallel(ColwiseParallel):
     """``ColwiseParallel`` that also shards a LoRA adapter as PEFT/Megatron do for a column-parallel base: B
     column-sharded with the weight (Shard(0) of out x r), A replicated (r x in, the input is replicated), so the
-    adapter's output is sharded like the base's and needs no communication. A's gradient is a partial sum over the
-    tp ranks' output columns; DTensor reduces it to A's Replicate placement in backward."""
+    adapter's output is sharded like the base's and needs no communication. A's gradient comes out of backward as a
+    Partial DTensor (a sum over the tp ranks' output columns), summed by ``runtime.reduce_partial_grads``."""
 
     def _partition_linear_fn(self, name, module, device_mesh):  # type: ignore[no-untyped-def]
         if not isinstance(module, LoRALinear):
@@ -54,7 +58,8 @@ class LoraColwiseParallel(ColwiseParallel):
 class LoraRowwiseParallel(RowwiseParallel):
     """``RowwiseParallel`` with a LoRA adapter sharded for a row-parallel base: A row-sharded on the input dim
     (Shard(1) of r x in, like the weight), B replicated; the adapter's output is then a partial sum like the base's
-    and both are reduced by the base's one all-reduce (or reduce-scatter under sp)."""
+    and both are reduced by the base's one all-reduce (or reduce-scatter under sp). B's gradient is Partial like
+    A's above (``runtime.reduce_partial_grads``)."""
 
     def _partition_linear_fn(self, name, module, device_mesh):  # type: ignore[no-untyped-def]
         if not isinstance(module, LoRALinear):
@@ -91,8 +96,10 @@ def _apply_tp(block: nn.Module, tp_mesh: DeviceMesh, sp: bool) -> nn.Module:
     if isinstance(mlp, MoE):
         if sp:
             raise invalid("sp", True, "false on MoE layers (experts need tp-replicated tokens)")
-        return parallelize_module(block, tp_mesh, {"attention.wq": LoraColwiseParallel(), "attention.wk": LoraColwiseParallel(),
-                                                   "attention.wv": LoraColwiseParallel(), "attention.wo": LoraRowwiseParallel()})
+        return parallelize_module(block, tp_mesh, {"attention.wq": LoraColwiseParallel(),
+                                                   "attention.wk": LoraColwiseParallel(),
+                                                   "attention.wv": LoraColwiseParallel(),
+                                                   "attention.wo": LoraRowwiseParallel()})
     has_w3 = hasattr(mlp, "w3")
     if not sp:
         plan: dict[str, object] = {

@@ -117,13 +117,14 @@ def write_lora_run_files(run: Path, lora: dict) -> None:
     write_yaml(CFG, run / "model.yaml")
 
 
-def lora_reference(lora: dict, steps: int = 4, model=None, cfg=CFG) -> list[dict]:
+def lora_reference(lora: dict, steps: int = 4, model=None, cfg=CFG, opt=None, start: int = 0) -> list[dict]:
     """One process, the trainer's optimizer groups over the trainable parameters only; grads of those only."""
     model = model or lora_model(lora, cfg)
-    opt = make_opt([{"params": [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]},
-                    {"params": [p for p in model.parameters() if p.requires_grad and p.dim() < 2], "weight_decay": 0.0}])
+    opt = opt or make_opt([{"params": [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]},
+                           {"params": [p for p in model.parameters() if p.requires_grad and p.dim() < 2],
+                            "weight_decay": 0.0}])
     out = []
-    for step in range(steps):
+    for step in range(start, start + steps):
         x, y = batch(step)
         loss = lm_loss(model(x), y)
         loss.backward()

@@ -4,7 +4,7 @@ Two launches: 4 ranks (2-D/3-D layouts, a checkpoint written under dp2·tp2 and 
 pp2·dp2) and 2 ranks (all 2-device layouts incl. DeepSpeed ZeRO-1/2/3, and the same checkpoint
 resumed under pp2; LoRA under DDP, FSDP2, DTensor tp2 (+sp) and pp2 -- on 4 ranks tp2 x dp2 and pp2 x dp2 -- with
 ZeRO-3 and tp2 LoRA checkpoints resumed under DDP). The checkpoint is also resumed here in one process, and the tp2
-LoRA checkpoint exported (--hf, --peft) beside the same run trained in one process. Tolerance: relative L2
+LoRA checkpoint resumed in one process and exported (--hf, --peft) beside the same run trained in one process. Tolerance: relative L2
 error <= 1e-5 for loss, full gradients (keyed by the plain model's names) and the global grad norm.
 """
 
@@ -158,3 +158,30 @@ def test_lora_tp2_export_equals_one_process_export(two_rank, tmp_path) -> None:
                     assert rel(ta[k], tb[k]) <= 1e-4, (f.name, k, rel(ta[k], tb[k]))
     peft = load_file(str(outs["tp2"][1] / "adapter_model.safetensors"))
     assert len(peft) == 2 * 7 * 4 and all(v.abs().max() > 0 for v in peft.values())  # A and B of 7 linears x 4 layers
+
+
+@pytest.mark.timeout(120)
+def test_lora_tp2_checkpoint_resumes_in_one_process(two_rank) -> None:
+    """The tp2 LoRA checkpoint (adapters as DTensor shards, AdamW moments of the adapters only) loads into the plain
+    one-process LoRA model and continues the one-process trajectory (steps 3-4, loss within 1e-5)."""
+    import torch
+    from parity_2rank import LORA, LORA_RUN, lora_model, lora_reference
+    from parity_lib import RTOL, make_opt, rel
+
+    from meshwright.train.checkpoint import load_runtime
+    from meshwright.train.local_runtime import LocalRuntime
+
+    _, d = two_rank
+    ref = lora_reference(LORA, steps=4)
+    model = lora_model(LORA)
+    with torch.no_grad():  # other adapters than the run's: the checkpoint must overwrite them
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5)
+    rt = LocalRuntime(model)
+    opt = rt.build_optimizer(make_opt)
+    meta = load_runtime(d / LORA_RUN / "ckpt" / "step_000002", rt, opt)
+    assert meta["step"] == 2
+    resumed = lora_reference(LORA, steps=2, model=model, opt=opt, start=2)
+    for a, b in zip(resumed, ref[2:]):
+        assert rel(a["loss"], b["loss"]) <= RTOL, (a["loss"], b["loss"])

@@ -122,6 +122,17 @@ def install_shard_optimizer_hooks(optimizer: torch.optim.Optimizer, shards: dict
     optimizer.register_load_state_dict_pre_hook(pre)
 
 
+def reduce_partial_grads(params: Iterable[nn.Parameter]) -> None:
+    """Sum the tp-partial gradients DTensor leaves on replicated parameters (LoRA's A of a column-parallel linear
+    and B of a row-parallel one, the sequence-parallel norms): their local pieces are partial sums, which the
+    grad norm (``_replicas``) would count as whole values; reduced here once, the norm, clipping and the optimizer
+    see the parameter's own (Replicate) placement."""
+    for p in params:
+        g = p.grad
+        if isinstance(g, DTensor) and any(pl.is_partial() for pl in g.placements):
+            p.grad = g.redistribute(g.device_mesh, p.placements)
+
+
 def apply_plan_savers(model: Decoder, plan: Plan, seed: int) -> dict[str, list[int]]:
     """Apply the Plan's per-layer memory savers to the plain model, before any parallel wrapper.
 
@@ -178,9 +189,13 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         (models/init.py; ``auto``: keyed on CUDA, the CPU stream elsewhere), the one-process model's for the
         same seed. ``loss_chunk_tokens`` > 0: the last stage's head + loss per chunk of tokens (no full logits).
         ``lora``: a ``LoraConfig``: adapters on the plain (meta) model before the layout, base frozen, drawn after the
-        base as the one-process model draws them (data parallelism only: train/build.py ``check_lora_layout``).
+        base as the one-process model draws them; under dp, DTensor tp (+sp; parallel/tensor_parallel.py shards A and
+        B) and pp (each stage holds its layers' adapters), not megatron-core tp or ep (train/build.py ``check_lora_layout``).
         ``grow_positions``: init_from's GPT-2 ``wpe`` shorter than max_seq_len grows by that rule (models/positions.py)."""
         cfg = load_model_config(model_cfg)
+        if lora is not None and tp_backend == "megatron" and any(s.tp > 1 for s in plan.layer_strategies()):
+            raise invalid("tp_backend", tp_backend, "dtensor with lora and tp > 1 (megatron-core's parallel linears "
+                          "replace the adapted nn.Linear and carry no adapters)")
         self.precision = precision or PrecisionPolicy()
         self.compute_dtype = self.precision.compute_dtype
         self.cfg, self.plan, self.tp_backend = cfg, plan, tp_backend
@@ -377,6 +392,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
                 p.grad = torch.zeros_like(p)
         for params, group, scale in self._manual:
             all_reduce_grads(params, group, scale)
+        reduce_partial_grads(self._params)
         with torch.no_grad():
             for params, factor in self._post_scale:
                 for p in params:

@@ -194,25 +194,23 @@ def check_memory(model_cfg: ModelConfig, world_size: int, available: int | None 
 
 
 def check_lora_layout(cfg: TrainConfig, plan: Plan) -> None:
-    """What the distributed runtime runs with ``lora:``: data parallelism (DDP, FSDP2 at ZeRO-2/3, ZeRO-1) of the
-    torch backend, tested for parity with one process (eager; compile is tested in one process). Tensor, pipeline and
-    expert parallelism would shard or cut the adapters in ways no test covers yet, FP8 GEMMs replace the adapted
-    linears' matmuls: refused in one line."""
+    """What the distributed runtime runs with ``lora:``, each tested for parity with one process (eager; compile is
+    tested in one process): data parallelism (DDP, FSDP2 at ZeRO-2/3, ZeRO-1) of the torch backend, DTensor tensor
+    parallelism (+sp; A and B sharded as PEFT/Megatron do, parallel/tensor_parallel.py) and pipeline stages, alone
+    or with dp. Refused in one line: megatron-core's parallel linears (they replace the adapted nn.Linear and would
+    drop its adapters), expert parallelism, and FP8 GEMMs (they replace the adapted linears' matmuls)."""
     strategies = plan.layer_strategies()
     if cfg.compile:
         raise invalid("compile", True, "false with lora under the distributed runtime (compiled LoRA blocks are tested "
                       "in one process only)")
     if cfg.dp_backend != "torch":
         raise invalid("dp_backend", cfg.dp_backend, "torch with lora (DistributedRuntime applies the adapters)")
-    if plan.pipeline.degree > 1:
-        raise invalid("pipeline.degree", plan.pipeline.degree, "1 with lora (pipeline stages are not tested with "
-                      "adapters: use data parallelism, e.g. a plan with dp only)")
+    if cfg.tp_backend != "dtensor" and any(s.tp > 1 for s in strategies):
+        raise invalid("tp_backend", cfg.tp_backend, "dtensor with lora and tp > 1 (megatron-core's parallel linears "
+                      "replace the adapted nn.Linear and carry no adapters)")
     for i, s in enumerate(strategies):
-        if s.tp > 1:
-            raise invalid(f"layers[{i}].tp", s.tp, "1 with lora (tensor parallelism would shard A and B like the base "
-                          "weight; the adapted model is small: use dp instead)")
         if s.ep > 1:
-            raise invalid(f"layers[{i}].ep", s.ep, "1 with lora (use dp instead)")
+            raise invalid(f"layers[{i}].ep", s.ep, "1 with lora (use dp or tp instead)")
         if s.savers.fp8_act:
             raise invalid(f"layers[{i}].savers.fp8_act", s.savers.fp8_act, "false with lora (FP8 GEMMs replace the "
                           "adapted linears' matmuls)")

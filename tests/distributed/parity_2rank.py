@@ -73,7 +73,18 @@ LORA_CASES = {
     "lora_dp2_zero1": (plan(uniform(dp=2, zero=1)), LORA),
     "lora_dp2_zero2_fsdp": (plan(uniform(dp=2, zero=2)), LORA),
     "lora_dp2_zero3_fsdp": (plan(uniform(dp=2, zero=3), embedding={"zero": 3}), {**LORA, "modules_to_save": ["output"]}),
+    # tensor parallelism (DTensor, +sp) and pipeline stages: A/B sharded as PEFT/Megatron do, adapters on their stage
+    "lora_tp2": (plan(uniform(tp=2)), LORA),
+    "lora_tp2_sp": (plan(uniform(tp=2, sp=True)), LORA),
+    "lora_pp2_1f1b": (plan(uniform(), pipeline={"degree": 2, "schedule": "1f1b", "microbatches": 4}), LORA),
+    "lora_tp2_sp_gemma": (plan(uniform(tp=2, sp=True)), LORA),  # q/k head norms, post norms (sequence-split): frozen
 }
+LORA_MODELS = {"lora_tp2_sp_gemma": GEMMA_CFG}  # the others train CFG
+# where the adapters of a column-parallel (wq, w1) and a row-parallel (wo, w2) linear live under tp
+LORA_TP_PLACEMENTS = {"attention.wq.lora_A": "R", "attention.wq.lora_B": "S(0)", "attention.wo.lora_A": "S(1)",
+                      "attention.wo.lora_B": "R", "feed_forward.w1.lora_A": "R", "feed_forward.w1.lora_B": "S(0)",
+                      "feed_forward.w2.lora_A": "S(1)", "feed_forward.w2.lora_B": "R"}  # str() of DTensor placements
+LORA_RUN = "lora_tp2_run"  # beside the report: the tp2 LoRA checkpoint, for the export test in test_parallel_runtime.py
 
 
 
@@ -98,22 +109,33 @@ def lora_scope(lora: dict, seed: int, rt):
     return AdapterScope.for_run(TrainConfig(seed=seed, lora=LoraConfig(**lora)), CFG, rt.init, rt.device.type)
 
 
-def lora_model(lora: dict):
+def lora_model(lora: dict, cfg=CFG):
     from meshwright.config import LoraConfig
     from meshwright.memory.lora import apply_lora_config
 
-    model = build_model(CFG, seed=SEED)
+    model = build_model(cfg, seed=SEED)
     apply_lora_config(model, LoraConfig(**lora), SEED)
     return model
 
 
-def lora_reference(lora: dict, steps: int = 4) -> list[dict]:
+def write_lora_run_files(run: Path, lora: dict) -> None:
+    """config.yaml and model.yaml of a LoRA run of CFG, as run_training writes them: what ``meshwright export`` reads."""
+    from meshwright.config import TrainConfig
+    from meshwright.config.io import from_dict, to_dict, write_yaml
+
+    run.mkdir(parents=True, exist_ok=True)
+    write_yaml(from_dict(TrainConfig, {"model": to_dict(CFG), "seq_len": 16, "seed": SEED, "lora": lora}), run / "config.yaml")
+    write_yaml(CFG, run / "model.yaml")
+
+
+def lora_reference(lora: dict, steps: int = 4, model=None, cfg=CFG, opt=None, start: int = 0) -> list[dict]:
     """One process, the trainer's optimizer groups over the trainable parameters only; grads of those only."""
-    model = lora_model(lora)
-    opt = make_opt([{"params": [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]},
-                    {"params": [p for p in model.parameters() if p.requires_grad and p.dim() < 2], "weight_decay": 0.0}])
+    model = model or lora_model(lora, cfg)
+    opt = opt or make_opt([{"params": [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]},
+                           {"params": [p for p in model.parameters() if p.requires_grad and p.dim() < 2],
+                            "weight_decay": 0.0}])
     out = []
-    for step in range(steps):
+    for step in range(start, start + steps):
         x, y = batch(step)
         loss = lm_loss(model(x), y)
         loss.backward()
@@ -125,9 +147,37 @@ def lora_reference(lora: dict, steps: int = 4) -> list[dict]:
     return out
 
 
-def lora_cases(report: Report, only: set | None, rank: int, keep_dir: str | None = None) -> None:
-    """The LoRA layouts, then a zero3 checkpoint (adapters + AdamW state) resumed under DDP for steps 3-4; with
-    ``keep_dir`` that checkpoint is kept there (``lora_adapter_ckpt``) for the test to resume in one process."""
+def check_lora_case(name: str, pd: dict, lora: dict, ref: list[dict], steps: int = STEPS, cfg=CFG) -> dict:
+    """One LoRA layout against the one-process ``ref``: loss, first-step gradients and grad norm (check_runtime),
+    gradients on exactly this rank's trainable parameters, an optimizer holding only those, and under tp the
+    adapters' placements (LORA_TP_PLACEMENTS)."""
+    from meshwright.config import LoraConfig
+
+    rt = DistributedRuntime(cfg, plan_from_dict(pd), seed=SEED, lora=LoraConfig(**lora))
+    res = check_runtime(rt, ref, steps=steps)
+    opt = res.pop("opt")
+    rt.forward_backward(shard(0, rt.dp_rank, rt.dp_size))  # which parameters get a gradient at all
+    grads = full_grads(rt)
+    mine = dict(rt.model.named_parameters())  # this rank's stages' parameters (all of them without pp)
+    res["grad_names"] = len(grads)
+    # nothing frozen got a gradient, every trainable parameter of this rank's stages did
+    res["ok"] = res["ok"] and set(grads) == {n for n in ref[0]["grads"] if n in mine}
+    # the optimizer holds this rank's trainable parameters only
+    held = {id(p) for group in opt.param_groups for p in group["params"]}
+    res["opt_params_ok"] = held == {id(p) for p in mine.values() if p.requires_grad} if not rt.zero1 else True
+    res["ok"] = res["ok"] and res["opt_params_ok"]
+    if "tp2" in name:  # A replicated / B column-sharded on column-parallel bases, the converse on row-parallel (the
+        # tp placement: the last one on a (dp, tp) FSDP mesh)
+        res["placements"] = {k: str(mine[f"layers.1.{k}"].placements[-1]) for k in LORA_TP_PLACEMENTS}
+        res["ok"] = res["ok"] and res["placements"] == LORA_TP_PLACEMENTS
+    rt.close()
+    return res
+
+
+def lora_cases(report: Report, only: set | None, rank: int, out: str | None = None) -> None:
+    """The LoRA layouts, then a zero3 adapter-only checkpoint (adapters + AdamW state) and a tp2 checkpoint resumed
+    under DDP for steps 3-4; both are kept beside ``out`` (``lora_adapter_ckpt``, and the tp2 one as a run directory
+    for the export test) for test_parallel_runtime.py to resume in one process."""
     from meshwright.config import LoraConfig
 
     refs: dict = {}
@@ -135,16 +185,10 @@ def lora_cases(report: Report, only: set | None, rank: int, keep_dir: str | None
         if only and name not in only:
             continue
         try:
-            key = json.dumps(lora, sort_keys=True)
-            ref = refs[key] = refs.get(key) or lora_reference(lora)
-            rt = DistributedRuntime(CFG, plan_from_dict(pd), seed=SEED, lora=LoraConfig(**lora))
-            res = check_runtime(rt, ref)
-            res.pop("opt")
-            rt.forward_backward(shard(0, rt.dp_rank, rt.dp_size))  # which parameters get a gradient at all
-            grads = full_grads(rt)
-            res["grad_names"] = len(grads)
-            res["ok"] = res["ok"] and set(grads) == set(ref[0]["grads"])  # nothing frozen got a gradient
-            rt.close()
+            cfg = LORA_MODELS.get(name, CFG)
+            key = cfg.name + json.dumps(lora, sort_keys=True)
+            ref = refs[key] = refs.get(key) or lora_reference(lora, cfg=cfg)
+            res = check_lora_case(name, pd, lora, ref, cfg=cfg)
         except Exception as e:
             res = failure(f"case {name}", e)
         report.add(name, res["ok"], res)
@@ -155,7 +199,7 @@ def lora_cases(report: Report, only: set | None, rank: int, keep_dir: str | None
         try:
             pd, lora = LORA_CASES["lora_dp2_zero3_fsdp"]
             ref = lora_reference(lora)
-            box = [(keep_dir or tempfile.mkdtemp()) if rank == 0 else None]
+            box = [(str(Path(out).parent) if out else tempfile.mkdtemp()) if rank == 0 else None]
             dist.broadcast_object_list(box)
             path = f"{box[0]}/lora_adapter_ckpt"
             rt = DistributedRuntime(CFG, plan_from_dict(pd), seed=SEED, lora=LoraConfig(**lora))
@@ -180,6 +224,24 @@ def lora_cases(report: Report, only: set | None, rank: int, keep_dir: str | None
         except Exception as e:
             res = failure("lora ckpt", e)
         report.add("lora_ckpt_zero3_to_ddp", res["ok"], res)
+        dist.barrier()
+    if only is None or "lora_ckpt_tp2_to_ddp" in only:  # a tp2 LoRA checkpoint (DTensor A/B shards) resumed under DDP
+        import tempfile
+
+        try:
+            pd, lora = LORA_CASES["lora_tp2"]
+            ref = lora_reference(lora)
+            box = [str(Path(out).parent / LORA_RUN) if out else tempfile.mkdtemp() if rank == 0 else None]
+            dist.broadcast_object_list(box)
+            if rank == 0:  # a run directory `meshwright export` reads (test_parallel_runtime.py exports it)
+                write_lora_run_files(Path(box[0]), lora)
+            rt = DistributedRuntime(CFG, plan_from_dict(pd), seed=SEED, lora=LoraConfig(**lora))
+            res = save_and_resume(rt, lambda: DistributedRuntime(CFG, plan_from_dict(LORA_CASES["lora_dp2_ddp"][0]),
+                                                                 seed=99, lora=LoraConfig(**lora)), ref,
+                                  f"{box[0]}/ckpt/step_000002")
+        except Exception as e:
+            res = failure("lora tp2 ckpt", e)
+        report.add("lora_ckpt_tp2_to_ddp", res["ok"], res)
         dist.barrier()
 
 
@@ -250,7 +312,7 @@ def main() -> None:
             res = failure(f"case {name}", e)
         report.add(name, res["ok"], res)
         dist.barrier()
-    lora_cases(report, only, rank, str(Path(out).parent) if out else None)
+    lora_cases(report, only, rank, out)
     if only is None or "zero2_gathers_once_per_step" in only:
         report.add("zero2_gathers_once_per_step", *zero2_gather_counts())
         dist.barrier()

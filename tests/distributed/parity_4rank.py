@@ -29,6 +29,14 @@ CASES = {
 }
 
 
+# LoRA on 2-D layouts: tp2 x dp2 (FSDP2 ZeRO-3 over dp, DTensor tp, A/B as parity_2rank.LORA_TP_PLACEMENTS) and
+# pp2 x dp2 (each stage's adapters, their gradients all-reduced over its dp pair), against one process
+LORA_CASES = {
+    "lora_tp2_dp2_fsdp": plan(uniform(tp=2, dp=2, zero=3)),
+    "lora_pp2_dp2": plan(uniform(dp=2), pipeline=PP2),
+}
+
+
 def shard_mesh_dims(rt, layer: int) -> list[int]:
     """Sizes of the mesh layer ``layer``'s first weight is a DTensor on (HSDP: [replicas, shard])."""
     p = next(p for n, p in rt.model.named_parameters() if n.startswith(f"layers.{layer}.") and p.dim() == 2)
@@ -51,6 +59,19 @@ def main() -> None:
             if name == "hsdp_plan_per_layer":  # layers 0-2 replicate x shard(2), layer 3 shards over all 4
                 res["shard_mesh_dims"] = [shard_mesh_dims(rt, i) for i in range(4)]
                 res["ok"] = res["ok"] and res["shard_mesh_dims"] == [[2, 2], [2, 2], [2, 2], [4]]
+        except Exception as e:
+            res = failure(f"case {name}", e)
+        report.add(name, res["ok"], res)
+        dist.barrier()
+    from parity_2rank import LORA, check_lora_case, lora_reference
+
+    lora_ref = None
+    for name, pd in LORA_CASES.items():
+        if only and name not in only:
+            continue
+        try:
+            lora_ref = lora_ref or lora_reference(LORA)
+            res = check_lora_case(name, pd, LORA, lora_ref, steps=2)
         except Exception as e:
             res = failure(f"case {name}", e)
         report.add(name, res["ok"], res)

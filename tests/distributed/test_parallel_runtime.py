@@ -2,8 +2,9 @@
 
 Two launches: 4 ranks (2-D/3-D layouts, a checkpoint written under dp2·tp2 and resumed under
 pp2·dp2) and 2 ranks (all 2-device layouts incl. DeepSpeed ZeRO-1/2/3, and the same checkpoint
-resumed under pp2; LoRA under DDP and FSDP2 with an adapter-only ZeRO-3 LoRA checkpoint resumed under DDP). The
-checkpoints are also resumed here in one process. Tolerance: relative L2
+resumed under pp2; LoRA under DDP, FSDP2, DTensor tp2 (+sp) and pp2 -- on 4 ranks tp2 x dp2 and pp2 x dp2 -- with
+an adapter-only ZeRO-3 and a tp2 LoRA checkpoint resumed under DDP). The checkpoint is also resumed here in one process, and the tp2
+LoRA checkpoint resumed in one process and exported (--hf, --peft) beside the same run trained in one process. Tolerance: relative L2
 error <= 1e-5 for loss, full gradients (keyed by the plain model's names) and the global grad norm.
 """
 
@@ -21,7 +22,7 @@ sys.path.insert(0, str(HERE))
 
 FOUR_RANK = {"dp2_tp2_fsdp", "dp2_tp2_sp_zero0", "dp2_tp2_megatron", "pp2_tp2", "pp2_dp2",
              "pp2_layerwise_dp2_zero2_tp2", "ckpt_dp2tp2_to_pp2dp2",
-             "hsdp_dp4_shard2", "hsdp_dp2x_tp2_zero2", "hsdp_plan_per_layer"}
+             "hsdp_dp4_shard2", "hsdp_dp2x_tp2_zero2", "hsdp_plan_per_layer", "lora_tp2_dp2_fsdp", "lora_pp2_dp2"}
 TWO_RANK = {"dp2_ddp", "dp2_zero1", "dp2_zero2_fsdp", "dp2_zero3_fsdp", "tp2_dtensor", "tp2_megatron", "tp2_sp",
             "pp2_1f1b", "pp2_gpipe", "pp2_interleaved", "layerwise_tp_zero_mix", "recompute_full_dp2",
             "recompute_selective_tp2", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "ckpt_dp2tp2_to_pp2",
@@ -30,7 +31,8 @@ TWO_RANK = {"dp2_ddp", "dp2_zero1", "dp2_zero2_fsdp", "dp2_zero3_fsdp", "tp2_dte
             "deepspeed-fp32-accum_zero1_state_bytes", "deepspeed_fp32_zero0_state_bytes", "deepspeed_fp32_zero1_state_bytes",
             "deepspeed_fp32_zero2_state_bytes", "deepspeed_fp32_zero3_state_bytes", "deepspeed_pp2_zero0_state_bytes",
             "tp2_dtensor_qk_norm", "tp2_megatron_qk_norm", "tp2_sp_qk_norm", "lora_dp2_ddp", "lora_dp2_zero1", "lora_dp2_zero2_fsdp",
-            "lora_dp2_zero3_fsdp", "lora_ckpt_zero3_to_ddp", "tp2_dtensor_gemma",
+            "lora_dp2_zero3_fsdp", "lora_ckpt_zero3_to_ddp", "lora_tp2", "lora_tp2_sp", "lora_pp2_1f1b", "lora_tp2_sp_gemma",
+            "lora_ckpt_tp2_to_ddp", "tp2_dtensor_gemma",
             "tp2_megatron_gemma", "tp2_sp_gemma"}
 
 
@@ -58,12 +60,18 @@ def test_four_rank_layouts_match_one_process(four_rank) -> None:
     assert all(c["ok"] for c in report.values()), _failures(report)
 
 
-@pytest.mark.timeout(900)
-def test_two_rank_layouts_match_one_process_and_resume_under_pp2(four_rank, tmp_path) -> None:
+@pytest.fixture(scope="module")
+def two_rank(four_rank, tmp_path_factory) -> tuple[dict, Path]:
+    """The 2-rank launch's report and its directory (the tp2 LoRA run, parity_2rank.LORA_RUN, lies there)."""
     _, ckpt = four_rank
-    out = tmp_path / "report.json"
+    out = tmp_path_factory.mktemp("p2") / "report.json"
     run_torchrun(HERE / "parity_2rank.py", 2, [str(out), "", str(ckpt)], timeout=420)
-    report = read_json(out)
+    return read_json(out), out.parent
+
+
+@pytest.mark.timeout(900)
+def test_two_rank_layouts_match_one_process_and_resume_under_pp2(two_rank) -> None:
+    report, _ = two_rank
     assert set(report) == TWO_RANK
     assert all(c["ok"] for c in report.values()), _failures(report)
     # ZeRO-1/2/3 really shard the optimizer states: each rank holds about half of DDP's Adam states
@@ -128,5 +136,78 @@ def test_checkpoint_from_dp2tp2_resumes_in_one_process(four_rank) -> None:
     meta = load_runtime(ckpt, LocalRuntime(model), opt)
     assert meta["step"] == 2
     resumed = reference(steps=2, model=model, opt=opt, start=2)
+    for a, b in zip(resumed, ref[2:]):
+        assert rel(a["loss"], b["loss"]) <= RTOL, (a["loss"], b["loss"])
+
+
+@pytest.mark.timeout(300)
+def test_lora_tp2_export_equals_one_process_export(two_rank, tmp_path) -> None:
+    """``export --hf`` and ``--peft`` of the tp2 LoRA checkpoint (DTensor shards of A and B, gathered by DCP) write
+    the files the same run trained in one process gives: the same names, the same JSON, the same tensor keys, shapes
+    and dtypes, values within 1e-4 relative per tensor (the two trajectories differ by reduction order only, ~1e-7 in
+    the gradients, but AdamW's first steps divide each gradient element by its own magnitude: after two steps a B
+    differs by up to 5.7e-6 here; the q/k B rows go through the same rotate-half permutation)."""
+    import json
+
+    from parity_2rank import LORA, LORA_RUN, lora_model, lora_reference, write_lora_run_files
+    from parity_lib import rel
+    from safetensors.torch import load_file
+
+    from meshwright.cli import main
+    from meshwright.train.checkpoint import save_runtime
+    from meshwright.train.local_runtime import LocalRuntime
+
+    report, d = two_rank
+    assert report["lora_ckpt_tp2_to_ddp"]["ok"]
+    tp_step = d / LORA_RUN / "ckpt" / "step_000002"
+    # the one-process run: the same two steps (parity_2rank.lora_reference), saved as the trainer saves
+    one = tmp_path / "one"
+    write_lora_run_files(one, LORA)
+    model = lora_model(LORA)
+    lora_reference(LORA, steps=2, model=model)
+    save_runtime(one / "ckpt" / "step_000002", LocalRuntime(model), None, meta={"step": 2})
+    outs = {}
+    for tag, step in (("tp2", tp_step), ("one", one / "ckpt" / "step_000002")):
+        outs[tag] = tmp_path / f"hf_{tag}", tmp_path / f"peft_{tag}"
+        assert main(["export", str(step), "--hf", str(outs[tag][0]), "--peft", str(outs[tag][1])]) == 0
+    for i in range(2):
+        a, b = outs["tp2"][i], outs["one"][i]
+        assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+        for f in a.iterdir():
+            if f.suffix == ".json":
+                assert json.loads(f.read_text()) == json.loads((b / f.name).read_text()), f.name
+            elif f.suffix == ".safetensors":
+                ta, tb = load_file(str(f)), load_file(str(b / f.name))
+                assert ta.keys() == tb.keys()
+                for k in ta:
+                    assert (ta[k].shape, ta[k].dtype) == (tb[k].shape, tb[k].dtype), k
+                    assert rel(ta[k], tb[k]) <= 1e-4, (f.name, k, rel(ta[k], tb[k]))
+    peft = load_file(str(outs["tp2"][1] / "adapter_model.safetensors"))
+    assert len(peft) == 2 * 7 * 4 and all(v.abs().max() > 0 for v in peft.values())  # A and B of 7 linears x 4 layers
+
+
+@pytest.mark.timeout(120)
+def test_lora_tp2_checkpoint_resumes_in_one_process(two_rank) -> None:
+    """The tp2 LoRA checkpoint (adapters as DTensor shards, AdamW moments of the adapters only) loads into the plain
+    one-process LoRA model and continues the one-process trajectory (steps 3-4, loss within 1e-5)."""
+    import torch
+    from parity_2rank import LORA, LORA_RUN, lora_model, lora_reference
+    from parity_lib import RTOL, make_opt, rel
+
+    from meshwright.train.checkpoint import load_runtime
+    from meshwright.train.local_runtime import LocalRuntime
+
+    _, d = two_rank
+    ref = lora_reference(LORA, steps=4)
+    model = lora_model(LORA)
+    with torch.no_grad():  # other adapters than the run's: the checkpoint must overwrite them
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5)
+    rt = LocalRuntime(model)
+    opt = rt.build_optimizer(make_opt)
+    meta = load_runtime(d / LORA_RUN / "ckpt" / "step_000002", rt, opt)
+    assert meta["step"] == 2
+    resumed = lora_reference(LORA, steps=2, model=model, opt=opt, start=2)
     for a, b in zip(resumed, ref[2:]):
         assert rel(a["loss"], b["loss"]) <= RTOL, (a["loss"], b["loss"])

@@ -22,7 +22,7 @@ from meshwright.errors import ConfigError  # noqa: E402
 from meshwright.memory.lora import LoRALinear, apply_lora_config, lora_state_bytes, merge_lora  # noqa: E402
 from meshwright.models import build_model, from_pretrained  # noqa: E402
 from meshwright.models.hf_weights import rotate_half_to_pairs  # noqa: E402
-from meshwright.train.build import build_runtime, check_memory, run_training  # noqa: E402
+from meshwright.train.build import build_runtime, check_lora_layout, check_memory, run_training  # noqa: E402
 from meshwright.train.checkpoint import latest_checkpoint  # noqa: E402
 from meshwright.train.hf_export import load_run_model  # noqa: E402
 from meshwright.train.local_runtime import LocalRuntime  # noqa: E402
@@ -292,28 +292,47 @@ def test_compile_with_lora_matches_eager(scope):
     assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(*losses)), losses
 
 
+def _lora_plan_cfg(plan: str, tmp_path, **over):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    return load_train_config({"model": "tiny", "seq_len": 64, "global_batch": 8, "micro_batch": 4, "steps": 1,
+                              "warmup_steps": 0, "out_dir": str(tmp_path / "r"), "plan": str(root / "configs/plans" / plan),
+                              "lora": {}, **over})
+
+
 @pytest.mark.parametrize("plan, over, field", [
-    ("tiny-tp2.yaml", {}, "layers[0].tp=2"), ("tiny-pp2.yaml", {}, "pipeline.degree=2"),
+    ("tiny-tp2.yaml", {"tp_backend": "megatron"}, "tp_backend='megatron'"),
+    ("tiny-moe-ep2.yaml", {"model": "tiny-moe"}, "layers[0].ep=2"),
     ("tiny-dp2.yaml", {"dp_backend": "deepspeed"}, "dp_backend='deepspeed'"),
     ("tiny-dp2.yaml", {"compile": True}, "compile=True")])
 def test_unsupported_distributed_layouts_are_refused_in_one_line(plan, over, field, tmp_path, monkeypatch):
-    from pathlib import Path
-
     monkeypatch.setenv("WORLD_SIZE", "2")
-    if over.get("dp_backend") == "deepspeed":
-        monkeypatch.setattr("meshwright.train.build._installed", lambda m: True)
-    root = Path(__file__).resolve().parents[2]
-    cfg = load_train_config({"model": "tiny", "seq_len": 64, "global_batch": 8, "micro_batch": 4, "steps": 1,
-                             "warmup_steps": 0, "out_dir": str(tmp_path / "r"), "plan": str(root / "configs/plans" / plan),
-                             "lora": {}, **over})
+    monkeypatch.setattr("meshwright.train.build._installed", lambda m: True)
     with pytest.raises(ConfigError) as exc:
-        build_runtime(cfg)
+        build_runtime(_lora_plan_cfg(plan, tmp_path, **over))
     assert str(exc.value).startswith(field) and "lora" in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("plan", ["tiny-tp2.yaml", "tiny-pp2.yaml", "tiny-dp2-tp2.yaml", "tiny-pp2-dp2.yaml"])
+def test_lora_runs_tensor_and_pipeline_parallel_plans(plan, tmp_path, monkeypatch):
+    """tp (+sp), pp and their dp mixes pass check_lora_layout (parity: tests/distributed/parity_2rank.py and
+    parity_4rank.py): without a process group the refusal is the one asking for torchrun, not one about lora."""
+    from meshwright.plan import load_plan
+
+    path = _lora_plan_cfg(plan, tmp_path).plan
+    loaded = load_plan(path)
+    monkeypatch.setenv("WORLD_SIZE", str(loaded.world_size()))
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(ConfigError, match=r"^plan=.*launch it with torchrun") as exc:
+        build_runtime(_lora_plan_cfg(plan, tmp_path, micro_batch=loaded.micro_batch))
+    assert "lora" not in str(exc.value).replace(str(path), "")
 
 
 def test_planner_counts_lora_states_and_plans_only_layouts_lora_runs():
     """plan: auto with lora: gradients and AdamW state for the trainable share only (the frozen base: weights), and
-    tp = pp = ep = 1. Llama-3-8B on one A100-80GB: full training (157 GiB) has no layout; LoRA r16 fits."""
+    ep = 1 (a layout check_lora_layout accepts). Llama-3-8B on one A100-80GB: full training (157 GiB) has no layout; LoRA r16 fits."""
     import dataclasses
 
     from meshwright.launcher.planner import cost_model as cm
@@ -336,7 +355,36 @@ def test_planner_counts_lora_states_and_plans_only_layouts_lora_runs():
     want = lora_state_bytes(load_model_config("llama3-8b"), LoraConfig(rank=16))
     assert abs(states - sum(want[k] for k in ("weights", "grads", "optimizer")) / 2**30) < 0.2, states
     plan4 = auto_plan(cfg(lora={"rank": 16}), 4)
-    assert plan4.pipeline.degree == 1 and all(s.tp == 1 and s.ep == 1 for s in plan4.layer_strategies())
+    assert all(s.ep == 1 for s in plan4.layer_strategies())
+    check_lora_layout(cfg(lora={"rank": 16}), plan4)
+
+
+def test_plan_auto_with_lora_searches_tp_and_pp_and_the_trainer_accepts_its_plan():
+    """LoRA runs DTensor tp and pp now (parity: tests/distributed), so the search may pick them: Llama-2-70B r16 on
+    16 A100-80GB picks tp 4 x dp 4 (ZeRO-3, sp), predicted 193 s a step where dp 16 alone (the old constraint) takes
+    253 s; the plan passes every check the trainer makes before building (validate_plan, check_runtime_support,
+    check_lora_layout). With tp_backend megatron (no adapters on its parallel linears) tp stays 1."""
+    from meshwright.launcher.planner.auto import auto_plan
+    from meshwright.launcher.planner.search import Constraints
+    from meshwright.parallel.support import check_runtime_support
+    from meshwright.plan import validate_plan
+
+    def cfg(**kw):
+        return load_train_config({"model": "llama2-70b", "cluster": "dgx-a100-80g", "seq_len": 4096, "global_batch": 32,
+                                  "micro_batch": 1, "lora": {"rank": 16}, **kw})
+
+    model_cfg = load_model_config("llama2-70b")
+    plan = auto_plan(cfg(), 16)
+    strategies = plan.layer_strategies()
+    assert max(s.tp for s in strategies) > 1 or plan.pipeline.degree > 1, plan.to_dict()
+    validate_plan(plan, model_cfg, 16)
+    check_runtime_support(plan, model_cfg, "dtensor", "torch")
+    check_lora_layout(cfg(), plan)
+    dp_only = auto_plan(cfg(), 16, constraints=Constraints(tp=1, pp=1, micro_batch=1))
+    assert plan.predicted["step_s"] < dp_only.predicted["step_s"]
+    megatron = auto_plan(cfg(tp_backend="megatron", seq_len=2048), 16)
+    assert all(s.tp == 1 for s in megatron.layer_strategies())
+    check_lora_layout(cfg(tp_backend="megatron"), megatron)
 
 
 def test_plan_auto_with_lora_never_plans_the_savers_lora_refuses(tmp_path, capsys):

@@ -18,13 +18,13 @@ def lora_search_terms(cfg: ModelConfig, lora: Any, hw: cm.Hardware, constraints:
     """What ``lora:`` changes in the search: model states for the trainable share only (``Hardware.trainable_fraction``:
     adapters and modules_to_save over all parameters, adapters included), the step's time (``Hardware.lora``: no dW
     of the frozen base, the adapters' GEMMs, gradients reduced and stepped for the trainable parameters), and the layouts the LoRA runtime runs
-    (tp = pp = ep = 1: train/build.py ``check_lora_layout``)."""
+    (ep = 1; tp and pp are searched: train/build.py ``check_lora_layout``)."""
     from meshwright.memory.lora import lora_state_bytes
     from meshwright.memory.lora_cost import lora_step
 
     state = lora_state_bytes(cfg, lora)
     hw = dataclasses.replace(hw, trainable_fraction=state["trainable"] / (state["weights"] / 4), lora=lora_step(cfg, lora))
-    return hw, dataclasses.replace(constraints, tp=1, pp=1, ep=1)
+    return hw, dataclasses.replace(constraints, ep=1)
 
 
 def auto_plan(model_cfg: Any, cluster: ClusterSpec | str | dict | int | None = None, world_size: Optional[int] = None,
@@ -43,12 +43,14 @@ def auto_plan(model_cfg: Any, cluster: ClusterSpec | str | dict | int | None = N
     dtype: Optional[str] = None
     compile_, chunk = False, 0
     lora = None
+    tp_backend = "dtensor"
     from_train = isinstance(model_cfg, TrainConfig)  # errors then name the train config's fields, not plan's flags
     if isinstance(model_cfg, TrainConfig):
         tc = model_cfg
         dtype = tc.dtype
         compile_, chunk = tc.compile, tc.loss_chunk_tokens
         lora = tc.lora
+        tp_backend = tc.tp_backend
         world_size = cluster if isinstance(cluster, int) else world_size
         model_cfg, cluster = (model if model is not None else tc.model), tc.cluster
         seq_len = seq_len or tc.seq_len
@@ -76,8 +78,10 @@ def auto_plan(model_cfg: Any, cluster: ClusterSpec | str | dict | int | None = N
     hw = cm.hardware_from_cluster(spec, hardware_profile, memory_budget_gib, stack="meshwright", dtype=dtype,
                                   compile=compile_, loss_chunk_tokens=chunk)
     constraints = dataclasses.replace(constraints or Constraints(), runtime_compatible=True)
-    if lora is not None:  # the frozen base has no grads or optimizer state; LoRA runs data parallelism only, and
+    if lora is not None:  # the frozen base has no grads or optimizer state; LoRA runs dp, DTensor tp and pp, no ep,
         hw, constraints = lora_search_terms(cfg, lora, hw, constraints)  # without per-layer FP8 acts or WTA-CRS
+        if tp_backend != "dtensor":  # megatron-core's parallel linears carry no adapters (check_lora_layout)
+            constraints = dataclasses.replace(constraints, tp=1)
     if model_profile is not None:  # after the LoRA terms: a profile of LoRA blocks calibrates on their FLOPs
         hw = apply_model_profile(hw, model_profile, cfg, hardware_profile)
     if lora is not None:

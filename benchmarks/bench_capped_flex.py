@@ -6,9 +6,8 @@ Two deterministic measures per (path, sequence), on ``AttentionCore`` with caps,
   ``aot_eager_decomp_partition`` (AOTAutograd's min-cut partitioner, the one inductor uses, without the C++ build),
   so the bytes are what a compiled graph with the flex HOP keeps; torch's CPU flex refuses gradients, so its
   device check is lifted and the HOP runs its eager reference (the GPU kernel saves the same q, k, v, out, lse).
-* forward peak (no gradients): the largest sum of live allocations during one call, from the torch profiler's
-  allocation events (``profile_memory``: each op's self bytes at its start, frees outside ops as they come; a
-  temporary an op allocates and frees inside itself is not seen), after a warm-up call (compilation not measured). Flex here is
+* forward peak (no gradients): the resident-set high-water mark of one call over the resident set before it
+  (``forward_peak_bytes``), after a warm-up call (so compilation is not measured). Flex here is
   inductor's fused CPU kernel; materialised is eager (compiled without gradients, the rule picks flex).
 
   python benchmarks/bench_capped_flex.py --seqs 2048 4096 --out benchmarks/results/capped_flex.json
@@ -18,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import sys
 import time
 import warnings
 
@@ -37,7 +38,8 @@ def _core(window: int | None, heads: int, kv_heads: int, head_dim: int) -> layer
 
 def _inputs(seq: int, heads: int, kv_heads: int, head_dim: int, grad: bool) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(0)
-    return tuple(torch.randn(1, seq, n * head_dim, generator=g).requires_grad_(grad) for n in (heads, kv_heads, kv_heads))
+    return tuple(torch.randn(1, seq, n * head_dim, generator=g).requires_grad_(grad)
+                 for n in (heads, kv_heads, kv_heads))
 
 
 def saved_bytes(fn, inputs: tuple[torch.Tensor, ...]) -> int:
@@ -48,20 +50,24 @@ def saved_bytes(fn, inputs: tuple[torch.Tensor, ...]) -> int:
     return saved.total
 
 
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+
 def forward_peak_bytes(fn, inputs: tuple[torch.Tensor, ...]) -> int:
-    """Peak of live bytes allocated during one no-grad call (profiler allocation events in time order)."""
+    """Resident-set growth at the peak of one no-grad call: the kernel's high-water mark (VmHWM), reset just before
+    the call (``/proc/self/clear_refs`` 5), less the resident set then. Why not the torch profiler's allocation
+    events: they miss what an inductor-compiled graph allocates (a compiled mm + tanh showed 0.004 of its 7.5 MiB).
+    glibc must hand every block over 64 KiB back at once (``MALLOC_MMAP_THRESHOLD_``, set by ``main``), else a freed
+    block stays resident and the next call's peak reads 0; so set, repeats agree within ~0.1 MiB."""
     with torch.no_grad():
         fn(*inputs)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn(*inputs)
-    # an op's own allocations net of its own frees (self: its children count theirs) at its start; a free outside
-    # any op (a Python reference dropped, inductor's ``del buf``) is a "[memory]" event of its own
-    deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
-    live = peak = 0
-    for _, delta in deltas:
-        live += delta
-        peak = max(peak, live)
-    return peak
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _status_bytes("VmRSS:")
+        fn(*inputs)
+        return _status_bytes("VmHWM:") - base
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--head-dim", type=int, default=16)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":  # see forward_peak_bytes: again, with glibc set so
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     torch.manual_seed(0)
     rows = []
     for window in args.windows:
@@ -92,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                     rule = layers.flex_capped
                     layers.flex_capped = lambda compiled, device, grad, drop: compiled and drop == 0
                     try:
-                        row["saved_flex"] = saved_bytes(traced, _inputs(seq, args.heads, args.kv_heads, args.head_dim, True))
+                        row["saved_flex"] = saved_bytes(traced, _inputs(seq, args.heads, args.kv_heads,
+                                                                        args.head_dim, True))
                     finally:
                         layers.flex_capped = rule
             finally:

@@ -3,7 +3,7 @@
 # time is short: each part has its own timeout and writes its JSON under $OUT as soon as it is done.
 #   bash benchmarks/gpu_all.sh            # on the GPU machine (python3 with torch+CUDA; torchao from .whl if carried)
 #   bash benchmarks/gpu_all.sh cpu        # the same plumbing on CPU, tiny sizes (a minute or two)
-# Parts: CUDA tests; gpu_check (trainer vs plain compiled loop on gpt2-small, 1.3B llama MFU, the planner's
+# Parts: CUDA tests (with Gemma 2's compiled flex attention vs the materialised path, forward + gradients); gpu_check (trainer vs plain compiled loop on gpt2-small, 1.3B llama MFU, the planner's
 # llama2-7b layout, predictions beside measurements); the CoatAdamW optimizer step; COAT vs bf16 vs torchao
 # training; `train --plan auto` predicted vs measured; optional (not in the default PARTS): headloss, precision
 # (bench_precision_policy.py). Set PARTS to run a subset, STEPS for the COAT runs,
@@ -36,6 +36,7 @@ if has tests && [ "$MODE" != cpu ]; then
   stamp CUDA tests
   timeout ${TESTS_TIMEOUT:-150} $PY -m pytest -q -p no:cacheprovider tests/unit/test_fp8_activations.py tests/unit/test_coat_planner.py \
     tests/unit/test_wta_crs_sync_free.py tests/unit/test_coat_optimizer.py tests/unit/test_fp8_tp.py tests/unit/test_fp8_compiled_model.py \
+    tests/unit/test_capped_flex.py \
     -k "cuda or fp8_gpus" 2>&1 | tail -2
   timeout ${TESTS_TIMEOUT:-200} $PY -m pytest -q -p no:cacheprovider tests/unit/test_coat_triton.py tests/unit/test_coat_triton_edges.py tests/unit/test_coat_nonfinite.py \
     tests/unit/test_keyed_init.py tests/unit/test_meta_init.py tests/unit/test_fp8_passes.py \

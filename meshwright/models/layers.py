@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshwright.config import ModelConfig
+from meshwright.models.capped_flex import capped_flex_attention, flex_capped
 
 
 class RMSNorm(nn.Module):
@@ -132,11 +133,15 @@ class AttentionCore(nn.Module):
         q, k, v = (t.view(b, s, -1, self.head_dim) for t in (q, k, v))
         if self.use_rope and rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        drop = self.dropout if self.training else 0.0
+        if self.softcap is not None and attn_mask is None and self.flex_path(q, k, v, drop):
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # GQA inside the kernel: k/v not repeated
+            out = capped_flex_attention(q, k, v, self.softcap, self.scale, self.sliding_window)
+            return out.transpose(1, 2).reshape(b, s, -1)
         if self.n_rep > 1:
             k = k.repeat_interleave(self.n_rep, dim=2)
             v = v.repeat_interleave(self.n_rep, dim=2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        drop = self.dropout if self.training else 0.0
         if attn_mask is None and self.sliding_window is not None and s > self.sliding_window:
             attn_mask = sliding_window_mask(s, self.sliding_window, q.device)
         if self.softcap is not None:
@@ -146,6 +151,13 @@ class AttentionCore(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop, scale=self.scale)
         return out.transpose(1, 2).reshape(b, s, -1)
+
+    @staticmethod
+    def flex_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> bool:
+        """Whether capped scores run as compiled flex_attention here (``capped_flex.flex_capped``, the planner's rule
+        too): traced by torch.compile, no dropout, on CUDA or without gradients on CPU."""
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        return flex_capped(torch.compiler.is_compiling(), q.device.type, needs_grad, dropout)
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
@@ -157,7 +169,8 @@ def capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cap: flo
                      attn_mask: torch.Tensor | None = None, dropout: float = 0.0) -> torch.Tensor:
     """Causal attention with soft-capped scores, (batch, heads, seq, head_dim) each, as transformers' Gemma 2 eager
     path computes it: scores * scale, capped, masked, softmax in fp32, cast back. SDPA has no capping, so the scores
-    exist here (seq x seq per head): only models with ``attn_softcap`` take this path."""
+    exist here (seq x seq per head): only models with ``attn_softcap`` take this path, where the compiled flex path
+    (models/capped_flex.py) does not apply."""
     s = q.shape[-2]
     scores = softcap(torch.matmul(q, k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5), cap)
     if attn_mask is None:

@@ -20,6 +20,7 @@ from meshwright.launcher.profiling.auto import auto_profiles, describe
 from meshwright.memory.lora import apply_lora_config, lora_state_bytes
 from meshwright.memory.meft import MeftConfig, make_reversible
 from meshwright.models import build_model, from_pretrained
+from meshwright.models.capped_flex import capped_path_note
 from meshwright.models.init import resolve_init
 from meshwright.models.positions import check_rule_applies
 from meshwright.parallel.runtime import build_distributed_runtime, init_distributed
@@ -355,6 +356,8 @@ def _train(job: TrainingJob, resume: bool | str, allow_config_change: bool = Fal
                   f"{type(runtime).__name__}, world {runtime.world_size} | out {train_cfg.out_dir}", flush=True)
             for note in getattr(train, "repeat_notes", lambda n: [])(train_cfg.steps * train_cfg.global_batch):
                 print(note, flush=True)
+            if model_cfg.attn_softcap is not None:  # the path the planner assumed too (cost_model.capped_scores)
+                print(capped_path_note(train_cfg.compile, runtime.device.type, True, model_cfg.dropout), flush=True)
         trainer = Trainer(train_cfg, runtime, train, val, model_cfg, job.cluster)
         trainer.allow_data_change = allow_config_change
         data_dir = ds.datasets[0].path if hasattr(ds, "datasets") else ds.path  # a mixture's sources share a tokenizer

@@ -27,6 +27,7 @@ from meshwright.config import ClusterSpec, ModelConfig
 from meshwright.errors import invalid
 from meshwright.launcher.planner.stack import PRECISIONS, Precision, Stack, get_stack, precision_for_dtype
 from meshwright.memory.fp8_activations import block_saved_bytes_split
+from meshwright.models.capped_flex import flex_capped
 from meshwright.optim.coat import coat_state_bytes_per_param
 from meshwright.tools.flops import head_fwd_flops, layer_fwd_flops, model_flops_per_token
 
@@ -187,6 +188,9 @@ class Hardware:
     pipeline_defers_fsdp_sync: bool = False  # Stack.pipeline_defers_fsdp_sync (read where ``pipelined``)
     pipelined: bool = False
     flash_eff_max: float = FLASH_EFF_OTHER  # the SDPA flash kernel's best fraction of peak on this device (see FLASH_EFF_*)
+    # torch's device type of the run ("cuda" or "cpu"): whether a compiled run's capped attention can take the flex
+    # path (``capped_scores``; torch's CPU flex_attention has no backward)
+    device_type: str = "cuda"
     # LoRA (TrainConfig.lora): the share of the model's parameters that train (adapters, modules_to_save; the adapters
     # counted in the total). The frozen rest has weights only: no gradients, no optimizer state (model_state_bytes).
     # Spread evenly over layers and embeddings: the sum over a replica is exact, a pipeline stage's share approximate
@@ -293,6 +297,7 @@ def hardware_from_cluster(cluster: ClusterSpec, profile: Optional[dict[str, Any]
         # H200 (gpt2-small, a 1.3B and a 7B llama; benchmarks/results/planner_gpu.md)
         fragmentation=0.05 if cpu else 0.065, compiled=compile, loss_chunk_tokens=loss_chunk_tokens,
         flash_eff_max=FLASH_EFF_HOPPER if any(k in cluster.device.upper() for k in ("H100", "H200")) else FLASH_EFF_OTHER,
+        device_type="cpu" if cpu else "cuda",
     )
     if profile:
         d = profile["derived"]
@@ -399,8 +404,12 @@ SCORE_BYTES_PER_ELEM_FWD = 13.0
 
 def capped_scores(cfg: ModelConfig, hw: Hardware) -> bool:
     """Whether meshwright's runtime computes this model's attention scores explicitly: Gemma 2's ``attn_softcap``, which
-    SDPA cannot apply (models/layers.py ``capped_attention``), so the scores reach memory whatever ``hw.attention``."""
-    return cfg.attn_softcap is not None and hw.stack == "meshwright"
+    SDPA cannot apply (models/layers.py ``capped_attention``), so the scores reach memory whatever ``hw.attention`` --
+    unless the run takes the compiled flex path, which saves what flash SDPA saves. The rule is the runtime's own
+    (models/capped_flex.py ``flex_capped``: compiled, no dropout, CUDA; training needs gradients)."""
+    if cfg.attn_softcap is None or hw.stack != "meshwright":
+        return False
+    return not flex_capped(hw.compiled, hw.device_type, needs_grad=True, dropout=cfg.dropout)
 
 
 def score_elements(cfg: ModelConfig, tokens: float, seq_len: int, tp: int, hw: Hardware) -> float:

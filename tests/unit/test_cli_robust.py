@@ -45,3 +45,68 @@ def test_help_completion_and_argument_errors_do_not_import_torch(argv, rc):
     assert "torch" not in mods and "transformers" not in mods, sorted(mods)
     if rc == 2:
         assert "Traceback" not in err and err.strip()
+
+
+@pytest.fixture()
+def hf_dir(tmp_path):
+    """A tiny Llama checkpoint directory's config.json (planning reads no weights)."""
+    import transformers
+
+    d = tmp_path / "tiny-llama"
+    transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=128).save_pretrained(d)
+    return d
+
+
+PLAN_ARGS = ["--cluster", "local-cpu", "--devices-per-node", "1", "--seq-len", "64", "--global-batch", "8",
+             "--micro-batch", "4", "--top", "1"]
+
+
+def test_plan_model_takes_an_hf_checkpoint_directory_and_train_and_emit_agree(hf_dir, tmp_path, capsys):
+    from meshwright.cli import main
+    from meshwright.config import load_train_config
+    from meshwright.errors import ConfigError
+    from meshwright.plan import load_plan
+    from meshwright.train.build import resolve_model_config
+    from meshwright.train.plan_match import check_plan_matches
+
+    out = tmp_path / "plan.yaml"
+    assert main(["plan", "--model", str(hf_dir), *PLAN_ARGS, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("meshwright plan: tiny-llama on 1 x 1 local-cpu")
+    plan = load_plan(out)
+    assert plan.model == "tiny-llama"  # what init_from: DIR names the model
+    train = {"init_from": str(hf_dir), "data": {"path": "default"}, "seq_len": 64, "global_batch": 8, "micro_batch": 4,
+             "steps": 5, "warmup_steps": 1, "lr": 1e-4, "min_lr": 1e-5}
+    cfg = load_train_config(train)
+    check_plan_matches(plan, cfg, resolve_model_config(cfg), 1, str(out))  # `train --plan` accepts it
+    other = load_train_config({**train, "micro_batch": 2})
+    with pytest.raises(ConfigError, match="micro_batch"):  # and still checks it
+        check_plan_matches(plan, other, resolve_model_config(other), 1, str(out))
+    # --emit with the fine-tuning config: the same model, no "another model" refusal
+    (tmp_path / "ft.yaml").write_text("\n".join(f"{k}: {v}" for k, v in train.items() if k != "data") +
+                                      "\ndata: {path: default}\n")
+    assert main(["plan", "--model", str(hf_dir), *PLAN_ARGS, "--emit", "megatron",
+                 "--train-config", str(tmp_path / "ft.yaml")]) == 0
+    args = capsys.readouterr().out
+    assert "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --ffn-hidden-size 128" in args
+    assert "--num-query-groups 2" in args and "--train-iters 5" in args
+
+
+def test_plan_model_directory_without_config_json_is_one_line(tmp_path, capsys):
+    from _train_helpers import one_line_error
+
+    line = one_line_error(capsys, ["plan", "--model", str(tmp_path), *PLAN_ARGS])
+    assert f"model={str(tmp_path)!r} is invalid" in line and "holding config.json" in line
+
+
+def test_train_model_naming_a_checkpoint_directory_points_to_init_from(hf_dir):
+    """`model: DIR` would now read DIR's config.json and train it from random weights: refused, naming init_from."""
+    from meshwright.config import load_train_config
+    from meshwright.errors import ConfigError
+    from meshwright.train.build import resolve_model_config
+
+    with pytest.raises(ConfigError, match=r"model='.*tiny-llama' is invalid; valid: init_from: .*tiny-llama to "):
+        resolve_model_config(load_train_config({"model": str(hf_dir)}))
+    assert resolve_model_config(load_train_config({"model": str(hf_dir / "config.json")})).n_layers == 2

@@ -27,7 +27,7 @@ from meshwright.train.build import resolve_model_config
 from meshwright.train.hf_companions import companion_token_ids, export_companions
 from meshwright.train.checkpoint import STATE_FILE, _first_failure, _quiet_dcp, follow_pointer, latest_checkpoint
 from meshwright.train.checkpoint_io import (MANIFEST, SafeFileSystemReader, SafeLoadPlanner, read_metadata_file,
-                                           verify_manifest)
+                                           verify_manifest, verify_sizes)
 
 
 def find_run(ckpt: str | Path) -> tuple[Path, Path]:
@@ -85,9 +85,12 @@ def load_run_model(step_dir: Path, run_dir: Path) -> tuple[nn.Module, ModelConfi
     resolved = run_dir / "model.yaml"  # written by run_training: independent of init_from's directory
     source = resolved if resolved.is_file() else run_dir / "config.yaml"
     model_cfg = load_model_config(str(resolved)) if resolved.is_file() else resolve_model_config(cfg)
-    if (step_dir / MANIFEST).is_file():  # a damaged checkpoint is refused, not exported half-read
+    manifest = (step_dir / MANIFEST).is_file()
+    if manifest:  # a damaged checkpoint is refused, not exported half-read
         verify_manifest(step_dir)
-    read_metadata_file(step_dir / ".metadata")  # allow-listed unpickling, as a resume reads it
+    metadata = read_metadata_file(step_dir / ".metadata")  # allow-listed unpickling, as a resume reads it
+    if not manifest:  # no checksums: a short or missing shard is still named, not "does not hold the model"
+        verify_sizes(step_dir, metadata)
     model = build_model(model_cfg, device="cpu")
     if cfg.lora is not None:  # the adapters' keys join the state the checkpoint fills
         apply_lora_config(model, cfg.lora, cfg.seed)

@@ -110,3 +110,31 @@ def test_train_model_naming_a_checkpoint_directory_points_to_init_from(hf_dir):
     with pytest.raises(ConfigError, match=r"model='.*tiny-llama' is invalid; valid: init_from: .*tiny-llama to "):
         resolve_model_config(load_train_config({"model": str(hf_dir)}))
     assert resolve_model_config(load_train_config({"model": str(hf_dir / "config.json")})).n_layers == 2
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from _train_helpers import trained_run
+
+    return trained_run(tmp_path_factory.mktemp("robust-run"))
+
+
+@pytest.mark.parametrize("flag", ["--hf", "--peft"])
+@pytest.mark.parametrize("where", ["ckpt/step_000002", "ckpt", "ckpt/step_000002/sub", "hf"])
+def test_export_into_the_runs_checkpoints_or_companions_is_refused(run, capsys, flag, where):
+    """`export RUN --hf RUN/ckpt/step_000002` wrote the model into the checkpoint: the run's pruning (or
+    --overwrite) then deleted the user's export with the step directory. RUN/hf is the run's own companions."""
+    from _train_helpers import one_line_error
+
+    out = run / where
+    before = sorted(p.name for p in out.iterdir()) if out.is_dir() else None
+    line = one_line_error(capsys, ["export", str(run), flag, str(out)])
+    assert f"{flag}={str(out)!r} is invalid; valid: a directory " in line and str(run / "export") in line
+    assert (sorted(p.name for p in out.iterdir()) if out.is_dir() else None) == before  # nothing written
+
+
+def test_export_beside_the_run_still_works(run, capsys):
+    from meshwright.cli import main
+
+    assert main(["export", str(run), "--hf", str(run / "export")]) == 0
+    assert (run / "export" / "model.safetensors").is_file()

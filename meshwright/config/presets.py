@@ -122,6 +122,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     if not key.strip():
         raise ConfigError(f"override={text!r} is invalid; valid: KEY=VALUE with a field name before '=', e.g. steps=100")
+    if not raw.strip():  # YAML reads '' as null: `init_from=$CKPT` with CKPT unset trained from scratch, silently
+        raise invalid("override", text, f"{key.strip()}=VALUE, or {key.strip()}=null to clear the field (an empty "
+                      f"value is refused: an unset shell variable?)")
     try:
         value = load_yaml(raw)  # duplicate keys and alias bombs refused here too
     except yaml.YAMLError:

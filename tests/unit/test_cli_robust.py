@@ -138,3 +138,15 @@ def test_export_beside_the_run_still_works(run, capsys):
 
     assert main(["export", str(run), "--hf", str(run / "export")]) == 0
     assert (run / "export" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("text", ["init_from=", "out_dir= ", "lora.rank="])
+def test_an_empty_override_value_is_refused_not_read_as_null(text):
+    """`train tiny-test init_from=$CKPT` with CKPT unset read '' as YAML null and trained from random weights."""
+    from meshwright.config import parse_override
+    from meshwright.errors import ConfigError
+
+    key = text.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"override='{text}' is invalid; valid: {key}=VALUE, or {key}=null"):
+        parse_override(text)
+    assert parse_override(f"{key}=null") == (key, None)  # clearing a field is still one word away

@@ -150,3 +150,17 @@ def test_an_empty_override_value_is_refused_not_read_as_null(text):
     with pytest.raises(ConfigError, match=rf"override='{text}' is invalid; valid: {key}=VALUE, or {key}=null"):
         parse_override(text)
     assert parse_override(f"{key}=null") == (key, None)  # clearing a field is still one word away
+
+
+@pytest.mark.parametrize("argv, rc", [(["completion", "bash"], 141), (["plan", "--help"], 0)])
+def test_a_reader_that_closed_the_pipe_is_a_quiet_exit(argv, rc):
+    """`meshwright plan ... | head -3` ended in a BrokenPipeError traceback (or 'Exception ignored' lines at exit);
+    a command's output is 141 (128 + SIGPIPE, as a shell reports for cat), argparse's help keeps its 0 (its
+    writer swallows the error)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "meshwright.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    proc.stdout.close()  # the reader is gone before anything is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == rc, err
+    assert err == ""

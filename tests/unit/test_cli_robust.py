@@ -164,3 +164,48 @@ def test_a_reader_that_closed_the_pipe_is_a_quiet_exit(argv, rc):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == rc, err
     assert err == ""
+
+
+def _saved(tmp_path, **kw):
+    """A checkpoint directory whose trainer_state.json records the config of a run with ``kw``."""
+    import json
+
+    from meshwright.config import load_train_config
+    from meshwright.config.io import to_dict
+
+    ckpt = tmp_path / "ckpt" / "step_000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 2, "config": to_dict(load_train_config(
+        {"out_dir": str(tmp_path), **kw}))}))
+    return ckpt
+
+
+LORA = {"rank": 4, "targets": ["wq", "wv"]}
+
+
+@pytest.mark.parametrize("was, now, allow, expected", [
+    (LORA, None, False, "lora=None is invalid; valid: {'rank': 4"),                    # the section forgotten
+    (LORA, None, True, "lora=None is invalid; valid: {'rank': 4"),                     # cannot load either way
+    (None, LORA, True, "lora={'rank': 4"),                                             # a full run resumed as LoRA
+    (LORA, {**LORA, "rank": 8}, True, "lora.rank=8 is invalid; valid: 4 as in the checkpoint"),
+    (LORA, {**LORA, "targets": ["wq"]}, False, "lora.targets=['wq'] is invalid; valid: ['wq', 'wv']"),
+    (LORA, {**LORA, "alpha": 16.0}, False, "lora.alpha=16.0 is invalid; valid: None as in the checkpoint"),
+    (LORA, {**LORA, "alpha": 16.0}, True, None),                                       # the scale may be changed
+    (LORA, {**LORA, "dropout": 0.1}, True, None),
+    (LORA, LORA, False, None),
+])
+def test_resume_with_another_lora_section_is_named_before_anything_is_built(tmp_path, was, now, allow, expected):
+    """It was a checkpoint-fit error after the model was built: "optimizer state 'state.tok_embeddings.weight.step'
+    is not in the checkpoint" for a LoRA run resumed without its lora: section."""
+    from meshwright.config import load_train_config
+    from meshwright.errors import ConfigError
+    from meshwright.train.run_dir import check_resume_config
+
+    ckpt = _saved(tmp_path, lora=was)
+    cfg = load_train_config({"out_dir": str(tmp_path), "lora": now})
+    if expected is None:
+        check_resume_config(cfg, str(ckpt), allow)
+        return
+    with pytest.raises(ConfigError) as err:
+        check_resume_config(cfg, str(ckpt), allow)
+    assert str(err.value).startswith(expected) and "\n" not in str(err.value), str(err.value)

@@ -193,8 +193,9 @@ def _check_lora(was: Any, now: Any, target: Path) -> None:
     if was is None and now is None:
         return
     if was is None:
-        raise invalid("lora", now, f"null as in the checkpoint {target}: a full training run, whose checkpoint holds no "
-                      f"adapters (fine-tune it with LoRA from an `export --hf` of it, as init_from, in another out_dir)")
+        raise invalid("lora", now, f"null as in the checkpoint {target}: a full training run, whose checkpoint holds "
+                      f"no adapters (fine-tune it with LoRA from an `export --hf` of it, as init_from, in another "
+                      f"out_dir)")
     if now is None:
         raise invalid("lora", None, f"{was} as in the checkpoint {target}: a LoRA run resumes with its adapters (the "
                       f"lora: section it was started with)")
@@ -202,8 +203,9 @@ def _check_lora(was: Any, now: Any, target: Path) -> None:
         return
     for name in LORA_SHAPE:
         if name in was and was[name] != now.get(name):
-            raise invalid(f"lora.{name}", now.get(name), f"{was[name]!r} as in the checkpoint {target} (its adapters "
-                          f"have that shape, whatever --allow-config-change says; a new LoRA run needs another out_dir)")
+            raise invalid(f"lora.{name}", now.get(name), f"{was[name]!r} as in the checkpoint {target} (its "
+                          f"adapters have that shape, whatever --allow-config-change says; a new LoRA run needs "
+                          f"another out_dir)")
 
 
 # data fields that only add evaluations: no step reads them, so a resume may change them (as eval_every)

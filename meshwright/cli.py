@@ -60,6 +60,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _reader_gone() -> int:
+    """stdout's reader closed the pipe (``meshwright plan ... | head``): what is left unsaid goes nowhere and the exit
+    is 141 (128 + SIGPIPE), as a shell reports for ``cat`` or ``grep`` in that place; it was a BrokenPipeError
+    traceback. Files the command wrote (--out) are complete before it prints."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # the interpreter's own flush at exit must not fail again
+    os.close(devnull)
+    return 141
+
+
 def _which_rank() -> str:
     """`` (rank R of W)`` under torchrun with several ranks, where each rank says it once; else empty."""
     world = os.environ.get("WORLD_SIZE", "1")
@@ -82,7 +92,11 @@ def _out_of_memory(exc: BaseException) -> bool:
 
 def run() -> None:
     """Entry point of ``python -m meshwright`` and ``python -m meshwright.cli`` (torchrun workers)."""
-    code = main()
+    try:
+        code = main()
+        sys.stdout.flush()  # here, not at exit, where a reader gone away (`| head`) is "Exception ignored" lines
+    except BrokenPipeError:
+        code = _reader_gone()
     ckpt = sys.modules.get("meshwright.train.async_checkpoint")  # loaded only by a run that trained
     abandoned = ckpt is not None and ckpt.abandoned_write_running()
     if "TORCHELASTIC_RUN_ID" in os.environ or abandoned:  # a torchrun worker, or a write given up: see exit_worker

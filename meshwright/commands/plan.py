@@ -22,7 +22,8 @@ JSON_SCHEMA_VERSION = 1
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model preset name, YAML path or HF config.json")
+    p.add_argument("--model", required=True, help="model preset name, YAML path, or a Hugging Face checkpoint "
+                   "directory (or its config.json): the model a run with init_from: DIR fine-tunes")
     p.add_argument("--cluster", required=True, help="cluster preset name or YAML path")
     p.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
     p.add_argument("--devices-per-node", type=int, default=None, help="devices per node (default: the cluster's)")

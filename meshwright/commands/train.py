@@ -1,6 +1,8 @@
 """`meshwright train CONFIG [KEY=VALUE ...] [--plan PLAN|auto] [--resume | --resume-from CKPT]`: train a model.
 
 A thin adapter: parse the command line, load the train config, hand it to ``meshwright.train.build``.
+Only argparse and the config package at import time: `meshwright --help`, completion and argument errors build
+this parser, and ``meshwright.train.build`` imports torch (seconds); the run's imports are inside ``_run``.
 """
 
 from __future__ import annotations
@@ -10,10 +12,6 @@ import os
 
 from meshwright.config import load_train_config, parse_override, preset_names
 from meshwright.errors import ConfigError
-from meshwright.train.build import load_plan_file, resolve_model_config, run_training
-from meshwright.train.checkpoint import follow_pointer
-from meshwright.train.plan_match import check_plan_matches
-from meshwright.train.preemption import EXIT_PREEMPTED
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -70,6 +68,9 @@ def preflight(argv: list[str], world_size: int | None = None) -> None:
     args.overrides = list(args.overrides) + unknown
     _split_overrides(args)
     cfg = load_train_config(args.config, dict(parse_override(o) for o in args.overrides))
+    from meshwright.train.build import load_plan_file, resolve_model_config
+    from meshwright.train.plan_match import check_plan_matches
+
     plan = args.plan if args.plan is not None else cfg.plan
     if plan is not None and plan != "auto":
         loaded = load_plan_file(plan)
@@ -82,6 +83,10 @@ def _run(args: argparse.Namespace) -> int:
     _split_overrides(args)
     overrides = dict(parse_override(o) for o in args.overrides)
     cfg = load_train_config(args.config, overrides)
+    from meshwright.train.build import run_training  # torch: after the command line and config are known good
+    from meshwright.train.checkpoint import follow_pointer
+    from meshwright.train.preemption import EXIT_PREEMPTED
+
     resume: bool | str = str(follow_pointer(args.resume_from)) if args.resume_from else args.resume
     if not resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
         resume = True  # an elastic restart (torchrun --max-restarts) continues from the latest complete checkpoint

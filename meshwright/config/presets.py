@@ -39,13 +39,27 @@ def preset_path(kind: str, ref: str) -> Path:
     return _resolve(kind, ref)
 
 
+def model_config_path(ref: str) -> Path:
+    """The file a model reference names: a preset, a YAML/JSON path, or a Hugging Face checkpoint directory's
+    config.json (`plan --model DIR`: plan from the checkpoint you will fine-tune with ``init_from: DIR``)."""
+    path = Path(ref)
+    if path.is_dir():
+        config_json = path / "config.json"
+        if not config_json.is_file():
+            raise invalid("model", ref, f"a Hugging Face checkpoint directory holding config.json (this one has none), "
+                          f"a YAML/JSON path or a preset ({', '.join(preset_names('models'))})")
+        return config_json
+    return _resolve("models", ref)
+
+
 def load_model_config(ref: str | dict[str, Any] | ModelConfig) -> ModelConfig:
-    """Preset name, YAML path, HF config.json path, or inline mapping -> validated ModelConfig."""
+    """Preset name, YAML path, HF config.json path or checkpoint directory, or inline mapping -> validated
+    ModelConfig (an HF config is named after its directory, as ``init_from`` names it)."""
     if isinstance(ref, ModelConfig):
         return ref
     if isinstance(ref, dict):
         return from_dict(ModelConfig, ref, prefix="model")
-    path = _resolve("models", ref)
+    path = model_config_path(ref)
     data = read_mapping(path)
     if "model_type" in data or "architectures" in data:  # a config.json whose model_type went missing is named so
         return model_config_from_hf(data, name=path.parent.name if path.name == "config.json" else path.stem)
@@ -108,6 +122,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     if not key.strip():
         raise ConfigError(f"override={text!r} is invalid; valid: KEY=VALUE with a field name before '=', e.g. steps=100")
+    if not raw.strip():  # YAML reads '' as null: `init_from=$CKPT` with CKPT unset trained from scratch, silently
+        raise invalid("override", text, f"{key.strip()}=VALUE, or {key.strip()}=null to clear the field (an empty "
+                      f"value is refused: an unset shell variable?)")
     try:
         value = load_yaml(raw)  # duplicate keys and alias bombs refused here too
     except yaml.YAMLError:

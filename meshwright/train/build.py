@@ -70,6 +70,9 @@ def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
     """The model: ``cfg.model``, or with ``init_from`` the checkpoint's config.json (a ``model`` mapping then
     overrides fields such as max_seq_len or dropout; a shape it changes fails when the weights load)."""
     if cfg.init_from is None:
+        if isinstance(cfg.model, str) and Path(cfg.model).is_dir():  # the weights would be dropped without a word
+            raise invalid("model", cfg.model, f"init_from: {cfg.model} to fine-tune that checkpoint's weights, or "
+                          f"model: {Path(cfg.model) / 'config.json'} to train its architecture from random weights")
         return load_model_config(cfg.model)
     config_json = Path(cfg.init_from) / "config.json"
     if not config_json.is_file():

@@ -48,7 +48,7 @@ from meshwright.errors import ConfigError, invalid
 from meshwright.models.positions import TABLE, check_growth, grow_table
 from meshwright.train.checkpoint_io import (
     MANIFEST, CheckpointCorrupt, SafeFileSystemReader, SafeLoadPlanner, read_metadata_file, verify_manifest,
-    write_manifest,
+    verify_sizes, write_manifest,
 )
 from meshwright.train.faults import fault_point
 from meshwright.train.lora_base import BASE_KEY, AdapterScope, check_base
@@ -238,12 +238,11 @@ def load_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Opti
     path = Path(path)
     state_file = path / STATE_FILE
     require_complete(path)
-    if (path / MANIFEST).is_file():
-        if verify:  # load_latest has just verified it
-            error = _verify(path, runtime)
-            if _agreed_bad(error, runtime):
-                raise error or CheckpointCorrupt(f"checkpoint {path} is damaged (found by another rank)")
-    else:
+    if verify:  # load_latest has just verified it
+        error = _verify(path, runtime)
+        if _agreed_bad(error, runtime):
+            raise error or CheckpointCorrupt(f"checkpoint {path} is damaged (found by another rank)")
+    if not (path / MANIFEST).is_file():
         if runtime.is_main:  # one line, as the other warnings of a resume (Python's warning added its code line)
             print(f"warning: checkpoint {path} has no {MANIFEST} (written before checksums, or removed); loading it "
                   f"unverified", file=sys.stderr, flush=True)
@@ -512,12 +511,15 @@ def _agreed_bad(error: CheckpointCorrupt | None, runtime: Runtime) -> bool:
 
 def _verify(path: Path, runtime: Runtime) -> CheckpointCorrupt | None:
     """Checksums (this rank's share of the files: the ranks split the hashing), trainer state and metadata of
-    ``path``: the error, or None when they are intact."""
+    ``path``, and without checksums the files' sizes against the metadata: the error, or None when intact."""
     try:
-        if (path / MANIFEST).is_file():
+        manifest = (path / MANIFEST).is_file()
+        if manifest:
             verify_manifest(path, part=(runtime.rank, runtime.world_size))
         _read_json(path / STATE_FILE)
-        read_metadata_file(path / ".metadata")
+        metadata = read_metadata_file(path / ".metadata")
+        if not manifest:  # the manifest has checked every size already
+            verify_sizes(path, metadata)
     except CheckpointCorrupt as exc:
         return exc
     return None

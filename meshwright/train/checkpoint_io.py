@@ -5,7 +5,8 @@ reads byte items with ``torch.load(weights_only=False)``: a crafted checkpoint r
 ``SafeFileSystemReader`` unpickles the metadata with an allow-list of DCP's own metadata classes and
 ``SafeLoadPlanner`` loads byte items with ``weights_only=True``; anything else is refused with one line.
 ``write_manifest``/``verify_manifest`` keep a SHA-256 per file (``checksums.json``), so a truncated, zeroed
-or garbled file is named in one line before DCP reads it.
+or garbled file is named in one line before DCP reads it; without the manifest, ``verify_sizes`` still finds a
+truncated or missing shard from ``.metadata``'s offsets and lengths.
 """
 
 from __future__ import annotations
@@ -81,6 +82,31 @@ def read_metadata_file(path: str | Path) -> Metadata:
     if not isinstance(metadata, Metadata) or not isinstance(getattr(metadata, "state_dict_metadata", None), dict):
         raise CheckpointCorrupt(f"checkpoint file {path} is refused: it holds {type(metadata).__name__}, not DCP Metadata")
     return metadata
+
+
+def verify_sizes(directory: Path, metadata: Metadata) -> None:
+    """The check a checkpoint without ``checksums.json`` (an older meshwright, another tool's DCP save) still gets:
+    ``.metadata`` records each item's file, offset and length, so every file it names must exist and reach the end
+    of its last item. A stat per file, no reading: a truncated or missing shard is one-line ``CheckpointCorrupt``
+    before DCP fails on it deep inside torch (and a resume falls back to the previous checkpoint)."""
+    ends: dict[str, int] = {}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        name, offset, length = (getattr(info, k, None) for k in ("relative_path", "offset", "length"))
+        if not (isinstance(name, str) and isinstance(offset, int) and isinstance(length, int)):
+            raise CheckpointCorrupt(f"checkpoint file {directory / '.metadata'} is refused: a storage entry without "
+                                    f"a file name, offset and length ({type(info).__name__})")
+        if not name or "/" in name or "\\" in name or name.startswith(".."):
+            raise CheckpointCorrupt(f"checkpoint file {directory / '.metadata'} is refused: storage file {name!r} is "
+                                    f"not a file name in the checkpoint directory")
+        ends[name] = max(ends.get(name, 0), offset + length)
+    for name, end in sorted(ends.items()):
+        f = directory / name
+        if not f.is_file():
+            raise CheckpointCorrupt(f"checkpoint file {f} is missing (its .metadata places data in it)")
+        size = f.stat().st_size
+        if size < end:
+            raise CheckpointCorrupt(f"checkpoint file {f} is truncated: {size} bytes, its .metadata places data up to "
+                                    f"byte {end}")
 
 
 class SafeFileSystemReader(FileSystemReader):

@@ -11,6 +11,7 @@ MEFT runs are refused in one line: their reversible blocks have no place in the 
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -26,10 +27,10 @@ from meshwright.memory.lora import apply_lora_config, merge_lora
 from meshwright.models import build_model, from_pretrained
 from meshwright.models.hf_weights import check_export_dir, save_hf
 from meshwright.train.build import resolve_model_config
-from meshwright.train.hf_companions import companion_token_ids, export_companions
+from meshwright.train.hf_companions import COMPANIONS_DIR, companion_token_ids, export_companions
 from meshwright.train.checkpoint import STATE_FILE, _first_failure, _quiet_dcp, follow_pointer, latest_checkpoint
 from meshwright.train.checkpoint_io import (MANIFEST, SafeFileSystemReader, SafeLoadPlanner, read_metadata_file,
-                                           verify_manifest)
+                                           verify_manifest, verify_sizes)
 from meshwright.train.lora_base import BASE_KEY, AdapterScope, base_reference, check_base, describe
 
 
@@ -71,8 +72,23 @@ def export_hf(ckpt: str | Path, out: str | Path, writer: Callable[..., Path] | N
     raise AssertionError("unreachable")
 
 
+def check_outside_run(out: str | Path, run_dir: Path, label: str) -> None:
+    """An export is the user's, so it is kept out of the places the run deletes: anything under ``RUN/ckpt`` (a
+    step directory goes whole when the run prunes it or ``--overwrite`` clears it, an export written into it with
+    it) and the run's own ``RUN/hf`` (its tokenizer and token-id files, which ``--overwrite`` removes by name)."""
+    o, run = Path(os.path.abspath(out)), Path(os.path.abspath(run_dir))
+    ckpt, companions = run / "ckpt", run / COMPANIONS_DIR
+    if o == ckpt or ckpt in o.parents:
+        raise invalid(label, str(out), f"a directory outside {ckpt} (the run's pruning and --overwrite delete its step "
+                      f"directories whole, with anything exported into them), e.g. {run / 'export'}")
+    if o == companions:
+        raise invalid(label, str(out), f"a directory other than the run's own {companions} (it keeps the files saved "
+                      f"for export, which --overwrite deletes by name), e.g. {run / 'export'}")
+
+
 def _export(step_dir: Path, run_dir: Path, out: str | Path, base: str | Path | None = None) -> Path:
     check_output_path(out, "--hf", directory=True)  # before the checkpoint is read
+    check_outside_run(out, run_dir, "--hf")
     earlier_export = check_export_dir(out, "--hf")  # never another model's config.json/weights
     model, model_cfg, _ = load_run_model(step_dir, run_dir, base)
     merge_lora(model)  # a LoRA run: the adapters folded into the base weights; nothing otherwise
@@ -131,9 +147,12 @@ def load_run_model(step_dir: Path, run_dir: Path, base: str | Path | None = None
     resolved = run_dir / "model.yaml"  # written by run_training: independent of init_from's directory
     source = resolved if resolved.is_file() else run_dir / "config.yaml"
     model_cfg = load_model_config(str(resolved)) if resolved.is_file() else resolve_model_config(cfg)
-    if (step_dir / MANIFEST).is_file():  # a damaged checkpoint is refused, not exported half-read
+    manifest = (step_dir / MANIFEST).is_file()
+    if manifest:  # a damaged checkpoint is refused, not exported half-read
         verify_manifest(step_dir)
-    read_metadata_file(step_dir / ".metadata")  # allow-listed unpickling, as a resume reads it
+    metadata = read_metadata_file(step_dir / ".metadata")  # allow-listed unpickling, as a resume reads it
+    if not manifest:  # no checksums: a short or missing shard is still named, not "does not hold the model"
+        verify_sizes(step_dir, metadata)
     base_ref = _base_reference(step_dir)
     if base_ref is not None and cfg.lora is None:
         raise invalid("lora", None, f"the lora: section of the run (checkpoint {step_dir} holds LoRA adapters only; "

@@ -24,7 +24,7 @@ from meshwright.config.io import check_output_path
 from meshwright.errors import invalid
 from meshwright.memory.lora import LoRALinear
 from meshwright.models.hf_weights import EXPORT_MARK, Source, _KeyOnlyReader, rotate_half_to_pairs, weight_sources
-from meshwright.train.hf_export import export_hf, load_run_model
+from meshwright.train.hf_export import check_outside_run, export_hf, load_run_model
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -38,6 +38,7 @@ def export_peft(ckpt: str | Path, out: str | Path, base: str | Path | None = Non
 
 def _write(step_dir: Path, run_dir: Path, out: str | Path, base: str | Path | None = None) -> Path:
     check_output_path(out, "--peft", directory=True)
+    check_outside_run(out, run_dir, "--peft")
     check_peft_dir(out)
     model, model_cfg, cfg = load_run_model(step_dir, run_dir, base)
     if cfg.lora is None:

@@ -31,7 +31,7 @@ OUTPUTS = ("log.jsonl", "log.jsonl.tmp", "summary.json", "summary.json.tmp", "co
 # fields that change the trajectory: a resume with other values is refused unless told (steps may grow; the
 # layout may change, as checkpoints reshard)
 RESUME_FIELDS = ("model", "data", "seq_len", "global_batch", "seed", "optimizer", "lr", "min_lr", "warmup_steps",
-                 "weight_decay", "beta1", "beta2", "eps", "grad_clip", "dtype", "meft")
+                 "weight_decay", "beta1", "beta2", "eps", "grad_clip", "dtype", "meft", "lora")
 
 
 def prepare_out_dir(out_dir: str | Path) -> Path:
@@ -152,8 +152,9 @@ def remove_outputs(out: Path) -> None:
 
 
 def check_resume_config(cfg: TrainConfig, resume: bool | str, allow_change: bool) -> None:
-    """Refuse, in one line, a resume whose trajectory-defining fields differ from the checkpoint's saved config."""
-    if not resume or allow_change:
+    """Refuse, in one line, a resume whose trajectory-defining fields differ from the checkpoint's saved config
+    (the LoRA adapters' shape even with ``allow_change``: the checkpoint cannot load into other adapters)."""
+    if not resume:
         return
     target = Path(resume) if isinstance(resume, str) else latest_checkpoint(Path(cfg.out_dir) / "ckpt")
     if target is None:
@@ -163,6 +164,9 @@ def check_resume_config(cfg: TrainConfig, resume: bool | str, allow_change: bool
     except (OSError, ValueError, UnicodeDecodeError, AttributeError):
         return  # the checkpoint loader names the damage (and may fall back to an intact checkpoint)
     if not isinstance(saved, dict):
+        return
+    _check_lora(saved.get("lora"), to_dict(cfg).get("lora"), target)
+    if allow_change:
         return
     now, default = to_dict(cfg), to_dict(type(cfg)())
     saved = {**saved, "data": _trajectory_data(one_source_as_path(saved.get("data")))}
@@ -176,6 +180,32 @@ def check_resume_config(cfg: TrainConfig, resume: bool | str, allow_change: bool
                 key, was, is_now = found
                 raise invalid(key, is_now, f"{was} as in the checkpoint {target} (resume continues that run; pass "
                               f"--allow-config-change to resume with a different {name})")
+
+
+LORA_SHAPE = ("rank", "targets", "modules_to_save")  # what the checkpoint's tensors are shaped by
+
+
+def _check_lora(was: Any, now: Any, target: Path) -> None:
+    """A LoRA run resumed without its ``lora:`` section, with another rank, targets or modules_to_save, or a full
+    run resumed with one: named as the lora field, before anything is built (it was a checkpoint-fit error about an
+    optimizer state such as 'state.tok_embeddings.weight.step', after the model was loaded). alpha and dropout may
+    change with --allow-config-change (RESUME_FIELDS)."""
+    if was is None and now is None:
+        return
+    if was is None:
+        raise invalid("lora", now, f"null as in the checkpoint {target}: a full training run, whose checkpoint holds "
+                      f"no adapters (fine-tune it with LoRA from an `export --hf` of it, as init_from, in another "
+                      f"out_dir)")
+    if now is None:
+        raise invalid("lora", None, f"{was} as in the checkpoint {target}: a LoRA run resumes with its adapters (the "
+                      f"lora: section it was started with)")
+    if not (isinstance(was, dict) and isinstance(now, dict)):
+        return
+    for name in LORA_SHAPE:
+        if name in was and was[name] != now.get(name):
+            raise invalid(f"lora.{name}", now.get(name), f"{was[name]!r} as in the checkpoint {target} (its "
+                          f"adapters have that shape, whatever --allow-config-change says; a new LoRA run needs "
+                          f"another out_dir)")
 
 
 # data fields that only add evaluations: no step reads them, so a resume may change them (as eval_every)

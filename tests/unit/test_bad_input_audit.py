@@ -410,7 +410,7 @@ def test_hopeless_micro_batch_is_refused_before_any_allocation():
 def test_out_of_memory_during_training_is_one_line(capsys, monkeypatch, tmp_path, error):
     import torch
 
-    import meshwright.commands.train as train_cmd
+    import meshwright.train.build as build  # commands/train imports it when it runs (--help stays torch-free)
 
     def oom(*a, **k):
         if error == "cpu":
@@ -418,7 +418,7 @@ def test_out_of_memory_during_training_is_one_line(capsys, monkeypatch, tmp_path
                                "you tried to allocate 68719476736 bytes.\\nmore detail")
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB.\\nGPU 0 has ...")
 
-    monkeypatch.setattr(train_cmd, "run_training", oom)
+    monkeypatch.setattr(build, "run_training", oom)
     line = one_line_error(capsys, [*TRAIN, f"out_dir={tmp_path / 'o'}"])
     assert "error: out of memory (" in line and "micro_batch" in line
 

@@ -205,3 +205,49 @@ def test_a_checkpoint_named_by_its_pointer_or_its_ckpt_dir_is_the_one_latest_nam
     assert follow_pointer(ckpt) == ckpt / "step_000002"
     for other in (ckpt / "step_000004", tmp_path / "run", tmp_path / "missing"):
         assert follow_pointer(other) == other
+
+
+@pytest.mark.parametrize("cut", ["half", "last_byte", "missing"])
+def test_a_truncated_shard_without_checksums_is_found_from_the_metadata_and_resume_falls_back(
+        data, two_ckpts, tmp_path, capsys, cut):
+    """A checkpoint without checksums.json (an older meshwright, another tool) has no hashes to verify: its
+    .metadata's offsets and lengths say how long each .distcp must be, so a short or missing shard is named in one
+    line and a resume falls back, as with checksums (it went to DCP, which failed deep inside torch)."""
+    run = _copy(two_ckpts, tmp_path / "run")
+    for step in ("step_000002", "step_000004"):
+        (run / "ckpt" / step / "checksums.json").unlink()
+    newest = run / "ckpt" / "step_000004"
+    shard = newest / "__0_0.distcp"
+    size = shard.stat().st_size
+    if cut == "missing":
+        shard.unlink()
+    else:
+        shard.write_bytes(shard.read_bytes()[: size // 2 if cut == "half" else size - 1])
+    t = make_trainer(data, run, steps=4, eval_every=0, warmup_steps=1)
+    with pytest.raises(CheckpointCorrupt) as err:
+        load_runtime(newest, t.runtime, t.optimizer)
+    assert one_line(err.value) and str(shard) in str(err.value)
+    assert ("is missing" if cut == "missing" else f"is truncated: {shard.stat().st_size} bytes, its .metadata "
+            f"places data up to byte {size}") in str(err.value)
+    warnings = []
+    t = make_trainer(data, run, steps=4, eval_every=0, warmup_steps=1)
+    t.print = warnings.append
+    assert t.resume() is True and t.step == 2  # fell back to step 2, itself loaded unverified
+    assert len(warnings) == 1 and warnings[0].startswith("warning: checkpoint file") and str(shard) in warnings[0]
+    assert "no checksums.json" in capsys.readouterr().err  # step 2 is still said to be unverified
+
+
+def test_export_of_a_truncated_shard_without_checksums_names_the_file(tmp_path):
+    """export read it with DCP and said the checkpoint 'does not hold the plain model' (a torch zip error)."""
+    from _train_helpers import trained_run
+    from meshwright.train.hf_export import export_hf
+
+    run = trained_run(tmp_path)
+    newest = latest_checkpoint(run / "ckpt")
+    (newest / "checksums.json").unlink()
+    shard = newest / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointCorrupt) as err:
+        export_hf(str(run), str(tmp_path / "hf"))
+    assert one_line(err.value) and f"checkpoint file {shard} is truncated: 100 bytes" in str(err.value)
+    assert not (tmp_path / "hf").exists()

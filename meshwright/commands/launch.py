@@ -20,8 +20,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ssh-known-hosts", default=None, metavar="FILE",
                    help="known_hosts file the hosts' keys must be in (default: ~/.ssh/known_hosts, as ssh); "
                         "unknown or changed host keys are refused")
-    p.add_argument("--rdzv-port", type=int, default=29400, help="c10d rendezvous / master port on the first host")
+    p.add_argument("--rdzv-port", type=int, default=29400, help="rendezvous (static: master; c10d: endpoint) port on the first host")
     p.add_argument("--max-restarts", type=int, default=0, help="elastic restarts; the trainer resumes from the latest checkpoint")
+    p.add_argument("--rdzv", choices=("auto", "static", "c10d"), default="auto",
+                   help="torchrun's rendezvous: static numbers the hosts in hostfile order (the first runs rank 0); "
+                        "c10d is elastic (torchrun orders hosts by address) and needed for restarts across hosts; "
+                        "auto: static, c10d with --max-restarts > 0")
     p.add_argument("--python", default=sys.executable, help="python on the hosts (default: this interpreter's path)")
     p.add_argument("--workdir", default=os.getcwd(), help="directory on the hosts to run in (default: this one)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment to set on every host (repeatable)")
@@ -59,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         k, v = item.split("=", 1)
         env[k] = v
     spec = LaunchSpec(hosts=hosts, train_args=command, python=args.python, workdir=args.workdir,
-                      rdzv_port=args.rdzv_port, max_restarts=args.max_restarts, env=env)
+                      rdzv_port=args.rdzv_port, max_restarts=args.max_restarts, env=env, rdzv=args.rdzv)
     spec.validate()
     if args.dry_run:
         if args.launcher == "deepspeed" and len(spec.hosts) > 1:  # what the launch would refuse, refused here too

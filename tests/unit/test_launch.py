@@ -27,11 +27,50 @@ def test_torchrun_dry_run_golden_two_hosts():
     assert lines == [
         f"[node{i}] ssh -o BatchMode=yes -p 2222 -i /keys/id_ed25519 node{i} 'exec /bin/sh -c '\"'\"'eval "
         "\"$(printf \"cd \\047/srv/run dir\\047 && exec "
-        f"/opt/venv/bin/python -m torch.distributed.run --nnodes=2 --node-rank={i} --nproc-per-node=4 --rdzv-backend=c10d "
-        "--rdzv-endpoint=node0:29400 --rdzv-id=meshwright --max-restarts=0 --tee=3 -m meshwright.cli train "
+        f"/opt/venv/bin/python -m torch.distributed.run --nnodes=2 --node-rank={i} --nproc-per-node=4 "
+        "--rdzv-backend=static --master-addr=node0 --master-port=29400 --max-restarts=0 "
+        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2 --tee=3 -m meshwright.cli train "
         "configs/train/default.yaml --plan auto\")\"'\"'\"''"
         for i in range(2)
     ]
+
+
+def test_rendezvous_static_in_hostfile_order_unless_restarts_need_c10d():
+    """Hosts are node ranks in hostfile order (static rendezvous, its store on the first host) by default; elastic
+    restarts keep c10d, whose node order is torchrun's (by address); an explicit static with restarts on several
+    hosts is one line."""
+    for i in range(3):
+        argv = torchrun_argv(spec(3), i)
+        assert argv[4:8] == [f"--node-rank={i}", "--nproc-per-node=4", "--rdzv-backend=static", "--master-addr=node0"]
+        assert "--master-port=29400" in argv and not any(a.startswith("--rdzv-endpoint") for a in argv)
+    assert "--rdzv-backend=c10d" in torchrun_argv(spec(2, max_restarts=1), 0)
+    assert "--rdzv-backend=c10d" in torchrun_argv(spec(2, rdzv="c10d"), 1)
+    assert "--rdzv-backend=static" in torchrun_argv(spec(1, max_restarts=2, rdzv="static"), 0)  # one host restarts alone
+    with pytest.raises(ConfigError, match=r"^--rdzv='static' is invalid; valid: c10d or auto with --max-restarts 2"):
+        spec(2, max_restarts=2, rdzv="static").validate()
+    with pytest.raises(ConfigError, match=r"^--rdzv='etcd' is invalid; valid: one of auto, static, c10d"):
+        spec(2, rdzv="etcd").validate()
+
+
+def test_torchrun_passes_the_preemption_signals_on_unless_the_user_chose():
+    """SIGUSR1 (Slurm --signal) is not among torchrun's default signals: sent to it, torchrun died alone and its
+    ranks trained on. Every host's torchrun now passes it on; an --env PET_SIGNALS_TO_HANDLE is the user's own."""
+    assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2" in torchrun_argv(spec(2), 1)
+    mine = torchrun_argv(spec(2, env={"PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGUSR2"}), 1)
+    assert not any(a.startswith("--signals-to-handle") for a in mine)
+
+
+def test_cli_rdzv_flag_reaches_the_commands(tmp_path, capsys):
+    hf = tmp_path / "hostfile"
+    hf.write_text("b slots=1\na slots=1\n")
+    assert main(["launch", "--hosts", str(hf), "--dry-run", "--rdzv", "c10d", "--workdir", "/elsewhere", "--",
+                 "train", "x"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("--rdzv-backend=c10d --rdzv-endpoint=b:29400") == 2
+    assert main(["launch", "--hosts", str(hf), "--dry-run", "--workdir", "/elsewhere", "--", "train", "x"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[b] ") and "--node-rank=0" in lines[0] and "--master-addr=b " in lines[0]
+    assert lines[1].startswith("[a] ") and "--node-rank=1" in lines[1] and "--master-addr=b " in lines[1]
 
 
 def test_torchrun_four_hosts_ranks_and_endpoint():

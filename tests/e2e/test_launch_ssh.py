@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -201,6 +203,87 @@ def test_two_node_torchrun_launch_trains_tiny_dp2(sshd, tmp_path):
     assert len(summary_lines) == 1, proc.stdout[-6000:]
     assert summary_lines[0].startswith("[127.0.0.2] [default0]:summary:"), proc.stdout[-6000:]
     assert "node_rank is only used for static" not in proc.stdout + proc.stderr  # torchrun's c10d warning
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(500)
+def test_a_dropped_connection_stops_every_rank_at_one_step_with_a_checkpoint(sshd, tmp_path):
+    """The launch's connections drop (its machine vanishes: SIGKILL, so nothing is passed on). sshd hangs up each
+    host's pty, torchrun passes the SIGHUP to its ranks, and they stop after the same step with a checkpoint there
+    (preempt_signals), not at once, mid-save, as before. Then every rank and torchrun is gone."""
+    hf = tmp_path / "hostfile"
+    hf.write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
+    out_dir = tmp_path / "run"
+    pids = tmp_path / "torchrun.pids"
+    wrapper = tmp_path / "python"  # the hosts' python: records the pid of the torchrun it becomes
+    wrapper.write_text(f"#!/bin/sh\necho $$ >> {pids}\nexec {shlex.quote(sys.executable)} \"$@\"\n")
+    wrapper.chmod(0o755)
+    from helpers import free_port
+
+    steps = 2000  # never reached
+    log = tmp_path / "launch.txt"
+    with open(log, "w") as fh:
+        launch = subprocess.Popen(
+            [sys.executable, "-m", "meshwright.cli", "launch", "--hosts", str(hf), "--ssh-port", str(sshd.port),
+             "--ssh-key", str(sshd.key), "--ssh-known-hosts", str(sshd.known_hosts), "--python", str(wrapper),
+             "--workdir", str(REPO), "--rdzv-port", str(free_port()), "--env", "OMP_NUM_THREADS=1",
+             "--env", f"PYTHONPATH={REPO}", "--env", "MESHWRIGHT_PG_TIMEOUT_S=60",
+             "--", "train", "tiny-test", f"steps={steps}", "eval_every=0", "log_every=1", "data.max_files=20",
+             "ckpt_every=0", "progress=false", f"out_dir={out_dir}"],
+            stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    agents: list[int] = []
+    ranks: set[int] = set()
+    try:
+        deadline = time.monotonic() + 300
+        records = out_dir / "log.jsonl"
+        while not records.is_file() or len(records.read_text().splitlines()) < 2:
+            assert launch.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.1)
+        agents = [int(p) for p in pids.read_text().split()]
+        ranks = {c for a in agents for c in _children(a)}
+        assert len(agents) == 2 and len(ranks) >= 2, log.read_text()[-4000:]
+        launch.kill()  # the connections close with the process: nothing is passed on, sshd hangs up the ptys
+        launch.wait(30)
+        deadline = time.monotonic() + 120  # torchrun waits 30 s for its ranks, then kills them
+        while any(_alive(p) for p in (*agents, *ranks)):
+            ranks |= {c for a in agents if _alive(a) for c in _children(a)}
+            assert time.monotonic() < deadline, f"still running after the hang-up: {[p for p in (*agents, *ranks) if _alive(p)]}"
+            time.sleep(0.2)
+    finally:
+        for pid in [*ranks, *agents]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if launch.poll() is None:
+            launch.kill()
+            launch.wait(10)
+    summary = json.loads((out_dir / "summary.json").read_text())
+    stopped = summary["steps"]
+    assert summary["stopped_by"] == "SIGHUP" and summary["world_size"] == 2 and 2 <= stopped < steps
+    from meshwright.train.checkpoint import latest_checkpoint
+    from meshwright.train.checkpoint_io import verify_manifest
+
+    ckpt = latest_checkpoint(out_dir / "ckpt")
+    assert ckpt is not None and ckpt.name == f"step_{stopped:06d}", summary
+    verify_manifest(ckpt)
+    recs = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    assert recs[-1]["step"] == stopped  # the log ends where the checkpoint is
 
 
 def test_two_node_deepspeed_launch_over_pdsh(sshd, tmp_path):

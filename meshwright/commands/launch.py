@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ssh-known-hosts", default=None, metavar="FILE",
                    help="known_hosts file the hosts' keys must be in (default: ~/.ssh/known_hosts, as ssh); "
                         "unknown or changed host keys are refused")
-    p.add_argument("--rdzv-port", type=int, default=29400, help="rendezvous (static: master; c10d: endpoint) port on the first host")
+    p.add_argument("--rdzv-port", type=int, default=29400,
+                   help="rendezvous (static: master; c10d: endpoint) port on the first host")
     p.add_argument("--max-restarts", type=int, default=0, help="elastic restarts; the trainer resumes from the latest checkpoint")
     p.add_argument("--rdzv", choices=("auto", "static", "c10d"), default="auto",
                    help="torchrun's rendezvous: static numbers the hosts in hostfile order (the first runs rank 0); "

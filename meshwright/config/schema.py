@@ -563,7 +563,8 @@ class TrainConfig:
             raise invalid(f"{p}preempt_signals", self.preempt_signals, valid)
         for i, name in enumerate(self.preempt_signals):
             if name not in STOPPABLE or self.preempt_signals.index(name) != i:
-                hint = " (SIGINT is Ctrl-C's: it stops in the step, without a new checkpoint)" if name == "SIGINT" else ""
+                hint = (" (SIGINT is Ctrl-C's: it stops in the step, without a new checkpoint)" if name == "SIGINT"
+                        else "")
                 raise invalid(f"{p}preempt_signals[{i}]", name, valid + hint)
 
     def validate(self, prefix: str = "") -> None:

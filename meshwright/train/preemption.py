@@ -5,11 +5,12 @@ Why: schedulers preempt with SIGTERM some seconds before SIGKILL (Slurm also sen
 ``--signal``; torchrun's agent passes SIGTERM on to its workers and kills them 30 s later); a dropped SSH
 connection hangs up the run's terminal, and the kernel (or torchrun, passing it on) sends SIGHUP. Dying there lost
 every step since the last checkpoint: with the default ``ckpt_every: 0``, the whole run. Which signals stop the run
-is ``preempt_signals`` (TrainConfig; default ``DEFAULT_SIGNALS``); whichever it was, the exit status is 143. The handler only records the
-signal; the trainer asks :meth:`Preemption.agreed` after every step and, when it says yes, finishes the step in
-flight, writes a checkpoint and returns. Ranks receive a signal at different moments, so with several ranks each
-step's flags are all-reduced (max) in the background on a gloo group of their own, on the host (no wait for the
-GPU, whose steps the trainer overlaps), and read one step later: every rank stops after the same step.
+is ``preempt_signals`` (TrainConfig; default ``DEFAULT_SIGNALS``); whichever it was, the exit status is 143.
+The handler only records the signal; the trainer asks :meth:`Preemption.agreed` after every step and, when it says
+yes, finishes the step in flight, writes a checkpoint and returns. Ranks receive a signal at different moments,
+so with several ranks each step's flags are all-reduced (max) in the background on a gloo group of their own, on
+the host (no wait for the GPU, whose steps the trainer overlaps), and read one step later: every rank stops after
+the same step.
 
 The grace: a stop takes the rest of the steps to the agreed boundary (one, one more for the lagged all-reduce with
 several ranks, one more where the trainer overlaps read-backs) and the checkpoint, all before the scheduler's

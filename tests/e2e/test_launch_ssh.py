@@ -205,17 +205,6 @@ def test_two_node_torchrun_launch_trains_tiny_dp2(sshd, tmp_path):
     assert "node_rank is only used for static" not in proc.stdout + proc.stderr  # torchrun's c10d warning
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(stat.parent.name))
-        except (OSError, ValueError, IndexError):
-            continue
-    return out
-
-
 def _alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -235,7 +224,7 @@ def test_a_dropped_connection_stops_every_rank_at_one_step_with_a_checkpoint(ssh
     wrapper = tmp_path / "python"  # the hosts' python: records the pid of the torchrun it becomes
     wrapper.write_text(f"#!/bin/sh\necho $$ >> {pids}\nexec {shlex.quote(sys.executable)} \"$@\"\n")
     wrapper.chmod(0o755)
-    from helpers import free_port
+    from helpers import children, free_port
 
     steps = 2000  # never reached
     log = tmp_path / "launch.txt"
@@ -257,14 +246,15 @@ def test_a_dropped_connection_stops_every_rank_at_one_step_with_a_checkpoint(ssh
             assert launch.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
             time.sleep(0.1)
         agents = [int(p) for p in pids.read_text().split()]
-        ranks = {c for a in agents for c in _children(a)}
+        ranks = {c for a in agents for c in children(a)}
         assert len(agents) == 2 and len(ranks) >= 2, log.read_text()[-4000:]
         launch.kill()  # the connections close with the process: nothing is passed on, sshd hangs up the ptys
         launch.wait(30)
         deadline = time.monotonic() + 120  # torchrun waits 30 s for its ranks, then kills them
         while any(_alive(p) for p in (*agents, *ranks)):
-            ranks |= {c for a in agents if _alive(a) for c in _children(a)}
-            assert time.monotonic() < deadline, f"still running after the hang-up: {[p for p in (*agents, *ranks) if _alive(p)]}"
+            ranks |= {c for a in agents if _alive(a) for c in children(a)}
+            left = [p for p in (*agents, *ranks) if _alive(p)]
+            assert time.monotonic() < deadline, f"still running after the hang-up: {left}"
             time.sleep(0.2)
     finally:
         for pid in [*ranks, *agents]:

@@ -45,7 +45,7 @@ def test_rendezvous_static_in_hostfile_order_unless_restarts_need_c10d():
         assert "--master-port=29400" in argv and not any(a.startswith("--rdzv-endpoint") for a in argv)
     assert "--rdzv-backend=c10d" in torchrun_argv(spec(2, max_restarts=1), 0)
     assert "--rdzv-backend=c10d" in torchrun_argv(spec(2, rdzv="c10d"), 1)
-    assert "--rdzv-backend=static" in torchrun_argv(spec(1, max_restarts=2, rdzv="static"), 0)  # one host restarts alone
+    assert "--rdzv-backend=static" in torchrun_argv(spec(1, max_restarts=2, rdzv="static"), 0)  # one host: allowed
     with pytest.raises(ConfigError, match=r"^--rdzv='static' is invalid; valid: c10d or auto with --max-restarts 2"):
         spec(2, max_restarts=2, rdzv="static").validate()
     with pytest.raises(ConfigError, match=r"^--rdzv='etcd' is invalid; valid: one of auto, static, c10d"):

@@ -37,7 +37,7 @@ class LaunchSpec:
     max_restarts: int = 0
     env: dict[str, str] = field(default_factory=dict)
     run_id: str = "meshwright"
-    rdzv: str = "auto"  # torchrun's rendezvous: static (hostfile order), c10d (elastic restarts), auto (see rdzv_backend)
+    rdzv: str = "auto"  # torchrun's rendezvous: static (hostfile order), c10d (elastic restarts), auto: rdzv_backend
 
     def validate(self) -> None:
         if not self.train_args or self.train_args[0] != "train":

@@ -304,6 +304,74 @@ def test_two_node_deepspeed_launch_over_pdsh(sshd, tmp_path):
     assert "127.0.0.2: " in both and "node_rank=1" in both  # the second node really ran over pdsh
 
 
+def _running_with(marker: str) -> list[int]:
+    """Pids whose command line holds ``marker`` (a test's own temporary out_dir): what the test started."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if marker in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return [p for p in found if p != os.getpid()]
+
+
+@pytest.mark.timeout(500)
+def test_ctrl_c_of_a_deepspeed_launch_stops_every_rank_with_a_checkpoint(sshd, tmp_path):
+    """`--launcher deepspeed` over pdsh, Ctrl-C to the launch: it passes it on to DeepSpeed's runner, waits for it,
+    closes the ssh clients pdsh leaves, and each host's pty hangs up (ssh -tt): both ranks stop after the same step
+    with a checkpoint there (SIGHUP), nothing is left running, the launch says `interrupted` (130). Before, the launch
+    SIGKILLed the runner, DeepSpeed's remote pkill failed ('only one pattern can be provided') and the ranks trained
+    on, orphaned."""
+    if shutil.which("pdsh") is None:
+        pytest.skip("pdsh not installed (apt-get install pdsh)")
+    hf = tmp_path / "hostfile"
+    hf.write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
+    out_dir = tmp_path / "run"
+    from helpers import free_port
+
+    env = {**os.environ,
+           "PDSH_SSH_ARGS_APPEND": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"}
+    steps = 2000  # never reached
+    log = tmp_path / "launch.txt"
+    with open(log, "w") as fh:
+        launch = subprocess.Popen(
+            [sys.executable, "-m", "meshwright.cli", "launch", "--hosts", str(hf), "--ssh-port", str(sshd.port),
+             "--ssh-key", str(sshd.key), "--launcher", "deepspeed", "--python", sys.executable, "--workdir", str(REPO),
+             "--rdzv-port", str(free_port()), "--env", "OMP_NUM_THREADS=1", "--env", f"PYTHONPATH={REPO}",
+             "--", "train", "tiny-test", f"steps={steps}", "eval_every=0", "log_every=1", "data.max_files=20",
+             "ckpt_every=0", "progress=false", f"out_dir={out_dir}"],
+            stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        records = out_dir / "log.jsonl"
+        while not records.is_file() or len(records.read_text().splitlines()) < 2:
+            assert launch.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.1)
+        os.killpg(launch.pid, signal.SIGINT)  # Ctrl-C in the launch's terminal
+        assert launch.wait(120) == 130, log.read_text()[-4000:]
+        deadline = time.monotonic() + 60
+        while _running_with(f"out_dir={out_dir}"):
+            assert time.monotonic() < deadline, f"still running: {_running_with(f'out_dir={out_dir}')}"
+            time.sleep(0.2)
+    finally:
+        for pid in _running_with(f"out_dir={out_dir}"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if launch.poll() is None:
+            launch.kill()
+            launch.wait(10)
+    text = log.read_text()
+    assert text.rstrip().endswith("meshwright launch: interrupted"), text[-2000:]
+    summary = json.loads((out_dir / "summary.json").read_text())
+    stopped = summary["steps"]
+    assert summary["stopped_by"] == "SIGHUP" and summary["world_size"] == 2 and 2 <= stopped < steps
+    from meshwright.train.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(out_dir / "ckpt")
+    assert ckpt is not None and ckpt.name == f"step_{stopped:06d}" and (ckpt / "rng_rank00001.pt").is_file()
+
+
 def test_deepspeed_env_and_ssh_options_are_quoted():
     from meshwright.launcher.remote.argv import dry_run_lines, env_script_text, pdsh_ssh_args
 

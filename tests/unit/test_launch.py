@@ -1,7 +1,9 @@
 """Launch commands: golden dry runs, hostile host names, hostfile validation, unreachable hosts."""
 
+import contextlib
 import shlex
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -191,3 +193,60 @@ def test_a_host_failing_before_the_start_leaves_nothing_running_or_open(monkeypa
         rm = "exec /bin/sh -c 'eval \"$(printf \"rm -f "
         removed = [[c for c, _ in conn.runs if c.startswith(rm)] for conn in conns]
         assert removed[0] == [remove_file_command(remote_env_file(s, 0))] and not removed[1]
+
+
+@pytest.mark.timeout(60)
+def test_a_deepspeed_launch_passes_ctrl_c_on_to_its_runner_and_closes_the_ssh_clients_left(tmp_path):
+    """A stand-in for DeepSpeed's runner (its own process group) records the Ctrl-C passed on to it and ends, leaving
+    an "ssh" (a copy of sleep) in a session of its own, as pdsh does; the launch waits for the runner, then SIGTERMs
+    that ssh by its recorded pid (its connection closing hangs up the host's pty), and says it was interrupted. An
+    unrelated process named in the pid file (not that ssh) is spared."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    from meshwright.commands.launch import _run_passing_signals_on
+
+    fake_ssh = tmp_path / "ssh"
+    shutil.copy(shutil.which("sleep"), fake_ssh)
+    pids = tmp_path / "ssh.pids"
+    other = subprocess.Popen([shutil.which("sleep"), "60"])
+    runner = tmp_path / "runner"
+    runner.write_text(
+        "#!/bin/sh\n"
+        f"setsid {fake_ssh} 60 & echo $! >> {pids}\n"
+        f"echo {other.pid} >> {pids}\n"
+        f"trap 'echo INT > {tmp_path}/runner.got; exit 1' INT\n"
+        f"touch {tmp_path}/ready\n"
+        "while :; do sleep 0.1; done\n")
+    runner.chmod(0o755)
+    main_thread = threading.get_ident()
+
+    def press() -> None:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        signal.pthread_kill(main_thread, signal.SIGINT)
+
+    threading.Thread(target=press, daemon=True).start()
+    ssh_pid = None
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _run_passing_signals_on([str(runner)], cwd=str(tmp_path), env=dict(os.environ),
+                                    ssh=(pids, str(fake_ssh)))
+        assert (tmp_path / "runner.got").read_text() == "INT\n"
+        ssh_pid = int(pids.read_text().split()[0])
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{ssh_pid}").exists() and "Z" not in Path(f"/proc/{ssh_pid}/stat").read_text().split()[2]:
+            assert time.monotonic() < deadline, "the ssh left by the runner still runs"
+            time.sleep(0.05)
+        assert other.poll() is None  # not an ssh: spared
+    finally:
+        other.kill()
+        other.wait(10)
+        if ssh_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(ssh_pid, signal.SIGKILL)

@@ -281,8 +281,12 @@ def env_script_text(spec: LaunchSpec) -> str:
 
 
 def pdsh_ssh_args(ssh_key: str | None, extra: str = "") -> str:
-    """``PDSH_SSH_ARGS_APPEND``: key-only, non-interactive ssh for pdsh (DeepSpeed appends ``-p PORT``)."""
-    words = ["-o", "BatchMode=yes", "-o", "PasswordAuthentication=no"]
+    """``PDSH_SSH_ARGS_APPEND``: key-only, non-interactive ssh for pdsh (DeepSpeed appends ``-p PORT``), with a
+    remote pty (``-tt``): when the connection closes (a Ctrl-C or SIGTERM of the launch, which stops pdsh and its
+    ssh; a dropped network) sshd hangs it up and every process of the host's command gets SIGHUP, so the ranks stop
+    with a checkpoint (preempt_signals). Without one nothing reached them: DeepSpeed's own remote ``pkill`` fails
+    (0.19.8: 'only one pattern can be provided') and the ranks trained on, orphaned (measured)."""
+    words = ["-tt", "-o", "BatchMode=yes", "-o", "PasswordAuthentication=no"]
     if ssh_key:
         words += ["-o", "IdentitiesOnly=yes", "-i", ssh_key]
     return shlex.join(shlex.split(extra) + words)  # the user's words re-quoted: safe to put in a script

@@ -74,6 +74,8 @@ class Preemption:
         if threading.current_thread() is threading.main_thread():
             self._ttys = tuple(fd for fd in (1, 2) if _isatty(fd))
             for s in self.signals:
+                if signal.getsignal(s) is signal.SIG_IGN:  # `nohup`'s SIGHUP: the user asked for the run to go on
+                    continue
                 self._previous[s] = signal.signal(s, self._record)
         return self
 

@@ -81,6 +81,21 @@ def test_preemption_records_the_signals_it_is_given_and_leaves_the_others_alone(
         assert p.agreed() is True and p.name == "SIGHUP"
 
 
+def test_an_ignored_signal_stays_ignored():
+    """`nohup meshwright train ...` ignores SIGHUP so that the run outlives the terminal: the preemption leaves it
+    ignored (a hang-up then neither stops nor kills the run); the other signals are handled as usual."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with Preemption(1) as p:
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == p._record
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert p.agreed() is False
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("grace, warned, ckpt_async", [(1e-9, True, False), (1e-9, True, True), (1e9, False, False),
                                                       (0.0, False, False)], ids=["exceeded", "async", "fits", "off"])

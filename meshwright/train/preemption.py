@@ -37,8 +37,8 @@ from typing import Any, Iterable, Optional
 # SIGTERM: every scheduler's stop and torchrun's; SIGUSR1: Slurm's --signal (Lightning's choice too); SIGHUP: a hang-up.
 # Each one's default action kills the process at once, so taking them loses nothing a user relied on.
 DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGHUP")
-# what preempt_signals may name: SIGINT is Ctrl-C's (stop in the step, no new checkpoint), SIGKILL/SIGSTOP cannot be
-# caught, the rest are not stop requests (SIGUSR2: submitit's --signal)
+# what preempt_signals may name (SIGUSR2: submitit's --signal). Not SIGINT, Ctrl-C's (stop in the step, no new
+# checkpoint), nor SIGKILL/SIGSTOP (they cannot be caught); the other signals are no stop requests
 STOPPABLE = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT")
 STOP_SIGNALS = tuple(signal.Signals[s] for s in DEFAULT_SIGNALS)
 EXIT_PREEMPTED = 128 + signal.SIGTERM  # what a process killed by SIGTERM reports: the run is not finished

@@ -38,6 +38,20 @@ def run_torchrun(script: str | Path, nproc: int, args: list[str] | None = None, 
     return proc
 
 
+def children(pid: int) -> list[int]:
+    """The pids whose parent is ``pid`` (from /proc): torchrun's ranks, which run in sessions of their own, so a
+    test that started them kills them by pid."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return sorted(out)
+
+
 def read_json(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,8 +23,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ssh-known-hosts", default=None, metavar="FILE",
                    help="known_hosts file the hosts' keys must be in (default: ~/.ssh/known_hosts, as ssh); "
                         "unknown or changed host keys are refused")
-    p.add_argument("--rdzv-port", type=int, default=29400, help="c10d rendezvous / master port on the first host")
+    p.add_argument("--rdzv-port", type=int, default=29400,
+                   help="rendezvous (static: master; c10d: endpoint) port on the first host")
     p.add_argument("--max-restarts", type=int, default=0, help="elastic restarts; the trainer resumes from the latest checkpoint")
+    p.add_argument("--rdzv", choices=("auto", "static", "c10d"), default="auto",
+                   help="torchrun's rendezvous: static numbers the hosts in hostfile order (the first runs rank 0); "
+                        "c10d is elastic (torchrun orders hosts by address) and needed for restarts across hosts; "
+                        "auto: static, c10d with --max-restarts > 0")
     p.add_argument("--python", default=sys.executable, help="python on the hosts (default: this interpreter's path)")
     p.add_argument("--workdir", default=os.getcwd(), help="directory on the hosts to run in (default: this one)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment to set on every host (repeatable)")
@@ -59,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         k, v = item.split("=", 1)
         env[k] = v
     spec = LaunchSpec(hosts=hosts, train_args=command, python=args.python, workdir=args.workdir,
-                      rdzv_port=args.rdzv_port, max_restarts=args.max_restarts, env=env)
+                      rdzv_port=args.rdzv_port, max_restarts=args.max_restarts, env=env, rdzv=args.rdzv)
     spec.validate()
     if args.dry_run:
         if args.launcher == "deepspeed" and len(spec.hosts) > 1:  # what the launch would refuse, refused here too
@@ -131,7 +139,9 @@ def run_deepspeed(spec, args: argparse.Namespace) -> int:
         # a wrapper first on PATH gives both the key and the user's PDSH_SSH_ARGS_APPEND options.
         opts = pdsh_ssh_args(args.ssh_key, os.environ.get("PDSH_SSH_ARGS_APPEND", ""))
         wrapper = Path(tmp) / "ssh"
-        wrapper.write_text(f"#!/bin/sh\nexec {shlex.quote(real_ssh)} {opts} \"$@\"\n")
+        ssh_pids = Path(tmp) / "ssh.pids"  # each ssh's pid (the wrapper execs it): what an interrupt closes
+        wrapper.write_text(f"#!/bin/sh\necho $$ >> {shlex.quote(str(ssh_pids))}\n"
+                           f"exec {shlex.quote(real_ssh)} {opts} \"$@\"\n")
         wrapper.chmod(0o700)
         run_env["PATH"] = f"{tmp}{os.pathsep}{os.environ.get('PATH', '')}"
         if spec.env and len(spec.hosts) == 1:
@@ -141,10 +151,61 @@ def run_deepspeed(spec, args: argparse.Namespace) -> int:
         try:
             argv = deepspeed_argv(spec, hostfile, ssh_port, env_script=env_script.resolve() if env_script else None)
             argv[0] = exe
-            return subprocess.call(argv, cwd=spec.workdir, env=run_env)
+            return _run_passing_signals_on(argv, cwd=spec.workdir, env=run_env,
+                                           ssh=(ssh_pids, real_ssh) if len(spec.hosts) > 1 else None)
         finally:
             if env_script is not None:
                 env_script.unlink(missing_ok=True)
+
+
+def _run_passing_signals_on(argv: list[str], cwd: str, env: dict[str, str], ssh: tuple[Any, str] | None) -> int:
+    """Run DeepSpeed's runner in a process group of its own and pass each Ctrl-C, SIGTERM or SIGHUP of the launch on
+    to that whole group (the runner and pdsh; with one host DeepSpeed's local launcher and the ranks), as a terminal
+    would, then wait for the runner to end. ``ssh`` (several hosts: the file the ssh wrapper writes each pid to, and
+    the real ssh): once the runner has ended after such a signal, the ssh clients pdsh started and left running get
+    SIGTERM. They run in sessions of their own with pdsh's SIGINT blocked, and the runner's teardown signals pdsh alone
+    (its remote ``pkill`` fails), so they kept their connections and the ranks trained on, orphaned (measured, as
+    often as not: only where pdsh saw two SIGINTs before the runner's SIGTERM did it close them). Closed, each host's
+    pty hangs up (``pdsh_ssh_args``'s ``-tt``): SIGHUP stops the ranks with a checkpoint. Before, ``subprocess.call``
+    SIGKILLed the runner at the first Ctrl-C, in its own teardown, and a SIGTERM killed the launch alone."""
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+    passed: list[int] = []
+
+    def pass_on(signum: int, frame: object) -> None:
+        passed.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signum)
+
+    previous = {s: signal.signal(s, pass_on) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        code = proc.wait()
+        if passed and ssh is not None:
+            _close_ssh_clients(*ssh)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if passed:
+        raise KeyboardInterrupt  # the runner has ended: the launch says so once (exit 130), as with torchrun
+    if code < 0:  # the runner died of a signal: the shell's convention
+        return 128 - code
+    return code
+
+
+def _close_ssh_clients(pid_file: Any, real_ssh: str) -> None:
+    """SIGTERM to each pid in ``pid_file`` still running ``real_ssh`` (a reused pid runs something else: spared)."""
+    from pathlib import Path
+
+    try:
+        pids = {int(w) for w in Path(pid_file).read_text().split()}
+    except (OSError, ValueError):
+        return
+    exe = os.path.realpath(real_ssh)
+    for pid in sorted(pids):
+        try:
+            if os.path.realpath(f"/proc/{pid}/exe") == exe:
+                os.kill(pid, signal.SIGTERM)
+        except (OSError, ProcessLookupError):
+            continue
 
 
 def _private_file(directory, text: str):

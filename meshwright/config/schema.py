@@ -535,6 +535,10 @@ class TrainConfig:
     # --signal lead). The trainer warns once when a stop (the steps to the next boundary + a checkpoint) would take
     # longer, and then decides a stop at the first step boundary (train/preemption.py); 0: no such check
     preempt_grace_s: float = 30.0
+    # signals that stop the run after the same step on every rank, with a checkpoint there, exit 143 (requeue and
+    # --resume): SIGTERM (schedulers; torchrun passes it on), SIGUSR1 (Slurm --signal), SIGHUP (a dropped SSH
+    # connection hangs up the terminal). Also valid: SIGUSR2 (submitit's), SIGQUIT; [] keeps every default action
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGHUP"])
     # accounting: FLOPs convention for MFU/HFU, energy metering (NVML + offline codecarbon), CO2
     flops_convention: Literal["palm", "megatron", "megatron2021"] = "palm"
     energy: bool = True
@@ -550,6 +554,18 @@ class TrainConfig:
     tensorboard: bool = False
     wandb: Optional[Literal["offline", "online"]] = None
     wandb_project: str = "meshwright"
+
+    def _validate_preempt_signals(self, p: str) -> None:
+        from meshwright.train.preemption import STOPPABLE
+
+        valid = f"a list of {', '.join(STOPPABLE)} (each once), or [] for none"
+        if not isinstance(self.preempt_signals, list):
+            raise invalid(f"{p}preempt_signals", self.preempt_signals, valid)
+        for i, name in enumerate(self.preempt_signals):
+            if name not in STOPPABLE or self.preempt_signals.index(name) != i:
+                hint = (" (SIGINT is Ctrl-C's: it stops in the step, without a new checkpoint)" if name == "SIGINT"
+                        else "")
+                raise invalid(f"{p}preempt_signals[{i}]", name, valid + hint)
 
     def validate(self, prefix: str = "") -> None:
         p = f"{prefix}." if prefix else ""
@@ -612,6 +628,7 @@ class TrainConfig:
         if not (isinstance(self.preempt_grace_s, (int, float)) and 0 <= self.preempt_grace_s < float("inf")):
             raise invalid(f"{p}preempt_grace_s", self.preempt_grace_s, "a non-negative number of seconds (0 disables "
                           "the check)")
+        self._validate_preempt_signals(p)
         try:
             validate_grid(self.pue, self.grid_intensity)
         except ConfigError as exc:

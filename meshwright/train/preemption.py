@@ -1,12 +1,16 @@
-"""Stop at a step boundary with a checkpoint when a scheduler asks (SIGTERM, SIGUSR1), not lose the run.
+"""Stop at a step boundary with a checkpoint when a scheduler asks (SIGTERM, SIGUSR1) or the terminal hangs up
+(SIGHUP), not lose the run.
 
 Why: schedulers preempt with SIGTERM some seconds before SIGKILL (Slurm also sends SIGUSR1 ahead with
-``--signal``; torchrun's agent passes SIGTERM on to its workers and kills them 30 s later). Dying there lost every
-step since the last checkpoint: with the default ``ckpt_every: 0``, the whole run. The handler only records the
-signal; the trainer asks :meth:`Preemption.agreed` after every step and, when it says yes, finishes the step in
-flight, writes a checkpoint and returns. Ranks receive a signal at different moments, so with several ranks each
-step's flags are all-reduced (max) in the background on a gloo group of their own, on the host (no wait for the
-GPU, whose steps the trainer overlaps), and read one step later: every rank stops after the same step.
+``--signal``; torchrun's agent passes SIGTERM on to its workers and kills them 30 s later); a dropped SSH
+connection hangs up the run's terminal, and the kernel (or torchrun, passing it on) sends SIGHUP. Dying there lost
+every step since the last checkpoint: with the default ``ckpt_every: 0``, the whole run. Which signals stop the run
+is ``preempt_signals`` (TrainConfig; default ``DEFAULT_SIGNALS``); whichever it was, the exit status is 143.
+The handler only records the signal; the trainer asks :meth:`Preemption.agreed` after every step and, when it says
+yes, finishes the step in flight, writes a checkpoint and returns. Ranks receive a signal at different moments,
+so with several ranks each step's flags are all-reduced (max) in the background on a gloo group of their own, on
+the host (no wait for the GPU, whose steps the trainer overlaps), and read one step later: every rank stops after
+the same step.
 
 The grace: a stop takes the rest of the steps to the agreed boundary (one, one more for the lagged all-reduce with
 several ranks, one more where the trainer overlaps read-backs) and the checkpoint, all before the scheduler's
@@ -22,24 +26,33 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import threading
 import time
 from datetime import timedelta
 from types import FrameType
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# SIGTERM: every scheduler's stop and torchrun's; SIGUSR1: Slurm's --signal (Lightning's choice too); SIGHUP: a hang-up.
+# Each one's default action kills the process at once, so taking them loses nothing a user relied on.
+DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGHUP")
+# what preempt_signals may name (SIGUSR2: submitit's --signal). Not SIGINT, Ctrl-C's (stop in the step, no new
+# checkpoint), nor SIGKILL/SIGSTOP (they cannot be caught); the other signals are no stop requests
+STOPPABLE = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT")
+STOP_SIGNALS = tuple(signal.Signals[s] for s in DEFAULT_SIGNALS)
 EXIT_PREEMPTED = 128 + signal.SIGTERM  # what a process killed by SIGTERM reports: the run is not finished
 EXIT_WAIT_S = 5.0  # how long leaving on an error waits for the last step's flag all-reduce (a peer interrupted too)
 
 
 class Preemption:
-    """A context that records STOP_SIGNALS while it is open (main thread only: Python delivers signals there) and
-    restores the previous handlers on exit. Opened on every rank at once: with several ranks it creates its gloo
-    group, collectively."""
+    """A context that records ``signals`` (default STOP_SIGNALS) while it is open (main thread only: Python delivers
+    signals there) and restores the previous handlers on exit. Opened on every rank at once: with several ranks it
+    creates its gloo group, collectively."""
 
-    def __init__(self, world_size: int = 1) -> None:
+    def __init__(self, world_size: int = 1, signals: Iterable[str | int] = DEFAULT_SIGNALS) -> None:
+        self.signals = tuple(signal.Signals[s] if isinstance(s, str) else signal.Signals(s) for s in signals)
+        self._ttys: tuple[int, ...] = ()  # stdout/stderr where they were terminals at __enter__ (SIGHUP)
         self.signum: Optional[int] = None
         self.received_at: Optional[float] = None  # time.monotonic() at this rank's first signal
         self.world_size = world_size
@@ -59,7 +72,10 @@ class Preemption:
             self._group = dist.new_group(backend="gloo", timeout=DEFAULT_TIMEOUT)
         self._open = True
         if threading.current_thread() is threading.main_thread():
-            for s in STOP_SIGNALS:
+            self._ttys = tuple(fd for fd in (1, 2) if _isatty(fd))
+            for s in self.signals:
+                if signal.getsignal(s) is signal.SIG_IGN:  # `nohup`'s SIGHUP: the user asked for the run to go on
+                    continue
                 self._previous[s] = signal.signal(s, self._record)
         return self
 
@@ -82,6 +98,23 @@ class Preemption:
         if self.received_at is None:
             self.received_at = time.monotonic()
         self.signum = signum
+        if signum == signal.SIGHUP:
+            self._silence_hung_up_terminal()
+
+    def _silence_hung_up_terminal(self) -> None:
+        """A hung-up terminal fails every write with EIO: the next progress line would have ended the run with an
+        OSError before its checkpoint. Its stdout/stderr (terminals at ``__enter__``, no longer answering as one: the
+        kernel refuses a hung-up terminal's ioctls) go to /dev/null; log.jsonl and the summary keep the record. Files
+        and pipes (torchrun --tee, a redirect) and a terminal still there are left alone."""
+        gone = [fd for fd in self._ttys if not _isatty(fd)]
+        if not gone:
+            return
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            for fd in gone:
+                os.dup2(null, fd)
+        finally:
+            os.close(null)
 
     def took(self) -> str:
         """How long this stop took, from this rank's signal to now (the checkpoint in place), for the stop's line:
@@ -126,6 +159,13 @@ class Preemption:
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum is not None else "a signal on another rank"
+
+
+def _isatty(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
 
 
 def grace_warning(grace_s: float, step_s: float, ckpt_s: float | None, steps: int, sooner: bool,

@@ -121,7 +121,7 @@ class Trainer:
         self._skips_on_device: bool | None = None  # skips_on_device(self.optimizer), decided at the first step
         self._overlap_everywhere = False  # _skips_on_device on every rank (see may_overlap)
         self.overlap_readback = True  # fit reads a step's loss back after queueing the next (see may_overlap)
-        self.preemption = Preemption()  # fit opens its own: SIGTERM/SIGUSR1 stop at a step with a checkpoint
+        self.preemption = Preemption()  # fit opens its own: preempt_signals stop at a step with a checkpoint
         self._stopping = False  # a stop agreed by every rank (preemption.py)
         self._saved_step = -1  # the step of this process's last checkpoint (fit's final save skips a second one)
         self._slowest_step_s = 0.0  # the slowest step this session after the first (preempt_grace_s)
@@ -492,7 +492,7 @@ class Trainer:
                    disable=not (self.cfg.progress and self.runtime.is_main), mininterval=1.0, dynamic_ncols=True)
         self._start_energy()
         try:
-            with Preemption(self.runtime.world_size) as self.preemption:
+            with Preemption(self.runtime.world_size, self.cfg.preempt_signals) as self.preemption:
                 for out in self.steps():
                     self._after_step(run, log, bar, out)
         except BaseException as exc:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import PYTHON, REPO, free_port
+from helpers import PYTHON, REPO, children, free_port
 from meshwright.train.checkpoint import latest_checkpoint
 from meshwright.train.checkpoint_io import verify_manifest
 
@@ -30,18 +30,6 @@ WORKER = HERE / "interrupt_worker.py"
 ARGS = ["tiny-test", "steps=40", "log_every=1", "eval_every=0", "data.max_files=20", "progress=false",
         "ckpt_every=2", "ckpt_async=true", "preempt_grace_s=0"]
 PROMPT_S = 20  # an exit "at once": well inside torchrun's 30 s before SIGKILL and the 60 s gloo timeout set here
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return sorted(out)
 
 
 def state(pid: int) -> str:

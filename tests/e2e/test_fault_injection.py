@@ -231,6 +231,57 @@ def test_a_scheduler_signal_stops_at_a_step_with_a_checkpoint_and_the_resume_los
     assert trajectory(out) == trajectory(ref)  # bitwise
 
 
+@pytest.mark.timeout(300)
+def test_a_hang_up_stops_at_a_step_with_a_checkpoint_not_a_crash_on_the_dead_terminal(data, tmp_path):
+    """A dropped SSH connection: the run's terminal (a pty it controls, as a login session's) hangs up. SIGHUP is in
+    preempt_signals by default, so the run stops at the next step boundary with a checkpoint there, exit 143, and
+    the lines it prints after the hang-up (which fail with EIO on a hung-up terminal) go nowhere instead of ending
+    it with an OSError. Before, SIGHUP killed it at once, a checkpoint being written with it."""
+    import fcntl
+    import pty
+    import select
+    import termios
+
+    steps = 60
+    out = tmp_path / "run"
+    cfg_file = tmp_path / "run-cfg.json"
+    cfg_file.write_text(json.dumps(config(data, out, ckpt_every=0, steps=steps, eval_every=0)))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("MESHWRIGHT_FAULT", None)
+    master, slave = pty.openpty()
+
+    def own_terminal() -> None:  # a new session whose controlling terminal is the pty, as sshd sets one up
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen([sys.executable, "-m", "meshwright.cli", "train", str(cfg_file)], stdin=slave,
+                            stdout=slave, stderr=slave, env=env, cwd=REPO, preexec_fn=own_terminal)
+    os.close(slave)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "log.jsonl").is_file() or len((out / "log.jsonl").read_text().splitlines()) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, seen[-2000:]
+            if select.select([master], [], [], 0.02)[0]:
+                seen += os.read(master, 65536)  # what a terminal shows; read so the run never blocks on it
+        os.close(master)  # sshd closing the pty's master: the kernel hangs up the terminal and sends SIGHUP
+        master = -1
+        assert proc.wait(120) == 143, (proc.returncode, seen[-2000:])
+    finally:
+        if master >= 0:
+            os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    summary = json.loads((out / "summary.json").read_text())
+    stopped = summary["steps"]
+    assert summary["stopped_by"] == "SIGHUP" and 2 <= stopped < steps
+    ckpt = latest_checkpoint(out / "ckpt")
+    assert ckpt is not None and ckpt.name == f"step_{stopped:06d}"
+    verify_manifest(ckpt)
+    assert max(trajectory(out)) == stopped  # the log ends where the checkpoint is
+
+
 def spawn_held(data: Path, out: Path, hold_step: int, **overrides) -> tuple[subprocess.Popen, Path, Path]:
     """``spawn`` through held_write_train.py: ckpt_async's write of checkpoint ``hold_step`` held until the test
     creates out/../held/release. Output goes to files (unbuffered) the test reads while the run lives."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -172,9 +174,10 @@ def test_cli_launch_unreachable_host_one_line(tmp_path):
 
 
 def test_two_node_torchrun_launch_trains_tiny_dp2(sshd, tmp_path):
-    """127.0.0.1 and 127.0.0.2 as two nodes, one rank each: a real dp2 run over SSH + c10d rendezvous."""
+    """127.0.0.2 and 127.0.0.1 as two nodes, one rank each: a real dp2 run over SSH, ranks in hostfile order
+    (static rendezvous): the first host, 127.0.0.2, runs global rank 0."""
     hf = tmp_path / "hostfile"
-    hf.write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
+    hf.write_text("127.0.0.2 slots=1\n127.0.0.1 slots=1\n")
     out_dir = tmp_path / "run"
     from helpers import free_port
 
@@ -191,14 +194,86 @@ def test_two_node_torchrun_launch_trains_tiny_dp2(sshd, tmp_path):
     recs = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
     assert all(math.isfinite(r["loss"]) for r in recs) and recs[-1]["loss"] < recs[0]["loss"]
-    # every line streamed is prefixed by its host; rank 0's lines also by (torchrun --tee) its local rank. Which host
-    # runs global rank 0 is torchrun's choice: its c10d rendezvous orders nodes by address then pid, not --node-rank
-    # (here both "nodes" are one machine, so by pid)
+    # every line streamed is prefixed by its host; rank 0's lines also by (torchrun --tee) its local rank. Global rank
+    # 0 (the one line of the summary) is the hostfile's first host: under c10d it was torchrun's choice, by address
+    # then pid (here both "nodes" are one machine, so by pid: either)
     lines = proc.stdout.splitlines()
     assert lines and all(line.startswith(("[127.0.0.1] ", "[127.0.0.2] ")) for line in lines), proc.stdout[-6000:]
     summary_lines = [line for line in lines if "summary:" in line]
     assert len(summary_lines) == 1, proc.stdout[-6000:]
-    assert summary_lines[0].startswith(("[127.0.0.1] [default0]:summary:", "[127.0.0.2] [default0]:summary:"))
+    assert summary_lines[0].startswith("[127.0.0.2] [default0]:summary:"), proc.stdout[-6000:]
+    assert "node_rank is only used for static" not in proc.stdout + proc.stderr  # torchrun's c10d warning
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(500)
+def test_a_dropped_connection_stops_every_rank_at_one_step_with_a_checkpoint(sshd, tmp_path):
+    """The launch's connections drop (its machine vanishes: SIGKILL, so nothing is passed on). sshd hangs up each
+    host's pty, torchrun passes the SIGHUP to its ranks, and they stop after the same step with a checkpoint there
+    (preempt_signals), not at once, mid-save, as before. Then every rank and torchrun is gone."""
+    hf = tmp_path / "hostfile"
+    hf.write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
+    out_dir = tmp_path / "run"
+    pids = tmp_path / "torchrun.pids"
+    wrapper = tmp_path / "python"  # the hosts' python: records the pid of the torchrun it becomes
+    wrapper.write_text(f"#!/bin/sh\necho $$ >> {pids}\nexec {shlex.quote(sys.executable)} \"$@\"\n")
+    wrapper.chmod(0o755)
+    from helpers import children, free_port
+
+    steps = 2000  # never reached
+    log = tmp_path / "launch.txt"
+    with open(log, "w") as fh:
+        launch = subprocess.Popen(
+            [sys.executable, "-m", "meshwright.cli", "launch", "--hosts", str(hf), "--ssh-port", str(sshd.port),
+             "--ssh-key", str(sshd.key), "--ssh-known-hosts", str(sshd.known_hosts), "--python", str(wrapper),
+             "--workdir", str(REPO), "--rdzv-port", str(free_port()), "--env", "OMP_NUM_THREADS=1",
+             "--env", f"PYTHONPATH={REPO}", "--env", "MESHWRIGHT_PG_TIMEOUT_S=60",
+             "--", "train", "tiny-test", f"steps={steps}", "eval_every=0", "log_every=1", "data.max_files=20",
+             "ckpt_every=0", "progress=false", f"out_dir={out_dir}"],
+            stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    agents: list[int] = []
+    ranks: set[int] = set()
+    try:
+        deadline = time.monotonic() + 300
+        records = out_dir / "log.jsonl"
+        while not records.is_file() or len(records.read_text().splitlines()) < 2:
+            assert launch.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.1)
+        agents = [int(p) for p in pids.read_text().split()]
+        ranks = {c for a in agents for c in children(a)}
+        assert len(agents) == 2 and len(ranks) >= 2, log.read_text()[-4000:]
+        launch.kill()  # the connections close with the process: nothing is passed on, sshd hangs up the ptys
+        launch.wait(30)
+        deadline = time.monotonic() + 120  # torchrun waits 30 s for its ranks, then kills them
+        while any(_alive(p) for p in (*agents, *ranks)):
+            ranks |= {c for a in agents if _alive(a) for c in children(a)}
+            left = [p for p in (*agents, *ranks) if _alive(p)]
+            assert time.monotonic() < deadline, f"still running after the hang-up: {left}"
+            time.sleep(0.2)
+    finally:
+        for pid in [*ranks, *agents]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if launch.poll() is None:
+            launch.kill()
+            launch.wait(10)
+    summary = json.loads((out_dir / "summary.json").read_text())
+    stopped = summary["steps"]
+    assert summary["stopped_by"] == "SIGHUP" and summary["world_size"] == 2 and 2 <= stopped < steps
+    from meshwright.train.checkpoint import latest_checkpoint
+    from meshwright.train.checkpoint_io import verify_manifest
+
+    ckpt = latest_checkpoint(out_dir / "ckpt")
+    assert ckpt is not None and ckpt.name == f"step_{stopped:06d}", summary
+    verify_manifest(ckpt)
+    recs = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    assert recs[-1]["step"] == stopped  # the log ends where the checkpoint is
 
 
 def test_two_node_deepspeed_launch_over_pdsh(sshd, tmp_path):
@@ -227,6 +302,74 @@ def test_two_node_deepspeed_launch_over_pdsh(sshd, tmp_path):
     assert [r["step"] for r in recs] == [1, 2, 3, 4] and recs[-1]["loss"] < recs[0]["loss"]
     both = proc.stdout + proc.stderr
     assert "127.0.0.2: " in both and "node_rank=1" in both  # the second node really ran over pdsh
+
+
+def _running_with(marker: str) -> list[int]:
+    """Pids whose command line holds ``marker`` (a test's own temporary out_dir): what the test started."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if marker in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return [p for p in found if p != os.getpid()]
+
+
+@pytest.mark.timeout(500)
+def test_ctrl_c_of_a_deepspeed_launch_stops_every_rank_with_a_checkpoint(sshd, tmp_path):
+    """`--launcher deepspeed` over pdsh, Ctrl-C to the launch: it passes it on to DeepSpeed's runner, waits for it,
+    closes the ssh clients pdsh leaves, and each host's pty hangs up (ssh -tt): both ranks stop after the same step
+    with a checkpoint there (SIGHUP), nothing is left running, the launch says `interrupted` (130). Before, the launch
+    SIGKILLed the runner, DeepSpeed's remote pkill failed ('only one pattern can be provided') and the ranks trained
+    on, orphaned."""
+    if shutil.which("pdsh") is None:
+        pytest.skip("pdsh not installed (apt-get install pdsh)")
+    hf = tmp_path / "hostfile"
+    hf.write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
+    out_dir = tmp_path / "run"
+    from helpers import free_port
+
+    env = {**os.environ,
+           "PDSH_SSH_ARGS_APPEND": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"}
+    steps = 2000  # never reached
+    log = tmp_path / "launch.txt"
+    with open(log, "w") as fh:
+        launch = subprocess.Popen(
+            [sys.executable, "-m", "meshwright.cli", "launch", "--hosts", str(hf), "--ssh-port", str(sshd.port),
+             "--ssh-key", str(sshd.key), "--launcher", "deepspeed", "--python", sys.executable, "--workdir", str(REPO),
+             "--rdzv-port", str(free_port()), "--env", "OMP_NUM_THREADS=1", "--env", f"PYTHONPATH={REPO}",
+             "--", "train", "tiny-test", f"steps={steps}", "eval_every=0", "log_every=1", "data.max_files=20",
+             "ckpt_every=0", "progress=false", f"out_dir={out_dir}"],
+            stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        records = out_dir / "log.jsonl"
+        while not records.is_file() or len(records.read_text().splitlines()) < 2:
+            assert launch.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.1)
+        os.killpg(launch.pid, signal.SIGINT)  # Ctrl-C in the launch's terminal
+        assert launch.wait(120) == 130, log.read_text()[-4000:]
+        deadline = time.monotonic() + 60
+        while _running_with(f"out_dir={out_dir}"):
+            assert time.monotonic() < deadline, f"still running: {_running_with(f'out_dir={out_dir}')}"
+            time.sleep(0.2)
+    finally:
+        for pid in _running_with(f"out_dir={out_dir}"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if launch.poll() is None:
+            launch.kill()
+            launch.wait(10)
+    text = log.read_text()
+    assert text.rstrip().endswith("meshwright launch: interrupted"), text[-2000:]
+    summary = json.loads((out_dir / "summary.json").read_text())
+    stopped = summary["steps"]
+    assert summary["stopped_by"] == "SIGHUP" and summary["world_size"] == 2 and 2 <= stopped < steps
+    from meshwright.train.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(out_dir / "ckpt")
+    assert ckpt is not None and ckpt.name == f"step_{stopped:06d}" and (ckpt / "rng_rank00001.pt").is_file()
 
 
 def test_deepspeed_env_and_ssh_options_are_quoted():

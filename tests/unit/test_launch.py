@@ -1,7 +1,9 @@
 """Launch commands: golden dry runs, hostile host names, hostfile validation, unreachable hosts."""
 
+import contextlib
 import shlex
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -27,11 +29,50 @@ def test_torchrun_dry_run_golden_two_hosts():
     assert lines == [
         f"[node{i}] ssh -o BatchMode=yes -p 2222 -i /keys/id_ed25519 node{i} 'exec /bin/sh -c '\"'\"'eval "
         "\"$(printf \"cd \\047/srv/run dir\\047 && exec "
-        f"/opt/venv/bin/python -m torch.distributed.run --nnodes=2 --node-rank={i} --nproc-per-node=4 --rdzv-backend=c10d "
-        "--rdzv-endpoint=node0:29400 --rdzv-id=meshwright --max-restarts=0 --tee=3 -m meshwright.cli train "
+        f"/opt/venv/bin/python -m torch.distributed.run --nnodes=2 --node-rank={i} --nproc-per-node=4 "
+        "--rdzv-backend=static --master-addr=node0 --master-port=29400 --max-restarts=0 "
+        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2 --tee=3 -m meshwright.cli train "
         "configs/train/default.yaml --plan auto\")\"'\"'\"''"
         for i in range(2)
     ]
+
+
+def test_rendezvous_static_in_hostfile_order_unless_restarts_need_c10d():
+    """Hosts are node ranks in hostfile order (static rendezvous, its store on the first host) by default; elastic
+    restarts keep c10d, whose node order is torchrun's (by address); an explicit static with restarts on several
+    hosts is one line."""
+    for i in range(3):
+        argv = torchrun_argv(spec(3), i)
+        assert argv[4:8] == [f"--node-rank={i}", "--nproc-per-node=4", "--rdzv-backend=static", "--master-addr=node0"]
+        assert "--master-port=29400" in argv and not any(a.startswith("--rdzv-endpoint") for a in argv)
+    assert "--rdzv-backend=c10d" in torchrun_argv(spec(2, max_restarts=1), 0)
+    assert "--rdzv-backend=c10d" in torchrun_argv(spec(2, rdzv="c10d"), 1)
+    assert "--rdzv-backend=static" in torchrun_argv(spec(1, max_restarts=2, rdzv="static"), 0)  # one host: allowed
+    with pytest.raises(ConfigError, match=r"^--rdzv='static' is invalid; valid: c10d or auto with --max-restarts 2"):
+        spec(2, max_restarts=2, rdzv="static").validate()
+    with pytest.raises(ConfigError, match=r"^--rdzv='etcd' is invalid; valid: one of auto, static, c10d"):
+        spec(2, rdzv="etcd").validate()
+
+
+def test_torchrun_passes_the_preemption_signals_on_unless_the_user_chose():
+    """SIGUSR1 (Slurm --signal) is not among torchrun's default signals: sent to it, torchrun died alone and its
+    ranks trained on. Every host's torchrun now passes it on; an --env PET_SIGNALS_TO_HANDLE is the user's own."""
+    assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2" in torchrun_argv(spec(2), 1)
+    mine = torchrun_argv(spec(2, env={"PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGUSR2"}), 1)
+    assert not any(a.startswith("--signals-to-handle") for a in mine)
+
+
+def test_cli_rdzv_flag_reaches_the_commands(tmp_path, capsys):
+    hf = tmp_path / "hostfile"
+    hf.write_text("b slots=1\na slots=1\n")
+    assert main(["launch", "--hosts", str(hf), "--dry-run", "--rdzv", "c10d", "--workdir", "/elsewhere", "--",
+                 "train", "x"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("--rdzv-backend=c10d --rdzv-endpoint=b:29400") == 2
+    assert main(["launch", "--hosts", str(hf), "--dry-run", "--workdir", "/elsewhere", "--", "train", "x"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[b] ") and "--node-rank=0" in lines[0] and "--master-addr=b " in lines[0]
+    assert lines[1].startswith("[a] ") and "--node-rank=1" in lines[1] and "--master-addr=b " in lines[1]
 
 
 def test_torchrun_four_hosts_ranks_and_endpoint():
@@ -152,3 +193,60 @@ def test_a_host_failing_before_the_start_leaves_nothing_running_or_open(monkeypa
         rm = "exec /bin/sh -c 'eval \"$(printf \"rm -f "
         removed = [[c for c, _ in conn.runs if c.startswith(rm)] for conn in conns]
         assert removed[0] == [remove_file_command(remote_env_file(s, 0))] and not removed[1]
+
+
+@pytest.mark.timeout(60)
+def test_a_deepspeed_launch_passes_ctrl_c_on_to_its_runner_and_closes_the_ssh_clients_left(tmp_path):
+    """A stand-in for DeepSpeed's runner (its own process group) records the Ctrl-C passed on to it and ends, leaving
+    an "ssh" (a copy of sleep) in a session of its own, as pdsh does; the launch waits for the runner, then SIGTERMs
+    that ssh by its recorded pid (its connection closing hangs up the host's pty), and says it was interrupted. An
+    unrelated process named in the pid file (not that ssh) is spared."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    from meshwright.commands.launch import _run_passing_signals_on
+
+    fake_ssh = tmp_path / "ssh"
+    shutil.copy(shutil.which("sleep"), fake_ssh)
+    pids = tmp_path / "ssh.pids"
+    other = subprocess.Popen([shutil.which("sleep"), "60"])
+    runner = tmp_path / "runner"
+    runner.write_text(
+        "#!/bin/sh\n"
+        f"setsid {fake_ssh} 60 & echo $! >> {pids}\n"
+        f"echo {other.pid} >> {pids}\n"
+        f"trap 'echo INT > {tmp_path}/runner.got; exit 1' INT\n"
+        f"touch {tmp_path}/ready\n"
+        "while :; do sleep 0.1; done\n")
+    runner.chmod(0o755)
+    main_thread = threading.get_ident()
+
+    def press() -> None:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        signal.pthread_kill(main_thread, signal.SIGINT)
+
+    threading.Thread(target=press, daemon=True).start()
+    ssh_pid = None
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _run_passing_signals_on([str(runner)], cwd=str(tmp_path), env=dict(os.environ),
+                                    ssh=(pids, str(fake_ssh)))
+        assert (tmp_path / "runner.got").read_text() == "INT\n"
+        ssh_pid = int(pids.read_text().split()[0])
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{ssh_pid}").exists() and "Z" not in Path(f"/proc/{ssh_pid}/stat").read_text().split()[2]:
+            assert time.monotonic() < deadline, "the ssh left by the runner still runs"
+            time.sleep(0.05)
+        assert other.poll() is None  # not an ssh: spared
+    finally:
+        other.kill()
+        other.wait(10)
+        if ssh_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(ssh_pid, signal.SIGKILL)

@@ -208,7 +208,7 @@ def _two_host_deepspeed_launch(tmp_path, monkeypatch) -> tuple[list, list[str]]:
     import meshwright.commands.launch as launch_mod
 
     started: list = []
-    monkeypatch.setattr(launch_mod.subprocess, "call", lambda *a, **k: started.append(a) or 0)
+    monkeypatch.setattr(launch_mod, "_run_passing_signals_on", lambda *a, **k: started.append(a) or 0)
     hf = tmp_path / "hostfile"
     hf.write_text("n0 slots=1\nn1 slots=1\n")
     argv = ["launch", "--hosts", str(hf), "--launcher", "deepspeed", "--workdir", str(tmp_path), "--python",
@@ -234,7 +234,7 @@ def test_an_env_pythonpath_reaches_the_hosts_through_deepspeeds_own_export(tmp_p
     import meshwright.commands.launch as launch_mod
 
     seen = []
-    monkeypatch.setattr(launch_mod.subprocess, "call", lambda argv, **k: seen.append(k["env"]) or 0)
+    monkeypatch.setattr(launch_mod, "_run_passing_signals_on", lambda argv, **k: seen.append(k["env"]) or 0)
     monkeypatch.setenv("PYTHONPATH", "/somewhere/local")
     hf = tmp_path / "hostfile"
     hf.write_text("n0 slots=1\nn1 slots=1\n")

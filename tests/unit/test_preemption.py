@@ -48,6 +48,54 @@ def test_preempt_grace_s_round_trips_and_bad_values_name_the_field(tmp_path):
             load_train_config({**base, "preempt_grace_s": bad})
 
 
+def test_preempt_signals_round_trip_and_bad_values_name_the_field(tmp_path):
+    base = {"model": "tiny", "out_dir": str(tmp_path)}
+    assert load_train_config(base).preempt_signals == ["SIGTERM", "SIGUSR1", "SIGHUP"]
+    cfg = load_train_config({**base, "preempt_signals": ["SIGUSR2", "SIGTERM"]})
+    assert load_train_config(to_dict(cfg)).preempt_signals == ["SIGUSR2", "SIGTERM"]
+    assert load_train_config({**base, "preempt_signals": []}).preempt_signals == []
+    for bad, where in (("SIGTERM", "preempt_signals="), (["SIGINT"], r"preempt_signals\[0\]='SIGINT'"),
+                       (["SIGTERM", "USR1"], r"preempt_signals\[1\]='USR1'"),
+                       (["SIGHUP", "SIGHUP"], r"preempt_signals\[1\]='SIGHUP'"), (["SIGKILL"], "preempt_signals")):
+        with pytest.raises(ConfigError, match=where) as err:
+            load_train_config({**base, "preempt_signals": bad})
+        assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="SIGINT is Ctrl-C's"):
+        load_train_config({**base, "preempt_signals": ["SIGINT"]})
+
+
+def test_preemption_records_the_signals_it_is_given_and_leaves_the_others_alone():
+    """``preempt_signals: [SIGUSR2]`` (submitit's): SIGUSR2 is recorded, SIGTERM/SIGUSR1/SIGHUP keep the handlers
+    they had; all are restored on exit."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)}
+    with Preemption(1, ["SIGUSR2"]) as p:
+        for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
+            assert signal.getsignal(s) is before[s]
+        assert p.agreed() is False
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert p.agreed() is True and p.name == "SIGUSR2"
+    assert {s: signal.getsignal(s) for s in before} == before
+    with Preemption(1) as p:  # the default set
+        assert {signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)} == {p._record}
+        os.kill(os.getpid(), signal.SIGHUP)  # pytest's output is no terminal: nothing is redirected
+        assert p.agreed() is True and p.name == "SIGHUP"
+
+
+def test_an_ignored_signal_stays_ignored():
+    """`nohup meshwright train ...` ignores SIGHUP so that the run outlives the terminal: the preemption leaves it
+    ignored (a hang-up then neither stops nor kills the run); the other signals are handled as usual."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with Preemption(1) as p:
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == p._record
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert p.agreed() is False
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("grace, warned, ckpt_async", [(1e-9, True, False), (1e-9, True, True), (1e9, False, False),
                                                       (0.0, False, False)], ids=["exceeded", "async", "fits", "off"])

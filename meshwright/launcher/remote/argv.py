@@ -37,6 +37,7 @@ class LaunchSpec:
     max_restarts: int = 0
     env: dict[str, str] = field(default_factory=dict)
     run_id: str = "meshwright"
+    rdzv: str = "auto"  # torchrun's rendezvous: static (hostfile order), c10d (elastic restarts), auto: rdzv_backend
 
     def validate(self) -> None:
         if not self.train_args or self.train_args[0] != "train":
@@ -51,6 +52,12 @@ class LaunchSpec:
             raise invalid("rdzv_port", self.rdzv_port, "an integer in 1..65535")
         if self.max_restarts < 0:
             raise invalid("max_restarts", self.max_restarts, "a non-negative integer")
+        if self.rdzv not in RDZV_CHOICES:
+            raise invalid("--rdzv", self.rdzv, f"one of {', '.join(RDZV_CHOICES)}")
+        if self.rdzv == "static" and self.max_restarts and len(self.hosts) > 1:
+            raise invalid("--rdzv", self.rdzv, f"c10d or auto with --max-restarts {self.max_restarts} on several hosts "
+                          "(a static rendezvous restarts each host's ranks alone, and the others never rejoin), or "
+                          "--max-restarts 0")
         for k in self.env:
             if not k or not set(k) <= ENV_NAME_OK or k[0].isdigit():
                 raise invalid("env", k, "names of letters, digits and '_' (not starting with a digit)")
@@ -59,14 +66,38 @@ class LaunchSpec:
                 raise invalid("env", f"{k}={v!r}", "a value without line breaks or NUL bytes")
 
 
+RDZV_CHOICES = ("auto", "static", "c10d")
+# what torchrun passes on to its ranks: its default four plus Slurm's --signal choices (SIGUSR1; SIGUSR2, submitit's).
+# Without them SIGUSR1 killed torchrun alone and its ranks, in sessions of their own, trained on unsupervised; with
+# them, a rank stops with a checkpoint (preempt_signals) or takes the signal's default action, and torchrun follows
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
+
+
+def rdzv_backend(spec: LaunchSpec) -> str:
+    """``static`` unless elastic restarts need ``c10d`` (or the user chose). torchrun's c10d rendezvous numbers the
+    nodes by address (FQDN) then pid and ignores ``--node-rank``: global rank 0, which logs and writes the
+    checkpoints' metadata, and the first pipeline stages landed on whichever host sorted first. The static
+    rendezvous keeps the hostfile's order (host 1 = node rank 0, its TCPStore on the first host) but cannot re-form
+    the group across hosts after a restart, so ``--max-restarts`` > 0 keeps c10d."""
+    if spec.rdzv != "auto":
+        return spec.rdzv
+    return "c10d" if spec.max_restarts > 0 else "static"
+
+
 def torchrun_argv(spec: LaunchSpec, node_rank: int) -> list[str]:
-    """The torchrun invocation for host ``node_rank`` (c10d rendezvous on the first host)."""
+    """The torchrun invocation for host ``node_rank``: its rendezvous on the first host (``rdzv_backend``), node
+    ranks in hostfile order with ``static``, the preemption signals passed on to the ranks."""
     master = spec.hosts[0].name
+    if rdzv_backend(spec) == "static":
+        rdzv = ["--rdzv-backend=static", f"--master-addr={master}", f"--master-port={spec.rdzv_port}"]
+    else:
+        rdzv = ["--rdzv-backend=c10d", f"--rdzv-endpoint={master}:{spec.rdzv_port}", f"--rdzv-id={spec.run_id}"]
+    # an --env PET_SIGNALS_TO_HANDLE (torchrun reads its flags from PET_* variables) is the user's choice: kept
+    signals = [] if "PET_SIGNALS_TO_HANDLE" in spec.env else [f"--signals-to-handle={TORCHRUN_SIGNALS}"]
     return [
         spec.python, "-m", "torch.distributed.run",
         f"--nnodes={len(spec.hosts)}", f"--node-rank={node_rank}", f"--nproc-per-node={spec.hosts[node_rank].slots}",
-        "--rdzv-backend=c10d", f"--rdzv-endpoint={master}:{spec.rdzv_port}", f"--rdzv-id={spec.run_id}",
-        f"--max-restarts={spec.max_restarts}", "--tee=3",
+        *rdzv, f"--max-restarts={spec.max_restarts}", *signals, "--tee=3",
         "-m", "meshwright.cli", *spec.train_args,
     ]
 
@@ -250,8 +281,12 @@ def env_script_text(spec: LaunchSpec) -> str:
 
 
 def pdsh_ssh_args(ssh_key: str | None, extra: str = "") -> str:
-    """``PDSH_SSH_ARGS_APPEND``: key-only, non-interactive ssh for pdsh (DeepSpeed appends ``-p PORT``)."""
-    words = ["-o", "BatchMode=yes", "-o", "PasswordAuthentication=no"]
+    """``PDSH_SSH_ARGS_APPEND``: key-only, non-interactive ssh for pdsh (DeepSpeed appends ``-p PORT``), with a
+    remote pty (``-tt``): when the connection closes (a Ctrl-C or SIGTERM of the launch, which stops pdsh and its
+    ssh; a dropped network) sshd hangs it up and every process of the host's command gets SIGHUP, so the ranks stop
+    with a checkpoint (preempt_signals). Without one nothing reached them: DeepSpeed's own remote ``pkill`` fails
+    (0.19.8: 'only one pattern can be provided') and the ranks trained on, orphaned (measured)."""
+    words = ["-tt", "-o", "BatchMode=yes", "-o", "PasswordAuthentication=no"]
     if ssh_key:
         words += ["-o", "IdentitiesOnly=yes", "-i", ssh_key]
     return shlex.join(shlex.split(extra) + words)  # the user's words re-quoted: safe to put in a script

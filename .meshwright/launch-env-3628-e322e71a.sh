@@ -1,2 +1,0 @@
-export OMP_NUM_THREADS=1
-export PYTHONPATH=/work/wt/signals2

@@ -673,3 +673,36 @@ def test_cluster_memory_bandwidth_and_clock_fraction_change_the_hardware():
     assert slow.peak_flops == pytest.approx(0.8 * base.peak_flops)
     with pytest.raises(Exception, match="clock_fraction"):
         dataclasses.replace(cl, clock_fraction=1.5).validate()
+
+
+def test_fsdp2_zero2_stores_sharded_params_and_keeps_the_gathered_weights():
+    """meshwright's ZeRO-2 is FSDP2 with reshard_after_forward=False (and torchtitan's export writes "never"): the
+    stored fp32 parameters are sharded over dp and the all-gathered weights (bf16 under MixedPrecisionPolicy, fp32
+    without one) stay alive through the step. Measured at dp=2 and 4 (tests/distributed/state_bytes_worker.py):
+    bf16 2 + 16/dp B/param, fp32 4 + 16/dp; planned 4(1 - 1/dp) more in bf16 and 4/dp less in fp32 before stop 33.
+    DeepSpeed's ZeRO-2 keeps whole parameters, the analytic default too."""
+    n = 1e9
+    per = lambda h, dp, z: (sum(cm.model_state_bytes(n, dp, z, "fp32", h).values())  # noqa: E731
+                            + n * cm.gathered_weight_bytes(z, h)) / n
+    for stack in ("meshwright", "torchtitan"):
+        for dtype, gathered in (("bf16", 2), ("fp32", 4)):
+            h = cm.apply_stack(hw(compute_dtype=dtype), stack)
+            for dp in (2, 4, 8):
+                assert per(h, dp, 2) == pytest.approx(gathered + 16 / dp), (stack, dtype, dp)
+                assert cm.weight_copy_bytes(2, h) == gathered
+                assert per(h, dp, 3) == pytest.approx(16 / dp)  # ZeRO-3's gathered layer is a transient
+            assert cm.model_state_bytes(n, 8, 1, "fp32", h)["params"] == 4 * n  # ZeRO-1: whole (DDP)
+    ds = cm.apply_stack(hw(), "deepspeed")
+    assert cm.model_state_bytes(n, 8, 2, "fp32", ds)["params"] == 2 * n and cm.gathered_weight_bytes(2, ds) == 0
+    assert cm.model_state_bytes(n, 8, 2, "fp32", hw())["params"] == 2 * n
+    # a whole plan: the meshwright ZeRO-2 prediction drops by 4(1 - 1/dp) B/param (+ fragmentation) in bf16
+    cfg = load_model_config("llama2-7b")
+    mw = cm.hardware_from_cluster(load_cluster("dgx-a100-80g"), stack="meshwright")
+    plan = Plan(model="llama2-7b", seq_len=4096, global_batch=64, micro_batch=1,
+                layers=[LayerStrategy(dp=8, zero=2, recompute="full", repeat=cfg.n_layers)],
+                embedding=EmbeddingStrategy(zero=2))
+    validate_plan(plan, cfg, 8)
+    new = cm.evaluate_plan(plan, cfg, mw, 8).memory_gib[0]
+    old = cm.evaluate_plan(plan, cfg, dataclasses.replace(mw, fsdp_zero2=False), 8).memory_gib[0]
+    assert (old - new) * cm.GIB == pytest.approx(cfg.num_params() * 4 * (1 - 1 / 8) * (1 + mw.fragmentation), rel=1e-6)
+

@@ -185,6 +185,7 @@ class Hardware:
     # then keep that precision's states (DeepSpeed's pipeline engine builds BF16_Optimizer)
     pipeline_zero0_precision: str = ""
     pipeline_defers_fsdp_sync: bool = False  # Stack.pipeline_defers_fsdp_sync (read where ``pipelined``)
+    fsdp_zero2: bool = False  # Stack.fsdp_zero2: ZeRO-2 layers store sharded parameters and keep their gathered weights
     pipelined: bool = False
     flash_eff_max: float = FLASH_EFF_OTHER  # the SDPA flash kernel's best fraction of peak on this device (see FLASH_EFF_*)
     # LoRA (TrainConfig.lora): the share of the model's parameters that train (adapters, modules_to_save; the adapters
@@ -240,7 +241,8 @@ def apply_stack(hw: Hardware, stack: Stack | str) -> Hardware:
                                stack_buffers=buffers, stack_buffer_bytes=min(buffers),
                                zero3_live_params=st.zero3_live_elements(),
                                pipeline_zero0_precision=st.pipeline_zero0_precision,
-                               pipeline_defers_fsdp_sync=st.pipeline_defers_fsdp_sync, pipelined=False)
+                               pipeline_defers_fsdp_sync=st.pipeline_defers_fsdp_sync, pipelined=False,
+                               fsdp_zero2=st.fsdp_zero2)
 
 
 def for_pipeline(hw: Hardware, pp: int) -> Hardware:
@@ -483,10 +485,30 @@ def weight_copy_bytes(zero: int, hw: Hardware) -> float:
     inputs), or an FSDP2 layer's gathered compute-dtype weights where it keeps them from forward to backward
     (``reshards_after_forward``); where it reshards they are the per-layer transient (ZeRO-3:
     ``zero3_transient_bytes``; a one-rank shard's, one layer at a time, not counted)."""
-    p = hw.policy_at(zero)
-    if zero in p.shard_cast_zero:
-        return 0.0 if reshards_after_forward(zero, hw) else p.gather_bytes
-    return p.weight_copy_bytes
+    if fsdp_layer(zero, hw):
+        return gathered_weight_bytes(zero, hw)
+    return hw.policy_at(zero).weight_copy_bytes
+
+
+def fsdp_layer(zero: int, hw: Hardware) -> bool:
+    """Whether a layer at ZeRO-``zero`` is an FSDP2 module: one the policy's MixedPrecisionPolicy casts
+    (``Precision.shard_cast_zero``), or a ZeRO-2 layer of a stack that runs ZeRO-2 as FSDP2 (``Hardware.fsdp_zero2``,
+    fp32 included, where FSDP2 casts nothing)."""
+    return zero in hw.policy_at(zero).shard_cast_zero or (zero == 2 and hw.fsdp_zero2)
+
+
+def stores_sharded_params(zero: int, hw: Hardware) -> bool:
+    """Whether a layer at ZeRO-``zero`` stores its parameters sharded over dp: ZeRO-3, and ZeRO-2 where it is an FSDP2
+    module (``Hardware.fsdp_zero2``: fully_shard shards the parameters whatever reshard_after_forward says; what
+    it keeps gathered from forward to backward is ``gathered_weight_bytes``)."""
+    return zero >= 3 or (zero == 2 and hw.fsdp_zero2)
+
+
+def gathered_weight_bytes(zero: int, hw: Hardware) -> float:
+    """Bytes per parameter of the gathered weights an FSDP2 layer at ZeRO-``zero`` keeps from forward to backward
+    (its all-gather outputs, in ``gather_bytes``; part of ``weight_copy_bytes``); 0 where the layer is not FSDP2 or
+    frees them after forward (``reshards_after_forward``: ZeRO-3's gathered layer is ``zero3_transient_bytes``)."""
+    return hw.policy_at(zero).gather_bytes if fsdp_layer(zero, hw) and not reshards_after_forward(zero, hw) else 0.0
 
 
 def weight_traffic_mb_s(param_count: float, recompute: str, hw: Hardware, zero: int = 0,
@@ -851,14 +873,15 @@ def optimizer_state_bytes(states: str, name: str = "adamw") -> float:
 
 def model_state_bytes(param_count: float, dp: int, zero: int, states: str, hw: Hardware) -> dict[str, float]:
     """Parameters, gradients and optimizer states of ``param_count`` (already tp/ep-sharded) parameters
-    on one device: ZeRO-1 shards optimizer states over dp, ZeRO-2 also gradients, ZeRO-3 also parameters.
+    on one device: ZeRO-1 shards optimizer states over dp, ZeRO-2 also gradients, ZeRO-3 also parameters (and
+    ZeRO-2 too where it is FSDP2, ``stores_sharded_params``; its gathered weights are ``gathered_weight_bytes``).
     Gradients and optimizer states only for ``hw.trainable_fraction`` of them (LoRA; 1 otherwise)."""
     p = hw.policy_at(zero)
     deferred = hw.fsdp_deferred(zero)  # the unsharded gradients accumulated in reduce_dtype until the step's reduction
     zero = max(zero, p.zero_floor)
     trained = param_count * hw.trainable_fraction  # LoRA: the frozen base keeps its weights only
     return {
-        "params": param_count * p.param_bytes / (dp if zero >= 3 else 1),
+        "params": param_count * p.param_bytes / (dp if stores_sharded_params(zero, hw) else 1),
         "grads": trained * (p.reduce_bytes if deferred else p.grad_bytes / (dp if zero >= 2 else 1)),
         "optimizer": trained * (optimizer_state_bytes(states) + p.master_at(zero)) / (dp if zero >= 1 else 1),
     }

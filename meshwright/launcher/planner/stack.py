@@ -119,6 +119,12 @@ class Stack:
     # and one reduce-scatter per step, the stage's compute-dtype weights and its unsharded gradients accumulated in
     # reduce_dtype (_fsdp_param.py accumulate_unsharded_grad_if_needed) alive through the step
     pipeline_defers_fsdp_sync: bool = False
+    # ZeRO-2 layers are FSDP2 modules with reshard_after_forward=False (meshwright's apply_fsdp; torchtitan's
+    # fsdp_reshard_after_forward "never", what its export writes for ZeRO-2): the stored parameters are sharded over dp
+    # as at ZeRO-3 and the all-gathered weights (``Precision.gather_bytes``: bf16 under MixedPrecisionPolicy, fp32
+    # without one) stay alive from the step's first forward to its last backward. DeepSpeed's ZeRO-2 keeps whole
+    # parameters and no gathered copy. Measured: tests/distributed/state_bytes_worker.py
+    fsdp_zero2: bool = False
 
     def buffer_elements(self, zero: int) -> float:
         """Elements of the reduction buckets allocated per rank at the backward peak at ZeRO-``zero`` (compute dtype)."""
@@ -164,7 +170,7 @@ class DeepSpeedSizes:
 
 STACKS = {
     "meshwright": Stack("meshwright", "autocast", dp_overlap=True, tp_wgrad_overlap=False, pipeline_slowdown=1.0,
-                        grads_set_to_none=True),
+                        grads_set_to_none=True, fsdp_zero2=True),
     # Megatron-LM defaults: no --overlap-grad-reduce; async TP all-reduce / SP all-gather overlap the wgrad GEMMs
     "megatron": Stack("megatron", "bf16_fp32_grads", dp_overlap=False, tp_wgrad_overlap=True, pipeline_slowdown=1.0),
     # DeepSpeed's pipeline engine ran 23-27% slower than Megatron's on the same shapes (BLOOM/MT-NLG reports, issue 17).
@@ -179,7 +185,7 @@ STACKS = {
     "deepspeed-fp32-accum": Stack("deepspeed-fp32-accum", "bf16_fp32_accum", dp_overlap=True, tp_wgrad_overlap=False,
                                   pipeline_slowdown=1.25, deepspeed=DeepSpeedSizes()),
     "torchtitan": Stack("torchtitan", "fsdp_mixed", dp_overlap=True, tp_wgrad_overlap=False, pipeline_slowdown=1.0,
-                        pipeline_defers_fsdp_sync=True),
+                        pipeline_defers_fsdp_sync=True, fsdp_zero2=True),
 }
 
 

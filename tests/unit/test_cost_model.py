@@ -706,3 +706,31 @@ def test_fsdp2_zero2_stores_sharded_params_and_keeps_the_gathered_weights():
     old = cm.evaluate_plan(plan, cfg, dataclasses.replace(mw, fsdp_zero2=False), 8).memory_gib[0]
     assert (old - new) * cm.GIB == pytest.approx(cfg.num_params() * 4 * (1 - 1 / 8) * (1 + mw.fragmentation), rel=1e-6)
 
+
+def test_deepspeed_pipeline_engine_reduces_after_the_schedule():
+    """DeepSpeed's pipeline engine (pp>1) reduces data-parallel gradients in ReduceGrads, after the last BackwardPass
+    of the schedule (pipe/schedule.py TrainSchedule; engine.py turns ZeRO-1/2's overlap_comm off for a
+    PipelineModule): the reduction is exposed at every ZeRO stage, where without a pipeline ZeRO-1 overlaps it with
+    the last backward. A pp>1 plan's step grows by the whole reduction; the other stacks and pp=1 keep their overlap."""
+    ds = cm.apply_stack(hw(), "deepspeed")
+    piped = cm.for_pipeline(ds, 4)
+    assert ds.dp_overlapped(1) and not piped.dp_overlapped(1) and not piped.dp_overlapped(0)
+    for stack in ("meshwright", "megatron", "deepspeed-fp32-accum"):
+        h = cm.apply_stack(hw(), stack)
+        assert cm.for_pipeline(h, 4).dp_overlapped(1) == h.dp_overlapped(1)
+    assert not cm.apply_stack(hw(), "deepspeed-fp32-accum").dp_overlapped(1)  # BF16_Optimizer: after backward anyway
+    cfg = load_model_config("llama2-7b")
+    dsh = cm.hardware_from_cluster(load_cluster("dgx-a100-80g"), stack="deepspeed")
+    plan = Plan(model="llama2-7b", seq_len=4096, global_batch=64, micro_batch=1,
+                pipeline=PipelineSpec(degree=2, schedule="1f1b", microbatches=16),
+                layers=[LayerStrategy(dp=4, zero=1, recompute="full", repeat=cfg.n_layers)],
+                embedding=EmbeddingStrategy(zero=1))
+    validate_plan(plan, cfg, 8)
+    new = cm.evaluate_plan(plan, cfg, dsh, 8)
+    old = cm.evaluate_plan(plan, cfg, dataclasses.replace(dsh, pipeline_reduces_after_schedule=False), 8)
+    # the stage's whole reduction uncovered: an all-reduce of its bf16 gradients over dp=4 (intra-node), of which
+    # only the overlap slowdown was charged before
+    stage = cfg.num_params() / 2
+    ar = cm.allreduce_s(stage * 2, 4, dsh.intra_bw, dsh.intra_lat)
+    assert new.step_s - old.step_s == pytest.approx((1 - dsh.overlap_slowdown) * ar, rel=0.05)
+    assert new.memory_gib == old.memory_gib

@@ -186,6 +186,7 @@ class Hardware:
     pipeline_zero0_precision: str = ""
     pipeline_defers_fsdp_sync: bool = False  # Stack.pipeline_defers_fsdp_sync (read where ``pipelined``)
     fsdp_zero2: bool = False  # Stack.fsdp_zero2: ZeRO-2 layers store sharded parameters and keep their gathered weights
+    pipeline_reduces_after_schedule: bool = False  # Stack.pipeline_reduces_after_schedule (read where ``pipelined``)
     pipelined: bool = False
     flash_eff_max: float = FLASH_EFF_OTHER  # the SDPA flash kernel's best fraction of peak on this device (see FLASH_EFF_*)
     # LoRA (TrainConfig.lora): the share of the model's parameters that train (adapters, modules_to_save; the adapters
@@ -221,8 +222,10 @@ class Hardware:
     def dp_overlapped(self, zero: int) -> bool:
         """Whether per-step DP traffic at ZeRO-``zero`` runs under the last backward: the stack overlaps it, and the
         optimizer does not reduce after backward and gather after the step (``Precision.step_gather``), nor the
-        pipeline schedule reduce after every backward (``fsdp_deferred``)."""
-        return self.dp_overlap and not self.policy_at(zero).gathers_after_step(zero) and not self.fsdp_deferred(zero)
+        pipeline schedule reduce after every backward (``fsdp_deferred``; DeepSpeed's pipeline engine at any ZeRO
+        stage: ``Stack.pipeline_reduces_after_schedule``)."""
+        return (self.dp_overlap and not self.policy_at(zero).gathers_after_step(zero) and not self.fsdp_deferred(zero)
+                and not (self.pipelined and self.pipeline_reduces_after_schedule))
 
     def fsdp_deferred(self, zero: int) -> bool:
         """Whether a layer at ZeRO-``zero`` is an FSDP2 module whose gather, reduction and resharding the pipeline
@@ -242,14 +245,15 @@ def apply_stack(hw: Hardware, stack: Stack | str) -> Hardware:
                                zero3_live_params=st.zero3_live_elements(),
                                pipeline_zero0_precision=st.pipeline_zero0_precision,
                                pipeline_defers_fsdp_sync=st.pipeline_defers_fsdp_sync, pipelined=False,
-                               fsdp_zero2=st.fsdp_zero2)
+                               fsdp_zero2=st.fsdp_zero2, pipeline_reduces_after_schedule=st.pipeline_reduces_after_schedule)
 
 
 def for_pipeline(hw: Hardware, pp: int) -> Hardware:
     """``hw`` costing a plan of ``pp`` pipeline stages (the same object where that changes nothing): the stack's
     pipeline engine may keep other model states (``Hardware.policy_at``), its FSDP2 layers sync once per step
-    (``Hardware.fsdp_deferred``)."""
-    pipelined = pp > 1 and (bool(hw.pipeline_zero0_precision) or hw.pipeline_defers_fsdp_sync)
+    (``Hardware.fsdp_deferred``), its data-parallel reduction may wait for the whole schedule (``dp_overlapped``)."""
+    pipelined = pp > 1 and (bool(hw.pipeline_zero0_precision) or hw.pipeline_defers_fsdp_sync
+                            or hw.pipeline_reduces_after_schedule)
     return hw if hw.pipelined == pipelined else dataclasses.replace(hw, pipelined=pipelined)
 
 

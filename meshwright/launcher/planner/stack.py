@@ -125,6 +125,15 @@ class Stack:
     # without one) stay alive from the step's first forward to its last backward. DeepSpeed's ZeRO-2 keeps whole
     # parameters and no gathered copy. Measured: tests/distributed/state_bytes_worker.py
     fsdp_zero2: bool = False
+    # on pp>1 layouts the stack's pipeline engine reduces data-parallel gradients once, after the whole schedule:
+    # DeepSpeed's TrainSchedule issues ReduceTiedGrads, ReduceGrads and OptimizerStep after the last BackwardPass
+    # (runtime/pipe/schedule.py), and PipelineEngine holds the gradient-accumulation boundary False through every
+    # BackwardPass (pipe/engine.py is_gradient_accumulation_boundary returns _force_grad_boundary, which only
+    # _exec_reduce_grads sets), so ZeRO-1's overlap_comm hooks (stage_1_and_2.py reduce_ready_partitions_and_remove_grads:
+    # only at the boundary) reduce nothing during backward; the engine's enable_backward_allreduce is False. The
+    # reduction is exposed, not overlapped with the last backward. (deepspeed-fp32-accum plans ZeRO-1 only, whose
+    # BF16_Optimizer reduces after backward with or without a pipeline: ``Precision.step_gather``; not set there)
+    pipeline_reduces_after_schedule: bool = False
 
     def buffer_elements(self, zero: int) -> float:
         """Elements of the reduction buckets allocated per rank at the backward peak at ZeRO-``zero`` (compute dtype)."""
@@ -180,7 +189,7 @@ STACKS = {
     # BF16_Optimizer with bf16 accumulation (bf16_bf16_accum)
     "deepspeed": Stack("deepspeed", "bf16", dp_overlap=True, tp_wgrad_overlap=False, pipeline_slowdown=1.25,
                        deepspeed=DeepSpeedSizes(), reduce_buckets=(0, 2, 2, 1), fp32_precision="deepspeed_fp32",
-                       pipeline_zero0_precision="bf16_bf16_accum"),
+                       pipeline_zero0_precision="bf16_bf16_accum", pipeline_reduces_after_schedule=True),
     # the same with data_types.grad_accum_dtype=fp32 (BF16_Optimizer, ZeRO-1 built in, no reduction buckets)
     "deepspeed-fp32-accum": Stack("deepspeed-fp32-accum", "bf16_fp32_accum", dp_overlap=True, tp_wgrad_overlap=False,
                                   pipeline_slowdown=1.25, deepspeed=DeepSpeedSizes()),

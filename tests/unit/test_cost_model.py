@@ -734,3 +734,38 @@ def test_deepspeed_pipeline_engine_reduces_after_the_schedule():
     ar = cm.allreduce_s(stage * 2, 4, dsh.intra_bw, dsh.intra_lat)
     assert new.step_s - old.step_s == pytest.approx((1 - dsh.overlap_slowdown) * ar, rel=0.05)
     assert new.memory_gib == old.memory_gib
+
+
+def test_bf16_optimizer_passes_charged_per_microbatch_and_per_step(monkeypatch):
+    """DeepSpeed's BF16_Optimizer (runtime/bf16_optimizer.py, immediate_grad_update off) zeroes the bf16 gradients
+    and adds them into its accumulation buffer after every microbatch (update_hp_grads: the .to() cast of an fp32
+    buffer makes a temporary), and per step copies the whole buffer through the reduction's flat bucket (cast to bf16
+    and back for an fp32 buffer), reads it for the norm, scales it for clipping, zeroes it, and casts/copies the dp
+    partition for the fp32 step and the bf16 weights. By hand, bytes per parameter (dp=8): fp32 buffer (BLOOM's
+    deepspeed-fp32-accum) 2 + 2 + 8 + 8 = 20 per microbatch, 28 + 4 + 8 + 4 + 6/8 per step; bf16 buffer (the
+    pipeline engine's ZeRO-0) 8 per microbatch, 8 + 2 + 4 + 2 + 12/8 per step. Other optimizers: nothing new."""
+    n, dp = 1e9, 8
+    accum = cm.for_pipeline(cm.apply_stack(hw(mem_bw=1e12), "deepspeed-fp32-accum"), 4)
+    piped = cm.for_pipeline(cm.apply_stack(hw(mem_bw=1e12), "deepspeed"), 4)
+    mb, step = cm.grad_accumulation_s(n, dp, 1, accum)
+    assert (mb * accum.mem_bw / n, step * accum.mem_bw / n) == pytest.approx((20.0, 20 + 44 + 6 / dp))
+    mb, step = cm.grad_accumulation_s(n, dp, 0, piped)
+    assert (mb * piped.mem_bw / n, step * piped.mem_bw / n) == pytest.approx((8.0, 8 + 16 + 12 / dp))
+    assert cm.grad_accumulation_s(n, dp, 1, piped) == (0.0, 0.0)  # DeepSpeedZeroOptimizer: not this optimizer
+    assert cm.grad_accumulation_s(n, dp, 1, cm.apply_stack(hw(), "megatron")) == (0.0, 0.0)
+    # a whole plan: every rank's step grows by its parameters' passes (m microbatches), blocks and both ends
+    cfg = load_model_config("llama2-7b")
+    dsh = cm.hardware_from_cluster(load_cluster("dgx-a100-80g"), stack="deepspeed-fp32-accum")
+    plan = Plan(model="llama2-7b", seq_len=4096, global_batch=64, micro_batch=1,
+                pipeline=PipelineSpec(degree=2, schedule="1f1b", microbatches=16),
+                layers=[LayerStrategy(dp=4, zero=1, recompute="full", repeat=cfg.n_layers)],
+                embedding=EmbeddingStrategy(zero=1))
+    validate_plan(plan, cfg, 8)
+    base = cm.evaluate_plan(plan, cfg, dsh, 8)
+    monkeypatch.setattr(cm, "bf16_optimizer_passes_s", lambda *a: (0.0, 0.0))
+    without = cm.evaluate_plan(plan, cfg, dsh, 8)
+    # the slower stage's parameters (its blocks and one end; llama2-7b's untied embedding and head are alike)
+    stage = (sum(cfg.layer_params(i) for i in range(cfg.n_layers // 2))
+             + cm.embedding_param_count(cfg, False, True, 1))
+    extra = stage * (16 * 20 + 44 + 6 / 4) / dsh.mem_bw
+    assert base.step_s - without.step_s == pytest.approx(extra, rel=0.02)

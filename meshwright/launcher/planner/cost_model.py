@@ -563,12 +563,40 @@ def grad_accumulation_s(param_count: float, dp: int, zero: int, hw: Hardware) ->
     step) seconds: ``grad_accumulate_s`` of the gradient the rank keeps (sharded at ZeRO-2/3), or, where the pipeline
     schedule defers FSDP2's reduction (``Hardware.fsdp_deferred``), the unsharded compute-dtype gradient added into
     its ``reduce_dtype`` accumulator (read ``gather_bytes`` + ``reduce_bytes``, write ``reduce_bytes``) after the
-    first microbatch's cast into it (read ``gather_bytes``, write ``reduce_bytes``) once per step."""
+    first microbatch's cast into it (read ``gather_bytes``, write ``reduce_bytes``) once per step; under DeepSpeed's
+    BF16_Optimizer (``Precision.gathers_after_step``) its own passes, ``bf16_optimizer_passes_s``."""
     if hw.fsdp_deferred(zero):
         p = hw.policy_at(zero)
         return (param_count * (p.gather_bytes + 2 * p.reduce_bytes) / hw.mem_bw,
                 param_count * (p.gather_bytes + p.reduce_bytes) / hw.mem_bw)
+    if hw.policy_at(zero).gathers_after_step(zero):
+        return bf16_optimizer_passes_s(param_count, dp, zero, hw)
     return grad_accumulate_s(param_count / (dp if zero >= 2 else 1), hw), 0.0
+
+
+# DeepSpeed's BF16_Optimizer (runtime/bf16_optimizer.py, DeepSpeed 0.19.8, immediate_grad_update off: its default)
+# passes over a rank's parameters, bytes per parameter with ``a`` the accumulation buffer's element size
+# (``Precision.grad_bytes - param_bytes``), ``l`` the bf16 weights' and gradients' (``param_bytes``), ``r`` the
+# reduction's (``reduce_bytes``). Per microbatch, every one (first included): backward_prologue / the pipeline
+# engine's _exec_backward_pass zero the bf16 gradients (clear_lp_grads: write l), then update_hp_grads adds each into
+# the buffer (``hp_grad.add_(lp.grad.to(hp_dtype))``: read l, and where a != l the cast's temporary: write a, read a;
+# read a, write a). Per step, the whole buffer: the reduction (engine.py allreduce_no_retain -> allreduce_and_copy:
+# flatten a bucket (read a, write a), cast it to the communication dtype where r != a (read a, write r) and back
+# (read r, write a), copy it out (read a, write a)), the norm (get_grads_for_norm: read a), clipping (the export writes
+# gradient_clipping: read a, write a) and clear_hp_grads (write a); per step, the rank's dp partition: where a is not
+# fp32 the partition cast up for the fp32 step (read a, write 4), and update_lp_params' copy into the bf16 partition
+# (read 4, write l). The fp32 step itself is kept out for DeepSpeed as for the other stacks (``optimizer_step_s``).
+def bf16_optimizer_passes_s(param_count: float, dp: int, zero: int, hw: Hardware) -> tuple[float, float]:
+    """BF16_Optimizer's own passes over ``param_count`` parameters (a layer's, on its tp shard) as (per microbatch after
+    the first, per step) seconds at the memory bandwidth; the first microbatch's pass is in the per-step figure."""
+    p = hw.policy_at(zero)
+    a, lp, r = p.grad_bytes - p.param_bytes, p.param_bytes, p.reduce_bytes
+    per_mb = lp + lp + (2 * a if a != lp else 0) + 2 * a
+    reduction = 4 * a + (a + r + r + a if r != a else 0)
+    whole = reduction + a + 2 * a + a
+    part = (a + 4 if a != 4 else 0) + 4 + lp
+    step = param_count * (per_mb + whole + part / max(dp, 1))
+    return param_count * per_mb / hw.mem_bw, step / hw.mem_bw
 
 
 def grad_accumulate_s(param_count: float, hw: Hardware) -> float:
@@ -1778,7 +1806,8 @@ def _ends_ops(plan: Any, cfg: ModelConfig, hw: Hardware, head_tokens: float, m: 
         ops.append(("step_s", r, step + (tied_embedding_grad_s(cfg, emb.tp, pp.degree, per_stage, hw) if trained else 0.0)))
         cast_mb, cast_step = fsdp_cast_s(n, emb_dp, emb.zero, hw)  # FSDP2 gathers both ends in the compute dtype
         deferred = hw.fsdp_deferred(emb.zero)
-        accum = grad_accumulation_s(trained, emb_dp, emb.zero, hw) if deferred else (grad_accumulate_s(trained, hw), 0.0)
+        accum = (grad_accumulation_s(trained, emb_dp, emb.zero, hw)
+                 if deferred or hw.policy_at(emb.zero).gathers_after_step(emb.zero) else (grad_accumulate_s(trained, hw), 0.0))
         ops.append(("step_s", r, optimizer_step_s(trained, emb_dp, emb.zero, plan.optimizer.states, hw)
                     + (m - 1) * accum[0] + accum[1] + cast_step))
         # the head's cast under autocast (the lookup reads fp32); its gradient's cast where it trains (LoRA)

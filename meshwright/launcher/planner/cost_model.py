@@ -191,7 +191,8 @@ class Hardware:
     flash_eff_max: float = FLASH_EFF_OTHER  # the SDPA flash kernel's best fraction of peak on this device (see FLASH_EFF_*)
     # LoRA (TrainConfig.lora): the share of the model's parameters that train (adapters, modules_to_save; the adapters
     # counted in the total). The frozen rest has weights only: no gradients, no optimizer state (model_state_bytes).
-    # Spread evenly over layers and embeddings: the sum over a replica is exact, a pipeline stage's share approximate
+    # Where ``lora`` is set the plan's layers and ends count their own (a block's adapters, the ends' modules_to_save);
+    # this even spread is the default of model_state_bytes called without them
     trainable_fraction: float = 1.0
     # LoRA's step (memory/lora_cost.py ``LoraStep``): no dW of the frozen base (nor dX before the first adapter), the
     # adapters' narrow GEMMs, gradients reduced and stepped for the trainable parameters only; None: full training
@@ -903,15 +904,18 @@ def optimizer_state_bytes(states: str, name: str = "adamw") -> float:
     return optimizer_bytes_per_param(states, False)
 
 
-def model_state_bytes(param_count: float, dp: int, zero: int, states: str, hw: Hardware) -> dict[str, float]:
+def model_state_bytes(param_count: float, dp: int, zero: int, states: str, hw: Hardware,
+                      trained: Optional[float] = None) -> dict[str, float]:
     """Parameters, gradients and optimizer states of ``param_count`` (already tp/ep-sharded) parameters
     on one device: ZeRO-1 shards optimizer states over dp, ZeRO-2 also gradients, ZeRO-3 also parameters (and
     ZeRO-2 too where it is FSDP2, ``stores_sharded_params``; its gathered weights are ``gathered_weight_bytes``).
-    Gradients and optimizer states only for ``hw.trainable_fraction`` of them (LoRA; 1 otherwise)."""
+    Gradients and optimizer states only for ``trained`` of them (LoRA, per layer: a block's adapters, counted in
+    ``param_count``; the ends' modules_to_save), by default ``hw.trainable_fraction`` of them (1 without LoRA)."""
     p = hw.policy_at(zero)
     deferred = hw.fsdp_deferred(zero)  # the unsharded gradients accumulated in reduce_dtype until the step's reduction
     zero = max(zero, p.zero_floor)
-    trained = param_count * hw.trainable_fraction  # LoRA: the frozen base keeps its weights only
+    if trained is None:
+        trained = param_count * hw.trainable_fraction  # LoRA: the frozen base keeps its weights only
     return {
         "params": param_count * p.param_bytes / (dp if stores_sharded_params(zero, hw) else 1),
         "grads": trained * (p.reduce_bytes if deferred else p.grad_bytes / (dp if zero >= 2 else 1)),
@@ -1152,7 +1156,8 @@ def embedding_static_bytes(cfg: ModelConfig, first: bool, last: bool, tp: int, d
     if not (first or last):
         return 0.0
     n = embedding_param_count(cfg, first, last, tp)
-    total = sum(model_state_bytes(n, dp, zero, states, hw).values())
+    trained = lora_embedding_trained(cfg, hw, first, last, tp) if hw.lora is not None else None
+    total = sum(model_state_bytes(n, dp, zero, states, hw, trained).values())
     if last:
         total += cfg.vocab_size * cfg.d_model / tp * weight_copy_bytes(zero, hw)
     return total
@@ -1246,7 +1251,7 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
     overhead_mb = strategy_overhead_s(hw, s.tp, s.sp, s.zero, s.dp, tokens * lemo)
     if prev is not None:
         comm_mb += redistribution_s(tokens, cfg, prev, (s.tp, s.sp), hw)
-    key = ("shard", moe, s.tp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, states)
+    key = ("shard", moe, s.tp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, states, lora_layer_key(hw, index))
     shard = parts.get(key)
     if shard is None:
         shard = parts[key] = _shard_terms(cfg, index, moe, s, states, hw)
@@ -1466,7 +1471,7 @@ def _state_columns_of(cfg: ModelConfig, index: int, cols: StrategyColumns, state
     reps = cols.reps["shard"]
     shard = np.empty((7, len(reps)))
     for g, s in enumerate(reps):
-        key = ("shard", moe, s.tp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, states)
+        key = ("shard", moe, s.tp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, states, lora_layer_key(hw, index))
         sh = parts.get(key)
         if sh is None:
             sh = parts[key] = _shard_terms(cfg, index, moe, s, states, hw)
@@ -1573,8 +1578,10 @@ def _shard_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, states: str, h
         dp_exp_mb, dp_exp_step = dp_comm_s(expert / (s.tp * s.ep), dpc // s.ep, s.zero, s.tp * s.ep, hw,
                                            0.0 if hw.lora is not None else None)
         dp_mb, dp_step = dp_dense_mb + dp_exp_mb, dp_dense_step + dp_exp_step
-        states_b = model_state_bytes(dense / s.tp, dpc, s.zero, states, hw)
-        exp_b = model_state_bytes(expert / (s.tp * s.ep), dpc // s.ep, s.zero, states, hw)
+        adapters = trained or 0.0  # LoRA: the adapters' weights beside the base, and theirs the only gradients
+        states_b = model_state_bytes(dense / s.tp + adapters, dpc, s.zero, states, hw, trained)
+        exp_b = model_state_bytes(expert / (s.tp * s.ep), dpc // s.ep, s.zero, states, hw,
+                                  0.0 if hw.lora is not None else None)
         states_b = {k: states_b[k] + exp_b[k] for k in states_b}
         cast_dense, cast_dense_step = fsdp_cast_s(dense / s.tp, dpc, s.zero, hw)
         cast_exp, cast_exp_step = fsdp_cast_s(expert / (s.tp * s.ep), dpc // s.ep, s.zero, hw)
@@ -1586,7 +1593,7 @@ def _shard_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, states: str, h
         dp_mb, dp_step = dp_comm_s(shard_params, group, s.zero, s.tp, hw, trained)
         if group < s.dp:
             dp_mb += hsdp_allreduce_s(shard_params * share, s.dp, group, s.tp, hw)
-        states_b = model_state_bytes(shard_params, group, s.zero, states, hw)
+        states_b = model_state_bytes(shard_params + (trained or 0.0), group, s.zero, states, hw, trained)
         cast_mb, cast_step = fsdp_cast_s(shard_params, group, s.zero, hw)
     zero_dp = s.dp_shard or s.dp * s.cp
     stepped = shard_params * share  # the optimizer steps and accumulates trainable parameters only (LoRA)
@@ -1799,7 +1806,8 @@ def _ends_ops(plan: Any, cfg: ModelConfig, hw: Hardware, head_tokens: float, m: 
                                                         plan.optimizer.states, hw)))
         n = embedding_param_count(cfg, r == 0, r == last, emb.tp)
         trained = lora_embedding_trained(cfg, hw, r == 0, r == last, emb.tp) if hw.lora is not None else n
-        ops.append(("grads", r, model_state_bytes(n, emb_dp, emb.zero, plan.optimizer.states, hw)["grads"]))
+        ops.append(("grads", r, model_state_bytes(n, emb_dp, emb.zero, plan.optimizer.states, hw,
+                                                  trained if hw.lora is not None else None)["grads"]))
         if r == last:
             ops.append(("copies", r, cfg.vocab_size * cfg.d_model / emb.tp * weight_copy_bytes(emb.zero, hw)))
         per_mb, step = dp_comm_s(n, emb_dp, emb.zero, emb.tp, hw, trained)

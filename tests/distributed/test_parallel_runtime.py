@@ -71,7 +71,7 @@ def two_rank(four_rank, tmp_path_factory) -> tuple[dict, Path]:
 
 @pytest.mark.timeout(900)
 def test_two_rank_layouts_match_one_process_and_resume_under_pp2(two_rank) -> None:
-    report, _ = two_rank
+    report, run_dir = two_rank
     assert set(report) == TWO_RANK
     assert all(c["ok"] for c in report.values()), _failures(report)
     # ZeRO-1/2/3 really shard the optimizer states: each rank holds about half of DDP's Adam states
@@ -106,7 +106,7 @@ def test_two_rank_layouts_match_one_process_and_resume_under_pp2(two_rank) -> No
     lora = LORA_CASES["lora_dp2_zero3_fsdp"][1]
     rt = LocalRuntime(lora_model(lora))
     opt = rt.build_optimizer(make_opt)
-    assert load_runtime(tmp_path / "lora_adapter_ckpt", rt, opt, adapters=lora_scope(lora, 7, rt))["step"] == 2
+    assert load_runtime(run_dir / "lora_adapter_ckpt", rt, opt, adapters=lora_scope(lora, 7, rt))["step"] == 2
     ref = lora_reference(lora)
     for step in (2, 3):
         x, y = batch(step)

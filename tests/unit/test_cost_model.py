@@ -673,3 +673,99 @@ def test_cluster_memory_bandwidth_and_clock_fraction_change_the_hardware():
     assert slow.peak_flops == pytest.approx(0.8 * base.peak_flops)
     with pytest.raises(Exception, match="clock_fraction"):
         dataclasses.replace(cl, clock_fraction=1.5).validate()
+
+
+def test_fsdp2_zero2_stores_sharded_params_and_keeps_the_gathered_weights():
+    """meshwright's ZeRO-2 is FSDP2 with reshard_after_forward=False (and torchtitan's export writes "never"): the
+    stored fp32 parameters are sharded over dp and the all-gathered weights (bf16 under MixedPrecisionPolicy, fp32
+    without one) stay alive through the step. Measured at dp=2 and 4 (tests/distributed/state_bytes_worker.py):
+    bf16 2 + 16/dp B/param, fp32 4 + 16/dp; planned 4(1 - 1/dp) more in bf16 and 4/dp less in fp32 before stop 33.
+    DeepSpeed's ZeRO-2 keeps whole parameters, the analytic default too."""
+    n = 1e9
+    per = lambda h, dp, z: (sum(cm.model_state_bytes(n, dp, z, "fp32", h).values())  # noqa: E731
+                            + n * cm.gathered_weight_bytes(z, h)) / n
+    for stack in ("meshwright", "torchtitan"):
+        for dtype, gathered in (("bf16", 2), ("fp32", 4)):
+            h = cm.apply_stack(hw(compute_dtype=dtype), stack)
+            for dp in (2, 4, 8):
+                assert per(h, dp, 2) == pytest.approx(gathered + 16 / dp), (stack, dtype, dp)
+                assert cm.weight_copy_bytes(2, h) == gathered
+                assert per(h, dp, 3) == pytest.approx(16 / dp)  # ZeRO-3's gathered layer is a transient
+            assert cm.model_state_bytes(n, 8, 1, "fp32", h)["params"] == 4 * n  # ZeRO-1: whole (DDP)
+    ds = cm.apply_stack(hw(), "deepspeed")
+    assert cm.model_state_bytes(n, 8, 2, "fp32", ds)["params"] == 2 * n and cm.gathered_weight_bytes(2, ds) == 0
+    assert cm.model_state_bytes(n, 8, 2, "fp32", hw())["params"] == 2 * n
+    # a whole plan: the meshwright ZeRO-2 prediction drops by 4(1 - 1/dp) B/param (+ fragmentation) in bf16
+    cfg = load_model_config("llama2-7b")
+    mw = cm.hardware_from_cluster(load_cluster("dgx-a100-80g"), stack="meshwright")
+    plan = Plan(model="llama2-7b", seq_len=4096, global_batch=64, micro_batch=1,
+                layers=[LayerStrategy(dp=8, zero=2, recompute="full", repeat=cfg.n_layers)],
+                embedding=EmbeddingStrategy(zero=2))
+    validate_plan(plan, cfg, 8)
+    new = cm.evaluate_plan(plan, cfg, mw, 8).memory_gib[0]
+    old = cm.evaluate_plan(plan, cfg, dataclasses.replace(mw, fsdp_zero2=False), 8).memory_gib[0]
+    assert (old - new) * cm.GIB == pytest.approx(cfg.num_params() * 4 * (1 - 1 / 8) * (1 + mw.fragmentation), rel=1e-6)
+
+
+def test_deepspeed_pipeline_engine_reduces_after_the_schedule():
+    """DeepSpeed's pipeline engine (pp>1) reduces data-parallel gradients in ReduceGrads, after the last BackwardPass
+    of the schedule (pipe/schedule.py TrainSchedule; engine.py turns ZeRO-1/2's overlap_comm off for a
+    PipelineModule): the reduction is exposed at every ZeRO stage, where without a pipeline ZeRO-1 overlaps it with
+    the last backward. A pp>1 plan's step grows by the whole reduction; the other stacks and pp=1 keep their overlap."""
+    ds = cm.apply_stack(hw(), "deepspeed")
+    piped = cm.for_pipeline(ds, 4)
+    assert ds.dp_overlapped(1) and not piped.dp_overlapped(1) and not piped.dp_overlapped(0)
+    for stack in ("meshwright", "megatron", "deepspeed-fp32-accum"):
+        h = cm.apply_stack(hw(), stack)
+        assert cm.for_pipeline(h, 4).dp_overlapped(1) == h.dp_overlapped(1)
+    assert not cm.apply_stack(hw(), "deepspeed-fp32-accum").dp_overlapped(1)  # BF16_Optimizer: after backward anyway
+    cfg = load_model_config("llama2-7b")
+    dsh = cm.hardware_from_cluster(load_cluster("dgx-a100-80g"), stack="deepspeed")
+    plan = Plan(model="llama2-7b", seq_len=4096, global_batch=64, micro_batch=1,
+                pipeline=PipelineSpec(degree=2, schedule="1f1b", microbatches=16),
+                layers=[LayerStrategy(dp=4, zero=1, recompute="full", repeat=cfg.n_layers)],
+                embedding=EmbeddingStrategy(zero=1))
+    validate_plan(plan, cfg, 8)
+    new = cm.evaluate_plan(plan, cfg, dsh, 8)
+    old = cm.evaluate_plan(plan, cfg, dataclasses.replace(dsh, pipeline_reduces_after_schedule=False), 8)
+    # the stage's whole reduction uncovered: an all-reduce of its bf16 gradients over dp=4 (intra-node), of which
+    # only the overlap slowdown was charged before
+    stage = cfg.num_params() / 2
+    ar = cm.allreduce_s(stage * 2, 4, dsh.intra_bw, dsh.intra_lat)
+    assert new.step_s - old.step_s == pytest.approx((1 - dsh.overlap_slowdown) * ar, rel=0.05)
+    assert new.memory_gib == old.memory_gib
+
+
+def test_bf16_optimizer_passes_charged_per_microbatch_and_per_step(monkeypatch):
+    """DeepSpeed's BF16_Optimizer (runtime/bf16_optimizer.py, immediate_grad_update off) zeroes the bf16 gradients
+    and adds them into its accumulation buffer after every microbatch (update_hp_grads: the .to() cast of an fp32
+    buffer makes a temporary), and per step copies the whole buffer through the reduction's flat bucket (cast to bf16
+    and back for an fp32 buffer), reads it for the norm, scales it for clipping, zeroes it, and casts/copies the dp
+    partition for the fp32 step and the bf16 weights. By hand, bytes per parameter (dp=8): fp32 buffer (BLOOM's
+    deepspeed-fp32-accum) 2 + 2 + 8 + 8 = 20 per microbatch, 28 + 4 + 8 + 4 + 6/8 per step; bf16 buffer (the
+    pipeline engine's ZeRO-0) 8 per microbatch, 8 + 2 + 4 + 2 + 12/8 per step. Other optimizers: nothing new."""
+    n, dp = 1e9, 8
+    accum = cm.for_pipeline(cm.apply_stack(hw(mem_bw=1e12), "deepspeed-fp32-accum"), 4)
+    piped = cm.for_pipeline(cm.apply_stack(hw(mem_bw=1e12), "deepspeed"), 4)
+    mb, step = cm.grad_accumulation_s(n, dp, 1, accum)
+    assert (mb * accum.mem_bw / n, step * accum.mem_bw / n) == pytest.approx((20.0, 20 + 44 + 6 / dp))
+    mb, step = cm.grad_accumulation_s(n, dp, 0, piped)
+    assert (mb * piped.mem_bw / n, step * piped.mem_bw / n) == pytest.approx((8.0, 8 + 16 + 12 / dp))
+    assert cm.grad_accumulation_s(n, dp, 1, piped) == (0.0, 0.0)  # DeepSpeedZeroOptimizer: not this optimizer
+    assert cm.grad_accumulation_s(n, dp, 1, cm.apply_stack(hw(), "megatron")) == (0.0, 0.0)
+    # a whole plan: every rank's step grows by its parameters' passes (m microbatches), blocks and both ends
+    cfg = load_model_config("llama2-7b")
+    dsh = cm.hardware_from_cluster(load_cluster("dgx-a100-80g"), stack="deepspeed-fp32-accum")
+    plan = Plan(model="llama2-7b", seq_len=4096, global_batch=64, micro_batch=1,
+                pipeline=PipelineSpec(degree=2, schedule="1f1b", microbatches=16),
+                layers=[LayerStrategy(dp=4, zero=1, recompute="full", repeat=cfg.n_layers)],
+                embedding=EmbeddingStrategy(zero=1))
+    validate_plan(plan, cfg, 8)
+    base = cm.evaluate_plan(plan, cfg, dsh, 8)
+    monkeypatch.setattr(cm, "bf16_optimizer_passes_s", lambda *a: (0.0, 0.0))
+    without = cm.evaluate_plan(plan, cfg, dsh, 8)
+    # the slower stage's parameters (its blocks and one end; llama2-7b's untied embedding and head are alike)
+    stage = (sum(cfg.layer_params(i) for i in range(cfg.n_layers // 2))
+             + cm.embedding_param_count(cfg, False, True, 1))
+    extra = stage * (16 * 20 + 44 + 6 / 4) / dsh.mem_bw
+    assert base.step_s - without.step_s == pytest.approx(extra, rel=0.02)

@@ -213,3 +213,41 @@ def test_adapter_widths_and_sizes_are_the_adapted_modules(name, lora):
         assert step.adapter[i] == sum(m.lora_A.numel() + m.lora_B.numel() for m in mods)
     h = lora_hw(cfg, lora, mem_bw=1.0)
     assert cm.lora_elementwise_s(h.lora, 1, 10.0, 0.0, h) == 10.0 * 4 * (6 * step.adapter_in[1] + 10 * step.adapter_out[1])
+
+
+def test_lora_model_states_are_counted_per_layer_and_per_end():
+    """A LoRA plan's model states, part by part: each block its base weights plus its adapters' (weights, gradients,
+    AdamW states), the ends their weights plus the gradients and states of the modules_to_save they hold, each sharded
+    by its own ZeRO stage. Until stop 33 the trainable share was spread evenly over all parameters: the head's
+    gradients and states (modules_to_save) were sharded with the ZeRO-3 blocks and the adapters' weights left out.
+    The total over a replica matches lora_state_bytes (the meta-model count) at ZeRO-0."""
+    from meshwright.launcher.planner.auto import lora_search_terms
+    from meshwright.launcher.planner.search import Constraints
+    from meshwright.memory.lora import lora_state_bytes
+    from meshwright.plan import EmbeddingStrategy, LayerStrategy, Plan, validate_plan
+
+    cfg = load_model_config("llama2-7b")
+    lora = LoraConfig(rank=16, modules_to_save=["output"])
+    base = cm.hardware_from_cluster(load_cluster("dgx-a100-80g"), stack="meshwright", dtype="fp32")
+    h, _ = lora_search_terms(cfg, lora, base, Constraints())
+    st = lora_step(cfg, lora)
+    adapters = sum(st.adapter)
+    head = cfg.vocab_size * cfg.d_model
+    blocks = sum(cfg.layer_params(i) for i in range(cfg.n_layers))
+    ends = cm.embedding_param_count(cfg, True, True, 1)
+
+    def states(zero: int, emb_zero: int, dp: int = 8, hw: cm.Hardware = h) -> float:
+        plan = Plan(model="llama2-7b", seq_len=4096, global_batch=64, micro_batch=1,
+                    layers=[LayerStrategy(dp=dp, zero=zero, recompute="full", repeat=cfg.n_layers)],
+                    embedding=EmbeddingStrategy(zero=emb_zero))
+        validate_plan(plan, cfg, dp)
+        return cm.evaluate_plan(plan, cfg, hw, dp).breakdown["mem_states_gib"] * cm.GIB
+
+    want0 = lora_state_bytes(cfg, lora)
+    assert states(0, 0) == pytest.approx(sum(want0[k] for k in ("weights", "grads", "optimizer")), rel=1e-9)
+    # ZeRO-3 blocks, replicated ends: the blocks' share / 8, the head's gradients and AdamW states whole
+    by_hand = (blocks + adapters) * 4 / 8 + adapters * 12 / 8 + ends * 4 + head * 12
+    assert states(3, 0) == pytest.approx(by_hand, rel=1e-9)
+    # the even spread this replaces (model_state_bytes without per-part counts: hw.trainable_fraction everywhere)
+    # sharded most of the head's gradients and states with the blocks: over 1 GB too few on this rank
+    assert by_hand - states(3, 0, hw=dataclasses.replace(h, lora=None)) > 1e9

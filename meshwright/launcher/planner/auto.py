@@ -15,8 +15,9 @@ from meshwright.plan import Plan, validate_plan
 
 def lora_search_terms(cfg: ModelConfig, lora: Any, hw: cm.Hardware, constraints: Constraints
                       ) -> tuple[cm.Hardware, Constraints]:
-    """What ``lora:`` changes in the search: model states for the trainable share only (``Hardware.trainable_fraction``:
-    adapters and modules_to_save over all parameters, adapters included), the step's time (``Hardware.lora``: no dW
+    """What ``lora:`` changes in the search: model states for the trainable parameters only (``Hardware.lora``: each
+    block's adapters, the ends' modules_to_save; ``Hardware.trainable_fraction``, their share of all parameters, where
+    no part is named), the step's time (``Hardware.lora``: no dW
     of the frozen base, the adapters' GEMMs, gradients reduced and stepped for the trainable parameters), and the layouts the LoRA runtime runs
     (ep = 1; tp and pp are searched: train/build.py ``check_lora_layout``)."""
     from meshwright.memory.lora import lora_state_bytes

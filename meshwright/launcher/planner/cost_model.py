@@ -186,6 +186,8 @@ class Hardware:
     # then keep that precision's states (DeepSpeed's pipeline engine builds BF16_Optimizer)
     pipeline_zero0_precision: str = ""
     pipeline_defers_fsdp_sync: bool = False  # Stack.pipeline_defers_fsdp_sync (read where ``pipelined``)
+    fsdp_zero2: bool = False  # Stack.fsdp_zero2: ZeRO-2 layers store sharded parameters and keep their gathered weights
+    pipeline_reduces_after_schedule: bool = False  # Stack.pipeline_reduces_after_schedule (read where ``pipelined``)
     pipelined: bool = False
     flash_eff_max: float = FLASH_EFF_OTHER  # the SDPA flash kernel's best fraction of peak on this device (see FLASH_EFF_*)
     # torch's device type of the run ("cuda" or "cpu"): whether a compiled run's capped attention can take the flex
@@ -193,7 +195,8 @@ class Hardware:
     device_type: str = "cuda"
     # LoRA (TrainConfig.lora): the share of the model's parameters that train (adapters, modules_to_save; the adapters
     # counted in the total). The frozen rest has weights only: no gradients, no optimizer state (model_state_bytes).
-    # Spread evenly over layers and embeddings: the sum over a replica is exact, a pipeline stage's share approximate
+    # Where ``lora`` is set the plan's layers and ends count their own (a block's adapters, the ends' modules_to_save);
+    # this even spread is the default of model_state_bytes called without them
     trainable_fraction: float = 1.0
     # LoRA's step (memory/lora_cost.py ``LoraStep``): no dW of the frozen base (nor dX before the first adapter), the
     # adapters' narrow GEMMs, gradients reduced and stepped for the trainable parameters only; None: full training
@@ -224,8 +227,10 @@ class Hardware:
     def dp_overlapped(self, zero: int) -> bool:
         """Whether per-step DP traffic at ZeRO-``zero`` runs under the last backward: the stack overlaps it, and the
         optimizer does not reduce after backward and gather after the step (``Precision.step_gather``), nor the
-        pipeline schedule reduce after every backward (``fsdp_deferred``)."""
-        return self.dp_overlap and not self.policy_at(zero).gathers_after_step(zero) and not self.fsdp_deferred(zero)
+        pipeline schedule reduce after every backward (``fsdp_deferred``; DeepSpeed's pipeline engine at any ZeRO
+        stage: ``Stack.pipeline_reduces_after_schedule``)."""
+        return (self.dp_overlap and not self.policy_at(zero).gathers_after_step(zero) and not self.fsdp_deferred(zero)
+                and not (self.pipelined and self.pipeline_reduces_after_schedule))
 
     def fsdp_deferred(self, zero: int) -> bool:
         """Whether a layer at ZeRO-``zero`` is an FSDP2 module whose gather, reduction and resharding the pipeline
@@ -244,14 +249,16 @@ def apply_stack(hw: Hardware, stack: Stack | str) -> Hardware:
                                stack_buffers=buffers, stack_buffer_bytes=min(buffers),
                                zero3_live_params=st.zero3_live_elements(),
                                pipeline_zero0_precision=st.pipeline_zero0_precision,
-                               pipeline_defers_fsdp_sync=st.pipeline_defers_fsdp_sync, pipelined=False)
+                               pipeline_defers_fsdp_sync=st.pipeline_defers_fsdp_sync, pipelined=False,
+                               fsdp_zero2=st.fsdp_zero2, pipeline_reduces_after_schedule=st.pipeline_reduces_after_schedule)
 
 
 def for_pipeline(hw: Hardware, pp: int) -> Hardware:
     """``hw`` costing a plan of ``pp`` pipeline stages (the same object where that changes nothing): the stack's
     pipeline engine may keep other model states (``Hardware.policy_at``), its FSDP2 layers sync once per step
-    (``Hardware.fsdp_deferred``)."""
-    pipelined = pp > 1 and (bool(hw.pipeline_zero0_precision) or hw.pipeline_defers_fsdp_sync)
+    (``Hardware.fsdp_deferred``), its data-parallel reduction may wait for the whole schedule (``dp_overlapped``)."""
+    pipelined = pp > 1 and (bool(hw.pipeline_zero0_precision) or hw.pipeline_defers_fsdp_sync
+                            or hw.pipeline_reduces_after_schedule)
     return hw if hw.pipelined == pipelined else dataclasses.replace(hw, pipelined=pipelined)
 
 
@@ -492,10 +499,30 @@ def weight_copy_bytes(zero: int, hw: Hardware) -> float:
     inputs), or an FSDP2 layer's gathered compute-dtype weights where it keeps them from forward to backward
     (``reshards_after_forward``); where it reshards they are the per-layer transient (ZeRO-3:
     ``zero3_transient_bytes``; a one-rank shard's, one layer at a time, not counted)."""
-    p = hw.policy_at(zero)
-    if zero in p.shard_cast_zero:
-        return 0.0 if reshards_after_forward(zero, hw) else p.gather_bytes
-    return p.weight_copy_bytes
+    if fsdp_layer(zero, hw):
+        return gathered_weight_bytes(zero, hw)
+    return hw.policy_at(zero).weight_copy_bytes
+
+
+def fsdp_layer(zero: int, hw: Hardware) -> bool:
+    """Whether a layer at ZeRO-``zero`` is an FSDP2 module: one the policy's MixedPrecisionPolicy casts
+    (``Precision.shard_cast_zero``), or a ZeRO-2 layer of a stack that runs ZeRO-2 as FSDP2 (``Hardware.fsdp_zero2``,
+    fp32 included, where FSDP2 casts nothing)."""
+    return zero in hw.policy_at(zero).shard_cast_zero or (zero == 2 and hw.fsdp_zero2)
+
+
+def stores_sharded_params(zero: int, hw: Hardware) -> bool:
+    """Whether a layer at ZeRO-``zero`` stores its parameters sharded over dp: ZeRO-3, and ZeRO-2 where it is an FSDP2
+    module (``Hardware.fsdp_zero2``: fully_shard shards the parameters whatever reshard_after_forward says; what
+    it keeps gathered from forward to backward is ``gathered_weight_bytes``)."""
+    return zero >= 3 or (zero == 2 and hw.fsdp_zero2)
+
+
+def gathered_weight_bytes(zero: int, hw: Hardware) -> float:
+    """Bytes per parameter of the gathered weights an FSDP2 layer at ZeRO-``zero`` keeps from forward to backward
+    (its all-gather outputs, in ``gather_bytes``; part of ``weight_copy_bytes``); 0 where the layer is not FSDP2 or
+    frees them after forward (``reshards_after_forward``: ZeRO-3's gathered layer is ``zero3_transient_bytes``)."""
+    return hw.policy_at(zero).gather_bytes if fsdp_layer(zero, hw) and not reshards_after_forward(zero, hw) else 0.0
 
 
 def weight_traffic_mb_s(param_count: float, recompute: str, hw: Hardware, zero: int = 0,
@@ -546,12 +573,40 @@ def grad_accumulation_s(param_count: float, dp: int, zero: int, hw: Hardware) ->
     step) seconds: ``grad_accumulate_s`` of the gradient the rank keeps (sharded at ZeRO-2/3), or, where the pipeline
     schedule defers FSDP2's reduction (``Hardware.fsdp_deferred``), the unsharded compute-dtype gradient added into
     its ``reduce_dtype`` accumulator (read ``gather_bytes`` + ``reduce_bytes``, write ``reduce_bytes``) after the
-    first microbatch's cast into it (read ``gather_bytes``, write ``reduce_bytes``) once per step."""
+    first microbatch's cast into it (read ``gather_bytes``, write ``reduce_bytes``) once per step; under DeepSpeed's
+    BF16_Optimizer (``Precision.gathers_after_step``) its own passes, ``bf16_optimizer_passes_s``."""
     if hw.fsdp_deferred(zero):
         p = hw.policy_at(zero)
         return (param_count * (p.gather_bytes + 2 * p.reduce_bytes) / hw.mem_bw,
                 param_count * (p.gather_bytes + p.reduce_bytes) / hw.mem_bw)
+    if hw.policy_at(zero).gathers_after_step(zero):
+        return bf16_optimizer_passes_s(param_count, dp, zero, hw)
     return grad_accumulate_s(param_count / (dp if zero >= 2 else 1), hw), 0.0
+
+
+# DeepSpeed's BF16_Optimizer (runtime/bf16_optimizer.py, DeepSpeed 0.19.8, immediate_grad_update off: its default)
+# passes over a rank's parameters, bytes per parameter with ``a`` the accumulation buffer's element size
+# (``Precision.grad_bytes - param_bytes``), ``l`` the bf16 weights' and gradients' (``param_bytes``), ``r`` the
+# reduction's (``reduce_bytes``). Per microbatch, every one (first included): backward_prologue / the pipeline
+# engine's _exec_backward_pass zero the bf16 gradients (clear_lp_grads: write l), then update_hp_grads adds each into
+# the buffer (``hp_grad.add_(lp.grad.to(hp_dtype))``: read l, and where a != l the cast's temporary: write a, read a;
+# read a, write a). Per step, the whole buffer: the reduction (engine.py allreduce_no_retain -> allreduce_and_copy:
+# flatten a bucket (read a, write a), cast it to the communication dtype where r != a (read a, write r) and back
+# (read r, write a), copy it out (read a, write a)), the norm (get_grads_for_norm: read a), clipping (the export writes
+# gradient_clipping: read a, write a) and clear_hp_grads (write a); per step, the rank's dp partition: where a is not
+# fp32 the partition cast up for the fp32 step (read a, write 4), and update_lp_params' copy into the bf16 partition
+# (read 4, write l). The fp32 step itself is kept out for DeepSpeed as for the other stacks (``optimizer_step_s``).
+def bf16_optimizer_passes_s(param_count: float, dp: int, zero: int, hw: Hardware) -> tuple[float, float]:
+    """BF16_Optimizer's own passes over ``param_count`` parameters (a layer's, on its tp shard) as (per microbatch after
+    the first, per step) seconds at the memory bandwidth; the first microbatch's pass is in the per-step figure."""
+    p = hw.policy_at(zero)
+    a, lp, r = p.grad_bytes - p.param_bytes, p.param_bytes, p.reduce_bytes
+    per_mb = lp + lp + (2 * a if a != lp else 0) + 2 * a
+    reduction = 4 * a + (a + r + r + a if r != a else 0)
+    whole = reduction + a + 2 * a + a
+    part = (a + 4 if a != 4 else 0) + 4 + lp
+    step = param_count * (per_mb + whole + part / max(dp, 1))
+    return param_count * per_mb / hw.mem_bw, step / hw.mem_bw
 
 
 def grad_accumulate_s(param_count: float, hw: Hardware) -> float:
@@ -858,16 +913,20 @@ def optimizer_state_bytes(states: str, name: str = "adamw") -> float:
     return optimizer_bytes_per_param(states, False)
 
 
-def model_state_bytes(param_count: float, dp: int, zero: int, states: str, hw: Hardware) -> dict[str, float]:
+def model_state_bytes(param_count: float, dp: int, zero: int, states: str, hw: Hardware,
+                      trained: Optional[float] = None) -> dict[str, float]:
     """Parameters, gradients and optimizer states of ``param_count`` (already tp/ep-sharded) parameters
-    on one device: ZeRO-1 shards optimizer states over dp, ZeRO-2 also gradients, ZeRO-3 also parameters.
-    Gradients and optimizer states only for ``hw.trainable_fraction`` of them (LoRA; 1 otherwise)."""
+    on one device: ZeRO-1 shards optimizer states over dp, ZeRO-2 also gradients, ZeRO-3 also parameters (and
+    ZeRO-2 too where it is FSDP2, ``stores_sharded_params``; its gathered weights are ``gathered_weight_bytes``).
+    Gradients and optimizer states only for ``trained`` of them (LoRA, per layer: a block's adapters, counted in
+    ``param_count``; the ends' modules_to_save), by default ``hw.trainable_fraction`` of them (1 without LoRA)."""
     p = hw.policy_at(zero)
     deferred = hw.fsdp_deferred(zero)  # the unsharded gradients accumulated in reduce_dtype until the step's reduction
     zero = max(zero, p.zero_floor)
-    trained = param_count * hw.trainable_fraction  # LoRA: the frozen base keeps its weights only
+    if trained is None:
+        trained = param_count * hw.trainable_fraction  # LoRA: the frozen base keeps its weights only
     return {
-        "params": param_count * p.param_bytes / (dp if zero >= 3 else 1),
+        "params": param_count * p.param_bytes / (dp if stores_sharded_params(zero, hw) else 1),
         "grads": trained * (p.reduce_bytes if deferred else p.grad_bytes / (dp if zero >= 2 else 1)),
         "optimizer": trained * (optimizer_state_bytes(states) + p.master_at(zero)) / (dp if zero >= 1 else 1),
     }
@@ -1106,7 +1165,8 @@ def embedding_static_bytes(cfg: ModelConfig, first: bool, last: bool, tp: int, d
     if not (first or last):
         return 0.0
     n = embedding_param_count(cfg, first, last, tp)
-    total = sum(model_state_bytes(n, dp, zero, states, hw).values())
+    trained = lora_embedding_trained(cfg, hw, first, last, tp) if hw.lora is not None else None
+    total = sum(model_state_bytes(n, dp, zero, states, hw, trained).values())
     if last:
         total += cfg.vocab_size * cfg.d_model / tp * weight_copy_bytes(zero, hw)
     return total
@@ -1200,7 +1260,7 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
     overhead_mb = strategy_overhead_s(hw, s.tp, s.sp, s.zero, s.dp, tokens * lemo)
     if prev is not None:
         comm_mb += redistribution_s(tokens, cfg, prev, (s.tp, s.sp), hw)
-    key = ("shard", moe, s.tp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, states)
+    key = ("shard", moe, s.tp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, states, lora_layer_key(hw, index))
     shard = parts.get(key)
     if shard is None:
         shard = parts[key] = _shard_terms(cfg, index, moe, s, states, hw)
@@ -1420,7 +1480,7 @@ def _state_columns_of(cfg: ModelConfig, index: int, cols: StrategyColumns, state
     reps = cols.reps["shard"]
     shard = np.empty((7, len(reps)))
     for g, s in enumerate(reps):
-        key = ("shard", moe, s.tp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, states)
+        key = ("shard", moe, s.tp, s.dp, s.zero, s.dp_shard, s.ep, s.cp, states, lora_layer_key(hw, index))
         sh = parts.get(key)
         if sh is None:
             sh = parts[key] = _shard_terms(cfg, index, moe, s, states, hw)
@@ -1527,8 +1587,10 @@ def _shard_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, states: str, h
         dp_exp_mb, dp_exp_step = dp_comm_s(expert / (s.tp * s.ep), dpc // s.ep, s.zero, s.tp * s.ep, hw,
                                            0.0 if hw.lora is not None else None)
         dp_mb, dp_step = dp_dense_mb + dp_exp_mb, dp_dense_step + dp_exp_step
-        states_b = model_state_bytes(dense / s.tp, dpc, s.zero, states, hw)
-        exp_b = model_state_bytes(expert / (s.tp * s.ep), dpc // s.ep, s.zero, states, hw)
+        adapters = trained or 0.0  # LoRA: the adapters' weights beside the base, and theirs the only gradients
+        states_b = model_state_bytes(dense / s.tp + adapters, dpc, s.zero, states, hw, trained)
+        exp_b = model_state_bytes(expert / (s.tp * s.ep), dpc // s.ep, s.zero, states, hw,
+                                  0.0 if hw.lora is not None else None)
         states_b = {k: states_b[k] + exp_b[k] for k in states_b}
         cast_dense, cast_dense_step = fsdp_cast_s(dense / s.tp, dpc, s.zero, hw)
         cast_exp, cast_exp_step = fsdp_cast_s(expert / (s.tp * s.ep), dpc // s.ep, s.zero, hw)
@@ -1540,7 +1602,7 @@ def _shard_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, states: str, h
         dp_mb, dp_step = dp_comm_s(shard_params, group, s.zero, s.tp, hw, trained)
         if group < s.dp:
             dp_mb += hsdp_allreduce_s(shard_params * share, s.dp, group, s.tp, hw)
-        states_b = model_state_bytes(shard_params, group, s.zero, states, hw)
+        states_b = model_state_bytes(shard_params + (trained or 0.0), group, s.zero, states, hw, trained)
         cast_mb, cast_step = fsdp_cast_s(shard_params, group, s.zero, hw)
     zero_dp = s.dp_shard or s.dp * s.cp
     stepped = shard_params * share  # the optimizer steps and accumulates trainable parameters only (LoRA)
@@ -1753,14 +1815,16 @@ def _ends_ops(plan: Any, cfg: ModelConfig, hw: Hardware, head_tokens: float, m: 
                                                         plan.optimizer.states, hw)))
         n = embedding_param_count(cfg, r == 0, r == last, emb.tp)
         trained = lora_embedding_trained(cfg, hw, r == 0, r == last, emb.tp) if hw.lora is not None else n
-        ops.append(("grads", r, model_state_bytes(n, emb_dp, emb.zero, plan.optimizer.states, hw)["grads"]))
+        ops.append(("grads", r, model_state_bytes(n, emb_dp, emb.zero, plan.optimizer.states, hw,
+                                                  trained if hw.lora is not None else None)["grads"]))
         if r == last:
             ops.append(("copies", r, cfg.vocab_size * cfg.d_model / emb.tp * weight_copy_bytes(emb.zero, hw)))
         per_mb, step = dp_comm_s(n, emb_dp, emb.zero, emb.tp, hw, trained)
         ops.append(("step_s", r, step + (tied_embedding_grad_s(cfg, emb.tp, pp.degree, per_stage, hw) if trained else 0.0)))
         cast_mb, cast_step = fsdp_cast_s(n, emb_dp, emb.zero, hw)  # FSDP2 gathers both ends in the compute dtype
         deferred = hw.fsdp_deferred(emb.zero)
-        accum = grad_accumulation_s(trained, emb_dp, emb.zero, hw) if deferred else (grad_accumulate_s(trained, hw), 0.0)
+        accum = (grad_accumulation_s(trained, emb_dp, emb.zero, hw)
+                 if deferred or hw.policy_at(emb.zero).gathers_after_step(emb.zero) else (grad_accumulate_s(trained, hw), 0.0))
         ops.append(("step_s", r, optimizer_step_s(trained, emb_dp, emb.zero, plan.optimizer.states, hw)
                     + (m - 1) * accum[0] + accum[1] + cast_step))
         # the head's cast under autocast (the lookup reads fp32); its gradient's cast where it trains (LoRA)

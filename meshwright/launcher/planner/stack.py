@@ -119,6 +119,21 @@ class Stack:
     # and one reduce-scatter per step, the stage's compute-dtype weights and its unsharded gradients accumulated in
     # reduce_dtype (_fsdp_param.py accumulate_unsharded_grad_if_needed) alive through the step
     pipeline_defers_fsdp_sync: bool = False
+    # ZeRO-2 layers are FSDP2 modules with reshard_after_forward=False (meshwright's apply_fsdp; torchtitan's
+    # fsdp_reshard_after_forward "never", what its export writes for ZeRO-2): the stored parameters are sharded over dp
+    # as at ZeRO-3 and the all-gathered weights (``Precision.gather_bytes``: bf16 under MixedPrecisionPolicy, fp32
+    # without one) stay alive from the step's first forward to its last backward. DeepSpeed's ZeRO-2 keeps whole
+    # parameters and no gathered copy. Measured: tests/distributed/state_bytes_worker.py
+    fsdp_zero2: bool = False
+    # on pp>1 layouts the stack's pipeline engine reduces data-parallel gradients once, after the whole schedule:
+    # DeepSpeed's TrainSchedule issues ReduceTiedGrads, ReduceGrads and OptimizerStep after the last BackwardPass
+    # (runtime/pipe/schedule.py), and PipelineEngine holds the gradient-accumulation boundary False through every
+    # BackwardPass (pipe/engine.py is_gradient_accumulation_boundary returns _force_grad_boundary, which only
+    # _exec_reduce_grads sets), so ZeRO-1's overlap_comm hooks (stage_1_and_2.py reduce_ready_partitions_and_remove_grads:
+    # only at the boundary) reduce nothing during backward; the engine's enable_backward_allreduce is False. The
+    # reduction is exposed, not overlapped with the last backward. (deepspeed-fp32-accum plans ZeRO-1 only, whose
+    # BF16_Optimizer reduces after backward with or without a pipeline: ``Precision.step_gather``; not set there)
+    pipeline_reduces_after_schedule: bool = False
 
     def buffer_elements(self, zero: int) -> float:
         """Elements of the reduction buckets allocated per rank at the backward peak at ZeRO-``zero`` (compute dtype)."""
@@ -164,7 +179,7 @@ class DeepSpeedSizes:
 
 STACKS = {
     "meshwright": Stack("meshwright", "autocast", dp_overlap=True, tp_wgrad_overlap=False, pipeline_slowdown=1.0,
-                        grads_set_to_none=True),
+                        grads_set_to_none=True, fsdp_zero2=True),
     # Megatron-LM defaults: no --overlap-grad-reduce; async TP all-reduce / SP all-gather overlap the wgrad GEMMs
     "megatron": Stack("megatron", "bf16_fp32_grads", dp_overlap=False, tp_wgrad_overlap=True, pipeline_slowdown=1.0),
     # DeepSpeed's pipeline engine ran 23-27% slower than Megatron's on the same shapes (BLOOM/MT-NLG reports, issue 17).
@@ -174,12 +189,12 @@ STACKS = {
     # BF16_Optimizer with bf16 accumulation (bf16_bf16_accum)
     "deepspeed": Stack("deepspeed", "bf16", dp_overlap=True, tp_wgrad_overlap=False, pipeline_slowdown=1.25,
                        deepspeed=DeepSpeedSizes(), reduce_buckets=(0, 2, 2, 1), fp32_precision="deepspeed_fp32",
-                       pipeline_zero0_precision="bf16_bf16_accum"),
+                       pipeline_zero0_precision="bf16_bf16_accum", pipeline_reduces_after_schedule=True),
     # the same with data_types.grad_accum_dtype=fp32 (BF16_Optimizer, ZeRO-1 built in, no reduction buckets)
     "deepspeed-fp32-accum": Stack("deepspeed-fp32-accum", "bf16_fp32_accum", dp_overlap=True, tp_wgrad_overlap=False,
                                   pipeline_slowdown=1.25, deepspeed=DeepSpeedSizes()),
     "torchtitan": Stack("torchtitan", "fsdp_mixed", dp_overlap=True, tp_wgrad_overlap=False, pipeline_slowdown=1.0,
-                        pipeline_defers_fsdp_sync=True),
+                        pipeline_defers_fsdp_sync=True, fsdp_zero2=True),
 }
 
 

@@ -1,0 +1,167 @@
+"""What meshwright's own ZeRO-1/2/3 hold per rank at the backward peak of a steady step, against the planner.
+
+One torchrun launch (2 or 4 ranks, gloo, dp = world): for fp32 and bf16 (FSDP2 ``MixedPrecisionPolicy(bf16, fp32)``
+plus autocast) and ZeRO-1/2/3 (embeddings and head at the same stage, so every parameter is costed alike), a walk
+over the storages the runtime keeps (deterministic, as parity_deepspeed.py ``state_bytes_case`` does for DeepSpeed):
+the parameters (an FSDP2 module's fp32 shard and, where they exist, its all-gather outputs: the gathered weights),
+their gradients (the sharded ``.grad`` FSDP2 accumulates into; an unsharded parameter's own ``.grad`` is the one
+layer's transient before its reduce-scatter, counted apart) and the optimizer's states. Planned: ``model_state_bytes``
+plus the gathered weights an FSDP2 layer keeps from forward to backward (``cost_model.gathered_weight_bytes``).
+DDP's reduction buckets (ZeRO-1 runs DDP + ZeroRedundancyOptimizer) live in its C++ reducer, out of the walk's
+reach: their bytes are read from DDP's own logging data and reported apart.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+from parity_lib import CFG, Report, failure, init, make_opt, plan, shard, uniform
+from torch.distributed.tensor import DTensor
+
+from meshwright.config.presets import load_cluster
+from meshwright.launcher.planner import cost_model as cm
+from meshwright.parallel.runtime import DistributedRuntime
+from meshwright.plan import plan_from_dict
+from meshwright.train.precision import PrecisionPolicy
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class Storages:
+    """Distinct storages by kind (the first kind a storage is met as wins), freed ones (size 0) left out."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, tuple[str, int]] = {}
+
+    def add(self, kind: str, t: torch.Tensor | None) -> None:
+        if t is None or not torch.is_tensor(t):
+            return
+        t = _local(t)
+        if t.is_meta:
+            return
+        st = t.untyped_storage()
+        if st.nbytes() > 0:
+            self.seen.setdefault(st.data_ptr(), (kind, st.nbytes()))
+
+    def bytes(self, kind: str) -> int:
+        return sum(n for k, n in self.seen.values() if k == kind)
+
+
+def fsdp_params(rt) -> list:
+    """The FSDPParam records of every FSDP2 module of the runtime."""
+    out = []
+    for mod in rt.model.modules():
+        get = getattr(mod, "_get_fsdp_state", None)
+        group = get()._fsdp_param_group if get is not None else None
+        if group is not None:
+            out += group.fsdp_params
+    return out
+
+
+def held(rt, opt) -> dict[str, int]:
+    """Bytes this rank holds now: params (stored: replicated or fp32 shard), gathered (all-gather outputs), grads
+    (kept gradients), optimizer (states), transient (an unsharded parameter's ``.grad`` before its reduce-scatter)."""
+    s = Storages()
+    fps = fsdp_params(rt)
+    for fp in fps:  # FSDP2: shard, its kept gradient, the gathered weights and their transient gradient
+        s.add("params", fp._sharded_param_data)
+        s.add("grads", fp.sharded_param.grad)
+        for t in getattr(fp, "all_gather_outputs", None) or []:
+            s.add("gathered", t)
+        unsharded = getattr(fp, "_unsharded_param", None)
+        if unsharded is not None:
+            s.add("gathered", unsharded)
+            s.add("transient", unsharded.grad)
+    for p in rt.parameters():  # replicated parameters (DDP / ZeRO-1)
+        s.add("params", p)
+        s.add("grads", p.grad)
+    inner = getattr(opt, "optim", opt)  # ZeroRedundancyOptimizer keeps its rank's states in .optim
+    for st in inner.state.values():
+        for v in st.values():
+            s.add("optimizer", v)
+    return {k: s.bytes(k) for k in ("params", "gathered", "grads", "optimizer", "transient")}
+
+
+def ddp_bucket_bytes(rt) -> int:
+    """Bytes of DDP's gradient buckets (its reducer's copies of the gradients), from DDP's logging data."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    total = 0
+    for mod in rt.modules:
+        if isinstance(mod, DDP):
+            data = mod._get_ddp_logging_data()
+            if not data.get("gradient_as_bucket_view", 0):
+                total += sum(int(x) for x in str(data.get("bucket_sizes", "")).split(",") if x.strip())
+    return total
+
+
+def state_case(dtype: str, zero: int) -> dict:
+    world = dist.get_world_size()
+    p = plan_from_dict(plan(uniform(dp=world, zero=zero), embedding={"zero": zero}))
+    rt = DistributedRuntime(CFG, p, seed=7, precision=PrecisionPolicy.from_dtype(dtype))
+    opt = rt.build_optimizer(make_opt)
+    n = sum(CFG.layer_params(i) for i in range(CFG.n_layers)) + cm.embedding_param_count(CFG, True, True, 1)
+    peak: dict[str, int] = {}
+
+    def at_backward(*_: object) -> None:
+        got = held(rt, opt)
+        if got["params"] + got["gathered"] + got["grads"] + got["optimizer"] > sum(
+                peak.get(k, 0) for k in ("params", "gathered", "grads", "optimizer")):
+            peak.clear()
+            peak.update(got)
+        peak["max_transient"] = max(peak.get("max_transient", 0), got["transient"])
+
+    hooks = [m.register_full_backward_hook(at_backward) for m in rt.model.modules() if not list(m.children())]
+    for step in range(2):  # the second step is steady: the optimizer's states exist
+        if step == 1:
+            peak.clear()
+        rows = [t for x, y in shard(step, rt.dp_rank, rt.dp_size) for t in zip(x.split(1), y.split(1))]
+        half = len(rows) // 2  # two microbatches at any dp: the second's backward sees every gradient
+        micro = [tuple(torch.cat(c) for c in zip(*part)) for part in (rows[:half], rows[half:])]
+        rt.forward_backward(micro)
+        rt.optimizer_step(opt)
+    for h in hooks:
+        h.remove()
+    buckets = ddp_bucket_bytes(rt)
+    rt.close()
+    hw = cm.apply_stack(cm.hardware_from_cluster(load_cluster("dgx-a100-80g"), stack="meshwright", dtype=dtype),
+                        "meshwright")
+    planned = sum(cm.model_state_bytes(n, world, zero, "fp32", hw).values()) + n * cm.gathered_weight_bytes(zero, hw)
+    # ZeRO-3's gathered weights are one layer's at a time (zero3_transient_bytes, per layer): apart from the states
+    measured = peak["params"] + peak["grads"] + peak["optimizer"] + (peak["gathered"] if zero < 3 else 0)
+    err = measured / planned - 1
+    # within 0.2%: FSDP2 pads each shard to a multiple of dp along dim 0; AdamW's step counters
+    ok = abs(err) <= 0.002
+    res = {"params": n, "dp": world, "measured_bytes_per_param": round(measured / n, 4),
+           "planned_bytes_per_param": round(planned / n, 4),
+           "measured": {k: peak.get(k, 0) for k in ("params", "gathered", "grads", "optimizer", "max_transient")},
+           "ddp_bucket_bytes": buckets}
+    if zero == 3:  # at most the largest layer gathered at once, in gather_bytes
+        layer = max(CFG.layer_params(i) for i in range(CFG.n_layers)) * hw.policy.gather_bytes
+        ok = ok and 0 < peak["gathered"] <= layer
+        res["largest_layer_gathered_bytes"] = layer
+    return {"ok": ok, **res}
+
+
+def main() -> None:
+    init()
+    report = Report(sys.argv[1] if len(sys.argv) > 1 else None)
+    for dtype in ("fp32", "bf16"):
+        for zero in (1, 2, 3):
+            name = f"{dtype}_zero{zero}"
+            try:
+                res = state_case(dtype, zero)
+            except Exception as e:  # report, keep the other cases running
+                res = failure(name, e)
+            report.add(name, res["ok"], res)
+            dist.barrier()
+    report.gather_and_write()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

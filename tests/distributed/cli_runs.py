@@ -9,12 +9,14 @@ Each run gets a process group of its own, as a fresh launch would: the CLI destr
 re-made on the same torchrun store reads the first group's stale addresses (seen: connection refused/reset), so
 every run's group lives under a fresh store prefix (what meshwright's init_distributed does for elastic restarts).
 All ranks have finished run i when run i+1 starts (a barrier on the new group). The first failing run ends the worker
-with its exit code. Each rank prints ``cli_runs: rank R run I exit C`` after each run."""
+with its exit code. Each rank prints ``cli_runs: rank R run I exit C at NS`` after each run (NS: ``time.time_ns()``,
+the clock of file mtimes, so a test can tell what a later run wrote)."""
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from datetime import timedelta
 from typing import Callable
 
@@ -69,7 +71,7 @@ def run_all(argv: list[str], timeout: timedelta = timedelta(seconds=120),
                     os.environ[k] = v
         if dist.is_initialized():  # a command that leaves its group (none of meshwright's should)
             dist.destroy_process_group()
-        print(f"cli_runs: rank {rank} run {i} exit {code}", flush=True)
+        print(f"cli_runs: rank {rank} run {i} exit {code} at {time.time_ns()}", flush=True)
         if code:
             return code
     return 0

@@ -4,7 +4,8 @@ ranks share one launch.
 
     torchrun ... tests/distributed/cli_runs.py train a.yaml steps=2 :: --env=K=V profile model --model tiny ...
 
-Runs are separated by ``::``; a run's leading ``--env=KEY=VALUE`` arguments set environment variables for it alone.
+Runs are separated by ``::``; a run's leading ``--env=KEY=VALUE`` arguments set environment variables for it alone,
+and ``--copy=SRC:DST`` copies the directory SRC to DST (rank 0, once every rank ended the run before) before it starts.
 Each run gets a process group of its own, as a fresh launch would: the CLI destroys its group when it ends, and a group
 re-made on the same torchrun store reads the first group's stale addresses (seen: connection refused/reset), so
 every run's group lives under a fresh store prefix (what meshwright's init_distributed does for elastic restarts).
@@ -15,6 +16,7 @@ the clock of file mtimes, so a test can tell what a later run wrote)."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from datetime import timedelta
@@ -25,20 +27,25 @@ import torch.distributed as dist
 SEP = "::"
 
 
-def split_runs(argv: list[str]) -> list[tuple[dict[str, str], list[str]]]:
-    """``a b :: --env=K=V c`` -> [({}, [a, b]), ({K: V}, [c])]."""
+def split_runs(argv: list[str]) -> list[tuple[dict[str, str], list[tuple[str, str]], list[str]]]:
+    """``a b :: --env=K=V --copy=S:D c`` -> [({}, [], [a, b]), ({K: V}, [(S, D)], [c])]."""
     runs, current = [], []
     for arg in [*argv, SEP]:
         if arg != SEP:
             current.append(arg)
             continue
-        env = {}
-        while current and current[0].startswith("--env="):
-            key, _, value = current.pop(0)[len("--env="):].partition("=")
-            env[key] = value
+        env, copies = {}, []
+        while current and current[0].startswith(("--env=", "--copy=")):
+            opt, _, spec = current.pop(0).partition("=")
+            if opt == "--env":
+                key, _, value = spec.partition("=")
+                env[key] = value
+            else:
+                src, _, dst = spec.rpartition(":")
+                copies.append((src, dst))
         if not current:
             raise SystemExit(f"cli_runs: empty run in {argv}")
-        runs.append((env, current))
+        runs.append((env, copies, current))
         current = []
     return runs
 
@@ -56,11 +63,16 @@ def run_all(argv: list[str], timeout: timedelta = timedelta(seconds=120),
     """Run every CLI invocation of ``argv`` in turn; ``around(i, call)`` may wrap run ``i`` (spies, patches)."""
     from meshwright.cli import main
 
-    for i, (env, args) in enumerate(split_runs(argv)):
+    for i, (env, copies, args) in enumerate(split_runs(argv)):
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         fresh_group(i, timeout)
         rank = dist.get_rank()
+        if copies:
+            if rank == 0:
+                for src, dst in copies:
+                    shutil.copytree(src, dst)
+            dist.barrier()
         try:
             code = around(i, lambda: main(args)) if around else main(args)
         finally:

@@ -1,9 +1,10 @@
 """`meshwright train` on every torchrun rank with fused AdamW (what CUDA gets; it runs on CPU too), so ranks whose
 parameters are plain tensors may overlap the loss read-back with the next step; a short gloo timeout turns a
 collective-order mismatch between ranks into a failure instead of a hang. The arguments are the CLI's
-(``train ...``); several runs may share the launch (``::`` between them, tests/distributed/cli_runs.py), each with a process group of its own. After each run every
-rank prints the steps it overlapped (``rank R run I overlapped [...]``); ``--env=MESHWRIGHT_TEST_NO_OVERLAP=1`` before
-a run's arguments makes it read every step back at once (the reference run). Used by test_trainer_torchrun.py."""
+(``train ...``); several runs may share the launch (``::`` between them, tests/distributed/cli_runs.py), each with a
+process group of its own. After each run every rank prints the steps it overlapped (``rank R run I overlapped [...]``);
+``--env=MESHWRIGHT_TEST_NO_OVERLAP=1`` before a run's arguments makes it read every step back at once (the reference
+run). Used by test_trainer_torchrun.py."""
 
 import os
 import sys

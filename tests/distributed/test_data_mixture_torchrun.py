@@ -1,5 +1,6 @@
 """data.mixture under torchrun: 2 data-parallel ranks read the global batches one process reads (the loader's
-contract, data/mixture.py), so the losses, tokens per source and per-source eval losses track the one-process run."""
+contract, data/mixture.py), so the losses, tokens per source and per-source eval losses track the one-process run.
+The one-process run is the CLI in this process (no second import of torch and meshwright in a subprocess)."""
 
 from __future__ import annotations
 
@@ -15,24 +16,27 @@ from meshwright.data.prepare import prepare
 
 
 @pytest.mark.timeout(400)
-def test_two_ranks_blend_like_one_process(tmp_path) -> None:
+def test_two_ranks_blend_like_one_process(tmp_path, monkeypatch) -> None:
+    from meshwright.cli import main
+
     sources = []
     for k, (alphabet, chars) in enumerate([("abcde \n", 20000), ("vwxyz \n", 3000)]):
         src = tmp_path / f"s{k}.txt"
         src.write_text("".join(np.random.default_rng(k).choice(list(alphabet), chars)))
         sources.append(prepare([src], tmp_path / f"d{k}", progress=False))
     mix = f"data.mixture=[{{path: {sources[0]}, weight: 0.7}}, {{path: {sources[1]}, weight: 0.3}}]"
-    args = ["-m", "meshwright.cli", "train", "configs/train/tiny-test.yaml", "steps=4", "warmup_steps=1", "eval_every=2",
-            "eval_batches=1", "log_every=1", "progress=false", "energy=false", mix, "data.eval_per_source=true"]
+    args = ["train", "configs/train/tiny-test.yaml", "steps=4", "warmup_steps=1", "eval_every=2", "eval_batches=1",
+            "log_every=1", "progress=false", "energy=false", mix, "data.eval_per_source=true"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    runs = {"one": [PYTHON, *args, f"out_dir={tmp_path / 'one'}"],
-            "two": [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                    f"--master-port={free_port()}", *args, f"out_dir={tmp_path / 'two'}"]}
-    logs = {}
-    for name, cmd in runs.items():
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=360, cwd=REPO, env=env)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        logs[name] = [json.loads(x) for x in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+    proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           f"--master-port={free_port()}", "-m", "meshwright.cli", *args, f"out_dir={tmp_path / 'two'}"],
+                          capture_output=True, text=True, timeout=360, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    monkeypatch.chdir(REPO)
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert main([*args, f"out_dir={tmp_path / 'one'}"]) == 0
+    logs = {name: [json.loads(x) for x in (tmp_path / name / "log.jsonl").read_text().splitlines()] for name in ("one", "two")}
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["dp_size"] == 2
     for a, b in zip(logs["one"], logs["two"], strict=True):
         assert a["tokens_per_source"] == b["tokens_per_source"]

@@ -1,18 +1,17 @@
 """grow_positions under FSDP2 (ZeRO-3 on 2 gloo ranks): the learned position table and its AdamW moments are DTensors
 sharded by rows there; a resume at a longer max_seq_len reads the saved (shorter) table whole on each rank, grows it
 and lays it out as the run's shard (checkpoint.grow_swapped). The run resumed that way matches the one-process
-resume of the same checkpoint (tests/unit/test_grow_positions.py covers the table itself)."""
+resume of the same checkpoint (tests/unit/test_grow_positions.py covers the table itself). The short run and its resume
+share one launch (tests/distributed/cli_runs.py), each with a process group of its own; the step-2 run directory is
+copied for the one-process resume between them."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 
 import pytest
 
-from helpers import PYTHON, REPO, free_port
+from helpers import REPO, run_torchrun
 
 GPT2 = {"name": "g", "arch": "gpt2", "vocab_size": 256, "d_model": 32, "n_layers": 2, "n_heads": 2, "ffn_hidden": 64,
         "max_seq_len": 32}
@@ -31,24 +30,17 @@ def _files(tmp_path, seq_len: int, **overrides) -> tuple[str, str]:
     return str(paths[0]), str(paths[1])
 
 
-def _torchrun(args: list[str]) -> None:
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", f"--master-port={free_port()}",
-           "-m", "meshwright.cli", "train", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-
-
 @pytest.mark.timeout(600)
 def test_fsdp2_resume_grows_the_sharded_table_as_one_process_does(tmp_path) -> None:
     from meshwright.config import load_train_config
     from meshwright.train.build import run_training
 
     plan32, cfg32 = _files(tmp_path, 32)
-    _torchrun([cfg32, "--plan", plan32])
-    shutil.copytree(tmp_path / "run", tmp_path / "one")
     plan64, cfg64 = _files(tmp_path, 64, steps=4, grow_positions="copy")
-    _torchrun([cfg64, "--plan", plan64, "--resume", "--allow-config-change"])
+    run_torchrun(REPO / "tests" / "distributed" / "cli_runs.py", 2,
+                 ["train", cfg32, "--plan", plan32,
+                  "::", f"--copy={tmp_path / 'run'}:{tmp_path / 'one'}",  # the step-2 run, for the one-process resume
+                  "train", cfg64, "--plan", plan64, "--resume", "--allow-config-change"], timeout=500)
     sharded = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     one = json.loads((tmp_path / f"cfg64.json").read_text())
     run_training(load_train_config({**one, "out_dir": str(tmp_path / "one")}), resume=True, allow_config_change=True)

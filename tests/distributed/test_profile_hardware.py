@@ -1,6 +1,10 @@
-"""`meshwright profile hardware` under torchrun (2 gloo ranks): collectives, p2p and overlap are measured."""
+"""`meshwright profile hardware` and `profile model` under torchrun (2 gloo ranks): collectives, p2p and overlap are
+measured, and the runtime's layouts timed. Both commands run in one launch (tests/distributed/cli_runs.py), each with
+a process group of its own."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -9,11 +13,19 @@ from helpers import REPO, read_json, run_torchrun
 pytestmark = pytest.mark.distributed
 
 
-def test_profile_hardware_two_ranks(tmp_path):
-    out = tmp_path / "hw.json"
-    run_torchrun(REPO / "meshwright" / "cli.py", 2,
-                 ["profile", "hardware", "--sizes", "64,128", "--iters", "2", "--timeout-s", "60", "--out", str(out)],
-                 timeout=180)
+@pytest.fixture(scope="module")
+def profiles(tmp_path_factory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("profiles")
+    hw, model = tmp / "hw.json", tmp / "model.json"
+    run_torchrun(REPO / "tests" / "distributed" / "cli_runs.py", 2,
+                 ["profile", "hardware", "--sizes", "64,128", "--iters", "2", "--timeout-s", "60", "--out", str(hw),
+                  "::", "profile", "model", "--model", "tiny", "--batch-sizes", "1,2", "--seq-lens", "32,64",
+                  "--tp", "1,2", "--iters", "2", "--timeout-s", "60", "--out", str(model)], timeout=300)
+    return hw, model
+
+
+def test_profile_hardware_two_ranks(profiles):
+    out, _ = profiles
     from meshwright.launcher.profiling.hardware import load_hardware_profile
 
     prof = load_hardware_profile(out)
@@ -30,13 +42,10 @@ def test_profile_hardware_two_ranks(tmp_path):
     assert read_json(out)["version"] == 1
 
 
-def test_profile_model_two_ranks_times_the_runtime_layouts(tmp_path):
+def test_profile_model_two_ranks_times_the_runtime_layouts(profiles):
     """Under torchrun the model profile also times the runtime's TP/SP and ZeRO-2/3 blocks, and the
     planner turns them into per-layer overheads that make tp layouts slower than the bare model says."""
-    out = tmp_path / "model.json"
-    run_torchrun(REPO / "meshwright" / "cli.py", 2,
-                 ["profile", "model", "--model", "tiny", "--batch-sizes", "1,2", "--seq-lens", "32,64", "--tp", "1,2",
-                  "--iters", "2", "--timeout-s", "60", "--out", str(out)], timeout=180)
+    _, out = profiles
     from meshwright.config import load_cluster, load_model_config
     from meshwright.launcher.planner import cost_model as cm
     from meshwright.launcher.profiling.model import apply_model_profile, load_model_profile

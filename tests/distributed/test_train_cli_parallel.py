@@ -1,27 +1,37 @@
-"""End to end: `torchrun -m meshwright.cli train ... --plan` with a layer-wise + pipeline-free plan on 2 ranks."""
+"""End to end: `torchrun -m meshwright.cli train ... --plan` with a layer-wise + pipeline-free plan on 2 ranks, and
+`--plan auto` twice (profiled once, then reused). The three runs share one launch (tests/distributed/cli_runs.py),
+each with a process group of its own."""
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
+import re
 
 import pytest
 
-from helpers import PYTHON, REPO, free_port
+from helpers import REPO, run_torchrun
+
+TRAIN = ["train", "configs/train/tiny-test.yaml"]
 
 
-@pytest.mark.timeout(400)
-def test_torchrun_train_with_layerwise_plan(tmp_path) -> None:
-    out = tmp_path / "run"
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", f"--master-port={free_port()}",
-           "-m", "meshwright.cli", "train", "configs/train/tiny-test.yaml", f"out_dir={out}", "steps=4",
-           "warmup_steps=1", "eval_every=2", "log_every=1", "--plan", "configs/plans/tiny-layerwise.yaml"]
-    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    import os
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory) -> tuple[str, object]:
+    tmp = tmp_path_factory.mktemp("cli_parallel")
+    cache = tmp / "cache"
+    args = [*TRAIN, f"out_dir={tmp / 'layerwise'}", "steps=4", "warmup_steps=1", "eval_every=2", "log_every=1",
+            "--plan", "configs/plans/tiny-layerwise.yaml"]
+    for attempt in range(2):
+        args += ["::", f"--env=MESHWRIGHT_CACHE_DIR={cache}", *TRAIN, f"out_dir={tmp / f'auto{attempt}'}", "steps=2",
+                 "eval_every=0", "log_every=1", "--plan", "auto"]
+    proc = run_torchrun(REPO / "tests" / "distributed" / "cli_runs.py", 2, args, timeout=600)
+    return proc.stdout, tmp
 
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=360, cwd=REPO, env={**os.environ, **env})
-    assert proc.returncode == 0, proc.stderr[-4000:]
+
+@pytest.mark.timeout(700)
+def test_torchrun_train_with_layerwise_plan(launch) -> None:
+    _, tmp = launch
+    out = tmp / "layerwise"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["dp_size"] == 2
     assert math.isfinite(summary["final_loss"])
@@ -29,31 +39,20 @@ def test_torchrun_train_with_layerwise_plan(tmp_path) -> None:
     assert steps and all(math.isfinite(s["loss"]) for s in steps)
 
 
-@pytest.mark.timeout(400)
-def test_torchrun_train_plan_auto_profiles_once_then_reuses(tmp_path) -> None:
+@pytest.mark.timeout(700)
+def test_torchrun_train_plan_auto_profiles_once_then_reuses(launch) -> None:
     """`--plan auto` on 2 ranks: the first run profiles collectively (hardware + model incl. the runtime's
-    TP/ZeRO blocks) and plans with it; a second run finds the cache and skips profiling."""
-    import os
-
-    cache = tmp_path / "cache"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MESHWRIGHT_CACHE_DIR": str(cache)}
-    outs = []
-    for attempt in range(2):
-        out = tmp_path / f"run{attempt}"
-        cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", f"--master-port={free_port()}",
-               "-m", "meshwright.cli", "train", "configs/train/tiny-test.yaml", f"out_dir={out}", "steps=2",
-               "eval_every=0", "log_every=1", "--plan", "auto"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=360, cwd=REPO, env=env)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        assert "plan auto: calibrated with profiles of 2 rank(s)" in proc.stdout
-        outs.append(out)
-        if attempt == 0:
-            files = sorted(p.name for p in cache.iterdir())
-            mtimes = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    TP/ZeRO blocks) and plans with it; a second run finds the cache and skips profiling: no cache file is
+    written after the first run ended (its end: the cli_runs line rank 0 printed)."""
+    stdout, tmp = launch
+    cache = tmp / "cache"
+    assert stdout.count("plan auto: calibrated with profiles of 2 rank(s)") == 2, stdout[-4000:]
+    first_ended = int(re.search(r"cli_runs: rank 0 run 1 exit 0 at (\d+)", stdout).group(1))
+    files = sorted(p.name for p in cache.iterdir())
     assert len(files) == 2 and any(f.startswith("hardware-w2-") for f in files) and any(f.startswith("model-w2-") for f in files)
-    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == mtimes  # reused, not re-profiled
+    assert all(p.stat().st_mtime_ns < first_ended for p in cache.iterdir())  # reused, not re-profiled
     prof = json.loads(next(cache.glob("model-w2-*.json")).read_text())
     assert {(e["tp"], e["sp"], e["zero"]) for e in prof["runtime_overheads"]} >= {(2, False, 0), (1, False, 2)}
-    for out in outs:
-        summary = json.loads((out / "summary.json").read_text())
+    for attempt in range(2):
+        summary = json.loads((tmp / f"auto{attempt}" / "summary.json").read_text())
         assert summary["world_size"] == 2 and math.isfinite(summary["final_loss"])

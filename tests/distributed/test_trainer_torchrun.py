@@ -77,42 +77,48 @@ layers:
   - {dp: 2, zero: 3, repeat: 2}
   - {dp: 2, repeat: 2}
 """
-OVERLAP_ARGS = ["configs/train/tiny-test.yaml", "warmup_steps=1", "log_every=1", "data.max_files=20"]
+OVERLAP_ARGS = ["train", "configs/train/tiny-test.yaml", "warmup_steps=1", "log_every=1", "data.max_files=20"]
 
 
-def overlapped(proc, world: int) -> set[str]:
-    """The distinct 'overlapped [...]' lists the ranks printed (one when all ranks agree). Matched anywhere in the
-    output: torchrun may join two ranks' lines into one."""
-    found = re.findall(r"rank (\d+) overlapped (\[[0-9, ]*\])", proc.stdout)
-    assert sorted(int(rank) for rank, _ in found) == list(range(world)), proc.stdout[-2000:]
-    return {steps for _, steps in found}
+def overlapped(proc, world: int, runs: int = 1) -> list[set[str]]:
+    """Per run, the distinct 'overlapped [...]' lists the ranks printed (one when all ranks agree). Matched anywhere in
+    the output: torchrun may join two ranks' lines into one."""
+    found = re.findall(r"rank (\d+) run (\d+) overlapped (\[[0-9, ]*\])", proc.stdout)
+    assert sorted((int(run), int(rank)) for rank, run, _ in found) == \
+        [(run, rank) for run in range(runs) for rank in range(world)], proc.stdout[-2000:]
+    return [{steps for _, r, steps in found if int(r) == run} for run in range(runs)]
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_overlapped_readback_is_decided_alike_on_every_rank(tmp_path):
     """pp2 x dp2 with ZeRO-3 (DTensor) blocks on stage 0 and replicated (plain) blocks on stage 1, fused AdamW:
     stage 0 cannot skip non-finite steps on the device, stage 1 can. Were stage 1 to read step N back after
     queueing step N+1 while stage 0 logs step N first, their collectives (the log's memory gather against the
     pipeline's sends) would cross and hang: no rank overlaps, and the run finishes with every step logged.
     Under DDP and under a plain pp2 pipeline (every rank plain) every rank overlaps the same steps (not 3: eval,
-    6: the end), with the losses, grad norms and eval losses of the run that reads every step back at once, bitwise."""
+    6: the end), with the losses, grad norms and eval losses of the run that reads every step back at once, bitwise.
+    The four 2-rank runs share one launch (overlap_worker.py, cli_runs.py), each with a process group of its own."""
     plan = tmp_path / "plan.yaml"
     plan.write_text(MIXED_PP_PLAN)
     out = tmp_path / "mixed"
     proc = run_torchrun(HERE / "overlap_worker.py", 4, [*OVERLAP_ARGS, f"out_dir={out}", "steps=4", "eval_every=0",
                                                         "--plan", str(plan)], timeout=240)
     assert sorted(losses(out)) == [1, 2, 3, 4]
-    assert overlapped(proc, 4) == {"[]"}
+    assert overlapped(proc, 4) == [{"[]"}]
+    runs, args = [], []
     for layout in ("dp2", "pp2"):
-        logs = {}
-        for name, env in (("lagged", {}), ("eager", {"MESHWRIGHT_TEST_NO_OVERLAP": "1"})):
-            out = tmp_path / f"{layout}-{name}"
-            proc = run_torchrun(HERE / "overlap_worker.py", 2, [*OVERLAP_ARGS, f"out_dir={out}", "steps=6", "eval_every=3",
-                                                                "--plan", f"configs/plans/tiny-{layout}.yaml"],
-                                timeout=240, env=env)
-            assert overlapped(proc, 2) == ({"[1, 2, 4, 5]"} if name == "lagged" else {"[]"}), layout
-            logs[name] = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in logs["lagged"]] == list(range(1, 7))
-        for a, b in zip(logs["lagged"], logs["eager"]):
+        for name, env in (("lagged", []), ("eager", ["--env=MESHWRIGHT_TEST_NO_OVERLAP=1"])):
+            runs.append((layout, name))
+            args += [*(["::"] if args else []), *env, *OVERLAP_ARGS, f"out_dir={tmp_path / f'{layout}-{name}'}", "steps=6",
+                     "eval_every=3", "--plan", f"configs/plans/tiny-{layout}.yaml"]
+    proc = run_torchrun(HERE / "overlap_worker.py", 2, args, timeout=400)
+    seen = overlapped(proc, 2, runs=len(runs))
+    logs = {}
+    for (layout, name), steps in zip(runs, seen):
+        assert steps == ({"[1, 2, 4, 5]"} if name == "lagged" else {"[]"}), (layout, name)
+        logs[layout, name] = [json.loads(line) for line in (tmp_path / f"{layout}-{name}" / "log.jsonl").read_text().splitlines()]
+    for layout in ("dp2", "pp2"):
+        assert [r["step"] for r in logs[layout, "lagged"]] == list(range(1, 7))
+        for a, b in zip(logs[layout, "lagged"], logs[layout, "eager"]):
             assert (a["step"], a["loss"], a["grad_norm"], a.get("eval_loss")) == \
                    (b["step"], b["loss"], b["grad_norm"], b.get("eval_loss")), layout

@@ -140,7 +140,8 @@ class Stack:
     # pp>1 plan (torch's pipelining stages are no DDP modules), of tp>1 (DTensor parameters) or of ep>1 is instead
     # summed by ``_finish_grads``' bucketed all-reduce (data_parallel.all_reduce_grads) after the last backward.
     # FSDP2 layers (ZeRO-2/3) reduce-scatter from their backward hooks at any pp: overlapped. Read per layer by
-    # ``Hardware.dp_overlapped`` (pp>1 through ``for_pipeline``, as pipeline_reduces_after_schedule)
+    # ``Hardware.dp_overlapped`` (pp>1 through ``for_pipeline``, as pipeline_reduces_after_schedule). Not seen per
+    # layer, so not charged: the ZeRO-0 layers of a pp=1, tp=1 plan mixing ZeRO levels (manual there too)
     reduces_after_backward_zero: tuple[int, ...] = ()
 
     def buffer_elements(self, zero: int) -> float:

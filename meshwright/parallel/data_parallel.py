@@ -34,9 +34,15 @@ def apply_fsdp(module: nn.Module, dp_mesh: DeviceMesh, zero: int, mp_policy: Any
 
 
 def apply_ddp(module: nn.Module, group: dist.ProcessGroup, device: torch.device) -> DDP:
-    """Replicate ``module`` over ``group`` (gradients all-reduced and averaged in buckets)."""
+    """Replicate ``module`` over ``group`` (gradients all-reduced and averaged in buckets).
+
+    ``gradient_as_bucket_view``: each ``.grad`` is a view into DDP's reduction bucket, so the stage holds one fp32
+    gradient buffer (4 B/param), as the planner counts and torchtitan/Megatron keep; without it the reducer's buckets
+    are a second copy (+4 B/param, measured in tests/distributed/state_bytes_worker.py). The views survive only if
+    gradients are zeroed in place between steps (``DistributedRuntime.zero_grad``): set to None, the next
+    ``no_sync`` microbatch allocates fresh gradients beside the buckets."""
     ids = [device.index] if device.type == "cuda" else None
-    return DDP(module, process_group=group, device_ids=ids)
+    return DDP(module, process_group=group, device_ids=ids, gradient_as_bucket_view=True)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -508,6 +508,12 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
     def clip_grad_norm_(self, max_norm: float) -> float:
         return float(self.clip_grad_norm_lazy(max_norm))
 
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        """Under DDP the gradients are views of its reduction buckets (``apply_ddp``): zeroed in place, so they stay
+        views and the next step's ``no_sync`` microbatches accumulate into the buckets; freed, the first of them would
+        allocate a second gradient buffer beside the buckets. Elsewhere freed, as the base runtime does."""
+        optimizer.zero_grad(set_to_none=not any(isinstance(mod, DDP) for mod in self.modules))
+
     def build_optimizer(self, make: Any) -> torch.optim.Optimizer:
         opt = make(self.param_groups())
         if self.zero1:

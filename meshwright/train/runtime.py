@@ -96,6 +96,11 @@ class Runtime(abc.ABC):
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         optimizer.step()
+        self.zero_grad(optimizer)
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop the step's gradients: freed (``set_to_none``), so a step starts with none; runtimes whose gradients
+        live in a persistent buffer (DDP's bucket views) zero them in place instead."""
         optimizer.zero_grad(set_to_none=True)
 
     @abc.abstractmethod

@@ -391,7 +391,7 @@ class Trainer:
         if math.isfinite(q.loss) and math.isfinite(q.grad_norm):
             rt.optimizer_step(self.optimizer)
         else:
-            self.optimizer.zero_grad(set_to_none=True)
+            rt.zero_grad(self.optimizer)
         q.done_at = time.perf_counter()
         return q
 

@@ -1,7 +1,8 @@
 """Worker for test_meft_ddp: MEFT under DDP and FSDP2 on gloo ranks (launched by torchrun).
 
-Gradients of the adapters are produced inside the reversible autograd Function's backward; this checks
-that DDP's reducer still averages them: every rank must end with the mean of the per-rank gradients,
+Gradients of the adapters are produced inside the reversible autograd Function's backward; this checks that DDP's
+reducer (meshwright's ``apply_ddp``: gradients as views of its buckets) still averages them: every rank must end
+with the mean of the per-rank gradients,
 equal to what one process computes with plain autograd on all ranks' batches. FSDP2 is applied at
 the root (``fully_shard(model)``): its pre-backward unshard runs before the reversible backward.
 """
@@ -16,10 +17,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from meshwright.memory.meft import make_reversible, two_stream_reference
 from meshwright.models import build_model, lm_loss
+from meshwright.parallel.data_parallel import apply_ddp
 
 V, S = 64, 16
 
@@ -70,10 +71,11 @@ def main() -> None:
             if r == rank:
                 local = grads(ref_model)
         model = build(variant)
-        ddp = DDP(model, process_group=pg)
+        ddp = apply_ddp(model, pg, torch.device("cpu"))
         tok, tgt = data(rank)
         lm_loss(ddp(tok), tgt).backward()
         got = grads(model)
+        result[f"{variant}_bucket_view"] = bool(ddp._get_ddp_logging_data().get("gradient_as_bucket_view", 0))
         result[f"{variant}_n_grads"] = len(got)
         result[f"{variant}_err_vs_mean"] = max_err(got, ref)
         result[f"{variant}_diff_vs_local"] = max_err(got, local)  # > 0: the reduction really happened

@@ -1,4 +1,4 @@
-"""What meshwright's own ZeRO-1/2/3 hold per rank at the backward peak of a steady step, against the planner.
+"""What meshwright's own ZeRO-0/1/2/3 hold per rank at the backward peak of a steady step, against the planner.
 
 One torchrun launch (2 or 4 ranks, gloo, dp = world): for fp32 and bf16 (FSDP2 ``MixedPrecisionPolicy(bf16, fp32)``
 plus autocast) and ZeRO-1/2/3 (embeddings and head at the same stage, so every parameter is costed alike), a walk
@@ -7,8 +7,10 @@ the parameters (an FSDP2 module's fp32 shard and, where they exist, its all-gath
 their gradients (the sharded ``.grad`` FSDP2 accumulates into; an unsharded parameter's own ``.grad`` is the one
 layer's transient before its reduce-scatter, counted apart) and the optimizer's states. Planned: ``model_state_bytes``
 plus the gathered weights an FSDP2 layer keeps from forward to backward (``cost_model.gathered_weight_bytes``).
-DDP's reduction buckets (ZeRO-1 runs DDP + ZeroRedundancyOptimizer) live in its C++ reducer, out of the walk's
-reach: their bytes are read from DDP's own logging data and reported apart.
+DDP's reduction buckets (ZeRO-0 runs DDP, ZeRO-1 DDP + ZeroRedundancyOptimizer) live in its C++ reducer: with
+``gradient_as_bucket_view`` (meshwright's apply_ddp) the ``.grad`` tensors are views of them and the walk meets them
+there, one storage per bucket; without it they are a second copy out of the walk's reach, read from DDP's own logging
+data and added to the measured bytes (+4 B/param in fp32 before stop 33).
 """
 
 from __future__ import annotations
@@ -76,27 +78,31 @@ def held(rt, opt) -> dict[str, int]:
         if unsharded is not None:
             s.add("gathered", unsharded)
             s.add("transient", unsharded.grad)
+    grads = set()
     for p in rt.parameters():  # replicated parameters (DDP / ZeRO-1)
         s.add("params", p)
         s.add("grads", p.grad)
+        if p.grad is not None and not isinstance(p.grad, DTensor):
+            grads.add(p.grad.untyped_storage().data_ptr())
     inner = getattr(opt, "optim", opt)  # ZeroRedundancyOptimizer keeps its rank's states in .optim
     for st in inner.state.values():
         for v in st.values():
             s.add("optimizer", v)
-    return {k: s.bytes(k) for k in ("params", "gathered", "grads", "optimizer", "transient")}
+    return {**{k: s.bytes(k) for k in ("params", "gathered", "grads", "optimizer", "transient")},
+            "grad_storages": len(grads)}
 
 
-def ddp_bucket_bytes(rt) -> int:
-    """Bytes of DDP's gradient buckets (its reducer's copies of the gradients), from DDP's logging data."""
+def ddp_buckets(rt) -> dict:
+    """DDP's gradient buckets from its logging data: whether ``.grad`` are views of them, and their sizes (bytes)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    total = 0
+    views, sizes = [], []
     for mod in rt.modules:
         if isinstance(mod, DDP):
             data = mod._get_ddp_logging_data()
-            if not data.get("gradient_as_bucket_view", 0):
-                total += sum(int(x) for x in str(data.get("bucket_sizes", "")).split(",") if x.strip())
-    return total
+            views.append(bool(data.get("gradient_as_bucket_view", 0)))
+            sizes += [int(x) for x in str(data.get("bucket_sizes", "")).split(",") if x.strip()]
+    return {"ddp": bool(views), "as_view": bool(views) and all(views), "sizes": sizes}
 
 
 def state_case(dtype: str, zero: int) -> dict:
@@ -126,20 +132,26 @@ def state_case(dtype: str, zero: int) -> dict:
         rt.optimizer_step(opt)
     for h in hooks:
         h.remove()
-    buckets = ddp_bucket_bytes(rt)
+    buckets = ddp_buckets(rt)
+    # a copy apart from the gradients where they are not views of the buckets
+    copy = sum(buckets["sizes"]) if buckets["ddp"] and not buckets["as_view"] else 0
     rt.close()
     hw = cm.apply_stack(cm.hardware_from_cluster(load_cluster("dgx-a100-80g"), stack="meshwright", dtype=dtype),
                         "meshwright")
     planned = sum(cm.model_state_bytes(n, world, zero, "fp32", hw).values()) + n * cm.gathered_weight_bytes(zero, hw)
     # ZeRO-3's gathered weights are one layer's at a time (zero3_transient_bytes, per layer): apart from the states
-    measured = peak["params"] + peak["grads"] + peak["optimizer"] + (peak["gathered"] if zero < 3 else 0)
+    measured = peak["params"] + peak["grads"] + peak["optimizer"] + (peak["gathered"] if zero < 3 else 0) + copy
     err = measured / planned - 1
     # within 0.2%: FSDP2 pads each shard to a multiple of dp along dim 0; AdamW's step counters
     ok = abs(err) <= 0.002
     res = {"params": n, "dp": world, "measured_bytes_per_param": round(measured / n, 4),
            "planned_bytes_per_param": round(planned / n, 4),
            "measured": {k: peak.get(k, 0) for k in ("params", "gathered", "grads", "optimizer", "max_transient")},
-           "ddp_bucket_bytes": buckets}
+           "ddp": buckets["ddp"], "ddp_bucket_view": buckets["as_view"], "ddp_bucket_bytes": sum(buckets["sizes"]),
+           "ddp_buckets": len(buckets["sizes"]), "ddp_bucket_copy_bytes": copy,
+           "grad_storages_at_peak": peak.get("grad_storages", 0)}
+    if buckets["ddp"] and buckets["as_view"]:  # the gradients at the peak are the buckets themselves, not a copy
+        ok = ok and peak["grads"] == sum(buckets["sizes"]) and peak["grad_storages"] <= len(buckets["sizes"])
     if zero == 3:  # at most the largest layer gathered at once, in gather_bytes
         layer = max(CFG.layer_params(i) for i in range(CFG.n_layers)) * hw.policy.gather_bytes
         ok = ok and 0 < peak["gathered"] <= layer
@@ -151,7 +163,7 @@ def main() -> None:
     init()
     report = Report(sys.argv[1] if len(sys.argv) > 1 else None)
     for dtype in ("fp32", "bf16"):
-        for zero in (1, 2, 3):
+        for zero in (0, 1, 2, 3):
             name = f"{dtype}_zero{zero}"
             try:
                 res = state_case(dtype, zero)

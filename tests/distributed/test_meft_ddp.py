@@ -21,4 +21,5 @@ def test_meft_gradients_are_reduced_under_ddp(tmp_path):
             assert res[f"{variant}_err_vs_mean"] < 1e-8, res
             assert res[f"{variant}_diff_vs_local"] > 1e-6, res
             assert res[f"{variant}_replica_diff"] == 0.0, res
+            assert res[f"{variant}_bucket_view"], res  # the reducer meshwright builds: gradients in its buckets
             assert res[f"{variant}_fsdp_err_vs_mean"] < 1e-8, res

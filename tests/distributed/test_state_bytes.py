@@ -1,7 +1,9 @@
-"""meshwright's own ZeRO-1/2/3 model states per rank at the backward peak, measured (tests/distributed/
+"""meshwright's own ZeRO-0/1/2/3 model states per rank at the backward peak, measured (tests/distributed/
 state_bytes_worker.py: a storage walk, 2 ranks, fp32 and bf16) against the planner's ``model_state_bytes`` plus the
 gathered weights an FSDP2 ZeRO-2 layer keeps (``gathered_weight_bytes``). Before stop 33 the planner counted ZeRO-2's
-stored parameters whole: bf16 10 measured vs 12 planned B/param at dp=2, fp32 12 vs 10."""
+stored parameters whole: bf16 10 measured vs 12 planned B/param at dp=2, fp32 12 vs 10. Before stop 33 too, DDP
+(ZeRO-0/1) ran without ``gradient_as_bucket_view``: its buckets held a second fp32 copy of the gradients, +4 B/param
+the planner did not count (fp32 ZeRO-1 16 measured vs 12 planned at dp=2)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ def test_meshwright_zero_states_match_the_planner(tmp_path) -> None:
     out = tmp_path / "report.json"
     run_torchrun(HERE / "state_bytes_worker.py", 2, [str(out)], timeout=240)
     report = read_json(out)
-    assert set(report) == {f"{d}_zero{z}" for d in ("fp32", "bf16") for z in (1, 2, 3)}
+    assert set(report) == {f"{d}_zero{z}" for d in ("fp32", "bf16") for z in (0, 1, 2, 3)}
     bad = {k: v["ranks"] for k, v in report.items() if not v["ok"]}
     assert not bad, bad
     per = {k: v["ranks"]["0"]["measured_bytes_per_param"] for k, v in report.items()}
@@ -28,6 +30,13 @@ def test_meshwright_zero_states_match_the_planner(tmp_path) -> None:
     assert per["bf16_zero2"] == pytest.approx(2 + 16 / 2, abs=0.01)
     assert per["fp32_zero2"] == pytest.approx(4 + 16 / 2, abs=0.01)
     assert per["fp32_zero3"] == per["bf16_zero3"] == pytest.approx(16 / 2, abs=0.01)
-    assert per["fp32_zero1"] == pytest.approx(8 + 8 / 2, abs=0.01)
-    # DDP's buckets (ZeRO-1 is DDP + ZeroRedundancyOptimizer) are a copy of the fp32 gradients beside them
-    assert report["fp32_zero1"]["ranks"]["0"]["ddp_bucket_bytes"] == report["fp32_zero1"]["ranks"]["0"]["measured"]["grads"]
+    # ZeRO-0/1 (DDP, + ZeroRedundancyOptimizer at 1): fp32 weights and one fp32 gradient buffer, AdamW's states whole
+    # or over dp; autocast keeps fp32 weights and gradients in bf16 too
+    for d in ("fp32", "bf16"):
+        assert per[f"{d}_zero0"] == pytest.approx(4 + 4 + 8, abs=0.01)
+        assert per[f"{d}_zero1"] == pytest.approx(4 + 4 + 8 / 2, abs=0.01)
+        for z in (0, 1):
+            r = report[f"{d}_zero{z}"]["ranks"]["0"]
+            # the gradients are DDP's buckets (views), not a copy beside them: the buckets' bytes are the gradients'
+            assert r["ddp"] and r["ddp_bucket_view"] and r["ddp_bucket_copy_bytes"] == 0
+            assert r["ddp_bucket_bytes"] == r["measured"]["grads"] == 4 * r["params"]

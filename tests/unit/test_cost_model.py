@@ -507,9 +507,12 @@ def test_deepspeed_pipeline_zero0_counts_bf16_optimizer_and_the_search_agrees():
     assert (per(piped, 8, 0), per(piped, 1, 0), per(ds, 8, 0)) == pytest.approx((6 + 12 / 8, 18.0, 16.0))
     assert per(piped, 8, 1) == per(ds, 8, 1) == pytest.approx(4 + 12 / 8)
     assert per(cm.for_pipeline(cm.apply_stack(hw(compute_dtype="fp32"), "deepspeed"), 4), 8, 0) == 16.0
-    for stack in ("meshwright", "megatron", "deepspeed-fp32-accum"):
+    for stack in ("megatron", "deepspeed-fp32-accum"):
         h = cm.apply_stack(hw(), stack)
         assert cm.for_pipeline(h, 4) is h
+    # meshwright's pp>1 layouts are costed apart for their reduction after backward only: the same model states
+    mw = cm.apply_stack(hw(), "meshwright")
+    assert all(per(cm.for_pipeline(mw, 4), 8, z) == per(mw, 8, z) for z in range(4))
     # torchtitan's pp>1 layouts are costed on their own too: the pipeline schedule defers its FSDP2 layers' reduction
     # to the step, accumulating unsharded fp32 gradients (4 B/param) meanwhile
     titan = cm.apply_stack(hw(), "torchtitan")
@@ -715,7 +718,7 @@ def test_deepspeed_pipeline_engine_reduces_after_the_schedule():
     ds = cm.apply_stack(hw(), "deepspeed")
     piped = cm.for_pipeline(ds, 4)
     assert ds.dp_overlapped(1) and not piped.dp_overlapped(1) and not piped.dp_overlapped(0)
-    for stack in ("meshwright", "megatron", "deepspeed-fp32-accum"):
+    for stack in ("megatron", "deepspeed-fp32-accum"):  # meshwright's own: the test below
         h = cm.apply_stack(hw(), stack)
         assert cm.for_pipeline(h, 4).dp_overlapped(1) == h.dp_overlapped(1)
     assert not cm.apply_stack(hw(), "deepspeed-fp32-accum").dp_overlapped(1)  # BF16_Optimizer: after backward anyway
@@ -734,6 +737,52 @@ def test_deepspeed_pipeline_engine_reduces_after_the_schedule():
     ar = cm.allreduce_s(stage * 2, 4, dsh.intra_bw, dsh.intra_lat)
     assert new.step_s - old.step_s == pytest.approx((1 - dsh.overlap_slowdown) * ar, rel=0.05)
     assert new.memory_gib == old.memory_gib
+
+
+def test_meshwright_reduces_after_backward_where_no_ddp_wraps_the_stage():
+    """meshwright's runtime (parallel/runtime.py) wraps a stage in DDP, whose bucket hooks overlap the all-reduce with
+    backward, only on uniform layouts (pp=1, tp=1, one ZeRO-0/1 stage, no ep). ZeRO-0/1 layers of a pp>1 plan, of
+    tp>1 (DTensor) or of ep>1 are summed by ``_finish_grads``' bucketed all-reduce after the last backward: exposed.
+    FSDP2 layers (ZeRO-2/3) reduce-scatter from their backward hooks at any pp: overlapped."""
+    mw = cm.apply_stack(hw(), "meshwright")
+    piped = cm.for_pipeline(mw, 4)
+    assert piped.pipelined and not cm.for_pipeline(mw, 1).pipelined
+    assert mw.dp_overlapped(0) and mw.dp_overlapped(1)  # DDP
+    assert not piped.dp_overlapped(0) and not piped.dp_overlapped(1)  # pipelined: after the schedule
+    assert piped.dp_overlapped(2) and piped.dp_overlapped(3) and mw.dp_overlapped(2, tp=2)  # FSDP2
+    assert not mw.dp_overlapped(0, tp=2) and not mw.dp_overlapped(0, ep=4)  # manual all-reduce at pp=1 too
+    # nothing else a pipeline changes for meshwright: the same model states and FSDP2 sync
+    assert piped.policy_at(0) == mw.policy_at(0) and not piped.fsdp_deferred(2)
+    cfg = load_model_config("llama2-7b")
+    mwh = cm.hardware_from_cluster(load_cluster("dgx-a100-80g"), stack="meshwright")
+    ddp_like = dataclasses.replace(mwh, reduces_after_backward_zero=())  # the cost before: overlapped as DDP's
+    plan = Plan(model="llama2-7b", seq_len=4096, global_batch=64, micro_batch=1,
+                pipeline=PipelineSpec(degree=2, schedule="1f1b", microbatches=16),
+                layers=[LayerStrategy(dp=4, zero=0, recompute="full", repeat=cfg.n_layers)],
+                embedding=EmbeddingStrategy(zero=0))
+    validate_plan(plan, cfg, 8)
+    new, old = cm.evaluate_plan(plan, cfg, mwh, 8), cm.evaluate_plan(plan, cfg, ddp_like, 8)
+    # the stage's fp32 gradients all-reduced over dp=4 (intra-node), uncovered but for the overlap slowdown
+    # charged before
+    stage = cfg.num_params() / 2
+    ar = cm.allreduce_s(stage * 4, 4, mwh.intra_bw, mwh.intra_lat)
+    assert new.step_s - old.step_s == pytest.approx((1 - mwh.overlap_slowdown) * ar, rel=0.05)
+    assert new.memory_gib == old.memory_gib
+    # a tp>1 plan without a pipeline: its layers' all-reduce (over dp=4 of the tp=2 gradients) exposed as well
+    tp = dataclasses.replace(plan, pipeline=PipelineSpec(), layers=[LayerStrategy(dp=4, tp=2, zero=0, recompute="full",
+                                                                                  repeat=cfg.n_layers)])
+    validate_plan(tp, cfg, 8)
+    gap = cm.evaluate_plan(tp, cfg, mwh, 8).step_s - cm.evaluate_plan(tp, cfg, ddp_like, 8).step_s
+    layers = sum(cfg.layer_params(i) for i in range(cfg.n_layers)) / 2
+    assert gap == pytest.approx((1 - mwh.overlap_slowdown) * cm.allreduce_s(layers * 4, 4, mwh.intra_bw, mwh.intra_lat),
+                                rel=0.05)
+    # ZeRO-3 layers (FSDP2) and a uniform DDP plan keep their cost
+    for p in (dataclasses.replace(plan, layers=[LayerStrategy(dp=4, zero=3, recompute="full", repeat=cfg.n_layers)],
+                                  embedding=EmbeddingStrategy(zero=3)),
+              dataclasses.replace(plan, pipeline=PipelineSpec(),
+                                  layers=[LayerStrategy(dp=8, zero=0, recompute="full", repeat=cfg.n_layers)])):
+        validate_plan(p, cfg, 8)
+        assert cm.evaluate_plan(p, cfg, mwh, 8).step_s == cm.evaluate_plan(p, cfg, ddp_like, 8).step_s
 
 
 def test_bf16_optimizer_passes_charged_per_microbatch_and_per_step(monkeypatch):

@@ -188,6 +188,7 @@ class Hardware:
     pipeline_defers_fsdp_sync: bool = False  # Stack.pipeline_defers_fsdp_sync (read where ``pipelined``)
     fsdp_zero2: bool = False  # Stack.fsdp_zero2: ZeRO-2 layers store sharded parameters and keep their gathered weights
     pipeline_reduces_after_schedule: bool = False  # Stack.pipeline_reduces_after_schedule (read where ``pipelined``)
+    reduces_after_backward_zero: tuple[int, ...] = ()  # Stack.reduces_after_backward_zero
     pipelined: bool = False
     flash_eff_max: float = FLASH_EFF_OTHER  # the SDPA flash kernel's best fraction of peak on this device (see FLASH_EFF_*)
     # torch's device type of the run ("cuda" or "cpu"): whether a compiled run's capped attention can take the flex
@@ -224,13 +225,21 @@ class Hardware:
             return PRECISIONS[self.pipeline_zero0_precision]
         return self.policy
 
-    def dp_overlapped(self, zero: int) -> bool:
-        """Whether per-step DP traffic at ZeRO-``zero`` runs under the last backward: the stack overlaps it, and the
-        optimizer does not reduce after backward and gather after the step (``Precision.step_gather``), nor the
-        pipeline schedule reduce after every backward (``fsdp_deferred``; DeepSpeed's pipeline engine at any ZeRO
-        stage: ``Stack.pipeline_reduces_after_schedule``)."""
+    def dp_overlapped(self, zero: int, tp: int = 1, ep: int = 1) -> bool:
+        """Whether per-step DP traffic of a layer at ZeRO-``zero`` (of degrees ``tp``, ``ep``) runs under the last
+        backward: the stack overlaps it, and the optimizer does not reduce after backward and gather after the step
+        (``Precision.step_gather``), nor the pipeline schedule reduce after every backward (``fsdp_deferred``;
+        DeepSpeed's pipeline engine at any ZeRO stage: ``Stack.pipeline_reduces_after_schedule``), nor the runtime
+        outside DDP (``reduces_after_backward``)."""
         return (self.dp_overlap and not self.policy_at(zero).gathers_after_step(zero) and not self.fsdp_deferred(zero)
-                and not (self.pipelined and self.pipeline_reduces_after_schedule))
+                and not (self.pipelined and self.pipeline_reduces_after_schedule)
+                and not self.reduces_after_backward(zero, tp, ep))
+
+    def reduces_after_backward(self, zero: int, tp: int = 1, ep: int = 1) -> bool:
+        """Whether the stack's runtime reduces a ZeRO-``zero`` layer's gradients after the last backward because no
+        DDP wraps it (``Stack.reduces_after_backward_zero``: meshwright's ``_finish_grads`` on pp>1 plans, tp>1 and
+        ep>1 layers)."""
+        return zero in self.reduces_after_backward_zero and (self.pipelined or tp > 1 or ep > 1)
 
     def fsdp_deferred(self, zero: int) -> bool:
         """Whether a layer at ZeRO-``zero`` is an FSDP2 module whose gather, reduction and resharding the pipeline
@@ -250,15 +259,17 @@ def apply_stack(hw: Hardware, stack: Stack | str) -> Hardware:
                                zero3_live_params=st.zero3_live_elements(),
                                pipeline_zero0_precision=st.pipeline_zero0_precision,
                                pipeline_defers_fsdp_sync=st.pipeline_defers_fsdp_sync, pipelined=False,
-                               fsdp_zero2=st.fsdp_zero2, pipeline_reduces_after_schedule=st.pipeline_reduces_after_schedule)
+                               fsdp_zero2=st.fsdp_zero2, pipeline_reduces_after_schedule=st.pipeline_reduces_after_schedule,
+                               reduces_after_backward_zero=st.reduces_after_backward_zero)
 
 
 def for_pipeline(hw: Hardware, pp: int) -> Hardware:
     """``hw`` costing a plan of ``pp`` pipeline stages (the same object where that changes nothing): the stack's
     pipeline engine may keep other model states (``Hardware.policy_at``), its FSDP2 layers sync once per step
-    (``Hardware.fsdp_deferred``), its data-parallel reduction may wait for the whole schedule (``dp_overlapped``)."""
+    (``Hardware.fsdp_deferred``), its data-parallel reduction may wait for the whole schedule (``dp_overlapped``),
+    or its runtime reduce outside DDP (``Hardware.reduces_after_backward``)."""
     pipelined = pp > 1 and (bool(hw.pipeline_zero0_precision) or hw.pipeline_defers_fsdp_sync
-                            or hw.pipeline_reduces_after_schedule)
+                            or hw.pipeline_reduces_after_schedule or bool(hw.reduces_after_backward_zero))
     return hw if hw.pipelined == pipelined else dataclasses.replace(hw, pipelined=pipelined)
 
 
@@ -1284,11 +1295,11 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
         copies = 0.0
     if lean:
         return (microbatch_s(compute_mb, comm_mb, overhead_mb, dp_mb, hw),
-                step_dp_s(compute_mb, fwd, dp_step, hw, hw.dp_overlapped(s.zero)) + opt_step,
+                step_dp_s(compute_mb, fwd, dp_step, hw, hw.dp_overlapped(s.zero, s.tp, s.ep)) + opt_step,
                 accum_mb, sum(states_b.values()) + copies, act, gathered + working)
     return {
         "compute_mb": compute_mb, "fwd_mb": fwd, "comm_mb": comm_mb, "overhead_mb": overhead_mb, "dp_mb": dp_mb, "dp_step": dp_step,
-        "dp_overlapped": hw.dp_overlapped(s.zero), "cast_mb": cast_mb,
+        "dp_overlapped": hw.dp_overlapped(s.zero, s.tp, s.ep), "cast_mb": cast_mb,
         "static_bytes": sum(states_b.values()) + copies, "act_bytes": act, "gathered_bytes": gathered,
         "transient_bytes": gathered + working, "copy_bytes": copies,
         "model_flops_mb": model_flops_mb, "hw_flops_mb": hw_flops_mb, "shard_params": shard_params,
@@ -1334,7 +1345,7 @@ class StrategyColumns:
         casts = np.fromiter((autocast_casts(s.zero, hw) for s in strategies), dtype=bool, count=n)
         self.cast_factor = np.where(casts, np.where(rc_on, 6.0 * 2 + 6.0, 6.0 * 1 + 6.0), 0.0)
         self.copy_bytes = np.fromiter((weight_copy_bytes(s.zero, hw) for s in strategies), dtype=float, count=n)
-        self.dp_overlapped = np.fromiter((hw.dp_overlapped(s.zero) for s in strategies), dtype=bool, count=n)
+        self.dp_overlapped = np.fromiter((hw.dp_overlapped(s.zero, s.tp, s.ep) for s in strategies), dtype=bool, count=n)
         self.compiled_rc = compiled & rc_on
         self.blocks: list["StrategyColumns"] = []  # the lists this one concatenates (``concat``), if any
 

@@ -134,6 +134,15 @@ class Stack:
     # reduction is exposed, not overlapped with the last backward. (deepspeed-fp32-accum plans ZeRO-1 only, whose
     # BF16_Optimizer reduces after backward with or without a pipeline: ``Precision.step_gather``; not set there)
     pipeline_reduces_after_schedule: bool = False
+    # ZeRO stages whose layers the stack's runtime reduces after backward, not overlapped with it, wherever it does not
+    # wrap the stage in DDP. meshwright's (parallel/runtime.py): DDP's bucket hooks overlap the all-reduce with
+    # backward only on uniform layouts (pp=1, every layer tp=1 at one ZeRO-0/1 stage, no ep); a ZeRO-0/1 layer of a
+    # pp>1 plan (torch's pipelining stages are no DDP modules), of tp>1 (DTensor parameters) or of ep>1 is instead
+    # summed by ``_finish_grads``' bucketed all-reduce (data_parallel.all_reduce_grads) after the last backward.
+    # FSDP2 layers (ZeRO-2/3) reduce-scatter from their backward hooks at any pp: overlapped. Read per layer by
+    # ``Hardware.dp_overlapped`` (pp>1 through ``for_pipeline``, as pipeline_reduces_after_schedule). Not seen per
+    # layer, so not charged: the ZeRO-0 layers of a pp=1, tp=1 plan mixing ZeRO levels (manual there too)
+    reduces_after_backward_zero: tuple[int, ...] = ()
 
     def buffer_elements(self, zero: int) -> float:
         """Elements of the reduction buckets allocated per rank at the backward peak at ZeRO-``zero`` (compute dtype)."""
@@ -179,7 +188,7 @@ class DeepSpeedSizes:
 
 STACKS = {
     "meshwright": Stack("meshwright", "autocast", dp_overlap=True, tp_wgrad_overlap=False, pipeline_slowdown=1.0,
-                        grads_set_to_none=True, fsdp_zero2=True),
+                        grads_set_to_none=True, fsdp_zero2=True, reduces_after_backward_zero=(0, 1)),
     # Megatron-LM defaults: no --overlap-grad-reduce; async TP all-reduce / SP all-gather overlap the wgrad GEMMs
     "megatron": Stack("megatron", "bf16_fp32_grads", dp_overlap=False, tp_wgrad_overlap=True, pipeline_slowdown=1.0),
     # DeepSpeed's pipeline engine ran 23-27% slower than Megatron's on the same shapes (BLOOM/MT-NLG reports, issue 17).

@@ -61,7 +61,8 @@ def test_plan_savers_are_costed_by_the_moved_terms():
     assert cost_model.block_saved_bytes_split is fp8_bytes.block_saved_bytes_split
     assert fp8_activations.block_saved_bytes_per_token is fp8_bytes.block_saved_bytes_per_token
     assert fp8_activations.GROUP == fp8_bytes.GROUP == 16
-    assert cost_model.coat_state_bytes_per_param is coat.coat_state_bytes_per_param is coat_bytes.coat_state_bytes_per_param
+    assert cost_model.coat_state_bytes_per_param is coat.coat_state_bytes_per_param
+    assert coat.coat_state_bytes_per_param is coat_bytes.coat_state_bytes_per_param
     assert fp8_quant.groups_of is coat_bytes.groups_of
     assert cost_model.flex_capped is capped_flex.flex_capped is capped_flex_rule.flex_capped
 

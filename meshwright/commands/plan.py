@@ -103,8 +103,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _load_inputs(args: argparse.Namespace) -> dict[str, Any]:
     from meshwright.config import load_cluster, load_model_config
     from meshwright.launcher.planner import cost_model as cm
-    from meshwright.launcher.profiling.hardware import load_hardware_profile
-    from meshwright.launcher.profiling.model import apply_model_profile, load_model_profile
 
     for name in ("nodes", "devices_per_node", "seq_len", "global_batch", "top"):
         v = getattr(args, name, None)
@@ -114,11 +112,17 @@ def _load_inputs(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_model_config(args.model)
     _train_config_matches(args, cfg)
     cluster = load_cluster(args.cluster, nodes=args.nodes, devices_per_node=args.devices_per_node)
-    hprof = load_hardware_profile(args.hardware_profile) if args.hardware_profile else None
+    hprof = None
+    if args.hardware_profile:  # the profiling modules import torch: only a run given a profile pays for it
+        from meshwright.launcher.profiling.hardware import load_hardware_profile
+
+        hprof = load_hardware_profile(args.hardware_profile)
     hw = cm.hardware_from_cluster(cluster, hprof, args.memory_budget_gib, stack=_stack(args),
                                   dtype=getattr(args, "dtype", None), compile=bool(getattr(args, "compile", False)),
                                   loss_chunk_tokens=getattr(args, "loss_chunk_tokens", 0) or 0)
     if args.model_profile:
+        from meshwright.launcher.profiling.model import apply_model_profile, load_model_profile
+
         hw = apply_model_profile(hw, load_model_profile(args.model_profile), cfg, hprof)
     if args.attention != hw.attention:
         hw = dataclasses.replace(hw, attention=args.attention)

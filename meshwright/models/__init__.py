@@ -1,14 +1,35 @@
-"""Plain single-device models; parallelism and memory savers are applied to them afterwards."""
+"""Plain single-device models; parallelism and memory savers are applied to them afterwards.
+
+The torch-backed names (``Decoder``, ``lm_loss``, ...) load on first use (PEP 562 ``__getattr__``), so torch-free
+submodules such as :mod:`meshwright.models.capped_flex_rule` (the planner reads it) do not import torch.
+"""
 
 from __future__ import annotations
 
-import torch
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from meshwright.config import ModelConfig, load_model_config
 from meshwright.errors import invalid
-from meshwright.models.decoder import Block, Decoder, count_parameters, lm_loss
-from meshwright.models.init import keyed_model
-from meshwright.models.hf_weights import from_pretrained, load_pretrained_into
+
+if TYPE_CHECKING:
+    import torch
+
+    from meshwright.models.decoder import Block, Decoder, count_parameters, lm_loss  # noqa: F401
+    from meshwright.models.hf_weights import from_pretrained, load_pretrained_into  # noqa: F401
+    from meshwright.models.init import keyed_model  # noqa: F401
+
+_LAZY = {"Block": "decoder", "Decoder": "decoder", "count_parameters": "decoder", "lm_loss": "decoder",
+         "keyed_model": "init", "from_pretrained": "hf_weights", "load_pretrained_into": "hf_weights"}
+
+
+def __getattr__(name: str) -> Any:
+    """Load a torch-backed name from its submodule on first use (then cached in this module)."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
 
 
 def build_model(cfg: ModelConfig | str | dict, device: str | torch.device | None = None, seed: int | None = None,
@@ -18,6 +39,11 @@ def build_model(cfg: ModelConfig | str | dict, device: str | torch.device | None
     ``init``: ``stream`` draws every value from the global CPU RNG in module order (the values every earlier run
     started from); ``keyed`` builds on meta and draws each parameter on ``device`` from generators keyed by
     (seed, name, tile) (models/init.py): the values a sharded run draws shard by shard."""
+    import torch
+
+    from meshwright.models.decoder import Decoder
+    from meshwright.models.init import keyed_model
+
     cfg = load_model_config(cfg)
     if init not in ("stream", "keyed"):
         raise invalid("init", init, "stream or keyed")

@@ -17,31 +17,15 @@ from typing import Any, Callable, Iterable
 import torch
 
 from meshwright.errors import invalid
+from meshwright.optim.coat_bytes import META_BYTES_PER_GROUP, coat_state_bytes_per_param  # noqa: F401
 from meshwright.optim.coat_fused import compiled_update, fp8_adamw_update
 from meshwright.optim.coat_triton import coat_adamw_triton, eligible, triton_available
 from meshwright.optim.fp8_quant import K_MIN, GroupQuantized, dequantize_groups, fp8_dtype, groups_of, quantize_groups
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 _META = ("scale", "center", "expand")
-META_BYTES_PER_GROUP = 12  # fp32 scale, centre and exponent per group and per moment
 FUSED_CHOICES = ("triton", "compile", "reference")
 FUSED_ALIASES = {True: True, False: False, "compile": True, "reference": False}  # kept: True/False as before
-
-
-def coat_state_bytes_per_param(group_size: int = 128, quantized: bool = True, numel: int | None = None) -> float:
-    """Optimizer-state bytes per parameter: the planner's cost-model term for ``optimizer.states``.
-
-    fp32 AdamW: 8. COAT: 2 FP8 moments + 2 x 12 bytes of group metadata per ``group_size`` elements
-    (2.1875 at 128). With ``numel`` the partial last group is counted exactly (matches
-    :meth:`CoatAdamW.state_bytes`).
-    """
-    if not quantized:
-        return 8.0
-    if group_size < 1:
-        raise invalid("group_size", group_size, "a positive integer")
-    if numel is None:
-        return 2.0 + 2 * META_BYTES_PER_GROUP / group_size
-    return (2 * numel + 2 * META_BYTES_PER_GROUP * groups_of(numel, group_size)) / numel
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from meshwright.errors import invalid
+from meshwright.optim.coat_bytes import groups_of  # noqa: F401  (torch-free, shared with the planner)
 
 FP8_FORMATS: dict[str, torch.dtype] = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 EXPAND_STEP = 16  # k is rounded down to a multiple of 1/EXPAND_STEP (COAT's kernel uses 16)
@@ -121,10 +122,6 @@ def dequantize_groups(gq: GroupQuantized, shape: torch.Size | tuple[int, ...] | 
     x = q.sign() * gq.center[:, None] * y.pow(1.0 / gq.expand[:, None])
     x = x.reshape(-1)[:n]
     return x.view(shape) if shape is not None else x
-
-
-def groups_of(numel: int, group_size: int = 128) -> int:
-    return -(-numel // group_size)
 
 
 # ---- per-tensor and 1 x G (along the last dim) scaling, for activations -----------------------------

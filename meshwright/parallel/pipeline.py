@@ -14,12 +14,13 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from meshwright.errors import invalid
 from meshwright.models.decoder import Decoder
 
-SCHEDULE_CLASSES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
+# torch.distributed.pipelining imports torch._dynamo, inductor and triton (~3 s of CPU per process): it is imported by
+# build_schedule, i.e. only by ranks that pipeline (pp > 1), not by every rank that imports the runtime.
+SCHEDULE_CLASSES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B"}
 
 
 def stage_ids(pp_rank: int, pp: int, virtual_stages: int) -> list[int]:
@@ -61,8 +62,10 @@ def build_schedule(chunks: list[nn.Module], ids: list[int], n_stages: int, sched
     """The torch pipelining schedule running ``chunks`` (stage ``ids``) over ``pp_group``."""
     if schedule not in SCHEDULE_CLASSES:
         raise invalid("pipeline.schedule", schedule, ", ".join(SCHEDULE_CLASSES))
-    stages = [PipelineStage(c, i, n_stages, device, group=pp_group) for c, i in zip(chunks, ids)]
-    cls = SCHEDULE_CLASSES[schedule]
+    from torch.distributed import pipelining
+
+    stages = [pipelining.PipelineStage(c, i, n_stages, device, group=pp_group) for c, i in zip(chunks, ids)]
+    cls = getattr(pipelining, SCHEDULE_CLASSES[schedule])
     if schedule == "interleaved_1f1b":
         return cls(stages, n_microbatches=n_microbatches, loss_fn=loss_fn)
     return cls(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn)

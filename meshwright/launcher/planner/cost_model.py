@@ -26,9 +26,9 @@ import numpy as np
 from meshwright.config import ClusterSpec, ModelConfig
 from meshwright.errors import invalid
 from meshwright.launcher.planner.stack import PRECISIONS, Precision, Stack, get_stack, precision_for_dtype
-from meshwright.memory.fp8_activations import block_saved_bytes_split
-from meshwright.models.capped_flex import flex_capped
-from meshwright.optim.coat import coat_state_bytes_per_param
+from meshwright.memory.fp8_bytes import block_saved_bytes_split
+from meshwright.models.capped_flex_rule import flex_capped
+from meshwright.optim.coat_bytes import coat_state_bytes_per_param
 from meshwright.tools.flops import head_fwd_flops, layer_fwd_flops, model_flops_per_token
 
 GIB = 1024**3

@@ -6,8 +6,9 @@ The loader's names load on first use (PEP 562 ``__getattr__``): the loader impor
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from meshwright.lazy import lazy_names
 
 if TYPE_CHECKING:
     from meshwright.data.loader import SequenceLoader, TokenDataset, build_loaders  # noqa: F401
@@ -16,14 +17,7 @@ if TYPE_CHECKING:
 _LAZY = {"SequenceLoader": "loader", "TokenDataset": "loader", "build_loaders": "loader", "prepare": "prepare",
          "prepare_default_corpus": "prepare"}
 
-
-def __getattr__(name: str) -> Any:
-    """Load a name from its submodule on first use (then cached in this module)."""
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, _LAZY, globals())
 
 
 __all__ = ["SequenceLoader", "TokenDataset", "build_loaders", "prepare", "prepare_default_corpus"]

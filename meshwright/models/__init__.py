@@ -6,8 +6,9 @@ submodules such as :mod:`meshwright.models.capped_flex_rule` (the planner reads 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from meshwright.lazy import lazy_names
 
 from meshwright.config import ModelConfig, load_model_config
 from meshwright.errors import invalid
@@ -22,14 +23,7 @@ if TYPE_CHECKING:
 _LAZY = {"Block": "decoder", "Decoder": "decoder", "count_parameters": "decoder", "lm_loss": "decoder",
          "keyed_model": "init", "from_pretrained": "hf_weights", "load_pretrained_into": "hf_weights"}
 
-
-def __getattr__(name: str) -> Any:
-    """Load a torch-backed name from its submodule on first use (then cached in this module)."""
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, _LAZY, globals())
 
 
 def build_model(cfg: ModelConfig | str | dict, device: str | torch.device | None = None, seed: int | None = None,

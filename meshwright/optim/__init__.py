@@ -6,22 +6,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from meshwright.lazy import lazy_names
 from meshwright.optim.coat_bytes import coat_state_bytes_per_param
 
 if TYPE_CHECKING:
     from meshwright.optim.coat import CoatAdamW  # noqa: F401
 
-
-def __getattr__(name: str) -> Any:
-    """Load ``CoatAdamW`` (torch) on first use."""
-    if name != "CoatAdamW":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from meshwright.optim.coat import CoatAdamW
-
-    globals()[name] = CoatAdamW
-    return CoatAdamW
+__getattr__ = lazy_names(__name__, {"CoatAdamW": "coat"}, globals())
 
 
 __all__ = ["CoatAdamW", "coat_state_bytes_per_param"]

@@ -240,11 +240,7 @@ def test_a_dropped_connection_stops_every_rank_at_one_step_with_a_checkpoint(ssh
     agents: list[int] = []
     ranks: set[int] = set()
     try:
-        deadline = time.monotonic() + 300
-        records = out_dir / "log.jsonl"
-        while not records.is_file() or len(records.read_text().splitlines()) < 2:
-            assert launch.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
-            time.sleep(0.1)
+        _wait_for_records(out_dir / "log.jsonl", launch, log, 2)
         agents = [int(p) for p in pids.read_text().split()]
         ranks = {c for a in agents for c in children(a)}
         assert len(agents) == 2 and len(ranks) >= 2, log.read_text()[-4000:]
@@ -304,6 +300,14 @@ def test_two_node_deepspeed_launch_over_pdsh(sshd, tmp_path):
     assert "127.0.0.2: " in both and "node_rank=1" in both  # the second node really ran over pdsh
 
 
+def _wait_for_records(records: Path, launch: subprocess.Popen, log: Path, n: int, timeout: float = 300) -> None:
+    """Poll until the run has logged ``n`` steps, failing with the launch's log tail if it ends or stalls."""
+    deadline = time.monotonic() + timeout
+    while not records.is_file() or len(records.read_text().splitlines()) < n:
+        assert launch.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.1)
+
+
 def _running_with(marker: str) -> list[int]:
     """Pids whose command line holds ``marker`` (a test's own temporary out_dir): what the test started."""
     found = []
@@ -343,11 +347,7 @@ def test_ctrl_c_of_a_deepspeed_launch_stops_every_rank_with_a_checkpoint(sshd, t
              "ckpt_every=0", "progress=false", f"out_dir={out_dir}"],
             stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        records = out_dir / "log.jsonl"
-        while not records.is_file() or len(records.read_text().splitlines()) < 2:
-            assert launch.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
-            time.sleep(0.1)
+        _wait_for_records(out_dir / "log.jsonl", launch, log, 2)
         os.killpg(launch.pid, signal.SIGINT)  # Ctrl-C in the launch's terminal
         assert launch.wait(120) == 130, log.read_text()[-4000:]
         deadline = time.monotonic() + 60

@@ -163,13 +163,14 @@ def test_rank_dp_tries_the_transient_levels_below_its_first_answer():
     """GPT-1T on 1,024 H100 with every saver, pp=32 1f1b: with tp >= 2 a rank's largest transient level reserves
     44.6 GiB for a tp2 ZeRO-3 gather; the DP there fits only ZeRO-2/3 with full recompute, and it went on only to
     the smallest level that still admits those (none), never to 0.2 GiB where 4 layers of tp8 ZeRO-1 fit: 111-165 s
-    against 30.19 s for tp >= 4 (mb=2), whose strategies tp >= 2 (mb=1) also has."""
+    against 30.25 s for tp >= 4 (mb=2), whose strategies tp >= 2 (mb=1) also has (30.19 s until stop 33 costed
+    meshwright's after-backward all-reduce of pp > 1 ZeRO-0/1 layers as exposed)."""
     cfg = dataclasses.replace(load_model_config("megatron-gpt-1t"), tie_embeddings=False)
     cluster = load_cluster("dgx-h100-80g", nodes=128)
     allow = S.Allow.parse(["fp8", "wta-crs", "lemo"])
     wide = _fastest(_candidate(cfg, cluster, 2048, 3072, allow, "fp32", 32, 2, 1))
     narrow = _fastest(_candidate(cfg, cluster, 2048, 3072, allow, "fp32", 32, 4, 2))
-    assert narrow == pytest.approx(30.19, abs=0.01)
+    assert narrow == pytest.approx(30.25, abs=0.01)
     assert wide <= narrow * (1 + 1e-9)
 
 

@@ -14,6 +14,7 @@ import sys
 import types
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 HERE = Path(__file__).resolve().parent
 MEGATRON_MODULES = ("argument_utils", "training_config", "common_config", "resilience_config", "arguments")
@@ -62,17 +63,10 @@ def megatron_validate(argv: list[str], world_size: int, env: dict[str, str]) -> 
     mod = megatron_arguments()
     args = megatron_parser().parse_args(argv)
     args.rank, args.world_size = 0, world_size
-    saved = {k: os.environ.get(k) for k in ("CUDA_DEVICE_MAX_CONNECTIONS", *env)}
-    os.environ.pop("CUDA_DEVICE_MAX_CONNECTIONS", None)
-    os.environ.update(env)
-    try:
+    with mock.patch.dict(os.environ):  # restored whole afterwards, the popped key included
+        os.environ.pop("CUDA_DEVICE_MAX_CONNECTIONS", None)
+        os.environ.update(env)
         mod.validate_args(args)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return args
 
 

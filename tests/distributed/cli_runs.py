@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import time
+from unittest import mock
 from datetime import timedelta
 from typing import Callable
 
@@ -64,23 +65,15 @@ def run_all(argv: list[str], timeout: timedelta = timedelta(seconds=120),
     from meshwright.cli import main
 
     for i, (env, copies, args) in enumerate(split_runs(argv)):
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        fresh_group(i, timeout)
-        rank = dist.get_rank()
-        if copies:
-            if rank == 0:
-                for src, dst in copies:
-                    shutil.copytree(src, dst)
-            dist.barrier()
-        try:
+        with mock.patch.dict(os.environ, env):  # this run's environment only
+            fresh_group(i, timeout)
+            rank = dist.get_rank()
+            if copies:
+                if rank == 0:
+                    for src, dst in copies:
+                        shutil.copytree(src, dst)
+                dist.barrier()
             code = around(i, lambda: main(args)) if around else main(args)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         if dist.is_initialized():  # a command that leaves its group (none of meshwright's should)
             dist.destroy_process_group()
         print(f"cli_runs: rank {rank} run {i} exit {code} at {time.time_ns()}", flush=True)

@@ -710,6 +710,16 @@ def test_fsdp2_zero2_stores_sharded_params_and_keeps_the_gathered_weights():
     assert (old - new) * cm.GIB == pytest.approx(cfg.num_params() * 4 * (1 - 1 / 8) * (1 + mw.fragmentation), rel=1e-6)
 
 
+def _llama7b_pp2_dp4_zero1(cfg) -> Plan:
+    """Llama-2-7B on 8 devices as DeepSpeed's pipeline engine runs it: pp2 1F1B (16 microbatches) x dp4 ZeRO-1."""
+    plan = Plan(model="llama2-7b", seq_len=4096, global_batch=64, micro_batch=1,
+                pipeline=PipelineSpec(degree=2, schedule="1f1b", microbatches=16),
+                layers=[LayerStrategy(dp=4, zero=1, recompute="full", repeat=cfg.n_layers)],
+                embedding=EmbeddingStrategy(zero=1))
+    validate_plan(plan, cfg, 8)
+    return plan
+
+
 def test_deepspeed_pipeline_engine_reduces_after_the_schedule():
     """DeepSpeed's pipeline engine (pp>1) reduces data-parallel gradients in ReduceGrads, after the last BackwardPass
     of the schedule (pipe/schedule.py TrainSchedule; engine.py turns ZeRO-1/2's overlap_comm off for a
@@ -724,11 +734,7 @@ def test_deepspeed_pipeline_engine_reduces_after_the_schedule():
     assert not cm.apply_stack(hw(), "deepspeed-fp32-accum").dp_overlapped(1)  # BF16_Optimizer: after backward anyway
     cfg = load_model_config("llama2-7b")
     dsh = cm.hardware_from_cluster(load_cluster("dgx-a100-80g"), stack="deepspeed")
-    plan = Plan(model="llama2-7b", seq_len=4096, global_batch=64, micro_batch=1,
-                pipeline=PipelineSpec(degree=2, schedule="1f1b", microbatches=16),
-                layers=[LayerStrategy(dp=4, zero=1, recompute="full", repeat=cfg.n_layers)],
-                embedding=EmbeddingStrategy(zero=1))
-    validate_plan(plan, cfg, 8)
+    plan = _llama7b_pp2_dp4_zero1(cfg)
     new = cm.evaluate_plan(plan, cfg, dsh, 8)
     old = cm.evaluate_plan(plan, cfg, dataclasses.replace(dsh, pipeline_reduces_after_schedule=False), 8)
     # the stage's whole reduction uncovered: an all-reduce of its bf16 gradients over dp=4 (intra-node), of which
@@ -805,11 +811,7 @@ def test_bf16_optimizer_passes_charged_per_microbatch_and_per_step(monkeypatch):
     # a whole plan: every rank's step grows by its parameters' passes (m microbatches), blocks and both ends
     cfg = load_model_config("llama2-7b")
     dsh = cm.hardware_from_cluster(load_cluster("dgx-a100-80g"), stack="deepspeed-fp32-accum")
-    plan = Plan(model="llama2-7b", seq_len=4096, global_batch=64, micro_batch=1,
-                pipeline=PipelineSpec(degree=2, schedule="1f1b", microbatches=16),
-                layers=[LayerStrategy(dp=4, zero=1, recompute="full", repeat=cfg.n_layers)],
-                embedding=EmbeddingStrategy(zero=1))
-    validate_plan(plan, cfg, 8)
+    plan = _llama7b_pp2_dp4_zero1(cfg)
     base = cm.evaluate_plan(plan, cfg, dsh, 8)
     monkeypatch.setattr(cm, "bf16_optimizer_passes_s", lambda *a: (0.0, 0.0))
     without = cm.evaluate_plan(plan, cfg, dsh, 8)

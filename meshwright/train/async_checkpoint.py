@@ -62,19 +62,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from meshwright.errors import ConfigError
-from meshwright.train.checkpoint import (
-    _quiet_dcp, latest_checkpoint, point_and_prune, prepare_tmp, publish, saved_state, step_dir, write_failed,
-    write_small_files,
+from meshwright.train.checkpoint import (  # CheckpointPeerLost, peer_lost: re-exported for the trainer
+    CheckpointPeerLost, _quiet_dcp, latest_checkpoint, peer_lost, point_and_prune, prepare_tmp, publish, saved_state, step_dir,
+    write_failed, write_small_files,
 )
 from meshwright.train.lora_base import AdapterScope
 from meshwright.train.runtime import Runtime
 
 _ABANDONED: list["_Pending"] = []  # abandoned saves (see abandoned_write_running)
-
-
-class CheckpointPeerLost(ConfigError):
-    """A background write given up because a peer rank died or its collective timed out (``_peer_lost_error``)."""
 
 
 class CheckpointAbandoned(KeyboardInterrupt):
@@ -111,23 +106,6 @@ def stager_keeps_buffers() -> bool:
     finally:
         with contextlib.suppress(Exception):
             stager.close()
-
-
-def peer_lost(exc: BaseException) -> bool:
-    """Whether a write failed because another rank is gone or a collective timed out (gloo's 'Connection reset by
-    peer', 'Timed out waiting ... for send operation'), looking through DCP's CheckpointException and causes."""
-    seen: list[BaseException] = [exc]
-    while seen:
-        e = seen.pop()
-        if isinstance(e, getattr(dist, "DistError", ())) or any(
-                k in str(e) for k in ("by peer", "Timed out waiting", "gloo/transport", "Socket Timeout")):
-            return True
-        if isinstance(e, CheckpointException):
-            seen.extend(err for err, _trace in e.failures.values() if isinstance(err, BaseException))
-        seen.extend(x for x in (e.__cause__, e.__context__) if x is not None and x is not e)
-        if len(seen) > 32:  # a cycle of causes
-            break
-    return False
 
 
 @functools.lru_cache(maxsize=1)
@@ -279,8 +257,6 @@ class AsyncCheckpointer:
         if pending.error is not None:
             exc = pending.error
             if isinstance(exc, (OSError, RuntimeError, CheckpointException)):
-                if peer_lost(exc):
-                    raise self._peer_lost_error(pending, exc) from None
                 raise write_failed(pending.tmp, pending.final, exc, self.runtime.is_main) from None
             raise exc
         self.last = pending
@@ -337,19 +313,6 @@ class AsyncCheckpointer:
             signal.signal(signal.SIGTERM, previous_term if previous_term is not None else signal.SIG_DFL)
         thread.join()  # it has ended (done is set last)
         return presses > 0
-
-    def _peer_lost_error(self, pending: _Pending, exc: BaseException) -> CheckpointPeerLost:
-        """A write given up because a peer rank died or its collective timed out: what happened and what to do."""
-        if self.runtime.is_main:
-            shutil.rmtree(pending.tmp, ignore_errors=True)
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
-        before = latest_checkpoint(pending.final.parent)
-        resume = (f"resume from the previous checkpoint {before} (`meshwright train ... --resume` takes it)"
-                  if before is not None else "no earlier checkpoint exists: the run restarts from step 0")
-        return CheckpointPeerLost(f"checkpoint {pending.final} was not completed: a peer rank was lost or a collective "
-                                  f"of the checkpoint writer timed out ({type(exc).__name__}: {first}); the partial "
-                                  f"{pending.tmp.name} was removed; valid: find why that rank stopped (its log), then "
-                                  f"{resume}")
 
     def close(self, interrupted: bool = False) -> None:
         """Wait for the save in flight (``interrupted``: see ``wait``) and free the staging buffers."""

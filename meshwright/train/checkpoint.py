@@ -110,14 +110,51 @@ def prepare_tmp(path: Path, runtime: Runtime) -> Path:
     return tmp
 
 
+class CheckpointPeerLost(ConfigError):
+    """A checkpoint write given up because a peer rank died or a collective timed out (``peer_lost``)."""
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether a write failed because another rank is gone or a collective timed out (gloo's 'Connection reset by
+    peer', 'Connection closed by peer', 'Timed out waiting ... for send operation'), looking through DCP's
+    CheckpointException and causes."""
+    seen: list[BaseException] = [exc]
+    while seen:
+        e = seen.pop()
+        if isinstance(e, getattr(torch.distributed, "DistError", ())) or any(
+                k in str(e) for k in ("by peer", "Timed out waiting", "gloo/transport", "Socket Timeout")):
+            return True
+        if isinstance(e, CheckpointException):
+            seen.extend(err for err, _trace in e.failures.values() if isinstance(err, BaseException))
+        seen.extend(x for x in (e.__cause__, e.__context__) if x is not None and x is not e)
+        if len(seen) > 32:  # a cycle of causes
+            break
+    return False
+
+
 def write_failed(tmp: Path, path: Path, exc: BaseException, is_main: bool) -> BaseException:
-    """The error to raise for a write into ``tmp`` that failed with ``exc``; the partial ``tmp`` is removed (main rank)."""
+    """The error to raise for a write into ``tmp`` that failed with ``exc``; the partial ``tmp`` is removed (main rank).
+    A peer lost in any of the write's collectives (the tmp barrier, DCP's planning, the background write) is said as
+    such, with the checkpoint to resume from, not as an unwritable directory."""
     full = _disk_full(tmp.parent)  # before the partial files are removed and free space returns
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     if _interrupted(exc):  # Ctrl-C inside DCP: an interruption (exit 130), not a failed write (exit 2)
         return KeyboardInterrupt()
+    if peer_lost(exc):
+        return _peer_lost_error(tmp, path, exc)
     return _save_error(path, exc, full)
+
+
+def _peer_lost_error(tmp: Path, path: Path, exc: BaseException) -> CheckpointPeerLost:
+    """What happened to a write given up for a lost peer, and what to do."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    before = latest_checkpoint(path.parent)
+    resume = (f"resume from the previous checkpoint {before} (`meshwright train ... --resume` takes it)"
+              if before is not None else "no earlier checkpoint exists: the run restarts from step 0")
+    return CheckpointPeerLost(f"checkpoint {path} was not completed: a peer rank was lost or a collective of the "
+                              f"checkpoint writer timed out ({type(exc).__name__}: {first}); the partial {tmp.name} "
+                              f"was removed; valid: find why that rank stopped (its log), then {resume}")
 
 
 def publish(tmp: Path, path: Path) -> None:

@@ -1,14 +1,17 @@
 """Two plain processes (not torchrun, which would kill the survivor first) on a gloo group, each with an
-AsyncCheckpointer: checkpoint 1 is written, then rank 1 dies inside its background write of checkpoint 2. Rank 0
-prints what its wait raised, as one JSON line. Used by tests/unit/test_async_checkpoint.py.
+AsyncCheckpointer: checkpoint 1 is written, then rank 1 dies where MODE says: ``write`` inside its background write
+of checkpoint 2, ``stage`` before it joins the save of checkpoint 2 (rank 0's save fails in its own collectives),
+``sync`` before it joins a synchronous ``save_runtime`` of checkpoint 2. Rank 0 prints what its save (or wait)
+raised, as one JSON line. Used by tests/unit/test_async_checkpoint.py.
 
-    python async_peer_lost_worker.py RANK PORT ROOT
+    python async_peer_lost_worker.py RANK PORT ROOT MODE
 """
 
 import json
 import os
 import sys
 import threading
+from pathlib import Path
 from datetime import timedelta
 
 import torch
@@ -16,6 +19,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.filesystem import _FileSystemWriter
 
 from meshwright.train.async_checkpoint import AsyncCheckpointer
+from meshwright.train.checkpoint import save_runtime, step_dir
 from meshwright.train.local_runtime import LocalRuntime
 
 
@@ -26,7 +30,7 @@ class TwoRanks(LocalRuntime):
         dist.barrier()
 
 
-def main(rank: int, port: str, root: str) -> None:
+def main(rank: int, port: str, root: str, mode: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=60))
     torch.manual_seed(0)
@@ -43,10 +47,16 @@ def main(rank: int, port: str, root: str) -> None:
             os._exit(9)  # a lost node, in the middle of the background write
         return write(self, plan, planner)
 
-    _FileSystemWriter.write_data = dying
-    ckpt.save(root, 2, opt, {})
+    if mode == "write":
+        _FileSystemWriter.write_data = dying
+    elif rank == 1:
+        os._exit(9)  # a lost node, before it joins the next save
     try:
-        ckpt.wait()
+        if mode == "sync":
+            save_runtime(step_dir(Path(root), 2), rt, opt, {"step": 2})
+        else:
+            ckpt.save(root, 2, opt, {})
+            ckpt.wait()
         print(json.dumps({"error": None}), flush=True)
     except Exception as exc:  # noqa: BLE001 - reported to the test
         print(json.dumps({"error": str(exc), "type": type(exc).__name__}), flush=True)
@@ -54,4 +64,4 @@ def main(rank: int, port: str, root: str) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2], sys.argv[3])
+    main(int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4])

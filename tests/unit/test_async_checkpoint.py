@@ -226,10 +226,14 @@ def test_export_of_a_run_whose_training_prunes_the_checkpoint_being_read(tmp_pat
 
 
 @pytest.mark.timeout(180)
-def test_a_peer_lost_during_a_background_write_says_so_and_names_the_checkpoint_to_resume(tmp_path):
-    """Rank 1 dies inside its background write of checkpoint 2 (two processes, gloo). Rank 0's wait reports a lost
-    peer and the previous checkpoint to resume from, in one line; it used to blame the directory ('valid: a writable
-    ... with room for the checkpoint'). Nothing of checkpoint 2 is published."""
+@pytest.mark.parametrize("mode", ["write", "stage", "sync"])
+def test_a_peer_lost_during_a_checkpoint_write_says_so_and_names_the_checkpoint_to_resume(tmp_path, mode):
+    """Rank 1 dies inside its background write of checkpoint 2 (``write``), or before it joins rank 0's async
+    (``stage``) or synchronous (``sync``) save of it (two processes, gloo). Rank 0 reports a lost peer and the previous
+    checkpoint to resume from, in one line; it used to blame the directory ('valid: a writable ... with room for the
+    checkpoint'): for ``stage`` and ``sync`` until stop 34, where CI caught it in the resumed run of
+    test_ctrl_c_twice_during_a_background_save_then_a_rank_killed_on_the_resumed_run. Nothing of checkpoint 2 is
+    published."""
     import subprocess
     import sys
 
@@ -238,7 +242,7 @@ def test_a_peer_lost_during_a_background_write_says_so_and_names_the_checkpoint_
     worker = REPO / "tests" / "distributed" / "async_peer_lost_worker.py"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MESHWRIGHT_PG_TIMEOUT_S": "60"}
     port, root = str(free_port()), tmp_path / "ckpt"
-    procs = [subprocess.Popen([sys.executable, str(worker), str(rank), port, str(root)], env=env, cwd=REPO,
+    procs = [subprocess.Popen([sys.executable, str(worker), str(rank), port, str(root), mode], env=env, cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     try:
         out, err = procs[0].communicate(timeout=150)

@@ -146,6 +146,14 @@ def write_failed(tmp: Path, path: Path, exc: BaseException, is_main: bool) -> Ba
     return _save_error(path, exc, full)
 
 
+def _peer_lost_reading(path: Path, exc: BaseException) -> CheckpointPeerLost:
+    """A read given up for a lost peer: the checkpoint is not blamed (a user told "damaged" might delete a good one)."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    return CheckpointPeerLost(f"checkpoint {path} was not read: a peer rank was lost or a collective timed out while "
+                              f"the ranks read it ({type(exc).__name__}: {first}); the checkpoint is not known to be "
+                              f"damaged; valid: find why that rank stopped (its log), then resume from it again")
+
+
 def _peer_lost_error(tmp: Path, path: Path, exc: BaseException) -> CheckpointPeerLost:
     """What happened to a write given up for a lost peer, and what to do."""
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
@@ -298,11 +306,16 @@ def load_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Opti
     try:
         with _quiet_dcp():
             dcp.load(read, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner())
-    except CheckpointException as exc:
-        raise CheckpointCorrupt(f"checkpoint {path} could not be read: {_first_failure(exc)}") from None
+    except (CheckpointException, RuntimeError, OSError) as exc:
+        if peer_lost(exc):  # another rank died mid-read: the files are not known to be damaged; say so, not "corrupt"
+            raise _peer_lost_reading(path, exc) from None
+        if isinstance(exc, CheckpointException):
+            raise CheckpointCorrupt(f"checkpoint {path} could not be read: {_first_failure(exc)}") from None
+        raise CheckpointCorrupt(f"checkpoint {path} could not be read: {type(exc).__name__}: "
+                                f"{(str(exc).strip().splitlines() or [''])[0][:300]}") from None
     except CheckpointCorrupt:
         raise
-    except (RuntimeError, ValueError, AssertionError, OSError, KeyError) as exc:
+    except (ValueError, AssertionError, KeyError) as exc:
         raise CheckpointCorrupt(f"checkpoint {path} could not be read: {type(exc).__name__}: "
                                 f"{(str(exc).strip().splitlines() or [''])[0][:300]}") from None
     grow_swapped(read, grown, grow_positions)

@@ -1,8 +1,8 @@
 """Two plain processes (not torchrun, which would kill the survivor first) on a gloo group, each with an
 AsyncCheckpointer: checkpoint 1 is written, then rank 1 dies where MODE says: ``write`` inside its background write
 of checkpoint 2, ``stage`` before it joins the save of checkpoint 2 (rank 0's save fails in its own collectives),
-``sync`` before it joins a synchronous ``save_runtime`` of checkpoint 2. Rank 0 prints what its save (or wait)
-raised, as one JSON line. Used by tests/unit/test_async_checkpoint.py.
+``sync`` before it joins a synchronous ``save_runtime`` of checkpoint 2, ``load`` inside its read of checkpoint 1
+(``load_runtime``). Rank 0 prints what its save, wait or load raised, as one JSON line. Used by tests/unit/test_async_checkpoint.py.
 
     python async_peer_lost_worker.py RANK PORT ROOT MODE
 """
@@ -19,7 +19,8 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.filesystem import _FileSystemWriter
 
 from meshwright.train.async_checkpoint import AsyncCheckpointer
-from meshwright.train.checkpoint import save_runtime, step_dir
+from meshwright.train.checkpoint import load_runtime, save_runtime, step_dir
+from meshwright.train.checkpoint_io import SafeFileSystemReader
 from meshwright.train.local_runtime import LocalRuntime
 
 
@@ -40,6 +41,7 @@ def main(rank: int, port: str, root: str, mode: str) -> None:
     ckpt = AsyncCheckpointer(rt)
     ckpt.save(root, 1, opt, {})
     ckpt.wait()
+    dist.barrier()  # rank 0 (the main) has published checkpoint 1: its wait returns after the rename, rank 1's before
     write = _FileSystemWriter.write_data
 
     def dying(self, plan, planner):
@@ -47,12 +49,23 @@ def main(rank: int, port: str, root: str, mode: str) -> None:
             os._exit(9)  # a lost node, in the middle of the background write
         return write(self, plan, planner)
 
+    read = SafeFileSystemReader.read_data
+
+    def dying_read(self, plan, planner):
+        if rank == 1:
+            os._exit(9)  # a lost node, in the middle of the ranks' read of a checkpoint
+        return read(self, plan, planner)
+
     if mode == "write":
         _FileSystemWriter.write_data = dying
+    elif mode == "load":
+        SafeFileSystemReader.read_data = dying_read
     elif rank == 1:
         os._exit(9)  # a lost node, before it joins the next save
     try:
-        if mode == "sync":
+        if mode == "load":
+            load_runtime(step_dir(Path(root), 1), rt, opt)
+        elif mode == "sync":
             save_runtime(step_dir(Path(root), 2), rt, opt, {"step": 2})
         else:
             ckpt.save(root, 2, opt, {})

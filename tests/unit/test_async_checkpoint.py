@@ -226,14 +226,16 @@ def test_export_of_a_run_whose_training_prunes_the_checkpoint_being_read(tmp_pat
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("mode", ["write", "stage", "sync"])
+@pytest.mark.parametrize("mode", ["write", "stage", "sync", "load"])
 def test_a_peer_lost_during_a_checkpoint_write_says_so_and_names_the_checkpoint_to_resume(tmp_path, mode):
     """Rank 1 dies inside its background write of checkpoint 2 (``write``), or before it joins rank 0's async
     (``stage``) or synchronous (``sync``) save of it (two processes, gloo). Rank 0 reports a lost peer and the previous
     checkpoint to resume from, in one line; it used to blame the directory ('valid: a writable ... with room for the
     checkpoint'): for ``stage`` and ``sync`` until stop 34, where CI caught it in the resumed run of
     test_ctrl_c_twice_during_a_background_save_then_a_rank_killed_on_the_resumed_run. Nothing of checkpoint 2 is
-    published."""
+    published. ``load``: rank 1 dies inside the ranks' read of checkpoint 1; rank 0 says a peer was lost and that the
+    checkpoint is not known to be damaged (it said "could not be read ... valid: an intact checkpoint", which invites
+    deleting a good one)."""
     import subprocess
     import sys
 
@@ -246,15 +248,21 @@ def test_a_peer_lost_during_a_checkpoint_write_says_so_and_names_the_checkpoint_
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     try:
         out, err = procs[0].communicate(timeout=150)
-        procs[1].communicate(timeout=30)
+        out1, _ = procs[1].communicate(timeout=30)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    assert procs[0].returncode == 0 and procs[1].returncode == 9, (procs[0].returncode, err[-3000:])
+    assert procs[0].returncode == 0 and procs[1].returncode == 9, (procs[0].returncode, procs[1].returncode, out1, err[-3000:])
     report = json.loads(out.strip().splitlines()[-1])
     msg = report["error"]
     assert report["type"] == "CheckpointPeerLost" and "\n" not in msg, report  # a ConfigError: one line
+    if mode == "load":
+        assert f"checkpoint {root / 'step_000001'} was not read: a peer rank was lost" in msg, msg
+        assert "not known to be damaged" in msg and "intact" not in msg, msg
+        assert latest_checkpoint(root).name == "step_000001"
+        verify_manifest(root / "step_000001")  # untouched
+        return
     assert "a peer rank was lost or a collective of the checkpoint writer timed out" in msg, msg
     assert f"resume from the previous checkpoint {root / 'step_000001'}" in msg, msg
     assert "writable" not in msg, msg

@@ -184,10 +184,11 @@ LORA_RUN = "lora_ep_run"  # under argv[2]: the adapter-only ep2 checkpoint as a 
 
 
 def lora_moe_cfg():
-    """The MoE model of the LoRA rows (vocab of parity_lib's batches; capacity dropping on)."""
+    """The MoE model of the LoRA rows (vocab of parity_lib's batches): Mixtral's routing (top-2 renormalised, no
+    capacity dropping, which the rows above cover), so its checkpoint exports to transformers."""
     return load_model_config({"name": "tiny-moe-lora", "arch": "llama", "vocab_size": 256, "d_model": 32,
                               "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 64, "moe_ffn_hidden": 48,
-                              "n_experts": 4, "top_k": 2, "capacity_factor": 1.25, "max_seq_len": 64,
+                              "n_experts": 4, "top_k": 2, "capacity_factor": None, "max_seq_len": 64,
                               "aux_loss_coef": 0.1, "z_loss_coef": 0.01})
 
 

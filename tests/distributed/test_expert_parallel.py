@@ -169,8 +169,7 @@ def model_cfg():
 def test_lora_ep_checkpoint_exports_for_transformers_and_peft(launch, tmp_path):
     """``export --hf`` (merged) and ``--peft`` of the ep2 adapter-only checkpoint (a Mixtral-style MoE: the export
     rebuilds the base from the seed): transformers' Mixtral on the merged files, and PEFT's adapter over the plain
-    base, give the logits of the adapted one-process model loaded from the same checkpoint (routing without capacity
-    dropping, as transformers routes); the adapter holds q/k/v/o only, none on experts or router."""
+    base, give the logits of the adapted one-process model loaded from the same checkpoint; the adapter holds q/k/v/o only, none on experts or router."""
     import json
 
     import torch
@@ -196,10 +195,14 @@ def test_lora_ep_checkpoint_exports_for_transformers_and_peft(launch, tmp_path):
     keys = load_file(str(pf / "adapter_model.safetensors"))
     assert len(keys) == 2 * 4 * 2 and all(".self_attn." in k for k in keys), sorted(keys)
     assert all(v.abs().max() > 0 for v in keys.values())
-    model, _ = _lora_model()
-    load_runtime(run / "ckpt" / "step_000002", LocalRuntime(model), None)
-    for block in moe_layers(model).values():
-        block.capacity_factor = None
+    from meshwright.config import LoraConfig, TrainConfig
+    from meshwright.train.lora_base import AdapterScope
+
+    model, lora = _lora_model()
+    rt = LocalRuntime(model)
+    scope = AdapterScope.for_run(TrainConfig(seed=SEED, lora=LoraConfig(**lora)), model_cfg(), rt.init)
+    load_runtime(run / "ckpt" / "step_000002", rt, None, adapters=scope)
+    assert all(block.capacity_factor is None for block in moe_layers(model).values())  # as transformers routes
     cfg = model_cfg()
     base_dir = tmp_path / "base"
     save_hf(build_model(cfg, seed=SEED), cfg, base_dir)

@@ -340,12 +340,30 @@ def test_lora_with_attention_targets_runs_expert_parallel_plans(tmp_path, monkey
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(ConfigError, match=r"^plan=.*launch it with torchrun"):
         build_runtime(cfg)
+    mlp = _lora_plan_cfg("tiny-moe-ep2.yaml", tmp_path, model="tiny-moe", lora={"targets": ["wq", "w2", "w3"]})
     with pytest.raises(ConfigError) as exc:
-        build_runtime(_lora_plan_cfg("tiny-moe-ep2.yaml", tmp_path, model="tiny-moe",
-                                     lora={"targets": ["wq", "w2", "w3"]}))
+        check_lora_layout(mlp, __import__("meshwright.plan", fromlist=["load_plan"]).load_plan(cfg.plan))
     msg = str(exc.value)
     assert msg.startswith("lora.targets=['wq', 'w2', 'w3'] is invalid; valid: attention targets only") and "\n" not in msg
     assert "layers[0].ep=2" in msg and "w2, w3" in msg
+    # tiny-moe's blocks are all MoE: there w2 names only experts, which carry no adapters in any layout (said before
+    # anything is built, by the memory check's count of the adapters)
+    with pytest.raises(ConfigError, match=r"^lora.targets\[1\]='w2' is invalid; valid: a module with adapters: .*"
+                                          r"experts' stacked weights"):
+        build_runtime(mlp)
+
+
+def test_expert_only_targets_are_refused_in_one_process_and_dense_blocks_adapt():
+    """w1/w2/w3 on a model whose blocks are all MoE used to train nothing without a word; on dense blocks between MoE
+    blocks they are linears and adapt (the experts beside them get none)."""
+    moe = load_model_config("tiny-moe")
+    with pytest.raises(ConfigError, match=r"^lora.targets\[1\]='w1' is invalid") as exc:
+        apply_lora_config(build_model(moe, device="meta"), LoraConfig(targets=["wq", "w1"]), 0)
+    assert "\n" not in str(exc.value)
+    mixed = load_model_config({**moe.__dict__, "moe_every": 2})
+    adapted = apply_lora_config(build_model(mixed, device="meta"), LoraConfig(targets=["wq", "w1"]), 0)
+    assert sorted(n for n in adapted if n.endswith("w1")) == [f"layers.{i}.feed_forward.w1" for i in range(4)
+                                                              if not mixed.is_moe_layer(i)]
 
 
 def test_planner_searches_ep_with_attention_lora_and_counts_adapters_per_rank():

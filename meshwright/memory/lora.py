@@ -168,12 +168,13 @@ def _check_expert_targets(model: nn.Module, targets: Sequence[str], adapted: lis
     """One line where a target names only MoE experts' weights here (w1/w2/w3 of a model whose blocks are all MoE):
     stacked expert weights are not linears and carry no adapters, so the target would train nothing (it used to be
     dropped without a word). On dense blocks between MoE blocks the same names are linears and adapt."""
+    from meshwright.memory.lora_cost import EXPERT_TARGETS
     from meshwright.models.moe import moe_layers
 
     if not moe_layers(model):
         return
     for i, t in enumerate(targets):
-        if t in ("w1", "w2", "w3") and not any(n.rsplit(".", 1)[-1] == t for n in adapted):
+        if t in EXPERT_TARGETS and not any(n.rsplit(".", 1)[-1] == t for n in adapted):
             raise invalid(f"lora.targets[{i}]", t, "a module with adapters: on this model's MoE blocks w1/w2/w3 are "
                           "the experts' stacked weights, which carry none (target the attention: wq, wk, wv, wo)")
 

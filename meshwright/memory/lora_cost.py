@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 
 # targets that name an MoE block's experts (w1/w2/w3): its stacked expert weights carry no adapters (the block's MLP
-# gets none in one process); under expert parallelism they are refused (train/build.py ``check_lora_layout``)
+# gets none; one that adapts nothing anywhere is refused: memory/lora.py), and under expert parallelism they are
+# refused (train/build.py ``check_lora_layout``)
 EXPERT_TARGETS = ("w1", "w2", "w3")
 
 

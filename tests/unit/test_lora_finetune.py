@@ -382,7 +382,8 @@ def test_planner_searches_ep_with_attention_lora_and_counts_adapters_per_rank():
     attn = LoraConfig(rank=16)
     lhw, cons = lora_search_terms(model, attn, hw, Constraints())
     assert cons.ep is None  # searched
-    assert lora_search_terms(model, LoraConfig(rank=16, targets=["wq", "w1"]), hw, Constraints())[1].ep == 1
+    mixed = load_model_config({**model.__dict__, "moe_every": 2})  # dense blocks between: their w1 adapt
+    assert lora_search_terms(mixed, LoraConfig(rank=16, targets=["wq", "w1"]), hw, Constraints())[1].ep == 1
     adapters = lora_step(model, attn).adapter[0]
     assert adapters == 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024))  # r * (in + out) of q, o and of k, v (GQA)
     costs = {ep: cm.layer_costs(model, 0, LayerStrategy(dp=8, ep=ep), 1, 4096, lhw) for ep in (1, 8)}

@@ -157,10 +157,26 @@ def apply_lora_config(model: nn.Module, cfg: "LoraConfig", seed: int) -> list[st
     """The trainer's ``lora:`` section on a built (or meta) model: adapters keyed by ``seed``, base frozen, the
     ``modules_to_save`` trained in full beside them. Returns the adapted module names."""
     adapted = apply_lora(model, cfg.rank, cfg.targets, cfg.alpha, dropout=cfg.dropout, seed=seed)
+    _check_expert_targets(model, cfg.targets, adapted)
     for name in cfg.modules_to_save:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
     return adapted
+
+
+def _check_expert_targets(model: nn.Module, targets: Sequence[str], adapted: list[str]) -> None:
+    """One line where a target names only MoE experts' weights here (w1/w2/w3 of a model whose blocks are all MoE):
+    stacked expert weights are not linears and carry no adapters, so the target would train nothing (it used to be
+    dropped without a word). On dense blocks between MoE blocks the same names are linears and adapt."""
+    from meshwright.memory.lora_cost import EXPERT_TARGETS
+    from meshwright.models.moe import moe_layers
+
+    if not moe_layers(model):
+        return
+    for i, t in enumerate(targets):
+        if t in EXPERT_TARGETS and not any(n.rsplit(".", 1)[-1] == t for n in adapted):
+            raise invalid(f"lora.targets[{i}]", t, "a module with adapters: on this model's MoE blocks w1/w2/w3 are "
+                          "the experts' stacked weights, which carry none (target the attention: wq, wk, wv, wo)")
 
 
 def lora_state_bytes(model_cfg: "ModelConfig", cfg: "LoraConfig") -> dict[str, int]:

@@ -22,6 +22,12 @@ if TYPE_CHECKING:
     from meshwright.config import LoraConfig, ModelConfig
 
 
+# targets that name an MoE block's experts (w1/w2/w3): its stacked expert weights carry no adapters (the block's MLP
+# gets none; one that adapts nothing anywhere is refused: memory/lora.py), and under expert parallelism they are
+# refused (train/build.py ``check_lora_layout``)
+EXPERT_TARGETS = ("w1", "w2", "w3")
+
+
 @dataclass(frozen=True)
 class LoraStep:
     """Per block (``n_layers`` entries): ``adapter`` A + B parameters; ``no_wgrad`` frozen parameters on the activated

@@ -122,9 +122,11 @@ class ExpertParallelExperts(nn.Module):
         lo, hi = self.ep_rank * self.n_local, (self.ep_rank + 1) * self.n_local
         self.first_expert = lo
         self.std, self.out_std = experts.std, experts.out_std
-        self.w1 = nn.Parameter(experts.w1.detach()[lo:hi].clone())
-        self.w3 = nn.Parameter(experts.w3.detach()[lo:hi].clone())
-        self.w2 = nn.Parameter(experts.w2.detach()[lo:hi].clone())
+        # the shards keep the full weights' requires_grad: under LoRA the experts stay frozen (no grads, no
+        # optimizer state), as the one-process model leaves them
+        self.w1 = nn.Parameter(experts.w1.detach()[lo:hi].clone(), requires_grad=experts.w1.requires_grad)
+        self.w3 = nn.Parameter(experts.w3.detach()[lo:hi].clone(), requires_grad=experts.w3.requires_grad)
+        self.w2 = nn.Parameter(experts.w2.detach()[lo:hi].clone(), requires_grad=experts.w2.requires_grad)
         self.meter = meter if meter is not None else A2AMeter()
         self.mlp = ExpertMLP()  # the local experts' math: compiled under compile: true, the all-to-alls stay eager
         for p in (self.w1, self.w3, self.w2):
@@ -210,7 +212,7 @@ def reduce_expert_grads(model: nn.Module, edp_group: Any, dp_size: int) -> None:
     """Sum expert grads over the edp group and divide by dp: the mean of the dp ranks' losses."""
     group = _group(edp_group) if edp_group is not None else None
     for p in model.parameters():
-        if not is_expert_param(p):
+        if not is_expert_param(p) or not p.requires_grad:  # frozen experts (LoRA) have no gradient to reduce
             continue
         if p.grad is None:  # no token reached these experts on this rank: its gradient is zero
             p.grad = torch.zeros_like(p)

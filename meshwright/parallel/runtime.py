@@ -190,7 +190,9 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         same seed. ``loss_chunk_tokens`` > 0: the last stage's head + loss per chunk of tokens (no full logits).
         ``lora``: a ``LoraConfig``: adapters on the plain (meta) model before the layout, base frozen, drawn after the
         base as the one-process model draws them; under dp, DTensor tp (+sp; parallel/tensor_parallel.py shards A and
-        B) and pp (each stage holds its layers' adapters), not megatron-core tp or ep (train/build.py ``check_lora_layout``).
+        B), pp (each stage holds its layers' adapters) and ep (attention adapters replicated over the ep group like the
+        attention, reduced over dp; the experts and router frozen), not megatron-core tp (train/build.py
+        ``check_lora_layout``).
         ``grow_positions``: init_from's GPT-2 ``wpe`` shorter than max_seq_len grows by that rule (models/positions.py)."""
         cfg = load_model_config(model_cfg)
         if lora is not None and tp_backend == "megatron" and any(s.tp > 1 for s in plan.layer_strategies()):
@@ -333,8 +335,9 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
                     if is_expert_param(p):
                         self._megatron_state[f"layers.{name}.{pname}"] = (0, s.tp, mesh)
                         self._state_shards[p] = (0, mesh)
-                # backward through the all-to-all already summed the ep peers' contributions
-                self._manual.append((experts, g.edp, 1.0 / m.max_dp))
+                # backward through the all-to-all already summed the ep peers' contributions (frozen experts under
+                # LoRA: nothing to reduce)
+                self._manual.append(([p for p in experts if p.requires_grad], g.edp, 1.0 / m.max_dp))
             apply_recompute(block, s.recompute)
             if self.compile_backend is not None:  # MoE blocks (routing, all-to-alls) and megatron tp>1 (its
                 # linears) in parts, the rest whole
@@ -388,7 +391,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
 
     def _finish_grads(self) -> None:
         for p in self._expert_params:  # no token reached this rank's experts: zero, so buckets match
-            if p.grad is None:
+            if p.grad is None and p.requires_grad:  # (frozen experts under LoRA have none anywhere)
                 p.grad = torch.zeros_like(p)
         for params, group, scale in self._manual:
             all_reduce_grads(params, group, scale)

@@ -18,6 +18,7 @@ from meshwright.errors import invalid
 from meshwright.launcher.planner.auto import auto_plan
 from meshwright.launcher.profiling.auto import auto_profiles, describe
 from meshwright.memory.lora import apply_lora_config, lora_state_bytes
+from meshwright.memory.lora_cost import EXPERT_TARGETS
 from meshwright.memory.meft import MeftConfig, make_reversible
 from meshwright.models import build_model, from_pretrained
 from meshwright.models.capped_flex import capped_path_note
@@ -201,8 +202,11 @@ def check_lora_layout(cfg: TrainConfig, plan: Plan) -> None:
     """What the distributed runtime runs with ``lora:``, each tested for parity with one process (eager; compile is
     tested in one process): data parallelism (DDP, FSDP2 at ZeRO-2/3, ZeRO-1) of the torch backend, DTensor tensor
     parallelism (+sp; A and B sharded as PEFT/Megatron do, parallel/tensor_parallel.py) and pipeline stages, alone
-    or with dp. Refused in one line: megatron-core's parallel linears (they replace the adapted nn.Linear and would
-    drop its adapters), expert parallelism, and FP8 GEMMs (they replace the adapted linears' matmuls)."""
+    or with dp, and expert parallelism with attention targets (adapters replicated over the ep group like the attention
+    they sit on, reduced over dp; experts and router frozen). Refused in one line: megatron-core's parallel linears
+    (they replace the adapted nn.Linear and would drop its adapters), MLP targets (w1/w2/w3) under ep (the experts'
+    stacked weights carry no adapters: ``EXPERT_TARGETS``), and FP8 GEMMs (they replace the adapted linears'
+    matmuls)."""
     strategies = plan.layer_strategies()
     if cfg.compile:
         raise invalid("compile", True, "false with lora under the distributed runtime (compiled LoRA blocks are tested "
@@ -212,9 +216,12 @@ def check_lora_layout(cfg: TrainConfig, plan: Plan) -> None:
     if cfg.tp_backend != "dtensor" and any(s.tp > 1 for s in strategies):
         raise invalid("tp_backend", cfg.tp_backend, "dtensor with lora and tp > 1 (megatron-core's parallel linears "
                       "replace the adapted nn.Linear and carry no adapters)")
+    expert_targets = [t for t in cfg.lora.targets if t in EXPERT_TARGETS] if cfg.lora is not None else []
     for i, s in enumerate(strategies):
-        if s.ep > 1:
-            raise invalid(f"layers[{i}].ep", s.ep, "1 with lora (use dp or tp instead)")
+        if s.ep > 1 and expert_targets:
+            raise invalid("lora.targets", cfg.lora.targets, f"attention targets only (wq, wk, wv, wo) with "
+                          f"layers[{i}].ep={s.ep}: adapters on the experts' {', '.join(expert_targets)} are not "
+                          f"supported (or set ep to 1)")
         if s.savers.fp8_act:
             raise invalid(f"layers[{i}].savers.fp8_act", s.savers.fp8_act, "false with lora (FP8 GEMMs replace the "
                           "adapted linears' matmuls)")

@@ -10,6 +10,14 @@ per-shard losses, so the reference is mean_r(lm_loss(shard_r) + aux_loss(shard_r
 
 Each case runs no-drop and capacity-dropping routing (top-2 and top-1). Written to ``argv[1]`` as JSON:
 max loss / grad errors, routing equality, all-to-all bytes measured vs the cost-model formula.
+
+LoRA under ep, through the trainer's ``DistributedRuntime`` (``lora_*`` rows): attention adapters (q/k/v/o; the head
+trained in full in ``lora_ep2_dp4``) on a frozen MoE base, against ``dp`` copies of the one-process LoRA model each on
+its data shard (the exact objective of data parallelism, aux loss included): loss over 2 AdamW steps, the first
+step's gradients and the grad norm within RTOL (1e-5 relative), only the adapters (and head) with gradients and
+optimizer state, the experts still sharded and frozen. ``lora_ckpt_ep2_to_ep4`` saves an adapter-only checkpoint
+(``lora.checkpoint: adapters``) after 2 steps under ep2 and resumes it under ep4 for steps 3-4; the checkpoint is
+kept in ``argv[2]`` as a run directory for test_expert_parallel.py to resume in one process and export.
 """
 
 from __future__ import annotations
@@ -167,6 +175,224 @@ def run_pp_case(cfg, mesh, groups, seed: int) -> dict:
             "n_expert_params": n_expert, "a2a_calls": meter.calls, "a2a_bytes": meter.bytes_total}
 
 
+# ---- LoRA under ep, through the runtime ---------------------------------------------------------------------
+
+LORA = {"rank": 4, "alpha": 8.0, "targets": ["wq", "wk", "wv", "wo"]}
+LORA_HEAD = {**LORA, "modules_to_save": ["output"]}
+LORA_STEPS = 2
+LORA_RUN = "lora_ep_run"  # under argv[2]: the adapter-only ep2 checkpoint as a run directory (export, one process)
+
+
+def lora_moe_cfg():
+    """The MoE model of the LoRA rows (vocab of parity_lib's batches): Mixtral's routing (top-2 renormalised, no
+    capacity dropping, which the rows above cover), so its checkpoint exports to transformers."""
+    return load_model_config({"name": "tiny-moe-lora", "arch": "llama", "vocab_size": 256, "d_model": 32,
+                              "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 64, "moe_ffn_hidden": 48,
+                              "n_experts": 4, "top_k": 2, "capacity_factor": None, "max_seq_len": 64,
+                              "aux_loss_coef": 0.1, "z_loss_coef": 0.01})
+
+
+def lora_plan(layers: list[dict], pipeline: dict | None = None) -> dict:
+    from parity_lib import plan
+
+    return {**plan(layers, pipeline=pipeline), "model": "tiny-moe-lora"}
+
+
+LORA_CASES = {
+    "lora_ep2_dp4": (lora_plan([{"dp": 4, "ep": 2, "repeat": 2}]), LORA_HEAD),
+    "lora_ep4_dp4": (lora_plan([{"dp": 4, "ep": 4, "repeat": 2}]), LORA),
+    "lora_ep2_tp2": (lora_plan([{"tp": 2, "dp": 2, "ep": 2, "repeat": 2}]), LORA),
+    "lora_ep2_pp2": (lora_plan([{"dp": 2, "ep": 2, "repeat": 2}],
+                               pipeline={"degree": 2, "schedule": "1f1b", "microbatches": 2}), LORA),
+}
+
+
+def lora_model(lora: dict):
+    """The one-process LoRA model of the LoRA rows: the base drawn from SEED, adapters keyed by SEED."""
+    from parity_lib import SEED
+
+    from meshwright.config import LoraConfig
+    from meshwright.memory.lora import apply_lora_config
+
+    model = build_model(lora_moe_cfg(), seed=SEED)
+    apply_lora_config(model, LoraConfig(**lora), SEED)
+    return model
+
+
+def lora_reference(lora: dict, dp: int, steps: int = LORA_STEPS) -> list[dict]:
+    """``dp`` copies of the one-process LoRA model, copy r on data shard r, (LM + aux) / (micro-batches x dp) per
+    micro-batch; per step the logged LM loss, the summed trainable gradients, the grad norm; AdamW on the trainable
+    parameters only (the runtime's groups)."""
+    from parity_lib import MAX_NORM, make_opt, shard
+
+    copies = [lora_model(lora) for _ in range(dp)]
+    m0 = copies[0]
+    trainable = [(n, q) for n, q in m0.named_parameters() if q.requires_grad]
+    opt = make_opt([{"params": [q for _, q in trainable if q.dim() >= 2]},
+                    {"params": [q for _, q in trainable if q.dim() < 2], "weight_decay": 0.0}])
+    out = []
+    for step in range(steps):
+        lm_total = 0.0
+        for r, model in enumerate(copies):
+            micro = shard(step, r, dp)
+            for x, y in micro:
+                loss = lm_loss(model(x), y)
+                ((loss + model.aux_loss()) / (len(micro) * dp)).backward()
+                lm_total += float(loss.detach()) / (len(micro) * dp)
+        frozen_grads = [n for c in copies for n, q in c.named_parameters() if not q.requires_grad and q.grad is not None]
+        assert not frozen_grads, f"the one-process reference gave frozen parameters gradients: {frozen_grads[:3]}"
+        grads = {}
+        for n, q in trainable:
+            grads[n] = sum(dict(c.named_parameters())[n].grad for c in copies)
+            q.grad = grads[n].clone()
+        for c in copies[1:]:
+            c.zero_grad(set_to_none=True)
+        norm = float(torch.nn.utils.clip_grad_norm_([q for _, q in trainable], MAX_NORM))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for c in copies[1:]:
+                for a, b in zip(c.parameters(), m0.parameters()):
+                    a.copy_(b)
+        out.append({"loss": lm_total, "grads": {k: v.detach().clone() for k, v in grads.items()}, "norm": norm})
+    return out
+
+
+def lora_runtime(pd: dict, lora: dict, seed: int | None = None):
+    from parity_lib import SEED
+
+    from meshwright.config import LoraConfig
+    from meshwright.parallel.runtime import DistributedRuntime
+    from meshwright.plan import plan_from_dict
+
+    return DistributedRuntime(lora_moe_cfg(), plan_from_dict(pd), seed=SEED if seed is None else seed,
+                              lora=LoraConfig(**lora))
+
+
+def lora_steps(rt, opt, ref: list[dict], start: int, steps: int, grads: bool) -> dict:
+    """``steps`` steps of ``rt`` from ``start``: worst relative loss / first-step gradient / grad norm error vs ``ref``
+    (indexed from ``start``), and the names of the parameters that had a gradient."""
+    import math
+
+    from parity_lib import MAX_NORM, full_grads, rel, shard
+
+    worst = {"loss": 0.0, "grad": 0.0, "norm": 0.0}
+    worst_name, names = "", []
+    for k in range(steps):
+        loss = rt.forward_backward(shard(start + k, rt.dp_rank, rt.dp_size))
+        worst["loss"] = max(worst["loss"], rel(loss, ref[start + k]["loss"]))
+        if grads and k == 0:
+            got = full_grads(rt)
+            names = sorted(got)
+            for n, g in got.items():
+                e = rel(g, ref[start]["grads"][n]) if n in ref[start]["grads"] else math.inf
+                if e > worst["grad"]:
+                    worst["grad"], worst_name = e, n
+        worst["norm"] = max(worst["norm"], rel(rt.clip_grad_norm_(MAX_NORM), ref[start + k]["norm"]))
+        rt.optimizer_step(opt)
+    return {**worst, "worst_grad_param": worst_name, "grad_names": names,
+            "ok": all(v <= 1e-5 and math.isfinite(v) for v in worst.values())}
+
+
+def run_lora_case(name: str, pd: dict, lora: dict) -> dict:
+    from parity_lib import make_opt
+
+    from meshwright.parallel.data_parallel import sharded_state_bytes
+    from meshwright.plan import plan_from_dict
+
+    p = plan_from_dict(pd)
+    dp = max(s.dp for s in p.layer_strategies())
+    ref = lora_reference(lora, dp)
+    rt = lora_runtime(pd, lora)
+    opt = rt.build_optimizer(make_opt)
+    res = lora_steps(rt, opt, ref, 0, LORA_STEPS, grads=True)
+    mine = dict(rt.model.named_parameters())
+    trainable = {n for n, q in mine.items() if q.requires_grad}
+    experts = [(n, q) for n, q in mine.items() if is_expert_param(q)]
+    # gradients on exactly this rank's trainable parameters (adapters, the head), which are the reference's
+    res["grads_ok"] = set(res["grad_names"]) == trainable == {n for n in ref[0]["grads"] if n in mine}
+    res["adapters"] = sum(n.endswith(("lora_A", "lora_B")) for n in trainable)
+    # the experts: sharded over ep, frozen, no gradient, no optimizer state
+    res["n_expert_shards"] = len(experts)
+    res["experts_frozen"] = bool(experts) and all(not q.requires_grad and q.grad is None for _, q in experts)
+    res["experts_sharded"] = all(q.shape[0] == 4 // s.ep for (n, q), s in
+                                 ((e, p.layer_strategies()[int(e[0].split(".")[1])]) for e in experts))
+    held = {id(q) for g in opt.param_groups for q in g["params"]}
+    res["opt_params_ok"] = held == {id(q) for q in mine.values() if q.requires_grad}
+    local = sum(q.to_local().numel() if hasattr(q, "to_local") else q.numel() for q in mine.values() if q.requires_grad)
+    res["opt_state_bytes"], res["opt_state_expected"] = sharded_state_bytes(opt), 8 * local
+    res["a2a_bytes"] = rt.a2a_meter.bytes_total
+    res["ok"] = (res["ok"] and res["grads_ok"] and res["adapters"] > 0 and res["experts_frozen"]
+                 and res["experts_sharded"] and res["opt_params_ok"] and res["a2a_bytes"] > 0
+                 and res["opt_state_bytes"] == res["opt_state_expected"])
+    rt.close()
+    return {"case": name, "rank": dist.get_rank(), **res}
+
+
+def run_lora_ckpt(run_dir: str) -> dict:
+    """Adapter-only checkpoint under ep2 (dp4) after 2 steps, resumed under ep4 (dp4) for steps 3-4; kept in
+    ``run_dir`` (config.yaml, model.yaml, ckpt/step_000002) for the one-process resume and the exports."""
+    from pathlib import Path
+
+    from parity_lib import SEED, make_opt
+
+    from meshwright.config import LoraConfig, TrainConfig
+    from meshwright.config.io import from_dict, to_dict, write_yaml
+    from meshwright.train.checkpoint import load_runtime, save_runtime
+    from meshwright.train.checkpoint_io import read_metadata_file
+    from meshwright.train.lora_base import AdapterScope
+
+    lora = LORA
+    cfg = lora_moe_cfg()
+    ref = lora_reference(lora, 4, steps=4)
+    if dist.get_rank() == 0:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        write_yaml(from_dict(TrainConfig, {"model": to_dict(cfg), "seq_len": 16, "seed": SEED, "lora": lora}),
+                   Path(run_dir) / "config.yaml")
+        write_yaml(cfg, Path(run_dir) / "model.yaml")
+    path = f"{run_dir}/ckpt/step_000002"
+    rt = lora_runtime(LORA_CASES["lora_ep2_dp4"][0], lora)
+    scope = AdapterScope.for_run(TrainConfig(seed=SEED, lora=LoraConfig(**lora)), cfg, rt.init, rt.device.type)
+    opt = rt.build_optimizer(make_opt)
+    save = lora_steps(rt, opt, ref, 0, 2, grads=False)
+    save_runtime(path, rt, opt, meta={"step": 2}, adapters=scope)
+    rt.close()
+    rt2 = lora_runtime(LORA_CASES["lora_ep4_dp4"][0], lora)
+    opt2 = rt2.build_optimizer(make_opt)
+    meta = load_runtime(path, rt2, opt2, adapters=scope)
+    resume = lora_steps(rt2, opt2, ref, 2, 2, grads=False)
+    rt2.close()
+    metadata = read_metadata_file(f"{path}/.metadata").state_dict_metadata
+    saved = sorted(k.split(".", 1)[1] for k in metadata if k.startswith("model."))
+    ok = (save["ok"] and resume["ok"] and meta.get("step") == 2 and bool(saved)
+          and all(k.endswith(("lora_A", "lora_B")) for k in saved))
+    return {"case": "lora_ckpt_ep2_to_ep4", "rank": dist.get_rank(), "ok": ok, "save": save, "resume": resume,
+            "saved_model_keys": saved, "ref_losses": [r["loss"] for r in ref]}
+
+
+def lora_rows(run_root: str | None) -> list[dict]:
+    """Every LoRA row on this rank (a failure becomes a row with its error, so the other rows still run)."""
+    import tempfile
+
+    from parity_lib import failure
+
+    rows = []
+    for name, (pd, lora) in LORA_CASES.items():
+        try:
+            rows.append(run_lora_case(name, pd, lora))
+        except Exception as e:
+            rows.append({"case": name, "rank": dist.get_rank(), **failure(f"case {name}", e)})
+        dist.barrier()
+    box = [f"{run_root or tempfile.mkdtemp()}/{LORA_RUN}" if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box)
+    try:
+        rows.append(run_lora_ckpt(box[0]))
+    except Exception as e:
+        rows.append({"case": "lora_ckpt_ep2_to_ep4", "rank": dist.get_rank(), **failure("lora ckpt", e)})
+    dist.barrier()
+    return rows
+
+
 def main() -> None:
     out = sys.argv[1]
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
@@ -202,6 +428,8 @@ def main() -> None:
     groups = ep_groups_from_mesh(mesh, "dp", 2)
     for k, c in variants[:2]:
         results.append(run_pp_case(_cfg(k, c), mesh, groups, seed=40))
+
+    results += lora_rows(sys.argv[2] if len(sys.argv) > 2 else None)
 
     gathered: list = [None] * world
     dist.all_gather_object(gathered, results)

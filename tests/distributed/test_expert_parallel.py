@@ -1,10 +1,13 @@
 """Expert parallelism reproduces the one-process MoE model: same routing, loss and gradients.
 
-One torchrun launch (4 ranks, gloo) runs every case in ``ep_parity.py``; this test checks its report.
+One torchrun launch (4 ranks, gloo) runs every case in ``ep_parity.py``; this test checks its report. The same launch
+runs LoRA under ep through the runtime (attention adapters, frozen experts and router) and keeps its adapter-only
+checkpoint, which the tests below resume in one process and export (``--hf`` merged, ``--peft`` read by PEFT).
 """
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -18,10 +21,16 @@ GRAD_TOL = 1e-6  # absolute, on gradients of magnitude ~0.05-0.09; observed <= 2
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ep") / "ep.json"
-    run_torchrun(SCRIPT, 4, [str(out)], timeout=300)
-    return read_json(out)
+def launch(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ep")
+    out = d / "ep.json"
+    run_torchrun(SCRIPT, 4, [str(out), str(d)], timeout=300)
+    return read_json(out), d
+
+
+@pytest.fixture(scope="module")
+def report(launch):
+    return launch[0]
 
 
 def _rows(report, case):
@@ -60,8 +69,8 @@ def test_all_to_all_bytes_match_formula(report):
     dispatch+combine); with no dropping that is exactly the cost model's formula per rank."""
     groups = defaultdict(list)
     for r in report:
-        if r["case"] == "ep2pp2":  # the pipeline's first step adds shape-inference forwards
-            continue
+        if r["case"] == "ep2pp2" or r["case"].startswith("lora"):  # the pipeline's first step adds shape-inference
+            continue  # forwards; the LoRA rows run the runtime (their a2a bytes are checked there)
         groups[(r["case"], r["top_k"], r["capacity_factor"])].append(r)
     for key, rows in groups.items():
         assert sum(r["a2a_bytes"] for r in rows) == sum(r["a2a_bytes_expected"] for r in rows), key
@@ -71,3 +80,138 @@ def test_all_to_all_bytes_match_formula(report):
             assert sum(r["a2a_bytes"] for r in rows) == len(rows) * rows[0]["a2a_formula_bytes"], key
         else:
             assert all(r["a2a_bytes_expected"] <= r["a2a_formula_bytes"] for r in rows), key
+
+
+# ---- LoRA under ep (ep_parity.py ``lora_*`` rows) ---------------------------------------------------------------
+
+LORA_CASES = ["lora_ep2_dp4", "lora_ep4_dp4", "lora_ep2_tp2", "lora_ep2_pp2"]
+
+
+@pytest.mark.timeout(330)
+@pytest.mark.parametrize("case", LORA_CASES)
+def test_lora_under_ep_matches_one_process(report, case):
+    """Loss (2 steps), first-step gradients and grad norm within 1e-5 relative of the one-process LoRA model; only the
+    adapters (and the head where trained) get gradients and AdamW state; experts stay sharded and frozen."""
+    rows = _rows(report, case)
+    assert len(rows) == 4
+    for r in rows:
+        assert "error" not in r, r.get("tb", r["error"])
+        tag = f"{case} rank{r['rank']}"
+        assert r["loss"] <= 1e-5 and r["grad"] <= 1e-5 and r["norm"] <= 1e-5, (tag, r)
+        assert r["grads_ok"] and r["opt_params_ok"], (tag, r["grad_names"])
+        assert r["experts_frozen"] and r["experts_sharded"] and r["n_expert_shards"] > 0, tag
+        assert r["opt_state_bytes"] == r["opt_state_expected"] > 0, tag
+        assert r["a2a_bytes"] > 0, tag
+        layers = 1 if case == "lora_ep2_pp2" else 2
+        assert r["adapters"] == 2 * 4 * layers, tag  # A and B of wq/wk/wv/wo in each of this rank's blocks
+        assert r["ok"], (tag, r)
+    if case == "lora_ep2_dp4":  # modules_to_save: the head trains in full beside the adapters
+        assert all("output.weight" in r["grad_names"] for r in rows)
+
+
+@pytest.mark.timeout(330)
+def test_lora_ep_adapter_checkpoint_resumes_under_ep4(report):
+    rows = _rows(report, "lora_ckpt_ep2_to_ep4")
+    for r in rows:
+        assert "error" not in r, r.get("tb", r["error"])
+        assert r["ok"], r
+    saved = rows[0]["saved_model_keys"]
+    assert len(saved) == 2 * 4 * 2 and all(k.endswith(("lora_A", "lora_B")) for k in saved), saved  # no expert, no base
+
+
+def _lora_model():
+    sys.path.insert(0, str(SCRIPT.parent))
+    from ep_parity import LORA, lora_model
+
+    return lora_model(LORA), LORA
+
+
+@pytest.mark.timeout(330)
+def test_lora_ep_checkpoint_resumes_in_one_process(launch):
+    """The ep2 adapter-only checkpoint loads into the one-process LoRA model (base redrawn from the seed, checked
+    against the checkpoint's reference) and continues the trajectory: steps 3-4 with the ranks' shards as
+    micro-batches (each routed on its own, as each rank routed its shard) within 1e-5 of the ep run's reference."""
+    import torch
+    from parity_lib import MAX_NORM, SEED, make_opt, rel, shard
+
+    from meshwright.config import LoraConfig, TrainConfig
+    from meshwright.train.checkpoint import load_runtime
+    from meshwright.train.local_runtime import LocalRuntime
+    from meshwright.train.lora_base import AdapterScope
+
+    report, d = launch
+    ref = _rows(report, "lora_ckpt_ep2_to_ep4")[0]["ref_losses"]
+    model, lora = _lora_model()
+    with torch.no_grad():  # other adapters than the run's: the checkpoint must overwrite them
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5)
+    rt = LocalRuntime(model)
+    opt = rt.build_optimizer(make_opt)
+    scope = AdapterScope.for_run(TrainConfig(seed=SEED, lora=LoraConfig(**lora)), model_cfg(), rt.init)
+    meta = load_runtime(d / "lora_ep_run" / "ckpt" / "step_000002", rt, opt, adapters=scope)
+    assert meta["step"] == 2
+    for step in (2, 3):
+        loss = rt.forward_backward([mb for r in range(4) for mb in shard(step, r, 4)])
+        rt.clip_grad_norm_(MAX_NORM)
+        rt.optimizer_step(opt)
+        assert rel(loss, ref[step]) <= 1e-5, (step, loss, ref[step])
+
+
+def model_cfg():
+    sys.path.insert(0, str(SCRIPT.parent))
+    from ep_parity import lora_moe_cfg
+
+    return lora_moe_cfg()
+
+
+@pytest.mark.timeout(330)
+def test_lora_ep_checkpoint_exports_for_transformers_and_peft(launch, tmp_path):
+    """``export --hf`` (merged) and ``--peft`` of the ep2 adapter-only checkpoint (a Mixtral-style MoE: the export
+    rebuilds the base from the seed): transformers' Mixtral on the merged files, and PEFT's adapter over the plain
+    base, give the logits of the adapted one-process model loaded from the same checkpoint; the adapter holds q/k/v/o only, none on experts or router."""
+    import json
+
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from parity_lib import SEED
+    from safetensors.torch import load_file
+
+    from meshwright.cli import main
+    from meshwright.models import build_model
+    from meshwright.models.hf_weights import save_hf
+    from meshwright.models.moe import moe_layers
+    from meshwright.train.checkpoint import load_runtime
+    from meshwright.train.local_runtime import LocalRuntime
+
+    _, d = launch
+    run = d / "lora_ep_run"
+    hf, pf = tmp_path / "hf", tmp_path / "peft"
+    assert main(["export", str(run / "ckpt" / "step_000002"), "--hf", str(hf), "--peft", str(pf)]) == 0
+    config = json.loads((pf / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"] and config["r"] == 4
+    keys = load_file(str(pf / "adapter_model.safetensors"))
+    assert len(keys) == 2 * 4 * 2 and all(".self_attn." in k for k in keys), sorted(keys)
+    assert all(v.abs().max() > 0 for v in keys.values())
+    from meshwright.config import LoraConfig, TrainConfig
+    from meshwright.train.lora_base import AdapterScope
+
+    model, lora = _lora_model()
+    rt = LocalRuntime(model)
+    scope = AdapterScope.for_run(TrainConfig(seed=SEED, lora=LoraConfig(**lora)), model_cfg(), rt.init)
+    load_runtime(run / "ckpt" / "step_000002", rt, None, adapters=scope)
+    assert all(block.capacity_factor is None for block in moe_layers(model).values())  # as transformers routes
+    cfg = model_cfg()
+    base_dir = tmp_path / "base"
+    save_hf(build_model(cfg, seed=SEED), cfg, base_dir)
+    x = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = model.eval()(x)
+        merged = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()(x).logits
+        base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        adapted = peft.PeftModel.from_pretrained(base, str(pf)).eval()(x).logits
+    assert type(base).__name__ == "MixtralForCausalLM"
+    torch.testing.assert_close(merged, ours, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(adapted, ours, atol=1e-4, rtol=1e-4)

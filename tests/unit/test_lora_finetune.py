@@ -303,7 +303,7 @@ def _lora_plan_cfg(plan: str, tmp_path, **over):
 
 @pytest.mark.parametrize("plan, over, field", [
     ("tiny-tp2.yaml", {"tp_backend": "megatron"}, "tp_backend='megatron'"),
-    ("tiny-moe-ep2.yaml", {"model": "tiny-moe"}, "layers[0].ep=2"),
+    ("tiny-moe-ep2.yaml", {"model": "tiny-moe", "lora": {"targets": ["wq", "w1"]}}, "lora.targets"),
     ("tiny-dp2.yaml", {"dp_backend": "deepspeed"}, "dp_backend='deepspeed'"),
     ("tiny-dp2.yaml", {"compile": True}, "compile=True")])
 def test_unsupported_distributed_layouts_are_refused_in_one_line(plan, over, field, tmp_path, monkeypatch):
@@ -328,6 +328,70 @@ def test_lora_runs_tensor_and_pipeline_parallel_plans(plan, tmp_path, monkeypatc
     with pytest.raises(ConfigError, match=r"^plan=.*launch it with torchrun") as exc:
         build_runtime(_lora_plan_cfg(plan, tmp_path, micro_batch=loaded.micro_batch))
     assert "lora" not in str(exc.value).replace(str(path), "")
+
+
+def test_lora_with_attention_targets_runs_expert_parallel_plans(tmp_path, monkeypatch):
+    """ep > 1 with q/k/v/o adapters passes check_lora_layout (parity: tests/distributed/ep_parity.py): without a process
+    group the refusal is the one asking for torchrun; MLP targets under ep are one line naming lora.targets and ep."""
+    cfg = _lora_plan_cfg("tiny-moe-ep2.yaml", tmp_path, model="tiny-moe")
+    check_lora_layout(cfg, __import__("meshwright.plan", fromlist=["load_plan"]).load_plan(cfg.plan))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(ConfigError, match=r"^plan=.*launch it with torchrun"):
+        build_runtime(cfg)
+    mlp = _lora_plan_cfg("tiny-moe-ep2.yaml", tmp_path, model="tiny-moe", lora={"targets": ["wq", "w2", "w3"]})
+    with pytest.raises(ConfigError) as exc:
+        check_lora_layout(mlp, __import__("meshwright.plan", fromlist=["load_plan"]).load_plan(cfg.plan))
+    msg = str(exc.value)
+    assert msg.startswith("lora.targets=['wq', 'w2', 'w3'] is invalid; valid: attention targets only") and "\n" not in msg
+    assert "layers[0].ep=2" in msg and "w2, w3" in msg
+    # tiny-moe's blocks are all MoE: there w2 names only experts, which carry no adapters in any layout (said before
+    # anything is built, by the memory check's count of the adapters)
+    with pytest.raises(ConfigError, match=r"^lora.targets\[1\]='w2' is invalid; valid: a module with adapters: .*"
+                                          r"experts' stacked weights"):
+        build_runtime(mlp)
+
+
+def test_expert_only_targets_are_refused_in_one_process_and_dense_blocks_adapt():
+    """w1/w2/w3 on a model whose blocks are all MoE used to train nothing without a word; on dense blocks between MoE
+    blocks they are linears and adapt (the experts beside them get none)."""
+    moe = load_model_config("tiny-moe")
+    with pytest.raises(ConfigError, match=r"^lora.targets\[1\]='w1' is invalid") as exc:
+        apply_lora_config(build_model(moe, device="meta"), LoraConfig(targets=["wq", "w1"]), 0)
+    assert "\n" not in str(exc.value)
+    mixed = load_model_config({**moe.__dict__, "moe_every": 2})
+    adapted = apply_lora_config(build_model(mixed, device="meta"), LoraConfig(targets=["wq", "w1"]), 0)
+    assert sorted(n for n in adapted if n.endswith("w1")) == [f"layers.{i}.feed_forward.w1" for i in range(4)
+                                                              if not mixed.is_moe_layer(i)]
+
+
+def test_planner_searches_ep_with_attention_lora_and_counts_adapters_per_rank():
+    """With attention adapters the search may pick ep (check_lora_layout accepts it); with w1/w2/w3 it keeps ep = 1.
+    Per rank, a MoE block's adapters are replicated over ep like the attention they sit on: Mixtral-8x7B r16 on q/k/v/o
+    has the same gradient and AdamW bytes per rank at ep 8 as at ep 1 (4 and 8 B per adapter parameter, ZeRO-0),
+    while the frozen experts' weights shrink 8x. (Before, the trainable share was taken of the ep-sharded block.)"""
+    from meshwright.launcher.planner import cost_model as cm
+    from meshwright.launcher.planner.auto import lora_search_terms
+    from meshwright.launcher.planner.search import Constraints
+    from meshwright.memory.lora_cost import lora_step
+    from meshwright.plan import LayerStrategy
+
+    model = load_model_config("mixtral-8x7b")
+    hw = cm.hardware_from_cluster(load_cluster("dgx-a100-80g"), stack="meshwright", dtype="fp32")
+    attn = LoraConfig(rank=16)
+    lhw, cons = lora_search_terms(model, attn, hw, Constraints())
+    assert cons.ep is None  # searched
+    mixed = load_model_config({**model.__dict__, "moe_every": 2})  # dense blocks between: their w1 adapt
+    assert lora_search_terms(mixed, LoraConfig(rank=16, targets=["wq", "w1"]), hw, Constraints())[1].ep == 1
+    adapters = lora_step(model, attn).adapter[0]
+    assert adapters == 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024))  # r * (in + out) of q, o and of k, v (GQA)
+    costs = {ep: cm.layer_costs(model, 0, LayerStrategy(dp=8, ep=ep), 1, 4096, lhw) for ep in (1, 8)}
+    for ep in (1, 8):
+        assert costs[ep]["grads_bytes"] == pytest.approx(4 * adapters), ep
+        assert costs[ep]["optimizer_bytes"] == pytest.approx(8 * adapters), ep
+    expert = model.n_experts * 3 * model.d_model * model.expert_ffn_dim
+    assert costs[1]["params_bytes"] - costs[8]["params_bytes"] == pytest.approx(4 * expert * (1 - 1 / 8))
 
 
 def test_planner_counts_lora_states_and_plans_only_layouts_lora_runs():

@@ -19,13 +19,16 @@ def lora_search_terms(cfg: ModelConfig, lora: Any, hw: cm.Hardware, constraints:
     block's adapters, the ends' modules_to_save; ``Hardware.trainable_fraction``, their share of all parameters, where
     no part is named), the step's time (``Hardware.lora``: no dW
     of the frozen base, the adapters' GEMMs, gradients reduced and stepped for the trainable parameters), and the layouts the LoRA runtime runs
-    (ep = 1; tp and pp are searched: train/build.py ``check_lora_layout``)."""
+    (tp, pp and ep are searched; ep = 1 where the targets name the MLP's w1/w2/w3, which the experts' stacked
+    weights cannot carry: train/build.py ``check_lora_layout``)."""
     from meshwright.memory.lora import lora_state_bytes
-    from meshwright.memory.lora_cost import lora_step
+    from meshwright.memory.lora_cost import EXPERT_TARGETS, lora_step
 
     state = lora_state_bytes(cfg, lora)
     hw = dataclasses.replace(hw, trainable_fraction=state["trainable"] / (state["weights"] / 4), lora=lora_step(cfg, lora))
-    return hw, dataclasses.replace(constraints, ep=1)
+    if any(t in EXPERT_TARGETS for t in lora.targets):
+        constraints = dataclasses.replace(constraints, ep=1)
+    return hw, constraints
 
 
 def auto_plan(model_cfg: Any, cluster: ClusterSpec | str | dict | int | None = None, world_size: Optional[int] = None,
@@ -79,7 +82,7 @@ def auto_plan(model_cfg: Any, cluster: ClusterSpec | str | dict | int | None = N
     hw = cm.hardware_from_cluster(spec, hardware_profile, memory_budget_gib, stack="meshwright", dtype=dtype,
                                   compile=compile_, loss_chunk_tokens=chunk)
     constraints = dataclasses.replace(constraints or Constraints(), runtime_compatible=True)
-    if lora is not None:  # the frozen base has no grads or optimizer state; LoRA runs dp, DTensor tp and pp, no ep,
+    if lora is not None:  # the frozen base has no grads or optimizer state; LoRA runs dp, DTensor tp, pp and ep,
         hw, constraints = lora_search_terms(cfg, lora, hw, constraints)  # without per-layer FP8 acts or WTA-CRS
         if tp_backend != "dtensor":  # megatron-core's parallel linears carry no adapters (check_lora_layout)
             constraints = dataclasses.replace(constraints, tp=1)

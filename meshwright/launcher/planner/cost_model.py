@@ -1592,7 +1592,9 @@ def _shard_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, states: str, h
         expert = cfg.n_experts * 3 * cfg.d_model * cfg.expert_ffn_dim
         dense = cfg.layer_params(index) - expert
         shard_params = dense / s.tp + expert / (s.tp * s.ep)
-        trained = shard_params * share if hw.lora is not None else None  # LoRA's adapters sit on the dense part
+        # LoRA's adapters sit on the dense part (attention): split by tp, replicated over ep like it (at ep = 1 the
+        # same floats as shard_params * share)
+        trained = (dense / s.tp + expert / s.tp) * share if hw.lora is not None else None
         dpc = s.dp * s.cp  # weights are replicated over cp ranks: gradients reduce over dp*cp
         dp_dense_mb, dp_dense_step = dp_comm_s(dense / s.tp, dpc, s.zero, s.tp, hw, trained)
         dp_exp_mb, dp_exp_step = dp_comm_s(expert / (s.tp * s.ep), dpc // s.ep, s.zero, s.tp * s.ep, hw,
@@ -1616,7 +1618,8 @@ def _shard_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, states: str, h
         states_b = model_state_bytes(shard_params + (trained or 0.0), group, s.zero, states, hw, trained)
         cast_mb, cast_step = fsdp_cast_s(shard_params, group, s.zero, hw)
     zero_dp = s.dp_shard or s.dp * s.cp
-    stepped = shard_params * share  # the optimizer steps and accumulates trainable parameters only (LoRA)
+    stepped = shard_params * share if trained is None else trained  # the optimizer steps and accumulates trainable
+    # parameters only (LoRA)
     accum_mb, accum_step = grad_accumulation_s(stepped, zero_dp, s.zero, hw)
     opt_step = (optimizer_step_s(stepped, zero_dp if not moe else s.dp * s.cp, s.zero, states, hw) + cast_step
                 + accum_step)

@@ -318,10 +318,19 @@ def test_unsupported_distributed_layouts_are_refused_in_one_line(plan, over, fie
 def test_lora_runs_tensor_and_pipeline_parallel_plans(plan, over, tmp_path, monkeypatch):
     """tp (+sp; DTensor or megatron-core), pp and their dp mixes pass check_lora_layout (parity:
     tests/distributed/parity_2rank.py and parity_4rank.py): without a process group the refusal is the one asking
-    for torchrun, not one about lora."""
+    for torchrun, not one about lora. The megatron-core case runs tiny-tp2 without sp (the megatron stack's rule,
+    checked here by the runtime's own check_runtime_support)."""
+    from pathlib import Path
+
+    from meshwright.parallel.support import check_runtime_support
     from meshwright.plan import load_plan
 
     path = _lora_plan_cfg(plan, tmp_path).plan
+    if over.get("tp_backend") == "megatron":
+        path = tmp_path / "megatron-tp2.yaml"
+        path.write_text(Path(_lora_plan_cfg(plan, tmp_path).plan).read_text().replace("sp: true", "sp: false"))
+        plan = str(path)
+        check_runtime_support(load_plan(path), load_model_config("tiny"), "megatron", "torch")
     loaded = load_plan(path)
     monkeypatch.setenv("WORLD_SIZE", str(loaded.world_size()))
     monkeypatch.setattr("meshwright.train.build._installed", lambda m: True)

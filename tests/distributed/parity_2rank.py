@@ -213,7 +213,8 @@ def megatron_lora_collectives(rt, pd: dict) -> dict:
     shared by base and adapter, but none for the first block's q/k/v input gradient (the frozen embedding needs none),
     plus the loss mean: each also issued by the same layout without LoRA (a sub-multiset of its all-reduces; its
     trainable-weight linears all-reduce the first block's input gradient although nothing uses it). The only
-    extra one is a single bucket, after backward, of the replicated A (column) / B (row) gradients' tp-partial sums."""
+    extra one is a single bucket, after backward, of the replicated A (column) / B (row) gradients' tp-partial sums
+    (after the dp buckets of the adapters' gradients, where dp > 1)."""
     def fwd_bwd(r) -> list[int]:
         finish, r._finish_grads = r._finish_grads, lambda: None
         try:
@@ -224,11 +225,13 @@ def megatron_lora_collectives(rt, pd: dict) -> dict:
     base = fwd_bwd(plain)
     plain.close()
     lora = fwd_bwd(rt)
+    dp_buckets = sum(1 for ps, _, _ in rt._manual if any(p.grad is not None for p in ps))  # under dp: the adapters'
     finish = all_reduce_sizes(rt._finish_grads)
     partial = sum(p.numel() for ps in rt._tp_partial.values() for p in ps)
     want = len(shard(0, rt.dp_rank, rt.dp_size)) * (7 * CFG.n_layers - 3) + 1
     subset = not Counter(lora) - Counter(base)
-    return {"ok": subset and len(lora) == want and finish == [partial], "want": want, "fwd_bwd": len(lora), "fwd_bwd_plain": len(base),
+    return {"ok": subset and len(lora) == want and finish[-1:] == [partial] and len(finish) == 1 + dp_buckets,
+            "want": want, "fwd_bwd": len(lora), "fwd_bwd_plain": len(base),
             "finish": finish, "partial_numel": partial}
 
 

@@ -3,8 +3,8 @@
 Two launches: 4 ranks (2-D/3-D layouts, a checkpoint written under dp2·tp2 and resumed under
 pp2·dp2) and 2 ranks (all 2-device layouts incl. DeepSpeed ZeRO-1/2/3, and the same checkpoint
 resumed under pp2; LoRA under DDP, FSDP2, DTensor tp2 (+sp) and pp2 -- on 4 ranks tp2 x dp2 and pp2 x dp2 -- with
-an adapter-only ZeRO-3 and a tp2 LoRA checkpoint resumed under DDP; LoRA under megatron-core tp2 with an adapter-only
-checkpoint resumed under DDP). The checkpoint is also resumed here in one process, and the tp2 LoRA checkpoints (DTensor
+an adapter-only ZeRO-3 and a tp2 LoRA checkpoint resumed under DDP; LoRA under megatron-core tp2 -- on 4 ranks tp2 x
+dp2 -- with an adapter-only checkpoint resumed under DDP). The checkpoint is also resumed here in one process, and the tp2 LoRA checkpoints (DTensor
 and megatron-core) resumed in one process and exported (--hf, --peft) beside the same run trained in one process. Tolerance: relative L2
 error <= 1e-5 for loss, full gradients (keyed by the plain model's names) and the global grad norm.
 """
@@ -23,7 +23,8 @@ sys.path.insert(0, str(HERE))
 
 FOUR_RANK = {"dp2_tp2_fsdp", "dp2_tp2_sp_zero0", "dp2_tp2_megatron", "pp2_tp2", "pp2_dp2",
              "pp2_layerwise_dp2_zero2_tp2", "ckpt_dp2tp2_to_pp2dp2",
-             "hsdp_dp4_shard2", "hsdp_dp2x_tp2_zero2", "hsdp_plan_per_layer", "lora_tp2_dp2_fsdp", "lora_pp2_dp2"}
+             "hsdp_dp4_shard2", "hsdp_dp2x_tp2_zero2", "hsdp_plan_per_layer", "lora_tp2_dp2_fsdp", "lora_pp2_dp2",
+             "lora_tp2_dp2_megatron"}
 TWO_RANK = {"dp2_ddp", "dp2_zero1", "dp2_zero2_fsdp", "dp2_zero3_fsdp", "tp2_dtensor", "tp2_megatron", "tp2_sp",
             "pp2_1f1b", "pp2_gpipe", "pp2_interleaved", "layerwise_tp_zero_mix", "recompute_full_dp2",
             "recompute_selective_tp2", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "ckpt_dp2tp2_to_pp2",

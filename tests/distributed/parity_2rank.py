@@ -180,7 +180,7 @@ def check_lora_case(name: str, pd: dict, lora: dict, ref: list[dict], steps: int
             # the frozen bases run megatron's frozen-weight matmul: no gradient, and they stay out of the optimizer
             res["frozen_bases"] = all(not p.requires_grad and p.grad is None for k, p in mine.items()
                                       if k.endswith(".weight") and ("attention.w" in k or "feed_forward.w" in k))
-            res["collectives"] = megatron_lora_collectives(rt, pd)
+            res["collectives"] = megatron_lora_collectives(rt, pd, cfg)
             res["ok"] = res["ok"] and res["frozen_bases"] and res["collectives"]["ok"]
         else:
             res["placements"] = {k: str(mine[f"layers.1.{k}"].placements[-1]) for k in LORA_TP_PLACEMENTS}
@@ -207,7 +207,7 @@ def all_reduce_sizes(fn) -> list[int]:
     return seen
 
 
-def megatron_lora_collectives(rt, pd: dict) -> dict:
+def megatron_lora_collectives(rt, pd: dict, cfg=CFG) -> dict:
     """The adapters ride on megatron's own reductions. Per micro-batch a LoRA step's forward + backward issues one
     all-reduce per row-parallel base (wo, w2) forward and one per column-parallel base (wq, wk, wv, w1, w3) backward,
     shared by base and adapter, but none for the first block's q/k/v input gradient (the frozen embedding needs none),
@@ -221,14 +221,17 @@ def megatron_lora_collectives(rt, pd: dict) -> dict:
             return all_reduce_sizes(lambda: r.forward_backward(shard(0, r.dp_rank, r.dp_size)))
         finally:
             del r._finish_grads  # the bound method again
-    plain = DistributedRuntime(CFG, plan_from_dict(pd), tp_backend="megatron", seed=SEED)
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    plain = DistributedRuntime(cfg, plan_from_dict(pd), tp_backend="megatron", seed=SEED)
     base = fwd_bwd(plain)
     plain.close()
     lora = fwd_bwd(rt)
     dp_buckets = sum(1 for ps, _, _ in rt._manual if any(p.grad is not None for p in ps))  # under dp: the adapters'
     finish = all_reduce_sizes(rt._finish_grads)
     partial = sum(p.numel() for ps in rt._tp_partial.values() for p in ps)
-    want = len(shard(0, rt.dp_rank, rt.dp_size)) * (7 * CFG.n_layers - 3) + 1
+    linears = sum(isinstance(m, (ColumnParallelLinear, RowParallelLinear)) for m in rt.model.modules())
+    want = len(shard(0, rt.dp_rank, rt.dp_size)) * (linears - 3) + 1
     subset = not Counter(lora) - Counter(base)
     return {"ok": subset and len(lora) == want and finish[-1:] == [partial] and len(finish) == 1 + dp_buckets,
             "want": want, "fwd_bwd": len(lora), "fwd_bwd_plain": len(base),

@@ -25,6 +25,7 @@ from meshwright.errors import invalid
 
 if TYPE_CHECKING:
     from meshwright.config import LoraConfig, ModelConfig
+    from meshwright.models.hf_weights import Box
 
 ADAPTER_NAMES = ("lora_A", "lora_B")
 
@@ -113,17 +114,22 @@ def apply_lora(model: nn.Module, rank: int, targets: Sequence[str] = ("wq", "wk"
 
 
 @torch.no_grad()
-def init_adapters(chunks: Iterable[nn.Module], seed: int) -> None:
+def init_adapters(chunks: Iterable[nn.Module], seed: int, boxes: "dict[str, Box] | None" = None) -> None:
     """Fill the adapters of materialised (``to_empty``) chunks: A keyed by (seed, module name) as the one-process
-    ``apply_lora(seed=seed)`` draws it, B zero. A DTensor (FSDP2) shard receives its own slice of the full A."""
+    ``apply_lora(seed=seed)`` draws it, B zero. A DTensor (FSDP2, DTensor tp) shard receives its own slice of the
+    full A, and so does a plain shard cut by hand whose (global shape, offset) is in ``boxes`` (megatron-core tp's
+    adapter layers, parallel/megatron_lora.py: any module with ``lora_A``/``lora_B`` parameters)."""
     from meshwright.parallel.meta_init import _copy_shard
 
+    boxes = boxes or {}
     for chunk in chunks:
         for name, module in chunk.named_modules():
-            if isinstance(module, LoRALinear):
-                rank, fan_in = module.lora_A.shape
-                _copy_shard(module.lora_A, adapter_a(name, rank, fan_in, seed).to(module.lora_A.device))
-                _copy_shard(module.lora_B, torch.zeros(module.lora_B.shape, device=module.lora_B.device))
+            if isinstance(getattr(module, "lora_A", None), nn.Parameter):
+                box_a, box_b = boxes.get(f"{name}.lora_A"), boxes.get(f"{name}.lora_B")
+                rank, fan_in = box_a[0] if box_a is not None else module.lora_A.shape
+                out = box_b[0][0] if box_b is not None else module.lora_B.shape[0]
+                _copy_shard(module.lora_A, adapter_a(name, rank, fan_in, seed).to(module.lora_A.device), box_a)
+                _copy_shard(module.lora_B, torch.zeros((out, rank), device=module.lora_B.device), box_b)
 
 
 @torch.no_grad()

@@ -6,7 +6,8 @@ meshes stay explicit. Weights are copied from the plain model's slices (or, on a
 ``parallel/meta_init.py`` to fill with those slices' values, and for ``init_from`` to read from the checkpoint),
 all placed by ``meta_init.shard_box``, so this backend gives the same numbers as the DTensor one. Parameters stay plain local shards; ``to_dtensor_state`` /
 ``load_dtensor_state`` expose them as DTensors so distributed checkpoints still reshard. Qwen3's q/k head norms stay
-whole on every rank, their gradients summed over the tp group (``tensor_parallel.share_head_norm_grads``).
+whole on every rank, their gradients summed over the tp group (``tensor_parallel.share_head_norm_grads``). LoRA-adapted
+linears get megatron layers that carry their adapters (``megatron_lora``).
 """
 
 from __future__ import annotations
@@ -54,8 +55,15 @@ def _noop_init(_: torch.Tensor) -> None:
 
 
 def apply_megatron_tp(block: nn.Module, tp_group: dist.ProcessGroup) -> dict[str, int]:
-    """Swap ``block``'s Linears for megatron-core parallel layers; returns {param name: shard dim}."""
+    """Swap ``block``'s Linears for megatron-core parallel layers; returns {param name: shard dim}. A LoRA-adapted
+    linear (``memory.lora.LoRALinear``) becomes a LoRA parallel layer (``megatron_lora``) with its adapters' shards;
+    every parameter keeps its ``requires_grad`` (a frozen base stays frozen: megatron then runs its frozen-weight
+    matmul, no weight gradient)."""
+    from meshwright.memory.lora import LoRALinear
+    from meshwright.parallel.megatron_lora import attach_adapters, lora_classes
+
     Column, Row = _classes()
+    LoraColumn, LoraRow = lora_classes(Column, Row)
     tp, r = dist.get_world_size(tp_group), dist.get_rank(tp_group)
     share_head_norm_grads(block, tp_group)
     shard_dims: dict[str, int] = {}
@@ -66,18 +74,24 @@ def apply_megatron_tp(block: nn.Module, tp_group: dist.ProcessGroup) -> dict[str
         if lin is None:
             continue
         column = path in _COLUMN
+        lora = isinstance(lin, LoRALinear)
         dev, dtype = lin.weight.device, lin.weight.dtype
         cfg = _config(tp, dtype)
         bias = lin.bias is not None
         # on meta (parallel/meta_init.py) the layers are built there too: no host copy of the shard, nothing to copy
         with torch.device("meta") if dev.type == "meta" else contextlib.nullcontext():
-            if column:
-                new = Column(lin.in_features, lin.out_features, config=cfg, init_method=_noop_init, bias=bias,
-                             gather_output=False, tp_group=tp_group)
+            if column:  # with LoRA the input-gradient all-reduce moves into LoraColumn.forward (one for both)
+                new = (LoraColumn if lora else Column)(lin.in_features, lin.out_features, config=cfg,
+                                                       init_method=_noop_init, bias=bias, gather_output=False,
+                                                       tp_group=tp_group, disable_grad_reduce=lora)
             else:
-                new = Row(lin.in_features, lin.out_features, config=cfg, init_method=_noop_init, bias=bias,
-                          input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
+                new = (LoraRow if lora else Row)(lin.in_features, lin.out_features, config=cfg, init_method=_noop_init,
+                                                 bias=bias, input_is_parallel=True, skip_bias_add=False,
+                                                 tp_group=tp_group)
         new = new.to(dev)
+        new.weight.requires_grad_(lin.weight.requires_grad)
+        if bias:
+            new.bias.requires_grad_(lin.bias.requires_grad)
         if dev.type != "meta":  # the slices of the plain weights; on meta, materialize fills these shards later
             with torch.no_grad():
                 box = shard_box(new.weight.shape, 0 if column else 1, tp, r)
@@ -85,6 +99,9 @@ def apply_megatron_tp(block: nn.Module, tp_group: dist.ProcessGroup) -> dict[str
                 if bias:
                     new.bias.copy_(lin.bias.detach()[box_index(shard_box(new.bias.shape, 0, tp, r), new.bias.shape)]
                                    if column else lin.bias.detach())
+        if lora:
+            for name, dim in attach_adapters(new, lin, column, tp, r).items():
+                shard_dims[f"{path}.{name}"] = dim
         setattr(parent, attr, new)
         shard_dims[f"{path}.weight"] = 0 if column else 1
         if bias and column:

@@ -40,10 +40,11 @@ Supported: every layout of the torch runtime, dense or MoE, under both schemes a
   the global stream at conversion, a probing forward to pick the reversible depth) and LeMo are refused by it
   (``train/build.py``, ``parallel/support.py``) and run in one process on a fully built model.
 
-LoRA adapters (``lora:`` of the trainer: dp, DTensor tp, pp) are added to the meta model before the layout and
-skipped here: ``memory.lora.init_adapters`` fills them after the base, with the values the one-process
-``apply_lora(seed=...)`` draws (keyed by seed and module name, not from the stream); a tp-sharded A or B (DTensor)
-receives its slice of the full tensor like any other shard.
+LoRA adapters (``lora:`` of the trainer: dp, tp of both backends, pp) are added to the meta model before the layout
+and skipped here: ``memory.lora.init_adapters`` fills them after the base, with the values the one-process
+``apply_lora(seed=...)`` draws (keyed by seed and module name, not from the stream); a tp-sharded A or B receives its
+slice of the full tensor like any other shard (a DTensor's from its placements, a megatron-core one's from its
+``shard_box``, passed in the runtime's boxes).
 
 A parameter the one-process model does not initialise (a future saver or layout adding one) is an error under
 both schemes (``init_keyed``: no spec; the replay: no step), never left with ``to_empty``'s garbage: such a

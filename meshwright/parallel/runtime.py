@@ -189,15 +189,12 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         (models/init.py; ``auto``: keyed on CUDA, the CPU stream elsewhere), the one-process model's for the
         same seed. ``loss_chunk_tokens`` > 0: the last stage's head + loss per chunk of tokens (no full logits).
         ``lora``: a ``LoraConfig``: adapters on the plain (meta) model before the layout, base frozen, drawn after the
-        base as the one-process model draws them; under dp, DTensor tp (+sp; parallel/tensor_parallel.py shards A and
-        B), pp (each stage holds its layers' adapters) and ep (attention adapters replicated over the ep group like the
-        attention, reduced over dp; the experts and router frozen), not megatron-core tp (train/build.py
-        ``check_lora_layout``).
+        base as the one-process model draws them; under dp, tp (+sp) of both backends (parallel/tensor_parallel.py and
+        parallel/megatron_lora.py shard A and B), pp (each stage holds its layers' adapters) and ep (attention adapters
+        replicated over the ep group like the attention, reduced over dp; the experts and router frozen)
+        (train/build.py ``check_lora_layout``).
         ``grow_positions``: init_from's GPT-2 ``wpe`` shorter than max_seq_len grows by that rule (models/positions.py)."""
         cfg = load_model_config(model_cfg)
-        if lora is not None and tp_backend == "megatron" and any(s.tp > 1 for s in plan.layer_strategies()):
-            raise invalid("tp_backend", tp_backend, "dtensor with lora and tp > 1 (megatron-core's parallel linears "
-                          "replace the adapted nn.Linear and carry no adapters)")
         self.precision = precision or PrecisionPolicy()
         self.compute_dtype = self.precision.compute_dtype
         self.cfg, self.plan, self.tp_backend = cfg, plan, tp_backend
@@ -268,6 +265,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         self._megatron_state: dict[str, tuple[int, int, Any]] = {}  # state key -> (dim, tp, mesh or None: tp mesh)
         self._state_shards: dict[nn.Parameter, tuple[int, Any]] = {}  # plain local shards: (dim, 1-D mesh)
         self._shard_boxes: dict[str, Box] = {}  # megatron tp shards: their box in the full tensor (meta init)
+        # megatron LoRA's replicated A/B, summed over their tp group: one bucket per group, all layers in it
+        self._tp_partial: dict[dist.ProcessGroup, list[nn.Parameter]] = {}
         self._zero2_blocks: list[nn.Module] = []  # FSDP2 modules at ZeRO-2: gathered once per step
         for chunk in chunks:
             self._apply_layers(chunk)
@@ -282,12 +281,13 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
             self._state_shards = {new.get(p, p): v for p, v in self._state_shards.items()}
             self._manual = [([new.get(p, p) for p in ps], group, scale) for ps, group, scale in self._manual]
             self._post_scale = [([new.get(p, p) for p in ps], factor) for ps, factor in self._post_scale]
+            self._tp_partial = {group: [new.get(p, p) for p in ps] for group, ps in self._tp_partial.items()}
         self.chunks = chunks
         if init_from is not None:  # each rank reads its stages' parameters, of its shards only their boxes
             load_pretrained_into(chunks, init_from, cfg, boxes=self._shard_boxes, whole_model=whole_model,
                                  grow_positions=grow_positions)
         if lora is not None and self.meta_init:
-            init_adapters(chunks, seed)
+            init_adapters(chunks, seed, self._shard_boxes)
         self.model = StateView(chunks)
         if self._megatron_state:
             from meshwright.parallel.megatron_tp import install_state_hooks
@@ -321,6 +321,11 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
                             self._megatron_shards[p] = (dims[pname], s.tp)
                             self._megatron_state[f"layers.{name}.{pname}"] = (dims[pname], s.tp, None)
                             self._state_shards[p] = (dims[pname], m.tp_mesh(s.tp))
+                    from meshwright.parallel.megatron_lora import partial_grad_params
+
+                    partial = partial_grad_params(block)
+                    if partial:
+                        self._tp_partial.setdefault(tp_mesh.get_group(), []).extend(partial)
                 else:
                     apply_tp(block, tp_mesh, s.sp)
             if s.tp > m.g:
@@ -396,6 +401,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         for params, group, scale in self._manual:
             all_reduce_grads(params, group, scale)
         reduce_partial_grads(self._params)
+        for group, params in self._tp_partial.items():  # megatron LoRA's replicated A/B: each tp rank holds a share
+            all_reduce_grads(params, group, 1.0)
         with torch.no_grad():
             for params, factor in self._post_scale:
                 for p in params:

@@ -200,22 +200,18 @@ def check_memory(model_cfg: ModelConfig, world_size: int, available: int | None 
 
 def check_lora_layout(cfg: TrainConfig, plan: Plan) -> None:
     """What the distributed runtime runs with ``lora:``, each tested for parity with one process (eager; compile is
-    tested in one process): data parallelism (DDP, FSDP2 at ZeRO-2/3, ZeRO-1) of the torch backend, DTensor tensor
-    parallelism (+sp; A and B sharded as PEFT/Megatron do, parallel/tensor_parallel.py) and pipeline stages, alone
-    or with dp, and expert parallelism with attention targets (adapters replicated over the ep group like the attention
-    they sit on, reduced over dp; experts and router frozen). Refused in one line: megatron-core's parallel linears
-    (they replace the adapted nn.Linear and would drop its adapters), MLP targets (w1/w2/w3) under ep (the experts'
-    stacked weights carry no adapters: ``EXPERT_TARGETS``), and FP8 GEMMs (they replace the adapted linears'
-    matmuls)."""
+    tested in one process): data parallelism (DDP, FSDP2 at ZeRO-2/3, ZeRO-1) of the torch backend, tensor
+    parallelism of both backends (DTensor +sp, parallel/tensor_parallel.py; megatron-core, parallel/megatron_lora.py;
+    A and B sharded as PEFT/Megatron do) and pipeline stages, alone or with dp, and expert parallelism with attention
+    targets (adapters replicated over the ep group like the attention they sit on, reduced over dp; experts and router
+    frozen). Refused in one line: MLP targets (w1/w2/w3) under ep (the experts' stacked weights carry no adapters:
+    ``EXPERT_TARGETS``), and FP8 GEMMs (they replace the adapted linears' matmuls)."""
     strategies = plan.layer_strategies()
     if cfg.compile:
         raise invalid("compile", True, "false with lora under the distributed runtime (compiled LoRA blocks are tested "
                       "in one process only)")
     if cfg.dp_backend != "torch":
         raise invalid("dp_backend", cfg.dp_backend, "torch with lora (DistributedRuntime applies the adapters)")
-    if cfg.tp_backend != "dtensor" and any(s.tp > 1 for s in strategies):
-        raise invalid("tp_backend", cfg.tp_backend, "dtensor with lora and tp > 1 (megatron-core's parallel linears "
-                      "replace the adapted nn.Linear and carry no adapters)")
     expert_targets = [t for t in cfg.lora.targets if t in EXPERT_TARGETS] if cfg.lora is not None else []
     for i, s in enumerate(strategies):
         if s.ep > 1 and expert_targets:

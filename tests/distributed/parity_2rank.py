@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -78,13 +79,17 @@ LORA_CASES = {
     "lora_tp2_sp": (plan(uniform(tp=2, sp=True)), LORA),
     "lora_pp2_1f1b": (plan(uniform(), pipeline={"degree": 2, "schedule": "1f1b", "microbatches": 4}), LORA),
     "lora_tp2_sp_gemma": (plan(uniform(tp=2, sp=True)), LORA),  # q/k head norms, post norms (sequence-split): frozen
+    # megatron-core's ColumnParallelLinear/RowParallelLinear carrying the adapters (parallel/megatron_lora.py)
+    "lora_tp2_megatron": (plan(uniform(tp=2)), LORA),
 }
 LORA_MODELS = {"lora_tp2_sp_gemma": GEMMA_CFG}  # the others train CFG
+LORA_BACKENDS = {"lora_tp2_megatron": "megatron"}  # the others: dtensor
 # where the adapters of a column-parallel (wq, w1) and a row-parallel (wo, w2) linear live under tp
 LORA_TP_PLACEMENTS = {"attention.wq.lora_A": "R", "attention.wq.lora_B": "S(0)", "attention.wo.lora_A": "S(1)",
                       "attention.wo.lora_B": "R", "feed_forward.w1.lora_A": "R", "feed_forward.w1.lora_B": "S(0)",
                       "feed_forward.w2.lora_A": "S(1)", "feed_forward.w2.lora_B": "R"}  # str() of DTensor placements
 LORA_RUN = "lora_tp2_run"  # beside the report: the tp2 LoRA checkpoint, for the export test in test_parallel_runtime.py
+LORA_RUN_MEGATRON = "lora_tp2_megatron_run"  # ... and the megatron-core tp2 one (adapter-only)
 
 
 
@@ -147,13 +152,15 @@ def lora_reference(lora: dict, steps: int = 4, model=None, cfg=CFG, opt=None, st
     return out
 
 
-def check_lora_case(name: str, pd: dict, lora: dict, ref: list[dict], steps: int = STEPS, cfg=CFG) -> dict:
+def check_lora_case(name: str, pd: dict, lora: dict, ref: list[dict], steps: int = STEPS, cfg=CFG,
+                    tp_backend: str = "dtensor") -> dict:
     """One LoRA layout against the one-process ``ref``: loss, first-step gradients and grad norm (check_runtime),
     gradients on exactly this rank's trainable parameters, an optimizer holding only those, and under tp the
-    adapters' placements (LORA_TP_PLACEMENTS)."""
+    adapters' placements (LORA_TP_PLACEMENTS; megatron-core's plain shards read as the DTensor placement they stand
+    for, and their local shapes checked against it)."""
     from meshwright.config import LoraConfig
 
-    rt = DistributedRuntime(cfg, plan_from_dict(pd), seed=SEED, lora=LoraConfig(**lora))
+    rt = DistributedRuntime(cfg, plan_from_dict(pd), tp_backend=tp_backend, seed=SEED, lora=LoraConfig(**lora))
     res = check_runtime(rt, ref, steps=steps)
     opt = res.pop("opt")
     rt.forward_backward(shard(0, rt.dp_rank, rt.dp_size))  # which parameters get a gradient at all
@@ -168,10 +175,79 @@ def check_lora_case(name: str, pd: dict, lora: dict, ref: list[dict], steps: int
     res["ok"] = res["ok"] and res["opt_params_ok"]
     if "tp2" in name:  # A replicated / B column-sharded on column-parallel bases, the converse on row-parallel (the
         # tp placement: the last one on a (dp, tp) FSDP mesh)
-        res["placements"] = {k: str(mine[f"layers.1.{k}"].placements[-1]) for k in LORA_TP_PLACEMENTS}
+        if tp_backend == "megatron":
+            res["placements"] = {k: megatron_placement(rt, cfg, lora, f"layers.1.{k}") for k in LORA_TP_PLACEMENTS}
+            # the frozen bases run megatron's frozen-weight matmul: no gradient, and they stay out of the optimizer
+            res["frozen_bases"] = all(not p.requires_grad and p.grad is None for k, p in mine.items()
+                                      if k.endswith(".weight") and ("attention.w" in k or "feed_forward.w" in k))
+            res["collectives"] = megatron_lora_collectives(rt, pd, cfg)
+            res["ok"] = res["ok"] and res["frozen_bases"] and res["collectives"]["ok"]
+        else:
+            res["placements"] = {k: str(mine[f"layers.1.{k}"].placements[-1]) for k in LORA_TP_PLACEMENTS}
         res["ok"] = res["ok"] and res["placements"] == LORA_TP_PLACEMENTS
     rt.close()
     return res
+
+
+def all_reduce_sizes(fn) -> list[int]:
+    """The element count of every all-reduce ``fn`` issues (megatron-core's mappings and linears, and our gradient
+    buckets, all call ``torch.distributed.all_reduce``)."""
+    seen: list[int] = []
+    real = dist.all_reduce
+
+    def counting(t, *args, **kwargs):
+        seen.append(t.numel())
+        return real(t, *args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        fn()
+    finally:
+        dist.all_reduce = real
+    return seen
+
+
+def megatron_lora_collectives(rt, pd: dict, cfg=CFG) -> dict:
+    """The adapters ride on megatron's own reductions. Per micro-batch a LoRA step's forward + backward issues one
+    all-reduce per row-parallel base (wo, w2) forward and one per column-parallel base (wq, wk, wv, w1, w3) backward,
+    shared by base and adapter, but none for the first block's q/k/v input gradient (the frozen embedding needs none),
+    plus the loss mean: each also issued by the same layout without LoRA (a sub-multiset of its all-reduces; its
+    trainable-weight linears all-reduce the first block's input gradient although nothing uses it). The only
+    extra one is a single bucket, after backward, of the replicated A (column) / B (row) gradients' tp-partial sums
+    (after the dp buckets of the adapters' gradients, where dp > 1)."""
+    def fwd_bwd(r) -> list[int]:
+        finish, r._finish_grads = r._finish_grads, lambda: None
+        try:
+            return all_reduce_sizes(lambda: r.forward_backward(shard(0, r.dp_rank, r.dp_size)))
+        finally:
+            del r._finish_grads  # the bound method again
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    plain = DistributedRuntime(cfg, plan_from_dict(pd), tp_backend="megatron", seed=SEED)
+    base = fwd_bwd(plain)
+    plain.close()
+    lora = fwd_bwd(rt)
+    dp_buckets = sum(1 for ps, _, _ in rt._manual if any(p.grad is not None for p in ps))  # under dp: the adapters'
+    finish = all_reduce_sizes(rt._finish_grads)
+    partial = sum(p.numel() for ps in rt._tp_partial.values() for p in ps)
+    linears = sum(isinstance(m, (ColumnParallelLinear, RowParallelLinear)) for m in rt.model.modules())
+    want = len(shard(0, rt.dp_rank, rt.dp_size)) * (linears - 3) + 1
+    subset = not Counter(lora) - Counter(base)
+    return {"ok": subset and len(lora) == want and finish[-1:] == [partial] and len(finish) == 1 + dp_buckets,
+            "want": want, "fwd_bwd": len(lora), "fwd_bwd_plain": len(base),
+            "finish": finish, "partial_numel": partial}
+
+
+def megatron_placement(rt, cfg, lora: dict, name: str) -> str:
+    """The DTensor placement a megatron-core tp shard stands for ("S(dim)" or "R"), or "bad local shape" when its
+    local shape is not that placement's cut of the one-process parameter."""
+    full = dict(lora_model(lora, cfg).named_parameters())[name].shape
+    p = dict(rt.model.named_parameters())[name]
+    shard = rt._megatron_shards.get(p)
+    want = list(full)
+    if shard is not None:
+        want[shard[0]] //= shard[1]
+    return ("R" if shard is None else f"S({shard[0]})") if list(p.shape) == want else "bad local shape"
 
 
 def lora_cases(report: Report, only: set | None, rank: int, out: str | None = None) -> None:
@@ -188,7 +264,7 @@ def lora_cases(report: Report, only: set | None, rank: int, out: str | None = No
             cfg = LORA_MODELS.get(name, CFG)
             key = cfg.name + json.dumps(lora, sort_keys=True)
             ref = refs[key] = refs.get(key) or lora_reference(lora, cfg=cfg)
-            res = check_lora_case(name, pd, lora, ref, cfg=cfg)
+            res = check_lora_case(name, pd, lora, ref, cfg=cfg, tp_backend=LORA_BACKENDS.get(name, "dtensor"))
         except Exception as e:
             res = failure(f"case {name}", e)
         report.add(name, res["ok"], res)
@@ -242,6 +318,32 @@ def lora_cases(report: Report, only: set | None, rank: int, out: str | None = No
         except Exception as e:
             res = failure("lora tp2 ckpt", e)
         report.add("lora_ckpt_tp2_to_ddp", res["ok"], res)
+        dist.barrier()
+    if only is None or "lora_ckpt_tp2_megatron_to_ddp" in only:  # megatron-core tp2, adapter-only, resumed under DDP
+        import tempfile
+
+        try:
+            pd, lora = LORA_CASES["lora_tp2_megatron"]
+            ref = lora_reference(lora)
+            box = [str(Path(out).parent / LORA_RUN_MEGATRON) if out else tempfile.mkdtemp() if rank == 0 else None]
+            dist.broadcast_object_list(box)
+            if rank == 0:  # a run directory for test_parallel_runtime.py's export and one-process resume
+                write_lora_run_files(Path(box[0]), lora)
+            rt = DistributedRuntime(CFG, plan_from_dict(pd), tp_backend="megatron", seed=SEED, lora=LoraConfig(**lora))
+            scope = lora_scope(lora, SEED, rt)
+            path = f"{box[0]}/ckpt/step_000002"
+            res = save_and_resume(rt, lambda: DistributedRuntime(CFG, plan_from_dict(LORA_CASES["lora_dp2_ddp"][0]),
+                                                                 seed=SEED, lora=LoraConfig(**lora)), ref, path,
+                                  adapters=scope)
+            # adapter-only: A and B of the seven linears of every layer, the sharded ones whole (DCP gathered them)
+            metadata = read_metadata_file(f"{path}/.metadata").state_dict_metadata
+            saved = {k.split(".", 1)[1]: list(v.size) for k, v in metadata.items() if k.startswith("model.")}
+            full = {k: list(p.shape) for k, p in lora_model(lora).named_parameters() if p.requires_grad}
+            res["saved_model_keys"] = len(saved)
+            res["ok"] = res["ok"] and saved == full
+        except Exception as e:
+            res = failure("lora tp2 megatron ckpt", e)
+        report.add("lora_ckpt_tp2_megatron_to_ddp", res["ok"], res)
         dist.barrier()
 
 

@@ -34,7 +34,10 @@ CASES = {
 LORA_CASES = {
     "lora_tp2_dp2_fsdp": plan(uniform(tp=2, dp=2, zero=3)),
     "lora_pp2_dp2": plan(uniform(dp=2), pipeline=PP2),
+    # megatron-core tp2 x dp2 (parallel/megatron_lora.py): the adapters' dp all-reduce, then their tp-partial sums
+    "lora_tp2_dp2_megatron": plan(uniform(tp=2, dp=2)),
 }
+LORA_BACKENDS = {"lora_tp2_dp2_megatron": "megatron"}  # the others: dtensor
 
 
 def shard_mesh_dims(rt, layer: int) -> list[int]:
@@ -71,7 +74,7 @@ def main() -> None:
             continue
         try:
             lora_ref = lora_ref or lora_reference(LORA)
-            res = check_lora_case(name, pd, LORA, lora_ref, steps=2)
+            res = check_lora_case(name, pd, LORA, lora_ref, steps=2, tp_backend=LORA_BACKENDS.get(name, "dtensor"))
         except Exception as e:
             res = failure(f"case {name}", e)
         report.add(name, res["ok"], res)

@@ -3,8 +3,9 @@
 Two launches: 4 ranks (2-D/3-D layouts, a checkpoint written under dp2·tp2 and resumed under
 pp2·dp2) and 2 ranks (all 2-device layouts incl. DeepSpeed ZeRO-1/2/3, and the same checkpoint
 resumed under pp2; LoRA under DDP, FSDP2, DTensor tp2 (+sp) and pp2 -- on 4 ranks tp2 x dp2 and pp2 x dp2 -- with
-an adapter-only ZeRO-3 and a tp2 LoRA checkpoint resumed under DDP). The checkpoint is also resumed here in one process, and the tp2
-LoRA checkpoint resumed in one process and exported (--hf, --peft) beside the same run trained in one process. Tolerance: relative L2
+an adapter-only ZeRO-3 and a tp2 LoRA checkpoint resumed under DDP; LoRA under megatron-core tp2 -- on 4 ranks tp2 x
+dp2 -- with an adapter-only checkpoint resumed under DDP). The checkpoint is also resumed here in one process, and the tp2 LoRA checkpoints (DTensor
+and megatron-core) resumed in one process and exported (--hf, --peft) beside the same run trained in one process. Tolerance: relative L2
 error <= 1e-5 for loss, full gradients (keyed by the plain model's names) and the global grad norm.
 """
 
@@ -22,7 +23,8 @@ sys.path.insert(0, str(HERE))
 
 FOUR_RANK = {"dp2_tp2_fsdp", "dp2_tp2_sp_zero0", "dp2_tp2_megatron", "pp2_tp2", "pp2_dp2",
              "pp2_layerwise_dp2_zero2_tp2", "ckpt_dp2tp2_to_pp2dp2",
-             "hsdp_dp4_shard2", "hsdp_dp2x_tp2_zero2", "hsdp_plan_per_layer", "lora_tp2_dp2_fsdp", "lora_pp2_dp2"}
+             "hsdp_dp4_shard2", "hsdp_dp2x_tp2_zero2", "hsdp_plan_per_layer", "lora_tp2_dp2_fsdp", "lora_pp2_dp2",
+             "lora_tp2_dp2_megatron"}
 TWO_RANK = {"dp2_ddp", "dp2_zero1", "dp2_zero2_fsdp", "dp2_zero3_fsdp", "tp2_dtensor", "tp2_megatron", "tp2_sp",
             "pp2_1f1b", "pp2_gpipe", "pp2_interleaved", "layerwise_tp_zero_mix", "recompute_full_dp2",
             "recompute_selective_tp2", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "ckpt_dp2tp2_to_pp2",
@@ -32,7 +34,7 @@ TWO_RANK = {"dp2_ddp", "dp2_zero1", "dp2_zero2_fsdp", "dp2_zero3_fsdp", "tp2_dte
             "deepspeed_fp32_zero2_state_bytes", "deepspeed_fp32_zero3_state_bytes", "deepspeed_pp2_zero0_state_bytes",
             "tp2_dtensor_qk_norm", "tp2_megatron_qk_norm", "tp2_sp_qk_norm", "lora_dp2_ddp", "lora_dp2_zero1", "lora_dp2_zero2_fsdp",
             "lora_dp2_zero3_fsdp", "lora_ckpt_zero3_to_ddp", "lora_tp2", "lora_tp2_sp", "lora_pp2_1f1b", "lora_tp2_sp_gemma",
-            "lora_ckpt_tp2_to_ddp", "tp2_dtensor_gemma",
+            "lora_ckpt_tp2_to_ddp", "lora_tp2_megatron", "lora_ckpt_tp2_megatron_to_ddp", "tp2_dtensor_gemma",
             "tp2_megatron_gemma", "tp2_sp_gemma"}
 
 
@@ -90,6 +92,11 @@ def test_two_rank_layouts_match_one_process_and_resume_under_pp2(two_rank) -> No
     assert [r["opt_state_bytes"] for r in report["lora_dp2_ddp"]["ranks"].values()] == [want, want]
     assert [r["opt_state_bytes"] for r in report["lora_dp2_zero2_fsdp"]["ranks"].values()] == [want // 2, want // 2]
     assert want < full / 10, (want, full)  # rank 4 on all seven linears of a d_model-64 model: 9% of full AdamW
+    # under tp2 each rank holds the moments of its adapter shards (B of column bases, A of row bases: halves) and of
+    # the replicated parts: the same bytes under megatron-core as under DTensor, less than DDP's whole adapters
+    tp_bytes = [r["opt_state_bytes"] for r in report["lora_tp2"]["ranks"].values()]
+    assert [r["opt_state_bytes"] for r in report["lora_tp2_megatron"]["ranks"].values()] == tp_bytes
+    assert want / 2 < tp_bytes[0] < want, (tp_bytes, want)
     # the ZeRO-3 LoRA checkpoint resumed under DDP was adapter-only: A and B of the seven linears and the head
     lora_ckpt = report["lora_ckpt_zero3_to_ddp"]["ranks"]["0"]
     assert lora_ckpt["saved_model_keys"] == 2 * 7 * CFG.n_layers + 1, lora_ckpt
@@ -140,16 +147,24 @@ def test_checkpoint_from_dp2tp2_resumes_in_one_process(four_rank) -> None:
         assert rel(a["loss"], b["loss"]) <= RTOL, (a["loss"], b["loss"])
 
 
+# the tp2 LoRA runs parity_2rank keeps: DTensor (a full checkpoint) and megatron-core (adapter-only, the base
+# rebuilt from the run's seed by export and resume), each with the report case that wrote it
+LORA_TP2_RUNS = [("lora_tp2_run", "lora_ckpt_tp2_to_ddp", False),
+                 ("lora_tp2_megatron_run", "lora_ckpt_tp2_megatron_to_ddp", True)]
+
+
 @pytest.mark.timeout(300)
-def test_lora_tp2_export_equals_one_process_export(two_rank, tmp_path) -> None:
-    """``export --hf`` and ``--peft`` of the tp2 LoRA checkpoint (DTensor shards of A and B, gathered by DCP) write
+@pytest.mark.parametrize("run,case,adapters_only", LORA_TP2_RUNS)
+def test_lora_tp2_export_equals_one_process_export(two_rank, tmp_path, run, case, adapters_only) -> None:
+    """``export --hf`` and ``--peft`` of a tp2 LoRA checkpoint (DTensor shards of A and B, or megatron-core's plain
+    shards seen as DTensors, gathered by DCP; adapter-only for megatron, whose export rebuilds the base) write
     the files the same run trained in one process gives: the same names, the same JSON, the same tensor keys, shapes
     and dtypes, values within 1e-4 relative per tensor (the two trajectories differ by reduction order only, ~1e-7 in
     the gradients, but AdamW's first steps divide each gradient element by its own magnitude: after two steps a B
     differs by up to 5.7e-6 here; the q/k B rows go through the same rotate-half permutation)."""
     import json
 
-    from parity_2rank import LORA, LORA_RUN, lora_model, lora_reference, write_lora_run_files
+    from parity_2rank import LORA, lora_model, lora_reference, write_lora_run_files
     from parity_lib import rel
     from safetensors.torch import load_file
 
@@ -158,8 +173,9 @@ def test_lora_tp2_export_equals_one_process_export(two_rank, tmp_path) -> None:
     from meshwright.train.local_runtime import LocalRuntime
 
     report, d = two_rank
-    assert report["lora_ckpt_tp2_to_ddp"]["ok"]
-    tp_step = d / LORA_RUN / "ckpt" / "step_000002"
+    assert report[case]["ok"]
+    tp_step = d / run / "ckpt" / "step_000002"
+    assert adapters_only == ("lora_base" in json.loads((tp_step / "trainer_state.json").read_text()))
     # the one-process run: the same two steps (parity_2rank.lora_reference), saved as the trainer saves
     one = tmp_path / "one"
     write_lora_run_files(one, LORA)
@@ -187,17 +203,20 @@ def test_lora_tp2_export_equals_one_process_export(two_rank, tmp_path) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_lora_tp2_checkpoint_resumes_in_one_process(two_rank) -> None:
-    """The tp2 LoRA checkpoint (adapters as DTensor shards, AdamW moments of the adapters only) loads into the plain
-    one-process LoRA model and continues the one-process trajectory (steps 3-4, loss within 1e-5)."""
+@pytest.mark.parametrize("run,case,adapters_only", LORA_TP2_RUNS)
+def test_lora_tp2_checkpoint_resumes_in_one_process(two_rank, run, case, adapters_only) -> None:
+    """The tp2 LoRA checkpoints (adapters as DTensor shards or megatron-core shards, AdamW moments of the adapters
+    only) load into the plain one-process LoRA model and continue the one-process trajectory (steps 3-4, loss
+    within 1e-5); the megatron one is adapter-only, checked against the base this process drew."""
     import torch
-    from parity_2rank import LORA, LORA_RUN, lora_model, lora_reference
-    from parity_lib import RTOL, make_opt, rel
+    from parity_2rank import LORA, lora_model, lora_reference, lora_scope
+    from parity_lib import RTOL, SEED, make_opt, rel
 
     from meshwright.train.checkpoint import load_runtime
     from meshwright.train.local_runtime import LocalRuntime
 
-    _, d = two_rank
+    report, d = two_rank
+    assert report[case]["ok"]
     ref = lora_reference(LORA, steps=4)
     model = lora_model(LORA)
     with torch.no_grad():  # other adapters than the run's: the checkpoint must overwrite them
@@ -206,7 +225,8 @@ def test_lora_tp2_checkpoint_resumes_in_one_process(two_rank) -> None:
                 p.add_(0.5)
     rt = LocalRuntime(model)
     opt = rt.build_optimizer(make_opt)
-    meta = load_runtime(d / LORA_RUN / "ckpt" / "step_000002", rt, opt)
+    meta = load_runtime(d / run / "ckpt" / "step_000002", rt, opt,
+                        adapters=lora_scope(LORA, SEED, rt) if adapters_only else None)
     assert meta["step"] == 2
     resumed = lora_reference(LORA, steps=2, model=model, opt=opt, start=2)
     for a, b in zip(resumed, ref[2:]):

@@ -302,7 +302,6 @@ def _lora_plan_cfg(plan: str, tmp_path, **over):
 
 
 @pytest.mark.parametrize("plan, over, field", [
-    ("tiny-tp2.yaml", {"tp_backend": "megatron"}, "tp_backend='megatron'"),
     ("tiny-moe-ep2.yaml", {"model": "tiny-moe", "lora": {"targets": ["wq", "w1"]}}, "lora.targets"),
     ("tiny-dp2.yaml", {"dp_backend": "deepspeed"}, "dp_backend='deepspeed'"),
     ("tiny-dp2.yaml", {"compile": True}, "compile=True")])
@@ -314,19 +313,31 @@ def test_unsupported_distributed_layouts_are_refused_in_one_line(plan, over, fie
     assert str(exc.value).startswith(field) and "lora" in str(exc.value) and "\n" not in str(exc.value)
 
 
-@pytest.mark.parametrize("plan", ["tiny-tp2.yaml", "tiny-pp2.yaml", "tiny-dp2-tp2.yaml", "tiny-pp2-dp2.yaml"])
-def test_lora_runs_tensor_and_pipeline_parallel_plans(plan, tmp_path, monkeypatch):
-    """tp (+sp), pp and their dp mixes pass check_lora_layout (parity: tests/distributed/parity_2rank.py and
-    parity_4rank.py): without a process group the refusal is the one asking for torchrun, not one about lora."""
+@pytest.mark.parametrize("plan, over", [("tiny-tp2.yaml", {}), ("tiny-pp2.yaml", {}), ("tiny-dp2-tp2.yaml", {}),
+                                        ("tiny-pp2-dp2.yaml", {}), ("tiny-tp2.yaml", {"tp_backend": "megatron"})])
+def test_lora_runs_tensor_and_pipeline_parallel_plans(plan, over, tmp_path, monkeypatch):
+    """tp (+sp; DTensor or megatron-core), pp and their dp mixes pass check_lora_layout (parity:
+    tests/distributed/parity_2rank.py and parity_4rank.py): without a process group the refusal is the one asking
+    for torchrun, not one about lora. The megatron-core case runs tiny-tp2 without sp (the megatron stack's rule,
+    checked here by the runtime's own check_runtime_support)."""
+    from pathlib import Path
+
+    from meshwright.parallel.support import check_runtime_support
     from meshwright.plan import load_plan
 
     path = _lora_plan_cfg(plan, tmp_path).plan
+    if over.get("tp_backend") == "megatron":
+        path = tmp_path / "megatron-tp2.yaml"
+        path.write_text(Path(_lora_plan_cfg(plan, tmp_path).plan).read_text().replace("sp: true", "sp: false"))
+        plan = str(path)
+        check_runtime_support(load_plan(path), load_model_config("tiny"), "megatron", "torch")
     loaded = load_plan(path)
     monkeypatch.setenv("WORLD_SIZE", str(loaded.world_size()))
+    monkeypatch.setattr("meshwright.train.build._installed", lambda m: True)
     for key in ("MASTER_ADDR", "MASTER_PORT", "RANK"):
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(ConfigError, match=r"^plan=.*launch it with torchrun") as exc:
-        build_runtime(_lora_plan_cfg(plan, tmp_path, micro_batch=loaded.micro_batch))
+        build_runtime(_lora_plan_cfg(plan, tmp_path, micro_batch=loaded.micro_batch, **over))
     assert "lora" not in str(exc.value).replace(str(path), "")
 
 
@@ -427,7 +438,9 @@ def test_plan_auto_with_lora_searches_tp_and_pp_and_the_trainer_accepts_its_plan
     """LoRA runs DTensor tp and pp now (parity: tests/distributed), so the search may pick them: Llama-2-70B r16 on
     16 A100-80GB picks tp 4 x dp 4 (ZeRO-3, sp), predicted 193 s a step where dp 16 alone (the old constraint) takes
     253 s; the plan passes every check the trainer makes before building (validate_plan, check_runtime_support,
-    check_lora_layout). With tp_backend megatron (no adapters on its parallel linears) tp stays 1."""
+    check_lora_layout). With tp_backend megatron (its parallel linears carry the adapters: parallel/megatron_lora.py)
+    tp is searched too, as megatron-core runs it (no sp, ZeRO 0 on tp>1 layers): at seq 2048 it picks tp 8 x dp 2,
+    100.4 s a step predicted, where tp 1 (the constraint before stop 34) gives dp 16 at ZeRO-3 and 112.6 s."""
     from meshwright.launcher.planner.auto import auto_plan
     from meshwright.launcher.planner.search import Constraints
     from meshwright.parallel.support import check_runtime_support
@@ -447,8 +460,11 @@ def test_plan_auto_with_lora_searches_tp_and_pp_and_the_trainer_accepts_its_plan
     dp_only = auto_plan(cfg(), 16, constraints=Constraints(tp=1, pp=1, micro_batch=1))
     assert plan.predicted["step_s"] < dp_only.predicted["step_s"]
     megatron = auto_plan(cfg(tp_backend="megatron", seq_len=2048), 16)
-    assert all(s.tp == 1 for s in megatron.layer_strategies())
-    check_lora_layout(cfg(tp_backend="megatron"), megatron)
+    assert max(s.tp for s in megatron.layer_strategies()) > 1, megatron.to_dict()
+    check_runtime_support(megatron, model_cfg, "megatron", "torch")
+    check_lora_layout(cfg(tp_backend="megatron", seq_len=2048), megatron)
+    megatron_tp1 = auto_plan(cfg(tp_backend="megatron", seq_len=2048), 16, constraints=Constraints(tp=1))
+    assert megatron.predicted["step_s"] < megatron_tp1.predicted["step_s"]
 
 
 def test_plan_auto_with_lora_never_plans_the_savers_lora_refuses(tmp_path, capsys):

@@ -392,6 +392,28 @@ def test_runtime_compatible_plans_pass_the_runtime_check():
     assert plan.micro_batch == 4
 
 
+def test_megatron_tp_plans_pass_the_megatron_runtime_check():
+    """With tp_backend megatron (``Constraints.megatron_tp``, set by auto_plan from the train config) tp>1 layers come
+    without sp, ZeRO-2/3, savers or experts, which megatron-core's parallel linears do not run: every candidate passes
+    the runtime's check for that backend (Llama-2-13B held to tp 2, where the unconstrained best uses sp; a tiny MoE
+    model, whose MoE layers then stay tp 1)."""
+    from meshwright.parallel.support import check_runtime_support
+
+    allow = S.Allow(fp8=True, wta_crs=0.3)
+    for model, cl, nodes, seq, gb, tp in [("tiny-moe", "local-cpu", 2, 64, 16, None),
+                                          ("llama2-13b", "dgx-a100-80g", 2, 4096, 256, 2)]:
+        cfg = load_model_config(model)
+        c = S.Constraints(runtime_compatible=True, tp=tp)
+        free = S.search(cfg, load_cluster(cl, nodes=nodes), seq, gb, constraints=c, allow=allow)
+        r = S.search(cfg, load_cluster(cl, nodes=nodes), seq, gb, constraints=dataclasses.replace(c, megatron_tp=True),
+                     allow=allow)
+        for cand in [r.best, *r.runners_up]:
+            check_runtime_support(cand.plan, cfg, "megatron", "torch")
+        if tp:
+            assert any(s.sp for s in free.best.plan.layer_strategies())
+            assert all(s.tp == tp for cand in [r.best, *r.runners_up] for s in cand.plan.layer_strategies())
+
+
 def test_hsdp_is_offered_with_node_sized_shards_only_when_dp_spans_nodes():
     assert S.node_shard(64, 1, 8) == 8 and S.node_shard(64, 2, 8) == 4 and S.node_shard(32, 8, 8) is None
     assert S.node_shard(8, 1, 8) is None  # dp inside one node: plain FSDP already shards there

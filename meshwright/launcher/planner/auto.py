@@ -81,11 +81,11 @@ def auto_plan(model_cfg: Any, cluster: ClusterSpec | str | dict | int | None = N
         dtype = "fp32"
     hw = cm.hardware_from_cluster(spec, hardware_profile, memory_budget_gib, stack="meshwright", dtype=dtype,
                                   compile=compile_, loss_chunk_tokens=chunk)
-    constraints = dataclasses.replace(constraints or Constraints(), runtime_compatible=True)
-    if lora is not None:  # the frozen base has no grads or optimizer state; LoRA runs dp, DTensor tp, pp and ep,
-        hw, constraints = lora_search_terms(cfg, lora, hw, constraints)  # without per-layer FP8 acts or WTA-CRS
-        if tp_backend != "dtensor":  # megatron-core's parallel linears carry no adapters (check_lora_layout)
-            constraints = dataclasses.replace(constraints, tp=1)
+    # tp_backend megatron: tp>1 layers without sp, ZeRO-2/3 or savers (parallel/support.py), with or without lora
+    constraints = dataclasses.replace(constraints or Constraints(), runtime_compatible=True,
+                                      megatron_tp=tp_backend == "megatron")
+    if lora is not None:  # the frozen base has no grads or optimizer state; LoRA runs dp, tp (both backends), pp
+        hw, constraints = lora_search_terms(cfg, lora, hw, constraints)  # and ep, without per-layer FP8 acts or WTA-CRS
     if model_profile is not None:  # after the LoRA terms: a profile of LoRA blocks calibrates on their FLOPs
         hw = apply_model_profile(hw, model_profile, cfg, hardware_profile)
     if lora is not None:

@@ -69,6 +69,9 @@ class Constraints:
     # embeddings/head replicated over tp, no ZeRO-1 (its ZeroRedundancyOptimizer path needs a pure-DP
     # model), no memory savers. Off = the full space, e.g. for --emit to other stacks.
     runtime_compatible: bool = False
+    # tp>1 layers as megatron-core's parallel linears run them (tp_backend: megatron, parallel/support.py): no sp, no
+    # ZeRO-2/3 (FSDP shards DTensor parameters only), no per-layer savers
+    megatron_tp: bool = False
 
     def validate(self, prefix: str = "") -> None:
         for name in ("tp", "pp", "dp", "ep", "cp", "micro_batch", "virtual_stages"):
@@ -208,9 +211,11 @@ def layer_strategies(cfg: ModelConfig, index: int, per_stage: int, tps: list[int
         dp = per_stage // t
         if c.dp is not None and dp != c.dp:
             continue
+        if c.megatron_tp and t > 1 and moe:  # megatron-core tp runs dense blocks only
+            continue
         if max_dp % dp or global_batch % (dp * mb):
             continue
-        sps = [False] if t == 1 else ([True, False] if seq_len % t == 0 else [False])
+        sps = [False] if t == 1 or (c.megatron_tp and t > 1) else ([True, False] if seq_len % t == 0 else [False])
         if c.sp is not None and t > 1:
             sps = [sp for sp in sps if sp == c.sp]
         zeros = [c.zero] if c.zero is not None else ([0, 1, 2, 3] if dp > 1 else [0])
@@ -218,13 +223,16 @@ def layer_strategies(cfg: ModelConfig, index: int, per_stage: int, tps: list[int
             zeros = [0, 2, 3]
         if any(z > 0 for z in zeros) and dp == 1:
             zeros = [0]
+        if c.megatron_tp and t > 1:
+            zeros = [z for z in zeros if z < 2]
         rcs = [c.recompute] if c.recompute is not None else list(RECOMPUTE)
         eps = [1]
         if moe:
             eps = [e for e in divisors(math.gcd(cfg.n_experts, dp))]
             if c.ep is not None:
                 eps = [e for e in eps if e == c.ep] or ([1] if c.ep == 1 else [])
-        for sp, z, rc, ep, sv in itertools.product(sps, zeros, rcs, eps, saver_opts):
+        savers = [Savers()] if c.megatron_tp and t > 1 else saver_opts
+        for sp, z, rc, ep, sv in itertools.product(sps, zeros, rcs, eps, savers):
             if c.runtime_compatible and moe and (sp or (ep > 1 and (z != 0 or dp != max_dp))):
                 continue  # the runtime keeps MoE tokens tp-replicated and expert grads off ZeRO/mixed-dp paths
             out.append(LayerStrategy(tp=t, sp=sp, dp=dp, zero=z, ep=ep, cp=cp, recompute=rc, savers=sv))

@@ -203,9 +203,9 @@ def _run_passing_signals_on(argv: list[str], cwd: str, env: dict[str, str], ssh:
     try:
         code = proc.wait()
         if passed:
-            _wait_for_group(proc.pid)  # one host: DeepSpeed's launcher and the ranks may outlive the runner
-            if ssh is not None:
+            if ssh is not None:  # first: their hang-up is what stops the hosts' ranks
                 _close_ssh_clients(*ssh)
+            _wait_for_group(proc.pid)  # one host: DeepSpeed's launcher and the ranks may outlive the runner
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

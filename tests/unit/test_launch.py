@@ -340,3 +340,63 @@ def test_a_deepspeed_launch_passes_sigterm_or_sigusr1_on_as_sigterm_and_waits_fo
     assert stop.value.name == signame and "as SIGTERM" in stop.value.message()
     assert (tmp_path / "saved").exists()  # the launch ended after the rank's checkpoint, not with its runner
     assert (tmp_path / "rank.got").read_text() == "TERM\n" and (tmp_path / "runner.got").read_text() == "TERM\n"
+
+
+def test_the_stop_relay_waits_for_a_process_group_skips_ended_hosts_and_hangs_up_where_it_cannot_send():
+    """The relay sends the first SIGTERM once per running host, when that host has reported its process group; a host
+    already ended gets nothing; a host whose connection is gone (the command cannot be sent) is hung up on instead, said
+    in one line; a second signal, or one after a Ctrl-C, is said and not passed on."""
+    import signal
+    from types import SimpleNamespace
+
+    from meshwright.launcher.remote.argv import signal_group_command
+    from meshwright.launcher.remote.relay import LaunchStopped, StopRelay
+
+    class Conn:
+        def __init__(self, gone: bool = False) -> None:
+            self.gone, self.sent, self.closed = gone, [], False
+
+        def run(self, cmd: str, **kw):
+            if self.gone:
+                raise OSError("Socket is closed")
+            self.sent.append(cmd)
+            return SimpleNamespace(exited=0, stderr="", stdout="")
+
+        def close(self) -> None:
+            self.closed = True
+
+    conns = [Conn(), Conn(gone=True), Conn(), Conn()]
+    pgids: list[int | None] = [101, 202, None, 404]
+    said: list[str] = []
+    relay = StopRelay(["h0", "h1", "h2", "h3"], conns, lambda i: pgids[i], said.append, timeout=5)
+
+    def turn(running: list[bool], interrupted: bool = False) -> None:
+        relay.pass_on(running, interrupted)
+        for t in list(relay._threads.values()):
+            t.join(10)
+
+    relay.record(signal.SIGTERM, None)
+    turn([True, True, True, False])
+    assert said == ["meshwright launch: SIGTERM passed on to the torchrun of every host still running: their ranks stop "
+                    "after the same step with a checkpoint; waiting for them"]
+    assert conns[0].sent == [signal_group_command(101, "TERM")] and not conns[2].sent and not conns[3].sent
+    turn([True, True, True, False])  # h1's send failed: hung up on, once; h2 has not reported its group yet
+    pgids[2] = 303
+    relay.record(signal.SIGTERM, None)
+    turn([True, True, True, False])
+    turn([True, True, True, False])
+    assert conns[1].closed and not conns[0].closed and relay.missed == [1]
+    assert said[1] == ("meshwright launch: could not pass SIGTERM on to host h1 (Socket is closed); hanging up on it "
+                       "instead (SIGHUP: its ranks stop the same way)")
+    assert said[2:] == ["meshwright launch: SIGTERM not passed on: SIGTERM already was; waiting for the hosts' "
+                        "checkpoints"]
+    assert conns[0].sent == [signal_group_command(101, "TERM")] and conns[2].sent == [signal_group_command(303, "TERM")]
+    assert not conns[3].sent  # ended before the signal
+    assert LaunchStopped(signal.SIGTERM, ["h1"]).message().startswith(
+        "stopped by SIGTERM: passed on to every host's torchrun; the ranks stop after the same step with a checkpoint")
+
+    after_ctrl_c = StopRelay(["h0"], [Conn()], lambda i: 7, said.append, timeout=5)
+    after_ctrl_c.record(signal.SIGUSR1, None)
+    after_ctrl_c.pass_on([True], interrupted=True)
+    assert after_ctrl_c.signum is None and not after_ctrl_c.conns[0].sent
+    assert said[-1] == "meshwright launch: SIGUSR1 not passed on: the hosts are already stopping after Ctrl-C"

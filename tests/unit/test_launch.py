@@ -400,3 +400,33 @@ def test_the_stop_relay_waits_for_a_process_group_skips_ended_hosts_and_hangs_up
     after_ctrl_c.pass_on([True], interrupted=True)
     assert after_ctrl_c.signum is None and not after_ctrl_c.conns[0].sent
     assert said[-1] == "meshwright launch: SIGUSR1 not passed on: the hosts are already stopping after Ctrl-C"
+
+
+def test_a_stop_signal_while_the_hosts_are_connected_starts_nothing(monkeypatch):
+    """SIGTERM while the launch connects (before any torchrun starts): nothing is started, every connection is
+    closed, the stored --env files are removed, and the launch says it was stopped (LaunchStopped, started=False:
+    exit 143). Before, SIGTERM there killed the launch at once."""
+    import os
+    import signal
+
+    from meshwright.launcher.remote import ssh
+    from meshwright.launcher.remote.relay import LaunchStopped
+
+    conns = [_FakeConn("node0"), _FakeConn("node1")]
+
+    def fake_connect(host, *a, **k):
+        if host.name == "node1":
+            os.kill(os.getpid(), signal.SIGTERM)  # the scheduler's stop, taken by the launch's handler
+        return conns[int(host.name[-1])]
+
+    monkeypatch.setattr(ssh, "connect", fake_connect)
+    s = LaunchSpec(hosts=[Host(f"node{i}", 1) for i in range(2)], train_args=TRAIN, env={"HF_TOKEN": "secret"})
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(LaunchStopped) as stop:
+        ssh.run_over_ssh(s, sink=open("/dev/null", "w"))
+    assert stop.value.name == "SIGTERM" and not stop.value.started
+    assert stop.value.message() == "SIGTERM received before any host started: nothing was started"
+    assert signal.getsignal(signal.SIGTERM) is before  # the launch's handler is gone again
+    assert not [c for conn in conns for c, started in conn.runs if started] and all(c.closed for c in conns)
+    rm = "exec /bin/sh -c 'eval \"$(printf \"rm -f "
+    assert all(len([c for c, _ in conn.runs if c.startswith(rm)]) == 1 for conn in conns)  # both --env files removed

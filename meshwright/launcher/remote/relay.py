@@ -5,7 +5,8 @@ Why: an SSH pty carries only what a terminal can (Ctrl-C as SIGINT, a hang-up as
 Ctrl-C: every rank stopped inside its step without a new checkpoint, losing up to ``ckpt_every`` steps. Now each
 host's command reports its process group first (``argv.PGID_MARKER``) and the signal is sent to that group by a
 second command on the host's connection, already key-authenticated and host-key-checked (``signal_group_command``:
-an integer and a fixed signal name, quoted, nothing a host sent). torchrun passes it on to its ranks
+an integer > 1 parsed from the host's line, digits only, and a fixed signal name; no text a host sent goes into it
+as text). torchrun passes it on to its ranks
 (``--signals-to-handle``), they stop after the same step with a checkpoint (``preempt_signals``) and torchrun waits
 for them (its shutdown timeout, 30 s) as under a local torchrun. Only the first stop signal is passed on: the ranks
 already stop, and torchrun takes each signal in that wait as a new shutdown (SIGTERM to the ranks again, another

@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from meshwright.errors import invalid
     from meshwright.launcher.remote.argv import LaunchSpec, dry_run_lines
     from meshwright.launcher.remote.hostfile import load_hosts
+    from meshwright.launcher.remote.relay import LaunchStopped
     from meshwright.launcher.remote.ssh import run_over_ssh, summarize_failure
 
     if args.ssh_port is not None and not 0 < args.ssh_port < 65536:
@@ -80,13 +81,25 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.launcher == "deepspeed":
         return run_deepspeed(spec, args)
-    results = run_over_ssh(spec, args.ssh_port, args.ssh_key, args.connect_timeout,
-                           known_hosts=args.ssh_known_hosts)
+    try:
+        results = run_over_ssh(spec, args.ssh_port, args.ssh_key, args.connect_timeout,
+                               known_hosts=args.ssh_known_hosts)
+    except LaunchStopped as stop:
+        return _stopped(stop)
     message = summarize_failure(results)
     if message:
         print(f"meshwright launch: {message}", file=sys.stderr)
         return 1
     return 0
+
+
+def _stopped(stop: Any) -> int:
+    """A stop signal passed on and every host ended: the launch's last line, and the preempted run's exit status
+    (143, as `meshwright train` preempted; a scheduler's wrapper requeues on it)."""
+    from meshwright.train.preemption import EXIT_PREEMPTED
+
+    print(f"meshwright launch: {stop.message()}", file=sys.stderr)
+    return EXIT_PREEMPTED
 
 
 def run_deepspeed(spec, args: argparse.Namespace) -> int:
@@ -110,6 +123,7 @@ def run_deepspeed(spec, args: argparse.Namespace) -> int:
         check_deepspeed_env_files, check_deepspeed_exports, deepspeed_argv, deepspeed_env_files,
         deepspeed_export_prefixes, deepspeed_hostfile_text, deepspeed_ssh_port, env_script_text, pdsh_ssh_args,
     )
+    from meshwright.launcher.remote.relay import LaunchStopped
 
     ssh_port = deepspeed_ssh_port(spec.hosts, args.ssh_port)
     beside = Path(args.python).parent / "deepspeed"
@@ -151,44 +165,78 @@ def run_deepspeed(spec, args: argparse.Namespace) -> int:
         try:
             argv = deepspeed_argv(spec, hostfile, ssh_port, env_script=env_script.resolve() if env_script else None)
             argv[0] = exe
-            return _run_passing_signals_on(argv, cwd=spec.workdir, env=run_env,
-                                           ssh=(ssh_pids, real_ssh) if len(spec.hosts) > 1 else None)
+            try:
+                return _run_passing_signals_on(argv, cwd=spec.workdir, env=run_env,
+                                               ssh=(ssh_pids, real_ssh) if len(spec.hosts) > 1 else None)
+            except LaunchStopped as stop:
+                return _stopped(stop)
         finally:
             if env_script is not None:
                 env_script.unlink(missing_ok=True)
 
 
 def _run_passing_signals_on(argv: list[str], cwd: str, env: dict[str, str], ssh: tuple[Any, str] | None) -> int:
-    """Run DeepSpeed's runner in a process group of its own and pass each Ctrl-C, SIGTERM or SIGHUP of the launch on
-    to that whole group (the runner and pdsh; with one host DeepSpeed's local launcher and the ranks), as a terminal
-    would, then wait for the runner to end. ``ssh`` (several hosts: the file the ssh wrapper writes each pid to, and
-    the real ssh): once the runner has ended after such a signal, the ssh clients pdsh started and left running get
-    SIGTERM. They run in sessions of their own with pdsh's SIGINT blocked, and the runner's teardown signals pdsh alone
-    (its remote ``pkill`` fails), so they kept their connections and the ranks trained on, orphaned (measured, as
-    often as not: only where pdsh saw two SIGINTs before the runner's SIGTERM did it close them). Closed, each host's
-    pty hangs up (``pdsh_ssh_args``'s ``-tt``): SIGHUP stops the ranks with a checkpoint. Before, ``subprocess.call``
-    SIGKILLed the runner at the first Ctrl-C, in its own teardown, and a SIGTERM killed the launch alone."""
+    """Run DeepSpeed's runner in a process group of its own and pass each Ctrl-C, SIGHUP, SIGTERM or SIGUSR1 of the
+    launch on to that whole group (the runner and pdsh; with one host DeepSpeed's local launcher and the ranks), as a
+    terminal would, then wait for the runner and the rest of its group to end. SIGUSR1 goes on as SIGTERM: DeepSpeed's
+    runner and launcher handle SIGTERM (they pass it on, then wait 30 s) and would die of SIGUSR1's default action,
+    leaving the ranks unsupervised. ``ssh`` (several hosts: the file the ssh wrapper writes each pid to, and the real
+    ssh): once the runner has ended after such a signal, the ssh clients pdsh started and left running get SIGTERM.
+    They run in sessions of their own with pdsh's SIGINT blocked, and the runner's teardown signals pdsh alone (its
+    remote ``pkill`` fails), so they kept their connections and the ranks trained on, orphaned (measured, as often as
+    not: only where pdsh saw two SIGINTs before the runner's SIGTERM did it close them). Closed, each host's pty hangs
+    up (``pdsh_ssh_args``'s ``-tt``): SIGHUP stops the ranks with a checkpoint. Before, ``subprocess.call`` SIGKILLed
+    the runner at the first Ctrl-C, in its own teardown, and a SIGTERM killed the launch alone. After SIGTERM or
+    SIGUSR1 it raises ``relay.LaunchStopped`` (exit 143), after Ctrl-C or SIGHUP KeyboardInterrupt (130)."""
+    from meshwright.launcher.remote.relay import LaunchStopped
+
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
     passed: list[int] = []
 
     def pass_on(signum: int, frame: object) -> None:
         passed.append(signum)
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signum)
+            os.killpg(proc.pid, signal.SIGTERM if signum == signal.SIGUSR1 else signum)
 
-    previous = {s: signal.signal(s, pass_on) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
+    previous = {s: signal.signal(s, pass_on) for s in signals}
     try:
         code = proc.wait()
-        if passed and ssh is not None:
-            _close_ssh_clients(*ssh)
+        if passed:
+            if ssh is not None:  # first: their hang-up is what stops the hosts' ranks
+                _close_ssh_clients(*ssh)
+            _wait_for_group(proc.pid)  # one host: DeepSpeed's launcher and the ranks may outlive the runner
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if passed and passed[0] in (signal.SIGTERM, signal.SIGUSR1):
+        via = ("passed on to DeepSpeed's runner as SIGTERM, which reached the ranks" if ssh is None else
+               "passed on to DeepSpeed's runner as SIGTERM, then its ssh clients were closed: each host's pty hung up "
+               "and its ranks got SIGHUP")
+        raise LaunchStopped(passed[0], via=via)
     if passed:
         raise KeyboardInterrupt  # the runner has ended: the launch says so once (exit 130), as with torchrun
     if code < 0:  # the runner died of a signal: the shell's convention
         return 128 - code
     return code
+
+
+GROUP_WAIT_S = 75.0  # DeepSpeed's launcher waits 30 s for its ranks after SIGTERM, then SIGKILLs and waits 30 s more
+
+
+def _wait_for_group(pgid: int, timeout: float = GROUP_WAIT_S) -> None:
+    """Wait until no process is left in process group ``pgid`` (the runner's, which this launch created), at most
+    ``timeout`` seconds: with one host DeepSpeed's launcher and the ranks finishing their checkpoint are in it, and a
+    scheduler takes the launch's end as the run's."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.2)
 
 
 def _close_ssh_clients(pid_file: Any, real_ssh: str) -> None:

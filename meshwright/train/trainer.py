@@ -495,7 +495,10 @@ class Trainer:
             with Preemption(self.runtime.world_size, self.cfg.preempt_signals) as self.preemption:
                 for out in self.steps():
                     self._after_step(run, log, bar, out)
+                if self._stopping:  # its checkpoint follows: a signal reaching this rank late must not kill it there
+                    self.preemption.hold()
         except BaseException as exc:
+            self.preemption.release()
             self._complete_save_in_flight(exc)
             raise
         finally:
@@ -505,19 +508,22 @@ class Trainer:
             self._sinks.close()
             if self.energy is not None:
                 self.energy.pause()
-        try:  # the last ckpt_every checkpoint may still be in flight here too (an error in the final eval)
-            if run.eval_loss is None and self.cfg.eval_every == 0 and not self._stopping:
-                run.eval_loss = self.evaluate()
-            if self.step > run.first_step and self._saved_step != self.step:
-                self.save()
-        except BaseException as exc:
-            self._complete_save_in_flight(exc)
-            raise
-        self.wait_for_save()  # the run's last checkpoint is on disk and `latest` names it before fit returns
-        if self._stopping and self.runtime.is_main:  # every rank stopped at this step: said once
-            self.print(f"stopped at step {self.step} of {self.cfg.steps}: {self.preemption.name} received; checkpoint "
-                       f"saved{self.preemption.took()}, continue with `meshwright train ... --resume`")
-        return self._finish(run, resumed)
+        try:
+            try:  # the last ckpt_every checkpoint may still be in flight here too (an error in the final eval)
+                if run.eval_loss is None and self.cfg.eval_every == 0 and not self._stopping:
+                    run.eval_loss = self.evaluate()
+                if self.step > run.first_step and self._saved_step != self.step:
+                    self.save()
+            except BaseException as exc:
+                self._complete_save_in_flight(exc)
+                raise
+            self.wait_for_save()  # the run's last checkpoint is on disk and `latest` names it before fit returns
+            if self._stopping and self.runtime.is_main:  # every rank stopped at this step: said once
+                self.print(f"stopped at step {self.step} of {self.cfg.steps}: {self.preemption.name} received; "
+                           f"checkpoint saved{self.preemption.took()}, continue with `meshwright train ... --resume`")
+            return self._finish(run, resumed)  # the summary too: written before a late signal takes effect
+        finally:
+            self.preemption.release()  # held (a stop): the signals' own handlers again
 
     def _resume_for_fit(self, resume: bool | str | Path) -> bool:
         resumed = bool(resume) and self.resume(None if resume is True else resume)

@@ -407,3 +407,186 @@ def test_torchrun_env_values_travel_in_a_private_file_not_the_command_line(sshd,
     assert f"[127.0.0.1] A={value}|" in text and f"[127.0.0.2] A={value}|" in text
     assert not marker.exists()
     assert not list((tmp_path / ".meshwright").iterdir())  # each host removed its file after sourcing it
+
+
+def stoppable_python(tmp_path: Path) -> Path:
+    """Stands in for the hosts' python as torchrun with preempting ranks behaves: SIGTERM or SIGUSR1 starts a
+    checkpoint that lasts until the test writes ``release``, then exit 143; each host records every signal it got.
+    A host with a ``finishN`` file ends at once (exit 0)."""
+    script = tmp_path / "fakepython"
+    script.write_text(
+        "#!/bin/sh\n"
+        "case \"$*\" in *--node-rank=1*) node=1;; *) node=0;; esac\n"
+        f"rec={tmp_path}/node$node.txt\n"
+        "trap 'echo INT >> $rec; exit 130' INT\n"
+        "trap 'echo HUP >> $rec; exit 129' HUP\n"
+        "save() { echo \"$1\" >> $rec; echo \"node $node saving after $1\"; "
+        f"while [ ! -e {tmp_path}/release ]; do sleep 0.05; done; echo \"node $node saved\"; exit 143; }}\n"
+        "trap 'save TERM' TERM\n"
+        "trap 'save USR1' USR1\n"
+        f"if [ -e {tmp_path}/finish$node ]; then echo \"node $node done\"; exit 0; fi\n"
+        "echo \"node $node waiting\"\n"
+        "i=0; while [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\n"
+        "echo 'not stopped'; exit 0\n"
+    )
+    script.chmod(0o755)
+    return script
+
+
+def test_sigterm_and_sigusr1_of_the_launch_reach_every_host_as_themselves(sshd, tmp_path):
+    """SIGTERM to `meshwright launch` (a scheduler's stop) reaches each host's torchrun as SIGTERM, through the
+    process group each host's command reported, not as a Ctrl-C (the pty's SIGINT: ranks stopped without a
+    checkpoint); the launch waits for the hosts and raises LaunchStopped (exit 143). A second SIGTERM, and a
+    SIGUSR1 after it, are not passed on (torchrun would restart its wait for the ranks, and leave them at a third).
+    Then SIGUSR1 alone,
+    with one host already ended: only the running host gets it, as SIGUSR1."""
+    import threading
+
+    from meshwright.launcher.remote.relay import LaunchStopped
+
+    spec = LaunchSpec(hosts=[Host("127.0.0.1", 1), Host("127.0.0.2", 1)], train_args=["train", "default"],
+                      python=str(stoppable_python(tmp_path)), workdir=str(tmp_path))
+    main = threading.get_ident()
+
+    def wait_for(out: io.StringIO, text: str, count: int) -> bool:
+        deadline = time.monotonic() + 60
+        while out.getvalue().count(text) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return out.getvalue().count(text) >= count
+
+    def launch(signals: list[tuple[str, int, int]], ready: list[str]) -> tuple[str, LaunchStopped, list[bool]]:
+        """Start the launch; once every line of ``ready`` is out, for each (text, count, signum): send it, then wait for
+        ``count`` lines with ``text``; then release the hosts' checkpoints."""
+        out, seen = io.StringIO(), []
+
+        def send() -> None:
+            seen.append(all(wait_for(out, line, 1) for line in ready))
+            for text, count, signum in signals:
+                signal.pthread_kill(main, signum)
+                seen.append(wait_for(out, text, count))
+            (tmp_path / "release").write_text("")
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        try:
+            with pytest.raises(LaunchStopped) as stop:
+                run_over_ssh(spec, ssh_port=sshd.port, ssh_key=str(sshd.key), connect_timeout=10, sink=out,
+                             known_hosts=str(sshd.known_hosts))
+        finally:
+            sender.join(90)
+        return out.getvalue(), stop.value, seen
+
+    text, stop, seen = launch([("saving after TERM", 2, signal.SIGTERM),
+                               ("SIGTERM not passed on: SIGTERM already was", 1, signal.SIGTERM),
+                               ("SIGUSR1 not passed on: SIGTERM already was", 1, signal.SIGUSR1)],
+                              ready=["node 0 waiting", "node 1 waiting"])
+    assert seen == [True] * 4, text
+    assert stop.name == "SIGTERM" and stop.missed == [] and stop.started, text
+    for node, host in enumerate(("127.0.0.1", "127.0.0.2")):
+        assert (tmp_path / f"node{node}.txt").read_text() == "TERM\n", text  # once, as itself: no INT, no HUP
+        assert f"[{host}] node {node} saved" in text, text
+    assert "meshwright-launch-pgid" not in text  # the hosts' process group lines are taken, not shown
+    assert text.count("meshwright launch: SIGTERM passed on to the torchrun of every host still running") == 1
+
+    for f in ("node0.txt", "node1.txt", "release"):
+        (tmp_path / f).unlink()
+    (tmp_path / "finish1").write_text("")
+    text, stop, seen = launch([("saving after USR1", 1, signal.SIGUSR1)], ready=["node 0 waiting", "node 1 done"])
+    assert seen == [True, True] and "[127.0.0.2] node 1 done" in text, text
+    assert stop.name == "SIGUSR1" and (tmp_path / "node0.txt").read_text() == "USR1\n", text
+    assert not (tmp_path / "node1.txt").exists()  # the host already ended got nothing
+
+
+def _rank_python(tmp_path: Path, exits: Path) -> Path:
+    """torchrun's worker python (``PYTHON_EXEC``): runs ``-u -m meshwright.cli ...`` in this process, as python would
+    (signals reach the rank itself), and appends ``RANK STATUS`` to ``exits`` at its ``os._exit`` (a torchrun
+    worker ends there: ``mesh.exit_worker``)."""
+    script = tmp_path / "rank-python"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import os, runpy, sys\n"
+        "args = sys.argv[1:]\n"
+        "assert args[:3] == ['-u', '-m', 'meshwright.cli'], args\n"
+        "sys.stdout.reconfigure(line_buffering=True)\n"
+        "sys.argv = ['meshwright.cli', *args[3:]]\n"
+        "real_exit = os._exit\n"
+        "def recorded_exit(code):\n"
+        f"    with open({str(exits)!r}, 'a') as fh:\n"
+        "        fh.write(f\"{os.environ['RANK']} {code}\\n\")\n"
+        "    real_exit(code)\n"
+        "os._exit = recorded_exit\n"
+        "runpy.run_module('meshwright.cli', run_name='__main__', alter_sys=True)\n")
+    script.chmod(0o755)
+    return script
+
+
+@pytest.mark.timeout(600)
+def test_sigterm_to_the_launch_preempts_every_rank_with_a_checkpoint_and_sigusr1_after_a_resume(sshd, tmp_path):
+    """SIGTERM to `meshwright launch` (what Slurm or Kubernetes sends the process it started): every rank on both
+    "hosts" gets SIGTERM (torchrun passes on what the launch sent its process group), stops after the same step with
+    a checkpoint there and exits 143; the launch waits for them and exits 143. Before, it went on as a Ctrl-C over the
+    ptys: the ranks stopped in their step without a checkpoint. Then the same launch with `--resume` continues from
+    that checkpoint, and SIGUSR1 (Slurm's --signal) stops it the same way."""
+    hf = tmp_path / "hostfile"
+    hf.write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
+    out_dir = tmp_path / "run"
+    exits = tmp_path / "rank.exits"
+    rank_python = _rank_python(tmp_path, exits)
+    from helpers import free_port
+    from meshwright.train.checkpoint import latest_checkpoint
+
+    steps = 2000  # never reached
+    records = out_dir / "log.jsonl"
+
+    def launch(log: Path, *extra: str) -> subprocess.Popen:
+        with open(log, "w") as fh:
+            return subprocess.Popen(
+                [sys.executable, "-m", "meshwright.cli", "launch", "--hosts", str(hf), "--ssh-port", str(sshd.port),
+                 "--ssh-key", str(sshd.key), "--ssh-known-hosts", str(sshd.known_hosts), "--python", sys.executable,
+                 "--workdir", str(REPO), "--rdzv-port", str(free_port()), "--env", "OMP_NUM_THREADS=1",
+                 "--env", f"PYTHONPATH={REPO}", "--env", f"PYTHON_EXEC={rank_python}",
+                 "--env", "MESHWRIGHT_PG_TIMEOUT_S=60",
+                 "--", "train", "tiny-test", f"steps={steps}", "eval_every=0", "log_every=1", "data.max_files=20",
+                 "ckpt_every=0", "progress=false", f"out_dir={out_dir}", *extra],
+                stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)  # the launch's own group: only it gets the signal
+
+    def stop(launch_proc: subprocess.Popen, log: Path, signum: int, after: int) -> tuple[int, str]:
+        try:
+            _wait_for_records(records, launch_proc, log, after)
+            launch_proc.send_signal(signum)
+            assert launch_proc.wait(180) == 143, log.read_text()[-4000:]
+            deadline = time.monotonic() + 60
+            while _running_with(f"out_dir={out_dir}"):
+                assert time.monotonic() < deadline, f"still running: {_running_with(f'out_dir={out_dir}')}"
+                time.sleep(0.2)
+        finally:
+            for pid in _running_with(f"out_dir={out_dir}"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if launch_proc.poll() is None:
+                launch_proc.kill()
+                launch_proc.wait(10)
+        summary = json.loads((out_dir / "summary.json").read_text())
+        assert summary["stopped_by"] == signal.Signals(signum).name and summary["world_size"] == 2, summary
+        stopped = summary["steps"]
+        ckpt = latest_checkpoint(out_dir / "ckpt")
+        assert ckpt is not None and ckpt.name == f"step_{stopped:06d}", summary
+        assert (ckpt / "rng_rank00000.pt").is_file() and (ckpt / "rng_rank00001.pt").is_file()
+        assert [json.loads(line) for line in records.read_text().splitlines()][-1]["step"] == stopped
+        return stopped, log.read_text()
+
+    first, text = stop(launch(tmp_path / "launch1.txt"), tmp_path / "launch1.txt", signal.SIGTERM, 2)
+    assert 2 <= first < steps
+    assert sorted(exits.read_text().splitlines()) == ["0 143", "1 143"], text[-4000:]  # every rank: preempted
+    assert "meshwright launch: SIGTERM passed on to the torchrun of every host still running" in text, text[-4000:]
+    assert text.rstrip().splitlines()[-1].startswith("meshwright launch: stopped by SIGTERM"), text[-2000:]
+    assert "Ctrl-C" not in text and "[default0]:meshwright train: interrupted" not in text, text[-4000:]
+
+    exits.unlink()
+    second, text = stop(launch(tmp_path / "launch2.txt", "--resume"), tmp_path / "launch2.txt", signal.SIGUSR1,
+                        first + 2)
+    resumed = [line for line in text.splitlines() if "resumed from " in line]
+    assert second >= first + 2 and len(resumed) == 1 and resumed[0].endswith(f" at step {first}"), text[-4000:]
+    assert sorted(exits.read_text().splitlines()) == ["0 143", "1 143"], text[-4000:]
+    recs = [json.loads(line) for line in records.read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(1, second + 1))  # continued from the first stop's checkpoint

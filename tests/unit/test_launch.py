@@ -28,7 +28,7 @@ def test_torchrun_dry_run_golden_two_hosts():
     # the remote word runs /bin/sh whatever the login shell; the script's quotes travel as printf escapes (\047)
     assert lines == [
         f"[node{i}] ssh -o BatchMode=yes -p 2222 -i /keys/id_ed25519 node{i} 'exec /bin/sh -c '\"'\"'eval "
-        "\"$(printf \"cd \\047/srv/run dir\\047 && exec "
+        "\"$(printf \"cd \\047/srv/run dir\\047 && echo meshwright-launch-pgid \\044\\044 && exec "
         f"/opt/venv/bin/python -m torch.distributed.run --nnodes=2 --node-rank={i} --nproc-per-node=4 "
         "--rdzv-backend=static --master-addr=node0 --master-port=29400 --max-restarts=0 "
         "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2 --tee=3 -m meshwright.cli train "
@@ -85,8 +85,8 @@ def test_torchrun_four_hosts_ranks_and_endpoint():
     assert remote_shell_command(s, torchrun_argv(s, 3)) == login_shell_neutral(remote)
     # the remote script parses back to exactly the intended words
     words = shlex.split(remote)
-    assert words[:3] == ["cd", "/srv/run dir", "&&"]
-    assert words[4:6] == ["env", "NCCL_DEBUG=WARN"]
+    assert words[:7] == ["cd", "/srv/run dir", "&&", "echo", "meshwright-launch-pgid", "$$", "&&"]
+    assert words[7:10] == ["exec", "env", "NCCL_DEBUG=WARN"]
 
 
 def test_deepspeed_dry_run_golden():
@@ -250,3 +250,183 @@ def test_a_deepspeed_launch_passes_ctrl_c_on_to_its_runner_and_closes_the_ssh_cl
         if ssh_pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(ssh_pid, signal.SIGKILL)
+
+
+def test_the_process_group_line_is_taken_once_and_the_signal_command_reaches_that_group(tmp_path):
+    """Each host's first `meshwright-launch-pgid N` line is its process group (not shown; a later one, or a malformed
+    one, is ordinary output); the command sent to stop it signals that group with a fixed signal name, run here by
+    /bin/sh against a real process group of its own (a session leader, as sshd's pty makes the host's shell)."""
+    import io
+    import os
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    from meshwright.launcher.remote.argv import PGID_MARKER, parse_pgid_line, signal_group_command
+    from meshwright.launcher.remote.ssh import PrefixedStream
+
+    assert parse_pgid_line(f"{PGID_MARKER} 4242\r") == 4242
+    for line in (f"{PGID_MARKER} 1", f"{PGID_MARKER} 0", f"{PGID_MARKER} -5", f"{PGID_MARKER} 4x", f"{PGID_MARKER}",
+                 f"{PGID_MARKER} ４２", f"x {PGID_MARKER} 42", "4242"):
+        assert parse_pgid_line(line) is None, line
+    for bad in (1, 0, -3, True, "42"):
+        with pytest.raises(ValueError):
+            signal_group_command(bad, "TERM")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        signal_group_command(42, "KILL; id")
+
+    out = io.StringIO()
+    stream = PrefixedStream("h", out, threading.Lock())
+    stream.write(f"motd\r\n{PGID_MARKER} 4242\r\nrank 0 up\n{PGID_MARKER} 7\n")
+    assert stream.pgid == 4242
+    assert out.getvalue() == f"[h] motd\n[h] rank 0 up\n[h] {PGID_MARKER} 7\n"
+
+    got = tmp_path / "got"
+    leader = subprocess.Popen(["/bin/sh", "-c", f"trap 'echo TERM > {got}; exit 143' TERM; echo {PGID_MARKER} $$; "
+                               "while :; do sleep 0.05; done"], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        pgid = parse_pgid_line(leader.stdout.readline())
+        assert pgid == leader.pid == os.getpgid(leader.pid)
+        sent = subprocess.run(["/bin/sh", "-c", signal_group_command(pgid, "TERM")], capture_output=True, text=True,
+                              timeout=30)
+        assert sent.returncode == 0, sent.stderr
+        assert leader.wait(30) == 143 and got.read_text() == "TERM\n"
+    finally:
+        if leader.poll() is None:
+            os.killpg(leader.pid, signal.SIGKILL)
+            leader.wait(10)
+    # a group gone since: the command fails (its host ended meanwhile), one line on stderr
+    gone = subprocess.run(["/bin/sh", "-c", signal_group_command(pgid, "TERM")], capture_output=True, text=True,
+                          timeout=30)
+    assert gone.returncode != 0 and len(gone.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1"])
+def test_a_deepspeed_launch_passes_sigterm_or_sigusr1_on_as_sigterm_and_waits_for_the_ranks(tmp_path, signame):
+    """One host under --launcher deepspeed: DeepSpeed's runner and launcher and the ranks share the launch's child
+    process group. SIGTERM or SIGUSR1 to the launch reaches that group as SIGTERM (the signal DeepSpeed's processes
+    handle; SIGUSR1's default action killed them), the runner ends at once, and the launch waits for a "rank" still
+    writing its checkpoint, then raises LaunchStopped (exit 143), not KeyboardInterrupt."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from meshwright.commands.launch import _run_passing_signals_on
+    from meshwright.launcher.remote.relay import LaunchStopped
+
+    rank = tmp_path / "rank"
+    rank.write_text(f"#!/bin/sh\ntrap 'echo TERM >> {tmp_path}/rank.got; sleep 1; touch {tmp_path}/saved; exit 143' TERM\n"
+                    f"touch {tmp_path}/ready\nwhile :; do sleep 0.05; done\n")
+    runner = tmp_path / "runner"
+    runner.write_text(f"#!/bin/sh\n{rank} &\ntrap 'echo TERM > {tmp_path}/runner.got; exit 1' TERM\n"
+                      "while :; do sleep 0.05; done\n")
+    for f in (rank, runner):
+        f.chmod(0o755)
+    main_thread = threading.get_ident()
+
+    def send() -> None:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        signal.pthread_kill(main_thread, signal.Signals[signame])
+
+    threading.Thread(target=send, daemon=True).start()
+    with pytest.raises(LaunchStopped) as stop:
+        _run_passing_signals_on([str(runner)], cwd=str(tmp_path), env=dict(os.environ), ssh=None)
+    assert stop.value.name == signame and "as SIGTERM" in stop.value.message()
+    assert (tmp_path / "saved").exists()  # the launch ended after the rank's checkpoint, not with its runner
+    assert (tmp_path / "rank.got").read_text() == "TERM\n" and (tmp_path / "runner.got").read_text() == "TERM\n"
+
+
+def test_the_stop_relay_waits_for_a_process_group_skips_ended_hosts_and_hangs_up_where_it_cannot_send():
+    """The relay sends the first SIGTERM once per running host, when that host has reported its process group; a host
+    already ended gets nothing; a host whose connection is gone (the command cannot be sent) is hung up on instead, said
+    in one line; a second signal, or one after a Ctrl-C, is said and not passed on."""
+    import signal
+    from types import SimpleNamespace
+
+    from meshwright.launcher.remote.argv import signal_group_command
+    from meshwright.launcher.remote.relay import LaunchStopped, StopRelay
+
+    class Conn:
+        def __init__(self, gone: bool = False) -> None:
+            self.gone, self.sent, self.closed = gone, [], False
+
+        def run(self, cmd: str, **kw):
+            if self.gone:
+                raise OSError("Socket is closed")
+            self.sent.append(cmd)
+            return SimpleNamespace(exited=0, stderr="", stdout="")
+
+        def close(self) -> None:
+            self.closed = True
+
+    conns = [Conn(), Conn(gone=True), Conn(), Conn()]
+    pgids: list[int | None] = [101, 202, None, 404]
+    said: list[str] = []
+    relay = StopRelay(["h0", "h1", "h2", "h3"], conns, lambda i: pgids[i], said.append, timeout=5)
+
+    def turn(running: list[bool], interrupted: bool = False) -> None:
+        relay.pass_on(running, interrupted)
+        for t in list(relay._threads.values()):
+            t.join(10)
+
+    relay.record(signal.SIGTERM, None)
+    turn([True, True, True, False])
+    assert said == ["meshwright launch: SIGTERM passed on to the torchrun of every host still running: their ranks stop "
+                    "after the same step with a checkpoint; waiting for them"]
+    assert conns[0].sent == [signal_group_command(101, "TERM")] and not conns[2].sent and not conns[3].sent
+    turn([True, True, True, False])  # h1's send failed: hung up on, once; h2 has not reported its group yet
+    pgids[2] = 303
+    relay.record(signal.SIGTERM, None)
+    turn([True, True, True, False])
+    turn([True, True, True, False])
+    assert conns[1].closed and not conns[0].closed and relay.missed == [1]
+    assert said[1] == ("meshwright launch: could not pass SIGTERM on to host h1 (Socket is closed); hanging up on it "
+                       "instead (SIGHUP: its ranks stop the same way)")
+    assert said[2:] == ["meshwright launch: SIGTERM not passed on: SIGTERM already was; waiting for the hosts' "
+                        "checkpoints"]
+    assert conns[0].sent == [signal_group_command(101, "TERM")] and conns[2].sent == [signal_group_command(303, "TERM")]
+    assert not conns[3].sent  # ended before the signal
+    assert LaunchStopped(signal.SIGTERM, ["h1"]).message().startswith(
+        "stopped by SIGTERM: passed on to every host's torchrun; the ranks stop after the same step with a checkpoint")
+
+    after_ctrl_c = StopRelay(["h0"], [Conn()], lambda i: 7, said.append, timeout=5)
+    after_ctrl_c.record(signal.SIGUSR1, None)
+    after_ctrl_c.pass_on([True], interrupted=True)
+    assert after_ctrl_c.signum is None and not after_ctrl_c.conns[0].sent
+    assert said[-1] == "meshwright launch: SIGUSR1 not passed on: the hosts are already stopping after Ctrl-C"
+
+
+def test_a_stop_signal_while_the_hosts_are_connected_starts_nothing(monkeypatch):
+    """SIGTERM while the launch connects (before any torchrun starts): nothing is started, every connection is
+    closed, the stored --env files are removed, and the launch says it was stopped (LaunchStopped, started=False:
+    exit 143). Before, SIGTERM there killed the launch at once."""
+    import os
+    import signal
+
+    from meshwright.launcher.remote import ssh
+    from meshwright.launcher.remote.relay import LaunchStopped
+
+    conns = [_FakeConn("node0"), _FakeConn("node1")]
+
+    def fake_connect(host, *a, **k):
+        if host.name == "node1":
+            os.kill(os.getpid(), signal.SIGTERM)  # the scheduler's stop, taken by the launch's handler
+        return conns[int(host.name[-1])]
+
+    monkeypatch.setattr(ssh, "connect", fake_connect)
+    s = LaunchSpec(hosts=[Host(f"node{i}", 1) for i in range(2)], train_args=TRAIN, env={"HF_TOKEN": "secret"})
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(LaunchStopped) as stop:
+        ssh.run_over_ssh(s, sink=open("/dev/null", "w"))
+    assert stop.value.name == "SIGTERM" and not stop.value.started
+    assert stop.value.message() == "SIGTERM received before any host started: nothing was started"
+    assert signal.getsignal(signal.SIGTERM) is before  # the launch's handler is gone again
+    assert not [c for conn in conns for c, started in conn.runs if started] and all(c.closed for c in conns)
+    rm = "exec /bin/sh -c 'eval \"$(printf \"rm -f "
+    assert all(len([c for c, _ in conn.runs if c.startswith(rm)]) == 1 for conn in conns)  # both --env files removed

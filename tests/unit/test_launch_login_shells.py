@@ -15,6 +15,7 @@ import pytest
 
 from meshwright.launcher.remote.argv import (
     LaunchSpec, env_script_text, login_shell_neutral, remote_env_file, remote_shell_command, remove_file_command,
+    signal_group_command,
     torchrun_argv, upload_env_command,
 )
 from meshwright.launcher.remote.hostfile import Host
@@ -72,7 +73,7 @@ def test_the_remote_commands_run_the_same_under_every_login_shell(name, tmp_path
 
     path = remote_env_file(spec, 1)
     for command in (remote_shell_command(spec, argv), remote_shell_command(spec, argv, path),
-                    upload_env_command(path), remove_file_command(path)):
+                    upload_env_command(path), remove_file_command(path), signal_group_command(4242, "TERM")):
         _fish_and_csh_read_it_as_sh(command)
 
     # without --env file: env A=... in the command

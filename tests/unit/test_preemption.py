@@ -81,6 +81,59 @@ def test_preemption_records_the_signals_it_is_given_and_leaves_the_others_alone(
         assert p.agreed() is True and p.name == "SIGHUP"
 
 
+def test_a_held_preemption_keeps_recording_after_its_context_until_released():
+    """hold() (a stop agreed: its checkpoint is written after the context): a signal arriving then is recorded, not
+    its default action (which killed the rank mid-checkpoint); release() restores the previous handlers. Leaving on
+    an error releases at once."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)}
+    with Preemption(1) as p:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert p.agreed() is True
+        p.hold()
+    assert signal.getsignal(signal.SIGUSR1) == p._record
+    os.kill(os.getpid(), signal.SIGUSR1)  # another host's stop, late: recorded (this process lives on)
+    assert p.name == "SIGUSR1"
+    p.release()
+    p.release()
+    assert {s: signal.getsignal(s) for s in before} == before
+    with pytest.raises(RuntimeError):
+        with Preemption(1) as p:
+            p.hold()
+            raise RuntimeError("a peer lost")
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+@pytest.mark.timeout(120)
+def test_a_stop_holds_the_signals_through_the_checkpoint_and_the_summary(data, tmp_path, monkeypatch):
+    """A stop agreed at step 2: the final checkpoint and the summary are written with the stop signals still
+    recorded (a late one from another host is no kill), and the previous handlers are back once fit returns."""
+    t = make_trainer(data, tmp_path, steps=6, ckpt_every=0, eval_every=0)
+    before = signal.getsignal(signal.SIGTERM)
+    seen: dict[str, object] = {}
+    real_save, real_finish, real_agreed = t.save, t._finish, Preemption.agreed
+
+    def agreed(self):
+        if t.step == 2 and self.signum is None:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_agreed(self)
+
+    def save(*a, **k):
+        seen["save"] = signal.getsignal(signal.SIGTERM)
+        return real_save(*a, **k)
+
+    def finish(*a, **k):
+        seen["finish"] = signal.getsignal(signal.SIGTERM)
+        return real_finish(*a, **k)
+
+    monkeypatch.setattr(Preemption, "agreed", agreed)
+    monkeypatch.setattr(t, "save", save)
+    monkeypatch.setattr(t, "_finish", finish)
+    summary = t.fit()
+    assert summary["stopped_by"] == "SIGTERM" and summary["steps"] == 2
+    assert seen["save"] == t.preemption._record and seen["finish"] == t.preemption._record
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_an_ignored_signal_stays_ignored():
     """`nohup meshwright train ...` ignores SIGHUP so that the run outlives the terminal: the preemption leaves it
     ignored (a hang-up then neither stops nor kills the run); the other signals are handled as usual."""

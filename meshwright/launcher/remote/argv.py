@@ -119,16 +119,42 @@ def login_shell_neutral(script: str) -> str:
     return f"exec /bin/sh -c 'eval \"$(printf \"{fmt}\")\"'"
 
 
+# the first line each host's command prints: its process group id (``$$`` of the shell that then execs torchrun, a
+# session leader under the pty sshd gives it), where ``signal_group_command`` sends the launch's SIGTERM/SIGUSR1
+PGID_MARKER = "meshwright-launch-pgid"
+
+
 def posix_remote_script(spec: LaunchSpec, argv: list[str], env_file: str | None = None) -> str:
-    """The POSIX script each host runs: ``cd WORKDIR && exec env K=V ... ARGV`` with every piece quoted. With
-    ``env_file`` (a 0600 file of ``export K='V'`` lines already on the host) the values stay off the command
-    line: ``cd WORKDIR && . FILE && rm -f FILE && exec ARGV``."""
+    """The POSIX script each host runs: ``cd WORKDIR && echo PGID_MARKER $$ && exec env K=V ... ARGV`` with every
+    piece quoted. With ``env_file`` (a 0600 file of ``export K='V'`` lines already on the host) the values stay off
+    the command line: ``cd WORKDIR && . FILE && rm -f FILE && echo ... && exec ARGV``. ``exec`` keeps the shell's
+    pid, so the reported id is torchrun's process group."""
+    report = f"echo {PGID_MARKER} $$"
     if env_file is not None:
         f = shlex.quote(env_file)
-        return f"cd {shlex.quote(spec.workdir)} && . {f} && rm -f {f} && exec {shlex.join(argv)}"
+        return f"cd {shlex.quote(spec.workdir)} && . {f} && rm -f {f} && {report} && exec {shlex.join(argv)}"
     env = [f"{k}={v}" for k, v in sorted(spec.env.items())]
     prefix = ["env", *env] if env else []
-    return f"cd {shlex.quote(spec.workdir)} && exec {shlex.join(prefix + argv)}"
+    return f"cd {shlex.quote(spec.workdir)} && {report} && exec {shlex.join(prefix + argv)}"
+
+
+def parse_pgid_line(line: str) -> int | None:
+    """The process group id in a host's ``PGID_MARKER`` line, or None for any other line (or a malformed one)."""
+    words = line.strip().split()
+    if len(words) == 2 and words[0] == PGID_MARKER and words[1].isdigit() and words[1].isascii():
+        pgid = int(words[1])
+        return pgid if pgid > 1 else None  # kill -- -1 would mean every process the user owns
+    return None
+
+
+def signal_group_command(pgid: int, signal_name: str) -> str:
+    """The remote command that sends ``signal_name`` (``TERM``, ``USR1``) to process group ``pgid`` (any login
+    shell). Built from an integer and a name from a fixed set, never from text a host sent."""
+    if not isinstance(pgid, int) or isinstance(pgid, bool) or pgid <= 1:
+        raise ValueError(f"pgid={pgid!r}: a process group id > 1")
+    if signal_name not in ("TERM", "USR1", "USR2", "INT", "HUP"):
+        raise ValueError(f"signal_name={signal_name!r}: TERM, USR1, USR2, INT or HUP")
+    return login_shell_neutral(f"kill -s {signal_name} -- -{pgid}")
 
 
 def remote_shell_command(spec: LaunchSpec, argv: list[str], env_file: str | None = None) -> str:

@@ -3,10 +3,11 @@
 SSH is key-only: no passwords are ever sent, the agent is used only if no key is given. Host keys are checked
 as OpenSSH checks them: against known_hosts, an unknown or changed key refused (fabric alone trusts any). Each host's
 remote command runs under a pty so that closing the connection hangs up the remote process group,
-which is how the other hosts are stopped when one fails. A Ctrl-C (or SIGTERM) of the launch is not a hang-up: it
-is passed on as each host's terminal would pass it (ETX on the pty: SIGINT to its torchrun), so the ranks stop as
-under a local torchrun, and the launch waits for them; a second one is passed on too, a third hangs up. Every
-command sent is wrapped by
+which is how the other hosts are stopped when one fails. A Ctrl-C of the launch is not a hang-up: it is passed on
+as each host's terminal would pass it (ETX on the pty: SIGINT to its torchrun), so the ranks stop as under a local
+torchrun, and the launch waits for them; a second one is passed on too, a third hangs up. SIGTERM or SIGUSR1 of the
+launch (a scheduler's stop) reaches each host's torchrun as itself, through its process group (``relay.py``): the
+ranks stop after the same step with a checkpoint and the launch exits 143. Every command sent is wrapped by
 ``argv.login_shell_neutral``, so the hosts' login shells may be fish or csh/tcsh as well as sh/bash/zsh.
 """
 
@@ -16,33 +17,38 @@ import collections
 import contextlib
 import io
 import os
-import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, TextIO
+from typing import Any, TextIO
 
 from meshwright.errors import ConfigError
 from meshwright.launcher.remote.argv import (
-    LaunchSpec, env_script_text, remote_env_file, remote_shell_command, remove_file_command, torchrun_argv,
-    upload_env_command,
+    LaunchSpec, env_script_text, parse_pgid_line, remote_env_file, remote_shell_command, remove_file_command,
+    torchrun_argv, upload_env_command,
 )
 from meshwright.launcher.remote.hostfile import Host
+from meshwright.launcher.remote.relay import LaunchStopped, StopRelay
 
 
 class PrefixedStream:
-    """File-like sink that prefixes each line with ``[host]`` and keeps the last lines for errors."""
+    """File-like sink that prefixes each line with ``[host]`` and keeps the last lines for errors. The host's first
+    ``argv.PGID_MARKER`` line is taken, not shown: ``pgid`` (what a stop signal is sent to)."""
 
     def __init__(self, prefix: str, sink: TextIO, lock: threading.Lock, keep: int = 20) -> None:
         self.prefix, self.sink, self.lock = prefix, sink, lock
         self.buf = ""
         self.tail: collections.deque[str] = collections.deque(maxlen=keep)
+        self.pgid: int | None = None
 
     def write(self, text: str) -> int:
         self.buf += text.replace("\r\n", "\n").replace("\r", "\n")
         while "\n" in self.buf:
             line, self.buf = self.buf.split("\n", 1)
+            if self.pgid is None and (pgid := parse_pgid_line(line)) is not None:
+                self.pgid = pgid
+                continue
             self.tail.append(line)
             with self.lock:
                 self.sink.write(f"[{self.prefix}] {line}\n")
@@ -132,7 +138,8 @@ def run_over_ssh(spec: LaunchSpec, ssh_port: int | None = None, ssh_key: str | N
 
     Every host is connected and given its --env file before any torchrun starts, and every connection is closed
     whatever fails: a host that could not be reached (or store its file) used to leave the earlier connections open,
-    and the earlier hosts' torchruns running, waiting for a rendezvous that never completes."""
+    and the earlier hosts' torchruns running, waiting for a rendezvous that never completes. A SIGTERM or SIGUSR1
+    is passed on to every host (``relay.StopRelay``); once they have all ended, ``relay.LaunchStopped`` is raised."""
     spec.validate()
     lock = threading.Lock()
     conns: list[Any] = []
@@ -144,15 +151,24 @@ def run_over_ssh(spec: LaunchSpec, ssh_port: int | None = None, ssh_key: str | N
     env_files: list[str | None] = []
     promises: list[Any] = []
     interrupts = 0
+
+    def say(text: str) -> None:
+        with lock:
+            sink.write(text + "\n")
+            sink.flush()
+
+    relay = StopRelay([h.name for h in spec.hosts], conns, lambda i: streams[i].pgid, say, connect_timeout)
     try:
-        for h in spec.hosts:
-            conns.append(connect(h, ssh_port, ssh_key, connect_timeout, known_hosts))
-        for i, (host, conn) in enumerate(zip(spec.hosts, conns)):
-            env_files.append(_upload_env(spec, conn, host, i) if spec.env else None)
-        promises = [conn.run(remote_shell_command(spec, torchrun_argv(spec, i), env_file), asynchronous=True, pty=True,
-                             warn=True, hide=False, out_stream=stream, err_stream=stream, in_stream=False)
-                    for i, (conn, stream, env_file) in enumerate(zip(conns, streams, env_files))]
-        with _sigterm_as_interrupt():
+        with relay.installed():
+            for h in spec.hosts:
+                conns.append(connect(h, ssh_port, ssh_key, connect_timeout, known_hosts))
+            for i, (host, conn) in enumerate(zip(spec.hosts, conns)):
+                env_files.append(_upload_env(spec, conn, host, i) if spec.env else None)
+            if relay.first_received() is not None:  # stopped while connecting: start nothing (the finally cleans up)
+                raise LaunchStopped(relay.first_received(), started=False)
+            promises = [conn.run(remote_shell_command(spec, torchrun_argv(spec, i), env_file), asynchronous=True,
+                                 pty=True, warn=True, hide=False, out_stream=stream, err_stream=stream, in_stream=False)
+                        for i, (conn, stream, env_file) in enumerate(zip(conns, streams, env_files))]
             while any(c is None for c in codes):
                 try:
                     for i, p in enumerate(promises):
@@ -161,13 +177,16 @@ def run_over_ssh(spec: LaunchSpec, ssh_port: int | None = None, ssh_key: str | N
                                 codes[i] = p.join().exited
                             except Exception as exc:  # invoke raises for hung-up runners
                                 codes[i] = getattr(getattr(exc, "result", None), "exited", 255) or 255
-                            if codes[i] != 0 and not failed and not interrupts:  # interrupted: each host stops itself
+                            # interrupted or stopping (torchrun exits 1 after passing a signal on): each host stops
+                            # itself; a hang-up would reach the others' ranks in their checkpoint
+                            if codes[i] != 0 and not failed and not interrupts and relay.signum is None:
                                 failed = True
                                 first_failure = i
                                 for j, conn in enumerate(conns):
                                     if codes[j] is None:
                                         stopped.add(j)
                                         conn.close()  # hangs up the pty: remote torchrun gets SIGHUP
+                    relay.pass_on([c is None and j not in stopped for j, c in enumerate(codes)], bool(interrupts))
                     time.sleep(poll_s)
                 except KeyboardInterrupt:
                     interrupts += 1
@@ -176,6 +195,8 @@ def run_over_ssh(spec: LaunchSpec, ssh_port: int | None = None, ssh_key: str | N
                     _forward_interrupt(promises, codes, sink, lock, interrupts)
         if interrupts:
             raise KeyboardInterrupt  # every host has stopped: the launch says so (exit 130)
+        if relay.signum is not None:
+            raise LaunchStopped(relay.signum, [spec.hosts[i].name for i in relay.missed])
     finally:
         for s in streams:
             s.flush()
@@ -205,24 +226,6 @@ def _forward_interrupt(promises: list[Any], codes: list[int | None], sink: TextI
         sink.write(f"meshwright launch: Ctrl-C passed on to the torchrun of every host still running; waiting for "
                    f"them to stop ({then})\n")
         sink.flush()
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM to the launch (a scheduler stopping it) is taken as a Ctrl-C: passed on to the hosts, not a hang-up.
-    Main thread only (where Python delivers signals)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _discard_env_files(conns: list[Any], env_files: list[str | None]) -> None:

@@ -280,31 +280,15 @@ def compute_result(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _search_for_stack(target: str, cfg: Any, cluster: Any, args: argparse.Namespace, hw: Any, constraints: Any) -> Any:
-    """Search only the layouts ``target`` runs: the union of its constraint sets, best first, preferring
-    plans it runs as planned (export.stack_problems) over ones it would approximate."""
-    from meshwright.launcher.planner.export import stack_constraints, stack_problems
-    from meshwright.launcher.planner.export.stacks import RUNS
-    from meshwright.launcher.planner.export.uniform import uniform_variants
-    from meshwright.launcher.planner.search import Allow, Candidate, search
+    """Search only the layouts ``target`` runs (export.stacks.search_for_stack, which ``search()`` also uses under a
+    restricting ``hw.stack``); an error names the flag the user gave (--stack wins: `--emit deepspeed --stack
+    deepspeed-fp32-accum`)."""
+    from meshwright.launcher.planner.export.stacks import search_for_stack
 
-    sets = stack_constraints(target, constraints, cfg)
-    if not sets:  # the flag the user gave (--stack wins: `--emit deepspeed --stack deepspeed-fp32-accum`)
-        flag = "stack" if getattr(args, "stack", None) else "emit"
-        emit = f" (with --emit {args.emit})" if flag == "stack" and getattr(args, "emit", None) else ""
-        fixed = " ".join(f"--{k.replace('_', '-')} {getattr(constraints, k)}" for k in
-                         ("zero", "pp", "ep", "schedule", "virtual_stages") if getattr(constraints, k) is not None)
-        raise ConfigError(f"{flag}={target!r}{emit} cannot run the layout fixed by {fixed}; valid: {RUNS[target]}")
-    results = [search(cfg, cluster, args.seq_len, args.global_batch, hw=hw, constraints=c, allow=Allow(), top=args.top,
-                      suggest=False) for c in sets]
-    found = [c for r in results for c in ([r.best] if r.best else []) + list(r.runners_up)]
-    cache: dict[Any, Any] = {}  # the stack runs one strategy for every layer: the found plans' layers made to agree
-    found += [Candidate(p, pred) for c in found for p, pred in uniform_variants(c.plan, cfg, hw, cluster.world_size,
-                                                                              cache)]
-    cands = sorted(found, key=lambda c: (bool(stack_problems(target, c.plan, cfg)), c.prediction.step_s))
-    res = min(results, key=lambda r: r.best.prediction.step_s if r.best else float("inf"))
-    if cands:
-        res = dataclasses.replace(res, best=cands[0], runners_up=cands[1:args.top])
-    return res
+    flag = "stack" if getattr(args, "stack", None) else "emit"
+    emit = f" (with --emit {args.emit})" if flag == "stack" and getattr(args, "emit", None) else ""
+    return search_for_stack(target, cfg, cluster, args.seq_len, args.global_batch, hw, constraints, top=args.top,
+                            named=f"{flag}={target!r}{emit}")
 
 
 def _capacity(args: argparse.Namespace, cluster: Any, predicted: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ tests/unit/test_lora_cost.py.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from meshwright.config import LoraConfig, ModelConfig
@@ -47,11 +47,38 @@ class LoraStep:
     embedding_trainable: bool
     adapter_in: tuple[int, ...] = ()  # per block, the adapted linears' input and output widths summed
     adapter_out: tuple[int, ...] = ()
+    # per block, what of the above every tensor-parallel rank holds whole (parallel/tensor_parallel.py, as PEFT and
+    # Megatron shard adapters): a column-parallel base's (wq/wk/wv, w1/w3) A (r x in, its input replicated) and a
+    # row-parallel base's (wo, w2) B (out x r, its output a partial sum); the other factor is split over tp with
+    # the base. ``adapter_rep`` parameters, ``no_dgrad_adapter_rep`` the skipped dX of the replicated A's,
+    # ``adapter_in_rep`` the column bases' input widths, ``adapter_out_rep`` the row bases' output widths
+    adapter_rep: tuple[int, ...] = ()
+    no_dgrad_adapter_rep: tuple[int, ...] = ()
+    adapter_in_rep: tuple[int, ...] = ()
+    adapter_out_rep: tuple[int, ...] = ()
 
     def layer_key(self, index: int) -> tuple:
         """What sets block ``index``'s LoRA costs (blocks with the same key cost the same)."""
         return (self.adapter[index], self.no_wgrad[index], self.no_dgrad[index], self.no_dgrad_adapter[index],
                 self.attn_bwd[index])
+
+    def on_rank(self, index: int, tp: Any) -> Any:
+        """Adapter parameters of block ``index`` on one of ``tp`` tensor-parallel ranks: the replicated factors
+        whole, the others split (``adapter_rep``); ``tp`` may be an array."""
+        rep = self.adapter_rep[index] if self.adapter_rep else 0
+        return rep + (self.adapter[index] - rep) / tp
+
+    def no_dgrad_adapter_on_rank(self, index: int, tp: int) -> float:
+        """``no_dgrad_adapter`` of block ``index`` on one of ``tp`` ranks: a replicated A's skipped dX whole."""
+        rep = self.no_dgrad_adapter_rep[index] if self.no_dgrad_adapter_rep else 0
+        return rep + (self.no_dgrad_adapter[index] - rep) / tp
+
+    def widths_on_rank(self, index: int, tp: int) -> tuple[float, float]:
+        """The adapted linears' input and output widths block ``index``'s adapters move on one of ``tp`` ranks: a
+        column base's input and a row base's output whole (replicated input, partial-sum output), the rest split."""
+        i_rep = self.adapter_in_rep[index] if self.adapter_in_rep else 0
+        o_rep = self.adapter_out_rep[index] if self.adapter_out_rep else 0
+        return (i_rep + (self.adapter_in[index] - i_rep) / tp, o_rep + (self.adapter_out[index] - o_rep) / tp)
 
     def trained_share(self, cfg: "ModelConfig", index: int) -> float:
         """Trainable parameters of block ``index`` (its adapters; no base weight inside a block trains) over the base
@@ -88,19 +115,21 @@ def lora_step(cfg: "ModelConfig", lora: "LoraConfig") -> LoraStep:
     if not gpt2:
         dense["w3"] = (d * f, d, f)
     g = embedding_trainable  # whether the block's input needs a gradient
-    adapter, no_w, no_x, no_xa, attn_bwd, widths = [], [], [], [], [], []
+    adapter, no_w, no_x, no_xa, attn_bwd, widths, reps = [], [], [], [], [], [], []
+    row = ("wo", "w2")  # row-parallel bases (parallel/tensor_parallel.py); the others column-parallel
     for i in range(cfg.n_layers):
         moe = cfg.is_moe_layer(i)
         mods = {**sizes, **({} if moe else dense)}
         ad = {m: r * (mods[m][1] + mods[m][2]) for m in targets if m in mods}
-        skip_x = skip_xa = 0
+        skip_x = skip_xa = skip_xa_rep = 0
 
         def linear(name: str, needs: bool) -> bool:
             """Whether ``name``'s output needs a gradient given whether its input does; counts the dX it skips."""
-            nonlocal skip_x, skip_xa
+            nonlocal skip_x, skip_xa, skip_xa_rep
             if not needs:
                 skip_x += mods[name][1] * mods[name][2]  # the weight's dX GEMM (a bias has none)
                 skip_xa += r * mods[name][1] if name in ad else 0
+                skip_xa_rep += r * mods[name][1] if name in ad and name not in row else 0
             return needs or name in ad
 
         qkv = [linear(m, g) for m in ("wq", "wk", "wv")]
@@ -116,6 +145,9 @@ def lora_step(cfg: "ModelConfig", lora: "LoraConfig") -> LoraStep:
         g = h1 or out
         adapter.append(sum(ad.values()))
         widths.append((sum(mods[m][1] for m in ad), sum(mods[m][2] for m in ad)))
+        col_in = sum(mods[m][1] for m in ad if m not in row)
+        row_out = sum(mods[m][2] for m in ad if m in row)
+        reps.append((r * (col_in + row_out), skip_xa_rep, col_in, row_out))
         no_w.append(cfg.layer_params(i, active_only=True))  # nothing inside a block trains but its adapters
         no_x.append(skip_x)
         no_xa.append(skip_xa)
@@ -123,7 +155,9 @@ def lora_step(cfg: "ModelConfig", lora: "LoraConfig") -> LoraStep:
     return LoraStep(rank=r, adapter=tuple(adapter), no_wgrad=tuple(no_w), no_dgrad=tuple(no_x),
                     no_dgrad_adapter=tuple(no_xa), attn_bwd=tuple(attn_bwd), head_dgrad=g,
                     head_trainable=head_trainable, embedding_trainable=embedding_trainable,
-                    adapter_in=tuple(w[0] for w in widths), adapter_out=tuple(w[1] for w in widths))
+                    adapter_in=tuple(w[0] for w in widths), adapter_out=tuple(w[1] for w in widths),
+                    adapter_rep=tuple(x[0] for x in reps), no_dgrad_adapter_rep=tuple(x[1] for x in reps),
+                    adapter_in_rep=tuple(x[2] for x in reps), adapter_out_rep=tuple(x[3] for x in reps))
 
 
 def lora_flops_per_token(cfg: "ModelConfig", step: LoraStep, seq_len: int) -> float:

@@ -40,7 +40,14 @@ def apply_ddp(module: nn.Module, group: dist.ProcessGroup, device: torch.device)
     gradient buffer (4 B/param), as the planner counts and torchtitan/Megatron keep; without it the reducer's buckets
     are a second copy (+4 B/param, measured in tests/distributed/state_bytes_worker.py). The views survive only if
     gradients are zeroed in place between steps (``DistributedRuntime.zero_grad``): set to None, the next
-    ``no_sync`` microbatch allocates fresh gradients beside the buckets."""
+    ``no_sync`` microbatch allocates fresh gradients beside the buckets. The first step's too: DDP makes ``.grad`` a
+    bucket view only where it is defined (the reducer's ``initialize_bucket_views`` at construction, else the first
+    synchronised backward), so a first ``no_sync`` microbatch allocated gradients of its own beside the buckets
+    (+4 B/param through step 1's backward, measured in tests/distributed/state_bytes_worker.py: 3.6 B/param at the
+    walk's hooks). Zeroed gradients handed to DDP here become the bucket views before any activation exists."""
+    for p in module.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
     ids = [device.index] if device.type == "cuda" else None
     return DDP(module, process_group=group, device_ids=ids, gradient_as_bucket_view=True)
 

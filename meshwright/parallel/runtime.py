@@ -553,15 +553,32 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
             raise invalid("layers[*].zero", 1, "0, 2 or 3 to checkpoint the optimizer (ZeroRedundancyOptimizer states do not reshard through DCP)")
         if optimizer is None:
             return {"model": self.model_state()}
-        model_sd, optim_sd = get_state_dict(self.model, optimizer)
+        with self._grads_set_aside():
+            model_sd, optim_sd = get_state_dict(self.model, optimizer)
         return {"model": model_sd, "optim": optim_sd}
+
+    @contextlib.contextmanager
+    def _grads_set_aside(self) -> Any:
+        """DCP builds an empty optimizer's states by a zero-lr step over zeroed gradients, and skips it when any
+        gradient exists (torch's ``_init_optim_state``): the template then lacks the states and a resume loses them.
+        DDP's gradients exist from construction on (``apply_ddp``: zeroed bucket views), so they are set aside
+        meanwhile and the same views put back (the step ends in ``zero_grad(set_to_none=True)``)."""
+        saved = [(p, p.grad) for p in self._params if p.grad is not None]
+        for p, _ in saved:
+            p.grad = None
+        try:
+            yield
+        finally:
+            for p, g in saved:
+                p.grad = g
 
     def load_checkpoint_state(self, state: dict[str, Any], optimizer: torch.optim.Optimizer | None) -> None:
         """Apply a state filled by ``dcp.load`` into the template from ``checkpoint_state``."""
         if optimizer is None:
             self.load_model_state(state["model"])
         else:
-            set_state_dict(self.model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            with self._grads_set_aside():
+                set_state_dict(self.model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def extra_log_fields(self) -> dict[str, Any]:
         """Router statistics of the last forward (tokens per expert, dropped fraction, balance loss),

@@ -78,18 +78,27 @@ def held(rt, opt) -> dict[str, int]:
         if unsharded is not None:
             s.add("gathered", unsharded)
             s.add("transient", unsharded.grad)
-    grads = set()
+    grads, own = set(), {}
     for p in rt.parameters():  # replicated parameters (DDP / ZeRO-1)
         s.add("params", p)
         s.add("grads", p.grad)
         if p.grad is not None and not isinstance(p.grad, DTensor):
             grads.add(p.grad.untyped_storage().data_ptr())
+            if not p.grad._is_view():  # a gradient of its own, not a view of DDP's bucket
+                own[p.grad.untyped_storage().data_ptr()] = p.grad.untyped_storage().nbytes()
     inner = getattr(opt, "optim", opt)  # ZeroRedundancyOptimizer keeps its rank's states in .optim
     for st in inner.state.values():
         for v in st.values():
             s.add("optimizer", v)
     return {**{k: s.bytes(k) for k in ("params", "gathered", "grads", "optimizer", "transient")},
-            "grad_storages": len(grads)}
+            "grad_storages": len(grads), "own_grads": sum(own.values())}
+
+
+def model_state_total(got: dict, ddp_bytes: int) -> int:
+    """The model-state bytes held now: under DDP its buckets (whatever the gradients met are) plus any gradient of
+    its own beside them (``own_grads``), elsewhere the walk's gradients."""
+    grads = ddp_bytes + got["own_grads"] if ddp_bytes else got["grads"]
+    return got["params"] + got["gathered"] + got["optimizer"] + grads
 
 
 def ddp_buckets(rt) -> dict:
@@ -121,6 +130,18 @@ def state_case(dtype: str, zero: int) -> dict:
             peak.update(got)
         peak["max_transient"] = max(peak.get("max_transient", 0), got["transient"])
 
+    # the first step against the second (steady): model states held at every backward hook and after the optimizer
+    # step (its states created while the gradients exist), and gradients of their own beside DDP's buckets (a first
+    # no_sync microbatch allocated them before stop 34: +4 B/param in step 1; apply_ddp now hands DDP zeroed gradients,
+    # which its reducer turns into bucket views at construction)
+    ddp_bytes = sum(ddp_buckets(rt)["sizes"])
+    step_peak, own_peak = [0, 0], [0, 0]
+
+    def note(step: int) -> None:
+        got = held(rt, opt)
+        step_peak[step] = max(step_peak[step], model_state_total(got, ddp_bytes))
+        own_peak[step] = max(own_peak[step], got["own_grads"] if ddp_bytes else 0)
+
     hooks = [m.register_full_backward_hook(at_backward) for m in rt.model.modules() if not list(m.children())]
     for step in range(2):  # the second step is steady: the optimizer's states exist
         if step == 1:
@@ -128,8 +149,13 @@ def state_case(dtype: str, zero: int) -> dict:
         rows = [t for x, y in shard(step, rt.dp_rank, rt.dp_size) for t in zip(x.split(1), y.split(1))]
         half = len(rows) // 2  # two microbatches at any dp: the second's backward sees every gradient
         micro = [tuple(torch.cat(c) for c in zip(*part)) for part in (rows[:half], rows[half:])]
+        step_hooks = [m.register_full_backward_hook(lambda *_, k=step: note(k)) for m in rt.model.modules()
+                      if not list(m.children())]
         rt.forward_backward(micro)
         rt.optimizer_step(opt)
+        note(step)
+        for h in step_hooks:
+            h.remove()
     for h in hooks:
         h.remove()
     buckets = ddp_buckets(rt)
@@ -149,7 +175,11 @@ def state_case(dtype: str, zero: int) -> dict:
            "measured": {k: peak.get(k, 0) for k in ("params", "gathered", "grads", "optimizer", "max_transient")},
            "ddp": buckets["ddp"], "ddp_bucket_view": buckets["as_view"], "ddp_bucket_bytes": sum(buckets["sizes"]),
            "ddp_buckets": len(buckets["sizes"]), "ddp_bucket_copy_bytes": copy,
-           "grad_storages_at_peak": peak.get("grad_storages", 0)}
+           "grad_storages_at_peak": peak.get("grad_storages", 0),
+           "step1_state_bytes_per_param": round(step_peak[0] / n, 4), "step2_state_bytes_per_param": round(step_peak[1] / n, 4),
+           "step1_own_grad_bytes_per_param": round(own_peak[0] / n, 4), "step2_own_grad_bytes_per_param": round(own_peak[1] / n, 4)}
+    # the first step holds no more model states than a steady one (within the pads and step counters)
+    ok = ok and step_peak[0] <= step_peak[1] * 1.002 and own_peak == [0, 0]
     if buckets["ddp"] and buckets["as_view"]:  # the gradients at the peak are the buckets themselves, not a copy
         ok = ok and peak["grads"] == sum(buckets["sizes"]) and peak["grad_storages"] <= len(buckets["sizes"])
     if zero == 3:  # at most the largest layer gathered at once, in gather_bytes

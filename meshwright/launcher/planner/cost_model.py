@@ -189,6 +189,12 @@ class Hardware:
     fsdp_zero2: bool = False  # Stack.fsdp_zero2: ZeRO-2 layers store sharded parameters and keep their gathered weights
     pipeline_reduces_after_schedule: bool = False  # Stack.pipeline_reduces_after_schedule (read where ``pipelined``)
     reduces_after_backward_zero: tuple[int, ...] = ()  # Stack.reduces_after_backward_zero
+    dp1_plain: bool = False  # Stack.dp1_plain: a dp=1 layer is a plain module at any ZeRO stage (``runtime_zero_plan``)
+    zero_runs_as: tuple[int, int, int, int] = (0, 1, 2, 3)  # Stack.zero_runs_as: the ZeRO stage run per planned one
+    head_kept_gathered: bool = False  # Stack.head_kept_gathered: the FSDP2 head's gathered weights live through the step
+    # the plan costed is not one DDP module on meshwright's runtime (``for_reduction``): its ZeRO-0/1 layers are reduced
+    # after backward by the manual all-reduce whatever their own tp and ep (``reduces_after_backward``)
+    manual_dp: bool = False
     pipelined: bool = False
     flash_eff_max: float = FLASH_EFF_OTHER  # the SDPA flash kernel's best fraction of peak on this device (see FLASH_EFF_*)
     # torch's device type of the run ("cuda" or "cpu"): whether a compiled run's capped attention can take the flex
@@ -239,7 +245,7 @@ class Hardware:
         """Whether the stack's runtime reduces a ZeRO-``zero`` layer's gradients after the last backward because no
         DDP wraps it (``Stack.reduces_after_backward_zero``: meshwright's ``_finish_grads`` on pp>1 plans, tp>1 and
         ep>1 layers)."""
-        return zero in self.reduces_after_backward_zero and (self.pipelined or tp > 1 or ep > 1)
+        return zero in self.reduces_after_backward_zero and (self.pipelined or self.manual_dp or tp > 1 or ep > 1)
 
     def fsdp_deferred(self, zero: int) -> bool:
         """Whether a layer at ZeRO-``zero`` is an FSDP2 module whose gather, reduction and resharding the pipeline
@@ -260,7 +266,8 @@ def apply_stack(hw: Hardware, stack: Stack | str) -> Hardware:
                                pipeline_zero0_precision=st.pipeline_zero0_precision,
                                pipeline_defers_fsdp_sync=st.pipeline_defers_fsdp_sync, pipelined=False,
                                fsdp_zero2=st.fsdp_zero2, pipeline_reduces_after_schedule=st.pipeline_reduces_after_schedule,
-                               reduces_after_backward_zero=st.reduces_after_backward_zero)
+                               reduces_after_backward_zero=st.reduces_after_backward_zero, dp1_plain=st.dp1_plain,
+                               zero_runs_as=st.zero_runs_as, head_kept_gathered=st.head_kept_gathered)
 
 
 def for_pipeline(hw: Hardware, pp: int) -> Hardware:
@@ -271,6 +278,22 @@ def for_pipeline(hw: Hardware, pp: int) -> Hardware:
     pipelined = pp > 1 and (bool(hw.pipeline_zero0_precision) or hw.pipeline_defers_fsdp_sync
                             or hw.pipeline_reduces_after_schedule or bool(hw.reduces_after_backward_zero))
     return hw if hw.pipelined == pipelined else dataclasses.replace(hw, pipelined=pipelined)
+
+
+def for_reduction(hw: Hardware, plan: Any) -> Hardware:
+    """``hw`` costing ``plan`` on a stack whose runtime reduces some ZeRO stages after backward outside DDP
+    (``Stack.reduces_after_backward_zero``), with ``manual_dp`` set where the pp=1 plan as a whole is not one DDP
+    module: meshwright wraps a stage in DDP only when every layer is tp=1, ep=1 and at one ZeRO-0/1 stage, and the
+    ends below ZeRO-2 (parallel/runtime.py ``uniform_ddp``); otherwise, e.g. ZeRO-0 layers beside ZeRO-2/3 ones, its
+    ``_finish_grads`` all-reduces them after the last backward. A property of the whole plan the per-layer search
+    cannot see: its layer costs take the overlapped reduction, and the assembled plan pays the exposed one here (as a
+    pp>1 plan does through ``for_pipeline``). The same object where nothing changes."""
+    manual = False
+    if hw.reduces_after_backward_zero and plan.pipeline.degree == 1:
+        layers = plan.layers
+        manual = not (all(s.tp == 1 and s.ep == 1 and s.zero in (0, 1) for s in layers)
+                      and len({s.zero for s in layers}) == 1 and plan.embedding.zero < 2)
+    return hw if hw.manual_dp == manual else dataclasses.replace(hw, manual_dp=manual)
 
 
 def plan_precision(plan: Any, hw: Hardware) -> str:
@@ -513,6 +536,21 @@ def weight_copy_bytes(zero: int, hw: Hardware) -> float:
     if fsdp_layer(zero, hw):
         return gathered_weight_bytes(zero, hw)
     return hw.policy_at(zero).weight_copy_bytes
+
+
+def head_copy_bytes(zero: int, hw: Hardware) -> float:
+    """Compute-dtype copies per head parameter alive through the step: ``weight_copy_bytes``, or the head's gathered
+    weights where the stack never reshards an FSDP2 head after forward (``Hardware.head_kept_gathered``)."""
+    if hw.head_kept_gathered and fsdp_layer(zero, hw):
+        return hw.policy_at(zero).gather_bytes
+    return weight_copy_bytes(zero, hw)
+
+
+def embedding_copy_bytes(zero: int, hw: Hardware) -> float:
+    """Gathered weights per input-embedding parameter alive through the step: an FSDP2 embedding that keeps them from
+    forward to backward (``gathered_weight_bytes``: ZeRO-2 as FSDP2). The lookup itself casts nothing (autocast runs
+    embeddings in fp32). Measured with the blocks: tests/distributed/state_bytes_worker.py."""
+    return gathered_weight_bytes(zero, hw)
 
 
 def fsdp_layer(zero: int, hw: Hardware) -> bool:
@@ -1178,8 +1216,11 @@ def embedding_static_bytes(cfg: ModelConfig, first: bool, last: bool, tp: int, d
     n = embedding_param_count(cfg, first, last, tp)
     trained = lora_embedding_trained(cfg, hw, first, last, tp) if hw.lora is not None else None
     total = sum(model_state_bytes(n, dp, zero, states, hw, trained).values())
+    table = cfg.vocab_size * cfg.d_model / tp
     if last:
-        total += cfg.vocab_size * cfg.d_model / tp * weight_copy_bytes(zero, hw)
+        total += table * head_copy_bytes(zero, hw)
+    if first and not (last and cfg.tie_embeddings):  # an untied (or other-stage) input embedding's own weights
+        total += table * embedding_copy_bytes(zero, hw)
     return total
 
 
@@ -1286,7 +1327,7 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
     gathered += float(zero_buffer_bytes(hw, s.zero))
     copies = shard_params * weight_copy_bytes(s.zero, hw)  # compute-dtype copies of the weights in use
     compute_mb += weight_traffic_mb_s(shard_params, s.recompute, hw, s.zero, trained=(
-        shard_params * hw.lora.trained_share(cfg, index) if hw.lora is not None else None))
+        hw.lora.on_rank(index, s.tp) if hw.lora is not None else None))
     if hw.policy.shard_cast_zero:  # fsdp_cast_s (added as layer_costs_columns adds it: the same floats)
         compute_mb += cast_mb
     if compiled and s.recompute != "none":
@@ -1393,7 +1434,7 @@ def layer_costs_columns(cfg: ModelConfig, index: int, cols: StrategyColumns, mb_
     copies = shard_params * cols.copy_bytes
     if hw.policy.weight_copy_bytes > 0:  # weight_traffic_mb_s
         if hw.lora is not None:  # the gradients cast up: the adapters' only
-            trained = shard_params * hw.lora.trained_share(cfg, index)
+            trained = hw.lora.on_rank(index, np.array([tp for tp, _ in cols.classes], dtype=float))
             compute_mb = compute_mb + np.where(cols.cast_factor > 0, shard_params * (cols.cast_factor - 6.0)
                                                + trained * 6.0, 0.0) / hw.mem_bw
         else:
@@ -1556,13 +1597,15 @@ def lora_compute_terms(cfg: ModelConfig, index: int, tokens: float, seq_len: int
     FLOPs and hardware FLOPs."""
     st = hw.lora
     delta = st.layer_flops_delta(cfg, index, seq_len) * tokens / tp
-    adapters = (6.0 * st.adapter[index] - 2.0 * st.no_dgrad_adapter[index]) * tokens / tp
-    base = delta - adapters  # <= 0: the work the frozen base skips
-    repeat = 2.0 * st.adapter[index] * tokens / tp * extra_mm
+    base = delta - (6.0 * st.adapter[index] - 2.0 * st.no_dgrad_adapter[index]) * tokens / tp  # <= 0: base skips
+    # the adapters' GEMMs on this rank: the factors tp replicates (a column base's A, a row base's B) run whole on
+    # every rank (``LoraStep.on_rank``), the others split; the model FLOPs count the work once (``delta``)
+    adapters = (6.0 * st.on_rank(index, tp) - 2.0 * st.no_dgrad_adapter_on_rank(index, tp)) * tokens
+    repeat = 2.0 * st.on_rank(index, tp) * tokens * extra_mm
     seconds = compute_s(adapters + repeat, hw, st.rank) + compute_s(base, hw, width)
     if not hw.block_time_measured:  # a profile of LoRA blocks timed them (profiling/model.py)
-        seconds += lora_elementwise_s(st, index, tokens / tp, extra_mm, hw)
-    return seconds, delta, delta + repeat
+        seconds += lora_elementwise_s(st, index, tokens, extra_mm, hw, tp)
+    return seconds, delta, base + adapters + repeat
 
 
 # Elements an eager adapter (memory/lora.py LoRALinear) moves per token besides its GEMMs' FLOPs, in units of its
@@ -1574,11 +1617,12 @@ def lora_compute_terms(cfg: ModelConfig, index: int, tokens: float, seq_len: int
 LORA_ELEM_IN, LORA_ELEM_OUT = 6.0, 10.0
 
 
-def lora_elementwise_s(st: Any, index: int, tokens: float, extra_mm: float, hw: Hardware) -> float:
-    """Memory-bound time of block ``index``'s adapters per microbatch (``LORA_ELEM_*``; their forward part again
-    under full recomputation)."""
-    fwd = st.adapter_in[index] * 1.0 + st.adapter_out[index] * 6.0
-    total = st.adapter_in[index] * LORA_ELEM_IN + st.adapter_out[index] * LORA_ELEM_OUT + extra_mm * fwd
+def lora_elementwise_s(st: Any, index: int, tokens: float, extra_mm: float, hw: Hardware, tp: int = 1) -> float:
+    """Memory-bound time of block ``index``'s adapters per microbatch on one of ``tp`` ranks (``LORA_ELEM_*``; their
+    forward part again under full recomputation), at the widths the rank moves (``LoraStep.widths_on_rank``)."""
+    w_in, w_out = st.widths_on_rank(index, tp)
+    fwd = w_in * 1.0 + w_out * 6.0
+    total = w_in * LORA_ELEM_IN + w_out * LORA_ELEM_OUT + extra_mm * fwd
     return total * tokens * hw.elem_bytes / hw.mem_bw
 
 
@@ -1587,14 +1631,15 @@ def _shard_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, states: str, h
     """layer_costs' terms of one rank's shard: parameters on it (attention/dense MLP split by tp, experts by tp and
     ep), DP traffic per microbatch and per step, model-state bytes, optimizer step (with FSDP2's per-step casts) and
     gradient accumulation, and FSDP2's casts per microbatch (``fsdp_cast_s``)."""
-    share = hw.lora.trained_share(cfg, index) if hw.lora is not None else 1.0  # LoRA: the adapters' gradients only
+    # LoRA: the adapters' gradients only, as one tp rank holds them (``LoraStep.on_rank``: a column base's A and a row
+    # base's B whole on every rank, the other factor split with the base)
+    lora_rank = hw.lora.on_rank(index, s.tp) if hw.lora is not None else None
     if moe:
         expert = cfg.n_experts * 3 * cfg.d_model * cfg.expert_ffn_dim
         dense = cfg.layer_params(index) - expert
         shard_params = dense / s.tp + expert / (s.tp * s.ep)
-        # LoRA's adapters sit on the dense part (attention): split by tp, replicated over ep like it (at ep = 1 the
-        # same floats as shard_params * share)
-        trained = (dense / s.tp + expert / s.tp) * share if hw.lora is not None else None
+        trained = lora_rank  # LoRA's adapters sit on the dense part (attention): split as tp places them, replicated
+        # over ep like it
         dpc = s.dp * s.cp  # weights are replicated over cp ranks: gradients reduce over dp*cp
         dp_dense_mb, dp_dense_step = dp_comm_s(dense / s.tp, dpc, s.zero, s.tp, hw, trained)
         dp_exp_mb, dp_exp_step = dp_comm_s(expert / (s.tp * s.ep), dpc // s.ep, s.zero, s.tp * s.ep, hw,
@@ -1610,16 +1655,15 @@ def _shard_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, states: str, h
         cast_mb, cast_step = cast_dense + cast_exp, cast_dense_step + cast_exp_step
     else:
         shard_params = cfg.layer_params(index) / s.tp
-        trained = shard_params * share if hw.lora is not None else None
+        trained = lora_rank
         group = s.dp_shard or s.dp * s.cp  # HSDP: ZeRO state and gathers inside groups of dp_shard ranks
         dp_mb, dp_step = dp_comm_s(shard_params, group, s.zero, s.tp, hw, trained)
         if group < s.dp:
-            dp_mb += hsdp_allreduce_s(shard_params * share, s.dp, group, s.tp, hw)
+            dp_mb += hsdp_allreduce_s(shard_params if trained is None else trained, s.dp, group, s.tp, hw)
         states_b = model_state_bytes(shard_params + (trained or 0.0), group, s.zero, states, hw, trained)
         cast_mb, cast_step = fsdp_cast_s(shard_params, group, s.zero, hw)
     zero_dp = s.dp_shard or s.dp * s.cp
-    stepped = shard_params * share if trained is None else trained  # the optimizer steps and accumulates trainable
-    # parameters only (LoRA)
+    stepped = shard_params if lora_rank is None else lora_rank  # the optimizer steps the trainable ones only (LoRA)
     accum_mb, accum_step = grad_accumulation_s(stepped, zero_dp, s.zero, hw)
     opt_step = (optimizer_step_s(stepped, zero_dp if not moe else s.dp * s.cp, s.zero, states, hw) + cast_step
                 + accum_step)
@@ -1832,7 +1876,9 @@ def _ends_ops(plan: Any, cfg: ModelConfig, hw: Hardware, head_tokens: float, m: 
         ops.append(("grads", r, model_state_bytes(n, emb_dp, emb.zero, plan.optimizer.states, hw,
                                                   trained if hw.lora is not None else None)["grads"]))
         if r == last:
-            ops.append(("copies", r, cfg.vocab_size * cfg.d_model / emb.tp * weight_copy_bytes(emb.zero, hw)))
+            ops.append(("copies", r, cfg.vocab_size * cfg.d_model / emb.tp * head_copy_bytes(emb.zero, hw)))
+        if r == 0 and not (r == last and cfg.tie_embeddings):  # as embedding_static_bytes counts them
+            ops.append(("copies", r, cfg.vocab_size * cfg.d_model / emb.tp * embedding_copy_bytes(emb.zero, hw)))
         per_mb, step = dp_comm_s(n, emb_dp, emb.zero, emb.tp, hw, trained)
         ops.append(("step_s", r, step + (tied_embedding_grad_s(cfg, emb.tp, pp.degree, per_stage, hw) if trained else 0.0)))
         cast_mb, cast_step = fsdp_cast_s(n, emb_dp, emb.zero, hw)  # FSDP2 gathers both ends in the compute dtype
@@ -1898,6 +1944,29 @@ def _memory_gib(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, m: in
     return mem, terms
 
 
+def runtime_zero_plan(plan: Any, hw: Hardware, world_size: int) -> Any:
+    """``plan`` with the ZeRO stage the stack runs for each part: the stage it runs for the planned one
+    (``Hardware.zero_runs_as``: torchtitan's ZeRO-1 is exported as FSDP that keeps its gathered weights, ZeRO-2 as
+    ``fsdp_zero2`` costs it), and, where ``Hardware.dp1_plain`` (meshwright), ZeRO-0 for a block at dp=1 and for the
+    ends of a one-rank stage: nothing is sharded there, so a user's ZeRO-2 at dp=1 holds no FSDP2 gathered copy and
+    ZeRO-1/3 no more than ZeRO-0. ``plan`` itself where nothing changes."""
+    runs_as = hw.zero_runs_as
+
+    def zero_of(zero: int, plain: bool) -> int:
+        return 0 if plain and hw.dp1_plain else runs_as[zero]
+
+    layers = [s if zero_of(s.zero, s.dp == 1) == s.zero else
+              dataclasses.replace(s, zero=zero_of(s.zero, s.dp == 1), dp_shard=s.dp_shard if s.dp > 1 else None)
+              for s in plan.layers]
+    emb = plan.embedding
+    emb_zero = zero_of(emb.zero, world_size // plan.pipeline.degree == 1)
+    if emb_zero != emb.zero:
+        emb = dataclasses.replace(emb, zero=emb_zero)
+    if emb is plan.embedding and all(a is b for a, b in zip(layers, plan.layers)):
+        return plan
+    return dataclasses.replace(plan, layers=layers, embedding=emb)
+
+
 def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int,
                   cache: Optional[dict[Any, Any]] = None) -> Prediction:
     """Predict step time, throughput, MFU/HFU and memory per pipeline stage of a (validated) Plan.
@@ -1905,9 +1974,13 @@ def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int,
     ``cache``: a dict the caller keeps while it evaluates many plans of *one* model on *one* Hardware (the search
     does): per-layer costs and the model's FLOPs per token are then computed once for all of them."""
     cache = {} if cache is None else cache
+    plan = runtime_zero_plan(plan, hw, world_size)
     piped = for_pipeline(hw, plan.pipeline.degree)
     if piped is not hw:  # other model states than ``hw`` counts: costs of their own
         hw, cache = piped, cache.setdefault(("pipelined", piped.pipelined), {})
+    reduced = for_reduction(hw, plan)
+    if reduced is not hw:  # ZeRO-0/1 layers reduced after backward: their step costs of their own
+        hw, cache = reduced, cache.setdefault(("manual_dp", reduced.manual_dp), {})
     # the repeat blocks, not one strategy per layer: what is read of them here (the first and last layer's fields, the
     # largest dp, whether every dp is 1) is the same, and the per-layer sums expand them once per layout (cached)
     strategies = plan.layers

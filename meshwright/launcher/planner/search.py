@@ -1422,6 +1422,10 @@ def search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: i
     c = constraints or Constraints()
     allow = allow or Allow()
     hw = hw or cm.hardware_from_cluster(cluster)
+    if _outside_stack(hw.stack, c, cfg):  # only the layouts the stack runs (Stack.runs)
+        from meshwright.launcher.planner.export.stacks import search_for_stack
+
+        return search_for_stack(hw.stack, cfg, cluster, seq_len, global_batch, hw, c, top=top)
     allow = dataclasses.replace(allow, fp8_gemm=allow.fp8 and cm.fp8_matmul_speedup(hw) > 1)
     if cfg.gemma_fields():  # what the runtime refuses for Gemma (memory/fp8_activations.py, memory/lemo.py): never planned
         allow = dataclasses.replace(allow, fp8_act=False, lemo=None)
@@ -1455,6 +1459,14 @@ def search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: i
         result.suggestion = _suggest(cfg, cluster, seq_len, global_batch, hw, c, allow)
         result.search_s = time.perf_counter() - t0
     return result
+
+
+def _outside_stack(stack: str, c: Constraints, cfg: ModelConfig) -> bool:
+    """Whether ``c`` admits layouts ``stack`` does not run (``Stack.runs``): the search then runs once per constraint
+    set of the stack (export/stacks.py ``search_for_stack``), each of which lies inside it."""
+    from meshwright.launcher.planner.export.stacks import restricts, stack_constraints
+
+    return restricts(stack) and dataclasses.replace(c, runtime_compatible=False) not in stack_constraints(stack, c, cfg)
 
 
 @dataclass

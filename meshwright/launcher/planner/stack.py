@@ -9,7 +9,7 @@ per parameter and step time by 10-25% at scale. Exports (planner/export) read th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from meshwright.errors import invalid
 
@@ -141,8 +141,32 @@ class Stack:
     # summed by ``_finish_grads``' bucketed all-reduce (data_parallel.all_reduce_grads) after the last backward.
     # FSDP2 layers (ZeRO-2/3) reduce-scatter from their backward hooks at any pp: overlapped. Read per layer by
     # ``Hardware.dp_overlapped`` (pp>1 through ``for_pipeline``, as pipeline_reduces_after_schedule). Not seen per
-    # layer, so not charged: the ZeRO-0 layers of a pp=1, tp=1 plan mixing ZeRO levels (manual there too)
+    # layer: the ZeRO-0/1 layers of a pp=1 plan that is not one DDP module (ZeRO levels mixed, some layer tp>1, the ends
+    # at ZeRO-2/3: manual there too), charged where the whole plan is costed (``cost_model.for_reduction``)
     reduces_after_backward_zero: tuple[int, ...] = ()
+    # the layouts the stack runs, as a union of search constraint sets (``search.Constraints`` field -> value, each a
+    # tuple of pairs); empty: every layout the search builds (meshwright's own runtime narrows through
+    # ``Constraints.runtime_compatible``). The one source of truth for ``search()`` under ``hw.stack`` and for
+    # ``plan --emit``/``--stack`` (export/stacks.py ``stack_constraints``, which also drops Megatron's FSDP2 set for
+    # tied embeddings)
+    runs: tuple[tuple[tuple[str, Any], ...], ...] = ()
+    # a layer with no data parallelism (dp=1) is a plain module whatever its ZeRO stage: meshwright's runtime wraps no
+    # FSDP2 and builds no sharded optimizer there (parallel/runtime.py ``_apply_layers``: ``s.dp == 1`` is skipped;
+    # ``_apply_outer``: the ends of a one-rank stage), so ZeRO-1/2/3 at dp=1 hold and do what ZeRO-0 does (no gathered
+    # copy, autocast's weight cache as at ZeRO-0). DeepSpeed builds its ZeRO optimizer at any dp (its fp32 partition
+    # clone is measured at dp=1 too): not set there
+    dp1_plain: bool = False
+    # the ZeRO stage the stack runs for each planned one (0..3): torchtitan has no ZeRO-1/2, and ``plan --emit
+    # torchtitan`` writes a ZeRO-1/2 plan as FSDP with ``fsdp_reshard_after_forward: "never"``, which its
+    # distributed/fsdp.py (get_fsdp_reshard_after_forward_policy) turns into fully_shard(reshard_after_forward=False)
+    # on the blocks and the untied embedding (the norm and head never reshard unless "always"): sharded parameters,
+    # gradients and states, the gathered weights kept from forward to backward. That is ZeRO-2 as ``fsdp_zero2``
+    # costs it, so a ZeRO-1 plan for torchtitan is costed as ZeRO-2 (``cost_model.runtime_zero_plan``)
+    zero_runs_as: tuple[int, int, int, int] = (0, 1, 2, 3)
+    # the head (with the final norm, and the tied embedding where tied) keeps its gathered weights from forward to
+    # backward at every ZeRO stage: torchtitan's apply_fsdp_to_decoder shards [norm, lm_head] (tied: with
+    # tok_embeddings) with reshard_after_forward only under "always", which its export never writes
+    head_kept_gathered: bool = False
 
     def buffer_elements(self, zero: int) -> float:
         """Elements of the reduction buckets allocated per rank at the backward peak at ZeRO-``zero`` (compute dtype)."""
@@ -186,11 +210,21 @@ class DeepSpeedSizes:
         return out
 
 
+# DeepSpeed's pipeline engine refuses ZeRO-2/3 (runtime/pipe/engine.py asserts zero_optimization_stage() <= 1) and
+# runs one 1F1B-like schedule with one model chunk per rank; at pp=1 every ZeRO stage runs, HSDP only at ZeRO-3 (ZeRO++
+# hpZ: ZeRO-2 shards over all dp ranks)
+DEEPSPEED_RUNS = ((("pp", 1), ("hsdp", False), ("virtual_stages", 1)), (("pp", 1), ("zero", 3), ("virtual_stages", 1)),
+                  (("zero", 0), ("schedule", "1f1b"), ("virtual_stages", 1)),
+                  (("zero", 1), ("schedule", "1f1b"), ("virtual_stages", 1)))
+
 STACKS = {
     "meshwright": Stack("meshwright", "autocast", dp_overlap=True, tp_wgrad_overlap=False, pipeline_slowdown=1.0,
-                        grads_set_to_none=True, fsdp_zero2=True, reduces_after_backward_zero=(0, 1)),
+                        grads_set_to_none=True, fsdp_zero2=True, reduces_after_backward_zero=(0, 1), dp1_plain=True),
     # Megatron-LM defaults: no --overlap-grad-reduce; async TP all-reduce / SP all-gather overlap the wgrad GEMMs
-    "megatron": Stack("megatron", "bf16_fp32_grads", dp_overlap=False, tp_wgrad_overlap=True, pipeline_slowdown=1.0),
+    # It runs DDP or the distributed optimizer (ZeRO-0/1) with any pp/ep, or torch FSDP2 (--use-torch-fsdp2: ZeRO-3, no
+    # HSDP flag) with pp=1 and ep=1 (validate_args); no GPipe schedule
+    "megatron": Stack("megatron", "bf16_fp32_grads", dp_overlap=False, tp_wgrad_overlap=True, pipeline_slowdown=1.0,
+                      runs=((("zero", 0),), (("zero", 1),), (("zero", 3), ("pp", 1), ("ep", 1), ("hsdp", False)))),
     # DeepSpeed's pipeline engine ran 23-27% slower than Megatron's on the same shapes (BLOOM/MT-NLG reports, issue 17).
     # Its ZeRO optimizer reduces gradients through two buckets of reduce_bucket_size (5e8 elements) with overlap_comm at
     # ZeRO-1/2, as the export writes it: 2.0e9 bytes in bf16 during backward; one at ZeRO-3, none at ZeRO-0 (its bf16
@@ -198,12 +232,16 @@ STACKS = {
     # BF16_Optimizer with bf16 accumulation (bf16_bf16_accum)
     "deepspeed": Stack("deepspeed", "bf16", dp_overlap=True, tp_wgrad_overlap=False, pipeline_slowdown=1.25,
                        deepspeed=DeepSpeedSizes(), reduce_buckets=(0, 2, 2, 1), fp32_precision="deepspeed_fp32",
-                       pipeline_zero0_precision="bf16_bf16_accum", pipeline_reduces_after_schedule=True),
+                       pipeline_zero0_precision="bf16_bf16_accum", pipeline_reduces_after_schedule=True,
+                       runs=DEEPSPEED_RUNS),
     # the same with data_types.grad_accum_dtype=fp32 (BF16_Optimizer, ZeRO-1 built in, no reduction buckets)
     "deepspeed-fp32-accum": Stack("deepspeed-fp32-accum", "bf16_fp32_accum", dp_overlap=True, tp_wgrad_overlap=False,
-                                  pipeline_slowdown=1.25, deepspeed=DeepSpeedSizes()),
+                                  pipeline_slowdown=1.25, deepspeed=DeepSpeedSizes(),
+                                  runs=((("zero", 1), ("schedule", "1f1b"), ("virtual_stages", 1)),)),
+    # torchtitan applies replicate (DDP, ZeRO-0) or fully_shard (ZeRO-3, also as HSDP); it has no ZeRO-1/2 setting
     "torchtitan": Stack("torchtitan", "fsdp_mixed", dp_overlap=True, tp_wgrad_overlap=False, pipeline_slowdown=1.0,
-                        pipeline_defers_fsdp_sync=True, fsdp_zero2=True),
+                        pipeline_defers_fsdp_sync=True, fsdp_zero2=True, runs=((("zero", 0),), (("zero", 3),)),
+                        zero_runs_as=(0, 2, 2, 3), head_kept_gathered=True),
 }
 
 

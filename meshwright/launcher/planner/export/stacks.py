@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from meshwright.errors import invalid
+from meshwright.errors import ConfigError, invalid
 from meshwright.launcher.planner.search import Constraints
+from meshwright.launcher.planner.stack import STACKS, get_stack
 from meshwright.plan import LayerStrategy, Plan
 
 # The consumer each export is written for; tests/consumers/ holds the pinned copies checked against.
@@ -71,30 +72,51 @@ def _sets(base: Constraints, *overrides: dict[str, Any]) -> list[Constraints]:
 
 
 def stack_constraints(target: str, base: Constraints | None = None, cfg: Any = None) -> list[Constraints]:
-    """Constraint sets whose union is what ``target`` can execute (the user's own constraints kept).
-
-    megatron: DDP or the distributed optimizer (ZeRO-0/1) with any pp/ep, or torch FSDP2 (ZeRO-3, no HSDP) with
-    pp=1 and ep=1 (validate_args); no GPipe. deepspeed: the pipeline engine refuses ZeRO-2/3, so pp>1 runs
-    ZeRO-0/1 on its 1F1B-style schedule; pp=1 takes any ZeRO stage, HSDP only at ZeRO-3 (hpZ). torchtitan: DDP (replicate) or FSDP
-    (ZeRO-3, also as HSDP); ZeRO-1/2 do not exist there. An empty list: the user's constraints exclude
-    every layout the target runs. ``cfg`` (the model): Megatron's FSDP2 also needs untied embeddings.
-    """
+    """Constraint sets whose union is what ``target`` can execute (the user's own constraints kept): the stack's
+    ``Stack.runs`` (planner/stack.py, where each rule is explained), minus Megatron's FSDP2 set for a model with tied
+    embeddings (``cfg``). An empty list: the user's constraints exclude every layout the target runs."""
+    if target not in RESTRICTED_STACKS:
+        raise invalid("emit", target, ", ".join(RESTRICTED_STACKS))
     base = dataclasses.replace(base or Constraints(), runtime_compatible=False)
+    overrides = [dict(o) for o in get_stack(target).runs]
     if target == "megatron":  # --use-torch-fsdp2 shards over all dp ranks: no HSDP flag
-        fsdp_layer = LayerStrategy(zero=MEGATRON_FSDP2["zero"], ep=MEGATRON_FSDP2["ep"])
         tied = cfg is not None and cfg.tie_embeddings
-        fsdp = [] if megatron_fsdp2_refusal(MEGATRON_FSDP2["pp"], [fsdp_layer], tied) else [{**MEGATRON_FSDP2, "hsdp": False}]
-        return _sets(base, {"zero": 0}, {"zero": 1}, *fsdp)
-    if target in DEEPSPEED_STACKS and (base.virtual_stages or 1) > 1:
-        return []  # one 1F1B-like schedule: no model chunks to interleave
-    if target == "deepspeed":  # HSDP only at ZeRO-3 (as ZeRO++ hpZ); ZeRO-2 shards over all dp ranks
-        return _sets(base, {"pp": 1, "hsdp": False}, {"pp": 1, "zero": 3}, {"zero": 0, "schedule": "1f1b"},
-                     {"zero": 1, "schedule": "1f1b"})
-    if target == "deepspeed-fp32-accum":  # BF16_Optimizer: built at ZeRO-1 only (bf16 + fp32 accumulation at ZeRO-0 raises)
-        return _sets(base, {"zero": 1, "schedule": "1f1b"})
-    if target == "torchtitan":
-        return _sets(base, {"zero": 0}, {"zero": 3})
-    raise invalid("emit", target, ", ".join(RESTRICTED_STACKS))
+        fsdp_layer = LayerStrategy(zero=MEGATRON_FSDP2["zero"], ep=MEGATRON_FSDP2["ep"])
+        if megatron_fsdp2_refusal(MEGATRON_FSDP2["pp"], [fsdp_layer], tied):
+            overrides = [o for o in overrides if o.get("zero") != MEGATRON_FSDP2["zero"]]
+    return _sets(base, *overrides)
+
+
+def restricts(stack: str) -> bool:
+    """Whether ``stack`` runs only some of the layouts the search builds (``Stack.runs``)."""
+    return stack in STACKS and bool(STACKS[stack].runs)
+
+
+def search_for_stack(target: str, cfg: Any, cluster: Any, seq_len: int, global_batch: int, hw: Any,
+                     constraints: Constraints, top: int = 5, named: str = "") -> Any:
+    """Search only the layouts ``target`` runs: the union of its constraint sets, best first, preferring plans it
+    runs as planned (``stack_problems``) over ones it would approximate; the stack's layers made to agree
+    (``uniform_variants``). ``search()`` comes here for any ``hw.stack`` that restricts, and so does ``plan --emit``
+    / ``--stack``. ``named``: how the user named the stack (``stack='deepspeed'``), for the error when their constraints exclude it."""
+    from meshwright.launcher.planner.export.uniform import uniform_variants
+    from meshwright.launcher.planner.search import Allow, Candidate, search
+
+    sets = stack_constraints(target, constraints, cfg)
+    if not sets:
+        fixed = " ".join(f"--{k.replace('_', '-')} {getattr(constraints, k)}" for k in
+                         ("zero", "pp", "ep", "schedule", "virtual_stages") if getattr(constraints, k) is not None)
+        raise ConfigError(f"{named or f'stack={target!r}'} cannot run the layout fixed by {fixed}; valid: {RUNS[target]}")
+    results = [search(cfg, cluster, seq_len, global_batch, hw=hw, constraints=c, allow=Allow(), top=top,
+                      suggest=False) for c in sets]
+    found = [c for r in results for c in ([r.best] if r.best else []) + list(r.runners_up)]
+    cache: dict[Any, Any] = {}  # the stack runs one strategy for every layer: the found plans' layers made to agree
+    found += [Candidate(p, pred) for c in found for p, pred in uniform_variants(c.plan, cfg, hw, cluster.world_size,
+                                                                              cache)]
+    cands = sorted(found, key=lambda c: (bool(stack_problems(target, c.plan, cfg)), c.prediction.step_s))
+    res = min(results, key=lambda r: r.best.prediction.step_s if r.best else float("inf"))
+    if cands:
+        res = dataclasses.replace(res, best=cands[0], runners_up=cands[1:top])
+    return res
 
 
 def stack_problems(target: str, plan: Plan, cfg: Any) -> list[str]:

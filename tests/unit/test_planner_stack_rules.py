@@ -1,0 +1,289 @@
+"""Planner accuracy rules of stop 34 (branch s34-plannerfix): what each stack runs bounds every search under it, and
+what a plan holds is what the stack's runtime builds for it (ZeRO at dp=1, torchtitan's resharding, LoRA's parts,
+meshwright's manual reduction of mixed-ZeRO plans)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from meshwright.config import load_cluster, load_model_config
+from meshwright.errors import ConfigError
+from meshwright.launcher.planner import cost_model as cm
+from meshwright.launcher.planner.export import stack_problems
+from meshwright.launcher.planner.search import Constraints, search
+from meshwright.launcher.planner.stack import STACKS
+from meshwright.plan import EmbeddingStrategy, LayerStrategy, Plan, validate_plan
+
+# BLOOM-176B as benchmarks/bench_published_runs.py models it (ALiBi blocks as GPT-2 blocks)
+BLOOM = {"name": "bloom-176b", "arch": "gpt2", "vocab_size": 250880, "d_model": 14336, "n_layers": 70, "n_heads": 112,
+         "max_seq_len": 2048, "tie_embeddings": True}
+
+
+# ---- 1. a search under a stack returns only layouts that stack runs -----------------------------------------------
+
+def test_free_search_under_deepspeed_keeps_to_its_pipeline_engine():
+    """BLOOM-176B's free search under DeepSpeed (the published-run table's row) returned pp=3 with ZeRO-2 layers,
+    which DeepSpeed's pipeline engine refuses; ``search()`` itself now keeps to ``Stack.runs`` (what ``plan --emit``
+    already did), so every caller of it (the benchmark, auto-planning, the CLI) gets a plan the stack runs."""
+    cfg = load_model_config(BLOOM)
+    cl = load_cluster("dgx-a100-80g", nodes=48)
+    for stack in ("deepspeed-fp32-accum", "deepspeed"):
+        hw = dataclasses.replace(cm.hardware_from_cluster(cl, stack=stack), attention="materialized")
+        res = search(cfg, cl, 2048, 2048, hw=hw, constraints=Constraints(), suggest=False)
+        plan = res.best.plan
+        zeros = {s.zero for s in plan.layer_strategies()}
+        assert stack_problems(stack, plan, cfg) == [], (stack, res.best.layout())
+        if plan.pipeline.degree > 1:
+            assert zeros <= {0, 1}, (stack, res.best.layout())
+        if stack == "deepspeed-fp32-accum":  # BF16_Optimizer: ZeRO-1 only
+            assert zeros == {1}
+        for c in res.runners_up:
+            assert c.plan.pipeline.degree == 1 or {s.zero for s in c.plan.layer_strategies()} <= {0, 1}
+
+
+def test_search_under_a_stack_refuses_constraints_it_cannot_run():
+    cfg = load_model_config("llama2-7b")
+    cl = load_cluster("dgx-a100-80g", nodes=2)
+    hw = cm.hardware_from_cluster(cl, stack="deepspeed")
+    with pytest.raises(ConfigError, match=r"stack='deepspeed' cannot run the layout fixed by --zero 3 --pp 2; valid: "):
+        search(cfg, cl, 4096, 64, hw=hw, constraints=Constraints(pp=2, zero=3), suggest=False)
+
+
+def test_stack_runs_is_the_one_source_of_the_export_constraints():
+    from meshwright.launcher.planner.export import stack_constraints
+
+    for name, st in STACKS.items():
+        if not st.runs:
+            continue
+        got = [{k: getattr(c, k) for k, _ in o} for c, o in zip(stack_constraints(name), st.runs)]
+        assert got == [dict(o) for o in st.runs], name
+    assert not STACKS["meshwright"].runs  # its runtime narrows through Constraints.runtime_compatible
+
+
+# ---- 2. ZeRO at dp=1 on meshwright's runtime: a plain module -----------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["fp32", None])
+def test_zero_at_dp1_costs_what_zero0_costs_on_meshwright(dtype):
+    """meshwright's runtime wraps no FSDP2 and builds no sharded optimizer for a dp=1 layer (parallel/runtime.py
+    ``_apply_layers`` skips ``s.dp == 1``; ``_apply_outer`` a one-rank stage): a user's ZeRO-1/2/3 there holds and
+    does what ZeRO-0 does. ZeRO-2 in fp32 was charged FSDP2's gathered copy (4 B/param) it does not have."""
+    cfg = load_model_config("llama2-7b")
+    cl = load_cluster("dgx-a100-80g", nodes=1)
+    hw = cm.hardware_from_cluster(dataclasses.replace(cl, devices_per_node=1), stack="meshwright", dtype=dtype)
+
+    def pred(zero: int) -> cm.Prediction:
+        plan = Plan(model="llama2-7b", seq_len=1024, global_batch=4, micro_batch=1,
+                    layers=[LayerStrategy(dp=1, zero=zero, recompute="full", repeat=cfg.n_layers)],
+                    embedding=EmbeddingStrategy(zero=zero))
+        validate_plan(plan, cfg, 1)
+        return cm.evaluate_plan(plan, cfg, hw, 1)
+
+    base = pred(0)
+    for zero in (1, 2, 3):
+        p = pred(zero)
+        assert p.memory_gib == pytest.approx(base.memory_gib, rel=1e-12), zero
+        assert p.step_s == pytest.approx(base.step_s, rel=1e-12), zero
+    # the fp32 ZeRO-2 it replaces: 4 B/param of gathered weights more (as at dp>1, where FSDP2 holds them)
+    if dtype == "fp32":
+        no_rule = dataclasses.replace(hw, dp1_plain=False)
+        plan = Plan(model="llama2-7b", seq_len=1024, global_batch=4, micro_batch=1,
+                    layers=[LayerStrategy(dp=1, zero=2, recompute="full", repeat=cfg.n_layers)])
+        old = cm.evaluate_plan(plan, cfg, no_rule, 1).memory_gib[0] - base.memory_gib[0]
+        blocks = sum(cfg.layer_params(i) for i in range(cfg.n_layers))
+        assert old * cm.GIB == pytest.approx(blocks * 4 * (1 + hw.fragmentation), rel=1e-6)
+    # DeepSpeed builds its ZeRO optimizer at any dp (its fp32 partition clone): its ZeRO stages keep their costs
+    assert not cm.hardware_from_cluster(cl, stack="deepspeed").dp1_plain
+
+
+def test_runtime_skips_dp1_layers_as_the_cost_model_says():
+    """The runtime code the rule comes from: a dp=1 block is left plain before any FSDP2 or manual reduction."""
+    import inspect
+
+    from meshwright.parallel.runtime import DistributedRuntime
+
+    src = inspect.getsource(DistributedRuntime)
+    assert src.index("if s.dp == 1:") < src.index("apply_fsdp(block")
+    assert "m.per_stage == 1" in src
+
+
+# ---- 6. meshwright's manual reduction of a pp=1 plan that is not one DDP module ----------------------------------
+
+def test_mixed_zero_plan_pays_the_manual_all_reduce_after_backward():
+    """meshwright wraps a pp=1 stage in DDP only when every layer is tp=1 at one ZeRO-0/1 stage (parallel/runtime.py
+    ``uniform_ddp``); with ZeRO-0 layers beside ZeRO-3 ones ``_finish_grads`` all-reduces the ZeRO-0 layers after the
+    last backward, not under it. The per-layer search cannot see that; the assembled plan pays it
+    (``cost_model.for_reduction``), as pp>1 and tp>1 plans already did."""
+    cfg = load_model_config("llama2-7b")
+    hw = cm.hardware_from_cluster(load_cluster("dgx-a100-80g", nodes=1), stack="meshwright")
+    n0 = 8
+    plan = Plan(model="llama2-7b", seq_len=4096, global_batch=64, micro_batch=1,
+                layers=[LayerStrategy(dp=8, zero=0, recompute="full", repeat=n0),
+                        LayerStrategy(dp=8, zero=3, recompute="full", repeat=cfg.n_layers - n0)],
+                embedding=EmbeddingStrategy(zero=3))
+    validate_plan(plan, cfg, 8)
+    manual = cm.for_reduction(hw, plan)
+    assert manual.manual_dp and manual.reduces_after_backward(0) and not manual.reduces_after_backward(3)
+    assert not manual.dp_overlapped(0) and manual.dp_overlapped(3)
+    # per ZeRO-0 layer: its all-reduce exposed instead of hidden under the layer's backward
+    c_manual = cm.layer_costs(cfg, 1, LayerStrategy(dp=8, zero=0, recompute="full"), 1, 4096, manual)
+    c_ddp = cm.layer_costs(cfg, 1, LayerStrategy(dp=8, zero=0, recompute="full"), 1, 4096, hw)
+    extra = cm.layer_step_dp_s(c_manual, manual) - cm.layer_step_dp_s(c_ddp, hw)
+    assert extra > 0 and cm.layer_step_dp_s(c_manual, manual) == c_manual["dp_step"]
+    got = cm.evaluate_plan(plan, cfg, hw, 8).step_s
+    before = cm.evaluate_plan(plan, cfg, dataclasses.replace(hw, reduces_after_backward_zero=()), 8).step_s
+    assert got - before == pytest.approx(n0 * extra, rel=1e-9)
+    # one DDP module (every layer ZeRO-0, tp=1, ends replicated): overlapped as before
+    uniform = dataclasses.replace(plan, layers=[LayerStrategy(dp=8, zero=0, recompute="full", repeat=cfg.n_layers)],
+                                  embedding=EmbeddingStrategy(zero=0))
+    assert cm.for_reduction(hw, uniform) is hw
+    # ZeRO-0 layers with ZeRO-2/3 ends are no DDP module either (uniform_ddp needs embedding.zero < 2)
+    assert cm.for_reduction(hw, dataclasses.replace(uniform, embedding=EmbeddingStrategy(zero=3))).manual_dp
+    # other stacks wrap what they wrap: no such rule
+    assert cm.for_reduction(cm.apply_stack(hw, "deepspeed"), plan).manual_dp is False
+
+
+# ---- 5. LoRA under tp: each factor as the runtime shards it -------------------------------------------------------
+
+def _lora_rank_counts(lora, tp: int) -> tuple[object, list[float]]:
+    """The adapter parameters one of ``tp`` ranks holds per block of the tiny model, as parallel/tensor_parallel.py
+    shards them (a fake process group of ``tp`` ranks in this one process: the DTensors' local shards)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from meshwright.memory.lora import LoRALinear, apply_lora_config
+    from meshwright.models import build_model
+    from meshwright.parallel.tensor_parallel import apply_tp
+
+    model = build_model("tiny", device="cpu")
+    apply_lora_config(model, lora, seed=0)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=tp)
+    try:
+        mesh = init_device_mesh("cpu", (tp,))
+        counts = []
+        for block in (model.layers.values() if hasattr(model.layers, "values") else model.layers):
+            apply_tp(block, mesh)
+            n = 0
+            for m in block.modules():
+                if isinstance(m, LoRALinear):
+                    for t in (m.lora_A, m.lora_B):
+                        n += (t.to_local() if hasattr(t, "to_local") else t).numel()
+            counts.append(n)
+    finally:
+        dist.destroy_process_group()
+    return model.cfg, counts
+
+
+@pytest.mark.parametrize("targets", [None, ["wq", "wo"], ["w2"]])
+def test_lora_adapters_per_tp_rank_are_the_runtimes_shards(targets):
+    """A column-parallel base's A and a row-parallel base's B are replicated over tp (LoraColwiseParallel /
+    LoraRowwiseParallel, as PEFT and Megatron shard them); the planner divided every adapter by tp. Per rank it now
+    counts A whole and B / tp on wq/wk/wv/w1/w3, A / tp and B whole on wo/w2: the runtime's local shards, counted."""
+    from meshwright.config import LoraConfig
+    from meshwright.memory.lora_cost import lora_step
+
+    lora = LoraConfig(rank=4, **({"targets": targets} if targets else {}))
+    for tp in (2, 4):
+        cfg, counts = _lora_rank_counts(lora, tp)
+        step = lora_step(cfg, lora)
+        assert [step.on_rank(i, tp) for i in range(cfg.n_layers)] == pytest.approx(counts), (targets, tp)
+        if targets == ["w2"] or targets is None:  # the old count was short of the runtime's
+            assert step.adapter[0] / tp < counts[0]
+
+
+def test_lora_cost_model_counts_the_replicated_factors():
+    """The cost model's LoRA terms read the per-rank count: states and gradients (``_shard_terms``), the adapters'
+    GEMM time and hardware FLOPs (``lora_compute_terms``; model FLOPs count the work once), the search's columns."""
+    from meshwright.config import LoraConfig
+    from meshwright.launcher.planner.auto import lora_search_terms
+
+    cfg = load_model_config("llama2-7b")
+    lora = LoraConfig(rank=64, targets=["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+    hw, _ = lora_search_terms(cfg, lora, cm.hardware_from_cluster(load_cluster("dgx-a100-80g")), Constraints())
+    st = hw.lora
+    s = LayerStrategy(tp=4, dp=2, recompute="none")
+    d, f, r = cfg.d_model, cfg.ffn_dim, 64
+    kv = cfg.kv_heads * cfg.head_dim
+    col_a = r * d * 5  # wq/wk/wv/w1/w3 take d_model inputs
+    col_b = r * (d + 2 * kv + 2 * f)
+    row_a, row_b = r * (d + f), r * 2 * d  # wo (d -> d), w2 (f -> d)
+    want = col_a + col_b / 4 + row_a / 4 + row_b
+    assert st.on_rank(1, 4) == pytest.approx(want) and st.adapter[1] == col_a + col_b + row_a + row_b
+    c = cm.layer_costs(cfg, 1, s, 1, 4096, hw)
+    # AdamW fp32 (master-free autocast): weights 4 + grads 4 + states 8 B per adapter parameter on the rank (the
+    # gradients also reported apart, ``grads_bytes``)
+    base = cm.layer_costs(cfg, 1, s, 1, 4096, dataclasses.replace(hw, lora=dataclasses.replace(
+        st, adapter=tuple(0 for _ in st.adapter), adapter_rep=tuple(0 for _ in st.adapter))))
+    assert c["static_bytes"] - base["static_bytes"] == pytest.approx(16 * want)
+    assert c["grads_bytes"] - base["grads_bytes"] == pytest.approx(4 * want)
+    # the adapters' GEMMs on this rank: the per-rank parameters' 6 FLOPs per token (block 1: every dX needed)
+    tokens = 4096.0
+    delta = st.layer_flops_delta(cfg, 1, 4096) * tokens / 4
+    _, model_f, hw_f = cm.lora_compute_terms(cfg, 1, tokens, 4096, 4, 0.0, d, hw)
+    assert model_f == pytest.approx(delta)
+    assert hw_f - model_f == pytest.approx(6 * tokens * (want - st.adapter[1] / 4))
+    cols = cm.StrategyColumns(cfg, 1, [s], hw)
+    assert cm.layer_costs_columns(cfg, 1, cols, 2, 4096, hw, "fp32", {})[:, 0] == pytest.approx(
+        cm.layer_costs(cfg, 1, s, 1, 4096, hw, lean=True))
+
+
+# ---- 4. torchtitan: a plan costs what the config emitted for it holds ---------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_torchtitan_zero1_costs_what_its_exported_fsdp_holds(dtype):
+    """torchtitan has no ZeRO-1: the export writes FSDP with ``fsdp_reshard_after_forward: "never"`` (torchtitan's
+    distributed/fsdp.py: fully_shard(reshard_after_forward=False)), which shards parameters, gradients and states
+    and keeps the gathered weights from forward to backward. The plan was costed as ZeRO-1 (whole parameters and
+    gradients); it now costs what the ZeRO-2 plan with the same emitted config costs."""
+    from meshwright.launcher.planner.export import torchtitan_settings
+
+    cfg = load_model_config("llama2-7b")
+    hw = cm.hardware_from_cluster(load_cluster("dgx-a100-80g"), stack="torchtitan", dtype=dtype)
+
+    def plan(zero: int) -> Plan:
+        p = Plan(model="llama2-7b", seq_len=4096, global_batch=64, micro_batch=1,
+                 layers=[LayerStrategy(dp=8, zero=zero, recompute="full", repeat=cfg.n_layers)],
+                 embedding=EmbeddingStrategy(zero=zero))
+        validate_plan(p, cfg, 8)
+        return p
+
+    emitted = {z: torchtitan_settings(plan(z), cfg, dtype=dtype)[0]["parallelism"] for z in (1, 2)}
+    assert emitted[1] == emitted[2] and emitted[1]["fsdp_reshard_after_forward"] == "never"
+    z1, z2 = (cm.evaluate_plan(plan(z), cfg, hw, 8) for z in (1, 2))
+    assert z1.memory_gib == z2.memory_gib and z1.step_s == z2.step_s
+    # against the old ZeRO-1 count: parameters sharded (4 - 4/8 B/param less), gradients sharded (4 - 4/8 less), the
+    # gathered weights kept (gather_bytes more: 2 in bf16, 4 in fp32) by blocks, embedding and head alike (the head's
+    # bf16 copy was counted before too: torchtitan's head never reshards, ``head_copy_bytes``)
+    old_hw = dataclasses.replace(hw, zero_runs_as=(0, 1, 2, 3))
+    old = cm.evaluate_plan(plan(1), cfg, old_hw, 8)
+    n = cfg.num_params()
+    head = cfg.vocab_size * cfg.d_model
+    want = n * 2 * (4 - 4 / 8) - n * hw.policy.gather_bytes + head * cm.head_copy_bytes(1, old_hw)
+    assert (old.memory_gib[0] - z1.memory_gib[0]) * cm.GIB == pytest.approx(want * (1 + hw.fragmentation), rel=1e-5)
+    # meshwright runs ZeRO-1 as ZeRO-1 (DDP + ZeroRedundancyOptimizer)
+    assert cm.hardware_from_cluster(load_cluster("dgx-a100-80g"), stack="meshwright").zero_runs_as == (0, 1, 2, 3)
+
+
+def test_fsdp2_ends_keep_their_gathered_weights():
+    """An FSDP2 embedding at ZeRO-2 keeps its gathered table from forward to backward like the blocks (the storage
+    walk of tests/distributed/state_bytes_worker.py counts it with them; the planner counted only the head's), and
+    torchtitan's head (with the norm) never reshards after forward, at ZeRO-3 too (apply_fsdp_to_decoder:
+    reshard_after_forward only under "always")."""
+    cfg = load_model_config("llama2-7b")
+    table = cfg.vocab_size * cfg.d_model
+    mw = cm.hardware_from_cluster(load_cluster("dgx-a100-80g"), stack="meshwright")
+    tt = cm.hardware_from_cluster(load_cluster("dgx-a100-80g"), stack="torchtitan")
+    n = cm.embedding_param_count(cfg, True, True, 1)
+    states = lambda h, z: sum(cm.model_state_bytes(n, 8, z, "fp32", h).values())  # noqa: E731
+    # meshwright ZeRO-2: both tables' bf16 gathered copies (the head's was counted, now the embedding's too)
+    assert cm.embedding_static_bytes(cfg, True, True, 1, 8, 2, "fp32", mw) == pytest.approx(states(mw, 2) + 2 * table * 2)
+    # ZeRO-3 reshards both on meshwright; torchtitan keeps the head's, not the embedding's
+    assert cm.embedding_static_bytes(cfg, True, True, 1, 8, 3, "fp32", mw) == pytest.approx(states(mw, 3))
+    assert cm.embedding_static_bytes(cfg, True, True, 1, 8, 3, "fp32", tt) == pytest.approx(states(tt, 3) + table * 2)
+    # a tied table is one parameter: one copy
+    tied = dataclasses.replace(cfg, tie_embeddings=True)
+    nt = cm.embedding_param_count(tied, True, True, 1)
+    assert cm.embedding_static_bytes(tied, True, True, 1, 8, 2, "fp32", mw) == pytest.approx(
+        sum(cm.model_state_bytes(nt, 8, 2, "fp32", mw).values()) + table * 2)

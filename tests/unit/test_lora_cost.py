@@ -4,6 +4,7 @@ torch's own counts (FlopCounterMode, the parameters that have ``requires_grad``)
 from __future__ import annotations
 
 import dataclasses
+import gc
 from types import SimpleNamespace
 
 import pytest
@@ -190,6 +191,11 @@ def test_dp_bytes_are_what_ddp_buckets_hold(name, lora, tmp_path):
         x = torch.randint(0, cfg.vocab_size, (1, 16))
         lm_loss(ddp(x), x).backward()
         buckets = sum(int(b) for b in ddp._get_ddp_logging_data()["bucket_sizes"].split(","))
+        # DDP's C++ Reducer goes while the group is still registered: freed after destroy_process_group (at this
+        # function's return), it held the group's last reference and ran gloo's destructor under the GIL, which
+        # joins a worker thread that waits for the GIL to free its last work (a deadlock seen under load)
+        del ddp
+        gc.collect()
     finally:
         dist.destroy_process_group()
     assert predicted == pytest.approx(buckets, rel=1e-12)

@@ -20,7 +20,7 @@ run: setup  ## train the default model on the embedded corpus with a plan chosen
 	$(VENV)/bin/meshwright train default --overwrite
 
 test: setup  ## the whole suite (unit, distributed under torchrun/gloo, end-to-end CLI)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 test-fast: setup
 	$(PY) -m pytest -q tests/unit

@@ -1,5 +1,9 @@
 """Elastic restart: SIGKILL one rank mid-run under torchrun --max-restarts 1; the run resumes from the
-latest complete checkpoint and its loss trajectory equals an uninterrupted run's, step for step."""
+latest complete checkpoint and its loss trajectory equals an uninterrupted run's, step for step.
+
+The waits are bounds, not pacing (each returns as soon as its event happens): on a box loaded far past its cores
+(load average ~100 on 2 cores, seen) the restarted ranks took 2 minutes to start and load the checkpoint, and the
+150 s once allowed for the restart and its 20 steps ran out, so they allow minutes."""
 
 from __future__ import annotations
 
@@ -63,6 +67,7 @@ def stop(proc: subprocess.Popen) -> None:
         proc.communicate(timeout=30)
 
 
+@pytest.mark.timeout(900)
 def test_sigkill_rank_restarts_and_resumes_identical_losses(tmp_path):
     killed_dir, ref_dir = tmp_path / "killed", tmp_path / "ref"
     ref = torchrun(ref_dir, max_restarts=0)  # the uninterrupted run, side by side (deterministic on CPU)
@@ -70,7 +75,7 @@ def test_sigkill_rank_restarts_and_resumes_identical_losses(tmp_path):
     try:
         agent = psutil.Process(proc.pid)
         ckpt = killed_dir / "ckpt" / f"step_{KILL_AFTER:06d}" / "trainer_state.json"
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         victim = None
         while time.monotonic() < deadline and proc.poll() is None:
             if ckpt.is_file():
@@ -80,8 +85,8 @@ def test_sigkill_rank_restarts_and_resumes_identical_losses(tmp_path):
                     break
             time.sleep(0.02)
         assert victim is not None, "never saw the checkpoint and a rank-1 worker to kill"
-        out = finish(proc, timeout=150)
-        finish(ref, timeout=60)
+        out = finish(proc, timeout=420)
+        finish(ref, timeout=120)
     finally:
         stop(proc)
         stop(ref)

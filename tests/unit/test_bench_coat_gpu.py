@@ -1,4 +1,8 @@
-"""The prepared GPU benchmark of #18 runs end to end on CPU with tiny sizes (the GPU run is for later)."""
+"""The prepared GPU benchmark of #18 runs end to end on CPU with tiny sizes (the GPU run is for later).
+
+These runs take no profiler trace (``--trace-steps 0``): on CPU the default 3 traced steps cost ~20 s of CPU per run
+(most of it in the profiler's ``key_averages``), and the trace of this very configuration (bf16_adamw,coat, 2 steps)
+is what tests/unit/test_kernel_breakdown.py asserts."""
 
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ import bench_coat_gpu  # noqa: E402
 
 
 def test_smoke_run_reports_every_figure_and_the_ratios(capsys):
-    doc = bench_coat_gpu.main(["--smoke", "--inline", "--steps", "2", "--configs", "bf16_adamw,coat"])
+    doc = bench_coat_gpu.main(["--smoke", "--inline", "--steps", "2", "--configs", "bf16_adamw,coat",
+                               "--trace-steps", "0"])
     assert doc["device"] == "cpu" and doc["steps"] == 2 and doc["batch"] == 2 and doc["seq"] == 32
     base, coat = doc["results"]
     assert coat["note"] == "FP8 GEMM backend: emulate"
@@ -33,7 +38,7 @@ def test_bad_configs_are_one_line_errors(capsys):
 
 def test_fewer_steps_for_one_configuration_drop_its_loss_comparison():
     doc = bench_coat_gpu.main(["--smoke", "--inline", "--steps", "3", "--configs", "bf16_adamw,coat",
-                               "--steps-for", "coat=2"])
+                               "--steps-for", "coat=2", "--trace-steps", "0"])
     base, coat = doc["results"]
     assert (base["steps"], coat["steps"]) == (3, 2)
     # throughput and memory still compare; losses after different step counts do not

@@ -320,6 +320,24 @@ def _running_with(marker: str) -> list[int]:
     return [p for p in found if p != os.getpid()]
 
 
+def _wait_until_gone(out_dir: Path, within_s: float = 60) -> None:
+    """Every process of the run writing ``out_dir`` has exited (the launch's exit does not wait for remote ranks)."""
+    deadline = time.monotonic() + within_s
+    while _running_with(f"out_dir={out_dir}"):
+        assert time.monotonic() < deadline, f"still running: {_running_with(f'out_dir={out_dir}')}"
+        time.sleep(0.2)
+
+
+def _kill_leftovers(out_dir: Path, launch: subprocess.Popen) -> None:
+    """After a failed check: SIGKILL what the test started (its out_dir in the command line) and the launch."""
+    for pid in _running_with(f"out_dir={out_dir}"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if launch.poll() is None:
+        launch.kill()
+        launch.wait(10)
+
+
 @pytest.mark.timeout(500)
 def test_ctrl_c_of_a_deepspeed_launch_stops_every_rank_with_a_checkpoint(sshd, tmp_path):
     """`--launcher deepspeed` over pdsh, Ctrl-C to the launch: it passes it on to DeepSpeed's runner, waits for it,
@@ -350,17 +368,9 @@ def test_ctrl_c_of_a_deepspeed_launch_stops_every_rank_with_a_checkpoint(sshd, t
         _wait_for_records(out_dir / "log.jsonl", launch, log, 2)
         os.killpg(launch.pid, signal.SIGINT)  # Ctrl-C in the launch's terminal
         assert launch.wait(120) == 130, log.read_text()[-4000:]
-        deadline = time.monotonic() + 60
-        while _running_with(f"out_dir={out_dir}"):
-            assert time.monotonic() < deadline, f"still running: {_running_with(f'out_dir={out_dir}')}"
-            time.sleep(0.2)
+        _wait_until_gone(out_dir)
     finally:
-        for pid in _running_with(f"out_dir={out_dir}"):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if launch.poll() is None:
-            launch.kill()
-            launch.wait(10)
+        _kill_leftovers(out_dir, launch)
     text = log.read_text()
     assert text.rstrip().endswith("meshwright launch: interrupted"), text[-2000:]
     summary = json.loads((out_dir / "summary.json").read_text())
@@ -555,17 +565,9 @@ def test_sigterm_to_the_launch_preempts_every_rank_with_a_checkpoint_and_sigusr1
             _wait_for_records(records, launch_proc, log, after)
             launch_proc.send_signal(signum)
             assert launch_proc.wait(180) == 143, log.read_text()[-4000:]
-            deadline = time.monotonic() + 60
-            while _running_with(f"out_dir={out_dir}"):
-                assert time.monotonic() < deadline, f"still running: {_running_with(f'out_dir={out_dir}')}"
-                time.sleep(0.2)
+            _wait_until_gone(out_dir)
         finally:
-            for pid in _running_with(f"out_dir={out_dir}"):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            if launch_proc.poll() is None:
-                launch_proc.kill()
-                launch_proc.wait(10)
+            _kill_leftovers(out_dir, launch_proc)
         summary = json.loads((out_dir / "summary.json").read_text())
         assert summary["stopped_by"] == signal.Signals(signum).name and summary["world_size"] == 2, summary
         stopped = summary["steps"]

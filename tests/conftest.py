@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -7,6 +8,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+# The signal tests need Ctrl-C and hang-up to act in this process and in the runs it starts. A suite started with
+# `nohup` or as a background job of a non-interactive shell ignores SIGHUP/SIGINT, and children inherit an ignored
+# signal: those tests then fail for the way pytest was started, not for the code. Restore the defaults.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 @pytest.fixture(autouse=True)

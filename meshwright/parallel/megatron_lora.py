@@ -44,8 +44,19 @@ def _mark(param: nn.Parameter, dim: int | None) -> None:
         set_tensor_model_parallel_attributes(param, True, dim, 1)
 
 
-def _dropped(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return F.dropout(x, module.lora_dropout, module.training) if module.lora_dropout else x
+class _Adapter:
+    """What both LoRA layers add to megatron's: the adapter parameters ``attach_adapters`` sets, and their output."""
+
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
+    lora_scale: float
+    lora_dropout: float
+    training: bool
+
+    def adapter(self, x: torch.Tensor) -> torch.Tensor:
+        """``B(A(dropout(x))) * scale``: sharded like the base's output (column) or a partial sum like it (row)."""
+        dropped = F.dropout(x, self.lora_dropout, self.training) if self.lora_dropout else x
+        return F.linear(F.linear(dropped, self.lora_A), self.lora_B) * self.lora_scale
 
 
 def lora_classes(column_cls: type, row_cls: type) -> tuple[type, type]:
@@ -53,33 +64,22 @@ def lora_classes(column_cls: type, row_cls: type) -> tuple[type, type]:
     from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
     from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
-    class LoraColumn(column_cls):  # type: ignore[misc, valid-type]
+    class LoraColumn(_Adapter, column_cls):  # type: ignore[misc, valid-type]
         """Built with ``disable_grad_reduce=True``: the input-gradient all-reduce happens here, once for both."""
-
-        lora_A: nn.Parameter
-        lora_B: nn.Parameter
-        lora_scale: float
-        lora_dropout: float
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
             x = copy_to_tensor_model_parallel_region(x, group=self.tp_group)
-            base = super().forward(x)
-            return base + F.linear(F.linear(_dropped(self, x), self.lora_A), self.lora_B) * self.lora_scale
+            return super().forward(x) + self.adapter(x)
 
-    class LoraRow(row_cls):  # type: ignore[misc, valid-type]
+    class LoraRow(_Adapter, row_cls):  # type: ignore[misc, valid-type]
         """megatron's ``RowParallelLinear.forward`` with the adapter's partial output added before its all-reduce."""
-
-        lora_A: nn.Parameter
-        lora_B: nn.Parameter
-        lora_scale: float
-        lora_dropout: float
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
             partial = self._forward_impl(input=x, weight=self.weight, bias=None,
                                          gradient_accumulation_fusion=self.gradient_accumulation_fusion,
                                          allreduce_dgrad=False, sequence_parallel=False, tp_group=None,
                                          grad_output_buffer=None)
-            partial = partial + F.linear(F.linear(_dropped(self, x), self.lora_A), self.lora_B) * self.lora_scale
+            partial = partial + self.adapter(x)
             out = reduce_from_tensor_model_parallel_region(partial, group=self.tp_group)
             return out + self.bias if self.bias is not None else out
 

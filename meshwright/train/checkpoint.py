@@ -146,9 +146,15 @@ def write_failed(tmp: Path, path: Path, exc: BaseException, is_main: bool) -> Ba
     return _save_error(path, exc, full)
 
 
+def _first_line(exc: BaseException, limit: int = 300, default: str | None = None) -> str:
+    """The first line of ``exc``'s message, cut to ``limit`` (``default``, else its type's name, when it has none)."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__ if default is None else default)[:limit]
+
+
 def _peer_lost_reading(path: Path, exc: BaseException) -> CheckpointPeerLost:
     """A read given up for a lost peer: the checkpoint is not blamed (a user told "damaged" might delete a good one)."""
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    first = _first_line(exc)
     return CheckpointPeerLost(f"checkpoint {path} was not read: a peer rank was lost or a collective timed out while "
                               f"the ranks read it ({type(exc).__name__}: {first}); the checkpoint is not known to be "
                               f"damaged; valid: find why that rank stopped (its log), then resume from it again")
@@ -156,7 +162,7 @@ def _peer_lost_reading(path: Path, exc: BaseException) -> CheckpointPeerLost:
 
 def _peer_lost_error(tmp: Path, path: Path, exc: BaseException) -> CheckpointPeerLost:
     """What happened to a write given up for a lost peer, and what to do."""
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    first = _first_line(exc)
     before = latest_checkpoint(path.parent)
     resume = (f"resume from the previous checkpoint {before} (`meshwright train ... --resume` takes it)"
               if before is not None else "no earlier checkpoint exists: the run restarts from step 0")
@@ -306,18 +312,14 @@ def load_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Opti
     try:
         with _quiet_dcp():
             dcp.load(read, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner())
-    except (CheckpointException, RuntimeError, OSError) as exc:
-        if peer_lost(exc):  # another rank died mid-read: the files are not known to be damaged; say so, not "corrupt"
-            raise _peer_lost_reading(path, exc) from None
-        if isinstance(exc, CheckpointException):
-            raise CheckpointCorrupt(f"checkpoint {path} could not be read: {_first_failure(exc)}") from None
-        raise CheckpointCorrupt(f"checkpoint {path} could not be read: {type(exc).__name__}: "
-                                f"{(str(exc).strip().splitlines() or [''])[0][:300]}") from None
     except CheckpointCorrupt:
         raise
-    except (ValueError, AssertionError, KeyError) as exc:
-        raise CheckpointCorrupt(f"checkpoint {path} could not be read: {type(exc).__name__}: "
-                                f"{(str(exc).strip().splitlines() or [''])[0][:300]}") from None
+    except (CheckpointException, RuntimeError, OSError, ValueError, AssertionError, KeyError) as exc:
+        if isinstance(exc, (CheckpointException, RuntimeError, OSError)) and peer_lost(exc):
+            raise _peer_lost_reading(path, exc) from None  # another rank died mid-read: the files are not blamed
+        detail = (_first_failure(exc) if isinstance(exc, CheckpointException)
+                  else f"{type(exc).__name__}: {_first_line(exc, default='')}")
+        raise CheckpointCorrupt(f"checkpoint {path} could not be read: {detail}") from None
     grow_swapped(read, grown, grow_positions)
     state = {**read, "model": {**state["model"], **read["model"]}}  # the base's entries as they are (unread)
     if grown:  # for the resume note (trainer.py); not part of the checkpoint
@@ -332,7 +334,7 @@ def load_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Opti
             set_rng_state(torch.load(rng_file, weights_only=True))
         except Exception as exc:  # noqa: BLE001 - a damaged RNG file is one line, never a traceback
             raise CheckpointCorrupt(f"checkpoint file {rng_file} is refused: {type(exc).__name__}: "
-                                    f"{(str(exc).strip().splitlines() or [''])[0][:200]}") from None
+                                    f"{_first_line(exc, 200, default='')}") from None
     return meta
 
 

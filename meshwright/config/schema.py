@@ -651,6 +651,9 @@ class TrainConfig:
 # fuses wq/wk/wv into attn.c_attn; wo is attn.c_proj, w1 mlp.c_fc, w2 mlp.c_proj there (no w3).
 LORA_TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w3": "up_proj",
                 "w2": "down_proj"}
+# targets on MoE blocks' stacked experts, in PEFT's target_parameters spelling (transformers' fused expert weights)
+# -> the meshwright weights each adapts (memory/lora.py ExpertAdapter: gate_up's one A serves w1 and w3)
+LORA_EXPERT_TARGETS = {"experts.gate_up_proj": ("w1", "w3"), "experts.down_proj": ("w2",)}
 # modules trained in full beside the adapters (PEFT's modules_to_save) -> their Llama-family Hugging Face names
 LORA_SAVABLE = {"output": "lm_head", "tok_embeddings": "embed_tokens"}
 LORA_CHECKPOINTS = ("adapters", "full")
@@ -683,17 +686,25 @@ class LoraConfig:
         if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))
                                        or not math.isfinite(self.alpha) or self.alpha <= 0):
             raise invalid(f"{p}alpha", self.alpha, "a finite number > 0 (scale = alpha / rank), or null (= rank)")
+        names = [*LORA_TARGETS, *LORA_EXPERT_TARGETS]
         if not isinstance(self.targets, list) or not self.targets:
-            raise invalid(f"{p}targets", self.targets, f"a non-empty list of {', '.join(LORA_TARGETS)}")
+            raise invalid(f"{p}targets", self.targets, f"a non-empty list of {', '.join(names)}")
         ours = {v: k for k, v in LORA_TARGETS.items()}
         for i, t in enumerate(self.targets):
-            if t not in LORA_TARGETS:
+            if t not in names:
                 hint = f" (meshwright's name for {t} is {ours[t]})" if t in ours else ""
-                raise invalid(f"{p}targets[{i}]", t, f"one of {', '.join(LORA_TARGETS)}{hint}")
+                expert = [e for e in LORA_EXPERT_TARGETS if isinstance(t, str) and t.endswith(e.split(".")[-1])]
+                if expert and not hint:
+                    hint = f" (an expert weight is named as PEFT's target_parameters end: {expert[0]})"
+                raise invalid(f"{p}targets[{i}]", t, f"one of {', '.join(names)}{hint}")
             if self.targets.index(t) != i:
                 raise invalid(f"{p}targets[{i}]", t, "a module not already listed")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise invalid(f"{p}dropout", self.dropout, "a number in [0, 1)")
+        experts = [t for t in self.targets if t in LORA_EXPERT_TARGETS]
+        if experts and self.dropout:
+            raise invalid(f"{p}dropout", self.dropout, f"0 with expert targets ({', '.join(experts)}): PEFT's "
+                          f"target_parameters adapters take no dropout, and neither do ours")
         if not isinstance(self.modules_to_save, list):
             raise invalid(f"{p}modules_to_save", self.modules_to_save, f"a list of {', '.join(LORA_SAVABLE)} (or [])")
         for i, m in enumerate(self.modules_to_save):

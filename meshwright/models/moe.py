@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -118,6 +118,9 @@ class GroupedExperts(nn.Module):
         # the experts' math as a parameter-free module (state-dict keys unchanged): under compile: true it is
         # compiled apart when the block cannot be compiled whole (train/compile.py, compile_moe_block)
         self.mlp = ExpertMLP()
+        # LoRA on the stacked weights (memory/lora.py ``ExpertAdapter``, PEFT's target_parameters): None unless adapted
+        self.gate_up_proj: nn.Module | None = None
+        self.down_proj: nn.Module | None = None
         self.init_weights()
 
     @torch.no_grad()
@@ -128,12 +131,40 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: (A, d_model) tokens grouped by expert (counts[e] rows for expert e, in order)."""
-        return expert_swiglu(x, counts, self.w1, self.w3, self.w2, self.mlp)
+        return expert_swiglu(x, counts, self.w1, self.w3, self.w2, self.mlp, expert_adapters(self))
 
 
-def swiglu_rows(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """One expert's SwiGLU on its rows: w2(silu(w1 x) * w3 x)."""
-    return (F.silu(x @ w1.t()) * (x @ w3.t())) @ w2.t()
+# one expert's low-rank update: (A (r, in), B (out, r), scale), or None where that weight is not adapted
+LowRank = Optional[tuple[torch.Tensor, torch.Tensor, float]]
+
+
+def expert_adapters(experts: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """The (gate_up, down) adapters of an experts module (``GroupedExperts`` or its ep shard): PEFT's
+    ``experts.gate_up_proj`` (one A shared by w1 and w3, B's rows gate then up) and ``experts.down_proj`` (w2)."""
+    return getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+
+
+def _low_rank(adapter: nn.Module | None, e: int) -> LowRank:
+    return None if adapter is None else (adapter.lora_A[e], adapter.lora_B[e], adapter.lora_scale)
+
+
+def swiglu_rows(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+                gate_up: LowRank = None, down: LowRank = None) -> torch.Tensor:
+    """One expert's SwiGLU on its rows: w2(silu(w1 x) * w3 x); with adapters each weight W acts as
+    W + scale * B A (PEFT's ParamWrapper), computed low-rank: x W^T + scale * (x A^T) B^T."""
+    if gate_up is None and down is None:
+        return (F.silu(x @ w1.t()) * (x @ w3.t())) @ w2.t()
+    g, u = x @ w1.t(), x @ w3.t()
+    if gate_up is not None:
+        a, b, scale = gate_up
+        d = ((x @ a.t()) @ b.t()) * scale
+        g, u = g + d[:, :w1.shape[0]], u + d[:, w1.shape[0]:]
+    y = F.silu(g) * u
+    out = y @ w2.t()
+    if down is not None:
+        a, b, scale = down
+        out = out + ((y @ a.t()) @ b.t()) * scale
+    return out
 
 
 class ExpertMLP(nn.Module):
@@ -141,13 +172,16 @@ class ExpertMLP(nn.Module):
     expert parallelism compiles the experts' math alone (``nn.Module.compile``, dynamic row counts) while the
     token all-to-alls around it stay eager (train/compile.py), and hooks can see where it ran."""
 
-    def forward(self, x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-        return swiglu_rows(x, w1, w3, w2)
+    def forward(self, x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+                gate_up: LowRank = None, down: LowRank = None) -> torch.Tensor:
+        return swiglu_rows(x, w1, w3, w2, gate_up, down)
 
 
 def expert_swiglu(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
-                  w2: torch.Tensor, mlp: Callable[..., torch.Tensor] = swiglu_rows) -> torch.Tensor:
-    """Apply expert e's SwiGLU (``mlp``) to its contiguous block of rows (a loop: CPU has no grouped GEMM)."""
+                  w2: torch.Tensor, mlp: Callable[..., torch.Tensor] = swiglu_rows,
+                  adapters: tuple[nn.Module | None, nn.Module | None] = (None, None)) -> torch.Tensor:
+    """Apply expert e's SwiGLU (``mlp``) to its contiguous block of rows (a loop: CPU has no grouped GEMM);
+    ``adapters``: the (gate_up, down) ``ExpertAdapter``s holding the same experts as w1/w3/w2, or None."""
     sizes = [int(c) for c in counts.tolist()]
     if len(sizes) != w1.shape[0]:
         raise ValueError(f"counts has {len(sizes)} entries for {w1.shape[0]} experts")
@@ -156,12 +190,17 @@ def expert_swiglu(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: t
         if chunk.shape[0] == 0:
             outs.append(chunk.new_zeros(0, w2.shape[1]))
             continue
-        outs.append(mlp(chunk, w1[e], w3[e], w2[e]))
+        gate_up, down = (_low_rank(a, e) for a in adapters)
+        outs.append(mlp(chunk, w1[e], w3[e], w2[e]) if gate_up is None and down is None
+                    else mlp(chunk, w1[e], w3[e], w2[e], gate_up, down))
     out = torch.cat(outs) if outs else x.new_zeros(0, w2.shape[1])
     if sum(sizes) == 0 and torch.is_grad_enabled():
         # No token reached these experts (possible on an EP rank): keep the weights in the graph so
         # they get zero gradients rather than None, and gradient all-reduces stay aligned across ranks.
         out = out + 0.0 * (w1.sum() + w3.sum() + w2.sum())
+        for a in adapters:
+            if a is not None:
+                out = out + 0.0 * (a.lora_A.sum() + a.lora_B.sum())
     return out
 
 

@@ -36,7 +36,7 @@ from torch import nn
 
 from meshwright.config import ModelConfig, divisors
 from meshwright.errors import invalid
-from meshwright.models.moe import ExpertMLP, GroupedExperts, expert_swiglu, moe_layers
+from meshwright.models.moe import ExpertMLP, GroupedExperts, expert_adapters, expert_swiglu, moe_layers
 
 
 def check_ep(n_experts: int, ep: int, dp: int, field_name: str = "ep") -> None:
@@ -129,7 +129,13 @@ class ExpertParallelExperts(nn.Module):
         self.w2 = nn.Parameter(experts.w2.detach()[lo:hi].clone(), requires_grad=experts.w2.requires_grad)
         self.meter = meter if meter is not None else A2AMeter()
         self.mlp = ExpertMLP()  # the local experts' math: compiled under compile: true, the all-to-alls stay eager
-        for p in (self.w1, self.w3, self.w2):
+        # LoRA on the experts (memory/lora.py ExpertAdapter): this rank's experts' A and B rows, sharded and reduced
+        # (over edp) with the experts they adapt
+        gate_up, down = expert_adapters(experts)
+        self.gate_up_proj = gate_up.shard(lo, hi) if gate_up is not None else None
+        self.down_proj = down.shard(lo, hi) if down is not None else None
+        for p in (self.w1, self.w3, self.w2, *(q for a in (self.gate_up_proj, self.down_proj) if a is not None
+                                              for q in (a.lora_A, a.lora_B))):
             p._meshwright_expert = True  # type: ignore[attr-defined]
 
     @torch.no_grad()
@@ -150,7 +156,7 @@ class ExpertParallelExperts(nn.Module):
         chunks = torch.split(got, chunk_sizes)
         by_expert = [src * nl + e for e in range(nl) for src in range(ep)]
         grouped = torch.cat([chunks[i] for i in by_expert]) if chunks else got
-        out = expert_swiglu(grouped, recv_grid.sum(0), self.w1, self.w3, self.w2, self.mlp)
+        out = expert_swiglu(grouped, recv_grid.sum(0), self.w1, self.w3, self.w2, self.mlp, expert_adapters(self))
         out_chunks = torch.split(out, [chunk_sizes[i] for i in by_expert])
         back_order = [0] * len(by_expert)
         for pos, i in enumerate(by_expert):

@@ -18,6 +18,11 @@ step's gradients and the grad norm within RTOL (1e-5 relative), only the adapter
 optimizer state, the experts still sharded and frozen. ``lora_ckpt_ep2_to_ep4`` saves an adapter-only checkpoint
 (``lora.checkpoint: adapters``) after 2 steps under ep2 and resumes it under ep4 for steps 3-4; the checkpoint is
 kept in ``argv[2]`` as a run directory for test_expert_parallel.py to resume in one process and export.
+
+LoRA on the experts under ep (``lora_experts_*`` rows): ``experts.gate_up_proj``/``experts.down_proj`` adapters (and
+q/v) with ep2 x dp4, ep4 x dp4 and ep2 with DTensor tp2 against the same reference; each rank holds its experts' A/B
+rows, compared with those rows of the reference's gradients; ``lora_experts_ckpt_ep2_to_ep4`` keeps its ep2
+adapter-only checkpoint in ``argv[2]`` too.
 """
 
 from __future__ import annotations
@@ -393,6 +398,178 @@ def lora_rows(run_root: str | None) -> list[dict]:
     return rows
 
 
+# ---- LoRA on the experts under ep (``lora_experts_*`` rows) ------------------------------------------------------
+# adapters on the experts' stacked weights (memory/lora.py ExpertAdapter, PEFT's target_parameters) besides two
+# attention ones: sharded with their experts over ep (each rank holds its experts' A/B rows), reduced over the edp
+# group only (the ranks holding the same experts), like the experts' own gradients in full training
+
+LORA_EXPERTS = {"rank": 4, "alpha": 8.0, "targets": ["wq", "wv", "experts.gate_up_proj", "experts.down_proj"]}
+LORA_EXPERTS_RUN = "lora_experts_run"  # under argv[2]: the ep2 adapter-only checkpoint (one-process resume, exports)
+LORA_EXPERT_CASES = {
+    "lora_experts_ep2_dp4": lora_plan([{"dp": 4, "ep": 2, "repeat": 2}]),
+    "lora_experts_ep4_dp4": lora_plan([{"dp": 4, "ep": 4, "repeat": 2}]),
+    "lora_experts_ep2_tp2": lora_plan([{"tp": 2, "dp": 2, "ep": 2, "repeat": 2}]),
+}
+
+
+def _expert_offsets(model) -> dict[str, tuple[int, int]]:
+    """{parameter name: (first expert, experts held)} of this rank's expert adapter shards."""
+    from meshwright.parallel.expert_parallel import ExpertParallelExperts
+
+    out = {}
+    for path, module in model.named_modules():
+        if isinstance(module, ExpertParallelExperts):
+            for attr in ("gate_up_proj", "down_proj"):
+                if getattr(module, attr, None) is not None:
+                    for w in ("lora_A", "lora_B"):
+                        out[f"{path}.{attr}.{w}"] = (module.first_expert, module.n_local)
+    return out
+
+
+def lora_expert_steps(rt, opt, ref: list[dict], start: int, steps: int, grads: bool) -> dict:
+    """``lora_steps`` for expert adapters: a shard's gradient is compared with its experts' rows of the reference."""
+    import math
+
+    from parity_lib import MAX_NORM, rel, shard
+    from torch.distributed.tensor import DTensor
+
+    offsets = _expert_offsets(rt.model)
+    worst = {"loss": 0.0, "grad": 0.0, "norm": 0.0}
+    worst_name, names, frozen_grads = "", [], []
+    for k in range(steps):
+        loss = rt.forward_backward(shard(start + k, rt.dp_rank, rt.dp_size))
+        worst["loss"] = max(worst["loss"], rel(loss, ref[start + k]["loss"]))
+        if grads and k == 0:
+            for n, q in rt.model.named_parameters():
+                if q.grad is None:
+                    continue
+                if not q.requires_grad:
+                    frozen_grads.append(n)
+                    continue
+                names.append(n)
+                g = q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad
+                r = ref[start]["grads"].get(n)
+                if r is not None and n in offsets:
+                    lo, count = offsets[n]
+                    r = r[lo:lo + count]
+                e = rel(g, r) if r is not None and r.shape == g.shape else math.inf
+                if e > worst["grad"]:
+                    worst["grad"], worst_name = e, n
+        worst["norm"] = max(worst["norm"], rel(rt.clip_grad_norm_(MAX_NORM), ref[start + k]["norm"]))
+        rt.optimizer_step(opt)
+    return {**worst, "worst_grad_param": worst_name, "grad_names": sorted(names), "frozen_grads": frozen_grads,
+            "n_expert_adapter_shards": len(offsets),
+            "ok": all(v <= 1e-5 and math.isfinite(v) for v in worst.values()) and not frozen_grads}
+
+
+def run_lora_expert_case(name: str, pd: dict, lora: dict) -> dict:
+    from parity_lib import make_opt
+
+    from meshwright.config import LoraConfig
+    from meshwright.memory.lora import is_adapter_param, lora_adapter_params
+    from meshwright.parallel.data_parallel import sharded_state_bytes
+    from meshwright.plan import plan_from_dict
+
+    p = plan_from_dict(pd)
+    s = p.layer_strategies()[0]
+    ref = lora_reference(lora, s.dp)
+    rt = lora_runtime(pd, lora)
+    opt = rt.build_optimizer(make_opt)
+    res = lora_expert_steps(rt, opt, ref, 0, LORA_STEPS, grads=True)
+    mine = dict(rt.model.named_parameters())
+    trainable = {n for n, q in mine.items() if q.requires_grad}
+    res["grads_ok"] = set(res["grad_names"]) == trainable == {n for n in ref[0]["grads"] if n in mine}
+    adapters = {n: q for n, q in mine.items() if ".experts." in n and is_adapter_param(n)}
+    n_local = lora_moe_cfg().n_experts // s.ep
+    # sharded with the experts, marked as expert shards (reduced over edp, not dp), trainable
+    res["expert_adapters_sharded"] = len(adapters) == 2 * 2 * 2 and all(
+        q.shape[0] == n_local and is_expert_param(q) and q.requires_grad for q in adapters.values())
+    base = [(n, q) for n, q in mine.items() if n.endswith((".w1", ".w2", ".w3")) or ".router." in n]
+    res["base_frozen"] = bool(base) and all(not q.requires_grad and q.grad is None for _, q in base)
+    local = sum(q.to_local().numel() if hasattr(q, "to_local") else q.numel() for q in mine.values() if q.requires_grad)
+    tp_split = sum(q.numel() - q.to_local().numel() for q in mine.values() if q.requires_grad and hasattr(q, "to_local"))
+    # the planner's count (memory/lora.py lora_adapter_params) is this rank's real one (tp's split of the attention
+    # adapters aside: the planner's LoraStep applies it)
+    res["adapter_params"], res["adapter_params_counted"] = local + tp_split, lora_adapter_params(
+        lora_moe_cfg(), LoraConfig(**lora), ep=s.ep)
+    res["opt_state_bytes"], res["opt_state_expected"] = sharded_state_bytes(opt), 8 * local
+    held = {id(q) for g in opt.param_groups for q in g["params"]}
+    res["opt_params_ok"] = held == {id(q) for q in mine.values() if q.requires_grad}
+    res["a2a_bytes"] = rt.a2a_meter.bytes_total
+    res["ok"] = (res["ok"] and res["grads_ok"] and res["expert_adapters_sharded"] and res["base_frozen"]
+                 and res["opt_params_ok"] and res["opt_state_bytes"] == res["opt_state_expected"]
+                 and res["adapter_params"] == res["adapter_params_counted"] and res["a2a_bytes"] > 0)
+    rt.close()
+    return {"case": name, "rank": dist.get_rank(), "ep": s.ep, **res}
+
+
+def run_lora_experts_ckpt(run_dir: str) -> dict:
+    """Adapter-only checkpoint of expert adapters under ep2 (dp4) after 2 steps (each rank writes its experts' A/B
+    rows), resumed under ep4 for steps 3-4; kept in ``run_dir`` for the one-process resume and the exports."""
+    from pathlib import Path
+
+    from parity_lib import SEED, make_opt
+
+    from meshwright.config import LoraConfig, TrainConfig
+    from meshwright.config.io import from_dict, to_dict, write_yaml
+    from meshwright.train.checkpoint import load_runtime, save_runtime
+    from meshwright.train.checkpoint_io import read_metadata_file
+    from meshwright.train.lora_base import AdapterScope
+
+    lora = LORA_EXPERTS
+    cfg = lora_moe_cfg()
+    ref = lora_reference(lora, 4, steps=4)
+    if dist.get_rank() == 0:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        write_yaml(from_dict(TrainConfig, {"model": to_dict(cfg), "seq_len": 16, "seed": SEED, "lora": lora}),
+                   Path(run_dir) / "config.yaml")
+        write_yaml(cfg, Path(run_dir) / "model.yaml")
+    path = f"{run_dir}/ckpt/step_000002"
+    rt = lora_runtime(LORA_EXPERT_CASES["lora_experts_ep2_dp4"], lora)
+    scope = AdapterScope.for_run(TrainConfig(seed=SEED, lora=LoraConfig(**lora)), cfg, rt.init, rt.device.type)
+    opt = rt.build_optimizer(make_opt)
+    save = lora_expert_steps(rt, opt, ref, 0, 2, grads=False)
+    save_runtime(path, rt, opt, meta={"step": 2}, adapters=scope)
+    rt.close()
+    rt2 = lora_runtime(LORA_EXPERT_CASES["lora_experts_ep4_dp4"], lora)
+    opt2 = rt2.build_optimizer(make_opt)
+    meta = load_runtime(path, rt2, opt2, adapters=scope)
+    resume = lora_expert_steps(rt2, opt2, ref, 2, 2, grads=False)
+    rt2.close()
+    metadata = read_metadata_file(f"{path}/.metadata").state_dict_metadata
+    saved = sorted(k.split(".", 1)[1] for k in metadata if k.startswith("model."))
+    shapes = {k.split(".", 1)[1]: list(v.size) for k, v in metadata.items()
+              if k.startswith("model.") and ".experts." in k}
+    ok = (save["ok"] and resume["ok"] and meta.get("step") == 2 and bool(saved)
+          and all(k.endswith(("lora_A", "lora_B")) for k in saved))
+    return {"case": "lora_experts_ckpt_ep2_to_ep4", "rank": dist.get_rank(), "ok": ok, "save": save,
+            "resume": resume, "saved_model_keys": saved, "saved_expert_shapes": shapes,
+            "ref_losses": [r["loss"] for r in ref]}
+
+
+def lora_expert_rows(run_root: str | None) -> list[dict]:
+    """Every expert-LoRA row on this rank (a failure becomes a row with its error)."""
+    import tempfile
+
+    from parity_lib import failure
+
+    rows = []
+    for name, pd in LORA_EXPERT_CASES.items():
+        try:
+            rows.append(run_lora_expert_case(name, pd, LORA_EXPERTS))
+        except Exception as e:
+            rows.append({"case": name, "rank": dist.get_rank(), **failure(f"case {name}", e)})
+        dist.barrier()
+    box = [f"{run_root or tempfile.mkdtemp()}/{LORA_EXPERTS_RUN}" if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box)
+    try:
+        rows.append(run_lora_experts_ckpt(box[0]))
+    except Exception as e:
+        rows.append({"case": "lora_experts_ckpt_ep2_to_ep4", "rank": dist.get_rank(), **failure("ckpt", e)})
+    dist.barrier()
+    return rows
+
+
 def main() -> None:
     out = sys.argv[1]
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
@@ -430,6 +607,7 @@ def main() -> None:
         results.append(run_pp_case(_cfg(k, c), mesh, groups, seed=40))
 
     results += lora_rows(sys.argv[2] if len(sys.argv) > 2 else None)
+    results += lora_expert_rows(sys.argv[2] if len(sys.argv) > 2 else None)
 
     gathered: list = [None] * world
     dist.all_gather_object(gathered, results)

@@ -215,3 +215,132 @@ def test_lora_ep_checkpoint_exports_for_transformers_and_peft(launch, tmp_path):
     assert type(base).__name__ == "MixtralForCausalLM"
     torch.testing.assert_close(merged, ours, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(adapted, ours, atol=1e-4, rtol=1e-4)
+
+
+# ---- LoRA on the experts under ep (ep_parity.py ``lora_experts_*`` rows) ----------------------------------------
+
+LORA_EXPERT_CASES = ["lora_experts_ep2_dp4", "lora_experts_ep4_dp4", "lora_experts_ep2_tp2"]
+
+
+@pytest.mark.timeout(330)
+@pytest.mark.parametrize("case", LORA_EXPERT_CASES)
+def test_lora_on_experts_under_ep_matches_one_process(report, case):
+    """experts.gate_up_proj / down_proj adapters (and q/v): loss (2 steps), first-step gradients (a shard's against
+    its experts' rows of the reference) and grad norm within 1e-5 relative of the one-process LoRA model; each rank
+    holds n_experts/ep experts' A and B, marked as expert shards (reduced over edp only), trainable beside the frozen
+    experts and router; AdamW state 8 B per local trainable parameter; the planner's ``lora_adapter_params`` at that
+    ep is the rank's real adapter count."""
+    rows = _rows(report, case)
+    assert len(rows) == 4
+    for r in rows:
+        assert "error" not in r, r.get("tb", r["error"])
+        tag = f"{case} rank{r['rank']}"
+        assert r["loss"] <= 1e-5 and r["grad"] <= 1e-5 and r["norm"] <= 1e-5, (tag, r)
+        assert r["grads_ok"] and r["opt_params_ok"] and not r["frozen_grads"], (tag, r["grad_names"])
+        assert r["expert_adapters_sharded"] and r["base_frozen"], tag
+        assert r["n_expert_adapter_shards"] == 2 * 2 * 2, tag  # A, B of gate_up and down in both MoE blocks
+        assert any(".experts.gate_up_proj." in n for n in r["grad_names"]), tag
+        assert r["adapter_params"] == r["adapter_params_counted"] > 0, tag
+        assert r["opt_state_bytes"] == r["opt_state_expected"] > 0, tag
+        assert r["ok"], (tag, r)
+    counts = {r["ep"]: r["adapter_params"] for r in rows}
+    assert len(counts) == 1  # the same on every rank of a layout
+
+
+@pytest.mark.timeout(330)
+def test_lora_experts_adapter_checkpoint_holds_full_expert_adapters_and_resumes_under_ep4(report):
+    rows = _rows(report, "lora_experts_ckpt_ep2_to_ep4")
+    for r in rows:
+        assert "error" not in r, r.get("tb", r["error"])
+        assert r["ok"], r
+    saved, shapes = rows[0]["saved_model_keys"], rows[0]["saved_expert_shapes"]
+    assert len(saved) == 2 * (2 + 2) * 2 and all(k.endswith(("lora_A", "lora_B")) for k in saved), saved
+    # ep2's shards as one tensor of all 4 experts: (experts, r, in) / (experts, out, r)
+    assert shapes["layers.0.feed_forward.experts.gate_up_proj.lora_A"] == [4, 4, 32]
+    assert shapes["layers.1.feed_forward.experts.down_proj.lora_B"] == [4, 32, 4]
+    losses = rows[0]["ref_losses"]
+    assert len(set(losses)) == 4  # the trajectory moves: the resume is checked on changing losses
+
+
+def _expert_lora_model():
+    sys.path.insert(0, str(SCRIPT.parent))
+    from ep_parity import LORA_EXPERTS, lora_model
+
+    return lora_model(LORA_EXPERTS), LORA_EXPERTS
+
+
+@pytest.mark.timeout(330)
+def test_lora_experts_ep_checkpoint_resumes_in_one_process(launch):
+    """The ep2 adapter-only checkpoint of expert adapters loads into the one-process model (each rank's experts'
+    rows into the whole stack) and continues the trajectory within 1e-5 of the ep run's reference."""
+    import torch
+    from parity_lib import MAX_NORM, SEED, make_opt, rel, shard
+
+    from meshwright.config import LoraConfig, TrainConfig
+    from meshwright.train.checkpoint import load_runtime
+    from meshwright.train.local_runtime import LocalRuntime
+    from meshwright.train.lora_base import AdapterScope
+
+    report, d = launch
+    ref = _rows(report, "lora_experts_ckpt_ep2_to_ep4")[0]["ref_losses"]
+    model, lora = _expert_lora_model()
+    with torch.no_grad():  # other adapters than the run's: the checkpoint must overwrite them
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5)
+    rt = LocalRuntime(model)
+    opt = rt.build_optimizer(make_opt)
+    scope = AdapterScope.for_run(TrainConfig(seed=SEED, lora=LoraConfig(**lora)), model_cfg(), rt.init)
+    meta = load_runtime(d / "lora_experts_run" / "ckpt" / "step_000002", rt, opt, adapters=scope)
+    assert meta["step"] == 2
+    for step in (2, 3):
+        loss = rt.forward_backward([mb for r in range(4) for mb in shard(step, r, 4)])
+        rt.clip_grad_norm_(MAX_NORM)
+        rt.optimizer_step(opt)
+        assert rel(loss, ref[step]) <= 1e-5, (step, loss, ref[step])
+
+
+@pytest.mark.timeout(330)
+def test_lora_experts_ep_checkpoint_exports_for_transformers_and_peft(launch, tmp_path):
+    """``export --hf`` (merged) and ``--peft`` of the ep2 checkpoint with expert adapters: transformers' Mixtral on
+    the merged files, and PEFT (target_parameters on the fused experts) over the plain base, give our logits."""
+    import json
+
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from parity_lib import SEED
+
+    from meshwright.cli import main
+    from meshwright.config import LoraConfig, TrainConfig
+    from meshwright.models import build_model
+    from meshwright.models.hf_weights import save_hf
+    from meshwright.train.checkpoint import load_runtime
+    from meshwright.train.local_runtime import LocalRuntime
+    from meshwright.train.lora_base import AdapterScope
+
+    _, d = launch
+    run = d / "lora_experts_run"
+    hf, pf = tmp_path / "hf", tmp_path / "peft"
+    assert main(["export", str(run / "ckpt" / "step_000002"), "--hf", str(hf), "--peft", str(pf)]) == 0
+    config = json.loads((pf / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["q_proj", "v_proj"]
+    assert sorted(config["target_parameters"]) == ["experts.down_proj", "experts.gate_up_proj"]
+    model, lora = _expert_lora_model()
+    rt = LocalRuntime(model)
+    scope = AdapterScope.for_run(TrainConfig(seed=SEED, lora=LoraConfig(**lora)), model_cfg(), rt.init)
+    load_runtime(run / "ckpt" / "step_000002", rt, None, adapters=scope)
+    cfg = model_cfg()
+    base_dir = tmp_path / "base"
+    save_hf(build_model(cfg, seed=SEED), cfg, base_dir)
+    x = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = model.eval()(x)
+        merged = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()(x).logits
+        plain = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+        before = plain(x).logits
+        adapted = peft.PeftModel.from_pretrained(plain, str(pf)).eval()(x).logits
+    torch.testing.assert_close(merged, ours, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(adapted, ours, atol=1e-4, rtol=1e-4)
+    assert (adapted - before).abs().max() > 1e-4  # the adapters trained away from the base

@@ -199,7 +199,8 @@ def _adapt_experts(module: nn.Module, name: str, targets: Sequence[str], rank: i
             continue
         fan_in, fan_out = shapes[attr]
         if rank > min(fan_in, fan_out):
-            raise invalid("lora.rank", rank, f"at most min(in, out)={min(fan_in, fan_out)} for {name}.{attr} (per expert)")
+            raise invalid("lora.rank", rank,
+                          f"at most min(in, out)={min(fan_in, fan_out)} for {name}.{attr} (per expert)")
         w = module.w1
         adapter = ExpertAdapter(n, rank, fan_in, fan_out, alpha / rank, device=w.device, dtype=w.dtype)
         setattr(module, attr, adapter)
@@ -321,12 +322,13 @@ _ADAPTER_COUNTS: dict[str, tuple[dict[int, int], dict[int, int], int]] = {}
 
 
 def lora_adapter_params(model_cfg: "ModelConfig", cfg: "LoraConfig", ep: int = 1,
-                        layers: Iterable[int] | None = None) -> int:
+                        layers: Iterable[int] | None = None, experts_only: bool = False) -> int:
     """Adapter parameters (A and B) one rank holds under expert parallelism ``ep``: each block's linear adapters
     whole (replicated over ep, like the attention they sit on) plus its expert adapters / ep (each rank holds its
     n_experts / ep experts' A and B rows). ``layers``: the block indices to count (a pipeline stage's), default all;
-    the ``modules_to_save`` (trained in full, not adapters) are not counted. Tensor parallelism is not applied (its
-    split of the linear adapters is ``lora_cost.LoraStep``'s). Counted once per config on a ``meta`` model."""
+    ``experts_only``: the expert adapters alone (to add to ``lora_cost.LoraStep.on_rank``, which splits the linear
+    ones over tp; experts are not split by tp). The ``modules_to_save`` (trained in full, not adapters) are not
+    counted. Counted once per config on a ``meta`` model."""
     if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
         raise invalid("ep", ep, "a positive integer")
     if ep > 1 and (model_cfg.n_experts < 1 or model_cfg.n_experts % ep):
@@ -356,4 +358,6 @@ def lora_adapter_params(model_cfg: "ModelConfig", cfg: "LoraConfig", ep: int = 1
         _ADAPTER_COUNTS[key] = (dense, expert, outside)
     dense, expert, outside = _ADAPTER_COUNTS[key]
     wanted = range(model_cfg.n_layers) if layers is None else list(layers)
+    if experts_only:
+        return sum(expert.get(i, 0) // ep for i in wanted)
     return sum(dense.get(i, 0) + expert.get(i, 0) // ep for i in wanted) + (outside if layers is None else 0)

@@ -487,7 +487,8 @@ def run_lora_expert_case(name: str, pd: dict, lora: dict) -> dict:
     base = [(n, q) for n, q in mine.items() if n.endswith((".w1", ".w2", ".w3")) or ".router." in n]
     res["base_frozen"] = bool(base) and all(not q.requires_grad and q.grad is None for _, q in base)
     local = sum(q.to_local().numel() if hasattr(q, "to_local") else q.numel() for q in mine.values() if q.requires_grad)
-    tp_split = sum(q.numel() - q.to_local().numel() for q in mine.values() if q.requires_grad and hasattr(q, "to_local"))
+    tp_split = sum(q.numel() - q.to_local().numel() for q in mine.values()
+                   if q.requires_grad and hasattr(q, "to_local"))
     # the planner's count (memory/lora.py lora_adapter_params) is this rank's real one (tp's split of the attention
     # adapters aside: the planner's LoraStep applies it)
     res["adapter_params"], res["adapter_params_counted"] = local + tp_split, lora_adapter_params(

@@ -17,7 +17,7 @@ from meshwright.cli import main  # noqa: E402
 from meshwright.config import LoraConfig, load_model_config, load_train_config  # noqa: E402
 from meshwright.errors import ConfigError  # noqa: E402
 from meshwright.memory.lora import (  # noqa: E402
-    ExpertAdapter, apply_lora, apply_lora_config, lora_adapter_params, lora_parameters, lora_state_bytes, merge_lora,
+    ExpertAdapter, apply_lora_config, lora_adapter_params, lora_parameters, lora_state_bytes, merge_lora,
 )
 from meshwright.models import build_model, from_pretrained  # noqa: E402
 from meshwright.models.moe import moe_layers  # noqa: E402
@@ -80,7 +80,7 @@ def test_expert_adapters_have_peft_shapes_freeze_the_base_and_start_at_the_base_
     base = build_model(cfg, seed=1)
     model = build_model(cfg, seed=1)
     adapted = apply_lora_config(model, LoraConfig(**LORA), seed=3)
-    assert "layers.0.feed_forward.experts.gate_up_proj" in adapted and "layers.1.feed_forward.experts.down_proj" in adapted
+    assert {"layers.0.feed_forward.experts.gate_up_proj", "layers.1.feed_forward.experts.down_proj"} <= set(adapted)
     experts = model.layers["0"].feed_forward.experts
     gu, dn = experts.gate_up_proj, experts.down_proj
     assert isinstance(gu, ExpertAdapter) and isinstance(dn, ExpertAdapter)
@@ -90,7 +90,8 @@ def test_expert_adapters_have_peft_shapes_freeze_the_base_and_start_at_the_base_
     assert gu.lora_scale == dn.lora_scale == 2.0 and float(gu.lora_A.abs().max()) > 0 and not gu.lora_B.any()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
-    assert not any(p.requires_grad for n, p in model.named_parameters() if ".router." in n or n.endswith(("w1", "w2", "w3")))
+    base = [p for n, p in model.named_parameters() if ".router." in n or n.endswith(("w1", "w2", "w3"))]
+    assert base and not any(p.requires_grad for p in base)
     x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(x), base(x), atol=0, rtol=0)  # B = 0: the base model
@@ -140,6 +141,8 @@ def test_state_bytes_and_the_planner_count_include_expert_adapters():
     assert lora_adapter_params(cfg, lora, ep=2) == dense + expert // 2
     assert lora_adapter_params(cfg, lora, ep=4) == dense + expert // 4
     assert lora_adapter_params(cfg, lora, ep=2, layers=[1]) == (dense + expert // 2) // 2  # one stage of pp2
+    assert lora_adapter_params(cfg, lora, ep=2, experts_only=True) == expert // 2
+    assert lora_adapter_params(cfg, lora, ep=4, layers=[0], experts_only=True) == expert // 8
     attention_only = LoraConfig(rank=4, alpha=8.0, targets=["wq", "wv"])
     assert lora_adapter_params(cfg, attention_only, ep=4) == lora_adapter_params(cfg, attention_only) == dense
     for bad in (3, 0, True):
@@ -160,24 +163,19 @@ def test_bad_expert_sections_are_one_line(lora, field, says):
     assert msg.startswith(f"{field}=") and says in msg and "\n" not in msg
 
 
-def test_expert_refusals_on_the_model_are_one_line():
-    cases = [
-        (_moe(), dict(rank=4, targets=EXPERTS, dropout=0.1), "lora.dropout="),
-        (_moe(), dict(rank=33, targets=["experts.gate_up_proj"]), "lora.rank=33"),
-        (_moe(n_experts=0, moe_ffn_hidden=None), dict(rank=4, targets=["wq", "experts.down_proj"]), "lora.targets[1]="),
-        (_moe(), dict(rank=4, targets=["wq", "w1"]), "lora.targets[1]='w1'"),
-    ]
-    for cfg, kw, start in cases:
-        model = build_model(cfg, device="meta")
-        with pytest.raises(ConfigError) as exc:
-            if kw.get("targets") == ["wq", "w1"]:
-                apply_lora_config(model, LoraConfig(rank=4, targets=["wq", "w1"]), seed=0)
-            else:
-                apply_lora(model, **kw)
-        msg = str(exc.value)
-        assert msg.startswith(start) and "\n" not in msg, msg
-    # the w1 refusal names what to write instead
-    assert "experts.gate_up_proj" in msg
+@pytest.mark.parametrize("cfg, lora, start, says", [
+    (MOE, dict(rank=4, targets=EXPERTS, dropout=0.1), "lora.dropout=0.1", "target_parameters"),
+    (MOE, dict(rank=33, targets=["experts.gate_up_proj"]), "lora.rank=33", "at most min(in, out)=32"),
+    ({**MOE, "n_experts": 0, "moe_ffn_hidden": None}, dict(rank=4, targets=["wq", "experts.down_proj"]),
+     "lora.targets[1]='experts.down_proj'", "no MoE block"),
+    (MOE, dict(rank=4, targets=["wq", "w1"]), "lora.targets[1]='w1'", "experts.gate_up_proj"),
+])
+def test_expert_refusals_on_the_model_are_one_line(cfg, lora, start, says):
+    model = build_model(load_model_config(cfg), device="meta")
+    with pytest.raises(ConfigError) as exc:
+        apply_lora_config(model, LoraConfig(**lora), seed=0)
+    msg = str(exc.value)
+    assert msg.startswith(start) and says in msg and "\n" not in msg, msg
 
 
 def test_the_run_trains_expert_adapters_only(lora_run, mixtral_dir):

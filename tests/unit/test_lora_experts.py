@@ -53,6 +53,19 @@ def mixtral_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def qwen3_moe_dir(tmp_path_factory):
+    """A tiny Qwen3-MoE (q/k norms, ``mlp.experts``), fp32."""
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3MoeConfig(vocab_size=256, hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+                                      max_position_embeddings=64, tie_word_embeddings=False)
+    out = tmp_path_factory.mktemp("hf") / "qwen3moe"
+    transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
 def lora_run(data, mixtral_dir, tmp_path_factory):
     """A 3-step expert-LoRA run from the Mixtral base; lr high enough that every B is far from zero."""
     run = tmp_path_factory.mktemp("lora") / "run"
@@ -226,13 +239,16 @@ def test_hf_and_peft_exports_give_our_logits_in_transformers_and_peft(lora_run, 
         assert (adapted - plain).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("targets", [["experts.gate_up_proj", "experts.down_proj"], ["experts.gate_up_proj"]])
-def test_a_peft_made_expert_adapter_loads_into_ours(mixtral_dir, tmp_path, targets):
+@pytest.mark.parametrize("arch, targets", [("mixtral", ["experts.gate_up_proj", "experts.down_proj"]),
+                                           ("mixtral", ["experts.gate_up_proj"]),
+                                           ("qwen3_moe", ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"])])
+def test_a_peft_made_expert_adapter_loads_into_ours(request, tmp_path, arch, targets):
     """An adapter made by peft 0.21 itself (get_peft_model with target_parameters, random A and B, save_pretrained)
-    read by ``lora_config_from_peft`` + ``load_peft_adapter``: our logits equal PEFT's (and one expert target alone,
-    whose keys PEFT does not nest)."""
+    read by ``lora_config_from_peft`` + ``load_peft_adapter``: our logits equal PEFT's (Mixtral; one expert target
+    alone, whose keys PEFT does not nest; Qwen3-MoE with the ``mlp.experts.`` spelling)."""
     peft = pytest.importorskip("peft")
-    base = transformers.AutoModelForCausalLM.from_pretrained(mixtral_dir, dtype=torch.float32)
+    hf_dir = request.getfixturevalue("mixtral_dir" if arch == "mixtral" else "qwen3_moe_dir")
+    base = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     pc = peft.LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "o_proj"], target_parameters=targets)
     pm = peft.get_peft_model(base, pc)
     g = torch.Generator().manual_seed(7)
@@ -243,10 +259,11 @@ def test_a_peft_made_expert_adapter_loads_into_ours(mixtral_dir, tmp_path, targe
     out = tmp_path / "adapter"
     pm.save_pretrained(out)
     lora = lora_config_from_peft(out)
-    assert (lora.rank, lora.alpha, sorted(lora.targets)) == (2, 6, sorted(["wq", "wo", *targets]))
-    model = from_pretrained(mixtral_dir)
+    ours = [t.removeprefix("mlp.") for t in targets]
+    assert (lora.rank, lora.alpha, sorted(lora.targets)) == (2, 6, sorted(["wq", "wo", *ours]))
+    model = from_pretrained(hf_dir)
     apply_lora_config(model, lora, seed=0)
-    keys = load_peft_adapter(model, load_model_config_of(mixtral_dir), out)
+    keys = load_peft_adapter(model, load_model_config_of(hf_dir), out)
     assert any(".mlp.experts." in k for k in keys)
     x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

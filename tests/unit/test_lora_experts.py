@@ -103,8 +103,8 @@ def test_expert_adapters_have_peft_shapes_freeze_the_base_and_start_at_the_base_
     assert gu.lora_scale == dn.lora_scale == 2.0 and float(gu.lora_A.abs().max()) > 0 and not gu.lora_B.any()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
-    base = [p for n, p in model.named_parameters() if ".router." in n or n.endswith(("w1", "w2", "w3"))]
-    assert base and not any(p.requires_grad for p in base)
+    frozen = [p for n, p in model.named_parameters() if ".router." in n or n.endswith(("w1", "w2", "w3"))]
+    assert frozen and not any(p.requires_grad for p in frozen)
     x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(x), base(x), atol=0, rtol=0)  # B = 0: the base model

@@ -157,6 +157,19 @@ class Trainer:
         self.async_ckpt = (AsyncCheckpointer(runtime, cfg.ckpt_staging, notify=self.print if runtime.is_main else None)
                            if cfg.ckpt_async else None)
 
+    def close(self) -> None:
+        """Let go of every process group the trainer holds -- preemption's and the async checkpointer's gloo groups,
+        the optimizer (ZeRO-1 keeps the stage group; its states are DTensors, whose meshes keep theirs) -- then close
+        the runtime (DDP first). Called before the group is destroyed, on every way out (parallel/teardown.py);
+        idempotent, the trainer is unusable after it. A save still in flight was waited for by ``fit``; an abandoned
+        one keeps its own reference to its group (and the process ends without teardown)."""
+        self.preemption.close()
+        if self.async_ckpt is not None:
+            self.async_ckpt.group = None
+            self.async_ckpt = None
+        self.__dict__.pop("optimizer", None)
+        self.runtime.close()
+
     # ---- pieces ----------------------------------------------------------------------------------
     def _device_type(self) -> str:
         return next(iter(self.runtime.parameters()), torch.empty(0)).device.type

@@ -29,7 +29,7 @@ from meshwright.config import ClusterSpec, ModelConfig, TrainConfig
 from meshwright.config.io import to_dict
 from meshwright.data.fingerprint import check_resume_data, data_label
 from meshwright.data.loader import SequenceLoader
-from meshwright.errors import ConfigError, PeerLost, invalid
+from meshwright.errors import ConfigError, PeerLost, first_line, invalid
 from meshwright.memory.meft import log_fields
 from meshwright.optim import CoatAdamW
 from meshwright.tools.energy import EnergyAccountant, EnergyTotals
@@ -334,7 +334,7 @@ class Trainer:
         if interrupted:
             self.print(f"interrupted during step {self.step} of {self.cfg.steps}; {resume}")
             return None
-        first = re.sub(r"^\[[^\]]*\] ", "", (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+        first = re.sub(r"^\[[^\]]*\] ", "", first_line(exc))
         first = first.split(". ")[0][:200]  # gloo's first sentence ("Connection reset by peer"), not its advice
         return PeerLost(f"rank {self.runtime.rank} of {self.runtime.world_size}: training stopped during step "
                         f"{self.step}: a peer rank was lost or a collective timed out ({type(exc).__name__}: "

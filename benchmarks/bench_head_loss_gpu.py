@@ -32,6 +32,7 @@ from gpu_check import _loop_step, _memory, _reset_memory, _time_steps, _trace  #
 from meshwright.config import load_model_config  # noqa: E402
 from meshwright.models import build_model, lm_loss  # noqa: E402
 from meshwright.parallel.runtime import DistributedRuntime, init_distributed  # noqa: E402
+from meshwright.parallel.teardown import shutdown  # noqa: E402
 from meshwright.plan import plan_from_dict  # noqa: E402
 from meshwright.train.compile import fast_adamw_kwargs  # noqa: E402
 from meshwright.train.precision import PrecisionPolicy  # noqa: E402
@@ -127,7 +128,7 @@ def main() -> None:
     env = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
            "model": model, "batch": batch, "seq": seq, "dtype": dtype, "backend": backend, "steps": args.steps}
     print(json.dumps({"env": env, "ratios": ratios, "variants": results}, indent=1))
-    torch.distributed.destroy_process_group()
+    shutdown()  # collect what a failed variant left, then destroy (parallel/teardown.py)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ import meshwright.parallel.runtime as runtime_mod
 from meshwright.config import load_model_config
 from meshwright.models import build_model
 from meshwright.parallel.runtime import DistributedRuntime, init_distributed
+from meshwright.parallel.teardown import shutdown
 from meshwright.plan import plan_from_dict
 
 
@@ -214,7 +215,7 @@ def main() -> None:
                                   "max_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
                                   "threads": torch.get_num_threads(), "seconds": round(dt, 2), "cpu_s": round(cpu, 2),
                                   "slowest_rank_s": round(float(slowest), 2), **extra}), flush=True)
-    dist.destroy_process_group()
+    shutdown()  # each runtime was closed once measured: collect, then destroy (parallel/teardown.py)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from meshwright.config import load_model_config  # noqa: E402
 from meshwright.memory.accounting import count_saved_bytes  # noqa: E402
 from meshwright.parallel.expert_parallel import ep_cost_terms, is_expert_param  # noqa: E402
 from meshwright.parallel.runtime import DistributedRuntime  # noqa: E402
+from meshwright.parallel.teardown import shutdown  # noqa: E402
 from meshwright.plan import plan_from_dict  # noqa: E402
 
 SEQ, MICRO, N_MICRO = 128, 4, 2
@@ -130,7 +131,8 @@ def main() -> None:
         fig.tight_layout()
         fig.savefig(out / "moe_savers_runtime.png", dpi=120)
     dist.barrier()
-    dist.destroy_process_group()
+    opts.clear()
+    shutdown(*rts.values())  # the runtimes let go of their groups (DDP first) before the group goes
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ def worker(seq: int, steps: int, out: str) -> None:
     from tqdm import tqdm
 
     from meshwright.parallel.runtime import DistributedRuntime
+    from meshwright.parallel.teardown import shutdown
     from meshwright.plan import plan_from_dict
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
@@ -100,10 +101,11 @@ def worker(seq: int, steps: int, out: str) -> None:
         saved = [None] * dist.get_world_size()
         dist.all_gather_object(saved, sb.total)
         results[name] = {"tokens_per_s": GLOBAL * seq * steps / dt, "saved_bytes": saved}
+        del opt
         rt.close()
     if rank == 0:
         Path(out).write_text(json.dumps(results))
-    dist.destroy_process_group()
+    shutdown()  # each runtime was closed (DDP first); collect, then destroy (parallel/teardown.py)
 
 
 def plot(rows: dict, path: Path) -> None:

@@ -282,7 +282,7 @@ def _trainer_run(model: Any, batch: int, seq: int, steps: int, warm: int, dtype:
            "build_s": round(build_s, 1),
            "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4), "compile": compile_,
            "loss_chunk_tokens": loss_chunk, "compile_scope": compile_scope}
-    runtime.close()
+    trainer.close()  # the optimizer, the trainer's groups and the runtime (DDP first) before any teardown
     return out
 
 

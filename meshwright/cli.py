@@ -9,7 +9,7 @@ import os
 import sys
 
 from meshwright import __version__
-from meshwright.errors import ConfigError, PeerLost
+from meshwright.errors import ConfigError, PeerLost, first_line
 
 COMMANDS = ("data", "train", "profile", "plan", "launch", "report", "export", "completion")
 
@@ -51,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     except (MemoryError, RuntimeError) as exc:
         if not _out_of_memory(exc):
             raise
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc, 200)
         advice = OOM_ADVICE.get(args.command, OOM_ADVICE["train"])
-        print(f"meshwright {args.command}: error: out of memory ({first[:200]}); valid: {advice}", file=sys.stderr)
+        print(f"meshwright {args.command}: error: out of memory ({first}); valid: {advice}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"meshwright {args.command}: interrupted{_which_rank()}", file=sys.stderr)

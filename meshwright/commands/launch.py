@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from meshwright.errors import invalid
-    from meshwright.launcher.remote.argv import LaunchSpec, dry_run_lines
+    from meshwright.launcher.remote.argv import LaunchSpec, dry_run_lines, shutdown_timeout_for
     from meshwright.launcher.remote.hostfile import load_hosts
     from meshwright.launcher.remote.relay import LaunchStopped
     from meshwright.launcher.remote.ssh import run_over_ssh, summarize_failure
@@ -56,11 +56,12 @@ def run(args: argparse.Namespace) -> int:
         raise invalid("--ssh-known-hosts", args.ssh_known_hosts, "an existing known_hosts file")
     command = args.train_command[1:] if args.train_command[:1] == ["--"] else args.train_command
     hosts = load_hosts(args.hosts)
+    grace_s = _grace_from_overrides(command)
     if command[:1] == ["train"] and os.path.realpath(args.workdir) == os.path.realpath(os.getcwd()):
         from meshwright.commands.train import preflight
 
         # the hosts run in this directory: a bad config, or a plan for another device count, fails here first
-        preflight(command, world_size=sum(h.slots for h in hosts))
+        grace_s = preflight(command, world_size=sum(h.slots for h in hosts)).preempt_grace_s
     env = {}
     for item in args.env:
         if "=" not in item:
@@ -68,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
         k, v = item.split("=", 1)
         env[k] = v
     spec = LaunchSpec(hosts=hosts, train_args=command, python=args.python, workdir=args.workdir,
-                      rdzv_port=args.rdzv_port, max_restarts=args.max_restarts, env=env, rdzv=args.rdzv)
+                      rdzv_port=args.rdzv_port, max_restarts=args.max_restarts, env=env, rdzv=args.rdzv,
+                      shutdown_timeout_s=shutdown_timeout_for(grace_s))
     spec.validate()
     if args.dry_run:
         if args.launcher == "deepspeed" and len(spec.hosts) > 1:  # what the launch would refuse, refused here too
@@ -91,6 +93,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"meshwright launch: {message}", file=sys.stderr)
         return 1
     return 0
+
+
+def _grace_from_overrides(command: list[str]) -> float:
+    """``preempt_grace_s`` as far as it can be known without the hosts' config file (another --workdir): its
+    ``preempt_grace_s=`` override, else the config default (torchrun's own 30 s). A value that is no number is left
+    to the run's own validation."""
+    from meshwright.config import TrainConfig
+
+    grace = TrainConfig.__dataclass_fields__["preempt_grace_s"].default
+    for word in command[1:]:
+        key, sep, value = word.partition("=")
+        if sep and key == "preempt_grace_s":
+            try:
+                grace = float(value)
+            except ValueError:
+                pass
+    return grace if 0 <= grace < float("inf") else 0.0
 
 
 def _stopped(stop: Any) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 from meshwright.config import load_train_config, parse_override, preset_names
 from meshwright.errors import ConfigError
@@ -56,10 +57,11 @@ def _split_overrides(args: argparse.Namespace) -> None:
     args.allow_config_change = args.allow_config_change or ns.allow_config_change
 
 
-def preflight(argv: list[str], world_size: int | None = None) -> None:
+def preflight(argv: list[str], world_size: int | None = None) -> Any:
     """Check a ``train ...`` command line without running it: its config, overrides and plan file (and that the
     file fits the config and, given ``world_size``, the devices it will run on), one line per mistake
-    (``meshwright launch`` calls it before starting anything on the hosts)."""
+    (``meshwright launch`` calls it before starting anything on the hosts). Returns the TrainConfig (its
+    ``preempt_grace_s`` sets torchrun's shutdown timeout)."""
     p = argparse.ArgumentParser(prog="meshwright train", add_help=False)
     p.add_argument("config")
     p.add_argument("overrides", nargs=argparse.REMAINDER)
@@ -77,6 +79,7 @@ def preflight(argv: list[str], world_size: int | None = None) -> None:
         assert loaded is not None
         model = resolve_model_config(cfg)
         check_plan_matches(loaded, cfg, model, loaded.world_size() if world_size is None else world_size, plan)
+    return cfg
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Protocol
 
-from meshwright.errors import ConfigError, invalid
+from meshwright.errors import ConfigError, first_line, invalid
 
 TOKENIZERS = ("byte", "bpe")  # ... or the path of a Hugging Face tokenizer.json
 MAX_BPE_VOCAB = 2**20  # far above any real vocabulary (Llama 3: 128k, Gemma: 256k)
@@ -66,8 +66,7 @@ def _read_tokenizer_json(path: Path, field: str, ref: str):
     try:
         return tk.Tokenizer.from_file(str(path))
     except Exception as exc:  # noqa: BLE001 - tokenizers raises Exception itself, nothing narrower
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise invalid(field, ref, f"a Hugging Face tokenizer.json ({path} does not parse as one: {first[:160]})") from None
+        raise invalid(field, ref, f"a Hugging Face tokenizer.json ({path} does not parse as one: {first_line(exc, 160)})") from None
 
 
 class BPETokenizer:

@@ -37,7 +37,7 @@ from torch import nn
 
 from meshwright.config import ModelConfig, load_model_config
 from meshwright.config.hf import hf_config_from_model
-from meshwright.errors import ConfigError, invalid
+from meshwright.errors import ConfigError, first_line, invalid
 from meshwright.memory.lora import is_adapter_param
 from meshwright.models.decoder import Decoder, fill_rope
 from meshwright.models.positions import check_growth, grow_table
@@ -76,9 +76,8 @@ class SafetensorsReader:
             try:
                 self._handles[file] = safe_open(str(file), framework="pt")
             except Exception as exc:  # noqa: BLE001 - SafetensorError (truncated, garbage), OSError: one line
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise invalid("init_from", str(self.root), f"a directory of readable safetensors files: {file.name} "
-                              f"is damaged or truncated ({first[:200]})") from None
+                              f"is damaged or truncated ({first_line(exc, 200)})") from None
         return self._handles[file]
 
     def keys(self) -> list[str]:

@@ -9,6 +9,7 @@ need ``"torch_adam": true`` in its params for the same reason). Gradient accumul
 
 from __future__ import annotations
 
+import gc
 import math
 from typing import Any, Iterable
 
@@ -73,6 +74,17 @@ class DeepSpeedRuntime(TorchDistributedCollectives, Runtime):
 
     def parameters(self) -> Iterable[nn.Parameter]:
         return self._params
+
+    def close(self) -> None:
+        """Release the engine (its ZeRO optimizer holds the data-parallel group) and the model before the group is
+        destroyed (parallel/teardown.py). Idempotent; the runtime is unusable after it."""
+        engine, self.engine = self.engine, None
+        if engine is not None and hasattr(engine, "destroy"):
+            engine.destroy()
+        del engine
+        for name in ("model", "_params"):
+            self.__dict__.pop(name, None)
+        gc.collect()
 
     def build_optimizer(self, make: Any) -> torch.optim.Optimizer:
         import deepspeed

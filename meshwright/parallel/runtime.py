@@ -13,6 +13,7 @@ of ``max_dp/dp`` shards, so after averaging over its dp group its gradients are 
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 from datetime import timedelta
@@ -172,8 +173,16 @@ def init_distributed(timeout: timedelta = DEFAULT_TIMEOUT) -> torch.device:
     return device
 
 
+# what ``DistributedRuntime.close`` drops: first what holds a DDP wrapper, then every other holder of a process group
+DDP_HOLDERS = ("_schedules", "_stage_modules", "modules")
+GROUP_HOLDERS = ("chunks", "model", "_params", "_manual", "_tp_partial", "_post_scale", "_zero2_blocks", "_expert_params",
+                 "_megatron_shards", "_megatron_state", "_state_shards", "_ep", "_ep_meshes", "meshes")
+
+
 class DistributedRuntime(TorchDistributedCollectives, Runtime):
     """Runs a validated Plan on all ranks of the default process group."""
+
+    closed = False
 
     def __init__(self, model_cfg: ModelConfig | str | dict, plan: Plan, *, tp_backend: str = "dtensor",
                  seed: int = 1234, device: torch.device | None = None, dp_shard: int | None = None,
@@ -603,9 +612,18 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         stats["moe_a2a_bytes"] = self.a2a_meter.bytes_total
         return stats
 
-
     def close(self) -> None:
-        self._schedules.clear()
+        """Drop everything of this runtime that holds a process group, DDP first, and collect: the DDP wrappers (their
+        C++ Reducer), the pipeline schedules and stages, then the FSDP2/TP/EP modules and their parameters (DTensors
+        hold their DeviceMesh, which holds its groups), the manual-reduction groups, the ep groups and the meshes.
+        None may outlive ``destroy_process_group`` (parallel/teardown.py: freed after it, a Reducer held a gloo
+        group's last reference and gloo's destructor deadlocked on the GIL). Idempotent; the runtime is unusable
+        after it (``closed``)."""
+        for holders in (DDP_HOLDERS, GROUP_HOLDERS):
+            for name in holders:
+                self.__dict__.pop(name, None)
+            gc.collect()  # a wrapper in a reference cycle goes only with the collector
+        self.closed = True
 
 
 def build_distributed_runtime(train_cfg: Any, model_cfg: ModelConfig, plan: Plan, init_from: str | None = None) -> Runtime:

@@ -25,6 +25,7 @@ from meshwright.models.capped_flex import capped_path_note
 from meshwright.models.init import resolve_init
 from meshwright.models.positions import check_rule_applies
 from meshwright.parallel.runtime import build_distributed_runtime, init_distributed
+from meshwright.parallel.teardown import release_frames, shutdown
 from meshwright.plan import Plan, default_plan, load_plan, validate_plan
 from meshwright.tools.sinks import check_sink_packages
 from meshwright.train.local_runtime import LocalRuntime
@@ -352,8 +353,10 @@ def resume_target(cfg: TrainConfig, resume: bool | str) -> Path | None:
 
 def _train(job: TrainingJob, resume: bool | str, allow_config_change: bool = False) -> dict[str, Any]:
     train_cfg, model_cfg = job.cfg, job.model
-    runtime = build_runtime(job)
+    runtime: Runtime | None = None
+    trainer: Trainer | None = None
     try:
+        runtime = build_runtime(job)  # inside: a layout that fails half-built still goes before the group
         progress = train_cfg.progress and runtime.is_main
         train, val, ds = build_loaders(train_cfg, model_cfg.vocab_size, runtime.dp_rank, runtime.dp_size, progress)
         if runtime.is_main:
@@ -368,9 +371,13 @@ def _train(job: TrainingJob, resume: bool | str, allow_config_change: bool = Fal
         trainer.allow_data_change = allow_config_change
         data_dir = ds.datasets[0].path if hasattr(ds, "datasets") else ds.path  # a mixture's sources share a tokenizer
         return trainer.fit(resume=resume, before_steps=lambda: _write_run_files(job, runtime, data_dir))
+    except BaseException as exc:
+        release_frames(exc)  # its frames (DDP.forward, fit, a half-built runtime) would keep the wrappers past teardown
+        raise
     finally:
-        runtime.close()
-        _destroy_process_group()
+        # normal end, error, peer lost, preemption (fit returned), elastic restart (the next attempt is a new process):
+        # every holder of a process group goes first, DDP's Reducer before all (parallel/teardown.py)
+        shutdown(trainer, runtime)
 
 
 def _write_run_files(job: TrainingJob, runtime: Runtime, data_dir: Path | None = None) -> None:
@@ -389,14 +396,3 @@ def _write_run_files(job: TrainingJob, runtime: Runtime, data_dir: Path | None =
         runtime.plan.save(out / "plan.yaml")
 
 
-def _destroy_process_group() -> None:
-    """Tear down the group the distributed runtime started, so no communicator thread outlives the
-    interpreter (an abort at exit, "terminate called without an active exception", was seen without it)."""
-    import torch.distributed as dist
-
-    from meshwright.train.async_checkpoint import abandoned_write_running
-
-    if abandoned_write_running():  # its writer is in the group's collectives: the process ends without teardown
-        return
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()  # local teardown: no barrier, so a rank that failed does not wait on the others

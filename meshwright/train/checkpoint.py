@@ -44,7 +44,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from meshwright.errors import ConfigError, invalid
+from meshwright.errors import ConfigError, first_line, invalid
 from meshwright.models.positions import TABLE, check_growth, grow_table
 from meshwright.train.checkpoint_io import (
     MANIFEST, CheckpointCorrupt, SafeFileSystemReader, SafeLoadPlanner, read_metadata_file, verify_manifest,
@@ -146,15 +146,9 @@ def write_failed(tmp: Path, path: Path, exc: BaseException, is_main: bool) -> Ba
     return _save_error(path, exc, full)
 
 
-def _first_line(exc: BaseException, limit: int = 300, default: str | None = None) -> str:
-    """The first line of ``exc``'s message, cut to ``limit`` (``default``, else its type's name, when it has none)."""
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__ if default is None else default)[:limit]
-
-
 def _peer_lost_reading(path: Path, exc: BaseException) -> CheckpointPeerLost:
     """A read given up for a lost peer: the checkpoint is not blamed (a user told "damaged" might delete a good one)."""
-    first = _first_line(exc)
+    first = first_line(exc, 300)
     return CheckpointPeerLost(f"checkpoint {path} was not read: a peer rank was lost or a collective timed out while "
                               f"the ranks read it ({type(exc).__name__}: {first}); the checkpoint is not known to be "
                               f"damaged; valid: find why that rank stopped (its log), then resume from it again")
@@ -162,7 +156,7 @@ def _peer_lost_reading(path: Path, exc: BaseException) -> CheckpointPeerLost:
 
 def _peer_lost_error(tmp: Path, path: Path, exc: BaseException) -> CheckpointPeerLost:
     """What happened to a write given up for a lost peer, and what to do."""
-    first = _first_line(exc)
+    first = first_line(exc, 300)
     before = latest_checkpoint(path.parent)
     resume = (f"resume from the previous checkpoint {before} (`meshwright train ... --resume` takes it)"
               if before is not None else "no earlier checkpoint exists: the run restarts from step 0")
@@ -318,7 +312,7 @@ def load_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Opti
         if isinstance(exc, (CheckpointException, RuntimeError, OSError)) and peer_lost(exc):
             raise _peer_lost_reading(path, exc) from None  # another rank died mid-read: the files are not blamed
         detail = (_first_failure(exc) if isinstance(exc, CheckpointException)
-                  else f"{type(exc).__name__}: {_first_line(exc, default='')}")
+                  else f"{type(exc).__name__}: {first_line(exc, 300, default='')}")
         raise CheckpointCorrupt(f"checkpoint {path} could not be read: {detail}") from None
     grow_swapped(read, grown, grow_positions)
     state = {**read, "model": {**state["model"], **read["model"]}}  # the base's entries as they are (unread)
@@ -334,7 +328,7 @@ def load_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Opti
             set_rng_state(torch.load(rng_file, weights_only=True))
         except Exception as exc:  # noqa: BLE001 - a damaged RNG file is one line, never a traceback
             raise CheckpointCorrupt(f"checkpoint file {rng_file} is refused: {type(exc).__name__}: "
-                                    f"{_first_line(exc, 200, default='')}") from None
+                                    f"{first_line(exc, 200, default='')}") from None
     return meta
 
 

@@ -102,6 +102,12 @@ class Preemption:
         apart, the step-14 save lost with a peer-lost error on the other rank)."""
         self._hold = True
 
+    def close(self) -> None:
+        """Let go of the gloo group and the last step's all-reduce (its work holds the group) before the process group
+        is destroyed (parallel/teardown.py); the handlers too (``release``). Idempotent."""
+        self.release()
+        self._pending, self._group = None, None
+
     def release(self) -> None:
         """Restore the handlers the context replaced (idempotent)."""
         for s, handler in self._previous.items():

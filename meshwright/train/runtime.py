@@ -139,6 +139,8 @@ class Runtime(abc.ABC):
         return None
 
     def close(self) -> None:
+        """Drop whatever of this runtime holds a process group (distributed runtimes), before the group is destroyed
+        (parallel/teardown.py). Idempotent; one process holds none."""
         return None
 
 

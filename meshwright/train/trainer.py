@@ -29,7 +29,7 @@ from meshwright.config import ClusterSpec, ModelConfig, TrainConfig
 from meshwright.config.io import to_dict
 from meshwright.data.fingerprint import check_resume_data, data_label
 from meshwright.data.loader import SequenceLoader
-from meshwright.errors import ConfigError, PeerLost, invalid
+from meshwright.errors import ConfigError, PeerLost, first_line, invalid
 from meshwright.memory.meft import log_fields
 from meshwright.optim import CoatAdamW
 from meshwright.tools.energy import EnergyAccountant, EnergyTotals
@@ -156,6 +156,19 @@ class Trainer:
                          if getattr(cfg, "lora", None) is not None else None)
         self.async_ckpt = (AsyncCheckpointer(runtime, cfg.ckpt_staging, notify=self.print if runtime.is_main else None)
                            if cfg.ckpt_async else None)
+
+    def close(self) -> None:
+        """Let go of every process group the trainer holds -- preemption's and the async checkpointer's gloo groups,
+        the optimizer (ZeRO-1 keeps the stage group; its states are DTensors, whose meshes keep theirs) -- then close
+        the runtime (DDP first). Called before the group is destroyed, on every way out (parallel/teardown.py);
+        idempotent, the trainer is unusable after it. A save still in flight was waited for by ``fit``; an abandoned
+        one keeps its own reference to its group (and the process ends without teardown)."""
+        self.preemption.close()
+        if self.async_ckpt is not None:
+            self.async_ckpt.group = None
+            self.async_ckpt = None
+        self.__dict__.pop("optimizer", None)
+        self.runtime.close()
 
     # ---- pieces ----------------------------------------------------------------------------------
     def _device_type(self) -> str:
@@ -321,7 +334,7 @@ class Trainer:
         if interrupted:
             self.print(f"interrupted during step {self.step} of {self.cfg.steps}; {resume}")
             return None
-        first = re.sub(r"^\[[^\]]*\] ", "", (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+        first = re.sub(r"^\[[^\]]*\] ", "", first_line(exc))
         first = first.split(". ")[0][:200]  # gloo's first sentence ("Connection reset by peer"), not its advice
         return PeerLost(f"rank {self.runtime.rank} of {self.runtime.world_size}: training stopped during step "
                         f"{self.step}: a peer rank was lost or a collective timed out ({type(exc).__name__}: "

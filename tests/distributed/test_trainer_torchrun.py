@@ -89,6 +89,17 @@ def overlapped(proc, world: int, runs: int = 1) -> list[set[str]]:
     return [{steps for _, r, steps in found if int(r) == run} for run in range(runs)]
 
 
+def torn_down(proc, world: int, runs: int = 1) -> list[set[str]]:
+    """Per run, what the ranks watched at its teardown (overlap_worker.watch_teardown), after asserting that none of it
+    was alive when the process group was destroyed: DDP wrappers and their Reducers, pipeline schedules and stages,
+    stage modules, meshes, the optimizer, holder attributes left on the runtime."""
+    found = re.findall(r"rank (\d+) run (\d+) teardown alive (\[[^\]]*\]) of (\[[^\]]*\])", proc.stdout)
+    assert sorted((int(run), int(rank)) for rank, run, _, _ in found) == \
+        [(run, rank) for run in range(runs) for rank in range(world)], proc.stdout[-2000:]
+    assert {left for _, _, left, _ in found} == {"[]"}, [f for f in found if f[2] != "[]"]
+    return [{kinds for _, r, _, kinds in found if int(r) == run} for run in range(runs)]
+
+
 @pytest.mark.timeout(600)
 def test_overlapped_readback_is_decided_alike_on_every_rank(tmp_path):
     """pp2 x dp2 with ZeRO-3 (DTensor) blocks on stage 0 and replicated (plain) blocks on stage 1, fused AdamW:
@@ -97,7 +108,10 @@ def test_overlapped_readback_is_decided_alike_on_every_rank(tmp_path):
     pipeline's sends) would cross and hang: no rank overlaps, and the run finishes with every step logged.
     Under DDP and under a plain pp2 pipeline (every rank plain) every rank overlaps the same steps (not 3: eval,
     6: the end), with the losses, grad norms and eval losses of the run that reads every step back at once, bitwise.
-    The four 2-rank runs share one launch (overlap_worker.py, cli_runs.py), each with a process group of its own."""
+    The four 2-rank runs share one launch (overlap_worker.py, cli_runs.py), each with a process group of its own.
+    Each run's teardown (parallel/teardown.py): when its group is destroyed none of what holds it is alive (DDP and its
+    C++ Reducer under dp2, the pipeline schedule and stages under pp2, the meshes, the optimizer): freed after it, a
+    Reducer held a gloo group's last reference and gloo's destructor deadlocked on the GIL."""
     plan = tmp_path / "plan.yaml"
     plan.write_text(MIXED_PP_PLAN)
     out = tmp_path / "mixed"
@@ -105,6 +119,9 @@ def test_overlapped_readback_is_decided_alike_on_every_rank(tmp_path):
                                                         "--plan", str(plan)], timeout=240)
     assert sorted(losses(out)) == [1, 2, 3, 4]
     assert overlapped(proc, 4) == [{"[]"}]
+    # the run's teardown (parallel/teardown.py): nothing that holds a group outlives close(), pipeline stages included
+    pipelined = torn_down(proc, 4)[0]
+    assert len(pipelined) == 1 and "'PipelineStage', 'meshes', 'optimizer', 'schedule', 'stage_module'" in next(iter(pipelined))
     runs, args = [], []
     for layout in ("dp2", "pp2"):
         for name, env in (("lagged", []), ("eager", ["--env=MESHWRIGHT_TEST_NO_OVERLAP=1"])):
@@ -113,6 +130,9 @@ def test_overlapped_readback_is_decided_alike_on_every_rank(tmp_path):
                      "eval_every=3", "--plan", f"configs/plans/tiny-{layout}.yaml"]
     proc = run_torchrun(HERE / "overlap_worker.py", 2, args, timeout=400)
     seen = overlapped(proc, 2, runs=len(runs))
+    for (layout, _), kinds in zip(runs, torn_down(proc, 2, runs=len(runs))):  # DDP's Reducer went before the group
+        assert kinds == ({"['DDP', 'Reducer', 'meshes', 'optimizer', 'stage_module']"} if layout == "dp2" else
+                         {"['PipelineStage', 'meshes', 'optimizer', 'schedule', 'stage_module']"}), (layout, kinds)
     logs = {}
     for (layout, name), steps in zip(runs, seen):
         assert steps == ({"[1, 2, 4, 5]"} if name == "lagged" else {"[]"}), (layout, name)

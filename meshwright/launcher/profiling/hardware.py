@@ -417,8 +417,10 @@ def distributed_from_env(timeout_s: float = 120.0) -> Iterator[bool]:
     try:
         yield rank_and_world()[0] == 0
     finally:
-        if joined:
-            dist.destroy_process_group()
+        if joined:  # what the body built (FSDP/TP modules of a profile) is collected before the group goes
+            from meshwright.parallel.teardown import shutdown
+
+            shutdown()
 
 
 def init_distributed_from_env(timeout_s: float = 120.0) -> bool:

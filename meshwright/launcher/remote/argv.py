@@ -15,7 +15,10 @@ torchrun anyway; the launch fails on that host with the shell's own message.
 
 from __future__ import annotations
 
+import math
 import os
+import re
+import secrets
 import shlex
 import string
 from dataclasses import dataclass, field
@@ -25,6 +28,14 @@ from meshwright.errors import invalid
 from meshwright.launcher.remote.hostfile import Host
 
 ENV_NAME_OK = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+RUN_ID_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a file name part and torchrun's --rdzv-id, as is
+
+
+def new_run_id() -> str:
+    """An id of its own for each launch: it names the hosts' --env files and the c10d rendezvous, so two launches
+    sharing a work directory (or a rendezvous endpoint) never take each other's. A fixed id let one launch source,
+    overwrite or remove the file of another."""
+    return f"meshwright-{secrets.token_hex(6)}"
 
 
 @dataclass
@@ -36,8 +47,11 @@ class LaunchSpec:
     rdzv_port: int = 29400
     max_restarts: int = 0
     env: dict[str, str] = field(default_factory=dict)
-    run_id: str = "meshwright"
+    run_id: str = field(default_factory=new_run_id)  # this launch's: --env file names, --rdzv-id
     rdzv: str = "auto"  # torchrun's rendezvous: static (hostfile order), c10d (elastic restarts), auto: rdzv_backend
+    # seconds torchrun gives its ranks after passing a stop signal on, before SIGKILL (None: torchrun's own, 30 s);
+    # ``shutdown_timeout_for(preempt_grace_s)``, so a stop's checkpoint is not cut short
+    shutdown_timeout_s: int | None = None
 
     def validate(self) -> None:
         if not self.train_args or self.train_args[0] != "train":
@@ -52,6 +66,11 @@ class LaunchSpec:
             raise invalid("rdzv_port", self.rdzv_port, "an integer in 1..65535")
         if self.max_restarts < 0:
             raise invalid("max_restarts", self.max_restarts, "a non-negative integer")
+        if not RUN_ID_OK.fullmatch(self.run_id):
+            raise invalid("run_id", self.run_id, "1-64 letters, digits, '_', '.' or '-', starting with a letter or digit")
+        if self.shutdown_timeout_s is not None and not (isinstance(self.shutdown_timeout_s, int)
+                                                        and 0 < self.shutdown_timeout_s < 10**6):
+            raise invalid("shutdown_timeout_s", self.shutdown_timeout_s, "a positive whole number of seconds")
         if self.rdzv not in RDZV_CHOICES:
             raise invalid("--rdzv", self.rdzv, f"one of {', '.join(RDZV_CHOICES)}")
         if self.rdzv == "static" and self.max_restarts and len(self.hosts) > 1:
@@ -71,6 +90,32 @@ RDZV_CHOICES = ("auto", "static", "c10d")
 # Without them SIGUSR1 killed torchrun alone and its ranks, in sessions of their own, trained on unsupervised; with
 # them, a rank stops with a checkpoint (preempt_signals) or takes the signal's default action, and torchrun follows
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
+
+
+# torchrun's shutdown timeout: how long it waits for its ranks after passing a signal on, before SIGKILL. torch 2.13
+# reads it from --shutdown-timeout, PET_SHUTDOWN_TIMEOUT or TORCH_ELASTIC_SHUTDOWN_TIMEOUT (launcher/api.py); torch 2.11
+# (the GPU image's) has none of them and always waits 30 s (its PContext.close default), and refuses the flag as an
+# unknown argument. The variable is the one form both take: 2.13 honours it, 2.11 ignores it (and keeps its 30 s).
+SHUTDOWN_TIMEOUT_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
+TORCHRUN_SHUTDOWN_S = 30  # torchrun's default
+SHUTDOWN_MARGIN_S = 15  # past preempt_grace_s: the last rank's checkpoint publish and exit after the trainer's estimate
+
+
+def shutdown_timeout_for(preempt_grace_s: float) -> int:
+    """torchrun's shutdown timeout for a run whose stop may take ``preempt_grace_s`` seconds: that plus a margin,
+    never below torchrun's own 30 s (``preempt_grace_s: 0``, no check, keeps it)."""
+    if not preempt_grace_s:
+        return TORCHRUN_SHUTDOWN_S
+    return max(TORCHRUN_SHUTDOWN_S, math.ceil(preempt_grace_s) + SHUTDOWN_MARGIN_S)
+
+
+def torchrun_env(spec: LaunchSpec) -> dict[str, str]:
+    """The variables the launch itself sets for each host's torchrun (not secret: they go on the command line):
+    ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` from ``shutdown_timeout_s``, unless the user's --env sets it or
+    ``PET_SHUTDOWN_TIMEOUT`` (torchrun's flag as a variable), which win."""
+    if spec.shutdown_timeout_s is None or {SHUTDOWN_TIMEOUT_ENV, "PET_SHUTDOWN_TIMEOUT"} & set(spec.env):
+        return {}
+    return {SHUTDOWN_TIMEOUT_ENV: str(spec.shutdown_timeout_s)}
 
 
 def rdzv_backend(spec: LaunchSpec) -> str:
@@ -126,14 +171,17 @@ PGID_MARKER = "meshwright-launch-pgid"
 
 def posix_remote_script(spec: LaunchSpec, argv: list[str], env_file: str | None = None) -> str:
     """The POSIX script each host runs: ``cd WORKDIR && echo PGID_MARKER $$ && exec env K=V ... ARGV`` with every
-    piece quoted. With ``env_file`` (a 0600 file of ``export K='V'`` lines already on the host) the values stay off
-    the command line: ``cd WORKDIR && . FILE && rm -f FILE && echo ... && exec ARGV``. ``exec`` keeps the shell's
-    pid, so the reported id is torchrun's process group."""
+    piece quoted. With ``env_file`` (a 0600 file of ``export K='V'`` lines already on the host) the user's values stay
+    off the command line: ``cd WORKDIR && . FILE && rm -f FILE && echo ... && exec [env K=V] ARGV``, where only the
+    launch's own settings (``torchrun_env``) are inline. ``exec`` keeps the shell's pid (``env`` execs too), so the
+    reported id is torchrun's process group."""
     report = f"echo {PGID_MARKER} $$"
+    own = torchrun_env(spec)
     if env_file is not None:
         f = shlex.quote(env_file)
-        return f"cd {shlex.quote(spec.workdir)} && . {f} && rm -f {f} && {report} && exec {shlex.join(argv)}"
-    env = [f"{k}={v}" for k, v in sorted(spec.env.items())]
+        inline = ["env", *(f"{k}={v}" for k, v in sorted(own.items()))] if own else []
+        return f"cd {shlex.quote(spec.workdir)} && . {f} && rm -f {f} && {report} && exec {shlex.join(inline + argv)}"
+    env = [f"{k}={v}" for k, v in sorted({**own, **spec.env}.items())]
     prefix = ["env", *env] if env else []
     return f"cd {shlex.quote(spec.workdir)} && {report} && exec {shlex.join(prefix + argv)}"
 
@@ -163,14 +211,17 @@ def remote_shell_command(spec: LaunchSpec, argv: list[str], env_file: str | None
 
 
 def remote_env_file(spec: LaunchSpec, node_rank: int) -> str:
-    """Where a host's env file goes: under its work directory, one per host (a shared directory is safe)."""
+    """Where a host's env file goes: under its work directory, one per host and launch (``run_id``): hosts and
+    launches sharing the directory each source and remove their own."""
     return f"{spec.workdir.rstrip('/')}/.meshwright/launch-env-{spec.run_id}-{node_rank}.sh"
 
 
 def upload_env_command(path: str) -> str:
-    """The remote command that stores stdin as a file only the user can read (any login shell)."""
+    """The remote command that stores stdin as a new file only the user can read (any login shell). ``set -C``
+    (noclobber): a file already there, which this launch did not write, is neither overwritten nor, the upload having
+    failed, removed by this launch's clean-up."""
     parent = path.rsplit("/", 1)[0]
-    return login_shell_neutral(f"umask 077 && mkdir -p {shlex.quote(parent)} && cat > {shlex.quote(path)}")
+    return login_shell_neutral(f"umask 077 && mkdir -p {shlex.quote(parent)} && set -C && cat > {shlex.quote(path)}")
 
 
 def remove_file_command(path: str) -> str:

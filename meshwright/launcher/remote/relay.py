@@ -8,7 +8,7 @@ second command on the host's connection, already key-authenticated and host-key-
 an integer > 1 parsed from the host's line, digits only, and a fixed signal name; no text a host sent goes into it
 as text). torchrun passes it on to its ranks
 (``--signals-to-handle``), they stop after the same step with a checkpoint (``preempt_signals``) and torchrun waits
-for them (its shutdown timeout, 30 s) as under a local torchrun. Only the first stop signal is passed on: the ranks
+for them (its shutdown timeout: argv.shutdown_timeout_for) as under a local torchrun. Only the first stop signal is passed on: the ranks
 already stop, and torchrun takes each signal in that wait as a new shutdown (SIGTERM to the ranks again, another
 30 s: torch 2.13's ``agent.run`` and ``_close``); a third would end its wait and leave the ranks unsupervised.
 """

@@ -49,7 +49,52 @@ def apply_ddp(module: nn.Module, group: dist.ProcessGroup, device: torch.device)
         if p.requires_grad and p.grad is None:
             p.grad = torch.zeros_like(p)
     ids = [device.index] if device.type == "cuda" else None
-    return DDP(module, process_group=group, device_ids=ids, gradient_as_bucket_view=True)
+    ddp = DDP(module, process_group=group, device_ids=ids, gradient_as_bucket_view=True)
+    ddp._meshwright_synced = False  # type: ignore[attr-defined]  # a synchronised forward ran (rebuild_buckets)
+    ddp.register_forward_pre_hook(_note_synced_forward)
+    return ddp
+
+
+def _note_synced_forward(module: DDP, _args: Any) -> None:
+    """DDP fills its bucket-rebuild order during the first synchronised backward: note that one ran."""
+    if torch.is_grad_enabled() and module.require_backward_grad_sync:
+        module._meshwright_synced = True  # type: ignore[attr-defined]
+
+
+@torch.no_grad()
+def rebuild_buckets(module: DDP) -> bool:
+    """Rebuild DDP's buckets now, between steps with the gradients zeroed, without holding the old buckets beside
+    the new ones: call on every rank (the rebuild broadcasts rank 0's bucket order). True where it rebuilt.
+
+    DDP rebuilds its buckets once, in the first forward after a synchronised backward (in backward-ready order), and
+    its reducer allocates the new buckets while it still holds the old ones: +4 B per parameter at step 2's forward
+    (measured in tests/distributed/state_bytes_worker.py, where activations are not there to hide it). Here the
+    gradients are zero, so each is replaced by a zero that holds no storage (a broadcast scalar) and the old buckets'
+    storage is released (resized to 0, as FSDP2 frees its unsharded parameters) before the same ``_rebuild_buckets``
+    DDP would call; the reducer copies the zeros into the new buckets and makes the gradients views of them. The
+    same buckets, so the same reductions. Where no rebuild is due the old buckets and views are restored."""
+    if module._has_rebuilt_buckets or not getattr(module, "_meshwright_synced", False):
+        return False
+    params = [p for p in module.parameters() if p.requires_grad and p.grad is not None]
+    if any(bool(p.grad.any()) for p in params):  # not zeroed: DDP's own rebuild copies them (one pass, once a run)
+        return False
+    views = [p.grad for p in params]
+    storages = {id(st): st for st in (g.untyped_storage() for g in views)}
+    sizes = {k: st.nbytes() for k, st in storages.items()}
+    for p in params:
+        p.grad = torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape)
+    for st in storages.values():
+        st.resize_(0)
+    rebuilt = bool(module.reducer._rebuild_buckets())
+    if rebuilt:
+        module._has_rebuilt_buckets = True
+    else:  # nothing was due (no backward completed): the old buckets back, zeroed, and their views as gradients
+        for k, st in storages.items():
+            st.resize_(sizes[k])
+        for p, g in zip(params, views):
+            p.grad = g
+            g.zero_()
+    return rebuilt
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -102,16 +102,21 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def all_reduce_grads(params: Iterable[nn.Parameter], group: dist.ProcessGroup, scale: float) -> None:
+def all_reduce_grads(params: Iterable[Any], group: dist.ProcessGroup, scale: float, _local_grads: bool = False) -> None:
     """Sum the local gradients of replicated ``params`` over ``group`` in one flat bucket, times ``scale``.
 
     Used where DDP cannot go: DTensor (tensor-parallel) parameters and layer-wise plans whose layers
     each have their own dp group. ``scale`` folds in the 1/dp average and the layer-wise correction.
+    ``_local_grads``: ``params`` are already the local gradients (``all_reduce_grad_groups``).
     """
-    grads = [_local(p.grad) for p in params if p.grad is not None]
+    grads = list(params) if _local_grads else [_local(p.grad) for p in params if p.grad is not None]
     if not grads:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    _reduce_into(torch.cat([g.reshape(-1) for g in grads]), grads, group, scale)
+
+
+def _reduce_into(flat: torch.Tensor, grads: list[torch.Tensor], group: dist.ProcessGroup, scale: float) -> None:
+    """All-reduce ``flat`` (the gradients ``grads`` concatenated), scale it and copy it back into them."""
     dist.all_reduce(flat, group=group)
     flat.mul_(scale)
     offset = 0
@@ -119,6 +124,36 @@ def all_reduce_grads(params: Iterable[nn.Parameter], group: dist.ProcessGroup, s
         n = g.numel()
         g.copy_(flat[offset:offset + n].view_as(g))
         offset += n
+
+
+@torch.no_grad()
+def all_reduce_grad_groups(groups: Iterable[tuple[Iterable[nn.Parameter], dist.ProcessGroup, float]]) -> None:
+    """``all_reduce_grads`` of every (params, group, scale) in turn, each group's gradients flattened into one
+    buffer of the largest group's size (per dtype and device) instead of a fresh flat tensor per group: the
+    collective sees the same contiguous values, so the same sums, but the backend may still hold the previous
+    group's tensor while the next is concatenated (gloo releases a finished work's tensors from its own thread:
+    measured, two tiny-par blocks' gradients held at once in some steps, one in others). One buffer, freed at the
+    end, bounds the copy at the largest group's gradients, as ``cost_model.reduce_copy_bytes`` counts it."""
+    work = []
+    for params, group, scale in groups:
+        grads = [_local(p.grad) for p in params if p.grad is not None]
+        if grads:
+            work.append((grads, group, scale))
+    sizes: dict[tuple, int] = {}
+    for grads, _, _ in work:
+        key = (grads[0].dtype, grads[0].device)
+        if all((g.dtype, g.device) == key for g in grads):
+            sizes[key] = max(sizes.get(key, 0), sum(g.numel() for g in grads))
+    buffers = {key: torch.empty(n, dtype=key[0], device=key[1]) for key, n in sizes.items()}
+    for grads, group, scale in work:
+        key = (grads[0].dtype, grads[0].device)
+        if key not in buffers or any((g.dtype, g.device) != key for g in grads):
+            all_reduce_grads(grads, group, scale, _local_grads=True)
+            continue
+        n = sum(g.numel() for g in grads)
+        flat = buffers[key][:n]
+        torch.cat([g.reshape(-1) for g in grads], out=flat)
+        _reduce_into(flat, grads, group, scale)
 
 
 def zero1_optimizer(optimizer: torch.optim.Optimizer, group: dist.ProcessGroup) -> ZeroRedundancyOptimizer:

@@ -41,8 +41,8 @@ from meshwright.models import build_model, lm_loss, load_pretrained_into
 from meshwright.models.decoder import Decoder
 from meshwright.models.init import resolve_init
 from meshwright.models.moe import attach_aux_loss_to_backward, router_stats
-from meshwright.parallel.data_parallel import (all_reduce_grads, apply_ddp, apply_fsdp, rebuild_buckets,
-                                                  zero1_optimizer)
+from meshwright.parallel.data_parallel import (all_reduce_grad_groups, all_reduce_grads, apply_ddp, apply_fsdp,
+                                               rebuild_buckets, zero1_optimizer)
 from meshwright.parallel.expert_parallel import A2AMeter, EPGroups, apply_ep, ep_groups_from_mesh, is_expert_param
 from meshwright.parallel.layerwise import apply_batch_redistribution
 from meshwright.parallel.mesh import build_meshes, hsdp_shard
@@ -399,8 +399,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         for p in self._expert_params:  # no token reached this rank's experts: zero, so buckets match
             if p.grad is None and p.requires_grad:  # (frozen experts under LoRA have none anywhere)
                 p.grad = torch.zeros_like(p)
-        for params, group, scale in self._manual:
-            all_reduce_grads(params, group, scale)
+        all_reduce_grad_groups(self._manual)  # through one buffer of the largest group's size
         reduce_partial_grads(self._params)
         for group, params in self._tp_partial.items():  # megatron LoRA's replicated A/B: each tp rank holds a share
             all_reduce_grads(params, group, 1.0)

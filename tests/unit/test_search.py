@@ -557,7 +557,8 @@ def test_layer_cost_columns_are_layer_costs_bit_for_bit(stack, dtype, compiled, 
             from meshwright.config import LoraConfig
             from meshwright.memory.lora_cost import lora_step
 
-            targets = hw_replace["lora"] if hw_replace["lora"] is not True else ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+            every = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+            targets = hw_replace["lora"] if hw_replace["lora"] is not True else every
             hw = dataclasses.replace(hw, lora=lora_step(cfg, LoraConfig(targets=list(targets))))
             if cfg.n_experts:  # the MoE blocks are costed at ep > 1 with LoRA
                 assert {s.ep for s in S.layer_strategies(cfg, 0, 16, [1, 2, 4], 2048, S.Constraints(), allow, 1, 16,

@@ -1809,7 +1809,8 @@ def _add_layers(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strat
                 add = adds[key] = (layer_microbatch_s(c, hw), layer_step_dp_s(c, hw) + c["opt_step"] + (m - 1) * c["accum_mb"],
                                    c["static_bytes"], c["grads_bytes"], c["copy_bytes"], c["act_bytes"], c["transient_bytes"],
                                    c["model_flops_mb"] * m, c["hw_flops_mb"] * m, c["comm_mb"] * m, c["compute_mb"] * m,
-                                   c["overhead_mb"] * m, c["dp_step"] + c["dp_mb"] * m, reduce_copy_bytes(cfg, i, s, hw))
+                                   c["overhead_mb"] * m, c["dp_step"] + c["dp_mb"] * m,
+                                   reduce_copy_bytes(cfg, i, s, hw))
         (mb, step, static, grads, copies, act, transient, model_flops, hw_flops, comm, compute, overhead, dp,
          flat) = add
         t_mb[r] += mb

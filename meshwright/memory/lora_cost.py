@@ -28,6 +28,48 @@ if TYPE_CHECKING:
 EXPERT_TARGETS = ("w1", "w2", "w3")
 
 
+def expert_share(module_name: str, experts: set[str], ep: int) -> float:
+    """The share of a parameter of module ``module_name`` one rank of an ``ep`` group holds: 1/ep inside an MoE
+    block's experts (``experts``: the GroupedExperts module names, which ``apply_ep`` slices along the expert dim),
+    1 elsewhere (attention, router, norms, the ends, and the adapters on them: replicated over the ep group). The
+    one place an expert-sharded parameter is told apart: adapters on the experts (a future ``lora`` flag) that live
+    under the experts module are counted 1/ep here with no change; ones registered elsewhere add their name here."""
+    return 1.0 / ep if _in_experts(module_name, experts) else 1.0
+
+
+def _in_experts(module_name: str, experts: set[str]) -> bool:
+    return any(module_name == e or module_name.startswith(e + ".") for e in experts)
+
+
+def ep_rank_state_bytes(model_cfg: "ModelConfig", lora: "LoraConfig", ep: int = 1) -> dict[str, float]:
+    """Bytes of LoRA training state one rank of an expert-parallel group of ``ep`` ranks holds (fp32, AdamW), counted
+    on a ``meta`` model as ``apply_ep`` shards it (``expert_share``): ``weights`` (the frozen base and the adapters),
+    ``grads`` and ``optimizer`` (AdamW's two moments) of the trainable parameters, ``trainable`` their count, and
+    ``expert_weights`` (the experts' part of ``weights``). At ep = 1, ``memory.lora.lora_state_bytes``'s figures.
+    Under ep the frozen experts shrink by ep while the attention adapters, their gradients and AdamW's states stay
+    whole on every rank (tests/unit/test_lora_cost.py counts what apply_ep keeps on a rank of a fake group)."""
+    from meshwright.memory.lora import apply_lora_config
+    from meshwright.models import build_model
+    from meshwright.models.moe import GroupedExperts
+
+    model = build_model(model_cfg, device="meta")
+    apply_lora_config(model, lora, seed=0)
+    experts = {n for n, m in model.named_modules() if isinstance(m, GroupedExperts)}
+    seen: set[int] = set()  # tied weights once
+    weights = trained = expert = 0.0
+    for mod_name, mod in model.named_modules():
+        for p in mod.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            share = expert_share(mod_name, experts, ep)
+            weights += p.numel() * share
+            trained += p.numel() * share if p.requires_grad else 0.0
+            expert += p.numel() * share if _in_experts(mod_name, experts) else 0.0
+    return {"weights": 4 * weights, "grads": 4 * trained, "optimizer": 8 * trained, "trainable": trained,
+            "expert_weights": 4 * expert}
+
+
 @dataclass(frozen=True)
 class LoraStep:
     """Per block (``n_layers`` entries): ``adapter`` A + B parameters; ``no_wgrad`` frozen parameters on the activated

@@ -42,7 +42,8 @@ from meshwright.models import build_model, lm_loss, load_pretrained_into
 from meshwright.models.decoder import Decoder
 from meshwright.models.init import resolve_init
 from meshwright.models.moe import attach_aux_loss_to_backward, router_stats
-from meshwright.parallel.data_parallel import all_reduce_grads, apply_ddp, apply_fsdp, zero1_optimizer
+from meshwright.parallel.data_parallel import (all_reduce_grad_groups, all_reduce_grads, apply_ddp, apply_fsdp,
+                                               rebuild_buckets, zero1_optimizer)
 from meshwright.parallel.expert_parallel import A2AMeter, EPGroups, apply_ep, ep_groups_from_mesh, is_expert_param
 from meshwright.parallel.layerwise import apply_batch_redistribution
 from meshwright.parallel.mesh import build_meshes, hsdp_shard
@@ -407,8 +408,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         for p in self._expert_params:  # no token reached this rank's experts: zero, so buckets match
             if p.grad is None and p.requires_grad:  # (frozen experts under LoRA have none anywhere)
                 p.grad = torch.zeros_like(p)
-        for params, group, scale in self._manual:
-            all_reduce_grads(params, group, scale)
+        all_reduce_grad_groups(self._manual)  # through one buffer of the largest group's size
         reduce_partial_grads(self._params)
         for group, params in self._tp_partial.items():  # megatron LoRA's replicated A/B: each tp rank holds a share
             all_reduce_grads(params, group, 1.0)
@@ -530,8 +530,12 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         """Under DDP the gradients are views of its reduction buckets (``apply_ddp``): zeroed in place, so they stay
         views and the next step's ``no_sync`` microbatches accumulate into the buckets; freed, the first of them would
-        allocate a second gradient buffer beside the buckets. Elsewhere freed, as the base runtime does."""
-        optimizer.zero_grad(set_to_none=not any(isinstance(mod, DDP) for mod in self.modules))
+        allocate a second gradient buffer beside the buckets. Elsewhere freed, as the base runtime does. After the
+        first step DDP's buckets are rebuilt here, the gradients zero (``rebuild_buckets``: no second buffer)."""
+        ddp = [mod for mod in self.modules if isinstance(mod, DDP)]
+        optimizer.zero_grad(set_to_none=not ddp)
+        for mod in ddp:
+            rebuild_buckets(mod)
 
     def build_optimizer(self, make: Any) -> torch.optim.Optimizer:
         opt = make(self.param_groups())

@@ -17,8 +17,8 @@ from meshwright.data.loader import build_loaders
 from meshwright.errors import invalid
 from meshwright.launcher.planner.auto import auto_plan
 from meshwright.launcher.profiling.auto import auto_profiles, describe
-from meshwright.memory.lora import apply_lora_config, lora_state_bytes
-from meshwright.memory.lora_cost import EXPERT_TARGETS
+from meshwright.memory.lora import apply_lora_config
+from meshwright.memory.lora_cost import EXPERT_TARGETS, ep_rank_state_bytes
 from meshwright.memory.meft import MeftConfig, make_reversible
 from meshwright.models import build_model, from_pretrained
 from meshwright.models.capped_flex import capped_path_note
@@ -169,18 +169,24 @@ def device_memory_bytes() -> int:
 
 
 def check_memory(model_cfg: ModelConfig, world_size: int, available: int | None = None, frozen_base: bool = False,
-                 micro_tokens: int = 0, loss_chunk_tokens: int = 0, lora: LoraConfig | None = None) -> None:
+                 micro_tokens: int = 0, loss_chunk_tokens: int = 0, lora: LoraConfig | None = None,
+                 ep: int = 1) -> None:
     """Up-front sanity check, before any allocation: refuse (one line) a model whose weights, gradients and AdamW
     state (weights alone for a frozen base, as MEFT trains) could not fit even spread evenly over every device
     (a vocab of 10^12 used to crash the allocator); then a micro-batch of ``micro_tokens`` tokens whose
     activations could not fit either: a lower bound (the logits, or one chunk of them, and each block's input, at
     2 bytes a value, spread over every device), so only hopeless micro-batches are refused, never a real one.
-    With ``lora``: the base's and adapters' weights, gradients and AdamW state of the trainable parameters only."""
+    With ``lora``: the base's and adapters' weights, gradients and AdamW state of the trainable parameters only; under
+    expert parallelism (``ep``: ``lora_plan_ep``) what one rank of an ep group holds (``ep_rank_state_bytes``: its
+    1/ep of the frozen experts, the attention, router, ends and adapters whole, replicated over the group), which
+    the world/ep ranks holding the same experts (tp, pp, the expert-data-parallel replicas) split at most that many
+    ways."""
     world = max(world_size, 1)
     if lora is not None:
-        state = lora_state_bytes(model_cfg, lora)
+        state = ep_rank_state_bytes(model_cfg, lora, ep)
         total = state["weights"] + state["grads"] + state["optimizer"]
         per_param = round(total / model_cfg.num_params(), 2)
+        world = max(world // ep, 1)  # ep = 1: spread over every device, as before
     else:
         per_param = 4 if frozen_base else TRAIN_BYTES_PER_PARAM
         total = model_cfg.num_params() * per_param
@@ -197,6 +203,19 @@ def check_memory(model_cfg: ModelConfig, world_size: int, available: int | None 
                       f"fewer: their activations alone need at least {act / 2**30:,.1f} GiB per device beside "
                       f"{need / 2**30:,.1f} GiB of weights and optimizer state; one device here has {have / 2**30:,.1f} "
                       f"GiB (lower micro_batch or seq_len, or set loss_chunk_tokens)")
+
+
+def lora_plan_ep(plan: Plan | None) -> int:
+    """The expert-parallel degree ``check_memory`` counts a LoRA run's rank at: the plan's largest ep where every
+    layer and the ends are at ZeRO-0 (nothing then shards the replicated part over data parallelism, as the ep LoRA
+    runs of tests/distributed/ep_parity.py hold it); 1 otherwise (ZeRO-1/2/3 may spread the replicated part over the
+    whole dp group, and the even spread over every device is the bound)."""
+    if plan is None:
+        return 1
+    layers = plan.layer_strategies()
+    if plan.embedding.zero or any(s.zero for s in layers):
+        return 1
+    return max((s.ep for s in layers), default=1)
 
 
 def check_lora_layout(cfg: TrainConfig, plan: Plan) -> None:
@@ -250,7 +269,7 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
     job = train_cfg if isinstance(train_cfg, TrainingJob) else TrainingJob.resolve(train_cfg, plan_ref)
     cfg, model_cfg = job.cfg, job.model
     check_memory(model_cfg, job.world_size, frozen_base=cfg.meft is not None, micro_tokens=cfg.micro_batch * cfg.seq_len,
-                 loss_chunk_tokens=cfg.loss_chunk_tokens, lora=cfg.lora)
+                 loss_chunk_tokens=cfg.loss_chunk_tokens, lora=cfg.lora, ep=lora_plan_ep(job.plan))
     if cfg.seq_len > model_cfg.max_seq_len:  # both runtimes: under torchrun it failed deep in the model
         raise invalid("seq_len", cfg.seq_len, f"at most model.max_seq_len={model_cfg.max_seq_len} ({_raise_hint(model_cfg)})")
     check_rule_applies(cfg.grow_positions, model_cfg.arch)

@@ -820,3 +820,33 @@ def test_bf16_optimizer_passes_charged_per_microbatch_and_per_step(monkeypatch):
              + cm.embedding_param_count(cfg, False, True, 1))
     extra = stage * (16 * 20 + 44 + 6 / 4) / dsh.mem_bw
     assert base.step_s - without.step_s == pytest.approx(extra, rel=0.02)
+
+
+def test_manual_all_reduce_flat_copy_is_in_the_peak_when_activations_are_small():
+    """A layer-wise plan (ZeRO-0 blocks beside ZeRO-2 ones, replicated ends) is not one DDP module: after the last
+    backward meshwright's runtime all-reduces each ZeRO-0 block and the ends through a flat copy of the group's
+    gradients (data_parallel.all_reduce_grad_groups, one buffer of the largest group's size; measured in
+    tests/distributed/state_bytes_worker.py). With a large vocabulary and few tokens that copy (the ends' fp32
+    gradients) is above the backward peak's activations: the rank's memory is at least its states plus it."""
+    cfg = load_model_config({"name": "wide-vocab", "arch": "llama", "vocab_size": 65536, "d_model": 512, "n_layers": 2,
+                             "n_heads": 8, "ffn_hidden": 1024, "max_seq_len": 64})
+    hw = cm.apply_stack(cm.hardware_from_cluster(load_cluster("dgx-a100-80g"), stack="meshwright", dtype="fp32"),
+                        "meshwright")
+    plan = Plan(model="wide-vocab", cluster={}, seq_len=16, global_batch=2, micro_batch=1,
+                layers=[LayerStrategy(dp=2, zero=0), LayerStrategy(dp=2, zero=2)],
+                embedding=EmbeddingStrategy(zero=0))
+    manual = cm.for_reduction(hw, plan)
+    assert manual.manual_dp and manual.reduces_after_backward(0) and not manual.reduces_after_backward(2)
+    # the groups: block 0 (ZeRO-0) whole, block 1 (FSDP2) none, the ends (embedding, final norm, head) one group
+    assert cm.reduce_copy_bytes(cfg, 0, plan.layers[0], manual) == 4 * cfg.layer_params(0)
+    assert cm.reduce_copy_bytes(cfg, 1, plan.layers[1], manual) == 0.0
+    assert cm.reduce_copy_bytes(cfg, 0, LayerStrategy(dp=1, zero=0), manual) == 0.0  # no dp group: nothing reduced
+    assert cm.reduce_copy_bytes(cfg, 0, plan.layers[0], hw) == 0.0  # one DDP module: its buckets are the gradients
+    ends = 4 * cm.embedding_param_count(cfg, True, True, 1)
+    pred = cm.evaluate_plan(plan, cfg, hw, 2)
+    states = (pred.breakdown["mem_states_gib"] + pred.breakdown["mem_weight_copies_gib"]) * cm.GIB
+    backward = states + (pred.breakdown["mem_activations_gib"] + pred.breakdown["mem_transient_gib"]
+                         + pred.breakdown["mem_loss_gib"]) * cm.GIB
+    assert backward < states + ends  # the case: the copy after backward is the peak
+    used = (pred.memory_gib[0] - pred.breakdown["mem_overhead_gib"]) * cm.GIB  # before the framework's overhead
+    assert used == pytest.approx(states + ends, rel=1e-12)

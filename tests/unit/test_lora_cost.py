@@ -257,3 +257,70 @@ def test_lora_model_states_are_counted_per_layer_and_per_end():
     # the even spread this replaces (model_state_bytes without per-part counts: hw.trainable_fraction everywhere)
     # sharded most of the head's gradients and states with the blocks: over 1 GB too few on this rank
     assert by_hand - states(3, 0, hw=dataclasses.replace(h, lora=None)) > 1e9
+
+
+MOE_LORA = {"name": "tiny-moe-lora", "arch": "llama", "vocab_size": 256, "d_model": 32, "n_layers": 2, "n_heads": 4,
+            "n_kv_heads": 2, "ffn_hidden": 64, "moe_ffn_hidden": 48, "n_experts": 4, "top_k": 2,
+            "capacity_factor": None, "max_seq_len": 64}  # tests/distributed/ep_parity.py's LoRA ep model
+
+
+def _held_on_ep_rank(cfg, lora, ep: int, rank: int) -> tuple[int, int, int]:
+    """(parameters, trainable ones, expert ones) one rank of an ``ep`` group holds once ``apply_ep`` has sliced the
+    experts of the LoRA model, on a fake process group of ``ep`` ranks in this one process: the runtime's own code."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from meshwright.parallel.expert_parallel import apply_ep, is_expert_param
+
+    model = build_model(cfg, seed=0)
+    apply_lora_config(model, lora, seed=0)
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=ep)
+    try:
+        apply_ep(model, dist.group.WORLD)
+        params = list(dict.fromkeys(model.parameters()))
+        return (sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad),
+                sum(p.numel() for p in params if is_expert_param(p)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("ep", [2, 4])
+def test_check_memory_counts_what_an_ep_rank_holds(ep):
+    """Under expert parallelism a LoRA rank holds 1/ep of the frozen experts and the attention adapters (their
+    gradients, AdamW's moments), router, norms and ends whole (parallel/expert_parallel.py ``apply_ep``; adapters
+    replicated over the ep group). ``ep_rank_state_bytes`` counts exactly that, and ``check_memory`` refuses a
+    device that cannot hold it at world = ep (each rank of a dp = ep ZeRO-0 run holds it all). It used to spread the
+    whole model's state over the world (experts and adapters alike): at ep 4 a rank's 157,312 bytes were checked
+    as 267,904 / 4 = 66,976."""
+    from meshwright.errors import ConfigError
+    from meshwright.memory.lora_cost import ep_rank_state_bytes
+    from meshwright.train.build import check_memory
+
+    cfg = load_model_config(MOE_LORA)
+    lora = LoraConfig(rank=4, targets=["wq", "wk", "wv", "wo"])
+    held, trainable, experts = _held_on_ep_rank(cfg, lora, ep, rank=ep - 1)
+    got = ep_rank_state_bytes(cfg, lora, ep)
+    assert (got["weights"], got["grads"], got["optimizer"]) == (4 * held, 4 * trainable, 8 * trainable)
+    assert got["expert_weights"] == 4 * experts and got["trainable"] == trainable
+    whole = ep_rank_state_bytes(cfg, lora, 1)
+    assert whole["trainable"] == trainable  # the adapters are not sharded by ep
+    assert whole["weights"] - got["weights"] == 4 * experts * (ep - 1)  # the experts are
+    need = got["weights"] + got["grads"] + got["optimizer"]
+    check_memory(cfg, ep, available=need, lora=lora, ep=ep)
+    with pytest.raises(ConfigError, match=r"^model="):
+        check_memory(cfg, ep, available=need - 1, lora=lora, ep=ep)
+    # at ep = 1 the figures are lora_state_bytes' (spread over every device, as before)
+    from meshwright.memory.lora import lora_state_bytes
+
+    old = lora_state_bytes(cfg, lora)
+    assert (whole["weights"], whole["grads"], whole["optimizer"]) == (old["weights"], old["grads"], old["optimizer"])
+
+
+def test_the_plans_ep_is_counted_only_where_nothing_shards_the_replicated_part():
+    from meshwright.train.build import lora_plan_ep
+
+    plan = Plan(model="tiny-moe-lora", cluster={}, seq_len=16, global_batch=8, micro_batch=2,
+                layers=[LayerStrategy(dp=4, ep=4, repeat=2)])
+    assert lora_plan_ep(plan) == 4 and lora_plan_ep(None) == 1
+    assert lora_plan_ep(dataclasses.replace(plan, embedding=EmbeddingStrategy(zero=3))) == 1
+    assert lora_plan_ep(dataclasses.replace(plan, layers=[LayerStrategy(dp=4, ep=4, zero=1, repeat=2)])) == 1

@@ -108,6 +108,35 @@ def test_runtime_skips_dp1_layers_as_the_cost_model_says():
     assert "m.per_stage == 1" in src
 
 
+def test_the_searchs_per_layer_candidates_hold_no_zero_at_dp1():
+    """The dp=1 rule where per-layer candidates are costed: the search's columns (``layer_strategies``, costed by
+    ``layer_costs_columns``) offer only ZeRO-0 at dp=1 (since the house plan, dee1cc2), whatever ZeRO the user
+    constrains, and the ends only ZeRO-0 on a one-rank stage (``_embedding_zero_options``). So no candidate is
+    costed at a ZeRO-1/2/3 saving or charge at dp=1 that the final scoring (``runtime_zero_plan``) then takes back:
+    every candidate is a fixed point of it, and no ranking differs between the two (none exists to show; this
+    pins it: without the rule a ZeRO-3 constraint put ZeRO-3 dp=1 candidates in the columns)."""
+    from meshwright.launcher.planner import search as S
+
+    hw = cm.hardware_from_cluster(load_cluster("dgx-a100-80g", nodes=1), stack="meshwright")
+    allow = S.Allow.parse([])
+    seen_dp1 = 0
+    for model in ("llama2-7b", "mixtral-8x7b"):
+        cfg = load_model_config(model)
+        for zero in (None, 1, 2, 3):
+            for rc in (False, True):
+                c = Constraints(zero=zero, runtime_compatible=rc)
+                for per_stage in (1, 2, 4, 8):
+                    for s in S.layer_strategies(cfg, 0, per_stage, [t for t in (1, 2, 4, 8) if t <= per_stage], 2048,
+                                                  c, allow, 1, per_stage, 256, 8):
+                        plan = Plan(model=model, seq_len=2048, global_batch=256, micro_batch=1,
+                                    layers=[dataclasses.replace(s, repeat=cfg.n_layers)])
+                        assert cm.runtime_zero_plan(plan, hw, per_stage) is plan, (model, zero, rc, per_stage, s)
+                        seen_dp1 += s.dp == 1
+                    emb = S._embedding_zero_options([LayerStrategy(dp=per_stage, zero=3)], per_stage, rc)
+                    assert per_stage > 1 or emb == [0]
+    assert seen_dp1 > 0
+
+
 # ---- 6. meshwright's manual reduction of a pp=1 plan that is not one DDP module ----------------------------------
 
 def test_mixed_zero_plan_pays_the_manual_all_reduce_after_backward():

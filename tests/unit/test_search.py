@@ -536,7 +536,11 @@ def test_interleaving_depth_is_searched_when_no_depth_splits_the_layers_evenly()
     ("deepspeed", "fp32", False, {}), ("torchtitan", None, False, {"overlap_slowdown": 0.0}),
     ("meshwright", None, False, {"strategy_overheads": (("tp2", 1e-5, 1e-9), ("zero3", 2e-5, 0.0))}),
     ("meshwright", None, False, {"block_time_measured": True, "layer_overhead_s": 2e-5, "act_scale": 1.15}),
-    ("meshwright", None, False, {"lora": True})])  # a LoRA step (Hardware.lora): adapters on every linear
+    ("meshwright", None, False, {"lora": True}),  # a LoRA step (Hardware.lora): adapters on every linear
+    # attention adapters, replicated over ep (the layout LoRA runs under ep): the gradients' cast up (6 B per adapter
+    # parameter on the rank, LoraStep.on_rank) must be the scalar path's at every ep of the MoE blocks
+    ("meshwright", None, False, {"lora": ("wq", "wk", "wv", "wo")}),
+    ("deepspeed", None, False, {"lora": ("wq", "wk", "wv", "wo")})])
 def test_layer_cost_columns_are_layer_costs_bit_for_bit(stack, dtype, compiled, hw_replace):
     """The search's DP costs every strategy of a micro-batch size with cm.layer_costs_columns (whole arrays, each term
     once per group of strategies sharing it); it must give exactly layer_costs(lean=True)'s floats (any difference
@@ -553,7 +557,12 @@ def test_layer_cost_columns_are_layer_costs_bit_for_bit(stack, dtype, compiled, 
             from meshwright.config import LoraConfig
             from meshwright.memory.lora_cost import lora_step
 
-            hw = dataclasses.replace(hw, lora=lora_step(cfg, LoraConfig(targets=["wq", "wk", "wv", "wo", "w1", "w2", "w3"])))
+            every = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+            targets = hw_replace["lora"] if hw_replace["lora"] is not True else every
+            hw = dataclasses.replace(hw, lora=lora_step(cfg, LoraConfig(targets=list(targets))))
+            if cfg.n_experts:  # the MoE blocks are costed at ep > 1 with LoRA
+                assert {s.ep for s in S.layer_strategies(cfg, 0, 16, [1, 2, 4], 2048, S.Constraints(), allow, 1, 16,
+                                                         256, cl.devices_per_node)} >= {2, 4}
         allow = dataclasses.replace(allow, fp8_gemm=cm.fp8_matmul_speedup(hw) > 1)
         for index in range(min(cfg.n_layers, 2)):
             for mb in (1, 2):

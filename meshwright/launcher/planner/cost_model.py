@@ -1712,6 +1712,27 @@ def step_dp_s(compute: float, fwd: float, dp_step: float, hw: Hardware, overlapp
     return exposed_s(compute - fwd, dp_step, hw.overlap_slowdown)
 
 
+def reduce_copy_bytes(cfg: ModelConfig, index: int, s: Any, hw: Hardware) -> float:
+    """The flat copy meshwright's manual all-reduce makes of block ``index``'s largest gradient group after the last
+    backward (parallel/data_parallel.py ``all_reduce_grads``: one ``torch.cat`` of the group's local gradients,
+    reduced and copied back; a bucketed reduction would change the ring's summation order at dp > 2). Its groups
+    (parallel/runtime.py ``_apply_layers``): the block's non-expert gradients over its dp group, and under ep its
+    expert shards over the edp group. 0 where the layer is not reduced after backward (``reduces_after_backward``,
+    the predicate its time cost reads: DDP's bucket views or FSDP2 otherwise) or has no dp group. Measured with the
+    CPU profiler in tests/distributed/state_bytes_worker.py (one block's gradients: 0.818 B per model parameter
+    of tiny-par, as counted here)."""
+    if s.dp <= 1 or not hw.reduces_after_backward(s.zero, s.tp, s.ep):
+        return 0.0
+    lora = hw.lora.on_rank(index, s.tp) if hw.lora is not None else None  # the adapters alone have gradients
+    if cfg.is_moe_layer(index) and s.ep > 1:
+        expert = cfg.n_experts * 3 * cfg.d_model * cfg.expert_ffn_dim
+        dense = (cfg.layer_params(index) - expert) / s.tp
+        largest = lora if lora is not None else max(dense, expert / (s.tp * s.ep))  # LoRA: experts frozen
+    else:
+        largest = lora if lora is not None else cfg.layer_params(index) / s.tp
+    return largest * hw.policy_at(s.zero).grad_bytes
+
+
 @dataclass
 class _RankTotals:
     """Per pipeline rank sums of one plan, filled layer by layer (``_add_layers``) then by the ends."""
@@ -1724,6 +1745,9 @@ class _RankTotals:
     transient: list[float] = field(default_factory=list)  # max over layers: ZeRO-3 gather + backward working set
     grads: list[float] = field(default_factory=list)  # gradient bytes (part of static)
     copies: list[float] = field(default_factory=list)  # autocast weight copies (part of static)
+    # max over the rank's groups: the flat gradient copy of the manual all-reduce after the last backward, when the
+    # activations are gone (``reduce_copy_bytes``)
+    reduce_copy: list[float] = field(default_factory=list)
     model_flops: float = 0.0
     hw_flops: float = 0.0
     comm: float = 0.0
@@ -1732,7 +1756,7 @@ class _RankTotals:
     overhead: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("mb_s", "step_s", "static", "act", "transient", "grads", "copies"):
+        for name in ("mb_s", "step_s", "static", "act", "transient", "grads", "copies", "reduce_copy"):
             setattr(self, name, [0.0] * self.pp)
 
 
@@ -1785,8 +1809,10 @@ def _add_layers(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strat
                 add = adds[key] = (layer_microbatch_s(c, hw), layer_step_dp_s(c, hw) + c["opt_step"] + (m - 1) * c["accum_mb"],
                                    c["static_bytes"], c["grads_bytes"], c["copy_bytes"], c["act_bytes"], c["transient_bytes"],
                                    c["model_flops_mb"] * m, c["hw_flops_mb"] * m, c["comm_mb"] * m, c["compute_mb"] * m,
-                                   c["overhead_mb"] * m, c["dp_step"] + c["dp_mb"] * m)
-        mb, step, static, grads, copies, act, transient, model_flops, hw_flops, comm, compute, overhead, dp = add
+                                   c["overhead_mb"] * m, c["dp_step"] + c["dp_mb"] * m,
+                                   reduce_copy_bytes(cfg, i, s, hw))
+        (mb, step, static, grads, copies, act, transient, model_flops, hw_flops, comm, compute, overhead, dp,
+         flat) = add
         t_mb[r] += mb
         t_step[r] += step
         t_static[r] += static
@@ -1795,6 +1821,8 @@ def _add_layers(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strat
         t_act[r] += act
         if transient > t_transient[r]:
             t_transient[r] = transient
+        if flat > t.reduce_copy[r]:
+            t.reduce_copy[r] = flat
         model_flops_t += model_flops
         hw_flops_t += hw_flops
         comm_t += comm
@@ -1818,7 +1846,7 @@ def _layer_totals(plan: Any, cfg: ModelConfig, hw: Hardware, m: int, cache: dict
         done = cache[key] = _RankTotals(pp.degree)
         _add_layers(done, plan, cfg, hw, plan.layer_strategies(), m, cache)
     t = copy.copy(done)
-    for name in ("mb_s", "step_s", "static", "act", "transient", "grads", "copies"):
+    for name in ("mb_s", "step_s", "static", "act", "transient", "grads", "copies", "reduce_copy"):
         setattr(t, name, list(getattr(done, name)))
     return t
 
@@ -1851,6 +1879,8 @@ def _add_ends(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, strateg
     for name, r, val in ops:
         if r is None:
             setattr(t, name, getattr(t, name) + val)
+        elif name == "reduce_copy":  # a maximum over the rank's groups
+            t.reduce_copy[r] = max(t.reduce_copy[r], val)
         else:
             getattr(t, name)[r] += val
     return head_tokens
@@ -1879,6 +1909,8 @@ def _ends_ops(plan: Any, cfg: ModelConfig, hw: Hardware, head_tokens: float, m: 
             ops.append(("copies", r, cfg.vocab_size * cfg.d_model / emb.tp * head_copy_bytes(emb.zero, hw)))
         if r == 0 and not (r == last and cfg.tie_embeddings):  # as embedding_static_bytes counts them
             ops.append(("copies", r, cfg.vocab_size * cfg.d_model / emb.tp * embedding_copy_bytes(emb.zero, hw)))
+        if per_stage > 1 and hw.reduces_after_backward(emb.zero):  # the ends' one group (``_apply_outer``)
+            ops.append(("reduce_copy", r, trained * hw.policy_at(emb.zero).grad_bytes))
         per_mb, step = dp_comm_s(n, emb_dp, emb.zero, emb.tp, hw, trained)
         ops.append(("step_s", r, step + (tied_embedding_grad_s(cfg, emb.tp, pp.degree, per_stage, hw) if trained else 0.0)))
         cast_mb, cast_step = fsdp_cast_s(n, emb_dp, emb.zero, hw)  # FSDP2 gathers both ends in the compute dtype
@@ -1930,6 +1962,8 @@ def _memory_gib(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, m: in
         if no_grads:
             absent = min(t.grads[r], used - (t.static[r] + t.transient[r]))
             used -= absent
+        # after the last backward the activations are gone and the manual all-reduce copies its largest group
+        used = max(used, t.static[r] + t.reduce_copy[r])
         over = framework_overhead_bytes(hw, used)
         mem.append((used + over) / GIB)
         parts.append((inflight, loss, used, absent, over))

@@ -170,3 +170,71 @@ def test_data_prepare_vocab_size_without_bpe(capsys, tmp_path, text):
     assert "--vocab-size=5 is invalid; valid: used only with --tokenizer bpe" in line
     assert not (tmp_path / "out").exists()
     assert main(["data", "prepare", text, "--out", str(tmp_path / "out"), "--no-progress"]) == 0  # the default
+
+
+# ---- launch: the distributed runtime's refusals, said before any host starts (fifth sweep, session 35) ----------
+# `launch` checked the train command's config, overrides and plan file, but not what the distributed runtime
+# refuses: the dry run printed the commands (rc 0) and a real launch started every host, where each rank failed
+# on its own (megatron with sp, LoRA or DeepSpeed with compile, LoRA on ep experts, meft, DeepSpeed's ZeRO-0, a
+# batch the default dp layout cannot split).
+
+CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.fixture()
+def two_slots(tmp_path) -> str:
+    hosts = tmp_path / "hosts"
+    hosts.write_text("n0 slots=2\n")
+    return str(hosts)
+
+
+@pytest.fixture()
+def moe_tp2_plan(tmp_path) -> str:
+    plan = tmp_path / "moe-tp2.yaml"
+    plan.write_text("version: 1\nmodel: tiny-moe\nseq_len: 64\nglobal_batch: 8\nmicro_batch: 4\n"
+                    "layers:\n  - {tp: 2, dp: 1, repeat: 4}\n")
+    return str(plan)
+
+
+@pytest.mark.parametrize("train,needle", [
+    (["tp_backend=megatron", "--plan", str(CONFIGS / "plans/tiny-tp2.yaml")],
+     "layers[0].sp=True is invalid; valid: false with tp_backend=megatron"),
+    (["model=tiny-moe", "tp_backend=megatron", "--plan", "MOE_TP2"], "tp_backend='megatron' is invalid; valid: dtensor "
+     "for MoE layers"),
+    (["lora.rank=4", "compile=true"], "compile=True is invalid; valid: false with lora under the distributed runtime"),
+    (["lora.rank=4", "compile=true", "--plan", "auto"], "compile=True is invalid; valid: false with lora"),
+    (["model=tiny-moe", "lora.targets=[wq,w1]", "--plan", str(CONFIGS / "plans/tiny-moe-ep2.yaml")],
+     "lora.targets=['wq', 'w1'] is invalid; valid: attention targets only"),
+    (["meft.adapter_dim=8"], "meft='set' is invalid; valid: null under the distributed runtime"),
+    (["dp_backend=deepspeed", "compile=true"], "compile=True is invalid; valid: false with dp_backend=deepspeed"),
+    (["dp_backend=deepspeed"], "layers[0].zero=0 is invalid; valid: 1, 2 or 3 with dp_backend=deepspeed"),
+    (["global_batch=6", "micro_batch=6"], "global_batch=6 is invalid; valid: a multiple of world_size*micro_batch=2*6"),
+])
+def test_launch_refuses_what_the_distributed_runtime_would(capsys, two_slots, moe_tp2_plan, train, needle):
+    train = [moe_tp2_plan if a == "MOE_TP2" else a for a in train]
+    argv = ["launch", "--hosts", two_slots, "--dry-run", "--", "train", "tiny-test", *train]
+    assert needle in one_line_error(capsys, argv)  # was rc 0: every rank of every host failed instead
+
+
+@pytest.mark.parametrize("train", [[], ["lora.rank=4"], ["lora.rank=4", "--plan", "auto"],
+                                   ["tp_backend=megatron", "lora.rank=4", "--plan", "TP2_NO_SP"]])
+def test_launch_accepts_what_the_distributed_runtime_runs(capsys, tmp_path, two_slots, train):
+    plan = tmp_path / "tp2.yaml"
+    plan.write_text((CONFIGS / "plans/tiny-tp2.yaml").read_text().replace("sp: true", "sp: false"))
+    train = [str(plan) if a == "TP2_NO_SP" else a for a in train]
+    assert main(["launch", "--hosts", two_slots, "--dry-run", "--", "train", "tiny-test", *train]) == 0
+    assert "torch.distributed.run" in capsys.readouterr().out
+
+
+def test_train_under_a_world_says_the_runtime_refusal_before_the_process_group(capsys, tmp_path, monkeypatch):
+    """Under torchrun's WORLD_SIZE (no process group yet) megatron's sp refusal came from DistributedRuntime, after the
+    process group; without rendezvous variables it was a 'launch it with torchrun' line for a plan torchrun refuses."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK"):
+        monkeypatch.delenv(k, raising=False)
+    out = tmp_path / "run"
+    line = one_line_error(capsys, ["train", "tiny-test", f"out_dir={out}", "tp_backend=megatron",
+                                   "--plan", str(CONFIGS / "plans/tiny-tp2.yaml")])
+    assert "layers[0].sp=True is invalid; valid: false with tp_backend=megatron" in line
+    assert not out.exists()
+

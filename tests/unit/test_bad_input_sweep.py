@@ -238,3 +238,27 @@ def test_train_under_a_world_says_the_runtime_refusal_before_the_process_group(c
     assert "layers[0].sp=True is invalid; valid: false with tp_backend=megatron" in line
     assert not out.exists()
 
+
+def test_launch_deepspeed_with_an_unsplittable_pdsh_ssh_args_append(capsys, tmp_path, monkeypatch):
+    """The user's PDSH_SSH_ARGS_APPEND is re-quoted into the ssh wrapper: an unclosed quote was shlex's ValueError
+    traceback (after every other check), now one line naming the variable; nothing starts."""
+    pytest.importorskip("deepspeed.launcher.runner")
+    import shutil
+    import sys
+
+    if shutil.which("pdsh") is None or shutil.which("ssh") is None:
+        pytest.skip("needs pdsh and ssh on PATH (run_deepspeed checks them first)")
+    import meshwright.commands.launch as launch_mod
+
+    started: list = []
+    monkeypatch.setattr(launch_mod, "_run_passing_signals_on", lambda *a, **k: started.append(a) or 0)
+    hosts = tmp_path / "hostfile"
+    hosts.write_text("n0 slots=1\nn1 slots=1\n")
+    argv = ["launch", "--hosts", str(hosts), "--launcher", "deepspeed", "--workdir", str(tmp_path), "--python",
+            sys.executable, "--", "train", "tiny-test"]
+    monkeypatch.setenv("PDSH_SSH_ARGS_APPEND", "-o 'ProxyJump=gw")
+    line = one_line_error(capsys, argv)
+    assert "PDSH_SSH_ARGS_APPEND=\"-o 'ProxyJump=gw\" is invalid; valid: ssh options that split into words" in line
+    assert not started
+    monkeypatch.setenv("PDSH_SSH_ARGS_APPEND", "-o 'ProxyJump=gw'")
+    assert main(argv) == 0 and started

@@ -196,7 +196,17 @@ def moe_tp2_plan(tmp_path) -> str:
     return str(plan)
 
 
+@pytest.fixture()
+def zero1_plan(tmp_path) -> str:
+    plan = tmp_path / "zero1.yaml"
+    plan.write_text((CONFIGS / "plans/tiny-dp2.yaml").read_text().replace("zero: 0", "zero: 1"))
+    return str(plan)
+
+
 @pytest.mark.parametrize("train,needle", [
+    # torch ZeRO-1 (ZeroRedundancyOptimizer) ran, but no checkpoint holds its states: measured, a 2-rank run trained
+    # its 4 steps, then every rank failed at the final checkpoint (exit 2, no checkpoint, the steps lost)
+    (["--plan", "ZERO1"], "layers[0].zero=1 is invalid; valid: 0, 2 or 3 with dp_backend=torch"),
     (["tp_backend=megatron", "--plan", str(CONFIGS / "plans/tiny-tp2.yaml")],
      "layers[0].sp=True is invalid; valid: false with tp_backend=megatron"),
     (["model=tiny-moe", "tp_backend=megatron", "--plan", "MOE_TP2"], "tp_backend='megatron' is invalid; valid: dtensor "
@@ -210,32 +220,39 @@ def moe_tp2_plan(tmp_path) -> str:
     (["dp_backend=deepspeed"], "layers[0].zero=0 is invalid; valid: 1, 2 or 3 with dp_backend=deepspeed"),
     (["global_batch=6", "micro_batch=6"], "global_batch=6 is invalid; valid: a multiple of world_size*micro_batch=2*6"),
 ])
-def test_launch_refuses_what_the_distributed_runtime_would(capsys, two_slots, moe_tp2_plan, train, needle):
-    train = [moe_tp2_plan if a == "MOE_TP2" else a for a in train]
+def test_launch_refuses_what_the_distributed_runtime_would(capsys, two_slots, moe_tp2_plan, zero1_plan, train, needle):
+    train = [{"MOE_TP2": moe_tp2_plan, "ZERO1": zero1_plan}.get(a, a) for a in train]
     argv = ["launch", "--hosts", two_slots, "--dry-run", "--", "train", "tiny-test", *train]
     assert needle in one_line_error(capsys, argv)  # was rc 0: every rank of every host failed instead
 
 
 @pytest.mark.parametrize("train", [[], ["lora.rank=4"], ["lora.rank=4", "--plan", "auto"],
-                                   ["tp_backend=megatron", "lora.rank=4", "--plan", "TP2_NO_SP"]])
-def test_launch_accepts_what_the_distributed_runtime_runs(capsys, tmp_path, two_slots, train):
+                                   ["tp_backend=megatron", "lora.rank=4", "--plan", "TP2_NO_SP"],
+                                   ["dp_backend=deepspeed", "--plan", "ZERO1"]])  # DeepSpeed checkpoints its ZeRO-1
+def test_launch_accepts_what_the_distributed_runtime_runs(capsys, tmp_path, two_slots, zero1_plan, train):
     plan = tmp_path / "tp2.yaml"
     plan.write_text((CONFIGS / "plans/tiny-tp2.yaml").read_text().replace("sp: true", "sp: false"))
-    train = [str(plan) if a == "TP2_NO_SP" else a for a in train]
+    train = [{"TP2_NO_SP": str(plan), "ZERO1": zero1_plan}.get(a, a) for a in train]
     assert main(["launch", "--hosts", two_slots, "--dry-run", "--", "train", "tiny-test", *train]) == 0
     assert "torch.distributed.run" in capsys.readouterr().out
 
 
-def test_train_under_a_world_says_the_runtime_refusal_before_the_process_group(capsys, tmp_path, monkeypatch):
+@pytest.mark.parametrize("train,needle", [
+    (["tp_backend=megatron", "--plan", str(CONFIGS / "plans/tiny-tp2.yaml")], "layers[0].sp=True is invalid"),
+    (["--plan", "ZERO1"], "layers[0].zero=1 is invalid"),
+])
+def test_train_under_a_world_says_the_runtime_refusal_before_the_process_group(capsys, tmp_path, monkeypatch,
+                                                                                zero1_plan, train, needle):
     """Under torchrun's WORLD_SIZE (no process group yet) megatron's sp refusal came from DistributedRuntime, after the
-    process group; without rendezvous variables it was a 'launch it with torchrun' line for a plan torchrun refuses."""
+    process group (without rendezvous variables, a 'launch it with torchrun' line for a plan torchrun refuses), and
+    ZeRO-1's at the first checkpoint, after training."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     for k in ("MASTER_ADDR", "MASTER_PORT", "RANK"):
         monkeypatch.delenv(k, raising=False)
     out = tmp_path / "run"
-    line = one_line_error(capsys, ["train", "tiny-test", f"out_dir={out}", "tp_backend=megatron",
-                                   "--plan", str(CONFIGS / "plans/tiny-tp2.yaml")])
-    assert "layers[0].sp=True is invalid; valid: false with tp_backend=megatron" in line
+    train = [zero1_plan if a == "ZERO1" else a for a in train]
+    line = one_line_error(capsys, ["train", "tiny-test", f"out_dir={out}", *train])
+    assert needle in line
     assert not out.exists()
 
 

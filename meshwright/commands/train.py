@@ -81,9 +81,11 @@ def preflight(argv: list[str], world_size: int | None = None) -> None:
         check_plan_matches(loaded, cfg, model, loaded.world_size() if world_size is None else world_size, plan)
     if world_size is not None and (world_size > 1 or (loaded is not None and _plan_needs_parallel(loaded))):
         # what the distributed runtime refuses (a layout it cannot run, lora or DeepSpeed with compile, meft, ...):
-        # said here once, not by every rank of every host after they started
-        model = resolve_model_config(cfg)
-        if plan is None:
+        # said here once, not by every rank of every host after they started. An init_from absent here may be on
+        # the hosts' own disks: without a plan file, only the checks that need no model then
+        model = resolve_model_config(cfg) if loaded is not None or cfg.init_from is None or \
+            os.path.isdir(cfg.init_from) else None
+        if plan is None and model is not None:
             loaded = default_plan(model, world_size, cfg.seq_len, cfg.global_batch, cfg.micro_batch)
         check_distributed_run(cfg, model, loaded)
 

@@ -199,14 +199,15 @@ def check_memory(model_cfg: ModelConfig, world_size: int, available: int | None 
                       f"GiB (lower micro_batch or seq_len, or set loss_chunk_tokens)")
 
 
-def check_distributed_run(cfg: TrainConfig, model_cfg: ModelConfig, plan: Plan | None) -> None:
+def check_distributed_run(cfg: TrainConfig, model_cfg: ModelConfig | None, plan: Plan | None) -> None:
     """What the distributed runtime refuses for this config and ``plan`` (None: ``plan: auto``, not chosen yet: what
-    any layout refuses), without a process group: by ``build_runtime`` and by ``meshwright launch`` before any host
-    starts (commands/train.py ``preflight``), where each rank of each host used to fail on its own."""
+    any layout refuses; ``model_cfg`` is read only with a plan), without a process group: by ``build_runtime`` and by
+    ``meshwright launch`` before any host starts (commands/train.py ``preflight``), where each rank of each host used
+    to fail on its own."""
     if cfg.meft is not None:
         raise invalid("meft", "set", "null under the distributed runtime (MEFT runs in one process; DDP is tested "
                       "at the module level in tests/distributed/test_meft_ddp.py)")
-    if plan is not None:  # the DeepSpeed runtime runs tp 1 only: its tp backend is never used
+    if plan is not None and model_cfg is not None:  # the DeepSpeed runtime runs tp 1 only: its tp backend is unused
         check_runtime_support(plan, model_cfg, cfg.tp_backend if cfg.dp_backend == "torch" else "dtensor",
                               cfg.dp_backend)
         zero1 = next((i for i, s in enumerate(plan.layer_strategies()) if s.zero == 1 and s.dp > 1), None)

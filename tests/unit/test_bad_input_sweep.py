@@ -213,6 +213,7 @@ def zero1_plan(tmp_path) -> str:
      "for MoE layers"),
     (["lora.rank=4", "compile=true"], "compile=True is invalid; valid: false with lora under the distributed runtime"),
     (["lora.rank=4", "compile=true", "--plan", "auto"], "compile=True is invalid; valid: false with lora"),
+    (["init_from=/models/only-on-the-hosts", "lora.rank=4", "compile=true"], "compile=True is invalid"),
     (["model=tiny-moe", "lora.targets=[wq,w1]", "--plan", str(CONFIGS / "plans/tiny-moe-ep2.yaml")],
      "lora.targets=['wq', 'w1'] is invalid; valid: attention targets only"),
     (["meft.adapter_dim=8"], "meft='set' is invalid; valid: null under the distributed runtime"),
@@ -228,7 +229,8 @@ def test_launch_refuses_what_the_distributed_runtime_would(capsys, two_slots, mo
 
 @pytest.mark.parametrize("train", [[], ["lora.rank=4"], ["lora.rank=4", "--plan", "auto"],
                                    ["tp_backend=megatron", "lora.rank=4", "--plan", "TP2_NO_SP"],
-                                   ["dp_backend=deepspeed", "--plan", "ZERO1"]])  # DeepSpeed checkpoints its ZeRO-1
+                                   ["dp_backend=deepspeed", "--plan", "ZERO1"],  # DeepSpeed checkpoints its ZeRO-1
+                                   ["init_from=/models/only-on-the-hosts"]])  # a base on the hosts' own disks
 def test_launch_accepts_what_the_distributed_runtime_runs(capsys, tmp_path, two_slots, zero1_plan, train):
     plan = tmp_path / "tp2.yaml"
     plan.write_text((CONFIGS / "plans/tiny-tp2.yaml").read_text().replace("sp: true", "sp: false"))

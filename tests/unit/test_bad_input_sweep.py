@@ -5,6 +5,9 @@ field, exit 2, said before any work. Before the fixes these were tracebacks from
 from __future__ import annotations
 
 import json
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -178,7 +181,7 @@ def test_data_prepare_vocab_size_without_bpe(capsys, tmp_path, text):
 # on its own (megatron with sp, LoRA or DeepSpeed with compile, LoRA on ep experts, meft, DeepSpeed's ZeRO-0, a
 # batch the default dp layout cannot split).
 
-CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.fixture()
@@ -262,9 +265,6 @@ def test_launch_deepspeed_with_an_unsplittable_pdsh_ssh_args_append(capsys, tmp_
     """The user's PDSH_SSH_ARGS_APPEND is re-quoted into the ssh wrapper: an unclosed quote was shlex's ValueError
     traceback (after every other check), now one line naming the variable; nothing starts."""
     pytest.importorskip("deepspeed.launcher.runner")
-    import shutil
-    import sys
-
     if shutil.which("pdsh") is None or shutil.which("ssh") is None:
         pytest.skip("needs pdsh and ssh on PATH (run_deepspeed checks them first)")
     import meshwright.commands.launch as launch_mod

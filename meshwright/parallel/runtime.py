@@ -612,7 +612,7 @@ def build_distributed_runtime(train_cfg: Any, model_cfg: ModelConfig, plan: Plan
     """The trainer's entry point under torchrun: init the process group, apply the Plan (each runtime
     validates it against the world once). What the DeepSpeed engine cannot run is refused before any group exists."""
     chunk_tokens = getattr(train_cfg, "loss_chunk_tokens", 0)
-    check_deepspeed_train(train_cfg, plan)
+    check_deepspeed_train(train_cfg, plan, init_from)
     device = init_distributed()
     if train_cfg.dp_backend == "deepspeed":
         from meshwright.parallel.deepspeed_backend import DeepSpeedRuntime

@@ -65,10 +65,10 @@ def check_runtime_support(plan: Plan, cfg: ModelConfig, tp_backend: str, dp_back
             raise invalid("layers[*].zero", sorted({s.zero for s in strategies}), "one ZeRO level for all layers with dp_backend=deepspeed")
 
 
-def check_deepspeed_train(train_cfg: Any, plan: Plan | None) -> None:
-    """What the DeepSpeed engine cannot run, from the train config (and ``plan``; None: not chosen yet, ``plan:
-    auto``): refused before any process group, by ``build_distributed_runtime`` and by ``meshwright launch`` before a
-    host starts (it failed there on every rank of every host)."""
+def check_deepspeed_train(train_cfg: Any, plan: Plan | None, init_from: str | None) -> None:
+    """What the DeepSpeed engine cannot run, from the train config, its ``init_from`` and ``plan`` (None: not chosen
+    yet, ``plan: auto``): refused before any process group, by ``build_distributed_runtime`` and by ``meshwright
+    launch`` before a host starts (it failed there on every rank of every host)."""
     if getattr(train_cfg, "dp_backend", "torch") != "deepspeed":
         return
     chunk_tokens = getattr(train_cfg, "loss_chunk_tokens", 0)
@@ -77,7 +77,6 @@ def check_deepspeed_train(train_cfg: Any, plan: Plan | None) -> None:
                       "its head), or dp_backend=torch")
     if getattr(train_cfg, "compile", False):
         raise invalid("compile", True, "false with dp_backend=deepspeed (the engine wraps the model), or dp_backend=torch")
-    init_from = getattr(train_cfg, "init_from", None)
     if init_from is not None:
         raise invalid("init_from", init_from, "null with dp_backend deepspeed (use dp_backend torch to start from "
                       "Hugging Face weights)")

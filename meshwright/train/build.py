@@ -217,7 +217,7 @@ def check_distributed_run(cfg: TrainConfig, model_cfg: ModelConfig | None, plan:
                           "with the steps lost), or dp_backend=deepspeed")
     if cfg.lora is not None:  # before DeepSpeed's own refusals: with lora, dp_backend itself is the one to change
         check_lora_layout(cfg, plan)
-    check_deepspeed_train(cfg, plan)
+    check_deepspeed_train(cfg, plan, cfg.init_from)
 
 
 def check_lora_layout(cfg: TrainConfig, plan: Plan | None) -> None:

@@ -222,6 +222,8 @@ def zero1_plan(tmp_path) -> str:
     (["meft.adapter_dim=8"], "meft='set' is invalid; valid: null under the distributed runtime"),
     (["dp_backend=deepspeed", "compile=true"], "compile=True is invalid; valid: false with dp_backend=deepspeed"),
     (["dp_backend=deepspeed"], "layers[0].zero=0 is invalid; valid: 1, 2 or 3 with dp_backend=deepspeed"),
+    (["dp_backend=deepspeed", "init_from=/models/only-on-the-hosts"], "init_from='/models/only-on-the-hosts' is "
+     "invalid; valid: null with dp_backend deepspeed"),
     (["global_batch=6", "micro_batch=6"], "global_batch=6 is invalid; valid: a multiple of world_size*micro_batch=2*6"),
 ])
 def test_launch_refuses_what_the_distributed_runtime_would(capsys, two_slots, moe_tp2_plan, zero1_plan, train, needle):

@@ -199,6 +199,14 @@ def check_memory(model_cfg: ModelConfig, world_size: int, available: int | None 
                       f"GiB (lower micro_batch or seq_len, or set loss_chunk_tokens)")
 
 
+def check_positions(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
+    """``seq_len`` within the model's positions and ``grow_positions`` a rule its arch has: for both runtimes (under
+    torchrun a longer seq_len failed deep in the model) and for ``meshwright launch`` before any host starts."""
+    if cfg.seq_len > model_cfg.max_seq_len:
+        raise invalid("seq_len", cfg.seq_len, f"at most model.max_seq_len={model_cfg.max_seq_len} ({_raise_hint(model_cfg)})")
+    check_rule_applies(cfg.grow_positions, model_cfg.arch)
+
+
 def check_distributed_run(cfg: TrainConfig, model_cfg: ModelConfig | None, plan: Plan | None) -> None:
     """What the distributed runtime refuses for this config and ``plan`` (None: ``plan: auto``, not chosen yet: what
     any layout refuses; ``model_cfg`` is read only with a plan), without a process group: by ``build_runtime`` and by
@@ -272,9 +280,7 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
     cfg, model_cfg = job.cfg, job.model
     check_memory(model_cfg, job.world_size, frozen_base=cfg.meft is not None, micro_tokens=cfg.micro_batch * cfg.seq_len,
                  loss_chunk_tokens=cfg.loss_chunk_tokens, lora=cfg.lora)
-    if cfg.seq_len > model_cfg.max_seq_len:  # both runtimes: under torchrun it failed deep in the model
-        raise invalid("seq_len", cfg.seq_len, f"at most model.max_seq_len={model_cfg.max_seq_len} ({_raise_hint(model_cfg)})")
-    check_rule_applies(cfg.grow_positions, model_cfg.arch)
+    check_positions(cfg, model_cfg)
     if job.plan is not None:  # a plan for another device count: said here, not as tp*dp*cp deep in the runtime
         check_world(job.plan, job.world_size, str(job.plan_ref))
     if cfg.compile_scope == "model" and (job.distributed or model_cfg.n_experts):

@@ -225,9 +225,17 @@ def zero1_plan(tmp_path) -> str:
     (["dp_backend=deepspeed", "init_from=/models/only-on-the-hosts"], "init_from='/models/only-on-the-hosts' is "
      "invalid; valid: null with dp_backend deepspeed"),
     (["global_batch=6", "micro_batch=6"], "global_batch=6 is invalid; valid: a multiple of world_size*micro_batch=2*6"),
+    (["seq_len=512"], "seq_len=512 is invalid; valid: at most model.max_seq_len=256"),  # failed deep in each rank
+    (["grow_positions=copy"], "grow_positions='copy' is invalid; valid: null for a llama model"),
+    (["init_from=CONFIG_JSON"], "init_from='CONFIG_JSON' is invalid; valid: a Hugging Face model directory"),
 ])
-def test_launch_refuses_what_the_distributed_runtime_would(capsys, two_slots, moe_tp2_plan, zero1_plan, train, needle):
-    train = [{"MOE_TP2": moe_tp2_plan, "ZERO1": zero1_plan}.get(a, a) for a in train]
+def test_launch_refuses_what_the_distributed_runtime_would(capsys, tmp_path, two_slots, moe_tp2_plan, zero1_plan,
+                                                           train, needle):
+    config_json = tmp_path / "config.json"  # here, a file: not a model directory (one absent may be on the hosts)
+    config_json.write_text("{}")
+    subst = {"MOE_TP2": moe_tp2_plan, "ZERO1": zero1_plan, "CONFIG_JSON": str(config_json)}
+    train = [a.replace("CONFIG_JSON", subst["CONFIG_JSON"]) if "CONFIG_JSON" in a else subst.get(a, a) for a in train]
+    needle = needle.replace("CONFIG_JSON", str(config_json))
     argv = ["launch", "--hosts", two_slots, "--dry-run", "--", "train", "tiny-test", *train]
     assert needle in one_line_error(capsys, argv)  # was rc 0: every rank of every host failed instead
 

@@ -70,15 +70,29 @@ def preflight(argv: list[str], world_size: int | None = None) -> Any:
     args.overrides = list(args.overrides) + unknown
     _split_overrides(args)
     cfg = load_train_config(args.config, dict(parse_override(o) for o in args.overrides))
-    from meshwright.train.build import load_plan_file, resolve_model_config
+    from meshwright.plan import default_plan
+    from meshwright.train.build import (_plan_needs_parallel, check_distributed_run, check_positions, load_plan_file,
+                                        resolve_model_config)
     from meshwright.train.plan_match import check_plan_matches
 
     plan = args.plan if args.plan is not None else cfg.plan
+    loaded = None
     if plan is not None and plan != "auto":
         loaded = load_plan_file(plan)
         assert loaded is not None
         model = resolve_model_config(cfg)
         check_plan_matches(loaded, cfg, model, loaded.world_size() if world_size is None else world_size, plan)
+    if world_size is not None and (world_size > 1 or (loaded is not None and _plan_needs_parallel(loaded))):
+        # what the distributed runtime refuses (a layout it cannot run, lora or DeepSpeed with compile, meft, ...):
+        # said here once, not by every rank of every host after they started. An init_from absent here may be on
+        # the hosts' own disks: without a plan file, only the checks that need no model then
+        model = resolve_model_config(cfg) if loaded is not None or cfg.init_from is None or \
+            os.path.exists(cfg.init_from) else None
+        if model is not None:
+            check_positions(cfg, model)
+            if plan is None:
+                loaded = default_plan(model, world_size, cfg.seq_len, cfg.global_batch, cfg.micro_batch)
+        check_distributed_run(cfg, model, loaded)
     return cfg
 
 

@@ -50,7 +50,7 @@ from meshwright.parallel.mesh import build_meshes, hsdp_shard
 from meshwright.parallel.meta_init import Box, materialize, shard_box, supports_meta_init
 from meshwright.parallel.pipeline import HiddenOutput, build_schedule, cut_stage, stage_ids
 from meshwright.parallel.recompute import apply_recompute
-from meshwright.parallel.support import check_runtime_support
+from meshwright.parallel.support import check_deepspeed_train, check_runtime_support
 from meshwright.parallel.tensor_parallel import apply_tp
 from meshwright.plan import Plan, validate_plan
 from meshwright.train.compile import compile_layer
@@ -634,15 +634,9 @@ def build_distributed_runtime(train_cfg: Any, model_cfg: ModelConfig, plan: Plan
     """The trainer's entry point under torchrun: init the process group, apply the Plan (each runtime
     validates it against the world once). What the DeepSpeed engine cannot run is refused before any group exists."""
     chunk_tokens = getattr(train_cfg, "loss_chunk_tokens", 0)
-    if train_cfg.dp_backend == "deepspeed" and chunk_tokens:
-        raise invalid("loss_chunk_tokens", chunk_tokens, "0 with dp_backend=deepspeed (the engine wraps the model and "
-                      "its head), or dp_backend=torch")
-    if train_cfg.dp_backend == "deepspeed" and train_cfg.compile:
-        raise invalid("compile", True, "false with dp_backend=deepspeed (the engine wraps the model), or dp_backend=torch")
+    check_deepspeed_train(train_cfg, plan, init_from)
     device = init_distributed()
     if train_cfg.dp_backend == "deepspeed":
-        if init_from is not None:
-            raise invalid("init_from", init_from, "null with dp_backend deepspeed (use dp_backend torch to start from Hugging Face weights)")
         from meshwright.parallel.deepspeed_backend import DeepSpeedRuntime
 
         rt: Runtime = DeepSpeedRuntime(model_cfg, plan, train_cfg=train_cfg, seed=train_cfg.seed, device=device)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from meshwright.config import ModelConfig
 from meshwright.errors import invalid
 from meshwright.plan import Plan
@@ -61,3 +63,23 @@ def check_runtime_support(plan: Plan, cfg: ModelConfig, tp_backend: str, dp_back
             raise invalid("dp_backend", dp_backend, "torch unless pipeline.degree=1 and every layer has tp=1 (DeepSpeed runs pure ZeRO data parallelism)")
         if len({s.zero for s in strategies}) != 1:
             raise invalid("layers[*].zero", sorted({s.zero for s in strategies}), "one ZeRO level for all layers with dp_backend=deepspeed")
+
+
+def check_deepspeed_train(train_cfg: Any, plan: Plan | None, init_from: str | None) -> None:
+    """What the DeepSpeed engine cannot run, from the train config, its ``init_from`` and ``plan`` (None: not chosen
+    yet, ``plan: auto``): refused before any process group, by ``build_distributed_runtime`` and by ``meshwright
+    launch`` before a host starts (it failed there on every rank of every host)."""
+    if getattr(train_cfg, "dp_backend", "torch") != "deepspeed":
+        return
+    chunk_tokens = getattr(train_cfg, "loss_chunk_tokens", 0)
+    if chunk_tokens:
+        raise invalid("loss_chunk_tokens", chunk_tokens, "0 with dp_backend=deepspeed (the engine wraps the model and "
+                      "its head), or dp_backend=torch")
+    if getattr(train_cfg, "compile", False):
+        raise invalid("compile", True, "false with dp_backend=deepspeed (the engine wraps the model), or dp_backend=torch")
+    if init_from is not None:
+        raise invalid("init_from", init_from, "null with dp_backend deepspeed (use dp_backend torch to start from "
+                      "Hugging Face weights)")
+    if plan is not None and plan.layer_strategies()[0].zero == 0:  # DeepSpeedRuntime's own refusal, said earlier
+        raise invalid("layers[0].zero", 0, "1, 2 or 3 with dp_backend=deepspeed (zero=0 is plain DDP: use dp_backend="
+                      "torch, or a plan with zero 1-3)")

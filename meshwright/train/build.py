@@ -25,6 +25,7 @@ from meshwright.models.capped_flex import capped_path_note
 from meshwright.models.init import resolve_init
 from meshwright.models.positions import check_rule_applies
 from meshwright.parallel.runtime import build_distributed_runtime, init_distributed
+from meshwright.parallel.support import check_deepspeed_train, check_runtime_support
 from meshwright.parallel.teardown import release_frames, shutdown
 from meshwright.plan import Plan, default_plan, load_plan, validate_plan
 from meshwright.tools.sinks import check_sink_packages
@@ -218,7 +219,36 @@ def lora_plan_ep(plan: Plan | None) -> int:
     return max((s.ep for s in layers), default=1)
 
 
-def check_lora_layout(cfg: TrainConfig, plan: Plan) -> None:
+def check_positions(cfg: TrainConfig, model_cfg: ModelConfig) -> None:
+    """``seq_len`` within the model's positions and ``grow_positions`` a rule its arch has: for both runtimes (under
+    torchrun a longer seq_len failed deep in the model) and for ``meshwright launch`` before any host starts."""
+    if cfg.seq_len > model_cfg.max_seq_len:
+        raise invalid("seq_len", cfg.seq_len, f"at most model.max_seq_len={model_cfg.max_seq_len} ({_raise_hint(model_cfg)})")
+    check_rule_applies(cfg.grow_positions, model_cfg.arch)
+
+
+def check_distributed_run(cfg: TrainConfig, model_cfg: ModelConfig | None, plan: Plan | None) -> None:
+    """What the distributed runtime refuses for this config and ``plan`` (None: ``plan: auto``, not chosen yet: what
+    any layout refuses; ``model_cfg`` is read only with a plan), without a process group: by ``build_runtime`` and by
+    ``meshwright launch`` before any host starts (commands/train.py ``preflight``), where each rank of each host used
+    to fail on its own."""
+    if cfg.meft is not None:
+        raise invalid("meft", "set", "null under the distributed runtime (MEFT runs in one process; DDP is tested "
+                      "at the module level in tests/distributed/test_meft_ddp.py)")
+    if plan is not None and model_cfg is not None:  # the DeepSpeed runtime runs tp 1 only: its tp backend is unused
+        check_runtime_support(plan, model_cfg, cfg.tp_backend if cfg.dp_backend == "torch" else "dtensor",
+                              cfg.dp_backend)
+        zero1 = next((i for i, s in enumerate(plan.layer_strategies()) if s.zero == 1 and s.dp > 1), None)
+        if zero1 is not None and cfg.dp_backend == "torch":  # the runtime runs it; the trainer cannot checkpoint it
+            raise invalid(f"layers[{zero1}].zero", 1, "0, 2 or 3 with dp_backend=torch (a run's checkpoints cannot hold "
+                          "ZeroRedundancyOptimizer's states: it trained every step, then failed at its first checkpoint "
+                          "with the steps lost), or dp_backend=deepspeed")
+    if cfg.lora is not None:  # before DeepSpeed's own refusals: with lora, dp_backend itself is the one to change
+        check_lora_layout(cfg, plan)
+    check_deepspeed_train(cfg, plan, cfg.init_from)
+
+
+def check_lora_layout(cfg: TrainConfig, plan: Plan | None) -> None:
     """What the distributed runtime runs with ``lora:``, each tested for parity with one process (eager; compile is
     tested in one process): data parallelism (DDP, FSDP2 at ZeRO-2/3, ZeRO-1) of the torch backend, tensor
     parallelism of both backends (DTensor +sp, parallel/tensor_parallel.py; megatron-core, parallel/megatron_lora.py;
@@ -226,7 +256,7 @@ def check_lora_layout(cfg: TrainConfig, plan: Plan) -> None:
     targets (adapters replicated over the ep group like the attention they sit on, reduced over dp; experts and router
     frozen). Refused in one line: MLP targets (w1/w2/w3) under ep (the experts' stacked weights carry no adapters:
     ``EXPERT_TARGETS``), and FP8 GEMMs (they replace the adapted linears' matmuls)."""
-    strategies = plan.layer_strategies()
+    strategies = plan.layer_strategies() if plan is not None else []  # None: plan auto, the layout-free checks
     if cfg.compile:
         raise invalid("compile", True, "false with lora under the distributed runtime (compiled LoRA blocks are tested "
                       "in one process only)")
@@ -270,22 +300,16 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
     cfg, model_cfg = job.cfg, job.model
     check_memory(model_cfg, job.world_size, frozen_base=cfg.meft is not None, micro_tokens=cfg.micro_batch * cfg.seq_len,
                  loss_chunk_tokens=cfg.loss_chunk_tokens, lora=cfg.lora, ep=lora_plan_ep(job.plan))
-    if cfg.seq_len > model_cfg.max_seq_len:  # both runtimes: under torchrun it failed deep in the model
-        raise invalid("seq_len", cfg.seq_len, f"at most model.max_seq_len={model_cfg.max_seq_len} ({_raise_hint(model_cfg)})")
-    check_rule_applies(cfg.grow_positions, model_cfg.arch)
+    check_positions(cfg, model_cfg)
     if job.plan is not None:  # a plan for another device count: said here, not as tp*dp*cp deep in the runtime
         check_world(job.plan, job.world_size, str(job.plan_ref))
     if cfg.compile_scope == "model" and (job.distributed or model_cfg.n_experts):
         raise invalid("compile_scope", "model", f"{MODEL_SCOPE_SUPPORTED} (here: "
                       f"{_model_scope_obstacle(job)})")
     if job.distributed:
-        if cfg.meft is not None:
-            raise invalid("meft", "set", "null under the distributed runtime (MEFT runs in one process; DDP is tested "
-                          "at the module level in tests/distributed/test_meft_ddp.py)")
         plan = job.plan or default_plan(model_cfg, job.world_size, cfg.seq_len, cfg.global_batch, cfg.micro_batch)
         check_backends_installed(cfg, plan)
-        if cfg.lora is not None:
-            check_lora_layout(cfg, plan)
+        check_distributed_run(cfg, model_cfg, plan)
         if not _process_group_possible():  # was torch's "environment variable RANK expected"
             if job.plan is None:
                 raise invalid("WORLD_SIZE", job.world_size, "1, or the rendezvous variables torchrun sets (MASTER_ADDR, "

@@ -5,6 +5,9 @@ field, exit 2, said before any work. Before the fixes these were tracebacks from
 from __future__ import annotations
 
 import json
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -170,3 +173,121 @@ def test_data_prepare_vocab_size_without_bpe(capsys, tmp_path, text):
     assert "--vocab-size=5 is invalid; valid: used only with --tokenizer bpe" in line
     assert not (tmp_path / "out").exists()
     assert main(["data", "prepare", text, "--out", str(tmp_path / "out"), "--no-progress"]) == 0  # the default
+
+
+# ---- launch: the distributed runtime's refusals, said before any host starts (fifth sweep, session 35) ----------
+# `launch` checked the train command's config, overrides and plan file, but not what the distributed runtime
+# refuses: the dry run printed the commands (rc 0) and a real launch started every host, where each rank failed
+# on its own (megatron with sp, LoRA or DeepSpeed with compile, LoRA on ep experts, meft, DeepSpeed's ZeRO-0, a
+# batch the default dp layout cannot split).
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.fixture()
+def two_slots(tmp_path) -> str:
+    hosts = tmp_path / "hosts"
+    hosts.write_text("n0 slots=2\n")
+    return str(hosts)
+
+
+@pytest.fixture()
+def moe_tp2_plan(tmp_path) -> str:
+    plan = tmp_path / "moe-tp2.yaml"
+    plan.write_text("version: 1\nmodel: tiny-moe\nseq_len: 64\nglobal_batch: 8\nmicro_batch: 4\n"
+                    "layers:\n  - {tp: 2, dp: 1, repeat: 4}\n")
+    return str(plan)
+
+
+@pytest.fixture()
+def zero1_plan(tmp_path) -> str:
+    plan = tmp_path / "zero1.yaml"
+    plan.write_text((CONFIGS / "plans/tiny-dp2.yaml").read_text().replace("zero: 0", "zero: 1"))
+    return str(plan)
+
+
+@pytest.mark.parametrize("train,needle", [
+    # torch ZeRO-1 (ZeroRedundancyOptimizer) ran, but no checkpoint holds its states: measured, a 2-rank run trained
+    # its 4 steps, then every rank failed at the final checkpoint (exit 2, no checkpoint, the steps lost)
+    (["--plan", "ZERO1"], "layers[0].zero=1 is invalid; valid: 0, 2 or 3 with dp_backend=torch"),
+    (["tp_backend=megatron", "--plan", str(CONFIGS / "plans/tiny-tp2.yaml")],
+     "layers[0].sp=True is invalid; valid: false with tp_backend=megatron"),
+    (["model=tiny-moe", "tp_backend=megatron", "--plan", "MOE_TP2"], "tp_backend='megatron' is invalid; valid: dtensor "
+     "for MoE layers"),
+    (["lora.rank=4", "compile=true"], "compile=True is invalid; valid: false with lora under the distributed runtime"),
+    (["lora.rank=4", "compile=true", "--plan", "auto"], "compile=True is invalid; valid: false with lora"),
+    (["init_from=/models/only-on-the-hosts", "lora.rank=4", "compile=true"], "compile=True is invalid"),
+    (["model=tiny-moe", "lora.targets=[wq,w1]", "--plan", str(CONFIGS / "plans/tiny-moe-ep2.yaml")],
+     "lora.targets=['wq', 'w1'] is invalid; valid: attention targets only"),
+    (["meft.adapter_dim=8"], "meft='set' is invalid; valid: null under the distributed runtime"),
+    (["dp_backend=deepspeed", "compile=true"], "compile=True is invalid; valid: false with dp_backend=deepspeed"),
+    (["dp_backend=deepspeed"], "layers[0].zero=0 is invalid; valid: 1, 2 or 3 with dp_backend=deepspeed"),
+    (["dp_backend=deepspeed", "init_from=/models/only-on-the-hosts"], "init_from='/models/only-on-the-hosts' is "
+     "invalid; valid: null with dp_backend deepspeed"),
+    (["global_batch=6", "micro_batch=6"], "global_batch=6 is invalid; valid: a multiple of world_size*micro_batch=2*6"),
+    (["seq_len=512"], "seq_len=512 is invalid; valid: at most model.max_seq_len=256"),  # failed deep in each rank
+    (["grow_positions=copy"], "grow_positions='copy' is invalid; valid: null for a llama model"),
+    (["init_from=CONFIG_JSON"], "init_from='CONFIG_JSON' is invalid; valid: a Hugging Face model directory"),
+])
+def test_launch_refuses_what_the_distributed_runtime_would(capsys, tmp_path, two_slots, moe_tp2_plan, zero1_plan,
+                                                           train, needle):
+    config_json = tmp_path / "config.json"  # here, a file: not a model directory (one absent may be on the hosts)
+    config_json.write_text("{}")
+    subst = {"MOE_TP2": moe_tp2_plan, "ZERO1": zero1_plan, "CONFIG_JSON": str(config_json)}
+    train = [a.replace("CONFIG_JSON", subst["CONFIG_JSON"]) if "CONFIG_JSON" in a else subst.get(a, a) for a in train]
+    needle = needle.replace("CONFIG_JSON", str(config_json))
+    argv = ["launch", "--hosts", two_slots, "--dry-run", "--", "train", "tiny-test", *train]
+    assert needle in one_line_error(capsys, argv)  # was rc 0: every rank of every host failed instead
+
+
+@pytest.mark.parametrize("train", [[], ["lora.rank=4"], ["lora.rank=4", "--plan", "auto"],
+                                   ["tp_backend=megatron", "lora.rank=4", "--plan", "TP2_NO_SP"],
+                                   ["dp_backend=deepspeed", "--plan", "ZERO1"],  # DeepSpeed checkpoints its ZeRO-1
+                                   ["init_from=/models/only-on-the-hosts"]])  # a base on the hosts' own disks
+def test_launch_accepts_what_the_distributed_runtime_runs(capsys, tmp_path, two_slots, zero1_plan, train):
+    plan = tmp_path / "tp2.yaml"
+    plan.write_text((CONFIGS / "plans/tiny-tp2.yaml").read_text().replace("sp: true", "sp: false"))
+    train = [{"TP2_NO_SP": str(plan), "ZERO1": zero1_plan}.get(a, a) for a in train]
+    assert main(["launch", "--hosts", two_slots, "--dry-run", "--", "train", "tiny-test", *train]) == 0
+    assert "torch.distributed.run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("train,needle", [
+    (["tp_backend=megatron", "--plan", str(CONFIGS / "plans/tiny-tp2.yaml")], "layers[0].sp=True is invalid"),
+    (["--plan", "ZERO1"], "layers[0].zero=1 is invalid"),
+])
+def test_train_under_a_world_says_the_runtime_refusal_before_the_process_group(capsys, tmp_path, monkeypatch,
+                                                                                zero1_plan, train, needle):
+    """Under torchrun's WORLD_SIZE (no process group yet) megatron's sp refusal came from DistributedRuntime, after the
+    process group (without rendezvous variables, a 'launch it with torchrun' line for a plan torchrun refuses), and
+    ZeRO-1's at the first checkpoint, after training."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK"):
+        monkeypatch.delenv(k, raising=False)
+    out = tmp_path / "run"
+    train = [zero1_plan if a == "ZERO1" else a for a in train]
+    line = one_line_error(capsys, ["train", "tiny-test", f"out_dir={out}", *train])
+    assert needle in line
+    assert not out.exists()
+
+
+def test_launch_deepspeed_with_an_unsplittable_pdsh_ssh_args_append(capsys, tmp_path, monkeypatch):
+    """The user's PDSH_SSH_ARGS_APPEND is re-quoted into the ssh wrapper: an unclosed quote was shlex's ValueError
+    traceback (after every other check), now one line naming the variable; nothing starts."""
+    pytest.importorskip("deepspeed.launcher.runner")
+    if shutil.which("pdsh") is None or shutil.which("ssh") is None:
+        pytest.skip("needs pdsh and ssh on PATH (run_deepspeed checks them first)")
+    import meshwright.commands.launch as launch_mod
+
+    started: list = []
+    monkeypatch.setattr(launch_mod, "_run_passing_signals_on", lambda *a, **k: started.append(a) or 0)
+    hosts = tmp_path / "hostfile"
+    hosts.write_text("n0 slots=1\nn1 slots=1\n")
+    argv = ["launch", "--hosts", str(hosts), "--launcher", "deepspeed", "--workdir", str(tmp_path), "--python",
+            sys.executable, "--", "train", "tiny-test"]
+    monkeypatch.setenv("PDSH_SSH_ARGS_APPEND", "-o 'ProxyJump=gw")
+    line = one_line_error(capsys, argv)
+    assert "PDSH_SSH_ARGS_APPEND=\"-o 'ProxyJump=gw\" is invalid; valid: ssh options that split into words" in line
+    assert not started
+    monkeypatch.setenv("PDSH_SSH_ARGS_APPEND", "-o 'ProxyJump=gw'")
+    assert main(argv) == 0 and started

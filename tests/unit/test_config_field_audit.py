@@ -514,7 +514,9 @@ ONE_DEVICE_LEMO = ("version: 1\nmodel: tiny\nseq_len: 64\nglobal_batch: 8\nmicro
     (["ckpt_staging=free"], "ckpt_staging='free' is invalid; valid: 'auto', or 'keep'/'free' with ckpt_async: true"),
     (["--plan", str(CONFIG_ROOT / "plans" / "tiny-dp2.yaml")], "valid: a plan for this process count"),
     (["meft={adapter_dim: 9007199254740992}"], "meft.adapter_dim=9007199254740992 is invalid"),  # allocator failure
-    (["--plan", "one-device-lemo.yaml"], "layers[0].savers.lemo=0.5 is applied by the distributed runtime"),
+    (["--plan", "one-device-recompute.yaml"], "layers[0].recompute='full' is applied by the distributed runtime"),
+    # LeMo: the distributed runtime refuses it too (applied by memory/lemo.py), so that is said, not "use torchrun"
+    (["--plan", "one-device-lemo.yaml"], "layers[0].savers.lemo=0.5 is invalid; valid: null (LeMo is a fine-tuning"),
     # plan: auto searched first and named the plan command's flags (--seq-len, --memory-budget-gib)
     (["plan=auto", "auto_profile=false", "seq_len=512"], "seq_len=512 is invalid; valid: at most model.max_seq_len"),
     (["plan=auto", "auto_profile=false", "cluster={peak_tflops: {fp32: 1.0}, memory_gib: 0.0001}"],
@@ -525,6 +527,7 @@ def test_nonsense_combinations_are_one_line_before_any_step(overrides, needle, t
     recompute, ZeRO) runs on the distributed runtime: outside torchrun that was torch's ValueError "environment
     variable RANK expected"; 2**53 adapter dims reached the allocator after the model was built."""
     (tmp_path / "one-device-lemo.yaml").write_text(ONE_DEVICE_LEMO)
+    (tmp_path / "one-device-recompute.yaml").write_text(ONE_DEVICE_LEMO.replace("savers: {lemo: 0.5}", "recompute: full"))
     rc = main(["train", "tiny-test", "steps=1", "warmup_steps=0", "eval_every=0", "energy=false", f"out_dir={tmp_path / 'o'}", *overrides])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert rc == 2 and len(err) == 1 and needle in err[0], (rc, err)

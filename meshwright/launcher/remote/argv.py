@@ -366,7 +366,12 @@ def pdsh_ssh_args(ssh_key: str | None, extra: str = "") -> str:
     words = ["-tt", "-o", "BatchMode=yes", "-o", "PasswordAuthentication=no"]
     if ssh_key:
         words += ["-o", "IdentitiesOnly=yes", "-i", ssh_key]
-    return shlex.join(shlex.split(extra) + words)  # the user's words re-quoted: safe to put in a script
+    try:
+        user = shlex.split(extra)
+    except ValueError as exc:  # an unclosed quote was shlex's ValueError traceback, after the launch's checks
+        raise invalid("PDSH_SSH_ARGS_APPEND", extra, f"ssh options that split into words ({exc}: close the quote, "
+                      "or unset the variable)") from None
+    return shlex.join(user + words)  # the user's words re-quoted: safe to put in a script
 
 
 def dry_run_lines(spec: LaunchSpec, launcher: str, hostfile: str | Path, ssh_port: int | None = None,

@@ -470,3 +470,17 @@ def test_emit_deepspeed_writes_the_config_of_the_stack_predicted(capsys, monkeyp
                            "pipeline": {"degree": 2, "schedule": "1f1b"}, "layers": [{"dp": 4, "zero": 0, "repeat": 32}]})
     _, notes = exports.deepspeed_config(plan, load_model_config("llama2-7b"))
     assert not any("zero=0" in n or "BF16_Optimizer" in n for n in notes), notes
+
+
+def test_plan_refuses_zero1_for_meshwrights_runtime_which_train_refuses(capsys):
+    """`train` refuses a dp_backend=torch ZeRO-1 plan before anything runs (its ZeroRedundancyOptimizer states
+    cannot be checkpointed): `plan --zero 1` for meshwright's runtime must not print one, while the stacks that run
+    ZeRO-1 (DeepSpeed here) and --any-runtime still plan it."""
+    base = ["--model", "llama2-7b", "--cluster", "dgx-a100-80g", "--seq-len", "4096", "--global-batch", "64", "--json"]
+    rc, _, err = _run(capsys, ["plan", *base, "--zero", "1"])
+    assert rc == 2 and "zero=1 is invalid; valid: 0, 2 or 3 for meshwright's runtime" in err, err
+    assert len(err.strip().splitlines()) == 1
+    for extra in (["--stack", "deepspeed"], ["--any-runtime"]):
+        rc, text, err = _run(capsys, ["plan", *base, "--zero", "1", *extra])
+        assert rc == 0, err
+        assert {s["zero"] for s in json.loads(text)["plan"]["layers"]} == {1}

@@ -1336,7 +1336,7 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
     gathered += float(zero_buffer_bytes(hw, s.zero))
     copies = shard_params * weight_copy_bytes(s.zero, hw)  # compute-dtype copies of the weights in use
     compute_mb += weight_traffic_mb_s(shard_params, s.recompute, hw, s.zero, trained=(
-        hw.lora.on_rank(index, s.tp) if hw.lora is not None else None))
+        hw.lora.trained_on_rank(index, s.tp, s.ep) if hw.lora is not None else None))
     if hw.policy.shard_cast_zero:  # fsdp_cast_s (added as layer_costs_columns adds it: the same floats)
         compute_mb += cast_mb
     if compiled and s.recompute != "none":
@@ -1443,7 +1443,8 @@ def layer_costs_columns(cfg: ModelConfig, index: int, cols: StrategyColumns, mb_
     copies = shard_params * cols.copy_bytes
     if hw.policy.weight_copy_bytes > 0:  # weight_traffic_mb_s
         if hw.lora is not None:  # the gradients cast up: the adapters' only
-            trained = hw.lora.on_rank(index, np.array([tp for tp, _ in cols.classes], dtype=float))
+            trained = hw.lora.trained_on_rank(index, np.array([tp for tp, _ in cols.classes], dtype=float),
+                                              np.array([s.ep for s in cols.strategies], dtype=float))
             compute_mb = compute_mb + np.where(cols.cast_factor > 0, shard_params * (cols.cast_factor - 6.0)
                                                + trained * 6.0, 0.0) / hw.mem_bw
         else:
@@ -1632,11 +1633,16 @@ def lora_compute_terms(cfg: ModelConfig, index: int, tokens: float, seq_len: int
     FLOPs and hardware FLOPs."""
     st = hw.lora
     delta = st.layer_flops_delta(cfg, index, seq_len) * tokens / tp
-    base = delta - (6.0 * st.adapter[index] - 2.0 * st.no_dgrad_adapter[index]) * tokens / tp  # <= 0: base skips
+    experts = st.expert_flops(index)  # the expert adapters' per token (their top_k experts')
+    base = delta - (6.0 * st.adapter[index] - 2.0 * st.no_dgrad_adapter[index] + experts) * tokens / tp  # <= 0
     # the adapters' GEMMs on this rank: the factors tp replicates (a column base's A, a row base's B) run whole on
-    # every rank (``LoraStep.on_rank``), the others split; the model FLOPs count the work once (``delta``)
-    adapters = (6.0 * st.on_rank(index, tp) - 2.0 * st.no_dgrad_adapter_on_rank(index, tp)) * tokens
-    repeat = 2.0 * st.on_rank(index, tp) * tokens * extra_mm
+    # every rank (``LoraStep.on_rank``), the others split; the expert adapters run with their experts (whole on every
+    # tp rank where the stack does not split the experts' work: ``Hardware.expert_compute_tp_split``); the model
+    # FLOPs count the work once (``delta``)
+    e_tp = tp if hw.expert_compute_tp_split else 1
+    adapters = (6.0 * st.on_rank(index, tp) - 2.0 * st.no_dgrad_adapter_on_rank(index, tp) + experts / e_tp) * tokens
+    active = st.on_rank(index, tp) + (st.active_adapter(index) - st.adapter[index]) / e_tp
+    repeat = 2.0 * active * tokens * extra_mm
     seconds = compute_s(adapters + repeat, hw, st.rank) + compute_s(base, hw, width)
     if not hw.block_time_measured:  # a profile of LoRA blocks timed them (profiling/model.py)
         seconds += lora_elementwise_s(st, index, tokens, extra_mm, hw, tp)
@@ -1673,17 +1679,16 @@ def _shard_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, states: str, h
         dense = cfg.layer_params(index) - expert_params(cfg)
         exp_rank = expert_params_on_rank(cfg, s.tp, s.ep, hw)
         shard_params = dense / s.tp + exp_rank
-        trained = lora_rank  # LoRA's adapters sit on the dense part (attention): split as tp places them, replicated
-        # over ep like it
+        trained = lora_rank  # LoRA's linear adapters sit on the dense part (attention): split as tp places them,
+        # replicated over ep like it; the expert adapters go with their experts (/ ep, reduced over the edp group)
+        exp_trained = hw.lora.expert_on_rank(index, s.ep) if hw.lora is not None else None
         dpc = s.dp * s.cp  # weights are replicated over cp ranks: gradients reduce over dp*cp
         dp_dense_mb, dp_dense_step = dp_comm_s(dense / s.tp, dpc, s.zero, s.tp, hw, trained)
-        dp_exp_mb, dp_exp_step = dp_comm_s(exp_rank, dpc // s.ep, s.zero, s.tp * s.ep, hw,
-                                           0.0 if hw.lora is not None else None)
+        dp_exp_mb, dp_exp_step = dp_comm_s(exp_rank, dpc // s.ep, s.zero, s.tp * s.ep, hw, exp_trained)
         dp_mb, dp_step = dp_dense_mb + dp_exp_mb, dp_dense_step + dp_exp_step
         adapters = trained or 0.0  # LoRA: the adapters' weights beside the base, and theirs the only gradients
         states_b = model_state_bytes(dense / s.tp + adapters, dpc, s.zero, states, hw, trained)
-        exp_b = model_state_bytes(exp_rank, dpc // s.ep, s.zero, states, hw,
-                                  0.0 if hw.lora is not None else None)
+        exp_b = model_state_bytes(exp_rank + (exp_trained or 0.0), dpc // s.ep, s.zero, states, hw, exp_trained)
         states_b = {k: states_b[k] + exp_b[k] for k in states_b}
         cast_dense, cast_dense_step = fsdp_cast_s(dense / s.tp, dpc, s.zero, hw)
         cast_exp, cast_exp_step = fsdp_cast_s(exp_rank, dpc // s.ep, s.zero, hw)
@@ -1698,7 +1703,8 @@ def _shard_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, states: str, h
         states_b = model_state_bytes(shard_params + (trained or 0.0), group, s.zero, states, hw, trained)
         cast_mb, cast_step = fsdp_cast_s(shard_params, group, s.zero, hw)
     zero_dp = s.dp_shard or s.dp * s.cp
-    stepped = shard_params if lora_rank is None else lora_rank  # the optimizer steps the trainable ones only (LoRA)
+    # the optimizer steps the trainable ones only (LoRA: the block's adapters, its experts' too)
+    stepped = shard_params if lora_rank is None else hw.lora.trained_on_rank(index, s.tp, s.ep if moe else 1)
     accum_mb, accum_step = grad_accumulation_s(stepped, zero_dp, s.zero, hw)
     opt_step = (optimizer_step_s(stepped, zero_dp if not moe else s.dp * s.cp, s.zero, states, hw) + cast_step
                 + accum_step)
@@ -1758,12 +1764,16 @@ def reduce_copy_bytes(cfg: ModelConfig, index: int, s: Any, hw: Hardware) -> flo
     of tiny-par, as counted here)."""
     if s.dp <= 1 or not hw.reduces_after_backward(s.zero, s.tp, s.ep):
         return 0.0
-    lora = hw.lora.on_rank(index, s.tp) if hw.lora is not None else None  # the adapters alone have gradients
+    st = hw.lora  # LoRA: the adapters alone have gradients (the linear ones with the dense part, the experts' with
+    # their experts)
     if cfg.is_moe_layer(index) and s.ep > 1:
         dense = (cfg.layer_params(index) - expert_params(cfg)) / s.tp
-        largest = lora if lora is not None else max(dense, expert_params_on_rank(cfg, s.tp, s.ep, hw))  # LoRA: frozen
+        if st is not None:
+            largest = max(st.on_rank(index, s.tp), st.expert_on_rank(index, s.ep))
+        else:
+            largest = max(dense, expert_params_on_rank(cfg, s.tp, s.ep, hw))
     else:
-        largest = lora if lora is not None else cfg.layer_params(index) / s.tp
+        largest = st.trained_on_rank(index, s.tp) if st is not None else cfg.layer_params(index) / s.tp
     return largest * hw.policy_at(s.zero).grad_bytes
 
 

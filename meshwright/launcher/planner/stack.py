@@ -169,16 +169,17 @@ class Stack:
     head_kept_gathered: bool = False
     # how the stack lays an MoE block's routed experts over the tp group. ``experts_tp_sharded``: each expert's weights
     # are split over tp, so a rank holds (and reduces, and steps) expert params / (tp * ep). Megatron-core shards them
-    # over expert_tensor_parallel_size, which defaults to tp (model_parallel_config.py) and which ``plan --emit megatron``
-    # writes as tp; torchtitan (the pinned b5bcd76) TP-shards them at ep=1 and at ep>1 lets the EP group borrow the tp
-    # ranks and FSDP-shard the rest over efsdp = dp_shard*cp*tp/ep, which at FSDP holds the same E/(dp*tp) per rank.
-    # False: every tp rank holds its ep share whole (params / ep): meshwright's runtime (parallel/tensor_parallel.py
-    # apply_tp leaves the experts plain tensors) and DeepSpeed MoE without enable_expert_tensor_parallelism (moe/layer.py)
+    # over expert_tensor_parallel_size, which defaults to tp (model_parallel_config.py) and which
+    # ``plan --emit megatron`` writes as tp; torchtitan (the pinned b5bcd76) TP-shards them at ep=1 and at ep>1 lets
+    # the EP group borrow the tp ranks and FSDP-shard the rest over efsdp = dp_shard*cp*tp/ep, which at FSDP holds the
+    # same E/(dp*tp) per rank. False: every tp rank holds its ep share whole (params / ep): meshwright's runtime
+    # (parallel/tensor_parallel.py apply_tp leaves the experts plain tensors) and DeepSpeed MoE without
+    # enable_expert_tensor_parallelism (moe/layer.py)
     experts_tp_sharded: bool = True
     # each tp rank runs 1/tp of the experts' FLOPs: by weights where they are sharded, by tokens where DeepSpeed's
     # MOELayer drops the duplicate tokens over tp (sharded_moe.py drop_tokens on the capacity dim, gathered after) and
-    # where torchtitan's EP region splits them. False: meshwright, whose tp ranks all route the same tokens and run their
-    # experts whole and redundantly (apply_tp refuses sp on MoE blocks: no sequence split either)
+    # where torchtitan's EP region splits them. False: meshwright, whose tp ranks all route the same tokens and run
+    # their experts whole and redundantly (apply_tp refuses sp on MoE blocks: no sequence split either)
     expert_compute_tp_split: bool = True
 
     def buffer_elements(self, zero: int) -> float:

@@ -398,3 +398,21 @@ def test_meshwright_moe_experts_per_tp_rank_are_what_the_runtime_holds(tp, ep):
     for hw in (mg, ds):
         c = cm.layer_costs(cfg, 0, s, 1, 64, hw)
         assert c["hw_flops_mb"] == pytest.approx(c["model_flops_mb"])
+
+
+def test_torchtitan_runs_expert_parallelism_only_where_its_ep_region_can_hold_it():
+    """torchtitan's EP group borrows its ranks from dp_shard*cp*tp (pinned parallel_dims.py): under replicate (ZeRO-0,
+    dp_shard=1) only from tp, so the planned ep over dp with tp-sharded experts cannot run there; its searches keep
+    ZeRO-0 at ep=1 and ``stack_problems`` says why a ZeRO-0 ep>1 plan does not run as planned. ZeRO-3 keeps any ep
+    that divides dp_shard*tp (the same E/(dp*tp) expert weights per rank as the planner's tp-sharded count)."""
+    from meshwright.launcher.planner.export import stack_constraints
+
+    cfg = load_model_config("mixtral-8x7b")
+    sets = stack_constraints("torchtitan", Constraints(), cfg)
+    assert {(c.zero, c.ep) for c in sets} == {(0, 1), (3, None)}
+    z0 = Plan(model="mixtral-8x7b", seq_len=4096, global_batch=64, micro_batch=1,
+              layers=[LayerStrategy(tp=2, dp=8, ep=2, zero=0, repeat=cfg.n_layers)])
+    assert any("at ZeRO-0 (dp_shard=1)" in p for p in stack_problems("torchtitan", z0, cfg))
+    z3 = dataclasses.replace(z0, layers=[LayerStrategy(tp=2, dp=8, ep=2, zero=3, repeat=cfg.n_layers)],
+                             embedding=EmbeddingStrategy(zero=3))
+    assert stack_problems("torchtitan", z3, cfg) == []

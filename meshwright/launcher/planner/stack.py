@@ -254,9 +254,13 @@ STACKS = {
                                   pipeline_slowdown=1.25, deepspeed=DeepSpeedSizes(),
                                   runs=((("zero", 1), ("schedule", "1f1b"), ("virtual_stages", 1)),),
                                   experts_tp_sharded=False),
-    # torchtitan applies replicate (DDP, ZeRO-0) or fully_shard (ZeRO-3, also as HSDP); it has no ZeRO-1/2 setting
+    # torchtitan applies replicate (DDP, ZeRO-0) or fully_shard (ZeRO-3, also as HSDP); it has no ZeRO-1/2 setting.
+    # Its EP group takes its ranks from dp_shard*cp*tp (parallel_dims.py: efsdp = dp_shard*cp*tp/ep, FSDP over efsdp
+    # whenever ep > 1): under replicate (dp_shard=1) only from tp, with each rank's experts sharded over tp/ep, not the
+    # planned ep over dp with tp-sharded experts; so ZeRO-0 runs ep=1 only
     "torchtitan": Stack("torchtitan", "fsdp_mixed", dp_overlap=True, tp_wgrad_overlap=False, pipeline_slowdown=1.0,
-                        pipeline_defers_fsdp_sync=True, fsdp_zero2=True, runs=((("zero", 0),), (("zero", 3),)),
+                        pipeline_defers_fsdp_sync=True, fsdp_zero2=True,
+                        runs=((("zero", 0), ("ep", 1)), (("zero", 3),)),
                         zero_runs_as=(0, 2, 2, 3), head_kept_gathered=True),
 }
 

@@ -326,8 +326,8 @@ def lora_adapter_params(model_cfg: "ModelConfig", cfg: "LoraConfig", ep: int = 1
     """Adapter parameters (A and B) one rank holds under expert parallelism ``ep``: each block's linear adapters
     whole (replicated over ep, like the attention they sit on) plus its expert adapters / ep (each rank holds its
     n_experts / ep experts' A and B rows). ``layers``: the block indices to count (a pipeline stage's), default all;
-    ``experts_only``: the expert adapters alone (to add to ``lora_cost.LoraStep.on_rank``, which splits the linear
-    ones over tp; experts are not split by tp). The ``modules_to_save`` (trained in full, not adapters) are not
+    ``experts_only``: the expert adapters alone (the planner's ``lora_cost.LoraStep.expert_on_rank``; ``on_rank``
+    splits the linear ones over tp, the experts are not split by tp). The ``modules_to_save`` (trained in full, not adapters) are not
     counted. Counted once per config on a ``meta`` model."""
     if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
         raise invalid("ep", ep, "a positive integer")

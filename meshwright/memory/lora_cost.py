@@ -22,18 +22,22 @@ if TYPE_CHECKING:
     from meshwright.config import LoraConfig, ModelConfig
 
 
-# targets that name an MoE block's experts (w1/w2/w3): its stacked expert weights carry no adapters (the block's MLP
-# gets none; one that adapts nothing anywhere is refused: memory/lora.py), and under expert parallelism they are
-# refused (train/build.py ``check_lora_layout``)
+# the dense MLP's linear targets (w1/w2/w3): on an MoE block they adapt nothing (its experts are stacked weights,
+# adapted as ``experts.gate_up_proj`` / ``experts.down_proj``: ``EXPERT_ADAPTER_TARGETS``; one that adapts nothing
+# anywhere is refused: memory/lora.py), and under expert parallelism they are refused (train/build.py
+# ``check_lora_layout``), while the experts' own targets run there
 EXPERT_TARGETS = ("w1", "w2", "w3")
+# the experts' own targets (config.schema.LORA_EXPERT_TARGETS: PEFT's target_parameters on the stacked weights)
+EXPERT_ADAPTER_TARGETS = ("experts.gate_up_proj", "experts.down_proj")
 
 
 def expert_share(module_name: str, experts: set[str], ep: int) -> float:
     """The share of a parameter of module ``module_name`` one rank of an ``ep`` group holds: 1/ep inside an MoE
     block's experts (``experts``: the GroupedExperts module names, which ``apply_ep`` slices along the expert dim),
     1 elsewhere (attention, router, norms, the ends, and the adapters on them: replicated over the ep group). The
-    one place an expert-sharded parameter is told apart: adapters on the experts (a future ``lora`` flag) that live
-    under the experts module are counted 1/ep here with no change; ones registered elsewhere add their name here."""
+    one place an expert-sharded parameter is told apart: the experts' adapters (``experts.gate_up_proj`` /
+    ``experts.down_proj``, memory/lora.py ``ExpertAdapter``) live under the experts module and count 1/ep here, as
+    ``apply_ep`` slices their rows (tests/unit/test_lora_cost.py); ones registered elsewhere add their name here."""
     return 1.0 / ep if _in_experts(module_name, experts) else 1.0
 
 
@@ -98,11 +102,46 @@ class LoraStep:
     no_dgrad_adapter_rep: tuple[int, ...] = ()
     adapter_in_rep: tuple[int, ...] = ()
     adapter_out_rep: tuple[int, ...] = ()
+    # per MoE block, the adapters on its experts (``experts.gate_up_proj``/``down_proj``, memory/lora.py
+    # ``ExpertAdapter``), kept apart from the linear ones above: ``expert_adapter`` their parameters (all experts; a
+    # rank holds its n_experts/ep experts' rows, whole over tp: meshwright's runtime leaves experts plain under tp),
+    # ``expert_adapter_active`` those a token runs through (its top_k experts': the FLOPs' count),
+    # ``no_dgrad_expert_adapter`` the active A's whose input needs no gradient, ``expert_in``/``expert_out`` the
+    # adapted widths per token (top_k x: gate_up d -> 2 f_e, down f_e -> d)
+    expert_adapter: tuple[int, ...] = ()
+    expert_adapter_active: tuple[int, ...] = ()
+    no_dgrad_expert_adapter: tuple[int, ...] = ()
+    expert_in: tuple[int, ...] = ()
+    expert_out: tuple[int, ...] = ()
 
     def layer_key(self, index: int) -> tuple:
         """What sets block ``index``'s LoRA costs (blocks with the same key cost the same)."""
         return (self.adapter[index], self.no_wgrad[index], self.no_dgrad[index], self.no_dgrad_adapter[index],
-                self.attn_bwd[index])
+                self.attn_bwd[index], self._at(self.expert_adapter, index),
+                self._at(self.no_dgrad_expert_adapter, index))
+
+    @staticmethod
+    def _at(values: tuple[int, ...], index: int) -> int:
+        return values[index] if values else 0
+
+    def expert_on_rank(self, index: int, ep: int = 1) -> float:
+        """Expert-adapter parameters of block ``index`` on one of ``ep`` expert-parallel ranks (its experts' A and B
+        rows: ``lora_adapter_params(..., experts_only=True)``); not split by tp."""
+        return self._at(self.expert_adapter, index) / ep
+
+    def trained_on_rank(self, index: int, tp: Any, ep: int = 1) -> Any:
+        """All trainable parameters of block ``index`` on one rank: the linear adapters as ``on_rank`` places them
+        over tp, the expert adapters / ep."""
+        return self.on_rank(index, tp) + self.expert_on_rank(index, ep)
+
+    def active_adapter(self, index: int) -> int:
+        """Adapter parameters one token of block ``index`` runs through: the linear ones and its top_k experts'."""
+        return self.adapter[index] + self._at(self.expert_adapter_active, index)
+
+    def expert_flops(self, index: int) -> float:
+        """FLOPs per token of block ``index``'s expert adapters: forward + dA + dB + their dX, 6 per active parameter,
+        less the dX of an A whose input needs no gradient."""
+        return 6.0 * self._at(self.expert_adapter_active, index) - 2.0 * self._at(self.no_dgrad_expert_adapter, index)
 
     def on_rank(self, index: int, tp: Any) -> Any:
         """Adapter parameters of block ``index`` on one of ``tp`` tensor-parallel ranks: the replicated factors
@@ -120,19 +159,22 @@ class LoraStep:
         column base's input and a row base's output whole (replicated input, partial-sum output), the rest split."""
         i_rep = self.adapter_in_rep[index] if self.adapter_in_rep else 0
         o_rep = self.adapter_out_rep[index] if self.adapter_out_rep else 0
-        return (i_rep + (self.adapter_in[index] - i_rep) / tp, o_rep + (self.adapter_out[index] - o_rep) / tp)
+        e_in, e_out = self._at(self.expert_in, index), self._at(self.expert_out, index)  # experts: whole over tp
+        return (i_rep + e_in + (self.adapter_in[index] - i_rep) / tp,
+                o_rep + e_out + (self.adapter_out[index] - o_rep) / tp)
 
     def trained_share(self, cfg: "ModelConfig", index: int) -> float:
-        """Trainable parameters of block ``index`` (its adapters; no base weight inside a block trains) over the base
-        parameters ``ModelConfig.layer_params`` counts: the share of a shard whose gradients exist."""
-        return self.adapter[index] / cfg.layer_params(index)
+        """Trainable parameters of block ``index`` (its adapters, the experts' too; no base weight inside a block
+        trains) over the base parameters ``ModelConfig.layer_params`` counts: the share of a shard whose gradients
+        exist."""
+        return (self.adapter[index] + self._at(self.expert_adapter, index)) / cfg.layer_params(index)
 
     def layer_flops_delta(self, cfg: "ModelConfig", index: int, seq_len: int) -> float:
         """Executed minus full-training FLOPs per token of block ``index`` (PaLM counting): the adapters' 6 per
         parameter, less the frozen parameters' dW, the dX nothing needs and a skipped attention-core backward."""
         attn = 0.0 if self.attn_bwd[index] else 8.0 * seq_len * cfg.n_heads * cfg.head_dim
         return (6.0 * self.adapter[index] - 2.0 * (self.no_wgrad[index] + self.no_dgrad[index]
-                                                   + self.no_dgrad_adapter[index]) - attn)
+                                                   + self.no_dgrad_adapter[index]) - attn + self.expert_flops(index))
 
     def head_passes(self) -> float:
         """Forward-sized passes of the head matmul: forward, dX where its input needs it, dW where it trains."""
@@ -158,6 +200,12 @@ def lora_step(cfg: "ModelConfig", lora: "LoraConfig") -> LoraStep:
         dense["w3"] = (d * f, d, f)
     g = embedding_trainable  # whether the block's input needs a gradient
     adapter, no_w, no_x, no_xa, attn_bwd, widths, reps = [], [], [], [], [], [], []
+    # the experts' adapters (ExpertAdapter, models/moe.py swiglu_rows): gate_up one A (r x d) and B (2 f_e x r) on
+    # w1|w3, down A (r x f_e) and B (d x r) on w2, per expert
+    fe, k = cfg.expert_ffn_dim, cfg.top_k
+    gate_up, down = "experts.gate_up_proj" in targets, "experts.down_proj" in targets
+    per_expert = r * ((d + 2 * fe) * gate_up + (fe + d) * down)
+    experts: list[tuple[int, int, int, int, int]] = []  # (params, active, skipped A dX, in, out) per block
     row = ("wo", "w2")  # row-parallel bases (parallel/tensor_parallel.py); the others column-parallel
     for i in range(cfg.n_layers):
         moe = cfg.is_moe_layer(i)
@@ -178,12 +226,23 @@ def lora_step(cfg: "ModelConfig", lora: "LoraConfig") -> LoraStep:
         attn = any(qkv)
         h1 = g or linear("wo", attn)
         if moe:
+            # the experts' input (and the router's) needs a gradient where the block's does (h1); their hidden
+            # y = silu(x w1) * (x w3) also where the gate_up adapter trains. Frozen experts pay their dX only there:
+            # with expert adapters below everything trainable (block 0, nothing before) w1/w3/router skip theirs
+            skip_ea = 0
             if not h1:
-                skip_x += cfg.moe_mlp_params(active_only=True)
-            out = h1
+                skip_x += cfg.d_model * cfg.n_experts + k * 2 * d * fe  # router, w1 and w3
+                skip_ea += k * r * d if gate_up else 0
+            if not (h1 or gate_up):
+                skip_x += k * fe * d  # w2
+                skip_ea += k * r * fe if down else 0
+            out = h1 or gate_up or down
+            experts.append((cfg.n_experts * per_expert, k * per_expert, skip_ea,
+                            k * (d * gate_up + fe * down), k * (2 * fe * gate_up + d * down)))
         else:
             act = any([linear(m, h1) for m in (("w1",) if gpt2 else ("w1", "w3"))])
             out = linear("w2", act)
+            experts.append((0, 0, 0, 0, 0))
         g = h1 or out
         adapter.append(sum(ad.values()))
         widths.append((sum(mods[m][1] for m in ad), sum(mods[m][2] for m in ad)))
@@ -199,7 +258,10 @@ def lora_step(cfg: "ModelConfig", lora: "LoraConfig") -> LoraStep:
                     head_trainable=head_trainable, embedding_trainable=embedding_trainable,
                     adapter_in=tuple(w[0] for w in widths), adapter_out=tuple(w[1] for w in widths),
                     adapter_rep=tuple(x[0] for x in reps), no_dgrad_adapter_rep=tuple(x[1] for x in reps),
-                    adapter_in_rep=tuple(x[2] for x in reps), adapter_out_rep=tuple(x[3] for x in reps))
+                    adapter_in_rep=tuple(x[2] for x in reps), adapter_out_rep=tuple(x[3] for x in reps),
+                    expert_adapter=tuple(x[0] for x in experts), expert_adapter_active=tuple(x[1] for x in experts),
+                    no_dgrad_expert_adapter=tuple(x[2] for x in experts), expert_in=tuple(x[3] for x in experts),
+                    expert_out=tuple(x[4] for x in experts))
 
 
 def lora_flops_per_token(cfg: "ModelConfig", step: LoraStep, seq_len: int) -> float:
@@ -216,4 +278,4 @@ def lora_flops_per_token(cfg: "ModelConfig", step: LoraStep, seq_len: int) -> fl
 
 def lora_forward_flops_per_token(step: LoraStep) -> float:
     """Forward FLOPs per token of the adapters in all blocks: what full recomputation repeats beside the base."""
-    return 2.0 * sum(step.adapter)
+    return 2.0 * sum(step.active_adapter(i) for i in range(len(step.adapter)))

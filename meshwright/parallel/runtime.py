@@ -201,8 +201,9 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         ``lora``: a ``LoraConfig``: adapters on the plain (meta) model before the layout, base frozen, drawn after the
         base as the one-process model draws them; under dp, tp (+sp) of both backends (parallel/tensor_parallel.py and
         parallel/megatron_lora.py shard A and B), pp (each stage holds its layers' adapters) and ep (attention adapters
-        replicated over the ep group like the attention, reduced over dp; the experts and router frozen)
-        (train/build.py ``check_lora_layout``).
+        replicated over the ep group like the attention, reduced over dp; expert adapters, ``experts.gate_up_proj`` /
+        ``experts.down_proj``, sliced with their experts and reduced over the edp group; the experts' weights and the
+        router frozen) (train/build.py ``check_lora_layout``).
         ``grow_positions``: init_from's GPT-2 ``wpe`` shorter than max_seq_len grows by that rule (models/positions.py)."""
         cfg = load_model_config(model_cfg)
         self.precision = precision or PrecisionPolicy()

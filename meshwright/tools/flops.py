@@ -125,7 +125,7 @@ def hardware_flops_per_token(cfg: ModelConfig, seq_len: int, recompute: str | li
     extra = 0.0
     for i, m in enumerate(modes):
         if m == "full":
-            extra += full + (2.0 * lora.adapter[i] if lora is not None else 0.0)
+            extra += full + (2.0 * lora.active_adapter(i) if lora is not None else 0.0)
         elif m == "selective":
             extra += sel
         elif m != "none":

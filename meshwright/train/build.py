@@ -253,9 +253,11 @@ def check_lora_layout(cfg: TrainConfig, plan: Plan | None) -> None:
     tested in one process): data parallelism (DDP, FSDP2 at ZeRO-2/3, ZeRO-1) of the torch backend, tensor
     parallelism of both backends (DTensor +sp, parallel/tensor_parallel.py; megatron-core, parallel/megatron_lora.py;
     A and B sharded as PEFT/Megatron do) and pipeline stages, alone or with dp, and expert parallelism with attention
-    targets (adapters replicated over the ep group like the attention they sit on, reduced over dp; experts and router
-    frozen). Refused in one line: MLP targets (w1/w2/w3) under ep (the experts' stacked weights carry no adapters:
-    ``EXPERT_TARGETS``), and FP8 GEMMs (they replace the adapted linears' matmuls)."""
+    targets (adapters replicated over the ep group like the attention they sit on, reduced over dp) and the experts'
+    own targets ``experts.gate_up_proj`` / ``experts.down_proj`` (ExpertAdapter rows sharded with their experts,
+    reduced over the edp group; tests/distributed/ep_parity.py lora_experts rows); router and base frozen. Refused
+    in one line: the dense MLP's linear targets (w1/w2/w3) under ep (``EXPERT_TARGETS``: the experts are adapted
+    through ``experts.*``), and FP8 GEMMs (they replace the adapted linears' matmuls)."""
     strategies = plan.layer_strategies() if plan is not None else []  # None: plan auto, the layout-free checks
     if cfg.compile:
         raise invalid("compile", True, "false with lora under the distributed runtime (compiled LoRA blocks are tested "
@@ -265,9 +267,10 @@ def check_lora_layout(cfg: TrainConfig, plan: Plan | None) -> None:
     expert_targets = [t for t in cfg.lora.targets if t in EXPERT_TARGETS] if cfg.lora is not None else []
     for i, s in enumerate(strategies):
         if s.ep > 1 and expert_targets:
-            raise invalid("lora.targets", cfg.lora.targets, f"attention targets only (wq, wk, wv, wo) with "
-                          f"layers[{i}].ep={s.ep}: adapters on the experts' {', '.join(expert_targets)} are not "
-                          f"supported (or set ep to 1)")
+            raise invalid("lora.targets", cfg.lora.targets, f"attention (wq, wk, wv, wo) or expert targets "
+                          f"(experts.gate_up_proj, experts.down_proj) with layers[{i}].ep={s.ep}: the MLP's "
+                          f"{', '.join(expert_targets)} are not supported under ep (adapt the experts as experts.*, "
+                          f"or set ep to 1)")
         if s.savers.fp8_act:
             raise invalid(f"layers[{i}].savers.fp8_act", s.savers.fp8_act, "false with lora (FP8 GEMMs replace the "
                           "adapted linears' matmuls)")

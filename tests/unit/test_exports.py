@@ -107,6 +107,8 @@ def test_megatron_export_passes_megatron_validate_args(name, dtype):
     if cfg.n_experts:
         assert ns.moe_aux_loss_coeff == cfg.aux_loss_coef and ns.num_experts == cfg.n_experts
         assert ns.expert_model_parallel_size == s.ep
+        # the experts sharded over tp as the planner costs them on this stack (Stack.experts_tp_sharded)
+        assert ns.expert_tensor_parallel_size == s.tp
 
 
 def test_megatron_fsdp_export_leaves_max_connections_alone():
@@ -185,7 +187,7 @@ def test_deepspeed_export_loads_and_keeps_the_pipeline_engine_rules(name, dtype,
     else:
         assert ds.zero_optimization_stage == s.zero
     if cfg.n_experts:
-        assert any(f"ep_size={s.ep}" in n for n in notes)
+        assert any(f"ep_size={s.ep}" in n and "enable_expert_tensor_parallelism=False" in n for n in notes)
 
 
 def _titan_check(plan, cfg, world, settings):

@@ -324,3 +324,80 @@ def test_the_plans_ep_is_counted_only_where_nothing_shards_the_replicated_part()
     assert lora_plan_ep(plan) == 4 and lora_plan_ep(None) == 1
     assert lora_plan_ep(dataclasses.replace(plan, embedding=EmbeddingStrategy(zero=3))) == 1
     assert lora_plan_ep(dataclasses.replace(plan, layers=[LayerStrategy(dp=4, ep=4, zero=1, repeat=2)])) == 1
+
+
+# ---- LoRA on the experts (``experts.gate_up_proj`` / ``experts.down_proj``: memory/lora.py ExpertAdapter) ---------
+
+# tests/distributed/ep_parity.py's LORA_EXPERTS
+LORA_EXPERTS = LoraConfig(rank=4, alpha=8.0, targets=["wq", "wv", "experts.gate_up_proj", "experts.down_proj"])
+
+
+@pytest.mark.parametrize("targets", [["experts.gate_up_proj", "experts.down_proj"], ["experts.down_proj"],
+                                     ["experts.gate_up_proj"], LORA_EXPERTS.targets])
+def test_expert_adapter_flops_equal_what_torch_counts(targets):
+    """The expert adapters' 6 FLOPs per active parameter (a token's top_k experts': r (d + 2 f_e) on gate_up,
+    r (f_e + d) on down), and the frozen experts' input gradients they make necessary: with expert adapters only,
+    block 0's router, w1 and w3 still skip their dX (nothing below trains) but w2's runs where gate_up trains, and
+    block 1 pays every dX. ``lora_step`` counted none of it (up to half of the step's FLOPs missing on this model)."""
+    cfg = load_model_config(MOE_LORA)
+    lora = LoraConfig(rank=4, targets=targets)
+    model = build_model(cfg, seed=0)
+    apply_lora_config(model, lora, seed=0)
+    step = lora_step(cfg, lora)
+    t = 64
+    assert lora_flops_per_token(cfg, step, t) - not_matmul(cfg, step, t) == counted_flops_per_token(model, t)  # exact
+
+
+def _expert_adapter_shapes(cfg, lora) -> list[tuple[int, int, int]]:
+    """Per block (parameters, per-token input width, output width) of the ExpertAdapters apply_lora_config builds."""
+    from meshwright.memory.lora import ExpertAdapter
+
+    model = build_model(cfg, device="meta")
+    apply_lora_config(model, lora, seed=0)
+    out = []
+    for i in range(cfg.n_layers):
+        mods = [m for n, m in model.named_modules() if isinstance(m, ExpertAdapter) and n.startswith(f"layers.{i}.")]
+        out.append((sum(m.lora_A.numel() + m.lora_B.numel() for m in mods),
+                    cfg.top_k * sum(m.lora_A.shape[2] for m in mods), cfg.top_k * sum(m.lora_B.shape[1] for m in mods)))
+    return out
+
+
+@pytest.mark.parametrize("ep", [1, 2, 4])
+def test_planner_counts_expert_adapters_as_an_ep_rank_holds_them(ep):
+    """Per rank the planner's trainable parameters, gradients and AdamW bytes are the linear adapters whole over ep
+    and the expert adapters / ep: what ``apply_ep`` leaves on a rank (a fake process group), ``lora_adapter_params``
+    and ``ep_rank_state_bytes`` (``expert_share`` counts ExpertAdapter rows 1/ep). ep_parity's model and targets:
+    4,224 at ep 2 and 2,560 at ep 4, the counts its lora_experts rows trained with. The planner counted the linear
+    adapters alone (896 on every rank)."""
+    from meshwright.memory.lora import lora_adapter_params
+    from meshwright.memory.lora_cost import ep_rank_state_bytes
+
+    cfg = load_model_config(MOE_LORA)
+    want = {1: 7552, 2: 4224, 4: 2560}[ep]
+    if ep > 1:
+        _, trainable, _ = _held_on_ep_rank(cfg, LORA_EXPERTS, ep, rank=ep - 1)
+        assert trainable == want
+    assert lora_adapter_params(cfg, LORA_EXPERTS, ep) == want
+    assert ep_rank_state_bytes(cfg, LORA_EXPERTS, ep)["trainable"] == want
+    h = lora_hw(cfg, LORA_EXPERTS)
+    step = h.lora
+    s = LayerStrategy(dp=4, ep=ep, recompute="none")
+    costs = [cm.layer_costs(cfg, i, s, 1, 64, h) for i in range(cfg.n_layers)]
+    # AdamW in fp32 at ZeRO-0: 4 B of gradient and 8 B of moments per trainable parameter on the rank
+    assert sum(c["grads_bytes"] for c in costs) == pytest.approx(4 * want)
+    assert sum(c["optimizer_bytes"] for c in costs) == pytest.approx(8 * want)
+    assert sum(step.trained_on_rank(i, 1, ep) for i in range(cfg.n_layers)) == want
+    assert sum(step.expert_on_rank(i, ep) for i in range(cfg.n_layers)) == lora_adapter_params(
+        cfg, LORA_EXPERTS, ep, experts_only=True)
+    for i, (n, w_in, w_out) in enumerate(_expert_adapter_shapes(cfg, LORA_EXPERTS)):
+        assert step.expert_adapter[i] == n and (step.expert_in[i], step.expert_out[i]) == (w_in, w_out)
+    # the scalar and the search's vectorised paths agree
+    for i in range(cfg.n_layers):
+        cols = cm.StrategyColumns(cfg, i, [s], h)
+        assert cm.layer_costs_columns(cfg, i, cols, 4, 64, h, "fp32", {})[:, 0] == pytest.approx(
+            cm.layer_costs(cfg, i, s, 1, 64, h, lean=True))
+    # under tp (meshwright keeps the experts and their adapters whole on every tp rank) the expert part stays / ep
+    t2 = LayerStrategy(tp=2, dp=4, ep=ep, recompute="none")
+    for i in range(cfg.n_layers):
+        c = cm.layer_costs(cfg, i, t2, 1, 64, h)
+        assert c["grads_bytes"] == pytest.approx(4 * (step.on_rank(i, 2) + step.expert_adapter[i] / ep))

@@ -355,8 +355,13 @@ def test_lora_with_attention_targets_runs_expert_parallel_plans(tmp_path, monkey
     with pytest.raises(ConfigError) as exc:
         check_lora_layout(mlp, __import__("meshwright.plan", fromlist=["load_plan"]).load_plan(cfg.plan))
     msg = str(exc.value)
-    assert msg.startswith("lora.targets=['wq', 'w2', 'w3'] is invalid; valid: attention targets only") and "\n" not in msg
-    assert "layers[0].ep=2" in msg and "w2, w3" in msg
+    assert msg.startswith("lora.targets=['wq', 'w2', 'w3'] is invalid; valid: attention (wq, wk, wv, wo) or expert "
+                          "targets (experts.gate_up_proj, experts.down_proj)") and "\n" not in msg
+    assert "layers[0].ep=2" in msg and "w2, w3" in msg and "experts.*" in msg
+    # the experts' own targets run under ep (ep_parity.py lora_experts rows)
+    experts = _lora_plan_cfg("tiny-moe-ep2.yaml", tmp_path, model="tiny-moe",
+                             lora={"targets": ["wq", "experts.gate_up_proj", "experts.down_proj"]})
+    check_lora_layout(experts, __import__("meshwright.plan", fromlist=["load_plan"]).load_plan(cfg.plan))
     # tiny-moe's blocks are all MoE: there w2 names only experts, which carry no adapters in any layout (said before
     # anything is built, by the memory check's count of the adapters)
     with pytest.raises(ConfigError, match=r"^lora.targets\[1\]='w2' is invalid; valid: a module with adapters: .*"

@@ -316,3 +316,103 @@ def test_fsdp2_ends_keep_their_gathered_weights():
     nt = cm.embedding_param_count(tied, True, True, 1)
     assert cm.embedding_static_bytes(tied, True, True, 1, 8, 2, "fp32", mw) == pytest.approx(
         sum(cm.model_state_bytes(nt, 8, 2, "fp32", mw).values()) + table * 2)
+
+
+# ---- 6. MoE experts under tp: sharded or replicated as each stack's runtime lays them ----------------------------
+
+MOE_TINY = {"name": "tiny-moe-lora", "arch": "llama", "vocab_size": 256, "d_model": 32, "n_layers": 2, "n_heads": 4,
+            "n_kv_heads": 2, "ffn_hidden": 64, "moe_ffn_hidden": 48, "n_experts": 4, "top_k": 2,
+            "capacity_factor": None, "max_seq_len": 64}  # tests/distributed/ep_parity.py's model: 18,432 expert params
+
+
+def _moe_held_on_rank(cfg, tp: int, ep: int) -> list[tuple[int, int, int]]:
+    """Per block (expert, plain non-expert, all) parameters rank 0 of a (ep x tp) world holds once meshwright's
+    runtime has applied tp and ep as parallel/runtime.py ``_apply_layers`` does (apply_tp, then apply_ep on the block),
+    on a fake process group in this one process: the DTensors' local shards and the sliced experts, counted."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from meshwright.models import build_model
+    from meshwright.parallel.expert_parallel import apply_ep
+    from meshwright.parallel.tensor_parallel import apply_tp
+
+    model = build_model(cfg, seed=0)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=tp * ep)
+    try:
+        mesh = init_device_mesh("cpu", (ep, tp), mesh_dim_names=("dp", "tp"))
+        out = []
+        for block in model.layers.values():
+            if tp > 1:
+                block = apply_tp(block, mesh["tp"])
+            if ep > 1:
+                apply_ep(block, mesh["dp"].get_group())
+            expert = plain = total = 0
+            for name, p in block.named_parameters():
+                local = p.to_local() if hasattr(p, "to_local") else p
+                total += local.numel()
+                if ".experts." in f".{name}":
+                    expert += local.numel()
+                elif not hasattr(p, "to_local"):
+                    plain += local.numel()
+            out.append((expert, plain, total))
+        return out
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("tp,ep", [(2, 1), (2, 2), (4, 1)])
+def test_meshwright_moe_experts_per_tp_rank_are_what_the_runtime_holds(tp, ep):
+    """meshwright's runtime keeps the experts tp-replicated (tensor_parallel.apply_tp leaves them plain; every tp rank
+    routes the same tokens and runs them whole): at tp=2 a rank holds all 18,432 of tiny-moe's 18,432 expert
+    parameters per block (9,216 at ep=2). The planner divided them by tp * ep (9,216 at tp=2), and the experts'
+    FLOPs by tp; on the meshwright stack it now divides them by ep only and runs them whole on every tp rank."""
+    cfg = load_model_config(MOE_TINY)
+    cl = load_cluster("dgx-a100-80g")
+    mw = cm.hardware_from_cluster(cl, stack="meshwright")
+    held = _moe_held_on_rank(cfg, tp, ep)
+    experts = 18_432
+    for i, (expert, plain, total) in enumerate(held):
+        assert expert == experts // ep  # whole over tp
+        s = LayerStrategy(tp=tp, dp=ep, ep=ep, recompute="none")
+        c = cm.layer_costs(cfg, i, s, 1, 64, mw)
+        # the block's shard as the planner counts it: all the runtime holds, but the router and norms (plain,
+        # tp-replicated tensors: ``plain``) the planner spreads over tp with the attention, as in dense blocks
+        assert c["shard_params"] == pytest.approx(total - plain * (1 - 1 / tp))
+        assert cm.expert_params(cfg) == experts and cm.expert_params_on_rank(cfg, tp, ep, mw) == expert
+        # the vectorised path (the search's columns) counts the same
+        cols = cm.StrategyColumns(cfg, i, [s], mw)
+        assert cm.layer_costs_columns(cfg, i, cols, ep, 64, mw, "fp32", {})[:, 0] == pytest.approx(
+            cm.layer_costs(cfg, i, s, 1, 64, mw, lean=True))
+        # FLOPs: the model's are the rank's tp share; the hardware runs the experts' whole share on each tp rank
+        tokens = 64.0
+        assert c["hw_flops_mb"] - c["model_flops_mb"] == pytest.approx(
+            3 * cm.expert_fwd_flops(cfg, tokens) * (1 - 1 / tp))
+    # Megatron-core shards the experts over expert_tensor_parallel_size (= tp, as its export writes it): / (tp * ep),
+    # and splits their FLOPs with them; DeepSpeed MoE keeps the weights whole over tp but drops the duplicate tokens
+    mg = cm.hardware_from_cluster(cl, stack="megatron")
+    ds = cm.hardware_from_cluster(cl, stack="deepspeed")
+    assert cm.expert_params_on_rank(cfg, tp, ep, mg) == experts / (tp * ep)
+    assert cm.expert_params_on_rank(cfg, tp, ep, ds) == experts / ep
+    s = LayerStrategy(tp=tp, dp=ep, ep=ep, recompute="none")
+    for hw in (mg, ds):
+        c = cm.layer_costs(cfg, 0, s, 1, 64, hw)
+        assert c["hw_flops_mb"] == pytest.approx(c["model_flops_mb"])
+
+
+def test_torchtitan_runs_expert_parallelism_only_where_its_ep_region_can_hold_it():
+    """torchtitan's EP group borrows its ranks from dp_shard*cp*tp (pinned parallel_dims.py): under replicate (ZeRO-0,
+    dp_shard=1) only from tp, so the planned ep over dp with tp-sharded experts cannot run there; its searches keep
+    ZeRO-0 at ep=1 and ``stack_problems`` says why a ZeRO-0 ep>1 plan does not run as planned. ZeRO-3 keeps any ep
+    that divides dp_shard*tp (the same E/(dp*tp) expert weights per rank as the planner's tp-sharded count)."""
+    from meshwright.launcher.planner.export import stack_constraints
+
+    cfg = load_model_config("mixtral-8x7b")
+    sets = stack_constraints("torchtitan", Constraints(), cfg)
+    assert {(c.zero, c.ep) for c in sets} == {(0, 1), (3, None)}
+    z0 = Plan(model="mixtral-8x7b", seq_len=4096, global_batch=64, micro_batch=1,
+              layers=[LayerStrategy(tp=2, dp=8, ep=2, zero=0, repeat=cfg.n_layers)])
+    assert any("at ZeRO-0 (dp_shard=1)" in p for p in stack_problems("torchtitan", z0, cfg))
+    z3 = dataclasses.replace(z0, layers=[LayerStrategy(tp=2, dp=8, ep=2, zero=3, repeat=cfg.n_layers)],
+                             embedding=EmbeddingStrategy(zero=3))
+    assert stack_problems("torchtitan", z3, cfg) == []

@@ -19,8 +19,9 @@ def lora_search_terms(cfg: ModelConfig, lora: Any, hw: cm.Hardware, constraints:
     block's adapters, the ends' modules_to_save; ``Hardware.trainable_fraction``, their share of all parameters, where
     no part is named), the step's time (``Hardware.lora``: no dW
     of the frozen base, the adapters' GEMMs, gradients reduced and stepped for the trainable parameters), and the layouts the LoRA runtime runs
-    (tp, pp and ep are searched; ep = 1 where the targets name the MLP's w1/w2/w3, which the experts' stacked
-    weights cannot carry: train/build.py ``check_lora_layout``)."""
+    (tp, pp and ep are searched; ep = 1 where the targets name the dense MLP's w1/w2/w3, which ep refuses: train/build.py
+    ``check_lora_layout``; the experts' own targets, ``experts.gate_up_proj``/``down_proj``, run under ep and count
+    / ep per rank: ``LoraStep.expert_on_rank``)."""
     from meshwright.memory.lora import lora_state_bytes
     from meshwright.memory.lora_cost import EXPERT_TARGETS, lora_step
 

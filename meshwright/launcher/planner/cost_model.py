@@ -192,6 +192,10 @@ class Hardware:
     dp1_plain: bool = False  # Stack.dp1_plain: a dp=1 layer is a plain module at any ZeRO stage (``runtime_zero_plan``)
     zero_runs_as: tuple[int, int, int, int] = (0, 1, 2, 3)  # Stack.zero_runs_as: the ZeRO stage run per planned one
     head_kept_gathered: bool = False  # Stack.head_kept_gathered: the FSDP2 head's gathered weights live through the step
+    # Stack.experts_tp_sharded / expert_compute_tp_split: a rank holds expert params / (tp * ep) (else / ep), and runs
+    # its tp share of the experts' FLOPs (else them all). The analytic default shards both, as Megatron does
+    experts_tp_sharded: bool = True
+    expert_compute_tp_split: bool = True
     # the plan costed is not one DDP module on meshwright's runtime (``for_reduction``): its ZeRO-0/1 layers are reduced
     # after backward by the manual all-reduce whatever their own tp and ep (``reduces_after_backward``)
     manual_dp: bool = False
@@ -267,7 +271,9 @@ def apply_stack(hw: Hardware, stack: Stack | str) -> Hardware:
                                pipeline_defers_fsdp_sync=st.pipeline_defers_fsdp_sync, pipelined=False,
                                fsdp_zero2=st.fsdp_zero2, pipeline_reduces_after_schedule=st.pipeline_reduces_after_schedule,
                                reduces_after_backward_zero=st.reduces_after_backward_zero, dp1_plain=st.dp1_plain,
-                               zero_runs_as=st.zero_runs_as, head_kept_gathered=st.head_kept_gathered)
+                               zero_runs_as=st.zero_runs_as, head_kept_gathered=st.head_kept_gathered,
+                               experts_tp_sharded=st.experts_tp_sharded,
+                               expert_compute_tp_split=st.expert_compute_tp_split)
 
 
 def for_pipeline(hw: Hardware, pp: int) -> Hardware:
@@ -429,10 +435,13 @@ ELEMENTWISE_COEF = {"llama": {"h": 16.0, "f": 5.0}, "gpt2": {"h": 20.0, "f": 4.0
 
 def elementwise_s(cfg: ModelConfig, index: int, tokens: float, tp: int, sp: bool, hw: Hardware) -> float:
     """Forward time of the memory-bound (non-matmul) kernels of one block: bytes moved / bandwidth.
-    The h-wide part is replicated over tp unless SP splits it; the FFN-wide part is sharded by tp."""
+    The h-wide part is replicated over tp unless SP splits it; the FFN-wide part is sharded by tp (an MoE block's
+    experts: where the stack splits their work over tp, ``Hardware.expert_compute_tp_split``)."""
     c = ELEMENTWISE_COEF[cfg.arch]
-    f = cfg.top_k * cfg.expert_ffn_dim if cfg.is_moe_layer(index) else cfg.ffn_dim
-    elems = c["h"] * cfg.d_model / (tp if sp else 1) + c["f"] * f / tp
+    moe = cfg.is_moe_layer(index)
+    f = cfg.top_k * cfg.expert_ffn_dim if moe else cfg.ffn_dim
+    f_tp = tp if not moe or hw.expert_compute_tp_split else 1
+    elems = c["h"] * cfg.d_model / (tp if sp else 1) + c["f"] * f / f_tp
     return elems * tokens * hw.elem_bytes / hw.mem_bw
 
 
@@ -1327,7 +1336,7 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
     gathered += float(zero_buffer_bytes(hw, s.zero))
     copies = shard_params * weight_copy_bytes(s.zero, hw)  # compute-dtype copies of the weights in use
     compute_mb += weight_traffic_mb_s(shard_params, s.recompute, hw, s.zero, trained=(
-        hw.lora.on_rank(index, s.tp) if hw.lora is not None else None))
+        hw.lora.trained_on_rank(index, s.tp, s.ep) if hw.lora is not None else None))
     if hw.policy.shard_cast_zero:  # fsdp_cast_s (added as layer_costs_columns adds it: the same floats)
         compute_mb += cast_mb
     if compiled and s.recompute != "none":
@@ -1434,7 +1443,8 @@ def layer_costs_columns(cfg: ModelConfig, index: int, cols: StrategyColumns, mb_
     copies = shard_params * cols.copy_bytes
     if hw.policy.weight_copy_bytes > 0:  # weight_traffic_mb_s
         if hw.lora is not None:  # the gradients cast up: the adapters' only
-            trained = hw.lora.on_rank(index, np.array([tp for tp, _ in cols.classes], dtype=float))
+            trained = hw.lora.trained_on_rank(index, np.array([tp for tp, _ in cols.classes], dtype=float),
+                                              np.array([s.ep for s in cols.strategies], dtype=float))
             compute_mb = compute_mb + np.where(cols.cast_factor > 0, shard_params * (cols.cast_factor - 6.0)
                                                + trained * 6.0, 0.0) / hw.mem_bw
         else:
@@ -1540,13 +1550,39 @@ def _state_columns_of(cfg: ModelConfig, index: int, cols: StrategyColumns, state
     return shard[:, cols.idx["shard"]]
 
 
+def expert_params(cfg: ModelConfig) -> int:
+    """Parameters of one MoE block's routed experts (SwiGLU w1/w3/w2 of each), the part tp and ep may shard."""
+    return cfg.n_experts * 3 * cfg.d_model * cfg.expert_ffn_dim
+
+
+def expert_tp(tp: int, hw: Hardware) -> int:
+    """The share of the tp group an expert's weights are split over: ``tp`` where the stack shards them
+    (``Stack.experts_tp_sharded``), 1 where every tp rank holds them whole (meshwright, DeepSpeed MoE)."""
+    return tp if hw.experts_tp_sharded else 1
+
+
+def expert_params_on_rank(cfg: ModelConfig, tp: int, ep: int, hw: Hardware) -> float:
+    """Routed-expert parameters of one MoE block one rank holds at (``tp``, ``ep``), before any ZeRO sharding."""
+    return expert_params(cfg) / (ep * expert_tp(tp, hw))
+
+
+def expert_fwd_flops(cfg: ModelConfig, tokens: float) -> float:
+    """Forward FLOPs of one MoE block's routed experts for ``tokens`` tokens (top_k SwiGLU experts each: 2 per
+    active weight), the part of ``layer_fwd_flops`` a stack may not split over tp (``Stack.expert_compute_tp_split``)."""
+    return 2.0 * cfg.top_k * 3 * cfg.d_model * cfg.expert_ffn_dim * tokens
+
+
 def _compute_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, tokens: float, seq_len: int, lemo: float,
                    hw: Hardware) -> tuple[float, float, float, float, float]:
     """layer_costs' compute and TP/CP/EP collectives per microbatch (before the weights' traffic): forward seconds,
     compute seconds, model and hardware FLOPs, communication seconds."""
-    fwd_flops = layer_fwd_flops(cfg, index, tokens, seq_len) / s.tp
+    model_fwd = layer_fwd_flops(cfg, index, tokens, seq_len) / s.tp  # the rank's share of the work, counted once
+    fwd_flops = model_fwd  # what the rank executes: its tp share, and its experts whole where tp replicates them
+    if moe and not hw.expert_compute_tp_split and s.tp > 1:
+        fwd_flops += expert_fwd_flops(cfg, tokens) * (1.0 - 1.0 / s.tp)
     extra = recompute_extra_fwd_fraction(cfg, index, seq_len, s.recompute)
-    width = min(cfg.d_model, (cfg.expert_ffn_dim if moe else cfg.ffn_dim) / s.tp, cfg.n_heads // s.tp * cfg.head_dim)
+    ffn_width = cfg.expert_ffn_dim / expert_tp(s.tp, hw) if moe else cfg.ffn_dim / s.tp
+    width = min(cfg.d_model, ffn_width, cfg.n_heads // s.tp * cfg.head_dim)
     matmul_flops = fwd_flops
     attn = 0.0
     if flash_kernels(hw) and not hw.block_time_measured:  # the attention core runs in its own kernel, not at matmul speed
@@ -1569,7 +1605,7 @@ def _compute_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, tokens: floa
     # backward is 2x forward for matmuls (input and weight gradients) but ~1x for memory-bound kernels
     compute_mb = (matmul * (3.0 + extra_mm) + attn * (1.0 + FLASH_BWD_OVER_FWD + extra_attn)
                   + memory_bound * (2.0 + extra_mem) + hw.layer_overhead_s)
-    model_flops_mb = fwd_flops * 3.0
+    model_flops_mb = model_fwd * 3.0
     hw_flops_mb = fwd_flops * lemo * (3.0 + (0.0 if s.recompute == "selective" and hw.stack == "meshwright" else extra))
     if hw.lora is not None:
         lora_mb, lora_flops, lora_hw_flops = lora_compute_terms(cfg, index, tokens, seq_len, s.tp, extra_mm, width, hw)
@@ -1597,11 +1633,16 @@ def lora_compute_terms(cfg: ModelConfig, index: int, tokens: float, seq_len: int
     FLOPs and hardware FLOPs."""
     st = hw.lora
     delta = st.layer_flops_delta(cfg, index, seq_len) * tokens / tp
-    base = delta - (6.0 * st.adapter[index] - 2.0 * st.no_dgrad_adapter[index]) * tokens / tp  # <= 0: base skips
+    experts = st.expert_flops(index)  # the expert adapters' per token (their top_k experts')
+    base = delta - (6.0 * st.adapter[index] - 2.0 * st.no_dgrad_adapter[index] + experts) * tokens / tp  # <= 0
     # the adapters' GEMMs on this rank: the factors tp replicates (a column base's A, a row base's B) run whole on
-    # every rank (``LoraStep.on_rank``), the others split; the model FLOPs count the work once (``delta``)
-    adapters = (6.0 * st.on_rank(index, tp) - 2.0 * st.no_dgrad_adapter_on_rank(index, tp)) * tokens
-    repeat = 2.0 * st.on_rank(index, tp) * tokens * extra_mm
+    # every rank (``LoraStep.on_rank``), the others split; the expert adapters run with their experts (whole on every
+    # tp rank where the stack does not split the experts' work: ``Hardware.expert_compute_tp_split``); the model
+    # FLOPs count the work once (``delta``)
+    e_tp = tp if hw.expert_compute_tp_split else 1
+    adapters = (6.0 * st.on_rank(index, tp) - 2.0 * st.no_dgrad_adapter_on_rank(index, tp) + experts / e_tp) * tokens
+    active = st.on_rank(index, tp) + (st.active_adapter(index) - st.adapter[index]) / e_tp
+    repeat = 2.0 * active * tokens * extra_mm
     seconds = compute_s(adapters + repeat, hw, st.rank) + compute_s(base, hw, width)
     if not hw.block_time_measured:  # a profile of LoRA blocks timed them (profiling/model.py)
         seconds += lora_elementwise_s(st, index, tokens, extra_mm, hw, tp)
@@ -1628,30 +1669,29 @@ def lora_elementwise_s(st: Any, index: int, tokens: float, extra_mm: float, hw: 
 
 def _shard_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, states: str, hw: Hardware
                  ) -> tuple[float, float, float, dict[str, float], float, float, float]:
-    """layer_costs' terms of one rank's shard: parameters on it (attention/dense MLP split by tp, experts by tp and
-    ep), DP traffic per microbatch and per step, model-state bytes, optimizer step (with FSDP2's per-step casts) and
+    """layer_costs' terms of one rank's shard: parameters on it (attention/dense MLP split by tp, experts by ep and,
+    where the stack shards them, by tp: ``expert_params_on_rank``), DP traffic per microbatch and per step, model-state bytes, optimizer step (with FSDP2's per-step casts) and
     gradient accumulation, and FSDP2's casts per microbatch (``fsdp_cast_s``)."""
     # LoRA: the adapters' gradients only, as one tp rank holds them (``LoraStep.on_rank``: a column base's A and a row
     # base's B whole on every rank, the other factor split with the base)
     lora_rank = hw.lora.on_rank(index, s.tp) if hw.lora is not None else None
     if moe:
-        expert = cfg.n_experts * 3 * cfg.d_model * cfg.expert_ffn_dim
-        dense = cfg.layer_params(index) - expert
-        shard_params = dense / s.tp + expert / (s.tp * s.ep)
-        trained = lora_rank  # LoRA's adapters sit on the dense part (attention): split as tp places them, replicated
-        # over ep like it
+        dense = cfg.layer_params(index) - expert_params(cfg)
+        exp_rank = expert_params_on_rank(cfg, s.tp, s.ep, hw)
+        shard_params = dense / s.tp + exp_rank
+        trained = lora_rank  # LoRA's linear adapters sit on the dense part (attention): split as tp places them,
+        # replicated over ep like it; the expert adapters go with their experts (/ ep, reduced over the edp group)
+        exp_trained = hw.lora.expert_on_rank(index, s.ep) if hw.lora is not None else None
         dpc = s.dp * s.cp  # weights are replicated over cp ranks: gradients reduce over dp*cp
         dp_dense_mb, dp_dense_step = dp_comm_s(dense / s.tp, dpc, s.zero, s.tp, hw, trained)
-        dp_exp_mb, dp_exp_step = dp_comm_s(expert / (s.tp * s.ep), dpc // s.ep, s.zero, s.tp * s.ep, hw,
-                                           0.0 if hw.lora is not None else None)
+        dp_exp_mb, dp_exp_step = dp_comm_s(exp_rank, dpc // s.ep, s.zero, s.tp * s.ep, hw, exp_trained)
         dp_mb, dp_step = dp_dense_mb + dp_exp_mb, dp_dense_step + dp_exp_step
         adapters = trained or 0.0  # LoRA: the adapters' weights beside the base, and theirs the only gradients
         states_b = model_state_bytes(dense / s.tp + adapters, dpc, s.zero, states, hw, trained)
-        exp_b = model_state_bytes(expert / (s.tp * s.ep), dpc // s.ep, s.zero, states, hw,
-                                  0.0 if hw.lora is not None else None)
+        exp_b = model_state_bytes(exp_rank + (exp_trained or 0.0), dpc // s.ep, s.zero, states, hw, exp_trained)
         states_b = {k: states_b[k] + exp_b[k] for k in states_b}
         cast_dense, cast_dense_step = fsdp_cast_s(dense / s.tp, dpc, s.zero, hw)
-        cast_exp, cast_exp_step = fsdp_cast_s(expert / (s.tp * s.ep), dpc // s.ep, s.zero, hw)
+        cast_exp, cast_exp_step = fsdp_cast_s(exp_rank, dpc // s.ep, s.zero, hw)
         cast_mb, cast_step = cast_dense + cast_exp, cast_dense_step + cast_exp_step
     else:
         shard_params = cfg.layer_params(index) / s.tp
@@ -1663,7 +1703,8 @@ def _shard_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, states: str, h
         states_b = model_state_bytes(shard_params + (trained or 0.0), group, s.zero, states, hw, trained)
         cast_mb, cast_step = fsdp_cast_s(shard_params, group, s.zero, hw)
     zero_dp = s.dp_shard or s.dp * s.cp
-    stepped = shard_params if lora_rank is None else lora_rank  # the optimizer steps the trainable ones only (LoRA)
+    # the optimizer steps the trainable ones only (LoRA: the block's adapters, its experts' too)
+    stepped = shard_params if lora_rank is None else hw.lora.trained_on_rank(index, s.tp, s.ep if moe else 1)
     accum_mb, accum_step = grad_accumulation_s(stepped, zero_dp, s.zero, hw)
     opt_step = (optimizer_step_s(stepped, zero_dp if not moe else s.dp * s.cp, s.zero, states, hw) + cast_step
                 + accum_step)
@@ -1723,13 +1764,16 @@ def reduce_copy_bytes(cfg: ModelConfig, index: int, s: Any, hw: Hardware) -> flo
     of tiny-par, as counted here)."""
     if s.dp <= 1 or not hw.reduces_after_backward(s.zero, s.tp, s.ep):
         return 0.0
-    lora = hw.lora.on_rank(index, s.tp) if hw.lora is not None else None  # the adapters alone have gradients
+    st = hw.lora  # LoRA: the adapters alone have gradients (the linear ones with the dense part, the experts' with
+    # their experts)
     if cfg.is_moe_layer(index) and s.ep > 1:
-        expert = cfg.n_experts * 3 * cfg.d_model * cfg.expert_ffn_dim
-        dense = (cfg.layer_params(index) - expert) / s.tp
-        largest = lora if lora is not None else max(dense, expert / (s.tp * s.ep))  # LoRA: experts frozen
+        dense = (cfg.layer_params(index) - expert_params(cfg)) / s.tp
+        if st is not None:
+            largest = max(st.on_rank(index, s.tp), st.expert_on_rank(index, s.ep))
+        else:
+            largest = max(dense, expert_params_on_rank(cfg, s.tp, s.ep, hw))
     else:
-        largest = lora if lora is not None else cfg.layer_params(index) / s.tp
+        largest = st.trained_on_rank(index, s.tp) if st is not None else cfg.layer_params(index) / s.tp
     return largest * hw.policy_at(s.zero).grad_bytes
 
 

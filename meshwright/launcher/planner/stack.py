@@ -167,6 +167,20 @@ class Stack:
     # backward at every ZeRO stage: torchtitan's apply_fsdp_to_decoder shards [norm, lm_head] (tied: with
     # tok_embeddings) with reshard_after_forward only under "always", which its export never writes
     head_kept_gathered: bool = False
+    # how the stack lays an MoE block's routed experts over the tp group. ``experts_tp_sharded``: each expert's weights
+    # are split over tp, so a rank holds (and reduces, and steps) expert params / (tp * ep). Megatron-core shards them
+    # over expert_tensor_parallel_size, which defaults to tp (model_parallel_config.py) and which
+    # ``plan --emit megatron`` writes as tp; torchtitan (the pinned b5bcd76) TP-shards them at ep=1 and at ep>1 lets
+    # the EP group borrow the tp ranks and FSDP-shard the rest over efsdp = dp_shard*cp*tp/ep, which at FSDP holds the
+    # same E/(dp*tp) per rank. False: every tp rank holds its ep share whole (params / ep): meshwright's runtime
+    # (parallel/tensor_parallel.py apply_tp leaves the experts plain tensors) and DeepSpeed MoE without
+    # enable_expert_tensor_parallelism (moe/layer.py)
+    experts_tp_sharded: bool = True
+    # each tp rank runs 1/tp of the experts' FLOPs: by weights where they are sharded, by tokens where DeepSpeed's
+    # MOELayer drops the duplicate tokens over tp (sharded_moe.py drop_tokens on the capacity dim, gathered after) and
+    # where torchtitan's EP region splits them. False: meshwright, whose tp ranks all route the same tokens and run
+    # their experts whole and redundantly (apply_tp refuses sp on MoE blocks: no sequence split either)
+    expert_compute_tp_split: bool = True
 
     def buffer_elements(self, zero: int) -> float:
         """Elements of the reduction buckets allocated per rank at the backward peak at ZeRO-``zero`` (compute dtype)."""
@@ -219,7 +233,8 @@ DEEPSPEED_RUNS = ((("pp", 1), ("hsdp", False), ("virtual_stages", 1)), (("pp", 1
 
 STACKS = {
     "meshwright": Stack("meshwright", "autocast", dp_overlap=True, tp_wgrad_overlap=False, pipeline_slowdown=1.0,
-                        grads_set_to_none=True, fsdp_zero2=True, reduces_after_backward_zero=(0, 1), dp1_plain=True),
+                        grads_set_to_none=True, fsdp_zero2=True, reduces_after_backward_zero=(0, 1), dp1_plain=True,
+                        experts_tp_sharded=False, expert_compute_tp_split=False),
     # Megatron-LM defaults: no --overlap-grad-reduce; async TP all-reduce / SP all-gather overlap the wgrad GEMMs
     # It runs DDP or the distributed optimizer (ZeRO-0/1) with any pp/ep, or torch FSDP2 (--use-torch-fsdp2: ZeRO-3, no
     # HSDP flag) with pp=1 and ep=1 (validate_args); no GPipe schedule
@@ -233,14 +248,19 @@ STACKS = {
     "deepspeed": Stack("deepspeed", "bf16", dp_overlap=True, tp_wgrad_overlap=False, pipeline_slowdown=1.25,
                        deepspeed=DeepSpeedSizes(), reduce_buckets=(0, 2, 2, 1), fp32_precision="deepspeed_fp32",
                        pipeline_zero0_precision="bf16_bf16_accum", pipeline_reduces_after_schedule=True,
-                       runs=DEEPSPEED_RUNS),
+                       runs=DEEPSPEED_RUNS, experts_tp_sharded=False),
     # the same with data_types.grad_accum_dtype=fp32 (BF16_Optimizer, ZeRO-1 built in, no reduction buckets)
     "deepspeed-fp32-accum": Stack("deepspeed-fp32-accum", "bf16_fp32_accum", dp_overlap=True, tp_wgrad_overlap=False,
                                   pipeline_slowdown=1.25, deepspeed=DeepSpeedSizes(),
-                                  runs=((("zero", 1), ("schedule", "1f1b"), ("virtual_stages", 1)),)),
-    # torchtitan applies replicate (DDP, ZeRO-0) or fully_shard (ZeRO-3, also as HSDP); it has no ZeRO-1/2 setting
+                                  runs=((("zero", 1), ("schedule", "1f1b"), ("virtual_stages", 1)),),
+                                  experts_tp_sharded=False),
+    # torchtitan applies replicate (DDP, ZeRO-0) or fully_shard (ZeRO-3, also as HSDP); it has no ZeRO-1/2 setting.
+    # Its EP group takes its ranks from dp_shard*cp*tp (parallel_dims.py: efsdp = dp_shard*cp*tp/ep, FSDP over efsdp
+    # whenever ep > 1): under replicate (dp_shard=1) only from tp, with each rank's experts sharded over tp/ep, not the
+    # planned ep over dp with tp-sharded experts; so ZeRO-0 runs ep=1 only
     "torchtitan": Stack("torchtitan", "fsdp_mixed", dp_overlap=True, tp_wgrad_overlap=False, pipeline_slowdown=1.0,
-                        pipeline_defers_fsdp_sync=True, fsdp_zero2=True, runs=((("zero", 0),), (("zero", 3),)),
+                        pipeline_defers_fsdp_sync=True, fsdp_zero2=True,
+                        runs=((("zero", 0), ("ep", 1)), (("zero", 3),)),
                         zero_runs_as=(0, 2, 2, 3), head_kept_gathered=True),
 }
 

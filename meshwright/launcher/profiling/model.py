@@ -253,7 +253,7 @@ def lora_block_flops_delta(cfg: ModelConfig, lora: dict[str, Any], index: int, s
     from meshwright.memory.lora_cost import lora_step
 
     step = lora_step(cfg, from_dict(LoraConfig, lora))
-    return 6.0 * step.adapter[index] - 2.0 * step.no_wgrad[index]
+    return 6.0 * step.active_adapter(index) - 2.0 * step.no_wgrad[index]
 
 
 def apply_model_profile(hw: cm.Hardware, profile: dict[str, Any], cfg: ModelConfig,

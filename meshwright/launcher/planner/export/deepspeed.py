@@ -153,8 +153,12 @@ def deepspeed_config(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] 
         notes.append(f"tp={s.tp}: DeepSpeed has no tensor parallelism of its own for training; use Megatron-DeepSpeed's mpu "
                      "(or AutoTP) in the model code" + (" with sequence parallelism" if s.sp else ""))
     if cfg.n_experts:
+        # the experts' tp as the planner costed them (Stack.experts_tp_sharded: whole on every tp rank, the duplicate
+        # tokens dropped over tp by MOELayer): DeepSpeed's default, written out in the layer call
+        etp = STACKS["deepspeed"].experts_tp_sharded
         notes.append(f"expert parallelism ep={s.ep}: build the MoE layers with deepspeed.moe.layer.MoE(num_experts="
-                     f"{cfg.n_experts}, ep_size={s.ep}, k={cfg.top_k}); the JSON has no expert settings")
+                     f"{cfg.n_experts}, ep_size={s.ep}, k={cfg.top_k}, enable_expert_tensor_parallelism={etp}); "
+                     "the JSON has no expert settings")
     if plan.optimizer.states == "fp8":
         notes.append("COAT FP8 optimizer states have no DeepSpeed setting: exported fp32 Adam states (more memory)")
     return conf, notes

@@ -17,6 +17,7 @@ from meshwright.config import ModelConfig, TrainConfig
 from meshwright.errors import invalid
 from meshwright.launcher.planner.export.common import _uniform, check_dtype, optimizer_settings, stage_sizes
 from meshwright.launcher.planner.export.stacks import megatron_fsdp2_refusal
+from meshwright.launcher.planner.stack import STACKS
 from meshwright.plan import Plan
 
 
@@ -151,7 +152,11 @@ def megatron_args(plan: Plan, cfg: ModelConfig, train: Optional[TrainConfig] = N
                              f"replicated {s.dp // s.dp_shard}x (--num-distributed-optimizer-instances)")
     if cfg.n_experts:
         args += ["--num-experts", str(cfg.n_experts), "--moe-router-topk", str(cfg.top_k),
-                 "--expert-model-parallel-size", str(s.ep), "--moe-router-load-balancing-type", "aux_loss",
+                 "--expert-model-parallel-size", str(s.ep),
+                 # the experts' tp as the planner costed them (Stack.experts_tp_sharded): Megatron-core's default (= tp)
+                 # written out, so a changed default cannot silently halve or double each rank's experts
+                 "--expert-tensor-parallel-size", str(s.tp if STACKS["megatron"].experts_tp_sharded else 1),
+                 "--moe-router-load-balancing-type", "aux_loss",
                  "--moe-aux-loss-coeff", _num(cfg.aux_loss_coef), "--moe-z-loss-coeff", _num(cfg.z_loss_coef)]
         if cfg.expert_ffn_dim != cfg.ffn_dim:
             args += ["--moe-ffn-hidden-size", str(cfg.expert_ffn_dim)]

@@ -39,7 +39,7 @@ RUNS: dict[str, str] = {
     "deepspeed": "--virtual-stages 1, and --pp 1 (any --zero) or --zero 0/1 with --schedule 1f1b",
     "deepspeed-fp32-accum": "--zero 1 with --schedule 1f1b and --virtual-stages 1 (DeepSpeed builds BF16_Optimizer "
                             "at ZeRO-1 only)",
-    "torchtitan": "--zero 0 or 3",
+    "torchtitan": "--zero 0 with --ep 1, or --zero 3",
 }
 
 
@@ -155,6 +155,9 @@ def stack_problems(target: str, plan: Plan, cfg: Any) -> list[str]:
     elif target == "torchtitan":
         if zeros & {1, 2}:
             out.append("torchtitan has no ZeRO-1/2")
+        if any(s.zero == 0 and s.ep > 1 for s in strategies):
+            out.append("torchtitan's expert parallelism borrows its ranks from dp_shard*cp*tp: at ZeRO-0 (dp_shard=1) "
+                       "it cannot hold the planned ep over dp")
         for i, s in enumerate(strategies):
             shard = s.dp_shard or (s.dp if s.zero == 3 else 1)
             if s.ep > 1 and (shard * s.tp) % s.ep:

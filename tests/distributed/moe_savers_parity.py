@@ -55,14 +55,15 @@ import sys
 import torch
 import torch.distributed as dist
 
-from parity_lib import CFG, MAX_NORM, MICRO, RTOL, SEED, SEQ, Report, failure, full_grads, init, make_opt, rel, run_worker, shard
+from parity_lib import (CFG, MAX_NORM, MICRO, RTOL, SEED, SEQ, Report, dp_copies_reference, failure, full_grads, init,
+                        make_opt, rel, run_worker, shard)
 from parity_2rank import plan
 
 from meshwright.config import load_model_config
 from meshwright.memory import fp8_activations
 from meshwright.memory.fp8_gemm import cpu_scaled_mm_runs
 from meshwright.memory.fp8_activations import FP8Linear, _FP8LinearFn, _QuantCache
-from meshwright.models import build_model, lm_loss
+from meshwright.models import build_model
 from meshwright.models.moe import moe_layers
 from meshwright.parallel.runtime import DistributedRuntime, apply_plan_savers
 from meshwright.plan import plan_from_dict
@@ -261,43 +262,17 @@ def reference(cfg, p, dp: int, savers: bool = True, steps: int = STEPS, shards: 
         apply_plan_savers(base, p, SEED)
     if shards:
         emulate_tp_shards(base, p)
-    copies = [copy.deepcopy(base) for _ in range(dp)]
-    m0 = copies[0]
-    opt = make_opt([{"params": [q for q in m0.parameters() if q.dim() >= 2]},
-                    {"params": [q for q in m0.parameters() if q.dim() < 2], "weight_decay": 0.0}])
-    out = []
-    for step in range(steps):
-        lm_total = 0.0
-        for r, model in enumerate(copies):
-            micro = shard(step, r, dp)
-            for x, y in micro:
-                loss = lm_loss(model(x), y)
-                aux = model.aux_loss()
-                ((loss if aux is None else loss + aux) / (len(micro) * dp)).backward()
-                lm_total += float(loss.detach()) / (len(micro) * dp)
-        names = [n for n, _ in m0.named_parameters()]
-        grads = {}
-        for n, q in zip(names, m0.parameters()):
-            gs = [dict(c.named_parameters())[n].grad for c in copies]
-            grads[n] = sum(g for g in gs if g is not None)
-            q.grad = grads[n].clone()
-        for c in copies[1:]:
-            c.zero_grad(set_to_none=True)
-        norm = float(torch.nn.utils.clip_grad_norm_(m0.parameters(), MAX_NORM))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for c in copies[1:]:
-                for a, b in zip(c.parameters(), m0.parameters()):
-                    a.copy_(b)
-        router: dict[str, list[int]] = {}  # tokens per expert of each copy's last forward, summed over copies
-        for c in copies:
-            for lname, mod in moe_layers(c).items():
-                cur = mod.last_stats["tokens_per_expert"].tolist()
-                router[lname] = [a + b for a, b in zip(router.get(lname, [0] * len(cur)), cur)]
-        out.append({"loss": lm_total, "grads": {k: v.detach().clone() for k, v in grads.items()}, "norm": norm,
-                    "router": router})
-    return out
+    return dp_copies_reference([copy.deepcopy(base) for _ in range(dp)], steps, after_step=router_counts)
+
+
+def router_counts(copies: list) -> dict:
+    """Tokens per expert of each copy's last forward, summed over the copies."""
+    router: dict[str, list[int]] = {}
+    for c in copies:
+        for lname, mod in moe_layers(c).items():
+            cur = mod.last_stats["tokens_per_expert"].tolist()
+            router[lname] = [a + b for a, b in zip(router.get(lname, [0] * len(cur)), cur)]
+    return {"router": router}
 
 
 def expert_slice(rt, name: str, g: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,7 @@ with them (``saver_effect`` > 1e-4), so the check fails if the runtime dropped t
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
 
@@ -254,9 +255,24 @@ class CompiledCalls:
         return {"parts": len(self.parts), "calls_compiled": compiled, "calls_eager": eager}
 
 
+_PLAIN_REFERENCES: dict[tuple[str, int, int], list[dict]] = {}
+
+
 def reference(cfg, p, dp: int, savers: bool = True, steps: int = STEPS, shards: bool = False) -> list[dict]:
     """dp copies of the one-process model (with the plan's savers), copy r on shard r; 2 AdamW steps.
-    ``shards``: FP8 GEMMs of tp>1 layers computed per weight shard as the tp ranks do (ShardedFP8Linear)."""
+    ``shards``: FP8 GEMMs of tp>1 layers computed per weight shard as the tp ranks do (ShardedFP8Linear).
+    Without savers (``savers=False``, or a plan without any: apply_plan_savers and emulate_tp_shards change nothing)
+    the reference depends on the model, dp and steps only: computed once per launch and shared (read-only) by the
+    cases, which recomputed the same ones ~25 times on every rank."""
+    if not (savers and any(s.savers.fp8_act or s.savers.wta_crs is not None for s in p.layer_strategies())):
+        key = (cfg.name, dp, steps)
+        if key not in _PLAIN_REFERENCES:
+            _PLAIN_REFERENCES[key] = _reference(cfg, p, dp, False, steps, False)
+        return _PLAIN_REFERENCES[key]
+    return _reference(cfg, p, dp, True, steps, shards)
+
+
+def _reference(cfg, p, dp: int, savers: bool, steps: int, shards: bool) -> list[dict]:
     base = build_model(cfg, seed=SEED)
     if savers:
         apply_plan_savers(base, p, SEED)
@@ -494,23 +510,40 @@ def _run_case(name: str, cfg, pd: dict, compile_backend: str | None = None, loss
     return {"ok": ok, **res}
 
 
-CKPT_CASES = {  # save after step 1 under the first plan, resume under the second, steps 2-3 vs the reference
+# save after step 1 under the first plan (one save per plan), resume under the second, steps 2-3 vs the reference
+CKPT_CASES = {
     "ckpt_moe_ep2_to_ep4": (moe_plan([{"dp": 4, "ep": 2, "repeat": 2}]), moe_plan([{"dp": 4, "ep": 4, "repeat": 2}])),
     "ckpt_moe_ep2_to_fsdp_ep1": (moe_plan([{"dp": 4, "ep": 2, "repeat": 2}]),
                                  moe_plan([{"dp": 4, "zero": 3, "repeat": 2}])),
 }
 
 
-def run_ckpt_case(pd_save: dict, pd_load: dict, path: str) -> dict:
-    from meshwright.train.checkpoint import load_runtime, save_runtime
+_SAVED: dict[str, str] = {}  # plan (JSON) -> its step-1 checkpoint: the CKPT_CASES saving under one plan share it
+
+
+def saved_checkpoint(pd_save: dict, ckpt_dir: str) -> str:
+    """The checkpoint of 1 step under ``pd_save`` (written once per plan and launch; read by every case that resumes
+    it: the resume must overwrite its own other init either way)."""
+    from meshwright.train.checkpoint import save_runtime
+
+    key = json.dumps(pd_save, sort_keys=True)
+    if key not in _SAVED:
+        path = f"{ckpt_dir}/save{len(_SAVED)}"
+        rt = DistributedRuntime(MOE, plan_from_dict(pd_save), seed=SEED)
+        opt = rt.build_optimizer(make_opt)
+        rt.forward_backward(shard(0, rt.dp_rank, rt.dp_size))
+        rt.clip_grad_norm_(MAX_NORM)
+        rt.optimizer_step(opt)
+        save_runtime(path, rt, opt, meta={"step": 1})
+        _SAVED[key] = path
+    return _SAVED[key]
+
+
+def run_ckpt_case(pd_save: dict, pd_load: dict, ckpt_dir: str) -> dict:
+    from meshwright.train.checkpoint import load_runtime
 
     ref = reference(MOE, plan_from_dict(pd_save), 4, steps=3)
-    rt = DistributedRuntime(MOE, plan_from_dict(pd_save), seed=SEED)
-    opt = rt.build_optimizer(make_opt)
-    rt.forward_backward(shard(0, rt.dp_rank, rt.dp_size))
-    rt.clip_grad_norm_(MAX_NORM)
-    rt.optimizer_step(opt)
-    save_runtime(path, rt, opt, meta={"step": 1})
+    path = saved_checkpoint(pd_save, ckpt_dir)
     rt2 = DistributedRuntime(MOE, plan_from_dict(pd_load), seed=SEED + 99)  # other init: must be overwritten
     opt2 = rt2.build_optimizer(make_opt)
     meta = load_runtime(path, rt2, opt2)
@@ -562,7 +595,7 @@ def main() -> None:
         if only and name not in only:
             continue
         try:
-            res = run_ckpt_case(pd_save, pd_load, f"{ckpt_dir}/{name}")
+            res = run_ckpt_case(pd_save, pd_load, ckpt_dir)
         except Exception as e:
             res = failure(f"case {name}", e)
         report.add(name, res["ok"], res)

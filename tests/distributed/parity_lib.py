@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+import time
 import traceback
 from datetime import timedelta
 from typing import Callable
@@ -185,9 +186,14 @@ class Report:
 
     def __init__(self, path: str | None) -> None:
         self.path, self.cases = path, {}
+        self._last = time.perf_counter()
 
     def add(self, name: str, ok: bool, detail: dict) -> None:
-        self.cases[name] = {"ok": ok, **detail}
+        """Record a case; ``wall_s`` (seconds since the previous case was added) says where a slow launch spends
+        its time -- for reading, never for asserting."""
+        now = time.perf_counter()
+        self.cases[name] = {"ok": ok, **detail, "wall_s": round(now - self._last, 2)}
+        self._last = now
 
     def gather_and_write(self) -> None:
         parts = [None] * dist.get_world_size()

@@ -1,6 +1,6 @@
 """`meshwright profile hardware` and `profile model` under torchrun (2 gloo ranks): collectives, p2p and overlap are
 measured, and the runtime's layouts timed. Both commands run in one launch (tests/distributed/cli_runs.py), each with
-a process group of its own, after the three training runs of test_train_cli_parallel.py (conftest.cli_launch)."""
+a process group of its own, after the runs of other modules (conftest.cli_launch, cli_launch.py)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ pytestmark = pytest.mark.distributed
 
 @pytest.fixture(scope="module")
 def profiles(cli_launch) -> tuple[Path, Path]:
-    """Runs 3-4 of the 2-rank launch this module shares with test_train_cli_parallel.py (conftest.cli_launch)."""
+    """Runs 9-10 of the 2-rank launch this module shares with others (conftest.cli_launch, cli_launch.py)."""
     _, tmp = cli_launch
     return tmp / "hw.json", tmp / "model.json"
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_profile_hardware_two_ranks(profiles):
     out, _ = profiles
     from meshwright.launcher.profiling.hardware import load_hardware_profile
@@ -39,7 +39,7 @@ def test_profile_hardware_two_ranks(profiles):
     assert read_json(out)["version"] == 1
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_profile_model_two_ranks_times_the_runtime_layouts(profiles):
     """Under torchrun the model profile also times the runtime's TP/SP and ZeRO-2/3 blocks, and the
     planner turns them into per-layer overheads that make tp layouts slower than the bare model says."""

@@ -1,6 +1,6 @@
 """End to end: `torchrun -m meshwright.cli train ... --plan` with a layer-wise + pipeline-free plan on 2 ranks, and
 `--plan auto` twice (profiled once, then reused). The three runs share one launch (tests/distributed/cli_runs.py),
-each with a process group of its own, with the two runs of test_profile_hardware.py after them (conftest.cli_launch)."""
+each with a process group of its own, with the runs of other modules after them (conftest.cli_launch, cli_launch.py)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import pytest
 
 @pytest.fixture(scope="module")
 def launch(cli_launch) -> tuple[str, object]:
-    """Runs 0-2 of the 2-rank launch this module shares with test_profile_hardware.py (conftest.cli_launch)."""
+    """Runs 0-2 of the 2-rank launch this module shares with others (conftest.cli_launch, cli_launch.py)."""
     return cli_launch
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_torchrun_train_with_layerwise_plan(launch) -> None:
     _, tmp = launch
     out = tmp / "layerwise"
@@ -28,7 +28,7 @@ def test_torchrun_train_with_layerwise_plan(launch) -> None:
     assert steps and all(math.isfinite(s["loss"]) for s in steps)
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_torchrun_train_plan_auto_profiles_once_then_reuses(launch) -> None:
     """`--plan auto` on 2 ranks: the first run profiles collectively (hardware + model incl. the runtime's
     TP/ZeRO blocks) and plans with it; a second run finds the cache and skips profiling: no cache file is

@@ -228,39 +228,9 @@ def lora_reference(lora: dict, dp: int, steps: int = LORA_STEPS) -> list[dict]:
     """``dp`` copies of the one-process LoRA model, copy r on data shard r, (LM + aux) / (micro-batches x dp) per
     micro-batch; per step the logged LM loss, the summed trainable gradients, the grad norm; AdamW on the trainable
     parameters only (the runtime's groups)."""
-    from parity_lib import MAX_NORM, make_opt, shard
+    from parity_lib import dp_copies_reference
 
-    copies = [lora_model(lora) for _ in range(dp)]
-    m0 = copies[0]
-    trainable = [(n, q) for n, q in m0.named_parameters() if q.requires_grad]
-    opt = make_opt([{"params": [q for _, q in trainable if q.dim() >= 2]},
-                    {"params": [q for _, q in trainable if q.dim() < 2], "weight_decay": 0.0}])
-    out = []
-    for step in range(steps):
-        lm_total = 0.0
-        for r, model in enumerate(copies):
-            micro = shard(step, r, dp)
-            for x, y in micro:
-                loss = lm_loss(model(x), y)
-                ((loss + model.aux_loss()) / (len(micro) * dp)).backward()
-                lm_total += float(loss.detach()) / (len(micro) * dp)
-        frozen_grads = [n for c in copies for n, q in c.named_parameters() if not q.requires_grad and q.grad is not None]
-        assert not frozen_grads, f"the one-process reference gave frozen parameters gradients: {frozen_grads[:3]}"
-        grads = {}
-        for n, q in trainable:
-            grads[n] = sum(dict(c.named_parameters())[n].grad for c in copies)
-            q.grad = grads[n].clone()
-        for c in copies[1:]:
-            c.zero_grad(set_to_none=True)
-        norm = float(torch.nn.utils.clip_grad_norm_([q for _, q in trainable], MAX_NORM))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for c in copies[1:]:
-                for a, b in zip(c.parameters(), m0.parameters()):
-                    a.copy_(b)
-        out.append({"loss": lm_total, "grads": {k: v.detach().clone() for k, v in grads.items()}, "norm": norm})
-    return out
+    return dp_copies_reference([lora_model(lora) for _ in range(dp)], steps)
 
 
 def lora_runtime(pd: dict, lora: dict, seed: int | None = None):

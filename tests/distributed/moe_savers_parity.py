@@ -49,20 +49,22 @@ with them (``saver_effect`` > 1e-4), so the check fails if the runtime dropped t
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
 
 import torch
 import torch.distributed as dist
 
-from parity_lib import CFG, MAX_NORM, MICRO, RTOL, SEED, SEQ, Report, failure, full_grads, init, make_opt, rel, run_worker, shard
+from parity_lib import (CFG, MAX_NORM, MICRO, RTOL, SEED, SEQ, Report, dp_copies_reference, failure, full_grads, init,
+                        make_opt, rel, run_worker, shard)
 from parity_2rank import plan
 
 from meshwright.config import load_model_config
 from meshwright.memory import fp8_activations
 from meshwright.memory.fp8_gemm import cpu_scaled_mm_runs
 from meshwright.memory.fp8_activations import FP8Linear, _FP8LinearFn, _QuantCache
-from meshwright.models import build_model, lm_loss
+from meshwright.models import build_model
 from meshwright.models.moe import moe_layers
 from meshwright.parallel.runtime import DistributedRuntime, apply_plan_savers
 from meshwright.plan import plan_from_dict
@@ -253,51 +255,40 @@ class CompiledCalls:
         return {"parts": len(self.parts), "calls_compiled": compiled, "calls_eager": eager}
 
 
+_PLAIN_REFERENCES: dict[tuple[str, int, int], list[dict]] = {}
+
+
 def reference(cfg, p, dp: int, savers: bool = True, steps: int = STEPS, shards: bool = False) -> list[dict]:
     """dp copies of the one-process model (with the plan's savers), copy r on shard r; 2 AdamW steps.
-    ``shards``: FP8 GEMMs of tp>1 layers computed per weight shard as the tp ranks do (ShardedFP8Linear)."""
+    ``shards``: FP8 GEMMs of tp>1 layers computed per weight shard as the tp ranks do (ShardedFP8Linear).
+    Without savers (``savers=False``, or a plan without any: apply_plan_savers and emulate_tp_shards change nothing)
+    the reference depends on the model, dp and steps only: computed once per launch and shared (read-only) by the
+    cases, which recomputed the same ones ~25 times on every rank."""
+    if not (savers and any(s.savers.fp8_act or s.savers.wta_crs is not None for s in p.layer_strategies())):
+        key = (cfg.name, dp, steps)
+        if key not in _PLAIN_REFERENCES:
+            _PLAIN_REFERENCES[key] = _reference(cfg, p, dp, False, steps, False)
+        return _PLAIN_REFERENCES[key]
+    return _reference(cfg, p, dp, True, steps, shards)
+
+
+def _reference(cfg, p, dp: int, savers: bool, steps: int, shards: bool) -> list[dict]:
     base = build_model(cfg, seed=SEED)
     if savers:
         apply_plan_savers(base, p, SEED)
     if shards:
         emulate_tp_shards(base, p)
-    copies = [copy.deepcopy(base) for _ in range(dp)]
-    m0 = copies[0]
-    opt = make_opt([{"params": [q for q in m0.parameters() if q.dim() >= 2]},
-                    {"params": [q for q in m0.parameters() if q.dim() < 2], "weight_decay": 0.0}])
-    out = []
-    for step in range(steps):
-        lm_total = 0.0
-        for r, model in enumerate(copies):
-            micro = shard(step, r, dp)
-            for x, y in micro:
-                loss = lm_loss(model(x), y)
-                aux = model.aux_loss()
-                ((loss if aux is None else loss + aux) / (len(micro) * dp)).backward()
-                lm_total += float(loss.detach()) / (len(micro) * dp)
-        names = [n for n, _ in m0.named_parameters()]
-        grads = {}
-        for n, q in zip(names, m0.parameters()):
-            gs = [dict(c.named_parameters())[n].grad for c in copies]
-            grads[n] = sum(g for g in gs if g is not None)
-            q.grad = grads[n].clone()
-        for c in copies[1:]:
-            c.zero_grad(set_to_none=True)
-        norm = float(torch.nn.utils.clip_grad_norm_(m0.parameters(), MAX_NORM))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for c in copies[1:]:
-                for a, b in zip(c.parameters(), m0.parameters()):
-                    a.copy_(b)
-        router: dict[str, list[int]] = {}  # tokens per expert of each copy's last forward, summed over copies
-        for c in copies:
-            for lname, mod in moe_layers(c).items():
-                cur = mod.last_stats["tokens_per_expert"].tolist()
-                router[lname] = [a + b for a, b in zip(router.get(lname, [0] * len(cur)), cur)]
-        out.append({"loss": lm_total, "grads": {k: v.detach().clone() for k, v in grads.items()}, "norm": norm,
-                    "router": router})
-    return out
+    return dp_copies_reference([copy.deepcopy(base) for _ in range(dp)], steps, after_step=router_counts)
+
+
+def router_counts(copies: list) -> dict:
+    """Tokens per expert of each copy's last forward, summed over the copies."""
+    router: dict[str, list[int]] = {}
+    for c in copies:
+        for lname, mod in moe_layers(c).items():
+            cur = mod.last_stats["tokens_per_expert"].tolist()
+            router[lname] = [a + b for a, b in zip(router.get(lname, [0] * len(cur)), cur)]
+    return {"router": router}
 
 
 def expert_slice(rt, name: str, g: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -519,23 +510,40 @@ def _run_case(name: str, cfg, pd: dict, compile_backend: str | None = None, loss
     return {"ok": ok, **res}
 
 
-CKPT_CASES = {  # save after step 1 under the first plan, resume under the second, steps 2-3 vs the reference
+# save after step 1 under the first plan (one save per plan), resume under the second, steps 2-3 vs the reference
+CKPT_CASES = {
     "ckpt_moe_ep2_to_ep4": (moe_plan([{"dp": 4, "ep": 2, "repeat": 2}]), moe_plan([{"dp": 4, "ep": 4, "repeat": 2}])),
     "ckpt_moe_ep2_to_fsdp_ep1": (moe_plan([{"dp": 4, "ep": 2, "repeat": 2}]),
                                  moe_plan([{"dp": 4, "zero": 3, "repeat": 2}])),
 }
 
 
-def run_ckpt_case(pd_save: dict, pd_load: dict, path: str) -> dict:
-    from meshwright.train.checkpoint import load_runtime, save_runtime
+_SAVED: dict[str, str] = {}  # plan (JSON) -> its step-1 checkpoint: the CKPT_CASES saving under one plan share it
+
+
+def saved_checkpoint(pd_save: dict, ckpt_dir: str) -> str:
+    """The checkpoint of 1 step under ``pd_save`` (written once per plan and launch; read by every case that resumes
+    it: the resume must overwrite its own other init either way)."""
+    from meshwright.train.checkpoint import save_runtime
+
+    key = json.dumps(pd_save, sort_keys=True)
+    if key not in _SAVED:
+        path = f"{ckpt_dir}/save{len(_SAVED)}"
+        rt = DistributedRuntime(MOE, plan_from_dict(pd_save), seed=SEED)
+        opt = rt.build_optimizer(make_opt)
+        rt.forward_backward(shard(0, rt.dp_rank, rt.dp_size))
+        rt.clip_grad_norm_(MAX_NORM)
+        rt.optimizer_step(opt)
+        save_runtime(path, rt, opt, meta={"step": 1})
+        _SAVED[key] = path
+    return _SAVED[key]
+
+
+def run_ckpt_case(pd_save: dict, pd_load: dict, ckpt_dir: str) -> dict:
+    from meshwright.train.checkpoint import load_runtime
 
     ref = reference(MOE, plan_from_dict(pd_save), 4, steps=3)
-    rt = DistributedRuntime(MOE, plan_from_dict(pd_save), seed=SEED)
-    opt = rt.build_optimizer(make_opt)
-    rt.forward_backward(shard(0, rt.dp_rank, rt.dp_size))
-    rt.clip_grad_norm_(MAX_NORM)
-    rt.optimizer_step(opt)
-    save_runtime(path, rt, opt, meta={"step": 1})
+    path = saved_checkpoint(pd_save, ckpt_dir)
     rt2 = DistributedRuntime(MOE, plan_from_dict(pd_load), seed=SEED + 99)  # other init: must be overwritten
     opt2 = rt2.build_optimizer(make_opt)
     meta = load_runtime(path, rt2, opt2)
@@ -587,7 +595,7 @@ def main() -> None:
         if only and name not in only:
             continue
         try:
-            res = run_ckpt_case(pd_save, pd_load, f"{ckpt_dir}/{name}")
+            res = run_ckpt_case(pd_save, pd_load, ckpt_dir)
         except Exception as e:
             res = failure(f"case {name}", e)
         report.add(name, res["ok"], res)

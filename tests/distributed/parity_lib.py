@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+import time
 import traceback
 from datetime import timedelta
 from typing import Callable
@@ -95,6 +96,65 @@ def reference(steps: int = STEPS, model=None, opt=None, start: int = 0) -> list[
     return out
 
 
+def dp_copies_reference(copies: list, steps: int, after_step: Callable[[list], dict] | None = None) -> list[dict]:
+    """The exact objective of data parallelism in one process: ``dp = len(copies)`` copies of one model (same
+    weights), copy r on data shard r, (LM + aux) / (micro-batches x dp) per micro-batch; per step the logged LM loss,
+    the trainable gradients summed over the copies (before clipping), the grad norm; AdamW on copy 0's trainable
+    parameters (the runtime's groups: matrices decayed, vectors not), copied to the others after each step.
+    ``after_step(copies)`` adds fields to a step's row (e.g. router statistics of the copies' last forwards)."""
+    dp, m0 = len(copies), copies[0]
+    trainable = [(n, q) for n, q in m0.named_parameters() if q.requires_grad]
+    opt = make_opt([{"params": [q for _, q in trainable if q.dim() >= 2]},
+                    {"params": [q for _, q in trainable if q.dim() < 2], "weight_decay": 0.0}])
+    out = []
+    for step in range(steps):
+        lm_total = 0.0
+        for r, model in enumerate(copies):
+            micro = shard(step, r, dp)
+            for x, y in micro:
+                loss = lm_loss(model(x), y)
+                aux = model.aux_loss()
+                ((loss if aux is None else loss + aux) / (len(micro) * dp)).backward()
+                lm_total += float(loss.detach()) / (len(micro) * dp)
+        frozen_grads = [n for c in copies for n, q in c.named_parameters()
+                        if not q.requires_grad and q.grad is not None]
+        assert not frozen_grads, f"the one-process reference gave frozen parameters gradients: {frozen_grads[:3]}"
+        grads = {}
+        for n, q in trainable:
+            gs = [dict(c.named_parameters())[n].grad for c in copies]
+            grads[n] = sum(g for g in gs if g is not None)
+            q.grad = grads[n].clone()
+        for c in copies[1:]:
+            c.zero_grad(set_to_none=True)
+        norm = float(torch.nn.utils.clip_grad_norm_([q for _, q in trainable], MAX_NORM))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for c in copies[1:]:
+                for a, b in zip(c.parameters(), m0.parameters()):
+                    a.copy_(b)
+        out.append({"loss": lm_total, "grads": {k: v.detach().clone() for k, v in grads.items()}, "norm": norm,
+                    **(after_step(copies) if after_step is not None else {})})
+    return out
+
+
+def load_perturbed(model, path, adapters: Callable | None = None) -> tuple:
+    """Resume the checkpoint at ``path`` in one process into ``model`` whose trainable parameters were first moved
+    (+0.5), so only a load that overwrites them passes: (LocalRuntime, its AdamW, the checkpoint's meta).
+    ``adapters(rt)`` gives the AdapterScope of an adapter-only checkpoint."""
+    from meshwright.train.checkpoint import load_runtime
+    from meshwright.train.local_runtime import LocalRuntime
+
+    with torch.no_grad():  # other values than the run's: the checkpoint must overwrite them
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5)
+    rt = LocalRuntime(model)
+    opt = rt.build_optimizer(make_opt)
+    meta = load_runtime(path, rt, opt, adapters=adapters(rt) if adapters is not None else None)
+    return rt, opt, meta
+
+
 def rel(a: torch.Tensor | float, b: torch.Tensor | float) -> float:
     a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
@@ -126,9 +186,14 @@ class Report:
 
     def __init__(self, path: str | None) -> None:
         self.path, self.cases = path, {}
+        self._last = time.perf_counter()
 
     def add(self, name: str, ok: bool, detail: dict) -> None:
-        self.cases[name] = {"ok": ok, **detail}
+        """Record a case; ``wall_s`` (seconds since the previous case was added) says where a slow launch spends
+        its time -- for reading, never for asserting."""
+        now = time.perf_counter()
+        self.cases[name] = {"ok": ok, **detail, "wall_s": round(now - self._last, 2)}
+        self._last = now
 
     def gather_and_write(self) -> None:
         parts = [None] * dist.get_world_size()

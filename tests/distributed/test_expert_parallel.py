@@ -131,25 +131,16 @@ def test_lora_ep_checkpoint_resumes_in_one_process(launch):
     """The ep2 adapter-only checkpoint loads into the one-process LoRA model (base redrawn from the seed, checked
     against the checkpoint's reference) and continues the trajectory: steps 3-4 with the ranks' shards as
     micro-batches (each routed on its own, as each rank routed its shard) within 1e-5 of the ep run's reference."""
-    import torch
-    from parity_lib import MAX_NORM, SEED, make_opt, rel, shard
+    from parity_lib import MAX_NORM, SEED, load_perturbed, rel, shard
 
     from meshwright.config import LoraConfig, TrainConfig
-    from meshwright.train.checkpoint import load_runtime
-    from meshwright.train.local_runtime import LocalRuntime
     from meshwright.train.lora_base import AdapterScope
 
     report, d = launch
     ref = _rows(report, "lora_ckpt_ep2_to_ep4")[0]["ref_losses"]
     model, lora = _lora_model()
-    with torch.no_grad():  # other adapters than the run's: the checkpoint must overwrite them
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.5)
-    rt = LocalRuntime(model)
-    opt = rt.build_optimizer(make_opt)
-    scope = AdapterScope.for_run(TrainConfig(seed=SEED, lora=LoraConfig(**lora)), model_cfg(), rt.init)
-    meta = load_runtime(d / "lora_ep_run" / "ckpt" / "step_000002", rt, opt, adapters=scope)
+    scope = lambda rt: AdapterScope.for_run(TrainConfig(seed=SEED, lora=LoraConfig(**lora)), model_cfg(), rt.init)  # noqa: E731
+    rt, opt, meta = load_perturbed(model, d / "lora_ep_run" / "ckpt" / "step_000002", adapters=scope)
     assert meta["step"] == 2
     for step in (2, 3):
         loss = rt.forward_backward([mb for r in range(4) for mb in shard(step, r, 4)])

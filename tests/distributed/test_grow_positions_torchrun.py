@@ -2,8 +2,8 @@
 sharded by rows there; a resume at a longer max_seq_len reads the saved (shorter) table whole on each rank, grows it
 and lays it out as the run's shard (checkpoint.grow_swapped). The run resumed that way matches the one-process
 resume of the same checkpoint (tests/unit/test_grow_positions.py covers the table itself). The short run and its resume
-share one launch (tests/distributed/cli_runs.py), each with a process group of its own; the step-2 run directory is
-copied for the one-process resume between them."""
+share one launch (tests/distributed/cli_runs.py), each with a process group of its own, with the runs of other modules
+(conftest.cli_launch, cli_launch.py); the step-2 run directory is copied for the one-process resume between them."""
 
 from __future__ import annotations
 
@@ -11,36 +11,13 @@ import json
 
 import pytest
 
-from helpers import REPO, run_torchrun
 
-GPT2 = {"name": "g", "arch": "gpt2", "vocab_size": 256, "d_model": 32, "n_layers": 2, "n_heads": 2, "ffn_hidden": 64,
-        "max_seq_len": 32}
-
-
-def _files(tmp_path, seq_len: int, **overrides) -> tuple[str, str]:
-    model = {**GPT2, "max_seq_len": seq_len}
-    plan = {"version": 1, "model": model, "seq_len": seq_len, "global_batch": 4, "micro_batch": 2,
-            "layers": [{"dp": 2, "zero": 3, "repeat": 2}], "embedding": {"tp": 1, "zero": 3}}
-    cfg = {"model": model, "data": {"path": "default", "max_files": 20}, "seq_len": seq_len, "global_batch": 4,
-           "micro_batch": 2, "steps": 2, "warmup_steps": 1, "eval_every": 0, "log_every": 1, "energy": False,
-           "progress": False, "out_dir": str(tmp_path / "run"), **overrides}
-    paths = tmp_path / f"plan{seq_len}.json", tmp_path / f"cfg{seq_len}.json"
-    paths[0].write_text(json.dumps(plan))
-    paths[1].write_text(json.dumps(cfg))
-    return str(paths[0]), str(paths[1])
-
-
-@pytest.mark.timeout(600)
-def test_fsdp2_resume_grows_the_sharded_table_as_one_process_does(tmp_path) -> None:
+@pytest.mark.timeout(1200)
+def test_fsdp2_resume_grows_the_sharded_table_as_one_process_does(cli_launch) -> None:
     from meshwright.config import load_train_config
     from meshwright.train.build import run_training
 
-    plan32, cfg32 = _files(tmp_path, 32)
-    plan64, cfg64 = _files(tmp_path, 64, steps=4, grow_positions="copy")
-    run_torchrun(REPO / "tests" / "distributed" / "cli_runs.py", 2,
-                 ["train", cfg32, "--plan", plan32,
-                  "::", f"--copy={tmp_path / 'run'}:{tmp_path / 'one'}",  # the step-2 run, for the one-process resume
-                  "train", cfg64, "--plan", plan64, "--resume", "--allow-config-change"], timeout=500)
+    tmp_path = cli_launch[1] / "grow"  # runs 7-8 of the shared launch (cli_launch.py): the short run, then grown
     sharded = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     one = json.loads((tmp_path / f"cfg64.json").read_text())
     run_training(load_train_config({**one, "out_dir": str(tmp_path / "one")}), resume=True, allow_config_change=True)

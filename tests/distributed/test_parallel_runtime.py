@@ -208,25 +208,15 @@ def test_lora_tp2_checkpoint_resumes_in_one_process(two_rank, run, case, adapter
     """The tp2 LoRA checkpoints (adapters as DTensor shards or megatron-core shards, AdamW moments of the adapters
     only) load into the plain one-process LoRA model and continue the one-process trajectory (steps 3-4, loss
     within 1e-5); the megatron one is adapter-only, checked against the base this process drew."""
-    import torch
     from parity_2rank import LORA, lora_model, lora_reference, lora_scope
-    from parity_lib import RTOL, SEED, make_opt, rel
-
-    from meshwright.train.checkpoint import load_runtime
-    from meshwright.train.local_runtime import LocalRuntime
+    from parity_lib import RTOL, SEED, load_perturbed, rel
 
     report, d = two_rank
     assert report[case]["ok"]
     ref = lora_reference(LORA, steps=4)
     model = lora_model(LORA)
-    with torch.no_grad():  # other adapters than the run's: the checkpoint must overwrite them
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.5)
-    rt = LocalRuntime(model)
-    opt = rt.build_optimizer(make_opt)
-    meta = load_runtime(d / run / "ckpt" / "step_000002", rt, opt,
-                        adapters=lora_scope(LORA, SEED, rt) if adapters_only else None)
+    rt, opt, meta = load_perturbed(model, d / run / "ckpt" / "step_000002",
+                                   adapters=(lambda rt: lora_scope(LORA, SEED, rt)) if adapters_only else None)
     assert meta["step"] == 2
     resumed = lora_reference(LORA, steps=2, model=model, opt=opt, start=2)
     for a, b in zip(resumed, ref[2:]):

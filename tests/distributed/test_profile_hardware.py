@@ -1,6 +1,6 @@
 """`meshwright profile hardware` and `profile model` under torchrun (2 gloo ranks): collectives, p2p and overlap are
 measured, and the runtime's layouts timed. Both commands run in one launch (tests/distributed/cli_runs.py), each with
-a process group of its own."""
+a process group of its own, after the runs of other modules (conftest.cli_launch, cli_launch.py)."""
 
 from __future__ import annotations
 
@@ -8,22 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, read_json, run_torchrun
+from helpers import read_json
 
 pytestmark = pytest.mark.distributed
 
 
 @pytest.fixture(scope="module")
-def profiles(tmp_path_factory) -> tuple[Path, Path]:
-    tmp = tmp_path_factory.mktemp("profiles")
-    hw, model = tmp / "hw.json", tmp / "model.json"
-    run_torchrun(REPO / "tests" / "distributed" / "cli_runs.py", 2,
-                 ["profile", "hardware", "--sizes", "64,128", "--iters", "2", "--timeout-s", "60", "--out", str(hw),
-                  "::", "profile", "model", "--model", "tiny", "--batch-sizes", "1,2", "--seq-lens", "32,64",
-                  "--tp", "1,2", "--iters", "2", "--timeout-s", "60", "--out", str(model)], timeout=300)
-    return hw, model
+def profiles(cli_launch) -> tuple[Path, Path]:
+    """Runs 9-10 of the 2-rank launch this module shares with others (conftest.cli_launch, cli_launch.py)."""
+    _, tmp = cli_launch
+    return tmp / "hw.json", tmp / "model.json"
 
 
+@pytest.mark.timeout(1200)
 def test_profile_hardware_two_ranks(profiles):
     out, _ = profiles
     from meshwright.launcher.profiling.hardware import load_hardware_profile
@@ -42,6 +39,7 @@ def test_profile_hardware_two_ranks(profiles):
     assert read_json(out)["version"] == 1
 
 
+@pytest.mark.timeout(1200)
 def test_profile_model_two_ranks_times_the_runtime_layouts(profiles):
     """Under torchrun the model profile also times the runtime's TP/SP and ZeRO-2/3 blocks, and the
     planner turns them into per-layer overheads that make tp layouts slower than the bare model says."""

@@ -1,6 +1,6 @@
 """End to end: `torchrun -m meshwright.cli train ... --plan` with a layer-wise + pipeline-free plan on 2 ranks, and
 `--plan auto` twice (profiled once, then reused). The three runs share one launch (tests/distributed/cli_runs.py),
-each with a process group of its own."""
+each with a process group of its own, with the runs of other modules after them (conftest.cli_launch, cli_launch.py)."""
 
 from __future__ import annotations
 
@@ -10,25 +10,14 @@ import re
 
 import pytest
 
-from helpers import REPO, run_torchrun
-
-TRAIN = ["train", "configs/train/tiny-test.yaml"]
-
 
 @pytest.fixture(scope="module")
-def launch(tmp_path_factory) -> tuple[str, object]:
-    tmp = tmp_path_factory.mktemp("cli_parallel")
-    cache = tmp / "cache"
-    args = [*TRAIN, f"out_dir={tmp / 'layerwise'}", "steps=4", "warmup_steps=1", "eval_every=2", "log_every=1",
-            "--plan", "configs/plans/tiny-layerwise.yaml"]
-    for attempt in range(2):
-        args += ["::", f"--env=MESHWRIGHT_CACHE_DIR={cache}", *TRAIN, f"out_dir={tmp / f'auto{attempt}'}", "steps=2",
-                 "eval_every=0", "log_every=1", "--plan", "auto"]
-    proc = run_torchrun(REPO / "tests" / "distributed" / "cli_runs.py", 2, args, timeout=600)
-    return proc.stdout, tmp
+def launch(cli_launch) -> tuple[str, object]:
+    """Runs 0-2 of the 2-rank launch this module shares with others (conftest.cli_launch, cli_launch.py)."""
+    return cli_launch
 
 
-@pytest.mark.timeout(700)
+@pytest.mark.timeout(1200)
 def test_torchrun_train_with_layerwise_plan(launch) -> None:
     _, tmp = launch
     out = tmp / "layerwise"
@@ -39,7 +28,7 @@ def test_torchrun_train_with_layerwise_plan(launch) -> None:
     assert steps and all(math.isfinite(s["loss"]) for s in steps)
 
 
-@pytest.mark.timeout(700)
+@pytest.mark.timeout(1200)
 def test_torchrun_train_plan_auto_profiles_once_then_reuses(launch) -> None:
     """`--plan auto` on 2 ranks: the first run profiles collectively (hardware + model incl. the runtime's
     TP/ZeRO blocks) and plans with it; a second run finds the cache and skips profiling: no cache file is

@@ -127,7 +127,7 @@ def test_a_lora_run_profiles_its_own_blocks_and_calibrates_on_their_flops(tmp_pa
     from meshwright.config import LoraConfig, load_cluster
     from meshwright.errors import ConfigError
     from meshwright.launcher.planner import cost_model as cm
-    from meshwright.launcher.profiling.model import apply_model_profile
+    from meshwright.launcher.profiling.model import apply_model_profile, speed_ratio
     from meshwright.memory.lora_cost import lora_step
 
     monkeypatch.setenv("MESHWRIGHT_CACHE_DIR", str(tmp_path))
@@ -142,11 +142,17 @@ def test_a_lora_run_profiles_its_own_blocks_and_calibrates_on_their_flops(tmp_pa
         apply_model_profile(base, prof, cfg, hw_prof)
     assert "\n" not in str(err.value)
     step = lora_step(cfg, lora)
-    base = dataclasses.replace(base, peak_flops=base.peak_flops * 1e3)  # no efficiency clamped at 1 on a busy box
-    with_lora = apply_model_profile(dataclasses.replace(base, lora=step), prof, cfg, hw_prof)
-    as_plain = apply_model_profile(base, {k: v for k, v in prof.items() if k != "lora"}, cfg, hw_prof)
     e = prof["entries"][0]
     big = max(e["points"], key=lambda p: p["tokens"])
     full = 3 * cm.layer_fwd_flops(cfg, 0, 1.0, big["seq"])
     executed = full + 6 * step.adapter[0] - 2 * step.no_wgrad[0]  # a mid-stack block: every dX, no dW of the base
+    # The calibration's arithmetic is under test, not this machine's timings: measured fits on a loaded box can have
+    # a slope <= 0 (both efficiencies then clamp at 1.0: seen, 1.0 against 0.699). Pin the fits to a per-token time
+    # that gives the plain blocks an efficiency of exactly 0.5 (a fixed cost per block on top, which is subtracted).
+    ratio = speed_ratio(prof, hw_prof)
+    b = full * ratio / (3 * base.peak_flops * 0.5)  # s per token in the forward; backward twice that
+    e["fwd_fit"], e["bwd_fit"] = {"a": 1e-4, "b": b, "c": 0.0}, {"a": 2e-4, "b": 2 * b, "c": 0.0}
+    with_lora = apply_model_profile(dataclasses.replace(base, lora=step), prof, cfg, hw_prof)
+    as_plain = apply_model_profile(base, {k: v for k, v in prof.items() if k != "lora"}, cfg, hw_prof)
+    assert as_plain.matmul_efficiency == pytest.approx(0.5, rel=1e-9)
     assert with_lora.matmul_efficiency == pytest.approx(as_plain.matmul_efficiency * executed / full, rel=1e-9)

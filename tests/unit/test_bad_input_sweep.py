@@ -218,7 +218,7 @@ def zero1_plan(tmp_path) -> str:
     (["lora.rank=4", "compile=true", "--plan", "auto"], "compile=True is invalid; valid: false with lora"),
     (["init_from=/models/only-on-the-hosts", "lora.rank=4", "compile=true"], "compile=True is invalid"),
     (["model=tiny-moe", "lora.targets=[wq,w1]", "--plan", str(CONFIGS / "plans/tiny-moe-ep2.yaml")],
-     "lora.targets=['wq', 'w1'] is invalid; valid: attention targets only"),
+     "lora.targets=['wq', 'w1'] is invalid; valid: attention (wq, wk, wv, wo) or expert targets"),
     (["meft.adapter_dim=8"], "meft='set' is invalid; valid: null under the distributed runtime"),
     (["dp_backend=deepspeed", "compile=true"], "compile=True is invalid; valid: false with dp_backend=deepspeed"),
     (["dp_backend=deepspeed"], "layers[0].zero=0 is invalid; valid: 1, 2 or 3 with dp_backend=deepspeed"),

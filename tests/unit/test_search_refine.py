@@ -195,3 +195,28 @@ def test_plans_the_refinement_window_passed_over_are_refined_at_the_end():
         del PRECISIONS["autocast_fp32_gathers"]
     assert r.best.prediction.step_s <= 3.1731 + 5e-5
     assert r.best.plan.optimizer.states == "fp8" and r.best.plan.pipeline.virtual_stages == 8
+
+
+@pytest.mark.parametrize("ep, layer, old_s", [
+    (1, LayerStrategy(tp=1, dp=16, zero=3, recompute="selective"), 81.79),
+    (None, LayerStrategy(tp=1, dp=16, zero=0, ep=8, recompute="selective"), 72.46)])
+def test_rank_dp_reserves_the_transient_its_chosen_strategies_need(ep, layer, old_s):
+    """Mixtral-8x7B LoRA r16 on q/k/v/o (docs/finetune.md), fp32, seq 4096, global batch 64, 16 A100-80GB, tp free.
+    A rank DP reserves one of a few fixed transient levels and masks the strategies above it. With tp2/tp4 beside
+    tp1 those levels were 29.4, 13.5 and 9.1 GiB: all 32 blocks tp1 ZeRO-3 selective need 19.8 GiB and 32 blocks
+    tp1 ZeRO-0 ep8 selective 3.6, so the DP gave them 9.6 and 5.5 GiB less room than they have and returned
+    24 selective + 8 full (81.79 s, ep = 1) and 28 selective + 4 full (72.46 s, ep searched). The uniform
+    all-selective layouts evaluate as fitting and faster; the search must find one at least as fast."""
+    from meshwright.config.schema import LoraConfig
+    from meshwright.launcher.planner.auto import lora_search_terms
+
+    cfg, cluster = load_model_config("mixtral-8x7b"), load_cluster("dgx-a100-80g", nodes=2)
+    hw = cm.hardware_from_cluster(cluster, stack="meshwright", dtype="fp32")
+    hw, cons = lora_search_terms(cfg, LoraConfig(rank=16), hw, S.Constraints(ep=ep, runtime_compatible=True))
+    result = S.search(cfg, cluster, 4096, 64, hw=hw, constraints=cons)
+    assert cons.tp is None and result.best is not None
+    fixed = dataclasses.replace(result.best.plan, micro_batch=1, layers=[dataclasses.replace(layer, repeat=cfg.n_layers)])
+    validate_plan(fixed, cfg, cluster.world_size)
+    want = cm.evaluate_plan(fixed, cfg, hw, cluster.world_size)
+    assert want.fits and want.step_s < old_s * 0.95  # 73.79 s / 78.6 GiB and 68.45 s / 77.7 GiB
+    assert result.best.prediction.step_s <= want.step_s * (1 + 1e-9)

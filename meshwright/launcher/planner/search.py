@@ -1596,23 +1596,33 @@ class _KindTable:
 
 def _transient_levels(ks: list[_Kind]) -> list[float]:
     """Transient-memory caps worth trying on one rank: the largest transient of all strategies, of those
-    without ZeRO-3, and of those also without full recompute (a few DPs, not one per value)."""
-    levels = set()
+    without ZeRO-3, and of those also without full recompute (a few DPs, not one per value); then the same per tp
+    degree where more than one is searched. A rank's tp>1 strategies can hold more transient than its tp1 ones
+    (Mixtral LoRA on 16 A100: 9.1 GiB without ZeRO-3 and full recompute at tp2/4, 3.6 GiB at tp1), and a level they
+    set reserves memory the tp1 layers could use (28 selective + 4 full layers at 72.5 s where 32 selective fit at
+    68.4 s). The per-tp levels only add: each is kept where it is not within 15% of a level already kept."""
     preds = [lambda s: True, lambda s: s.zero < 3, lambda s: s.zero < 3 and s.recompute != "full"]
-    # per tp degree as well: a rank's tp>1 strategies can hold more transient than its tp1 ones (Mixtral LoRA on
-    # 16 A100: 9.1 GiB without ZeRO-3 and full recompute, 2.3 GiB at tp1), and a level set by them reserves memory
-    # the tp1 layers could use (28 selective + 4 full layers at 72.5 s where 32 selective fit at 68.4 s)
-    tps = sorted({st.tp for k in ks for st in k.strategies})
-    for pred in preds:
-        for t in [None, *tps] if len(tps) > 1 else [None]:
+
+    def maxima(tp: Optional[int]) -> set[float]:
+        levels = set()
+        for pred in preds:
             vals = [float(k.gather[j]) for k in ks for j, st in enumerate(k.strategies)
-                    if pred(st) and (t is None or st.tp == t)]
+                    if pred(st) and (tp is None or st.tp == tp)]
             if vals:
                 levels.add(max(vals))
+        return levels
+
     out: list[float] = []
-    for lv in sorted(levels, reverse=True):  # levels within 15% of a kept one add little: keep the larger
+    for lv in sorted(maxima(None), reverse=True):  # levels within 15% of a kept one add little: keep the larger
         if not out or lv < 0.85 * out[-1]:
             out.append(lv)
+    tps = sorted({st.tp for k in ks for st in k.strategies})
+    if len(tps) > 1:
+        extra = sorted(set().union(*(maxima(t) for t in tps)), reverse=True)
+        for lv in extra:
+            if all(not (0.85 * kept <= lv <= kept / 0.85) for kept in out):
+                out.append(lv)
+        out.sort(reverse=True)
     return out
 
 
@@ -1757,7 +1767,10 @@ def _rank_dp(o: _Outer, table: _KindTable, keys: tuple[bool, ...], used: dict[bo
         res = run(level)
         if res is not None and (best is None or res[0] < best[0]):
             best, best_level = res, level
-        if (res is not None and (first is None or level >= used_bytes * (1 - 1e-9))
+        # the chosen strategies' own transient (``_levels_after``; not one of ``levels``) gives ``best`` only: ``old``
+        # stays the answer of the fixed levels, scored beside it where the refined DPs run (a faster DP answer can
+        # score slower: megatron-gpt-529.6b on 1,024 A100 lost 103.0498 s for 103.1227 s)
+        if (res is not None and (first is None or level >= used_bytes * (1 - 1e-9)) and level in levels
                 and (old is None or res[0] < old[0])):
             old, old_level = res, level
     done: list[list[tuple[float, list[int]]]] = []
@@ -1811,10 +1824,14 @@ def _levels_after(table: _KindTable, keys: tuple[bool, ...], used: dict[bool, _K
                   best: tuple[float, list[int]], budget: float, inflight: float) -> list[float]:
     """``_next_levels`` where the largest level's DP found an answer."""
     used_bytes = _chosen_transient(keys, used, best[1])
-    # the chosen strategies' own transient: the least reserve that admits them all. The fixed levels
-    # (``_transient_levels``) may have none between it and ``levels[0]``: Mixtral LoRA on 16 A100 with tp free
-    # (levels 29.4, 13.5, 9.1 GiB; tp1 ZeRO-3 layers need 19.8) never gave the chosen layers the 9.6 GiB between
-    todo = [used_bytes] if used_bytes < levels[0] * (1 - 1e-9) else []
+    tighter = [lv for lv in levels[1:] if lv >= used_bytes * (1 - 1e-9)]
+    todo = [min(tighter)] if tighter else []
+    # and the chosen strategies' own transient, the least reserve that admits them all, where no level is exactly it:
+    # near the budget a few GiB of reserve decide how many layers keep a fast strategy. Mixtral LoRA on 16 A100, ep 1,
+    # tp free: its tp1 ZeRO-3 layers need 19.8 GiB; at the next level up (29.4 GiB before the per-tp levels, 22.9
+    # with them) 24 or 30 of 32 layers stay selective (81.8 s, 75.8 s), at 19.8 GiB all 32 fit (73.8 s)
+    if used_bytes < (todo[0] if todo else levels[0]) * (1 - 1e-9):
+        todo.append(used_bytes)
     trans = table.trans[keys[0]] if len(used) == 1 else None
     for level in levels[1:]:
         if level < used_bytes * (1 - 1e-9):

@@ -441,11 +441,11 @@ def test_planner_counts_lora_states_and_plans_only_layouts_lora_runs():
 
 def test_plan_auto_with_lora_searches_tp_and_pp_and_the_trainer_accepts_its_plan():
     """LoRA runs DTensor tp and pp now (parity: tests/distributed), so the search may pick them: Llama-2-70B r16 on
-    16 A100-80GB picks tp 4 x dp 4 (ZeRO-3, sp), predicted 193 s a step where dp 16 alone (the old constraint) takes
+    16 A100-80GB picks tp 4 x dp 4 (ZeRO-3, sp), predicted 198 s a step where dp 16 alone (the old constraint) takes
     253 s; the plan passes every check the trainer makes before building (validate_plan, check_runtime_support,
     check_lora_layout). With tp_backend megatron (its parallel linears carry the adapters: parallel/megatron_lora.py)
-    tp is searched too, as megatron-core runs it (no sp, ZeRO 0 on tp>1 layers): at seq 2048 it picks tp 8 x dp 2,
-    100.4 s a step predicted, where tp 1 (the constraint before stop 34) gives dp 16 at ZeRO-3 and 112.6 s."""
+    tp is searched too, as megatron-core runs it (no sp, ZeRO 0 on tp>1 layers): at seq 2048 it picks tp 4 x pp 4,
+    105.6 s a step predicted, where tp 1 (the constraint before stop 34) gives dp 16 at ZeRO-3 and 112.6 s."""
     from meshwright.launcher.planner.auto import auto_plan
     from meshwright.launcher.planner.search import Constraints
     from meshwright.parallel.support import check_runtime_support

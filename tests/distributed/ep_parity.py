@@ -28,9 +28,11 @@ adapter-only checkpoint in ``argv[2]`` too.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import sys
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -345,27 +347,35 @@ def run_lora_ckpt(run_dir: str) -> dict:
             "saved_model_keys": saved, "ref_losses": [r["loss"] for r in ref]}
 
 
-def lora_rows(run_root: str | None) -> list[dict]:
-    """Every LoRA row on this rank (a failure becomes a row with its error, so the other rows still run)."""
+def _case_rows(cases: dict[str, Any], ckpt_case: str, ckpt: Any, run_dir: str, run_root: str | None) -> list[dict]:
+    """Run each of ``cases`` (name -> no-argument function giving its row), then ``ckpt`` on rank 0's run directory
+    ``run_dir`` under ``run_root`` (a temporary one without it), barrier after each: a failure becomes a row with its
+    error, so the other rows still run."""
     import tempfile
 
     from parity_lib import failure
 
     rows = []
-    for name, (pd, lora) in LORA_CASES.items():
+    for name, case in cases.items():
         try:
-            rows.append(run_lora_case(name, pd, lora))
+            rows.append(case())
         except Exception as e:
             rows.append({"case": name, "rank": dist.get_rank(), **failure(f"case {name}", e)})
         dist.barrier()
-    box = [f"{run_root or tempfile.mkdtemp()}/{LORA_RUN}" if dist.get_rank() == 0 else None]
+    box = [f"{run_root or tempfile.mkdtemp()}/{run_dir}" if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box)
     try:
-        rows.append(run_lora_ckpt(box[0]))
+        rows.append(ckpt(box[0]))
     except Exception as e:
-        rows.append({"case": "lora_ckpt_ep2_to_ep4", "rank": dist.get_rank(), **failure("lora ckpt", e)})
+        rows.append({"case": ckpt_case, "rank": dist.get_rank(), **failure(f"case {ckpt_case}", e)})
     dist.barrier()
     return rows
+
+
+def lora_rows(run_root: str | None) -> list[dict]:
+    """Every LoRA row on this rank (a failure becomes a row with its error, so the other rows still run)."""
+    cases = {name: functools.partial(run_lora_case, name, pd, lora) for name, (pd, lora) in LORA_CASES.items()}
+    return _case_rows(cases, "lora_ckpt_ep2_to_ep4", run_lora_ckpt, LORA_RUN, run_root)
 
 
 # ---- LoRA on the experts under ep (``lora_experts_*`` rows) ------------------------------------------------------
@@ -531,25 +541,9 @@ def run_lora_experts_ckpt(run_dir: str) -> dict:
 
 def lora_expert_rows(run_root: str | None) -> list[dict]:
     """Every expert-LoRA row on this rank (a failure becomes a row with its error)."""
-    import tempfile
-
-    from parity_lib import failure
-
-    rows = []
-    for name, pd in LORA_EXPERT_CASES.items():
-        try:
-            rows.append(run_lora_expert_case(name, pd, LORA_EXPERTS))
-        except Exception as e:
-            rows.append({"case": name, "rank": dist.get_rank(), **failure(f"case {name}", e)})
-        dist.barrier()
-    box = [f"{run_root or tempfile.mkdtemp()}/{LORA_EXPERTS_RUN}" if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box)
-    try:
-        rows.append(run_lora_experts_ckpt(box[0]))
-    except Exception as e:
-        rows.append({"case": "lora_experts_ckpt_ep2_to_ep4", "rank": dist.get_rank(), **failure("ckpt", e)})
-    dist.barrier()
-    return rows
+    cases = {name: functools.partial(run_lora_expert_case, name, pd, LORA_EXPERTS)
+             for name, pd in LORA_EXPERT_CASES.items()}
+    return _case_rows(cases, "lora_experts_ckpt_ep2_to_ep4", run_lora_experts_ckpt, LORA_EXPERTS_RUN, run_root)
 
 
 def main() -> None:

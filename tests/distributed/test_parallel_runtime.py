@@ -182,6 +182,15 @@ def test_zero1_checkpoint_resumes_in_one_process(two_rank) -> None:
     assert [r["opt_state_bytes"] for r in ranks] == [r["owned_state_bytes"] for r in ranks]
     full = report["dp2_ddp"]["ranks"]["0"]["opt_state_bytes"]
     assert sum(r["opt_state_bytes"] for r in ranks) == full  # whole parameters: the shares add up to DDP's states
+    # the planner's partition (launcher/planner/zero1_partition.py) is the runtime's: the same elements per rank
+    from parity_lib import CFG
+
+    from meshwright.launcher.planner.zero1_partition import model_params, partition_numels
+
+    layers, ends = model_params(CFG, {})
+    held = [e for v in [*layers.values(), *ends.values()] for e in v]
+    want = partition_numels([[n for n, mat in held if mat], [n for n, mat in held if not mat]], 2)
+    assert [r["opt_state_bytes"] for r in ranks] == [8 * n for n in want]  # AdamW: two fp32 moments
     for got, want in resume_zero1_in_one_process(run_dir):
         assert rel(got, want) <= RTOL, (got, want)
 

@@ -47,9 +47,8 @@ def test_meshwright_zero1_states_are_the_largest_ranks_whole_parameter_share(mod
     layers, ends = model_params(cfg, {})
     ranges = _plan(model, dp, 1, pp).stage_ranges(cfg.n_layers)
     for r in range(pp):
-        held = sum(n for i in range(*ranges[r]) for n, _ in layers[i])
-        held += sum(n for k in (("tok_embeddings", "pos_embeddings") if r == 0 else ()) + (("norm", "output") if r == pp - 1 else ())
-                    for n, _ in ends.get(k, []))
+        mods = (("tok_embeddings", "pos_embeddings") if r == 0 else ()) + (("norm", "output") if r == pp - 1 else ())
+        held = sum(n for i in range(*ranges[r]) for n, _ in layers[i]) + sum(n for k in mods for n, _ in ends.get(k, []))
         assert share[r] >= held / dp
         saved = (z0.memory_gib[r] - z1.memory_gib[r]) * GIB
         # the framework overhead term scales with the bytes used: compare the states alone on the largest rank
@@ -64,8 +63,8 @@ def test_meshwright_zero1_states_are_the_largest_ranks_whole_parameter_share(mod
 
 
 def test_other_stacks_and_mixed_plans_keep_the_per_layer_count():
-    """DeepSpeed partitions flat buffers evenly (its ZeRO-1 is ``/ dp``), and a plan the runtime does not run as one
-    ZeroRedundancyOptimizer (a tp>1 block) is not corrected."""
+    """DeepSpeed partitions flat buffers evenly (its ZeRO-1 is ``/ dp``), and a plan the runtime does not run as
+    one ZeroRedundancyOptimizer (a tp>1 block) is not corrected."""
     cfg = load_model_config("tiny")
     cluster = load_cluster("local-cpu", nodes=4)
     hw = cm.hardware_from_cluster(cluster, stack="meshwright", dtype="fp32")

@@ -84,7 +84,9 @@ def zero1_state_dict(zero: ZeroRedundancyOptimizer, fqns: dict[nn.Parameter, str
 def load_zero1_state_dict(zero: ZeroRedundancyOptimizer, fqns: dict[nn.Parameter, str], osd: dict[str, Any]) -> None:
     """Load a DCP-read optimizer state dict (``zero1_state_dict``'s layout, filled for this rank's parameters) into
     ``zero``: the inner optimizer gets its parameters' states, wrapper and inner get the saved hyper-parameters.
-    Groups are matched by position, each live parameter's FQN checked against its saved group (one line if not)."""
+    Groups are matched by position (the runtime's: matrices, then vectors), not by their ``params`` lists: under
+    pipelining each stage writes its own list under the same key and DCP keeps one stage's (as for ZeRO-0's
+    ``get_state_dict``), so a list need not name this rank's parameters."""
     inner = zero.optim
     saved = osd["param_groups"]
     if len(saved) != len(zero.param_groups):
@@ -93,14 +95,10 @@ def load_zero1_state_dict(zero: ZeroRedundancyOptimizer, fqns: dict[nn.Parameter
     state: dict[int, Any] = {}
     groups = []
     index = 0
-    for g, (group, mine) in enumerate(zip(saved, inner.param_groups)):
-        names = set(group[PARAMS])
+    for group, mine in zip(saved, inner.param_groups):
         ids = []
         for p in mine[PARAMS]:
             fqn = fqns[p]
-            if fqn not in names:
-                raise ConfigError(f"optimizer param_groups[{g}]: parameter {fqn!r} is not in the checkpoint's group "
-                                  f"{g}; valid: a checkpoint of the same optimizer setup")
             if fqn in osd["state"]:
                 state[index] = osd["state"][fqn]
             ids.append(index)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE))
 FOUR_RANK = {"dp2_tp2_fsdp", "dp2_tp2_sp_zero0", "dp2_tp2_megatron", "pp2_tp2", "pp2_dp2",
              "pp2_layerwise_dp2_zero2_tp2", "ckpt_dp2tp2_to_pp2dp2",
              "hsdp_dp4_shard2", "hsdp_dp2x_tp2_zero2", "hsdp_plan_per_layer", "lora_tp2_dp2_fsdp", "lora_pp2_dp2",
-             "lora_tp2_dp2_megatron"}
+             "lora_tp2_dp2_megatron", "pp2_dp2_zero1", "ckpt_pp2dp2_zero1_to_dp4_zero1"}
 TWO_RANK = {"dp2_ddp", "dp2_zero1", "dp2_zero2_fsdp", "dp2_zero3_fsdp", "tp2_dtensor", "tp2_megatron", "tp2_sp",
             "pp2_1f1b", "pp2_gpipe", "pp2_interleaved", "layerwise_tp_zero_mix", "recompute_full_dp2",
             "recompute_selective_tp2", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "ckpt_dp2tp2_to_pp2",
@@ -60,6 +60,17 @@ def test_four_rank_layouts_match_one_process(four_rank) -> None:
     report, _ = four_rank
     assert set(report) == FOUR_RANK
     assert all(c["ok"] for c in report.values()), _failures(report)
+    # ZeRO-1 under pp2 x dp2: each stage's pair partitions its own parameters whole; the planner's largest share per
+    # stage (launcher/planner/zero1_partition.py) is what the larger rank of each pair holds (AdamW: 8 B/element)
+    from parity_4rank import CASES
+    from parity_lib import CFG
+
+    from meshwright.launcher.planner.zero1_partition import stage_state_numels
+    from meshwright.plan import plan_from_dict
+
+    held = [r["opt_state_bytes"] for _, r in sorted(report["pp2_dp2_zero1"]["ranks"].items())]
+    planned = stage_state_numels(CFG, plan_from_dict(CASES["pp2_dp2_zero1"][0]), 2, {})
+    assert [max(held[0:2]), max(held[2:4])] == [8 * n for n in planned], (held, planned)
 
 
 @pytest.fixture(scope="module")

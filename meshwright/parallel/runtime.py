@@ -44,7 +44,6 @@ from meshwright.models.init import resolve_init
 from meshwright.models.moe import attach_aux_loss_to_backward, router_stats
 from meshwright.parallel.data_parallel import (all_reduce_grad_groups, all_reduce_grads, apply_ddp, apply_fsdp,
                                                rebuild_buckets, zero1_optimizer)
-from meshwright.parallel.zero1_state import load_zero1_state_dict, param_fqns, zero1_state_dict
 from meshwright.parallel.expert_parallel import A2AMeter, EPGroups, apply_ep, ep_groups_from_mesh, is_expert_param
 from meshwright.parallel.layerwise import apply_batch_redistribution
 from meshwright.parallel.mesh import build_meshes, hsdp_shard
@@ -53,6 +52,7 @@ from meshwright.parallel.pipeline import HiddenOutput, build_schedule, cut_stage
 from meshwright.parallel.recompute import apply_recompute
 from meshwright.parallel.support import check_deepspeed_train, check_runtime_support
 from meshwright.parallel.tensor_parallel import apply_tp
+from meshwright.parallel.zero1_state import load_zero1_state_dict, param_fqns, zero1_state_dict
 from meshwright.plan import Plan, validate_plan
 from meshwright.train.compile import compile_layer
 from meshwright.train.head_loss import head_loss

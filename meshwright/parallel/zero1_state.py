@@ -5,7 +5,8 @@ the one rank that owns it (its inner ``optim``). Its own ``state_dict`` needs ``
 gathers every state on one rank (the memory ZeRO-1 saves, spent again). Here each rank contributes the states of the
 parameters it owns, keyed by their plain-model FQNs as ``torch.distributed.checkpoint.state_dict.get_state_dict``
 keys a ZeRO-0 optimizer (``{"state": {fqn: {...}}, "param_groups": [{..., "params": [fqn, ...]}]}``); the
-param_groups list every FQN of the group (the same on every rank). DCP takes keys that differ between ranks: a
+param_groups list every FQN of the group (the same on every rank of a stage; under pipelining each stage lists its
+own, and DCP keeps one stage's lists, as for ZeRO-0). DCP takes keys that differ between ranks: a
 tensor key written by one rank only is a whole-tensor chunk of that rank's plan (``dedup_save_plans`` keeps it there,
 ``_validate_global_plan`` sees one chunk covering it), and a load reads only the keys of the template it is given
 (``create_default_local_load_plan``). So the checkpoint is the one a ZeRO-0 run writes: it loads under ZeRO-0/2/3,

@@ -247,12 +247,10 @@ def compute_result(args: argparse.Namespace) -> dict[str, Any]:
     from meshwright.launcher.planner.export.stacks import RESTRICTED_STACKS
 
     target = _stack(args)
-    if target == "meshwright" and constraints.runtime_compatible and args.zero == 1 and cluster.world_size > 1:
-        # meshwright's own ZeRO-1 (ZeroRedundancyOptimizer) cannot checkpoint its states, and `train` refuses it
-        # before anything runs (train/build.py check_distributed_run): a plan printed here must be one that runs
-        raise invalid("zero", 1, "0, 2 or 3 for meshwright's runtime (dp_backend=torch cannot checkpoint "
-                      "ZeroRedundancyOptimizer's states); for ZeRO-1 use --stack deepspeed (train with "
-                      "dp_backend=deepspeed) or --emit megatron/deepspeed, or --any-runtime for the full space")
+    if target == "meshwright" and constraints.runtime_compatible and args.zero == 1 and (args.tp or 1) > 1:
+        # meshwright's ZeRO-1 is one ZeroRedundancyOptimizer over each stage's dp group (parallel/support.py)
+        raise invalid("tp", args.tp, "1 with --zero 1 for meshwright's runtime (its ZeRO-1 shards whole parameters "
+                      "of tp=1 layers); or --zero 0, 2 or 3, --stack deepspeed/megatron, or --any-runtime")
     if target in RESTRICTED_STACKS:  # --emit X or --stack X: only the layouts X runs
         res = _search_for_stack(target, cfg, cluster, args, hw, constraints)
     else:

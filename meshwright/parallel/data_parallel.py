@@ -4,7 +4,8 @@ ZeRO levels map onto torch as follows:
 - zero 0: DDP (whole stage module, when every layer is replicated the same way), or a bucketed
   all-reduce of the local gradients over the layer's dp group when layers differ (layer-wise plans,
   tensor-parallel DTensor parameters, which DDP does not handle);
-- zero 1: DDP + ``ZeroRedundancyOptimizer`` (optimizer states sharded over the dp group);
+- zero 1: DDP + ``ZeroRedundancyOptimizer`` (optimizer states sharded over the dp group, whole parameters per rank;
+  checkpointed through DCP by parallel/zero1_state.py, each rank writing the states of the parameters it owns);
 - zero 2: FSDP2 ``fully_shard(reshard_after_forward=False)`` (gradients + optimizer states sharded,
   parameters kept unsharded between forward and backward);
 - zero 3: FSDP2 ``fully_shard`` (parameters too); with a 2-D (replicate, shard) mesh this is HSDP.

@@ -52,6 +52,7 @@ from meshwright.parallel.pipeline import HiddenOutput, build_schedule, cut_stage
 from meshwright.parallel.recompute import apply_recompute
 from meshwright.parallel.support import check_deepspeed_train, check_runtime_support
 from meshwright.parallel.tensor_parallel import apply_tp
+from meshwright.parallel.zero1_state import load_zero1_state_dict, param_fqns, zero1_state_dict
 from meshwright.plan import Plan, validate_plan
 from meshwright.train.compile import compile_layer
 from meshwright.train.head_loss import head_loss
@@ -177,7 +178,7 @@ def init_distributed(timeout: timedelta = DEFAULT_TIMEOUT) -> torch.device:
 # what ``DistributedRuntime.close`` drops: first what holds a DDP wrapper, then every other holder of a process group
 DDP_HOLDERS = ("_schedules", "_stage_modules", "modules")
 GROUP_HOLDERS = ("chunks", "model", "_params", "_manual", "_tp_partial", "_post_scale", "_zero2_blocks", "_expert_params",
-                 "_megatron_shards", "_megatron_state", "_state_shards", "_ep", "_ep_meshes", "meshes")
+                 "_megatron_shards", "_megatron_state", "_state_shards", "_ep", "_ep_meshes", "_param_fqns", "meshes")
 
 
 class DistributedRuntime(TorchDistributedCollectives, Runtime):
@@ -563,13 +564,19 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
 
     def checkpoint_state(self, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
         """{"model", "optim"} state dicts keyed by plain names, ready for ``dcp.save``/``dcp.load``."""
-        if self.zero1 and optimizer is not None:
-            raise invalid("layers[*].zero", 1, "0, 2 or 3 to checkpoint the optimizer (ZeroRedundancyOptimizer states do not reshard through DCP)")
         if optimizer is None:
             return {"model": self.model_state()}
         with self._grads_set_aside():
+            if self.zero1:  # each rank: the states of the parameters it owns, under ZeRO-0's keys (zero1_state.py)
+                return {"model": self.model_state(), "optim": zero1_state_dict(optimizer, self._fqns())}
             model_sd, optim_sd = get_state_dict(self.model, optimizer)
         return {"model": model_sd, "optim": optim_sd}
+
+    def _fqns(self) -> dict[nn.Parameter, str]:
+        """Each parameter's DCP name (``get_state_dict``'s), for the ZeRO-1 optimizer's state dict."""
+        if not hasattr(self, "_param_fqns"):
+            self._param_fqns = param_fqns(self.model)
+        return self._param_fqns
 
     @contextlib.contextmanager
     def _grads_set_aside(self) -> Any:
@@ -590,6 +597,9 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         """Apply a state filled by ``dcp.load`` into the template from ``checkpoint_state``."""
         if optimizer is None:
             self.load_model_state(state["model"])
+        elif self.zero1:
+            set_model_state_dict(self.model, state["model"])
+            load_zero1_state_dict(optimizer, self._fqns(), state["optim"])
         else:
             with self._grads_set_aside():
                 set_state_dict(self.model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -238,11 +238,6 @@ def check_distributed_run(cfg: TrainConfig, model_cfg: ModelConfig | None, plan:
     if plan is not None and model_cfg is not None:  # the DeepSpeed runtime runs tp 1 only: its tp backend is unused
         check_runtime_support(plan, model_cfg, cfg.tp_backend if cfg.dp_backend == "torch" else "dtensor",
                               cfg.dp_backend)
-        zero1 = next((i for i, s in enumerate(plan.layer_strategies()) if s.zero == 1 and s.dp > 1), None)
-        if zero1 is not None and cfg.dp_backend == "torch":  # the runtime runs it; the trainer cannot checkpoint it
-            raise invalid(f"layers[{zero1}].zero", 1, "0, 2 or 3 with dp_backend=torch (a run's checkpoints cannot hold "
-                          "ZeroRedundancyOptimizer's states: it trained every step, then failed at its first checkpoint "
-                          "with the steps lost), or dp_backend=deepspeed")
     if cfg.lora is not None:  # before DeepSpeed's own refusals: with lora, dp_backend itself is the one to change
         check_lora_layout(cfg, plan)
     check_deepspeed_train(cfg, plan, cfg.init_from)

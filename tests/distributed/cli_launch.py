@@ -4,10 +4,10 @@ startup (torchrun's agent, every rank importing torch and meshwright) before any
 
 Runs, in order (the numbers cli_runs prints):
   0-2  test_train_cli_parallel.py: a layer-wise plan, then ``--plan auto`` twice (profiled once, then reused);
-  3-6  test_shard_checkpoint_midrun.py: per case a straight run, then its copy resumed from the step-3 checkpoint;
-  7-8  test_grow_positions_torchrun.py: an FSDP2 run at max_seq_len 32, then (its step-2 directory copied for the
+  3-8  test_shard_checkpoint_midrun.py: per case a straight run, then its copy resumed from the step-3 checkpoint;
+  9-10 test_grow_positions_torchrun.py: an FSDP2 run at max_seq_len 32, then (its step-2 directory copied for the
        one-process resume) the run resumed grown to 64;
-  9-10 test_profile_hardware.py: ``profile hardware``, ``profile model``.
+  11-12 test_profile_hardware.py: ``profile hardware``, ``profile model``.
 """
 
 from __future__ import annotations
@@ -17,12 +17,15 @@ from pathlib import Path
 
 TRAIN = ["train", "configs/train/tiny-test.yaml"]
 
-# test_shard_checkpoint_midrun.py: mid-run checkpoints under expert parallelism and megatron TP
+# test_shard_checkpoint_midrun.py: mid-run checkpoints under expert parallelism, megatron TP and torch's ZeRO-1
+# (ZeroRedundancyOptimizer, each rank writing its own parameters' states: parallel/zero1_state.py; saved async)
 MIDRUN_CASES = {
     "moe-ep2": ["model=tiny-moe", "--plan", "configs/plans/tiny-moe-ep2.yaml"],
     "tp2-megatron": ["tp_backend=megatron", "--plan", "{tmp}/tp2.yaml"],
+    "zero1-async": ["ckpt_async=true", "--plan", "{tmp}/zero1.yaml"],
 }
 TP2_NO_SP = "version: 1\nmodel: tiny\nseq_len: 64\nglobal_batch: 8\nmicro_batch: 4\nlayers:\n  - {tp: 2, dp: 1, repeat: 4}\n"
+ZERO1 = "version: 1\nmodel: tiny\nseq_len: 64\nglobal_batch: 8\nmicro_batch: 4\nlayers:\n  - {dp: 2, zero: 1, repeat: 4}\n"
 
 
 def midrun_train(out, extra, *flags) -> list[str]:
@@ -68,6 +71,7 @@ def launch_args(tmp: Path) -> list[str]:
         runs.append([f"--env=MESHWRIGHT_CACHE_DIR={cache}", *TRAIN, f"out_dir={tmp / f'auto{attempt}'}", "steps=2",
                      "eval_every=0", "log_every=1", "--plan", "auto"])
     (tmp / "tp2.yaml").write_text(TP2_NO_SP)  # megatron TP has no sequence parallelism
+    (tmp / "zero1.yaml").write_text(ZERO1)
     for case, (straight, resumed) in midrun_dirs(tmp).items():
         extra = [a.format(tmp=tmp) for a in MIDRUN_CASES[case]]
         runs.append(midrun_train(straight, extra))

@@ -347,6 +347,108 @@ def lora_cases(report: Report, only: set | None, rank: int, out: str | None = No
         dist.barrier()
 
 
+ZERO1_RUN = "zero1_run"  # beside the report: the ZeRO-1 dp2 checkpoint, resumed in one process by test_parallel_runtime.py
+ZERO1_CKPT_CASES = ("zero1_ckpt_resume_bitwise", "zero1_ckpt_to_zero2", "zero0_ckpt_to_zero1")
+
+
+def _train_exact(rt, opt, start: int, steps: int) -> list[float]:
+    """``steps`` steps of ``rt`` from data step ``start``: the losses and grad norms, for bitwise comparison."""
+    out = []
+    for step in range(start, start + steps):
+        out.append(rt.forward_backward(shard(step, rt.dp_rank, rt.dp_size)))
+        out.append(rt.clip_grad_norm_(MAX_NORM))
+        rt.optimizer_step(opt)
+    return out
+
+
+def _flat_state(rt, opt) -> dict[str, torch.Tensor]:
+    """This rank's parameters and the optimizer states it holds, by name (for bitwise comparison)."""
+    from meshwright.parallel.zero1_state import param_fqns
+
+    names = param_fqns(rt.model)
+    out = {f"param.{names[p]}": p.detach().clone() for p in rt.model.parameters()}
+    inner = opt.optim if hasattr(opt, "optim") else opt
+    for p, st in inner.state.items():
+        for k, v in st.items():
+            out[f"state.{names[p]}.{k}"] = v.detach().clone()
+    return out
+
+
+def zero1_ckpt_cases(report: Report, only: set | None, rank: int, out: str | None, ref4: list[dict]) -> None:
+    """ZeRO-1 (ZeroRedundancyOptimizer) through DCP checkpoints (parallel/zero1_state.py): a dp2 run saved after step
+    2 and resumed under ZeRO-1 dp2 (another seed) repeats the uninterrupted run's steps 3-4 bitwise (losses, grad
+    norms, parameters, the states each rank owns); each rank holds exactly the AdamW moments of the parameters it
+    owns and the checkpoint holds every parameter's (the union); the same checkpoint resumes under ZeRO-2 dp2, and a
+    ZeRO-0 (DDP) checkpoint resumes under ZeRO-1 dp2, both against the one-process steps 3-4. The checkpoint is kept
+    beside ``out`` (``ZERO1_RUN``) for test_parallel_runtime.py to resume in one process."""
+    import tempfile
+
+    from meshwright.parallel.data_parallel import sharded_state_bytes
+
+    if only is not None and not set(ZERO1_CKPT_CASES) & only:
+        return
+    box = [str(Path(out).parent / ZERO1_RUN) if out else tempfile.mkdtemp() if rank == 0 else None]
+    dist.broadcast_object_list(box)
+    path = f"{box[0]}/ckpt/step_000002"
+    zero1, zero2, ddp = CASES["dp2_zero1"][0], CASES["dp2_zero2_fsdp"][0], CASES["dp2_ddp"][0]
+    try:
+        rt = DistributedRuntime(CFG, plan_from_dict(zero1), seed=SEED)
+        opt = rt.build_optimizer(make_opt)
+        whole = _train_exact(rt, opt, 0, 4)
+        want = _flat_state(rt, opt)
+        rt.close()
+        rt = DistributedRuntime(CFG, plan_from_dict(zero1), seed=SEED)
+        opt = rt.build_optimizer(make_opt)
+        first = _train_exact(rt, opt, 0, 2)
+        owned = [p for g in opt.optim.param_groups for p in g["params"]]
+        held = sharded_state_bytes(opt)
+        save_runtime(path, rt, opt, meta={"step": 2})
+        rt.close()
+        rt = DistributedRuntime(CFG, plan_from_dict(zero1), seed=99)
+        opt = rt.build_optimizer(make_opt)
+        load_runtime(path, rt, opt)
+        second = _train_exact(rt, opt, 2, 2)
+        got = _flat_state(rt, opt)
+        rt.close()
+        metadata = read_metadata_file(f"{path}/.metadata").state_dict_metadata
+        saved = sorted(k[len("optim.state."):-len(".exp_avg")] for k in metadata
+                       if k.startswith("optim.state.") and k.endswith(".exp_avg"))
+        names = sorted(n for n, _ in build_model(CFG, seed=SEED).named_parameters())
+        res = {"losses_norms": whole, "resumed": first + second, "bitwise": whole == first + second,
+               "state_keys_equal": sorted(want) == sorted(got),
+               "tensors_equal": sorted(want) == sorted(got) and all(torch.equal(want[k], got[k]) for k in want),
+               "owned_params": len(owned), "owned_state_bytes": sum(2 * p.numel() * p.element_size() for p in owned),
+               "opt_state_bytes": held, "saved_state_params": len(saved), "all_params_saved": saved == names}
+        res["ok"] = (res["bitwise"] and res["tensors_equal"] and res["all_params_saved"]
+                     and res["opt_state_bytes"] == res["owned_state_bytes"])
+    except Exception as e:
+        res = failure("zero1 ckpt resume", e)
+    report.add("zero1_ckpt_resume_bitwise", res["ok"], res)
+    dist.barrier()
+    try:  # the ZeRO-1 checkpoint under ZeRO-2 (FSDP2 DTensor shards of every state)
+        rt = DistributedRuntime(CFG, plan_from_dict(zero2), seed=99)
+        opt = rt.build_optimizer(make_opt)
+        meta = load_runtime(path, rt, opt)
+        res = check_runtime(rt, ref4[2:], steps=2, start=2, check_grads=False, opt=opt)
+        res.pop("opt")
+        res["ok"] = res["ok"] and meta["step"] == 2
+        rt.close()
+    except Exception as e:
+        res = failure("zero1 ckpt to zero2", e)
+    report.add("zero1_ckpt_to_zero2", res["ok"], res)
+    dist.barrier()
+    try:  # a ZeRO-0 (DDP) checkpoint under ZeRO-1: each rank reads the states of the parameters it owns
+        d = [tempfile.mkdtemp() if rank == 0 else None]
+        dist.broadcast_object_list(d)
+        rt = DistributedRuntime(CFG, plan_from_dict(ddp), seed=SEED)
+        res = save_and_resume(rt, lambda: DistributedRuntime(CFG, plan_from_dict(zero1), seed=99), ref4,
+                              f"{d[0]}/ddp_ckpt")
+    except Exception as e:
+        res = failure("zero0 ckpt to zero1", e)
+    report.add("zero0_ckpt_to_zero1", res["ok"], res)
+    dist.barrier()
+
+
 def make_sgd(groups):
     return torch.optim.SGD(groups, lr=0.1)
 
@@ -415,6 +517,7 @@ def main() -> None:
         report.add(name, res["ok"], res)
         dist.barrier()
     lora_cases(report, only, rank, out)
+    zero1_ckpt_cases(report, only, rank, out, ref4)
     if only is None or "zero2_gathers_once_per_step" in only:
         report.add("zero2_gathers_once_per_step", *zero2_gather_counts())
         dist.barrier()

@@ -19,6 +19,8 @@ CASES = {
     "dp2_tp2_megatron": (plan(uniform(tp=2, dp=2)), "megatron"),
     "pp2_tp2": (plan(uniform(tp=2), pipeline={**PP2, "microbatches": 4}), "dtensor"),
     "pp2_dp2": (plan(uniform(dp=2), pipeline=PP2), "dtensor"),
+    # ZeRO-1 under pipelining: one ZeroRedundancyOptimizer per stage over its dp pair (the manual all-reduce, not DDP)
+    "pp2_dp2_zero1": (plan(uniform(dp=2, zero=1), pipeline=PP2), "dtensor"),
     "hsdp_dp4_shard2": (plan(uniform(dp=4, zero=3)), "dtensor", 2),
     "hsdp_dp2x_tp2_zero2": (plan(uniform(dp=2, tp=2, zero=2)), "dtensor", 1),
     # HSDP from the Plan, per layer: two shard-group sizes' meshes side by side with plain FSDP
@@ -39,6 +41,28 @@ LORA_CASES = {
 }
 LORA_BACKENDS = {"lora_tp2_dp2_megatron": "megatron"}  # the others: dtensor
 CKPT_SAVE = "dp2_tp2_fsdp"  # the case whose run the checkpoint case saves after its 2 steps
+ZERO1_CKPT = "ckpt_pp2dp2_zero1_to_dp4_zero1"
+
+
+def zero1_reshard(report: Report, ref: list[dict], ckpt: str) -> None:
+    """ZeRO-1 across partitions: a pp2 x dp2 ZeRO-1 run (each stage's pair owns its stage's parameters' states)
+    saved after 2 steps, resumed under dp4 ZeRO-1 (four ranks partition every parameter anew, each reading the
+    states of those it now owns) for steps 3-4 against the one-process run."""
+    try:
+        rt = DistributedRuntime(CFG, plan_from_dict(CASES["pp2_dp2_zero1"][0]), seed=7)
+        res = check_runtime(rt, ref, steps=2, check_grads=False)
+        save_runtime(ckpt, rt, res.pop("opt"), meta={"step": 2})
+        rt.close()
+        rt2 = DistributedRuntime(CFG, plan_from_dict(plan(uniform(dp=4, zero=1))), seed=123)
+        opt2 = rt2.build_optimizer(__import__("parity_lib").make_opt)
+        meta = load_runtime(ckpt, rt2, opt2)
+        res2 = check_runtime(rt2, ref[2:], steps=2, start=2, check_grads=False, opt=opt2)
+        res2.pop("opt")
+        rt2.close()
+        report.add(ZERO1_CKPT, res["ok"] and res2["ok"] and meta.get("step") == 2, {"save": res, "resume": res2})
+    except Exception as e:
+        report.add(ZERO1_CKPT, False, failure(ZERO1_CKPT, e))
+    dist.barrier()
 
 
 def shard_mesh_dims(rt, layer: int) -> list[int]:
@@ -83,6 +107,8 @@ def main() -> None:
             res = failure(f"case {name}", e)
         report.add(name, res["ok"], res)
         dist.barrier()
+    if not only or ZERO1_CKPT in only:
+        zero1_reshard(report, ref, f"{ckpt}_zero1")
     if only and "ckpt" not in only:
         report.gather_and_write()
         dist.destroy_process_group()

@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE))
 FOUR_RANK = {"dp2_tp2_fsdp", "dp2_tp2_sp_zero0", "dp2_tp2_megatron", "pp2_tp2", "pp2_dp2",
              "pp2_layerwise_dp2_zero2_tp2", "ckpt_dp2tp2_to_pp2dp2",
              "hsdp_dp4_shard2", "hsdp_dp2x_tp2_zero2", "hsdp_plan_per_layer", "lora_tp2_dp2_fsdp", "lora_pp2_dp2",
-             "lora_tp2_dp2_megatron"}
+             "lora_tp2_dp2_megatron", "pp2_dp2_zero1", "ckpt_pp2dp2_zero1_to_dp4_zero1"}
 TWO_RANK = {"dp2_ddp", "dp2_zero1", "dp2_zero2_fsdp", "dp2_zero3_fsdp", "tp2_dtensor", "tp2_megatron", "tp2_sp",
             "pp2_1f1b", "pp2_gpipe", "pp2_interleaved", "layerwise_tp_zero_mix", "recompute_full_dp2",
             "recompute_selective_tp2", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "ckpt_dp2tp2_to_pp2",
@@ -35,7 +35,7 @@ TWO_RANK = {"dp2_ddp", "dp2_zero1", "dp2_zero2_fsdp", "dp2_zero3_fsdp", "tp2_dte
             "tp2_dtensor_qk_norm", "tp2_megatron_qk_norm", "tp2_sp_qk_norm", "lora_dp2_ddp", "lora_dp2_zero1", "lora_dp2_zero2_fsdp",
             "lora_dp2_zero3_fsdp", "lora_ckpt_zero3_to_ddp", "lora_tp2", "lora_tp2_sp", "lora_pp2_1f1b", "lora_tp2_sp_gemma",
             "lora_ckpt_tp2_to_ddp", "lora_tp2_megatron", "lora_ckpt_tp2_megatron_to_ddp", "tp2_dtensor_gemma",
-            "tp2_megatron_gemma", "tp2_sp_gemma"}
+            "tp2_megatron_gemma", "tp2_sp_gemma", "zero1_ckpt_resume_bitwise", "zero1_ckpt_to_zero2", "zero0_ckpt_to_zero1"}
 
 
 def _failures(report: dict) -> str:
@@ -60,6 +60,17 @@ def test_four_rank_layouts_match_one_process(four_rank) -> None:
     report, _ = four_rank
     assert set(report) == FOUR_RANK
     assert all(c["ok"] for c in report.values()), _failures(report)
+    # ZeRO-1 under pp2 x dp2: each stage's pair partitions its own parameters whole; the planner's largest share per
+    # stage (launcher/planner/zero1_partition.py) is what the larger rank of each pair holds (AdamW: 8 B/element)
+    from parity_4rank import CASES
+    from parity_lib import CFG
+
+    from meshwright.launcher.planner.zero1_partition import stage_state_numels
+    from meshwright.plan import plan_from_dict
+
+    held = [r["opt_state_bytes"] for _, r in sorted(report["pp2_dp2_zero1"]["ranks"].items())]
+    planned = stage_state_numels(CFG, plan_from_dict(CASES["pp2_dp2_zero1"][0]), 2, {})
+    assert [max(held[0:2]), max(held[2:4])] == [8 * n for n in planned], (held, planned)
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +156,54 @@ def test_checkpoint_from_dp2tp2_resumes_in_one_process(four_rank) -> None:
     resumed = reference(steps=2, model=model, opt=opt, start=2)
     for a, b in zip(resumed, ref[2:]):
         assert rel(a["loss"], b["loss"]) <= RTOL, (a["loss"], b["loss"])
+
+
+def resume_zero1_in_one_process(run_dir: Path) -> list[tuple[float, float]]:
+    """The ZeRO-1 dp2 checkpoint parity_2rank keeps (each rank wrote the AdamW states of the parameters it owns)
+    loaded into a plain model and optimizer (ZeRO-0, one process): (loss, reference loss) of steps 3-4."""
+    from parity_2rank import ZERO1_RUN
+    from parity_lib import CFG, SEED, make_opt, reference
+
+    from meshwright.models import build_model
+    from meshwright.train.checkpoint import load_runtime
+    from meshwright.train.local_runtime import LocalRuntime
+
+    ref = reference(steps=4)
+    model = build_model(CFG, seed=SEED + 1)
+    opt = make_opt([{"params": [p for p in model.parameters() if p.dim() >= 2]},
+                    {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}])
+    meta = load_runtime(run_dir / ZERO1_RUN / "ckpt" / "step_000002", LocalRuntime(model), opt)
+    assert meta["step"] == 2
+    assert len(opt.state) == len(list(model.parameters()))  # both ranks' shares: every parameter's moments
+    resumed = reference(steps=2, model=model, opt=opt, start=2)
+    return [(a["loss"], b["loss"]) for a, b in zip(resumed, ref[2:])]
+
+
+@pytest.mark.timeout(120)
+def test_zero1_checkpoint_resumes_in_one_process(two_rank) -> None:
+    """ZeRO-1 (ZeroRedundancyOptimizer) dp2 -> one process: the checkpoint holds every parameter's states under the
+    ZeRO-0 keys (parallel/zero1_state.py), so a plain optimizer continues the trajectory (steps 3-4 within 1e-5);
+    the same launch checked per rank that each holds exactly its owned parameters' moments (2 x 4 B each)."""
+    from parity_lib import RTOL, rel
+
+    report, run_dir = two_rank
+    case = report["zero1_ckpt_resume_bitwise"]
+    assert case["ok"], _failures({"zero1_ckpt_resume_bitwise": case})
+    ranks = list(case["ranks"].values())
+    assert [r["opt_state_bytes"] for r in ranks] == [r["owned_state_bytes"] for r in ranks]
+    full = report["dp2_ddp"]["ranks"]["0"]["opt_state_bytes"]
+    assert sum(r["opt_state_bytes"] for r in ranks) == full  # whole parameters: the shares add up to DDP's states
+    # the planner's partition (launcher/planner/zero1_partition.py) is the runtime's: the same elements per rank
+    from parity_lib import CFG
+
+    from meshwright.launcher.planner.zero1_partition import model_params, partition_numels
+
+    layers, ends = model_params(CFG, {})
+    held = [e for v in [*layers.values(), *ends.values()] for e in v]
+    want = partition_numels([[n for n, mat in held if mat], [n for n, mat in held if not mat]], 2)
+    assert [r["opt_state_bytes"] for r in ranks] == [8 * n for n in want]  # AdamW: two fp32 moments
+    for got, want in resume_zero1_in_one_process(run_dir):
+        assert rel(got, want) <= RTOL, (got, want)
 
 
 # the tp2 LoRA runs parity_2rank keeps: DTensor (a full checkpoint) and megatron-core (adapter-only, the base

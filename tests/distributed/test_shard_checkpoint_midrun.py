@@ -1,6 +1,7 @@
-"""Mid-run checkpoints under expert parallelism and megatron TP: saving at step 3 must leave the live
-optimizer state alone, so steps 4.. run and a resume from step 3 replays them bit for bit (#19 item 4:
-the shard hooks wrote DTensors into the state the optimizer shares with ``state_dict()``).
+"""Mid-run checkpoints under expert parallelism, megatron TP and torch's ZeRO-1 (``meshwright train`` with a zero=1
+plan, saved async): saving at step 3 must leave the live optimizer state alone, so steps 4.. run and a resume from
+step 3 replays them bit for bit (#19 item 4: the shard hooks wrote DTensors into the state the optimizer shares with
+``state_dict()``; ZeRO-1's checkpoint holds each rank's own parameters' states, read back under the same partition).
 
 Both cases' straight runs and resumes share one torchrun launch (tests/distributed/cli_runs.py; a launch costs
 ~13 s of startup before any step) with the runs of other modules (conftest.cli_launch, cli_launch.py): each
@@ -18,7 +19,7 @@ from cli_launch import MIDRUN_CASES, losses, midrun_dirs
 
 @pytest.fixture(scope="module")
 def runs(cli_launch):
-    """Per case: the straight run's directory and the resumed copy's (runs 3-6 of conftest.cli_launch)."""
+    """Per case: the straight run's directory and the resumed copy's (runs 3-8 of conftest.cli_launch)."""
     return midrun_dirs(cli_launch[1])
 
 

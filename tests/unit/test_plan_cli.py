@@ -472,13 +472,22 @@ def test_emit_deepspeed_writes_the_config_of_the_stack_predicted(capsys, monkeyp
     assert not any("zero=0" in n or "BF16_Optimizer" in n for n in notes), notes
 
 
-def test_plan_refuses_zero1_for_meshwrights_runtime_which_train_refuses(capsys):
-    """`train` refuses a dp_backend=torch ZeRO-1 plan before anything runs (its ZeroRedundancyOptimizer states
-    cannot be checkpointed): `plan --zero 1` for meshwright's runtime must not print one, while the stacks that run
-    ZeRO-1 (DeepSpeed here) and --any-runtime still plan it."""
+def test_plan_zero1_for_meshwrights_runtime_is_one_it_runs(capsys):
+    """`plan --zero 1` for meshwright's runtime prints a plan its ZeRO-1 runs (one ZeroRedundancyOptimizer per stage,
+    checkpointed through DCP since parallel/zero1_state.py; stop 35 refused it): every layer tp=1 and ZeRO-1, the
+    ends replicated, passing the runtime's check; with --tp 2 one line (its ZeRO-1 is tp=1 only), while the stacks
+    that run ZeRO-1 at tp>1 (DeepSpeed here) and --any-runtime still plan it."""
+    from meshwright.parallel.support import check_runtime_support
+    from meshwright.plan import plan_from_dict
+
     base = ["--model", "llama2-7b", "--cluster", "dgx-a100-80g", "--seq-len", "4096", "--global-batch", "64", "--json"]
-    rc, _, err = _run(capsys, ["plan", *base, "--zero", "1"])
-    assert rc == 2 and "zero=1 is invalid; valid: 0, 2 or 3 for meshwright's runtime" in err, err
+    rc, text, err = _run(capsys, ["plan", *base, "--zero", "1"])
+    assert rc == 0, err
+    plan = plan_from_dict(json.loads(text)["plan"])
+    assert {(s.tp, s.zero) for s in plan.layer_strategies()} == {(1, 1)} and plan.embedding.zero == 0
+    check_runtime_support(plan, load_model_config("llama2-7b"), "dtensor", "torch")
+    rc, _, err = _run(capsys, ["plan", *base, "--zero", "1", "--tp", "2"])
+    assert rc == 2 and "tp=2 is invalid; valid: 1 with --zero 1 for meshwright's runtime" in err, err
     assert len(err.strip().splitlines()) == 1
     for extra in (["--stack", "deepspeed"], ["--any-runtime"]):
         rc, text, err = _run(capsys, ["plan", *base, "--zero", "1", *extra])

@@ -2045,6 +2045,38 @@ def runtime_zero_plan(plan: Any, hw: Hardware, world_size: int) -> Any:
     return dataclasses.replace(plan, layers=layers, embedding=emb)
 
 
+def runs_zero1(plan: Any, hw: Hardware, world_size: int) -> bool:
+    """Whether meshwright's runtime runs ``plan`` (as ``runtime_zero_plan`` leaves it) with its ZeRO-1: one
+    ``ZeroRedundancyOptimizer`` per stage (parallel/runtime.py ``zero1``: every block tp=1 at ZeRO-1, the ends below
+    ZeRO-2, more than one rank per stage)."""
+    return (hw.stack == "meshwright" and world_size // plan.pipeline.degree > 1 and plan.embedding.zero < 2
+            and all(s.tp == 1 and s.zero == 1 for s in plan.layers))
+
+
+def zero1_states_correction(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int,
+                            cache: dict[Any, Any]) -> None:
+    """Under meshwright's ZeRO-1 each rank holds the optimizer states of the whole parameters it owns
+    (launcher/planner/zero1_partition.py), the ends' included: the blocks' ``/ dp`` share and the ends' count (whole
+    at ``embedding.zero`` 0) are replaced, per pipeline rank, by the largest dp rank's share. LoRA runs keep the
+    ``/ dp`` count (their partition is over the adapters)."""
+    if hw.lora is not None or not runs_zero1(plan, hw, world_size):
+        return
+    from meshwright.launcher.planner.zero1_partition import stage_state_numels
+
+    pp, emb, states = plan.pipeline, plan.embedding, plan.optimizer.states
+    per_stage = world_size // pp.degree
+    ranges = plan.stage_ranges(cfg.n_layers)
+    n_stages = len(ranges)
+    share = stage_state_numels(cfg, plan, per_stage, cache)
+    for r in range(pp.degree):
+        ids = range(r, n_stages, pp.degree)
+        blocks = sum(cfg.layer_params(j) for i in ids for j in range(*ranges[i]))
+        ends = embedding_param_count(cfg, 0 in ids, n_stages - 1 in ids, 1)
+        counted = (model_state_bytes(blocks, per_stage, 1, states, hw)["optimizer"]
+                   + model_state_bytes(ends, per_stage, emb.zero, states, hw)["optimizer"])
+        t.static[r] += model_state_bytes(share[r], 1, 1, states, hw)["optimizer"] - counted
+
+
 def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int,
                   cache: Optional[dict[Any, Any]] = None) -> Prediction:
     """Predict step time, throughput, MFU/HFU and memory per pipeline stage of a (validated) Plan.
@@ -2067,6 +2099,7 @@ def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int,
     v = pp.virtual_stages if pp.schedule == "interleaved_1f1b" else 1
     t = _layer_totals(plan, cfg, hw, m, cache)
     head_tokens = _add_ends(t, plan, cfg, hw, strategies, m, world_size, cache)
+    zero1_states_correction(t, plan, cfg, hw, world_size, cache)
     rank_mb = t.mb_s
     if pp.degree > 1:
         cross = world_size // pp.degree >= hw.devices_per_node

@@ -66,8 +66,9 @@ class Constraints:
     # only (a stack with no HSDP at that ZeRO level, export/stacks.py)
     hsdp: Optional[bool] = None
     # Only emit what meshwright's own runtime runs (meshwright.parallel.support.check_runtime_support):
-    # embeddings/head replicated over tp, no ZeRO-1 (its ZeroRedundancyOptimizer path needs a pure-DP
-    # model), no memory savers. Off = the full space, e.g. for --emit to other stacks.
+    # embeddings/head replicated over tp, ZeRO-1 only when asked for (``zero=1``: one ZeroRedundancyOptimizer over
+    # each stage's dp group, so every layer tp=1 and ZeRO-1; the per-layer search cannot hold that all-or-none rule, so
+    # an unconstrained search plans ZeRO-0/2/3), no memory savers. Off = the full space, e.g. for --emit to other stacks.
     runtime_compatible: bool = False
     # tp>1 layers as megatron-core's parallel linears run them (tp_backend: megatron, parallel/support.py): no sp, no
     # ZeRO-2/3 (FSDP shards DTensor parameters only), no per-layer savers
@@ -221,6 +222,8 @@ def layer_strategies(cfg: ModelConfig, index: int, per_stage: int, tps: list[int
         zeros = [c.zero] if c.zero is not None else ([0, 1, 2, 3] if dp > 1 else [0])
         if c.runtime_compatible and dp > 1 and c.zero is None:
             zeros = [0, 2, 3]
+        if c.runtime_compatible and c.zero == 1 and t > 1:
+            continue  # the runtime's ZeRO-1 is one ZeroRedundancyOptimizer over tp=1 layers (parallel/support.py)
         if any(z > 0 for z in zeros) and dp == 1:
             zeros = [0]
         if c.megatron_tp and t > 1:
@@ -1356,6 +1359,8 @@ def _tp_bases(base: _Outer, out: _Collector) -> list[tuple[_Outer, int]]:
         reject({"layout": f"pp={pp} cp={cp}", "reason": f"cp={cp} does not divide {per_stage} devices per stage"})
         return []
     tps = tp_choices(cfg, per_stage // cp, base.seq_len)
+    if c.runtime_compatible and c.zero == 1:  # meshwright's ZeRO-1: every layer tp=1 (``layer_strategies``)
+        tps = [t for t in tps if t == 1]
     if c.tp is not None:
         if c.tp not in tps:
             reject({"layout": f"pp={pp} tp={c.tp}", "reason": f"tp={c.tp} does not divide heads/FFN/{per_stage} devices"})

@@ -56,12 +56,13 @@ def run(args: argparse.Namespace) -> int:
         raise invalid("--ssh-known-hosts", args.ssh_known_hosts, "an existing known_hosts file")
     command = args.train_command[1:] if args.train_command[:1] == ["--"] else args.train_command
     hosts = load_hosts(args.hosts)
-    grace_s = _grace_from_overrides(command)
+    grace_s, out_dir = _grace_from_overrides(command), None
     if command[:1] == ["train"] and os.path.realpath(args.workdir) == os.path.realpath(os.getcwd()):
         from meshwright.commands.train import preflight
 
         # the hosts run in this directory: a bad config, or a plan for another device count, fails here first
-        grace_s = preflight(command, world_size=sum(h.slots for h in hosts)).preempt_grace_s
+        cfg = preflight(command, world_size=sum(h.slots for h in hosts))
+        grace_s, out_dir = cfg.preempt_grace_s, cfg.out_dir
     env = {}
     for item in args.env:
         if "=" not in item:
@@ -81,18 +82,40 @@ def run(args: argparse.Namespace) -> int:
         for line in dry_run_lines(spec, args.launcher, args.hosts, args.ssh_port, args.ssh_key):
             print(line)
         return 0
-    if args.launcher == "deepspeed":
-        return run_deepspeed(spec, args)
-    try:
-        results = run_over_ssh(spec, args.ssh_port, args.ssh_key, args.connect_timeout,
-                               known_hosts=args.ssh_known_hosts)
-    except LaunchStopped as stop:
-        return _stopped(stop)
+    with _run_directory_lock(out_dir, spec.run_id):
+        if args.launcher == "deepspeed":
+            return run_deepspeed(spec, args)
+        try:
+            results = run_over_ssh(spec, args.ssh_port, args.ssh_key, args.connect_timeout,
+                                   known_hosts=args.ssh_known_hosts)
+        except LaunchStopped as stop:
+            return _stopped(stop)
     message = summarize_failure(results)
     if message:
         print(f"meshwright launch: {message}", file=sys.stderr)
         return 1
     return 0
+
+
+@contextlib.contextmanager
+def _run_directory_lock(out_dir: str | None, run_id: str):
+    """Hold the run directory (the config's out_dir) for the launch's life (launcher/launch_lock.py): a second live
+    launch into it is refused before any host starts. ``out_dir`` None (the hosts run in another --workdir, whose
+    config is not read here): no lock; the run's rank 0 still refuses a directory in use (train/run_dir.RunLock)."""
+    if out_dir is None:
+        yield
+        return
+    from meshwright.launcher.launch_lock import acquire_launch_lock
+
+    lock = acquire_launch_lock(out_dir, run_id)
+    if lock.took_over:
+        print(f"meshwright launch: note: {lock.path} was left by launch {lock.took_over.get('run_id')} (host "
+              f"{lock.took_over.get('host')}, pid {lock.took_over.get('pid')}), which has ended: taken over",
+              file=sys.stderr)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _grace_from_overrides(command: list[str]) -> float:

@@ -108,11 +108,7 @@ class LaunchLock:
         finally:
             os.close(self.fd)  # drops the flock after the unlink: a waiter then finds no file and creates its own
             self.fd = -1
-        for d in self.created:  # only directories this launch made, and only while empty (the run writes into them)
-            try:
-                d.rmdir()
-            except OSError:
-                break
+        _remove_empty(self.created)
 
     def __enter__(self) -> "LaunchLock":
         return self
@@ -130,7 +126,7 @@ def _check_no_run_training(out: Path) -> None:
     """A run already training in ``out`` (its rank 0 holds ``RUN_LOCK``: a plain `meshwright train`, or a launch with
     another work directory) is refused here too. The file is only opened if it exists; nothing is created or kept."""
     try:
-        fd = os.open(out / RUN_LOCK, os.O_RDONLY)
+        fd = os.open(out / RUN_LOCK, os.O_RDWR)  # writable: NFS emulates flock with fcntl locks, which need it
     except OSError:
         return
     try:
@@ -186,12 +182,26 @@ def acquire_launch_lock(out_dir: str | Path, run_id: str) -> LaunchLock:
             return LaunchLock(path, fd, record, created, took_over=old)
         raise _refuse(out, f"{path} kept changing while this launch tried to lock it")
     except BaseException:
-        for d in created:
-            try:
-                d.rmdir()
-            except OSError:
-                break
+        _remove_empty(created)
         raise
+
+
+def _remove_empty(created: list[Path]) -> None:
+    """Remove the directories this launch made (deepest first) while they are empty. The deepest may still hold the
+    run's own lock file alone (its rank 0 made it there and, the directory not being its own, left it when it refused
+    its input, train/run_dir.remove_unused): no longer held, it goes too, as the run itself would have removed it."""
+    for i, d in enumerate(created):
+        try:
+            if i == 0 and [p.name for p in d.iterdir()] == [RUN_LOCK]:
+                fd = os.open(d / RUN_LOCK, os.O_RDWR)
+                try:
+                    if _try_flock(fd):
+                        (d / RUN_LOCK).unlink()
+                finally:
+                    os.close(fd)
+            d.rmdir()
+        except OSError:
+            return
 
 
 def _write(fd: int, record: dict[str, Any]) -> None:

@@ -170,3 +170,17 @@ def test_launch_holds_the_configs_run_directory_while_the_hosts_run_and_refuses_
     finally:
         proc.stdin.close()
         proc.wait(timeout=60)
+
+
+def test_a_directory_the_launch_made_goes_with_the_runs_unheld_lock_file_alone(tmp_path):
+    """A run that refused its input in a directory the launch made leaves its own lock file there (the directory was
+    not its own to remove): the launch removes both, as the run would have. Held, or beside anything else, it stays."""
+    out = tmp_path / "run"
+    with acquire_launch_lock(out, "meshwright-aaaaaaaaaaaa"):
+        RunLock(out).acquire().release()  # rank 0: took the run's lock, refused, released
+    assert not out.exists()
+    with acquire_launch_lock(out, "meshwright-aaaaaaaaaaaa") as lock:
+        held = RunLock(out).acquire()  # a run (its ranks orphaned, say) still holds it
+        lock.release()
+    assert sorted(p.name for p in out.iterdir()) == [".meshwright.lock"]
+    held.release()

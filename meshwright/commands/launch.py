@@ -129,7 +129,7 @@ def _run_directory_lock(out_dir: str | None, run_id: str):
     from meshwright.launcher.launch_lock import acquire_launch_lock
 
     lock = acquire_launch_lock(out_dir, run_id)
-    if lock.took_over:
+    if lock.took_over is not None:
         print(f"meshwright launch: note: {lock.path} was left by launch {lock.took_over.get('run_id')} (host "
               f"{lock.took_over.get('host')}, pid {lock.took_over.get('pid')}), which has ended: taken over",
               file=sys.stderr)

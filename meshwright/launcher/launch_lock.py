@@ -33,6 +33,7 @@ from meshwright.errors import invalid
 
 LAUNCH_LOCK = ".meshwright.launch.lock"
 RUN_LOCK = ".meshwright.lock"  # the training run's own (train/run_dir.RunLock), held by its rank 0
+FRESH_S = 5.0  # a lock file this young without a record is still being written by its creator
 NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # a file system without flock
 
 
@@ -122,6 +123,18 @@ def _refuse(out_dir: Path, why: str) -> Exception:
                    f"resume it once it has ended (-- train ... --resume), or set another out_dir=")
 
 
+def _flock_new(fd: int) -> bool:
+    """flock a file this launch just created (True; also where there is no flock). A prober that opened it before our
+    flock holds it only until it reads the empty record of a fresh file (``FRESH_S``) and lets go: wait for that, a
+    few seconds at most (False: still held)."""
+    deadline = time.monotonic() + FRESH_S
+    while _try_flock(fd) is False:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def _check_no_run_training(out: Path) -> None:
     """A run already training in ``out`` (its rank 0 holds ``RUN_LOCK``: a plain `meshwright train`, or a launch with
     another work directory) is refused here too. The file is only opened if it exists; nothing is created or kept."""
@@ -152,13 +165,16 @@ def acquire_launch_lock(out_dir: str | Path, run_id: str) -> LaunchLock:
     path, record = out / LAUNCH_LOCK, _record(run_id)
     try:
         _check_no_run_training(out)
-        for _ in range(5):  # a holder releasing (unlinking) between our open and our flock: try again
+        for _ in range(40):  # a holder releasing (unlinking) or creating while we look: try again
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
                 pass
             else:
-                _try_flock(fd)  # ours alone (just created); None: no flock here, the record still names us
+                if not _flock_new(fd):  # ours (just created): only a prober, who lets go, can hold it for a moment
+                    path.unlink()
+                    os.close(fd)
+                    raise _refuse(out, f"another process kept {path}, which this launch had just created, locked")
                 _write(fd, record)
                 return LaunchLock(path, fd, record, created)
             try:
@@ -166,6 +182,10 @@ def acquire_launch_lock(out_dir: str | Path, run_id: str) -> LaunchLock:
             except FileNotFoundError:
                 continue
             got, old = _try_flock(fd), _read(fd)
+            if got and not old and time.time() - os.fstat(fd).st_mtime < FRESH_S:
+                os.close(fd)  # no record yet: its creator is between its O_EXCL open and its write; let it finish
+                time.sleep(0.2)
+                continue
             alive = True if got is False else False if got else _alive_here(old)  # no flock: ask /proc, if here
             if alive is not False:
                 os.close(fd)

@@ -184,3 +184,29 @@ def test_a_directory_the_launch_made_goes_with_the_runs_unheld_lock_file_alone(t
         lock.release()
     assert sorted(p.name for p in out.iterdir()) == [".meshwright.lock"]
     held.release()
+
+
+def test_a_lock_file_being_created_is_not_taken_for_a_stale_one(tmp_path, monkeypatch):
+    """A fresh file with no record yet is its creator's, between its O_EXCL open and its write: a second launch waits
+    for the record instead of taking the file over (it then finds it held); an old empty one is stale."""
+    out = tmp_path / "run"
+    out.mkdir()
+    path = out / LAUNCH_LOCK
+    path.write_text("")  # a creator's file before its flock and record
+    creator = {}
+
+    def sleep(s: float) -> None:  # the creator finishes while the second launch waits
+        if not creator:
+            creator["lock"] = launch_lock.LaunchLock(path, os.open(path, os.O_RDWR), {"run_id": "meshwright-creator"})
+            launch_lock._try_flock(creator["lock"].fd)
+            launch_lock._write(creator["lock"].fd, creator["lock"].record)
+
+    monkeypatch.setattr(launch_lock.time, "sleep", sleep)
+    with pytest.raises(ConfigError, match="locked by launch meshwright-creator"):
+        acquire_launch_lock(out, "meshwright-aaaaaaaaaaaa")
+    creator["lock"].release()
+    assert not path.exists()
+    path.write_text("")
+    os.utime(path, (0, 0))  # empty and old: its creator died before writing
+    with acquire_launch_lock(out, "meshwright-aaaaaaaaaaaa") as lock:
+        assert lock.took_over == {}

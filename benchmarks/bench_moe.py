@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+import weakref
 from datetime import timedelta
 from pathlib import Path
 
@@ -90,6 +91,7 @@ def _worker(args: argparse.Namespace) -> None:
     from meshwright.parallel.expert_parallel import (
         apply_ep, ep_cost_terms, ep_groups_from_mesh, is_expert_param, reduce_dense_grads, reduce_expert_grads,
     )
+    from meshwright.parallel.teardown import alive, close_all, destroy_process_group
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=300))
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -159,7 +161,19 @@ def _worker(args: argparse.Namespace) -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
     dist.barrier()
-    dist.destroy_process_group()
+    # what holds the groups goes first (parallel/teardown.py): the EP layout's modules hold the ep group, the
+    # optimizers their parameters, the mesh the dp group. Freed after destroy_process_group, at this function's
+    # return, one of them held a gloo group's last reference (the GIL deadlock teardown.py describes)
+    refs = {"ep2 model": weakref.ref(layouts["ep2"]), "ep1 model": weakref.ref(layouts["ep1"]),
+            "mesh": weakref.ref(mesh)}
+    layouts.clear()
+    opts.clear()
+    del step, base, meter, groups, mesh
+    close_all()  # torch's DTensor caches, then a collection
+    left = alive(refs)
+    if left:
+        raise RuntimeError(f"still holding a process group at teardown: {', '.join(left)}")
+    destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ import sys
 from typing import Any
 
 
+MAX_CONNECT_TIMEOUT_S = 3600.0  # an hour; a socket timeout past ~9.2e9 s was an OverflowError traceback in paramiko
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "launch", help="launch `meshwright train` on many hosts (torchrun over SSH, or the deepspeed launcher)",
@@ -25,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "unknown or changed host keys are refused")
     p.add_argument("--rdzv-port", type=int, default=29400,
                    help="rendezvous (static: master; c10d: endpoint) port on the first host")
-    p.add_argument("--max-restarts", type=int, default=0, help="elastic restarts; the trainer resumes from the latest checkpoint")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="elastic restarts (0..10,000); the trainer resumes from the latest checkpoint")
     p.add_argument("--rdzv", choices=("auto", "static", "c10d"), default="auto",
                    help="torchrun's rendezvous: static numbers the hosts in hostfile order (the first runs rank 0); "
                         "c10d is elastic (torchrun orders hosts by address) and needed for restarts across hosts; "
@@ -33,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--python", default=sys.executable, help="python on the hosts (default: this interpreter's path)")
     p.add_argument("--workdir", default=os.getcwd(), help="directory on the hosts to run in (default: this one)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment to set on every host (repeatable)")
-    p.add_argument("--connect-timeout", type=float, default=10.0)
+    p.add_argument("--connect-timeout", type=float, default=10.0,
+                   help=f"seconds to wait for each host's SSH connection (at most {MAX_CONNECT_TIMEOUT_S:g})")
     p.add_argument("--dry-run", action="store_true", help="print the exact per-host commands and exit")
     p.add_argument("train_command", nargs=argparse.REMAINDER, help="-- train CONFIG [--plan PLAN|auto] [key=value ...]")
     p.set_defaults(func=run)
@@ -41,27 +46,40 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from meshwright.errors import invalid
-    from meshwright.launcher.remote.argv import LaunchSpec, dry_run_lines, shutdown_timeout_for
+    from meshwright.launcher.remote.argv import (
+        MAX_RESTARTS, MAX_SHUTDOWN_S, SHUTDOWN_MARGIN_S, LaunchSpec, dry_run_lines, shutdown_timeout_for, shutdown_timeout_warning,
+        torchrun_shutdown_honoured,
+    )
     from meshwright.launcher.remote.hostfile import load_hosts
     from meshwright.launcher.remote.relay import LaunchStopped
     from meshwright.launcher.remote.ssh import run_over_ssh, summarize_failure
 
     if args.ssh_port is not None and not 0 < args.ssh_port < 65536:
         raise invalid("--ssh-port", args.ssh_port, "an integer in 1..65535")
-    if not 0 < args.connect_timeout < float("inf"):
-        raise invalid("--connect-timeout", args.connect_timeout, "a positive number of seconds")
+    if not 0 < args.connect_timeout <= MAX_CONNECT_TIMEOUT_S:
+        raise invalid("--connect-timeout", args.connect_timeout, f"a positive number of seconds, at most "
+                      f"{MAX_CONNECT_TIMEOUT_S:g}")
+    if not 0 < args.rdzv_port < 65536:
+        raise invalid("--rdzv-port", args.rdzv_port, "an integer in 1..65535")
+    if not 0 <= args.max_restarts <= MAX_RESTARTS:
+        raise invalid("--max-restarts", args.max_restarts, f"an integer in 0..{MAX_RESTARTS:,} (torchrun's restarts "
+                      "after a worker failure; each resumes from the latest checkpoint)")
     if args.ssh_key is not None and not os.path.isfile(args.ssh_key):
         raise invalid("--ssh-key", args.ssh_key, "an existing private key file")
     if args.ssh_known_hosts is not None and not os.path.isfile(args.ssh_known_hosts):
         raise invalid("--ssh-known-hosts", args.ssh_known_hosts, "an existing known_hosts file")
     command = args.train_command[1:] if args.train_command[:1] == ["--"] else args.train_command
     hosts = load_hosts(args.hosts)
-    grace_s = _grace_from_overrides(command)
+    grace_s, out_dir = _grace_from_overrides(command), None
     if command[:1] == ["train"] and os.path.realpath(args.workdir) == os.path.realpath(os.getcwd()):
         from meshwright.commands.train import preflight
 
         # the hosts run in this directory: a bad config, or a plan for another device count, fails here first
-        grace_s = preflight(command, world_size=sum(h.slots for h in hosts)).preempt_grace_s
+        cfg = preflight(command, world_size=sum(h.slots for h in hosts))
+        grace_s, out_dir = cfg.preempt_grace_s, cfg.out_dir
+    if shutdown_timeout_for(grace_s) >= MAX_SHUTDOWN_S:  # torchrun's wait after a stop signal: grace + margin
+        raise invalid("preempt_grace_s", grace_s, f"less than {MAX_SHUTDOWN_S - SHUTDOWN_MARGIN_S:,} seconds under "
+                      f"meshwright launch (torchrun waits that plus {SHUTDOWN_MARGIN_S} s for the ranks after a stop signal)")
     env = {}
     for item in args.env:
         if "=" not in item:
@@ -72,6 +90,10 @@ def run(args: argparse.Namespace) -> int:
                       rdzv_port=args.rdzv_port, max_restarts=args.max_restarts, env=env, rdzv=args.rdzv,
                       shutdown_timeout_s=shutdown_timeout_for(grace_s))
     spec.validate()
+    if args.launcher == "torchrun":
+        warning = shutdown_timeout_warning(spec, grace_s, torchrun_shutdown_honoured(spec.python))
+        if warning:
+            print(f"meshwright launch: {warning}", file=sys.stderr)
     if args.dry_run:
         if args.launcher == "deepspeed" and len(spec.hosts) > 1:  # what the launch would refuse, refused here too
             from meshwright.launcher.remote.argv import check_deepspeed_env_files, deepspeed_env_files
@@ -81,18 +103,40 @@ def run(args: argparse.Namespace) -> int:
         for line in dry_run_lines(spec, args.launcher, args.hosts, args.ssh_port, args.ssh_key):
             print(line)
         return 0
-    if args.launcher == "deepspeed":
-        return run_deepspeed(spec, args)
-    try:
-        results = run_over_ssh(spec, args.ssh_port, args.ssh_key, args.connect_timeout,
-                               known_hosts=args.ssh_known_hosts)
-    except LaunchStopped as stop:
-        return _stopped(stop)
+    with _run_directory_lock(out_dir, spec.run_id):
+        if args.launcher == "deepspeed":
+            return run_deepspeed(spec, args)
+        try:
+            results = run_over_ssh(spec, args.ssh_port, args.ssh_key, args.connect_timeout,
+                                   known_hosts=args.ssh_known_hosts)
+        except LaunchStopped as stop:
+            return _stopped(stop)
     message = summarize_failure(results)
     if message:
         print(f"meshwright launch: {message}", file=sys.stderr)
         return 1
     return 0
+
+
+@contextlib.contextmanager
+def _run_directory_lock(out_dir: str | None, run_id: str):
+    """Hold the run directory (the config's out_dir) for the launch's life (launcher/launch_lock.py): a second live
+    launch into it is refused before any host starts. ``out_dir`` None (the hosts run in another --workdir, whose
+    config is not read here): no lock; the run's rank 0 still refuses a directory in use (train/run_dir.RunLock)."""
+    if out_dir is None:
+        yield
+        return
+    from meshwright.launcher.launch_lock import acquire_launch_lock
+
+    lock = acquire_launch_lock(out_dir, run_id)
+    if lock.took_over is not None:
+        print(f"meshwright launch: note: {lock.path} was left by launch {lock.took_over.get('run_id')} (host "
+              f"{lock.took_over.get('host')}, pid {lock.took_over.get('pid')}), which has ended: taken over",
+              file=sys.stderr)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _grace_from_overrides(command: list[str]) -> float:

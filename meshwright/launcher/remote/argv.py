@@ -62,14 +62,14 @@ class LaunchSpec:
             # '' became `exec ''` / `cd ''` on every host: a failure there (or a run in $HOME), after the ssh start
             if not value.strip() or any(c in value for c in "\n\r\x00"):
                 raise invalid(f"--{name}", value, "a non-empty path on the hosts, without line breaks or NUL bytes")
-        if not 0 < self.rdzv_port < 65536:
-            raise invalid("rdzv_port", self.rdzv_port, "an integer in 1..65535")
-        if self.max_restarts < 0:
-            raise invalid("max_restarts", self.max_restarts, "a non-negative integer")
+        if not (isinstance(self.rdzv_port, int) and 0 < self.rdzv_port < 65536):
+            raise invalid("--rdzv-port", self.rdzv_port, "an integer in 1..65535")
+        if not (isinstance(self.max_restarts, int) and 0 <= self.max_restarts <= MAX_RESTARTS):
+            raise invalid("--max-restarts", self.max_restarts, f"an integer in 0..{MAX_RESTARTS:,}")
         if not RUN_ID_OK.fullmatch(self.run_id):
             raise invalid("run_id", self.run_id, "1-64 letters, digits, '_', '.' or '-', starting with a letter or digit")
         if self.shutdown_timeout_s is not None and not (isinstance(self.shutdown_timeout_s, int)
-                                                        and 0 < self.shutdown_timeout_s < 10**6):
+                                                        and 0 < self.shutdown_timeout_s < MAX_SHUTDOWN_S):
             raise invalid("shutdown_timeout_s", self.shutdown_timeout_s, "a positive whole number of seconds")
         if self.rdzv not in RDZV_CHOICES:
             raise invalid("--rdzv", self.rdzv, f"one of {', '.join(RDZV_CHOICES)}")
@@ -83,6 +83,8 @@ class LaunchSpec:
         for k, v in self.env.items():
             if "\n" in v or "\r" in v or "\x00" in v:
                 raise invalid("env", f"{k}={v!r}", "a value without line breaks or NUL bytes")
+        if "PET_SIGNALS_TO_HANDLE" in self.env:
+            check_signals_to_handle(self.env["PET_SIGNALS_TO_HANDLE"])
 
 
 RDZV_CHOICES = ("auto", "static", "c10d")
@@ -99,6 +101,76 @@ TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
 SHUTDOWN_TIMEOUT_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
 TORCHRUN_SHUTDOWN_S = 30  # torchrun's default
 SHUTDOWN_MARGIN_S = 15  # past preempt_grace_s: the last rank's checkpoint publish and exit after the trainer's estimate
+MAX_SHUTDOWN_S = 10**6  # shutdown_timeout_s's bound (about 11.6 days)
+
+
+# --max-restarts: torchrun takes any Python int (run.py: type=int, only >= 0 asserted), so 10**20 went through and meant
+# "restart forever"; a crash loop ends long before this many attempts, and the count fits every int the hosts use
+MAX_RESTARTS = 10_000
+
+
+def check_signals_to_handle(value: str, field: str = "PET_SIGNALS_TO_HANDLE") -> None:
+    """torchrun's list of signals to pass on (``--signals-to-handle`` or, with --env, ``PET_SIGNALS_TO_HANDLE``), as
+    its ``PContext.start`` takes it: split at ``,``, each name stripped and looked up with ``getattr(signal, name)``. A
+    name that is no signal (``SIGTERM;SIGUSR1``, ``sigterm``, ``15``, an empty item) only logs a warning on each host
+    and leaves that signal unhandled (SIGUSR1 then kills torchrun alone); SIGKILL and SIGSTOP cannot be handled and
+    stop torchrun with an OSError traceback. Refused here, in one line, before any host starts."""
+    import signal
+
+    names = [n.strip() for n in value.split(",")]
+    for name in names:
+        member = signal.Signals.__members__.get(name)
+        if member is None or member in (signal.SIGKILL, signal.SIGSTOP):
+            raise invalid(field, value, "a comma-separated list of catchable signal names torchrun can handle, e.g. "
+                          f"{TORCHRUN_SIGNALS} (the default here); not {name!r}")
+
+
+def torchrun_shutdown_honoured(python: str) -> bool | None:
+    """Whether the hosts' torchrun takes ``SHUTDOWN_TIMEOUT_ENV`` as its shutdown timeout, as far as this machine can
+    tell: asked of this interpreter's torch (its own ``LaunchConfig``, with the variable set) when ``python`` is this
+    interpreter, else None (another interpreter's torch is not imported here, and no host is probed)."""
+    import sys
+
+    if os.path.realpath(python) != os.path.realpath(sys.executable):
+        return None
+    try:
+        from torch.distributed.launcher.api import LaunchConfig
+    except Exception:  # noqa: BLE001 - no torch here: nothing known
+        return None
+    if "shutdown_timeout" not in getattr(LaunchConfig, "__dataclass_fields__", {}):
+        return False  # torch 2.11: no such setting, always 30 s
+    saved = os.environ.get(SHUTDOWN_TIMEOUT_ENV)
+    os.environ[SHUTDOWN_TIMEOUT_ENV] = "4321"
+    try:
+        return LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=1).shutdown_timeout == 4321
+    except Exception:  # noqa: BLE001 - a LaunchConfig of another shape: unknown
+        return None
+    finally:
+        if saved is None:
+            os.environ.pop(SHUTDOWN_TIMEOUT_ENV, None)
+        else:
+            os.environ[SHUTDOWN_TIMEOUT_ENV] = saved
+
+
+def shutdown_timeout_warning(spec: "LaunchSpec", preempt_grace_s: float, honoured: bool | None) -> str | None:
+    """The one warning for a stop that needs longer than the hosts' torchrun waits: ``honoured`` False (this torch,
+    the hosts' too, ignores ``SHUTDOWN_TIMEOUT_ENV``: torch 2.11 SIGKILLs the ranks 30 s after passing a signal on)
+    while ``preempt_grace_s`` plus the margin exceeds those 30 s. None when it fits, is set another way (the user's
+    ``PET_SHUTDOWN_TIMEOUT`` is a flag 2.11 refuses anyway), or is not known (``honoured`` None: documented)."""
+    need = spec.shutdown_timeout_s
+    if honoured is not False or need is None or need <= TORCHRUN_SHUTDOWN_S:
+        return None
+    try:
+        import torch
+
+        version = f"torch {torch.__version__}"
+    except Exception:  # noqa: BLE001
+        version = "this torch"
+    return (f"warning: preempt_grace_s={preempt_grace_s:g} needs {need} s for a stop ({SHUTDOWN_MARGIN_S} s margin "
+            f"included), but torchrun of {version} ignores {SHUTDOWN_TIMEOUT_ENV} and SIGKILLs the ranks "
+            f"{TORCHRUN_SHUTDOWN_S} s after passing a stop signal on: a checkpoint still being written then is lost "
+            f"(the previous one is kept); use torch >= 2.13 on the hosts, or fit the stop in {TORCHRUN_SHUTDOWN_S} s "
+            f"(smaller ckpt_every steps, preempt_grace_s <= {TORCHRUN_SHUTDOWN_S - SHUTDOWN_MARGIN_S})")
 
 
 def shutdown_timeout_for(preempt_grace_s: float) -> int:

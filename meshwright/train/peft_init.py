@@ -75,9 +75,9 @@ def _check_base(cfg: TrainConfig, named: Any, where: str) -> str | None:
     """``init_from`` against the base the adapter names (``base_model_name_or_path``)."""
     from meshwright.train.lora_base import hf_fingerprint
 
-    assert cfg.init_from is not None  # TrainConfig.validate requires it with init_adapter
+    assert cfg.init_from is not None and cfg.lora is not None  # TrainConfig.validate: init_adapter needs init_from
     if not isinstance(named, str) or not named:
-        return (f"warning: {FIELD}={cfg.lora.init_adapter!r} names no base model ({where} has no "  # type: ignore[union-attr]
+        return (f"warning: {FIELD}={cfg.lora.init_adapter!r} names no base model ({where} has no "
                 f"base_model_name_or_path); init_from={cfg.init_from!r} is taken as its base unchecked")
     base = Path(named)
     if not (base / "config.json").is_file():

@@ -92,19 +92,24 @@ def launch_args(tmp: Path) -> list[str]:
 
 
 # test_lora_init_adapter_torchrun.py: lora.init_adapter (a PEFT adapter directory) under megatron-core tp2 (adapters
-# cut by box), FSDP2 ZeRO-3 (DTensor shards, as DTensor tp's) and ep2 with the experts' own targets (their experts'
-# rows); each run's first loss against one process (the test runs that)
+# cut by box), FSDP2 ZeRO-3 with expert targets (DTensor shards, as DTensor tp's) and ep2 with the experts' own
+# targets (their experts' rows); each run's first loss against one process (the test runs that)
 ADAPTER_MODEL = {"name": "ia", "arch": "llama", "vocab_size": 256, "d_model": 32, "n_layers": 2, "n_heads": 4,
                  "n_kv_heads": 2, "ffn_hidden": 64, "max_seq_len": 32, "tie_embeddings": False}
 ADAPTER_MOE = {**ADAPTER_MODEL, "name": "ia-moe", "moe_ffn_hidden": 48, "n_experts": 4, "top_k": 2,
                "capacity_factor": None}
-DENSE_LORA = {"rank": 4, "alpha": 8.0, "targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3"], "modules_to_save": ["output"]}
+DENSE_LORA = {"rank": 4, "alpha": 8.0, "targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3"],
+              "modules_to_save": ["output"]}
 EXPERT_LORA = {"rank": 2, "alpha": 4.0, "targets": ["wq", "wo", "experts.gate_up_proj", "experts.down_proj"]}
+NO_ROUTER_LOSS = {"aux_loss_coef": 0.0, "z_loss_coef": 0.0}
 ADAPTER_CASES = {  # case: (model, lora, layer strategy, train config overrides)
     "tp2-megatron": (ADAPTER_MODEL, DENSE_LORA, {"tp": 2, "dp": 1}, {"tp_backend": "megatron"}),
-    "zero3-dp2": (ADAPTER_MODEL, DENSE_LORA, {"dp": 2, "zero": 3}, {}),
+    # FSDP2 shards the experts' stacked adapters (and the saved head) as DTensors on dim 0 (ep 1: FSDP with ep>1 is
+    # refused for any model, parallel/support.py)
+    "zero3-dp2-experts": (ADAPTER_MOE, {**EXPERT_LORA, "modules_to_save": ["output"]}, {"dp": 2, "zero": 3},
+                          {"model": NO_ROUTER_LOSS}),
     # the router's aux and z losses off: per-rank batches change them (not the adapters), and they enter the loss
-    "ep2-experts": (ADAPTER_MOE, EXPERT_LORA, {"dp": 2, "ep": 2}, {"model": {"aux_loss_coef": 0.0, "z_loss_coef": 0.0}}),
+    "ep2-experts": (ADAPTER_MOE, EXPERT_LORA, {"dp": 2, "ep": 2}, {"model": NO_ROUTER_LOSS}),
 }
 
 
@@ -121,7 +126,8 @@ def make_adapter(model: dict, lora: dict, base: Path, out: Path) -> None:
 
     model_cfg = load_model_config(model)
     net = build_model(model_cfg, seed=3)
-    save_hf(net, model_cfg, base)
+    if not base.exists():  # one base per model, an adapter per case
+        save_hf(net, model_cfg, base)
     cfg = TrainConfig(init_from=str(base), lora=LoraConfig(**lora))
     apply_lora_config(net, cfg.lora, seed=4)
     g = torch.Generator().manual_seed(5)
@@ -138,14 +144,15 @@ def adapter_files(tmp: Path, case: str) -> tuple[str, str]:
     ``tmp/adapter/CASE/run``: one step at lr 1e-12, so its checkpoint holds the adapters as the ranks loaded them."""
     model, lora, layer, over = ADAPTER_CASES[case]
     root = tmp / "adapter"
-    base, adapter = root / model["name"], root / f"{model['name']}-adapter"
-    if not base.exists():
+    base, adapter = root / model["name"], root / case / "adapter"
+    if not adapter.exists():
         make_adapter(model, lora, base, adapter)
     plan = {"version": 1, "model": base.name, "seq_len": 32, "global_batch": 4, "micro_batch": 2,
             "layers": [{**layer, "repeat": 2}]}
     cfg = {"init_from": str(base), "data": {"path": "default", "max_files": 20}, "seq_len": 32, "global_batch": 4,
-           "micro_batch": 2, "steps": 1, "warmup_steps": 0, "lr": 1e-12, "min_lr": 1e-12, "eval_every": 0, "log_every": 1,
-           "energy": False, "progress": False, "out_dir": str(root / case / "run"), "lora": {**lora, "init_adapter": str(adapter)},
+           "micro_batch": 2, "steps": 1, "warmup_steps": 0, "lr": 1e-12, "min_lr": 1e-12, "eval_every": 0,
+           "log_every": 1, "energy": False, "progress": False, "out_dir": str(root / case / "run"),
+           "lora": {**lora, "init_adapter": str(adapter)},
            **over}
     (root / case).mkdir(parents=True, exist_ok=True)
     paths = root / case / "plan.json", root / case / "cfg.json"

@@ -1,8 +1,9 @@
 """``lora.init_adapter`` under torchrun (2 gloo ranks): a run from a PEFT adapter directory under megatron-core tp2
-(adapters cut by box), FSDP2 ZeRO-3 (DTensor shards) and ep2 with the experts' own targets (each rank its experts'
-rows) starts where the one-process run from the same adapter does, and its checkpoint (one step at lr 1e-12),
-exported whole with ``--peft``, gives back the adapter file: every rank loaded its slice. The runs share the one
-2-rank launch of several modules (conftest.cli_launch, cli_launch.py ``adapter_runs``)."""
+(adapters cut by box), FSDP2 ZeRO-3 with expert targets at ep 1 (DTensor shards, the head saved too) and ep2 with
+the experts' own targets (each rank its experts' rows) starts where the one-process run from the same adapter does,
+and its checkpoint (one step at lr 1e-12), exported whole with ``--peft``, gives back the adapter file: every rank
+loaded its slice. The runs share the one 2-rank launch of several modules (conftest.cli_launch, cli_launch.py
+``adapter_runs``)."""
 
 from __future__ import annotations
 

@@ -41,7 +41,8 @@ def _first_loss(cfg, model) -> float:
     """The first step's loss of the trainer on ``model`` (one process) with ``cfg``'s data."""
     model_cfg = resolve_model_config(cfg)
     train, val, _ = build_loaders(cfg, model_cfg.vocab_size, progress=False)
-    trainer = Trainer(cfg, LocalRuntime(model), train, val, model_cfg, load_cluster(cfg.cluster), print_fn=lambda s: None)
+    trainer = Trainer(cfg, LocalRuntime(model), train, val, model_cfg, load_cluster(cfg.cluster),
+                      print_fn=lambda s: None)
     return float(trainer.train_step()["loss"])
 
 
@@ -157,7 +158,8 @@ def test_bad_init_adapters_are_one_line(data, hf_dir, peft_made, tmp_path):
     build(init_from=str(copy))
     torch.manual_seed(1)
     other = tmp_path / "other"
-    transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(hf_dir)).save_pretrained(other)
+    config = transformers.AutoConfig.from_pretrained(hf_dir)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(other)
     msg = _one_line(lambda: build(init_from=str(other)))
     assert msg.startswith(f"init_from={str(other)!r} is invalid; valid: {hf_dir} or a copy of it")
     # an adapter whose tensors do not fit the model (its config edited to another rank)

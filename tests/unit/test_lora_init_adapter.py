@@ -169,3 +169,16 @@ def test_bad_init_adapters_are_one_line(data, hf_dir, peft_made, tmp_path):
     (edited / "adapter_config.json").write_text(json.dumps({**config, "r": 3}))
     msg = _one_line(lambda: build(lora={"init_adapter": str(edited), "rank": 3}))
     assert "has shape" in msg
+
+
+def test_init_adapter_round_trips_yaml_and_bad_values_are_one_line():
+    import yaml
+
+    from meshwright.config.io import dump_yaml, from_dict
+    from meshwright.config.schema import TrainConfig
+
+    cfg = from_dict(TrainConfig, {"init_from": "/models/base", "lora": {"rank": 2, "init_adapter": "/adapters/a"}})
+    assert load_train_config(yaml.safe_load(dump_yaml(cfg))).lora == cfg.lora and cfg.lora.init_adapter == "/adapters/a"
+    for value in (5, ""):
+        msg = _one_line(lambda: from_dict(TrainConfig, {"init_from": "/m", "lora": {"init_adapter": value}}))
+        assert msg.startswith(f"lora.init_adapter={value!r} is invalid; valid: ") and "null" in msg

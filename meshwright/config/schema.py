@@ -641,6 +641,10 @@ class TrainConfig:
             self.lora.validate(f"{p}lora")
         if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
             raise invalid(f"{p}init_from", self.init_from, "null or the path of a Hugging Face model directory")
+        if self.lora is not None and self.lora.init_adapter is not None and self.init_from is None:
+            raise invalid(f"{p}init_from", None, f"the Hugging Face directory of the base model the adapter "
+                          f"lora.init_adapter={self.lora.init_adapter!r} was trained on (an adapter only adds to "
+                          f"its base)")
         if not isinstance(self.model, (str, dict)):
             raise invalid(f"{p}model", self.model, "a preset name, a path, or a mapping of ModelConfig fields")
         if not isinstance(self.cluster, (str, dict)):
@@ -673,6 +677,11 @@ class LoraConfig:
     # what a checkpoint holds: "adapters" (the trained tensors, their optimizer state and a reference to the frozen
     # base: init_from + fingerprint, or the seed it was drawn from; train/lora_base.py) or "full" (the base too)
     checkpoint: str = "adapters"
+    # a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors: one from the Hub or from
+    # `meshwright export --peft`) the adapters start from instead of A drawn and B zero; needs init_from (its base).
+    # rank, alpha, targets and modules_to_save must equal the adapter's; dropout and checkpoint stay this run's
+    # (train/peft_init.py). A resume from a checkpoint of this run takes precedence: the adapter is only the start.
+    init_adapter: Optional[str] = None
 
     @property
     def scale(self) -> float:
@@ -713,6 +722,9 @@ class LoraConfig:
                 raise invalid(f"{p}modules_to_save[{i}]", m, f"one of {', '.join(LORA_SAVABLE)}{hint}")
             if self.modules_to_save.index(m) != i:
                 raise invalid(f"{p}modules_to_save[{i}]", m, "a module not already listed")
+        if self.init_adapter is not None and (not isinstance(self.init_adapter, str) or not self.init_adapter):
+            raise invalid(f"{p}init_adapter", self.init_adapter, "null or the path of a PEFT LoRA adapter directory "
+                          "(adapter_config.json + adapter_model.safetensors)")
         if self.checkpoint not in LORA_CHECKPOINTS:
             raise invalid(f"{p}checkpoint", self.checkpoint, f"one of {', '.join(LORA_CHECKPOINTS)} (adapters: the "
                           f"trained tensors and a reference to the base; full: the base weights too)")

@@ -235,6 +235,40 @@ def init_adapters(chunks: Iterable[nn.Module], seed: int, boxes: "dict[str, Box]
                 _copy_shard(module.lora_B, torch.zeros((out, rank), device=module.lora_B.device), box_b)
 
 
+_WRAPPERS = ("_checkpoint_wrapped_module.", "_orig_mod.")  # recompute's and compile's wrappers: not in the names
+
+
+@torch.no_grad()
+def load_adapters(chunks: Iterable[nn.Module], values: "dict[str, torch.Tensor]",
+                  boxes: "dict[str, Box] | None" = None) -> list[str]:
+    """Set the adapters (and ``modules_to_save`` weights) of materialised chunks from ``values``: whole tensors in the
+    one-process model's names and layout (a PEFT adapter read by train/peft_import.py ``peft_adapter_values``). Each
+    shard takes its slice as ``init_adapters`` draws it: a DTensor (FSDP2, DTensor tp) its own, a megatron-core shard
+    its ``boxes`` entry, an expert-parallel ``ExpertAdapter`` its experts' rows. Every adapter parameter of the chunks
+    must have a value (one line otherwise). Returns the names set."""
+    from meshwright.parallel.meta_init import _copy_shard
+
+    boxes = boxes or {}
+    done = []
+    for chunk in chunks:
+        for name, p in chunk.named_parameters():
+            key = name
+            for w in _WRAPPERS:
+                key = key.replace(w, "")
+            if key not in values:
+                if is_adapter_param(key):
+                    raise invalid("lora.init_adapter", key, "an adapter holding every adapter of the lora section "
+                                  "(this one has none for that parameter)")
+                continue
+            full = values[key].to(p.device)
+            module = chunk.get_submodule(name.rsplit(".", 1)[0])
+            if isinstance(module, ExpertAdapter) and not hasattr(p, "to_local") and p.shape[0] != full.shape[0]:
+                full = full[module.first_expert:module.first_expert + p.shape[0]]  # a plain ep shard: its experts
+            _copy_shard(p, full, boxes.get(name, boxes.get(key)))
+            done.append(key)
+    return done
+
+
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> list[str]:
     """Fold every adapter into its base weight (W + scale * B @ A, in fp32) and turn the module back into a plain
@@ -274,7 +308,7 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 __all__ = ["ExpertAdapter", "LoRALinear", "apply_lora", "apply_lora_config", "init_adapters", "is_adapter_param",
-           "lora_adapter_params", "lora_parameters", "lora_state_bytes", "merge_lora"]
+           "load_adapters", "lora_adapter_params", "lora_parameters", "lora_state_bytes", "merge_lora"]
 
 
 def apply_lora_config(model: nn.Module, cfg: "LoraConfig", seed: int) -> list[str]:

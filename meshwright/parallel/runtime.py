@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from meshwright.config import ModelConfig, load_model_config
 from meshwright.errors import invalid
 from meshwright.memory.fp8_activations import apply_fp8_activations
-from meshwright.memory.lora import apply_lora_config, init_adapters
+from meshwright.memory.lora import apply_lora_config, init_adapters, load_adapters
 from meshwright.memory.wta_crs import apply_wta_crs_per_layer
 from meshwright.models import build_model, lm_loss, load_pretrained_into
 from meshwright.models.decoder import Decoder
@@ -239,8 +239,13 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         else:
             full = build_model(cfg, device="cpu", seed=seed).to(self.device)
         whole_model = [n for n, _ in full.named_parameters()]  # for init_from's unused-tensor check under pp
+        adapter_values = None  # lora.init_adapter: a PEFT adapter's tensors, whole, set over the drawn ones below
         if lora is not None:  # before the savers and the layout: FSDP2 and DDP see the adapters as parameters
             apply_lora_config(full, lora, seed)
+            if getattr(lora, "init_adapter", None) is not None:
+                from meshwright.train.peft_import import peft_adapter_values
+
+                adapter_values = peft_adapter_values(full, cfg, lora.init_adapter)[0]
         self.saver_layers = apply_plan_savers(full, plan, seed)
         ranges = plan.stage_ranges(cfg.n_layers)
         self.n_stages = len(ranges)
@@ -300,6 +305,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
                                  grow_positions=grow_positions)
         if lora is not None and self.meta_init:
             init_adapters(chunks, seed, self._shard_boxes)
+        if adapter_values is not None:  # each shard its slice, as init_adapters draws them
+            load_adapters(chunks, adapter_values, self._shard_boxes)
         self.model = StateView(chunks)
         if self._megatron_state:
             from meshwright.parallel.megatron_tp import install_state_hooks

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from meshwright.train.checkpoint import latest_checkpoint, require_complete
 from meshwright.train.compile import MODEL_SCOPE_SUPPORTED
 from meshwright.train.hf_companions import save_companions
 from meshwright.train.lora_base import check_base_present
+from meshwright.train.peft_init import check_init_adapter
 from meshwright.train.plan_match import check_plan_matches, check_world
 from meshwright.train.run_dir import (RunLock, check_fresh_or_overwrite, check_resume_config, dirs_to_create, nospace,
                                      prepare_out_dir, remove_unused)
@@ -291,11 +293,21 @@ def check_backends_installed(cfg: TrainConfig, plan: Plan) -> None:
         raise invalid("tp_backend", cfg.tp_backend, "dtensor, or install megatron-core on every host")
 
 
-def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = None) -> Runtime:
+def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = None, *,
+                  adapter_start: bool = True) -> Runtime:
     """LocalRuntime for one process; the distributed runtime under torchrun or when the plan needs it.
-    The Plan is validated once: here for one process, by the distributed runtime otherwise."""
+    The Plan is validated once: here for one process, by the distributed runtime otherwise. ``adapter_start``: with
+    ``lora.init_adapter``, start the adapters from it (checked first: train/peft_init.py); False when a checkpoint
+    will be loaded over them (a resume), which then needs no adapter directory."""
     job = train_cfg if isinstance(train_cfg, TrainingJob) else TrainingJob.resolve(train_cfg, plan_ref)
     cfg, model_cfg = job.cfg, job.model
+    if cfg.lora is not None and cfg.lora.init_adapter is not None:
+        if adapter_start:
+            note = check_init_adapter(cfg)
+            if note and int(os.environ.get("RANK", "0")) == 0:
+                print(note, file=sys.stderr, flush=True)
+        else:
+            cfg = replace(cfg, lora=replace(cfg.lora, init_adapter=None))
     check_memory(model_cfg, job.world_size, frozen_base=cfg.meft is not None, micro_tokens=cfg.micro_batch * cfg.seq_len,
                  loss_chunk_tokens=cfg.loss_chunk_tokens, lora=cfg.lora, ep=lora_plan_ep(job.plan))
     check_positions(cfg, model_cfg)
@@ -336,6 +348,10 @@ def build_runtime(train_cfg: TrainConfig | TrainingJob, plan_ref: str | None = N
         model = make_reversible(model, config=from_dict(MeftConfig, cfg.meft, prefix="meft"))
     if cfg.lora is not None:  # after the weights (drawn or pretrained), before the runtime: base frozen, adapters train
         apply_lora_config(model, cfg.lora, cfg.seed)
+        if cfg.lora.init_adapter is not None:  # a PEFT adapter's values over the drawn ones (train/peft_init.py)
+            from meshwright.train.peft_import import load_peft_adapter
+
+            load_peft_adapter(model, model_cfg, cfg.lora.init_adapter)
     rt = LocalRuntime(model, device=device, dtype=cfg.dtype,  # bf16 is honoured on CPU too (train/precision.py)
                       compile_backend="inductor" if cfg.compile else None, loss_chunk_tokens=cfg.loss_chunk_tokens,
                       compile_scope=cfg.compile_scope)
@@ -397,7 +413,9 @@ def _train(job: TrainingJob, resume: bool | str, allow_config_change: bool = Fal
     runtime: Runtime | None = None
     trainer: Trainer | None = None
     try:
-        runtime = build_runtime(job)  # inside: a layout that fails half-built still goes before the group
+        # a resume's checkpoint takes precedence over lora.init_adapter: the adapter is read only for a fresh start
+        resuming = bool(resume) and resume_target(train_cfg, resume) is not None
+        runtime = build_runtime(job, adapter_start=not resuming)  # a layout that fails half-built goes before the group
         progress = train_cfg.progress and runtime.is_main
         train, val, ds = build_loaders(train_cfg, model_cfg.vocab_size, runtime.dp_rank, runtime.dp_size, progress)
         if runtime.is_main:

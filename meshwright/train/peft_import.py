@@ -79,43 +79,69 @@ def lora_config_from_peft(path: str | Path) -> LoraConfig:
     return cfg
 
 
-@torch.no_grad()
-def load_peft_adapter(model: nn.Module, model_cfg: ModelConfig, path: str | Path) -> list[str]:
-    """Copy the PEFT adapter in ``path`` into ``model`` (adapted with ``lora_config_from_peft(path)``, whole: one
-    process); returns the PEFT keys read. Every adapter tensor of the model must be in the file with its shape, and
-    every tensor of the file must be one of the model's."""
+def read_peft_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """``adapter_model.safetensors`` of the PEFT directory ``path`` (safetensors only: nothing is unpickled)."""
     from safetensors.torch import load_file
 
     f = Path(path) / WEIGHTS_FILE
     try:
-        tensors = load_file(str(f))
+        return load_file(str(f))
     except (OSError, ValueError, RuntimeError) as e:  # safetensors' own errors derive from these
         raise invalid("peft adapter", str(f), f"a readable {WEIGHTS_FILE} ({type(e).__name__})") from None
+
+
+@torch.no_grad()
+def peft_adapter_values(model: nn.Module, model_cfg: ModelConfig, path: str | Path
+                        ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The PEFT adapter in ``path`` in ``model``'s names and layout, whole and fp32: ({parameter name: value}, the PEFT
+    keys read). ``model``: the whole model adapted with ``lora_config_from_peft(path)`` (real or on ``meta``: only
+    names and shapes are read). Every adapter tensor of the model (and every ``modules_to_save`` weight) must be in the
+    file with its shape, and every tensor of the file must be one of the model's."""
+    f = Path(path) / WEIGHTS_FILE
+    tensors = read_peft_weights(path)
     wanted = peft_tensors(model, model_cfg)
     known = {t.key for t in wanted}
-    state = model.state_dict()
-    saved = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    saved: dict[str, str] = {}  # PEFT key -> our name
     from meshwright.models.hf_weights import _KeyOnlyReader, weight_sources
 
     sources = weight_sources(model_cfg, _KeyOnlyReader(model_cfg))  # type: ignore[arg-type]
     for name, p in model.named_parameters():  # modules_to_save: trained in full, saved whole
         src = sources.get(name)
         if p.requires_grad and not name.endswith(("lora_A", "lora_B")) and src is not None:
-            saved[PREFIX + src.key] = state[name]
+            saved[PREFIX + src.key] = name
     extra = sorted(set(tensors) - known - set(saved))
     if extra:
         raise ConfigError(f"{f}: tensor {extra[0]!r} ({len(extra)} in all) is not an adapter of this model; valid: an "
                           f"adapter for the model config's targets ({', '.join(sorted({t.target for t in wanted}))})")
+    values: dict[str, torch.Tensor] = {}
     for t in wanted:
         if t.key not in tensors:
             raise ConfigError(f"{f}: {t.key!r} is missing; valid: an adapter with every tensor of this model's targets")
         value = t.from_peft(tensors[t.key].to(torch.float32))
         if tuple(value.shape) != tuple(t.param.shape):
             raise ConfigError(f"{f}: {t.key!r} has shape {tuple(tensors[t.key].shape)}, the model's adapter needs "
-                              f"{tuple(t.to_peft(t.param.detach()).shape)}; valid: an adapter of this model (same "
-                              f"sizes, rank and experts)")
-        t.param.copy_(value.to(t.param.dtype))
-    for key, dest in saved.items():
-        if key in tensors:
-            dest.copy_(tensors[key].to(dest.dtype))
-    return sorted(tensors)
+                              f"{tuple(t.to_peft(torch.empty(t.param.shape)).shape)}; valid: an adapter of this model "
+                              f"(same sizes, rank and experts)")
+        values[names[id(t.param)]] = value
+    params = dict(model.named_parameters())
+    for key, name in saved.items():
+        if key not in tensors:
+            raise ConfigError(f"{f}: {key!r} is missing; valid: an adapter that saved every module of its "
+                              f"modules_to_save")
+        if tuple(tensors[key].shape) != tuple(params[name].shape):
+            raise ConfigError(f"{f}: {key!r} has shape {tuple(tensors[key].shape)}, the model's {name} is "
+                              f"{tuple(params[name].shape)}; valid: an adapter of this model")
+        values[name] = tensors[key].to(torch.float32)
+    return values, sorted(tensors)
+
+
+@torch.no_grad()
+def load_peft_adapter(model: nn.Module, model_cfg: ModelConfig, path: str | Path) -> list[str]:
+    """Copy the PEFT adapter in ``path`` into ``model`` (adapted with ``lora_config_from_peft(path)``, whole: one
+    process); returns the PEFT keys read (``peft_adapter_values`` says what must match)."""
+    values, keys = peft_adapter_values(model, model_cfg, path)
+    params = dict(model.named_parameters())
+    for name, value in values.items():
+        params[name].copy_(value.to(params[name].dtype))
+    return keys

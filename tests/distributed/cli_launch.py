@@ -7,7 +7,8 @@ Runs, in order (the numbers cli_runs prints):
   3-8  test_shard_checkpoint_midrun.py: per case a straight run, then its copy resumed from the step-3 checkpoint;
   9-10 test_grow_positions_torchrun.py: an FSDP2 run at max_seq_len 32, then (its step-2 directory copied for the
        one-process resume) the run resumed grown to 64;
-  11-12 test_profile_hardware.py: ``profile hardware``, ``profile model``.
+  11-12 test_profile_hardware.py: ``profile hardware``, ``profile model``;
+  then test_lora_init_adapter_torchrun.py: one step per ``ADAPTER_CASES`` case from a PEFT adapter (``adapter_runs``).
 """
 
 from __future__ import annotations
@@ -87,7 +88,82 @@ def launch_args(tmp: Path) -> list[str]:
                  "--out", str(tmp / "hw.json")])
     runs.append(["profile", "model", "--model", "tiny", "--batch-sizes", "1,2", "--seq-lens", "32,64", "--tp", "1,2",
                  "--iters", "2", "--timeout-s", "60", "--out", str(tmp / "model.json")])
+    runs += adapter_runs(tmp)
     args: list[str] = []
     for run in runs:
         args += [*(["::"] if args else []), *run]
     return args
+
+
+# test_lora_init_adapter_torchrun.py: lora.init_adapter (a PEFT adapter directory) under megatron-core tp2 (adapters
+# cut by box), FSDP2 ZeRO-3 with expert targets (DTensor shards, as DTensor tp's) and ep2 with the experts' own
+# targets (their experts' rows); each run's first loss against one process (the test runs that)
+ADAPTER_MODEL = {"name": "ia", "arch": "llama", "vocab_size": 256, "d_model": 32, "n_layers": 2, "n_heads": 4,
+                 "n_kv_heads": 2, "ffn_hidden": 64, "max_seq_len": 32, "tie_embeddings": False}
+ADAPTER_MOE = {**ADAPTER_MODEL, "name": "ia-moe", "moe_ffn_hidden": 48, "n_experts": 4, "top_k": 2,
+               "capacity_factor": None}
+DENSE_LORA = {"rank": 4, "alpha": 8.0, "targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3"],
+              "modules_to_save": ["output"]}
+EXPERT_LORA = {"rank": 2, "alpha": 4.0, "targets": ["wq", "wo", "experts.gate_up_proj", "experts.down_proj"]}
+NO_ROUTER_LOSS = {"aux_loss_coef": 0.0, "z_loss_coef": 0.0}
+ADAPTER_CASES = {  # case: (model, lora, layer strategy, train config overrides)
+    "tp2-megatron": (ADAPTER_MODEL, DENSE_LORA, {"tp": 2, "dp": 1}, {"tp_backend": "megatron"}),
+    # FSDP2 shards the experts' stacked adapters (and the saved head) as DTensors on dim 0 (ep 1: FSDP with ep>1 is
+    # refused for any model, parallel/support.py)
+    "zero3-dp2-experts": (ADAPTER_MOE, {**EXPERT_LORA, "modules_to_save": ["output"]}, {"dp": 2, "zero": 3},
+                          {"model": NO_ROUTER_LOSS}),
+    # the router's aux and z losses off: per-rank batches change them (not the adapters), and they enter the loss
+    "ep2-experts": (ADAPTER_MOE, EXPERT_LORA, {"dp": 2, "ep": 2}, {"model": NO_ROUTER_LOSS}),
+}
+
+
+def make_adapter(model: dict, lora: dict, base: Path, out: Path) -> None:
+    """An HF base (``save_hf``) and a PEFT adapter for it with random A, B and saved modules, written as ``meshwright
+    export --peft`` writes one (no peft needed: the GPU image has none)."""
+    import torch
+
+    from meshwright.config import LoraConfig, TrainConfig, load_model_config
+    from meshwright.memory.lora import apply_lora_config
+    from meshwright.models import build_model
+    from meshwright.models.hf_weights import save_hf
+    from meshwright.train.peft_export import _write_atomic, adapter_config, peft_state_dict
+
+    model_cfg = load_model_config(model)
+    net = build_model(model_cfg, seed=3)
+    if not base.exists():  # one base per model, an adapter per case
+        save_hf(net, model_cfg, base)
+    cfg = TrainConfig(init_from=str(base), lora=LoraConfig(**lora))
+    apply_lora_config(net, cfg.lora, seed=4)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    tensors, targets, saved = peft_state_dict(net, model_cfg, cfg)
+    _write_atomic(out, tensors, adapter_config(cfg, targets, saved))
+
+
+def adapter_files(tmp: Path, case: str) -> tuple[str, str]:
+    """The plan and train config (JSON) of ``case`` (its base and adapter made once per model), writing to
+    ``tmp/adapter/CASE/run``: one step at lr 1e-12, so its checkpoint holds the adapters as the ranks loaded them."""
+    model, lora, layer, over = ADAPTER_CASES[case]
+    root = tmp / "adapter"
+    base, adapter = root / model["name"], root / case / "adapter"
+    if not adapter.exists():
+        make_adapter(model, lora, base, adapter)
+    plan = {"version": 1, "model": base.name, "seq_len": 32, "global_batch": 4, "micro_batch": 2,
+            "layers": [{**layer, "repeat": 2}]}
+    cfg = {"init_from": str(base), "data": {"path": "default", "max_files": 20}, "seq_len": 32, "global_batch": 4,
+           "micro_batch": 2, "steps": 1, "warmup_steps": 0, "lr": 1e-12, "min_lr": 1e-12, "eval_every": 0,
+           "log_every": 1, "energy": False, "progress": False, "out_dir": str(root / case / "run"),
+           "lora": {**lora, "init_adapter": str(adapter)},
+           **over}
+    (root / case).mkdir(parents=True, exist_ok=True)
+    paths = root / case / "plan.json", root / case / "cfg.json"
+    paths[0].write_text(json.dumps(plan))
+    paths[1].write_text(json.dumps(cfg))
+    return str(paths[0]), str(paths[1])
+
+
+def adapter_runs(tmp: Path) -> list[list[str]]:
+    return [["train", cfg, "--plan", plan] for plan, cfg in (adapter_files(tmp, c) for c in ADAPTER_CASES)]

@@ -100,6 +100,7 @@ CASES = {
     "moe_ep2_tp2": (MOE, moe_plan([{"tp": 2, "dp": 2, "ep": 2, "repeat": 2}])),
     "moe_tp2_dp2": (MOE, moe_plan([{"tp": 2, "dp": 2, "repeat": 2}])),
     "moe_tp2_dp2_zero3": (MOE, moe_plan([{"tp": 2, "dp": 2, "zero": 3, "repeat": 2}])),
+    "moe_tp2_pp2": (MOE, moe_plan([{"tp": 2, "repeat": 2}], pipeline={**PP2, "microbatches": 4})),
     "moe_ep2_pp2": (MOE, moe_plan([{"dp": 2, "ep": 2, "repeat": 2}], pipeline=PP2)),
     "moe_ep1_ddp_dp4": (MOE, moe_plan([{"dp": 4, "repeat": 2}])),
     "moe_ep2_dp4_fp8_wta": (MOE, moe_plan([{"dp": 4, "ep": 2, "savers": {"fp8_act": True}},

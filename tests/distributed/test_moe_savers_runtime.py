@@ -27,7 +27,7 @@ CASES = {"moe_ep2_dp4", "moe_ep4_dp4", "moe_ep2_tp2", "moe_ep2_pp2", "moe_ep1_dd
          "fp8gemm_dp2_tp2", "fp8gemm_dp2_tp2_sp", "fp8gemm_scaledmm_dp2_tp2_sp_layers02", "fp8gemm_gpt2_dp2_tp2_sp",
          "fp8gemm_dp2_tp2_sp_zero3_recompute",
          "wta_dp2_tp2", "wta_keep1_dp4_equals_exact", "ckpt_moe_ep2_to_ep4", "ckpt_moe_ep2_to_fsdp_ep1",
-         "moe_tp2_dp2", "moe_tp2_dp2_zero3", "ckpt_moe_ep2_tp2_to_dp4", "ckpt_moe_ep2_to_ep2_tp2", "ckpt_moe_tp2_to_ep4",
+         "moe_tp2_dp2", "moe_tp2_dp2_zero3", "moe_tp2_pp2", "ckpt_moe_ep2_tp2_to_dp4", "ckpt_moe_ep2_to_ep2_tp2", "ckpt_moe_tp2_to_ep4",
          "compile_moe_ep2_dp4", "compile_moe_ep2_tp2_recompute", "compile_moe_ep2_pp2_selective",
          "compile_moe_ep1_dp4_selective", "compile_moe_ep1_dp4_zero3",
          "chunked_moe_ep2_dp4", "chunked_compile_moe_ep2_pp2_selective"}
@@ -68,7 +68,8 @@ def test_ep_cases_really_shard_experts(report: dict) -> None:
 def test_tp_splits_the_experts(report: dict) -> None:
     """Expert tensor parallelism: every rank holds its 1/(tp*ep) of the routed experts' weights (replicated experts,
     the old layout, hold 1/ep), and the tp cases still match the one-process model (test_parity_with_one_process)."""
-    for case in ("moe_ep2_tp2", "moe_tp2_dp2", "compile_moe_ep2_tp2_recompute", "moe_ep2_dp4", "moe_ep1_ddp_dp4"):
+    for case in ("moe_ep2_tp2", "moe_tp2_dp2", "moe_tp2_pp2", "compile_moe_ep2_tp2_recompute", "moe_ep2_dp4",
+                 "moe_ep1_ddp_dp4"):
         for r in report[case]["ranks"].values():
             e = r["expert_numel"]
             assert e["local"] * e["tp"] * e["ep"] == e["full_on_stage"] > 0, (case, e)

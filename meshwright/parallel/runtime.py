@@ -278,7 +278,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         self._megatron_state: dict[str, tuple[int, int, Any]] = {}  # state key -> (dim, tp, mesh or None: tp mesh)
         self._state_shards: dict[nn.Parameter, tuple[int, Any]] = {}  # plain local shards: (dim, 1-D mesh)
         self._shard_boxes: dict[str, Box] = {}  # megatron tp shards: their box in the full tensor (meta init)
-        # megatron LoRA's replicated A/B, summed over their tp group: one bucket per group, all layers in it
+        # megatron LoRA's replicated A/B and, under expert tp, the whole expert adapters: their gradients summed over
+        # their tp group, one bucket per group, all layers in it
         self._tp_partial: dict[dist.ProcessGroup, list[nn.Parameter]] = {}
         self._zero2_blocks: list[nn.Module] = []  # FSDP2 modules at ZeRO-2: gathered once per step
         for chunk in chunks:
@@ -421,7 +422,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
                 p.grad = torch.zeros_like(p)
         all_reduce_grad_groups(self._manual)  # through one buffer of the largest group's size
         reduce_partial_grads(self._params)
-        for group, params in self._tp_partial.items():  # megatron LoRA's replicated A/B: each tp rank holds a share
+        for group, params in self._tp_partial.items():  # megatron LoRA's replicated A/B, expert-tp adapters: each tp
+            # rank holds a share of their gradient
             all_reduce_grads(params, group, 1.0)
         with torch.no_grad():
             for params, factor in self._post_scale:

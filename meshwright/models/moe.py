@@ -271,7 +271,11 @@ class MoE(nn.Module):
         # input's gradient and the gate weights' (a product with partial outputs) are summed in backward, and the
         # combined output once in forward; routing and the router's gradient stay identical on every tp rank
         x_e = flat if tp is None else _SumGradOverTP.apply(flat, tp)
-        weights = r.weights if tp is None else _SumGradOverTP.apply(r.weights, tp)
+        # the gate weights' gradient is summed in a fixed (experts x tokens) layout: the collective's size must not
+        # depend on the routing (torch.distributed.pipelining infers backward metadata from uninitialised inputs,
+        # which the tp ranks may route differently; real tokens route identically)
+        weights = r.weights if tp is None else _SumGradOverTPAt.apply(
+            r.weights, r.expert_idx * flat.shape[0] + r.token_idx, self.n_experts * flat.shape[0], tp)
         expert_out = self.experts(x_e[r.token_idx], r.counts)
         gated = expert_out * weights.unsqueeze(-1).to(expert_out.dtype)
         # in the experts' dtype, as a dense MLP's output projection returns it (bf16 under autocast: index_add
@@ -316,6 +320,26 @@ class _SumGradOverTP(torch.autograd.Function):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, group=ctx.group)
         return grad, None
+
+
+class _SumGradOverTPAt(torch.autograd.Function):
+    """``_SumGradOverTP`` for a 1-D tensor whose entries sit at distinct positions ``index`` of a fixed-size
+    (``size``) layout: the gradient is placed there, summed over the tp group, and read back."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, index: torch.Tensor, size: int, group: Any) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.size, ctx.group = size, group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        import torch.distributed as dist
+
+        (index,) = ctx.saved_tensors
+        buf = grad.new_zeros(ctx.size).index_copy_(0, index, grad.contiguous())
+        dist.all_reduce(buf, group=ctx.group)
+        return buf[index], None, None, None
 
 
 class _SumOverTP(torch.autograd.Function):

@@ -105,7 +105,8 @@ class GroupedExperts(nn.Module):
     """``n`` SwiGLU experts with stacked weights, so expert parallelism can slice them along dim 0.
 
     Layout per expert follows nn.Linear (out, in): w1, w3 are (n, hidden, d_model) and w2 is
-    (n, d_model, hidden), so a tensor-parallel split would shard w1/w3 on dim 1 and w2 on dim 2.
+    (n, d_model, hidden); expert tensor parallelism (``parallel/expert_tp.py``) shards w1/w3 on dim 1 and w2 on
+    dim 2 (DTensors; the math runs on the local shards) and sets ``tp_index`` = (tp rank, tp size).
     """
 
     def __init__(self, n_experts: int, d_model: int, hidden: int, std: float = 0.02, out_std: float = 0.02) -> None:
@@ -121,6 +122,7 @@ class GroupedExperts(nn.Module):
         # LoRA on the stacked weights (memory/lora.py ``ExpertAdapter``, PEFT's target_parameters): None unless adapted
         self.gate_up_proj: nn.Module | None = None
         self.down_proj: nn.Module | None = None
+        self.tp_index = (0, 1)  # (rank, size) of the tp group the hidden dim is split over (parallel/expert_tp.py)
         self.init_weights()
 
     @torch.no_grad()
@@ -130,8 +132,16 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w2, std=self.out_std)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x: (A, d_model) tokens grouped by expert (counts[e] rows for expert e, in order)."""
-        return expert_swiglu(x, counts, self.w1, self.w3, self.w2, self.mlp, expert_adapters(self))
+        """x: (A, d_model) tokens grouped by expert (counts[e] rows for expert e, in order). Under expert tensor
+        parallelism the weights are DTensors: the local shards compute this rank's partial output."""
+        return expert_swiglu(x, counts, local_tensor(self.w1), local_tensor(self.w3), local_tensor(self.w2), self.mlp,
+                             expert_adapters(self), self.tp_index)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (differentiable: its gradient comes back with the DTensor's placements), or ``t``."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
 
 
 # one expert's low-rank update: (A (r, in), B (out, r), scale), or None where that weight is not adapted
@@ -144,8 +154,22 @@ def expert_adapters(experts: nn.Module) -> tuple[nn.Module | None, nn.Module | N
     return getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
 
 
-def _low_rank(adapter: nn.Module | None, e: int) -> LowRank:
-    return None if adapter is None else (adapter.lora_A[e], adapter.lora_B[e], adapter.lora_scale)
+def _low_rank(adapter: nn.Module | None, e: int, tp_index: tuple[int, int] = (0, 1), gate_up: bool = True) -> LowRank:
+    """Expert ``e``'s (A, B, scale) as this tp rank's shard of the expert uses it: the adapters stay whole on every
+    tp rank (they are small); under expert tp (rank r of t) the gate/up B keeps the rows of r's hidden slice of
+    w1 and of w3, the down A the columns of r's slice of w2's input. Gradients of the other rows are zero here and
+    summed over the tp group by the runtime."""
+    if adapter is None:
+        return None
+    a, b = adapter.lora_A[e], adapter.lora_B[e]
+    r, t = tp_index
+    if t > 1 and gate_up:  # B (2 * hidden, rank): w1's rows, then w3's
+        h = b.shape[0] // (2 * t)
+        b = torch.cat([b[r * h:(r + 1) * h], b[t * h + r * h:t * h + (r + 1) * h]])
+    elif t > 1:  # A (rank, hidden)
+        h = a.shape[1] // t
+        a = a[:, r * h:(r + 1) * h]
+    return a, b, adapter.lora_scale
 
 
 def swiglu_rows(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
@@ -179,9 +203,11 @@ class ExpertMLP(nn.Module):
 
 def expert_swiglu(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
                   w2: torch.Tensor, mlp: Callable[..., torch.Tensor] = swiglu_rows,
-                  adapters: tuple[nn.Module | None, nn.Module | None] = (None, None)) -> torch.Tensor:
+                  adapters: tuple[nn.Module | None, nn.Module | None] = (None, None),
+                  tp_index: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Apply expert e's SwiGLU (``mlp``) to its contiguous block of rows (a loop: CPU has no grouped GEMM);
-    ``adapters``: the (gate_up, down) ``ExpertAdapter``s holding the same experts as w1/w3/w2, or None."""
+    ``adapters``: the (gate_up, down) ``ExpertAdapter``s holding the same experts as w1/w3/w2, or None;
+    ``tp_index``: (rank, size) when w1/w3/w2 are this rank's expert-tp shards (the output is then a partial sum)."""
     sizes = [int(c) for c in counts.tolist()]
     if len(sizes) != w1.shape[0]:
         raise ValueError(f"counts has {len(sizes)} entries for {w1.shape[0]} experts")
@@ -190,7 +216,7 @@ def expert_swiglu(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: t
         if chunk.shape[0] == 0:
             outs.append(chunk.new_zeros(0, w2.shape[1]))
             continue
-        gate_up, down = (_low_rank(a, e) for a in adapters)
+        gate_up, down = (_low_rank(a, e, tp_index, i == 0) for i, a in enumerate(adapters))
         outs.append(mlp(chunk, w1[e], w3[e], w2[e]) if gate_up is None and down is None
                     else mlp(chunk, w1[e], w3[e], w2[e], gate_up, down))
     out = torch.cat(outs) if outs else x.new_zeros(0, w2.shape[1])
@@ -225,6 +251,8 @@ class MoE(nn.Module):
         self.last_stats: dict[str, Any] | None = None
         self.init_std = cfg.init_std
         self.aux_loss_in_backward: float | None = None  # set by attach_aux_loss_to_backward
+        # expert tensor parallelism (parallel/expert_tp.py): the tp group the experts' hidden dim is split over
+        self.tp_group: Any = None
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -238,11 +266,23 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         r = route(self.router(flat), self.top_k, self.capacity_factor)
-        expert_out = self.experts(flat[r.token_idx], r.counts)
-        gated = expert_out * r.weights.unsqueeze(-1).to(expert_out.dtype)
+        tp = self.tp_group
+        # under expert tp the experts return partial sums over the tp group (Megatron's f/g pair around them): their
+        # input's gradient and the gate weights' (a product with partial outputs) are summed in backward, and the
+        # combined output once in forward; routing and the router's gradient stay identical on every tp rank
+        x_e = flat if tp is None else _SumGradOverTP.apply(flat, tp)
+        # the gate weights' gradient is summed in a fixed (experts x tokens) layout: the collective's size must not
+        # depend on the routing (torch.distributed.pipelining infers backward metadata from uninitialised inputs,
+        # which the tp ranks may route differently; real tokens route identically)
+        weights = r.weights if tp is None else _SumGradOverTPAt.apply(
+            r.weights, r.expert_idx * flat.shape[0] + r.token_idx, self.n_experts * flat.shape[0], tp)
+        expert_out = self.experts(x_e[r.token_idx], r.counts)
+        gated = expert_out * weights.unsqueeze(-1).to(expert_out.dtype)
         # in the experts' dtype, as a dense MLP's output projection returns it (bf16 under autocast: index_add
         # wants one dtype, and the block's residual add upcasts it again)
         out = torch.zeros_like(flat, dtype=gated.dtype).index_add(0, r.token_idx, gated)
+        if tp is not None:
+            out = _SumOverTP.apply(out, tp)
         aux = self.aux_loss_coef * r.balance_loss + self.z_loss_coef * r.z_loss
         if self.aux_loss_in_backward is not None:
             # Pipeline stages never see the loss: inject d(aux) into backward instead (then
@@ -263,6 +303,59 @@ class MoE(nn.Module):
             "aux_loss": float(aux.detach()),
         }
         return out.reshape(shape)
+
+
+class _SumGradOverTP(torch.autograd.Function):
+    """Megatron's ``f``: identity in forward, the gradient summed over the tp group in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _SumGradOverTPAt(torch.autograd.Function):
+    """``_SumGradOverTP`` for a 1-D tensor whose entries sit at distinct positions ``index`` of a fixed-size
+    (``size``) layout: the gradient is placed there, summed over the tp group, and read back."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, index: torch.Tensor, size: int, group: Any) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.size, ctx.group = size, group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        import torch.distributed as dist
+
+        (index,) = ctx.saved_tensors
+        buf = grad.new_zeros(ctx.size).index_copy_(0, index, grad.contiguous())
+        dist.all_reduce(buf, group=ctx.group)
+        return buf[index], None, None, None
+
+
+class _SumOverTP(torch.autograd.Function):
+    """Megatron's ``g``: the partial outputs summed over the tp group in forward, identity in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        import torch.distributed as dist
+
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        return grad, None
 
 
 class _AuxLossInBackward(torch.autograd.Function):

@@ -14,13 +14,16 @@ parallelism averages per-rank losses over all ``dp`` ranks, so expert grads are 
 group and divided by ``dp`` (``reduce_expert_grads``); every other parameter is averaged over the
 full dp group as usual (DDP/FSDP over the dp group, with expert parameters excluded).
 
-Tensor parallelism. Experts are *not* split by tp: with tp > 1 (no sequence parallelism) all tp
-ranks of a group see the same tokens, route them identically and run the full local experts
-redundantly; the ep/edp groups are formed per tp coordinate (``ep_groups_from_mesh`` does this for
-any mesh with a dp dimension). Pipeline stages each form their own ep groups the same way.
+Tensor parallelism. With tp > 1 (no sequence parallelism) all tp ranks of a group see the same tokens and
+route them identically; the experts were split over tp first (``expert_tp.py``: w1/w3 by hidden columns, w2 by
+hidden rows), so each rank ships its tokens to the ep peer of its own tp coordinate, which runs its hidden slice of
+the local experts; the MoE block sums the partial outputs over tp after the return trip. The ep/edp groups are
+formed per tp coordinate (``ep_groups_from_mesh`` does this for any mesh with a dp dimension). Pipeline stages each
+form their own ep groups the same way.
 
-Expert parameters stay plain (local) tensors of shape (n_experts/ep, ...) under their original
-names, so the optimiser and gradient clipping treat them like any other parameter.
+Expert parameters stay plain (local) tensors of shape (n_experts/ep, hidden/tp, ...) under their original
+names, so the optimiser and gradient clipping treat them like any other parameter (``tp_index`` says which
+hidden slice; the runtime shows them to checkpoints as DTensors sharded over ep x tp).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from torch import nn
 
 from meshwright.config import ModelConfig, divisors
 from meshwright.errors import invalid
-from meshwright.models.moe import ExpertMLP, GroupedExperts, expert_adapters, expert_swiglu, moe_layers
+from meshwright.models.moe import ExpertMLP, GroupedExperts, expert_adapters, expert_swiglu, local_tensor, moe_layers
 
 
 def check_ep(n_experts: int, ep: int, dp: int, field_name: str = "ep") -> None:
@@ -124,9 +127,11 @@ class ExpertParallelExperts(nn.Module):
         self.std, self.out_std = experts.std, experts.out_std
         # the shards keep the full weights' requires_grad: under LoRA the experts stay frozen (no grads, no
         # optimizer state), as the one-process model leaves them
-        self.w1 = nn.Parameter(experts.w1.detach()[lo:hi].clone(), requires_grad=experts.w1.requires_grad)
-        self.w3 = nn.Parameter(experts.w3.detach()[lo:hi].clone(), requires_grad=experts.w3.requires_grad)
-        self.w2 = nn.Parameter(experts.w2.detach()[lo:hi].clone(), requires_grad=experts.w2.requires_grad)
+        # under expert tp (experts.tp_index) the weights are DTensors: this rank's experts of its hidden slice
+        self.tp_index = experts.tp_index
+        for w in ("w1", "w3", "w2"):
+            full = getattr(experts, w)
+            setattr(self, w, nn.Parameter(local_tensor(full.detach())[lo:hi].clone(), requires_grad=full.requires_grad))
         self.meter = meter if meter is not None else A2AMeter()
         self.mlp = ExpertMLP()  # the local experts' math: compiled under compile: true, the all-to-alls stay eager
         # LoRA on the experts (memory/lora.py ExpertAdapter): this rank's experts' A and B rows, sharded and reduced
@@ -156,7 +161,8 @@ class ExpertParallelExperts(nn.Module):
         chunks = torch.split(got, chunk_sizes)
         by_expert = [src * nl + e for e in range(nl) for src in range(ep)]
         grouped = torch.cat([chunks[i] for i in by_expert]) if chunks else got
-        out = expert_swiglu(grouped, recv_grid.sum(0), self.w1, self.w3, self.w2, self.mlp, expert_adapters(self))
+        out = expert_swiglu(grouped, recv_grid.sum(0), self.w1, self.w3, self.w2, self.mlp, expert_adapters(self),
+                            self.tp_index)
         out_chunks = torch.split(out, [chunk_sizes[i] for i in by_expert])
         back_order = [0] * len(by_expert)
         for pos, i in enumerate(by_expert):

@@ -122,23 +122,45 @@ def _shard_of(v: torch.Tensor, dim: int, tp: int, rank: int, like: torch.Tensor)
     return v if v.shape == like.shape else v.chunk(tp, dim=dim)[rank]
 
 
-def install_state_hooks(module: nn.Module, shards: dict[str, tuple[int, DeviceMesh]]) -> None:
+def shard_placements(dims: int | tuple[int, ...]) -> list[Shard]:
+    """``Shard`` placements of a plain shard cut on ``dims``: one dim over a 1-D mesh, or one per mesh dimension."""
+    return [Shard(d) for d in dims] if isinstance(dims, tuple) else [Shard(dims)]
+
+
+def local_shard(v: torch.Tensor, dims: int | tuple[int, ...], mesh: DeviceMesh, like: torch.Tensor) -> torch.Tensor:
+    """This rank's local shard, cut on ``dims`` over ``mesh``, from a DTensor (any layout) or a full/local tensor."""
+    if isinstance(dims, int) and mesh.ndim == 1:
+        return _shard_of(v, dims, mesh.size(), mesh.get_local_rank(), like)
+    if isinstance(v, DTensor):
+        if v.to_local().shape == like.shape and list(v.placements) == shard_placements(dims):
+            return v.to_local()
+        v = v.full_tensor()
+    if v.shape == like.shape:
+        return v
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(v.shape, mesh, shard_placements(dims))
+    return v[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+
+
+def install_state_hooks(module: nn.Module, shards: dict[str, tuple[int | tuple[int, ...], DeviceMesh]]) -> None:
     """Make ``module.state_dict()`` show megatron shards as DTensors and ``load_state_dict`` accept
     DTensors or full tensors, so ``torch.distributed.checkpoint`` (and the trainer's checkpoints)
-    reshard megatron layouts like any other. ``shards`` maps a parameter name to (dim, tp mesh)."""
+    reshard megatron layouts like any other. ``shards`` maps a parameter name to (dim, tp mesh), or to
+    (dims, mesh) with one dim per mesh dimension (expert-parallel x expert-tp shards)."""
 
     def post(_: nn.Module, state: dict, prefix: str, __: dict) -> None:
         for name, (dim, mesh) in shards.items():
             k = prefix + name
             if k in state and not isinstance(state[k], DTensor):
-                state[k] = DTensor.from_local(state[k], mesh, [Shard(dim)], run_check=False)
+                state[k] = DTensor.from_local(state[k], mesh, shard_placements(dim), run_check=False)
 
     def pre(mod: nn.Module, state: dict, prefix: str, *_: object) -> None:
         params = dict(mod.named_parameters())
         for name, (dim, mesh) in shards.items():
             k = prefix + name
             if k in state:
-                state[k] = _shard_of(state[k], dim, mesh.size(), mesh.get_local_rank(), params[name])
+                state[k] = local_shard(state[k], dim, mesh, params[name])
 
     module.register_state_dict_post_hook(post)
     module.register_load_state_dict_pre_hook(pre)

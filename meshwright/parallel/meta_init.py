@@ -93,15 +93,27 @@ def shard_box(local_shape: Iterable[int], dim: int, parts: int, index: int) -> B
 
 
 def expert_boxes(chunks: Iterable[nn.Module]) -> dict[str, Box]:
-    """Expert-parallel shards are plain tensors cut by hand: {name: (global shape, offset)} of each."""
+    """Expert-parallel shards are plain tensors cut by hand: {name: (global shape, offset)} of each (experts along
+    dim 0; under expert tp also this rank's hidden slice, ``expert_tp.EXPERT_TP_DIMS``)."""
+    from meshwright.parallel.expert_tp import EXPERT_TP_DIMS
+
     out: dict[str, Box] = {}
     for chunk in chunks:
         for path, module in chunk.named_modules():
             if isinstance(module, ExpertParallelExperts):
-                for w in ("w1", "w3", "w2"):
-                    local = getattr(module, w)
-                    out[f"{path}.{w}"] = ((module.n_experts, *local.shape[1:]), (module.first_expert,) + (0,) * (local.dim() - 1))
+                for w, dim in EXPERT_TP_DIMS.items():
+                    out[f"{path}.{w}"] = expert_box(module, w, dim)
     return out
+
+
+def expert_box(module: ExpertParallelExperts, w: str, tp_dim: int) -> Box:
+    """The (global shape, offset) of an expert-parallel shard ``w`` of ``module``: its experts, its tp hidden slice."""
+    local = getattr(module, w)
+    r, t = module.tp_index
+    shape, offset = [module.n_experts, *local.shape[1:]], [module.first_expert] + [0] * (local.dim() - 1)
+    shape[tp_dim] *= t
+    offset[tp_dim] = r * local.shape[tp_dim]
+    return tuple(shape), tuple(offset)
 
 
 def _cpu_twin(module: nn.Module) -> nn.Module:

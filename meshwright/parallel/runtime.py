@@ -41,10 +41,12 @@ from meshwright.memory.wta_crs import apply_wta_crs_per_layer
 from meshwright.models import build_model, lm_loss, load_pretrained_into
 from meshwright.models.decoder import Decoder
 from meshwright.models.init import resolve_init
-from meshwright.models.moe import attach_aux_loss_to_backward, router_stats
+from meshwright.models.moe import MoE, attach_aux_loss_to_backward, router_stats
 from meshwright.parallel.data_parallel import (all_reduce_grad_groups, all_reduce_grads, apply_ddp, apply_fsdp,
                                                rebuild_buckets, zero1_optimizer)
 from meshwright.parallel.expert_parallel import A2AMeter, EPGroups, apply_ep, ep_groups_from_mesh, is_expert_param
+from meshwright.parallel.expert_tp import EXPERT_TP_DIMS
+from meshwright.parallel.expert_tp import adapter_params as expert_adapter_params
 from meshwright.parallel.layerwise import apply_batch_redistribution
 from meshwright.parallel.mesh import build_meshes, hsdp_shard
 from meshwright.parallel.meta_init import Box, materialize, shard_box, supports_meta_init
@@ -82,14 +84,13 @@ class StateView(nn.Module):
 
 def install_shard_optimizer_hooks(optimizer: torch.optim.Optimizer, shards: dict[nn.Parameter, tuple[int, Any]]) -> None:
     """Optimizer states of plain local shards (megatron tp, ep experts) appear as DTensors sharded on
-    ``dim`` over a 1-D mesh in ``state_dict()`` and are cut back to the local shard on load.
+    ``dim`` over a 1-D mesh (or on ``dims``, one per dimension of the mesh: ep x tp experts) in ``state_dict()`` and
+    are cut back to the local shard on load.
 
     State keys are matched to parameters through the param_groups' order, so this works whether the
     keys are indices (``Optimizer.state_dict``) or FQNs (``torch.distributed.checkpoint.state_dict``).
     """
-    from torch.distributed.tensor import Shard
-
-    from meshwright.parallel.megatron_tp import _shard_of
+    from meshwright.parallel.megatron_tp import local_shard, shard_placements
 
     def pairs(state_dict: dict) -> list[tuple[Any, nn.Parameter]]:
         return [(k, p) for saved, live in zip(state_dict["param_groups"], optimizer.param_groups)
@@ -106,7 +107,7 @@ def install_shard_optimizer_hooks(optimizer: torch.optim.Optimizer, shards: dict
             inner = state_dict["state"][k] = dict(state_dict["state"][k])
             for key, v in inner.items():
                 if torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.shape:
-                    inner[key] = DTensor.from_local(v, mesh, [Shard(dim)], run_check=False)
+                    inner[key] = DTensor.from_local(v, mesh, shard_placements(dim), run_check=False)
         return state_dict
 
     def pre(_: torch.optim.Optimizer, state_dict: dict) -> dict:
@@ -118,7 +119,7 @@ def install_shard_optimizer_hooks(optimizer: torch.optim.Optimizer, shards: dict
             inner = state_dict["state"][k] = dict(state_dict["state"][k])
             for key, v in inner.items():
                 if isinstance(v, DTensor) or (torch.is_tensor(v) and v.dim() == p.dim() and v.shape != p.shape):
-                    inner[key] = _shard_of(v, dim, mesh.size(), mesh.get_local_rank(), p)
+                    inner[key] = local_shard(v, dim, mesh, p)
         return state_dict
 
     optimizer.register_state_dict_post_hook(post)
@@ -256,11 +257,12 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         self._ep: dict[tuple[int, int], EPGroups] = {
             (tp, ep): ep_groups_from_mesh(m.tp_meshes[tp], "dp", ep)
             for tp, ep in sorted({(s.tp, s.ep) for s in strategies if s.ep > 1})}
-        # ... and an ("edp", "ep") view of each stage's dp ranks, so checkpoints see expert shards as
-        # DTensors sharded over ep (replicated over edp, tp and the other stages' copies of the key)
+        # ... and an ("edp", "ep", "tp") view of each stage's dp ranks, so checkpoints see expert shards as
+        # DTensors sharded over ep (the experts' weights over ep x tp: expert tp; their adapters over ep alone),
+        # replicated over edp and the other stages' copies of the key
         self._ep_meshes: dict[tuple[int, int], Any] = {
             (tp, ep): init_device_mesh(self.device.type, (m.pp, m.per_stage // (tp * ep), ep, tp),
-                                       mesh_dim_names=("pp", "edp", "ep", "tp"))["ep"]
+                                       mesh_dim_names=("pp", "edp", "ep", "tp"))
             for tp, ep in sorted(self._ep)}
         self.a2a_meter = A2AMeter()
         chunks = [cut_stage(full, *ranges[i], i == 0, i == self.n_stages - 1) for i in self.stage_ids]
@@ -275,14 +277,15 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         # per-microbatch backward, so pipelined stages use the bucketed all-reduce instead.
         # ... and DDP would average expert shards over the whole stage, so ep>1 needs the manual path.
         self.uniform_ddp = uniform_replicated and m.pp == 1 and not any(s.ep > 1 for s in strategies)
-        self._expert_params: dict[nn.Parameter, int] = {}  # expert shard -> its layer's ep
+        self._expert_params: dict[nn.Parameter, int] = {}  # expert shard -> into how many shards it is cut (ep[*tp])
         self._manual: list[tuple[list[nn.Parameter], dist.ProcessGroup, float]] = []  # (params, group, scale)
         self._post_scale: list[tuple[list[nn.Parameter], float]] = []  # FSDP layers with dp < max_dp
         self._megatron_shards: dict[nn.Parameter, tuple[int, int]] = {}  # param -> (shard dim, tp)
         self._megatron_state: dict[str, tuple[int, int, Any]] = {}  # state key -> (dim, tp, mesh or None: tp mesh)
         self._state_shards: dict[nn.Parameter, tuple[int, Any]] = {}  # plain local shards: (dim, 1-D mesh)
         self._shard_boxes: dict[str, Box] = {}  # megatron tp shards: their box in the full tensor (meta init)
-        # megatron LoRA's replicated A/B, summed over their tp group: one bucket per group, all layers in it
+        # megatron LoRA's replicated A/B and, under expert tp, the whole expert adapters: their gradients summed over
+        # their tp group, one bucket per group, all layers in it
         self._tp_partial: dict[dist.ProcessGroup, list[nn.Parameter]] = {}
         self._zero2_blocks: list[nn.Module] = []  # FSDP2 modules at ZeRO-2: gathered once per step
         for chunk in chunks:
@@ -353,15 +356,23 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
                 g = self._ep[(s.tp, s.ep)]
                 apply_ep(block, g.ep, self.a2a_meter)
                 experts = [p for p in block.parameters() if is_expert_param(p)]
-                self._expert_params.update(dict.fromkeys(experts, s.ep))
                 mesh = self._ep_meshes[(s.tp, s.ep)]
                 for pname, p in block.named_parameters():
                     if is_expert_param(p):
-                        self._megatron_state[f"layers.{name}.{pname}"] = (0, s.tp, mesh)
-                        self._state_shards[p] = (0, mesh)
+                        # expert tp: the weights are cut over ep (dim 0) x tp (their hidden dim), adapters over ep
+                        tp_dim = EXPERT_TP_DIMS.get(pname.rsplit(".", 1)[-1]) if s.tp > 1 else None
+                        dims, shard_mesh = ((0,), mesh["ep"]) if tp_dim is None else ((0, tp_dim), mesh["ep", "tp"])
+                        self._expert_params[p] = s.ep * (s.tp if tp_dim is not None else 1)
+                        self._megatron_state[f"layers.{name}.{pname}"] = (dims, s.tp, shard_mesh)
+                        self._state_shards[p] = (dims, shard_mesh)
                 # backward through the all-to-all already summed the ep peers' contributions (frozen experts under
                 # LoRA: nothing to reduce)
                 self._manual.append(([p for p in experts if p.requires_grad], g.edp, 1.0 / m.max_dp))
+            if s.tp > 1 and self.tp_backend == "dtensor" and isinstance(block.feed_forward, MoE):
+                # expert tp: the whole expert adapters' gradients are partial over tp (parallel/expert_tp.py)
+                adapters = expert_adapter_params(block.feed_forward)
+                if adapters:
+                    self._tp_partial.setdefault(tp_mesh.get_group(), []).extend(adapters)
             apply_recompute(block, s.recompute)
             if self.compile_backend is not None:  # MoE blocks (routing, all-to-alls) and megatron tp>1 (its
                 # linears) in parts, the rest whole
@@ -419,7 +430,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
                 p.grad = torch.zeros_like(p)
         all_reduce_grad_groups(self._manual)  # through one buffer of the largest group's size
         reduce_partial_grads(self._params)
-        for group, params in self._tp_partial.items():  # megatron LoRA's replicated A/B: each tp rank holds a share
+        for group, params in self._tp_partial.items():  # megatron LoRA's replicated A/B, expert-tp adapters: each tp
+            # rank holds a share of their gradient
             all_reduce_grads(params, group, 1.0)
         with torch.no_grad():
             for params, factor in self._post_scale:

@@ -33,6 +33,7 @@ from meshwright.errors import invalid
 from meshwright.memory.lora import LoRALinear
 from meshwright.models.layers import HeadNorm
 from meshwright.models.moe import MoE
+from meshwright.parallel.expert_tp import apply_expert_tp
 
 
 def _distribute(module: nn.Module, mesh: DeviceMesh, placements: dict[str, Placement]) -> None:
@@ -79,9 +80,9 @@ def share_head_norm_grads(block: nn.Module, group: object) -> None:
 def apply_tp(block: nn.Module, tp_mesh: DeviceMesh, sp: bool = False) -> nn.Module:
     """Shard ``block`` (a models.decoder.Block) over ``tp_mesh``; parameter names are unchanged.
 
-    An MoE block keeps its router and experts tp-replicated (plain tensors): every tp rank holds the
-    same tokens, routes them identically and runs the experts redundantly, so the block's output stays
-    replicated without communication. That needs tp-replicated tokens, hence no ``sp`` on MoE blocks.
+    An MoE block keeps its router tp-replicated (a plain tensor): every tp rank holds the same tokens and routes
+    them identically; its experts are split over tp (``expert_tp.apply_expert_tp``: w1/w3 by columns, w2 by rows),
+    their partial outputs summed once over tp. That needs tp-replicated tokens, hence no ``sp`` on MoE blocks.
     """
     frozen = [name for name, p in block.named_parameters() if not p.requires_grad]
     block = _apply_tp(block, tp_mesh, sp)
@@ -96,6 +97,7 @@ def _apply_tp(block: nn.Module, tp_mesh: DeviceMesh, sp: bool) -> nn.Module:
     if isinstance(mlp, MoE):
         if sp:
             raise invalid("sp", True, "false on MoE layers (experts need tp-replicated tokens)")
+        apply_expert_tp(mlp, tp_mesh)
         return parallelize_module(block, tp_mesh, {"attention.wq": LoraColwiseParallel(),
                                                    "attention.wk": LoraColwiseParallel(),
                                                    "attention.wv": LoraColwiseParallel(),

@@ -5,7 +5,8 @@ per-shard losses, so the reference is mean_r(lm_loss(shard_r) + aux_loss(shard_r
 
 - ``ep2``       : two independent 2-rank replicas of the experiment, dp=2, ep=2 (ranks {0,1}, {2,3});
 - ``ep2dp2``    : 4 ranks, dp=4, ep=2, edp=2 (expert grads reduced over the edp group);
-- ``ep2tp2``    : 4 ranks, dp=2 x tp=2 with DTensor tensor-parallel attention, ep=2 over dp per tp column;
+- ``ep2tp2``    : 4 ranks, dp=2 x tp=2 with DTensor tensor-parallel attention and experts split over tp (expert tp,
+                  parallel/expert_tp.py), ep=2 over dp per tp column;
 - ``ep2pp2``    : 4 ranks, pp=2 x dp=2 with the runtime's pipeline stages (1F1B, 2 micro-batches), ep=2 per stage.
 
 Each case runs no-drop and capacity-dropping routing (top-2 and top-1). Written to ``argv[1]`` as JSON:
@@ -89,9 +90,12 @@ def run_case(name: str, cfg, dp_group, dp_rank: int, dp: int, groups, seed: int,
     if tp_mesh is not None:
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+        from meshwright.parallel.expert_tp import apply_expert_tp
+
         for block in model.layers.values():
             parallelize_module(block.attention, tp_mesh, {"wq": ColwiseParallel(), "wk": ColwiseParallel(),
                                                           "wv": ColwiseParallel(), "wo": RowwiseParallel()})
+            apply_expert_tp(block.feed_forward, tp_mesh)  # experts split over tp, then sliced over ep
     meter = apply_ep(model, groups.ep)
     loss = _loss(model, data[dp_rank])
     loss.backward()
@@ -114,6 +118,9 @@ def run_case(name: str, cfg, dp_group, dp_rank: int, dp: int, groups, seed: int,
             n_expert += 1
             block = model.get_submodule(pname.rsplit(".", 1)[0])
             rg = rg[block.first_expert:block.first_expert + block.n_local]
+            r, t = block.tp_index  # ep x tp shards: this rank's hidden slice too
+            dim = {"w1": 1, "w3": 1, "w2": 2}[pname.rsplit(".", 1)[-1]]
+            rg = rg.narrow(dim, r * g.shape[dim], g.shape[dim]) if t > 1 else rg
         if g.shape != rg.shape:
             raise AssertionError(f"{name}: {pname} grad shape {tuple(g.shape)} != {tuple(rg.shape)}")
         max_err = max(max_err, (g - rg).abs().max().item())
@@ -128,6 +135,9 @@ def run_case(name: str, cfg, dp_group, dp_rank: int, dp: int, groups, seed: int,
         "routing_equal": counts == ref_counts, "logged_stats_equal": logged_counts == ref_global, "dropped": dropped, "ref_dropped": ref_dropped,
         "a2a_bytes": meter.bytes_total, "a2a_remote_bytes": meter.bytes_remote, "a2a_calls": meter.calls,
         "a2a_bytes_expected": 4 * kept * cfg.d_model * 4, "a2a_formula_bytes": cost.a2a_bytes_per_step,
+        "ep": dist.get_world_size(groups.ep), "tp": 1 if tp_mesh is None else tp_mesh.size(),
+        "expert_numel": sum(p.numel() for p in model.parameters() if is_expert_param(p)),
+        "expert_numel_full": cfg.n_moe_layers * cfg.n_experts * 3 * cfg.d_model * cfg.expert_ffn_dim,
     }
 
 
@@ -389,6 +399,8 @@ LORA_EXPERT_CASES = {
     "lora_experts_ep2_dp4": lora_plan([{"dp": 4, "ep": 2, "repeat": 2}]),
     "lora_experts_ep4_dp4": lora_plan([{"dp": 4, "ep": 4, "repeat": 2}]),
     "lora_experts_ep2_tp2": lora_plan([{"tp": 2, "dp": 2, "ep": 2, "repeat": 2}]),
+    # expert tp without ep: the experts split over tp (DTensors), their adapters whole on each tp rank
+    "lora_experts_tp2_dp2": lora_plan([{"tp": 2, "dp": 2, "repeat": 2}]),
 }
 
 
@@ -472,9 +484,11 @@ def run_lora_expert_case(name: str, pd: dict, lora: dict) -> dict:
     res["grads_ok"] = set(res["grad_names"]) == trainable == {n for n in ref[0]["grads"] if n in mine}
     adapters = {n: q for n, q in mine.items() if ".experts." in n and is_adapter_param(n)}
     n_local = lora_moe_cfg().n_experts // s.ep
-    # sharded with the experts, marked as expert shards (reduced over edp, not dp), trainable
+    # sharded with the experts over ep, marked as expert shards (reduced over edp, not dp), trainable; whole on every
+    # tp rank (expert tp applies their slices)
     res["expert_adapters_sharded"] = len(adapters) == 2 * 2 * 2 and all(
-        q.shape[0] == n_local and is_expert_param(q) and q.requires_grad for q in adapters.values())
+        q.shape[0] == n_local and is_expert_param(q) == (s.ep > 1) and q.requires_grad and not hasattr(q, "to_local")
+        for q in adapters.values())
     base = [(n, q) for n, q in mine.items() if n.endswith((".w1", ".w2", ".w3")) or ".router." in n]
     res["base_frozen"] = bool(base) and all(not q.requires_grad and q.grad is None for _, q in base)
     local = sum(q.to_local().numel() if hasattr(q, "to_local") else q.numel() for q in mine.values() if q.requires_grad)
@@ -490,7 +504,7 @@ def run_lora_expert_case(name: str, pd: dict, lora: dict) -> dict:
     res["a2a_bytes"] = rt.a2a_meter.bytes_total
     res["ok"] = (res["ok"] and res["grads_ok"] and res["expert_adapters_sharded"] and res["base_frozen"]
                  and res["opt_params_ok"] and res["opt_state_bytes"] == res["opt_state_expected"]
-                 and res["adapter_params"] == res["adapter_params_counted"] and res["a2a_bytes"] > 0)
+                 and res["adapter_params"] == res["adapter_params_counted"] and (res["a2a_bytes"] > 0) == (s.ep > 1))
     rt.close()
     return {"case": name, "rank": dist.get_rank(), "ep": s.ep, **res}
 
@@ -568,7 +582,7 @@ def main() -> None:
     for k, c in variants:
         results.append(run_case("ep2dp2", _cfg(k, c), mesh.get_group(), rank, 4, groups, seed=20))
 
-    # ep2 with tp2: attention tensor-parallel (DTensor), experts not split by tp, ep over dp per tp column.
+    # ep2 with tp2: attention tensor-parallel (DTensor), experts split by tp (expert tp), ep over dp per tp column.
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     groups = ep_groups_from_mesh(mesh, "dp", 2)
     for k, c in variants[:2]:

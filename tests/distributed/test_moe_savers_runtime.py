@@ -27,6 +27,7 @@ CASES = {"moe_ep2_dp4", "moe_ep4_dp4", "moe_ep2_tp2", "moe_ep2_pp2", "moe_ep1_dd
          "fp8gemm_dp2_tp2", "fp8gemm_dp2_tp2_sp", "fp8gemm_scaledmm_dp2_tp2_sp_layers02", "fp8gemm_gpt2_dp2_tp2_sp",
          "fp8gemm_dp2_tp2_sp_zero3_recompute",
          "wta_dp2_tp2", "wta_keep1_dp4_equals_exact", "ckpt_moe_ep2_to_ep4", "ckpt_moe_ep2_to_fsdp_ep1",
+         "moe_tp2_dp2", "moe_tp2_dp2_zero3", "moe_tp2_pp2", "ckpt_moe_ep2_tp2_to_dp4", "ckpt_moe_ep2_to_ep2_tp2", "ckpt_moe_tp2_to_ep4",
          "compile_moe_ep2_dp4", "compile_moe_ep2_tp2_recompute", "compile_moe_ep2_pp2_selective",
          "compile_moe_ep1_dp4_selective", "compile_moe_ep1_dp4_zero3",
          "chunked_moe_ep2_dp4", "chunked_compile_moe_ep2_pp2_selective"}
@@ -41,11 +42,11 @@ DENSE = load_model_config({"name": "d", "arch": "llama", "vocab_size": 64, "d_mo
 def report(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("moe_savers")
     out = tmp / "report.json"
-    run_torchrun(HERE / "moe_savers_parity.py", 4, [str(out), str(tmp / "ckpt")], timeout=300)
+    run_torchrun(HERE / "moe_savers_parity.py", 4, [str(out), str(tmp / "ckpt")], timeout=600)  # 6 expert-tp cases added
     return read_json(out)
 
 
-@pytest.mark.timeout(330)
+@pytest.mark.timeout(630)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_parity_with_one_process(report: dict, case: str) -> None:
     assert case in report, f"case {case} did not run"
@@ -62,6 +63,24 @@ def test_ep_cases_really_shard_experts(report: dict) -> None:
     for case in ("moe_ep2_dp4", "moe_ep2_tp2", "moe_ep2_pp2"):
         assert all(r["n_expert_shards"] > 0 and r["a2a_bytes"] > 0 for r in report[case]["ranks"].values()), case
     assert all(r["a2a_bytes"] == 0 for r in report["moe_ep1_ddp_dp4"]["ranks"].values())
+
+
+def test_tp_splits_the_experts(report: dict) -> None:
+    """Expert tensor parallelism: every rank holds its 1/(tp*ep) of the routed experts' weights (replicated experts,
+    the old layout, hold 1/ep), and the tp cases still match the one-process model (test_parity_with_one_process)."""
+    for case in ("moe_ep2_tp2", "moe_tp2_dp2", "moe_tp2_pp2", "compile_moe_ep2_tp2_recompute", "moe_ep2_dp4",
+                 "moe_ep1_ddp_dp4"):
+        for r in report[case]["ranks"].values():
+            e = r["expert_numel"]
+            assert e["local"] * e["tp"] * e["ep"] == e["full_on_stage"] > 0, (case, e)
+    assert {r["expert_numel"]["tp"] for r in report["moe_tp2_dp2"]["ranks"].values()} == {2}
+
+
+def test_checkpoints_reshard_tp_split_experts(report: dict) -> None:
+    """ep x tp expert shards (2-D) and tp-only (DTensor) experts save and resume under other layouts, the model and
+    optimizer state equal to the saved one tensor for tensor (``full_state``)."""
+    for case in ("ckpt_moe_ep2_tp2_to_dp4", "ckpt_moe_ep2_to_ep2_tp2", "ckpt_moe_tp2_to_ep4"):
+        assert all(r["state_equal"] and r["state_tensors"] > 0 for r in report[case]["ranks"].values()), case
 
 
 def test_savers_are_applied_on_the_planned_layers(report: dict) -> None:

@@ -231,7 +231,7 @@ def _sac_bytes(contexts: list, skip: set) -> int:
 
 
 def _moe_saved(monkeypatch, cfg, recompute: str, group=None, compiled: bool = True,
-               autocast: bool = True) -> list[tuple[int, int, int]]:
+               autocast: bool = True, tp: int = 1) -> list[tuple[int, int, int]]:
     """(tokens, routed assignments, bytes saved) of one MoE block under bf16 autocast, compiled as the runtime
     compiles it (``compile_layer``: in parts, at ep=1 and over ``group`` at ep>1) or eager, two batches."""
     from meshwright.parallel import recompute as rc
@@ -244,7 +244,7 @@ def _moe_saved(monkeypatch, cfg, recompute: str, group=None, compiled: bool = Tr
     monkeypatch.setattr(rc, "_selective_context", lambda: contexts.append(make()) or contexts[-1])
     torch._dynamo.reset()
     torch.manual_seed(0)
-    block = shard_block(cfg, 0, 1)
+    block = shard_block(cfg, 0, tp)
     if group is not None:
         block.feed_forward.experts = ExpertParallelExperts(block.feed_forward.experts, group)
     apply_recompute(block, recompute)
@@ -310,6 +310,21 @@ def test_eager_moe_block_saves_what_the_cost_model_says(monkeypatch, request, ep
     c = cm.layer_costs(cfg, 0, LayerStrategy(recompute=recompute, dp=2, ep=ep), 1, SEQ, h)
     assert c["act_bytes"] == pytest.approx(cm.activation_bytes(cfg, 0, SEQ, 1, False, recompute, 2))
     assert c["act_bytes"] == pytest.approx(cm.moe_block_bytes(cfg, cm.EAGER_MOE_ACT[recompute], SEQ, 1, 2))
+
+
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_eager_moe_block_of_one_tp_rank_saves_what_the_cost_model_says(monkeypatch, recompute):
+    """One tp rank's eager MoE block (``shard_block`` at tp=2: attention heads and, expert tp, the experts' hidden dim
+    halved; the tp collectives save nothing) saves ``moe_block_bytes`` at tp=2: the experts' hidden-wide tensors
+    split, their routed rows and the router's tensors whole."""
+    for capacity in (None, 0.5):
+        cfg = _moe_cfg(capacity)
+        (t1, a1, s1), (t2, a2, s2) = _moe_saved(monkeypatch, cfg, recompute, compiled=False, tp=2)
+        want = [cm.moe_block_bytes(cfg, cm.EAGER_MOE_ACT[recompute], t, 2, 2, routed=a) for t, a in ((t1, a1), (t2, a2))]
+        assert s2 - s1 == pytest.approx(want[1] - want[0], rel=EAGER_MOE_RTOL), (capacity, s1, s2, want)
+        whole = [cm.moe_block_bytes(cfg, cm.EAGER_MOE_ACT[recompute], t, 1, 2, routed=a) for t, a in ((t1, a1), (t2, a2))]
+        if recompute != "full":  # (full recomputation saves the block's input alone)
+            assert s2 - s1 < whole[1] - whole[0]  # less than the block with whole experts and heads
 
 
 @pytest.mark.parametrize("ep", [1, 2])

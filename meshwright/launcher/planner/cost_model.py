@@ -1104,7 +1104,8 @@ def compiled_moe_activation_bytes(cfg: ModelConfig, tokens: float, tp: int, reco
     """Bytes a compiled MoE block (``COMPILED_MOE_ACT``: compiled in parts at every ``ep``, so ``ep`` does not change
     it) saves for backward for ``tokens`` tokens of which ``routed`` token-expert assignments run on this rank's experts
     (default ``routed_tokens``): the attention part as a compiled dense block's (q/kv/lse split by tp), the router's
-    per-token and per-top-k-slot tensors, and the experts' per routed token (tp-replicated: not split)."""
+    per-token and per-top-k-slot tensors, and the experts' per routed token (their d_model-wide rows whole on every tp
+    rank, their hidden-wide ones split by expert tp)."""
     check_recompute(recompute)
     qk = qk_norm_act_bytes(cfg, tp, recompute, elem_bytes, compiled=True) * tokens
     return moe_block_bytes(cfg, COMPILED_MOE_ACT[recompute], tokens, tp, elem_bytes, routed) + qk
@@ -1113,14 +1114,16 @@ def compiled_moe_activation_bytes(cfg: ModelConfig, tokens: float, tp: int, reco
 def moe_block_bytes(cfg: ModelConfig, c: dict[str, float], tokens: float, tp: int, elem_bytes: int,
                     routed: Optional[float] = None) -> float:
     """Bytes an MoE block saving ``c`` (``_MOE_KEYS`` counts: ``COMPILED_MOE_ACT`` / ``EAGER_MOE_ACT``) keeps for
-    ``tokens`` tokens and ``routed`` token-expert assignments on this rank's experts (default ``routed_tokens``)."""
+    ``tokens`` tokens and ``routed`` token-expert assignments on this rank's experts (default ``routed_tokens``). Under
+    tp the experts' hidden-wide tensors (``e_f``) are this rank's slice (expert tp: parallel/expert_tp.py); the routed
+    rows (``e_h``) and the router's tensors stay whole on every tp rank (tp-replicated tokens)."""
     h, e, eb = cfg.d_model, cfg.n_experts, elem_bytes
     q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     slot = c["slot"] + (1 if c["slot"] and cfg.capacity_factor is not None else 0)  # the keep mask
     outside = (4.0 * c["x"] * h + eb * c["rep"] * h + c["stats"] + 4.0 * c["router_f"] * e + eb * c["router_c"] * e
                + 4.0 * c["z"] + slot * cfg.top_k)
     inside = eb * (c["q"] * q + c["kv"] * kv) + 4.0 * c["lse"] * cfg.n_heads
-    expert = eb * (c["e_h"] * h + c["e_f"] * cfg.expert_ffn_dim + c["e_gate"]) + 8.0 * c["e_idx"]
+    expert = eb * (c["e_h"] * h + c["e_f"] * cfg.expert_ffn_dim / tp + c["e_gate"]) + 8.0 * c["e_idx"]
     if routed is None:
         routed = routed_tokens(cfg, tokens)
     return (outside + inside / tp) * tokens + expert * routed
@@ -1202,7 +1205,7 @@ def backward_working_bytes(cfg: ModelConfig, index: int, tokens: float, tp: int,
                            elem_bytes: int, compiled: bool = False) -> float:
     """Transient memory while one block runs backward: the activations recomputation rebuilds for it
     (all of them under full, the attention core under selective) plus the gradients of its widest pair of
-    FFN activations (2 f/tp per token; an MoE block's experts: 2 f_e per routed token, tp-replicated). A maximum
+    FFN activations (2 f/tp per token; an MoE block's experts: 2 f_e/tp per routed token, expert tp). A maximum
     over the rank's layers, like a ZeRO-3 gather buffer.
     A compiled block's recomputation rebuilds what its compiled graphs save (an MoE block's: its compiled parts')."""
     if compiled:
@@ -1211,8 +1214,8 @@ def backward_working_bytes(cfg: ModelConfig, index: int, tokens: float, tp: int,
     else:
         none = activation_bytes(cfg, index, tokens, tp, sp, "none", elem_bytes)
         kept = activation_bytes(cfg, index, tokens, tp, sp, recompute, elem_bytes)
-    if cfg.is_moe_layer(index):  # experts are tp-replicated and run the routed assignments
-        return (none - kept) + routed_tokens(cfg, tokens) * 2.0 * cfg.expert_ffn_dim * elem_bytes
+    if cfg.is_moe_layer(index):  # each tp rank runs its hidden slice of the experts on the routed assignments
+        return (none - kept) + routed_tokens(cfg, tokens) * 2.0 * cfg.expert_ffn_dim / tp * elem_bytes
     return (none - kept) + tokens * 2.0 * cfg.ffn_dim / tp * elem_bytes
 
 
@@ -1555,9 +1558,23 @@ def expert_params(cfg: ModelConfig) -> int:
     return cfg.n_experts * 3 * cfg.d_model * cfg.expert_ffn_dim
 
 
+def moe_replicated_params(cfg: ModelConfig) -> int:
+    """Parameters of an MoE block every tp rank holds whole: the router (d_model x n_experts), the block's norms and
+    Qwen3's q/k head norms (plain, tp-replicated tensors in the runtime: parallel/tensor_parallel.py)."""
+    return cfg.d_model * cfg.n_experts + cfg.block_norms() * cfg.norm_params() + cfg.qk_norm_params()
+
+
+def moe_dense_params_on_rank(cfg: ModelConfig, index: int, tp: int) -> float:
+    """An MoE block's non-expert parameters on one tp rank: the attention split over tp, the router and norms whole
+    (``moe_replicated_params``)."""
+    rep = moe_replicated_params(cfg)
+    return (cfg.layer_params(index) - expert_params(cfg) - rep) / tp + rep
+
+
 def expert_tp(tp: int, hw: Hardware) -> int:
     """The share of the tp group an expert's weights are split over: ``tp`` where the stack shards them
-    (``Stack.experts_tp_sharded``), 1 where every tp rank holds them whole (meshwright, DeepSpeed MoE)."""
+    (``Stack.experts_tp_sharded``: meshwright, Megatron-core, torchtitan), 1 where every tp rank holds them whole
+    (DeepSpeed MoE)."""
     return tp if hw.experts_tp_sharded else 1
 
 
@@ -1577,7 +1594,7 @@ def _compute_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, tokens: floa
     """layer_costs' compute and TP/CP/EP collectives per microbatch (before the weights' traffic): forward seconds,
     compute seconds, model and hardware FLOPs, communication seconds."""
     model_fwd = layer_fwd_flops(cfg, index, tokens, seq_len) / s.tp  # the rank's share of the work, counted once
-    fwd_flops = model_fwd  # what the rank executes: its tp share, and its experts whole where tp replicates them
+    fwd_flops = model_fwd  # what the rank executes: its tp share, and its experts whole where a stack replicates them
     if moe and not hw.expert_compute_tp_split and s.tp > 1:
         fwd_flops += expert_fwd_flops(cfg, tokens) * (1.0 - 1.0 / s.tp)
     extra = recompute_extra_fwd_fraction(cfg, index, seq_len, s.recompute)
@@ -1676,21 +1693,21 @@ def _shard_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, states: str, h
     # base's B whole on every rank, the other factor split with the base)
     lora_rank = hw.lora.on_rank(index, s.tp) if hw.lora is not None else None
     if moe:
-        dense = cfg.layer_params(index) - expert_params(cfg)
+        dense = moe_dense_params_on_rank(cfg, index, s.tp)  # "dense": the block's non-expert parameters on this rank
         exp_rank = expert_params_on_rank(cfg, s.tp, s.ep, hw)
-        shard_params = dense / s.tp + exp_rank
+        shard_params = dense + exp_rank
         trained = lora_rank  # LoRA's linear adapters sit on the dense part (attention): split as tp places them,
         # replicated over ep like it; the expert adapters go with their experts (/ ep, reduced over the edp group)
         exp_trained = hw.lora.expert_on_rank(index, s.ep) if hw.lora is not None else None
         dpc = s.dp * s.cp  # weights are replicated over cp ranks: gradients reduce over dp*cp
-        dp_dense_mb, dp_dense_step = dp_comm_s(dense / s.tp, dpc, s.zero, s.tp, hw, trained)
+        dp_dense_mb, dp_dense_step = dp_comm_s(dense, dpc, s.zero, s.tp, hw, trained)
         dp_exp_mb, dp_exp_step = dp_comm_s(exp_rank, dpc // s.ep, s.zero, s.tp * s.ep, hw, exp_trained)
         dp_mb, dp_step = dp_dense_mb + dp_exp_mb, dp_dense_step + dp_exp_step
         adapters = trained or 0.0  # LoRA: the adapters' weights beside the base, and theirs the only gradients
-        states_b = model_state_bytes(dense / s.tp + adapters, dpc, s.zero, states, hw, trained)
+        states_b = model_state_bytes(dense + adapters, dpc, s.zero, states, hw, trained)
         exp_b = model_state_bytes(exp_rank + (exp_trained or 0.0), dpc // s.ep, s.zero, states, hw, exp_trained)
         states_b = {k: states_b[k] + exp_b[k] for k in states_b}
-        cast_dense, cast_dense_step = fsdp_cast_s(dense / s.tp, dpc, s.zero, hw)
+        cast_dense, cast_dense_step = fsdp_cast_s(dense, dpc, s.zero, hw)
         cast_exp, cast_exp_step = fsdp_cast_s(exp_rank, dpc // s.ep, s.zero, hw)
         cast_mb, cast_step = cast_dense + cast_exp, cast_dense_step + cast_exp_step
     else:
@@ -1767,7 +1784,7 @@ def reduce_copy_bytes(cfg: ModelConfig, index: int, s: Any, hw: Hardware) -> flo
     st = hw.lora  # LoRA: the adapters alone have gradients (the linear ones with the dense part, the experts' with
     # their experts)
     if cfg.is_moe_layer(index) and s.ep > 1:
-        dense = (cfg.layer_params(index) - expert_params(cfg)) / s.tp
+        dense = moe_dense_params_on_rank(cfg, index, s.tp)
         if st is not None:
             largest = max(st.on_rank(index, s.tp), st.expert_on_rank(index, s.ep))
         else:

@@ -172,14 +172,14 @@ class Stack:
     # over expert_tensor_parallel_size, which defaults to tp (model_parallel_config.py) and which
     # ``plan --emit megatron`` writes as tp; torchtitan (the pinned b5bcd76) TP-shards them at ep=1 and at ep>1 lets
     # the EP group borrow the tp ranks and FSDP-shard the rest over efsdp = dp_shard*cp*tp/ep, which at FSDP holds the
-    # same E/(dp*tp) per rank. False: every tp rank holds its ep share whole (params / ep): meshwright's runtime
-    # (parallel/tensor_parallel.py apply_tp leaves the experts plain tensors) and DeepSpeed MoE without
-    # enable_expert_tensor_parallelism (moe/layer.py)
+    # same E/(dp*tp) per rank; meshwright's runtime splits them too (parallel/expert_tp.py: w1/w3 by hidden columns,
+    # w2 by hidden rows, DTensors on the tp mesh, then sliced over ep). False: every tp rank holds its ep share whole
+    # (params / ep): DeepSpeed MoE without enable_expert_tensor_parallelism (moe/layer.py)
     experts_tp_sharded: bool = True
     # each tp rank runs 1/tp of the experts' FLOPs: by weights where they are sharded, by tokens where DeepSpeed's
     # MOELayer drops the duplicate tokens over tp (sharded_moe.py drop_tokens on the capacity dim, gathered after) and
-    # where torchtitan's EP region splits them. False: meshwright, whose tp ranks all route the same tokens and run
-    # their experts whole and redundantly (apply_tp refuses sp on MoE blocks: no sequence split either)
+    # where torchtitan's EP region splits them, and by weights in meshwright's runtime (expert tp: each tp rank runs
+    # its hidden slice of every expert on the same, tp-replicated tokens, the partial outputs summed over tp)
     expert_compute_tp_split: bool = True
 
     def buffer_elements(self, zero: int) -> float:
@@ -233,8 +233,7 @@ DEEPSPEED_RUNS = ((("pp", 1), ("hsdp", False), ("virtual_stages", 1)), (("pp", 1
 
 STACKS = {
     "meshwright": Stack("meshwright", "autocast", dp_overlap=True, tp_wgrad_overlap=False, pipeline_slowdown=1.0,
-                        grads_set_to_none=True, fsdp_zero2=True, reduces_after_backward_zero=(0, 1), dp1_plain=True,
-                        experts_tp_sharded=False, expert_compute_tp_split=False),
+                        grads_set_to_none=True, fsdp_zero2=True, reduces_after_backward_zero=(0, 1), dp1_plain=True),
     # Megatron-LM defaults: no --overlap-grad-reduce; async TP all-reduce / SP all-gather overlap the wgrad GEMMs
     # It runs DDP or the distributed optimizer (ZeRO-0/1) with any pp/ep, or torch FSDP2 (--use-torch-fsdp2: ZeRO-3, no
     # HSDP flag) with pp=1 and ep=1 (validate_args); no GPipe schedule

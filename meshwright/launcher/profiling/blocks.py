@@ -10,6 +10,7 @@ from meshwright.config import ModelConfig
 from meshwright.errors import invalid
 from meshwright.models.decoder import Block
 from meshwright.models.layers import rope_tables
+from meshwright.models.moe import GroupedExperts
 
 
 def shard_block(cfg: ModelConfig, index: int, tp: int) -> nn.Module:
@@ -34,6 +35,11 @@ def shard_block(cfg: ModelConfig, index: int, tp: int) -> nn.Module:
     elif hasattr(ff, "w1") and isinstance(ff.w1, nn.Linear):
         ff.w1 = nn.Linear(d, cfg.ffn_dim // tp)
         ff.w2 = nn.Linear(cfg.ffn_dim // tp, d)
+    elif isinstance(getattr(ff, "experts", None), GroupedExperts):  # expert tp (parallel/expert_tp.py): hidden / tp
+        if cfg.expert_ffn_dim % tp:
+            raise invalid("tp", tp, f"a divisor of the experts' hidden size moe_ffn_hidden={cfg.expert_ffn_dim}")
+        e = ff.experts
+        ff.experts = GroupedExperts(e.n_experts, d, e.hidden // tp, e.std, e.out_std)
     return block
 
 

@@ -48,7 +48,8 @@ def rank_logs(log_dir: str | Path) -> dict[int, dict[str, str]]:
     out: dict[int, dict[str, str]] = {}
     attempts = sorted(Path(log_dir).glob("*/attempt_*"), key=lambda a: (a.parent.name, int(a.name.split("_")[-1])))
     for attempt in attempts:
-        for rank_dir in sorted((d for d in attempt.iterdir() if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name)):
+        ranks = sorted((d for d in attempt.iterdir() if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name))
+        for rank_dir in ranks:
             logs = out.setdefault(int(rank_dir.name), {"stdout": "", "stderr": ""})
             for stream in ("stdout", "stderr"):
                 f = rank_dir / f"{stream}.log"

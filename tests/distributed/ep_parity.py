@@ -551,8 +551,8 @@ def lora_expert_rows(run_root: str | None) -> list[dict]:
 # torch 2.13's pipelining can do it at a stage's first step (its metadata inference runs the stage forward and an
 # input-only backward on an uninitialised buffer: all zeros route every token to experts 2 and 3, topk's pick among
 # ties, so under ep2 ep rank 0 gets none). Backward must run both all-to-alls on both ranks; a rank that skipped
-# them left its peer waiting in one (the ep2pp2 failure, seen intermittently). Each backward mode runs on groups of its own with a short timeout: a regression is a failed
-# row after COLD_TIMEOUT_S, not a hung launch.
+# them left its peer waiting in one (the ep2pp2 failure, seen intermittently). Each backward mode runs on groups
+# of its own with a short timeout: a regression is a failed row after COLD_TIMEOUT_S, not a hung launch.
 
 COLD_TIMEOUT_S = 30.0
 
@@ -591,7 +591,8 @@ def run_cold_rank_case(mode: str, groups) -> dict:
     else:
         (grad,) = torch.autograd.grad(loss, [x])
     return {"case": "ep2_cold_rank", "mode": mode, "rank": dist.get_rank(), "ep_rank": dist.get_rank(groups.ep),
-            "tokens_per_expert": block.last_stats["tokens_per_expert"].tolist(), "fwd_a2a_calls": fwd_calls, "bwd_a2a_calls": meter.calls - fwd_calls,
+            "tokens_per_expert": block.last_stats["tokens_per_expert"].tolist(), "fwd_a2a_calls": fwd_calls,
+            "bwd_a2a_calls": meter.calls - fwd_calls,
             "grad_err": (grad - ref_grad).abs().max().item(), "ok": True}
 
 

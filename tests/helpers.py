@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -20,8 +21,31 @@ REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
 
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for the local ends of outgoing connections (and for bind to port 0)."""
+    try:
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A TCP port free now on every interface, for a rendezvous the caller's launch binds later. Drawn below the
+    ephemeral range: the port is released before torchrun binds it, and one from that range (what binding port 0
+    returns) can meanwhile become the local end of any outgoing connection on the box (gloo's, another test's);
+    one below it is only taken by an explicit bind."""
+    lo, _ = ephemeral_ports()
+    draw = random.SystemRandom()  # not the tests' seeded generator: parallel sessions must not draw alike
+    for _ in range(200):
+        port = draw.randrange(max(1024, lo - 12000), lo)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # a box whose low ports are all taken: the old way
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

@@ -38,3 +38,13 @@ def _profile_cache(tmp_path_factory):
     """`--plan auto` caches its profiles; tests keep theirs out of the user's home (and share them per session)."""
     os.environ.setdefault("MESHWRIGHT_CACHE_DIR", str(tmp_path_factory.mktemp("profile-cache")))
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torchrun_logs(tmp_path_factory):
+    """run_torchrun keeps a failed launch's per-rank logs under this session's temp directory (helpers.py)."""
+    import helpers
+
+    helpers.TMP_FACTORY = tmp_path_factory
+    yield
+    helpers.TMP_FACTORY = None

@@ -163,6 +163,12 @@ class ExpertParallelExperts(nn.Module):
         grouped = torch.cat([chunks[i] for i in by_expert]) if chunks else got
         out = expert_swiglu(grouped, recv_grid.sum(0), self.w1, self.w3, self.w2, self.mlp, expert_adapters(self),
                             self.tp_index)
+        if grouped.shape[0] == 0 and grouped.requires_grad:
+            # No token reached this rank's experts: without this the dispatch all-to-all's output is used by
+            # nothing, so backward skips its all-to-all here (an input-only backward, as pipelining computes a
+            # stage's input gradients, skips the combine one too) while every peer runs it and waits for this
+            # rank (a hang, or a peer's all-to-all paired with this rank's next collective).
+            out = out + 0.0 * grouped.sum()
         out_chunks = torch.split(out, [chunk_sizes[i] for i in by_expert])
         back_order = [0] * len(by_expert)
         for pos, i in enumerate(by_expert):

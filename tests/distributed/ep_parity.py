@@ -560,6 +560,74 @@ def lora_expert_rows(run_root: str | None) -> list[dict]:
     return _case_rows(cases, "lora_experts_ckpt_ep2_to_ep4", run_lora_experts_ckpt, LORA_EXPERTS_RUN, run_root)
 
 
+# ---- a cold ep rank (``ep2_cold_rank`` rows) -----------------------------------------------------------------
+# every token routed to ep rank 0's experts, so ep rank 1's get none: a collapsed router does it in training, and
+# torch 2.13's pipelining can do it at a stage's first step (its metadata inference runs the stage forward and an
+# input-only backward on an uninitialised buffer: all zeros route every token to experts 2 and 3, topk's pick among
+# ties, so under ep2 ep rank 0 gets none). Backward must run both all-to-alls on both ranks; a rank that skipped
+# them left its peer waiting in one (the ep2pp2 failure, seen intermittently). Each backward mode runs on groups
+# of its own with a short timeout: a regression is a failed row after COLD_TIMEOUT_S, not a hung launch.
+
+COLD_TIMEOUT_S = 30.0
+
+
+class _ColdRouter(torch.nn.Module):
+    """Router logits favouring experts 0 and 1 for every token (still a function of the input, so the router's
+    backward runs as in a real one)."""
+
+    def __init__(self, n_experts: int) -> None:
+        super().__init__()
+        self.bias = torch.tensor([10.0, 9.0] + [0.0] * (n_experts - 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.01 * x[:, :1] + self.bias
+
+
+def run_cold_rank_case(mode: str, groups) -> dict:
+    """One MoE block under ep2 with the cold router: forward, then ``mode`` ("backward": loss.backward(), or
+    "input_grad": torch.autograd.grad w.r.t. the block's input only, as pipelining computes input gradients); the
+    token all-to-alls this rank ran in backward (2 on both ranks when aligned) and the input gradient's error."""
+    cfg = _cfg(2, None)
+    model = build_model(cfg, seed=50)
+    block = next(iter(moe_layers(model).values()))
+    block.router = _ColdRouter(cfg.n_experts)
+    ref_x = torch.randn(B_LOCAL * SEQ, cfg.d_model, generator=torch.Generator().manual_seed(51 + dist.get_rank()))
+    ref_x.requires_grad_(True)
+    (ref_grad,) = torch.autograd.grad(copy.deepcopy(block)(ref_x[None]).square().sum(), [ref_x])
+    meter = apply_ep(model, groups.ep)
+    x = ref_x.detach().clone().requires_grad_(True)
+    out = block(x[None])
+    fwd_calls = meter.calls
+    loss = out.square().sum()
+    if mode == "backward":
+        loss.backward()
+        grad = x.grad
+    else:
+        (grad,) = torch.autograd.grad(loss, [x])
+    return {"case": "ep2_cold_rank", "mode": mode, "rank": dist.get_rank(), "ep_rank": dist.get_rank(groups.ep),
+            "tokens_per_expert": block.last_stats["tokens_per_expert"].tolist(), "fwd_a2a_calls": fwd_calls,
+            "bwd_a2a_calls": meter.calls - fwd_calls,
+            "grad_err": (grad - ref_grad).abs().max().item(), "ok": True}
+
+
+def cold_rank_rows(mesh) -> list[dict]:
+    """Both backward modes of run_cold_rank_case, each on ep groups of its own (COLD_TIMEOUT_S, all made first:
+    making groups is collective) with a world barrier after it (a rank stuck until the timeout is waited for); a
+    failure is a row."""
+    from parity_lib import failure
+
+    modes = {mode: ep_groups_from_mesh(mesh, "dp", 2, timeout_s=COLD_TIMEOUT_S) for mode in ("backward", "input_grad")}
+    rows = []
+    for mode, groups in modes.items():
+        try:
+            rows.append(run_cold_rank_case(mode, groups))
+        except Exception as e:
+            rows.append({"case": "ep2_cold_rank", "mode": mode, "rank": dist.get_rank(),
+                         **failure(f"ep2_cold_rank {mode}", e)})
+        dist.barrier()
+    return rows
+
+
 def main() -> None:
     out = sys.argv[1]
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
@@ -595,6 +663,9 @@ def main() -> None:
     groups = ep_groups_from_mesh(mesh, "dp", 2)
     for k, c in variants[:2]:
         results.append(run_pp_case(_cfg(k, c), mesh, groups, seed=40))
+
+    # a cold ep rank (no token reaches its experts): both ranks still run both backward all-to-alls
+    results += cold_rank_rows(init_device_mesh("cpu", (2, 2), mesh_dim_names=("rep", "dp")))
 
     results += lora_rows(sys.argv[2] if len(sys.argv) > 2 else None)
     results += lora_expert_rows(sys.argv[2] if len(sys.argv) > 2 else None)

@@ -5,13 +5,11 @@ The one-process run is the CLI in this process (no second import of torch and me
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 
 import numpy as np
 import pytest
 
-from helpers import PYTHON, REPO, free_port
+from helpers import REPO, run_torchrun
 from meshwright.data.prepare import prepare
 
 
@@ -27,11 +25,7 @@ def test_two_ranks_blend_like_one_process(tmp_path, monkeypatch) -> None:
     mix = f"data.mixture=[{{path: {sources[0]}, weight: 0.7}}, {{path: {sources[1]}, weight: 0.3}}]"
     args = ["train", "configs/train/tiny-test.yaml", "steps=4", "warmup_steps=1", "eval_every=2", "eval_batches=1",
             "log_every=1", "progress=false", "energy=false", mix, "data.eval_per_source=true"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           f"--master-port={free_port()}", "-m", "meshwright.cli", *args, f"out_dir={tmp_path / 'two'}"],
-                          capture_output=True, text=True, timeout=360, cwd=REPO, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_torchrun("meshwright.cli", 2, [*args, f"out_dir={tmp_path / 'two'}"], timeout=360, module=True)
     monkeypatch.chdir(REPO)
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)

@@ -17,17 +17,19 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import PYTHON, REPO, free_port
+from helpers import PYTHON, REPO, failed_launch_report, rank_logs
 
 STEPS, CKPT_EVERY, KILL_AFTER = 24, 4, 4
 TRAIN = ["train", "tiny-test", f"steps={STEPS}", f"ckpt_every={CKPT_EVERY}", "log_every=1", "eval_every=0",
          "data.max_files=20"]
 
 
-def torchrun(out_dir: Path, max_restarts: int) -> subprocess.Popen:
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
-           f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=elastic-test", f"--max-restarts={max_restarts}",
-           "--monitor-interval=0.2", "-m", "meshwright.cli", *TRAIN, f"out_dir={out_dir}"]
+def torchrun(out_dir: Path, max_restarts: int, logs: Path) -> subprocess.Popen:
+    """``--standalone``: the rendezvous store binds a port of its own choosing (a port picked and released here
+    could be taken before torchrun binds it); each rank's output in files under ``logs`` (kept on failure)."""
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           f"--max-restarts={max_restarts}", "--monitor-interval=0.2", f"--log-dir={logs}", "--redirects=3",
+           "-m", "meshwright.cli", *TRAIN, f"out_dir={out_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     for k in ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"):
         env.pop(k, None)
@@ -50,15 +52,18 @@ def losses(out_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in recs}
 
 
-def finish(proc: subprocess.Popen, timeout: float) -> str:
+def finish(proc: subprocess.Popen, timeout: float, logs: Path) -> str:
+    """torchrun's output followed by every rank's (all attempts); a failure or timeout reports the failing rank's
+    stderr whole (helpers.failed_launch_report)."""
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate(timeout=30)
-        pytest.fail(f"torchrun timed out:\n{out[-4000:]}")
-    assert proc.returncode == 0, f"torchrun failed rc={proc.returncode}:\n{out[-6000:]}"
-    return out
+        pytest.fail(failed_launch_report(f"torchrun timed out after {timeout} s", logs, "", out))
+    if proc.returncode != 0:
+        pytest.fail(failed_launch_report(f"torchrun failed (rc={proc.returncode})", logs, "", out))
+    return out + "".join(v["stdout"] + v["stderr"] for _, v in sorted(rank_logs(logs).items()))
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -70,8 +75,8 @@ def stop(proc: subprocess.Popen) -> None:
 @pytest.mark.timeout(900)
 def test_sigkill_rank_restarts_and_resumes_identical_losses(tmp_path):
     killed_dir, ref_dir = tmp_path / "killed", tmp_path / "ref"
-    ref = torchrun(ref_dir, max_restarts=0)  # the uninterrupted run, side by side (deterministic on CPU)
-    proc = torchrun(killed_dir, max_restarts=1)
+    ref = torchrun(ref_dir, max_restarts=0, logs=tmp_path / "ref-logs")  # the uninterrupted run, side by side
+    proc = torchrun(killed_dir, max_restarts=1, logs=tmp_path / "killed-logs")
     try:
         agent = psutil.Process(proc.pid)
         ckpt = killed_dir / "ckpt" / f"step_{KILL_AFTER:06d}" / "trainer_state.json"
@@ -85,8 +90,8 @@ def test_sigkill_rank_restarts_and_resumes_identical_losses(tmp_path):
                     break
             time.sleep(0.02)
         assert victim is not None, "never saw the checkpoint and a rank-1 worker to kill"
-        out = finish(proc, timeout=420)
-        finish(ref, timeout=120)
+        out = finish(proc, timeout=420, logs=tmp_path / "killed-logs")
+        finish(ref, timeout=120, logs=tmp_path / "ref-logs")
     finally:
         stop(proc)
         stop(ref)

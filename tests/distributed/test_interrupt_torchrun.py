@@ -56,11 +56,15 @@ class Launch:
     def output(self) -> str:
         return "\n".join(log.read_text() for log in self.logs)
 
+    def where(self) -> str:
+        """The files holding every process's whole output (under the test's tmp_path, kept after a failure)."""
+        return ", ".join(map(str, self.logs))
+
     def wait_until(self, ready, what: str, timeout: float = 150) -> None:
         deadline = time.monotonic() + timeout
         while not ready():
             if any(p.poll() is not None for p in self.procs) or time.monotonic() > deadline:
-                raise AssertionError(f"{what}: not seen; output:\n{self.output()[-4000:]}")
+                raise AssertionError(f"{what}: not seen; output (whole in {self.where()}):\n{self.output()[-4000:]}")
             time.sleep(0.05)
 
     def find_workers(self) -> list[int]:
@@ -73,7 +77,8 @@ class Launch:
             try:
                 p.wait(max(end - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
-                raise AssertionError(f"not ended within {timeout} s; output:\n{self.output()[-4000:]}") from None
+                raise AssertionError(f"not ended within {timeout} s; output (whole in {self.where()}):\n"
+                                     f"{self.output()[-4000:]}") from None
         return [p.returncode for p in self.procs]
 
     def kill(self) -> None:

@@ -56,11 +56,11 @@ def test_one_host_failing_stops_all_hosts(sshd, tmp_path):
     spec = LaunchSpec(hosts=[Host("127.0.0.1", 1), Host("127.0.0.2", 1)], train_args=["train", "default"],
                       python=str(fake_python(tmp_path)), workdir=str(tmp_path))
     out = io.StringIO()
-    t0 = time.monotonic()
     results = run_over_ssh(spec, ssh_port=sshd.port, ssh_key=str(sshd.key), connect_timeout=10, sink=out,
                            known_hosts=str(sshd.known_hosts))
-    elapsed = time.monotonic() - t0
-    assert elapsed < 45, "the healthy host was not stopped after the failure"
+    # stopped, not run to its end (it would print that after its minute); a wall-clock bound here measured the
+    # box's load as much as the stop
+    assert "rank 0 finished" not in out.getvalue(), "the healthy host was not stopped after the failure"
     codes = {r.host: r.exit_code for r in results}
     assert codes["127.0.0.2"] == 3
     assert codes["127.0.0.1"] != 0

@@ -357,12 +357,22 @@ def test_sigterm_while_a_save_is_waited_for(tmp_path, monkeypatch, interrupted):
     monkeypatch.setattr(_FileSystemWriter, "write_data", held_write)
     ckpt.save(root, 2, opt, {})
     recorded: list[int] = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: recorded.append(signum))  # the preemption's
+
+    def preemption(signum, frame) -> None:  # the preemption's handler
+        recorded.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, preemption)
+
+    def until(done) -> None:  # a bound, not pacing: on a loaded box a fixed sleep raced the main thread
+        deadline = time.monotonic() + 60
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def scheduler() -> None:
-        time.sleep(0.5)
+        until(lambda: signal.getsignal(signal.SIGTERM) is not preemption)  # the wait began (its handler is in)
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(1.0 if interrupted else 0.3)  # after the abandon; or: the write goes on, then completes
+        # after the abandon; or: SIGTERM recorded, the write goes on, then completes
+        until((lambda: len(lines) == 2) if interrupted else (lambda: recorded == [signal.SIGTERM]))
         release.set()
 
     thread = threading.Thread(target=scheduler)

@@ -323,7 +323,7 @@ Box = tuple[tuple[int, ...], tuple[int, ...]]  # (global shape, offset of a plai
 
 def _local_index(param: torch.Tensor, box: Box | None = None) -> tuple[Index, tuple[int, ...], torch.Tensor]:
     """The global slice this rank holds of ``param``, the global shape, and the local tensor to write it into.
-    ``box``: a plain tensor that is a shard cut by hand (megatron-core tp), placed by its caller."""
+    ``box``: a plain tensor that is a shard cut by hand (megatron-core tp, ep experts), placed by its caller."""
     if box is not None:
         shape, offset = box
         return tuple(slice(o, o + n) for o, n in zip(offset, param.shape)), tuple(shape), param
@@ -347,7 +347,8 @@ def load_pretrained_into(model: nn.Module | Iterable[nn.Module], path: str | Pat
     stage chunks), each rank reading only the slices its (possibly DTensor-sharded) parameters hold.
 
     ``boxes``: {name: (global shape, offset)} of plain parameters that are shards cut by hand (megatron-core
-    tp, ``parallel/meta_init.shard_box``): each reads only its box, through the same transforms (transposes,
+    tp, ``parallel/meta_init.shard_box``; expert-parallel experts, ``meta_init.expert_boxes``: without its box a shard
+    reads the first rows of the full tensor): each reads only its box, through the same transforms (transposes,
     rotary permutation, fused blocks) as the whole parameter. LoRA adapters (``lora_A``/``lora_B``) are skipped:
     they are the saver's, drawn by it; other parameters without a source (MEFT's adapters) are an error with
     ``strict``, else skipped. ``check_unused`` (default: when every layer is

@@ -27,7 +27,8 @@ Supported: every layout of the torch runtime, dense or MoE, under both schemes a
 - ``init_from`` (a Hugging Face checkpoint), under both tp backends: the runtime allocates the shards as above but
   draws nothing (``init="pretrained"``), then ``load_pretrained_into`` reads each rank's slices straight from the
   safetensors files (strict: every parameter gets its slice, or the run is refused): a DTensor shard's
-  from its placements, a megatron-core shard's from the same ``shard_box`` the initialisation filled. No rank
+  from its placements, a megatron-core shard's from the same ``shard_box`` the initialisation filled, an expert
+  shard's from its ``expert_boxes`` entry. No rank
   holds the whole model, whatever the backend.
 - Per-layer memory savers the distributed runtime applies (``apply_plan_savers``): they go onto the meta model
   like onto a full one because they neither add parameters nor draw from the RNG when applied. FP8

@@ -49,7 +49,7 @@ from meshwright.parallel.expert_tp import EXPERT_TP_DIMS
 from meshwright.parallel.expert_tp import adapter_params as expert_adapter_params
 from meshwright.parallel.layerwise import apply_batch_redistribution
 from meshwright.parallel.mesh import build_meshes, hsdp_shard
-from meshwright.parallel.meta_init import Box, materialize, shard_box, supports_meta_init
+from meshwright.parallel.meta_init import Box, expert_boxes, materialize, shard_box, supports_meta_init
 from meshwright.parallel.pipeline import HiddenOutput, build_schedule, cut_stage, stage_ids
 from meshwright.parallel.recompute import apply_recompute
 from meshwright.parallel.support import check_deepspeed_train, check_runtime_support
@@ -303,9 +303,10 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
             self._post_scale = [([new.get(p, p) for p in ps], factor) for ps, factor in self._post_scale]
             self._tp_partial = {group: [new.get(p, p) for p in ps] for group, ps in self._tp_partial.items()}
         self.chunks = chunks
-        if init_from is not None:  # each rank reads its stages' parameters, of its shards only their boxes
-            load_pretrained_into(chunks, init_from, cfg, boxes=self._shard_boxes, whole_model=whole_model,
-                                 grow_positions=grow_positions)
+        if init_from is not None:  # each rank reads its stages' parameters, of its shards only their boxes: an ep
+            # rank's experts too (plain tensors; without their box rank r would read experts 0..n_local-1, not its own)
+            load_pretrained_into(chunks, init_from, cfg, boxes={**expert_boxes(chunks), **self._shard_boxes},
+                                 whole_model=whole_model, grow_positions=grow_positions)
         if lora is not None and self.meta_init:
             init_adapters(chunks, seed, self._shard_boxes)
         if adapter_values is not None:  # each shard its slice, as init_adapters draws them

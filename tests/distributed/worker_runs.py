@@ -1,15 +1,17 @@
-"""Several torchrun worker scripts in one launch: each launch costs ~12 CPU-s of startup (torchrun's agent and every rank
-importing torch and meshwright) before a worker does anything, so workers of the same world size share one launch.
+"""Several torchrun worker scripts in one launch: each launch costs ~12 CPU-s of startup (torchrun's agent and every
+rank importing torch and meshwright) before a worker does anything, so workers of the same world size share one launch.
 
     torchrun ... tests/distributed/worker_runs.py state_bytes_worker.py OUT.json :: coat_fsdp_worker.py OUT CKPT
 
-Runs are separated by ``::``; each is a worker script of this directory and its arguments. The script's ``main()`` runs
-with ``sys.argv`` as a launch of that script alone would see it, from the same torch RNG state a fresh process starts
-with. Each run gets a process group of its own, as a fresh launch would: its own ``dist.init_process_group`` call is
-given a store under a fresh prefix (a group re-made unprefixed on the same torchrun store reads the previous group's
-stale addresses; tests/distributed/cli_runs.py), and the group it leaves is destroyed after it. The first failing run
-ends the launch with its exit code and traceback. Each rank prints ``worker_runs: rank R run I exit C`` after each
-run."""
+Runs are separated by ``::``; each is a worker script of this directory and its arguments. The script's ``main()``
+runs with ``sys.argv`` as a launch of that script alone would see it, from the torch RNG state a fresh process starts
+with; what a run compiled is reset after it. The runs share the launch's one process group (a worker's own
+``dist.init_process_group`` finds it made, its ``dist.destroy_process_group()`` is left to the launch's end):
+destroying the default group between runs would free what a run left after its groups (parallel/teardown.py: a gloo
+destructor deadlocked so) and restart c10d's group names at 0, so DTensor specs torch cached in one run (equal meshes,
+their group names) would name another run's groups, or none. All ranks have finished run i when run i+1 starts (a
+barrier). The first failing run ends the launch with its exit code and traceback. Each rank prints
+``worker_runs: rank R run I (SCRIPT) exit C`` after each run."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import sys
 import traceback
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, Callable
 from unittest import mock
 
 import torch
@@ -26,6 +29,7 @@ import torch.distributed as dist
 
 SEP = "::"
 HERE = Path(__file__).resolve().parent
+GROUP_TIMEOUT = timedelta(seconds=300)  # >= every worker's own (60-120 s); only a hang waits it out
 
 
 def split_runs(argv: list[str]) -> list[list[str]]:
@@ -42,23 +46,23 @@ def split_runs(argv: list[str]) -> list[list[str]]:
     return runs
 
 
-def prefixed_init(index: int):
-    """``dist.init_process_group`` for run ``index``: without a store of the caller's, the env:// store under a prefix
-    no earlier run used."""
-    real = dist.init_process_group
+def one_group() -> tuple[Callable[..., None], Callable[..., None]]:
+    """``dist.init_process_group`` / ``dist.destroy_process_group`` for the runs: the launch's one default group is
+    every run's. A worker's init finds it made; its destroy of the default group is left to the launch's end."""
+    real_destroy = dist.destroy_process_group
 
-    def init(backend=None, *args, store=None, **kwargs):
-        if store is None and not args and "init_method" not in kwargs:
-            timeout = kwargs.get("timeout") or timedelta(seconds=120)
-            base, rank, world = next(dist.rendezvous("env://", timeout=timeout))
-            store = dist.PrefixStore(f"worker_runs/{index}", base)
-            kwargs.update(rank=rank, world_size=world)
-        return real(backend, *args, store=store, **kwargs)
+    def init(*args: Any, **kwargs: Any) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("worker_runs: the launch's process group is gone")
 
-    return init
+    def destroy(group: Any = None) -> None:
+        if group is not None:  # a subgroup a worker ends itself: as in its own launch
+            real_destroy(group)
+
+    return init, destroy
 
 
-def load(script: str):
+def load(script: str) -> Any:
     """The worker module ``script`` (a file of this directory), under its own name, not as ``__main__``."""
     path = HERE / script
     spec = importlib.util.spec_from_file_location(path.stem, path)
@@ -71,33 +75,37 @@ def load(script: str):
 
 
 def run_all(argv: list[str]) -> int:
+    runs = split_runs(argv)
+    dist.init_process_group("gloo", timeout=GROUP_TIMEOUT)
+    rank = dist.get_rank()
     fresh_rng = torch.get_rng_state()
     dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
-    rank = "?"
-    for i, (script, *args) in enumerate(split_runs(argv)):
+    init, destroy = one_group()
+    for i, (script, *args) in enumerate(runs):
         torch.set_rng_state(fresh_rng)
         code = 0
         try:
             module = load(script)
             with mock.patch.object(sys, "argv", [str(HERE / script), *args]), \
-                    mock.patch.object(dist, "init_process_group", prefixed_init(i)):
+                    mock.patch.object(dist, "init_process_group", init), \
+                    mock.patch.object(dist, "destroy_process_group", destroy):
                 module.main()
-            rank = dist.get_rank() if dist.is_initialized() else rank
         except SystemExit as e:  # a worker that exits: its code, as its own launch would
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         except BaseException:  # noqa: BLE001 - the launch ends with the traceback, as the worker's own would
             traceback.print_exc()
             code = 1
-        if dist.is_initialized():  # a worker that leaves its group (hf_load_worker does)
-            rank = dist.get_rank()
-            dist.destroy_process_group()
+        module = None
+        gc.collect()  # what the run held is freed while its groups live (parallel/teardown.py: not after them)
+        if "torch._dynamo" in sys.modules:  # what a run compiled stays its own (recompile limits, guards)
+            torch._dynamo.reset()
         torch.set_default_dtype(dtype)
         torch.set_num_threads(threads)
         torch.set_grad_enabled(True)
-        gc.collect()
         print(f"worker_runs: rank {rank} run {i} ({script}) exit {code}", flush=True)
         if code:
             return code
+        dist.barrier()  # every rank is done with run i (its files written) before run i+1 starts
     return 0
 
 

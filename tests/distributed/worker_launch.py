@@ -1,5 +1,5 @@
 """The worker runs of the one 2-rank launch several test modules share (conftest.worker_launch; tests/distributed/
-worker_runs.py runs them in turn, each with a process group of its own, and stops at the first that fails). A launch
+worker_runs.py runs them in turn on the launch's one process group, and stops at the first that fails). A launch
 costs ~12 CPU-s of startup (torchrun's agent, every rank importing torch and meshwright) before any worker does
 anything; these five were five launches.
 

@@ -1,14 +1,17 @@
-"""CoatAdamW with FSDP2-sharded parameters and a DCP resume on 2 gloo ranks (one torchrun launch)."""
+"""CoatAdamW with FSDP2-sharded parameters and a DCP resume on 2 gloo ranks (coat_fsdp_worker.py, in the shared worker
+launch: conftest.worker_launch)."""
 
 from __future__ import annotations
 
-from helpers import REPO, read_json, run_torchrun
+import pytest
+
+from helpers import read_json
+from worker_launch import case_dir, coat
 
 
-def test_coat_fsdp2_parity_and_dcp_resume(tmp_path):
-    out = tmp_path / "coat.json"
-    run_torchrun(REPO / "tests/distributed/coat_fsdp_worker.py", 2, [str(out), str(tmp_path / "ckpt")], timeout=300)
-    res = read_json(out)
+@pytest.mark.timeout(1400)  # the shared worker launch (conftest.worker_launch) may run in this test's setup
+def test_coat_fsdp2_parity_and_dcp_resume(worker_launch):
+    res = read_json(case_dir(worker_launch, coat) / "coat.json")
     # One-process CoatAdamW on the whole batch vs FSDP2 on two halves: the same to within FP8 rounding
     # flips (reduction order, per-shard groups of the 1-D norm weights), far below one step (lr=1e-3).
     assert res["loss_err"] < 1e-4, res

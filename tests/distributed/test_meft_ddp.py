@@ -1,18 +1,19 @@
-"""MEFT under DDP and root-level FSDP2 (2 gloo ranks, one torchrun launch): adapter gradients made inside the reversible
+"""MEFT under DDP and root-level FSDP2 (2 gloo ranks, in the shared worker launch: conftest.worker_launch): adapter gradients made inside the reversible
 backward are all-reduced; tolerance 1e-8 (fp64; MEFT3 divides by λβ=0.01 per layer, 4 layers) against one process with plain autograd."""
 
 from __future__ import annotations
 
 import pytest
 
-from helpers import REPO, read_json, run_torchrun
+from helpers import read_json
+from worker_launch import case_dir, meft_ddp
 
 pytestmark = pytest.mark.distributed
 
 
-def test_meft_gradients_are_reduced_under_ddp(tmp_path):
-    out = tmp_path / "meft_ddp"
-    run_torchrun(REPO / "tests/distributed/meft_ddp_worker.py", nproc=2, args=[str(out)], timeout=240)
+@pytest.mark.timeout(1400)  # the shared worker launch (conftest.worker_launch) may run in this test's setup
+def test_meft_gradients_are_reduced_under_ddp(worker_launch):
+    out = case_dir(worker_launch, meft_ddp) / "meft_ddp"
     for rank in range(2):
         res = read_json(f"{out}.rank{rank}.json")
         assert res["world"] == 2

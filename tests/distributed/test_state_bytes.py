@@ -1,5 +1,5 @@
 """meshwright's own ZeRO-0/1/2/3 model states per rank at the backward peak, measured (tests/distributed/
-state_bytes_worker.py: a storage walk, 2 ranks, fp32 and bf16) against the planner's ``model_state_bytes`` plus the
+state_bytes_worker.py: a storage walk, 2 ranks, fp32 and bf16; in the shared worker launch, conftest.worker_launch) against the planner's ``model_state_bytes`` plus the
 gathered weights an FSDP2 ZeRO-2 layer keeps (``gathered_weight_bytes``). Before stop 33 the planner counted ZeRO-2's
 stored parameters whole: bf16 10 measured vs 12 planned B/param at dp=2, fp32 12 vs 10. Before stop 33 too, DDP
 (ZeRO-0/1) ran without ``gradient_as_bucket_view``: its buckets held a second fp32 copy of the gradients, +4 B/param
@@ -13,16 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from helpers import read_json, run_torchrun
+from helpers import read_json
+from worker_launch import case_dir, state_bytes
 
-HERE = Path(__file__).resolve().parent
 
-
-@pytest.mark.timeout(300)
-def test_meshwright_zero_states_match_the_planner(tmp_path) -> None:
-    out = tmp_path / "report.json"
-    run_torchrun(HERE / "state_bytes_worker.py", 2, [str(out)], timeout=240)
-    report = read_json(out)
+@pytest.mark.timeout(1400)  # the shared worker launch (conftest.worker_launch) may run in this test's setup
+def test_meshwright_zero_states_match_the_planner(worker_launch: Path) -> None:
+    report = read_json(case_dir(worker_launch, state_bytes) / "report.json")
     assert set(report) == {f"{d}_zero{z}" for d in ("fp32", "bf16") for z in (0, 1, 2, 3)} | {"manual_reduce"}
     bad = {k: v["ranks"] for k, v in report.items() if not v["ok"]}
     assert not bad, bad

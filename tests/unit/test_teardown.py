@@ -10,12 +10,10 @@ error path too, with the failing frames' locals released. The two-rank DDP and p
 from __future__ import annotations
 
 import gc
-import os
 import weakref
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import meshwright.parallel.teardown as teardown
@@ -27,18 +25,6 @@ from meshwright.train.local_runtime import LocalRuntime
 from meshwright.train.trainer import Trainer
 
 from _train_helpers import MICRO, make_trainer, prepared_corpus
-
-
-@pytest.fixture
-def one_rank_group():
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        gc.collect()
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def test_close_drops_ddp_and_every_group_holder_and_is_idempotent(one_rank_group):
@@ -86,7 +72,7 @@ def test_run_training_closes_trainer_and_runtime_before_destroying_the_group_on_
         def close(self) -> None:
             events.append("runtime.close")
 
-    def build_runtime(job):
+    def build_runtime(job, **_options):
         return Recording(build_mod.build_model(job.model, seed=0))
 
     def failing_fit(self, *args, **kwargs):

@@ -21,18 +21,6 @@ import meshwright.parallel.teardown as teardown
 from meshwright.plan import plan_from_dict
 
 
-@pytest.fixture
-def one_rank_group():
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        gc.collect()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def _recording_destroy(monkeypatch, events: list[str], **refs: weakref.ref) -> None:
     real = teardown.destroy_process_group
 

@@ -34,8 +34,8 @@ def watch_teardown(run: dict[str, int]) -> None:
     build_runtime, build_schedule, fit, destroy = (build_mod.build_runtime, runtime_mod.build_schedule,
                                                    trainer_mod.Trainer.fit, dist.destroy_process_group)
 
-    def spy_build_runtime(job):
-        rt = build_runtime(job)
+    def spy_build_runtime(job, **options):
+        rt = build_runtime(job, **options)
         built.append(weakref.ref(rt))
         for i, mod in enumerate(rt.modules):
             refs[f"stage_module{i}"] = weakref.ref(mod)

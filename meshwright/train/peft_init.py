@@ -25,7 +25,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from meshwright.config import ModelConfig, TrainConfig
+from meshwright.config import TrainConfig
 from meshwright.errors import invalid
 FIELD = "lora.init_adapter"
 STATE_KEY = "init_adapter"  # trainer_state.json's field
@@ -107,16 +107,3 @@ def adapter_reference(path: str | Path) -> dict[str, Any]:
             for block in iter(lambda: fh.read(1 << 24), b""):
                 h.update(block)
     return {"path": str(root.resolve()), "fingerprint": h.hexdigest()}
-
-
-def adapter_values(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
-    """The adapter's tensors whole, in the one-process model's names (read against a ``meta`` model adapted with the
-    run's lora section): what ``memory.lora.load_adapters`` copies into any layout."""
-    from meshwright.memory.lora import apply_lora_config
-    from meshwright.models import build_model
-    from meshwright.train.peft_import import peft_adapter_values
-
-    assert cfg.lora is not None and cfg.lora.init_adapter is not None
-    model = build_model(model_cfg, device="meta")
-    apply_lora_config(model, cfg.lora, seed=0)
-    return peft_adapter_values(model, model_cfg, cfg.lora.init_adapter)[0]

@@ -268,7 +268,7 @@ def keyed_case(pd: dict, cfg=CFG, tp_backend: str = "dtensor") -> dict:
     finally:
         keyed.TILE, meta_init.init_keyed, meta_init._to_empty = old_tile, old_fill, old_to_empty
     mismatched, local_numel, local_normal, local_bytes = [], 0, 0, 0
-    boxes = meta_init.expert_boxes(rt.chunks)  # expert shards: compared with their experts' slice of one process
+    boxes = rt.shard_boxes  # shards cut by hand (ep experts): compared with their box's slice of one process
     for name, p in rt.model.named_parameters():
         local = p.to_local() if isinstance(p, DTensor) else p
         local_numel += local.numel()

@@ -122,3 +122,41 @@ def test_a_plain_shard_without_a_box_is_refused_by_materialize():
             materialize([model], cfg, SEED, torch.device("cpu"), "keyed")
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_dtensor_over_a_boxed_shard_is_placed_inside_its_box(rank):
+    """FSDP over an ep shard: a DTensor (Shard(0) over 2 ranks) whose whole is ep rank 1's plain shard of w1 (experts
+    2-3). Its box is the plain shard's; the keyed draw, the copy from a full tensor and ``init_from``'s index all put
+    its local piece at the box's offset plus its placement's (expert 2 + rank), not at its placement's alone."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from meshwright.models.hf_weights import _local_index
+    from meshwright.models.init import init_keyed
+    from meshwright.parallel.meta_init import _copy_shard
+
+    cfg = load_model_config(TINY)
+    ref_model = build_model(cfg, seed=SEED, init="keyed")
+    name = "layers.0.feed_forward.experts.w1"
+    full = dict(ref_model.named_parameters())[name].detach()
+    box = (tuple(full.shape), (2, 0, 0))  # ep rank 1 of 2: experts 2-3
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        shard_shape = (2, *full.shape[1:])
+        local = torch.zeros((1, *full.shape[1:]))
+        param = DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=torch.Size(shard_shape),
+                                   stride=torch.empty(shard_shape).stride())
+        want = full[2 + rank:3 + rank]
+        init_keyed([(name, param)], ref_model.init_specs(), SEED, {name: box})
+        torch.testing.assert_close(param.to_local(), want, rtol=0, atol=0)
+        local.zero_()
+        _copy_shard(param, full, box)
+        torch.testing.assert_close(param.to_local(), want, rtol=0, atol=0)
+        index, shape, _ = _local_index(param, box)
+        assert shape == tuple(full.shape)
+        torch.testing.assert_close(full[index], want, rtol=0, atol=0)
+    finally:
+        dist.destroy_process_group()

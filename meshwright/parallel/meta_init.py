@@ -46,7 +46,7 @@ LoRA adapters (``lora:`` of the trainer: dp, tp of both backends, pp) are added 
 and skipped here: ``memory.lora.init_adapters`` fills them after the base, with the values the one-process
 ``apply_lora(seed=...)`` draws (keyed by seed and module name, not from the stream); a tp-sharded A or B receives its
 slice of the full tensor like any other shard (a DTensor's from its placements, a megatron-core one's from its
-``shard_box``, passed in the runtime's boxes).
+``shard_box``, an ep shard of the expert adapters' from its ``ep_boxes`` entry: all passed in the runtime's boxes).
 
 A parameter the one-process model does not initialise (a future saver or layout adding one) is an error under
 both schemes (``init_keyed``: no spec; the replay: no step), never left with ``to_empty``'s garbage: such a

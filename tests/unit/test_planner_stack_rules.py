@@ -414,3 +414,76 @@ def test_torchtitan_runs_expert_parallelism_only_where_its_ep_region_can_hold_it
     z3 = dataclasses.replace(z0, layers=[LayerStrategy(tp=2, dp=8, ep=2, zero=3, repeat=cfg.n_layers)],
                              embedding=EmbeddingStrategy(zero=3))
     assert stack_problems("torchtitan", z3, cfg) == []
+
+
+# ---- 7. dense blocks under tp: the norms (and row-parallel biases) whole on every tp rank -----------------------------
+
+TINY = {"name": "tiny", "arch": "llama", "vocab_size": 256, "d_model": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2,
+        "ffn_hidden": 384, "max_seq_len": 256}  # configs/models/tiny.yaml
+DENSE_TP_MODELS = {
+    "tiny": TINY,
+    "tiny-gpt2": "tiny-gpt2",  # LayerNorms with biases, the attention's and MLP's output biases (row-parallel)
+    "qwen3-like": {**TINY, "name": "tiny-qwen3", "qk_norm": True, "attn_head_dim": 48},  # q/k head norms
+    "qwen2-like": {**TINY, "name": "tiny-qwen2", "qkv_bias": True},  # column-parallel biases: split
+    # Gemma 3's four block norms (post norms), q/k head norms, (1 + w) norms, tied embeddings
+    "gemma3-like": {**TINY, "name": "tiny-gemma3", "qk_norm": True, "attn_head_dim": 64, "norm_unit_offset": True,
+                    "mlp_act": "gelu_tanh", "scale_embeddings": True, "query_pre_attn_scalar": 64, "post_norms": True,
+                    "tie_embeddings": True},
+}
+
+
+def _dense_held_on_rank(cfg, tp: int, backend: str) -> int:
+    """Parameters rank 0 of ``tp`` holds of block 0 once the runtime's tp backend has sharded it (``dtensor``,
+    ``dtensor-sp`` or ``megatron``; a fake process group of ``tp`` ranks in this one process): DTensors' local shards,
+    megatron-core's plain shards and the plain (replicated) tensors, counted."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from meshwright.models import build_model
+    from meshwright.parallel.tensor_parallel import apply_tp
+
+    block = build_model(cfg, seed=0).layers["0"]
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=tp)
+    try:
+        mesh = init_device_mesh("cpu", (tp,))
+        if backend == "megatron":
+            from meshwright.parallel.megatron_tp import apply_megatron_tp
+
+            apply_megatron_tp(block, mesh.get_group())
+        else:
+            block = apply_tp(block, mesh, sp=backend == "dtensor-sp")
+        return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in block.parameters())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("model", sorted(DENSE_TP_MODELS))
+def test_dense_block_per_tp_rank_is_what_the_runtime_holds(model):
+    """The planner divided a dense block's parameters by tp, its norms included, though every tp backend holds them
+    whole on each rank (DTensor's SequenceParallel replicates them too; Qwen3/Gemma's q/k head norms stay plain
+    tensors), and so GPT-2's row-parallel output biases (RowwiseParallel's Replicate, megatron's RowParallelLinear).
+    Its per-rank count (parameters, and with them gradients, optimizer states, ZeRO shards and the manual reduction's
+    copy) is now exactly the runtime's at tp=2, DTensor with and without sp and megatron-core alike."""
+    cfg = load_model_config(DENSE_TP_MODELS[model])
+    tp = 2
+    mw = cm.hardware_from_cluster(load_cluster("dgx-a100-80g"), stack="meshwright", dtype="fp32")
+    s = LayerStrategy(tp=tp, dp=4, zero=0, recompute="none")
+    c = cm.layer_costs(cfg, 0, s, 1, 64, mw)
+    for backend in ("dtensor", "dtensor-sp", "megatron"):
+        assert c["shard_params"] == _dense_held_on_rank(cfg, tp, backend), (model, backend)
+    rep = cm.dense_replicated_params(cfg)
+    assert c["shard_params"] - cfg.layer_params(0) / tp == pytest.approx(rep / 2)  # what the old count left out
+    # fp32 ZeRO-0: weights, gradients and AdamW's m and v, 16 B per held parameter; the states shard it at ZeRO-1
+    assert c["static_bytes"] == pytest.approx(16 * c["shard_params"])
+    z1 = cm.layer_costs(cfg, 0, dataclasses.replace(s, zero=1), 1, 64, mw)
+    assert z1["static_bytes"] == pytest.approx((8 + 8 / 4) * c["shard_params"])
+    # tp>1 layers are reduced after backward through one flat copy of the block's gradients
+    assert cm.reduce_copy_bytes(cfg, 0, s, cm.for_reduction(mw, Plan(model=cfg.name, seq_len=64, global_batch=8,
+                                                                     layers=[dataclasses.replace(s, repeat=4)]))) \
+        == pytest.approx(4 * c["shard_params"])
+    # the search's columns count the same
+    cols = cm.StrategyColumns(cfg, 0, [s], mw)
+    assert cm.layer_costs_columns(cfg, 0, cols, 4, 64, mw, "fp32", {})[:, 0] == pytest.approx(
+        cm.layer_costs(cfg, 0, s, 1, 64, mw, lean=True))
+

@@ -1558,10 +1558,34 @@ def expert_params(cfg: ModelConfig) -> int:
     return cfg.n_experts * 3 * cfg.d_model * cfg.expert_ffn_dim
 
 
+def block_replicated_params(cfg: ModelConfig) -> int:
+    """Parameters of any block every tp rank holds whole (every stack's tp: DTensor, megatron-core, torchtitan): its
+    norms (two, four with Gemma's post norms; GPT-2's LayerNorms with their biases; ``SequenceParallel`` keeps them
+    replicated too), Qwen3/Gemma 3's q/k head norms, and GPT-2's attention output bias (a row-parallel linear's bias
+    is added once, after the reduction: ``RowwiseParallel`` and megatron's ``RowParallelLinear`` hold it whole)."""
+    row_bias = cfg.d_model if cfg.arch == "gpt2" else 0
+    return cfg.block_norms() * cfg.norm_params() + cfg.qk_norm_params() + row_bias
+
+
+def dense_replicated_params(cfg: ModelConfig) -> int:
+    """Parameters of a dense block every tp rank holds whole: ``block_replicated_params`` and GPT-2's MLP output
+    (w2, row-parallel) bias."""
+    return block_replicated_params(cfg) + (cfg.d_model if cfg.arch == "gpt2" else 0)
+
+
+def dense_params_on_rank(cfg: ModelConfig, index: int, tp: Any) -> Any:
+    """A dense block's parameters on one of ``tp`` ranks (before any ZeRO sharding): the linear layers' weights and
+    column-parallel biases split over tp, ``dense_replicated_params`` whole (they were divided by tp until stop 37:
+    a tp8 llama2-7b block's 8,192 norm weights counted 1,024). ``tp`` may be an array."""
+    rep = dense_replicated_params(cfg)
+    return (cfg.layer_params(index) - rep) / tp + rep
+
+
 def moe_replicated_params(cfg: ModelConfig) -> int:
-    """Parameters of an MoE block every tp rank holds whole: the router (d_model x n_experts), the block's norms and
-    Qwen3's q/k head norms (plain, tp-replicated tensors in the runtime: parallel/tensor_parallel.py)."""
-    return cfg.d_model * cfg.n_experts + cfg.block_norms() * cfg.norm_params() + cfg.qk_norm_params()
+    """Parameters of an MoE block every tp rank holds whole: the router (d_model x n_experts) and
+    ``block_replicated_params`` (norms, Qwen3's q/k head norms: plain, tp-replicated tensors in the runtime,
+    parallel/tensor_parallel.py)."""
+    return cfg.d_model * cfg.n_experts + block_replicated_params(cfg)
 
 
 def moe_dense_params_on_rank(cfg: ModelConfig, index: int, tp: int) -> float:
@@ -1711,7 +1735,7 @@ def _shard_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, states: str, h
         cast_exp, cast_exp_step = fsdp_cast_s(exp_rank, dpc // s.ep, s.zero, hw)
         cast_mb, cast_step = cast_dense + cast_exp, cast_dense_step + cast_exp_step
     else:
-        shard_params = cfg.layer_params(index) / s.tp
+        shard_params = dense_params_on_rank(cfg, index, s.tp)  # the norms (and row biases) whole on every tp rank
         trained = lora_rank
         group = s.dp_shard or s.dp * s.cp  # HSDP: ZeRO state and gathers inside groups of dp_shard ranks
         dp_mb, dp_step = dp_comm_s(shard_params, group, s.zero, s.tp, hw, trained)
@@ -1790,7 +1814,7 @@ def reduce_copy_bytes(cfg: ModelConfig, index: int, s: Any, hw: Hardware) -> flo
         else:
             largest = max(dense, expert_params_on_rank(cfg, s.tp, s.ep, hw))
     else:
-        largest = st.trained_on_rank(index, s.tp) if st is not None else cfg.layer_params(index) / s.tp
+        largest = st.trained_on_rank(index, s.tp) if st is not None else dense_params_on_rank(cfg, index, s.tp)
     return largest * hw.policy_at(s.zero).grad_bytes
 
 

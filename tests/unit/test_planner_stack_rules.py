@@ -487,3 +487,77 @@ def test_dense_block_per_tp_rank_is_what_the_runtime_holds(model):
     assert cm.layer_costs_columns(cfg, 0, cols, 4, 64, mw, "fp32", {})[:, 0] == pytest.approx(
         cm.layer_costs(cfg, 0, s, 1, 64, mw, lean=True))
 
+
+# ---- 8. expert adapters under expert tp: gate_up's A and down's B run whole on every tp rank -------------------------
+
+def _moe_adapter_flops(cfg, targets: list[str], tp: int, index: int, needs_x: bool) -> float:
+    """FLOPs (torch.utils.flop_counter) of one forward + backward of block ``index``'s MoE on rank 0 of ``tp`` (meshwright's
+    expert tp on a fake process group) with the LoRA adapters ``targets`` on its experts, less the same without them:
+    the adapters' GEMMs as the runtime runs them (``models/moe.py`` ``_low_rank``), for 32 tokens whose input needs a
+    gradient or not (``needs_x``)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from meshwright.config import LoraConfig
+    from meshwright.memory.lora import apply_lora_config
+    from meshwright.models import build_model
+    from meshwright.parallel.tensor_parallel import apply_tp
+
+    def run(t: list[str]) -> int:
+        model = build_model(cfg, seed=0)
+        apply_lora_config(model, LoraConfig(rank=4, targets=t), seed=0)  # ["wq"]: no adapter on the experts
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=tp)
+        try:
+            block = model.layers[str(index)]
+            if tp > 1:
+                block = apply_tp(block, init_device_mesh("cpu", (tp,)))
+            x = torch.randn(2, 16, cfg.d_model, generator=torch.Generator().manual_seed(0), requires_grad=needs_x)
+            with FlopCounterMode(display=False) as fc:
+                out = block.feed_forward(x).sum()
+                if out.requires_grad:
+                    out.backward()
+            return fc.get_total_flops()
+        finally:
+            dist.destroy_process_group()
+
+    return float(run(targets) - run(["wq"]))
+
+
+@pytest.mark.parametrize("targets", [["experts.gate_up_proj"], ["experts.down_proj"],
+                                     ["experts.gate_up_proj", "experts.down_proj"]])
+def test_expert_adapter_flops_per_tp_rank_are_what_the_runtime_runs(targets):
+    """Expert LoRA adapters stay whole on every tp rank and each rank applies its hidden slice's rows: gate_up's A
+    (x A^T on the tp-replicated tokens) and down's B (into the partial-sum output) run whole, gate_up's B and down's A
+    on 2 f_e / tp and f_e / tp rows. The planner divided all their FLOPs by tp (tiny-moe at tp=2, both adapters:
+    4,992 per token where the runtime runs 6,528); ``LoraStep.expert_flops_on_rank`` now counts what FlopCounterMode
+    counts on one rank's MoE, at tp 1, 2 and 4, for a block whose input needs a gradient (1) and one whose does not
+    (0: gate_up's A skips its dX), and ``lora_compute_terms`` executes it."""
+    from meshwright.config import LoraConfig
+    from meshwright.launcher.planner.auto import lora_search_terms
+
+    cfg = load_model_config(MOE_TINY)
+    lora = LoraConfig(rank=4, targets=targets)
+    hw, _ = lora_search_terms(cfg, lora, cm.hardware_from_cluster(load_cluster("dgx-a100-80g"), stack="meshwright"),
+                              Constraints())
+    st, tokens = hw.lora, 32.0
+    gate_up = "experts.gate_up_proj" in targets
+    for tp in (1, 2, 4):
+        for index in (0, 1):  # block 0: nothing before it trains, its MoE's input needs no gradient
+            measured = _moe_adapter_flops(cfg, targets, tp, index, needs_x=index > 0)
+            # block 0 with gate_up: y = silu(x w1 + ..) * .. needs a gradient now, so the frozen w2 runs its dX (on the
+            # rank's f_e / tp columns), which the base's count (``no_dgrad``) holds, not the adapters'
+            w2_dx = 2.0 * cfg.top_k * cfg.expert_ffn_dim * cfg.d_model / tp if index == 0 and gate_up else 0.0
+            assert measured == pytest.approx(tokens * (st.expert_flops_on_rank(index, tp) + w2_dx)), (tp, index)
+            if tp > 1 and index == 1:
+                assert measured > tokens * st.expert_flops(index) / tp  # the old count was short
+        # the cost model's hardware FLOPs hold the rank's count, the model FLOPs the work once
+        _, model_f, hw_f = cm.lora_compute_terms(cfg, 1, tokens, 64, tp, 0.0, cfg.d_model, hw)
+        assert hw_f - model_f == pytest.approx(tokens * (st.expert_flops_on_rank(1, tp) - st.expert_flops(1) / tp))
+    # DeepSpeed MoE splits the experts' work by tokens (whole weights): all of the adapters' / tp
+    ds = dataclasses.replace(cm.apply_stack(hw, "deepspeed"), lora=st)
+    assert cm.expert_adapter_tp(2, ds) == (2, 2)
+    _, model_f, hw_f = cm.lora_compute_terms(cfg, 1, tokens, 64, 2, 0.0, cfg.d_model, ds)
+    assert hw_f == pytest.approx(model_f)

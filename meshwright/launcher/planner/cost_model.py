@@ -1677,17 +1677,29 @@ def lora_compute_terms(cfg: ModelConfig, index: int, tokens: float, seq_len: int
     experts = st.expert_flops(index)  # the expert adapters' per token (their top_k experts')
     base = delta - (6.0 * st.adapter[index] - 2.0 * st.no_dgrad_adapter[index] + experts) * tokens / tp  # <= 0
     # the adapters' GEMMs on this rank: the factors tp replicates (a column base's A, a row base's B) run whole on
-    # every rank (``LoraStep.on_rank``), the others split; the expert adapters run with their experts (whole on every
-    # tp rank where the stack does not split the experts' work: ``Hardware.expert_compute_tp_split``); the model
-    # FLOPs count the work once (``delta``)
-    e_tp = tp if hw.expert_compute_tp_split else 1
-    adapters = (6.0 * st.on_rank(index, tp) - 2.0 * st.no_dgrad_adapter_on_rank(index, tp) + experts / e_tp) * tokens
-    active = st.on_rank(index, tp) + (st.active_adapter(index) - st.adapter[index]) / e_tp
+    # every rank (``LoraStep.on_rank``), the others split; the expert adapters run with their experts
+    # (``expert_adapter_tp``: under expert tp gate_up's A and down's B whole on every rank, as the linear ones'
+    # replicated factors; they were divided by tp until stop 37); the model FLOPs count the work once (``delta``)
+    e_tp, e_rep = expert_adapter_tp(tp, hw)
+    adapters = (6.0 * st.on_rank(index, tp) - 2.0 * st.no_dgrad_adapter_on_rank(index, tp)
+                + st.expert_flops_on_rank(index, e_tp, e_rep)) * tokens
+    active = st.on_rank(index, tp) + st.expert_active_on_rank(index, e_tp, e_rep)
     repeat = 2.0 * active * tokens * extra_mm
     seconds = compute_s(adapters + repeat, hw, st.rank) + compute_s(base, hw, width)
     if not hw.block_time_measured:  # a profile of LoRA blocks timed them (profiling/model.py)
         seconds += lora_elementwise_s(st, index, tokens, extra_mm, hw, tp)
     return seconds, delta, base + adapters + repeat
+
+
+def expert_adapter_tp(tp: int, hw: Hardware) -> tuple[int, int]:
+    """How one of ``tp`` ranks runs the expert adapters' work, as (``tp`` for their hidden-sliced factors, ``tp`` for
+    the others) of ``LoraStep.expert_flops_on_rank``: under expert tp (``Hardware.experts_tp_sharded``, meshwright's
+    models/moe.py ``_low_rank``) gate_up's B and down's A on the rank's hidden slice, gate_up's A and down's B whole
+    (tp, 1); where the stack splits the experts' work by tokens (DeepSpeed MoE) all of it (tp, tp); where it does not
+    split it, none (1, 1)."""
+    if not hw.expert_compute_tp_split:
+        return 1, 1
+    return (tp, 1) if hw.experts_tp_sharded else (tp, tp)
 
 
 # Elements an eager adapter (memory/lora.py LoRALinear) moves per token besides its GEMMs' FLOPs, in units of its
@@ -1702,7 +1714,7 @@ LORA_ELEM_IN, LORA_ELEM_OUT = 6.0, 10.0
 def lora_elementwise_s(st: Any, index: int, tokens: float, extra_mm: float, hw: Hardware, tp: int = 1) -> float:
     """Memory-bound time of block ``index``'s adapters per microbatch on one of ``tp`` ranks (``LORA_ELEM_*``; their
     forward part again under full recomputation), at the widths the rank moves (``LoraStep.widths_on_rank``)."""
-    w_in, w_out = st.widths_on_rank(index, tp)
+    w_in, w_out = st.widths_on_rank(index, tp, *expert_adapter_tp(tp, hw))
     fwd = w_in * 1.0 + w_out * 6.0
     total = w_in * LORA_ELEM_IN + w_out * LORA_ELEM_OUT + extra_mm * fwd
     return total * tokens * hw.elem_bytes / hw.mem_bw

@@ -561,3 +561,64 @@ def test_expert_adapter_flops_per_tp_rank_are_what_the_runtime_runs(targets):
     assert cm.expert_adapter_tp(2, ds) == (2, 2)
     _, model_f, hw_f = cm.lora_compute_terms(cfg, 1, tokens, 64, 2, 0.0, cfg.d_model, ds)
     assert hw_f == pytest.approx(model_f)
+
+
+# ---- 9. meshwright's whole-model ZeRO-1 in the unconstrained search ---------------------------------------------------
+
+def test_unconstrained_runtime_search_picks_whole_model_zero1_where_it_is_best():
+    """meshwright's ZeRO-1 is every layer tp=1 and ZeRO-1 or none (one ZeroRedundancyOptimizer per stage,
+    parallel/support.py), which per-layer choices cannot express, so a runtime-compatible search with ``zero`` left
+    open planned ZeRO-0/2/3 only. ``search`` now runs the ZeRO-1 set beside the per-layer search. gpt2-small on the 2
+    local CPU ranks at seq 64, global batch 64 and 1.83 GiB a rank: ZeRO-0 does not fit, ZeRO-2/3's per-microbatch
+    traffic costs more than ZeRO-1's all-reduce + broadcast, and the search (and ``auto_plan``) returns ZeRO-1, a plan
+    the runtime accepts."""
+    from meshwright.launcher.planner import search as S
+    from meshwright.launcher.planner.auto import auto_plan
+    from meshwright.parallel.support import check_runtime_support
+
+    cfg = load_model_config("gpt2-small")
+    cl = load_cluster("local-cpu")
+    seq, gb, budget = 64, 64, 1.83
+    hw = cm.hardware_from_cluster(cl, None, budget, stack="meshwright", dtype="fp32")
+    c = Constraints(runtime_compatible=True)
+    r = search(cfg, cl, seq, gb, hw=hw, constraints=c, suggest=False)
+    best = r.best.plan
+    assert all(s.tp == 1 and s.zero == 1 and s.dp == 2 for s in best.layers) and best.pipeline.degree == 1
+    assert cm.runs_zero1(best, hw, 2) and r.best.prediction.fits
+    validate_plan(best, cfg, 2)
+    check_runtime_support(best, cfg, "dtensor", "torch")
+    # the per-layer search alone (the old result): slower, and no ZeRO-1 in it
+    alone = S._search(cfg, cl, seq, gb, hw, c, S.Allow(), None, 5, False, 0.0)
+    assert all(s.zero != 1 for s in alone.best.plan.layers)
+    assert r.best.prediction.step_s < alone.best.prediction.step_s
+    # ZeRO-0 does not fit here, and the same layout at ZeRO-2/3 is slower (the search's pick is its best)
+    def uniform(z: int) -> cm.Prediction:
+        p = dataclasses.replace(best, layers=[dataclasses.replace(s, zero=z) for s in best.layers],
+                                embedding=EmbeddingStrategy(zero=z if z >= 2 else 0))
+        return cm.evaluate_plan(p, cfg, hw, 2)
+    assert not uniform(0).fits
+    assert all(uniform(z).step_s > r.best.prediction.step_s for z in (2, 3))
+    # auto_plan (``meshwright train --plan auto``) takes it too
+    auto = auto_plan("gpt2-small", "local-cpu", 2, seq, gb, memory_budget_gib=budget)
+    assert all(s.tp == 1 and s.zero == 1 for s in auto.layers)
+    check_runtime_support(auto, cfg, "dtensor", "torch")
+    # a user's zero or tp>1 keeps the one search they fix
+    assert not S._whole_model_zero1(dataclasses.replace(c, zero=2)) and not S._whole_model_zero1(
+        dataclasses.replace(c, tp=2)) and not S._whole_model_zero1(Constraints())
+
+
+def test_zero1_broadcast_is_charged_per_step():
+    """ZeroRedundancyOptimizer's step broadcasts every parameter from the rank that stepped it (one ``broadcast`` per
+    parameter): (dp - 1) / dp of the stage's parameter bytes once over the link plus a latency per parameter, exposed;
+    the DDP all-reduce before it is ZeRO-0's."""
+    cfg = load_model_config("tiny")
+    hw = cm.hardware_from_cluster(load_cluster("local-cpu"), stack="meshwright", dtype="fp32")
+    plan = lambda z: Plan(model="tiny", seq_len=128, global_batch=8, micro_batch=1,  # noqa: E731
+                          layers=[LayerStrategy(dp=2, zero=z, recompute="none", repeat=4)])
+    z0, z1 = cm.evaluate_plan(plan(0), cfg, hw, 2), cm.evaluate_plan(plan(1), cfg, hw, 2)
+    n, count = cfg.num_params(), 4 * 9 + 3  # 9 tensors a block; embedding, final norm, head
+    bcast = 0.5 * n * 4 / hw.intra_bw + count * hw.intra_lat
+    assert (z1.breakdown["dp_comm_s"] - z0.breakdown["dp_comm_s"]) == pytest.approx(bcast, rel=1e-4)
+    # the step: + the broadcast, - 1/2 of the optimizer step (each rank steps its share)
+    opt = cm.optimizer_step_s(n, 1, 0, "fp32", hw)
+    assert z1.step_s - z0.step_s == pytest.approx(bcast - opt / 2, rel=0.05)

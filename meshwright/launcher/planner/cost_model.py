@@ -2130,6 +2130,42 @@ def zero1_states_correction(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Har
         t.static[r] += model_state_bytes(share[r], 1, 1, states, hw)["optimizer"] - counted
 
 
+def zero1_broadcast_correction(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int,
+                               cache: dict[Any, Any]) -> None:
+    """Under meshwright's ZeRO-1 (``runs_zero1``) DDP all-reduces the whole gradients as at ZeRO-0 (``dp_comm_s``'s
+    one all-reduce), and then ``ZeroRedundancyOptimizer.step`` broadcasts every parameter from the rank that stepped it
+    to the others (torch's ``_broadcast_params_from_rank``: one ``broadcast`` per parameter, no bucket view; the
+    runtime waits for them before the next forward): per pipeline rank its stage's parameters in their stored dtype
+    once over the link, plus one latency per parameter. Exposed per step (after backward, nothing to hide behind).
+    LoRA: the adapters (and trained ends) alone, with one latency per block. Not measured; the alpha-beta model."""
+    if not runs_zero1(plan, hw, world_size):
+        return
+    from meshwright.launcher.planner.zero1_partition import model_params
+
+    pp = plan.pipeline.degree
+    dp = world_size // pp
+    bw, lat = link(hw, dp, 1)
+    nbytes = hw.policy_at(1).param_bytes
+    ranges = plan.stage_ranges(cfg.n_layers)
+    n_stages = len(ranges)
+    layers, ends = model_params(cfg, cache)
+    for r in range(pp):
+        ids = range(r, n_stages, pp)
+        blocks = [j for i in ids for j in range(*ranges[i])]
+        mods = (("tok_embeddings", "pos_embeddings") if 0 in ids else ()) + (("norm", "output") if n_stages - 1 in ids
+                                                                            else ())
+        if hw.lora is not None:
+            numel = sum(hw.lora.trained_on_rank(j, 1) for j in blocks) + lora_embedding_trained(
+                cfg, hw, 0 in ids, n_stages - 1 in ids, 1)
+            count = len(blocks)
+        else:
+            held = [e for j in blocks for e in layers[j]] + [e for k in mods for e in ends.get(k, [])]
+            numel, count = sum(n for n, _ in held), len(held)
+        sec = (dp - 1) / dp * numel * nbytes / bw + count * lat
+        t.step_s[r] += sec
+        t.dp += sec
+
+
 def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int,
                   cache: Optional[dict[Any, Any]] = None) -> Prediction:
     """Predict step time, throughput, MFU/HFU and memory per pipeline stage of a (validated) Plan.
@@ -2153,6 +2189,7 @@ def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int,
     t = _layer_totals(plan, cfg, hw, m, cache)
     head_tokens = _add_ends(t, plan, cfg, hw, strategies, m, world_size, cache)
     zero1_states_correction(t, plan, cfg, hw, world_size, cache)
+    zero1_broadcast_correction(t, plan, cfg, hw, world_size, cache)
     rank_mb = t.mb_s
     if pp.degree > 1:
         cross = world_size // pp.degree >= hw.devices_per_node

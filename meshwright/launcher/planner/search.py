@@ -1436,8 +1436,10 @@ def search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: i
         # meshwright's ZeRO-1 is all or nothing (one ZeroRedundancyOptimizer per stage: every layer tp=1 and ZeRO-1,
         # parallel/support.py), which the per-layer choices cannot express: search it as a constraint set of its own
         # beside the per-layer search (ZeRO-0/2/3), as search_for_stack does for a stack's sets, and keep the best
-        result = _union([_search(cfg, cluster, seq_len, global_batch, hw, dataclasses.replace(c, zero=z), allow, states,
-                                 top, progress, t0) for z in (None, 1)], top, t0)
+        layers, zero1 = (_search(cfg, cluster, seq_len, global_batch, hw, dataclasses.replace(c, zero=z), allow, states,
+                                 top, progress, t0) for z in (None, 1))
+        zero1.rejected = [{**r, "layout": f"{r['layout']} ZeRO-1 (all layers)"} for r in zero1.rejected]
+        result = _union([layers, zero1], top, t0)
     else:
         result = _search(cfg, cluster, seq_len, global_batch, hw, c, allow, states, top, progress, t0)
     if result.best is None and suggest:

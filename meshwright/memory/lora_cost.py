@@ -104,7 +104,7 @@ class LoraStep:
     adapter_out_rep: tuple[int, ...] = ()
     # per MoE block, the adapters on its experts (``experts.gate_up_proj``/``down_proj``, memory/lora.py
     # ``ExpertAdapter``), kept apart from the linear ones above: ``expert_adapter`` their parameters (all experts; a
-    # rank holds its n_experts/ep experts' rows, whole over tp: meshwright's runtime leaves experts plain under tp),
+    # rank holds its n_experts/ep experts' rows, whole over tp: the adapters stay whole under expert tp, models/moe.py),
     # ``expert_adapter_active`` those a token runs through (its top_k experts': the FLOPs' count),
     # ``no_dgrad_expert_adapter`` the active A's whose input needs no gradient, ``expert_in``/``expert_out`` the
     # adapted widths per token (top_k x: gate_up d -> 2 f_e, down f_e -> d)
@@ -113,6 +113,15 @@ class LoraStep:
     no_dgrad_expert_adapter: tuple[int, ...] = ()
     expert_in: tuple[int, ...] = ()
     expert_out: tuple[int, ...] = ()
+    # of the expert adapters' figures above, what a rank of meshwright's expert tp runs whole (models/moe.py
+    # ``_low_rank``: the adapters are held whole on every tp rank, each rank applies the rows of its hidden slice):
+    # gate_up's A (r x d, on the tp-replicated tokens) and down's B (d x r, into the partial-sum output); gate_up's B
+    # and down's A run on the rank's 2 f_e / tp and f_e / tp rows. ``expert_adapter_active_rep`` parameters,
+    # ``no_dgrad_expert_adapter_rep`` the skipped dX of gate_up's A, ``expert_in_rep`` / ``expert_out_rep`` the widths
+    expert_adapter_active_rep: tuple[int, ...] = ()
+    no_dgrad_expert_adapter_rep: tuple[int, ...] = ()
+    expert_in_rep: tuple[int, ...] = ()
+    expert_out_rep: tuple[int, ...] = ()
 
     def layer_key(self, index: int) -> tuple:
         """What sets block ``index``'s LoRA costs (blocks with the same key cost the same)."""
@@ -143,6 +152,24 @@ class LoraStep:
         less the dX of an A whose input needs no gradient."""
         return 6.0 * self._at(self.expert_adapter_active, index) - 2.0 * self._at(self.no_dgrad_expert_adapter, index)
 
+    def _expert_split(self, full: tuple[int, ...], rep: tuple[int, ...], index: int, tp: int, rep_tp: int) -> float:
+        """``full``'s value for block ``index`` on one of ``tp`` ranks: its ``rep`` part / ``rep_tp``, the rest / tp."""
+        r = self._at(rep, index)
+        return r / rep_tp + (self._at(full, index) - r) / tp
+
+    def expert_active_on_rank(self, index: int, tp: int, rep_tp: int = 1) -> float:
+        """Expert-adapter parameters one token runs through on one of ``tp`` ranks of an expert-tp stack: gate_up's A
+        and down's B whole (``rep_tp`` 1), the others' hidden slice; ``rep_tp`` = ``tp`` where the stack splits the
+        experts' work by tokens instead (DeepSpeed MoE), ``tp`` = 1 where it does not split it."""
+        return self._expert_split(self.expert_adapter_active, self.expert_adapter_active_rep, index, tp, rep_tp)
+
+    def expert_flops_on_rank(self, index: int, tp: int, rep_tp: int = 1) -> float:
+        """``expert_flops`` as one of ``tp`` ranks runs them (``expert_active_on_rank``'s split; the skipped dX of
+        gate_up's A whole, of down's A its slice)."""
+        return (6.0 * self.expert_active_on_rank(index, tp, rep_tp)
+                - 2.0 * self._expert_split(self.no_dgrad_expert_adapter, self.no_dgrad_expert_adapter_rep, index, tp,
+                                           rep_tp))
+
     def on_rank(self, index: int, tp: Any) -> Any:
         """Adapter parameters of block ``index`` on one of ``tp`` tensor-parallel ranks: the replicated factors
         whole, the others split (``adapter_rep``); ``tp`` may be an array."""
@@ -154,12 +181,15 @@ class LoraStep:
         rep = self.no_dgrad_adapter_rep[index] if self.no_dgrad_adapter_rep else 0
         return rep + (self.no_dgrad_adapter[index] - rep) / tp
 
-    def widths_on_rank(self, index: int, tp: int) -> tuple[float, float]:
+    def widths_on_rank(self, index: int, tp: int, e_tp: int = 1, e_rep_tp: int = 1) -> tuple[float, float]:
         """The adapted linears' input and output widths block ``index``'s adapters move on one of ``tp`` ranks: a
-        column base's input and a row base's output whole (replicated input, partial-sum output), the rest split."""
+        column base's input and a row base's output whole (replicated input, partial-sum output), the rest split;
+        the experts' as ``expert_active_on_rank`` splits them (``e_tp``, ``e_rep_tp``: gate_up's input and down's
+        output whole under expert tp, their hidden sides the rank's slice)."""
         i_rep = self.adapter_in_rep[index] if self.adapter_in_rep else 0
         o_rep = self.adapter_out_rep[index] if self.adapter_out_rep else 0
-        e_in, e_out = self._at(self.expert_in, index), self._at(self.expert_out, index)  # experts: whole over tp
+        e_in = self._expert_split(self.expert_in, self.expert_in_rep, index, e_tp, e_rep_tp)
+        e_out = self._expert_split(self.expert_out, self.expert_out_rep, index, e_tp, e_rep_tp)
         return (i_rep + e_in + (self.adapter_in[index] - i_rep) / tp,
                 o_rep + e_out + (self.adapter_out[index] - o_rep) / tp)
 
@@ -205,7 +235,7 @@ def lora_step(cfg: "ModelConfig", lora: "LoraConfig") -> LoraStep:
     fe, k = cfg.expert_ffn_dim, cfg.top_k
     gate_up, down = "experts.gate_up_proj" in targets, "experts.down_proj" in targets
     per_expert = r * ((d + 2 * fe) * gate_up + (fe + d) * down)
-    experts: list[tuple[int, int, int, int, int]] = []  # (params, active, skipped A dX, in, out) per block
+    experts: list[tuple[int, ...]] = []  # (params, active, skipped A dX, in, out, and their tp-whole parts) per block
     row = ("wo", "w2")  # row-parallel bases (parallel/tensor_parallel.py); the others column-parallel
     for i in range(cfg.n_layers):
         moe = cfg.is_moe_layer(i)
@@ -229,20 +259,22 @@ def lora_step(cfg: "ModelConfig", lora: "LoraConfig") -> LoraStep:
             # the experts' input (and the router's) needs a gradient where the block's does (h1); their hidden
             # y = silu(x w1) * (x w3) also where the gate_up adapter trains. Frozen experts pay their dX only there:
             # with expert adapters below everything trainable (block 0, nothing before) w1/w3/router skip theirs
-            skip_ea = 0
+            skip_ea = skip_ea_rep = 0
             if not h1:
                 skip_x += cfg.d_model * cfg.n_experts + k * 2 * d * fe  # router, w1 and w3
-                skip_ea += k * r * d if gate_up else 0
+                skip_ea_rep = k * r * d if gate_up else 0  # gate_up's A: whole on every expert-tp rank
+                skip_ea += skip_ea_rep
             if not (h1 or gate_up):
                 skip_x += k * fe * d  # w2
                 skip_ea += k * r * fe if down else 0
             out = h1 or gate_up or down
             experts.append((cfg.n_experts * per_expert, k * per_expert, skip_ea,
-                            k * (d * gate_up + fe * down), k * (2 * fe * gate_up + d * down)))
+                            k * (d * gate_up + fe * down), k * (2 * fe * gate_up + d * down),
+                            k * r * d * (gate_up + down), skip_ea_rep, k * d * gate_up, k * d * down))
         else:
             act = any([linear(m, h1) for m in (("w1",) if gpt2 else ("w1", "w3"))])
             out = linear("w2", act)
-            experts.append((0, 0, 0, 0, 0))
+            experts.append((0,) * 9)
         g = h1 or out
         adapter.append(sum(ad.values()))
         widths.append((sum(mods[m][1] for m in ad), sum(mods[m][2] for m in ad)))
@@ -261,7 +293,10 @@ def lora_step(cfg: "ModelConfig", lora: "LoraConfig") -> LoraStep:
                     adapter_in_rep=tuple(x[2] for x in reps), adapter_out_rep=tuple(x[3] for x in reps),
                     expert_adapter=tuple(x[0] for x in experts), expert_adapter_active=tuple(x[1] for x in experts),
                     no_dgrad_expert_adapter=tuple(x[2] for x in experts), expert_in=tuple(x[3] for x in experts),
-                    expert_out=tuple(x[4] for x in experts))
+                    expert_out=tuple(x[4] for x in experts),
+                    expert_adapter_active_rep=tuple(x[5] for x in experts),
+                    no_dgrad_expert_adapter_rep=tuple(x[6] for x in experts),
+                    expert_in_rep=tuple(x[7] for x in experts), expert_out_rep=tuple(x[8] for x in experts))
 
 
 def lora_flops_per_token(cfg: "ModelConfig", step: LoraStep, seq_len: int) -> float:

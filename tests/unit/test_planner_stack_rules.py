@@ -414,3 +414,211 @@ def test_torchtitan_runs_expert_parallelism_only_where_its_ep_region_can_hold_it
     z3 = dataclasses.replace(z0, layers=[LayerStrategy(tp=2, dp=8, ep=2, zero=3, repeat=cfg.n_layers)],
                              embedding=EmbeddingStrategy(zero=3))
     assert stack_problems("torchtitan", z3, cfg) == []
+
+
+# ---- 7. dense blocks under tp: the norms (and row-parallel biases) whole on every tp rank -----------------------------
+
+TINY = {"name": "tiny", "arch": "llama", "vocab_size": 256, "d_model": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2,
+        "ffn_hidden": 384, "max_seq_len": 256}  # configs/models/tiny.yaml
+DENSE_TP_MODELS = {
+    "tiny": TINY,
+    "tiny-gpt2": "tiny-gpt2",  # LayerNorms with biases, the attention's and MLP's output biases (row-parallel)
+    "qwen3-like": {**TINY, "name": "tiny-qwen3", "qk_norm": True, "attn_head_dim": 48},  # q/k head norms
+    "qwen2-like": {**TINY, "name": "tiny-qwen2", "qkv_bias": True},  # column-parallel biases: split
+    # Gemma 3's four block norms (post norms), q/k head norms, (1 + w) norms, tied embeddings
+    "gemma3-like": {**TINY, "name": "tiny-gemma3", "qk_norm": True, "attn_head_dim": 64, "norm_unit_offset": True,
+                    "mlp_act": "gelu_tanh", "scale_embeddings": True, "query_pre_attn_scalar": 64, "post_norms": True,
+                    "tie_embeddings": True},
+}
+
+
+def _dense_held_on_rank(cfg, tp: int, backend: str) -> int:
+    """Parameters rank 0 of ``tp`` holds of block 0 once the runtime's tp backend has sharded it (``dtensor``,
+    ``dtensor-sp`` or ``megatron``; a fake process group of ``tp`` ranks in this one process): DTensors' local shards,
+    megatron-core's plain shards and the plain (replicated) tensors, counted."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from meshwright.models import build_model
+    from meshwright.parallel.tensor_parallel import apply_tp
+
+    block = build_model(cfg, seed=0).layers["0"]
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=tp)
+    try:
+        mesh = init_device_mesh("cpu", (tp,))
+        if backend == "megatron":
+            from meshwright.parallel.megatron_tp import apply_megatron_tp
+
+            apply_megatron_tp(block, mesh.get_group())
+        else:
+            block = apply_tp(block, mesh, sp=backend == "dtensor-sp")
+        return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in block.parameters())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("model", sorted(DENSE_TP_MODELS))
+def test_dense_block_per_tp_rank_is_what_the_runtime_holds(model):
+    """The planner divided a dense block's parameters by tp, its norms included, though every tp backend holds them
+    whole on each rank (DTensor's SequenceParallel replicates them too; Qwen3/Gemma's q/k head norms stay plain
+    tensors), and so GPT-2's row-parallel output biases (RowwiseParallel's Replicate, megatron's RowParallelLinear).
+    Its per-rank count (parameters, and with them gradients, optimizer states, ZeRO shards and the manual reduction's
+    copy) is now exactly the runtime's at tp=2, DTensor with and without sp and megatron-core alike."""
+    cfg = load_model_config(DENSE_TP_MODELS[model])
+    tp = 2
+    mw = cm.hardware_from_cluster(load_cluster("dgx-a100-80g"), stack="meshwright", dtype="fp32")
+    s = LayerStrategy(tp=tp, dp=4, zero=0, recompute="none")
+    c = cm.layer_costs(cfg, 0, s, 1, 64, mw)
+    for backend in ("dtensor", "dtensor-sp", "megatron"):
+        assert c["shard_params"] == _dense_held_on_rank(cfg, tp, backend), (model, backend)
+    rep = cm.dense_replicated_params(cfg)
+    assert c["shard_params"] - cfg.layer_params(0) / tp == pytest.approx(rep / 2)  # what the old count left out
+    # fp32 ZeRO-0: weights, gradients and AdamW's m and v, 16 B per held parameter; the states shard it at ZeRO-1
+    assert c["static_bytes"] == pytest.approx(16 * c["shard_params"])
+    z1 = cm.layer_costs(cfg, 0, dataclasses.replace(s, zero=1), 1, 64, mw)
+    assert z1["static_bytes"] == pytest.approx((8 + 8 / 4) * c["shard_params"])
+    # tp>1 layers are reduced after backward through one flat copy of the block's gradients
+    assert cm.reduce_copy_bytes(cfg, 0, s, cm.for_reduction(mw, Plan(model=cfg.name, seq_len=64, global_batch=8,
+                                                                     layers=[dataclasses.replace(s, repeat=4)]))) \
+        == pytest.approx(4 * c["shard_params"])
+    # the search's columns count the same
+    cols = cm.StrategyColumns(cfg, 0, [s], mw)
+    assert cm.layer_costs_columns(cfg, 0, cols, 4, 64, mw, "fp32", {})[:, 0] == pytest.approx(
+        cm.layer_costs(cfg, 0, s, 1, 64, mw, lean=True))
+
+
+# ---- 8. expert adapters under expert tp: gate_up's A and down's B run whole on every tp rank -------------------------
+
+def _moe_adapter_flops(cfg, targets: list[str], tp: int, index: int, needs_x: bool) -> float:
+    """FLOPs (torch.utils.flop_counter) of one forward + backward of block ``index``'s MoE on rank 0 of ``tp`` (meshwright's
+    expert tp on a fake process group) with the LoRA adapters ``targets`` on its experts, less the same without them:
+    the adapters' GEMMs as the runtime runs them (``models/moe.py`` ``_low_rank``), for 32 tokens whose input needs a
+    gradient or not (``needs_x``)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from meshwright.config import LoraConfig
+    from meshwright.memory.lora import apply_lora_config
+    from meshwright.models import build_model
+    from meshwright.parallel.tensor_parallel import apply_tp
+
+    def run(t: list[str]) -> int:
+        model = build_model(cfg, seed=0)
+        apply_lora_config(model, LoraConfig(rank=4, targets=t), seed=0)  # ["wq"]: no adapter on the experts
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=tp)
+        try:
+            block = model.layers[str(index)]
+            if tp > 1:
+                block = apply_tp(block, init_device_mesh("cpu", (tp,)))
+            x = torch.randn(2, 16, cfg.d_model, generator=torch.Generator().manual_seed(0), requires_grad=needs_x)
+            with FlopCounterMode(display=False) as fc:
+                out = block.feed_forward(x).sum()
+                if out.requires_grad:
+                    out.backward()
+            return fc.get_total_flops()
+        finally:
+            dist.destroy_process_group()
+
+    return float(run(targets) - run(["wq"]))
+
+
+@pytest.mark.parametrize("targets", [["experts.gate_up_proj"], ["experts.down_proj"],
+                                     ["experts.gate_up_proj", "experts.down_proj"]])
+def test_expert_adapter_flops_per_tp_rank_are_what_the_runtime_runs(targets):
+    """Expert LoRA adapters stay whole on every tp rank and each rank applies its hidden slice's rows: gate_up's A
+    (x A^T on the tp-replicated tokens) and down's B (into the partial-sum output) run whole, gate_up's B and down's A
+    on 2 f_e / tp and f_e / tp rows. The planner divided all their FLOPs by tp (tiny-moe at tp=2, both adapters:
+    4,992 per token where the runtime runs 6,528); ``LoraStep.expert_flops_on_rank`` now counts what FlopCounterMode
+    counts on one rank's MoE, at tp 1, 2 and 4, for a block whose input needs a gradient (1) and one whose does not
+    (0: gate_up's A skips its dX), and ``lora_compute_terms`` executes it."""
+    from meshwright.config import LoraConfig
+    from meshwright.launcher.planner.auto import lora_search_terms
+
+    cfg = load_model_config(MOE_TINY)
+    lora = LoraConfig(rank=4, targets=targets)
+    hw, _ = lora_search_terms(cfg, lora, cm.hardware_from_cluster(load_cluster("dgx-a100-80g"), stack="meshwright"),
+                              Constraints())
+    st, tokens = hw.lora, 32.0
+    gate_up = "experts.gate_up_proj" in targets
+    for tp in (1, 2, 4):
+        for index in (0, 1):  # block 0: nothing before it trains, its MoE's input needs no gradient
+            measured = _moe_adapter_flops(cfg, targets, tp, index, needs_x=index > 0)
+            # block 0 with gate_up: y = silu(x w1 + ..) * .. needs a gradient now, so the frozen w2 runs its dX (on the
+            # rank's f_e / tp columns), which the base's count (``no_dgrad``) holds, not the adapters'
+            w2_dx = 2.0 * cfg.top_k * cfg.expert_ffn_dim * cfg.d_model / tp if index == 0 and gate_up else 0.0
+            assert measured == pytest.approx(tokens * (st.expert_flops_on_rank(index, tp) + w2_dx)), (tp, index)
+            if tp > 1 and index == 1:
+                assert measured > tokens * st.expert_flops(index) / tp  # the old count was short
+        # the cost model's hardware FLOPs hold the rank's count, the model FLOPs the work once
+        _, model_f, hw_f = cm.lora_compute_terms(cfg, 1, tokens, 64, tp, 0.0, cfg.d_model, hw)
+        assert hw_f - model_f == pytest.approx(tokens * (st.expert_flops_on_rank(1, tp) - st.expert_flops(1) / tp))
+    # DeepSpeed MoE splits the experts' work by tokens (whole weights): all of the adapters' / tp
+    ds = dataclasses.replace(cm.apply_stack(hw, "deepspeed"), lora=st)
+    assert cm.expert_adapter_tp(2, ds) == (2, 2)
+    _, model_f, hw_f = cm.lora_compute_terms(cfg, 1, tokens, 64, 2, 0.0, cfg.d_model, ds)
+    assert hw_f == pytest.approx(model_f)
+
+
+# ---- 9. meshwright's whole-model ZeRO-1 in the unconstrained search ---------------------------------------------------
+
+def test_unconstrained_runtime_search_picks_whole_model_zero1_where_it_is_best():
+    """meshwright's ZeRO-1 is every layer tp=1 and ZeRO-1 or none (one ZeroRedundancyOptimizer per stage,
+    parallel/support.py), which per-layer choices cannot express, so a runtime-compatible search with ``zero`` left
+    open planned ZeRO-0/2/3 only. ``search`` now runs the ZeRO-1 set beside the per-layer search. gpt2-small on the 2
+    local CPU ranks at seq 64, global batch 64 and 1.83 GiB a rank: ZeRO-0 does not fit, ZeRO-2/3's per-microbatch
+    traffic costs more than ZeRO-1's all-reduce + broadcast, and the search (and ``auto_plan``) returns ZeRO-1, a plan
+    the runtime accepts."""
+    from meshwright.launcher.planner import search as S
+    from meshwright.launcher.planner.auto import auto_plan
+    from meshwright.parallel.support import check_runtime_support
+
+    cfg = load_model_config("gpt2-small")
+    cl = load_cluster("local-cpu")
+    seq, gb, budget = 64, 64, 1.83
+    hw = cm.hardware_from_cluster(cl, None, budget, stack="meshwright", dtype="fp32")
+    c = Constraints(runtime_compatible=True)
+    r = search(cfg, cl, seq, gb, hw=hw, constraints=c, suggest=False)
+    best = r.best.plan
+    assert all(s.tp == 1 and s.zero == 1 and s.dp == 2 for s in best.layers) and best.pipeline.degree == 1
+    assert cm.runs_zero1(best, hw, 2) and r.best.prediction.fits
+    validate_plan(best, cfg, 2)
+    check_runtime_support(best, cfg, "dtensor", "torch")
+    # the per-layer search alone (the old result): slower, and no ZeRO-1 in it
+    alone = S._search(cfg, cl, seq, gb, hw, c, S.Allow(), None, 5, False, 0.0)
+    assert all(s.zero != 1 for s in alone.best.plan.layers)
+    assert r.best.prediction.step_s < alone.best.prediction.step_s
+    # ZeRO-0 does not fit here, and the same layout at ZeRO-2/3 is slower (the search's pick is its best)
+    def uniform(z: int) -> cm.Prediction:
+        p = dataclasses.replace(best, layers=[dataclasses.replace(s, zero=z) for s in best.layers],
+                                embedding=EmbeddingStrategy(zero=z if z >= 2 else 0))
+        return cm.evaluate_plan(p, cfg, hw, 2)
+    assert not uniform(0).fits
+    assert all(uniform(z).step_s > r.best.prediction.step_s for z in (2, 3))
+    # auto_plan (``meshwright train --plan auto``) takes it too
+    auto = auto_plan("gpt2-small", "local-cpu", 2, seq, gb, memory_budget_gib=budget)
+    assert all(s.tp == 1 and s.zero == 1 for s in auto.layers)
+    check_runtime_support(auto, cfg, "dtensor", "torch")
+    # a user's zero or tp>1 keeps the one search they fix
+    assert not S._whole_model_zero1(dataclasses.replace(c, zero=2)) and not S._whole_model_zero1(
+        dataclasses.replace(c, tp=2)) and not S._whole_model_zero1(Constraints())
+
+
+def test_zero1_broadcast_is_charged_per_step():
+    """ZeroRedundancyOptimizer's step broadcasts every parameter from the rank that stepped it (one ``broadcast`` per
+    parameter): (dp - 1) / dp of the stage's parameter bytes once over the link plus a latency per parameter, exposed;
+    the DDP all-reduce before it is ZeRO-0's."""
+    cfg = load_model_config("tiny")
+    hw = cm.hardware_from_cluster(load_cluster("local-cpu"), stack="meshwright", dtype="fp32")
+    plan = lambda z: Plan(model="tiny", seq_len=128, global_batch=8, micro_batch=1,  # noqa: E731
+                          layers=[LayerStrategy(dp=2, zero=z, recompute="none", repeat=4)])
+    z0, z1 = cm.evaluate_plan(plan(0), cfg, hw, 2), cm.evaluate_plan(plan(1), cfg, hw, 2)
+    n, count = cfg.num_params(), 4 * 9 + 3  # 9 tensors a block; embedding, final norm, head
+    bcast = 0.5 * n * 4 / hw.intra_bw + count * hw.intra_lat
+    assert (z1.breakdown["dp_comm_s"] - z0.breakdown["dp_comm_s"]) == pytest.approx(bcast, rel=1e-4)
+    # the step: + the broadcast, - 1/2 of the optimizer step (each rank steps its share)
+    opt = cm.optimizer_step_s(n, 1, 0, "fp32", hw)
+    assert z1.step_s - z0.step_s == pytest.approx(bcast - opt / 2, rel=0.05)

@@ -75,3 +75,29 @@ def test_other_stacks_and_mixed_plans_keep_the_per_layer_count():
     mixed = plan_from_dict({"model": "tiny", "seq_len": 64, "global_batch": 8, "micro_batch": 1,
                             "layers": [{"dp": 4, "zero": 1, "repeat": cfg.n_layers - 1}, {"tp": 2, "dp": 2, "zero": 1}]})
     assert not cm.runs_zero1(mixed, hw, 4)
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-gpt2", "tiny-moe", "qwen3-0.6b", "qwen2.5-7b", "gemma-3-1b",
+                                   "gemma-2-2b", "mixtral-8x7b", "phi-4",
+                                   {"name": "moe-every-2", "n_experts": 4, "moe_every": 2, "moe_ffn_hidden": 96,
+                                    "tie_embeddings": True}])
+def test_model_params_are_the_built_models(model):
+    """``model_params`` counts the parameters from the config (the planner imports no torch: a runtime-compatible
+    search plans ZeRO-1, so every ``meshwright plan`` reaches it); per block and per end module, the (numel, is a
+    matrix) pairs are those of the model the runtime builds (on the meta device), as multisets: the partition sorts
+    each group."""
+    from meshwright.models import build_model
+
+    cfg = load_model_config(model)
+    layers: dict[int, list] = {}
+    ends: dict[str, list] = {}
+    for name, p in build_model(cfg, device="meta").named_parameters():
+        top, rest = name.split(".", 1)
+        entry = (p.numel(), p.dim() >= 2)
+        if top == "layers":
+            layers.setdefault(int(rest.split(".", 1)[0]), []).append(entry)
+        else:
+            ends.setdefault(top, []).append(entry)
+    got_layers, got_ends = model_params(cfg, {})
+    assert {i: sorted(v) for i, v in got_layers.items()} == {i: sorted(v) for i, v in layers.items()}
+    assert {k: sorted(v) for k, v in got_ends.items()} == {k: sorted(v) for k, v in ends.items()}

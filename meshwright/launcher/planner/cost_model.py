@@ -1558,10 +1558,34 @@ def expert_params(cfg: ModelConfig) -> int:
     return cfg.n_experts * 3 * cfg.d_model * cfg.expert_ffn_dim
 
 
+def block_replicated_params(cfg: ModelConfig) -> int:
+    """Parameters of any block every tp rank holds whole (every stack's tp: DTensor, megatron-core, torchtitan): its
+    norms (two, four with Gemma's post norms; GPT-2's LayerNorms with their biases; ``SequenceParallel`` keeps them
+    replicated too), Qwen3/Gemma 3's q/k head norms, and GPT-2's attention output bias (a row-parallel linear's bias
+    is added once, after the reduction: ``RowwiseParallel`` and megatron's ``RowParallelLinear`` hold it whole)."""
+    row_bias = cfg.d_model if cfg.arch == "gpt2" else 0
+    return cfg.block_norms() * cfg.norm_params() + cfg.qk_norm_params() + row_bias
+
+
+def dense_replicated_params(cfg: ModelConfig) -> int:
+    """Parameters of a dense block every tp rank holds whole: ``block_replicated_params`` and GPT-2's MLP output
+    (w2, row-parallel) bias."""
+    return block_replicated_params(cfg) + (cfg.d_model if cfg.arch == "gpt2" else 0)
+
+
+def dense_params_on_rank(cfg: ModelConfig, index: int, tp: Any) -> Any:
+    """A dense block's parameters on one of ``tp`` ranks (before any ZeRO sharding): the linear layers' weights and
+    column-parallel biases split over tp, ``dense_replicated_params`` whole (they were divided by tp until stop 37:
+    a tp8 llama2-7b block's 8,192 norm weights counted 1,024). ``tp`` may be an array."""
+    rep = dense_replicated_params(cfg)
+    return (cfg.layer_params(index) - rep) / tp + rep
+
+
 def moe_replicated_params(cfg: ModelConfig) -> int:
-    """Parameters of an MoE block every tp rank holds whole: the router (d_model x n_experts), the block's norms and
-    Qwen3's q/k head norms (plain, tp-replicated tensors in the runtime: parallel/tensor_parallel.py)."""
-    return cfg.d_model * cfg.n_experts + cfg.block_norms() * cfg.norm_params() + cfg.qk_norm_params()
+    """Parameters of an MoE block every tp rank holds whole: the router (d_model x n_experts) and
+    ``block_replicated_params`` (norms, Qwen3's q/k head norms: plain, tp-replicated tensors in the runtime,
+    parallel/tensor_parallel.py)."""
+    return cfg.d_model * cfg.n_experts + block_replicated_params(cfg)
 
 
 def moe_dense_params_on_rank(cfg: ModelConfig, index: int, tp: int) -> float:
@@ -1653,17 +1677,29 @@ def lora_compute_terms(cfg: ModelConfig, index: int, tokens: float, seq_len: int
     experts = st.expert_flops(index)  # the expert adapters' per token (their top_k experts')
     base = delta - (6.0 * st.adapter[index] - 2.0 * st.no_dgrad_adapter[index] + experts) * tokens / tp  # <= 0
     # the adapters' GEMMs on this rank: the factors tp replicates (a column base's A, a row base's B) run whole on
-    # every rank (``LoraStep.on_rank``), the others split; the expert adapters run with their experts (whole on every
-    # tp rank where the stack does not split the experts' work: ``Hardware.expert_compute_tp_split``); the model
-    # FLOPs count the work once (``delta``)
-    e_tp = tp if hw.expert_compute_tp_split else 1
-    adapters = (6.0 * st.on_rank(index, tp) - 2.0 * st.no_dgrad_adapter_on_rank(index, tp) + experts / e_tp) * tokens
-    active = st.on_rank(index, tp) + (st.active_adapter(index) - st.adapter[index]) / e_tp
+    # every rank (``LoraStep.on_rank``), the others split; the expert adapters run with their experts
+    # (``expert_adapter_tp``: under expert tp gate_up's A and down's B whole on every rank, as the linear ones'
+    # replicated factors; they were divided by tp until stop 37); the model FLOPs count the work once (``delta``)
+    e_tp, e_rep = expert_adapter_tp(tp, hw)
+    adapters = (6.0 * st.on_rank(index, tp) - 2.0 * st.no_dgrad_adapter_on_rank(index, tp)
+                + st.expert_flops_on_rank(index, e_tp, e_rep)) * tokens
+    active = st.on_rank(index, tp) + st.expert_active_on_rank(index, e_tp, e_rep)
     repeat = 2.0 * active * tokens * extra_mm
     seconds = compute_s(adapters + repeat, hw, st.rank) + compute_s(base, hw, width)
     if not hw.block_time_measured:  # a profile of LoRA blocks timed them (profiling/model.py)
         seconds += lora_elementwise_s(st, index, tokens, extra_mm, hw, tp)
     return seconds, delta, base + adapters + repeat
+
+
+def expert_adapter_tp(tp: int, hw: Hardware) -> tuple[int, int]:
+    """How one of ``tp`` ranks runs the expert adapters' work, as (``tp`` for their hidden-sliced factors, ``tp`` for
+    the others) of ``LoraStep.expert_flops_on_rank``: under expert tp (``Hardware.experts_tp_sharded``, meshwright's
+    models/moe.py ``_low_rank``) gate_up's B and down's A on the rank's hidden slice, gate_up's A and down's B whole
+    (tp, 1); where the stack splits the experts' work by tokens (DeepSpeed MoE) all of it (tp, tp); where it does not
+    split it, none (1, 1)."""
+    if not hw.expert_compute_tp_split:
+        return 1, 1
+    return (tp, 1) if hw.experts_tp_sharded else (tp, tp)
 
 
 # Elements an eager adapter (memory/lora.py LoRALinear) moves per token besides its GEMMs' FLOPs, in units of its
@@ -1678,7 +1714,7 @@ LORA_ELEM_IN, LORA_ELEM_OUT = 6.0, 10.0
 def lora_elementwise_s(st: Any, index: int, tokens: float, extra_mm: float, hw: Hardware, tp: int = 1) -> float:
     """Memory-bound time of block ``index``'s adapters per microbatch on one of ``tp`` ranks (``LORA_ELEM_*``; their
     forward part again under full recomputation), at the widths the rank moves (``LoraStep.widths_on_rank``)."""
-    w_in, w_out = st.widths_on_rank(index, tp)
+    w_in, w_out = st.widths_on_rank(index, tp, *expert_adapter_tp(tp, hw))
     fwd = w_in * 1.0 + w_out * 6.0
     total = w_in * LORA_ELEM_IN + w_out * LORA_ELEM_OUT + extra_mm * fwd
     return total * tokens * hw.elem_bytes / hw.mem_bw
@@ -1711,7 +1747,7 @@ def _shard_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, states: str, h
         cast_exp, cast_exp_step = fsdp_cast_s(exp_rank, dpc // s.ep, s.zero, hw)
         cast_mb, cast_step = cast_dense + cast_exp, cast_dense_step + cast_exp_step
     else:
-        shard_params = cfg.layer_params(index) / s.tp
+        shard_params = dense_params_on_rank(cfg, index, s.tp)  # the norms (and row biases) whole on every tp rank
         trained = lora_rank
         group = s.dp_shard or s.dp * s.cp  # HSDP: ZeRO state and gathers inside groups of dp_shard ranks
         dp_mb, dp_step = dp_comm_s(shard_params, group, s.zero, s.tp, hw, trained)
@@ -1790,7 +1826,7 @@ def reduce_copy_bytes(cfg: ModelConfig, index: int, s: Any, hw: Hardware) -> flo
         else:
             largest = max(dense, expert_params_on_rank(cfg, s.tp, s.ep, hw))
     else:
-        largest = st.trained_on_rank(index, s.tp) if st is not None else cfg.layer_params(index) / s.tp
+        largest = st.trained_on_rank(index, s.tp) if st is not None else dense_params_on_rank(cfg, index, s.tp)
     return largest * hw.policy_at(s.zero).grad_bytes
 
 
@@ -2094,6 +2130,42 @@ def zero1_states_correction(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Har
         t.static[r] += model_state_bytes(share[r], 1, 1, states, hw)["optimizer"] - counted
 
 
+def zero1_broadcast_correction(t: _RankTotals, plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int,
+                               cache: dict[Any, Any]) -> None:
+    """Under meshwright's ZeRO-1 (``runs_zero1``) DDP all-reduces the whole gradients as at ZeRO-0 (``dp_comm_s``'s
+    one all-reduce), and then ``ZeroRedundancyOptimizer.step`` broadcasts every parameter from the rank that stepped it
+    to the others (torch's ``_broadcast_params_from_rank``: one ``broadcast`` per parameter, no bucket view; the
+    runtime waits for them before the next forward): per pipeline rank its stage's parameters in their stored dtype
+    once over the link, plus one latency per parameter. Exposed per step (after backward, nothing to hide behind).
+    LoRA: the adapters (and trained ends) alone, with one latency per block. Not measured; the alpha-beta model."""
+    if not runs_zero1(plan, hw, world_size):
+        return
+    from meshwright.launcher.planner.zero1_partition import model_params
+
+    pp = plan.pipeline.degree
+    dp = world_size // pp
+    bw, lat = link(hw, dp, 1)
+    nbytes = hw.policy_at(1).param_bytes
+    ranges = plan.stage_ranges(cfg.n_layers)
+    n_stages = len(ranges)
+    layers, ends = model_params(cfg, cache)
+    for r in range(pp):
+        ids = range(r, n_stages, pp)
+        blocks = [j for i in ids for j in range(*ranges[i])]
+        mods = (("tok_embeddings", "pos_embeddings") if 0 in ids else ()) + (("norm", "output") if n_stages - 1 in ids
+                                                                            else ())
+        if hw.lora is not None:
+            numel = sum(hw.lora.trained_on_rank(j, 1) for j in blocks) + lora_embedding_trained(
+                cfg, hw, 0 in ids, n_stages - 1 in ids, 1)
+            count = len(blocks)
+        else:
+            held = [e for j in blocks for e in layers[j]] + [e for k in mods for e in ends.get(k, [])]
+            numel, count = sum(n for n, _ in held), len(held)
+        sec = (dp - 1) / dp * numel * nbytes / bw + count * lat
+        t.step_s[r] += sec
+        t.dp += sec
+
+
 def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int,
                   cache: Optional[dict[Any, Any]] = None) -> Prediction:
     """Predict step time, throughput, MFU/HFU and memory per pipeline stage of a (validated) Plan.
@@ -2117,6 +2189,7 @@ def evaluate_plan(plan: Any, cfg: ModelConfig, hw: Hardware, world_size: int,
     t = _layer_totals(plan, cfg, hw, m, cache)
     head_tokens = _add_ends(t, plan, cfg, hw, strategies, m, world_size, cache)
     zero1_states_correction(t, plan, cfg, hw, world_size, cache)
+    zero1_broadcast_correction(t, plan, cfg, hw, world_size, cache)
     rank_mb = t.mb_s
     if pp.degree > 1:
         cross = world_size // pp.degree >= hw.devices_per_node

@@ -66,9 +66,10 @@ class Constraints:
     # only (a stack with no HSDP at that ZeRO level, export/stacks.py)
     hsdp: Optional[bool] = None
     # Only emit what meshwright's own runtime runs (meshwright.parallel.support.check_runtime_support):
-    # embeddings/head replicated over tp, ZeRO-1 only when asked for (``zero=1``: one ZeroRedundancyOptimizer over
-    # each stage's dp group, so every layer tp=1 and ZeRO-1; the per-layer search cannot hold that all-or-none rule, so
-    # an unconstrained search plans ZeRO-0/2/3), no memory savers. Off = the full space, e.g. for --emit to other stacks.
+    # embeddings/head replicated over tp, ZeRO-1 as one ZeroRedundancyOptimizer over each stage's dp group, so every
+    # layer tp=1 and ZeRO-1 (the per-layer search cannot hold that all-or-none rule: with ``zero`` unset ``search``
+    # runs it as a constraint set of its own, ``zero=1``, beside the per-layer ZeRO-0/2/3 search, and keeps the
+    # best), no memory savers. Off = the full space, e.g. for --emit to other stacks.
     runtime_compatible: bool = False
     # tp>1 layers as megatron-core's parallel linears run them (tp_backend: megatron, parallel/support.py): no sp, no
     # ZeRO-2/3 (FSDP shards DTensor parameters only), no per-layer savers
@@ -1431,6 +1432,25 @@ def search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: i
         from meshwright.launcher.planner.export.stacks import search_for_stack
 
         return search_for_stack(hw.stack, cfg, cluster, seq_len, global_batch, hw, c, top=top)
+    if _whole_model_zero1(c):
+        # meshwright's ZeRO-1 is all or nothing (one ZeroRedundancyOptimizer per stage: every layer tp=1 and ZeRO-1,
+        # parallel/support.py), which the per-layer choices cannot express: search it as a constraint set of its own
+        # beside the per-layer search (ZeRO-0/2/3), as search_for_stack does for a stack's sets, and keep the best
+        layers, zero1 = (_search(cfg, cluster, seq_len, global_batch, hw, dataclasses.replace(c, zero=z), allow, states,
+                                 top, progress, t0) for z in (None, 1))
+        zero1.rejected = [{**r, "layout": f"{r['layout']} ZeRO-1 (all layers)"} for r in zero1.rejected]
+        result = _union([layers, zero1], top, t0)
+    else:
+        result = _search(cfg, cluster, seq_len, global_batch, hw, c, allow, states, top, progress, t0)
+    if result.best is None and suggest:
+        result.suggestion = _suggest(cfg, cluster, seq_len, global_batch, hw, c, allow)
+        result.search_s = time.perf_counter() - t0
+    return result
+
+
+def _search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: int, hw: cm.Hardware,
+            c: Constraints, allow: Allow, states: Optional[str], top: int, progress: bool, t0: float) -> SearchResult:
+    """``search`` over one constraint set (the per-layer search: every layer its own strategy)."""
     allow = dataclasses.replace(allow, fp8_gemm=allow.fp8 and cm.fp8_matmul_speedup(hw) > 1)
     if cfg.gemma_fields():  # what the runtime refuses for Gemma (memory/fp8_activations.py, memory/lemo.py): never planned
         allow = dataclasses.replace(allow, fp8_act=False, lemo=None)
@@ -1460,10 +1480,35 @@ def search(cfg: ModelConfig, cluster: ClusterSpec, seq_len: int, global_batch: i
         del memo, memos  # freed before the collector is back on: it then has only the result's objects to walk
         result = _result(out, top, hw.memory_bytes, t0)
         del out
-    if result.best is None and suggest:
-        result.suggestion = _suggest(cfg, cluster, seq_len, global_batch, hw, c, allow)
-        result.search_s = time.perf_counter() - t0
     return result
+
+
+def _whole_model_zero1(c: Constraints) -> bool:
+    """Whether a runtime-compatible search also plans meshwright's whole-model ZeRO-1 (``Constraints.zero`` left to
+    the search, tp free to be 1 everywhere): ``search`` then runs the per-layer search (``layer_strategies`` keeps it
+    to ZeRO-0/2/3 there) and the ZeRO-1 set (``zero=1``: tp=1 everywhere, ``_tp_bases``) and takes the union."""
+    return c.runtime_compatible and c.zero is None and c.tp in (None, 1)
+
+
+def _union(results: list[SearchResult], top: int, t0: float) -> SearchResult:
+    """One SearchResult of searches over disjoint constraint sets: their plans fastest first (distinct layouts, as
+    ``_result`` orders them), their rejections, candidates and skipped counts summed, the smallest need."""
+    found = sorted((x for r in results for x in ([r.best] if r.best else []) + list(r.runners_up)),
+                   key=lambda x: (x.prediction.step_s, describe_layout(x.plan)))
+    uniq: list[Candidate] = []
+    seen = set()
+    for x in found:
+        key = describe_layout(x.plan)
+        if key not in seen:
+            seen.add(key)
+            uniq.append(x)
+    rejected = sorted((r for res in results for r in res.rejected),
+                      key=lambda r: ("need_gib" not in r, r.get("need_gib", 0.0), r["layout"]))
+    needs = [r.min_memory_gib for r in results if r.min_memory_gib is not None]
+    return SearchResult(best=uniq[0] if uniq else None, runners_up=uniq[1:top], rejected=rejected,
+                        search_s=time.perf_counter() - t0, candidates=sum(r.candidates for r in results),
+                        budget_gib=results[0].budget_gib, skipped=sum(r.skipped for r in results),
+                        min_memory_gib=None if uniq or not needs else min(needs))
 
 
 def _outside_stack(stack: str, c: Constraints, cfg: ModelConfig) -> bool:

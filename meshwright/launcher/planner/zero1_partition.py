@@ -29,23 +29,48 @@ def partition_numels(groups: list[list[int]], dp: int) -> list[int]:
     return sizes
 
 
+def block_params(cfg: ModelConfig, index: int) -> Params:
+    """Block ``index``'s parameters as the runtime builds them (models/decoder.py, models/layers.py, models/moe.py):
+    the norms (GPT-2's LayerNorms with a bias), q/k/v/o (their biases: GPT-2 all four, Qwen2's q/k/v), Qwen3's q/k
+    head norms, and the MLP (GPT-2's two linears with biases, the gated three, or an MoE's router and stacked
+    experts). Derived from the config, not a built model, so the planner stays free of torch (tests/unit/
+    test_import_cost.py); tests/unit/test_zero1_partition.py checks it against a model built on the meta device."""
+    d, hq, kv, hd = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.head_dim
+    gpt2 = cfg.arch == "gpt2"
+    norm = [(d, False), (d, False)] if gpt2 else [(d, False)]
+    out: Params = norm * cfg.block_norms()
+    out += [(hq * d, True), (kv * d, True), (kv * d, True), (d * hq, True)]
+    if gpt2:
+        out += [(hq, False), (kv, False), (kv, False), (d, False)]
+    elif cfg.qkv_bias:
+        out += [(hq, False), (kv, False), (kv, False)]
+    if cfg.qk_norm:
+        out += [(hd, False), (hd, False)]
+    if cfg.is_moe_layer(index):
+        e, fe = cfg.n_experts, cfg.expert_ffn_dim
+        out += [(e * d, True)] + [(e * fe * d, True)] * 3
+    elif gpt2:
+        f = cfg.ffn_dim
+        out += [(f * d, True), (f, False), (d * f, True), (d, False)]
+    else:
+        out += [(cfg.ffn_dim * d, True)] * 3
+    return out
+
+
 def model_params(cfg: ModelConfig, cache: dict[Any, Any]) -> tuple[dict[int, Params], dict[str, Params]]:
     """Per block index and per end module (tok_embeddings, pos_embeddings, norm, output) the parameters of ``cfg``'s
-    model as the runtime builds it (on the meta device: shapes only; a tied head appears once, under the embedding),
-    computed once per ``cache`` (one model's)."""
+    model as the runtime builds it (a tied head appears once, under the embedding; ``block_params``), computed once
+    per ``cache`` (one model's)."""
     key = ("zero1_model_params",)
     if key not in cache:
-        from meshwright.models import build_model
-
-        layers: dict[int, Params] = {}
-        ends: dict[str, Params] = {}
-        for name, p in build_model(cfg, device="meta").named_parameters():
-            top, rest = name.split(".", 1)
-            entry = (p.numel(), p.dim() >= 2)
-            if top == "layers":
-                layers.setdefault(int(rest.split(".", 1)[0]), []).append(entry)
-            else:
-                ends.setdefault(top, []).append(entry)
+        d = cfg.d_model
+        layers = {i: block_params(cfg, i) for i in range(cfg.n_layers)}
+        ends: dict[str, Params] = {"tok_embeddings": [(cfg.vocab_size * d, True)],
+                                   "norm": [(d, False), (d, False)] if cfg.arch == "gpt2" else [(d, False)]}
+        if cfg.arch == "gpt2":
+            ends["pos_embeddings"] = [(cfg.max_seq_len * d, True)]
+        if not cfg.tie_embeddings:
+            ends["output"] = [(cfg.vocab_size * d, True)]
         cache[key] = (layers, ends)
     return cache[key]
 

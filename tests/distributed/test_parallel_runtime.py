@@ -68,9 +68,25 @@ def test_four_rank_layouts_match_one_process(four_rank) -> None:
     from meshwright.launcher.planner.zero1_partition import stage_state_numels
     from meshwright.plan import plan_from_dict
 
+    check_pipeline_forwards(report, PIPELINE_4)
     held = [r["opt_state_bytes"] for _, r in sorted(report["pp2_dp2_zero1"]["ranks"].items())]
     planned = stage_state_numels(CFG, plan_from_dict(CASES["pp2_dp2_zero1"][0]), 2, {})
     assert [max(held[0:2]), max(held[2:4])] == [8 * n for n in planned], (held, planned)
+
+
+PIPELINE_4 = {"pp2_tp2", "pp2_dp2", "pp2_dp2_zero1", "pp2_layerwise_dp2_zero2_tp2", "lora_pp2_dp2"}
+PIPELINE_2 = {"pp2_1f1b", "pp2_gpipe", "pp2_interleaved", "lora_pp2_1f1b", "ckpt_dp2tp2_to_pp2"}
+
+
+def check_pipeline_forwards(report: dict, names: set[str]) -> None:
+    """Each pp case's chunks ran exactly one forward per micro-batch of its eval and steps (parity_lib.check_runtime
+    counts them): the stages' shapes were fixed up front, so no schedule ran torch's shape-inference forward (with it
+    each chunk counted one more per schedule, eval's and training's: 18 where 16 are the micro-batches'), and every
+    stage returned the dtype it declared (``stage_casts``)."""
+    for name in names:
+        for rank, r in report[name]["ranks"].items():
+            assert r["chunk_forwards"] == r["chunk_forwards_expected"], (name, rank, r["chunk_forwards"])
+            assert min(r["chunk_forwards"]) > 0 and r["stage_casts"] == 0, (name, rank, r)
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +103,7 @@ def test_two_rank_layouts_match_one_process_and_resume_under_pp2(two_rank) -> No
     report, run_dir = two_rank
     assert set(report) == TWO_RANK
     assert all(c["ok"] for c in report.values()), _failures(report)
+    check_pipeline_forwards(report, PIPELINE_2)
     # ZeRO-1/2/3 really shard the optimizer states: each rank holds about half of DDP's Adam states
     full = report["dp2_ddp"]["ranks"]["0"]["opt_state_bytes"]
     for name in ("dp2_zero1", "dp2_zero2_fsdp", "dp2_zero3_fsdp"):

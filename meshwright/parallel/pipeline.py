@@ -53,7 +53,9 @@ def stage_io(tokens: torch.Tensor, d_model: int, boundary_dtypes: Sequence[torch
     ``tokens`` (one micro-batch's token ids, any device): stage 0 takes them, stage i > 0 the hidden states
     (mb, seq, ``d_model``) stage i-1 returns in ``boundary_dtypes[i-1]`` (requiring grad where
     ``boundary_grads[i-1]``: torch 2.13 sends input gradients only for those); the last stage returns
-    (mb, seq, ``last_width``) in ``last_dtype`` (logits, or the hidden states its loss applies the head to)."""
+    (mb, seq, ``last_width``) in ``last_dtype`` (logits, or the hidden states its loss applies the head to). All
+    contiguous: the schedule's micro-batches must be too (torch 2.11 compares stage 0's inputs' strides, and every
+    stage's outputs', with the declared ones at each forward; ``FixedOutput`` makes outputs contiguous)."""
     mb_seq = tuple(tokens.shape)
     n = len(boundary_dtypes) + 1
     hidden = [meta((*mb_seq, d_model), dt, rg) for dt, rg in zip(boundary_dtypes, boundary_grads)]

@@ -164,7 +164,8 @@ def run_pp_case(cfg, mesh, groups, seed: int) -> dict:
     stage = cut_stage(full, start, end, first=pp_rank == 0, last=pp_rank == 1)
     attach_aux_loss_to_backward(stage)
     meter = apply_ep(stage, groups.ep)
-    x, y = data[dp_rank, :, :-1], data[dp_rank, :, 1:]
+    # contiguous: stage 0's declared input is (torch 2.11 compares its strides with every micro-batch's)
+    x, y = data[dp_rank, :, :-1].contiguous(), data[dp_rank, :, 1:]
     # the stages' shapes fixed up front (fp32 hidden states between them, logits out of the last): no trial forward
     # routes an uninitialised buffer through the all-to-alls (a2a_calls counts the real micro-batches' only)
     io = stage_io(x[:1], cfg.d_model, [torch.float32], [True], cfg.vocab_size, torch.float32)

@@ -1,7 +1,7 @@
 """Loss/gradient parity of every parallel layout against the one-process run, under torchrun + gloo.
 
 Two launches: 4 ranks (2-D/3-D layouts, a checkpoint written under dp2·tp2 and resumed under
-pp2·dp2) and 2 ranks (all 2-device layouts incl. DeepSpeed ZeRO-1/2/3, and the same checkpoint
+pp2·dp2; bf16 pipelines whose stages pass FSDP2-cast bf16 hidden states, each declared up front) and 2 ranks (all 2-device layouts incl. DeepSpeed ZeRO-1/2/3, and the same checkpoint
 resumed under pp2; LoRA under DDP, FSDP2, DTensor tp2 (+sp) and pp2 -- on 4 ranks tp2 x dp2 and pp2 x dp2 -- with
 an adapter-only ZeRO-3 and a tp2 LoRA checkpoint resumed under DDP; LoRA under megatron-core tp2 -- on 4 ranks tp2 x
 dp2 -- with an adapter-only checkpoint resumed under DDP). The checkpoint is also resumed here in one process, and the tp2 LoRA checkpoints (DTensor
@@ -24,7 +24,8 @@ sys.path.insert(0, str(HERE))
 FOUR_RANK = {"dp2_tp2_fsdp", "dp2_tp2_sp_zero0", "dp2_tp2_megatron", "pp2_tp2", "pp2_dp2",
              "pp2_layerwise_dp2_zero2_tp2", "ckpt_dp2tp2_to_pp2dp2",
              "hsdp_dp4_shard2", "hsdp_dp2x_tp2_zero2", "hsdp_plan_per_layer", "lora_tp2_dp2_fsdp", "lora_pp2_dp2",
-             "lora_tp2_dp2_megatron", "pp2_dp2_zero1", "ckpt_pp2dp2_zero1_to_dp4_zero1"}
+             "lora_tp2_dp2_megatron", "pp2_dp2_zero1", "ckpt_pp2dp2_zero1_to_dp4_zero1",
+             "bf16_pp2_dp2_zero3", "bf16_pp2_dp2_zero_mix", "bf16_chunked_pp2_dp2_zero3"}
 TWO_RANK = {"dp2_ddp", "dp2_zero1", "dp2_zero2_fsdp", "dp2_zero3_fsdp", "tp2_dtensor", "tp2_megatron", "tp2_sp",
             "pp2_1f1b", "pp2_gpipe", "pp2_interleaved", "layerwise_tp_zero_mix", "recompute_full_dp2",
             "recompute_selective_tp2", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "ckpt_dp2tp2_to_pp2",

@@ -51,7 +51,7 @@ from meshwright.parallel.expert_tp import adapter_params as expert_adapter_param
 from meshwright.parallel.layerwise import apply_batch_redistribution
 from meshwright.parallel.mesh import build_meshes, hsdp_shard
 from meshwright.parallel.meta_init import Box, check_placement_box, ep_boxes, materialize, shard_box, supports_meta_init
-from meshwright.parallel.pipeline import HiddenOutput, build_schedule, cut_stage, stage_ids
+from meshwright.parallel.pipeline import HiddenOutput, StageIO, build_schedule, cut_stage, stage_ids, stage_io
 from meshwright.parallel.recompute import apply_recompute
 from meshwright.parallel.support import check_deepspeed_train, check_runtime_support
 from meshwright.parallel.tensor_parallel import apply_tp
@@ -153,6 +153,20 @@ def apply_plan_savers(model: Decoder, plan: Plan, seed: int) -> dict[str, list[i
     if keep:
         apply_wta_crs_per_layer(model, keep, seed=seed)
         out["wta_crs"] = sorted(keep)
+    return out
+
+
+def boundary_grads(full: Decoder, ranges: list[tuple[int, int]]) -> list[bool]:
+    """Whether each stage but the last returns hidden states that carry gradients: some stage up to it has a
+    trainable parameter (a frozen base under LoRA may leave the first stages without any), from the whole (meta)
+    model, so every rank knows every stage's."""
+    out, grads = [], False
+    for i, (start, end) in enumerate(ranges[:-1]):
+        mods = [full.layers[str(k)] for k in range(start, end)]
+        if i == 0:
+            mods += [mod for mod in (full.tok_embeddings, full.pos_embeddings) if mod is not None]
+        grads = grads or any(p.requires_grad for mod in mods for p in mod.parameters())
+        out.append(grads)
     return out
 
 
@@ -267,6 +281,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
             for tp, ep in sorted(self._ep)}
         self.a2a_meter = A2AMeter()
         chunks = [cut_stage(full, *ranges[i], i == 0, i == self.n_stages - 1) for i in self.stage_ids]
+        self._boundary_grads = boundary_grads(full, ranges)
         del full
         if cfg.n_experts and m.pp > 1:  # stages never see the loss: the aux loss enters through backward
             for chunk in chunks:
@@ -324,7 +339,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         # what the pipeline schedule runs: the last stage hands its hidden states to loss_fn when the head is there
         self._stage_modules = [HiddenOutput(mod) if self.head_loss is not None and i == self.n_stages - 1 else mod
                                for mod, i in zip(self.modules, self.stage_ids)]
-        self._schedules: dict[tuple[int, bool], Any] = {}
+        self._schedules: dict[tuple[Any, ...], Any] = {}
         self._params = list(dict.fromkeys(self.model.parameters()))
         self._heterogeneous = len({(type(p), getattr(p, "device_mesh", None)) for p in self._params}) > 1
 
@@ -469,17 +484,63 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         dist.all_reduce(t)
         return t / self.meshes.per_stage
 
-    def _schedule(self, n: int, train: bool):
-        """One schedule per (micro-batch count, train/eval): a stage first run by ``eval`` never builds
-        its backward buffers (pytorch#162822), so training never reuses an eval schedule."""
-        if (n, train) not in self._schedules:
+    def _schedule(self, micro_batches: list[Batch], train: bool):
+        """One schedule per (micro-batch count, micro-batch shape and dtype, train/eval): its stages' buffers have
+        that shape (``_stage_io``), and a stage first run by ``eval`` never builds its backward buffers
+        (pytorch#162822), so training never reuses an eval schedule."""
+        tokens = micro_batches[0][0]
+        shapes = {tuple(x.shape) for x, _ in micro_batches}
+        if len(shapes) > 1:
+            raise invalid("micro_batches", sorted(shapes), "micro-batches of one shape under pipeline parallelism "
+                          "(every stage receives into buffers of one micro-batch's shape)")
+        key = (len(micro_batches), tuple(tokens.shape), tokens.dtype, train)
+        if key not in self._schedules:
             pp = self.plan.pipeline
-            self._schedules[(n, train)] = build_schedule(self._stage_modules, self.stage_ids, self.n_stages, pp.schedule, n,
-                                                         self.loss_fn, self.device, self.meshes.pp_group)
-        return self._schedules[(n, train)]
+            self._schedules[key] = build_schedule(self._stage_modules, self.stage_ids, self.n_stages, pp.schedule,
+                                                  len(micro_batches), self.loss_fn, self.device, self.meshes.pp_group,
+                                                  io=self._stage_io(tokens))
+        return self._schedules[key]
+
+    def _stage_io(self, tokens: torch.Tensor) -> list[StageIO]:
+        """Every stage's input and output from one micro-batch's token ids and the layout, with no forward (torch's
+        inference pass ran the stages' collectives on an uninitialised buffer, pipeline.py). Shapes: (mb, seq) ids
+        into stage 0, (mb, seq, d_model) hidden states between stages (each block returns its input's shape: tp,
+        sp and the batch redistribution of layer-wise plans all hand back plain local tensors), logits (or, with
+        ``head_loss``, hidden states) out of the last. Dtypes, as the stages compute them: the residual stream is
+        in the dtype of the embedding's weights (fp32; the compute dtype where FSDP2 gathers them in it) and a
+        block adds to it what autocast returns (bf16) -- fp32 plus bf16 stays fp32 -- except that a block under
+        FSDP2's mixed policy casts its input to the compute dtype, and a bf16 stream through fp32-weight post norms
+        (Llama-style RMSNorm, LayerNorm) comes out fp32. Logits are in the compute dtype (autocast's head); the
+        final norm's output as that norm computes it. ``FixedOutput`` casts what this rule misses, with a warning."""
+        cfg, m, strategies = self.cfg, self.meshes, self.strategies
+        mixed, fp32, compute = self.precision.mixed, torch.float32, self.precision.torch_dtype()
+        fsdp_mixed = [mixed and not self.uniform_ddp and s.dp > 1 and s.zero >= 2 for s in strategies]
+        outer_mixed = mixed and not self.uniform_ddp and m.per_stage > 1 and self.plan.embedding.zero >= 2
+        upcasting_post_norms = cfg.post_norms and (cfg.arch == "gpt2" or not cfg.norm_unit_offset)
+        stream = compute if outer_mixed else fp32
+        boundary = []
+        for start, end in self.plan.stage_ranges(cfg.n_layers):
+            for k in range(start, end):
+                if fsdp_mixed[k]:
+                    stream = compute
+                elif stream != fp32 and upcasting_post_norms:
+                    stream = fp32
+            boundary.append(stream)
+        if self.head_loss is None:
+            last_width, last_dtype = cfg.vocab_size, compute if mixed else fp32
+        else:
+            norm_weight = compute if outer_mixed else fp32
+            last_width = cfg.d_model
+            if cfg.arch == "gpt2":  # LayerNorm: autocast computes it in fp32
+                last_dtype = fp32
+            elif cfg.norm_unit_offset:  # cast back to its input's dtype
+                last_dtype = stream
+            else:  # its input's dtype times its weight's
+                last_dtype = torch.promote_types(stream, norm_weight)
+        return stage_io(tokens, cfg.d_model, boundary[:-1], self._boundary_grads, last_width, last_dtype)
 
     def _run_pipeline(self, micro_batches: list[Batch], train: bool) -> torch.Tensor | float:
-        sched = self._schedule(len(micro_batches), train)
+        sched = self._schedule(micro_batches, train)
         x = batch_to_device(torch.cat([b[0] for b in micro_batches]), self.device)
         y = batch_to_device(torch.cat([b[1] for b in micro_batches]), self.device)
         args = (x,) if self.has_first else ()

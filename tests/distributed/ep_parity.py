@@ -142,7 +142,7 @@ def run_case(name: str, cfg, dp_group, dp_rank: int, dp: int, groups, seed: int,
 
 
 def run_pp_case(cfg, mesh, groups, seed: int) -> dict:
-    from meshwright.parallel.pipeline import build_schedule, cut_stage
+    from meshwright.parallel.pipeline import build_schedule, cut_stage, stage_io
 
     pp_rank, dp_rank = mesh["pp"].get_local_rank(), mesh["dp"].get_local_rank()
     ref = build_model(cfg, seed=seed)
@@ -164,8 +164,13 @@ def run_pp_case(cfg, mesh, groups, seed: int) -> dict:
     stage = cut_stage(full, start, end, first=pp_rank == 0, last=pp_rank == 1)
     attach_aux_loss_to_backward(stage)
     meter = apply_ep(stage, groups.ep)
-    sched = build_schedule([stage], [pp_rank], 2, "1f1b", n_mb, lm_loss, torch.device("cpu"), mesh["pp"].get_group())
-    x, y = data[dp_rank, :, :-1], data[dp_rank, :, 1:]
+    # contiguous: stage 0's declared input is (torch 2.11 compares its strides with every micro-batch's)
+    x, y = data[dp_rank, :, :-1].contiguous(), data[dp_rank, :, 1:]
+    # the stages' shapes fixed up front (fp32 hidden states between them, logits out of the last): no trial forward
+    # routes an uninitialised buffer through the all-to-alls (a2a_calls counts the real micro-batches' only)
+    io = stage_io(x[:1], cfg.d_model, [torch.float32], [True], cfg.vocab_size, torch.float32)
+    sched = build_schedule([stage], [pp_rank], 2, "1f1b", n_mb, lm_loss, torch.device("cpu"), mesh["pp"].get_group(),
+                           io=io)
     losses: list = []
     if pp_rank == 0:
         sched.step(x)
@@ -189,7 +194,7 @@ def run_pp_case(cfg, mesh, groups, seed: int) -> dict:
     return {"case": "ep2pp2", "rank": dist.get_rank(), "pp_rank": pp_rank, "top_k": cfg.top_k,
             "capacity_factor": cfg.capacity_factor, "loss": loss.item() if pp_rank == 1 else None, "ref_loss": ref_lm,
             "loss_err": abs(loss.item() - ref_lm) if pp_rank == 1 else 0.0, "grad_err": max_err, "grad_max": max_ref,
-            "n_expert_params": n_expert, "a2a_calls": meter.calls, "a2a_bytes": meter.bytes_total}
+            "n_expert_params": n_expert, "a2a_calls": meter.calls, "a2a_bytes": meter.bytes_total, "n_mb": n_mb}
 
 
 # ---- LoRA under ep, through the runtime ---------------------------------------------------------------------

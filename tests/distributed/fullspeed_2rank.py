@@ -24,6 +24,7 @@ from parity_lib import (
     STEPS,
     Report,
     check_runtime,
+    stage_casts,
     failure,
     full_grads,
     init,
@@ -357,11 +358,12 @@ def bf16_case(pd: dict, backend: str, ref: list[float], loss_chunk_tokens: int =
     meter = LinearDtypes(rt.chunks)
     losses = train(rt)
     meter.close()
+    casts = stage_casts(rt)  # pipeline stages: each output in the dtype declared to the next stage, none cast
     rt.close()
     worst = max(rel(a, b) for a, b in zip(losses, ref))
-    ok = meter.seen == {"bfloat16"} and meter.calls > 0 and worst <= BF16_RTOL
+    ok = meter.seen == {"bfloat16"} and meter.calls > 0 and worst <= BF16_RTOL and casts == 0
     return {"ok": ok, "linear_out_dtypes": sorted(meter.seen), "linear_calls": meter.calls, "loss_rel": worst,
-            "losses": losses, "ref": ref, "compute_dtype": rt.compute_dtype}
+            "losses": losses, "ref": ref, "compute_dtype": rt.compute_dtype, "stage_casts": casts}
 
 
 def compile_case(pd: dict, ref: list[dict]) -> dict:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import sys
 
 import torch.distributed as dist
-from parity_lib import CFG, Report, check_runtime, failure, init, plan, reference, run_worker, uniform
+from parity_lib import (CFG, MAX_NORM, SEED, Report, check_runtime, count_chunk_forwards, failure, init, make_opt, plan,
+                        reference, rel, run_worker, shard, stage_casts, uniform)
 
 from meshwright.parallel.runtime import DistributedRuntime
 from meshwright.plan import plan_from_dict
 from meshwright.train.checkpoint import load_runtime, save_runtime
+from meshwright.train.precision import PrecisionPolicy
 
 PP2 = {"degree": 2, "schedule": "1f1b", "microbatches": 2}
 CASES = {
@@ -40,6 +42,56 @@ LORA_CASES = {
     "lora_tp2_dp2_megatron": plan(uniform(tp=2, dp=2)),
 }
 LORA_BACKENDS = {"lora_tp2_dp2_megatron": "megatron"}  # the others: dtensor
+
+# bf16 under pp2 x dp2 with FSDP2's mixed policy (bf16 gathered weights, inputs cast to bf16): the hidden states
+# between the stages are bf16 where FSDP cast the residual stream (from the embedding, or from layer 0 on, through
+# the plain zero-0 layer 1), and DistributedRuntime._stage_io declares that dtype up front (no inference pass):
+# (case: plan, loss_chunk_tokens, the stages' declared outputs). No stage may return another dtype (stage_casts 0),
+# each chunk runs one forward per micro-batch, the losses track the one-process bf16 run.
+BF16 = "torch.bfloat16"
+BF16_PP_CASES = {
+    "bf16_pp2_dp2_zero3": (plan(uniform(dp=2, zero=3), pipeline=PP2, embedding={"zero": 3}), 0, [BF16, BF16]),
+    "bf16_pp2_dp2_zero_mix": (plan([{"dp": 2, "zero": 3}, {"dp": 2}, {"dp": 2}, {"dp": 2, "zero": 3}], pipeline=PP2),
+                              0, [BF16, BF16]),
+    # the last stage returns the final norm's output (its head runs in the chunked loss): bf16 stream x bf16 weight
+    "bf16_chunked_pp2_dp2_zero3": (plan(uniform(dp=2, zero=3), pipeline=PP2, embedding={"zero": 3}), 8, [BF16, BF16]),
+}
+BF16_RTOL = 5e-3  # as fullspeed_2rank's bf16 layouts
+
+
+def bf16_pp_case(pd: dict, chunk: int, declared: list[str], ref: list[float]) -> dict:
+    rt = DistributedRuntime(CFG, plan_from_dict(pd), seed=SEED, precision=PrecisionPolicy.from_dtype("bf16"),
+                            loss_chunk_tokens=chunk)
+    calls = count_chunk_forwards(rt)
+    opt = rt.build_optimizer(make_opt)
+    losses = []
+    for step in range(len(ref)):
+        losses.append(rt.forward_backward(shard(step, rt.dp_rank, rt.dp_size)))
+        rt.clip_grad_norm_(MAX_NORM)
+        rt.optimizer_step(opt)
+    mbs = shard(0, rt.dp_rank, rt.dp_size)
+    outputs = [str(io.output.dtype) for io in rt._stage_io(mbs[0][0])]
+    casts = stage_casts(rt)
+    rt.close()
+    worst = max(rel(a, b) for a, b in zip(losses, ref))
+    ok = (casts == 0 and outputs == declared and calls == [len(ref) * len(mbs)] * len(calls) and worst <= BF16_RTOL)
+    return {"ok": ok, "loss_rel": worst, "losses": losses, "stage_casts": casts, "declared_outputs": outputs,
+            "chunk_forwards": calls}
+
+
+def bf16_reference(steps: int) -> list[float]:
+    """The one-process bf16 run's losses (LocalRuntime: autocast, fp32 weights; the 4 micro-batches of a step)."""
+    from meshwright.models import build_model
+    from meshwright.train.local_runtime import LocalRuntime
+
+    rt = LocalRuntime(build_model(CFG, seed=SEED), dtype="bf16")
+    opt = rt.build_optimizer(make_opt)
+    losses = []
+    for step in range(steps):
+        losses.append(rt.forward_backward(shard(step, 0, 1)))
+        rt.clip_grad_norm_(MAX_NORM)
+        rt.optimizer_step(opt)
+    return losses
 CKPT_SAVE = "dp2_tp2_fsdp"  # the case whose run the checkpoint case saves after its 2 steps
 ZERO1_CKPT = "ckpt_pp2dp2_zero1_to_dp4_zero1"
 
@@ -103,6 +155,17 @@ def main() -> None:
         try:
             lora_ref = lora_ref or lora_reference(LORA)
             res = check_lora_case(name, pd, LORA, lora_ref, steps=2, tp_backend=LORA_BACKENDS.get(name, "dtensor"))
+        except Exception as e:
+            res = failure(f"case {name}", e)
+        report.add(name, res["ok"], res)
+        dist.barrier()
+    bf16_ref = None
+    for name, (pd, chunk, declared) in BF16_PP_CASES.items():
+        if only and name not in only:
+            continue
+        try:
+            bf16_ref = bf16_ref or bf16_reference(2)
+            res = bf16_pp_case(pd, chunk, declared, bf16_ref)
         except Exception as e:
             res = failure(f"case {name}", e)
         report.add(name, res["ok"], res)

@@ -208,9 +208,29 @@ class Report:
             Path(self.path).write_text(json.dumps(merged, indent=1, default=str))
 
 
+def count_chunk_forwards(rt) -> list[int]:
+    """A live count of the forwards each of ``rt``'s pipeline chunks runs (a pre-hook on each chunk)."""
+    calls = [0] * len(rt.chunks)
+    for i, chunk in enumerate(rt.chunks):
+        chunk.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    return calls
+
+
+def stage_casts(rt) -> int:
+    """Outputs the pipeline stages of ``rt`` had to cast to their declared dtype (pipeline.FixedOutput): 0 when
+    ``DistributedRuntime._stage_io`` knew the layout's dtypes."""
+    stages = [st for sched in rt._schedules.values() for st in getattr(sched, "_stages", [getattr(sched, "_stage", None)])]
+    return sum(getattr(st.submod, "casts", 0) for st in stages if st is not None)
+
+
 def check_runtime(rt, ref: list[dict], steps: int = STEPS, start: int = 0, check_grads: bool = True, opt=None) -> dict:
-    """Train ``steps`` steps on ``rt``; compare loss, grads (first step) and grad norm with ``ref``."""
+    """Train ``steps`` steps on ``rt``; compare loss, grads (first step) and grad norm with ``ref``. Under pp also
+    count each chunk's forwards: exactly one per micro-batch of every eval and step (torch's shape-inference pass,
+    a forward on an uninitialised buffer at each schedule's first step, would add one per schedule)."""
     opt = opt or rt.build_optimizer(make_opt)
+    pp = rt.meshes.pp > 1
+    calls = count_chunk_forwards(rt) if pp else []
+    n_mb = len(shard(start, rt.dp_rank, rt.dp_size))
     worst = {"loss": 0.0, "grad": 0.0, "norm": 0.0, "eval": 0.0}
     worst_name = ""
     # eval_loss before the first update sees the same weights and batch as the reference's first loss
@@ -230,7 +250,13 @@ def check_runtime(rt, ref: list[dict], steps: int = STEPS, start: int = 0, check
     ok = all(v <= RTOL for v in worst.values()) and all(math.isfinite(v) for v in worst.values())
     from meshwright.parallel.data_parallel import sharded_state_bytes
 
-    return {"ok": ok, **worst, "worst_grad_param": worst_name, "opt": opt, "opt_state_bytes": sharded_state_bytes(opt)}
+    extra = {}
+    if pp:
+        extra = {"chunk_forwards": list(calls), "chunk_forwards_expected": [(1 + steps) * n_mb] * len(calls),
+                 "stage_casts": stage_casts(rt)}
+        ok = ok and extra["chunk_forwards"] == extra["chunk_forwards_expected"] and extra["stage_casts"] == 0
+    return {"ok": ok, **worst, "worst_grad_param": worst_name, "opt": opt, "opt_state_bytes": sharded_state_bytes(opt),
+            **extra}
 
 
 def failure(label: str, exc: BaseException) -> dict:

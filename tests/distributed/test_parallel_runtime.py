@@ -1,7 +1,7 @@
 """Loss/gradient parity of every parallel layout against the one-process run, under torchrun + gloo.
 
 Two launches: 4 ranks (2-D/3-D layouts, a checkpoint written under dp2·tp2 and resumed under
-pp2·dp2) and 2 ranks (all 2-device layouts incl. DeepSpeed ZeRO-1/2/3, and the same checkpoint
+pp2·dp2; bf16 pipelines whose stages pass FSDP2-cast bf16 hidden states, each declared up front) and 2 ranks (all 2-device layouts incl. DeepSpeed ZeRO-1/2/3, and the same checkpoint
 resumed under pp2; LoRA under DDP, FSDP2, DTensor tp2 (+sp) and pp2 -- on 4 ranks tp2 x dp2 and pp2 x dp2 -- with
 an adapter-only ZeRO-3 and a tp2 LoRA checkpoint resumed under DDP; LoRA under megatron-core tp2 -- on 4 ranks tp2 x
 dp2 -- with an adapter-only checkpoint resumed under DDP). The checkpoint is also resumed here in one process, and the tp2 LoRA checkpoints (DTensor
@@ -24,7 +24,8 @@ sys.path.insert(0, str(HERE))
 FOUR_RANK = {"dp2_tp2_fsdp", "dp2_tp2_sp_zero0", "dp2_tp2_megatron", "pp2_tp2", "pp2_dp2",
              "pp2_layerwise_dp2_zero2_tp2", "ckpt_dp2tp2_to_pp2dp2",
              "hsdp_dp4_shard2", "hsdp_dp2x_tp2_zero2", "hsdp_plan_per_layer", "lora_tp2_dp2_fsdp", "lora_pp2_dp2",
-             "lora_tp2_dp2_megatron", "pp2_dp2_zero1", "ckpt_pp2dp2_zero1_to_dp4_zero1"}
+             "lora_tp2_dp2_megatron", "pp2_dp2_zero1", "ckpt_pp2dp2_zero1_to_dp4_zero1",
+             "bf16_pp2_dp2_zero3", "bf16_pp2_dp2_zero_mix", "bf16_chunked_pp2_dp2_zero3"}
 TWO_RANK = {"dp2_ddp", "dp2_zero1", "dp2_zero2_fsdp", "dp2_zero3_fsdp", "tp2_dtensor", "tp2_megatron", "tp2_sp",
             "pp2_1f1b", "pp2_gpipe", "pp2_interleaved", "layerwise_tp_zero_mix", "recompute_full_dp2",
             "recompute_selective_tp2", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "ckpt_dp2tp2_to_pp2",
@@ -68,9 +69,25 @@ def test_four_rank_layouts_match_one_process(four_rank) -> None:
     from meshwright.launcher.planner.zero1_partition import stage_state_numels
     from meshwright.plan import plan_from_dict
 
+    check_pipeline_forwards(report, PIPELINE_4)
     held = [r["opt_state_bytes"] for _, r in sorted(report["pp2_dp2_zero1"]["ranks"].items())]
     planned = stage_state_numels(CFG, plan_from_dict(CASES["pp2_dp2_zero1"][0]), 2, {})
     assert [max(held[0:2]), max(held[2:4])] == [8 * n for n in planned], (held, planned)
+
+
+PIPELINE_4 = {"pp2_tp2", "pp2_dp2", "pp2_dp2_zero1", "pp2_layerwise_dp2_zero2_tp2", "lora_pp2_dp2"}
+PIPELINE_2 = {"pp2_1f1b", "pp2_gpipe", "pp2_interleaved", "lora_pp2_1f1b", "ckpt_dp2tp2_to_pp2"}
+
+
+def check_pipeline_forwards(report: dict, names: set[str]) -> None:
+    """Each pp case's chunks ran exactly one forward per micro-batch of its eval and steps (parity_lib.check_runtime
+    counts them): the stages' shapes were fixed up front, so no schedule ran torch's shape-inference forward (with it
+    each chunk counted one more per schedule, eval's and training's: 18 where 16 are the micro-batches'), and every
+    stage returned the dtype it declared (``stage_casts``)."""
+    for name in names:
+        for rank, r in report[name]["ranks"].items():
+            assert r["chunk_forwards"] == r["chunk_forwards_expected"], (name, rank, r["chunk_forwards"])
+            assert min(r["chunk_forwards"]) > 0 and r["stage_casts"] == 0, (name, rank, r)
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +104,7 @@ def test_two_rank_layouts_match_one_process_and_resume_under_pp2(two_rank) -> No
     report, run_dir = two_rank
     assert set(report) == TWO_RANK
     assert all(c["ok"] for c in report.values()), _failures(report)
+    check_pipeline_forwards(report, PIPELINE_2)
     # ZeRO-1/2/3 really shard the optimizer states: each rank holds about half of DDP's Adam states
     full = report["dp2_ddp"]["ranks"]["0"]["opt_state_bytes"]
     for name in ("dp2_zero1", "dp2_zero2_fsdp", "dp2_zero3_fsdp"):

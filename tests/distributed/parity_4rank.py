@@ -1,5 +1,6 @@
-"""Four-rank parity checks (one torchrun launch): 2-D/3-D layouts, and a checkpoint written under
-dp2·tp2 resumed under pp2·dp2 (the same loss trajectory as the one-process run)."""
+"""Four-rank parity checks (one torchrun launch): 2-D/3-D layouts, a checkpoint written under dp2·tp2 resumed under
+pp2·dp2 (the same loss trajectory as the one-process run), and per ZeRO level pp2·dp2 <-> dp4 resumes with the state
+equal bit for bit (``layout_resumes``), LoRA ZeRO-1 too (``lora_zero1_resume``)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import sys
 
 import torch
 import torch.distributed as dist
-from parity_lib import (CFG, RTOL, Report, check_runtime, failure, full_state, init, plan, reference, run_worker, state_diff,
-                        uniform)
+from parity_lib import (CFG, RTOL, Report, check_runtime, failure, full_state, init, plan, reference, run_worker,
+                        state_diff, uniform)
 
 from meshwright.parallel.runtime import DistributedRuntime
 from meshwright.plan import plan_from_dict

@@ -110,7 +110,8 @@ def test_checkpoints_are_flat_and_resume_exactly(tmp_path) -> None:
     keys = read_metadata_file(path / ".metadata").state_dict_metadata
     names = [n for n, _ in build_model(CFG, seed=0).named_parameters()]
     for n in names:  # every parameter's settings under its own key; no group index, no params list
-        assert {f"optim.param_groups.{n}.lr", f"optim.param_groups.{n}.weight_decay", f"optim.state.{n}.exp_avg"} <= set(keys)
+        want = {f"optim.param_groups.{n}.lr", f"optim.param_groups.{n}.weight_decay", f"optim.state.{n}.exp_avg"}
+        assert want <= set(keys), n
     assert not any(k.startswith("optim.param_groups.0.") for k in keys)
     resume(path, snapshot, straight)
 
@@ -125,7 +126,8 @@ def test_nested_checkpoint_of_earlier_versions_resumes_exactly(tmp_path) -> None
 def test_nested_pipeline_checkpoint_with_one_stages_lists_resumes_exactly(tmp_path) -> None:
     """A pp2 checkpoint of the nested layout: DCP kept stage 0's ``params`` lists (embedding, layer 0), so the lists
     name none of layer 1's parameters; by position the vectors' group still gets weight_decay 0.0, the matrices' 0.1."""
-    stage0 = {n for n, _ in build_model(CFG, seed=0).named_parameters() if n.startswith(("tok_embeddings", "layers.0."))}
+    names = [n for n, _ in build_model(CFG, seed=0).named_parameters()]
+    stage0 = {n for n in names if n.startswith(("tok_embeddings", "layers.0."))}
     assert stage0
     path, snapshot, straight = saved_and_straight(tmp_path, NestedRuntime, keep_params=stage0)
     resume(path, snapshot, straight)

@@ -62,8 +62,8 @@ def resumed(ckpt: str, build, ref: list[dict], start: int, saved: dict, **load) 
     res.pop("opt")
     res.update(step=meta.get("step"), state_keys=len(saved), state_diff=diff[:5])
     # the resume itself is exact (the state check); losses are held to RTOL against the one-process run, the grad norm
-    # only reported: by steps 5-6 AdamW has grown fp32 summation-order noise in it to 1.5e-5 (the layouts', not the
-    # resume's: the state the resume reads equals the saver's bit for bit)
+    # only reported: by steps 5-6 AdamW has grown fp32 summation-order noise in it to 1.5e-5 (ZeRO-0/1) and 2.3e-5
+    # (ZeRO-2/3) -- the layouts', not the resume's: the state the resume reads equals the saver's bit for bit
     res["ok"] = (res["loss"] <= RTOL and res["eval"] <= RTOL and not diff and meta.get("step") == start
                  and bool(saved))
     return rt, opt, res

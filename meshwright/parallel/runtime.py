@@ -58,6 +58,7 @@ from meshwright.parallel.tensor_parallel import apply_tp
 from meshwright.parallel.zero1_state import load_zero1_state_dict, param_fqns, zero1_state_dict
 from meshwright.plan import Plan, validate_plan
 from meshwright.train.compile import compile_layer
+from meshwright.train.optim_layout import flat_options
 from meshwright.train.head_loss import head_loss
 from meshwright.train.precision import PrecisionPolicy, apply_autocast
 from meshwright.train.runtime import Batch, Runtime, TorchDistributedCollectives, batch_to_device
@@ -673,7 +674,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         with self._grads_set_aside():
             if self.zero1:  # each rank: the states of the parameters it owns, under ZeRO-0's keys (zero1_state.py)
                 return {"model": self.model_state(), "optim": zero1_state_dict(optimizer, self._fqns())}
-            model_sd, optim_sd = get_state_dict(self.model, optimizer)
+            model_sd, optim_sd = get_state_dict(self.model, optimizer, options=flat_options())  # optim_layout.py
         return {"model": model_sd, "optim": optim_sd}
 
     def _fqns(self) -> dict[nn.Parameter, str]:
@@ -706,7 +707,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
             load_zero1_state_dict(optimizer, self._fqns(), state["optim"])
         else:
             with self._grads_set_aside():
-                set_state_dict(self.model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+                set_state_dict(self.model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                               options=flat_options())
 
     def extra_log_fields(self) -> dict[str, Any]:
         """Router statistics of the last forward (tokens per expert, dropped fraction, balance loss),

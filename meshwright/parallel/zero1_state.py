@@ -3,15 +3,14 @@
 ``ZeroRedundancyOptimizer`` partitions whole parameters over the dp ranks: each parameter's states live whole on
 the one rank that owns it (its inner ``optim``). Its own ``state_dict`` needs ``consolidate_state_dict`` first, which
 gathers every state on one rank (the memory ZeRO-1 saves, spent again). Here each rank contributes the states of the
-parameters it owns, keyed by their plain-model FQNs as ``torch.distributed.checkpoint.state_dict.get_state_dict``
-keys a ZeRO-0 optimizer (``{"state": {fqn: {...}}, "param_groups": [{..., "params": [fqn, ...]}]}``); the
-param_groups list every FQN of the group (the same on every rank of a stage; under pipelining each stage lists its
-own, and DCP keeps one stage's lists, as for ZeRO-0). DCP takes keys that differ between ranks: a
-tensor key written by one rank only is a whole-tensor chunk of that rank's plan (``dedup_save_plans`` keeps it there,
-``_validate_global_plan`` sees one chunk covering it), and a load reads only the keys of the template it is given
-(``create_default_local_load_plan``). So the checkpoint is the one a ZeRO-0 run writes: it loads under ZeRO-0/2/3,
-another dp size or another partition, and a ZeRO-0/2/3 checkpoint loads here; on load each rank reads only the
-states of the parameters it owns under the new partition.
+parameters it owns, keyed by their plain-model FQNs in the flat layout every runtime writes (train/optim_layout.py:
+``state.<fqn>.<entry>``, ``param_groups.<fqn>.<setting>`` for every FQN of the stage's groups, the same on every rank
+of a stage). DCP takes keys that differ between ranks: a tensor key written by one rank only is a whole-tensor chunk
+of that rank's plan (``dedup_save_plans`` keeps it there, ``_validate_global_plan`` sees one chunk covering it), and a
+load reads only the keys of the template it is given (``create_default_local_load_plan``). So the checkpoint is the
+one a ZeRO-0 run writes: it loads under ZeRO-0/2/3, another dp size, another partition or pipeline split, and a
+ZeRO-0/2/3 checkpoint loads here; on load each rank reads only the states of the parameters it owns under the new
+partition, and each group's settings at its own parameters' keys.
 """
 
 from __future__ import annotations
@@ -22,21 +21,9 @@ import torch
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from meshwright.errors import ConfigError
+from meshwright.train.optim_layout import PARAMS, STATE, flatten, group_settings, param_fqns
 
-PARAMS = "params"
-
-
-def param_fqns(model: nn.Module) -> dict[nn.Parameter, str]:
-    """Each parameter's FQN as DCP's ``get_state_dict`` names it (wrappers' prefixes such as ``_orig_mod.`` or
-    ``_checkpoint_wrapped_module.`` dropped; a tied parameter under its first name, as ``named_parameters`` gives)."""
-    from torch.distributed.checkpoint.state_dict import _get_fqns
-
-    out: dict[nn.Parameter, str] = {}
-    for name, p in model.named_parameters():
-        fqns = _get_fqns(model, name)
-        out[p] = next(iter(fqns))
-    return out
+__all__ = ["init_states", "load_zero1_state_dict", "param_fqns", "zero1_state_dict"]
 
 
 def _hyper(group: dict[str, Any]) -> dict[str, Any]:
@@ -69,43 +56,37 @@ def init_states(optimizer: torch.optim.Optimizer) -> None:
 
 
 def zero1_state_dict(zero: ZeroRedundancyOptimizer, fqns: dict[nn.Parameter, str]) -> dict[str, Any]:
-    """This rank's share of ``zero``'s state as a ZeRO-0 optimizer's DCP state dict: the states of the parameters
-    it owns (the live tensors: DCP reads into them on load) and every group's hyper-parameters (the wrapper's: an LR
-    scheduler sets them there; the inner optimizer sees them at its next step) with all of the group's FQNs."""
+    """This rank's share of ``zero``'s state in the flat layout: the states of the parameters it owns (the live
+    tensors: DCP reads into them on load) and every group's settings (the wrapper's: an LR scheduler sets them there;
+    the inner optimizer sees them at its next step) at each of the group's FQNs."""
     inner = zero.optim
     for wrap, mine in zip(zero.param_groups, inner.param_groups):  # the scheduler's lr, as ZeRO's step would copy it
         mine.update(_hyper(wrap))
     init_states(inner)
     state = {fqns[p]: dict(inner.state[p]) for g in inner.param_groups for p in g[PARAMS] if p in inner.state}
-    groups = [{**_hyper(mine), **_hyper(wrap), PARAMS: [fqns[p] for p in wrap[PARAMS]]}
+    groups = [({**_hyper(mine), **_hyper(wrap)}, [fqns[p] for p in wrap[PARAMS]])
               for wrap, mine in zip(zero.param_groups, inner.param_groups)]
-    return {"state": state, "param_groups": groups}
+    return flatten(state, groups)
 
 
 def load_zero1_state_dict(zero: ZeroRedundancyOptimizer, fqns: dict[nn.Parameter, str], osd: dict[str, Any]) -> None:
-    """Load a DCP-read optimizer state dict (``zero1_state_dict``'s layout, filled for this rank's parameters) into
-    ``zero``: the inner optimizer gets its parameters' states, wrapper and inner get the saved hyper-parameters.
-    Groups are matched by position (the runtime's: matrices, then vectors), not by their ``params`` lists: under
-    pipelining each stage writes its own list under the same key and DCP keeps one stage's (as for ZeRO-0's
-    ``get_state_dict``), so a list need not name this rank's parameters."""
+    """Load a DCP-read flat optimizer state dict (``zero1_state_dict``'s layout, filled for this rank's parameters)
+    into ``zero``: the inner optimizer gets its parameters' states, wrapper and inner each group's settings as saved at
+    the group's first parameter (the rule of torch's ``_unflatten_optim_state_dict``)."""
     inner = zero.optim
-    saved = osd["param_groups"]
-    if len(saved) != len(zero.param_groups):
-        raise ConfigError(f"optimizer param_groups: the checkpoint has {len(saved)} group(s), this run "
-                          f"{len(zero.param_groups)}; valid: a checkpoint of the same optimizer setup")
     state: dict[int, Any] = {}
     groups = []
     index = 0
-    for group, mine in zip(saved, inner.param_groups):
+    for wrap, mine in zip(zero.param_groups, inner.param_groups):
         ids = []
         for p in mine[PARAMS]:
-            fqn = fqns[p]
-            if fqn in osd["state"]:
-                state[index] = osd["state"][fqn]
+            keys = {k: f"{STATE}.{fqns[p]}.{k}" for k in inner.state.get(p, {})}  # init_states made them
+            entries = {k: osd[key] for k, key in keys.items() if key in osd}
+            if entries:
+                state[index] = entries
             ids.append(index)
             index += 1
-        groups.append({**_hyper(group), PARAMS: ids})
+        settings = group_settings(osd, [fqns[p] for p in wrap[PARAMS]], list(_hyper(wrap)))
+        wrap.update(settings)
+        groups.append({**_hyper(mine), **settings, PARAMS: ids})
     inner.load_state_dict({"state": state, "param_groups": groups})
-    for group, wrap in zip(saved, zero.param_groups):
-        wrap.update(_hyper(group))
-

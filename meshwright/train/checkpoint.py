@@ -52,6 +52,7 @@ from meshwright.train.checkpoint_io import (
 )
 from meshwright.train.faults import fault_point
 from meshwright.train.lora_base import BASE_KEY, AdapterScope, check_base
+from meshwright.train.optim_layout import GROUPS, group_fqns, legacy_groups, legacy_template, legacy_to_flat
 from meshwright.train.runtime import Runtime
 
 STEP_RE = re.compile(r"^step_(\d{6,})$")
@@ -279,7 +280,9 @@ def load_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Opti
     ``grow_positions``: a learned position table (and its optimizer moments) saved with fewer rows than this model's
     is read at its saved size and grown by that rule (models/positions.py); without it, one line. An adapter-only
     LoRA checkpoint (``lora_base`` in its meta) needs ``adapters`` (the run's scope): the base this runtime was built
-    from must be the checkpoint's (one line otherwise); only the trained tensors are read over it."""
+    from must be the checkpoint's (one line otherwise); only the trained tensors are read over it. A checkpoint of
+    the nested optimizer layout (earlier meshwright versions) is read as such and its group settings given to this
+    run's groups by position (train/optim_layout.py)."""
     path = Path(path)
     state_file = path / STATE_FILE
     require_complete(path)
@@ -301,6 +304,11 @@ def load_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Opti
         check_base(meta[BASE_KEY], adapters.base, path)
         read = adapters.view(state)
     metadata = read_metadata_file(path / ".metadata")
+    flat_template = read.get("optim")
+    kernels_kept = _kernel_entries(flat_template)
+    legacy = optimizer is not None and isinstance(flat_template, dict) and bool(legacy_groups(metadata))
+    if legacy:  # written before the flat optimizer layout (train/optim_layout.py): its nested group settings
+        read = {**read, "optim": legacy_template(flat_template, metadata)}
     grown = swap_position_tables(metadata, read, path, grow_positions)
     check_fits(metadata, read, path, whole_model=runtime.world_size == 1)
     try:
@@ -315,6 +323,10 @@ def load_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Opti
                   else f"{type(exc).__name__}: {first_line(exc, 300, default='')}")
         raise CheckpointCorrupt(f"checkpoint {path} could not be read: {detail}") from None
     grow_swapped(read, grown, grow_positions)
+    if legacy:
+        read["optim"] = legacy_to_flat(read["optim"], flat_template, group_fqns(runtime.model, optimizer), str(path))
+    if kernels_kept:
+        read["optim"].update(kernels_kept)  # this layout's kernels (KERNEL_KEYS) before torch sees the groups
     state = {**read, "model": {**state["model"], **read["model"]}}  # the base's entries as they are (unread)
     if grown:  # for the resume note (trainer.py); not part of the checkpoint
         meta["grown_positions"] = [[tuple(read.shape)[0], tuple(template.shape)[0]] for _, template, read in grown]
@@ -330,6 +342,15 @@ def load_runtime(path: str | Path, runtime: Runtime, optimizer: torch.optim.Opti
             raise CheckpointCorrupt(f"checkpoint file {rng_file} is refused: {type(exc).__name__}: "
                                     f"{first_line(exc, 200, default='')}") from None
     return meta
+
+
+def _kernel_entries(optim: Any) -> dict[str, Any]:
+    """The flat layout's kernel settings (``param_groups.<fqn>.foreach``, ...: KERNEL_KEYS) as this run set them: put
+    back after the read, since torch refuses a group whose parameters were saved with different values (a pp stage
+    with mixed DTensor/plain parameters turns foreach off, the other stage keeps it)."""
+    if not isinstance(optim, dict):
+        return {}
+    return {k: v for k, v in optim.items() if k.startswith(f"{GROUPS}.") and k.rsplit(".", 1)[-1] in KERNEL_KEYS}
 
 
 def _read_json(path: Path) -> dict[str, Any]:

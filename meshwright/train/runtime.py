@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
+from meshwright.train.optim_layout import flat_options
+
 if TYPE_CHECKING:
     from meshwright.plan import Plan
 
@@ -123,18 +125,19 @@ class Runtime(abc.ABC):
 
     def checkpoint_state(self, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
         """{"model"[, "optim"]} for ``dcp.save``, also the template ``dcp.load`` fills in place: the model part
-        from ``model_state()``, the optimizer part from DCP, keyed by the same parameter names. Runtimes whose
+        from ``model_state()``, the optimizer part from DCP, keyed by the same parameter names (flat: one key per
+        parameter and entry, train/optim_layout.py). Runtimes whose
         optimizer is not a torch optimizer (DeepSpeed) or that refuse some states override it."""
         state: dict[str, Any] = {"model": self.model_state()}
         if optimizer is not None:
-            state["optim"] = get_optimizer_state_dict(self.model, optimizer)
+            state["optim"] = get_optimizer_state_dict(self.model, optimizer, options=flat_options())
         return state
 
     def load_checkpoint_state(self, state: dict[str, Any], optimizer: torch.optim.Optimizer | None) -> None:
         """Set a state filled by ``dcp.load`` back, through the same hooks ``checkpoint_state`` used."""
         self.load_model_state(state["model"])
         if optimizer is not None:
-            set_optimizer_state_dict(self.model, optimizer, state["optim"])
+            set_optimizer_state_dict(self.model, optimizer, state["optim"], options=flat_options())
 
     def extra_log_fields(self) -> dict[str, Any]:
         """Runtime-specific metrics for the run log (router statistics of MoE layers). Collective where distributed."""

@@ -572,10 +572,9 @@ def full_state(rt, opt) -> dict[str, torch.Tensor]:
 
     sd = rt.checkpoint_state(opt)
     out = {f"model/{k}": full(v).detach().clone() for k, v in sorted(sd["model"].items())}
-    for fqn, st in sorted(sd["optim"]["state"].items()):
-        for k, v in sorted(st.items()):
-            if torch.is_tensor(v):
-                out[f"optim/{fqn}/{k}"] = full(v).detach().clone()
+    for key, v in sorted(sd["optim"].items()):  # flat: state.<fqn>.<entry> (train/optim_layout.py)
+        if key.startswith("state.") and torch.is_tensor(v):
+            out[f"optim/{key[len('state.'):]}"] = full(v).detach().clone()
     return out
 
 

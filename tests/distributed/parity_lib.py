@@ -275,3 +275,43 @@ def run_worker(main: Callable[[], None]) -> None:
     from meshwright.parallel.mesh import exit_worker
 
     exit_worker(0)
+
+
+def full_state(rt, opt) -> dict:
+    """Collective (where a process group exists): the state a checkpoint holds (``checkpoint_state``'s keys, flattened as DCP flattens them:
+    ``model.<fqn>``, ``optim.state.<fqn>.exp_avg``, ``optim.param_groups.<fqn>.lr``, ...) as full tensors and plain
+    values, every rank's entries merged (pipeline stages, ZeRO-1 owners): whatever the layout, equal bit for bit
+    after an exact save and resharded load. The kernel settings (foreach, ...) are the layout's own and left out."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+    from torch.distributed.tensor import DTensor
+
+    from meshwright.train.checkpoint import KERNEL_KEYS
+
+    flat, _ = flatten_state_dict(rt.checkpoint_state(opt))
+    mine = {}
+    for key in sorted(flat):
+        if key.startswith("optim.param_groups.") and key.rsplit(".", 1)[-1] in KERNEL_KEYS:
+            continue
+        v = flat[key]
+        v = v.full_tensor() if isinstance(v, DTensor) else v
+        mine[key] = v.detach().clone() if torch.is_tensor(v) else v
+    if not dist.is_initialized():  # one process: the whole state is here
+        return mine
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    merged: dict = {}
+    for part in parts:
+        merged.update(part)
+    return merged
+
+
+def state_diff(a: dict, b: dict) -> list[str]:
+    """The keys where two ``full_state``s differ (missing on one side, another shape, value or setting); [] if equal."""
+    out = sorted(set(a) ^ set(b))
+    for k in sorted(set(a) & set(b)):
+        x, y = a[k], b[k]
+        same = (torch.is_tensor(x) and torch.is_tensor(y) and x.shape == y.shape and x.dtype == y.dtype
+                and torch.equal(x, y)) if torch.is_tensor(x) or torch.is_tensor(y) else x == y
+        if not same:
+            out.append(k)
+    return out

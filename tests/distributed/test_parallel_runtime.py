@@ -1,7 +1,9 @@
 """Loss/gradient parity of every parallel layout against the one-process run, under torchrun + gloo.
 
 Two launches: 4 ranks (2-D/3-D layouts, a checkpoint written under dp2·tp2 and resumed under
-pp2·dp2; bf16 pipelines whose stages pass FSDP2-cast bf16 hidden states, each declared up front) and 2 ranks (all 2-device layouts incl. DeepSpeed ZeRO-1/2/3, and the same checkpoint
+pp2·dp2; bf16 pipelines whose stages pass FSDP2-cast bf16 hidden states, each declared up front; per ZeRO level 0-3 a
+pp2·dp2 checkpoint resumed under dp4 and a dp4 one under pp2·dp2, the state equal bit for bit, and a LoRA ZeRO-1 dp4
+one under pp2·dp2; the pp2·dp2 ones resumed in one process here) and 2 ranks (all 2-device layouts incl. DeepSpeed ZeRO-1/2/3, and the same checkpoint
 resumed under pp2; LoRA under DDP, FSDP2, DTensor tp2 (+sp) and pp2 -- on 4 ranks tp2 x dp2 and pp2 x dp2 -- with
 an adapter-only ZeRO-3 and a tp2 LoRA checkpoint resumed under DDP; LoRA under megatron-core tp2 -- on 4 ranks tp2 x
 dp2 -- with an adapter-only checkpoint resumed under DDP). The checkpoint is also resumed here in one process, and the tp2 LoRA checkpoints (DTensor
@@ -24,8 +26,9 @@ sys.path.insert(0, str(HERE))
 FOUR_RANK = {"dp2_tp2_fsdp", "dp2_tp2_sp_zero0", "dp2_tp2_megatron", "pp2_tp2", "pp2_dp2",
              "pp2_layerwise_dp2_zero2_tp2", "ckpt_dp2tp2_to_pp2dp2",
              "hsdp_dp4_shard2", "hsdp_dp2x_tp2_zero2", "hsdp_plan_per_layer", "lora_tp2_dp2_fsdp", "lora_pp2_dp2",
-             "lora_tp2_dp2_megatron", "pp2_dp2_zero1", "ckpt_pp2dp2_zero1_to_dp4_zero1",
-             "bf16_pp2_dp2_zero3", "bf16_pp2_dp2_zero_mix", "bf16_chunked_pp2_dp2_zero3"}
+             "lora_tp2_dp2_megatron", "pp2_dp2_zero1", "lora_ckpt_dp4_zero1_to_pp2dp2_zero1",
+             "bf16_pp2_dp2_zero3", "bf16_pp2_dp2_zero_mix", "bf16_chunked_pp2_dp2_zero3",
+             *(f"ckpt_{a}_zero{z}" for z in (0, 1, 2, 3) for a in ("pp2dp2_to_dp4", "dp4_to_pp2dp2"))}
 TWO_RANK = {"dp2_ddp", "dp2_zero1", "dp2_zero2_fsdp", "dp2_zero3_fsdp", "tp2_dtensor", "tp2_megatron", "tp2_sp",
             "pp2_1f1b", "pp2_gpipe", "pp2_interleaved", "layerwise_tp_zero_mix", "recompute_full_dp2",
             "recompute_selective_tp2", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "ckpt_dp2tp2_to_pp2",
@@ -88,6 +91,34 @@ def check_pipeline_forwards(report: dict, names: set[str]) -> None:
         for rank, r in report[name]["ranks"].items():
             assert r["chunk_forwards"] == r["chunk_forwards_expected"], (name, rank, r["chunk_forwards"])
             assert min(r["chunk_forwards"]) > 0 and r["stage_casts"] == 0, (name, rank, r)
+
+
+@pytest.mark.timeout(300)
+def test_pp2dp2_checkpoints_resume_in_one_process(four_rank) -> None:
+    """The pp2 x dp2 checkpoints of every ZeRO level (each stage wrote its own parameters' states and settings under
+    their own keys: train/optim_layout.py) load into one process: the state equals the one the 4 ranks saved, bit for
+    bit (the worker's ``full_state.pt``, settings included), and steps 3-4 follow the uninterrupted one-process run."""
+    from parity_lib import CFG, RTOL, SEED, full_state, make_opt, reference, rel, state_diff
+    import torch
+
+    from meshwright.models import build_model
+    from meshwright.train.checkpoint import load_runtime
+    from meshwright.train.local_runtime import LocalRuntime
+
+    _, ckpt = four_rank
+    ref = reference(steps=4)
+    for z in (0, 1, 2, 3):
+        path = ckpt.with_name(f"{ckpt.name}_pp_zero{z}")
+        saved = torch.load(path / "full_state.pt", weights_only=True)
+        model = build_model(CFG, seed=SEED + 1)
+        rt = LocalRuntime(model)
+        opt = rt.build_optimizer(make_opt)
+        assert load_runtime(path, rt, opt)["step"] == 2
+        assert state_diff(saved, full_state(rt, opt)) == [], z
+        assert len(opt.state) == len(list(model.parameters()))  # both stages' states
+        resumed = reference(steps=2, model=model, opt=opt, start=2)
+        for a, b in zip(resumed, ref[2:]):
+            assert rel(a["loss"], b["loss"]) <= RTOL, (z, a["loss"], b["loss"])
 
 
 @pytest.fixture(scope="module")

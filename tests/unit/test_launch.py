@@ -206,18 +206,20 @@ def test_a_deepspeed_launch_passes_ctrl_c_on_to_its_runner_and_closes_the_ssh_cl
     import signal
     import subprocess
     import threading
-    import time
 
+    from helpers import ended
     from meshwright.commands.launch import _run_passing_signals_on
+    from patience import Patience
 
     fake_ssh = tmp_path / "ssh"
     shutil.copy(shutil.which("sleep"), fake_ssh)
     pids = tmp_path / "ssh.pids"
-    other = subprocess.Popen([shutil.which("sleep"), "60"])
+    # both outlive any test (killed below): one that ended by itself would pass "spared" or "stopped" by luck
+    other = subprocess.Popen([shutil.which("sleep"), "3600"])
     runner = tmp_path / "runner"
     runner.write_text(
         "#!/bin/sh\n"
-        f"setsid {fake_ssh} 60 & echo $! >> {pids}\n"
+        f"setsid {fake_ssh} 3600 & echo $! >> {pids}\n"
         f"echo {other.pid} >> {pids}\n"
         f"trap 'echo INT > {tmp_path}/runner.got; exit 1' INT\n"
         f"touch {tmp_path}/ready\n"
@@ -225,10 +227,8 @@ def test_a_deepspeed_launch_passes_ctrl_c_on_to_its_runner_and_closes_the_ssh_cl
     runner.chmod(0o755)
     main_thread = threading.get_ident()
 
-    def press() -> None:
-        deadline = time.monotonic() + 30
-        while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+    def press() -> None:  # once the runner's trap is set: 30 s of quiet-box time at most (tests/patience.py)
+        Patience(30).until((tmp_path / "ready").exists)
         signal.pthread_kill(main_thread, signal.SIGINT)
 
     threading.Thread(target=press, daemon=True).start()
@@ -239,10 +239,7 @@ def test_a_deepspeed_launch_passes_ctrl_c_on_to_its_runner_and_closes_the_ssh_cl
                                     ssh=(pids, str(fake_ssh)))
         assert (tmp_path / "runner.got").read_text() == "INT\n"
         ssh_pid = int(pids.read_text().split()[0])
-        deadline = time.monotonic() + 10
-        while Path(f"/proc/{ssh_pid}").exists() and "Z" not in Path(f"/proc/{ssh_pid}/stat").read_text().split()[2]:
-            assert time.monotonic() < deadline, "the ssh left by the runner still runs"
-            time.sleep(0.05)
+        assert Patience(10).until(lambda: ended(ssh_pid)), "the ssh left by the runner still runs"
         assert other.poll() is None  # not an ssh: spared
     finally:
         other.kill()
@@ -313,10 +310,10 @@ def test_a_deepspeed_launch_passes_sigterm_or_sigusr1_on_as_sigterm_and_waits_fo
     import os
     import signal
     import threading
-    import time
 
     from meshwright.commands.launch import _run_passing_signals_on
     from meshwright.launcher.remote.relay import LaunchStopped
+    from patience import Patience
 
     rank = tmp_path / "rank"
     rank.write_text(f"#!/bin/sh\ntrap 'echo TERM >> {tmp_path}/rank.got; sleep 1; touch {tmp_path}/saved; exit 143' TERM\n"
@@ -328,10 +325,8 @@ def test_a_deepspeed_launch_passes_sigterm_or_sigusr1_on_as_sigterm_and_waits_fo
         f.chmod(0o755)
     main_thread = threading.get_ident()
 
-    def send() -> None:
-        deadline = time.monotonic() + 30
-        while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+    def send() -> None:  # once the rank's trap is set: 30 s of quiet-box time at most (tests/patience.py)
+        Patience(30).until((tmp_path / "ready").exists)
         signal.pthread_kill(main_thread, signal.Signals[signame])
 
     threading.Thread(target=send, daemon=True).start()

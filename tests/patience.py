@@ -95,3 +95,11 @@ def communicate(proc: subprocess.Popen, seconds: float) -> tuple[str, str]:
         except subprocess.TimeoutExpired:
             if patience.expired():
                 raise subprocess.TimeoutExpired(proc.args, patience.last - patience.start) from None
+
+
+def wait(proc: subprocess.Popen, seconds: float) -> int:
+    """``proc.wait()`` within ``seconds`` of quiet-box time (Patience); on expiry ``subprocess.TimeoutExpired``."""
+    patience = Patience(seconds)
+    if not patience.until(lambda: proc.poll() is not None):
+        raise subprocess.TimeoutExpired(proc.args, patience.last - patience.start)
+    return proc.returncode

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -141,7 +140,7 @@ def kill_launch(proc: subprocess.Popen, dump_stacks: bool = False) -> None:
     """End torchrun's ranks (sessions of their own: torchrun's death spares them, and an orphaned rank keeps a
     loaded box busier for the tests after it), then torchrun itself; by pid. ``dump_stacks``: SIGABRT first, on
     which a rank started with PYTHONFAULTHANDLER=1 writes every thread's Python stack to its stderr (where a hung
-    launch hung), waiting at most 20 s for them to end; then SIGKILL."""
+    launch hung), waiting at most 20 s of quiet-box time (tests/patience.py) for them to end; then SIGKILL."""
     ranks = children(proc.pid)
     if dump_stacks:
         proc.send_signal(signal.SIGSTOP)  # else torchrun, seeing the first rank end, SIGTERMs the others first
@@ -151,9 +150,8 @@ def kill_launch(proc: subprocess.Popen, dump_stacks: bool = False) -> None:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + 20
-        while sig == signal.SIGABRT and not all(ended(pid) for pid in ranks) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        if sig == signal.SIGABRT:  # a loaded box writes the stacks slowly: cut short, they were lost to SIGKILL
+            Patience(20).until(lambda: all(ended(pid) for pid in ranks), poll=0.1)
     proc.kill()
 
 

@@ -249,6 +249,44 @@ def test_a_deepspeed_launch_passes_ctrl_c_on_to_its_runner_and_closes_the_ssh_cl
                 os.kill(ssh_pid, signal.SIGKILL)
 
 
+@pytest.mark.timeout(60)
+def test_a_ctrl_c_while_deepspeeds_runner_starts_is_passed_on_once_it_has(tmp_path, monkeypatch):
+    """Ctrl-C as the runner has just started, before Popen has returned it (a long moment on a busy box: seen in a
+    loop of the test above at load 135): the launch's handlers are already in, and the runner gets the Ctrl-C once
+    it is known. Before, the handlers came after Popen: KeyboardInterrupt left the runner (a session of its own)
+    running, orphaned, and it never got the Ctrl-C."""
+    import os
+    import signal
+    import subprocess
+
+    from meshwright.commands import launch
+    from patience import Patience
+
+    runner = tmp_path / "runner"
+    runner.write_text(f"#!/bin/sh\ntrap 'echo INT >> {tmp_path}/runner.got; exit 1' INT\ntouch {tmp_path}/ready\n"
+                      "while :; do sleep 0.05; done\n")
+    runner.chmod(0o755)
+    real_popen, started = subprocess.Popen, []
+
+    def popen_then_ctrl_c(*args, **kwargs):
+        proc = real_popen(*args, **kwargs)
+        started.append(proc)
+        assert Patience(30).until((tmp_path / "ready").exists)  # its trap is set
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C before Popen returns
+        return proc
+
+    monkeypatch.setattr(launch.subprocess, "Popen", popen_then_ctrl_c)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            launch._run_passing_signals_on([str(runner)], cwd=str(tmp_path), env=dict(os.environ), ssh=None)
+        assert (tmp_path / "runner.got").read_text() == "INT\n"  # once
+        assert started[0].poll() == 1
+    finally:
+        if started and started[0].poll() is None:
+            os.killpg(started[0].pid, signal.SIGKILL)
+            started[0].wait(10)
+
+
 def test_the_process_group_line_is_taken_once_and_the_signal_command_reaches_that_group(tmp_path):
     """Each host's first `meshwright-launch-pgid N` line is its process group (not shown; a later one, or a malformed
     one, is ordinary output); the command sent to stop it signals that group with a fixed signal name, run here by

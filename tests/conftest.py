@@ -18,6 +18,19 @@ if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_set_timer(item, settings):
+    """A test's timeout (pytest-timeout's, a quiet box's bound) stretched by the box's load at the test's start
+    (tests/patience.py): on a quiet box (CI) unchanged, on a loaded one a slow test is not killed as a hung one."""
+    import pytest_timeout
+    from patience import stretch
+
+    factor = stretch()
+    if factor <= 1:
+        return None  # pytest-timeout's own timer, as set
+    return pytest_timeout.pytest_timeout_set_timer(item, settings._replace(timeout=settings.timeout * factor))
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny models gain nothing from 2 intra-op threads, and on a busy box OpenMP barriers make 2 threads far slower."""

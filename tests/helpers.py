@@ -13,9 +13,10 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable
+
+from patience import Patience
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -48,6 +49,16 @@ def free_port() -> int:
     with socket.socket() as s:  # a box whose low ports are all taken: the old way
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_ADDRESS_IN_USE = re.compile(r"EADDRINUSE|address already in use", re.I)
+
+
+def address_in_use(output: str) -> bool:
+    """Whether a launch's output says its rendezvous port was taken (TCPStore's bind: "code: -98, name:
+    EADDRINUSE, message: address already in use"): free_port()'s port is released before the launch binds it,
+    and another process may bind it meanwhile. A launch that says so is retried once with a new port."""
+    return _ADDRESS_IN_USE.search(output) is not None
 
 
 # pytest's tmp_path_factory for the session (tests/conftest.py sets it): a launch's per-rank logs go under the
@@ -129,7 +140,7 @@ def kill_launch(proc: subprocess.Popen, dump_stacks: bool = False) -> None:
     """End torchrun's ranks (sessions of their own: torchrun's death spares them, and an orphaned rank keeps a
     loaded box busier for the tests after it), then torchrun itself; by pid. ``dump_stacks``: SIGABRT first, on
     which a rank started with PYTHONFAULTHANDLER=1 writes every thread's Python stack to its stderr (where a hung
-    launch hung), waiting at most 20 s for them to end; then SIGKILL."""
+    launch hung), waiting at most 20 s of quiet-box time (tests/patience.py) for them to end; then SIGKILL."""
     ranks = children(proc.pid)
     if dump_stacks:
         proc.send_signal(signal.SIGSTOP)  # else torchrun, seeing the first rank end, SIGTERMs the others first
@@ -139,9 +150,8 @@ def kill_launch(proc: subprocess.Popen, dump_stacks: bool = False) -> None:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + 20
-        while sig == signal.SIGABRT and not all(ended(pid) for pid in ranks) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        if sig == signal.SIGABRT:  # a loaded box writes the stacks slowly: cut short, they were lost to SIGKILL
+            Patience(20).until(lambda: all(ended(pid) for pid in ranks), poll=0.1)
     proc.kill()
 
 
@@ -210,7 +220,8 @@ def read_json(path: str | Path) -> dict:
 
 def held_background_writes(timeout: float) -> tuple[threading.Event, Callable[..., Any]]:
     """A stand-in for DCP's ``_FileSystemWriter.write_data`` that, off the main thread (ckpt_async's background
-    writer), first waits for the returned event (at most ``timeout`` s): a test holds a background checkpoint back
+    writer), first waits for the returned event (at most ``timeout`` s of quiet-box time, tests/patience.py: a
+    loaded box does not release the write before the test does): a test holds a background checkpoint back
     over later steps, then sets the event. Patch it in with ``monkeypatch.setattr(_FileSystemWriter, "write_data", w)``."""
     from torch.distributed.checkpoint.filesystem import _FileSystemWriter
 
@@ -219,15 +230,15 @@ def held_background_writes(timeout: float) -> tuple[threading.Event, Callable[..
 
     def held_write(self: Any, plan: Any, planner: Any) -> Any:
         if threading.current_thread() is not threading.main_thread():  # only the background writer is held
-            release.wait(timeout)
+            Patience(timeout).until(release.is_set)
         return write(self, plan, planner)
 
     return release, held_write
 
 
 def hold_checkpoint_write(step: int, where: Path, marker: str = "held") -> None:
-    """Make ckpt_async's background writer of checkpoint ``step`` touch ``where/marker`` and wait (at most 120 s)
-    until ``where/release`` exists: a save is in flight exactly when a test signals (the CLI workers of
+    """Make ckpt_async's background writer of checkpoint ``step`` touch ``where/marker`` and wait (at most 120 s of
+    quiet-box time, tests/patience.py) until ``where/release`` exists: a save is in flight exactly when a test signals (the CLI workers of
     test_fault_injection.py and test_interrupt_torchrun.py)."""
     from torch.distributed.checkpoint.filesystem import _FileSystemWriter
 
@@ -237,9 +248,7 @@ def hold_checkpoint_write(step: int, where: Path, marker: str = "held") -> None:
     def held_write(self, plan, planner):
         if threading.current_thread() is not threading.main_thread() and Path(str(self.path)).name == tmp_name:
             (where / marker).touch()
-            deadline = time.monotonic() + 120
-            while not (where / "release").exists() and time.monotonic() < deadline:
-                time.sleep(0.02)
+            Patience(120).until((where / "release").exists, poll=0.02)
         return write(self, plan, planner)
 
     _FileSystemWriter.write_data = held_write

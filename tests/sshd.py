@@ -13,7 +13,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,10 +46,6 @@ def _port_free(port: int) -> bool:
 def start_sshd(workdir: Path, port: int = 2222) -> SshServer:
     if SSHD is None:
         raise RuntimeError("sshd not installed (apt-get install openssh-server)")
-    if not _port_free(port):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
     workdir.mkdir(parents=True, exist_ok=True)
     host_key, client_key = workdir / "host_ed25519", workdir / "client_ed25519"
     for key in (host_key, client_key):
@@ -61,18 +56,38 @@ def start_sshd(workdir: Path, port: int = 2222) -> SshServer:
     Path("/run/sshd").mkdir(exist_ok=True)  # privilege-separation dir sshd insists on
     pidfile = workdir / "sshd.pid"
     config = workdir / "sshd_config"
-    config.write_text("\n".join([
-        f"Port {port}", "ListenAddress 127.0.0.1", "ListenAddress 127.0.0.2", f"HostKey {host_key}",
-        f"PidFile {pidfile}", f"AuthorizedKeysFile {auth}", "PasswordAuthentication no",
-        "KbdInteractiveAuthentication no", "PubkeyAuthentication yes", "PermitRootLogin prohibit-password",
-        f"AllowUsers {getpass.getuser()}", "UsePAM no", "StrictModes no", "PermitUserEnvironment no",
-        "AcceptEnv LANG LC_*", "LogLevel ERROR", "",
-    ]))
-    subprocess.run([SSHD, "-f", str(config), "-E", str(workdir / "sshd.log")], check=True, timeout=30)
-    for _ in range(100):
-        if pidfile.exists() and pidfile.read_text().strip():
-            break
-        time.sleep(0.05)
+    log = workdir / "sshd.log"
+    # the port is free when checked, then bound by sshd: another session's sshd or test may take it in between
+    # (2222 is every session's first choice). sshd then says "Address already in use" (and exits, or listens on the
+    # other address only): stop it and start again on another port
+    for attempt in range(3):
+        if attempt or not _port_free(port):
+            from helpers import free_port
+
+            port = free_port()
+        config.write_text("\n".join([
+            f"Port {port}", "ListenAddress 127.0.0.1", "ListenAddress 127.0.0.2", f"HostKey {host_key}",
+            f"PidFile {pidfile}", f"AuthorizedKeysFile {auth}", "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no", "PubkeyAuthentication yes", "PermitRootLogin prohibit-password",
+            f"AllowUsers {getpass.getuser()}", "UsePAM no", "StrictModes no", "PermitUserEnvironment no",
+            "AcceptEnv LANG LC_*", "LogLevel ERROR", "",
+        ]))
+        pidfile.unlink(missing_ok=True)
+        log.write_text("")
+        started = subprocess.run([SSHD, "-f", str(config), "-E", str(log)], capture_output=True, text=True,
+                                 timeout=120)
+        in_use = "already in use" in log.read_text() + started.stderr
+        if started.returncode == 0:
+            from patience import until
+
+            until(lambda: pidfile.exists() and pidfile.read_text().strip() != "", 5)  # sshd writes it as it forks
+            if not in_use:
+                break
+            os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
+        elif not in_use:
+            raise RuntimeError(f"sshd failed to start (rc={started.returncode}): {started.stderr}{log.read_text()}")
+    else:
+        raise RuntimeError(f"sshd: no free port in 3 tries (last {port}): {log.read_text()}")
     known_hosts = workdir / "known_hosts"
     pub = Path(f"{host_key}.pub").read_text().split()[:2]
     known_hosts.write_text("".join(f"[{ip}]:{port} {' '.join(pub)}\n" for ip in ("127.0.0.1", "127.0.0.2")))

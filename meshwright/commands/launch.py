@@ -264,17 +264,30 @@ def _run_passing_signals_on(argv: list[str], cwd: str, env: dict[str, str], ssh:
     SIGUSR1 it raises ``relay.LaunchStopped`` (exit 143), after Ctrl-C or SIGHUP KeyboardInterrupt (130)."""
     from meshwright.launcher.remote.relay import LaunchStopped
 
-    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
     passed: list[int] = []
+    started: list[subprocess.Popen] = []  # the runner, once Popen has returned it
+    unsent: list[int] = []  # signals that came before it
+
+    def send(signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(started[0].pid, signal.SIGTERM if signum == signal.SIGUSR1 else signum)
 
     def pass_on(signum: int, frame: object) -> None:
         passed.append(signum)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM if signum == signal.SIGUSR1 else signum)
+        if started:
+            send(signum)
+        else:
+            unsent.append(signum)
 
+    # the handlers before the runner: a Ctrl-C while it starts (a long moment on a busy box) is passed on once it
+    # has started; before, it raised KeyboardInterrupt here and the runner, in a session of its own, ran on orphaned
     signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
     previous = {s: signal.signal(s, pass_on) for s in signals}
     try:
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+        started.append(proc)  # from here the handler sends what comes
+        if unsent:
+            send(unsent[0])
         code = proc.wait()
         if passed:
             if ssh is not None:  # first: their hang-up is what stops the hosts' ranks

@@ -263,11 +263,14 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def ep_groups_from_mesh(mesh: Any, dp_dim: str, ep: int, timeout_s: float = 120.0) -> EPGroups:
+def ep_groups_from_mesh(mesh: Any, dp_dim: str, ep: int, timeout_s: float | None = None) -> EPGroups:
     """Build the ep and edp groups from a DeviceMesh that has a data-parallel dimension ``dp_dim``.
 
     Every rank must call this (``new_group`` is collective). Within each dp row of the mesh, ep
     groups are ``ep`` consecutive dp ranks and edp groups are the strided sets holding equal experts.
+    ``timeout_s`` defaults to the run's process-group timeout (runtime.DEFAULT_TIMEOUT, MESHWRIGHT_PG_TIMEOUT_S): a
+    shorter one of their own (120 s, before) failed an all-to-all whose peer a busy box had slowed, while the main
+    group would have waited.
     """
     ranks = mesh.mesh
     names = list(mesh.mesh_dim_names or [])
@@ -279,7 +282,12 @@ def ep_groups_from_mesh(mesh: Any, dp_dim: str, ep: int, timeout_s: float = 120.
     if not isinstance(ep, int) or ep < 1 or dp % ep:
         raise invalid("ep", ep, f"a divisor of dp={dp} (the size of mesh dimension {dp_dim!r}): {divisors(dp)}")
     me = dist.get_rank()
-    timeout = timedelta(seconds=timeout_s)
+    if timeout_s is None:
+        from meshwright.parallel.runtime import DEFAULT_TIMEOUT  # here: runtime imports this module
+
+        timeout = DEFAULT_TIMEOUT
+    else:
+        timeout = timedelta(seconds=timeout_s)
     mine_ep = mine_edp = None
     for row in rows:
         for i in range(dp // ep):

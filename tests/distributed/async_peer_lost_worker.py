@@ -12,7 +12,6 @@ import os
 import sys
 import threading
 from pathlib import Path
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -22,6 +21,9 @@ from meshwright.train.async_checkpoint import AsyncCheckpointer
 from meshwright.train.checkpoint import load_runtime, save_runtime, step_dir
 from meshwright.train.checkpoint_io import SafeFileSystemReader
 from meshwright.train.local_runtime import LocalRuntime
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from patience import pg_timeout  # noqa: E402
 
 
 class TwoRanks(LocalRuntime):
@@ -33,7 +35,7 @@ class TwoRanks(LocalRuntime):
 
 def main(rank: int, port: str, root: str, mode: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
+                            timeout=pg_timeout(60))  # 60 s on a quiet box, stretched under load
     torch.manual_seed(0)
     rt = TwoRanks(torch.nn.Linear(8, 8))
     rt.rank, rt.world_size = rank, 2

@@ -59,10 +59,14 @@ def fresh_group(index: int, timeout: timedelta) -> None:
     dist.barrier()  # every rank is done with the previous run (its files written) before this one starts
 
 
-def run_all(argv: list[str], timeout: timedelta = timedelta(seconds=120),
+def run_all(argv: list[str], timeout: timedelta | None = None,
             around: Callable[[int, Callable[[], int]], int] | None = None) -> int:
-    """Run every CLI invocation of ``argv`` in turn; ``around(i, call)`` may wrap run ``i`` (spies, patches)."""
+    """Run every CLI invocation of ``argv`` in turn; ``around(i, call)`` may wrap run ``i`` (spies, patches).
+    ``timeout``: each run's group's; 120 s on a quiet box, stretched by the load (tests/patience.py)."""
     from meshwright.cli import main
+    from parity_lib import pg_timeout
+
+    timeout = timeout if timeout is not None else pg_timeout(120)
 
     for i, (env, copies, args) in enumerate(split_runs(argv)):
         with mock.patch.dict(os.environ, env):  # this run's environment only

@@ -15,7 +15,6 @@ import copy
 import json
 import os
 import sys
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -81,7 +80,9 @@ def _dcp_resume_bitwise(model, opt, mesh, ckpt_dir: str, rank: int, per: int, op
 
 def main() -> None:
     out_path, ckpt_dir = sys.argv[1], sys.argv[2]
-    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+    from parity_lib import pg_timeout
+
+    dist.init_process_group("gloo", timeout=pg_timeout(120))  # 120 s on a quiet box, stretched by the load
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     mesh = init_device_mesh("cpu", (world,))

@@ -32,7 +32,6 @@ import copy
 import functools
 import json
 import sys
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -619,9 +618,10 @@ def cold_rank_rows(mesh) -> list[dict]:
     """Both backward modes of run_cold_rank_case, each on ep groups of its own (COLD_TIMEOUT_S, all made first:
     making groups is collective) with a world barrier after it (a rank stuck until the timeout is waited for); a
     failure is a row."""
-    from parity_lib import failure
+    from parity_lib import failure, pg_timeout
 
-    modes = {mode: ep_groups_from_mesh(mesh, "dp", 2, timeout_s=COLD_TIMEOUT_S) for mode in ("backward", "input_grad")}
+    cold_s = pg_timeout(COLD_TIMEOUT_S).total_seconds()  # on a quiet box; a loaded one slows the peer, not a hang
+    modes = {mode: ep_groups_from_mesh(mesh, "dp", 2, timeout_s=cold_s) for mode in ("backward", "input_grad")}
     rows = []
     for mode, groups in modes.items():
         try:
@@ -635,7 +635,9 @@ def cold_rank_rows(mesh) -> list[dict]:
 
 def main() -> None:
     out = sys.argv[1]
-    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+    from parity_lib import pg_timeout
+
+    dist.init_process_group("gloo", timeout=pg_timeout(120))  # 120 s on a quiet box, stretched by the load
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == 4, "this script expects 4 ranks"
     torch.set_num_threads(1)

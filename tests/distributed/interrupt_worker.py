@@ -2,7 +2,7 @@
 test_interrupt_torchrun.py, which signals torchrun or kills a rank while this runs.
 
 ``MESHWRIGHT_TEST_HOLD=STEP:DIR``: this rank's background writer (ckpt_async) of checkpoint STEP touches
-DIR/held.rankR, then waits (at most 120 s) until DIR/release exists: a save is in flight exactly when the test
+DIR/held.rankR, then waits (at most 120 s of quiet-box time) until DIR/release exists: a save is in flight exactly when the test
 signals. ``MESHWRIGHT_TEST_EXIT=DIR``: the rank's exit status goes to DIR/exit.rankR (torchrun does not report the
 statuses of workers it shut down on a signal)."""
 

@@ -11,7 +11,6 @@ Used by test_trainer_torchrun.py."""
 
 import os
 import sys
-from datetime import timedelta
 
 import torch.distributed as dist
 
@@ -95,4 +94,6 @@ if __name__ == "__main__":
         print(f"rank {rank} run {index} overlapped {overlapped}", flush=True)
         return code
 
-    exit_worker(run_all(sys.argv[1:], timeout=timedelta(seconds=60), around=one_run))
+    from parity_lib import pg_timeout
+
+    exit_worker(run_all(sys.argv[1:], timeout=pg_timeout(60), around=one_run))

@@ -20,8 +20,10 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: patience
 
 from meshwright.config import load_model_config  # noqa: E402
+from patience import pg_timeout  # noqa: E402,F401 - the workers' gloo timeouts, stretched by the box's load
 from meshwright.models import build_model, lm_loss  # noqa: E402
 
 RTOL = 1e-5
@@ -56,7 +58,8 @@ def uniform(**kw) -> list[dict]:
 
 
 def init(timeout_s: int = 60) -> tuple[int, int]:
-    dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+    """The default gloo group, ``timeout_s`` on a quiet box (stretched by the load: tests/patience.py)."""
+    dist.init_process_group("gloo", timeout=pg_timeout(timeout_s))
     torch.set_num_threads(1)
     return dist.get_rank(), dist.get_world_size()
 

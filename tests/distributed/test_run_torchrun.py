@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from helpers import PYTHON, REPO, children, ended, kill_launch, rank_logs, run_torchrun
+from patience import Patience, wait
 
 NOISE = "".join(f"rank 1 warning line {i}: " + "w" * 60 + "\n" for i in range(400))  # ~30,000 characters
 
@@ -58,11 +59,8 @@ def _script(tmp: Path, name: str, text: str) -> Path:
 
 
 def _gone(pid: int, within: float = 30) -> bool:
-    """Whether ``pid`` has ended within ``within`` s (a bound, not pacing)."""
-    end = time.monotonic() + within
-    while not ended(pid) and time.monotonic() < end:
-        time.sleep(0.1)
-    return ended(pid)
+    """Whether ``pid`` has ended within ``within`` s of quiet-box time (a bound, not pacing: tests/patience.py)."""
+    return Patience(within).until(lambda: ended(pid), poll=0.1)
 
 
 @pytest.mark.timeout(300)
@@ -108,14 +106,14 @@ def test_killing_a_launch_dumps_and_ends_its_ranks(tmp_path):
                              f"--log-dir={logs}", "--redirects=3", str(_script(tmp_path, "sleeping.py", SLEEPING)),
                              str(tmp_path)], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 240
+        patience = Patience(240)
         while len(list(tmp_path.glob("pid.*"))) < 2:
-            assert proc.poll() is None and time.monotonic() < deadline, "the ranks never started"
+            assert proc.poll() is None and not patience.expired(), "the ranks never started"
             time.sleep(0.1)
         pids = [int(p.read_text()) for p in tmp_path.glob("pid.*")]
         assert sorted(children(proc.pid)) == sorted(pids)
         kill_launch(proc, dump_stacks=True)
-        proc.wait(30)
+        wait(proc, 30)
         assert all(_gone(pid) for pid in pids), pids
         for rank, v in rank_logs(logs).items():
             assert "(most recent call first)" in v["stderr"] and 'sleeping.py", line 5' in v["stderr"], (rank, v)

@@ -76,7 +76,9 @@ def load(script: str) -> Any:
 
 def run_all(argv: list[str]) -> int:
     runs = split_runs(argv)
-    dist.init_process_group("gloo", timeout=GROUP_TIMEOUT)
+    from parity_lib import pg_timeout  # the workers' own timeouts are stretched by the load: this one alike
+
+    dist.init_process_group("gloo", timeout=pg_timeout(GROUP_TIMEOUT.total_seconds()))
     rank = dist.get_rank()
     fresh_rng = torch.get_rng_state()
     dtype, threads = torch.get_default_dtype(), torch.get_num_threads()

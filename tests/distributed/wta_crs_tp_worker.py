@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import sys
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -96,7 +95,9 @@ def check_ddp(report: dict) -> None:
 
 
 def main() -> None:
-    dist.init_process_group("gloo", timeout=timedelta(seconds=90))
+    from parity_lib import pg_timeout
+
+    dist.init_process_group("gloo", timeout=pg_timeout(90))  # 90 s on a quiet box, stretched by the load
     torch.set_num_threads(1)
     report: dict = {}
     try:

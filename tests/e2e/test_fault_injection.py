@@ -26,6 +26,7 @@ from meshwright.errors import ConfigError
 from meshwright.train.build import run_training
 from meshwright.train.checkpoint import latest_checkpoint
 from meshwright.train.checkpoint_io import verify_manifest
+from patience import Patience, communicate, wait
 
 REPO = Path(__file__).resolve().parents[2]
 MICRO = {"name": "micro", "arch": "llama", "vocab_size": 256, "d_model": 64, "n_layers": 2, "n_heads": 4,
@@ -141,9 +142,9 @@ def test_kill_during_the_resume_log_rewrite(data, reference, tmp_path):
 def test_kill_at_a_random_moment(data, reference, tmp_path):
     out = tmp_path / "run"
     proc = spawn(data, out, None, ckpt_every=1, steps=STEPS)
-    deadline = time.monotonic() + 120
+    patience = Patience(120)
     while not (out / "log.jsonl").is_file() or not (out / "log.jsonl").read_text():
-        assert proc.poll() is None and time.monotonic() < deadline, "run ended before the first step was logged"
+        assert proc.poll() is None and not patience.expired(), "run ended before the first step was logged"
         time.sleep(0.02)
     time.sleep(RNG.uniform(0.0, 0.6))  # somewhere in steps, checkpoint writes, pruning
     proc.send_signal(signal.SIGKILL)
@@ -160,9 +161,9 @@ def test_two_live_runs_on_one_out_dir(data, tmp_path):
     out = tmp_path / "run"
     first = spawn(data, out, None, steps=2000, ckpt_every=0, eval_every=0)
     try:
-        deadline = time.monotonic() + 120
+        patience = Patience(120)
         while not (out / "log.jsonl").is_file():
-            assert first.poll() is None and time.monotonic() < deadline
+            assert first.poll() is None and not patience.expired()
             time.sleep(0.05)
         with pytest.raises(ConfigError) as err:
             train_in_process(data, out, resume=False)
@@ -208,12 +209,12 @@ def test_a_scheduler_signal_stops_at_a_step_with_a_checkpoint_and_the_resume_los
     steps = 60  # long enough for the signal to land mid-run
     out = tmp_path / "run"
     proc = spawn(data, out, None, ckpt_every=0, steps=steps)
-    deadline = time.monotonic() + 120
+    patience = Patience(120)
     while not (out / "log.jsonl").is_file() or len((out / "log.jsonl").read_text().splitlines()) < 2:
-        assert proc.poll() is None and time.monotonic() < deadline, "run ended before its second step was logged"
+        assert proc.poll() is None and not patience.expired(), "run ended before its second step was logged"
         time.sleep(0.02)
     proc.send_signal(signum)
-    stdout, err = proc.communicate(timeout=120)
+    stdout, err = communicate(proc, 120)
     assert proc.returncode == 143, (proc.returncode, err[-2000:])
     summary = json.loads((out / "summary.json").read_text())
     stopped = summary["steps"]
@@ -259,14 +260,14 @@ def test_a_hang_up_stops_at_a_step_with_a_checkpoint_not_a_crash_on_the_dead_ter
     os.close(slave)
     seen = b""
     try:
-        deadline = time.monotonic() + 120
+        patience = Patience(120)
         while not (out / "log.jsonl").is_file() or len((out / "log.jsonl").read_text().splitlines()) < 2:
-            assert proc.poll() is None and time.monotonic() < deadline, seen[-2000:]
+            assert proc.poll() is None and not patience.expired(), seen[-2000:]
             if select.select([master], [], [], 0.02)[0]:
                 seen += os.read(master, 65536)  # what a terminal shows; read so the run never blocks on it
         os.close(master)  # sshd closing the pty's master: the kernel hangs up the terminal and sends SIGHUP
         master = -1
-        assert proc.wait(120) == 143, (proc.returncode, seen[-2000:])
+        assert wait(proc, 120) == 143, (proc.returncode, seen[-2000:])
     finally:
         if master >= 0:
             os.close(master)
@@ -313,9 +314,9 @@ def main_thread_waits(proc: subprocess.Popen, log: Path, step: int, quiet_s: flo
 
 
 def wait_until(proc: subprocess.Popen, ready, what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
+    patience = Patience(timeout)
     while not ready():
-        if proc.poll() is not None or time.monotonic() > deadline:
+        if proc.poll() is not None or patience.expired():
             proc.kill()
             err = (Path(proc.args[-1]).parent / "stderr.txt").read_text()[-2000:]
             raise AssertionError(f"{what}: not seen (rc={proc.poll()}): {err}")
@@ -347,7 +348,7 @@ def test_ctrl_c_while_a_background_checkpoint_is_waited_for(data, reference, tmp
             proc.send_signal(signal.SIGINT)
         else:
             (held / "release").touch()
-        proc.wait(timeout=60 if second_press else 120)
+        wait(proc, 60 if second_press else 120)
     finally:
         if proc.poll() is None:
             proc.kill()

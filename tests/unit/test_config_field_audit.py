@@ -21,6 +21,7 @@ import json
 import math
 import re
 import signal
+import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,8 @@ from meshwright.train.checkpoint import STATE_FILE
 
 MICRO = {"name": "micro", "vocab_size": 256, "d_model": 64, "n_layers": 2, "n_heads": 4, "ffn_hidden": 128,
          "max_seq_len": 64}
+# a case that spins this long is a hang (every one takes milliseconds): CPU time of this process (ITIMER_PROF), which
+# a loaded box does not stretch as it stretches wall time (a case blocked without CPU is left to the test's timeout)
 CASE_TIMEOUT_S = 10
 DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # the cases' files are written fast; read by meshwright's loader
 
@@ -342,13 +345,13 @@ def run_case(root: Root, path: tuple, value: Any, tmp: Path, mp: pytest.MonkeyPa
     except Exception as exc:  # the value cannot be written as YAML: not a case
         return f"could not write YAML ({exc})"
     field = root.field(path)
-    old = signal.signal(signal.SIGALRM, _alarm)
-    signal.setitimer(signal.ITIMER_REAL, CASE_TIMEOUT_S)
+    old = signal.signal(signal.SIGPROF, _alarm)  # not SIGALRM: pytest-timeout's wall-clock timer stays set
+    signal.setitimer(signal.ITIMER_PROF, CASE_TIMEOUT_S)
     try:
         with mp.context() as m:
             root.load(file, m)
     except _Hang:
-        return f"hung (> {CASE_TIMEOUT_S} s)"
+        return f"hung (> {CASE_TIMEOUT_S} s of CPU time)"
     except ConfigError as exc:
         msg = str(exc)
         if "\n" in msg:
@@ -362,8 +365,8 @@ def run_case(root: Root, path: tuple, value: Any, tmp: Path, mp: pytest.MonkeyPa
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         return f"{type(exc).__module__}.{type(exc).__name__}: {first}"
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, old)
     return None
 
 
@@ -386,6 +389,29 @@ def test_every_wrong_value_is_accepted_or_one_line_naming_the_field(case, tmp_pa
         if problem is not None:
             findings.append(f"{root.field(path)}={value!r}: {problem}")
     assert not findings, "\n".join(findings)
+
+
+def test_a_case_that_spins_is_reported_hung_by_its_cpu_time_and_a_slow_one_is_not(tmp_path, monkeypatch):
+    """The hang check counts this process's CPU time, not wall time: a load that spins is a "hung" row; one that only
+    waits (as a case on a loaded box waits for the CPU) is not, and the wall-clock timer of pytest-timeout stays set."""
+    import time
+
+    monkeypatch.setattr(sys.modules[__name__], "CASE_TIMEOUT_S", 0.5)
+
+    def spin(file: Path, mp: pytest.MonkeyPatch) -> None:
+        while True:
+            pass
+
+    def slow(file: Path, mp: pytest.MonkeyPatch) -> None:
+        time.sleep(1.0)  # longer than the bound in wall time, almost no CPU time
+
+    alarm = signal.getitimer(signal.ITIMER_REAL)
+    for load, expected in ((spin, "hung (> 0.5 s of CPU time)"), (slow, None)):
+        root = Root("probe", None, {"x": 1}, (), "", load)
+        assert run_case(root, ("x",), 2, tmp_path, monkeypatch) == expected
+    assert signal.getitimer(signal.ITIMER_PROF) == (0.0, 0.0)
+    if alarm[0] > 0:  # pytest-timeout's timer (signal method) was not cancelled
+        assert 0 < signal.getitimer(signal.ITIMER_REAL)[0] <= alarm[0]
 
 
 def test_the_walk_reaches_every_config_dataclass():

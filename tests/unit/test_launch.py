@@ -206,18 +206,20 @@ def test_a_deepspeed_launch_passes_ctrl_c_on_to_its_runner_and_closes_the_ssh_cl
     import signal
     import subprocess
     import threading
-    import time
 
+    from helpers import ended
     from meshwright.commands.launch import _run_passing_signals_on
+    from patience import Patience
 
     fake_ssh = tmp_path / "ssh"
     shutil.copy(shutil.which("sleep"), fake_ssh)
     pids = tmp_path / "ssh.pids"
-    other = subprocess.Popen([shutil.which("sleep"), "60"])
+    # both outlive any test (killed below): one that ended by itself would pass "spared" or "stopped" by luck
+    other = subprocess.Popen([shutil.which("sleep"), "3600"])
     runner = tmp_path / "runner"
     runner.write_text(
         "#!/bin/sh\n"
-        f"setsid {fake_ssh} 60 & echo $! >> {pids}\n"
+        f"setsid {fake_ssh} 3600 & echo $! >> {pids}\n"
         f"echo {other.pid} >> {pids}\n"
         f"trap 'echo INT > {tmp_path}/runner.got; exit 1' INT\n"
         f"touch {tmp_path}/ready\n"
@@ -225,10 +227,8 @@ def test_a_deepspeed_launch_passes_ctrl_c_on_to_its_runner_and_closes_the_ssh_cl
     runner.chmod(0o755)
     main_thread = threading.get_ident()
 
-    def press() -> None:
-        deadline = time.monotonic() + 30
-        while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+    def press() -> None:  # once the runner's trap is set: 30 s of quiet-box time at most (tests/patience.py)
+        Patience(30).until((tmp_path / "ready").exists)
         signal.pthread_kill(main_thread, signal.SIGINT)
 
     threading.Thread(target=press, daemon=True).start()
@@ -239,10 +239,7 @@ def test_a_deepspeed_launch_passes_ctrl_c_on_to_its_runner_and_closes_the_ssh_cl
                                     ssh=(pids, str(fake_ssh)))
         assert (tmp_path / "runner.got").read_text() == "INT\n"
         ssh_pid = int(pids.read_text().split()[0])
-        deadline = time.monotonic() + 10
-        while Path(f"/proc/{ssh_pid}").exists() and "Z" not in Path(f"/proc/{ssh_pid}/stat").read_text().split()[2]:
-            assert time.monotonic() < deadline, "the ssh left by the runner still runs"
-            time.sleep(0.05)
+        assert Patience(10).until(lambda: ended(ssh_pid)), "the ssh left by the runner still runs"
         assert other.poll() is None  # not an ssh: spared
     finally:
         other.kill()
@@ -250,6 +247,44 @@ def test_a_deepspeed_launch_passes_ctrl_c_on_to_its_runner_and_closes_the_ssh_cl
         if ssh_pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(ssh_pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(60)
+def test_a_ctrl_c_while_deepspeeds_runner_starts_is_passed_on_once_it_has(tmp_path, monkeypatch):
+    """Ctrl-C as the runner has just started, before Popen has returned it (a long moment on a busy box: seen in a
+    loop of the test above at load 135): the launch's handlers are already in, and the runner gets the Ctrl-C once
+    it is known. Before, the handlers came after Popen: KeyboardInterrupt left the runner (a session of its own)
+    running, orphaned, and it never got the Ctrl-C."""
+    import os
+    import signal
+    import subprocess
+
+    from meshwright.commands import launch
+    from patience import Patience
+
+    runner = tmp_path / "runner"
+    runner.write_text(f"#!/bin/sh\ntrap 'echo INT >> {tmp_path}/runner.got; exit 1' INT\ntouch {tmp_path}/ready\n"
+                      "while :; do sleep 0.05; done\n")
+    runner.chmod(0o755)
+    real_popen, started = subprocess.Popen, []
+
+    def popen_then_ctrl_c(*args, **kwargs):
+        proc = real_popen(*args, **kwargs)
+        started.append(proc)
+        assert Patience(30).until((tmp_path / "ready").exists)  # its trap is set
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C before Popen returns
+        return proc
+
+    monkeypatch.setattr(launch.subprocess, "Popen", popen_then_ctrl_c)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            launch._run_passing_signals_on([str(runner)], cwd=str(tmp_path), env=dict(os.environ), ssh=None)
+        assert (tmp_path / "runner.got").read_text() == "INT\n"  # once
+        assert started[0].poll() == 1
+    finally:
+        if started and started[0].poll() is None:
+            os.killpg(started[0].pid, signal.SIGKILL)
+            started[0].wait(10)
 
 
 def test_the_process_group_line_is_taken_once_and_the_signal_command_reaches_that_group(tmp_path):
@@ -313,10 +348,10 @@ def test_a_deepspeed_launch_passes_sigterm_or_sigusr1_on_as_sigterm_and_waits_fo
     import os
     import signal
     import threading
-    import time
 
     from meshwright.commands.launch import _run_passing_signals_on
     from meshwright.launcher.remote.relay import LaunchStopped
+    from patience import Patience
 
     rank = tmp_path / "rank"
     rank.write_text(f"#!/bin/sh\ntrap 'echo TERM >> {tmp_path}/rank.got; sleep 1; touch {tmp_path}/saved; exit 143' TERM\n"
@@ -328,10 +363,8 @@ def test_a_deepspeed_launch_passes_sigterm_or_sigusr1_on_as_sigterm_and_waits_fo
         f.chmod(0o755)
     main_thread = threading.get_ident()
 
-    def send() -> None:
-        deadline = time.monotonic() + 30
-        while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+    def send() -> None:  # once the rank's trap is set: 30 s of quiet-box time at most (tests/patience.py)
+        Patience(30).until((tmp_path / "ready").exists)
         signal.pthread_kill(main_thread, signal.Signals[signame])
 
     threading.Thread(target=send, daemon=True).start()

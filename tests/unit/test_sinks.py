@@ -13,6 +13,7 @@ from meshwright.config import load_train_config
 from meshwright.errors import ConfigError
 from meshwright.tools import sinks as sinks_mod
 from meshwright.tools.sinks import Sinks, open_sinks, scalars
+from patience import Patience
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +125,8 @@ def test_wandb_offline_run_records_the_scalars(tmp_path, monkeypatch):
 
     # wandb's service may still be flushing the file when finish() returns (seen: a 7-byte file); its
     # closing record is "exit", so wait for that (bounded) rather than read a half-written log
-    deadline = time.monotonic() + 30
-    while not any(r.WhichOneof("record_type") == "exit" for r in records()) and time.monotonic() < deadline:
+    patience = Patience(30)
+    while not any(r.WhichOneof("record_type") == "exit" for r in records()) and not patience.expired():
         time.sleep(0.2)
     losses = []
     for rec in records():

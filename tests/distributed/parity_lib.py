@@ -12,7 +12,6 @@ import os
 import sys
 import time
 import traceback
-from datetime import timedelta
 from typing import Callable
 from pathlib import Path
 

@@ -324,8 +324,9 @@ Box = tuple[tuple[int, ...], tuple[int, ...]]  # (global shape, offset of a plai
 def _local_index(param: torch.Tensor, box: Box | None = None) -> tuple[Index, tuple[int, ...], torch.Tensor]:
     """The global slice this rank holds of ``param``, the global shape, and the local tensor to write it into.
     ``box``: a plain tensor that is a shard cut by hand (megatron-core tp, ep experts), placed by its caller."""
-    if box is not None:
+    if box is not None:  # of a DTensor (FSDP'd expert shards), the box of its local piece
         shape, offset = box
+        param = param.to_local() if callable(getattr(param, "to_local", None)) else param
         return tuple(slice(o, o + n) for o, n in zip(offset, param.shape)), tuple(shape), param
     try:
         from torch.distributed.tensor import DTensor

@@ -133,7 +133,9 @@ def init_keyed(named: Iterable[tuple[str, torch.Tensor]], specs: dict[str, Param
         spec = specs.get(name)
         if spec is None:
             raise KeyError(f"no keyed initialiser for parameter {name!r}")
-        local, shape, offset = (param, *boxes[name]) if boxes and name in boxes else local_box(param)
+        # a box: a plain shard cut by hand, or a DTensor whose local piece it places (FSDP'd expert shards)
+        local, shape, offset = ((param.to_local() if isinstance(param, DTensor) else param, *boxes[name])
+                                if boxes and name in boxes else local_box(param))
         gen = generators.setdefault(local.device, torch.Generator(device=local.device))
         buf = scratch.get(local.device)
         need = math.prod(min(t, d) for t, d in zip(tile_shape(shape), shape))

@@ -114,6 +114,9 @@ def expert_box(module: ExpertParallelExperts, w: str, tp_dim: int) -> Box:
     shape, offset = [module.n_experts, *local.shape[1:]], [module.first_expert] + [0] * (local.dim() - 1)
     shape[tp_dim] *= t
     offset[tp_dim] = r * local.shape[tp_dim]
+    if isinstance(local, DTensor):  # FSDP over edp (expert_fsdp.py): the box of this rank's piece of its experts
+        _, inner = compute_local_shape_and_global_offset(local.shape, local.device_mesh, local.placements)
+        offset = [o + i for o, i in zip(offset, inner)]
     return tuple(shape), tuple(offset)
 
 
@@ -129,8 +132,9 @@ def box_index(box: Box, local_shape: Iterable[int]) -> tuple[slice, ...]:
 
 @torch.no_grad()
 def _copy_shard(param: torch.Tensor, full: torch.Tensor, box: Box | None = None) -> None:
-    if box is not None:
-        param.copy_(full[box_index(box, param.shape)])
+    if box is not None:  # a DTensor with a box (FSDP'd expert shards): the box is its local piece's
+        local = param.to_local() if isinstance(param, DTensor) else param
+        local.copy_(full[box_index(box, local.shape)])
     elif isinstance(param, DTensor):
         shape, offset = compute_local_shape_and_global_offset(full.shape, param.device_mesh, param.placements)
         local = param.to_local()

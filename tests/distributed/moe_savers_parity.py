@@ -103,6 +103,9 @@ CASES = {
     "moe_tp2_pp2": (MOE, moe_plan([{"tp": 2, "repeat": 2}], pipeline={**PP2, "microbatches": 4})),
     "moe_ep2_pp2": (MOE, moe_plan([{"dp": 2, "ep": 2, "repeat": 2}], pipeline=PP2)),
     "moe_ep1_ddp_dp4": (MOE, moe_plan([{"dp": 4, "repeat": 2}])),
+    # ZeRO-2/3 under ep>1 (parallel/expert_fsdp.py): the experts FSDP-sharded over edp=dp/ep, the rest over dp
+    "moe_ep2_dp4_zero3": (MOE, moe_plan([{"dp": 4, "ep": 2, "zero": 3, "repeat": 2}])),
+    "moe_ep2_dp4_zero2": (MOE, moe_plan([{"dp": 4, "ep": 2, "zero": 2, "repeat": 2}])),
     "moe_ep2_dp4_fp8_wta": (MOE, moe_plan([{"dp": 4, "ep": 2, "savers": {"fp8_act": True}},
                                             {"dp": 4, "ep": 2, "savers": {"wta_crs": 0.5}}])),
     "fp8_dp4_fsdp_layers02": (CFG, plan([{"dp": 4, "zero": 3, "savers": {"fp8_act": True}}, {"dp": 4, "zero": 3},
@@ -525,9 +528,12 @@ def _run_case(name: str, cfg, pd: dict, compile_backend: str | None = None, loss
         # expert tp: each rank holds experts / (tp * ep) (uniform MoE plans here)
         st = p.layer_strategies()[0]
         res["expert_numel"] = {**expert_weight_numel(rt), "tp": st.tp, "ep": st.ep}
-        if len({(s.tp, s.ep) for s in p.layer_strategies()}) == 1 and not any(s.zero >= 2 for s in p.layer_strategies()):
+        # ... and under ZeRO-2/3 with ep>1 experts / (tp * ep * edp) = experts / (tp * dp): FSDP over edp
+        fsdp_ep = st.zero >= 2 and st.ep > 1
+        res["expert_numel"]["parts"] = st.tp * (st.dp if fsdp_ep else st.ep)
+        if len({(s.tp, s.ep, s.zero) for s in p.layer_strategies()}) == 1 and (fsdp_ep or st.zero < 2):
             e = res["expert_numel"]
-            ok = ok and e["local"] * st.tp * st.ep == e["full_on_stage"]
+            ok = ok and e["local"] * e["parts"] == e["full_on_stage"]
     if any(s.savers.fp8_act or s.savers.wta_crs not in (None, 1.0) for s in p.layer_strategies()) and not gemm_tp:
         plain = reference(cfg, p, dp, savers=False)
         res["saver_effect"] = max(rel(plain[0]["grads"][k], ref[0]["grads"][k]) for k in plain[0]["grads"])

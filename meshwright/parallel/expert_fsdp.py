@@ -57,7 +57,9 @@ def apply_expert_fsdp(experts: ExpertParallelExperts, edp_mesh: DeviceMesh, zero
     fully_shard(experts, mesh=edp_mesh, reshard_after_forward=(zero == 3),
                 shard_placement_fn=lambda p: Shard(dims.get(id(p), 0)), **extra)
     experts.set_gradient_divide_factor(float(dp_size))
-    if edp_mesh.device_type != "cuda":  # gloo: no PREMUL_SUM; sum, then FSDP's own division by the factor
+    if edp_mesh.device_type != "cuda" and edp_mesh.size() > 1:  # gloo: no PREMUL_SUM; sum, then FSDP divides.
+        # Not on one rank (edp = 1: dp = ep): there FSDP's copy already divides by the factor, and forced sums
+        # divide a second time (torch 2.13's foreach_reduce; measured: expert gradients half the one-process ones)
         experts.set_force_sum_reduction_for_comms(True)
     params = [getattr(experts, w) for w in EXPERT_FSDP_DIMS]
     for p in params:  # fully_shard made new Parameters: the expert mark again

@@ -106,6 +106,8 @@ CASES = {
     # ZeRO-2/3 under ep>1 (parallel/expert_fsdp.py): the experts FSDP-sharded over edp=dp/ep, the rest over dp
     "moe_ep2_dp4_zero3": (MOE, moe_plan([{"dp": 4, "ep": 2, "zero": 3, "repeat": 2}])),
     "moe_ep2_dp4_zero2": (MOE, moe_plan([{"dp": 4, "ep": 2, "zero": 2, "repeat": 2}])),
+    "moe_ep2_tp2_zero3": (MOE, moe_plan([{"tp": 2, "dp": 2, "ep": 2, "zero": 3, "repeat": 2}])),
+    "moe_ep2_pp2_zero3": (MOE, moe_plan([{"dp": 2, "ep": 2, "zero": 3, "repeat": 2}], pipeline=PP2)),
     "moe_ep2_dp4_fp8_wta": (MOE, moe_plan([{"dp": 4, "ep": 2, "savers": {"fp8_act": True}},
                                             {"dp": 4, "ep": 2, "savers": {"wta_crs": 0.5}}])),
     "fp8_dp4_fsdp_layers02": (CFG, plan([{"dp": 4, "zero": 3, "savers": {"fp8_act": True}}, {"dp": 4, "zero": 3},
@@ -556,6 +558,14 @@ CKPT_CASES = {
                                 moe_plan([{"dp": 4, "repeat": 2}])),
     "ckpt_moe_ep2_to_ep2_tp2": (moe_plan([{"dp": 4, "ep": 2, "repeat": 2}]),
                                 moe_plan([{"tp": 2, "dp": 2, "ep": 2, "repeat": 2}])),
+    # ZeRO-3 under ep2 (experts FSDP'd over edp) saved, resumed under ZeRO-0 ep2 and ZeRO-2 ep4; ZeRO-0 ep2 saved,
+    # resumed under ZeRO-3 ep2
+    "ckpt_moe_ep2_zero3_to_ep2": (moe_plan([{"dp": 4, "ep": 2, "zero": 3, "repeat": 2}]),
+                                  moe_plan([{"dp": 4, "ep": 2, "repeat": 2}])),
+    "ckpt_moe_ep2_zero3_to_ep4_zero2": (moe_plan([{"dp": 4, "ep": 2, "zero": 3, "repeat": 2}]),
+                                        moe_plan([{"dp": 4, "ep": 4, "zero": 2, "repeat": 2}])),
+    "ckpt_moe_ep2_to_ep2_zero3": (moe_plan([{"dp": 4, "ep": 2, "repeat": 2}]),
+                                  moe_plan([{"dp": 4, "ep": 2, "zero": 3, "repeat": 2}])),
     "ckpt_moe_tp2_to_ep4": (moe_plan([{"tp": 2, "dp": 2, "repeat": 2}]), moe_plan([{"dp": 4, "ep": 4, "repeat": 2}])),
 }
 
@@ -600,6 +610,8 @@ def saved_checkpoint(pd_save: dict, ckpt_dir: str) -> str:
         rt.optimizer_step(opt)
         save_runtime(path, rt, opt, meta={"step": 1})
         _SAVED[key] = (path, full_state(rt, opt))
+        if dist.get_rank() == 0:  # for the one-process resume (test_moe_savers_runtime.py): tensors only
+            torch.save(_SAVED[key][1], f"{path}.full.pt")
     return _SAVED[key]
 
 
@@ -628,7 +640,7 @@ def run_ckpt_case(pd_save: dict, pd_load: dict, ckpt_dir: str) -> dict:
     tol = CKPT_TP_RTOL if tp else RTOL
     ok = meta.get("step") == 1 and state_equal and all(v <= tol and math.isfinite(v) for v in worst.values())
     return {"ok": ok, **worst, "worst_grad_param": worst_name, "state_equal": state_equal, "state_tensors": len(saved),
-            "tol": tol, "meta": meta}
+            "tol": tol, "meta": meta, "ckpt": path}
 
 
 def main() -> None:

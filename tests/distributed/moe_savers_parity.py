@@ -588,7 +588,7 @@ def full_state(rt, opt) -> dict[str, torch.Tensor]:
 
     sd = rt.checkpoint_state(opt)
     out = {f"model/{k}": full(v).detach().clone() for k, v in sorted(sd["model"].items())}
-    for fqn, st in sorted(sd["optim"]["state"].items()):
+    for fqn, st in sorted(sd["optim"]["state"].items() if opt is not None else []):
         for k, v in sorted(st.items()):
             if torch.is_tensor(v):
                 out[f"optim/{fqn}/{k}"] = full(v).detach().clone()
@@ -643,6 +643,37 @@ def run_ckpt_case(pd_save: dict, pd_load: dict, ckpt_dir: str) -> dict:
             "tol": tol, "meta": meta, "ckpt": path}
 
 
+# ZeRO-3 under ep2 (dp4: edp 2) built on meta: each rank's FSDP piece of its experts (a box of the full tensor, the
+# d_model dim over edp) filled by the keyed scheme and by init_from (a Hugging Face checkpoint of the one-process model),
+# equal to the one-process model's values exactly
+INIT_CASES = {"init_moe_ep2_dp4_zero3": moe_plan([{"dp": 4, "ep": 2, "zero": 3, "repeat": 2}])}
+
+
+def run_init_case(pd: dict, ckpt_dir: str) -> dict:
+    import dataclasses
+
+    from meshwright.models.hf_weights import save_hf
+
+    cfg = dataclasses.replace(MOE, capacity_factor=None)  # a Mixtral export drops no tokens
+    ref = build_model(cfg, seed=SEED + 3, init="keyed")
+    hf = f"{ckpt_dir}/hf_moe"
+    if dist.get_rank() == 0:
+        save_hf(ref, cfg, hf)
+    dist.barrier()
+    want = {f"model/{k}": v.detach() for k, v in ref.state_dict().items()}
+    res: dict = {}
+    for how, kw in (("keyed", {"init": "keyed"}), ("init_from", {"init_from": hf})):
+        rt = DistributedRuntime(cfg, plan_from_dict(pd), seed=SEED + 3, **kw)
+        got = {k: v for k, v in full_state(rt, None).items()}
+        keys = sorted(set(got) & set(want))
+        res[how] = {"max_diff": max(float((got[k] - want[k]).abs().max()) for k in keys), "tensors": len(keys),
+                    "missing": sorted(set(want) - set(got))[:3],
+                    "expert_fsdp": sum(1 for p in rt._expert_params if hasattr(p, "device_mesh")), "init": rt.init}
+        rt.close()
+    ok = all(v["max_diff"] == 0.0 and not v["missing"] and v["expert_fsdp"] == 6 for v in res.values())
+    return {"ok": ok, **res}
+
+
 def main() -> None:
     init(timeout_s=120)
     out, ckpt_dir = sys.argv[1], sys.argv[2]
@@ -680,6 +711,15 @@ def main() -> None:
             continue
         try:
             res = run_ckpt_case(pd_save, pd_load, ckpt_dir)
+        except Exception as e:
+            res = failure(f"case {name}", e)
+        report.add(name, res["ok"], res)
+        dist.barrier()
+    for name, pd in INIT_CASES.items():
+        if only and name not in only:
+            continue
+        try:
+            res = run_init_case(pd, ckpt_dir)
         except Exception as e:
             res = failure(f"case {name}", e)
         report.add(name, res["ok"], res)

@@ -327,6 +327,28 @@ def expert_weight_numel(rt) -> dict:
     return {"local": local, "full_on_stage": on_stage * cfg.n_experts * 3 * cfg.d_model * cfg.expert_ffn_dim}
 
 
+def block_state_bytes(rt, opt) -> dict[str, dict[str, int]]:
+    """Per block on this rank: the bytes of its stored parameters (FSDP's shards; not ZeRO-2's gathered copies), kept
+    gradients and optimizer states (AdamW's moments, not its step counters), split into experts and the rest, for the
+    planner's ``model_state_bytes`` (test_moe_savers_runtime.py)."""
+    from meshwright.models.moe import local_tensor
+
+    def nbytes(t) -> int:
+        t = local_tensor(t)
+        return t.numel() * t.element_size()
+
+    out: dict[str, dict[str, int]] = {}
+    for name, p in rt.model.named_parameters():
+        if not name.startswith("layers."):
+            continue
+        key = f"{name.split('.')[1]}.{'experts' if '.experts.' in name else 'dense'}"
+        row = out.setdefault(key, {"params": 0, "grads": 0, "optimizer": 0})
+        row["params"] += nbytes(p)
+        row["grads"] += nbytes(p.grad) if p.grad is not None else 0
+        row["optimizer"] += sum(nbytes(v) for v in opt.state.get(p, {}).values() if torch.is_tensor(v) and v.dim() > 0)
+    return out
+
+
 class GemmLog:
     """Records the operand shapes (and backend) of every FP8 GEMM the FP8 linears run while active."""
 
@@ -464,6 +486,8 @@ def _run_case(name: str, cfg, pd: dict, compile_backend: str | None = None, loss
                            "backends": sorted({b for *_, b in log.calls}), "scaled_mm_calls": log.scaled_mm_calls,
                            "casts": log.casts, "expected_casts": expected_casts(rt, p, len(micro)),
                            "shard_shapes": sorted(set(seen))}
+        if step == 1 and any(s.ep > 1 and s.zero >= 2 for s in p.layer_strategies()):
+            res["block_state_bytes"] = block_state_bytes(rt, opt)  # steady: AdamW's states exist, gradients reduced
         tight = step == 0 or not (gemm_tp or gemm_dp)  # FP8 GEMM runs are chaotic after a step (docstring)
         if tight:
             worst["loss"] = max(worst["loss"], rel(loss, ref[step]["loss"]))

@@ -93,6 +93,32 @@ def test_zero23_with_ep_shards_experts_over_edp(report: dict) -> None:
     assert report["moe_ep2_dp4_zero3"]["ranks"]["0"]["expert_numel"]["local"] * 2 == zero0
 
 
+@pytest.mark.parametrize("case", ["moe_ep2_dp4_zero3", "moe_ep2_dp4_zero2"])
+def test_planner_counts_zero23_ep_states_as_the_runtime_holds_them(report: dict, case: str) -> None:
+    """The planner's per-rank model states of an MoE block under ZeRO-2/3 with ep2 x dp4 (cost_model.layer_costs:
+    the non-expert parameters sharded over dp, the experts over edp = dp/ep) equal the bytes the runtime holds on every
+    rank, measured (moe_savers_parity.py ``block_state_bytes``, step 2: stored shards, gradients, AdamW moments); the
+    experts' share alone too (``model_state_bytes`` over edp). Counting the experts over dp would halve their planned
+    bytes; over nothing (replicated over edp) double them."""
+    from meshwright.config.presets import load_cluster
+    from meshwright.launcher.planner import cost_model as cm
+    from moe_savers_parity import CASES as PAR_CASES
+
+    cfg, pd = PAR_CASES[case]
+    s = plan_from_dict(pd).layer_strategies()[0]
+    hw = cm.apply_stack(cm.hardware_from_cluster(load_cluster("dgx-a100-80g"), stack="meshwright", dtype="fp32"),
+                        "meshwright")
+    c = cm.layer_costs(cfg, 0, s, 2, 16, hw, "fp32")
+    planned = {k: c[f"{k}_bytes"] for k in ("params", "grads", "optimizer")}
+    experts = cm.model_state_bytes(cm.expert_params_on_rank(cfg, s.tp, s.ep, hw), s.dp // s.ep, s.zero, "fp32", hw)
+    for r in report[case]["ranks"].values():
+        for layer in ("0", "1"):
+            dense, exp = r["block_state_bytes"][f"{layer}.dense"], r["block_state_bytes"][f"{layer}.experts"]
+            measured = {k: dense[k] + exp[k] for k in planned}
+            assert measured == pytest.approx(planned, rel=1e-9), (case, layer, measured, planned)
+            assert {k: exp[k] for k in experts} == pytest.approx(experts, rel=1e-9), (case, layer, exp, experts)
+
+
 def test_zero3_ep2_checkpoint_reshards(report: dict) -> None:
     """The ZeRO-3 ep2 checkpoint (experts FSDP'd over edp) resumes under ZeRO-0 ep2 and ZeRO-2 ep4 with the model and
     optimizer state equal to the saved one tensor for tensor, and a ZeRO-0 ep2 checkpoint under ZeRO-3 ep2."""

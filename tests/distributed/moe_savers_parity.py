@@ -185,8 +185,10 @@ COMPILE_CASES = {
                                                     pipeline=PP2)),
     # ep=1 MoE blocks are compiled in parts too (compile_moe_block): under selective recompute and DDP over dp4
     "compile_moe_ep1_dp4_selective": (MOE, moe_plan([{"dp": 4, "recompute": "selective", "repeat": 2}])),
-    # ... and under FSDP2 (ZeRO-3 over dp4, the parts compiled inside the fully_shard unit; ep>1 takes zero 0 only)
+    # ... and under FSDP2 (ZeRO-3 over dp4, the parts compiled inside the fully_shard unit)
     "compile_moe_ep1_dp4_zero3": (MOE, moe_plan([{"dp": 4, "zero": 3, "repeat": 2}])),
+    # ... and ZeRO-3 under ep2 (the experts' compiled SwiGLU inside their own fully_shard unit over edp)
+    "compile_moe_ep2_dp4_zero3": (MOE, moe_plan([{"dp": 4, "ep": 2, "zero": 3, "repeat": 2}])),
 }
 
 

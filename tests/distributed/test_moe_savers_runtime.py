@@ -33,7 +33,7 @@ CASES = {"moe_ep2_dp4", "moe_ep4_dp4", "moe_ep2_tp2", "moe_ep2_pp2", "moe_ep1_dd
          "chunked_moe_ep2_dp4", "chunked_compile_moe_ep2_pp2_selective",
          "moe_ep2_dp4_zero3", "moe_ep2_dp4_zero2", "moe_ep2_tp2_zero3", "moe_ep2_pp2_zero3",
          "ckpt_moe_ep2_zero3_to_ep2", "ckpt_moe_ep2_zero3_to_ep4_zero2", "ckpt_moe_ep2_to_ep2_zero3",
-         "init_moe_ep2_dp4_zero3"}
+         "init_moe_ep2_dp4_zero3", "compile_moe_ep2_dp4_zero3"}
 MOE = load_model_config({"name": "m", "arch": "llama", "vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4,
                          "n_kv_heads": 2, "ffn_hidden": 64, "moe_ffn_hidden": 48, "n_experts": 4, "top_k": 2,
                          "max_seq_len": 32})

@@ -280,7 +280,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         # per-microbatch backward, so pipelined stages use the bucketed all-reduce instead.
         # ... and DDP would average expert shards over the whole stage, so ep>1 needs the manual path.
         self.uniform_ddp = uniform_replicated and m.pp == 1 and not any(s.ep > 1 for s in strategies)
-        self._expert_params: dict[nn.Parameter, int] = {}  # expert shard -> into how many shards it is cut (ep[*tp])
+        # expert shard -> into how many shards it is cut (ep[*tp]; FSDP'd at ZeRO-2/3: edp*ep*tp = per_stage)
+        self._expert_params: dict[nn.Parameter, int] = {}
         self._manual: list[tuple[list[nn.Parameter], dist.ProcessGroup, float]] = []  # (params, group, scale)
         self._post_scale: list[tuple[list[nn.Parameter], float]] = []  # FSDP layers with dp < max_dp
         self._megatron_shards: dict[nn.Parameter, tuple[int, int]] = {}  # param -> (shard dim, tp)

@@ -30,6 +30,7 @@ from meshwright.launcher.profiling.blocks import rope_for, shard_block  # noqa: 
 from meshwright.memory.accounting import count_saved_bytes  # noqa: E402
 from meshwright.parallel import recompute as rc  # noqa: E402
 from meshwright.parallel.expert_parallel import ExpertParallelExperts  # noqa: E402
+from meshwright.parallel.teardown import shutdown  # noqa: E402
 from meshwright.train import compile as compile_mod  # noqa: E402
 
 SEQ = 32
@@ -123,24 +124,29 @@ def main() -> None:
     cfg0 = model_cfg(args, None)
     print(f"llama MoE block: h={cfg0.d_model} heads={cfg0.n_heads} kv={cfg0.kv_heads} f_e={cfg0.expert_ffn_dim} "
           f"E={cfg0.n_experts} top_k={cfg0.top_k}; {args.device}, bf16 autocast, backend {args.backend}\n")
-    print("| ep | recompute | run | B/token | B/routed token | fixed B | formula B/token | formula B/routed |")
-    print("|---|---|---|---|---|---|---|---|")
-    for ep in (int(e) for e in args.ep.split(",")):
-        for recompute in args.recompute.split(","):
-            for backend in (None, args.backend):
-                samples = [s for cap in (None, 0.5) for s in measure(model_cfg(args, cap), recompute, ep, backend,
-                                                                      device, torch.bfloat16, args.whole)]
-                fixed, per_t, per_r = fit(samples)
-                if backend:
-                    f_t = cm.compiled_moe_activation_bytes(cfg0, 1.0, 1, recompute, 2, routed=0.0)
-                    f_r = cm.compiled_moe_activation_bytes(cfg0, 0.0, 1, recompute, 2, routed=1.0)
-                else:  # the eager figure (activation_bytes of an MoE layer, autocast included)
-                    f_t = cm.moe_block_bytes(cfg0, cm.EAGER_MOE_ACT[recompute], 1.0, 1, 2, routed=0.0)
-                    f_r = cm.moe_block_bytes(cfg0, cm.EAGER_MOE_ACT[recompute], 0.0, 1, 2, routed=1.0)
-                run = "compiled" if backend else "eager"
-                formula = f"{f_t:.0f} | {f_r:.0f}"
-                print(f"| {ep} | {recompute} | {run} | {per_t:.0f} | {per_r:.0f} | {round(fixed) + 0} | {formula} |", flush=True)
-    dist.destroy_process_group()
+    try:
+        print("| ep | recompute | run | B/token | B/routed token | fixed B | formula B/token | formula B/routed |")
+        print("|---|---|---|---|---|---|---|---|")
+        for ep in (int(e) for e in args.ep.split(",")):
+            for recompute in args.recompute.split(","):
+                for backend in (None, args.backend):
+                    samples = [s for cap in (None, 0.5) for s in measure(model_cfg(args, cap), recompute, ep, backend,
+                                                                          device, torch.bfloat16, args.whole)]
+                    fixed, per_t, per_r = fit(samples)
+                    if backend:
+                        f_t = cm.compiled_moe_activation_bytes(cfg0, 1.0, 1, recompute, 2, routed=0.0)
+                        f_r = cm.compiled_moe_activation_bytes(cfg0, 0.0, 1, recompute, 2, routed=1.0)
+                    else:  # the eager figure (activation_bytes of an MoE layer, autocast included)
+                        f_t = cm.moe_block_bytes(cfg0, cm.EAGER_MOE_ACT[recompute], 1.0, 1, 2, routed=0.0)
+                        f_r = cm.moe_block_bytes(cfg0, cm.EAGER_MOE_ACT[recompute], 0.0, 1, 2, routed=1.0)
+                    run = "compiled" if backend else "eager"
+                    formula = f"{f_t:.0f} | {f_r:.0f}"
+                    print(f"| {ep} | {recompute} | {run} | {per_t:.0f} | {per_r:.0f} | {round(fixed) + 0} | {formula} |", flush=True)
+    finally:
+        # an ep>1 block's ExpertParallelExperts holds the group, and dynamo's caches hold the compiled blocks: they
+        # go first, then the group, through parallel/teardown.py (as bench_moe.py)
+        torch._dynamo.reset()
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -51,7 +51,10 @@ def held_on_rank(tp: int, ep: int) -> dict[str, int]:
                 out["experts" if ".experts." in f".{name}" else "other"] += local.numel()
         return out
     finally:
-        dist.destroy_process_group()
+        from meshwright.parallel.teardown import shutdown
+
+        model = block = mesh = p = local = None  # the layout, its DTensors and the mesh hold the group: they go first
+        shutdown()
 
 
 def planner_picks() -> dict:

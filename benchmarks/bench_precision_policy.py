@@ -206,10 +206,12 @@ def build_step(policy: str, cfg: Any, device: str, timeout_s: float) -> tuple[St
 def run_one(policy: str, args: argparse.Namespace) -> dict[str, Any]:
     """Build, warm up, reset the peak, time ``--steps`` steps (synchronised); memory is the steady-state peak."""
     import torch
-    import torch.distributed as dist
+
+    from meshwright.parallel import teardown
 
     device = _device()
     cfg = model_config(args)
+    step = mbs = None
     try:
         step, held = build_step(policy, cfg, device, args.timeout)
         mbs = _batches(cfg, args, device)
@@ -225,8 +227,10 @@ def run_one(policy: str, args: argparse.Namespace) -> dict[str, Any]:
         dt = (time.perf_counter() - t0) / args.steps
         losses.append(float(loss))
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        # the FSDP2 model (held by the step's closure) and its mesh hold the group: dropped before it goes, through
+        # parallel/teardown.py (a collection, torch's DTensor caches, then the group), as bench_moe.py
+        step = mbs = None
+        teardown.shutdown(exc=sys.exc_info()[1])
     tokens = args.accum * args.seq
     out: dict[str, Any] = {"policy": policy, "step_s": dt, "tokens_per_s": tokens / dt, "loss_first": losses[0],
                            "loss_last": losses[-1], "stored": held, "params": sum(p.numel() for p in cfg_params(cfg))}

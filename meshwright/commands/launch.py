@@ -103,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
         for line in dry_run_lines(spec, args.launcher, args.hosts, args.ssh_port, args.ssh_key):
             print(line)
         return 0
+    if out_dir is None and command[:1] == ["train"]:
+        print(f"meshwright launch: {other_workdir_note(args.workdir)}", file=sys.stderr)
     with _run_directory_lock(out_dir, spec.run_id):
         if args.launcher == "deepspeed":
             return run_deepspeed(spec, args)
@@ -116,6 +118,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"meshwright launch: {message}", file=sys.stderr)
         return 1
     return 0
+
+
+def other_workdir_note(workdir: str) -> str:
+    """What a launch into another ``--workdir`` does not protect (launcher/launch_lock.py): its config, and so its
+    ``out_dir``, lives on the hosts' file system, which this host may not see (a path here need not be theirs)."""
+    return (f"note: the hosts run in --workdir {workdir!r}, not this directory: their config and out_dir are not read "
+            f"here, so no launch lock is taken; each attempt's rank 0 refuses an out_dir another live run holds "
+            f"(train/run_dir.RunLock), after the hosts start, and a launch between two attempts of an elastic restart "
+            f"can take it first (docs/launch.md, Run directory)")
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
 from meshwright.config import load_train_config, parse_override, preset_names
@@ -60,8 +61,9 @@ def _split_overrides(args: argparse.Namespace) -> None:
 def preflight(argv: list[str], world_size: int | None = None) -> Any:
     """Check a ``train ...`` command line without running it: its config, overrides and plan file (and that the
     file fits the config and, given ``world_size``, the devices it will run on), one line per mistake
-    (``meshwright launch`` calls it before starting anything on the hosts). Returns the TrainConfig (its
-    ``preempt_grace_s`` sets torchrun's shutdown timeout)."""
+    (``meshwright launch`` calls it before starting anything on the hosts), ``lora.init_adapter`` included where this
+    host has it (train/peft_init.py ``preflight_init_adapter``). Returns the TrainConfig (its ``preempt_grace_s`` sets
+    torchrun's shutdown timeout)."""
     p = argparse.ArgumentParser(prog="meshwright train", add_help=False)
     p.add_argument("config")
     p.add_argument("overrides", nargs=argparse.REMAINDER)
@@ -93,6 +95,15 @@ def preflight(argv: list[str], world_size: int | None = None) -> Any:
             if plan is None:
                 loaded = default_plan(model, world_size, cfg.seq_len, cfg.global_batch, cfg.micro_batch)
         check_distributed_run(cfg, model, loaded)
+    if cfg.lora is not None and cfg.lora.init_adapter is not None:  # what every rank would check at build
+        from meshwright.train.build import resume_target
+        from meshwright.train.checkpoint import follow_pointer
+        from meshwright.train.peft_init import preflight_init_adapter
+
+        resume: bool | str = str(follow_pointer(args.resume_from)) if args.resume_from else args.resume
+        note = preflight_init_adapter(cfg, bool(resume) and resume_target(cfg, resume) is not None)
+        if note:
+            print(f"meshwright launch: {note}", file=sys.stderr)
     return cfg
 
 

@@ -14,6 +14,12 @@ pid's start time (a reused pid is not the owner) and the launch id, and ``flock`
 as stale and taken over; where ``flock`` is unsupported, a holder on this host whose pid is gone is stale, and one on
 another host is named with the file to remove. Only its owner removes it (same inode, same record), and of the
 directories it created for it only the ones left empty.
+
+Only a launch whose hosts run in its own directory takes it (commands/launch.py): with another ``--workdir`` the config
+and its ``out_dir`` are the hosts', on a file system this host may not see, so the run directory is unknown here; the
+launch says so in one note line, and each attempt's rank 0 still refuses a directory a live run holds
+(``train/run_dir.RunLock``), after the hosts start -- except in the gap between two attempts of an elastic restart,
+where nothing holds it (docs/launch.md, Run directory).
 """
 
 from __future__ import annotations

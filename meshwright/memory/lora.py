@@ -79,16 +79,18 @@ class ExpertAdapter(nn.Module):
         return out
 
     @torch.no_grad()
-    def reset(self, name: str, seed: int) -> None:
+    def reset(self, name: str, seed: int, box: "Box | None" = None) -> None:
         """A as the one-process model draws it for module ``name`` (PEFT's nn.Linear(in, r * experts) init, rows
-        expert-major, keyed by (seed, name)) -- this shard's rows of it -- and B zero."""
+        expert-major, keyed by (seed, name)) -- this shard's rows of it: an ep shard's ``box`` (the runtime's
+        ``shard_boxes``), a DTensor's placements -- and B zero."""
         from meshwright.parallel.meta_init import _copy_shard
 
-        n, rank, fan_in = (self.lora_A.to_local() if hasattr(self.lora_A, "to_local") else self.lora_A).shape
+        _, rank, fan_in = self.lora_A.shape
         full = adapter_a(name, self.total_experts * rank, fan_in, seed).view(self.total_experts, rank, fan_in)
-        if not hasattr(self.lora_A, "to_local"):  # a plain (ep) shard: its experts' rows
-            full = full[self.first_expert:self.first_expert + n]
-        _copy_shard(self.lora_A, full.to(self.lora_A.device))
+        if box is None and not hasattr(self.lora_A, "to_local") and self.lora_A.shape[0] != self.total_experts:
+            raise RuntimeError(f"{name}.lora_A: an expert shard ({self.lora_A.shape[0]} of {self.total_experts} "
+                               f"experts) with no box (the runtime's shard_boxes)")
+        _copy_shard(self.lora_A, full.to(self.lora_A.device), box)
         self.lora_B.zero_()
 
     def delta(self) -> torch.Tensor:
@@ -219,14 +221,15 @@ def init_adapters(chunks: Iterable[nn.Module], seed: int, boxes: "dict[str, Box]
     """Fill the adapters of materialised (``to_empty``) chunks: A keyed by (seed, module name) as the one-process
     ``apply_lora(seed=seed)`` draws it, B zero. A DTensor (FSDP2, DTensor tp) shard receives its own slice of the
     full A, and so does a plain shard cut by hand whose (global shape, offset) is in ``boxes`` (megatron-core tp's
-    adapter layers, parallel/megatron_lora.py: any module with ``lora_A``/``lora_B`` parameters)."""
+    adapter layers, parallel/megatron_lora.py: any module with ``lora_A``/``lora_B`` parameters; an expert-parallel
+    ``ExpertAdapter``'s experts' rows, ``meta_init.ep_boxes``)."""
     from meshwright.parallel.meta_init import _copy_shard
 
     boxes = boxes or {}
     for chunk in chunks:
         for name, module in chunk.named_modules():
-            if isinstance(module, ExpertAdapter):  # stacked over experts; an ep shard draws its experts' rows
-                module.reset(name, seed)
+            if isinstance(module, ExpertAdapter):  # stacked over experts; an ep shard draws its box's rows
+                module.reset(name, seed, boxes.get(f"{name}.lora_A"))
             elif isinstance(getattr(module, "lora_A", None), nn.Parameter):
                 box_a, box_b = boxes.get(f"{name}.lora_A"), boxes.get(f"{name}.lora_B")
                 rank, fan_in = box_a[0] if box_a is not None else module.lora_A.shape
@@ -244,8 +247,8 @@ def load_adapters(chunks: Iterable[nn.Module], values: "dict[str, torch.Tensor]"
     """Set the adapters (and ``modules_to_save`` weights) of materialised chunks from ``values``: whole tensors in the
     one-process model's names and layout (a PEFT adapter read by train/peft_import.py ``peft_adapter_values``). Each
     shard takes its slice as ``init_adapters`` draws it: a DTensor (FSDP2, DTensor tp) its own, a megatron-core shard
-    its ``boxes`` entry, an expert-parallel ``ExpertAdapter`` its experts' rows. Every adapter parameter of the chunks
-    must have a value (one line otherwise). Returns the names set."""
+    its ``boxes`` entry, an expert-parallel ``ExpertAdapter`` its experts' rows (its ``boxes`` entry too). Every
+    adapter parameter of the chunks must have a value (one line otherwise). Returns the names set."""
     from meshwright.parallel.meta_init import _copy_shard
 
     boxes = boxes or {}
@@ -261,10 +264,11 @@ def load_adapters(chunks: Iterable[nn.Module], values: "dict[str, torch.Tensor]"
                                   "(this one has none for that parameter)")
                 continue
             full = values[key].to(p.device)
-            module = chunk.get_submodule(name.rsplit(".", 1)[0])
-            if isinstance(module, ExpertAdapter) and not hasattr(p, "to_local") and p.shape[0] != full.shape[0]:
-                full = full[module.first_expert:module.first_expert + p.shape[0]]  # a plain ep shard: its experts
-            _copy_shard(p, full, boxes.get(name, boxes.get(key)))
+            box = boxes.get(name, boxes.get(key))
+            if box is None and not hasattr(p, "to_local") and tuple(p.shape) != tuple(full.shape):
+                raise RuntimeError(f"{key}: a shard {tuple(p.shape)} of the adapter's {tuple(full.shape)} with no box "
+                                   "(the runtime's shard_boxes)")
+            _copy_shard(p, full, box)
             done.append(key)
     return done
 

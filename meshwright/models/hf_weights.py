@@ -323,11 +323,8 @@ Box = tuple[tuple[int, ...], tuple[int, ...]]  # (global shape, offset of a plai
 
 def _local_index(param: torch.Tensor, box: Box | None = None) -> tuple[Index, tuple[int, ...], torch.Tensor]:
     """The global slice this rank holds of ``param``, the global shape, and the local tensor to write it into.
-    ``box``: a plain tensor that is a shard cut by hand (megatron-core tp, ep experts), placed by its caller."""
-    if box is not None:  # of a DTensor (FSDP'd expert shards), the box of its local piece
-        shape, offset = box
-        param = param.to_local() if callable(getattr(param, "to_local", None)) else param
-        return tuple(slice(o, o + n) for o, n in zip(offset, param.shape)), tuple(shape), param
+    ``box``: a shard cut by hand (megatron-core tp, ep experts), placed by its caller; a DTensor over such a shard
+    (FSDP over an ep shard) holds its placements' part of that box."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch without DTensor
@@ -336,8 +333,13 @@ def _local_index(param: torch.Tensor, box: Box | None = None) -> tuple[Index, tu
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
         shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-        return tuple(slice(o, o + n) for o, n in zip(offset, shape)), tuple(param.shape), param.to_local()
-    return tuple(slice(0, n) for n in param.shape), tuple(param.shape), param
+        local, whole = param.to_local(), tuple(param.shape)
+    else:
+        shape, offset, local, whole = tuple(param.shape), (0,) * param.dim(), param, tuple(param.shape)
+    if box is not None:
+        whole, base = tuple(box[0]), box[1]
+        offset = tuple(b + o for b, o in zip(base, offset))
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape)), whole, local
 
 
 @torch.no_grad()
@@ -348,7 +350,8 @@ def load_pretrained_into(model: nn.Module | Iterable[nn.Module], path: str | Pat
     stage chunks), each rank reading only the slices its (possibly DTensor-sharded) parameters hold.
 
     ``boxes``: {name: (global shape, offset)} of plain parameters that are shards cut by hand (megatron-core
-    tp, ``parallel/meta_init.shard_box``; expert-parallel experts, ``meta_init.expert_boxes``: without its box a shard
+    tp, ``parallel/meta_init.shard_box``; expert-parallel experts, ``meta_init.ep_boxes``; both recorded by the
+    distributed runtime at the cut, its ``shard_boxes``: without its box a shard
     reads the first rows of the full tensor): each reads only its box, through the same transforms (transposes,
     rotary permutation, fused blocks) as the whole parameter. LoRA adapters (``lora_A``/``lora_B``) are skipped:
     they are the saver's, drawn by it; other parameters without a source (MEFT's adapters) are an error with

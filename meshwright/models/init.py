@@ -125,7 +125,9 @@ def init_keyed(named: Iterable[tuple[str, torch.Tensor]], specs: dict[str, Param
                boxes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] | None = None) -> int:
     """Fill each (name, parameter) with its keyed values (``specs`` from ``Decoder.init_specs``); names not in
     ``specs`` are an error (a parameter nobody initialises). ``boxes``: {name: (global shape, offset)} of plain
-    tensors that are shards (expert parallelism); DTensors carry theirs. Returns the values drawn."""
+    tensors that are shards cut by hand (megatron-core tp, expert parallelism: the runtime's ``shard_boxes``); DTensors
+    carry theirs, and a DTensor over such a shard (FSDP over an ep shard) is placed inside its box. Returns the values
+    drawn."""
     generators: dict[torch.device, torch.Generator] = {}
     scratch: dict[torch.device, torch.Tensor] = {}
     drawn = 0
@@ -133,9 +135,10 @@ def init_keyed(named: Iterable[tuple[str, torch.Tensor]], specs: dict[str, Param
         spec = specs.get(name)
         if spec is None:
             raise KeyError(f"no keyed initialiser for parameter {name!r}")
-        # a box: a plain shard cut by hand, or a DTensor whose local piece it places (FSDP'd expert shards)
-        local, shape, offset = ((param.to_local() if isinstance(param, DTensor) else param, *boxes[name])
-                                if boxes and name in boxes else local_box(param))
+        local, shape, offset = local_box(param)
+        if boxes and name in boxes:  # the box places the (plain or DTensor) shard in the full tensor
+            shape, base = boxes[name]
+            offset = tuple(b + o for b, o in zip(base, offset))
         gen = generators.setdefault(local.device, torch.Generator(device=local.device))
         buf = scratch.get(local.device)
         need = math.prod(min(t, d) for t, d in zip(tile_shape(shape), shape))

@@ -17,8 +17,9 @@ but the (meta) module tree; the device holds its shards plus one tile at a time.
 
 Supported: every layout of the torch runtime, dense or MoE, under both schemes and both tp backends:
 
-- Expert-parallel shards and megatron-core tp shards are plain tensors cut by hand: ``expert_boxes`` and the
-  runtime's ``shard_box``es give their place in the full tensor, and both schemes fill that box.
+- Expert-parallel shards and megatron-core tp shards are plain tensors cut by hand: the runtime records each one's
+  place in the full tensor at the cut (its ``shard_boxes``: ``shard_box`` for megatron-core, ``ep_boxes`` for the
+  experts, expert tp and their adapters included), and both schemes fill that box.
 - megatron-core tp: ``apply_megatron_tp`` builds its ``ColumnParallelLinear``/``RowParallelLinear`` on meta
   too (``use_cpu_initialization`` allocates with the default device, here meta; ``perform_initialization`` is
   off) and skips the copy of the plain weights' slices; the parameters keep the plain names (``weight``,
@@ -28,7 +29,7 @@ Supported: every layout of the torch runtime, dense or MoE, under both schemes a
   draws nothing (``init="pretrained"``), then ``load_pretrained_into`` reads each rank's slices straight from the
   safetensors files (strict: every parameter gets its slice, or the run is refused): a DTensor shard's
   from its placements, a megatron-core shard's from the same ``shard_box`` the initialisation filled, an expert
-  shard's from its ``expert_boxes`` entry. No rank
+  shard's from its ``ep_boxes`` entry. No rank
   holds the whole model, whatever the backend.
 - Per-layer memory savers the distributed runtime applies (``apply_plan_savers``): they go onto the meta model
   like onto a full one because they neither add parameters nor draw from the RNG when applied. FP8
@@ -45,7 +46,7 @@ LoRA adapters (``lora:`` of the trainer: dp, tp of both backends, pp) are added 
 and skipped here: ``memory.lora.init_adapters`` fills them after the base, with the values the one-process
 ``apply_lora(seed=...)`` draws (keyed by seed and module name, not from the stream); a tp-sharded A or B receives its
 slice of the full tensor like any other shard (a DTensor's from its placements, a megatron-core one's from its
-``shard_box``, passed in the runtime's boxes).
+``shard_box``, an ep shard of the expert adapters' from its ``ep_boxes`` entry: all passed in the runtime's boxes).
 
 A parameter the one-process model does not initialise (a future saver or layout adding one) is an error under
 both schemes (``init_keyed``: no spec; the replay: no step), never left with ``to_empty``'s garbage: such a
@@ -57,7 +58,7 @@ with ``keyed``).
 from __future__ import annotations
 
 import copy
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -93,17 +94,29 @@ def shard_box(local_shape: Iterable[int], dim: int, parts: int, index: int) -> B
     return tuple(shape), tuple(offset)
 
 
-def expert_boxes(chunks: Iterable[nn.Module]) -> dict[str, Box]:
-    """Expert-parallel shards are plain tensors cut by hand: {name: (global shape, offset)} of each (experts along
-    dim 0; under expert tp also this rank's hidden slice, ``expert_tp.EXPERT_TP_DIMS``)."""
+def ep_boxes(experts: ExpertParallelExperts, prefix: str) -> dict[str, Box]:
+    """The boxes of one expert-parallel cut: {``prefix.w1`` ...: (global shape, offset)} of each plain shard the
+    module holds -- its experts (dim 0) of w1/w3/w2, under expert tp only its hidden slice of them
+    (``expert_tp.EXPERT_TP_DIMS``: w1/w3 by hidden columns, w2 by hidden rows), and its experts' rows of the expert
+    LoRA adapters (``gate_up_proj``/``down_proj``'s ``lora_A``/``lora_B``, whole over tp).
+
+    The runtime calls this once, at the cut (``DistributedRuntime._apply_layers``, right after ``apply_ep``), and
+    records the result in its ``shard_boxes`` next to megatron-core's ``shard_box``es; random init (``materialize``),
+    ``init_from``, ``lora.init_adapter`` and the adapters' draw read those, and the checkpoints' DTensor view of each
+    shard is checked against them (``check_placement_box``). Nothing else derives an expert shard's place: at
+    ZeRO-2/3 the experts are then FSDP'd over edp (``expert_fsdp.py``) and keep this box, each rank's DTensor piece
+    placed inside it by its placements (``_copy_shard``, ``init_keyed``, ``init_from``)."""
     from meshwright.parallel.expert_tp import EXPERT_TP_DIMS
 
-    out: dict[str, Box] = {}
-    for chunk in chunks:
-        for path, module in chunk.named_modules():
-            if isinstance(module, ExpertParallelExperts):
-                for w, dim in EXPERT_TP_DIMS.items():
-                    out[f"{path}.{w}"] = expert_box(module, w, dim)
+    out = {f"{prefix}.{w}": expert_box(experts, w, dim) for w, dim in EXPERT_TP_DIMS.items()}
+    for attr in ("gate_up_proj", "down_proj"):
+        adapter = getattr(experts, attr, None)
+        if adapter is None:
+            continue
+        for w in ("lora_A", "lora_B"):
+            local = getattr(adapter, w)
+            out[f"{prefix}.{attr}.{w}"] = ((adapter.total_experts, *local.shape[1:]),
+                                            (experts.first_expert,) + (0,) * (local.dim() - 1))
     return out
 
 
@@ -114,10 +127,24 @@ def expert_box(module: ExpertParallelExperts, w: str, tp_dim: int) -> Box:
     shape, offset = [module.n_experts, *local.shape[1:]], [module.first_expert] + [0] * (local.dim() - 1)
     shape[tp_dim] *= t
     offset[tp_dim] = r * local.shape[tp_dim]
-    if isinstance(local, DTensor):  # FSDP over edp (expert_fsdp.py): the box of this rank's piece of its experts
-        _, inner = compute_local_shape_and_global_offset(local.shape, local.device_mesh, local.placements)
-        offset = [o + i for o, i in zip(offset, inner)]
     return tuple(shape), tuple(offset)
+
+
+def check_placement_box(name: str, box: Box, local_shape: Iterable[int], mesh: Any, dims: tuple[int, ...]) -> None:
+    """The checkpoints show a plain shard as a DTensor (``Shard(d)`` for each d of ``dims`` over ``mesh``'s
+    dimensions, megatron_tp.install_state_hooks): refuse to build where that view would put the shard anywhere
+    but its recorded ``box`` (a checkpoint written from it would scramble the shards)."""
+    from meshwright.parallel.megatron_tp import shard_placements
+
+    local_shape = tuple(local_shape)
+    placements = shard_placements(tuple(dims))
+    whole = list(local_shape)
+    for d, size in zip(dims, mesh.shape):
+        whole[d] *= size
+    shape, offset = compute_local_shape_and_global_offset(tuple(whole), mesh, placements)
+    if tuple(whole) != tuple(box[0]) or tuple(offset) != tuple(box[1]) or tuple(shape) != local_shape:
+        raise RuntimeError(f"{name}: its checkpoint view (global {tuple(whole)}, offset {tuple(offset)}) is not its "
+                           f"box (global {tuple(box[0])}, offset {tuple(box[1])})")
 
 
 def _cpu_twin(module: nn.Module) -> nn.Module:
@@ -132,10 +159,11 @@ def box_index(box: Box, local_shape: Iterable[int]) -> tuple[slice, ...]:
 
 @torch.no_grad()
 def _copy_shard(param: torch.Tensor, full: torch.Tensor, box: Box | None = None) -> None:
-    if box is not None:  # a DTensor with a box (FSDP'd expert shards): the box is its local piece's
-        local = param.to_local() if isinstance(param, DTensor) else param
-        local.copy_(full[box_index(box, local.shape)])
-    elif isinstance(param, DTensor):
+    """Copy this rank's part of ``full`` into ``param``: its ``box`` (a shard cut by hand), then, for a DTensor
+    (over the whole tensor or over a boxed shard), its placements' part."""
+    if box is not None:
+        full = full[box_index(box, param.shape)]
+    if isinstance(param, DTensor):
         shape, offset = compute_local_shape_and_global_offset(full.shape, param.device_mesh, param.placements)
         local = param.to_local()
         local.copy_(full[tuple(slice(o, o + n) for o, n in zip(offset, shape))])
@@ -171,8 +199,9 @@ def materialize(chunks: Iterable[nn.Module], cfg: ModelConfig, seed: int, device
     """Allocate ``chunks`` (stages cut from a meta Decoder, already sharded) on ``device`` and fill them with
     the one-process model's initial values for ``seed`` under ``init`` (``stream`` or ``keyed``; ``pretrained``: drawn
     from nothing, for ``init_from``, whose strict per-shard load then fills every parameter or refuses). ``boxes``:
-    {name: (global shape, offset)} of plain-tensor shards cut by the caller (megatron-core tp, ``shard_box``);
-    expert shards are found here. ``to_empty`` replaces Parameter objects, so this returns {meta parameter: its
+    {name: (global shape, offset)} of the shards cut by hand, the runtime's ``shard_boxes`` (megatron-core tp's
+    ``shard_box``, expert parallelism's ``ep_boxes``): a plain parameter smaller than the full model's without one is an
+    error (``check_boxes``). ``to_empty`` replaces Parameter objects, so this returns {meta parameter: its
     materialised replacement} for lists built before (gradient buckets)."""
     chunks = list(chunks)
     before = {n: p for chunk in chunks for n, p in chunk.named_parameters()}
@@ -182,7 +211,8 @@ def materialize(chunks: Iterable[nn.Module], cfg: ModelConfig, seed: int, device
         every.update(dict(chunk.named_parameters()))
     live = {n: p for n, p in every.items() if not is_adapter_param(n)}  # LoRA's: memory.lora.init_adapters
     ref = build_model(cfg, device="meta")
-    boxes = {**expert_boxes(chunks), **(boxes or {})}
+    boxes = boxes or {}
+    check_boxes(live, dict(ref.named_parameters()), boxes)
     if init in ("keyed", "pretrained"):
         torch.manual_seed(seed)  # nothing is drawn from it here, but later consumers (dropout) start seeded as before
         if init == "keyed":
@@ -193,6 +223,23 @@ def materialize(chunks: Iterable[nn.Module], cfg: ModelConfig, seed: int, device
         if getattr(chunk, "rope_cos", None) is not None:
             chunk.reset_rope()
     return {old: every[n] for n, old in before.items()}
+
+
+def check_boxes(live: dict[str, torch.Tensor], full: dict[str, torch.Tensor], boxes: dict[str, Box]) -> None:
+    """Every plain parameter that is not the full model's whole tensor has a box, and every box's global shape is the
+    full model's: without a box a shard would be filled (and loaded) as the full tensor's first rows, silently."""
+    for name, p in live.items():
+        want = full.get(name)
+        if want is None:
+            continue
+        box = boxes.get(name)
+        if box is not None:
+            if tuple(box[0]) != tuple(want.shape):
+                raise RuntimeError(f"{name}: its box's global shape {tuple(box[0])} is not the model's "
+                                   f"{tuple(want.shape)}")
+        elif not isinstance(p, DTensor) and tuple(p.shape) != tuple(want.shape):
+            raise RuntimeError(f"{name}: a shard {tuple(p.shape)} of the model's {tuple(want.shape)} with no box "
+                               f"(whatever cut it must record one in the runtime's shard_boxes)")
 
 
 def _replay_stream(ref: nn.Module, live: dict[str, torch.Tensor], seed: int, boxes: dict[str, Box]) -> None:

@@ -47,12 +47,13 @@ from meshwright.parallel.data_parallel import (all_reduce_grad_groups, all_reduc
 from meshwright.parallel.expert_fsdp import EXPERT_FSDP_DIMS, apply_expert_fsdp, install_expert_fsdp_hooks
 from meshwright.parallel.expert_fsdp import checkpoint_layout as expert_checkpoint_layout
 from meshwright.parallel.expert_fsdp import full_shape as full_expert_shape
-from meshwright.parallel.expert_parallel import A2AMeter, EPGroups, apply_ep, ep_groups_from_mesh, is_expert_param
+from meshwright.parallel.expert_parallel import (A2AMeter, EPGroups, ExpertParallelExperts, apply_ep, ep_groups_from_mesh,
+                                                 is_expert_param)
 from meshwright.parallel.expert_tp import EXPERT_TP_DIMS
 from meshwright.parallel.expert_tp import adapter_params as expert_adapter_params
 from meshwright.parallel.layerwise import apply_batch_redistribution
 from meshwright.parallel.mesh import build_meshes, hsdp_shard
-from meshwright.parallel.meta_init import Box, expert_boxes, materialize, shard_box, supports_meta_init
+from meshwright.parallel.meta_init import Box, check_placement_box, ep_boxes, materialize, shard_box, supports_meta_init
 from meshwright.parallel.pipeline import HiddenOutput, build_schedule, cut_stage, stage_ids
 from meshwright.parallel.recompute import apply_recompute
 from meshwright.parallel.support import check_deepspeed_train, check_runtime_support
@@ -287,7 +288,9 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         self._megatron_shards: dict[nn.Parameter, tuple[int, int]] = {}  # param -> (shard dim, tp)
         self._megatron_state: dict[str, tuple[int, int, Any]] = {}  # state key -> (dim, tp, mesh or None: tp mesh)
         self._state_shards: dict[nn.Parameter, tuple[int, Any]] = {}  # plain local shards: (dim, 1-D mesh)
-        self._shard_boxes: dict[str, Box] = {}  # megatron tp shards: their box in the full tensor (meta init)
+        # every plain shard cut by hand -- megatron tp's, the ep experts' (expert tp, adapters): its box in the full
+        # tensor, recorded at the cut; what init, init_from, init_adapter and the checkpoints' view read (shard_boxes)
+        self._shard_boxes: dict[str, Box] = {}
         # megatron LoRA's replicated A/B and, under expert tp, the whole expert adapters: their gradients summed over
         # their tp group, one bucket per group, all layers in it
         self._tp_partial: dict[dist.ProcessGroup, list[nn.Parameter]] = {}
@@ -311,7 +314,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         self.chunks = chunks
         if init_from is not None:  # each rank reads its stages' parameters, of its shards only their boxes: an ep
             # rank's experts too (plain tensors; without their box rank r would read experts 0..n_local-1, not its own)
-            load_pretrained_into(chunks, init_from, cfg, boxes={**expert_boxes(chunks), **self._shard_boxes},
+            load_pretrained_into(chunks, init_from, cfg, boxes=self._shard_boxes,
                                  whole_model=whole_model, grow_positions=grow_positions)
         if lora is not None and self.meta_init:
             init_adapters(chunks, seed, self._shard_boxes)
@@ -332,6 +335,18 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         self._schedules: dict[tuple[int, bool], Any] = {}
         self._params = list(dict.fromkeys(self.model.parameters()))
         self._heterogeneous = len({(type(p), getattr(p, "device_mesh", None)) for p in self._params}) > 1
+
+    @property
+    def shard_boxes(self) -> dict[str, Box]:
+        """{parameter name: (global shape, offset)} of every plain tensor shard this rank holds that was cut by hand:
+        megatron-core tp's (``meta_init.shard_box``) and expert parallelism's (``meta_init.ep_boxes``: the experts'
+        w1/w3/w2, over ep x tp under expert tp, and their LoRA adapters' rows), recorded once at the cut. Names are
+        the plain model's (``StateView``'s, no wrapper prefixes). A DTensor shard (DTensor tp, FSDP2) has no entry:
+        its placements say where it sits; a DTensor over a boxed plain shard (FSDP over an ep shard) keeps its
+        plain shard's box, and its placements cut within that box (``meta_init._copy_shard``, ``init_keyed``,
+        ``hf_weights._local_index``). The one source random init, ``init_from``, ``lora.init_adapter`` and the
+        adapters' draw read; the checkpoints' DTensor view of each shard is checked against it at build."""
+        return self._shard_boxes
 
     # ---- construction ----------------------------------------------------------------------------
     def _apply_layers(self, chunk: Decoder) -> None:
@@ -355,6 +370,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
                             self._megatron_shards[p] = (dims[pname], s.tp)
                             self._megatron_state[f"layers.{name}.{pname}"] = (dims[pname], s.tp, None)
                             self._state_shards[p] = (dims[pname], m.tp_mesh(s.tp))
+                            check_placement_box(f"layers.{name}.{pname}", self._shard_boxes[f"layers.{name}.{pname}"],
+                                                p.shape, m.tp_mesh(s.tp), (dims[pname],))
                     from meshwright.parallel.megatron_lora import partial_grad_params
 
                     partial = partial_grad_params(block)
@@ -367,7 +384,10 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
             if s.ep > 1:
                 g = self._ep[(s.tp, s.ep)]
                 apply_ep(block, g.ep, self.a2a_meter)
-            if s.ep > 1 and s.zero < 2:
+                for path, module in block.named_modules():  # the cut's boxes, where megatron's cut records its own
+                    if isinstance(module, ExpertParallelExperts):
+                        self._shard_boxes.update(ep_boxes(module, f"layers.{name}.{path}"))
+            if s.ep > 1 and s.zero < 2:  # ZeRO-2/3: the experts are FSDP'd over edp below (_apply_expert_fsdp)
                 experts = [p for p in block.parameters() if is_expert_param(p)]
                 mesh = self._ep_meshes[(s.tp, s.ep)]
                 for pname, p in block.named_parameters():
@@ -375,6 +395,9 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
                         # expert tp: the weights are cut over ep (dim 0) x tp (their hidden dim), adapters over ep
                         tp_dim = EXPERT_TP_DIMS.get(pname.rsplit(".", 1)[-1]) if s.tp > 1 else None
                         dims, shard_mesh = ((0,), mesh["ep"]) if tp_dim is None else ((0, tp_dim), mesh["ep", "tp"])
+                        # the checkpoints' DTensor view of the shard must sit where its box says
+                        check_placement_box(f"layers.{name}.{pname}", self._shard_boxes[f"layers.{name}.{pname}"],
+                                            p.shape, shard_mesh, dims)
                         self._expert_params[p] = s.ep * (s.tp if tp_dim is not None else 1)
                         self._megatron_state[f"layers.{name}.{pname}"] = (dims, s.tp, shard_mesh)
                         self._state_shards[p] = (dims, shard_mesh)

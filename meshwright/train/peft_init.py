@@ -16,17 +16,21 @@ The values are read whole (adapters are small) into the one-process model's name
 runtimes copy them over the drawn adapters, each shard its slice (memory/lora.py ``load_adapters``). A resume from a
 checkpoint takes precedence: the checkpoint's adapters are loaded over them, and a resume with a checkpoint does not
 read the adapter at all (train/build.py). Each checkpoint's trainer_state.json records ``init_adapter``: the path and
-a SHA-256 of the two files (``adapter_reference``), as ``lora_base`` records the base.
+a SHA-256 of the two files (``adapter_reference``), as ``lora_base`` records the base. The hash (~1 s per GB) is taken
+once per run, on rank 0 and on a fresh start only (``start_record``: every rank gets rank 0's record, or its refusal
+as the same one line); a resume takes the record of the checkpoint it loads and never opens the directory.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from meshwright.config import TrainConfig
-from meshwright.errors import invalid
+from meshwright.errors import ConfigError, first_line, invalid
+
 FIELD = "lora.init_adapter"
 STATE_KEY = "init_adapter"  # trainer_state.json's field
 # train/peft_export.py's file names (not imported: peft_export -> hf_export -> build -> here)
@@ -37,9 +41,11 @@ def _alpha(rank: int, alpha: float | None) -> float:
     return float(rank if alpha is None else alpha)
 
 
-def check_init_adapter(cfg: TrainConfig) -> str | None:
+def check_init_adapter(cfg: TrainConfig, check_base: bool = True) -> str | None:
     """One line unless ``lora.init_adapter`` is a PEFT adapter this run can start from (see the module docstring);
-    returns a warning line where its base cannot be checked, else None. No-op without ``init_adapter``."""
+    returns a warning line where its base cannot be checked, else None. No-op without ``init_adapter``.
+    ``check_base`` False: the adapter alone (``meshwright launch``'s preflight where ``init_from`` is on the hosts'
+    disks only: the ranks compare the base there)."""
     lora = cfg.lora
     if lora is None or lora.init_adapter is None:
         return None
@@ -68,7 +74,27 @@ def check_init_adapter(cfg: TrainConfig) -> str | None:
         if ours != want:
             raise invalid(f"lora.{name}", getattr(lora, name), f"{shown!r}, the adapter's ({where} {key}; the "
                           f"lora section must describe the adapter it starts from)")
+    if not check_base:
+        return None
     return _check_base(cfg, read_adapter_config(root).get("base_model_name_or_path"), where)
+
+
+def preflight_init_adapter(cfg: TrainConfig, resuming: bool) -> str | None:
+    """``meshwright launch``'s check of ``lora.init_adapter`` before any host starts, on the launch host's filesystem
+    (the hosts run in its directory): what ``check_init_adapter`` would refuse on every rank is refused here, once.
+    A resume with a checkpoint to load never reads the adapter (train/build.py): nothing to check. A path this host
+    does not have may be on the hosts' own disks: returns the one line saying the ranks check it there (a missing
+    adapter is then refused by each rank, in one line, after the hosts start); otherwise None -- the base warning,
+    where the adapter's base cannot be checked, is rank 0's to print, as without launch. ``init_from`` absent here:
+    the adapter alone is checked, its base against ``init_from`` by the ranks."""
+    lora = cfg.lora
+    if lora is None or lora.init_adapter is None or resuming:
+        return None
+    if not Path(lora.init_adapter).exists():
+        return (f"note: {FIELD}={lora.init_adapter!r} is not on this host: each host's ranks check it on their own "
+                f"disks (a missing or bad adapter stops them there, in one line)")
+    check_init_adapter(cfg, check_base=cfg.init_from is not None and Path(cfg.init_from).exists())
+    return None
 
 
 def _check_base(cfg: TrainConfig, named: Any, where: str) -> str | None:
@@ -107,3 +133,22 @@ def adapter_reference(path: str | Path) -> dict[str, Any]:
             for block in iter(lambda: fh.read(1 << 24), b""):
                 h.update(block)
     return {"path": str(root.resolve()), "fingerprint": h.hexdigest()}
+
+
+def start_record(path: str | Path, is_main: bool, broadcast_text: Callable[[str | None], str]) -> dict[str, Any]:
+    """The ``init_adapter`` record of a fresh start, hashed once: by rank 0 (``is_main``), whose result -- or refusal,
+    a directory gone or unreadable since the build read it -- reaches every rank through ``broadcast_text`` (rank 0's
+    text on all ranks; collective, so every rank calls this), and every rank raises the same one line. No rank waits
+    on a rank 0 that refused."""
+    text = None
+    if is_main:
+        try:
+            text = json.dumps({"record": adapter_reference(path)})
+        except OSError as exc:
+            text = json.dumps({"error": str(invalid(FIELD, str(path), f"a readable PEFT adapter directory "
+                                                    f"({CONFIG_FILE} + {WEIGHTS_FILE}); reading it to record "
+                                                    f"its fingerprint failed: {first_line(exc)}"))})
+    got = json.loads(broadcast_text(text))
+    if "error" in got:
+        raise ConfigError(got["error"])
+    return got["record"]

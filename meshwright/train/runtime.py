@@ -115,6 +115,12 @@ class Runtime(abc.ABC):
     def barrier(self) -> None:
         return None
 
+    def broadcast_text(self, text: str | None) -> str:
+        """Rank 0's ``text`` on every rank (the others pass None): what one rank read or refused, said the same
+        everywhere. One process: ``text`` itself."""
+        assert text is not None
+        return text
+
     def checkpoint_state(self, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
         """{"model"[, "optim"]} for ``dcp.save``, also the template ``dcp.load`` fills in place: the model part
         from ``model_state()``, the optimizer part from DCP, keyed by the same parameter names. Runtimes whose
@@ -162,3 +168,15 @@ class TorchDistributedCollectives:
         import torch.distributed as dist
 
         dist.barrier()
+
+    def broadcast_text(self, text: str | None) -> str:
+        """Rank 0's ``text`` (UTF-8 bytes: nothing is pickled) on every rank of the default group; collective."""
+        import torch.distributed as dist
+
+        data = text.encode() if dist.get_rank() == 0 and text is not None else b""
+        size = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
+        dist.broadcast(size, src=0)
+        buf = (torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device) if data
+               else torch.zeros(int(size.item()), dtype=torch.uint8, device=self.device))
+        dist.broadcast(buf, src=0)
+        return bytes(buf.cpu().tolist()).decode()

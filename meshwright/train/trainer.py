@@ -42,7 +42,7 @@ from meshwright.train.checkpoint import latest_checkpoint, load_latest, load_run
 from meshwright.train.compile import fast_adamw_kwargs
 from meshwright.train.faults import fault_point
 from meshwright.train.lora_base import AdapterScope
-from meshwright.train.peft_init import STATE_KEY as INIT_ADAPTER_KEY, adapter_reference
+from meshwright.train.peft_init import STATE_KEY as INIT_ADAPTER_KEY, start_record
 from meshwright.train.preemption import Preemption, grace_warning
 from meshwright.train.run_dir import reopen_log
 from meshwright.train.runtime import Runtime
@@ -155,9 +155,10 @@ class Trainer:
         # lora: which tensors a checkpoint carries and the base they train on (adapter-only checkpoints: lora_base.py)
         self.adapters = (AdapterScope.for_run(cfg, model_cfg, self._init_scheme(), self._device_type())
                          if getattr(cfg, "lora", None) is not None else None)
-        # lora.init_adapter: the PEFT adapter this run started from, recorded in every checkpoint (train/peft_init.py);
-        # a resume keeps the record of the checkpoint it loads (the directory may be gone by then)
-        self.init_adapter = self._adapter_reference(cfg)
+        # lora.init_adapter: the PEFT adapter this run started from, recorded in every checkpoint (train/peft_init.py):
+        # settled by fit once it knows whether it resumes (_settle_init_adapter): a fresh start hashes it once (rank 0),
+        # a resume keeps the record of the checkpoint it loads and never reads the directory (it may be gone by then)
+        self.init_adapter: dict[str, Any] | None = None
         self.async_ckpt = (AsyncCheckpointer(runtime, cfg.ckpt_staging, notify=self.print if runtime.is_main else None)
                            if cfg.ckpt_async else None)
 
@@ -280,14 +281,18 @@ class Trainer:
             out.update(log_fields(self.runtime.model))
         return out
 
-    @staticmethod
-    def _adapter_reference(cfg: Any) -> dict[str, Any] | None:
-        path = getattr(getattr(cfg, "lora", None), "init_adapter", None)
+    def _settle_init_adapter(self, resumed_state: dict[str, Any] | None) -> None:
+        """``init_adapter``'s record: on a resume the checkpoint's (or, from a checkpoint without one, the path alone:
+        the directory is not read); on a fresh start rank 0's hash, shared with every rank (collective then)."""
+        path = getattr(getattr(self.cfg, "lora", None), "init_adapter", None)
         if path is None:
-            return None
-        if not Path(path).is_dir():  # a resume that no longer has it: the checkpoint's record replaces this
-            return {"path": str(Path(path).resolve()), "fingerprint": None}
-        return adapter_reference(path)
+            return
+        if resumed_state is not None:
+            record = resumed_state.get(INIT_ADAPTER_KEY)
+            self.init_adapter = record if isinstance(record, dict) else {"path": str(Path(path).absolute()),
+                                                                         "fingerprint": None}
+        else:
+            self.init_adapter = start_record(path, self.runtime.is_main, self.runtime.broadcast_text)
 
     def trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "skipped_steps": self.skipped_steps, "train_loader": self.train_loader.state_dict(),
@@ -370,8 +375,7 @@ class Trainer:
             raise invalid("steps", self.cfg.steps, f"at least the checkpoint's step {state['step']} ({target})")
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
-        if isinstance(state.get(INIT_ADAPTER_KEY), dict) and self.init_adapter is not None:
-            self.init_adapter = state[INIT_ADAPTER_KEY]  # where this run's adapters started, not where they are now
+        self._settle_init_adapter(state)  # where this run's adapters started, not where they are now
         data_note = check_resume_data(state["train_loader"].get("data"), self.train_loader.data_fingerprint,
                                       data_label(self.cfg.data), str(target), self.allow_data_change)
         loader_note = self.train_loader.load_state_dict(state["train_loader"], data_changed=self.allow_data_change)
@@ -556,6 +560,8 @@ class Trainer:
 
     def _resume_for_fit(self, resume: bool | str | Path) -> bool:
         resumed = bool(resume) and self.resume(None if resume is True else resume)
+        if not resumed:  # a fresh start: the adapter it starts from is recorded (hashed once, rank 0)
+            self._settle_init_adapter(None)
         if resume and not resumed and self.runtime.is_main:  # a typo in out_dir, or killed before a checkpoint
             self.print(f"note: --resume found no checkpoint in {self.ckpt_dir}: starting at step 0")
         if resumed and self.runtime.is_main:

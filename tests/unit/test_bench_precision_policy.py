@@ -56,3 +56,37 @@ def test_bad_policies_are_one_line_errors(capsys):
     with pytest.raises(SystemExit):
         bpp.main(["--cpu-smoke", "--policies", "autocast,fp8"])
     assert "--policies='autocast,fp8' is invalid: a comma-separated subset of autocast" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
+def test_the_fsdp_policy_lets_go_of_its_group_before_the_group_goes(monkeypatch):
+    """``run_one`` tears down through parallel/teardown.py (as bench_moe.py): when the group is destroyed no FSDP2
+    module or DeviceMesh of the run is left holding it (it used to call ``dist.destroy_process_group`` itself, with
+    the step's closure -- the FSDP2 model and its mesh -- still alive)."""
+    import gc
+
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import FSDPModule
+
+    import meshwright.parallel.teardown as teardown
+
+    seen: list[tuple[int, int]] = []
+    real = teardown.destroy_process_group
+
+    def destroy() -> None:
+        gc.collect()
+        objs = gc.get_objects()
+        seen.append((sum(isinstance(o, FSDPModule) for o in objs), sum(isinstance(o, DeviceMesh) for o in objs)))
+        real()
+
+    monkeypatch.setattr(teardown, "destroy_process_group", destroy)
+    run = bpp.run_one("fsdp_mixed", TINY)
+    assert "DTensor" in run["stored"] and seen == [(0, 0)]
+
+
+def test_no_benchmark_destroys_the_process_group_itself():
+    """Every benchmark lets go of a process group through parallel/teardown.py (close_all/shutdown/
+    destroy_process_group), whose order avoids the gloo teardown deadlock: none calls torch's destroy directly."""
+    root = Path(__file__).resolve().parents[2] / "benchmarks"
+    direct = sorted(f.name for f in root.glob("*.py") if "dist.destroy_process_group(" in f.read_text())
+    assert direct == []

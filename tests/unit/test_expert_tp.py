@@ -74,7 +74,7 @@ def test_meta_initialised_expert_shards_hold_the_one_process_slices(init, tp, ep
     from meshwright.models import build_model
     from meshwright.models.moe import local_tensor
     from meshwright.parallel.expert_parallel import apply_ep
-    from meshwright.parallel.meta_init import materialize
+    from meshwright.parallel.meta_init import ep_boxes, materialize
     from meshwright.parallel.tensor_parallel import apply_tp
 
     cfg = load_model_config(TINY)
@@ -83,11 +83,13 @@ def test_meta_initialised_expert_shards_hold_the_one_process_slices(init, tp, ep
     try:
         mesh = init_device_mesh("cpu", (ep, tp), mesh_dim_names=("dp", "tp"))
         model = build_model(cfg, device="meta")
-        for block in model.layers.values():
+        boxes = {}
+        for name, block in model.layers.items():
             apply_tp(block, mesh["tp"])
-            if ep > 1:
+            if ep > 1:  # the runtime's record of the cut (DistributedRuntime.shard_boxes)
                 apply_ep(block, mesh["dp"].get_group())
-        materialize([model], cfg, 7, torch.device("cpu"), init)
+                boxes.update(ep_boxes(block.feed_forward.experts, f"layers.{name}.feed_forward.experts"))
+        materialize([model], cfg, 7, torch.device("cpu"), init, boxes)
         tp_r, ep_r = mesh["tp"].get_local_rank(), mesh["dp"].get_local_rank()
         checked = 0
         for name, p in model.named_parameters():

@@ -165,8 +165,12 @@ def test_launch_holds_the_configs_run_directory_while_the_hosts_run_and_refuses_
         assert len(err) == 1 and "out_dir='runs/r1' is invalid" in err[0] and "meshwright-0123456789ab" in err[0]
         assert len(seen) == 2  # no host started
         assert main(argv + ["out_dir=runs/r2"]) == 0  # another run directory: free
+        capsys.readouterr()
         assert main(["launch", "--hosts", "hostfile", "--workdir", "/elsewhere", "--", "train", str(cfg)]) == 0
         assert len(seen) == 4  # the hosts' config is not read here: no lock (their rank 0 still holds RunLock)
+        notes = capsys.readouterr().err.strip().splitlines()  # ... and the launch says so, in one line
+        assert len(notes) == 1 and notes[0].startswith("meshwright launch: note: the hosts run in --workdir "
+                                                       "'/elsewhere', not this directory") and "no launch lock" in notes[0]
     finally:
         proc.stdin.close()
         proc.wait(timeout=60)

@@ -69,20 +69,37 @@ def test_a_run_from_an_exported_adapter_starts_at_the_exporting_runs_model(data,
     assert state["init_adapter"]["path"] == str(exported.resolve()) and len(state["init_adapter"]["fingerprint"]) == 64
 
 
-def test_a_resume_takes_precedence_over_the_adapter(data, hf_dir, exported, tmp_path):
+def _resumable_copy(src, dst):
+    """``src`` run's copy whose latest checkpoint is step 1."""
+    shutil.copytree(src, dst)
+    ckpt = dst / "ckpt"
+    shutil.rmtree(ckpt / "step_000002")
+    (ckpt / "latest").write_text("step_000001\n")
+    return ckpt
+
+
+def test_a_resume_takes_precedence_over_the_adapter(data, hf_dir, exported, tmp_path, monkeypatch):
     """A 2-step run from the adapter, then its copy resumed from the step-1 checkpoint with the adapter directory gone:
     the resume never reads it (the checkpoint's adapters win), its step 2 is the straight run's, and the checkpoint
-    keeps the record of the adapter the run started from."""
+    keeps the record of the adapter the run started from. The adapter is hashed once for the fresh start, and not
+    at all by a resume even where its directory is still there (it used to be hashed again, then replaced)."""
+    from meshwright.train import peft_init
+
+    hashed = []
+    monkeypatch.setattr(peft_init, "adapter_reference", lambda path: hashed.append(path) or adapter_reference(path))
     adapter = tmp_path / "adapter"
     shutil.copytree(exported, adapter)
     cfg = _cfg(data, hf_dir, tmp_path / "straight", {**LORA, "init_adapter": str(adapter)}, steps=2, ckpt_every=1,
                log_every=1)
     straight = run_training(cfg)
+    assert hashed == [str(adapter)]
     record = adapter_reference(adapter)
-    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
-    ckpt = tmp_path / "resumed" / "ckpt"
-    shutil.rmtree(ckpt / "step_000002")
-    (ckpt / "latest").write_text("step_000001\n")
+    present = _resumable_copy(tmp_path / "straight", tmp_path / "resumed-present")
+    again = run_training(_cfg(data, hf_dir, tmp_path / "resumed-present", {**LORA, "init_adapter": str(adapter)},
+                              steps=2, ckpt_every=1, log_every=1), resume=True)
+    assert hashed == [str(adapter)] and again["final_loss"] == straight["final_loss"]
+    assert json.loads((present / "step_000002" / "trainer_state.json").read_text())["init_adapter"] == record
+    ckpt = _resumable_copy(tmp_path / "straight", tmp_path / "resumed")
     shutil.rmtree(adapter)
     resumed = run_training(_cfg(data, hf_dir, tmp_path / "resumed", {**LORA, "init_adapter": str(adapter)}, steps=2,
                                 ckpt_every=1, log_every=1), resume=True)
@@ -182,3 +199,33 @@ def test_init_adapter_round_trips_yaml_and_bad_values_are_one_line():
     for value in (5, ""):
         msg = _one_line(lambda: from_dict(TrainConfig, {"init_from": "/m", "lora": {"init_adapter": value}}))
         assert msg.startswith(f"lora.init_adapter={value!r} is invalid; valid: ") and "null" in msg
+
+
+def test_the_start_record_is_hashed_by_rank_0_alone_and_its_refusal_reaches_every_rank(exported, tmp_path,
+                                                                                      monkeypatch):
+    """``start_record`` on two ranks (rank 0's text handed to rank 1, as ``broadcast_text`` does): only rank 0 hashes
+    the adapter and both get its record; where rank 0 cannot read it, both raise the same one line instead of rank 1
+    waiting for a rank 0 that stopped."""
+    from meshwright.train import peft_init
+
+    hashed = []
+    monkeypatch.setattr(peft_init, "adapter_reference", lambda path: hashed.append(path) or adapter_reference(path))
+    sent: list[str] = []
+
+    def from_rank0(text):
+        if text is not None:
+            sent.append(text)
+        return sent[-1]
+
+    records = [peft_init.start_record(exported, rank == 0, from_rank0) for rank in (0, 1)]
+    assert len(hashed) == 1 and records[0] == records[1] == adapter_reference(exported)
+    gone = tmp_path / "gone"
+    shutil.copytree(exported, gone)
+    (gone / "adapter_model.safetensors").unlink()  # removed after the build read it
+    errors = []
+    for rank in (0, 1):
+        with pytest.raises(ConfigError) as err:
+            peft_init.start_record(gone, rank == 0, from_rank0)
+        errors.append(str(err.value))
+    assert errors[0] == errors[1] and "\n" not in errors[0]
+    assert errors[0].startswith(f"lora.init_adapter={str(gone)!r} is invalid; valid: a readable PEFT adapter")

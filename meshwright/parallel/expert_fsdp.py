@@ -17,11 +17,15 @@ reduce-scatter sums that over edp, so the experts' gradient is the sum over all 
 FSDP's default, the edp size): ``set_gradient_divide_factor(dp)``, as ZeRO-0's ``reduce_expert_grads`` divides. Sum-only
 collectives off CUDA (gloo has no PREMUL_SUM): ``set_force_sum_reduction_for_comms``, then FSDP divides itself.
 
+Boxes. The ep cut's box of the plain shard (``meta_init.ep_boxes``, the runtime's ``shard_boxes``, recorded before
+this) stays the experts' one record: FSDP's DTensor has that shard as its whole, and init, ``init_from`` and the
+checkpoint view place its piece inside the box by its placements (``meta_init.check_piece_box`` at build).
+
 Checkpoints. FSDP's DTensor covers this rank's experts only (global shape n_experts/ep); ``to_checkpoint`` shows the
-same local piece as a DTensor of the full (n_experts, ...) tensor over ``(edp, ep[, tp])``, and ``from_checkpoint`` cuts
-a DTensor of any layout (or a full tensor) back to FSDP's; so DCP reshards between this, ZeRO-0 ep, other ep degrees
-and one process. Model state by module hooks, optimizer states (AdamW's exp_avg...) by optimizer hooks.
-"""
+same local piece as a DTensor of the full (n_experts, ...) tensor (the box's global shape) over ``(edp, ep[, tp])``, and
+``from_checkpoint`` cuts a DTensor of any layout (or a full tensor) back to FSDP's; so DCP reshards between this, ZeRO-0
+ep, other ep degrees and one process. Model state by module hooks, optimizer states (AdamW's exp_avg...) by optimizer
+hooks."""
 
 from __future__ import annotations
 
@@ -73,14 +77,6 @@ def checkpoint_layout(experts: ExpertParallelExperts, w: str, mesh: DeviceMesh, 
     if tp > 1:
         return mesh["edp", "ep", "tp"], [Shard(EXPERT_FSDP_DIMS[w]), Shard(0), Shard(EXPERT_TP_DIMS[w])]
     return mesh["edp", "ep"], [Shard(EXPERT_FSDP_DIMS[w]), Shard(0)]
-
-
-def full_shape(experts: ExpertParallelExperts, w: str) -> tuple[int, ...]:
-    """The one-process shape of expert weight ``w`` (all experts, the whole hidden dim)."""
-    shape = list(getattr(experts, w).shape)
-    shape[0] = experts.n_experts
-    shape[EXPERT_TP_DIMS[w]] *= experts.tp_index[1]
-    return tuple(shape)
 
 
 def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -179,5 +175,5 @@ def _like(v: Any, p: DTensor) -> bool:
     return isinstance(v, DTensor) and v.shape == p.shape and v.placements == p.placements
 
 
-__all__ = ["EXPERT_FSDP_DIMS", "apply_expert_fsdp", "checkpoint_layout", "from_checkpoint", "full_shape",
+__all__ = ["EXPERT_FSDP_DIMS", "apply_expert_fsdp", "checkpoint_layout", "from_checkpoint",
            "install_expert_fsdp_hooks", "to_checkpoint"]

@@ -46,14 +46,14 @@ from meshwright.parallel.data_parallel import (all_reduce_grad_groups, all_reduc
                                                rebuild_buckets, zero1_optimizer)
 from meshwright.parallel.expert_fsdp import EXPERT_FSDP_DIMS, apply_expert_fsdp, install_expert_fsdp_hooks
 from meshwright.parallel.expert_fsdp import checkpoint_layout as expert_checkpoint_layout
-from meshwright.parallel.expert_fsdp import full_shape as full_expert_shape
 from meshwright.parallel.expert_parallel import (A2AMeter, EPGroups, ExpertParallelExperts, apply_ep, ep_groups_from_mesh,
                                                  is_expert_param)
 from meshwright.parallel.expert_tp import EXPERT_TP_DIMS
 from meshwright.parallel.expert_tp import adapter_params as expert_adapter_params
 from meshwright.parallel.layerwise import apply_batch_redistribution
 from meshwright.parallel.mesh import build_meshes, hsdp_shard
-from meshwright.parallel.meta_init import Box, check_placement_box, ep_boxes, materialize, shard_box, supports_meta_init
+from meshwright.parallel.meta_init import (Box, check_piece_box, check_placement_box, ep_boxes, materialize, shard_box,
+                                          supports_meta_init)
 from meshwright.parallel.pipeline import HiddenOutput, build_schedule, cut_stage, stage_ids
 from meshwright.parallel.recompute import apply_recompute
 from meshwright.parallel.support import check_deepspeed_train, check_runtime_support
@@ -441,9 +441,11 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         for w, p in zip(EXPERT_FSDP_DIMS, apply_expert_fsdp(experts, mesh["edp"], s.zero, self.meshes.max_dp,
                                                             self.precision.fsdp_policy())):
             self._expert_params[p] = self.meshes.per_stage  # edp x ep x tp disjoint pieces
+            key = f"layers.{name}.feed_forward.experts.{w}"
+            box = self._shard_boxes[key]  # the ep cut's box (ep_boxes); FSDP's piece sits inside it
             ckpt_mesh, placements = expert_checkpoint_layout(experts, w, mesh, s.tp)
-            self._expert_fsdp[f"layers.{name}.feed_forward.experts.{w}"] = (full_expert_shape(experts, w), ckpt_mesh,
-                                                                          placements)
+            check_piece_box(key, box, p, ckpt_mesh, placements)
+            self._expert_fsdp[key] = (tuple(box[0]), ckpt_mesh, placements)
 
     def _apply_outer(self, chunk: Decoder) -> None:
         """Embeddings, final norm and head: replicated over the stage (or FSDP-sharded if embedding.zero >= 2)."""

@@ -12,7 +12,8 @@ Gradients. Backward through the all-to-all brings every ep peer's contribution t
 so after ``backward`` an expert weight holds the *sum* over its ep group of d(loss_r)/dw. Data
 parallelism averages per-rank losses over all ``dp`` ranks, so expert grads are summed over the edp
 group and divided by ``dp`` (``reduce_expert_grads``); every other parameter is averaged over the
-full dp group as usual (DDP/FSDP over the dp group, with expert parameters excluded).
+full dp group as usual (DDP/FSDP over the dp group, with expert parameters excluded). At ZeRO-2/3 the experts are
+FSDP-sharded over the edp group instead, the same sum and division done by the reduce-scatter (``expert_fsdp.py``).
 
 Tensor parallelism. With tp > 1 (no sequence parallelism) all tp ranks of a group see the same tokens and
 route them identically; the experts were split over tp first (``expert_tp.py``: w1/w3 by hidden columns, w2 by

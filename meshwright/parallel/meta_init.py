@@ -103,7 +103,9 @@ def ep_boxes(experts: ExpertParallelExperts, prefix: str) -> dict[str, Box]:
     The runtime calls this once, at the cut (``DistributedRuntime._apply_layers``, right after ``apply_ep``), and
     records the result in its ``shard_boxes`` next to megatron-core's ``shard_box``es; random init (``materialize``),
     ``init_from``, ``lora.init_adapter`` and the adapters' draw read those, and the checkpoints' DTensor view of each
-    shard is checked against them (``check_placement_box``). Nothing else derives an expert shard's place."""
+    shard is checked against them (``check_placement_box``). Nothing else derives an expert shard's place: at
+    ZeRO-2/3 the experts are then FSDP'd over edp (``expert_fsdp.py``) and keep this box, each rank's DTensor piece
+    placed inside it by its placements (``_copy_shard``, ``init_keyed``, ``init_from``; ``check_piece_box``)."""
     from meshwright.parallel.expert_tp import EXPERT_TP_DIMS
 
     out = {f"{prefix}.{w}": expert_box(experts, w, dim) for w, dim in EXPERT_TP_DIMS.items()}
@@ -143,6 +145,21 @@ def check_placement_box(name: str, box: Box, local_shape: Iterable[int], mesh: A
     if tuple(whole) != tuple(box[0]) or tuple(offset) != tuple(box[1]) or tuple(shape) != local_shape:
         raise RuntimeError(f"{name}: its checkpoint view (global {tuple(whole)}, offset {tuple(offset)}) is not its "
                            f"box (global {tuple(box[0])}, offset {tuple(box[1])})")
+
+
+def check_piece_box(name: str, box: Box, piece: DTensor, mesh: Any, placements: list[Any]) -> None:
+    """A DTensor over a boxed plain shard (FSDP over an ep shard, ``expert_fsdp.py``) is shown to the checkpoints as
+    a DTensor of the full tensor (``placements`` over ``mesh``, ``expert_fsdp.checkpoint_layout``): refuse to build
+    where that view would put this rank's piece anywhere but where init and ``init_from`` place it -- inside its
+    shard's ``box``, at its own placements' offset there (``_copy_shard``)."""
+    _, inner = compute_local_shape_and_global_offset(piece.shape, piece.device_mesh, piece.placements)
+    want = tuple(b + i for b, i in zip(box[1], inner))
+    local_shape = tuple(piece.to_local().shape)
+    shape, offset = compute_local_shape_and_global_offset(tuple(box[0]), mesh, placements)
+    if tuple(offset) != want or tuple(shape) != local_shape:
+        raise RuntimeError(f"{name}: its checkpoint view (offset {tuple(offset)}, shape {tuple(shape)}) is not its "
+                           f"piece's place in its box (offset {want}, shape {local_shape}; box global "
+                           f"{tuple(box[0])}, offset {tuple(box[1])})")
 
 
 def _cpu_twin(module: nn.Module) -> nn.Module:

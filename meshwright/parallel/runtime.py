@@ -44,13 +44,16 @@ from meshwright.models.init import resolve_init
 from meshwright.models.moe import MoE, attach_aux_loss_to_backward, router_stats
 from meshwright.parallel.data_parallel import (all_reduce_grad_groups, all_reduce_grads, apply_ddp, apply_fsdp,
                                                rebuild_buckets, zero1_optimizer)
+from meshwright.parallel.expert_fsdp import EXPERT_FSDP_DIMS, apply_expert_fsdp, install_expert_fsdp_hooks
+from meshwright.parallel.expert_fsdp import checkpoint_layout as expert_checkpoint_layout
 from meshwright.parallel.expert_parallel import (A2AMeter, EPGroups, ExpertParallelExperts, apply_ep, ep_groups_from_mesh,
                                                  is_expert_param)
 from meshwright.parallel.expert_tp import EXPERT_TP_DIMS
 from meshwright.parallel.expert_tp import adapter_params as expert_adapter_params
 from meshwright.parallel.layerwise import apply_batch_redistribution
 from meshwright.parallel.mesh import build_meshes, hsdp_shard
-from meshwright.parallel.meta_init import Box, check_placement_box, ep_boxes, materialize, shard_box, supports_meta_init
+from meshwright.parallel.meta_init import (Box, check_piece_box, check_placement_box, ep_boxes, materialize, shard_box,
+                                          supports_meta_init)
 from meshwright.parallel.pipeline import HiddenOutput, StageIO, build_schedule, cut_stage, stage_ids, stage_io
 from meshwright.parallel.recompute import apply_recompute
 from meshwright.parallel.support import check_deepspeed_train, check_runtime_support
@@ -195,7 +198,7 @@ def init_distributed(timeout: timedelta = DEFAULT_TIMEOUT) -> torch.device:
 # what ``DistributedRuntime.close`` drops: first what holds a DDP wrapper, then every other holder of a process group
 DDP_HOLDERS = ("_schedules", "_stage_modules", "modules")
 GROUP_HOLDERS = ("chunks", "model", "_params", "_manual", "_tp_partial", "_post_scale", "_zero2_blocks", "_expert_params",
-                 "_megatron_shards", "_megatron_state", "_state_shards", "_ep", "_ep_meshes", "_param_fqns", "meshes")
+                 "_megatron_shards", "_megatron_state", "_state_shards", "_expert_fsdp", "_ep", "_ep_meshes", "_param_fqns", "meshes")
 
 
 class DistributedRuntime(TorchDistributedCollectives, Runtime):
@@ -294,7 +297,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         # per-microbatch backward, so pipelined stages use the bucketed all-reduce instead.
         # ... and DDP would average expert shards over the whole stage, so ep>1 needs the manual path.
         self.uniform_ddp = uniform_replicated and m.pp == 1 and not any(s.ep > 1 for s in strategies)
-        self._expert_params: dict[nn.Parameter, int] = {}  # expert shard -> into how many shards it is cut (ep[*tp])
+        # expert shard -> into how many shards it is cut (ep[*tp]; FSDP'd at ZeRO-2/3: edp*ep*tp = per_stage)
+        self._expert_params: dict[nn.Parameter, int] = {}
         self._manual: list[tuple[list[nn.Parameter], dist.ProcessGroup, float]] = []  # (params, group, scale)
         self._post_scale: list[tuple[list[nn.Parameter], float]] = []  # FSDP layers with dp < max_dp
         self._megatron_shards: dict[nn.Parameter, tuple[int, int]] = {}  # param -> (shard dim, tp)
@@ -307,6 +311,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         # their tp group, one bucket per group, all layers in it
         self._tp_partial: dict[dist.ProcessGroup, list[nn.Parameter]] = {}
         self._zero2_blocks: list[nn.Module] = []  # FSDP2 modules at ZeRO-2: gathered once per step
+        # FSDP'd expert weights (zero>=2, ep>1): name -> (full shape, checkpoint mesh, placements)
+        self._expert_fsdp: dict[str, tuple[tuple[int, ...], Any, list[Any]]] = {}
         for chunk in chunks:
             self._apply_layers(chunk)
             self._apply_outer(chunk)
@@ -336,6 +342,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
 
             install_state_hooks(self.model, {k: (d, mesh if mesh is not None else m.tp_mesh(tp))
                                              for k, (d, tp, mesh) in self._megatron_state.items()})
+        if self._expert_fsdp:
+            install_expert_fsdp_hooks(self.model, None, self._expert_fsdp)
         self.modules = [apply_ddp(c, m.stage_group, self.device) if self.uniform_ddp and m.per_stage > 1 else c for c in chunks]
         # what the pipeline schedule runs: the last stage hands its hidden states to loss_fn when the head is there
         self._stage_modules = [HiddenOutput(mod) if self.head_loss is not None and i == self.n_stages - 1 else mod
@@ -362,6 +370,9 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         for name, block in chunk.layers.items():
             s = self.strategies[int(name)]
             hsdp = m.hsdp_meshes.get((s.tp, hsdp_shard(s, self.dp_shard)))
+            if hsdp is not None and s.ep > 1:
+                raise invalid("dp_shard", self.dp_shard, f"null with ep>1 and zero>=2 (layers[{name}]: HSDP of the "
+                              "non-expert parameters beside FSDP of the experts over edp is not run)")
             tp_mesh = hsdp["tp"] if hsdp is not None else m.tp_mesh(s.tp) if s.tp > 1 else None
             if s.tp > 1:
                 if self.tp_backend == "megatron":
@@ -392,6 +403,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
                 for path, module in block.named_modules():  # the cut's boxes, where megatron's cut records its own
                     if isinstance(module, ExpertParallelExperts):
                         self._shard_boxes.update(ep_boxes(module, f"layers.{name}.{path}"))
+            if s.ep > 1 and s.zero < 2:  # ZeRO-2/3: the experts are FSDP'd over edp below (_apply_expert_fsdp)
                 experts = [p for p in block.parameters() if is_expert_param(p)]
                 mesh = self._ep_meshes[(s.tp, s.ep)]
                 for pname, p in block.named_parameters():
@@ -425,6 +437,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
                     self._post_scale.append((params, 1.0 / m.max_dp))
                 continue
             if s.zero >= 2:
+                if s.ep > 1:  # the experts first, over their edp group: the block's FSDP then skips them
+                    self._apply_expert_fsdp(name, block, s)
                 apply_fsdp(block, hsdp["replicate", "shard"] if hsdp is not None else m.dp_mesh(s.tp), s.zero,
                            self.precision.fsdp_policy())
                 if s.zero == 2:
@@ -433,6 +447,21 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
                     self._post_scale.append((list(block.parameters()), s.dp / m.max_dp))
             else:
                 self._manual.append((params, m.dp_mesh(s.tp).get_group(), 1.0 / m.max_dp))
+
+    def _apply_expert_fsdp(self, name: str, block: nn.Module, s: Any) -> None:
+        """ZeRO-2/3 under ep > 1 (parallel/expert_fsdp.py): the block's experts sharded over the edp dim of its
+        ``("pp", "edp", "ep", "tp")`` mesh, gradients divided by the whole dp; each weight counted as one of
+        per_stage disjoint pieces (grad norm), shown to checkpoints as a DTensor of the full tensor."""
+        mesh = self._ep_meshes[(s.tp, s.ep)]
+        experts = block.feed_forward.experts
+        for w, p in zip(EXPERT_FSDP_DIMS, apply_expert_fsdp(experts, mesh["edp"], s.zero, self.meshes.max_dp,
+                                                            self.precision.fsdp_policy())):
+            self._expert_params[p] = self.meshes.per_stage  # edp x ep x tp disjoint pieces
+            key = f"layers.{name}.feed_forward.experts.{w}"
+            box = self._shard_boxes[key]  # the ep cut's box (ep_boxes); FSDP's piece sits inside it
+            ckpt_mesh, placements = expert_checkpoint_layout(experts, w, mesh, s.tp)
+            check_piece_box(key, box, p, ckpt_mesh, placements)
+            self._expert_fsdp[key] = (tuple(box[0]), ckpt_mesh, placements)
 
     def _apply_outer(self, chunk: Decoder) -> None:
         """Embeddings, final norm and head: replicated over the stage (or FSDP-sharded if embedding.zero >= 2)."""
@@ -593,6 +622,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
     def _replicas(self, p: nn.Parameter, g: torch.Tensor) -> int:
         """How many ranks of this stage hold the same values as this rank's piece of ``g``."""
         per_stage = self.meshes.per_stage
+        if p in self._expert_params and isinstance(g, DTensor):  # FSDP'd expert shards: per_stage disjoint pieces
+            return per_stage // self._expert_params[p]
         if isinstance(g, DTensor):
             mesh = g.device_mesh
             rep = math.prod(mesh.size(i) for i, pl in enumerate(g.placements) if pl.is_replicate())
@@ -654,6 +685,8 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
                 group["fused"] = False
         if self._state_shards:  # megatron tp shards and ep expert shards: optimizer states as DTensors too
             install_shard_optimizer_hooks(opt, dict(self._state_shards))
+        if self._expert_fsdp:  # FSDP'd expert shards: their states as DTensors of the full tensors
+            install_expert_fsdp_hooks(self.model, opt, self._expert_fsdp)
         return opt
 
     def model_state(self) -> dict[str, Any]:

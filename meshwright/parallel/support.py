@@ -40,10 +40,12 @@ def check_runtime_support(plan: Plan, cfg: ModelConfig, tp_backend: str, dp_back
         if cfg.is_moe_layer(i):
             if s.sp:
                 raise invalid(f"{f}.sp", s.sp, "false on MoE layers (experts need tp-replicated tokens)")
-            if s.ep > 1 and s.zero >= 2:
-                raise invalid(f"{f}.zero", s.zero, "0 with ep>1 (expert shards are reduced over the expert-data-parallel group, not FSDP)")
+            # zero 2/3: the experts FSDP-sharded over their expert-data-parallel group (parallel/expert_fsdp.py)
+            if s.ep > 1 and s.zero >= 2 and s.dp_shard is not None and s.dp_shard < s.dp:
+                raise invalid(f"{f}.dp_shard", s.dp_shard, "null with ep>1 and zero>=2 (HSDP of the non-expert "
+                              "parameters beside FSDP of the experts over edp is not run)")
             if s.ep > 1 and s.zero == 1:
-                raise invalid(f"{f}.zero", s.zero, "0 with ep>1 (ZeroRedundancyOptimizer would average expert shards over the whole dp group)")
+                raise invalid(f"{f}.zero", s.zero, "0, 2 or 3 with ep>1 (ZeroRedundancyOptimizer would average expert shards over the whole dp group)")
             if s.ep > 1 and s.dp != max_dp:
                 raise invalid(f"{f}.dp", s.dp, f"the largest dp of the plan ({max_dp}) on MoE layers with ep>1 (no batch gather before expert dispatch)")
             if tp_backend == "megatron" and s.tp > 1:

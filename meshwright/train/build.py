@@ -268,6 +268,9 @@ def check_lora_layout(cfg: TrainConfig, plan: Plan | None) -> None:
                           f"(experts.gate_up_proj, experts.down_proj) with layers[{i}].ep={s.ep}: the MLP's "
                           f"{', '.join(expert_targets)} are not supported under ep (adapt the experts as experts.*, "
                           f"or set ep to 1)")
+        if s.ep > 1 and s.zero >= 2 and cfg.lora is not None and any(t.startswith("experts.") for t in cfg.lora.targets):
+            raise invalid("lora.targets", cfg.lora.targets, f"attention targets (wq, wk, wv, wo) with layers[{i}].ep="
+                          f"{s.ep} and zero={s.zero} (expert adapters are not FSDP-sharded over edp), or zero 0")
         if s.savers.fp8_act:
             raise invalid(f"layers[{i}].savers.fp8_act", s.savers.fp8_act, "false with lora (FP8 GEMMs replace the "
                           "adapted linears' matmuls)")

@@ -108,8 +108,8 @@ EXPERT_LORA = {"rank": 2, "alpha": 4.0, "targets": ["wq", "wo", "experts.gate_up
 NO_ROUTER_LOSS = {"aux_loss_coef": 0.0, "z_loss_coef": 0.0}
 ADAPTER_CASES = {  # case: (model, lora, layer strategy, train config overrides)
     "tp2-megatron": (ADAPTER_MODEL, DENSE_LORA, {"tp": 2, "dp": 1}, {"tp_backend": "megatron"}),
-    # FSDP2 shards the experts' stacked adapters (and the saved head) as DTensors on dim 0 (ep 1: FSDP with ep>1 is
-    # refused for any model, parallel/support.py)
+    # FSDP2 shards the experts' stacked adapters (and the saved head) as DTensors on dim 0 (ep 1: expert adapters
+    # under FSDP with ep>1 are refused, train/build.py check_lora_layout)
     "zero3-dp2-experts": (ADAPTER_MOE, {**EXPERT_LORA, "modules_to_save": ["output"]}, {"dp": 2, "zero": 3},
                           {"model": NO_ROUTER_LOSS}),
     # the router's aux and z losses off: per-rank batches change them (not the adapters), and they enter the loss

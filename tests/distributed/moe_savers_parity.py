@@ -103,6 +103,11 @@ CASES = {
     "moe_tp2_pp2": (MOE, moe_plan([{"tp": 2, "repeat": 2}], pipeline={**PP2, "microbatches": 4})),
     "moe_ep2_pp2": (MOE, moe_plan([{"dp": 2, "ep": 2, "repeat": 2}], pipeline=PP2)),
     "moe_ep1_ddp_dp4": (MOE, moe_plan([{"dp": 4, "repeat": 2}])),
+    # ZeRO-2/3 under ep>1 (parallel/expert_fsdp.py): the experts FSDP-sharded over edp=dp/ep, the rest over dp
+    "moe_ep2_dp4_zero3": (MOE, moe_plan([{"dp": 4, "ep": 2, "zero": 3, "repeat": 2}])),
+    "moe_ep2_dp4_zero2": (MOE, moe_plan([{"dp": 4, "ep": 2, "zero": 2, "repeat": 2}])),
+    "moe_ep2_tp2_zero3": (MOE, moe_plan([{"tp": 2, "dp": 2, "ep": 2, "zero": 3, "repeat": 2}])),
+    "moe_ep2_pp2_zero3": (MOE, moe_plan([{"dp": 2, "ep": 2, "zero": 3, "repeat": 2}], pipeline=PP2)),
     "moe_ep2_dp4_fp8_wta": (MOE, moe_plan([{"dp": 4, "ep": 2, "savers": {"fp8_act": True}},
                                             {"dp": 4, "ep": 2, "savers": {"wta_crs": 0.5}}])),
     "fp8_dp4_fsdp_layers02": (CFG, plan([{"dp": 4, "zero": 3, "savers": {"fp8_act": True}}, {"dp": 4, "zero": 3},
@@ -180,8 +185,10 @@ COMPILE_CASES = {
                                                     pipeline=PP2)),
     # ep=1 MoE blocks are compiled in parts too (compile_moe_block): under selective recompute and DDP over dp4
     "compile_moe_ep1_dp4_selective": (MOE, moe_plan([{"dp": 4, "recompute": "selective", "repeat": 2}])),
-    # ... and under FSDP2 (ZeRO-3 over dp4, the parts compiled inside the fully_shard unit; ep>1 takes zero 0 only)
+    # ... and under FSDP2 (ZeRO-3 over dp4, the parts compiled inside the fully_shard unit)
     "compile_moe_ep1_dp4_zero3": (MOE, moe_plan([{"dp": 4, "zero": 3, "repeat": 2}])),
+    # ... and ZeRO-3 under ep2 (the experts' compiled SwiGLU inside their own fully_shard unit over edp)
+    "compile_moe_ep2_dp4_zero3": (MOE, moe_plan([{"dp": 4, "ep": 2, "zero": 3, "repeat": 2}])),
 }
 
 
@@ -322,6 +329,28 @@ def expert_weight_numel(rt) -> dict:
     return {"local": local, "full_on_stage": on_stage * cfg.n_experts * 3 * cfg.d_model * cfg.expert_ffn_dim}
 
 
+def block_state_bytes(rt, opt) -> dict[str, dict[str, int]]:
+    """Per block on this rank: the bytes of its stored parameters (FSDP's shards; not ZeRO-2's gathered copies), kept
+    gradients and optimizer states (AdamW's moments, not its step counters), split into experts and the rest, for the
+    planner's ``model_state_bytes`` (test_moe_savers_runtime.py)."""
+    from meshwright.models.moe import local_tensor
+
+    def nbytes(t) -> int:
+        t = local_tensor(t)
+        return t.numel() * t.element_size()
+
+    out: dict[str, dict[str, int]] = {}
+    for name, p in rt.model.named_parameters():
+        if not name.startswith("layers."):
+            continue
+        key = f"{name.split('.')[1]}.{'experts' if '.experts.' in name else 'dense'}"
+        row = out.setdefault(key, {"params": 0, "grads": 0, "optimizer": 0})
+        row["params"] += nbytes(p)
+        row["grads"] += nbytes(p.grad) if p.grad is not None else 0
+        row["optimizer"] += sum(nbytes(v) for v in opt.state.get(p, {}).values() if torch.is_tensor(v) and v.dim() > 0)
+    return out
+
+
 class GemmLog:
     """Records the operand shapes (and backend) of every FP8 GEMM the FP8 linears run while active."""
 
@@ -459,6 +488,8 @@ def _run_case(name: str, cfg, pd: dict, compile_backend: str | None = None, loss
                            "backends": sorted({b for *_, b in log.calls}), "scaled_mm_calls": log.scaled_mm_calls,
                            "casts": log.casts, "expected_casts": expected_casts(rt, p, len(micro)),
                            "shard_shapes": sorted(set(seen))}
+        if step == 1 and any(s.ep > 1 and s.zero >= 2 for s in p.layer_strategies()):
+            res["block_state_bytes"] = block_state_bytes(rt, opt)  # steady: AdamW's states exist, gradients reduced
         tight = step == 0 or not (gemm_tp or gemm_dp)  # FP8 GEMM runs are chaotic after a step (docstring)
         if tight:
             worst["loss"] = max(worst["loss"], rel(loss, ref[step]["loss"]))
@@ -525,9 +556,12 @@ def _run_case(name: str, cfg, pd: dict, compile_backend: str | None = None, loss
         # expert tp: each rank holds experts / (tp * ep) (uniform MoE plans here)
         st = p.layer_strategies()[0]
         res["expert_numel"] = {**expert_weight_numel(rt), "tp": st.tp, "ep": st.ep}
-        if len({(s.tp, s.ep) for s in p.layer_strategies()}) == 1 and not any(s.zero >= 2 for s in p.layer_strategies()):
+        # ... and under ZeRO-2/3 with ep>1 experts / (tp * ep * edp) = experts / (tp * dp): FSDP over edp
+        fsdp_ep = st.zero >= 2 and st.ep > 1
+        res["expert_numel"]["parts"] = st.tp * (st.dp if fsdp_ep else st.ep)
+        if len({(s.tp, s.ep, s.zero) for s in p.layer_strategies()}) == 1 and (fsdp_ep or st.zero < 2):
             e = res["expert_numel"]
-            ok = ok and e["local"] * st.tp * st.ep == e["full_on_stage"]
+            ok = ok and e["local"] * e["parts"] == e["full_on_stage"]
     if any(s.savers.fp8_act or s.savers.wta_crs not in (None, 1.0) for s in p.layer_strategies()) and not gemm_tp:
         plain = reference(cfg, p, dp, savers=False)
         res["saver_effect"] = max(rel(plain[0]["grads"][k], ref[0]["grads"][k]) for k in plain[0]["grads"])
@@ -550,6 +584,14 @@ CKPT_CASES = {
                                 moe_plan([{"dp": 4, "repeat": 2}])),
     "ckpt_moe_ep2_to_ep2_tp2": (moe_plan([{"dp": 4, "ep": 2, "repeat": 2}]),
                                 moe_plan([{"tp": 2, "dp": 2, "ep": 2, "repeat": 2}])),
+    # ZeRO-3 under ep2 (experts FSDP'd over edp) saved, resumed under ZeRO-0 ep2 and ZeRO-2 ep4; ZeRO-0 ep2 saved,
+    # resumed under ZeRO-3 ep2
+    "ckpt_moe_ep2_zero3_to_ep2": (moe_plan([{"dp": 4, "ep": 2, "zero": 3, "repeat": 2}]),
+                                  moe_plan([{"dp": 4, "ep": 2, "repeat": 2}])),
+    "ckpt_moe_ep2_zero3_to_ep4_zero2": (moe_plan([{"dp": 4, "ep": 2, "zero": 3, "repeat": 2}]),
+                                        moe_plan([{"dp": 4, "ep": 4, "zero": 2, "repeat": 2}])),
+    "ckpt_moe_ep2_to_ep2_zero3": (moe_plan([{"dp": 4, "ep": 2, "repeat": 2}]),
+                                  moe_plan([{"dp": 4, "ep": 2, "zero": 3, "repeat": 2}])),
     "ckpt_moe_tp2_to_ep4": (moe_plan([{"tp": 2, "dp": 2, "repeat": 2}]), moe_plan([{"dp": 4, "ep": 4, "repeat": 2}])),
 }
 
@@ -572,7 +614,7 @@ def full_state(rt, opt) -> dict[str, torch.Tensor]:
 
     sd = rt.checkpoint_state(opt)
     out = {f"model/{k}": full(v).detach().clone() for k, v in sorted(sd["model"].items())}
-    for key, v in sorted(sd["optim"].items()):  # flat: state.<fqn>.<entry> (train/optim_layout.py)
+    for key, v in sorted(sd["optim"].items() if opt is not None else []):  # flat: state.<fqn>.<entry> (optim_layout)
         if key.startswith("state.") and torch.is_tensor(v):
             out[f"optim/{key[len('state.'):]}"] = full(v).detach().clone()
     return out
@@ -593,6 +635,8 @@ def saved_checkpoint(pd_save: dict, ckpt_dir: str) -> str:
         rt.optimizer_step(opt)
         save_runtime(path, rt, opt, meta={"step": 1})
         _SAVED[key] = (path, full_state(rt, opt))
+        if dist.get_rank() == 0:  # for the one-process resume (test_moe_savers_runtime.py): tensors only
+            torch.save(_SAVED[key][1], f"{path}.full.pt")
     return _SAVED[key]
 
 
@@ -621,7 +665,38 @@ def run_ckpt_case(pd_save: dict, pd_load: dict, ckpt_dir: str) -> dict:
     tol = CKPT_TP_RTOL if tp else RTOL
     ok = meta.get("step") == 1 and state_equal and all(v <= tol and math.isfinite(v) for v in worst.values())
     return {"ok": ok, **worst, "worst_grad_param": worst_name, "state_equal": state_equal, "state_tensors": len(saved),
-            "tol": tol, "meta": meta}
+            "tol": tol, "meta": meta, "ckpt": path}
+
+
+# ZeRO-3 under ep2 (dp4: edp 2) built on meta: each rank's FSDP piece of its experts (a box of the full tensor, the
+# d_model dim over edp) filled by the keyed scheme and by init_from (a Hugging Face checkpoint of the one-process model),
+# equal to the one-process model's values exactly
+INIT_CASES = {"init_moe_ep2_dp4_zero3": moe_plan([{"dp": 4, "ep": 2, "zero": 3, "repeat": 2}])}
+
+
+def run_init_case(pd: dict, ckpt_dir: str) -> dict:
+    import dataclasses
+
+    from meshwright.models.hf_weights import save_hf
+
+    cfg = dataclasses.replace(MOE, capacity_factor=None)  # a Mixtral export drops no tokens
+    ref = build_model(cfg, seed=SEED + 3, init="keyed")
+    hf = f"{ckpt_dir}/hf_moe"
+    if dist.get_rank() == 0:
+        save_hf(ref, cfg, hf)
+    dist.barrier()
+    want = {f"model/{k}": v.detach() for k, v in ref.state_dict().items()}
+    res: dict = {}
+    for how, kw in (("keyed", {"init": "keyed"}), ("init_from", {"init_from": hf})):
+        rt = DistributedRuntime(cfg, plan_from_dict(pd), seed=SEED + 3, **kw)
+        got = {k: v for k, v in full_state(rt, None).items()}
+        keys = sorted(set(got) & set(want))
+        res[how] = {"max_diff": max(float((got[k] - want[k]).abs().max()) for k in keys), "tensors": len(keys),
+                    "missing": sorted(set(want) - set(got))[:3],
+                    "expert_fsdp": sum(1 for p in rt._expert_params if hasattr(p, "device_mesh")), "init": rt.init}
+        rt.close()
+    ok = all(v["max_diff"] == 0.0 and not v["missing"] and v["expert_fsdp"] == 6 for v in res.values())
+    return {"ok": ok, **res}
 
 
 def main() -> None:
@@ -661,6 +736,15 @@ def main() -> None:
             continue
         try:
             res = run_ckpt_case(pd_save, pd_load, ckpt_dir)
+        except Exception as e:
+            res = failure(f"case {name}", e)
+        report.add(name, res["ok"], res)
+        dist.barrier()
+    for name, pd in INIT_CASES.items():
+        if only and name not in only:
+            continue
+        try:
+            res = run_init_case(pd, ckpt_dir)
         except Exception as e:
             res = failure(f"case {name}", e)
         report.add(name, res["ok"], res)

@@ -30,7 +30,10 @@ CASES = {"moe_ep2_dp4", "moe_ep4_dp4", "moe_ep2_tp2", "moe_ep2_pp2", "moe_ep1_dd
          "moe_tp2_dp2", "moe_tp2_dp2_zero3", "moe_tp2_pp2", "ckpt_moe_ep2_tp2_to_dp4", "ckpt_moe_ep2_to_ep2_tp2", "ckpt_moe_tp2_to_ep4",
          "compile_moe_ep2_dp4", "compile_moe_ep2_tp2_recompute", "compile_moe_ep2_pp2_selective",
          "compile_moe_ep1_dp4_selective", "compile_moe_ep1_dp4_zero3",
-         "chunked_moe_ep2_dp4", "chunked_compile_moe_ep2_pp2_selective"}
+         "chunked_moe_ep2_dp4", "chunked_compile_moe_ep2_pp2_selective",
+         "moe_ep2_dp4_zero3", "moe_ep2_dp4_zero2", "moe_ep2_tp2_zero3", "moe_ep2_pp2_zero3",
+         "ckpt_moe_ep2_zero3_to_ep2", "ckpt_moe_ep2_zero3_to_ep4_zero2", "ckpt_moe_ep2_to_ep2_zero3",
+         "init_moe_ep2_dp4_zero3", "compile_moe_ep2_dp4_zero3"}
 MOE = load_model_config({"name": "m", "arch": "llama", "vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4,
                          "n_kv_heads": 2, "ffn_hidden": 64, "moe_ffn_hidden": 48, "n_experts": 4, "top_k": 2,
                          "max_seq_len": 32})
@@ -74,6 +77,78 @@ def test_tp_splits_the_experts(report: dict) -> None:
             e = r["expert_numel"]
             assert e["local"] * e["tp"] * e["ep"] == e["full_on_stage"] > 0, (case, e)
     assert {r["expert_numel"]["tp"] for r in report["moe_tp2_dp2"]["ranks"].values()} == {2}
+
+
+def test_zero23_with_ep_shards_experts_over_edp(report: dict) -> None:
+    """ZeRO-2/3 under ep>1 (parallel/expert_fsdp.py): every rank holds experts / (tp * ep * edp) = experts / (tp * dp)
+    of the routed experts' weights (replicated over edp, the ZeRO-0 layout, holds 1/(tp * ep): twice as many at dp4 x
+    ep2), and the runs match the one-process model (test_parity_with_one_process)."""
+    for case, parts in (("moe_ep2_dp4_zero3", 4), ("moe_ep2_dp4_zero2", 4), ("moe_ep2_tp2_zero3", 4),
+                        ("moe_ep2_pp2_zero3", 2)):
+        for r in report[case]["ranks"].values():
+            e = r["expert_numel"]
+            assert e["parts"] == parts and e["local"] * parts == e["full_on_stage"] > 0, (case, e)
+            assert r["n_expert_shards"] > 0 and r["a2a_bytes"] > 0, case
+    zero0 = report["moe_ep2_dp4"]["ranks"]["0"]["expert_numel"]["local"]
+    assert report["moe_ep2_dp4_zero3"]["ranks"]["0"]["expert_numel"]["local"] * 2 == zero0
+
+
+@pytest.mark.parametrize("case", ["moe_ep2_dp4_zero3", "moe_ep2_dp4_zero2"])
+def test_planner_counts_zero23_ep_states_as_the_runtime_holds_them(report: dict, case: str) -> None:
+    """The planner's per-rank model states of an MoE block under ZeRO-2/3 with ep2 x dp4 (cost_model.layer_costs:
+    the non-expert parameters sharded over dp, the experts over edp = dp/ep) equal the bytes the runtime holds on every
+    rank, measured (moe_savers_parity.py ``block_state_bytes``, step 2: stored shards, gradients, AdamW moments); the
+    experts' share alone too (``model_state_bytes`` over edp). Counting the experts over dp would halve their planned
+    bytes; over nothing (replicated over edp) double them."""
+    from meshwright.config.presets import load_cluster
+    from meshwright.launcher.planner import cost_model as cm
+    from moe_savers_parity import CASES as PAR_CASES
+
+    cfg, pd = PAR_CASES[case]
+    s = plan_from_dict(pd).layer_strategies()[0]
+    hw = cm.apply_stack(cm.hardware_from_cluster(load_cluster("dgx-a100-80g"), stack="meshwright", dtype="fp32"),
+                        "meshwright")
+    c = cm.layer_costs(cfg, 0, s, 2, 16, hw, "fp32")
+    planned = {k: c[f"{k}_bytes"] for k in ("params", "grads", "optimizer")}
+    experts = cm.model_state_bytes(cm.expert_params_on_rank(cfg, s.tp, s.ep, hw), s.dp // s.ep, s.zero, "fp32", hw)
+    for r in report[case]["ranks"].values():
+        for layer in ("0", "1"):
+            dense, exp = r["block_state_bytes"][f"{layer}.dense"], r["block_state_bytes"][f"{layer}.experts"]
+            measured = {k: dense[k] + exp[k] for k in planned}
+            assert measured == pytest.approx(planned, rel=1e-9), (case, layer, measured, planned)
+            assert {k: exp[k] for k in experts} == pytest.approx(experts, rel=1e-9), (case, layer, exp, experts)
+
+
+def test_zero3_ep2_checkpoint_reshards(report: dict) -> None:
+    """The ZeRO-3 ep2 checkpoint (experts FSDP'd over edp) resumes under ZeRO-0 ep2 and ZeRO-2 ep4 with the model and
+    optimizer state equal to the saved one tensor for tensor, and a ZeRO-0 ep2 checkpoint under ZeRO-3 ep2."""
+    for case in ("ckpt_moe_ep2_zero3_to_ep2", "ckpt_moe_ep2_zero3_to_ep4_zero2", "ckpt_moe_ep2_to_ep2_zero3"):
+        assert all(r["state_equal"] and r["state_tensors"] > 0 for r in report[case]["ranks"].values()), case
+
+
+def test_zero3_ep2_checkpoint_loads_in_one_process(report: dict) -> None:
+    """The same ZeRO-3 ep2 checkpoint read by one process (no process group: DCP's single-process path) into the plain
+    model and AdamW: every model tensor and optimizer state equals the full state the 4 ranks saved."""
+    from parity_lib import SEED, make_opt
+
+    from meshwright.models import build_model
+    from meshwright.train.checkpoint import load_runtime
+    from meshwright.train.local_runtime import LocalRuntime
+    from moe_savers_parity import MOE as PAR_MOE
+    from moe_savers_parity import full_state
+
+    import torch
+
+    ckpt = report["ckpt_moe_ep2_zero3_to_ep2"]["ranks"]["0"]["ckpt"]
+    saved = torch.load(f"{ckpt}.full.pt", weights_only=True)
+    rt = LocalRuntime(build_model(PAR_MOE, seed=SEED + 7))
+    opt = rt.build_optimizer(make_opt)
+    assert load_runtime(ckpt, rt, opt)["step"] == 1
+    loaded = full_state(rt, opt)
+    assert sorted(loaded) == sorted(saved)
+    bad = [k for k in saved if not torch.equal(loaded[k], saved[k])]
+    assert not bad, bad[:5]
+    assert any(k.startswith("optim/") and ".experts.w1" in k for k in saved)
 
 
 def test_checkpoints_reshard_tp_split_experts(report: dict) -> None:
@@ -124,8 +199,9 @@ def _plan(layers: list[dict], model: str, **extra) -> object:
 
 @pytest.mark.parametrize("layers,cfg,tp_backend,dp_backend,match", [
     ([{"tp": 2, "sp": True, "repeat": 2}], MOE, "dtensor", "torch", r"^layers\[0\]\.sp=True is invalid; valid: false on MoE layers"),
-    ([{"dp": 2, "ep": 2, "zero": 3, "repeat": 2}], MOE, "dtensor", "torch", r"^layers\[0\]\.zero=3 is invalid; valid: 0 with ep>1"),
-    ([{"dp": 2, "ep": 2, "zero": 1, "repeat": 2}], MOE, "dtensor", "torch", r"^layers\[0\]\.zero=1 is invalid; valid: 0 with ep>1"),
+    ([{"dp": 2, "ep": 2, "zero": 1, "repeat": 2}], MOE, "dtensor", "torch", r"^layers\[0\]\.zero=1 is invalid; valid: 0, 2 or 3 with ep>1"),
+    ([{"dp": 4, "ep": 2, "zero": 3, "dp_shard": 2, "repeat": 2}], MOE, "dtensor", "torch",
+     r"^layers\[0\]\.dp_shard=2 is invalid; valid: null with ep>1 and zero>=2"),
     ([{"dp": 4}, {"tp": 2, "dp": 2, "ep": 2}], MOE, "dtensor", "torch", r"^layers\[1\]\.dp=2 is invalid; valid: the largest dp"),
     ([{"tp": 2, "repeat": 2}], MOE, "megatron", "torch", r"^tp_backend='megatron' is invalid; valid: dtensor for MoE"),
     ([{"dp": 2, "repeat": 2}], MOE, "dtensor", "deepspeed", r"^dp_backend='deepspeed' is invalid; valid: torch for MoE"),
@@ -144,6 +220,10 @@ def test_unsupported_combinations_give_one_line_errors(layers, cfg, tp_backend, 
 def test_supported_moe_and_saver_plans_pass_the_checks() -> None:
     check_runtime_support(_plan([{"tp": 2, "dp": 2, "ep": 2, "repeat": 2}], "m"), MOE, "dtensor", "torch")
     check_runtime_support(_plan([{"dp": 4, "zero": 3, "repeat": 2}], "m"), MOE, "dtensor", "torch")
+    # ZeRO-2/3 with ep>1 (refused until the experts were FSDP-sharded over edp, parallel/expert_fsdp.py)
+    for zero in (2, 3):
+        check_runtime_support(_plan([{"dp": 4, "ep": 2, "zero": zero, "repeat": 2}], "m"), MOE, "dtensor", "torch")
+    check_runtime_support(_plan([{"tp": 2, "dp": 2, "ep": 2, "zero": 3, "repeat": 2}], "m"), MOE, "dtensor", "torch")
     check_runtime_support(_plan([{"tp": 2, "savers": {"fp8_act": True, "wta_crs": 0.25}, "repeat": 2}], "d"),
                           DENSE, "dtensor", "torch")
     check_runtime_support(_plan([{"tp": 2, "sp": True, "savers": {"fp8_act": True, "fp8_gemm": True}, "repeat": 2}], "d"),

@@ -491,3 +491,25 @@ def test_plan_auto_with_lora_never_plans_the_savers_lora_refuses(tmp_path, capsy
                  "--emit", "megatron", "--train-config", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--train-config lora" in err[0], err
+
+
+def test_expert_adapters_under_zero3_with_ep_are_refused_in_one_line(tmp_path):
+    """ZeRO-2/3 with ep>1 shards the experts over edp (parallel/expert_fsdp.py), not their adapters: expert targets
+    there are one line naming lora.targets, ep and zero; attention targets pass."""
+    from pathlib import Path
+
+    from meshwright.plan import load_plan
+
+    src = Path(_lora_plan_cfg("tiny-moe-ep2.yaml", tmp_path, model="tiny-moe").plan)
+    path = tmp_path / "tiny-moe-ep2-zero3.yaml"
+    path.write_text(src.read_text().replace("{dp: 2, ep: 2, repeat: 4}", "{dp: 2, ep: 2, zero: 3, repeat: 4}"))
+    plan = load_plan(path)
+    assert plan.layer_strategies()[0].zero == 3
+    experts = _lora_plan_cfg("tiny-moe-ep2.yaml", tmp_path, model="tiny-moe",
+                             lora={"targets": ["wq", "experts.gate_up_proj"]})
+    with pytest.raises(ConfigError) as exc:
+        check_lora_layout(experts, plan)
+    msg = str(exc.value)
+    assert msg.startswith("lora.targets=['wq', 'experts.gate_up_proj'] is invalid; valid: attention targets")
+    assert "layers[0].ep=2 and zero=3" in msg and "\n" not in msg
+    check_lora_layout(_lora_plan_cfg("tiny-moe-ep2.yaml", tmp_path, model="tiny-moe"), plan)

@@ -14,7 +14,7 @@ from meshwright.errors import ConfigError
 from meshwright.launcher.planner import cost_model as cm
 from meshwright.launcher.planner import search as S
 from meshwright.launcher.planner.auto import auto_plan
-from meshwright.plan import LayerStrategy, validate_plan
+from meshwright.plan import LayerStrategy, plan_from_dict, validate_plan
 
 
 def _a100(nodes: int = 1):
@@ -592,3 +592,21 @@ def test_layer_cost_columns_are_layer_costs_bit_for_bit(stack, dtype, compiled, 
                     for b in blocks:  # a block costed first (as for a list of the next tp degrees) is reused
                         cm.layer_costs_columns(cfg, index, b, mb * 16, 2048, hw, states, fresh)
                     assert (cm.layer_costs_columns(cfg, index, joined, mb * 16, 2048, hw, states, fresh) == got).all()
+
+
+def test_runtime_compatible_moe_layers_offer_zero23_with_ep():
+    """meshwright's runtime runs ZeRO-2/3 with ep>1 (experts FSDP-sharded over edp, parallel/expert_fsdp.py): the
+    runtime-compatible search offers those strategies for an MoE block at the largest dp, never ZeRO-1 with ep>1, and
+    every one passes the runtime's own check."""
+    from meshwright.parallel.support import check_runtime_support
+
+    cfg = load_model_config("tiny-moe")
+    c = S.Constraints(runtime_compatible=True, zero=None)
+    got = S.layer_strategies(cfg, 0, 4, [1], 64, c, S.Allow(), 1, 4, 16)
+    ep_zero = {(s.ep, s.zero) for s in got}
+    assert {(2, 2), (2, 3), (4, 3)} <= ep_zero and not any(e > 1 and z == 1 for e, z in ep_zero)
+    for s in got:
+        if s.ep > 1:
+            plan = plan_from_dict({"model": "tiny-moe", "seq_len": 64, "global_batch": 16, "micro_batch": 1,
+                                   "layers": [{**dataclasses.asdict(s), "repeat": cfg.n_layers}]})
+            check_runtime_support(plan, cfg, "dtensor", "torch")

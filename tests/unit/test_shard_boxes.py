@@ -1,12 +1,15 @@
 """The expert-parallel cut's boxes (parallel/meta_init.py ``ep_boxes``), recorded once by the runtime in its
-``shard_boxes`` (parallel/runtime.py), are where each rank's shards really sit: for an ep2 and an ep2 x tp2 cut (expert
-tp: w1/w3 by hidden columns, w2 by hidden rows; the expert adapters by experts only), built by the runtime itself on a
-fake process group in this one process, the recorded box equals the place the rank's coordinates give, the values
-the rank holds after meta initialisation (base keyed, adapters drawn) are the one-process model's slice at that box,
-and the checkpoints' DTensor view of each shard sits at that box. A runtime whose cut records other boxes than the
-checkpoints' view is refused at build, and a plain shard with no box is refused by ``materialize`` (no path may
-silently fill a shard as the full tensor's first rows). The torchrun runs (init_from and lora.init_adapter under ep2
-starting at one process's loss) are tests/distributed/test_lora_init_adapter_torchrun.py and cli_launch.py."""
+``shard_boxes`` (parallel/runtime.py), are where each rank's shards really sit: for an ep2 and an ep2 x tp2 cut
+(expert tp: w1/w3 by hidden columns, w2 by hidden rows; the expert adapters by experts only), built by the runtime
+itself on a fake process group in this one process, the recorded box equals the place the rank's coordinates give,
+the values the rank holds after meta initialisation (base keyed, adapters drawn) are the one-process model's slice at
+that box, and the checkpoints' DTensor view of each shard sits at that box. A runtime whose cut records other boxes
+than the checkpoints' view is refused at build, and a plain shard with no box is refused by ``materialize`` (no path
+may silently fill a shard as the full tensor's first rows). Under ZeRO-3 with ep2 over dp4 the record stays the ep
+cut's box and FSDP's piece of it (d_model over edp) is filled, and shown to the checkpoints, at its place inside that
+box; a checkpoint layout that would put it elsewhere is refused at build. The torchrun runs (init_from and
+lora.init_adapter under ep2 starting at one process's loss) are tests/distributed/test_lora_init_adapter_torchrun.py
+and cli_launch.py."""
 
 from __future__ import annotations
 
@@ -160,3 +163,80 @@ def test_a_dtensor_over_a_boxed_shard_is_placed_inside_its_box(rank):
         torch.testing.assert_close(full[index], want, rtol=0, atol=0)
     finally:
         dist.destroy_process_group()
+
+
+D_MODEL_DIM = {"w1": 2, "w3": 2, "w2": 1}  # ZeRO-2/3 x ep: FSDP's cut of each expert weight over edp (written out)
+
+
+def _zero3_ep2_runtime(rank: int):
+    """dp4 x ep2 at ZeRO-3 (edp 2) on a fake 4-rank group: the experts FSDP'd over edp inside their ep box."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from torch.distributed.tensor.debug import (_clear_fast_path_sharding_prop_cache,
+                                                _clear_python_sharding_prop_cache)
+
+    from meshwright.parallel.runtime import DistributedRuntime
+
+    # all "ranks" live in this one process: DTensor's sharding-propagation caches would hand rank r the device mesh
+    # (so the coordinate) of an earlier rank's equal-looking mesh (one rank per process in real runs)
+    _clear_python_sharding_prop_cache()
+    _clear_fast_path_sharding_prop_cache()
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=4)
+    plan = plan_from_dict({"version": 1, "model": TINY, "seq_len": 16, "global_batch": 4, "micro_batch": 1,
+                           "layers": [{"dp": 4, "ep": 2, "zero": 3, "repeat": TINY["n_layers"]}]})
+    return DistributedRuntime(TINY, plan, seed=SEED, init="keyed")
+
+
+@pytest.mark.parametrize("rank", [0, 1, 2, 3])
+def test_fsdp_expert_pieces_sit_inside_their_recorded_ep_box(rank):
+    """ZeRO-3 with ep2 over dp4: one box record for the experts, the ep cut's (recorded before FSDP, so it is the
+    plain shard's: its ep coordinate's experts), and FSDP's DTensor over it cuts d_model over edp within it. The
+    rank's piece after keyed meta init is the one-process model's slice at box offset + its edp coordinate's d_model
+    slice, and the checkpoints' DTensor of the full tensor (over edp x ep) puts the piece at that same place."""
+    cfg = load_model_config(TINY)
+    ref = {n: p.detach() for n, p in build_model(cfg, seed=SEED, init="keyed").named_parameters()}
+    rt = _zero3_ep2_runtime(rank)
+    try:
+        boxes = rt.shard_boxes
+        experts = {n: p for n, p in rt.model.named_parameters() if ".experts.w" in n}
+        assert len(experts) == 3 * cfg.n_moe_layers and set(boxes) == set(experts)
+        state = rt.model.state_dict()
+        ep_r, edp_r = rank % 2, rank // 2  # the runtime's (pp, edp, ep, tp) mesh: ep inner
+        for name, p in experts.items():
+            w = name.rsplit(".", 1)[-1]
+            assert isinstance(p, DTensor), name
+            assert boxes[name] == _expected_box(name, ref[name], 1, 2, ep_r), name  # the ep shard's box, not FSDP's
+            dim = D_MODEL_DIM[w]
+            n = ref[name].shape[dim] // 2
+            offset = list(boxes[name][1])
+            offset[dim] += edp_r * n
+            local = p.to_local()
+            index = tuple(slice(o, o + k) for o, k in zip(offset, local.shape))
+            assert local.shape[dim] == n
+            torch.testing.assert_close(local, ref[name][index], rtol=0, atol=0, msg=name)
+            view = state[name]
+            shape, got = compute_local_shape_and_global_offset(view.shape, view.device_mesh, view.placements)
+            assert (tuple(view.shape), tuple(got), tuple(shape)) == (tuple(ref[name].shape), tuple(offset),
+                                                                    tuple(local.shape)), name
+    finally:
+        rt.close()
+        dist.destroy_process_group()
+
+
+def test_an_fsdp_checkpoint_view_outside_the_piece_s_box_is_refused(monkeypatch):
+    """If the checkpoints' layout of the FSDP'd experts drifted from where the box and FSDP's placements put each
+    piece (here: the experts over edp and d_model over ep, the two placements swapped), the runtime refuses to build."""
+    from meshwright.parallel import runtime
+
+    real = runtime.expert_checkpoint_layout
+
+    def swapped(experts, w, mesh, tp):
+        ckpt_mesh, placements = real(experts, w, mesh, tp)
+        return ckpt_mesh, placements[::-1]
+
+    monkeypatch.setattr(runtime, "expert_checkpoint_layout", swapped)
+    with pytest.raises(RuntimeError, match=r"experts\.w1: its checkpoint view .* is not its piece's place in its box"):
+        try:
+            _zero3_ep2_runtime(1)
+        finally:
+            dist.destroy_process_group()

@@ -1758,6 +1758,14 @@ def _shard_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, states: str, h
     zero_dp = s.dp_shard or s.dp * s.cp
     # the optimizer steps the trainable ones only (LoRA: the block's adapters, its experts' too)
     stepped = shard_params if lora_rank is None else hw.lora.trained_on_rank(index, s.tp, s.ep if moe else 1)
+    if moe and lora_rank is None and s.ep > 1 and s.zero >= 1:
+        # ZeRO-1/2/3 under ep: the experts' gradients and states are sharded over their edp group (dp*cp/ep ranks:
+        # parallel/expert_fsdp.py; Megatron's distributed optimizer), the rest over dp*cp
+        accum_mb, accum_step = (sum(x) for x in zip(grad_accumulation_s(dense, s.dp * s.cp, s.zero, hw),
+                                                      grad_accumulation_s(exp_rank, dpc // s.ep, s.zero, hw)))
+        opt_step = (optimizer_step_s(dense, s.dp * s.cp, s.zero, states, hw)
+                    + optimizer_step_s(exp_rank, dpc // s.ep, s.zero, states, hw) + cast_step + accum_step)
+        return shard_params, dp_mb, dp_step, states_b, opt_step, accum_mb, cast_mb
     accum_mb, accum_step = grad_accumulation_s(stepped, zero_dp, s.zero, hw)
     opt_step = (optimizer_step_s(stepped, zero_dp if not moe else s.dp * s.cp, s.zero, states, hw) + cast_step
                 + accum_step)

@@ -237,8 +237,9 @@ def layer_strategies(cfg: ModelConfig, index: int, per_stage: int, tps: list[int
                 eps = [e for e in eps if e == c.ep] or ([1] if c.ep == 1 else [])
         savers = [Savers()] if c.megatron_tp and t > 1 else saver_opts
         for sp, z, rc, ep, sv in itertools.product(sps, zeros, rcs, eps, savers):
-            if c.runtime_compatible and moe and (sp or (ep > 1 and (z != 0 or dp != max_dp))):
-                continue  # the runtime keeps MoE tokens tp-replicated and expert grads off ZeRO/mixed-dp paths
+            if c.runtime_compatible and moe and (sp or (ep > 1 and (z == 1 or dp != max_dp))):
+                continue  # the runtime keeps MoE tokens tp-replicated, expert grads off ZeRO-1 and mixed-dp paths
+                # (ZeRO-2/3 under ep shard the experts over edp: parallel/expert_fsdp.py)
             out.append(LayerStrategy(tp=t, sp=sp, dp=dp, zero=z, ep=ep, cp=cp, recompute=rc, savers=sv))
             shard = node_shard(dp, t, devices_per_node) if z >= 2 and not moe and cp == 1 and c.hsdp is not False else None
             if shard is not None:

@@ -51,14 +51,12 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import sys
 
 import torch
 import torch.distributed as dist
 
 from parity_lib import (CFG, MAX_NORM, MICRO, RTOL, SEED, SEQ, Report, dp_copies_reference, failure, full_grads, init,
-                        live_groups, release_groups,
                         make_opt, rel, run_worker, shard)
 from parity_2rank import plan
 
@@ -627,16 +625,6 @@ def run_ckpt_case(pd_save: dict, pd_load: dict, ckpt_dir: str) -> dict:
             "tol": tol, "meta": meta}
 
 
-def finish_case(report: Report, name: str, res: dict, keep: set) -> None:
-    """Record a case, then (every rank past the case's last collective: the barrier) destroy the process groups it
-    created (parity_lib.release_groups): no case reuses another's runtime, and idle gloo groups kept for the rest of
-    the launch burned CPU time on every rank."""
-    dist.barrier()
-    res["groups_released"] = release_groups(keep)
-    res["threads_after"] = len(os.listdir("/proc/self/task"))  # for reading: ~1,100 per rank when none were released
-    report.add(name, res["ok"], res)
-
-
 def main() -> None:
     init(timeout_s=120)
     out, ckpt_dir = sys.argv[1], sys.argv[2]
@@ -645,39 +633,39 @@ def main() -> None:
     for name, (cfg, pd) in CASES.items():
         if only and name not in only:
             continue
-        keep = live_groups()
         try:
             res = run_case(name, cfg, pd)
         except Exception as e:
             res = failure(f"case {name}", e)
-        finish_case(report, name, res, keep)
+        report.add(name, res["ok"], res)
+        dist.barrier()
     for name, (cfg, pd) in COMPILE_CASES.items():
         if only and name not in only:
             continue
-        keep = live_groups()
         try:
             res = run_case(name, cfg, pd, compile_backend="aot_eager")
         except Exception as e:
             res = failure(f"case {name}", e)
-        finish_case(report, name, res, keep)
+        report.add(name, res["ok"], res)
+        dist.barrier()
     for name, (cfg, pd, backend) in CHUNKED_CASES.items():
         if only and name not in only:
             continue
-        keep = live_groups()
         try:
             res = run_case(name, cfg, pd, compile_backend=backend, loss_chunk_tokens=HEAD_CHUNK)
         except Exception as e:
             res = failure(f"case {name}", e)
-        finish_case(report, name, res, keep)
+        report.add(name, res["ok"], res)
+        dist.barrier()
     for name, (pd_save, pd_load) in CKPT_CASES.items():
         if only and name not in only:
             continue
-        keep = live_groups()
         try:
             res = run_ckpt_case(pd_save, pd_load, ckpt_dir)
         except Exception as e:
             res = failure(f"case {name}", e)
-        finish_case(report, name, res, keep)
+        report.add(name, res["ok"], res)
+        dist.barrier()
     report.gather_and_write()
     dist.destroy_process_group()
 

@@ -241,31 +241,6 @@ def failure(label: str, exc: BaseException) -> dict:
     return res
 
 
-def live_groups() -> set:
-    """The process groups up now (c10d's registry, the world included): what ``release_groups`` keeps."""
-    return set(dist.distributed_c10d._world.pg_map)
-
-
-def release_groups(keep: set) -> int:
-    """Destroy every process group not in ``keep`` (``live_groups()`` before a case), once the case's objects are
-    gone; returns how many. Why: an idle gloo group keeps three threads, and its ``gloo_tcp_loop`` wakes ~100 times a
-    second (100 idle groups measured 0.09 CPU-s per second per rank, mostly system time); the 34 cases of the 4-rank
-    moe_savers launch left ~370 groups (1,107 threads) per rank on a 2-core box. The order is
-    meshwright.parallel.teardown's: DTensor caches cleared and cycles collected first, so the registry holds a
-    group's last reference and ``destroy_process_group`` frees it here. Local (no collective): a failed rank
-    releases alike. Only for cases that share no runtime with a later case."""
-    import gc
-
-    from meshwright.parallel.teardown import release_dtensor_caches
-
-    release_dtensor_caches()
-    gc.collect()
-    gone = [pg for pg in list(dist.distributed_c10d._world.pg_map) if pg not in keep]
-    for pg in gone:
-        dist.destroy_process_group(pg)
-    return len(gone)
-
-
 def run_worker(main: Callable[[], None]) -> None:
     """Run a torchrun worker's ``main`` and end the process without C++ teardown: gloo on torch 2.13
     sometimes aborts at interpreter exit after a finished run (``meshwright.parallel.mesh.exit_worker``)."""

@@ -3,7 +3,6 @@
 import contextlib
 import shlex
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -97,6 +96,12 @@ def test_deepspeed_dry_run_golden():
         "deepspeed --hostfile=/etc/hostfile --master_addr=node0 --master_port=29400 --launcher=pdsh --num_nodes=2 "
         "--num_gpus=4 --ssh_port=2222 --no_local_rank --module meshwright.cli train configs/train/default.yaml --plan auto"
     ]
+
+
+def standin_loop(pause: float) -> str:
+    """The busy-wait of a shell stand-in (a runner, a rank) that a test ends by signal: bounded at 15 minutes of wall
+    clock, so a test that fails before its signal (or is cut by its timeout) leaves no process running for ever."""
+    return f"end=$(( $(date +%s) + 900 )); while [ $(date +%s) -lt $end ]; do sleep {pause}; done\n"
 
 
 @pytest.mark.parametrize("name", ["a;rm", "$(reboot)", "a'b", 'a"b', "-oProxyCommand=x", "a..b", "a`b`"])
@@ -223,7 +228,7 @@ def test_a_deepspeed_launch_passes_ctrl_c_on_to_its_runner_and_closes_the_ssh_cl
         f"echo {other.pid} >> {pids}\n"
         f"trap 'echo INT > {tmp_path}/runner.got; exit 1' INT\n"
         f"touch {tmp_path}/ready\n"
-        "while :; do sleep 0.1; done\n")
+        + standin_loop(0.1))
     runner.chmod(0o755)
     main_thread = threading.get_ident()
 
@@ -264,7 +269,7 @@ def test_a_ctrl_c_while_deepspeeds_runner_starts_is_passed_on_once_it_has(tmp_pa
 
     runner = tmp_path / "runner"
     runner.write_text(f"#!/bin/sh\ntrap 'echo INT >> {tmp_path}/runner.got; exit 1' INT\ntouch {tmp_path}/ready\n"
-                      "while :; do sleep 0.05; done\n")
+                      + standin_loop(0.05))
     runner.chmod(0o755)
     real_popen, started = subprocess.Popen, []
 
@@ -296,7 +301,6 @@ def test_the_process_group_line_is_taken_once_and_the_signal_command_reaches_tha
     import signal
     import subprocess
     import threading
-    import time
 
     from meshwright.launcher.remote.argv import PGID_MARKER, parse_pgid_line, signal_group_command
     from meshwright.launcher.remote.ssh import PrefixedStream
@@ -355,10 +359,10 @@ def test_a_deepspeed_launch_passes_sigterm_or_sigusr1_on_as_sigterm_and_waits_fo
 
     rank = tmp_path / "rank"
     rank.write_text(f"#!/bin/sh\ntrap 'echo TERM >> {tmp_path}/rank.got; sleep 1; touch {tmp_path}/saved; exit 143' TERM\n"
-                    f"touch {tmp_path}/ready\nwhile :; do sleep 0.05; done\n")
+                    f"touch {tmp_path}/ready\n" + standin_loop(0.05))
     runner = tmp_path / "runner"
     runner.write_text(f"#!/bin/sh\n{rank} &\ntrap 'echo TERM > {tmp_path}/runner.got; exit 1' TERM\n"
-                      "while :; do sleep 0.05; done\n")
+                      + standin_loop(0.05))
     for f in (rank, runner):
         f.chmod(0o755)
     main_thread = threading.get_ident()

@@ -1,4 +1,4 @@
-"""CPU time of idle gloo process groups: why a test launch that builds many runtimes destroys each case's groups.
+"""CPU time of idle gloo process groups: what the groups that long test launches keep up cost each rank (results/ci_threads.md).
 
     torchrun --standalone --nproc-per-node=2 benchmarks/idle_gloo_groups.py N MODE
 
@@ -14,6 +14,8 @@ import sys
 import time
 
 import torch.distributed as dist
+
+from meshwright.parallel.teardown import shutdown
 
 
 def main() -> None:
@@ -32,7 +34,7 @@ def main() -> None:
     threads = len(os.listdir(f"/proc/{os.getpid()}/task"))
     print(f"rank {dist.get_rank()} groups {n} mode {mode} threads {threads} "
           f"idle_10s_user {t1.user - t0.user:.2f} idle_10s_sys {t1.system - t0.system:.2f}", flush=True)
-    dist.destroy_process_group()
+    shutdown()  # the default group, in teardown.py's order
 
 
 if __name__ == "__main__":

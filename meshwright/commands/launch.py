@@ -103,11 +103,13 @@ def run(args: argparse.Namespace) -> int:
         for line in dry_run_lines(spec, args.launcher, args.hosts, args.ssh_port, args.ssh_key):
             print(line)
         return 0
-    if out_dir is None and command[:1] == ["train"]:
-        print(f"meshwright launch: {other_workdir_note(args.workdir)}", file=sys.stderr)
+    # said as the hosts start, after every refusal (a refused launch says one line)
+    note = other_workdir_note(args.workdir) if out_dir is None and command[:1] == ["train"] else None
     with _run_directory_lock(out_dir, spec.run_id):
         if args.launcher == "deepspeed":
-            return run_deepspeed(spec, args)
+            return run_deepspeed(spec, args, note=note)
+        if note:
+            print(f"meshwright launch: {note}", file=sys.stderr)
         try:
             results = run_over_ssh(spec, args.ssh_port, args.ssh_key, args.connect_timeout,
                                    known_hosts=args.ssh_known_hosts)
@@ -176,7 +178,7 @@ def _stopped(stop: Any) -> int:
     return EXIT_PREEMPTED
 
 
-def run_deepspeed(spec, args: argparse.Namespace) -> int:
+def run_deepspeed(spec, args: argparse.Namespace, note: str | None = None) -> int:
     """Run DeepSpeed's own multi-node runner (pdsh over ssh) locally; it reaches every host itself.
 
     Hardened against its shell: the hostfile is rewritten in DeepSpeed's format from the parsed hosts (a YAML
@@ -186,6 +188,7 @@ def run_deepspeed(spec, args: argparse.Namespace) -> int:
     work directory on every host, so that directory (and the script) must be shared, as the data already is. No
     ``.deepspeed_env`` is written; the user's, which the runner exports in double quotes, is checked first.
     The SSH key goes to pdsh's ssh through ``PDSH_SSH_ARGS_APPEND`` (DeepSpeed appends ``-p PORT`` to it).
+    ``note`` (the launch's other-workdir note) is said once every check has passed, as the runner starts.
     """
     import shlex
     import shutil
@@ -239,6 +242,8 @@ def run_deepspeed(spec, args: argparse.Namespace) -> int:
         try:
             argv = deepspeed_argv(spec, hostfile, ssh_port, env_script=env_script.resolve() if env_script else None)
             argv[0] = exe
+            if note:
+                print(f"meshwright launch: {note}", file=sys.stderr)
             try:
                 return _run_passing_signals_on(argv, cwd=spec.workdir, env=run_env,
                                                ssh=(ssh_pids, real_ssh) if len(spec.hosts) > 1 else None)

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +21,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from self_launch import run_workers  # noqa: E402  (this directory: the torchrun of the workers)
 
 
 from meshwright.memory.accounting import count_saved_bytes  # noqa: E402  (pins counted tensors: exact per step)
@@ -139,13 +137,7 @@ def main() -> None:
         return worker(args.seq, args.steps, args.worker)
     before = one_process(args.seq, args.steps)
     rows = {"1 process": before}
-    with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "parallel.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               str(Path(__file__).resolve()), "--steps", str(args.steps), "--seq", str(args.seq), "--worker", str(out)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-        subprocess.run(cmd, check=True, timeout=900, env=env, cwd=REPO)
-        rows.update(json.loads(out.read_text()))
+    rows.update(run_workers(__file__, 2, ["--steps", str(args.steps), "--seq", str(args.seq)]))
     after = one_process(args.seq, args.steps)  # the box is shared: bracket the 2-rank run, use the mean
     before["tokens_per_s"] = (before["tokens_per_s"] + after["tokens_per_s"]) / 2
     print(f"1 process tokens/s before / after the 2-rank run: {2 * before['tokens_per_s'] - after['tokens_per_s']:,.0f} / "

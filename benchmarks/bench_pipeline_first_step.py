@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +23,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from self_launch import run_workers  # noqa: E402  (this directory: the torchrun of the workers)
 
 MODEL, GLOBAL, MICRO = "tiny", 8, 2
 SCHEDULES = {"1f1b": {"degree": 2, "schedule": "1f1b", "microbatches": 4},
@@ -99,13 +97,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         return worker(args.seq, args.reps, args.worker)
-    with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "first_step.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               str(Path(__file__).resolve()), "--seq", str(args.seq), "--reps", str(args.reps), "--worker", str(out)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-        subprocess.run(cmd, check=True, timeout=900, env=env, cwd=REPO)
-        parts = json.loads(out.read_text())
+    parts = run_workers(__file__, 2, ["--seq", str(args.seq), "--reps", str(args.reps)])
     print(f"torch {torch.__version__}, {MODEL}, pp2, global batch {GLOBAL}, micro-batch {MICRO}, seq {args.seq}, "
           f"median of {args.reps}")
     print("\n| schedule, stage shapes | first step CPU s (rank 0 / rank 1) | first step wall s | "

@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +25,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from self_launch import run_workers  # noqa: E402  (this directory: the torchrun of the workers)
 
 MODEL, SEQ, GLOBAL, MICRO = "tiny", 128, 8, 2
 ZEROS = (0, 1, 2, 3)
@@ -133,14 +131,9 @@ def main() -> None:
           "measured / planner | step s (median) | vs ZeRO-0 |")
     print("|---:|---|---|---:|---:|---:|---:|---:|---:|")
     for dp in args.dp:
-        with tempfile.TemporaryDirectory() as d:
-            out = Path(d) / "zero1.json"
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={dp}",
-                   str(Path(__file__).resolve()), "--steps", str(args.steps), "--rounds", str(args.rounds),
-                   "--worker", str(out)]
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-            subprocess.run(cmd, check=True, timeout=1200, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
-            rows = {int(k): v for k, v in json.loads(out.read_text()).items()}
+        got = run_workers(__file__, dp, ["--steps", str(args.steps), "--rounds", str(args.rounds)], timeout=1200,
+                          quiet=True)
+        rows = {int(k): v for k, v in got.items()}
         base = rows[0]
         for z, r in rows.items():
             top, plan = max(r["state_bytes"]), predicted_state_bytes(dp, z)

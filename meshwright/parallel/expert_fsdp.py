@@ -120,27 +120,31 @@ def from_checkpoint(v: torch.Tensor, like: DTensor, mesh: DeviceMesh, placements
                               shape=like.shape, stride=like.stride())
 
 
-def install_expert_fsdp_hooks(module: nn.Module, optimizer: torch.optim.Optimizer | None,
-                              layouts: dict[str, tuple[tuple[int, ...], DeviceMesh, list[Shard]]]) -> None:
-    """``module.state_dict()`` (and, with ``optimizer``, its ``state_dict()``) shows the FSDP expert weights named in
-    ``layouts`` ({name: (full shape, checkpoint mesh, placements)}) as DTensors of the full tensors; their loads accept
-    any layout (``from_checkpoint``)."""
+Layouts = dict[str, tuple[tuple[int, ...], DeviceMesh, list[Shard]]]  # name -> (full shape, checkpoint mesh, placements)
+
+
+def install_expert_fsdp_model_hooks(module: nn.Module, layouts: Layouts) -> None:
+    """``module.state_dict()`` shows the FSDP expert weights named in ``layouts`` as DTensors of the full tensors;
+    their loads accept any layout (``from_checkpoint``)."""
+    def post(_: nn.Module, state: dict, prefix: str, __: dict) -> None:
+        for name, (shape, mesh, pl) in layouts.items():
+            if prefix + name in state:
+                state[prefix + name] = to_checkpoint(state[prefix + name], shape, mesh, pl)
+
+    def pre(mod: nn.Module, state: dict, prefix: str, *_: object) -> None:
+        live = dict(mod.named_parameters())
+        for name, (_, mesh, pl) in layouts.items():
+            if prefix + name in state:
+                state[prefix + name] = from_checkpoint(state[prefix + name], live[name], mesh, pl)
+
+    module.register_state_dict_post_hook(post)
+    module.register_load_state_dict_pre_hook(pre)
+
+
+def install_expert_fsdp_optimizer_hooks(module: nn.Module, optimizer: torch.optim.Optimizer, layouts: Layouts) -> None:
+    """``optimizer.state_dict()`` shows the states of ``module``'s FSDP expert weights named in ``layouts`` laid out
+    as their parameters (AdamW's moments) as DTensors of the full tensors; their loads accept any layout."""
     params = dict(module.named_parameters())
-    if optimizer is None:
-        def post(_: nn.Module, state: dict, prefix: str, __: dict) -> None:
-            for name, (shape, mesh, pl) in layouts.items():
-                if prefix + name in state:
-                    state[prefix + name] = to_checkpoint(state[prefix + name], shape, mesh, pl)
-
-        def pre(mod: nn.Module, state: dict, prefix: str, *_: object) -> None:
-            live = dict(mod.named_parameters())
-            for name, (_, mesh, pl) in layouts.items():
-                if prefix + name in state:
-                    state[prefix + name] = from_checkpoint(state[prefix + name], live[name], mesh, pl)
-
-        module.register_state_dict_post_hook(post)
-        module.register_load_state_dict_pre_hook(pre)
-        return
     by_param = {params[n]: v for n, v in layouts.items() if n in params}
 
     def pairs(state_dict: dict) -> list[tuple[Any, nn.Parameter]]:
@@ -176,4 +180,4 @@ def _like(v: Any, p: DTensor) -> bool:
 
 
 __all__ = ["EXPERT_FSDP_DIMS", "apply_expert_fsdp", "checkpoint_layout", "from_checkpoint",
-           "install_expert_fsdp_hooks", "to_checkpoint"]
+           "install_expert_fsdp_model_hooks", "install_expert_fsdp_optimizer_hooks", "to_checkpoint"]

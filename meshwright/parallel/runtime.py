@@ -44,7 +44,8 @@ from meshwright.models.init import resolve_init
 from meshwright.models.moe import MoE, attach_aux_loss_to_backward, router_stats
 from meshwright.parallel.data_parallel import (all_reduce_grad_groups, all_reduce_grads, apply_ddp, apply_fsdp,
                                                rebuild_buckets, zero1_optimizer)
-from meshwright.parallel.expert_fsdp import EXPERT_FSDP_DIMS, apply_expert_fsdp, install_expert_fsdp_hooks
+from meshwright.parallel.expert_fsdp import (EXPERT_FSDP_DIMS, apply_expert_fsdp, install_expert_fsdp_model_hooks,
+                                             install_expert_fsdp_optimizer_hooks)
 from meshwright.parallel.expert_fsdp import checkpoint_layout as expert_checkpoint_layout
 from meshwright.parallel.expert_parallel import (A2AMeter, EPGroups, ExpertParallelExperts, apply_ep, ep_groups_from_mesh,
                                                  is_expert_param)
@@ -343,7 +344,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
             install_state_hooks(self.model, {k: (d, mesh if mesh is not None else m.tp_mesh(tp))
                                              for k, (d, tp, mesh) in self._megatron_state.items()})
         if self._expert_fsdp:
-            install_expert_fsdp_hooks(self.model, None, self._expert_fsdp)
+            install_expert_fsdp_model_hooks(self.model, self._expert_fsdp)
         self.modules = [apply_ddp(c, m.stage_group, self.device) if self.uniform_ddp and m.per_stage > 1 else c for c in chunks]
         # what the pipeline schedule runs: the last stage hands its hidden states to loss_fn when the head is there
         self._stage_modules = [HiddenOutput(mod) if self.head_loss is not None and i == self.n_stages - 1 else mod
@@ -686,7 +687,7 @@ class DistributedRuntime(TorchDistributedCollectives, Runtime):
         if self._state_shards:  # megatron tp shards and ep expert shards: optimizer states as DTensors too
             install_shard_optimizer_hooks(opt, dict(self._state_shards))
         if self._expert_fsdp:  # FSDP'd expert shards: their states as DTensors of the full tensors
-            install_expert_fsdp_hooks(self.model, opt, self._expert_fsdp)
+            install_expert_fsdp_optimizer_hooks(self.model, opt, self._expert_fsdp)
         return opt
 
     def model_state(self) -> dict[str, Any]:

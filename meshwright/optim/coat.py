@@ -19,7 +19,7 @@ import torch
 from meshwright.errors import invalid
 from meshwright.optim.coat_bytes import META_BYTES_PER_GROUP, coat_state_bytes_per_param  # noqa: F401
 from meshwright.optim.coat_fused import compiled_update, fp8_adamw_update
-from meshwright.optim.coat_triton import coat_adamw_triton, eligible, triton_available
+from meshwright.optim.coat_triton import checked, coat_adamw_triton, eligible, triton_available
 from meshwright.optim.fp8_quant import K_MIN, GroupQuantized, dequantize_groups, fp8_dtype, groups_of, quantize_groups
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -155,19 +155,25 @@ class CoatAdamW(torch.optim.Optimizer):
     def _triton_update(self, items: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]], group: dict[str, Any],
                        step: float, scalars: dict[tuple, torch.Tensor]) -> None:
         """One kernel launch for the parameters of ``group`` at ``step`` on one device (moments in place)."""
-        for _, _, state in items:  # the kernel writes in place: own, contiguous state tensors
-            for key, t in state.items():
-                if key != "step" and not t.is_contiguous():
-                    state[key] = t.contiguous()
+        ms, vs, entries = [], [], []
+        for param, _, state in items:  # the kernel writes in place: own, contiguous state tensors
+            m, v = self._moment(state, "exp_avg"), self._moment(state, "exp_avg_sq")
+            entry = checked(param, (*m, *v))  # these very tensors were launched on before: nothing to fix
+            if entry is None and not all(t.is_contiguous() for t in (*m, *v)):
+                for key, t in state.items():
+                    if key != "step" and not t.is_contiguous():
+                        state[key] = t.contiguous()
+                m, v = self._moment(state, "exp_avg"), self._moment(state, "exp_avg_sq")
+            ms.append(m)
+            vs.append(v)
+            entries.append(entry)
         beta1, beta2 = group["betas"]
         try:
-            coat_adamw_triton([i[0] for i in items], [i[1] for i in items],
-                              [self._moment(i[2], "exp_avg") for i in items],
-                              [self._moment(i[2], "exp_avg_sq") for i in items],
+            coat_adamw_triton([i[0] for i in items], [i[1] for i in items], ms, vs,
                               lr=group["lr"], weight_decay=group["weight_decay"], beta1=beta1, beta2=beta2,
                               eps=group["eps"], step=step, group_size=group["group_size"],
                               m_dtype=fp8_dtype(group["m_format"]), v_dtype=fp8_dtype(group["v_format"]),
-                              expand=group["expand"], k_min=group.get("k_min", K_MIN))
+                              expand=group["expand"], k_min=group.get("k_min", K_MIN), entries=entries)
         except Exception as exc:  # noqa: BLE001 - a Triton compile failure on this machine
             if self.fused == "triton":
                 raise

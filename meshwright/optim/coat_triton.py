@@ -20,6 +20,7 @@ import importlib.util
 import math
 import os
 import sys
+import weakref
 from pathlib import Path
 from types import ModuleType
 from typing import Sequence
@@ -120,45 +121,93 @@ def _table(rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return _TABLES[key]
 
 
+class _Checked:
+    """What one parameter's launch needs that does not change between steps, checked once: its moments (by weak
+    reference: a replaced moment, after ``load_state_dict`` say, is a miss), its size, and the addresses and
+    alignment of the weight and the eight moment tensors."""
+
+    __slots__ = ("param", "weight_addr", "refs", "n", "addrs", "aligned", "spec")
+
+    def __init__(self, p: torch.Tensor, moments: tuple[torch.Tensor, ...], addrs: list[int], aligned: bool,
+                 spec: tuple) -> None:
+        self.weight_addr, self.n, self.addrs, self.aligned, self.spec = p.data_ptr(), p.numel(), addrs, aligned, spec
+        self.param = weakref.ref(p)
+        self.refs = tuple(weakref.ref(t) for t in moments)
+
+    def holds(self, p: torch.Tensor, moments: tuple[torch.Tensor, ...]) -> bool:
+        return (self.param() is p and p.data_ptr() == self.weight_addr and len(moments) == len(self.refs)
+                and all(r() is t for r, t in zip(self.refs, moments)))
+
+
+# Per parameter, the checks of its last launch. Only the gradient (a new tensor after zero_grad(set_to_none=True))
+# is checked at every step: on an H200 the per-step checks of all ten tensors of 201 parameters took longer than
+# the kernel (benchmarks/bench_coat_optim_host.py).
+# Keyed by id(): an entry names its parameter by weak reference, so a new tensor at a reused id is a miss.
+_CHECKED: dict[int, _Checked] = {}
+
+
+def checked(p: torch.Tensor, moments: tuple[torch.Tensor, ...]) -> _Checked | None:
+    """The checks of an earlier launch on ``p`` with these very moment tensors (contiguous and sized), or None."""
+    entry = _CHECKED.get(id(p))
+    return entry if entry is not None and entry.holds(p, moments) else None
+
+
+def _check(i: int, p: torch.Tensor, m: Moment, v: Moment, group_size: int, m_dtype: torch.dtype, v_dtype: torch.dtype,
+           device: torch.device) -> _Checked:
+    """The one-time checks of parameter ``i``'s weight and moments; the kernel writes through raw addresses."""
+    ts = (p, *m, *v)
+    n, n_groups = p.numel(), groups_of(p.numel(), group_size)
+    if len(ts) != 9 or p.dtype != torch.float32 or m[0].numel() != n or v[0].numel() != n \
+            or any(t.numel() != n_groups for t in (*m[1:], *v[1:])) or m[0].dtype != m_dtype or v[0].dtype != v_dtype \
+            or any(t.dtype != torch.float32 for t in (*m[1:], *v[1:])):
+        raise invalid("optimizer.state", f"parameter {i} ({tuple(p.shape)})", "fp32 weight and gradient, moments "
+                      f"of {n} elements in {m_dtype}/{v_dtype} and fp32 metadata of {n_groups} groups each")
+    if not all(t.is_contiguous() and t.device == device for t in ts):
+        raise invalid("optimizer.state", f"parameter {i} ({tuple(p.shape)})", f"contiguous tensors on {device}")
+    addrs = [t.data_ptr() for t in ts]
+    aligned = n % 4 == 0 and group_size % 4 == 0 and all(a % 16 == 0 for a in addrs)
+    entry = _Checked(p, ts[1:], addrs, aligned, (group_size, m_dtype, v_dtype, device))
+    if len(_CHECKED) > 4 * 4096:  # parameters that no longer exist: drop their entries now and then
+        for key in [k for k, e in _CHECKED.items() if e.param() is None]:
+            del _CHECKED[key]
+    _CHECKED[id(p)] = entry
+    return entry
+
+
 def coat_adamw_triton(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ms: Sequence[Moment],
                       vs: Sequence[Moment], *, lr: float, weight_decay: float, beta1: float, beta2: float,
                       eps: float, step: float, group_size: int, m_dtype: torch.dtype, v_dtype: torch.dtype,
-                      expand: bool, k_min: float) -> None:
+                      expand: bool, k_min: float, entries: Sequence[_Checked | None] | None = None) -> None:
     """One AdamW step on every ``params[i]`` (in place) and its FP8 moments ``ms[i]``/``vs[i]`` (in place:
     data, scale, centre, exponent), all on one device, all at the same ``step`` (already incremented).
 
-    The scalars are the reference's, computed in double and rounded to fp32 as torch does.
+    The scalars are the reference's, computed in double and rounded to fp32 as torch does. ``entries``: what
+    :func:`checked` returned for each parameter with these moments, where the caller asked already.
     """
     if not params:
         return
     device = params[0].device
-    n_fields = 2 + len(ms[0]) + len(vs[0])
+    spec = (group_size, m_dtype, v_dtype, device)  # what the checks were against
     infos: dict[bool, list] = {True: [], False: []}  # aligned or not -> (index, addresses)
     for i, (p, g, m, v) in enumerate(zip(params, grads, ms, vs)):
-        ts = (p, g, *m, *v)
-        n, n_groups = p.numel(), groups_of(p.numel(), group_size)
-        # the kernel writes through raw addresses: dtypes, places and sizes are checked, not assumed
-        if len(ts) != n_fields or p.dtype != torch.float32 or g.dtype != torch.float32 or g.numel() != n \
-                or m[0].numel() != n or v[0].numel() != n or any(t.numel() != n_groups for t in (*m[1:], *v[1:])) \
-                or m[0].dtype != m_dtype or v[0].dtype != v_dtype \
-                or any(t.dtype != torch.float32 for t in (*m[1:], *v[1:])):
-            raise invalid("optimizer.state", f"parameter {i} ({tuple(p.shape)})", "fp32 weight and gradient, moments "
-                          f"of {n} elements in {m_dtype}/{v_dtype} and fp32 metadata of {n_groups} groups each")
-        if not all(t.is_contiguous() and t.device == device for t in ts):
-            raise invalid("optimizer.state", f"parameter {i} ({tuple(p.shape)})", f"contiguous tensors on {device}")
-        if n == 0:  # an empty local shard (FSDP2 on more ranks than elements): nothing to read or write
+        entry = entries[i] if entries is not None else _CHECKED.get(id(p))
+        if entry is None or entry.spec != spec or (entries is None and not entry.holds(p, (*m, *v))):
+            entry = _check(i, p, m, v, group_size, m_dtype, v_dtype, device)
+        if g.dtype != torch.float32 or g.numel() != entry.n or not g.is_contiguous() or g.device != device:
+            raise invalid("optimizer.state", f"parameter {i} ({tuple(p.shape)})",
+                          f"a contiguous fp32 gradient of {entry.n} elements on {device}")
+        if entry.n == 0:  # an empty local shard (FSDP2 on more ranks than elements): nothing to read or write
             continue
-        addrs = [t.data_ptr() for t in ts]
-        aligned = n % 4 == 0 and group_size % 4 == 0 and all(a % 16 == 0 for a in addrs)
-        infos[aligned].append((i, addrs))
+        ga = g.data_ptr()
+        infos[entry.aligned and ga % 16 == 0].append((i, [entry.addrs[0], ga, *entry.addrs[1:]]))
     for aligned, items in infos.items():  # 16-byte accesses where every tensor allows them (~2.5x fewer instructions)
         if items:
             idx = [i for i, _ in items]
             _launch([params[i] for i in idx], [ms[i][0] for i in idx], [a for _, a in items], aligned, lr=lr,
                     weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps, step=step, group_size=group_size,
                     m_dtype=m_dtype, v_dtype=v_dtype, expand=expand, k_min=k_min)
-    for p in params:  # written behind autograd's back: bump versions as an in-place op would
-        torch.autograd.graph.increment_version(p)
+    # written behind autograd's back: bump versions as an in-place op would (one call for the list)
+    torch.autograd.graph.increment_version(list(params))
 
 
 def _launch(params: Sequence[torch.Tensor], m_data: Sequence[torch.Tensor], addrs: Sequence[list[int]], aligned: bool, *,

@@ -199,3 +199,34 @@ def test_non_contiguous_state_and_parameters():
     before = w.detach().clone()
     CoatAdamW([w]).step()  # fused=None on CPU: the reference ops, which take any strides
     assert not torch.equal(w, before)
+
+
+def test_weights_and_moments_are_checked_once_and_again_when_replaced(monkeypatch):
+    """The launch checks each weight's moments (dtypes, sizes, contiguity, addresses) at its first step only: later
+    steps check the new gradient alone (the per-step checks of every tensor took longer than the kernel on an H200).
+    A moment replaced after that (a loaded checkpoint, say) is checked again, so a wrong one is still an error."""
+    from meshwright.errors import ConfigError
+    from meshwright.optim import coat_triton
+
+    shapes = [(130,), (64, 4), (256,)]
+    ref, tri = _Params(shapes), _Params(shapes)
+    ref_opt = CoatAdamW(ref.parameters(), lr=LR, fused="reference")
+    tri_opt = CoatAdamW(tri.parameters(), lr=LR, fused="triton")
+    checks, check = [], coat_triton._check
+    monkeypatch.setattr(coat_triton, "_check", lambda i, p, *a: (checks.append(p), check(i, p, *a))[1])
+    for m, opt in ((ref, ref_opt), (tri, tri_opt)):
+        _run(m, opt, 3, _grad)
+    assert len(checks) == len(shapes)  # three steps, one check per weight
+    _assert_close_to_reference(ref, ref_opt, tri, tri_opt)
+
+    st = tri_opt.state[tri.ps[1]]
+    st["exp_avg_scale"] = st["exp_avg_scale"].clone()  # the same values in a new tensor: checked again, same result
+    for m, opt in ((ref, ref_opt), (tri, tri_opt)):
+        _run(m, opt, 1, _grad)
+    assert len(checks) == len(shapes) + 1 and checks[-1] is tri.ps[1]
+    _assert_close_to_reference(ref, ref_opt, tri, tri_opt)
+
+    st["exp_avg_sq"] = st["exp_avg_sq"].float()  # a wrong dtype: the recheck refuses it
+    tri.ps[1].grad = torch.ones_like(tri.ps[1])
+    with pytest.raises(ConfigError, match="optimizer.state"):
+        tri_opt.step()

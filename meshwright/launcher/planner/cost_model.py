@@ -751,6 +751,51 @@ def fp8_matmul_speedup(hw: Hardware) -> float:
     return max(1.0, hw.fp8_peak_flops / hw.peak_flops)  # both peaks (preset) or both measured (profile)
 
 
+# COAT's FP8 casts (savers.fp8_act, fp8_gemm) are memory-bound passes the bf16 block does not make: amax reductions,
+# casts, transposed FP8 copies for torch._scaled_mm, the 1 x 16 group casts of saved norm/SwiGLU inputs, backward
+# dequantisation. fp8_cast_bytes counts their bytes per token analytically (the runtime's memory/fp8_activations.py
+# path); they run at this fraction of ``mem_bw``: the net extra device time of COAT's compiled 1.3B llama on one H200
+# over bf16, 78.6 ms per step for 22 blocks at 16,384 tokens (FP8-cast kernels 84.6 ms, other element-wise 5.7 ms
+# fewer; benchmarks/results/gpu_h200.md, 2026-11-27), over the bytes counted here (4.96 GB per block with its weights'
+# casts). One fit to one run: the planner had charged the casts nothing, and predicted that run 1.38x faster than bf16
+# where it ran at 0.996x (its FP8 GEMMs saved 78 ms and its casts cost as much).
+FP8_CAST_BW_FRACTION = 0.36
+FP8_WEIGHT_CAST_BYTES = 11.0  # per weight per microbatch: fp32 read twice (amax, cast), FP8 written, transposed copy
+
+
+def fp8_cast_bytes_per_token(cfg: ModelConfig, index: int, tp: int, gemm: bool, residual_bytes: int) -> float:
+    """Bytes the FP8 casts of block ``index`` move per token, forward + backward, on one tp rank.
+
+    Linear inputs: the two norm outputs (``residual_bytes`` each: fp32 beside fp32 weights under autocast), read by the
+    column-parallel linears whole; the attention and SwiGLU outputs (2 bytes) by the row-parallel ones, tp-sharded.
+    With FP8 GEMMs (``gemm``) each input is cast per tensor with its transpose ((2 b + 3) bytes per element: amax read,
+    cast read, FP8 and transposed FP8 written) and each linear's output gradient likewise in E5M2 (7 bytes per bf16
+    element); with FP8 storage only, the inputs the block saves are cast once ((2 b + 1) bytes) and dequantised in
+    backward (3 bytes; wo keeps its bf16 input). Both: the 1 x 16 group copies of the norm and SwiGLU inputs, written
+    by the fused forwards (1.25 bytes per element)."""
+    d, f = cfg.d_model, cfg.ffn_dim / tp
+    q, kv = cfg.n_heads * cfg.head_dim / tp, 2 * cfg.kv_heads * cfg.head_dim / tp
+    gelu = cfg.arch == "gpt2"  # one up-projection, GELU: its input is the group-cast one
+    up = f if gelu else 2 * f
+    groups = 1.25 * (2 * d + up)
+    if gemm:
+        inputs = 2 * (2 * residual_bytes + 3) * d + 7 * q + 7 * f
+        grads = 7 * (q + kv + d + up + d)
+        return inputs + grads + groups
+    stored = 2 * (2 * residual_bytes + 1) * d + 5 * f
+    return stored + 3 * (2 * d + f) + groups
+
+
+def fp8_cast_s(cfg: ModelConfig, index: int, tokens: float, tp: int, gemm: bool, hw: Hardware) -> float:
+    """Seconds per microbatch (forward + backward) of block ``index``'s FP8 casts (:func:`fp8_cast_bytes_per_token`),
+    plus, with FP8 GEMMs, the casts of its weights (once per microbatch)."""
+    residual = 4 if hw.mixed_precision and hw.policy.param_bytes >= 4 else hw.elem_bytes
+    nbytes = fp8_cast_bytes_per_token(cfg, index, tp, gemm, residual) * tokens
+    if gemm:
+        nbytes += FP8_WEIGHT_CAST_BYTES * cfg.layer_params(index) / tp
+    return nbytes / (hw.mem_bw * FP8_CAST_BW_FRACTION)
+
+
 def compute_s(flops: float, hw: Hardware, width: float) -> float:
     """Seconds for ``flops`` of matmul work with shard width ``width``."""
     return flops / (hw.peak_flops * matmul_efficiency(hw, width))
@@ -1316,7 +1361,7 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
     if parts is None:
         parts = {}
     key = ("compute", moe, tokens, seq_len, s.tp, s.sp, s.recompute, s.ep, s.cp, sv.fp8_gemm, sv.lemo,
-           lora_layer_key(hw, index))
+           lora_layer_key(hw, index), sv.fp8_act)
     comp = parts.get(key)
     if comp is None:
         comp = parts[key] = _compute_terms(cfg, index, moe, s, tokens, seq_len, lemo, hw)
@@ -1364,11 +1409,11 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
 class StrategyColumns:
     """One list of strategies (of one block kind) as columns, built once per list: the fields ``layer_costs_columns``
     reads per strategy, and per group of strategies that share a cost term (compute on tp/sp/recompute/ep/cp/FP8 GEMM/
-    LeMo and dp, which sets the tokens; shards on tp/dp/ZeRO/HSDP/ep/cp; activations on tp/sp/recompute/savers and
+    LeMo/FP8 activations (their casts) and dp, which sets the tokens; shards on tp/dp/ZeRO/HSDP/ep/cp; activations on tp/sp/recompute/savers and
     dp/cp; framework overhead on tp/sp/ZeRO/dp/cp/LeMo) one representative and each strategy's group index."""
 
     # the fields each group shares, as positions in __init__'s per-strategy rows
-    GROUPS = {"compute": (0, 1, 2, 3, 4, 5, 6, 7),  # tp, sp, recompute, ep, cp, FP8 GEMM, LeMo, dp
+    GROUPS = {"compute": (0, 1, 2, 3, 4, 5, 6, 7, 10),  # tp, sp, recompute, ep, cp, FP8 GEMM, LeMo, dp, FP8 act (casts)
               "shard": (0, 7, 8, 9, 3, 4),  # tp, dp, ZeRO, HSDP shard, ep, cp
               "act": (0, 1, 2, 10, 11, 6, 7, 4),  # tp, sp, recompute, FP8 activations, WTA-CRS, LeMo, dp, cp
               "overhead": (0, 1, 8, 7, 4, 6)}  # tp, sp, ZeRO, dp, cp, LeMo
@@ -1499,7 +1544,7 @@ def _token_columns_of(cfg: ModelConfig, index: int, cols: StrategyColumns, mb_dp
     for g, s in enumerate(reps["compute"]):
         tokens, sv = tokens_of(s), s.savers
         key = ("compute", moe, tokens, seq_len, s.tp, s.sp, s.recompute, s.ep, s.cp, sv.fp8_gemm, sv.lemo,
-               lora_layer_key(hw, index))
+               lora_layer_key(hw, index), sv.fp8_act)
         c = parts.get(key)
         if c is None:
             c = parts[key] = _compute_terms(cfg, index, moe, s, tokens, seq_len, sv.lemo if sv.lemo is not None else 1.0,
@@ -1629,7 +1674,8 @@ def _compute_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, tokens: floa
     if flash_kernels(hw) and not hw.block_time_measured:  # the attention core runs in its own kernel, not at matmul speed
         matmul_flops -= attention_core_fwd_flops(cfg, tokens, seq_len, s.tp)
         attn = flash_attention_fwd_s(cfg, tokens * lemo, seq_len, s.tp, hw)
-    if s.savers.fp8_gemm and not moe:  # COAT FP8 GEMMs: the linear layers' share runs at FP8 throughput
+    fp8_gemm = s.savers.fp8_gemm and not moe
+    if fp8_gemm:  # COAT FP8 GEMMs: the linear layers' share runs at FP8 throughput
         linear = 2 * tokens * cfg.layer_params(index) / s.tp
         matmul_flops = matmul_flops - linear + linear / fp8_matmul_speedup(hw)
     matmul = compute_s(matmul_flops * lemo, hw, width)
@@ -1646,6 +1692,8 @@ def _compute_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, tokens: floa
     # backward is 2x forward for matmuls (input and weight gradients) but ~1x for memory-bound kernels
     compute_mb = (matmul * (3.0 + extra_mm) + attn * (1.0 + FLASH_BWD_OVER_FWD + extra_attn)
                   + memory_bound * (2.0 + extra_mem) + hw.layer_overhead_s)
+    if s.savers.fp8_act and not moe and not hw.block_time_measured:  # COAT's casts (a profile's block fits hold them)
+        compute_mb += fp8_cast_s(cfg, index, tokens * lemo, s.tp, fp8_gemm, hw)
     model_flops_mb = model_fwd * 3.0
     hw_flops_mb = fwd_flops * lemo * (3.0 + (0.0 if s.recompute == "selective" and hw.stack == "meshwright" else extra))
     if hw.lora is not None:

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ from meshwright.memory import fp8_ops  # noqa: E402
 from meshwright.memory.fp8_gemm import gemm_backend  # noqa: E402
 from meshwright.models import build_model, count_parameters, lm_loss  # noqa: E402
 from meshwright.optim import CoatAdamW  # noqa: E402
+from self_launch import run_one_in_subprocess  # noqa: E402
 
 LLAMA_1B3 = {"name": "llama-1.3b", "arch": "llama", "vocab_size": 32000, "d_model": 2048, "n_layers": 22,
              "n_heads": 16, "n_kv_heads": 16, "ffn_hidden": 5632, "max_seq_len": 4096, "tie_embeddings": False}
@@ -232,12 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.inline:
             results.append(run_one(name, args))
         else:
-            cmd = [sys.executable, __file__, "--one", name, *(argv if argv is not None else sys.argv[1:])]
-            path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keep carried packages (torchao)
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-            results.append(json.loads(lines[-1]) if proc.returncode == 0 and lines
-                           else {"name": name, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]})
+            results.append(run_one_in_subprocess(__file__, name, argv if argv is not None else sys.argv[1:]))
         if args.out:
             tmp = Path(args.out + ".tmp")
             tmp.write_text(json.dumps(document(), indent=1) + "\n")

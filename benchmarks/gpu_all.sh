@@ -6,9 +6,9 @@
 # Parts: CUDA tests (with Gemma 2's compiled flex attention vs the materialised path, forward + gradients); gpu_check (trainer vs plain compiled loop on gpt2-small, 1.3B llama MFU, the planner's
 # llama2-7b layout, predictions beside measurements); the CoatAdamW optimizer step; COAT vs bf16 vs torchao
 # training; `train --plan auto` predicted vs measured; optional (not in the default PARTS): headloss, precision
-# (bench_precision_policy.py). Set PARTS to run a subset, STEPS for the COAT runs,
+# (bench_precision_policy.py), blocks (bench_coat_block_variants.py: COAT's FP8 choices on one compiled block). Set PARTS to run a subset, STEPS for the COAT runs,
 # COAT_COMPILE=1 to torch.compile every COAT configuration (FP8 casts fuse only there; torchao expects it),
-# COAT_CONFIGS, COAT_STEPS_FOR (e.g. torchao_float8=100), COAT_TIMEOUT, TESTS_TIMEOUT, PLANNER_TIMEOUT and PRECISION_TIMEOUT
+# COAT_CONFIGS, COAT_STEPS_FOR (e.g. torchao_float8=100), BLOCK_VARIANTS, COAT_TIMEOUT, BLOCKS_TIMEOUT, TESTS_TIMEOUT, PLANNER_TIMEOUT and PRECISION_TIMEOUT
 # (seconds) to fit the call.
 set -u
 MODE=${1:-gpu}
@@ -55,6 +55,12 @@ if has coat; then
   timeout ${COAT_TIMEOUT:-240} $PY benchmarks/bench_coat_gpu.py $COAT ${COAT_COMPILE:+--compile} ${COAT_STEPS_FOR:+--steps-for $COAT_STEPS_FOR} \
     --configs ${COAT_CONFIGS:-bf16_adamw,coat,torchao_float8} --out "$OUT/coat_train.json" > /dev/null 2> "$OUT/coat_train.err"
   $PY -c "import json,sys;d=json.load(open(sys.argv[1]));print(json.dumps(d['vs_bf16_adamw']))" "$OUT/coat_train.json" 2>&1 | tail -3
+fi
+if has blocks; then  # not in the default PARTS: COAT's FP8 choices on one compiled block (bench_coat_block_variants.py)
+  stamp "COAT block variants"
+  if [ "$MODE" = cpu ]; then BV="--smoke --variants bf16,coat,coat_act"; else BV="--variants ${BLOCK_VARIANTS:-bf16,coat,coat_fused,coat_mlp_gemm,torchao_float8,coat_act}"; fi
+  timeout ${BLOCKS_TIMEOUT:-300} $PY benchmarks/bench_coat_block_variants.py $BV --out "$OUT/coat_blocks.json" \
+    2> "$OUT/coat_blocks.err" > /dev/null; grep --line-buffered '^{' "$OUT/coat_blocks.err" | cut -c1-300
 fi
 if has planner; then
   stamp "train --plan auto: predicted vs measured"

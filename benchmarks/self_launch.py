@@ -28,3 +28,20 @@ def run_workers(script: str, nproc: int, args: list[str], timeout: float = 900, 
         subprocess.run(cmd, check=True, timeout=timeout, env=env, cwd=REPO,
                        stdout=subprocess.DEVNULL if quiet else None)
         return json.loads(out.read_text())
+
+
+def run_one_in_subprocess(script: str, name: str, argv: list[str], timeout: float | None = None,
+                          key: str = "name") -> dict[str, Any]:
+    """``script --one NAME argv...`` in a fresh interpreter (its own allocator, compile cache and module state): the
+    last JSON line it prints, or ``{key: name, "error": ...}`` with its last stderr line (or the timeout). The repo
+    goes first on PYTHONPATH, which keeps carried packages (torchao) after it."""
+    cmd = [sys.executable, str(script), "--one", name, *argv]
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": path})
+    except subprocess.TimeoutExpired:
+        return {key: name, "error": f"timed out after {timeout:g} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    return {key: name, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}

@@ -20,7 +20,8 @@ side by side with its baseline in one run, except tables headed as predictions (
 shown beside the GPU command that will check them). Timings on the 2-core development CPU are noisy (other
 work shared the cores while several were taken); ratios and deterministic quantities (bytes saved
 for backward, optimizer-state bytes, FLOPs) are the figures to trust. GPU figures come from one NVIDIA H100 (stop 27, first section) and one NVIDIA H200
-lent for 15 minutes each on 2026-11-26 (second section); sections that say "not yet measured" on a GPU still are.
+lent for 15 minutes each on 2026-11-26, and one H200 on 2026-11-27 (COAT compiled against bf16 and torchao float8, at
+the top of the H200 section); sections that say "not yet measured" on a GPU still are.
 """
 
 

@@ -1701,7 +1701,7 @@ def _compute_terms(cfg: ModelConfig, index: int, moe: bool, s: Any, tokens: floa
     # backward is 2x forward for matmuls (input and weight gradients) but ~1x for memory-bound kernels
     compute_mb = (matmul * (3.0 + extra_mm) + attn * (1.0 + FLASH_BWD_OVER_FWD + extra_attn)
                   + memory_bound * (2.0 + extra_mem) + hw.layer_overhead_s)
-    if s.savers.fp8_act and not moe and not hw.block_time_measured:  # COAT's casts (a profile's block fits hold them)
+    if s.savers.fp8_act and not moe:  # COAT's casts: a model profile times plain blocks, so its fits hold none of them
         compute_mb += fp8_cast_s(cfg, index, tokens * lemo, s.tp, fp8_gemm, hw)
     model_flops_mb = model_fwd * 3.0
     hw_flops_mb = fwd_flops * lemo * (3.0 + (0.0 if s.recompute == "selective" and hw.stack == "meshwright" else extra))

@@ -33,6 +33,13 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def _shard(t: torch.Tensor) -> torch.Tensor:
+    """The very tensor holding a DTensor's local shard (else ``t``), for the step: ``to_local()`` of a parameter hands
+    out a fresh view at every call, which would defeat the Triton launch's once-per-parameter checks."""
+    local = getattr(t, "_local_tensor", None) if hasattr(t, "to_local") else None
+    return local if isinstance(local, torch.Tensor) else _local(t)
+
+
 class CoatAdamW(torch.optim.Optimizer):
     """AdamW with FP8 first/second moments (``quantize=True``) or plain fp32 moments (``quantize=False``).
 
@@ -136,7 +143,7 @@ class CoatAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                param, grad = _local(p), _local(p.grad)
+                param, grad = _shard(p), _shard(p.grad)
                 if grad.is_sparse:
                     raise invalid("grad.layout", "sparse", "dense gradients (CoatAdamW has no sparse path)")
                 state = self.state[p] if self.state[p] else self._init_state(p, group)

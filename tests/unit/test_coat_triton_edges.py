@@ -230,3 +230,25 @@ def test_weights_and_moments_are_checked_once_and_again_when_replaced(monkeypatc
     tri.ps[1].grad = torch.ones_like(tri.ps[1])
     with pytest.raises(ConfigError, match="optimizer.state"):
         tri_opt.step()
+
+
+def test_fsdp2_parameters_are_checked_once_too(one_rank_group, monkeypatch):
+    """An FSDP2 parameter's ``to_local()`` is a fresh view at every call: the step takes the DTensor's own local tensor,
+    so the once-per-parameter checks hold for ZeRO-2/3 layers as well (one check per weight over three steps)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from meshwright.optim import coat_triton
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 16))
+    fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+    opt = CoatAdamW(model.parameters(), lr=LR, fused="triton")
+    checks, check = [], coat_triton._check
+    monkeypatch.setattr(coat_triton, "_check", lambda i, p, *a: (checks.append(p), check(i, p, *a))[1])
+    before = [p.detach().full_tensor().clone() for p in model.parameters()]
+    for _ in range(3):
+        model(torch.randn(8, 64)).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert len(checks) == 4  # two weights, two biases: once each
+    assert all(not torch.equal(b, p.detach().full_tensor()) for b, p in zip(before, model.parameters()))

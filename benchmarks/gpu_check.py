@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import dataclasses
 import json
 import os
 import socket
@@ -53,13 +54,13 @@ WORKLOADS = {
 DEFAULT_SECTIONS = ("gpt2_trainer_compiled", "gpt2_plain_compiled", "gpt2_hf_eager", "llama1b_trainer_compiled",
                     "llama1b_plain_compiled", "llama7b_planned")
 EXTRA_SECTIONS = ("gpt2_trainer_eager", "gpt2_trainer_compiled_chunked",  # --extra (about 4 more minutes)
-                  "gpt2_trainer_compiled_model", "gpt2_plain_compiled_with_loss")
+                  "gpt2_trainer_compiled_model", "gpt2_plain_compiled_with_loss", "llama1b_trainer_coat")
 # the trainer and the plain loop again, with torch.profiler over 3 steps after the timed ones: device-busy
 # fraction, host waits and the costliest host ops (where a gap between the two comes from)
 TRACE_SECTIONS = ("gpt2_trainer_traced", "gpt2_plain_traced")
 SECTIONS = DEFAULT_SECTIONS + EXTRA_SECTIONS + TRACE_SECTIONS
 # caps, not estimates (expected: 40-90 s per section on an H100/H200, about 6 minutes in all)
-TIMEOUT_S = {"llama7b_planned": 240, "llama1b_trainer_compiled": 180, "llama1b_plain_compiled": 150,
+TIMEOUT_S = {"llama7b_planned": 240, "llama1b_trainer_compiled": 180, "llama1b_plain_compiled": 150, "llama1b_trainer_coat": 240,
              "gpt2_trainer_compiled": 150, "gpt2_trainer_compiled_chunked": 150, "gpt2_trainer_compiled_model": 150,
              "gpt2_plain_compiled": 120, "gpt2_plain_compiled_with_loss": 150}
 
@@ -251,7 +252,7 @@ def _predicted(plan_json: dict[str, Any]) -> dict[str, Any]:
 
 def _trainer_run(model: Any, batch: int, seq: int, steps: int, warm: int, dtype: str, compile_: bool, tmp: Path,
                  plan: str | None = None, micro_batch: int | None = None, loss_chunk: int = 0,
-                 trace: bool = False, compile_scope: str = "blocks") -> dict[str, Any]:
+                 trace: bool = False, compile_scope: str = "blocks", optimizer: str | None = None) -> dict[str, Any]:
     """``Trainer.train_step`` on the runtime ``meshwright train`` builds for this config (no eval, logging or
     checkpoint in the timed window). lr 3e-4: the default preset's 3e-3 is for tiny models and, with one
     warm-up step, made llama2-7b's loss climb (11.5 -> 29.7 in three steps on the H200)."""
@@ -266,7 +267,8 @@ def _trainer_run(model: Any, batch: int, seq: int, steps: int, warm: int, dtype:
                              "dtype": dtype, "compile": compile_, "compile_scope": compile_scope,
                              "loss_chunk_tokens": loss_chunk, "plan": plan,
                              "eval_every": 0, "energy": False, "progress": False, "auto_profile": False,
-                             "out_dir": str(tmp / "run"), "data": {"path": "default", "max_files": 120}})
+                             "out_dir": str(tmp / "run"), "data": {"path": "default", "max_files": 120},
+                             **({"optimizer": optimizer} if optimizer else {})})
     t_build = time.perf_counter()
     job = TrainingJob.resolve(cfg)
     runtime = build_runtime(job)
@@ -282,6 +284,10 @@ def _trainer_run(model: Any, batch: int, seq: int, steps: int, warm: int, dtype:
            "build_s": round(build_s, 1),
            "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4), "compile": compile_,
            "loss_chunk_tokens": loss_chunk, "compile_scope": compile_scope}
+    from meshwright.memory.fp8_activations import FP8Linear
+
+    out["fp8_linears"] = sum(isinstance(m, FP8Linear) and m._fp8_gemm is not None for m in runtime.model.modules())
+    out["optimizer"] = type(trainer.optimizer).__name__
     trainer.close()  # the optimizer, the trainer's groups and the runtime (DDP first) before any teardown
     return out
 
@@ -330,6 +336,38 @@ def _hf_loop(batch: int, seq: int, steps: int, warm: int, dtype: str, smoke: boo
     return {**_rates(ref, batch, seq, dt, dtype), **_memory(), "params": sum(p.numel() for p in model.parameters())}
 
 
+def _coat_trainer(model: Any, batch: int, seq: int, steps: int, warm: int, dtype: str, compile_: bool,
+                  tmp: Path) -> dict[str, Any]:
+    """COAT as users run it: ``meshwright train`` with a Plan whose every block has FP8 activations and FP8 GEMMs and
+    whose optimizer keeps FP8 states (CoatAdamW), one device, beside the planner's prediction of that Plan. The
+    issue-18 figures come from a plain loop (bench_coat_gpu.py); this is the trainer's path (per-block compile,
+    DistributedRuntime, the planned savers)."""
+    from meshwright.config import load_cluster, load_model_config
+    from meshwright.launcher.planner import cost_model as cm
+    from meshwright.plan import LayerStrategy, OptimizerSpec, Plan, Savers
+
+    cfg = load_model_config(model)
+    plan = Plan(model=cfg.name, cluster=_cluster(), seq_len=seq, global_batch=batch, micro_batch=batch,
+                layers=[LayerStrategy(savers=Savers(fp8_act=True, fp8_gemm=True), repeat=cfg.n_layers)],
+                optimizer=OptimizerSpec(states="fp8"))
+    hw = cm.hardware_from_cluster(load_cluster(_cluster()))
+    pred = cm.evaluate_plan(plan, cfg, dataclasses.replace(hw, compiled=compile_), 1)
+    path = tmp / "plan_coat.yaml"
+    plan.save(path)
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(_free_port())})
+    model_ref = model
+    if isinstance(model, dict):  # the trainer reads a model by name or file
+        from meshwright.config.io import write_yaml
+
+        model_ref = str(tmp / f"{cfg.name}.yaml")
+        write_yaml(cfg, model_ref)
+    res = _trainer_run(model_ref, batch, seq, steps, warm, dtype, compile_, tmp, plan=str(path), micro_batch=batch,
+                       optimizer="coat_adamw")
+    return {**res, "predicted_step_s": round(pred.step_s, 5), "predicted_memory_gib": round(max(pred.memory_gib), 3),
+            "layout": "COAT: fp8_act + fp8_gemm on every block, fp8 optimizer states"}
+
+
 def run_section(name: str, smoke: bool) -> dict[str, Any]:
     """One measurement, in this (sub)process."""
     for m in BLOCKED:
@@ -362,6 +400,8 @@ def run_section(name: str, smoke: bool) -> dict[str, Any]:
             predicted["predicted_for_compile_scope"] = "blocks"
         res = _trainer_run(model, batch, seq, steps, warm, dtype, compiled, tmp, loss_chunk=chunk, compile_scope=scope)
         return {**res, **predicted}
+    if name == "llama1b_trainer_coat":
+        return _coat_trainer(model, batch, seq, steps, warm, dtype, compile_, tmp)
     if name in ("gpt2_plain_compiled", "llama1b_plain_compiled"):
         return _plain_loop(model, batch, seq, steps, warm, dtype, compile_)
     if name == "gpt2_plain_compiled_with_loss":  # compiled on CPU too: the section exists to compile the loss
@@ -429,6 +469,10 @@ def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "llama1b_trainer_compiled_over_plain_compiled": _ratio(r.get("llama1b_trainer_compiled", {}),
                                                                r.get("llama1b_plain_compiled", {})),
         "llama1b_trainer_mfu": r.get("llama1b_trainer_compiled", {}).get("mfu"),
+        # COAT through the trainer against the bf16 trainer: throughput, and memory as "x lower"
+        "llama1b_trainer_coat_over_compiled": _ratio(r.get("llama1b_trainer_coat", {}), r.get("llama1b_trainer_compiled", {})),
+        "llama1b_trainer_coat_memory_x_lower": _ratio(r.get("llama1b_trainer_compiled", {}), r.get("llama1b_trainer_coat", {}),
+                                                       "peak_reserved_gib"),
         "targets": {"gpt2_trainer_over_plain_compiled": ">= 0.95", "llama1b_mfu": ">= 0.55 (PaLM, 989.5 TFLOP/s bf16)",
                     "llama7b_planned": "trains without OOM"},
     }

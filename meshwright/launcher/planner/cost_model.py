@@ -762,7 +762,7 @@ def fp8_matmul_speedup(hw: Hardware) -> float:
 
 # COAT's FP8 casts (savers.fp8_act, fp8_gemm) are memory-bound passes the bf16 block does not make: amax reductions,
 # casts, transposed FP8 copies for torch._scaled_mm, the 1 x 16 group casts of saved norm/SwiGLU inputs, backward
-# dequantisation. fp8_cast_bytes counts their bytes per token analytically (the runtime's memory/fp8_activations.py
+# dequantisation. fp8_cast_bytes_per_token counts their bytes analytically (the runtime's memory/fp8_activations.py
 # path); they run at this fraction of ``mem_bw``: the net extra device time of COAT's compiled 1.3B llama on one H200
 # over bf16, 78.6 ms per step for 22 blocks at 16,384 tokens (FP8-cast kernels 84.6 ms, other element-wise 5.7 ms
 # fewer; benchmarks/results/gpu_h200.md, 2026-11-27), over the bytes counted here (4.96 GB per block with its weights'
@@ -1418,8 +1418,9 @@ def layer_costs(cfg: ModelConfig, index: int, s: Any, mb_samples: float, seq_len
 class StrategyColumns:
     """One list of strategies (of one block kind) as columns, built once per list: the fields ``layer_costs_columns``
     reads per strategy, and per group of strategies that share a cost term (compute on tp/sp/recompute/ep/cp/FP8 GEMM/
-    LeMo/FP8 activations (their casts) and dp, which sets the tokens; shards on tp/dp/ZeRO/HSDP/ep/cp; activations on tp/sp/recompute/savers and
-    dp/cp; framework overhead on tp/sp/ZeRO/dp/cp/LeMo) one representative and each strategy's group index."""
+    LeMo/FP8 activations (their casts) and dp, which sets the tokens; shards on tp/dp/ZeRO/HSDP/ep/cp; activations on
+    tp/sp/recompute/savers and dp/cp; framework overhead on tp/sp/ZeRO/dp/cp/LeMo) one representative and each
+    strategy's group index."""
 
     # the fields each group shares, as positions in __init__'s per-strategy rows
     GROUPS = {"compute": (0, 1, 2, 3, 4, 5, 6, 7, 10),  # tp, sp, recompute, ep, cp, FP8 GEMM, LeMo, dp, FP8 act (casts)

@@ -29,15 +29,10 @@ FUSED_ALIASES = {True: True, False: False, "compile": True, "reference": False} 
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2 parameter or gradient), or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _shard(t: torch.Tensor) -> torch.Tensor:
-    """The very tensor holding a DTensor's local shard (else ``t``), for the step: ``to_local()`` of a parameter hands
-    out a fresh view at every call, which would defeat the Triton launch's once-per-parameter checks."""
-    local = getattr(t, "_local_tensor", None) if hasattr(t, "to_local") else None
-    return local if isinstance(local, torch.Tensor) else _local(t)
+    """The tensor holding a DTensor's local shard (FSDP2 parameter, gradient or state), or the tensor itself. Not
+    ``to_local()``: for a parameter that hands out a fresh view at every call, which would defeat the Triton launch's
+    once-per-parameter checks."""
+    return t._local_tensor if hasattr(t, "to_local") else t
 
 
 class CoatAdamW(torch.optim.Optimizer):
@@ -143,7 +138,7 @@ class CoatAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                param, grad = _shard(p), _shard(p.grad)
+                param, grad = _local(p), _local(p.grad)
                 if grad.is_sparse:
                     raise invalid("grad.layout", "sparse", "dense gradients (CoatAdamW has no sparse path)")
                 state = self.state[p] if self.state[p] else self._init_state(p, group)

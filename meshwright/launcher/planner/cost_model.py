@@ -687,11 +687,11 @@ def optimizer_step_s(param_count: float, dp: int, zero: int, states: str, hw: Ha
     LoRA: pass the trainable parameters only (the optimizer holds no frozen weight)."""
     if hw.stack != "meshwright":
         return 0.0
+    if states == "fp8":  # CoatAdamW: its per-group exponent math, not its bytes, sets its time (COAT_STEP_OVER_ADAMW)
+        return optimizer_step_s(param_count, dp, zero, "fp32", hw) * COAT_STEP_OVER_ADAMW
     p = hw.policy
     n = param_count / (dp if zero >= 1 else 1)
     master = p.master_bytes or p.param_bytes
-    if states == "fp8":  # CoatAdamW: its per-group exponent math, not its bytes, sets its time (COAT_STEP_OVER_ADAMW)
-        return optimizer_step_s(param_count, dp, zero, "fp32", hw) * COAT_STEP_OVER_ADAMW
     nbytes = 2 * master + (p.param_bytes if p.master_bytes else 0) + 2 * p.grad_bytes + 2 * optimizer_state_bytes(states)
     return n * nbytes / hw.mem_bw
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from meshwright.config.io import write_json_atomic  # noqa: E402
 from bench_fp8_linear_gpu import _time  # noqa: E402 - median ms after 3 warm-up calls (CUDA events on a GPU)
 from self_launch import run_one_in_subprocess  # noqa: E402
 
@@ -156,8 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 r["x_bf16_time"] = round(r["ms"] / base["ms"], 3)
         print(json.dumps({k: v for k, v in results[-1].items() if k != "top_kernels"}), file=sys.stderr, flush=True)
         if args.out:
-            Path(args.out + ".tmp").write_text(json.dumps(doc, indent=1) + "\n")
-            os.replace(args.out + ".tmp", args.out)
+            write_json_atomic(doc, args.out, indent=1)
     print(json.dumps(doc, indent=1))
     return doc
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -36,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from meshwright.config.io import write_json_atomic  # noqa: E402
 from meshwright.memory.fp8_activations import apply_fp8_activations  # noqa: E402
 from meshwright.memory import fp8_ops  # noqa: E402
 from meshwright.memory.fp8_gemm import gemm_backend  # noqa: E402
@@ -234,9 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else:
             results.append(run_one_in_subprocess(__file__, name, argv if argv is not None else sys.argv[1:]))
         if args.out:
-            tmp = Path(args.out + ".tmp")
-            tmp.write_text(json.dumps(document(), indent=1) + "\n")
-            os.replace(tmp, args.out)
+            write_json_atomic(document(), args.out, indent=1)
     doc = document()
     print(json.dumps(doc, indent=1))
     return doc

@@ -356,13 +356,7 @@ def _coat_trainer(model: Any, batch: int, seq: int, steps: int, warm: int, dtype
     plan.save(path)
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(_free_port())})
-    model_ref = model
-    if isinstance(model, dict):  # the trainer reads a model by name or file
-        from meshwright.config.io import write_yaml
-
-        model_ref = str(tmp / f"{cfg.name}.yaml")
-        write_yaml(cfg, model_ref)
-    res = _trainer_run(model_ref, batch, seq, steps, warm, dtype, compile_, tmp, plan=str(path), micro_batch=batch,
+    res = _trainer_run(model, batch, seq, steps, warm, dtype, compile_, tmp, plan=str(path), micro_batch=batch,
                        optimizer="coat_adamw")
     return {**res, "predicted_step_s": round(pred.step_s, 5), "predicted_memory_gib": round(max(pred.memory_gib), 3),
             "layout": "COAT: fp8_act + fp8_gemm on every block, fp8 optimizer states"}

@@ -10,6 +10,10 @@ with fp32 weights, compiled as bench_coat_gpu.py compiles the model, timed with 
 - ``bf16``: the plain block;
 - ``coat``: FP8 activations + FP8 GEMMs on every linear, casts as opaque operators (the eager bytes are saved);
 - ``coat_fused``: the same with the casts traced inline (inductor fuses them; bf16 is saved);
+- ``coat_inductor_casts``: ``coat`` with inductor's compiled quantisers in place of the Triton casts
+  (memory/fp8_triton.py): what the Triton kernels are worth;
+- ``coat_inline_grads``: ``coat`` with the backward's output-gradient casts traced inline (inductor fuses each
+  absmax with the kernel that produced the gradient) instead of the Triton casts;
 - ``coat_mlp_gemm``: FP8 GEMMs on the MLP's three linears only, FP8 storage elsewhere (the attention linears are
   a third of the GEMM FLOPs and half of the casts);
 - ``coat_act``: FP8 activations only, no FP8 GEMMs;
@@ -40,13 +44,14 @@ from meshwright.config.io import write_json_atomic  # noqa: E402
 from bench_fp8_linear_gpu import _time  # noqa: E402 - median ms after 3 warm-up calls (CUDA events on a GPU)
 from self_launch import run_one_in_subprocess  # noqa: E402
 
-VARIANTS = ("bf16", "coat", "coat_fused", "coat_mlp_gemm", "coat_act", "torchao_float8")
+VARIANTS = ("bf16", "coat", "coat_fused", "coat_inductor_casts", "coat_inline_grads", "coat_mlp_gemm", "coat_act",
+            "torchao_float8")
 ATTENTION_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo")
 
 
 def _block(variant: str, smoke: bool, device: str) -> tuple[torch.nn.Module, torch.Tensor, Any]:
     from meshwright.config import ModelConfig
-    from meshwright.memory import fp8_ops
+    from meshwright.memory import fp8_ops, fp8_triton
     from meshwright.memory.fp8_activations import apply_fp8_activations
     from meshwright.models.decoder import Block
     from meshwright.models.layers import rope_tables
@@ -57,7 +62,8 @@ def _block(variant: str, smoke: bool, device: str) -> tuple[torch.nn.Module, tor
     torch.manual_seed(0)
     block = Block(cfg, 0).to(device)
     if variant.startswith("coat"):
-        fp8_ops.set_opaque(variant != "coat_fused")
+        fp8_ops.set_opaque(variant != "coat_fused", grads=False if variant == "coat_inline_grads" else None)
+        fp8_triton.set_enabled(variant != "coat_inductor_casts")
         holder = torch.nn.Module()
         holder.layers = torch.nn.ModuleDict({"0": block})
         apply_fp8_activations(holder, gemm_layers=() if variant == "coat_act" else None)

@@ -14,6 +14,8 @@ Configurations:
 - ``coat``: CoatAdamW (FP8 moments, fused compiled step) + FP8 activations + FP8 GEMMs in every block
   (torch._scaled_mm where the GPU has FP8 tensor cores; the emulation elsewhere).
 - ``coat_states``: CoatAdamW alone; ``coat_act``: CoatAdamW + FP8 activations without FP8 GEMMs.
+- ``coat_inductor_casts``: ``coat`` with inductor's compiled quantisers in place of the Triton FP8 casts
+  (memory/fp8_triton.py), as before 2026-11-28.
 - ``torchao_float8``: torchao's ``convert_to_float8_training`` on the block linears (tensorwise dynamic
   scaling) + fused AdamW; skipped (with the reason) where torchao is not installed. torchao is meant to be
   run under torch.compile: compare it with ``--compile`` as well.
@@ -37,7 +39,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from meshwright.config.io import write_json_atomic  # noqa: E402
 from meshwright.memory.fp8_activations import apply_fp8_activations  # noqa: E402
-from meshwright.memory import fp8_ops  # noqa: E402
+from meshwright.memory import fp8_ops, fp8_triton  # noqa: E402
 from meshwright.memory.fp8_gemm import gemm_backend  # noqa: E402
 from meshwright.models import build_model, count_parameters, lm_loss  # noqa: E402
 from meshwright.optim import CoatAdamW  # noqa: E402
@@ -45,7 +47,8 @@ from self_launch import run_one_in_subprocess  # noqa: E402
 
 LLAMA_1B3 = {"name": "llama-1.3b", "arch": "llama", "vocab_size": 32000, "d_model": 2048, "n_layers": 22,
              "n_heads": 16, "n_kv_heads": 16, "ffn_hidden": 5632, "max_seq_len": 4096, "tie_embeddings": False}
-CONFIGS = ("bf16_adamw", "coat", "torchao_float8", "coat_states", "coat_act", "coat_fused")
+CONFIGS = ("bf16_adamw", "coat", "torchao_float8", "coat_states", "coat_act", "coat_fused", "coat_inductor_casts")
+FP8_CONFIGS = ("coat", "coat_act", "coat_fused", "coat_inductor_casts")
 DEFAULT_CONFIGS = "bf16_adamw,coat,torchao_float8"
 LR, BETAS, WD, WARMUP = 3e-4, (0.9, 0.95), 0.1, 30
 OPT_TIMING_EVERY = 10  # steady steps between synced optimizer-step timings (the others run unsynced)
@@ -61,9 +64,10 @@ def _torchao_convert(model: torch.nn.Module) -> None:
 def build(name: str, model_cfg: Any, device: str, fused_opt: bool | None) -> tuple[torch.nn.Module, torch.optim.Optimizer, str]:
     model = build_model(model_cfg, seed=0).to(device)
     note = ""
-    if name in ("coat", "coat_act", "coat_fused"):
+    if name in FP8_CONFIGS:
         # coat_fused: COAT with the FP8 casts traced inline under --compile (inductor fuses them, saves bf16)
         fp8_ops.set_opaque(name != "coat_fused")
+        fp8_triton.set_enabled(name != "coat_inductor_casts")
         apply_fp8_activations(model, gemm_layers=None if name != "coat_act" else ())
         note = f"FP8 GEMM backend: {gemm_backend(device)}" if name != "coat_act" else ""
     if name == "torchao_float8":
@@ -146,7 +150,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         from gpu_check import _trace  # the trace gpu_check takes of its own sections, kernel breakdown included
 
         out["trace"] = _trace(train_step, args.trace_steps)
-    if name in ("coat", "coat_act", "coat_fused") and not args.smoke:  # did every FP8 unit stay compiled (no eager fallback)?
+    if name in FP8_CONFIGS and not args.smoke:  # did every FP8 unit stay compiled (no eager fallback)?
         from bench_fp8_linear_gpu import compiled_status
 
         out.update(compiled_status())

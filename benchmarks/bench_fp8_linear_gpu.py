@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from meshwright.config import ModelConfig  # noqa: E402
-from meshwright.memory import fp8_cast, fp8_fused  # noqa: E402
+from meshwright.memory import fp8_cast, fp8_fused, fp8_triton  # noqa: E402
 from meshwright.memory.fp8_activations import FP8Linear, _QuantCache, apply_fp8_activations  # noqa: E402
 from meshwright.memory.fp8_gemm import gemm_backend  # noqa: E402
 from meshwright.models.decoder import Block  # noqa: E402
@@ -38,7 +38,9 @@ def compiled_status() -> dict[str, Any]:
     from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
 
     return {"compiled_graphs": {u.fn.__name__: len(_debug_get_cache_entry_list(u.fn.__code__)) for u in UNITS},
-            "compiled_broken": [u.fn.__name__ for u in UNITS if u.broken]}
+            "compiled_broken": [u.fn.__name__ for u in UNITS if u.broken],
+            "triton_casts_on": fp8_triton.ENABLED,
+            "triton_casts_failed": [u.fn.__name__ for u in UNITS if getattr(u, "kernel_failed", False)]}
 
 
 def _time(step: Callable[[], None], iters: int, device: str) -> float:

@@ -9,7 +9,8 @@
 # (bench_precision_policy.py), blocks (bench_coat_block_variants.py: COAT's FP8 choices on one compiled block). Set PARTS to run a subset, STEPS for the COAT runs,
 # COAT_COMPILE=1 to torch.compile every COAT configuration (FP8 casts fuse only there; torchao expects it),
 # COAT_CONFIGS, COAT_STEPS_FOR (e.g. torchao_float8=100), BLOCK_VARIANTS, COAT_TIMEOUT, BLOCKS_TIMEOUT, TESTS_TIMEOUT, PLANNER_TIMEOUT and PRECISION_TIMEOUT
-# (seconds) to fit the call.
+# (seconds) to fit the call. Optional parts: casts (bench_fp8_casts_gpu.py: COAT's FP8
+# casts, Triton vs inductor), loss (check_coat_loss.py: COAT's loss against AdamW's on a small llama, LOSS_TIMEOUT).
 set -u
 MODE=${1:-gpu}
 OUT=${OUT:-/tmp/gpu_all}; mkdir -p "$OUT"
@@ -38,9 +39,25 @@ if has tests && [ "$MODE" != cpu ]; then
     tests/unit/test_wta_crs_sync_free.py tests/unit/test_coat_optimizer.py tests/unit/test_fp8_tp.py tests/unit/test_fp8_compiled_model.py \
     tests/unit/test_capped_flex.py \
     -k "cuda or fp8_gpus" 2>&1 | tail -2
-  timeout ${TESTS_TIMEOUT:-200} $PY -m pytest -q -p no:cacheprovider tests/unit/test_coat_triton.py tests/unit/test_coat_triton_edges.py tests/unit/test_coat_nonfinite.py \
+  timeout ${TESTS_TIMEOUT:-200} $PY -m pytest -q -p no:cacheprovider tests/unit/test_fp8_triton_cast.py tests/unit/test_coat_triton.py tests/unit/test_coat_triton_edges.py tests/unit/test_coat_nonfinite.py \
     tests/unit/test_keyed_init.py tests/unit/test_meta_init.py tests/unit/test_fp8_passes.py \
     tests/unit/test_fp8_quant_finite_unchanged.py 2>&1 | tail -8
+fi
+if has casts; then  # not in the default PARTS: COAT's FP8 casts, Triton kernels vs inductor's quantisers (about 30 s)
+  stamp "FP8 casts: Triton vs compiled"
+  if [ "$MODE" = cpu ]; then FC=--smoke; else FC=; fi
+  timeout ${CASTS_TIMEOUT:-90} $PY benchmarks/bench_fp8_casts_gpu.py $FC --out "$OUT/fp8_casts.json" 2>&1 >/dev/null \
+    | grep --line-buffered '^{' | cut -c1-260
+fi
+if has loss; then  # not in the default PARTS: COAT's loss against AdamW's on a small llama, 300 steps each (#18)
+  stamp "COAT loss: small llama, 300 steps"
+  if [ "$MODE" = cpu ]; then LS="--steps 2 --vocab 256"; DEV=cpu; else LS="--autocast"; DEV=cuda; fi
+  RUNS=("adamw,coat_states,coat reference" "coat_states,coat triton")  # CPU: the Triton step interpreted takes minutes
+  [ "$MODE" = cpu ] && RUNS=("${RUNS[0]}")
+  for RUN in "${RUNS[@]}"; do set -- $RUN
+    timeout ${LOSS_TIMEOUT:-60} $PY benchmarks/check_coat_loss.py $1 --device $DEV --fused $2 $LS 2>> "$OUT/coat_loss.err" \
+      | tee -a "$OUT/coat_loss.jsonl"
+  done
 fi
 if has check; then
   stamp gpu_check "$CHECK"

@@ -188,7 +188,7 @@ class _FP8LinearFn(torch.autograd.Function):
                 gw = (g2.t() @ _flat2(dequantize_per_tensor(q, scale, cdt))).to(weight.dtype)
         else:
             qt, scale, qwt, sw = ctx.saved_tensors
-            qg, qgt, sg = quantize_per_tensor_t(g2, GRAD_FP8)
+            qg, qgt, sg = (fp8_ops.quant_tensor_t if fp8_ops.opaque_grads(g2) else quantize_per_tensor_t)(g2, GRAD_FP8)
             mm = fp8_ops.mm if fp8_ops.opaque(g2, qt) else fp8_mm  # traced: on the saved FP8 copies (fp8_ops)
             if ctx.needs_input_grad[0]:
                 gx = mm(qg, sg, qwt.t(), sw, cdt, ctx.gemm).view(grad.shape[:-1] + (qwt.shape[0],)).to(ctx.x_dtype)

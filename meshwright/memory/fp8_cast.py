@@ -7,7 +7,9 @@ FP8 GEMMs save. ``torch.compile`` fuses each into one reduction and one cast ker
 the same element-wise code and the amax is exact in any order, so results are those of the eager
 functions: bit for bit with inductor's C++ backend (tested on CPU); Triton's fp32 division may differ in
 the last bit, which can move a value sitting on an FP8 rounding boundary by one code. CPU tensors, and
-every call after a compiler failure, take the eager functions.
+every call after a compiler failure, take the eager functions. The casts themselves go to the Triton
+kernels of :mod:`meshwright.memory.fp8_triton` first where they take the tensor (contiguous, on CUDA):
+inductor's versions ran at a fifth of memory bandwidth there (:class:`TritonOrCompiled`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from meshwright.memory import op_bytes
+from meshwright.memory import fp8_triton, op_bytes
 from meshwright.optim import fp8_quant
 
 
@@ -63,8 +65,48 @@ class CompiledOnDevices:
             return self.fn(x, *args)
 
 
-quantize_per_tensor = CompiledOnDevices(fp8_quant.quantize_per_tensor, passes=2)
-quantize_per_tensor_t = CompiledOnDevices(fp8_quant.quantize_per_tensor_t, passes=2)
+class TritonOrCompiled:
+    """A cast that runs as a Triton kernel (:mod:`meshwright.memory.fp8_triton`) where ``takes(x, *args)`` says it
+    can and nothing traces or counts, else as ``compiled``. Why: inductor's kernels of the quantisers ran at a fifth of
+    memory bandwidth on the GPU; the Triton ones make one pass. A kernel that fails (no compiler for this GPU, say)
+    warns once, and every later call takes the compiled quantiser. ``fn`` and ``broken`` are the compiled one's."""
+
+    def __init__(self, kernel: Callable[..., Any], compiled: CompiledOnDevices, takes: Callable[..., bool]) -> None:
+        self.kernel, self.compiled, self.takes = kernel, compiled, takes
+        self.fn = compiled.fn
+        self.kernel_failed = False
+
+    @property
+    def broken(self) -> bool:
+        return self.compiled.broken
+
+    def __call__(self, x: torch.Tensor, *args: Any) -> Any:
+        if (not self.kernel_failed and not torch.compiler.is_compiling() and not op_bytes.counting()
+                and self.takes(x, *args)):
+            try:
+                return self.kernel(x, *args)
+            except Exception as exc:  # noqa: BLE001 - stay correct with the compiled quantiser, just slower
+                self.kernel_failed = True
+                warnings.warn(f"{self.fn.__name__}: the Triton FP8 cast failed ({type(exc).__name__}: "
+                              f"{str(exc)[:200]}); using the compiled quantiser", RuntimeWarning, stacklevel=2)
+        return self.compiled(x, *args)
+
+
+def _per_tensor_takes(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> bool:
+    return fp8_triton.runs(x, dtype)
+
+
+def _groups_takes(x: torch.Tensor, group: int = 16, dtype: torch.dtype = torch.float8_e4m3fn) -> bool:
+    return fp8_triton.runs(x, dtype, group)
+
+
+compiled_quantize_per_tensor = CompiledOnDevices(fp8_quant.quantize_per_tensor, passes=2)
+compiled_quantize_per_tensor_t = CompiledOnDevices(fp8_quant.quantize_per_tensor_t, passes=2)
+compiled_quantize_last_dim_groups = CompiledOnDevices(fp8_quant.quantize_last_dim_groups)
+quantize_per_tensor = TritonOrCompiled(fp8_triton.quantize_per_tensor, compiled_quantize_per_tensor, _per_tensor_takes)
+quantize_per_tensor_t = TritonOrCompiled(fp8_triton.quantize_per_tensor_t, compiled_quantize_per_tensor_t,
+                                         _per_tensor_takes)
+quantize_last_dim_groups = TritonOrCompiled(fp8_triton.quantize_last_dim_groups, compiled_quantize_last_dim_groups,
+                                            _groups_takes)
 dequantize_per_tensor = CompiledOnDevices(fp8_quant.dequantize_per_tensor)
-quantize_last_dim_groups = CompiledOnDevices(fp8_quant.quantize_last_dim_groups)
 dequantize_last_dim_groups = CompiledOnDevices(fp8_quant.dequantize_last_dim_groups)

@@ -29,19 +29,29 @@ Tensor = torch.Tensor
 
 
 _OPAQUE = True  # set_opaque(False): traced casts inline again, so inductor may fuse them with their neighbours
+_OPAQUE_GRADS = True  # set_opaque(True, grads=False): the backward's output-gradient casts traced inline
 
 
-def set_opaque(enabled: bool) -> None:
+def set_opaque(enabled: bool, grads: bool | None = None) -> None:
     """Keep compiled FP8 blocks' casts opaque (True, the default: the FP8 copies are saved, the eager bytes) or trace
     them inline (False: inductor fuses them with the norm/activation/bias next to them, and saves bf16 instead).
-    The trade is memory against fusion; ``benchmarks/bench_coat_gpu.py`` times both (``coat`` and ``coat_fused``)."""
-    global _OPAQUE
+    The trade is memory against fusion; ``benchmarks/bench_coat_gpu.py`` times both (``coat`` and ``coat_fused``).
+    ``grads`` (default: as ``enabled``): the same for the backward's casts of output gradients, where nothing is
+    saved: opaque, they run the Triton casts (memory/fp8_triton.py); inline, inductor fuses each absmax with the
+    kernel that produced the gradient."""
+    global _OPAQUE, _OPAQUE_GRADS
     _OPAQUE = bool(enabled)
+    _OPAQUE_GRADS = _OPAQUE if grads is None else bool(grads)
 
 
 def opaque(*tensors: Tensor | None) -> bool:
     """Whether to call the operators here: dynamo is tracing, the operators are on, and no operand is a DTensor."""
     return _OPAQUE and torch.compiler.is_compiling() and not any(isinstance(t, DTensor) for t in tensors)
+
+
+def opaque_grads(*tensors: Tensor | None) -> bool:
+    """:func:`opaque` for the backward's casts of output gradients."""
+    return _OPAQUE_GRADS and torch.compiler.is_compiling() and not any(isinstance(t, DTensor) for t in tensors)
 
 
 def _own(outs: tuple[Tensor, ...], *inputs: Tensor | None) -> tuple[Tensor, ...]:

@@ -74,7 +74,7 @@ def test_compiled_units_build_one_graph_per_dtype_not_per_shape(monkeypatch):
     from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
 
     torch._dynamo.reset()
-    units = (fp8_cast.quantize_per_tensor_t,)
+    units = (fp8_cast.compiled_quantize_per_tensor_t,)  # what non-CUDA tensors (and any the Triton cast refuses) run
     for unit in units:
         monkeypatch.setattr(unit, "devices", ("cpu",))
         monkeypatch.setattr(unit, "_compiled", None)
@@ -86,8 +86,8 @@ def test_compiled_units_build_one_graph_per_dtype_not_per_shape(monkeypatch):
             y = _FP8LinearFn.apply(x, w, None, _QuantCache(), torch.float8_e4m3fn, "emulate")
         y.backward(torch.ones_like(y))
         assert x.grad is not None and w.grad is not None
-    graphs = len(_debug_get_cache_entry_list(fp8_cast.quantize_per_tensor_t.fn.__code__))
-    assert not fp8_cast.quantize_per_tensor_t.broken
+    graphs = len(_debug_get_cache_entry_list(fp8_cast.compiled_quantize_per_tensor_t.fn.__code__))
+    assert not fp8_cast.compiled_quantize_per_tensor_t.broken
     assert 1 <= graphs <= 3, graphs  # (fp32, e4m3), (bf16, e5m2), (fp32, e5m2): not one per weight shape
     torch._dynamo.reset()
 

@@ -1,0 +1,110 @@
+"""COAT's FP8 casts on the GPU: the Triton kernels (memory/fp8_triton.py) against inductor's compiled quantisers (#18).
+
+Why: on an H200 the 1.3B's COAT step spent 84.6 ms in FP8 casts, against torchao's 30.7 (gpu_h200.md); inductor's
+kernels of the quantisers ran at about a fifth of memory bandwidth. This times each cast a COAT block runs, on the
+1.3B's shapes at 4 x 4096 tokens, both ways in one process: median milliseconds (``triton.testing.do_bench``), the
+bytes each moves at the minimum (read once for the cast, once more for a per-tensor absmax; FP8 out, transposed too
+where asked) and so its effective bandwidth, and the speed-up. Prints one JSON document.
+
+    python benchmarks/bench_fp8_casts_gpu.py [--tokens 16384] [--out F.json]
+    python benchmarks/bench_fp8_casts_gpu.py --smoke    # CPU: the compiled side only, tiny shapes (plumbing)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from meshwright.config.io import write_json_atomic  # noqa: E402
+from meshwright.memory import fp8_cast, fp8_triton  # noqa: E402
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+def cases(tokens: int, d: int = 2048, ffn: int = 5632) -> list[tuple[str, tuple[int, int], torch.dtype, str, Any]]:
+    """(name, shape, input dtype, kind, FP8 format or group) of the casts one block runs per step."""
+    return [
+        ("norm input, 1x16 groups (fp32 residual)", (tokens, d), torch.float32, "groups", 16),
+        ("SwiGLU input, 1x16 groups", (tokens, ffn), torch.bfloat16, "groups", 16),
+        ("linear input + transpose, E4M3", (tokens, d), torch.bfloat16, "tensor_t", E4M3),
+        ("w2 input + transpose, E4M3", (tokens, ffn), torch.bfloat16, "tensor_t", E4M3),
+        ("output gradient + transpose, E5M2", (tokens, d), torch.bfloat16, "tensor_t", E5M2),
+        ("w1 weight + transpose, E4M3 (fp32)", (ffn, d), torch.float32, "tensor_t", E4M3),
+    ]
+
+
+def _min_bytes(shape: tuple[int, int], dtype: torch.dtype, kind: str) -> int:
+    n = shape[0] * shape[1]
+    size = torch.tensor([], dtype=dtype).element_size()
+    if kind == "groups":
+        return n * size + n + n // 16 * 4
+    return 2 * n * size + 2 * n  # absmax read, cast read, FP8 copy and its transpose written
+
+
+def _median_ms(fn: Callable[[], Any], device: str) -> float:
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        fn()
+    return (time.perf_counter() - t0) / 3 * 1e3
+
+
+def run(tokens: int, device: str) -> list[dict[str, Any]]:
+    rows = []
+    for name, shape, dtype, kind, arg in cases(tokens):
+        x = torch.randn(shape, device=device).to(dtype)
+        ways = {"compiled": (fp8_cast.compiled_quantize_last_dim_groups if kind == "groups"
+                             else fp8_cast.compiled_quantize_per_tensor_t)}
+        if device == "cuda":
+            ways["triton"] = (fp8_triton.quantize_last_dim_groups if kind == "groups"
+                              else fp8_triton.quantize_per_tensor_t)
+        row: dict[str, Any] = {"cast": name, "shape": list(shape), "dtype": str(dtype).replace("torch.", "")}
+        outs = {}
+        for way, fn in ways.items():
+            outs[way] = fn(x, arg)
+            ms = _median_ms(lambda: fn(x, arg), device)
+            row[f"{way}_ms"] = round(ms, 4)
+            row[f"{way}_gb_s"] = round(_min_bytes(shape, dtype, kind) / ms / 1e6, 1)
+        if "triton" in outs:
+            row["same_bits"] = all(torch.equal(a.view(torch.uint8) if a.dtype in (E4M3, E5M2) else a,
+                                               b.view(torch.uint8) if b.dtype in (E4M3, E5M2) else b)
+                                   for a, b in zip(outs["triton"], outs["compiled"]))
+            row["speedup_x"] = round(row["compiled_ms"] / row["triton_ms"], 2)
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=4 * 4096)
+    p.add_argument("--smoke", action="store_true", help="CPU, 64 tokens, the compiled side only")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.tokens < 1:
+        p.error(f"--tokens={args.tokens} is invalid; valid: a positive number of tokens")
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    tokens = 64 if args.smoke else args.tokens
+    doc = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+           "tokens": tokens, "cases": run(tokens, device)}
+    if args.out:
+        write_json_atomic(doc, args.out, indent=1)
+    print(json.dumps(doc, indent=1))
+    return doc
+
+
+if __name__ == "__main__":
+    main()

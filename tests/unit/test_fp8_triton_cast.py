@@ -1,0 +1,152 @@
+"""COAT's FP8 activation casts as Triton kernels (#18, memory/fp8_triton.py): the reference's bits.
+
+Under Triton's interpreter on CPU (the integer FP8 encoder, IEEE division) and compiled on CUDA (the hardware's
+cvt.rn.satfinite), each cast must give the FP8 codes and scales of :mod:`meshwright.optim.fp8_quant` exactly:
+per-tensor casts with their transposed copy (E4M3 inputs and weights, E5M2 gradients) and 1 x 16 group casts,
+from fp32, bf16 and fp16, on shapes that do not fill the tiles, and with NaN, inf and -0 among the values.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from meshwright.memory import fp8_cast, fp8_fused, fp8_triton
+from meshwright.optim import fp8_quant
+from meshwright.optim.coat_triton import triton_available
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+FORMATS = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _codes(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8)
+
+
+def _inputs(shape: tuple[int, ...], dtype: torch.dtype, device: str = "cpu", special: bool = False) -> torch.Tensor:
+    g = torch.Generator().manual_seed(sum(shape))
+    # magnitudes over six decades along the last dimension: groups and per-tensor scales both matter
+    x = torch.randn(shape, generator=g) * torch.logspace(-3, 3, shape[-1])
+    if special:
+        flat = x.view(-1)
+        flat[3], flat[7], flat[11] = -0.0, 1e-30, -1e-30  # -0 and values that flush to zero in FP8
+    return x.to(dtype).to(device)
+
+
+def _assert_per_tensor(x: torch.Tensor, f8: torch.dtype) -> None:
+    q, qt, scale = fp8_triton.quantize_per_tensor_t(x, f8)
+    ref_q, ref_scale = fp8_quant.quantize_per_tensor(x.reshape(-1, x.shape[-1]), f8)
+    assert torch.equal(_codes(q), _codes(ref_q))
+    assert torch.equal(_codes(qt), _codes(ref_q.t().contiguous()))
+    assert torch.equal(scale, ref_scale)
+    q1, scale1 = fp8_triton.quantize_per_tensor(x, f8)
+    assert q1.shape == x.shape and torch.equal(_codes(q1).reshape(-1), _codes(ref_q).reshape(-1))
+    assert torch.equal(scale1, ref_scale)
+
+
+def _assert_groups(x: torch.Tensor, group: int = 16) -> None:
+    q, s = fp8_triton.quantize_last_dim_groups(x, group)
+    ref_q, ref_s = fp8_quant.quantize_last_dim_groups(x, group)
+    assert q.shape == ref_q.shape and s.shape == ref_s.shape
+    assert torch.equal(_codes(q), _codes(ref_q))
+    assert torch.equal(s, ref_s)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(40, 48), (130, 70), (3, 5, 32)])
+def test_interpreted_per_tensor_cast_and_transpose_equal_the_reference(dtype, shape):
+    for f8 in FORMATS:
+        _assert_per_tensor(_inputs(shape, dtype, special=True), f8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,group", [((40, 48), 16), ((130, 160), 16), ((3, 5, 32), 16), ((9, 256), 128)])
+def test_interpreted_group_cast_equals_the_reference(dtype, shape, group):
+    _assert_groups(_inputs(shape, dtype, special=True), group)
+
+
+def test_interpreted_casts_of_non_finite_values_equal_the_reference():
+    """A NaN makes the absmax NaN and the scale 1 (as torch's amax and where do); an inf makes the scale inf."""
+    for poison in (float("nan"), float("inf"), -float("inf")):
+        x = _inputs((33, 48), torch.bfloat16)
+        x[5, 17] = poison
+        for f8 in FORMATS:
+            _assert_per_tensor(x, f8)
+        _assert_groups(x)
+
+
+def test_runs_takes_only_what_the_kernels_handle(monkeypatch):
+    x = torch.randn(8, 32)
+    assert not fp8_triton.runs(x)  # CPU tensors keep the compiled (eager) quantisers; the kernels run interpreted
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda")))  # only the checks
+    assert fp8_triton.runs(x) and fp8_triton.runs(x, group=16)
+    assert not fp8_triton.runs(x, group=24)  # a group must be a power of two
+    assert not fp8_triton.runs(torch.randn(8, 40), group=16)  # the last dimension a multiple of the group
+    assert not fp8_triton.runs(x.t())  # contiguous only
+    assert not fp8_triton.runs(x.to(torch.int32))
+    assert not fp8_triton.runs(x, torch.int8)
+    fp8_triton.set_enabled(False)
+    try:
+        assert not fp8_triton.runs(x)
+    finally:
+        fp8_triton.set_enabled(True)
+
+
+def test_a_failing_kernel_warns_once_and_hands_over_to_the_compiled_quantiser():
+    calls = []
+
+    def broken_kernel(x, dtype):
+        calls.append(1)
+        raise RuntimeError("no compiler for this GPU")
+
+    cast = fp8_cast.TritonOrCompiled(broken_kernel, fp8_cast.compiled_quantize_per_tensor, lambda *a: True)
+    x = torch.randn(16, 32)
+    with pytest.warns(RuntimeWarning, match="Triton FP8 cast failed"):
+        q, s = cast(x, torch.float8_e4m3fn)
+    ref_q, ref_s = fp8_quant.quantize_per_tensor(x)
+    assert torch.equal(_codes(q), _codes(ref_q)) and torch.equal(s, ref_s)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cast(x, torch.float8_e4m3fn)
+    assert calls == [1] and cast.kernel_failed
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_casts_equal_the_reference_bit_for_bit(dtype):
+    """Compiled: the hardware's FP8 conversion and IEEE division give torch's CUDA codes, on a block-sized
+    activation (4096 x 2048), a weight-shaped one and a ragged one, and on non-finite values."""
+    assert fp8_triton.runs(torch.zeros(4, 16, device="cuda", dtype=dtype), group=16)
+    for shape in ((4096, 2048), (5632, 2048), (1000, 72)):
+        x = _inputs(shape, dtype, "cuda", special=True)
+        for f8 in FORMATS:
+            _assert_per_tensor(x, f8)
+        if shape[-1] % 16 == 0:
+            _assert_groups(x)
+    x = _inputs((64, 64), dtype, "cuda")
+    x[1, 2] = float("nan")
+    _assert_per_tensor(x, torch.float8_e4m3fn)
+    _assert_groups(x)
+
+
+@cuda
+def test_cuda_fused_forwards_take_the_triton_casts():
+    """The FP8 RMSNorm and SwiGLU forwards on CUDA: the compiled norm / product plus the Triton group cast, equal to
+    the reference functions (codes and scales exactly, outputs within one bf16 rounding)."""
+    x = _inputs((256, 2048), torch.float32, "cuda")
+    w = torch.rand(2048, device="cuda") + 0.5
+    out, rstd, q, s = fp8_fused.fused_rmsnorm_forward(x, w, 1e-5, 16)
+    r_out, r_rstd, r_q, r_s = fp8_fused.rmsnorm_forward(x, w, 1e-5, 16)
+    assert torch.equal(_codes(q), _codes(r_q)) and torch.equal(s, r_s)
+    torch.testing.assert_close(out, r_out)
+    torch.testing.assert_close(rstd, r_rstd)
+    a, b = (_inputs((256, 5632), torch.bfloat16, "cuda") for _ in range(2))
+    prod, qa, sa, qb, sb = fp8_fused.fused_swiglu_forward(a, b, 16)
+    r_prod, r_qa, r_sa, r_qb, r_sb = fp8_fused.swiglu_forward(a, b, 16)
+    assert torch.equal(_codes(qa), _codes(r_qa)) and torch.equal(sa, r_sa)
+    assert torch.equal(_codes(qb), _codes(r_qb)) and torch.equal(sb, r_sb)
+    torch.testing.assert_close(prod, r_prod)
+    assert not fp8_fused.fused_rmsnorm_forward.kernel_failed and not fp8_fused.fused_swiglu_forward.kernel_failed

@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from meshwright.config.io import write_json_atomic  # noqa: E402
 from meshwright.memory import fp8_cast, fp8_triton  # noqa: E402
+from meshwright.optim import fp8_quant  # noqa: E402
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
@@ -62,6 +63,21 @@ def _median_ms(fn: Callable[[], Any], device: str) -> float:
     return (time.perf_counter() - t0) / 3 * 1e3
 
 
+def _differences(out: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...], x: torch.Tensor) -> dict[str, Any]:
+    """FP8 codes and scales that differ from the reference's, with the first differing code: 0 and 0 is bit for bit."""
+    codes = [(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(out, ref) if a.dtype in (E4M3, E5M2)]
+    scales = [(a, b) for a, b in zip(out, ref) if a.dtype == torch.float32]
+    diff: dict[str, Any] = {"codes": sum(int((a != b).sum()) for a, b in codes),
+                            "scales": sum(int((a != b).sum()) for a, b in scales)}
+    a, b = codes[0]
+    bad = (a != b).nonzero()
+    if len(bad):
+        i = tuple(bad[0].tolist())
+        diff["first"] = {"at": list(i), "x": float(x.reshape(a.shape)[i]) if a.shape == x.reshape(a.shape).shape
+                         else None, "code": int(a[i]), "reference": int(b[i])}
+    return diff
+
+
 def run(tokens: int, device: str) -> list[dict[str, Any]]:
     rows = []
     for name, shape, dtype, kind, arg in cases(tokens):
@@ -78,10 +94,11 @@ def run(tokens: int, device: str) -> list[dict[str, Any]]:
             ms = _median_ms(lambda: fn(x, arg), device)
             row[f"{way}_ms"] = round(ms, 4)
             row[f"{way}_gb_s"] = round(_min_bytes(shape, dtype, kind) / ms / 1e6, 1)
+        ref = (fp8_quant.quantize_last_dim_groups(x, arg) if kind == "groups"
+               else fp8_quant.quantize_per_tensor_t(x, arg))  # the eager reference, IEEE division
+        for way, out in outs.items():
+            row[f"{way}_vs_reference"] = _differences(out, ref, x)
         if "triton" in outs:
-            row["same_bits"] = all(torch.equal(a.view(torch.uint8) if a.dtype in (E4M3, E5M2) else a,
-                                               b.view(torch.uint8) if b.dtype in (E4M3, E5M2) else b)
-                                   for a, b in zip(outs["triton"], outs["compiled"]))
             row["speedup_x"] = round(row["compiled_ms"] / row["triton_ms"], 2)
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)

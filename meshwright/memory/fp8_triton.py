@@ -22,7 +22,7 @@ from meshwright.optim.fp8_quant import fp8_max
 
 ENABLED = True  # set_enabled(False): inductor's quantisers instead, for comparison (benchmarks)
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_FORMATS = {torch.float8_e4m3fn: (3, 7, False), torch.float8_e5m2: (2, 15, True)}  # mantissa bits, bias, e5m2
+_FORMATS = {torch.float8_e4m3fn: (3, 7), torch.float8_e5m2: (2, 15)}  # mantissa bits, exponent bias
 AMAX_BLOCK = 8192
 TILE = (64, 64)  # the transposing cast: a 64 x 64 tile per program
 GROUP_TILE = (32, 128)  # the group cast: 32 rows x 8 groups of 16 per program
@@ -45,9 +45,8 @@ def runs(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn, group: int |
 
 
 def _launch_args(x: torch.Tensor, dtype: torch.dtype) -> tuple[object, dict]:
-    mbits, bias, e5m2 = _FORMATS[dtype]
-    interpret = x.device.type != "cuda"
-    return kernels(interpret), dict(FMAX=fp8_max(dtype), MBITS=mbits, BIAS=bias, E5M2=e5m2, HW=not interpret)
+    mbits, bias = _FORMATS[dtype]
+    return kernels(x.device.type != "cuda"), dict(FMAX=fp8_max(dtype), MBITS=mbits, BIAS=bias)
 
 
 def quantize_per_tensor_t(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn, transpose: bool = True

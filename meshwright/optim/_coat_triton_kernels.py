@@ -287,7 +287,8 @@ def fp8_codec_kernel(x_ptr, code_ptr, byte_ptr, y_ptr, n, MBITS: tl.constexpr, B
 # Each is one pass over its input at memory bandwidth: inductor's kernels of the same quantisers ran at a fifth of it
 # on an H200 (dynamic shapes, three kernels for a cast with its transpose). The arithmetic is the reference's
 # (fp8_quant.quantize_per_tensor / quantize_last_dim_groups): the absmax in fp32, the scale amax / FMAX (1 where the
-# absmax is not positive, NaN included), IEEE division, clamp, round to nearest even. Magnitudes are compared as the
+# absmax is not positive, NaN included), IEEE division, clamp, round to nearest even (the integer encoder above, as
+# CoatAdamW's: Triton 3.6's own fp32 -> FP8 conversion wrote NaN codes on an H200, 2026-11-28). Magnitudes are compared as the
 # integers of their fp32 bits (sign cleared): the same order as the floats for every non-negative value, with a NaN
 # above +inf, so a NaN wins a max as torch's amax lets it, and an atomic max works on one int32 word.
 
@@ -298,24 +299,10 @@ def _magnitude_bits(x):
 
 
 @triton.jit
-def _to_fp8(y, MBITS: tl.constexpr, BIAS: tl.constexpr, E5M2: tl.constexpr, HW: tl.constexpr):
-    """Clamped fp32 -> FP8 bytes: the hardware's cvt.rn.satfinite compiled (HW), else the integer encoder."""
-    if HW:
-        if E5M2:
-            code = y.to(tl.float8e5).to(tl.uint8, bitcast=True)
-        else:
-            code = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-    else:
-        code = _encode(y, MBITS, BIAS)
-    return code
-
-
-@triton.jit
-def _scaled_fp8(x, scale, FMAX: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, E5M2: tl.constexpr,
-                HW: tl.constexpr):
+def _scaled_fp8(x, scale, FMAX: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr):
     q = tl.div_rn(x, tl.broadcast_to(scale, x.shape))  # operands of one shape: div_rn need not broadcast
     q = tl.where(q > FMAX, FMAX, tl.where(q < -FMAX, -FMAX, q))  # NaN passes, as torch.clamp
-    return _to_fp8(q, MBITS, BIAS, E5M2, HW)
+    return _encode(q, MBITS, BIAS)
 
 
 @triton.jit
@@ -328,8 +315,7 @@ def cast_amax_kernel(x_ptr, amax_ptr, n, BLOCK: tl.constexpr):
 
 @triton.jit
 def cast_tensor_kernel(x_ptr, q_ptr, qt_ptr, amax_ptr, scale_ptr, M, N, FMAX: tl.constexpr, MBITS: tl.constexpr,
-                       BIAS: tl.constexpr, E5M2: tl.constexpr, HW: tl.constexpr, TRANSPOSE: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       BIAS: tl.constexpr, TRANSPOSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """x (M, N) row-major -> FP8 bytes q (M, N) and, with TRANSPOSE, q^T (N, M), with the tensor's one scale."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -337,7 +323,7 @@ def cast_tensor_kernel(x_ptr, q_ptr, qt_ptr, amax_ptr, scale_ptr, M, N, FMAX: tl
     x = tl.load(x_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     amax = tl.load(amax_ptr).to(tl.float32, bitcast=True)
     scale = tl.where(amax > 0, tl.div_rn(amax, tl.full(amax.shape, FMAX, tl.float32)), 1.0)
-    code = _scaled_fp8(x, scale, FMAX, MBITS, BIAS, E5M2, HW)
+    code = _scaled_fp8(x, scale, FMAX, MBITS, BIAS)
     tl.store(q_ptr + rows[:, None] * N + cols[None, :], code, mask=mask)
     if TRANSPOSE:
         tl.store(qt_ptr + cols[:, None] * M + rows[None, :], tl.trans(code), mask=tl.trans(mask))
@@ -347,8 +333,7 @@ def cast_tensor_kernel(x_ptr, q_ptr, qt_ptr, amax_ptr, scale_ptr, M, N, FMAX: tl
 
 @triton.jit
 def cast_groups_kernel(x_ptr, q_ptr, s_ptr, M, N, GROUP: tl.constexpr, FMAX: tl.constexpr, MBITS: tl.constexpr,
-                       BIAS: tl.constexpr, E5M2: tl.constexpr, HW: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
+                       BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """x (M, N) row-major, N a multiple of GROUP -> FP8 bytes q (M, N) and fp32 scales (M, N / GROUP), one per
     1 x GROUP group along a row."""
     G: tl.constexpr = BLOCK_N // GROUP
@@ -359,7 +344,7 @@ def cast_groups_kernel(x_ptr, q_ptr, s_ptr, M, N, GROUP: tl.constexpr, FMAX: tl.
     xg = tl.reshape(x, (BLOCK_M, G, GROUP))
     amax = tl.reduce(_magnitude_bits(xg), 2, _MAX).to(tl.float32, bitcast=True)
     scale = tl.where(amax > 0, tl.div_rn(amax, tl.full(amax.shape, FMAX, tl.float32)), 1.0)
-    code = tl.reshape(_scaled_fp8(xg, scale[:, :, None], FMAX, MBITS, BIAS, E5M2, HW), (BLOCK_M, BLOCK_N))
+    code = tl.reshape(_scaled_fp8(xg, scale[:, :, None], FMAX, MBITS, BIAS), (BLOCK_M, BLOCK_N))
     tl.store(q_ptr + rows[:, None] * N + cols[None, :], code, mask=mask)
     gcols = tl.program_id(1).to(tl.int64) * G + tl.arange(0, G)
     tl.store(s_ptr + rows[:, None] * (N // GROUP) + gcols[None, :], scale,

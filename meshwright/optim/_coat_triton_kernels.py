@@ -288,7 +288,8 @@ def fp8_codec_kernel(x_ptr, code_ptr, byte_ptr, y_ptr, n, MBITS: tl.constexpr, B
 # on an H200 (dynamic shapes, three kernels for a cast with its transpose). The arithmetic is the reference's
 # (fp8_quant.quantize_per_tensor / quantize_last_dim_groups): the absmax in fp32, the scale amax / FMAX (1 where the
 # absmax is not positive, NaN included), IEEE division, clamp, round to nearest even (the integer encoder above, as
-# CoatAdamW's: Triton 3.6's own fp32 -> FP8 conversion wrote NaN codes on an H200, 2026-11-28). Magnitudes are compared as the
+# CoatAdamW's; with Triton 3.6's own fp32 -> FP8 conversion instead, COAT's FP8 linears computed NaN on an H200,
+# 2026-11-28, cause not found, so it is off: fp8_triton.HARDWARE_CONVERSION). Magnitudes are compared as the
 # integers of their fp32 bits (sign cleared): the same order as the floats for every non-negative value, with a NaN
 # above +inf, so a NaN wins a max as torch's amax lets it, and an atomic max works on one int32 word.
 
@@ -299,10 +300,17 @@ def _magnitude_bits(x):
 
 
 @triton.jit
-def _scaled_fp8(x, scale, FMAX: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr):
+def _scaled_fp8(x, scale, FMAX: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, HW: tl.constexpr):
     q = tl.div_rn(x, tl.broadcast_to(scale, x.shape))  # operands of one shape: div_rn need not broadcast
     q = tl.where(q > FMAX, FMAX, tl.where(q < -FMAX, -FMAX, q))  # NaN passes, as torch.clamp
-    return _encode(q, MBITS, BIAS)
+    if HW:  # the hardware's cvt.rn.satfinite (fp8_triton.HARDWARE_CONVERSION, off: it wrote wrong codes once)
+        if MBITS == 2:
+            code = q.to(tl.float8e5).to(tl.uint8, bitcast=True)
+        else:
+            code = q.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    else:
+        code = _encode(q, MBITS, BIAS)
+    return code
 
 
 @triton.jit
@@ -315,7 +323,8 @@ def cast_amax_kernel(x_ptr, amax_ptr, n, BLOCK: tl.constexpr):
 
 @triton.jit
 def cast_tensor_kernel(x_ptr, q_ptr, qt_ptr, amax_ptr, scale_ptr, M, N, FMAX: tl.constexpr, MBITS: tl.constexpr,
-                       BIAS: tl.constexpr, TRANSPOSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       BIAS: tl.constexpr, HW: tl.constexpr, TRANSPOSE: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
     """x (M, N) row-major -> FP8 bytes q (M, N) and, with TRANSPOSE, q^T (N, M), with the tensor's one scale."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -323,7 +332,7 @@ def cast_tensor_kernel(x_ptr, q_ptr, qt_ptr, amax_ptr, scale_ptr, M, N, FMAX: tl
     x = tl.load(x_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     amax = tl.load(amax_ptr).to(tl.float32, bitcast=True)
     scale = tl.where(amax > 0, tl.div_rn(amax, tl.full(amax.shape, FMAX, tl.float32)), 1.0)
-    code = _scaled_fp8(x, scale, FMAX, MBITS, BIAS)
+    code = _scaled_fp8(x, scale, FMAX, MBITS, BIAS, HW)
     tl.store(q_ptr + rows[:, None] * N + cols[None, :], code, mask=mask)
     if TRANSPOSE:
         tl.store(qt_ptr + cols[:, None] * M + rows[None, :], tl.trans(code), mask=tl.trans(mask))
@@ -333,7 +342,7 @@ def cast_tensor_kernel(x_ptr, q_ptr, qt_ptr, amax_ptr, scale_ptr, M, N, FMAX: tl
 
 @triton.jit
 def cast_groups_kernel(x_ptr, q_ptr, s_ptr, M, N, GROUP: tl.constexpr, FMAX: tl.constexpr, MBITS: tl.constexpr,
-                       BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       BIAS: tl.constexpr, HW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """x (M, N) row-major, N a multiple of GROUP -> FP8 bytes q (M, N) and fp32 scales (M, N / GROUP), one per
     1 x GROUP group along a row."""
     G: tl.constexpr = BLOCK_N // GROUP
@@ -344,7 +353,7 @@ def cast_groups_kernel(x_ptr, q_ptr, s_ptr, M, N, GROUP: tl.constexpr, FMAX: tl.
     xg = tl.reshape(x, (BLOCK_M, G, GROUP))
     amax = tl.reduce(_magnitude_bits(xg), 2, _MAX).to(tl.float32, bitcast=True)
     scale = tl.where(amax > 0, tl.div_rn(amax, tl.full(amax.shape, FMAX, tl.float32)), 1.0)
-    code = tl.reshape(_scaled_fp8(xg, scale[:, :, None], FMAX, MBITS, BIAS), (BLOCK_M, BLOCK_N))
+    code = tl.reshape(_scaled_fp8(xg, scale[:, :, None], FMAX, MBITS, BIAS, HW), (BLOCK_M, BLOCK_N))
     tl.store(q_ptr + rows[:, None] * N + cols[None, :], code, mask=mask)
     gcols = tl.program_id(1).to(tl.int64) * G + tl.arange(0, G)
     tl.store(s_ptr + rows[:, None] * (N // GROUP) + gcols[None, :], scale,

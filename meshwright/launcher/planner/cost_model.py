@@ -767,7 +767,10 @@ def fp8_matmul_speedup(hw: Hardware) -> float:
 # over bf16, 78.6 ms per step for 22 blocks at 16,384 tokens (FP8-cast kernels 84.6 ms, other element-wise 5.7 ms
 # fewer; benchmarks/results/gpu_h200.md, 2026-11-27), over the bytes counted here (4.96 GB per block with its weights'
 # casts). One fit to one run: the planner had charged the casts nothing, and predicted that run 1.38x faster than bf16
-# where it ran at 0.996x (its FP8 GEMMs saved 78 ms and its casts cost as much).
+# where it ran at 0.996x (its FP8 GEMMs saved 78 ms and its casts cost as much). Those were inductor's casts; since
+# 2026-11-28 the runtime casts with Triton kernels, 1.4-3.2x faster on their own (gpu_h200.md, stop 39), which would
+# make this ~0.6: not refitted until the model runs with them (benchmarks/results/gpu_next.md), so COAT's predicted
+# step is pessimistic by up to ~35 ms on that run.
 FP8_CAST_BW_FRACTION = 0.36
 FP8_WEIGHT_CAST_BYTES = 11.0  # per weight per microbatch: fp32 read twice (amax, cast), FP8 written, transposed copy
 

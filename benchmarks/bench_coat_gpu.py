@@ -7,6 +7,7 @@ loss after ``--steps`` steps on the embedded corpus (the same batches for every 
 one JSON document with the ratios against bf16 AdamW.
 
     python benchmarks/bench_coat_gpu.py [--steps 300] [--configs bf16_adamw,coat,torchao_float8] [--compile]
+    python benchmarks/bench_coat_gpu.py --configs coat,bf16_adamw,bf16_adamw   # a configuration twice: its spread
     python benchmarks/bench_coat_gpu.py --smoke     # CPU, tiny model, 3 steps: checks the script runs
 
 Configurations:
@@ -160,14 +161,39 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _label(results: list[dict[str, Any]], r: dict[str, Any]) -> str:
+    """The configuration's name, with ``#k`` for its k-th run where it ran more than once."""
+    same = [x for x in results if x["name"] == r["name"]]
+    return r["name"] if len(same) == 1 else f"{r['name']}#{next(i for i, x in enumerate(same) if x is r) + 1}"
+
+
+def _spread_pct(values: list[float]) -> float:
+    return round(100 * (max(values) - min(values)) / (sum(values) / len(values)), 2)
+
+
 def ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Each configuration against bf16 AdamW: memory saved (x lower), speed (x), loss difference (%)."""
-    base = next((r for r in results if r["name"] == "bf16_adamw" and "step_s" in r), None)
+    """Each configuration against bf16 AdamW: memory saved (x lower), speed (x), loss difference (%).
+
+    A configuration listed more than once runs more than once (``--configs coat,bf16_adamw,bf16_adamw``): the 300-step
+    loss moved 4.3% between two identical bf16 runs on an H200, so one run cannot resolve a 1% target. The runs of
+    bf16 AdamW are then averaged into the baseline, and ``bf16_adamw_runs`` gives their spread (max - min, % of the
+    mean): a loss difference inside it is not one."""
+    bases = [r for r in results if r["name"] == "bf16_adamw" and "step_s" in r]
     out: dict[str, dict[str, float]] = {}
-    if base is None:
+    if not bases:
         return out
+    bases = [b for b in bases if b.get("steps") == bases[0].get("steps")]  # runs of one length only
+    base = dict(bases[0])
+    for key in ("tokens_per_s", "optimizer_step_s", "loss_last10", "val_loss", "peak_reserved_gib"):
+        if all(key in b for b in bases):
+            base[key] = sum(b[key] for b in bases) / len(bases)
+    if len(bases) > 1:
+        out["bf16_adamw_runs"] = {"runs": len(bases),
+                                  "loss_last10_spread_pct": _spread_pct([b["loss_last10"] for b in bases]),
+                                  "val_loss_spread_pct": _spread_pct([b["val_loss"] for b in bases]),
+                                  "step_s_spread_pct": _spread_pct([b["step_s"] for b in bases])}
     for r in results:
-        if r is base or "step_s" not in r:
+        if any(r is b for b in bases) or "step_s" not in r:
             continue
         row = {"throughput_x": round(r["tokens_per_s"] / base["tokens_per_s"], 3),
                "optimizer_step_x_of_adamw": round(r["optimizer_step_s"] / base["optimizer_step_s"], 3)}
@@ -176,7 +202,7 @@ def ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
             row["val_loss_diff_pct"] = round(100 * (r["val_loss"] / base["val_loss"] - 1), 2)
         if "peak_reserved_gib" in r:
             row["memory_x_lower"] = round(base["peak_reserved_gib"] / r["peak_reserved_gib"], 3)
-        out[r["name"]] = row
+        out[_label(results, r)] = row
     return out
 
 

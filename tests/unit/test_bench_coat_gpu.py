@@ -50,3 +50,21 @@ def test_bad_steps_for_is_a_one_line_error(capsys, bad):
     with pytest.raises(SystemExit):
         bench_coat_gpu.main(["--smoke", "--steps-for", bad])
     assert f"--steps-for={bad!r} is invalid: give NAME=N pairs" in capsys.readouterr().err
+
+
+def test_a_repeated_baseline_is_averaged_and_its_spread_reported():
+    """Two bf16 runs (the 300-step loss moved 4.3% between identical H200 runs): the baseline is their mean, their
+    spread is reported, and a configuration run twice is told apart by its run number."""
+    def run(name, loss, val, step_s=0.25, steps=300):
+        return {"name": name, "step_s": step_s, "tokens_per_s": 16384 / step_s, "optimizer_step_s": 0.01,
+                "loss_last10": loss, "val_loss": val, "steps": steps, "peak_reserved_gib": 50.0}
+
+    results = [run("coat", 1.80, 1.90), run("bf16_adamw", 1.90, 2.00), run("bf16_adamw", 1.80, 1.90),
+               run("coat", 1.85, 1.95), run("bf16_adamw", 1.00, 1.00, steps=60)]  # another length: left out
+    out = bench_coat_gpu.ratios(results)
+    assert out["bf16_adamw_runs"] == {"runs": 2, "loss_last10_spread_pct": round(100 * 0.1 / 1.85, 2),
+                                      "val_loss_spread_pct": round(100 * 0.1 / 1.95, 2), "step_s_spread_pct": 0.0}
+    assert out["coat#1"]["loss_last10_diff_pct"] == round(100 * (1.80 / 1.85 - 1), 2)
+    assert out["coat#2"]["val_loss_diff_pct"] == 0.0
+    assert out["bf16_adamw#3"] == {"throughput_x": 1.0, "optimizer_step_x_of_adamw": 1.0, "memory_x_lower": 1.0}
+    assert "bf16_adamw_runs" not in bench_coat_gpu.ratios(results[:2])

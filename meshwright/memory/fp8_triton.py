@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from meshwright.optim.coat_triton import kernels, triton_available
+from meshwright.optim.coat_triton import KERNEL_FORMATS, kernels, triton_available
 from meshwright.optim.fp8_quant import fp8_max
 
 ENABLED = True  # set_enabled(False): inductor's quantisers instead, for comparison (benchmarks)
@@ -27,7 +27,6 @@ ENABLED = True  # set_enabled(False): inductor's quantisers instead, for compari
 # --hardware-conversion checks its codes against the reference)
 HARDWARE_CONVERSION = False
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_FORMATS = {torch.float8_e4m3fn: (3, 7), torch.float8_e5m2: (2, 15)}  # mantissa bits, exponent bias
 AMAX_BLOCK = 8192
 TILE = (64, 64)  # the transposing cast: a 64 x 64 tile per program
 GROUP_TILE = (32, 128)  # the group cast: 32 rows x 8 groups of 16 per program
@@ -43,14 +42,14 @@ def set_enabled(enabled: bool) -> None:
 def runs(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn, group: int | None = None) -> bool:
     """Whether the kernels here take ``x``: on, a contiguous non-empty CUDA tensor of a float dtype the kernels
     read, an FP8 format they write, and for group casts a last dimension that is a multiple of the group."""
-    return (ENABLED and x.device.type == "cuda" and x.dtype in INPUT_DTYPES and dtype in _FORMATS
+    return (ENABLED and x.device.type == "cuda" and x.dtype in INPUT_DTYPES and dtype in KERNEL_FORMATS
             and x.numel() > 0 and x.dim() >= 1 and x.is_contiguous()
             and (group is None or (x.shape[-1] % group == 0 and group & (group - 1) == 0 and group <= 128))
             and triton_available())
 
 
 def _launch_args(x: torch.Tensor, dtype: torch.dtype) -> tuple[object, dict]:
-    mbits, bias = _FORMATS[dtype]
+    mbits, bias, _ = KERNEL_FORMATS[dtype]
     interpret = x.device.type != "cuda"  # the interpreter has no FP8 conversion: the integer encoder there
     return kernels(interpret), dict(FMAX=fp8_max(dtype), MBITS=mbits, BIAS=bias,
                                     HW=HARDWARE_CONVERSION and not interpret)

@@ -38,7 +38,8 @@ NUM_WARPS = 4
 MATH = "fast"
 _MATH_CODES = {"precise": 1, "fast": 2}
 INTERPRET_MATH = 0  # CPU tensors (Triton's interpreter): 0 IEEE, 3 the fast mode's code paths (tests)
-_FORMATS = {torch.float8_e4m3fn: (3, 7, False), torch.float8_e5m2: (2, 15, True)}  # mantissa bits, bias, e5m2
+# the kernels' FP8 encoders (CoatAdamW's moments, memory/fp8_triton.py's casts): mantissa bits, exponent bias, e5m2
+KERNEL_FORMATS = {torch.float8_e4m3fn: (3, 7, False), torch.float8_e5m2: (2, 15, True)}
 _KERNELS: dict[bool, ModuleType] = {}
 _WORK: dict[tuple, torch.Tensor] = {}
 _TABLES: dict[tuple, torch.Tensor] = {}
@@ -225,7 +226,7 @@ def _launch(params: Sequence[torch.Tensor], m_data: Sequence[torch.Tensor], addr
                  (a[5] - b32) // 4, a[6] - b8, (a[7] - b32) // 4, (a[8] - b32) // 4, (a[9] - b32) // 4, p.numel()]
     ptrs = _table(tuple(rows), device)
     work = _work_table(tuple(p.numel() for p in params), group_size, device)
-    (m_mbits, m_bias, m_e5m2), (v_mbits, v_bias, v_e5m2) = _FORMATS[m_dtype], _FORMATS[v_dtype]
+    (m_mbits, m_bias, m_e5m2), (v_mbits, v_bias, v_e5m2) = KERNEL_FORMATS[m_dtype], KERNEL_FORMATS[v_dtype]
     target = lambda dtype: math.log2(fp8_max(dtype) ** 2 / 2)  # noqa: E731 - as fp8_quant.expansion_exponent
     interpret = device.type == "cpu"
     kernel = kernels(interpret).coat_adamw_kernel

@@ -93,7 +93,7 @@ def test_fp8_codec_equals_torchs_casts_on_every_code(dtype, device):
     """The kernel reads and writes FP8 as bytes: its decoder on all 256 codes and its encoder on every
     code, every midpoint between neighbours (ties to even), one fp32 ulp either side, values below
     half the smallest subnormal, +-0 and NaN must give torch's casts bit for bit."""
-    from meshwright.optim.coat_triton import _FORMATS, kernels
+    from meshwright.optim.coat_triton import KERNEL_FORMATS, kernels
 
     fmax = torch.finfo(dtype).max
     codes = torch.arange(256, dtype=torch.uint8)
@@ -109,7 +109,7 @@ def test_fp8_codec_equals_torchs_casts_on_every_code(dtype, device):
     byte = torch.cat([codes, codes.new_zeros(n - 256)])
     x, byte = x.to(device), byte.to(device)
     code, y = torch.empty(n, dtype=torch.uint8, device=device), torch.empty(n, device=device)
-    mbits, bias, e5m2 = _FORMATS[dtype]
+    mbits, bias, e5m2 = KERNEL_FORMATS[dtype]
     kernels(device == "cpu").fp8_codec_kernel[(triton_cdiv(n, 1024),)](x, code, byte, y, n, MBITS=mbits, BIAS=bias,
                                                                        E5M2=e5m2, BLOCK=1024)
     expected = x.to(dtype).view(torch.uint8)

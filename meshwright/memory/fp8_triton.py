@@ -7,7 +7,11 @@ and a 1 x 16 group cast two, on dynamic shapes. Here a per-tensor cast is an abs
 kernel that writes the FP8 copy and its transpose from tiles; a group cast is one kernel.
 
 The bits are the reference's (:mod:`meshwright.optim.fp8_quant`): the kernels do its arithmetic (IEEE division,
-round to nearest even), tested bit for bit under Triton's interpreter on CPU and against torch on CUDA. The kernels
+round to nearest even), tested bit for bit under Triton's interpreter on CPU and against torch on CUDA. The last step,
+fp32 -> FP8 code, is the GPU's own conversion (cvt.rn.satfinite, ~1.4x faster per-tensor casts on an H200) where it
+agrees with the integer encoder: each compiled variant is checked once, on its first real input (:func:`_checked`).
+Compilers have got it wrong: ptxas 13.0 built Triton's own conversion of an fp32 tile's transposed copy from the
+input's bits, not the conversion's (NaN gradients on an H200, 2026-11-28). The kernels
 live with CoatAdamW's (:mod:`meshwright.optim._coat_triton_kernels`, loaded per mode by
 :func:`meshwright.optim.coat_triton.kernels`). :mod:`meshwright.memory.fp8_cast` sends contiguous CUDA tensors here
 and everything else to its compiled quantisers.
@@ -15,22 +19,28 @@ and everything else to its compiled quantisers.
 
 from __future__ import annotations
 
+import warnings
+from typing import Callable
+
 import torch
 
 from meshwright.optim.coat_triton import KERNEL_FORMATS, kernels, triton_available
 from meshwright.optim.fp8_quant import fp8_max
 
 ENABLED = True  # set_enabled(False): inductor's quantisers instead, for comparison (benchmarks)
-# FP8 codes from the GPU's cvt.rn.satfinite instead of the integer encoder. Off: with it, on an H200 (Triton 3.6,
-# 2026-11-28), COAT's FP8 linears computed NaN and a small llama's loss went NaN; the cause is not found (the PTX
-# converts pairs in the right order). It made the per-tensor casts ~1.4x faster (bench_fp8_casts_gpu.py
-# --hardware-conversion checks its codes against the reference)
-HARDWARE_CONVERSION = False
+# fp32 -> FP8 codes: "checked", the GPU's cvt.rn.satfinite (_coat_triton_kernels._cvt_fp8) where a variant's first
+# cast agrees with the integer encoder; "hardware", the GPU's always (benchmarks: to see its codes); "encoder", the
+# integer encoder always (set_conversion)
+CONVERSIONS = ("checked", "hardware", "encoder")
+CONVERSION = "checked"
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 AMAX_BLOCK = 8192
 TILE = (64, 64)  # the transposing cast: a 64 x 64 tile per program
 GROUP_TILE = (32, 128)  # the group cast: 32 rows x 8 groups of 16 per program
 NUM_WARPS = 4
+# per compiled variant (kernel, dtypes, what Triton specialises on): whether the GPU's conversion gave the integer
+# encoder's codes on its first input
+_HW_AGREES: dict[tuple, bool] = {}
 
 
 def set_enabled(enabled: bool) -> None:
@@ -48,11 +58,61 @@ def runs(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn, group: int |
             and triton_available())
 
 
+def set_conversion(mode: str) -> str:
+    """Choose how the kernels make FP8 codes (:data:`CONVERSIONS`); returns the mode it replaces."""
+    global CONVERSION
+    if mode not in CONVERSIONS:
+        raise ValueError(f"conversion={mode!r} is invalid; valid: {', '.join(CONVERSIONS)}")
+    old, CONVERSION = CONVERSION, mode
+    return old
+
+
 def _launch_args(x: torch.Tensor, dtype: torch.dtype) -> tuple[object, dict]:
     mbits, bias, _ = KERNEL_FORMATS[dtype]
-    interpret = x.device.type != "cuda"  # the interpreter has no FP8 conversion: the integer encoder there
-    return kernels(interpret), dict(FMAX=fp8_max(dtype), MBITS=mbits, BIAS=bias,
-                                    HW=HARDWARE_CONVERSION and not interpret)
+    return kernels(x.device.type != "cuda"), dict(FMAX=fp8_max(dtype), MBITS=mbits, BIAS=bias)
+
+
+def _variant(kernel: str, option: object, x: torch.Tensor, dtype: torch.dtype, rows: int, k: int) -> tuple:
+    """What selects a compiled kernel: its name and option (transpose, group), the dtypes, and Triton's
+    specialisations of the input pointer and the integer arguments (16-byte alignment, multiples of 16, 1)."""
+    return (kernel, option, x.dtype, dtype, x.data_ptr() % 16 == 0, rows % 16 == 0, rows == 1, k % 16 == 0, k == 1)
+
+
+def _same_codes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """FP8 tensors with the same codes, a NaN code matching any NaN code (formats differ in which they write);
+    other tensors (the scales) equal bit for bit."""
+    if a.dtype not in KERNEL_FORMATS:
+        return torch.equal(a, b)
+    ua, ub = a.view(torch.uint8), b.view(torch.uint8)
+    nan = (lambda u: (u & 0x7F) == 0x7F) if a.dtype == torch.float8_e4m3fn else (lambda u: (u & 0x7F) > 0x7C)
+    return bool(((ua == ub) | (nan(ua) & nan(ub))).all())
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_current_stream_capturing()
+
+
+def _checked(variant: tuple, device: torch.device, cast: Callable[[bool], tuple[torch.Tensor, ...]]
+             ) -> tuple[torch.Tensor, ...]:
+    """``cast(hw)`` with the GPU's FP8 conversion (hw=True) where this variant's first cast agreed with the integer
+    encoder, else with the encoder. The first cast of a variant runs both ways and compares (one host sync); a
+    disagreement warns once and keeps the encoder for the variant. Under CUDA-graph capture an unchecked variant
+    runs the encoder (no sync there). CONVERSION "hardware" or "encoder" skips the check."""
+    if CONVERSION != "checked" or device.type != "cuda":
+        return cast(CONVERSION == "hardware" and device.type == "cuda")
+    agrees = _HW_AGREES.get(variant)
+    if agrees is not None:
+        return cast(agrees)
+    if _capturing():
+        return cast(False)
+    hw, encoded = cast(True), cast(False)
+    agrees = all(_same_codes(a, b) for a, b in zip(hw, encoded))
+    _HW_AGREES[variant] = agrees
+    if not agrees:
+        warnings.warn(f"the GPU's fp32 -> FP8 conversion in the Triton cast {variant[0]} ({variant[2]} -> "
+                      f"{variant[3]}) disagrees with the integer encoder on its first input; that variant keeps the "
+                      "encoder (a compiler fault: see memory/fp8_triton.py)", RuntimeWarning, stacklevel=3)
+    return hw if agrees else encoded
 
 
 def quantize_per_tensor_t(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn, transpose: bool = True
@@ -65,13 +125,18 @@ def quantize_per_tensor_t(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m
     amax = torch.zeros((), dtype=torch.int32, device=x.device)
     module.cast_amax_kernel[(triton_cdiv(x.numel(), AMAX_BLOCK),)](x, amax, x.numel(), BLOCK=AMAX_BLOCK,
                                                                    num_warps=8)
-    q = torch.empty((rows, k), dtype=dtype, device=x.device)
-    qt = torch.empty((k, rows) if transpose else (0,), dtype=dtype, device=x.device)
-    scale = torch.empty((), dtype=torch.float32, device=x.device)
     bm, bn = TILE
-    module.cast_tensor_kernel[(triton_cdiv(rows, bm), triton_cdiv(k, bn))](
-        x, q.view(torch.uint8), qt.view(torch.uint8), amax, scale, rows, k, TRANSPOSE=transpose,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=NUM_WARPS, **consts)
+
+    def cast(hw: bool) -> tuple[torch.Tensor, ...]:
+        q = torch.empty((rows, k), dtype=dtype, device=x.device)
+        qt = torch.empty((k, rows) if transpose else (0,), dtype=dtype, device=x.device)
+        scale = torch.empty((), dtype=torch.float32, device=x.device)
+        module.cast_tensor_kernel[(triton_cdiv(rows, bm), triton_cdiv(k, bn))](
+            x, q.view(torch.uint8), qt.view(torch.uint8), amax, scale, rows, k, TRANSPOSE=transpose, HW=hw,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=NUM_WARPS, **consts)
+        return q, qt, scale
+
+    q, qt, scale = _checked(_variant("cast_tensor_kernel", transpose, x, dtype, rows, k), x.device, cast)
     if transpose:
         return q, qt, scale
     return q.view(x.shape), scale
@@ -88,12 +153,18 @@ def quantize_last_dim_groups(x: torch.Tensor, group: int = 16, dtype: torch.dtyp
     k = x.shape[-1]
     rows = x.numel() // k
     module, consts = _launch_args(x, dtype)
-    q = torch.empty(x.shape, dtype=dtype, device=x.device)
-    scale = torch.empty((*x.shape[:-1], k // group), dtype=torch.float32, device=x.device)
     bm, bn = GROUP_TILE
     bn = max(bn, group)
-    module.cast_groups_kernel[(triton_cdiv(rows, bm), triton_cdiv(k, bn))](
-        x, q.view(torch.uint8), scale, rows, k, GROUP=group, BLOCK_M=bm, BLOCK_N=bn, num_warps=NUM_WARPS, **consts)
+
+    def cast(hw: bool) -> tuple[torch.Tensor, ...]:
+        q = torch.empty(x.shape, dtype=dtype, device=x.device)
+        scale = torch.empty((*x.shape[:-1], k // group), dtype=torch.float32, device=x.device)
+        module.cast_groups_kernel[(triton_cdiv(rows, bm), triton_cdiv(k, bn))](
+            x, q.view(torch.uint8), scale, rows, k, GROUP=group, HW=hw, BLOCK_M=bm, BLOCK_N=bn,
+            num_warps=NUM_WARPS, **consts)
+        return q, scale
+
+    q, scale = _checked(_variant("cast_groups_kernel", group, x, dtype, rows, k), x.device, cast)
     return q, scale
 
 

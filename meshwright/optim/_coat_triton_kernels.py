@@ -287,11 +287,10 @@ def fp8_codec_kernel(x_ptr, code_ptr, byte_ptr, y_ptr, n, MBITS: tl.constexpr, B
 # Each is one pass over its input at memory bandwidth: inductor's kernels of the same quantisers ran at a fifth of it
 # on an H200 (dynamic shapes, three kernels for a cast with its transpose). The arithmetic is the reference's
 # (fp8_quant.quantize_per_tensor / quantize_last_dim_groups): the absmax in fp32, the scale amax / FMAX (1 where the
-# absmax is not positive, NaN included), IEEE division, clamp, round to nearest even (the integer encoder above, as
-# CoatAdamW's; with Triton 3.6's own fp32 -> FP8 conversion instead, COAT's FP8 linears computed NaN on an H200,
-# 2026-11-28, cause not found, so it is off: fp8_triton.HARDWARE_CONVERSION). Magnitudes are compared as the
-# integers of their fp32 bits (sign cleared): the same order as the floats for every non-negative value, with a NaN
-# above +inf, so a NaN wins a max as torch's amax lets it, and an atomic max works on one int32 word.
+# absmax is not positive, NaN included), IEEE division, clamp, round to nearest even: the integer encoder above (as
+# CoatAdamW's) or, with HW, the GPU's conversion (_cvt_fp8; fp8_triton checks it against the encoder). Magnitudes
+# are compared as the integers of their fp32 bits (sign cleared): the same order as the floats for every non-negative
+# value, with a NaN above +inf, so a NaN wins a max as torch's amax lets it, and an atomic max works on one int32 word.
 
 
 @triton.jit
@@ -300,14 +299,29 @@ def _magnitude_bits(x):
 
 
 @triton.jit
+def _cvt_fp8(q, MBITS: tl.constexpr):
+    """Clamped fp32 -> FP8 byte by the GPU's cvt.rn.satfinite (sm_89+), one element per instruction, paired with
+    0.0 so the code is the low byte of a register whose high byte is 0. Why not Triton's ``q.to(tl.float8e4nv)``:
+    it converts pairs and splits each 16-bit result into bytes (shr.u16 by 8), and for the transposed copy of an
+    fp32 input ptxas 13.0 compiled that split from the fp32 *input* register instead of the conversion's result
+    (SASS of cast_tensor_kernel for sm_90, read at stop 40): garbage bytes, some of them NaN codes, in q^T only."""
+    if MBITS == 2:
+        r = tl.inline_asm_elementwise(
+            "{ .reg .b16 t; cvt.rn.satfinite.e5m2x2.f32 t, 0f00000000, $1; cvt.u32.u16 $0, t; }",
+            "=r,r", [q], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        r = tl.inline_asm_elementwise(
+            "{ .reg .b16 t; cvt.rn.satfinite.e4m3x2.f32 t, 0f00000000, $1; cvt.u32.u16 $0, t; }",
+            "=r,r", [q], dtype=tl.int32, is_pure=True, pack=1)
+    return r.to(tl.uint8)
+
+
+@triton.jit
 def _scaled_fp8(x, scale, FMAX: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, HW: tl.constexpr):
     q = tl.div_rn(x, tl.broadcast_to(scale, x.shape))  # operands of one shape: div_rn need not broadcast
     q = tl.where(q > FMAX, FMAX, tl.where(q < -FMAX, -FMAX, q))  # NaN passes, as torch.clamp
-    if HW:  # the hardware's cvt.rn.satfinite (fp8_triton.HARDWARE_CONVERSION, off: it wrote wrong codes once)
-        if MBITS == 2:
-            code = q.to(tl.float8e5).to(tl.uint8, bitcast=True)
-        else:
-            code = q.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    if HW:  # the GPU's cvt.rn.satfinite (fp8_triton.CONVERSION: checked against the encoder once per variant)
+        code = _cvt_fp8(q, MBITS)
     else:
         code = _encode(q, MBITS, BIAS)
     return code

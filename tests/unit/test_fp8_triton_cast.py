@@ -1,7 +1,7 @@
 """COAT's FP8 activation casts as Triton kernels (#18, memory/fp8_triton.py): the reference's bits.
 
-Under Triton's interpreter on CPU (the integer FP8 encoder, IEEE division) and compiled on CUDA (the hardware's
-cvt.rn.satfinite), each cast must give the FP8 codes and scales of :mod:`meshwright.optim.fp8_quant` exactly:
+Under Triton's interpreter on CPU (the integer FP8 encoder, IEEE division) and compiled on CUDA (the encoder, or the
+hardware's cvt.rn.satfinite where its first cast agrees: fp8_triton._checked), each cast must give the FP8 codes and scales of :mod:`meshwright.optim.fp8_quant` exactly:
 per-tensor casts with their transposed copy (E4M3 inputs and weights, E5M2 gradients) and 1 x 16 group casts,
 from fp32, bf16 and fp16, on shapes that do not fill the tiles, and with NaN, inf and -0 among the values.
 """
@@ -39,22 +39,27 @@ def _inputs(shape: tuple[int, ...], dtype: torch.dtype, device: str = "cpu", spe
 # The reference runs on CPU: there ``amax / fmax`` divides, as the kernels do, where torch's CUDA kernel multiplies
 # by the reciprocal of a Python-number divisor (one ulp off in 53% of the 1 x 16 scales of an H200 run, 2026-11-28,
 # moving 0.06% of the codes by one)
-def _assert_per_tensor(x: torch.Tensor, f8: torch.dtype) -> None:
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(_codes(a), _codes(b))
+
+
+# ``same``: how FP8 codes must agree, bit for bit by default; the GPU's conversion may write a NaN of the other sign
+def _assert_per_tensor(x: torch.Tensor, f8: torch.dtype, same=_bits_equal) -> None:
     q, qt, scale = (t.cpu() for t in fp8_triton.quantize_per_tensor_t(x, f8))
     ref_q, ref_scale = fp8_quant.quantize_per_tensor(x.cpu().reshape(-1, x.shape[-1]), f8)
-    assert torch.equal(_codes(q), _codes(ref_q))
-    assert torch.equal(_codes(qt), _codes(ref_q.t().contiguous()))
+    assert same(q, ref_q)
+    assert same(qt, ref_q.t().contiguous())  # the copy ptxas 13.0 got wrong with Triton's own conversion
     assert torch.equal(scale, ref_scale)
     q1, scale1 = (t.cpu() for t in fp8_triton.quantize_per_tensor(x, f8))
-    assert q1.shape == x.shape and torch.equal(_codes(q1).reshape(-1), _codes(ref_q).reshape(-1))
+    assert q1.shape == x.shape and same(q1.reshape(-1), ref_q.reshape(-1))
     assert torch.equal(scale1, ref_scale)
 
 
-def _assert_groups(x: torch.Tensor, group: int = 16) -> None:
+def _assert_groups(x: torch.Tensor, group: int = 16, same=_bits_equal) -> None:
     q, s = (t.cpu() for t in fp8_triton.quantize_last_dim_groups(x, group))
     ref_q, ref_s = fp8_quant.quantize_last_dim_groups(x.cpu(), group)
     assert q.shape == ref_q.shape and s.shape == ref_s.shape
-    assert torch.equal(_codes(q), _codes(ref_q))
+    assert same(q, ref_q)
     assert torch.equal(s, ref_s)
 
 
@@ -118,22 +123,29 @@ def test_a_failing_kernel_warns_once_and_hands_over_to_the_compiled_quantiser():
 
 
 @cuda
+@pytest.mark.parametrize("conversion", ["encoder", "hardware"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_casts_equal_the_reference_bit_for_bit(dtype):
+def test_cuda_casts_equal_the_reference_bit_for_bit(dtype, conversion):
     """Compiled: the codes and scales of the reference (on CPU), on a block-sized activation (4096 x 2048), a
-    weight-shaped one and a ragged one, and on non-finite values. On an H200 (2026-11-28) the per-tensor casts gave
-    torch's CUDA codes exactly at the 1.3B's shapes (bench_fp8_casts_gpu.py)."""
+    weight-shaped one and a ragged one, and on non-finite values; with the integer encoder and with the GPU's
+    conversion unchecked (the checked default takes it where its first cast agrees). On an H200 (2026-11-28) the
+    encoder's per-tensor casts gave torch's CUDA codes exactly at the 1.3B's shapes (bench_fp8_casts_gpu.py)."""
     assert fp8_triton.runs(torch.zeros(4, 16, device="cuda", dtype=dtype), group=16)
-    for shape in ((4096, 2048), (5632, 2048), (1000, 72)):
-        x = _inputs(shape, dtype, "cuda", special=True)
-        for f8 in FORMATS:
-            _assert_per_tensor(x, f8)
-        if shape[-1] % 16 == 0:
-            _assert_groups(x)
-    x = _inputs((64, 64), dtype, "cuda")
-    x[1, 2] = float("nan")
-    _assert_per_tensor(x, torch.float8_e4m3fn)
-    _assert_groups(x)
+    same = _bits_equal if conversion == "encoder" else fp8_triton._same_codes
+    old = fp8_triton.set_conversion(conversion)
+    try:
+        for shape in ((4096, 2048), (5632, 2048), (1000, 72)):
+            x = _inputs(shape, dtype, "cuda", special=True)
+            for f8 in FORMATS:
+                _assert_per_tensor(x, f8, same)
+            if shape[-1] % 16 == 0:
+                _assert_groups(x, same=same)
+        x = _inputs((64, 64), dtype, "cuda")
+        x[1, 2] = float("nan")
+        _assert_per_tensor(x, torch.float8_e4m3fn, same)
+        _assert_groups(x, same=same)
+    finally:
+        fp8_triton.set_conversion(old)
 
 
 @cuda
@@ -154,3 +166,75 @@ def test_cuda_fused_forwards_take_the_triton_casts():
     assert torch.equal(_codes(qb), _codes(r_qb)) and torch.equal(sb, r_sb)
     torch.testing.assert_close(prod, r_prod)
     assert not fp8_fused.fused_rmsnorm_forward.kernel_failed and not fp8_fused.fused_swiglu_forward.kernel_failed
+
+
+def _fake_cast(calls, wrong_code_at=None):
+    """A cast as fp8_triton runs one: cast(hw) -> (codes, scale); with ``wrong_code_at`` the hardware way writes
+    one code wrong there (what ptxas did to Triton's own conversion on the H200)."""
+    x = torch.randn(8, 32)
+    q, s = fp8_quant.quantize_per_tensor(x)
+
+    def cast(hw):
+        calls.append(hw)
+        out = q.clone()
+        if hw and wrong_code_at is not None:
+            out.view(torch.uint8)[wrong_code_at] ^= 0x7F
+        return out, s.clone()
+    return cast, q
+
+
+def test_the_gpu_conversion_is_used_once_its_first_cast_agrees_with_the_encoder(monkeypatch):
+    monkeypatch.setattr(fp8_triton, "_HW_AGREES", {})
+    monkeypatch.setattr(fp8_triton, "_capturing", lambda: False)
+    cuda_device, calls = torch.device("cuda"), []
+    cast, ref = _fake_cast(calls)
+    q, _ = fp8_triton._checked(("v",), cuda_device, cast)
+    assert calls == [True, False] and torch.equal(_codes(q), _codes(ref))  # checked once, both ways
+    fp8_triton._checked(("v",), cuda_device, cast)
+    assert calls == [True, False, True] and fp8_triton._HW_AGREES == {("v",): True}  # then the GPU's only
+    fp8_triton._checked(("v",), torch.device("cpu"), cast)
+    assert calls[-1] is False  # CPU: the interpreter has no FP8 conversion
+
+
+def test_a_disagreeing_gpu_conversion_warns_once_and_the_variant_keeps_the_encoder(monkeypatch):
+    monkeypatch.setattr(fp8_triton, "_HW_AGREES", {})
+    monkeypatch.setattr(fp8_triton, "_capturing", lambda: False)
+    calls = []
+    cast, ref = _fake_cast(calls, wrong_code_at=(3, 5))
+    with pytest.warns(RuntimeWarning, match="disagrees with the integer encoder"):
+        q, _ = fp8_triton._checked(("bad", 0, torch.float32, torch.float8_e4m3fn), torch.device("cuda"), cast)
+    assert torch.equal(_codes(q), _codes(ref))  # the encoder's codes, not the wrong ones
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fp8_triton._checked(("bad", 0, torch.float32, torch.float8_e4m3fn), torch.device("cuda"), cast)
+    assert calls == [True, False, False]
+
+
+def test_the_conversion_check_waits_outside_graph_capture_and_can_be_switched(monkeypatch):
+    monkeypatch.setattr(fp8_triton, "_HW_AGREES", {})
+    calls = []
+    cast, _ = _fake_cast(calls)
+    monkeypatch.setattr(fp8_triton, "_capturing", lambda: True)  # no host sync while a CUDA graph is captured
+    fp8_triton._checked(("v",), torch.device("cuda"), cast)
+    assert calls == [False] and fp8_triton._HW_AGREES == {}
+    monkeypatch.setattr(fp8_triton, "_capturing", lambda: False)
+    for mode, expected in (("encoder", False), ("hardware", True)):
+        old = fp8_triton.set_conversion(mode)
+        try:
+            fp8_triton._checked(("v",), torch.device("cuda"), cast)
+        finally:
+            fp8_triton.set_conversion(old)
+        assert calls[-1] is expected and fp8_triton._HW_AGREES == {}
+    with pytest.raises(ValueError, match="conversion='fast' is invalid; valid: checked, hardware, encoder"):
+        fp8_triton.set_conversion("fast")
+
+
+def test_nan_codes_of_either_kind_count_as_the_same_code():
+    e4, e5 = torch.float8_e4m3fn, torch.float8_e5m2
+    a = torch.tensor([0x7F, 0x01, 0xFF], dtype=torch.uint8)
+    assert fp8_triton._same_codes(a.view(e4), torch.tensor([0xFF, 0x01, 0x7F], dtype=torch.uint8).view(e4))
+    assert not fp8_triton._same_codes(a.view(e4), torch.tensor([0x7E, 0x01, 0xFF], dtype=torch.uint8).view(e4))
+    assert fp8_triton._same_codes(torch.tensor([0x7D], dtype=torch.uint8).view(e5),
+                                  torch.tensor([0xFF], dtype=torch.uint8).view(e5))
+    assert not fp8_triton._same_codes(torch.tensor([0x7C], dtype=torch.uint8).view(e5),  # inf is not NaN
+                                      torch.tensor([0x7D], dtype=torch.uint8).view(e5))

@@ -1,0 +1,49 @@
+"""The SASS check of COAT's FP8 cast kernels (benchmarks/sass_audit.py): it flags the fault the H200 hit, and the
+kernels as shipped compile for sm_90 without it, with the GPU's conversion instructions where asked (#18)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import sass_audit  # noqa: E402
+
+# cast_tensor_kernel (fp32 input, E4M3, with its transpose) as Triton 3.6's ptxas compiled Triton's own conversion
+# for sm_90, excerpted: R26 holds q = x / scale (the division's slow path returns it in R0); the clamp reads it; then
+# its low half is masked and shifted as if it were a converted pair, and the byte packed for the transposed copy
+BUGGY = """
+        /*1760*/                   FFMA R26, R26, R3, R0 ;
+        /*17a0*/                   CALL.REL.NOINC `($__internal_0_$__cuda_sm3x_div_rn_noftz_f32_slowpath) ;
+        /*17b0*/                   IMAD.MOV.U32 R26, RZ, RZ, R0 ;
+        /*2470*/                   FSETP.GT.AND P4, PT, R26.reuse, 448, PT ;
+        /*2480*/                   FMNMX.NAN R4, R26.reuse, -448, !PT ;
+        /*2490*/                   LOP3.LUT R26, R26, 0xffff, RZ, 0xc0, !PT ;
+        /*24a0*/                   FSEL R4, R4, 448, !P4 ;
+        /*24d0*/                   F2FP.SATFINITE.E4M3.F32.PACK_AB_MERGE_C R4, R4, R13, RZ ;
+        /*2610*/                   SHF.R.U32.HI R18, RZ, 0x8, R26 ;
+"""
+# the same with the byte taken from the conversion's result (R4, after the F2FP)
+FIXED = BUGGY.replace("        /*2490*/                   LOP3.LUT R26, R26, 0xffff, RZ, 0xc0, !PT ;\n", "").replace(
+    "RZ ;\n        /*2610*/", "RZ ;\n        /*24e0*/                   LOP3.LUT R26, R4, 0xffff, RZ, 0xc0, !PT ;\n        /*2610*/")
+
+
+def test_the_audit_flags_a_byte_taken_from_the_fp32_value_being_converted():
+    assert sass_audit.fp32_byte_extractions(BUGGY) == ["/*2490*/                   LOP3.LUT R26, R26, 0xffff, RZ, 0xc0, !PT ;"]
+    assert "/*24e0*/" in FIXED and "/*2490*/" not in FIXED
+    assert sass_audit.fp32_byte_extractions(FIXED) == []
+
+
+@pytest.mark.skipif(not sass_audit.available(), reason="needs Triton with its NVIDIA backend (ptxas, nvdisasm)")
+@pytest.mark.timeout(180)
+def test_shipped_cast_kernels_convert_on_the_gpu_from_the_conversions_results():
+    """The variant the H200 got wrong (fp32 input, transposed copy) and a bf16 one: with HW the GPU's conversion
+    instructions (F2FP) and no byte from an fp32 value; without HW, none (the integer encoder)."""
+    for x_dtype, fmt in (("fp32", "e4m3"), ("bf16", "e5m2")):
+        sass = sass_audit.cast_kernel_sass("cast_tensor_kernel", x_dtype, fmt)
+        assert "F2FP.SATFINITE" in sass, (x_dtype, fmt)
+        assert sass_audit.fp32_byte_extractions(sass) == [], (x_dtype, fmt)
+    assert "F2FP" not in sass_audit.cast_kernel_sass("cast_tensor_kernel", "fp32", "e4m3", hw=False)

@@ -11,8 +11,8 @@ round to nearest even), tested bit for bit under Triton's interpreter on CPU and
 fp32 -> FP8 code, is the GPU's own conversion (cvt.rn.satfinite, ~1.4x faster per-tensor casts on an H200) where it
 agrees with the integer encoder: each compiled variant is checked once, on its first real input (:func:`_checked`).
 Compilers have got it wrong: ptxas 13.0 built Triton's own conversion of an fp32 tile's transposed copy from the
-input's bits, not the conversion's (NaN gradients on an H200, 2026-11-28). The kernels
-live with CoatAdamW's (:mod:`meshwright.optim._coat_triton_kernels`, loaded per mode by
+input's bits, not the conversion's (NaN gradients on an H200, 2026-11-28). GPUs before sm_89 have no FP8 conversion
+and always take the encoder. The kernels live with CoatAdamW's (:mod:`meshwright.optim._coat_triton_kernels`, loaded per mode by
 :func:`meshwright.optim.coat_triton.kernels`). :mod:`meshwright.memory.fp8_cast` sends contiguous CUDA tensors here
 and everything else to its compiled quantisers.
 """
@@ -92,26 +92,36 @@ def _capturing() -> bool:
     return torch.cuda.is_current_stream_capturing()
 
 
+def _converts_fp8(device: torch.device) -> bool:
+    """Whether the GPU has cvt to FP8 (compute capability 8.9: Ada, Hopper and later)."""
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def _checked(variant: tuple, device: torch.device, cast: Callable[[bool], tuple[torch.Tensor, ...]]
              ) -> tuple[torch.Tensor, ...]:
     """``cast(hw)`` with the GPU's FP8 conversion (hw=True) where this variant's first cast agreed with the integer
     encoder, else with the encoder. The first cast of a variant runs both ways and compares (one host sync); a
     disagreement warns once and keeps the encoder for the variant. Under CUDA-graph capture an unchecked variant
-    runs the encoder (no sync there). CONVERSION "hardware" or "encoder" skips the check."""
+    runs the encoder (no sync there). A GPU without FP8 conversion runs the encoder; a failure to build the
+    conversion counts as a disagreement. CONVERSION "hardware" or "encoder" skips the check."""
     if CONVERSION != "checked" or device.type != "cuda":
         return cast(CONVERSION == "hardware" and device.type == "cuda")
     agrees = _HW_AGREES.get(variant)
     if agrees is not None:
         return cast(agrees)
-    if _capturing():
+    if _capturing() or not _converts_fp8(device):
         return cast(False)
-    hw, encoded = cast(True), cast(False)
-    agrees = all(_same_codes(a, b) for a, b in zip(hw, encoded))
+    encoded = cast(False)
+    try:
+        hw = cast(True)
+        agrees, why = all(_same_codes(a, b) for a, b in zip(hw, encoded)), "disagrees with the integer encoder"
+    except Exception as e:  # noqa: BLE001 - a compiler refusing the inline PTX: the encoder serves
+        hw, agrees, why = encoded, False, f"failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
     _HW_AGREES[variant] = agrees
     if not agrees:
         warnings.warn(f"the GPU's fp32 -> FP8 conversion in the Triton cast {variant[0]} ({variant[2]} -> "
-                      f"{variant[3]}) disagrees with the integer encoder on its first input; that variant keeps the "
-                      "encoder (a compiler fault: see memory/fp8_triton.py)", RuntimeWarning, stacklevel=3)
+                      f"{variant[3]}) {why} on its first input; that variant keeps the encoder "
+                      "(see memory/fp8_triton.py)", RuntimeWarning, stacklevel=3)
     return hw if agrees else encoded
 
 

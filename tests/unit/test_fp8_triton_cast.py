@@ -186,12 +186,13 @@ def _fake_cast(calls, wrong_code_at=None):
 def test_the_gpu_conversion_is_used_once_its_first_cast_agrees_with_the_encoder(monkeypatch):
     monkeypatch.setattr(fp8_triton, "_HW_AGREES", {})
     monkeypatch.setattr(fp8_triton, "_capturing", lambda: False)
+    monkeypatch.setattr(fp8_triton, "_converts_fp8", lambda device: True)
     cuda_device, calls = torch.device("cuda"), []
     cast, ref = _fake_cast(calls)
     q, _ = fp8_triton._checked(("v",), cuda_device, cast)
-    assert calls == [True, False] and torch.equal(_codes(q), _codes(ref))  # checked once, both ways
+    assert sorted(calls) == [False, True] and torch.equal(_codes(q), _codes(ref))  # checked once, both ways
     fp8_triton._checked(("v",), cuda_device, cast)
-    assert calls == [True, False, True] and fp8_triton._HW_AGREES == {("v",): True}  # then the GPU's only
+    assert calls[2:] == [True] and fp8_triton._HW_AGREES == {("v",): True}  # then the GPU's only
     fp8_triton._checked(("v",), torch.device("cpu"), cast)
     assert calls[-1] is False  # CPU: the interpreter has no FP8 conversion
 
@@ -199,6 +200,7 @@ def test_the_gpu_conversion_is_used_once_its_first_cast_agrees_with_the_encoder(
 def test_a_disagreeing_gpu_conversion_warns_once_and_the_variant_keeps_the_encoder(monkeypatch):
     monkeypatch.setattr(fp8_triton, "_HW_AGREES", {})
     monkeypatch.setattr(fp8_triton, "_capturing", lambda: False)
+    monkeypatch.setattr(fp8_triton, "_converts_fp8", lambda device: True)
     calls = []
     cast, ref = _fake_cast(calls, wrong_code_at=(3, 5))
     with pytest.warns(RuntimeWarning, match="disagrees with the integer encoder"):
@@ -207,7 +209,26 @@ def test_a_disagreeing_gpu_conversion_warns_once_and_the_variant_keeps_the_encod
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fp8_triton._checked(("bad", 0, torch.float32, torch.float8_e4m3fn), torch.device("cuda"), cast)
-    assert calls == [True, False, False]
+    assert sorted(calls) == [False, False, True]
+
+
+def test_a_gpu_without_fp8_conversion_or_a_failing_build_keeps_the_encoder(monkeypatch):
+    monkeypatch.setattr(fp8_triton, "_HW_AGREES", {})
+    monkeypatch.setattr(fp8_triton, "_capturing", lambda: False)
+    monkeypatch.setattr(fp8_triton, "_converts_fp8", lambda device: False)  # an A100: sm_80
+    calls = []
+    cast, _ = _fake_cast(calls)
+    fp8_triton._checked(("v",), torch.device("cuda"), cast)
+    assert calls == [False] and fp8_triton._HW_AGREES == {}
+
+    def refusing(hw):  # ptxas without the instruction
+        if hw:
+            raise RuntimeError("ptxas fatal: cvt.rn.satfinite.e4m3x2.f32 requires sm_89\nmore")
+        return cast(False)
+    monkeypatch.setattr(fp8_triton, "_converts_fp8", lambda device: True)
+    with pytest.warns(RuntimeWarning, match=r"failed \(RuntimeError: ptxas fatal: .* requires sm_89\)"):
+        q, _ = fp8_triton._checked(("w", 0, torch.float32, torch.float8_e4m3fn), torch.device("cuda"), refusing)
+    assert fp8_triton._HW_AGREES == {("w", 0, torch.float32, torch.float8_e4m3fn): False}
 
 
 def test_the_conversion_check_waits_outside_graph_capture_and_can_be_switched(monkeypatch):

@@ -57,7 +57,7 @@ import torch
 import torch.distributed as dist
 
 from parity_lib import (CFG, MAX_NORM, MICRO, RTOL, SEED, SEQ, Report, dp_copies_reference, failure, full_grads, init,
-                        make_opt, rel, run_worker, shard)
+                        grad_floor, make_opt, rel, run_worker, shard)
 from parity_2rank import plan
 
 from meshwright.config import load_model_config
@@ -435,9 +435,10 @@ def vs_one_process(cfg, p, dp: int, run: dict) -> dict:
     whole, plain = reference(cfg, p, dp), reference(cfg, p, dp, savers=False)
 
     def gap(a: dict, b: list[dict]) -> dict:
+        floor = grad_floor(b[0]["grads"])
         return {"loss": max(rel(x, y["loss"]) for x, y in zip(a["loss"], b)),
                 "norm": max(rel(x, y["norm"]) for x, y in zip(a["norm"], b)),
-                "grad": max(rel(a["grads"][k], b[0]["grads"][k]) for k in b[0]["grads"])}
+                "grad": max(rel(a["grads"][k], b[0]["grads"][k], floor) for k in b[0]["grads"])}
     flat = lambda ref: {"loss": [r["loss"] for r in ref], "norm": [r["norm"] for r in ref], "grads": ref[0]["grads"]}  # noqa: E731
     return {**gap(run, whole), "effect": gap(flat(plain), whole), "tp_vs_plain": gap(run, plain)}
 
@@ -502,7 +503,7 @@ def _run_case(name: str, cfg, pd: dict, compile_backend: str | None = None, loss
             for pname, g in run["grads"].items():
                 r = expert_slice(rt, pname, g, ref[0]["grads"][pname])
                 n_expert += r is not ref[0]["grads"][pname]
-                e = rel(g, r)
+                e = rel(g, r, grad_floor(ref[0]["grads"]))
                 if e > worst["grad"]:
                     worst["grad"], worst_name = e, pname
         norm = rt.clip_grad_norm_(MAX_NORM)
@@ -564,11 +565,13 @@ def _run_case(name: str, cfg, pd: dict, compile_backend: str | None = None, loss
             ok = ok and e["local"] * e["parts"] == e["full_on_stage"]
     if any(s.savers.fp8_act or s.savers.wta_crs not in (None, 1.0) for s in p.layer_strategies()) and not gemm_tp:
         plain = reference(cfg, p, dp, savers=False)
-        res["saver_effect"] = max(rel(plain[0]["grads"][k], ref[0]["grads"][k]) for k in plain[0]["grads"])
+        floor = grad_floor(ref[0]["grads"])
+        res["saver_effect"] = max(rel(plain[0]["grads"][k], ref[0]["grads"][k], floor) for k in plain[0]["grads"])
         ok = ok and res["saver_effect"] > max(1e-4, 20 * worst["grad"])
     if name == "wta_keep1_dp4_equals_exact":  # keep_ratio 1 keeps every row: the exact gradient
         plain = reference(cfg, p, dp, savers=False)
-        res["vs_exact"] = max(rel(ref[0]["grads"][k], plain[0]["grads"][k]) for k in plain[0]["grads"])
+        floor = grad_floor(plain[0]["grads"])
+        res["vs_exact"] = max(rel(ref[0]["grads"][k], plain[0]["grads"][k], floor) for k in plain[0]["grads"])
         ok = ok and res["vs_exact"] <= RTOL
     return {"ok": ok, **res}
 
@@ -656,7 +659,7 @@ def run_ckpt_case(pd_save: dict, pd_load: dict, ckpt_dir: str) -> dict:
         loss = rt2.forward_backward(shard(step, rt2.dp_rank, rt2.dp_size))
         worst["loss"] = max(worst["loss"], rel(loss, ref[step]["loss"]))
         for pname, g in full_grads(rt2).items():
-            e = rel(g, expert_slice(rt2, pname, g, ref[step]["grads"][pname]))
+            e = rel(g, expert_slice(rt2, pname, g, ref[step]["grads"][pname]), grad_floor(ref[step]["grads"]))
             if e > worst["grad"]:
                 worst["grad"], worst_name = e, f"step {step}: {pname}"
         worst["norm"] = max(worst["norm"], rel(rt2.clip_grad_norm_(MAX_NORM), ref[step]["norm"]))

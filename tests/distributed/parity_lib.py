@@ -157,9 +157,22 @@ def load_perturbed(model, path, adapters: Callable | None = None) -> tuple:
     return rt, opt, meta
 
 
-def rel(a: torch.Tensor | float, b: torch.Tensor | float) -> float:
+def rel(a: torch.Tensor | float, b: torch.Tensor | float, floor: float = 1e-30) -> float:
+    """||a - b|| / ||b||, the denominator at least ``floor`` (:func:`grad_floor` for a parameter's gradient)."""
     a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+    return float((a - b).norm() / b.norm().clamp_min(floor))
+
+
+# Some gradients are zero in exact arithmetic and only rounding in fp32: a key projection's bias (softmax ignores a
+# score shift common to a row, so the bias's gradient sums dS rows that sum to 0). Their relative error compares
+# two roundings and says nothing (0.38 on one CPU, below 1e-3 on another, same code). A parameter's gradient error is
+# therefore taken relative to its own norm, or to this fraction of the whole gradient's norm if that is larger.
+GRAD_FLOOR = 1e-4
+
+
+def grad_floor(grads: dict[str, torch.Tensor]) -> float:
+    """GRAD_FLOOR x the norm of all of ``grads`` together (the reference run's gradients)."""
+    return GRAD_FLOOR * float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())))
 
 
 def full_grads(rt) -> dict[str, torch.Tensor]:

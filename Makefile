@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml constraints.txt
 run: setup  ## train the default model on the embedded corpus with a plan chosen for this machine
 	$(VENV)/bin/meshwright train default --overwrite
 
+# Two pytest-xdist workers, a module whole on one (tests/conftest.py groups them): torchrun launches and SSH waits
+# overlap with CPU-bound tests (35 -> 23 min on the 2-core box); TEST_WORKERS=0 runs in one process
+TEST_WORKERS ?= 2
 test: setup  ## the whole suite (unit, distributed under torchrun/gloo, end-to-end CLI)
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25 tests
 
 test-fast: setup
 	$(PY) -m pytest -q tests/unit

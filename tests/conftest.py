@@ -18,6 +18,27 @@ if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
+# Launches several modules share (tests/distributed/conftest.py): under pytest-xdist a session fixture runs once per
+# worker that needs it, so the modules sharing one are kept on one worker
+SHARED_LAUNCHES = ("cli_launch", "worker_launch")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) each test module runs whole on one worker, its
+    module-scoped launch once; the modules of one shared launch run on one worker together. Without xdist the marks
+    do nothing."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    shared: dict[str, str] = {}
+    for item in items:
+        for launch in SHARED_LAUNCHES:
+            if launch in getattr(item, "fixturenames", ()):
+                shared.setdefault(item.nodeid.split("::")[0], launch)
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(shared.get(module, module)))
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_timeout_set_timer(item, settings):
     """A test's timeout (pytest-timeout's, a quiet box's bound) stretched by the box's load at the test's start

@@ -10,9 +10,9 @@ The bits are the reference's (:mod:`meshwright.optim.fp8_quant`): the kernels do
 round to nearest even), tested bit for bit under Triton's interpreter on CPU and against torch on CUDA. The last step,
 fp32 -> FP8 code, is the GPU's own conversion (cvt.rn.satfinite, ~1.4x faster per-tensor casts on an H200) where it
 agrees with the integer encoder: each compiled variant is checked once, on its first real input (:func:`_checked`).
-Compilers have got it wrong: ptxas 13.0 built Triton's own conversion of an fp32 tile's transposed copy from the
-input's bits, not the conversion's (NaN gradients on an H200, 2026-11-28). GPUs before sm_89 have no FP8 conversion
-and always take the encoder. The kernels live with CoatAdamW's (:mod:`meshwright.optim._coat_triton_kernels`, loaded per mode by
+Compilers have got it wrong: from Triton 3.6's PTX, ptxas built the transposed copy of an fp32 tile from the input's
+bits, not the conversion's (NaN gradients on an H200, 2026-11-28). GPUs before sm_89 have no FP8 conversion and always
+take the encoder. The kernels live with CoatAdamW's (:mod:`meshwright.optim._coat_triton_kernels`, loaded per mode by
 :func:`meshwright.optim.coat_triton.kernels`). :mod:`meshwright.memory.fp8_cast` sends contiguous CUDA tensors here
 and everything else to its compiled quantisers.
 """

@@ -303,8 +303,9 @@ def _cvt_fp8(q, MBITS: tl.constexpr):
     """Clamped fp32 -> FP8 byte by the GPU's cvt.rn.satfinite (sm_89+), one element per instruction, paired with
     0.0 so the code is the low byte of a register whose high byte is 0. Why not Triton's ``q.to(tl.float8e4nv)``:
     it converts pairs and splits each 16-bit result into bytes (shr.u16 by 8), and for the transposed copy of an
-    fp32 input ptxas 13.0 compiled that split from the fp32 *input* register instead of the conversion's result
-    (SASS of cast_tensor_kernel for sm_90, read at stop 40): garbage bytes, some of them NaN codes, in q^T only."""
+    fp32 input ptxas compiled that split from the fp32 *input* register instead of the conversion's result (SASS of
+    cast_tensor_kernel for sm_90 from Triton 3.6's PTX, read at stop 40; ptxas 12.8 and 12.9 alike at -O1 and above,
+    right at -O0): garbage bytes, some of them NaN codes, in q^T only (benchmarks/sass_audit.py)."""
     if MBITS == 2:
         r = tl.inline_asm_elementwise(
             "{ .reg .b16 t; cvt.rn.satfinite.e5m2x2.f32 t, 0f00000000, $1; cvt.u32.u16 $0, t; }",

@@ -155,6 +155,11 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         from bench_fp8_linear_gpu import compiled_status
 
         out.update(compiled_status())
+    if name in FP8_CONFIGS:  # which fp32 -> FP8 conversion each Triton cast variant kept (fp8_triton._checked)
+        out["fp8_conversion"] = {"mode": fp8_triton.CONVERSION,
+                                 "gpu_conversion_agreed": sorted(str(k) for k, v in fp8_triton._HW_AGREES.items() if v),
+                                 "gpu_conversion_refused": sorted(str(k) for k, v in fp8_triton._HW_AGREES.items()
+                                                                  if not v)}
     if device == "cuda":
         out["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
         out["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)

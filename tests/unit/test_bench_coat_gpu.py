@@ -25,6 +25,9 @@ def test_smoke_run_reports_every_figure_and_the_ratios(capsys):
     for r in (base, coat):
         assert r["tokens_per_s"] > 0 and r["optimizer_step_s"] > 0 and 4 < r["first_loss"] < 7
     assert abs(coat["first_loss"] - base["first_loss"]) < 0.01  # same batches, same init, FP8 GEMMs
+    # which FP8 conversion the Triton casts kept: none on CPU (they run on CUDA only), the mode as shipped
+    assert coat["fp8_conversion"] == {"mode": "checked", "gpu_conversion_agreed": [], "gpu_conversion_refused": []}
+    assert "fp8_conversion" not in base
     assert set(doc["vs_bf16_adamw"]["coat"]) == {"throughput_x", "optimizer_step_x_of_adamw",
                                                  "loss_last10_diff_pct", "val_loss_diff_pct"}
     assert '"vs_bf16_adamw"' in capsys.readouterr().out

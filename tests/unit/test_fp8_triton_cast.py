@@ -212,6 +212,24 @@ def test_a_disagreeing_gpu_conversion_warns_once_and_the_variant_keeps_the_encod
     assert sorted(calls) == [False, False, True]
 
 
+def test_a_cast_of_zeros_decides_nothing(monkeypatch):
+    """All-zero codes agree under any conversion: such a first input (a zero gradient) must not vouch for it."""
+    monkeypatch.setattr(fp8_triton, "_HW_AGREES", {})
+    monkeypatch.setattr(fp8_triton, "_capturing", lambda: False)
+    monkeypatch.setattr(fp8_triton, "_converts_fp8", lambda device: True)
+    calls = []
+    zeros = fp8_quant.quantize_per_tensor(torch.zeros(8, 32))
+
+    def cast(hw):
+        calls.append(hw)
+        return zeros
+    fp8_triton._checked(("z",), torch.device("cuda"), cast)
+    assert calls == [False] and fp8_triton._HW_AGREES == {}
+    fake, _ = _fake_cast(calls)
+    fp8_triton._checked(("z",), torch.device("cuda"), fake)
+    assert fp8_triton._HW_AGREES == {("z",): True}
+
+
 def test_a_gpu_without_fp8_conversion_or_a_failing_build_keeps_the_encoder(monkeypatch):
     monkeypatch.setattr(fp8_triton, "_HW_AGREES", {})
     monkeypatch.setattr(fp8_triton, "_capturing", lambda: False)

@@ -20,9 +20,9 @@ run: setup  ## train the default model on the embedded corpus with a plan chosen
 	$(VENV)/bin/meshwright train default --overwrite
 
 # Two pytest-xdist workers, a module whole on one (tests/conftest.py groups them): torchrun launches and SSH waits
-# overlap with CPU-bound tests (35 -> 23 min on the 2-core box). --no-loadscope-reorder keeps the collection order,
-# the few-test but long distributed and e2e modules first: xdist's default order (most tests first) left them to the
-# end, one worker running them while the other idled. TEST_WORKERS=0 runs in one process.
+# overlap with CPU-bound tests. On the 2-core box a fresh clone's .ci/run went from 35 to 31 min (29 of tests; 23
+# with warm compile caches). --no-loadscope-reorder keeps the collection order, the long distributed and e2e modules
+# first (xdist's default, most tests first, leaves them to the end). TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 test: setup  ## the whole suite (unit, distributed under torchrun/gloo, end-to-end CLI)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=25 tests

@@ -67,9 +67,8 @@ def _median_ms(fn: Callable[[], Any], device: str) -> float:
 
 
 def _nan_codes(codes: torch.Tensor, dtype: torch.dtype) -> int:
-    """FP8 NaN codes among ``codes`` (bytes): 0x7f/0xff in E4M3, exponent all ones with a mantissa in E5M2."""
-    mag = codes & 0x7F
-    return int((mag == 0x7F).sum() if dtype == E4M3 else (mag > 0x7C).sum())
+    """How many of ``codes`` (FP8 bytes) are NaN in ``dtype``."""
+    return int(fp8_triton.nan_codes(codes, dtype).sum())
 
 
 def _differences(out: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...], x: torch.Tensor) -> dict[str, Any]:
@@ -84,13 +83,11 @@ def _differences(out: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...], x
                             "scales": sum(int((a != b).sum()) for a, b in scales)}
     for name, (a, b, f8) in zip(names, codes):
         diff[name] = {"codes": int((a != b).sum()), "new_nan_codes": _nan_codes(a, f8) - _nan_codes(b, f8)}
-    for name, (a, b, _) in zip(names, codes):
         bad = (a != b).nonzero()
-        if len(bad):
+        if len(bad) and "first" not in diff:
             i = tuple(bad[0].tolist())
             xi = x.reshape(a.shape)[i] if name == "q" else x.reshape(b.shape[::-1])[i[::-1]]
             diff["first"] = {"in": name, "at": list(i), "x": float(xi), "code": int(a[i]), "reference": int(b[i])}
-            break
     return diff
 
 

@@ -78,14 +78,20 @@ def _variant(kernel: str, option: object, x: torch.Tensor, dtype: torch.dtype, r
     return (kernel, option, x.dtype, dtype, x.data_ptr() % 16 == 0, rows % 16 == 0, rows == 1, k % 16 == 0, k == 1)
 
 
+def nan_codes(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Which of ``codes`` (FP8 bytes as uint8) are NaN in ``dtype``: 0x7f/0xff in E4M3, an all-ones exponent with a
+    nonzero mantissa in E5M2 (0x7c/0xfc are its infinities)."""
+    mag = codes & 0x7F
+    return mag == 0x7F if dtype == torch.float8_e4m3fn else mag > 0x7C
+
+
 def _same_codes(a: torch.Tensor, b: torch.Tensor) -> bool:
     """FP8 tensors with the same codes, a NaN code matching any NaN code (formats differ in which they write);
     other tensors (the scales) equal bit for bit."""
     if a.dtype not in KERNEL_FORMATS:
         return torch.equal(a, b)
     ua, ub = a.view(torch.uint8), b.view(torch.uint8)
-    nan = (lambda u: (u & 0x7F) == 0x7F) if a.dtype == torch.float8_e4m3fn else (lambda u: (u & 0x7F) > 0x7C)
-    return bool(((ua == ub) | (nan(ua) & nan(ub))).all())
+    return bool(((ua == ub) | (nan_codes(ua, a.dtype) & nan_codes(ub, a.dtype))).all())
 
 
 def _capturing() -> bool:
@@ -101,9 +107,9 @@ def _checked(variant: tuple, device: torch.device, cast: Callable[[bool], tuple[
              ) -> tuple[torch.Tensor, ...]:
     """``cast(hw)`` with the GPU's FP8 conversion (hw=True) where this variant's first cast agreed with the integer
     encoder, else with the encoder. The first cast of a variant with a nonzero code runs both ways and compares (one
-    host sync); a disagreement warns once and keeps the encoder for the variant. Under CUDA-graph capture an unchecked variant
-    runs the encoder (no sync there). A GPU without FP8 conversion runs the encoder; a failure to build the
-    conversion counts as a disagreement. CONVERSION "hardware" or "encoder" skips the check."""
+    host sync); a disagreement warns once and keeps the encoder for the variant. Under CUDA-graph capture an
+    unchecked variant runs the encoder (no sync there). A GPU without FP8 conversion runs the encoder; a failure to
+    build the conversion counts as a disagreement. CONVERSION "hardware" or "encoder" skips the check."""
     if CONVERSION != "checked" or device.type != "cuda":
         return cast(CONVERSION == "hardware" and device.type == "cuda")
     agrees = _HW_AGREES.get(variant)

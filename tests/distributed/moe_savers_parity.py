@@ -500,10 +500,11 @@ def _run_case(name: str, cfg, pd: dict, compile_backend: str | None = None, loss
         if step == 0:
             stats = rt.extra_log_fields()
             run["grads"] = full_grads(rt)
+            floor = grad_floor(ref[0]["grads"])
             for pname, g in run["grads"].items():
                 r = expert_slice(rt, pname, g, ref[0]["grads"][pname])
                 n_expert += r is not ref[0]["grads"][pname]
-                e = rel(g, r, grad_floor(ref[0]["grads"]))
+                e = rel(g, r, floor)
                 if e > worst["grad"]:
                     worst["grad"], worst_name = e, pname
         norm = rt.clip_grad_norm_(MAX_NORM)
@@ -658,8 +659,9 @@ def run_ckpt_case(pd_save: dict, pd_load: dict, ckpt_dir: str) -> dict:
     for step in (1, 2):
         loss = rt2.forward_backward(shard(step, rt2.dp_rank, rt2.dp_size))
         worst["loss"] = max(worst["loss"], rel(loss, ref[step]["loss"]))
+        floor = grad_floor(ref[step]["grads"])
         for pname, g in full_grads(rt2).items():
-            e = rel(g, expert_slice(rt2, pname, g, ref[step]["grads"][pname]), grad_floor(ref[step]["grads"]))
+            e = rel(g, expert_slice(rt2, pname, g, ref[step]["grads"][pname]), floor)
             if e > worst["grad"]:
                 worst["grad"], worst_name = e, f"step {step}: {pname}"
         worst["norm"] = max(worst["norm"], rel(rt2.clip_grad_norm_(MAX_NORM), ref[step]["norm"]))

@@ -1,9 +1,10 @@
 """COAT's FP8 activation casts as Triton kernels (#18, memory/fp8_triton.py): the reference's bits.
 
 Under Triton's interpreter on CPU (the integer FP8 encoder, IEEE division) and compiled on CUDA (the encoder, or the
-hardware's cvt.rn.satfinite where its first cast agrees: fp8_triton._checked), each cast must give the FP8 codes and scales of :mod:`meshwright.optim.fp8_quant` exactly:
-per-tensor casts with their transposed copy (E4M3 inputs and weights, E5M2 gradients) and 1 x 16 group casts,
-from fp32, bf16 and fp16, on shapes that do not fill the tiles, and with NaN, inf and -0 among the values.
+hardware's cvt.rn.satfinite where its first cast agrees: fp8_triton._checked), each cast must give the FP8 codes and
+scales of :mod:`meshwright.optim.fp8_quant` exactly: per-tensor casts with their transposed copy (E4M3 inputs and
+weights, E5M2 gradients) and 1 x 16 group casts, from fp32, bf16 and fp16, on shapes that do not fill the tiles,
+and with NaN, inf and -0 among the values.
 """
 
 from __future__ import annotations
@@ -168,6 +169,14 @@ def test_cuda_fused_forwards_take_the_triton_casts():
     assert not fp8_fused.fused_rmsnorm_forward.kernel_failed and not fp8_fused.fused_swiglu_forward.kernel_failed
 
 
+@pytest.fixture
+def checking(monkeypatch):
+    """fp8_triton._checked on a pretend sm_90 GPU, outside graph capture, with no verdict recorded yet."""
+    monkeypatch.setattr(fp8_triton, "_HW_AGREES", {})
+    monkeypatch.setattr(fp8_triton, "_capturing", lambda: False)
+    monkeypatch.setattr(fp8_triton, "_converts_fp8", lambda device: True)
+
+
 def _fake_cast(calls, wrong_code_at=None):
     """A cast as fp8_triton runs one: cast(hw) -> (codes, scale); with ``wrong_code_at`` the hardware way writes
     one code wrong there (what ptxas did to Triton's own conversion on the H200)."""
@@ -183,10 +192,7 @@ def _fake_cast(calls, wrong_code_at=None):
     return cast, q
 
 
-def test_the_gpu_conversion_is_used_once_its_first_cast_agrees_with_the_encoder(monkeypatch):
-    monkeypatch.setattr(fp8_triton, "_HW_AGREES", {})
-    monkeypatch.setattr(fp8_triton, "_capturing", lambda: False)
-    monkeypatch.setattr(fp8_triton, "_converts_fp8", lambda device: True)
+def test_the_gpu_conversion_is_used_once_its_first_cast_agrees_with_the_encoder(checking):
     cuda_device, calls = torch.device("cuda"), []
     cast, ref = _fake_cast(calls)
     q, _ = fp8_triton._checked(("v",), cuda_device, cast)
@@ -197,10 +203,7 @@ def test_the_gpu_conversion_is_used_once_its_first_cast_agrees_with_the_encoder(
     assert calls[-1] is False  # CPU: the interpreter has no FP8 conversion
 
 
-def test_a_disagreeing_gpu_conversion_warns_once_and_the_variant_keeps_the_encoder(monkeypatch):
-    monkeypatch.setattr(fp8_triton, "_HW_AGREES", {})
-    monkeypatch.setattr(fp8_triton, "_capturing", lambda: False)
-    monkeypatch.setattr(fp8_triton, "_converts_fp8", lambda device: True)
+def test_a_disagreeing_gpu_conversion_warns_once_and_the_variant_keeps_the_encoder(checking):
     calls = []
     cast, ref = _fake_cast(calls, wrong_code_at=(3, 5))
     with pytest.warns(RuntimeWarning, match="disagrees with the integer encoder"):
@@ -212,11 +215,8 @@ def test_a_disagreeing_gpu_conversion_warns_once_and_the_variant_keeps_the_encod
     assert sorted(calls) == [False, False, True]
 
 
-def test_a_cast_of_zeros_decides_nothing(monkeypatch):
+def test_a_cast_of_zeros_decides_nothing(checking):
     """All-zero codes agree under any conversion: such a first input (a zero gradient) must not vouch for it."""
-    monkeypatch.setattr(fp8_triton, "_HW_AGREES", {})
-    monkeypatch.setattr(fp8_triton, "_capturing", lambda: False)
-    monkeypatch.setattr(fp8_triton, "_converts_fp8", lambda device: True)
     calls = []
     zeros = fp8_quant.quantize_per_tensor(torch.zeros(8, 32))
 
@@ -230,9 +230,7 @@ def test_a_cast_of_zeros_decides_nothing(monkeypatch):
     assert fp8_triton._HW_AGREES == {("z",): True}
 
 
-def test_a_gpu_without_fp8_conversion_or_a_failing_build_keeps_the_encoder(monkeypatch):
-    monkeypatch.setattr(fp8_triton, "_HW_AGREES", {})
-    monkeypatch.setattr(fp8_triton, "_capturing", lambda: False)
+def test_a_gpu_without_fp8_conversion_or_a_failing_build_keeps_the_encoder(checking, monkeypatch):
     monkeypatch.setattr(fp8_triton, "_converts_fp8", lambda device: False)  # an A100: sm_80
     calls = []
     cast, _ = _fake_cast(calls)
@@ -249,8 +247,7 @@ def test_a_gpu_without_fp8_conversion_or_a_failing_build_keeps_the_encoder(monke
     assert fp8_triton._HW_AGREES == {("w", 0, torch.float32, torch.float8_e4m3fn): False}
 
 
-def test_the_conversion_check_waits_outside_graph_capture_and_can_be_switched(monkeypatch):
-    monkeypatch.setattr(fp8_triton, "_HW_AGREES", {})
+def test_the_conversion_check_waits_outside_graph_capture_and_can_be_switched(checking, monkeypatch):
     calls = []
     cast, _ = _fake_cast(calls)
     monkeypatch.setattr(fp8_triton, "_capturing", lambda: True)  # no host sync while a CUDA graph is captured

@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (89: Ada, 90: Hopper)")
     p.add_argument("--kernels", type=Path, default=KERNELS, help="another version of _coat_triton_kernels.py")
     args = p.parse_args(argv)
+    if not args.kernels.is_file():
+        p.error(f"--kernels={str(args.kernels)!r} is not a file; "
+                "valid: a copy of meshwright/optim/_coat_triton_kernels.py")
     if not available():
         print("sass_audit: needs Triton with its NVIDIA backend (ptxas, nvdisasm)", file=sys.stderr)
         return 2

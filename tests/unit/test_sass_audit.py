@@ -27,12 +27,14 @@ BUGGY = """
         /*2610*/                   SHF.R.U32.HI R18, RZ, 0x8, R26 ;
 """
 # the same with the byte taken from the conversion's result (R4, after the F2FP)
-FIXED = BUGGY.replace("        /*2490*/                   LOP3.LUT R26, R26, 0xffff, RZ, 0xc0, !PT ;\n", "").replace(
-    "RZ ;\n        /*2610*/", "RZ ;\n        /*24e0*/                   LOP3.LUT R26, R4, 0xffff, RZ, 0xc0, !PT ;\n        /*2610*/")
+_TAKEN = "        /*2490*/                   LOP3.LUT R26, R26, 0xffff, RZ, 0xc0, !PT ;\n"
+_CONVERTED = "        /*24e0*/                   LOP3.LUT R26, R4, 0xffff, RZ, 0xc0, !PT ;\n"
+FIXED = BUGGY.replace(_TAKEN, "").replace("        /*2610*/", _CONVERTED + "        /*2610*/")
 
 
 def test_the_audit_flags_a_byte_taken_from_the_fp32_value_being_converted():
-    assert sass_audit.fp32_byte_extractions(BUGGY) == ["/*2490*/                   LOP3.LUT R26, R26, 0xffff, RZ, 0xc0, !PT ;"]
+    flagged = "/*2490*/                   LOP3.LUT R26, R26, 0xffff, RZ, 0xc0, !PT ;"
+    assert sass_audit.fp32_byte_extractions(BUGGY) == [flagged]
     assert "/*24e0*/" in FIXED and "/*2490*/" not in FIXED
     assert sass_audit.fp32_byte_extractions(FIXED) == []
 
@@ -46,4 +48,12 @@ def test_shipped_cast_kernels_convert_on_the_gpu_from_the_conversions_results():
         sass = sass_audit.cast_kernel_sass("cast_tensor_kernel", x_dtype, fmt)
         assert "F2FP.SATFINITE" in sass, (x_dtype, fmt)
         assert sass_audit.fp32_byte_extractions(sass) == [], (x_dtype, fmt)
-    assert "F2FP" not in sass_audit.cast_kernel_sass("cast_tensor_kernel", "fp32", "e4m3", hw=False)
+    encoder = sass_audit.cast_kernel_sass("cast_tensor_kernel", "fp32", "e4m3", hw=False)
+    assert "F2FP" not in encoder
+
+
+def test_a_missing_kernels_file_is_a_one_line_error(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        sass_audit.main(["--kernels", str(tmp_path / "nope.py")])
+    err = capsys.readouterr().err
+    assert f"--kernels={str(tmp_path / 'nope.py')!r} is not a file; valid: a copy of" in err

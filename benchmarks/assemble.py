@@ -10,7 +10,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ["gpu_h100", "gpu_h200", "gpu_next", "trainer", "full_speed", "parallel", "pipeline_first_step", "zero1", "planner", "planner_accounting_s37", "search_bound", "planner_trust_table", "planner_tables", "published_runs", "capacity",
-         "exports", "moe", "moe_expert_tp", "moe_savers_runtime", "coat", "finetune", "lora_cost", "wta_crs", "meft", "lemo", "energy", "launch",
+         "exports", "moe", "moe_expert_tp", "moe_savers_runtime", "coat", "fp8_cast_sass", "finetune", "lora_cost",
+         "wta_crs", "meft", "lemo", "energy", "launch",
          "checkpoint_safety", "async_checkpoint", "data_loader", "data_mixture", "grow_positions"]
 
 HEADER = """# Benchmarks

@@ -122,8 +122,9 @@ def run(tokens: int, device: str) -> list[dict[str, Any]]:
             ms = _median_ms(lambda: fn(x, arg), device)
             row[f"{way}_ms"] = round(ms, 4)
             row[f"{way}_gb_s"] = round(_min_bytes(shape, dtype, kind) / ms / 1e6, 1)
-        # the reference on CPU, where amax / fmax divides as the kernels do (torch's CUDA kernel multiplies by the
-        # reciprocal of a Python-number divisor: one ulp off in about half the scales)
+        # the reference on CPU, as the kernels' tests take it (fp8_quant divides tensor by tensor for the scales, so
+        # its CUDA bits are the same: a Python-number divisor, which torch's CUDA kernel multiplies in as a
+        # reciprocal, put half the group scales of stop 39 one ulp off)
         xc = x.cpu()
         ref = (fp8_quant.quantize_last_dim_groups(xc, arg) if kind == "groups"
                else fp8_quant.quantize_per_tensor_t(xc, arg))

@@ -8,6 +8,11 @@ extraction (``LOP3 & 0xffff``, ``SHF.R.U32.HI`` by 8, ``PRMT`` packing bytes) re
 value being converted (compared or clamped against +-FMAX, with nothing written to it in between). A heuristic on
 straight-line code, aimed at that fault; the GPU tests remain the proof.
 
+It also counts what each thread runs per element: these kernels are bound by instructions as much as by memory (on
+the H200 the GPU's conversion, ~10 fewer instructions per element than the integer encoder, made them 1.4x faster),
+so the count is the deterministic half of their speed. Dividing each value by its scale cost ~10 more; the kernels
+multiply by the scale's inverse instead (fp8_quant.activation_scales).
+
     python benchmarks/sass_audit.py [--arch 90] [--kernels PATH]   # every cast-kernel variant; exit 1 if one is flagged
 """
 
@@ -63,6 +68,24 @@ def fp32_byte_extractions(sass: str) -> list[str]:
             if destination:
                 floats.discard(destination)
     return flagged
+
+
+def instructions_per_element(sass: str, elements_per_thread: int) -> tuple[float, int]:
+    """(instructions each thread runs per element, IEEE-division checks among them) of a straight-line kernel: the
+    instructions before the first ``EXIT`` (after it: the slow paths, out of line) over the elements each thread
+    holds. ``FCHK`` opens each IEEE division's fast path: one per element is what dividing every value by its scale
+    costs (~10 instructions each), a few per thread is the scale's own division."""
+    ops = [m.group(1) for m in map(_INSTRUCTION.search, sass.splitlines()) if m]
+    straight = ops[:ops.index("EXIT")] if "EXIT" in ops else ops
+    return len(straight) / elements_per_thread, sum(op.startswith("FCHK") for op in straight)
+
+
+def elements_per_thread(kernel: str) -> int:
+    """A cast kernel's tile over its threads (each kernel runs one tile per program, fp8_triton's tiles and warps)."""
+    from meshwright.memory import fp8_triton
+
+    tile = fp8_triton.TILE if kernel == "cast_tensor_kernel" else fp8_triton.GROUP_TILE
+    return tile[0] * tile[1] // (fp8_triton.NUM_WARPS * 32)
 
 
 def _tool(name: str) -> str | None:
@@ -146,7 +169,11 @@ def main(argv: list[str] | None = None) -> int:
                 sass = cast_kernel_sass(kernel, x_dtype, fmt, arch=args.arch, kernels=args.kernels)
                 flagged = fp32_byte_extractions(sass)
                 bad += bool(flagged)
-                print(f"{kernel:20s} {x_dtype:5s} {fmt}: {sass.count('F2FP')} conversions, "
+                per_element, divisions = instructions_per_element(sass, elements_per_thread(kernel))
+                encoder = cast_kernel_sass(kernel, x_dtype, fmt, hw=False, arch=args.arch, kernels=args.kernels)
+                print(f"{kernel:20s} {x_dtype:5s} {fmt}: {per_element:5.1f} instructions per element "
+                      f"({instructions_per_element(encoder, elements_per_thread(kernel))[0]:.1f} with the encoder), "
+                      f"{divisions} divisions per thread, {sass.count('F2FP')} conversions, "
                       f"{len(flagged)} byte extractions from fp32 values" + (f" e.g. {flagged[0]}" if flagged else ""))
     return 1 if bad else 0
 

@@ -6,10 +6,11 @@ fifth of memory bandwidth: a per-tensor cast with its transpose was three kernel
 and a 1 x 16 group cast two, on dynamic shapes. Here a per-tensor cast is an absmax kernel (an atomic max) and one
 kernel that writes the FP8 copy and its transpose from tiles; a group cast is one kernel.
 
-The bits are the reference's (:mod:`meshwright.optim.fp8_quant`): the kernels do its arithmetic (IEEE division,
-round to nearest even), tested bit for bit under Triton's interpreter on CPU and against torch on CUDA. The last step,
-fp32 -> FP8 code, is the GPU's own conversion (cvt.rn.satfinite, ~1.4x faster per-tensor casts on an H200) where it
-agrees with the integer encoder: each compiled variant is checked once, on its first real input (:func:`_checked`).
+The bits are the reference's (:mod:`meshwright.optim.fp8_quant`): the kernels do its arithmetic (a multiplication by
+the scale's inverse, :func:`fp8_quant.activation_scales`, then round to nearest even), tested bit for bit under
+Triton's interpreter on CPU and against torch on CUDA. The last step, fp32 -> FP8 code, is the GPU's own conversion
+(cvt.rn.satfinite, ~1.4x faster per-tensor casts on an H200) where it agrees with the integer encoder: each compiled
+variant is checked once, on its first real input (:func:`_checked`).
 Compilers have got it wrong: from Triton 3.6's PTX, ptxas built the transposed copy of an fp32 tile from the input's
 bits, not the conversion's (NaN gradients on an H200, 2026-11-28). GPUs before sm_89 have no FP8 conversion and always
 take the encoder. The kernels live with CoatAdamW's (:mod:`meshwright.optim._coat_triton_kernels`, loaded per mode by

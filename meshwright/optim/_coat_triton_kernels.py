@@ -26,6 +26,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from meshwright.optim.fp8_quant import AMAX_FLOOR as _AMAX_FLOOR
+
 ROW = tl.constexpr(11)  # per parameter in the table: 10 tensor offsets, then its numel
 
 
@@ -286,8 +288,9 @@ def fp8_codec_kernel(x_ptr, code_ptr, byte_ptr, y_ptr, n, MBITS: tl.constexpr, B
 # ---- FP8 activation casts (meshwright/memory/fp8_triton.py launches them) -------------------------------------------
 # Each is one pass over its input at memory bandwidth: inductor's kernels of the same quantisers ran at a fifth of it
 # on an H200 (dynamic shapes, three kernels for a cast with its transpose). The arithmetic is the reference's
-# (fp8_quant.quantize_per_tensor / quantize_last_dim_groups): the absmax in fp32, the scale amax / FMAX (1 where the
-# absmax is not positive, NaN included), IEEE division, clamp, round to nearest even: the integer encoder above (as
+# (fp8_quant.quantize_per_tensor / quantize_last_dim_groups): the absmax in fp32, the scale amax / FMAX and its inverse
+# FMAX / amax (1 where the absmax is not positive, NaN included; fp8_quant.activation_scales), a multiplication by
+# the inverse, clamp, round to nearest even: the integer encoder above (as
 # CoatAdamW's) or, with HW, the GPU's conversion (_cvt_fp8; fp8_triton checks it against the encoder). Magnitudes
 # are compared as the integers of their fp32 bits (sign cleared): the same order as the floats for every non-negative
 # value, with a NaN above +inf, so a NaN wins a max as torch's amax lets it, and an atomic max works on one int32 word.
@@ -298,6 +301,13 @@ def _magnitude_bits(x):
     return x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF
 
 
+def _cvt_asm(fmt: str) -> tl.constexpr:
+    return tl.constexpr(f"{{ .reg .b16 t; cvt.rn.satfinite.{fmt}x2.f32 t, 0f00000000, $1; cvt.u32.u16 $0, t; }}")
+
+
+_CVT_E4M3, _CVT_E5M2 = _cvt_asm("e4m3"), _cvt_asm("e5m2")
+
+
 @triton.jit
 def _cvt_fp8(q, MBITS: tl.constexpr):
     """Clamped fp32 -> FP8 byte by the GPU's cvt.rn.satfinite (sm_89+), one element per instruction, paired with
@@ -306,20 +316,27 @@ def _cvt_fp8(q, MBITS: tl.constexpr):
     fp32 input ptxas compiled that split from the fp32 *input* register instead of the conversion's result (SASS of
     cast_tensor_kernel for sm_90 from Triton 3.6's PTX, read at stop 40; ptxas 12.8 and 12.9 alike at -O1 and above,
     right at -O0): garbage bytes, some of them NaN codes, in q^T only (benchmarks/sass_audit.py)."""
-    if MBITS == 2:
-        r = tl.inline_asm_elementwise(
-            "{ .reg .b16 t; cvt.rn.satfinite.e5m2x2.f32 t, 0f00000000, $1; cvt.u32.u16 $0, t; }",
-            "=r,r", [q], dtype=tl.int32, is_pure=True, pack=1)
-    else:
-        r = tl.inline_asm_elementwise(
-            "{ .reg .b16 t; cvt.rn.satfinite.e4m3x2.f32 t, 0f00000000, $1; cvt.u32.u16 $0, t; }",
-            "=r,r", [q], dtype=tl.int32, is_pure=True, pack=1)
+    r = tl.inline_asm_elementwise(_CVT_E5M2 if MBITS == 2 else _CVT_E4M3, "=r,r", [q], dtype=tl.int32, is_pure=True,
+                                  pack=1)
     return r.to(tl.uint8)
 
 
+AMAX_FLOOR = tl.constexpr(_AMAX_FLOOR)
+
+
 @triton.jit
-def _scaled_fp8(x, scale, FMAX: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, HW: tl.constexpr):
-    q = tl.div_rn(x, tl.broadcast_to(scale, x.shape))  # operands of one shape: div_rn need not broadcast
+def _scales(amax, FMAX: tl.constexpr):
+    """fp8_quant.activation_scales: (amax / FMAX, FMAX / amax), correctly rounded, from the absmax taken at
+    AMAX_FLOOR at least; (1, 1) where the absmax is not positive (NaN included)."""
+    a = tl.where(amax > AMAX_FLOOR, amax, AMAX_FLOOR)
+    fmax = tl.full(a.shape, FMAX, tl.float32)
+    positive = amax > 0
+    return tl.where(positive, tl.div_rn(a, fmax), 1.0), tl.where(positive, tl.div_rn(fmax, a), 1.0)
+
+
+@triton.jit
+def _scaled_fp8(x, inverse, FMAX: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr, HW: tl.constexpr):
+    q = x * inverse  # one IEEE multiplication, as the reference: no division sequence per element
     q = tl.where(q > FMAX, FMAX, tl.where(q < -FMAX, -FMAX, q))  # NaN passes, as torch.clamp
     if HW:  # the GPU's cvt.rn.satfinite (fp8_triton.CONVERSION: checked against the encoder once per variant)
         code = _cvt_fp8(q, MBITS)
@@ -346,8 +363,8 @@ def cast_tensor_kernel(x_ptr, q_ptr, qt_ptr, amax_ptr, scale_ptr, M, N, FMAX: tl
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     x = tl.load(x_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     amax = tl.load(amax_ptr).to(tl.float32, bitcast=True)
-    scale = tl.where(amax > 0, tl.div_rn(amax, tl.full(amax.shape, FMAX, tl.float32)), 1.0)
-    code = _scaled_fp8(x, scale, FMAX, MBITS, BIAS, HW)
+    scale, inverse = _scales(amax, FMAX)
+    code = _scaled_fp8(x, inverse, FMAX, MBITS, BIAS, HW)
     tl.store(q_ptr + rows[:, None] * N + cols[None, :], code, mask=mask)
     if TRANSPOSE:
         tl.store(qt_ptr + cols[:, None] * M + rows[None, :], tl.trans(code), mask=tl.trans(mask))
@@ -367,8 +384,8 @@ def cast_groups_kernel(x_ptr, q_ptr, s_ptr, M, N, GROUP: tl.constexpr, FMAX: tl.
     x = tl.load(x_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     xg = tl.reshape(x, (BLOCK_M, G, GROUP))
     amax = tl.reduce(_magnitude_bits(xg), 2, _MAX).to(tl.float32, bitcast=True)
-    scale = tl.where(amax > 0, tl.div_rn(amax, tl.full(amax.shape, FMAX, tl.float32)), 1.0)
-    code = tl.reshape(_scaled_fp8(xg, scale[:, :, None], FMAX, MBITS, BIAS, HW), (BLOCK_M, BLOCK_N))
+    scale, inverse = _scales(amax, FMAX)
+    code = tl.reshape(_scaled_fp8(xg, inverse[:, :, None], FMAX, MBITS, BIAS, HW), (BLOCK_M, BLOCK_N))
     tl.store(q_ptr + rows[:, None] * N + cols[None, :], code, mask=mask)
     gcols = tl.program_id(1).to(tl.int64) * G + tl.arange(0, G)
     tl.store(s_ptr + rows[:, None] * (N // GROUP) + gcols[None, :], scale,

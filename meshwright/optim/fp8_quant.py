@@ -125,12 +125,30 @@ def dequantize_groups(gq: GroupQuantized, shape: torch.Size | tuple[int, ...] | 
 
 
 # ---- per-tensor and 1 x G (along the last dim) scaling, for activations -----------------------------
+# An absmax below AMAX_FLOOR is taken at the floor: fmax / amax must stay finite (0 * inf would make a zero's code NaN).
+# Values under 2^-110 are far below anything FP8 keeps next to a larger one; E5M2's FMAX / floor is 1.75 * 2^125.
+AMAX_FLOOR = 2.0 ** -110
+
+
+def activation_scales(amax: torch.Tensor, fmax: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, inverse) of an fp32 absmax: the scale ``amax / fmax`` that dequantises (x ~ q * scale) and the
+    ``fmax / amax`` the values are multiplied by, each correctly rounded from ``amax`` (1 and 1 where the absmax is
+    not positive, NaN included). Why multiply, not divide by the scale: one IEEE multiplication per element gives
+    the same bits on every backend (eager CPU and CUDA, inductor, the Triton kernels of memory/fp8_triton.py, which
+    it spares a division sequence per element: a third to a half of their instructions). A division would not:
+    torch's CUDA kernels divide by a Python number through its reciprocal, and inductor's division is not IEEE's."""
+    positive = amax > 0
+    a = amax.clamp_min(AMAX_FLOOR)
+    fmax_t = torch.full_like(a, fmax)
+    one = torch.ones_like(a)
+    return torch.where(positive, a / fmax_t, one), torch.where(positive, fmax_t / a, one)
+
+
 def quantize_per_tensor(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
     """One absmax scale for the whole tensor (COAT's choice for inputs of linear layers)."""
     fmax = fp8_max(dtype)
-    amax = x.detach().abs().amax().float()
-    scale = torch.where(amax > 0, amax / fmax, torch.ones_like(amax))
-    q = (x.detach().float() / scale).clamp(-fmax, fmax).to(dtype)
+    scale, inverse = activation_scales(x.detach().abs().amax().float(), fmax)
+    q = (x.detach().float() * inverse).clamp(-fmax, fmax).to(dtype)
     return q, scale
 
 
@@ -165,9 +183,8 @@ def quantize_last_dim_groups(x: torch.Tensor, group: int = 16, dtype: torch.dtyp
         xf = torch.nn.functional.pad(xf, (0, pad))
     g = xf.unflatten(-1, (-1, group))
     fmax = fp8_max(dtype)
-    amax = g.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / fmax, torch.ones_like(amax))
-    q = (g / scale).clamp(-fmax, fmax).to(dtype).flatten(-2)[..., :hidden]
+    scale, inverse = activation_scales(g.abs().amax(dim=-1, keepdim=True), fmax)
+    q = (g * inverse).clamp(-fmax, fmax).to(dtype).flatten(-2)[..., :hidden]
     return q.contiguous(), scale.squeeze(-1)
 
 

@@ -252,7 +252,9 @@ def corpus_tokens(n: int) -> torch.Tensor:
     return torch.tensor(list(data[:n]), dtype=torch.long)
 
 
-def train_tiny(opt_factory, steps: int, fp8_act: bool = False, seq: int = 32, batch: int = 4) -> list[float]:
+def train_tiny(opt_factory, steps: int, fp8_act: bool = False, seq: int = 32, batch: int = 4, seed: int = 0
+               ) -> list[float]:
+    """Losses of ``steps`` steps of the tiny model, its batches drawn from the corpus by ``seed``."""
     from meshwright.memory.fp8_activations import apply_fp8_activations
 
     model = build_model("tiny", seed=0)
@@ -260,7 +262,7 @@ def train_tiny(opt_factory, steps: int, fp8_act: bool = False, seq: int = 32, ba
         apply_fp8_activations(model)
     opt = opt_factory(model.parameters())
     tokens = corpus_tokens(steps * batch * seq + 1 + 4096)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(steps):
         starts = torch.randint(0, tokens.numel() - seq - 1, (batch,), generator=g)
@@ -273,19 +275,33 @@ def train_tiny(opt_factory, steps: int, fp8_act: bool = False, seq: int = 32, ba
     return losses
 
 
-@functools.lru_cache(maxsize=2)
-def reference_losses(steps: int) -> tuple[float, ...]:
+@functools.lru_cache(maxsize=8)
+def reference_losses(steps: int, seed: int = 0) -> tuple[float, ...]:
     """fp32 AdamW on the same run, computed once per session (both COAT training tests compare to it)."""
-    return tuple(train_tiny(lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.01), steps))
+    return tuple(train_tiny(lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.01), steps, seed=seed))
+
+
+# 40 steps at lr 3e-3 are chaotic: a rounding changed in a few FP8 codes moves a run's last-10 loss by up to 3%
+# (5 batch seeds, FP8 activations with division against multiplication by the inverse scale: gaps to AdamW of
+# -2.6% .. +3.1%, either way). One seed cannot tell a systematic error from that; the mean of three can (its noise
+# is ~1%), and each run must still learn.
+TRAINING_SEEDS = (0, 1, 2)
+
+
+def tail_gaps(opt_factory, steps: int = 40, fp8_act: bool = False) -> list[float]:
+    """Per batch seed, the relative gap of the run's last-10 mean loss to fp32 AdamW's on the same batches."""
+    gaps = []
+    for seed in TRAINING_SEEDS:
+        ref, run = reference_losses(steps, seed), train_tiny(opt_factory, steps, fp8_act=fp8_act, seed=seed)
+        tail_ref, tail = sum(ref[-10:]) / 10, sum(run[-10:]) / 10
+        assert tail_ref < ref[0] - 1.5 and tail < run[0] - 1.5, (seed, ref[0], tail_ref, run[0], tail)  # both learn
+        gaps.append((tail - tail_ref) / tail_ref)
+    return gaps
 
 
 def test_short_training_run_stays_close_to_fp32_adamw():
-    steps = 40
-    ref = reference_losses(steps)
-    coat = train_tiny(lambda p: CoatAdamW(p, lr=3e-3, weight_decay=0.01), steps)
-    tail_ref, tail_coat = sum(ref[-10:]) / 10, sum(coat[-10:]) / 10
-    assert tail_ref < ref[0] - 1.5  # the run really learns (5.5 -> ~3)
-    assert abs(tail_coat - tail_ref) < 0.03 * tail_ref, (tail_coat, tail_ref)
+    gaps = tail_gaps(lambda p: CoatAdamW(p, lr=3e-3, weight_decay=0.01))
+    assert abs(sum(gaps) / len(gaps)) < 0.02 and max(map(abs, gaps)) < 0.05, gaps
 
 
 # ---- the fused (compiled) step, #18 ------------------------------------------------------------

@@ -1,10 +1,10 @@
 """COAT's FP8 activation casts as Triton kernels (#18, memory/fp8_triton.py): the reference's bits.
 
-Under Triton's interpreter on CPU (the integer FP8 encoder, IEEE division) and compiled on CUDA (the encoder, or the
-hardware's cvt.rn.satfinite where its first cast agrees: fp8_triton._checked), each cast must give the FP8 codes and
-scales of :mod:`meshwright.optim.fp8_quant` exactly: per-tensor casts with their transposed copy (E4M3 inputs and
-weights, E5M2 gradients) and 1 x 16 group casts, from fp32, bf16 and fp16, on shapes that do not fill the tiles,
-and with NaN, inf and -0 among the values.
+Under Triton's interpreter on CPU (the integer FP8 encoder, values times the scale's inverse) and compiled on CUDA (the
+encoder, or the hardware's cvt.rn.satfinite where its first cast agrees: fp8_triton._checked), each cast must give
+the FP8 codes and scales of :mod:`meshwright.optim.fp8_quant` exactly: per-tensor casts with their transposed copy
+(E4M3 inputs and weights, E5M2 gradients) and 1 x 16 group casts, from fp32, bf16 and fp16, on shapes that do not
+fill the tiles, and with NaN, inf, -0 and tiny values among them.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ def _inputs(shape: tuple[int, ...], dtype: torch.dtype, device: str = "cpu", spe
     return x.to(dtype).to(device)
 
 
-# The reference runs on CPU: there ``amax / fmax`` divides, as the kernels do, where torch's CUDA kernel multiplies
-# by the reciprocal of a Python-number divisor (one ulp off in 53% of the 1 x 16 scales of an H200 run, 2026-11-28,
-# moving 0.06% of the codes by one)
+# The reference runs on CPU. Its scales divide tensor by tensor, correctly rounded on CPU and CUDA alike; they once
+# divided by a Python number, which torch's CUDA kernel multiplies in as a reciprocal (one ulp off in 53% of the
+# 1 x 16 scales of an H200 run, 2026-11-28, moving 0.06% of the codes by one)
 def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(_codes(a), _codes(b))
 
@@ -85,6 +85,23 @@ def test_interpreted_casts_of_non_finite_values_equal_the_reference():
         for f8 in FORMATS:
             _assert_per_tensor(x, f8)
         _assert_groups(x)
+
+
+def test_a_tensor_of_tiny_values_keeps_its_zeros_and_codes_finite():
+    """An absmax so small that fmax / amax overflows fp32 (here ~1e-37) is taken at fp8_quant.AMAX_FLOOR: without it
+    the inverse is inf and each zero's code 0 * inf = NaN. The kernels floor it as the reference does."""
+    x = _inputs((8, 32), torch.float32) * 1e-40
+    x[:, ::3] = 0.0
+    assert 0 < x.abs().max() < fp8_quant.AMAX_FLOOR and torch.isinf(448.0 / x.abs().max())
+    for f8 in FORMATS:
+        q, scale = fp8_quant.quantize_per_tensor(x, f8)
+        assert not fp8_triton.nan_codes(_codes(q), f8).any() and bool((_codes(q)[:, ::3] == 0).all())
+        assert bool((_codes(q) != 0).any())  # 1e-37 is small, not nothing: it keeps codes (times the floor's scale)
+        assert (dequant := fp8_quant.dequantize_per_tensor(q, scale)).isfinite().all() and dequant.abs().max() > 0
+        _assert_per_tensor(x, f8)
+    q, s = fp8_quant.quantize_last_dim_groups(x)
+    assert not fp8_triton.nan_codes(_codes(q), torch.float8_e4m3fn).any() and s.isfinite().all()
+    _assert_groups(x)
 
 
 def test_runs_takes_only_what_the_kernels_handle(monkeypatch):

@@ -46,10 +46,30 @@ def test_shipped_cast_kernels_convert_on_the_gpu_from_the_conversions_results():
     instructions (F2FP) and no byte from an fp32 value; without HW, none (the integer encoder)."""
     for x_dtype, fmt in (("fp32", "e4m3"), ("bf16", "e5m2")):
         sass = sass_audit.cast_kernel_sass("cast_tensor_kernel", x_dtype, fmt)
-        assert "F2FP.SATFINITE" in sass, (x_dtype, fmt)
+        assert f"F2FP.SATFINITE.{fmt.upper()}" in sass, (x_dtype, fmt)  # the format asked for
         assert sass_audit.fp32_byte_extractions(sass) == [], (x_dtype, fmt)
     encoder = sass_audit.cast_kernel_sass("cast_tensor_kernel", "fp32", "e4m3", hw=False)
     assert "F2FP" not in encoder
+
+
+@pytest.mark.skipif(not sass_audit.available(), reason="needs Triton with its NVIDIA backend (ptxas, nvdisasm)")
+@pytest.mark.timeout(180)
+def test_cast_kernels_multiply_by_the_inverse_scale_not_divide_per_element():
+    """No IEEE division per element (each is an FCHK and ~10 instructions): the scales' own divisions only, a few per
+    thread against the 32 elements each holds, and the per-element budget that leaves (Triton 3.6 and 3.9: 18-29
+    instructions per element with the GPU's conversion; dividing per element made it 28-47)."""
+    for kernel in ("cast_tensor_kernel", "cast_groups_kernel"):
+        sass = sass_audit.cast_kernel_sass(kernel, "bf16", "e4m3")
+        per_element, divisions = sass_audit.instructions_per_element(sass, sass_audit.elements_per_thread(kernel))
+        assert divisions <= sass_audit.elements_per_thread(kernel) // 8, (kernel, divisions)
+        assert per_element < 32, (kernel, per_element)
+
+
+def test_instructions_per_element_count_the_straight_line_code():
+    sass = BUGGY + "        /*2700*/                   EXIT ;\n" + BUGGY
+    per_element, divisions = sass_audit.instructions_per_element(sass, 3)
+    assert per_element == 9 / 3 and divisions == 0
+    assert sass_audit.instructions_per_element(sass.replace("FSETP.GT", "FCHK"), 1)[1] == 1
 
 
 def test_a_missing_kernels_file_is_a_one_line_error(capsys, tmp_path):

@@ -7,6 +7,7 @@ loss after ``--steps`` steps on the embedded corpus (the same batches for every 
 one JSON document with the ratios against bf16 AdamW.
 
     python benchmarks/bench_coat_gpu.py [--steps 300] [--configs bf16_adamw,coat,torchao_float8] [--compile]
+        [--compile-scope model|blocks]
     python benchmarks/bench_coat_gpu.py --configs coat,bf16_adamw,bf16_adamw   # a configuration twice: its spread
     python benchmarks/bench_coat_gpu.py --smoke     # CPU, tiny model, 3 steps: checks the script runs
 
@@ -44,6 +45,7 @@ from meshwright.memory import fp8_ops, fp8_triton  # noqa: E402
 from meshwright.memory.fp8_gemm import gemm_backend  # noqa: E402
 from meshwright.models import build_model, count_parameters, lm_loss  # noqa: E402
 from meshwright.optim import CoatAdamW  # noqa: E402
+from meshwright.train.compile import compile_blocks  # noqa: E402
 from self_launch import run_one_in_subprocess  # noqa: E402
 
 LLAMA_1B3 = {"name": "llama-1.3b", "arch": "llama", "vocab_size": 32000, "d_model": 2048, "n_layers": 22,
@@ -102,7 +104,11 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     except ImportError as exc:
         return {"name": name, "skipped": f"{type(exc).__name__}: {exc}"}
     n_params = count_parameters(model)
-    fwd = torch.compile(model) if args.compile else model
+    fwd = model
+    if args.compile and args.compile_scope == "blocks":
+        compile_blocks(model)  # in place, one graph per block shape: what the trainer's compile: true does
+    elif args.compile:
+        fwd = torch.compile(model)
     next_batch, val_batches, source = token_stream(args.seq, args.batch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / WARMUP))
     # Throughput from the wall time of the steady steps, unsynced as training runs (a per-step sync exposes each
@@ -147,6 +153,9 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "first_loss": round(losses[0], 4), "loss_last10": round(sum(losses[-10:]) / len(losses[-10:]), 4),
         "val_loss": round(sum(val) / len(val), 4),
     }
+    if args.compile and args.compile_scope == "blocks":  # each block's call compiled in place (nn.Module.compile)
+        out["compiled_blocks"] = [sum(getattr(b, "_compiled_call_impl", None) is not None for b in model.layers.values()),
+                                  len(model.layers)]
     if args.trace_steps:  # after every reported figure: the profiled steps change none of them
         from gpu_check import _trace  # the trace gpu_check takes of its own sections, kernel breakdown included
 
@@ -220,6 +229,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps-for", default="", metavar="NAME=N,...",
                    help="fewer steps for some configurations (throughput and memory only: their loss is not compared)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model in every configuration")
+    p.add_argument("--compile-scope", choices=("model", "blocks"), default="model",
+                   help="with --compile: the whole model as one graph (a plain torch.compile loop), or each "
+                   "transformer block (the trainer's default; one compilation serves all 22 blocks)")
     p.add_argument("--warmup-steps", type=int, default=5, help="steps left out of the timings")
     p.add_argument("--val-batches", type=int, default=4)
     p.add_argument("--trace-steps", type=int, default=3,
@@ -261,6 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def document() -> dict[str, Any]:
         return {"device": gpu or "cpu", "torch": torch.__version__, "model": "tiny" if args.smoke else LLAMA_1B3,
                 "batch": args.batch, "seq": args.seq, "steps": args.steps, "compile": args.compile,
+                "compile_scope": args.compile_scope if args.compile else None,
                 "results": results, "vs_bf16_adamw": ratios(results)}
 
     for name in args.names:

@@ -8,6 +8,7 @@
 # training; `train --plan auto` predicted vs measured; optional (not in the default PARTS): headloss, precision
 # (bench_precision_policy.py), blocks (bench_coat_block_variants.py: COAT's FP8 choices on one compiled block). Set PARTS to run a subset, STEPS for the COAT runs,
 # COAT_COMPILE=1 to torch.compile every COAT configuration (FP8 casts fuse only there; torchao expects it),
+# COAT_COMPILE_SCOPE=blocks to compile per transformer block (the trainer's default: one compilation for all blocks),
 # COAT_CONFIGS, COAT_STEPS_FOR (e.g. torchao_float8=100), BLOCK_VARIANTS, COAT_TIMEOUT, BLOCKS_TIMEOUT, TESTS_TIMEOUT, PLANNER_TIMEOUT and PRECISION_TIMEOUT
 # (seconds) to fit the call. Optional parts: casts (bench_fp8_casts_gpu.py: COAT's FP8
 # casts, Triton vs inductor), loss (check_coat_loss.py: COAT's loss against AdamW's on a small llama, LOSS_TIMEOUT).
@@ -69,7 +70,8 @@ if has optim; then
 fi
 if has coat; then
   stamp COAT training
-  timeout ${COAT_TIMEOUT:-240} $PY benchmarks/bench_coat_gpu.py $COAT ${COAT_COMPILE:+--compile} ${COAT_STEPS_FOR:+--steps-for $COAT_STEPS_FOR} \
+  timeout ${COAT_TIMEOUT:-240} $PY benchmarks/bench_coat_gpu.py $COAT ${COAT_COMPILE:+--compile} \
+    ${COAT_COMPILE_SCOPE:+--compile-scope $COAT_COMPILE_SCOPE} ${COAT_STEPS_FOR:+--steps-for $COAT_STEPS_FOR} \
     --configs ${COAT_CONFIGS:-bf16_adamw,coat,torchao_float8} --out "$OUT/coat_train.json" > /dev/null 2> "$OUT/coat_train.err"
   $PY -c "import json,sys;d=json.load(open(sys.argv[1]));print(json.dumps(d['vs_bf16_adamw']))" "$OUT/coat_train.json" 2>&1 | tail -3
 fi

@@ -154,8 +154,8 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "val_loss": round(sum(val) / len(val), 4),
     }
     if args.compile and args.compile_scope == "blocks":  # each block's call compiled in place (nn.Module.compile)
-        out["compiled_blocks"] = [sum(getattr(b, "_compiled_call_impl", None) is not None for b in model.layers.values()),
-                                  len(model.layers)]
+        blocks = list(model.layers.values())
+        out["compiled_blocks"] = [sum(getattr(b, "_compiled_call_impl", None) is not None for b in blocks), len(blocks)]
     if args.trace_steps:  # after every reported figure: the profiled steps change none of them
         from gpu_check import _trace  # the trace gpu_check takes of its own sections, kernel breakdown included
 

@@ -56,13 +56,15 @@ def test_shipped_cast_kernels_convert_on_the_gpu_from_the_conversions_results():
 @pytest.mark.timeout(180)
 def test_cast_kernels_multiply_by_the_inverse_scale_not_divide_per_element():
     """No IEEE division per element (each is an FCHK and ~10 instructions): the scales' own divisions only, a few per
-    thread against the 32 elements each holds, and the per-element budget that leaves (Triton 3.6 and 3.9: 18-29
-    instructions per element with the GPU's conversion; dividing per element made it 28-47)."""
+    thread against the 32 elements each holds, and the per-element budget that leaves (Triton 3.6 and 3.9: 15-19
+    instructions per element with the GPU's conversion; dividing per element made it 27-47)."""
     for kernel in ("cast_tensor_kernel", "cast_groups_kernel"):
         sass = sass_audit.cast_kernel_sass(kernel, "bf16", "e4m3")
         per_element, divisions = sass_audit.instructions_per_element(sass, sass_audit.elements_per_thread(kernel))
         assert divisions <= sass_audit.elements_per_thread(kernel) // 8, (kernel, divisions)
-        assert per_element < 32, (kernel, per_element)
+        assert per_element < 24, (kernel, per_element)
+        # each element converted once: Triton 3.6 ran a bf16 transposing cast's whole conversion twice (64 per thread)
+        assert sass.count("F2FP") == sass_audit.elements_per_thread(kernel), (kernel, sass.count("F2FP"))
 
 
 def test_instructions_per_element_count_the_straight_line_code():

@@ -276,11 +276,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "compile_scope": args.compile_scope if args.compile else None,
                 "results": results, "vs_bf16_adamw": ratios(results)}
 
+    traced: set[str] = set()
     for name in args.names:
+        # a configuration's repeated runs (for the loss spread) skip the profiled steps: its first run's trace says
+        # where its time goes, and the trace costs each run time the GPU session does not have
+        again = name in traced
+        traced.add(name)
         if args.inline:
-            results.append(run_one(name, args))
+            results.append(run_one(name, argparse.Namespace(**{**vars(args), "trace_steps": 0}) if again else args))
         else:
-            results.append(run_one_in_subprocess(__file__, name, argv if argv is not None else sys.argv[1:]))
+            child = list(argv if argv is not None else sys.argv[1:]) + (["--trace-steps", "0"] if again else [])
+            results.append(run_one_in_subprocess(__file__, name, child))
         if args.out:
             write_json_atomic(document(), args.out, indent=1)
     doc = document()

@@ -83,4 +83,7 @@ def test_a_repeated_baseline_is_averaged_and_its_spread_reported():
     assert out["coat#1"]["loss_last10_diff_pct"] == round(100 * (1.80 / 1.85 - 1), 2)
     assert out["coat#2"]["val_loss_diff_pct"] == 0.0
     assert out["bf16_adamw#3"] == {"throughput_x": 1.0, "optimizer_step_x_of_adamw": 1.0, "memory_x_lower": 1.0}
+    assert out["coat_runs"] == {"runs": 2, "loss_last10_diff_pct": round(100 * (1.825 / 1.85 - 1), 2),
+                                "val_loss_diff_pct": round(100 * (1.925 / 1.95 - 1), 2),
+                                "loss_last10_spread_pct": round(100 * 0.05 / 1.825, 2), "throughput_x": 1.0}
     assert "bf16_adamw_runs" not in bench_coat_gpu.ratios(results[:2])

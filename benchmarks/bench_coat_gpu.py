@@ -105,7 +105,8 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         return {"name": name, "skipped": f"{type(exc).__name__}: {exc}"}
     n_params = count_parameters(model)
     fwd = model
-    if args.compile and args.compile_scope == "blocks":
+    per_block = args.compile and args.compile_scope == "blocks"
+    if per_block:
         compile_blocks(model)  # in place, one graph per block shape: what the trainer's compile: true does
     elif args.compile:
         fwd = torch.compile(model)
@@ -153,7 +154,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "first_loss": round(losses[0], 4), "loss_last10": round(sum(losses[-10:]) / len(losses[-10:]), 4),
         "val_loss": round(sum(val) / len(val), 4),
     }
-    if args.compile and args.compile_scope == "blocks":  # each block's call compiled in place (nn.Module.compile)
+    if per_block:  # each block's call compiled in place (nn.Module.compile)
         blocks = list(model.layers.values())
         out["compiled_blocks"] = [sum(getattr(b, "_compiled_call_impl", None) is not None for b in blocks), len(blocks)]
     if args.trace_steps:  # after every reported figure: the profiled steps change none of them
@@ -181,6 +182,10 @@ def _label(results: list[dict[str, Any]], r: dict[str, Any]) -> str:
     return r["name"] if len(same) == 1 else f"{r['name']}#{next(i for i, x in enumerate(same) if x is r) + 1}"
 
 
+def _mean(runs: list[dict[str, Any]], key: str) -> float:
+    return sum(r[key] for r in runs) / len(runs)
+
+
 def _spread_pct(values: list[float]) -> float:
     return round(100 * (max(values) - min(values)) / (sum(values) / len(values)), 2)
 
@@ -201,7 +206,7 @@ def ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     base = dict(bases[0])
     for key in ("tokens_per_s", "optimizer_step_s", "loss_last10", "val_loss", "peak_reserved_gib"):
         if all(key in b for b in bases):
-            base[key] = sum(b[key] for b in bases) / len(bases)
+            base[key] = _mean(bases, key)
     if len(bases) > 1:
         out["bf16_adamw_runs"] = {"runs": len(bases),
                                   "loss_last10_spread_pct": _spread_pct([b["loss_last10"] for b in bases]),
@@ -221,13 +226,13 @@ def ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     for name in dict.fromkeys(r["name"] for r in results if r["name"] != "bf16_adamw"):  # each repeated one
         runs = [r for r in results if r["name"] == name and "step_s" in r and r.get("steps") == base.get("steps")]
         if len(runs) > 1:  # its mean against the baseline's: the figure for a 1% target, beside its own spread
-            loss, val = (sum(r[k] for r in runs) / len(runs) for k in ("loss_last10", "val_loss"))
             out[f"{name}_runs"] = {"runs": len(runs),
-                                   "loss_last10_diff_pct": round(100 * (loss / base["loss_last10"] - 1), 2),
-                                   "val_loss_diff_pct": round(100 * (val / base["val_loss"] - 1), 2),
+                                   "loss_last10_diff_pct": round(100 * (_mean(runs, "loss_last10")
+                                                                        / base["loss_last10"] - 1), 2),
+                                   "val_loss_diff_pct": round(100 * (_mean(runs, "val_loss")
+                                                                     / base["val_loss"] - 1), 2),
                                    "loss_last10_spread_pct": _spread_pct([r["loss_last10"] for r in runs]),
-                                   "throughput_x": round(sum(r["tokens_per_s"] for r in runs) / len(runs)
-                                                         / base["tokens_per_s"], 3)}
+                                   "throughput_x": round(_mean(runs, "tokens_per_s") / base["tokens_per_s"], 3)}
     return out
 
 

@@ -171,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
                 bad += bool(flagged)
                 per_element, divisions = instructions_per_element(sass, elements_per_thread(kernel))
                 encoder = cast_kernel_sass(kernel, x_dtype, fmt, hw=False, arch=args.arch, kernels=args.kernels)
+                per_element_encoder = instructions_per_element(encoder, elements_per_thread(kernel))[0]
                 print(f"{kernel:20s} {x_dtype:5s} {fmt}: {per_element:5.1f} instructions per element "
-                      f"({instructions_per_element(encoder, elements_per_thread(kernel))[0]:.1f} with the encoder), "
+                      f"({per_element_encoder:.1f} with the encoder), "
                       f"{divisions} divisions per thread, {sass.count('F2FP')} conversions, "
                       f"{len(flagged)} byte extractions from fp32 values" + (f" e.g. {flagged[0]}" if flagged else ""))
     return 1 if bad else 0

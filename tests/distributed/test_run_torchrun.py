@@ -20,10 +20,17 @@ NOISE = "".join(f"rank 1 warning line {i}: " + "w" * 60 + "\n" for i in range(40
 
 FAILING = f'''
 import os, sys, time
+from pathlib import Path
+started = Path(__file__).with_name("rank0.started")
 rank = int(os.environ["RANK"])
 if rank == 0:
     print("rank 0 started", flush=True)
+    started.write_text("")
     time.sleep(120)  # killed by torchrun once rank 1 fails
+# rank 1 fails only once rank 0 has printed: on a busy box rank 1 could fail (and torchrun kill rank 0) first
+deadline = time.monotonic() + 120
+while not started.exists() and time.monotonic() < deadline:
+    time.sleep(0.05)
 sys.stderr.write({NOISE!r})
 sys.stderr.flush()
 

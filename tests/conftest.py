@@ -23,10 +23,12 @@ if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
 SHARED_LAUNCHES = ("cli_launch", "worker_launch")
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) each test module runs whole on one worker, its
     module-scoped launch once; the modules of one shared launch run on one worker together. Without xdist the marks
-    do nothing."""
+    do nothing. tryfirst: the marks must be on the items before xdist's own hook reads them into the ids it
+    schedules by (:func:`_xdist_groups_take`)."""
     if not config.pluginmanager.hasplugin("xdist"):
         return
     shared: dict[str, str] = {}
@@ -37,6 +39,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group(shared.get(module, module)))
+
+
+def _xdist_groups_take() -> bool:
+    """Whether pytest reads back the id xdist's ``--dist loadgroup`` writes: xdist appends each test's group to
+    ``item._nodeid``, and pytest 9.2 builds ``nodeid`` from ``_id`` instead, so every test was scheduled alone and
+    each worker ran the launches of every module it touched (the 4-rank parity and MoE launches twice a CI run)."""
+    probe = object.__new__(type("Probe", (pytest.Item,), {"runtest": lambda self: None}))
+    probe._nodeid = "probe@group"
+    try:
+        return probe.nodeid == "probe@group"
+    except AttributeError:
+        return False
+
+
+def pytest_configure(config):
+    if config.getoption("dist", "no") == "loadgroup" and not _xdist_groups_take():
+        raise pytest.UsageError(f"--dist loadgroup would not group tests under pytest {pytest.__version__} (xdist "
+                                "writes the group into Item._nodeid, which it no longer reads): install the test "
+                                "extras with -c constraints.txt, which pins a pytest that does")
 
 
 @pytest.hookimpl(tryfirst=True)

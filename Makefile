@@ -21,8 +21,9 @@ run: setup  ## train the default model on the embedded corpus with a plan chosen
 
 # Two pytest-xdist workers, a module whole on one (tests/conftest.py groups them): torchrun launches and SSH waits
 # overlap with CPU-bound tests. On the 2-core box a fresh clone's .ci/run takes 23.4 min (21.8 of tests; 2026-11-28);
-# with the grouping broken (pytest 9.2, see constraints.txt) each worker ran the launches it touched: 31.3 min. --no-loadscope-reorder keeps the collection order, the long distributed and e2e modules
-# first (xdist's default, most tests first, leaves them to the end). TEST_WORKERS=0 runs in one process.
+# with the grouping broken (pytest 9.2, see constraints.txt) each worker ran the launches it touched: 31.3 min.
+# --no-loadscope-reorder keeps the collection order, the long distributed and e2e modules first (xdist's default,
+# most tests first, leaves them to the end). TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 test: setup  ## the whole suite (unit, distributed under torchrun/gloo, end-to-end CLI)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=25 tests

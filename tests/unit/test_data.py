@@ -88,6 +88,19 @@ def test_default_corpus_is_stdlib_and_cached(tmp_path):
     assert "import" in text or "def " in text
 
 
+def test_the_default_corpus_lists_the_files_a_filtered_rglob_finds():
+    """The pruned walk (it never enters site-packages or test suites) finds exactly the files of the definition: every
+    ``.py`` file under the standard library outside the excluded directories. Equal lists keep the corpus caches
+    keyed on them valid."""
+    from meshwright.data.corpus import EXCLUDED_DIRS, stdlib_root
+
+    root = stdlib_root()
+    defined = sorted(p for p in root.rglob("*.py")
+                     if p.is_file() and not set(p.relative_to(root).parts[:-1]) & EXCLUDED_DIRS)
+    assert len(defined) > 100 and stdlib_files() == defined
+    assert stdlib_files(7) == [defined[int(i * len(defined) / 7)] for i in range(7)]
+
+
 def _tokens(n=5000):
     return np.arange(n, dtype=np.int64) % 251
 

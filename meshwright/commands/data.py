@@ -13,12 +13,12 @@ from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="Prepare text corpora into token files",
+    p = sub.add_parser("data", help="prepare text corpora into token files",
                        description="Data preparation. `meshwright data prepare --help` for details.")
     dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     dsub.required = True
     prep = dsub.add_parser(
-        "prepare", help="Tokenize txt/md/py/jsonl files or directories into DIR",
+        "prepare", help="tokenize txt/md/py/jsonl files or directories into DIR",
         description="Tokenize text into DIR/tokens.bin (uint16/uint32, memory-mapped) and DIR/index.json "
                     "(document offsets). Use the result as `data.path=DIR` in a train config. "
                     "`meshwright data prepare --default` builds the embedded standard-library corpus into the cache.",

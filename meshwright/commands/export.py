@@ -9,7 +9,7 @@ from meshwright.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="Write a checkpoint as a Hugging Face model (or PEFT adapter) directory",
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face model (or PEFT adapter) directory",
                        description="Read CKPT (a run directory: its latest checkpoint; or a ckpt/step_* directory) "
                                    "and write OUT/config.json + OUT/model.safetensors, loadable with transformers' "
                                    "AutoModelForCausalLM.from_pretrained(OUT) and with `init_from: OUT` (a LoRA run: "

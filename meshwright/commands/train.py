@@ -18,7 +18,7 @@ from meshwright.errors import ConfigError
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "train", help="Train a model from a train config",
+        "train", help="train a model from a train config",
         description="Train a model. CONFIG is a preset in configs/train/ (" + ", ".join(preset_names("train")) +
                     ") or a YAML path; KEY=VALUE pairs override fields (dotted for nested: data.max_files=50).",
     )

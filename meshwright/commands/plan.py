@@ -334,6 +334,8 @@ def _stage_rows(plan: Any, cfg: Any, pred: Any) -> list[dict[str, Any]]:
 
 def render_text(result: dict[str, Any]) -> str:
     """The readable table: per stage layers, strategy, memory; then totals and the alternatives."""
+    from meshwright.launcher.planner.search import summarize_layout
+
     r = result
     lines = [f"meshwright plan: {r['model']} on {r['nodes']} x {r['devices_per_node']} {r['cluster']} "
              f"({r['world_size']} devices), seq {r['seq_len']}, global batch {r['global_batch']}, "
@@ -344,7 +346,7 @@ def render_text(result: dict[str, Any]) -> str:
     p = r["predicted"]
     plan = r["plan"]
     pl = plan["pipeline"]
-    lines.append(f"layout: {r['layout']}")
+    lines.append(f"layout: {summarize_layout(r['layout'])}")
     if pl["degree"] > 1:
         lines.append(f"pipeline: {pl['degree']} stages, {pl['schedule']}, {pl['microbatches']} microbatches of {plan['micro_batch']}")
     else:
@@ -373,7 +375,8 @@ def render_text(result: dict[str, Any]) -> str:
         lines.append("runner-ups:")
         for c in r["runners_up"]:
             q = c["predicted"]
-            lines.append(f"  {q['step_s']:.4g} s  MFU {100 * q['mfu']:.1f}%  {q['memory_gib_max']:.1f} GiB  {c['layout']}")
+            lines.append(f"  {q['step_s']:.4g} s  MFU {100 * q['mfu']:.1f}%  {q['memory_gib_max']:.1f} GiB  "
+                         f"{summarize_layout(c['layout'])}")
     if r["rejected"]:
         lines.append(f"rejected ({r['rejected_total']}, closest first):")
         for x in r["rejected"]:

@@ -74,6 +74,29 @@ def test_text_table_per_stage_and_totals(capsys):
     assert "tp4" in out
 
 
+def test_text_layout_lines_count_the_layers_per_strategy():
+    """The text output's layout lines (best and runner-ups) count layers per strategy, most first; ``--json`` keeps
+    the exact runs in order (the search keys layouts on them). A layer-wise 80-layer plan alternates strategies."""
+    from meshwright.launcher.planner.search import summarize_layout
+
+    runs = "pp=2 1f1b m=8 mb=1; 1x tp2 dp4 z2 rc=none, 3x tp2 dp4 z2 rc=full, 2x tp2 dp4 z2 rc=none, 1x tp2 dp4 z3 rc=full"
+    assert summarize_layout(runs) == "pp=2 1f1b m=8 mb=1; 3x tp2 dp4 z2 rc=none, 3x tp2 dp4 z2 rc=full, 1x tp2 dp4 z3 rc=full"
+    assert summarize_layout("pp=1 tp>=2 mb=16 1f1b") == "pp=1 tp>=2 mb=16 1f1b"  # a rejected layout: no runs
+    result = plan_cmd.compute_result(_args(["--model", "llama2-70b", "--cluster", "dgx-a100-80g", "--nodes", "16",
+                                            "--seq-len", "4096", "--global-batch", "1024"]))
+    result.pop("_objects")
+    text = plan_cmd.render_text(result).splitlines()
+    exact = [result["layout"]] + [c["layout"] for c in result["runners_up"]]
+    shown = [next(line for line in text if line.startswith("layout: "))[len("layout: "):]]
+    shown += [line.split(" GiB  ", 1)[1] for line in text[text.index("runner-ups:") + 1:][:len(exact) - 1]]
+    assert max(e.count(", ") for e in exact) > max(s.count(", ") for s in shown)  # some plan's runs were merged
+    for e, s in zip(exact, shown, strict=True):
+        assert s == summarize_layout(e)
+        counts = [(int(run.split("x ", 1)[0]), run.split("x ", 1)[1]) for run in s.split("; ", 1)[1].split(", ")]
+        assert sum(n for n, _ in counts) == 80 and len({k for _, k in counts}) == len(counts)
+        assert [n for n, _ in counts] == sorted((n for n, _ in counts), reverse=True)
+
+
 def test_out_writes_a_plan_the_runtime_accepts(tmp_path, capsys):
     path = tmp_path / "plan.yaml"
     rc, out, _ = _run(capsys, ["plan", *GOLDEN_CASES["tiny_local_cpu"], "--out", str(path)])

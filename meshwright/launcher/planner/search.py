@@ -166,6 +166,21 @@ def describe_layout(plan: Plan) -> str:
     return f"{head} mb={plan.micro_batch}{states}; " + ", ".join(parts)
 
 
+def summarize_layout(layout: str) -> str:
+    """A ``describe_layout`` line with the layers counted per strategy, most layers first, e.g. ``pp=16 1f1b m=256
+    mb=1; 55x tp2 sp dp4 z2 rc=none, 22x tp2 sp dp4 z2 rc=selective``. Where a layer-wise plan alternates strategies
+    the exact line runs to dozens of runs (80 layers of Llama-2-70B: 40); the plan's stage table keeps the order."""
+    head, sep, runs = layout.partition("; ")
+    if not sep:
+        return layout
+    counts: dict[str, int] = {}
+    for run in runs.split(", "):
+        n, _, strategy = run.partition("x ")
+        counts[strategy] = counts.get(strategy, 0) + int(n)
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])  # stable: ties keep the order of first appearance
+    return f"{head}; " + ", ".join(f"{n}x {strategy}" for strategy, n in ranked)
+
+
 # ---- strategy space --------------------------------------------------------------------------------
 
 def tp_choices(cfg: ModelConfig, per_stage: int, seq_len: int) -> list[int]:

@@ -310,6 +310,21 @@ def test_hardware_from_cluster_and_profile_override():
     assert math.isfinite(h.matmul_efficiency)
 
 
+def test_a_profiled_device_caps_the_presets_memory():
+    """A hardware profile records the memory CUDA says the device holds (``device.memory_gib``); the planner's budget
+    is the preset's or that, whichever is smaller, and ``--memory-budget-gib`` still decides over both."""
+    cl = load_cluster("dgx-h100-80g")
+    assert cm.hardware_from_cluster(cl).memory_bytes == 79.1 * cm.GIB  # CUDA's total on an 80 GB card, not 80.0
+    derived = {"peak_tflops": {"bf16": 800.0}, "intra_bw_gbps": 200.0, "intra_latency_us": 5.0, "inter_bw_gbps": 20.0,
+               "inter_latency_us": 20.0, "overlap_slowdown": 0.2}
+    for measured, budget in ((74.5, 74.5), (93.0, 79.1), (None, 79.1)):  # a smaller card, a larger one, a CPU profile
+        prof = {"derived": derived, "device": {"type": "cuda", "memory_gib": measured}}
+        assert cm.hardware_from_cluster(cl, prof).memory_bytes == budget * cm.GIB, measured
+    assert cm.hardware_from_cluster(cl, {"derived": derived}).memory_bytes == 79.1 * cm.GIB  # profiles before the field
+    prof = {"derived": derived, "device": {"type": "cuda", "memory_gib": 74.5}}
+    assert cm.hardware_from_cluster(cl, prof, memory_budget_gib=78).memory_bytes == 78 * cm.GIB
+
+
 # ---- framework overhead of parallel layouts (runtime_profile) -------------------------------------
 
 def test_strategy_overhead_picks_the_profiled_layout_by_hand():

@@ -247,6 +247,7 @@ def test_profile_hardware_single_process_writes_a_valid_profile(tmp_path, capsys
     assert rc == 0 and out.is_file()
     prof = load_hardware_profile(out)
     assert prof["device"]["gpu"]["available"] is False  # no driver here: the NVML fallback, not a crash
+    assert prof["device"]["memory_gib"] is None  # CUDA's memory of the device: none on a CPU
     assert prof["derived"]["peak_tflops"]["fp32"] > 0 and len(prof["matmul"]) == 2
     # the planner takes it
     rc, _, _ = _run(capsys, ["plan", *GOLDEN_CASES["tiny_local_cpu"], "--hardware-profile", str(out), "--json"])
@@ -261,6 +262,18 @@ def test_profile_hardware_single_process_writes_a_valid_profile(tmp_path, capsys
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     rc, _, err = _run(capsys, ["plan", *GOLDEN_CASES["tiny_local_cpu"], "--hardware-profile", str(tmp_path / "bad.json")])
     assert rc == 2 and "overlap_slowdown" in err
+    # a device holding less than the preset says (local-cpu: 12 GiB) sets the budget; a bad figure is one line
+    small = json.loads(out.read_text())
+    for memory, rc_want in ((0.75, 0), (-1, 2), ("lots", 2)):
+        small["device"]["memory_gib"] = memory
+        (tmp_path / "small.json").write_text(json.dumps(small))
+        rc, text, err = _run(capsys, ["plan", *GOLDEN_CASES["tiny_local_cpu"], "--hardware-profile",
+                                      str(tmp_path / "small.json"), "--json"])
+        assert rc == rc_want, err
+        if rc == 0:
+            assert json.loads(text)["memory_budget_gib"] == 0.75
+        else:
+            assert len(err.strip().splitlines()) == 1 and f"device.memory_gib={memory!r}" in err
 
 
 def test_profile_model_fits_times_and_measures_bytes(tmp_path, capsys):

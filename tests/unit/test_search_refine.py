@@ -186,11 +186,13 @@ def test_plans_the_refinement_window_passed_over_are_refined_at_the_end(monkeypa
     Costed with meshwright's autocast policy as it was when the case was found (ZeRO-2/3 layers gathered in fp32 and
     cast by autocast; since 2026-11-27 they are the FSDP2 mixed-precision modules they are, and a pp=1 ZeRO-2/3 plan
     at 2.756 s wins outright, no refinement needed), and with COAT's FP8 casts free, as they were then (``fp8_cast_s``
-    since 2026-11-27): the search mechanism under test depends on neither."""
+    since 2026-11-27), and at the preset's 80.0 GiB then (79.1 since): the search mechanism under test depends on
+    none of them."""
     from meshwright.launcher.planner.stack import PRECISIONS
 
     monkeypatch.setattr(cm, "FP8_CAST_BW_FRACTION", float("inf"))
-    cfg, cluster = load_model_config("llama3-70b"), load_cluster("dgx-h100-80g", nodes=128)
+    cfg = load_model_config("llama3-70b")
+    cluster = dataclasses.replace(load_cluster("dgx-h100-80g", nodes=128), memory_gib=80.0)  # the preset's then
     PRECISIONS["autocast_fp32_gathers"] = dataclasses.replace(PRECISIONS["autocast"], name="autocast_fp32_gathers",
                                                               gather_bytes=4, shard_cast_zero=())
     try:

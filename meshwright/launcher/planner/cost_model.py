@@ -314,7 +314,8 @@ def plan_precision(plan: Any, hw: Hardware) -> str:
 def hardware_from_cluster(cluster: ClusterSpec, profile: Optional[dict[str, Any]] = None,
                           memory_budget_gib: Optional[float] = None, stack: str = "meshwright",
                           dtype: Optional[str] = None, compile: bool = False, loss_chunk_tokens: int = 0) -> Hardware:
-    """ClusterSpec (preset figures) overridden by a measured hardware profile's ``derived`` figures, with the
+    """ClusterSpec (preset figures) overridden by a measured hardware profile's ``derived`` figures, and by its
+    device's memory where that is below the preset's (``profiling.hardware.device_memory_gib``), with the
     memory and overlap rules of the ``stack`` that will run the plan in ``dtype`` (TrainConfig.dtype; default
     bf16 where the device lists it, fp32 on CPUs, where bf16 matmuls are ~70x slower), ``compile``
     (TrainConfig.compile) and ``loss_chunk_tokens`` (TrainConfig.loss_chunk_tokens), both meshwright's runtime only."""
@@ -356,6 +357,10 @@ def hardware_from_cluster(cluster: ClusterSpec, profile: Optional[dict[str, Any]
             inter_bw=d["inter_bw_gbps"] * 1e9, inter_lat=d["inter_latency_us"] * 1e-6,
             overlap_slowdown=d["overlap_slowdown"], contention=float(d.get("contention", 1.0)),
         )
+        device = profile.get("device")
+        measured = device.get("memory_gib") if isinstance(device, dict) else None
+        if measured is not None and measured * GIB < hw.memory_bytes:  # the device holds less than the preset says
+            hw = dataclasses.replace(hw, memory_bytes=measured * GIB)
     if memory_budget_gib is not None:
         if not 0 < memory_budget_gib < float("inf"):  # NaN too: it made every layout "not fit"
             raise invalid("memory_budget_gib", memory_budget_gib, "a positive, finite number of GiB")

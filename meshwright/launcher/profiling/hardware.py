@@ -60,6 +60,16 @@ def gpu_facts() -> dict[str, Any]:
         pynvml.nvmlShutdown()
 
 
+def device_memory_gib(device: torch.device) -> Optional[float]:
+    """The memory CUDA says the device holds (``total_memory``), the most one process there can ever reach, its CUDA
+    context and NCCL buffers included; None on CPU. The planner's budget is capped at it: a cluster preset states the
+    datasheet's 80 GB for an A100 or H100, more than such a device lets a process allocate, and a plan predicted to
+    fill the preset's budget would not fit."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory / 1024**3
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -368,7 +378,7 @@ def profile_hardware(dtypes: list[str], sizes: list[int], per_node: Optional[int
     return {
         "version": HARDWARE_PROFILE_VERSION, "kind": KIND,
         "host": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
-        "device": {"type": device.type, "gpu": gpu_facts()},
+        "device": {"type": device.type, "gpu": gpu_facts(), "memory_gib": device_memory_gib(device)},
         "world_size": world, "devices_per_node": per_node,
         "matmul": matmul, "collectives": collectives, "p2p": p2p, "overlap": overlap,
         "fp8_matmul": ("measured" if any(m["dtype"] == FP8 for m in matmul)
@@ -399,6 +409,11 @@ def load_hardware_profile(path: str | Path) -> dict[str, Any]:
             raise ConfigError(f"hardware-profile.derived.{key}={v!r} is invalid; valid: a finite non-negative number (bandwidth > 0)")
     if "contention" in d and not (finite_number(d["contention"]) and d["contention"] > 0):
         raise ConfigError(f"hardware-profile.derived.contention={d['contention']!r} is invalid; valid: a positive number")
+    device = data.get("device")
+    memory = device.get("memory_gib") if isinstance(device, dict) else None
+    if memory is not None and not (finite_number(memory) and memory > 0):
+        raise ConfigError(f"hardware-profile.device.memory_gib={memory!r} is invalid; valid: a positive number of GiB "
+                          "(the device's memory as CUDA reports it), or null on CPU")
     return data
 
 

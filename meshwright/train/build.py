@@ -36,7 +36,7 @@ from meshwright.train.compile import MODEL_SCOPE_SUPPORTED
 from meshwright.train.hf_companions import save_companions
 from meshwright.train.lora_base import check_base_present
 from meshwright.train.peft_init import check_init_adapter
-from meshwright.train.plan_match import check_plan_matches, check_world
+from meshwright.train.plan_match import check_plan_matches, check_world, plan_memory_warning
 from meshwright.train.run_dir import (RunLock, check_fresh_or_overwrite, check_resume_config, dirs_to_create, nospace,
                                      prepare_out_dir, remove_unused)
 from meshwright.train.runtime import Runtime
@@ -61,6 +61,8 @@ class TrainingJob:
         job.plan = _auto_plan(job) if ref == "auto" else load_plan_file(ref)
         if job.plan is not None and ref != "auto":  # a file made for other numbers: refused before anything is built
             check_plan_matches(job.plan, cfg, job.model, None, ref)  # the device count: in build_runtime
+        if job.plan is not None:
+            _warn_if_plan_exceeds_device(job.plan)
         job.plan_ref = ref
         return job
 
@@ -69,6 +71,18 @@ class TrainingJob:
         """Under torchrun with several ranks, or when the Plan asks for more than one device or for per-layer
         features that only the distributed runtime applies."""
         return self.world_size > 1 or _plan_needs_parallel(self.plan)
+
+
+def _warn_if_plan_exceeds_device(plan: Plan) -> None:
+    """Rank 0, on a GPU (a plan's predicted memory is per GPU; CPU ranks share the host's): one line when the plan
+    predicts more than the device holds (plan_match.plan_memory_warning)."""
+    import torch
+
+    if not torch.cuda.is_available() or int(os.environ.get("RANK", "0")) != 0:
+        return
+    warning = plan_memory_warning(plan, device_memory_bytes())
+    if warning:
+        print(f"meshwright train: {warning}", file=sys.stderr, flush=True)
 
 
 def resolve_model_config(cfg: TrainConfig) -> ModelConfig:

@@ -114,3 +114,20 @@ def check_plan_matches(plan: Plan, cfg: TrainConfig, model: ModelConfig, world_s
     check_optimizer(plan, cfg)
     if world_size is not None:
         check_world(plan, world_size, ref)
+
+
+def plan_memory_warning(plan: Plan, device_bytes: int) -> str | None:
+    """One line when the Plan's predicted peak (``predicted.memory_gib``, per pipeline stage) is above what this
+    device holds: a plan made for a larger card (an 80 GB preset's plan on a 40 GB A100, a budget given by hand)
+    would run out of memory only after the model is built, minutes in. A warning, not a refusal: the prediction is a
+    model, and the run may still be what the user wants to try."""
+    predicted = plan.predicted.get("memory_gib")
+    if predicted is None:
+        return None
+    peak = max(predicted) if isinstance(predicted, list) else predicted
+    have = device_bytes / 2**30
+    if peak <= have:
+        return None
+    return (f"warning: the plan predicts a peak of {peak:.1f} GiB per device and this device holds {have:.1f} GiB: "
+            f"expect an out-of-memory error; plan for this card with `meshwright plan --memory-budget-gib "
+            f"{have:.1f}` (or `profile hardware` and `--hardware-profile`), or train with `--plan auto`")

@@ -79,8 +79,8 @@ def test_text_layout_lines_count_the_layers_per_strategy():
     the exact runs in order (the search keys layouts on them). A layer-wise 80-layer plan alternates strategies."""
     from meshwright.launcher.planner.search import summarize_layout
 
-    runs = "pp=2 1f1b m=8 mb=1; 1x tp2 dp4 z2 rc=none, 3x tp2 dp4 z2 rc=full, 2x tp2 dp4 z2 rc=none, 1x tp2 dp4 z3 rc=full"
-    assert summarize_layout(runs) == "pp=2 1f1b m=8 mb=1; 3x tp2 dp4 z2 rc=none, 3x tp2 dp4 z2 rc=full, 1x tp2 dp4 z3 rc=full"
+    runs = "pp=2 1f1b m=8 mb=1; 1x tp2 z2 rc=none, 3x tp2 z2 rc=full, 2x tp2 z2 rc=none, 1x tp2 z3 rc=full"
+    assert summarize_layout(runs) == "pp=2 1f1b m=8 mb=1; 3x tp2 z2 rc=none, 3x tp2 z2 rc=full, 1x tp2 z3 rc=full"
     assert summarize_layout("pp=1 tp>=2 mb=16 1f1b") == "pp=1 tp>=2 mb=16 1f1b"  # a rejected layout: no runs
     result = plan_cmd.compute_result(_args(["--model", "llama2-70b", "--cluster", "dgx-a100-80g", "--nodes", "16",
                                             "--seq-len", "4096", "--global-batch", "1024"]))

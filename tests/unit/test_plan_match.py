@@ -215,3 +215,30 @@ def test_plan_auto_with_init_from_plans_the_checkpoints_model(tmp_path, monkeypa
         saved = str(tmp_path / "saved.yaml")
         job.plan.save(saved)
         TrainingJob.resolve(cfg, saved)  # the run dir's plan.yaml matches its own run
+
+
+def test_a_plan_predicting_more_than_the_gpu_holds_is_one_warning_line(tmp_path, monkeypatch, capsys):
+    """On a GPU, rank 0 says in one line when the Plan's predicted peak (per stage) is above the device's memory (a
+    plan for an 80 GB preset run on a 40 GB card went out of memory only after the model was built); the run goes on.
+    The CPU walks the GPU's path with the device's memory given; without a GPU nothing is said."""
+    import torch
+
+    plan = write(tmp_path, ONE + "predicted: {memory_gib: [30.2, 41.5]}\n")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    TrainingJob.resolve(load_train_config("tiny-test"), plan)
+    assert capsys.readouterr().err == ""  # no GPU here: a plan's memory is per GPU, CPU ranks share the host's
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for held_gib, said in ((40.0, True), (80.0, False)):
+        monkeypatch.setattr(build_mod, "device_memory_bytes", lambda: int(held_gib * 2**30))
+        job = TrainingJob.resolve(load_train_config("tiny-test"), plan)
+        err = capsys.readouterr().err
+        assert job.plan is not None and job.plan.predicted["memory_gib"] == [30.2, 41.5]
+        if said:
+            assert err.count("\n") == 1 and "predicts a peak of 41.5 GiB" in err and "holds 40.0 GiB" in err
+            assert "--memory-budget-gib 40.0" in err
+        else:
+            assert err == ""
+    monkeypatch.setenv("RANK", "1")  # the other ranks stay quiet
+    monkeypatch.setattr(build_mod, "device_memory_bytes", lambda: 1 << 30)
+    TrainingJob.resolve(load_train_config("tiny-test"), plan)
+    assert capsys.readouterr().err == ""

@@ -89,7 +89,9 @@ def run_hardware(args: argparse.Namespace) -> int:
             peaks = ", ".join(f"{k} {v:.3g}" for k, v in d["peak_tflops"].items())
             print(f"wrote {args.out}: peak TFLOP/s {peaks}; intra {d['intra_bw_gbps']:.3g} GB/s "
                   f"{d['intra_latency_us']:.3g} us; inter {d['inter_bw_gbps']:.3g} GB/s; overlap slowdown "
-                  f"{d['overlap_slowdown']:.2f}; GPU: {prof['device']['gpu'].get('name', prof['device']['gpu'].get('reason'))}")
+                  f"{d['overlap_slowdown']:.2f}; GPU: {prof['device']['gpu'].get('name', prof['device']['gpu'].get('reason'))}"
+                  + (f", {prof['device']['memory_gib']:.2f} GiB (the planner's budget at most)"
+                     if prof["device"]["memory_gib"] is not None else ""))
             if prof["fp8_matmul"].startswith("skipped"):
                 print(f"fp8 matmul {prof['fp8_matmul']}")
     return 0

@@ -126,7 +126,7 @@ def _load_inputs(args: argparse.Namespace) -> dict[str, Any]:
         hw = apply_model_profile(hw, load_model_profile(args.model_profile), cfg, hprof)
     if args.attention != hw.attention:
         hw = dataclasses.replace(hw, attention=args.attention)
-    return {"cfg": cfg, "cluster": cluster, "hw": hw}
+    return {"cfg": cfg, "cluster": cluster, "hw": hw, "hprof": hprof}
 
 
 def _check_outputs_and_extras(args: argparse.Namespace) -> None:
@@ -279,7 +279,7 @@ def compute_result(args: argparse.Namespace) -> dict[str, Any]:
     out["runners_up"] = [{"layout": c.layout(), "predicted": c.prediction.to_dict()} for c in res.runners_up]
     out["rejected"] = res.rejected[: args.top]
     out["rejected_total"] = len(res.rejected)
-    out["_objects"] = {"cfg": cfg, "best": res.best}
+    out["_objects"] = {"cfg": cfg, "best": res.best, "device_gib": cm.device_memory_gib(cluster, inputs["hprof"])}
     return out
 
 
@@ -391,6 +391,10 @@ def run(args: argparse.Namespace) -> int:
 
     result = compute_result(args)
     objects = result.pop("_objects")
+    if args.memory_budget_gib is not None and args.memory_budget_gib > objects["device_gib"]:
+        print(f"meshwright plan: note: --memory-budget-gib {args.memory_budget_gib:g} is above the "
+              f"{objects['device_gib']:g} GiB a {result['cluster']} device holds: a plan filling it would not fit "
+              "there", file=sys.stderr)
     if not result["feasible"]:
         if args.json:
             print(json.dumps(result, indent=2, sort_keys=True))

@@ -97,6 +97,18 @@ def test_text_layout_lines_count_the_layers_per_strategy():
         assert [n for n, _ in counts] == sorted((n for n, _ in counts), reverse=True)
 
 
+def test_a_budget_above_the_devices_memory_is_noted_in_one_line(capsys):
+    """``--memory-budget-gib`` decides the search's budget, even above what the cluster's device holds (a what-if);
+    stderr then says in one line that such a plan would not fit the card. At or below it, nothing is said."""
+    argv = ["plan", "--model", "llama2-7b", "--cluster", "dgx-a100-80g", "--seq-len", "4096", "--global-batch", "128"]
+    rc, out, err = _run(capsys, [*argv, "--memory-budget-gib", "100", "--json"])
+    assert rc == 0 and json.loads(out)["memory_budget_gib"] == 100
+    assert err.count("\n") == 1 and "--memory-budget-gib 100 is above the 79.1 GiB a dgx-a100-80g device holds" in err
+    for budget in ("79.1", "40"):
+        rc, _, err = _run(capsys, [*argv, "--memory-budget-gib", budget])
+        assert rc == 0 and err == "", budget
+
+
 def test_out_writes_a_plan_the_runtime_accepts(tmp_path, capsys):
     path = tmp_path / "plan.yaml"
     rc, out, _ = _run(capsys, ["plan", *GOLDEN_CASES["tiny_local_cpu"], "--out", str(path)])

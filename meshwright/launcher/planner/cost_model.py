@@ -311,6 +311,14 @@ def plan_precision(plan: Any, hw: Hardware) -> str:
     return "+".join(names)
 
 
+def device_memory_gib(cluster: ClusterSpec, profile: Optional[dict[str, Any]] = None) -> float:
+    """What one device holds: the preset's ``memory_gib``, or a hardware profile's measured figure where that is
+    smaller (``device.memory_gib``, CUDA's ``total_memory``; profiles before that field have none)."""
+    device = profile.get("device") if profile else None
+    measured = device.get("memory_gib") if isinstance(device, dict) else None
+    return cluster.memory_gib if measured is None else min(cluster.memory_gib, measured)
+
+
 def hardware_from_cluster(cluster: ClusterSpec, profile: Optional[dict[str, Any]] = None,
                           memory_budget_gib: Optional[float] = None, stack: str = "meshwright",
                           dtype: Optional[str] = None, compile: bool = False, loss_chunk_tokens: int = 0) -> Hardware:
@@ -357,10 +365,7 @@ def hardware_from_cluster(cluster: ClusterSpec, profile: Optional[dict[str, Any]
             inter_bw=d["inter_bw_gbps"] * 1e9, inter_lat=d["inter_latency_us"] * 1e-6,
             overlap_slowdown=d["overlap_slowdown"], contention=float(d.get("contention", 1.0)),
         )
-        device = profile.get("device")
-        measured = device.get("memory_gib") if isinstance(device, dict) else None
-        if measured is not None and measured * GIB < hw.memory_bytes:  # the device holds less than the preset says
-            hw = dataclasses.replace(hw, memory_bytes=measured * GIB)
+        hw = dataclasses.replace(hw, memory_bytes=device_memory_gib(cluster, profile) * GIB)
     if memory_budget_gib is not None:
         if not 0 < memory_budget_gib < float("inf"):  # NaN too: it made every layout "not fit"
             raise invalid("memory_budget_gib", memory_budget_gib, "a positive, finite number of GiB")

@@ -131,7 +131,23 @@ def _auto_plan(job: TrainingJob) -> Plan:
                                             progress=False, dtype=job.cfg.dtype, lora=job.cfg.lora)
         if int(os.environ.get("RANK", "0")) == 0:
             print(describe(hw_prof, model_prof), flush=True)
-    return auto_plan(job.cfg, job.world_size, hardware_profile=hw_prof, model_profile=model_prof, model=job.model)
+    return auto_plan(job.cfg, job.world_size, hardware_profile=hw_prof, model_profile=model_prof, model=job.model,
+                     memory_budget_gib=_gpu_budget_gib(job.cluster, hw_prof))
+
+
+def _gpu_budget_gib(cluster: ClusterSpec, hw_prof: dict | None) -> float | None:
+    """On a GPU, the memory its device 0 holds where that is below what the planner would assume (the cluster
+    preset's, or a profile's): a train config naming an 80 GB preset on a 40 GB card, or ``auto_profile: false``, or
+    a cached profile from before profiles recorded it, planned for memory the card does not have. Every rank reads
+    the same device, so every rank plans the same layout. None elsewhere (CPU ranks share the host's memory)."""
+    import torch
+
+    from meshwright.launcher.planner.cost_model import device_memory_gib
+
+    if not torch.cuda.is_available():
+        return None
+    have = device_memory_bytes() / 2**30
+    return have if have < device_memory_gib(cluster, hw_prof) else None
 
 
 def _plan_needs_parallel(plan: Plan | None) -> bool:

@@ -242,3 +242,33 @@ def test_a_plan_predicting_more_than_the_gpu_holds_is_one_warning_line(tmp_path,
     monkeypatch.setattr(build_mod, "device_memory_bytes", lambda: 1 << 30)
     TrainingJob.resolve(load_train_config("tiny-test"), plan)
     assert capsys.readouterr().err == ""
+
+
+def test_plan_auto_on_a_gpu_plans_for_the_memory_the_device_holds(monkeypatch):
+    """``--plan auto`` on a GPU whose device holds less than the cluster preset (or a profile) says plans for the
+    device's own memory: a config naming an 80 GB preset on a 40 GB card planned for 80. The CPU walks the GPU's path
+    with the device's memory given: the budget reaches the search (a device too small for tiny is refused in one
+    line naming the budget), a larger device leaves the preset's, and without a GPU nothing changes."""
+    import torch
+
+    from meshwright.launcher.planner import auto as auto_mod
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("memory_budget_gib"))
+        return auto_mod.auto_plan(*args, **kwargs)
+
+    monkeypatch.setattr(build_mod, "auto_plan", spy)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    cfg = load_train_config("tiny-test", {"auto_profile": False})  # local-cpu preset: 12 GiB per device
+    TrainingJob.resolve(cfg, "auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for held_gib, budget in ((64.0, None), (2.0, 2.0)):
+        monkeypatch.setattr(build_mod, "device_memory_bytes", lambda: int(held_gib * 2**30))
+        assert TrainingJob.resolve(cfg, "auto").plan is not None
+        assert seen[-1] == budget
+    monkeypatch.setattr(build_mod, "device_memory_bytes", lambda: 2**20)  # 1 MiB: tiny does not fit
+    with pytest.raises(ConfigError, match=r"plan='auto' found no layout: no layout fits in 0\.0 GiB"):
+        TrainingJob.resolve(cfg, "auto")
+    assert seen[0] is None and seen[-1] == 2**20 / 2**30

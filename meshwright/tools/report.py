@@ -308,7 +308,11 @@ def totals_table(summary: dict[str, Any]) -> Table:
     if s.get("first_loss") is not None and s.get("final_loss") is not None:
         rows.append(["loss", f"{s['first_loss']:.4g} -> {s['final_loss']:.4g}", "first -> last training step"])
     row("eval loss", s.get("eval_loss"), f"at seq_len {s['seq_len']}" if s.get("seq_len") else "")
-    row("peak memory (GiB)", s.get("peak_memory_gib"), "max over ranks, process peak incl. framework")
+    if s.get("peak_reserved_gib") is not None:  # a GPU run: the caching allocator's figures
+        row("peak memory (GiB)", s.get("peak_memory_gib"), "max over ranks, torch.cuda.max_memory_allocated")
+        row("peak reserved (GiB)", s["peak_reserved_gib"], "max over ranks, torch.cuda.max_memory_reserved")
+    else:
+        row("peak memory (GiB)", s.get("peak_memory_gib"), "max over ranks, process peak incl. framework")
     if s.get("energy_j") is not None:
         gpu_src = s.get("energy_gpu_source") or "none"
         row("energy (kJ)", s["energy_j"] / 1e3, "GPU measured + CPU/RAM estimated" if gpu_src != "none"
@@ -327,9 +331,16 @@ def predicted_vs_measured(summary: dict[str, Any], plan: dict[str, Any] | None) 
     pred = (plan or {}).get("predicted") or {}
     pred = pred if isinstance(pred, dict) else {}  # a hand-edited plan.yaml: non-numbers are skipped, as in the log
     rows = []
-    for label, pkey, mkey in [("step time (s)", "step_s", "step_s"), ("tokens/s", "tokens_per_s", "tokens_per_s"),
-                              ("MFU", "mfu", "mfu"), ("memory (GiB, max rank; measured = process peak incl. framework)", "memory_gib", "peak_memory_gib")]:
-        p, m = pred.get(pkey), summary.get(mkey)
+    breakdown = pred.get("breakdown") if isinstance(pred.get("breakdown"), dict) else {}
+    if summary.get("peak_reserved_gib") is not None:  # a GPU run: what the cost model predicts the allocator reserves
+        memory = ("memory reserved (GiB, max rank: torch.cuda.max_memory_reserved)",
+                  breakdown.get("mem_reserved_gib"), summary.get("peak_reserved_gib"))
+    else:  # CPU: the process's peak RSS against the whole prediction (framework overhead included)
+        memory = ("memory (GiB, max rank; measured = process peak incl. framework)", pred.get("memory_gib"),
+                  summary.get("peak_memory_gib"))
+    for label, p, m in [("step time (s)", pred.get("step_s"), summary.get("step_s")),
+                        ("tokens/s", pred.get("tokens_per_s"), summary.get("tokens_per_s")),
+                        ("MFU", pred.get("mfu"), summary.get("mfu")), memory]:
         if isinstance(p, list):
             p = max((v for v in p if _number(v)), default=None)
         if isinstance(m, list):

@@ -73,6 +73,29 @@ def test_predicted_vs_measured_has_no_empty_rows(tmp_path):
     assert "Predicted vs measured" not in md and "None" not in md
 
 
+def test_a_gpu_runs_memory_is_compared_with_what_the_allocator_reserves(tmp_path):
+    """On a GPU the run's peak is the caching allocator's (max_memory_allocated, max_memory_reserved) and the plan's
+    total adds the CUDA context and fragmentation, so the report compares the predicted reserve (the breakdown's
+    ``mem_reserved_gib``, largest rank) with ``max_memory_reserved``; on CPU, the process peak with the total."""
+    from meshwright.tools.report import predicted_vs_measured
+
+    plan = {"predicted": {"step_s": 1.0, "memory_gib": [70.2, 75.0],
+                          "breakdown": {"mem_reserved_gib": 73.5, "mem_overhead_gib": 1.0}}}
+    cpu = {"step_s": 1.1, "peak_memory_gib": 76.0}
+    gpu = {**cpu, "peak_memory_gib": 69.0, "peak_reserved_gib": 74.1}
+    assert [r[0].split(" (")[0] for r in predicted_vs_measured(cpu, plan)] == ["step time", "memory"]
+    assert predicted_vs_measured(cpu, plan)[1][1:] == (75.0, 76.0)
+    assert predicted_vs_measured(gpu, plan)[1] == ("memory reserved (GiB, max rank: torch.cuda.max_memory_reserved)",
+                                                   73.5, 74.1)
+    assert len(predicted_vs_measured(gpu, {"predicted": {"step_s": 1.0, "memory_gib": 75.0}})) == 1  # no breakdown
+    run = _run_dir(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "peak_reserved_gib": 1.3}))
+    md = write_report(run)["markdown"].read_text()
+    assert "| peak reserved (GiB) | 1.3 | max over ranks, torch.cuda.max_memory_reserved |" in md
+    assert "torch.cuda.max_memory_allocated" in md and "process peak" not in md
+
+
 def test_plan_per_stage_table(tmp_path):
     import yaml
 

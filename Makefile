@@ -20,8 +20,9 @@ run: setup  ## train the default model on the embedded corpus with a plan chosen
 	$(VENV)/bin/meshwright train default --overwrite
 
 # Two pytest-xdist workers, a module whole on one (tests/conftest.py groups them): torchrun launches and SSH waits
-# overlap with CPU-bound tests. On the 2-core box a fresh clone's .ci/run takes 19.7-21.2 min (18-19.5 of tests; 2026-11-28);
-# with the grouping broken (pytest 9.2, see constraints.txt) each worker ran the launches it touched: 31.3 min.
+# overlap with CPU-bound tests. On the 2-core box a fresh clone's .ci/run takes 19.7-21.2 min (18-19.5 of tests;
+# 2026-11-28); with the grouping broken (pytest 9.2, see constraints.txt) each worker ran the launches it touched:
+# 31.3 min.
 # --no-loadscope-reorder keeps the collection order, the long distributed and e2e modules first (xdist's default,
 # most tests first, leaves them to the end). TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2

@@ -323,7 +323,7 @@ def hardware_from_cluster(cluster: ClusterSpec, profile: Optional[dict[str, Any]
                           memory_budget_gib: Optional[float] = None, stack: str = "meshwright",
                           dtype: Optional[str] = None, compile: bool = False, loss_chunk_tokens: int = 0) -> Hardware:
     """ClusterSpec (preset figures) overridden by a measured hardware profile's ``derived`` figures, and by its
-    device's memory where that is below the preset's (``profiling.hardware.device_memory_gib``), with the
+    device's memory where that is below the preset's (``device_memory_gib``), with the
     memory and overlap rules of the ``stack`` that will run the plan in ``dtype`` (TrainConfig.dtype; default
     bf16 where the device lists it, fp32 on CPUs, where bf16 matmuls are ~70x slower), ``compile``
     (TrainConfig.compile) and ``loss_chunk_tokens`` (TrainConfig.loss_chunk_tokens), both meshwright's runtime only."""

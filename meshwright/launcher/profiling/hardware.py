@@ -60,7 +60,7 @@ def gpu_facts() -> dict[str, Any]:
         pynvml.nvmlShutdown()
 
 
-def device_memory_gib(device: torch.device) -> Optional[float]:
+def cuda_memory_gib(device: torch.device) -> Optional[float]:
     """The memory CUDA says the device holds (``total_memory``), the most one process there can ever reach, its CUDA
     context and NCCL buffers included; None on CPU. The planner's budget is capped at it: a cluster preset states the
     datasheet's 80 GB for an A100 or H100, more than such a device lets a process allocate, and a plan predicted to
@@ -378,7 +378,7 @@ def profile_hardware(dtypes: list[str], sizes: list[int], per_node: Optional[int
     return {
         "version": HARDWARE_PROFILE_VERSION, "kind": KIND,
         "host": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
-        "device": {"type": device.type, "gpu": gpu_facts(), "memory_gib": device_memory_gib(device)},
+        "device": {"type": device.type, "gpu": gpu_facts(), "memory_gib": cuda_memory_gib(device)},
         "world_size": world, "devices_per_node": per_node,
         "matmul": matmul, "collectives": collectives, "p2p": p2p, "overlap": overlap,
         "fp8_matmul": ("measured" if any(m["dtype"] == FP8 for m in matmul)

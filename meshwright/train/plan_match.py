@@ -122,11 +122,9 @@ def plan_memory_warning(plan: Plan, device_bytes: int) -> str | None:
     would run out of memory only after the model is built, minutes in. A warning, not a refusal: the prediction is a
     model, and the run may still be what the user wants to try."""
     predicted = plan.predicted.get("memory_gib")
-    if predicted is None:
-        return None
-    peak = max(predicted) if isinstance(predicted, list) else predicted
+    peak = max(predicted, default=None) if isinstance(predicted, list) else predicted  # [] passes validate_plan
     have = device_bytes / 2**30
-    if peak <= have:
+    if peak is None or peak <= have:
         return None
     return (f"warning: the plan predicts a peak of {peak:.1f} GiB per device and this device holds {have:.1f} GiB: "
             f"expect an out-of-memory error; plan for this card with `meshwright plan --memory-budget-gib "

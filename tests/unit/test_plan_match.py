@@ -238,6 +238,10 @@ def test_a_plan_predicting_more_than_the_gpu_holds_is_one_warning_line(tmp_path,
             assert "--memory-budget-gib 40.0" in err
         else:
             assert err == ""
+    from meshwright.train.plan_match import plan_memory_warning
+
+    empty = write(tmp_path, ONE + "predicted: {memory_gib: []}\n", "empty.yaml")  # validate_plan lets [] through
+    assert plan_memory_warning(TrainingJob.resolve(load_train_config("tiny-test"), empty).plan, 1 << 30) is None
     monkeypatch.setenv("RANK", "1")  # the other ranks stay quiet
     monkeypatch.setattr(build_mod, "device_memory_bytes", lambda: 1 << 30)
     TrainingJob.resolve(load_train_config("tiny-test"), plan)
